@@ -1,0 +1,198 @@
+"""The `profiles` command line.
+
+Every `run` flag has an environment fallback (shown in --help): KAFKA_BOOTSTRAP_SERVERS
+for the brokers, PROFILES_<OPTION> for the rest. The flags build one frozen
+Settings object, which is passed down explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+import click
+
+from stream.settings import KafkaSettings, Settings, parse_kafka_config
+
+log = logging.getLogger("profiles")
+
+
+def _env(name: str) -> str:
+    return f"PROFILES_{name.upper().replace('-', '_')}"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def install_stop_handlers(stop: threading.Event, grace_s: float) -> None:
+    """SIGTERM/SIGINT set `stop`: the loop finishes the batch in hand, publishes, commits and exits 0.
+    If that takes longer than `grace_s`, or a second signal arrives, exit at once (code 1): the
+    uncommitted batch is simply re-read after restart."""
+
+    def handle(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            log.error("second %s: exiting without finishing the batch", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: finishing the batch in hand, then stopping", signal.Signals(signum).name)
+        stop.set()
+        timer = threading.Timer(grace_s, _give_up, args=(grace_s,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def _give_up(grace_s: float) -> None:
+    log.error("shutdown did not finish within %.0fs: exiting without a final commit", grace_s)
+    os._exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--log-level", default="info", show_default=True, envvar="PROFILES_LOG_LEVEL", show_envvar=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+def main(log_level: str) -> None:
+    """Real-time e-commerce user profiles: Kafka events in, GRU-updated profiles out.
+
+    Start with `profiles demo` to see it work on an embedded broker.
+    """
+    _setup_logging(log_level)
+
+
+@main.command()
+@click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True, default="localhost:9092",
+              show_default=True, help="Kafka brokers, host:port[,host:port].")
+@click.option("--input-topics", envvar=_env("input-topics"), show_envvar=True, default="events", show_default=True,
+              help="Comma-separated input topics, co-partitioned by user id.")
+@click.option("--output-topic", envvar=_env("output-topic"), show_envvar=True, default="profiles",
+              show_default=True, help="Topic the profiles are published to (keyed by user id).")
+@click.option("--dlq-topic", envvar=_env("dlq-topic"), show_envvar=True, default="",
+              help="Dead-letter topic for records that break the event contract. [default: <output-topic>.dlq]")
+@click.option("--group-id", envvar=_env("group-id"), show_envvar=True, default="profiles", show_default=True,
+              help="Kafka consumer group; instances with the same id share the partitions.")
+@click.option("--model", "model_path", envvar=_env("model"), show_envvar=True, default=None,
+              type=click.Path(dir_okay=False), help="Model checkpoint (from `profiles train`). Without one, an "
+              "untrained model is used: counters are exact, learned fields are not meaningful.")
+@click.option("--device", envvar=_env("device"), show_envvar=True, default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]), help="auto picks CUDA when present.")
+@click.option("--batch-max-events", envvar=_env("batch-max-events"), show_envvar=True, default=5000,
+              show_default=True, type=click.IntRange(min=1), help="A micro-batch closes at this many records...")
+@click.option("--batch-max-ms", envvar=_env("batch-max-ms"), show_envvar=True, default=200, show_default=True,
+              type=click.IntRange(min=1), help="...or after this many milliseconds, whichever comes first.")
+@click.option("--max-event-bytes", envvar=_env("max-event-bytes"), show_envvar=True, default=65536,
+              show_default=True, type=click.IntRange(min=64), help="Larger records go to the dead-letter topic.")
+@click.option("--no-embedding", envvar=_env("no-embedding"), show_envvar=True, is_flag=True,
+              help="Leave the embedding out of published profiles.")
+@click.option("--metrics-port", envvar=_env("metrics-port"), show_envvar=True, default=None,
+              type=click.IntRange(min=1, max=65535), help="Serve Prometheus /metrics on this port.")
+@click.option("--metrics-address", envvar=_env("metrics-address"), show_envvar=True, default="0.0.0.0",
+              show_default=True, help="Address the metrics endpoint listens on.")
+@click.option("--kafka-config", envvar=_env("kafka-config"), show_envvar=True, multiple=True, metavar="KEY=VALUE",
+              help="librdkafka property for every client, repeatable (e.g. security.protocol=SASL_SSL). "
+              "Secret values are never printed.")
+@click.option("--session-timeout-ms", envvar=_env("session-timeout-ms"), show_envvar=True, default=10000,
+              show_default=True, type=click.IntRange(min=1000), help="Consumer group session timeout.")
+def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic: str, group_id: str,
+        model_path: str | None, device: str, batch_max_events: int, batch_max_ms: int, max_event_bytes: int,
+        no_embedding: bool, metrics_port: int | None, metrics_address: str, kafka_config: tuple[str, ...],
+        session_timeout_ms: int) -> None:
+    """The always-on daemon: consume events, update profiles, publish them.
+
+    Stops on SIGTERM or SIGINT after finishing, publishing and committing the batch in hand.
+    """
+    try:
+        settings = Settings(
+            kafka=KafkaSettings(bootstrap_servers, parse_kafka_config(kafka_config)),
+            input_topics=tuple(t.strip() for t in input_topics.split(",") if t.strip()),
+            output_topic=output_topic, dlq_topic=dlq_topic, group_id=group_id, model_path=model_path,
+            device=device, batch_max_events=batch_max_events, batch_max_ms=batch_max_ms,
+            max_event_bytes=max_event_bytes, emit_embedding=not no_embedding, metrics_port=metrics_port,
+            metrics_address=metrics_address, session_timeout_ms=session_timeout_ms,
+        )
+        settings.validate()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    stop = threading.Event()
+    install_stop_handlers(stop, settings.shutdown_timeout_s)
+    run_daemon(settings, stop)
+
+
+def run_daemon(settings: Settings, stop: threading.Event) -> None:
+    """Build the daemon from settings and run it until `stop`; user-facing errors become ClickExceptions."""
+    from confluent_kafka import KafkaException
+
+    from consumers.daemon import ProfileDaemon
+    from consumers.pipeline import load_updater
+    from models.profile_model import ModelError
+    from stream.kafka import StreamError
+    from stream.metrics import Metrics
+
+    log.info("settings: %s", settings.describe())
+    try:
+        updater = load_updater(settings)
+        metrics = Metrics()
+        if settings.metrics_port:
+            metrics.serve(settings.metrics_port, settings.metrics_address)
+        ProfileDaemon(settings, updater, metrics, stop).run()
+    except (ModelError, StreamError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except KafkaException as exc:
+        raise click.ClickException(f"Kafka error: {exc.args[0].str()}") from None
+
+
+@main.command()
+@click.option("--users", default=1000, show_default=True, type=click.IntRange(min=1), help="Distinct users.")
+@click.option("--events", default=20000, show_default=True, type=click.IntRange(min=1), help="Events to write.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same traffic.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write JSON lines here (.gz compresses).")
+@click.option("--topic", help="Produce to this Kafka topic instead (key = user id).")
+@click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True, default="localhost:9092",
+              show_default=True, help="Kafka brokers, for --topic.")
+@click.option("--partitions", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Partitions of --topic if it has to be created.")
+@click.option("--invalid-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of records replaced by malformed ones of every kind (to exercise the dead-letter path).")
+@click.option("--span-days", default=30.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Event-time span of the log.")
+@click.option("--kafka-config", multiple=True, metavar="KEY=VALUE", help="librdkafka property, repeatable.")
+def generate(users: int, events: int, seed: int, out: str | None, topic: str | None, bootstrap_servers: str,
+             partitions: int, invalid_fraction: float, span_days: float, kafka_config: tuple[str, ...]) -> None:
+    """Synthetic traffic with sessions, funnels, favourite categories, price levels and users who go quiet."""
+    if bool(out) == bool(topic):
+        raise click.UsageError("give exactly one of --out FILE or --topic TOPIC")
+    from consumers.loadgen import generate_to_file, generate_to_topic
+
+    if out:
+        n = generate_to_file(out, users, events, seed, invalid_fraction, span_days)
+        click.echo(f"wrote {n} records to {out}", err=True)
+    else:
+        try:
+            kafka = KafkaSettings(bootstrap_servers, parse_kafka_config(kafka_config))
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        n = generate_to_topic(kafka, topic, partitions, users, events, seed, invalid_fraction, span_days)
+        click.echo(f"produced {n} records to {topic}", err=True)
+
+
+@main.command()
+@click.option("--duration", default=None, type=click.FloatRange(min=1), help="Stop after this many seconds "
+              "(default: run until Ctrl-C).")
+@click.option("--users", default=500, show_default=True, type=click.IntRange(min=1), help="Synthetic users.")
+@click.option("--rate", default=3000, show_default=True, type=click.IntRange(min=1), help="Events per second.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def demo(duration: float | None, users: int, rate: int, seed: int) -> None:
+    """Everything on this machine: an embedded broker, synthetic traffic, the daemon and a live view."""
+    from consumers.demo import run_demo
+
+    stop = threading.Event()
+    install_stop_handlers(stop, grace_s=30.0)
+    run_demo(stop, duration=duration, users=users, rate=rate, seed=seed)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

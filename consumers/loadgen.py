@@ -1,0 +1,88 @@
+"""Synthetic traffic out to a file or a topic (`profiles generate`, the demo, load runs)."""
+
+from __future__ import annotations
+
+import gzip
+import random
+import threading
+import time
+from itertools import islice
+from typing import Iterable, Iterator
+
+import orjson
+from rich.progress import Progress
+
+from stream.generator import iter_events
+from stream.kafka import Publisher, admin_client, ensure_topics
+from stream.malformed import MALFORMED_KINDS, malformed
+from stream.settings import KafkaSettings
+
+
+def records(events: Iterable[dict], invalid_fraction: float, seed: int) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) per event; about `invalid_fraction` of values malformed, every kind in turn."""
+    rng = random.Random(seed)
+    kinds = list(MALFORMED_KINDS)
+    n_bad = 0
+    for event in events:
+        key = str(event["user_id"]).encode()
+        if invalid_fraction and rng.random() < invalid_fraction:
+            value, _reason = malformed(event, kinds[n_bad % len(kinds)])
+            n_bad += 1
+        else:
+            value = orjson.dumps(event)
+        yield key, value
+
+
+def generate_to_file(path: str, users: int, events: int, seed: int, invalid_fraction: float,
+                     span_days: float) -> int:
+    opener = gzip.open if path.endswith(".gz") else open
+    n = 0
+    with opener(path, "wb") as out, Progress(transient=True) as bar:
+        task = bar.add_task("generating", total=events)
+        for _key, value in records(iter_events(users, seed, events=events, span_days=span_days),
+                                   invalid_fraction, seed):
+            # A malformed record may hold a newline-free payload only: JSON lines stay one per line.
+            out.write(value.replace(b"\n", b" ") + b"\n")
+            n += 1
+            if n % 10000 == 0:
+                bar.update(task, completed=n)
+    return n
+
+
+def generate_to_topic(kafka: KafkaSettings, topic: str, partitions: int, users: int, events: int, seed: int,
+                      invalid_fraction: float, span_days: float) -> int:
+    ensure_topics(admin_client(kafka), {topic: partitions})
+    publisher = Publisher(kafka)
+    n = 0
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"producing to {topic}", total=events)
+        for key, value in records(iter_events(users, seed, events=events, span_days=span_days),
+                                  invalid_fraction, seed):
+            publisher.produce(topic, key, value)
+            n += 1
+            if n % 10000 == 0:
+                publisher.poll()
+                bar.update(task, completed=n)
+        publisher.flush()
+    return n
+
+
+def produce_paced(publisher: Publisher, topic: str, stream: Iterator[tuple[bytes, bytes]], rate: int,
+                  stop: threading.Event) -> int:
+    """Produce from `stream` at about `rate` records/s until it ends or `stop` is set."""
+    tick = 0.05
+    per_tick = max(1, int(rate * tick))
+    sent = 0
+    next_at = time.monotonic()
+    while not stop.is_set():
+        chunk = list(islice(stream, per_tick))
+        if not chunk:
+            break
+        for key, value in chunk:
+            publisher.produce(topic, key, value)
+        sent += len(chunk)
+        publisher.poll()
+        next_at += tick
+        stop.wait(max(0.0, next_at - time.monotonic()))
+    publisher.flush()
+    return sent

@@ -1,0 +1,169 @@
+"""One batch through the profile pipeline: decode -> update state with the GRU -> profiles.
+
+Source- and sink-agnostic, so the Kafka daemon and file replays share it. The
+hot path works on whole batches: numpy for grouping and counters, one GRU call
+for every touched user's new events, heads for the touched users only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.features import build_features
+from models.profile_model import LoadedModel, idle_hours, price_tier_index
+from stream.events import PURCHASE, DeadLetter, EventColumns, RecordBatch, decode_batch
+from stream.profiles import ProfileColumns, encode_profiles
+from stream.settings import Settings
+from stream.state import StateTable
+
+log = logging.getLogger(__name__)
+
+TOP_CATEGORIES = 3
+
+
+@dataclass
+class BatchResult:
+    profiles: list[tuple[bytes, bytes]]  # (key, value) per touched user
+    dead_letters: list[DeadLetter]
+    events: EventColumns  # the valid events that were applied
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class ProfileUpdater:
+    """Owns the model and the state table; turns record batches into profiles."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, *, max_event_bytes: int, emit_embedding: bool) -> None:
+        self.model = loaded.model.to(device).eval()
+        self.model_version = loaded.version
+        self.config = loaded.model.config
+        self.device = device
+        self.max_event_bytes = max_event_bytes
+        self.emit_embedding = emit_embedding
+        self.state = StateTable(self.config.hidden_size, self.config.category_buckets, device)
+
+    def process(self, records: RecordBatch) -> BatchResult:
+        t0 = time.perf_counter()
+        events, dead = decode_batch(records, self.max_event_bytes)
+        t1 = time.perf_counter()
+        rows = self.apply(events)
+        t2 = time.perf_counter()
+        profiles = self.profiles_for(rows)
+        t3 = time.perf_counter()
+        return BatchResult(profiles, dead, events, {"decode": t1 - t0, "model": t2 - t1, "encode": t3 - t2})
+
+    @torch.inference_mode()
+    def apply(self, ev: EventColumns) -> np.ndarray:
+        """Apply valid events to the state; return the state rows of the touched users."""
+        if len(ev) == 0:
+            return np.empty(0, dtype=np.int64)
+        state = self.state
+        users, user_of_event = np.unique(ev.user_id, return_inverse=True)  # (U,), (N,)
+        rows = state.rows_for(users)
+
+        # Each user's events in event-time order; arrival order breaks ties.
+        order = np.lexsort((ev.record_index, ev.ts, user_of_event))
+        user_sorted = user_of_event[order]
+        ts = ev.ts[order]
+        lengths = np.bincount(user_sorted, minlength=len(users))
+        starts = np.zeros_like(lengths)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        position = np.arange(len(order)) - starts[user_sorted]
+
+        # Time since the same user's previous event: from state for the first event of the batch.
+        previous = np.empty_like(ts)
+        previous[1:] = ts[:-1]
+        first_in_batch = position == 0
+        previous[first_in_batch] = state.last_ts[rows[user_sorted[first_in_batch]]]
+        first_ever = previous < 0
+        gap_seconds = np.where(first_ever, 0.0, (ts - previous) / 1000.0)
+
+        cfg = self.config
+        price = ev.price[order]
+        category = ev.category[order]
+        feats = build_features(
+            ev.type_idx[order], ev.item_id[order], category, price, ev.query[order], gap_seconds, first_ever,
+            item_buckets=cfg.item_buckets, category_buckets=cfg.category_buckets,
+            query_buckets=cfg.query_buckets, hash_seed=cfg.hash_seed, device=self.device,
+        )
+        rows_t = torch.from_numpy(rows).to(self.device)
+        x = self.model.embed(feats)  # (N, F)
+        state.hidden[rows_t] = self.model.advance(state.hidden[rows_t], x, user_sorted, position, lengths)
+        state.remember_categories(feats.category.cpu().numpy(), category)
+
+        # Exact counters, vectorised (np.add.at accumulates repeated rows).
+        event_rows = rows[user_sorted]
+        type_idx = ev.type_idx[order]
+        np.add.at(state.counts, (event_rows, type_idx), 1)
+        purchase = (type_idx == PURCHASE) & ~np.isnan(price)
+        spend = np.rint(price[purchase] * ev.quantity[order][purchase] * 1e6).astype(np.int64)
+        np.add.at(state.spend_micros, event_rows[purchase], spend)
+        priced = ~np.isnan(price)
+        np.add.at(state.price_sum, event_rows[priced], price[priced])
+        np.add.at(state.price_n, event_rows[priced], 1)
+        last_of_user = ts[starts + lengths - 1]
+        state.last_ts[rows] = np.maximum(state.last_ts[rows], last_of_user)
+        state.max_event_ts = max(state.max_event_ts, int(ts[-1] if len(ts) == 1 else ts.max()))
+        return rows
+
+    @torch.inference_mode()
+    def profiles_for(self, rows: np.ndarray) -> list[tuple[bytes, bytes]]:
+        """Profiles of the given state rows, encoded for the output topic."""
+        if len(rows) == 0:
+            return []
+        state, cfg = self.state, self.config
+        rows_t = torch.from_numpy(rows).to(self.device)
+        h = state.hidden[rows_t]  # (U, H)
+        idle = idle_hours(state.max_event_ts, state.last_ts[rows])
+        heads = self.model.heads(h, torch.from_numpy(idle).float().to(self.device))
+
+        # Top categories among the buckets that ever carried a category string.
+        probs = heads.category_probs * state.category_seen  # (U, C)
+        probs = probs / probs.sum(dim=1, keepdim=True).clamp(min=1e-12)  # a distribution over seen categories
+        k = min(TOP_CATEGORIES, int(state.category_seen.sum()))
+        top_scores, top_buckets = probs.topk(k, dim=1) if k else (probs[:, :0], probs[:, :0].long())
+        names = state.category_names
+        top = [
+            [(names[b], s) for b, s in zip(bs, ss)]
+            for bs, ss in zip(top_buckets.cpu().tolist(), top_scores.cpu().tolist())
+        ]
+
+        price_n = state.price_n[rows]
+        mean_price = np.divide(state.price_sum[rows], price_n, out=np.full(len(rows), np.nan), where=price_n > 0)
+        tier_names = cfg.price_tier_names
+        tiers = [tier_names[t] if t >= 0 else "unknown" for t in price_tier_index(mean_price, cfg).tolist()]
+
+        cols = ProfileColumns(
+            user_ids=[state.user_ids[r] for r in rows.tolist()],
+            last_event_ts=state.last_ts[rows],
+            counts=state.counts[rows],
+            spend_micros=state.spend_micros[rows],
+            top_categories=top,
+            purchase_propensity=heads.purchase_propensity.cpu().numpy(),
+            churn_risk=heads.churn_risk.cpu().numpy(),
+            price_tier=tiers,
+            interest_cluster=heads.interest_cluster.cpu().numpy(),
+            embedding=h.float().cpu().numpy() if self.emit_embedding else None,
+        )
+        return encode_profiles(cols, self.model_version, int(time.time() * 1000))
+
+
+def load_updater(settings: Settings) -> ProfileUpdater:
+    """The updater the settings ask for: a checkpoint, or an untrained model (with one warning)."""
+    from models.profile_model import load_checkpoint, resolve_device, untrained
+
+    device = resolve_device(settings.device)
+    if settings.model_path:
+        loaded = load_checkpoint(settings.model_path, device)
+        log.info("model %s loaded from %s on %s", loaded.version, settings.model_path, device)
+    else:
+        loaded = untrained()
+        log.warning("no --model given: serving a freshly initialised model (%s). Counters and spend are "
+                    "exact; learned fields (top_categories scores, propensity, churn, cluster) are untrained.",
+                    loaded.version)
+    return ProfileUpdater(loaded, device, max_event_bytes=settings.max_event_bytes,
+                          emit_embedding=settings.emit_embedding)

@@ -1,0 +1,131 @@
+"""The live source: a micro-batching Kafka consumer.
+
+Contract shared with replay sources: `next_batch()` returns a RecordBatch
+(possibly empty) and never blocks longer than the batch window. A batch closes
+at `batch_max_events` records or `batch_max_ms` milliseconds after the call
+started, whichever comes first, or as soon as `stop` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from stream.events import RecordBatch
+from stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PartitionsHandler = Callable[[list[TopicPartition]], None]
+
+
+def records_from(messages: list[Message]) -> RecordBatch:
+    return RecordBatch(
+        topics=[m.topic() for m in messages],
+        partitions=[m.partition() for m in messages],
+        offsets=[m.offset() for m in messages],
+        keys=[m.key() for m in messages],
+        values=[m.value() for m in messages],
+    )
+
+
+class KafkaBatchSource:
+    def __init__(self, settings: Settings, on_revoke: PartitionsHandler, on_lost: PartitionsHandler) -> None:
+        self.settings = settings
+        self._on_revoke = on_revoke
+        self._on_lost = on_lost
+        self.consumer = Consumer(
+            settings.kafka.client_config(
+                **{
+                    "group.id": settings.group_id,
+                    # Offsets are committed by the checkpoint, after the batch's output is acknowledged.
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    # A new group builds profiles from the whole retained history.
+                    "auto.offset.reset": "earliest",
+                    "session.timeout.ms": settings.session_timeout_ms,
+                    # Liveness is the session heartbeat; this bounds one batch's processing time.
+                    "max.poll.interval.ms": 300_000,
+                    # Only see records of committed transactions (where the broker honours it).
+                    "isolation.level": "read_committed",
+                }
+            )
+        )
+        self.assigned: set[tuple[str, int]] = set()
+        # Records polled for the batch being built; the revoke handler may need them.
+        self.pending = RecordBatch.empty()
+
+    def subscribe(self) -> None:
+        self.consumer.subscribe(
+            list(self.settings.input_topics), on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
+        )
+
+    def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned |= {(p.topic, p.partition) for p in partitions}
+        log.info("assigned %s", _names(partitions))
+
+    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("revoked %s", _names(partitions))
+        self._on_revoke(partitions)
+        self.assigned -= {(p.topic, p.partition) for p in partitions}
+
+    def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.warning("lost %s (session expired): their pending records will be re-read by the new owner",
+                    _names(partitions))
+        self._on_lost(partitions)
+        self.assigned -= {(p.topic, p.partition) for p in partitions}
+
+    def take_pending(self) -> RecordBatch:
+        batch, self.pending = self.pending, RecordBatch.empty()
+        return batch
+
+    def drop_pending(self, partitions: list[TopicPartition]) -> None:
+        """Forget pending records of partitions this consumer no longer owns."""
+        gone = {(p.topic, p.partition) for p in partitions}
+        kept = self.take_pending()
+        keep = [i for i, tp in enumerate(zip(kept.topics, kept.partitions)) if tp not in gone]
+        self.pending = RecordBatch(
+            [kept.topics[i] for i in keep], [kept.partitions[i] for i in keep], [kept.offsets[i] for i in keep],
+            [kept.keys[i] for i in keep], [kept.values[i] for i in keep],
+        )
+
+    def next_batch(self, stop: threading.Event) -> RecordBatch:
+        max_events = self.settings.batch_max_events
+        deadline = time.monotonic() + self.settings.batch_max_ms / 1000.0
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            wanted = max_events - len(self.pending)
+            if left <= 0 or wanted <= 0:
+                break
+            # Short poll slices keep the loop responsive to `stop`.
+            messages = self.consumer.consume(wanted, min(left, 0.1))
+            good = [m for m in messages if m.error() is None]
+            if len(good) != len(messages):
+                self._log_errors(messages)
+            if good:
+                self.pending.extend(records_from(good))
+        return self.take_pending()
+
+    @staticmethod
+    def _log_errors(messages: list[Message]) -> None:
+        for m in messages:
+            err = m.error()
+            if err is None or err.code() == KafkaError._PARTITION_EOF:
+                continue
+            if err.fatal():
+                raise KafkaException(err)
+            log.warning("consumer error on %s[%s]: %s", m.topic(), m.partition(), err.str())
+
+    def commit(self, offsets: list[TopicPartition]) -> None:
+        self.consumer.commit(offsets=offsets, asynchronous=False)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing"

@@ -1,0 +1,119 @@
+"""Event features: deterministic hashing of ids and query words, price and time scalars.
+
+Hashing is crc32 (stable across processes and machines, unlike Python's salted
+`hash`) followed by a 64-bit multiplicative mix so that neighbouring ids
+("i0001", "i0002") spread over the buckets. Bucket 0 is reserved for "absent",
+so an unseen or missing id never fails: it just lands in some bucket.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier (Fibonacci hashing)
+_WORD = re.compile(r"\w+")
+
+# Price buckets: log-spaced edges from 1 to ~100k currency units.
+PRICE_EDGES = np.array([0.5, 1, 2, 5, 10, 20, 35, 50, 75, 100, 200, 500, 1000, 5000, 20000], dtype=np.float64)
+
+
+def hash_buckets(values: np.ndarray | list, buckets: int, salt: int) -> np.ndarray:
+    """Map strings (None = absent) to buckets 1..buckets-1, deterministically; None -> 0."""
+    raw = np.fromiter(
+        (0 if v is None else zlib.crc32(v.encode("utf-8", "surrogatepass"), salt) + 1 for v in values),
+        dtype=np.uint64,
+        count=len(values),
+    )
+    return _mix_to_buckets(raw, buckets)
+
+
+def _mix_to_buckets(raw: np.ndarray, buckets: int) -> np.ndarray:
+    absent = raw == 0
+    with np.errstate(over="ignore"):
+        mixed = (raw * _MIX) >> np.uint64(32)
+    out = (mixed % np.uint64(buckets - 1)).astype(np.int64) + 1
+    out[absent] = 0
+    return out
+
+
+def query_tokens(queries: np.ndarray | list, buckets: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hashed lower-cased words of each query, flattened for an EmbeddingBag.
+
+    Returns (tokens, offsets): event i's tokens are tokens[offsets[i]:offsets[i+1]].
+    """
+    words_per_event = [_WORD.findall(q.lower()) if q else [] for q in queries]
+    lengths = np.fromiter((len(w) for w in words_per_event), dtype=np.int64, count=len(words_per_event))
+    offsets = np.zeros(len(words_per_event), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    flat = [w for words in words_per_event for w in words]
+    return hash_buckets(flat, buckets, salt), offsets
+
+
+def price_bucket(price: np.ndarray) -> np.ndarray:
+    """0 for no price, 1.. for log-spaced price ranges."""
+    bucket = np.searchsorted(PRICE_EDGES, np.nan_to_num(price, nan=0.0), side="right") + 1
+    bucket[np.isnan(price)] = 0
+    return bucket.astype(np.int64)
+
+
+@dataclass
+class EventFeatures:
+    """Model inputs for N events, already on the model's device."""
+
+    type_idx: torch.Tensor  # (N,) long
+    item: torch.Tensor  # (N,) long, hashed item id
+    category: torch.Tensor  # (N,) long, hashed category
+    price_bucket: torch.Tensor  # (N,) long
+    query_tokens: torch.Tensor  # (M,) long, hashed query words of all events
+    query_offsets: torch.Tensor  # (N,) long, where each event's words start
+    dense: torch.Tensor  # (N, DENSE_FEATURES) float: log price, has price, log gap, first event
+
+
+DENSE_FEATURES = 4
+
+
+def build_features(
+    type_idx: np.ndarray,
+    item_id: np.ndarray,
+    category: np.ndarray,
+    price: np.ndarray,
+    query: np.ndarray,
+    gap_seconds: np.ndarray,
+    first_event: np.ndarray,
+    *,
+    item_buckets: int,
+    category_buckets: int,
+    query_buckets: int,
+    hash_seed: int,
+    device: torch.device,
+) -> EventFeatures:
+    """Featurise N events given as numpy columns. `gap_seconds` is the time since the user's previous event."""
+    tokens, offsets = query_tokens(query, query_buckets, hash_seed + 2)
+    has_price = ~np.isnan(price)
+    dense = np.stack(
+        [
+            np.log1p(np.where(has_price, price, 0.0)),
+            has_price.astype(np.float64),
+            np.log1p(np.maximum(gap_seconds, 0.0)) / 10.0,
+            first_event.astype(np.float64),
+        ],
+        axis=1,
+    ).astype(np.float32)
+
+    def long(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device, non_blocking=True)
+
+    return EventFeatures(
+        type_idx=long(type_idx),
+        item=long(hash_buckets(item_id, item_buckets, hash_seed)),
+        category=long(hash_buckets(category, category_buckets, hash_seed + 1)),
+        price_bucket=long(price_bucket(price)),
+        query_tokens=long(tokens),
+        query_offsets=long(offsets),
+        dense=torch.from_numpy(dense).to(device, non_blocking=True),
+    )

@@ -1,0 +1,133 @@
+"""Kafka plumbing: topic admin, the co-partitioning check, and a producer that knows what was acknowledged."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from stream.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+class StreamError(Exception):
+    """Root of the stream package's errors."""
+
+
+class TopicError(StreamError):
+    """Topics missing or laid out in a way the pipeline cannot work with."""
+
+
+class PublishError(StreamError):
+    """Records the broker did not acknowledge."""
+
+
+def admin_client(kafka: KafkaSettings) -> AdminClient:
+    return AdminClient(kafka.client_config())
+
+
+def partition_counts(admin: AdminClient, topics: Iterable[str], timeout_s: float = 10.0) -> dict[str, int]:
+    """Partition count of each topic; a missing topic is absent from the result."""
+    try:
+        metadata = admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        raise TopicError(f"cannot read cluster metadata: {exc.args[0]}") from None
+    out = {}
+    for topic in topics:
+        meta = metadata.topics.get(topic)
+        if meta is not None and meta.error is None:
+            out[topic] = len(meta.partitions)
+    return out
+
+
+def check_copartitioned(admin: AdminClient, topics: tuple[str, ...]) -> int:
+    """Input topics must exist and have equal partition counts: a user's events from
+    every topic must land in the same consumer (partition n of each topic goes together)."""
+    counts = partition_counts(admin, topics)
+    missing = [t for t in topics if t not in counts]
+    if missing:
+        raise TopicError(f"input topic(s) not found: {', '.join(missing)}")
+    if len(set(counts.values())) > 1:
+        layout = ", ".join(f"{t}={counts[t]}" for t in topics)
+        raise TopicError(
+            "input topics are not co-partitioned by user id: partition counts differ "
+            f"({layout}); give them the same partition count and the same key (user_id)"
+        )
+    return next(iter(counts.values()))
+
+
+def ensure_topics(admin: AdminClient, partitions: dict[str, int], timeout_s: float = 15.0) -> None:
+    """Create the topics that do not exist yet (existing ones are left as they are)."""
+    existing = partition_counts(admin, partitions)
+    # retention.ms set explicitly: some brokers (Tansu) need it at creation.
+    new = [NewTopic(t, n, 1, config={"retention.ms": str(7 * 24 * 3600 * 1000)})
+           for t, n in partitions.items() if t not in existing]
+    if not new:
+        return
+    for topic, future in admin.create_topics(new, operation_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+            log.info("created topic %s", topic)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise TopicError(f"cannot create topic {topic}: {exc.args[0].str()}") from None
+
+
+class Publisher:
+    """A producer that counts what the broker acknowledged.
+
+    `flush()` waits for every record produced so far and raises PublishError if
+    any was not acknowledged, so the caller commits input offsets only after a
+    complete, acknowledged publish.
+    """
+
+    def __init__(self, kafka: KafkaSettings, **overrides: object) -> None:
+        conf = kafka.client_config(
+            **{
+                # No duplicates or reordering from internal retries.
+                "enable.idempotence": True,
+                # Wait a few ms to fill bigger requests: profiles come in bursts, one per batch.
+                "linger.ms": 5,
+                # Profiles are repetitive JSON: lz4 shrinks them cheaply.
+                "compression.type": "lz4",
+                # Room for a few large batches in flight; produce() blocks (polls) past it.
+                "queue.buffering.max.messages": 500_000,
+                # Fail a record after 2 min of retries instead of librdkafka's 5 min default:
+                # the daemon then exits non-zero and restarts from the last commit.
+                "message.timeout.ms": 120_000,
+            },
+            **overrides,
+        )
+        self._producer = Producer(conf)
+        self._failed: list[str] = []
+        self.acknowledged = 0
+
+    def _on_delivery(self, err: KafkaError | None, msg: object) -> None:
+        if err is None:
+            self.acknowledged += 1
+        else:
+            self._failed.append(err.str())
+
+    def produce(self, topic: str, key: bytes | None, value: bytes | None,
+                headers: list[tuple[str, bytes]] | None = None) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value, key, headers=headers, on_delivery=self._on_delivery)
+                return
+            except BufferError:
+                # Local queue full: serve delivery reports until there is room.
+                self._producer.poll(0.05)
+
+    def poll(self) -> None:
+        self._producer.poll(0)
+
+    def flush(self, timeout_s: float = 120.0) -> None:
+        remaining = self._producer.flush(timeout_s)
+        if remaining:
+            raise PublishError(f"{remaining} record(s) still unacknowledged after {timeout_s:.0f}s")
+        if self._failed:
+            failed, self._failed = self._failed, []
+            raise PublishError(f"{len(failed)} record(s) were not acknowledged: {failed[0]}")

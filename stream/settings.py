@@ -1,0 +1,120 @@
+"""One frozen settings object, built once by the CLI and passed down explicitly.
+
+Secrets (SASL passwords, key material, tokens) live inside `KafkaSettings.extra`
+and never appear in `repr()`, logs or error messages: everything that prints a
+Kafka config goes through `KafkaSettings.redacted()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+# librdkafka property names whose values must never be printed.
+_SECRET_MARKERS = ("password", "secret", "token", "jaas", "key.pem", "keystore", "private", "credential")
+
+
+def is_secret_key(key: str) -> bool:
+    """True for librdkafka properties that carry secret material."""
+    k = key.lower()
+    return any(marker in k for marker in _SECRET_MARKERS) or k.endswith(".key")
+
+
+def parse_kafka_config(pairs: tuple[str, ...] | list[str]) -> tuple[tuple[str, str], ...]:
+    """Parse repeated `KEY=VALUE` strings. Error messages name the key, never the value."""
+    parsed: list[tuple[str, str]] = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            # The whole string may be a secret typed without '=': do not echo it.
+            raise ValueError("--kafka-config expects KEY=VALUE (got an entry without '=')")
+        parsed.append((key, value))
+    return tuple(parsed)
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str = "localhost:9092"
+    # Extra librdkafka properties (TLS, SASL, tuning), applied to every client.
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def client_config(self, **overrides: object) -> dict[str, object]:
+        """The librdkafka config for one client: bootstrap, user extras, then the caller's overrides.
+
+        The caller's overrides are the settings the pipeline's correctness depends on
+        (e.g. enable.auto.commit=false), so they win over user extras.
+        """
+        conf: dict[str, object] = {"bootstrap.servers": self.bootstrap_servers}
+        conf.update(dict(self.extra))
+        conf.update(overrides)
+        return conf
+
+    def redacted(self) -> dict[str, str]:
+        conf = {"bootstrap.servers": self.bootstrap_servers}
+        for key, value in self.extra:
+            conf[key] = "***" if is_secret_key(key) else value
+        return conf
+
+    def __repr__(self) -> str:  # never leak secrets through a stray print or log
+        return f"KafkaSettings({self.redacted()!r})"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    input_topics: tuple[str, ...] = ("events",)
+    output_topic: str = "profiles"
+    dlq_topic: str = ""  # empty: derived as "<output_topic>.dlq"
+    group_id: str = "profiles"
+    model_path: str | None = None
+    device: str = "auto"
+    batch_max_events: int = 5000
+    batch_max_ms: int = 200
+    max_event_bytes: int = 65536
+    emit_embedding: bool = True
+    metrics_port: int | None = None
+    metrics_address: str = "0.0.0.0"
+    # Kafka consumer group session timeout. The broker evicts a member that is silent this long.
+    session_timeout_ms: int = 10000
+    # Upper bound on how long a SIGTERM/SIGINT shutdown may take before we give up flushing.
+    shutdown_timeout_s: float = 30.0
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.dlq_topic or f"{self.output_topic}.dlq"
+
+    def describe(self) -> dict[str, object]:
+        """Printable view of the settings (secrets redacted)."""
+        return {
+            "kafka": self.kafka.redacted(),
+            "input_topics": list(self.input_topics),
+            "output_topic": self.output_topic,
+            "dlq_topic": self.dead_letter_topic,
+            "group_id": self.group_id,
+            "model": self.model_path or "(untrained, freshly initialised)",
+            "device": self.device,
+            "batch_max_events": self.batch_max_events,
+            "batch_max_ms": self.batch_max_ms,
+            "max_event_bytes": self.max_event_bytes,
+            "embedding": self.emit_embedding,
+            "metrics": f"{self.metrics_address}:{self.metrics_port}" if self.metrics_port else "off",
+        }
+
+    def validate(self) -> None:
+        """Raise ValueError with a user-facing message for settings that cannot work."""
+        if not self.input_topics or any(not t for t in self.input_topics):
+            raise ValueError("--input-topics must name at least one topic")
+        if self.batch_max_events < 1:
+            raise ValueError("--batch-max-events must be >= 1")
+        if self.batch_max_ms < 1:
+            raise ValueError("--batch-max-ms must be >= 1")
+        if self.max_event_bytes < 64:
+            raise ValueError("--max-event-bytes must be >= 64")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError("--device must be auto, cpu or cuda")
+        if self.output_topic in self.input_topics or self.dead_letter_topic in self.input_topics:
+            raise ValueError("the output and dead-letter topics must differ from the input topics")
+

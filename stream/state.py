@@ -1,0 +1,142 @@
+"""The state table: user -> hidden state + exact counters, behind a small interface.
+
+Hidden states live in one (capacity, H) tensor on the model's device; counters
+live in numpy arrays on the host. Both grow by doubling, so the cost of a batch
+depends on the users it touches, not on how many users are in state.
+
+`snapshot()` / `restore()` exchange plain data (numpy arrays, lists, dicts): the
+changelog and local snapshots of a later issue build on them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from stream.events import EVENT_TYPES
+
+SNAPSHOT_FORMAT = 1
+
+
+class StateTable:
+    def __init__(self, hidden_size: int, category_buckets: int, device: torch.device, capacity: int = 1024) -> None:
+        self.hidden_size = hidden_size
+        self.device = device
+        self._index: dict[str, int] = {}
+        self.user_ids: list[str] = []
+        self.hidden = torch.zeros(capacity, hidden_size, device=device)  # (capacity, H)
+        self.counts = np.zeros((capacity, len(EVENT_TYPES)), dtype=np.int64)  # (capacity, 4)
+        # Spend in integer micro-units: exact and independent of summation order (batching invariance).
+        self.spend_micros = np.zeros(capacity, dtype=np.int64)
+        self.last_ts = np.full(capacity, -1, dtype=np.int64)  # -1: no event yet
+        self.price_sum = np.zeros(capacity, dtype=np.float64)  # for the mean engaged price -> price tier
+        self.price_n = np.zeros(capacity, dtype=np.int64)
+        # Category bucket -> the category string last seen in it, and which buckets were ever seen,
+        # so top_categories can name categories as they appear in events.
+        self.category_names: dict[int, str] = {}
+        self.category_seen = torch.zeros(category_buckets, dtype=torch.bool, device=device)
+        self.max_event_ts = -1  # largest event time seen: the clock of event-time timers
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.last_ts)
+
+    def rows_for(self, users: Iterable[str]) -> np.ndarray:
+        """Row of each user, adding rows for users not yet in state."""
+        index = self._index
+        rows = np.fromiter((index.get(u, -1) for u in users), dtype=np.int64)
+        missing = np.flatnonzero(rows < 0)
+        if len(missing):
+            users = list(users) if not isinstance(users, (list, np.ndarray)) else users
+            for i in missing:
+                user = users[i]
+                row = index.get(user)  # a user may repeat in `users`
+                if row is None:
+                    row = len(self.user_ids)
+                    index[user] = row
+                    self.user_ids.append(user)
+                rows[i] = row
+            self._ensure_capacity(len(self.user_ids))
+        return rows
+
+    def row_of(self, user: str) -> int | None:
+        return self._index.get(user)
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        new = max(needed, 2 * self.capacity)
+        grow = new - self.capacity
+        self.hidden = torch.cat([self.hidden, torch.zeros(grow, self.hidden_size, device=self.device)])
+        self.counts = np.concatenate([self.counts, np.zeros((grow, self.counts.shape[1]), dtype=np.int64)])
+        self.spend_micros = np.concatenate([self.spend_micros, np.zeros(grow, dtype=np.int64)])
+        self.last_ts = np.concatenate([self.last_ts, np.full(grow, -1, dtype=np.int64)])
+        self.price_sum = np.concatenate([self.price_sum, np.zeros(grow, dtype=np.float64)])
+        self.price_n = np.concatenate([self.price_n, np.zeros(grow, dtype=np.int64)])
+
+    def remember_categories(self, buckets: np.ndarray, names: np.ndarray) -> None:
+        """Record the category string seen in each bucket (bucket 0 = no category)."""
+        keep = buckets > 0
+        if not keep.any():
+            return
+        uniq, first = np.unique(buckets[keep], return_index=True)
+        named = names[keep][first]
+        self.category_names.update(zip(uniq.tolist(), named.tolist()))
+        self.category_seen[torch.from_numpy(uniq).to(self.device)] = True
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes held by the state, by device."""
+        n = len(self)
+        host = sum(a[:n].nbytes for a in (self.counts, self.spend_micros, self.last_ts, self.price_sum, self.price_n))
+        dev = n * self.hidden_size * self.hidden.element_size()
+        out = {"host": host}
+        out[str(self.device)] = out.get(str(self.device), 0) + dev
+        return out
+
+    def snapshot(self) -> dict:
+        """Plain-data copy of the whole table."""
+        n = len(self)
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "user_ids": list(self.user_ids),
+            "hidden": self.hidden[:n].detach().cpu().numpy().copy(),
+            "counts": self.counts[:n].copy(),
+            "spend_micros": self.spend_micros[:n].copy(),
+            "last_ts": self.last_ts[:n].copy(),
+            "price_sum": self.price_sum[:n].copy(),
+            "price_n": self.price_n[:n].copy(),
+            "category_names": dict(self.category_names),
+            "max_event_ts": self.max_event_ts,
+        }
+
+    def restore(self, snap: dict) -> None:
+        """Replace the table's content with a snapshot taken by `snapshot()`."""
+        if snap.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"state snapshot format {snap.get('format')!r} is not {SNAPSHOT_FORMAT}")
+        users = list(snap["user_ids"])
+        n = len(users)
+        self._index = {u: i for i, u in enumerate(users)}
+        self.user_ids = users
+        cap = max(1024, n)
+        self.hidden = torch.zeros(cap, self.hidden_size, device=self.device)
+        self.hidden[:n] = torch.as_tensor(snap["hidden"], device=self.device)
+        self.counts = np.zeros((cap, len(EVENT_TYPES)), dtype=np.int64)
+        self.counts[:n] = snap["counts"]
+        self.spend_micros = np.zeros(cap, dtype=np.int64)
+        self.spend_micros[:n] = snap["spend_micros"]
+        self.last_ts = np.full(cap, -1, dtype=np.int64)
+        self.last_ts[:n] = snap["last_ts"]
+        self.price_sum = np.zeros(cap, dtype=np.float64)
+        self.price_sum[:n] = snap["price_sum"]
+        self.price_n = np.zeros(cap, dtype=np.int64)
+        self.price_n[:n] = snap["price_n"]
+        self.category_names = {int(k): v for k, v in snap["category_names"].items()}
+        self.category_seen.zero_()
+        if self.category_names:
+            self.category_seen[torch.tensor(list(self.category_names), device=self.device)] = True
+        self.max_event_ts = int(snap["max_event_ts"])

@@ -1,0 +1,85 @@
+"""`profiles run` as a real process: graceful SIGTERM, start-up checks, secrets kept out of output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from stream.generator import generate
+from tests.conftest import (
+    SESSION_TIMEOUT_MS, committed_offsets, create_topics, end_offsets, expected_from_events, latest_profiles,
+    produce, read_topic, wait_until,
+)
+
+
+def profiles_command() -> list[str]:
+    script = Path(sys.executable).with_name("profiles")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "consumers.cli"]
+
+
+def start_daemon(kafka, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = profiles_command() + ["run", "--bootstrap-servers", kafka.bootstrap_servers, "--device", "cpu",
+                                "--session-timeout-ms", str(SESSION_TIMEOUT_MS), *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def test_sigterm_mid_stream_exits_0_and_commits_exactly_what_was_published(kafka, unique):
+    log = generate(users=1000, events=20000, seed=5)
+    topic, out, group = unique("events"), unique("profiles"), unique("group")
+    create_topics(kafka, {topic: 4})
+    produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log.events])
+
+    # Small batches so that the stream is still being worked through when SIGTERM arrives.
+    proc = start_daemon(kafka, "--input-topics", topic, "--output-topic", out, "--group-id", group,
+                        "--batch-max-events", "20", "--batch-max-ms", "50")
+    try:
+        wait_until(lambda: proc.poll() is not None or sum(end_offsets(kafka, out).values()) > 0, 90,
+                   "the first profiles")
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+
+    committed = committed_offsets(kafka, group, topic)
+    total = sum(end_offsets(kafka, topic).values())
+    assert 0 < sum(committed.values()) < total, "SIGTERM arrived mid-stream"
+    consumed = [orjson.loads(r.value) for r in read_topic(kafka, topic) if r.offset < committed[r.partition]]
+    expected = expected_from_events(consumed)
+    profiles, _ = latest_profiles(kafka, out)
+    # Published profiles reflect exactly the committed events: nothing more, nothing less.
+    assert set(profiles) == set(expected)
+    for user, want in expected.items():
+        assert profiles[user]["counts"] == {t: want["counts"].get(t, 0)
+                                            for t in ("search", "click", "add_to_cart", "purchase")}
+        assert round(profiles[user]["spend"] * 1e6) == want["spend_micros"]
+
+
+def test_refuses_inputs_that_are_not_copartitioned_without_printing_secrets(kafka, unique):
+    clicks, searches = unique("clicks"), unique("searches")
+    create_topics(kafka, {clicks: 2, searches: 3})
+    secret = "Sup3r-Secret-Value"
+    proc = start_daemon(kafka, "--input-topics", f"{clicks},{searches}", "--output-topic", unique("profiles"),
+                        "--kafka-config", f"sasl.password={secret}", "--kafka-config", "client.id=copart-test")
+    stdout, stderr = proc.communicate(timeout=60)
+    text = (stdout + stderr).decode()
+    assert proc.returncode == 1, text
+    assert "not co-partitioned" in text and f"{clicks}=2" in text and f"{searches}=3" in text
+    assert secret not in text
+    assert "***" in text  # the settings line shows the key with its value redacted
+
+
+def test_missing_input_topic_is_a_clear_error(kafka, unique):
+    missing = unique("nope")
+    proc = start_daemon(kafka, "--input-topics", missing)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert f"input topic(s) not found: {missing}" in stderr.decode()

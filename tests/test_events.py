@@ -1,0 +1,78 @@
+"""The event contract: what decodes, what is dead-lettered and why."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import pytest
+
+from stream import events as ev
+from stream.events import RecordBatch, decode_batch
+from stream.malformed import MALFORMED_KINDS, malformed
+
+CLICK = {"event_id": "e1", "user_id": "u1", "type": "click", "ts": 1_700_000_000_000, "item_id": "i9",
+         "category": "shoes", "price": 19.5}
+
+
+def decode(*values: bytes | None, limit: int = 65536):
+    n = len(values)
+    return decode_batch(RecordBatch(["t"] * n, [3] * n, list(range(100, 100 + n)), [b"k"] * n, list(values)), limit)
+
+
+def test_valid_events_become_columns():
+    search = {"event_id": "e2", "user_id": 42, "type": "search", "ts": "2024-05-01T12:00:00Z", "query": "red shoes"}
+    purchase = {**CLICK, "event_id": "e3", "type": "purchase", "quantity": 3, "ts": "2024-05-01T12:00:01"}
+    cols, dead = decode(orjson.dumps(CLICK), orjson.dumps(search), orjson.dumps(purchase))
+    assert dead == []
+    assert list(cols.user_id) == ["u1", "42", "u1"]  # integer ids normalised to strings
+    assert cols.type_idx.tolist() == [ev.CLICK, ev.SEARCH, ev.PURCHASE]
+    assert cols.ts.tolist() == [1_700_000_000_000, 1_714_564_800_000, 1_714_564_801_000]  # naive ISO = UTC
+    assert cols.quantity.tolist() == [1, 1, 3]
+    assert math.isnan(cols.price[1]) and cols.price[2] == 19.5
+    assert list(cols.query) == [None, "red shoes", None]
+    assert cols.record_index.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED_KINDS))
+def test_each_kind_of_bad_record_is_dead_lettered_with_its_reason(kind):
+    value, reason = malformed(CLICK, kind, 1000)
+    cols, dead = decode(orjson.dumps(CLICK), value, limit=1000)
+    assert len(cols) == 1 and cols.record_index.tolist() == [0]
+    assert len(dead) == 1
+    d = dead[0]
+    assert (d.reason, d.value, d.key, d.topic, d.partition, d.offset) == (reason, value, b"k", "t", 3, 101)
+    headers = dict(d.headers())
+    assert headers["dlq.reason"] == reason.encode() and headers["dlq.offset"] == b"101"
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"type": "click", "item_id": None}, ev.MISSING_FIELD),
+        ({"type": "search", "query": ""}, ev.MISSING_FIELD),
+        ({"user_id": True}, ev.INVALID_FIELD),
+        ({"user_id": ""}, ev.INVALID_FIELD),
+        ({"event_id": 7}, ev.INVALID_FIELD),
+        ({"ts": "yesterday"}, ev.INVALID_FIELD),
+        ({"ts": -5}, ev.INVALID_FIELD),
+        ({"ts": 1.5e12}, ev.INVALID_FIELD),
+        ({"price": "9.99"}, ev.INVALID_PRICE),
+        ({"price": -0.01}, ev.INVALID_PRICE),
+        ({"type": "purchase", "quantity": 0}, ev.INVALID_FIELD),
+        ({"type": "purchase", "quantity": 1.5}, ev.INVALID_FIELD),
+        ({"type": 3}, ev.UNKNOWN_TYPE),
+        ({"item_id": "x" * 300}, ev.INVALID_FIELD),
+    ],
+)
+def test_field_rules(change, reason):
+    event = {k: v for k, v in {**CLICK, **change}.items() if v is not None}
+    _, dead = decode(orjson.dumps(event))
+    assert [d.reason for d in dead] == [reason]
+
+
+def test_null_value_and_deep_nesting_are_dead_letters_not_crashes():
+    deep = b"[" * 5000 + b"]" * 5000
+    cols, dead = decode(None, deep, b"", b"\x00\x01")
+    assert len(cols) == 0
+    assert [d.reason for d in dead] == [ev.NOT_JSON, ev.NOT_JSON, ev.NOT_JSON, ev.NOT_JSON]

@@ -1,0 +1,126 @@
+"""The GRU profile model and the in-process update step."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from consumers.pipeline import ProfileUpdater
+from models.features import build_features, hash_buckets
+from models.profile_model import (
+    CheckpointError, ModelConfig, ProfileModel, load_checkpoint, save_checkpoint, untrained,
+)
+from stream.events import RecordBatch
+from stream.generator import generate
+
+SMALL = ModelConfig(hidden_size=16, item_buckets=1024, category_buckets=64, query_buckets=256)
+
+
+def features(model: ProfileModel, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    items = np.array([f"i{k}" for k in rng.integers(0, 50, n)], dtype=object)
+    cats = np.array([f"c{k}" for k in rng.integers(0, 5, n)], dtype=object)
+    queries = np.array(["red shoes" if k % 3 == 0 else None for k in range(n)], dtype=object)
+    price = np.where(rng.random(n) < 0.3, np.nan, rng.random(n) * 100)
+    c = model.config
+    return build_features(rng.integers(0, 4, n), items, cats, price, queries, rng.random(n) * 1000,
+                          np.zeros(n, bool), item_buckets=c.item_buckets, category_buckets=c.category_buckets,
+                          query_buckets=c.query_buckets, hash_seed=c.hash_seed, device=torch.device("cpu"))
+
+
+def test_one_packed_call_equals_running_each_user_alone():
+    model = ProfileModel.fresh(SMALL)
+    lengths = np.array([5, 1, 3, 7])
+    user = np.repeat(np.arange(4), lengths)
+    position = np.concatenate([np.arange(n) for n in lengths])
+    with torch.no_grad():
+        x = model.embed(features(model, len(user)))
+        h0 = torch.randn(4, 16)
+        h = model.advance(h0, x, user, position, lengths)
+        for u in range(4):
+            _, ref = model.gru(x[user == u].unsqueeze(1), h0[u].view(1, 1, -1))
+            torch.testing.assert_close(h[u], ref[0, 0], atol=1e-6, rtol=1e-5)
+
+
+def test_churn_risk_rises_with_idle_time():
+    model = ProfileModel.fresh(SMALL)
+    h = torch.randn(1, 16).repeat(4, 1)
+    with torch.no_grad():
+        churn = model.heads(h, torch.tensor([0.0, 1.0, 24.0, 24.0 * 30])).churn_risk
+    assert torch.all(churn[1:] > churn[:-1])
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    model = ProfileModel.fresh(SMALL)
+    with torch.no_grad():
+        model.cluster_centroids.add_(1.0)  # buffers travel too
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, "v-test", {"note": "unit"})
+    loaded = load_checkpoint(path)
+    assert loaded.version == "v-test" and loaded.trained and loaded.metadata == {"note": "unit"}
+    assert loaded.model.config == SMALL
+    f = features(model, 12)
+    with torch.no_grad():
+        a = model.embed(f)
+        b = loaded.model.embed(f)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        ha = model.heads(torch.ones(2, 16), torch.zeros(2))
+        hb = loaded.model.heads(torch.ones(2, 16), torch.zeros(2))
+    torch.testing.assert_close(ha.category_probs, hb.category_probs, rtol=0, atol=0)
+    assert torch.equal(ha.interest_cluster, hb.interest_cluster)
+
+
+def test_unreadable_checkpoints_are_refused_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable profiles checkpoint"):
+        load_checkpoint(junk)
+    future = tmp_path / "future.pt"
+    torch.save({"format": 99, "config": {}, "state_dict": {}}, future)
+    with pytest.raises(CheckpointError, match="format 99"):
+        load_checkpoint(future)
+
+
+def test_feature_hashing_is_identical_across_processes():
+    ids = ["i1", "i2", "shoes.running", "ü-unicode", "", "x" * 200]
+    here = hash_buckets(ids, 1 << 17, 0).tolist()
+    code = f"from models.features import hash_buckets; print(hash_buckets({ids!r}, 1 << 17, 0).tolist())"
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout.strip()
+    assert str(here) == there
+    assert len(set(here)) == len(ids) and all(b > 0 for b in here)
+    assert hash_buckets([None], 8, 0).tolist() == [0]
+
+
+def batch_of(events: list[dict]) -> RecordBatch:
+    n = len(events)
+    return RecordBatch(["t"] * n, [0] * n, list(range(n)), [None] * n, [orjson.dumps(e) for e in events])
+
+
+def test_split_batches_equal_one_batch_and_snapshot_restores_state():
+    events = generate(users=40, events=600, seed=2).events
+    whole = ProfileUpdater(untrained(SMALL), torch.device("cpu"), max_event_bytes=65536, emit_embedding=True)
+    whole.process(batch_of(events))
+
+    pieces = ProfileUpdater(untrained(SMALL), torch.device("cpu"), max_event_bytes=65536, emit_embedding=True)
+    pieces.process(batch_of(events[:250]))
+    snap = pieces.state.snapshot()
+    resumed = ProfileUpdater(untrained(SMALL), torch.device("cpu"), max_event_bytes=65536, emit_embedding=True)
+    resumed.state.restore(snap)  # a restart from a snapshot
+    for start in range(250, 600, 33):
+        resumed.process(batch_of(events[start:start + 33]))
+
+    a, b = whole.state.snapshot(), resumed.state.snapshot()
+    order = [a["user_ids"].index(u) for u in b["user_ids"]]
+    np.testing.assert_array_equal(b["counts"], a["counts"][order])
+    np.testing.assert_array_equal(b["spend_micros"], a["spend_micros"][order])
+    np.testing.assert_array_equal(b["last_ts"], a["last_ts"][order])
+    np.testing.assert_allclose(b["hidden"], a["hidden"][order], atol=1e-5, rtol=1e-4)
+    assert a["category_names"] == b["category_names"]
