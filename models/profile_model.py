@@ -41,7 +41,7 @@ class ModelConfig:
     type_dim: int = 8
     item_buckets: int = 1 << 17
     item_dim: int = 32
-    category_buckets: int = 1 << 12
+    category_buckets: int = 1 << 14
     category_dim: int = 16
     query_buckets: int = 1 << 15
     query_dim: int = 16

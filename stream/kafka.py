@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Iterable
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -131,3 +132,34 @@ class Publisher:
         if self._failed:
             failed, self._failed = self._failed, []
             raise PublishError(f"{len(failed)} record(s) were not acknowledged: {failed[0]}")
+
+
+def end_offsets(kafka: KafkaSettings, topic: str, timeout_s: float = 30.0) -> dict[int, int]:
+    """The true end offset (high watermark) of every partition of `topic`.
+
+    ListOffsets alone is not enough: some Kafka-compatible brokers (Tansu) answer it
+    with the base offset of the last record batch + 1, short of the real end. Fetch
+    responses carry the real high watermark, so read one record from that last batch
+    and take the watermark the fetch brought back.
+    """
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(kafka.client_config(**{"group.id": "profiles-end-offsets", "enable.auto.commit": False}))
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if meta is None or meta.error is not None:
+            raise TopicError(f"topic {topic} not found")
+        listed = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[1]
+                  for p in meta.partitions}
+        pending = {p for p, end in listed.items() if end > 0}
+        consumer.assign([TopicPartition(topic, p, listed[p] - 1) for p in pending])
+        deadline = time.monotonic() + timeout_s
+        seen = set()
+        while seen != pending:
+            if time.monotonic() > deadline:
+                raise StreamError(f"could not read the end offsets of {topic}")
+            seen |= {m.partition() for m in consumer.consume(1000, 0.2) if m.error() is None}
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)[1] if p in pending else 0
+                for p in listed}
+    finally:
+        consumer.close()

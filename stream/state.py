@@ -80,14 +80,21 @@ class StateTable:
         self.price_n = np.concatenate([self.price_n, np.zeros(grow, dtype=np.int64)])
 
     def remember_categories(self, buckets: np.ndarray, names: np.ndarray) -> None:
-        """Record the category string seen in each bucket (bucket 0 = no category)."""
+        """Record the category strings seen in each bucket (bucket 0 = no category).
+
+        When two categories collide in a bucket, the bucket is named by the smaller
+        string: a rule that does not depend on arrival order or batch boundaries.
+        """
         keep = buckets > 0
         if not keep.any():
             return
-        uniq, first = np.unique(buckets[keep], return_index=True)
-        named = names[keep][first]
-        self.category_names.update(zip(uniq.tolist(), named.tolist()))
-        self.category_seen[torch.from_numpy(uniq).to(self.device)] = True
+        uniq_names, first = np.unique(names[keep], return_index=True)  # sorted: smallest name first
+        known = self.category_names
+        for bucket, name in zip(buckets[keep][first].tolist(), uniq_names.tolist()):
+            current = known.get(bucket)
+            if current is None or name < current:
+                known[bucket] = name
+        self.category_seen[torch.from_numpy(np.unique(buckets[keep])).to(self.device)] = True
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes held by the state, by device."""

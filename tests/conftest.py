@@ -15,6 +15,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from stream.broker import EmbeddedBroker
 from stream.kafka import admin_client, ensure_topics
+from stream.kafka import end_offsets as kafka_end_offsets
 from stream.settings import KafkaSettings, Settings
 
 # The embedded broker's group join waits for the session timeout: keep it short in tests.
@@ -85,12 +86,7 @@ class Record:
 
 
 def end_offsets(kafka: KafkaSettings, topic: str) -> dict[int, int]:
-    consumer = Consumer(kafka.client_config(**{"group.id": "probe-" + uuid.uuid4().hex[:6]}))
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
-    finally:
-        consumer.close()
+    return kafka_end_offsets(kafka, topic)
 
 
 def read_topic(kafka: KafkaSettings, topic: str, timeout_s: float = 60.0) -> list[Record]:

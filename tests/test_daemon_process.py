@@ -11,6 +11,7 @@ from pathlib import Path
 import orjson
 
 from stream.generator import generate
+from stream.kafka import TopicError
 from tests.conftest import (
     SESSION_TIMEOUT_MS, committed_offsets, create_topics, end_offsets, expected_from_events, latest_profiles,
     produce, read_topic, wait_until,
@@ -29,6 +30,13 @@ def start_daemon(kafka, *args: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
+def published(kafka, topic: str) -> int:
+    try:
+        return sum(end_offsets(kafka, topic).values())
+    except TopicError:  # the daemon has not created it yet
+        return 0
+
+
 def test_sigterm_mid_stream_exits_0_and_commits_exactly_what_was_published(kafka, unique):
     log = generate(users=1000, events=20000, seed=5)
     topic, out, group = unique("events"), unique("profiles"), unique("group")
@@ -39,8 +47,7 @@ def test_sigterm_mid_stream_exits_0_and_commits_exactly_what_was_published(kafka
     proc = start_daemon(kafka, "--input-topics", topic, "--output-topic", out, "--group-id", group,
                         "--batch-max-events", "20", "--batch-max-ms", "50")
     try:
-        wait_until(lambda: proc.poll() is not None or sum(end_offsets(kafka, out).values()) > 0, 90,
-                   "the first profiles")
+        wait_until(lambda: proc.poll() is not None or published(kafka, out) > 0, 90, "the first profiles")
         assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
