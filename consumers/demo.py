@@ -79,7 +79,9 @@ def render(stats: DaemonStats, users_in_state: int, produced: int, watcher: Prof
 
 
 def run_demo(stop: threading.Event, *, duration: float | None, users: int, rate: int, seed: int) -> None:
-    console = Console(stderr=False)
+    console = Console()
+    if not console.is_terminal:  # piped or logged: room for the whole table
+        console = Console(width=max(console.width, 132))
     with EmbeddedBroker() as broker:
         kafka = KafkaSettings(broker.bootstrap_servers)
         settings = Settings(kafka=kafka, group_id="profiles-demo", batch_max_ms=250,
