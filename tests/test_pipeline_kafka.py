@@ -67,7 +67,7 @@ def test_malformed_records_go_to_the_dead_letter_topic_and_nothing_else_is_lost(
     assert len(set(bad.values())) == 8, "every kind of malformed record is in the log"
     produce(kafka, topic, keyed(log_20k.events, values))
 
-    run_until_drained(settings)
+    daemon = run_until_drained(settings)
 
     valid = [e for i, e in enumerate(log_20k.events) if i not in bad]
     profiles, _ = latest_profiles(kafka, settings.output_topic)
@@ -86,6 +86,17 @@ def test_malformed_records_go_to_the_dead_letter_topic_and_nothing_else_is_lost(
         assert source[position] == record.value
         assert record.headers["dlq.detail"]
     assert len({r.value for r in dead}) == len(bad)
+
+    # The metrics count the same: invalid events by reason, dead letters, valid events by type.
+    registry = daemon.metrics.registry
+    for reason in set(bad.values()):
+        want = sum(1 for r in bad.values() if r == reason)
+        assert registry.get_sample_value("profiles_invalid_events_total", {"reason": reason}) == want
+    assert registry.get_sample_value("profiles_dead_letters_published_total") == len(bad)
+    for kind in ("search", "click", "add_to_cart", "purchase"):
+        want = sum(1 for e in valid if e["type"] == kind)
+        assert registry.get_sample_value("profiles_events_consumed_total", {"topic": topic, "type": kind}) == want
+    assert registry.get_sample_value("profiles_users_in_state") == len(profiles)
 
 
 def test_batch_size_does_not_change_the_result(kafka, settings_factory, unique):

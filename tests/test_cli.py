@@ -1,0 +1,54 @@
+"""The `profiles` command line, in-process (click's runner)."""
+
+from __future__ import annotations
+
+import gzip
+
+import orjson
+from click.testing import CliRunner
+
+from consumers.cli import main
+from stream.events import RecordBatch, decode_batch
+from tests.conftest import read_topic
+
+
+def test_help_shows_every_run_option_with_its_environment_variable():
+    result = CliRunner().invoke(main, ["run", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for flag, env in [("--bootstrap-servers", "KAFKA_BOOTSTRAP_SERVERS"), ("--input-topics", "PROFILES_INPUT_TOPICS"),
+                      ("--output-topic", "PROFILES_OUTPUT_TOPIC"), ("--dlq-topic", "PROFILES_DLQ_TOPIC"),
+                      ("--group-id", "PROFILES_GROUP_ID"), ("--model", "PROFILES_MODEL"),
+                      ("--device", "PROFILES_DEVICE"), ("--batch-max-events", "PROFILES_BATCH_MAX_EVENTS"),
+                      ("--batch-max-ms", "PROFILES_BATCH_MAX_MS"), ("--max-event-bytes", "PROFILES_MAX_EVENT_BYTES"),
+                      ("--no-embedding", "PROFILES_NO_EMBEDDING"), ("--metrics-port", "PROFILES_METRICS_PORT"),
+                      ("--kafka-config", "PROFILES_KAFKA_CONFIG")]:
+        assert flag in result.output and env in result.output, flag
+
+
+def test_generate_to_a_gzip_file_with_malformed_records(tmp_path):
+    out = tmp_path / "events.jsonl.gz"
+    result = CliRunner().invoke(main, ["generate", "--users", "50", "--events", "2000", "--seed", "3",
+                                       "--invalid-fraction", "0.05", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = gzip.open(out).read().splitlines()
+    assert len(lines) == 2000
+    n = len(lines)
+    cols, dead = decode_batch(RecordBatch(["f"] * n, [0] * n, list(range(n)), [None] * n, lines), 65536)
+    assert len(cols) + len(dead) == 2000
+    assert 40 <= len(dead) <= 160 and len({d.reason for d in dead}) == 8
+
+
+def test_generate_to_a_topic(kafka, unique):
+    topic = unique("generated")
+    result = CliRunner().invoke(main, ["generate", "--users", "20", "--events", "500", "--topic", topic,
+                                       "--bootstrap-servers", kafka.bootstrap_servers, "--partitions", "2"])
+    assert result.exit_code == 0, result.output
+    records = read_topic(kafka, topic)
+    assert len(records) == 500 and {r.partition for r in records} == {0, 1}
+    for r in records:  # keyed by user id, so a user's events stay in one partition, in order
+        assert str(orjson.loads(r.value)["user_id"]) == r.key.decode()
+
+
+def test_generate_needs_exactly_one_destination():
+    result = CliRunner().invoke(main, ["generate", "--users", "5", "--events", "5"])
+    assert result.exit_code == 2 and "exactly one of --out FILE or --topic TOPIC" in result.output
