@@ -47,6 +47,8 @@ class ModelConfig:
     query_dim: int = 16
     price_dim: int = 4
     clusters: int = 8
+    n_items: int = 0  # item vocabulary of the next-item head (0: no head, as in an untrained model)
+    dropout: float = 0.0  # on embeddings and states, in training only
     hash_seed: int = 0  # salts the feature hashing; part of the model, saved with it
     init_seed: int = 0  # weights of a freshly initialised (untrained) model
     churn_horizon_hours: float = 24.0
@@ -80,7 +82,11 @@ class ProfileModel(nn.Module):
         self.query_emb = nn.EmbeddingBag(c.query_buckets, c.query_dim, mode="mean")
         self.price_emb = nn.Embedding(len(PRICE_EDGES) + 2, c.price_dim)
         self.gru = nn.GRU(c.input_size, c.hidden_size, batch_first=False)
+        self.drop = nn.Dropout(c.dropout)
         self.category_head = nn.Linear(c.hidden_size, c.category_buckets)
+        # Next-item scores over the training vocabulary: one output vector + bias per item.
+        self.item_out = nn.Embedding(max(c.n_items, 1), c.hidden_size)
+        self.item_bias = nn.Parameter(torch.zeros(max(c.n_items, 1)))
         self.propensity_head = nn.Linear(c.hidden_size, 1)
         self.churn_head = nn.Linear(c.hidden_size, 1)
         # Churn must rise with idle time: its weight on log idle hours is softplus(.) > 0.
@@ -98,7 +104,7 @@ class ProfileModel(nn.Module):
 
     def embed(self, f: EventFeatures) -> torch.Tensor:
         """(N,) events -> (N, input_size)."""
-        return torch.cat(
+        return self.drop(torch.cat(
             [
                 self.type_emb(f.type_idx),
                 self.item_emb(f.item),
@@ -108,7 +114,7 @@ class ProfileModel(nn.Module):
                 f.dense,
             ],
             dim=1,
-        )
+        ))
 
     def advance(self, h0: torch.Tensor, x: torch.Tensor, user_of_event: np.ndarray, position: np.ndarray,
                 lengths: np.ndarray) -> torch.Tensor:
@@ -139,14 +145,25 @@ class ProfileModel(nn.Module):
         _, h_n = self.gru(packed, h0.unsqueeze(0))  # h_n: (1, U, H), in the callers' user order
         return h_n[0]
 
+    def item_scores(self, h: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """(U, H) states -> (U, n_items) next-item scores, or (U, len(items)) for a candidate subset."""
+        h = self.drop(h)
+        if items is None:
+            return h @ self.item_out.weight.T + self.item_bias
+        return h @ self.item_out(items).T + self.item_bias[items]
+
+    def head_logits(self, h: torch.Tensor, idle_hours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(category (U, C), purchase (U,), churn (U,)) logits; training uses these directly."""
+        h = self.drop(h)
+        idle = torch.log1p(idle_hours.clamp(min=0))
+        churn = self.churn_head(h)[:, 0] + nn.functional.softplus(self.churn_idle_weight) * idle
+        return self.category_head(h), self.propensity_head(h)[:, 0], churn
+
     def heads(self, h: torch.Tensor, idle_hours: torch.Tensor) -> ProfileHeads:
         """h: (U, H) user states; idle_hours: (U,) event time since each user's last event."""
-        category_probs = torch.softmax(self.category_head(h), dim=1)  # (U, C)
-        propensity = torch.sigmoid(self.propensity_head(h)[:, 0])
-        idle = torch.log1p(idle_hours.clamp(min=0))
-        churn = torch.sigmoid(self.churn_head(h)[:, 0] + nn.functional.softplus(self.churn_idle_weight) * idle)
+        category, purchase, churn = self.head_logits(h, idle_hours)
         cluster = torch.cdist(h, self.cluster_centroids).argmin(dim=1)  # (U,)
-        return ProfileHeads(category_probs, propensity, churn, cluster)
+        return ProfileHeads(torch.softmax(category, dim=1), torch.sigmoid(purchase), torch.sigmoid(churn), cluster)
 
 
 @dataclass
@@ -157,6 +174,7 @@ class LoadedModel:
     version: str
     trained: bool
     metadata: dict = field(default_factory=dict)
+    item_vocab: list[str] = field(default_factory=list)  # item id of each next-item head row
 
 
 def untrained(config: ModelConfig | None = None) -> LoadedModel:
@@ -164,9 +182,11 @@ def untrained(config: ModelConfig | None = None) -> LoadedModel:
     return LoadedModel(ProfileModel.fresh(config), f"untrained-h{config.hidden_size}-s{config.init_seed}", False)
 
 
-def save_checkpoint(path: str | Path, model: ProfileModel, version: str, metadata: dict | None = None) -> None:
+def save_checkpoint(path: str | Path, model: ProfileModel, version: str, metadata: dict | None = None,
+                    item_vocab: list[str] | None = None) -> None:
     """Write a checkpoint of plain data (loadable with torch.load(weights_only=True))."""
     payload = {
+        "item_vocab": list(item_vocab or []),
         "format": CHECKPOINT_FORMAT,
         "model_version": version,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()},
@@ -198,8 +218,12 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         model.load_state_dict(payload["state_dict"])
     except (TypeError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{str(path)!r} does not match this model code: {exc}") from None
+    vocab = list(payload.get("item_vocab", []))
+    if len(vocab) != config.n_items and config.n_items:
+        raise CheckpointError(f"{str(path)!r} has {len(vocab)} vocabulary items for a {config.n_items}-item head")
     model.to(device).eval()
-    return LoadedModel(model, str(payload.get("model_version", "unknown")), True, dict(payload.get("metadata", {})))
+    return LoadedModel(model, str(payload.get("model_version", "unknown")), True,
+                       dict(payload.get("metadata", {})), vocab)
 
 
 def resolve_device(name: str) -> torch.device:

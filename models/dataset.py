@@ -1,0 +1,132 @@
+"""Event logs as training data: every user's events in time order, with next-event targets.
+
+Files are read through the same decoder as the daemon (`stream.events.decode_batch`),
+so training and serving share one event contract; invalid lines are counted, not used.
+Targets and horizon labels are derived with numpy over the whole log, not per event.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from stream.events import PURCHASE, EventColumns, RecordBatch, decode_batch
+
+log = logging.getLogger(__name__)
+
+HOUR_MS = 3_600_000
+
+
+def read_lines(paths: Iterable[str | Path]) -> tuple[list[bytes], list[str], list[int]]:
+    """All lines of JSON-lines files (plain or .gz): (lines, file of each line, line number)."""
+    lines: list[bytes] = []
+    files: list[str] = []
+    numbers: list[int] = []
+    for path in paths:
+        path = Path(path)
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as fh:
+            chunk = [line.rstrip(b"\r\n") for line in fh]
+        chunk_nonempty = [(i, line) for i, line in enumerate(chunk, 1) if line]
+        lines += [line for _, line in chunk_nonempty]
+        numbers += [i for i, _ in chunk_nonempty]
+        files += [str(path)] * len(chunk_nonempty)
+    return lines, files, numbers
+
+
+@dataclass
+class EventLog:
+    """Valid events sorted by (user, event time, file order); arrays are aligned, length N."""
+
+    users: np.ndarray  # (U,) object: user ids, in the order of their groups
+    start: np.ndarray  # (U,) index of each user's first event
+    length: np.ndarray  # (U,) events per user
+    user_of_event: np.ndarray  # (N,) user index
+    position: np.ndarray  # (N,) index of the event within its user's sequence
+    events: EventColumns  # (N,) columns, sorted
+    invalid: int  # lines that broke the contract
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    @property
+    def first_ts(self) -> int:
+        return int(self.events.ts.min()) if len(self) else 0
+
+    @property
+    def last_ts(self) -> int:
+        return int(self.events.ts.max()) if len(self) else 0
+
+    def gap_seconds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(seconds since the user's previous event, first-event-of-user flag) per event."""
+        ts = self.events.ts
+        first = self.position == 0
+        previous = np.empty_like(ts)
+        previous[1:] = ts[:-1]
+        previous[first] = ts[first]
+        return (ts - previous) / 1000.0, first
+
+    def next_index(self) -> np.ndarray:
+        """Index of the same user's next event, -1 for a user's last event."""
+        nxt = np.arange(1, len(self) + 1)
+        last = self.position == self.length[self.user_of_event] - 1
+        nxt[last] = -1
+        return nxt
+
+    def purchase_within(self, horizon_ms: int) -> np.ndarray:
+        """1 where the same user purchases within (ts, ts + horizon] after the event, else 0."""
+        ts, n = self.events.ts, len(self)
+        purchases = np.flatnonzero(self.events.type_idx == PURCHASE)
+        if len(purchases) == 0:
+            return np.zeros(n, dtype=np.float32)
+        # The first purchase strictly after each event, then check it is the same user and in time.
+        k = np.searchsorted(purchases, np.arange(n), side="right")
+        has = k < len(purchases)
+        nxt = purchases[np.minimum(k, len(purchases) - 1)]
+        same_user = self.user_of_event[nxt] == self.user_of_event
+        return (has & same_user & (ts[nxt] - ts <= horizon_ms)).astype(np.float32)
+
+    def subset_users(self, keep: np.ndarray) -> "EventLog":
+        """The log restricted to the users where `keep` (U,) is true."""
+        event_keep = keep[self.user_of_event]
+        idx = np.flatnonzero(event_keep)
+        return _build(_take(self.events, idx), self.invalid)
+
+
+def _take(ev: EventColumns, idx: np.ndarray) -> EventColumns:
+    return EventColumns(**{name: getattr(ev, name)[idx] for name in EventColumns.__dataclass_fields__})
+
+
+def _build(ev: EventColumns, invalid: int) -> EventLog:
+    users, user_of_event = np.unique(ev.user_id, return_inverse=True)
+    order = np.lexsort((ev.record_index, ev.ts, user_of_event))
+    ev = _take(ev, order)
+    user_of_event = user_of_event[order]
+    length = np.bincount(user_of_event, minlength=len(users))
+    start = np.zeros_like(length)
+    np.cumsum(length[:-1], out=start[1:])
+    position = np.arange(len(order)) - start[user_of_event]
+    return EventLog(users, start, length, user_of_event, position, ev, invalid)
+
+
+def load_events(paths: Sequence[str | Path], max_event_bytes: int = 65536) -> EventLog:
+    """Read, validate and sort the events of JSON-lines files."""
+    lines, files, numbers = read_lines(paths)
+    n = len(lines)
+    ev, dead = decode_batch(RecordBatch(files, [0] * n, numbers, [None] * n, lines), max_event_bytes)
+    if dead:
+        first = dead[0]
+        log.warning("%d invalid line(s) skipped, e.g. %s:%d: %s", len(dead), first.topic, first.offset, first.detail)
+    return _build(ev, len(dead))
+
+
+def split_by_time(log_: EventLog, cutoff_ts: int) -> tuple[EventLog, EventLog]:
+    """(events at or before cutoff, events after it), each sorted by user and time."""
+    before = np.flatnonzero(log_.events.ts <= cutoff_ts)
+    after = np.flatnonzero(log_.events.ts > cutoff_ts)
+    return _build(_take(log_.events, before), log_.invalid), _build(_take(log_.events, after), 0)

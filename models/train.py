@@ -1,0 +1,356 @@
+"""Training the profile model jointly on next item, next category, purchase propensity and churn.
+
+Reads top to bottom:
+  1. split the log by time: the last `val_fraction` of the time span validates
+  2. item vocabulary and price tiers from the training period
+  3. per-event features, next-event targets and horizon labels (numpy, whole log at once)
+  4. users' sequences cut into chunks of at most `max_len` events, shuffled into mini-batches
+  5. each batch: embed -> GRU over the padded chunks -> losses on the positions whose
+     targets lie in the training period (validation: after it); the GRU is causal, so
+     later inputs cannot leak into earlier predictions
+  6. early stopping on the validation loss; k-means centroids over users' final states
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from models.dataset import HOUR_MS, EventLog
+from models.features import EventFeatures, hash_buckets, price_bucket, query_tokens
+from models.profile_model import ModelConfig, ProfileModel
+
+log = logging.getLogger(__name__)
+
+MAX_QUERY_WORDS = 8
+NO_TARGET = -1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128  # chunks per mini-batch
+    max_len: int = 64  # events per chunk
+    lr: float = 3e-3
+    val_fraction: float = 0.1
+    patience: int = 2  # epochs without validation improvement before stopping
+    seed: int = 0
+    max_items: int = 200_000  # vocabulary of the next-item head: the most frequent training items
+    full_softmax_max_items: int = 50_000  # above this, sampled softmax
+    sampled_negatives: int = 4096
+    horizon_hours: float = 24.0
+    max_idle_days: float = 14.0  # idle times sampled for the churn head
+    weight_item: float = 1.0
+    weight_category: float = 0.5
+    weight_purchase: float = 0.5
+    weight_churn: float = 0.5
+    grad_clip: float = 5.0
+
+
+@dataclass
+class Prepared:
+    """Everything per event, as numpy arrays aligned with the log (N events)."""
+
+    ts: np.ndarray  # event time, epoch ms
+    type_idx: np.ndarray
+    item_bucket: np.ndarray
+    category_bucket: np.ndarray
+    price_bucket: np.ndarray
+    query: np.ndarray  # (N, MAX_QUERY_WORDS) hashed words, 0 = padding
+    dense: np.ndarray  # (N, 4) float32
+    item_target: np.ndarray  # vocabulary index of the next event's item, or NO_TARGET
+    category_target: np.ndarray  # category bucket of the next event, or NO_TARGET
+    purchase_label: np.ndarray  # 1 if the user purchases within the horizon
+    gap_to_next_ms: np.ndarray  # float, inf for a user's last event
+    next_ts: np.ndarray  # ts of the next event, or a large sentinel
+
+
+def item_vocabulary(log_: EventLog, cutoff_ts: int, max_items: int) -> list[str]:
+    """Items of the training period, most frequent first (ties by id, so it is deterministic)."""
+    ev = log_.events
+    mask = (ev.ts <= cutoff_ts) & np.array([i is not None for i in ev.item_id])
+    items, counts = np.unique(ev.item_id[mask].astype(str), return_counts=True)
+    order = np.lexsort((items, -counts))[:max_items]
+    return items[order].tolist()
+
+
+def price_tier_edges(log_: EventLog, cutoff_ts: int) -> tuple[float, ...]:
+    """Quartiles of users' mean engaged price in the training period: four equal-sized tiers."""
+    ev = log_.events
+    priced = (ev.ts <= cutoff_ts) & ~np.isnan(ev.price)
+    if priced.sum() < 10:
+        return ModelConfig().price_tier_edges
+    users = log_.user_of_event[priced]
+    sums = np.bincount(users, ev.price[priced], minlength=len(log_.users))
+    n = np.bincount(users, minlength=len(log_.users))
+    means = sums[n > 0] / n[n > 0]
+    return tuple(float(q) for q in np.quantile(means, [0.25, 0.5, 0.75]))
+
+
+def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: int) -> Prepared:
+    ev = log_.events
+    n = len(ev)
+    gap, first = log_.gap_seconds()
+    has_price = ~np.isnan(ev.price)
+    dense = np.stack([np.log1p(np.where(has_price, ev.price, 0.0)), has_price.astype(np.float64),
+                      np.log1p(np.maximum(gap, 0.0)) / 10.0, first.astype(np.float64)], axis=1).astype(np.float32)
+    tokens, offsets = query_tokens(ev.query, config.query_buckets, config.hash_seed + 2)
+    lengths = np.diff(np.append(offsets, len(tokens)))
+    query = np.zeros((n, MAX_QUERY_WORDS), dtype=np.int64)
+    col = np.arange(len(tokens)) - np.repeat(offsets, lengths)
+    keep = col < MAX_QUERY_WORDS
+    query[np.repeat(np.arange(n), lengths)[keep], col[keep]] = tokens[keep]
+
+    index = {item: i for i, item in enumerate(vocab)}
+    item_idx = np.fromiter((index.get(i, NO_TARGET) if i is not None else NO_TARGET for i in ev.item_id),
+                           dtype=np.int64, count=n)
+    category_bucket = hash_buckets(ev.category, config.category_buckets, config.hash_seed + 1)
+    nxt = log_.next_index()
+    has_next = nxt >= 0
+    nxt_safe = np.where(has_next, nxt, 0)
+    item_target = np.where(has_next, item_idx[nxt_safe], NO_TARGET)
+    category_target = np.where(has_next & (category_bucket[nxt_safe] > 0), category_bucket[nxt_safe], NO_TARGET)
+    next_ts = np.where(has_next, ev.ts[nxt_safe], np.iinfo(np.int64).max)
+    gap_to_next = np.where(has_next, (ev.ts[nxt_safe] - ev.ts).astype(np.float64), np.inf)
+    return Prepared(
+        ts=ev.ts, type_idx=ev.type_idx, item_bucket=hash_buckets(ev.item_id, config.item_buckets, config.hash_seed),
+        category_bucket=category_bucket, price_bucket=price_bucket(ev.price), query=query, dense=dense,
+        item_target=item_target, category_target=category_target,
+        purchase_label=log_.purchase_within(horizon_ms), gap_to_next_ms=gap_to_next, next_ts=next_ts,
+    )
+
+
+def features_at(p: Prepared, idx: np.ndarray, device: torch.device) -> EventFeatures:
+    """Model inputs for the events `idx` (flat)."""
+    q = p.query[idx]
+    q_len = (q > 0).sum(1)
+    offsets = np.zeros(len(idx), dtype=np.int64)
+    np.cumsum(q_len[:-1], out=offsets[1:])
+
+    def long(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
+
+    return EventFeatures(long(p.type_idx[idx]), long(p.item_bucket[idx]), long(p.category_bucket[idx]),
+                         long(p.price_bucket[idx]), long(q[q > 0]), long(offsets),
+                         torch.from_numpy(p.dense[idx]).to(device))
+
+
+def chunks(log_: EventLog, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first event index, length) of every chunk: each user's sequence cut every max_len events."""
+    n_chunks = (log_.length + max_len - 1) // max_len
+    user = np.repeat(np.arange(len(log_.users)), n_chunks)
+    k = np.arange(n_chunks.sum()) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
+    start = log_.start[user] + k * max_len
+    length = np.minimum(max_len, log_.start[user] + log_.length[user] - start)
+    return start, length
+
+
+def run_chunks(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.ndarray,
+               device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    """GRU outputs at every event of the given chunks: ((P, H) states, (P,) event index)."""
+    t = np.arange(int(length.max()))
+    valid = t[None, :] < length[:, None]  # (B, T)
+    event_idx = (start[:, None] + t[None, :])[valid]  # row-major: chunk by chunk, in time order
+    x = model.embed(features_at(p, event_idx, device))  # (P, F)
+    padded = torch.zeros(len(start), len(t), x.shape[1], device=device)
+    padded[torch.from_numpy(valid).to(device)] = x
+    packed = pack_padded_sequence(padded, torch.from_numpy(length), batch_first=True, enforce_sorted=False)
+    out, _ = model.gru(packed)
+    out, _ = pad_packed_sequence(out, batch_first=True, total_length=len(t))  # (B, T, H)
+    return out[torch.from_numpy(valid).to(device)], event_idx
+
+
+def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.ndarray, split_ts: int,
+               validation: bool, cfg: TrainConfig, rng: np.random.Generator, device: torch.device,
+               sampled: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """Joint loss on one mini-batch of chunks; positions are those whose target lies on `validation`'s side."""
+    h, idx = run_chunks(model, p, start, length, device)  # (P, H), (P,)
+    horizon_ms = cfg.horizon_hours * HOUR_MS
+    in_split = (p.next_ts[idx] > split_ts) if validation else (p.next_ts[idx] <= split_ts)
+    parts: dict[str, torch.Tensor] = {}
+
+    # Next item (full or sampled softmax over the vocabulary).
+    item_t = np.where(in_split, p.item_target[idx], NO_TARGET)
+    rows = np.flatnonzero(item_t >= 0)
+    if len(rows):
+        hs = h[torch.from_numpy(rows).to(device)]
+        targets = item_t[rows]
+        if sampled:
+            negatives = rng.integers(0, model.config.n_items, cfg.sampled_negatives)
+            candidates = np.unique(np.concatenate([targets, negatives]))
+            logits = model.item_scores(hs, torch.from_numpy(candidates).to(device))
+            targets = np.searchsorted(candidates, targets)
+        else:
+            logits = model.item_scores(hs)
+        parts["item"] = nn.functional.cross_entropy(logits, torch.from_numpy(targets).to(device))
+
+    # Churn: sample how long the user has already been idle, then "no event within the horizon after that".
+    gap = p.gap_to_next_ms[idx]
+    idle = np.where(rng.random(len(idx)) < 0.5, 0.0,
+                    rng.random(len(idx)) * np.minimum(gap, cfg.max_idle_days * 24 * HOUR_MS))
+    churn_label = (gap > idle + horizon_ms).astype(np.float32)
+    event_ts = p.ts[idx]
+    observed_end = event_ts + idle + horizon_ms  # the label is known once the log reaches this far
+    churn_ok = (observed_end > split_ts) if validation else (observed_end <= split_ts)
+    churn_ok &= observed_end <= p.ts.max()  # censored: the log ends before the horizon does
+    category_logits, purchase_logits, churn_logits = model.head_logits(
+        h, torch.from_numpy(idle / HOUR_MS).float().to(device))
+
+    cat_t = np.where(in_split, p.category_target[idx], NO_TARGET)
+    rows = np.flatnonzero(cat_t >= 0)
+    if len(rows):
+        parts["category"] = nn.functional.cross_entropy(category_logits[torch.from_numpy(rows).to(device)],
+                                                        torch.from_numpy(cat_t[rows]).to(device))
+    purchase_ok = (event_ts + horizon_ms > split_ts) if validation else (event_ts + horizon_ms <= split_ts)
+    rows = np.flatnonzero(purchase_ok)
+    if len(rows):
+        r = torch.from_numpy(rows).to(device)
+        parts["purchase"] = nn.functional.binary_cross_entropy_with_logits(
+            purchase_logits[r], torch.from_numpy(p.purchase_label[idx][rows]).to(device))
+    rows = np.flatnonzero(churn_ok)
+    if len(rows):
+        r = torch.from_numpy(rows).to(device)
+        parts["churn"] = nn.functional.binary_cross_entropy_with_logits(
+            churn_logits[r], torch.from_numpy(churn_label[rows]).to(device))
+
+    weights = {"item": cfg.weight_item, "category": cfg.weight_category, "purchase": cfg.weight_purchase,
+               "churn": cfg.weight_churn}
+    total = sum((weights[k] * v for k, v in parts.items()), torch.zeros((), device=device))
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def final_states(model: ProfileModel, log_: EventLog, p: Prepared, device: torch.device,
+                 users_per_call: int = 2048) -> torch.Tensor:
+    """Every user's hidden state after their whole sequence, as the daemon would hold it: (U, H)."""
+    states = []
+    with torch.no_grad():
+        for first in range(0, len(log_.users), users_per_call):
+            users = np.arange(first, min(first + users_per_call, len(log_.users)))
+            idx = np.concatenate([np.arange(s, s + n) for s, n in zip(log_.start[users], log_.length[users])])
+            x = model.embed(features_at(p, idx, device))
+            lengths = log_.length[users]
+            user_of_event = np.repeat(np.arange(len(users)), lengths)
+            h0 = torch.zeros(len(users), model.config.hidden_size, device=device)
+            states.append(model.advance(h0, x, user_of_event, log_.position[idx], lengths))
+    return torch.cat(states)
+
+
+def kmeans(x: torch.Tensor, k: int, seed: int, iterations: int = 25) -> torch.Tensor:
+    """Plain Lloyd's k-means with k-means++ seeding; returns (k, H) centroids."""
+    gen = torch.Generator().manual_seed(seed)
+    x = x.cpu()
+    centroids = x[torch.randint(len(x), (1,), generator=gen)]
+    while len(centroids) < k:
+        d = torch.cdist(x, centroids).min(dim=1).values ** 2
+        pick = torch.multinomial(d / d.sum() if d.sum() > 0 else torch.ones_like(d), 1, generator=gen)
+        centroids = torch.cat([centroids, x[pick]])
+    for _ in range(iterations):
+        assign = torch.cdist(x, centroids).argmin(dim=1)
+        for j in range(k):
+            members = x[assign == j]
+            if len(members):
+                centroids[j] = members.mean(0)
+    return centroids
+
+
+@dataclass
+class TrainReport:
+    epochs_run: int
+    best_epoch: int
+    best_val_loss: float
+    history: list[dict]
+    n_items: int
+    train_events: int
+    val_positions: int
+    seconds: float
+
+
+def train(log_: EventLog, model_config: ModelConfig, cfg: TrainConfig, device: torch.device,
+          progress: Callable[[str, int, int, dict], None] | None = None) -> tuple[ProfileModel, list[str], TrainReport]:
+    """Train on an event log; returns (model in eval mode, item vocabulary, report)."""
+    started = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    first, last = log_.first_ts, log_.last_ts
+    split_ts = int(last - (last - first) * cfg.val_fraction)  # targets after this validate
+
+    vocab = item_vocabulary(log_, split_ts, cfg.max_items)
+    model_config = replace(model_config, n_items=len(vocab), price_tier_edges=price_tier_edges(log_, split_ts),
+                           churn_horizon_hours=cfg.horizon_hours)
+    model = ProfileModel(model_config).to(device)
+    p = prepare(log_, model_config, vocab, int(cfg.horizon_hours * HOUR_MS))
+    sampled = len(vocab) > cfg.full_softmax_max_items
+    log.info("training on %d events of %d users; %d items (%s softmax); validation after %s",
+             len(log_), len(log_.users), len(vocab), "sampled" if sampled else "full",
+             time.strftime("%Y-%m-%d %H:%M", time.gmtime(split_ts / 1000)))
+
+    start, length = chunks(log_, cfg.max_len)
+    # Validation only needs chunks that hold validation targets.
+    has_val = np.array([(p.next_ts[s:s + n] > split_ts).any() for s, n in zip(start, length)], dtype=bool)
+    val_start, val_length = start[has_val], length[has_val]
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    best = (math.inf, -1, None)
+    history: list[dict] = []
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = rng.permutation(len(start))
+        n_batches = (len(order) + cfg.batch_size - 1) // cfg.batch_size
+        sums: dict[str, float] = {}
+        for b in range(n_batches):
+            pick = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            loss, parts = batch_loss(model, p, start[pick], length[pick], split_ts, False, cfg, rng, device, sampled)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if progress:
+                progress("train", b + 1, n_batches, {"epoch": epoch + 1, "loss": float(loss)})
+        val = validate(model, p, val_start, val_length, split_ts, cfg, device, sampled)
+        record = {"epoch": epoch + 1, **{f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}, **val}
+        history.append(record)
+        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items()})
+        if val["val_loss"] < best[0]:
+            best = (val["val_loss"], epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        elif epoch + 1 - best[1] >= cfg.patience:
+            log.info("early stop: no validation improvement for %d epochs", cfg.patience)
+            break
+    if best[2] is not None:
+        model.load_state_dict(best[2])
+    model.eval()
+    with torch.no_grad():
+        model.cluster_centroids.copy_(kmeans(final_states(model, log_, p, device), model_config.clusters, cfg.seed))
+    report = TrainReport(len(history), best[1], best[0], history, len(vocab), len(log_),
+                         int((p.next_ts > split_ts).sum()), time.monotonic() - started)
+    return model, vocab, report
+
+
+def validate(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.ndarray, split_ts: int,
+             cfg: TrainConfig, device: torch.device, sampled: bool) -> dict[str, float]:
+    """Mean validation losses (same weights as training) over the chunks holding validation targets."""
+    if len(start) == 0:
+        return {"val_loss": math.inf}
+    model.eval()
+    rng = np.random.default_rng(cfg.seed + 1)  # the same idle-time samples every epoch
+    totals: dict[str, float] = {}
+    n = 0
+    with torch.no_grad():
+        for b in range(0, len(start), cfg.batch_size * 4):
+            loss, parts = batch_loss(model, p, start[b:b + cfg.batch_size * 4], length[b:b + cfg.batch_size * 4],
+                                     split_ts, True, cfg, rng, device, sampled)
+            for k, v in parts.items():
+                totals[f"val_{k}"] = totals.get(f"val_{k}", 0.0) + v
+            totals["val_loss"] = totals.get("val_loss", 0.0) + float(loss)
+            n += 1
+    return {k: v / n for k, v in totals.items()}
+
+
