@@ -44,6 +44,7 @@ class ProfileUpdater:
         self.device = device
         self.max_event_bytes = max_event_bytes
         self.emit_embedding = emit_embedding
+        self.item_index = {item: i for i, item in enumerate(loaded.item_vocab)}
         self.state = StateTable(self.config.hidden_size, self.config.category_buckets, device)
 
     def process(self, records: RecordBatch) -> BatchResult:
@@ -89,6 +90,7 @@ class ProfileUpdater:
             ev.type_idx[order], ev.item_id[order], category, price, ev.query[order], gap_seconds, first_ever,
             item_buckets=cfg.item_buckets, category_buckets=cfg.category_buckets,
             query_buckets=cfg.query_buckets, hash_seed=cfg.hash_seed, device=self.device,
+            item_index=self.item_index,
         )
         rows_t = torch.from_numpy(rows).to(self.device)
         x = self.model.embed(feats)  # (N, F)

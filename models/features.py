@@ -72,6 +72,7 @@ class EventFeatures:
     query_tokens: torch.Tensor  # (M,) long, hashed query words of all events
     query_offsets: torch.Tensor  # (N,) long, where each event's words start
     dense: torch.Tensor  # (N, DENSE_FEATURES) float: log price, has price, log gap, first event
+    item_vocab: torch.Tensor  # (N,) long, row of the item in the model's item vocabulary, -1 if absent
 
 
 DENSE_FEATURES = 4
@@ -91,6 +92,7 @@ def build_features(
     query_buckets: int,
     hash_seed: int,
     device: torch.device,
+    item_index: dict[str, int] | None = None,
 ) -> EventFeatures:
     """Featurise N events given as numpy columns. `gap_seconds` is the time since the user's previous event."""
     tokens, offsets = query_tokens(query, query_buckets, hash_seed + 2)
@@ -116,4 +118,13 @@ def build_features(
         query_tokens=long(tokens),
         query_offsets=long(offsets),
         dense=torch.from_numpy(dense).to(device, non_blocking=True),
+        item_vocab=long(vocab_rows(item_id, item_index)),
     )
+
+
+def vocab_rows(item_id: np.ndarray, item_index: dict[str, int] | None) -> np.ndarray:
+    """Row of each item in a vocabulary (-1 where absent or without a vocabulary)."""
+    if not item_index:
+        return np.full(len(item_id), -1, dtype=np.int64)
+    get = item_index.get
+    return np.fromiter((get(i, -1) if i is not None else -1 for i in item_id), dtype=np.int64, count=len(item_id))

@@ -49,6 +49,9 @@ class ModelConfig:
     clusters: int = 8
     n_items: int = 0  # item vocabulary of the next-item head (0: no head, as in an untrained model)
     dropout: float = 0.0  # on embeddings and states, in training only
+    # Feed the next-item head's output vector of an event's item back in as an input feature
+    # (GRU4Rec's constrained embedding): the GRU reads items in the space it scores them.
+    tie_item_embeddings: bool = True
     hash_seed: int = 0  # salts the feature hashing; part of the model, saved with it
     init_seed: int = 0  # weights of a freshly initialised (untrained) model
     churn_horizon_hours: float = 24.0
@@ -58,7 +61,8 @@ class ModelConfig:
 
     @property
     def input_size(self) -> int:
-        return self.type_dim + self.item_dim + self.category_dim + self.query_dim + self.price_dim + DENSE_FEATURES
+        tied = self.hidden_size if self.tie_item_embeddings else 0
+        return self.type_dim + self.item_dim + self.category_dim + self.query_dim + self.price_dim + DENSE_FEATURES + tied
 
 
 @dataclass
@@ -104,6 +108,10 @@ class ProfileModel(nn.Module):
 
     def embed(self, f: EventFeatures) -> torch.Tensor:
         """(N,) events -> (N, input_size)."""
+        tied = []
+        if self.config.tie_item_embeddings:
+            known = (f.item_vocab >= 0).unsqueeze(1)  # items outside the vocabulary contribute zeros
+            tied = [self.item_out(f.item_vocab.clamp(min=0)) * known]
         return self.drop(torch.cat(
             [
                 self.type_emb(f.type_idx),
@@ -112,6 +120,7 @@ class ProfileModel(nn.Module):
                 self.query_emb(f.query_tokens, f.query_offsets),
                 self.price_emb(f.price_bucket),
                 f.dense,
+                *tied,
             ],
             dim=1,
         ))

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models.dataset import HOUR_MS, EventLog
-from models.features import EventFeatures, hash_buckets, price_bucket, query_tokens
+from models.features import EventFeatures, hash_buckets, price_bucket, query_tokens, vocab_rows
 from models.profile_model import ModelConfig, ProfileModel
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class Prepared:
     price_bucket: np.ndarray
     query: np.ndarray  # (N, MAX_QUERY_WORDS) hashed words, 0 = padding
     dense: np.ndarray  # (N, 4) float32
+    item_vocab: np.ndarray  # vocabulary index of the event's own item, or NO_TARGET
     item_target: np.ndarray  # vocabulary index of the next event's item, or NO_TARGET
     category_target: np.ndarray  # category bucket of the next event, or NO_TARGET
     purchase_label: np.ndarray  # 1 if the user purchases within the horizon
@@ -109,9 +110,7 @@ def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: i
     keep = col < MAX_QUERY_WORDS
     query[np.repeat(np.arange(n), lengths)[keep], col[keep]] = tokens[keep]
 
-    index = {item: i for i, item in enumerate(vocab)}
-    item_idx = np.fromiter((index.get(i, NO_TARGET) if i is not None else NO_TARGET for i in ev.item_id),
-                           dtype=np.int64, count=n)
+    item_idx = vocab_rows(ev.item_id, {item: i for i, item in enumerate(vocab)})
     category_bucket = hash_buckets(ev.category, config.category_buckets, config.hash_seed + 1)
     nxt = log_.next_index()
     has_next = nxt >= 0
@@ -123,7 +122,7 @@ def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: i
     return Prepared(
         ts=ev.ts, type_idx=ev.type_idx, item_bucket=hash_buckets(ev.item_id, config.item_buckets, config.hash_seed),
         category_bucket=category_bucket, price_bucket=price_bucket(ev.price), query=query, dense=dense,
-        item_target=item_target, category_target=category_target,
+        item_vocab=item_idx, item_target=item_target, category_target=category_target,
         purchase_label=log_.purchase_within(horizon_ms), gap_to_next_ms=gap_to_next, next_ts=next_ts,
     )
 
@@ -140,7 +139,7 @@ def features_at(p: Prepared, idx: np.ndarray, device: torch.device) -> EventFeat
 
     return EventFeatures(long(p.type_idx[idx]), long(p.item_bucket[idx]), long(p.category_bucket[idx]),
                          long(p.price_bucket[idx]), long(q[q > 0]), long(offsets),
-                         torch.from_numpy(p.dense[idx]).to(device))
+                         torch.from_numpy(p.dense[idx]).to(device), long(p.item_vocab[idx]))
 
 
 def chunks(log_: EventLog, max_len: int) -> tuple[np.ndarray, np.ndarray]:
