@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -27,6 +28,18 @@ def _env(name: str) -> str:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+
+
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def _duration_ms(text: str) -> int:
+    """'500ms', '90s', '30m', '24h', '7d' or a plain number of seconds -> milliseconds."""
+    match = _DURATION.match(text.lower())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 30m, 24h or 7d")
+    return int(float(match.group(1)) * _UNITS_MS[match.group(2) or "s"])
 
 
 def install_stop_handlers(stop: threading.Event, grace_s: float) -> None:
@@ -95,12 +108,16 @@ def main(log_level: str) -> None:
 @click.option("--kafka-config", envvar=_env("kafka-config"), show_envvar=True, multiple=True, metavar="KEY=VALUE",
               help="librdkafka property for every client, repeatable (e.g. security.protocol=SASL_SSL). "
               "Secret values are never printed.")
+@click.option("--idle-rescore-after", envvar=_env("idle-rescore-after"), show_envvar=True, default="24h",
+              show_default=True, callback=lambda _c, _p, v: _duration_ms(v),
+              help="Re-publish users idle this long in event time (e.g. 30m, 24h, 7d; 0 disables), "
+              "so churn risk keeps rising for users who went quiet.")
 @click.option("--session-timeout-ms", envvar=_env("session-timeout-ms"), show_envvar=True, default=10000,
               show_default=True, type=click.IntRange(min=1000), help="Consumer group session timeout.")
 def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic: str, group_id: str,
         model_path: str | None, device: str, batch_max_events: int, batch_max_ms: int, max_event_bytes: int,
         no_embedding: bool, metrics_port: int | None, metrics_address: str, kafka_config: tuple[str, ...],
-        session_timeout_ms: int) -> None:
+        idle_rescore_after: int, session_timeout_ms: int) -> None:
     """The always-on daemon: consume events, update profiles, publish them.
 
     Stops on SIGTERM or SIGINT after finishing, publishing and committing the batch in hand.
@@ -113,6 +130,7 @@ def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic:
             device=device, batch_max_events=batch_max_events, batch_max_ms=batch_max_ms,
             max_event_bytes=max_event_bytes, emit_embedding=not no_embedding, metrics_port=metrics_port,
             metrics_address=metrics_address, session_timeout_ms=session_timeout_ms,
+            idle_rescore_after_ms=idle_rescore_after,
         )
         settings.validate()
     except ValueError as exc:
@@ -192,6 +210,59 @@ def demo(duration: float | None, users: int, rate: int, seed: int) -> None:
     stop = threading.Event()
     install_stop_handlers(stop, grace_s=30.0)
     run_demo(stop, duration=duration, users=users, rate=rate, seed=seed)
+
+
+@main.command("import")
+@click.option("--format", "fmt", required=True, type=click.Choice(["taobao", "rees46", "yoochoose", "retailrocket"]),
+              help="Layout of the source files.")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSON lines to write (.gz compresses).")
+def import_(fmt: str, sources: tuple[str, ...], out: str) -> None:
+    """Convert public e-commerce datasets into the event contract.
+
+    Taobao pv/fav -> click, cart -> add_to_cart, buy -> purchase; YOOCHOOSE sessions become users;
+    REES46 keeps prices and category codes. Rows that cannot be converted are counted by reason.
+    """
+    from rich.progress import Progress
+
+    from models.importers import import_dataset
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"importing {fmt}", total=None)
+        try:
+            report = import_dataset(fmt, list(sources), out, progress=lambda n: bar.update(task, completed=n))
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+    skipped = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items())) or "none"
+    click.echo(f"{report.events} events from {report.rows} rows written to {out} (skipped: {skipped})", err=True)
+
+
+@main.command()
+@click.option("--events", "event_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="JSON-lines event files (repeatable), e.g. from `profiles import` or `profiles generate`.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--hidden-size", default=64, show_default=True, type=click.IntRange(min=4))
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1), help="Sequence chunks per step.")
+@click.option("--max-len", default=64, show_default=True, type=click.IntRange(min=2), help="Events per chunk.")
+@click.option("--lr", default=3e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--dropout", default=0.2, show_default=True, type=click.FloatRange(0, 0.9))
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0.01, 0.5),
+              help="The last part of the time span that validates (early stopping).")
+@click.option("--patience", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-items", default=200_000, show_default=True, type=click.IntRange(min=1),
+              help="Next-item vocabulary: the most frequent training items.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def train(event_files: tuple[str, ...], out: str, epochs: int, hidden_size: int, batch_size: int, max_len: int,
+          lr: float, dropout: float, val_fraction: float, patience: int, max_items: int, seed: int,
+          device: str) -> None:
+    """Train the profile model on event logs: next item, next category, purchase propensity and churn."""
+    from consumers.training import run_training
+
+    run_training(event_files, out, device, seed=seed, hidden_size=hidden_size, dropout=dropout,
+                 epochs=epochs, batch_size=batch_size, max_len=max_len, lr=lr, val_fraction=val_fraction,
+                 patience=patience, max_items=max_items)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,7 +37,8 @@ class BatchResult:
 class ProfileUpdater:
     """Owns the model and the state table; turns record batches into profiles."""
 
-    def __init__(self, loaded: LoadedModel, device: torch.device, *, max_event_bytes: int, emit_embedding: bool) -> None:
+    def __init__(self, loaded: LoadedModel, device: torch.device, *, max_event_bytes: int, emit_embedding: bool,
+                 idle_rescore_ms: int = 0) -> None:
         self.model = loaded.model.to(device).eval()
         self.model_version = loaded.version
         self.config = loaded.model.config
@@ -46,12 +47,19 @@ class ProfileUpdater:
         self.emit_embedding = emit_embedding
         self.item_index = {item: i for i, item in enumerate(loaded.item_vocab)}
         self.state = StateTable(self.config.hidden_size, self.config.category_buckets, device)
+        # Users who go quiet send no event that would refresh their churn risk: re-publish them
+        # after this much event time without an update (0 disables). The scan runs once per tick.
+        self.idle_rescore_ms = idle_rescore_ms
+        self._idle_tick_ms = max(idle_rescore_ms // 24, 1)
+        self._next_idle_scan = -1
 
     def process(self, records: RecordBatch) -> BatchResult:
         t0 = time.perf_counter()
         events, dead = decode_batch(records, self.max_event_bytes)
         t1 = time.perf_counter()
         rows = self.apply(events)
+        rows = np.concatenate([rows, self.idle_users()]) if self.idle_rescore_ms else rows
+        self.state.scored_at[rows] = self.state.max_event_ts
         t2 = time.perf_counter()
         profiles = self.profiles_for(rows)
         t3 = time.perf_counter()
@@ -112,6 +120,20 @@ class ProfileUpdater:
         state.max_event_ts = max(state.max_event_ts, int(ts[-1] if len(ts) == 1 else ts.max()))
         return rows
 
+    def idle_users(self) -> np.ndarray:
+        """Rows of users whose last published profile is `idle_rescore_ms` of event time old.
+
+        Event time is the largest event time seen, so replays behave like live runs. Scans the
+        whole table, but only when that clock has moved a tick (1/24 of the period) since the last scan.
+        """
+        state = self.state
+        now = state.max_event_ts
+        if now < self._next_idle_scan or len(state) == 0:
+            return np.empty(0, dtype=np.int64)
+        self._next_idle_scan = now + self._idle_tick_ms
+        scored = state.scored_at[: len(state)]
+        return np.flatnonzero((scored >= 0) & (now - scored >= self.idle_rescore_ms))
+
     @torch.inference_mode()
     def profiles_for(self, rows: np.ndarray) -> list[tuple[bytes, bytes]]:
         """Profiles of the given state rows, encoded for the output topic."""
@@ -168,4 +190,4 @@ def load_updater(settings: Settings) -> ProfileUpdater:
                     "exact; learned fields (top_categories scores, propensity, churn, cluster) are untrained.",
                     loaded.version)
     return ProfileUpdater(loaded, device, max_event_bytes=settings.max_event_bytes,
-                          emit_embedding=settings.emit_embedding)
+                          emit_embedding=settings.emit_embedding, idle_rescore_ms=settings.idle_rescore_after_ms)

@@ -75,6 +75,8 @@ class Settings:
     batch_max_ms: int = 200
     max_event_bytes: int = 65536
     emit_embedding: bool = True
+    # Re-publish users idle this long in event time (their churn risk has moved); 0 disables.
+    idle_rescore_after_ms: int = 24 * 3600 * 1000
     metrics_port: int | None = None
     metrics_address: str = "0.0.0.0"
     # Kafka consumer group session timeout. The broker evicts a member that is silent this long.
@@ -100,6 +102,7 @@ class Settings:
             "batch_max_ms": self.batch_max_ms,
             "max_event_bytes": self.max_event_bytes,
             "embedding": self.emit_embedding,
+            "idle_rescore_after": f"{self.idle_rescore_after_ms / 3_600_000:g}h" if self.idle_rescore_after_ms else "off",
             "metrics": f"{self.metrics_address}:{self.metrics_port}" if self.metrics_port else "off",
         }
 
@@ -115,6 +118,8 @@ class Settings:
             raise ValueError("--max-event-bytes must be >= 64")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError("--device must be auto, cpu or cuda")
+        if self.idle_rescore_after_ms < 0:
+            raise ValueError("--idle-rescore-after must be >= 0")
         if self.output_topic in self.input_topics or self.dead_letter_topic in self.input_topics:
             raise ValueError("the output and dead-letter topics must differ from the input topics")
 

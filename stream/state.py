@@ -20,6 +20,18 @@ from stream.events import EVENT_TYPES
 SNAPSHOT_FORMAT = 1
 
 
+# Host columns of the state: name -> (dtype, trailing shape, initial value).
+COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
+    "counts": (np.int64, (len(EVENT_TYPES),), 0),  # exact event counts by type
+    # Spend in integer micro-units: exact and independent of summation order (batching invariance).
+    "spend_micros": (np.int64, (), 0),
+    "last_ts": (np.int64, (), -1),  # latest event time; -1: no event yet
+    "price_sum": (np.float64, (), 0.0),  # for the mean engaged price -> price tier
+    "price_n": (np.int64, (), 0),
+    "scored_at": (np.int64, (), -1),  # event-time clock when the user's profile was last published
+}
+
+
 class StateTable:
     def __init__(self, hidden_size: int, category_buckets: int, device: torch.device, capacity: int = 1024) -> None:
         self.hidden_size = hidden_size
@@ -27,24 +39,27 @@ class StateTable:
         self._index: dict[str, int] = {}
         self.user_ids: list[str] = []
         self.hidden = torch.zeros(capacity, hidden_size, device=device)  # (capacity, H)
-        self.counts = np.zeros((capacity, len(EVENT_TYPES)), dtype=np.int64)  # (capacity, 4)
-        # Spend in integer micro-units: exact and independent of summation order (batching invariance).
-        self.spend_micros = np.zeros(capacity, dtype=np.int64)
-        self.last_ts = np.full(capacity, -1, dtype=np.int64)  # -1: no event yet
-        self.price_sum = np.zeros(capacity, dtype=np.float64)  # for the mean engaged price -> price tier
-        self.price_n = np.zeros(capacity, dtype=np.int64)
-        # Category bucket -> the category string last seen in it, and which buckets were ever seen,
+        self.columns = {name: _column(name, capacity) for name in COLUMNS}
+        # Category bucket -> the category string seen in it, and which buckets were ever seen,
         # so top_categories can name categories as they appear in events.
         self.category_names: dict[int, str] = {}
         self.category_seen = torch.zeros(category_buckets, dtype=torch.bool, device=device)
         self.max_event_ts = -1  # largest event time seen: the clock of event-time timers
+
+    # Named views of the columns, for readers of the pipeline.
+    counts = property(lambda self: self.columns["counts"])
+    spend_micros = property(lambda self: self.columns["spend_micros"])
+    last_ts = property(lambda self: self.columns["last_ts"])
+    price_sum = property(lambda self: self.columns["price_sum"])
+    price_n = property(lambda self: self.columns["price_n"])
+    scored_at = property(lambda self: self.columns["scored_at"])
 
     def __len__(self) -> int:
         return len(self.user_ids)
 
     @property
     def capacity(self) -> int:
-        return len(self.last_ts)
+        return len(self.hidden)
 
     def rows_for(self, users: Iterable[str]) -> np.ndarray:
         """Row of each user, adding rows for users not yet in state."""
@@ -71,13 +86,13 @@ class StateTable:
         if needed <= self.capacity:
             return
         new = max(needed, 2 * self.capacity)
-        grow = new - self.capacity
-        self.hidden = torch.cat([self.hidden, torch.zeros(grow, self.hidden_size, device=self.device)])
-        self.counts = np.concatenate([self.counts, np.zeros((grow, self.counts.shape[1]), dtype=np.int64)])
-        self.spend_micros = np.concatenate([self.spend_micros, np.zeros(grow, dtype=np.int64)])
-        self.last_ts = np.concatenate([self.last_ts, np.full(grow, -1, dtype=np.int64)])
-        self.price_sum = np.concatenate([self.price_sum, np.zeros(grow, dtype=np.float64)])
-        self.price_n = np.concatenate([self.price_n, np.zeros(grow, dtype=np.int64)])
+        grown = torch.zeros(new, self.hidden_size, device=self.device)
+        grown[: self.capacity] = self.hidden
+        self.hidden = grown
+        for name, old in self.columns.items():
+            column = _column(name, new)
+            column[: len(old)] = old
+            self.columns[name] = column
 
     def remember_categories(self, buckets: np.ndarray, names: np.ndarray) -> None:
         """Record the category strings seen in each bucket (bucket 0 = no category).
@@ -99,10 +114,9 @@ class StateTable:
     def state_bytes(self) -> dict[str, int]:
         """Bytes held by the state, by device."""
         n = len(self)
-        host = sum(a[:n].nbytes for a in (self.counts, self.spend_micros, self.last_ts, self.price_sum, self.price_n))
-        dev = n * self.hidden_size * self.hidden.element_size()
-        out = {"host": host}
-        out[str(self.device)] = out.get(str(self.device), 0) + dev
+        out = {"host": sum(column[:n].nbytes for column in self.columns.values())}
+        dev = str(self.device)
+        out[dev] = out.get(dev, 0) + n * self.hidden_size * self.hidden.element_size()
         return out
 
     def snapshot(self) -> dict:
@@ -112,11 +126,7 @@ class StateTable:
             "format": SNAPSHOT_FORMAT,
             "user_ids": list(self.user_ids),
             "hidden": self.hidden[:n].detach().cpu().numpy().copy(),
-            "counts": self.counts[:n].copy(),
-            "spend_micros": self.spend_micros[:n].copy(),
-            "last_ts": self.last_ts[:n].copy(),
-            "price_sum": self.price_sum[:n].copy(),
-            "price_n": self.price_n[:n].copy(),
+            **{name: column[:n].copy() for name, column in self.columns.items()},
             "category_names": dict(self.category_names),
             "max_event_ts": self.max_event_ts,
         }
@@ -132,18 +142,17 @@ class StateTable:
         cap = max(1024, n)
         self.hidden = torch.zeros(cap, self.hidden_size, device=self.device)
         self.hidden[:n] = torch.as_tensor(snap["hidden"], device=self.device)
-        self.counts = np.zeros((cap, len(EVENT_TYPES)), dtype=np.int64)
-        self.counts[:n] = snap["counts"]
-        self.spend_micros = np.zeros(cap, dtype=np.int64)
-        self.spend_micros[:n] = snap["spend_micros"]
-        self.last_ts = np.full(cap, -1, dtype=np.int64)
-        self.last_ts[:n] = snap["last_ts"]
-        self.price_sum = np.zeros(cap, dtype=np.float64)
-        self.price_sum[:n] = snap["price_sum"]
-        self.price_n = np.zeros(cap, dtype=np.int64)
-        self.price_n[:n] = snap["price_n"]
+        for name in COLUMNS:
+            column = _column(name, cap)
+            column[:n] = snap[name]
+            self.columns[name] = column
         self.category_names = {int(k): v for k, v in snap["category_names"].items()}
         self.category_seen.zero_()
         if self.category_names:
             self.category_seen[torch.tensor(list(self.category_names), device=self.device)] = True
         self.max_event_ts = int(snap["max_event_ts"])
+
+
+def _column(name: str, capacity: int) -> np.ndarray:
+    dtype, shape, initial = COLUMNS[name]
+    return np.full((capacity, *shape), initial, dtype=dtype)

@@ -124,3 +124,30 @@ def test_split_batches_equal_one_batch_and_snapshot_restores_state():
     np.testing.assert_array_equal(b["last_ts"], a["last_ts"][order])
     np.testing.assert_allclose(b["hidden"], a["hidden"][order], atol=1e-5, rtol=1e-4)
     assert a["category_names"] == b["category_names"]
+
+
+def test_idle_users_are_rescored_on_the_event_time_timer_with_rising_churn():
+    hour = 3_600_000
+    updater = ProfileUpdater(untrained(SMALL), torch.device("cpu"), max_event_bytes=65536, emit_embedding=False,
+                             idle_rescore_ms=24 * hour)
+
+    def click(user: str, ts: int, n: int) -> dict:
+        return {"event_id": f"{user}-{n}", "user_id": user, "type": "click", "ts": ts, "item_id": "i1"}
+
+    def published(events: list[dict]) -> dict[str, dict]:
+        return {k.decode(): orjson.loads(v) for k, v in updater.process(batch_of(events)).profiles}
+
+    t0 = 1_700_000_000_000
+    assert set(published([click("quiet", t0, 0), click("busy", t0, 0)])) == {"quiet", "busy"}
+    # 23 h later only the busy user is touched: nobody is due yet.
+    assert set(published([click("busy", t0 + 23 * hour, 1)])) == {"busy"}
+    # 25 h after the quiet user's last event the timer fires for them, driven by event time alone.
+    first = published([click("busy", t0 + 25 * hour, 2)])
+    assert set(first) == {"busy", "quiet"}
+    assert first["quiet"]["counts"]["click"] == 1 and first["quiet"]["last_event_ts"] == t0
+    # Another day of silence: published again, with a higher churn risk.
+    second = published([click("busy", t0 + 50 * hour, 3)])
+    assert "quiet" in second
+    assert second["quiet"]["churn_risk"] > first["quiet"]["churn_risk"]
+    # Not re-published on every batch in between.
+    assert "quiet" not in published([click("busy", t0 + 51 * hour, 4)])

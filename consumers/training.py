@@ -1,0 +1,46 @@
+"""`profiles train`: event files -> checkpoint, with a progress bar."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+from dataclasses import asdict
+
+import click
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from models.dataset import load_events
+from models.profile_model import ModelConfig, resolve_device, save_checkpoint
+from models.train import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+
+def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, seed: int, hidden_size: int,
+                 dropout: float, **train_options: object) -> None:
+    device = resolve_device(device_name)
+    events = load_events(event_files)
+    if len(events) < 2:
+        raise click.ClickException(f"no usable events in {', '.join(event_files)}")
+    click.echo(f"{len(events):,} events of {len(events.users):,} users"
+               + (f" ({events.invalid:,} invalid lines skipped)" if events.invalid else ""), err=True)
+    model_config = ModelConfig(hidden_size=hidden_size, dropout=dropout, init_seed=seed)
+    train_config = TrainConfig(seed=seed, **train_options)  # type: ignore[arg-type]
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("epoch 1", total=None, info="")
+
+        def progress(_stage: str, done: int, total: int, info: dict) -> None:
+            bar.update(task, completed=done, total=total, description=f"epoch {info['epoch']}",
+                       info=f"loss {info['loss']:.3f}")
+
+        model, vocab, report = train(events, model_config, train_config, device, progress)
+    digest = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
+    version = f"gru-h{hidden_size}-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{digest[:8]}"
+    metadata = {"train_config": asdict(train_config), "report": asdict(report), "events": list(event_files),
+                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "torch": torch.__version__}
+    save_checkpoint(out, model, version, metadata, vocab)
+    click.echo(f"saved {version} to {out}: best epoch {report.best_epoch} of {report.epochs_run}, "
+               f"validation loss {report.best_val_loss:.4f}, {report.n_items:,} items, {report.seconds:.0f}s", err=True)
