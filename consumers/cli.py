@@ -265,5 +265,24 @@ def train(event_files: tuple[str, ...], out: str, epochs: int, hidden_size: int,
                  patience=patience, max_items=max_items)
 
 
+@main.command("evaluate")
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--train-events", "train_files", required=True, multiple=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="Events the baselines are fitted on; test users' state is carried over from them.")
+@click.option("--events", "test_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Test events: every next event of every test user is predicted from its prefix.")
+@click.option("--k", default=20, show_default=True, type=click.IntRange(min=1), help="Cut-off of Recall@k and MRR@k.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def evaluate_(model_path: str, train_files: tuple[str, ...], test_files: tuple[str, ...], k: int, device: str,
+              as_json: bool) -> None:
+    """Next-item Recall@k and MRR@k (full ranking), next-category accuracy@5 and purchase-propensity
+    ROC AUC of the model, and of popularity and sequential-rules baselines fitted in the same run."""
+    from consumers.evaluation import run_evaluation
+
+    run_evaluation(model_path, train_files, test_files, device, k, as_json)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -40,7 +40,7 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
     digest = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
     version = f"gru-h{hidden_size}-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{digest[:8]}"
     metadata = {"train_config": asdict(train_config), "report": asdict(report), "events": list(event_files),
-                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "torch": torch.__version__}
+                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "torch": str(torch.__version__)}
     save_checkpoint(out, model, version, metadata, vocab)
     click.echo(f"saved {version} to {out}: best epoch {report.best_epoch} of {report.epochs_run}, "
                f"validation loss {report.best_val_loss:.4f}, {report.n_items:,} items, {report.seconds:.0f}s", err=True)

@@ -19,7 +19,9 @@ vocabulary, or an event without an item) are skipped and counted ("skipped_item_
     recall@K  = mean(rank <= K)
     mrr@K     = mean(1 / rank if rank <= K else 0)
 Ties never push the target down, so a scorer must break its own ties: a constant scorer
-would rank every target first. (The baselines break ties by training popularity.)
+would rank every target first. (The baselines break ties by training popularity; what ties
+remain favour them. The GRU's float scores practically never tie, so comparisons against
+the baselines err in the baselines' favour.)
 
 Categories. The same rows, the target being the category of event t (rows with -1 skipped);
 category_acc@5 = mean(rank <= 5) over the n_categories categories, with the same rank rule.

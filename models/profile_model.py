@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import orjson
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
@@ -200,7 +201,8 @@ def save_checkpoint(path: str | Path, model: ProfileModel, version: str, metadat
         "model_version": version,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "metadata": metadata or {},
+        # Through JSON and back: metadata must stay plain data that weights_only loading accepts.
+        "metadata": orjson.loads(orjson.dumps(metadata or {}, option=orjson.OPT_SERIALIZE_NUMPY, default=str)),
     }
     torch.save(payload, Path(path))
 

@@ -153,8 +153,10 @@ def chunks(log_: EventLog, max_len: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_chunks(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.ndarray,
-               device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
-    """GRU outputs at every event of the given chunks: ((P, H) states, (P,) event index)."""
+               device: torch.device, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """GRU outputs at every event of the given chunks: ((P, H) states, (P,) event index).
+
+    h0: (B, H) states to start each chunk from (zeros when None)."""
     t = np.arange(int(length.max()))
     valid = t[None, :] < length[:, None]  # (B, T)
     event_idx = (start[:, None] + t[None, :])[valid]  # row-major: chunk by chunk, in time order
@@ -162,7 +164,7 @@ def run_chunks(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
     padded = torch.zeros(len(start), len(t), x.shape[1], device=device)
     padded[torch.from_numpy(valid).to(device)] = x
     packed = pack_padded_sequence(padded, torch.from_numpy(length), batch_first=True, enforce_sorted=False)
-    out, _ = model.gru(packed)
+    out, _ = model.gru(packed, None if h0 is None else h0.unsqueeze(0))
     out, _ = pad_packed_sequence(out, batch_first=True, total_length=len(t))  # (B, T, H)
     return out[torch.from_numpy(valid).to(device)], event_idx
 
@@ -220,10 +222,14 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
         parts["churn"] = nn.functional.binary_cross_entropy_with_logits(
             churn_logits[r], torch.from_numpy(churn_label[rows]).to(device))
 
-    weights = {"item": cfg.weight_item, "category": cfg.weight_category, "purchase": cfg.weight_purchase,
-               "churn": cfg.weight_churn}
+    weights = loss_weights(cfg)
     total = sum((weights[k] * v for k, v in parts.items()), torch.zeros((), device=device))
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def loss_weights(cfg: TrainConfig) -> dict[str, float]:
+    return {"item": cfg.weight_item, "category": cfg.weight_category, "purchase": cfg.weight_purchase,
+            "churn": cfg.weight_churn}
 
 
 def final_states(model: ProfileModel, log_: EventLog, p: Prepared, device: torch.device,
@@ -313,8 +319,8 @@ def train(log_: EventLog, model_config: ModelConfig, cfg: TrainConfig, device: t
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             if progress:
-                progress("train", b + 1, n_batches, {"epoch": epoch + 1, "loss": float(loss)})
-        val = validate(model, p, val_start, val_length, split_ts, cfg, device, sampled)
+                progress("train", b + 1, n_batches, {"epoch": epoch + 1, "loss": float(loss.detach())})
+        val = validate(model, p, val_start, val_length, split_ts, cfg, device, sampled, trained_parts=set(sums))
         record = {"epoch": epoch + 1, **{f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}, **val}
         history.append(record)
         log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items()})
@@ -334,11 +340,14 @@ def train(log_: EventLog, model_config: ModelConfig, cfg: TrainConfig, device: t
 
 
 def validate(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.ndarray, split_ts: int,
-             cfg: TrainConfig, device: torch.device, sampled: bool) -> dict[str, float]:
-    """Mean validation losses (same weights as training) over the chunks holding validation targets."""
+             cfg: TrainConfig, device: torch.device, sampled: bool, trained_parts: set[str]) -> dict[str, float]:
+    """Mean validation losses over the chunks holding validation targets. `val_loss`, which early
+    stopping watches, sums (with the training weights) only the parts training could learn: a head
+    whose labels never occur in the training period (e.g. purchases in a clicks-only log) is not scored."""
     if len(start) == 0:
         return {"val_loss": math.inf}
     model.eval()
+    weights = loss_weights(cfg)
     rng = np.random.default_rng(cfg.seed + 1)  # the same idle-time samples every epoch
     totals: dict[str, float] = {}
     n = 0
@@ -348,7 +357,8 @@ def validate(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.nda
                                      split_ts, True, cfg, rng, device, sampled)
             for k, v in parts.items():
                 totals[f"val_{k}"] = totals.get(f"val_{k}", 0.0) + v
-            totals["val_loss"] = totals.get("val_loss", 0.0) + float(loss)
+            totals["val_loss"] = totals.get("val_loss", 0.0) + sum(
+                weights[k] * v for k, v in parts.items() if k in trained_parts)
             n += 1
     return {k: v / n for k, v in totals.items()}
 
