@@ -238,6 +238,23 @@ def import_(fmt: str, sources: tuple[str, ...], out: str) -> None:
 
 
 @main.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("--test-fraction", default=0.2, show_default=True, type=click.FloatRange(0.01, 0.99),
+              help="Share of the events, the latest by event time, that becomes the test part.")
+@click.option("--train-out", required=True, type=click.Path(dir_okay=False))
+@click.option("--test-out", required=True, type=click.Path(dir_okay=False))
+def split(source: str, test_fraction: float, train_out: str, test_out: str) -> None:
+    """Split a JSON-lines event log by event time: the latest --test-fraction of the events is the test part.
+
+    Lines are copied byte for byte; lines that break the event contract stay in the training part.
+    """
+    from models.dataset import split_lines_by_time
+
+    n_train, n_test, cutoff = split_lines_by_time(source, test_fraction, train_out, test_out)
+    click.echo(f"{n_train:,} events up to {cutoff} -> {train_out}; {n_test:,} later events -> {test_out}", err=True)
+
+
+@main.command()
 @click.option("--events", "event_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="JSON-lines event files (repeatable), e.g. from `profiles import` or `profiles generate`.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")

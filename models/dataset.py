@@ -130,3 +130,28 @@ def split_by_time(log_: EventLog, cutoff_ts: int) -> tuple[EventLog, EventLog]:
     before = np.flatnonzero(log_.events.ts <= cutoff_ts)
     after = np.flatnonzero(log_.events.ts > cutoff_ts)
     return _build(_take(log_.events, before), log_.invalid), _build(_take(log_.events, after), 0)
+
+
+def split_lines_by_time(source: str | Path, test_fraction: float, train_out: str | Path,
+                        test_out: str | Path) -> tuple[int, int, str]:
+    """Copy the lines of `source` into a train and a test file by event time.
+
+    The cut is the event time below which (1 - test_fraction) of the valid events lie, so the test
+    part is the latest test_fraction of the events (events at the cut stay in training).
+    Returns (train lines, test lines, cut as ISO time).
+    """
+    import datetime as dt
+
+    lines, files, numbers = read_lines([source])
+    n = len(lines)
+    ev, _dead = decode_batch(RecordBatch(files, [0] * n, numbers, [None] * n, lines), 1 << 30)
+    ts = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)  # invalid lines: train side
+    ts[ev.record_index] = ev.ts
+    cutoff = int(np.quantile(ev.ts, 1 - test_fraction, method="lower"))
+    test = ts > cutoff
+    for path, keep in ((train_out, ~test), (test_out, test)):
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "wb") as out:
+            out.writelines(line + b"\n" for line, k in zip(lines, keep.tolist()) if k)
+    when = dt.datetime.fromtimestamp(cutoff / 1000, dt.timezone.utc).isoformat(timespec="seconds")
+    return int((~test).sum()), int(test.sum()), when

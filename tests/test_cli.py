@@ -52,3 +52,20 @@ def test_generate_to_a_topic(kafka, unique):
 def test_generate_needs_exactly_one_destination():
     result = CliRunner().invoke(main, ["generate", "--users", "5", "--events", "5"])
     assert result.exit_code == 2 and "exactly one of --out FILE or --topic TOPIC" in result.output
+
+
+def test_split_by_event_time(tmp_path):
+    src = tmp_path / "all.jsonl"
+    runner = CliRunner()
+    assert runner.invoke(main, ["generate", "--users", "30", "--events", "1000", "--out", str(src)]).exit_code == 0
+    with open(src, "ab") as fh:
+        fh.write(b"not json\n")  # a bad line is kept, on the training side
+    result = runner.invoke(main, ["split", str(src), "--test-fraction", "0.25", "--train-out",
+                                  str(tmp_path / "a.jsonl"), "--test-out", str(tmp_path / "b.jsonl")])
+    assert result.exit_code == 0, result.output
+    train = (tmp_path / "a.jsonl").read_bytes().splitlines()
+    test = (tmp_path / "b.jsonl").read_bytes().splitlines()
+    assert len(train) + len(test) == 1001 and b"not json" in train
+    assert 240 <= len(test) <= 260
+    train_ts = [orjson.loads(line)["ts"] for line in train if line != b"not json"]
+    assert max(train_ts) < min(orjson.loads(line)["ts"] for line in test)
