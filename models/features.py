@@ -17,6 +17,7 @@ import torch
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier (Fibonacci hashing)
 _WORD = re.compile(r"\w+")
+MAX_QUERY_WORDS = 8  # longer queries are cut: the first words carry the intent
 
 # Price buckets: log-spaced edges from 1 to ~100k currency units.
 PRICE_EDGES = np.array([0.5, 1, 2, 5, 10, 20, 35, 50, 75, 100, 200, 500, 1000, 5000, 20000], dtype=np.float64)
@@ -41,12 +42,20 @@ def _mix_to_buckets(raw: np.ndarray, buckets: int) -> np.ndarray:
     return out
 
 
+def query_terms(query: str) -> list[str]:
+    """Lower-cased words, plus character trigrams of each word framed by '#' (so "shoes" and
+    "shoe" share most of their terms: typos and inflections land near each other)."""
+    words = _WORD.findall(query.lower())[:MAX_QUERY_WORDS]
+    grams = [f"#{w}#"[i:i + 3] for w in words for i in range(len(w))]
+    return words + ["\x00" + g for g in grams]  # prefix: a trigram never hashes like a 3-letter word
+
+
 def query_tokens(queries: np.ndarray | list, buckets: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hashed lower-cased words of each query, flattened for an EmbeddingBag.
+    """Hashed query terms of each event (see query_terms), flattened for an EmbeddingBag.
 
     Returns (tokens, offsets): event i's tokens are tokens[offsets[i]:offsets[i+1]].
     """
-    words_per_event = [_WORD.findall(q.lower()) if q else [] for q in queries]
+    words_per_event = [query_terms(q) if q else [] for q in queries]
     lengths = np.fromiter((len(w) for w in words_per_event), dtype=np.int64, count=len(words_per_event))
     offsets = np.zeros(len(words_per_event), dtype=np.int64)
     np.cumsum(lengths[:-1], out=offsets[1:])

@@ -30,7 +30,6 @@ from models.profile_model import ModelConfig, ProfileModel
 
 log = logging.getLogger(__name__)
 
-MAX_QUERY_WORDS = 8
 NO_TARGET = -1
 
 
@@ -64,7 +63,8 @@ class Prepared:
     item_bucket: np.ndarray
     category_bucket: np.ndarray
     price_bucket: np.ndarray
-    query: np.ndarray  # (N, MAX_QUERY_WORDS) hashed words, 0 = padding
+    query_tokens: np.ndarray  # (M,) hashed query terms of all events, flat
+    query_offsets: np.ndarray  # (N + 1,) event i's terms are query_tokens[off[i]:off[i + 1]]
     dense: np.ndarray  # (N, 4) float32
     item_vocab: np.ndarray  # vocabulary index of the event's own item, or NO_TARGET
     item_target: np.ndarray  # vocabulary index of the next event's item, or NO_TARGET
@@ -104,11 +104,6 @@ def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: i
     dense = np.stack([np.log1p(np.where(has_price, ev.price, 0.0)), has_price.astype(np.float64),
                       np.log1p(np.maximum(gap, 0.0)) / 10.0, first.astype(np.float64)], axis=1).astype(np.float32)
     tokens, offsets = query_tokens(ev.query, config.query_buckets, config.hash_seed + 2)
-    lengths = np.diff(np.append(offsets, len(tokens)))
-    query = np.zeros((n, MAX_QUERY_WORDS), dtype=np.int64)
-    col = np.arange(len(tokens)) - np.repeat(offsets, lengths)
-    keep = col < MAX_QUERY_WORDS
-    query[np.repeat(np.arange(n), lengths)[keep], col[keep]] = tokens[keep]
 
     item_idx = vocab_rows(ev.item_id, {item: i for i, item in enumerate(vocab)})
     category_bucket = hash_buckets(ev.category, config.category_buckets, config.hash_seed + 1)
@@ -121,7 +116,8 @@ def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: i
     gap_to_next = np.where(has_next, (ev.ts[nxt_safe] - ev.ts).astype(np.float64), np.inf)
     return Prepared(
         ts=ev.ts, type_idx=ev.type_idx, item_bucket=hash_buckets(ev.item_id, config.item_buckets, config.hash_seed),
-        category_bucket=category_bucket, price_bucket=price_bucket(ev.price), query=query, dense=dense,
+        category_bucket=category_bucket, price_bucket=price_bucket(ev.price), query_tokens=tokens,
+        query_offsets=np.append(offsets, len(tokens)), dense=dense,
         item_vocab=item_idx, item_target=item_target, category_target=category_target,
         purchase_label=log_.purchase_within(horizon_ms), gap_to_next_ms=gap_to_next, next_ts=next_ts,
     )
@@ -129,16 +125,18 @@ def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: i
 
 def features_at(p: Prepared, idx: np.ndarray, device: torch.device) -> EventFeatures:
     """Model inputs for the events `idx` (flat)."""
-    q = p.query[idx]
-    q_len = (q > 0).sum(1)
+    begin = p.query_offsets[idx]
+    q_len = p.query_offsets[idx + 1] - begin
     offsets = np.zeros(len(idx), dtype=np.int64)
     np.cumsum(q_len[:-1], out=offsets[1:])
+    # Gather each event's run of terms: position j of the output comes from begin[e] + (j - offsets[e]).
+    tokens = p.query_tokens[np.repeat(begin - offsets, q_len) + np.arange(int(q_len.sum()))]
 
     def long(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
 
     return EventFeatures(long(p.type_idx[idx]), long(p.item_bucket[idx]), long(p.category_bucket[idx]),
-                         long(p.price_bucket[idx]), long(q[q > 0]), long(offsets),
+                         long(p.price_bucket[idx]), long(tokens), long(offsets),
                          torch.from_numpy(p.dense[idx]).to(device), long(p.item_vocab[idx]))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import orjson
 import torch
 from click.testing import CliRunner
@@ -94,3 +95,31 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
     assert res["gru"]["recall@1"] == 1.0 and res["gru"]["mrr@1"] == 1.0
     assert res["gru"]["category_acc@5"] == 1.0
     assert res["gru"]["propensity_auc"] is None  # no purchases in the log: AUC undefined (NaN -> null)
+
+
+def test_training_features_equal_serving_features(tmp_path):
+    """No training/serving skew: the trainer's per-event inputs equal what the daemon builds."""
+    from models.features import build_features
+    from models.train import features_at, prepare
+    from stream.generator import generate
+
+    path = tmp_path / "g.jsonl"
+    write_jsonl(generate(users=40, events=1500, seed=4).events, path)
+    log = load_events([path])
+    config = ModelConfig()
+    vocab = sorted({i for i in log.events.item_id if i is not None})[:50]
+    prepared = prepare(log, config, vocab, 24 * 3_600_000)
+    ev = log.events
+    searches = np.flatnonzero(ev.type_idx == 0)
+    idx = np.concatenate([searches[:20], np.arange(0, len(ev), 37)])
+    gap, first = log.gap_seconds()
+    served = build_features(ev.type_idx[idx], ev.item_id[idx], ev.category[idx], ev.price[idx], ev.query[idx],
+                            gap[idx], first[idx], item_buckets=config.item_buckets,
+                            category_buckets=config.category_buckets, query_buckets=config.query_buckets,
+                            hash_seed=config.hash_seed, device=torch.device("cpu"),
+                            item_index={item: i for i, item in enumerate(vocab)})
+    trained = features_at(prepared, idx, torch.device("cpu"))
+    for name in ("type_idx", "item", "category", "price_bucket", "query_tokens", "query_offsets", "dense",
+                 "item_vocab"):
+        assert torch.equal(getattr(trained, name), getattr(served, name)), name
+    assert len(served.query_tokens) > 20 * 3 and (served.item_vocab >= 0).any()
