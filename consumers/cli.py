@@ -101,6 +101,9 @@ def main(log_level: str) -> None:
               show_default=True, type=click.IntRange(min=64), help="Larger records go to the dead-letter topic.")
 @click.option("--no-embedding", envvar=_env("no-embedding"), show_envvar=True, is_flag=True,
               help="Leave the embedding out of published profiles.")
+@click.option("--next-items", envvar=_env("next-items"), show_envvar=True, default=0, show_default=True,
+              type=click.IntRange(0, 1000), help="Add the top-k predicted next item ids to each profile "
+              "(needs a trained --model; 0 leaves them out).")
 @click.option("--metrics-port", envvar=_env("metrics-port"), show_envvar=True, default=None,
               type=click.IntRange(min=1, max=65535), help="Serve Prometheus /metrics on this port.")
 @click.option("--metrics-address", envvar=_env("metrics-address"), show_envvar=True, default="0.0.0.0",
@@ -116,7 +119,7 @@ def main(log_level: str) -> None:
               show_default=True, type=click.IntRange(min=1000), help="Consumer group session timeout.")
 def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic: str, group_id: str,
         model_path: str | None, device: str, batch_max_events: int, batch_max_ms: int, max_event_bytes: int,
-        no_embedding: bool, metrics_port: int | None, metrics_address: str, kafka_config: tuple[str, ...],
+        no_embedding: bool, next_items: int, metrics_port: int | None, metrics_address: str, kafka_config: tuple[str, ...],
         idle_rescore_after: int, session_timeout_ms: int) -> None:
     """The always-on daemon: consume events, update profiles, publish them.
 
@@ -130,7 +133,7 @@ def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic:
             device=device, batch_max_events=batch_max_events, batch_max_ms=batch_max_ms,
             max_event_bytes=max_event_bytes, emit_embedding=not no_embedding, metrics_port=metrics_port,
             metrics_address=metrics_address, session_timeout_ms=session_timeout_ms,
-            idle_rescore_after_ms=idle_rescore_after,
+            idle_rescore_after_ms=idle_rescore_after, next_items=next_items,
         )
         settings.validate()
     except ValueError as exc:

@@ -38,14 +38,19 @@ class ProfileUpdater:
     """Owns the model and the state table; turns record batches into profiles."""
 
     def __init__(self, loaded: LoadedModel, device: torch.device, *, max_event_bytes: int, emit_embedding: bool,
-                 idle_rescore_ms: int = 0) -> None:
+                 idle_rescore_ms: int = 0, next_items: int = 0) -> None:
         self.model = loaded.model.to(device).eval()
         self.model_version = loaded.version
         self.config = loaded.model.config
         self.device = device
         self.max_event_bytes = max_event_bytes
         self.emit_embedding = emit_embedding
+        self.item_vocab = np.asarray(loaded.item_vocab, dtype=object)
         self.item_index = {item: i for i, item in enumerate(loaded.item_vocab)}
+        # Top-k next items per profile: only a trained model has an item vocabulary to rank.
+        self.next_items = min(next_items, len(self.item_vocab))
+        if next_items and not self.next_items:
+            log.warning("--next-items needs a trained model with a next-item head: next_items left out")
         self.state = StateTable(self.config.hidden_size, self.config.category_buckets, device)
         # Users who go quiet send no event that would refresh their churn risk: re-publish them
         # after this much event time without an update (0 disables). The scan runs once per tick.
@@ -161,6 +166,10 @@ class ProfileUpdater:
         tier_names = cfg.price_tier_names
         tiers = [tier_names[t] if t >= 0 else "unknown" for t in price_tier_index(mean_price, cfg).tolist()]
 
+        next_items = None
+        if self.next_items:
+            best = self.model.item_scores(h).topk(self.next_items, dim=1).indices.cpu().numpy()  # (U, k)
+            next_items = self.item_vocab[best].tolist()
         cols = ProfileColumns(
             user_ids=[state.user_ids[r] for r in rows.tolist()],
             last_event_ts=state.last_ts[rows],
@@ -172,6 +181,7 @@ class ProfileUpdater:
             price_tier=tiers,
             interest_cluster=heads.interest_cluster.cpu().numpy(),
             embedding=h.float().cpu().numpy() if self.emit_embedding else None,
+            next_items=next_items,
         )
         return encode_profiles(cols, self.model_version, int(time.time() * 1000))
 
@@ -190,4 +200,5 @@ def load_updater(settings: Settings) -> ProfileUpdater:
                     "exact; learned fields (top_categories scores, propensity, churn, cluster) are untrained.",
                     loaded.version)
     return ProfileUpdater(loaded, device, max_event_bytes=settings.max_event_bytes,
-                          emit_embedding=settings.emit_embedding, idle_rescore_ms=settings.idle_rescore_after_ms)
+                          emit_embedding=settings.emit_embedding, idle_rescore_ms=settings.idle_rescore_after_ms,
+                          next_items=settings.next_items)

@@ -11,6 +11,7 @@
   churn_risk           0..1, P(no activity within the model's horizon)
   price_tier           budget | mid | premium | luxury | unknown
   interest_cluster     int, nearest k-means centroid of the user embedding
+  next_items           item ids the user most likely engages with next, best first (only with --next-items)
   embedding            list of floats (the user's hidden state), unless disabled
 """
 
@@ -25,7 +26,7 @@ from stream.events import EVENT_TYPES
 
 PROFILE_FIELDS = (
     "user_id", "model_version", "updated_at", "last_event_ts", "counts", "spend", "top_categories",
-    "purchase_propensity", "churn_risk", "price_tier", "interest_cluster", "embedding",
+    "purchase_propensity", "churn_risk", "price_tier", "interest_cluster", "next_items", "embedding",
 )
 
 
@@ -43,6 +44,7 @@ class ProfileColumns:
     price_tier: list[str]
     interest_cluster: np.ndarray  # (U,) int
     embedding: np.ndarray | None  # (U, H) float32, or None when disabled
+    next_items: list[list[str]] | None = None  # per user, most likely next items first; None when disabled
 
 
 def encode_profiles(cols: ProfileColumns, model_version: str, updated_at_ms: int) -> list[tuple[bytes, bytes]]:
@@ -70,6 +72,8 @@ def encode_profiles(cols: ProfileColumns, model_version: str, updated_at_ms: int
             "price_tier": cols.price_tier[i],
             "interest_cluster": cluster[i],
         }
+        if cols.next_items is not None:
+            profile["next_items"] = cols.next_items[i]
         if cols.embedding is not None:
             profile["embedding"] = cols.embedding[i]
         out.append((user.encode(), dumps(profile, option=opt)))

@@ -75,6 +75,7 @@ class Settings:
     batch_max_ms: int = 200
     max_event_bytes: int = 65536
     emit_embedding: bool = True
+    next_items: int = 0  # top-k next item ids in each profile (needs a trained model); 0 leaves them out
     # Re-publish users idle this long in event time (their churn risk has moved); 0 disables.
     idle_rescore_after_ms: int = 24 * 3600 * 1000
     metrics_port: int | None = None
@@ -102,6 +103,7 @@ class Settings:
             "batch_max_ms": self.batch_max_ms,
             "max_event_bytes": self.max_event_bytes,
             "embedding": self.emit_embedding,
+            "next_items": self.next_items,
             "idle_rescore_after": f"{self.idle_rescore_after_ms / 3_600_000:g}h" if self.idle_rescore_after_ms else "off",
             "metrics": f"{self.metrics_address}:{self.metrics_port}" if self.metrics_port else "off",
         }

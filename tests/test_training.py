@@ -69,6 +69,11 @@ def test_a_trained_checkpoint_serves_identical_profiles(tmp_path):
 
     assert profiles(model) == profiles(loaded.model)
 
+    # With --next-items, a trained model names the items it expects next: on a certain cycle, the next one.
+    updater = ProfileUpdater(loaded, torch.device("cpu"), max_event_bytes=65536, emit_embedding=False, next_items=3)
+    out = {k.decode(): orjson.loads(v) for k, v in updater.process(batch_of(events)).profiles}
+    assert all(len(p["next_items"]) == 3 and set(p["next_items"]) <= set(CYCLE) for p in out.values())
+
 
 def test_train_then_evaluate_from_the_command_line(tmp_path):
     events = cyclic_log(users=16, steps=30)
