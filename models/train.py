@@ -38,7 +38,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128  # chunks per mini-batch
     max_len: int = 64  # events per chunk
-    lr: float = 3e-3
+    lr: float = 6e-3
     val_fraction: float = 0.1
     patience: int = 2  # epochs without validation improvement before stopping
     seed: int = 0
@@ -46,6 +46,9 @@ class TrainConfig:
     full_softmax_max_items: int = 50_000  # above this, sampled softmax
     sampled_negatives: int = 4096
     horizon_hours: float = 24.0
+    # top_categories means lasting affinity, not the current session's intent: the category head
+    # learns the categories of the user's next `category_window` events, not only the next one.
+    category_window: int = 10
     max_idle_days: float = 14.0  # idle times sampled for the churn head
     weight_item: float = 1.0
     weight_category: float = 0.5
@@ -68,7 +71,7 @@ class Prepared:
     dense: np.ndarray  # (N, 4) float32
     item_vocab: np.ndarray  # vocabulary index of the event's own item, or NO_TARGET
     item_target: np.ndarray  # vocabulary index of the next event's item, or NO_TARGET
-    category_target: np.ndarray  # category bucket of the next event, or NO_TARGET
+    user: np.ndarray  # user index of each event
     purchase_label: np.ndarray  # 1 if the user purchases within the horizon
     gap_to_next_ms: np.ndarray  # float, inf for a user's last event
     next_ts: np.ndarray  # ts of the next event, or a large sentinel
@@ -111,14 +114,13 @@ def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: i
     has_next = nxt >= 0
     nxt_safe = np.where(has_next, nxt, 0)
     item_target = np.where(has_next, item_idx[nxt_safe], NO_TARGET)
-    category_target = np.where(has_next & (category_bucket[nxt_safe] > 0), category_bucket[nxt_safe], NO_TARGET)
     next_ts = np.where(has_next, ev.ts[nxt_safe], np.iinfo(np.int64).max)
     gap_to_next = np.where(has_next, (ev.ts[nxt_safe] - ev.ts).astype(np.float64), np.inf)
     return Prepared(
         ts=ev.ts, type_idx=ev.type_idx, item_bucket=hash_buckets(ev.item_id, config.item_buckets, config.hash_seed),
         category_bucket=category_bucket, price_bucket=price_bucket(ev.price), query_tokens=tokens,
         query_offsets=np.append(offsets, len(tokens)), dense=dense,
-        item_vocab=item_idx, item_target=item_target, category_target=category_target,
+        item_vocab=item_idx, item_target=item_target, user=log_.user_of_event,
         purchase_label=log_.purchase_within(horizon_ms), gap_to_next_ms=gap_to_next, next_ts=next_ts,
     )
 
@@ -203,11 +205,17 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
     category_logits, purchase_logits, churn_logits = model.head_logits(
         h, torch.from_numpy(idle / HOUR_MS).float().to(device))
 
-    cat_t = np.where(in_split, p.category_target[idx], NO_TARGET)
-    rows = np.flatnonzero(cat_t >= 0)
-    if len(rows):
-        parts["category"] = nn.functional.cross_entropy(category_logits[torch.from_numpy(rows).to(device)],
-                                                        torch.from_numpy(cat_t[rows]).to(device))
+    # Categories of the next `category_window` events of the same user, each target on its own side of the split.
+    ahead = idx[:, None] + np.arange(1, cfg.category_window + 1)[None, :]  # (P, W)
+    ahead_safe = np.minimum(ahead, len(p.ts) - 1)
+    target_cat = p.category_bucket[ahead_safe]
+    target_side = (p.ts[ahead_safe] > split_ts) if validation else (p.ts[ahead_safe] <= split_ts)
+    valid = (ahead < len(p.ts)) & (p.user[ahead_safe] == p.user[idx][:, None]) & (target_cat > 0) & target_side
+    pos, k = np.nonzero(valid)
+    if len(pos):
+        log_probs = torch.log_softmax(category_logits, dim=1)
+        parts["category"] = -log_probs[torch.from_numpy(pos).to(device),
+                                       torch.from_numpy(target_cat[pos, k]).to(device)].mean()
     purchase_ok = (event_ts + horizon_ms > split_ts) if validation else (event_ts + horizon_ms <= split_ts)
     rows = np.flatnonzero(purchase_ok)
     if len(rows):
@@ -223,6 +231,28 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
     weights = loss_weights(cfg)
     total = sum((weights[k] * v for k, v in parts.items()), torch.zeros((), device=device))
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def init_head_biases(model: ProfileModel, p: Prepared, split_ts: int) -> None:
+    """Start every head from its training prior (log frequency, base rate), so the first epochs
+    learn what is personal instead of which of thousands of classes occur at all."""
+    train = p.ts <= split_ts
+
+    def log_prior(labels: np.ndarray, n: int) -> torch.Tensor:
+        counts = np.bincount(labels[labels >= 0], minlength=n).astype(np.float64)
+        return torch.from_numpy(np.log((counts + 0.01) / (counts.sum() + 0.01 * n))).float()
+
+    def logit(rate: float) -> float:
+        rate = min(max(rate, 1e-4), 1 - 1e-4)
+        return float(np.log(rate / (1 - rate)))
+
+    with torch.no_grad():
+        device = model.item_bias.device
+        if model.config.n_items:
+            model.item_bias.copy_(log_prior(p.item_vocab[train], model.config.n_items).to(device))
+        model.category_head.bias.copy_(log_prior(p.category_bucket[train & (p.category_bucket > 0)],
+                                                 model.config.category_buckets).to(device))
+        model.propensity_head.bias.fill_(logit(float(p.purchase_label[train].mean()) if train.any() else 0.5))
 
 
 def loss_weights(cfg: TrainConfig) -> dict[str, float]:
@@ -290,6 +320,7 @@ def train(log_: EventLog, model_config: ModelConfig, cfg: TrainConfig, device: t
                            churn_horizon_hours=cfg.horizon_hours)
     model = ProfileModel(model_config).to(device)
     p = prepare(log_, model_config, vocab, int(cfg.horizon_hours * HOUR_MS))
+    init_head_biases(model, p, split_ts)
     sampled = len(vocab) > cfg.full_softmax_max_items
     log.info("training on %d events of %d users; %d items (%s softmax); validation after %s",
              len(log_), len(log_.users), len(vocab), "sampled" if sampled else "full",

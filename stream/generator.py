@@ -175,7 +175,7 @@ def _seed_sequence(seed: int, stream: int) -> np.random.SeedSequence:
 class _World:
     """Catalogue, users and per-user lookup tables, as plain Python lists for speed."""
 
-    def __init__(self, users: int, seed: int, start_ts_ms: int, span_days: float) -> None:
+    def __init__(self, users: int, seed: int, start_ts_ms: int, span_days: float, catalogue_seed: int = 0) -> None:
         if isinstance(users, bool) or not isinstance(users, (int, np.integer)) or users < 1:
             raise ValueError(f"users must be a positive int, got {users!r}")
         if not (isinstance(span_days, (int, float)) and math.isfinite(span_days) and span_days > 0):
@@ -184,7 +184,9 @@ class _World:
         self.seed = int(seed)
         self.start_ts_ms = int(start_ts_ms)
         self.span_ms = span_days * DAY_MS
-        self._build_catalogue(np.random.Generator(np.random.PCG64(_seed_sequence(seed, 0))))
+        # The catalogue has its own seed: logs of different seeds are different users and behaviour
+        # in the same shop, as a model trained last month meets this month's traffic.
+        self._build_catalogue(np.random.Generator(np.random.PCG64(_seed_sequence(catalogue_seed, 0))))
         self._build_users(np.random.Generator(np.random.PCG64(_seed_sequence(seed, 1))))
 
     def _build_catalogue(self, rng: np.random.Generator) -> None:
@@ -414,7 +416,7 @@ def _check_events(events: int | None) -> None:
 
 
 def iter_events(users: int, seed: int = 0, *, start_ts_ms: int = DEFAULT_START_TS_MS,
-                events: int | None = None, span_days: float = 30.0) -> Iterator[dict]:
+                events: int | None = None, span_days: float = 30.0, catalogue_seed: int = 0) -> Iterator[dict]:
     """Yield events lazily in global (non-decreasing) time order.
 
     ``events=None`` means endless (for a live demo), at about
@@ -424,26 +426,26 @@ def iter_events(users: int, seed: int = 0, *, start_ts_ms: int = DEFAULT_START_T
     ``quiet_after_ts`` (see ``user_truths``) in the first half of the span.
     """
     _check_events(events)
-    world = _World(users, seed, start_ts_ms, span_days)  # validate now, not at the first next()
+    world = _World(users, seed, start_ts_ms, span_days, catalogue_seed)  # validate now, not at the first next()
     return _run(world, None if events is None else int(events))
 
 
 def user_truths(users: int, seed: int = 0, *, start_ts_ms: int = DEFAULT_START_TS_MS,
-                span_days: float = 30.0) -> dict[str, UserTruth]:
+                span_days: float = 30.0, catalogue_seed: int = 0) -> dict[str, UserTruth]:
     """The users that ``iter_events(users, seed, ...)`` simulates, keyed by ``str(user_id)``.
 
     Independent of the event count: the same seed, start and span give the same truths.
     """
-    return _World(users, seed, start_ts_ms, span_days).truths
+    return _World(users, seed, start_ts_ms, span_days, catalogue_seed).truths
 
 
 def generate(users: int, events: int, seed: int = 0, *, start_ts_ms: int = DEFAULT_START_TS_MS,
-             span_days: float = 30.0) -> SyntheticLog:
+             span_days: float = 30.0, catalogue_seed: int = 0) -> SyntheticLog:
     """Materialise exactly ``events`` events (the stream of ``iter_events``) plus the truths."""
     if events is None:
         raise ValueError("generate needs a finite event count; use iter_events for an endless stream")
     _check_events(events)
-    world = _World(users, seed, start_ts_ms, span_days)
+    world = _World(users, seed, start_ts_ms, span_days, catalogue_seed)
     return SyntheticLog(events=list(_run(world, int(events))), users=world.truths,
                         categories=list(world.categories))
 

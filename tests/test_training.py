@@ -35,7 +35,8 @@ def test_a_tiny_model_overfits_a_tiny_log(tmp_path):
     path = tmp_path / "cycle.jsonl"
     write_jsonl(cyclic_log(), path)
     log = load_events([path])
-    model, vocab, report = train(log, TINY, TrainConfig(epochs=60, batch_size=4, lr=1e-2, patience=60, seed=1),
+    model, vocab, report = train(log, TINY, TrainConfig(epochs=60, batch_size=4, lr=1e-2, patience=60, seed=1,
+                                                        category_window=1),
                                  torch.device("cpu"))
     assert sorted(vocab) == CYCLE
     first, last = report.history[0], report.history[-1]
