@@ -113,11 +113,11 @@ def test_training_features_equal_serving_features(tmp_path):
     write_jsonl(generate(users=40, events=1500, seed=4).events, path)
     log = load_events([path])
     config = ModelConfig()
-    vocab = sorted({i for i in log.events.item_id if i is not None})[:50]
-    prepared = prepare(log, config, vocab, 24 * 3_600_000)
     ev = log.events
     searches = np.flatnonzero(ev.type_idx == 0)
     idx = np.concatenate([searches[:20], np.arange(0, len(ev), 37)])
+    vocab = sorted({i for i in ev.item_id[idx] if i is not None})[::2]  # half the sampled items are known
+    prepared = prepare(log, config, vocab, 24 * 3_600_000)
     gap, first = log.gap_seconds()
     served = build_features(ev.type_idx[idx], ev.item_id[idx], ev.category[idx], ev.price[idx], ev.query[idx],
                             gap[idx], first[idx], item_buckets=config.item_buckets,
