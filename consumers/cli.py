@@ -270,19 +270,21 @@ def split(source: str, test_fraction: float, train_out: str, test_out: str) -> N
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0.01, 0.5),
               help="The last part of the time span that validates (early stopping).")
 @click.option("--patience", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--refit/--no-refit", default=True, show_default=True,
+              help="After early stopping picks the epoch count, train again on all events, validation period included.")
 @click.option("--max-items", default=200_000, show_default=True, type=click.IntRange(min=1),
               help="Next-item vocabulary: the most frequent training items.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 def train(event_files: tuple[str, ...], out: str, epochs: int, hidden_size: int, batch_size: int, max_len: int,
-          lr: float, dropout: float, val_fraction: float, patience: int, max_items: int, seed: int,
+          lr: float, dropout: float, val_fraction: float, patience: int, refit: bool, max_items: int, seed: int,
           device: str) -> None:
     """Train the profile model on event logs: next item, next category, purchase propensity and churn."""
     from consumers.training import run_training
 
     run_training(event_files, out, device, seed=seed, hidden_size=hidden_size, dropout=dropout,
                  epochs=epochs, batch_size=batch_size, max_len=max_len, lr=lr, val_fraction=val_fraction,
-                 patience=patience, max_items=max_items)
+                 patience=patience, refit=refit, max_items=max_items)
 
 
 @main.command("evaluate")

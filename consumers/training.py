@@ -33,7 +33,7 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
         task = bar.add_task("epoch 1", total=None, info="")
 
         def progress(_stage: str, done: int, total: int, info: dict) -> None:
-            bar.update(task, completed=done, total=total, description=f"epoch {info['epoch']}",
+            bar.update(task, completed=done, total=total, description=f"{_stage} epoch {info['epoch']}",
                        info=f"loss {info['loss']:.3f}")
 
         model, vocab, report = train(events, model_config, train_config, device, progress)

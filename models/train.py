@@ -41,6 +41,7 @@ class TrainConfig:
     lr: float = 6e-3
     val_fraction: float = 0.1
     patience: int = 2  # epochs without validation improvement before stopping
+    refit: bool = True  # after choosing the epoch count, train again on every target (incl. the validation period)
     seed: int = 0
     max_items: int = 200_000  # vocabulary of the next-item head: the most frequent training items
     full_softmax_max_items: int = 50_000  # above this, sampled softmax
@@ -308,32 +309,67 @@ class TrainReport:
 
 def train(log_: EventLog, model_config: ModelConfig, cfg: TrainConfig, device: torch.device,
           progress: Callable[[str, int, int, dict], None] | None = None) -> tuple[ProfileModel, list[str], TrainReport]:
-    """Train on an event log; returns (model in eval mode, item vocabulary, report)."""
+    """Train on an event log; returns (model in eval mode, item vocabulary, report).
+
+    Phase 1 trains on the targets before the validation cut and picks the epoch count by the
+    validation loss (early stopping). Phase 2 (cfg.refit) trains a fresh model on every target
+    for that many epochs, so the most recent behaviour, closest to what will be served, is learned too.
+    """
     started = time.monotonic()
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     first, last = log_.first_ts, log_.last_ts
     split_ts = int(last - (last - first) * cfg.val_fraction)  # targets after this validate
+    everything = np.iinfo(np.int64).max
 
-    vocab = item_vocabulary(log_, split_ts, cfg.max_items)
-    model_config = replace(model_config, n_items=len(vocab), price_tier_edges=price_tier_edges(log_, split_ts),
+    vocab = item_vocabulary(log_, last, cfg.max_items)
+    model_config = replace(model_config, n_items=len(vocab), price_tier_edges=price_tier_edges(log_, last),
                            churn_horizon_hours=cfg.horizon_hours)
-    model = ProfileModel(model_config).to(device)
     p = prepare(log_, model_config, vocab, int(cfg.horizon_hours * HOUR_MS))
-    init_head_biases(model, p, split_ts)
     sampled = len(vocab) > cfg.full_softmax_max_items
     log.info("training on %d events of %d users; %d items (%s softmax); validation after %s",
              len(log_), len(log_.users), len(vocab), "sampled" if sampled else "full",
              time.strftime("%Y-%m-%d %H:%M", time.gmtime(split_ts / 1000)))
-
     start, length = chunks(log_, cfg.max_len)
-    # Validation only needs chunks that hold validation targets.
+    # Validation only needs the chunks that hold validation targets.
     has_val = np.array([(p.next_ts[s:s + n] > split_ts).any() for s, n in zip(start, length)], dtype=bool)
-    val_start, val_length = start[has_val], length[has_val]
+
+    def fresh_model(cut_ts: int) -> ProfileModel:
+        torch.manual_seed(cfg.seed)
+        model = ProfileModel(model_config).to(device)
+        init_head_biases(model, p, cut_ts)
+        return model
+
+    model = fresh_model(split_ts)
+    history, best_epoch, best_loss, best_state = fit(
+        model, p, start, length, split_ts, cfg.epochs, cfg, device, sampled, progress,
+        validation=(start[has_val], length[has_val]))
+    if cfg.refit and best_epoch > 0:
+        log.info("refit on all targets for the best epoch count (%d)", best_epoch)
+        model = fresh_model(everything)
+        fit(model, p, start, length, everything, best_epoch, cfg, device, sampled, progress, validation=None)
+    elif best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    with torch.no_grad():
+        model.cluster_centroids.copy_(kmeans(final_states(model, log_, p, device), model_config.clusters, cfg.seed))
+    report = TrainReport(len(history), best_epoch, best_loss, history, len(vocab), len(log_),
+                         int((p.next_ts > split_ts).sum()), time.monotonic() - started)
+    return model, vocab, report
+
+
+def fit(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.ndarray, split_ts: int, epochs: int,
+        cfg: TrainConfig, device: torch.device, sampled: bool,
+        progress: Callable[[str, int, int, dict], None] | None,
+        validation: tuple[np.ndarray, np.ndarray] | None) -> tuple[list[dict], int, float, dict | None]:
+    """Adam over shuffled chunks for up to `epochs`, learning the targets at or before `split_ts`.
+
+    With `validation` chunks: early stopping on the validation loss; returns
+    (history, best epoch, best validation loss, best state dict). Without: all epochs, best = last.
+    """
+    rng = np.random.default_rng(cfg.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    best = (math.inf, -1, None)
+    best = (math.inf, epochs if validation is None else -1, None)
     history: list[dict] = []
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         model.train()
         order = rng.permutation(len(start))
         n_batches = (len(order) + cfg.batch_size - 1) // cfg.batch_size
@@ -348,24 +384,21 @@ def train(log_: EventLog, model_config: ModelConfig, cfg: TrainConfig, device: t
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             if progress:
-                progress("train", b + 1, n_batches, {"epoch": epoch + 1, "loss": float(loss.detach())})
-        val = validate(model, p, val_start, val_length, split_ts, cfg, device, sampled, trained_parts=set(sums))
-        record = {"epoch": epoch + 1, **{f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}, **val}
+                stage = "train" if validation is not None else "refit"
+                progress(stage, b + 1, n_batches, {"epoch": epoch + 1, "loss": float(loss.detach())})
+        record = {"epoch": epoch + 1, **{f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}}
+        if validation is not None:
+            record.update(validate(model, p, *validation, split_ts, cfg, device, sampled, trained_parts=set(sums)))
         history.append(record)
         log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items()})
-        if val["val_loss"] < best[0]:
-            best = (val["val_loss"], epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        if validation is None:
+            continue
+        if record["val_loss"] < best[0]:
+            best = (record["val_loss"], epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
         elif epoch + 1 - best[1] >= cfg.patience:
             log.info("early stop: no validation improvement for %d epochs", cfg.patience)
             break
-    if best[2] is not None:
-        model.load_state_dict(best[2])
-    model.eval()
-    with torch.no_grad():
-        model.cluster_centroids.copy_(kmeans(final_states(model, log_, p, device), model_config.clusters, cfg.seed))
-    report = TrainReport(len(history), best[1], best[0], history, len(vocab), len(log_),
-                         int((p.next_ts > split_ts).sum()), time.monotonic() - started)
-    return model, vocab, report
+    return history, best[1], best[0], best[2]
 
 
 def validate(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.ndarray, split_ts: int,
