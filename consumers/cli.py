@@ -306,6 +306,61 @@ def evaluate_(model_path: str, train_files: tuple[str, ...], test_files: tuple[s
     run_evaluation(model_path, train_files, test_files, device, k, as_json)
 
 
+@main.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--format", "fmt", default="jsonl", show_default=True,
+              type=click.Choice(["jsonl", "taobao", "rees46", "yoochoose", "retailrocket"]),
+              help="jsonl: the event contract, one JSON object per line (plain or gzip); others are converted "
+              "on the fly like `profiles import`.")
+@click.option("--model", "model_path", envvar=_env("model"), show_envvar=True, default=None,
+              type=click.Path(dir_okay=False), help="Model checkpoint; without one, an untrained model.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write profiles as JSON lines here (.gz compresses).")
+@click.option("--output-topic", help="Publish profiles to this Kafka topic instead (or as well).")
+@click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True, default="localhost:9092",
+              show_default=True, help="Kafka brokers, for --output-topic.")
+@click.option("--kafka-config", multiple=True, metavar="KEY=VALUE", help="librdkafka property, repeatable.")
+@click.option("--every-update", is_flag=True, help="Write every profile update, not only each user's final profile.")
+@click.option("--state-out", type=click.Path(file_okay=False), help="Save the final state here (a snapshot directory).")
+@click.option("--dead-letters", "dead_letters_path", default=None, type=click.Path(dir_okay=False),
+              help="Where records that break the contract go (JSON lines with reason, source, line and the "
+              "record in base64). [default: <out>.dlq.jsonl, or replay.dlq.jsonl]")
+@click.option("--batch-events", default=50_000, show_default=True, type=click.IntRange(min=1),
+              help="Records per batch (the result does not depend on it).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--no-embedding", is_flag=True, help="Leave the embedding out of profiles.")
+@click.option("--next-items", default=0, show_default=True, type=click.IntRange(0, 1000),
+              help="Top-k predicted next item ids in each profile (trained models).")
+def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str | None, output_topic: str | None,
+           bootstrap_servers: str, kafka_config: tuple[str, ...], every_update: bool, state_out: str | None,
+           dead_letters_path: str | None, batch_events: int, device: str, no_embedding: bool,
+           next_items: int) -> None:
+    """Replay event logs (files, directories, globs) through the daemon's pipeline, without a broker.
+
+    Writes the final profile of every user (or every update), and optionally a state snapshot.
+    """
+    from consumers.replay import replay as run_replay
+    from models.profile_model import ModelError
+    from stream.sources import SourceError
+
+    if not out and not output_topic:
+        raise click.UsageError("give --out FILE and/or --output-topic TOPIC")
+    try:
+        settings = Settings(kafka=KafkaSettings(bootstrap_servers, parse_kafka_config(kafka_config)),
+                            model_path=model_path, device=device, emit_embedding=not no_embedding,
+                            next_items=next_items)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    dlq = dead_letters_path or (f"{out}.dlq.jsonl" if out else "replay.dlq.jsonl")
+    try:
+        report = run_replay(settings, list(sources), fmt, out, output_topic, every_update, state_out, dlq,
+                            batch_events, show_progress=sys.stderr.isatty())
+    except (SourceError, ModelError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{report.records:,} records ({report.events:,} events, {report.dead_letters:,} dead letters -> {dlq}) "
+               f"of {report.users:,} users in {report.seconds:.1f}s ({report.events_per_second:,.0f} records/s); "
+               f"{report.profiles:,} profiles written", err=True)
+
+
 @main.command("evaluate-synthetic")
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--users", default=2000, show_default=True, type=click.IntRange(min=10))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -138,6 +139,11 @@ class ProfileUpdater:
         self._next_idle_scan = now + self._idle_tick_ms
         scored = state.scored_at[: len(state)]
         return np.flatnonzero((scored >= 0) & (now - scored >= self.idle_rescore_ms))
+
+    def all_profiles(self, chunk_users: int = 50_000) -> Iterator[list[tuple[bytes, bytes]]]:
+        """Every user's current profile, in chunks (the end of a replay)."""
+        for first in range(0, len(self.state), chunk_users):
+            yield self.profiles_for(np.arange(first, min(first + chunk_users, len(self.state))))
 
     @torch.inference_mode()
     def profiles_for(self, rows: np.ndarray) -> list[tuple[bytes, bytes]]:
