@@ -334,12 +334,15 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
            bootstrap_servers: str, kafka_config: tuple[str, ...], every_update: bool, state_out: str | None,
            dead_letters_path: str | None, batch_events: int, device: str, no_embedding: bool,
            next_items: int) -> None:
-    """Replay event logs (files, directories, globs) through the daemon's pipeline, without a broker.
+    """Replay event logs through the daemon's pipeline: files, directories and globs (no broker needed),
+    or Kafka topics as kafka://TOPIC?from=ISO&to=ISO (seeks by write time, then keeps the events whose
+    event time is in [from, to)).
 
     Writes the final profile of every user (or every update), and optionally a state snapshot.
     """
     from consumers.replay import replay as run_replay
     from models.profile_model import ModelError
+    from stream.kafka import StreamError
     from stream.sources import SourceError
 
     if not out and not output_topic:
@@ -354,9 +357,11 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
     try:
         report = run_replay(settings, list(sources), fmt, out, output_topic, every_update, state_out, dlq,
                             batch_events, show_progress=sys.stderr.isatty())
-    except (SourceError, ModelError) as exc:
+    except (SourceError, ModelError, StreamError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{report.records:,} records ({report.events:,} events, {report.dead_letters:,} dead letters -> {dlq}) "
+    skipped = f", {report.out_of_range:,} outside the time range" if report.out_of_range else ""
+    click.echo(f"{report.records:,} records ({report.events:,} events, {report.dead_letters:,} dead letters -> {dlq}"
+               f"{skipped}) "
                f"of {report.users:,} users in {report.seconds:.1f}s ({report.events_per_second:,.0f} records/s); "
                f"{report.profiles:,} profiles written", err=True)
 

@@ -20,6 +20,7 @@ from models.profile_model import LoadedModel, idle_hours, price_tier_index
 from stream.events import PURCHASE, DeadLetter, EventColumns, RecordBatch, decode_batch
 from stream.profiles import ProfileColumns, encode_profiles
 from stream.settings import Settings
+from stream.sources import TimeRange
 from stream.state import StateTable
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class BatchResult:
     profiles: list[tuple[bytes, bytes]]  # (key, value) per touched user
     dead_letters: list[DeadLetter]
     events: EventColumns  # the valid events that were applied
+    out_of_range: int = 0  # valid events outside the requested event-time range (replays), not applied
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -59,9 +61,15 @@ class ProfileUpdater:
         self._idle_tick_ms = max(idle_rescore_ms // 24, 1)
         self._next_idle_scan = -1
 
-    def process(self, records: RecordBatch) -> BatchResult:
+    def process(self, records: RecordBatch, time_range: TimeRange | None = None) -> BatchResult:
+        """decode -> update -> profiles; with `time_range`, only events whose event time lies in it are applied."""
         t0 = time.perf_counter()
         events, dead = decode_batch(records, self.max_event_bytes)
+        out_of_range = 0
+        if time_range is not None:
+            keep = time_range.mask(events.ts)
+            out_of_range = int(len(keep) - keep.sum())
+            events = events.take(keep)
         t1 = time.perf_counter()
         rows = self.apply(events)
         rows = np.concatenate([rows, self.idle_users()]) if self.idle_rescore_ms else rows
@@ -69,7 +77,7 @@ class ProfileUpdater:
         t2 = time.perf_counter()
         profiles = self.profiles_for(rows)
         t3 = time.perf_counter()
-        return BatchResult(profiles, dead, events, {"decode": t1 - t0, "model": t2 - t1, "encode": t3 - t2})
+        return BatchResult(profiles, dead, events, out_of_range, {"decode": t1 - t0, "model": t2 - t1, "encode": t3 - t2})
 
     @torch.inference_mode()
     def apply(self, ev: EventColumns) -> np.ndarray:

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import IO
 
 import orjson
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from consumers.pipeline import ProfileUpdater, load_updater
 from stream.events import DeadLetter
 from stream.kafka import Publisher
 from stream.settings import Settings
-from stream.sources import FileSource, expand_paths
+from stream.sources import FileSource, KafkaRangeSource, expand_paths, parse_kafka_uri
 from stream.state import write_snapshot
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ class ReplayReport:
     records: int = 0
     events: int = 0
     dead_letters: int = 0
+    out_of_range: int = 0  # valid events outside a kafka:// source's event-time range
     profiles: int = 0
     users: int = 0
     seconds: float = 0.0
@@ -74,36 +75,52 @@ def dead_letter_line(dead: DeadLetter) -> bytes:
     }) + b"\n"
 
 
+def open_sources(settings: Settings, sources: list[str], fmt: str, batch_records: int) -> list:
+    """Files (all together, in the order given) and each kafka://TOPIC?from=&to= as its own source."""
+    files = [s for s in sources if not s.startswith("kafka://")]
+    opened: list = [(FileSource(expand_paths(files), batch_records, fmt), None)] if files else []
+    for uri in (s for s in sources if s.startswith("kafka://")):
+        topic, window = parse_kafka_uri(uri)
+        opened.append((KafkaRangeSource(settings.kafka, topic, window, batch_records), window))
+    return opened
+
+
 def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, output_topic: str | None,
            every_update: bool, state_out: str | None, dead_letters_path: str, batch_records: int,
            show_progress: bool = True, updater: ProfileUpdater | None = None) -> ReplayReport:
     """Replay `sources`; write every update or the final profile of every user; optionally a state snapshot."""
     started = time.monotonic()
     updater = updater or load_updater(settings)
-    source = FileSource(expand_paths(sources), batch_records, fmt)
+    opened = open_sources(settings, sources, fmt, batch_records)
     sink = ProfileSink(out, output_topic, settings)
     report = ReplayReport()
+    positions: dict[str, dict[int, int]] = {}
     with open(dead_letters_path, "wb") as dlq, Progress(
-        TextColumn("replay"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-        disable=not show_progress, transient=True,
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), disable=not show_progress, transient=True,
     ) as bar:
-        task = bar.add_task("replay", total=source.total_bytes, rate="")
         try:
-            while not source.exhausted:
-                batch = source.next_batch()
-                if not len(batch):
-                    continue
-                result = updater.process(batch)  # the daemon's decode -> update -> profiles
-                if every_update:
-                    sink.write(result.profiles)
-                    report.profiles += len(result.profiles)
-                if result.dead_letters:
-                    dlq.write(b"".join(dead_letter_line(d) for d in result.dead_letters))
-                report.records += len(batch)
-                report.events += len(result.events)
-                report.dead_letters += len(result.dead_letters)
-                elapsed = time.monotonic() - started
-                bar.update(task, completed=source.bytes_read, rate=f"{report.records / elapsed:,.0f} events/s")
+            for source, window in opened:
+                name = getattr(source, "topic", None) or f"{len(source.paths)} file(s)"
+                task = bar.add_task(f"replay {name}", total=_progress(source)[1] or 1, rate="")
+                while not source.exhausted:
+                    batch = source.next_batch()
+                    if not len(batch):
+                        continue
+                    result = updater.process(batch, window)  # the daemon's decode -> update -> profiles
+                    if every_update:
+                        sink.write(result.profiles)
+                        report.profiles += len(result.profiles)
+                    if result.dead_letters:
+                        dlq.write(b"".join(dead_letter_line(d) for d in result.dead_letters))
+                    report.records += len(batch)
+                    report.events += len(result.events)
+                    report.out_of_range += result.out_of_range
+                    report.dead_letters += len(result.dead_letters)
+                    rate = report.records / (time.monotonic() - started)
+                    bar.update(task, completed=_progress(source)[0], rate=f"{rate:,.0f} records/s")
+                if isinstance(source, KafkaRangeSource):
+                    positions.update(source.snapshot())
             if not every_update:
                 for profiles in updater.all_profiles():
                     sink.write(profiles)
@@ -112,8 +129,16 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
             sink.close()
     report.users = len(updater.state)
     if state_out:
-        meta = {"model_version": updater.model_version, "sources": [str(p) for p in source.paths],
-                "records": report.records, "created_at": time.time()}
+        meta = {"model_version": updater.model_version, "sources": sources, "records": report.records,
+                # Where a daemon started from this state continues: per topic, partition -> next offset.
+                "kafka_offsets": {t: {str(p): o for p, o in parts.items()} for t, parts in positions.items()},
+                "created_at": time.time()}
         write_snapshot(state_out, updater.state.snapshot(), meta)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _progress(source) -> tuple[int, int]:
+    if isinstance(source, KafkaRangeSource):
+        return source.records_read, source.total
+    return source.bytes_read, source.total_bytes

@@ -95,17 +95,13 @@ class EventLog:
         """The log restricted to the users where `keep` (U,) is true."""
         event_keep = keep[self.user_of_event]
         idx = np.flatnonzero(event_keep)
-        return _build(_take(self.events, idx), self.invalid)
-
-
-def _take(ev: EventColumns, idx: np.ndarray) -> EventColumns:
-    return EventColumns(**{name: getattr(ev, name)[idx] for name in EventColumns.__dataclass_fields__})
+        return _build(self.events.take(idx), self.invalid)
 
 
 def _build(ev: EventColumns, invalid: int) -> EventLog:
     users, user_of_event = np.unique(ev.user_id, return_inverse=True)
     order = np.lexsort((ev.record_index, ev.ts, user_of_event))
-    ev = _take(ev, order)
+    ev = ev.take(order)
     user_of_event = user_of_event[order]
     length = np.bincount(user_of_event, minlength=len(users))
     start = np.zeros_like(length)
@@ -129,7 +125,7 @@ def split_by_time(log_: EventLog, cutoff_ts: int) -> tuple[EventLog, EventLog]:
     """(events at or before cutoff, events after it), each sorted by user and time."""
     before = np.flatnonzero(log_.events.ts <= cutoff_ts)
     after = np.flatnonzero(log_.events.ts > cutoff_ts)
-    return _build(_take(log_.events, before), log_.invalid), _build(_take(log_.events, after), 0)
+    return _build(log_.events.take(before), log_.invalid), _build(log_.events.take(after), 0)
 
 
 def split_lines_by_time(source: str | Path, test_fraction: float, train_out: str | Path,

@@ -119,6 +119,10 @@ class EventColumns:
     def __len__(self) -> int:
         return len(self.ts)
 
+    def take(self, index: np.ndarray) -> "EventColumns":
+        """The events at `index` (integer positions or a boolean mask), every column alike."""
+        return EventColumns(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
+
 
 class _Invalid(Exception):
     def __init__(self, reason: str, detail: str) -> None:

@@ -109,3 +109,49 @@ def test_every_update_writes_one_profile_per_touched_user_per_batch(tmp_path):
         final[p["user_id"]] = p
     assert {u: p["counts"]["click"] for u, p in final.items()} == {
         u: e["counts"].get("click", 0) for u, e in expected_from_events(events).items()}
+
+
+def test_topic_replay_takes_exactly_the_events_in_the_time_range(kafka, unique, tmp_path):
+    from datetime import datetime, timezone
+
+    from tests.conftest import end_offsets
+
+    log = generate(users=80, events=2000, seed=13, span_days=10)
+    topic = unique("history")
+    create_topics(kafka, {topic: 2})
+    produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log.events])
+    ts = sorted(e["ts"] for e in log.events)
+    start, end = ts[500], ts[1500]  # [from, to): events 500..1499 by event time
+
+    def iso(ms: int) -> str:
+        return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
+
+    uri = f"kafka://{topic}?from={iso(start)}&to={iso(end)}"
+    settings = Settings(kafka=kafka, device="cpu")
+    out = tmp_path / "p.jsonl"
+    report = replay(settings, [uri], "jsonl", str(out), None, False, str(tmp_path / "state"),
+                    str(tmp_path / "dlq.jsonl"), 300, show_progress=False)
+    inside = [e for e in log.events if start <= e["ts"] < end]
+    assert len(inside) == 1000
+    assert report.events == 1000 and report.out_of_range == 1000 and report.records == 2000
+    profiles = {p["user_id"]: p for p in map(orjson.loads, out.read_bytes().splitlines())}
+    expected = expected_from_events(inside)
+    assert set(profiles) == set(expected)
+    for user, want in expected.items():
+        assert profiles[user]["counts"] == {t: want["counts"].get(t, 0)
+                                            for t in ("search", "click", "add_to_cart", "purchase")}
+        assert profiles[user]["last_event_ts"] == want["last_ts"]
+    # The snapshot says where a daemon started from it continues: the end of the topic.
+    _, meta = read_snapshot(tmp_path / "state")
+    assert meta["kafka_offsets"][topic] == {str(p): o for p, o in end_offsets(kafka, topic).items()}
+
+
+def test_bad_kafka_uris_are_refused_clearly():
+    from stream.sources import parse_kafka_uri
+
+    assert parse_kafka_uri("kafka://t")[0] == "t"
+    assert parse_kafka_uri("kafka://t?from=1000&to=2000")[1].end_ms == 2000
+    for bad, why in [("kafka://", "is not kafka://"), ("kafka://t?since=1", "unknown parameter"),
+                     ("kafka://t?from=yesterday", "ISO-8601"), ("kafka://t?from=2000&to=1000", "after from")]:
+        with pytest.raises(SourceError, match=why):
+            parse_kafka_uri(bad)
