@@ -111,6 +111,10 @@ def main(log_level: str) -> None:
 @click.option("--kafka-config", envvar=_env("kafka-config"), show_envvar=True, multiple=True, metavar="KEY=VALUE",
               help="librdkafka property for every client, repeatable (e.g. security.protocol=SASL_SSL). "
               "Secret values are never printed.")
+@click.option("--restore-from", envvar=_env("restore-from"), show_envvar=True, default=None,
+              type=click.Path(exists=True, file_okay=False),
+              help="Start from a state snapshot (`profiles replay --state-out`) and continue each input "
+              "partition where the replay stopped, if this group has not committed there yet.")
 @click.option("--idle-rescore-after", envvar=_env("idle-rescore-after"), show_envvar=True, default="24h",
               show_default=True, callback=lambda _c, _p, v: _duration_ms(v),
               help="Re-publish users idle this long in event time (e.g. 30m, 24h, 7d; 0 disables), "
@@ -120,7 +124,7 @@ def main(log_level: str) -> None:
 def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic: str, group_id: str,
         model_path: str | None, device: str, batch_max_events: int, batch_max_ms: int, max_event_bytes: int,
         no_embedding: bool, next_items: int, metrics_port: int | None, metrics_address: str, kafka_config: tuple[str, ...],
-        idle_rescore_after: int, session_timeout_ms: int) -> None:
+        restore_from: str | None, idle_rescore_after: int, session_timeout_ms: int) -> None:
     """The always-on daemon: consume events, update profiles, publish them.
 
     Stops on SIGTERM or SIGINT after finishing, publishing and committing the batch in hand.
@@ -133,7 +137,7 @@ def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic:
             device=device, batch_max_events=batch_max_events, batch_max_ms=batch_max_ms,
             max_event_bytes=max_event_bytes, emit_embedding=not no_embedding, metrics_port=metrics_port,
             metrics_address=metrics_address, session_timeout_ms=session_timeout_ms,
-            idle_rescore_after_ms=idle_rescore_after, next_items=next_items,
+            idle_rescore_after_ms=idle_rescore_after, next_items=next_items, restore_from=restore_from,
         )
         settings.validate()
     except ValueError as exc:

@@ -18,9 +18,12 @@ from confluent_kafka import KafkaException, TopicPartition
 from consumers.pipeline import BatchResult, ProfileUpdater
 from consumers.source import KafkaBatchSource
 from stream.events import EVENT_TYPES, RecordBatch
-from stream.kafka import Publisher, admin_client, check_copartitioned, ensure_topics
+from stream.kafka import (
+    Publisher, StreamError, admin_client, check_copartitioned, ensure_topics, seed_group_offsets,
+)
 from stream.metrics import Metrics
 from stream.settings import Settings
+from stream.state import read_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +87,29 @@ class ProfileDaemon:
         partitions = check_copartitioned(admin, s.input_topics)
         ensure_topics(admin, {s.output_topic: partitions, s.dead_letter_topic: partitions})
 
+    def restore(self, directory: str) -> None:
+        """Start from a replayed state: load it, and continue the input where the replay stopped."""
+        try:
+            snapshot, meta = read_snapshot(directory)
+        except ValueError as exc:
+            raise StreamError(str(exc)) from None
+        if meta.get("model_version") != self.updater.model_version:
+            raise StreamError(f"the state in {directory} was built by model {meta.get('model_version')!r}, "
+                              f"but this daemon serves {self.updater.model_version!r}: replay with the same --model")
+        self.updater.state.restore(snapshot)
+        offsets = {t: parts for t, parts in meta.get("kafka_offsets", {}).items() if t in self.settings.input_topics}
+        seeded = seed_group_offsets(self.settings.kafka, self.settings.group_id, offsets)
+        log.info("restored %d users from %s; group %s continues from %s", len(self.updater.state), directory,
+                 self.settings.group_id, seeded or "its committed offsets (none seeded)")
+        if not offsets:
+            log.warning("the snapshot records no offsets for %s (a file replay?): the group starts from its "
+                        "committed offsets, or the earliest ones", ",".join(self.settings.input_topics))
+
     def run(self) -> None:
         """Run until `stop` is set; then finish the batch in hand, publish, commit and close."""
         self.prepare_topics()
+        if self.settings.restore_from:
+            self.restore(self.settings.restore_from)
         self.source.subscribe()
         log.info("consuming %s -> %s (dead letters: %s)", ",".join(self.settings.input_topics),
                  self.settings.output_topic, self.settings.dead_letter_topic)

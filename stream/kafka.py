@@ -163,3 +163,32 @@ def end_offsets(kafka: KafkaSettings, topic: str, timeout_s: float = 30.0) -> di
                 for p in listed}
     finally:
         consumer.close()
+
+
+def seed_group_offsets(kafka: KafkaSettings, group_id: str, offsets: dict[str, dict[int, int]],
+                       timeout_s: float = 30.0) -> dict[str, dict[int, int]]:
+    """Commit `offsets` for the partitions where `group_id` has no committed offset yet.
+
+    Used when a daemon starts from a replayed state: it must continue where the replay stopped,
+    not from the group's default start. Partitions the group already committed are left alone
+    (a restart must not rewind a running group). Returns what was committed.
+    """
+    from confluent_kafka import OFFSET_INVALID, Consumer, TopicPartition
+
+    wanted = [TopicPartition(t, int(p), int(o)) for t, parts in offsets.items() for p, o in parts.items()]
+    if not wanted:
+        return {}
+    consumer = Consumer(kafka.client_config(**{"group.id": group_id, "enable.auto.commit": False}))
+    try:
+        committed = consumer.committed([TopicPartition(tp.topic, tp.partition) for tp in wanted], timeout=timeout_s)
+        have = {(tp.topic, tp.partition) for tp in committed if tp.offset != OFFSET_INVALID and tp.offset >= 0}
+        seed = [tp for tp in wanted if (tp.topic, tp.partition) not in have]
+        if seed:
+            consumer.assign(seed)  # a simple (unsubscribed) member may commit explicit offsets
+            consumer.commit(offsets=seed, asynchronous=False)
+        out: dict[str, dict[int, int]] = {}
+        for tp in seed:
+            out.setdefault(tp.topic, {})[tp.partition] = tp.offset
+        return out
+    finally:
+        consumer.close()

@@ -78,6 +78,7 @@ class Settings:
     next_items: int = 0  # top-k next item ids in each profile (needs a trained model); 0 leaves them out
     # Re-publish users idle this long in event time (their churn risk has moved); 0 disables.
     idle_rescore_after_ms: int = 24 * 3600 * 1000
+    restore_from: str | None = None  # a state snapshot directory (from `profiles replay --state-out`)
     metrics_port: int | None = None
     metrics_address: str = "0.0.0.0"
     # Kafka consumer group session timeout. The broker evicts a member that is silent this long.
@@ -106,6 +107,7 @@ class Settings:
             "next_items": self.next_items,
             "idle_rescore_after": f"{self.idle_rescore_after_ms / 3_600_000:g}h" if self.idle_rescore_after_ms else "off",
             "metrics": f"{self.metrics_address}:{self.metrics_port}" if self.metrics_port else "off",
+            "restore_from": self.restore_from or "-",
         }
 
     def validate(self) -> None:
