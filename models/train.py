@@ -41,6 +41,7 @@ class TrainConfig:
     lr: float = 6e-3
     val_fraction: float = 0.1
     patience: int = 2  # epochs without validation improvement before stopping
+    min_epochs: int = 3  # heads learn at different speeds: never stop before this many
     refit: bool = True  # after choosing the epoch count, train again on every target (incl. the validation period)
     seed: int = 0
     max_items: int = 200_000  # vocabulary of the next-item head: the most frequent training items
@@ -74,6 +75,7 @@ class Prepared:
     item_vocab: np.ndarray  # vocabulary index of the event's own item, or NO_TARGET
     item_target: np.ndarray  # vocabulary index of the next event's item, or NO_TARGET
     user: np.ndarray  # user index of each event
+    item_seen_before_split: np.ndarray  # (n_items,) bool, set by train() once the split is known
     purchase_label: np.ndarray  # 1 if the user purchases within the horizon
     gap_to_next_ms: np.ndarray  # float, inf for a user's last event
     next_ts: np.ndarray  # ts of the next event, or a large sentinel
@@ -123,6 +125,7 @@ def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: i
         category_bucket=category_bucket, price_bucket=price_bucket(ev.price), query_tokens=tokens,
         query_offsets=np.append(offsets, len(tokens)), dense=dense,
         item_vocab=item_idx, item_target=item_target, user=log_.user_of_event,
+        item_seen_before_split=np.ones(max(len(vocab), 1), dtype=bool),
         purchase_label=log_.purchase_within(horizon_ms), gap_to_next_ms=gap_to_next, next_ts=next_ts,
     )
 
@@ -180,8 +183,11 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
     in_split = (p.next_ts[idx] > split_ts) if validation else (p.next_ts[idx] <= split_ts)
     parts: dict[str, torch.Tensor] = {}
 
-    # Next item (full or sampled softmax over the vocabulary).
+    # Next item (full or sampled softmax over the vocabulary). Validation scores only items the training
+    # period has seen: an item that first appears after the cut cannot be learned, only guessed.
     item_t = np.where(in_split, p.item_target[idx], NO_TARGET)
+    if validation:
+        item_t = np.where(p.item_seen_before_split[np.maximum(item_t, 0)], item_t, NO_TARGET)
     rows = np.flatnonzero(item_t >= 0)
     if len(rows):
         hs = h[torch.from_numpy(rows).to(device)]
@@ -325,6 +331,8 @@ def train(log_: EventLog, model_config: ModelConfig, cfg: TrainConfig, device: t
     model_config = replace(model_config, n_items=len(vocab), price_tier_edges=price_tier_edges(log_, last),
                            churn_horizon_hours=cfg.horizon_hours)
     p = prepare(log_, model_config, vocab, int(cfg.horizon_hours * HOUR_MS))
+    before = p.item_vocab[(p.ts <= split_ts) & (p.item_vocab >= 0)]
+    p.item_seen_before_split = np.bincount(before, minlength=max(len(vocab), 1)) > 0
     sampled = len(vocab) > cfg.full_softmax_max_items
     log.info("training on %d events of %d users; %d items (%s softmax); validation after %s",
              len(log_), len(log_.users), len(vocab), "sampled" if sampled else "full",
@@ -396,7 +404,7 @@ def fit(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.ndarray,
             continue
         if record["val_loss"] < best[0]:
             best = (record["val_loss"], epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        elif epoch + 1 - best[1] >= cfg.patience:
+        elif epoch + 1 - best[1] >= cfg.patience and epoch + 1 >= cfg.min_epochs:
             log.info("early stop: no validation improvement for %d epochs", cfg.patience)
             break
     return history, best[1], best[0], best[2]
