@@ -370,6 +370,33 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
                f"{report.profiles:,} profiles written", err=True)
 
 
+@main.command()
+@click.argument("user")
+@click.option("--events", "sources", required=True, multiple=True,
+              help="Event source(s), as for `profiles replay`: files, directories, globs, kafka://TOPIC?from=&to=.")
+@click.option("--format", "fmt", default="jsonl", show_default=True,
+              type=click.Choice(["jsonl", "taobao", "rees46", "yoochoose", "retailrocket"]))
+@click.option("--model", "model_path", envvar=_env("model"), show_envvar=True, default=None,
+              type=click.Path(dir_okay=False), help="Model checkpoint; without one, an untrained model.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw the fields to this PNG.")
+@click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True, default="localhost:9092",
+              show_default=True, help="Kafka brokers, for kafka:// sources.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def inspect(user: str, sources: tuple[str, ...], fmt: str, model_path: str | None, plot_path: str | None,
+            bootstrap_servers: str, device: str) -> None:
+    """One user's event timeline beside how each profile field moved (a table; --plot for a picture)."""
+    from consumers.inspect import InspectError, run_inspect
+    from models.profile_model import ModelError
+    from stream.sources import SourceError
+
+    settings = Settings(kafka=KafkaSettings(bootstrap_servers), model_path=model_path, device=device,
+                        emit_embedding=False, idle_rescore_after_ms=0)
+    try:
+        run_inspect(settings, list(sources), fmt, user, plot_path)
+    except (InspectError, SourceError, ModelError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @main.command("evaluate-synthetic")
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--users", default=2000, show_default=True, type=click.IntRange(min=10))

@@ -200,3 +200,29 @@ def test_a_snapshot_of_another_model_is_refused(kafka, settings_factory, tmp_pat
         daemon.restore(str(tmp_path / "s"))
     with pytest.raises(StreamError, match="no readable state snapshot"):
         daemon.restore(str(tmp_path))
+
+
+def test_inspect_shows_a_users_timeline_and_plots_one_panel_per_field(tmp_path):
+    from consumers.inspect import CHARTED, InspectError, plot, render_table, timeline
+
+    log = generate(users=40, events=1500, seed=8)
+    write_jsonl(log.events, tmp_path / "log.jsonl")
+    user = max(log.users, key=lambda u: sum(str(e["user_id"]) == u for e in log.events))
+    mine = [e for e in log.events if str(e["user_id"]) == user]
+    settings = Settings(device="cpu", emit_embedding=False, idle_rescore_after_ms=0)
+    rows = timeline(settings, [str(tmp_path / "log.jsonl")], "jsonl", user)
+    assert [r["event"]["event_id"] for r in rows] == [e["event_id"] for e in mine]
+    assert [sum(r["profile"]["counts"].values()) for r in rows] == list(range(1, len(mine) + 1))
+    assert rows[-1]["profile"]["spend"] * 1e6 == pytest.approx(expected_from_events(mine)[user]["spend_micros"])
+    # Category shares are among all the log's categories, not only this user's.
+    assert any(r["profile"]["top_categories"][0]["score"] < 1.0 for r in rows)
+    assert render_table(rows, user).row_count == len(mine)
+
+    png = tmp_path / "user.png"
+    assert plot(rows, user, str(png)) == len(CHARTED)
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[0] > 150 * len(CHARTED)
+    with pytest.raises(InspectError, match="no valid events of user 'nobody'"):
+        timeline(settings, [str(tmp_path / "log.jsonl")], "jsonl", "nobody")
