@@ -41,7 +41,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import orjson
 
@@ -118,6 +118,13 @@ def _seconds_to_ms(value: str) -> int:
     try:
         return _ts_checked(round(float(value) * 1000))  # <= 3 decimals at 1e9 s: float is exact enough
     except (ValueError, OverflowError):  # not a number, NaN, inf
+        raise _BadRow(BAD_TIMESTAMP) from None
+
+
+def _seconds_int_to_ms(value: str) -> int:
+    try:
+        return _ts_checked(int(value) * 1000)
+    except ValueError:
         raise _BadRow(BAD_TIMESTAMP) from None
 
 
@@ -208,7 +215,7 @@ def _source_name(src: Path) -> str:
 
 
 def _check_format(fmt: str) -> None:
-    if fmt not in _PARSERS:
+    if fmt not in _LAYOUTS:
         raise ValueError(f"unknown dataset format {fmt!r}; known formats: {', '.join(FORMATS)}")
 
 
@@ -229,60 +236,43 @@ def iter_import(fmt: str, src: str | Path, report: ImportReport | None = None) -
 def _iter_import(fmt: str, src: Path, report: ImportReport | None) -> Iterator[dict]:
     rep = ImportReport() if report is None else report
     with _open_text(src) as fh:
-        yield from _PARSERS[fmt](fh, src, f"{fmt}-{_source_name(src)}-", rep)
+        layout = _LAYOUTS[fmt](fh, src)
+        if layout is not None:
+            yield from _events(layout, src, f"{fmt}-{_source_name(src)}-", rep)
     if report is None and rep.skipped:
         log.warning("%s: skipped %d of %d rows: %s (first at %s)", src, sum(rep.skipped.values()), rep.rows,
                     rep.skipped, rep.examples)
 
 
-def _seconds_int_to_ms(value: str) -> int:
-    try:
-        return _ts_checked(int(value) * 1000)
-    except ValueError:
-        raise _BadRow(BAD_TIMESTAMP) from None
+@dataclass
+class _Layout:
+    """How one file's data rows become events: what a format hands to `_events`."""
+
+    reader: Any  # the csv reader: its line_num (+ line_offset) is the line of the row just read
+    rows: Iterable[list[str]]  # the data rows (header already read), a refused line as _CSV_ERROR_ROW
+    width: int  # column count of a usable row; any other row is skipped (see _bad_width)
+    parse: Callable[[list[str], str], dict]  # (row, event_id) -> event; raises _BadRow
+    line_offset: int = 0  # lines read before the reader started
 
 
-def _taobao(fh, src: Path, prefix: str, report: ImportReport) -> Iterator[dict]:
-    reader = csv.reader(fh, quoting=csv.QUOTE_NONE)
-    where = lambda: f"{src}:{reader.line_num}"  # noqa: E731
-    types = TAOBAO_TYPES
-    first = True
+def _events(layout: _Layout, src: Path, prefix: str, report: ImportReport) -> Iterator[dict]:
+    """The loop every format shares: rows -> events, each unusable row skipped under its reason.
+
+    The counts reach `report` however the iteration ends (exhausted, closed early, or raising).
+    """
+    reader, line_offset, width, parse = layout.reader, layout.line_offset, layout.width, layout.parse
     rows = events = 0
     try:
-        for row in _rows(reader):
-            if first:
-                if not row or row is _CSV_ERROR_ROW:  # judge the file by its first real line
-                    rows += 1
-                    report.skip(_bad_width(row), where())
-                    continue
-                first = False
-                if len(row) != 5:
-                    raise ValueError(f"{src}: not a taobao UserBehavior file: its first line has {len(row)} "
-                                     f"column(s), expected 5 ({','.join(_TAOBAO_HEADER)})")
-                if tuple(c.strip().lower().replace("behaviour", "behavior") for c in row) == _TAOBAO_HEADER:
-                    continue  # some copies carry a header line
-                if row[3] not in types:
-                    raise ValueError(f"{src}: not a taobao UserBehavior file: its first row's behaviour type "
-                                     f"{row[3][:40]!r} is none of {', '.join(types)}")
+        for row in layout.rows:
             rows += 1
-            if len(row) != 5:
-                report.skip(_bad_width(row), where())
+            line = str(reader.line_num + line_offset)
+            if len(row) != width:
+                report.skip(_bad_width(row), f"{src}:{line}")
                 continue
-            user, item, category, behaviour, seconds = row
-            kind = types.get(behaviour)
             try:
-                if kind is None:
-                    raise _BadRow(UNKNOWN_EVENT)
-                event = {
-                    "event_id": prefix + str(reader.line_num),
-                    "user_id": _id(user),
-                    "type": kind,
-                    "ts": _seconds_int_to_ms(seconds) if seconds.isdigit() else _seconds_to_ms(seconds),
-                    "item_id": _id(item),
-                    "category": _id(category),
-                }
+                event = parse(row, prefix + line)
             except _BadRow as bad:
-                report.skip(bad.reason, where())
+                report.skip(bad.reason, f"{src}:{line}")
                 continue
             events += 1
             yield event
@@ -291,65 +281,101 @@ def _taobao(fh, src: Path, prefix: str, report: ImportReport) -> Iterator[dict]:
         report.events += events
 
 
-def _rees46(fh, src: Path, prefix: str, report: ImportReport) -> Iterator[dict]:
+# Each format reads its header (if any), checks that the file is of that format (ValueError if
+# not) and returns its _Layout, or None for an empty file.
+
+
+def _taobao(fh, src: Path) -> _Layout:
+    reader = csv.reader(fh, quoting=csv.QUOTE_NONE)
+    types = TAOBAO_TYPES
+
+    def parse(row: list[str], event_id: str) -> dict:
+        user, item, category, behaviour, seconds = row
+        kind = types.get(behaviour)
+        if kind is None:
+            raise _BadRow(UNKNOWN_EVENT)
+        return {
+            "event_id": event_id,
+            "user_id": _id(user),
+            "type": kind,
+            "ts": _seconds_int_to_ms(seconds) if seconds.isdigit() else _seconds_to_ms(seconds),
+            "item_id": _id(item),
+            "category": _id(category),
+        }
+
+    return _Layout(reader, _taobao_rows(_rows(reader), src), 5, parse)
+
+
+def _taobao_rows(rows: Iterator[list[str]], src: Path) -> Iterator[list[str]]:
+    """The rows, checked lazily: the file is judged by its first real line when iteration reaches it.
+
+    Blank or refused lines before that line pass through (to be skipped); a header line is dropped.
+    """
+    for row in rows:
+        if row and row is not _CSV_ERROR_ROW:  # judge the file by its first real line
+            break
+        yield row
+    else:
+        return
+    if len(row) != 5:
+        raise ValueError(f"{src}: not a taobao UserBehavior file: its first line has {len(row)} "
+                         f"column(s), expected 5 ({','.join(_TAOBAO_HEADER)})")
+    is_header = tuple(c.strip().lower().replace("behaviour", "behavior") for c in row) == _TAOBAO_HEADER
+    if not is_header:  # some copies carry a header line: it is dropped, not counted
+        if row[3] not in TAOBAO_TYPES:
+            raise ValueError(f"{src}: not a taobao UserBehavior file: its first row's behaviour type "
+                             f"{row[3][:40]!r} is none of {', '.join(TAOBAO_TYPES)}")
+        yield row
+    yield from rows
+
+
+def _rees46(fh, src: Path) -> _Layout | None:
     # Standard CSV quoting here (brand and category_code are text); the other formats are
     # numbers and words only and are read with QUOTE_NONE, so a stray quote cannot swallow lines.
     reader = csv.reader(fh)
-    where = lambda: f"{src}:{reader.line_num}"  # noqa: E731
     header = next(reader, None)
     if header is None:
-        return
+        return None
     cols = _columns(header, _REES46_REQUIRED, "rees46", src)
-    width = len(header)
     i_time, i_type, i_item, i_user = (cols[c] for c in _REES46_REQUIRED)
     i_cat_id, i_cat_code, i_price = cols.get("category_id"), cols.get("category_code"), cols.get("price")
     types = REES46_TYPES
     last_time, last_ms = None, 0
-    rows = events = 0
-    try:
-        for row in _rows(reader):
-            rows += 1
-            if len(row) != width:
-                report.skip(_bad_width(row), where())
-                continue
-            try:
-                kind = types.get(row[i_type])
-                if kind is None:
-                    raise _BadRow(REMOVE_FROM_CART if row[i_type] == "remove_from_cart" else UNKNOWN_EVENT)
-                when = row[i_time]
-                if when != last_time:  # the file is time-ordered: many rows share a second
-                    last_ms = _iso_to_ms(when)
-                    last_time = when
-                event = {
-                    "event_id": prefix + str(reader.line_num),
-                    "user_id": _id(row[i_user]),
-                    "type": kind,
-                    "ts": last_ms,
-                    "item_id": _id(row[i_item]),
-                }
-                code = row[i_cat_code] if i_cat_code is not None else ""
-                if code:
-                    if len(code) > MAX_ID_CHARS:
-                        raise _BadRow(BAD_ID)
-                    event["category"] = code
-                elif i_cat_id is not None and row[i_cat_id]:
-                    event["category"] = _id(row[i_cat_id])
-                if i_price is not None and row[i_price]:
-                    event["price"] = _price(row[i_price])
-            except _BadRow as bad:
-                report.skip(bad.reason, where())
-                continue
-            events += 1
-            yield event
-    finally:
-        report.rows += rows
-        report.events += events
+
+    def parse(row: list[str], event_id: str) -> dict:
+        nonlocal last_time, last_ms
+        kind = types.get(row[i_type])
+        if kind is None:
+            raise _BadRow(REMOVE_FROM_CART if row[i_type] == "remove_from_cart" else UNKNOWN_EVENT)
+        when = row[i_time]
+        if when != last_time:  # the file is time-ordered: many rows share a second
+            last_ms = _iso_to_ms(when)
+            last_time = when
+        event = {
+            "event_id": event_id,
+            "user_id": _id(row[i_user]),
+            "type": kind,
+            "ts": last_ms,
+            "item_id": _id(row[i_item]),
+        }
+        code = row[i_cat_code] if i_cat_code is not None else ""
+        if code:
+            if len(code) > MAX_ID_CHARS:
+                raise _BadRow(BAD_ID)
+            event["category"] = code
+        elif i_cat_id is not None and row[i_cat_id]:
+            event["category"] = _id(row[i_cat_id])
+        if i_price is not None and row[i_price]:
+            event["price"] = _price(row[i_price])
+        return event
+
+    return _Layout(reader, _rows(reader), len(header), parse)
 
 
-def _yoochoose(fh, src: Path, prefix: str, report: ImportReport) -> Iterator[dict]:
+def _yoochoose(fh, src: Path) -> _Layout | None:
     first = fh.readline()
     if not first:
-        return
+        return None
     if "\t" in first:  # session-rec benchmark file: tab-separated with a header
         header = first.rstrip("\r\n").split("\t")
         cols = _columns(header, _YOOCHOOSE_REQUIRED, "yoochoose (session-rec)", src)
@@ -365,7 +391,7 @@ def _yoochoose(fh, src: Path, prefix: str, report: ImportReport) -> Iterator[dic
         if header_line:  # tolerate a header some copies add (session_id,timestamp,item_id,category)
             first = fh.readline()
             if not first:
-                return
+                return None
             fields = first.rstrip("\r\n").split(",")
         if len(fields) != 4:
             raise ValueError(f"{src}: not a yoochoose clicks file: its first line has neither tabs (session-rec "
@@ -381,38 +407,25 @@ def _yoochoose(fh, src: Path, prefix: str, report: ImportReport) -> Iterator[dic
         line_offset = 1 if header_line else 0
         width, i_session, i_time, i_item, i_category = 4, 0, 1, 2, 3
         to_ms = _iso_to_ms
-    where = lambda: f"{src}:{reader.line_num + line_offset}"  # noqa: E731
     no_category = _RSC15_NO_CATEGORY
-    rows = events = 0
-    try:
-        for row in _rows(reader):
-            rows += 1
-            if len(row) != width:
-                report.skip(_bad_width(row), where())
-                continue
-            session = row[i_session]
-            try:
-                event = {
-                    "event_id": prefix + str(reader.line_num + line_offset),
-                    "user_id": int(_id(session)),
-                    "type": "click",
-                    "ts": to_ms(row[i_time]),
-                    "item_id": _id(row[i_item]),
-                }
-                if i_category is not None:
-                    category = row[i_category]
-                    if category and category not in no_category:
-                        if len(category) > MAX_ID_CHARS:
-                            raise _BadRow(BAD_ID)
-                        event["category"] = category
-            except _BadRow as bad:
-                report.skip(bad.reason, where())
-                continue
-            events += 1
-            yield event
-    finally:
-        report.rows += rows
-        report.events += events
+
+    def parse(row: list[str], event_id: str) -> dict:
+        event = {
+            "event_id": event_id,
+            "user_id": int(_id(row[i_session])),
+            "type": "click",
+            "ts": to_ms(row[i_time]),
+            "item_id": _id(row[i_item]),
+        }
+        if i_category is not None:
+            category = row[i_category]
+            if category and category not in no_category:
+                if len(category) > MAX_ID_CHARS:
+                    raise _BadRow(BAD_ID)
+                event["category"] = category
+        return event
+
+    return _Layout(reader, _rows(reader), width, parse, line_offset)
 
 
 def _chain(first: str, rest: Iterable[str]) -> Iterator[str]:
@@ -420,45 +433,31 @@ def _chain(first: str, rest: Iterable[str]) -> Iterator[str]:
     yield from rest
 
 
-def _retailrocket(fh, src: Path, prefix: str, report: ImportReport) -> Iterator[dict]:
+def _retailrocket(fh, src: Path) -> _Layout | None:
     reader = csv.reader(fh, quoting=csv.QUOTE_NONE)
-    where = lambda: f"{src}:{reader.line_num}"  # noqa: E731
     header = next(reader, None)
     if header is None:
-        return
+        return None
     cols = _columns(header, _RETAILROCKET_REQUIRED, "retailrocket events.csv", src, casefold=True)
-    width = len(header)
     i_time, i_user, i_event, i_item = (cols[c] for c in _RETAILROCKET_REQUIRED)
     types = RETAILROCKET_TYPES
-    rows = events = 0
-    try:
-        for row in _rows(reader):
-            rows += 1
-            if len(row) != width:
-                report.skip(_bad_width(row), where())
-                continue
-            try:
-                kind = types.get(row[i_event])
-                if kind is None:
-                    raise _BadRow(UNKNOWN_EVENT)
-                event = {
-                    "event_id": prefix + str(reader.line_num),
-                    "user_id": _id(row[i_user]),
-                    "type": kind,
-                    "ts": _ms(row[i_time]),
-                    "item_id": _id(row[i_item]),
-                }
-            except _BadRow as bad:
-                report.skip(bad.reason, where())
-                continue
-            events += 1
-            yield event
-    finally:
-        report.rows += rows
-        report.events += events
+
+    def parse(row: list[str], event_id: str) -> dict:
+        kind = types.get(row[i_event])
+        if kind is None:
+            raise _BadRow(UNKNOWN_EVENT)
+        return {
+            "event_id": event_id,
+            "user_id": _id(row[i_user]),
+            "type": kind,
+            "ts": _ms(row[i_time]),
+            "item_id": _id(row[i_item]),
+        }
+
+    return _Layout(reader, _rows(reader), len(header), parse)
 
 
-_PARSERS = {"taobao": _taobao, "rees46": _rees46, "yoochoose": _yoochoose, "retailrocket": _retailrocket}
+_LAYOUTS = {"taobao": _taobao, "rees46": _rees46, "yoochoose": _yoochoose, "retailrocket": _retailrocket}
 
 
 # ---------------------------------------------------------------------------------------------
