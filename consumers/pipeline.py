@@ -54,7 +54,7 @@ class ProfileUpdater:
         self.next_items = min(next_items, len(self.item_vocab))
         if next_items and not self.next_items:
             log.warning("--next-items needs a trained model with a next-item head: next_items left out")
-        self.state = StateTable(self.config.hidden_size, self.config.category_buckets, device)
+        self.state = StateTable(self.config.hidden_size, device)
         # Users who go quiet send no event that would refresh their churn risk: re-publish them
         # after this much event time without an update (0 disables). The scan runs once per tick.
         self.idle_rescore_ms = idle_rescore_ms
@@ -162,17 +162,18 @@ class ProfileUpdater:
         rows_t = torch.from_numpy(rows).to(self.device)
         h = state.hidden[rows_t]  # (U, H)
         idle = idle_hours(state.max_event_ts, state.last_ts[rows])
-        heads = self.model.heads(h, torch.from_numpy(idle).float().to(self.device))
-
-        # Top categories among the buckets that ever carried a category string.
-        probs = heads.category_probs * state.category_seen  # (U, C)
-        probs = probs / probs.sum(dim=1, keepdim=True).clamp(min=1e-12)  # a distribution over seen categories
-        k = min(TOP_CATEGORIES, int(state.category_seen.sum()))
-        top_scores, top_buckets = probs.topk(k, dim=1) if k else (probs[:, :0], probs[:, :0].long())
+        # Top categories: a distribution over the buckets that ever carried a category string,
+        # computed for those columns only (S seen categories, not every bucket).
+        seen = state.seen_categories()  # (S,) bucket ids
+        heads = self.model.heads(h, torch.from_numpy(idle).float().to(self.device), seen)
+        probs = heads.category_probs  # (U, S)
+        k = min(TOP_CATEGORIES, len(seen))
+        top_scores, top_cols = probs.topk(k, dim=1) if k else (probs[:, :0], probs[:, :0].long())
         names = state.category_names
+        buckets = seen.cpu().numpy()
         top = [
             [(names[b], s) for b, s in zip(bs, ss)]
-            for bs, ss in zip(top_buckets.cpu().tolist(), top_scores.cpu().tolist())
+            for bs, ss in zip(buckets[top_cols.cpu().numpy()].tolist(), top_scores.cpu().tolist())
         ]
 
         price_n = state.price_n[rows]

@@ -70,7 +70,7 @@ class ModelConfig:
 class ProfileHeads:
     """Head outputs for U users (tensors on the model's device)."""
 
-    category_probs: torch.Tensor  # (U, C) next-category distribution over the category buckets
+    category_probs: torch.Tensor  # (U, C) next-category distribution over the buckets (or the subset asked for)
     purchase_propensity: torch.Tensor  # (U,) P(purchase within the horizon)
     churn_risk: torch.Tensor  # (U,) P(no activity within the horizon)
     interest_cluster: torch.Tensor  # (U,) long, nearest centroid
@@ -162,16 +162,25 @@ class ProfileModel(nn.Module):
             return h @ self.item_out.weight.T + self.item_bias
         return h @ self.item_out(items).T + self.item_bias[items]
 
-    def head_logits(self, h: torch.Tensor, idle_hours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(category (U, C), purchase (U,), churn (U,)) logits; training uses these directly."""
+    def head_logits(self, h: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(category (U, C), purchase (U,), churn (U,)) logits; training uses these directly.
+
+        categories: score only these buckets, (U, len(categories)): serving ranks the categories
+        seen so far, a few hundred columns instead of every bucket."""
         h = self.drop(h)
         idle = torch.log1p(idle_hours.clamp(min=0))
         churn = self.churn_head(h)[:, 0] + nn.functional.softplus(self.churn_idle_weight) * idle
-        return self.category_head(h), self.propensity_head(h)[:, 0], churn
+        if categories is None:
+            category = self.category_head(h)
+        else:
+            category = h @ self.category_head.weight[categories].T + self.category_head.bias[categories]
+        return category, self.propensity_head(h)[:, 0], churn
 
-    def heads(self, h: torch.Tensor, idle_hours: torch.Tensor) -> ProfileHeads:
-        """h: (U, H) user states; idle_hours: (U,) event time since each user's last event."""
-        category, purchase, churn = self.head_logits(h, idle_hours)
+    def heads(self, h: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None) -> ProfileHeads:
+        """h: (U, H) user states; idle_hours: (U,) event time since each user's last event;
+        categories: the buckets to distribute over (all when None)."""
+        category, purchase, churn = self.head_logits(h, idle_hours, categories)
         cluster = torch.cdist(h, self.cluster_centroids).argmin(dim=1)  # (U,)
         return ProfileHeads(torch.softmax(category, dim=1), torch.sigmoid(purchase), torch.sigmoid(churn), cluster)
 

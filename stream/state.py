@@ -36,18 +36,18 @@ COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
 
 
 class StateTable:
-    def __init__(self, hidden_size: int, category_buckets: int, device: torch.device, capacity: int = 1024) -> None:
+    def __init__(self, hidden_size: int, device: torch.device, capacity: int = 1024) -> None:
         self.hidden_size = hidden_size
         self.device = device
         self._index: dict[str, int] = {}
         self.user_ids: list[str] = []
         self.hidden = torch.zeros(capacity, hidden_size, device=device)  # (capacity, H)
         self.columns = {name: _column(name, capacity) for name in COLUMNS}
-        # Category bucket -> the category string seen in it, and which buckets were ever seen,
-        # so top_categories can name categories as they appear in events.
+        # Category bucket -> the category string seen in it, so top_categories can name
+        # categories as they appear in events (its keys are the buckets ever seen).
         self.category_names: dict[int, str] = {}
-        self.category_seen = torch.zeros(category_buckets, dtype=torch.bool, device=device)
         self.max_event_ts = -1  # largest event time seen: the clock of event-time timers
+        self._seen_cache: torch.Tensor | None = None
 
     # Named views of the columns, for readers of the pipeline.
     counts = property(lambda self: self.columns["counts"])
@@ -110,9 +110,16 @@ class StateTable:
         known = self.category_names
         for bucket, name in zip(buckets[keep][first].tolist(), uniq_names.tolist()):
             current = known.get(bucket)
+            if current is None:
+                self._seen_cache = None  # a new bucket
             if current is None or name < current:
                 known[bucket] = name
-        self.category_seen[torch.from_numpy(np.unique(buckets[keep])).to(self.device)] = True
+
+    def seen_categories(self) -> torch.Tensor:
+        """(S,) buckets that ever carried a category, ascending; cached until a new one appears."""
+        if self._seen_cache is None:
+            self._seen_cache = torch.tensor(sorted(self.category_names), dtype=torch.long, device=self.device)
+        return self._seen_cache
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes held by the state, by device."""
@@ -150,9 +157,7 @@ class StateTable:
             column[:n] = snap[name]
             self.columns[name] = column
         self.category_names = {int(k): v for k, v in snap["category_names"].items()}
-        self.category_seen.zero_()
-        if self.category_names:
-            self.category_seen[torch.tensor(list(self.category_names), device=self.device)] = True
+        self._seen_cache = None
         self.max_event_ts = int(snap["max_event_ts"])
 
 
