@@ -72,7 +72,8 @@ class ProfileUpdater:
             events = events.take(keep)
         t1 = time.perf_counter()
         rows = self.apply(events)
-        rows = np.concatenate([rows, self.idle_users()]) if self.idle_rescore_ms else rows
+        if self.idle_rescore_ms:  # idle users not already touched by this batch: one profile per user
+            rows = np.concatenate([rows, np.setdiff1d(self.idle_users(), rows, assume_unique=True)])
         self.state.scored_at[rows] = self.state.max_event_ts
         t2 = time.perf_counter()
         profiles = self.profiles_for(rows)
@@ -131,7 +132,7 @@ class ProfileUpdater:
         np.add.at(state.price_n, event_rows[priced], 1)
         last_of_user = ts[starts + lengths - 1]
         state.last_ts[rows] = np.maximum(state.last_ts[rows], last_of_user)
-        state.max_event_ts = max(state.max_event_ts, int(ts[-1] if len(ts) == 1 else ts.max()))
+        state.max_event_ts = max(state.max_event_ts, int(ts.max()))
         return rows
 
     def idle_users(self) -> np.ndarray:

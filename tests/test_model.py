@@ -151,3 +151,7 @@ def test_idle_users_are_rescored_on_the_event_time_timer_with_rising_churn():
     assert second["quiet"]["churn_risk"] > first["quiet"]["churn_risk"]
     # Not re-published on every batch in between.
     assert "quiet" not in published([click("busy", t0 + 51 * hour, 4)])
+    # A user who comes back after the period is due and touched at once: still one profile in the batch.
+    result = updater.process(batch_of([click("quiet", t0 + 80 * hour, 5), click("busy", t0 + 80 * hour, 5)]))
+    keys = [k.decode() for k, _ in result.profiles]
+    assert sorted(keys) == ["busy", "quiet"]
