@@ -90,3 +90,17 @@ def test_missing_input_topic_is_a_clear_error(kafka, unique):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert f"input topic(s) not found: {missing}" in stderr.decode()
+
+
+def test_demo_shows_profiles_and_exits_cleanly():
+    """The README's first command: embedded broker, traffic, daemon and live view, stopped by --duration."""
+    proc = subprocess.run(profiles_command() + ["demo", "--duration", "8", "--users", "100", "--rate", "1000"],
+                          capture_output=True, timeout=120, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert "latest profiles of the busiest users" in out
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("demo finished:")
+    applied = int(summary.split("finished: ")[1].split(" events")[0].replace(",", ""))
+    assert applied > 1000  # events made it through the whole pipeline
+    assert "u0" in out or "9000" in out  # user rows from the output topic
