@@ -121,13 +121,6 @@ def load_events(paths: Sequence[str | Path], max_event_bytes: int = 65536) -> Ev
     return _build(ev, len(dead))
 
 
-def split_by_time(log_: EventLog, cutoff_ts: int) -> tuple[EventLog, EventLog]:
-    """(events at or before cutoff, events after it), each sorted by user and time."""
-    before = np.flatnonzero(log_.events.ts <= cutoff_ts)
-    after = np.flatnonzero(log_.events.ts > cutoff_ts)
-    return _build(log_.events.take(before), log_.invalid), _build(log_.events.take(after), 0)
-
-
 def split_lines_by_time(source: str | Path, test_fraction: float, train_out: str | Path,
                         test_out: str | Path) -> tuple[int, int, str]:
     """Copy the lines of `source` into a train and a test file by event time.

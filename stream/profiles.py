@@ -24,11 +24,6 @@ import orjson
 
 from stream.events import EVENT_TYPES
 
-PROFILE_FIELDS = (
-    "user_id", "model_version", "updated_at", "last_event_ts", "counts", "spend", "top_categories",
-    "purchase_propensity", "churn_risk", "price_tier", "interest_cluster", "next_items", "embedding",
-)
-
 
 @dataclass
 class ProfileColumns:

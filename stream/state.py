@@ -82,9 +82,6 @@ class StateTable:
             self._ensure_capacity(len(self.user_ids))
         return rows
 
-    def row_of(self, user: str) -> int | None:
-        return self._index.get(user)
-
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
             return

@@ -76,3 +76,7 @@ def test_null_value_and_deep_nesting_are_dead_letters_not_crashes():
     cols, dead = decode(None, deep, b"", b"\x00\x01")
     assert len(cols) == 0
     assert [d.reason for d in dead] == [ev.NOT_JSON, ev.NOT_JSON, ev.NOT_JSON, ev.NOT_JSON]
+
+
+def test_every_dead_letter_reason_has_a_malformed_record_that_produces_it():
+    assert {reason for reason, _ in MALFORMED_KINDS.values()} == set(ev.REASONS)
