@@ -105,7 +105,7 @@ def main(log_level: str) -> None:
               type=click.IntRange(0, 1000), help="Add the top-k predicted next item ids to each profile "
               "(needs a trained --model; 0 leaves them out).")
 @click.option("--metrics-port", envvar=_env("metrics-port"), show_envvar=True, default=None,
-              type=click.IntRange(min=1, max=65535), help="Serve Prometheus /metrics on this port.")
+              type=click.IntRange(min=1, max=65535), help="Serve Prometheus /metrics, and /healthz and /readyz for probes, on this port.")
 @click.option("--metrics-address", envvar=_env("metrics-address"), show_envvar=True, default="0.0.0.0",
               show_default=True, help="Address the metrics endpoint listens on.")
 @click.option("--kafka-config", envvar=_env("kafka-config"), show_envvar=True, multiple=True, metavar="KEY=VALUE",
@@ -155,15 +155,15 @@ def run_daemon(settings: Settings, stop: threading.Event) -> None:
     from consumers.pipeline import load_updater
     from models.profile_model import ModelError
     from stream.kafka import StreamError
-    from stream.metrics import Metrics
+    from stream.metrics import Health, Metrics, serve
 
     log.info("settings: %s", settings.describe())
     try:
         updater = load_updater(settings)
-        metrics = Metrics()
+        metrics, health = Metrics(), Health(settings.stall_after_s)
         if settings.metrics_port:
-            metrics.serve(settings.metrics_port, settings.metrics_address)
-        ProfileDaemon(settings, updater, metrics, stop).run()
+            serve(metrics, health, settings.metrics_port, settings.metrics_address)
+        ProfileDaemon(settings, updater, metrics, stop, health).run()
     except (ModelError, StreamError) as exc:
         raise click.ClickException(str(exc)) from None
     except KafkaException as exc:

@@ -21,7 +21,7 @@ from stream.events import EVENT_TYPES, RecordBatch
 from stream.kafka import (
     Publisher, StreamError, admin_client, check_copartitioned, ensure_topics, seed_group_offsets,
 )
-from stream.metrics import Metrics
+from stream.metrics import Health, Metrics
 from stream.settings import Settings
 from stream.state import read_snapshot
 
@@ -69,13 +69,16 @@ class Checkpoint:
 
 
 class ProfileDaemon:
-    def __init__(self, settings: Settings, updater: ProfileUpdater, metrics: Metrics, stop: threading.Event) -> None:
+    def __init__(self, settings: Settings, updater: ProfileUpdater, metrics: Metrics, stop: threading.Event,
+                 health: Health | None = None) -> None:
         self.settings = settings
         self.updater = updater
         self.metrics = metrics
         self.stop = stop
+        self.health = health or Health(settings.stall_after_s)
         self.stats = DaemonStats()
-        self.source = KafkaBatchSource(settings, on_revoke=self._flush_before_revoke, on_lost=self._drop_lost)
+        self.source = KafkaBatchSource(settings, on_assign=self._assigned, on_revoke=self._flush_before_revoke,
+                                       on_lost=self._drop_lost)
         self.publisher = Publisher(settings.kafka)
         self.checkpoint = Checkpoint(self.source, self.publisher, metrics)
         metrics.model_info.info({"version": updater.model_version, "device": str(updater.device)})
@@ -118,6 +121,7 @@ class ProfileDaemon:
                 self.handle(self.source.next_batch(self.stop))
             self.handle(self.source.take_pending())
         finally:
+            self.health.set_ready(False)
             self.source.close()  # leaves the group: partitions move to the others at once
             self.publisher.flush()
         log.info("stopped after %d events in %d batches", self.stats.events, self.stats.batches)
@@ -125,6 +129,7 @@ class ProfileDaemon:
     def handle(self, records: RecordBatch) -> None:
         """One micro-batch: update -> publish -> commit."""
         self.metrics.last_progress.set_to_current_time()
+        self.health.progressed()
         if len(records) == 0:
             return
         start = time.perf_counter()
@@ -172,10 +177,16 @@ class ProfileDaemon:
         s.commits += int(committed)
         s.batch_seconds.append(seconds["total"])
 
+    def _assigned(self, partitions: list[TopicPartition]) -> None:
+        # State is restored before subscribing, so a member with an assignment is ready to serve.
+        self.health.set_ready(True)
+
     def _flush_before_revoke(self, partitions: list[TopicPartition]) -> None:
         # Finish the batch in hand while we still own its partitions, so its offsets can be committed.
+        self.health.set_ready(False)
         self.handle(self.source.take_pending())
 
     def _drop_lost(self, partitions: list[TopicPartition]) -> None:
         # Lost partitions already have a new owner: committing for them would fail; it re-reads them.
+        self.health.set_ready(False)
         self.source.drop_pending(partitions)

@@ -34,8 +34,10 @@ def records_from(messages: list[Message]) -> RecordBatch:
 
 
 class KafkaBatchSource:
-    def __init__(self, settings: Settings, on_revoke: PartitionsHandler, on_lost: PartitionsHandler) -> None:
+    def __init__(self, settings: Settings, on_assign: PartitionsHandler, on_revoke: PartitionsHandler,
+                 on_lost: PartitionsHandler) -> None:
         self.settings = settings
+        self._on_assign = on_assign
         self._on_revoke = on_revoke
         self._on_lost = on_lost
         self.consumer = Consumer(
@@ -67,6 +69,7 @@ class KafkaBatchSource:
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned |= {(p.topic, p.partition) for p in partitions}
         log.info("assigned %s", _names(partitions))
+        self._on_assign(partitions)
 
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s", _names(partitions))

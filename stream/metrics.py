@@ -1,8 +1,19 @@
-"""Prometheus metrics, registered against an injected registry (a fresh one per test)."""
+"""Prometheus metrics (against an injected registry: a fresh one per test) and the health endpoints.
+
+One small HTTP server on the metrics port answers:
+  /metrics  Prometheus text format
+  /healthz  200 while the main loop made progress within `stall_after_s`, else 503 (liveness)
+  /readyz   200 once partitions are assigned and state is restored, else 503 (readiness)
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 _BATCH_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_EVENTS = (1, 10, 100, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000)
@@ -36,6 +47,60 @@ class Metrics:
             registry=r)
         self.model_info = Info("profiles_model", "The serving model", registry=r)
 
-    def serve(self, port: int, address: str = "0.0.0.0") -> None:
-        """Expose /metrics on address:port (a daemon thread)."""
-        start_http_server(port, addr=address, registry=self.registry)
+
+
+class Health:
+    """Liveness and readiness, as the main loop reports them. `clock` is injectable for tests."""
+
+    def __init__(self, stall_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stall_after_s = stall_after_s
+        self.clock = clock
+        self._last_progress = clock()
+        self._ready = threading.Event()
+
+    def progressed(self) -> None:
+        self._last_progress = self.clock()
+
+    def set_ready(self, ready: bool) -> None:
+        (self._ready.set if ready else self._ready.clear)()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def healthy(self) -> bool:
+        return self.clock() - self._last_progress <= self.stall_after_s
+
+
+def serve(metrics: Metrics, health: Health, port: int, address: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz and /readyz on address:port from a daemon thread; returns the server."""
+    registry = metrics.registry
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                ok = health.healthy
+                self._send(200 if ok else 503, b"ok\n" if ok else b"main loop stalled\n")
+            elif path == "/readyz":
+                ok = health.ready
+                self._send(200 if ok else 503, b"ready\n" if ok else b"not ready: partitions not assigned or restoring\n")
+            else:
+                self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+        def _send(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:  # probes every few seconds: keep logs quiet
+            return None
+
+    server = ThreadingHTTPServer((address, port), Handler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

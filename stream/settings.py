@@ -83,6 +83,8 @@ class Settings:
     metrics_address: str = "0.0.0.0"
     # Kafka consumer group session timeout. The broker evicts a member that is silent this long.
     session_timeout_ms: int = 10000
+    # /healthz turns false when the main loop has not come round for this long (a batch's work included).
+    stall_after_s: float = 60.0
     # Upper bound on how long a SIGTERM/SIGINT shutdown may take before we give up flushing.
     shutdown_timeout_s: float = 30.0
 

@@ -1,0 +1,70 @@
+"""/metrics, /healthz and /readyz on the metrics port."""
+
+from __future__ import annotations
+
+import threading
+import urllib.error
+import urllib.request
+
+import orjson
+
+from consumers.daemon import ProfileDaemon
+from consumers.pipeline import load_updater
+from stream.broker import free_port
+from stream.generator import generate
+from stream.metrics import Health, Metrics, serve
+from tests.conftest import committed_offsets, create_topics, end_offsets, produce, wait_until
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_health_turns_false_when_the_loop_stalls():
+    now = [100.0]
+    health = Health(stall_after_s=30, clock=lambda: now[0])
+    assert health.healthy and not health.ready
+    now[0] = 129.0
+    assert health.healthy
+    now[0] = 131.0
+    assert not health.healthy
+    health.progressed()
+    assert health.healthy
+    health.set_ready(True)
+    assert health.ready
+
+
+def test_endpoints_during_a_real_run(kafka, settings_factory):
+    settings = settings_factory()
+    topic = settings.input_topics[0]
+    create_topics(kafka, {topic: 2})
+    log = generate(users=50, events=1500, seed=6)
+    produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log.events])
+
+    metrics, health, port = Metrics(), Health(settings.stall_after_s), free_port()
+    server = serve(metrics, health, port, "127.0.0.1")
+    stop = threading.Event()
+    daemon = ProfileDaemon(settings, load_updater(settings), metrics, stop, health)
+    assert get(port, "/readyz")[0] == 503  # not yet in the group
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: get(port, "/readyz")[0] == 200, 60, "readiness after the partitions are assigned")
+        ends = end_offsets(kafka, topic)
+        wait_until(lambda: committed_offsets(kafka, settings.group_id, topic) == ends, 60, "the log to be consumed")
+        assert get(port, "/healthz") == (200, "ok\n")
+        status, body = get(port, "/metrics")
+        assert status == 200
+        consumed = sum(float(line.split()[-1]) for line in body.splitlines()
+                       if line.startswith("profiles_events_consumed_total{"))
+        assert consumed == 1500
+        assert get(port, "/nope")[0] == 404
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        server.shutdown()
+    assert not health.ready  # a stopped daemon is not ready
