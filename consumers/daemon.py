@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 from confluent_kafka import KafkaException, TopicPartition
 
 from consumers.pipeline import BatchResult, ProfileUpdater
@@ -155,9 +156,11 @@ class ProfileDaemon:
         events = result.events
         n_events = len(events)
         if n_events:
-            topics = [records.topics[i] for i in events.record_index.tolist()]
-            for (topic, type_idx), count in collections.Counter(zip(topics, events.type_idx.tolist())).items():
-                m.events_consumed.labels(topic, EVENT_TYPES[type_idx]).inc(count)
+            names, topic_of_record = np.unique(np.asarray(records.topics, dtype=object), return_inverse=True)
+            pair = topic_of_record[events.record_index] * len(EVENT_TYPES) + events.type_idx
+            for code, count in zip(*np.unique(pair, return_counts=True)):
+                topic, type_idx = divmod(int(code), len(EVENT_TYPES))
+                m.events_consumed.labels(names[topic], EVENT_TYPES[type_idx]).inc(int(count))
         for reason, count in collections.Counter(d.reason for d in result.dead_letters).items():
             m.invalid_events.labels(reason).inc(count)
         m.dead_letters.inc(len(result.dead_letters))

@@ -18,7 +18,7 @@ from consumers.pipeline import load_updater
 from models.features import hash_buckets
 from stream.events import EVENT_TYPES, RecordBatch, decode_batch
 from stream.settings import Settings
-from stream.sources import FileSource, KafkaRangeSource, expand_paths, parse_kafka_uri
+from stream.sources import open_sources
 
 # Fields charted by --plot, one panel each.
 CHARTED = ("purchase_propensity", "churn_risk", "top_category_score", "spend", "events")
@@ -32,15 +32,12 @@ def user_records(settings: Settings, sources: list[str], fmt: str, user: str) ->
     """The raw records of `user` in the sources, in source order, and every category seen in them."""
     found: list[bytes] = []
     categories: set[str] = set()
-    files = [s for s in sources if not s.startswith("kafka://")]
-    opened: list = [FileSource(expand_paths(files), 50_000, fmt)] if files else []
-    for uri in (s for s in sources if s.startswith("kafka://")):
-        topic, window = parse_kafka_uri(uri)
-        opened.append(KafkaRangeSource(settings.kafka, topic, window, 50_000))
-    for source in opened:
+    for source, window in open_sources(settings.kafka, sources, fmt, 50_000):
         while not source.exhausted:
             batch = source.next_batch()
             events, _ = decode_batch(batch, settings.max_event_bytes)
+            if window is not None:  # kafka:// ranges select by event time, as in replay
+                events = events.take(window.mask(events.ts))
             mine = np.flatnonzero(events.user_id == user)
             found += [batch.values[i] for i in events.record_index[mine].tolist()]
             categories.update(c for c in events.category.tolist() if c is not None)

@@ -11,7 +11,6 @@ import gzip
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO
 
 import orjson
@@ -21,7 +20,7 @@ from consumers.pipeline import ProfileUpdater, load_updater
 from stream.events import DeadLetter
 from stream.kafka import Publisher
 from stream.settings import Settings
-from stream.sources import FileSource, KafkaRangeSource, expand_paths, parse_kafka_uri
+from stream.sources import KafkaRangeSource, open_sources
 from stream.state import write_snapshot
 
 log = logging.getLogger(__name__)
@@ -75,23 +74,13 @@ def dead_letter_line(dead: DeadLetter) -> bytes:
     }) + b"\n"
 
 
-def open_sources(settings: Settings, sources: list[str], fmt: str, batch_records: int) -> list:
-    """Files (all together, in the order given) and each kafka://TOPIC?from=&to= as its own source."""
-    files = [s for s in sources if not s.startswith("kafka://")]
-    opened: list = [(FileSource(expand_paths(files), batch_records, fmt), None)] if files else []
-    for uri in (s for s in sources if s.startswith("kafka://")):
-        topic, window = parse_kafka_uri(uri)
-        opened.append((KafkaRangeSource(settings.kafka, topic, window, batch_records), window))
-    return opened
-
-
 def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, output_topic: str | None,
            every_update: bool, state_out: str | None, dead_letters_path: str, batch_records: int,
            show_progress: bool = True, updater: ProfileUpdater | None = None) -> ReplayReport:
     """Replay `sources`; write every update or the final profile of every user; optionally a state snapshot."""
     started = time.monotonic()
     updater = updater or load_updater(settings)
-    opened = open_sources(settings, sources, fmt, batch_records)
+    opened = open_sources(settings.kafka, sources, fmt, batch_records)
     sink = ProfileSink(out, output_topic, settings)
     report = ReplayReport()
     positions: dict[str, dict[int, int]] = {}

@@ -23,16 +23,6 @@ log = logging.getLogger(__name__)
 PartitionsHandler = Callable[[list[TopicPartition]], None]
 
 
-def records_from(messages: list[Message]) -> RecordBatch:
-    return RecordBatch(
-        topics=[m.topic() for m in messages],
-        partitions=[m.partition() for m in messages],
-        offsets=[m.offset() for m in messages],
-        keys=[m.key() for m in messages],
-        values=[m.value() for m in messages],
-    )
-
-
 class KafkaBatchSource:
     def __init__(self, settings: Settings, on_assign: PartitionsHandler, on_revoke: PartitionsHandler,
                  on_lost: PartitionsHandler) -> None:
@@ -110,7 +100,7 @@ class KafkaBatchSource:
             if len(good) != len(messages):
                 self._log_errors(messages)
             if good:
-                self.pending.extend(records_from(good))
+                self.pending.extend(RecordBatch.from_messages(good))
         return self.take_pending()
 
     @staticmethod

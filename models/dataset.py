@@ -16,27 +16,21 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from stream.events import PURCHASE, EventColumns, RecordBatch, decode_batch
+from stream.sources import FileSource
 
 log = logging.getLogger(__name__)
 
 HOUR_MS = 3_600_000
 
 
-def read_lines(paths: Iterable[str | Path]) -> tuple[list[bytes], list[str], list[int]]:
-    """All lines of JSON-lines files (plain or .gz): (lines, file of each line, line number)."""
-    lines: list[bytes] = []
-    files: list[str] = []
-    numbers: list[int] = []
-    for path in paths:
-        path = Path(path)
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as fh:
-            chunk = [line.rstrip(b"\r\n") for line in fh]
-        chunk_nonempty = [(i, line) for i, line in enumerate(chunk, 1) if line]
-        lines += [line for _, line in chunk_nonempty]
-        numbers += [i for i, _ in chunk_nonempty]
-        files += [str(path)] * len(chunk_nonempty)
-    return lines, files, numbers
+def read_records(paths: Iterable[str | Path]) -> RecordBatch:
+    """Every non-empty line of JSON-lines files (plain or gzip), through the replay's file source:
+    topic = file, offset = line number."""
+    source = FileSource([Path(p) for p in paths], 1 << 20)
+    records = RecordBatch.empty()
+    while not source.exhausted:
+        records.extend(source.next_batch())
+    return records
 
 
 @dataclass
@@ -112,9 +106,7 @@ def _build(ev: EventColumns, invalid: int) -> EventLog:
 
 def load_events(paths: Sequence[str | Path], max_event_bytes: int = 65536) -> EventLog:
     """Read, validate and sort the events of JSON-lines files."""
-    lines, files, numbers = read_lines(paths)
-    n = len(lines)
-    ev, dead = decode_batch(RecordBatch(files, [0] * n, numbers, [None] * n, lines), max_event_bytes)
+    ev, dead = decode_batch(read_records(paths), max_event_bytes)
     if dead:
         first = dead[0]
         log.warning("%d invalid line(s) skipped, e.g. %s:%d: %s", len(dead), first.topic, first.offset, first.detail)
@@ -131,9 +123,9 @@ def split_lines_by_time(source: str | Path, test_fraction: float, train_out: str
     """
     import datetime as dt
 
-    lines, files, numbers = read_lines([source])
-    n = len(lines)
-    ev, _dead = decode_batch(RecordBatch(files, [0] * n, numbers, [None] * n, lines), 1 << 30)
+    records = read_records([source])
+    lines, n = records.values, len(records)
+    ev, _dead = decode_batch(records, 1 << 30)
     ts = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)  # invalid lines: train side
     ts[ev.record_index] = ev.ts
     cutoff = int(np.quantile(ev.ts, 1 - test_fraction, method="lower"))

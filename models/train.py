@@ -105,7 +105,6 @@ def price_tier_edges(log_: EventLog, cutoff_ts: int) -> tuple[float, ...]:
 
 def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: int) -> Prepared:
     ev = log_.events
-    n = len(ev)
     gap, first = log_.gap_seconds()
     has_price = ~np.isnan(ev.price)
     dense = np.stack([np.log1p(np.where(has_price, ev.price, 0.0)), has_price.astype(np.float64),
@@ -275,7 +274,7 @@ def final_states(model: ProfileModel, log_: EventLog, p: Prepared, device: torch
     with torch.no_grad():
         for first in range(0, len(log_.users), users_per_call):
             users = np.arange(first, min(first + users_per_call, len(log_.users)))
-            idx = np.concatenate([np.arange(s, s + n) for s, n in zip(log_.start[users], log_.length[users])])
+            idx = np.arange(log_.start[users[0]], log_.start[users[-1]] + log_.length[users[-1]])  # contiguous
             x = model.embed(features_at(p, idx, device))
             lengths = log_.length[users]
             user_of_event = np.repeat(np.arange(len(users)), lengths)
@@ -339,7 +338,8 @@ def train(log_: EventLog, model_config: ModelConfig, cfg: TrainConfig, device: t
              time.strftime("%Y-%m-%d %H:%M", time.gmtime(split_ts / 1000)))
     start, length = chunks(log_, cfg.max_len)
     # Validation only needs the chunks that hold validation targets.
-    has_val = np.array([(p.next_ts[s:s + n] > split_ts).any() for s, n in zip(start, length)], dtype=bool)
+    # Chunks tile the log in order, so one reduceat answers "holds a validation target?" for each.
+    has_val = np.logical_or.reduceat(p.next_ts > split_ts, start) if len(start) else np.zeros(0, dtype=bool)
 
     def fresh_model(cut_ts: int) -> ProfileModel:
         torch.manual_seed(cfg.seed)

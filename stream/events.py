@@ -71,6 +71,12 @@ class RecordBatch:
     def empty(cls) -> "RecordBatch":
         return cls([], [], [], [], [])
 
+    @classmethod
+    def from_messages(cls, messages: list) -> "RecordBatch":
+        """From confluent-kafka messages (without errors)."""
+        return cls([m.topic() for m in messages], [m.partition() for m in messages], [m.offset() for m in messages],
+                   [m.key() for m in messages], [m.value() for m in messages])
+
     def extend(self, other: "RecordBatch") -> None:
         self.topics += other.topics
         self.partitions += other.partitions

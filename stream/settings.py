@@ -8,7 +8,6 @@ Kafka config goes through `KafkaSettings.redacted()`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
 
 # librdkafka property names whose values must never be printed.
 _SECRET_MARKERS = ("password", "secret", "token", "jaas", "key.pem", "keystore", "private", "credential")

@@ -194,9 +194,7 @@ class KafkaRangeSource:
             mine = [m for m in messages if m.error() is None and m.offset() < self.ends[m.partition()]]
             for m in mine:
                 self.position[m.partition()] = m.offset() + 1
-            batch.extend(RecordBatch([m.topic() for m in mine], [m.partition() for m in mine],
-                                     [m.offset() for m in mine], [m.key() for m in mine],
-                                     [m.value() for m in mine]))
+            batch.extend(RecordBatch.from_messages(mine))
             self.exhausted = all(self.position[p] >= self.ends[p] for p in self.ends)
         if self.exhausted:
             self.consumer.close()
@@ -205,3 +203,15 @@ class KafkaRangeSource:
     def snapshot(self) -> dict[str, dict[int, int]]:
         """The resume position: per partition, the next offset to read."""
         return {self.topic: dict(self.position)}
+
+
+def open_sources(kafka: KafkaSettings, sources: list[str], fmt: str,
+                 batch_records: int) -> list[tuple[FileSource | KafkaRangeSource, TimeRange | None]]:
+    """(source, event-time range) pairs: files all together, in the order given, then each
+    kafka://TOPIC?from=&to= as its own source with its range."""
+    files = [s for s in sources if not s.startswith("kafka://")]
+    opened: list = [(FileSource(expand_paths(files), batch_records, fmt), None)] if files else []
+    for uri in (s for s in sources if s.startswith("kafka://")):
+        topic, window = parse_kafka_uri(uri)
+        opened.append((KafkaRangeSource(kafka, topic, window, batch_records), window))
+    return opened

@@ -15,7 +15,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from stream.broker import EmbeddedBroker
 from stream.kafka import admin_client, ensure_topics
-from stream.kafka import end_offsets as kafka_end_offsets
+from stream.kafka import end_offsets
 from stream.settings import KafkaSettings, Settings
 
 # The embedded broker's group join waits for the session timeout: keep it short in tests.
@@ -83,10 +83,6 @@ class Record:
     key: bytes | None
     value: bytes | None
     headers: dict[str, bytes]
-
-
-def end_offsets(kafka: KafkaSettings, topic: str) -> dict[int, int]:
-    return kafka_end_offsets(kafka, topic)
 
 
 def read_topic(kafka: KafkaSettings, topic: str, timeout_s: float = 60.0) -> list[Record]:
