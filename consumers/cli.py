@@ -93,6 +93,9 @@ def main(log_level: str) -> None:
               "untrained model is used: counters are exact, learned fields are not meaningful.")
 @click.option("--device", envvar=_env("device"), show_envvar=True, default="auto", show_default=True,
               type=click.Choice(["auto", "cpu", "cuda"]), help="auto picks CUDA when present.")
+@click.option("--torch-threads", envvar=_env("torch-threads"), show_envvar=True, default=1, show_default=True,
+              type=click.IntRange(min=0), help="CPU threads for the model's kernels (0: torch's default, one per "
+              "core). One is fastest on small machines: a second competes with decoding and Kafka I/O.")
 @click.option("--batch-max-events", envvar=_env("batch-max-events"), show_envvar=True, default=5000,
               show_default=True, type=click.IntRange(min=1), help="A micro-batch closes at this many records...")
 @click.option("--batch-max-ms", envvar=_env("batch-max-ms"), show_envvar=True, default=200, show_default=True,
@@ -122,8 +125,8 @@ def main(log_level: str) -> None:
 @click.option("--session-timeout-ms", envvar=_env("session-timeout-ms"), show_envvar=True, default=10000,
               show_default=True, type=click.IntRange(min=1000), help="Consumer group session timeout.")
 def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic: str, group_id: str,
-        model_path: str | None, device: str, batch_max_events: int, batch_max_ms: int, max_event_bytes: int,
-        no_embedding: bool, next_items: int, metrics_port: int | None, metrics_address: str, kafka_config: tuple[str, ...],
+        model_path: str | None, device: str, torch_threads: int, batch_max_events: int, batch_max_ms: int,
+        max_event_bytes: int, no_embedding: bool, next_items: int, metrics_port: int | None, metrics_address: str, kafka_config: tuple[str, ...],
         restore_from: str | None, idle_rescore_after: int, session_timeout_ms: int) -> None:
     """The always-on daemon: consume events, update profiles, publish them.
 
@@ -134,8 +137,9 @@ def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic:
             kafka=KafkaSettings(bootstrap_servers, parse_kafka_config(kafka_config)),
             input_topics=tuple(t.strip() for t in input_topics.split(",") if t.strip()),
             output_topic=output_topic, dlq_topic=dlq_topic, group_id=group_id, model_path=model_path,
-            device=device, batch_max_events=batch_max_events, batch_max_ms=batch_max_ms,
-            max_event_bytes=max_event_bytes, emit_embedding=not no_embedding, metrics_port=metrics_port,
+            device=device, torch_threads=torch_threads, batch_max_events=batch_max_events,
+            batch_max_ms=batch_max_ms, max_event_bytes=max_event_bytes, emit_embedding=not no_embedding,
+            metrics_port=metrics_port,
             metrics_address=metrics_address, session_timeout_ms=session_timeout_ms,
             idle_rescore_after_ms=idle_rescore_after, next_items=next_items, restore_from=restore_from,
         )
@@ -331,13 +335,15 @@ def evaluate_(model_path: str, train_files: tuple[str, ...], test_files: tuple[s
 @click.option("--batch-events", default=50_000, show_default=True, type=click.IntRange(min=1),
               help="Records per batch (the result does not depend on it).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--torch-threads", default=1, show_default=True, type=click.IntRange(min=0),
+              help="CPU threads for the model's kernels (0: torch's default).")
 @click.option("--no-embedding", is_flag=True, help="Leave the embedding out of profiles.")
 @click.option("--next-items", default=0, show_default=True, type=click.IntRange(0, 1000),
               help="Top-k predicted next item ids in each profile (trained models).")
 def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str | None, output_topic: str | None,
            bootstrap_servers: str, kafka_config: tuple[str, ...], every_update: bool, state_out: str | None,
-           dead_letters_path: str | None, batch_events: int, device: str, no_embedding: bool,
-           next_items: int) -> None:
+           dead_letters_path: str | None, batch_events: int, device: str, torch_threads: int,
+           no_embedding: bool, next_items: int) -> None:
     """Replay event logs through the daemon's pipeline: files, directories and globs (no broker needed),
     or Kafka topics as kafka://TOPIC?from=ISO&to=ISO (seeks by write time, then keeps the events whose
     event time is in [from, to)).
@@ -353,8 +359,8 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
         raise click.UsageError("give --out FILE and/or --output-topic TOPIC")
     try:
         settings = Settings(kafka=KafkaSettings(bootstrap_servers, parse_kafka_config(kafka_config)),
-                            model_path=model_path, device=device, emit_embedding=not no_embedding,
-                            next_items=next_items)
+                            model_path=model_path, device=device, torch_threads=torch_threads,
+                            emit_embedding=not no_embedding, next_items=next_items)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     dlq = dead_letters_path or (f"{out}.dlq.jsonl" if out else "replay.dlq.jsonl")

@@ -61,8 +61,10 @@ class ProfileUpdater:
         self._idle_tick_ms = max(idle_rescore_ms // 24, 1)
         self._next_idle_scan = -1
 
-    def process(self, records: RecordBatch, time_range: TimeRange | None = None) -> BatchResult:
-        """decode -> update -> profiles; with `time_range`, only events whose event time lies in it are applied."""
+    def process(self, records: RecordBatch, time_range: TimeRange | None = None, *, profiles: bool = True,
+                ) -> BatchResult:
+        """decode -> update -> profiles; with `time_range`, only events whose event time lies in it are applied.
+        `profiles=False` skips encoding the touched users' profiles (a replay that writes only final ones)."""
         t0 = time.perf_counter()
         events, dead = decode_batch(records, self.max_event_bytes)
         out_of_range = 0
@@ -76,9 +78,9 @@ class ProfileUpdater:
             rows = np.concatenate([rows, np.setdiff1d(self.idle_users(), rows, assume_unique=True)])
         self.state.scored_at[rows] = self.state.max_event_ts
         t2 = time.perf_counter()
-        profiles = self.profiles_for(rows)
+        encoded = self.profiles_for(rows) if profiles else []
         t3 = time.perf_counter()
-        return BatchResult(profiles, dead, events, out_of_range, {"decode": t1 - t0, "model": t2 - t1, "encode": t3 - t2})
+        return BatchResult(encoded, dead, events, out_of_range, {"decode": t1 - t0, "model": t2 - t1, "encode": t3 - t2})
 
     @torch.inference_mode()
     def apply(self, ev: EventColumns) -> np.ndarray:
@@ -86,14 +88,14 @@ class ProfileUpdater:
         if len(ev) == 0:
             return np.empty(0, dtype=np.int64)
         state = self.state
-        users, user_of_event = np.unique(ev.user_id, return_inverse=True)  # (U,), (N,)
-        rows = state.rows_for(users)
+        # Users by state row (new users get rows here): grouping integers is cheaper than strings.
+        rows, user_of_event = np.unique(state.rows_for(ev.user_id), return_inverse=True)  # (U,), (N,)
 
         # Each user's events in event-time order; arrival order breaks ties.
         order = np.lexsort((ev.record_index, ev.ts, user_of_event))
         user_sorted = user_of_event[order]
         ts = ev.ts[order]
-        lengths = np.bincount(user_sorted, minlength=len(users))
+        lengths = np.bincount(user_sorted, minlength=len(rows))
         starts = np.zeros_like(lengths)
         np.cumsum(lengths[:-1], out=starts[1:])
         position = np.arange(len(order)) - starts[user_sorted]
@@ -166,16 +168,10 @@ class ProfileUpdater:
         # Top categories: a distribution over the buckets that ever carried a category string,
         # computed for those columns only (S seen categories, not every bucket).
         seen = state.seen_categories()  # (S,) bucket ids
-        heads = self.model.heads(h, torch.from_numpy(idle).float().to(self.device), seen)
-        probs = heads.category_probs  # (U, S)
-        k = min(TOP_CATEGORIES, len(seen))
-        top_scores, top_cols = probs.topk(k, dim=1) if k else (probs[:, :0], probs[:, :0].long())
-        names = state.category_names
-        buckets = seen.cpu().numpy()
-        top = [
-            [(names[b], s) for b, s in zip(bs, ss)]
-            for bs, ss in zip(buckets[top_cols.cpu().numpy()].tolist(), top_scores.cpu().tolist())
-        ]
+        heads = self.model.heads(h, torch.from_numpy(idle).float().to(self.device), seen, TOP_CATEGORIES)
+        top_cols, top_scores = heads.top_category_cols, heads.top_category_probs
+        top_names = state.seen_category_names()[top_cols.cpu().numpy()].tolist()  # (U, k) names, best first
+        top_scores = np.round(top_scores.double().cpu().numpy(), 6).tolist()
 
         price_n = state.price_n[rows]
         mean_price = np.divide(state.price_sum[rows], price_n, out=np.full(len(rows), np.nan), where=price_n > 0)
@@ -191,7 +187,8 @@ class ProfileUpdater:
             last_event_ts=state.last_ts[rows],
             counts=state.counts[rows],
             spend_micros=state.spend_micros[rows],
-            top_categories=top,
+            top_category_names=top_names,
+            top_category_scores=top_scores,
             purchase_propensity=heads.purchase_propensity.cpu().numpy(),
             churn_risk=heads.churn_risk.cpu().numpy(),
             price_tier=tiers,
@@ -207,6 +204,8 @@ def load_updater(settings: Settings) -> ProfileUpdater:
     from models.profile_model import load_checkpoint, resolve_device, untrained
 
     device = resolve_device(settings.device)
+    if device.type == "cpu" and settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     if settings.model_path:
         loaded = load_checkpoint(settings.model_path, device)
         log.info("model %s loaded from %s on %s", loaded.version, settings.model_path, device)

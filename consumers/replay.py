@@ -96,7 +96,7 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
                     batch = source.next_batch()
                     if not len(batch):
                         continue
-                    result = updater.process(batch, window)  # the daemon's decode -> update -> profiles
+                    result = updater.process(batch, window, profiles=every_update)  # the daemon's decode -> update
                     if every_update:
                         sink.write(result.profiles)
                         report.profiles += len(result.profiles)

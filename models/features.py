@@ -8,6 +8,7 @@ so an unseen or missing id never fails: it just lands in some bucket.
 
 from __future__ import annotations
 
+import itertools
 import re
 import zlib
 from dataclasses import dataclass
@@ -23,14 +24,32 @@ MAX_QUERY_WORDS = 8  # longer queries are cut: the first words carry the intent
 PRICE_EDGES = np.array([0.5, 1, 2, 5, 10, 20, 35, 50, 75, 100, 200, 500, 1000, 5000, 20000], dtype=np.float64)
 
 
+# Memo of raw hashes per salt: ids and queries repeat heavily in event streams, so after warm-up
+# a lookup replaces the encode + crc32. Pure memoisation (same answers), bounded by clearing.
+_MEMO_MAX = 2_000_000
+_memo: dict[tuple[str, int], dict] = {}
+
+
+def _memo_for(kind: str, salt: int, absent: object) -> dict:
+    memo = _memo.get((kind, salt))
+    if memo is None or len(memo) > _MEMO_MAX:
+        memo = _memo[kind, salt] = {None: absent}
+    return memo
+
+
+def _crc(value: str, salt: int) -> int:
+    return zlib.crc32(value.encode("utf-8", "surrogatepass"), salt) + 1
+
+
 def hash_buckets(values: np.ndarray | list, buckets: int, salt: int) -> np.ndarray:
     """Map strings (None = absent) to buckets 1..buckets-1, deterministically; None -> 0."""
-    raw = np.fromiter(
-        (0 if v is None else zlib.crc32(v.encode("utf-8", "surrogatepass"), salt) + 1 for v in values),
-        dtype=np.uint64,
-        count=len(values),
-    )
-    return _mix_to_buckets(raw, buckets)
+    memo = _memo_for("id", salt, 0)
+    raw = list(map(memo.get, values))
+    if None in raw:
+        for v in {v for v, r in zip(values, raw) if r is None}:
+            memo[v] = _crc(v, salt)
+        raw = list(map(memo.__getitem__, values))
+    return _mix_to_buckets(np.fromiter(raw, dtype=np.uint64, count=len(raw)), buckets)
 
 
 def _mix_to_buckets(raw: np.ndarray, buckets: int) -> np.ndarray:
@@ -55,12 +74,17 @@ def query_tokens(queries: np.ndarray | list, buckets: int, salt: int) -> tuple[n
 
     Returns (tokens, offsets): event i's tokens are tokens[offsets[i]:offsets[i+1]].
     """
-    words_per_event = [query_terms(q) if q else [] for q in queries]
-    lengths = np.fromiter((len(w) for w in words_per_event), dtype=np.int64, count=len(words_per_event))
-    offsets = np.zeros(len(words_per_event), dtype=np.int64)
+    memo = _memo_for("query", salt, ())  # query -> its terms' raw hashes (a tuple)
+    terms = list(map(memo.get, queries))
+    if None in terms:
+        for q in {q for q, t in zip(queries, terms) if t is None}:
+            memo[q] = tuple(_crc(term, salt) for term in query_terms(q)) if q else ()
+        terms = list(map(memo.__getitem__, queries))
+    lengths = np.fromiter(map(len, terms), dtype=np.int64, count=len(terms))
+    offsets = np.zeros(len(terms), dtype=np.int64)
     np.cumsum(lengths[:-1], out=offsets[1:])
-    flat = [w for words in words_per_event for w in words]
-    return hash_buckets(flat, buckets, salt), offsets
+    raw = np.fromiter(itertools.chain.from_iterable(terms), dtype=np.uint64, count=int(lengths.sum()))
+    return _mix_to_buckets(raw, buckets), offsets
 
 
 def price_bucket(price: np.ndarray) -> np.ndarray:
@@ -135,5 +159,4 @@ def vocab_rows(item_id: np.ndarray, item_index: dict[str, int] | None) -> np.nda
     """Row of each item in a vocabulary (-1 where absent or without a vocabulary)."""
     if not item_index:
         return np.full(len(item_id), -1, dtype=np.int64)
-    get = item_index.get
-    return np.fromiter((get(i, -1) if i is not None else -1 for i in item_id), dtype=np.int64, count=len(item_id))
+    return np.fromiter(map(item_index.get, item_id, itertools.repeat(-1)), dtype=np.int64, count=len(item_id))

@@ -70,7 +70,8 @@ class ModelConfig:
 class ProfileHeads:
     """Head outputs for U users (tensors on the model's device)."""
 
-    category_probs: torch.Tensor  # (U, C) next-category distribution over the buckets (or the subset asked for)
+    top_category_probs: torch.Tensor  # (U, k) the k most likely next categories' probabilities, best first
+    top_category_cols: torch.Tensor  # (U, k) their columns (indices into the categories asked for, or buckets)
     purchase_propensity: torch.Tensor  # (U,) P(purchase within the horizon)
     churn_risk: torch.Tensor  # (U,) P(no activity within the horizon)
     interest_cluster: torch.Tensor  # (U,) long, nearest centroid
@@ -166,23 +167,49 @@ class ProfileModel(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(category (U, C), purchase (U,), churn (U,)) logits; training uses these directly.
 
-        categories: score only these buckets, (U, len(categories)): serving ranks the categories
-        seen so far, a few hundred columns instead of every bucket."""
+        categories: score only these buckets, (U, len(categories))."""
         h = self.drop(h)
+        weight, bias = self._category_weights(categories)
+        return torch.addmm(bias, h, weight.T), *self._purchase_churn_logits(h, idle_hours)
+
+    def _purchase_churn_logits(self, h: torch.Tensor, idle_hours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idle = torch.log1p(idle_hours.clamp(min=0))
         churn = self.churn_head(h)[:, 0] + nn.functional.softplus(self.churn_idle_weight) * idle
-        if categories is None:
-            category = self.category_head(h)
-        else:
-            category = h @ self.category_head.weight[categories].T + self.category_head.bias[categories]
-        return category, self.propensity_head(h)[:, 0], churn
+        return self.propensity_head(h)[:, 0], churn
 
-    def heads(self, h: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None) -> ProfileHeads:
+    def _category_weights(self, categories: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if categories is None:
+            return self.category_head.weight, self.category_head.bias
+        return self.category_head.weight[categories], self.category_head.bias[categories]
+
+    def top_categories(self, h: torch.Tensor, categories: torch.Tensor | None, k: int, chunk_users: int = 4096,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k most likely next categories of each user and their probabilities: (U, k) probs, (U, k)
+        column indices into `categories` (or bucket ids when None). The softmax over C columns is taken
+        chunk by chunk, so the (U, C) matrix never exists whole (66k users x 4k categories = 1 GB)."""
+        weight, bias = self._category_weights(categories)
+        k = min(k, len(weight))
+        probs, cols = [], []
+        for start in range(0, len(h), chunk_users):
+            logits = torch.addmm(bias, h[start:start + chunk_users], weight.T)  # (u, C)
+            top, idx = logits.topk(k, dim=1)
+            best = top[:, :1]
+            mass = logits.sub_(best).exp_().sum(dim=1, keepdim=True)  # softmax denominator, shifted by the max
+            probs.append((top - best).exp_() / mass)
+            cols.append(idx)
+        if not probs:
+            return h.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=h.device)
+        return torch.cat(probs), torch.cat(cols)
+
+    def heads(self, h: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None,
+              top_k: int = 3) -> ProfileHeads:
         """h: (U, H) user states; idle_hours: (U,) event time since each user's last event;
-        categories: the buckets to distribute over (all when None)."""
-        category, purchase, churn = self.head_logits(h, idle_hours, categories)
+        categories: the buckets to distribute over (all when None); top_k: categories kept per user."""
+        h = self.drop(h)
+        purchase, churn = self._purchase_churn_logits(h, idle_hours)
+        top_probs, top_cols = self.top_categories(h, categories, top_k)
         cluster = torch.cdist(h, self.cluster_centroids).argmin(dim=1)  # (U,)
-        return ProfileHeads(torch.softmax(category, dim=1), torch.sigmoid(purchase), torch.sigmoid(churn), cluster)
+        return ProfileHeads(top_probs, top_cols, torch.sigmoid(purchase), torch.sigmoid(churn), cluster)
 
 
 @dataclass

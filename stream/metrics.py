@@ -16,6 +16,7 @@ from typing import Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 _BATCH_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_LAG_SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 86400.0)
 _BATCH_EVENTS = (1, 10, 100, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000)
 
 
@@ -37,16 +38,31 @@ class Metrics:
         self.batch_seconds = Histogram(
             "profiles_batch_duration_seconds", "Micro-batch processing time by stage", ["stage"],
             buckets=_BATCH_SECONDS, registry=r)
+        self.event_time_lag = Histogram(
+            "profiles_event_time_lag_seconds", "Wall-clock time minus event time, per applied event (sampled per batch)",
+            buckets=_LAG_SECONDS, registry=r)
+        self.consumer_lag = Gauge(
+            "profiles_consumer_lag_records", "Records between the committed position and the partition's end "
+            "(librdkafka statistics)", ["topic", "partition"], registry=r)
         self.commit_failures = Counter(
             "profiles_commit_failures", "Offset commits that failed", registry=r)
+        self.transaction_failures = Counter(
+            "profiles_transaction_failures", "Kafka transactions that failed to commit (exactly-once mode)", registry=r)
         self.users_in_state = Gauge("profiles_users_in_state", "Users held in the state table", registry=r)
         self.state_bytes = Gauge("profiles_state_bytes", "Bytes held by the state table, by device", ["device"],
                                  registry=r)
+        self.device_memory = Gauge(
+            "profiles_device_memory_bytes", "Memory the process holds on its compute device (CUDA: allocated by "
+            "torch; CPU: resident set size)", ["device"], registry=r)
+        self.restore_seconds = Gauge(
+            "profiles_restore_duration_seconds", "How long the last state restore took", registry=r)
+        self.assigned_partitions = Gauge(
+            "profiles_assigned_partitions", "Input partitions this instance owns", registry=r)
+        self.ready = Gauge("profiles_ready", "1 while partitions are assigned and restored (as /readyz)", registry=r)
         self.last_progress = Gauge(
             "profiles_last_progress_timestamp_seconds", "Wall-clock time of the main loop's last iteration",
             registry=r)
         self.model_info = Info("profiles_model", "The serving model", registry=r)
-
 
 
 class Health:

@@ -33,7 +33,8 @@ class ProfileColumns:
     last_event_ts: np.ndarray  # (U,) int64
     counts: np.ndarray  # (U, 4) int64
     spend_micros: np.ndarray  # (U,) int64
-    top_categories: list[list[tuple[str, float]]]  # per user, best first
+    top_category_names: list[list[str]]  # per user, best first
+    top_category_scores: list[list[float]]  # per user, aligned with the names, rounded
     purchase_propensity: np.ndarray  # (U,) float
     churn_risk: np.ndarray  # (U,) float
     price_tier: list[str]
@@ -61,7 +62,8 @@ def encode_profiles(cols: ProfileColumns, model_version: str, updated_at_ms: int
             "last_event_ts": last_ts[i],
             "counts": dict(zip(EVENT_TYPES, counts[i])),
             "spend": spend[i],
-            "top_categories": [{"category": c, "score": round(s, 6)} for c, s in cols.top_categories[i]],
+            "top_categories": [{"category": c, "score": s}
+                               for c, s in zip(cols.top_category_names[i], cols.top_category_scores[i])],
             "purchase_propensity": propensity[i],
             "churn_risk": churn[i],
             "price_tier": cols.price_tier[i],

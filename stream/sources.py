@@ -8,6 +8,8 @@ Positions: a file record's topic is its path, partition 0, offset its line numbe
 
 from __future__ import annotations
 
+import itertools
+
 import glob
 import gzip
 import os
@@ -68,7 +70,8 @@ class FileSource:
         self.format = fmt
         self.total_bytes = sum(p.stat().st_size for p in paths)
         self._done_bytes = 0
-        self._lines = self._records()
+        self._chunk_iter = self._chunks()
+        self._name, self._numbers, self._values, self._at = "", [], [], 0  # the chunk being consumed
         self.exhausted = False
 
     @property
@@ -83,34 +86,49 @@ class FileSource:
         except (ValueError, OSError):
             return 0
 
-    def _records(self) -> Iterator[tuple[str, int, bytes]]:
+    def _chunks(self) -> Iterator[tuple[str, list[int], list[bytes]]]:
+        """(file name, line numbers, records) in chunks: lines are read a megabyte at a time, not one by one."""
         for path in self.paths:
             name = str(path)
             if self.format == "jsonl":
                 with _open(path) as self._fh:
-                    for number, line in enumerate(self._fh, 1):
-                        line = line.rstrip(b"\r\n")
-                        if line:
-                            yield name, number, line
+                    first = 1
+                    while lines := self._fh.readlines(1 << 20):
+                        records = [line.rstrip(b"\r\n") for line in lines]
+                        numbers = list(range(first, first + len(lines)))
+                        first += len(lines)
+                        if not all(records):  # skip blank lines, keep the others' line numbers
+                            numbers = [n for n, r in zip(numbers, records) if r]
+                            records = [r for r in records if r]
+                        yield name, numbers, records
             else:
                 from models.importers import iter_import
 
                 # Converted on the fly (progress advances per file); line = the event's position.
-                for number, event in enumerate(iter_import(self.format, path), 1):
-                    yield name, number, orjson.dumps(event)
+                events = enumerate(iter_import(self.format, path), 1)
+                while chunk := list(itertools.islice(events, 10_000)):
+                    yield name, [n for n, _ in chunk], [orjson.dumps(e) for _, e in chunk]
             self._fh = None
             self._done_bytes += path.stat().st_size
 
     def next_batch(self) -> RecordBatch:
-        topics, offsets, values = [], [], []
-        for name, number, line in self._lines:
-            topics.append(name)
-            offsets.append(number)
-            values.append(line)
-            if len(values) >= self.batch_records:
-                break
-        else:
-            self.exhausted = True
+        """Up to batch_records records (fewer only at the end)."""
+        topics: list[str] = []
+        offsets: list[int] = []
+        values: list[bytes] = []
+        while len(values) < self.batch_records:
+            if self._at >= len(self._values):
+                chunk = next(self._chunk_iter, None)
+                if chunk is None:
+                    self.exhausted = True
+                    break
+                self._name, self._numbers, self._values = chunk
+                self._at = 0
+            end = min(len(self._values), self._at + self.batch_records - len(values))
+            values += self._values[self._at:end]
+            offsets += self._numbers[self._at:end]
+            topics += [self._name] * (end - self._at)
+            self._at = end
         n = len(values)
         return RecordBatch(topics, [0] * n, offsets, [None] * n, values)
 

@@ -10,6 +10,8 @@ changelog and local snapshots of a later issue build on them.
 
 from __future__ import annotations
 
+import itertools
+
 import os
 from pathlib import Path
 from typing import Iterable
@@ -67,7 +69,7 @@ class StateTable:
     def rows_for(self, users: Iterable[str]) -> np.ndarray:
         """Row of each user, adding rows for users not yet in state."""
         index = self._index
-        rows = np.fromiter((index.get(u, -1) for u in users), dtype=np.int64)
+        rows = np.fromiter(map(index.get, users, itertools.repeat(-1)), dtype=np.int64)
         missing = np.flatnonzero(rows < 0)
         if len(missing):
             users = list(users) if not isinstance(users, (list, np.ndarray)) else users
@@ -103,9 +105,8 @@ class StateTable:
         keep = buckets > 0
         if not keep.any():
             return
-        uniq_names, first = np.unique(names[keep], return_index=True)  # sorted: smallest name first
         known = self.category_names
-        for bucket, name in zip(buckets[keep][first].tolist(), uniq_names.tolist()):
+        for name, bucket in dict(zip(names[keep].tolist(), buckets[keep].tolist())).items():  # distinct names
             current = known.get(bucket)
             if current is None:
                 self._seen_cache = None  # a new bucket
@@ -115,8 +116,15 @@ class StateTable:
     def seen_categories(self) -> torch.Tensor:
         """(S,) buckets that ever carried a category, ascending; cached until a new one appears."""
         if self._seen_cache is None:
-            self._seen_cache = torch.tensor(sorted(self.category_names), dtype=torch.long, device=self.device)
+            buckets = sorted(self.category_names)
+            self._seen_cache = torch.tensor(buckets, dtype=torch.long, device=self.device)
+            self._seen_names = np.array([self.category_names[b] for b in buckets] or [""], dtype=object)
         return self._seen_cache
+
+    def seen_category_names(self) -> np.ndarray:
+        """(S,) the category names of seen_categories(), aligned with it."""
+        self.seen_categories()
+        return self._seen_names
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes held by the state, by device."""

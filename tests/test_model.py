@@ -71,7 +71,8 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         ha = model.heads(torch.ones(2, 16), torch.zeros(2))
         hb = loaded.model.heads(torch.ones(2, 16), torch.zeros(2))
-    torch.testing.assert_close(ha.category_probs, hb.category_probs, rtol=0, atol=0)
+    torch.testing.assert_close(ha.top_category_probs, hb.top_category_probs, rtol=0, atol=0)
+    assert torch.equal(ha.top_category_cols, hb.top_category_cols)
     assert torch.equal(ha.interest_cluster, hb.interest_cluster)
 
 
