@@ -8,10 +8,9 @@ Positions: a file record's topic is its path, partition 0, offset its line numbe
 
 from __future__ import annotations
 
-import itertools
-
 import glob
 import gzip
+import itertools
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,7 +20,7 @@ from urllib.parse import parse_qs, urlparse
 
 import orjson
 
-from stream.events import RecordBatch
+from stream.events import RecordBatch, epoch_ms
 from stream.settings import KafkaSettings
 
 JSON_FORMATS = ("jsonl",)
@@ -166,7 +165,7 @@ def parse_kafka_uri(uri: str) -> tuple[str, TimeRange]:
             when = datetime.fromisoformat(text.replace(" ", "+"))  # '+' of a zone may arrive as a space
         except ValueError:
             raise SourceError(f"{uri!r}: {name}= must be ISO-8601 or epoch milliseconds") from None
-        return int((when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp() * 1000)
+        return epoch_ms(when if when.tzinfo else when.replace(tzinfo=timezone.utc))
 
     window = TimeRange(moment("from"), moment("to"))
     if window.start_ms is not None and window.end_ms is not None and window.end_ms <= window.start_ms:
