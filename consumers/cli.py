@@ -423,5 +423,59 @@ def evaluate_synthetic(model_path: str, users: int, events: int, seed: int, devi
     click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
 
 
+@main.command()
+@click.option("--events", default=200_000, show_default=True, type=click.IntRange(min=1000),
+              help="Generated events to push through.")
+@click.option("--users", default=50_000, show_default=True, type=click.IntRange(min=1), help="Distinct users.")
+@click.option("--batch-max-events", default=5000, show_default=True, type=click.IntRange(min=1),
+              help="Micro-batch size of the pipeline (and of the raw consumer's consume calls).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--torch-threads", default=1, show_default=True, type=click.IntRange(min=0),
+              help="CPU threads for the model's kernels (0: torch's default).")
+@click.option("--bootstrap-servers", default=None,
+              help="Benchmark against this Kafka cluster (fresh topics are created). [default: an embedded broker]")
+@click.option("--partitions", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Partitions of the benchmark topics.")
+@click.option("--offered-rate", default=50_000, show_default=True, type=click.IntRange(min=0),
+              help="After the throughput runs, offer this many events/s from another process to the live "
+              "daemon and report its batch latency (0 skips it).")
+@click.option("--offered-seconds", default=10.0, show_default=True, type=click.FloatRange(min=1),
+              help="How long the offered load lasts.")
+@click.option("--no-broker", is_flag=True,
+              help="Time the in-process model step alone (no Kafka), plus the scaling table.")
+@click.option("--scaling-users", default="10000,100000,1000000", show_default=True,
+              help="With --no-broker: users prefilled in state for each row of the scaling table ('' skips it).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def bench(events: int, users: int, batch_max_events: int, device: str, torch_threads: int,
+          bootstrap_servers: str | None, partitions: int, offered_rate: int, offered_seconds: float, no_broker: bool,
+          scaling_users: str, seed: int, as_json: bool) -> None:
+    """Measure throughput and latency in one run: the full pipeline (decode, validate, GRU update,
+    profile encode, publish, commit) against the raw ceiling of a plain consumer that only consumes
+    and decodes the same events; p50/p99 batch latency; state size; batch latency under an offered load.
+
+    With --no-broker: events/s of the model step alone, and how it scales with the users in state.
+    """
+    from consumers.bench import model_step, run_bench
+    from stream.kafka import StreamError
+
+    say = (lambda _msg: None) if as_json else (lambda msg: click.echo(msg, err=True))
+    try:
+        if no_broker:
+            sizes = tuple(int(x) for x in scaling_users.split(",") if x.strip())
+            report = model_step(events=events, users=users, batch_max_events=batch_max_events, device=device,
+                                torch_threads=torch_threads, seed=seed, scaling_users=sizes, say=say)
+        else:
+            report = run_bench(events=events, users=users, batch_max_events=batch_max_events, device=device,
+                               bootstrap_servers=bootstrap_servers, partitions=partitions, offered_rate=offered_rate,
+                               offered_seconds=offered_seconds, torch_threads=torch_threads, seed=seed, say=say)
+    except (StreamError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(report.as_json().decode())
+    else:
+        click.echo(report.table())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -2,7 +2,8 @@
 
 Guarantee (this version): at-least-once. Input offsets are committed only after
 every profile and dead letter of the batch is acknowledged by the broker, so a
-crash re-reads (never skips) the records after the last commit.
+crash re-reads (never skips) the records after the last commit. The wait for
+acknowledgements overlaps the next batch's compute (see Checkpoint).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from confluent_kafka import KafkaException, TopicPartition
 
 from consumers.pipeline import BatchResult, ProfileUpdater
@@ -22,7 +24,7 @@ from stream.events import EVENT_TYPES, RecordBatch
 from stream.kafka import (
     Publisher, StreamError, admin_client, check_copartitioned, ensure_topics, seed_group_offsets,
 )
-from stream.metrics import Health, Metrics
+from stream.metrics import Health, Metrics, consumer_lag, resident_bytes
 from stream.settings import Settings
 from stream.state import read_snapshot
 
@@ -39,27 +41,46 @@ class DaemonStats:
     dead_letters: int = 0
     profiles: int = 0
     commits: int = 0
-    batch_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=512))
+    batch_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
     started_at: float = field(default_factory=time.monotonic)
+    first_batch_at: float | None = None  # perf_counter when the first non-empty batch started
+    last_batch_done_at: float | None = None  # ...and when the latest one was committed
 
 
 class Checkpoint:
-    """The one place that commits: what a batch published, then the input offsets it covers."""
+    """The one place that commits: input offsets, only once the broker acknowledged all a batch published.
+
+    The wait is pipelined one batch deep: the daemon publishes batch k, computes batch k+1 while
+    librdkafka's threads deliver k, and only then waits for k's acknowledgements (usually in by
+    then) and commits k's offsets. A crash before that commit re-reads k: never a lost record.
+    """
 
     def __init__(self, source: KafkaBatchSource, publisher: Publisher, metrics: Metrics) -> None:
         self.source = source
         self.publisher = publisher
         self.metrics = metrics
+        self.uncommitted: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset, published
 
-    def commit(self, records: RecordBatch) -> bool:
+    def published(self, records: RecordBatch) -> None:
+        """The batch's output has been handed to the producer: its offsets are the next to commit."""
+        # Records of one partition arrive in offset order, so the last one wins.
+        self.uncommitted.update(zip(zip(records.topics, records.partitions), (o + 1 for o in records.offsets)))
+
+    def forget(self, partitions: list[TopicPartition]) -> None:
+        """Partitions lost to another member: their offsets are no longer ours to commit."""
+        for p in partitions:
+            self.uncommitted.pop((p.topic, p.partition), None)
+
+    def commit(self) -> bool:
         """1. wait until the broker acknowledged every profile and dead letter produced so far;
-        2. commit, per input partition, the offset after the batch's last record.
+        2. commit, per input partition, the offset after the last published record.
         A publish failure raises (the daemon stops without committing); a commit failure,
         e.g. during a rebalance, is logged and counted: those records are re-read, not lost."""
+        if not self.uncommitted:
+            return True
         self.publisher.flush()
-        # Records of one partition arrive in offset order, so the last one wins.
-        last = dict(zip(zip(records.topics, records.partitions), records.offsets))
-        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self.uncommitted.items()]
+        self.uncommitted = {}
         try:
             self.source.commit(offsets)
             return True
@@ -79,7 +100,7 @@ class ProfileDaemon:
         self.health = health or Health(settings.stall_after_s)
         self.stats = DaemonStats()
         self.source = KafkaBatchSource(settings, on_assign=self._assigned, on_revoke=self._flush_before_revoke,
-                                       on_lost=self._drop_lost)
+                                       on_lost=self._drop_lost, on_stats=self._kafka_stats)
         self.publisher = Publisher(settings.kafka)
         self.checkpoint = Checkpoint(self.source, self.publisher, metrics)
         metrics.model_info.info({"version": updater.model_version, "device": str(updater.device)})
@@ -93,6 +114,7 @@ class ProfileDaemon:
 
     def restore(self, directory: str) -> None:
         """Start from a replayed state: load it, and continue the input where the replay stopped."""
+        started = time.perf_counter()
         try:
             snapshot, meta = read_snapshot(directory)
         except ValueError as exc:
@@ -101,6 +123,7 @@ class ProfileDaemon:
             raise StreamError(f"the state in {directory} was built by model {meta.get('model_version')!r}, "
                               f"but this daemon serves {self.updater.model_version!r}: replay with the same --model")
         self.updater.state.restore(snapshot)
+        self.metrics.restore_seconds.set(time.perf_counter() - started)
         offsets = {t: parts for t, parts in meta.get("kafka_offsets", {}).items() if t in self.settings.input_topics}
         seeded = seed_group_offsets(self.settings.kafka, self.settings.group_id, offsets)
         log.info("restored %d users from %s; group %s continues from %s", len(self.updater.state), directory,
@@ -121,32 +144,36 @@ class ProfileDaemon:
             while not self.stop.is_set():
                 self.handle(self.source.next_batch(self.stop))
             self.handle(self.source.take_pending())
+            self.checkpoint.commit()
         finally:
-            self.health.set_ready(False)
+            self.set_ready(False)
             self.source.close()  # leaves the group: partitions move to the others at once
             self.publisher.flush()
         log.info("stopped after %d events in %d batches", self.stats.events, self.stats.batches)
 
     def handle(self, records: RecordBatch) -> None:
-        """One micro-batch: update -> publish -> commit."""
+        """One micro-batch: update -> commit the previous batch -> publish this one."""
         self.metrics.last_progress.set_to_current_time()
         self.health.progressed()
         if len(records) == 0:
+            self.checkpoint.commit()  # idle: nothing to overlap with, commit what is out
             return
         start = time.perf_counter()
+        if self.stats.first_batch_at is None:
+            self.stats.first_batch_at = start
         result = self.updater.process(records)
+        t_commit = time.perf_counter()
+        committed = self.checkpoint.commit()  # the previous batch, delivered while this one computed
         t_publish = time.perf_counter()
         self.publish(result)
-        t_commit = time.perf_counter()
-        committed = self.checkpoint.commit(records)
+        self.checkpoint.published(records)
         done = time.perf_counter()
-        self.account(records, result, {**result.stage_seconds, "publish": t_commit - t_publish,
-                                       "commit": done - t_commit, "total": done - start}, committed)
+        self.account(records, result, {**result.stage_seconds, "commit": t_publish - t_commit,
+                                       "publish": done - t_publish, "total": done - start}, committed)
 
     def publish(self, result: BatchResult) -> None:
-        out, dlq, produce = self.settings.output_topic, self.settings.dead_letter_topic, self.publisher.produce
-        for key, value in result.profiles:
-            produce(out, key, value)
+        dlq, produce = self.settings.dead_letter_topic, self.publisher.produce
+        self.publisher.produce_many(self.settings.output_topic, result.profiles)
         for dead in result.dead_letters:
             produce(dlq, dead.key, dead.value, dead.headers())
             log.debug("dead letter %s[%d]@%d: %s", dead.topic, dead.partition, dead.offset, dead.detail)
@@ -168,8 +195,16 @@ class ProfileDaemon:
         m.batch_events.observe(len(records))
         for stage, sec in seconds.items():
             m.batch_seconds.labels(stage).observe(sec)
+        if n_events:  # a strided sample of at most 64 events per batch: observe() is per-value Python
+            sample = events.ts[:: max(1, n_events // 64)]
+            for lag_s in (time.time() - sample / 1000.0).tolist():
+                m.event_time_lag.observe(lag_s)
         state = self.updater.state
         m.users_in_state.set(len(state))
+        device = self.updater.device
+        if device.type == "cuda":
+            m.device_memory.labels(str(device)).set(torch.cuda.memory_allocated(device))
+        m.device_memory.labels("host").set(resident_bytes())
         for device, nbytes in state.state_bytes().items():
             m.state_bytes.labels(device).set(nbytes)
         s.batches += 1
@@ -179,17 +214,45 @@ class ProfileDaemon:
         s.profiles += len(result.profiles)
         s.commits += int(committed)
         s.batch_seconds.append(seconds["total"])
+        s.last_batch_done_at = time.perf_counter()
+
+    def set_ready(self, ready: bool) -> None:
+        self.health.set_ready(ready)
+        self.metrics.ready.set(int(ready))
+        self.metrics.assigned_partitions.set(len(self.source.assigned))
 
     def _assigned(self, partitions: list[TopicPartition]) -> None:
         # State is restored before subscribing, so a member with an assignment is ready to serve.
-        self.health.set_ready(True)
+        self.set_ready(True)
 
     def _flush_before_revoke(self, partitions: list[TopicPartition]) -> None:
         # Finish the batch in hand while we still own its partitions, so its offsets can be committed.
-        self.health.set_ready(False)
+        self.set_ready(False)
         self.handle(self.source.take_pending())
+        self.checkpoint.commit()
+        self._forget_lag(partitions)
 
     def _drop_lost(self, partitions: list[TopicPartition]) -> None:
         # Lost partitions already have a new owner: committing for them would fail; it re-reads them.
-        self.health.set_ready(False)
+        self.set_ready(False)
         self.source.drop_pending(partitions)
+        self.checkpoint.forget(partitions)
+        self._forget_lag(partitions)
+
+    def _kafka_stats(self, stats_json: str) -> None:
+        """librdkafka's statistics callback (on the loop's thread, inside consume): lag per partition."""
+        try:
+            lag = consumer_lag(stats_json)
+        except (ValueError, TypeError, AttributeError) as exc:  # a malformed report must not stop the loop
+            log.debug("unreadable librdkafka statistics: %s", exc)
+            return
+        for (topic, partition), behind in lag.items():
+            if (topic, partition) in self.source.assigned:
+                self.metrics.consumer_lag.labels(topic, str(partition)).set(behind)
+
+    def _forget_lag(self, partitions: list[TopicPartition]) -> None:
+        for p in partitions:  # another member reports these now
+            try:
+                self.metrics.consumer_lag.remove(p.topic, str(p.partition))
+            except KeyError:
+                pass

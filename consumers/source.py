@@ -25,7 +25,7 @@ PartitionsHandler = Callable[[list[TopicPartition]], None]
 
 class KafkaBatchSource:
     def __init__(self, settings: Settings, on_assign: PartitionsHandler, on_revoke: PartitionsHandler,
-                 on_lost: PartitionsHandler) -> None:
+                 on_lost: PartitionsHandler, on_stats: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self._on_assign = on_assign
         self._on_revoke = on_revoke
@@ -44,6 +44,9 @@ class KafkaBatchSource:
                     "max.poll.interval.ms": 300_000,
                     # Only see records of committed transactions (where the broker honours it).
                     "isolation.level": "read_committed",
+                    # librdkafka's statistics (per-partition consumer lag, from fetch watermarks)
+                    # every 5 s, served from the consume calls the loop already makes.
+                    **({"statistics.interval.ms": 5000, "stats_cb": on_stats} if on_stats else {}),
                 }
             )
         )

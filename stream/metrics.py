@@ -8,6 +8,7 @@ One small HTTP server on the metrics port answers:
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,6 +64,30 @@ class Metrics:
             "profiles_last_progress_timestamp_seconds", "Wall-clock time of the main loop's last iteration",
             registry=r)
         self.model_info = Info("profiles_model", "The serving model", registry=r)
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def consumer_lag(stats_json: str) -> dict[tuple[str, int], int]:
+    """(topic, partition) -> records behind, from a librdkafka statistics report (assigned partitions only)."""
+    import orjson
+
+    lag = {}
+    for topic, t in orjson.loads(stats_json).get("topics", {}).items():
+        for part, p in t.get("partitions", {}).items():
+            behind = p.get("consumer_lag", -1)
+            if int(part) >= 0 and behind >= 0 and p.get("fetch_state") not in ("none", "stopped"):
+                lag[topic, int(part)] = behind
+    return lag
 
 
 class Health:

@@ -63,8 +63,16 @@ def test_endpoints_during_a_real_run(kafka, settings_factory):
                        if line.startswith("profiles_events_consumed_total{"))
         assert consumed == 1500
         assert get(port, "/nope")[0] == 404
+        value = metrics.registry.get_sample_value
+        assert value("profiles_ready") == 1 and value("profiles_assigned_partitions") == 2
+        assert value("profiles_event_time_lag_seconds_count") > 0  # sampled: at least one event per batch
+        assert value("profiles_device_memory_bytes", {"device": "host"}) > 10 * 2**20
+        # Consumer lag comes from librdkafka's statistics (every 5 s): all read, so 0 for each partition.
+        wait_until(lambda: all(value("profiles_consumer_lag_records", {"topic": topic, "partition": str(p)}) == 0
+                               for p in (0, 1)), 30, "consumer lag from the statistics callback")
     finally:
         stop.set()
         thread.join(timeout=30)
         server.shutdown()
     assert not health.ready  # a stopped daemon is not ready
+    assert metrics.registry.get_sample_value("profiles_ready") == 0

@@ -1,0 +1,299 @@
+"""`profiles bench`: events per second of the whole pipeline against a plain consumer, on one broker.
+
+Broker mode (the embedded broker unless --bootstrap-servers is given), in one run:
+  1. produce N generated events to a fresh topic (not timed);
+  2. raw ceiling: a plain confluent-kafka consumer reads and JSON-decodes the N events, nothing else;
+  3. pipeline: the daemon (decode, validate, GRU update, profile encode, publish, commit) on the
+     same events, from the first batch to the last commit;
+  4. offered load (optional): events produced at a fixed rate by another process while the daemon
+     runs live, for the batch latency a steady stream sees.
+No-broker mode times the in-process model step alone, and the scaling table prefills the state
+with 10k / 100k / 1M users to show that the cost per event does not grow with them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import orjson
+import torch
+from confluent_kafka import Consumer
+
+from consumers.daemon import ProfileDaemon
+from consumers.loadgen import produce_paced, records
+from consumers.pipeline import ProfileUpdater, load_updater
+from stream.broker import EmbeddedBroker
+from stream.events import RecordBatch, decode_batch
+from stream.generator import iter_events
+from stream.kafka import Publisher, StreamError, admin_client, ensure_topics
+from stream.metrics import Metrics
+from stream.settings import KafkaSettings, Settings
+
+log = logging.getLogger(__name__)
+
+SCALING_USERS = (10_000, 100_000, 1_000_000)
+
+
+@dataclass
+class BenchReport:
+    events: int
+    users: int
+    device: str
+    batch_max_events: int
+    pipeline_events_per_s: float | None = None
+    raw_events_per_s: float | None = None
+    ratio: float | None = None
+    p50_batch_ms: float | None = None
+    p99_batch_ms: float | None = None
+    state_bytes: int | None = None
+    offered_events_per_s: int | None = None
+    offered_achieved_events_per_s: float | None = None
+    offered_p50_batch_ms: float | None = None
+    offered_p99_batch_ms: float | None = None
+    model_step_events_per_s: float | None = None
+    stage_share: dict[str, float] = field(default_factory=dict)  # share of pipeline batch time per stage
+    scaling: list[dict] = field(default_factory=list)
+
+    def table(self) -> str:
+        """The report for people: one figure per line, then the scaling table."""
+        def line(label: str, value: object, unit: str = "") -> str:
+            return f"{label:<34} {value}{unit}"
+
+        out = [line("device", self.device), line("events", f"{self.events:,}"),
+               line("users", f"{self.users:,}"), line("batch max events", f"{self.batch_max_events:,}")]
+        if self.pipeline_events_per_s is not None:
+            out += [line("pipeline", f"{self.pipeline_events_per_s:,.0f}", " events/s"),
+                    line("raw ceiling (consume + decode)", f"{self.raw_events_per_s:,.0f}", " events/s"),
+                    line("ratio", f"{self.ratio:.2f}"),
+                    line("batch latency p50 / p99", f"{self.p50_batch_ms:.1f} / {self.p99_batch_ms:.1f}", " ms"),
+                    line("state", f"{self.state_bytes / 2**20:,.1f}", " MiB"),
+                    line("batch time by stage", ", ".join(f"{k} {v:.0%}" for k, v in self.stage_share.items()))]
+        if self.offered_events_per_s:
+            out += [line(f"offered {self.offered_events_per_s:,} events/s: done at",
+                         f"{self.offered_achieved_events_per_s:,.0f}", " events/s"),
+                    line("  batch latency p50 / p99",
+                         f"{self.offered_p50_batch_ms:.1f} / {self.offered_p99_batch_ms:.1f}", " ms")]
+        if self.model_step_events_per_s is not None:
+            out.append(line("model step (no broker)", f"{self.model_step_events_per_s:,.0f}", " events/s"))
+        if self.scaling:
+            out += ["", f"{'users in state':>15} {'step events/s':>14} {'us/event':>9} {'+profiles ev/s':>15} "
+                        f"{'state MiB':>10}"]
+            out += [f"{r['users_in_state']:>15,} {r['step_events_per_s']:>14,.0f} {r['step_us_per_event']:>9.2f} "
+                    f"{r['with_profiles_events_per_s']:>15,.0f} {r['state_bytes'] / 2**20:>10,.1f}"
+                    for r in self.scaling]
+        return "\n".join(out)
+
+    def as_json(self) -> bytes:
+        return orjson.dumps({k: v for k, v in asdict(self).items() if v is not None and v != []})
+
+
+def generated_records(n: int, users: int, seed: int) -> list[tuple[bytes, bytes]]:
+    return list(records(iter_events(users, seed, events=n), invalid_fraction=0.0, seed=seed))
+
+
+# ---------------------------------------------------------------- broker mode
+
+def produce_all(kafka: KafkaSettings, topic: str, recs: list[tuple[bytes, bytes]]) -> None:
+    publisher = Publisher(kafka, **{"linger.ms": 20})
+    publisher.produce_many(topic, recs)
+    publisher.flush()
+
+
+def raw_ceiling(kafka: KafkaSettings, topic: str, n: int, batch: int, timeout_s: float = 300.0) -> float:
+    """Events/s of a plain consumer that consumes and JSON-decodes `n` records and does nothing else."""
+    consumer = Consumer(kafka.client_config(**{
+        "group.id": f"bench-raw-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
+        "enable.auto.commit": False, "session.timeout.ms": 6000}))
+    consumer.subscribe([topic])
+    loads, seen, started = orjson.loads, 0, None
+    deadline = time.monotonic() + timeout_s
+    try:
+        while seen < n:
+            if time.monotonic() > deadline:
+                raise StreamError(f"raw consumer read only {seen:,} of {n:,} records in {timeout_s:.0f}s")
+            msgs = consumer.consume(batch, 0.5)
+            if msgs and started is None:
+                started = time.perf_counter()
+            decoded = [loads(m.value()) for m in msgs if m.error() is None]
+            seen += len(decoded)
+        return n / (time.perf_counter() - started)
+    finally:
+        consumer.close()
+
+
+def run_daemon_until(settings: Settings, updater: ProfileUpdater, done: callable, timeout_s: float) -> ProfileDaemon:
+    """Run a daemon in a thread until `done(daemon)` is true; return it, stopped."""
+    stop = threading.Event()
+    daemon = ProfileDaemon(settings, updater, Metrics(), stop)
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            daemon.run()
+        except BaseException as exc:  # noqa: BLE001 (reported below, in the caller's thread)
+            errors.append(exc)
+            stop.set()
+
+    thread = threading.Thread(target=target, name="bench-daemon", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not done(daemon) and not stop.is_set():
+        if time.monotonic() > deadline:
+            stop.set()
+            thread.join(30)
+            raise StreamError(f"the pipeline did not finish within {timeout_s:.0f}s "
+                              f"({daemon.stats.records:,} records processed)")
+        stop.wait(0.05)
+    stop.set()
+    thread.join(60)
+    if errors:
+        raise errors[0]
+    return daemon
+
+
+def _offered_producer(bootstrap: str, topic: str, recs: list[tuple[bytes, bytes]], rate: int) -> None:
+    """Child process: produce `recs` at `rate` records/s (its own CPU, not the daemon's GIL)."""
+    stop = threading.Event()
+    produce_paced(Publisher(KafkaSettings(bootstrap)), topic, iter(recs), rate, stop)
+
+
+def run_bench(*, events: int, users: int, batch_max_events: int, device: str, bootstrap_servers: str | None,
+              partitions: int, offered_rate: int, offered_seconds: float, torch_threads: int, seed: int,
+              say=print) -> BenchReport:
+    broker = None if bootstrap_servers else EmbeddedBroker().start()
+    try:
+        kafka = KafkaSettings(bootstrap_servers or broker.bootstrap_servers)
+        run_id = uuid.uuid4().hex[:8]
+        topic = f"bench-events-{run_id}"
+        settings = Settings(kafka=kafka, input_topics=(topic,), output_topic=f"bench-profiles-{run_id}",
+                            group_id=f"bench-pipeline-{run_id}", device=device, torch_threads=torch_threads,
+                            batch_max_events=batch_max_events, session_timeout_ms=6000)
+        ensure_topics(admin_client(kafka), {topic: partitions})
+        say(f"generating {events:,} events for {users:,} users ...")
+        recs = generated_records(events, users, seed)
+        say(f"producing them to {topic} on {kafka.bootstrap_servers} ({partitions} partitions) ...")
+        produce_all(kafka, topic, recs)
+
+        say("raw ceiling: a plain consumer that consumes and decodes, nothing else ...")
+        raw = raw_ceiling(kafka, topic, events, batch_max_events)
+
+        say("pipeline: decode, validate, GRU update, encode, publish, commit ...")
+        updater = load_updater(settings)
+        daemon = run_daemon_until(settings, updater, lambda d: d.stats.records >= events, timeout_s=600)
+        s = daemon.stats
+        pipeline = events / (s.last_batch_done_at - s.first_batch_at)
+        ms = np.array(s.batch_seconds) * 1000
+        report = BenchReport(events=events, users=len(updater.state), device=str(updater.device),
+                             batch_max_events=batch_max_events, pipeline_events_per_s=pipeline,
+                             raw_events_per_s=raw, ratio=pipeline / raw,
+                             p50_batch_ms=float(np.percentile(ms, 50)), p99_batch_ms=float(np.percentile(ms, 99)),
+                             state_bytes=int(sum(updater.state.state_bytes().values())),
+                             stage_share=stage_share(daemon.metrics))
+        del daemon, updater  # close their clients while the broker still runs
+        if offered_rate:
+            offered(report, settings, run_id, users, seed, offered_rate, offered_seconds, partitions, say)
+        return report
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def offered(report: BenchReport, settings: Settings, run_id: str, users: int, seed: int, rate: int,
+            seconds: float, partitions: int, say) -> None:
+    """Batch latency of the live daemon while another process offers `rate` events/s for `seconds`."""
+    n = int(rate * seconds)
+    topic = f"bench-offered-{run_id}"
+    ensure_topics(admin_client(settings.kafka), {topic: partitions})
+    live = dataclasses.replace(settings, input_topics=(topic,), group_id=f"bench-offered-{run_id}")
+    recs = generated_records(n, users, seed + 1)
+    say(f"offered load: {rate:,} events/s for {seconds:g} s from another process, daemon live ...")
+    updater = load_updater(live)
+    ctx = multiprocessing.get_context("spawn")
+    producer = ctx.Process(target=_offered_producer, args=(live.kafka.bootstrap_servers, topic, recs, rate),
+                           daemon=True)
+
+    def started(d: ProfileDaemon) -> bool:  # start offering once the daemon owns its partitions
+        if d.health.ready and not producer.is_alive() and producer.exitcode is None:
+            producer.start()
+        return d.stats.records >= n
+
+    daemon = run_daemon_until(live, updater, started, timeout_s=seconds * 10 + 120)
+    producer.join(30)
+    del updater
+    s = daemon.stats
+    ms = np.array(s.batch_seconds) * 1000
+    report.offered_events_per_s = rate
+    report.offered_achieved_events_per_s = n / (s.last_batch_done_at - s.first_batch_at)
+    report.offered_p50_batch_ms = float(np.percentile(ms, 50))
+    report.offered_p99_batch_ms = float(np.percentile(ms, 99))
+
+
+def stage_share(metrics: Metrics) -> dict[str, float]:
+    """Share of the batches' total time spent in each stage, from the daemon's own histograms."""
+    get = metrics.registry.get_sample_value
+    total = get("profiles_batch_duration_seconds_sum", {"stage": "total"}) or 0.0
+    stages = ("decode", "model", "encode", "publish", "commit")
+    return {s: round((get("profiles_batch_duration_seconds_sum", {"stage": s}) or 0.0) / total, 3)
+            for s in stages} if total else {}
+
+
+# ---------------------------------------------------------------- no-broker mode
+
+@torch.inference_mode()
+def model_step(*, events: int, users: int, batch_max_events: int, device: str, torch_threads: int, seed: int,
+               scaling_users: tuple[int, ...] = SCALING_USERS, say=print) -> BenchReport:
+    """The in-process model step (features, GRU, counters) alone; optionally the scaling table."""
+    settings = Settings(device=device, torch_threads=torch_threads, emit_embedding=True)
+    say(f"generating {events:,} events for {users:,} users ...")
+    values = [v for _k, v in generated_records(events, users, seed)]
+    columns, _dead = decode_batch(RecordBatch(["bench"] * events, [0] * events, list(range(events)),
+                                              [None] * events, values), settings.max_event_bytes)
+    updater = load_updater(settings)
+    step = _time_steps(updater, columns, batch_max_events)
+    report = BenchReport(events=events, users=len(updater.state), device=str(updater.device),
+                         batch_max_events=batch_max_events, model_step_events_per_s=step["step_events_per_s"],
+                         state_bytes=int(sum(updater.state.state_bytes().values())))
+    if scaling_users:
+        for n_users in scaling_users:
+            say(f"scaling: {n_users:,} users in state ...")
+            report.scaling.append({"users_in_state": n_users, **_scaled(settings, columns, n_users,
+                                                                         batch_max_events, seed)})
+    return report
+
+
+def _time_steps(updater: ProfileUpdater, columns, batch: int) -> dict:
+    """Time apply() (the model step) and profiles_for() (heads + encoding) over the events, batch by batch."""
+    step = encode = 0.0
+    n = len(columns)
+    for start in range(0, n, batch):
+        part = columns.take(np.arange(start, min(start + batch, n)))
+        t0 = time.perf_counter()
+        rows = updater.apply(part)
+        if updater.device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        updater.profiles_for(rows)
+        encode += time.perf_counter() - t1
+        step += t1 - t0
+    return {"step_events_per_s": n / step, "step_us_per_event": step / n * 1e6,
+            "with_profiles_events_per_s": n / (step + encode)}
+
+
+def _scaled(settings: Settings, columns, n_users: int, batch: int, seed: int) -> dict:
+    """The same events, their users spread over `n_users` ids already in state."""
+    updater = load_updater(settings)
+    ids = np.array([f"s{i}" for i in range(n_users)], dtype=object)
+    updater.state.rows_for(ids)  # prefill: every user has a row (hidden state and counters)
+    rng = np.random.default_rng(seed)
+    events = columns.take(np.arange(len(columns)))
+    events.user_id = ids[rng.integers(0, n_users, len(columns))]
+    updater.apply(events.take(np.arange(min(batch, len(events)))))  # warm-up
+    return _time_steps(updater, events, batch) | {
+        "state_bytes": int(sum(updater.state.state_bytes().values()))}
