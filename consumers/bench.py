@@ -27,13 +27,14 @@ import torch
 from confluent_kafka import Consumer
 
 from consumers.daemon import ProfileDaemon
-from consumers.loadgen import produce_paced, records
+from consumers.loadgen import offer_at_rate, records
 from consumers.pipeline import ProfileUpdater, load_updater
 from stream.broker import EmbeddedBroker
 from stream.events import RecordBatch, decode_batch
 from stream.generator import iter_events
 from stream.kafka import Publisher, StreamError, admin_client, ensure_topics
 from stream.metrics import Metrics
+from stream.runtime import tune_garbage_collector
 from stream.settings import KafkaSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,10 @@ class BenchReport:
     p99_batch_ms: float | None = None
     state_bytes: int | None = None
     offered_events_per_s: int | None = None
+    offered_actual_events_per_s: float | None = None
     offered_achieved_events_per_s: float | None = None
+    offered_mean_batch_events: float | None = None
+    offered_profiles_per_event: float | None = None
     offered_p50_batch_ms: float | None = None
     offered_p99_batch_ms: float | None = None
     model_step_events_per_s: float | None = None
@@ -76,8 +80,11 @@ class BenchReport:
                     line("state", f"{self.state_bytes / 2**20:,.1f}", " MiB"),
                     line("batch time by stage", ", ".join(f"{k} {v:.0%}" for k, v in self.stage_share.items()))]
         if self.offered_events_per_s:
-            out += [line(f"offered {self.offered_events_per_s:,} events/s: done at",
-                         f"{self.offered_achieved_events_per_s:,.0f}", " events/s"),
+            out += [line(f"offered {self.offered_events_per_s:,} events/s: sent at",
+                         f"{self.offered_actual_events_per_s or 0:,.0f}", " events/s"),
+                    line("  processed at", f"{self.offered_achieved_events_per_s:,.0f}", " events/s"),
+                    line("  mean batch, profiles per event",
+                         f"{self.offered_mean_batch_events:,.0f} events, {self.offered_profiles_per_event:.2f}"),
                     line("  batch latency p50 / p99",
                          f"{self.offered_p50_batch_ms:.1f} / {self.offered_p99_batch_ms:.1f}", " ms")]
         if self.model_step_events_per_s is not None:
@@ -94,8 +101,17 @@ class BenchReport:
         return orjson.dumps({k: v for k, v in asdict(self).items() if v is not None and v != []})
 
 
-def generated_records(n: int, users: int, seed: int) -> list[tuple[bytes, bytes]]:
-    return list(records(iter_events(users, seed, events=n), invalid_fraction=0.0, seed=seed))
+# Event time of the generated traffic advances like a live stream at this rate. (The generator's
+# default packs 30 days into the log; the daemon's 24 h idle timer would then re-publish most users
+# many times over, which live traffic never makes it do.)
+EVENT_TIME_RATE = 50_000  # events per second of event time
+
+
+def generated_records(n: int, users: int, seed: int, start_ts_ms: int | None = None) -> list[tuple[bytes, bytes]]:
+    span_days = n / EVENT_TIME_RATE / 86_400
+    start = start_ts_ms if start_ts_ms is not None else int(time.time() * 1000) - int(span_days * 86_400_000)
+    return list(records(iter_events(users, seed, events=n, span_days=span_days, start_ts_ms=start),
+                        invalid_fraction=0.0, seed=seed))
 
 
 # ---------------------------------------------------------------- broker mode
@@ -158,12 +174,6 @@ def run_daemon_until(settings: Settings, updater: ProfileUpdater, done: callable
     return daemon
 
 
-def _offered_producer(bootstrap: str, topic: str, recs: list[tuple[bytes, bytes]], rate: int) -> None:
-    """Child process: produce `recs` at `rate` records/s (its own CPU, not the daemon's GIL)."""
-    stop = threading.Event()
-    produce_paced(Publisher(KafkaSettings(bootstrap)), topic, iter(recs), rate, stop)
-
-
 def run_bench(*, events: int, users: int, batch_max_events: int, device: str, bootstrap_servers: str | None,
               partitions: int, offered_rate: int, offered_seconds: float, torch_threads: int, seed: int,
               say=print) -> BenchReport:
@@ -212,25 +222,32 @@ def offered(report: BenchReport, settings: Settings, run_id: str, users: int, se
     topic = f"bench-offered-{run_id}"
     ensure_topics(admin_client(settings.kafka), {topic: partitions})
     live = dataclasses.replace(settings, input_topics=(topic,), group_id=f"bench-offered-{run_id}")
-    recs = generated_records(n, users, seed + 1)
+    recs = generated_records(n, users, seed + 1, start_ts_ms=int(time.time() * 1000))  # event time ~ now
     say(f"offered load: {rate:,} events/s for {seconds:g} s from another process, daemon live ...")
     updater = load_updater(live)
+    # The producer is another process (its own interpreter, not the daemon's GIL), started now so that
+    # its start-up is over before `go`: it then offers the records at `rate` for `seconds`.
     ctx = multiprocessing.get_context("spawn")
-    producer = ctx.Process(target=_offered_producer, args=(live.kafka.bootstrap_servers, topic, recs, rate),
-                           daemon=True)
+    go, producer_seconds = ctx.Event(), ctx.Value("d", 0.0)
+    producer = ctx.Process(target=offer_at_rate, daemon=True,
+                           args=(live.kafka.bootstrap_servers, topic, recs, rate, go, producer_seconds))
+    producer.start()
 
-    def started(d: ProfileDaemon) -> bool:  # start offering once the daemon owns its partitions
-        if d.health.ready and not producer.is_alive() and producer.exitcode is None:
-            producer.start()
+    def started(d: ProfileDaemon) -> bool:  # offer once the daemon owns its partitions
+        if d.health.ready:
+            go.set()
         return d.stats.records >= n
 
     daemon = run_daemon_until(live, updater, started, timeout_s=seconds * 10 + 120)
     producer.join(30)
-    del updater
     s = daemon.stats
     ms = np.array(s.batch_seconds) * 1000
     report.offered_events_per_s = rate
+    # What the producer really managed: on a small machine it shares the cores with the broker.
+    report.offered_actual_events_per_s = n / producer_seconds.value if producer_seconds.value else None
     report.offered_achieved_events_per_s = n / (s.last_batch_done_at - s.first_batch_at)
+    report.offered_mean_batch_events = s.records / max(s.batches, 1)
+    report.offered_profiles_per_event = s.profiles / max(s.events, 1)
     report.offered_p50_batch_ms = float(np.percentile(ms, 50))
     report.offered_p99_batch_ms = float(np.percentile(ms, 99))
 
@@ -256,6 +273,7 @@ def model_step(*, events: int, users: int, batch_max_events: int, device: str, t
     columns, _dead = decode_batch(RecordBatch(["bench"] * events, [0] * events, list(range(events)),
                                               [None] * events, values), settings.max_event_bytes)
     updater = load_updater(settings)
+    tune_garbage_collector()
     step = _time_steps(updater, columns, batch_max_events)
     report = BenchReport(events=events, users=len(updater.state), device=str(updater.device),
                          batch_max_events=batch_max_events, model_step_events_per_s=step["step_events_per_s"],

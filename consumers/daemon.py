@@ -25,6 +25,7 @@ from stream.kafka import (
     Publisher, StreamError, admin_client, check_copartitioned, ensure_topics, seed_group_offsets,
 )
 from stream.metrics import Health, Metrics, consumer_lag, resident_bytes
+from stream.runtime import tune_garbage_collector
 from stream.settings import Settings
 from stream.state import read_snapshot
 
@@ -137,6 +138,7 @@ class ProfileDaemon:
         self.prepare_topics()
         if self.settings.restore_from:
             self.restore(self.settings.restore_from)
+        tune_garbage_collector()
         self.source.subscribe()
         log.info("consuming %s -> %s (dead letters: %s)", ",".join(self.settings.input_topics),
                  self.settings.output_topic, self.settings.dead_letter_topic)

@@ -85,3 +85,15 @@ def produce_paced(publisher: Publisher, topic: str, stream: Iterator[tuple[bytes
         stop.wait(max(0.0, next_at - time.monotonic()))
     publisher.flush()
     return sent
+
+
+def offer_at_rate(bootstrap_servers: str, topic: str, recs: list[tuple[bytes, bytes]], rate: int,
+                  go, seconds_taken) -> None:
+    """A load process (`profiles bench`): wait for `go`, produce `recs` at `rate` records/s, and
+    report the seconds it took in `seconds_taken` (a shared double). Lives here, away from torch,
+    so the process starts quickly."""
+    publisher = Publisher(KafkaSettings(bootstrap_servers))
+    go.wait()
+    started = time.perf_counter()
+    produce_paced(publisher, topic, iter(recs), rate, threading.Event())
+    seconds_taken.value = time.perf_counter() - started

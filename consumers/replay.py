@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from consumers.pipeline import ProfileUpdater, load_updater
 from stream.events import DeadLetter
 from stream.kafka import Publisher
+from stream.runtime import tune_garbage_collector
 from stream.settings import Settings
 from stream.sources import KafkaRangeSource, open_sources
 from stream.state import write_snapshot
@@ -83,6 +84,7 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
     opened = open_sources(settings.kafka, sources, fmt, batch_records)
     sink = ProfileSink(out, output_topic, settings)
     report = ReplayReport()
+    tune_garbage_collector()
     positions: dict[str, dict[int, int]] = {}
     with open(dead_letters_path, "wb") as dlq, Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),

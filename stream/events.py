@@ -269,7 +269,7 @@ _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)] | Anno
     int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # msgspec bounds stop at int64: the rest go slow
 
 
-class _Event(msgspec.Struct):
+class _Event(msgspec.Struct, gc=False):  # gc=False: flat fields, no cycles; not the collector's work
     event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
     user_id: _Id
     type: Literal["search", "click", "add_to_cart", "purchase"]

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from stream.events import EVENT_TYPES
 
 
 @dataclass
@@ -44,34 +43,32 @@ class ProfileColumns:
 
 
 def encode_profiles(cols: ProfileColumns, model_version: str, updated_at_ms: int) -> list[tuple[bytes, bytes]]:
-    """(key, JSON value) per user, ready to produce."""
-    counts = cols.counts.tolist()
-    spend = (cols.spend_micros / 1e6).tolist()
-    last_ts = cols.last_event_ts.tolist()
-    propensity = np.round(cols.purchase_propensity.astype(np.float64), 6).tolist()
-    churn = np.round(cols.churn_risk.astype(np.float64), 6).tolist()
-    cluster = cols.interest_cluster.tolist()
-    dumps = orjson.dumps
-    opt = orjson.OPT_SERIALIZE_NUMPY
-    out = []
-    for i, user in enumerate(cols.user_ids):
-        profile = {
-            "user_id": user,
-            "model_version": model_version,
-            "updated_at": updated_at_ms,
-            "last_event_ts": last_ts[i],
-            "counts": dict(zip(EVENT_TYPES, counts[i])),
-            "spend": spend[i],
-            "top_categories": [{"category": c, "score": s}
-                               for c, s in zip(cols.top_category_names[i], cols.top_category_scores[i])],
-            "purchase_propensity": propensity[i],
-            "churn_risk": churn[i],
-            "price_tier": cols.price_tier[i],
-            "interest_cluster": cluster[i],
-        }
-        if cols.next_items is not None:
-            profile["next_items"] = cols.next_items[i]
-        if cols.embedding is not None:
-            profile["embedding"] = cols.embedding[i]
-        out.append((user.encode(), dumps(profile, option=opt)))
-    return out
+    """(key, JSON value) per user, ready to produce.
+
+    Built column-wise: each nested part (counts, top categories) is made for all users in one
+    comprehension, then the profiles in one more; orjson writes numpy embedding rows directly.
+    """
+    n = len(cols.user_ids)
+    counts = [{"search": a, "click": b, "add_to_cart": c, "purchase": d} for a, b, c, d in cols.counts.tolist()]
+    # Slot j of every user's top categories, then per user a tuple of its slots (orjson writes a JSON array).
+    slots = [[{"category": c, "score": s} for c, s in zip(names, scores)]
+             for names, scores in zip(zip(*cols.top_category_names), zip(*cols.top_category_scores))]
+    top = list(zip(*slots)) if slots else [()] * n
+    profiles = [
+        {"user_id": user, "model_version": model_version, "updated_at": updated_at_ms, "last_event_ts": last_ts,
+         "counts": count, "spend": spend, "top_categories": top_k, "purchase_propensity": propensity,
+         "churn_risk": churn, "price_tier": tier, "interest_cluster": cluster}
+        for user, last_ts, count, spend, top_k, propensity, churn, tier, cluster in zip(
+            cols.user_ids, cols.last_event_ts.tolist(), counts, (cols.spend_micros / 1e6).tolist(), top,
+            np.round(cols.purchase_propensity.astype(np.float64), 6).tolist(),
+            np.round(cols.churn_risk.astype(np.float64), 6).tolist(), cols.price_tier,
+            cols.interest_cluster.tolist())
+    ]
+    if cols.next_items is not None:
+        for profile, items in zip(profiles, cols.next_items):
+            profile["next_items"] = items
+    if cols.embedding is not None:
+        for profile, row in zip(profiles, cols.embedding):
+            profile["embedding"] = row
+    dumps, opt = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
+    return [(user.encode(), dumps(profile, option=opt)) for user, profile in zip(cols.user_ids, profiles)]

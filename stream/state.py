@@ -67,20 +67,18 @@ class StateTable:
         return len(self.hidden)
 
     def rows_for(self, users: Iterable[str]) -> np.ndarray:
-        """Row of each user, adding rows for users not yet in state."""
+        """Row of each user, adding rows for users not yet in state (in order of first appearance)."""
+        users = users if isinstance(users, (list, np.ndarray)) else list(users)
         index = self._index
-        rows = np.fromiter(map(index.get, users, itertools.repeat(-1)), dtype=np.int64)
+        rows = np.fromiter(map(index.get, users, itertools.repeat(-1)), dtype=np.int64, count=len(users))
         missing = np.flatnonzero(rows < 0)
         if len(missing):
-            users = list(users) if not isinstance(users, (list, np.ndarray)) else users
-            for i in missing:
-                user = users[i]
-                row = index.get(user)  # a user may repeat in `users`
-                if row is None:
-                    row = len(self.user_ids)
-                    index[user] = row
-                    self.user_ids.append(user)
-                rows[i] = row
+            absent = [users[i] for i in missing.tolist()]
+            new_users = list(dict.fromkeys(absent))  # distinct, first appearance first
+            first = len(self.user_ids)
+            index.update(zip(new_users, range(first, first + len(new_users))))
+            self.user_ids.extend(new_users)
+            rows[missing] = np.fromiter(map(index.__getitem__, absent), dtype=np.int64, count=len(absent))
             self._ensure_capacity(len(self.user_ids))
         return rows
 
