@@ -16,7 +16,7 @@ import threading
 
 import click
 
-from stream.settings import KafkaSettings, Settings, parse_kafka_config
+from stream.settings import KafkaSettings, Settings, parse_kafka_config, read_kafka_config_file
 
 log = logging.getLogger("profiles")
 
@@ -124,17 +124,25 @@ def main(log_level: str) -> None:
               "so churn risk keeps rising for users who went quiet.")
 @click.option("--session-timeout-ms", envvar=_env("session-timeout-ms"), show_envvar=True, default=10000,
               show_default=True, type=click.IntRange(min=1000), help="Consumer group session timeout.")
+@click.option("--kafka-config-file", envvar=_env("kafka-config-file"), show_envvar=True, default=None,
+              type=click.Path(dir_okay=False), help="librdkafka properties file (key=value lines, # comments), "
+              "e.g. TLS and SASL settings mounted from a secret; --kafka-config entries override it.")
+@click.option("--pseudonymize-key", envvar=_env("pseudonymize-key"), show_envvar=True, default="",
+              help="Replace user ids by HMAC-SHA256(key, id) before they reach state or outputs. The key is "
+              "never printed; prefer the environment variable to the flag.")
 def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic: str, group_id: str,
         model_path: str | None, device: str, torch_threads: int, batch_max_events: int, batch_max_ms: int,
         max_event_bytes: int, no_embedding: bool, next_items: int, metrics_port: int | None, metrics_address: str, kafka_config: tuple[str, ...],
-        restore_from: str | None, idle_rescore_after: int, session_timeout_ms: int) -> None:
+        restore_from: str | None, idle_rescore_after: int, session_timeout_ms: int, kafka_config_file: str | None,
+        pseudonymize_key: str) -> None:
     """The always-on daemon: consume events, update profiles, publish them.
 
     Stops on SIGTERM or SIGINT after finishing, publishing and committing the batch in hand.
     """
     try:
         settings = Settings(
-            kafka=KafkaSettings(bootstrap_servers, parse_kafka_config(kafka_config)),
+            kafka=KafkaSettings(bootstrap_servers, (read_kafka_config_file(kafka_config_file) if kafka_config_file
+                                                    else ()) + parse_kafka_config(kafka_config)),
             input_topics=tuple(t.strip() for t in input_topics.split(",") if t.strip()),
             output_topic=output_topic, dlq_topic=dlq_topic, group_id=group_id, model_path=model_path,
             device=device, torch_threads=torch_threads, batch_max_events=batch_max_events,
@@ -142,6 +150,7 @@ def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic:
             metrics_port=metrics_port,
             metrics_address=metrics_address, session_timeout_ms=session_timeout_ms,
             idle_rescore_after_ms=idle_rescore_after, next_items=next_items, restore_from=restore_from,
+            pseudonymize_key=pseudonymize_key,
         )
         settings.validate()
     except ValueError as exc:
@@ -340,10 +349,12 @@ def evaluate_(model_path: str, train_files: tuple[str, ...], test_files: tuple[s
 @click.option("--no-embedding", is_flag=True, help="Leave the embedding out of profiles.")
 @click.option("--next-items", default=0, show_default=True, type=click.IntRange(0, 1000),
               help="Top-k predicted next item ids in each profile (trained models).")
+@click.option("--pseudonymize-key", envvar=_env("pseudonymize-key"), show_envvar=True, default="",
+              help="Replace user ids by HMAC-SHA256(key, id), as `profiles run` does with the same key.")
 def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str | None, output_topic: str | None,
            bootstrap_servers: str, kafka_config: tuple[str, ...], every_update: bool, state_out: str | None,
            dead_letters_path: str | None, batch_events: int, device: str, torch_threads: int,
-           no_embedding: bool, next_items: int) -> None:
+           no_embedding: bool, next_items: int, pseudonymize_key: str) -> None:
     """Replay event logs through the daemon's pipeline: files, directories and globs (no broker needed),
     or Kafka topics as kafka://TOPIC?from=ISO&to=ISO (seeks by write time, then keeps the events whose
     event time is in [from, to)).
@@ -360,7 +371,8 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
     try:
         settings = Settings(kafka=KafkaSettings(bootstrap_servers, parse_kafka_config(kafka_config)),
                             model_path=model_path, device=device, torch_threads=torch_threads,
-                            emit_embedding=not no_embedding, next_items=next_items)
+                            emit_embedding=not no_embedding, next_items=next_items,
+                            pseudonymize_key=pseudonymize_key)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     dlq = dead_letters_path or (f"{out}.dlq.jsonl" if out else "replay.dlq.jsonl")

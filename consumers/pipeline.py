@@ -19,6 +19,7 @@ from models.features import build_features
 from models.profile_model import LoadedModel, idle_hours, price_tier_index
 from stream.events import PURCHASE, DeadLetter, EventColumns, RecordBatch, decode_batch
 from stream.profiles import ProfileColumns, encode_profiles
+from stream.pseudonyms import Pseudonymizer
 from stream.settings import Settings
 from stream.sources import TimeRange
 from stream.state import StateTable
@@ -41,7 +42,7 @@ class ProfileUpdater:
     """Owns the model and the state table; turns record batches into profiles."""
 
     def __init__(self, loaded: LoadedModel, device: torch.device, *, max_event_bytes: int, emit_embedding: bool,
-                 idle_rescore_ms: int = 0, next_items: int = 0) -> None:
+                 idle_rescore_ms: int = 0, next_items: int = 0, pseudonymize_key: str = "") -> None:
         self.model = loaded.model.to(device).eval()
         self.model_version = loaded.version
         self.config = loaded.model.config
@@ -55,6 +56,9 @@ class ProfileUpdater:
         if next_items and not self.next_items:
             log.warning("--next-items needs a trained model with a next-item head: next_items left out")
         self.state = StateTable(self.config.hidden_size, device)
+        # With a key, user ids are replaced by their HMAC right after decoding: state, profiles and
+        # their keys only ever see pseudonyms. (Dead letters keep the original bytes: that is their job.)
+        self.pseudonymize = Pseudonymizer(pseudonymize_key) if pseudonymize_key else None
         # Users who go quiet send no event that would refresh their churn risk: re-publish them
         # after this much event time without an update (0 disables). The scan runs once per tick.
         self.idle_rescore_ms = idle_rescore_ms
@@ -67,6 +71,8 @@ class ProfileUpdater:
         `profiles=False` skips encoding the touched users' profiles (a replay that writes only final ones)."""
         t0 = time.perf_counter()
         events, dead = decode_batch(records, self.max_event_bytes)
+        if self.pseudonymize is not None:
+            events.user_id = self.pseudonymize(events.user_id)
         out_of_range = 0
         if time_range is not None:
             keep = time_range.mask(events.ts)
@@ -216,4 +222,4 @@ def load_updater(settings: Settings) -> ProfileUpdater:
                     loaded.version)
     return ProfileUpdater(loaded, device, max_event_bytes=settings.max_event_bytes,
                           emit_embedding=settings.emit_embedding, idle_rescore_ms=settings.idle_rescore_after_ms,
-                          next_items=settings.next_items)
+                          next_items=settings.next_items, pseudonymize_key=settings.pseudonymize_key)

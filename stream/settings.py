@@ -32,6 +32,27 @@ def parse_kafka_config(pairs: tuple[str, ...] | list[str]) -> tuple[tuple[str, s
     return tuple(parsed)
 
 
+def read_kafka_config_file(path: str) -> tuple[tuple[str, str], ...]:
+    """librdkafka properties from a Java-style properties file (`key=value` lines, `#` comments), the
+    form Kafka clients are usually configured with; mount it from a Kubernetes Secret. Values may
+    contain spaces and '='. Error messages name the line number, never a value."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read --kafka-config-file {path}: {exc.strerror}") from None
+    parsed: list[tuple[str, str]] = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--kafka-config-file {path}, line {number}: expected key=value")
+        parsed.append((key.strip(), value.strip()))
+    return tuple(parsed)
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
     bootstrap_servers: str = "localhost:9092"
@@ -87,6 +108,8 @@ class Settings:
     session_timeout_ms: int = 10000
     # /healthz turns false when the main loop has not come round for this long (a batch's work included).
     stall_after_s: float = 60.0
+    # Replace user ids by HMAC-SHA256(key, id) before they reach state or outputs ("" = off).
+    pseudonymize_key: str = field(default="", repr=False)
     # Upper bound on how long a SIGTERM/SIGINT shutdown may take before we give up flushing.
     shutdown_timeout_s: float = 30.0
 
@@ -113,6 +136,7 @@ class Settings:
             "idle_rescore_after": f"{self.idle_rescore_after_ms / 3_600_000:g}h" if self.idle_rescore_after_ms else "off",
             "metrics": f"{self.metrics_address}:{self.metrics_port}" if self.metrics_port else "off",
             "restore_from": self.restore_from or "-",
+            "pseudonymize": "on (key not shown)" if self.pseudonymize_key else "off",
         }
 
     def validate(self) -> None:

@@ -70,18 +70,25 @@ def test_sigterm_mid_stream_exits_0_and_commits_exactly_what_was_published(kafka
         assert round(profiles[user]["spend"] * 1e6) == want["spend_micros"]
 
 
-def test_refuses_inputs_that_are_not_copartitioned_without_printing_secrets(kafka, unique):
+def test_refuses_inputs_that_are_not_copartitioned_without_printing_secrets(kafka, unique, tmp_path,
+                                                                          monkeypatch):
     clicks, searches = unique("clicks"), unique("searches")
     create_topics(kafka, {clicks: 2, searches: 3})
-    secret = "Sup3r-Secret-Value"
+    secret, file_secret, hmac_key = "Sup3r-Secret-Value", "F1le Secret = with spaces", "hmac-K3y-value"
+    config = tmp_path / "client.properties"
+    config.write_text(f"# from a mounted secret\nsasl.mechanism=PLAIN\nssl.key.password={file_secret}\n")
+    monkeypatch.setenv("PROFILES_PSEUDONYMIZE_KEY", hmac_key)
     proc = start_daemon(kafka, "--input-topics", f"{clicks},{searches}", "--output-topic", unique("profiles"),
-                        "--kafka-config", f"sasl.password={secret}", "--kafka-config", "client.id=copart-test")
+                        "--kafka-config", f"sasl.password={secret}", "--kafka-config", "client.id=copart-test",
+                        "--kafka-config-file", str(config))
     stdout, stderr = proc.communicate(timeout=60)
     text = (stdout + stderr).decode()
     assert proc.returncode == 1, text
     assert "not co-partitioned" in text and f"{clicks}=2" in text and f"{searches}=3" in text
-    assert secret not in text
+    for value in (secret, file_secret, "F1le", hmac_key):
+        assert value not in text
     assert "***" in text  # the settings line shows the key with its value redacted
+    assert "sasl.mechanism" in text and "pseudonymize" in text  # ... and that the file and the key were taken
 
 
 def test_missing_input_topic_is_a_clear_error(kafka, unique):

@@ -226,3 +226,28 @@ def test_inspect_shows_a_users_timeline_and_plots_one_panel_per_field(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[0] > 150 * len(CHARTED)
     with pytest.raises(InspectError, match="no valid events of user 'nobody'"):
         timeline(settings, [str(tmp_path / "log.jsonl")], "jsonl", "nobody")
+
+
+def test_pseudonymized_replay_keeps_no_user_id_and_the_same_profiles(tmp_path):
+    import hashlib
+    import hmac
+
+    log = generate(users=60, events=1500, seed=24)
+    src = tmp_path / "events.jsonl"
+    write_jsonl(log.events, src)
+    plain, _ = run(tmp_path, [src])
+    key = "rotate-me-yearly"
+    out = tmp_path / "pseudonymous.jsonl"
+    replay(Settings(device="cpu", pseudonymize_key=key), [str(src)], "jsonl", str(out), None, False, None,
+           str(tmp_path / "dlq2.jsonl"), 50_000, show_progress=False)
+    text = out.read_text()
+    assert not any(f'"{user}"' in text for user in plain)  # no original id anywhere in the output
+    hidden = {p["user_id"]: p for p in map(orjson.loads, text.splitlines())}
+
+    def pseudonym(user: str) -> str:
+        return hmac.new(key.encode(), user.encode(), hashlib.sha256).hexdigest()[:32]
+
+    assert set(hidden) == {pseudonym(u) for u in plain}
+    for user, profile in plain.items():  # same events, same counters, under the pseudonym
+        assert hidden[pseudonym(user)]["counts"] == profile["counts"]
+        assert hidden[pseudonym(user)]["spend"] == profile["spend"]
