@@ -127,6 +127,12 @@ def main(log_level: str) -> None:
 @click.option("--kafka-config-file", envvar=_env("kafka-config-file"), show_envvar=True, default=None,
               type=click.Path(dir_okay=False), help="librdkafka properties file (key=value lines, # comments), "
               "e.g. TLS and SASL settings mounted from a secret; --kafka-config entries override it.")
+@click.option("--dedupe-window", envvar=_env("dedupe-window"), show_envvar=True, default=8, show_default=True,
+              type=click.IntRange(min=0), help="An event whose event_id is among its user's last N events is a "
+              "duplicate (an upstream re-send) and is applied once; 0 turns this off.")
+@click.option("--state-topic", envvar=_env("state-topic"), show_envvar=True, default="",
+              help="Compacted changelog of every user's state, partition for partition with the inputs; "
+              "restored from on assignment. [default: <group-id>.state]")
 @click.option("--pseudonymize-key", envvar=_env("pseudonymize-key"), show_envvar=True, default="",
               help="Replace user ids by HMAC-SHA256(key, id) before they reach state or outputs. The key is "
               "never printed; prefer the environment variable to the flag.")
@@ -134,7 +140,7 @@ def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic:
         model_path: str | None, device: str, torch_threads: int, batch_max_events: int, batch_max_ms: int,
         max_event_bytes: int, no_embedding: bool, next_items: int, metrics_port: int | None, metrics_address: str, kafka_config: tuple[str, ...],
         restore_from: str | None, idle_rescore_after: int, session_timeout_ms: int, kafka_config_file: str | None,
-        pseudonymize_key: str) -> None:
+        dedupe_window: int, state_topic: str, pseudonymize_key: str) -> None:
     """The always-on daemon: consume events, update profiles, publish them.
 
     Stops on SIGTERM or SIGINT after finishing, publishing and committing the batch in hand.
@@ -150,7 +156,7 @@ def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic:
             metrics_port=metrics_port,
             metrics_address=metrics_address, session_timeout_ms=session_timeout_ms,
             idle_rescore_after_ms=idle_rescore_after, next_items=next_items, restore_from=restore_from,
-            pseudonymize_key=pseudonymize_key,
+            pseudonymize_key=pseudonymize_key, dedupe_window=dedupe_window, state_topic=state_topic,
         )
         settings.validate()
     except ValueError as exc:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 import torch
 from confluent_kafka import KafkaException, TopicPartition
 
@@ -22,7 +23,7 @@ from consumers.pipeline import BatchResult, ProfileUpdater
 from consumers.source import KafkaBatchSource
 from stream.events import EVENT_TYPES, RecordBatch
 from stream.kafka import (
-    Publisher, StreamError, admin_client, check_copartitioned, ensure_topics, seed_group_offsets,
+    Publisher, StreamError, admin_client, check_copartitioned, ensure_topics, read_latest, seed_group_offsets,
 )
 from stream.metrics import Health, Metrics, consumer_lag, resident_bytes
 from stream.runtime import tune_garbage_collector
@@ -30,6 +31,8 @@ from stream.settings import Settings
 from stream.state import read_snapshot
 
 log = logging.getLogger(__name__)
+
+META_KEY = b"\x00meta"  # changelog key of the per-partition metadata record (model version, category names)
 
 
 @dataclass
@@ -104,6 +107,8 @@ class ProfileDaemon:
                                        on_lost=self._drop_lost, on_stats=self._kafka_stats)
         self.publisher = Publisher(settings.kafka)
         self.checkpoint = Checkpoint(self.source, self.publisher, metrics)
+        self._categories_sent = -1  # the state's categories_version last written to the changelog
+        self._closing = False
         metrics.model_info.info({"version": updater.model_version, "device": str(updater.device)})
 
     def prepare_topics(self) -> None:
@@ -111,7 +116,10 @@ class ProfileDaemon:
         s = self.settings
         admin = admin_client(s.kafka)
         partitions = check_copartitioned(admin, s.input_topics)
-        ensure_topics(admin, {s.output_topic: partitions, s.dead_letter_topic: partitions})
+        ensure_topics(admin, {s.output_topic: partitions, s.dead_letter_topic: partitions,
+                              s.changelog_topic: partitions}, compacted=[s.changelog_topic])
+        # The state of input partition p lives in partition p of the changelog: same count, always.
+        check_copartitioned(admin, (*s.input_topics, s.changelog_topic))
 
     def restore(self, directory: str) -> None:
         """Start from a replayed state: load it, and continue the input where the replay stopped."""
@@ -149,6 +157,7 @@ class ProfileDaemon:
             self.checkpoint.commit()
         finally:
             self.set_ready(False)
+            self._closing = True  # the revoke that close() triggers need not drop state
             self.source.close()  # leaves the group: partitions move to the others at once
             self.publisher.flush()
         log.info("stopped after %d events in %d batches", self.stats.events, self.stats.batches)
@@ -175,10 +184,54 @@ class ProfileDaemon:
 
     def publish(self, result: BatchResult) -> None:
         dlq, produce = self.settings.dead_letter_topic, self.publisher.produce
+        self.publish_state(result.rows)
         self.publisher.produce_many(self.settings.output_topic, result.profiles)
         for dead in result.dead_letters:
             produce(dlq, dead.key, dead.value, dead.headers())
             log.debug("dead letter %s[%d]@%d: %s", dead.topic, dead.partition, dead.offset, dead.detail)
+
+    def publish_state(self, rows: np.ndarray) -> None:
+        """The changed users' whole state to the changelog, each to its input partition's number, in the
+        same flush the offsets wait for: a committed offset always has its state in the changelog."""
+        state = self.updater.state
+        rows = rows[state.partition[rows] >= 0]
+        if not len(rows):
+            return
+        partitions = state.partition[rows].tolist()
+        topic = self.settings.changelog_topic
+        self.publisher.produce_to_partitions(topic, [state.user_ids[r].encode("utf-8", "surrogatepass")
+                                                     for r in rows.tolist()],
+                                             state.changelog_values(rows), partitions)
+        if state.categories_version != self._categories_sent:  # names of newly seen categories
+            meta = orjson.dumps({"model_version": self.updater.model_version,
+                                 "category_names": {str(k): v for k, v in state.category_names.items()}})
+            owned = sorted({p for _, p in self.source.assigned} | set(partitions))
+            self.publisher.produce_to_partitions(topic, [META_KEY] * len(owned), [meta] * len(owned), owned)
+            self._categories_sent = state.categories_version
+
+    def restore_partitions(self, partitions: list[int]) -> None:
+        """Load the state of these input partitions' users from the changelog (before their events)."""
+        started = time.perf_counter()
+        latest = read_latest(self.settings.kafka, self.settings.changelog_topic, partitions)
+        state, users = self.updater.state, 0
+        for partition, records in latest.items():
+            meta = records.pop(META_KEY, None)
+            if meta is not None:
+                meta = orjson.loads(meta)
+                if meta.get("model_version") != self.updater.model_version:
+                    raise StreamError(
+                        f"{self.settings.changelog_topic} holds state of model {meta.get('model_version')!r}, this "
+                        f"daemon serves {self.updater.model_version!r}: give a new model its own --group-id "
+                        "(or --state-topic)")
+                state.merge_category_names({int(k): v for k, v in meta.get("category_names", {}).items()})
+            try:
+                users += state.load_changelog(records)
+            except ValueError as exc:
+                raise StreamError(f"{self.settings.changelog_topic}[{partition}]: {exc}") from None
+        seconds = time.perf_counter() - started
+        self.metrics.restore_seconds.set(seconds)
+        log.info("restored %d users of partition(s) %s from %s in %.2fs", users, partitions,
+                 self.settings.changelog_topic, seconds)
 
     def account(self, records: RecordBatch, result: BatchResult, seconds: dict[str, float], committed: bool) -> None:
         m, s = self.metrics, self.stats
@@ -224,15 +277,19 @@ class ProfileDaemon:
         self.metrics.assigned_partitions.set(len(self.source.assigned))
 
     def _assigned(self, partitions: list[TopicPartition]) -> None:
-        # State is restored before subscribing, so a member with an assignment is ready to serve.
+        # Their users' state comes back from the changelog before any of their events is polled.
+        self.set_ready(False)
+        self.restore_partitions(sorted({p.partition for p in partitions}))
         self.set_ready(True)
 
     def _flush_before_revoke(self, partitions: list[TopicPartition]) -> None:
-        # Finish the batch in hand while we still own its partitions, so its offsets can be committed.
+        # Finish the batch in hand while we still own its partitions, so its offsets can be committed;
+        # then let their users go: the next owner restores them from the changelog.
         self.set_ready(False)
         self.handle(self.source.take_pending())
         self.checkpoint.commit()
         self._forget_lag(partitions)
+        self._drop_users(partitions)
 
     def _drop_lost(self, partitions: list[TopicPartition]) -> None:
         # Lost partitions already have a new owner: committing for them would fail; it re-reads them.
@@ -240,6 +297,18 @@ class ProfileDaemon:
         self.source.drop_pending(partitions)
         self.checkpoint.forget(partitions)
         self._forget_lag(partitions)
+        self._drop_users(partitions)
+
+    def _drop_users(self, partitions: list[TopicPartition]) -> None:
+        """Forget the users of partition numbers this member no longer reads in any input topic."""
+        if self._closing:
+            return
+        leaving = {(p.topic, p.partition) for p in partitions}
+        still_read = {p for t, p in self.source.assigned if (t, p) not in leaving}
+        gone = {p.partition for p in partitions} - still_read
+        if gone:
+            dropped = self.updater.state.drop_partitions(gone)
+            log.info("released %d users of partition(s) %s", dropped, sorted(gone))
 
     def _kafka_stats(self, stats_json: str) -> None:
         """librdkafka's statistics callback (on the loop's thread, inside consume): lag per partition."""

@@ -7,6 +7,8 @@ for every touched user's new events, heads for the touched users only.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,13 +38,17 @@ class BatchResult:
     events: EventColumns  # the valid events that were applied
     out_of_range: int = 0  # valid events outside the requested event-time range (replays), not applied
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # state rows published
+    replayed: int = 0  # events at or below their user's watermark: applied before (re-consumed), skipped
+    duplicates: int = 0  # events whose event_id the user's recent events already had: skipped
 
 
 class ProfileUpdater:
     """Owns the model and the state table; turns record batches into profiles."""
 
     def __init__(self, loaded: LoadedModel, device: torch.device, *, max_event_bytes: int, emit_embedding: bool,
-                 idle_rescore_ms: int = 0, next_items: int = 0, pseudonymize_key: str = "") -> None:
+                 idle_rescore_ms: int = 0, next_items: int = 0, pseudonymize_key: str = "",
+                 input_topics: tuple[str, ...] = (), dedupe_window: int = 0) -> None:
         self.model = loaded.model.to(device).eval()
         self.model_version = loaded.version
         self.config = loaded.model.config
@@ -55,7 +61,11 @@ class ProfileUpdater:
         self.next_items = min(next_items, len(self.item_vocab))
         if next_items and not self.next_items:
             log.warning("--next-items needs a trained model with a next-item head: next_items left out")
-        self.state = StateTable(self.config.hidden_size, device)
+        # Exactly-once bookkeeping: a watermark per user and input topic (records at or below it were
+        # applied already: skipped when re-consumed), and the user's last `dedupe_window` event ids.
+        self.topic_slot = {topic: i for i, topic in enumerate(input_topics)}
+        self.state = StateTable(self.config.hidden_size, device, watermark_slots=len(input_topics),
+                                dedupe_window=dedupe_window)
         # With a key, user ids are replaced by their HMAC right after decoding: state, profiles and
         # their keys only ever see pseudonyms. (Dead letters keep the original bytes: that is their job.)
         self.pseudonymize = Pseudonymizer(pseudonymize_key) if pseudonymize_key else None
@@ -79,23 +89,98 @@ class ProfileUpdater:
             out_of_range = int(len(keep) - keep.sum())
             events = events.take(keep)
         t1 = time.perf_counter()
-        rows = self.apply(events)
+        event_rows = self.state.rows_for(events.user_id)
+        positions = self._positions(records, events)
+        fresh, replayed, duplicates = self._not_yet_applied(events, event_rows, positions)
+        # Users with re-consumed events get their profile again: the crash that made us re-read them
+        # may have come after the state reached the changelog but before the profile reached its topic.
+        again = np.unique(event_rows[~fresh]) if replayed else np.empty(0, dtype=np.int64)
+        if not fresh.all():
+            events, event_rows, positions = events.take(fresh), event_rows[fresh], positions[:, fresh]
+        rows = self.apply(events, event_rows)
+        self._remember(events, event_rows, positions)
+        if len(again):
+            rows = np.union1d(rows, again)
         if self.idle_rescore_ms:  # idle users not already touched by this batch: one profile per user
             rows = np.concatenate([rows, np.setdiff1d(self.idle_users(), rows, assume_unique=True)])
         self.state.scored_at[rows] = self.state.max_event_ts
         t2 = time.perf_counter()
         encoded = self.profiles_for(rows) if profiles else []
         t3 = time.perf_counter()
-        return BatchResult(encoded, dead, events, out_of_range, {"decode": t1 - t0, "model": t2 - t1, "encode": t3 - t2})
+        return BatchResult(encoded, dead, events, out_of_range, {"decode": t1 - t0, "model": t2 - t1, "encode": t3 - t2},
+                           rows, replayed, duplicates)
+
+    def _positions(self, records: RecordBatch, events: EventColumns) -> np.ndarray:
+        """(3, N): each event's input topic slot (-1: not an input topic, e.g. a file), partition, offset."""
+        if not self.topic_slot or not len(events):
+            return np.full((3, len(events)), -1, dtype=np.int64)
+        slot = np.fromiter(map(self.topic_slot.get, records.topics, itertools.repeat(-1)), dtype=np.int64,
+                           count=len(records))
+        where = np.stack([slot, np.asarray(records.partitions, dtype=np.int64),
+                          np.asarray(records.offsets, dtype=np.int64)])
+        return where[:, events.record_index]
+
+    def _not_yet_applied(self, events: EventColumns, rows: np.ndarray, positions: np.ndarray,
+                         ) -> tuple[np.ndarray, int, int]:
+        """Mask of the events to apply, and how many were re-consumed and duplicated (skipped)."""
+        state, fresh = self.state, np.ones(len(events), dtype=bool)
+        replayed = duplicates = 0
+        if not len(events):
+            return fresh, 0, 0
+        slot, _, offset = positions
+        known = slot >= 0
+        if known.any():  # at or below the watermark: this user's state already includes the event
+            seen = np.zeros(len(events), dtype=bool)
+            seen[known] = offset[known] <= state.watermark[rows[known], slot[known]]
+            fresh &= ~seen
+            replayed = int(seen.sum())
+        if state.dedupe_window:
+            ids = event_id_hashes(events.event_id)
+            again = (state.recent_ids[rows] == ids[:, None]).any(axis=1)  # in the user's recent events
+            # ...or earlier in this batch (same user and id, lower record index)
+            order = np.lexsort((events.record_index, ids, rows))
+            same = (rows[order][1:] == rows[order][:-1]) & (ids[order][1:] == ids[order][:-1])
+            again[order[1:][same]] = True
+            again &= fresh  # a replayed event is counted once, as replayed
+            fresh &= ~again
+            duplicates = int(again.sum())
+        return fresh, replayed, duplicates
+
+    def _remember(self, events: EventColumns, rows: np.ndarray, positions: np.ndarray) -> None:
+        """After applying: each user's partition and watermarks, and the ring of recent event ids."""
+        if not len(events):
+            return
+        state = self.state
+        slot, partition, offset = positions
+        known = slot >= 0
+        if known.any():
+            state.partition[rows[known]] = partition[known]
+            np.maximum.at(state.watermark, (rows[known], slot[known]), offset[known])
+        window = state.dedupe_window
+        if window:
+            # Arrival order within each user; of a user's c events this batch, the last `window` are written.
+            order = np.lexsort((events.record_index, rows))
+            user_rows = rows[order]
+            starts = np.flatnonzero(np.r_[True, user_rows[1:] != user_rows[:-1]])
+            counts = np.diff(np.r_[starts, len(order)])
+            nth = np.arange(len(order)) - np.repeat(starts, counts)  # index within the user's events
+            last = nth >= np.repeat(counts, counts) - window
+            filled = state.recent_n[user_rows]
+            state.recent_ids[user_rows[last], (filled[last] + nth[last]) % window] = \
+                event_id_hashes(events.event_id[order[last]])
+            state.recent_n[user_rows[starts]] += counts
 
     @torch.inference_mode()
-    def apply(self, ev: EventColumns) -> np.ndarray:
-        """Apply valid events to the state; return the state rows of the touched users."""
+    def apply(self, ev: EventColumns, event_rows: np.ndarray | None = None) -> np.ndarray:
+        """Apply valid events to the state; return the state rows of the touched users.
+        `event_rows`: each event's state row, when the caller already looked them up."""
         if len(ev) == 0:
             return np.empty(0, dtype=np.int64)
         state = self.state
-        # Users by state row (new users get rows here): grouping integers is cheaper than strings.
-        rows, user_of_event = np.unique(state.rows_for(ev.user_id), return_inverse=True)  # (U,), (N,)
+        if event_rows is None:
+            event_rows = state.rows_for(ev.user_id)  # new users get rows here
+        # Users by state row: grouping integers is cheaper than strings.
+        rows, user_of_event = np.unique(event_rows, return_inverse=True)  # (U,), (N,)
 
         # Each user's events in event-time order; arrival order breaks ties.
         order = np.lexsort((ev.record_index, ev.ts, user_of_event))
@@ -205,8 +290,18 @@ class ProfileUpdater:
         return encode_profiles(cols, self.model_version, int(time.time() * 1000))
 
 
+def event_id_hashes(event_ids: np.ndarray) -> np.ndarray:
+    """64-bit BLAKE2b of each event id (never 0: 0 marks an empty slot of the ring)."""
+    digest = hashlib.blake2b
+    out = np.fromiter((int.from_bytes(digest(e.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+                       for e in event_ids), dtype=np.uint64, count=len(event_ids))
+    out[out == 0] = 1
+    return out
+
+
 def load_updater(settings: Settings) -> ProfileUpdater:
-    """The updater the settings ask for: a checkpoint, or an untrained model (with one warning)."""
+    """The updater the settings ask for: a checkpoint, or an untrained model (with one warning).
+    It keeps watermarks for the offsets of settings.input_topics (the daemon's inputs)."""
     from models.profile_model import load_checkpoint, resolve_device, untrained
 
     device = resolve_device(settings.device)
@@ -222,4 +317,5 @@ def load_updater(settings: Settings) -> ProfileUpdater:
                     loaded.version)
     return ProfileUpdater(loaded, device, max_event_bytes=settings.max_event_bytes,
                           emit_embedding=settings.emit_embedding, idle_rescore_ms=settings.idle_rescore_after_ms,
-                          next_items=settings.next_items, pseudonymize_key=settings.pseudonymize_key)
+                          next_items=settings.next_items, pseudonymize_key=settings.pseudonymize_key,
+                          input_topics=settings.input_topics, dedupe_window=settings.dedupe_window)

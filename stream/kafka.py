@@ -60,12 +60,20 @@ def check_copartitioned(admin: AdminClient, topics: tuple[str, ...]) -> int:
     return next(iter(counts.values()))
 
 
-def ensure_topics(admin: AdminClient, partitions: dict[str, int], timeout_s: float = 15.0) -> None:
-    """Create the topics that do not exist yet (existing ones are left as they are)."""
+def ensure_topics(admin: AdminClient, partitions: dict[str, int], timeout_s: float = 15.0,
+                  compacted: Iterable[str] = ()) -> None:
+    """Create the topics that do not exist yet (existing ones are left as they are). Topics named
+    in `compacted` keep the latest record per key forever (cleanup.policy=compact)."""
     existing = partition_counts(admin, partitions)
-    # retention.ms set explicitly: some brokers (Tansu) need it at creation.
-    new = [NewTopic(t, n, 1, config={"retention.ms": str(7 * 24 * 3600 * 1000)})
-           for t, n in partitions.items() if t not in existing]
+    compacted = set(compacted)
+
+    def config(topic: str) -> dict[str, str]:
+        if topic in compacted:
+            return {"cleanup.policy": "compact", "retention.ms": "-1"}
+        # retention.ms set explicitly: some brokers (Tansu) need it at creation.
+        return {"retention.ms": str(7 * 24 * 3600 * 1000)}
+
+    new = [NewTopic(t, n, 1, config=config(t)) for t, n in partitions.items() if t not in existing]
     if not new:
         return
     for topic, future in admin.create_topics(new, operation_timeout=timeout_s).items():
@@ -104,13 +112,17 @@ class Publisher:
         )
         # Delivery reports for failures only: a per-record Python callback costs more than the produce.
         # flush() returning 0 with no failure reported means the broker acknowledged every record.
-        conf.update({"delivery.report.only.error": True, "on_delivery": self._on_delivery})
-        self._producer = Producer(conf)
-        self._failed: list[str] = []
+        # The callback closes over a list, not over self: no reference cycle, so the producer is
+        # destroyed (and its connections closed) as soon as the Publisher is dropped.
+        failed: list[str] = []
 
-    def _on_delivery(self, err: KafkaError | None, msg: object) -> None:
-        if err is not None:
-            self._failed.append(err.str())
+        def on_delivery(err: KafkaError | None, msg: object) -> None:
+            if err is not None:
+                failed.append(err.str())
+
+        conf.update({"delivery.report.only.error": True, "on_delivery": on_delivery})
+        self._producer = Producer(conf)
+        self._failed = failed
 
     def produce(self, topic: str, key: bytes | None, value: bytes | None,
                 headers: list[tuple[str, bytes]] | None = None) -> None:
@@ -133,6 +145,18 @@ class Publisher:
             except BufferError:
                 self._producer.poll(0.05)  # local queue full: let deliveries drain, then go on from record i
 
+    def produce_to_partitions(self, topic: str, keys: list[bytes], values: list[bytes | None],
+                              partitions: list[int]) -> None:
+        """Records to explicit partitions of `topic` (the state changelog mirrors input partitions)."""
+        produce, i = self._producer.produce, 0
+        while i < len(keys):
+            try:
+                for key, value, partition in zip(keys[i:], values[i:], partitions[i:]):
+                    produce(topic, value, key, partition)
+                    i += 1
+            except BufferError:
+                self._producer.poll(0.05)
+
     def poll(self) -> None:
         self._producer.poll(0)
 
@@ -141,7 +165,8 @@ class Publisher:
         if remaining:
             raise PublishError(f"{remaining} record(s) still unacknowledged after {timeout_s:.0f}s")
         if self._failed:
-            failed, self._failed = self._failed, []
+            failed = list(self._failed)
+            self._failed.clear()
             raise PublishError(f"{len(failed)} record(s) were not acknowledged: {failed[0]}")
 
 
@@ -201,5 +226,45 @@ def seed_group_offsets(kafka: KafkaSettings, group_id: str, offsets: dict[str, d
         for tp in seed:
             out.setdefault(tp.topic, {})[tp.partition] = tp.offset
         return out
+    finally:
+        consumer.close()
+
+
+def read_latest(kafka: KafkaSettings, topic: str, partitions: Iterable[int], timeout_s: float = 600.0,
+                ) -> dict[int, dict[bytes, bytes | None]]:
+    """The latest value of every key in these partitions of `topic`, read from the beginning to the
+    current end (None: a tombstone). A broker that does not compact (Tansu) just makes this longer."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    wanted = sorted(set(partitions))
+    if not wanted:
+        return {}
+    ends = {p: e for p, e in end_offsets(kafka, topic, timeout_s=min(timeout_s, 30.0)).items() if p in wanted}
+    latest: dict[int, dict[bytes, bytes | None]] = {p: {} for p in wanted}
+    pending = {p for p, end in ends.items() if end > 0}
+    if not pending:
+        return latest
+    consumer = Consumer(kafka.client_config(**{
+        "group.id": "profiles-restore", "enable.auto.commit": False, "enable.partition.eof": False,
+        "isolation.level": "read_committed"}))
+    try:
+        consumer.assign([TopicPartition(topic, p, 0) for p in pending])
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise StreamError(f"restoring from {topic} took longer than {timeout_s:.0f}s")
+            messages = consumer.consume(10_000, 0.2)
+            for m in messages:
+                if m.error() is not None:
+                    continue
+                p = m.partition()
+                latest[p][m.key()] = m.value()
+                if m.offset() + 1 >= ends[p]:
+                    pending.discard(p)
+            if not messages and pending:  # transaction markers and aborted records are never delivered:
+                for tp in consumer.position([TopicPartition(topic, p) for p in pending]):  # ask where we are
+                    if tp.offset >= ends[tp.partition]:
+                        pending.discard(tp.partition)
+        return latest
     finally:
         consumer.close()

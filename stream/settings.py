@@ -108,6 +108,10 @@ class Settings:
     session_timeout_ms: int = 10000
     # /healthz turns false when the main loop has not come round for this long (a batch's work included).
     stall_after_s: float = 60.0
+    # Events whose event_id is among the user's last this-many events are duplicates: applied once.
+    dedupe_window: int = 8
+    # Compacted topic holding each user's state, partition for partition with the inputs ("" = <group_id>.state).
+    state_topic: str = ""
     # Replace user ids by HMAC-SHA256(key, id) before they reach state or outputs ("" = off).
     pseudonymize_key: str = field(default="", repr=False)
     # Upper bound on how long a SIGTERM/SIGINT shutdown may take before we give up flushing.
@@ -117,6 +121,10 @@ class Settings:
     def dead_letter_topic(self) -> str:
         return self.dlq_topic or f"{self.output_topic}.dlq"
 
+    @property
+    def changelog_topic(self) -> str:
+        return self.state_topic or f"{self.group_id}.state"
+
     def describe(self) -> dict[str, object]:
         """Printable view of the settings (secrets redacted)."""
         return {
@@ -124,6 +132,7 @@ class Settings:
             "input_topics": list(self.input_topics),
             "output_topic": self.output_topic,
             "dlq_topic": self.dead_letter_topic,
+            "state_topic": self.changelog_topic,
             "group_id": self.group_id,
             "model": self.model_path or "(untrained, freshly initialised)",
             "device": self.device,
@@ -137,6 +146,7 @@ class Settings:
             "metrics": f"{self.metrics_address}:{self.metrics_port}" if self.metrics_port else "off",
             "restore_from": self.restore_from or "-",
             "pseudonymize": "on (key not shown)" if self.pseudonymize_key else "off",
+            "dedupe_window": self.dedupe_window,
         }
 
     def validate(self) -> None:
@@ -151,10 +161,12 @@ class Settings:
             raise ValueError("--max-event-bytes must be >= 64")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError("--device must be auto, cpu or cuda")
+        if self.dedupe_window < 0:
+            raise ValueError("--dedupe-window must be >= 0")
         if self.torch_threads < 0:
             raise ValueError("--torch-threads must be >= 0")
         if self.idle_rescore_after_ms < 0:
             raise ValueError("--idle-rescore-after must be >= 0")
-        if self.output_topic in self.input_topics or self.dead_letter_topic in self.input_topics:
-            raise ValueError("the output and dead-letter topics must differ from the input topics")
+        if {self.output_topic, self.dead_letter_topic, self.changelog_topic} & set(self.input_topics):
+            raise ValueError("the output, dead-letter and state topics must differ from the input topics")
 

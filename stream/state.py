@@ -4,8 +4,14 @@ Hidden states live in one (capacity, H) tensor on the model's device; counters
 live in numpy arrays on the host. Both grow by doubling, so the cost of a batch
 depends on the users it touches, not on how many users are in state.
 
-`snapshot()` / `restore()` exchange plain data (numpy arrays, lists, dicts): the
-changelog and local snapshots of a later issue build on them.
+`snapshot()` / `restore()` exchange plain data (numpy arrays, lists, dicts) for
+local snapshots; `changelog_values()` / `load_changelog()` exchange one fixed-layout
+binary record per user for the state changelog topic (packed and unpacked with
+numpy for all users at once).
+
+Exactly-once bookkeeping lives in the table too: per user, the input partition its
+events come from, a watermark per input topic (the offset of the last event applied),
+and a ring of the hashes of its last event ids (duplicate redeliveries).
 """
 
 from __future__ import annotations
@@ -37,17 +43,31 @@ COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
 }
 
 
+CHANGELOG_FORMAT = 1
+
+
 class StateTable:
-    def __init__(self, hidden_size: int, device: torch.device, capacity: int = 1024) -> None:
+    def __init__(self, hidden_size: int, device: torch.device, capacity: int = 1024, *, watermark_slots: int = 0,
+                 dedupe_window: int = 0) -> None:
         self.hidden_size = hidden_size
         self.device = device
+        self.watermark_slots = watermark_slots
+        self.dedupe_window = dedupe_window
+        self.spec = {
+            **COLUMNS,
+            "partition": (np.int64, (), -1),  # input partition of the user's events (-1: not from Kafka)
+            "watermark": (np.int64, (watermark_slots,), -1),  # per input topic: offset of the last applied event
+            "recent_ids": (np.uint64, (dedupe_window,), 0),  # hashes of the last event ids, a ring...
+            "recent_n": (np.int64, (), 0),  # ...filled this far (events applied, ever)
+        }
         self._index: dict[str, int] = {}
         self.user_ids: list[str] = []
         self.hidden = torch.zeros(capacity, hidden_size, device=device)  # (capacity, H)
-        self.columns = {name: _column(name, capacity) for name in COLUMNS}
+        self.columns = {name: _column(self.spec[name], capacity) for name in self.spec}
         # Category bucket -> the category string seen in it, so top_categories can name
         # categories as they appear in events (its keys are the buckets ever seen).
         self.category_names: dict[int, str] = {}
+        self.categories_version = 0  # bumped whenever category_names changes (the changelog re-sends it)
         self.max_event_ts = -1  # largest event time seen: the clock of event-time timers
         self._seen_cache: torch.Tensor | None = None
 
@@ -58,6 +78,10 @@ class StateTable:
     price_sum = property(lambda self: self.columns["price_sum"])
     price_n = property(lambda self: self.columns["price_n"])
     scored_at = property(lambda self: self.columns["scored_at"])
+    partition = property(lambda self: self.columns["partition"])
+    watermark = property(lambda self: self.columns["watermark"])
+    recent_ids = property(lambda self: self.columns["recent_ids"])
+    recent_n = property(lambda self: self.columns["recent_n"])
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -90,7 +114,7 @@ class StateTable:
         grown[: self.capacity] = self.hidden
         self.hidden = grown
         for name, old in self.columns.items():
-            column = _column(name, new)
+            column = _column(self.spec[name], new)
             column[: len(old)] = old
             self.columns[name] = column
 
@@ -110,6 +134,89 @@ class StateTable:
                 self._seen_cache = None  # a new bucket
             if current is None or name < current:
                 known[bucket] = name
+                self.categories_version += 1
+
+    def merge_category_names(self, names: dict[int, str]) -> None:
+        """Category names learned elsewhere (a restored changelog), by the same smallest-name rule."""
+        known = self.category_names
+        for bucket, name in names.items():
+            current = known.get(bucket)
+            if current is None or name < current:
+                known[bucket] = name
+                self._seen_cache = None
+
+    # ------------------------------------------------------------------ changelog records
+
+    def record_dtype(self) -> np.dtype:
+        """The packed layout of one user's changelog record (little-endian, no padding)."""
+        return np.dtype([("format", "u1"), ("hidden", "<f4", (self.hidden_size,))] + [
+            (name, np.dtype(dtype).newbyteorder("<"), shape) for name, (dtype, shape, _) in self.spec.items()])
+
+    def changelog_values(self, rows: np.ndarray) -> list[bytes]:
+        """One binary record per row (the user's whole state), packed for all rows at once."""
+        records = np.zeros(len(rows), dtype=self.record_dtype())
+        records["format"] = CHANGELOG_FORMAT
+        records["hidden"] = self.hidden[torch.from_numpy(rows).to(self.device)].float().cpu().numpy()
+        for name, column in self.columns.items():
+            records[name] = column[rows]
+        size, buf = records.dtype.itemsize, records.tobytes()
+        return [buf[i:i + size] for i in range(0, len(buf), size)]
+
+    def load_changelog(self, latest: dict[bytes, bytes | None]) -> int:
+        """Upsert users from their latest changelog records (user id bytes -> record; None = erased).
+        Returns the number of users loaded. Raises ValueError on records of another layout."""
+        live = {k: v for k, v in latest.items() if v is not None}
+        for key in (k for k, v in latest.items() if v is None):
+            self.forget([key.decode("utf-8", "surrogatepass")])
+        if not live:
+            return 0
+        dtype = self.record_dtype()
+        if any(len(v) != dtype.itemsize for v in live.values()):
+            raise ValueError(f"changelog records of {sorted({len(v) for v in live.values()})} bytes, expected "
+                             f"{dtype.itemsize}: written by another model or settings (hidden size, input topics, "
+                             "dedupe window); use a new changelog topic for them")
+        records = np.frombuffer(b"".join(live.values()), dtype=dtype)
+        if (records["format"] != CHANGELOG_FORMAT).any():
+            raise ValueError(f"changelog record format {int(records['format'][0])} is not {CHANGELOG_FORMAT}")
+        rows = self.rows_for([k.decode("utf-8", "surrogatepass") for k in live])
+        self.hidden[torch.from_numpy(rows).to(self.device)] = torch.from_numpy(records["hidden"].copy()).to(self.device)
+        for name, column in self.columns.items():
+            column[rows] = records[name]
+        self.max_event_ts = max(self.max_event_ts, int(records["last_ts"].max()))
+        return len(rows)
+
+    def drop_rows(self, drop: np.ndarray) -> None:
+        """Remove the rows where `drop` (a boolean mask over the users) is true; the rest keep their order."""
+        n = len(self)
+        keep = np.flatnonzero(~drop[:n])
+        if len(keep) == n:
+            return
+        self.user_ids = [self.user_ids[i] for i in keep.tolist()]
+        self._index = {u: i for i, u in enumerate(self.user_ids)}
+        cap = max(1024, len(keep))
+        hidden = torch.zeros(cap, self.hidden_size, device=self.device)
+        hidden[: len(keep)] = self.hidden[torch.from_numpy(keep).to(self.device)]
+        self.hidden = hidden
+        for name, column in self.columns.items():
+            fresh = _column(self.spec[name], cap)
+            fresh[: len(keep)] = column[keep]
+            self.columns[name] = fresh
+
+    def drop_partitions(self, partitions: Iterable[int]) -> int:
+        """Forget the users of these input partitions (given up in a rebalance); returns how many."""
+        n = len(self)
+        drop = np.isin(self.partition[:n], np.fromiter(partitions, dtype=np.int64))
+        self.drop_rows(drop)
+        return int(drop.sum())
+
+    def forget(self, users: Iterable[str]) -> int:
+        """Erase these users (right to erasure); returns how many were in state."""
+        n = len(self)
+        rows = [self._index[u] for u in users if u in self._index]
+        drop = np.zeros(n, dtype=bool)
+        drop[rows] = True
+        self.drop_rows(drop)
+        return len(rows)
 
     def seen_categories(self) -> torch.Tensor:
         """(S,) buckets that ever carried a category, ascending; cached until a new one appears."""
@@ -155,17 +262,18 @@ class StateTable:
         cap = max(1024, n)
         self.hidden = torch.zeros(cap, self.hidden_size, device=self.device)
         self.hidden[:n] = torch.as_tensor(snap["hidden"], device=self.device)
-        for name in COLUMNS:
-            column = _column(name, cap)
-            column[:n] = snap[name]
+        for name, spec in self.spec.items():
+            column = _column(spec, cap)
+            if name in snap and snap[name].shape[1:] == column.shape[1:]:
+                column[:n] = snap[name]  # (a column the snapshot lacks, or shaped otherwise, starts fresh)
             self.columns[name] = column
         self.category_names = {int(k): v for k, v in snap["category_names"].items()}
         self._seen_cache = None
         self.max_event_ts = int(snap["max_event_ts"])
 
 
-def _column(name: str, capacity: int) -> np.ndarray:
-    dtype, shape, initial = COLUMNS[name]
+def _column(spec: tuple[type, tuple[int, ...], float], capacity: int) -> np.ndarray:
+    dtype, shape, initial = spec
     return np.full((capacity, *shape), initial, dtype=dtype)
 
 

@@ -1,0 +1,143 @@
+"""Exactly-once state: watermarks, duplicate event ids, the state changelog, and SIGKILL at random moments."""
+
+from __future__ import annotations
+
+import random
+import signal
+
+import numpy as np
+import orjson
+import torch
+
+from consumers.pipeline import load_updater
+from consumers.replay import replay
+from stream.events import RecordBatch
+from stream.generator import generate, write_jsonl
+from stream.settings import Settings
+from stream.state import StateTable
+from tests.conftest import committed_offsets, create_topics, end_offsets, latest_profiles, produce, wait_until
+from tests.test_daemon_process import published, start_daemon
+
+EVENTS = Settings(device="cpu", input_topics=("events",))
+
+
+def batch(events: list[dict], first_offset: int = 0, topic: str = "events", partition: int = 0) -> RecordBatch:
+    n = len(events)
+    return RecordBatch([topic] * n, [partition] * n, list(range(first_offset, first_offset + n)),
+                       [str(e["user_id"]).encode() for e in events], [orjson.dumps(e) for e in events])
+
+
+def test_re_consumed_records_are_skipped_by_watermark():
+    log = generate(users=30, events=600, seed=31).events
+    updater = load_updater(EVENTS)
+    updater.process(batch(log[:400]))
+    before = updater.state.snapshot()
+    again = updater.process(batch(log[:400]))  # a restart re-reads records it had applied
+    assert again.replayed == 400 and len(again.profiles) == len({e["user_id"] for e in log[:400]})
+    after = updater.state.snapshot()
+    for name in ("counts", "spend_micros", "last_ts", "watermark"):
+        np.testing.assert_array_equal(before[name], after[name])
+    np.testing.assert_array_equal(before["hidden"], after["hidden"])
+    # Overlapping re-delivery: only the records past the watermark are applied.
+    tail = updater.process(batch(log[300:], first_offset=300))
+    assert tail.replayed == 100 and len(tail.events) == 200
+    whole = load_updater(EVENTS)
+    whole.process(batch(log))
+    np.testing.assert_array_equal(updater.state.snapshot()["counts"], whole.state.snapshot()["counts"])
+
+
+def test_duplicate_event_ids_are_applied_once():
+    log = generate(users=20, events=300, seed=32).events
+    rng = random.Random(3)
+    duplicated = list(log)
+    for i in sorted(rng.sample(range(len(log)), 40), reverse=True):  # re-sent a little later, new offsets
+        duplicated.insert(min(i + rng.randint(0, 4), len(duplicated)), log[i])
+    once, twice = load_updater(EVENTS), load_updater(EVENTS)
+    once.process(batch(log))
+    results = [twice.process(batch(duplicated[i:i + 50], first_offset=i)) for i in range(0, len(duplicated), 50)]
+    assert sum(r.duplicates for r in results) == 40
+    a, b = once.state.snapshot(), twice.state.snapshot()
+    by_user = {u: i for i, u in enumerate(b["user_ids"])}
+    order = [by_user[u] for u in a["user_ids"]]
+    np.testing.assert_array_equal(a["counts"], b["counts"][order])
+    np.testing.assert_array_equal(a["spend_micros"], b["spend_micros"][order])
+
+
+def test_changelog_records_rebuild_the_same_state():
+    log = generate(users=50, events=1000, seed=33).events
+    updater = load_updater(EVENTS)
+    updater.process(batch(log, partition=2))
+    state = updater.state
+    rows = np.arange(len(state))
+    records = dict(zip((u.encode() for u in state.user_ids), state.changelog_values(rows)))
+    restored = StateTable(state.hidden_size, torch.device("cpu"), watermark_slots=1,
+                          dedupe_window=state.dedupe_window)
+    assert restored.load_changelog(records) == len(state)
+    a, b = state.snapshot(), restored.snapshot()
+    assert a["user_ids"] == b["user_ids"]
+    for name in state.columns:
+        np.testing.assert_array_equal(a[name], b[name])
+    np.testing.assert_array_equal(a["hidden"], b["hidden"])
+    assert set(b["partition"].tolist()) == {2}
+    # A tombstone erases the user.
+    gone = state.user_ids[0]
+    restored.load_changelog({gone.encode(): None})
+    assert gone not in restored.snapshot()["user_ids"] and len(restored) == len(state) - 1
+
+
+def reference_profiles(events: list[dict], tmp_path) -> dict[str, dict]:
+    """One uninterrupted pass over the events (a replay: equal to a streamed run by the invariance tests)."""
+    src, out = tmp_path / "reference-events.jsonl", tmp_path / "reference.jsonl"
+    write_jsonl(events, src)
+    replay(Settings(device="cpu"), [str(src)], "jsonl", str(out), None, False, None, str(tmp_path / "ref.dlq"),
+           50_000, show_progress=False)
+    return {p["user_id"]: p for p in map(orjson.loads, out.read_bytes().splitlines())}
+
+
+def assert_same_profiles(got: dict[str, dict], want: dict[str, dict]) -> None:
+    assert set(got) == set(want)
+    for user, profile in want.items():
+        assert got[user]["counts"] == profile["counts"], user
+        assert got[user]["spend"] == profile["spend"], user
+        assert got[user]["last_event_ts"] == profile["last_event_ts"], user
+        np.testing.assert_allclose(got[user]["embedding"], profile["embedding"], atol=2e-5, err_msg=user)
+
+
+def test_sigkill_at_random_moments_changes_nothing(kafka, unique, tmp_path):
+    log = generate(users=2000, events=50_000, seed=34).events
+    topic, out, group = unique("events"), unique("profiles"), unique("group")
+    create_topics(kafka, {topic: 4})
+    produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log])
+    ends = end_offsets(kafka, topic)
+    # Small batches: the log takes long enough that each kill lands mid-stream, at a random point.
+    # No event-id dedupe: it would also catch re-consumed events; the watermarks alone must hold.
+    args = ("--input-topics", topic, "--output-topic", out, "--group-id", group,
+            "--batch-max-events", "25", "--batch-max-ms", "50", "--dedupe-window", "0")
+    rng = random.Random(7)
+    kills = 0
+    while kills < 5:
+        proc = start_daemon(kafka, *args)
+        try:
+            target = published(kafka, out) + rng.randint(200, 3000)
+            wait_until(lambda: proc.poll() is not None or published(kafka, out) > target, 120,
+                       "progress before the kill", interval_s=0.05)
+            assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+            assert committed_offsets(kafka, group, topic) != ends, "the log was drained before the kill"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+            kills += 1
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    proc = start_daemon(kafka, *args)  # the last run drains the log, then stops cleanly
+    try:
+        wait_until(lambda: proc.poll() is not None or committed_offsets(kafka, group, topic) == ends, 180,
+                   "the log to be drained after five kills")
+        assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    profiles, _ = latest_profiles(kafka, out)
+    assert_same_profiles(profiles, reference_profiles(log, tmp_path))
