@@ -54,6 +54,8 @@ class BenchReport:
     p50_batch_ms: float | None = None
     p99_batch_ms: float | None = None
     state_bytes: int | None = None
+    dead_letters: int | None = None  # of the generated events: 0 unless something is wrong
+    profiles_per_event: float | None = None
     offered_events_per_s: int | None = None
     offered_actual_events_per_s: float | None = None
     offered_achieved_events_per_s: float | None = None
@@ -78,6 +80,7 @@ class BenchReport:
                     line("ratio", f"{self.ratio:.2f}"),
                     line("batch latency p50 / p99", f"{self.p50_batch_ms:.1f} / {self.p99_batch_ms:.1f}", " ms"),
                     line("state", f"{self.state_bytes / 2**20:,.1f}", " MiB"),
+                    line("dead letters, profiles per event", f"{self.dead_letters}, {self.profiles_per_event:.2f}"),
                     line("batch time by stage", ", ".join(f"{k} {v:.0%}" for k, v in self.stage_share.items()))]
         if self.offered_events_per_s:
             out += [line(f"offered {self.offered_events_per_s:,} events/s: sent at",
@@ -101,16 +104,15 @@ class BenchReport:
         return orjson.dumps({k: v for k, v in asdict(self).items() if v is not None and v != []})
 
 
-# Event time of the generated traffic advances like a live stream at this rate. (The generator's
-# default packs 30 days into the log; the daemon's 24 h idle timer would then re-publish most users
-# many times over, which live traffic never makes it do.)
-EVENT_TIME_RATE = 50_000  # events per second of event time
+# Generated traffic spans one day of event time ending now. (The generator's default packs 30 days
+# into the log, and the daemon's 24 h idle timer would then re-publish most users many times over,
+# which live traffic never makes it do; much shorter spans break its session model.)
+SPAN_DAYS = 1.0
 
 
 def generated_records(n: int, users: int, seed: int, start_ts_ms: int | None = None) -> list[tuple[bytes, bytes]]:
-    span_days = n / EVENT_TIME_RATE / 86_400
-    start = start_ts_ms if start_ts_ms is not None else int(time.time() * 1000) - int(span_days * 86_400_000)
-    return list(records(iter_events(users, seed, events=n, span_days=span_days, start_ts_ms=start),
+    start = start_ts_ms if start_ts_ms is not None else int(time.time() * 1000) - int(SPAN_DAYS * 86_400_000)
+    return list(records(iter_events(users, seed, events=n, span_days=SPAN_DAYS, start_ts_ms=start),
                         invalid_fraction=0.0, seed=seed))
 
 
@@ -205,7 +207,8 @@ def run_bench(*, events: int, users: int, batch_max_events: int, device: str, bo
                              raw_events_per_s=raw, ratio=pipeline / raw,
                              p50_batch_ms=float(np.percentile(ms, 50)), p99_batch_ms=float(np.percentile(ms, 99)),
                              state_bytes=int(sum(updater.state.state_bytes().values())),
-                             stage_share=stage_share(daemon.metrics))
+                             stage_share=stage_share(daemon.metrics), dead_letters=s.dead_letters,
+                             profiles_per_event=s.profiles / max(s.events, 1))
         del daemon, updater  # close their clients while the broker still runs
         if offered_rate:
             offered(report, settings, run_id, users, seed, offered_rate, offered_seconds, partitions, say)
@@ -222,7 +225,7 @@ def offered(report: BenchReport, settings: Settings, run_id: str, users: int, se
     topic = f"bench-offered-{run_id}"
     ensure_topics(admin_client(settings.kafka), {topic: partitions})
     live = dataclasses.replace(settings, input_topics=(topic,), group_id=f"bench-offered-{run_id}")
-    recs = generated_records(n, users, seed + 1, start_ts_ms=int(time.time() * 1000))  # event time ~ now
+    recs = generated_records(n, users, seed + 1)
     say(f"offered load: {rate:,} events/s for {seconds:g} s from another process, daemon live ...")
     updater = load_updater(live)
     # The producer is another process (its own interpreter, not the daemon's GIL), started now so that

@@ -7,10 +7,10 @@ for every touched user's new events, heads for the touched users only.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -91,14 +91,16 @@ class ProfileUpdater:
         t1 = time.perf_counter()
         event_rows = self.state.rows_for(events.user_id)
         positions = self._positions(records, events)
-        fresh, replayed, duplicates = self._not_yet_applied(events, event_rows, positions)
+        id_hashes = event_id_hashes(events.event_id) if self.state.dedupe_window else None
+        fresh, replayed, duplicates = self._not_yet_applied(events, event_rows, positions, id_hashes)
         # Users with re-consumed events get their profile again: the crash that made us re-read them
         # may have come after the state reached the changelog but before the profile reached its topic.
         again = np.unique(event_rows[~fresh]) if replayed else np.empty(0, dtype=np.int64)
         if not fresh.all():
             events, event_rows, positions = events.take(fresh), event_rows[fresh], positions[:, fresh]
+            id_hashes = id_hashes[fresh] if id_hashes is not None else None
         rows = self.apply(events, event_rows)
-        self._remember(events, event_rows, positions)
+        self._remember(events, event_rows, positions, id_hashes)
         if len(again):
             rows = np.union1d(rows, again)
         if self.idle_rescore_ms:  # idle users not already touched by this batch: one profile per user
@@ -121,7 +123,7 @@ class ProfileUpdater:
         return where[:, events.record_index]
 
     def _not_yet_applied(self, events: EventColumns, rows: np.ndarray, positions: np.ndarray,
-                         ) -> tuple[np.ndarray, int, int]:
+                         ids: np.ndarray | None) -> tuple[np.ndarray, int, int]:
         """Mask of the events to apply, and how many were re-consumed and duplicated (skipped)."""
         state, fresh = self.state, np.ones(len(events), dtype=bool)
         replayed = duplicates = 0
@@ -134,8 +136,7 @@ class ProfileUpdater:
             seen[known] = offset[known] <= state.watermark[rows[known], slot[known]]
             fresh &= ~seen
             replayed = int(seen.sum())
-        if state.dedupe_window:
-            ids = event_id_hashes(events.event_id)
+        if ids is not None:
             again = (state.recent_ids[rows] == ids[:, None]).any(axis=1)  # in the user's recent events
             # ...or earlier in this batch (same user and id, lower record index)
             order = np.lexsort((events.record_index, ids, rows))
@@ -146,7 +147,8 @@ class ProfileUpdater:
             duplicates = int(again.sum())
         return fresh, replayed, duplicates
 
-    def _remember(self, events: EventColumns, rows: np.ndarray, positions: np.ndarray) -> None:
+    def _remember(self, events: EventColumns, rows: np.ndarray, positions: np.ndarray,
+                  ids: np.ndarray | None) -> None:
         """After applying: each user's partition and watermarks, and the ring of recent event ids."""
         if not len(events):
             return
@@ -157,7 +159,7 @@ class ProfileUpdater:
             state.partition[rows[known]] = partition[known]
             np.maximum.at(state.watermark, (rows[known], slot[known]), offset[known])
         window = state.dedupe_window
-        if window:
+        if ids is not None:
             # Arrival order within each user; of a user's c events this batch, the last `window` are written.
             order = np.lexsort((events.record_index, rows))
             user_rows = rows[order]
@@ -166,8 +168,7 @@ class ProfileUpdater:
             nth = np.arange(len(order)) - np.repeat(starts, counts)  # index within the user's events
             last = nth >= np.repeat(counts, counts) - window
             filled = state.recent_n[user_rows]
-            state.recent_ids[user_rows[last], (filled[last] + nth[last]) % window] = \
-                event_id_hashes(events.event_id[order[last]])
+            state.recent_ids[user_rows[last], (filled[last] + nth[last]) % window] = ids[order[last]]
             state.recent_n[user_rows[starts]] += counts
 
     @torch.inference_mode()
@@ -291,10 +292,12 @@ class ProfileUpdater:
 
 
 def event_id_hashes(event_ids: np.ndarray) -> np.ndarray:
-    """64-bit BLAKE2b of each event id (never 0: 0 marks an empty slot of the ring)."""
-    digest = hashlib.blake2b
-    out = np.fromiter((int.from_bytes(digest(e.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-                       for e in event_ids), dtype=np.uint64, count=len(event_ids))
+    """64-bit hash of each event id: CRC-32 in the low half, Adler-32 in the high (two C calls; a false
+    duplicate needs both to collide with one of the user's last few ids). Never 0: 0 marks an empty slot."""
+    crc, adler = zlib.crc32, zlib.adler32
+    encoded = [e.encode("utf-8", "surrogatepass") for e in event_ids]
+    out = np.fromiter(map(crc, encoded), dtype=np.uint64, count=len(encoded))
+    out |= np.fromiter(map(adler, encoded), dtype=np.uint64, count=len(encoded)) << np.uint64(32)
     out[out == 0] = 1
     return out
 

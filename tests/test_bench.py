@@ -22,6 +22,7 @@ def test_bench_on_the_broker_reports_both_rates_and_latencies(kafka):
     assert abs(report["ratio"] - report["pipeline_events_per_s"] / report["raw_events_per_s"]) < 1e-9
     assert 0 < report["p50_batch_ms"] <= report["p99_batch_ms"]
     assert report["device"] == "cpu" and report["state_bytes"] > 0
+    assert report["dead_letters"] == 0  # generated traffic is valid: every event took the full path
     assert set(report["stage_share"]) == {"decode", "model", "encode", "publish", "commit"}
     assert report["offered_events_per_s"] == 1000 and report["offered_p99_batch_ms"] > 0
 
