@@ -318,3 +318,45 @@ def _scaled(settings: Settings, columns, n_users: int, batch: int, seed: int) ->
     updater.apply(events.take(np.arange(min(batch, len(events)))))  # warm-up
     return _time_steps(updater, events, batch) | {
         "state_bytes": int(sum(updater.state.state_bytes().values()))}
+
+
+# ---------------------------------------------------------------- restore
+
+def restore_time(*, users: int, partitions: int, bootstrap_servers: str | None, say=print) -> dict:
+    """Seconds to restore `users` users from the state changelog, as a member assigned every partition does."""
+    from stream.kafka import read_latest
+    from stream.state import StateTable
+
+    broker = None if bootstrap_servers else EmbeddedBroker().start()
+    try:
+        kafka = KafkaSettings(bootstrap_servers or broker.bootstrap_servers)
+        topic = f"bench-state-{uuid.uuid4().hex[:8]}"
+        ensure_topics(admin_client(kafka), {topic: partitions}, compacted=[topic])
+        settings = Settings()
+        state = StateTable(64, torch.device("cpu"), watermark_slots=1, dedupe_window=settings.dedupe_window)
+        ids = [f"user-{i:08d}" for i in range(users)]
+        rows = state.rows_for(ids)
+        state.hidden[:users] = torch.randn(users, 64)
+        state.partition[rows] = rows % partitions
+        say(f"writing {users:,} users' state to {topic} ...")
+        publisher = Publisher(kafka, **{"linger.ms": 50})
+        for start in range(0, users, 100_000):
+            chunk = rows[start:start + 100_000]
+            publisher.produce_to_partitions(topic, [ids[r].encode() for r in chunk.tolist()],
+                                            state.changelog_values(chunk), state.partition[chunk].tolist())
+            publisher.poll()
+        publisher.flush()
+        say("restoring ...")
+        started = time.perf_counter()
+        latest = read_latest(kafka, topic, range(partitions))
+        read_s = time.perf_counter() - started
+        fresh = StateTable(64, torch.device("cpu"), watermark_slots=1, dedupe_window=settings.dedupe_window)
+        loaded = sum(fresh.load_changelog(records) for records in latest.values())
+        total = time.perf_counter() - started
+        assert loaded == users, f"restored {loaded} of {users} users"
+        return {"users": users, "restore_seconds": total, "read_seconds": read_s,
+                "load_seconds": total - read_s, "users_per_s": users / total,
+                "record_bytes": state.record_dtype().itemsize}
+    finally:
+        if broker is not None:
+            broker.stop()

@@ -463,21 +463,33 @@ def evaluate_synthetic(model_path: str, users: int, events: int, seed: int, devi
               help="Time the in-process model step alone (no Kafka), plus the scaling table.")
 @click.option("--scaling-users", default="10000,100000,1000000", show_default=True,
               help="With --no-broker: users prefilled in state for each row of the scaling table ('' skips it).")
+@click.option("--restore-users", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Instead: write this many users' state to a fresh changelog topic and time a restore of it.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def bench(events: int, users: int, batch_max_events: int, device: str, torch_threads: int,
           bootstrap_servers: str | None, partitions: int, offered_rate: int, offered_seconds: float, no_broker: bool,
-          scaling_users: str, seed: int, as_json: bool) -> None:
+          scaling_users: str, restore_users: int, seed: int, as_json: bool) -> None:
     """Measure throughput and latency in one run: the full pipeline (decode, validate, GRU update,
     profile encode, publish, commit) against the raw ceiling of a plain consumer that only consumes
     and decodes the same events; p50/p99 batch latency; state size; batch latency under an offered load.
 
     With --no-broker: events/s of the model step alone, and how it scales with the users in state.
     """
-    from consumers.bench import model_step, run_bench
+    import orjson
+
+    from consumers.bench import model_step, restore_time, run_bench
     from stream.kafka import StreamError
 
     say = (lambda _msg: None) if as_json else (lambda msg: click.echo(msg, err=True))
+    if restore_users:
+        result = restore_time(users=restore_users, partitions=partitions, bootstrap_servers=bootstrap_servers,
+                              say=say)
+        click.echo(orjson.dumps(result).decode() if as_json else
+                   f"restored {result['users']:,} users in {result['restore_seconds']:.1f} s "
+                   f"({result['users_per_s']:,.0f} users/s; reading {result['read_seconds']:.1f} s, loading "
+                   f"{result['load_seconds']:.1f} s; {result['record_bytes']} bytes per user)")
+        return
     try:
         if no_broker:
             sizes = tuple(int(x) for x in scaling_users.split(",") if x.strip())

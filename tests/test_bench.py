@@ -37,3 +37,11 @@ def test_bench_without_a_broker_prints_the_scaling_table():
     rows = [row for row in table if row and row[0][0].isdigit()]
     assert [row[0] for row in rows] == ["1,000", "20,000"]
     assert all(float(row[1].replace(",", "")) > 0 for row in rows)  # step events/s
+
+
+def test_bench_times_a_restore_of_every_user(kafka):
+    result = CliRunner().invoke(main, ["--log-level", "WARNING", "bench", "--restore-users", "5000",
+                                       "--bootstrap-servers", kafka.bootstrap_servers, "--json"])
+    assert result.exit_code == 0, result.output
+    report = orjson.loads(result.output.strip().splitlines()[-1])
+    assert report["users"] == 5000 and report["restore_seconds"] > 0  # the bench asserts all 5000 came back

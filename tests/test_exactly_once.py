@@ -141,3 +141,39 @@ def test_sigkill_at_random_moments_changes_nothing(kafka, unique, tmp_path):
             proc.kill()
     profiles, _ = latest_profiles(kafka, out)
     assert_same_profiles(profiles, reference_profiles(log, tmp_path))
+
+
+def test_two_instances_one_killed_equal_one_uninterrupted(kafka, unique, tmp_path):
+    log = generate(users=1500, events=30_000, seed=35).events
+    topic, out, group = unique("events"), unique("profiles"), unique("group")
+    create_topics(kafka, {topic: 4})
+    produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log])
+    ends = end_offsets(kafka, topic)
+    args = ("--input-topics", topic, "--output-topic", out, "--group-id", group,
+            "--batch-max-events", "25", "--batch-max-ms", "50", "--dedupe-window", "0")
+    first = start_daemon(kafka, *args)
+    second = start_daemon(kafka, *args)
+    try:
+        # Both members own partitions and have made progress when the first one is killed.
+        wait_until(lambda: first.poll() is not None or published(kafka, out) > 4000, 120, "both members working")
+        assert first.poll() is None and second.poll() is None
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        assigned = [line for line in first.stderr.read().decode().splitlines() if " assigned " in line]
+        assert assigned and topic in assigned[-1], "the killed member owned partitions when it died"
+        # The survivor takes over the dead member's partitions (after its session times out) and their state.
+        wait_until(lambda: second.poll() is not None or committed_offsets(kafka, group, topic) == ends, 180,
+                   "the survivor to drain the log")
+        assert second.poll() is None, second.communicate()[1].decode()[-3000:]
+        second.send_signal(signal.SIGTERM)
+        _, stderr = second.communicate(timeout=60)
+        assert second.returncode == 0
+        restores = [int(line.split("restored ")[1].split()[0]) for line in stderr.decode().splitlines()
+                    if "restored " in line and " users of partition" in line]
+        assert any(n > 0 for n in restores), "the survivor restored the dead member's users"
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                proc.kill()
+    profiles, _ = latest_profiles(kafka, out)
+    assert_same_profiles(profiles, reference_profiles(log, tmp_path))
