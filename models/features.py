@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stream.memo import map_memoised
+
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier (Fibonacci hashing)
 _WORD = re.compile(r"\w+")
 MAX_QUERY_WORDS = 8  # longer queries are cut: the first words carry the intent
@@ -43,12 +45,7 @@ def _crc(value: str, salt: int) -> int:
 
 def hash_buckets(values: np.ndarray | list, buckets: int, salt: int) -> np.ndarray:
     """Map strings (None = absent) to buckets 1..buckets-1, deterministically; None -> 0."""
-    memo = _memo_for("id", salt, 0)
-    raw = list(map(memo.get, values))
-    if None in raw:
-        for v in {v for v, r in zip(values, raw) if r is None}:
-            memo[v] = _crc(v, salt)
-        raw = list(map(memo.__getitem__, values))
+    raw = map_memoised(_memo_for("id", salt, 0), values, lambda v: _crc(v, salt))
     return _mix_to_buckets(np.fromiter(raw, dtype=np.uint64, count=len(raw)), buckets)
 
 
@@ -74,12 +71,9 @@ def query_tokens(queries: np.ndarray | list, buckets: int, salt: int) -> tuple[n
 
     Returns (tokens, offsets): event i's tokens are tokens[offsets[i]:offsets[i+1]].
     """
-    memo = _memo_for("query", salt, ())  # query -> its terms' raw hashes (a tuple)
-    terms = list(map(memo.get, queries))
-    if None in terms:
-        for q in {q for q, t in zip(queries, terms) if t is None}:
-            memo[q] = tuple(_crc(term, salt) for term in query_terms(q)) if q else ()
-        terms = list(map(memo.__getitem__, queries))
+    # query -> its terms' raw hashes (a tuple)
+    terms = map_memoised(_memo_for("query", salt, ()), queries,
+                         lambda q: tuple(_crc(term, salt) for term in query_terms(q)) if q else ())
     lengths = np.fromiter(map(len, terms), dtype=np.int64, count=len(terms))
     offsets = np.zeros(len(terms), dtype=np.int64)
     np.cumsum(lengths[:-1], out=offsets[1:])

@@ -12,6 +12,8 @@ import hmac
 
 import numpy as np
 
+from stream.memo import map_memoised
+
 PSEUDONYM_CHARS = 32
 _MEMO_MAX = 2_000_000
 
@@ -32,14 +34,9 @@ class Pseudonymizer:
 
     def __call__(self, user_ids: np.ndarray) -> np.ndarray:
         """Pseudonyms of an object array of user ids."""
-        memo = self._memo
-        if len(memo) > _MEMO_MAX:
-            memo.clear()
-        names = list(map(memo.get, user_ids))
-        if None in names:
-            for user in {u for u, n in zip(user_ids, names) if n is None}:
-                memo[user] = self.one(user)
-            names = list(map(memo.__getitem__, user_ids))
+        if len(self._memo) > _MEMO_MAX:
+            self._memo.clear()
+        names = map_memoised(self._memo, user_ids, self.one)
         out = np.empty(len(names), dtype=object)
         out[:] = names
         return out

@@ -127,23 +127,21 @@ class StateTable:
         keep = buckets > 0
         if not keep.any():
             return
-        known = self.category_names
+        seen: dict[int, str] = {}
         for name, bucket in dict(zip(names[keep].tolist(), buckets[keep].tolist())).items():  # distinct names
-            current = known.get(bucket)
-            if current is None:
-                self._seen_cache = None  # a new bucket
-            if current is None or name < current:
-                known[bucket] = name
-                self.categories_version += 1
+            if bucket not in seen or name < seen[bucket]:
+                seen[bucket] = name
+        self.merge_category_names(seen)
 
     def merge_category_names(self, names: dict[int, str]) -> None:
-        """Category names learned elsewhere (a restored changelog), by the same smallest-name rule."""
+        """Name buckets (from a batch, or a restored changelog) by the smallest-name rule."""
         known = self.category_names
         for bucket, name in names.items():
             current = known.get(bucket)
             if current is None or name < current:
                 known[bucket] = name
-                self._seen_cache = None
+                self._seen_cache = None  # the seen buckets or their names changed
+                self.categories_version += 1
 
     # ------------------------------------------------------------------ changelog records
 

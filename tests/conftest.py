@@ -181,3 +181,15 @@ def expected_from_events(events: Iterable[dict]) -> dict[str, dict]:
             user["spend_micros"] += round(e["price"] * e.get("quantity", 1) * 1_000_000)
         user["last_ts"] = max(user["last_ts"], e["ts"])
     return out
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of GET http://127.0.0.1:port/path, error statuses included."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()

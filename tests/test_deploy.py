@@ -8,8 +8,6 @@ import re
 import shutil
 import subprocess
 import threading
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ import yaml
 
 from stream.settings import KafkaSettings, Settings, parse_kafka_config
 from tests.conftest import (
-    SESSION_TIMEOUT_MS, committed_offsets, create_topics, end_offsets, produce, wait_until,
+    SESSION_TIMEOUT_MS, committed_offsets, create_topics, end_offsets, http_get, produce, wait_until,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -455,14 +453,6 @@ def scrape_names(text: str) -> set[str]:
         elif line and not line.startswith("#"):
             names.add(re.split(r"[{\s]", line, maxsplit=1)[0])
     return names
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
 
 
 @pytest.fixture(scope="module")

@@ -103,16 +103,22 @@ def assert_same_profiles(got: dict[str, dict], want: dict[str, dict]) -> None:
         np.testing.assert_allclose(got[user]["embedding"], profile["embedding"], atol=2e-5, err_msg=user)
 
 
-def test_sigkill_at_random_moments_changes_nothing(kafka, unique, tmp_path):
-    log = generate(users=2000, events=50_000, seed=34).events
+def logged_run(kafka, unique, users: int, events: int, seed: int):
+    """A generated log in a fresh 4-partition topic, and the `profiles run` flags for it:
+    (events, topic, output topic, group, end offsets, flags)."""
+    log = generate(users=users, events=events, seed=seed).events
     topic, out, group = unique("events"), unique("profiles"), unique("group")
     create_topics(kafka, {topic: 4})
     produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log])
-    ends = end_offsets(kafka, topic)
-    # Small batches: the log takes long enough that each kill lands mid-stream, at a random point.
+    # Small batches: the log takes long enough that each kill lands mid-stream.
     # No event-id dedupe: it would also catch re-consumed events; the watermarks alone must hold.
     args = ("--input-topics", topic, "--output-topic", out, "--group-id", group,
             "--batch-max-events", "25", "--batch-max-ms", "50", "--dedupe-window", "0")
+    return log, topic, out, group, end_offsets(kafka, topic), args
+
+
+def test_sigkill_at_random_moments_changes_nothing(kafka, unique, tmp_path):
+    log, topic, out, group, ends, args = logged_run(kafka, unique, users=2000, events=50_000, seed=34)
     rng = random.Random(7)
     kills = 0
     while kills < 5:
@@ -144,13 +150,7 @@ def test_sigkill_at_random_moments_changes_nothing(kafka, unique, tmp_path):
 
 
 def test_two_instances_one_killed_equal_one_uninterrupted(kafka, unique, tmp_path):
-    log = generate(users=1500, events=30_000, seed=35).events
-    topic, out, group = unique("events"), unique("profiles"), unique("group")
-    create_topics(kafka, {topic: 4})
-    produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log])
-    ends = end_offsets(kafka, topic)
-    args = ("--input-topics", topic, "--output-topic", out, "--group-id", group,
-            "--batch-max-events", "25", "--batch-max-ms", "50", "--dedupe-window", "0")
+    log, topic, out, group, ends, args = logged_run(kafka, unique, users=1500, events=30_000, seed=35)
     first = start_daemon(kafka, *args)
     second = start_daemon(kafka, *args)
     try:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-import urllib.error
-import urllib.request
 
 import orjson
 
@@ -14,14 +12,7 @@ from stream.broker import free_port
 from stream.generator import generate
 from stream.metrics import Health, Metrics, serve
 from tests.conftest import committed_offsets, create_topics, end_offsets, produce, wait_until
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
+from tests.conftest import http_get as get
 
 
 def test_health_turns_false_when_the_loop_stalls():
