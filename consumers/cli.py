@@ -77,17 +77,42 @@ def main(log_level: str) -> None:
     _setup_logging(log_level)
 
 
+# Options shared by the commands that talk to the daemon's topics (`run`, `forget`).
+BOOTSTRAP_OPTION = click.option(
+    "--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True, default="localhost:9092",
+    show_default=True, help="Kafka brokers, host:port[,host:port].")
+INPUT_TOPICS_OPTION = click.option(
+    "--input-topics", envvar=_env("input-topics"), show_envvar=True, default="events", show_default=True,
+    help="Comma-separated input topics, co-partitioned by user id.")
+GROUP_ID_OPTION = click.option(
+    "--group-id", envvar=_env("group-id"), show_envvar=True, default="profiles", show_default=True,
+    help="Kafka consumer group; instances with the same id share the partitions.")
+KAFKA_CONFIG_OPTION = click.option(
+    "--kafka-config", envvar=_env("kafka-config"), show_envvar=True, multiple=True, metavar="KEY=VALUE",
+    help="librdkafka property for every client, repeatable (e.g. security.protocol=SASL_SSL). "
+    "Secret values are never printed.")
+KAFKA_CONFIG_FILE_OPTION = click.option(
+    "--kafka-config-file", envvar=_env("kafka-config-file"), show_envvar=True, default=None,
+    type=click.Path(dir_okay=False), help="librdkafka properties file (key=value lines, # comments), "
+    "e.g. TLS and SASL settings mounted from a secret; --kafka-config entries override it.")
+STATE_TOPIC_OPTION = click.option(
+    "--state-topic", envvar=_env("state-topic"), show_envvar=True, default="",
+    help="Compacted changelog of every user's state, partition for partition with the inputs; "
+    "restored from on assignment. [default: <group-id>.state]")
+PSEUDONYMIZE_OPTION = click.option(
+    "--pseudonymize-key", envvar=_env("pseudonymize-key"), show_envvar=True, default="",
+    help="Replace user ids by HMAC-SHA256(key, id) before they reach state or outputs. The key is "
+    "never printed; prefer the environment variable to the flag.")
+
+
 @main.command()
-@click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True, default="localhost:9092",
-              show_default=True, help="Kafka brokers, host:port[,host:port].")
-@click.option("--input-topics", envvar=_env("input-topics"), show_envvar=True, default="events", show_default=True,
-              help="Comma-separated input topics, co-partitioned by user id.")
+@BOOTSTRAP_OPTION
+@INPUT_TOPICS_OPTION
 @click.option("--output-topic", envvar=_env("output-topic"), show_envvar=True, default="profiles",
               show_default=True, help="Topic the profiles are published to (keyed by user id).")
 @click.option("--dlq-topic", envvar=_env("dlq-topic"), show_envvar=True, default="",
               help="Dead-letter topic for records that break the event contract. [default: <output-topic>.dlq]")
-@click.option("--group-id", envvar=_env("group-id"), show_envvar=True, default="profiles", show_default=True,
-              help="Kafka consumer group; instances with the same id share the partitions.")
+@GROUP_ID_OPTION
 @click.option("--model", "model_path", envvar=_env("model"), show_envvar=True, default=None,
               type=click.Path(dir_okay=False), help="Model checkpoint (from `profiles train`). Without one, an "
               "untrained model is used: counters are exact, learned fields are not meaningful.")
@@ -111,9 +136,7 @@ def main(log_level: str) -> None:
               type=click.IntRange(min=1, max=65535), help="Serve Prometheus /metrics, and /healthz and /readyz for probes, on this port.")
 @click.option("--metrics-address", envvar=_env("metrics-address"), show_envvar=True, default="0.0.0.0",
               show_default=True, help="Address the metrics endpoint listens on.")
-@click.option("--kafka-config", envvar=_env("kafka-config"), show_envvar=True, multiple=True, metavar="KEY=VALUE",
-              help="librdkafka property for every client, repeatable (e.g. security.protocol=SASL_SSL). "
-              "Secret values are never printed.")
+@KAFKA_CONFIG_OPTION
 @click.option("--restore-from", envvar=_env("restore-from"), show_envvar=True, default=None,
               type=click.Path(exists=True, file_okay=False),
               help="Start from a state snapshot (`profiles replay --state-out`) and continue each input "
@@ -124,18 +147,12 @@ def main(log_level: str) -> None:
               "so churn risk keeps rising for users who went quiet.")
 @click.option("--session-timeout-ms", envvar=_env("session-timeout-ms"), show_envvar=True, default=10000,
               show_default=True, type=click.IntRange(min=1000), help="Consumer group session timeout.")
-@click.option("--kafka-config-file", envvar=_env("kafka-config-file"), show_envvar=True, default=None,
-              type=click.Path(dir_okay=False), help="librdkafka properties file (key=value lines, # comments), "
-              "e.g. TLS and SASL settings mounted from a secret; --kafka-config entries override it.")
+@KAFKA_CONFIG_FILE_OPTION
 @click.option("--dedupe-window", envvar=_env("dedupe-window"), show_envvar=True, default=8, show_default=True,
               type=click.IntRange(min=0), help="An event whose event_id is among its user's last N events is a "
               "duplicate (an upstream re-send) and is applied once; 0 turns this off.")
-@click.option("--state-topic", envvar=_env("state-topic"), show_envvar=True, default="",
-              help="Compacted changelog of every user's state, partition for partition with the inputs; "
-              "restored from on assignment. [default: <group-id>.state]")
-@click.option("--pseudonymize-key", envvar=_env("pseudonymize-key"), show_envvar=True, default="",
-              help="Replace user ids by HMAC-SHA256(key, id) before they reach state or outputs. The key is "
-              "never printed; prefer the environment variable to the flag.")
+@STATE_TOPIC_OPTION
+@PSEUDONYMIZE_OPTION
 def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic: str, group_id: str,
         model_path: str | None, device: str, torch_threads: int, batch_max_events: int, batch_max_ms: int,
         max_event_bytes: int, no_embedding: bool, next_items: int, metrics_port: int | None, metrics_address: str, kafka_config: tuple[str, ...],
@@ -147,8 +164,7 @@ def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic:
     """
     try:
         settings = Settings(
-            kafka=KafkaSettings(bootstrap_servers, (read_kafka_config_file(kafka_config_file) if kafka_config_file
-                                                    else ()) + parse_kafka_config(kafka_config)),
+            kafka=kafka_settings(bootstrap_servers, kafka_config_file, kafka_config),
             input_topics=tuple(t.strip() for t in input_topics.split(",") if t.strip()),
             output_topic=output_topic, dlq_topic=dlq_topic, group_id=group_id, model_path=model_path,
             device=device, torch_threads=torch_threads, batch_max_events=batch_max_events,
@@ -164,6 +180,12 @@ def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic:
     stop = threading.Event()
     install_stop_handlers(stop, settings.shutdown_timeout_s)
     run_daemon(settings, stop)
+
+
+def kafka_settings(bootstrap_servers: str, config_file: str | None, config: tuple[str, ...]) -> KafkaSettings:
+    """Brokers plus librdkafka properties: the file's first, --kafka-config entries over them."""
+    return KafkaSettings(bootstrap_servers, (read_kafka_config_file(config_file) if config_file else ())
+                         + parse_kafka_config(config))
 
 
 def run_daemon(settings: Settings, stop: threading.Event) -> None:
@@ -187,6 +209,55 @@ def run_daemon(settings: Settings, stop: threading.Event) -> None:
         raise click.ClickException(str(exc)) from None
     except KafkaException as exc:
         raise click.ClickException(f"Kafka error: {exc.args[0].str()}") from None
+
+
+@main.command()
+@click.argument("users", nargs=-1, required=True)
+@BOOTSTRAP_OPTION
+@INPUT_TOPICS_OPTION
+@GROUP_ID_OPTION
+@STATE_TOPIC_OPTION
+@PSEUDONYMIZE_OPTION
+@KAFKA_CONFIG_OPTION
+@KAFKA_CONFIG_FILE_OPTION
+@click.option("--wait", "wait", default="0", show_default=True, callback=lambda _c, _p, v: _duration_ms(v),
+              help="Wait up to this long (e.g. 60s) until the daemon has erased each user found in state "
+              "(its changelog tombstone is written); exit 1 if one is not confirmed in time. 0: do not wait.")
+def forget(users: tuple[str, ...], bootstrap_servers: str, input_topics: str, group_id: str, state_topic: str,
+           pseudonymize_key: str, kafka_config: tuple[str, ...], kafka_config_file: str | None, wait: int) -> None:
+    """Erase USERS (right to erasure): their state, their changelog records and their profiles.
+
+    Writes a forget record into the input partition that holds each user's state (found in the state
+    changelog), so the daemon owning that partition erases the user in order with their events, with
+    tombstones on the changelog and output topics. A user not found in state is asked for on every
+    partition. Events of the user that arrive after the forget start a new profile. Use the same
+    --group-id / --state-topic and --pseudonymize-key as the daemon.
+    """
+    from consumers.forget import forget_users
+    from stream.kafka import StreamError
+
+    try:
+        settings = Settings(kafka=kafka_settings(bootstrap_servers, kafka_config_file, kafka_config),
+                            input_topics=tuple(t.strip() for t in input_topics.split(",") if t.strip()),
+                            group_id=group_id, state_topic=state_topic, pseudonymize_key=pseudonymize_key)
+        settings.validate()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        requests = forget_users(settings, list(users), wait / 1000.0)
+    except StreamError as exc:
+        raise click.ClickException(str(exc)) from None
+    topic, unconfirmed = settings.input_topics[0], 0
+    for r in requests:
+        where = (f"{topic}[{r.partitions[0]}], the partition holding its state" if r.in_state else
+                 f"all {len(r.partitions)} partitions of {topic} (not found in {settings.changelog_topic})")
+        status = ""
+        if wait and r.in_state:
+            status = "; erased" if r.erased else f"; NOT confirmed within {wait / 1000:g}s"
+            unconfirmed += not r.erased
+        click.echo(f"{r.user_id}: forget record written to {where}{status}")
+    if unconfirmed:
+        sys.exit(1)
 
 
 @main.command()
@@ -391,7 +462,8 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
     click.echo(f"{report.records:,} records ({report.events:,} events, {report.dead_letters:,} dead letters -> {dlq}"
                f"{skipped}) "
                f"of {report.users:,} users in {report.seconds:.1f}s ({report.events_per_second:,.0f} records/s); "
-               f"{report.profiles:,} profiles written", err=True)
+               f"{report.profiles:,} profiles written"
+               + (f"; {report.erased:,} user(s) erased by forget records" if report.erased else ""), err=True)
 
 
 @main.command()

@@ -184,6 +184,8 @@ class ProfileDaemon:
 
     def publish(self, result: BatchResult) -> None:
         dlq, produce = self.settings.dead_letter_topic, self.publisher.produce
+        if result.erased:  # before the batch's state and profiles: a user re-created after the forget wins
+            self.publish_erasures(result.erased)
         self.publish_state(result.rows)
         self.publisher.produce_many(self.settings.output_topic, result.profiles)
         for dead in result.dead_letters:
@@ -208,6 +210,17 @@ class ProfileDaemon:
             owned = sorted({p for _, p in self.source.assigned} | set(partitions))
             self.publisher.produce_to_partitions(topic, [META_KEY] * len(owned), [meta] * len(owned), owned)
             self._categories_sent = state.categories_version
+
+    def publish_erasures(self, erased: list[tuple[str, int]]) -> None:
+        """Tombstones for erased users: on the changelog (so no restore brings them back) and on the
+        output topic (so compaction removes their last profile). Same flush as the offsets."""
+        keys = [user.encode("utf-8", "surrogatepass") for user, _ in erased]
+        from_kafka = [(key, p) for key, (_, p) in zip(keys, erased) if p >= 0]
+        if from_kafka:
+            self.publisher.produce_to_partitions(self.settings.changelog_topic, [k for k, _ in from_kafka],
+                                                 [None] * len(from_kafka), [p for _, p in from_kafka])
+        self.publisher.produce_many(self.settings.output_topic, [(key, None) for key in keys])
+        self.metrics.users_forgotten.inc(len(erased))
 
     def restore_partitions(self, partitions: list[int]) -> None:
         """Load the state of these input partitions' users from the changelog (before their events)."""

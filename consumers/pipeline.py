@@ -19,7 +19,7 @@ import torch
 
 from models.features import build_features
 from models.profile_model import LoadedModel, idle_hours, price_tier_index
-from stream.events import PURCHASE, DeadLetter, EventColumns, RecordBatch, decode_batch
+from stream.events import PURCHASE, Control, DeadLetter, EventColumns, RecordBatch, decode_batch
 from stream.profiles import ProfileColumns, encode_profiles
 from stream.pseudonyms import Pseudonymizer
 from stream.settings import Settings
@@ -41,6 +41,9 @@ class BatchResult:
     rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # state rows published
     replayed: int = 0  # events at or below their user's watermark: applied before (re-consumed), skipped
     duplicates: int = 0  # events whose event_id the user's recent events already had: skipped
+    # Users erased by forget records: (user id, input partition or -1). Their state is gone; the
+    # daemon writes tombstones for them (changelog, output) before this batch's other records.
+    erased: list[tuple[str, int]] = field(default_factory=list)
 
 
 class ProfileUpdater:
@@ -80,9 +83,13 @@ class ProfileUpdater:
         """decode -> update -> profiles; with `time_range`, only events whose event time lies in it are applied.
         `profiles=False` skips encoding the touched users' profiles (a replay that writes only final ones)."""
         t0 = time.perf_counter()
-        events, dead = decode_batch(records, self.max_event_bytes)
+        controls: list[Control] = []
+        events, dead = decode_batch(records, self.max_event_bytes, controls)
         if self.pseudonymize is not None:
             events.user_id = self.pseudonymize(events.user_id)
+        erased: list[tuple[str, int]] = []
+        if controls:  # rare: forget records (right to erasure), applied before the batch's events
+            events, erased = self._forget(records, events, controls)
         out_of_range = 0
         if time_range is not None:
             keep = time_range.mask(events.ts)
@@ -110,7 +117,41 @@ class ProfileUpdater:
         encoded = self.profiles_for(rows) if profiles else []
         t3 = time.perf_counter()
         return BatchResult(encoded, dead, events, out_of_range, {"decode": t1 - t0, "model": t2 - t1, "encode": t3 - t2},
-                           rows, replayed, duplicates)
+                           rows, replayed, duplicates, erased)
+
+    def _forget(self, records: RecordBatch, events: EventColumns, controls: list[Control],
+                ) -> tuple[EventColumns, list[tuple[str, int]]]:
+        """Erase the users that forget records name: their state, and their events earlier in this batch
+        (events after the forget start a new profile). Returns the remaining events and the erased users.
+
+        A forget acts once and in order with the user's events: it is skipped at or below the user's
+        watermark (re-read after a crash; the user may have new events since), and when it arrives on
+        another input partition than the user's state came from (`profiles forget` writes to every
+        partition when it cannot tell which one holds the user)."""
+        state = self.state
+        users = [c.user_id for c in controls]
+        if self.pseudonymize is not None:
+            users = self.pseudonymize(np.asarray(users, dtype=object)).tolist()
+        forget_at: dict[str, int] = {}  # user -> record index of the last forget that applies
+        partition_of: dict[str, int] = {}
+        for user, control in zip(users, controls):
+            i = control.record_index
+            slot, partition = self.topic_slot.get(records.topics[i], -1), records.partitions[i]
+            row = state.row(user)
+            if row is not None and slot >= 0:
+                if records.offsets[i] <= state.watermark[row, slot]:
+                    continue
+                if 0 <= state.partition[row] != partition:
+                    continue
+            forget_at[user] = i
+            partition_of[user] = partition if slot >= 0 else -1
+        if not forget_at:
+            return events, []
+        cut = np.fromiter(map(forget_at.get, events.user_id, itertools.repeat(-1)), dtype=np.int64,
+                          count=len(events))
+        state.forget(forget_at)
+        log.info("erased %d user(s) on forget records", len(forget_at))
+        return events.take(events.record_index > cut), list(partition_of.items())
 
     def _positions(self, records: RecordBatch, events: EventColumns) -> np.ndarray:
         """(3, N): each event's input topic slot (-1: not an input topic, e.g. a file), partition, offset."""

@@ -34,6 +34,7 @@ class ReplayReport:
     dead_letters: int = 0
     out_of_range: int = 0  # valid events outside a kafka:// source's event-time range
     profiles: int = 0
+    erased: int = 0  # users erased by forget records in the log
     users: int = 0
     seconds: float = 0.0
 
@@ -59,6 +60,15 @@ class ProfileSink:
             for key, value in profiles:
                 self.publisher.produce(self.topic, key, value)
             self.publisher.poll()
+
+    def erase(self, users: list[str]) -> None:
+        """Erased users (forget records in the log): a tombstone on the topic, an `erased` line in the file,
+        so a reader of every update drops the profiles it had for them."""
+        if self.file is not None:
+            self.file.write(b"".join(orjson.dumps({"user_id": u, "erased": True}) + b"\n" for u in users))
+        if self.publisher is not None:
+            for user in users:
+                self.publisher.produce(self.topic, user.encode("utf-8", "surrogatepass"), None)
 
     def close(self) -> None:
         if self.file is not None:
@@ -99,7 +109,10 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
                     if not len(batch):
                         continue
                     result = updater.process(batch, window, profiles=every_update)  # the daemon's decode -> update
+                    report.erased += len(result.erased)
                     if every_update:
+                        if result.erased:  # before the batch's profiles: a user re-created after it wins
+                            sink.erase([user for user, _ in result.erased])
                         sink.write(result.profiles)
                         report.profiles += len(result.profiles)
                     if result.dead_letters:

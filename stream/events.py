@@ -15,6 +15,10 @@ Contract (one JSON object per record):
   price     finite number >= 0, optional
   quantity  integer >= 1, purchases only (default 1)
   query     non-empty string, required for search
+
+Control records share the input topics, so they are ordered with the events they act on:
+  {"control": "forget", "user_id": ...}   erase the user's profile and state (`profiles forget`)
+`decode_batch` hands them to the caller that asks for them (the pipeline); other readers skip them.
 """
 
 from __future__ import annotations
@@ -112,6 +116,18 @@ class DeadLetter:
             ("dlq.partition", str(self.partition).encode()),
             ("dlq.offset", str(self.offset).encode()),
         ]
+
+
+@dataclass(frozen=True)
+class Control:
+    """A control record of the input: `kind` (only "forget" so far) for `user_id`, at `record_index`."""
+
+    kind: str
+    user_id: str
+    record_index: int
+
+
+CONTROL_KINDS = ("forget",)
 
 
 @dataclass
@@ -284,8 +300,10 @@ class _Event(msgspec.Struct, gc=False):  # gc=False: flat fields, no cycles; not
 _decode_event = msgspec.json.Decoder(_Event).decode
 
 
-def decode_batch(batch: RecordBatch, max_event_bytes: int) -> tuple[EventColumns, list[DeadLetter]]:
+def decode_batch(batch: RecordBatch, max_event_bytes: int, controls: list[Control] | None = None,
+                 ) -> tuple[EventColumns, list[DeadLetter]]:
     """Decode and validate every record of the batch: (valid events as columns, dead letters).
+    Valid control records are appended to `controls` (in record order); without it they are skipped.
 
     Fast path: a C-level typed parse per record, then whole-column checks. Records either
     refuses go through `_decode_slow`, which names the reason (or, rarely, accepts what the
@@ -298,7 +316,7 @@ def decode_batch(batch: RecordBatch, max_event_bytes: int) -> tuple[EventColumns
     if rejected:
         suspect.extend(rejected)
         suspect.sort()
-    rows, slow_kept, dead = _decode_slow(batch, suspect, max_event_bytes)
+    rows, slow_kept, dead = _decode_slow(batch, suspect, max_event_bytes, controls)
     if rows:
         events = _concat_in_order(events, _columns(rows, slow_kept))
     return events, dead
@@ -382,9 +400,10 @@ def _concat_in_order(a: EventColumns, b: EventColumns) -> EventColumns:
     return merged.take(np.argsort(merged.record_index, kind="stable"))
 
 
-def _decode_slow(batch: RecordBatch, indices: list[int], max_event_bytes: int,
+def _decode_slow(batch: RecordBatch, indices: list[int], max_event_bytes: int, controls: list[Control] | None,
                  ) -> tuple[list[tuple], list[int], list[DeadLetter]]:
-    """orjson + _validate for the given records: the reference rules, and the reasons."""
+    """orjson + _validate for the given records: the reference rules, and the reasons.
+    Control records land here too (they have no event fields): cheap, they are rare."""
     rows: list[tuple] = []
     kept: list[int] = []
     dead: list[DeadLetter] = []
@@ -399,12 +418,25 @@ def _decode_slow(batch: RecordBatch, indices: list[int], max_event_bytes: int,
                 obj = orjson.loads(value)
             except orjson.JSONDecodeError:
                 raise _Invalid(*_why_not_json(value)) from None
+            if isinstance(obj, dict) and "control" in obj and "type" not in obj:
+                control = _control(obj, i)
+                if controls is not None:
+                    controls.append(control)
+                continue
             rows.append(_validate(obj))
             kept.append(i)
         except _Invalid as bad:
             dead.append(DeadLetter(value=value, key=batch.keys[i], reason=bad.reason, detail=bad.detail,
                                    topic=batch.topics[i], partition=batch.partitions[i], offset=batch.offsets[i]))
     return rows, kept, dead
+
+
+def _control(obj: dict, index: int) -> Control:
+    kind = obj["control"]
+    if kind not in CONTROL_KINDS:
+        raise _Invalid(UNKNOWN_TYPE, f"unknown control record {str(kind)[:40]!r} (known: {', '.join(CONTROL_KINDS)})"
+                       if isinstance(kind, str) else "'control' must be a string")
+    return Control(kind, _id_field(obj, "user_id", True), index)
 
 
 def _columns(rows: list[tuple], kept: list[int]) -> EventColumns:

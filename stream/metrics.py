@@ -49,6 +49,9 @@ class Metrics:
             "profiles_commit_failures", "Offset commits that failed", registry=r)
         self.transaction_failures = Counter(
             "profiles_transaction_failures", "Kafka transactions that failed to commit (exactly-once mode)", registry=r)
+        self.users_forgotten = Counter(
+            "profiles_users_forgotten", "Users erased by forget records (state dropped, tombstones written)",
+            registry=r)
         self.users_in_state = Gauge("profiles_users_in_state", "Users held in the state table", registry=r)
         self.state_bytes = Gauge("profiles_state_bytes", "Bytes held by the state table, by device", ["device"],
                                  registry=r)

@@ -90,6 +90,10 @@ class StateTable:
     def capacity(self) -> int:
         return len(self.hidden)
 
+    def row(self, user: str) -> int | None:
+        """The user's row, or None if the user is not in state."""
+        return self._index.get(user)
+
     def rows_for(self, users: Iterable[str]) -> np.ndarray:
         """Row of each user, adding rows for users not yet in state (in order of first appearance)."""
         users = users if isinstance(users, (list, np.ndarray)) else list(users)

@@ -108,11 +108,14 @@ def read_topic(kafka: KafkaSettings, topic: str, timeout_s: float = 60.0) -> lis
 
 
 def latest_profiles(kafka: KafkaSettings, topic: str) -> tuple[dict[str, dict], int]:
-    """(user -> latest profile, total profile records) from an output topic."""
+    """(user -> latest profile, total profile records) from an output topic; a tombstone removes the user."""
     latest: dict[str, dict] = {}
     records = read_topic(kafka, topic)
     for r in records:  # per partition in offset order; a user lives in one partition
-        latest[r.key.decode()] = orjson.loads(r.value)
+        if r.value is None:
+            latest.pop(r.key.decode(), None)
+        else:
+            latest[r.key.decode()] = orjson.loads(r.value)
     return latest, len(records)
 
 

@@ -1,0 +1,187 @@
+"""Right to erasure: forget records in the input, `profiles forget`, and what a restarted daemon restores."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+
+import numpy as np
+import orjson
+
+from consumers.daemon import ProfileDaemon
+from consumers.forget import control_record
+from consumers.pipeline import load_updater
+from consumers.replay import replay
+from stream.events import RecordBatch
+from stream.generator import generate, write_jsonl
+from stream.metrics import Metrics
+from stream.settings import Settings
+from tests.conftest import create_topics, expected_from_events, latest_profiles, produce, read_topic, wait_until
+from tests.test_daemon_process import profiles_command, published, start_daemon
+from tests.test_exactly_once import EVENTS
+
+
+def records(items: list[dict | bytes], first_offset: int = 0, partition: int = 0) -> RecordBatch:
+    """A batch of events (dicts) and raw control records (bytes), at consecutive offsets of events[partition]."""
+    values = [item if isinstance(item, bytes) else orjson.dumps(item) for item in items]
+    n = len(values)
+    return RecordBatch(["events"] * n, [partition] * n, list(range(first_offset, first_offset + n)), [None] * n, values)
+
+
+def user_state(updater, user: str) -> dict:
+    snap = updater.state.snapshot()
+    row = snap["user_ids"].index(user)
+    return {"counts": snap["counts"][row].tolist(), "spend": int(snap["spend_micros"][row]),
+            "hidden": snap["hidden"][row]}
+
+
+def split_log(seed: int = 41):
+    log = generate(users=12, events=400, seed=seed).events
+    target = str(log[0]["user_id"])
+    return log, target
+
+
+def test_forget_mid_batch_erases_earlier_events_and_later_ones_start_afresh():
+    log, target = split_log()
+    cut = 250
+    items = log[:cut] + [control_record(target)] + log[cut:]
+    updater = load_updater(EVENTS)
+    result = updater.process(records(items))
+    assert result.erased == [(target, 0)]
+    # The reference: the same log in which the user's events before the forget never happened.
+    reference = load_updater(EVENTS)
+    reference.process(records([e for e in log[:cut] if str(e["user_id"]) != target] + log[cut:]))
+    later = [e for e in log[cut:] if str(e["user_id"]) == target]
+    assert later, "the generator gave the target user no events after the cut: pick another seed"
+    got, want = user_state(updater, target), user_state(reference, target)
+    assert got["counts"] == want["counts"] == [
+        sum(e["type"] == t for e in later) for t in ("search", "click", "add_to_cart", "purchase")]
+    np.testing.assert_allclose(got["hidden"], want["hidden"], atol=1e-6)
+    # Other users are untouched by the forget.
+    others = [u for u in reference.state.user_ids if u != target]
+    for user in others:
+        assert user_state(updater, user)["counts"] == user_state(reference, user)["counts"], user
+
+
+def test_forget_is_batching_invariant_and_skipped_when_re_read_after_new_events():
+    log, target = split_log(seed=42)
+    items = log[:200] + [control_record(target)] + log[200:]
+    whole = load_updater(EVENTS)
+    whole.process(records(items))
+    small = load_updater(EVENTS)
+    for start in range(0, len(items), 37):
+        small.process(records(items[start:start + 37], first_offset=start))
+    assert user_state(small, target)["counts"] == user_state(whole, target)["counts"]
+    np.testing.assert_allclose(user_state(small, target)["hidden"], user_state(whole, target)["hidden"], atol=1e-6)
+    # A restart re-reads the forget (offset 200) after the user had new events: the forget is at or
+    # below the user's watermark, so it must not erase those newer events.
+    before = user_state(whole, target)
+    again = whole.process(records(items[200:260], first_offset=200))
+    assert again.erased == [] and user_state(whole, target)["counts"] == before["counts"]
+
+
+def test_forget_on_another_partition_than_the_users_state_is_ignored():
+    log, target = split_log(seed=43)
+    updater = load_updater(EVENTS)
+    updater.process(records(log, partition=1))
+    result = updater.process(records([control_record(target)], first_offset=10_000, partition=3))
+    assert result.erased == [] and target in updater.state.user_ids
+    result = updater.process(records([control_record(target)], first_offset=10_000, partition=1))
+    assert result.erased == [(target, 1)] and target not in updater.state.user_ids
+
+
+def test_forget_by_raw_id_erases_the_pseudonymised_user():
+    log, target = split_log(seed=44)
+    settings = Settings(device="cpu", input_topics=("events",), pseudonymize_key="k3y")
+    updater = load_updater(settings)
+    updater.process(records(log))
+    pseudonym = updater.pseudonymize.one(target)
+    assert pseudonym in updater.state.user_ids
+    result = updater.process(records([control_record(target)], first_offset=len(log)))
+    assert result.erased == [(pseudonym, 0)] and pseudonym not in updater.state.user_ids
+
+
+def test_replay_honours_forget_records_in_the_log(tmp_path):
+    log, target = split_log(seed=45)
+    src = tmp_path / "log.jsonl"
+    write_jsonl(log, src)
+    with open(src, "ab") as f:
+        f.write(control_record(target) + b"\n")
+    out, updates = tmp_path / "final.jsonl", tmp_path / "updates.jsonl"
+    report = replay(EVENTS, [str(src)], "jsonl", str(out), None, False, None, str(tmp_path / "d"), 100,
+                    show_progress=False)
+    users = {orjson.loads(line)["user_id"] for line in out.read_bytes().splitlines()}
+    assert report.erased == 1 and report.dead_letters == 0
+    assert target not in users and users == {str(e["user_id"]) for e in log} - {target}
+    replay(EVENTS, [str(src)], "jsonl", str(updates), None, True, None, str(tmp_path / "d2"), 100, show_progress=False)
+    last = orjson.loads(updates.read_bytes().splitlines()[-1])
+    assert last == {"user_id": target, "erased": True}
+
+
+def test_unknown_control_records_are_dead_letters():
+    updater = load_updater(EVENTS)
+    result = updater.process(records([b'{"control": "shred", "user_id": "u1"}', b'{"control": "forget"}']))
+    assert [d.reason for d in result.dead_letters] == ["unknown_type", "missing_field"]
+
+
+def test_profiles_forget_erases_the_user_everywhere_and_a_restart_restores_no_trace(kafka, unique):
+    log = generate(users=300, events=6000, seed=46).events
+    target = str(log[0]["user_id"])
+    topic, out, group = unique("events"), unique("profiles"), unique("group")
+    create_topics(kafka, {topic: 4})
+    produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log])
+    args = ("--input-topics", topic, "--output-topic", out, "--group-id", group)
+    proc = start_daemon(kafka, *args)
+    try:
+        wait_until(lambda: proc.poll() is not None or published(kafka, out) > 0, 90, "the first profiles")
+        wait_until(lambda: proc.poll() is not None or target in latest_profiles(kafka, out)[0], 60,
+                   "the target's profile")
+        wait_until(lambda: proc.poll() is not None or published(kafka, f"{group}.state") > 0, 30, "changelog")
+        forget = subprocess.run(profiles_command() + ["forget", target, "--bootstrap-servers", kafka.bootstrap_servers,
+                                                      "--input-topics", topic, "--group-id", group, "--wait", "60s"],
+                                capture_output=True, timeout=120)
+        assert forget.returncode == 0, forget.stderr.decode()[-2000:]
+        assert "the partition holding its state; erased" in forget.stdout.decode()
+        # The user comes back later: only events after the forget count.
+        again = [dict(e, event_id=f"again-{i}", ts=e["ts"] + 10**9) for i, e in enumerate(log)
+                 if str(e["user_id"]) == target][:3]
+        produce(kafka, topic, [(target.encode(), orjson.dumps(e)) for e in again])
+        wait_until(lambda: proc.poll() is not None or
+                   latest_profiles(kafka, out)[0].get(target, {}).get("counts", {}).get(again[0]["type"]) == 1
+                   and sum(latest_profiles(kafka, out)[0][target]["counts"].values()) == len(again), 60,
+                   "the target's new profile")
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+
+    # The output topic: a tombstone for the target between its old and new profiles.
+    values = [r.value for r in read_topic(kafka, out) if r.key == target.encode()]
+    first_tombstone = values.index(None)
+    assert first_tombstone > 0 and values[-1] is not None
+
+    # What a restarted daemon restores: every other user exactly, the target only with its new events.
+    settings = Settings(kafka=kafka, input_topics=(topic,), output_topic=out, group_id=group, device="cpu")
+    daemon = ProfileDaemon(settings, load_updater(settings), Metrics(), threading.Event())
+    daemon.restore_partitions([0, 1, 2, 3])
+    state = daemon.updater.state.snapshot()
+    want = expected_from_events([e for e in log if str(e["user_id"]) != target] + again)
+    assert sorted(state["user_ids"]) == sorted(want)
+    row = state["user_ids"].index(target)
+    assert state["counts"][row].sum() == len(again) and state["last_ts"][row] == max(e["ts"] for e in again)
+    daemon.source.close()
+
+
+def test_forget_of_a_user_not_in_state_asks_every_partition(kafka, unique):
+    topic, group = unique("events"), unique("group")
+    create_topics(kafka, {topic: 3})
+    forget = subprocess.run(profiles_command() + ["forget", "nobody", "--bootstrap-servers", kafka.bootstrap_servers,
+                                                  "--input-topics", topic, "--group-id", group],
+                            capture_output=True, timeout=60)
+    assert forget.returncode == 0, forget.stderr.decode()[-2000:]
+    assert "all 3 partitions" in forget.stdout.decode()
+    written = read_topic(kafka, topic)
+    assert sorted(r.partition for r in written) == [0, 1, 2]
+    assert all(orjson.loads(r.value)["control"] == "forget" and r.key == b"nobody" for r in written)
