@@ -48,6 +48,7 @@ class BenchReport:
     users: int
     device: str
     batch_max_events: int
+    guarantee: str = "at-least-once"
     pipeline_events_per_s: float | None = None
     raw_events_per_s: float | None = None
     ratio: float | None = None
@@ -73,7 +74,8 @@ class BenchReport:
             return f"{label:<34} {value}{unit}"
 
         out = [line("device", self.device), line("events", f"{self.events:,}"),
-               line("users", f"{self.users:,}"), line("batch max events", f"{self.batch_max_events:,}")]
+               line("users", f"{self.users:,}"), line("batch max events", f"{self.batch_max_events:,}"),
+               line("guarantee", self.guarantee)]
         if self.pipeline_events_per_s is not None:
             out += [line("pipeline", f"{self.pipeline_events_per_s:,.0f}", " events/s"),
                     line("raw ceiling (consume + decode)", f"{self.raw_events_per_s:,.0f}", " events/s"),
@@ -178,7 +180,7 @@ def run_daemon_until(settings: Settings, updater: ProfileUpdater, done: callable
 
 def run_bench(*, events: int, users: int, batch_max_events: int, device: str, bootstrap_servers: str | None,
               partitions: int, offered_rate: int, offered_seconds: float, torch_threads: int, seed: int,
-              say=print) -> BenchReport:
+              guarantee: str = "at-least-once", say=print) -> BenchReport:
     broker = None if bootstrap_servers else EmbeddedBroker().start()
     try:
         kafka = KafkaSettings(bootstrap_servers or broker.bootstrap_servers)
@@ -186,7 +188,7 @@ def run_bench(*, events: int, users: int, batch_max_events: int, device: str, bo
         topic = f"bench-events-{run_id}"
         settings = Settings(kafka=kafka, input_topics=(topic,), output_topic=f"bench-profiles-{run_id}",
                             group_id=f"bench-pipeline-{run_id}", device=device, torch_threads=torch_threads,
-                            batch_max_events=batch_max_events, session_timeout_ms=6000)
+                            batch_max_events=batch_max_events, session_timeout_ms=6000, guarantee=guarantee)
         ensure_topics(admin_client(kafka), {topic: partitions})
         say(f"generating {events:,} events for {users:,} users ...")
         recs = generated_records(events, users, seed)
@@ -203,7 +205,7 @@ def run_bench(*, events: int, users: int, batch_max_events: int, device: str, bo
         pipeline = events / (s.last_batch_done_at - s.first_batch_at)
         ms = np.array(s.batch_seconds) * 1000
         report = BenchReport(events=events, users=len(updater.state), device=str(updater.device),
-                             batch_max_events=batch_max_events, pipeline_events_per_s=pipeline,
+                             batch_max_events=batch_max_events, guarantee=guarantee, pipeline_events_per_s=pipeline,
                              raw_events_per_s=raw, ratio=pipeline / raw,
                              p50_batch_ms=float(np.percentile(ms, 50)), p99_batch_ms=float(np.percentile(ms, 99)),
                              state_bytes=int(sum(updater.state.state_bytes().values())),

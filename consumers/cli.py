@@ -7,6 +7,7 @@ Settings object, which is passed down explicitly.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import re
@@ -59,6 +60,8 @@ def install_stop_handlers(stop: threading.Event, grace_s: float) -> None:
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+    # SIGUSR1 prints every thread's stack to stderr: where a stuck daemon is stuck, without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _give_up(grace_s: float) -> None:
@@ -147,17 +150,29 @@ PSEUDONYMIZE_OPTION = click.option(
               "so churn risk keeps rising for users who went quiet.")
 @click.option("--session-timeout-ms", envvar=_env("session-timeout-ms"), show_envvar=True, default=10000,
               show_default=True, type=click.IntRange(min=1000), help="Consumer group session timeout.")
+@click.option("--max-poll-interval-ms", envvar=_env("max-poll-interval-ms"), show_envvar=True, default=300_000,
+              show_default=True, type=click.IntRange(min=1000), help="The group evicts a member that takes longer "
+              "than this between polls. Batches shrink automatically to stay within a quarter of it; restoring "
+              "an assigned partition's users must fit in it too.")
 @KAFKA_CONFIG_FILE_OPTION
 @click.option("--dedupe-window", envvar=_env("dedupe-window"), show_envvar=True, default=8, show_default=True,
               type=click.IntRange(min=0), help="An event whose event_id is among its user's last N events is a "
               "duplicate (an upstream re-send) and is applied once; 0 turns this off.")
 @STATE_TOPIC_OPTION
 @PSEUDONYMIZE_OPTION
+@click.option("--guarantee", envvar=_env("guarantee"), show_envvar=True, default="at-least-once", show_default=True,
+              type=click.Choice(["at-least-once", "exactly-once"]),
+              help="State is exactly-once either way (changelog watermarks). at-least-once: offsets are "
+              "committed after the output is acknowledged; a crash re-publishes some identical profiles. "
+              "exactly-once: each batch's profiles, changelog records, dead letters and offsets form one "
+              "Kafka transaction, for read_committed readers (costs a transaction commit per batch).")
+@click.option("--transactional-id", envvar=_env("transactional-id"), show_envvar=True, default="",
+              help="exactly-once: the producer's transactional.id. [default: <group-id>-<random>, new each start]")
 def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic: str, group_id: str,
         model_path: str | None, device: str, torch_threads: int, batch_max_events: int, batch_max_ms: int,
         max_event_bytes: int, no_embedding: bool, next_items: int, metrics_port: int | None, metrics_address: str, kafka_config: tuple[str, ...],
-        restore_from: str | None, idle_rescore_after: int, session_timeout_ms: int, kafka_config_file: str | None,
-        dedupe_window: int, state_topic: str, pseudonymize_key: str) -> None:
+        restore_from: str | None, idle_rescore_after: int, session_timeout_ms: int, max_poll_interval_ms: int,
+        kafka_config_file: str | None, dedupe_window: int, state_topic: str, pseudonymize_key: str, guarantee: str, transactional_id: str) -> None:
     """The always-on daemon: consume events, update profiles, publish them.
 
     Stops on SIGTERM or SIGINT after finishing, publishing and committing the batch in hand.
@@ -171,8 +186,10 @@ def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic:
             batch_max_ms=batch_max_ms, max_event_bytes=max_event_bytes, emit_embedding=not no_embedding,
             metrics_port=metrics_port,
             metrics_address=metrics_address, session_timeout_ms=session_timeout_ms,
+            max_poll_interval_ms=max_poll_interval_ms,
             idle_rescore_after_ms=idle_rescore_after, next_items=next_items, restore_from=restore_from,
             pseudonymize_key=pseudonymize_key, dedupe_window=dedupe_window, state_topic=state_topic,
+            guarantee=guarantee, transactional_id=transactional_id,
         )
         settings.validate()
     except ValueError as exc:
@@ -538,10 +555,12 @@ def evaluate_synthetic(model_path: str, users: int, events: int, seed: int, devi
 @click.option("--restore-users", default=0, show_default=True, type=click.IntRange(min=0),
               help="Instead: write this many users' state to a fresh changelog topic and time a restore of it.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--guarantee", default="at-least-once", show_default=True,
+              type=click.Choice(["at-least-once", "exactly-once"]), help="The pipeline's delivery guarantee.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def bench(events: int, users: int, batch_max_events: int, device: str, torch_threads: int,
           bootstrap_servers: str | None, partitions: int, offered_rate: int, offered_seconds: float, no_broker: bool,
-          scaling_users: str, restore_users: int, seed: int, as_json: bool) -> None:
+          scaling_users: str, restore_users: int, seed: int, guarantee: str, as_json: bool) -> None:
     """Measure throughput and latency in one run: the full pipeline (decode, validate, GRU update,
     profile encode, publish, commit) against the raw ceiling of a plain consumer that only consumes
     and decodes the same events; p50/p99 batch latency; state size; batch latency under an offered load.
@@ -570,7 +589,8 @@ def bench(events: int, users: int, batch_max_events: int, device: str, torch_thr
         else:
             report = run_bench(events=events, users=users, batch_max_events=batch_max_events, device=device,
                                bootstrap_servers=bootstrap_servers, partitions=partitions, offered_rate=offered_rate,
-                               offered_seconds=offered_seconds, torch_threads=torch_threads, seed=seed, say=say)
+                               offered_seconds=offered_seconds, torch_threads=torch_threads, seed=seed,
+                               guarantee=guarantee, say=say)
     except (StreamError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:

@@ -1,9 +1,14 @@
 """The always-on daemon: poll a batch -> decode -> update profiles -> publish -> commit.
 
-Guarantee (this version): at-least-once. Input offsets are committed only after
-every profile and dead letter of the batch is acknowledged by the broker, so a
-crash re-reads (never skips) the records after the last commit. The wait for
-acknowledgements overlaps the next batch's compute (see Checkpoint).
+Guarantees (see README "Delivery guarantees"):
+- State is exactly-once under either setting: every user's changelog record carries the offset of
+  the last event applied, and re-consumed events at or below it are skipped (broker-independent).
+- at-least-once output: input offsets are committed only after every profile, changelog record and
+  dead letter of the batch is acknowledged, so a crash re-reads (never skips) the records after the
+  last commit; re-read users are published again (duplicates of identical profiles).
+- exactly-once output: each batch's profiles, changelog records, dead letters and input offsets are
+  one Kafka transaction; read_committed consumers see each batch once or not at all.
+The wait for acknowledgements (or the transaction commit) overlaps the next batch's compute.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import collections
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +27,7 @@ from confluent_kafka import KafkaException, TopicPartition
 
 from consumers.pipeline import BatchResult, ProfileUpdater
 from consumers.source import KafkaBatchSource
-from stream.events import EVENT_TYPES, RecordBatch
+from stream.events import EVENT_TYPES, DeadLetter, RecordBatch
 from stream.kafka import (
     Publisher, StreamError, admin_client, check_copartitioned, ensure_topics, read_latest, seed_group_offsets,
 )
@@ -45,6 +51,7 @@ class DaemonStats:
     dead_letters: int = 0
     profiles: int = 0
     commits: int = 0
+    resent: int = 0  # profiles produced again after an aborted transaction (exactly-once)
     batch_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
     started_at: float = field(default_factory=time.monotonic)
     first_batch_at: float | None = None  # perf_counter when the first non-empty batch started
@@ -57,6 +64,7 @@ class Checkpoint:
     The wait is pipelined one batch deep: the daemon publishes batch k, computes batch k+1 while
     librdkafka's threads deliver k, and only then waits for k's acknowledgements (usually in by
     then) and commits k's offsets. A crash before that commit re-reads k: never a lost record.
+    With a transactional publisher the commit is the transaction's: k's output and offsets together.
     """
 
     def __init__(self, source: KafkaBatchSource, publisher: Publisher, metrics: Metrics) -> None:
@@ -64,6 +72,7 @@ class Checkpoint:
         self.publisher = publisher
         self.metrics = metrics
         self.uncommitted: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset, published
+        self.aborted = False  # the last transaction was aborted: its content must be produced again
 
     def published(self, records: RecordBatch) -> None:
         """The batch's output has been handed to the producer: its offsets are the next to commit."""
@@ -80,10 +89,12 @@ class Checkpoint:
         2. commit, per input partition, the offset after the last published record.
         A publish failure raises (the daemon stops without committing); a commit failure,
         e.g. during a rebalance, is logged and counted: those records are re-read, not lost."""
-        if not self.uncommitted:
+        if not self.uncommitted and not self.publisher.in_transaction:
             return True
-        self.publisher.flush()
         offsets = [TopicPartition(t, p, o) for (t, p), o in self.uncommitted.items()]
+        if self.publisher.transactional:
+            return self._commit_transaction(offsets)
+        self.publisher.flush()
         self.uncommitted = {}
         try:
             self.source.commit(offsets)
@@ -92,6 +103,44 @@ class Checkpoint:
             self.metrics.commit_failures.inc()
             log.warning("offset commit failed (%s): these records will be processed again", exc.args[0].str())
             return False
+
+    def _commit_transaction(self, offsets: list[TopicPartition], attempts: int = 3) -> bool:
+        """Commit the open transaction with these offsets. An abortable failure aborts it and sets
+        `aborted` (offsets kept: they go into the next transaction with the content produced again);
+        a fatal one (e.g. fenced by a newer instance) raises StreamError: restart and restore."""
+        for attempt in range(attempts):
+            try:
+                self.publisher.commit(offsets, self.source.consumer.consumer_group_metadata())
+                self.uncommitted = {}
+                return True
+            except KafkaException as exc:
+                err = exc.args[0]
+                self.metrics.transaction_failures.inc()
+                if err.txn_requires_abort():
+                    log.warning("transaction aborted (%s): producing its content again", err.str())
+                    self.publisher.abort()
+                    self.aborted = True
+                    return False
+                if not err.retriable() or attempt == attempts - 1:
+                    raise StreamError(f"transaction commit failed: {err.str()}") from None
+                log.warning("transaction commit failed (%s): retrying", err.str())
+        return False
+
+    def abort(self) -> None:
+        """Give up the open transaction (partitions lost: its offsets can no longer be committed)."""
+        if self.publisher.in_transaction:
+            self.publisher.abort()
+            self.aborted = True
+
+
+@dataclass
+class Unconfirmed:
+    """What the open transaction carries, by user (rows move when users are dropped), for a re-send."""
+
+    users: set[str] = field(default_factory=set)
+    erased: list[tuple[str, int]] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
 
 
 class ProfileDaemon:
@@ -105,8 +154,13 @@ class ProfileDaemon:
         self.stats = DaemonStats()
         self.source = KafkaBatchSource(settings, on_assign=self._assigned, on_revoke=self._flush_before_revoke,
                                        on_lost=self._drop_lost, on_stats=self._kafka_stats)
-        self.publisher = Publisher(settings.kafka)
+        self.exactly_once = settings.guarantee == "exactly-once"
+        # Exactly-once: a fresh transactional id per start, as Kafka Streams does; zombies are fenced by
+        # the consumer group generation that send_offsets_to_transaction carries (KIP-447).
+        self.publisher = Publisher(settings.kafka, transactional_id=(
+            settings.transactional_id or f"{settings.group_id}-{uuid.uuid4().hex[:12]}") if self.exactly_once else "")
         self.checkpoint = Checkpoint(self.source, self.publisher, metrics)
+        self.unconfirmed = Unconfirmed()  # exactly-once: what the open transaction carries
         self._categories_sent = -1  # the state's categories_version last written to the changelog
         self._closing = False
         metrics.model_info.info({"version": updater.model_version, "device": str(updater.device)})
@@ -144,6 +198,8 @@ class ProfileDaemon:
     def run(self) -> None:
         """Run until `stop` is set; then finish the batch in hand, publish, commit and close."""
         self.prepare_topics()
+        if self.exactly_once:
+            self.publisher.init_transactions()
         if self.settings.restore_from:
             self.restore(self.settings.restore_from)
         tune_garbage_collector()
@@ -154,8 +210,10 @@ class ProfileDaemon:
             while not self.stop.is_set():
                 self.handle(self.source.next_batch(self.stop))
             self.handle(self.source.take_pending())
-            self.checkpoint.commit()
+            self.commit_previous()
         finally:
+            if self.publisher.in_transaction:  # stopped by an error: do not leave readers waiting on it
+                self.publisher.abort()
             self.set_ready(False)
             self._closing = True  # the revoke that close() triggers need not drop state
             self.source.close()  # leaves the group: partitions move to the others at once
@@ -167,28 +225,64 @@ class ProfileDaemon:
         self.metrics.last_progress.set_to_current_time()
         self.health.progressed()
         if len(records) == 0:
-            self.checkpoint.commit()  # idle: nothing to overlap with, commit what is out
+            self.commit_previous()  # idle: nothing to overlap with, commit what is out
             return
         start = time.perf_counter()
         if self.stats.first_batch_at is None:
             self.stats.first_batch_at = start
         result = self.updater.process(records)
         t_commit = time.perf_counter()
-        committed = self.checkpoint.commit()  # the previous batch, delivered while this one computed
+        committed = self.commit_previous()  # the previous batch, delivered while this one computed
         t_publish = time.perf_counter()
         self.publish(result)
         self.checkpoint.published(records)
         done = time.perf_counter()
+        self.source.pacer.took(done - start, len(records))
         self.account(records, result, {**result.stage_seconds, "commit": t_publish - t_commit,
                                        "publish": done - t_publish, "total": done - start}, committed)
 
+    def commit_previous(self, attempts: int = 3) -> bool:
+        """Commit what was published so far. In exactly-once mode an aborted transaction's content
+        (its users' current state and profiles, dead letters, erasures) goes out again first, in a
+        new transaction with the same offsets; repeated aborts stop the daemon (restart, restore)."""
+        for _ in range(attempts):
+            if self.checkpoint.aborted:
+                self.produce_again()
+            if self.checkpoint.commit():
+                self.unconfirmed = Unconfirmed()
+                return True
+            if not self.checkpoint.aborted:
+                return False  # at-least-once: a failed offset commit; the records are re-read
+        raise StreamError(f"{attempts} transactions in a row were aborted; see the warnings above")
+
+    def produce_again(self) -> None:
+        self.checkpoint.aborted = False
+        self._categories_sent = -1  # the category names' meta record may have been in it
+        gone, self.unconfirmed = self.unconfirmed, Unconfirmed()
+        state, owned = self.updater.state, {p for _, p in self.source.assigned}
+        rows = np.array(sorted(r for r in map(state.row, gone.users) if r is not None), dtype=np.int64)
+        self.publish_parts(self.updater.profiles_for(rows), rows,
+                           [d for d in gone.dead_letters if (d.topic, d.partition) in self.source.assigned],
+                           [(u, p) for u, p in gone.erased if p < 0 or p in owned])
+        self.stats.resent += len(rows)
+        log.info("re-sent %d profiles of the aborted transaction", len(rows))
+
     def publish(self, result: BatchResult) -> None:
+        self.publish_parts(result.profiles, result.rows, result.dead_letters, result.erased)
+
+    def publish_parts(self, profiles: list[tuple[bytes, bytes]], rows: np.ndarray, dead_letters: list[DeadLetter],
+                      erased: list[tuple[str, int]]) -> None:
+        if self.exactly_once:
+            self.publisher.begin()
+            self.unconfirmed.users.update([self.updater.state.user_ids[r] for r in rows.tolist()])
+            self.unconfirmed.erased += erased
+            self.unconfirmed.dead_letters += dead_letters
         dlq, produce = self.settings.dead_letter_topic, self.publisher.produce
-        if result.erased:  # before the batch's state and profiles: a user re-created after the forget wins
-            self.publish_erasures(result.erased)
-        self.publish_state(result.rows)
-        self.publisher.produce_many(self.settings.output_topic, result.profiles)
-        for dead in result.dead_letters:
+        if erased:  # before the batch's state and profiles: a user re-created after the forget wins
+            self.publish_erasures(erased)
+        self.publish_state(rows)
+        self.publisher.produce_many(self.settings.output_topic, profiles)
+        for dead in dead_letters:
             produce(dlq, dead.key, dead.value, dead.headers())
             log.debug("dead letter %s[%d]@%d: %s", dead.topic, dead.partition, dead.offset, dead.detail)
 
@@ -245,6 +339,9 @@ class ProfileDaemon:
         self.metrics.restore_seconds.set(seconds)
         log.info("restored %d users of partition(s) %s from %s in %.2fs", users, partitions,
                  self.settings.changelog_topic, seconds)
+        if seconds > self.settings.max_poll_interval_ms / 2000:  # the restore runs inside the poll
+            log.warning("restoring took %.0fs, over half of max.poll.interval.ms: raise --max-poll-interval-ms, "
+                        "add instances, or start from a local snapshot (--restore-from)", seconds)
 
     def account(self, records: RecordBatch, result: BatchResult, seconds: dict[str, float], committed: bool) -> None:
         m, s = self.metrics, self.stats
@@ -300,7 +397,7 @@ class ProfileDaemon:
         # then let their users go: the next owner restores them from the changelog.
         self.set_ready(False)
         self.handle(self.source.take_pending())
-        self.checkpoint.commit()
+        self.commit_previous()
         self._forget_lag(partitions)
         self._drop_users(partitions)
 
@@ -309,6 +406,7 @@ class ProfileDaemon:
         self.set_ready(False)
         self.source.drop_pending(partitions)
         self.checkpoint.forget(partitions)
+        self.checkpoint.abort()  # exactly-once: the open transaction cannot commit their offsets any more
         self._forget_lag(partitions)
         self._drop_users(partitions)
 

@@ -40,8 +40,9 @@ class KafkaBatchSource:
                     # A new group builds profiles from the whole retained history.
                     "auto.offset.reset": "earliest",
                     "session.timeout.ms": settings.session_timeout_ms,
-                    # Liveness is the session heartbeat; this bounds one batch's processing time.
-                    "max.poll.interval.ms": 300_000,
+                    # Liveness is the session heartbeat; this bounds one batch's processing time
+                    # (the pacer keeps batches well inside it).
+                    "max.poll.interval.ms": settings.max_poll_interval_ms,
                     # Only see records of committed transactions (where the broker honours it).
                     "isolation.level": "read_committed",
                     # librdkafka's statistics (per-partition consumer lag, from fetch watermarks)
@@ -51,6 +52,7 @@ class KafkaBatchSource:
             )
         )
         self.assigned: set[tuple[str, int]] = set()
+        self.pacer = BatchPacer(settings.batch_max_events, settings.max_poll_interval_ms / 1000.0)
         # Records polled for the batch being built; the revoke handler may need them.
         self.pending = RecordBatch.empty()
 
@@ -90,7 +92,7 @@ class KafkaBatchSource:
         )
 
     def next_batch(self, stop: threading.Event) -> RecordBatch:
-        max_events = self.settings.batch_max_events
+        max_events = self.pacer.cap
         deadline = time.monotonic() + self.settings.batch_max_ms / 1000.0
         while not stop.is_set():
             left = deadline - time.monotonic()
@@ -112,6 +114,11 @@ class KafkaBatchSource:
             err = m.error()
             if err is None or err.code() == KafkaError._PARTITION_EOF:
                 continue
+            if err.code() == KafkaError._MAX_POLL_EXCEEDED:
+                log.error("a batch took longer than max.poll.interval.ms: this member left the group and rejoins; "
+                          "its partitions move (their pending records are re-read, state restored). Raise "
+                          "--max-poll-interval-ms or lower --batch-max-events if this repeats")
+                continue
             if err.fatal():
                 raise KafkaException(err)
             log.warning("consumer error on %s[%s]: %s", m.topic(), m.partition(), err.str())
@@ -121,6 +128,35 @@ class KafkaBatchSource:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+class BatchPacer:
+    """Keeps a batch's processing time within a quarter of max.poll.interval.ms.
+
+    A member that does not poll for max.poll.interval.ms is evicted from the group and its
+    partitions move. A slow model (a big one on CPU, a cold GPU) or a slow broker could make a full
+    batch that long, so the batch cap follows the measured cost per event: it shrinks at once when
+    a batch overruns the budget and grows back, doubling, when batches are cheap again.
+    """
+
+    def __init__(self, max_events: int, max_poll_interval_s: float) -> None:
+        self.max_events = max_events
+        self.budget_s = max_poll_interval_s / 4
+        self.cap = max_events
+
+    def took(self, seconds: float, events: int) -> int:
+        """Record that a batch of `events` took `seconds`; return the cap for the next batch."""
+        if events <= 0:
+            return self.cap
+        if seconds > self.budget_s:
+            cap = max(1, int(events * self.budget_s / seconds * 0.8))
+            if cap < self.cap:
+                log.warning("a batch of %d events took %.1fs, over a quarter of max.poll.interval.ms: "
+                            "batches capped at %d events", events, seconds, cap)
+                self.cap = cap
+        elif self.cap < self.max_events and seconds < self.budget_s / 4 and events >= self.cap:
+            self.cap = min(self.max_events, self.cap * 2)
+        return self.cap
 
 
 def _names(partitions: list[TopicPartition]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -93,7 +93,17 @@ class Publisher:
     complete, acknowledged publish.
     """
 
-    def __init__(self, kafka: KafkaSettings, **overrides: object) -> None:
+    def __init__(self, kafka: KafkaSettings, transactional_id: str = "", **overrides: object) -> None:
+        if transactional_id:
+            overrides = {
+                "transactional.id": transactional_id,
+                # One transaction spans one batch (milliseconds). If this instance dies mid-transaction,
+                # read_committed readers of its partitions (the next owner's restore included) wait
+                # until the broker aborts it: keep that short (librdkafka's default is 60 s).
+                "transaction.timeout.ms": 10_000,
+                "message.timeout.ms": 10_000,  # librdkafka: at most the transaction timeout
+                **overrides,
+            }
         conf = kafka.client_config(
             **{
                 # No duplicates or reordering from internal retries.
@@ -107,7 +117,7 @@ class Publisher:
                 # Fail a record after 2 min of retries instead of librdkafka's 5 min default:
                 # the daemon then exits non-zero and restarts from the last commit.
                 "message.timeout.ms": 120_000,
-                **overrides,
+                **overrides,  # (the transactional ones above take precedence)
             },
         )
         # Delivery reports for failures only: a per-record Python callback costs more than the produce.
@@ -123,6 +133,35 @@ class Publisher:
         conf.update({"delivery.report.only.error": True, "on_delivery": on_delivery})
         self._producer = Producer(conf)
         self._failed = failed
+        self.transactional = bool(transactional_id)
+        self.in_transaction = False
+
+    # ---- transactions (exactly-once mode): one per batch, offsets included
+
+    def init_transactions(self, timeout_s: float = 60.0) -> None:
+        """Register the transactional id (fencing an older producer with the same id)."""
+        self._producer.init_transactions(timeout_s)
+
+    def begin(self) -> None:
+        """Open a transaction unless one is open: everything produced until commit() belongs to it."""
+        if not self.in_transaction:
+            self._producer.begin_transaction()
+            self.in_transaction = True
+
+    def commit(self, offsets: list, group_metadata: object, timeout_s: float = 60.0) -> None:
+        """Commit the open transaction with the consumer's input offsets in it. Raises KafkaException;
+        on `txn_requires_abort()` call abort() and produce the transaction's content again."""
+        if offsets:
+            self._producer.send_offsets_to_transaction(offsets, group_metadata, timeout_s)
+        self._producer.commit_transaction(timeout_s)
+        self.in_transaction = False
+        self._failed.clear()  # a failed delivery fails the commit; the commit went through
+
+    def abort(self, timeout_s: float = 60.0) -> None:
+        if self.in_transaction:
+            self._producer.abort_transaction(timeout_s)
+            self.in_transaction = False
+        self._failed.clear()
 
     def produce(self, topic: str, key: bytes | None, value: bytes | None,
                 headers: list[tuple[str, bytes]] | None = None) -> None:
@@ -174,13 +213,15 @@ def end_offsets(kafka: KafkaSettings, topic: str, timeout_s: float = 30.0) -> di
     """The true end offset (high watermark) of every partition of `topic`.
 
     ListOffsets alone is not enough: some Kafka-compatible brokers (Tansu) answer it
-    with the base offset of the last record batch + 1, short of the real end. Fetch
-    responses carry the real high watermark, so read one record from that last batch
-    and take the watermark the fetch brought back.
+    with the base offset of the last record batch + 1, short of the real end, and with 0 for a
+    read_committed client while a transaction is open. Fetch responses carry the real high
+    watermark, so read (uncommitted) one record from that last batch and take the watermark the
+    fetch brought back.
     """
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer(kafka.client_config(**{"group.id": "profiles-end-offsets", "enable.auto.commit": False}))
+    consumer = Consumer(kafka.client_config(**{"group.id": "profiles-end-offsets", "enable.auto.commit": False,
+                                               "isolation.level": "read_uncommitted"}))
     try:
         meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
         if meta is None or meta.error is not None:
@@ -194,7 +235,11 @@ def end_offsets(kafka: KafkaSettings, topic: str, timeout_s: float = 30.0) -> di
         while seen != pending:
             if time.monotonic() > deadline:
                 raise StreamError(f"could not read the end offsets of {topic}")
-            seen |= {m.partition() for m in consumer.consume(1000, 0.2) if m.error() is None}
+            messages = consumer.consume(1000, 0.2)
+            seen |= {m.partition() for m in messages if m.error() is None}
+            if not messages:  # a transaction marker is never delivered: the position moves past it
+                seen |= {tp.partition for tp in consumer.position([TopicPartition(topic, p) for p in pending - seen])
+                         if tp.offset >= listed[tp.partition]}
         return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)[1] if p in pending else 0
                 for p in listed}
     finally:
@@ -231,40 +276,73 @@ def seed_group_offsets(kafka: KafkaSettings, group_id: str, offsets: dict[str, d
 
 
 def read_latest(kafka: KafkaSettings, topic: str, partitions: Iterable[int], timeout_s: float = 600.0,
-                ) -> dict[int, dict[bytes, bytes | None]]:
+                stall_s: float = 30.0) -> dict[int, dict[bytes, bytes | None]]:
     """The latest value of every key in these partitions of `topic`, read from the beginning to the
-    current end (None: a tombstone). A broker that does not compact (Tansu) just makes this longer."""
-    from confluent_kafka import Consumer, TopicPartition
+    current end (None: a tombstone). A broker that does not compact (Tansu) just makes this longer.
 
+    Read committed, so that on Kafka the records of aborted transactions (a fenced zombie's) stay
+    hidden. A transaction left open by a dead producer holds read_committed readers back until the
+    broker aborts it (transaction.timeout.ms); a broker that never does (Tansu) would hold them for
+    ever, so a partition that makes no progress for `stall_s` is read on uncommitted. That is safe
+    for the state changelog: every record carries its watermark, and events at or below it are
+    skipped on re-consumption, whether the record's transaction committed or not.
+    """
     wanted = sorted(set(partitions))
     if not wanted:
         return {}
     ends = {p: e for p, e in end_offsets(kafka, topic, timeout_s=min(timeout_s, 30.0)).items() if p in wanted}
     latest: dict[int, dict[bytes, bytes | None]] = {p: {} for p in wanted}
-    pending = {p for p, end in ends.items() if end > 0}
-    if not pending:
-        return latest
+    start = {p: 0 for p, end in ends.items() if end > 0}
+    deadline = time.monotonic() + timeout_s
+    for isolation in ("read_committed", "read_uncommitted"):
+        if not start:
+            break
+        if isolation == "read_uncommitted":
+            log.warning("%s%s: no progress for %.0fs at offsets %s, short of the end %s (a transaction left "
+                        "open by a dead producer?): reading on uncommitted", topic, sorted(start), stall_s,
+                        start, {p: ends[p] for p in start})
+        start = _read_to_end(kafka, topic, start, ends, latest, isolation, deadline,
+                             stall_s if isolation == "read_committed" else timeout_s)
+    return latest
+
+
+def _read_to_end(kafka: KafkaSettings, topic: str, start: dict[int, int], ends: dict[int, int],
+                 latest: dict[int, dict[bytes, bytes | None]], isolation: str, deadline: float, stall_s: float,
+                 ) -> dict[int, int]:
+    """Read partitions from `start` to `ends` into `latest`; return {partition: position} of those
+    that made no progress for `stall_s` (empty when all reached their end)."""
+    from confluent_kafka import Consumer, TopicPartition
+
     consumer = Consumer(kafka.client_config(**{
         "group.id": "profiles-restore", "enable.auto.commit": False, "enable.partition.eof": False,
-        "isolation.level": "read_committed"}))
+        "isolation.level": isolation}))
     try:
-        consumer.assign([TopicPartition(topic, p, 0) for p in pending])
-        deadline = time.monotonic() + timeout_s
+        consumer.assign([TopicPartition(topic, p, o) for p, o in start.items()])
+        position, pending = dict(start), set(start)
+        progressed = time.monotonic()
         while pending:
-            if time.monotonic() > deadline:
-                raise StreamError(f"restoring from {topic} took longer than {timeout_s:.0f}s")
+            now = time.monotonic()
+            if now > deadline:
+                raise StreamError(f"restoring from {topic} did not reach the end {ends} in time: at {position}")
+            if now - progressed > stall_s:
+                return {p: position[p] for p in pending}
             messages = consumer.consume(10_000, 0.2)
             for m in messages:
                 if m.error() is not None:
                     continue
                 p = m.partition()
                 latest[p][m.key()] = m.value()
-                if m.offset() + 1 >= ends[p]:
+                position[p] = m.offset() + 1
+                if position[p] >= ends[p]:
                     pending.discard(p)
-            if not messages and pending:  # transaction markers and aborted records are never delivered:
-                for tp in consumer.position([TopicPartition(topic, p) for p in pending]):  # ask where we are
+            if messages:
+                progressed = time.monotonic()
+            elif pending:  # transaction markers and aborted records are never delivered: ask where we are
+                for tp in consumer.position([TopicPartition(topic, p) for p in pending]):
+                    if tp.offset > position[tp.partition]:
+                        position[tp.partition], progressed = tp.offset, time.monotonic()
                     if tp.offset >= ends[tp.partition]:
                         pending.discard(tp.partition)
-        return latest
+        return {}
     finally:
         consumer.close()

@@ -82,6 +82,9 @@ class KafkaSettings:
     __str__ = __repr__
 
 
+GUARANTEES = ("at-least-once", "exactly-once")
+
+
 @dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
@@ -106,6 +109,9 @@ class Settings:
     metrics_address: str = "0.0.0.0"
     # Kafka consumer group session timeout. The broker evicts a member that is silent this long.
     session_timeout_ms: int = 10000
+    # The group evicts a member that does not poll for this long. Batches are paced to a quarter of it
+    # (see BatchPacer); a partition restore on assignment must also fit in it.
+    max_poll_interval_ms: int = 300_000
     # /healthz turns false when the main loop has not come round for this long (a batch's work included).
     stall_after_s: float = 60.0
     # Events whose event_id is among the user's last this-many events are duplicates: applied once.
@@ -114,6 +120,10 @@ class Settings:
     state_topic: str = ""
     # Replace user ids by HMAC-SHA256(key, id) before they reach state or outputs ("" = off).
     pseudonymize_key: str = field(default="", repr=False)
+    # at-least-once: offsets committed after the output is acknowledged; exactly-once: output, changelog
+    # and offsets in one Kafka transaction per batch. State is exactly-once either way (watermarks).
+    guarantee: str = "at-least-once"
+    transactional_id: str = ""  # exactly-once: "" = <group_id>-<random>, fresh per start
     # Upper bound on how long a SIGTERM/SIGINT shutdown may take before we give up flushing.
     shutdown_timeout_s: float = 30.0
 
@@ -147,6 +157,8 @@ class Settings:
             "restore_from": self.restore_from or "-",
             "pseudonymize": "on (key not shown)" if self.pseudonymize_key else "off",
             "dedupe_window": self.dedupe_window,
+            "guarantee": self.guarantee,
+            "max_poll_interval_ms": self.max_poll_interval_ms,
         }
 
     def validate(self) -> None:
@@ -161,10 +173,14 @@ class Settings:
             raise ValueError("--max-event-bytes must be >= 64")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError("--device must be auto, cpu or cuda")
+        if self.guarantee not in GUARANTEES:
+            raise ValueError(f"--guarantee must be one of {', '.join(GUARANTEES)}")
         if self.dedupe_window < 0:
             raise ValueError("--dedupe-window must be >= 0")
         if self.torch_threads < 0:
             raise ValueError("--torch-threads must be >= 0")
+        if self.max_poll_interval_ms < self.session_timeout_ms:
+            raise ValueError("--max-poll-interval-ms must be >= --session-timeout-ms (a Kafka client rule)")
         if self.idle_rescore_after_ms < 0:
             raise ValueError("--idle-rescore-after must be >= 0")
         if {self.output_topic, self.dead_letter_topic, self.changelog_topic} & set(self.input_topics):

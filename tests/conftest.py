@@ -86,10 +86,11 @@ class Record:
 
 
 def read_topic(kafka: KafkaSettings, topic: str, timeout_s: float = 60.0) -> list[Record]:
-    """Every record currently in `topic`, per partition in offset order."""
+    """Every record currently in `topic`, per partition in offset order: uncommitted too, so that a
+    transaction left open by a killed daemon (never aborted on Tansu) does not hold the reader back."""
     ends = end_offsets(kafka, topic)
     consumer = Consumer(kafka.client_config(**{"group.id": "reader-" + uuid.uuid4().hex[:6],
-                                               "enable.auto.commit": False}))
+                                               "enable.auto.commit": False, "isolation.level": "read_uncommitted"}))
     consumer.assign([TopicPartition(topic, p, 0) for p in ends])
     out: list[Record] = []
     position = {p: 0 for p in ends}
@@ -97,10 +98,14 @@ def read_topic(kafka: KafkaSettings, topic: str, timeout_s: float = 60.0) -> lis
     try:
         while any(position[p] < ends[p] for p in ends):
             assert time.monotonic() < deadline, f"reading {topic} timed out at {position} of {ends}"
-            for m in consumer.consume(10000, 0.5):
+            messages = consumer.consume(10000, 0.5)
+            for m in messages:
                 if m.error() is None:
                     out.append(Record(m.partition(), m.offset(), m.key(), m.value(), dict(m.headers() or [])))
                     position[m.partition()] = m.offset() + 1
+            if not messages:  # transaction markers are never delivered: ask where the consumer stands
+                for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
+                    position[tp.partition] = max(position[tp.partition], tp.offset)
     finally:
         consumer.close()
     out.sort(key=lambda r: (r.partition, r.offset))
@@ -120,7 +125,9 @@ def latest_profiles(kafka: KafkaSettings, topic: str) -> tuple[dict[str, dict], 
 
 
 def committed_offsets(kafka: KafkaSettings, group: str, topic: str) -> dict[int, int]:
-    consumer = Consumer(kafka.client_config(**{"group.id": group, "enable.auto.commit": False}))
+    # read_uncommitted: no "require stable" offset fetch, which a dead producer's open transaction would block.
+    consumer = Consumer(kafka.client_config(**{"group.id": group, "enable.auto.commit": False,
+                                               "isolation.level": "read_uncommitted"}))
     try:
         parts = end_offsets(kafka, topic)
         got = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import signal
+import time
 
 import numpy as np
 import orjson
@@ -103,6 +104,26 @@ def assert_same_profiles(got: dict[str, dict], want: dict[str, dict]) -> None:
         np.testing.assert_allclose(got[user]["embedding"], profile["embedding"], atol=2e-5, err_msg=user)
 
 
+def drain_then_stop(proc, kafka, group: str, topic: str, ends: dict, what: str, timeout_s: float = 180) -> str:
+    """Wait until `proc` has committed the whole log, stop it with SIGTERM, return its stderr. On a
+    timeout the failure shows where the daemon stood (SIGUSR1: every thread's stack) and its log."""
+    try:
+        wait_until(lambda: proc.poll() is not None or committed_offsets(kafka, group, topic) == ends, timeout_s, what)
+    except AssertionError as exc:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)  # the dump is written by the daemon's signal handler: give it a moment
+            proc.kill()
+        _, stderr = proc.communicate(timeout=30)
+        raise AssertionError(f"{exc}; committed {committed_offsets(kafka, group, topic)} of {ends}\n"
+                             + stderr.decode()[-6000:]) from None
+    assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    return stderr.decode()
+
+
 def logged_run(kafka, unique, users: int, events: int, seed: int):
     """A generated log in a fresh 4-partition topic, and the `profiles run` flags for it:
     (events, topic, output topic, group, end offsets, flags)."""
@@ -137,11 +158,7 @@ def test_sigkill_at_random_moments_changes_nothing(kafka, unique, tmp_path):
                 proc.kill()
     proc = start_daemon(kafka, *args)  # the last run drains the log, then stops cleanly
     try:
-        wait_until(lambda: proc.poll() is not None or committed_offsets(kafka, group, topic) == ends, 180,
-                   "the log to be drained after five kills")
-        assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        drain_then_stop(proc, kafka, group, topic, ends, "the log to be drained after five kills")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -162,13 +179,8 @@ def test_two_instances_one_killed_equal_one_uninterrupted(kafka, unique, tmp_pat
         assigned = [line for line in first.stderr.read().decode().splitlines() if " assigned " in line]
         assert assigned and topic in assigned[-1], "the killed member owned partitions when it died"
         # The survivor takes over the dead member's partitions (after its session times out) and their state.
-        wait_until(lambda: second.poll() is not None or committed_offsets(kafka, group, topic) == ends, 180,
-                   "the survivor to drain the log")
-        assert second.poll() is None, second.communicate()[1].decode()[-3000:]
-        second.send_signal(signal.SIGTERM)
-        _, stderr = second.communicate(timeout=60)
-        assert second.returncode == 0
-        restores = [int(line.split("restored ")[1].split()[0]) for line in stderr.decode().splitlines()
+        stderr = drain_then_stop(second, kafka, group, topic, ends, "the survivor to drain the log")
+        restores = [int(line.split("restored ")[1].split()[0]) for line in stderr.splitlines()
                     if "restored " in line and " users of partition" in line]
         assert any(n > 0 for n in restores), "the survivor restored the dead member's users"
     finally:
@@ -176,4 +188,67 @@ def test_two_instances_one_killed_equal_one_uninterrupted(kafka, unique, tmp_pat
             if proc.poll() is None:
                 proc.kill()
     profiles, _ = latest_profiles(kafka, out)
+    assert_same_profiles(profiles, reference_profiles(log, tmp_path))
+
+
+def test_exactly_once_mode_survives_sigkill(kafka, unique, tmp_path):
+    """--guarantee exactly-once: output, changelog and offsets in one transaction per batch; killed
+    mid-transaction three times, the final profiles equal one uninterrupted pass."""
+    log, topic, out, group, ends, args = logged_run(kafka, unique, users=2000, events=40_000, seed=36)
+    # A stable transactional id, as a StatefulSet would give: each restart aborts the killed one's open
+    # transaction. (Tansu never times transactions out; with a fresh id per start the dead transaction's
+    # pending offsets would hold back the group's later offset commits for ever.)
+    args = (*args, "--guarantee", "exactly-once", "--transactional-id", f"{group}-0")
+    rng = random.Random(8)
+    for _ in range(3):
+        proc = start_daemon(kafka, *args)
+        try:
+            target = published(kafka, out) + rng.randint(200, 1500)
+            wait_until(lambda: proc.poll() is not None or published(kafka, out) > target, 120,
+                       "progress before the kill", interval_s=0.05)
+            assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+            assert committed_offsets(kafka, group, topic) != ends, "the log was drained before the kill"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    proc = start_daemon(kafka, *args)
+    try:
+        drain_then_stop(proc, kafka, group, topic, ends, "the log to be drained after three kills")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    profiles, _ = latest_profiles(kafka, out)
+    assert_same_profiles(profiles, reference_profiles(log, tmp_path))
+
+
+def test_aborted_transaction_is_produced_again(kafka, unique, tmp_path, monkeypatch):
+    """An abortable transaction failure (injected once into a real broker's transaction) aborts it; the
+    daemon produces its users' state and profiles again in a new transaction with the same offsets."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from stream.kafka import Publisher
+    from tests.conftest import run_until_drained
+
+    log, topic, out, group, ends, _ = logged_run(kafka, unique, users=300, events=5000, seed=37)
+    real_commit, calls = Publisher.commit, []
+
+    def commit_failing_once(self, offsets, group_metadata, timeout_s=60.0):
+        calls.append(len(offsets))
+        if len(calls) == 3:
+            raise KafkaException(KafkaError(KafkaError._STATE, "injected abortable failure", txn_requires_abort=True))
+        return real_commit(self, offsets, group_metadata, timeout_s)
+
+    monkeypatch.setattr(Publisher, "commit", commit_failing_once)
+    settings = Settings(kafka=kafka, input_topics=(topic,), output_topic=out, group_id=group, device="cpu",
+                        batch_max_events=250, session_timeout_ms=6000, guarantee="exactly-once")
+    daemon = run_until_drained(settings)
+    assert daemon.metrics.registry.get_sample_value("profiles_transaction_failures_total") == 1
+    assert daemon.stats.resent > 0
+    assert committed_offsets(kafka, group, topic) == ends
+    profiles, records = latest_profiles(kafka, out)
+    # The aborted transaction's profiles may or may not have reached the log (abort purges what is still
+    # queued); read uncommitted, every profile of every batch is there once, the re-sent ones at most twice.
+    assert daemon.stats.profiles <= records <= daemon.stats.profiles + daemon.stats.resent
     assert_same_profiles(profiles, reference_profiles(log, tmp_path))
