@@ -180,7 +180,7 @@ def run_daemon_until(settings: Settings, updater: ProfileUpdater, done: callable
 
 def run_bench(*, events: int, users: int, batch_max_events: int, device: str, bootstrap_servers: str | None,
               partitions: int, offered_rate: int, offered_seconds: float, torch_threads: int, seed: int,
-              guarantee: str = "at-least-once", say=print) -> BenchReport:
+              gru_threads: int = 0, guarantee: str = "at-least-once", say=print) -> BenchReport:
     broker = None if bootstrap_servers else EmbeddedBroker().start()
     try:
         kafka = KafkaSettings(bootstrap_servers or broker.bootstrap_servers)
@@ -188,7 +188,7 @@ def run_bench(*, events: int, users: int, batch_max_events: int, device: str, bo
         topic = f"bench-events-{run_id}"
         settings = Settings(kafka=kafka, input_topics=(topic,), output_topic=f"bench-profiles-{run_id}",
                             group_id=f"bench-pipeline-{run_id}", device=device, torch_threads=torch_threads,
-                            batch_max_events=batch_max_events, session_timeout_ms=6000, guarantee=guarantee)
+                            gru_threads=gru_threads, batch_max_events=batch_max_events, session_timeout_ms=6000, guarantee=guarantee)
         ensure_topics(admin_client(kafka), {topic: partitions})
         say(f"generating {events:,} events for {users:,} users ...")
         recs = generated_records(events, users, seed)
@@ -270,9 +270,9 @@ def stage_share(metrics: Metrics) -> dict[str, float]:
 
 @torch.inference_mode()
 def model_step(*, events: int, users: int, batch_max_events: int, device: str, torch_threads: int, seed: int,
-               scaling_users: tuple[int, ...] = SCALING_USERS, say=print) -> BenchReport:
+               gru_threads: int = 0, scaling_users: tuple[int, ...] = SCALING_USERS, say=print) -> BenchReport:
     """The in-process model step (features, GRU, counters) alone; optionally the scaling table."""
-    settings = Settings(device=device, torch_threads=torch_threads, emit_embedding=True)
+    settings = Settings(device=device, torch_threads=torch_threads, gru_threads=gru_threads, emit_embedding=True)
     say(f"generating {events:,} events for {users:,} users ...")
     values = [v for _k, v in generated_records(events, users, seed)]
     columns, _dead = decode_batch(RecordBatch(["bench"] * events, [0] * events, list(range(events)),

@@ -80,6 +80,11 @@ def main(log_level: str) -> None:
     _setup_logging(log_level)
 
 
+GRU_THREADS_OPTION = click.option(
+    "--gru-threads", envvar=_env("gru-threads"), show_envvar=True, default=0, show_default=True,
+    type=click.IntRange(min=0), help="CPU threads for the GRU pass over a batch of 4096+ events, the one kernel "
+    "big enough to gain from more than --torch-threads (0: every usable core).")
+
 # Options shared by the commands that talk to the daemon's topics (`run`, `forget`).
 BOOTSTRAP_OPTION = click.option(
     "--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True, default="localhost:9092",
@@ -124,6 +129,7 @@ PSEUDONYMIZE_OPTION = click.option(
 @click.option("--torch-threads", envvar=_env("torch-threads"), show_envvar=True, default=1, show_default=True,
               type=click.IntRange(min=0), help="CPU threads for the model's kernels (0: torch's default, one per "
               "core). One is fastest on small machines: a second competes with decoding and Kafka I/O.")
+@GRU_THREADS_OPTION
 @click.option("--batch-max-events", envvar=_env("batch-max-events"), show_envvar=True, default=5000,
               show_default=True, type=click.IntRange(min=1), help="A micro-batch closes at this many records...")
 @click.option("--batch-max-ms", envvar=_env("batch-max-ms"), show_envvar=True, default=200, show_default=True,
@@ -169,7 +175,8 @@ PSEUDONYMIZE_OPTION = click.option(
 @click.option("--transactional-id", envvar=_env("transactional-id"), show_envvar=True, default="",
               help="exactly-once: the producer's transactional.id. [default: <group-id>-<random>, new each start]")
 def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic: str, group_id: str,
-        model_path: str | None, device: str, torch_threads: int, batch_max_events: int, batch_max_ms: int,
+        model_path: str | None, device: str, torch_threads: int, gru_threads: int, batch_max_events: int,
+        batch_max_ms: int,
         max_event_bytes: int, no_embedding: bool, next_items: int, metrics_port: int | None, metrics_address: str, kafka_config: tuple[str, ...],
         restore_from: str | None, idle_rescore_after: int, session_timeout_ms: int, max_poll_interval_ms: int,
         kafka_config_file: str | None, dedupe_window: int, state_topic: str, pseudonymize_key: str, guarantee: str, transactional_id: str) -> None:
@@ -182,7 +189,7 @@ def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic:
             kafka=kafka_settings(bootstrap_servers, kafka_config_file, kafka_config),
             input_topics=tuple(t.strip() for t in input_topics.split(",") if t.strip()),
             output_topic=output_topic, dlq_topic=dlq_topic, group_id=group_id, model_path=model_path,
-            device=device, torch_threads=torch_threads, batch_max_events=batch_max_events,
+            device=device, torch_threads=torch_threads, gru_threads=gru_threads, batch_max_events=batch_max_events,
             batch_max_ms=batch_max_ms, max_event_bytes=max_event_bytes, emit_embedding=not no_embedding,
             metrics_port=metrics_port,
             metrics_address=metrics_address, session_timeout_ms=session_timeout_ms,
@@ -440,6 +447,7 @@ def evaluate_(model_path: str, train_files: tuple[str, ...], test_files: tuple[s
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--torch-threads", default=1, show_default=True, type=click.IntRange(min=0),
               help="CPU threads for the model's kernels (0: torch's default).")
+@GRU_THREADS_OPTION
 @click.option("--no-embedding", is_flag=True, help="Leave the embedding out of profiles.")
 @click.option("--next-items", default=0, show_default=True, type=click.IntRange(0, 1000),
               help="Top-k predicted next item ids in each profile (trained models).")
@@ -447,7 +455,7 @@ def evaluate_(model_path: str, train_files: tuple[str, ...], test_files: tuple[s
               help="Replace user ids by HMAC-SHA256(key, id), as `profiles run` does with the same key.")
 def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str | None, output_topic: str | None,
            bootstrap_servers: str, kafka_config: tuple[str, ...], every_update: bool, state_out: str | None,
-           dead_letters_path: str | None, batch_events: int, device: str, torch_threads: int,
+           dead_letters_path: str | None, batch_events: int, device: str, torch_threads: int, gru_threads: int,
            no_embedding: bool, next_items: int, pseudonymize_key: str) -> None:
     """Replay event logs through the daemon's pipeline: files, directories and globs (no broker needed),
     or Kafka topics as kafka://TOPIC?from=ISO&to=ISO (seeks by write time, then keeps the events whose
@@ -465,7 +473,7 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
     try:
         settings = Settings(kafka=KafkaSettings(bootstrap_servers, parse_kafka_config(kafka_config)),
                             model_path=model_path, device=device, torch_threads=torch_threads,
-                            emit_embedding=not no_embedding, next_items=next_items,
+                            gru_threads=gru_threads, emit_embedding=not no_embedding, next_items=next_items,
                             pseudonymize_key=pseudonymize_key)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -539,6 +547,7 @@ def evaluate_synthetic(model_path: str, users: int, events: int, seed: int, devi
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--torch-threads", default=1, show_default=True, type=click.IntRange(min=0),
               help="CPU threads for the model's kernels (0: torch's default).")
+@GRU_THREADS_OPTION
 @click.option("--bootstrap-servers", default=None,
               help="Benchmark against this Kafka cluster (fresh topics are created). [default: an embedded broker]")
 @click.option("--partitions", default=4, show_default=True, type=click.IntRange(min=1),
@@ -558,7 +567,7 @@ def evaluate_synthetic(model_path: str, users: int, events: int, seed: int, devi
 @click.option("--guarantee", default="at-least-once", show_default=True,
               type=click.Choice(["at-least-once", "exactly-once"]), help="The pipeline's delivery guarantee.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def bench(events: int, users: int, batch_max_events: int, device: str, torch_threads: int,
+def bench(events: int, users: int, batch_max_events: int, device: str, torch_threads: int, gru_threads: int,
           bootstrap_servers: str | None, partitions: int, offered_rate: int, offered_seconds: float, no_broker: bool,
           scaling_users: str, restore_users: int, seed: int, guarantee: str, as_json: bool) -> None:
     """Measure throughput and latency in one run: the full pipeline (decode, validate, GRU update,
@@ -585,11 +594,13 @@ def bench(events: int, users: int, batch_max_events: int, device: str, torch_thr
         if no_broker:
             sizes = tuple(int(x) for x in scaling_users.split(",") if x.strip())
             report = model_step(events=events, users=users, batch_max_events=batch_max_events, device=device,
-                                torch_threads=torch_threads, seed=seed, scaling_users=sizes, say=say)
+                                torch_threads=torch_threads, gru_threads=gru_threads, seed=seed,
+                                scaling_users=sizes, say=say)
         else:
             report = run_bench(events=events, users=users, batch_max_events=batch_max_events, device=device,
                                bootstrap_servers=bootstrap_servers, partitions=partitions, offered_rate=offered_rate,
-                               offered_seconds=offered_seconds, torch_threads=torch_threads, seed=seed,
+                               offered_seconds=offered_seconds, torch_threads=torch_threads,
+                               gru_threads=gru_threads, seed=seed,
                                guarantee=guarantee, say=say)
     except (StreamError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -22,6 +22,7 @@ from models.profile_model import LoadedModel, idle_hours, price_tier_index
 from stream.events import PURCHASE, Control, DeadLetter, EventColumns, RecordBatch, decode_batch
 from stream.profiles import ProfileColumns, encode_profiles
 from stream.pseudonyms import Pseudonymizer
+from stream.runtime import torch_threads, usable_cores
 from stream.settings import Settings
 from stream.sources import TimeRange
 from stream.state import StateTable
@@ -29,6 +30,9 @@ from stream.state import StateTable
 log = logging.getLogger(__name__)
 
 TOP_CATEGORIES = 3
+# Batches at least this large run the GRU on `gru_threads` threads (smaller ones: thread start-up
+# would cost more than it saves, and the daemon's small batches leave the cores to decoding and Kafka).
+WIDE_BATCH_EVENTS = 4096
 
 
 @dataclass
@@ -51,7 +55,7 @@ class ProfileUpdater:
 
     def __init__(self, loaded: LoadedModel, device: torch.device, *, max_event_bytes: int, emit_embedding: bool,
                  idle_rescore_ms: int = 0, next_items: int = 0, pseudonymize_key: str = "",
-                 input_topics: tuple[str, ...] = (), dedupe_window: int = 0) -> None:
+                 input_topics: tuple[str, ...] = (), dedupe_window: int = 0, gru_threads: int = 0) -> None:
         self.model = loaded.model.to(device).eval()
         self.model_version = loaded.version
         self.config = loaded.model.config
@@ -60,6 +64,8 @@ class ProfileUpdater:
         self.emit_embedding = emit_embedding
         self.item_vocab = np.asarray(loaded.item_vocab, dtype=object)
         self.item_index = {item: i for i, item in enumerate(loaded.item_vocab)}
+        # Threads for the GRU over a large batch (0: as many as the other kernels); CPU only.
+        self.gru_threads = gru_threads if device.type == "cpu" else 0
         # Top-k next items per profile: only a trained model has an item vocabulary to rank.
         self.next_items = min(next_items, len(self.item_vocab))
         if next_items and not self.next_items:
@@ -252,7 +258,9 @@ class ProfileUpdater:
         )
         rows_t = torch.from_numpy(rows).to(self.device)
         x = self.model.embed(feats)  # (N, F)
-        state.hidden[rows_t] = self.model.advance(state.hidden[rows_t], x, user_sorted, position, lengths)
+        # The recurrent pass over a large batch is the one kernel big enough to gain from more threads.
+        with torch_threads(self.gru_threads if len(ev) >= WIDE_BATCH_EVENTS else 0):
+            state.hidden[rows_t] = self.model.advance(state.hidden[rows_t], x, user_sorted, position, lengths)
         state.remember_categories(feats.category.cpu().numpy(), category)
 
         # Exact counters, vectorised (np.add.at accumulates repeated rows).
@@ -362,4 +370,5 @@ def load_updater(settings: Settings) -> ProfileUpdater:
     return ProfileUpdater(loaded, device, max_event_bytes=settings.max_event_bytes,
                           emit_embedding=settings.emit_embedding, idle_rescore_ms=settings.idle_rescore_after_ms,
                           next_items=settings.next_items, pseudonymize_key=settings.pseudonymize_key,
-                          input_topics=settings.input_topics, dedupe_window=settings.dedupe_window)
+                          input_topics=settings.input_topics, dedupe_window=settings.dedupe_window,
+                          gru_threads=settings.gru_threads or usable_cores())
