@@ -20,3 +20,38 @@ def test_the_cap_never_drops_below_one_event():
     pacer = BatchPacer(max_events=100, max_poll_interval_s=4.0)
     assert pacer.took(1000.0, 100) == 1
     assert pacer.took(1000.0, 1) == 1
+
+
+def test_a_slow_model_shrinks_the_daemons_batches_and_keeps_its_partitions(kafka, unique, caplog, monkeypatch):
+    """A real broker and a model step slowed to 1 ms per event: the first full batch overruns a quarter of
+    max.poll.interval.ms, later batches are capped to fit, no partition is lost, every record is committed."""
+    import time
+
+    import orjson
+
+    from consumers.pipeline import ProfileUpdater
+    from stream.generator import generate
+    from stream.settings import Settings
+    from tests.conftest import committed_offsets, create_topics, end_offsets, produce, run_until_drained
+
+    log = generate(users=200, events=5000, seed=41).events
+    topic = unique("events")
+    create_topics(kafka, {topic: 1})
+    produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log])
+    real_process = ProfileUpdater.process
+
+    def slow_process(self, records, *args, **kwargs):
+        time.sleep(0.001 * len(records))  # stands in for a large model on a slow device
+        return real_process(self, records, *args, **kwargs)
+
+    monkeypatch.setattr(ProfileUpdater, "process", slow_process)
+    settings = Settings(kafka=kafka, input_topics=(topic,), output_topic=unique("profiles"), group_id=unique("group"),
+                        device="cpu", batch_max_events=2000, batch_max_ms=5000, session_timeout_ms=6000,
+                        max_poll_interval_ms=7000)  # a quarter: 1.75 s, less than a full batch's 2 s
+    daemon = run_until_drained(settings)
+    assert daemon.source.pacer.cap < 2000
+    assert daemon.stats.batches >= 4  # unpaced, 5000 records make 3 batches: 2000, 2000, 1000
+    assert "batches capped at" in caplog.text
+    assert " lost " not in caplog.text and "max.poll.interval.ms: this member left" not in caplog.text
+    assert committed_offsets(kafka, settings.group_id, topic) == end_offsets(kafka, topic)
+    assert daemon.stats.events == len(log)
