@@ -274,7 +274,7 @@ class ProfileDaemon:
                       erased: list[tuple[str, int]]) -> None:
         if self.exactly_once:
             self.publisher.begin()
-            self.unconfirmed.users.update([self.updater.state.user_ids[r] for r in rows.tolist()])
+            self.unconfirmed.users.update(map(self.updater.state.user_ids.__getitem__, rows.tolist()))
             self.unconfirmed.erased += erased
             self.unconfirmed.dead_letters += dead_letters
         dlq, produce = self.settings.dead_letter_topic, self.publisher.produce

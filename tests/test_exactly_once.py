@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
-import time
 
 import numpy as np
 import orjson
@@ -104,17 +104,66 @@ def assert_same_profiles(got: dict[str, dict], want: dict[str, dict]) -> None:
         np.testing.assert_allclose(got[user]["embedding"], profile["embedding"], atol=2e-5, err_msg=user)
 
 
+def stacks_then_kill(proc, timeout_s: float = 10) -> bytes:
+    """A daemon's stderr, ending with every thread's stack (SIGUSR1: faulthandler), after which it is killed."""
+    if proc.poll() is None:
+        os.set_blocking(proc.stderr.fileno(), False)
+        proc.send_signal(signal.SIGUSR1)
+        seen = bytearray()
+
+        def dumped() -> bool:  # the dump ends at the main thread's outermost frame
+            seen.extend(proc.stderr.read() or b"")
+            start = seen.find(b"most recent call first")
+            return proc.poll() is not None or (start >= 0 and b"in <module>" in seen[start:])
+
+        try:
+            wait_until(dumped, timeout_s, "the stack dump", interval_s=0.05)
+        except AssertionError:
+            pass  # no complete dump: show what there is
+        finally:
+            proc.kill()
+            os.set_blocking(proc.stderr.fileno(), True)
+        return bytes(seen) + proc.communicate(timeout=30)[1]
+    return proc.communicate(timeout=30)[1]
+
+
+def kill_at_random_moments(kafka, args: tuple, out: str, group: str, topic: str, ends: dict, kills: int,
+                           most_records: int, seed: int) -> None:
+    """Start the daemon `kills` times and SIGKILL it each time after 200..`most_records` more output records,
+    always before the log is drained."""
+    rng = random.Random(seed)
+    for _ in range(kills):
+        proc = start_daemon(kafka, *args)
+        try:
+            target = published(kafka, out) + rng.randint(200, most_records)
+            wait_until(lambda: proc.poll() is not None or published(kafka, out) > target, 120,
+                       "progress before the kill", interval_s=0.05)
+            assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+            assert committed_offsets(kafka, group, topic) != ends, "the log was drained before the kill"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def drain_with_a_new_daemon(kafka, args: tuple, group: str, topic: str, ends: dict, what: str) -> str:
+    """Start the daemon once more, let it drain the log, stop it cleanly; its stderr."""
+    proc = start_daemon(kafka, *args)
+    try:
+        return drain_then_stop(proc, kafka, group, topic, ends, what)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def drain_then_stop(proc, kafka, group: str, topic: str, ends: dict, what: str, timeout_s: float = 180) -> str:
     """Wait until `proc` has committed the whole log, stop it with SIGTERM, return its stderr. On a
     timeout the failure shows where the daemon stood (SIGUSR1: every thread's stack) and its log."""
     try:
         wait_until(lambda: proc.poll() is not None or committed_offsets(kafka, group, topic) == ends, timeout_s, what)
     except AssertionError as exc:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGUSR1)
-            time.sleep(1)  # the dump is written by the daemon's signal handler: give it a moment
-            proc.kill()
-        _, stderr = proc.communicate(timeout=30)
+        stderr = stacks_then_kill(proc)
         raise AssertionError(f"{exc}; committed {committed_offsets(kafka, group, topic)} of {ends}\n"
                              + stderr.decode()[-6000:]) from None
     assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
@@ -140,28 +189,8 @@ def logged_run(kafka, unique, users: int, events: int, seed: int):
 
 def test_sigkill_at_random_moments_changes_nothing(kafka, unique, tmp_path):
     log, topic, out, group, ends, args = logged_run(kafka, unique, users=2000, events=50_000, seed=34)
-    rng = random.Random(7)
-    kills = 0
-    while kills < 5:
-        proc = start_daemon(kafka, *args)
-        try:
-            target = published(kafka, out) + rng.randint(200, 3000)
-            wait_until(lambda: proc.poll() is not None or published(kafka, out) > target, 120,
-                       "progress before the kill", interval_s=0.05)
-            assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
-            assert committed_offsets(kafka, group, topic) != ends, "the log was drained before the kill"
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(30)
-            kills += 1
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    proc = start_daemon(kafka, *args)  # the last run drains the log, then stops cleanly
-    try:
-        drain_then_stop(proc, kafka, group, topic, ends, "the log to be drained after five kills")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_at_random_moments(kafka, args, out, group, topic, ends, kills=5, most_records=3000, seed=7)
+    drain_with_a_new_daemon(kafka, args, group, topic, ends, "the log to be drained after five kills")
     profiles, _ = latest_profiles(kafka, out)
     assert_same_profiles(profiles, reference_profiles(log, tmp_path))
 
@@ -199,26 +228,8 @@ def test_exactly_once_mode_survives_sigkill(kafka, unique, tmp_path):
     # transaction. (Tansu never times transactions out; with a fresh id per start the dead transaction's
     # pending offsets would hold back the group's later offset commits for ever.)
     args = (*args, "--guarantee", "exactly-once", "--transactional-id", f"{group}-0")
-    rng = random.Random(8)
-    for _ in range(3):
-        proc = start_daemon(kafka, *args)
-        try:
-            target = published(kafka, out) + rng.randint(200, 1500)
-            wait_until(lambda: proc.poll() is not None or published(kafka, out) > target, 120,
-                       "progress before the kill", interval_s=0.05)
-            assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
-            assert committed_offsets(kafka, group, topic) != ends, "the log was drained before the kill"
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    proc = start_daemon(kafka, *args)
-    try:
-        drain_then_stop(proc, kafka, group, topic, ends, "the log to be drained after three kills")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_at_random_moments(kafka, args, out, group, topic, ends, kills=3, most_records=1500, seed=8)
+    drain_with_a_new_daemon(kafka, args, group, topic, ends, "the log to be drained after three kills")
     profiles, _ = latest_profiles(kafka, out)
     assert_same_profiles(profiles, reference_profiles(log, tmp_path))
 

@@ -41,7 +41,8 @@ def test_a_slow_model_shrinks_the_daemons_batches_and_keeps_its_partitions(kafka
     real_process = ProfileUpdater.process
 
     def slow_process(self, records, *args, **kwargs):
-        time.sleep(0.001 * len(records))  # stands in for a large model on a slow device
+        # The slowness under test, not a wait for something: a large model on a slow device.
+        time.sleep(0.001 * len(records))
         return real_process(self, records, *args, **kwargs)
 
     monkeypatch.setattr(ProfileUpdater, "process", slow_process)
