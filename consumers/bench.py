@@ -131,16 +131,21 @@ def raw_ceiling(kafka: KafkaSettings, topic: str, n: int, batch: int, timeout_s:
     consumer = Consumer(kafka.client_config(**{
         "group.id": f"bench-raw-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
         "enable.auto.commit": False, "session.timeout.ms": 6000}))
-    consumer.subscribe([topic])
     loads, seen, started = orjson.loads, 0, None
+
+    def assigned(_consumer, _partitions) -> None:
+        # The clock starts at assignment, not at the first message: librdkafka fetches from then on,
+        # and a first consume() call that waits for a full batch would otherwise hide that fetch time.
+        nonlocal started
+        started = started or time.perf_counter()
+
+    consumer.subscribe([topic], on_assign=assigned)
     deadline = time.monotonic() + timeout_s
     try:
         while seen < n:
             if time.monotonic() > deadline:
                 raise StreamError(f"raw consumer read only {seen:,} of {n:,} records in {timeout_s:.0f}s")
             msgs = consumer.consume(batch, 0.5)
-            if msgs and started is None:
-                started = time.perf_counter()
             decoded = [loads(m.value()) for m in msgs if m.error() is None]
             seen += len(decoded)
         return n / (time.perf_counter() - started)
@@ -202,7 +207,7 @@ def run_bench(*, events: int, users: int, batch_max_events: int, device: str, bo
         updater = load_updater(settings)
         daemon = run_daemon_until(settings, updater, lambda d: d.stats.records >= events, timeout_s=600)
         s = daemon.stats
-        pipeline = events / (s.last_batch_done_at - s.first_batch_at)
+        pipeline = events / (s.last_batch_done_at - s.assigned_at)  # both clocks start at assignment
         ms = np.array(s.batch_seconds) * 1000
         report = BenchReport(events=events, users=len(updater.state), device=str(updater.device),
                              batch_max_events=batch_max_events, guarantee=guarantee, pipeline_events_per_s=pipeline,
