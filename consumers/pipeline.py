@@ -73,7 +73,7 @@ class ProfileUpdater:
         # Exactly-once bookkeeping: a watermark per user and input topic (records at or below it were
         # applied already: skipped when re-consumed), and the user's last `dedupe_window` event ids.
         self.topic_slot = {topic: i for i, topic in enumerate(input_topics)}
-        self.state = StateTable(self.config.hidden_size, device, watermark_slots=len(input_topics),
+        self.state = StateTable(self.config.state_size, device, watermark_slots=len(input_topics),
                                 dedupe_window=dedupe_window)
         # With a key, user ids are replaced by their HMAC right after decoding: state, profiles and
         # their keys only ever see pseudonyms. (Dead letters keep the original bytes: that is their job.)
@@ -260,7 +260,8 @@ class ProfileUpdater:
         x = self.model.embed(feats)  # (N, F)
         # The recurrent pass over a large batch is the one kernel big enough to gain from more threads.
         with torch_threads(self.gru_threads if len(ev) >= WIDE_BATCH_EVENTS else 0):
-            state.hidden[rows_t] = self.model.advance(state.hidden[rows_t], x, user_sorted, position, lengths)
+            state.hidden[rows_t] = self.model.advance(state.hidden[rows_t], x, user_sorted, position, lengths,
+                                                      state.counts[rows].sum(axis=1))  # before this batch's
         state.remember_categories(feats.category.cpu().numpy(), category)
 
         # Exact counters, vectorised (np.add.at accumulates repeated rows).

@@ -1,7 +1,15 @@
 """The GRU profile model: embed events -> advance each user's hidden state -> heads.
 
-Shape conventions: N events in a batch, U users touched by it, H hidden size,
-C category buckets, K interest clusters.
+Shape conventions: N events in a batch, U users touched by it, H hidden size, M memory size,
+S = H + M state size, C category buckets, K interest clusters.
+
+A user's state is two parts: the GRU's hidden state h (the sequence: what the user is doing now)
+and a long-term memory m, M moving averages of a projection of h over the user's events, with
+fixed time scales from a few to hundreds of events (what the user keeps coming back to; as in
+LSTUR's long- and short-term user representations). Each average is a plain mean over the user's
+first tau events and an exponential one after, so a young user's memory is as large as an old
+one's. The heads read both; the next-item head reads h. Next-event targets alone taught a GRU the current session and little of a user's
+lasting interests (top_categories precision@3 0.40 against 0.84 for counting on generated traffic).
 
 The step is one batched GRU call over every touched user's new events. Events
 arrive sorted by (user, event time); `advance` lays them out as a PackedSequence
@@ -25,7 +33,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from models.features import DENSE_FEATURES, PRICE_EDGES, EventFeatures
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: long-term memory in the state; category head conditioned on idle time
 
 
 class ModelError(Exception):
@@ -50,15 +58,25 @@ class ModelConfig:
     clusters: int = 8
     n_items: int = 0  # item vocabulary of the next-item head (0: no head, as in an untrained model)
     dropout: float = 0.0  # on embeddings and states, in training only
+    memory_size: int = 16  # long-term memory dimensions (0: the state is the GRU's hidden state alone)
+    memory_timescales: tuple[float, ...] = (4.0, 256.0)  # events; the M decays are log-spaced between
     # Feed the next-item head's output vector of an event's item back in as an input feature
     # (GRU4Rec's constrained embedding): the GRU reads items in the space it scores them.
     tie_item_embeddings: bool = True
     hash_seed: int = 0  # salts the feature hashing; part of the model, saved with it
     init_seed: int = 0  # weights of a freshly initialised (untrained) model
     churn_horizon_hours: float = 24.0
+    # top_categories are published as the categories of the user's next visit: the category head
+    # read at an idle time of at least this many hours (the current session's intent fades out).
+    visit_break_hours: float = 24.0
     # Upper edges of the price tiers on a user's mean item price ("luxury" above the last).
     price_tier_edges: tuple[float, ...] = (20.0, 100.0, 500.0)
     price_tier_names: tuple[str, ...] = ("budget", "mid", "premium", "luxury")
+
+    @property
+    def state_size(self) -> int:
+        """Floats per user in the state table: GRU hidden state, then long-term memory."""
+        return self.hidden_size + self.memory_size
 
     @property
     def input_size(self) -> int:
@@ -88,17 +106,30 @@ class ProfileModel(nn.Module):
         self.query_emb = nn.EmbeddingBag(c.query_buckets, c.query_dim, mode="mean")
         self.price_emb = nn.Embedding(len(PRICE_EDGES) + 2, c.price_dim)
         self.gru = nn.GRU(c.input_size, c.hidden_size, batch_first=False)
+        self.memory_in = nn.Linear(c.hidden_size, c.memory_size)
+        # Per-dimension decay per event: memory j forgets with a time scale of tau_j events.
+        tau = np.geomspace(*c.memory_timescales, num=c.memory_size) if c.memory_size else np.zeros(0)
+        self.register_buffer("memory_decay", torch.from_numpy(np.exp(-1.0 / np.maximum(tau, 1e-6))).float())
         self.drop = nn.Dropout(c.dropout)
-        self.category_head = nn.Linear(c.hidden_size, c.category_buckets)
+        # Next category = the next event's (mostly the current session's) + gate(idle) x a correction
+        # for "after a break" (the next visit's). Only the user's returns after a break teach the
+        # visit head, which is what makes it learn lasting favourites instead of session intent.
+        self.category_head = nn.Linear(c.state_size, c.category_buckets)
+        self.visit_category_head = nn.Linear(c.state_size, c.category_buckets)
+        nn.init.zeros_(self.visit_category_head.weight)  # untrained: no correction, idle changes nothing
+        nn.init.zeros_(self.visit_category_head.bias)
+        # gate = sigmoid(softplus(w) * log1p(idle hours) + b): rises with idle time by construction;
+        # starts near 0 within a session (seconds) and near 1 after half an hour.
+        self.visit_gate = nn.Parameter(torch.tensor([2.0, -3.0]))
         # Next-item scores over the training vocabulary: one output vector + bias per item.
         self.item_out = nn.Embedding(max(c.n_items, 1), c.hidden_size)
         self.item_bias = nn.Parameter(torch.zeros(max(c.n_items, 1)))
-        self.propensity_head = nn.Linear(c.hidden_size, 1)
-        self.churn_head = nn.Linear(c.hidden_size, 1)
+        self.propensity_head = nn.Linear(c.state_size, 1)
+        self.churn_head = nn.Linear(c.state_size, 1)
         # Churn must rise with idle time: its weight on log idle hours is softplus(.) > 0.
         self.churn_idle_weight = nn.Parameter(torch.tensor(1.0))
         # k-means centroids over user states; fitted in training, random until then.
-        self.register_buffer("cluster_centroids", torch.randn(c.clusters, c.hidden_size) * 0.1)
+        self.register_buffer("cluster_centroids", torch.randn(c.clusters, c.state_size) * 0.1)
 
     @classmethod
     def fresh(cls, config: ModelConfig) -> "ProfileModel":
@@ -127,13 +158,14 @@ class ProfileModel(nn.Module):
             dim=1,
         ))
 
-    def advance(self, h0: torch.Tensor, x: torch.Tensor, user_of_event: np.ndarray, position: np.ndarray,
-                lengths: np.ndarray) -> torch.Tensor:
-        """Run the GRU over each user's new events, starting from their stored states.
+    def advance(self, s0: torch.Tensor, x: torch.Tensor, user_of_event: np.ndarray, position: np.ndarray,
+                lengths: np.ndarray, events_before: np.ndarray) -> torch.Tensor:
+        """Run the GRU and the memory over each user's new events, starting from their stored states.
 
-        h0: (U, H) states before the batch; x: (N, F) embedded events sorted by (user, time);
+        s0: (U, S) states before the batch; x: (N, F) embedded events sorted by (user, time);
         user_of_event: (N,) user index 0..U-1; position: (N,) index of the event within its user;
-        lengths: (U,) events per user. Returns (U, H) states after each user's last event.
+        lengths: (U,) events per user; events_before: (U,) events each user had before (their
+        memory's age). Returns (U, S) states after each user's last event.
         """
         # PackedSequence layout: time step t holds the users with more than t events,
         # longest first. Event (u, t) goes to row batch_start[t] + rank[u].
@@ -153,62 +185,116 @@ class ProfileModel(nn.Module):
             sorted_indices,
             torch.from_numpy(rank).to(x.device),
         )
-        _, h_n = self.gru(packed, h0.unsqueeze(0))  # h_n: (1, U, H), in the callers' user order
-        return h_n[0]
+        h0, m0 = self.split_state(s0)
+        out, h_n = self.gru(packed, h0.unsqueeze(0).contiguous())  # h_n: (1, U, H), in the callers' user order
+        if not self.config.memory_size:
+            return h_n[0]
+        _, m_sorted = self.memory_scan(out.data, batch_sizes, m0[sorted_indices], events_before[order], every_step=False)
+        return torch.cat([h_n[0], m_sorted[packed.unsorted_indices]], dim=1)
 
-    def item_scores(self, h: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-        """(U, H) states -> (U, n_items) next-item scores, or (U, len(items)) for a candidate subset."""
-        h = self.drop(h)
+    def split_state(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, S) states -> (U, H) GRU hidden states, (U, M) memories."""
+        return s[:, :self.config.hidden_size], s[:, self.config.hidden_size:]
+
+    def memory_scan(self, h_packed: torch.Tensor, batch_sizes: np.ndarray, m0_sorted: torch.Tensor,
+                    events_before_sorted: np.ndarray, every_step: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The memory recurrence m_n = m_(n-1) + max(1 - d, 1 / n) * (tanh(W h_n) - m_(n-1)), n = the
+        user's event count, over packed GRU outputs: a mean of the first 1 / (1 - d) events, then
+        an exponential moving average.
+
+        h_packed: (N, H) in PackedSequence layout (time-major, longest user first); batch_sizes: users
+        alive at each step; m0_sorted: (U, M) memories and events_before_sorted: (U,) event counts,
+        in that user order. Returns (the memory after every event, in the same packed layout, when
+        every_step; (U, M) final memories, same order).
+        One vectorised step per time step of the longest user: a Python loop as long as the GRU's own.
+        """
+        z = torch.tanh(self.memory_in(h_packed))  # (N, M)
+        rate = 1 - self.memory_decay  # (M,)
+        count = torch.from_numpy(np.asarray(events_before_sorted, dtype=np.float32)).to(z.device).unsqueeze(1)
+        m, start, steps = m0_sorted, 0, []
+        finals = []
+        for alive in batch_sizes.tolist():
+            if alive < len(m):  # users that ended at the previous step keep their memory
+                finals.append(m[alive:])
+                m, count = m[:alive], count[:alive]
+            count = count + 1
+            m = m + torch.maximum(rate, 1 / count) * (z[start:start + alive] - m)
+            start += alive
+            if every_step:
+                steps.append(m)
+        finals.append(m)
+        final = torch.cat(finals[::-1])  # dropped in order of decreasing rank: reverse restores rank order
+        return (torch.cat(steps) if every_step else None), final
+
+    def item_scores(self, s: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """(U, S) states -> (U, n_items) next-item scores, or (U, len(items)) for a candidate subset.
+        Items are scored from the GRU's hidden state: the space the item vectors are fed back in."""
+        h = self.drop(self.split_state(s)[0])
         if items is None:
             return h @ self.item_out.weight.T + self.item_bias
         return h @ self.item_out(items).T + self.item_bias[items]
 
-    def head_logits(self, h: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None
+    def head_logits(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(category (U, C), purchase (U,), churn (U,)) logits; training uses these directly.
 
         categories: score only these buckets, (U, len(categories))."""
-        h = self.drop(h)
-        weight, bias = self._category_weights(categories)
-        return torch.addmm(bias, h, weight.T), *self._purchase_churn_logits(h, idle_hours)
+        s = self.drop(s)
+        return self.category_logits(s, idle_hours, categories), *self._purchase_churn_logits(s, idle_hours)
 
-    def _purchase_churn_logits(self, h: torch.Tensor, idle_hours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def category_logits(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        """(U, C) next-category logits of users idle for idle_hours (U,)."""
+        weight, bias = self._category_weights(categories, self.category_head)
+        visit_weight, visit_bias = self._category_weights(categories, self.visit_category_head)
+        gate = self.visit_gate_at(idle_hours).unsqueeze(1)  # (U, 1)
+        return torch.addmm(bias, s, weight.T) + gate * torch.addmm(visit_bias, s, visit_weight.T)
+
+    def visit_gate_at(self, idle_hours: torch.Tensor) -> torch.Tensor:
+        """(U,) weight of the after-a-break correction at these idle times."""
+        slope, offset = nn.functional.softplus(self.visit_gate[0]), self.visit_gate[1]
+        return torch.sigmoid(slope * torch.log1p(idle_hours.clamp(min=0)) + offset)
+
+    def _purchase_churn_logits(self, s: torch.Tensor, idle_hours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idle = torch.log1p(idle_hours.clamp(min=0))
-        churn = self.churn_head(h)[:, 0] + nn.functional.softplus(self.churn_idle_weight) * idle
-        return self.propensity_head(h)[:, 0], churn
+        churn = self.churn_head(s)[:, 0] + nn.functional.softplus(self.churn_idle_weight) * idle
+        return self.propensity_head(s)[:, 0], churn
 
-    def _category_weights(self, categories: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _category_weights(categories: torch.Tensor | None, head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
         if categories is None:
-            return self.category_head.weight, self.category_head.bias
-        return self.category_head.weight[categories], self.category_head.bias[categories]
+            return head.weight, head.bias
+        return head.weight[categories], head.bias[categories]
 
-    def top_categories(self, h: torch.Tensor, categories: torch.Tensor | None, k: int, chunk_users: int = 4096,
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def top_categories(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None, k: int,
+                       chunk_users: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
         """The k most likely next categories of each user and their probabilities: (U, k) probs, (U, k)
         column indices into `categories` (or bucket ids when None). The softmax over C columns is taken
         chunk by chunk, so the (U, C) matrix never exists whole (66k users x 4k categories = 1 GB)."""
-        weight, bias = self._category_weights(categories)
-        k = min(k, len(weight))
+        k = min(k, self.config.category_buckets if categories is None else len(categories))
         probs, cols = [], []
-        for start in range(0, len(h), chunk_users):
-            logits = torch.addmm(bias, h[start:start + chunk_users], weight.T)  # (u, C)
+        for start in range(0, len(s), chunk_users):
+            end = start + chunk_users
+            logits = self.category_logits(s[start:end], idle_hours[start:end], categories)  # (u, C)
             top, idx = logits.topk(k, dim=1)
             best = top[:, :1]
             mass = logits.sub_(best).exp_().sum(dim=1, keepdim=True)  # softmax denominator, shifted by the max
             probs.append((top - best).exp_() / mass)
             cols.append(idx)
         if not probs:
-            return h.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=h.device)
+            return s.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=s.device)
         return torch.cat(probs), torch.cat(cols)
 
-    def heads(self, h: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None,
+    def heads(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None,
               top_k: int = 3) -> ProfileHeads:
-        """h: (U, H) user states; idle_hours: (U,) event time since each user's last event;
+        """s: (U, S) user states; idle_hours: (U,) event time since each user's last event;
         categories: the buckets to distribute over (all when None); top_k: categories kept per user."""
-        h = self.drop(h)
-        purchase, churn = self._purchase_churn_logits(h, idle_hours)
-        top_probs, top_cols = self.top_categories(h, categories, top_k)
-        cluster = torch.cdist(h, self.cluster_centroids).argmin(dim=1)  # (U,)
+        s = self.drop(s)
+        purchase, churn = self._purchase_churn_logits(s, idle_hours)
+        # Published categories are the next visit's: a user mid-session is read as if back after a break.
+        top_probs, top_cols = self.top_categories(s, idle_hours.clamp(min=self.config.visit_break_hours),
+                                                  categories, top_k)
+        cluster = torch.cdist(s, self.cluster_centroids).argmin(dim=1)  # (U,)
         return ProfileHeads(top_probs, top_cols, torch.sigmoid(purchase), torch.sigmoid(churn), cluster)
 
 

@@ -52,15 +52,18 @@ class GRUScorer:
     def fit(self, train: Sequences) -> None:  # trained by `profiles train`
         return None
 
-    def initial_states(self) -> torch.Tensor:
-        """(U_test, H) state of each test user after their training events (zeros without any)."""
-        h0 = torch.zeros(len(self.test_log.users), self.model.config.hidden_size, device=self.device)
+    def initial_states(self) -> tuple[torch.Tensor, np.ndarray]:
+        """(U_test, S) state of each test user after their training events (zeros without any),
+        and (U_test,) how many training events that was."""
+        h0 = torch.zeros(len(self.test_log.users), self.model.config.state_size, device=self.device)
+        seen = np.zeros(len(self.test_log.users), dtype=np.int64)
         if self.train_log is not None and len(self.train_log):
             p = prepare(self.train_log, self.model.config, self.item_vocab, 24 * HOUR_MS)
             states = final_states(self.model, self.train_log, p, self.device)
             where = np.searchsorted(self.test_log.users, self.train_log.users)  # both sorted
             h0[torch.from_numpy(where).to(self.device)] = states
-        return h0
+            seen[where] = self.train_log.length
+        return h0, seen
 
     @torch.no_grad()
     def rank_next(self, train: Sequences | None, test: Sequences, k_items: int = 20,
@@ -68,7 +71,7 @@ class GRUScorer:
         log_, model = self.test_log, self.model
         rows = targets(test)
         p = prepare(log_, model.config, self.item_vocab, 24 * HOUR_MS)
-        h0 = self.initial_states()
+        h0, seen = self.initial_states()
         # The state that predicts row (u, t) is the output after test event t-1.
         source_event = log_.start[rows.user] + rows.position - 1
         item_rows, category_rows = rows.item_rows, rows.category_rows
@@ -77,8 +80,8 @@ class GRUScorer:
         propensity = np.empty(len(rows), dtype=np.float64)
         for first in range(0, len(log_.users), self.batch_users):
             users = np.arange(first, min(first + self.batch_users, len(log_.users)))
-            h, event_idx = run_chunks(model, p, log_.start[users], log_.length[users], self.device,
-                                      h0[torch.from_numpy(users).to(self.device)])
+            h, event_idx, _ = run_chunks(model, p, log_.start[users], log_.length[users], self.device,
+                                         h0[torch.from_numpy(users).to(self.device)], seen[users])
             at = np.full(len(log_), -1, dtype=np.int64)
             at[event_idx] = np.arange(len(event_idx))
             mine = np.flatnonzero((rows.user >= users[0]) & (rows.user <= users[-1]))

@@ -38,18 +38,27 @@ def test_one_packed_call_equals_running_each_user_alone():
     lengths = np.array([5, 1, 3, 7])
     user = np.repeat(np.arange(4), lengths)
     position = np.concatenate([np.arange(n) for n in lengths])
+    H = SMALL.hidden_size
     with torch.no_grad():
         x = model.embed(features(model, len(user)))
-        h0 = torch.randn(4, 16)
-        h = model.advance(h0, x, user, position, lengths)
+        s0 = torch.randn(4, SMALL.state_size)
+        before = np.array([0, 3, 1, 40])  # events each user had before: their memory's age
+        s = model.advance(s0, x, user, position, lengths, before)
+        assert s.shape == (4, SMALL.state_size)
+        decay = model.memory_decay
         for u in range(4):
-            _, ref = model.gru(x[user == u].unsqueeze(1), h0[u].view(1, 1, -1))
-            torch.testing.assert_close(h[u], ref[0, 0], atol=1e-6, rtol=1e-5)
+            out, ref = model.gru(x[user == u].unsqueeze(1), s0[u, :H].reshape(1, 1, -1))
+            torch.testing.assert_close(s[u, :H], ref[0, 0], atol=1e-6, rtol=1e-5)
+            memory, n = s0[u, H:], before[u]
+            for h_t in out[:, 0]:  # the memory recurrence, one event at a time
+                n += 1
+                memory = memory + torch.maximum(1 - decay, torch.tensor(1 / n)) * (torch.tanh(model.memory_in(h_t)) - memory)
+            torch.testing.assert_close(s[u, H:], memory, atol=1e-6, rtol=1e-5)
 
 
 def test_churn_risk_rises_with_idle_time():
     model = ProfileModel.fresh(SMALL)
-    h = torch.randn(1, 16).repeat(4, 1)
+    h = torch.randn(1, SMALL.state_size).repeat(4, 1)
     with torch.no_grad():
         churn = model.heads(h, torch.tensor([0.0, 1.0, 24.0, 24.0 * 30])).churn_risk
     assert torch.all(churn[1:] > churn[:-1])
@@ -69,8 +78,8 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
         a = model.embed(f)
         b = loaded.model.embed(f)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-        ha = model.heads(torch.ones(2, 16), torch.zeros(2))
-        hb = loaded.model.heads(torch.ones(2, 16), torch.zeros(2))
+        ha = model.heads(torch.ones(2, SMALL.state_size), torch.zeros(2))
+        hb = loaded.model.heads(torch.ones(2, SMALL.state_size), torch.zeros(2))
     torch.testing.assert_close(ha.top_category_probs, hb.top_category_probs, rtol=0, atol=0)
     assert torch.equal(ha.top_category_cols, hb.top_category_cols)
     assert torch.equal(ha.interest_cluster, hb.interest_cluster)
