@@ -6,6 +6,7 @@ import orjson
 import numpy as np
 import pytest
 
+from models.profile_model import ModelConfig
 from stream.generator import generate
 from stream.malformed import corrupt_some
 from tests.conftest import (
@@ -53,7 +54,7 @@ def test_every_user_gets_exact_counts_and_spend(kafka, settings_factory, log_20k
                            "interest_cluster", "embedding"}
     for p in profiles.values():
         assert 0.0 <= p["purchase_propensity"] <= 1.0 and 0.0 <= p["churn_risk"] <= 1.0
-        assert len(p["embedding"]) == 64 and all(np.isfinite(p["embedding"]))
+        assert len(p["embedding"]) == ModelConfig().state_size and all(np.isfinite(p["embedding"]))
         assert 1 <= len(p["top_categories"]) <= 3
         assert all(c["category"] in log_20k.categories for c in p["top_categories"])
     assert read_topic(kafka, settings.dead_letter_topic) == []
