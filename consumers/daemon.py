@@ -54,7 +54,7 @@ class DaemonStats:
     resent: int = 0  # profiles produced again after an aborted transaction (exactly-once)
     batch_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
     started_at: float = field(default_factory=time.monotonic)
-    assigned_at: float | None = None  # perf_counter when the first partitions were assigned (and restored)
+    assigned_at: float | None = None  # perf_counter when the first partitions were assigned
     first_batch_at: float | None = None  # perf_counter when the first non-empty batch started
     last_batch_done_at: float | None = None  # ...and when the latest one was committed
 
@@ -389,10 +389,10 @@ class ProfileDaemon:
 
     def _assigned(self, partitions: list[TopicPartition]) -> None:
         # Their users' state comes back from the changelog before any of their events is polled.
+        if self.stats.assigned_at is None:
+            self.stats.assigned_at = time.perf_counter()  # librdkafka starts fetching now, during the restore
         self.set_ready(False)
         self.restore_partitions(sorted({p.partition for p in partitions}))
-        if self.stats.assigned_at is None:
-            self.stats.assigned_at = time.perf_counter()
         self.set_ready(True)
 
     def _flush_before_revoke(self, partitions: list[TopicPartition]) -> None:
