@@ -260,8 +260,9 @@ class ProfileUpdater:
         x = self.model.embed(feats)  # (N, F)
         # The recurrent pass over a large batch is the one kernel big enough to gain from more threads.
         with torch_threads(self.gru_threads if len(ev) >= WIDE_BATCH_EVENTS else 0):
+            # Events per user before this batch (the memory's age): the counters are updated below.
             state.hidden[rows_t] = self.model.advance(state.hidden[rows_t], x, user_sorted, position, lengths,
-                                                      state.counts[rows].sum(axis=1))  # before this batch's
+                                                      state.counts[rows].sum(axis=1))
         state.remember_categories(feats.category.cpu().numpy(), category)
 
         # Exact counters, vectorised (np.add.at accumulates repeated rows).

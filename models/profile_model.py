@@ -8,8 +8,9 @@ and a long-term memory m, M moving averages of a projection of h over the user's
 fixed time scales from a few to hundreds of events (what the user keeps coming back to; as in
 LSTUR's long- and short-term user representations). Each average is a plain mean over the user's
 first tau events and an exponential one after, so a young user's memory is as large as an old
-one's. The heads read both; the next-item head reads h. Next-event targets alone taught a GRU the current session and little of a user's
-lasting interests (top_categories precision@3 0.40 against 0.84 for counting on generated traffic).
+one's. The heads read both; the next-item head reads h. Next-event targets alone taught a GRU the
+current session and little of a user's lasting interests (top_categories precision@3 0.40 against
+0.84 for counting on generated traffic).
 
 The step is one batched GRU call over every touched user's new events. Events
 arrive sorted by (user, event time); `advance` lays them out as a PackedSequence
@@ -185,12 +186,25 @@ class ProfileModel(nn.Module):
             sorted_indices,
             torch.from_numpy(rank).to(x.device),
         )
+        return self.run_packed(packed, s0, events_before, every_step=False)[1]
+
+    def run_packed(self, packed: PackedSequence, s0: torch.Tensor, events_before: np.ndarray, every_step: bool
+                   ) -> tuple[PackedSequence | None, torch.Tensor]:
+        """The GRU and the memory over a PackedSequence of embedded events (with sorted_indices), from
+        states s0 (U, S) and event counts events_before (U,), both in the callers' user order.
+        Returns (the state after every event, packed like the input, when every_step; (U, S) final
+        states in the callers' order). The one place a state advances: serving and training share it."""
         h0, m0 = self.split_state(s0)
         out, h_n = self.gru(packed, h0.unsqueeze(0).contiguous())  # h_n: (1, U, H), in the callers' user order
-        if not self.config.memory_size:
-            return h_n[0]
-        _, m_sorted = self.memory_scan(out.data, batch_sizes, m0[sorted_indices], events_before[order], every_step=False)
-        return torch.cat([h_n[0], m_sorted[packed.unsorted_indices]], dim=1)
+        steps, final = (out if every_step else None), h_n[0]
+        if self.config.memory_size:
+            order = packed.sorted_indices
+            memory, m_n = self.memory_scan(out.data, packed.batch_sizes.numpy(), m0[order],
+                                           np.asarray(events_before)[order.cpu().numpy()], every_step)
+            final = torch.cat([final, m_n[packed.unsorted_indices]], dim=1)
+            if every_step:
+                steps = out._replace(data=torch.cat([out.data, memory], dim=1))
+        return steps, final
 
     def split_state(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, S) states -> (U, H) GRU hidden states, (U, M) memories."""

@@ -226,15 +226,8 @@ def run_chunks(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
     padded[torch.from_numpy(valid).to(device)] = x
     packed = pack_padded_sequence(padded, torch.from_numpy(length), batch_first=True, enforce_sorted=False)
     s0 = torch.zeros(len(start), model.config.state_size, device=device) if h0 is None else h0
-    hidden0, memory0 = model.split_state(s0)
-    out, h_n = model.gru(packed, hidden0.unsqueeze(0).contiguous())
-    states, final = out, h_n[0]
-    if model.config.memory_size:
-        before = p.position[start] if events_before is None else events_before
-        memory, m_n = model.memory_scan(out.data, out.batch_sizes.numpy(), memory0[out.sorted_indices],
-                                        before[out.sorted_indices.cpu().numpy()], every_step=True)
-        states = out._replace(data=torch.cat([out.data, memory], dim=1))
-        final = torch.cat([final, m_n[out.unsorted_indices]], dim=1)
+    before = p.position[start] if events_before is None else events_before
+    states, final = model.run_packed(packed, s0, before, every_step=True)
     states, _ = pad_packed_sequence(states, batch_first=True, total_length=len(t))  # (B, T, S)
     return states[torch.from_numpy(valid).to(device)], event_idx, final
 
@@ -244,7 +237,7 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
                sampled: bool) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """Joint loss on one mini-batch of chunks started from states h0 (zeros when None); positions are those
     whose target lies on `validation`'s side. Returns (loss, its parts, each chunk's final state)."""
-    h, idx, h_last = run_chunks(model, p, start, length, device, h0)  # (P, H), (P,), (B, H)
+    h, idx, h_last = run_chunks(model, p, start, length, device, h0)  # (P, S), (P,), (B, S)
     horizon_ms = cfg.horizon_hours * HOUR_MS
     in_split = (p.next_ts[idx] > split_ts) if validation else (p.next_ts[idx] <= split_ts)
     parts: dict[str, torch.Tensor] = {}
