@@ -196,17 +196,31 @@ def test_sigkill_at_random_moments_changes_nothing(kafka, unique, tmp_path):
 
 
 def test_two_instances_one_killed_equal_one_uninterrupted(kafka, unique, tmp_path):
-    log, topic, out, group, ends, args = logged_run(kafka, unique, users=1500, events=30_000, seed=35)
+    log, topic, out, group, ends, args = logged_run(kafka, unique, users=3000, events=60_000, seed=35)
     first = start_daemon(kafka, *args)
     second = start_daemon(kafka, *args)
+    first_log = bytearray()
+    os.set_blocking(first.stderr.fileno(), False)
+
+    def first_owns() -> list[int]:
+        """The partitions the first member was last assigned (its log says), read as the log grows."""
+        first_log.extend(first.stderr.read() or b"")
+        assigned = [line for line in first_log.decode(errors="replace").splitlines() if " assigned " in line]
+        return [int(name.split("[")[1].rstrip("]")) for name in assigned[-1].split(" assigned ")[1].split(", ")
+                if name.startswith(f"{topic}[")] if assigned else []
+
     try:
-        # Both members own partitions and have made progress when the first one is killed.
-        wait_until(lambda: first.poll() is not None or published(kafka, out) > 4000, 120, "both members working")
+        # Both members own partitions and the first has committed progress on its own when it is killed.
+        # (One member can start alone and be joined a rebalance later, so wait for the first's assignment.)
+        wait_until(lambda: first.poll() is not None or first_owns(), 120, "the first member's assignment")
+        at_assignment = committed_offsets(kafka, group, topic)
+        wait_until(lambda: first.poll() is not None or any(
+            committed_offsets(kafka, group, topic)[p] > at_assignment[p] + 500 for p in first_owns()),
+            120, "the first member's progress")
         assert first.poll() is None and second.poll() is None
+        assert committed_offsets(kafka, group, topic) != ends, "the log was drained before the kill"
         first.send_signal(signal.SIGKILL)
         first.wait(30)
-        assigned = [line for line in first.stderr.read().decode().splitlines() if " assigned " in line]
-        assert assigned and topic in assigned[-1], "the killed member owned partitions when it died"
         # The survivor takes over the dead member's partitions (after its session times out) and their state.
         stderr = drain_then_stop(second, kafka, group, topic, ends, "the survivor to drain the log")
         restores = [int(line.split("restored ")[1].split()[0]) for line in stderr.splitlines()
