@@ -186,12 +186,22 @@ class ProfileDaemon:
         if meta.get("model_version") != self.updater.model_version:
             raise StreamError(f"the state in {directory} was built by model {meta.get('model_version')!r}, "
                               f"but this daemon serves {self.updater.model_version!r}: replay with the same --model")
-        self.updater.state.restore(snapshot)
+        # The snapshot goes under the state table, not into it: each member takes the users of the
+        # partitions it is assigned (and the changelog's newer state on top), so no member holds, or
+        # re-scores when idle, a user whose events another member reads.
+        try:
+            users = self.updater.state.attach_base(snapshot, meta.get("input_topics"), self.settings.input_topics)
+        except ValueError as exc:
+            raise StreamError(f"{directory}: {exc}") from None
         self.metrics.restore_seconds.set(time.perf_counter() - started)
         offsets = {t: parts for t, parts in meta.get("kafka_offsets", {}).items() if t in self.settings.input_topics}
         seeded = seed_group_offsets(self.settings.kafka, self.settings.group_id, offsets)
-        log.info("restored %d users from %s; group %s continues from %s", len(self.updater.state), directory,
+        unplaced = int((self.updater.state.base.partition < 0).sum())
+        log.info("loaded %d users from %s; group %s continues from %s", users, directory,
                  self.settings.group_id, seeded or "its committed offsets (none seeded)")
+        if unplaced:
+            log.warning("%d of them have no input partition in the snapshot (a replay of files): each is "
+                        "taken up at its next event, and re-scored when idle only after it", unplaced)
         if not offsets:
             log.warning("the snapshot records no offsets for %s (a file replay?): the group starts from its "
                         "committed offsets, or the earliest ones", ",".join(self.settings.input_topics))
@@ -320,8 +330,11 @@ class ProfileDaemon:
     def restore_partitions(self, partitions: list[int]) -> None:
         """Load the state of these input partitions' users from the changelog (before their events)."""
         started = time.perf_counter()
-        latest = read_latest(self.settings.kafka, self.settings.changelog_topic, partitions)
-        state, users = self.updater.state, 0
+        state = self.updater.state
+        from_snapshot = state.load_base_partitions(partitions)  # the changelog's newer state goes on top
+        latest = read_latest(self.settings.kafka, self.settings.changelog_topic, partitions,
+                             on_progress=self.health.progressed)  # a long restore is progress (/healthz)
+        users = 0
         for partition, records in latest.items():
             meta = records.pop(META_KEY, None)
             if meta is not None:
@@ -338,8 +351,9 @@ class ProfileDaemon:
                 raise StreamError(f"{self.settings.changelog_topic}[{partition}]: {exc}") from None
         seconds = time.perf_counter() - started
         self.metrics.restore_seconds.set(seconds)
-        log.info("restored %d users of partition(s) %s from %s in %.2fs", users, partitions,
-                 self.settings.changelog_topic, seconds)
+        log.info("restored %d users of partition(s) %s from %s%s in %.2fs", users, partitions,
+                 self.settings.changelog_topic, f" over {from_snapshot} from the snapshot" if state.base else "",
+                 seconds)
         if seconds > self.settings.max_poll_interval_ms / 2000:  # the restore runs inside the poll
             log.warning("restoring took %.0fs, over half of max.poll.interval.ms: raise --max-poll-interval-ms, "
                         "add instances, or start from a local snapshot (--restore-from)", seconds)

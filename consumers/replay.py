@@ -10,6 +10,7 @@ import base64
 import gzip
 import logging
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import IO
 
@@ -21,7 +22,7 @@ from stream.events import DeadLetter
 from stream.kafka import Publisher
 from stream.runtime import tune_garbage_collector
 from stream.settings import Settings
-from stream.sources import KafkaRangeSource, open_sources
+from stream.sources import KafkaRangeSource, open_sources, parse_kafka_uri
 from stream.state import write_snapshot
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,10 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
            show_progress: bool = True, updater: ProfileUpdater | None = None) -> ReplayReport:
     """Replay `sources`; write every update or the final profile of every user; optionally a state snapshot."""
     started = time.monotonic()
-    updater = updater or load_updater(settings)
+    # Topics replayed are the updater's input topics: their users' state records the partition and
+    # offset of their events, so a daemon started from the snapshot knows which member owns whom.
+    topics = tuple(dict.fromkeys(parse_kafka_uri(s)[0] for s in sources if s.startswith("kafka://")))
+    updater = updater or load_updater(dataclasses.replace(settings, input_topics=topics or settings.input_topics))
     opened = open_sources(settings.kafka, sources, fmt, batch_records)
     sink = ProfileSink(out, output_topic, settings)
     report = ReplayReport()
@@ -134,6 +138,7 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
     report.users = len(updater.state)
     if state_out:
         meta = {"model_version": updater.model_version, "sources": sources, "records": report.records,
+                "input_topics": list(updater.topic_slot),  # the watermark slots, in order
                 # Where a daemon started from this state continues: per topic, partition -> next offset.
                 "kafka_offsets": {t: {str(p): o for p, o in parts.items()} for t, parts in positions.items()},
                 "created_at": time.time()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -276,7 +276,8 @@ def seed_group_offsets(kafka: KafkaSettings, group_id: str, offsets: dict[str, d
 
 
 def read_latest(kafka: KafkaSettings, topic: str, partitions: Iterable[int], timeout_s: float = 600.0,
-                stall_s: float = 30.0) -> dict[int, dict[bytes, bytes | None]]:
+                stall_s: float = 30.0, on_progress: Callable[[], None] | None = None,
+                ) -> dict[int, dict[bytes, bytes | None]]:
     """The latest value of every key in these partitions of `topic`, read from the beginning to the
     current end (None: a tombstone). A broker that does not compact (Tansu) just makes this longer.
 
@@ -286,6 +287,7 @@ def read_latest(kafka: KafkaSettings, topic: str, partitions: Iterable[int], tim
     ever, so a partition that makes no progress for `stall_s` is read on uncommitted. That is safe
     for the state changelog: every record carries its watermark, and events at or below it are
     skipped on re-consumption, whether the record's transaction committed or not.
+    `on_progress` is called whenever records arrive (a liveness probe's tick).
     """
     wanted = sorted(set(partitions))
     if not wanted:
@@ -302,13 +304,13 @@ def read_latest(kafka: KafkaSettings, topic: str, partitions: Iterable[int], tim
                         "open by a dead producer?): reading on uncommitted", topic, sorted(start), stall_s,
                         start, {p: ends[p] for p in start})
         start = _read_to_end(kafka, topic, start, ends, latest, isolation, deadline,
-                             stall_s if isolation == "read_committed" else timeout_s)
+                             stall_s if isolation == "read_committed" else timeout_s, on_progress)
     return latest
 
 
 def _read_to_end(kafka: KafkaSettings, topic: str, start: dict[int, int], ends: dict[int, int],
                  latest: dict[int, dict[bytes, bytes | None]], isolation: str, deadline: float, stall_s: float,
-                 ) -> dict[int, int]:
+                 on_progress: Callable[[], None] | None = None) -> dict[int, int]:
     """Read partitions from `start` to `ends` into `latest`; return {partition: position} of those
     that made no progress for `stall_s` (empty when all reached their end)."""
     from confluent_kafka import Consumer, TopicPartition
@@ -337,6 +339,8 @@ def _read_to_end(kafka: KafkaSettings, topic: str, start: dict[int, int], ends: 
                     pending.discard(p)
             if messages:
                 progressed = time.monotonic()
+                if on_progress is not None:
+                    on_progress()
             elif pending:  # transaction markers and aborted records are never delivered: ask where we are
                 for tp in consumer.position([TopicPartition(topic, p) for p in pending]):
                     if tp.offset > position[tp.partition]:

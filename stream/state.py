@@ -12,6 +12,9 @@ numpy for all users at once).
 Exactly-once bookkeeping lives in the table too: per user, the input partition its
 events come from, a watermark per input topic (the offset of the last event applied),
 and a ring of the hashes of its last event ids (duplicate redeliveries).
+
+A replayed snapshot can sit under the table as its base (`profiles run --restore-from`):
+a member takes only the users of the partitions it owns from it, and the changelog on top.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class StateTable:
         self.categories_version = 0  # bumped whenever category_names changes (the changelog re-sends it)
         self.max_event_ts = -1  # largest event time seen: the clock of event-time timers
         self._seen_cache: torch.Tensor | None = None
+        self.base: SnapshotBase | None = None  # a replayed snapshot under the table (see attach_base)
 
     # Named views of the columns, for readers of the pipeline.
     counts = property(lambda self: self.columns["counts"])
@@ -108,7 +112,46 @@ class StateTable:
             self.user_ids.extend(new_users)
             rows[missing] = np.fromiter(map(index.__getitem__, absent), dtype=np.int64, count=len(absent))
             self._ensure_capacity(len(self.user_ids))
+            if self.base is not None:
+                self._copy_from_base(new_users, np.arange(first, first + len(new_users)))
         return rows
+
+    # ------------------------------------------------------------------ a snapshot as the base
+
+    def attach_base(self, snap: dict, topics: Iterable[str] | None, input_topics: Iterable[str]) -> int:
+        """Put a replayed snapshot under the table; returns its number of users.
+
+        Its users enter the table when the partition the snapshot records for them is assigned
+        (`load_base_partitions`), or, where it records none (a replay of files), at their first
+        event: only the member that owns a user ever holds it, whatever the producers' partitioner.
+        `topics` are the snapshot's watermark slots by input topic (None: an older snapshot, whose
+        slots are taken to be the daemon's own when their number matches).
+        """
+        if snap.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"state snapshot format {snap.get('format')!r} is not {SNAPSHOT_FORMAT}")
+        self.base = SnapshotBase(snap, self.spec, topics, list(input_topics))
+        self.merge_category_names({int(k): v for k, v in snap["category_names"].items()})
+        self.max_event_ts = max(self.max_event_ts, int(snap["max_event_ts"]))
+        return len(self.base.user_ids)
+
+    def load_base_partitions(self, partitions: Iterable[int]) -> int:
+        """Copy the base's users of these input partitions into the table (those not in it yet:
+        the table's state is newer). Returns how many."""
+        if self.base is None:
+            return 0
+        users = [u for u in self.base.users_of(partitions) if u not in self._index]
+        self.rows_for(users)  # new rows are filled from the base
+        return len(users)
+
+    def _copy_from_base(self, users: list[str], rows: np.ndarray) -> None:
+        found, base_rows = self.base.lookup(users)
+        if not len(found):
+            return
+        rows = rows[found]
+        self.hidden[torch.from_numpy(rows).to(self.device)] = torch.from_numpy(
+            self.base.hidden[base_rows]).to(self.device)
+        for name, column in self.columns.items():
+            column[rows] = self.base.columns[name][base_rows]
 
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
@@ -213,6 +256,9 @@ class StateTable:
 
     def forget(self, users: Iterable[str]) -> int:
         """Erase these users (right to erasure); returns how many were in state."""
+        users = list(users)
+        if self.base is not None:
+            self.base.discard(users)  # or their first event after the erasure would bring them back
         n = len(self)
         rows = [self._index[u] for u in users if u in self._index]
         drop = np.zeros(n, dtype=bool)
@@ -272,6 +318,48 @@ class StateTable:
         self.category_names = {int(k): v for k, v in snap["category_names"].items()}
         self._seen_cache = None
         self.max_event_ts = int(snap["max_event_ts"])
+
+
+class SnapshotBase:
+    """A replayed state snapshot, read-only, columns laid out as the table's (watermark slots
+    mapped to the table's input topics by name; partitions kept only where they name the same
+    topics' partitions)."""
+
+    def __init__(self, snap: dict, spec: dict, topics: Iterable[str] | None, input_topics: list[str]) -> None:
+        self.user_ids: list[str] = list(snap["user_ids"])
+        n = len(self.user_ids)
+        self.index = {u: i for i, u in enumerate(self.user_ids)}
+        self.hidden = np.asarray(snap["hidden"], dtype=np.float32)
+        self.columns = {}
+        for name, column_spec in spec.items():
+            column = _column(column_spec, n)
+            if name in snap and snap[name].shape[1:] == column.shape[1:]:
+                column[:] = snap[name]  # (a column the snapshot lacks, or shaped otherwise, starts fresh)
+            self.columns[name] = column
+        topics = list(topics) if topics is not None else None
+        if "watermark" in snap and topics is not None:
+            mapped = self.columns["watermark"]
+            mapped[:] = -1
+            for slot, topic in enumerate(input_topics):
+                if topic in topics:
+                    mapped[:, slot] = snap["watermark"][:, topics.index(topic)]
+        if topics is not None and not set(topics) & set(input_topics):
+            self.columns["partition"][:] = -1  # partitions of other topics say nothing about ours
+        self.partition = self.columns["partition"]
+
+    def users_of(self, partitions: Iterable[int]) -> list[str]:
+        rows = np.flatnonzero(np.isin(self.partition, np.fromiter(partitions, dtype=np.int64)))
+        return [self.user_ids[i] for i in rows.tolist() if self.user_ids[i] in self.index]
+
+    def lookup(self, users: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in `users` found in the base, their base rows)."""
+        rows = np.fromiter(map(self.index.get, users, itertools.repeat(-1)), dtype=np.int64, count=len(users))
+        found = np.flatnonzero(rows >= 0)
+        return found, rows[found]
+
+    def discard(self, users: Iterable[str]) -> None:
+        for user in users:
+            self.index.pop(user, None)
 
 
 def _column(spec: tuple[type, tuple[int, ...], float], capacity: int) -> np.ndarray:

@@ -146,39 +146,56 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, inter
 
 def run_until_drained(settings: Settings, timeout_s: float = 120.0):
     """Run the daemon in a thread until its group's committed offsets reach the input's end; return it."""
+    return run_members_until_drained([settings], timeout_s)[0]
+
+
+def run_members_until_drained(members: list[Settings], timeout_s: float = 120.0) -> list:
+    """Run one daemon per settings (members of one group), each in a thread, until the group's committed
+    offsets reach the input's end and, with more than one member, every member owns partitions; stop
+    them all; return the daemons (each with `assigned_when_drained`: its (topic, partition)s then)."""
     from consumers.daemon import ProfileDaemon
     from consumers.pipeline import load_updater
     from stream.metrics import Metrics
 
     stop = threading.Event()
-    daemon = ProfileDaemon(settings, load_updater(settings), Metrics(), stop)
+    daemons = [ProfileDaemon(settings, load_updater(settings), Metrics(), stop) for settings in members]
     errors: list[BaseException] = []
 
-    def target() -> None:
+    def target(daemon) -> None:
         try:
             daemon.run()
         except BaseException as exc:  # surfaced in the test thread below
             errors.append(exc)
             stop.set()
 
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=target, args=(d,), daemon=True) for d in daemons]
+    for thread in threads:
+        thread.start()
+    settings = members[0]
     ends = {t: end_offsets(settings.kafka, t) for t in settings.input_topics}
 
     def drained() -> bool:
         if errors:
             return True
-        return all(committed_offsets(settings.kafka, settings.group_id, t) == ends[t] for t in ends)
+        if len(daemons) > 1 and not all(d.source.assigned for d in daemons):
+            return False
+        assignments = [set(d.source.assigned) for d in daemons]
+        if not all(committed_offsets(settings.kafka, settings.group_id, t) == ends[t] for t in ends):
+            return False
+        for daemon, assigned in zip(daemons, assignments):  # stopping revokes them all
+            daemon.assigned_when_drained = assigned
+        return True
 
     try:
         wait_until(drained, timeout_s, f"group {settings.group_id} to commit {ends}", interval_s=0.3)
     finally:
         stop.set()
-        thread.join(timeout=60)
+        for thread in threads:
+            thread.join(timeout=60)
     if errors:
         raise errors[0]
-    assert not thread.is_alive(), "daemon did not stop"
-    return daemon
+    assert not any(thread.is_alive() for thread in threads), "daemon did not stop"
+    return daemons
 
 
 def expected_from_events(events: Iterable[dict]) -> dict[str, dict]:

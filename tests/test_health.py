@@ -67,3 +67,23 @@ def test_endpoints_during_a_real_run(kafka, settings_factory):
         server.shutdown()
     assert not health.ready  # a stopped daemon is not ready
     assert metrics.registry.get_sample_value("profiles_ready") == 0
+
+
+def test_a_long_restore_keeps_liveness(kafka, settings_factory):
+    """Reading the changelog is progress: a member restoring many users is not reported stalled."""
+    from tests.conftest import run_until_drained
+
+    settings = settings_factory(batch_max_events=50)
+    create_topics(kafka, {settings.input_topics[0]: 2})
+    log = generate(users=400, events=4000, seed=41).events
+    produce(kafka, settings.input_topics[0], [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log])
+    run_until_drained(settings)  # leaves every user's state on the changelog
+
+    now = [0.0]
+    health = Health(stall_after_s=60, clock=lambda: now[0])
+    now[0] = 1000.0  # as if the restore had already taken 1000 s
+    assert not health.healthy
+    daemon = ProfileDaemon(settings, load_updater(settings), Metrics(), threading.Event(), health)
+    daemon.restore_partitions([0, 1])
+    assert len(daemon.updater.state) == 400
+    assert health.healthy, "the restore's reads did not tick /healthz"

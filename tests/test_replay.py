@@ -8,6 +8,7 @@ import gzip
 import numpy as np
 import orjson
 import pytest
+import torch
 
 from consumers.replay import replay
 from stream.generator import generate, write_jsonl
@@ -181,6 +182,79 @@ def test_backfill_then_go_live(kafka, settings_factory, unique, tmp_path):
     np.testing.assert_array_equal(a["spend_micros"], b["spend_micros"][idx])
     np.testing.assert_allclose(a["hidden"], b["hidden"][idx], atol=1e-5, rtol=1e-4)
     assert live.stats.events == 1300  # the daemon itself only read what came after the replay
+
+
+def test_backfill_then_go_live_with_two_members(kafka, settings_factory, unique, tmp_path):
+    """Two members start from one snapshot: each takes from it only the users of the partitions it is
+    assigned (so neither holds, or re-scores when idle, a user whose events the other reads), and
+    every user's state equals one uninterrupted run's."""
+    from tests.conftest import run_members_until_drained
+
+    log = generate(users=300, events=6000, seed=18)
+    topic = unique("events")
+    create_topics(kafka, {topic: 4})
+    keyed = [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log.events]
+    produce(kafka, topic, keyed[:3000])
+    # Replayed under a default settings object: the snapshot records the replayed topic's partitions.
+    replay(Settings(kafka=kafka, device="cpu"), [f"kafka://{topic}"], "jsonl", None, None, False,
+           str(tmp_path / "state"), str(tmp_path / "dlq.jsonl"), 500, show_progress=False)
+    produce(kafka, topic, keyed[3000:])
+
+    member = settings_factory(input_topics=(topic,), restore_from=str(tmp_path / "state"))
+    live = run_members_until_drained([member, member])
+    reference = run_until_drained(settings_factory(input_topics=(topic,), group_id=unique("reference"),
+                                                   output_topic=unique("reference-profiles")))
+    ref = reference.updater.state.snapshot()
+    held: dict[str, tuple] = {}
+    for daemon in live:
+        state = daemon.updater.state.snapshot()
+        owned = {p for _, p in daemon.assigned_when_drained}
+        assert owned and set(state["partition"].tolist()) <= owned, "a member holds users of partitions it does not own"
+        for i, user in enumerate(state["user_ids"]):
+            assert user not in held, f"{user} is held by both members"
+            held[user] = (state["counts"][i], state["spend_micros"][i], state["hidden"][i])
+    assert sorted(held) == sorted(ref["user_ids"])
+    for i, user in enumerate(ref["user_ids"]):
+        counts, spend, hidden = held[user]
+        np.testing.assert_array_equal(counts, ref["counts"][i])
+        assert spend == ref["spend_micros"][i]
+        np.testing.assert_allclose(hidden, ref["hidden"][i], atol=1e-5, rtol=1e-4)
+
+
+def test_a_snapshot_of_files_hands_each_user_over_at_its_first_event(tmp_path):
+    """A snapshot replayed from files knows no partitions: its users enter the table at their first
+    event, with their replayed state; an erased user does not come back from it."""
+    from consumers.pipeline import load_updater
+    from stream.state import read_snapshot
+    from tests.test_exactly_once import batch
+
+    log = generate(users=60, events=2000, seed=19).events
+    write_jsonl(log[:1500], tmp_path / "old.jsonl")
+    run(tmp_path, [tmp_path / "old.jsonl"], state_out=tmp_path / "state")
+    snapshot, meta = read_snapshot(tmp_path / "state")
+    assert (snapshot["partition"] == -1).all() and meta["input_topics"] == ["events"]
+
+    settings = Settings(device="cpu", input_topics=("events",))
+    whole = load_updater(settings)
+    whole.process(batch(log[:1500], topic="file"))  # the replay's events (not from the topic: no watermark)
+    whole.process(batch(log[1500:], first_offset=1500, partition=1))
+    live = load_updater(settings)
+    assert live.state.attach_base(snapshot, meta["input_topics"], settings.input_topics) == 60
+    assert len(live.state) == 0 and live.state.load_base_partitions([0, 1, 2]) == 0  # no partitions known
+    live.process(batch(log[1500:], first_offset=1500, partition=1))
+    returning = {str(e["user_id"]) for e in log[1500:]}
+    assert sorted(live.state.user_ids) == sorted(returning) and len(returning) < 60
+    for user in returning:
+        a, b = live.state.row(user), whole.state.row(user)
+        np.testing.assert_array_equal(live.state.counts[a], whole.state.counts[b])
+        assert live.state.partition[a] == 1
+        torch.testing.assert_close(live.state.hidden[a], whole.state.hidden[b], atol=1e-5, rtol=1e-4)
+
+    gone = next(u for u in snapshot["user_ids"] if u not in returning)
+    live.state.forget([gone])
+    again = next(e for e in log if str(e["user_id"]) == gone)
+    live.process(batch([again], first_offset=5000, partition=1))
+    assert live.state.counts[live.state.row(gone)].sum() == 1  # a fresh start, not the erased history
 
 
 def test_a_snapshot_of_another_model_is_refused(kafka, settings_factory, tmp_path):
