@@ -149,7 +149,8 @@ PSEUDONYMIZE_OPTION = click.option(
 @click.option("--restore-from", envvar=_env("restore-from"), show_envvar=True, default=None,
               type=click.Path(exists=True, file_okay=False),
               help="Start from a state snapshot (`profiles replay --state-out`) and continue each input "
-              "partition where the replay stopped, if this group has not committed there yet.")
+              "partition where the replay stopped, if this group has not committed there yet. Every "
+              "instance may be given the same snapshot: each takes only its assigned partitions' users.")
 @click.option("--idle-rescore-after", envvar=_env("idle-rescore-after"), show_envvar=True, default="24h",
               show_default=True, callback=lambda _c, _p, v: _duration_ms(v),
               help="Re-publish users idle this long in event time (e.g. 30m, 24h, 7d; 0 disables), "
