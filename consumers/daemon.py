@@ -371,6 +371,10 @@ class ProfileDaemon:
         for reason, count in collections.Counter(d.reason for d in result.dead_letters).items():
             m.invalid_events.labels(reason).inc(count)
         m.dead_letters.inc(len(result.dead_letters))
+        if result.replayed:
+            m.events_skipped.labels("replayed").inc(result.replayed)
+        if result.duplicates:
+            m.events_skipped.labels("duplicate").inc(result.duplicates)
         m.profiles_published.inc(len(result.profiles))
         m.batch_events.observe(len(records))
         for stage, sec in seconds.items():

@@ -48,6 +48,9 @@ class BatchResult:
     # Users erased by forget records: (user id, input partition or -1). Their state is gone; the
     # daemon writes tombstones for them (changelog, output) before this batch's other records.
     erased: list[tuple[str, int]] = field(default_factory=list)
+    # Replays with an end bound: per input partition, the first offset of an event at or after it
+    # (not applied; where a daemon started from the replay's snapshot must begin reading).
+    first_after_range: dict[int, int] = field(default_factory=dict)
 
 
 class ProfileUpdater:
@@ -96,10 +99,12 @@ class ProfileUpdater:
         erased: list[tuple[str, int]] = []
         if controls:  # rare: forget records (right to erasure), applied before the batch's events
             events, erased = self._forget(records, events, controls)
-        out_of_range = 0
+        out_of_range, first_after_range = 0, {}
         if time_range is not None:
             keep = time_range.mask(events.ts)
             out_of_range = int(len(keep) - keep.sum())
+            if time_range.end_ms is not None:
+                first_after_range = _first_offsets(records, events.record_index[events.ts >= time_range.end_ms])
             events = events.take(keep)
         t1 = time.perf_counter()
         event_rows = self.state.rows_for(events.user_id)
@@ -123,7 +128,7 @@ class ProfileUpdater:
         encoded = self.profiles_for(rows) if profiles else []
         t3 = time.perf_counter()
         return BatchResult(encoded, dead, events, out_of_range, {"decode": t1 - t0, "model": t2 - t1, "encode": t3 - t2},
-                           rows, replayed, duplicates, erased)
+                           rows, replayed, duplicates, erased, first_after_range)
 
     def _forget(self, records: RecordBatch, events: EventColumns, controls: list[Control],
                 ) -> tuple[EventColumns, list[tuple[str, int]]]:
@@ -351,6 +356,15 @@ def event_id_hashes(event_ids: np.ndarray) -> np.ndarray:
     out |= np.fromiter(map(adler, encoded), dtype=np.uint64, count=len(encoded)) << np.uint64(32)
     out[out == 0] = 1
     return out
+
+
+def _first_offsets(records: RecordBatch, index: np.ndarray) -> dict[int, int]:
+    """Per partition, the smallest offset among these records (by position in the batch)."""
+    if not len(index):
+        return {}
+    partitions = np.asarray(records.partitions, dtype=np.int64)[index]
+    offsets = np.asarray(records.offsets, dtype=np.int64)[index]
+    return {int(p): int(offsets[partitions == p].min()) for p in np.unique(partitions)}
 
 
 def load_updater(settings: Settings) -> ProfileUpdater:

@@ -108,11 +108,14 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
             for source, window in opened:
                 name = getattr(source, "topic", None) or f"{len(source.paths)} file(s)"
                 task = bar.add_task(f"replay {name}", total=_progress(source)[1] or 1, rate="")
+                first_after: dict[int, int] = {}
                 while not source.exhausted:
                     batch = source.next_batch()
                     if not len(batch):
                         continue
                     result = updater.process(batch, window, profiles=every_update)  # the daemon's decode -> update
+                    for partition, offset in result.first_after_range.items():
+                        first_after[partition] = min(first_after.get(partition, offset), offset)
                     report.erased += len(result.erased)
                     if every_update:
                         if result.erased:  # before the batch's profiles: a user re-created after it wins
@@ -128,7 +131,11 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
                     rate = report.records / (time.monotonic() - started)
                     bar.update(task, completed=_progress(source)[0], rate=f"{rate:,.0f} records/s")
                 if isinstance(source, KafkaRangeSource):
-                    positions.update(source.snapshot())
+                    # A daemon started from the snapshot continues where the replay stopped applying:
+                    # at the first event past the range's end where there was one (the ones after it
+                    # that the replay did apply are at or below their user's watermark, and skipped).
+                    read = source.snapshot()[source.topic]
+                    positions[source.topic] = {p: min(o, first_after.get(p, o)) for p, o in read.items()}
             if not every_update:
                 for profiles in updater.all_profiles():
                     sink.write(profiles)

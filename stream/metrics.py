@@ -30,6 +30,9 @@ class Metrics:
             ["topic", "type"], registry=r)
         self.invalid_events = Counter(
             "profiles_invalid_events", "Records that broke the event contract, by reason", ["reason"], registry=r)
+        self.events_skipped = Counter(
+            "profiles_events_skipped", "Valid events not applied again: re-consumed at or below their user's "
+            "watermark (replayed), or an event id among the user's recent ones (duplicate)", ["reason"], registry=r)
         self.dead_letters = Counter(
             "profiles_dead_letters_published", "Records published to the dead-letter topic", registry=r)
         self.profiles_published = Counter(

@@ -142,9 +142,17 @@ def test_topic_replay_takes_exactly_the_events_in_the_time_range(kafka, unique, 
         assert profiles[user]["counts"] == {t: want["counts"].get(t, 0)
                                             for t in ("search", "click", "add_to_cart", "purchase")}
         assert profiles[user]["last_event_ts"] == want["last_ts"]
-    # The snapshot says where a daemon started from it continues: the end of the topic.
+    # The snapshot says where a daemon started from it continues: at the first event past the range,
+    # in each partition (the replay read to the end, but did not apply those).
+    from tests.conftest import read_topic
+
+    first_after = {}
+    for record in read_topic(kafka, topic):
+        if orjson.loads(record.value)["ts"] >= end:
+            first_after.setdefault(str(record.partition), record.offset)
     _, meta = read_snapshot(tmp_path / "state")
-    assert meta["kafka_offsets"][topic] == {str(p): o for p, o in end_offsets(kafka, topic).items()}
+    assert meta["kafka_offsets"][topic] == first_after
+    assert all(first_after[str(p)] < o for p, o in end_offsets(kafka, topic).items())
 
 
 def test_bad_kafka_uris_are_refused_clearly():
@@ -182,6 +190,36 @@ def test_backfill_then_go_live(kafka, settings_factory, unique, tmp_path):
     np.testing.assert_array_equal(a["spend_micros"], b["spend_micros"][idx])
     np.testing.assert_allclose(a["hidden"], b["hidden"][idx], atol=1e-5, rtol=1e-4)
     assert live.stats.events == 1300  # the daemon itself only read what came after the replay
+
+
+def test_go_live_after_a_replay_with_an_end_bound(kafka, settings_factory, unique, tmp_path):
+    """A replay bounded by `to=` leaves the events past the bound unapplied: a daemon started from its
+    snapshot reads them (and skips a late event the replay did apply), so nothing is lost or doubled."""
+    log = generate(users=150, events=3000, seed=16).events
+    bound = log[1700]["ts"]
+    # One in-range event produced after the bound's events: the last event of a user with none at or
+    # after the bound (its last by event time too, so that no batch orders that user's events otherwise).
+    quiet = {str(e["user_id"]) for e in log} - {str(e["user_id"]) for e in log if e["ts"] >= bound}
+    late = max(i for i, e in enumerate(log) if str(e["user_id"]) == min(quiet))
+    order = log[:late] + log[late + 1:] + [log[late]]
+    topic = unique("events")
+    create_topics(kafka, {topic: 3})
+    produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in order])
+    report = replay(Settings(kafka=kafka, device="cpu"), [f"kafka://{topic}?to={bound}"], "jsonl", None, None,
+                    False, str(tmp_path / "state"), str(tmp_path / "dlq.jsonl"), 500, show_progress=False)
+    assert report.out_of_range == sum(e["ts"] >= bound for e in log) > 0
+
+    live = run_until_drained(settings_factory(input_topics=(topic,), restore_from=str(tmp_path / "state")))
+    reference = run_until_drained(settings_factory(input_topics=(topic,), group_id=unique("reference"),
+                                                   output_topic=unique("reference-profiles")))
+    a, b = live.updater.state.snapshot(), reference.updater.state.snapshot()
+    idx = [{u: i for i, u in enumerate(b["user_ids"])}[u] for u in a["user_ids"]]
+    assert sorted(a["user_ids"]) == sorted(b["user_ids"])
+    np.testing.assert_array_equal(a["counts"], b["counts"][idx])
+    np.testing.assert_allclose(a["hidden"], b["hidden"][idx], atol=1e-5, rtol=1e-4)
+    assert live.stats.events == report.out_of_range  # the daemon applied what the replay left...
+    skipped = live.metrics.registry.get_sample_value("profiles_events_skipped_total", {"reason": "replayed"})
+    assert skipped == 1  # ...and skipped the late event the replay had applied
 
 
 def test_backfill_then_go_live_with_two_members(kafka, settings_factory, unique, tmp_path):
