@@ -33,6 +33,8 @@ class Metrics:
         self.events_skipped = Counter(
             "profiles_events_skipped", "Valid events not applied again: re-consumed at or below their user's "
             "watermark (replayed), or an event id among the user's recent ones (duplicate)", ["reason"], registry=r)
+        for reason in ("replayed", "duplicate"):  # exported as 0 from the start: rate() needs the series
+            self.events_skipped.labels(reason)
         self.dead_letters = Counter(
             "profiles_dead_letters_published", "Records published to the dead-letter topic", registry=r)
         self.profiles_published = Counter(
