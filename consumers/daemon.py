@@ -331,7 +331,6 @@ class ProfileDaemon:
         """Load the state of these input partitions' users from the changelog (before their events)."""
         started = time.perf_counter()
         state = self.updater.state
-        from_snapshot = state.load_base_partitions(partitions)  # the changelog's newer state goes on top
         latest = read_latest(self.settings.kafka, self.settings.changelog_topic, partitions,
                              on_progress=self.health.progressed)  # a long restore is progress (/healthz)
         users = 0
@@ -349,6 +348,8 @@ class ProfileDaemon:
                 users += state.load_changelog(records)
             except ValueError as exc:
                 raise StreamError(f"{self.settings.changelog_topic}[{partition}]: {exc}") from None
+        # Then the snapshot's users the changelog has no newer state (or tombstone) for.
+        from_snapshot = state.load_base_partitions(partitions)
         seconds = time.perf_counter() - started
         self.metrics.restore_seconds.set(seconds)
         log.info("restored %d users of partition(s) %s from %s%s in %.2fs", users, partitions,

@@ -10,8 +10,7 @@ import base64
 import gzip
 import logging
 import time
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO
 
 import orjson
@@ -94,7 +93,7 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
     # Topics replayed are the updater's input topics: their users' state records the partition and
     # offset of their events, so a daemon started from the snapshot knows which member owns whom.
     topics = tuple(dict.fromkeys(parse_kafka_uri(s)[0] for s in sources if s.startswith("kafka://")))
-    updater = updater or load_updater(dataclasses.replace(settings, input_topics=topics or settings.input_topics))
+    updater = updater or load_updater(replace(settings, input_topics=topics or settings.input_topics))
     opened = open_sources(settings.kafka, sources, fmt, batch_records)
     sink = ProfileSink(out, output_topic, settings)
     report = ReplayReport()

@@ -98,8 +98,9 @@ class StateTable:
         """The user's row, or None if the user is not in state."""
         return self._index.get(user)
 
-    def rows_for(self, users: Iterable[str]) -> np.ndarray:
-        """Row of each user, adding rows for users not yet in state (in order of first appearance)."""
+    def rows_for(self, users: Iterable[str], from_base: bool = True) -> np.ndarray:
+        """Row of each user, adding rows for users not yet in state (in order of first appearance),
+        filled from the base snapshot where it has them (unless the caller overwrites them anyway)."""
         users = users if isinstance(users, (list, np.ndarray)) else list(users)
         index = self._index
         rows = np.fromiter(map(index.get, users, itertools.repeat(-1)), dtype=np.int64, count=len(users))
@@ -112,7 +113,7 @@ class StateTable:
             self.user_ids.extend(new_users)
             rows[missing] = np.fromiter(map(index.__getitem__, absent), dtype=np.int64, count=len(absent))
             self._ensure_capacity(len(self.user_ids))
-            if self.base is not None:
+            if self.base is not None and from_base:
                 self._copy_from_base(new_users, np.arange(first, first + len(new_users)))
         return rows
 
@@ -223,7 +224,7 @@ class StateTable:
         records = np.frombuffer(b"".join(live.values()), dtype=dtype)
         if (records["format"] != CHANGELOG_FORMAT).any():
             raise ValueError(f"changelog record format {int(records['format'][0])} is not {CHANGELOG_FORMAT}")
-        rows = self.rows_for([k.decode("utf-8", "surrogatepass") for k in live])
+        rows = self.rows_for([k.decode("utf-8", "surrogatepass") for k in live], from_base=False)
         self.hidden[torch.from_numpy(rows).to(self.device)] = torch.from_numpy(records["hidden"].copy()).to(self.device)
         for name, column in self.columns.items():
             column[rows] = records[name]
@@ -310,11 +311,7 @@ class StateTable:
         cap = max(1024, n)
         self.hidden = torch.zeros(cap, self.hidden_size, device=self.device)
         self.hidden[:n] = torch.as_tensor(snap["hidden"], device=self.device)
-        for name, spec in self.spec.items():
-            column = _column(spec, cap)
-            if name in snap and snap[name].shape[1:] == column.shape[1:]:
-                column[:n] = snap[name]  # (a column the snapshot lacks, or shaped otherwise, starts fresh)
-            self.columns[name] = column
+        self.columns = _columns_from(snap, self.spec, n, cap)
         self.category_names = {int(k): v for k, v in snap["category_names"].items()}
         self._seen_cache = None
         self.max_event_ts = int(snap["max_event_ts"])
@@ -330,12 +327,7 @@ class SnapshotBase:
         n = len(self.user_ids)
         self.index = {u: i for i, u in enumerate(self.user_ids)}
         self.hidden = np.asarray(snap["hidden"], dtype=np.float32)
-        self.columns = {}
-        for name, column_spec in spec.items():
-            column = _column(column_spec, n)
-            if name in snap and snap[name].shape[1:] == column.shape[1:]:
-                column[:] = snap[name]  # (a column the snapshot lacks, or shaped otherwise, starts fresh)
-            self.columns[name] = column
+        self.columns = _columns_from(snap, spec, n, n)
         topics = list(topics) if topics is not None else None
         if "watermark" in snap and topics is not None:
             mapped = self.columns["watermark"]
@@ -365,6 +357,17 @@ class SnapshotBase:
 def _column(spec: tuple[type, tuple[int, ...], float], capacity: int) -> np.ndarray:
     dtype, shape, initial = spec
     return np.full((capacity, *shape), initial, dtype=dtype)
+
+
+def _columns_from(snap: dict, spec: dict, n: int, capacity: int) -> dict[str, np.ndarray]:
+    """The table's columns (of `capacity` rows) holding a snapshot's n users in the first rows."""
+    columns = {}
+    for name, column_spec in spec.items():
+        column = _column(column_spec, capacity)
+        if name in snap and snap[name].shape[1:] == column.shape[1:]:
+            column[:n] = snap[name]  # (a column the snapshot lacks, or shaped otherwise, starts fresh)
+        columns[name] = column
+    return columns
 
 
 def write_snapshot(directory: str | Path, snapshot: dict, meta: dict) -> None:

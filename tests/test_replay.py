@@ -32,6 +32,12 @@ def run(tmp_path, sources, **kw) -> tuple[dict[str, dict], object]:
     return {p["user_id"]: p for p in profiles}, report
 
 
+def rows_of(users: list[str], snapshot: dict) -> list[int]:
+    """The rows of these users in a state snapshot (to compare two tables user by user)."""
+    row = {u: i for i, u in enumerate(snapshot["user_ids"])}
+    return [row[u] for u in users]
+
+
 def test_replay_equals_a_streamed_run_of_the_same_events(kafka, settings_factory, tmp_path):
     log = generate(users=200, events=3000, seed=21)
     settings = settings_factory(batch_max_events=97)
@@ -48,8 +54,7 @@ def test_replay_equals_a_streamed_run_of_the_same_events(kafka, settings_factory
     replayed, meta = read_snapshot(tmp_path / "state")
     assert meta["records"] == 3000 and meta["model_version"].startswith("untrained")
 
-    order = {u: i for i, u in enumerate(replayed["user_ids"])}
-    idx = [order[u] for u in streamed["user_ids"]]
+    idx = rows_of(streamed["user_ids"], replayed)
     np.testing.assert_array_equal(streamed["counts"], replayed["counts"][idx])
     np.testing.assert_array_equal(streamed["spend_micros"], replayed["spend_micros"][idx])
     np.testing.assert_array_equal(streamed["last_ts"], replayed["last_ts"][idx])
@@ -183,8 +188,7 @@ def test_backfill_then_go_live(kafka, settings_factory, unique, tmp_path):
     reference = run_until_drained(settings_factory(input_topics=(topic,), group_id=unique("reference"),
                                                    output_topic=unique("reference-profiles")))  # one uninterrupted run
     a, b = live.updater.state.snapshot(), reference.updater.state.snapshot()
-    order = {u: i for i, u in enumerate(b["user_ids"])}
-    idx = [order[u] for u in a["user_ids"]]
+    idx = rows_of(a["user_ids"], b)
     assert sorted(a["user_ids"]) == sorted(b["user_ids"])
     np.testing.assert_array_equal(a["counts"], b["counts"][idx])  # nothing applied twice, nothing missed
     np.testing.assert_array_equal(a["spend_micros"], b["spend_micros"][idx])
@@ -213,7 +217,7 @@ def test_go_live_after_a_replay_with_an_end_bound(kafka, settings_factory, uniqu
     reference = run_until_drained(settings_factory(input_topics=(topic,), group_id=unique("reference"),
                                                    output_topic=unique("reference-profiles")))
     a, b = live.updater.state.snapshot(), reference.updater.state.snapshot()
-    idx = [{u: i for i, u in enumerate(b["user_ids"])}[u] for u in a["user_ids"]]
+    idx = rows_of(a["user_ids"], b)
     assert sorted(a["user_ids"]) == sorted(b["user_ids"])
     np.testing.assert_array_equal(a["counts"], b["counts"][idx])
     np.testing.assert_allclose(a["hidden"], b["hidden"][idx], atol=1e-5, rtol=1e-4)
