@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from models.features import build_features
-from models.profile_model import LoadedModel, idle_hours, price_tier_index
+from models.profile_model import FieldInputs, LoadedModel, idle_hours, price_tier_index
+from stream import statistics
 from stream.events import PURCHASE, Control, DeadLetter, EventColumns, RecordBatch, decode_batch
 from stream.profiles import ProfileColumns, encode_profiles
 from stream.pseudonyms import Pseudonymizer
@@ -268,7 +269,11 @@ class ProfileUpdater:
             # Events per user before this batch (the memory's age): the counters are updated below.
             state.hidden[rows_t] = self.model.advance(state.hidden[rows_t], x, user_sorted, position, lengths,
                                                       state.counts[rows].sum(axis=1))
-        state.remember_categories(feats.category.cpu().numpy(), category)
+        category_buckets = feats.category.cpu().numpy()
+        state.remember_categories(category_buckets, category)
+        # The exact statistics the field heads read (before last_ts moves: they decay from it).
+        statistics.update(state.columns, rows, user_sorted, ts, ev.type_idx[order], category_buckets, starts,
+                          lengths, gap_seconds * 1000.0, first_ever, state.last_ts[rows].copy())
 
         # Exact counters, vectorised (np.add.at accumulates repeated rows).
         event_rows = rows[user_sorted]
@@ -304,9 +309,23 @@ class ProfileUpdater:
         for first in range(0, len(self.state), chunk_users):
             yield self.profiles_for(np.arange(first, min(first + chunk_users, len(self.state))))
 
+    def field_inputs(self, rows: np.ndarray, now_ms: int) -> FieldInputs:
+        """The statistics the field heads read for these rows at the clock now_ms; slots as columns of
+        state.seen_categories(). Serving and the field heads' training both read them here."""
+        state = self.state
+        seen = state.seen_categories()
+        user = statistics.user_features(state.columns, state.counts, state.last_ts, rows, now_ms)
+        buckets, slot = statistics.slot_features(state.columns, state.last_ts, rows, now_ms)
+        b = torch.from_numpy(buckets).to(self.device)
+        cols = torch.searchsorted(seen, b).clamp(max=max(len(seen) - 1, 0))
+        valid = (b > 0) & (seen[cols] == b) if len(seen) else torch.zeros_like(b, dtype=torch.bool)
+        return FieldInputs(torch.from_numpy(user).to(self.device), cols, valid, torch.from_numpy(slot).to(self.device))
+
     @torch.inference_mode()
-    def profiles_for(self, rows: np.ndarray) -> list[tuple[bytes, bytes]]:
-        """Profiles of the given state rows, encoded for the output topic."""
+    def profiles_for(self, rows: np.ndarray, horizons_hours: tuple[float, float] | None = None
+                     ) -> list[tuple[bytes, bytes]]:
+        """Profiles of the given state rows, encoded for the output topic. horizons_hours: (purchase, churn)
+        horizons other than the contract's (the evaluation's, where a log ends before them)."""
         if len(rows) == 0:
             return []
         state, cfg = self.state, self.config
@@ -316,7 +335,8 @@ class ProfileUpdater:
         # Top categories: a distribution over the buckets that ever carried a category string,
         # computed for those columns only (S seen categories, not every bucket).
         seen = state.seen_categories()  # (S,) bucket ids
-        heads = self.model.heads(h, torch.from_numpy(idle).float().to(self.device), seen, TOP_CATEGORIES)
+        heads = self.model.heads(h, torch.from_numpy(idle).float().to(self.device), seen, TOP_CATEGORIES,
+                                 self.field_inputs(rows, state.max_event_ts), horizons_hours)
         top_cols, top_scores = heads.top_category_cols, heads.top_category_probs
         top_names = state.seen_category_names()[top_cols.cpu().numpy()].tolist()  # (U, k) names, best first
         top_scores = np.round(top_scores.double().cpu().numpy(), 6).tolist()

@@ -12,7 +12,8 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from models.dataset import load_events
-from models.profile_model import ModelConfig, resolve_device, save_checkpoint
+from models.field_training import train_fields
+from models.profile_model import LoadedModel, ModelConfig, resolve_device, save_checkpoint
 from models.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,13 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
                        info=f"loss {info['loss']:.3f}")
 
         model, vocab, report = train(events, model_config, train_config, device, progress)
+    # Stage two: the published fields, fitted on profiles taken through the serving path at cuts.
+    click.echo("fitting the profile fields (purchase_propensity, churn_risk, top_categories) ...", err=True)
+    fields_report = train_fields(LoadedModel(model, "training", True, {}, vocab), events, device, seed=seed)
     digest = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
     version = f"gru-h{hidden_size}-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{digest[:8]}"
-    metadata = {"train_config": asdict(train_config), "report": asdict(report), "events": list(event_files),
+    metadata = {"train_config": asdict(train_config), "report": asdict(report), "fields": fields_report,
+                "events": list(event_files),
                 "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "torch": str(torch.__version__)}
     save_checkpoint(out, model, version, metadata, vocab)
     click.echo(f"saved {version} to {out}: best epoch {report.best_epoch} of {report.epochs_run}, "

@@ -33,8 +33,12 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from models.features import DENSE_FEATURES, PRICE_EDGES, EventFeatures
+from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
+from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES, USER_FEATURES
 
-CHECKPOINT_FORMAT = 2  # 2: long-term memory in the state; category head conditioned on idle time
+# 2: long-term memory in the state; category head conditioned on idle time.
+# 3: published fields from FieldHeads (exact statistics + state; time-to-event probabilities, calibrated).
+CHECKPOINT_FORMAT = 3
 
 
 class ModelError(Exception):
@@ -66,7 +70,10 @@ class ModelConfig:
     tie_item_embeddings: bool = True
     hash_seed: int = 0  # salts the feature hashing; part of the model, saved with it
     init_seed: int = 0  # weights of a freshly initialised (untrained) model
-    churn_horizon_hours: float = 24.0
+    # The horizons of the published probabilities (the profile contract's, stream/profiles.py).
+    purchase_horizon_hours: float = PURCHASE_HORIZON_HOURS
+    churn_horizon_hours: float = CHURN_HORIZON_HOURS
+    field_hidden: int = 16  # width of the field heads' small MLP over the user statistics
     # top_categories are published as the categories of the user's next visit: the category head
     # read at an idle time of at least this many hours (the current session's intent fades out).
     visit_break_hours: float = 24.0
@@ -94,6 +101,104 @@ class ProfileHeads:
     purchase_propensity: torch.Tensor  # (U,) P(purchase within the horizon)
     churn_risk: torch.Tensor  # (U,) P(no activity within the horizon)
     interest_cluster: torch.Tensor  # (U,) long, nearest centroid
+
+
+@dataclass
+class FieldInputs:
+    """What the field heads read besides the state, for U users (stream/statistics.py builds them)."""
+
+    user: torch.Tensor  # (U, len(USER_FEATURES)) raw user statistics at the profile's clock
+    slot_cols: torch.Tensor  # (U, K) long: each category slot's column among the categories scored
+    slot_valid: torch.Tensor  # (U, K) bool: the slot holds a category
+    slot: torch.Tensor  # (U, K, len(SLOT_FEATURES)) the slots' statistics
+
+    @classmethod
+    def from_idle(cls, idle_hours: torch.Tensor) -> "FieldInputs":
+        """Inputs of users about whom only the idle time is known (no statistics, no categories)."""
+        u, dev = len(idle_hours), idle_hours.device
+        user = torch.zeros(u, len(USER_FEATURES), device=dev)
+        user[:, USER_FEATURES.index("log_idle_hours")] = torch.log1p(idle_hours.clamp(min=0))
+        return cls(user, torch.zeros(u, CATEGORY_SLOTS, dtype=torch.long, device=dev),
+                   torch.zeros(u, CATEGORY_SLOTS, dtype=torch.bool, device=dev),
+                   torch.zeros(u, CATEGORY_SLOTS, len(SLOT_FEATURES), device=dev))
+
+
+class HazardHead(nn.Module):
+    """P(an event within W hours) = 1 - exp(-L(W)), L(W) = exp(f) * (W / 24) ** kappa: a Weibull-shaped
+    time-to-event model from the profile's clock (WTTE-RNN's idea, read at one moment). One head serves any
+    horizon, and a log that ends before the horizon still trains it (the window actually observed is the
+    label's W). f = linear(statistics) + small MLP(statistics) + linear(state); the linear part alone can
+    reproduce any counting baseline's ranking, the rest learns what counts do not show."""
+
+    def __init__(self, n_features: int, state_size: int, hidden: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_features, 1)
+        self.mlp = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.state = nn.Linear(state_size, 1, bias=False)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.state.weight)
+        self.log_kappa = nn.Parameter(torch.tensor(-0.5))  # shape < 1: most events come soon after "now"
+        # Calibration on held-out time: log L -> a * log L + b (fitted after the rest; identity untrained).
+        self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
+
+    def log_hazard(self, x: torch.Tensor, s: torch.Tensor, window_hours: torch.Tensor) -> torch.Tensor:
+        """(U,) log L(W), calibrated."""
+        f = self.linear(x)[:, 0] + self.mlp(x)[:, 0] + self.state(s)[:, 0]
+        log_l = f + self.log_kappa.exp() * torch.log(window_hours.clamp(min=1e-3) / 24.0)
+        return self.calibration[0] * log_l + self.calibration[1]
+
+    @staticmethod
+    def probability(log_l: torch.Tensor) -> torch.Tensor:
+        """P(at least one event) from log L."""
+        return -torch.expm1(-log_l.clamp(max=30).exp())
+
+
+class FieldHeads(nn.Module):
+    """The published learned fields, from the user's exact statistics (stream/statistics.py) and state.
+
+    purchase_propensity = P(purchase within its horizon); churn_risk = P(no event within its horizon)
+    = 1 - P(event): two HazardHeads. top_categories: RepeatNet's idea: with probability g (a learned gate)
+    the user repeats, choosing among their own category slots by a learned score of the slots' decayed
+    and all-time counts and recency; else they explore, by the sequence model's category distribution
+    over all categories (what follows their recent behaviour, what users like them go on to do).
+    """
+
+    def __init__(self, state_size: int, hidden: int) -> None:
+        super().__init__()
+        n = len(USER_FEATURES)
+        # Statistics are standardised with the training examples' mean and spread (saved with the model).
+        self.register_buffer("feature_mean", torch.zeros(n))
+        self.register_buffer("feature_std", torch.ones(n))
+        self.purchase = HazardHead(n, state_size, hidden)
+        self.event = HazardHead(n, state_size, hidden)  # any event: churn_risk is its complement
+        self.repeat_score = nn.Linear(len(SLOT_FEATURES), 1)
+        self.gate = nn.Linear(n, 1)
+        self.gate_state = nn.Linear(state_size, 1, bias=False)
+        nn.init.zeros_(self.gate_state.weight)
+        with torch.no_grad():  # untrained: rank slots by 30-day mass and count, mostly repeat, no exploring
+            self.repeat_score.weight.copy_(torch.tensor([[0.5, 1.0, 1.0, 0.0, 0.5]]))
+            self.repeat_score.bias.zero_()
+            self.gate.weight.zero_()
+            self.gate.bias.fill_(2.0)
+            self.purchase.linear.weight.zero_()
+            self.purchase.linear.bias.fill_(-2.0)
+            self.event.linear.weight.zero_()
+            self.event.linear.weight[0, USER_FEATURES.index("log_idle_hours")] = -0.5
+            self.event.linear.bias.fill_(0.5)
+
+    def standardise(self, user: torch.Tensor) -> torch.Tensor:
+        return (user - self.feature_mean) / self.feature_std
+
+    def repeat_log_probs(self, inputs: FieldInputs) -> torch.Tensor:
+        """(U, K) log P(slot | repeat), -inf at empty slots."""
+        score = self.repeat_score(inputs.slot)[..., 0]
+        return torch.log_softmax(score.masked_fill(~inputs.slot_valid, -1e9), dim=1).masked_fill(
+            ~inputs.slot_valid, float("-inf"))
+
+    def repeat_gate(self, x: torch.Tensor, s: torch.Tensor, inputs: FieldInputs) -> torch.Tensor:
+        """(U,) P(repeat); 0 for users without categories of their own."""
+        g = torch.sigmoid(self.gate(x)[:, 0] + self.gate_state(s)[:, 0])
+        return g * inputs.slot_valid.any(dim=1)
 
 
 class ProfileModel(nn.Module):
@@ -125,10 +230,13 @@ class ProfileModel(nn.Module):
         # Next-item scores over the training vocabulary: one output vector + bias per item.
         self.item_out = nn.Embedding(max(c.n_items, 1), c.hidden_size)
         self.item_bias = nn.Parameter(torch.zeros(max(c.n_items, 1)))
+        # Auxiliary purchase and churn heads: training objectives that shape the state. The published
+        # fields come from `fields`, which reads the state beside the user's exact statistics.
         self.propensity_head = nn.Linear(c.state_size, 1)
         self.churn_head = nn.Linear(c.state_size, 1)
         # Churn must rise with idle time: its weight on log idle hours is softplus(.) > 0.
         self.churn_idle_weight = nn.Parameter(torch.tensor(1.0))
+        self.fields = FieldHeads(c.state_size, c.field_hidden)
         # k-means centroids over user states; fitted in training, random until then.
         self.register_buffer("cluster_centroids", torch.randn(c.clusters, c.state_size) * 0.1)
 
@@ -299,17 +407,61 @@ class ProfileModel(nn.Module):
             return s.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=s.device)
         return torch.cat(probs), torch.cat(cols)
 
+    def field_probabilities(self, s: torch.Tensor, inputs: FieldInputs, purchase_hours: torch.Tensor | float,
+                            churn_hours: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(purchase_propensity, churn_risk) (U,) over these horizons (hours) from the profile's clock."""
+        x = self.fields.standardise(inputs.user)
+        purchase_hours = torch.as_tensor(purchase_hours, dtype=x.dtype, device=x.device).expand(len(x))
+        churn_hours = torch.as_tensor(churn_hours, dtype=x.dtype, device=x.device).expand(len(x))
+        purchase = HazardHead.probability(self.fields.purchase.log_hazard(x, s, purchase_hours))
+        churn = 1 - HazardHead.probability(self.fields.event.log_hazard(x, s, churn_hours))
+        return purchase, churn
+
+    def category_mixture(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None,
+                         inputs: FieldInputs, k: int, chunk_users: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k most likely categories under repeat/explore: P(c) = g * repeat(c) + (1 - g) * explore(c).
+        Returns (U, k) probabilities and (U, k) columns, best first. Repeat mass sits on the user's slots
+        only, so the best k lie among the slots and explore's own best k: nothing else is ranked."""
+        width = self.config.category_buckets if categories is None else len(categories)
+        k = min(k, width)
+        x = self.fields.standardise(inputs.user)
+        gate = self.fields.repeat_gate(x, s, inputs)  # (U,)
+        repeat = self.fields.repeat_log_probs(inputs).exp()  # (U, K), 0 at empty slots
+        probs, cols = [], []
+        for a in range(0, len(s), chunk_users):
+            b = a + chunk_users
+            logits = self.category_logits(s[a:b], idle_hours[a:b], categories)  # (u, C)
+            explore = torch.log_softmax(logits, dim=1).exp_()
+            explore_top, explore_cols = explore.topk(k, dim=1)
+            slot_cols = inputs.slot_cols[a:b].clamp(0, width - 1)
+            g = gate[a:b, None]
+            at_slots = g * repeat[a:b] + (1 - g) * explore.gather(1, slot_cols)
+            at_slots = at_slots.masked_fill(~inputs.slot_valid[a:b], -1.0)
+            # Explore's best columns that are also slots are already counted there.
+            dup = (explore_cols[:, :, None] == slot_cols[:, None, :]) & inputs.slot_valid[a:b, None, :]
+            at_explore = ((1 - g) * explore_top).masked_fill(dup.any(dim=2), -1.0)
+            p, j = torch.cat([at_slots, at_explore], dim=1).topk(k, dim=1)
+            probs.append(p)
+            cols.append(torch.cat([slot_cols, explore_cols], dim=1).gather(1, j))
+        if not probs:
+            return s.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=s.device)
+        return torch.cat(probs), torch.cat(cols)
+
     def heads(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None,
-              top_k: int = 3) -> ProfileHeads:
+              top_k: int = 3, inputs: FieldInputs | None = None, horizons_hours: tuple[float, float] | None = None
+              ) -> ProfileHeads:
         """s: (U, S) user states; idle_hours: (U,) event time since each user's last event;
-        categories: the buckets to distribute over (all when None); top_k: categories kept per user."""
-        s = self.drop(s)
-        purchase, churn = self._purchase_churn_logits(s, idle_hours)
+        categories: the buckets to distribute over (all when None); top_k: categories kept per user;
+        inputs: the users' statistics (only the idle time when None); horizons_hours: (purchase, churn)
+        horizons, the contract's by default (the evaluation asks for a shorter one where a log ends sooner)."""
+        inputs = inputs if inputs is not None else FieldInputs.from_idle(idle_hours)
+        purchase_h, churn_h = horizons_hours or (self.config.purchase_horizon_hours, self.config.churn_horizon_hours)
+        purchase, churn = self.field_probabilities(s, inputs, purchase_h, churn_h)
         # Published categories are the next visit's: a user mid-session is read as if back after a break.
-        top_probs, top_cols = self.top_categories(s, idle_hours.clamp(min=self.config.visit_break_hours),
-                                                  categories, top_k)
+        top_probs, top_cols = self.category_mixture(s, idle_hours.clamp(min=self.config.visit_break_hours),
+                                                    categories, inputs, top_k)
         cluster = torch.cdist(s, self.cluster_centroids).argmin(dim=1)  # (U,)
-        return ProfileHeads(top_probs, top_cols, torch.sigmoid(purchase), torch.sigmoid(churn), cluster)
+        return ProfileHeads(top_probs, top_cols, purchase, churn, cluster)
 
 
 @dataclass
@@ -395,6 +547,9 @@ def idle_hours(now_ms: int | np.ndarray, last_ms: np.ndarray) -> np.ndarray:
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "FieldHeads",
+    "FieldInputs",
+    "HazardHead",
     "LoadedModel",
     "ModelConfig",
     "ModelError",

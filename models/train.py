@@ -400,8 +400,7 @@ def train(log_: EventLog, model_config: ModelConfig, cfg: TrainConfig, device: t
     everything = np.iinfo(np.int64).max
 
     vocab = item_vocabulary(log_, last, cfg.max_items)
-    model_config = replace(model_config, n_items=len(vocab), price_tier_edges=price_tier_edges(log_, last),
-                           churn_horizon_hours=cfg.horizon_hours)
+    model_config = replace(model_config, n_items=len(vocab), price_tier_edges=price_tier_edges(log_, last))
     p = prepare(log_, model_config, vocab, int(cfg.horizon_hours * HOUR_MS), cfg.session_gap_minutes * 60_000,
                 cfg.visit_sessions)
     before = p.item_vocab[(p.ts <= split_ts) & (p.item_vocab >= 0)]

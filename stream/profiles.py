@@ -6,13 +6,20 @@
   last_event_ts        epoch ms of the user's latest event
   counts               {"search": n, "click": n, "add_to_cart": n, "purchase": n}, exact
   spend                sum of price x quantity over purchases, exact to 1e-6
-  top_categories       [{"category": str, "score": float}, ...] best first, up to 3
-  purchase_propensity  0..1, P(purchase within the model's horizon)
-  churn_risk           0..1, P(no activity within the model's horizon)
+  top_categories       [{"category": str, "score": float}, ...] best first, up to 3: the categories the
+                       user is most likely to engage with in the next CATEGORY_HORIZON (7 days) from
+                       the profile's clock; score = P(the user's next categorised event there)
+  purchase_propensity  0..1, P(at least one purchase within PURCHASE_HORIZON (7 days) of the clock)
+  churn_risk           0..1, P(no event at all within CHURN_HORIZON (14 days) of the clock)
   price_tier           budget | mid | premium | luxury | unknown
   interest_cluster     int, nearest k-means centroid of the user embedding
   next_items           item ids the user most likely engages with next, best first (only with --next-items)
   embedding            list of floats (the user's hidden state), unless disabled
+
+The profile's clock is the event time it was computed at: the largest event time the instance
+has seen (so an idle re-score moves purchase_propensity and churn_risk with the user's idle time).
+The horizons below are the one definition of these fields: training targets (models/field_training.py),
+the evaluation against the future (`profiles evaluate-fields`) and the README read them from here.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+CATEGORY_HORIZON_HOURS = 7 * 24.0
+PURCHASE_HORIZON_HOURS = 7 * 24.0
+CHURN_HORIZON_HOURS = 14 * 24.0
 
 
 @dataclass

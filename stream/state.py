@@ -30,6 +30,7 @@ import orjson
 import torch
 
 from stream.events import EVENT_TYPES
+from stream.statistics import STAT_COLUMNS
 
 SNAPSHOT_FORMAT = 1
 
@@ -43,10 +44,11 @@ COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
     "price_sum": (np.float64, (), 0.0),  # for the mean engaged price -> price tier
     "price_n": (np.int64, (), 0),
     "scored_at": (np.int64, (), -1),  # event-time clock when the user's profile was last published
+    **STAT_COLUMNS,  # the behaviour statistics the field heads read (stream/statistics.py)
 }
 
 
-CHANGELOG_FORMAT = 1
+CHANGELOG_FORMAT = 2  # 2: with the behaviour statistics
 
 
 class StateTable:

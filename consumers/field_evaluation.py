@@ -1,0 +1,252 @@
+"""`profiles evaluate-fields`: every learned profile field judged against what users do next.
+
+Protocol (the same on any event log):
+  1. cut at a time T (default: 80% of the log's span);
+  2. replay the events before T through the serving path (decoder, state step, profile encoding) and
+     take every user's published profile at T (the clock set to T, as an idle re-score would publish);
+  3. judge each field on the user's events after T, with the horizons of the profile contract
+     (stream/profiles.py), cut short where the log ends sooner (the report says so, and the
+     probabilities are then asked for that shorter window);
+  4. beside the strongest simple baselines, computed from the same events before T.
+No profile or baseline sees an event after T.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+import torch
+
+from models.dataset import HOUR_MS, EventLog, _build, read_records
+from models.evaluate import roc_auc
+from models.profile_model import LoadedModel
+from stream.events import ADD_TO_CART, PURCHASE, decode_batch
+from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
+from stream.sources import TimeRange
+
+DAY_MS = 24 * HOUR_MS
+DECAY_MS = 7 * DAY_MS  # time scale of the decayed-count baselines
+ECE_BINS = 10
+
+
+def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE with equal-mass bins: the size-weighted mean |mean predicted - observed rate|."""
+    if not len(p):
+        return float("nan")
+    order = np.argsort(p, kind="stable")
+    err = 0.0
+    for part in np.array_split(order, min(bins, len(p))):
+        err += len(part) * abs(float(p[part].mean()) - float(y[part].mean()))
+    return err / len(p)
+
+
+def reliability(p: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> list[tuple[float, float, int]]:
+    """(mean predicted, observed rate, size) per equal-mass bin."""
+    order = np.argsort(p, kind="stable")
+    return [(float(p[b].mean()), float(y[b].mean()), len(b)) for b in np.array_split(order, min(bins, len(p)))
+            if len(b)]
+
+
+def average_precision(scores: np.ndarray, y: np.ndarray) -> float:
+    """PR AUC as average precision (ties broken against the positives: a constant score earns the base rate)."""
+    if y.sum() == 0:
+        return float("nan")
+    order = np.lexsort((y, -scores))
+    hits = y[order]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / hits.sum())
+
+
+def binary_metrics(scores: np.ndarray, y: np.ndarray, probability: bool) -> dict[str, float]:
+    out = {"roc_auc": roc_auc(scores, y), "pr_auc": average_precision(scores, y)}
+    if probability:
+        out["brier"] = float(np.mean((scores - y) ** 2))
+        out["ece"] = expected_calibration_error(scores, y)
+    return out
+
+
+@dataclass
+class History:
+    """Per judged user: what the events before T say (the baselines' inputs)."""
+
+    users: np.ndarray  # (U,) ids
+    log: EventLog  # events before T of these users, sorted by (user, time)
+
+
+def category_metrics(predicted: list[list[str]], future: list[dict[str, int]]) -> dict[str, float]:
+    """precision@3 against the categories engaged with after T, and the hit rate of the top one."""
+    precision, hit = [], []
+    for top, fut in zip(predicted, future):
+        if not fut:
+            continue
+        top = top[:3]
+        precision.append(len(set(top) & set(fut)) / min(3, len(fut)))
+        best = max(fut.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        hit.append(best in top)
+    return {"precision@3": float(np.mean(precision)) if precision else float("nan"),
+            "top_future_hit_rate": float(np.mean(hit)) if hit else float("nan"), "users": len(precision)}
+
+
+def baseline_categories(hist: EventLog, cut: int) -> dict[str, list[list[str]]]:
+    """Top 3 categories per user by all-time counts, by counts decayed over DECAY_MS, and the most
+    recent distinct categories (last category first). Ties: the more recent category first."""
+    ev = hist.events
+    has = np.array([c is not None for c in ev.category], dtype=bool)
+    user, cat, ts = hist.user_of_event[has], ev.category[has].astype(str), ev.ts[has]
+    names, cat_idx = np.unique(cat, return_inverse=True) if len(cat) else (np.empty(0, str), np.empty(0, int))
+    pair_key = user.astype(np.int64) * max(len(names), 1) + cat_idx
+    keys, inverse = np.unique(pair_key, return_inverse=True)
+    count = np.bincount(inverse)
+    decayed = np.bincount(inverse, weights=np.exp(-(cut - ts) / DECAY_MS))
+    latest = np.full(len(keys), -1, dtype=np.int64)
+    np.maximum.at(latest, inverse, ts)
+    k_user, k_cat = keys // max(len(names), 1), keys % max(len(names), 1)
+    out = {}
+    for name, score in (("all-time counts", count.astype(float)), ("decayed counts", decayed),
+                        ("most recent categories", latest.astype(float))):
+        order = np.lexsort((-latest, -score, k_user))
+        tops: list[list[str]] = [[] for _ in range(len(hist.users))]
+        for u, c in zip(k_user[order].tolist(), k_cat[order].tolist()):
+            if len(tops[u]) < 3:
+                tops[u].append(names[c])
+        out[name] = tops
+    return out
+
+
+def baseline_scores(hist: EventLog, cut: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per-user scores of the simple rules (higher = more likely), for purchase and churn."""
+    ev, u, n = hist.events, hist.user_of_event, len(hist.users)
+    purchase, cart = ev.type_idx == PURCHASE, ev.type_idx == ADD_TO_CART
+    events = np.bincount(u, minlength=n).astype(float)
+    purchases = np.bincount(u, weights=purchase, minlength=n)
+    recent = ev.ts > cut - 7 * DAY_MS
+    recent_purchases = np.bincount(u, weights=purchase & recent, minlength=n)
+    last_purchase = np.full(n, -1, dtype=np.int64)
+    np.maximum.at(last_purchase, u[purchase], ev.ts[purchase])
+    carts_after = cart & (ev.ts > last_purchase[u])
+    pending = np.bincount(u, weights=carts_after, minlength=n)
+    last_ts = np.full(n, -1, dtype=np.int64)
+    np.maximum.at(last_ts, u, ev.ts)
+    idle_days = (cut - last_ts) / DAY_MS
+    recent_events = np.bincount(u, weights=recent, minlength=n)
+    # Tie-breaks by a second, weaker signal (scaled far below one unit of the first).
+    return {
+        "purchase": {"purchase share": purchases / np.maximum(events, 1),
+                     "recent purchases (7 days)": recent_purchases + 1e-3 * purchases / (1 + purchases),
+                     "carts not bought": pending + 1e-3 * np.exp(-idle_days)},
+        "churn": {"days idle": idle_days,
+                  "recent activity (7 days, fewer = churn)": -recent_events - 1e-3 * np.exp(-idle_days)},
+    }
+
+
+def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device, cut: int | None = None,
+                    batch_records: int = 20_000, progress=None) -> dict:
+    """The report of `profiles evaluate-fields` (see the module docstring)."""
+    from consumers.pipeline import ProfileUpdater
+
+    records = read_records(files)
+    events, dead = decode_batch(records, 1 << 30)
+    if len(events) < 2:
+        raise ValueError(f"no usable events in {', '.join(map(str, files))}")
+    first, last = int(events.ts.min()), int(events.ts.max())
+    cut = int(first + 0.8 * (last - first)) if cut is None else int(cut)
+    if not first < cut < last:
+        raise ValueError(f"the cut {_iso(cut)} is not inside the log ({_iso(first)} .. {_iso(last)})")
+
+    # 1. The serving path over the events before T (events at T count as before).
+    updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False)
+    before_cut = TimeRange(None, cut + 1)
+    for a in range(0, len(records), batch_records):
+        updater.process(records.slice(a, a + batch_records) if hasattr(records, "slice")
+                        else _slice(records, a, a + batch_records), before_cut, profiles=False)
+        if progress:
+            progress(min(a + batch_records, len(records)), len(records))
+    state = updater.state
+    state.max_event_ts = cut
+    windows = {"category": min(CATEGORY_HORIZON_HOURS, (last - cut) / HOUR_MS),
+               "purchase": min(PURCHASE_HORIZON_HOURS, (last - cut) / HOUR_MS),
+               "churn": min(CHURN_HORIZON_HOURS, (last - cut) / HOUR_MS)}
+    profiles = {}
+    rows = np.arange(len(state))
+    for a in range(0, len(rows), 50_000):
+        for _, value in updater.profiles_for(rows[a:a + 50_000], (windows["purchase"], windows["churn"])):
+            p = orjson.loads(value)
+            profiles[p["user_id"]] = p
+
+    # 2. History (before T) and future (after T) of the same users, from the decoded events.
+    log_ = _build(events, len(dead))
+    before = log_.events.ts <= cut
+    hist = log_.subset_users(np.bincount(log_.user_of_event[before], minlength=len(log_.users)) > 0)
+    keep_hist = hist.events.ts <= cut
+    future_ev = hist.events.take(np.flatnonzero(~keep_hist))
+    future_user = hist.user_of_event[~keep_hist]
+    hist_before = _build(hist.events.take(np.flatnonzero(keep_hist)), 0)
+    assert (hist_before.users == hist.users).all()
+    users = hist.users.astype(str)
+    n = len(users)
+
+    def within(hours: float, mask: np.ndarray | None = None) -> np.ndarray:
+        m = future_ev.ts <= cut + hours * HOUR_MS
+        if mask is not None:
+            m &= mask
+        return np.bincount(future_user[m], minlength=n) > 0
+
+    bought = within(windows["purchase"], future_ev.type_idx == PURCHASE).astype(np.int64)
+    silent = (~within(windows["churn"])).astype(np.int64)
+    future_cats: list[dict[str, int]] = [{} for _ in range(n)]
+    cat_mask = (future_ev.ts <= cut + windows["category"] * HOUR_MS)
+    for u, c in zip(future_user[cat_mask].tolist(), future_ev.category[cat_mask].tolist()):
+        if c is not None:
+            future_cats[u][c] = future_cats[u].get(c, 0) + 1
+
+    missing = [u for u in users if u not in profiles]
+    if missing:
+        raise RuntimeError(f"{len(missing)} users have events before the cut but no profile, e.g. {missing[0]!r}")
+    prof = [profiles[u] for u in users]
+    model_top = [[c["category"] for c in p["top_categories"]] for p in prof]
+    propensity = np.array([p["purchase_propensity"] for p in prof], dtype=np.float64)
+    churn = np.array([p["churn_risk"] for p in prof], dtype=np.float64)
+
+    fields = {
+        "top_categories": {"model": category_metrics(model_top, future_cats),
+                           "baselines": {k: category_metrics(v, future_cats)
+                                         for k, v in baseline_categories(hist_before, cut).items()}},
+        "purchase_propensity": {"model": binary_metrics(propensity, bought, True),
+                                "positives": int(bought.sum()), "users": n, "baselines": {}},
+        "churn_risk": {"model": binary_metrics(churn, silent, True),
+                       "positives": int(silent.sum()), "users": n, "baselines": {}},
+    }
+    for field, key in (("purchase_propensity", "purchase"), ("churn_risk", "churn")):
+        for name, score in baseline_scores(hist_before, cut)[key].items():
+            fields[field]["baselines"][name] = binary_metrics(score, bought if key == "purchase" else silent, False)
+    return {
+        "model": loaded.version, "trained": loaded.trained, "events": int(len(events)), "users": n,
+        "first": _iso(first), "cut": _iso(cut), "last": _iso(last),
+        "horizons_hours": {"category": CATEGORY_HORIZON_HOURS, "purchase": PURCHASE_HORIZON_HOURS,
+                           "churn": CHURN_HORIZON_HOURS},
+        "windows_hours": {k: round(v, 3) for k, v in windows.items()},
+        "windows_cut_short": any(windows[k] < h for k, h in (("category", CATEGORY_HORIZON_HOURS),
+                                                             ("purchase", PURCHASE_HORIZON_HOURS),
+                                                             ("churn", CHURN_HORIZON_HOURS))),
+        "fields": fields,
+        "reliability": {"purchase_propensity": reliability(propensity, bought),
+                        "churn_risk": reliability(churn, silent)},
+    }
+
+
+def _slice(records, a: int, b: int):
+    from stream.events import RecordBatch
+    return RecordBatch(records.topics[a:b], records.partitions[a:b], records.offsets[a:b], records.keys[a:b],
+                       records.values[a:b])
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def best_baseline(field: dict, metric: str) -> tuple[str, float]:
+    name, m = max(field["baselines"].items(), key=lambda kv: (np.nan_to_num(kv[1][metric], nan=-1.0)))
+    return name, m[metric]

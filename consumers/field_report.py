@@ -1,0 +1,114 @@
+"""`profiles evaluate-fields` output: tables (or JSON) and reliability diagrams."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import click
+import numpy as np
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from consumers.field_evaluation import evaluate_fields
+from models.profile_model import CheckpointError, load_checkpoint, resolve_device
+
+
+def parse_cut(text: str | None) -> int | None:
+    """ISO-8601 (UTC when no zone is given) or epoch milliseconds -> epoch ms."""
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is neither ISO-8601 nor epoch milliseconds", param_hint="--cut") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return int(when.timestamp() * 1000)
+
+
+def run_field_evaluation(model_path: str, files: tuple[str, ...], cut: str | None, device_name: str,
+                         as_json: bool, plot_path: str | None) -> None:
+    device = resolve_device(device_name)
+    try:
+        loaded = load_checkpoint(model_path, device)
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        report = evaluate_fields(loaded, list(files), device, parse_cut(cut))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if plot_path:
+        draw_reliability(report, plot_path)
+    if as_json:
+        click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())
+        return
+    print_tables(report)
+
+
+def print_tables(report: dict) -> None:
+    console = Console()
+    w = report["windows_hours"]
+    console.print(f"[bold]{report['model']}[/]: {report['users']:,} users with events before the cut "
+                  f"{report['cut']} (log {report['first']} .. {report['last']}, {report['events']:,} events)")
+    if report["windows_cut_short"]:
+        console.print(f"[yellow]the log ends before a horizon: judged over {w['category']:.1f} h (categories), "
+                      f"{w['purchase']:.1f} h (purchase), {w['churn']:.1f} h (churn); probabilities asked for "
+                      "those windows[/]")
+    fields = report["fields"]
+    cats = fields["top_categories"]
+    table = Table(title=f"top_categories vs categories engaged with in the next {w['category']:.0f} h "
+                        f"({cats['model']['users']:,} users)")
+    table.add_column("scorer")
+    table.add_column("precision@3", justify="right")
+    table.add_column("top future category hit", justify="right")
+    for name, m in [("model", cats["model"]), *cats["baselines"].items()]:
+        table.add_row(name, _fmt(m["precision@3"]), _fmt(m["top_future_hit_rate"]))
+    console.print(table)
+    for field, what in (("purchase_propensity", f"a purchase within {w['purchase']:.0f} h"),
+                        ("churn_risk", f"no event within {w['churn']:.0f} h")):
+        f = fields[field]
+        table = Table(title=f"{field} vs {what} ({f['positives']:,} of {f['users']:,} users)")
+        for c in ("scorer", "ROC AUC", "PR AUC", "Brier", "ECE"):
+            table.add_column(c, justify="left" if c == "scorer" else "right")
+        for name, m in [("model", f["model"]), *f["baselines"].items()]:
+            table.add_row(name, _fmt(m["roc_auc"]), _fmt(m["pr_auc"]), _fmt(m.get("brier")), _fmt(m.get("ece")))
+        console.print(table)
+
+
+def draw_reliability(report: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    for ax, field in zip(axes, ("purchase_propensity", "churn_risk")):
+        bins = report["reliability"][field]
+        m = report["fields"][field]["model"]
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+        if bins:
+            x, y, _n = zip(*bins)
+            ax.plot(x, y, marker="o", label="model")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("predicted probability (equal-mass bins)")
+        ax.set_ylabel("observed rate")
+        ax.set_title(f"{field}\nECE {m['ece']:.3f}, Brier {m['brier']:.3f}")
+        ax.legend(loc="upper left")
+    fig.suptitle(f"{report['model']} at cut {report['cut']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "n/a" if np.isnan(value) else f"{value:.3f}"
+    return str(value)

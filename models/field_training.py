@@ -1,0 +1,320 @@
+"""Fitting the published fields: profiles taken through the serving path at cuts, judged on what follows.
+
+The second stage of `profiles train`, after the sequence model (models/train.py):
+  1. replay the training log through the serving path's state step (ProfileUpdater.apply) in time
+     order, stopping at a few cut times T; at each, read every user's statistics and state exactly as
+     a published profile would (ProfileUpdater.field_inputs) with the clock at T;
+  2. label each (user, T) with what the user does after T, with the horizons of the profile contract
+     (stream/profiles.py), cut short where the log ends sooner (the heads are time-to-event models,
+     so a shorter observed window is a proper label, not a censoring problem);
+  3. fit the field heads on the earlier cuts, stop on the last (held-out time), and calibrate the two
+     probabilities on that last cut.
+Nothing here recomputes a feature: training reads the same numbers the daemon publishes from.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.dataset import HOUR_MS, EventLog
+from models.features import hash_buckets
+from models.profile_model import FieldInputs, HazardHead, LoadedModel, ProfileModel
+from stream.events import PURCHASE
+from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
+
+log = logging.getLogger(__name__)
+
+MAX_TARGETS = 8  # future categories kept per example (the most engaged)
+
+
+@dataclass
+class CutExamples:
+    """(user, cut) examples: inputs as served, labels from the future. All tensors share the first dim."""
+
+    user: torch.Tensor  # (n, F) raw statistics
+    state: torch.Tensor  # (n, S)
+    slot_valid: torch.Tensor  # (n, K) bool
+    slot: torch.Tensor  # (n, K, Fs)
+    explore_at_slots: torch.Tensor  # (n, K) log P_explore of each slot's category
+    target_explore: torch.Tensor  # (n, T) log P_explore of each future category (-inf: padding)
+    target_slot: torch.Tensor  # (n, T) long: the slot holding the future category, -1: none
+    target_weight: torch.Tensor  # (n, T) share of the user's future categorised events (0: padding)
+    purchase: torch.Tensor  # (n,) 1: a purchase within purchase_hours after the cut
+    purchase_hours: torch.Tensor  # (n,) window observed
+    event: torch.Tensor  # (n,) 1: any event within event_hours after the cut
+    event_hours: torch.Tensor  # (n,)
+    cut: torch.Tensor  # (n,) long: index of the cut
+
+    def take(self, mask: torch.Tensor) -> "CutExamples":
+        return CutExamples(**{f.name: getattr(self, f.name)[mask] for f in fields(self)})
+
+    @staticmethod
+    def concat(parts: list["CutExamples"]) -> "CutExamples":
+        return CutExamples(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(CutExamples)})
+
+    def inputs(self) -> FieldInputs:
+        k = self.slot_valid.shape[1]
+        return FieldInputs(self.user, torch.arange(k).expand(len(self.user), k), self.slot_valid, self.slot)
+
+
+class FutureIndex:
+    """What each user of a log does after a time: searchsorted on (user, time) keys, no loop over users."""
+
+    def __init__(self, log_: EventLog, category_buckets: int, hash_seed: int) -> None:
+        ev = log_.events
+        self.log = log_
+        self.t0 = int(ev.ts.min()) if len(ev) else 0
+        self.span = int(ev.ts.max()) - self.t0 + 2 if len(ev) else 2
+        self.key = log_.user_of_event.astype(np.int64) * self.span + (ev.ts - self.t0)
+        purchase = np.flatnonzero(ev.type_idx == PURCHASE)
+        self.purchase_key = self.key[purchase]
+        self.category = hash_buckets(ev.category, category_buckets, hash_seed + 1)
+
+    def user_index(self, user_ids: list[str]) -> np.ndarray:
+        """Index of each user id in the log (sorted ids), -1 where absent."""
+        users = self.log.users
+        ids = np.asarray(user_ids, dtype=object)
+        pos = np.searchsorted(users, ids).clip(0, max(len(users) - 1, 0))
+        return np.where(users[pos] == ids, pos, -1) if len(users) else np.full(len(ids), -1)
+
+    def _at(self, users: np.ndarray, t: int) -> np.ndarray:
+        return users.astype(np.int64) * self.span + (t - self.t0)
+
+    def any_within(self, users: np.ndarray, after: int, until: int, purchases: bool = False) -> np.ndarray:
+        """(n,) whether each user has an event (a purchase) in (after, until]."""
+        key = self.purchase_key if purchases else self.key
+        lo = np.searchsorted(key, self._at(users, after), side="right")
+        hi = np.searchsorted(key, self._at(users, until), side="right")
+        return (hi > lo) & (users >= 0)
+
+    def categories_within(self, users: np.ndarray, after: int, until: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(example, bucket, count) of every category each user engages with in (after, until]."""
+        lo = np.searchsorted(self.key, self._at(users, after), side="right")
+        hi = np.searchsorted(self.key, self._at(users, until), side="right")
+        n = np.where(users >= 0, hi - lo, 0)
+        example = np.repeat(np.arange(len(users)), n)
+        first = np.zeros(len(users), dtype=np.int64)
+        np.cumsum(n[:-1], out=first[1:])
+        idx = np.repeat(lo, n) + np.arange(int(n.sum())) - np.repeat(first, n)
+        bucket = self.category[idx]
+        has = bucket > 0
+        pairs = np.stack([example[has], bucket[has]], axis=1)
+        if not len(pairs):
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
+        uniq, count = np.unique(pairs, axis=0, return_counts=True)
+        return uniq[:, 0], uniq[:, 1], count
+
+
+def default_cuts(first_ts: int, last_ts: int, n: int = 6) -> list[int]:
+    """n cut times spread over the later part of a log (the first 30% only builds histories)."""
+    return [int(first_ts + f * (last_ts - first_ts)) for f in np.linspace(0.3, 0.9, n)]
+
+
+def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.device,
+            end_ts: int | None = None) -> list[CutExamples]:
+    """Examples at each cut (ascending), through the serving path. end_ts: where the log's knowledge ends."""
+    from consumers.pipeline import ProfileUpdater  # the serving path (an application-level module)
+
+    updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False)
+    model, cfg, state = updater.model, updater.config, updater.state
+    future = FutureIndex(log_, cfg.category_buckets, cfg.hash_seed)
+    end_ts = log_.last_ts if end_ts is None else end_ts
+    ev = log_.events
+    order = np.argsort(ev.ts, kind="stable")
+    sorted_ts = ev.ts[order]
+    done, out = 0, []
+    for k, cut in enumerate(sorted(cuts)):
+        upto = int(np.searchsorted(sorted_ts, cut, side="right"))
+        for a in range(done, upto, 50_000):
+            updater.apply(ev.take(order[a:min(a + 50_000, upto)]))
+        done = upto
+        if not len(state):
+            continue
+        state.max_event_ts = max(state.max_event_ts, cut)
+        out.append(examples_at(updater, model, future, cut, end_ts, k))
+    return out
+
+
+@torch.no_grad()
+def examples_at(updater, model: ProfileModel, future: FutureIndex, cut: int, end_ts: int, k: int) -> CutExamples:
+    state, device = updater.state, updater.device
+    rows = np.arange(len(state))
+    inputs = updater.field_inputs(rows, cut)
+    s = state.hidden[torch.from_numpy(rows).to(device)].clone()
+    seen = state.seen_categories()
+    idle = torch.from_numpy((cut - state.last_ts[rows]) / HOUR_MS).float().to(device)
+    users = future.user_index(state.user_ids)
+
+    window = min(CATEGORY_HORIZON_HOURS, max((end_ts - cut) / HOUR_MS, 0.0))
+    ex, bucket, count = future.categories_within(users, cut, cut + int(window * HOUR_MS))
+    # Keep each example's most engaged MAX_TARGETS categories that the state can name.
+    col = torch.searchsorted(seen, torch.from_numpy(bucket).to(device)).clamp(max=max(len(seen) - 1, 0)).cpu().numpy()
+    named = seen.cpu().numpy()[col] == bucket if len(seen) else np.zeros(len(bucket), bool)
+    ex, bucket, count, col = ex[named], bucket[named], count[named], col[named]
+    order = np.lexsort((-count, ex))
+    ex, bucket, count, col = ex[order], bucket[order], count[order], col[order]
+    starts = np.searchsorted(ex, np.arange(len(rows)))
+    j = np.arange(len(ex)) - starts[ex]
+    keep = j < MAX_TARGETS
+    ex, bucket, count, col, j = ex[keep], bucket[keep], count[keep], col[keep], j[keep]
+    totals = np.bincount(ex, weights=count, minlength=len(rows))
+
+    n = len(rows)
+    target_col = np.zeros((n, MAX_TARGETS), dtype=np.int64)
+    target_weight = np.zeros((n, MAX_TARGETS), dtype=np.float32)
+    target_bucket = np.zeros((n, MAX_TARGETS), dtype=np.int64)
+    target_col[ex, j] = col
+    target_bucket[ex, j] = bucket
+    target_weight[ex, j] = count / np.maximum(totals[ex], 1)
+    slot_buckets = state.columns["cat_bucket"][rows].astype(np.int64)  # (n, K)
+    match = (target_bucket[:, :, None] == slot_buckets[:, None, :]) & (slot_buckets[:, None, :] > 0)
+    target_slot = np.where(match.any(axis=2), match.argmax(axis=2), -1)
+
+    explore_slots = torch.full(inputs.slot_cols.shape, float("-inf"), device=device)
+    explore_targets = torch.full((n, MAX_TARGETS), float("-inf"), device=device)
+    tcol = torch.from_numpy(target_col).to(device)
+    away = idle.clamp(min=model.config.visit_break_hours)
+    for a in range(0, n, 4096):
+        b = a + 4096
+        lp = torch.log_softmax(model.category_logits(s[a:b], away[a:b], seen), dim=1)
+        explore_slots[a:b] = lp.gather(1, inputs.slot_cols[a:b])
+        explore_targets[a:b] = lp.gather(1, tcol[a:b])
+    has_target = torch.from_numpy(target_weight > 0).to(device)
+    explore_targets = explore_targets.masked_fill(~has_target, float("-inf"))
+
+    purchase_hours = min(PURCHASE_HORIZON_HOURS, max((end_ts - cut) / HOUR_MS, 0.0))
+    event_hours = min(CHURN_HORIZON_HOURS, max((end_ts - cut) / HOUR_MS, 0.0))
+
+    def t(a: np.ndarray, dtype=torch.float32) -> torch.Tensor:
+        return torch.as_tensor(a, dtype=dtype, device=device)
+
+    return CutExamples(
+        user=inputs.user, state=s, slot_valid=inputs.slot_valid, slot=inputs.slot,
+        explore_at_slots=explore_slots, target_explore=explore_targets,
+        target_slot=t(target_slot, torch.long), target_weight=t(target_weight),
+        purchase=t(future.any_within(users, cut, cut + int(purchase_hours * HOUR_MS), purchases=True)),
+        purchase_hours=t(np.full(n, purchase_hours)),
+        event=t(future.any_within(users, cut, cut + int(event_hours * HOUR_MS))),
+        event_hours=t(np.full(n, event_hours)), cut=t(np.full(n, k), torch.long),
+    )
+
+
+def field_losses(model: ProfileModel, ex: CutExamples) -> dict[str, torch.Tensor]:
+    """Mean negative log-likelihoods of the examples' futures under the field heads."""
+    heads = model.fields
+    x = heads.standardise(ex.user)
+    out = {}
+    for name, head, label, hours in (("purchase", heads.purchase, ex.purchase, ex.purchase_hours),
+                                     ("event", heads.event, ex.event, ex.event_hours)):
+        ok = hours > 0
+        if ok.any():
+            log_l = head.log_hazard(x[ok], ex.state[ok], hours[ok])
+            # log P(event) = log(1 - exp(-L)); log P(none) = -L
+            log_p = torch.log((-torch.expm1(-log_l.clamp(max=30).exp())).clamp(min=1e-12))
+            out[name] = -(label[ok] * log_p - (1 - label[ok]) * log_l.clamp(max=30).exp()).mean()
+    has = ex.target_weight.sum(dim=1) > 0
+    if has.any():
+        inputs = ex.inputs()
+        g = heads.repeat_gate(x, ex.state, inputs)[has][:, None]
+        repeat = heads.repeat_log_probs(inputs)[has]  # (m, K)
+        slot = ex.target_slot[has]
+        repeat_t = torch.where(slot >= 0, repeat.gather(1, slot.clamp(min=0)).exp(), torch.zeros_like(g))
+        p = g * repeat_t + (1 - g) * ex.target_explore[has].exp()
+        w = ex.target_weight[has]
+        out["category"] = -(w * torch.log(p.clamp(min=1e-9))).sum(dim=1).mean()
+    return out
+
+
+def fit_fields(model: ProfileModel, train: CutExamples, val: CutExamples, steps: int = 600, lr: float = 0.02,
+               weight_decay: float = 1e-3, seed: int = 0) -> dict[str, float]:
+    """Fit the field heads on `train`, keep the step that does best on `val`, then calibrate both
+    probabilities on `val`. Returns the validation losses before and after calibration."""
+    heads = model.fields
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        heads.feature_mean.copy_(train.user.mean(dim=0))
+        heads.feature_std.copy_(train.user.std(dim=0).clamp(min=1e-3))
+        for head, label in ((heads.purchase, train.purchase), (heads.event, train.event)):
+            rate = float(label.mean().clamp(1e-3, 1 - 1e-3))
+            head.linear.weight.zero_()
+            head.linear.bias.fill_(float(np.log(-np.log1p(-rate))))  # L at the mean window = the base rate
+            head.calibration.copy_(torch.tensor([1.0, 0.0]))
+    params = [p for name, p in heads.named_parameters()]
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    best = (float("inf"), None)
+    for step in range(steps):
+        model.train()
+        losses = field_losses(model, train)
+        total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        nn.utils.clip_grad_norm_(params, 5.0)
+        optimizer.step()
+        if step % 20 == 19 or step == steps - 1:
+            with torch.no_grad():
+                model.eval()
+                v = float(sum(field_losses(model, val).values()))
+            if v < best[0]:
+                best = (v, {k: t.detach().clone() for k, t in heads.state_dict().items()})
+    model.eval()
+    if best[1] is not None:
+        heads.load_state_dict(best[1])
+    with torch.no_grad():
+        report = {f"val_{k}": float(v) for k, v in field_losses(model, val).items()}
+    calibrate(model, val)
+    with torch.no_grad():
+        report.update({f"val_{k}_calibrated": float(v) for k, v in field_losses(model, val).items()})
+    return report
+
+
+def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200) -> None:
+    """Fit log L -> a log L + b for each probability head on held-out time (Platt scaling in the
+    hazard's own space, so every window stays a proper probability)."""
+    heads = model.fields
+    x = heads.standardise(val.user).detach()
+    for head, label, hours in ((heads.purchase, val.purchase, val.purchase_hours),
+                               (heads.event, val.event, val.event_hours)):
+        ok = hours > 0
+        if ok.sum() < 50 or label[ok].min() == label[ok].max():
+            continue  # too little held-out time, or one class only: leave uncalibrated
+        with torch.no_grad():
+            head.calibration.copy_(torch.tensor([1.0, 0.0]))
+            raw = head.log_hazard(x[ok], val.state[ok], hours[ok])
+        ab = torch.tensor([1.0, 0.0], requires_grad=True)
+        y = label[ok]
+        opt = torch.optim.LBFGS([ab], lr=0.5, max_iter=steps)
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            log_l = (ab[0] * raw + ab[1]).clamp(max=30)
+            log_p = torch.log((-torch.expm1(-log_l.exp())).clamp(min=1e-12))
+            loss = -(y * log_p - (1 - y) * log_l.exp()).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            if torch.isfinite(ab).all() and ab[0] > 0:
+                head.calibration.copy_(ab.detach())
+
+
+def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cuts: int = 6,
+                 seed: int = 0) -> dict:
+    """Stage two of training: the field heads of `loaded.model`, fitted in place. Returns a report."""
+    cuts = default_cuts(log_.first_ts, log_.last_ts, n_cuts)
+    parts = collect(loaded, log_, cuts, device)
+    if len(parts) < 2:
+        log.warning("too short a log to fit the field heads: left as initialised")
+        return {"cuts": len(parts)}
+    train_ex, val_ex = CutExamples.concat(parts[:-1]), parts[-1]
+    report = fit_fields(loaded.model, train_ex, val_ex, seed=seed)
+    report.update({"cuts": len(parts), "train_examples": len(train_ex.user), "val_examples": len(val_ex.user),
+                   "calibration": {"purchase": loaded.model.fields.purchase.calibration.tolist(),
+                                   "event": loaded.model.fields.event.calibration.tolist()}})
+    log.info("field heads: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()})
+    return report

@@ -1,0 +1,237 @@
+"""Exact per-user behaviour statistics: what the counting baselines know, kept as state.
+
+A user's profile heads read these beside the GRU state, so a learned field starts from what a
+SQL aggregate would publish (a user's own decayed category counts, recency, frequency, purchase
+share, carts not bought, the user's visit rhythm) and the sequence model only has to add what
+counts cannot see. Counters are much easier to keep than to re-learn from a hidden state.
+
+Every statistic is updated in the batch step for all touched users at once (numpy, no loop over
+users or events) and lives in the state table's host columns, so the changelog, snapshots and
+restores carry it like the other counters.
+
+Decayed masses are kept "as of the user's last event": a mass m with time scale tau read at a
+clock `now` is m * exp(-(now - last_ts) / tau). An update decays the stored mass to the user's new
+last event and adds exp(-(last - t) / tau) for each new event at t, so the result does not depend
+on how the events were cut into batches (up to float rounding).
+
+Category slots: the K categories with the most 30-day mass; a category that falls out of the K
+loses its mass (a bounded sketch of the user's category counts, exact while a user has at most K).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stream.events import ADD_TO_CART, PURCHASE
+
+CATEGORY_SLOTS = 8
+HOUR_MS = 3_600_000.0
+DAY_MS = 24 * HOUR_MS
+# Time scales of the decayed masses.
+SLOT_TAUS_MS = (DAY_MS, 30 * DAY_MS)  # per category slot, plus an undecayed count
+ACTIVITY_TAUS_MS = (DAY_MS, 7 * DAY_MS, 30 * DAY_MS)  # events
+PURCHASE_TAUS_MS = (7 * DAY_MS, 30 * DAY_MS)  # purchases
+SESSION_GAP_MS = 30 * 60_000  # a new session starts after this long without events
+GAP_RATES = (0.5, 0.1)  # exponential averages of log inter-session gaps: the recent and the usual rhythm
+
+# Host columns of the state: name -> (dtype, trailing shape, initial value). See state.COLUMNS.
+STAT_COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
+    "cat_bucket": (np.int32, (CATEGORY_SLOTS,), 0),  # category bucket of each slot; 0 = empty
+    "cat_mass": (np.float32, (CATEGORY_SLOTS, len(SLOT_TAUS_MS) + 1), 0.0),  # decayed masses, then count
+    "last_category": (np.int32, (), 0),  # bucket of the latest event that had a category
+    "last_purchase_ts": (np.int64, (), -1),
+    "last_cart_ts": (np.int64, (), -1),
+    "carts_pending": (np.int32, (), 0),  # add-to-carts since the user's last purchase
+    "activity_mass": (np.float32, (len(ACTIVITY_TAUS_MS),), 0.0),
+    "purchase_mass": (np.float32, (len(PURCHASE_TAUS_MS),), 0.0),
+    "sessions": (np.int32, (), 0),
+    "session_gap": (np.float32, (len(GAP_RATES),), 0.0),  # biased averages; see user_features
+}
+
+# The per-user features the heads read, in this order (user_features builds them).
+USER_FEATURES = (
+    "log_idle_hours", "log_events", "purchase_share", "log_purchases", "has_purchase",
+    "log_hours_since_purchase", "log_carts_pending", "log_hours_since_cart", "has_cart", "cart_share",
+    "log_activity_1d", "log_activity_7d", "log_activity_30d", "log_purchases_7d", "log_purchases_30d",
+    "log_sessions", "recent_gap", "usual_gap", "has_gap", "idle_vs_usual_gap",
+)
+# The per-slot features of the repeat distribution, in this order.
+SLOT_FEATURES = ("log_mass_1d", "log_mass_30d", "log_count", "share", "is_last")
+
+
+def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray, ts: np.ndarray,
+           type_idx: np.ndarray, category: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+           gap_ms: np.ndarray, first_ever: np.ndarray, old_last_ts: np.ndarray) -> None:
+    """Advance the statistics of the users `rows` (U,) by their new events.
+
+    Events are sorted by (user, time): user_sorted (N,) is each event's user index 0..U-1, starts and
+    lengths (U,) each user's run; category (N,) hashed buckets (0: none); gap_ms (N,) time since the
+    user's previous event; first_ever (N,) the user's first event ever; old_last_ts (U,) each user's
+    last event time before the batch (-1: none).
+    """
+    if not len(ts):
+        return
+    last_in_batch = ts[starts + lengths - 1]
+    ref = np.maximum(old_last_ts, last_in_batch)  # the new "as of" time of every mass
+    had = old_last_ts >= 0
+    since = np.where(had, ref - old_last_ts, 0).astype(np.float64)  # (U,)
+    age = (ref[user_sorted] - ts).astype(np.float64)  # (N,) how old each event is at ref
+    n_users = len(rows)
+    purchase, cart = type_idx == PURCHASE, type_idx == ADD_TO_CART
+
+    def decayed(name: str, taus: tuple[float, ...], mask: np.ndarray | None) -> None:
+        mass = columns[name][rows].astype(np.float64)
+        for j, tau in enumerate(taus):
+            w = np.exp(-age / tau)
+            add = np.bincount(user_sorted, weights=w if mask is None else w * mask, minlength=n_users)
+            mass[:, j] = mass[:, j] * np.exp(-since / tau) + add
+        columns[name][rows] = mass
+
+    decayed("activity_mass", ACTIVITY_TAUS_MS, None)
+    decayed("purchase_mass", PURCHASE_TAUS_MS, purchase)
+
+    # Latest purchase and cart; carts since the latest purchase (this batch's, or the stored count plus).
+    idx = np.arange(len(ts))
+    last_purchase_idx = _last_where(purchase, user_sorted, idx, n_users)
+    last_cart_idx = _last_where(cart, user_sorted, idx, n_users)
+    bought = last_purchase_idx >= 0
+    lp, lc = columns["last_purchase_ts"], columns["last_cart_ts"]
+    lp[rows[bought]] = np.maximum(lp[rows[bought]], ts[last_purchase_idx[bought]])
+    carted = last_cart_idx >= 0
+    lc[rows[carted]] = np.maximum(lc[rows[carted]], ts[last_cart_idx[carted]])
+    after_purchase = cart & (idx > np.where(bought, last_purchase_idx, -1)[user_sorted])
+    new_carts = np.bincount(user_sorted, weights=after_purchase, minlength=n_users).astype(np.int64)
+    pending = columns["carts_pending"]
+    pending[rows] = np.where(bought, new_carts, pending[rows] + new_carts)
+
+    has_category = category > 0
+    last_cat_idx = _last_where(has_category, user_sorted, idx, n_users)
+    seen = last_cat_idx >= 0
+    columns["last_category"][rows[seen]] = category[last_cat_idx[seen]]
+
+    # Visit rhythm: every session opening after the first adds its log gap (hours) to two averages.
+    opens = first_ever | (gap_ms > SESSION_GAP_MS)
+    columns["sessions"][rows] += np.bincount(user_sorted, weights=opens, minlength=n_users).astype(np.int64)
+    gaps = opens & ~first_ever
+    if gaps.any():
+        g_user = user_sorted[gaps]
+        g_value = np.log1p(gap_ms[gaps] / HOUR_MS)
+        n_gaps = np.bincount(g_user, minlength=n_users)
+        # k-th gap of its user in this batch (0-based); the last one gets weight rate, earlier ones less.
+        first_gap = np.zeros(n_users, dtype=np.int64)
+        np.cumsum(n_gaps[:-1], out=first_gap[1:])
+        k = np.arange(len(g_user)) - first_gap[g_user]
+        averages = columns["session_gap"][rows].astype(np.float64)
+        for j, rate in enumerate(GAP_RATES):
+            keep = (1 - rate) ** (n_gaps[g_user] - 1 - k)
+            add = np.bincount(g_user, weights=rate * keep * g_value, minlength=n_users)
+            averages[:, j] = averages[:, j] * (1 - rate) ** n_gaps + add
+        columns["session_gap"][rows] = averages
+
+    _update_slots(columns, rows, user_sorted, category, age, since)
+
+
+def _last_where(mask: np.ndarray, user_sorted: np.ndarray, idx: np.ndarray, n_users: int) -> np.ndarray:
+    """(U,) index of each user's last event where mask holds, -1 where none."""
+    out = np.full(n_users, -1, dtype=np.int64)
+    np.maximum.at(out, user_sorted[mask], idx[mask])
+    return out
+
+
+def _update_slots(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray,
+                  category: np.ndarray, age: np.ndarray, since: np.ndarray) -> None:
+    """Merge each user's new categorised events into their K slots; keep the K with most 30-day mass."""
+    has = category > 0
+    if not has.any():
+        buckets = columns["cat_mass"][rows].astype(np.float64)  # only decay the masses
+        for j, tau in enumerate(SLOT_TAUS_MS):
+            buckets[:, :, j] *= np.exp(-since / tau)[:, None]
+        columns["cat_mass"][rows] = buckets
+        return
+    k, n_users = CATEGORY_SLOTS, len(rows)
+    old_bucket = columns["cat_bucket"][rows]  # (U, K)
+    old_mass = columns["cat_mass"][rows].astype(np.float64)  # (U, K, T + 1)
+    for j, tau in enumerate(SLOT_TAUS_MS):
+        old_mass[:, :, j] *= np.exp(-since / tau)[:, None]
+    filled = old_bucket > 0
+    user = np.concatenate([np.nonzero(filled)[0], user_sorted[has]])
+    bucket = np.concatenate([old_bucket[filled], category[has]]).astype(np.int64)
+    new_mass = np.stack([*(np.exp(-age[has] / tau) for tau in SLOT_TAUS_MS), np.ones(int(has.sum()))], axis=1)
+    mass = np.concatenate([old_mass[filled], new_mass])
+    # Sum the masses of each (user, bucket).
+    order = np.lexsort((bucket, user))
+    user, bucket, mass = user[order], bucket[order], mass[order]
+    group = np.flatnonzero(np.r_[True, (user[1:] != user[:-1]) | (bucket[1:] != bucket[:-1])])
+    user, bucket, mass = user[group], bucket[group], np.add.reduceat(mass, group, axis=0)
+    # Per user: most 30-day mass first (then count, then bucket), keep the first K.
+    order = np.lexsort((bucket, -mass[:, -1], -mass[:, -2], user))
+    user, bucket, mass = user[order], bucket[order], mass[order]
+    first = np.searchsorted(user, np.arange(n_users))
+    slot = np.arange(len(user)) - first[user]
+    keep = slot < k
+    out_bucket = np.zeros((n_users, k), dtype=np.int32)
+    out_mass = np.zeros((n_users, k, mass.shape[1]), dtype=np.float64)
+    out_bucket[user[keep], slot[keep]] = bucket[keep]
+    out_mass[user[keep], slot[keep]] = mass[keep]
+    columns["cat_bucket"][rows] = out_bucket
+    columns["cat_mass"][rows] = out_mass
+
+
+def user_features(columns: dict[str, np.ndarray], counts: np.ndarray, last_ts: np.ndarray, rows: np.ndarray,
+                  now_ms: int | np.ndarray) -> np.ndarray:
+    """(U, len(USER_FEATURES)) float32 features of the users `rows` read at the clock now_ms.
+    counts: the table's (capacity, 4) event counts; last_ts: its (capacity,) last event times."""
+    last = last_ts[rows].astype(np.float64)
+    now = np.maximum(np.asarray(now_ms, dtype=np.float64), last)
+    idle_h = np.where(last >= 0, (now - last) / HOUR_MS, 0.0)
+    c = counts[rows].astype(np.float64)
+    events = np.maximum(c.sum(axis=1), 1.0)
+    purchases, carts = c[:, PURCHASE], c[:, ADD_TO_CART]
+
+    def hours_since(name: str) -> tuple[np.ndarray, np.ndarray]:
+        at = columns[name][rows].astype(np.float64)
+        has = at >= 0
+        return np.where(has, np.log1p(np.maximum(now - at, 0.0) / HOUR_MS), 0.0), has.astype(np.float64)
+
+    def mass_now(name: str, taus: tuple[float, ...]) -> list[np.ndarray]:
+        m = columns[name][rows].astype(np.float64)
+        return [np.log1p(m[:, j] * np.exp(-(now - last) / tau)) for j, tau in enumerate(taus)]
+
+    since_purchase, has_purchase = hours_since("last_purchase_ts")
+    since_cart, has_cart = hours_since("last_cart_ts")
+    sessions = columns["sessions"][rows].astype(np.float64)
+    n_gaps = np.maximum(sessions - 1, 0)
+    gap = columns["session_gap"][rows].astype(np.float64)
+    # The averages start from 0: divide by the weight they have gathered (bias correction, as in Adam).
+    corrected = [np.where(n_gaps > 0, gap[:, j] / np.maximum(1 - (1 - rate) ** n_gaps, 1e-9), 0.0)
+                 for j, rate in enumerate(GAP_RATES)]
+    has_gap = (n_gaps > 0).astype(np.float64)
+    log_idle = np.log1p(idle_h)
+    features = [
+        log_idle, np.log1p(events), purchases / events, np.log1p(purchases), has_purchase,
+        since_purchase, np.log1p(columns["carts_pending"][rows].astype(np.float64)), since_cart, has_cart,
+        carts / events, *mass_now("activity_mass", ACTIVITY_TAUS_MS), *mass_now("purchase_mass", PURCHASE_TAUS_MS),
+        np.log1p(sessions), corrected[0], corrected[1], has_gap, (log_idle - corrected[1]) * has_gap,
+    ]
+    return np.stack(features, axis=1).astype(np.float32)
+
+
+def slot_features(columns: dict[str, np.ndarray], last_ts: np.ndarray, rows: np.ndarray,
+                  now_ms: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(U, K) category buckets of the users' slots (0: empty) and (U, K, len(SLOT_FEATURES)) their
+    features read at now_ms: the repeat side of top_categories."""
+    bucket = columns["cat_bucket"][rows].astype(np.int64)
+    mass = columns["cat_mass"][rows].astype(np.float64)
+    last = last_ts[rows].astype(np.float64)
+    elapsed = np.maximum(np.asarray(now_ms, dtype=np.float64) - last, 0.0)[:, None]
+    decayed = [mass[:, :, j] * np.exp(-elapsed / tau) for j, tau in enumerate(SLOT_TAUS_MS)]
+    count = mass[:, :, -1]
+    share = count / np.maximum(count.sum(axis=1, keepdims=True), 1.0)
+    is_last = (bucket == columns["last_category"][rows][:, None]) & (bucket > 0)
+    feats = np.stack([np.log1p(decayed[0]), np.log1p(decayed[1]), np.log1p(count), share, is_last], axis=2)
+    return bucket, feats.astype(np.float32)
+
+
+def stat_bytes_per_user() -> int:
+    """Bytes of statistics per user in the state table."""
+    return sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for dtype, shape, _ in STAT_COLUMNS.values())
