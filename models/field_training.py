@@ -110,9 +110,9 @@ class FutureIndex:
         return uniq[:, 0], uniq[:, 1], count
 
 
-def default_cuts(first_ts: int, last_ts: int, n: int = 6) -> list[int]:
-    """n cut times spread over the later part of a log (the first 30% only builds histories)."""
-    return [int(first_ts + f * (last_ts - first_ts)) for f in np.linspace(0.3, 0.9, n)]
+def default_cuts(first_ts: int, last_ts: int, n: int = 8) -> list[int]:
+    """n cut times spread over the later part of a log (the first 20% only builds histories)."""
+    return [int(first_ts + f * (last_ts - first_ts)) for f in np.linspace(0.2, 0.9, n)]
 
 
 def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.device,
@@ -221,7 +221,7 @@ def field_losses(model: ProfileModel, ex: CutExamples) -> dict[str, torch.Tensor
     if has.any():
         inputs = ex.inputs()
         g = heads.repeat_gate(x, ex.state, inputs)[has][:, None]
-        repeat = heads.repeat_log_probs(inputs)[has]  # (m, K)
+        repeat = heads.repeat_log_probs(inputs, ex.explore_at_slots)[has]  # (m, K)
         slot = ex.target_slot[has]
         repeat_t = torch.where(slot >= 0, repeat.gather(1, slot.clamp(min=0)).exp(), torch.zeros_like(g))
         p = g * repeat_t + (1 - g) * ex.target_explore[has].exp()
@@ -303,15 +303,16 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200) -> None:
                 head.calibration.copy_(ab.detach())
 
 
-def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cuts: int = 6,
-                 seed: int = 0) -> dict:
+def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cuts: int = 8,
+                 val_cuts: int = 2, seed: int = 0) -> dict:
     """Stage two of training: the field heads of `loaded.model`, fitted in place. Returns a report."""
     cuts = default_cuts(log_.first_ts, log_.last_ts, n_cuts)
     parts = collect(loaded, log_, cuts, device)
-    if len(parts) < 2:
+    if len(parts) <= val_cuts:
         log.warning("too short a log to fit the field heads: left as initialised")
         return {"cuts": len(parts)}
-    train_ex, val_ex = CutExamples.concat(parts[:-1]), parts[-1]
+    # The latest cuts are held-out time: early stopping and calibration.
+    train_ex, val_ex = CutExamples.concat(parts[:-val_cuts]), CutExamples.concat(parts[-val_cuts:])
     report = fit_fields(loaded.model, train_ex, val_ex, seed=seed)
     report.update({"cuts": len(parts), "train_examples": len(train_ex.user), "val_examples": len(val_ex.user),
                    "calibration": {"purchase": loaded.model.fields.purchase.calibration.tolist(),

@@ -172,6 +172,9 @@ class FieldHeads(nn.Module):
         self.purchase = HazardHead(n, state_size, hidden)
         self.event = HazardHead(n, state_size, hidden)  # any event: churn_risk is its complement
         self.repeat_score = nn.Linear(len(SLOT_FEATURES), 1)
+        # The sequence model's own say in which of the user's categories comes next (RepeatNet's repeat
+        # decoder reads the state): its explore log-probability of the slot's category, weighted.
+        self.repeat_explore_weight = nn.Parameter(torch.tensor(0.0))
         self.gate = nn.Linear(n, 1)
         self.gate_state = nn.Linear(state_size, 1, bias=False)
         nn.init.zeros_(self.gate_state.weight)
@@ -189,9 +192,10 @@ class FieldHeads(nn.Module):
     def standardise(self, user: torch.Tensor) -> torch.Tensor:
         return (user - self.feature_mean) / self.feature_std
 
-    def repeat_log_probs(self, inputs: FieldInputs) -> torch.Tensor:
-        """(U, K) log P(slot | repeat), -inf at empty slots."""
-        score = self.repeat_score(inputs.slot)[..., 0]
+    def repeat_log_probs(self, inputs: FieldInputs, explore_at_slots: torch.Tensor) -> torch.Tensor:
+        """(U, K) log P(slot | repeat), -inf at empty slots. explore_at_slots: (U, K) the sequence model's
+        log-probabilities of the slots' categories."""
+        score = self.repeat_score(inputs.slot)[..., 0] + self.repeat_explore_weight * explore_at_slots.clamp(min=-30)
         return torch.log_softmax(score.masked_fill(~inputs.slot_valid, -1e9), dim=1).masked_fill(
             ~inputs.slot_valid, float("-inf"))
 
@@ -424,18 +428,23 @@ class ProfileModel(nn.Module):
         only, so the best k lie among the slots and explore's own best k: nothing else is ranked."""
         width = self.config.category_buckets if categories is None else len(categories)
         k = min(k, width)
+        if k == 0:  # no category seen yet
+            return s.new_zeros(len(s), 0), torch.zeros(len(s), 0, dtype=torch.long, device=s.device)
         x = self.fields.standardise(inputs.user)
         gate = self.fields.repeat_gate(x, s, inputs)  # (U,)
-        repeat = self.fields.repeat_log_probs(inputs).exp()  # (U, K), 0 at empty slots
         probs, cols = [], []
         for a in range(0, len(s), chunk_users):
             b = a + chunk_users
             logits = self.category_logits(s[a:b], idle_hours[a:b], categories)  # (u, C)
-            explore = torch.log_softmax(logits, dim=1).exp_()
-            explore_top, explore_cols = explore.topk(k, dim=1)
+            explore = torch.log_softmax(logits, dim=1)
             slot_cols = inputs.slot_cols[a:b].clamp(0, width - 1)
+            explore_slots = explore.gather(1, slot_cols)
+            chunk = FieldInputs(inputs.user[a:b], slot_cols, inputs.slot_valid[a:b], inputs.slot[a:b])
+            repeat = self.fields.repeat_log_probs(chunk, explore_slots).exp()  # (u, K), 0 at empty slots
+            explore = explore.exp_()
+            explore_top, explore_cols = explore.topk(k, dim=1)
             g = gate[a:b, None]
-            at_slots = g * repeat[a:b] + (1 - g) * explore.gather(1, slot_cols)
+            at_slots = g * repeat + (1 - g) * explore_slots.exp()
             at_slots = at_slots.masked_fill(~inputs.slot_valid[a:b], -1.0)
             # Explore's best columns that are also slots are already counted there.
             dup = (explore_cols[:, :, None] == slot_cols[:, None, :]) & inputs.slot_valid[a:b, None, :]
