@@ -23,6 +23,7 @@ Control records share the input topics, so they are ordered with the events they
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -58,6 +59,12 @@ MISSING_FIELD = "missing_field"
 INVALID_FIELD = "invalid_field"
 UNKNOWN_TYPE = "unknown_type"
 INVALID_PRICE = "invalid_price"
+# A dead letter must fit what the producer (librdkafka's message.max.bytes, 1,000,000 by default)
+# and the broker (Kafka's message.max.bytes, about 1 MiB) accept, key and headers included: a longer
+# value or key is cut to these sizes, its full size and SHA-256 in headers. (Half the limit for the
+# value leaves room for the rest; a record re-published whole would fail the batch, and the restart.)
+DEAD_LETTER_MAX_VALUE_BYTES = 512 * 1024
+DEAD_LETTER_MAX_KEY_BYTES = 1024
 REASONS = (TOO_LARGE, INVALID_UTF8, NOT_JSON, NOT_OBJECT, MISSING_FIELD, INVALID_FIELD, UNKNOWN_TYPE, INVALID_PRICE)
 
 
@@ -116,6 +123,26 @@ class DeadLetter:
             ("dlq.partition", str(self.partition).encode()),
             ("dlq.offset", str(self.offset).encode()),
         ]
+
+    def record(self, max_value_bytes: int = DEAD_LETTER_MAX_VALUE_BYTES,
+               max_key_bytes: int = DEAD_LETTER_MAX_KEY_BYTES) -> tuple[bytes | None, bytes | None,
+                                                                       list[tuple[str, bytes]]]:
+        """(key, value, headers) for the dead-letter topic: the record byte for byte when it fits,
+        else its first bytes, with `dlq.truncated: true` and the original's size and SHA-256 in headers."""
+        headers = self.headers()
+        value, key = self.value, self.key
+        if value is not None:
+            headers += [("dlq.value_bytes", str(len(value)).encode()),
+                        ("dlq.value_sha256", hashlib.sha256(value).hexdigest().encode())]
+        truncated = False
+        if value is not None and len(value) > max_value_bytes:
+            value, truncated = value[:max_value_bytes], True
+        if key is not None and len(key) > max_key_bytes:
+            headers += [("dlq.key_bytes", str(len(key)).encode()),
+                        ("dlq.key_sha256", hashlib.sha256(key).hexdigest().encode())]
+            key, truncated = key[:max_key_bytes], True
+        headers.append(("dlq.truncated", b"true" if truncated else b"false"))
+        return key, value, headers
 
 
 @dataclass(frozen=True)

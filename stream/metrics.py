@@ -37,6 +37,9 @@ class Metrics:
             self.events_skipped.labels(reason)
         self.dead_letters = Counter(
             "profiles_dead_letters_published", "Records published to the dead-letter topic", registry=r)
+        self.dead_letter_failures = Counter(
+            "profiles_dead_letter_failures", "Dead letters the producer or broker refused (each logged with its "
+            "source position, reason, size and SHA-256); the daemon goes on", registry=r)
         self.profiles_published = Counter(
             "profiles_profiles_published", "Profiles published to the output topic", registry=r)
         self.batch_events = Histogram(

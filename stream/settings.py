@@ -70,6 +70,13 @@ class KafkaSettings:
         conf.update(overrides)
         return conf
 
+    def max_message_bytes(self) -> int:
+        """The producer's record size limit: the user's message.max.bytes, else librdkafka's default."""
+        try:
+            return int(dict(self.extra).get("message.max.bytes", 1_000_000))
+        except ValueError:
+            return 1_000_000  # librdkafka refuses the value itself, with its own message
+
     def redacted(self) -> dict[str, str]:
         conf = {"bootstrap.servers": self.bootstrap_servers}
         for key, value in self.extra:
