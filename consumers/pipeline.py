@@ -275,8 +275,7 @@ class ProfileUpdater:
         type_idx = ev.type_idx[order]
         np.add.at(state.counts, (event_rows, type_idx), 1)
         purchase = (type_idx == PURCHASE) & ~np.isnan(price)
-        spend = np.rint(price[purchase] * ev.quantity[order][purchase] * 1e6).astype(np.int64)
-        np.add.at(state.spend_micros, event_rows[purchase], spend)
+        add_spend(state.spend_micros, event_rows[purchase], np.rint(price[purchase] * ev.quantity[order][purchase] * 1e6))
         priced = ~np.isnan(price)
         np.add.at(state.price_sum, event_rows[priced], price[priced])
         np.add.at(state.price_n, event_rows[priced], 1)
@@ -345,6 +344,27 @@ class ProfileUpdater:
             next_items=next_items,
         )
         return encode_profiles(cols, self.model_version, int(time.time() * 1000))
+
+
+# Spend saturates here (micro-units: 9e12 currency units) instead of wrapping round to negative.
+SPEND_MAX_MICROS = 9_000_000_000_000_000_000
+
+
+def add_spend(spend_micros: np.ndarray, rows: np.ndarray, micros: np.ndarray) -> None:
+    """Add each purchase's micro-units (floats, integral, each at most MAX_AMOUNT x 1e6) to its row's total,
+    exactly, saturating at SPEND_MAX_MICROS. A float sum beside the int64 one tells where the int64 could
+    have wrapped (its error is far below the margin between SPEND_MAX_MICROS and int64's maximum)."""
+    if not len(rows):
+        return
+    targets, which = np.unique(rows, return_inverse=True)
+    exact = np.zeros(len(targets), dtype=np.int64)
+    np.add.at(exact, which, micros.astype(np.int64))
+    approx = spend_micros[targets].astype(np.float64)
+    np.add.at(approx, which, micros)
+    with np.errstate(over="ignore"):
+        total = spend_micros[targets] + exact  # wraps only where approx is far over the cap
+    spend_micros[targets] = np.where(approx >= SPEND_MAX_MICROS, SPEND_MAX_MICROS,
+                                     np.minimum(total, SPEND_MAX_MICROS))
 
 
 def event_id_hashes(event_ids: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ Contract (one JSON object per record):
   item_id   string or 64-bit integer, required for click, add_to_cart, purchase
   category  string or 64-bit integer, optional
   (ids are at most 256 characters; fields outside the contract are ignored)
-  price     finite number >= 0, optional
+  price     finite number >= 0, optional; price x quantity at most MAX_AMOUNT
   quantity  integer >= 1, purchases only (default 1)
   query     non-empty string, required for search
 
@@ -44,6 +44,9 @@ MAX_ID_CHARS = 256
 MAX_QUERY_CHARS = 1024
 # Integer ids must fit 64 bits (a 5000-digit "id" is an attack, not a key).
 _MIN_INT_ID, _MAX_INT_ID = -(2**63), 2**64 - 1
+# The largest price x quantity of one event (currency units): spend is kept in int64 micro-units,
+# which one event of more could wrap (1e9 x 1e6 leaves room for 9,000 such purchases per user).
+MAX_AMOUNT = 1e9
 # Epoch ms must lie between 1970 and 2200: catches seconds-vs-ms and garbage.
 MAX_TS_MS = 7_258_118_400_000
 
@@ -271,6 +274,8 @@ def _validate(obj: object) -> tuple:
         quantity = 1
     elif isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 1 or quantity > 1_000_000:
         raise _Invalid(INVALID_FIELD, "'quantity' must be an integer between 1 and 1000000")
+    if not math.isnan(price) and price * quantity > MAX_AMOUNT:
+        raise _Invalid(INVALID_PRICE, f"'price' x 'quantity' exceeds {MAX_AMOUNT:.0e}")
 
     query = obj.get("query")
     if query is not None:
@@ -388,13 +393,15 @@ def _fast_columns(parsed: list[_Event], kept: list[int]) -> tuple[EventColumns, 
             except _Invalid:
                 ok[i] = False
     quantity = np.array([e.quantity for e in parsed], dtype=np.float64)  # None -> NaN -> the default 1
+    price = np.array([e.price for e in parsed], dtype=np.float64).reshape(n)  # None -> NaN
+    ok &= ~(price * np.nan_to_num(quantity, nan=1.0) > MAX_AMOUNT)  # NaN compares false: absent prices pass
     events = EventColumns(
         user_id=_id_column([e.user_id for e in parsed]),
         type_idx=type_idx,
         ts=ts,
         item_id=item_id,
         category=_id_column([e.category for e in parsed]),
-        price=np.array([e.price for e in parsed], dtype=np.float64).reshape(n),  # None -> NaN
+        price=price,
         quantity=np.nan_to_num(quantity, nan=1.0).astype(np.int64).reshape(n),
         query=query,
         event_id=_objects([e.event_id for e in parsed]),
