@@ -348,7 +348,6 @@ class ProfileDaemon:
             self.publisher.produce_to_partitions(self.settings.changelog_topic, [k for k, _ in from_kafka],
                                                  [None] * len(from_kafka), [p for _, p in from_kafka])
         self.publisher.produce_many(self.settings.output_topic, [(key, None) for key in keys])
-        self.metrics.users_forgotten.inc(len(erased))
 
     def restore_partitions(self, partitions: list[int]) -> None:
         """Load the state of these input partitions' users from the changelog (before their events)."""
@@ -399,6 +398,7 @@ class ProfileDaemon:
         if result.duplicates:
             m.events_skipped.labels("duplicate").inc(result.duplicates)
         m.profiles_published.inc(len(result.profiles))
+        m.users_forgotten.inc(result.forgotten)
         m.batch_events.observe(len(records))
         for stage, sec in seconds.items():
             m.batch_seconds.labels(stage).observe(sec)

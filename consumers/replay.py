@@ -115,7 +115,7 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
                     result = updater.process(batch, window, profiles=every_update)  # the daemon's decode -> update
                     for partition, offset in result.first_after_range.items():
                         first_after[partition] = min(first_after.get(partition, offset), offset)
-                    report.erased += len(result.erased)
+                    report.erased += result.forgotten
                     if every_update:
                         if result.erased:  # before the batch's profiles: a user re-created after it wins
                             sink.erase([user for user, _ in result.erased])
