@@ -508,7 +508,9 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
                             batch_events, show_progress=sys.stderr.isatty())
     except (SourceError, ModelError, StreamError) as exc:
         raise click.ClickException(str(exc)) from None
-    skipped = f", {report.out_of_range:,} outside the time range" if report.out_of_range else ""
+    skipped = "".join(f", {n:,} {what}" for n, what in (
+        (report.out_of_range, "outside the time range"), (report.duplicates, "duplicates skipped"),
+        (report.replayed, "already applied, skipped")) if n)
     click.echo(f"{report.records:,} records ({report.events:,} events, {report.dead_letters:,} dead letters -> {dlq}"
                f"{skipped}) "
                f"of {report.users:,} users in {report.seconds:.1f}s ({report.events_per_second:,.0f} records/s); "

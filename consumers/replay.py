@@ -33,6 +33,8 @@ class ReplayReport:
     events: int = 0
     dead_letters: int = 0
     out_of_range: int = 0  # valid events outside a kafka:// source's event-time range
+    duplicates: int = 0  # valid events whose event_id was among their user's recent ones: skipped
+    replayed: int = 0  # valid events at or below their user's watermark (read twice): skipped
     profiles: int = 0
     erased: int = 0  # users erased by forget records in the log
     users: int = 0
@@ -126,6 +128,8 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
                     report.records += len(batch)
                     report.events += len(result.events)
                     report.out_of_range += result.out_of_range
+                    report.duplicates += result.duplicates
+                    report.replayed += result.replayed
                     report.dead_letters += len(result.dead_letters)
                     rate = report.records / (time.monotonic() - started)
                     bar.update(task, completed=_progress(source)[0], rate=f"{rate:,.0f} records/s")

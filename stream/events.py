@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Literal, Sequence
@@ -205,6 +206,9 @@ def _id_field(obj: dict, name: str, required: bool) -> str | None:
         if not _MIN_INT_ID <= value <= _MAX_INT_ID:
             raise _Invalid(INVALID_FIELD, f"integer '{name}' outside the 64-bit range")
         return str(value)
+    if isinstance(value, float) and value.is_integer() and not _MIN_INT_ID <= value <= _MAX_INT_ID:
+        # orjson reads an integer past 64 bits (2**64) as a float: say what is wrong with it.
+        raise _Invalid(INVALID_FIELD, f"integer '{name}' outside the 64-bit range")
     raise _Invalid(INVALID_FIELD, f"'{name}' must be a string or integer, got {type(value).__name__}")
 
 
@@ -294,17 +298,38 @@ def _why_not_json(value: bytes) -> tuple[str, str]:
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
         return INVALID_UTF8, f"invalid UTF-8 at byte {exc.start}"
+    # Python's json accepts what orjson refuses: the non-standard NaN/Infinity tokens some producers
+    # write, numbers past float range, lone surrogate escapes ("\ud800"). If a field of the contract
+    # is what that broke, report the field (e.g. a NaN price); else say which of these it was.
+    odd: list[str] = []
+
+    def constant(name: str) -> float:
+        odd.append("non-standard JSON (NaN or Infinity)")
+        return float(name)
+
+    def number(text: str) -> float:
+        value = float(text)
+        if math.isinf(value):
+            odd.append("a number beyond the float range")
+        return value
+
     try:
-        # Python's json accepts the non-standard NaN/Infinity tokens some producers write:
-        # if that is all that was wrong, report the field they broke (e.g. a NaN price).
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=constant, parse_float=number)
     except (ValueError, RecursionError):
         return NOT_JSON, "not valid JSON"
     try:
         _validate(obj)
     except _Invalid as bad:
         return bad.reason, bad.detail
-    return NOT_JSON, "non-standard JSON (NaN or Infinity)"
+    if odd:
+        return NOT_JSON, odd[0]
+    if _LONE_SURROGATE.search(text):
+        return NOT_JSON, "a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair): not Unicode text"
+    return NOT_JSON, "not JSON the strict parser accepts"
+
+
+# A \uD800-\uDFFF escape not preceded by another backslash (which would make it literal text).
+_LONE_SURROGATE = re.compile(r"(?<!\\)(?:\\\\)*\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 # The fast path's schema: msgspec checks types, lengths and ranges in C while it parses. Rules
