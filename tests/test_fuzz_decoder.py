@@ -155,6 +155,7 @@ def check_contract(cols: ev.EventColumns) -> None:
             assert key is None or (_is_key(key) and _utf8(key)), key
         assert math.isnan(price) or (math.isfinite(price) and price >= 0), price
         assert 1 <= quantity <= 1_000_000
+        assert math.isnan(price) or price * quantity <= ev.MAX_AMOUNT, (price, quantity)
         if type_idx == ev.SEARCH:
             assert isinstance(query, str) and 0 < len(query) <= MAX_QUERY_CHARS and _utf8(query), query
         else:
@@ -189,9 +190,10 @@ queries = st.one_of(
     st.text(min_size=1, max_size=60),
     st.integers(0, 3).map(lambda k: "q" * (MAX_QUERY_CHARS - k)),
 )
-prices = st.one_of(
-    st.floats(min_value=0.0, allow_nan=False, allow_infinity=False),
-    st.integers(min_value=0, max_value=2**64 - 1),
+prices = st.one_of(  # valid ones: price x quantity <= MAX_AMOUNT (valid_events caps the quantity to fit)
+    st.floats(min_value=0.0, max_value=ev.MAX_AMOUNT, allow_nan=False, allow_infinity=False),
+    st.integers(min_value=0, max_value=int(ev.MAX_AMOUNT)),
+    st.sampled_from([ev.MAX_AMOUNT, int(ev.MAX_AMOUNT)]),
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -234,6 +236,13 @@ def valid_events(draw) -> tuple[dict, tuple]:
         event["price"] = draw(st.one_of(prices, st.none()))
     if type_idx == ev.PURCHASE and draw(st.booleans()):
         event["quantity"] = draw(st.one_of(st.integers(1, 1_000_000), st.sampled_from([1, 1_000_000])))
+        price = event.get("price")
+        if price and float(price) * event["quantity"] > ev.MAX_AMOUNT:
+            # The largest quantity that keeps price x quantity within the contract's maximum.
+            quantity = max(1, int(ev.MAX_AMOUNT // float(price)))  # price > 1000 here: a finite quotient
+            while quantity > 1 and float(price) * quantity > ev.MAX_AMOUNT:
+                quantity -= 1
+            event["quantity"] = quantity
     if type_idx == ev.SEARCH or draw(st.booleans()):
         event["query"] = draw(queries)
     if draw(st.booleans()):  # fields outside the contract are ignored
