@@ -17,7 +17,9 @@ import threading
 
 import click
 
-from stream.settings import KafkaSettings, Settings, parse_kafka_config, read_kafka_config_file
+from stream.settings import (
+    KafkaSettings, Settings, parse_kafka_config, read_kafka_config_file, split_kafka_config_env,
+)
 
 log = logging.getLogger("profiles")
 
@@ -95,10 +97,28 @@ INPUT_TOPICS_OPTION = click.option(
 GROUP_ID_OPTION = click.option(
     "--group-id", envvar=_env("group-id"), show_envvar=True, default="profiles", show_default=True,
     help="Kafka consumer group; instances with the same id share the partitions.")
+class KafkaConfigEntry(click.ParamType):
+    """A KEY=VALUE string; from the environment, entries are split as a shell splits words, so a quoted
+    value may contain spaces (never on every space, which printed a password's tail as an entry)."""
+
+    name = "KEY=VALUE"
+
+    def split_envvar_value(self, rv: str) -> list[str]:
+        try:
+            return split_kafka_config_env(rv)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+        return value
+
+
 KAFKA_CONFIG_OPTION = click.option(
     "--kafka-config", envvar=_env("kafka-config"), show_envvar=True, multiple=True, metavar="KEY=VALUE",
-    help="librdkafka property for every client, repeatable (e.g. security.protocol=SASL_SSL). "
-    "Secret values are never printed.")
+    type=KafkaConfigEntry(),
+    help="librdkafka property for every client, repeatable (e.g. security.protocol=SASL_SSL). In the "
+    "environment variable, entries are separated by spaces and quoted as in a shell: "
+    "sasl.password=\"a b\". Secret values are never printed.")
 KAFKA_CONFIG_FILE_OPTION = click.option(
     "--kafka-config-file", envvar=_env("kafka-config-file"), show_envvar=True, default=None,
     type=click.Path(dir_okay=False), help="librdkafka properties file (key=value lines, # comments), "
@@ -231,9 +251,9 @@ def run_daemon(settings: Settings, stop: threading.Event) -> None:
             serve(metrics, health, settings.metrics_port, settings.metrics_address)
         ProfileDaemon(settings, updater, metrics, stop, health).run()
     except (ModelError, StreamError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(settings.kafka.scrub(str(exc))) from None
     except KafkaException as exc:
-        raise click.ClickException(f"Kafka error: {exc.args[0].str()}") from None
+        raise click.ClickException(settings.kafka.scrub(f"Kafka error: {exc.args[0].str()}")) from None
 
 
 @main.command()
@@ -258,6 +278,8 @@ def forget(users: tuple[str, ...], bootstrap_servers: str, input_topics: str, gr
     partition. Events of the user that arrive after the forget start a new profile. Use the same
     --group-id / --state-topic and --pseudonymize-key as the daemon.
     """
+    from confluent_kafka import KafkaException
+
     from consumers.forget import forget_users
     from stream.kafka import StreamError
 
@@ -271,7 +293,9 @@ def forget(users: tuple[str, ...], bootstrap_servers: str, input_topics: str, gr
     try:
         requests = forget_users(settings, list(users), wait / 1000.0)
     except StreamError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(settings.kafka.scrub(str(exc))) from None
+    except KafkaException as exc:
+        raise click.ClickException(settings.kafka.scrub(f"Kafka error: {exc.args[0].str()}")) from None
     topic, unconfirmed = settings.input_topics[0], 0
     for r in requests:
         where = (f"{topic}[{r.partitions[0]}], the partition holding its state" if r.in_state else
@@ -484,7 +508,9 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
                             batch_events, show_progress=sys.stderr.isatty())
     except (SourceError, ModelError, StreamError) as exc:
         raise click.ClickException(str(exc)) from None
-    skipped = f", {report.out_of_range:,} outside the time range" if report.out_of_range else ""
+    skipped = "".join(f", {n:,} {what}" for n, what in (
+        (report.out_of_range, "outside the time range"), (report.duplicates, "duplicates skipped"),
+        (report.replayed, "already applied, skipped")) if n)
     click.echo(f"{report.records:,} records ({report.events:,} events, {report.dead_letters:,} dead letters -> {dlq}"
                f"{skipped}) "
                f"of {report.users:,} users in {report.seconds:.1f}s ({report.events_per_second:,.0f} records/s); "

@@ -27,7 +27,7 @@ from confluent_kafka import KafkaException, TopicPartition
 
 from consumers.pipeline import BatchResult, ProfileUpdater
 from consumers.source import KafkaBatchSource
-from stream.events import EVENT_TYPES, DeadLetter, RecordBatch
+from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, EVENT_TYPES, DeadLetter, RecordBatch
 from stream.kafka import (
     Publisher, StreamError, admin_client, check_copartitioned, ensure_topics, read_latest, seed_group_offsets,
 )
@@ -96,6 +96,7 @@ class Checkpoint:
         if self.publisher.transactional:
             return self._commit_transaction(offsets)
         self.publisher.flush()
+        self.count_lost_dead_letters()
         self.uncommitted = {}
         try:
             self.source.commit(offsets)
@@ -104,6 +105,12 @@ class Checkpoint:
             self.metrics.commit_failures.inc()
             log.warning("offset commit failed (%s): these records will be processed again", exc.args[0].str())
             return False
+
+    def count_lost_dead_letters(self) -> None:
+        """Dead letters the broker refused after they were produced: logged and counted, never fatal."""
+        for lost in self.publisher.take_lost():
+            self.metrics.dead_letter_failures.inc()
+            log.error("dead letter not published: %s", lost)
 
     def _commit_transaction(self, offsets: list[TopicPartition], attempts: int = 3) -> bool:
         """Commit the open transaction with these offsets. An abortable failure aborts it and sets
@@ -159,7 +166,10 @@ class ProfileDaemon:
         # Exactly-once: a fresh transactional id per start, as Kafka Streams does; zombies are fenced by
         # the consumer group generation that send_offsets_to_transaction carries (KIP-447).
         self.publisher = Publisher(settings.kafka, transactional_id=(
-            settings.transactional_id or f"{settings.group_id}-{uuid.uuid4().hex[:12]}") if self.exactly_once else "")
+            settings.transactional_id or f"{settings.group_id}-{uuid.uuid4().hex[:12]}") if self.exactly_once else "",
+            best_effort_topics=() if self.exactly_once else (settings.dead_letter_topic,))
+        # A dead letter's value is cut to fit the producer's record size limit, with room for key and headers.
+        self.dead_letter_max_bytes = min(DEAD_LETTER_MAX_VALUE_BYTES, settings.kafka.max_message_bytes() // 2)
         self.checkpoint = Checkpoint(self.source, self.publisher, metrics)
         self.unconfirmed = Unconfirmed()  # exactly-once: what the open transaction carries
         self._categories_sent = -1  # the state's categories_version last written to the changelog
@@ -288,14 +298,27 @@ class ProfileDaemon:
             self.unconfirmed.users.update(map(self.updater.state.user_ids.__getitem__, rows.tolist()))
             self.unconfirmed.erased += erased
             self.unconfirmed.dead_letters += dead_letters
-        dlq, produce = self.settings.dead_letter_topic, self.publisher.produce
         if erased:  # before the batch's state and profiles: a user re-created after the forget wins
             self.publish_erasures(erased)
         self.publish_state(rows)
         self.publisher.produce_many(self.settings.output_topic, profiles)
         for dead in dead_letters:
-            produce(dlq, dead.key, dead.value, dead.headers())
-            log.debug("dead letter %s[%d]@%d: %s", dead.topic, dead.partition, dead.offset, dead.detail)
+            self.publish_dead_letter(dead)
+
+    def publish_dead_letter(self, dead: DeadLetter) -> None:
+        """One dead letter, cut to fit the producer's limit. One the producer still refuses is logged
+        (position, reason, size, hash) and counted: bad input never stops the daemon."""
+        key, value, headers = dead.record(self.dead_letter_max_bytes)
+        try:
+            self.publisher.produce(self.settings.dead_letter_topic, key, value, headers)
+        except KafkaException as exc:
+            self.metrics.dead_letter_failures.inc()
+            log.error("dead letter %s[%d]@%d (%s, %d bytes, sha256 %s) not published: %s", dead.topic,
+                      dead.partition, dead.offset, dead.reason, len(dead.value or b""),
+                      dict(headers).get("dlq.value_sha256", b"-").decode(), exc.args[0].str())
+            return
+        self.metrics.dead_letters.inc()
+        log.debug("dead letter %s[%d]@%d: %s", dead.topic, dead.partition, dead.offset, dead.detail)
 
     def publish_state(self, rows: np.ndarray) -> None:
         """The changed users' whole state to the changelog, each to its input partition's number, in the
@@ -325,7 +348,6 @@ class ProfileDaemon:
             self.publisher.produce_to_partitions(self.settings.changelog_topic, [k for k, _ in from_kafka],
                                                  [None] * len(from_kafka), [p for _, p in from_kafka])
         self.publisher.produce_many(self.settings.output_topic, [(key, None) for key in keys])
-        self.metrics.users_forgotten.inc(len(erased))
 
     def restore_partitions(self, partitions: list[int]) -> None:
         """Load the state of these input partitions' users from the changelog (before their events)."""
@@ -371,12 +393,12 @@ class ProfileDaemon:
                 m.events_consumed.labels(names[topic], EVENT_TYPES[type_idx]).inc(int(count))
         for reason, count in collections.Counter(d.reason for d in result.dead_letters).items():
             m.invalid_events.labels(reason).inc(count)
-        m.dead_letters.inc(len(result.dead_letters))
         if result.replayed:
             m.events_skipped.labels("replayed").inc(result.replayed)
         if result.duplicates:
             m.events_skipped.labels("duplicate").inc(result.duplicates)
         m.profiles_published.inc(len(result.profiles))
+        m.users_forgotten.inc(result.forgotten)
         m.batch_events.observe(len(records))
         for stage, sec in seconds.items():
             m.batch_seconds.labels(stage).observe(sec)

@@ -49,6 +49,7 @@ class BatchResult:
     # Users erased by forget records: (user id, input partition or -1). Their state is gone; the
     # daemon writes tombstones for them (changelog, output) before this batch's other records.
     erased: list[tuple[str, int]] = field(default_factory=list)
+    forgotten: int = 0  # of the erased, users that had state or earlier events in this batch (not unknown ones)
     # Replays with an end bound: per input partition, the first offset of an event at or after it
     # (not applied; where a daemon started from the replay's snapshot must begin reading).
     first_after_range: dict[int, int] = field(default_factory=dict)
@@ -98,8 +99,9 @@ class ProfileUpdater:
         if self.pseudonymize is not None:
             events.user_id = self.pseudonymize(events.user_id)
         erased: list[tuple[str, int]] = []
+        forgotten = 0
         if controls:  # rare: forget records (right to erasure), applied before the batch's events
-            events, erased = self._forget(records, events, controls)
+            events, erased, forgotten = self._forget(records, events, controls)
         out_of_range, first_after_range = 0, {}
         if time_range is not None:
             keep = time_range.mask(events.ts)
@@ -129,12 +131,13 @@ class ProfileUpdater:
         encoded = self.profiles_for(rows) if profiles else []
         t3 = time.perf_counter()
         return BatchResult(encoded, dead, events, out_of_range, {"decode": t1 - t0, "model": t2 - t1, "encode": t3 - t2},
-                           rows, replayed, duplicates, erased, first_after_range)
+                           rows, replayed, duplicates, erased, forgotten, first_after_range)
 
     def _forget(self, records: RecordBatch, events: EventColumns, controls: list[Control],
-                ) -> tuple[EventColumns, list[tuple[str, int]]]:
+                ) -> tuple[EventColumns, list[tuple[str, int]], int]:
         """Erase the users that forget records name: their state, and their events earlier in this batch
-        (events after the forget start a new profile). Returns the remaining events and the erased users.
+        (events after the forget start a new profile). Returns the remaining events, the erased users
+        (tombstones are written for each) and how many of them had anything to erase.
 
         A forget acts once and in order with the user's events: it is skipped at or below the user's
         watermark (re-read after a crash; the user may have new events since), and when it arrives on
@@ -144,6 +147,7 @@ class ProfileUpdater:
         users = [c.user_id for c in controls]
         if self.pseudonymize is not None:
             users = self.pseudonymize(np.asarray(users, dtype=object)).tolist()
+            self.pseudonymize.forget([c.user_id for c in controls])  # no raw id -> pseudonym left in memory
         forget_at: dict[str, int] = {}  # user -> record index of the last forget that applies
         partition_of: dict[str, int] = {}
         for user, control in zip(users, controls):
@@ -158,12 +162,14 @@ class ProfileUpdater:
             forget_at[user] = i
             partition_of[user] = partition if slot >= 0 else -1
         if not forget_at:
-            return events, []
+            return events, [], 0
         cut = np.fromiter(map(forget_at.get, events.user_id, itertools.repeat(-1)), dtype=np.int64,
                           count=len(events))
-        state.forget(forget_at)
-        log.info("erased %d user(s) on forget records", len(forget_at))
-        return events.take(events.record_index > cut), list(partition_of.items())
+        dropped = events.record_index < cut  # the user's events before the forget, never applied
+        found = state.forget(forget_at) | set(events.user_id[dropped].tolist())
+        log.info("erased %d user(s) on forget records (%d named had nothing here)", len(found),
+                 len(forget_at) - len(found))
+        return events.take(~dropped), list(partition_of.items()), len(found)
 
     def _positions(self, records: RecordBatch, events: EventColumns) -> np.ndarray:
         """(3, N): each event's input topic slot (-1: not an input topic, e.g. a file), partition, offset."""
@@ -280,8 +286,7 @@ class ProfileUpdater:
         type_idx = ev.type_idx[order]
         np.add.at(state.counts, (event_rows, type_idx), 1)
         purchase = (type_idx == PURCHASE) & ~np.isnan(price)
-        spend = np.rint(price[purchase] * ev.quantity[order][purchase] * 1e6).astype(np.int64)
-        np.add.at(state.spend_micros, event_rows[purchase], spend)
+        add_spend(state.spend_micros, event_rows[purchase], np.rint(price[purchase] * ev.quantity[order][purchase] * 1e6))
         priced = ~np.isnan(price)
         np.add.at(state.price_sum, event_rows[priced], price[priced])
         np.add.at(state.price_n, event_rows[priced], 1)
@@ -365,6 +370,27 @@ class ProfileUpdater:
             next_items=next_items,
         )
         return encode_profiles(cols, self.model_version, int(time.time() * 1000))
+
+
+# Spend saturates here (micro-units: 9e12 currency units) instead of wrapping round to negative.
+SPEND_MAX_MICROS = 9_000_000_000_000_000_000
+
+
+def add_spend(spend_micros: np.ndarray, rows: np.ndarray, micros: np.ndarray) -> None:
+    """Add each purchase's micro-units (floats, integral, each at most MAX_AMOUNT x 1e6) to its row's total,
+    exactly, saturating at SPEND_MAX_MICROS. A float sum beside the int64 one tells where the int64 could
+    have wrapped (its error is far below the margin between SPEND_MAX_MICROS and int64's maximum)."""
+    if not len(rows):
+        return
+    targets, which = np.unique(rows, return_inverse=True)
+    exact = np.zeros(len(targets), dtype=np.int64)
+    np.add.at(exact, which, micros.astype(np.int64))
+    approx = spend_micros[targets].astype(np.float64)
+    np.add.at(approx, which, micros)
+    with np.errstate(over="ignore"):
+        total = spend_micros[targets] + exact  # wraps only where approx is far over the cap
+    spend_micros[targets] = np.where(approx >= SPEND_MAX_MICROS, SPEND_MAX_MICROS,
+                                     np.minimum(total, SPEND_MAX_MICROS))
 
 
 def event_id_hashes(event_ids: np.ndarray) -> np.ndarray:

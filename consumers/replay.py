@@ -33,6 +33,8 @@ class ReplayReport:
     events: int = 0
     dead_letters: int = 0
     out_of_range: int = 0  # valid events outside a kafka:// source's event-time range
+    duplicates: int = 0  # valid events whose event_id was among their user's recent ones: skipped
+    replayed: int = 0  # valid events at or below their user's watermark (read twice): skipped
     profiles: int = 0
     erased: int = 0  # users erased by forget records in the log
     users: int = 0
@@ -115,7 +117,7 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
                     result = updater.process(batch, window, profiles=every_update)  # the daemon's decode -> update
                     for partition, offset in result.first_after_range.items():
                         first_after[partition] = min(first_after.get(partition, offset), offset)
-                    report.erased += len(result.erased)
+                    report.erased += result.forgotten
                     if every_update:
                         if result.erased:  # before the batch's profiles: a user re-created after it wins
                             sink.erase([user for user, _ in result.erased])
@@ -126,6 +128,8 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
                     report.records += len(batch)
                     report.events += len(result.events)
                     report.out_of_range += result.out_of_range
+                    report.duplicates += result.duplicates
+                    report.replayed += result.replayed
                     report.dead_letters += len(result.dead_letters)
                     rate = report.records / (time.monotonic() - started)
                     bar.update(task, completed=_progress(source)[0], rate=f"{rate:,.0f} records/s")

@@ -12,7 +12,7 @@ Contract (one JSON object per record):
   item_id   string or 64-bit integer, required for click, add_to_cart, purchase
   category  string or 64-bit integer, optional
   (ids are at most 256 characters; fields outside the contract are ignored)
-  price     finite number >= 0, optional
+  price     finite number >= 0, optional; price x quantity at most MAX_AMOUNT
   quantity  integer >= 1, purchases only (default 1)
   query     non-empty string, required for search
 
@@ -23,8 +23,10 @@ Control records share the input topics, so they are ordered with the events they
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Literal, Sequence
@@ -43,6 +45,9 @@ MAX_ID_CHARS = 256
 MAX_QUERY_CHARS = 1024
 # Integer ids must fit 64 bits (a 5000-digit "id" is an attack, not a key).
 _MIN_INT_ID, _MAX_INT_ID = -(2**63), 2**64 - 1
+# The largest price x quantity of one event (currency units): spend is kept in int64 micro-units,
+# which one event of more could wrap (1e9 x 1e6 leaves room for 9,000 such purchases per user).
+MAX_AMOUNT = 1e9
 # Epoch ms must lie between 1970 and 2200: catches seconds-vs-ms and garbage.
 MAX_TS_MS = 7_258_118_400_000
 
@@ -58,6 +63,12 @@ MISSING_FIELD = "missing_field"
 INVALID_FIELD = "invalid_field"
 UNKNOWN_TYPE = "unknown_type"
 INVALID_PRICE = "invalid_price"
+# A dead letter must fit what the producer (librdkafka's message.max.bytes, 1,000,000 by default)
+# and the broker (Kafka's message.max.bytes, about 1 MiB) accept, key and headers included: a longer
+# value or key is cut to these sizes, its full size and SHA-256 in headers. (Half the limit for the
+# value leaves room for the rest; a record re-published whole would fail the batch, and the restart.)
+DEAD_LETTER_MAX_VALUE_BYTES = 512 * 1024
+DEAD_LETTER_MAX_KEY_BYTES = 1024
 REASONS = (TOO_LARGE, INVALID_UTF8, NOT_JSON, NOT_OBJECT, MISSING_FIELD, INVALID_FIELD, UNKNOWN_TYPE, INVALID_PRICE)
 
 
@@ -117,6 +128,26 @@ class DeadLetter:
             ("dlq.offset", str(self.offset).encode()),
         ]
 
+    def record(self, max_value_bytes: int = DEAD_LETTER_MAX_VALUE_BYTES,
+               max_key_bytes: int = DEAD_LETTER_MAX_KEY_BYTES) -> tuple[bytes | None, bytes | None,
+                                                                       list[tuple[str, bytes]]]:
+        """(key, value, headers) for the dead-letter topic: the record byte for byte when it fits,
+        else its first bytes, with `dlq.truncated: true` and the original's size and SHA-256 in headers."""
+        headers = self.headers()
+        value, key = self.value, self.key
+        if value is not None:
+            headers += [("dlq.value_bytes", str(len(value)).encode()),
+                        ("dlq.value_sha256", hashlib.sha256(value).hexdigest().encode())]
+        truncated = False
+        if value is not None and len(value) > max_value_bytes:
+            value, truncated = value[:max_value_bytes], True
+        if key is not None and len(key) > max_key_bytes:
+            headers += [("dlq.key_bytes", str(len(key)).encode()),
+                        ("dlq.key_sha256", hashlib.sha256(key).hexdigest().encode())]
+            key, truncated = key[:max_key_bytes], True
+        headers.append(("dlq.truncated", b"true" if truncated else b"false"))
+        return key, value, headers
+
 
 @dataclass(frozen=True)
 class Control:
@@ -175,6 +206,9 @@ def _id_field(obj: dict, name: str, required: bool) -> str | None:
         if not _MIN_INT_ID <= value <= _MAX_INT_ID:
             raise _Invalid(INVALID_FIELD, f"integer '{name}' outside the 64-bit range")
         return str(value)
+    if isinstance(value, float) and value.is_integer() and not _MIN_INT_ID <= value <= _MAX_INT_ID:
+        # orjson reads an integer past 64 bits (2**64) as a float: say what is wrong with it.
+        raise _Invalid(INVALID_FIELD, f"integer '{name}' outside the 64-bit range")
     raise _Invalid(INVALID_FIELD, f"'{name}' must be a string or integer, got {type(value).__name__}")
 
 
@@ -244,6 +278,8 @@ def _validate(obj: object) -> tuple:
         quantity = 1
     elif isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 1 or quantity > 1_000_000:
         raise _Invalid(INVALID_FIELD, "'quantity' must be an integer between 1 and 1000000")
+    if not math.isnan(price) and price * quantity > MAX_AMOUNT:
+        raise _Invalid(INVALID_PRICE, f"'price' x 'quantity' exceeds {MAX_AMOUNT:.0e}")
 
     query = obj.get("query")
     if query is not None:
@@ -262,17 +298,38 @@ def _why_not_json(value: bytes) -> tuple[str, str]:
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
         return INVALID_UTF8, f"invalid UTF-8 at byte {exc.start}"
+    # Python's json accepts what orjson refuses: the non-standard NaN/Infinity tokens some producers
+    # write, numbers past float range, lone surrogate escapes ("\ud800"). If a field of the contract
+    # is what that broke, report the field (e.g. a NaN price); else say which of these it was.
+    odd: list[str] = []
+
+    def constant(name: str) -> float:
+        odd.append("non-standard JSON (NaN or Infinity)")
+        return float(name)
+
+    def number(text: str) -> float:
+        value = float(text)
+        if math.isinf(value):
+            odd.append("a number beyond the float range")
+        return value
+
     try:
-        # Python's json accepts the non-standard NaN/Infinity tokens some producers write:
-        # if that is all that was wrong, report the field they broke (e.g. a NaN price).
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=constant, parse_float=number)
     except (ValueError, RecursionError):
         return NOT_JSON, "not valid JSON"
     try:
         _validate(obj)
     except _Invalid as bad:
         return bad.reason, bad.detail
-    return NOT_JSON, "non-standard JSON (NaN or Infinity)"
+    if odd:
+        return NOT_JSON, odd[0]
+    if _LONE_SURROGATE.search(text):
+        return NOT_JSON, "a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair): not Unicode text"
+    return NOT_JSON, "not JSON the strict parser accepts"
+
+
+# A \uD800-\uDFFF escape not preceded by another backslash (which would make it literal text).
+_LONE_SURROGATE = re.compile(r"(?<!\\)(?:\\\\)*\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 # The fast path's schema: msgspec checks types, lengths and ranges in C while it parses. Rules
@@ -361,13 +418,15 @@ def _fast_columns(parsed: list[_Event], kept: list[int]) -> tuple[EventColumns, 
             except _Invalid:
                 ok[i] = False
     quantity = np.array([e.quantity for e in parsed], dtype=np.float64)  # None -> NaN -> the default 1
+    price = np.array([e.price for e in parsed], dtype=np.float64).reshape(n)  # None -> NaN
+    ok &= ~(price * np.nan_to_num(quantity, nan=1.0) > MAX_AMOUNT)  # NaN compares false: absent prices pass
     events = EventColumns(
         user_id=_id_column([e.user_id for e in parsed]),
         type_idx=type_idx,
         ts=ts,
         item_id=item_id,
         category=_id_column([e.category for e in parsed]),
-        price=np.array([e.price for e in parsed], dtype=np.float64).reshape(n),  # None -> NaN
+        price=price,
         quantity=np.nan_to_num(quantity, nan=1.0).astype(np.int64).reshape(n),
         query=query,
         event_id=_objects([e.event_id for e in parsed]),

@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from stream.settings import KafkaSettings
@@ -93,7 +93,8 @@ class Publisher:
     complete, acknowledged publish.
     """
 
-    def __init__(self, kafka: KafkaSettings, transactional_id: str = "", **overrides: object) -> None:
+    def __init__(self, kafka: KafkaSettings, transactional_id: str = "", best_effort_topics: Iterable[str] = (),
+                 **overrides: object) -> None:
         if transactional_id:
             overrides = {
                 "transactional.id": transactional_id,
@@ -124,15 +125,23 @@ class Publisher:
         # flush() returning 0 with no failure reported means the broker acknowledged every record.
         # The callback closes over a list, not over self: no reference cycle, so the producer is
         # destroyed (and its connections closed) as soon as the Publisher is dropped.
+        # Records to `best_effort_topics` (dead letters) that fail are set aside for the caller to log and
+        # count, and do not fail flush(): losing a dead letter must not stop the daemon, or make it loop.
         failed: list[str] = []
+        lost: list[str] = []
+        best_effort = frozenset(best_effort_topics)
 
-        def on_delivery(err: KafkaError | None, msg: object) -> None:
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
             if err is not None:
-                failed.append(err.str())
+                if msg.topic() in best_effort:
+                    lost.append(f"{msg.topic()}: {err.str()} ({_source_of(msg.headers())})")
+                else:
+                    failed.append(err.str())
 
         conf.update({"delivery.report.only.error": True, "on_delivery": on_delivery})
         self._producer = Producer(conf)
         self._failed = failed
+        self._lost = lost
         self.transactional = bool(transactional_id)
         self.in_transaction = False
 
@@ -199,6 +208,12 @@ class Publisher:
     def poll(self) -> None:
         self._producer.poll(0)
 
+    def take_lost(self) -> list[str]:
+        """Best-effort records the broker did not acknowledge since the last call (one line each)."""
+        lost = list(self._lost)
+        self._lost.clear()
+        return lost
+
     def flush(self, timeout_s: float = 120.0) -> None:
         remaining = self._producer.flush(timeout_s)
         if remaining:
@@ -207,6 +222,13 @@ class Publisher:
             failed = list(self._failed)
             self._failed.clear()
             raise PublishError(f"{len(failed)} record(s) were not acknowledged: {failed[0]}")
+
+
+def _source_of(headers: list[tuple[str, bytes]] | None) -> str:
+    """`topic[partition]@offset` of a dead letter, from its headers ('?' where absent)."""
+    h = dict(headers or [])
+    return "{}[{}]@{}".format(*(h.get(f"dlq.{k}", b"?").decode("utf-8", "replace")
+                                for k in ("topic", "partition", "offset")))
 
 
 def end_offsets(kafka: KafkaSettings, topic: str, timeout_s: float = 30.0) -> dict[int, int]:

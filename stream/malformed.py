@@ -33,6 +33,8 @@ MALFORMED_KINDS: dict[str, tuple[str, Callable[[dict, int], bytes]]] = {
     "negative_price": (ev.INVALID_PRICE, lambda e, _: _dumps({**e, "price": -abs(e.get("price") or 1.0)})),
     # NaN is not JSON, but some producers write the bare token anyway.
     "nan_price": (ev.INVALID_PRICE, lambda e, _: _dumps({**e, "price": 0.5}).replace(b":0.5", b":NaN")),
+    # price x quantity over MAX_AMOUNT: would wrap the int64 spend counter.
+    "overflowing_amount": (ev.INVALID_PRICE, lambda e, _: _dumps({**e, "price": 1e8, "quantity": 1000})),
     "too_large": (ev.TOO_LARGE, lambda e, limit: _dumps({**e, "padding": "x" * limit})),
 }
 

@@ -37,6 +37,9 @@ class Metrics:
             self.events_skipped.labels(reason)
         self.dead_letters = Counter(
             "profiles_dead_letters_published", "Records published to the dead-letter topic", registry=r)
+        self.dead_letter_failures = Counter(
+            "profiles_dead_letter_failures", "Dead letters the producer or broker refused (each logged with its "
+            "source position, reason, size and SHA-256); the daemon goes on", registry=r)
         self.profiles_published = Counter(
             "profiles_profiles_published", "Profiles published to the output topic", registry=r)
         self.batch_events = Histogram(
@@ -55,7 +58,8 @@ class Metrics:
         self.transaction_failures = Counter(
             "profiles_transaction_failures", "Kafka transactions that failed to commit (exactly-once mode)", registry=r)
         self.users_forgotten = Counter(
-            "profiles_users_forgotten", "Users erased by forget records (state dropped, tombstones written)",
+            "profiles_users_forgotten", "Users erased by forget records: those with state or events to erase (a forget of a user "
+            "this member never held writes its tombstones but is not counted)",
             registry=r)
         self.users_in_state = Gauge("profiles_users_in_state", "Users held in the state table", registry=r)
         self.state_bytes = Gauge("profiles_state_bytes", "Bytes held by the state table, by device", ["device"],

@@ -32,6 +32,15 @@ class Pseudonymizer:
         return hmac.new(self._key, user_id.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[
             :PSEUDONYM_CHARS]
 
+    def __contains__(self, user_id: str) -> bool:
+        """Whether the raw id -> pseudonym mapping is held in memory."""
+        return user_id in self._memo
+
+    def forget(self, user_ids: list[str]) -> None:
+        """Drop erased users' raw id -> pseudonym entries: an erasure leaves no trace of the raw id."""
+        for user_id in user_ids:
+            self._memo.pop(user_id, None)
+
     def __call__(self, user_ids: np.ndarray) -> np.ndarray:
         """Pseudonyms of an object array of user ids."""
         if len(self._memo) > _MEMO_MAX:

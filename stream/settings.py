@@ -7,16 +7,54 @@ Kafka config goes through `KafkaSettings.redacted()`.
 
 from __future__ import annotations
 
+import re
+import shlex
 from dataclasses import dataclass, field
 
-# librdkafka property names whose values must never be printed.
-_SECRET_MARKERS = ("password", "secret", "token", "jaas", "key.pem", "keystore", "private", "credential")
+# Property names whose values are never printed: a name containing any of these, in any case and
+# with any separator. Generous on purpose: masking a harmless value (ssl.key.location) costs nothing,
+# printing a password costs a rotation. "pasw", "passw", "pwd" and "pass" catch misspellings.
+_SECRET_MARKERS = ("pass", "pasw", "pwd", "secret", "token", "key", "jaas", "oauthbearer.config", "private",
+                   "credential", "auth")
+# ...and a name with a part within one edit of these (two for the long ones; a swap of neighbours is one):
+# sasl.pasword, client.secert, x.credentails.
+_SECRET_WORDS = ("password", "passwd", "secret", "token", "credentials")
+
+
+def _near(word: str, target: str, limit: int) -> bool:
+    """Edit distance of `word` and `target` at most `limit`; a swap of two neighbours is one edit
+    (optimal string alignment; names are short: plain DP)."""
+    if abs(len(word) - len(target)) > limit:
+        return False
+    before, row = None, list(range(len(target) + 1))
+    for i in range(1, len(word) + 1):
+        current = [i] + [0] * len(target)
+        for j in range(1, len(target) + 1):
+            cost = word[i - 1] != target[j - 1]
+            current[j] = min(row[j] + 1, current[j - 1] + 1, row[j - 1] + cost)
+            if before is not None and i > 1 and j > 1 and word[i - 1] == target[j - 2] and word[i - 2] == target[j - 1]:
+                current[j] = min(current[j], before[j - 2] + 1)
+        before, row = row, current
+    return row[-1] <= limit
 
 
 def is_secret_key(key: str) -> bool:
-    """True for librdkafka properties that carry secret material."""
+    """True for properties that carry, or may carry, secret material, known to librdkafka or not."""
     k = key.lower()
-    return any(marker in k for marker in _SECRET_MARKERS) or k.endswith(".key")
+    if any(marker in k for marker in _SECRET_MARKERS):
+        return True
+    return any(len(part) >= 4 and _near(part, word, 2 if len(word) >= 8 else 1)
+               for part in re.split(r"[._\-]", k) for word in _SECRET_WORDS)
+
+
+def split_kafka_config_env(text: str) -> list[str]:
+    """The entries of PROFILES_KAFKA_CONFIG: KEY=VALUE entries separated by whitespace, quoted as in a
+    POSIX shell where a value holds spaces (sasl.password="a b"). Errors never echo the text."""
+    try:
+        return shlex.split(text)
+    except ValueError:
+        raise ValueError("PROFILES_KAFKA_CONFIG: unbalanced quotes (quote values with spaces as in a shell: "
+                         "key=\"a b\")") from None
 
 
 def parse_kafka_config(pairs: tuple[str, ...] | list[str]) -> tuple[tuple[str, str], ...]:
@@ -70,11 +108,26 @@ class KafkaSettings:
         conf.update(overrides)
         return conf
 
+    def max_message_bytes(self) -> int:
+        """The producer's record size limit: the user's message.max.bytes, else librdkafka's default."""
+        try:
+            return int(dict(self.extra).get("message.max.bytes", 1_000_000))
+        except ValueError:
+            return 1_000_000  # librdkafka refuses the value itself, with its own message
+
     def redacted(self) -> dict[str, str]:
         conf = {"bootstrap.servers": self.bootstrap_servers}
         for key, value in self.extra:
             conf[key] = "***" if is_secret_key(key) else value
         return conf
+
+    def scrub(self, text: str) -> str:
+        """`text` (an error message) with every secret value, and each word of one, replaced by ***."""
+        values = {v for k, v in self.extra if is_secret_key(k) and v}
+        values |= {word for v in values for word in v.split() if len(word) >= 3}
+        for value in sorted(values, key=len, reverse=True):  # whole values before their parts
+            text = text.replace(value, "***")
+        return text
 
     def __repr__(self) -> str:  # never leak secrets through a stray print or log
         return f"KafkaSettings({self.redacted()!r})"

@@ -257,17 +257,18 @@ class StateTable:
         self.drop_rows(drop)
         return int(drop.sum())
 
-    def forget(self, users: Iterable[str]) -> int:
-        """Erase these users (right to erasure); returns how many were in state."""
+    def forget(self, users: Iterable[str]) -> set[str]:
+        """Erase these users (right to erasure); returns those that were in state (or in the snapshot base)."""
         users = list(users)
+        found = {u for u in users if u in self._index}
         if self.base is not None:
-            self.base.discard(users)  # or their first event after the erasure would bring them back
+            found |= self.base.discard(users)  # or their first event after the erasure would bring them back
         n = len(self)
         rows = [self._index[u] for u in users if u in self._index]
         drop = np.zeros(n, dtype=bool)
         drop[rows] = True
         self.drop_rows(drop)
-        return len(rows)
+        return found
 
     def seen_categories(self) -> torch.Tensor:
         """(S,) buckets that ever carried a category, ascending; cached until a new one appears."""
@@ -351,9 +352,9 @@ class SnapshotBase:
         found = np.flatnonzero(rows >= 0)
         return found, rows[found]
 
-    def discard(self, users: Iterable[str]) -> None:
-        for user in users:
-            self.index.pop(user, None)
+    def discard(self, users: Iterable[str]) -> set[str]:
+        """Leave these users out from now on; returns those the base held."""
+        return {user for user in users if self.index.pop(user, None) is not None}
 
 
 def _column(spec: tuple[type, tuple[int, ...], float], capacity: int) -> np.ndarray:

@@ -69,3 +69,15 @@ def test_split_by_event_time(tmp_path):
     assert 240 <= len(test) <= 260
     train_ts = [orjson.loads(line)["ts"] for line in train if line != b"not json"]
     assert max(train_ts) < min(orjson.loads(line)["ts"] for line in test)
+
+
+def test_replay_summary_counts_skipped_duplicates(tmp_path):
+    from stream.generator import generate
+
+    events = generate(users=10, events=200, seed=4).events
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events + events[:7]))  # 7 re-sent events
+    result = CliRunner().invoke(main, ["replay", str(log), "--out", str(tmp_path / "out.jsonl"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "207 records (200 events, 0 dead letters" in result.output
+    assert "7 duplicates skipped" in result.output

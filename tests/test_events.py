@@ -80,3 +80,21 @@ def test_null_value_and_deep_nesting_are_dead_letters_not_crashes():
 
 def test_every_dead_letter_reason_has_a_malformed_record_that_produces_it():
     assert {reason for reason, _ in MALFORMED_KINDS.values()} == set(ev.REASONS)
+
+
+@pytest.mark.parametrize("value, reason, detail", [
+    # A lone surrogate escape is valid JSON syntax but not Unicode: not a NaN.
+    (b'{"event_id":"e1","user_id":"\\ud800","type":"click","ts":1,"item_id":"i"}', ev.NOT_JSON, "lone UTF-16 surrogate"),
+    (b'{"event_id":"e1","user_id":"u1","type":"click","ts":1,"item_id":"i","note":"\\ud800"}', ev.NOT_JSON,
+     "lone UTF-16 surrogate"),
+    # 2**64 is read as a float by the strict parser: it is an integer out of range, not "a float".
+    (b'{"event_id":"e1","user_id":18446744073709551616,"type":"click","ts":1,"item_id":"i"}', ev.INVALID_FIELD,
+     "integer 'user_id' outside the 64-bit range"),
+    (b'{"event_id":"e1","user_id":"u1","type":"click","ts":1,"item_id":-18446744073709551616}', ev.INVALID_FIELD,
+     "integer 'item_id' outside the 64-bit range"),
+    (b'{"event_id":"e1","user_id":"u1","type":"click","ts":1,"item_id":"i","x":NaN}', ev.NOT_JSON, "NaN or Infinity"),
+])
+def test_dead_letter_details_name_what_is_wrong(value, reason, detail):
+    cols, dead = decode(value)
+    assert len(cols) == 0 and [d.reason for d in dead] == [reason]
+    assert detail in dead[0].detail

@@ -185,3 +185,41 @@ def test_forget_of_a_user_not_in_state_asks_every_partition(kafka, unique):
     written = read_topic(kafka, topic)
     assert sorted(r.partition for r in written) == [0, 1, 2]
     assert all(orjson.loads(r.value)["control"] == "forget" and r.key == b"nobody" for r in written)
+
+
+def test_forget_leaves_no_raw_id_in_the_pseudonym_cache_and_counts_only_users_it_erased():
+    log, target = split_log(seed=47)
+    updater = load_updater(Settings(device="cpu", input_topics=("events",), pseudonymize_key="k3y"))
+    updater.process(records(log))
+    assert target in updater.pseudonymize  # the cache holds raw id -> pseudonym for users it saw
+    result = updater.process(records([control_record(target), control_record("never-seen")], first_offset=len(log)))
+    assert len(result.erased) == 2  # tombstones for both: forget cannot tell who a partition held
+    assert result.forgotten == 1  # ...but only the user with state was erased
+    assert target not in updater.pseudonymize and "never-seen" not in updater.pseudonymize
+    # Events earlier in the same batch are data too: their user counts as erased.
+    mixed = updater.process(records([log[0], control_record(str(log[0]["user_id"]))], first_offset=10_000))
+    assert mixed.forgotten == 1
+
+
+def test_the_forgotten_counter_on_the_broker_counts_erased_users_not_forget_records(kafka, settings_factory):
+    from consumers.forget import forget_users
+    from tests.conftest import run_until_drained
+
+    settings = settings_factory(pseudonymize_key="k3y")
+    topic = settings.input_topics[0]
+    create_topics(kafka, {topic: 3})
+    log = generate(users=30, events=600, seed=48).events
+    target = str(log[0]["user_id"])
+    produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log])
+    # No changelog yet: each forget record goes to all 3 partitions; one user has state, the other never had.
+    requests = forget_users(settings, [target, "never-seen"])
+    assert [len(r.partitions) for r in requests] == [3, 3]
+
+    daemon = run_until_drained(settings)
+
+    assert daemon.metrics.registry.get_sample_value("profiles_users_forgotten_total") == 1
+    pseudonym = daemon.updater.pseudonymize.one(target)
+    assert pseudonym not in daemon.updater.state.user_ids
+    assert target not in daemon.updater.pseudonymize and "never-seen" not in daemon.updater.pseudonymize
+    profiles, _ = latest_profiles(kafka, settings.output_topic)
+    assert pseudonym not in profiles and len(profiles) == len({str(e["user_id"]) for e in log}) - 1

@@ -155,6 +155,7 @@ def check_contract(cols: ev.EventColumns) -> None:
             assert key is None or (_is_key(key) and _utf8(key)), key
         assert math.isnan(price) or (math.isfinite(price) and price >= 0), price
         assert 1 <= quantity <= 1_000_000
+        assert math.isnan(price) or price * quantity <= ev.MAX_AMOUNT, (price, quantity)
         if type_idx == ev.SEARCH:
             assert isinstance(query, str) and 0 < len(query) <= MAX_QUERY_CHARS and _utf8(query), query
         else:
@@ -189,9 +190,10 @@ queries = st.one_of(
     st.text(min_size=1, max_size=60),
     st.integers(0, 3).map(lambda k: "q" * (MAX_QUERY_CHARS - k)),
 )
-prices = st.one_of(
-    st.floats(min_value=0.0, allow_nan=False, allow_infinity=False),
-    st.integers(min_value=0, max_value=2**64 - 1),
+prices = st.one_of(  # valid ones: price x quantity <= MAX_AMOUNT (valid_events caps the quantity to fit)
+    st.floats(min_value=0.0, max_value=ev.MAX_AMOUNT, allow_nan=False, allow_infinity=False),
+    st.integers(min_value=0, max_value=int(ev.MAX_AMOUNT)),
+    st.sampled_from([ev.MAX_AMOUNT, int(ev.MAX_AMOUNT)]),
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -234,6 +236,13 @@ def valid_events(draw) -> tuple[dict, tuple]:
         event["price"] = draw(st.one_of(prices, st.none()))
     if type_idx == ev.PURCHASE and draw(st.booleans()):
         event["quantity"] = draw(st.one_of(st.integers(1, 1_000_000), st.sampled_from([1, 1_000_000])))
+        price = event.get("price")
+        if price and float(price) * event["quantity"] > ev.MAX_AMOUNT:
+            # The largest quantity that keeps price x quantity within the contract's maximum.
+            quantity = max(1, int(ev.MAX_AMOUNT // float(price)))  # price > 1000 here: a finite quotient
+            while quantity > 1 and float(price) * quantity > ev.MAX_AMOUNT:
+                quantity -= 1
+            event["quantity"] = quantity
     if type_idx == ev.SEARCH or draw(st.booleans()):
         event["query"] = draw(queries)
     if draw(st.booleans()):  # fields outside the contract are ignored
@@ -561,3 +570,49 @@ def test_each_record_is_decoded_on_its_own(records, limit):
     alone = [decode(make_batch([value], first_offset=1000 + 3 * i), limit) for i, value in enumerate(records)]
     assert rows(cols) == [row for i, (c, _) in enumerate(alone) for row in rows(c, shift=i)]
     assert dead == [d for _, ds in alone for d in ds]
+
+
+MB = 1024 * 1024
+
+
+def _big_record(size: int, shape: str) -> bytes:
+    """A record of about `size` bytes: a valid event padded by an extra field, one huge string, a huge
+    id, bytes that are not UTF-8, or deep nesting."""
+    if shape == "padded_event":
+        return orjson.dumps({**BASE, "padding": "x" * size})
+    if shape == "huge_user_id":
+        return orjson.dumps({**BASE, "user_id": "u" * size})
+    if shape == "string":
+        return b'"' + b"y" * size + b'"'
+    if shape == "not_utf8":
+        return (bytes(range(256)) * (size // 256 + 1))[:size]
+    return _nest(size // 2, "list_empty")
+
+
+@settings(max_examples=20, **FUZZ)
+@given(size=st.integers(0, 10 * MB),
+       shape=st.sampled_from(["padded_event", "huge_user_id", "string", "not_utf8", "nested"]),
+       limit=st.sampled_from([65536, BIG_LIMIT, 16 * MB]))
+@example(size=10 * MB, shape="padded_event", limit=65536)
+@example(size=10 * MB, shape="padded_event", limit=16 * MB)
+@example(size=10 * MB, shape="not_utf8", limit=16 * MB)
+def test_records_up_to_10mb_are_accounted_for_and_their_dead_letters_fit(size, shape, limit):
+    """Whatever the size, every record is accounted for, its neighbour is unaffected, and its dead
+    letter fits the dead-letter size rule: cut to DEAD_LETTER_MAX_VALUE_BYTES, original size and hash in headers."""
+    import hashlib
+
+    value = _big_record(size, shape)
+    batch = make_batch([value, orjson.dumps(BASE)])
+    cols, dead = decode(batch, limit)
+    by_index = check_accounting(batch, cols, dead)
+    check_contract(cols)
+    assert 1 in cols.record_index.tolist()
+    if len(value) > limit:
+        assert by_index[0].reason == ev.TOO_LARGE
+    for letter in dead:
+        key, cut, headers = letter.record()
+        h = dict(headers)
+        assert len(cut) <= ev.DEAD_LETTER_MAX_VALUE_BYTES and cut == letter.value[:len(cut)]
+        assert int(h["dlq.value_bytes"]) == len(letter.value)
+        assert h["dlq.value_sha256"] == hashlib.sha256(letter.value).hexdigest().encode()
+        assert h["dlq.truncated"] == (b"true" if len(letter.value) > ev.DEAD_LETTER_MAX_VALUE_BYTES else b"false")
