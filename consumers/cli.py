@@ -259,12 +259,14 @@ PSEUDONYMIZE_OPTION = click.option(
               "Kafka transaction, for read_committed readers (costs a transaction commit per batch).")
 @click.option("--transactional-id", envvar=_env("transactional-id"), show_envvar=True, default="",
               help="exactly-once: the producer's transactional.id. [default: <group-id>-<random>, new each start]")
+@CONNECT_TIMEOUT_OPTION
 def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic: str, group_id: str,
         model_path: str | None, device: str, torch_threads: int, gru_threads: int, batch_max_events: int,
         batch_max_ms: int,
         max_event_bytes: int, no_embedding: bool, next_items: int, metrics_port: int | None, metrics_address: str, kafka_config: tuple[str, ...],
         restore_from: str | None, idle_rescore_after: int, session_timeout_ms: int, max_poll_interval_ms: int,
-        kafka_config_file: str | None, dedupe_window: int, state_topic: str, pseudonymize_key: str, guarantee: str, transactional_id: str) -> None:
+        kafka_config_file: str | None, dedupe_window: int, state_topic: str, pseudonymize_key: str, guarantee: str, transactional_id: str,
+        connect_timeout: float) -> None:
     """The always-on daemon: consume events, update profiles, publish them.
 
     Stops on SIGTERM or SIGINT after finishing, publishing and committing the batch in hand.
@@ -286,6 +288,7 @@ def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic:
         settings.validate()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    check_broker(settings.kafka, connect_timeout)
     stop = threading.Event()
     received = install_stop_handlers(stop, settings.shutdown_timeout_s)
     stats = run_daemon(settings, stop)
@@ -339,8 +342,10 @@ def run_daemon(settings: Settings, stop: threading.Event) -> DaemonStats:
 @click.option("--wait", "wait", default="0", show_default=True, callback=lambda _c, _p, v: _duration_ms(v),
               help="Wait up to this long (e.g. 60s) until the daemon has erased each user found in state "
               "(its changelog tombstone is written); exit 1 if one is not confirmed in time. 0: do not wait.")
+@CONNECT_TIMEOUT_OPTION
 def forget(users: tuple[str, ...], bootstrap_servers: str, input_topics: str, group_id: str, state_topic: str,
-           pseudonymize_key: str, kafka_config: tuple[str, ...], kafka_config_file: str | None, wait: int) -> None:
+           pseudonymize_key: str, kafka_config: tuple[str, ...], kafka_config_file: str | None, wait: int,
+           connect_timeout: float) -> None:
     """Erase USERS (right to erasure): their state, their changelog records and their profiles.
 
     Writes a forget record into the input partition that holds each user's state (found in the state
@@ -359,6 +364,7 @@ def forget(users: tuple[str, ...], bootstrap_servers: str, input_topics: str, gr
         settings.validate()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    check_broker(settings.kafka, connect_timeout)
     try:
         requests = forget_users(settings, list(users), wait / 1000.0)
     except StreamError as exc:
@@ -392,8 +398,10 @@ def forget(users: tuple[str, ...], bootstrap_servers: str, input_topics: str, gr
 @click.option("--span-days", default=30.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Event-time span of the log.")
 @click.option("--kafka-config", multiple=True, metavar="KEY=VALUE", help="librdkafka property, repeatable.")
+@CONNECT_TIMEOUT_OPTION
 def generate(users: int, events: int, seed: int, out: str | None, topic: str | None, bootstrap_servers: str,
-             partitions: int, invalid_fraction: float, span_days: float, kafka_config: tuple[str, ...]) -> None:
+             partitions: int, invalid_fraction: float, span_days: float, kafka_config: tuple[str, ...],
+             connect_timeout: float) -> None:
     """Synthetic traffic with sessions, funnels, favourite categories, price levels and users who go quiet."""
     if bool(out) == bool(topic):
         raise click.UsageError("give exactly one of --out FILE or --topic TOPIC")
@@ -407,6 +415,7 @@ def generate(users: int, events: int, seed: int, out: str | None, topic: str | N
             kafka = KafkaSettings(bootstrap_servers, parse_kafka_config(kafka_config))
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
+        check_broker(kafka, connect_timeout)
         n = generate_to_topic(kafka, topic, partitions, users, events, seed, invalid_fraction, span_days)
         click.echo(f"produced {n} records to {topic}", err=True)
 
@@ -552,22 +561,17 @@ def evaluate_(model_path: str, train_files: tuple[str, ...], test_files: tuple[s
               help="Top-k predicted next item ids in each profile (trained models).")
 @click.option("--pseudonymize-key", envvar=_env("pseudonymize-key"), show_envvar=True, default="",
               help="Replace user ids by HMAC-SHA256(key, id), as `profiles run` does with the same key.")
+@CONNECT_TIMEOUT_OPTION
 def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str | None, output_topic: str | None,
            bootstrap_servers: str, kafka_config: tuple[str, ...], every_update: bool, state_out: str | None,
            dead_letters_path: str | None, batch_events: int, device: str, torch_threads: int, gru_threads: int,
-           no_embedding: bool, next_items: int, pseudonymize_key: str) -> None:
+           no_embedding: bool, next_items: int, pseudonymize_key: str, connect_timeout: float) -> None:
     """Replay event logs through the daemon's pipeline: files, directories and globs (no broker needed),
     or Kafka topics as kafka://TOPIC?from=ISO&to=ISO (seeks by write time, then keeps the events whose
     event time is in [from, to)).
 
     Writes the final profile of every user (or every update), and optionally a state snapshot.
     """
-    from consumers.outfiles import OutputError, default_dead_letters
-    from consumers.replay import replay as run_replay
-    from models.profile_model import ModelError
-    from stream.kafka import StreamError
-    from stream.sources import SourceError
-
     if not out and not output_topic:
         raise click.UsageError("give --out FILE and/or --output-topic TOPIC")
     try:
@@ -577,6 +581,14 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
                             pseudonymize_key=pseudonymize_key)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if output_topic or any(s.startswith("kafka://") for s in sources):
+        check_broker(settings.kafka, connect_timeout)  # before the model's imports: fast
+    from consumers.outfiles import OutputError, default_dead_letters
+    from consumers.replay import replay as run_replay
+    from models.profile_model import ModelError
+    from stream.kafka import StreamError
+    from stream.sources import SourceError
+
     dlq = dead_letters_path or default_dead_letters(out, "replay.dlq.jsonl")
     try:
         report = run_replay(settings, list(sources), fmt, out, output_topic, every_update, state_out, dlq,
@@ -598,15 +610,18 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
 @click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True, default="localhost:9092",
               show_default=True, help="Kafka brokers, for kafka:// sources.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@CONNECT_TIMEOUT_OPTION
 def inspect(user: str, sources: tuple[str, ...], fmt: str, model_path: str | None, plot_path: str | None,
-            bootstrap_servers: str, device: str) -> None:
+            bootstrap_servers: str, device: str, connect_timeout: float) -> None:
     """One user's event timeline beside how each profile field moved (a table; --plot for a picture)."""
+    settings = Settings(kafka=KafkaSettings(bootstrap_servers), model_path=model_path, device=device,
+                        emit_embedding=False, idle_rescore_after_ms=0)
+    if any(s.startswith("kafka://") for s in sources):
+        check_broker(settings.kafka, connect_timeout)  # before the model's imports: fast
     from consumers.inspect import InspectError, run_inspect
     from models.profile_model import ModelError
     from stream.sources import SourceError
 
-    settings = Settings(kafka=KafkaSettings(bootstrap_servers), model_path=model_path, device=device,
-                        emit_embedding=False, idle_rescore_after_ms=0)
     try:
         run_inspect(settings, list(sources), fmt, user, plot_path)
     except (InspectError, SourceError, ModelError) as exc:
