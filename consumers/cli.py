@@ -511,6 +511,28 @@ def train(event_files: tuple[str, ...], out: str, epochs: int, hidden_size: int,
                  patience=patience, refit=refit, max_items=max_items)
 
 
+@main.group()
+def model() -> None:
+    """Read model checkpoints."""
+
+
+@model.command("info")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
+def model_info(checkpoint: str, as_json: bool) -> None:
+    """A checkpoint's version, sizes, vocabularies and training metadata (from `profiles train`)."""
+    import orjson
+
+    from consumers.model_info import checkpoint_info, info_lines
+    from models.profile_model import ModelError
+
+    try:
+        info = checkpoint_info(checkpoint)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode() if as_json else "\n".join(info_lines(info)))
+
+
 @main.command("evaluate")
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--train-events", "train_files", required=True, multiple=True,

@@ -32,8 +32,10 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
                   TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as bar:
         task = bar.add_task("epoch 1", total=None, info="")
 
-        def progress(_stage: str, done: int, total: int, info: dict) -> None:
-            bar.update(task, completed=done, total=total, description=f"{_stage} epoch {info['epoch']}",
+        def progress(stage: str, done: int, total: int, info: dict) -> None:
+            # The refit's epoch count is the best one of the first pass: not known to this callback.
+            of = f"/{train_config.epochs}" if stage == "train" else ""
+            bar.update(task, completed=done, total=total, description=f"{stage} epoch {info['epoch']}{of}",
                        info=f"loss {info['loss']:.3f}")
 
         model, vocab, report = train(events, model_config, train_config, device, progress)

@@ -215,3 +215,25 @@ def test_version_and_log_level_after_the_subcommand():
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(main, ["generate", "--log-level=nonsense", "--users", "5", "--out", "-"])
     assert result.exit_code == 2 and "--log-level" in result.output
+
+
+def test_model_info_reads_a_checkpoint_without_code(tmp_path):
+    from models.profile_model import ModelConfig, ProfileModel, save_checkpoint
+
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, ProfileModel.fresh(ModelConfig(hidden_size=8, n_items=3)), "gru-h8-test",
+                    {"created_at": "2026-01-02T03:04:05+00:00", "events": ["train.jsonl"], "torch": "2.x",
+                     "train_config": {"epochs": 4}, "report": {"best_epoch": 3, "best_val_loss": 1.23456}},
+                    ["i1", "i2", "i3"])
+    result = CliRunner().invoke(main, ["model", "info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "gru-h8-test" in result.output
+    assert any(line.startswith("next-item vocabulary") and line.endswith(" 3 items")
+               for line in result.output.splitlines()), result.output
+    assert "train.jsonl" in result.output and "best_val_loss" in result.output and "1.235" in result.output
+    info = orjson.loads(CliRunner().invoke(main, ["model", "info", str(path), "--json"]).output)
+    assert info["model_version"] == "gru-h8-test" and info["next_item_vocabulary"] == 3
+    assert info["config"]["hidden_size"] == 8 and info["report"]["best_epoch"] == 3
+    (tmp_path / "not.pt").write_bytes(b"nope")
+    result = CliRunner().invoke(main, ["model", "info", str(tmp_path / "not.pt")])
+    assert result.exit_code == 1 and "is not a readable profiles checkpoint" in result.output
