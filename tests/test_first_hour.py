@@ -237,3 +237,20 @@ def test_model_info_reads_a_checkpoint_without_code(tmp_path):
     (tmp_path / "not.pt").write_bytes(b"nope")
     result = CliRunner().invoke(main, ["model", "info", str(tmp_path / "not.pt")])
     assert result.exit_code == 1 and "is not a readable profiles checkpoint" in result.output
+
+
+def test_librdkafka_log_goes_through_python_logging_rate_limited():
+    import logging
+
+    from stream.kafka import RateLimit
+    from stream.settings import LIBRDKAFKA_LOG, KafkaSettings
+
+    assert KafkaSettings("h:1").client_config()["logger"] is LIBRDKAFKA_LOG
+    limit = RateLimit(interval_s=60)
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("librdkafka", logging.ERROR, __file__, 1, msg, None, None)
+
+    assert limit.filter(record("FAIL|rdkafka#producer-1| Connect failed (after 0ms in state CONNECT)"))
+    assert not limit.filter(record("FAIL|rdkafka#producer-1| Connect failed (after 512ms in state CONNECT)"))
+    assert limit.filter(record("FAIL|rdkafka#producer-1| Name or service not known"))
