@@ -11,6 +11,7 @@ import click
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from consumers.outfiles import atomic_paths
 from models.dataset import load_events
 from models.profile_model import ModelConfig, resolve_device, save_checkpoint
 from models.train import TrainConfig, train
@@ -43,6 +44,7 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
     version = f"gru-h{hidden_size}-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{digest[:8]}"
     metadata = {"train_config": asdict(train_config), "report": asdict(report), "events": list(event_files),
                 "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "torch": str(torch.__version__)}
-    save_checkpoint(out, model, version, metadata, vocab)
+    with atomic_paths(out) as (tmp,):  # an earlier checkpoint stays whole until this one is
+        save_checkpoint(tmp, model, version, metadata, vocab)
     click.echo(f"saved {version} to {out}: best epoch {report.best_epoch} of {report.epochs_run}, "
                f"validation loss {report.best_val_loss:.4f}, {report.n_items:,} items, {report.seconds:.0f}s", err=True)
