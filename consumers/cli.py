@@ -14,12 +14,16 @@ import re
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 import click
 
 from stream.settings import (
     KafkaSettings, Settings, parse_kafka_config, read_kafka_config_file, split_kafka_config_env,
 )
+
+if TYPE_CHECKING:
+    from consumers.daemon import DaemonStats
 
 log = logging.getLogger("profiles")
 
@@ -29,8 +33,11 @@ def _env(name: str) -> str:
 
 
 def _setup_logging(level: str) -> None:
+    from stream.kafka import configure_librdkafka_log
+
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    configure_librdkafka_log(debug=level.lower() == "debug")
 
 
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -45,12 +52,15 @@ def _duration_ms(text: str) -> int:
     return int(float(match.group(1)) * _UNITS_MS[match.group(2) or "s"])
 
 
-def install_stop_handlers(stop: threading.Event, grace_s: float) -> None:
-    """SIGTERM/SIGINT set `stop`: the loop finishes the batch in hand, publishes, commits and exits 0.
+def install_stop_handlers(stop: threading.Event, grace_s: float) -> list[int]:
+    """SIGTERM/SIGINT set `stop`: the loop finishes the batch in hand, publishes, commits and exits
+    (0 after SIGTERM, 130 after Ctrl-C: the caller reads the returned list of signals received).
     If that takes longer than `grace_s`, or a second signal arrives, exit at once (code 1): the
     uncommitted batch is simply re-read after restart."""
+    received: list[int] = []
 
     def handle(signum: int, _frame: object) -> None:
+        received.append(signum)
         if stop.is_set():
             log.error("second %s: exiting without finishing the batch", signal.Signals(signum).name)
             os._exit(1)
@@ -64,6 +74,13 @@ def install_stop_handlers(stop: threading.Event, grace_s: float) -> None:
     signal.signal(signal.SIGINT, handle)
     # SIGUSR1 prints every thread's stack to stderr: where a stuck daemon is stuck, without stopping it.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    return received
+
+
+def exit_130_if_interrupted(received: list[int]) -> None:
+    """Ctrl-C (SIGINT) ends with the shell's code for it, 130; SIGTERM (an orchestrator's stop) with 0."""
+    if signal.SIGINT in received:
+        sys.exit(130)
 
 
 def _give_up(grace_s: float) -> None:
@@ -71,9 +88,60 @@ def _give_up(grace_s: float) -> None:
     os._exit(1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class ProfilesGroup(click.Group):
+    """The command group: --log-level anywhere on the line; Ctrl-C ends with exit 130 and a one-line
+    summary; an unexpected error is one line and exit 1 (the traceback with --log-level debug)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _log_level_first(args))
+
+    def invoke(self, ctx: click.Context) -> object:
+        from consumers.outfiles import Interrupted
+
+        try:
+            return super().invoke(ctx)
+        except Interrupted as exc:
+            click.echo(str(exc), err=True)
+            ctx.exit(130)
+        except KeyboardInterrupt:  # click would print "Aborted!" and exit 1
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+            ours = type(exc).__module__.split(".")[0] in ("stream", "consumers", "models")
+            message = str(exc) if ours else f"{type(exc).__name__}: {exc} (--log-level debug shows where)"
+            raise click.ClickException(message.replace("\n", " ")) from None
+
+
+def _log_level_first(args: list[str]) -> list[str]:
+    """Move --log-level X / --log-level=X from after the subcommand to the front, where click takes it."""
+    args = list(args)
+    end = args.index("--") if "--" in args else len(args)
+    for i, arg in enumerate(args[:end]):
+        if arg == "--log-level" and i + 1 < end:
+            return [arg, args[i + 1]] + args[:i] + args[i + 2:]
+        if arg.startswith("--log-level="):
+            return [arg] + args[:i] + args[i + 1:]
+    return args
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("profiles")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+@click.group(cls=ProfilesGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(_version(), "--version", prog_name="profiles", message="%(prog)s %(version)s")
 @click.option("--log-level", default="info", show_default=True, envvar="PROFILES_LOG_LEVEL", show_envvar=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              help="Also accepted after the subcommand. debug: librdkafka's own log and tracebacks too.")
 def main(log_level: str) -> None:
     """Real-time e-commerce user profiles: Kafka events in, GRU-updated profiles out.
 
@@ -86,6 +154,22 @@ GRU_THREADS_OPTION = click.option(
     "--gru-threads", envvar=_env("gru-threads"), show_envvar=True, default=0, show_default=True,
     type=click.IntRange(min=0), help="CPU threads for the GRU pass over a batch of 4096+ events, the one kernel "
     "big enough to gain from more than --torch-threads (0: every usable core).")
+
+CONNECT_TIMEOUT_OPTION = click.option(
+    "--connect-timeout", envvar=_env("connect-timeout"), show_envvar=True, default="10s", show_default=True,
+    callback=lambda _c, _p, v: _duration_ms(v) / 1000, help="Give up with one clear error if no Kafka broker "
+    "answers at --bootstrap-servers within this long (e.g. 10s, 1m).")
+
+
+def check_broker(kafka: KafkaSettings, connect_timeout_s: float) -> None:
+    """One line and exit 1 for an unreachable broker, before any other client starts retrying."""
+    from stream.kafka import BrokerUnreachable, check_reachable
+
+    try:
+        check_reachable(kafka, connect_timeout_s)
+    except BrokerUnreachable as exc:
+        raise click.ClickException(str(exc)) from None
+
 
 # Options shared by the commands that talk to the daemon's topics (`run`, `forget`).
 BOOTSTRAP_OPTION = click.option(
@@ -195,12 +279,14 @@ PSEUDONYMIZE_OPTION = click.option(
               "Kafka transaction, for read_committed readers (costs a transaction commit per batch).")
 @click.option("--transactional-id", envvar=_env("transactional-id"), show_envvar=True, default="",
               help="exactly-once: the producer's transactional.id. [default: <group-id>-<random>, new each start]")
+@CONNECT_TIMEOUT_OPTION
 def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic: str, group_id: str,
         model_path: str | None, device: str, torch_threads: int, gru_threads: int, batch_max_events: int,
         batch_max_ms: int,
         max_event_bytes: int, no_embedding: bool, next_items: int, metrics_port: int | None, metrics_address: str, kafka_config: tuple[str, ...],
         restore_from: str | None, idle_rescore_after: int, session_timeout_ms: int, max_poll_interval_ms: int,
-        kafka_config_file: str | None, dedupe_window: int, state_topic: str, pseudonymize_key: str, guarantee: str, transactional_id: str) -> None:
+        kafka_config_file: str | None, dedupe_window: int, state_topic: str, pseudonymize_key: str, guarantee: str, transactional_id: str,
+        connect_timeout: float) -> None:
     """The always-on daemon: consume events, update profiles, publish them.
 
     Stops on SIGTERM or SIGINT after finishing, publishing and committing the batch in hand.
@@ -222,9 +308,15 @@ def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic:
         settings.validate()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    log.info("settings: %s", settings.describe())  # first: what was asked for, secrets masked
+    check_broker(settings.kafka, connect_timeout)
     stop = threading.Event()
-    install_stop_handlers(stop, settings.shutdown_timeout_s)
-    run_daemon(settings, stop)
+    received = install_stop_handlers(stop, settings.shutdown_timeout_s)
+    stats = run_daemon(settings, stop)
+    if received:
+        click.echo(f"stopped: {stats.events:,} events applied, {stats.profiles:,} profiles published, "
+                   f"{stats.dead_letters:,} dead letters, offsets committed", err=True)
+    exit_130_if_interrupted(received)
 
 
 def kafka_settings(bootstrap_servers: str, config_file: str | None, config: tuple[str, ...]) -> KafkaSettings:
@@ -233,8 +325,9 @@ def kafka_settings(bootstrap_servers: str, config_file: str | None, config: tupl
                          + parse_kafka_config(config))
 
 
-def run_daemon(settings: Settings, stop: threading.Event) -> None:
-    """Build the daemon from settings and run it until `stop`; user-facing errors become ClickExceptions."""
+def run_daemon(settings: Settings, stop: threading.Event) -> DaemonStats:
+    """Build the daemon from settings and run it until `stop`; user-facing errors become ClickExceptions.
+    Returns the daemon's totals."""
     from confluent_kafka import KafkaException
 
     from consumers.daemon import ProfileDaemon
@@ -243,13 +336,14 @@ def run_daemon(settings: Settings, stop: threading.Event) -> None:
     from stream.kafka import StreamError
     from stream.metrics import Health, Metrics, serve
 
-    log.info("settings: %s", settings.describe())
     try:
         updater = load_updater(settings)
         metrics, health = Metrics(), Health(settings.stall_after_s)
         if settings.metrics_port:
             serve(metrics, health, settings.metrics_port, settings.metrics_address)
-        ProfileDaemon(settings, updater, metrics, stop, health).run()
+        daemon = ProfileDaemon(settings, updater, metrics, stop, health)
+        daemon.run()
+        return daemon.stats
     except (ModelError, StreamError) as exc:
         raise click.ClickException(settings.kafka.scrub(str(exc))) from None
     except KafkaException as exc:
@@ -268,8 +362,10 @@ def run_daemon(settings: Settings, stop: threading.Event) -> None:
 @click.option("--wait", "wait", default="0", show_default=True, callback=lambda _c, _p, v: _duration_ms(v),
               help="Wait up to this long (e.g. 60s) until the daemon has erased each user found in state "
               "(its changelog tombstone is written); exit 1 if one is not confirmed in time. 0: do not wait.")
+@CONNECT_TIMEOUT_OPTION
 def forget(users: tuple[str, ...], bootstrap_servers: str, input_topics: str, group_id: str, state_topic: str,
-           pseudonymize_key: str, kafka_config: tuple[str, ...], kafka_config_file: str | None, wait: int) -> None:
+           pseudonymize_key: str, kafka_config: tuple[str, ...], kafka_config_file: str | None, wait: int,
+           connect_timeout: float) -> None:
     """Erase USERS (right to erasure): their state, their changelog records and their profiles.
 
     Writes a forget record into the input partition that holds each user's state (found in the state
@@ -290,6 +386,7 @@ def forget(users: tuple[str, ...], bootstrap_servers: str, input_topics: str, gr
         settings.validate()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    check_broker(settings.kafka, connect_timeout)
     try:
         requests = forget_users(settings, list(users), wait / 1000.0)
     except StreamError as exc:
@@ -313,7 +410,8 @@ def forget(users: tuple[str, ...], bootstrap_servers: str, input_topics: str, gr
 @click.option("--users", default=1000, show_default=True, type=click.IntRange(min=1), help="Distinct users.")
 @click.option("--events", default=20000, show_default=True, type=click.IntRange(min=1), help="Events to write.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same traffic.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write JSON lines here (.gz compresses).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write JSON lines here (.gz compresses; '-': "
+              "standard output), through a temporary file renamed when complete.")
 @click.option("--topic", help="Produce to this Kafka topic instead (key = user id).")
 @click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True, default="localhost:9092",
               show_default=True, help="Kafka brokers, for --topic.")
@@ -324,8 +422,10 @@ def forget(users: tuple[str, ...], bootstrap_servers: str, input_topics: str, gr
 @click.option("--span-days", default=30.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Event-time span of the log.")
 @click.option("--kafka-config", multiple=True, metavar="KEY=VALUE", help="librdkafka property, repeatable.")
+@CONNECT_TIMEOUT_OPTION
 def generate(users: int, events: int, seed: int, out: str | None, topic: str | None, bootstrap_servers: str,
-             partitions: int, invalid_fraction: float, span_days: float, kafka_config: tuple[str, ...]) -> None:
+             partitions: int, invalid_fraction: float, span_days: float, kafka_config: tuple[str, ...],
+             connect_timeout: float) -> None:
     """Synthetic traffic with sessions, funnels, favourite categories, price levels and users who go quiet."""
     if bool(out) == bool(topic):
         raise click.UsageError("give exactly one of --out FILE or --topic TOPIC")
@@ -333,12 +433,13 @@ def generate(users: int, events: int, seed: int, out: str | None, topic: str | N
 
     if out:
         n = generate_to_file(out, users, events, seed, invalid_fraction, span_days)
-        click.echo(f"wrote {n} records to {out}", err=True)
+        click.echo(f"wrote {n:,} records to {'standard output' if out == '-' else out}", err=True)
     else:
         try:
             kafka = KafkaSettings(bootstrap_servers, parse_kafka_config(kafka_config))
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
+        check_broker(kafka, connect_timeout)
         n = generate_to_topic(kafka, topic, partitions, users, events, seed, invalid_fraction, span_days)
         click.echo(f"produced {n} records to {topic}", err=True)
 
@@ -354,8 +455,9 @@ def demo(duration: float | None, users: int, rate: int, seed: int) -> None:
     from consumers.demo import run_demo
 
     stop = threading.Event()
-    install_stop_handlers(stop, grace_s=30.0)
+    received = install_stop_handlers(stop, grace_s=30.0)
     run_demo(stop, duration=duration, users=users, rate=rate, seed=seed)
+    exit_130_if_interrupted(received)
 
 
 @main.command("import")
@@ -393,10 +495,13 @@ def split(source: str, test_fraction: float, train_out: str, test_out: str) -> N
     """Split a JSON-lines event log by event time: the latest --test-fraction of the events is the test part.
 
     Lines are copied byte for byte; lines that break the event contract stay in the training part.
+    Both files are written to temporary files and renamed when complete.
     """
+    from consumers.outfiles import atomic_paths
     from models.dataset import split_lines_by_time
 
-    n_train, n_test, cutoff = split_lines_by_time(source, test_fraction, train_out, test_out)
+    with atomic_paths(train_out, test_out, flag="--train-out/--test-out") as (train_tmp, test_tmp):
+        n_train, n_test, cutoff = split_lines_by_time(source, test_fraction, train_tmp, test_tmp)
     click.echo(f"{n_train:,} events up to {cutoff} -> {train_out}; {n_test:,} later events -> {test_out}", err=True)
 
 
@@ -430,6 +535,28 @@ def train(event_files: tuple[str, ...], out: str, epochs: int, hidden_size: int,
                  patience=patience, refit=refit, max_items=max_items)
 
 
+@main.group()
+def model() -> None:
+    """Read model checkpoints."""
+
+
+@model.command("info")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
+def model_info(checkpoint: str, as_json: bool) -> None:
+    """A checkpoint's version, sizes, vocabularies and training metadata (from `profiles train`)."""
+    import orjson
+
+    from consumers.model_info import checkpoint_info, info_lines
+    from models.profile_model import ModelError
+
+    try:
+        info = checkpoint_info(checkpoint)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode() if as_json else "\n".join(info_lines(info)))
+
+
 @main.command("evaluate")
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--train-events", "train_files", required=True, multiple=True,
@@ -457,7 +584,9 @@ def evaluate_(model_path: str, train_files: tuple[str, ...], test_files: tuple[s
               "on the fly like `profiles import`.")
 @click.option("--model", "model_path", envvar=_env("model"), show_envvar=True, default=None,
               type=click.Path(dir_okay=False), help="Model checkpoint; without one, an untrained model.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write profiles as JSON lines here (.gz compresses).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write profiles as JSON lines here (.gz compresses; "
+              "'-': standard output). Written to a temporary file, renamed when complete; Ctrl-C keeps "
+              "<out>.partial.")
 @click.option("--output-topic", help="Publish profiles to this Kafka topic instead (or as well).")
 @click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True, default="localhost:9092",
               show_default=True, help="Kafka brokers, for --output-topic.")
@@ -466,7 +595,7 @@ def evaluate_(model_path: str, train_files: tuple[str, ...], test_files: tuple[s
 @click.option("--state-out", type=click.Path(file_okay=False), help="Save the final state here (a snapshot directory).")
 @click.option("--dead-letters", "dead_letters_path", default=None, type=click.Path(dir_okay=False),
               help="Where records that break the contract go (JSON lines with reason, source, line and the "
-              "record in base64). [default: <out>.dlq.jsonl, or replay.dlq.jsonl]")
+              "record in base64). [default: <out>.dlq.jsonl when --out is a file, else replay.dlq.jsonl]")
 @click.option("--batch-events", default=50_000, show_default=True, type=click.IntRange(min=1),
               help="Records per batch (the result does not depend on it).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
@@ -478,21 +607,17 @@ def evaluate_(model_path: str, train_files: tuple[str, ...], test_files: tuple[s
               help="Top-k predicted next item ids in each profile (trained models).")
 @click.option("--pseudonymize-key", envvar=_env("pseudonymize-key"), show_envvar=True, default="",
               help="Replace user ids by HMAC-SHA256(key, id), as `profiles run` does with the same key.")
+@CONNECT_TIMEOUT_OPTION
 def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str | None, output_topic: str | None,
            bootstrap_servers: str, kafka_config: tuple[str, ...], every_update: bool, state_out: str | None,
            dead_letters_path: str | None, batch_events: int, device: str, torch_threads: int, gru_threads: int,
-           no_embedding: bool, next_items: int, pseudonymize_key: str) -> None:
+           no_embedding: bool, next_items: int, pseudonymize_key: str, connect_timeout: float) -> None:
     """Replay event logs through the daemon's pipeline: files, directories and globs (no broker needed),
     or Kafka topics as kafka://TOPIC?from=ISO&to=ISO (seeks by write time, then keeps the events whose
     event time is in [from, to)).
 
     Writes the final profile of every user (or every update), and optionally a state snapshot.
     """
-    from consumers.replay import replay as run_replay
-    from models.profile_model import ModelError
-    from stream.kafka import StreamError
-    from stream.sources import SourceError
-
     if not out and not output_topic:
         raise click.UsageError("give --out FILE and/or --output-topic TOPIC")
     try:
@@ -502,20 +627,21 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
                             pseudonymize_key=pseudonymize_key)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    dlq = dead_letters_path or (f"{out}.dlq.jsonl" if out else "replay.dlq.jsonl")
+    if output_topic or any(s.startswith("kafka://") for s in sources):
+        check_broker(settings.kafka, connect_timeout)  # before the model's imports: fast
+    from consumers.outfiles import OutputError, default_dead_letters
+    from consumers.replay import replay as run_replay
+    from models.profile_model import ModelError
+    from stream.kafka import StreamError
+    from stream.sources import SourceError
+
+    dlq = dead_letters_path or default_dead_letters(out, "replay.dlq.jsonl")
     try:
         report = run_replay(settings, list(sources), fmt, out, output_topic, every_update, state_out, dlq,
                             batch_events, show_progress=sys.stderr.isatty())
-    except (SourceError, ModelError, StreamError) as exc:
+    except (SourceError, ModelError, StreamError, OutputError) as exc:
         raise click.ClickException(str(exc)) from None
-    skipped = "".join(f", {n:,} {what}" for n, what in (
-        (report.out_of_range, "outside the time range"), (report.duplicates, "duplicates skipped"),
-        (report.replayed, "already applied, skipped")) if n)
-    click.echo(f"{report.records:,} records ({report.events:,} events, {report.dead_letters:,} dead letters -> {dlq}"
-               f"{skipped}) "
-               f"of {report.users:,} users in {report.seconds:.1f}s ({report.events_per_second:,.0f} records/s); "
-               f"{report.profiles:,} profiles written"
-               + (f"; {report.erased:,} user(s) erased by forget records" if report.erased else ""), err=True)
+    click.echo(report.summary(dlq), err=True)
 
 
 @main.command()
@@ -530,15 +656,18 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
 @click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True, default="localhost:9092",
               show_default=True, help="Kafka brokers, for kafka:// sources.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@CONNECT_TIMEOUT_OPTION
 def inspect(user: str, sources: tuple[str, ...], fmt: str, model_path: str | None, plot_path: str | None,
-            bootstrap_servers: str, device: str) -> None:
+            bootstrap_servers: str, device: str, connect_timeout: float) -> None:
     """One user's event timeline beside how each profile field moved (a table; --plot for a picture)."""
+    settings = Settings(kafka=KafkaSettings(bootstrap_servers), model_path=model_path, device=device,
+                        emit_embedding=False, idle_rescore_after_ms=0)
+    if any(s.startswith("kafka://") for s in sources):
+        check_broker(settings.kafka, connect_timeout)  # before the model's imports: fast
     from consumers.inspect import InspectError, run_inspect
     from models.profile_model import ModelError
     from stream.sources import SourceError
 
-    settings = Settings(kafka=KafkaSettings(bootstrap_servers), model_path=model_path, device=device,
-                        emit_embedding=False, idle_rescore_after_ms=0)
     try:
         run_inspect(settings, list(sources), fmt, user, plot_path)
     except (InspectError, SourceError, ModelError) as exc:

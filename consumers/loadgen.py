@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import random
 import threading
 import time
@@ -10,8 +9,10 @@ from itertools import islice
 from typing import Iterable, Iterator
 
 import orjson
+from rich.console import Console
 from rich.progress import Progress
 
+from consumers.outfiles import Interrupted, OutputFile
 from stream.generator import iter_events
 from stream.kafka import Publisher, admin_client, ensure_topics
 from stream.malformed import MALFORMED_KINDS, malformed
@@ -35,16 +36,24 @@ def records(events: Iterable[dict], invalid_fraction: float, seed: int) -> Itera
 
 def generate_to_file(path: str, users: int, events: int, seed: int, invalid_fraction: float,
                      span_days: float) -> int:
-    opener = gzip.open if path.endswith(".gz") else open
+    """Write the records to `path` ('-': standard output), atomically: see OutputFile."""
+    out = OutputFile(path)
     n = 0
-    with opener(path, "wb") as out, Progress(transient=True) as bar:
-        task = bar.add_task("generating", total=events)
-        for _key, value in records(iter_events(users, seed, events=events, span_days=span_days),
-                                   invalid_fraction, seed):
-            out.write(value + b"\n")  # orjson and the malformed makers never write a newline
-            n += 1
-            if n % 10000 == 0:
-                bar.update(task, completed=n)
+    try:
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("generating", total=events)
+            for _key, value in records(iter_events(users, seed, events=events, span_days=span_days),
+                                       invalid_fraction, seed):
+                out.write(value + b"\n")  # orjson and the malformed makers never write a newline
+                n += 1
+                if n % 10000 == 0:
+                    bar.update(task, completed=n)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {n:,} records written to {out.keep_partial()} (partial)") from None
+    except BaseException:
+        out.discard()
+        raise
+    out.commit()
     return n
 
 
@@ -53,16 +62,21 @@ def generate_to_topic(kafka: KafkaSettings, topic: str, partitions: int, users: 
     ensure_topics(admin_client(kafka), {topic: partitions})
     publisher = Publisher(kafka)
     n = 0
-    with Progress(transient=True) as bar:
-        task = bar.add_task(f"producing to {topic}", total=events)
-        for key, value in records(iter_events(users, seed, events=events, span_days=span_days),
-                                  invalid_fraction, seed):
-            publisher.produce(topic, key, value)
-            n += 1
-            if n % 10000 == 0:
-                publisher.poll()
-                bar.update(task, completed=n)
-        publisher.flush()
+    try:
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(f"producing to {topic}", total=events)
+            for key, value in records(iter_events(users, seed, events=events, span_days=span_days),
+                                      invalid_fraction, seed):
+                publisher.produce(topic, key, value)
+                n += 1
+                if n % 10000 == 0:
+                    publisher.poll()
+                    bar.update(task, completed=n)
+    except KeyboardInterrupt:
+        unsent = publisher.flush_briefly()
+        raise Interrupted(f"interrupted: {n - unsent:,} of {n:,} records produced to {topic} were sent"
+                          + (f" ({unsent:,} dropped)" if unsent else "")) from None
+    publisher.flush()
     return n
 
 

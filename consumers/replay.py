@@ -7,15 +7,15 @@ The loop is the daemon's: next batch -> ProfileUpdater.process (decode, validate
 from __future__ import annotations
 
 import base64
-import gzip
 import logging
 import time
-from dataclasses import dataclass, replace
-from typing import IO
+from dataclasses import dataclass, field, replace
 
 import orjson
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from consumers.outfiles import Interrupted, OutputFile
 from consumers.pipeline import ProfileUpdater, load_updater
 from stream.events import DeadLetter
 from stream.kafka import Publisher
@@ -39,6 +39,17 @@ class ReplayReport:
     erased: int = 0  # users erased by forget records in the log
     users: int = 0
     seconds: float = 0.0
+    partial: list[str] = field(default_factory=list)  # where an interrupted run left its output
+
+    def summary(self, dead_letters_path: str) -> str:
+        """The one line printed at the end (or at Ctrl-C)."""
+        skipped = "".join(f", {n:,} {what}" for n, what in (
+            (self.out_of_range, "outside the time range"), (self.duplicates, "duplicates skipped"),
+            (self.replayed, "already applied, skipped")) if n)
+        erased = f"; {self.erased:,} user(s) erased by forget records" if self.erased else ""
+        return (f"{self.records:,} records ({self.events:,} events, {self.dead_letters:,} dead letters -> "
+                f"{dead_letters_path}{skipped}) of {self.users:,} users in {self.seconds:.1f}s "
+                f"({self.events_per_second:,.0f} records/s); {self.profiles:,} profiles written{erased}")
 
     @property
     def events_per_second(self) -> float:
@@ -46,18 +57,16 @@ class ReplayReport:
 
 
 class ProfileSink:
-    """Profiles to a JSON-lines file (.gz compresses) or to a Kafka topic."""
+    """Profiles to a JSON-lines file (.gz compresses; written atomically, see OutputFile) or to a Kafka topic."""
 
     def __init__(self, path: str | None, topic: str | None, settings: Settings) -> None:
         self.topic = topic
+        self.out = OutputFile(path) if path else None
         self.publisher = Publisher(settings.kafka) if topic else None
-        self.file: IO[bytes] | None = None
-        if path:
-            self.file = gzip.open(path, "wb") if path.endswith(".gz") else open(path, "wb")
 
     def write(self, profiles: list[tuple[bytes, bytes]]) -> None:
-        if self.file is not None:
-            self.file.write(b"".join(value + b"\n" for _key, value in profiles))
+        if self.out is not None:
+            self.out.write(b"".join(value + b"\n" for _key, value in profiles))
         if self.publisher is not None:
             for key, value in profiles:
                 self.publisher.produce(self.topic, key, value)
@@ -66,17 +75,30 @@ class ProfileSink:
     def erase(self, users: list[str]) -> None:
         """Erased users (forget records in the log): a tombstone on the topic, an `erased` line in the file,
         so a reader of every update drops the profiles it had for them."""
-        if self.file is not None:
-            self.file.write(b"".join(orjson.dumps({"user_id": u, "erased": True}) + b"\n" for u in users))
+        if self.out is not None:
+            self.out.write(b"".join(orjson.dumps({"user_id": u, "erased": True}) + b"\n" for u in users))
         if self.publisher is not None:
             for user in users:
                 self.publisher.produce(self.topic, user.encode("utf-8", "surrogatepass"), None)
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        """Complete: the file replaces --out, the topic's records are acknowledged."""
+        if self.out is not None:
+            self.out.commit()
         if self.publisher is not None:
             self.publisher.flush()
+
+    def keep_partial(self) -> list[str]:
+        """Interrupted: the file written so far is kept as <out>.partial; what was produced is sent
+        (briefly: Ctrl-C should end the command in seconds). Returns the partial file's name."""
+        if self.publisher is not None:
+            self.publisher.flush_briefly()
+        return [self.out.keep_partial()] if self.out is not None else []
+
+    def discard(self) -> None:
+        """Failed: no half-written file replaces an earlier --out."""
+        if self.out is not None:
+            self.out.discard()
 
 
 def dead_letter_line(dead: DeadLetter) -> bytes:
@@ -98,12 +120,18 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
     updater = updater or load_updater(replace(settings, input_topics=topics or settings.input_topics))
     opened = open_sources(settings.kafka, sources, fmt, batch_records)
     sink = ProfileSink(out, output_topic, settings)
+    try:
+        dlq = OutputFile(dead_letters_path, "--dead-letters")
+    except OSError:
+        sink.discard()
+        raise
     report = ReplayReport()
     tune_garbage_collector()
     positions: dict[str, dict[int, int]] = {}
-    with open(dead_letters_path, "wb") as dlq, Progress(
+    with Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
         TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), disable=not show_progress, transient=True,
+        console=Console(stderr=True),
     ) as bar:
         try:
             for source, window in opened:
@@ -143,8 +171,17 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
                 for profiles in updater.all_profiles():
                     sink.write(profiles)
                     report.profiles += len(profiles)
-        finally:
-            sink.close()
+        except KeyboardInterrupt:
+            report.users, report.seconds = len(updater.state), time.monotonic() - started
+            report.partial = sink.keep_partial() + [dlq.keep_partial()]
+            raise Interrupted(f"interrupted: {report.summary(dead_letters_path)}; partial output kept in "
+                              f"{', '.join(report.partial)}") from None
+        except BaseException:
+            sink.discard()
+            dlq.discard()
+            raise
+    sink.close()
+    dlq.commit()
     report.users = len(updater.state)
     if state_out:
         meta = {"model_version": updater.model_version, "sources": sources, "records": report.records,

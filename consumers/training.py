@@ -11,6 +11,7 @@ import click
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from consumers.outfiles import atomic_paths
 from models.dataset import load_events
 from models.field_training import train_fields
 from models.profile_model import LoadedModel, ModelConfig, resolve_device, save_checkpoint
@@ -33,8 +34,10 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
                   TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as bar:
         task = bar.add_task("epoch 1", total=None, info="")
 
-        def progress(_stage: str, done: int, total: int, info: dict) -> None:
-            bar.update(task, completed=done, total=total, description=f"{_stage} epoch {info['epoch']}",
+        def progress(stage: str, done: int, total: int, info: dict) -> None:
+            # The refit's epoch count is the best one of the first pass: not known to this callback.
+            of = f"/{train_config.epochs}" if stage == "train" else ""
+            bar.update(task, completed=done, total=total, description=f"{stage} epoch {info['epoch']}{of}",
                        info=f"loss {info['loss']:.3f}")
 
         model, vocab, report = train(events, model_config, train_config, device, progress)
@@ -46,6 +49,7 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
     metadata = {"train_config": asdict(train_config), "report": asdict(report), "fields": fields_report,
                 "events": list(event_files),
                 "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "torch": str(torch.__version__)}
-    save_checkpoint(out, model, version, metadata, vocab)
+    with atomic_paths(out) as (tmp,):  # an earlier checkpoint stays whole until this one is
+        save_checkpoint(tmp, model, version, metadata, vocab)
     click.echo(f"saved {version} to {out}: best epoch {report.best_epoch} of {report.epochs_run}, "
                f"validation loss {report.best_val_loss:.4f}, {report.n_items:,} items, {report.seconds:.0f}s", err=True)

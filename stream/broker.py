@@ -6,10 +6,13 @@ Memory storage only: everything is gone when it stops. Used by `profiles demo`,
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +27,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+# Looked up before any fork: the child between fork and exec should only make the system call.
+_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    """In the broker's process, before exec: be sent SIGTERM when the thread that started it ends,
+    so that a demo killed outright (a second Ctrl-C, SIGKILL) leaves no broker behind (Linux only)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class EmbeddedBroker:
@@ -54,6 +68,9 @@ class EmbeddedBroker:
             [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
             stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            # Its own session: Ctrl-C in the terminal reaches only us, and we stop the broker after the
+            # daemon has committed (sharing the process group, it died first and the daemon could not).
+            start_new_session=True, preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout_s
         while True:
@@ -74,7 +91,8 @@ class EmbeddedBroker:
         if self._process and self._process.poll() is None:
             self._process.terminate()
             try:
-                self._process.wait(timeout=10)
+                # Tansu waits seconds for open connections to close; its storage is memory, nothing to lose.
+                self._process.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()

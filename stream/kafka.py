@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from stream.settings import KafkaSettings
+from stream.settings import LIBRDKAFKA_LOG, KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,65 @@ class TopicError(StreamError):
 
 class PublishError(StreamError):
     """Records the broker did not acknowledge."""
+
+
+class BrokerUnreachable(StreamError):
+    """No broker answered at the bootstrap address in time."""
+
+
+class RateLimit(logging.Filter):
+    """Lets the same message through at most once per `interval_s`: librdkafka repeats a failing
+    connection's error every few hundred milliseconds."""
+
+    def __init__(self, interval_s: float = 30.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # The text without its digits: "after 14391ms" and the like differ between repeats.
+        key = "".join(ch for ch in record.getMessage() if not ch.isdigit())
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval_s) < self.interval_s:
+            return False
+        self._last[key] = now
+        return True
+
+
+def configure_librdkafka_log(debug: bool) -> None:
+    """librdkafka's log: errors only, each distinct one at most every 30 s (a dead broker is reported
+    as one clear error by whoever needed it); everything, still rate-limited, when debugging."""
+    LIBRDKAFKA_LOG.setLevel(logging.DEBUG if debug else logging.ERROR)
+    if not any(isinstance(f, RateLimit) for f in LIBRDKAFKA_LOG.filters):
+        LIBRDKAFKA_LOG.addFilter(RateLimit())
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def check_reachable(kafka: KafkaSettings, timeout_s: float) -> None:
+    """Raise BrokerUnreachable, naming the address and the settings to fix, unless a broker answers a
+    metadata request within `timeout_s`. Run before anything else talks to Kafka, so that a wrong
+    address is one line within the timeout instead of every client's retries."""
+    lines = _Lines()
+    quiet = logging.Logger("librdkafka.connect-check")  # unregistered: its lines go into the error only
+    quiet.addHandler(lines)
+    admin = AdminClient(kafka.client_config(logger=quiet))
+    try:
+        admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        admin.poll(0)  # serve the log lines queued while connecting
+        reason = next((line.split(": ", 1)[-1] for line in reversed(lines.lines) if "fail" in line.lower()),
+                      exc.args[0].str())
+        raise BrokerUnreachable(
+            f"no Kafka broker reachable at {kafka.bootstrap_servers} within {timeout_s:g}s ({reason}); "
+            "set --bootstrap-servers or KAFKA_BOOTSTRAP_SERVERS (--connect-timeout waits longer)") from None
 
 
 def admin_client(kafka: KafkaSettings) -> AdminClient:
@@ -213,6 +272,11 @@ class Publisher:
         lost = list(self._lost)
         self._lost.clear()
         return lost
+
+    def flush_briefly(self, timeout_s: float = 3.0) -> int:
+        """Send what is queued for at most `timeout_s` (a command interrupted by Ctrl-C should end in
+        seconds); returns the records left unsent."""
+        return self._producer.flush(timeout_s)
 
     def flush(self, timeout_s: float = 120.0) -> None:
         remaining = self._producer.flush(timeout_s)

@@ -7,6 +7,7 @@ Kafka config goes through `KafkaSettings.redacted()`.
 
 from __future__ import annotations
 
+import logging
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -91,6 +92,11 @@ def read_kafka_config_file(path: str) -> tuple[tuple[str, str], ...]:
     return tuple(parsed)
 
 
+# librdkafka's own log goes through Python logging instead of straight to stderr (levels and rate
+# limit: stream.kafka.configure_librdkafka_log).
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
     bootstrap_servers: str = "localhost:9092"
@@ -103,7 +109,7 @@ class KafkaSettings:
         The caller's overrides are the settings the pipeline's correctness depends on
         (e.g. enable.auto.commit=false), so they win over user extras.
         """
-        conf: dict[str, object] = {"bootstrap.servers": self.bootstrap_servers}
+        conf: dict[str, object] = {"bootstrap.servers": self.bootstrap_servers, "logger": LIBRDKAFKA_LOG}
         conf.update(dict(self.extra))
         conf.update(overrides)
         return conf

@@ -12,6 +12,7 @@ import glob
 import gzip
 import itertools
 import os
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,6 +59,18 @@ def _open(path: Path):
     return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
+def _whole_lines(path: Path) -> int:
+    """Lines readable from a damaged gzip before it breaks (the error path only: reads it again)."""
+    n = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            for _line in fh:
+                n += 1
+    except (EOFError, gzip.BadGzipFile, zlib.error):
+        pass
+    return n
+
+
 class FileSource:
     """Records of JSON-lines files (or of public dataset files, converted on the fly), in batches."""
 
@@ -92,7 +105,7 @@ class FileSource:
             if self.format == "jsonl":
                 with _open(path) as self._fh:
                     first = 1
-                    while lines := self._fh.readlines(1 << 20):
+                    while lines := self._read_lines(path, first):
                         records = [line.rstrip(b"\r\n") for line in lines]
                         numbers = list(range(first, first + len(lines)))
                         first += len(lines)
@@ -105,10 +118,23 @@ class FileSource:
 
                 # Converted on the fly (progress advances per file); line = the event's position.
                 events = enumerate(iter_import(self.format, path), 1)
-                while chunk := list(itertools.islice(events, 10_000)):
-                    yield name, [n for n, _ in chunk], [orjson.dumps(e) for _, e in chunk]
+                try:
+                    while chunk := list(itertools.islice(events, 10_000)):
+                        yield name, [n for n, _ in chunk], [orjson.dumps(e) for _, e in chunk]
+                except (ValueError, UnicodeDecodeError) as exc:
+                    raise SourceError(f"{exc} (is --format {self.format} right? the event contract's JSON lines "
+                                      "are --format jsonl)") from None
             self._fh = None
             self._done_bytes += path.stat().st_size
+
+    def _read_lines(self, path: Path, first: int) -> list[bytes]:
+        """About a megabyte of whole lines; a damaged gzip becomes a SourceError naming where it broke."""
+        try:
+            return self._fh.readlines(1 << 20)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            at = self._fh.fileobj.tell() if isinstance(self._fh, gzip.GzipFile) else self._fh.tell()
+            raise SourceError(f"{path}: gzip data broken after line {_whole_lines(path):,} (compressed byte "
+                              f"{at:,} of {path.stat().st_size:,}): {exc}") from None
 
     def next_batch(self) -> RecordBatch:
         """Up to batch_records records (fewer only at the end)."""

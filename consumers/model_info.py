@@ -1,0 +1,59 @@
+"""`profiles model info CHECKPOINT`: what a checkpoint holds, without writing code."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from models.profile_model import CHECKPOINT_FORMAT, load_checkpoint
+
+
+def checkpoint_info(path: str) -> dict:
+    """Version, sizes, vocabularies and training metadata of a checkpoint, as plain data."""
+    loaded = load_checkpoint(path, "cpu")
+    config = loaded.model.config
+    meta = loaded.metadata
+    report = meta.get("report", {})
+    return {
+        "path": path,
+        "model_version": loaded.version,
+        "format": CHECKPOINT_FORMAT,
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "state_floats_per_user": config.state_size,
+        "next_item_vocabulary": len(loaded.item_vocab),
+        "config": asdict(config),
+        "trained": {k: meta[k] for k in ("created_at", "events", "torch") if k in meta},
+        "train_config": meta.get("train_config", {}),
+        "report": report,
+    }
+
+
+def info_lines(info: dict) -> list[str]:
+    """The human-readable form: a few aligned lines, then the training report's numbers."""
+    c, t, r = info["config"], info["trained"], info["report"]
+    lines = [
+        ("model version", info["model_version"]),
+        ("checkpoint", f"{info['path']} (format {info['format']})"),
+        ("parameters", f"{info['parameters']:,}"),
+        ("hidden size", f"{c['hidden_size']} (+ {c['memory_size']} long-term memory = "
+                        f"{info['state_floats_per_user']} floats of state per user)"),
+        ("next-item vocabulary", f"{info['next_item_vocabulary']:,} items"),
+        ("hashed features", f"items {c['item_buckets']:,}, categories {c['category_buckets']:,}, "
+                            f"queries {c['query_buckets']:,} buckets (hash seed {c['hash_seed']})"),
+        ("interest clusters", str(c["clusters"])),
+        ("price tiers", ", ".join(f"{n} < {e:g}" for n, e in zip(c["price_tier_names"], c["price_tier_edges"]))
+         + f", {c['price_tier_names'][-1]} above"),
+        ("churn horizon", f"{c['churn_horizon_hours']:g} h"),
+    ]
+    if t:
+        lines += [("trained at", t.get("created_at", "?")), ("trained on", ", ".join(t.get("events", [])) or "?"),
+                  ("torch", t.get("torch", "?"))]
+    else:
+        lines.append(("trained", "no training metadata in this checkpoint"))
+    lines += [(f"train {k}", _plain(v)) for k, v in info["train_config"].items()]
+    lines += [(f"report {k}", _plain(v)) for k, v in r.items() if not isinstance(v, (list, dict))]
+    width = max(len(k) for k, _ in lines)
+    return [f"{k:<{width}}  {v}" for k, v in lines]
+
+
+def _plain(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,256 @@
+"""Issue 18, the first hour with profiles: Ctrl-C stops cleanly (exit 130, a summary, partial output
+kept aside), output files are complete or clearly partial, user mistakes are one-line errors, and an
+unreachable broker is one fast error. The Ctrl-C tests send SIGINT to real processes' process groups,
+as a terminal does."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from consumers.cli import main
+from tests.conftest import wait_until
+from tests.test_daemon_process import profiles_command
+
+UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1
+
+
+def start(args: list[str], cwd: Path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """A `profiles` process in its own process group, like a command in a terminal's foreground."""
+    return subprocess.Popen(profiles_command() + args, cwd=cwd, stdout=stdout, stderr=stderr,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+
+
+def ctrl_c(proc: subprocess.Popen, timeout_s: float = 30.0) -> tuple[float, str, str]:
+    """SIGINT to the whole process group (what Ctrl-C does); (seconds until exit, stdout, stderr)."""
+    started = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=timeout_s)
+    return time.monotonic() - started, (out or b"").decode(), (err or b"").decode()
+
+
+def write_events(path: Path, events: int, users: int = 200) -> None:
+    result = CliRunner().invoke(main, ["generate", "--users", str(users), "--events", str(events), "--out", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+def temporaries(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if p.name.endswith((".tmp", ".tmp.gz"))]
+
+
+def test_ctrl_c_in_demo_stops_the_daemon_before_the_broker(tmp_path):
+    proc = start(["demo", "--users", "100", "--rate", "1000"], tmp_path, stdout=open(tmp_path / "out", "wb"))
+    wait_until(lambda: b"embedded broker on" in (tmp_path / "out").read_bytes(), 60, "the demo's broker")
+    port = int((tmp_path / "out").read_text().split("embedded broker on 127.0.0.1:")[1].split(";")[0])
+    wait_until(lambda: b"latest profiles" in (tmp_path / "out").read_bytes(), 60, "the first frame")
+    took, _, err = ctrl_c(proc)
+    out = (tmp_path / "out").read_text()
+    assert proc.returncode == 130, err[-2000:]
+    assert took < 10, f"Ctrl-C took {took:.1f}s"
+    assert out.strip().splitlines()[-1].startswith("demo finished:")
+    assert "did not finish" not in err and err.count("|FAIL|") <= 1, err[-2000:]
+    with pytest.raises(OSError):  # the broker is gone too
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_ctrl_c_in_run_commits_and_exits_130(kafka, unique, tmp_path):
+    from tests.conftest import create_topics
+
+    topic = unique("events")
+    create_topics(kafka, {topic: 1})
+    err_path = tmp_path / "err"
+    proc = start(["run", "--bootstrap-servers", kafka.bootstrap_servers, "--input-topics", topic, "--output-topic",
+                  unique("profiles"), "--group-id", unique("group"), "--device", "cpu", "--session-timeout-ms",
+                  "6000"], tmp_path, stderr=open(err_path, "wb"))
+    wait_until(lambda: b"consuming" in err_path.read_bytes(), 90, "the daemon to start consuming")
+    took, _, _ = ctrl_c(proc)
+    err = err_path.read_text()
+    assert proc.returncode == 130, err[-2000:]
+    assert took < 10, f"Ctrl-C took {took:.1f}s"
+    assert err.strip().splitlines()[-1].startswith("stopped: 0 events applied"), err[-2000:]
+
+
+def test_ctrl_c_in_replay_keeps_partial_output_aside_and_the_earlier_file_intact(tmp_path):
+    write_events(tmp_path / "events.jsonl", 60_000)
+    earlier = b'{"user_id":"from an earlier, complete run"}\n'
+    (tmp_path / "p.jsonl").write_bytes(earlier)
+    # Every update, in small batches: slow enough to be interrupted midway.
+    proc = start(["replay", "events.jsonl", "--out", "p.jsonl", "--every-update", "--batch-events", "50",
+                  "--device", "cpu"], tmp_path)
+    wait_until(lambda: any(p.stat().st_size > 0 for p in temporaries(tmp_path) if p.name.startswith(".p.jsonl.")),
+               90, "the replay to write profiles")
+    took, _, err = ctrl_c(proc)
+    assert proc.returncode == 130, err[-2000:]
+    assert took < 5, f"Ctrl-C took {took:.1f}s"
+    assert "Traceback" not in err and "Aborted" not in err
+    summary = err.strip().splitlines()[-1]
+    assert summary.startswith("interrupted: ") and "p.jsonl.partial" in summary, summary
+    assert (tmp_path / "p.jsonl").read_bytes() == earlier
+    partial = (tmp_path / "p.jsonl.partial").read_bytes().splitlines()
+    assert partial and all(orjson.loads(line)["user_id"] for line in partial)
+    assert (tmp_path / "p.jsonl.dlq.jsonl.partial").exists()
+    assert not temporaries(tmp_path)
+
+
+def test_ctrl_c_in_generate_keeps_partial_output(tmp_path):
+    proc = start(["generate", "--users", "1000", "--events", "50000000", "--out", "big.jsonl"], tmp_path)
+    wait_until(lambda: any(p.stat().st_size > 100_000 for p in temporaries(tmp_path)), 60, "records written")
+    took, _, err = ctrl_c(proc)
+    assert proc.returncode == 130, err[-2000:]
+    assert took < 5
+    assert err.strip().splitlines()[-1].endswith("records written to big.jsonl.partial (partial)"), err[-500:]
+    assert not (tmp_path / "big.jsonl").exists() and not temporaries(tmp_path)
+    assert (tmp_path / "big.jsonl.partial").stat().st_size > 100_000
+
+
+def test_a_failed_replay_leaves_an_earlier_output_untouched(tmp_path):
+    write_events(tmp_path / "events.jsonl.gz", 3000)
+    data = (tmp_path / "events.jsonl.gz").read_bytes()
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    earlier = b'{"user_id":"earlier"}\n'
+    (tmp_path / "p.jsonl").write_bytes(earlier)
+    result = CliRunner().invoke(main, ["replay", str(tmp_path / "cut.jsonl.gz"), "--out", str(tmp_path / "p.jsonl"),
+                                       "--device", "cpu"])
+    assert result.exit_code == 1
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith(f"Error: {tmp_path / 'cut.jsonl.gz'}: gzip data broken after line "), error
+    assert (tmp_path / "p.jsonl").read_bytes() == earlier
+    assert not temporaries(tmp_path) and not (tmp_path / "p.jsonl.partial").exists()
+
+
+def test_out_dash_is_stdout_and_dead_letters_then_go_to_the_working_directory(tmp_path, monkeypatch):
+    write_events(tmp_path / "events.jsonl", 500, users=20)
+    with open(tmp_path / "events.jsonl", "ab") as fh:
+        fh.write(b"not json\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["replay", "events.jsonl", "--out", "-", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    profiles = [orjson.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(profiles) == 20
+    assert not (tmp_path / "-").exists()
+    assert len((tmp_path / "replay.dlq.jsonl").read_bytes().splitlines()) == 1
+    result = CliRunner().invoke(main, ["replay", "events.jsonl", "--out", os.devnull, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "-> replay.dlq.jsonl" in result.output and not os.path.exists(os.devnull + ".dlq.jsonl")
+
+
+def test_generate_and_split_write_complete_files_or_none(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["generate", "--users", "10", "--events", "300", "--out", "-"])
+    assert result.exit_code == 0 and len([x for x in result.stdout.splitlines() if x.startswith("{")]) == 300
+    write_events(tmp_path / "all.jsonl.gz", 1000)
+    args = ["split", str(tmp_path / "all.jsonl.gz"), "--train-out", str(tmp_path / "a.jsonl.gz"), "--test-out"]
+    assert runner.invoke(main, args + [str(tmp_path / "b.jsonl.gz")]).exit_code == 0
+    assert len(gzip.open(tmp_path / "a.jsonl.gz").read().splitlines()) + len(
+        gzip.open(tmp_path / "b.jsonl.gz").read().splitlines()) == 1000
+    result = runner.invoke(main, args + ["/nonexistent/b.jsonl"])
+    assert result.exit_code == 1 and "directory /nonexistent does not exist" in result.output
+    assert not temporaries(tmp_path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["replay", "--format", "taobao", "{events}", "--out", "{tmp}/p.jsonl"],
+     "not a taobao UserBehavior file"),
+    (["replay", "{events}", "--out", "/nonexistent/x"], "cannot write --out /nonexistent/x: directory /nonexistent"),
+    (["replay", "{tmp}/missing.jsonl", "--out", "{tmp}/p.jsonl"], "missing.jsonl' does not exist"),
+    (["inspect", "u1", "--events", "{cut}"], "gzip data broken after line"),
+    (["split", "{cut}", "--train-out", "{tmp}/a", "--test-out", "{tmp}/b"], "gzip data broken after line"),
+])
+def test_user_mistakes_are_one_line_errors(tmp_path, args, message):
+    events = tmp_path / "events.jsonl"
+    write_events(events, 2000)
+    gz = gzip.compress(events.read_bytes())
+    (tmp_path / "cut.jsonl.gz").write_bytes(gz[: len(gz) // 2])
+    args = [a.format(events=events, tmp=tmp_path, cut=tmp_path / "cut.jsonl.gz") for a in args]
+    result = CliRunner().invoke(main, args + (["--device", "cpu"] if args[0] != "split" else []))
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_an_unreachable_broker_is_one_line_within_the_connect_timeout(tmp_path):
+    started = time.monotonic()
+    proc = subprocess.run(profiles_command() + ["run", "--bootstrap-servers", UNREACHABLE, "--connect-timeout", "2s"],
+                          capture_output=True, timeout=60, cwd=tmp_path)
+    took = time.monotonic() - started
+    err = proc.stderr.decode()
+    assert proc.returncode == 1
+    assert [line for line in err.splitlines() if line.strip()] == [err.strip()], err[-2000:]
+    assert UNREACHABLE in err and "KAFKA_BOOTSTRAP_SERVERS" in err and "--bootstrap-servers" in err
+    assert "%3|" not in err
+    assert took < 2 + 20  # the timeout, plus starting Python on a busy machine
+
+
+@pytest.mark.parametrize("args", [
+    ["generate", "--topic", "t"], ["inspect", "u1", "--events", "kafka://events"],
+    ["replay", "kafka://events", "--out", "p.jsonl"], ["replay", "x.jsonl", "--output-topic", "p"],
+    ["forget", "u1"],
+])
+def test_every_command_that_talks_to_kafka_checks_the_broker_first(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    result = CliRunner().invoke(main, args + ["--bootstrap-servers", UNREACHABLE, "--connect-timeout", "1s"])
+    assert result.exit_code == 1, result.output
+    assert f"no Kafka broker reachable at {UNREACHABLE} within 1s" in result.output
+    assert time.monotonic() - started < 5
+
+
+def test_version_and_log_level_after_the_subcommand():
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"profiles {version('profiles')}"
+    result = CliRunner().invoke(main, ["generate", "--users", "5", "--events", "5", "--out", "-",
+                                       "--log-level", "warning"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["generate", "--log-level=nonsense", "--users", "5", "--out", "-"])
+    assert result.exit_code == 2 and "--log-level" in result.output
+
+
+def test_model_info_reads_a_checkpoint_without_code(tmp_path):
+    from models.profile_model import ModelConfig, ProfileModel, save_checkpoint
+
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, ProfileModel.fresh(ModelConfig(hidden_size=8, n_items=3)), "gru-h8-test",
+                    {"created_at": "2026-01-02T03:04:05+00:00", "events": ["train.jsonl"], "torch": "2.x",
+                     "train_config": {"epochs": 4}, "report": {"best_epoch": 3, "best_val_loss": 1.23456}},
+                    ["i1", "i2", "i3"])
+    result = CliRunner().invoke(main, ["model", "info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "gru-h8-test" in result.output
+    assert any(line.startswith("next-item vocabulary") and line.endswith(" 3 items")
+               for line in result.output.splitlines()), result.output
+    assert "train.jsonl" in result.output and "best_val_loss" in result.output and "1.235" in result.output
+    info = orjson.loads(CliRunner().invoke(main, ["model", "info", str(path), "--json"]).output)
+    assert info["model_version"] == "gru-h8-test" and info["next_item_vocabulary"] == 3
+    assert info["config"]["hidden_size"] == 8 and info["report"]["best_epoch"] == 3
+    (tmp_path / "not.pt").write_bytes(b"nope")
+    result = CliRunner().invoke(main, ["model", "info", str(tmp_path / "not.pt")])
+    assert result.exit_code == 1 and "is not a readable profiles checkpoint" in result.output
+
+
+def test_librdkafka_log_goes_through_python_logging_rate_limited():
+    import logging
+
+    from stream.kafka import RateLimit
+    from stream.settings import LIBRDKAFKA_LOG, KafkaSettings
+
+    assert KafkaSettings("h:1").client_config()["logger"] is LIBRDKAFKA_LOG
+    limit = RateLimit(interval_s=60)
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("librdkafka", logging.ERROR, __file__, 1, msg, None, None)
+
+    assert limit.filter(record("FAIL|rdkafka#producer-1| Connect failed (after 0ms in state CONNECT)"))
+    assert not limit.filter(record("FAIL|rdkafka#producer-1| Connect failed (after 512ms in state CONNECT)"))
+    assert limit.filter(record("FAIL|rdkafka#producer-1| Name or service not known"))
