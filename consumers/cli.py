@@ -421,18 +421,25 @@ def forget(users: tuple[str, ...], bootstrap_servers: str, input_topics: str, gr
               help="Share of records replaced by malformed ones of every kind (to exercise the dead-letter path).")
 @click.option("--span-days", default=30.0, show_default=True, type=click.FloatRange(min=0.01),
               help="Event-time span of the log.")
+@click.option("--shop-seed", default=None, type=int,
+              help="A structured shop with parameters drawn from this seed (segments of users, what follows a "
+                   "purchase, carts that bring users back, churn that slows users down first); default: the "
+                   "classic shop. Train in one shop, judge in another.")
 @click.option("--kafka-config", multiple=True, metavar="KEY=VALUE", help="librdkafka property, repeatable.")
 @CONNECT_TIMEOUT_OPTION
 def generate(users: int, events: int, seed: int, out: str | None, topic: str | None, bootstrap_servers: str,
-             partitions: int, invalid_fraction: float, span_days: float, kafka_config: tuple[str, ...],
-             connect_timeout: float) -> None:
+             partitions: int, invalid_fraction: float, span_days: float, shop_seed: int | None,
+             kafka_config: tuple[str, ...], connect_timeout: float) -> None:
     """Synthetic traffic with sessions, funnels, favourite categories, price levels and users who go quiet."""
+    from stream.generator import ShopParams
+
+    shop = ShopParams.draw(shop_seed) if shop_seed is not None else None
     if bool(out) == bool(topic):
         raise click.UsageError("give exactly one of --out FILE or --topic TOPIC")
     from consumers.loadgen import generate_to_file, generate_to_topic
 
     if out:
-        n = generate_to_file(out, users, events, seed, invalid_fraction, span_days)
+        n = generate_to_file(out, users, events, seed, invalid_fraction, span_days, shop)
         click.echo(f"wrote {n:,} records to {'standard output' if out == '-' else out}", err=True)
     else:
         try:
@@ -440,7 +447,7 @@ def generate(users: int, events: int, seed: int, out: str | None, topic: str | N
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
         check_broker(kafka, connect_timeout)
-        n = generate_to_topic(kafka, topic, partitions, users, events, seed, invalid_fraction, span_days)
+        n = generate_to_topic(kafka, topic, partitions, users, events, seed, invalid_fraction, span_days, shop)
         click.echo(f"produced {n} records to {topic}", err=True)
 
 
@@ -522,15 +529,22 @@ def split(source: str, test_fraction: float, train_out: str, test_out: str) -> N
               help="After early stopping picks the epoch count, train again on all events, validation period included.")
 @click.option("--max-items", default=200_000, show_default=True, type=click.IntRange(min=1),
               help="Next-item vocabulary: the most frequent training items.")
+@click.option("--until", default=None,
+              help="Train on the events at or before this ISO time (or epoch ms) only: the cut of a later "
+                   "`profiles evaluate-fields --cut`, so the model never sees what it is judged on.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 def train(event_files: tuple[str, ...], out: str, epochs: int, hidden_size: int, batch_size: int, max_len: int,
-          lr: float, dropout: float, val_fraction: float, patience: int, refit: bool, max_items: int, seed: int,
-          device: str) -> None:
-    """Train the profile model on event logs: next item, next category, purchase propensity and churn."""
+          lr: float, dropout: float, val_fraction: float, patience: int, refit: bool, max_items: int,
+          until: str | None, seed: int, device: str) -> None:
+    """Train the profile model on event logs, in two stages: the sequence model (next item, next
+    category, auxiliary purchase and churn objectives), then the published fields (purchase_propensity,
+    churn_risk, top_categories) fitted on profiles taken through the serving path at cuts in the log
+    and judged on what followed, calibrated on the latest cuts."""
+    from consumers.field_report import parse_cut
     from consumers.training import run_training
 
-    run_training(event_files, out, device, seed=seed, hidden_size=hidden_size, dropout=dropout,
+    run_training(event_files, out, device, seed=seed, hidden_size=hidden_size, dropout=dropout, until=parse_cut(until),
                  epochs=epochs, batch_size=batch_size, max_len=max_len, lr=lr, val_fraction=val_fraction,
                  patience=patience, refit=refit, max_items=max_items)
 

@@ -51,13 +51,16 @@ def reliability(p: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> list[tupl
 
 
 def average_precision(scores: np.ndarray, y: np.ndarray) -> float:
-    """PR AUC as average precision (ties broken against the positives: a constant score earns the base rate)."""
+    """PR AUC as average precision, tied scores taken as one threshold (a constant score earns the base rate)."""
     if y.sum() == 0:
         return float("nan")
-    order = np.lexsort((y, -scores))
-    hits = y[order]
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float((precision * hits).sum() / hits.sum())
+    order = np.argsort(-scores, kind="stable")
+    s, hits = scores[order], y[order]
+    last_of_group = np.r_[s[1:] != s[:-1], True]
+    tp = np.cumsum(hits)[last_of_group]
+    seen = np.flatnonzero(last_of_group) + 1
+    recall_step = np.diff(np.r_[0, tp]) / hits.sum()
+    return float((recall_step * tp / seen).sum())
 
 
 def binary_metrics(scores: np.ndarray, y: np.ndarray, probability: bool) -> dict[str, float]:
@@ -145,8 +148,6 @@ def baseline_scores(hist: EventLog, cut: int) -> dict[str, dict[str, np.ndarray]
 def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device, cut: int | None = None,
                     batch_records: int = 20_000, progress=None) -> dict:
     """The report of `profiles evaluate-fields` (see the module docstring)."""
-    from consumers.pipeline import ProfileUpdater
-
     records = read_records(files)
     events, dead = decode_batch(records, 1 << 30)
     if len(events) < 2:
@@ -156,25 +157,11 @@ def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device,
     if not first < cut < last:
         raise ValueError(f"the cut {_iso(cut)} is not inside the log ({_iso(first)} .. {_iso(last)})")
 
-    # 1. The serving path over the events before T (events at T count as before).
-    updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False)
-    before_cut = TimeRange(None, cut + 1)
-    for a in range(0, len(records), batch_records):
-        updater.process(records.slice(a, a + batch_records) if hasattr(records, "slice")
-                        else _slice(records, a, a + batch_records), before_cut, profiles=False)
-        if progress:
-            progress(min(a + batch_records, len(records)), len(records))
-    state = updater.state
-    state.max_event_ts = cut
     windows = {"category": min(CATEGORY_HORIZON_HOURS, (last - cut) / HOUR_MS),
                "purchase": min(PURCHASE_HORIZON_HOURS, (last - cut) / HOUR_MS),
                "churn": min(CHURN_HORIZON_HOURS, (last - cut) / HOUR_MS)}
-    profiles = {}
-    rows = np.arange(len(state))
-    for a in range(0, len(rows), 50_000):
-        for _, value in updater.profiles_for(rows[a:a + 50_000], (windows["purchase"], windows["churn"])):
-            p = orjson.loads(value)
-            profiles[p["user_id"]] = p
+    profiles = profiles_at(loaded, records, device, cut, (windows["purchase"], windows["churn"]), batch_records,
+                           progress)
 
     # 2. History (before T) and future (after T) of the same users, from the decoded events.
     log_ = _build(events, len(dead))
@@ -235,6 +222,30 @@ def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device,
         "reliability": {"purchase_propensity": reliability(propensity, bought),
                         "churn_risk": reliability(churn, silent)},
     }
+
+
+def profiles_at(loaded: LoadedModel, records, device: torch.device, cut: int,
+                horizons_hours: tuple[float, float] | None = None, batch_records: int = 20_000,
+                progress=None) -> dict[str, dict]:
+    """Every user's profile at the clock `cut`, through the serving path (the replay's: decoder, state
+    step, profile encoding) over the records' events at or before the cut; the later ones are never applied."""
+    from consumers.pipeline import ProfileUpdater
+
+    updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False)
+    before_cut = TimeRange(None, cut + 1)
+    for a in range(0, len(records), batch_records):
+        updater.process(_slice(records, a, a + batch_records), before_cut, profiles=False)
+        if progress:
+            progress(min(a + batch_records, len(records)), len(records))
+    state = updater.state
+    state.max_event_ts = cut  # the clock at T, as an idle re-score at T would publish
+    profiles = {}
+    rows = np.arange(len(state))
+    for a in range(0, len(rows), 50_000):
+        for _, value in updater.profiles_for(rows[a:a + 50_000], horizons_hours):
+            p = orjson.loads(value)
+            profiles[p["user_id"]] = p
+    return profiles
 
 
 def _slice(records, a: int, b: int):

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from consumers.outfiles import Interrupted, OutputFile
-from stream.generator import iter_events
+from stream.generator import ShopParams, iter_events
 from stream.kafka import Publisher, admin_client, ensure_topics
 from stream.malformed import MALFORMED_KINDS, malformed
 from stream.settings import KafkaSettings
@@ -35,14 +35,14 @@ def records(events: Iterable[dict], invalid_fraction: float, seed: int) -> Itera
 
 
 def generate_to_file(path: str, users: int, events: int, seed: int, invalid_fraction: float,
-                     span_days: float) -> int:
+                     span_days: float, shop: ShopParams | None = None) -> int:
     """Write the records to `path` ('-': standard output), atomically: see OutputFile."""
     out = OutputFile(path)
     n = 0
     try:
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task("generating", total=events)
-            for _key, value in records(iter_events(users, seed, events=events, span_days=span_days),
+            for _key, value in records(iter_events(users, seed, events=events, span_days=span_days, shop=shop),
                                        invalid_fraction, seed):
                 out.write(value + b"\n")  # orjson and the malformed makers never write a newline
                 n += 1
@@ -58,14 +58,14 @@ def generate_to_file(path: str, users: int, events: int, seed: int, invalid_frac
 
 
 def generate_to_topic(kafka: KafkaSettings, topic: str, partitions: int, users: int, events: int, seed: int,
-                      invalid_fraction: float, span_days: float) -> int:
+                      invalid_fraction: float, span_days: float, shop: ShopParams | None = None) -> int:
     ensure_topics(admin_client(kafka), {topic: partitions})
     publisher = Publisher(kafka)
     n = 0
     try:
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task(f"producing to {topic}", total=events)
-            for key, value in records(iter_events(users, seed, events=events, span_days=span_days),
+            for key, value in records(iter_events(users, seed, events=events, span_days=span_days, shop=shop),
                                       invalid_fraction, seed):
                 publisher.produce(topic, key, value)
                 n += 1

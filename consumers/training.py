@@ -21,9 +21,11 @@ log = logging.getLogger(__name__)
 
 
 def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, seed: int, hidden_size: int,
-                 dropout: float, **train_options: object) -> None:
+                 dropout: float, until: int | None = None, **train_options: object) -> None:
     device = resolve_device(device_name)
     events = load_events(event_files)
+    if until is not None:
+        events = events.before(until)
     if len(events) < 2:
         raise click.ClickException(f"no usable events in {', '.join(event_files)}")
     click.echo(f"{len(events):,} events of {len(events.users):,} users"

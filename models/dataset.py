@@ -85,6 +85,10 @@ class EventLog:
         same_user = self.user_of_event[nxt] == self.user_of_event
         return (has & same_user & (ts[nxt] - ts <= horizon_ms)).astype(np.float32)
 
+    def before(self, until_ms: int) -> "EventLog":
+        """The log restricted to the events at or before until_ms."""
+        return _build(self.events.take(np.flatnonzero(self.events.ts <= until_ms)), self.invalid)
+
     def subset_users(self, keep: np.ndarray) -> "EventLog":
         """The log restricted to the users where `keep` (U,) is true."""
         event_keep = keep[self.user_of_event]

@@ -110,9 +110,10 @@ class FutureIndex:
         return uniq[:, 0], uniq[:, 1], count
 
 
-def default_cuts(first_ts: int, last_ts: int, n: int = 8) -> list[int]:
-    """n cut times spread over the later part of a log (the first 20% only builds histories)."""
-    return [int(first_ts + f * (last_ts - first_ts)) for f in np.linspace(0.2, 0.9, n)]
+def default_cuts(ts: np.ndarray, n: int = 10) -> list[int]:
+    """n cut times at event-time quantiles 0.3 .. 0.95 of the log: spread over its traffic, not its span
+    (a log whose events crowd into its last hour, as real samples do, is cut where the users are)."""
+    return sorted({int(q) for q in np.quantile(ts, np.linspace(0.3, 0.95, n), method="lower")})
 
 
 def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.device,
@@ -303,10 +304,10 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200) -> None:
                 head.calibration.copy_(ab.detach())
 
 
-def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cuts: int = 8,
+def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cuts: int = 10,
                  val_cuts: int = 2, seed: int = 0) -> dict:
     """Stage two of training: the field heads of `loaded.model`, fitted in place. Returns a report."""
-    cuts = default_cuts(log_.first_ts, log_.last_ts, n_cuts)
+    cuts = default_cuts(log_.events.ts, n_cuts)
     parts = collect(loaded, log_, cuts, device)
     if len(parts) <= val_cuts:
         log.warning("too short a log to fit the field heads: left as initialised")

@@ -50,7 +50,7 @@ import orjson
 
 EVENT_TYPES = ("search", "click", "add_to_cart", "purchase")
 
-__all__ = ["EVENT_TYPES", "UserTruth", "SyntheticLog", "iter_events", "user_truths", "generate", "write_jsonl"]
+__all__ = ["EVENT_TYPES", "ShopParams", "UserTruth", "SyntheticLog", "iter_events", "user_truths", "generate", "write_jsonl"]
 
 DAY_MS = 86_400_000
 DEFAULT_START_TS_MS = 1_700_000_000_000
@@ -164,6 +164,46 @@ class SyntheticLog:
     categories: list[str]
 
 
+@dataclass(frozen=True)
+class ShopParams:
+    """The shape of a simulated shop. The defaults are the classic shop (favourites from one popularity,
+    no sequential structure); `ShopParams.draw(seed)` makes a structured shop with its own parameters,
+    so a model can be trained in one shop and judged in another.
+
+    Structure that counts cannot see (a structured shop has all of it):
+      segments        users belong to segments; each segment favours its own categories (cross-user
+                      structure: users like this one go on to like what the segment likes)
+      follow_share    after a purchase in category c, the next session goes to c's complement
+                      (phones -> accessories) with this probability: what follows a purchase
+      return_share    a session that carts items but buys none brings the user back within about a
+                      day to buy them, with this probability: carts not bought announce a purchase
+      churn_ramp_days users who go quiet slow down over this many days before (sessions farther apart,
+                      fewer purchases): churn announces itself in the rhythm
+    """
+
+    n_categories: int = len(_CATEGORIES)
+    favourite_share: float = _FAVOURITE_SHARE
+    habitual_fraction: float = _HABITUAL_FRACTION
+    quiet_fraction: float = _QUIET_FRACTION
+    activity_sigma: float = _ACTIVITY_SIGMA
+    segments: int = 0
+    follow_share: float = 0.0
+    return_share: float = 0.0
+    churn_ramp_days: float = 0.0
+    shop_seed: int = 0  # which categories, segments and complements (structured shops)
+
+    @classmethod
+    def draw(cls, seed: int) -> "ShopParams":
+        """A structured shop whose parameters depend on the seed."""
+        rng = np.random.Generator(np.random.PCG64(_seed_sequence(seed, 7)))
+        return cls(n_categories=int(rng.integers(16, len(_CATEGORIES) + 1)),
+                   favourite_share=float(rng.uniform(0.55, 0.85)), habitual_fraction=float(rng.uniform(0.12, 0.4)),
+                   quiet_fraction=float(rng.uniform(0.12, 0.35)), activity_sigma=float(rng.uniform(0.4, 1.0)),
+                   segments=int(rng.integers(3, 9)), follow_share=float(rng.uniform(0.25, 0.55)),
+                   return_share=float(rng.uniform(0.3, 0.7)), churn_ramp_days=float(rng.uniform(8.0, 20.0)),
+                   shop_seed=int(seed))
+
+
 def _seed_sequence(seed: int, stream: int) -> np.random.SeedSequence:
     # Independent streams for catalogue, users and events: changing how many
     # draws one of them makes never shifts the others.
@@ -175,7 +215,8 @@ def _seed_sequence(seed: int, stream: int) -> np.random.SeedSequence:
 class _World:
     """Catalogue, users and per-user lookup tables, as plain Python lists for speed."""
 
-    def __init__(self, users: int, seed: int, start_ts_ms: int, span_days: float, catalogue_seed: int = 0) -> None:
+    def __init__(self, users: int, seed: int, start_ts_ms: int, span_days: float, catalogue_seed: int = 0,
+                 shop: ShopParams | None = None) -> None:
         if isinstance(users, bool) or not isinstance(users, (int, np.integer)) or users < 1:
             raise ValueError(f"users must be a positive int, got {users!r}")
         if not (isinstance(span_days, (int, float)) and math.isfinite(span_days) and span_days > 0):
@@ -184,15 +225,25 @@ class _World:
         self.seed = int(seed)
         self.start_ts_ms = int(start_ts_ms)
         self.span_ms = span_days * DAY_MS
+        self.shop = shop or ShopParams()
         # The catalogue has its own seed: logs of different seeds are different users and behaviour
         # in the same shop, as a model trained last month meets this month's traffic.
         self._build_catalogue(np.random.Generator(np.random.PCG64(_seed_sequence(catalogue_seed, 0))))
         self._build_users(np.random.Generator(np.random.PCG64(_seed_sequence(seed, 1))))
 
     def _build_catalogue(self, rng: np.random.Generator) -> None:
-        self.categories = [name for name, _, _ in _CATEGORIES]
-        self.base_price = [base for _, base, _ in _CATEGORIES]
-        self.phrases = [phrases for _, _, phrases in _CATEGORIES]
+        shop = self.shop
+        chosen = list(_CATEGORIES)
+        if shop.n_categories < len(_CATEGORIES):  # a smaller shop: its own subset of the categories
+            pick = np.random.Generator(np.random.PCG64(_seed_sequence(shop.shop_seed, 8))).permutation(len(chosen))
+            chosen = [chosen[i] for i in sorted(pick[:shop.n_categories].tolist())]
+        self.categories = [name for name, _, _ in chosen]
+        self.base_price = [base for _, base, _ in chosen]
+        self.phrases = [phrases for _, _, phrases in chosen]
+        # Each category's complement (what is bought after it): a fixed random pairing of the shop.
+        shop_rng = np.random.Generator(np.random.PCG64(_seed_sequence(shop.shop_seed, 9)))
+        n = len(chosen)
+        self.complement = ((np.arange(n) + 1 + shop_rng.integers(0, max(n - 1, 1), n)) % n).tolist()
         # tables[category][tier] = (item ids, prices, cumulative weights, total weight)
         self.tables: list[list[tuple[list[str], list[float], list[float], float]]] = []
         next_item = 0
@@ -213,19 +264,27 @@ class _World:
     def _build_users(self, rng: np.random.Generator) -> None:
         n, n_cat = self.n_users, len(self.categories)
         # Draw every array in one fixed order so that truths never depend on the event count.
+        shop = self.shop
         int_ids = rng.random(n) < _INT_ID_FRACTION
         n_favs = rng.integers(2, 4, n)
         # Weighted sampling without replacement, vectorised (Gumbel top-k): some
         # categories are favourites far more often than others.
         cat_pop = rng.dirichlet(np.full(n_cat, 2.0))
         keys = np.log(cat_pop)[None, :] + rng.gumbel(size=(n, n_cat))
+        if shop.segments:  # each segment concentrates on its own categories
+            seg_rng = np.random.Generator(np.random.PCG64(_seed_sequence(self.seed, 10)))
+            segment_pop = seg_rng.dirichlet(np.full(n_cat, 0.3), size=shop.segments)
+            self.segment = seg_rng.integers(0, shop.segments, n)
+            keys = np.log(segment_pop[self.segment] + 1e-12) + seg_rng.gumbel(size=(n, n_cat))
+        else:
+            self.segment = np.zeros(n, dtype=np.int64)
         top3 = np.argpartition(-keys, 3, axis=1)[:, :3]
         top3 = np.take_along_axis(top3, np.argsort(-np.take_along_axis(keys, top3, axis=1), axis=1), axis=1)
         price_level = np.clip(rng.lognormal(0.0, 0.4, n), 0.35, 2.8)
-        habitual = rng.random(n) < _HABITUAL_FRACTION
-        activity = rng.lognormal(-0.5 * _ACTIVITY_SIGMA**2, _ACTIVITY_SIGMA, n)
+        habitual = rng.random(n) < shop.habitual_fraction
+        activity = rng.lognormal(-0.5 * shop.activity_sigma**2, shop.activity_sigma, n)
         first = rng.random(n) * (_FIRST_SESSION_WINDOW * self.span_ms)
-        quiet = rng.random(n) < _QUIET_FRACTION
+        quiet = rng.random(n) < shop.quiet_fraction
         quiet_at = rng.uniform(*_QUIET_WINDOW, n) * self.span_ms
         if quiet.all():
             quiet[0] = False  # someone must stay, or an endless stream would end
@@ -313,6 +372,21 @@ def _run(world: _World, events: int | None) -> Iterator[dict]:
     (gs_min, gs_mean), (gc_min, gc_mean) = _GAP_SEARCH_CLICK, _GAP_CLICK_CLICK
     (gk_min, gk_mean), (go_min, go_mean) = _GAP_CLICK_CART, _GAP_CHECKOUT
     seed = world.seed
+    # Structured shops (ShopParams.draw): what follows a purchase, carts that bring users back, churn
+    # that slows users down first. The classic shop takes none of these branches (and no extra draws).
+    shop = world.shop
+    structured = shop.follow_share > 0 or shop.return_share > 0 or shop.churn_ramp_days > 0
+    fav_share, follow_share, return_share = shop.favourite_share, shop.follow_share, shop.return_share
+    ramp_ms = shop.churn_ramp_days * DAY_MS
+    complement = world.complement
+    bought_category = [-1] * world.n_users  # category of the user's last purchase session, -1: none
+    abandoned: list[tuple[int, int] | None] = [None] * world.n_users  # (category, item) carted, not bought
+
+    def slowdown(u: int, t: int) -> float:
+        """1, or less for a user in the days before going quiet (sessions farther apart, fewer purchases)."""
+        if not ramp_ms or t <= quiet_after[u] - ramp_ms:
+            return 1.0
+        return max(0.2, (quiet_after[u] - t) / ramp_ms)
 
     def query(u: int, c: int) -> str:
         ph = phrases[c]
@@ -328,7 +402,16 @@ def _run(world: _World, events: int | None) -> Iterator[dict]:
 
     def plan_session(u: int, t: int) -> list[dict]:
         """One session of user u starting at t, as events in reverse order (pop() gives the next)."""
-        if r() < _FAVOURITE_SHARE:
+        comeback = None
+        if structured and abandoned[u] is not None:
+            if r() < return_share:
+                comeback = abandoned[u]
+            abandoned[u] = None
+        if comeback is not None:
+            c = comeback[0]
+        elif structured and bought_category[u] >= 0 and r() < follow_share:
+            c = complement[bought_category[u]]
+        elif r() < fav_share:
             favs = favourites[u]
             c = favs[min(bisect_right(fav_cum[u], r()), len(favs) - 1)]
         else:
@@ -338,11 +421,20 @@ def _run(world: _World, events: int | None) -> Iterator[dict]:
         last = len(ids) - 1
         pc = p_cart[u]
         out: list[dict] = []
+        carted: list[int] = []
+        if comeback is not None:  # straight back to the carted item, into the cart again
+            i = comeback[1]
+            out.append({"event_id": None, "user_id": user_ids[u], "type": "click", "ts": t,
+                        "item_id": ids[i], "category": cat, "price": prices[i]})
+            t += gk_min + int(-log(1.0 - r()) * gk_mean)
+            out.append({"event_id": None, "user_id": user_ids[u], "type": "add_to_cart", "ts": t,
+                        "item_id": ids[i], "category": cat, "price": prices[i]})
+            carted.append(i)
+            t += gc_min + int(-log(1.0 - r()) * gc_mean)
         if r() < _P_SEARCH_FIRST:
             out.append({"event_id": None, "user_id": user_ids[u], "type": "search", "ts": t,
                         "category": cat, "query": query(u, c)})
             t += gs_min + int(-log(1.0 - r()) * gs_mean)
-        carted: list[int] = []
         n_clicks = 0
         while True:
             i = min(bisect_right(cum, r() * total), last)
@@ -361,15 +453,21 @@ def _run(world: _World, events: int | None) -> Iterator[dict]:
                 out.append({"event_id": None, "user_id": user_ids[u], "type": "search", "ts": t,
                             "category": cat, "query": query(u, c)})
                 t += gs_min + int(-log(1.0 - r()) * gs_mean)
+        bought = False
         if carted:  # checkout: buy some of what was carted, each item once
-            pb = p_buy[u]
-            for i in dict.fromkeys(carted):
-                if r() < pb:
+            pb = p_buy[u] * slowdown(u, t) if structured else p_buy[u]
+            for k, i in enumerate(dict.fromkeys(carted)):
+                if (comeback is not None and k == 0 and r() < 0.85) or r() < pb:
+                    bought = True
                     t += go_min + int(-log(1.0 - r()) * go_mean)
                     x = r()
                     out.append({"event_id": None, "user_id": user_ids[u], "type": "purchase", "ts": t,
                                 "item_id": ids[i], "category": cat, "price": prices[i],
                                 "quantity": 1 if x < q1 else (2 if x < q2 else 3)})
+        if structured:
+            bought_category[u] = c if bought else -1
+            if carted and not bought:
+                abandoned[u] = (c, carted[-1])
         if t > quiet_after[u]:  # the user goes quiet mid-session: keep what came before
             out = [e for e in out if e["ts"] <= quiet_after[u]]
         out.reverse()
@@ -402,7 +500,12 @@ def _run(world: _World, events: int | None) -> Iterator[dict]:
             heapreplace(heap, (plan[-1]["ts"] << shift) | u)
         else:
             pending[u] = None
-            nxt = ev["ts"] + _MIN_SESSION_GAP_MS + int(expo(rate_ms[u]))
+            rate = rate_ms[u]
+            if structured:
+                rate *= slowdown(u, ev["ts"])
+                if abandoned[u] is not None:  # a cart left behind: back within about a day, if at all
+                    rate = max(rate, 1.0 / DAY_MS)
+            nxt = ev["ts"] + _MIN_SESSION_GAP_MS + int(expo(rate))
             if nxt > quiet_after[u]:
                 heappop(heap)  # gone quiet: never scheduled again
             else:
@@ -416,7 +519,8 @@ def _check_events(events: int | None) -> None:
 
 
 def iter_events(users: int, seed: int = 0, *, start_ts_ms: int = DEFAULT_START_TS_MS,
-                events: int | None = None, span_days: float = 30.0, catalogue_seed: int = 0) -> Iterator[dict]:
+                events: int | None = None, span_days: float = 30.0, catalogue_seed: int = 0,
+                shop: ShopParams | None = None) -> Iterator[dict]:
     """Yield events lazily in global (non-decreasing) time order.
 
     ``events=None`` means endless (for a live demo), at about
@@ -426,26 +530,26 @@ def iter_events(users: int, seed: int = 0, *, start_ts_ms: int = DEFAULT_START_T
     ``quiet_after_ts`` (see ``user_truths``) in the first half of the span.
     """
     _check_events(events)
-    world = _World(users, seed, start_ts_ms, span_days, catalogue_seed)  # validate now, not at the first next()
+    world = _World(users, seed, start_ts_ms, span_days, catalogue_seed, shop)  # validate now, not at the first next()
     return _run(world, None if events is None else int(events))
 
 
 def user_truths(users: int, seed: int = 0, *, start_ts_ms: int = DEFAULT_START_TS_MS,
-                span_days: float = 30.0, catalogue_seed: int = 0) -> dict[str, UserTruth]:
+                span_days: float = 30.0, catalogue_seed: int = 0, shop: ShopParams | None = None) -> dict[str, UserTruth]:
     """The users that ``iter_events(users, seed, ...)`` simulates, keyed by ``str(user_id)``.
 
     Independent of the event count: the same seed, start and span give the same truths.
     """
-    return _World(users, seed, start_ts_ms, span_days, catalogue_seed).truths
+    return _World(users, seed, start_ts_ms, span_days, catalogue_seed, shop).truths
 
 
 def generate(users: int, events: int, seed: int = 0, *, start_ts_ms: int = DEFAULT_START_TS_MS,
-             span_days: float = 30.0, catalogue_seed: int = 0) -> SyntheticLog:
+             span_days: float = 30.0, catalogue_seed: int = 0, shop: ShopParams | None = None) -> SyntheticLog:
     """Materialise exactly ``events`` events (the stream of ``iter_events``) plus the truths."""
     if events is None:
         raise ValueError("generate needs a finite event count; use iter_events for an endless stream")
     _check_events(events)
-    world = _World(users, seed, start_ts_ms, span_days, catalogue_seed)
+    world = _World(users, seed, start_ts_ms, span_days, catalogue_seed, shop)
     return SyntheticLog(events=list(_run(world, int(events))), users=world.truths,
                         categories=list(world.categories))
 

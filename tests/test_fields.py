@@ -1,0 +1,212 @@
+"""The published learned fields: exact statistics in the state, heads that cannot lose to them,
+calibration, and an evaluation against the future that never looks past its cut."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from consumers.field_evaluation import (
+    baseline_scores, binary_metrics, evaluate_fields, expected_calibration_error, profiles_at,
+)
+from consumers.pipeline import ProfileUpdater
+from models.dataset import load_events, read_records
+from models.evaluate import roc_auc
+from models.field_training import CutExamples, calibrate, fit_fields
+from models.profile_model import FieldInputs, ModelConfig, ProfileModel, untrained
+from stream.events import RecordBatch
+from stream.generator import ShopParams, generate, write_jsonl
+from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES, USER_FEATURES
+
+CPU = torch.device("cpu")
+
+
+def run(events: list[dict], batch: int) -> ProfileUpdater:
+    updater = ProfileUpdater(untrained(), CPU, max_event_bytes=65536, emit_embedding=False)
+    for a in range(0, len(events), batch):
+        chunk = events[a:a + batch]
+        n = len(chunk)
+        updater.process(RecordBatch(["t"] * n, [0] * n, list(range(a, a + n)), [None] * n,
+                                    [orjson.dumps(e) for e in chunk]))
+    return updater
+
+
+def test_statistics_do_not_depend_on_batching():
+    events = generate(users=150, events=4000, seed=5).events
+    one, many = run(events, 10_000).state, run(events, 97).state
+    order = [many.row(u) for u in one.user_ids]
+    from stream.statistics import STAT_COLUMNS
+    for name in STAT_COLUMNS:
+        a, b = one.columns[name][:len(one)], many.columns[name][order]
+        if np.issubdtype(a.dtype, np.floating):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    # ...and they are the counts they claim: slot counts add up to the user's categorised events.
+    per_user: dict[str, list[str]] = {}
+    for e in events:
+        if e.get("category"):
+            per_user.setdefault(str(e["user_id"]), []).append(e["category"])
+    exact = [u for u, c in per_user.items() if len(set(c)) <= CATEGORY_SLOTS]
+    assert len(exact) > 100
+    for user in exact:
+        assert one.columns["cat_mass"][one.row(user), :, -1].sum() == pytest.approx(len(per_user[user]))
+
+
+def test_carts_pending_and_last_purchase_follow_the_funnel():
+    t0 = 1_700_000_000_000
+    ev = [{"event_id": f"e{i}", "user_id": "u", "type": t, "ts": t0 + i * 60_000, "item_id": "i", "category": "c",
+           "price": 5.0, **({"quantity": 1} if t == "purchase" else {})}
+          for i, t in enumerate(["add_to_cart", "add_to_cart", "purchase", "add_to_cart"])]
+    state = run(ev, 2).state
+    row = state.row("u")
+    assert state.columns["carts_pending"][row] == 1  # one cart after the last purchase
+    assert state.columns["last_purchase_ts"][row] == t0 + 2 * 60_000
+    assert state.columns["sessions"][row] == 1
+
+
+def test_a_head_given_only_the_statistics_ranks_as_the_baseline_does():
+    """Purchases in the last week decide the labels; the state is noise. The fitted head ranks users as
+    the statistic does (the baseline cannot beat a head that reads it)."""
+    gen = torch.Generator().manual_seed(0)
+    n, j = 4000, USER_FEATURES.index("log_purchases_7d")
+    user = torch.rand(n, len(USER_FEATURES), generator=gen)
+    p_true = torch.sigmoid(4 * (user[:, j] - 0.5))
+    label = (torch.rand(n, generator=gen) < p_true).float()
+    ex = examples(user, label, torch.randn(n, 8, generator=gen))
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    fit_fields(model, ex.take(torch.arange(n) < 3000), ex.take(torch.arange(n) >= 3000), steps=300)
+    with torch.no_grad():
+        p, _ = model.field_probabilities(ex.state, ex.inputs(), 24.0, 24.0)
+    y = label.numpy().astype(int)
+    assert roc_auc(p.numpy(), y) >= roc_auc(user[:, j].numpy(), y) - 0.01
+    assert abs(roc_auc(p.numpy(), y) - roc_auc(p_true.numpy(), y)) < 0.02
+
+
+def test_calibration_recovers_known_probabilities():
+    gen = torch.Generator().manual_seed(1)
+    n = 20_000
+    user = torch.rand(n, len(USER_FEATURES), generator=gen)
+    p_true = torch.sigmoid(3 * (user[:, 0] - 0.6))
+    label = (torch.rand(n, generator=gen) < p_true).float()
+    ex = examples(user, label, torch.zeros(n, 8))
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    with torch.no_grad():  # a head trained elsewhere: right ranking, wrong scale
+        model.fields.purchase.linear.weight.zero_()
+        model.fields.purchase.linear.weight[0, 0] = 9.0
+        model.fields.purchase.linear.bias.fill_(-1.0)
+        p0, _ = model.field_probabilities(ex.state, ex.inputs(), 24.0, 24.0)
+    assert expected_calibration_error(p0.numpy(), label.numpy()) > 0.05
+    calibrate(model, ex)
+    with torch.no_grad():
+        p, _ = model.field_probabilities(ex.state, ex.inputs(), 24.0, 24.0)
+    assert expected_calibration_error(p.numpy(), label.numpy()) < 0.02
+    assert float((p - p_true).abs().mean()) < 0.03
+
+
+def examples(user: torch.Tensor, label: torch.Tensor, state: torch.Tensor) -> CutExamples:
+    """Examples whose purchase label is `label` over a 24 h window (events and categories left empty)."""
+    n, k = len(user), CATEGORY_SLOTS
+    return CutExamples(
+        user=user, state=state, slot_valid=torch.zeros(n, k, dtype=torch.bool), slot=torch.zeros(n, k, len(SLOT_FEATURES)),
+        explore_at_slots=torch.full((n, k), -5.0), target_explore=torch.full((n, 2), float("-inf")),
+        target_slot=torch.full((n, 2), -1), target_weight=torch.zeros(n, 2), purchase=label,
+        purchase_hours=torch.full((n,), 24.0), event=label, event_hours=torch.full((n,), 24.0),
+        cut=torch.zeros(n, dtype=torch.long))
+
+
+def test_repeat_side_alone_ranks_a_users_categories_by_their_counts():
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    with torch.no_grad():
+        model.fields.repeat_score.weight.zero_()
+        model.fields.repeat_score.weight[0, SLOT_FEATURES.index("log_count")] = 1.0
+        model.fields.gate.bias.fill_(30.0)  # always repeat
+    counts = torch.tensor([[3.0, 9.0, 1.0, 5.0] + [0.0] * (CATEGORY_SLOTS - 4)])
+    slot = torch.zeros(1, CATEGORY_SLOTS, len(SLOT_FEATURES))
+    slot[..., SLOT_FEATURES.index("log_count")] = torch.log1p(counts)
+    valid = counts > 0
+    inputs = FieldInputs(torch.zeros(1, len(USER_FEATURES)), torch.tensor([[10, 20, 30, 40, 0, 0, 0, 0]]), valid, slot)
+    with torch.no_grad():
+        probs, cols = model.category_mixture(torch.zeros(1, 8), torch.tensor([48.0]), None, inputs, 3)
+    assert cols.tolist() == [[20, 40, 10]]  # 9 > 5 > 3
+    assert probs[0, 0] == pytest.approx(10 / 22, abs=1e-3)  # softmax of log(1 + count): (1 + 9) / sum
+
+
+def test_profiles_at_a_cut_never_see_later_events(tmp_path):
+    log = generate(users=120, events=3000, seed=8)
+    ts = sorted(e["ts"] for e in log.events)
+    cut = ts[int(0.7 * len(ts))]
+    altered = [dict(e, category="never.seen", type="purchase", quantity=1, price=9.0, item_id="x")
+               if e["ts"] > cut else e for e in log.events]
+    write_jsonl(log.events, tmp_path / "a.jsonl")
+    write_jsonl(altered, tmp_path / "b.jsonl")
+    loaded = untrained()
+    a = profiles_at(loaded, read_records([tmp_path / "a.jsonl"]), CPU, cut)
+    b = profiles_at(loaded, read_records([tmp_path / "b.jsonl"]), CPU, cut)
+    strip = lambda p: {k: v for k, v in p.items() if k != "updated_at"}  # noqa: E731
+    assert {u: strip(p) for u, p in a.items()} == {u: strip(p) for u, p in b.items()}
+    assert all(p["last_event_ts"] <= cut for p in a.values())
+    # The baselines read the same history: identical before and after the alteration.
+    before = load_events([tmp_path / "a.jsonl"]).before(cut)
+    before_b = load_events([tmp_path / "b.jsonl"]).before(cut)
+    for field, scores in baseline_scores(before, cut).items():
+        for name, s in scores.items():
+            np.testing.assert_array_equal(s, baseline_scores(before_b, cut)[field][name])
+
+
+def test_evaluation_report_has_every_field_metric_and_baseline(tmp_path):
+    log = generate(users=200, events=6000, seed=9, span_days=40, shop=ShopParams.draw(3))
+    write_jsonl(log.events, tmp_path / "log.jsonl")
+    report = evaluate_fields(untrained(), [str(tmp_path / "log.jsonl")], CPU)
+    fields = report["fields"]
+    assert set(fields["top_categories"]["baselines"]) == {"all-time counts", "decayed counts",
+                                                          "most recent categories"}
+    for field in ("purchase_propensity", "churn_risk"):
+        assert set(fields[field]["model"]) == {"roc_auc", "pr_auc", "brier", "ece"}
+        assert 0 < fields[field]["positives"] < fields[field]["users"]
+    # An untrained model's repeat side already counts: it is no worse than chance on categories.
+    assert fields["top_categories"]["model"]["precision@3"] > 0.3
+
+
+def test_metrics_of_a_perfect_and_a_constant_score():
+    y = np.array([0, 0, 1, 1, 0, 1])
+    perfect = binary_metrics(y.astype(float), y, True)
+    assert perfect["roc_auc"] == 1.0 and perfect["pr_auc"] == 1.0 and perfect["brier"] == 0.0
+    flat = binary_metrics(np.full(6, 0.5), y, True)
+    assert flat["roc_auc"] == 0.5 and flat["pr_auc"] == pytest.approx(0.5)
+    assert expected_calibration_error(np.full(6, 0.5), y, bins=1) == pytest.approx(0.0)
+    assert expected_calibration_error(np.full(6, 0.9), y, bins=1) == pytest.approx(0.4)
+
+
+def test_structured_shop_has_the_structure_it_claims():
+    shop = ShopParams.draw(2)
+    log = generate(users=600, events=60_000, seed=4, span_days=60, shop=shop)
+    by_user: dict[str, list[dict]] = {}
+    for e in log.events:
+        by_user.setdefault(str(e["user_id"]), []).append(e)
+    cats = {c: i for i, c in enumerate(log.categories)}
+    from stream.generator import _World
+    complement = _World(600, 4, 0, 60, shop=shop).complement
+    follows = after_purchase = 0
+    for events in by_user.values():
+        for a, b in zip(events, events[1:]):
+            if a["type"] == "purchase" and b["ts"] - a["ts"] > 10 * 60_000 and b.get("category"):
+                after_purchase += 1
+                follows += cats[b["category"]] == complement[cats[a["category"]]]
+    assert after_purchase > 100
+    # Far above the 1/n chance of a random next category: what follows a purchase is learnable.
+    assert follows / after_purchase > shop.follow_share * 0.6 > 3 / len(log.categories)
+    # Users who go quiet slow down first: their last gaps are longer than their earlier ones.
+    quiet = [u for u, t in log.users.items() if t.goes_quiet and len(by_user.get(u, [])) > 20]
+    ratios = []
+    for u in quiet:
+        starts = [e["ts"] for a, e in zip(by_user[u], by_user[u][1:]) if e["ts"] - a["ts"] > 30 * 60_000]
+        gaps = np.diff(starts)
+        if len(gaps) >= 6:
+            ratios.append(np.mean(gaps[-3:]) / np.mean(gaps[:-3]))
+    assert len(ratios) > 10 and np.median(ratios) > 1.3
