@@ -226,8 +226,12 @@ PSEUDONYMIZE_OPTION = click.option(
               help="Dead-letter topic for records that break the event contract. [default: <output-topic>.dlq]")
 @GROUP_ID_OPTION
 @click.option("--model", "model_path", envvar=_env("model"), show_envvar=True, default=None,
-              type=click.Path(dir_okay=False), help="Model checkpoint (from `profiles train`). Without one, an "
-              "untrained model is used: counters are exact, learned fields are not meaningful.")
+              type=click.Path(dir_okay=False), help="Model checkpoint (from `profiles train`), or `demo`: the "
+              "model shipped with the package, trained on the generator's shop (for trying the service). "
+              "Required unless --untrained.")
+@click.option("--untrained", envvar=_env("untrained"), show_envvar=True, is_flag=True,
+              help="Serve a freshly initialised model without --model: counters and spend are exact, the learned "
+                   "fields are not meaningful.")
 @click.option("--device", envvar=_env("device"), show_envvar=True, default="auto", show_default=True,
               type=click.Choice(["auto", "cpu", "cuda"]), help="auto picks CUDA when present.")
 @click.option("--torch-threads", envvar=_env("torch-threads"), show_envvar=True, default=1, show_default=True,
@@ -281,8 +285,8 @@ PSEUDONYMIZE_OPTION = click.option(
               help="exactly-once: the producer's transactional.id. [default: <group-id>-<random>, new each start]")
 @CONNECT_TIMEOUT_OPTION
 def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic: str, group_id: str,
-        model_path: str | None, device: str, torch_threads: int, gru_threads: int, batch_max_events: int,
-        batch_max_ms: int,
+        model_path: str | None, untrained: bool, device: str, torch_threads: int, gru_threads: int,
+        batch_max_events: int, batch_max_ms: int,
         max_event_bytes: int, no_embedding: bool, next_items: int, metrics_port: int | None, metrics_address: str, kafka_config: tuple[str, ...],
         restore_from: str | None, idle_rescore_after: int, session_timeout_ms: int, max_poll_interval_ms: int,
         kafka_config_file: str | None, dedupe_window: int, state_topic: str, pseudonymize_key: str, guarantee: str, transactional_id: str,
@@ -291,6 +295,11 @@ def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic:
 
     Stops on SIGTERM or SIGINT after finishing, publishing and committing the batch in hand.
     """
+    if not model_path and not untrained:
+        raise click.UsageError(
+            "no --model given. Train one on your events (`profiles train --events events.jsonl --out model.pt`, "
+            "then --model model.pt), try the shipped one trained on generated traffic (--model demo), or serve "
+            "an untrained model whose learned fields mean nothing (--untrained).")
     try:
         settings = Settings(
             kafka=kafka_settings(bootstrap_servers, kafka_config_file, kafka_config),
@@ -529,6 +538,12 @@ def split(source: str, test_fraction: float, train_out: str, test_out: str) -> N
               help="After early stopping picks the epoch count, train again on all events, validation period included.")
 @click.option("--max-items", default=200_000, show_default=True, type=click.IntRange(min=1),
               help="Next-item vocabulary: the most frequent training items.")
+@click.option("--item-buckets", default=1 << 17, show_default=True, type=click.IntRange(min=16),
+              help="Hash buckets of item ids (smaller: a smaller checkpoint, more collisions).")
+@click.option("--category-buckets", default=1 << 14, show_default=True, type=click.IntRange(min=16),
+              help="Hash buckets of categories.")
+@click.option("--query-buckets", default=1 << 15, show_default=True, type=click.IntRange(min=16),
+              help="Hash buckets of query words and trigrams.")
 @click.option("--until", default=None,
               help="Train on the events at or before this ISO time (or epoch ms) only: the cut of a later "
                    "`profiles evaluate-fields --cut`, so the model never sees what it is judged on.")
@@ -536,7 +551,8 @@ def split(source: str, test_fraction: float, train_out: str, test_out: str) -> N
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 def train(event_files: tuple[str, ...], out: str, epochs: int, hidden_size: int, batch_size: int, max_len: int,
           lr: float, dropout: float, val_fraction: float, patience: int, refit: bool, max_items: int,
-          until: str | None, seed: int, device: str) -> None:
+          item_buckets: int, category_buckets: int, query_buckets: int, until: str | None, seed: int,
+          device: str) -> None:
     """Train the profile model on event logs, in two stages: the sequence model (next item, next
     category, auxiliary purchase and churn objectives), then the published fields (purchase_propensity,
     churn_risk, top_categories) fitted on profiles taken through the serving path at cuts in the log
@@ -545,6 +561,7 @@ def train(event_files: tuple[str, ...], out: str, epochs: int, hidden_size: int,
     from consumers.training import run_training
 
     run_training(event_files, out, device, seed=seed, hidden_size=hidden_size, dropout=dropout, until=parse_cut(until),
+                 buckets=(item_buckets, category_buckets, query_buckets),
                  epochs=epochs, batch_size=batch_size, max_len=max_len, lr=lr, val_fraction=val_fraction,
                  patience=patience, refit=refit, max_items=max_items)
 

@@ -17,7 +17,7 @@ from consumers.daemon import DaemonStats, ProfileDaemon
 from consumers.loadgen import produce_paced, records
 from consumers.pipeline import load_updater
 from stream.broker import EmbeddedBroker
-from stream.generator import iter_events
+from stream.generator import ShopParams, iter_events
 from stream.kafka import Publisher, admin_client, ensure_topics
 from stream.metrics import Metrics
 from stream.settings import KafkaSettings, Settings
@@ -25,6 +25,9 @@ from stream.settings import KafkaSettings, Settings
 log = logging.getLogger(__name__)
 
 PARTITIONS = 4
+# The demo's traffic comes from the structured shop the shipped model (`--model demo`) was trained in
+# (with other users: models/checkpoints/README.md has the command).
+DEMO_SHOP_SEED = 0
 WATCHED_USERS = 6
 
 
@@ -84,7 +87,7 @@ def run_demo(stop: threading.Event, *, duration: float | None, users: int, rate:
         console = Console(width=max(console.width, 132))
     with EmbeddedBroker() as broker:
         kafka = KafkaSettings(broker.bootstrap_servers)
-        settings = Settings(kafka=kafka, group_id="profiles-demo", batch_max_ms=250,
+        settings = Settings(kafka=kafka, group_id="profiles-demo", batch_max_ms=250, model_path="demo",
                             # The embedded broker's group join waits for the session timeout: keep it short.
                             session_timeout_ms=6000)
         ensure_topics(admin_client(kafka), {"events": PARTITIONS, settings.output_topic: PARTITIONS,
@@ -96,7 +99,8 @@ def run_demo(stop: threading.Event, *, duration: float | None, users: int, rate:
         produced = [0]
 
         def produce() -> None:
-            stream = records(iter_events(users, seed, start_ts_ms=int(time.time() * 1000) - 86_400_000),
+            stream = records(iter_events(users, seed, start_ts_ms=int(time.time() * 1000) - 86_400_000,
+                                         shop=ShopParams.draw(DEMO_SHOP_SEED)),
                              invalid_fraction=0.005, seed=seed)
             produced[0] = produce_paced(Publisher(kafka), "events", stream, rate, stop)
 

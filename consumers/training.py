@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import click
 import torch
@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, seed: int, hidden_size: int,
-                 dropout: float, until: int | None = None, **train_options: object) -> None:
+                 dropout: float, until: int | None = None, buckets: tuple[int, int, int] | None = None,
+                 **train_options: object) -> None:
     device = resolve_device(device_name)
     events = load_events(event_files)
     if until is not None:
@@ -31,6 +32,9 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
     click.echo(f"{len(events):,} events of {len(events.users):,} users"
                + (f" ({events.invalid:,} invalid lines skipped)" if events.invalid else ""), err=True)
     model_config = ModelConfig(hidden_size=hidden_size, dropout=dropout, init_seed=seed)
+    if buckets is not None:
+        model_config = replace(model_config, item_buckets=buckets[0], category_buckets=buckets[1],
+                               query_buckets=buckets[2])
     train_config = TrainConfig(seed=seed, **train_options)  # type: ignore[arg-type]
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as bar:

@@ -107,7 +107,7 @@ class FutureIndex:
         if not len(pairs):
             return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
         uniq, count = np.unique(pairs, axis=0, return_counts=True)
-        return uniq[:, 0], uniq[:, 1], count
+        return np.ascontiguousarray(uniq[:, 0]), np.ascontiguousarray(uniq[:, 1]), count
 
 
 def default_cuts(ts: np.ndarray, n: int = 10) -> list[int]:
@@ -171,7 +171,10 @@ def examples_at(updater, model: ProfileModel, future: FutureIndex, cut: int, end
     target_bucket = np.zeros((n, MAX_TARGETS), dtype=np.int64)
     target_col[ex, j] = col
     target_bucket[ex, j] = bucket
-    target_weight[ex, j] = count / np.maximum(totals[ex], 1)
+    # Half the engagement share, half an equal share per distinct category: the field is judged both on
+    # the user's top future category and on the set of categories it names.
+    distinct = np.bincount(ex, minlength=len(rows))
+    target_weight[ex, j] = 0.5 * count / np.maximum(totals[ex], 1) + 0.5 / np.maximum(distinct[ex], 1)
     slot_buckets = state.columns["cat_bucket"][rows].astype(np.int64)  # (n, K)
     match = (target_bucket[:, :, None] == slot_buckets[:, None, :]) & (slot_buckets[:, None, :] > 0)
     target_slot = np.where(match.any(axis=2), match.argmax(axis=2), -1)
@@ -231,45 +234,101 @@ def field_losses(model: ProfileModel, ex: CutExamples) -> dict[str, torch.Tensor
     return out
 
 
-def fit_fields(model: ProfileModel, train: CutExamples, val: CutExamples, steps: int = 600, lr: float = 0.02,
-               weight_decay: float = 1e-3, seed: int = 0) -> dict[str, float]:
-    """Fit the field heads on `train`, keep the step that does best on `val`, then calibrate both
-    probabilities on `val`. Returns the validation losses before and after calibration."""
+# Which parameters of FieldHeads belong to which field (their losses are separate, so each field keeps
+# the variant and the step that did best on held-out time).
+HEAD_PARAMS = {"purchase": ("purchase.",), "event": ("event.",),
+               "category": ("repeat_score.", "repeat_explore_weight", "gate.", "gate_state.")}
+# The statistics-only variant: these stay zero (no MLP, no state, no sequence model inside repeat).
+BEYOND_STATISTICS = (".mlp.", ".state.", "gate_state.", "repeat_explore_weight")
+
+
+def _head_of(name: str) -> str | None:
+    return next((h for h, prefixes in HEAD_PARAMS.items() if name.startswith(prefixes)), None)
+
+
+def _init_heads(model: ProfileModel, train: CutExamples) -> None:
     heads = model.fields
-    torch.manual_seed(seed)
+    fresh = type(heads)(model.config.state_size, model.config.field_hidden).to(train.user.device)
     with torch.no_grad():
+        for name, t in fresh.state_dict().items():
+            heads.state_dict()[name].copy_(t)
         heads.feature_mean.copy_(train.user.mean(dim=0))
         heads.feature_std.copy_(train.user.std(dim=0).clamp(min=1e-3))
         for head, label in ((heads.purchase, train.purchase), (heads.event, train.event)):
             rate = float(label.mean().clamp(1e-3, 1 - 1e-3))
             head.linear.weight.zero_()
             head.linear.bias.fill_(float(np.log(-np.log1p(-rate))))  # L at the mean window = the base rate
-            head.calibration.copy_(torch.tensor([1.0, 0.0]))
-    params = [p for name, p in heads.named_parameters()]
+
+
+def _fit_variant(model: ProfileModel, train: CutExamples, val: CutExamples, steps: int, lr: float,
+                 weight_decay: float, statistics_only: bool) -> dict[str, tuple[float, dict]]:
+    """Adam over the heads; per field, the best validation loss and the parameters at that step."""
+    heads = model.fields
+    frozen = {n for n, _ in heads.named_parameters() if statistics_only and any(b in n for b in BEYOND_STATISTICS)}
+    with torch.no_grad():
+        for name, p in heads.named_parameters():
+            if name in frozen:
+                p.zero_()
+    params = [p for n, p in heads.named_parameters() if n not in frozen]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    best = (float("inf"), None)
+    best: dict[str, tuple[float, dict]] = {}
+
+    def keep_best() -> None:
+        with torch.no_grad():
+            model.eval()
+            for head, loss in field_losses(model, val).items():
+                if head not in best or float(loss) < best[head][0]:
+                    best[head] = (float(loss), {n: p.detach().clone() for n, p in heads.named_parameters()
+                                                if _head_of(n) == head})
+
+    keep_best()
     for step in range(steps):
         model.train()
-        losses = field_losses(model, train)
-        total = sum(losses.values())
+        total = sum(field_losses(model, train).values())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         nn.utils.clip_grad_norm_(params, 5.0)
         optimizer.step()
         if step % 20 == 19 or step == steps - 1:
-            with torch.no_grad():
-                model.eval()
-                v = float(sum(field_losses(model, val).values()))
-            if v < best[0]:
-                best = (v, {k: t.detach().clone() for k, t in heads.state_dict().items()})
+            keep_best()
     model.eval()
-    if best[1] is not None:
-        heads.load_state_dict(best[1])
+    return best
+
+
+def fit_fields(model: ProfileModel, train: CutExamples, val: CutExamples, steps: int = 400, lr: float = 0.03,
+               weight_decay: float = 1e-3, seed: int = 0) -> dict:
+    """Fit the field heads on `train` and calibrate both probabilities on `val` (held-out time).
+
+    Two variants are fitted: the full heads (statistics, a small MLP over them, the GRU state, the sequence
+    model inside repeat) and the statistics alone (linear). Each field keeps the variant and the step with
+    the lower validation loss: on a log where the state or the MLP only add noise, a field falls back to
+    what the statistics say instead of losing to the counting rules. Returns the validation losses and
+    each field's choice."""
+    heads = model.fields
+    results = {}
+    for variant in ("full", "statistics"):
+        torch.manual_seed(seed)
+        _init_heads(model, train)
+        results[variant] = _fit_variant(model, train, val, steps, lr, weight_decay, variant == "statistics")
+    chosen = {}
     with torch.no_grad():
-        report = {f"val_{k}": float(v) for k, v in field_losses(model, val).items()}
+        params = dict(heads.named_parameters())
+        for head in HEAD_PARAMS:
+            options = [(results[v][head][0], v) for v in results if head in results[v]]
+            if not options:
+                continue
+            loss, variant = min(options)
+            chosen[head] = variant
+            for name, t in results[variant][head][1].items():
+                params[name].copy_(t)
+    model.eval()
+    with torch.no_grad():
+        report: dict = {f"val_{k}": float(v) for k, v in field_losses(model, val).items()}
     calibrate(model, val)
     with torch.no_grad():
         report.update({f"val_{k}_calibrated": float(v) for k, v in field_losses(model, val).items()})
+    report["chosen"] = chosen
+    report.update({f"val_{h}_{v}": round(results[v][h][0], 5) for v in results for h in results[v]})
     return report
 
 
@@ -304,16 +363,25 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200) -> None:
                 head.calibration.copy_(ab.detach())
 
 
+def _sample(ex: CutExamples, n: int, gen: torch.Generator) -> CutExamples:
+    if len(ex.user) <= n:
+        return ex
+    return ex.take(torch.randperm(len(ex.user), generator=gen)[:n].to(ex.user.device))
+
+
 def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cuts: int = 10,
-                 val_cuts: int = 2, seed: int = 0) -> dict:
+                 val_cuts: int = 2, seed: int = 0, max_examples: int = 60_000) -> dict:
     """Stage two of training: the field heads of `loaded.model`, fitted in place. Returns a report."""
     cuts = default_cuts(log_.events.ts, n_cuts)
     parts = collect(loaded, log_, cuts, device)
     if len(parts) <= val_cuts:
         log.warning("too short a log to fit the field heads: left as initialised")
         return {"cuts": len(parts)}
-    # The latest cuts are held-out time: early stopping and calibration.
-    train_ex, val_ex = CutExamples.concat(parts[:-val_cuts]), CutExamples.concat(parts[-val_cuts:])
+    # The latest cuts are held-out time: early stopping and calibration. Examples are sampled down to a
+    # bound: the heads are small, and the fit's cost should not grow with the users of a big log.
+    gen = torch.Generator().manual_seed(seed)
+    train_ex = _sample(CutExamples.concat(parts[:-val_cuts]), max_examples, gen)
+    val_ex = _sample(CutExamples.concat(parts[-val_cuts:]), max_examples // 2, gen)
     report = fit_fields(loaded.model, train_ex, val_ex, seed=seed)
     report.update({"cuts": len(parts), "train_examples": len(train_ex.user), "val_examples": len(val_ex.user),
                    "calibration": {"purchase": loaded.model.fields.purchase.calibration.tolist(),

@@ -138,13 +138,19 @@ class HazardHead(nn.Module):
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.state.weight)
         self.log_kappa = nn.Parameter(torch.tensor(-0.5))  # shape < 1: most events come soon after "now"
+        # The shape per user (WTTE-RNN predicts both Weibull parameters): what decides the next 15 minutes
+        # (a cart mid-session) is not what decides the next week (a habit of buying).
+        self.shape = nn.Linear(n_features, 1)
+        nn.init.zeros_(self.shape.weight)
+        nn.init.zeros_(self.shape.bias)
         # Calibration on held-out time: log L -> a * log L + b (fitted after the rest; identity untrained).
         self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
 
     def log_hazard(self, x: torch.Tensor, s: torch.Tensor, window_hours: torch.Tensor) -> torch.Tensor:
         """(U,) log L(W), calibrated."""
         f = self.linear(x)[:, 0] + self.mlp(x)[:, 0] + self.state(s)[:, 0]
-        log_l = f + self.log_kappa.exp() * torch.log(window_hours.clamp(min=1e-3) / 24.0)
+        kappa = (self.log_kappa + self.shape(x)[:, 0].clamp(-3, 3)).exp()
+        log_l = f + kappa * torch.log(window_hours.clamp(min=1e-3) / 24.0)
         return self.calibration[0] * log_l + self.calibration[1]
 
     @staticmethod
@@ -179,7 +185,7 @@ class FieldHeads(nn.Module):
         self.gate_state = nn.Linear(state_size, 1, bias=False)
         nn.init.zeros_(self.gate_state.weight)
         with torch.no_grad():  # untrained: rank slots by 30-day mass and count, mostly repeat, no exploring
-            self.repeat_score.weight.copy_(torch.tensor([[0.5, 1.0, 1.0, 0.0, 0.5]]))
+            self.repeat_score.weight.copy_(torch.tensor([[0.0, 0.5, 1.0, 1.0, 0.0, 0.5]]))
             self.repeat_score.bias.zero_()
             self.gate.weight.zero_()
             self.gate.bias.fill_(2.0)
@@ -504,9 +510,21 @@ def save_checkpoint(path: str | Path, model: ProfileModel, version: str, metadat
     torch.save(payload, Path(path))
 
 
+# The model shipped in the package: trained on the generator's structured shop (`--model demo`), so the
+# demo, the deploy stack and a first try publish learned fields that mean something. Rebuilt with the
+# command in docs/model.md whenever the checkpoint format changes.
+DEMO_MODEL = "demo"
+DEMO_MODEL_PATH = Path(__file__).parent / "checkpoints" / "demo.pt"
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """The file a --model value names ("demo": the shipped model)."""
+    return DEMO_MODEL_PATH if str(path) == DEMO_MODEL else Path(path)
+
+
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Read a checkpoint; raise CheckpointError with a message a user can act on."""
-    path = Path(path)
+    """Read a checkpoint ("demo": the shipped one); raise CheckpointError with a message a user can act on."""
+    path = checkpoint_path(path)
     if not path.is_file():
         raise CheckpointError(f"model checkpoint {str(path)!r} does not exist")
     try:
@@ -556,6 +574,7 @@ def idle_hours(now_ms: int | np.ndarray, last_ms: np.ndarray) -> np.ndarray:
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "DEMO_MODEL",
     "FieldHeads",
     "FieldInputs",
     "HazardHead",

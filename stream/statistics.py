@@ -24,11 +24,11 @@ import numpy as np
 
 from stream.events import ADD_TO_CART, PURCHASE
 
-CATEGORY_SLOTS = 8
+CATEGORY_SLOTS = 6  # 6 x (id + 3 masses + count): 120 bytes; the whole model state stays under 512 bytes
 HOUR_MS = 3_600_000.0
 DAY_MS = 24 * HOUR_MS
 # Time scales of the decayed masses.
-SLOT_TAUS_MS = (DAY_MS, 30 * DAY_MS)  # per category slot, plus an undecayed count
+SLOT_TAUS_MS = (HOUR_MS, DAY_MS, 30 * DAY_MS)  # per category slot (the session, the day, the month), plus a count
 ACTIVITY_TAUS_MS = (DAY_MS, 7 * DAY_MS, 30 * DAY_MS)  # events
 PURCHASE_TAUS_MS = (7 * DAY_MS, 30 * DAY_MS)  # purchases
 SESSION_GAP_MS = 30 * 60_000  # a new session starts after this long without events
@@ -56,7 +56,7 @@ USER_FEATURES = (
     "log_sessions", "recent_gap", "usual_gap", "has_gap", "idle_vs_usual_gap",
 )
 # The per-slot features of the repeat distribution, in this order.
-SLOT_FEATURES = ("log_mass_1d", "log_mass_30d", "log_count", "share", "is_last")
+SLOT_FEATURES = ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "share", "is_last")
 
 
 def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray, ts: np.ndarray,
@@ -228,7 +228,7 @@ def slot_features(columns: dict[str, np.ndarray], last_ts: np.ndarray, rows: np.
     count = mass[:, :, -1]
     share = count / np.maximum(count.sum(axis=1, keepdims=True), 1.0)
     is_last = (bucket == columns["last_category"][rows][:, None]) & (bucket > 0)
-    feats = np.stack([np.log1p(decayed[0]), np.log1p(decayed[1]), np.log1p(count), share, is_last], axis=2)
+    feats = np.stack([*(np.log1p(d) for d in decayed), np.log1p(count), share, is_last], axis=2)
     return bucket, feats.astype(np.float32)
 
 

@@ -25,7 +25,7 @@ def profiles_command() -> list[str]:
 
 def start_daemon(kafka, *args: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = profiles_command() + ["run", "--bootstrap-servers", kafka.bootstrap_servers, "--device", "cpu",
+    cmd = profiles_command() + ["run", "--untrained", "--bootstrap-servers", kafka.bootstrap_servers, "--device", "cpu",
                                 "--session-timeout-ms", str(SESSION_TIMEOUT_MS), *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 

@@ -34,25 +34,36 @@ def run(events: list[dict], batch: int) -> ProfileUpdater:
 
 
 def test_statistics_do_not_depend_on_batching():
+    """Every statistic equals whatever the batch sizes; category slots too, for users whose categories
+    fit the slots (beyond, the least engaged fall out in an order that can depend on batching)."""
     events = generate(users=150, events=4000, seed=5).events
     one, many = run(events, 10_000).state, run(events, 97).state
     order = [many.row(u) for u in one.user_ids]
     from stream.statistics import STAT_COLUMNS
-    for name in STAT_COLUMNS:
+    for name in set(STAT_COLUMNS) - {"cat_bucket", "cat_mass"}:
         a, b = one.columns[name][:len(one)], many.columns[name][order]
         if np.issubdtype(a.dtype, np.floating):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
         else:
             np.testing.assert_array_equal(a, b, err_msg=name)
-    # ...and they are the counts they claim: slot counts add up to the user's categorised events.
     per_user: dict[str, list[str]] = {}
     for e in events:
         if e.get("category"):
             per_user.setdefault(str(e["user_id"]), []).append(e["category"])
     exact = [u for u, c in per_user.items() if len(set(c)) <= CATEGORY_SLOTS]
-    assert len(exact) > 100
+    assert len(exact) > 60
+
+    def slots(state, user: str) -> dict[int, np.ndarray]:
+        row = state.row(user)
+        return {b: m for b, m in zip(state.columns["cat_bucket"][row].tolist(), state.columns["cat_mass"][row]) if b}
+
     for user in exact:
-        assert one.columns["cat_mass"][one.row(user), :, -1].sum() == pytest.approx(len(per_user[user]))
+        a, b = slots(one, user), slots(many, user)
+        assert a.keys() == b.keys()
+        for bucket in a:
+            np.testing.assert_allclose(a[bucket], b[bucket], rtol=1e-4, atol=1e-5)
+        # ...and they are the counts they claim: the slots' counts add up to the user's categorised events.
+        assert sum(m[-1] for m in a.values()) == pytest.approx(len(per_user[user]))
 
 
 def test_carts_pending_and_last_purchase_follow_the_funnel():
@@ -130,7 +141,7 @@ def test_repeat_side_alone_ranks_a_users_categories_by_their_counts():
     slot = torch.zeros(1, CATEGORY_SLOTS, len(SLOT_FEATURES))
     slot[..., SLOT_FEATURES.index("log_count")] = torch.log1p(counts)
     valid = counts > 0
-    inputs = FieldInputs(torch.zeros(1, len(USER_FEATURES)), torch.tensor([[10, 20, 30, 40, 0, 0, 0, 0]]), valid, slot)
+    inputs = FieldInputs(torch.zeros(1, len(USER_FEATURES)), torch.tensor([[10, 20, 30, 40] + [0] * (CATEGORY_SLOTS - 4)]), valid, slot)
     with torch.no_grad():
         probs, cols = model.category_mixture(torch.zeros(1, 8), torch.tensor([48.0]), None, inputs, 3)
     assert cols.tolist() == [[20, 40, 10]]  # 9 > 5 > 3

@@ -68,7 +68,7 @@ def test_ctrl_c_in_run_commits_and_exits_130(kafka, unique, tmp_path):
     topic = unique("events")
     create_topics(kafka, {topic: 1})
     err_path = tmp_path / "err"
-    proc = start(["run", "--bootstrap-servers", kafka.bootstrap_servers, "--input-topics", topic, "--output-topic",
+    proc = start(["run", "--untrained", "--bootstrap-servers", kafka.bootstrap_servers, "--input-topics", topic, "--output-topic",
                   unique("profiles"), "--group-id", unique("group"), "--device", "cpu", "--session-timeout-ms",
                   "6000"], tmp_path, stderr=open(err_path, "wb"))
     wait_until(lambda: b"consuming" in err_path.read_bytes(), 90, "the daemon to start consuming")
@@ -180,7 +180,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path, args, message):
 
 def test_an_unreachable_broker_is_one_line_within_the_connect_timeout(tmp_path):
     started = time.monotonic()
-    proc = subprocess.run(profiles_command() + ["run", "--bootstrap-servers", UNREACHABLE, "--connect-timeout", "2s"],
+    proc = subprocess.run(profiles_command() + ["run", "--untrained", "--bootstrap-servers", UNREACHABLE, "--connect-timeout", "2s"],
                           capture_output=True, timeout=60, cwd=tmp_path)
     took = time.monotonic() - started
     err = proc.stderr.decode()

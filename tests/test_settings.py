@@ -80,7 +80,7 @@ def test_run_never_prints_a_secret_from_the_environment(tmp_path):
     env = dict(os.environ, PROFILES_KAFKA_CONFIG=(
         'security.protocol=PLAINTEXT sasl.password="correct horse=battery staple" sasl.pasword=hunter2 '
         "sasl.oauthbearer.config='principal=admin secret=s3cr3tvalue'"))
-    done = subprocess.run(profiles_command() + ["run", "--bootstrap-servers", "127.0.0.1:9", "--device", "cpu"],
+    done = subprocess.run(profiles_command() + ["run", "--untrained", "--bootstrap-servers", "127.0.0.1:9", "--device", "cpu"],
                           env=env, capture_output=True, text=True, timeout=120)
     printed = done.stdout + done.stderr
     assert done.returncode == 1, printed
