@@ -15,6 +15,7 @@ Nothing here recomputes a feature: training reads the same numbers the daemon pu
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -111,8 +112,14 @@ class FutureIndex:
 
 
 def default_cuts(ts: np.ndarray, n: int = 10) -> list[int]:
-    """n cut times at event-time quantiles 0.3 .. 0.95 of the log: spread over its traffic, not its span
-    (a log whose events crowd into its last hour, as real samples do, is cut where the users are)."""
+    """n cut times at event-time quantiles of the log: spread over its traffic, not its span (a log whose
+    events crowd into its last hour, as real samples do, is cut where the users are). In a log long enough
+    to see every horizon in full after most of its events, only cuts that do (the latest ones, which
+    validate and calibrate, then judge windows of the contract's length); else up to its 95% quantile."""
+    longest = int(max(CATEGORY_HORIZON_HOURS, PURCHASE_HORIZON_HOURS, CHURN_HORIZON_HOURS) * HOUR_MS)
+    full = ts[ts <= ts.max() - longest]
+    if len(full) >= len(ts) // 2:
+        return sorted({int(q) for q in np.quantile(full, np.linspace(0.3, 1.0, n), method="lower")})
     return sorted({int(q) for q in np.quantile(ts, np.linspace(0.3, 0.95, n), method="lower")})
 
 
@@ -238,6 +245,7 @@ def field_losses(model: ProfileModel, ex: CutExamples) -> dict[str, torch.Tensor
 # the variant and the step that did best on held-out time).
 HEAD_PARAMS = {"purchase": ("purchase.",), "event": ("event.",),
                "category": ("repeat_score.", "repeat_explore_weight", "gate.", "gate_state.")}
+SIMPLER_MARGIN = 0.01
 # The statistics-only variant: these stay zero (no MLP, no state, no sequence model inside repeat).
 BEYOND_STATISTICS = (".mlp.", ".state.", "gate_state.", "repeat_explore_weight")
 
@@ -295,7 +303,7 @@ def _fit_variant(model: ProfileModel, train: CutExamples, val: CutExamples, step
     return best
 
 
-def fit_fields(model: ProfileModel, train: CutExamples, val: CutExamples, steps: int = 400, lr: float = 0.03,
+def fit_fields(model: ProfileModel, train: CutExamples, val: CutExamples, steps: int = 200, lr: float = 0.04,
                weight_decay: float = 1e-3, seed: int = 0) -> dict:
     """Fit the field heads on `train` and calibrate both probabilities on `val` (held-out time).
 
@@ -314,10 +322,13 @@ def fit_fields(model: ProfileModel, train: CutExamples, val: CutExamples, steps:
     with torch.no_grad():
         params = dict(heads.named_parameters())
         for head in HEAD_PARAMS:
-            options = [(results[v][head][0], v) for v in results if head in results[v]]
+            options = {v: results[v][head][0] for v in results if head in results[v]}
             if not options:
                 continue
-            loss, variant = min(options)
+            # The full heads must earn their place: at least SIMPLER_MARGIN better than the statistics alone
+            # on held-out time (what they learn beyond the statistics is the most shop-specific part).
+            variant = "full" if options.get("full", np.inf) < options.get("statistics", np.inf) * (1 - SIMPLER_MARGIN) \
+                else "statistics"
             chosen[head] = variant
             for name, t in results[variant][head][1].items():
                 params[name].copy_(t)
@@ -370,10 +381,12 @@ def _sample(ex: CutExamples, n: int, gen: torch.Generator) -> CutExamples:
 
 
 def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cuts: int = 10,
-                 val_cuts: int = 2, seed: int = 0, max_examples: int = 60_000) -> dict:
+                 val_cuts: int = 2, seed: int = 0, max_examples: int = 16_000) -> dict:
     """Stage two of training: the field heads of `loaded.model`, fitted in place. Returns a report."""
+    started = time.monotonic()
     cuts = default_cuts(log_.events.ts, n_cuts)
     parts = collect(loaded, log_, cuts, device)
+    collected = time.monotonic()
     if len(parts) <= val_cuts:
         log.warning("too short a log to fit the field heads: left as initialised")
         return {"cuts": len(parts)}
@@ -381,8 +394,10 @@ def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cu
     # bound: the heads are small, and the fit's cost should not grow with the users of a big log.
     gen = torch.Generator().manual_seed(seed)
     train_ex = _sample(CutExamples.concat(parts[:-val_cuts]), max_examples, gen)
-    val_ex = _sample(CutExamples.concat(parts[-val_cuts:]), max_examples // 2, gen)
+    val_ex = _sample(CutExamples.concat(parts[-val_cuts:]), max_examples, gen)
     report = fit_fields(loaded.model, train_ex, val_ex, seed=seed)
+    report.update({"collect_seconds": round(collected - started, 1),
+                   "fit_seconds": round(time.monotonic() - collected, 1)})
     report.update({"cuts": len(parts), "train_examples": len(train_ex.user), "val_examples": len(val_ex.user),
                    "calibration": {"purchase": loaded.model.fields.purchase.calibration.tolist(),
                                    "event": loaded.model.fields.event.calibration.tolist()}})

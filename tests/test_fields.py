@@ -221,3 +221,28 @@ def test_structured_shop_has_the_structure_it_claims():
         if len(gaps) >= 6:
             ratios.append(np.mean(gaps[-3:]) / np.mean(gaps[:-3]))
     assert len(ratios) > 10 and np.median(ratios) > 1.3
+
+
+def test_the_shipped_demo_model_loads_and_its_fields_beat_chance_on_the_demos_traffic(tmp_path):
+    from consumers.demo import DEMO_SHOP_SEED
+    from models.profile_model import load_checkpoint
+
+    loaded = load_checkpoint("demo")
+    assert loaded.trained and loaded.metadata["fields"]["cuts"] >= 3
+    log = generate(users=400, events=20_000, seed=77, span_days=30, shop=ShopParams.draw(DEMO_SHOP_SEED))
+    write_jsonl(log.events, tmp_path / "demo.jsonl")
+    fields = evaluate_fields(loaded, [str(tmp_path / "demo.jsonl")], CPU)["fields"]
+    assert fields["purchase_propensity"]["model"]["roc_auc"] > 0.65
+    assert fields["churn_risk"]["model"]["roc_auc"] > 0.65
+    chance = 3 / len(log.categories)
+    assert fields["top_categories"]["model"]["precision@3"] > 2 * chance
+
+
+def test_run_refuses_to_start_without_a_model(tmp_path):
+    from click.testing import CliRunner
+
+    from consumers.cli import main
+
+    result = CliRunner().invoke(main, ["run", "--bootstrap-servers", "127.0.0.1:9"], env={"PROFILES_MODEL": None, "PROFILES_UNTRAINED": None})
+    assert result.exit_code == 2
+    assert "--model" in result.output and "profiles train" in result.output and "--untrained" in result.output
