@@ -317,7 +317,7 @@ def run(bootstrap_servers: str, input_topics: str, output_topic: str, dlq_topic:
         settings.validate()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    log.info("settings: %s", settings.describe())  # first: what was asked for, secrets masked
+    log.debug("settings: %s", settings.describe())  # before the broker check, secrets masked
     check_broker(settings.kafka, connect_timeout)
     stop = threading.Event()
     received = install_stop_handlers(stop, settings.shutdown_timeout_s)
@@ -345,6 +345,7 @@ def run_daemon(settings: Settings, stop: threading.Event) -> DaemonStats:
     from stream.kafka import StreamError
     from stream.metrics import Health, Metrics, serve
 
+    log.info("settings: %s", settings.describe())
     try:
         updater = load_updater(settings)
         metrics, health = Metrics(), Health(settings.stall_after_s)

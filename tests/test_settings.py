@@ -79,11 +79,12 @@ def test_run_never_prints_a_secret_from_the_environment(tmp_path):
 
     env = dict(os.environ, PROFILES_KAFKA_CONFIG=(
         'security.protocol=PLAINTEXT sasl.password="correct horse=battery staple" sasl.pasword=hunter2 '
-        "sasl.oauthbearer.config='principal=admin secret=s3cr3tvalue'"))
-    done = subprocess.run(profiles_command() + ["run", "--untrained", "--bootstrap-servers", "127.0.0.1:9", "--device", "cpu"],
+        "sasl.oauthbearer.config='principal=zq7user secret=s3cr3tvalue'"))
+    done = subprocess.run(profiles_command() + ["--log-level", "debug", "run", "--untrained", "--bootstrap-servers",
+                                                "127.0.0.1:9", "--device", "cpu"],
                           env=env, capture_output=True, text=True, timeout=120)
     printed = done.stdout + done.stderr
     assert done.returncode == 1, printed
     assert "settings:" in printed and "sasl.pasword" in printed  # the line was logged, the name shown
-    for secret in ("correct", "horse", "battery", "staple", "hunter2", "s3cr3tvalue", "admin"):
+    for secret in ("correct", "horse", "battery", "staple", "hunter2", "s3cr3tvalue", "zq7user"):
         assert secret not in printed, secret
