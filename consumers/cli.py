@@ -615,7 +615,7 @@ def evaluate_(model_path: str, train_files: tuple[str, ...], test_files: tuple[s
               help="jsonl: the event contract, one JSON object per line (plain or gzip); others are converted "
               "on the fly like `profiles import`.")
 @click.option("--model", "model_path", envvar=_env("model"), show_envvar=True, default=None,
-              type=click.Path(dir_okay=False), help="Model checkpoint; without one, an untrained model.")
+              type=click.Path(dir_okay=False), help="Model checkpoint (or `demo`, the shipped one); without one, an untrained model.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write profiles as JSON lines here (.gz compresses; "
               "'-': standard output). Written to a temporary file, renamed when complete; Ctrl-C keeps "
               "<out>.partial.")
@@ -683,7 +683,7 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
 @click.option("--format", "fmt", default="jsonl", show_default=True,
               type=click.Choice(["jsonl", "taobao", "rees46", "yoochoose", "retailrocket"]))
 @click.option("--model", "model_path", envvar=_env("model"), show_envvar=True, default=None,
-              type=click.Path(dir_okay=False), help="Model checkpoint; without one, an untrained model.")
+              type=click.Path(dir_okay=False), help="Model checkpoint (or `demo`, the shipped one); without one, an untrained model.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw the fields to this PNG.")
 @click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True, default="localhost:9092",
               show_default=True, help="Kafka brokers, for kafka:// sources.")
@@ -707,8 +707,8 @@ def inspect(user: str, sources: tuple[str, ...], fmt: str, model_path: str | Non
 
 
 @main.command("evaluate-fields")
-@click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Checkpoint to judge (train it on events before the cut only).")
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint to judge (train it on events before the cut only), or `demo`.")
 @click.option("--events", "event_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="JSON-lines event log(s) spanning the cut (repeatable).")
 @click.option("--cut", default=None, help="ISO time T (or epoch ms): profiles at T are judged on what follows. "

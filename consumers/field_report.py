@@ -36,10 +36,16 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cut: str | Non
         loaded = load_checkpoint(model_path, device)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from None
-    try:
-        report = evaluate_fields(loaded, list(files), device, parse_cut(cut))
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("replaying to the cut"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} records"),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("replay", total=1)
+        try:
+            report = evaluate_fields(loaded, list(files), device, parse_cut(cut),
+                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
     if plot_path:
         draw_reliability(report, plot_path)
     if as_json:

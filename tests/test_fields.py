@@ -246,3 +246,21 @@ def test_run_refuses_to_start_without_a_model(tmp_path):
     result = CliRunner().invoke(main, ["run", "--bootstrap-servers", "127.0.0.1:9"], env={"PROFILES_MODEL": None, "PROFILES_UNTRAINED": None})
     assert result.exit_code == 2
     assert "--model" in result.output and "profiles train" in result.output and "--untrained" in result.output
+
+
+def test_evaluate_fields_command_prints_json_and_draws_reliability(tmp_path):
+    from click.testing import CliRunner
+
+    from consumers.cli import main
+
+    log = generate(users=150, events=5000, seed=12, span_days=30, shop=ShopParams.draw(0))
+    write_jsonl(log.events, tmp_path / "log.jsonl")
+    result = CliRunner().invoke(main, ["evaluate-fields", "--model", "demo", "--events", str(tmp_path / "log.jsonl"),
+                                       "--json", "--plot", str(tmp_path / "rel.png")])
+    assert result.exit_code == 0, result.output
+    report = orjson.loads(result.stdout[result.stdout.index("{"):])
+    assert report["trained"] and set(report["fields"]) == {"top_categories", "purchase_propensity", "churn_risk"}
+    assert (tmp_path / "rel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = CliRunner().invoke(main, ["evaluate-fields", "--model", "demo", "--events", str(tmp_path / "log.jsonl"),
+                                    "--cut", "1999-01-01T00:00:00Z"])
+    assert bad.exit_code == 1 and "not inside the log" in bad.output
