@@ -416,6 +416,115 @@ def forget(users: tuple[str, ...], bootstrap_servers: str, input_topics: str, gr
         sys.exit(1)
 
 
+TOPIC_OPTION = click.option(
+    "--topic", envvar=_env("output-topic"), show_envvar=True, default="profiles", show_default=True,
+    help="The daemon's output topic (its --output-topic).")
+
+
+def _write_lines(lines: list[bytes]) -> None:
+    sys.stdout.buffer.write(b"".join(lines))
+    sys.stdout.buffer.flush()
+
+
+def _stdout_closed() -> None:
+    """`profiles tail | head`: the reader went away; end quietly, as kcat and cat do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python's final flush must not raise again
+    sys.exit(0)
+
+
+@main.command()
+@TOPIC_OPTION
+@click.option("--from-beginning", is_flag=True, help="Start at the first retained profile instead of the end.")
+@click.option("--max", "max_records", default=None, type=click.IntRange(min=1),
+              help="Stop after this many records (default: follow until Ctrl-C).")
+@BOOTSTRAP_OPTION
+@KAFKA_CONFIG_OPTION
+@KAFKA_CONFIG_FILE_OPTION
+@CONNECT_TIMEOUT_OPTION
+def tail(topic: str, from_beginning: bool, max_records: int | None, bootstrap_servers: str,
+         kafka_config: tuple[str, ...], kafka_config_file: str | None, connect_timeout: float) -> None:
+    """Follow the profiles topic: each profile as one JSON line on stdout (an erased user's tombstone as
+    {"user_id": ..., "erased": true}). Starts at the end (new profiles only) unless --from-beginning.
+    Reads assigned partitions without a consumer group's commits: no side effects. Ctrl-C ends it
+    (exit 130) with a one-line count on stderr."""
+    from confluent_kafka import KafkaException
+
+    from consumers.readback import tail as follow
+    from stream.kafka import StreamError
+
+    try:
+        kafka = kafka_settings(bootstrap_servers, kafka_config_file, kafka_config)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    check_broker(kafka, connect_timeout)
+    printed = [0]
+
+    def write(lines: list[bytes]) -> None:
+        _write_lines(lines)
+        printed[0] += len(lines)
+
+    log.debug("following %s from %s", topic, "the beginning" if from_beginning else "the end")
+    try:
+        follow(kafka, topic, from_beginning, max_records, write)
+    except KeyboardInterrupt:
+        click.echo(f"tail: {printed[0]:,} record(s) printed from {topic}", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        _stdout_closed()
+    except StreamError as exc:
+        raise click.ClickException(kafka.scrub(str(exc))) from None
+    except KafkaException as exc:
+        raise click.ClickException(kafka.scrub(f"Kafka error: {exc.args[0].str()}")) from None
+
+
+@main.command()
+@click.argument("users", nargs=-1, required=True)
+@TOPIC_OPTION
+@BOOTSTRAP_OPTION
+@PSEUDONYMIZE_OPTION
+@KAFKA_CONFIG_OPTION
+@KAFKA_CONFIG_FILE_OPTION
+@CONNECT_TIMEOUT_OPTION
+def get(users: tuple[str, ...], topic: str, bootstrap_servers: str, pseudonymize_key: str,
+        kafka_config: tuple[str, ...], kafka_config_file: str | None, connect_timeout: float) -> None:
+    """Print each USER's latest published profile as one JSON line ({"user_id": ..., "erased": true}
+    for an erased user); exit 1 naming the users with no profile.
+
+    Reads only the partition that holds each user's key (the daemon's partitioner: librdkafka's
+    consistent_random unless --kafka-config partitioner=... says otherwise), backwards from its end,
+    until the user's latest record is found. With --pseudonymize-key (the daemon's), give raw ids."""
+    from confluent_kafka import KafkaException
+
+    from consumers.readback import get_latest
+    from stream.kafka import StreamError
+    from stream.pseudonyms import Pseudonymizer
+
+    try:
+        kafka = kafka_settings(bootstrap_servers, kafka_config_file, kafka_config)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    check_broker(kafka, connect_timeout)
+    pseudonym = Pseudonymizer(pseudonymize_key).one if pseudonymize_key else None
+    keys = {u: pseudonym(u).encode() for u in users} if pseudonym else None
+    try:
+        result = get_latest(kafka, topic, users, keys)
+    except StreamError as exc:
+        raise click.ClickException(kafka.scrub(str(exc))) from None
+    except KafkaException as exc:
+        raise click.ClickException(kafka.scrub(f"Kafka error: {exc.args[0].str()}")) from None
+    from consumers.readback import as_line
+
+    try:
+        _write_lines([as_line(u.encode(), result.found[u]) for u in dict.fromkeys(users) if u in result.found])
+    except BrokenPipeError:
+        _stdout_closed()
+    log.debug("read %d record(s) of %s", result.records_read, topic)
+    if result.missing:
+        raise click.ClickException(f"no profile in {topic} for {len(result.missing)} user(s): "
+                                   f"{', '.join(result.missing)}")
+
+
 @main.command()
 @click.option("--users", default=1000, show_default=True, type=click.IntRange(min=1), help="Distinct users.")
 @click.option("--events", default=20000, show_default=True, type=click.IntRange(min=1), help="Events to write.")
