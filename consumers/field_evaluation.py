@@ -14,13 +14,12 @@ No profile or baseline sees an event after T.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 
 import numpy as np
 import orjson
 import torch
 
-from models.dataset import HOUR_MS, EventLog, _build, read_records
+from models.dataset import HOUR_MS, EventLog, event_log, read_records
 from models.evaluate import roc_auc
 from models.profile_model import LoadedModel
 from stream.events import ADD_TO_CART, PURCHASE, decode_batch
@@ -69,14 +68,6 @@ def binary_metrics(scores: np.ndarray, y: np.ndarray, probability: bool) -> dict
         out["brier"] = float(np.mean((scores - y) ** 2))
         out["ece"] = expected_calibration_error(scores, y)
     return out
-
-
-@dataclass
-class History:
-    """Per judged user: what the events before T say (the baselines' inputs)."""
-
-    users: np.ndarray  # (U,) ids
-    log: EventLog  # events before T of these users, sorted by (user, time)
 
 
 def category_metrics(predicted: list[list[str]], future: list[dict[str, int]]) -> dict[str, float]:
@@ -164,13 +155,13 @@ def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device,
                            progress)
 
     # 2. History (before T) and future (after T) of the same users, from the decoded events.
-    log_ = _build(events, len(dead))
+    log_ = event_log(events, len(dead))
     before = log_.events.ts <= cut
     hist = log_.subset_users(np.bincount(log_.user_of_event[before], minlength=len(log_.users)) > 0)
     keep_hist = hist.events.ts <= cut
     future_ev = hist.events.take(np.flatnonzero(~keep_hist))
     future_user = hist.user_of_event[~keep_hist]
-    hist_before = _build(hist.events.take(np.flatnonzero(keep_hist)), 0)
+    hist_before = event_log(hist.events.take(np.flatnonzero(keep_hist)))
     assert (hist_before.users == hist.users).all()
     users = hist.users.astype(str)
     n = len(users)

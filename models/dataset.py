@@ -108,6 +108,11 @@ def _build(ev: EventColumns, invalid: int) -> EventLog:
     return EventLog(users, start, length, user_of_event, position, ev, invalid)
 
 
+def event_log(ev: EventColumns, invalid: int = 0) -> EventLog:
+    """Decoded events as an EventLog (sorted by user, time, arrival)."""
+    return _build(ev, invalid)
+
+
 def load_events(paths: Sequence[str | Path], max_event_bytes: int = 65536) -> EventLog:
     """Read, validate and sort the events of JSON-lines files."""
     ev, dead = decode_batch(read_records(paths), max_event_bytes)

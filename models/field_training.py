@@ -24,7 +24,7 @@ from torch import nn
 
 from models.dataset import HOUR_MS, EventLog
 from models.features import hash_buckets
-from models.profile_model import FieldInputs, HazardHead, LoadedModel, ProfileModel
+from models.profile_model import FieldInputs, LoadedModel, ProfileModel
 from stream.events import PURCHASE
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from models.features import DENSE_FEATURES, PRICE_EDGES, EventFeatures
-from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
+from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES, USER_FEATURES
 
 # 2: long-term memory in the state; category head conditioned on idle time.
@@ -397,25 +397,6 @@ class ProfileModel(nn.Module):
         if categories is None:
             return head.weight, head.bias
         return head.weight[categories], head.bias[categories]
-
-    def top_categories(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None, k: int,
-                       chunk_users: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k most likely next categories of each user and their probabilities: (U, k) probs, (U, k)
-        column indices into `categories` (or bucket ids when None). The softmax over C columns is taken
-        chunk by chunk, so the (U, C) matrix never exists whole (66k users x 4k categories = 1 GB)."""
-        k = min(k, self.config.category_buckets if categories is None else len(categories))
-        probs, cols = [], []
-        for start in range(0, len(s), chunk_users):
-            end = start + chunk_users
-            logits = self.category_logits(s[start:end], idle_hours[start:end], categories)  # (u, C)
-            top, idx = logits.topk(k, dim=1)
-            best = top[:, :1]
-            mass = logits.sub_(best).exp_().sum(dim=1, keepdim=True)  # softmax denominator, shifted by the max
-            probs.append((top - best).exp_() / mass)
-            cols.append(idx)
-        if not probs:
-            return s.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=s.device)
-        return torch.cat(probs), torch.cat(cols)
 
     def field_probabilities(self, s: torch.Tensor, inputs: FieldInputs, purchase_hours: torch.Tensor | float,
                             churn_hours: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
