@@ -21,6 +21,7 @@ import torch
 
 from models.dataset import HOUR_MS, EventLog, event_log, read_records
 from models.evaluate import roc_auc
+from models.field_training import FutureIndex
 from models.profile_model import LoadedModel
 from stream.events import ADD_TO_CART, PURCHASE, decode_batch
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
@@ -102,11 +103,10 @@ def baseline_categories(hist: EventLog, cut: int) -> dict[str, list[list[str]]]:
     for name, score in (("all-time counts", count.astype(float)), ("decayed counts", decayed),
                         ("most recent categories", latest.astype(float))):
         order = np.lexsort((-latest, -score, k_user))
-        tops: list[list[str]] = [[] for _ in range(len(hist.users))]
-        for u, c in zip(k_user[order].tolist(), k_cat[order].tolist()):
-            if len(tops[u]) < 3:
-                tops[u].append(names[c])
-        out[name] = tops
+        users, cats = k_user[order], k_cat[order]
+        keep = np.arange(len(users)) - np.searchsorted(users, users) < 3  # each user's best 3
+        users, cats = users[keep], cats[keep]
+        out[name] = [names[c].tolist() for c in np.split(cats, np.searchsorted(users, np.arange(1, len(hist.users))))]
     return out
 
 
@@ -166,14 +166,12 @@ def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device,
     users = hist.users.astype(str)
     n = len(users)
 
-    def within(hours: float, mask: np.ndarray | None = None) -> np.ndarray:
-        m = future_ev.ts <= cut + hours * HOUR_MS
-        if mask is not None:
-            m &= mask
-        return np.bincount(future_user[m], minlength=n) > 0
-
-    bought = within(windows["purchase"], future_ev.type_idx == PURCHASE).astype(np.int64)
-    silent = (~within(windows["churn"])).astype(np.int64)
+    # The labels as training reads them (models/field_training.FutureIndex): one definition of each field.
+    cfg = loaded.model.config
+    future = FutureIndex(hist, cfg.category_buckets, cfg.hash_seed)
+    everyone = np.arange(n)
+    bought = future.any_within(everyone, cut, cut + int(windows["purchase"] * HOUR_MS), purchases=True).astype(np.int64)
+    silent = (~future.any_within(everyone, cut, cut + int(windows["churn"] * HOUR_MS))).astype(np.int64)
     future_cats: list[dict[str, int]] = [{} for _ in range(n)]
     cat_mask = (future_ev.ts <= cut + windows["category"] * HOUR_MS)
     for u, c in zip(future_user[cat_mask].tolist(), future_ev.category[cat_mask].tolist()):
@@ -225,7 +223,7 @@ def profiles_at(loaded: LoadedModel, records, device: torch.device, cut: int,
     updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False)
     before_cut = TimeRange(None, cut + 1)
     for a in range(0, len(records), batch_records):
-        updater.process(_slice(records, a, a + batch_records), before_cut, profiles=False)
+        updater.process(records.slice(a, a + batch_records), before_cut, profiles=False)
         if progress:
             progress(min(a + batch_records, len(records)), len(records))
     state = updater.state
@@ -237,12 +235,6 @@ def profiles_at(loaded: LoadedModel, records, device: torch.device, cut: int,
             p = orjson.loads(value)
             profiles[p["user_id"]] = p
     return profiles
-
-
-def _slice(records, a: int, b: int):
-    from stream.events import RecordBatch
-    return RecordBatch(records.topics[a:b], records.partitions[a:b], records.offsets[a:b], records.keys[a:b],
-                       records.values[a:b])
 
 
 def _iso(ms: int) -> str:

@@ -99,6 +99,11 @@ class RecordBatch:
         return cls([m.topic() for m in messages], [m.partition() for m in messages], [m.offset() for m in messages],
                    [m.key() for m in messages], [m.value() for m in messages])
 
+    def slice(self, start: int, stop: int) -> "RecordBatch":
+        """Records start..stop-1 (a batch of a larger one)."""
+        return RecordBatch(self.topics[start:stop], self.partitions[start:stop], self.offsets[start:stop],
+                           self.keys[start:stop], self.values[start:stop])
+
     def extend(self, other: "RecordBatch") -> None:
         self.topics += other.topics
         self.partitions += other.partitions

@@ -142,17 +142,14 @@ def _update_slots(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted:
                   category: np.ndarray, age: np.ndarray, since: np.ndarray) -> None:
     """Merge each user's new categorised events into their K slots; keep the K with most 30-day mass."""
     has = category > 0
-    if not has.any():
-        buckets = columns["cat_mass"][rows].astype(np.float64)  # only decay the masses
-        for j, tau in enumerate(SLOT_TAUS_MS):
-            buckets[:, :, j] *= np.exp(-since / tau)[:, None]
-        columns["cat_mass"][rows] = buckets
-        return
-    k, n_users = CATEGORY_SLOTS, len(rows)
-    old_bucket = columns["cat_bucket"][rows]  # (U, K)
     old_mass = columns["cat_mass"][rows].astype(np.float64)  # (U, K, T + 1)
     for j, tau in enumerate(SLOT_TAUS_MS):
         old_mass[:, :, j] *= np.exp(-since / tau)[:, None]
+    if not has.any():  # no new category: only the decay
+        columns["cat_mass"][rows] = old_mass
+        return
+    k, n_users = CATEGORY_SLOTS, len(rows)
+    old_bucket = columns["cat_bucket"][rows]  # (U, K)
     filled = old_bucket > 0
     user = np.concatenate([np.nonzero(filled)[0], user_sorted[has]])
     bucket = np.concatenate([old_bucket[filled], category[has]]).astype(np.int64)
