@@ -1,6 +1,6 @@
 """The always-on daemon: poll a batch -> decode -> update profiles -> publish -> commit.
 
-Guarantees (see README "Delivery guarantees"):
+Guarantees (see docs/architecture.md, "Delivery guarantees"):
 - State is exactly-once under either setting: every user's changelog record carries the offset of
   the last event applied, and re-consumed events at or below it are skipped (broker-independent).
 - at-least-once output: input offsets are committed only after every profile, changelog record and

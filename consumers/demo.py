@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 PARTITIONS = 4
 # The demo's traffic comes from the structured shop the shipped model (`--model demo`) was trained in
-# (with other users: models/checkpoints/README.md has the command).
+# (with other users: docs/model.md, "Rebuilding the shipped model", has the command).
 DEMO_SHOP_SEED = 0
 WATCHED_USERS = 6
 

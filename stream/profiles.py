@@ -19,7 +19,7 @@
 The profile's clock is the event time it was computed at: the largest event time the instance
 has seen (so an idle re-score moves purchase_propensity and churn_risk with the user's idle time).
 The horizons below are the one definition of these fields: training targets (models/field_training.py),
-the evaluation against the future (`profiles evaluate-fields`) and the README read them from here.
+the evaluation against the future (`profiles evaluate-fields`) and docs/contracts.md read them from here.
 """
 
 from __future__ import annotations
