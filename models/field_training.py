@@ -24,7 +24,7 @@ from torch import nn
 
 from models.dataset import HOUR_MS, EventLog
 from models.features import hash_buckets
-from models.profile_model import FieldInputs, LoadedModel, ProfileModel
+from models.profile_model import FieldInputs, LoadedModel, ProfileModel, piecewise_linear
 from stream.events import PURCHASE
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 
@@ -344,8 +344,10 @@ def fit_fields(model: ProfileModel, train: CutExamples, val: CutExamples, steps:
 
 
 def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200) -> None:
-    """Fit log L -> a log L + b for each probability head on held-out time (Platt scaling in the
-    hazard's own space, so every window stays a proper probability)."""
+    """Fit each probability head's calibration on held-out time: log L -> g(log L), g monotone piecewise
+    linear with knots at quantiles of the held-out log L (Platt scaling is the special case of one
+    segment; an S-shaped reliability curve needs more). In the hazard's own space, so every window stays a
+    proper probability and a longer window never gets a lower one."""
     heads = model.fields
     x = heads.standardise(val.user).detach()
     for head, label, hours in ((heads.purchase, val.purchase, val.purchase_hours),
@@ -353,16 +355,26 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200) -> None:
         ok = hours > 0
         if ok.sum() < 50 or label[ok].min() == label[ok].max():
             continue  # too little held-out time, or one class only: leave uncalibrated
+        k = head.calibration.shape[1]
         with torch.no_grad():
-            head.calibration.copy_(torch.tensor([1.0, 0.0]))
-            raw = head.log_hazard(x[ok], val.state[ok], hours[ok])
-        ab = torch.tensor([1.0, 0.0], requires_grad=True)
-        y = label[ok]
-        opt = torch.optim.LBFGS([ab], lr=0.5, max_iter=steps)
+            identity = torch.linspace(-6.0, 3.0, k)
+            head.calibration.copy_(torch.stack([identity, identity]))
+            raw = head.log_hazard(x[ok], val.state[ok], hours[ok]).cpu()
+            knots = torch.quantile(raw, torch.linspace(0.02, 0.98, k)).cummax(0).values
+            knots = knots + torch.arange(k) * 1e-3  # strictly ascending, even where the scores tie
+        y = label[ok].cpu()
+        # values = knot 0's value, then positive slopes: monotone by construction. Starts as the identity.
+        first = knots[0].clone().requires_grad_(True)
+        slopes = torch.full((k - 1,), 0.5413, requires_grad=True)  # softplus(0.5413) = 1
+        opt = torch.optim.LBFGS([first, slopes], lr=0.5, max_iter=steps)
+
+        def values() -> torch.Tensor:
+            steps_up = nn.functional.softplus(slopes) * knots.diff()
+            return torch.cat([first.view(1), first + torch.cumsum(steps_up, 0)])
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
-            log_l = (ab[0] * raw + ab[1]).clamp(max=30)
+            log_l = piecewise_linear(raw, knots, values()).clamp(max=30)
             log_p = torch.log((-torch.expm1(-log_l.exp())).clamp(min=1e-12))
             loss = -(y * log_p - (1 - y) * log_l.exp()).mean()
             loss.backward()
@@ -370,8 +382,9 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200) -> None:
 
         opt.step(closure)
         with torch.no_grad():
-            if torch.isfinite(ab).all() and ab[0] > 0:
-                head.calibration.copy_(ab.detach())
+            fitted = values()
+            if torch.isfinite(fitted).all():
+                head.calibration.copy_(torch.stack([knots, fitted]).to(head.calibration.device))
 
 
 def _sample(ex: CutExamples, n: int, gen: torch.Generator) -> CutExamples:

@@ -38,7 +38,10 @@ from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES, USER_FEATURES
 
 # 2: long-term memory in the state; category head conditioned on idle time.
 # 3: published fields from FieldHeads (exact statistics + state; time-to-event probabilities, calibrated).
-CHECKPOINT_FORMAT = 3
+# 4: calibration a monotone piecewise-linear map of log L (format 3's affine one is read as two knots).
+CHECKPOINT_FORMAT = 4
+READABLE_FORMATS = (3, 4)
+CALIBRATION_KNOTS = 6
 
 
 class ModelError(Exception):
@@ -143,20 +146,29 @@ class HazardHead(nn.Module):
         self.shape = nn.Linear(n_features, 1)
         nn.init.zeros_(self.shape.weight)
         nn.init.zeros_(self.shape.bias)
-        # Calibration on held-out time: log L -> a * log L + b (fitted after the rest; identity untrained).
-        self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
+        # Calibration on held-out time: log L -> g(log L), g monotone piecewise linear through the knots
+        # (row 0: knots, row 1: their values), extended linearly past the ends; identity untrained.
+        knots = torch.linspace(-6.0, 3.0, CALIBRATION_KNOTS)
+        self.register_buffer("calibration", torch.stack([knots, knots.clone()]))
 
     def log_hazard(self, x: torch.Tensor, s: torch.Tensor, window_hours: torch.Tensor) -> torch.Tensor:
         """(U,) log L(W), calibrated."""
         f = self.linear(x)[:, 0] + self.mlp(x)[:, 0] + self.state(s)[:, 0]
         kappa = (self.log_kappa + self.shape(x)[:, 0].clamp(-3, 3)).exp()
         log_l = f + kappa * torch.log(window_hours.clamp(min=1e-3) / 24.0)
-        return self.calibration[0] * log_l + self.calibration[1]
+        return piecewise_linear(log_l, self.calibration[0], self.calibration[1])
 
     @staticmethod
     def probability(log_l: torch.Tensor) -> torch.Tensor:
         """P(at least one event) from log L."""
         return -torch.expm1(-log_l.clamp(max=30).exp())
+
+
+def piecewise_linear(x: torch.Tensor, knots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The line through (knots, values) at x, extended by the end segments (knots ascending, >= 2)."""
+    i = torch.searchsorted(knots, x.detach().contiguous()).clamp(1, len(knots) - 1)
+    x0, x1, y0, y1 = knots[i - 1], knots[i], values[i - 1], values[i]
+    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
 
 
 class FieldHeads(nn.Module):
@@ -514,10 +526,16 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         raise CheckpointError(f"{str(path)!r} is not a readable profiles checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or "format" not in payload:
         raise CheckpointError(f"{str(path)!r} is not a profiles checkpoint (no format version)")
-    if payload["format"] != CHECKPOINT_FORMAT:
+    if payload["format"] not in READABLE_FORMATS:
         raise CheckpointError(
-            f"{str(path)!r} has checkpoint format {payload['format']}; this version reads format {CHECKPOINT_FORMAT}"
+            f"{str(path)!r} has checkpoint format {payload['format']}; this version reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}"
         )
+    if payload["format"] == 3:  # affine calibration [a, b]: the same line through the knots
+        for key in [k for k in payload["state_dict"] if k.endswith(".calibration")]:
+            a, b = payload["state_dict"][key].tolist()
+            knots = torch.linspace(-6.0, 3.0, CALIBRATION_KNOTS)
+            payload["state_dict"][key] = torch.stack([knots, a * knots + b])
     try:
         raw = dict(payload["config"])
         config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})

@@ -15,7 +15,8 @@ from consumers.pipeline import ProfileUpdater
 from models.dataset import load_events, read_records
 from models.evaluate import roc_auc
 from models.field_training import CutExamples, calibrate, fit_fields
-from models.profile_model import FieldInputs, ModelConfig, ProfileModel, untrained
+from models.profile_model import (FieldInputs, ModelConfig, ProfileModel, load_checkpoint, piecewise_linear,
+                                  save_checkpoint, untrained)
 from stream.events import RecordBatch
 from stream.generator import ShopParams, generate, write_jsonl
 from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES, USER_FEATURES
@@ -119,6 +120,30 @@ def test_calibration_recovers_known_probabilities():
     assert float((p - p_true).abs().mean()) < 0.03
 
 
+def test_calibration_straightens_an_s_shaped_reliability_curve():
+    """The probabilities plateau at 0.1 and 0.9 while the head's hazard keeps growing: no single line in
+    log L fits both ends (Platt's map, the previous calibration, leaves ECE > 0.04 here)."""
+    gen = torch.Generator().manual_seed(2)
+    n = 30_000
+    user = torch.rand(n, len(USER_FEATURES), generator=gen)
+    p_true = 0.1 + 0.8 * torch.sigmoid(14 * (user[:, 0] - 0.5))
+    label = (torch.rand(n, generator=gen) < p_true).float()
+    ex = examples(user, label, torch.zeros(n, 8))
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    with torch.no_grad():
+        model.fields.purchase.linear.weight.zero_()
+        model.fields.purchase.linear.weight[0, 0] = 4.0
+        model.fields.purchase.linear.bias.fill_(-2.0)
+    calibrate(model, ex)
+    with torch.no_grad():
+        p, _ = model.field_probabilities(ex.state, ex.inputs(), 24.0, 24.0)
+        p_week, _ = model.field_probabilities(ex.state, ex.inputs(), 168.0, 24.0)
+    assert expected_calibration_error(p.numpy(), label.numpy()) < 0.02
+    assert float((p - p_true).abs().mean()) < 0.04
+    assert bool((p_week >= p - 1e-6).all())  # a longer window is never less likely to see a purchase
+
+
 def examples(user: torch.Tensor, label: torch.Tensor, state: torch.Tensor) -> CutExamples:
     """Examples whose purchase label is `label` over a 24 h window (events and categories left empty)."""
     n, k = len(user), CATEGORY_SLOTS
@@ -128,6 +153,21 @@ def examples(user: torch.Tensor, label: torch.Tensor, state: torch.Tensor) -> Cu
         target_slot=torch.full((n, 2), -1), target_weight=torch.zeros(n, 2), purchase=label,
         purchase_hours=torch.full((n,), 24.0), event=label, event_hours=torch.full((n,), 24.0),
         cut=torch.zeros(n, dtype=torch.long))
+
+
+def test_a_format_3_checkpoint_keeps_its_affine_calibration(tmp_path):
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    save_checkpoint(tmp_path / "m.pt", model, "v3")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["format"] = 3  # what the previous release wrote: calibration = [a, b], log L -> a log L + b
+    for key in [k for k in payload["state_dict"] if k.endswith(".calibration")]:
+        payload["state_dict"][key] = torch.tensor([0.5, -1.0])
+    torch.save(payload, tmp_path / "m.pt")
+    head = load_checkpoint(tmp_path / "m.pt").model.fields.purchase
+    raw = torch.linspace(-10, 5, 7)
+    assert torch.allclose(piecewise_linear(raw, head.calibration[0], head.calibration[1]), 0.5 * raw - 1.0,
+                          atol=1e-5)
 
 
 def test_repeat_side_alone_ranks_a_users_categories_by_their_counts():
