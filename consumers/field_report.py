@@ -73,6 +73,7 @@ def print_tables(report: dict) -> None:
     for name, m in [("model", cats["model"]), *cats["baselines"].items()]:
         table.add_row(name, _fmt(m["precision@3"]), _fmt(m["top_future_hit_rate"]))
     console.print(table)
+    console.print(_versus_best(cats))
     for field, what in (("purchase_propensity", f"a purchase within {w['purchase']:.0f} h"),
                         ("churn_risk", f"no event within {w['churn']:.0f} h")):
         f = fields[field]
@@ -82,6 +83,7 @@ def print_tables(report: dict) -> None:
         for name, m in [("model", f["model"]), *f["baselines"].items()]:
             table.add_row(name, _fmt(m["roc_auc"]), _fmt(m["pr_auc"]), _fmt(m.get("brier")), _fmt(m.get("ece")))
         console.print(table)
+        console.print(_versus_best(f))
 
 
 def draw_reliability(report: dict, path: str) -> None:
@@ -110,6 +112,18 @@ def draw_reliability(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _versus_best(field: dict) -> str:
+    """One line: the model minus the best baseline, its 95% paired-bootstrap interval, and what it means."""
+    v = field.get("versus_best")
+    if not v or np.isnan(v["difference"]):
+        return ""
+    lo, hi = v["interval95"]
+    verdict = ("[green]ahead[/]" if lo > 0 else "[red]behind[/]" if hi < 0
+               else "within the sampling noise")
+    return (f"model - {v['baseline']}: {v['difference']:+.3f} {v['metric']} "
+            f"(95% paired bootstrap [{lo:+.3f}, {hi:+.3f}]): {verdict}\n")
 
 
 def _fmt(value: object) -> str:

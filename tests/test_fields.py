@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from consumers.field_evaluation import (
-    baseline_scores, binary_metrics, evaluate_fields, expected_calibration_error, profiles_at,
+    baseline_scores, binary_metrics, evaluate_fields, expected_calibration_error, paired_interval, profiles_at,
 )
 from consumers.pipeline import ProfileUpdater
 from models.dataset import load_events, read_records
@@ -222,6 +222,23 @@ def test_evaluation_report_has_every_field_metric_and_baseline(tmp_path):
         assert 0 < fields[field]["positives"] < fields[field]["users"]
     # An untrained model's repeat side already counts: it is no worse than chance on categories.
     assert fields["top_categories"]["model"]["precision@3"] > 0.3
+    for field in fields.values():  # the gap to the best rule comes with its sampling interval around it
+        v = field["versus_best"]
+        assert v["baseline"] in field["baselines"]
+        assert v["interval95"][0] <= v["difference"] <= v["interval95"][1]
+
+
+def test_paired_interval_separates_a_real_gap_from_noise():
+    rng = np.random.default_rng(0)
+    y = (rng.random(4000) < 0.3).astype(int)
+    signal = y + rng.normal(0, 1.0, 4000)
+    lo, hi = paired_interval(signal, rng.normal(0, 1.0, 4000), roc_auc, y)
+    assert lo > 0.15  # a score that knows the label vs one that does not
+    same = paired_interval(signal, signal + rng.normal(0, 1e-3, 4000), roc_auc, y)
+    assert same[0] < 0 < same[1] or max(abs(same[0]), abs(same[1])) < 1e-3
+    per_user = rng.random(500)
+    lo, hi = paired_interval(per_user + 0.01, per_user)
+    assert lo == pytest.approx(0.01) and hi == pytest.approx(0.01)  # paired: the shared noise cancels
 
 
 def test_metrics_of_a_perfect_and_a_constant_score():
