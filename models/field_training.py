@@ -31,6 +31,7 @@ from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHAS
 log = logging.getLogger(__name__)
 
 MAX_TARGETS = 8  # future categories kept per example (the most engaged)
+FOREIGN_SHARE = 0.3  # examples whose explore side is shuffled in training (CutExamples.foreign)
 
 
 @dataclass
@@ -45,6 +46,11 @@ class CutExamples:
     target_explore: torch.Tensor  # (n, T) log P_explore of each future category (-inf: padding)
     target_slot: torch.Tensor  # (n, T) long: the slot holding the future category, -1: none
     target_weight: torch.Tensor  # (n, T) share of the user's future categorised events (0: padding)
+    # The same two, as a sequence model that does not know this shop would give them: its explore
+    # distribution with the categories' columns shuffled (see `foreign`).
+    foreign_at_slots: torch.Tensor  # (n, K)
+    foreign_target_explore: torch.Tensor  # (n, T)
+    n_categories: torch.Tensor  # (n,) long: categories the explore side chose among at the cut
     purchase: torch.Tensor  # (n,) 1: a purchase within purchase_hours after the cut
     purchase_hours: torch.Tensor  # (n,) window observed
     event: torch.Tensor  # (n,) 1: any event within event_hours after the cut
@@ -57,6 +63,18 @@ class CutExamples:
     @staticmethod
     def concat(parts: list["CutExamples"]) -> "CutExamples":
         return CutExamples(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(CutExamples)})
+
+    def foreign(self, share: float, gen: torch.Generator) -> "CutExamples":
+        """A copy in which a random `share` of the examples see a foreign explore side. Domain
+        randomisation: the explore side is the part of top_categories that is specific to the shop the
+        model was trained in; seeing it be wrong teaches the gate to tell (by explore_fit) when to trust
+        the user's own categories instead, as it must in a shop it has never seen."""
+        pick = (torch.rand(len(self.user), generator=gen) < share).to(self.user.device)
+        return CutExamples(**{**{f.name: getattr(self, f.name) for f in fields(self)},
+                              "explore_at_slots": torch.where(pick[:, None], self.foreign_at_slots,
+                                                              self.explore_at_slots),
+                              "target_explore": torch.where(pick[:, None], self.foreign_target_explore,
+                                                            self.target_explore)})
 
     def inputs(self) -> FieldInputs:
         k = self.slot_valid.shape[1]
@@ -188,15 +206,20 @@ def examples_at(updater, model: ProfileModel, future: FutureIndex, cut: int, end
 
     explore_slots = torch.full(inputs.slot_cols.shape, float("-inf"), device=device)
     explore_targets = torch.full((n, MAX_TARGETS), float("-inf"), device=device)
+    foreign_slots, foreign_targets = explore_slots.clone(), explore_targets.clone()
     tcol = torch.from_numpy(target_col).to(device)
+    shuffle = torch.randperm(max(len(seen), 1), generator=torch.Generator().manual_seed(k)).to(device)
     away = idle.clamp(min=model.config.visit_break_hours)
     for a in range(0, n, 4096):
         b = a + 4096
         lp = torch.log_softmax(model.category_logits(s[a:b], away[a:b], seen), dim=1)
         explore_slots[a:b] = lp.gather(1, inputs.slot_cols[a:b])
         explore_targets[a:b] = lp.gather(1, tcol[a:b])
+        foreign_slots[a:b] = lp.gather(1, shuffle[inputs.slot_cols[a:b]])
+        foreign_targets[a:b] = lp.gather(1, shuffle[tcol[a:b]])
     has_target = torch.from_numpy(target_weight > 0).to(device)
     explore_targets = explore_targets.masked_fill(~has_target, float("-inf"))
+    foreign_targets = foreign_targets.masked_fill(~has_target, float("-inf"))
 
     purchase_hours = min(PURCHASE_HORIZON_HOURS, max((end_ts - cut) / HOUR_MS, 0.0))
     event_hours = min(CHURN_HORIZON_HOURS, max((end_ts - cut) / HOUR_MS, 0.0))
@@ -208,6 +231,8 @@ def examples_at(updater, model: ProfileModel, future: FutureIndex, cut: int, end
         user=inputs.user, state=s, slot_valid=inputs.slot_valid, slot=inputs.slot,
         explore_at_slots=explore_slots, target_explore=explore_targets,
         target_slot=t(target_slot, torch.long), target_weight=t(target_weight),
+        foreign_at_slots=foreign_slots, foreign_target_explore=foreign_targets,
+        n_categories=t(np.full(n, len(seen)), torch.long),
         purchase=t(future.any_within(users, cut, cut + int(purchase_hours * HOUR_MS), purchases=True)),
         purchase_hours=t(np.full(n, purchase_hours)),
         event=t(future.any_within(users, cut, cut + int(event_hours * HOUR_MS))),
@@ -231,7 +256,7 @@ def field_losses(model: ProfileModel, ex: CutExamples) -> dict[str, torch.Tensor
     has = ex.target_weight.sum(dim=1) > 0
     if has.any():
         inputs = ex.inputs()
-        g = heads.repeat_gate(x, ex.state, inputs)[has][:, None]
+        g = heads.repeat_gate(x, ex.state, inputs, ex.explore_at_slots, ex.n_categories)[has][:, None]
         repeat = heads.repeat_log_probs(inputs, ex.explore_at_slots)[has]  # (m, K)
         slot = ex.target_slot[has]
         repeat_t = torch.where(slot >= 0, repeat.gather(1, slot.clamp(min=0)).exp(), torch.zeros_like(g))
@@ -244,7 +269,7 @@ def field_losses(model: ProfileModel, ex: CutExamples) -> dict[str, torch.Tensor
 # Which parameters of FieldHeads belong to which field (their losses are separate, so each field keeps
 # the variant and the step that did best on held-out time).
 HEAD_PARAMS = {"purchase": ("purchase.",), "event": ("event.",),
-               "category": ("repeat_score.", "repeat_explore_weight", "gate.", "gate_state.")}
+               "category": ("repeat_score.", "repeat_explore_weight", "gate.", "gate_state.", "gate_fit.")}
 SIMPLER_MARGIN = 0.01
 # The statistics-only variant: these stay zero (no MLP, no state, no sequence model inside repeat).
 BEYOND_STATISTICS = (".mlp.", ".state.", "gate_state.", "repeat_explore_weight")
@@ -406,8 +431,8 @@ def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cu
     # The latest cuts are held-out time: early stopping and calibration. Examples are sampled down to a
     # bound: the heads are small, and the fit's cost should not grow with the users of a big log.
     gen = torch.Generator().manual_seed(seed)
-    train_ex = _sample(CutExamples.concat(parts[:-val_cuts]), max_examples, gen)
-    val_ex = _sample(CutExamples.concat(parts[-val_cuts:]), max_examples, gen)
+    train_ex = _sample(CutExamples.concat(parts[:-val_cuts]), max_examples, gen).foreign(FOREIGN_SHARE, gen)
+    val_ex = _sample(CutExamples.concat(parts[-val_cuts:]), max_examples, gen).foreign(FOREIGN_SHARE, gen)
     report = fit_fields(loaded.model, train_ex, val_ex, seed=seed)
     report.update({"collect_seconds": round(collected - started, 1),
                    "fit_seconds": round(time.monotonic() - collected, 1)})

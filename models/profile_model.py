@@ -196,6 +196,10 @@ class FieldHeads(nn.Module):
         self.gate = nn.Linear(n, 1)
         self.gate_state = nn.Linear(state_size, 1, bias=False)
         nn.init.zeros_(self.gate_state.weight)
+        # How well the explore side knows this user (explore_fit): in a shop the sequence model was not
+        # trained in, it does not, and the gate must lean on the user's own categories instead.
+        self.gate_fit = nn.Linear(1, 1, bias=False)
+        nn.init.zeros_(self.gate_fit.weight)
         with torch.no_grad():  # untrained: rank slots by 30-day mass and count, mostly repeat, no exploring
             self.repeat_score.weight.copy_(torch.tensor([[0.0, 0.5, 1.0, 1.0, 0.0, 0.5]]))
             self.repeat_score.bias.zero_()
@@ -217,10 +221,28 @@ class FieldHeads(nn.Module):
         return torch.log_softmax(score.masked_fill(~inputs.slot_valid, -1e9), dim=1).masked_fill(
             ~inputs.slot_valid, float("-inf"))
 
-    def repeat_gate(self, x: torch.Tensor, s: torch.Tensor, inputs: FieldInputs) -> torch.Tensor:
-        """(U,) P(repeat); 0 for users without categories of their own."""
-        g = torch.sigmoid(self.gate(x)[:, 0] + self.gate_state(s)[:, 0])
+    def repeat_gate(self, x: torch.Tensor, s: torch.Tensor, inputs: FieldInputs, explore_at_slots: torch.Tensor,
+                    n_categories: int | torch.Tensor) -> torch.Tensor:
+        """(U,) P(repeat); 0 for users without categories of their own. explore_at_slots: (U, K) the explore
+        side's log-probabilities of the slots' categories, among n_categories (an int, or (U,))."""
+        fit = explore_fit(inputs, explore_at_slots, n_categories)
+        g = torch.sigmoid(self.gate(x)[:, 0] + self.gate_state(s)[:, 0] + self.gate_fit(fit[:, None])[:, 0])
         return g * inputs.slot_valid.any(dim=1)
+
+
+SHARE = SLOT_FEATURES.index("share")
+
+
+def explore_fit(inputs: FieldInputs, explore_at_slots: torch.Tensor, n_categories: int | torch.Tensor
+                ) -> torch.Tensor:
+    """(U,) how much likelier than uniform the explore side finds the user's own categories: the
+    share-weighted mean of log(n_categories * P_explore(slot)), 0 for users without categories. High where
+    the sequence model has learned this shop's categories; low where it has not (another shop, new names)."""
+    w = inputs.slot[..., SHARE].clamp(min=0) * inputs.slot_valid
+    log_n = torch.as_tensor(n_categories, dtype=explore_at_slots.dtype, device=explore_at_slots.device)
+    log_n = log_n.clamp(min=1).log().reshape(-1, 1)  # (1, 1) or (U, 1)
+    lift = (explore_at_slots.clamp(min=-30) + log_n).clamp(-10, 10)
+    return (w * lift).sum(dim=1) / w.sum(dim=1).clamp(min=1e-6)
 
 
 class ProfileModel(nn.Module):
@@ -430,7 +452,6 @@ class ProfileModel(nn.Module):
         if k == 0:  # no category seen yet
             return s.new_zeros(len(s), 0), torch.zeros(len(s), 0, dtype=torch.long, device=s.device)
         x = self.fields.standardise(inputs.user)
-        gate = self.fields.repeat_gate(x, s, inputs)  # (U,)
         probs, cols = [], []
         for a in range(0, len(s), chunk_users):
             b = a + chunk_users
@@ -440,9 +461,9 @@ class ProfileModel(nn.Module):
             explore_slots = explore.gather(1, slot_cols)
             chunk = FieldInputs(inputs.user[a:b], slot_cols, inputs.slot_valid[a:b], inputs.slot[a:b])
             repeat = self.fields.repeat_log_probs(chunk, explore_slots).exp()  # (u, K), 0 at empty slots
+            g = self.fields.repeat_gate(x[a:b], s[a:b], chunk, explore_slots, width)[:, None]
             explore = explore.exp_()
             explore_top, explore_cols = explore.topk(k, dim=1)
-            g = gate[a:b, None]
             at_slots = g * repeat + (1 - g) * explore_slots.exp()
             at_slots = at_slots.masked_fill(~inputs.slot_valid[a:b], -1.0)
             # Explore's best columns that are also slots are already counted there.
@@ -536,6 +557,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
             a, b = payload["state_dict"][key].tolist()
             knots = torch.linspace(-6.0, 3.0, CALIBRATION_KNOTS)
             payload["state_dict"][key] = torch.stack([knots, a * knots + b])
+        payload["state_dict"]["fields.gate_fit.weight"] = torch.zeros(1, 1)  # format 3's gate ignores the fit
     try:
         raw = dict(payload["config"])
         config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})

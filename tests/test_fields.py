@@ -150,7 +150,9 @@ def examples(user: torch.Tensor, label: torch.Tensor, state: torch.Tensor) -> Cu
     return CutExamples(
         user=user, state=state, slot_valid=torch.zeros(n, k, dtype=torch.bool), slot=torch.zeros(n, k, len(SLOT_FEATURES)),
         explore_at_slots=torch.full((n, k), -5.0), target_explore=torch.full((n, 2), float("-inf")),
-        target_slot=torch.full((n, 2), -1), target_weight=torch.zeros(n, 2), purchase=label,
+        target_slot=torch.full((n, 2), -1), target_weight=torch.zeros(n, 2),
+        foreign_at_slots=torch.full((n, k), -5.0), foreign_target_explore=torch.full((n, 2), float("-inf")),
+        n_categories=torch.full((n,), 100), purchase=label,
         purchase_hours=torch.full((n,), 24.0), event=label, event_hours=torch.full((n,), 24.0),
         cut=torch.zeros(n, dtype=torch.long))
 
@@ -168,6 +170,36 @@ def test_a_format_3_checkpoint_keeps_its_affine_calibration(tmp_path):
     raw = torch.linspace(-10, 5, 7)
     assert torch.allclose(piecewise_linear(raw, head.calibration[0], head.calibration[1]), 0.5 * raw - 1.0,
                           atol=1e-5)
+
+
+def test_a_gate_trained_with_foreign_explore_sides_trusts_the_users_own_categories_where_explore_is_lost():
+    """Every user returns to one of their own categories and tries one new one. At home the explore side
+    knows the new one (P 0.5); in a foreign shop it knows neither. Trained on both (CutExamples.foreign),
+    the gate must lean on repeat where explore_fit says the explore side does not know the user."""
+    gen = torch.Generator().manual_seed(3)
+    n, k = 4000, CATEGORY_SLOTS
+    label = (torch.rand(n, generator=gen) < 0.3).float()
+    ex = examples(torch.rand(n, len(USER_FEATURES), generator=gen), label, torch.zeros(n, 8))
+    ex.slot_valid[:, :3] = True
+    ex.slot[:, :3, SLOT_FEATURES.index("share")] = 1 / 3
+    ex.explore_at_slots[:, :3] = float(np.log(0.1))  # at home, the user's own categories are likely
+    ex.target_slot[:, 0] = 0
+    ex.target_weight[:] = 0.5
+    ex.target_explore[:, 0] = float(np.log(0.1))
+    ex.target_explore[:, 1] = float(np.log(0.5))  # and so is the new one
+    ex.foreign_at_slots[:] = float(np.log(1e-4))
+    ex.foreign_target_explore[:] = float(np.log(1e-4))
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    half = torch.arange(n) < n // 2
+    fit_fields(model, ex.take(half).foreign(0.5, gen), ex.take(~half).foreign(0.5, gen), steps=150)
+    heads = model.fields
+    with torch.no_grad():
+        x = heads.standardise(ex.user)
+        at_home = heads.repeat_gate(x, ex.state, ex.inputs(), ex.explore_at_slots, ex.n_categories)
+        abroad = heads.repeat_gate(x, ex.state, ex.inputs(), ex.foreign_at_slots, ex.n_categories)
+    assert float(abroad.mean()) > float(at_home.mean()) + 0.2
+    assert float(at_home.mean()) < 0.7  # at home, explore keeps a real share
 
 
 def test_repeat_side_alone_ranks_a_users_categories_by_their_counts():
