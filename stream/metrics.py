@@ -72,7 +72,8 @@ class Metrics:
             "profiles_restore_duration_seconds", "How long the last state restore took", registry=r)
         self.assigned_partitions = Gauge(
             "profiles_assigned_partitions", "Input partitions this instance owns", registry=r)
-        self.ready = Gauge("profiles_ready", "1 while partitions are assigned and restored (as /readyz)", registry=r)
+        self.ready = Gauge("profiles_ready", "1 while partitions are assigned and restored and the broker reachable "
+                           "(as /readyz)", registry=r)
         self.last_progress = Gauge(
             "profiles_last_progress_timestamp_seconds", "Wall-clock time of the main loop's last iteration",
             registry=r)
