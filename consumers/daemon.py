@@ -23,15 +23,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 import torch
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from consumers.pipeline import BatchResult, ProfileUpdater
-from consumers.source import KafkaBatchSource
+from consumers.source import KafkaBatchSource, errors_log
 from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, EVENT_TYPES, DeadLetter, RecordBatch
 from stream.kafka import (
-    Publisher, StreamError, admin_client, check_copartitioned, ensure_topics, read_latest, seed_group_offsets,
+    Publisher, StreamError, TopicError, admin_client, check_copartitioned, ensure_topics, partition_counts,
+    read_latest, seed_group_offsets,
 )
-from stream.metrics import Health, Metrics, consumer_lag, resident_bytes
+from stream.metrics import Health, Metrics, brokers_up, consumer_lag, resident_bytes
 from stream.runtime import tune_garbage_collector
 from stream.settings import Settings
 from stream.state import read_snapshot
@@ -39,6 +40,7 @@ from stream.state import read_snapshot
 log = logging.getLogger(__name__)
 
 META_KEY = b"\x00meta"  # changelog key of the per-partition metadata record (model version, category names)
+TOPIC_CHECK_EVERY_S = 5.0  # while an input topic is missing: how often to look for it again
 
 
 @dataclass
@@ -159,22 +161,37 @@ class ProfileDaemon:
         self.metrics = metrics
         self.stop = stop
         self.health = health or Health(settings.stall_after_s)
+        # Not ready while no broker has answered for longer than a session lasts (the group has moved on).
+        self.health.unreachable_after_s = settings.session_timeout_ms / 1000.0
         self.stats = DaemonStats()
         self.source = KafkaBatchSource(settings, on_assign=self._assigned, on_revoke=self._flush_before_revoke,
-                                       on_lost=self._drop_lost, on_stats=self._kafka_stats)
+                                       on_lost=self._drop_lost, on_stats=self._kafka_stats,
+                                       on_error=self._kafka_error)
         self.exactly_once = settings.guarantee == "exactly-once"
         # Exactly-once: a fresh transactional id per start, as Kafka Streams does; zombies are fenced by
         # the consumer group generation that send_offsets_to_transaction carries (KIP-447).
-        self.publisher = Publisher(settings.kafka, transactional_id=(
-            settings.transactional_id or f"{settings.group_id}-{uuid.uuid4().hex[:12]}") if self.exactly_once else "",
-            best_effort_topics=() if self.exactly_once else (settings.dead_letter_topic,))
+        self.publisher = self._make_publisher()
         # A dead letter's value is cut to fit the producer's record size limit, with room for key and headers.
         self.dead_letter_max_bytes = min(DEAD_LETTER_MAX_VALUE_BYTES, settings.kafka.max_message_bytes() // 2)
         self.checkpoint = Checkpoint(self.source, self.publisher, metrics)
         self.unconfirmed = Unconfirmed()  # exactly-once: what the open transaction carries
         self._categories_sent = -1  # the state's categories_version last written to the changelog
         self._closing = False
+        self._nothing_assigned = False  # an empty assignment came: find out why (in the main loop)
+        self._waiting_for_topics = False  # assigned nothing because an input topic is missing: re-subscribe
+        self._admin = None  # for metadata, made when first needed
+        self._topics_checked_at = 0.0
         metrics.model_info.info({"version": updater.model_version, "device": str(updater.device)})
+        metrics.ready.set_function(lambda: int(self.health.ready))  # as /readyz, whenever scraped
+
+    def _make_publisher(self) -> Publisher:
+        settings = self.settings
+        return Publisher(settings.kafka, transactional_id=(
+            settings.transactional_id or f"{settings.group_id}-{uuid.uuid4().hex[:12]}") if self.exactly_once else "",
+            best_effort_topics=() if self.exactly_once else (settings.dead_letter_topic,),
+            # A fresh broker must not auto-create the output topics with its default partition count (the
+            # changelog mirrors the input's partitions): prepare_topics creates them, before a re-subscribe too.
+            **{"allow.auto.create.topics": False, "error_cb": self._kafka_error})
 
     def prepare_topics(self) -> None:
         """Fail early on missing or badly partitioned inputs; create the output topics if missing."""
@@ -230,12 +247,16 @@ class ProfileDaemon:
         try:
             while not self.stop.is_set():
                 self.handle(self.source.next_batch(self.stop))
+                if self._nothing_assigned:
+                    self._why_nothing_assigned()
+                if self._waiting_for_topics:
+                    self._look_for_topics()
             self.handle(self.source.take_pending())
             self.commit_previous()
         finally:
             if self.publisher.in_transaction:  # stopped by an error: do not leave readers waiting on it
                 self.publisher.abort()
-            self.set_ready(False)
+            self.set_ready(False, "stopped")
             self._closing = True  # the revoke that close() triggers need not drop state
             self.source.close()  # leaves the group: partitions move to the others at once
             self.publisher.flush()
@@ -248,6 +269,7 @@ class ProfileDaemon:
         if len(records) == 0:
             self.commit_previous()  # idle: nothing to overlap with, commit what is out
             return
+        self.health.broker_up()  # records came: the broker answers
         start = time.perf_counter()
         if self.stats.first_batch_at is None:
             self.stats.first_batch_at = start
@@ -423,23 +445,102 @@ class ProfileDaemon:
         s.batch_seconds.append(seconds["total"])
         s.last_batch_done_at = time.perf_counter()
 
-    def set_ready(self, ready: bool) -> None:
-        self.health.set_ready(ready)
-        self.metrics.ready.set(int(ready))
+    def set_ready(self, ready: bool, why: str = "") -> None:
+        self.health.set_ready(ready, why)
         self.metrics.assigned_partitions.set(len(self.source.assigned))
 
     def _assigned(self, partitions: list[TopicPartition]) -> None:
         # Their users' state comes back from the changelog before any of their events is polled.
+        self.health.broker_up()  # a rebalance came through: the group coordinator answers
+        if not partitions:
+            self._assigned_nothing()
+            return
+        self._waiting_for_topics = False
         if self.stats.assigned_at is None:
             self.stats.assigned_at = time.perf_counter()  # librdkafka starts fetching now, during the restore
-        self.set_ready(False)
-        self.restore_partitions(sorted({p.partition for p in partitions}))
+        numbers = sorted({p.partition for p in partitions})
+        self.set_ready(False, f"restoring the state of partition(s) {numbers}")
+        self.restore_partitions(numbers)
         self.set_ready(True)
+
+    def _assigned_nothing(self) -> None:
+        """No partition for this member. Why is found out by the main loop (`_why_nothing_assigned`),
+        outside the rebalance callback: metadata requests are not made from inside one."""
+        self._nothing_assigned = True
+        self.set_ready(False, "assigned no partition")
+
+    def _why_nothing_assigned(self) -> None:
+        """Say why nothing is assigned (/readyz and one log line): an input topic is missing (then look
+        for it every few seconds), or the group has more members than partitions (standby)."""
+        self._nothing_assigned = False
+        if self.source.assigned:
+            return
+        topics = ",".join(self.settings.input_topics)
+        counts = self._partition_counts()
+        if counts is None:
+            return  # no answer: the unreachable clock speaks for the broker
+        missing = [t for t in self.settings.input_topics if t not in counts]
+        if missing:
+            self._waiting_for_topics = True
+            self._topics_checked_at = time.monotonic()
+            why = (f"input topic(s) {','.join(missing)} not found: assigned nothing; consuming once they exist")
+            log.warning("%s", why)
+        else:
+            why = (f"standby: assigned no partition; the {counts[self.settings.input_topics[0]]} partition(s) of "
+                   f"{topics} are owned by other members of group {self.settings.group_id} (more members than "
+                   "partitions); this member takes over when one leaves")
+            log.info("%s", why)
+        self.set_ready(False, why)
+
+    def _partition_counts(self) -> dict[str, int] | None:
+        """Partition count of each input topic that exists (None: no metadata within a few seconds)."""
+        if self._admin is None:
+            self._admin = admin_client(self.settings.kafka)
+        try:
+            return partition_counts(self._admin, self.settings.input_topics, timeout_s=5.0)
+        except TopicError:
+            return None
+
+    def _look_for_topics(self) -> None:
+        """While an input topic is missing (e.g. a broker replaced by an empty one), check every few
+        seconds; once every input topic exists, create the output topics and subscribe again, so that
+        the group's next join sees them (librdkafka alone would notice only at its next metadata refresh)."""
+        if self.source.assigned:  # a rebalance brought partitions meanwhile
+            self._waiting_for_topics = False
+            return
+        now = time.monotonic()
+        if now - self._topics_checked_at < TOPIC_CHECK_EVERY_S:
+            return
+        self._topics_checked_at = now
+        counts = self._partition_counts()
+        if counts is None or len(counts) < len(self.settings.input_topics):
+            return
+        self.prepare_topics()
+        log.info("input topic(s) %s exist again: subscribing again", ",".join(self.settings.input_topics))
+        self._waiting_for_topics = False
+        self.set_ready(False, "joining the consumer group again (input topics re-created)")
+        self._renew_publisher()
+        self.source.resubscribe()
+
+    def _renew_publisher(self) -> None:
+        """A fresh producer after the input topics vanished and came back: the cluster may be a new one
+        (a broker replaced by an empty one), where the old producer's idempotence state is unknown and
+        its next record would fail as fatal. Nothing of ours is in flight: every partition was given up."""
+        unsent = self.publisher.flush_briefly()
+        if unsent:
+            log.warning("%d record(s) for partitions given up were still unsent: dropped (their input is "
+                        "re-read by the partitions' owner)", unsent)
+        self.publisher = self._make_publisher()
+        self.checkpoint.publisher = self.publisher
+        self.checkpoint.uncommitted = {}
+        self._categories_sent = -1
+        if self.exactly_once:
+            self.publisher.init_transactions()
 
     def _flush_before_revoke(self, partitions: list[TopicPartition]) -> None:
         # Finish the batch in hand while we still own its partitions, so its offsets can be committed;
         # then let their users go: the next owner restores them from the changelog.
-        self.set_ready(False)
+        self.set_ready(False, "rebalancing: partitions revoked")
         self.handle(self.source.take_pending())
         self.commit_previous()
         self._forget_lag(partitions)
@@ -447,7 +548,7 @@ class ProfileDaemon:
 
     def _drop_lost(self, partitions: list[TopicPartition]) -> None:
         # Lost partitions already have a new owner: committing for them would fail; it re-reads them.
-        self.set_ready(False)
+        self.set_ready(False, "partitions lost (session expired): joining the group again")
         self.source.drop_pending(partitions)
         self.checkpoint.forget(partitions)
         self.checkpoint.abort()  # exactly-once: the open transaction cannot commit their offsets any more
@@ -461,17 +562,36 @@ class ProfileDaemon:
         leaving = {(p.topic, p.partition) for p in partitions}
         still_read = {p for t, p in self.source.assigned if (t, p) not in leaving}
         gone = {p.partition for p in partitions} - still_read
+        self.metrics.assigned_partitions.set(len({tp for tp in self.source.assigned if tp not in leaving}))
         if gone:
             dropped = self.updater.state.drop_partitions(gone)
             log.info("released %d users of partition(s) %s", dropped, sorted(gone))
+            state = self.updater.state  # the gauges count what is held now, not what was
+            self.metrics.users_in_state.set(len(state))
+            for device, nbytes in state.state_bytes().items():
+                self.metrics.state_bytes.labels(device).set(nbytes)
+
+    def _kafka_error(self, err: KafkaError) -> None:
+        """Client-level errors of the consumer and the producer (served inside consume and flush): every
+        broker down starts the unreachable clock that readiness reads; each distinct line at most every 30 s."""
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.health.broker_down()
+        errors_log.warning("Kafka: %s", err.str())
 
     def _kafka_stats(self, stats_json: str) -> None:
-        """librdkafka's statistics callback (on the loop's thread, inside consume): lag per partition."""
+        """librdkafka's statistics callback (on the loop's thread, inside consume): lag per partition, and
+        whether any broker connection is up (the sign that an outage is over)."""
         try:
-            lag = consumer_lag(stats_json)
+            report = orjson.loads(stats_json)
+            lag = consumer_lag(report)
+            up = brokers_up(report)
         except (ValueError, TypeError, AttributeError) as exc:  # a malformed report must not stop the loop
             log.debug("unreadable librdkafka statistics: %s", exc)
             return
+        if up:
+            self.health.broker_up()
+        elif up is False:
+            self.health.broker_down()
         for (topic, partition), behind in lag.items():
             if (topic, partition) in self.source.assigned:
                 self.metrics.consumer_lag.labels(topic, str(partition)).set(behind)

@@ -7,6 +7,7 @@ for every touched user's new events, heads for the touched users only.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -20,7 +21,7 @@ import torch
 from models.features import build_features
 from models.profile_model import FieldInputs, LoadedModel, idle_hours, price_tier_index
 from stream import statistics
-from stream.events import PURCHASE, Control, DeadLetter, EventColumns, RecordBatch, decode_batch
+from stream.events import PURCHASE, WRONG_PARTITION, Control, DeadLetter, EventColumns, RecordBatch, decode_batch
 from stream.profiles import ProfileColumns, encode_profiles
 from stream.pseudonyms import Pseudonymizer
 from stream.runtime import torch_threads, usable_cores
@@ -34,6 +35,9 @@ TOP_CATEGORIES = 3
 # Batches at least this large run the GRU on `gru_threads` threads (smaller ones: thread start-up
 # would cost more than it saves, and the daemon's small batches leave the cores to decoding and Kafka).
 WIDE_BATCH_EVENTS = 4096
+# The partitioning warning (records dead-lettered as wrong_partition) at most this often.
+PARTITION_WARNING_EVERY_S = 30.0
+_utf8 = functools.partial(str.encode, encoding="utf-8", errors="surrogatepass")
 
 
 @dataclass
@@ -88,6 +92,7 @@ class ProfileUpdater:
         self.idle_rescore_ms = idle_rescore_ms
         self._idle_tick_ms = max(idle_rescore_ms // 24, 1)
         self._next_idle_scan = -1
+        self._partition_warning = PartitionWarning()
 
     def process(self, records: RecordBatch, time_range: TimeRange | None = None, *, profiles: bool = True,
                 ) -> BatchResult:
@@ -96,6 +101,10 @@ class ProfileUpdater:
         t0 = time.perf_counter()
         controls: list[Control] = []
         events, dead = decode_batch(records, self.max_event_bytes, controls)
+        slots = self._record_slots(records)
+        misrouted: list[DeadLetter] = []
+        if (slots >= 0).any():  # records of input topics: the key must be the user id (files have no keys)
+            events = self._check_keys(records, events, slots, misrouted)
         if self.pseudonymize is not None:
             events.user_id = self.pseudonymize(events.user_id)
         erased: list[tuple[str, int]] = []
@@ -111,7 +120,14 @@ class ProfileUpdater:
             events = events.take(keep)
         t1 = time.perf_counter()
         event_rows = self.state.rows_for(events.user_id)
-        positions = self._positions(records, events)
+        positions = self._positions(records, events, slots)
+        if (positions[0] >= 0).any():
+            keep = self._check_owner(records, events, event_rows, positions, misrouted)
+            if keep is not None:
+                events, event_rows, positions = events.take(keep), event_rows[keep], positions[:, keep]
+        if misrouted:
+            dead = sorted(dead + misrouted, key=lambda d: (d.topic, d.partition, d.offset))
+            self._partition_warning.add(misrouted)
         id_hashes = event_id_hashes(events.event_id) if self.state.dedupe_window else None
         fresh, replayed, duplicates = self._not_yet_applied(events, event_rows, positions, id_hashes)
         # Users with re-consumed events get their profile again: the crash that made us re-read them
@@ -171,12 +187,65 @@ class ProfileUpdater:
                  len(forget_at) - len(found))
         return events.take(~dropped), list(partition_of.items()), len(found)
 
-    def _positions(self, records: RecordBatch, events: EventColumns) -> np.ndarray:
+    def _record_slots(self, records: RecordBatch) -> np.ndarray:
+        """Each record's input topic slot (-1: not an input topic, e.g. a file)."""
+        if not self.topic_slot:
+            return np.full(len(records), -1, dtype=np.int64)
+        return np.fromiter(map(self.topic_slot.get, records.topics, itertools.repeat(-1)), dtype=np.int64,
+                           count=len(records))
+
+    def _check_keys(self, records: RecordBatch, events: EventColumns, slots: np.ndarray,
+                    misrouted: list[DeadLetter]) -> EventColumns:
+        """The partitioning policy, part 1: an input topic's record must be keyed by its user id (the id
+        as decoded: UTF-8, integers as their decimal string), or the partition it is on says nothing
+        about its user. Events whose key is missing or another are dead-lettered as wrong_partition."""
+        index = events.record_index
+        from_topic = slots[index] >= 0
+        keys = np.empty(len(records), dtype=object)
+        keys[:] = records.keys
+        try:
+            users = np.fromiter(map(str.encode, events.user_id), dtype=object, count=len(events))
+        except UnicodeEncodeError:  # a lone surrogate (keys are written with surrogatepass): 5x slower, rare
+            users = np.fromiter(map(_utf8, events.user_id), dtype=object, count=len(events))
+        wrong = from_topic & (keys[index] != users)  # elementwise in C; None never equals bytes
+        if not wrong.any():
+            return events
+        for i, user in zip(index[wrong].tolist(), events.user_id[wrong].tolist()):
+            key = records.keys[i]
+            detail = ("no key: records must be keyed by user id" if key is None else
+                      f"key {key[:64]!r} is not the user id {user[:64]!r}: records must be keyed by user id")
+            misrouted.append(_misrouted(records, i, detail))
+        return events.take(~wrong)
+
+    def _check_owner(self, records: RecordBatch, events: EventColumns, rows: np.ndarray, positions: np.ndarray,
+                     misrouted: list[DeadLetter]) -> np.ndarray | None:
+        """The partitioning policy, part 2: a user's events are read from one input partition (the
+        watermarks that skip re-consumed events are per user and topic, not per partition). A user
+        held in state keeps the partition recorded there; a new one takes the partition of its first
+        record in this batch. Returns the mask of events to keep (None: all); the others are
+        dead-lettered as wrong_partition."""
+        slot, partition, _ = positions
+        known = slot >= 0
+        owner = self.state.partition[rows]
+        free = known & (owner < 0)
+        if free.any():  # new users (or a file replay's): the partition of their first record (events are in record order)
+            distinct, first, inverse = np.unique(rows[free], return_index=True, return_inverse=True)
+            owner[free] = partition[free][first][inverse]
+        wrong = known & (partition != owner)
+        if not wrong.any():
+            return None
+        for i, user, home in zip(events.record_index[wrong].tolist(), events.user_id[wrong].tolist(),
+                                 owner[wrong].tolist()):
+            misrouted.append(_misrouted(records, i, f"user {user[:64]!r} is read from partition {home}, this "
+                                        f"record is on partition {records.partitions[i]}: records must be keyed "
+                                        "by user id, with one partitioner"))
+        return ~wrong
+
+    def _positions(self, records: RecordBatch, events: EventColumns, slot: np.ndarray | None = None) -> np.ndarray:
         """(3, N): each event's input topic slot (-1: not an input topic, e.g. a file), partition, offset."""
         if not self.topic_slot or not len(events):
             return np.full((3, len(events)), -1, dtype=np.int64)
-        slot = np.fromiter(map(self.topic_slot.get, records.topics, itertools.repeat(-1)), dtype=np.int64,
-                           count=len(records))
+        slot = self._record_slots(records) if slot is None else slot
         where = np.stack([slot, np.asarray(records.partitions, dtype=np.int64),
                           np.asarray(records.offsets, dtype=np.int64)])
         return where[:, events.record_index]
@@ -391,6 +460,33 @@ def add_spend(spend_micros: np.ndarray, rows: np.ndarray, micros: np.ndarray) ->
         total = spend_micros[targets] + exact  # wraps only where approx is far over the cap
     spend_micros[targets] = np.where(approx >= SPEND_MAX_MICROS, SPEND_MAX_MICROS,
                                      np.minimum(total, SPEND_MAX_MICROS))
+
+
+def _misrouted(records: RecordBatch, i: int, detail: str) -> DeadLetter:
+    return DeadLetter(value=records.values[i], key=records.keys[i], reason=WRONG_PARTITION, detail=detail,
+                      topic=records.topics[i], partition=records.partitions[i], offset=records.offsets[i])
+
+
+class PartitionWarning:
+    """The warning for records dead-lettered as wrong_partition: at most one line every
+    PARTITION_WARNING_EVERY_S, counting those since the last one and naming an example."""
+
+    def __init__(self, every_s: float = PARTITION_WARNING_EVERY_S) -> None:
+        self.every_s = every_s
+        self.pending = 0
+        self.last_at = -float("inf")
+
+    def add(self, misrouted: list[DeadLetter]) -> None:
+        self.pending += len(misrouted)
+        now = time.monotonic()
+        if now - self.last_at < self.every_s:
+            return
+        example = misrouted[0]
+        log.warning("%d record(s) dead-lettered as wrong_partition%s, e.g. %s[%d]@%d: %s. A user's events must "
+                    "come from one partition: produce with key = user id (docs/contracts.md, partitioning)",
+                    self.pending, "" if self.last_at < 0 else f" in the last {now - self.last_at:.0f}s",
+                    example.topic, example.partition, example.offset, example.detail)
+        self.pending, self.last_at = 0, now
 
 
 def event_id_hashes(event_ids: np.ndarray) -> np.ndarray:

@@ -16,16 +16,21 @@ from typing import Callable
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from stream.events import RecordBatch
+from stream.kafka import RateLimit
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
+# Errors the clients repeat while a broker is away (every few hundred ms): each distinct one at most every 30 s.
+errors_log = logging.getLogger(__name__ + ".errors")
+errors_log.addFilter(RateLimit())
 
 PartitionsHandler = Callable[[list[TopicPartition]], None]
 
 
 class KafkaBatchSource:
     def __init__(self, settings: Settings, on_assign: PartitionsHandler, on_revoke: PartitionsHandler,
-                 on_lost: PartitionsHandler, on_stats: Callable[[str], None] | None = None) -> None:
+                 on_lost: PartitionsHandler, on_stats: Callable[[str], None] | None = None,
+                 on_error: Callable[[KafkaError], None] | None = None) -> None:
         self.settings = settings
         self._on_assign = on_assign
         self._on_revoke = on_revoke
@@ -48,6 +53,8 @@ class KafkaBatchSource:
                     # librdkafka's statistics (per-partition consumer lag, from fetch watermarks)
                     # every 5 s, served from the consume calls the loop already makes.
                     **({"statistics.interval.ms": 5000, "stats_cb": on_stats} if on_stats else {}),
+                    # Client-level errors (all brokers down, ...) to the caller, not as messages of consume().
+                    **({"error_cb": on_error} if on_error else {}),
                 }
             )
         )
@@ -60,6 +67,11 @@ class KafkaBatchSource:
         self.consumer.subscribe(
             list(self.settings.input_topics), on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
         )
+
+    def resubscribe(self) -> None:
+        """Leave the subscription and take it again: a fresh join that sees topics created since."""
+        self.consumer.unsubscribe()
+        self.subscribe()
 
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned |= {(p.topic, p.partition) for p in partitions}
@@ -121,7 +133,7 @@ class KafkaBatchSource:
                 continue
             if err.fatal():
                 raise KafkaException(err)
-            log.warning("consumer error on %s[%s]: %s", m.topic(), m.partition(), err.str())
+            errors_log.warning("consumer error on %s[%s]: %s", m.topic(), m.partition(), err.str())
 
     def commit(self, offsets: list[TopicPartition]) -> None:
         self.consumer.commit(offsets=offsets, asynchronous=False)

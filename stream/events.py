@@ -63,6 +63,9 @@ MISSING_FIELD = "missing_field"
 INVALID_FIELD = "invalid_field"
 UNKNOWN_TYPE = "unknown_type"
 INVALID_PRICE = "invalid_price"
+# Not the decoder's: a valid event the pipeline refuses because its key or partition breaks the
+# partitioning policy (key = user id, one partition per user; docs/contracts.md).
+WRONG_PARTITION = "wrong_partition"
 # A dead letter must fit what the producer (librdkafka's message.max.bytes, 1,000,000 by default)
 # and the broker (Kafka's message.max.bytes, about 1 MiB) accept, key and headers included: a longer
 # value or key is cut to these sizes, its full size and SHA-256 in headers. (Half the limit for the

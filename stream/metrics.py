@@ -3,7 +3,8 @@
 One small HTTP server on the metrics port answers:
   /metrics  Prometheus text format
   /healthz  200 while the main loop made progress within `stall_after_s`, else 503 (liveness)
-  /readyz   200 once partitions are assigned and state is restored, else 503 (readiness)
+  /readyz   200 while partitions are assigned, their state restored and the broker reachable, else 503
+            with the reason in the body (joining, restoring, standby, input topic missing, broker unreachable)
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class Metrics:
             "profiles_restore_duration_seconds", "How long the last state restore took", registry=r)
         self.assigned_partitions = Gauge(
             "profiles_assigned_partitions", "Input partitions this instance owns", registry=r)
-        self.ready = Gauge("profiles_ready", "1 while partitions are assigned and restored (as /readyz)", registry=r)
+        self.ready = Gauge("profiles_ready", "1 while partitions are assigned and restored and the broker reachable "
+                           "(as /readyz)", registry=r)
         self.last_progress = Gauge(
             "profiles_last_progress_timestamp_seconds", "Wall-clock time of the main loop's last iteration",
             registry=r)
@@ -89,12 +91,13 @@ def resident_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def consumer_lag(stats_json: str) -> dict[tuple[str, int], int]:
+def consumer_lag(stats: str | dict) -> dict[tuple[str, int], int]:
     """(topic, partition) -> records behind, from a librdkafka statistics report (assigned partitions only)."""
     import orjson
 
     lag = {}
-    for topic, t in orjson.loads(stats_json).get("topics", {}).items():
+    report = orjson.loads(stats) if isinstance(stats, str) else stats
+    for topic, t in report.get("topics", {}).items():
         for part, p in t.get("partitions", {}).items():
             behind = p.get("consumer_lag", -1)
             if int(part) >= 0 and behind >= 0 and p.get("fetch_state") not in ("none", "stopped"):
@@ -102,24 +105,64 @@ def consumer_lag(stats_json: str) -> dict[tuple[str, int], int]:
     return lag
 
 
-class Health:
-    """Liveness and readiness, as the main loop reports them. `clock` is injectable for tests."""
+def brokers_up(stats: dict) -> bool | None:
+    """Whether a librdkafka statistics report shows a connection to any broker up (None: no brokers listed)."""
+    brokers = stats.get("brokers") or {}
+    if not brokers:
+        return None
+    return any(b.get("state") == "UP" for b in brokers.values())
 
-    def __init__(self, stall_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+
+class Health:
+    """Liveness and readiness, as the main loop and the Kafka clients report them. `clock` is injectable
+    for tests. Readiness is evaluated when asked, so it turns false while the broker has been unreachable
+    for over `unreachable_after_s` (the session timeout) even when the main loop is blocked, e.g. in a
+    flush that waits for the broker."""
+
+    def __init__(self, stall_after_s: float, clock: Callable[[], float] = time.monotonic,
+                 unreachable_after_s: float = 45.0) -> None:
         self.stall_after_s = stall_after_s
         self.clock = clock
+        self.unreachable_after_s = unreachable_after_s
         self._last_progress = clock()
         self._ready = threading.Event()
+        self._why = "starting: not in the consumer group yet"
+        self._down_since: float | None = None
 
     def progressed(self) -> None:
         self._last_progress = self.clock()
 
-    def set_ready(self, ready: bool) -> None:
+    def set_ready(self, ready: bool, why: str = "") -> None:
+        """Ready, or not and why (one line for /readyz)."""
+        self._why = "" if ready else (why or "partitions not assigned or restoring")
         (self._ready.set if ready else self._ready.clear)()
+
+    def broker_down(self) -> None:
+        """A client found every broker connection down (kept from the first report until broker_up)."""
+        if self._down_since is None:
+            self._down_since = self.clock()
+
+    def broker_up(self) -> None:
+        self._down_since = None
+
+    def unreachable_for(self) -> float:
+        """Seconds since the broker was last found unreachable without having come back (0: reachable)."""
+        since = self._down_since
+        return 0.0 if since is None else self.clock() - since
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why not)."""
+        down = self.unreachable_for()
+        if down > self.unreachable_after_s:
+            return False, (f"broker unreachable for {down:.0f}s (over the {self.unreachable_after_s:g}s session "
+                           "timeout)")
+        if self._ready.is_set():
+            return True, ""
+        return False, self._why
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        return self.readiness()[0]
 
     @property
     def healthy(self) -> bool:
@@ -139,8 +182,8 @@ def serve(metrics: Metrics, health: Health, port: int, address: str = "0.0.0.0")
                 ok = health.healthy
                 self._send(200 if ok else 503, b"ok\n" if ok else b"main loop stalled\n")
             elif path == "/readyz":
-                ok = health.ready
-                self._send(200 if ok else 503, b"ready\n" if ok else b"not ready: partitions not assigned or restoring\n")
+                ok, why = health.readiness()
+                self._send(200 if ok else 503, b"ready\n" if ok else f"not ready: {why}\n".encode())
             else:
                 self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
 

@@ -29,6 +29,32 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterable[EmbeddedBroker]
         yield b
 
 
+class ReplaceableBroker:
+    """A broker of its own for one test, which the test can stop and replace by an empty one on the same port."""
+
+    def __init__(self, log_path) -> None:
+        self.log_path = log_path
+        self.current = EmbeddedBroker(log_path=log_path).start()
+        self.port = self.current.port
+        self.kafka = KafkaSettings(self.current.bootstrap_servers)
+
+    def stop(self) -> None:
+        self.current.stop()
+
+    def start_empty(self) -> None:
+        """A new broker (memory storage: no topics, no groups) where the old one listened."""
+        self.current = EmbeddedBroker(port=self.port, log_path=self.log_path).start()
+
+
+@pytest.fixture
+def replaceable_broker(tmp_path) -> Iterable[ReplaceableBroker]:
+    broker = ReplaceableBroker(tmp_path / "tansu.log")
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
 @pytest.fixture
 def kafka(broker: EmbeddedBroker) -> KafkaSettings:
     return KafkaSettings(broker.bootstrap_servers)

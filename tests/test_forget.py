@@ -25,8 +25,10 @@ from tests.test_exactly_once import EVENTS
 def records(items: list[dict | bytes], first_offset: int = 0, partition: int = 0) -> RecordBatch:
     """A batch of events (dicts) and raw control records (bytes), at consecutive offsets of events[partition]."""
     values = [item if isinstance(item, bytes) else orjson.dumps(item) for item in items]
+    # Key = user id, as the partitioning policy wants (None where a record names no user).
+    keys = [None if (user := orjson.loads(v).get("user_id")) is None else str(user).encode() for v in values]
     n = len(values)
-    return RecordBatch(["events"] * n, [partition] * n, list(range(first_offset, first_offset + n)), [None] * n, values)
+    return RecordBatch(["events"] * n, [partition] * n, list(range(first_offset, first_offset + n)), keys, values)
 
 
 def user_state(updater, user: str) -> dict:

@@ -87,3 +87,123 @@ def test_a_long_restore_keeps_liveness(kafka, settings_factory):
     daemon.restore_partitions([0, 1])
     assert len(daemon.updater.state) == 400
     assert health.healthy, "the restore's reads did not tick /healthz"
+
+
+def test_readiness_turns_false_when_the_broker_is_unreachable_beyond_the_session_timeout():
+    """Evaluated when asked: true while the main loop is blocked (e.g. flushing to a dead broker) only
+    until the broker has been unreachable for a session timeout."""
+    now = [0.0]
+    health = Health(stall_after_s=30, clock=lambda: now[0], unreachable_after_s=6)
+    assert health.readiness() == (False, "starting: not in the consumer group yet")
+    health.set_ready(True)
+    health.broker_down()
+    now[0] = 5.0
+    health.broker_down()  # repeated reports keep the first time
+    assert health.ready
+    now[0] = 7.0
+    assert health.readiness() == (False, "broker unreachable for 7s (over the 6s session timeout)")
+    health.broker_up()
+    assert health.ready
+    health.set_ready(False, "standby: assigned no partition")
+    assert health.readiness() == (False, "standby: assigned no partition")
+
+
+def start_member(settings, port: int | None = None):
+    """A daemon in a thread (with /readyz on `port` when given): (daemon, stop, thread, server)."""
+    metrics, health = Metrics(), Health(settings.stall_after_s)
+    server = serve(metrics, health, port, "127.0.0.1") if port else None
+    stop = threading.Event()
+    daemon = ProfileDaemon(settings, load_updater(settings), metrics, stop, health)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    return daemon, stop, thread, server
+
+
+def test_a_member_without_partitions_says_it_is_standby(kafka, settings_factory, caplog):
+    settings = settings_factory()
+    create_topics(kafka, {settings.input_topics[0]: 1})  # one partition, two members
+    first, stop_first, thread_first, _ = start_member(settings)
+    try:
+        wait_until(lambda: first.health.ready, 60, "the first member to be ready")
+        port = free_port()
+        second, stop_second, thread_second, server = start_member(settings, port)
+        try:
+            def one_standby() -> bool:
+                members = [first.health.readiness(), second.health.readiness()]
+                return sorted(ok for ok, _ in members) == [False, True] and any(
+                    why.startswith("standby: assigned no partition") for _, why in members)
+
+            wait_until(one_standby, 60, "one member ready, the other standby")
+            if not second.health.ready:
+                status, body = get(port, "/readyz")
+                assert status == 503 and "more members than partitions" in body
+                assert second.metrics.registry.get_sample_value("profiles_ready") == 0
+            assert "standby: assigned no partition; the 1 partition(s) of" in caplog.text
+            # The standby takes over when the other member leaves.
+            standby, stop_other, other_thread = ((second, stop_first, thread_first) if not second.health.ready
+                                                 else (first, stop_second, thread_second))
+            stop_other.set()
+            other_thread.join(timeout=30)
+            wait_until(lambda: standby.health.ready, 60, "the standby to take over")
+            assert standby.source.assigned == {(settings.input_topics[0], 0)}
+        finally:
+            stop_second.set()
+            thread_second.join(timeout=30)
+            server.shutdown()
+    finally:
+        stop_first.set()
+        thread_first.join(timeout=30)
+
+
+def test_readiness_follows_a_broker_replaced_by_an_empty_one(replaceable_broker, settings_factory, caplog):
+    """Killed while idle: not ready once the session is over, users released (gauges too), few log lines;
+    a new empty broker on the same address: once the topic is re-created the member subscribes again,
+    turns ready and consumes it, without a restart."""
+    import logging
+
+    from stream.kafka import configure_librdkafka_log
+    from tests.conftest import latest_profiles
+
+    configure_librdkafka_log(debug=False)  # as the CLI does
+    kafka = replaceable_broker.kafka
+    settings = settings_factory(kafka=kafka)
+    topic = settings.input_topics[0]
+    create_topics(kafka, {topic: 2})
+    log = generate(users=20, events=200, seed=8).events
+    produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log])
+    port = free_port()
+    daemon, stop, thread, server = start_member(settings, port)
+    value = daemon.metrics.registry.get_sample_value
+    try:
+        wait_until(lambda: committed_offsets(kafka, settings.group_id, topic) == end_offsets(kafka, topic), 60,
+                   "the log to be consumed")
+        assert get(port, "/readyz") == (200, "ready\n") and value("profiles_users_in_state") == 20
+
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            replaceable_broker.stop()
+            wait_until(lambda: "broker unreachable for" in get(port, "/readyz")[1], 30,
+                       "/readyz to report the unreachable broker")
+            assert get(port, "/readyz")[0] == 503 and value("profiles_ready") == 0
+            wait_until(lambda: value("profiles_users_in_state") == 0, 15, "the released users to leave the gauge")
+            assert value("profiles_assigned_partitions") == 0
+            lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        # Rate-limited: a handful of distinct lines for the whole outage (>= the 6 s session), not one per retry.
+        assert len(lines) < 15, [r.getMessage() for r in lines]
+
+        replaceable_broker.start_empty()
+        wait_until(lambda: "input topic(s) " + topic + " not found" in get(port, "/readyz")[1], 60,
+                   "/readyz to say the input topic is missing")
+        create_topics(kafka, {topic: 2})
+        again = generate(users=5, events=40, seed=9).events
+        produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in again])
+        wait_until(lambda: get(port, "/readyz")[0] == 200, 60, "ready again after the topic came back")
+        wait_until(lambda: committed_offsets(kafka, settings.group_id, topic) == end_offsets(kafka, topic), 60,
+                   "the re-created topic to be consumed")
+        profiles, _ = latest_profiles(kafka, settings.output_topic)
+        assert sum(sum(p["counts"].values()) for p in profiles.values()) == len(again)
+        assert thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        server.shutdown()

@@ -23,8 +23,8 @@ quantities = st.one_of(st.none(), st.integers(1, 1_000_000))
 
 
 def batch(values: list[bytes], first_offset: int = 0) -> RecordBatch:
-    n = len(values)
-    return RecordBatch(["events"] * n, [0] * n, list(range(first_offset, first_offset + n)), [None] * n, values)
+    n = len(values)  # keyed by user id, as the partitioning policy wants (every event here is user u1's)
+    return RecordBatch(["events"] * n, [0] * n, list(range(first_offset, first_offset + n)), [b"u1"] * n, values)
 
 
 @settings(max_examples=300, **FUZZ)
