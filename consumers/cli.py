@@ -794,15 +794,22 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
 @click.option("--model", "model_path", envvar=_env("model"), show_envvar=True, default=None,
               type=click.Path(dir_okay=False), help="Model checkpoint (or `demo`, the shipped one); without one, an untrained model.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw the fields to this PNG.")
+@click.option("--idle-rescore-after", default="24h", show_default=True, callback=lambda _c, _p, v: _duration_ms(v),
+              help="Also show the profiles the daemon re-publishes while the user is idle, this long apart in "
+              "event time (as `run --idle-rescore-after`; 0: none).")
 @click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True, default="localhost:9092",
               show_default=True, help="Kafka brokers, for kafka:// sources.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @CONNECT_TIMEOUT_OPTION
 def inspect(user: str, sources: tuple[str, ...], fmt: str, model_path: str | None, plot_path: str | None,
-            bootstrap_servers: str, device: str, connect_timeout: float) -> None:
-    """One user's event timeline beside how each profile field moved (a table; --plot for a picture)."""
+            idle_rescore_after: int, bootstrap_servers: str, device: str, connect_timeout: float) -> None:
+    """One user's event timeline beside how each profile field moved (a table; --plot for a picture).
+
+    Besides the profile after each event: the idle re-scores between events and after the last one
+    (churn risk rises while a user is quiet), and the final profile a replay of the same sources writes,
+    computed at the log's last event time."""
     settings = Settings(kafka=KafkaSettings(bootstrap_servers), model_path=model_path, device=device,
-                        emit_embedding=False, idle_rescore_after_ms=0)
+                        emit_embedding=False, idle_rescore_after_ms=idle_rescore_after)
     if any(s.startswith("kafka://") for s in sources):
         check_broker(settings.kafka, connect_timeout)  # before the model's imports: fast
     from consumers.inspect import InspectError, run_inspect
