@@ -139,7 +139,8 @@ def _stats(frame: Frame, width: int) -> Table:
     return grid
 
 
-# (header, justification, the profile -> text); tier and cluster are left out below 98 columns (the full table is 98 wide).
+# (header, justification, the profile -> text); tier and cluster are left out below 98 columns
+# (the full table is 98 wide).
 _COLUMNS: list[tuple[str, str, Callable[[dict], str]]] = [
     ("user", "left", lambda p: p["user_id"]),
     ("search", "right", lambda p: compact(p["counts"]["search"])),
