@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import click
 import numpy as np
 import orjson
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -128,40 +129,71 @@ def _when(ms: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc)
 
 
-def render_table(tl: Timeline) -> Table:
-    """Each event beside the profile published after it; runs of idle re-scores as one row (the last)."""
-    table = Table(title=f"user {tl.user}: {len(tl.events)} events and the profile published after each "
-                        f"(model {tl.model_version})")
-    for col in ("event time (UTC)", "type", "item", "category", "price", "events", "spend", "top category",
-                "propensity", "churn", "tier", "cluster"):
-        table.add_column(col, justify="right" if col in ("price", "events", "spend", "propensity", "churn",
-                                                          "cluster") else "left")
-    rows = tl.rows
+SHORT_TYPES = {"search": "search", "click": "click", "add_to_cart": "cart", "purchase": "buy"}
+WIDE = 150  # from this many columns the table has every column in full; below, a compact one
+# The compact table's columns and their widths (longer names are cut with an ellipsis), one column
+# apart: 111 in all; 95 without tier and cluster (below 120); 80 without price and events (below 96).
+COMPACT_WIDTHS = {"time (UTC)": 10, "event": 6, "item": 11, "category": 13, "price": 7, "events": 6, "spend": 7,
+                  "top category": 15, "p(buy)": 6, "churn": 5, "tier": 7, "cluster": 7}
+_RIGHT = {"price", "events", "spend", "propensity", "p(buy)", "churn", "cluster"}
+
+
+def render_table(tl: Timeline, width: int = WIDE) -> Table:
+    """Each event beside the profile published after it; runs of idle re-scores as one row (the last).
+    Below WIDE columns a compact table: times under a row per day, short event types, no borders,
+    top category without its score, fewer columns on narrower terminals (COMPACT_WIDTHS)."""
+    title = (f"user {tl.user}: {len(tl.events)} events and the profile published after each "
+             f"(model {tl.model_version})")
+    compact = width < WIDE
+    if compact:
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                      padding=0)
+        left_out = ({"tier", "cluster"} if width < 120 else set()) | ({"price", "events"} if width < 96 else set())
+        columns = [c for c in COMPACT_WIDTHS if c not in left_out]
+        for col in columns:
+            table.add_column(col, justify="right" if col in _RIGHT else "left", no_wrap=True, overflow="ellipsis",
+                             width=COMPACT_WIDTHS[col])
+    else:
+        table = Table(title=title)
+        columns = ["event time (UTC)", "type", "item", "category", "price", "events", "spend", "top category",
+                   "propensity", "churn", "tier", "cluster"]
+        for col in columns:
+            table.add_column(col, justify="right" if col in _RIGHT else "left", no_wrap=col == "event time (UTC)")
+    rows, day = tl.rows, None
+    hours = f"{tl.idle_rescore_ms / 3_600_000:g}h"
     for k, row in enumerate(rows):
         e, p = row["event"], row["profile"]
         if row["kind"] == "idle" and k + 1 < len(rows) and rows[k + 1]["kind"] == "idle":
             continue  # the last of the run stands for it
+        when = _when(row["at_ms"])
+        top = p["top_categories"][0] if p["top_categories"] else None
+        cells = {
+            "events": str(sum(p["counts"].values())), "p(buy)": f"{p['purchase_propensity']:.3f}",
+            "propensity": f"{p['purchase_propensity']:.3f}", "churn": f"{p['churn_risk']:.3f}",
+            "tier": p["price_tier"], "cluster": str(p["interest_cluster"]),
+            "time (UTC)": when.strftime("%H:%M:%S"), "event time (UTC)": when.strftime("%Y-%m-%d %H:%M:%S"),
+            "spend": f"{p['spend']:.2f}" if not compact or p["spend"] < 10_000 else f"{p['spend'] / 1000:,.1f}k",
+            "top category": (top["category"] if compact else f"{top['category']} ({top['score']:.2f})") if top else "-",
+        }
+        style = None
         if row["kind"] == "event":
-            what = (e["type"], str(e.get("item_id") or e.get("query") or ""), str(e.get("category") or ""),
-                    "" if e.get("price") is None else f"{e['price']:.2f}")
-            style = None
+            cells.update(event=SHORT_TYPES.get(e["type"], e["type"]), type=e["type"],
+                         item=str(e.get("item_id") or e.get("query") or ""), category=str(e.get("category") or ""),
+                         price="" if e.get("price") is None else f"{e['price']:.2f}")
         elif row["kind"] == "idle":
             run = 1
             while k - run >= 0 and rows[k - run]["kind"] == "idle":
                 run += 1
-            hours = tl.idle_rescore_ms / 3_600_000
-            what = ("idle re-score", f"{run} x every {hours:g}h" if run > 1 else f"after {hours:g}h", "", "")
             style = "dim"
+            cells.update(event="idle", type="idle re-score",
+                         item=(f"{run} x {hours}" if compact else f"{run} x every {hours}") if run > 1 else f"after {hours}")
         else:
-            what = ("end of log", "replay's final", "", "")
             style = "dim"
-        top = p["top_categories"][0] if p["top_categories"] else None
-        table.add_row(
-            _when(row["at_ms"]).strftime("%Y-%m-%d %H:%M:%S"), *what, str(sum(p["counts"].values())),
-            f"{p['spend']:.2f}", f"{top['category']} ({top['score']:.2f})" if top else "-",
-            f"{p['purchase_propensity']:.3f}", f"{p['churn_risk']:.3f}", p["price_tier"], str(p["interest_cluster"]),
-            style=style,
-        )
+            cells.update(event="end", type="end of log", item="(replay)" if compact else "replay's final")
+        if compact and when.date() != day:
+            day = when.date()
+            table.add_row(day.isoformat(), style="bold")
+        table.add_row(*(cells.get(c, "") for c in columns), style=style)
     return table
 
 
@@ -279,7 +311,7 @@ def run_inspect(settings: Settings, sources: list[str], fmt: str, user: str, plo
     console = Console()
     if not console.is_terminal:  # piped: room for every column
         console = Console(width=max(console.width, 160))
-    console.print(render_table(tl))
+    console.print(render_table(tl, console.width))
     if plot_path:
         fig = plot(tl, plot_path)
         click.echo(f"wrote {plot_path} ({len(fig.axes)} panels)", err=True)  # one line, however long the path

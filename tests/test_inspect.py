@@ -156,3 +156,34 @@ def test_date_labels_never_overlap_whatever_the_span(span_hours, tmp_path):
     ticks = [t for t in fig.axes[-1].get_xticklabels() if t.get_visible() and t.get_text()]
     boxes = sorted((t.get_window_extent(renderer) for t in ticks), key=lambda b: b.x0)
     assert len(boxes) >= 3 and all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), [t.get_text() for t in ticks]
+
+
+@pytest.mark.parametrize("width, absent", [(100, ["tier", "premium", "budget"]), (80, ["tier", "price", "19.99"])])
+def test_the_table_fits_a_terminal_of_100_or_80_columns(quiet_user_log, width, absent):
+    import io
+
+    from rich.console import Console
+
+    tl = timeline(settings(), [str(quiet_user_log)], "jsonl", "quiet")
+    console = Console(width=width, file=io.StringIO(), record=True, color_system=None)
+    console.print(render_table(tl, console.width))
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= width
+    text = "\n".join(lines)
+    header = next(line for line in lines if line.startswith("time (UTC)"))
+    for word in absent:
+        assert word not in header.split() and word not in text.split()
+    # A row per day above its times; every event, each run of idle re-scores (its last) and the end of the log.
+    shown = [r for k, r in enumerate(tl.rows) if r["kind"] != "idle" or k + 1 == len(tl.rows)
+             or tl.rows[k + 1]["kind"] != "idle"]
+    days = [d for k, d in enumerate(_days(shown)) if k == 0 or d != _days(shown)[k - 1]]
+    assert [line.split()[0] for line in lines if line[:4] == "2023"] == days
+    kinds = [line.split()[1] for line in lines if line[:2].isdigit() and line[2] == ":"]
+    assert kinds.count("click") + kinds.count("buy") == 16 and kinds.count("idle") == 2 and kinds[-1] == "end"
+    assert "5 x 24h" in text and "garden.tools" in text and f"{tl.rows[-1]['profile']['churn_risk']:.3f}" in text
+
+
+def _days(rows: list[dict]) -> list[str]:
+    import datetime as dt
+
+    return [dt.datetime.fromtimestamp(r["at_ms"] / 1000, dt.timezone.utc).date().isoformat() for r in rows]
