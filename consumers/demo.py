@@ -64,11 +64,12 @@ class ProfileWatcher:
 
 def compact(value: float) -> str:
     """A number in at most 6 characters: 950, 31.0k, 2.5M (the live view's columns stay narrow)."""
-    for unit, scale in (("", 1.0), ("k", 1e3), ("M", 1e6), ("G", 1e9)):
-        shown = f"{value / scale:.0f}" if not unit else f"{value / scale:.1f}"
-        if abs(float(shown)) < 1000 or unit == "G":
-            return f"{shown}{unit}" if unit else shown
-    raise AssertionError("unreachable")
+    if abs(value) < 999.5:
+        return f"{value:.0f}"
+    for unit, scale in (("k", 1e3), ("M", 1e6)):
+        if abs(value) / scale < 999.95:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value / 1e9:.1f}G"
 
 
 def milliseconds(ms: float) -> str:
@@ -119,12 +120,13 @@ def _stats(frame: Frame, width: int) -> Table:
     latencies = np.array(s.batch_seconds) * 1000 if s.batch_seconds else np.zeros(1)
     p50, p99 = (milliseconds(float(np.percentile(latencies, q))) for q in (50, 99))
     per_row = 4 if width >= 92 else 3 if width >= 69 else 2  # a pair is at most 12 + 1 + 7 columns, then 3 apart
-    rate, applied, dead = ("events/s", compact(frame.events_per_s)), ("applied", compact(s.events)), \
-        ("dead letters", compact(s.dead_letters))
-    out, users, produced = ("profiles out", compact(s.profiles)), ("users", compact(frame.users)), \
-        ("produced", compact(frame.produced))
-    pairs = ([rate, applied, dead, ("batch p50", p50), out, users, produced, ("batch p99", p99)] if per_row == 4 else
-             [rate, applied, out, produced, users, dead, ("batch p50", p50), ("batch p99", p99)])
+    shown = {"events/s": compact(frame.events_per_s), "applied": compact(s.events),
+             "dead letters": compact(s.dead_letters), "profiles out": compact(s.profiles),
+             "users": compact(frame.users), "produced": compact(frame.produced), "batch p50": p50, "batch p99": p99}
+    order = (["events/s", "applied", "dead letters", "batch p50", "profiles out", "users", "produced", "batch p99"]
+             if per_row == 4 else
+             ["events/s", "applied", "profiles out", "produced", "users", "dead letters", "batch p50", "batch p99"])
+    pairs = [(label, shown[label]) for label in order]
     grid = Table.grid(padding=(0, 1))
     for i in range(per_row):
         grid.add_column(style="bold", no_wrap=True)
