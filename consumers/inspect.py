@@ -85,6 +85,7 @@ def timeline(settings: Settings, sources: list[str], fmt: str, user: str) -> Tim
     events, _ = decode_batch(RecordBatch(["inspect"] * n, [0] * n, list(range(n)), [None] * n, records),
                              settings.max_event_bytes)
     order = events.record_index[np.lexsort((events.record_index, events.ts))].tolist()
+    ts_of = dict(zip(events.record_index.tolist(), events.ts.tolist()))  # epoch ms, whatever form the record had
     every = settings.idle_rescore_after_ms
     updater = load_updater(replace(settings, idle_rescore_after_ms=0))  # re-scores are added below
     # top_categories scores are shares among the categories the daemon has seen: all of the sources'.
@@ -105,7 +106,7 @@ def timeline(settings: Settings, sources: list[str], fmt: str, user: str) -> Tim
 
     for i in order:
         event = orjson.loads(records[i])
-        idle_until(int(event["ts"]), inclusive=False)
+        idle_until(ts_of[i], inclusive=False)
         result = updater.process(RecordBatch(["inspect"], [0], [i], [None], [records[i]]))
         profile = next(orjson.loads(v) for k, v in result.profiles if k.decode() == user)
         published_at = updater.state.max_event_ts

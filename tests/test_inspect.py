@@ -38,6 +38,10 @@ def quiet_user_log(tmp_path):
     events += [event(100 + i, "quiet", T0 + int(2.5 * DAY) + i * 60_000, "click", "garden.tools") for i in range(4)]
     events += [event(200 + i, "busy", T0 + i * 6 * HOUR, "search" if i % 2 else "click") for i in range(35)]
     events.sort(key=lambda e: e["ts"])
+    import datetime as dt
+
+    back = next(e for e in events if e["event_id"] == "e100")  # the contract's other form of time: ISO 8601
+    back["ts"] = dt.datetime.fromtimestamp(back["ts"] / 1000, dt.timezone.utc).isoformat().replace("+00:00", "Z")
     path = tmp_path / "log.jsonl"
     path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
     return path
