@@ -88,9 +88,42 @@ def _give_up(grace_s: float) -> None:
     os._exit(1)
 
 
+_NO_BREAK_HYPHEN = "\u2011"
+_INNER_HYPHEN = re.compile(r"(?<=\S)-(?=\S)")
+
+
+class HelpFormatter(click.HelpFormatter):
+    """Help wrapped at spaces only: `--from-beginning`, `<group-id>` or `at-least-once` is never cut
+    at a hyphen across two lines (textwrap's default). Inner hyphens are wrapped as non-breaking ones,
+    and given back as plain hyphens in the text."""
+
+    def write_text(self, text: str) -> None:
+        super().write_text(_INNER_HYPHEN.sub(_NO_BREAK_HYPHEN, text))
+
+    def write_dl(self, rows, col_max: int = 30, col_spacing: int = 2) -> None:  # type: ignore[no-untyped-def]
+        super().write_dl([(term, _INNER_HYPHEN.sub(_NO_BREAK_HYPHEN, text)) for term, text in rows],
+                         col_max, col_spacing)
+
+    def getvalue(self) -> str:
+        return super().getvalue().replace(_NO_BREAK_HYPHEN, "-")
+
+
+class ProfilesContext(click.Context):
+    formatter_class = HelpFormatter
+
+
+class ProfilesCommand(click.Command):
+    context_class = ProfilesContext
+
+
 class ProfilesGroup(click.Group):
     """The command group: --log-level anywhere on the line; Ctrl-C ends with exit 130 and a one-line
-    summary; an unexpected error is one line and exit 1 (the traceback with --log-level debug)."""
+    summary; an unexpected error is one line and exit 1 (the traceback with --log-level debug).
+    Commands list a short help that fits 80 columns, and no help text is cut at a hyphen."""
+
+    context_class = ProfilesContext
+    command_class = ProfilesCommand
+    group_class = type  # `profiles model` is one of these too
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         return super().parse_args(ctx, _log_level_first(args))
@@ -217,7 +250,7 @@ PSEUDONYMIZE_OPTION = click.option(
     "never printed; prefer the environment variable to the flag.")
 
 
-@main.command()
+@main.command(short_help="The daemon: Kafka events in, profiles out")
 @BOOTSTRAP_OPTION
 @INPUT_TOPICS_OPTION
 @click.option("--output-topic", envvar=_env("output-topic"), show_envvar=True, default="profiles",
@@ -360,7 +393,7 @@ def run_daemon(settings: Settings, stop: threading.Event) -> DaemonStats:
         raise click.ClickException(settings.kafka.scrub(f"Kafka error: {exc.args[0].str()}")) from None
 
 
-@main.command()
+@main.command(short_help="Erase users: state, changelog and profiles")
 @click.argument("users", nargs=-1, required=True)
 @BOOTSTRAP_OPTION
 @INPUT_TOPICS_OPTION
@@ -433,7 +466,7 @@ def _stdout_closed() -> None:
     sys.exit(0)
 
 
-@main.command()
+@main.command(short_help="Follow the profiles topic as JSON lines")
 @TOPIC_OPTION
 @click.option("--from-beginning", is_flag=True, help="Start at the first retained profile instead of the end.")
 @click.option("--max", "max_records", default=None, type=click.IntRange(min=1),
@@ -478,7 +511,7 @@ def tail(topic: str, from_beginning: bool, max_records: int | None, bootstrap_se
         raise click.ClickException(kafka.scrub(f"Kafka error: {exc.args[0].str()}")) from None
 
 
-@main.command()
+@main.command(short_help="Each user's latest published profile, as JSON")
 @click.argument("users", nargs=-1, required=True)
 @TOPIC_OPTION
 @BOOTSTRAP_OPTION
@@ -525,7 +558,7 @@ def get(users: tuple[str, ...], topic: str, bootstrap_servers: str, pseudonymize
                                    f"{', '.join(result.missing)}")
 
 
-@main.command()
+@main.command(short_help="Synthetic traffic, to a file or a topic")
 @click.option("--users", default=1000, show_default=True, type=click.IntRange(min=1), help="Distinct users.")
 @click.option("--events", default=20000, show_default=True, type=click.IntRange(min=1), help="Events to write.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same traffic.")
@@ -570,7 +603,7 @@ def generate(users: int, events: int, seed: int, out: str | None, topic: str | N
         click.echo(f"produced {n} records to {topic}", err=True)
 
 
-@main.command()
+@main.command(short_help="Everything on one machine, with a live view")
 @click.option("--duration", default=None, type=click.FloatRange(min=1), help="Stop after this many seconds "
               "(default: run until Ctrl-C).")
 @click.option("--users", default=500, show_default=True, type=click.IntRange(min=1), help="Synthetic users.")
@@ -586,7 +619,7 @@ def demo(duration: float | None, users: int, rate: int, seed: int) -> None:
     exit_130_if_interrupted(received)
 
 
-@main.command("import")
+@main.command("import", short_help="Public datasets into the event contract")
 @click.option("--format", "fmt", required=True, type=click.Choice(["taobao", "rees46", "yoochoose", "retailrocket"]),
               help="Layout of the source files.")
 @click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
@@ -611,7 +644,7 @@ def import_(fmt: str, sources: tuple[str, ...], out: str) -> None:
     click.echo(f"{report.events} events from {report.rows} rows written to {out} (skipped: {skipped})", err=True)
 
 
-@main.command()
+@main.command(short_help="Cut an event log by event time, for evaluation")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
 @click.option("--test-fraction", default=0.2, show_default=True, type=click.FloatRange(0.01, 0.99),
               help="Share of the events, the latest by event time, that becomes the test part.")
@@ -631,7 +664,7 @@ def split(source: str, test_fraction: float, train_out: str, test_out: str) -> N
     click.echo(f"{n_train:,} events up to {cutoff} -> {train_out}; {n_test:,} later events -> {test_out}", err=True)
 
 
-@main.command()
+@main.command(short_help="Train the profile model on event logs")
 @click.option("--events", "event_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="JSON-lines event files (repeatable), e.g. from `profiles import` or `profiles generate`.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
@@ -676,7 +709,7 @@ def train(event_files: tuple[str, ...], out: str, epochs: int, hidden_size: int,
                  patience=patience, refit=refit, max_items=max_items)
 
 
-@main.group()
+@main.group(short_help="Read model checkpoints")
 def model() -> None:
     """Read model checkpoints."""
 
@@ -698,7 +731,7 @@ def model_info(checkpoint: str, as_json: bool) -> None:
     click.echo(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode() if as_json else "\n".join(info_lines(info)))
 
 
-@main.command("evaluate")
+@main.command("evaluate", short_help="The model's next item and category against simple rules")
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--train-events", "train_files", required=True, multiple=True,
               type=click.Path(exists=True, dir_okay=False),
@@ -717,7 +750,7 @@ def evaluate_(model_path: str, train_files: tuple[str, ...], test_files: tuple[s
     run_evaluation(model_path, train_files, test_files, device, k, as_json)
 
 
-@main.command()
+@main.command(short_help="Event logs through the daemon's pipeline")
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--format", "fmt", default="jsonl", show_default=True,
               type=click.Choice(["jsonl", "taobao", "rees46", "yoochoose", "retailrocket"]),
@@ -785,7 +818,7 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
     click.echo(report.summary(dlq), err=True)
 
 
-@main.command()
+@main.command(short_help="One user's events beside how each field moved")
 @click.argument("user")
 @click.option("--events", "sources", required=True, multiple=True,
               help="Event source(s), as for `profiles replay`: files, directories, globs, kafka://TOPIC?from=&to=.")
@@ -794,15 +827,22 @@ def replay(sources: tuple[str, ...], fmt: str, model_path: str | None, out: str 
 @click.option("--model", "model_path", envvar=_env("model"), show_envvar=True, default=None,
               type=click.Path(dir_okay=False), help="Model checkpoint (or `demo`, the shipped one); without one, an untrained model.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw the fields to this PNG.")
+@click.option("--idle-rescore-after", default="24h", show_default=True, callback=lambda _c, _p, v: _duration_ms(v),
+              help="Also show the profiles the daemon re-publishes while the user is idle, this long apart in "
+              "event time (as in `profiles run`; 0: none).")
 @click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True, default="localhost:9092",
               show_default=True, help="Kafka brokers, for kafka:// sources.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @CONNECT_TIMEOUT_OPTION
 def inspect(user: str, sources: tuple[str, ...], fmt: str, model_path: str | None, plot_path: str | None,
-            bootstrap_servers: str, device: str, connect_timeout: float) -> None:
-    """One user's event timeline beside how each profile field moved (a table; --plot for a picture)."""
+            idle_rescore_after: int, bootstrap_servers: str, device: str, connect_timeout: float) -> None:
+    """One user's event timeline beside how each profile field moved (a table; --plot for a picture).
+
+    Besides the profile after each event: the idle re-scores between events and after the last one
+    (churn risk rises while a user is quiet), and the final profile a replay of the same sources writes,
+    computed at the log's last event time."""
     settings = Settings(kafka=KafkaSettings(bootstrap_servers), model_path=model_path, device=device,
-                        emit_embedding=False, idle_rescore_after_ms=0)
+                        emit_embedding=False, idle_rescore_after_ms=idle_rescore_after)
     if any(s.startswith("kafka://") for s in sources):
         check_broker(settings.kafka, connect_timeout)  # before the model's imports: fast
     from consumers.inspect import InspectError, run_inspect
@@ -815,7 +855,7 @@ def inspect(user: str, sources: tuple[str, ...], fmt: str, model_path: str | Non
         raise click.ClickException(str(exc)) from None
 
 
-@main.command("evaluate-fields")
+@main.command("evaluate-fields", short_help="Learned fields against what users do after a cut")
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
               help="Checkpoint to judge (train it on events before the cut only), or `demo`.")
 @click.option("--events", "event_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
@@ -832,18 +872,19 @@ def evaluate_fields(model_path: str, event_files: tuple[str, ...], cut: str | No
     strongest simple baselines computed from the same events before T.
 
     \b
-    top_categories       precision@3 against the categories engaged with in the next 7 days,
-                         and hit rate of the user's top future category
+    top_categories       precision@3 against the categories engaged with in the
+                         next 7 days, and hit rate of the top future category
     purchase_propensity  a purchase within 7 days: ROC AUC, PR AUC, Brier, ECE
     churn_risk           no event within 14 days: ROC AUC, PR AUC, Brier, ECE
-    Where the log ends before a horizon, the window is cut short and the probabilities are asked for it.
+
+    A log that ends before a horizon cuts the window short; the probabilities are then asked for it.
     """
     from consumers.field_report import run_field_evaluation
 
     run_field_evaluation(model_path, event_files, cut, device, as_json, plot_path)
 
 
-@main.command("evaluate-synthetic")
+@main.command("evaluate-synthetic", short_help="Learned fields against the generator's truth")
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--users", default=2000, show_default=True, type=click.IntRange(min=10))
 @click.option("--events", default=100_000, show_default=True, type=click.IntRange(min=100))
@@ -863,7 +904,7 @@ def evaluate_synthetic(model_path: str, users: int, events: int, seed: int, devi
     click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
 
 
-@main.command()
+@main.command(short_help="Throughput and latency against a plain consumer")
 @click.option("--events", default=200_000, show_default=True, type=click.IntRange(min=1000),
               help="Generated events to push through.")
 @click.option("--users", default=50_000, show_default=True, type=click.IntRange(min=1), help="Distinct users.")

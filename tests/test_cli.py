@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import re
 
 import orjson
+import pytest
 from click.testing import CliRunner
 
 from consumers.cli import main
@@ -23,6 +25,30 @@ def test_help_shows_every_run_option_with_its_environment_variable():
                       ("--no-embedding", "PROFILES_NO_EMBEDDING"), ("--metrics-port", "PROFILES_METRICS_PORT"),
                       ("--kafka-config", "PROFILES_KAFKA_CONFIG")]:
         assert flag in result.output and env in result.output, flag
+
+
+def _every_command(group=main, path=()):
+    for name, command in sorted(group.commands.items()):
+        yield path + (name,)
+        if hasattr(command, "commands"):
+            yield from _every_command(command, path + (name,))
+
+
+@pytest.mark.parametrize("width", [100, 80])
+def test_every_help_fits_the_terminal_and_is_never_cut_at_a_hyphen(width):
+    """Issue 18: at 100 (and 80) columns, the command list shows whole sentences (no "..."), and no
+    line is wider than the terminal or ends inside a hyphenated word (`--from-` / `beginning`)."""
+    result = CliRunner().invoke(main, ["--help"], terminal_width=width)
+    assert result.exit_code == 0
+    listed = result.output.split("Commands:")[1].splitlines()[1:]
+    assert len(listed) == len(main.commands) and not any(line.endswith("...") for line in listed), listed
+    for command in _every_command():
+        result = CliRunner().invoke(main, [*command, "--help"], terminal_width=width)
+        assert result.exit_code == 0, command
+        for line in result.output.splitlines():
+            assert len(line) <= width, (command, line)
+            assert not re.search(r"\w-$", line), (command, line)
+        assert "\u2011" not in result.output  # the wrapping's non-breaking hyphens are given back as "-"
 
 
 def test_generate_to_a_gzip_file_with_malformed_records(tmp_path):

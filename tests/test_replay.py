@@ -326,16 +326,19 @@ def test_inspect_shows_a_users_timeline_and_plots_one_panel_per_field(tmp_path):
     user = max(log.users, key=lambda u: sum(str(e["user_id"]) == u for e in log.events))
     mine = [e for e in log.events if str(e["user_id"]) == user]
     settings = Settings(device="cpu", emit_embedding=False, idle_rescore_after_ms=0)
-    rows = timeline(settings, [str(tmp_path / "log.jsonl")], "jsonl", user)
+    tl = timeline(settings, [str(tmp_path / "log.jsonl")], "jsonl", user)
+    rows = tl.events
     assert [r["event"]["event_id"] for r in rows] == [e["event_id"] for e in mine]
     assert [sum(r["profile"]["counts"].values()) for r in rows] == list(range(1, len(mine) + 1))
     assert rows[-1]["profile"]["spend"] * 1e6 == pytest.approx(expected_from_events(mine)[user]["spend_micros"])
     # Category shares are among all the log's categories, not only this user's.
     assert any(r["profile"]["top_categories"][0]["score"] < 1.0 for r in rows)
-    assert render_table(rows, user).row_count == len(mine)
+    # Without idle re-scores: the events, and the final profile a replay writes if the log goes on after them.
+    assert [r["kind"] for r in tl.rows] == ["event"] * len(mine) + (["end"] if tl.log_end_ms > mine[-1]["ts"] else [])
+    assert render_table(tl).row_count == len(tl.rows)
 
     png = tmp_path / "user.png"
-    assert plot(rows, user, str(png)) == len(CHARTED)
+    assert len(plot(tl, str(png)).axes) == len(CHARTED)
     import matplotlib.image
 
     image = matplotlib.image.imread(png)
