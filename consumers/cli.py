@@ -668,7 +668,9 @@ def split(source: str, test_fraction: float, train_out: str, test_out: str) -> N
 @click.option("--events", "event_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="JSON-lines event files (repeatable), e.g. from `profiles import` or `profiles generate`.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
-@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--epochs", default=None, type=click.IntRange(min=1),
+              help="Passes over the log [default: 10 up to 125k events, fewer above (2 at 500k), so that "
+                   "training stays within minutes on a laptop].")
 @click.option("--hidden-size", default=64, show_default=True, type=click.IntRange(min=4))
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1), help="Sequence chunks per step.")
 @click.option("--max-len", default=64, show_default=True, type=click.IntRange(min=2), help="Events per chunk.")
@@ -692,7 +694,7 @@ def split(source: str, test_fraction: float, train_out: str, test_out: str) -> N
                    "`profiles evaluate-fields --cut`, so the model never sees what it is judged on.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-def train(event_files: tuple[str, ...], out: str, epochs: int, hidden_size: int, batch_size: int, max_len: int,
+def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_size: int, batch_size: int, max_len: int,
           lr: float, dropout: float, val_fraction: float, patience: int, refit: bool, max_items: int,
           item_buckets: int, category_buckets: int, query_buckets: int, until: str | None, seed: int,
           device: str) -> None:

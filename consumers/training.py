@@ -15,7 +15,7 @@ from consumers.outfiles import atomic_paths
 from models.dataset import load_events
 from models.field_training import train_fields
 from models.profile_model import LoadedModel, ModelConfig, resolve_device, save_checkpoint
-from models.train import TrainConfig, train
+from models.train import TrainConfig, auto_epochs, train
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
     if buckets is not None:
         model_config = replace(model_config, item_buckets=buckets[0], category_buckets=buckets[1],
                                query_buckets=buckets[2])
+    if train_options.get("epochs") is None:
+        train_options["epochs"] = auto_epochs(len(events))
+        click.echo(f"{train_options['epochs']} epochs (auto for this size; --epochs to choose)", err=True)
     train_config = TrainConfig(seed=seed, **train_options)  # type: ignore[arg-type]
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as bar:

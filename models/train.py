@@ -35,6 +35,16 @@ log = logging.getLogger(__name__)
 NO_TARGET = -1
 
 
+# Event passes of the first training pass when no epoch count is given (the refit repeats at most as
+# many): what keeps `profiles train` on a 500k-event log within ~5 minutes on 2 CPU cores (benchmarks.md).
+AUTO_EPOCH_EVENTS = 1_250_000
+
+
+def auto_epochs(n_events: int) -> int:
+    """Epochs when none are asked for: 10 up to 125k events, fewer above (2 at 500k), at least 2."""
+    return int(min(10, max(2, AUTO_EPOCH_EVENTS // max(n_events, 1))))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10

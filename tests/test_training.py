@@ -173,3 +173,15 @@ def test_published_top_categories_are_the_next_visits_not_the_sessions(tmp_path)
     # next-event distribution would name the last session's category and score about 0 here.
     assert home_first >= 0.5, home_first
     assert session_first >= 0.8, session_first
+
+
+def test_auto_epochs_keep_a_big_log_to_a_few_passes_and_a_small_one_to_ten():
+    from models.train import AUTO_EPOCH_EVENTS, auto_epochs
+
+    assert auto_epochs(20_000) == 10
+    assert auto_epochs(500_000) == 2
+    assert auto_epochs(50_000_000) == 2
+    sizes = [10_000, 150_000, 200_000, 400_000, 1_000_000]
+    epochs = [auto_epochs(n) for n in sizes]
+    assert epochs == sorted(epochs, reverse=True)
+    assert all(e * n <= max(AUTO_EPOCH_EVENTS, 2 * n) for e, n in zip(epochs, sizes))
