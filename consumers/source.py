@@ -138,6 +138,10 @@ class KafkaBatchSource:
     def commit(self, offsets: list[TopicPartition]) -> None:
         self.consumer.commit(offsets=offsets, asynchronous=False)
 
+    def group_metadata(self) -> object:
+        """The consumer group's metadata (generation included), for offsets committed in a transaction."""
+        return self.consumer.consumer_group_metadata()
+
     def close(self) -> None:
         self.consumer.close()
 
