@@ -331,7 +331,7 @@ def _scaled(settings: Settings, columns, n_users: int, batch: int, seed: int) ->
 
 def restore_time(*, users: int, partitions: int, bootstrap_servers: str | None, say=print) -> dict:
     """Seconds to restore `users` users from the state changelog, as a member assigned every partition does."""
-    from stream.kafka import read_latest
+    from stream.changelog import Changelog
     from stream.state import StateTable
 
     broker = None if bootstrap_servers else EmbeddedBroker().start()
@@ -340,6 +340,10 @@ def restore_time(*, users: int, partitions: int, bootstrap_servers: str | None, 
         topic = f"bench-state-{uuid.uuid4().hex[:8]}"
         ensure_topics(admin_client(kafka), {topic: partitions}, compacted=[topic])
         settings = Settings()
+
+        def changelog(state: StateTable, publisher: Publisher) -> Changelog:
+            return Changelog(kafka, state, publisher, Metrics(), topic=topic, model_version="bench")
+
         state = StateTable(64, torch.device("cpu"), watermark_slots=1, dedupe_window=settings.dedupe_window)
         ids = [f"user-{i:08d}" for i in range(users)]
         rows = state.rows_for(ids)
@@ -347,22 +351,17 @@ def restore_time(*, users: int, partitions: int, bootstrap_servers: str | None, 
         state.partition[rows] = rows % partitions
         say(f"writing {users:,} users' state to {topic} ...")
         publisher = Publisher(kafka, **{"linger.ms": 50})
+        writer = changelog(state, publisher)
         for start in range(0, users, 100_000):
-            chunk = rows[start:start + 100_000]
-            publisher.produce_to_partitions(topic, [ids[r].encode() for r in chunk.tolist()],
-                                            state.changelog_values(chunk), state.partition[chunk].tolist())
+            writer.write_state(rows[start:start + 100_000])
             publisher.poll()
         publisher.flush()
         say("restoring ...")
-        started = time.perf_counter()
-        latest = read_latest(kafka, topic, range(partitions))
-        read_s = time.perf_counter() - started
         fresh = StateTable(64, torch.device("cpu"), watermark_slots=1, dedupe_window=settings.dedupe_window)
-        loaded = sum(fresh.load_changelog(records) for records in latest.values())
-        total = time.perf_counter() - started
-        assert loaded == users, f"restored {loaded} of {users} users"
-        return {"users": users, "restore_seconds": total, "read_seconds": read_s,
-                "load_seconds": total - read_s, "users_per_s": users / total,
+        restored = changelog(fresh, publisher).restore(list(range(partitions)))
+        assert restored.users == users, f"restored {restored.users} of {users} users"
+        return {"users": users, "restore_seconds": restored.seconds, "read_seconds": restored.read_seconds,
+                "load_seconds": restored.seconds - restored.read_seconds, "users_per_s": users / restored.seconds,
                 "record_bytes": state.record_dtype().itemsize}
     finally:
         if broker is not None:

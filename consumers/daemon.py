@@ -1,14 +1,9 @@
-"""The always-on daemon: poll a batch -> decode -> update profiles -> publish -> commit.
+"""The always-on daemon: poll a batch -> process -> commit the previous batch -> stage this one.
 
-Guarantees (see docs/architecture.md, "Delivery guarantees"):
-- State is exactly-once under either setting: every user's changelog record carries the offset of
-  the last event applied, and re-consumed events at or below it are skipped (broker-independent).
-- at-least-once output: input offsets are committed only after every profile, changelog record and
-  dead letter of the batch is acknowledged, so a crash re-reads (never skips) the records after the
-  last commit; re-read users are published again (duplicates of identical profiles).
-- exactly-once output: each batch's profiles, changelog records, dead letters and input offsets are
-  one Kafka transaction; read_committed consumers see each batch once or not at all.
-The wait for acknowledgements (or the transaction commit) overlaps the next batch's compute.
+What commits together (state changelog, profiles, dead letters, erasures, input offsets), and so the
+delivery guarantees, is stream/changelog.py's; see docs/architecture.md, "Delivery guarantees".
+This module runs the loop: the consumer group's callbacks (restore on assignment, finish the batch in
+hand on revocation, drop what was lost), pacing, health and metrics.
 """
 
 from __future__ import annotations
@@ -23,14 +18,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 import torch
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 
 from consumers.pipeline import BatchResult, ProfileUpdater
 from consumers.source import KafkaBatchSource, errors_log
-from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, EVENT_TYPES, DeadLetter, RecordBatch
+from stream.changelog import Changelog
+from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, EVENT_TYPES, RecordBatch
 from stream.kafka import (
     Publisher, StreamError, TopicError, admin_client, check_copartitioned, ensure_topics, partition_counts,
-    read_latest, seed_group_offsets,
+    seed_group_offsets,
 )
 from stream.metrics import Health, Metrics, brokers_up, consumer_lag, resident_bytes
 from stream.runtime import tune_garbage_collector
@@ -39,7 +35,6 @@ from stream.state import read_snapshot
 
 log = logging.getLogger(__name__)
 
-META_KEY = b"\x00meta"  # changelog key of the per-partition metadata record (model version, category names)
 TOPIC_CHECK_EVERY_S = 5.0  # while an input topic is missing: how often to look for it again
 
 
@@ -53,104 +48,11 @@ class DaemonStats:
     dead_letters: int = 0
     profiles: int = 0
     commits: int = 0
-    resent: int = 0  # profiles produced again after an aborted transaction (exactly-once)
     batch_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
     started_at: float = field(default_factory=time.monotonic)
     assigned_at: float | None = None  # perf_counter when the first partitions were assigned
     first_batch_at: float | None = None  # perf_counter when the first non-empty batch started
     last_batch_done_at: float | None = None  # ...and when the latest one was committed
-
-
-class Checkpoint:
-    """The one place that commits: input offsets, only once the broker acknowledged all a batch published.
-
-    The wait is pipelined one batch deep: the daemon publishes batch k, computes batch k+1 while
-    librdkafka's threads deliver k, and only then waits for k's acknowledgements (usually in by
-    then) and commits k's offsets. A crash before that commit re-reads k: never a lost record.
-    With a transactional publisher the commit is the transaction's: k's output and offsets together.
-    """
-
-    def __init__(self, source: KafkaBatchSource, publisher: Publisher, metrics: Metrics) -> None:
-        self.source = source
-        self.publisher = publisher
-        self.metrics = metrics
-        self.uncommitted: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset, published
-        self.aborted = False  # the last transaction was aborted: its content must be produced again
-
-    def published(self, records: RecordBatch) -> None:
-        """The batch's output has been handed to the producer: its offsets are the next to commit."""
-        # Records of one partition arrive in offset order, so the last one wins.
-        self.uncommitted.update(zip(zip(records.topics, records.partitions), (o + 1 for o in records.offsets)))
-
-    def forget(self, partitions: list[TopicPartition]) -> None:
-        """Partitions lost to another member: their offsets are no longer ours to commit."""
-        for p in partitions:
-            self.uncommitted.pop((p.topic, p.partition), None)
-
-    def commit(self) -> bool:
-        """1. wait until the broker acknowledged every profile and dead letter produced so far;
-        2. commit, per input partition, the offset after the last published record.
-        A publish failure raises (the daemon stops without committing); a commit failure,
-        e.g. during a rebalance, is logged and counted: those records are re-read, not lost."""
-        if not self.uncommitted and not self.publisher.in_transaction:
-            return True
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self.uncommitted.items()]
-        if self.publisher.transactional:
-            return self._commit_transaction(offsets)
-        self.publisher.flush()
-        self.count_lost_dead_letters()
-        self.uncommitted = {}
-        try:
-            self.source.commit(offsets)
-            return True
-        except KafkaException as exc:
-            self.metrics.commit_failures.inc()
-            log.warning("offset commit failed (%s): these records will be processed again", exc.args[0].str())
-            return False
-
-    def count_lost_dead_letters(self) -> None:
-        """Dead letters the broker refused after they were produced: logged and counted, never fatal."""
-        for lost in self.publisher.take_lost():
-            self.metrics.dead_letter_failures.inc()
-            log.error("dead letter not published: %s", lost)
-
-    def _commit_transaction(self, offsets: list[TopicPartition], attempts: int = 3) -> bool:
-        """Commit the open transaction with these offsets. An abortable failure aborts it and sets
-        `aborted` (offsets kept: they go into the next transaction with the content produced again);
-        a fatal one (e.g. fenced by a newer instance) raises StreamError: restart and restore."""
-        for attempt in range(attempts):
-            try:
-                self.publisher.commit(offsets, self.source.consumer.consumer_group_metadata())
-                self.uncommitted = {}
-                return True
-            except KafkaException as exc:
-                err = exc.args[0]
-                self.metrics.transaction_failures.inc()
-                if err.txn_requires_abort():
-                    log.warning("transaction aborted (%s): producing its content again", err.str())
-                    self.publisher.abort()
-                    self.aborted = True
-                    return False
-                if not err.retriable() or attempt == attempts - 1:
-                    raise StreamError(f"transaction commit failed: {err.str()}") from None
-                log.warning("transaction commit failed (%s): retrying", err.str())
-        return False
-
-    def abort(self) -> None:
-        """Give up the open transaction (partitions lost: its offsets can no longer be committed)."""
-        if self.publisher.in_transaction:
-            self.publisher.abort()
-            self.aborted = True
-
-
-@dataclass
-class Unconfirmed:
-    """What the open transaction carries, by user (rows move when users are dropped), for a re-send."""
-
-    users: set[str] = field(default_factory=set)
-    erased: list[tuple[str, int]] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
-
 
 
 class ProfileDaemon:
@@ -171,11 +73,13 @@ class ProfileDaemon:
         # Exactly-once: a fresh transactional id per start, as Kafka Streams does; zombies are fenced by
         # the consumer group generation that send_offsets_to_transaction carries (KIP-447).
         self.publisher = self._make_publisher()
-        # A dead letter's value is cut to fit the producer's record size limit, with room for key and headers.
-        self.dead_letter_max_bytes = min(DEAD_LETTER_MAX_VALUE_BYTES, settings.kafka.max_message_bytes() // 2)
-        self.checkpoint = Checkpoint(self.source, self.publisher, metrics)
-        self.unconfirmed = Unconfirmed()  # exactly-once: what the open transaction carries
-        self._categories_sent = -1  # the state's categories_version last written to the changelog
+        # What commits together: a batch's changelog records, profiles, dead letters and input offsets.
+        self.changelog = Changelog(
+            settings.kafka, updater.state, self.publisher, metrics, topic=settings.changelog_topic,
+            model_version=updater.model_version, inputs=self.source, output_topic=settings.output_topic,
+            dead_letter_topic=settings.dead_letter_topic, profiles_for=updater.profiles_for,
+            # A dead letter's value is cut to fit the producer's record size limit, with room for key and headers.
+            dead_letter_max_bytes=min(DEAD_LETTER_MAX_VALUE_BYTES, settings.kafka.max_message_bytes() // 2))
         self._closing = False
         self._nothing_assigned = False  # an empty assignment came: find out why (in the main loop)
         self._waiting_for_topics = False  # assigned nothing because an input topic is missing: re-subscribe
@@ -252,7 +156,7 @@ class ProfileDaemon:
                 if self._waiting_for_topics:
                     self._look_for_topics()
             self.handle(self.source.take_pending())
-            self.commit_previous()
+            self.changelog.commit()
         finally:
             if self.publisher.in_transaction:  # stopped by an error: do not leave readers waiting on it
                 self.publisher.abort()
@@ -263,11 +167,12 @@ class ProfileDaemon:
         log.info("stopped after %d events in %d batches", self.stats.events, self.stats.batches)
 
     def handle(self, records: RecordBatch) -> None:
-        """One micro-batch: update -> commit the previous batch -> publish this one."""
+        """One micro-batch: process -> commit the previous batch -> stage this one. The previous batch's
+        acknowledgements (or transaction) came in while this one computed."""
         self.metrics.last_progress.set_to_current_time()
         self.health.progressed()
         if len(records) == 0:
-            self.commit_previous()  # idle: nothing to overlap with, commit what is out
+            self.changelog.commit()  # idle: nothing to overlap with, commit what is out
             return
         self.health.broker_up()  # records came: the broker answers
         start = time.perf_counter()
@@ -275,133 +180,25 @@ class ProfileDaemon:
             self.stats.first_batch_at = start
         result = self.updater.process(records)
         t_commit = time.perf_counter()
-        committed = self.commit_previous()  # the previous batch, delivered while this one computed
+        committed = self.changelog.commit()
         t_publish = time.perf_counter()
-        self.publish(result)
-        self.checkpoint.published(records)
+        self.changelog.stage(records, result.rows, result.profiles, result.dead_letters, result.erased)
         done = time.perf_counter()
         self.source.pacer.took(done - start, len(records))
         self.account(records, result, {**result.stage_seconds, "commit": t_publish - t_commit,
                                        "publish": done - t_publish, "total": done - start}, committed)
 
-    def commit_previous(self, attempts: int = 3) -> bool:
-        """Commit what was published so far. In exactly-once mode an aborted transaction's content
-        (its users' current state and profiles, dead letters, erasures) goes out again first, in a
-        new transaction with the same offsets; repeated aborts stop the daemon (restart, restore)."""
-        for _ in range(attempts):
-            if self.checkpoint.aborted:
-                self.produce_again()
-            if self.checkpoint.commit():
-                self.unconfirmed = Unconfirmed()
-                return True
-            if not self.checkpoint.aborted:
-                return False  # at-least-once: a failed offset commit; the records are re-read
-        raise StreamError(f"{attempts} transactions in a row were aborted; see the warnings above")
-
-    def produce_again(self) -> None:
-        self.checkpoint.aborted = False
-        self._categories_sent = -1  # the category names' meta record may have been in it
-        gone, self.unconfirmed = self.unconfirmed, Unconfirmed()
-        state, owned = self.updater.state, {p for _, p in self.source.assigned}
-        rows = np.array(sorted(r for r in map(state.row, gone.users) if r is not None), dtype=np.int64)
-        self.publish_parts(self.updater.profiles_for(rows), rows,
-                           [d for d in gone.dead_letters if (d.topic, d.partition) in self.source.assigned],
-                           [(u, p) for u, p in gone.erased if p < 0 or p in owned])
-        self.stats.resent += len(rows)
-        log.info("re-sent %d profiles of the aborted transaction", len(rows))
-
-    def publish(self, result: BatchResult) -> None:
-        self.publish_parts(result.profiles, result.rows, result.dead_letters, result.erased)
-
-    def publish_parts(self, profiles: list[tuple[bytes, bytes]], rows: np.ndarray, dead_letters: list[DeadLetter],
-                      erased: list[tuple[str, int]]) -> None:
-        if self.exactly_once:
-            self.publisher.begin()
-            self.unconfirmed.users.update(map(self.updater.state.user_ids.__getitem__, rows.tolist()))
-            self.unconfirmed.erased += erased
-            self.unconfirmed.dead_letters += dead_letters
-        if erased:  # before the batch's state and profiles: a user re-created after the forget wins
-            self.publish_erasures(erased)
-        self.publish_state(rows)
-        self.publisher.produce_many(self.settings.output_topic, profiles)
-        for dead in dead_letters:
-            self.publish_dead_letter(dead)
-
-    def publish_dead_letter(self, dead: DeadLetter) -> None:
-        """One dead letter, cut to fit the producer's limit. One the producer still refuses is logged
-        (position, reason, size, hash) and counted: bad input never stops the daemon."""
-        key, value, headers = dead.record(self.dead_letter_max_bytes)
-        try:
-            self.publisher.produce(self.settings.dead_letter_topic, key, value, headers)
-        except KafkaException as exc:
-            self.metrics.dead_letter_failures.inc()
-            log.error("dead letter %s[%d]@%d (%s, %d bytes, sha256 %s) not published: %s", dead.topic,
-                      dead.partition, dead.offset, dead.reason, len(dead.value or b""),
-                      dict(headers).get("dlq.value_sha256", b"-").decode(), exc.args[0].str())
-            return
-        self.metrics.dead_letters.inc()
-        log.debug("dead letter %s[%d]@%d: %s", dead.topic, dead.partition, dead.offset, dead.detail)
-
-    def publish_state(self, rows: np.ndarray) -> None:
-        """The changed users' whole state to the changelog, each to its input partition's number, in the
-        same flush the offsets wait for: a committed offset always has its state in the changelog."""
-        state = self.updater.state
-        rows = rows[state.partition[rows] >= 0]
-        if not len(rows):
-            return
-        partitions = state.partition[rows].tolist()
-        topic = self.settings.changelog_topic
-        self.publisher.produce_to_partitions(topic, [state.user_ids[r].encode("utf-8", "surrogatepass")
-                                                     for r in rows.tolist()],
-                                             state.changelog_values(rows), partitions)
-        if state.categories_version != self._categories_sent:  # names of newly seen categories
-            meta = orjson.dumps({"model_version": self.updater.model_version,
-                                 "category_names": {str(k): v for k, v in state.category_names.items()}})
-            owned = sorted({p for _, p in self.source.assigned} | set(partitions))
-            self.publisher.produce_to_partitions(topic, [META_KEY] * len(owned), [meta] * len(owned), owned)
-            self._categories_sent = state.categories_version
-
-    def publish_erasures(self, erased: list[tuple[str, int]]) -> None:
-        """Tombstones for erased users: on the changelog (so no restore brings them back) and on the
-        output topic (so compaction removes their last profile). Same flush as the offsets."""
-        keys = [user.encode("utf-8", "surrogatepass") for user, _ in erased]
-        from_kafka = [(key, p) for key, (_, p) in zip(keys, erased) if p >= 0]
-        if from_kafka:
-            self.publisher.produce_to_partitions(self.settings.changelog_topic, [k for k, _ in from_kafka],
-                                                 [None] * len(from_kafka), [p for _, p in from_kafka])
-        self.publisher.produce_many(self.settings.output_topic, [(key, None) for key in keys])
-
     def restore_partitions(self, partitions: list[int]) -> None:
         """Load the state of these input partitions' users from the changelog (before their events)."""
-        started = time.perf_counter()
-        state = self.updater.state
-        latest = read_latest(self.settings.kafka, self.settings.changelog_topic, partitions,
-                             on_progress=self.health.progressed)  # a long restore is progress (/healthz)
-        users = 0
-        for partition, records in latest.items():
-            meta = records.pop(META_KEY, None)
-            if meta is not None:
-                meta = orjson.loads(meta)
-                if meta.get("model_version") != self.updater.model_version:
-                    raise StreamError(
-                        f"{self.settings.changelog_topic} holds state of model {meta.get('model_version')!r}, this "
-                        f"daemon serves {self.updater.model_version!r}: give a new model its own --group-id "
-                        "(or --state-topic)")
-                state.merge_category_names({int(k): v for k, v in meta.get("category_names", {}).items()})
-            try:
-                users += state.load_changelog(records)
-            except ValueError as exc:
-                raise StreamError(f"{self.settings.changelog_topic}[{partition}]: {exc}") from None
-        # Then the snapshot's users the changelog has no newer state (or tombstone) for.
-        from_snapshot = state.load_base_partitions(partitions)
-        seconds = time.perf_counter() - started
-        self.metrics.restore_seconds.set(seconds)
-        log.info("restored %d users of partition(s) %s from %s%s in %.2fs", users, partitions,
-                 self.settings.changelog_topic, f" over {from_snapshot} from the snapshot" if state.base else "",
-                 seconds)
-        if seconds > self.settings.max_poll_interval_ms / 2000:  # the restore runs inside the poll
+        restored = self.changelog.restore(partitions, on_progress=self.health.progressed)  # progress: /healthz
+        self.metrics.restore_seconds.set(restored.seconds)
+        log.info("restored %d users of partition(s) %s from %s%s in %.2fs", restored.users, partitions,
+                 self.settings.changelog_topic,
+                 f" over {restored.from_snapshot} from the snapshot" if self.updater.state.base else "",
+                 restored.seconds)
+        if restored.seconds > self.settings.max_poll_interval_ms / 2000:  # the restore runs inside the poll
             log.warning("restoring took %.0fs, over half of max.poll.interval.ms: raise --max-poll-interval-ms, "
-                        "add instances, or start from a local snapshot (--restore-from)", seconds)
+                        "add instances, or start from a local snapshot (--restore-from)", restored.seconds)
 
     def account(self, records: RecordBatch, result: BatchResult, seconds: dict[str, float], committed: bool) -> None:
         m, s = self.metrics, self.stats
@@ -531,9 +328,7 @@ class ProfileDaemon:
             log.warning("%d record(s) for partitions given up were still unsent: dropped (their input is "
                         "re-read by the partitions' owner)", unsent)
         self.publisher = self._make_publisher()
-        self.checkpoint.publisher = self.publisher
-        self.checkpoint.uncommitted = {}
-        self._categories_sent = -1
+        self.changelog.use_publisher(self.publisher)
         if self.exactly_once:
             self.publisher.init_transactions()
 
@@ -542,7 +337,7 @@ class ProfileDaemon:
         # then let their users go: the next owner restores them from the changelog.
         self.set_ready(False, "rebalancing: partitions revoked")
         self.handle(self.source.take_pending())
-        self.commit_previous()
+        self.changelog.commit()
         self._forget_lag(partitions)
         self._drop_users(partitions)
 
@@ -550,8 +345,7 @@ class ProfileDaemon:
         # Lost partitions already have a new owner: committing for them would fail; it re-reads them.
         self.set_ready(False, "partitions lost (session expired): joining the group again")
         self.source.drop_pending(partitions)
-        self.checkpoint.forget(partitions)
-        self.checkpoint.abort()  # exactly-once: the open transaction cannot commit their offsets any more
+        self.changelog.release(partitions)  # their offsets, and an open transaction carrying them, are not ours
         self._forget_lag(partitions)
         self._drop_users(partitions)
 

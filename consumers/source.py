@@ -39,7 +39,7 @@ class KafkaBatchSource:
             settings.kafka.client_config(
                 **{
                     "group.id": settings.group_id,
-                    # Offsets are committed by the checkpoint, after the batch's output is acknowledged.
+                    # Offsets are committed by stream/changelog.py, after the batch's output is acknowledged.
                     "enable.auto.commit": False,
                     "enable.auto.offset.store": False,
                     # A new group builds profiles from the whole retained history.
@@ -137,6 +137,10 @@ class KafkaBatchSource:
 
     def commit(self, offsets: list[TopicPartition]) -> None:
         self.consumer.commit(offsets=offsets, asynchronous=False)
+
+    def group_metadata(self) -> object:
+        """The consumer group's metadata (generation included), for offsets committed in a transaction."""
+        return self.consumer.consumer_group_metadata()
 
     def close(self) -> None:
         self.consumer.close()

@@ -47,8 +47,8 @@ def test_a_10mb_record_is_dead_lettered_truncated_and_the_daemon_goes_on(kafka, 
     assert int(record.headers["dlq.value_bytes"]) == len(huge)
     assert record.headers["dlq.value_sha256"] == hashlib.sha256(huge).hexdigest().encode()
     assert record.headers["dlq.truncated"] == b"true"
-    assert record.value == huge[:daemon.dead_letter_max_bytes]
-    assert daemon.dead_letter_max_bytes <= DEAD_LETTER_MAX_VALUE_BYTES
+    assert record.value == huge[:daemon.changelog.dead_letter_max_bytes]
+    assert daemon.changelog.dead_letter_max_bytes <= DEAD_LETTER_MAX_VALUE_BYTES
     assert int(record.headers["dlq.key_bytes"]) == 100_000 and len(record.key) < 100_000
     # Every event around it was applied, and each profile was published once (one run, no restart).
     profiles, published = latest_profiles(kafka, settings.output_topic)
@@ -68,9 +68,9 @@ def test_a_dead_letter_the_producer_refuses_is_logged_and_counted_not_raised(set
 
     settings = settings_factory()
     daemon = ProfileDaemon(settings, load_updater(settings), Metrics(), threading.Event())
-    daemon.dead_letter_max_bytes = 4 * 1024 * 1024  # as if the limit were misjudged: the producer refuses it
+    daemon.changelog.dead_letter_max_bytes = 4 * 1024 * 1024  # as if the limit were misjudged: the producer refuses it
     big = b"x" * (2 * 1024 * 1024)
-    daemon.publish_dead_letter(DeadLetter(big, b"k", "too_large", "too big", "events", 3, 42))
+    daemon.changelog.write_dead_letter(DeadLetter(big, b"k", "too_large", "too big", "events", 3, 42))
     registry = daemon.metrics.registry
     assert registry.get_sample_value("profiles_dead_letter_failures_total") == 1
     assert registry.get_sample_value("profiles_dead_letters_published_total") == 0

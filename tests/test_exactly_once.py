@@ -270,10 +270,10 @@ def test_aborted_transaction_is_produced_again(kafka, unique, tmp_path, monkeypa
                         batch_max_events=250, session_timeout_ms=6000, guarantee="exactly-once")
     daemon = run_until_drained(settings)
     assert daemon.metrics.registry.get_sample_value("profiles_transaction_failures_total") == 1
-    assert daemon.stats.resent > 0
+    assert daemon.changelog.resent > 0
     assert committed_offsets(kafka, group, topic) == ends
     profiles, records = latest_profiles(kafka, out)
     # The aborted transaction's profiles may or may not have reached the log (abort purges what is still
     # queued); read uncommitted, every profile of every batch is there once, the re-sent ones at most twice.
-    assert daemon.stats.profiles <= records <= daemon.stats.profiles + daemon.stats.resent
+    assert daemon.stats.profiles <= records <= daemon.stats.profiles + daemon.changelog.resent
     assert_same_profiles(profiles, reference_profiles(log, tmp_path))

@@ -1,0 +1,148 @@
+"""stream/changelog.py on its own, against the real broker: what a batch writes is what a restore reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from stream.changelog import META_KEY, Changelog
+from stream.events import DeadLetter, RecordBatch
+from stream.kafka import Publisher, StreamError, admin_client, ensure_topics
+from stream.metrics import Metrics
+from stream.state import StateTable
+from tests.conftest import committed_offsets, read_topic
+
+PARTITIONS = 3
+
+
+class Inputs:
+    """The input consumer as the changelog sees it: what it owns, and a real group's offset commit."""
+
+    def __init__(self, kafka, group: str, topic: str) -> None:
+        self.consumer = Consumer(kafka.client_config(**{"group.id": group, "enable.auto.commit": False}))
+        self.assigned = {(topic, p) for p in range(PARTITIONS)}
+        self.consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
+
+    def commit(self, offsets: list[TopicPartition]) -> None:
+        self.consumer.commit(offsets=offsets, asynchronous=False)
+
+    def group_metadata(self) -> object:
+        return self.consumer.consumer_group_metadata()
+
+
+def table() -> StateTable:
+    return StateTable(8, torch.device("cpu"), watermark_slots=1, dedupe_window=4)
+
+
+def fill(state: StateTable, users: list[str], seed: int) -> np.ndarray:
+    """Users with some state of every kind, spread over the input partitions."""
+    rng = np.random.default_rng(seed)
+    rows = state.rows_for(users)
+    state.hidden[torch.from_numpy(rows)] = torch.from_numpy(rng.standard_normal((len(rows), 8)).astype(np.float32))
+    state.counts[rows] = rng.integers(0, 50, state.counts[rows].shape)
+    state.spend_micros[rows] = rng.integers(0, 10**9, len(rows))
+    state.last_ts[rows] = rng.integers(1, 10**12, len(rows))
+    state.partition[rows] = rows % PARTITIONS
+    state.watermark[rows, 0] = rng.integers(0, 1000, len(rows))
+    state.recent_ids[rows] = rng.integers(1, 2**63, state.recent_ids[rows].shape, dtype=np.uint64)
+    state.merge_category_names({3: "shoes", 7: "books"})
+    return rows
+
+
+def records_of(topic: str, offsets: dict[int, int]) -> RecordBatch:
+    """The input records a batch came from (only their positions matter here)."""
+    parts = sorted(offsets)
+    return RecordBatch([topic] * len(parts), parts, [offsets[p] for p in parts], [None] * len(parts),
+                       [b"{}"] * len(parts))
+
+
+def by_user(snapshot: dict) -> dict[str, tuple]:
+    names = [n for n in snapshot if n not in ("format", "user_ids", "category_names", "max_event_ts")]
+    return {u: tuple(snapshot[n][i].tobytes() for n in names) for i, u in enumerate(snapshot["user_ids"])}
+
+
+def make(kafka, unique, *, exactly_once: bool = False, state: StateTable | None = None,
+         inputs: Inputs | None = None) -> Changelog:
+    state = state if state is not None else table()
+    publisher = Publisher(kafka, transactional_id=unique("txn") if exactly_once else "")
+    if exactly_once:
+        publisher.init_transactions()
+    return Changelog(kafka, state, publisher, Metrics(), topic=unique("state"), model_version="m1", inputs=inputs,
+                     output_topic=unique("profiles"), dead_letter_topic=unique("dlq"),
+                     profiles_for=lambda rows: [(state.user_ids[r].encode(), b"again") for r in rows.tolist()])
+
+
+@pytest.fixture
+def topics(kafka, unique):
+    ensure_topics(admin_client(kafka), {unique("events"): PARTITIONS, unique("profiles"): PARTITIONS,
+                                        unique("dlq"): PARTITIONS, unique("state"): PARTITIONS},
+                  compacted=[unique("state")])
+
+
+def test_a_committed_batch_restores_into_a_fresh_table_and_tombstones_erase(kafka, unique, topics):
+    inputs = Inputs(kafka, unique("group"), unique("events"))
+    changelog = make(kafka, unique, inputs=inputs)
+    state = changelog.state
+    rows = fill(state, [f"user-{i}" for i in range(30)], seed=1)
+    dead = DeadLetter(b"not json", b"k", "invalid_json", "bad", unique("events"), 1, 4)
+    changelog.stage(records_of(unique("events"), {0: 9, 1: 4, 2: 7}), rows, [(b"user-0", b"{}")], [dead], [])
+    assert changelog.commit()
+    assert committed_offsets(kafka, unique("group"), unique("events")) == {0: 10, 1: 5, 2: 8}
+
+    restored = make(kafka, unique, inputs=inputs)
+    result = restored.restore(list(range(PARTITIONS)))
+    assert result.users == 30 and result.from_snapshot == 0
+    assert by_user(restored.state.snapshot()) == by_user(state.snapshot())
+    assert restored.state.category_names == {3: "shoes", 7: "books"}
+    assert len(read_topic(kafka, unique("dlq"))) == 1
+
+    # Erase two users: the next batch writes their tombstones; a restore no longer has them.
+    erased = [(user, int(state.partition[state.row(user)])) for user in ("user-4", "user-5")]
+    state.forget([u for u, _ in erased])
+    changelog.stage(records_of(unique("events"), {1: 5}), np.array([], dtype=np.int64), [], [], erased)
+    assert changelog.commit()
+    again = make(kafka, unique, inputs=inputs)
+    assert again.restore(list(range(PARTITIONS))).users == 28
+    assert set(again.state.user_ids) == {f"user-{i}" for i in range(30)} - {"user-4", "user-5"}
+    assert by_user(again.state.snapshot()) == by_user(state.snapshot())
+    tombstones = [r.key for r in read_topic(kafka, unique("profiles")) if r.value is None]
+    assert sorted(tombstones) == [b"user-4", b"user-5"]
+    inputs.consumer.close()
+
+
+def test_a_restore_refuses_the_state_of_another_model(kafka, unique, topics):
+    changelog = make(kafka, unique)
+    changelog.write_state(fill(changelog.state, ["a", "b", "c"], seed=2))
+    changelog.publisher.flush()
+    other = make(kafka, unique)
+    other.model_version = "m2"
+    with pytest.raises(StreamError, match="holds state of model 'm1'"):
+        other.restore([0, 1, 2])
+    assert len([r for r in read_topic(kafka, unique("state")) if r.key == META_KEY]) == PARTITIONS
+
+
+def test_an_aborted_transaction_is_produced_again_with_the_same_offsets(kafka, unique, topics, monkeypatch):
+    inputs = Inputs(kafka, unique("group"), unique("events"))
+    changelog = make(kafka, unique, exactly_once=True, inputs=inputs)
+    rows = fill(changelog.state, [f"user-{i}" for i in range(10)], seed=3)
+    changelog.stage(records_of(unique("events"), {0: 2, 2: 5}), rows, [], [], [])
+    real_commit, calls = Publisher.commit, []
+
+    def commit_failing_once(self, offsets, group_metadata, timeout_s=60.0):
+        calls.append(sorted((tp.partition, tp.offset) for tp in offsets))
+        if len(calls) == 1:
+            raise KafkaException(KafkaError(KafkaError._STATE, "injected abortable failure", txn_requires_abort=True))
+        return real_commit(self, offsets, group_metadata, timeout_s)
+
+    monkeypatch.setattr(Publisher, "commit", commit_failing_once)
+    assert changelog.commit()
+    assert calls == [[(0, 3), (2, 6)]] * 2, "the new transaction carries the same offsets"
+    assert changelog.resent == 10
+    assert changelog.metrics.registry.get_sample_value("profiles_transaction_failures_total") == 1
+    assert committed_offsets(kafka, unique("group"), unique("events")) == {0: 3, 1: 0, 2: 6}
+    restored = make(kafka, unique)
+    assert restored.restore(list(range(PARTITIONS))).users == 10
+    assert by_user(restored.state.snapshot()) == by_user(changelog.state.snapshot())
+    inputs.consumer.close()
