@@ -28,7 +28,7 @@ from confluent_kafka import Consumer
 
 from consumers.daemon import ProfileDaemon
 from consumers.loadgen import offer_at_rate, records
-from consumers.pipeline import ProfileUpdater, load_updater
+from models.update_step import ProfileUpdater, load_updater
 from stream.broker import EmbeddedBroker
 from stream.events import RecordBatch, decode_batch
 from stream.generator import iter_events

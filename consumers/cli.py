@@ -373,7 +373,7 @@ def run_daemon(settings: Settings, stop: threading.Event) -> DaemonStats:
     from confluent_kafka import KafkaException
 
     from consumers.daemon import ProfileDaemon
-    from consumers.pipeline import load_updater
+    from models.update_step import load_updater
     from models.profile_model import ModelError
     from stream.kafka import StreamError
     from stream.metrics import Health, Metrics, serve
@@ -632,7 +632,7 @@ def import_(fmt: str, sources: tuple[str, ...], out: str) -> None:
     """
     from rich.progress import Progress
 
-    from models.importers import import_dataset
+    from stream.importers import import_dataset
 
     with Progress(transient=True) as bar:
         task = bar.add_task(f"importing {fmt}", total=None)

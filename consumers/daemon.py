@@ -20,7 +20,7 @@ import orjson
 import torch
 from confluent_kafka import KafkaError, TopicPartition
 
-from consumers.pipeline import BatchResult, ProfileUpdater
+from models.update_step import BatchResult, ProfileUpdater
 from consumers.source import KafkaBatchSource, errors_log
 from stream.changelog import Changelog
 from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, EVENT_TYPES, RecordBatch

@@ -21,7 +21,7 @@ from rich.text import Text
 
 from consumers.daemon import DaemonStats, ProfileDaemon
 from consumers.loadgen import produce_paced, records
-from consumers.pipeline import load_updater
+from models.update_step import load_updater
 from stream.broker import EmbeddedBroker
 from stream.generator import ShopParams, iter_events
 from stream.kafka import Publisher, admin_client, ensure_topics

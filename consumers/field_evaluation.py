@@ -264,7 +264,7 @@ def profiles_at(loaded: LoadedModel, records, device: torch.device, cut: int,
                 progress=None) -> dict[str, dict]:
     """Every user's profile at the clock `cut`, through the serving path (the replay's: decoder, state
     step, profile encoding) over the records' events at or before the cut; the later ones are never applied."""
-    from consumers.pipeline import ProfileUpdater
+    from models.update_step import ProfileUpdater
 
     updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False)
     before_cut = TimeRange(None, cut + 1)

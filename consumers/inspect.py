@@ -19,7 +19,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from consumers.pipeline import ProfileUpdater, load_updater
+from models.update_step import ProfileUpdater, load_updater
 from models.features import hash_buckets
 from stream.events import EVENT_TYPES, RecordBatch, decode_batch
 from stream.settings import Settings

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from consumers.outfiles import Interrupted, OutputFile
-from consumers.pipeline import ProfileUpdater, load_updater
+from models.update_step import ProfileUpdater, load_updater
 from stream.events import DeadLetter
 from stream.kafka import Publisher
 from stream.runtime import tune_garbage_collector

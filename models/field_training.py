@@ -144,7 +144,7 @@ def default_cuts(ts: np.ndarray, n: int = 10) -> list[int]:
 def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.device,
             end_ts: int | None = None) -> list[CutExamples]:
     """Examples at each cut (ascending), through the serving path. end_ts: where the log's knowledge ends."""
-    from consumers.pipeline import ProfileUpdater  # the serving path (an application-level module)
+    from models.update_step import ProfileUpdater  # the serving path
 
     updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False)
     model, cfg, state = updater.model, updater.config, updater.state

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 import torch
 
-from consumers.pipeline import ProfileUpdater
+from models.update_step import ProfileUpdater
 from models.evaluate import roc_auc
 from models.profile_model import LoadedModel
 from stream.events import RecordBatch

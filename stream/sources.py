@@ -114,7 +114,7 @@ class FileSource:
                             records = [r for r in records if r]
                         yield name, numbers, records
             else:
-                from models.importers import iter_import
+                from stream.importers import iter_import
 
                 # Converted on the fly (progress advances per file); line = the event's position.
                 events = enumerate(iter_import(self.format, path), 1)

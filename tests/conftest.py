@@ -180,7 +180,7 @@ def run_members_until_drained(members: list[Settings], timeout_s: float = 120.0)
     offsets reach the input's end and, with more than one member, every member owns partitions; stop
     them all; return the daemons (each with `assigned_when_drained`: its (topic, partition)s then)."""
     from consumers.daemon import ProfileDaemon
-    from consumers.pipeline import load_updater
+    from models.update_step import load_updater
     from stream.metrics import Metrics
 
     stop = threading.Event()

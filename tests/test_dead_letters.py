@@ -62,7 +62,7 @@ def test_a_10mb_record_is_dead_lettered_truncated_and_the_daemon_goes_on(kafka, 
 
 def test_a_dead_letter_the_producer_refuses_is_logged_and_counted_not_raised(settings_factory, caplog):
     from consumers.daemon import ProfileDaemon
-    from consumers.pipeline import load_updater
+    from models.update_step import load_updater
     from stream.events import DeadLetter
     from stream.metrics import Metrics
 

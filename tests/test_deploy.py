@@ -459,7 +459,7 @@ def scrape_names(text: str) -> set[str]:
 def scraped(broker) -> Iterator[set[str]]:
     """Names in /metrics of a daemon that consumed a few valid and invalid records."""
     from consumers.daemon import ProfileDaemon
-    from consumers.pipeline import load_updater
+    from models.update_step import load_updater
     from stream.broker import free_port
     from stream.generator import generate
     from stream.metrics import Health, Metrics, serve

@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 import torch
 
-from consumers.pipeline import load_updater
+from models.update_step import load_updater
 from consumers.replay import replay
 from stream.events import RecordBatch
 from stream.generator import generate, write_jsonl

@@ -11,7 +11,7 @@ import torch
 from consumers.field_evaluation import (
     baseline_scores, binary_metrics, evaluate_fields, expected_calibration_error, paired_interval, profiles_at,
 )
-from consumers.pipeline import ProfileUpdater
+from models.update_step import ProfileUpdater
 from models.dataset import load_events, read_records
 from models.evaluate import roc_auc
 from models.field_training import CutExamples, calibrate, fit_fields

@@ -11,7 +11,7 @@ import orjson
 
 from consumers.daemon import ProfileDaemon
 from consumers.forget import control_record
-from consumers.pipeline import load_updater
+from models.update_step import load_updater
 from consumers.replay import replay
 from stream.events import RecordBatch
 from stream.generator import generate, write_jsonl

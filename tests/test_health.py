@@ -7,7 +7,7 @@ import threading
 import orjson
 
 from consumers.daemon import ProfileDaemon
-from consumers.pipeline import load_updater
+from models.update_step import load_updater
 from stream.broker import free_port
 from stream.generator import generate
 from stream.metrics import Health, Metrics, serve

@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from models.importers import FORMATS, ImportReport, import_dataset, iter_import, read_events
+from stream.importers import FORMATS, ImportReport, import_dataset, iter_import, read_events
 from stream.events import RecordBatch, decode_batch
 
 FIXTURES = Path(__file__).parent / "data" / "importers"
@@ -236,7 +236,7 @@ def test_rees46_category_and_price_are_optional(tmp_path):
 
 def test_skipped_rows_are_logged_when_no_report_is_asked_for(tmp_path, caplog):
     src = write(tmp_path, "t.csv", "1,2,3,pv,1511658000\n1,2,3,like,1511658000\n")
-    with caplog.at_level(logging.WARNING, logger="models.importers"):
+    with caplog.at_level(logging.WARNING, logger="stream.importers"):
         assert len(list(iter_import("taobao", src))) == 1
     assert "skipped 1 of 2 rows" in caplog.text and "unknown_event_type" in caplog.text
 

@@ -94,7 +94,7 @@ def test_the_waiting_state_says_so_instead_of_showing_zeros():
 
 def test_the_view_waits_for_partitions_until_the_daemon_has_them(kafka, settings_factory):
     from consumers.daemon import ProfileDaemon
-    from consumers.pipeline import load_updater
+    from models.update_step import load_updater
     from stream.metrics import Metrics
 
     settings = settings_factory()

@@ -10,7 +10,7 @@ import orjson
 import pytest
 import torch
 
-from consumers.pipeline import ProfileUpdater
+from models.update_step import ProfileUpdater
 from models.features import build_features, hash_buckets
 from models.profile_model import (
     CheckpointError, ModelConfig, ProfileModel, load_checkpoint, save_checkpoint, untrained,

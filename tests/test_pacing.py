@@ -29,7 +29,7 @@ def test_a_slow_model_shrinks_the_daemons_batches_and_keeps_its_partitions(kafka
 
     import orjson
 
-    from consumers.pipeline import ProfileUpdater
+    from models.update_step import ProfileUpdater
     from stream.generator import generate
     from stream.settings import Settings
     from tests.conftest import committed_offsets, create_topics, end_offsets, produce, run_until_drained

@@ -8,7 +8,7 @@ import logging
 import orjson
 from confluent_kafka import Producer
 
-from consumers.pipeline import load_updater
+from models.update_step import load_updater
 from stream.events import WRONG_PARTITION, RecordBatch
 from stream.settings import Settings
 from tests.conftest import create_topics, latest_profiles, read_topic, run_until_drained
@@ -113,7 +113,7 @@ def test_on_the_broker_no_event_of_a_user_on_two_partitions_is_silently_lost(kaf
     records.append((None, orjson.dumps(unkeyed), 0))
     produce_to(kafka, topic, records)
 
-    with caplog.at_level(logging.WARNING, logger="consumers.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="models.update_step"):
         daemon = run_until_drained(settings)
 
     profiles, _ = latest_profiles(kafka, settings.output_topic)

@@ -266,7 +266,7 @@ def test_backfill_then_go_live_with_two_members(kafka, settings_factory, unique,
 def test_a_snapshot_of_files_hands_each_user_over_at_its_first_event(tmp_path):
     """A snapshot replayed from files knows no partitions: its users enter the table at their first
     event, with their replayed state; an erased user does not come back from it."""
-    from consumers.pipeline import load_updater
+    from models.update_step import load_updater
     from stream.state import read_snapshot
     from tests.test_exactly_once import batch
 
@@ -301,7 +301,7 @@ def test_a_snapshot_of_files_hands_each_user_over_at_its_first_event(tmp_path):
 
 def test_a_snapshot_of_another_model_is_refused(kafka, settings_factory, tmp_path):
     from consumers.daemon import ProfileDaemon
-    from consumers.pipeline import load_updater
+    from models.update_step import load_updater
     from stream.kafka import StreamError
     from stream.metrics import Metrics
     from stream.state import write_snapshot

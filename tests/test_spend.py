@@ -10,7 +10,7 @@ import orjson
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from consumers.pipeline import SPEND_MAX_MICROS, add_spend, load_updater
+from models.update_step import SPEND_MAX_MICROS, add_spend, load_updater
 from stream import events as ev
 from stream.events import MAX_AMOUNT, RecordBatch, decode_batch
 from stream.settings import Settings

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from consumers.cli import main
-from consumers.pipeline import ProfileUpdater
+from models.update_step import ProfileUpdater
 from models.dataset import load_events
 from models.profile_model import LoadedModel, ModelConfig, load_checkpoint, save_checkpoint
 from models.train import TrainConfig, train
