@@ -2,29 +2,125 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import re
 
+import click
 import orjson
 import pytest
 from click.testing import CliRunner
 
 from consumers.cli import main
-from stream.events import RecordBatch, decode_batch
-from tests.conftest import read_topic
+from consumers.commands import live
+from consumers.commands.live import run
+from stream.settings import KafkaSettings, Settings
+from stream.events import decode_batch
+from tests.helpers import read_topic, record_batch
+
+
+# Every option of `run`: (the value given, the Settings field it sets, what that field then holds).
+# {dir} and {file} stand for a directory and a properties file (client.id=from-file) the test makes.
+RUN_OPTIONS = {
+    "--bootstrap-servers": ("b1:9092,b2:9092", "kafka", KafkaSettings("b1:9092,b2:9092")),
+    "--kafka-config": ("client.id=x", "kafka", KafkaSettings("localhost:9092", (("client.id", "x"),))),
+    "--kafka-config-file": ("{file}", "kafka", KafkaSettings("localhost:9092", (("client.id", "from-file"),))),
+    "--connect-timeout": ("3s", None, 3.0),  # the start-up broker check's, not a Settings field
+    "--input-topics": ("a, b", "input_topics", ("a", "b")),
+    "--output-topic": ("out", "output_topic", "out"),
+    "--dlq-topic": ("dead", "dlq_topic", "dead"),
+    "--group-id": ("g1", "group_id", "g1"),
+    "--model": ("demo", "model_path", "demo"),
+    "--untrained": (None, None, None),  # lets `run` start without --model; every case here gives it
+    "--device": ("cpu", "device", "cpu"),
+    "--torch-threads": ("3", "torch_threads", 3),
+    "--gru-threads": ("2", "gru_threads", 2),
+    "--batch-max-events": ("10", "batch_max_events", 10),
+    "--batch-max-ms": ("20", "batch_max_ms", 20),
+    "--max-event-bytes": ("128", "max_event_bytes", 128),
+    "--no-embedding": (None, "emit_embedding", False),
+    "--next-items": ("5", "next_items", 5),
+    "--metrics-port": ("9100", "metrics_port", 9100),
+    "--metrics-address": ("127.0.0.1", "metrics_address", "127.0.0.1"),
+    "--restore-from": ("{dir}", "restore_from", "{dir}"),
+    "--idle-rescore-after": ("30m", "idle_rescore_after_ms", 1_800_000),
+    "--session-timeout-ms": ("7000", "session_timeout_ms", 7000),
+    "--max-poll-interval-ms": ("60000", "max_poll_interval_ms", 60000),
+    "--dedupe-window": ("3", "dedupe_window", 3),
+    "--state-topic": ("st", "state_topic", "st"),
+    "--pseudonymize-key": ("k3y", "pseudonymize_key", "k3y"),
+    "--guarantee": ("exactly-once", "guarantee", "exactly-once"),
+    "--transactional-id": ("tx-1", "transactional_id", "tx-1"),
+}
+RUN_PARAMS = {p.opts[0]: p for p in run.params if isinstance(p, click.Option)}
+
+
+def _run_settings(monkeypatch, args: list[str], env: dict[str, str] | None = None) -> tuple[Settings, float]:
+    """The Settings (and broker check timeout) `profiles run ARGS` starts the daemon with; nothing starts."""
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(live, "check_broker", lambda kafka, timeout: seen.update(timeout=timeout))
+    monkeypatch.setattr(live, "install_stop_handlers", lambda stop, grace_s: [])
+    monkeypatch.setattr(live, "run_daemon", lambda settings, stop: seen.update(settings=settings))
+    result = CliRunner().invoke(main, ["run", "--untrained", *args], env=env)
+    assert result.exit_code == 0, result.output
+    return seen["settings"], seen["timeout"]
+
+
+def test_every_run_option_is_covered_here():
+    """Generated from the command: an option added to `run` fails here until RUN_OPTIONS says what it sets."""
+    assert set(RUN_PARAMS) == set(RUN_OPTIONS)
+
+
+def test_run_defaults_are_the_settings_defaults(monkeypatch):
+    settings, timeout = _run_settings(monkeypatch, [])
+    assert settings == Settings() and timeout == 10.0
+
+
+@pytest.mark.parametrize("flag", sorted(RUN_OPTIONS))
+def test_each_run_option_sets_its_settings_field_from_the_flag_and_the_environment(flag, monkeypatch, tmp_path):
+    value, field, expected = RUN_OPTIONS[flag]
+    (tmp_path / "client.properties").write_text("# mounted\nclient.id = from-file\n")
+    places = {"{dir}": str(tmp_path), "{file}": str(tmp_path / "client.properties")}
+    value, expected = places.get(value, value), places.get(expected, expected)
+    param = RUN_PARAMS[flag]
+    base, _ = _run_settings(monkeypatch, [])
+    for args, env in [([flag] if value is None else [flag, value], None), ([], {param.envvar: value or "1"})]:
+        settings, timeout = _run_settings(monkeypatch, args, env)
+        if field is None and flag == "--connect-timeout":
+            assert timeout == expected
+        for f in dataclasses.fields(Settings):  # the option's field changed, and no other
+            want = expected if f.name == field else getattr(base, f.name)
+            assert getattr(settings, f.name) == want, (flag, env, f.name)
 
 
 def test_help_shows_every_run_option_with_its_environment_variable():
     result = CliRunner().invoke(main, ["run", "--help"], terminal_width=200)
     assert result.exit_code == 0
-    for flag, env in [("--bootstrap-servers", "KAFKA_BOOTSTRAP_SERVERS"), ("--input-topics", "PROFILES_INPUT_TOPICS"),
-                      ("--output-topic", "PROFILES_OUTPUT_TOPIC"), ("--dlq-topic", "PROFILES_DLQ_TOPIC"),
-                      ("--group-id", "PROFILES_GROUP_ID"), ("--model", "PROFILES_MODEL"),
-                      ("--device", "PROFILES_DEVICE"), ("--batch-max-events", "PROFILES_BATCH_MAX_EVENTS"),
-                      ("--batch-max-ms", "PROFILES_BATCH_MAX_MS"), ("--max-event-bytes", "PROFILES_MAX_EVENT_BYTES"),
-                      ("--no-embedding", "PROFILES_NO_EMBEDDING"), ("--metrics-port", "PROFILES_METRICS_PORT"),
-                      ("--kafka-config", "PROFILES_KAFKA_CONFIG")]:
-        assert flag in result.output and env in result.output, flag
+    for flag, param in RUN_PARAMS.items():
+        assert flag in result.output and param.envvar in result.output, flag
+    assert RUN_PARAMS["--bootstrap-servers"].envvar == "KAFKA_BOOTSTRAP_SERVERS"
+    assert all(p.envvar == "PROFILES_" + f.lstrip("-").upper().replace("-", "_")
+               for f, p in RUN_PARAMS.items() if f != "--bootstrap-servers")
+
+
+KAFKA_FLAGS = ("--bootstrap-servers", "--kafka-config", "--kafka-config-file", "--connect-timeout")
+
+
+@pytest.mark.parametrize("command", ["run", "forget", "tail", "get", "replay", "inspect", "generate"])
+def test_every_command_that_talks_to_kafka_takes_the_same_kafka_options(command):
+    """One declaration: the same flags, environment variables, defaults and help (bar what needs the brokers)."""
+    options = {p.opts[0]: p for p in main.commands[command].params if isinstance(p, click.Option)}
+    for flag in KAFKA_FLAGS:
+        mine, runs = options[flag], RUN_PARAMS[flag]
+        assert (mine.envvar, mine.default, mine.multiple) == (runs.envvar, runs.default, runs.multiple), (command, flag)
+        assert mine.help.startswith(runs.help.split(" Needed")[0]), (command, flag)
+
+
+@pytest.mark.parametrize("command", ["run", "replay", "inspect", "bench", "train", "evaluate", "evaluate-fields",
+                                     "evaluate-synthetic"])
+def test_device_is_one_option_everywhere(command):
+    device = next(p for p in main.commands[command].params if p.name == "device")
+    assert (device.envvar, device.default, device.help) == ("PROFILES_DEVICE", "auto", "auto picks CUDA when present.")
 
 
 def _every_command(group=main, path=()):
@@ -58,8 +154,7 @@ def test_generate_to_a_gzip_file_with_malformed_records(tmp_path):
     assert result.exit_code == 0, result.output
     lines = gzip.open(out).read().splitlines()
     assert len(lines) == 2000
-    n = len(lines)
-    cols, dead = decode_batch(RecordBatch(["f"] * n, [0] * n, list(range(n)), [None] * n, lines), 65536)
+    cols, dead = decode_batch(record_batch(lines, topic="f", keys=None), 65536)
     assert len(cols) + len(dead) == 2000
     assert 40 <= len(dead) <= 160 and len({d.reason for d in dead}) == 8
 

@@ -3,38 +3,22 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import orjson
 
 from stream.generator import generate
-from stream.kafka import TopicError
-from tests.conftest import (
-    SESSION_TIMEOUT_MS, committed_offsets, create_topics, end_offsets, expected_from_events, latest_profiles,
-    produce, read_topic, wait_until,
+from tests.helpers import (
+    committed_offsets, create_topics, end_offsets, expected_from_events, latest_profiles, produce, profiles_command,
+    published, read_topic, start_daemon, wait_until,
 )
 
 
-def profiles_command() -> list[str]:
-    script = Path(sys.executable).with_name("profiles")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "consumers.cli"]
-
-
-def start_daemon(kafka, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = profiles_command() + ["run", "--untrained", "--bootstrap-servers", kafka.bootstrap_servers, "--device", "cpu",
-                                "--session-timeout-ms", str(SESSION_TIMEOUT_MS), *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-
-
-def published(kafka, topic: str) -> int:
-    try:
-        return sum(end_offsets(kafka, topic).values())
-    except TopicError:  # the daemon has not created it yet
-        return 0
+def counts(line: str, *names: str) -> list[int]:
+    """The numbers before each of `names` in a summary line ("1,234 events applied" -> 1234)."""
+    return [int(re.search(rf"([\d,]+) {name}", line).group(1).replace(",", "")) for name in names]
 
 
 def test_sigterm_mid_stream_exits_0_and_commits_exactly_what_was_published(kafka, unique):
@@ -59,6 +43,12 @@ def test_sigterm_mid_stream_exits_0_and_commits_exactly_what_was_published(kafka
     committed = committed_offsets(kafka, group, topic)
     total = sum(end_offsets(kafka, topic).values())
     assert 0 < sum(committed.values()) < total, "SIGTERM arrived mid-stream"
+    # The one-line summary counts what was committed and published: every committed record was applied.
+    summary = stderr.decode().strip().splitlines()[-1]
+    assert summary.startswith("stopped: ") and summary.endswith("offsets committed"), summary
+    applied, profiles_out, dead = counts(summary, "events applied", "profiles published", "dead letters")
+    assert applied == sum(committed.values()) and dead == 0, summary
+    assert profiles_out == published(kafka, out), summary
     consumed = [orjson.loads(r.value) for r in read_topic(kafka, topic) if r.offset < committed[r.partition]]
     expected = expected_from_events(consumed)
     profiles, _ = latest_profiles(kafka, out)
@@ -84,6 +74,7 @@ def test_refuses_inputs_that_are_not_copartitioned_without_printing_secrets(kafk
     stdout, stderr = proc.communicate(timeout=60)
     text = (stdout + stderr).decode()
     assert proc.returncode == 1, text
+    assert stdout == b"" and stderr.decode().strip().splitlines()[-1].startswith("Error: "), text  # one error line
     assert "not co-partitioned" in text and f"{clicks}=2" in text and f"{searches}=3" in text
     for value in (secret, file_secret, "F1le", hmac_key):
         assert value not in text
@@ -92,11 +83,13 @@ def test_refuses_inputs_that_are_not_copartitioned_without_printing_secrets(kafk
 
 
 def test_missing_input_topic_is_a_clear_error(kafka, unique):
-    missing = unique("nope")
-    proc = start_daemon(kafka, "--input-topics", missing)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 1
-    assert f"input topic(s) not found: {missing}" in stderr.decode()
+    missing, out, group = unique("nope"), unique("profiles"), unique("group")
+    proc = start_daemon(kafka, "--input-topics", missing, "--output-topic", out, "--group-id", group)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr.decode()[-2000:]
+    last = stderr.decode().strip().splitlines()[-1]  # the error is the last thing said, on one line
+    assert stdout == b"" and last.startswith("Error: ") and f"input topic(s) not found: {missing}" in last, last
+    assert published(kafka, out) == 0  # nothing published before the refusal
 
 
 def test_demo_shows_profiles_and_exits_cleanly():
@@ -112,7 +105,10 @@ def test_demo_shows_profiles_and_exits_cleanly():
     assert out.index("waiting for partitions") < out.index("latest profiles")
     summary = out.strip().splitlines()[-1]
     assert summary.startswith("demo finished:"), out[-2000:]  # no broker or client noise after it
-    applied = int(summary.split("finished: ")[1].split(" events")[0].replace(",", ""))
-    assert applied > 1000  # events made it through the whole pipeline
+    applied, dead, profiles_out, users = counts(summary, "events applied", "dead letters", "profiles published",
+                                                "users")
+    assert 1000 < applied <= 1000 * 8 * 2  # events made it through the whole pipeline, at about --rate
+    assert 0 < dead < applied / 50  # the demo's traffic holds 0.5% malformed records, dead-lettered
+    assert 0 < users <= 100 and users <= profiles_out  # users of --users only, each with a profile out
     assert "u0" in out or "9000" in out  # user rows from the output topic
     assert max(len(line) for line in out.splitlines() if not line.startswith("20")) <= 100  # log lines aside

@@ -10,7 +10,7 @@ from confluent_kafka import Producer
 
 from stream.events import DEAD_LETTER_MAX_VALUE_BYTES
 from stream.generator import generate
-from tests.conftest import create_topics, latest_profiles, read_topic, run_until_drained
+from tests.helpers import create_topics, latest_profiles, read_topic, run_until_drained
 
 HUGE = 10 * 1024 * 1024
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from stream.settings import KafkaSettings, Settings, parse_kafka_config
-from tests.conftest import (
+from tests.helpers import (
     SESSION_TIMEOUT_MS, committed_offsets, create_topics, end_offsets, http_get, produce, wait_until,
 )
 

@@ -8,16 +8,16 @@ import orjson
 import pytest
 
 from stream import events as ev
-from stream.events import RecordBatch, decode_batch
+from stream.events import decode_batch
 from stream.malformed import MALFORMED_KINDS, malformed
+from tests.helpers import record_batch
 
 CLICK = {"event_id": "e1", "user_id": "u1", "type": "click", "ts": 1_700_000_000_000, "item_id": "i9",
          "category": "shoes", "price": 19.5}
 
 
 def decode(*values: bytes | None, limit: int = 65536):
-    n = len(values)
-    return decode_batch(RecordBatch(["t"] * n, [3] * n, list(range(100, 100 + n)), [b"k"] * n, list(values)), limit)
+    return decode_batch(record_batch(values, topic="t", partition=3, first_offset=100, keys=b"k"), limit)
 
 
 def test_valid_events_become_columns():

@@ -12,38 +12,31 @@ import torch
 
 from models.update_step import load_updater
 from consumers.replay import replay
-from stream.events import RecordBatch
 from stream.generator import generate, write_jsonl
 from stream.settings import Settings
 from stream.state import StateTable
-from tests.conftest import committed_offsets, create_topics, end_offsets, latest_profiles, produce, wait_until
-from tests.test_daemon_process import published, start_daemon
-
-EVENTS = Settings(device="cpu", input_topics=("events",))
+from tests.helpers import EVENTS, committed_offsets, create_topics, end_offsets, latest_profiles, produce, wait_until
+from tests.helpers import published, record_batch, start_daemon
 
 
-def batch(events: list[dict], first_offset: int = 0, topic: str = "events", partition: int = 0) -> RecordBatch:
-    n = len(events)
-    return RecordBatch([topic] * n, [partition] * n, list(range(first_offset, first_offset + n)),
-                       [str(e["user_id"]).encode() for e in events], [orjson.dumps(e) for e in events])
 
 
 def test_re_consumed_records_are_skipped_by_watermark():
     log = generate(users=30, events=600, seed=31).events
     updater = load_updater(EVENTS)
-    updater.process(batch(log[:400]))
+    updater.process(record_batch(log[:400]))
     before = updater.state.snapshot()
-    again = updater.process(batch(log[:400]))  # a restart re-reads records it had applied
+    again = updater.process(record_batch(log[:400]))  # a restart re-reads records it had applied
     assert again.replayed == 400 and len(again.profiles) == len({e["user_id"] for e in log[:400]})
     after = updater.state.snapshot()
     for name in ("counts", "spend_micros", "last_ts", "watermark"):
         np.testing.assert_array_equal(before[name], after[name])
     np.testing.assert_array_equal(before["hidden"], after["hidden"])
     # Overlapping re-delivery: only the records past the watermark are applied.
-    tail = updater.process(batch(log[300:], first_offset=300))
+    tail = updater.process(record_batch(log[300:], first_offset=300))
     assert tail.replayed == 100 and len(tail.events) == 200
     whole = load_updater(EVENTS)
-    whole.process(batch(log))
+    whole.process(record_batch(log))
     np.testing.assert_array_equal(updater.state.snapshot()["counts"], whole.state.snapshot()["counts"])
 
 
@@ -54,8 +47,8 @@ def test_duplicate_event_ids_are_applied_once():
     for i in sorted(rng.sample(range(len(log)), 40), reverse=True):  # re-sent a little later, new offsets
         duplicated.insert(min(i + rng.randint(0, 4), len(duplicated)), log[i])
     once, twice = load_updater(EVENTS), load_updater(EVENTS)
-    once.process(batch(log))
-    results = [twice.process(batch(duplicated[i:i + 50], first_offset=i)) for i in range(0, len(duplicated), 50)]
+    once.process(record_batch(log))
+    results = [twice.process(record_batch(duplicated[i:i + 50], first_offset=i)) for i in range(0, len(duplicated), 50)]
     assert sum(r.duplicates for r in results) == 40
     a, b = once.state.snapshot(), twice.state.snapshot()
     by_user = {u: i for i, u in enumerate(b["user_ids"])}
@@ -67,7 +60,7 @@ def test_duplicate_event_ids_are_applied_once():
 def test_changelog_records_rebuild_the_same_state():
     log = generate(users=50, events=1000, seed=33).events
     updater = load_updater(EVENTS)
-    updater.process(batch(log, partition=2))
+    updater.process(record_batch(log, partition=2))
     state = updater.state
     rows = np.arange(len(state))
     records = dict(zip((u.encode() for u in state.user_ids), state.changelog_values(rows)))
@@ -254,7 +247,7 @@ def test_aborted_transaction_is_produced_again(kafka, unique, tmp_path, monkeypa
     from confluent_kafka import KafkaError, KafkaException
 
     from stream.kafka import Publisher
-    from tests.conftest import run_until_drained
+    from tests.helpers import run_until_drained
 
     log, topic, out, group, ends, _ = logged_run(kafka, unique, users=300, events=5000, seed=37)
     real_commit, calls = Publisher.commit, []

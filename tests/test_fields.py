@@ -17,9 +17,9 @@ from models.evaluate import roc_auc
 from models.field_training import CutExamples, calibrate, fit_fields
 from models.profile_model import (FieldInputs, ModelConfig, ProfileModel, load_checkpoint, piecewise_linear,
                                   save_checkpoint, untrained)
-from stream.events import RecordBatch
 from stream.generator import ShopParams, generate, write_jsonl
 from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES, USER_FEATURES
+from tests.helpers import record_batch
 
 CPU = torch.device("cpu")
 
@@ -28,9 +28,7 @@ def run(events: list[dict], batch: int) -> ProfileUpdater:
     updater = ProfileUpdater(untrained(), CPU, max_event_bytes=65536, emit_embedding=False)
     for a in range(0, len(events), batch):
         chunk = events[a:a + batch]
-        n = len(chunk)
-        updater.process(RecordBatch(["t"] * n, [0] * n, list(range(a, a + n)), [None] * n,
-                                    [orjson.dumps(e) for e in chunk]))
+        updater.process(record_batch(chunk, topic="t", first_offset=a, keys=None))
     return updater
 
 

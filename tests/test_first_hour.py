@@ -18,8 +18,8 @@ import pytest
 from click.testing import CliRunner
 
 from consumers.cli import main
-from tests.conftest import wait_until
-from tests.test_daemon_process import profiles_command
+from tests.helpers import wait_until
+from tests.helpers import profiles_command
 
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1
 
@@ -63,7 +63,7 @@ def test_ctrl_c_in_demo_stops_the_daemon_before_the_broker(tmp_path):
 
 
 def test_ctrl_c_in_run_commits_and_exits_130(kafka, unique, tmp_path):
-    from tests.conftest import create_topics
+    from tests.helpers import create_topics
 
     topic = unique("events")
     create_topics(kafka, {topic: 1})

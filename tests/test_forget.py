@@ -13,22 +13,13 @@ from consumers.daemon import ProfileDaemon
 from consumers.forget import control_record
 from models.update_step import load_updater
 from consumers.replay import replay
-from stream.events import RecordBatch
 from stream.generator import generate, write_jsonl
 from stream.metrics import Metrics
 from stream.settings import Settings
-from tests.conftest import create_topics, expected_from_events, latest_profiles, produce, read_topic, wait_until
-from tests.test_daemon_process import profiles_command, published, start_daemon
-from tests.test_exactly_once import EVENTS
+from tests.helpers import create_topics, expected_from_events, latest_profiles, produce, read_topic, wait_until
+from tests.helpers import profiles_command, published, record_batch, start_daemon
+from tests.helpers import EVENTS
 
-
-def records(items: list[dict | bytes], first_offset: int = 0, partition: int = 0) -> RecordBatch:
-    """A batch of events (dicts) and raw control records (bytes), at consecutive offsets of events[partition]."""
-    values = [item if isinstance(item, bytes) else orjson.dumps(item) for item in items]
-    # Key = user id, as the partitioning policy wants (None where a record names no user).
-    keys = [None if (user := orjson.loads(v).get("user_id")) is None else str(user).encode() for v in values]
-    n = len(values)
-    return RecordBatch(["events"] * n, [partition] * n, list(range(first_offset, first_offset + n)), keys, values)
 
 
 def user_state(updater, user: str) -> dict:
@@ -49,11 +40,11 @@ def test_forget_mid_batch_erases_earlier_events_and_later_ones_start_afresh():
     cut = 250
     items = log[:cut] + [control_record(target)] + log[cut:]
     updater = load_updater(EVENTS)
-    result = updater.process(records(items))
+    result = updater.process(record_batch(items))
     assert result.erased == [(target, 0)]
     # The reference: the same log in which the user's events before the forget never happened.
     reference = load_updater(EVENTS)
-    reference.process(records([e for e in log[:cut] if str(e["user_id"]) != target] + log[cut:]))
+    reference.process(record_batch([e for e in log[:cut] if str(e["user_id"]) != target] + log[cut:]))
     later = [e for e in log[cut:] if str(e["user_id"]) == target]
     assert later, "the generator gave the target user no events after the cut: pick another seed"
     got, want = user_state(updater, target), user_state(reference, target)
@@ -70,26 +61,26 @@ def test_forget_is_batching_invariant_and_skipped_when_re_read_after_new_events(
     log, target = split_log(seed=42)
     items = log[:200] + [control_record(target)] + log[200:]
     whole = load_updater(EVENTS)
-    whole.process(records(items))
+    whole.process(record_batch(items))
     small = load_updater(EVENTS)
     for start in range(0, len(items), 37):
-        small.process(records(items[start:start + 37], first_offset=start))
+        small.process(record_batch(items[start:start + 37], first_offset=start))
     assert user_state(small, target)["counts"] == user_state(whole, target)["counts"]
     np.testing.assert_allclose(user_state(small, target)["hidden"], user_state(whole, target)["hidden"], atol=1e-6)
     # A restart re-reads the forget (offset 200) after the user had new events: the forget is at or
     # below the user's watermark, so it must not erase those newer events.
     before = user_state(whole, target)
-    again = whole.process(records(items[200:260], first_offset=200))
+    again = whole.process(record_batch(items[200:260], first_offset=200))
     assert again.erased == [] and user_state(whole, target)["counts"] == before["counts"]
 
 
 def test_forget_on_another_partition_than_the_users_state_is_ignored():
     log, target = split_log(seed=43)
     updater = load_updater(EVENTS)
-    updater.process(records(log, partition=1))
-    result = updater.process(records([control_record(target)], first_offset=10_000, partition=3))
+    updater.process(record_batch(log, partition=1))
+    result = updater.process(record_batch([control_record(target)], first_offset=10_000, partition=3))
     assert result.erased == [] and target in updater.state.user_ids
-    result = updater.process(records([control_record(target)], first_offset=10_000, partition=1))
+    result = updater.process(record_batch([control_record(target)], first_offset=10_000, partition=1))
     assert result.erased == [(target, 1)] and target not in updater.state.user_ids
 
 
@@ -97,10 +88,10 @@ def test_forget_by_raw_id_erases_the_pseudonymised_user():
     log, target = split_log(seed=44)
     settings = Settings(device="cpu", input_topics=("events",), pseudonymize_key="k3y")
     updater = load_updater(settings)
-    updater.process(records(log))
+    updater.process(record_batch(log))
     pseudonym = updater.pseudonymize.one(target)
     assert pseudonym in updater.state.user_ids
-    result = updater.process(records([control_record(target)], first_offset=len(log)))
+    result = updater.process(record_batch([control_record(target)], first_offset=len(log)))
     assert result.erased == [(pseudonym, 0)] and pseudonym not in updater.state.user_ids
 
 
@@ -123,7 +114,7 @@ def test_replay_honours_forget_records_in_the_log(tmp_path):
 
 def test_unknown_control_records_are_dead_letters():
     updater = load_updater(EVENTS)
-    result = updater.process(records([b'{"control": "shred", "user_id": "u1"}', b'{"control": "forget"}']))
+    result = updater.process(record_batch([b'{"control": "shred", "user_id": "u1"}', b'{"control": "forget"}']))
     assert [d.reason for d in result.dead_letters] == ["unknown_type", "missing_field"]
 
 
@@ -192,20 +183,20 @@ def test_forget_of_a_user_not_in_state_asks_every_partition(kafka, unique):
 def test_forget_leaves_no_raw_id_in_the_pseudonym_cache_and_counts_only_users_it_erased():
     log, target = split_log(seed=47)
     updater = load_updater(Settings(device="cpu", input_topics=("events",), pseudonymize_key="k3y"))
-    updater.process(records(log))
+    updater.process(record_batch(log))
     assert target in updater.pseudonymize  # the cache holds raw id -> pseudonym for users it saw
-    result = updater.process(records([control_record(target), control_record("never-seen")], first_offset=len(log)))
+    result = updater.process(record_batch([control_record(target), control_record("never-seen")], first_offset=len(log)))
     assert len(result.erased) == 2  # tombstones for both: forget cannot tell who a partition held
     assert result.forgotten == 1  # ...but only the user with state was erased
     assert target not in updater.pseudonymize and "never-seen" not in updater.pseudonymize
     # Events earlier in the same batch are data too: their user counts as erased.
-    mixed = updater.process(records([log[0], control_record(str(log[0]["user_id"]))], first_offset=10_000))
+    mixed = updater.process(record_batch([log[0], control_record(str(log[0]["user_id"]))], first_offset=10_000))
     assert mixed.forgotten == 1
 
 
 def test_the_forgotten_counter_on_the_broker_counts_erased_users_not_forget_records(kafka, settings_factory):
     from consumers.forget import forget_users
-    from tests.conftest import run_until_drained
+    from tests.helpers import run_until_drained
 
     settings = settings_factory(pseudonymize_key="k3y")
     topic = settings.input_topics[0]

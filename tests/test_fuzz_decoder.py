@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 from stream import events as ev
 from stream.events import EVENT_TYPES, MAX_ID_CHARS, MAX_QUERY_CHARS, MAX_TS_MS, REASONS, RecordBatch, decode_batch
+from tests.helpers import record_batch
 
 FUZZ = {
     "deadline": None,
@@ -56,15 +57,9 @@ INT_COLUMNS = ("type_idx", "ts", "quantity", "record_index")
 
 def make_batch(values: list[bytes | None], first_offset: int = 1000) -> RecordBatch:
     """A batch whose records have distinct offsets (offset = first_offset + 3 * index)."""
-    n = len(values)
-    offsets = [first_offset + 3 * i for i in range(n)]
-    return RecordBatch(
-        topics=["events"] * n,
-        partitions=[7] * n,
-        offsets=offsets,
-        keys=[None if offset % 9 == 6 else b"k%d" % offset for offset in offsets],  # a function of the offset
-        values=list(values),
-    )
+    offsets = [first_offset + 3 * i for i in range(len(values))]
+    return record_batch(list(values), partition=7, offsets=offsets,  # keys: a function of the offset
+                        keys=[None if offset % 9 == 6 else b"k%d" % offset for offset in offsets])
 
 
 # decode_batch runs in the daemon a few dozen frames deep under Python's default recursion limit

@@ -11,8 +11,8 @@ from models.update_step import load_updater
 from stream.broker import free_port
 from stream.generator import generate
 from stream.metrics import Health, Metrics, serve
-from tests.conftest import committed_offsets, create_topics, end_offsets, produce, wait_until
-from tests.conftest import http_get as get
+from tests.helpers import committed_offsets, create_topics, end_offsets, produce, wait_until
+from tests.helpers import http_get as get
 
 
 def test_health_turns_false_when_the_loop_stalls():
@@ -71,7 +71,7 @@ def test_endpoints_during_a_real_run(kafka, settings_factory):
 
 def test_a_long_restore_keeps_liveness(kafka, settings_factory):
     """Reading the changelog is progress: a member restoring many users is not reported stalled."""
-    from tests.conftest import run_until_drained
+    from tests.helpers import run_until_drained
 
     settings = settings_factory(batch_max_events=50)
     create_topics(kafka, {settings.input_topics[0]: 2})
@@ -162,7 +162,7 @@ def test_readiness_follows_a_broker_replaced_by_an_empty_one(replaceable_broker,
     import logging
 
     from stream.kafka import configure_librdkafka_log
-    from tests.conftest import latest_profiles
+    from tests.helpers import latest_profiles
 
     configure_librdkafka_log(debug=False)  # as the CLI does
     kafka = replaceable_broker.kafka

@@ -8,11 +8,11 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-import orjson
 import pytest
 
 from stream.importers import FORMATS, ImportReport, import_dataset, iter_import, read_events
-from stream.events import RecordBatch, decode_batch
+from stream.events import decode_batch
+from tests.helpers import record_batch
 
 FIXTURES = Path(__file__).parent / "data" / "importers"
 TAOBAO = FIXTURES / "taobao_userbehavior.csv"  # 8 rows of the real Taobao sample
@@ -26,8 +26,7 @@ needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"the shared data 
 def assert_valid(events: list[dict]) -> None:
     """Every event passes the daemon's decoder: no dead letters, one column entry per event."""
     n = len(events)
-    batch = RecordBatch(topics=["import"] * n, partitions=[0] * n, offsets=list(range(n)), keys=[None] * n,
-                        values=[orjson.dumps(e) for e in events])
+    batch = record_batch(events, topic="import", keys=None)
     cols, dead = decode_batch(batch, 65536)
     assert dead == [], [(d.reason, d.detail, d.value) for d in dead[:3]]
     assert len(cols) == n

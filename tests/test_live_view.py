@@ -14,7 +14,7 @@ from rich.console import Console
 from consumers.daemon import DaemonStats
 from consumers.demo import Frame, LiveView, _screen, compact, milliseconds, render
 from stream.generator import generate
-from tests.conftest import create_topics, produce, wait_until
+from tests.helpers import create_topics, produce, wait_until
 
 
 def profile(user: str, category: str, spend: float, clicks: int = 1259) -> dict:

@@ -15,8 +15,8 @@ from models.features import build_features, hash_buckets
 from models.profile_model import (
     CheckpointError, ModelConfig, ProfileModel, load_checkpoint, save_checkpoint, untrained,
 )
-from stream.events import RecordBatch
 from stream.generator import generate
+from tests.helpers import record_batch
 
 SMALL = ModelConfig(hidden_size=16, item_buckets=1024, category_buckets=64, query_buckets=256)
 
@@ -109,23 +109,19 @@ def test_feature_hashing_is_identical_across_processes():
     assert hash_buckets([None], 8, 0).tolist() == [0]
 
 
-def batch_of(events: list[dict]) -> RecordBatch:
-    n = len(events)
-    return RecordBatch(["t"] * n, [0] * n, list(range(n)), [None] * n, [orjson.dumps(e) for e in events])
-
 
 def test_split_batches_equal_one_batch_and_snapshot_restores_state():
     events = generate(users=40, events=600, seed=2).events
     whole = ProfileUpdater(untrained(SMALL), torch.device("cpu"), max_event_bytes=65536, emit_embedding=True)
-    whole.process(batch_of(events))
+    whole.process(record_batch(events, topic="t", keys=None))
 
     pieces = ProfileUpdater(untrained(SMALL), torch.device("cpu"), max_event_bytes=65536, emit_embedding=True)
-    pieces.process(batch_of(events[:250]))
+    pieces.process(record_batch(events[:250], topic="t", keys=None))
     snap = pieces.state.snapshot()
     resumed = ProfileUpdater(untrained(SMALL), torch.device("cpu"), max_event_bytes=65536, emit_embedding=True)
     resumed.state.restore(snap)  # a restart from a snapshot
     for start in range(250, 600, 33):
-        resumed.process(batch_of(events[start:start + 33]))
+        resumed.process(record_batch(events[start:start + 33], topic="t", keys=None))
 
     a, b = whole.state.snapshot(), resumed.state.snapshot()
     order = [a["user_ids"].index(u) for u in b["user_ids"]]
@@ -145,7 +141,7 @@ def test_idle_users_are_rescored_on_the_event_time_timer_with_rising_churn():
         return {"event_id": f"{user}-{n}", "user_id": user, "type": "click", "ts": ts, "item_id": "i1"}
 
     def published(events: list[dict]) -> dict[str, dict]:
-        return {k.decode(): orjson.loads(v) for k, v in updater.process(batch_of(events)).profiles}
+        return {k.decode(): orjson.loads(v) for k, v in updater.process(record_batch(events, topic="t", keys=None)).profiles}
 
     t0 = 1_700_000_000_000
     assert set(published([click("quiet", t0, 0), click("busy", t0, 0)])) == {"quiet", "busy"}
@@ -162,6 +158,6 @@ def test_idle_users_are_rescored_on_the_event_time_timer_with_rising_churn():
     # Not re-published on every batch in between.
     assert "quiet" not in published([click("busy", t0 + 51 * hour, 4)])
     # A user who comes back after the period is due and touched at once: still one profile in the batch.
-    result = updater.process(batch_of([click("quiet", t0 + 80 * hour, 5), click("busy", t0 + 80 * hour, 5)]))
+    result = updater.process(record_batch([click("quiet", t0 + 80 * hour, 5), click("busy", t0 + 80 * hour, 5)], topic="t", keys=None))
     keys = [k.decode() for k, _ in result.profiles]
     assert sorted(keys) == ["busy", "quiet"]

@@ -32,7 +32,7 @@ def test_a_slow_model_shrinks_the_daemons_batches_and_keeps_its_partitions(kafka
     from models.update_step import ProfileUpdater
     from stream.generator import generate
     from stream.settings import Settings
-    from tests.conftest import committed_offsets, create_topics, end_offsets, produce, run_until_drained
+    from tests.helpers import committed_offsets, create_topics, end_offsets, produce, run_until_drained
 
     log = generate(users=200, events=5000, seed=41).events
     topic = unique("events")

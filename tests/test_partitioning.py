@@ -11,7 +11,7 @@ from confluent_kafka import Producer
 from models.update_step import load_updater
 from stream.events import WRONG_PARTITION, RecordBatch
 from stream.settings import Settings
-from tests.conftest import create_topics, latest_profiles, read_topic, run_until_drained
+from tests.helpers import create_topics, latest_profiles, read_topic, record_batch, run_until_drained
 
 EVENTS = Settings(device="cpu", input_topics=("events",))
 
@@ -23,8 +23,7 @@ def event(i: int, user: str | int = "u1") -> dict:
 
 def batch(events: list[dict], partitions: list[int], offsets: list[int], keys: list[bytes | None] | None = None,
           topic: str = "events") -> RecordBatch:
-    keys = keys if keys is not None else [str(e["user_id"]).encode() for e in events]
-    return RecordBatch([topic] * len(events), partitions, offsets, keys, [orjson.dumps(e) for e in events])
+    return record_batch(events, topic=topic, partitions=partitions, offsets=offsets, keys="user" if keys is None else keys)
 
 
 def applied(updater, user: str) -> int:

@@ -9,7 +9,7 @@ import pytest
 from models.profile_model import ModelConfig
 from stream.generator import generate
 from stream.malformed import corrupt_some
-from tests.conftest import (
+from tests.helpers import (
     create_topics, expected_from_events, latest_profiles, produce, read_topic, run_until_drained,
 )
 

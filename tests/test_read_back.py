@@ -14,8 +14,8 @@ import orjson
 from confluent_kafka import Producer
 
 from consumers.readback import murmur2, partition_for
-from tests.conftest import create_topics, produce, read_topic
-from tests.test_daemon_process import profiles_command
+from tests.helpers import create_topics, produce, read_topic
+from tests.helpers import profiles_command
 
 
 def profile(user: str, version: int) -> bytes:

@@ -16,7 +16,7 @@ from stream.malformed import corrupt_some
 from stream.settings import Settings
 from stream.sources import SourceError
 from stream.state import read_snapshot
-from tests.conftest import create_topics, expected_from_events, latest_profiles, produce, run_until_drained
+from tests.helpers import create_topics, expected_from_events, latest_profiles, produce, run_until_drained
 
 CPU = Settings(device="cpu")
 
@@ -120,7 +120,7 @@ def test_every_update_writes_one_profile_per_touched_user_per_batch(tmp_path):
 def test_topic_replay_takes_exactly_the_events_in_the_time_range(kafka, unique, tmp_path):
     from datetime import datetime, timezone
 
-    from tests.conftest import end_offsets
+    from tests.helpers import end_offsets
 
     log = generate(users=80, events=2000, seed=13, span_days=10)
     topic = unique("history")
@@ -149,7 +149,7 @@ def test_topic_replay_takes_exactly_the_events_in_the_time_range(kafka, unique, 
         assert profiles[user]["last_event_ts"] == want["last_ts"]
     # The snapshot says where a daemon started from it continues: at the first event past the range,
     # in each partition (the replay read to the end, but did not apply those).
-    from tests.conftest import read_topic
+    from tests.helpers import read_topic
 
     first_after = {}
     for record in read_topic(kafka, topic):
@@ -230,7 +230,7 @@ def test_backfill_then_go_live_with_two_members(kafka, settings_factory, unique,
     """Two members start from one snapshot: each takes from it only the users of the partitions it is
     assigned (so neither holds, or re-scores when idle, a user whose events the other reads), and
     every user's state equals one uninterrupted run's."""
-    from tests.conftest import run_members_until_drained
+    from tests.helpers import run_members_until_drained
 
     log = generate(users=300, events=6000, seed=18)
     topic = unique("events")
@@ -268,7 +268,7 @@ def test_a_snapshot_of_files_hands_each_user_over_at_its_first_event(tmp_path):
     event, with their replayed state; an erased user does not come back from it."""
     from models.update_step import load_updater
     from stream.state import read_snapshot
-    from tests.test_exactly_once import batch
+    from tests.helpers import record_batch
 
     log = generate(users=60, events=2000, seed=19).events
     write_jsonl(log[:1500], tmp_path / "old.jsonl")
@@ -278,12 +278,12 @@ def test_a_snapshot_of_files_hands_each_user_over_at_its_first_event(tmp_path):
 
     settings = Settings(device="cpu", input_topics=("events",))
     whole = load_updater(settings)
-    whole.process(batch(log[:1500], topic="file"))  # the replay's events (not from the topic: no watermark)
-    whole.process(batch(log[1500:], first_offset=1500, partition=1))
+    whole.process(record_batch(log[:1500], topic="file"))  # the replay's events (not from the topic: no watermark)
+    whole.process(record_batch(log[1500:], first_offset=1500, partition=1))
     live = load_updater(settings)
     assert live.state.attach_base(snapshot, meta["input_topics"], settings.input_topics) == 60
     assert len(live.state) == 0 and live.state.load_base_partitions([0, 1, 2]) == 0  # no partitions known
-    live.process(batch(log[1500:], first_offset=1500, partition=1))
+    live.process(record_batch(log[1500:], first_offset=1500, partition=1))
     returning = {str(e["user_id"]) for e in log[1500:]}
     assert sorted(live.state.user_ids) == sorted(returning) and len(returning) < 60
     for user in returning:
@@ -295,7 +295,7 @@ def test_a_snapshot_of_files_hands_each_user_over_at_its_first_event(tmp_path):
     gone = next(u for u in snapshot["user_ids"] if u not in returning)
     live.state.forget([gone])
     again = next(e for e in log if str(e["user_id"]) == gone)
-    live.process(batch([again], first_offset=5000, partition=1))
+    live.process(record_batch([again], first_offset=5000, partition=1))
     assert live.state.counts[live.state.row(gone)].sum() == 1  # a fresh start, not the erased history
 
 

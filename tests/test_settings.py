@@ -75,7 +75,7 @@ def test_run_never_prints_a_secret_from_the_environment(tmp_path):
     import os
     import subprocess
 
-    from tests.test_daemon_process import profiles_command
+    from tests.helpers import profiles_command
 
     env = dict(os.environ, PROFILES_KAFKA_CONFIG=(
         'security.protocol=PLAINTEXT sasl.password="correct horse=battery staple" sasl.pasword=hunter2 '

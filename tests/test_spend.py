@@ -14,6 +14,7 @@ from models.update_step import SPEND_MAX_MICROS, add_spend, load_updater
 from stream import events as ev
 from stream.events import MAX_AMOUNT, RecordBatch, decode_batch
 from stream.settings import Settings
+from tests.helpers import record_batch
 
 FUZZ = {"deadline": None, "derandomize": True, "database": None,
         "suppress_health_check": [HealthCheck.too_slow]}
@@ -23,8 +24,8 @@ quantities = st.one_of(st.none(), st.integers(1, 1_000_000))
 
 
 def batch(values: list[bytes], first_offset: int = 0) -> RecordBatch:
-    n = len(values)  # keyed by user id, as the partitioning policy wants (every event here is user u1's)
-    return RecordBatch(["events"] * n, [0] * n, list(range(first_offset, first_offset + n)), [b"u1"] * n, values)
+    # keyed by user id, as the partitioning policy wants (every event here is user u1's)
+    return record_batch(values, first_offset=first_offset, keys=b"u1")
 
 
 @settings(max_examples=300, **FUZZ)

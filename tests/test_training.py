@@ -13,7 +13,7 @@ from models.dataset import load_events
 from models.profile_model import LoadedModel, ModelConfig, load_checkpoint, save_checkpoint
 from models.train import TrainConfig, train
 from stream.generator import write_jsonl
-from tests.test_model import batch_of
+from tests.helpers import record_batch
 
 TINY = ModelConfig(hidden_size=24, item_buckets=512, category_buckets=32, query_buckets=64, dropout=0.0)
 CYCLE = ["a", "b", "c", "d", "e", "f"]
@@ -59,7 +59,7 @@ def test_a_trained_checkpoint_serves_identical_profiles(tmp_path):
         updater = ProfileUpdater(LoadedModel(m, "v1", True, {}, vocab), torch.device("cpu"),
                                  max_event_bytes=65536, emit_embedding=True)
         out = {}
-        for k, v in updater.process(batch_of(events)).profiles:
+        for k, v in updater.process(record_batch(events, topic="t", keys=None)).profiles:
             p = orjson.loads(v)
             p.pop("updated_at")
             out[k] = p
@@ -69,7 +69,7 @@ def test_a_trained_checkpoint_serves_identical_profiles(tmp_path):
 
     # With --next-items, a trained model names the items it expects next: on a certain cycle, the next one.
     updater = ProfileUpdater(loaded, torch.device("cpu"), max_event_bytes=65536, emit_embedding=False, next_items=3)
-    out = {k.decode(): orjson.loads(v) for k, v in updater.process(batch_of(events)).profiles}
+    out = {k.decode(): orjson.loads(v) for k, v in updater.process(record_batch(events, topic="t", keys=None)).profiles}
     assert all(len(p["next_items"]) == 3 and set(p["next_items"]) <= set(CYCLE) for p in out.values())
 
 
@@ -160,7 +160,7 @@ def test_published_top_categories_are_the_next_visits_not_the_sessions(tmp_path)
                                                                    patience=99), torch.device("cpu"))
     updater = ProfileUpdater(LoadedModel(model, "v1", True, {}, vocab), torch.device("cpu"), max_event_bytes=65536,
                              emit_embedding=False)
-    published = {k.decode(): orjson.loads(v) for k, v in updater.process(batch_of(events)).profiles}
+    published = {k.decode(): orjson.loads(v) for k, v in updater.process(record_batch(events, topic="t", keys=None)).profiles}
     state = updater.state
     rows = np.array([state.row(u) for u in home])
     with torch.no_grad():

@@ -1,0 +1,162 @@
+"""What every `profiles` command shares: help that is never cut at a hyphen, one-line errors, the
+stop signals, the broker check, writing to a stdout that may close."""
+
+from __future__ import annotations
+
+import faulthandler
+import functools
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+
+import click
+
+from stream.settings import KafkaSettings
+
+log = logging.getLogger("profiles")
+
+_NO_BREAK_HYPHEN = "\u2011"
+_INNER_HYPHEN = re.compile(r"(?<=\S)-(?=\S)")
+
+
+class HelpFormatter(click.HelpFormatter):
+    """Help wrapped at spaces only: `--from-beginning`, `<group-id>` or `at-least-once` is never cut
+    at a hyphen across two lines (textwrap's default). Inner hyphens are wrapped as non-breaking ones,
+    and given back as plain hyphens in the text."""
+
+    def write_text(self, text: str) -> None:
+        super().write_text(_INNER_HYPHEN.sub(_NO_BREAK_HYPHEN, text))
+
+    def write_dl(self, rows, col_max: int = 30, col_spacing: int = 2) -> None:  # type: ignore[no-untyped-def]
+        super().write_dl([(term, _INNER_HYPHEN.sub(_NO_BREAK_HYPHEN, text)) for term, text in rows],
+                         col_max, col_spacing)
+
+    def getvalue(self) -> str:
+        return super().getvalue().replace(_NO_BREAK_HYPHEN, "-")
+
+
+class ProfilesContext(click.Context):
+    formatter_class = HelpFormatter
+
+
+class ProfilesCommand(click.Command):
+    context_class = ProfilesContext
+
+
+class ProfilesGroup(click.Group):
+    """The command group: --log-level anywhere on the line; Ctrl-C ends with exit 130 and a one-line
+    summary; an unexpected error is one line and exit 1 (the traceback with --log-level debug).
+    Commands list a short help that fits 80 columns, and no help text is cut at a hyphen."""
+
+    context_class = ProfilesContext
+    command_class = ProfilesCommand
+    group_class = type  # `profiles model` is one of these too
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _log_level_first(args))
+
+    def invoke(self, ctx: click.Context) -> object:
+        from consumers.outfiles import Interrupted
+
+        try:
+            return super().invoke(ctx)
+        except Interrupted as exc:
+            click.echo(str(exc), err=True)
+            ctx.exit(130)
+        except KeyboardInterrupt:  # click would print "Aborted!" and exit 1
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+            ours = type(exc).__module__.split(".")[0] in ("stream", "consumers", "models")
+            message = str(exc) if ours else f"{type(exc).__name__}: {exc} (--log-level debug shows where)"
+            raise click.ClickException(message.replace("\n", " ")) from None
+
+
+# The decorators the command modules use, so that each command formats its help as the group does.
+command = functools.partial(click.command, cls=ProfilesCommand)
+group = functools.partial(click.group, cls=ProfilesGroup)
+
+
+def _log_level_first(args: list[str]) -> list[str]:
+    """Move --log-level X / --log-level=X from after the subcommand to the front, where click takes it."""
+    args = list(args)
+    end = args.index("--") if "--" in args else len(args)
+    for i, arg in enumerate(args[:end]):
+        if arg == "--log-level" and i + 1 < end:
+            return [arg, args[i + 1]] + args[:i] + args[i + 2:]
+        if arg.startswith("--log-level="):
+            return [arg] + args[:i] + args[i + 1:]
+    return args
+
+
+def install_stop_handlers(stop: threading.Event, grace_s: float) -> list[int]:
+    """SIGTERM/SIGINT set `stop`: the loop finishes the batch in hand, publishes, commits and exits
+    (0 after SIGTERM, 130 after Ctrl-C: the caller reads the returned list of signals received).
+    If that takes longer than `grace_s`, or a second signal arrives, exit at once (code 1): the
+    uncommitted batch is simply re-read after restart."""
+    received: list[int] = []
+
+    def handle(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if stop.is_set():
+            log.error("second %s: exiting without finishing the batch", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: finishing the batch in hand, then stopping", signal.Signals(signum).name)
+        stop.set()
+        timer = threading.Timer(grace_s, _give_up, args=(grace_s,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    # SIGUSR1 prints every thread's stack to stderr: where a stuck daemon is stuck, without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    return received
+
+
+def exit_130_if_interrupted(received: list[int]) -> None:
+    """Ctrl-C (SIGINT) ends with the shell's code for it, 130; SIGTERM (an orchestrator's stop) with 0."""
+    if signal.SIGINT in received:
+        sys.exit(130)
+
+
+def _give_up(grace_s: float) -> None:
+    log.error("shutdown did not finish within %.0fs: exiting without a final commit", grace_s)
+    os._exit(1)
+
+
+def check_broker(kafka: KafkaSettings, connect_timeout_s: float) -> None:
+    """One line and exit 1 for an unreachable broker, before any other client starts retrying."""
+    from stream.kafka import BrokerUnreachable, check_reachable
+
+    try:
+        check_reachable(kafka, connect_timeout_s)
+    except BrokerUnreachable as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def kafka_error(kafka: KafkaSettings, exc: Exception) -> click.ClickException:
+    """A StreamError or KafkaException as one line for the user, with secret values scrubbed."""
+    from confluent_kafka import KafkaException
+
+    text = f"Kafka error: {exc.args[0].str()}" if isinstance(exc, KafkaException) else str(exc)
+    return click.ClickException(kafka.scrub(text))
+
+
+def write_lines(lines: list[bytes]) -> None:
+    sys.stdout.buffer.write(b"".join(lines))
+    sys.stdout.buffer.flush()
+
+
+def stdout_closed() -> None:
+    """`profiles tail | head`: the reader went away; end quietly, as kcat and cat do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python's final flush must not raise again
+    sys.exit(0)

@@ -1,0 +1,200 @@
+"""Commands over event logs and synthetic traffic: `replay`, `inspect`, `generate`, `import`, `split`
+and `demo` (everything on one machine)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import click
+
+from consumers.commands.base import check_broker, command, exit_130_if_interrupted, install_stop_handlers
+from consumers.commands.options import (
+    device_option, kafka_from, kafka_options, model_option, profile_options, pseudonymize_option, settings_from,
+    thread_options, to_ms,
+)
+
+FORMATS = ["jsonl", "taobao", "rees46", "yoochoose", "retailrocket"]
+
+
+@command(short_help="Event logs through the daemon's pipeline")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--format", "fmt", default="jsonl", show_default=True, type=click.Choice(FORMATS),
+              help="jsonl: the event contract, one JSON object per line (plain or gzip); others are converted "
+              "on the fly like `profiles import`.")
+@model_option()
+@click.option("--out", type=click.Path(dir_okay=False), help="Write profiles as JSON lines here (.gz compresses; "
+              "'-': standard output). Written to a temporary file, renamed when complete; Ctrl-C keeps "
+              "<out>.partial.")
+@click.option("--output-topic", help="Publish profiles to this Kafka topic instead (or as well).")
+@kafka_options("--output-topic and kafka:// sources")
+@click.option("--every-update", is_flag=True, help="Write every profile update, not only each user's final profile.")
+@click.option("--state-out", type=click.Path(file_okay=False), help="Save the final state here (a snapshot directory).")
+@click.option("--dead-letters", "dead_letters_path", default=None, type=click.Path(dir_okay=False),
+              help="Where records that break the contract go (JSON lines with reason, source, line and the "
+              "record in base64). [default: <out>.dlq.jsonl when --out is a file, else replay.dlq.jsonl]")
+@click.option("--batch-events", default=50_000, show_default=True, type=click.IntRange(min=1),
+              help="Records per batch (the result does not depend on it).")
+@device_option
+@thread_options
+@profile_options
+@pseudonymize_option
+def replay(sources: tuple[str, ...], fmt: str, out: str | None, output_topic: str | None, every_update: bool,
+           state_out: str | None, dead_letters_path: str | None, batch_events: int, connect_timeout: float,
+           **params: Any) -> None:
+    """Replay event logs through the daemon's pipeline: files, directories and globs (no broker needed),
+    or Kafka topics as kafka://TOPIC?from=ISO&to=ISO (seeks by write time, then keeps the events whose
+    event time is in [from, to)).
+
+    Writes the final profile of every user (or every update), and optionally a state snapshot.
+    """
+    if not out and not output_topic:
+        raise click.UsageError("give --out FILE and/or --output-topic TOPIC")
+    settings = settings_from(params, validate=False)
+    if output_topic or any(s.startswith("kafka://") for s in sources):
+        check_broker(settings.kafka, connect_timeout)  # before the model's imports: fast
+    from consumers.outfiles import OutputError, default_dead_letters
+    from consumers.replay import replay as run_replay
+    from models.profile_model import ModelError
+    from stream.kafka import StreamError
+    from stream.sources import SourceError
+
+    dlq = dead_letters_path or default_dead_letters(out, "replay.dlq.jsonl")
+    try:
+        report = run_replay(settings, list(sources), fmt, out, output_topic, every_update, state_out, dlq,
+                            batch_events, show_progress=sys.stderr.isatty())
+    except (SourceError, ModelError, StreamError, OutputError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(report.summary(dlq), err=True)
+
+
+@command(short_help="One user's events beside how each field moved")
+@click.argument("user")
+@click.option("--events", "sources", required=True, multiple=True,
+              help="Event source(s), as for `profiles replay`: files, directories, globs, kafka://TOPIC?from=&to=.")
+@click.option("--format", "fmt", default="jsonl", show_default=True, type=click.Choice(FORMATS))
+@model_option()
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw the fields to this PNG.")
+@click.option("--idle-rescore-after", "idle_rescore_after_ms", default="24h", show_default=True, callback=to_ms,
+              help="Also show the profiles the daemon re-publishes while the user is idle, this long apart in "
+              "event time (as in `profiles run`; 0: none).")
+@kafka_options("kafka:// sources")
+@device_option
+def inspect(user: str, sources: tuple[str, ...], fmt: str, plot_path: str | None, connect_timeout: float,
+            **params: Any) -> None:
+    """One user's event timeline beside how each profile field moved (a table; --plot for a picture).
+
+    Besides the profile after each event: the idle re-scores between events and after the last one
+    (churn risk rises while a user is quiet), and the final profile a replay of the same sources writes,
+    computed at the log's last event time."""
+    settings = settings_from(params, validate=False, emit_embedding=False)
+    if any(s.startswith("kafka://") for s in sources):
+        check_broker(settings.kafka, connect_timeout)  # before the model's imports: fast
+    from consumers.inspect import InspectError, run_inspect
+    from models.profile_model import ModelError
+    from stream.sources import SourceError
+
+    try:
+        run_inspect(settings, list(sources), fmt, user, plot_path)
+    except (InspectError, SourceError, ModelError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@command(short_help="Synthetic traffic, to a file or a topic")
+@click.option("--users", default=1000, show_default=True, type=click.IntRange(min=1), help="Distinct users.")
+@click.option("--events", default=20000, show_default=True, type=click.IntRange(min=1), help="Events to write.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same traffic.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write JSON lines here (.gz compresses; '-': "
+              "standard output), through a temporary file renamed when complete.")
+@click.option("--topic", help="Produce to this Kafka topic instead (key = user id).")
+@kafka_options("--topic")
+@click.option("--partitions", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Partitions of --topic if it has to be created.")
+@click.option("--invalid-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of records replaced by malformed ones of every kind (to exercise the dead-letter path).")
+@click.option("--span-days", default=30.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Event-time span of the log.")
+@click.option("--shop-seed", default=None, type=int,
+              help="A structured shop with parameters drawn from this seed (segments of users, what follows a "
+                   "purchase, carts that bring users back, churn that slows users down first); default: the "
+                   "classic shop. Train in one shop, judge in another.")
+def generate(users: int, events: int, seed: int, out: str | None, topic: str | None, partitions: int,
+             invalid_fraction: float, span_days: float, shop_seed: int | None, connect_timeout: float,
+             **params: Any) -> None:
+    """Synthetic traffic with sessions, funnels, favourite categories, price levels and users who go quiet."""
+    from stream.generator import ShopParams
+
+    shop = ShopParams.draw(shop_seed) if shop_seed is not None else None
+    if bool(out) == bool(topic):
+        raise click.UsageError("give exactly one of --out FILE or --topic TOPIC")
+    from consumers.loadgen import generate_to_file, generate_to_topic
+
+    if out:
+        n = generate_to_file(out, users, events, seed, invalid_fraction, span_days, shop)
+        click.echo(f"wrote {n:,} records to {'standard output' if out == '-' else out}", err=True)
+    else:
+        kafka = kafka_from(params)
+        check_broker(kafka, connect_timeout)
+        n = generate_to_topic(kafka, topic, partitions, users, events, seed, invalid_fraction, span_days, shop)
+        click.echo(f"produced {n} records to {topic}", err=True)
+
+
+@command(short_help="Everything on one machine, with a live view")
+@click.option("--duration", default=None, type=click.FloatRange(min=1), help="Stop after this many seconds "
+              "(default: run until Ctrl-C).")
+@click.option("--users", default=500, show_default=True, type=click.IntRange(min=1), help="Synthetic users.")
+@click.option("--rate", default=3000, show_default=True, type=click.IntRange(min=1), help="Events per second.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def demo(duration: float | None, users: int, rate: int, seed: int) -> None:
+    """Everything on this machine: an embedded broker, synthetic traffic, the daemon and a live view."""
+    from consumers.demo import run_demo
+
+    stop = threading.Event()
+    received = install_stop_handlers(stop, grace_s=30.0)
+    run_demo(stop, duration=duration, users=users, rate=rate, seed=seed)
+    exit_130_if_interrupted(received)
+
+
+@command("import", short_help="Public datasets into the event contract")
+@click.option("--format", "fmt", required=True, type=click.Choice(FORMATS[1:]), help="Layout of the source files.")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSON lines to write (.gz compresses).")
+def import_(fmt: str, sources: tuple[str, ...], out: str) -> None:
+    """Convert public e-commerce datasets into the event contract.
+
+    Taobao pv/fav -> click, cart -> add_to_cart, buy -> purchase; YOOCHOOSE sessions become users;
+    REES46 keeps prices and category codes. Rows that cannot be converted are counted by reason.
+    """
+    from rich.progress import Progress
+
+    from stream.importers import import_dataset
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"importing {fmt}", total=None)
+        try:
+            report = import_dataset(fmt, list(sources), out, progress=lambda n: bar.update(task, completed=n))
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+    skipped = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items())) or "none"
+    click.echo(f"{report.events} events from {report.rows} rows written to {out} (skipped: {skipped})", err=True)
+
+
+@command(short_help="Cut an event log by event time, for evaluation")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("--test-fraction", default=0.2, show_default=True, type=click.FloatRange(0.01, 0.99),
+              help="Share of the events, the latest by event time, that becomes the test part.")
+@click.option("--train-out", required=True, type=click.Path(dir_okay=False))
+@click.option("--test-out", required=True, type=click.Path(dir_okay=False))
+def split(source: str, test_fraction: float, train_out: str, test_out: str) -> None:
+    """Split a JSON-lines event log by event time: the latest --test-fraction of the events is the test part.
+
+    Lines are copied byte for byte; lines that break the event contract stay in the training part.
+    Both files are written to temporary files and renamed when complete.
+    """
+    from consumers.outfiles import atomic_paths
+    from models.dataset import split_lines_by_time
+
+    with atomic_paths(train_out, test_out, flag="--train-out/--test-out") as (train_tmp, test_tmp):
+        n_train, n_test, cutoff = split_lines_by_time(source, test_fraction, train_tmp, test_tmp)
+    click.echo(f"{n_train:,} events up to {cutoff} -> {train_out}; {n_test:,} later events -> {test_out}", err=True)

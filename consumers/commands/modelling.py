@@ -1,0 +1,216 @@
+"""Commands that build and judge models, and measure the pipeline: `train`, `evaluate`,
+`evaluate-fields`, `evaluate-synthetic`, `model info` and `bench`."""
+
+from __future__ import annotations
+
+import click
+
+from consumers.commands.base import command, group
+from consumers.commands.options import device_option, thread_options
+
+
+@command(short_help="Train the profile model on event logs")
+@click.option("--events", "event_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="JSON-lines event files (repeatable), e.g. from `profiles import` or `profiles generate`.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
+@click.option("--epochs", default=None, type=click.IntRange(min=1),
+              help="Passes over the log [default: 10 up to 125k events, fewer above (2 at 500k), so that "
+                   "training stays within minutes on a laptop].")
+@click.option("--hidden-size", default=64, show_default=True, type=click.IntRange(min=4))
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1), help="Sequence chunks per step.")
+@click.option("--max-len", default=64, show_default=True, type=click.IntRange(min=2), help="Events per chunk.")
+@click.option("--lr", default=6e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--dropout", default=0.2, show_default=True, type=click.FloatRange(0, 0.9))
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0.01, 0.5),
+              help="The last part of the time span that validates (early stopping).")
+@click.option("--patience", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--refit/--no-refit", default=True, show_default=True,
+              help="After early stopping picks the epoch count, train again on all events, validation period included.")
+@click.option("--max-items", default=200_000, show_default=True, type=click.IntRange(min=1),
+              help="Next-item vocabulary: the most frequent training items.")
+@click.option("--item-buckets", default=1 << 17, show_default=True, type=click.IntRange(min=16),
+              help="Hash buckets of item ids (smaller: a smaller checkpoint, more collisions).")
+@click.option("--category-buckets", default=1 << 14, show_default=True, type=click.IntRange(min=16),
+              help="Hash buckets of categories.")
+@click.option("--query-buckets", default=1 << 15, show_default=True, type=click.IntRange(min=16),
+              help="Hash buckets of query words and trigrams.")
+@click.option("--until", default=None,
+              help="Train on the events at or before this ISO time (or epoch ms) only: the cut of a later "
+                   "`profiles evaluate-fields --cut`, so the model never sees what it is judged on.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@device_option
+def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_size: int, batch_size: int, max_len: int,
+          lr: float, dropout: float, val_fraction: float, patience: int, refit: bool, max_items: int,
+          item_buckets: int, category_buckets: int, query_buckets: int, until: str | None, seed: int,
+          device: str) -> None:
+    """Train the profile model on event logs, in two stages: the sequence model (next item, next
+    category, auxiliary purchase and churn objectives), then the published fields (purchase_propensity,
+    churn_risk, top_categories) fitted on profiles taken through the serving path at cuts in the log
+    and judged on what followed, calibrated on the latest cuts."""
+    from consumers.field_report import parse_cut
+    from consumers.training import run_training
+
+    run_training(event_files, out, device, seed=seed, hidden_size=hidden_size, dropout=dropout, until=parse_cut(until),
+                 buckets=(item_buckets, category_buckets, query_buckets),
+                 epochs=epochs, batch_size=batch_size, max_len=max_len, lr=lr, val_fraction=val_fraction,
+                 patience=patience, refit=refit, max_items=max_items)
+
+
+@command("evaluate", short_help="The model's next item and category against simple rules")
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--train-events", "train_files", required=True, multiple=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="Events the baselines are fitted on; test users' state is carried over from them.")
+@click.option("--events", "test_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Test events: every next event of every test user is predicted from its prefix.")
+@click.option("--k", default=20, show_default=True, type=click.IntRange(min=1), help="Cut-off of Recall@k and MRR@k.")
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[str, ...], k: int, device: str,
+             as_json: bool) -> None:
+    """Next-item Recall@k and MRR@k (full ranking), next-category accuracy@5 and purchase-propensity
+    ROC AUC of the model, and of popularity and sequential-rules baselines fitted in the same run."""
+    from consumers.evaluation import run_evaluation
+
+    run_evaluation(model_path, train_files, test_files, device, k, as_json)
+
+
+@command("evaluate-fields", short_help="Learned fields against what users do after a cut")
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint to judge (train it on events before the cut only), or `demo`.")
+@click.option("--events", "event_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="JSON-lines event log(s) spanning the cut (repeatable).")
+@click.option("--cut", default=None, help="ISO time T (or epoch ms): profiles at T are judged on what follows. "
+              "Default: 80% of the log's span.")
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Draw reliability diagrams of both probabilities to this PNG (needs matplotlib).")
+def evaluate_fields(model_path: str, event_files: tuple[str, ...], cut: str | None, device: str, as_json: bool,
+                    plot_path: str | None) -> None:
+    """Judge every learned profile field against what each user does after a cut T, beside the
+    strongest simple baselines computed from the same events before T.
+
+    \b
+    top_categories       precision@3 against the categories engaged with in the
+                         next 7 days, and hit rate of the top future category
+    purchase_propensity  a purchase within 7 days: ROC AUC, PR AUC, Brier, ECE
+    churn_risk           no event within 14 days: ROC AUC, PR AUC, Brier, ECE
+
+    A log that ends before a horizon cuts the window short; the probabilities are then asked for it.
+    """
+    from consumers.field_report import run_field_evaluation
+
+    run_field_evaluation(model_path, event_files, cut, device, as_json, plot_path)
+
+
+@command("evaluate-synthetic", short_help="Learned fields against the generator's truth")
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--users", default=2000, show_default=True, type=click.IntRange(min=10))
+@click.option("--events", default=100_000, show_default=True, type=click.IntRange(min=100))
+@click.option("--seed", default=1, show_default=True, type=int, help="Use a seed the model was not trained on.")
+@device_option
+def evaluate_synthetic(model_path: str, users: int, events: int, seed: int, device: str) -> None:
+    """Check that learned fields mean what their names say, on generated traffic whose truth is known:
+    top_categories vs favourite categories (precision@3), purchase_propensity vs habitual buyers (AUC),
+    churn_risk vs users who went quiet (AUC), each beside a counting baseline. Prints JSON."""
+    import orjson
+
+    from models.profile_model import load_checkpoint, resolve_device
+    from models.truth import synthetic_truth_report
+
+    dev = resolve_device(device)
+    report = synthetic_truth_report(load_checkpoint(model_path, dev), dev, users, events, seed)
+    click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+
+
+@group(short_help="Read model checkpoints")
+def model() -> None:
+    """Read model checkpoints."""
+
+
+@model.command("info")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
+def model_info(checkpoint: str, as_json: bool) -> None:
+    """A checkpoint's version, sizes, vocabularies and training metadata (from `profiles train`)."""
+    import orjson
+
+    from consumers.model_info import checkpoint_info, info_lines
+    from models.profile_model import ModelError
+
+    try:
+        info = checkpoint_info(checkpoint)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode() if as_json else "\n".join(info_lines(info)))
+
+
+@command(short_help="Throughput and latency against a plain consumer")
+@click.option("--events", default=200_000, show_default=True, type=click.IntRange(min=1000),
+              help="Generated events to push through.")
+@click.option("--users", default=50_000, show_default=True, type=click.IntRange(min=1), help="Distinct users.")
+@click.option("--batch-max-events", default=5000, show_default=True, type=click.IntRange(min=1),
+              help="Micro-batch size of the pipeline (and of the raw consumer's consume calls).")
+@device_option
+@thread_options
+@click.option("--bootstrap-servers", default=None,
+              help="Benchmark against this Kafka cluster (fresh topics are created). [default: an embedded broker]")
+@click.option("--partitions", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Partitions of the benchmark topics.")
+@click.option("--offered-rate", default=50_000, show_default=True, type=click.IntRange(min=0),
+              help="After the throughput runs, offer this many events/s from another process to the live "
+              "daemon and report its batch latency (0 skips it).")
+@click.option("--offered-seconds", default=10.0, show_default=True, type=click.FloatRange(min=1),
+              help="How long the offered load lasts.")
+@click.option("--no-broker", is_flag=True,
+              help="Time the in-process model step alone (no Kafka), plus the scaling table.")
+@click.option("--scaling-users", default="10000,100000,1000000", show_default=True,
+              help="With --no-broker: users prefilled in state for each row of the scaling table ('' skips it).")
+@click.option("--restore-users", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Instead: write this many users' state to a fresh changelog topic and time a restore of it.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--guarantee", default="at-least-once", show_default=True,
+              type=click.Choice(["at-least-once", "exactly-once"]), help="The pipeline's delivery guarantee.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def bench(events: int, users: int, batch_max_events: int, device: str, torch_threads: int, gru_threads: int,
+          bootstrap_servers: str | None, partitions: int, offered_rate: int, offered_seconds: float, no_broker: bool,
+          scaling_users: str, restore_users: int, seed: int, guarantee: str, as_json: bool) -> None:
+    """Measure throughput and latency in one run: the full pipeline (decode, validate, GRU update,
+    profile encode, publish, commit) against the raw ceiling of a plain consumer that only consumes
+    and decodes the same events; p50/p99 batch latency; state size; batch latency under an offered load.
+
+    With --no-broker: events/s of the model step alone, and how it scales with the users in state.
+    """
+    import orjson
+
+    from consumers.bench import model_step, restore_time, run_bench
+    from stream.kafka import StreamError
+
+    say = (lambda _msg: None) if as_json else (lambda msg: click.echo(msg, err=True))
+    if restore_users:
+        result = restore_time(users=restore_users, partitions=partitions, bootstrap_servers=bootstrap_servers,
+                              say=say)
+        click.echo(orjson.dumps(result).decode() if as_json else
+                   f"restored {result['users']:,} users in {result['restore_seconds']:.1f} s "
+                   f"({result['users_per_s']:,.0f} users/s; reading {result['read_seconds']:.1f} s, loading "
+                   f"{result['load_seconds']:.1f} s; {result['record_bytes']} bytes per user)")
+        return
+    try:
+        if no_broker:
+            sizes = tuple(int(x) for x in scaling_users.split(",") if x.strip())
+            report = model_step(events=events, users=users, batch_max_events=batch_max_events, device=device,
+                                torch_threads=torch_threads, gru_threads=gru_threads, seed=seed,
+                                scaling_users=sizes, say=say)
+        else:
+            report = run_bench(events=events, users=users, batch_max_events=batch_max_events, device=device,
+                               bootstrap_servers=bootstrap_servers, partitions=partitions, offered_rate=offered_rate,
+                               offered_seconds=offered_seconds, torch_threads=torch_threads,
+                               gru_threads=gru_threads, seed=seed,
+                               guarantee=guarantee, say=say)
+    except (StreamError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(report.as_json().decode())
+    else:
+        click.echo(report.table())

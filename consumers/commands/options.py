@@ -1,0 +1,194 @@
+"""Options shared between commands, each declared once, and the one mapping from options to Settings.
+
+An option that sets a Settings field is named after the field (`--model` fills `model_path`,
+`--no-embedding` fills `emit_embedding`), so a command hands its setting options to `settings_from`
+as they come: the Kafka group (--bootstrap-servers, --kafka-config, --kafka-config-file) becomes
+`Settings.kafka`, every other one the field of its name. Every command that talks to Kafka takes
+`kafka_options()`: the same flags, environment variables and help everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import click
+
+from stream.settings import (
+    KafkaSettings, Settings, parse_kafka_config, read_kafka_config_file, split_kafka_config_env,
+)
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def env(flag: str) -> str:
+    """The environment variable of a flag: --batch-max-ms -> PROFILES_BATCH_MAX_MS."""
+    return "PROFILES_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def duration_ms(text: str) -> int:
+    """'500ms', '90s', '30m', '24h', '7d' or a plain number of seconds -> milliseconds."""
+    match = _DURATION.match(text.lower())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 30m, 24h or 7d")
+    return int(float(match.group(1)) * _UNITS_MS[match.group(2) or "s"])
+
+
+def to_ms(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+    return duration_ms(value)
+
+
+def to_seconds(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
+    return duration_ms(value) / 1000
+
+
+def stack(*decorators: Decorator) -> Decorator:
+    """Several option decorators as one; the options appear in --help in the order given."""
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+    return apply
+
+
+def setting(flag: str, field: str | None = None, **kwargs: Any) -> Decorator:
+    """An option with its environment variable shown in --help (PROFILES_<FLAG>), filling `field`."""
+    kwargs.setdefault("envvar", env(flag))
+    kwargs.setdefault("show_envvar", True)
+    return click.option(flag, *([field] if field else []), **kwargs)
+
+
+# ----------------------------------------------------------------------------- Kafka connection
+
+
+class KafkaConfigEntry(click.ParamType):
+    """A KEY=VALUE string; from the environment, entries are split as a shell splits words, so a quoted
+    value may contain spaces (never on every space, which printed a password's tail as an entry)."""
+
+    name = "KEY=VALUE"
+
+    def split_envvar_value(self, rv: str) -> list[str]:
+        try:
+            return split_kafka_config_env(rv)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+        return value
+
+
+KAFKA_PARAMS = ("bootstrap_servers", "kafka_config_file", "kafka_config")
+
+
+def kafka_options(needed_for: str = "") -> Decorator:
+    """Brokers, librdkafka properties (TLS, SASL, tuning) and the start-up broker check, for every
+    command that talks to Kafka. `needed_for` names what needs the brokers where not everything does."""
+    where = f" Needed for {needed_for} only." if needed_for else ""
+    return stack(
+        click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True,
+                     default="localhost:9092", show_default=True,
+                     help=f"Kafka brokers, host:port[,host:port].{where}"),
+        setting("--kafka-config", multiple=True, metavar="KEY=VALUE", type=KafkaConfigEntry(),
+                help="librdkafka property for every client, repeatable (e.g. security.protocol=SASL_SSL). In "
+                "the environment variable, entries are separated by spaces and quoted as in a shell: "
+                "sasl.password=\"a b\". Secret values are never printed."),
+        setting("--kafka-config-file", default=None, type=click.Path(dir_okay=False),
+                help="librdkafka properties file (key=value lines, # comments), e.g. TLS and SASL settings "
+                "mounted from a secret; --kafka-config entries override it."),
+        setting("--connect-timeout", default="10s", show_default=True, callback=to_seconds,
+                help="Give up with one clear error if no Kafka broker answers at --bootstrap-servers within "
+                "this long (e.g. 10s, 1m)."),
+    )
+
+
+def kafka_settings(bootstrap_servers: str, config_file: str | None, config: tuple[str, ...]) -> KafkaSettings:
+    """Brokers plus librdkafka properties: the file's first, --kafka-config entries over them."""
+    return KafkaSettings(bootstrap_servers, (read_kafka_config_file(config_file) if config_file else ())
+                         + parse_kafka_config(config))
+
+
+def kafka_from(params: dict[str, Any]) -> KafkaSettings:
+    """The KafkaSettings of kafka_options(), taken out of `params`; a bad entry is a usage error (exit 2)."""
+    try:
+        return kafka_settings(*(params.pop(name) for name in KAFKA_PARAMS))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+# ----------------------------------------------------------------------------- device and threads
+
+device_option = setting(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+    help="auto picks CUDA when present.")
+
+thread_options = stack(
+    setting("--torch-threads", default=1, show_default=True, type=click.IntRange(min=0),
+            help="CPU threads for the model's kernels (0: torch's default, one per core). One is fastest on "
+            "small machines: a second competes with decoding and Kafka I/O."),
+    setting("--gru-threads", default=0, show_default=True, type=click.IntRange(min=0),
+            help="CPU threads for the GRU pass over a batch of 4096+ events, the one kernel big enough to gain "
+            "from more than --torch-threads (0: every usable core)."),
+)
+
+# ----------------------------------------------------------------------------- what profiles hold
+
+MODEL_HELP = "Model checkpoint (or `demo`, the shipped one); without one, an untrained model."
+
+
+def model_option(help: str = MODEL_HELP) -> Decorator:  # noqa: A002 (click's word)
+    return setting("--model", "model_path", default=None, type=click.Path(dir_okay=False), help=help)
+
+
+profile_options = stack(
+    setting("--no-embedding", "emit_embedding", is_flag=True, callback=lambda _c, _p, v: not v,
+            help="Leave the embedding out of profiles."),
+    setting("--next-items", default=0, show_default=True, type=click.IntRange(0, 1000),
+            help="Add the top-k predicted next item ids to each profile (needs a trained --model; 0 leaves "
+            "them out)."),
+)
+
+pseudonymize_option = setting(
+    "--pseudonymize-key", default="", help="Replace user ids by HMAC-SHA256(key, id) before they reach state or "
+    "outputs. The key is never printed; prefer the environment variable to the flag.")
+
+# ----------------------------------------------------------------------------- the daemon's topics
+
+input_topics_option = setting(
+    "--input-topics", default="events", show_default=True,
+    callback=lambda _c, _p, v: tuple(t.strip() for t in v.split(",") if t.strip()),
+    help="Comma-separated input topics, co-partitioned by user id.")
+group_id_option = setting(
+    "--group-id", default="profiles", show_default=True,
+    help="Kafka consumer group; instances with the same id share the partitions.")
+state_topic_option = setting(
+    "--state-topic", default="", help="Compacted changelog of every user's state, partition for partition with "
+    "the inputs; restored from on assignment. [default: <group-id>.state]")
+topic_option = setting(
+    "--topic", envvar=env("output-topic"), default="profiles", show_default=True,
+    help="The daemon's output topic (its --output-topic).")
+
+
+# ----------------------------------------------------------------------------- options -> Settings
+
+SETTINGS_FIELDS = frozenset(f.name for f in dataclasses.fields(Settings))
+
+
+def settings_from(params: dict[str, Any], validate: bool = True, **fixed: Any) -> Settings:
+    """The Settings of a command's setting options (`params`, named after the fields; the Kafka group
+    becomes `kafka`) and of `fixed` values; a setting that cannot work is a usage error (exit 2)."""
+    params = dict(params)
+    kafka = kafka_from(params) if "bootstrap_servers" in params else KafkaSettings()
+    unknown = set(params) - SETTINGS_FIELDS
+    assert not unknown, f"options without a Settings field: {sorted(unknown)}"
+    try:
+        settings = Settings(kafka=kafka, **params, **fixed)
+        if validate:
+            settings.validate()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return settings

@@ -1,0 +1,109 @@
+"""The state table on its own (stream/state.py): rows for users, growth, dropping and erasing users,
+snapshots in memory and on disk. No model, no pipeline, no broker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stream.state import StateTable, read_snapshot, write_snapshot
+
+CPU = torch.device("cpu")
+
+
+def table(capacity: int = 4, **kwargs: int) -> StateTable:
+    return StateTable(hidden_size=3, device=CPU, capacity=capacity, **kwargs)
+
+
+def mark(state: StateTable, user: str, value: int) -> None:
+    """Give the user's row values of its own, to see them follow the user."""
+    row = state.row(user)
+    state.hidden[row] = float(value)
+    state.counts[row] = value
+    state.partition[row] = value % 2
+
+
+def test_rows_for_adds_new_users_in_order_of_first_appearance_and_keeps_known_ones():
+    state = table()
+    rows = state.rows_for(["b", "a", "b", "c"])
+    assert rows.tolist() == [0, 1, 0, 2] and state.user_ids == ["b", "a", "c"] and len(state) == 3
+    assert state.rows_for(["c", "d", "a"]).tolist() == [2, 3, 1]
+    assert state.row("d") == 3 and state.row("nobody") is None
+    assert state.counts[:4].tolist() == [[0] * state.counts.shape[1]] * 4  # new rows start empty
+    assert (state.watermark[:4] == -1).all() and (state.partition[:4] == -1).all()
+
+
+def test_the_table_grows_and_keeps_every_row():
+    state = table(capacity=2, watermark_slots=2, dedupe_window=3)
+    first = [f"u{i}" for i in range(2)]
+    state.rows_for(first)
+    for i, user in enumerate(first):
+        mark(state, user, i + 1)
+    state.rows_for([f"u{i}" for i in range(2, 50)])
+    assert len(state) == 50 and state.capacity >= 50
+    assert state.counts[0, 0] == 1 and state.counts[1, 0] == 2 and state.hidden[1, 0] == 2.0
+    assert state.counts[2:50].sum() == 0 and state.hidden[2:50].abs().sum() == 0
+    assert state.watermark.shape[1:] == (2,) and state.recent_ids.shape[1:] == (3,)
+
+
+def test_forget_erases_users_and_the_others_keep_their_values():
+    state = table()
+    state.rows_for(["a", "b", "c", "d"])
+    for i, user in enumerate("abcd"):
+        mark(state, user, i + 1)
+    assert state.forget(["b", "nobody", "d"]) == {"b", "d"}
+    assert state.user_ids == ["a", "c"] and state.row("b") is None and state.row("d") is None
+    assert state.counts[state.row("c"), 0] == 3 and state.hidden[state.row("c"), 0] == 3.0
+    assert state.rows_for(["b"]).tolist() == [2] and state.counts[2].sum() == 0  # back, as a new user
+
+
+def test_drop_partitions_forgets_the_users_of_lost_partitions():
+    state = table()
+    state.rows_for(["a", "b", "c", "d"])
+    for i, user in enumerate("abcd"):
+        mark(state, user, i + 1)  # partition = value % 2: a, c -> 1; b, d -> 0
+    assert state.drop_partitions([1]) == 2
+    assert state.user_ids == ["b", "d"] and state.counts[state.row("d"), 0] == 4
+
+
+def test_snapshot_and_restore_round_trip_in_memory_and_on_disk(tmp_path):
+    state = table(watermark_slots=1, dedupe_window=2)
+    state.rows_for(["a", "b", "c"])
+    for i, user in enumerate("abc"):
+        mark(state, user, i + 1)
+    state.category_names[7] = "shoes"
+    state.max_event_ts = 1_700_000_000_000
+    snap = state.snapshot()
+    state.rows_for(["later"])  # the snapshot is a copy: later changes do not reach it
+    mark(state, "a", 9)
+    assert snap["user_ids"] == ["a", "b", "c"] and snap["counts"][0, 0] == 1
+
+    write_snapshot(tmp_path / "snap", snap, {"note": "test"})
+    on_disk, meta = read_snapshot(tmp_path / "snap")
+    assert meta == {"note": "test"}
+    for restored_from in (snap, on_disk):
+        other = table(watermark_slots=1, dedupe_window=2)
+        other.restore(restored_from)
+        assert other.user_ids == ["a", "b", "c"] and other.row("c") == 2
+        np.testing.assert_array_equal(other.counts[:3], snap["counts"])
+        np.testing.assert_array_equal(other.hidden[:3].numpy(), snap["hidden"])
+        assert other.category_names == {7: "shoes"} and other.max_event_ts == 1_700_000_000_000
+        assert other.rows_for(["d"]).tolist() == [3]  # and it goes on taking users
+
+
+def test_restore_refuses_another_snapshot_format(tmp_path):
+    snap = table().snapshot()
+    with pytest.raises(ValueError, match="format"):
+        table().restore({**snap, "format": 999})
+    with pytest.raises(ValueError, match="no readable state snapshot"):
+        read_snapshot(tmp_path / "missing")
+
+
+def test_state_bytes_counts_the_rows_in_use():
+    state = table()
+    empty = state.state_bytes()
+    state.rows_for(["a", "b"])
+    grown = state.state_bytes()
+    assert empty == {"host": 0, "cpu": 0} and grown["host"] > 0
+    assert grown["cpu"] == 2 * 3 * 4  # the hidden state, by device: two users, 3 float32 each
