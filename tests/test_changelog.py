@@ -12,7 +12,7 @@ from stream.events import DeadLetter, RecordBatch
 from stream.kafka import Publisher, StreamError, admin_client, ensure_topics
 from stream.metrics import Metrics
 from stream.state import StateTable
-from tests.conftest import committed_offsets, read_topic
+from tests.helpers import committed_offsets, read_topic
 
 PARTITIONS = 3
 
