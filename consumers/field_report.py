@@ -10,7 +10,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from consumers.field_evaluation import evaluate_fields
+from models.field_evaluation import evaluate_fields
 from models.profile_model import CheckpointError, load_checkpoint, resolve_device
 
 

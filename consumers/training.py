@@ -15,7 +15,7 @@ from consumers.outfiles import atomic_paths
 from models.dataset import load_events
 from models.field_training import train_fields
 from models.profile_model import LoadedModel, ModelConfig, resolve_device, save_checkpoint
-from models.train import TrainConfig, auto_epochs, train
+from models.sequence_training import TrainConfig, auto_epochs, train
 
 log = logging.getLogger(__name__)
 

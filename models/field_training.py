@@ -1,6 +1,6 @@
 """Fitting the published fields: profiles taken through the serving path at cuts, judged on what follows.
 
-The second stage of `profiles train`, after the sequence model (models/train.py):
+The second stage of `profiles train`, after the sequence model (models/sequence_training.py):
   1. replay the training log through the serving path's state step (ProfileUpdater.apply) in time
      order, stopping at a few cut times T; at each, read every user's statistics and state exactly as
      a published profile would (ProfileUpdater.field_inputs) with the clock at T;

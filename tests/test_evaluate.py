@@ -8,7 +8,7 @@ from itertools import product
 import numpy as np
 import pytest
 
-from models.evaluate import (
+from models.next_event_evaluation import (
     HOUR_MS, NextEventPredictions, PopularityBaseline, SequentialRulesBaseline, Sequences, TransitionCounts,
     evaluate, mrr_at, prefix_state, ranks_from_scores, ranks_in_fixed_scores, recall_at, roc_auc, targets,
 )

@@ -8,12 +8,12 @@ import orjson
 import pytest
 import torch
 
-from consumers.field_evaluation import (
+from models.field_evaluation import (
     baseline_scores, binary_metrics, evaluate_fields, expected_calibration_error, paired_interval, profiles_at,
 )
 from models.update_step import ProfileUpdater
 from models.dataset import load_events, read_records
-from models.evaluate import roc_auc
+from models.next_event_evaluation import roc_auc
 from models.field_training import CutExamples, calibrate, fit_fields
 from models.profile_model import (FieldInputs, ModelConfig, ProfileModel, load_checkpoint, piecewise_linear,
                                   save_checkpoint, untrained)

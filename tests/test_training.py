@@ -11,7 +11,7 @@ from consumers.cli import main
 from models.update_step import ProfileUpdater
 from models.dataset import load_events
 from models.profile_model import LoadedModel, ModelConfig, load_checkpoint, save_checkpoint
-from models.train import TrainConfig, train
+from models.sequence_training import TrainConfig, train
 from stream.generator import write_jsonl
 from tests.helpers import record_batch
 
@@ -103,7 +103,7 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
 def test_training_features_equal_serving_features(tmp_path):
     """No training/serving skew: the trainer's per-event inputs equal what the daemon builds."""
     from models.features import build_features
-    from models.train import features_at, prepare
+    from models.sequence_training import features_at, prepare
     from stream.generator import generate
 
     path = tmp_path / "g.jsonl"
@@ -176,7 +176,7 @@ def test_published_top_categories_are_the_next_visits_not_the_sessions(tmp_path)
 
 
 def test_auto_epochs_keep_a_big_log_to_a_few_passes_and_a_small_one_to_ten():
-    from models.train import AUTO_EPOCH_EVENTS, auto_epochs
+    from models.sequence_training import AUTO_EPOCH_EVENTS, auto_epochs
 
     assert auto_epochs(20_000) == 10
     assert auto_epochs(500_000) == 2

@@ -70,7 +70,7 @@ def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[st
              as_json: bool) -> None:
     """Next-item Recall@k and MRR@k (full ranking), next-category accuracy@5 and purchase-propensity
     ROC AUC of the model, and of popularity and sequential-rules baselines fitted in the same run."""
-    from consumers.evaluation import run_evaluation
+    from consumers.next_event_report import run_evaluation
 
     run_evaluation(model_path, train_files, test_files, device, k, as_json)
 
@@ -117,7 +117,7 @@ def evaluate_synthetic(model_path: str, users: int, events: int, seed: int, devi
     import orjson
 
     from models.profile_model import load_checkpoint, resolve_device
-    from models.truth import synthetic_truth_report
+    from models.planted_truth import synthetic_truth_report
 
     dev = resolve_device(device)
     report = synthetic_truth_report(load_checkpoint(model_path, dev), dev, users, events, seed)

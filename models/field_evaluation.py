@@ -20,7 +20,7 @@ import orjson
 import torch
 
 from models.dataset import HOUR_MS, EventLog, event_log, read_records
-from models.evaluate import roc_auc
+from models.next_event_evaluation import roc_auc
 from models.field_training import FutureIndex
 from models.profile_model import LoadedModel
 from stream.events import ADD_TO_CART, PURCHASE, decode_batch

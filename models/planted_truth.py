@@ -17,7 +17,7 @@ import orjson
 import torch
 
 from models.update_step import ProfileUpdater
-from models.evaluate import roc_auc
+from models.next_event_evaluation import roc_auc
 from models.profile_model import LoadedModel
 from stream.events import RecordBatch
 from stream.generator import generate

@@ -1,6 +1,6 @@
 """The GRU as a next-event scorer, and event logs as evaluation sequences.
 
-The GRU scorer answers the same protocol as the baselines in `models.evaluate`:
+The GRU scorer answers the same protocol as the baselines in `models.next_event_evaluation`:
 for every test position t >= 1 it scores the next event from the user's state after
 the training events (carried over) and test events 0..t-1.
 """
@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from models.dataset import HOUR_MS, EventLog
-from models.evaluate import CHUNK_ELEMENTS, NextEventPredictions, Sequences, ranks_from_scores, targets
+from models.next_event_evaluation import CHUNK_ELEMENTS, NextEventPredictions, Sequences, ranks_from_scores, targets
 from models.features import hash_buckets, vocab_rows
 from models.profile_model import ProfileModel
-from models.train import final_states, prepare, run_chunks
+from models.sequence_training import final_states, prepare, run_chunks
 
 
 def sequences_from_log(log_: EventLog, item_index: dict[str, int], model: ProfileModel) -> Sequences:

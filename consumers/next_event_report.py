@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from models.dataset import load_events
-from models.evaluate import PopularityBaseline, Sequences, SequentialRulesBaseline, evaluate
+from models.next_event_evaluation import PopularityBaseline, Sequences, SequentialRulesBaseline, evaluate
 from models.profile_model import load_checkpoint, resolve_device
-from models.scoring import GRUScorer, aligned_train, sequences_from_log
+from models.next_event_scorers import GRUScorer, aligned_train, sequences_from_log
 
 
 def carried_over(train: Sequences | None, train_users: np.ndarray, test_users: np.ndarray,
