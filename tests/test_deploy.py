@@ -248,7 +248,7 @@ def test_compose_configures_the_daemon_only_through_variables_the_cli_reads(monk
     # ... and the values parse as `profiles run` would parse them.
     params = parse_with_env("run", [], env, monkeypatch)
     assert params["metrics_port"] == metrics_port()
-    assert params["input_topics"] == env["PROFILES_INPUT_TOPICS"]
+    assert params["input_topics"] == tuple(env["PROFILES_INPUT_TOPICS"].split(","))  # parsed into topics
     assert services["profiles"]["ports"] == [f"{metrics_port()}:{metrics_port()}"]
 
     gpu = load_yaml(DEPLOY / "compose.gpu.yaml")["services"]["profiles"]
