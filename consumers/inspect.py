@@ -81,9 +81,7 @@ def timeline(settings: Settings, sources: list[str], fmt: str, user: str) -> Tim
     if not records:
         raise InspectError(f"no valid events of user {user!r} in {', '.join(sources)}")
     # In event-time order, as the pipeline orders a batch (arrival order breaks ties).
-    n = len(records)
-    events, _ = decode_batch(RecordBatch(["inspect"] * n, [0] * n, list(range(n)), [None] * n, records),
-                             settings.max_event_bytes)
+    events, _ = decode_batch(RecordBatch.of(records, topic="inspect"), settings.max_event_bytes)
     order = events.record_index[np.lexsort((events.record_index, events.ts))].tolist()
     ts_of = dict(zip(events.record_index.tolist(), events.ts.tolist()))  # epoch ms, whatever form the record had
     every = settings.idle_rescore_after_ms
@@ -107,7 +105,7 @@ def timeline(settings: Settings, sources: list[str], fmt: str, user: str) -> Tim
     for i in order:
         event = orjson.loads(records[i])
         idle_until(ts_of[i], inclusive=False)
-        result = updater.process(RecordBatch(["inspect"], [0], [i], [None], [records[i]]))
+        result = updater.process(RecordBatch.of([records[i]], topic="inspect", first_offset=i))
         profile = next(orjson.loads(v) for k, v in result.profiles if k.decode() == user)
         published_at = updater.state.max_event_ts
         out.rows.append({"kind": "event", "at_ms": published_at, "event": event, "profile": profile})

@@ -97,11 +97,7 @@ class KafkaBatchSource:
         """Forget pending records of partitions this consumer no longer owns."""
         gone = {(p.topic, p.partition) for p in partitions}
         kept = self.take_pending()
-        keep = [i for i, tp in enumerate(zip(kept.topics, kept.partitions)) if tp not in gone]
-        self.pending = RecordBatch(
-            [kept.topics[i] for i in keep], [kept.partitions[i] for i in keep], [kept.offsets[i] for i in keep],
-            [kept.keys[i] for i in keep], [kept.values[i] for i in keep],
-        )
+        self.pending = kept.take([i for i, tp in enumerate(zip(kept.topics, kept.partitions)) if tp not in gone])
 
     def next_batch(self, stop: threading.Event) -> RecordBatch:
         max_events = self.pacer.cap

@@ -154,8 +154,7 @@ class FileSource:
             offsets += self._numbers[self._at:end]
             topics += [self._name] * (end - self._at)
             self._at = end
-        n = len(values)
-        return RecordBatch(topics, [0] * n, offsets, [None] * n, values)
+        return RecordBatch.of(values, topic=topics, offsets=offsets)
 
 
 @dataclass(frozen=True)
