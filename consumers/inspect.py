@@ -59,12 +59,12 @@ def user_records(settings: Settings, sources: list[str], fmt: str, user: str) ->
     found: list[bytes] = []
     categories: set[str] = set()
     log_end = -1
-    for source, window in open_sources(settings.kafka, sources, fmt, 50_000):
+    for source in open_sources(settings.kafka, sources, fmt, 50_000):
         while not source.exhausted:
             batch = source.next_batch()
             events, _ = decode_batch(batch, settings.max_event_bytes)
-            if window is not None:  # kafka:// ranges select by event time, as in replay
-                events = events.take(window.mask(events.ts))
+            if source.time_range is not None:  # kafka:// ranges select by event time, as in replay
+                events = events.take(source.time_range.mask(events.ts))
             if len(events):
                 log_end = max(log_end, int(events.ts.max()))
             mine = np.flatnonzero(events.user_id == user)
