@@ -280,8 +280,7 @@ def model_step(*, events: int, users: int, batch_max_events: int, device: str, t
     settings = Settings(device=device, torch_threads=torch_threads, gru_threads=gru_threads, emit_embedding=True)
     say(f"generating {events:,} events for {users:,} users ...")
     values = [v for _k, v in generated_records(events, users, seed)]
-    columns, _dead = decode_batch(RecordBatch(["bench"] * events, [0] * events, list(range(events)),
-                                              [None] * events, values), settings.max_event_bytes)
+    columns, _dead = decode_batch(RecordBatch.of(values, topic="bench"), settings.max_event_bytes)
     updater = load_updater(settings)
     tune_garbage_collector()
     step = _time_steps(updater, columns, batch_max_events)

@@ -59,12 +59,12 @@ def user_records(settings: Settings, sources: list[str], fmt: str, user: str) ->
     found: list[bytes] = []
     categories: set[str] = set()
     log_end = -1
-    for source, window in open_sources(settings.kafka, sources, fmt, 50_000):
+    for source in open_sources(settings.kafka, sources, fmt, 50_000):
         while not source.exhausted:
             batch = source.next_batch()
             events, _ = decode_batch(batch, settings.max_event_bytes)
-            if window is not None:  # kafka:// ranges select by event time, as in replay
-                events = events.take(window.mask(events.ts))
+            if source.time_range is not None:  # kafka:// ranges select by event time, as in replay
+                events = events.take(source.time_range.mask(events.ts))
             if len(events):
                 log_end = max(log_end, int(events.ts.max()))
             mine = np.flatnonzero(events.user_id == user)
@@ -81,9 +81,7 @@ def timeline(settings: Settings, sources: list[str], fmt: str, user: str) -> Tim
     if not records:
         raise InspectError(f"no valid events of user {user!r} in {', '.join(sources)}")
     # In event-time order, as the pipeline orders a batch (arrival order breaks ties).
-    n = len(records)
-    events, _ = decode_batch(RecordBatch(["inspect"] * n, [0] * n, list(range(n)), [None] * n, records),
-                             settings.max_event_bytes)
+    events, _ = decode_batch(RecordBatch.of(records, topic="inspect"), settings.max_event_bytes)
     order = events.record_index[np.lexsort((events.record_index, events.ts))].tolist()
     ts_of = dict(zip(events.record_index.tolist(), events.ts.tolist()))  # epoch ms, whatever form the record had
     every = settings.idle_rescore_after_ms
@@ -107,7 +105,7 @@ def timeline(settings: Settings, sources: list[str], fmt: str, user: str) -> Tim
     for i in order:
         event = orjson.loads(records[i])
         idle_until(ts_of[i], inclusive=False)
-        result = updater.process(RecordBatch(["inspect"], [0], [i], [None], [records[i]]))
+        result = updater.process(RecordBatch.of([records[i]], topic="inspect", first_offset=i))
         profile = next(orjson.loads(v) for k, v in result.profiles if k.decode() == user)
         published_at = updater.state.max_event_ts
         out.rows.append({"kind": "event", "at_ms": published_at, "event": event, "profile": profile})

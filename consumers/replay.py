@@ -21,7 +21,7 @@ from stream.events import DeadLetter
 from stream.kafka import Publisher
 from stream.runtime import tune_garbage_collector
 from stream.settings import Settings
-from stream.sources import KafkaRangeSource, open_sources, parse_kafka_uri
+from stream.sources import open_sources, parse_kafka_uri
 from stream.state import write_snapshot
 
 log = logging.getLogger(__name__)
@@ -134,15 +134,14 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
         console=Console(stderr=True),
     ) as bar:
         try:
-            for source, window in opened:
-                name = getattr(source, "topic", None) or f"{len(source.paths)} file(s)"
-                task = bar.add_task(f"replay {name}", total=_progress(source)[1] or 1, rate="")
+            for source in opened:
+                task = bar.add_task(f"replay {source.name}", total=source.progress()[1] or 1, rate="")
                 first_after: dict[int, int] = {}
                 while not source.exhausted:
                     batch = source.next_batch()
                     if not len(batch):
                         continue
-                    result = updater.process(batch, window, profiles=every_update)  # the daemon's decode -> update
+                    result = updater.process(batch, source.time_range, profiles=every_update)  # the daemon's batch step
                     for partition, offset in result.first_after_range.items():
                         first_after[partition] = min(first_after.get(partition, offset), offset)
                     report.erased += result.forgotten
@@ -160,13 +159,12 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
                     report.replayed += result.replayed
                     report.dead_letters += len(result.dead_letters)
                     rate = report.records / (time.monotonic() - started)
-                    bar.update(task, completed=_progress(source)[0], rate=f"{rate:,.0f} records/s")
-                if isinstance(source, KafkaRangeSource):
+                    bar.update(task, completed=source.progress()[0], rate=f"{rate:,.0f} records/s")
+                for topic, read in source.positions().items():  # kafka:// sources (files have none)
                     # A daemon started from the snapshot continues where the replay stopped applying:
                     # at the first event past the range's end where there was one (the ones after it
                     # that the replay did apply are at or below their user's watermark, and skipped).
-                    read = source.snapshot()[source.topic]
-                    positions[source.topic] = {p: min(o, first_after.get(p, o)) for p, o in read.items()}
+                    positions[topic] = {p: min(o, first_after.get(p, o)) for p, o in read.items()}
             if not every_update:
                 for profiles in updater.all_profiles():
                     sink.write(profiles)
@@ -193,8 +191,3 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
     report.seconds = time.monotonic() - started
     return report
 
-
-def _progress(source) -> tuple[int, int]:
-    if isinstance(source, KafkaRangeSource):
-        return source.records_read, source.total
-    return source.bytes_read, source.total_bytes

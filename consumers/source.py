@@ -1,9 +1,9 @@
-"""The live source: a micro-batching Kafka consumer.
+"""The live source: a micro-batching Kafka consumer, a BatchSource (stream/sources.py).
 
-Contract shared with replay sources: `next_batch()` returns a RecordBatch
-(possibly empty) and never blocks longer than the batch window. A batch closes
-at `batch_max_events` records or `batch_max_ms` milliseconds after the call
-started, whichever comes first, or as soon as `stop` is set.
+`next_batch(stop)` returns a RecordBatch (possibly empty) and never blocks longer than the batch
+window: a batch closes at `batch_max_events` records (or the pacer's cap) or `batch_max_ms`
+milliseconds after the call started, whichever comes first, or as soon as `stop` is set. It never
+ends (`exhausted` stays false); its positions are the consumer's, per assigned partition.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from stream.events import RecordBatch
 from stream.kafka import RateLimit
 from stream.settings import Settings
+from stream.sources import TimeRange
 
 log = logging.getLogger(__name__)
 # Errors the clients repeat while a broker is away (every few hundred ms): each distinct one at most every 30 s.
@@ -28,6 +29,11 @@ PartitionsHandler = Callable[[list[TopicPartition]], None]
 
 
 class KafkaBatchSource:
+    """The daemon's BatchSource: the input topics' assigned partitions, consumed in micro-batches."""
+
+    exhausted = False  # a live source never ends
+    time_range: TimeRange | None = None  # every event is applied
+
     def __init__(self, settings: Settings, on_assign: PartitionsHandler, on_revoke: PartitionsHandler,
                  on_lost: PartitionsHandler, on_stats: Callable[[str], None] | None = None,
                  on_error: Callable[[KafkaError], None] | None = None) -> None:
@@ -62,6 +68,8 @@ class KafkaBatchSource:
         self.pacer = BatchPacer(settings.batch_max_events, settings.max_poll_interval_ms / 1000.0)
         # Records polled for the batch being built; the revoke handler may need them.
         self.pending = RecordBatch.empty()
+        self.name = ",".join(settings.input_topics)
+        self.records_read = 0
 
     def subscribe(self) -> None:
         self.consumer.subscribe(
@@ -97,13 +105,10 @@ class KafkaBatchSource:
         """Forget pending records of partitions this consumer no longer owns."""
         gone = {(p.topic, p.partition) for p in partitions}
         kept = self.take_pending()
-        keep = [i for i, tp in enumerate(zip(kept.topics, kept.partitions)) if tp not in gone]
-        self.pending = RecordBatch(
-            [kept.topics[i] for i in keep], [kept.partitions[i] for i in keep], [kept.offsets[i] for i in keep],
-            [kept.keys[i] for i in keep], [kept.values[i] for i in keep],
-        )
+        self.pending = kept.take([i for i, tp in enumerate(zip(kept.topics, kept.partitions)) if tp not in gone])
 
-    def next_batch(self, stop: threading.Event) -> RecordBatch:
+    def next_batch(self, stop: threading.Event | None = None) -> RecordBatch:
+        stop = stop or threading.Event()
         max_events = self.pacer.cap
         deadline = time.monotonic() + self.settings.batch_max_ms / 1000.0
         while not stop.is_set():
@@ -118,7 +123,20 @@ class KafkaBatchSource:
                 self._log_errors(messages)
             if good:
                 self.pending.extend(RecordBatch.from_messages(good))
-        return self.take_pending()
+        batch = self.take_pending()
+        self.records_read += len(batch)
+        return batch
+
+    def positions(self) -> dict[str, dict[int, int]]:
+        """Per input topic, assigned partition -> the next offset this consumer reads."""
+        found: dict[str, dict[int, int]] = {}
+        for tp in self.consumer.position([TopicPartition(t, p) for t, p in sorted(self.assigned)]):
+            if tp.offset >= 0:
+                found.setdefault(tp.topic, {})[tp.partition] = tp.offset
+        return found
+
+    def progress(self) -> tuple[int, int]:
+        return self.records_read, 0  # a stream: no total
 
     @staticmethod
     def _log_errors(messages: list[Message]) -> None:

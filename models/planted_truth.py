@@ -31,9 +31,7 @@ def synthetic_truth_report(loaded: LoadedModel, device: torch.device, users: int
     updater = ProfileUpdater(loaded, device, max_event_bytes=65536, emit_embedding=False)
     for first in range(0, len(log.events), batch_events):
         chunk = log.events[first:first + batch_events]
-        n = len(chunk)
-        updater.process(RecordBatch(["synthetic"] * n, [0] * n, list(range(first, first + n)), [None] * n,
-                                    [orjson.dumps(e) for e in chunk]))
+        updater.process(RecordBatch.of([orjson.dumps(e) for e in chunk], topic="synthetic", first_offset=first))
 
     # Every user's profile at the end of the log (idle time measured to the last event seen).
     state = updater.state

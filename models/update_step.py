@@ -1,32 +1,32 @@
-"""One batch through the profile pipeline: decode -> update state with the GRU -> profiles.
+"""One batch through the profile pipeline: records -> state updated by the GRU -> profiles.
 
-Source- and sink-agnostic, so the Kafka daemon and file replays share it. The
-hot path works on whole batches: numpy for grouping and counters, one GRU call
-for every touched user's new events, heads for the touched users only.
+Source- and sink-agnostic, so the Kafka daemon, replays, bench, inspect, evaluation and training
+share it. `ProfileUpdater.process` runs the stages in order: decode, place and skip_applied (the
+checks of models/admission.py), apply (the state step: one GRU call for every touched user's new
+events, exact statistics and counters, numpy over the whole batch), choose_rows, encode (heads for
+the chosen users only).
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import logging
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from models.admission import Admission
 from models.features import build_features
 from models.profile_model import FieldInputs, LoadedModel, idle_hours, price_tier_index
 from stream import statistics
-from stream.events import PURCHASE, WRONG_PARTITION, Control, DeadLetter, EventColumns, RecordBatch, decode_batch
+from stream.events import PURCHASE, DeadLetter, EventColumns, RecordBatch
 from stream.profiles import ProfileColumns, encode_profiles
 from stream.pseudonyms import Pseudonymizer
 from stream.runtime import torch_threads, usable_cores
 from stream.settings import Settings
-from stream.sources import TimeRange
+from stream.sources import RangeCut, TimeRange
 from stream.state import StateTable
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,12 @@ TOP_CATEGORIES = 3
 # Batches at least this large run the GRU on `gru_threads` threads (smaller ones: thread start-up
 # would cost more than it saves, and the daemon's small batches leave the cores to decoding and Kafka).
 WIDE_BATCH_EVENTS = 4096
-# The partitioning warning (records dead-lettered as wrong_partition) at most this often.
-PARTITION_WARNING_EVERY_S = 30.0
-_utf8 = functools.partial(str.encode, encoding="utf-8", errors="surrogatepass")
 
 
 @dataclass
 class BatchResult:
+    """What one batch produced: built by keyword in ProfileUpdater.process."""
+
     profiles: list[tuple[bytes, bytes]]  # (key, value) per touched user
     dead_letters: list[DeadLetter]
     events: EventColumns  # the valid events that were applied
@@ -92,212 +91,42 @@ class ProfileUpdater:
         self.idle_rescore_ms = idle_rescore_ms
         self._idle_tick_ms = max(idle_rescore_ms // 24, 1)
         self._next_idle_scan = -1
-        self._partition_warning = PartitionWarning()
+        # The checks around the state step: decoding, partitioning policy, erasure, exactly-once skips.
+        self.admission = Admission(self.state, self.topic_slot, self.pseudonymize, max_event_bytes)
 
     def process(self, records: RecordBatch, time_range: TimeRange | None = None, *, profiles: bool = True,
                 ) -> BatchResult:
-        """decode -> update -> profiles; with `time_range`, only events whose event time lies in it are applied.
-        `profiles=False` skips encoding the touched users' profiles (a replay that writes only final ones)."""
+        """The batch step, stage by stage: decode -> place -> skip_applied -> apply -> choose_rows -> encode.
+        With `time_range`, only events whose event time lies in it are applied. `profiles=False` skips
+        encoding the touched users' profiles (a replay that writes only final ones)."""
         t0 = time.perf_counter()
-        controls: list[Control] = []
-        events, dead = decode_batch(records, self.max_event_bytes, controls)
-        slots = self._record_slots(records)
-        misrouted: list[DeadLetter] = []
-        if (slots >= 0).any():  # records of input topics: the key must be the user id (files have no keys)
-            events = self._check_keys(records, events, slots, misrouted)
-        if self.pseudonymize is not None:
-            events.user_id = self.pseudonymize(events.user_id)
-        erased: list[tuple[str, int]] = []
-        forgotten = 0
-        if controls:  # rare: forget records (right to erasure), applied before the batch's events
-            events, erased, forgotten = self._forget(records, events, controls)
-        out_of_range, first_after_range = 0, {}
-        if time_range is not None:
-            keep = time_range.mask(events.ts)
-            out_of_range = int(len(keep) - keep.sum())
-            if time_range.end_ms is not None:
-                first_after_range = _first_offsets(records, events.record_index[events.ts >= time_range.end_ms])
-            events = events.take(keep)
+        decoded = self.admission.decode(records)  # valid events and dead letters; erasures done
+        cut = RangeCut()
+        if time_range is not None:  # replays of a kafka:// range, evaluations at a cut: the others are not applied
+            decoded.events, cut = time_range.split(records, decoded.events)
         t1 = time.perf_counter()
-        event_rows = self.state.rows_for(events.user_id)
-        positions = self._positions(records, events, slots)
-        if (positions[0] >= 0).any():
-            keep = self._check_owner(records, events, event_rows, positions, misrouted)
-            if keep is not None:
-                events, event_rows, positions = events.take(keep), event_rows[keep], positions[:, keep]
-        if misrouted:
-            dead = sorted(dead + misrouted, key=lambda d: (d.topic, d.partition, d.offset))
-            self._partition_warning.add(misrouted)
-        id_hashes = event_id_hashes(events.event_id) if self.state.dedupe_window else None
-        fresh, replayed, duplicates = self._not_yet_applied(events, event_rows, positions, id_hashes)
-        # Users with re-consumed events get their profile again: the crash that made us re-read them
-        # may have come after the state reached the changelog but before the profile reached its topic.
-        again = np.unique(event_rows[~fresh]) if replayed else np.empty(0, dtype=np.int64)
-        if not fresh.all():
-            events, event_rows, positions = events.take(fresh), event_rows[fresh], positions[:, fresh]
-            id_hashes = id_hashes[fresh] if id_hashes is not None else None
-        rows = self.apply(events, event_rows)
-        self._remember(events, event_rows, positions, id_hashes)
-        if len(again):
-            rows = np.union1d(rows, again)
-        if self.idle_rescore_ms:  # idle users not already touched by this batch: one profile per user
-            rows = np.concatenate([rows, np.setdiff1d(self.idle_users(), rows, assume_unique=True)])
-        self.state.scored_at[rows] = self.state.max_event_ts
+        placed = self.admission.place(records, decoded)  # state rows; events on a wrong partition out
+        todo = self.admission.skip_applied(placed)  # events already applied (re-read, duplicated) out
+        touched = self.apply(todo.events, todo.rows)
+        self.admission.remember(todo)  # watermarks, partitions, recent event ids
+        rows = self.choose_rows(touched, todo.again)
         t2 = time.perf_counter()
         encoded = self.profiles_for(rows) if profiles else []
         t3 = time.perf_counter()
-        return BatchResult(encoded, dead, events, out_of_range, {"decode": t1 - t0, "model": t2 - t1, "encode": t3 - t2},
-                           rows, replayed, duplicates, erased, forgotten, first_after_range)
+        return BatchResult(profiles=encoded, dead_letters=placed.dead_letters, events=todo.events,
+                           out_of_range=cut.outside, first_after_range=cut.first_after,
+                           stage_seconds={"decode": t1 - t0, "model": t2 - t1, "encode": t3 - t2},
+                           rows=rows, replayed=todo.replayed, duplicates=todo.duplicates,
+                           erased=decoded.erased, forgotten=decoded.forgotten)
 
-    def _forget(self, records: RecordBatch, events: EventColumns, controls: list[Control],
-                ) -> tuple[EventColumns, list[tuple[str, int]], int]:
-        """Erase the users that forget records name: their state, and their events earlier in this batch
-        (events after the forget start a new profile). Returns the remaining events, the erased users
-        (tombstones are written for each) and how many of them had anything to erase.
-
-        A forget acts once and in order with the user's events: it is skipped at or below the user's
-        watermark (re-read after a crash; the user may have new events since), and when it arrives on
-        another input partition than the user's state came from (`profiles forget` writes to every
-        partition when it cannot tell which one holds the user)."""
-        state = self.state
-        users = [c.user_id for c in controls]
-        if self.pseudonymize is not None:
-            users = self.pseudonymize(np.asarray(users, dtype=object)).tolist()
-            self.pseudonymize.forget([c.user_id for c in controls])  # no raw id -> pseudonym left in memory
-        forget_at: dict[str, int] = {}  # user -> record index of the last forget that applies
-        partition_of: dict[str, int] = {}
-        for user, control in zip(users, controls):
-            i = control.record_index
-            slot, partition = self.topic_slot.get(records.topics[i], -1), records.partitions[i]
-            row = state.row(user)
-            if row is not None and slot >= 0:
-                if records.offsets[i] <= state.watermark[row, slot]:
-                    continue
-                if 0 <= state.partition[row] != partition:
-                    continue
-            forget_at[user] = i
-            partition_of[user] = partition if slot >= 0 else -1
-        if not forget_at:
-            return events, [], 0
-        cut = np.fromiter(map(forget_at.get, events.user_id, itertools.repeat(-1)), dtype=np.int64,
-                          count=len(events))
-        dropped = events.record_index < cut  # the user's events before the forget, never applied
-        found = state.forget(forget_at) | set(events.user_id[dropped].tolist())
-        log.info("erased %d user(s) on forget records (%d named had nothing here)", len(found),
-                 len(forget_at) - len(found))
-        return events.take(~dropped), list(partition_of.items()), len(found)
-
-    def _record_slots(self, records: RecordBatch) -> np.ndarray:
-        """Each record's input topic slot (-1: not an input topic, e.g. a file)."""
-        if not self.topic_slot:
-            return np.full(len(records), -1, dtype=np.int64)
-        return np.fromiter(map(self.topic_slot.get, records.topics, itertools.repeat(-1)), dtype=np.int64,
-                           count=len(records))
-
-    def _check_keys(self, records: RecordBatch, events: EventColumns, slots: np.ndarray,
-                    misrouted: list[DeadLetter]) -> EventColumns:
-        """The partitioning policy, part 1: an input topic's record must be keyed by its user id (the id
-        as decoded: UTF-8, integers as their decimal string), or the partition it is on says nothing
-        about its user. Events whose key is missing or another are dead-lettered as wrong_partition."""
-        index = events.record_index
-        from_topic = slots[index] >= 0
-        keys = np.empty(len(records), dtype=object)
-        keys[:] = records.keys
-        try:
-            users = np.fromiter(map(str.encode, events.user_id), dtype=object, count=len(events))
-        except UnicodeEncodeError:  # a lone surrogate (keys are written with surrogatepass): 5x slower, rare
-            users = np.fromiter(map(_utf8, events.user_id), dtype=object, count=len(events))
-        wrong = from_topic & (keys[index] != users)  # elementwise in C; None never equals bytes
-        if not wrong.any():
-            return events
-        for i, user in zip(index[wrong].tolist(), events.user_id[wrong].tolist()):
-            key = records.keys[i]
-            detail = ("no key: records must be keyed by user id" if key is None else
-                      f"key {key[:64]!r} is not the user id {user[:64]!r}: records must be keyed by user id")
-            misrouted.append(_misrouted(records, i, detail))
-        return events.take(~wrong)
-
-    def _check_owner(self, records: RecordBatch, events: EventColumns, rows: np.ndarray, positions: np.ndarray,
-                     misrouted: list[DeadLetter]) -> np.ndarray | None:
-        """The partitioning policy, part 2: a user's events are read from one input partition (the
-        watermarks that skip re-consumed events are per user and topic, not per partition). A user
-        held in state keeps the partition recorded there; a new one takes the partition of its first
-        record in this batch. Returns the mask of events to keep (None: all); the others are
-        dead-lettered as wrong_partition."""
-        slot, partition, _ = positions
-        known = slot >= 0
-        owner = self.state.partition[rows]
-        free = known & (owner < 0)
-        if free.any():  # new users (or a file replay's): the partition of their first record (events are in record order)
-            distinct, first, inverse = np.unique(rows[free], return_index=True, return_inverse=True)
-            owner[free] = partition[free][first][inverse]
-        wrong = known & (partition != owner)
-        if not wrong.any():
-            return None
-        for i, user, home in zip(events.record_index[wrong].tolist(), events.user_id[wrong].tolist(),
-                                 owner[wrong].tolist()):
-            misrouted.append(_misrouted(records, i, f"user {user[:64]!r} is read from partition {home}, this "
-                                        f"record is on partition {records.partitions[i]}: records must be keyed "
-                                        "by user id, with one partitioner"))
-        return ~wrong
-
-    def _positions(self, records: RecordBatch, events: EventColumns, slot: np.ndarray | None = None) -> np.ndarray:
-        """(3, N): each event's input topic slot (-1: not an input topic, e.g. a file), partition, offset."""
-        if not self.topic_slot or not len(events):
-            return np.full((3, len(events)), -1, dtype=np.int64)
-        slot = self._record_slots(records) if slot is None else slot
-        where = np.stack([slot, np.asarray(records.partitions, dtype=np.int64),
-                          np.asarray(records.offsets, dtype=np.int64)])
-        return where[:, events.record_index]
-
-    def _not_yet_applied(self, events: EventColumns, rows: np.ndarray, positions: np.ndarray,
-                         ids: np.ndarray | None) -> tuple[np.ndarray, int, int]:
-        """Mask of the events to apply, and how many were re-consumed and duplicated (skipped)."""
-        state, fresh = self.state, np.ones(len(events), dtype=bool)
-        replayed = duplicates = 0
-        if not len(events):
-            return fresh, 0, 0
-        slot, _, offset = positions
-        known = slot >= 0
-        if known.any():  # at or below the watermark: this user's state already includes the event
-            seen = np.zeros(len(events), dtype=bool)
-            seen[known] = offset[known] <= state.watermark[rows[known], slot[known]]
-            fresh &= ~seen
-            replayed = int(seen.sum())
-        if ids is not None:
-            again = (state.recent_ids[rows] == ids[:, None]).any(axis=1)  # in the user's recent events
-            # ...or earlier in this batch (same user and id, lower record index)
-            order = np.lexsort((events.record_index, ids, rows))
-            same = (rows[order][1:] == rows[order][:-1]) & (ids[order][1:] == ids[order][:-1])
-            again[order[1:][same]] = True
-            again &= fresh  # a replayed event is counted once, as replayed
-            fresh &= ~again
-            duplicates = int(again.sum())
-        return fresh, replayed, duplicates
-
-    def _remember(self, events: EventColumns, rows: np.ndarray, positions: np.ndarray,
-                  ids: np.ndarray | None) -> None:
-        """After applying: each user's partition and watermarks, and the ring of recent event ids."""
-        if not len(events):
-            return
-        state = self.state
-        slot, partition, offset = positions
-        known = slot >= 0
-        if known.any():
-            state.partition[rows[known]] = partition[known]
-            np.maximum.at(state.watermark, (rows[known], slot[known]), offset[known])
-        window = state.dedupe_window
-        if ids is not None:
-            # Arrival order within each user; of a user's c events this batch, the last `window` are written.
-            order = np.lexsort((events.record_index, rows))
-            user_rows = rows[order]
-            starts = np.flatnonzero(np.r_[True, user_rows[1:] != user_rows[:-1]])
-            counts = np.diff(np.r_[starts, len(order)])
-            nth = np.arange(len(order)) - np.repeat(starts, counts)  # index within the user's events
-            last = nth >= np.repeat(counts, counts) - window
-            filled = state.recent_n[user_rows]
-            state.recent_ids[user_rows[last], (filled[last] + nth[last]) % window] = ids[order[last]]
-            state.recent_n[user_rows[starts]] += counts
+    def choose_rows(self, touched: np.ndarray, again: np.ndarray) -> np.ndarray:
+        """The state rows whose profiles this batch publishes: the users it applied events to, those whose
+        events it skipped as re-consumed, and idle users due a re-score (once each). Marks them scored."""
+        rows = np.union1d(touched, again) if len(again) else touched
+        if self.idle_rescore_ms:  # idle users not already touched by this batch: one profile per user
+            rows = np.concatenate([rows, np.setdiff1d(self.idle_users(), rows, assume_unique=True)])
+        self.state.scored_at[rows] = self.state.max_event_ts
+        return rows
 
     @torch.inference_mode()
     def apply(self, ev: EventColumns, event_rows: np.ndarray | None = None) -> np.ndarray:
@@ -460,53 +289,6 @@ def add_spend(spend_micros: np.ndarray, rows: np.ndarray, micros: np.ndarray) ->
         total = spend_micros[targets] + exact  # wraps only where approx is far over the cap
     spend_micros[targets] = np.where(approx >= SPEND_MAX_MICROS, SPEND_MAX_MICROS,
                                      np.minimum(total, SPEND_MAX_MICROS))
-
-
-def _misrouted(records: RecordBatch, i: int, detail: str) -> DeadLetter:
-    return DeadLetter(value=records.values[i], key=records.keys[i], reason=WRONG_PARTITION, detail=detail,
-                      topic=records.topics[i], partition=records.partitions[i], offset=records.offsets[i])
-
-
-class PartitionWarning:
-    """The warning for records dead-lettered as wrong_partition: at most one line every
-    PARTITION_WARNING_EVERY_S, counting those since the last one and naming an example."""
-
-    def __init__(self, every_s: float = PARTITION_WARNING_EVERY_S) -> None:
-        self.every_s = every_s
-        self.pending = 0
-        self.last_at = -float("inf")
-
-    def add(self, misrouted: list[DeadLetter]) -> None:
-        self.pending += len(misrouted)
-        now = time.monotonic()
-        if now - self.last_at < self.every_s:
-            return
-        example = misrouted[0]
-        log.warning("%d record(s) dead-lettered as wrong_partition%s, e.g. %s[%d]@%d: %s. A user's events must "
-                    "come from one partition: produce with key = user id (docs/contracts.md, partitioning)",
-                    self.pending, "" if self.last_at < 0 else f" in the last {now - self.last_at:.0f}s",
-                    example.topic, example.partition, example.offset, example.detail)
-        self.pending, self.last_at = 0, now
-
-
-def event_id_hashes(event_ids: np.ndarray) -> np.ndarray:
-    """64-bit hash of each event id: CRC-32 in the low half, Adler-32 in the high (two C calls; a false
-    duplicate needs both to collide with one of the user's last few ids). Never 0: 0 marks an empty slot."""
-    crc, adler = zlib.crc32, zlib.adler32
-    encoded = [e.encode("utf-8", "surrogatepass") for e in event_ids]
-    out = np.fromiter(map(crc, encoded), dtype=np.uint64, count=len(encoded))
-    out |= np.fromiter(map(adler, encoded), dtype=np.uint64, count=len(encoded)) << np.uint64(32)
-    out[out == 0] = 1
-    return out
-
-
-def _first_offsets(records: RecordBatch, index: np.ndarray) -> dict[int, int]:
-    """Per partition, the smallest offset among these records (by position in the batch)."""
-    if not len(index):
-        return {}
-    partitions = np.asarray(records.partitions, dtype=np.int64)[index]
-    offsets = np.asarray(records.offsets, dtype=np.int64)[index]
-    return {int(p): int(offsets[partitions == p].min()) for p in np.unique(partitions)}
 
 
 def load_updater(settings: Settings) -> ProfileUpdater:

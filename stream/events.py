@@ -81,6 +81,7 @@ class RecordBatch:
 
     Kafka sources fill topic/partition/offset from the message; file sources use
     the file name as topic, 0 as partition and the line number as offset.
+    Build one with `RecordBatch.of` (production code and tests alike).
     """
 
     topics: list[str]
@@ -93,19 +94,45 @@ class RecordBatch:
         return len(self.values)
 
     @classmethod
+    def of(cls, values: Sequence[bytes | None], *, topic: str | Sequence[str] = "", partition: int | Sequence[int] = 0,
+           offsets: Sequence[int] | None = None, first_offset: int = 0,
+           keys: bytes | None | Sequence[bytes | None] = None) -> "RecordBatch":
+        """The one constructor: records `values`, each field given per record (a list) or once for all
+        (a str topic, an int partition, a bytes or None key); without `offsets`, consecutive offsets from
+        `first_offset`."""
+        n = len(values)
+        return cls(
+            topics=[topic] * n if isinstance(topic, str) else list(topic),
+            partitions=[partition] * n if isinstance(partition, int) else list(partition),
+            offsets=list(range(first_offset, first_offset + n)) if offsets is None else list(offsets),
+            keys=[keys] * n if keys is None or isinstance(keys, bytes) else list(keys),
+            values=list(values),
+        )
+
+    @classmethod
     def empty(cls) -> "RecordBatch":
-        return cls([], [], [], [], [])
+        return cls.of([])
 
     @classmethod
     def from_messages(cls, messages: list) -> "RecordBatch":
         """From confluent-kafka messages (without errors)."""
-        return cls([m.topic() for m in messages], [m.partition() for m in messages], [m.offset() for m in messages],
-                   [m.key() for m in messages], [m.value() for m in messages])
+        return cls.of([m.value() for m in messages], topic=[m.topic() for m in messages],
+                      partition=[m.partition() for m in messages], offsets=[m.offset() for m in messages],
+                      keys=[m.key() for m in messages])
 
     def slice(self, start: int, stop: int) -> "RecordBatch":
         """Records start..stop-1 (a batch of a larger one)."""
-        return RecordBatch(self.topics[start:stop], self.partitions[start:stop], self.offsets[start:stop],
-                           self.keys[start:stop], self.values[start:stop])
+        return self.take(range(start, min(stop, len(self))))
+
+    def take(self, index: Sequence[int]) -> "RecordBatch":
+        """The records at these positions, in that order."""
+        if isinstance(index, range) and index.step == 1:
+            at = slice(index.start, index.stop)
+            return RecordBatch.of(self.values[at], topic=self.topics[at], partition=self.partitions[at],
+                                  offsets=self.offsets[at], keys=self.keys[at])
+        return RecordBatch.of([self.values[i] for i in index], topic=[self.topics[i] for i in index],
+                              partition=[self.partitions[i] for i in index], offsets=[self.offsets[i] for i in index],
+                              keys=[self.keys[i] for i in index])
 
     def extend(self, other: "RecordBatch") -> None:
         self.topics += other.topics

@@ -1,7 +1,7 @@
-"""Event-log sources for replay: files (JSON lines, gzip, the importers' formats) and Kafka topics.
+"""The sources' contract (`BatchSource`) and the replay's sources: files (JSON lines, gzip, the
+importers' formats) and Kafka topic ranges (kafka://TOPIC?from=&to=). The live source, the daemon's
+Kafka consumer, is consumers/source.py.
 
-Same contract as the live Kafka source: `next_batch()` returns a RecordBatch and never
-blocks on anything but local I/O; an empty batch with `exhausted` true means the end.
 Positions: a file record's topic is its path, partition 0, offset its line number
 (1-based), so dead letters point at the exact line.
 """
@@ -12,16 +12,18 @@ import glob
 import gzip
 import itertools
 import os
+import threading
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol, runtime_checkable
 from urllib.parse import parse_qs, urlparse
 
+import numpy as np
 import orjson
 
-from stream.events import RecordBatch, epoch_ms
+from stream.events import EventColumns, RecordBatch, epoch_ms
 from stream.settings import KafkaSettings
 
 JSON_FORMATS = ("jsonl",)
@@ -71,8 +73,37 @@ def _whole_lines(path: Path) -> int:
     return n
 
 
+@runtime_checkable
+class BatchSource(Protocol):
+    """What every source of record batches provides: the daemon's Kafka consumer (consumers/source.py),
+    the replay's files and kafka:// ranges (below).
+
+    - A batch: `next_batch(stop)` returns a RecordBatch, possibly empty, blocking no longer than the
+      batch window (the live source: `batch_max_ms`, or until `stop` is set) or on local I/O (files).
+    - The end: `exhausted` turns true once every record has been returned; the live source never
+      ends. An empty batch alone is not the end.
+    - Positions: each record carries its (topic, partition, offset). `positions()` is where a reader
+      of the same topics would continue: per topic, partition -> the next offset (files: none).
+    - `time_range`: the event-time range whose events are applied (None: all); `name` and
+      `progress()` (done, total; 0: unknown) for progress reports, in the source's own unit.
+    """
+
+    name: str
+    time_range: TimeRange | None
+    exhausted: bool
+
+    def next_batch(self, stop: threading.Event | None = None) -> RecordBatch: ...
+
+    def positions(self) -> dict[str, dict[int, int]]: ...
+
+    def progress(self) -> tuple[int, int]: ...
+
+
 class FileSource:
-    """Records of JSON-lines files (or of public dataset files, converted on the fly), in batches."""
+    """Records of JSON-lines files (or of public dataset files, converted on the fly), in batches.
+    A BatchSource: ends at the last file's end; progress in bytes."""
+
+    time_range = None
 
     def __init__(self, paths: list[Path], batch_records: int, fmt: str = "jsonl") -> None:
         if fmt not in JSON_FORMATS + IMPORT_FORMATS:
@@ -85,6 +116,13 @@ class FileSource:
         self._chunk_iter = self._chunks()
         self._name, self._numbers, self._values, self._at = "", [], [], 0  # the chunk being consumed
         self.exhausted = False
+        self.name = f"{len(paths)} file(s)"
+
+    def positions(self) -> dict[str, dict[int, int]]:
+        return {}  # files are no topics a reader continues
+
+    def progress(self) -> tuple[int, int]:
+        return self.bytes_read, self.total_bytes
 
     @property
     def bytes_read(self) -> int:
@@ -136,7 +174,7 @@ class FileSource:
             raise SourceError(f"{path}: gzip data broken after line {_whole_lines(path):,} (compressed byte "
                               f"{at:,} of {path.stat().st_size:,}): {exc}") from None
 
-    def next_batch(self) -> RecordBatch:
+    def next_batch(self, stop: threading.Event | None = None) -> RecordBatch:
         """Up to batch_records records (fewer only at the end)."""
         topics: list[str] = []
         offsets: list[int] = []
@@ -154,8 +192,7 @@ class FileSource:
             offsets += self._numbers[self._at:end]
             topics += [self._name] * (end - self._at)
             self._at = end
-        n = len(values)
-        return RecordBatch(topics, [0] * n, offsets, [None] * n, values)
+        return RecordBatch.of(values, topic=topics, offsets=offsets)
 
 
 @dataclass(frozen=True)
@@ -168,6 +205,33 @@ class TimeRange:
     def mask(self, ts):
         keep = ts >= (self.start_ms if self.start_ms is not None else -(1 << 62))
         return keep & (ts < (self.end_ms if self.end_ms is not None else 1 << 62))
+
+    def split(self, records: RecordBatch, events: EventColumns) -> tuple[EventColumns, RangeCut]:
+        """A batch's events in the range, and what was left out of it."""
+        keep = self.mask(events.ts)
+        first_after = {}
+        if self.end_ms is not None:
+            first_after = _first_offsets(records, events.record_index[events.ts >= self.end_ms])
+        return events.take(keep), RangeCut(outside=int(len(keep) - keep.sum()), first_after=first_after)
+
+
+@dataclass
+class RangeCut:
+    """The events of a batch that a TimeRange left out (not applied)."""
+
+    outside: int = 0  # valid events outside the range
+    # With an end bound: per input partition, the first offset of an event at or after it (where a
+    # daemon started from the replay's snapshot must begin reading).
+    first_after: dict[int, int] = field(default_factory=dict)
+
+
+def _first_offsets(records: RecordBatch, index: np.ndarray) -> dict[int, int]:
+    """Per partition, the smallest offset among these records (by position in the batch)."""
+    if not len(index):
+        return {}
+    partitions = np.asarray(records.partitions, dtype=np.int64)[index]
+    offsets = np.asarray(records.offsets, dtype=np.int64)[index]
+    return {int(p): int(offsets[partitions == p].min()) for p in np.unique(partitions)}
 
 
 def parse_kafka_uri(uri: str) -> tuple[str, TimeRange]:
@@ -201,16 +265,17 @@ def parse_kafka_uri(uri: str) -> tuple[str, TimeRange]:
 
 class KafkaRangeSource:
     """A topic's records from the first offset whose write time reaches `from` up to the end
-    offsets at start. Write time bounds the seek only: the replay filters on event time, since
-    logs are often produced late (and some brokers index by write time alone)."""
+    offsets at start. Write time bounds the seek only: the replay filters on event time
+    (`time_range`), since logs are often produced late (and some brokers index by write time alone).
+    A BatchSource: ends at those end offsets; progress in records."""
 
     def __init__(self, kafka: KafkaSettings, topic: str, window: TimeRange, batch_records: int) -> None:
         from confluent_kafka import Consumer, TopicPartition
 
         from stream.kafka import end_offsets
 
-        self.topic = topic
-        self.window = window
+        self.topic = self.name = topic
+        self.time_range = window
         self.batch_records = batch_records
         self.ends = {p: e for p, e in end_offsets(kafka, topic).items() if e > 0}
         self.consumer = Consumer(kafka.client_config(**{"group.id": "profiles-replay", "enable.auto.commit": False,
@@ -230,7 +295,7 @@ class KafkaRangeSource:
     def records_read(self) -> int:
         return self.total - sum(self.ends[p] - self.position[p] for p in self.ends)
 
-    def next_batch(self) -> RecordBatch:
+    def next_batch(self, stop: threading.Event | None = None) -> RecordBatch:
         batch = RecordBatch.empty()
         while not self.exhausted and len(batch) < self.batch_records:
             messages = self.consumer.consume(self.batch_records - len(batch), 1.0)
@@ -243,18 +308,20 @@ class KafkaRangeSource:
             self.consumer.close()
         return batch
 
-    def snapshot(self) -> dict[str, dict[int, int]]:
+    def positions(self) -> dict[str, dict[int, int]]:
         """The resume position: per partition, the next offset to read."""
         return {self.topic: dict(self.position)}
 
+    def progress(self) -> tuple[int, int]:
+        return self.records_read, self.total
 
-def open_sources(kafka: KafkaSettings, sources: list[str], fmt: str,
-                 batch_records: int) -> list[tuple[FileSource | KafkaRangeSource, TimeRange | None]]:
-    """(source, event-time range) pairs: files all together, in the order given, then each
-    kafka://TOPIC?from=&to= as its own source with its range."""
+
+def open_sources(kafka: KafkaSettings, sources: list[str], fmt: str, batch_records: int) -> list[BatchSource]:
+    """The replay's sources: files all together, in the order given, then each kafka://TOPIC?from=&to=
+    as its own source with its event-time range."""
     files = [s for s in sources if not s.startswith("kafka://")]
-    opened: list = [(FileSource(expand_paths(files), batch_records, fmt), None)] if files else []
+    opened: list[BatchSource] = [FileSource(expand_paths(files), batch_records, fmt)] if files else []
     for uri in (s for s in sources if s.startswith("kafka://")):
         topic, window = parse_kafka_uri(uri)
-        opened.append((KafkaRangeSource(kafka, topic, window, batch_records), window))
+        opened.append(KafkaRangeSource(kafka, topic, window, batch_records))
     return opened

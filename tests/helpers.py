@@ -39,14 +39,10 @@ def record_batch(records: Sequence[dict | bytes | None], *, topic: str = "events
     `partitions` say otherwise. keys: "user" (the record's user id, None where it names none), None,
     one key for every record, or one per record."""
     values = [orjson.dumps(r) if isinstance(r, dict) else r for r in records]
-    n = len(values)
     if keys == "user":
         keys = [_user_key(v) for v in values]
-    elif keys is None or isinstance(keys, bytes):
-        keys = [keys] * n
-    return RecordBatch(topics=[topic] * n, partitions=list(partitions) if partitions is not None else [partition] * n,
-                       offsets=list(offsets) if offsets is not None else list(range(first_offset, first_offset + n)),
-                       keys=list(keys), values=values)
+    return RecordBatch.of(values, topic=topic, partition=partition if partitions is None else partitions,
+                          offsets=offsets, first_offset=first_offset, keys=keys)
 
 
 def _user_key(value: bytes | None) -> bytes | None:

@@ -54,8 +54,7 @@ def fill(state: StateTable, users: list[str], seed: int) -> np.ndarray:
 def records_of(topic: str, offsets: dict[int, int]) -> RecordBatch:
     """The input records a batch came from (only their positions matter here)."""
     parts = sorted(offsets)
-    return RecordBatch([topic] * len(parts), parts, [offsets[p] for p in parts], [None] * len(parts),
-                       [b"{}"] * len(parts))
+    return RecordBatch.of([b"{}"] * len(parts), topic=topic, partition=parts, offsets=[offsets[p] for p in parts])
 
 
 def by_user(snapshot: dict) -> dict[str, tuple]:

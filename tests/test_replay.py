@@ -370,3 +370,23 @@ def test_pseudonymized_replay_keeps_no_user_id_and_the_same_profiles(tmp_path):
     for user, profile in plain.items():  # same events, same counters, under the pseudonym
         assert hidden[pseudonym(user)]["counts"] == profile["counts"]
         assert hidden[pseudonym(user)]["spend"] == profile["spend"]
+
+
+def test_every_source_is_a_batch_source(tmp_path):
+    """The daemon's and the replay's sources share one contract (stream/sources.BatchSource)."""
+    from consumers.source import KafkaBatchSource
+    from stream.sources import BatchSource, FileSource
+
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n{"b": 2}\n')
+    files = FileSource([path], 10)
+    assert isinstance(files, BatchSource) and not files.exhausted and files.time_range is None
+    batch = files.next_batch()
+    assert batch.offsets == [1, 3] and batch.topics == [str(path)] * 2 and files.exhausted  # line numbers
+    assert files.positions() == {} and files.progress() == (path.stat().st_size, path.stat().st_size)
+    live = KafkaBatchSource(Settings(input_topics=("events",)), print, print, print)
+    try:
+        assert isinstance(live, BatchSource) and not live.exhausted and live.time_range is None
+        assert live.positions() == {} and live.progress() == (0, 0)
+    finally:
+        live.close()
