@@ -78,6 +78,23 @@ def test_null_value_and_deep_nesting_are_dead_letters_not_crashes():
     assert [d.reason for d in dead] == [ev.NOT_JSON, ev.NOT_JSON, ev.NOT_JSON, ev.NOT_JSON]
 
 
+@pytest.mark.parametrize("depth", [1025, 1500, 5000, 10000])
+def test_nesting_past_the_parser_limit_is_not_json_on_every_python(depth):
+    # Python's own json reads some of these depths (1025 on 3.12, 5000 on 3.13) and would call them
+    # `not_object`; the reason must not depend on the interpreter.
+    for value in (b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth):
+        _, dead = decode(value)
+        assert [(d.reason, d.detail) for d in dead] == [(ev.NOT_JSON, "nested deeper than 1024 levels")]
+
+
+def test_nesting_within_the_parser_limit_is_judged_on_its_content():
+    # Brackets inside strings (an escaped quote among them) do not count as nesting: the NaN price that
+    # sends this record down the slow path is what it is refused for.
+    brackets = orjson.dumps({**CLICK, "note": '\\"' + "[" * 3000})[:-1] + b', "price": NaN}'
+    _, dead = decode(b"[" * 1024 + b"]" * 1024, brackets)
+    assert [d.reason for d in dead] == [ev.NOT_OBJECT, ev.INVALID_PRICE]
+
+
 def test_every_dead_letter_reason_has_a_malformed_record_that_produces_it():
     assert {reason for reason, _ in MALFORMED_KINDS.values()} == set(ev.REASONS)
 
