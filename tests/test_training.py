@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from consumers.cli import main
 from models.update_step import ProfileUpdater
 from models.dataset import load_events
-from models.profile_model import LoadedModel, ModelConfig, load_checkpoint, save_checkpoint
+from models.profile_model import ModelConfig
+from models.checkpoint_io import LoadedModel, load_checkpoint, save_checkpoint
 from models.sequence_training import TrainConfig, train
 from stream.generator import write_jsonl
 from tests.helpers import record_batch
