@@ -104,7 +104,7 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
 def test_training_features_equal_serving_features(tmp_path):
     """No training/serving skew: the trainer's per-event inputs equal what the daemon builds."""
     from models.features import build_features
-    from models.sequence_training import features_at, prepare
+    from models.sequence_data import features_at, prepare
     from stream.generator import generate
 
     path = tmp_path / "g.jsonl"
