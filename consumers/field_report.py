@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from models.field_evaluation import evaluate_fields
-from models.profile_model import CheckpointError, load_checkpoint, resolve_device
+from models.profile_model import CheckpointError, resolve_device
+from models.checkpoint_io import load_checkpoint
 
 
 def parse_cut(text: str | None) -> int | None:

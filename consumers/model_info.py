@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from models.profile_model import CHECKPOINT_FORMAT, load_checkpoint
+from models.checkpoint_io import CHECKPOINT_FORMAT, load_checkpoint
 
 
 def checkpoint_info(path: str) -> dict:

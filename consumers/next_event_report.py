@@ -11,8 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from models.dataset import load_events
-from models.next_event_evaluation import PopularityBaseline, Sequences, SequentialRulesBaseline, evaluate
-from models.profile_model import load_checkpoint, resolve_device
+from models.next_event_evaluation import Sequences, evaluate
+from models.next_event_baselines import PopularityBaseline, SequentialRulesBaseline
+from models.profile_model import resolve_device
+from models.checkpoint_io import load_checkpoint
 from models.next_event_scorers import GRUScorer, aligned_train, sequences_from_log
 
 

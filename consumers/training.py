@@ -14,7 +14,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from consumers.outfiles import atomic_paths
 from models.dataset import load_events
 from models.field_training import train_fields
-from models.profile_model import LoadedModel, ModelConfig, resolve_device, save_checkpoint
+from models.profile_model import ModelConfig, resolve_device
+from models.checkpoint_io import LoadedModel, save_checkpoint
 from models.sequence_training import TrainConfig, auto_epochs, train
 
 log = logging.getLogger(__name__)

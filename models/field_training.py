@@ -24,7 +24,9 @@ from torch import nn
 
 from models.dataset import HOUR_MS, EventLog
 from models.features import hash_buckets
-from models.profile_model import FieldInputs, LoadedModel, ProfileModel, piecewise_linear
+from models.profile_model import ProfileModel
+from models.field_heads import FieldInputs, piecewise_linear
+from models.checkpoint_io import LoadedModel
 from stream.events import PURCHASE
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 

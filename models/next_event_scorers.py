@@ -14,7 +14,8 @@ from models.dataset import HOUR_MS, EventLog
 from models.next_event_evaluation import CHUNK_ELEMENTS, NextEventPredictions, Sequences, ranks_from_scores, targets
 from models.features import hash_buckets, vocab_rows
 from models.profile_model import ProfileModel
-from models.sequence_training import final_states, prepare, run_chunks
+from models.sequence_training import final_states, run_chunks
+from models.sequence_data import prepare
 
 
 def sequences_from_log(log_: EventLog, item_index: dict[str, int], model: ProfileModel) -> Sequences:

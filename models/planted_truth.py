@@ -18,7 +18,7 @@ import torch
 
 from models.update_step import ProfileUpdater
 from models.next_event_evaluation import roc_auc
-from models.profile_model import LoadedModel
+from models.checkpoint_io import LoadedModel
 from stream.events import RecordBatch
 from stream.generator import generate
 

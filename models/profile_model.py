@@ -17,31 +17,23 @@ arrive sorted by (user, event time); `advance` lays them out as a PackedSequence
 directly with numpy index arithmetic, so there is no padding to the longest
 user and no Python loop over users or events.
 
-Checkpoints are plain data (state dicts, the config that rebuilds the model,
-vocabularies, a format version), never a pickled module.
+The published fields' heads are in models/field_heads.py, checkpoints on disk in
+models/checkpoint_io.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
-import orjson
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from models.features import DENSE_FEATURES, PRICE_EDGES, EventFeatures
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
-from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES, USER_FEATURES
+from models.field_heads import FieldHeads, FieldInputs, HazardHead
 
-# 2: long-term memory in the state; category head conditioned on idle time.
-# 3: published fields from FieldHeads (exact statistics + state; time-to-event probabilities, calibrated).
-# 4: calibration a monotone piecewise-linear map of log L (format 3's affine one is read as two knots).
-CHECKPOINT_FORMAT = 4
-READABLE_FORMATS = (3, 4)
-CALIBRATION_KNOTS = 6
 
 
 class ModelError(Exception):
@@ -104,145 +96,6 @@ class ProfileHeads:
     purchase_propensity: torch.Tensor  # (U,) P(purchase within the horizon)
     churn_risk: torch.Tensor  # (U,) P(no activity within the horizon)
     interest_cluster: torch.Tensor  # (U,) long, nearest centroid
-
-
-@dataclass
-class FieldInputs:
-    """What the field heads read besides the state, for U users (stream/statistics.py builds them)."""
-
-    user: torch.Tensor  # (U, len(USER_FEATURES)) raw user statistics at the profile's clock
-    slot_cols: torch.Tensor  # (U, K) long: each category slot's column among the categories scored
-    slot_valid: torch.Tensor  # (U, K) bool: the slot holds a category
-    slot: torch.Tensor  # (U, K, len(SLOT_FEATURES)) the slots' statistics
-
-    @classmethod
-    def from_idle(cls, idle_hours: torch.Tensor) -> "FieldInputs":
-        """Inputs of users about whom only the idle time is known (no statistics, no categories)."""
-        u, dev = len(idle_hours), idle_hours.device
-        user = torch.zeros(u, len(USER_FEATURES), device=dev)
-        user[:, USER_FEATURES.index("log_idle_hours")] = torch.log1p(idle_hours.clamp(min=0))
-        return cls(user, torch.zeros(u, CATEGORY_SLOTS, dtype=torch.long, device=dev),
-                   torch.zeros(u, CATEGORY_SLOTS, dtype=torch.bool, device=dev),
-                   torch.zeros(u, CATEGORY_SLOTS, len(SLOT_FEATURES), device=dev))
-
-
-class HazardHead(nn.Module):
-    """P(an event within W hours) = 1 - exp(-L(W)), L(W) = exp(f) * (W / 24) ** kappa: a Weibull-shaped
-    time-to-event model from the profile's clock (WTTE-RNN's idea, read at one moment). One head serves any
-    horizon, and a log that ends before the horizon still trains it (the window actually observed is the
-    label's W). f = linear(statistics) + small MLP(statistics) + linear(state); the linear part alone can
-    reproduce any counting baseline's ranking, the rest learns what counts do not show."""
-
-    def __init__(self, n_features: int, state_size: int, hidden: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(n_features, 1)
-        self.mlp = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-        self.state = nn.Linear(state_size, 1, bias=False)
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.state.weight)
-        self.log_kappa = nn.Parameter(torch.tensor(-0.5))  # shape < 1: most events come soon after "now"
-        # The shape per user (WTTE-RNN predicts both Weibull parameters): what decides the next 15 minutes
-        # (a cart mid-session) is not what decides the next week (a habit of buying).
-        self.shape = nn.Linear(n_features, 1)
-        nn.init.zeros_(self.shape.weight)
-        nn.init.zeros_(self.shape.bias)
-        # Calibration on held-out time: log L -> g(log L), g monotone piecewise linear through the knots
-        # (row 0: knots, row 1: their values), extended linearly past the ends; identity untrained.
-        knots = torch.linspace(-6.0, 3.0, CALIBRATION_KNOTS)
-        self.register_buffer("calibration", torch.stack([knots, knots.clone()]))
-
-    def log_hazard(self, x: torch.Tensor, s: torch.Tensor, window_hours: torch.Tensor) -> torch.Tensor:
-        """(U,) log L(W), calibrated."""
-        f = self.linear(x)[:, 0] + self.mlp(x)[:, 0] + self.state(s)[:, 0]
-        kappa = (self.log_kappa + self.shape(x)[:, 0].clamp(-3, 3)).exp()
-        log_l = f + kappa * torch.log(window_hours.clamp(min=1e-3) / 24.0)
-        return piecewise_linear(log_l, self.calibration[0], self.calibration[1])
-
-    @staticmethod
-    def probability(log_l: torch.Tensor) -> torch.Tensor:
-        """P(at least one event) from log L."""
-        return -torch.expm1(-log_l.clamp(max=30).exp())
-
-
-def piecewise_linear(x: torch.Tensor, knots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """The line through (knots, values) at x, extended by the end segments (knots ascending, >= 2)."""
-    i = torch.searchsorted(knots, x.detach().contiguous()).clamp(1, len(knots) - 1)
-    x0, x1, y0, y1 = knots[i - 1], knots[i], values[i - 1], values[i]
-    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
-
-
-class FieldHeads(nn.Module):
-    """The published learned fields, from the user's exact statistics (stream/statistics.py) and state.
-
-    purchase_propensity = P(purchase within its horizon); churn_risk = P(no event within its horizon)
-    = 1 - P(event): two HazardHeads. top_categories: RepeatNet's idea: with probability g (a learned gate)
-    the user repeats, choosing among their own category slots by a learned score of the slots' decayed
-    and all-time counts and recency; else they explore, by the sequence model's category distribution
-    over all categories (what follows their recent behaviour, what users like them go on to do).
-    """
-
-    def __init__(self, state_size: int, hidden: int) -> None:
-        super().__init__()
-        n = len(USER_FEATURES)
-        # Statistics are standardised with the training examples' mean and spread (saved with the model).
-        self.register_buffer("feature_mean", torch.zeros(n))
-        self.register_buffer("feature_std", torch.ones(n))
-        self.purchase = HazardHead(n, state_size, hidden)
-        self.event = HazardHead(n, state_size, hidden)  # any event: churn_risk is its complement
-        self.repeat_score = nn.Linear(len(SLOT_FEATURES), 1)
-        # The sequence model's own say in which of the user's categories comes next (RepeatNet's repeat
-        # decoder reads the state): its explore log-probability of the slot's category, weighted.
-        self.repeat_explore_weight = nn.Parameter(torch.tensor(0.0))
-        self.gate = nn.Linear(n, 1)
-        self.gate_state = nn.Linear(state_size, 1, bias=False)
-        nn.init.zeros_(self.gate_state.weight)
-        # How well the explore side knows this user (explore_fit): in a shop the sequence model was not
-        # trained in, it does not, and the gate must lean on the user's own categories instead.
-        self.gate_fit = nn.Linear(1, 1, bias=False)
-        nn.init.zeros_(self.gate_fit.weight)
-        with torch.no_grad():  # untrained: rank slots by 30-day mass and count, mostly repeat, no exploring
-            self.repeat_score.weight.copy_(torch.tensor([[0.0, 0.5, 1.0, 1.0, 0.0, 0.5]]))
-            self.repeat_score.bias.zero_()
-            self.gate.weight.zero_()
-            self.gate.bias.fill_(2.0)
-            self.purchase.linear.weight.zero_()
-            self.purchase.linear.bias.fill_(-2.0)
-            self.event.linear.weight.zero_()
-            self.event.linear.weight[0, USER_FEATURES.index("log_idle_hours")] = -0.5
-            self.event.linear.bias.fill_(0.5)
-
-    def standardise(self, user: torch.Tensor) -> torch.Tensor:
-        return (user - self.feature_mean) / self.feature_std
-
-    def repeat_log_probs(self, inputs: FieldInputs, explore_at_slots: torch.Tensor) -> torch.Tensor:
-        """(U, K) log P(slot | repeat), -inf at empty slots. explore_at_slots: (U, K) the sequence model's
-        log-probabilities of the slots' categories."""
-        score = self.repeat_score(inputs.slot)[..., 0] + self.repeat_explore_weight * explore_at_slots.clamp(min=-30)
-        return torch.log_softmax(score.masked_fill(~inputs.slot_valid, -1e9), dim=1).masked_fill(
-            ~inputs.slot_valid, float("-inf"))
-
-    def repeat_gate(self, x: torch.Tensor, s: torch.Tensor, inputs: FieldInputs, explore_at_slots: torch.Tensor,
-                    n_categories: int | torch.Tensor) -> torch.Tensor:
-        """(U,) P(repeat); 0 for users without categories of their own. explore_at_slots: (U, K) the explore
-        side's log-probabilities of the slots' categories, among n_categories (an int, or (U,))."""
-        fit = explore_fit(inputs, explore_at_slots, n_categories)
-        g = torch.sigmoid(self.gate(x)[:, 0] + self.gate_state(s)[:, 0] + self.gate_fit(fit[:, None])[:, 0])
-        return g * inputs.slot_valid.any(dim=1)
-
-
-SHARE = SLOT_FEATURES.index("share")
-
-
-def explore_fit(inputs: FieldInputs, explore_at_slots: torch.Tensor, n_categories: int | torch.Tensor
-                ) -> torch.Tensor:
-    """(U,) how much likelier than uniform the explore side finds the user's own categories: the
-    share-weighted mean of log(n_categories * P_explore(slot)), 0 for users without categories. High where
-    the sequence model has learned this shop's categories; low where it has not (another shop, new names)."""
-    w = inputs.slot[..., SHARE].clamp(min=0) * inputs.slot_valid
-    log_n = torch.as_tensor(n_categories, dtype=explore_at_slots.dtype, device=explore_at_slots.device)
-    log_n = log_n.clamp(min=1).log().reshape(-1, 1)  # (1, 1) or (U, 1)
-    lift = (explore_at_slots.clamp(min=-30) + log_n).clamp(-10, 10)
-    return (w * lift).sum(dim=1) / w.sum(dim=1).clamp(min=1e-6)
 
 
 class ProfileModel(nn.Module):
@@ -493,86 +346,6 @@ class ProfileModel(nn.Module):
         return ProfileHeads(top_probs, top_cols, purchase, churn, cluster)
 
 
-@dataclass
-class LoadedModel:
-    """A model ready to serve, with what the checkpoint said about it."""
-
-    model: ProfileModel
-    version: str
-    trained: bool
-    metadata: dict = field(default_factory=dict)
-    item_vocab: list[str] = field(default_factory=list)  # item id of each next-item head row
-
-
-def untrained(config: ModelConfig | None = None) -> LoadedModel:
-    config = config or ModelConfig()
-    return LoadedModel(ProfileModel.fresh(config), f"untrained-h{config.hidden_size}-s{config.init_seed}", False)
-
-
-def save_checkpoint(path: str | Path, model: ProfileModel, version: str, metadata: dict | None = None,
-                    item_vocab: list[str] | None = None) -> None:
-    """Write a checkpoint of plain data (loadable with torch.load(weights_only=True))."""
-    payload = {
-        "item_vocab": list(item_vocab or []),
-        "format": CHECKPOINT_FORMAT,
-        "model_version": version,
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()},
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        # Through JSON and back: metadata must stay plain data that weights_only loading accepts.
-        "metadata": orjson.loads(orjson.dumps(metadata or {}, option=orjson.OPT_SERIALIZE_NUMPY, default=str)),
-    }
-    torch.save(payload, Path(path))
-
-
-# The model shipped in the package: trained on the generator's structured shop (`--model demo`), so the
-# demo, the deploy stack and a first try publish learned fields that mean something. Rebuilt with the
-# command in docs/model.md whenever the checkpoint format changes.
-DEMO_MODEL = "demo"
-DEMO_MODEL_PATH = Path(__file__).parent / "checkpoints" / "demo.pt"
-
-
-def checkpoint_path(path: str | Path) -> Path:
-    """The file a --model value names ("demo": the shipped model)."""
-    return DEMO_MODEL_PATH if str(path) == DEMO_MODEL else Path(path)
-
-
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Read a checkpoint ("demo": the shipped one); raise CheckpointError with a message a user can act on."""
-    path = checkpoint_path(path)
-    if not path.is_file():
-        raise CheckpointError(f"model checkpoint {str(path)!r} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for a corrupt or foreign file
-        raise CheckpointError(f"{str(path)!r} is not a readable profiles checkpoint ({type(exc).__name__})") from None
-    if not isinstance(payload, dict) or "format" not in payload:
-        raise CheckpointError(f"{str(path)!r} is not a profiles checkpoint (no format version)")
-    if payload["format"] not in READABLE_FORMATS:
-        raise CheckpointError(
-            f"{str(path)!r} has checkpoint format {payload['format']}; this version reads formats "
-            f"{', '.join(map(str, READABLE_FORMATS))}"
-        )
-    if payload["format"] == 3:  # affine calibration [a, b]: the same line through the knots
-        for key in [k for k in payload["state_dict"] if k.endswith(".calibration")]:
-            a, b = payload["state_dict"][key].tolist()
-            knots = torch.linspace(-6.0, 3.0, CALIBRATION_KNOTS)
-            payload["state_dict"][key] = torch.stack([knots, a * knots + b])
-        payload["state_dict"]["fields.gate_fit.weight"] = torch.zeros(1, 1)  # format 3's gate ignores the fit
-    try:
-        raw = dict(payload["config"])
-        config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-        model = ProfileModel(config)
-        model.load_state_dict(payload["state_dict"])
-    except (TypeError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{str(path)!r} does not match this model code: {exc}") from None
-    vocab = list(payload.get("item_vocab", []))
-    if len(vocab) != config.n_items and config.n_items:
-        raise CheckpointError(f"{str(path)!r} has {len(vocab)} vocabulary items for a {config.n_items}-item head")
-    model.to(device).eval()
-    return LoadedModel(model, str(payload.get("model_version", "unknown")), True,
-                       dict(payload.get("metadata", {})), vocab)
-
-
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when present, else CPU."""
     if name == "auto":
@@ -590,24 +363,3 @@ def price_tier_index(mean_price: np.ndarray, config: ModelConfig) -> np.ndarray:
 
 def idle_hours(now_ms: int | np.ndarray, last_ms: np.ndarray) -> np.ndarray:
     return np.maximum(np.asarray(now_ms, dtype=np.float64) - last_ms, 0.0) / 3_600_000.0
-
-
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "CheckpointError",
-    "DEMO_MODEL",
-    "FieldHeads",
-    "FieldInputs",
-    "HazardHead",
-    "LoadedModel",
-    "ModelConfig",
-    "ModelError",
-    "ProfileHeads",
-    "ProfileModel",
-    "idle_hours",
-    "load_checkpoint",
-    "price_tier_index",
-    "resolve_device",
-    "save_checkpoint",
-    "untrained",
-]

@@ -19,7 +19,9 @@ import torch
 
 from models.admission import Admission
 from models.features import build_features
-from models.profile_model import FieldInputs, LoadedModel, idle_hours, price_tier_index
+from models.profile_model import idle_hours, price_tier_index
+from models.field_heads import FieldInputs
+from models.checkpoint_io import LoadedModel
 from stream import statistics
 from stream.events import PURCHASE, DeadLetter, EventColumns, RecordBatch
 from stream.profiles import ProfileColumns, encode_profiles
@@ -294,7 +296,8 @@ def add_spend(spend_micros: np.ndarray, rows: np.ndarray, micros: np.ndarray) ->
 def load_updater(settings: Settings) -> ProfileUpdater:
     """The updater the settings ask for: a checkpoint, or an untrained model (with one warning).
     It keeps watermarks for the offsets of settings.input_topics (the daemon's inputs)."""
-    from models.profile_model import load_checkpoint, resolve_device, untrained
+    from models.profile_model import resolve_device
+    from models.checkpoint_io import load_checkpoint, untrained
 
     device = resolve_device(settings.device)
     if device.type == "cpu" and settings.torch_threads:

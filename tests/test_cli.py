@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import click
 import orjson
@@ -202,3 +206,17 @@ def test_replay_summary_counts_skipped_duplicates(tmp_path):
     assert result.exit_code == 0, result.output
     assert "207 records (200 events, 0 dead letters" in result.output
     assert "7 duplicates skipped" in result.output
+
+
+def test_shell_completion_names_the_commands_and_a_commands_options():
+    """What docs/operations.md tells a user to install: click's completion of `profiles`."""
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "_PROFILES_COMPLETE": "bash_complete", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split(" ")) - 1)}
+        script = Path(sys.executable).parent / "profiles"  # the console script: completion keys on its name
+        out = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+        return [line.split(",", 1)[1] for line in out.splitlines() if "," in line]
+
+    assert {"run", "replay", "evaluate-fields", "tail"} <= set(complete("profiles "))
+    assert "--bootstrap-servers" in complete("profiles run --boot")
+    assert {"auto", "cpu", "cuda"} <= set(complete("profiles train --device "))

@@ -15,8 +15,9 @@ from models.update_step import ProfileUpdater
 from models.dataset import load_events, read_records
 from models.next_event_evaluation import roc_auc
 from models.field_training import CutExamples, calibrate, fit_fields
-from models.profile_model import (FieldInputs, ModelConfig, ProfileModel, load_checkpoint, piecewise_linear,
-                                  save_checkpoint, untrained)
+from models.profile_model import ModelConfig, ProfileModel
+from models.field_heads import FieldInputs, piecewise_linear
+from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from stream.generator import ShopParams, generate, write_jsonl
 from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES, USER_FEATURES
 from tests.helpers import record_batch
@@ -312,7 +313,7 @@ def test_structured_shop_has_the_structure_it_claims():
 
 def test_the_shipped_demo_model_loads_and_its_fields_beat_chance_on_the_demos_traffic(tmp_path):
     from consumers.demo import DEMO_SHOP_SEED
-    from models.profile_model import load_checkpoint
+    from models.checkpoint_io import load_checkpoint
 
     loaded = load_checkpoint("demo")
     assert loaded.trained and loaded.metadata["fields"]["cuts"] >= 3

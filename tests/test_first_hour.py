@@ -218,7 +218,8 @@ def test_version_and_log_level_after_the_subcommand():
 
 
 def test_model_info_reads_a_checkpoint_without_code(tmp_path):
-    from models.profile_model import ModelConfig, ProfileModel, save_checkpoint
+    from models.profile_model import ModelConfig, ProfileModel
+    from models.checkpoint_io import save_checkpoint
 
     path = tmp_path / "m.pt"
     save_checkpoint(path, ProfileModel.fresh(ModelConfig(hidden_size=8, n_items=3)), "gru-h8-test",

@@ -12,9 +12,8 @@ import torch
 
 from models.update_step import ProfileUpdater
 from models.features import build_features, hash_buckets
-from models.profile_model import (
-    CheckpointError, ModelConfig, ProfileModel, load_checkpoint, save_checkpoint, untrained,
-)
+from models.profile_model import CheckpointError, ModelConfig, ProfileModel
+from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from stream.generator import generate
 from tests.helpers import record_batch
 

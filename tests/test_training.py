@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from consumers.cli import main
 from models.update_step import ProfileUpdater
 from models.dataset import load_events
-from models.profile_model import LoadedModel, ModelConfig, load_checkpoint, save_checkpoint
+from models.profile_model import ModelConfig
+from models.checkpoint_io import LoadedModel, load_checkpoint, save_checkpoint
 from models.sequence_training import TrainConfig, train
 from stream.generator import write_jsonl
 from tests.helpers import record_batch
@@ -103,7 +104,7 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
 def test_training_features_equal_serving_features(tmp_path):
     """No training/serving skew: the trainer's per-event inputs equal what the daemon builds."""
     from models.features import build_features
-    from models.sequence_training import features_at, prepare
+    from models.sequence_data import features_at, prepare
     from stream.generator import generate
 
     path = tmp_path / "g.jsonl"

@@ -116,7 +116,8 @@ def evaluate_synthetic(model_path: str, users: int, events: int, seed: int, devi
     churn_risk vs users who went quiet (AUC), each beside a counting baseline. Prints JSON."""
     import orjson
 
-    from models.profile_model import load_checkpoint, resolve_device
+    from models.profile_model import resolve_device
+    from models.checkpoint_io import load_checkpoint
     from models.planted_truth import synthetic_truth_report
 
     dev = resolve_device(device)

@@ -1,0 +1,99 @@
+"""Model checkpoints on disk: plain data (state dicts, the config that rebuilds the model, vocabularies,
+a format version), never a pickled module; and the model shipped in the package (`--model demo`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import orjson
+import torch
+
+from models.field_heads import CALIBRATION_KNOTS
+from models.profile_model import CheckpointError, ModelConfig, ProfileModel
+
+# 2: long-term memory in the state; category head conditioned on idle time.
+# 3: published fields from FieldHeads (exact statistics + state; time-to-event probabilities, calibrated).
+# 4: calibration a monotone piecewise-linear map of log L (format 3's affine one is read as two knots).
+CHECKPOINT_FORMAT = 4
+READABLE_FORMATS = (3, 4)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to serve, with what the checkpoint said about it."""
+
+    model: ProfileModel
+    version: str
+    trained: bool
+    metadata: dict = field(default_factory=dict)
+    item_vocab: list[str] = field(default_factory=list)  # item id of each next-item head row
+
+
+def untrained(config: ModelConfig | None = None) -> LoadedModel:
+    config = config or ModelConfig()
+    return LoadedModel(ProfileModel.fresh(config), f"untrained-h{config.hidden_size}-s{config.init_seed}", False)
+
+
+def save_checkpoint(path: str | Path, model: ProfileModel, version: str, metadata: dict | None = None,
+                    item_vocab: list[str] | None = None) -> None:
+    """Write a checkpoint of plain data (loadable with torch.load(weights_only=True))."""
+    payload = {
+        "item_vocab": list(item_vocab or []),
+        "format": CHECKPOINT_FORMAT,
+        "model_version": version,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        # Through JSON and back: metadata must stay plain data that weights_only loading accepts.
+        "metadata": orjson.loads(orjson.dumps(metadata or {}, option=orjson.OPT_SERIALIZE_NUMPY, default=str)),
+    }
+    torch.save(payload, Path(path))
+
+
+# The model shipped in the package: trained on the generator's structured shop (`--model demo`), so the
+# demo, the deploy stack and a first try publish learned fields that mean something. Rebuilt with the
+# command in docs/model.md whenever the checkpoint format changes.
+DEMO_MODEL = "demo"
+DEMO_MODEL_PATH = Path(__file__).parent / "checkpoints" / "demo.pt"
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """The file a --model value names ("demo": the shipped model)."""
+    return DEMO_MODEL_PATH if str(path) == DEMO_MODEL else Path(path)
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Read a checkpoint ("demo": the shipped one); raise CheckpointError with a message a user can act on."""
+    path = checkpoint_path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a corrupt or foreign file
+        raise CheckpointError(f"{str(path)!r} is not a readable profiles checkpoint ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise CheckpointError(f"{str(path)!r} is not a profiles checkpoint (no format version)")
+    if payload["format"] not in READABLE_FORMATS:
+        raise CheckpointError(
+            f"{str(path)!r} has checkpoint format {payload['format']}; this version reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}"
+        )
+    if payload["format"] == 3:  # affine calibration [a, b]: the same line through the knots
+        for key in [k for k in payload["state_dict"] if k.endswith(".calibration")]:
+            a, b = payload["state_dict"][key].tolist()
+            knots = torch.linspace(-6.0, 3.0, CALIBRATION_KNOTS)
+            payload["state_dict"][key] = torch.stack([knots, a * knots + b])
+        payload["state_dict"]["fields.gate_fit.weight"] = torch.zeros(1, 1)  # format 3's gate ignores the fit
+    try:
+        raw = dict(payload["config"])
+        config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        model = ProfileModel(config)
+        model.load_state_dict(payload["state_dict"])
+    except (TypeError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{str(path)!r} does not match this model code: {exc}") from None
+    vocab = list(payload.get("item_vocab", []))
+    if len(vocab) != config.n_items and config.n_items:
+        raise CheckpointError(f"{str(path)!r} has {len(vocab)} vocabulary items for a {config.n_items}-item head")
+    model.to(device).eval()
+    return LoadedModel(model, str(payload.get("model_version", "unknown")), True,
+                       dict(payload.get("metadata", {})), vocab)

@@ -1,0 +1,153 @@
+"""The published fields' heads: what turns a user's exact statistics (stream/statistics.py) and state into
+purchase_propensity, churn_risk and top_categories. ProfileModel (models/profile_model.py) holds one
+FieldHeads; models/field_training.py fits it on profiles taken through the serving path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES, USER_FEATURES
+
+CALIBRATION_KNOTS = 6
+
+
+@dataclass
+class FieldInputs:
+    """What the field heads read besides the state, for U users (stream/statistics.py builds them)."""
+
+    user: torch.Tensor  # (U, len(USER_FEATURES)) raw user statistics at the profile's clock
+    slot_cols: torch.Tensor  # (U, K) long: each category slot's column among the categories scored
+    slot_valid: torch.Tensor  # (U, K) bool: the slot holds a category
+    slot: torch.Tensor  # (U, K, len(SLOT_FEATURES)) the slots' statistics
+
+    @classmethod
+    def from_idle(cls, idle_hours: torch.Tensor) -> "FieldInputs":
+        """Inputs of users about whom only the idle time is known (no statistics, no categories)."""
+        u, dev = len(idle_hours), idle_hours.device
+        user = torch.zeros(u, len(USER_FEATURES), device=dev)
+        user[:, USER_FEATURES.index("log_idle_hours")] = torch.log1p(idle_hours.clamp(min=0))
+        return cls(user, torch.zeros(u, CATEGORY_SLOTS, dtype=torch.long, device=dev),
+                   torch.zeros(u, CATEGORY_SLOTS, dtype=torch.bool, device=dev),
+                   torch.zeros(u, CATEGORY_SLOTS, len(SLOT_FEATURES), device=dev))
+
+
+class HazardHead(nn.Module):
+    """P(an event within W hours) = 1 - exp(-L(W)), L(W) = exp(f) * (W / 24) ** kappa: a Weibull-shaped
+    time-to-event model from the profile's clock (WTTE-RNN's idea, read at one moment). One head serves any
+    horizon, and a log that ends before the horizon still trains it (the window actually observed is the
+    label's W). f = linear(statistics) + small MLP(statistics) + linear(state); the linear part alone can
+    reproduce any counting baseline's ranking, the rest learns what counts do not show."""
+
+    def __init__(self, n_features: int, state_size: int, hidden: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_features, 1)
+        self.mlp = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.state = nn.Linear(state_size, 1, bias=False)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.state.weight)
+        self.log_kappa = nn.Parameter(torch.tensor(-0.5))  # shape < 1: most events come soon after "now"
+        # The shape per user (WTTE-RNN predicts both Weibull parameters): what decides the next 15 minutes
+        # (a cart mid-session) is not what decides the next week (a habit of buying).
+        self.shape = nn.Linear(n_features, 1)
+        nn.init.zeros_(self.shape.weight)
+        nn.init.zeros_(self.shape.bias)
+        # Calibration on held-out time: log L -> g(log L), g monotone piecewise linear through the knots
+        # (row 0: knots, row 1: their values), extended linearly past the ends; identity untrained.
+        knots = torch.linspace(-6.0, 3.0, CALIBRATION_KNOTS)
+        self.register_buffer("calibration", torch.stack([knots, knots.clone()]))
+
+    def log_hazard(self, x: torch.Tensor, s: torch.Tensor, window_hours: torch.Tensor) -> torch.Tensor:
+        """(U,) log L(W), calibrated."""
+        f = self.linear(x)[:, 0] + self.mlp(x)[:, 0] + self.state(s)[:, 0]
+        kappa = (self.log_kappa + self.shape(x)[:, 0].clamp(-3, 3)).exp()
+        log_l = f + kappa * torch.log(window_hours.clamp(min=1e-3) / 24.0)
+        return piecewise_linear(log_l, self.calibration[0], self.calibration[1])
+
+    @staticmethod
+    def probability(log_l: torch.Tensor) -> torch.Tensor:
+        """P(at least one event) from log L."""
+        return -torch.expm1(-log_l.clamp(max=30).exp())
+
+
+def piecewise_linear(x: torch.Tensor, knots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The line through (knots, values) at x, extended by the end segments (knots ascending, >= 2)."""
+    i = torch.searchsorted(knots, x.detach().contiguous()).clamp(1, len(knots) - 1)
+    x0, x1, y0, y1 = knots[i - 1], knots[i], values[i - 1], values[i]
+    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+
+
+class FieldHeads(nn.Module):
+    """The published learned fields, from the user's exact statistics (stream/statistics.py) and state.
+
+    purchase_propensity = P(purchase within its horizon); churn_risk = P(no event within its horizon)
+    = 1 - P(event): two HazardHeads. top_categories: RepeatNet's idea: with probability g (a learned gate)
+    the user repeats, choosing among their own category slots by a learned score of the slots' decayed
+    and all-time counts and recency; else they explore, by the sequence model's category distribution
+    over all categories (what follows their recent behaviour, what users like them go on to do).
+    """
+
+    def __init__(self, state_size: int, hidden: int) -> None:
+        super().__init__()
+        n = len(USER_FEATURES)
+        # Statistics are standardised with the training examples' mean and spread (saved with the model).
+        self.register_buffer("feature_mean", torch.zeros(n))
+        self.register_buffer("feature_std", torch.ones(n))
+        self.purchase = HazardHead(n, state_size, hidden)
+        self.event = HazardHead(n, state_size, hidden)  # any event: churn_risk is its complement
+        self.repeat_score = nn.Linear(len(SLOT_FEATURES), 1)
+        # The sequence model's own say in which of the user's categories comes next (RepeatNet's repeat
+        # decoder reads the state): its explore log-probability of the slot's category, weighted.
+        self.repeat_explore_weight = nn.Parameter(torch.tensor(0.0))
+        self.gate = nn.Linear(n, 1)
+        self.gate_state = nn.Linear(state_size, 1, bias=False)
+        nn.init.zeros_(self.gate_state.weight)
+        # How well the explore side knows this user (explore_fit): in a shop the sequence model was not
+        # trained in, it does not, and the gate must lean on the user's own categories instead.
+        self.gate_fit = nn.Linear(1, 1, bias=False)
+        nn.init.zeros_(self.gate_fit.weight)
+        with torch.no_grad():  # untrained: rank slots by 30-day mass and count, mostly repeat, no exploring
+            self.repeat_score.weight.copy_(torch.tensor([[0.0, 0.5, 1.0, 1.0, 0.0, 0.5]]))
+            self.repeat_score.bias.zero_()
+            self.gate.weight.zero_()
+            self.gate.bias.fill_(2.0)
+            self.purchase.linear.weight.zero_()
+            self.purchase.linear.bias.fill_(-2.0)
+            self.event.linear.weight.zero_()
+            self.event.linear.weight[0, USER_FEATURES.index("log_idle_hours")] = -0.5
+            self.event.linear.bias.fill_(0.5)
+
+    def standardise(self, user: torch.Tensor) -> torch.Tensor:
+        return (user - self.feature_mean) / self.feature_std
+
+    def repeat_log_probs(self, inputs: FieldInputs, explore_at_slots: torch.Tensor) -> torch.Tensor:
+        """(U, K) log P(slot | repeat), -inf at empty slots. explore_at_slots: (U, K) the sequence model's
+        log-probabilities of the slots' categories."""
+        score = self.repeat_score(inputs.slot)[..., 0] + self.repeat_explore_weight * explore_at_slots.clamp(min=-30)
+        return torch.log_softmax(score.masked_fill(~inputs.slot_valid, -1e9), dim=1).masked_fill(
+            ~inputs.slot_valid, float("-inf"))
+
+    def repeat_gate(self, x: torch.Tensor, s: torch.Tensor, inputs: FieldInputs, explore_at_slots: torch.Tensor,
+                    n_categories: int | torch.Tensor) -> torch.Tensor:
+        """(U,) P(repeat); 0 for users without categories of their own. explore_at_slots: (U, K) the explore
+        side's log-probabilities of the slots' categories, among n_categories (an int, or (U,))."""
+        fit = explore_fit(inputs, explore_at_slots, n_categories)
+        g = torch.sigmoid(self.gate(x)[:, 0] + self.gate_state(s)[:, 0] + self.gate_fit(fit[:, None])[:, 0])
+        return g * inputs.slot_valid.any(dim=1)
+
+
+SHARE = SLOT_FEATURES.index("share")
+
+
+def explore_fit(inputs: FieldInputs, explore_at_slots: torch.Tensor, n_categories: int | torch.Tensor
+                ) -> torch.Tensor:
+    """(U,) how much likelier than uniform the explore side finds the user's own categories: the
+    share-weighted mean of log(n_categories * P_explore(slot)), 0 for users without categories. High where
+    the sequence model has learned this shop's categories; low where it has not (another shop, new names)."""
+    w = inputs.slot[..., SHARE].clamp(min=0) * inputs.slot_valid
+    log_n = torch.as_tensor(n_categories, dtype=explore_at_slots.dtype, device=explore_at_slots.device)
+    log_n = log_n.clamp(min=1).log().reshape(-1, 1)  # (1, 1) or (U, 1)
+    lift = (explore_at_slots.clamp(min=-30) + log_n).clamp(-10, 10)
+    return (w * lift).sum(dim=1) / w.sum(dim=1).clamp(min=1e-6)
