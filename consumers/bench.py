@@ -30,7 +30,8 @@ from consumers.daemon import ProfileDaemon
 from consumers.loadgen import offer_at_rate, records
 from models.update_step import ProfileUpdater, load_updater
 from stream.broker import EmbeddedBroker
-from stream.events import RecordBatch, decode_batch
+from stream.events import RecordBatch
+from stream.decode import decode_batch
 from stream.generator import iter_events
 from stream.kafka import Publisher, StreamError, admin_client, ensure_topics
 from stream.metrics import Metrics

@@ -21,7 +21,8 @@ from rich.table import Table
 
 from models.update_step import ProfileUpdater, load_updater
 from models.features import hash_buckets
-from stream.events import EVENT_TYPES, RecordBatch, decode_batch
+from stream.events import EVENT_TYPES, RecordBatch
+from stream.decode import decode_batch
 from stream.settings import Settings
 from stream.sources import open_sources
 

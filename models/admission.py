@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stream.events import WRONG_PARTITION, Control, DeadLetter, EventColumns, RecordBatch, decode_batch
+from stream.events import Control, DeadLetter, EventColumns, RecordBatch, WRONG_PARTITION
+from stream.decode import decode_batch
 from stream.pseudonyms import Pseudonymizer
 from stream.state import StateTable
 

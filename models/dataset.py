@@ -1,6 +1,6 @@
 """Event logs as training data: every user's events in time order, with next-event targets.
 
-Files are read through the same decoder as the daemon (`stream.events.decode_batch`),
+Files are read through the same decoder as the daemon (`stream.decode.decode_batch`),
 so training and serving share one event contract; invalid lines are counted, not used.
 Targets and horizon labels are derived with numpy over the whole log, not per event.
 """
@@ -15,7 +15,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from stream.events import PURCHASE, EventColumns, RecordBatch, decode_batch
+from stream.events import EventColumns, PURCHASE, RecordBatch
+from stream.decode import decode_batch
 from stream.sources import FileSource
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from models.dataset import HOUR_MS, EventLog, event_log, read_records
 from models.next_event_evaluation import roc_auc
 from models.field_training import FutureIndex
 from models.checkpoint_io import LoadedModel
-from stream.events import ADD_TO_CART, PURCHASE, decode_batch
+from stream.events import ADD_TO_CART, PURCHASE
+from stream.decode import decode_batch
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from stream.sources import TimeRange
 

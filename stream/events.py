@@ -1,8 +1,6 @@
-"""The input event contract: decode and validate a whole batch at once.
-
-`decode_batch` returns the good events as columns (numpy arrays, one entry per
-valid event) and the bad ones as `DeadLetter` data: never an exception that
-could stop the daemon. Every bad record keeps its original bytes and says why.
+"""The input event contract, and the batches that carry it: records in (RecordBatch), events out as
+columns (EventColumns), bad records as DeadLetter data, control records (Control). Decoding and
+validating a whole batch at once is stream/decode.py (`decode_batch`).
 
 Contract (one JSON object per record):
   event_id  non-empty string
@@ -24,27 +22,22 @@ Control records share the input topics, so they are ordered with the events they
 from __future__ import annotations
 
 import hashlib
-import json
-import math
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Literal, Sequence
+from typing import Sequence
 
-import msgspec
 import numpy as np
-import orjson
 
 EVENT_TYPES: tuple[str, ...] = ("search", "click", "add_to_cart", "purchase")
 TYPE_INDEX = {name: i for i, name in enumerate(EVENT_TYPES)}
 SEARCH, CLICK, ADD_TO_CART, PURCHASE = range(4)
-_NEEDS_ITEM = frozenset(("click", "add_to_cart", "purchase"))
+NEEDS_ITEM = frozenset(("click", "add_to_cart", "purchase"))
 
 # Bounds on individual fields: ids and categories are keys, not documents.
 MAX_ID_CHARS = 256
 MAX_QUERY_CHARS = 1024
 # Integer ids must fit 64 bits (a 5000-digit "id" is an attack, not a key).
-_MIN_INT_ID, _MAX_INT_ID = -(2**63), 2**64 - 1
+MIN_INT_ID, MAX_INT_ID = -(2**63), 2**64 - 1
 # The largest price x quantity of one event (currency units): spend is kept in int64 micro-units,
 # which one event of more could wrap (1e9 x 1e6 leaves room for 9,000 such purchases per user).
 MAX_AMOUNT = 1e9
@@ -219,354 +212,9 @@ class EventColumns:
         return EventColumns(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
 
 
-class _Invalid(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        self.detail = detail
-
-
-def _id_field(obj: dict, name: str, required: bool) -> str | None:
-    value = obj.get(name)
-    if value is None:
-        if required:
-            raise _Invalid(MISSING_FIELD, f"missing required field '{name}'")
-        return None
-    if isinstance(value, str):
-        if not value:
-            raise _Invalid(INVALID_FIELD, f"'{name}' is an empty string")
-        if len(value) > MAX_ID_CHARS:
-            raise _Invalid(INVALID_FIELD, f"'{name}' longer than {MAX_ID_CHARS} characters")
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        if not _MIN_INT_ID <= value <= _MAX_INT_ID:
-            raise _Invalid(INVALID_FIELD, f"integer '{name}' outside the 64-bit range")
-        return str(value)
-    if isinstance(value, float) and value.is_integer() and not _MIN_INT_ID <= value <= _MAX_INT_ID:
-        # orjson reads an integer past 64 bits (2**64) as a float: say what is wrong with it.
-        raise _Invalid(INVALID_FIELD, f"integer '{name}' outside the 64-bit range")
-    raise _Invalid(INVALID_FIELD, f"'{name}' must be a string or integer, got {type(value).__name__}")
-
-
 def epoch_ms(moment: datetime) -> int:
     """Epoch milliseconds of an aware datetime, exactly (timestamp() * 1000 goes through a float and
     can round down: 1974-05-10T17:29:13.471 became ...470, found by the fuzz test)."""
     return (moment - _EPOCH) // _ONE_MS
 
 
-def _timestamp_ms(value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        ts = value
-    elif isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value)
-        except ValueError:
-            raise _Invalid(INVALID_FIELD, "'ts' is not epoch milliseconds or an ISO-8601 time") from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
-        ts = epoch_ms(moment)
-    elif value is None:
-        raise _Invalid(MISSING_FIELD, "missing required field 'ts'")
-    else:
-        raise _Invalid(INVALID_FIELD, f"'ts' must be epoch ms or ISO-8601, got {type(value).__name__}")
-    if not 0 <= ts <= MAX_TS_MS:
-        raise _Invalid(INVALID_FIELD, "'ts' out of range (expects epoch milliseconds)")
-    return ts
-
-
-def _validate(obj: object) -> tuple:
-    """One decoded JSON value -> the event's column values, or raise _Invalid."""
-    if not isinstance(obj, dict):
-        raise _Invalid(NOT_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
-    event_id = obj.get("event_id")
-    if event_id is None:
-        raise _Invalid(MISSING_FIELD, "missing required field 'event_id'")
-    if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_ID_CHARS:
-        raise _Invalid(INVALID_FIELD, "'event_id' must be a non-empty string")
-    user_id = _id_field(obj, "user_id", True)
-    kind = obj.get("type")
-    if kind is None:
-        raise _Invalid(MISSING_FIELD, "missing required field 'type'")
-    if not isinstance(kind, str):  # never str() a hostile value: a deep nesting overflows repr
-        raise _Invalid(UNKNOWN_TYPE, f"'type' must be a string, got {type(kind).__name__}")
-    type_idx = TYPE_INDEX.get(kind)
-    if type_idx is None:
-        raise _Invalid(UNKNOWN_TYPE, f"unknown event type {kind[:40]!r}")
-    ts = _timestamp_ms(obj.get("ts"))
-    item_id = _id_field(obj, "item_id", kind in _NEEDS_ITEM)
-    category = _id_field(obj, "category", False)
-
-    price = obj.get("price")
-    if price is None:
-        price = math.nan
-    elif isinstance(price, bool) or not isinstance(price, (int, float)):
-        raise _Invalid(INVALID_PRICE, f"'price' must be a number, got {type(price).__name__}")
-    else:
-        try:
-            price = float(price)
-        except OverflowError:  # an integer of hundreds of digits (Python's json reads it exactly)
-            raise _Invalid(INVALID_PRICE, "'price' out of range") from None
-        if not math.isfinite(price) or price < 0:
-            raise _Invalid(INVALID_PRICE, "'price' must be finite and >= 0")
-
-    quantity = obj.get("quantity")
-    if quantity is None:
-        quantity = 1
-    elif isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 1 or quantity > 1_000_000:
-        raise _Invalid(INVALID_FIELD, "'quantity' must be an integer between 1 and 1000000")
-    if not math.isnan(price) and price * quantity > MAX_AMOUNT:
-        raise _Invalid(INVALID_PRICE, f"'price' x 'quantity' exceeds {MAX_AMOUNT:.0e}")
-
-    query = obj.get("query")
-    if query is not None:
-        if not isinstance(query, str):
-            raise _Invalid(INVALID_FIELD, f"'query' must be a string, got {type(query).__name__}")
-        if len(query) > MAX_QUERY_CHARS:
-            raise _Invalid(INVALID_FIELD, f"'query' longer than {MAX_QUERY_CHARS} characters")
-    if type_idx == SEARCH and not query:
-        raise _Invalid(MISSING_FIELD, "search events need a non-empty 'query'")
-    return user_id, type_idx, ts, item_id, category, price, quantity, query, event_id
-
-
-def _why_not_json(value: bytes) -> tuple[str, str]:
-    """Name the reason orjson refused a record (the slow path: bad records only)."""
-    try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return INVALID_UTF8, f"invalid UTF-8 at byte {exc.start}"
-    # Deeper than orjson's limit: say so here, before Python's json, whose own limit moves with the
-    # interpreter (3.11 gives up below 1000 levels, 3.12 near 1500, 3.13 near 10000; within it a
-    # deep array read as `not_object`), so the reason is the same on every Python.
-    if _nesting_depth(text) > MAX_JSON_DEPTH:
-        return NOT_JSON, f"nested deeper than {MAX_JSON_DEPTH} levels"
-    # Python's json accepts what orjson refuses: the non-standard NaN/Infinity tokens some producers
-    # write, numbers past float range, lone surrogate escapes ("\ud800"). If a field of the contract
-    # is what that broke, report the field (e.g. a NaN price); else say which of these it was.
-    odd: list[str] = []
-
-    def constant(name: str) -> float:
-        odd.append("non-standard JSON (NaN or Infinity)")
-        return float(name)
-
-    def number(text: str) -> float:
-        value = float(text)
-        if math.isinf(value):
-            odd.append("a number beyond the float range")
-        return value
-
-    try:
-        obj = json.loads(text, parse_constant=constant, parse_float=number)
-    except (ValueError, RecursionError):
-        return NOT_JSON, "not valid JSON"
-    try:
-        _validate(obj)
-    except _Invalid as bad:
-        return bad.reason, bad.detail
-    if odd:
-        return NOT_JSON, odd[0]
-    if _LONE_SURROGATE.search(text):
-        return NOT_JSON, "a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair): not Unicode text"
-    return NOT_JSON, "not JSON the strict parser accepts"
-
-
-# A \uD800-\uDFFF escape not preceded by another backslash (which would make it literal text).
-_LONE_SURROGATE = re.compile(r"(?<!\\)(?:\\\\)*\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-
-# orjson refuses arrays and objects nested deeper than this ("depth limit exceeded").
-MAX_JSON_DEPTH = 1024
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKET = re.compile(r"[\[\]{}]")
-
-
-def _nesting_depth(text: str) -> int:
-    """How deep arrays and objects nest in a JSON text (brackets inside strings left out)."""
-    depth = deepest = 0
-    for match in _BRACKET.finditer(_JSON_STRING.sub('""', text)):
-        if match.group() in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
-
-
-# The fast path's schema: msgspec checks types, lengths and ranges in C while it parses. Rules
-# across fields (item for clicks, query for searches, ISO timestamps) are checked on the columns.
-# Whatever fails either check takes the slow path (orjson + _validate), the one source of truth
-# for the reason, so both paths accept the same records. (One difference: fields outside the
-# contract are skipped unread by the fast path, so e.g. an overflowing number in an extra
-# field does not reject an otherwise valid event.)
-_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)] | Annotated[
-    int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # msgspec bounds stop at int64: the rest go slow
-
-
-class _Event(msgspec.Struct, gc=False):  # gc=False: flat fields, no cycles; not the collector's work
-    event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
-    user_id: _Id
-    type: Literal["search", "click", "add_to_cart", "purchase"]
-    ts: Annotated[int, msgspec.Meta(ge=0, le=MAX_TS_MS)] | str
-    item_id: _Id | None = None
-    category: _Id | None = None
-    price: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    quantity: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
-    query: Annotated[str, msgspec.Meta(max_length=MAX_QUERY_CHARS)] | None = None
-
-
-_decode_event = msgspec.json.Decoder(_Event).decode
-
-
-def decode_batch(batch: RecordBatch, max_event_bytes: int, controls: list[Control] | None = None,
-                 ) -> tuple[EventColumns, list[DeadLetter]]:
-    """Decode and validate every record of the batch: (valid events as columns, dead letters).
-    Valid control records are appended to `controls` (in record order); without it they are skipped.
-
-    Fast path: a C-level typed parse per record, then whole-column checks. Records either
-    refuses go through `_decode_slow`, which names the reason (or, rarely, accepts what the
-    fast schema was stricter about, e.g. an ISO timestamp with an offset).
-    """
-    # Record by record: parsing the batch as one joined JSON array would be a little faster, but
-    # records cut at a comma could then pair up into valid events (found by the fuzz test).
-    parsed, kept, suspect = _parse_each(batch.values, max_event_bytes)
-    events, rejected = _fast_columns(parsed, kept)
-    if rejected:
-        suspect.extend(rejected)
-        suspect.sort()
-    rows, slow_kept, dead = _decode_slow(batch, suspect, max_event_bytes, controls)
-    if rows:
-        events = _concat_in_order(events, _columns(rows, slow_kept))
-    return events, dead
-
-
-def _parse_each(values: list[bytes | None], max_event_bytes: int) -> tuple[list[_Event], list[int], list[int]]:
-    """Parse record by record: (events, their record indices, indices of records the fast path refused)."""
-    parsed: list[_Event] = []
-    kept: list[int] = []
-    suspect: list[int] = []
-    decode = _decode_event
-    for i, value in enumerate(values):
-        try:
-            if value is None or len(value) > max_event_bytes:
-                raise ValueError
-            if not value.isascii():
-                value.decode("utf-8")  # msgspec skips unknown fields unread: check the whole record
-            parsed.append(decode(value))
-            kept.append(i)
-        except Exception:  # noqa: BLE001 (any refusal, RecursionError included, means: ask the slow path)
-            suspect.append(i)
-    return parsed, kept, suspect
-
-
-def _fast_columns(parsed: list[_Event], kept: list[int]) -> tuple[EventColumns, list[int]]:
-    """Columns of the records msgspec accepted, minus those that break a cross-field rule (returned).
-    Column-at-a-time: comprehensions and C-level maps, no per-event function calls."""
-    n = len(parsed)
-    type_idx = np.fromiter(map(TYPE_INDEX.__getitem__, [e.type for e in parsed]), dtype=np.int64, count=n)
-    item_id = _id_column([e.item_id for e in parsed])
-    query = _objects([e.query for e in parsed])
-    ok = ~((type_idx != SEARCH) & (item_id == None))  # noqa: E711 (elementwise on object arrays)
-    ok &= ~((type_idx == SEARCH) & ((query == None) | (query == "")))  # noqa: E711
-    raw_ts = [e.ts for e in parsed]
-    try:  # ints were range-checked by the schema; ISO strings are rare
-        ts = np.array(raw_ts, dtype=np.int64)
-    except (TypeError, ValueError):
-        ts = np.zeros(n, dtype=np.int64)
-        for i, t in enumerate(raw_ts):
-            try:
-                ts[i] = t if t.__class__ is int else _timestamp_ms(t)
-            except _Invalid:
-                ok[i] = False
-    quantity = np.array([e.quantity for e in parsed], dtype=np.float64)  # None -> NaN -> the default 1
-    price = np.array([e.price for e in parsed], dtype=np.float64).reshape(n)  # None -> NaN
-    ok &= ~(price * np.nan_to_num(quantity, nan=1.0) > MAX_AMOUNT)  # NaN compares false: absent prices pass
-    events = EventColumns(
-        user_id=_id_column([e.user_id for e in parsed]),
-        type_idx=type_idx,
-        ts=ts,
-        item_id=item_id,
-        category=_id_column([e.category for e in parsed]),
-        price=price,
-        quantity=np.nan_to_num(quantity, nan=1.0).astype(np.int64).reshape(n),
-        query=query,
-        event_id=_objects([e.event_id for e in parsed]),
-        record_index=np.asarray(kept, dtype=np.int64),
-    )
-    if ok.all():
-        return events, []
-    return events.take(ok), events.record_index[~ok].tolist()
-
-
-def _id_column(values: list) -> np.ndarray:
-    """Ids as an object array of str (None stays None): integer ids become their decimal string."""
-    out = _objects(values)
-    is_int = np.fromiter(map(type, values), dtype=object, count=len(values)) == int
-    if is_int.any():
-        out[is_int] = [str(v) for v in out[is_int]]
-    return out
-
-
-def _objects(values: Sequence) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)  # never np.array(values): it would make ragged lists 2-D
-    out[:] = values
-    return out
-
-
-def _concat_in_order(a: EventColumns, b: EventColumns) -> EventColumns:
-    """Both column sets as one, in record order (the order decode promises)."""
-    merged = EventColumns(**{name: np.concatenate([getattr(a, name), getattr(b, name)])
-                             for name in EventColumns.__dataclass_fields__})
-    return merged.take(np.argsort(merged.record_index, kind="stable"))
-
-
-def _decode_slow(batch: RecordBatch, indices: list[int], max_event_bytes: int, controls: list[Control] | None,
-                 ) -> tuple[list[tuple], list[int], list[DeadLetter]]:
-    """orjson + _validate for the given records: the reference rules, and the reasons.
-    Control records land here too (they have no event fields): cheap, they are rare."""
-    rows: list[tuple] = []
-    kept: list[int] = []
-    dead: list[DeadLetter] = []
-    for i in indices:
-        value = batch.values[i]
-        try:
-            if value is None:
-                raise _Invalid(NOT_JSON, "empty record (null value)")
-            if len(value) > max_event_bytes:
-                raise _Invalid(TOO_LARGE, f"{len(value)} bytes exceeds the {max_event_bytes}-byte limit")
-            try:
-                obj = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                raise _Invalid(*_why_not_json(value)) from None
-            if isinstance(obj, dict) and "control" in obj and "type" not in obj:
-                control = _control(obj, i)
-                if controls is not None:
-                    controls.append(control)
-                continue
-            rows.append(_validate(obj))
-            kept.append(i)
-        except _Invalid as bad:
-            dead.append(DeadLetter(value=value, key=batch.keys[i], reason=bad.reason, detail=bad.detail,
-                                   topic=batch.topics[i], partition=batch.partitions[i], offset=batch.offsets[i]))
-    return rows, kept, dead
-
-
-def _control(obj: dict, index: int) -> Control:
-    kind = obj["control"]
-    if kind not in CONTROL_KINDS:
-        raise _Invalid(UNKNOWN_TYPE, f"unknown control record {str(kind)[:40]!r} (known: {', '.join(CONTROL_KINDS)})"
-                       if isinstance(kind, str) else "'control' must be a string")
-    return Control(kind, _id_field(obj, "user_id", True), index)
-
-
-def _columns(rows: list[tuple], kept: list[int]) -> EventColumns:
-    n = len(rows)
-    cols = list(zip(*rows)) if n else [()] * 9
-    return EventColumns(
-        user_id=_objects(cols[0]),
-        type_idx=np.fromiter(cols[1], dtype=np.int64, count=n),
-        ts=np.fromiter(cols[2], dtype=np.int64, count=n),
-        item_id=_objects(cols[3]),
-        category=_objects(cols[4]),
-        price=np.fromiter(cols[5], dtype=np.float64, count=n),
-        quantity=np.fromiter(cols[6], dtype=np.int64, count=n),
-        query=_objects(cols[7]),
-        event_id=_objects(cols[8]),
-        record_index=np.asarray(kept, dtype=np.int64),
-    )

@@ -19,7 +19,7 @@ from consumers.cli import main
 from consumers.commands import live
 from consumers.commands.live import run
 from stream.settings import KafkaSettings, Settings
-from stream.events import decode_batch
+from stream.decode import decode_batch
 from tests.helpers import read_topic, record_batch
 
 

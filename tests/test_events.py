@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from stream import events as ev
-from stream.events import decode_batch
+from stream.decode import decode_batch
 from stream.malformed import MALFORMED_KINDS, malformed
 from tests.helpers import record_batch
 

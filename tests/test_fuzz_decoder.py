@@ -35,7 +35,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from stream import events as ev
-from stream.events import EVENT_TYPES, MAX_ID_CHARS, MAX_QUERY_CHARS, MAX_TS_MS, REASONS, RecordBatch, decode_batch
+from stream.events import EVENT_TYPES, MAX_ID_CHARS, MAX_QUERY_CHARS, MAX_TS_MS, REASONS, RecordBatch
+from stream.decode import decode_batch
 from tests.helpers import record_batch
 
 FUZZ = {

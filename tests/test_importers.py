@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stream.importers import FORMATS, ImportReport, import_dataset, iter_import, read_events
-from stream.events import decode_batch
+from stream.decode import decode_batch
 from tests.helpers import record_batch
 
 FIXTURES = Path(__file__).parent / "data" / "importers"

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from models.update_step import SPEND_MAX_MICROS, add_spend, load_updater
 from stream import events as ev
-from stream.events import MAX_AMOUNT, RecordBatch, decode_batch
+from stream.events import MAX_AMOUNT, RecordBatch
+from stream.decode import decode_batch
 from stream.settings import Settings
 from tests.helpers import record_batch
 
