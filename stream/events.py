@@ -2,21 +2,8 @@
 columns (EventColumns), bad records as DeadLetter data, control records (Control). Decoding and
 validating a whole batch at once is stream/decode.py (`decode_batch`).
 
-Contract (one JSON object per record):
-  event_id  non-empty string
-  user_id   non-empty string or 64-bit integer (integers are normalised to their decimal string)
-  type      search | click | add_to_cart | purchase
-  ts        epoch milliseconds (integer) or ISO-8601 string (naive means UTC)
-  item_id   string or 64-bit integer, required for click, add_to_cart, purchase
-  category  string or 64-bit integer, optional
-  (ids are at most 256 characters; fields outside the contract are ignored)
-  price     finite number >= 0, optional; price x quantity at most MAX_AMOUNT
-  quantity  integer >= 1, purchases only (default 1)
-  query     non-empty string, required for search
-
-Control records share the input topics, so they are ordered with the events they act on:
-  {"control": "forget", "user_id": ...}   erase the user's profile and state (`profiles forget`)
-`decode_batch` hands them to the caller that asks for them (the pipeline); other readers skip them.
+The contract itself (fields, rules, dead-letter reasons, control records) is written once, in
+docs/contracts.md.
 """
 
 from __future__ import annotations
