@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import torch
 
-from models.field_heads import CALIBRATION_KNOTS
+from models.field_heads import CALIBRATION_KNOTS, identity_knots
 from models.profile_model import CheckpointError, ModelConfig, ProfileModel
 
 # 2: long-term memory in the state; category head conditioned on idle time.
@@ -81,7 +81,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     if payload["format"] == 3:  # affine calibration [a, b]: the same line through the knots
         for key in [k for k in payload["state_dict"] if k.endswith(".calibration")]:
             a, b = payload["state_dict"][key].tolist()
-            knots = torch.linspace(-6.0, 3.0, CALIBRATION_KNOTS)
+            knots = identity_knots(CALIBRATION_KNOTS)
             payload["state_dict"][key] = torch.stack([knots, a * knots + b])
         payload["state_dict"]["fields.gate_fit.weight"] = torch.zeros(1, 1)  # format 3's gate ignores the fit
     try:

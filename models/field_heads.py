@@ -14,6 +14,11 @@ from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES, USER_FEATURES
 CALIBRATION_KNOTS = 6
 
 
+def identity_knots(k: int = CALIBRATION_KNOTS) -> torch.Tensor:
+    """k knots spanning the usual range of log L: with values equal to them, the calibration changes nothing."""
+    return torch.linspace(-6.0, 3.0, k)
+
+
 @dataclass
 class FieldInputs:
     """What the field heads read besides the state, for U users (stream/statistics.py builds them)."""
@@ -56,7 +61,7 @@ class HazardHead(nn.Module):
         nn.init.zeros_(self.shape.bias)
         # Calibration on held-out time: log L -> g(log L), g monotone piecewise linear through the knots
         # (row 0: knots, row 1: their values), extended linearly past the ends; identity untrained.
-        knots = torch.linspace(-6.0, 3.0, CALIBRATION_KNOTS)
+        knots = identity_knots()
         self.register_buffer("calibration", torch.stack([knots, knots.clone()]))
 
     def log_hazard(self, x: torch.Tensor, s: torch.Tensor, window_hours: torch.Tensor) -> torch.Tensor:
@@ -70,6 +75,14 @@ class HazardHead(nn.Module):
     def probability(log_l: torch.Tensor) -> torch.Tensor:
         """P(at least one event) from log L."""
         return -torch.expm1(-log_l.clamp(max=30).exp())
+
+    @staticmethod
+    def nll(log_l: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood of labels (1: an event in the window) under log L:
+        log P(event) = log(1 - exp(-L)), log P(none) = -L."""
+        hazard = log_l.clamp(max=30).exp()
+        log_p = torch.log((-torch.expm1(-hazard)).clamp(min=1e-12))
+        return -(label * log_p - (1 - label) * hazard).mean()
 
 
 def piecewise_linear(x: torch.Tensor, knots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

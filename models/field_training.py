@@ -24,9 +24,9 @@ from torch import nn
 
 from models.dataset import HOUR_MS, EventLog
 from models.features import hash_buckets
-from models.profile_model import ProfileModel
-from models.field_heads import FieldInputs, piecewise_linear
 from models.checkpoint_io import LoadedModel
+from models.field_heads import FieldInputs, HazardHead, identity_knots, piecewise_linear
+from models.profile_model import ProfileModel
 from stream.events import PURCHASE
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 
@@ -251,10 +251,7 @@ def field_losses(model: ProfileModel, ex: CutExamples) -> dict[str, torch.Tensor
                                      ("event", heads.event, ex.event, ex.event_hours)):
         ok = hours > 0
         if ok.any():
-            log_l = head.log_hazard(x[ok], ex.state[ok], hours[ok])
-            # log P(event) = log(1 - exp(-L)); log P(none) = -L
-            log_p = torch.log((-torch.expm1(-log_l.clamp(max=30).exp())).clamp(min=1e-12))
-            out[name] = -(label[ok] * log_p - (1 - label[ok]) * log_l.clamp(max=30).exp()).mean()
+            out[name] = HazardHead.nll(head.log_hazard(x[ok], ex.state[ok], hours[ok]), label[ok])
     has = ex.target_weight.sum(dim=1) > 0
     if has.any():
         inputs = ex.inputs()
@@ -384,7 +381,7 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200) -> None:
             continue  # too little held-out time, or one class only: leave uncalibrated
         k = head.calibration.shape[1]
         with torch.no_grad():
-            identity = torch.linspace(-6.0, 3.0, k)
+            identity = identity_knots(k)
             head.calibration.copy_(torch.stack([identity, identity]))
             raw = head.log_hazard(x[ok], val.state[ok], hours[ok]).cpu()
             knots = torch.quantile(raw, torch.linspace(0.02, 0.98, k)).cummax(0).values
@@ -401,9 +398,7 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200) -> None:
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
-            log_l = piecewise_linear(raw, knots, values()).clamp(max=30)
-            log_p = torch.log((-torch.expm1(-log_l.exp())).clamp(min=1e-12))
-            loss = -(y * log_p - (1 - y) * log_l.exp()).mean()
+            loss = HazardHead.nll(piecewise_linear(raw, knots, values()), y)
             loss.backward()
             return loss
 
