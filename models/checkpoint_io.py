@@ -15,8 +15,9 @@ from models.profile_model import CheckpointError, ModelConfig, ProfileModel
 # 2: long-term memory in the state; category head conditioned on idle time.
 # 3: published fields from FieldHeads (exact statistics + state; time-to-event probabilities, calibrated).
 # 4: calibration a monotone piecewise-linear map of log L (format 3's affine one is read as two knots).
-CHECKPOINT_FORMAT = 4
-READABLE_FORMATS = (3, 4)
+# 5: copy bonuses of the current item and category (formats 3 and 4 are read without copying).
+CHECKPOINT_FORMAT = 5
+READABLE_FORMATS = (3, 4, 5)
 
 
 @dataclass
@@ -84,6 +85,11 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
             knots = identity_knots(CALIBRATION_KNOTS)
             payload["state_dict"][key] = torch.stack([knots, a * knots + b])
         payload["state_dict"]["fields.gate_fit.weight"] = torch.zeros(1, 1)  # format 3's gate ignores the fit
+    if payload["format"] < 5:  # no copy bonus: zero weights copy nothing, the scores stay those it was trained with
+        state = payload["state_dict"]
+        hidden = state["item_out.weight"].shape[1]
+        for name, width in (("item_copy", hidden), ("category_copy", state["category_head.weight"].shape[1])):
+            state[f"{name}.weight"], state[f"{name}.bias"] = torch.zeros(1, width), torch.zeros(1)
     try:
         raw = dict(payload["config"])
         config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})

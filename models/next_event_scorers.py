@@ -87,26 +87,30 @@ class GRUScorer:
             at[event_idx] = np.arange(len(event_idx))
             mine = np.flatnonzero((rows.user >= users[0]) & (rows.user <= users[-1]))
             states = h[torch.from_numpy(at[source_event[mine]]).to(self.device)]
-            category_logits, purchase_logits, _ = model.head_logits(states, torch.zeros(len(mine), device=self.device))
+            # The copy bonus's item and category: those of the event the state is after.
+            current_item = torch.from_numpy(p.item_vocab[source_event[mine]]).to(self.device)
+            current_category = torch.from_numpy(p.category_bucket[source_event[mine]].astype(np.int64)).to(self.device)
+            category_logits, purchase_logits, _ = model.head_logits(
+                states, torch.zeros(len(mine), device=self.device), None, current_category)
             propensity[mine] = torch.sigmoid(purchase_logits).cpu().numpy()
             item_mask = np.isin(item_rows, mine)
             sel = np.searchsorted(mine, item_rows[item_mask])
             if len(sel):
-                out_item[item_mask] = self._ranks(lambda s: model.item_scores(s), states, sel,
-                                                  rows.item[item_rows[item_mask]], model.config.n_items)
+                out_item[item_mask] = self._ranks(lambda at: model.item_scores(states[at], current=current_item[at]),
+                                                  sel, rows.item[item_rows[item_mask]], model.config.n_items)
             cat_mask = np.isin(category_rows, mine)
             sel = np.searchsorted(mine, category_rows[cat_mask])
             if len(sel):
                 # Category classes are buckets 1..C-1 (bucket 0 means "no category").
-                out_category[cat_mask] = self._ranks(lambda s: s[:, 1:], category_logits, sel,
+                out_category[cat_mask] = self._ranks(lambda at: category_logits[at, 1:], sel,
                                                      rows.category[category_rows[cat_mask]], model.config.category_buckets)
         return NextEventPredictions(out_item, out_category, propensity, rows.purchase_label)
 
-    def _ranks(self, score, states: torch.Tensor, sel: np.ndarray, target: np.ndarray, width: int) -> np.ndarray:
-        """Ranks of `target` under score(states[sel]), a bounded number of score cells at a time."""
+    def _ranks(self, score, sel: np.ndarray, target: np.ndarray, width: int) -> np.ndarray:
+        """Ranks of `target` under score(rows) for the rows sel, a bounded number of score cells at a time."""
         step = max(1, CHUNK_ELEMENTS // max(width, 1))
         out = np.empty(len(sel), dtype=np.int64)
         for a in range(0, len(sel), step):
-            block = states[torch.from_numpy(sel[a:a + step]).to(self.device)]
-            out[a:a + step] = ranks_from_scores(score(block).cpu().numpy(), target[a:a + step])
+            at = torch.from_numpy(sel[a:a + step]).to(self.device)
+            out[a:a + step] = ranks_from_scores(score(at).cpu().numpy(), target[a:a + step])
         return out

@@ -124,6 +124,16 @@ class ProfileModel(nn.Module):
         # gate = sigmoid(softplus(w) * log1p(idle hours) + b): rises with idle time by construction;
         # starts near 0 within a session (seconds) and near 1 after half an hour.
         self.visit_gate = nn.Parameter(torch.tensor([2.0, -3.0]))
+        # Copy the current event: the next event mostly repeats the item or category just seen, which
+        # an output layer over thousands of classes learns from few examples per class (REES46: "next
+        # category = this one" 0.910 accuracy@5 against 0.685 without this). A bonus, read from the
+        # state, on the current event's column; the category's fades with idle time as the visit
+        # correction takes over. Zero-initialised: no copying until trained to.
+        self.item_copy = nn.Linear(c.hidden_size, 1)
+        self.category_copy = nn.Linear(c.state_size, 1)
+        for layer in (self.item_copy, self.category_copy):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
         # Next-item scores over the training vocabulary: one output vector + bias per item.
         self.item_out = nn.Embedding(max(c.n_items, 1), c.hidden_size)
         self.item_bias = nn.Parameter(torch.zeros(max(c.n_items, 1)))
@@ -245,29 +255,42 @@ class ProfileModel(nn.Module):
         final = torch.cat(finals[::-1])  # dropped in order of decreasing rank: reverse restores rank order
         return (torch.cat(steps) if every_step else None), final
 
-    def item_scores(self, s: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+    def item_scores(self, s: torch.Tensor, items: torch.Tensor | None = None, current: torch.Tensor | None = None
+                    ) -> torch.Tensor:
         """(U, S) states -> (U, n_items) next-item scores, or (U, len(items)) for a candidate subset.
-        Items are scored from the GRU's hidden state: the space the item vectors are fed back in."""
+        Items are scored from the GRU's hidden state: the space the item vectors are fed back in.
+        current: (U,) vocabulary index of each user's current item (-1: none), which gets the copy bonus."""
         h = self.drop(self.split_state(s)[0])
         if items is None:
-            return h @ self.item_out.weight.T + self.item_bias
-        return h @ self.item_out(items).T + self.item_bias[items]
+            scores = h @ self.item_out.weight.T + self.item_bias
+        else:
+            scores = h @ self.item_out(items).T + self.item_bias[items]
+        if current is None:
+            return scores
+        return scores + copy_bonus(self.item_copy(h)[:, 0], current, items, scores.shape[1])
 
-    def head_logits(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def head_logits(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None,
+                    current_category: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(category (U, C), purchase (U,), churn (U,)) logits; training uses these directly.
 
-        categories: score only these buckets, (U, len(categories))."""
+        categories: score only these buckets, (U, len(categories)); current_category: see category_logits."""
         s = self.drop(s)
-        return self.category_logits(s, idle_hours, categories), *self._purchase_churn_logits(s, idle_hours)
+        return (self.category_logits(s, idle_hours, categories, current_category),
+                *self._purchase_churn_logits(s, idle_hours))
 
-    def category_logits(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None
-                        ) -> torch.Tensor:
-        """(U, C) next-category logits of users idle for idle_hours (U,)."""
+    def category_logits(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None,
+                        current: torch.Tensor | None = None) -> torch.Tensor:
+        """(U, C) next-category logits of users idle for idle_hours (U,). current: (U,) bucket of each
+        user's current category (0: none), which gets the copy bonus; None (the published fields'
+        explore side, whose repeat side counts the user's own categories): no copying."""
         weight, bias = self._category_weights(categories, self.category_head)
         visit_weight, visit_bias = self._category_weights(categories, self.visit_category_head)
         gate = self.visit_gate_at(idle_hours).unsqueeze(1)  # (U, 1)
-        return torch.addmm(bias, s, weight.T) + gate * torch.addmm(visit_bias, s, visit_weight.T)
+        logits = torch.addmm(bias, s, weight.T) + gate * torch.addmm(visit_bias, s, visit_weight.T)
+        if current is None:
+            return logits
+        bonus = (1 - gate[:, 0]) * self.category_copy(s)[:, 0]
+        return logits + copy_bonus(bonus, torch.where(current > 0, current, -1), categories, logits.shape[1])
 
     def visit_gate_at(self, idle_hours: torch.Tensor) -> torch.Tensor:
         """(U,) weight of the after-a-break correction at these idle times."""
@@ -344,6 +367,16 @@ class ProfileModel(nn.Module):
                                                     categories, inputs, top_k)
         cluster = torch.cdist(s, self.cluster_centroids).argmin(dim=1)  # (U,)
         return ProfileHeads(top_probs, top_cols, purchase, churn, cluster)
+
+
+def copy_bonus(bonus: torch.Tensor, current: torch.Tensor, columns: torch.Tensor | None, width: int) -> torch.Tensor:
+    """(U, width) scores that are bonus (U,) at each user's current class (U,) (-1: none), 0 elsewhere.
+    columns: the classes the scores' columns stand for (all classes, in order, when None)."""
+    if columns is None:
+        at = torch.zeros(len(bonus), width, dtype=bonus.dtype, device=bonus.device)
+        known = current >= 0
+        return at.scatter(1, current.clamp(min=0).unsqueeze(1), (bonus * known).unsqueeze(1))
+    return (columns.unsqueeze(0) == current.unsqueeze(1)) * bonus.unsqueeze(1)
 
 
 def resolve_device(name: str) -> torch.device:

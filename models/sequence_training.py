@@ -117,13 +117,14 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
     if len(rows):
         hs = h[torch.from_numpy(rows).to(device)]
         targets = item_t[rows]
+        current = torch.from_numpy(p.item_vocab[idx[rows]]).to(device)  # the copy bonus's item
         if sampled:
             negatives = rng.integers(0, model.config.n_items, cfg.sampled_negatives)
             candidates = np.unique(np.concatenate([targets, negatives]))
-            logits = model.item_scores(hs, torch.from_numpy(candidates).to(device))
+            logits = model.item_scores(hs, torch.from_numpy(candidates).to(device), current)
             targets = np.searchsorted(candidates, targets)
         else:
-            logits = model.item_scores(hs)
+            logits = model.item_scores(hs, current=current)
         parts["item"] = nn.functional.cross_entropy(logits, torch.from_numpy(targets).to(device))
 
     # Churn: sample how long the user has already been idle, then "no event within the horizon after that".
@@ -139,7 +140,8 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
     # a softmax over 16k mostly empty columns cost most of the step and taught nothing.
     columns = torch.from_numpy(p.category_columns).to(device)
     category_logits, purchase_logits, churn_logits = model.head_logits(
-        h, torch.from_numpy(idle / HOUR_MS).float().to(device), columns)
+        h, torch.from_numpy(idle / HOUR_MS).float().to(device), columns,
+        torch.from_numpy(p.category_bucket[idx].astype(np.int64)).to(device))
 
     def category_nll(logits: torch.Tensor, target_event: np.ndarray) -> torch.Tensor | None:
         """Mean -log p of the categories of target_event (P, W) (-1: none), each on its side of the split."""

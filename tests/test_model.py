@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 import sys
 
 import numpy as np
@@ -82,6 +83,26 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     torch.testing.assert_close(ha.top_category_probs, hb.top_category_probs, rtol=0, atol=0)
     assert torch.equal(ha.top_category_cols, hb.top_category_cols)
     assert torch.equal(ha.interest_cluster, hb.interest_cluster)
+
+
+def test_a_format_4_checkpoint_loads_without_copying(tmp_path):
+    """Checkpoints from before the copy bonus are read with it switched off: their scores are unchanged."""
+    model = ProfileModel.fresh(replace(SMALL, n_items=5))
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, "v-old", {}, [f"i{n}" for n in range(5)])
+    payload = torch.load(path, weights_only=True)
+    payload["format"] = 4
+    for key in [k for k in payload["state_dict"] if k.startswith(("item_copy.", "category_copy."))]:
+        del payload["state_dict"][key]
+    torch.save(payload, path)
+    loaded = load_checkpoint(path).model
+    s = torch.randn(3, SMALL.state_size)
+    current = torch.tensor([0, 4, -1])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.item_scores(s, current=current), model.item_scores(s), rtol=0, atol=0)
+        plain = loaded.category_logits(s, torch.zeros(3))
+        copied = loaded.category_logits(s, torch.zeros(3), current=torch.tensor([1, 2, 0]))
+    torch.testing.assert_close(copied, plain, rtol=0, atol=0)
 
 
 def test_unreadable_checkpoints_are_refused_clearly(tmp_path):
