@@ -212,7 +212,7 @@ def examples_at(updater, model: ProfileModel, future: FutureIndex, cut: int, end
     tcol = torch.from_numpy(target_col).to(device)
     shuffle = torch.randperm(max(len(seen), 1), generator=torch.Generator().manual_seed(k)).to(device)
     away = idle.clamp(min=model.config.visit_break_hours)
-    for a in range(0, n, 4096):
+    for a in range(0, n if len(seen) else 0, 4096):  # a log without categories (YOOCHOOSE) has no explore side
         b = a + 4096
         lp = torch.log_softmax(model.category_logits(s[a:b], away[a:b], seen), dim=1)
         explore_slots[a:b] = lp.gather(1, inputs.slot_cols[a:b])

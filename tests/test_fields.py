@@ -352,3 +352,21 @@ def test_evaluate_fields_command_prints_json_and_draws_reliability(tmp_path):
     bad = CliRunner().invoke(main, ["evaluate-fields", "--model", "demo", "--events", str(tmp_path / "log.jsonl"),
                                     "--cut", "1999-01-01T00:00:00Z"])
     assert bad.exit_code == 1 and "not inside the log" in bad.output
+
+
+def test_the_fields_fit_on_a_log_without_categories(tmp_path):
+    """Click sessions with no category (YOOCHOOSE): the field stage fits the probabilities and leaves the
+    categories out, instead of failing after the sequence model's whole training."""
+    from models.field_training import train_fields
+
+    rng = np.random.default_rng(0)
+    events = [{"event_id": f"{u}-{e}", "user_id": f"u{u}", "type": "purchase" if rng.random() < 0.05 else "click",
+               "ts": 1_700_000_000_000 + u * 3_600_000 + e * 60_000 + int(rng.integers(0, 30)) * 86_400_000,
+               "item_id": f"i{int(rng.integers(50))}"}
+              for u in range(200) for e in range(int(rng.integers(2, 8)))]
+    path = tmp_path / "sessions.jsonl"
+    write_jsonl(events, path)
+    report = train_fields(untrained(ModelConfig(hidden_size=8, memory_size=4, item_buckets=256, category_buckets=64,
+                                                query_buckets=64)), load_events([path]), torch.device("cpu"))
+    assert report["cuts"] >= 3
+    assert set(report["chosen"]) == {"purchase", "event"}  # no category side to choose
