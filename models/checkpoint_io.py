@@ -10,7 +10,7 @@ import orjson
 import torch
 
 from models.field_heads import CALIBRATION_KNOTS, identity_knots
-from models.profile_model import CheckpointError, ModelConfig, ProfileModel
+from models.profile_model import RECENT_CATEGORIES, CheckpointError, ModelConfig, ProfileModel
 
 # 2: long-term memory in the state; category head conditioned on idle time.
 # 3: published fields from FieldHeads (exact statistics + state; time-to-event probabilities, calibrated).
@@ -88,8 +88,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     if payload["format"] < 5:  # no copy bonus: zero weights copy nothing, the scores stay those it was trained with
         state = payload["state_dict"]
         hidden = state["item_out.weight"].shape[1]
-        for name, width in (("item_copy", hidden), ("category_copy", state["category_head.weight"].shape[1])):
-            state[f"{name}.weight"], state[f"{name}.bias"] = torch.zeros(1, width), torch.zeros(1)
+        for name, rows, width in (("item_copy", 1, hidden),
+                                  ("category_copy", RECENT_CATEGORIES, state["category_head.weight"].shape[1])):
+            state[f"{name}.weight"], state[f"{name}.bias"] = torch.zeros(rows, width), torch.zeros(rows)
     try:
         raw = dict(payload["config"])
         config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})

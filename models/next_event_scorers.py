@@ -14,7 +14,7 @@ from models.dataset import HOUR_MS, EventLog
 from models.next_event_evaluation import CHUNK_ELEMENTS, NextEventPredictions, Sequences, ranks_from_scores, targets
 from models.features import hash_buckets, vocab_rows
 from models.profile_model import ProfileModel
-from models.sequence_training import final_states, run_chunks
+from models.sequence_training import final_states, recent_categories, run_chunks
 from models.sequence_data import prepare
 
 
@@ -89,9 +89,9 @@ class GRUScorer:
             states = h[torch.from_numpy(at[source_event[mine]]).to(self.device)]
             # The copy bonus's item and category: those of the event the state is after.
             current_item = torch.from_numpy(p.item_vocab[source_event[mine]]).to(self.device)
-            current_category = torch.from_numpy(p.category_bucket[source_event[mine]].astype(np.int64)).to(self.device)
+            recent = torch.from_numpy(recent_categories(p, source_event[mine])).to(self.device)
             category_logits, purchase_logits, _ = model.head_logits(
-                states, torch.zeros(len(mine), device=self.device), None, current_category)
+                states, torch.zeros(len(mine), device=self.device), None, recent)
             propensity[mine] = torch.sigmoid(purchase_logits).cpu().numpy()
             item_mask = np.isin(item_rows, mine)
             sel = np.searchsorted(mine, item_rows[item_mask])

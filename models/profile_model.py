@@ -36,6 +36,9 @@ from models.field_heads import FieldHeads, FieldInputs, HazardHead
 
 
 
+RECENT_CATEGORIES = 2  # the categories the next-event copy bonus reads: the current one, the distinct one before
+
+
 class ModelError(Exception):
     """Root of the model package's errors."""
 
@@ -130,7 +133,7 @@ class ProfileModel(nn.Module):
         # state, on the current event's column; the category's fades with idle time as the visit
         # correction takes over. Zero-initialised: no copying until trained to.
         self.item_copy = nn.Linear(c.hidden_size, 1)
-        self.category_copy = nn.Linear(c.state_size, 1)
+        self.category_copy = nn.Linear(c.state_size, RECENT_CATEGORIES)  # one bonus per recent category
         for layer in (self.item_copy, self.category_copy):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -270,27 +273,31 @@ class ProfileModel(nn.Module):
         return scores + copy_bonus(self.item_copy(h)[:, 0], current, items, scores.shape[1])
 
     def head_logits(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None,
-                    current_category: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    recent_categories: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(category (U, C), purchase (U,), churn (U,)) logits; training uses these directly.
 
-        categories: score only these buckets, (U, len(categories)); current_category: see category_logits."""
+        categories: score only these buckets, (U, len(categories)); recent_categories: see category_logits."""
         s = self.drop(s)
-        return (self.category_logits(s, idle_hours, categories, current_category),
+        return (self.category_logits(s, idle_hours, categories, recent_categories),
                 *self._purchase_churn_logits(s, idle_hours))
 
     def category_logits(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None,
-                        current: torch.Tensor | None = None) -> torch.Tensor:
-        """(U, C) next-category logits of users idle for idle_hours (U,). current: (U,) bucket of each
-        user's current category (0: none), which gets the copy bonus; None (the published fields'
-        explore side, whose repeat side counts the user's own categories): no copying."""
+                        recent: torch.Tensor | None = None) -> torch.Tensor:
+        """(U, C) next-category logits of users idle for idle_hours (U,). recent: (U, RECENT_CATEGORIES)
+        buckets of each user's current category and the distinct one before it (0: none), which get
+        the copy bonuses; None (the published fields' explore side, whose repeat side counts the
+        user's own categories): no copying."""
         weight, bias = self._category_weights(categories, self.category_head)
         visit_weight, visit_bias = self._category_weights(categories, self.visit_category_head)
         gate = self.visit_gate_at(idle_hours).unsqueeze(1)  # (U, 1)
         logits = torch.addmm(bias, s, weight.T) + gate * torch.addmm(visit_bias, s, visit_weight.T)
-        if current is None:
+        if recent is None:
             return logits
-        bonus = (1 - gate[:, 0]) * self.category_copy(s)[:, 0]
-        return logits + copy_bonus(bonus, torch.where(current > 0, current, -1), categories, logits.shape[1])
+        bonus = (1 - gate) * self.category_copy(s)  # (U, R)
+        for r in range(recent.shape[1]):
+            logits = logits + copy_bonus(bonus[:, r], torch.where(recent[:, r] > 0, recent[:, r], -1), categories,
+                                         logits.shape[1])
+        return logits
 
     def visit_gate_at(self, idle_hours: torch.Tensor) -> torch.Tensor:
         """(U,) weight of the after-a-break correction at these idle times."""

@@ -23,6 +23,7 @@ class Prepared:
     type_idx: np.ndarray
     item_bucket: np.ndarray
     category_bucket: np.ndarray
+    previous_category: np.ndarray  # bucket of the user's latest category before the event's own that differs from it (0: none)
     price_bucket: np.ndarray
     query_tokens: np.ndarray  # (M,) hashed query terms of all events, flat
     query_offsets: np.ndarray  # (N + 1,) event i's terms are query_tokens[off[i]:off[i + 1]]
@@ -79,6 +80,22 @@ def next_visits(log_: EventLog, session_gap_ms: float, sessions: int) -> np.ndar
     return np.where(ok, opens[k_safe], -1)
 
 
+def previous_category(bucket: np.ndarray, user: np.ndarray) -> np.ndarray:
+    """Per event (sorted by user, then time): the bucket of the user's latest category before the event's
+    own that differs from it; 0 where there is none or the event has no category."""
+    out = np.zeros_like(bucket)
+    k = np.flatnonzero(bucket > 0)  # the events with a category
+    if len(k) == 0:
+        return out
+    c, u = bucket[k], user[k]
+    opens = np.ones(len(k), dtype=bool)  # a run of one category opens here
+    opens[1:] = (c[1:] != c[:-1]) | (u[1:] != u[:-1])
+    before = np.maximum.accumulate(np.where(opens, np.arange(len(k)), 0)) - 1  # the event before the run
+    ok = (before >= 0) & (u[np.maximum(before, 0)] == u)
+    out[k] = np.where(ok, c[np.maximum(before, 0)], 0)
+    return out
+
+
 def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: int,
             session_gap_ms: float = 30 * 60_000, visit_sessions: int = 0) -> Prepared:
     ev = log_.events
@@ -98,7 +115,8 @@ def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: i
     gap_to_next = np.where(has_next, (ev.ts[nxt_safe] - ev.ts).astype(np.float64), np.inf)
     return Prepared(
         ts=ev.ts, type_idx=ev.type_idx, item_bucket=hash_buckets(ev.item_id, config.item_buckets, config.hash_seed),
-        category_bucket=category_bucket, price_bucket=price_bucket(ev.price), query_tokens=tokens,
+        category_bucket=category_bucket, previous_category=previous_category(category_bucket, log_.user_of_event),
+        price_bucket=price_bucket(ev.price), query_tokens=tokens,
         query_offsets=np.append(offsets, len(tokens)), dense=dense,
         item_vocab=item_idx, item_target=item_target, user=log_.user_of_event, position=log_.position,
         item_seen_before_split=np.ones(max(len(vocab), 1), dtype=bool),

@@ -98,6 +98,11 @@ def run_chunks(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
     return states[torch.from_numpy(valid).to(device)], event_idx, final
 
 
+def recent_categories(p: Prepared, idx: np.ndarray) -> np.ndarray:
+    """(len(idx), RECENT_CATEGORIES) the copy bonus's categories of these events: their own, the one before."""
+    return np.stack([p.category_bucket[idx], p.previous_category[idx]], axis=1).astype(np.int64)
+
+
 def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.ndarray, h0: torch.Tensor | None,
                split_ts: int, validation: bool, cfg: TrainConfig, rng: np.random.Generator, device: torch.device,
                sampled: bool) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
@@ -141,7 +146,7 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
     columns = torch.from_numpy(p.category_columns).to(device)
     category_logits, purchase_logits, churn_logits = model.head_logits(
         h, torch.from_numpy(idle / HOUR_MS).float().to(device), columns,
-        torch.from_numpy(p.category_bucket[idx].astype(np.int64)).to(device))
+        torch.from_numpy(recent_categories(p, idx)).to(device))
 
     def category_nll(logits: torch.Tensor, target_event: np.ndarray) -> torch.Tensor | None:
         """Mean -log p of the categories of target_event (P, W) (-1: none), each on its side of the split."""
