@@ -101,7 +101,7 @@ def test_a_format_4_checkpoint_loads_without_copying(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.item_scores(s, current=current), model.item_scores(s), rtol=0, atol=0)
         plain = loaded.category_logits(s, torch.zeros(3))
-        copied = loaded.category_logits(s, torch.zeros(3), current=torch.tensor([1, 2, 0]))
+        copied = loaded.category_logits(s, torch.zeros(3), recent=torch.tensor([[1, 2], [2, 0], [0, 0]]))
     torch.testing.assert_close(copied, plain, rtol=0, atol=0)
 
 

@@ -165,9 +165,10 @@ def test_published_top_categories_are_the_next_visits_not_the_sessions(tmp_path)
     state = updater.state
     rows = np.array([state.row(u) for u in home])
     with torch.no_grad():
-        current = torch.from_numpy(state.columns["last_category"][rows].astype(np.int64))  # the copy bonus's
+        last = torch.from_numpy(state.columns["last_category"][rows].astype(np.int64))  # the copy bonus's
+        recent = torch.stack([last, torch.zeros_like(last)], dim=1)
         logits, _, _ = model.head_logits(state.hidden[torch.from_numpy(rows)], torch.zeros(len(rows)),
-                                         state.seen_categories(), current)
+                                         state.seen_categories(), recent)
     next_event = state.seen_category_names()[logits.argmax(dim=1).numpy()]
     home_first = np.mean([published[u]["top_categories"][0]["category"] == home[u] for u in home])
     session_first = np.mean([n == last[u] for n, u in zip(next_event, home)])
