@@ -237,8 +237,8 @@ class ProfileUpdater:
         rows_t = torch.from_numpy(rows).to(self.device)
         h = state.hidden[rows_t]  # (U, H)
         idle = idle_hours(state.max_event_ts, state.last_ts[rows])
-        # Top categories: a distribution over the buckets that ever carried a category string,
-        # computed for those columns only (S seen categories, not every bucket).
+        # Top categories: a distribution over the buckets in the category list (those seen in events, less
+        # those an erasure dropped), computed for those columns only (S categories, not every bucket).
         seen = state.seen_categories()  # (S,) bucket ids
         heads = self.model.heads(h, torch.from_numpy(idle).float().to(self.device), seen, TOP_CATEGORIES,
                                  self.field_inputs(rows, state.max_event_ts), horizons_hours)

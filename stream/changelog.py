@@ -128,16 +128,18 @@ class Changelog:
         from Kafka have none and are skipped), and the meta record when the category names changed."""
         state = self.state
         rows = rows[state.partition[rows] >= 0]
-        if not len(rows):
-            return
         partitions = state.partition[rows].tolist()
-        self.publisher.produce_to_partitions(self.topic, [state.user_ids[r].encode("utf-8", "surrogatepass")
-                                                          for r in rows.tolist()],
-                                             state.changelog_values(rows), partitions)
-        if state.categories_version != self._categories_sent:  # names of newly seen categories
+        if len(rows):
+            self.publisher.produce_to_partitions(self.topic, [state.user_ids[r].encode("utf-8", "surrogatepass")
+                                                              for r in rows.tolist()],
+                                                 state.changelog_values(rows), partitions)
+        # Newly seen categories, or names an erasure dropped: the whole list, which replaces the last one
+        # (a restore reads the latest meta record, compacted or not). Also in a batch that changed no
+        # user's state (one of forget records only), so that a restore after it cannot bring them back.
+        owned = sorted({p for _, p in self._owned()} | set(partitions))
+        if state.categories_version != self._categories_sent and owned:
             meta = orjson.dumps({"model_version": self.model_version,
                                  "category_names": {str(k): v for k, v in state.category_names.items()}})
-            owned = sorted({p for _, p in self._owned()} | set(partitions))
             self.publisher.produce_to_partitions(self.topic, [META_KEY] * len(owned), [meta] * len(owned), owned)
             self._categories_sent = state.categories_version
 

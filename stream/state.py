@@ -30,7 +30,7 @@ import orjson
 import torch
 
 from stream.events import EVENT_TYPES
-from stream.statistics import STAT_COLUMNS
+from stream.statistics import STAT_COLUMNS, unheld_buckets
 
 SNAPSHOT_FORMAT = 1
 
@@ -70,7 +70,8 @@ class StateTable:
         self.hidden = torch.zeros(capacity, hidden_size, device=device)  # (capacity, H)
         self.columns = {name: _column(self.spec[name], capacity) for name in self.spec}
         # Category bucket -> the category string seen in it, so top_categories can name
-        # categories as they appear in events (its keys are the buckets ever seen).
+        # categories as they appear in events (its keys: the buckets seen, less those an erasure left
+        # unheld; see drop_unengaged_categories).
         self.category_names: dict[int, str] = {}
         self.categories_version = 0  # bumped whenever category_names changes (the changelog re-sends it)
         self.max_event_ts = -1  # largest event time seen: the clock of event-time timers
@@ -214,8 +215,9 @@ class StateTable:
         """Upsert users from their latest changelog records (user id bytes -> record; None = erased).
         Returns the number of users loaded. Raises ValueError on records of another layout."""
         live = {k: v for k, v in latest.items() if v is not None}
-        for key in (k for k, v in latest.items() if v is None):
-            self.forget([key.decode("utf-8", "surrogatepass")])
+        # Tombstones drop users but no category names: the meta record restored beside them lists the
+        # names as they were after the erasure (and the partition's other users are not loaded yet).
+        self._drop_users([k.decode("utf-8", "surrogatepass") for k, v in latest.items() if v is None])
         if not live:
             return 0
         dtype = self.record_dtype()
@@ -258,7 +260,13 @@ class StateTable:
         return int(drop.sum())
 
     def forget(self, users: Iterable[str]) -> set[str]:
-        """Erase these users (right to erasure); returns those that were in state (or in the snapshot base)."""
+        """Erase these users (right to erasure); returns those that were in state (or in the snapshot base).
+        The names of categories no remaining user holds go with them (drop_unengaged_categories)."""
+        found = self._drop_users(users)
+        self.drop_unengaged_categories()
+        return found
+
+    def _drop_users(self, users: Iterable[str]) -> set[str]:
         users = list(users)
         found = {u for u in users if u in self._index}
         if self.base is not None:
@@ -270,8 +278,23 @@ class StateTable:
         self.drop_rows(drop)
         return found
 
+    def drop_unengaged_categories(self) -> list[int]:
+        """Drop the names of the buckets that no user holds (statistics.unheld_buckets), of the table or
+        still in the base snapshot: a category only an erased user brought leaves the category list, the
+        snapshot and the changelog's meta record (re-sent: the version moves). Returns the buckets dropped."""
+        holders = [(self.columns, slice(0, len(self)))]
+        if self.base is not None:
+            holders.append((self.base.columns, np.fromiter(self.base.index.values(), dtype=np.int64)))
+        gone = unheld_buckets(np.fromiter(self.category_names, dtype=np.int64), holders).tolist()
+        for bucket in gone:
+            del self.category_names[bucket]
+        if gone:
+            self._seen_cache = None
+            self.categories_version += 1
+        return gone
+
     def seen_categories(self) -> torch.Tensor:
-        """(S,) buckets that ever carried a category, ascending; cached until a new one appears."""
+        """(S,) buckets that carried a category and are still named, ascending; cached until they change."""
         if self._seen_cache is None:
             buckets = sorted(self.category_names)
             self._seen_cache = torch.tensor(buckets, dtype=torch.long, device=self.device)

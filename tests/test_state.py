@@ -58,6 +58,41 @@ def test_forget_erases_users_and_the_others_keep_their_values():
     assert state.rows_for(["b"]).tolist() == [2] and state.counts[2].sum() == 0  # back, as a new user
 
 
+def hold(state: StateTable, user: str, slots: list[int], last: int = 0) -> None:
+    """Give the user category slots (buckets) and a latest category, as the statistics would."""
+    row = state.rows_for([user])[0]
+    state.columns["cat_bucket"][row, :len(slots)] = slots
+    state.columns["last_category"][row] = last
+
+
+def test_forget_drops_the_names_of_categories_no_remaining_user_holds():
+    state = table()
+    state.merge_category_names({3: "secret", 5: "shared", 7: "latest-only", 9: "fell-out", 11: "base-only"})
+    hold(state, "gone", [3, 5, 9])
+    hold(state, "stays", [5], last=7)  # bucket 7: only its latest event's category, not in a slot
+    base = table()
+    hold(base, "in-base", [11])
+    state.attach_base(base.snapshot(), None, [])
+    version = state.categories_version
+    seen_before = state.seen_categories().tolist()
+    assert seen_before == [3, 5, 7, 9, 11]
+
+    assert state.forget(["gone"]) == {"gone"}
+    # 3 and 9 (which no one holds any more, whoever brought it) leave; the rest is held by a user of
+    # the table or of the base snapshot.
+    assert state.category_names == {5: "shared", 7: "latest-only", 11: "base-only"}
+    assert state.seen_categories().tolist() == [5, 7, 11]
+    assert state.seen_category_names().tolist() == ["shared", "latest-only", "base-only"]
+    assert state.snapshot()["category_names"] == {5: "shared", 7: "latest-only", 11: "base-only"}
+    assert state.categories_version > version  # so the changelog re-sends the meta record
+
+    state.forget(["in-base"])  # a base user erased before it was ever loaded
+    assert state.category_names == {5: "shared", 7: "latest-only"}
+    version = state.categories_version
+    state.forget(["nobody"])
+    assert state.categories_version == version  # nothing dropped: nothing to re-send
+
+
 def test_drop_partitions_forgets_the_users_of_lost_partitions():
     state = table()
     state.rows_for(["a", "b", "c", "d"])
