@@ -330,7 +330,7 @@ def _scaled(settings: Settings, columns, n_users: int, batch: int, seed: int) ->
     """The same events, their users spread over `n_users` ids already in state."""
     updater = load_updater(settings)
     ids = np.array([f"s{i}" for i in range(n_users)], dtype=object)
-    updater.state.rows_for(ids)  # prefill: every user has a row (hidden state and counters)
+    updater.state.rows_for(ids)  # prefill: every user has a row (model state and counters)
     rng = np.random.default_rng(seed)
     events = columns.take(np.arange(len(columns)))
     events.user_id = ids[rng.integers(0, n_users, len(columns))]
@@ -357,7 +357,7 @@ def restore_time(*, users: int, partitions: int, kafka: KafkaSettings, say=print
     state = StateTable(64, torch.device("cpu"), watermark_slots=1, dedupe_window=settings.dedupe_window)
     ids = [f"user-{i:08d}" for i in range(users)]
     rows = state.rows_for(ids)
-    state.hidden[:users] = torch.randn(users, 64)
+    state.states[:users] = torch.randn(users, 64)
     state.partition[rows] = rows % partitions
     say(f"writing {users:,} users' state to {topic} ...")
     publisher = Publisher(kafka, **{"linger.ms": 50})

@@ -14,7 +14,7 @@
   price_tier           budget | mid | premium | luxury | unknown
   interest_cluster     int, nearest k-means centroid of the user embedding
   next_items           item ids the user most likely engages with next, best first (only with --next-items)
-  embedding            list of floats (the user's hidden state), unless disabled
+  embedding            list of floats (the user's state: GRU hidden state + memory), unless disabled
 
 The profile's clock is the event time it was computed at: the largest event time the instance
 has seen (so an idle re-score moves purchase_propensity and churn_risk with the user's idle time).
@@ -48,7 +48,7 @@ class ProfileColumns:
     churn_risk: np.ndarray  # (U,) float
     price_tier: list[str]
     interest_cluster: np.ndarray  # (U,) int
-    embedding: np.ndarray | None  # (U, H) float32, or None when disabled
+    embedding: np.ndarray | None  # (U, S) float32 (GRU hidden state + memory), or None when disabled
     next_items: list[list[str]] | None = None  # per user, most likely next items first; None when disabled
 
 
