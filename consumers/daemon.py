@@ -353,7 +353,7 @@ class ProfileDaemon:
         self.set_ready(False, "rebalancing: partitions revoked")
         self.handle(self.source.take_pending())
         self.changelog.commit()
-        self._forget_lag(partitions)
+        self._drop_lag_series(partitions)
         self._drop_users(partitions)
 
     def _drop_lost(self, partitions: list[TopicPartition]) -> None:
@@ -361,11 +361,11 @@ class ProfileDaemon:
         self.set_ready(False, "partitions lost (session expired): joining the group again")
         self.source.drop_pending(partitions)
         self.changelog.release(partitions)  # their offsets, and an open transaction carrying them, are not ours
-        self._forget_lag(partitions)
+        self._drop_lag_series(partitions)
         self._drop_users(partitions)
 
     def _drop_users(self, partitions: list[TopicPartition]) -> None:
-        """Forget the users of partition numbers this member no longer reads in any input topic."""
+        """Release the users of partition numbers this member no longer reads in any input topic."""
         if self._closing:
             return
         leaving = {(p.topic, p.partition) for p in partitions}
@@ -405,7 +405,8 @@ class ProfileDaemon:
             if (topic, partition) in self.source.assigned:
                 self.metrics.consumer_lag.labels(topic, str(partition)).set(behind)
 
-    def _forget_lag(self, partitions: list[TopicPartition]) -> None:
+    def _drop_lag_series(self, partitions: list[TopicPartition]) -> None:
+        """Remove the lag gauges of partitions this member no longer reads."""
         for p in partitions:  # another member reports these now
             try:
                 self.metrics.consumer_lag.remove(p.topic, str(p.partition))

@@ -233,7 +233,7 @@ class ProfileUpdater:
         # The recurrent pass over a large batch is the one kernel big enough to gain from more threads.
         with torch_threads(self.gru_threads if len(ev) >= WIDE_BATCH_EVENTS else 0):
             # Events per user before this batch (the memory's age): the counters are updated below.
-            state.hidden[rows_t] = self.model.advance(state.hidden[rows_t], x, user_sorted, position, lengths,
+            state.states[rows_t] = self.model.advance(state.states[rows_t], x, user_sorted, position, lengths,
                                                       state.counts[rows].sum(axis=1))
         category_buckets = feats.category.cpu().numpy()
         state.remember_categories(category_buckets, category)
@@ -296,12 +296,12 @@ class ProfileUpdater:
             return []
         state, cfg = self.state, self.config
         rows_t = torch.from_numpy(rows).to(self.device)
-        h = state.hidden[rows_t]  # (U, H)
+        s = state.states[rows_t]  # (U, S): GRU hidden state + memory
         idle = idle_hours(state.max_event_ts, state.last_ts[rows])
         # Top categories: a distribution over the buckets in the category list (those seen in events, less
         # those an erasure dropped), computed for those columns only (S categories, not every bucket).
         seen = state.seen_categories()  # (S,) bucket ids
-        heads = self.model.heads(h, torch.from_numpy(idle).float().to(self.device), seen, TOP_CATEGORIES,
+        heads = self.model.heads(s, torch.from_numpy(idle).float().to(self.device), seen, TOP_CATEGORIES,
                                  self.field_inputs(rows, state.max_event_ts), horizons_hours)
         top_cols, top_scores = heads.top_category_cols, heads.top_category_probs
         top_names = state.seen_category_names()[top_cols.cpu().numpy()].tolist()  # (U, k) names, best first
@@ -314,7 +314,7 @@ class ProfileUpdater:
 
         next_items = None
         if self.next_items:
-            best = self.model.item_scores(h).topk(self.next_items, dim=1).indices.cpu().numpy()  # (U, k)
+            best = self.model.item_scores(s).topk(self.next_items, dim=1).indices.cpu().numpy()  # (U, k)
             next_items = self.item_vocab[best].tolist()
         cols = ProfileColumns(
             user_ids=[state.user_ids[r] for r in rows.tolist()],
@@ -327,7 +327,7 @@ class ProfileUpdater:
             churn_risk=heads.churn_risk.cpu().numpy(),
             price_tier=tiers,
             interest_cluster=heads.interest_cluster.cpu().numpy(),
-            embedding=h.float().cpu().numpy() if self.emit_embedding else None,
+            embedding=s.float().cpu().numpy() if self.emit_embedding else None,
             next_items=next_items,
             expired=expired,
         )

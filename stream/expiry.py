@@ -133,6 +133,6 @@ class StateExpiry:
     def reset(self, rows: np.ndarray) -> None:
         """These users start afresh in their rows: zero state, counters and bookkeeping as a new user's."""
         state = self.state
-        state.hidden[torch.from_numpy(rows).to(state.device)] = 0
+        state.states[torch.from_numpy(rows).to(state.device)] = 0
         for name, (_dtype, _shape, initial) in state.spec.items():
             state.columns[name][rows] = initial

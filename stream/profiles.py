@@ -32,7 +32,7 @@ class ProfileColumns:
     churn_risk: np.ndarray  # (U,) float
     price_tier: list[str]
     interest_cluster: np.ndarray  # (U,) int
-    embedding: np.ndarray | None  # (U, H) float32, or None when disabled
+    embedding: np.ndarray | None  # (U, S) float32 (GRU hidden state + memory), or None when disabled
     next_items: list[list[str]] | None = None  # per user, most likely next items first; None when disabled
     expired: bool = False  # the users' last profiles before their state expires (--state-ttl)
 

@@ -99,13 +99,16 @@ class KafkaConfigEntry(click.ParamType):
 KAFKA_PARAMS = ("bootstrap_servers", "kafka_config_file", "kafka_config")
 
 
-def kafka_options(needed_for: str = "") -> Decorator:
+def kafka_options(needed_for: str = "", *, embedded_broker: bool = False) -> Decorator:
     """Brokers, librdkafka properties (TLS, SASL, tuning) and the start-up broker check, for every
-    command that talks to Kafka. `needed_for` names what needs the brokers where not everything does."""
+    command that talks to Kafka. `needed_for` names what needs the brokers where not everything does;
+    `embedded_broker`: without --bootstrap-servers (None) the command starts a broker of its own."""
     where = f" Needed for {needed_for} only." if needed_for else ""
+    if embedded_broker:
+        where += " Without any, an embedded broker is started for the run."
     return stack(
         click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True,
-                     default="localhost:9092", show_default=True,
+                     default=None if embedded_broker else "localhost:9092", show_default=not embedded_broker,
                      help=f"Kafka brokers, host:port[,host:port].{where}"),
         setting("--kafka-config", multiple=True, metavar="KEY=VALUE", type=KafkaConfigEntry(),
                 help="librdkafka property for every client, repeatable (e.g. security.protocol=SASL_SSL). In "
