@@ -1,6 +1,7 @@
 """`profiles bench`: events per second of the whole pipeline against a plain consumer, on one broker.
 
-Broker mode (the embedded broker unless --bootstrap-servers is given), in one run:
+Broker mode (the embedded broker unless --bootstrap-servers is given; --kafka-config and
+--kafka-config-file apply to every client, so a TLS/SASL cluster can be measured), in one run:
   1. produce N generated events to a fresh topic (not timed);
   2. raw ceiling: a plain confluent-kafka consumer reads and JSON-decodes the N events, nothing else;
   3. pipeline: the daemon (decode, validate, GRU update, profile encode, publish, commit) on the
@@ -19,7 +20,9 @@ import multiprocessing
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
 import numpy as np
 import orjson
@@ -121,6 +124,20 @@ def generated_records(n: int, users: int, seed: int, start_ts_ms: int | None = N
 
 # ---------------------------------------------------------------- broker mode
 
+@contextmanager
+def bench_brokers(kafka: KafkaSettings) -> Iterator[KafkaSettings]:
+    """The Kafka to benchmark against: `kafka` as given, or, when it names no bootstrap servers, an
+    embedded broker started here (and stopped on leaving), with `kafka`'s client properties kept."""
+    if kafka.bootstrap_servers:
+        yield kafka
+        return
+    broker = EmbeddedBroker().start()
+    try:
+        yield dataclasses.replace(kafka, bootstrap_servers=broker.bootstrap_servers)
+    finally:
+        broker.stop()
+
+
 def produce_all(kafka: KafkaSettings, topic: str, recs: list[tuple[bytes, bytes]]) -> None:
     publisher = Publisher(kafka, **{"linger.ms": 20})
     publisher.produce_many(topic, recs)
@@ -184,46 +201,41 @@ def run_daemon_until(settings: Settings, updater: ProfileUpdater, done: callable
     return daemon
 
 
-def run_bench(*, events: int, users: int, batch_max_events: int, device: str, bootstrap_servers: str | None,
+def run_bench(*, events: int, users: int, batch_max_events: int, device: str, kafka: KafkaSettings,
               partitions: int, offered_rate: int, offered_seconds: float, torch_threads: int, seed: int,
               gru_threads: int = 0, guarantee: str = "at-least-once", say=print) -> BenchReport:
-    broker = None if bootstrap_servers else EmbeddedBroker().start()
-    try:
-        kafka = KafkaSettings(bootstrap_servers or broker.bootstrap_servers)
-        run_id = uuid.uuid4().hex[:8]
-        topic = f"bench-events-{run_id}"
-        settings = Settings(kafka=kafka, input_topics=(topic,), output_topic=f"bench-profiles-{run_id}",
-                            group_id=f"bench-pipeline-{run_id}", device=device, torch_threads=torch_threads,
-                            gru_threads=gru_threads, batch_max_events=batch_max_events, session_timeout_ms=6000, guarantee=guarantee)
-        ensure_topics(admin_client(kafka), {topic: partitions})
-        say(f"generating {events:,} events for {users:,} users ...")
-        recs = generated_records(events, users, seed)
-        say(f"producing them to {topic} on {kafka.bootstrap_servers} ({partitions} partitions) ...")
-        produce_all(kafka, topic, recs)
+    """Raw ceiling, pipeline and offered load on the brokers of `kafka` (see `bench_brokers`)."""
+    run_id = uuid.uuid4().hex[:8]
+    topic = f"bench-events-{run_id}"
+    settings = Settings(kafka=kafka, input_topics=(topic,), output_topic=f"bench-profiles-{run_id}",
+                        group_id=f"bench-pipeline-{run_id}", device=device, torch_threads=torch_threads,
+                        gru_threads=gru_threads, batch_max_events=batch_max_events, session_timeout_ms=6000, guarantee=guarantee)
+    ensure_topics(admin_client(kafka), {topic: partitions})
+    say(f"generating {events:,} events for {users:,} users ...")
+    recs = generated_records(events, users, seed)
+    say(f"producing them to {topic} on {kafka.bootstrap_servers} ({partitions} partitions) ...")
+    produce_all(kafka, topic, recs)
 
-        say("raw ceiling: a plain consumer that consumes and decodes, nothing else ...")
-        raw = raw_ceiling(kafka, topic, events, batch_max_events)
+    say("raw ceiling: a plain consumer that consumes and decodes, nothing else ...")
+    raw = raw_ceiling(kafka, topic, events, batch_max_events)
 
-        say("pipeline: decode, validate, GRU update, encode, publish, commit ...")
-        updater = load_updater(settings)
-        daemon = run_daemon_until(settings, updater, lambda d: d.stats.records >= events, timeout_s=600)
-        s = daemon.stats
-        pipeline = events / (s.last_batch_done_at - s.assigned_at)  # both clocks start at assignment
-        ms = np.array(s.batch_seconds) * 1000
-        report = BenchReport(events=events, users=len(updater.state), device=str(updater.device),
-                             batch_max_events=batch_max_events, guarantee=guarantee, pipeline_events_per_s=pipeline,
-                             raw_events_per_s=raw, ratio=pipeline / raw,
-                             p50_batch_ms=float(np.percentile(ms, 50)), p99_batch_ms=float(np.percentile(ms, 99)),
-                             state_bytes=int(sum(updater.state.state_bytes().values())),
-                             stage_share=stage_share(daemon.metrics), dead_letters=s.dead_letters,
-                             profiles_per_event=s.profiles / max(s.events, 1))
-        del daemon, updater  # close their clients while the broker still runs
-        if offered_rate:
-            offered(report, settings, run_id, users, seed, offered_rate, offered_seconds, partitions, say)
-        return report
-    finally:
-        if broker is not None:
-            broker.stop()
+    say("pipeline: decode, validate, GRU update, encode, publish, commit ...")
+    updater = load_updater(settings)
+    daemon = run_daemon_until(settings, updater, lambda d: d.stats.records >= events, timeout_s=600)
+    s = daemon.stats
+    pipeline = events / (s.last_batch_done_at - s.assigned_at)  # both clocks start at assignment
+    ms = np.array(s.batch_seconds) * 1000
+    report = BenchReport(events=events, users=len(updater.state), device=str(updater.device),
+                         batch_max_events=batch_max_events, guarantee=guarantee, pipeline_events_per_s=pipeline,
+                         raw_events_per_s=raw, ratio=pipeline / raw,
+                         p50_batch_ms=float(np.percentile(ms, 50)), p99_batch_ms=float(np.percentile(ms, 99)),
+                         state_bytes=int(sum(updater.state.state_bytes().values())),
+                         stage_share=stage_share(daemon.metrics), dead_letters=s.dead_letters,
+                         profiles_per_event=s.profiles / max(s.events, 1))
+    del daemon, updater  # close their clients while the broker still runs
+    if offered_rate:
+        offered(report, settings, run_id, users, seed, offered_rate, offered_seconds, partitions, say)
+    return report
 
 
 def offered(report: BenchReport, settings: Settings, run_id: str, users: int, seed: int, rate: int,
@@ -241,7 +253,7 @@ def offered(report: BenchReport, settings: Settings, run_id: str, users: int, se
     ctx = multiprocessing.get_context("spawn")
     go, producer_seconds = ctx.Event(), ctx.Value("d", 0.0)
     producer = ctx.Process(target=offer_at_rate, daemon=True,
-                           args=(live.kafka.bootstrap_servers, topic, recs, rate, go, producer_seconds))
+                           args=(live.kafka, topic, recs, rate, go, producer_seconds))
     producer.start()
 
     def started(d: ProfileDaemon) -> bool:  # offer once the daemon owns its partitions
@@ -318,7 +330,7 @@ def _scaled(settings: Settings, columns, n_users: int, batch: int, seed: int) ->
     """The same events, their users spread over `n_users` ids already in state."""
     updater = load_updater(settings)
     ids = np.array([f"s{i}" for i in range(n_users)], dtype=object)
-    updater.state.rows_for(ids)  # prefill: every user has a row (hidden state and counters)
+    updater.state.rows_for(ids)  # prefill: every user has a row (model state and counters)
     rng = np.random.default_rng(seed)
     events = columns.take(np.arange(len(columns)))
     events.user_id = ids[rng.integers(0, n_users, len(columns))]
@@ -329,40 +341,35 @@ def _scaled(settings: Settings, columns, n_users: int, batch: int, seed: int) ->
 
 # ---------------------------------------------------------------- restore
 
-def restore_time(*, users: int, partitions: int, bootstrap_servers: str | None, say=print) -> dict:
-    """Seconds to restore `users` users from the state changelog, as a member assigned every partition does."""
+def restore_time(*, users: int, partitions: int, kafka: KafkaSettings, say=print) -> dict:
+    """Seconds to restore `users` users from the state changelog, as a member assigned every partition does,
+    on the brokers of `kafka` (see `bench_brokers`)."""
     from stream.changelog import Changelog
     from stream.state import StateTable
 
-    broker = None if bootstrap_servers else EmbeddedBroker().start()
-    try:
-        kafka = KafkaSettings(bootstrap_servers or broker.bootstrap_servers)
-        topic = f"bench-state-{uuid.uuid4().hex[:8]}"
-        ensure_topics(admin_client(kafka), {topic: partitions}, compacted=[topic])
-        settings = Settings()
+    topic = f"bench-state-{uuid.uuid4().hex[:8]}"
+    ensure_topics(admin_client(kafka), {topic: partitions}, compacted=[topic])
+    settings = Settings()
 
-        def changelog(state: StateTable, publisher: Publisher) -> Changelog:
-            return Changelog(kafka, state, publisher, Metrics(), topic=topic, model_version="bench")
+    def changelog(state: StateTable, publisher: Publisher) -> Changelog:
+        return Changelog(kafka, state, publisher, Metrics(), topic=topic, model_version="bench")
 
-        state = StateTable(64, torch.device("cpu"), watermark_slots=1, dedupe_window=settings.dedupe_window)
-        ids = [f"user-{i:08d}" for i in range(users)]
-        rows = state.rows_for(ids)
-        state.hidden[:users] = torch.randn(users, 64)
-        state.partition[rows] = rows % partitions
-        say(f"writing {users:,} users' state to {topic} ...")
-        publisher = Publisher(kafka, **{"linger.ms": 50})
-        writer = changelog(state, publisher)
-        for start in range(0, users, 100_000):
-            writer.write_state(rows[start:start + 100_000])
-            publisher.poll()
-        publisher.flush()
-        say("restoring ...")
-        fresh = StateTable(64, torch.device("cpu"), watermark_slots=1, dedupe_window=settings.dedupe_window)
-        restored = changelog(fresh, publisher).restore(list(range(partitions)))
-        assert restored.users == users, f"restored {restored.users} of {users} users"
-        return {"users": users, "restore_seconds": restored.seconds, "read_seconds": restored.read_seconds,
-                "load_seconds": restored.seconds - restored.read_seconds, "users_per_s": users / restored.seconds,
-                "record_bytes": state.record_dtype().itemsize}
-    finally:
-        if broker is not None:
-            broker.stop()
+    state = StateTable(64, torch.device("cpu"), watermark_slots=1, dedupe_window=settings.dedupe_window)
+    ids = [f"user-{i:08d}" for i in range(users)]
+    rows = state.rows_for(ids)
+    state.states[:users] = torch.randn(users, 64)
+    state.partition[rows] = rows % partitions
+    say(f"writing {users:,} users' state to {topic} ...")
+    publisher = Publisher(kafka, **{"linger.ms": 50})
+    writer = changelog(state, publisher)
+    for start in range(0, users, 100_000):
+        writer.write_state(rows[start:start + 100_000])
+        publisher.poll()
+    publisher.flush()
+    say("restoring ...")
+    fresh = StateTable(64, torch.device("cpu"), watermark_slots=1, dedupe_window=settings.dedupe_window)
+    restored = changelog(fresh, publisher).restore(list(range(partitions)))
+    assert restored.users == users, f"restored {restored.users} of {users} users"
+    return {"users": users, "restore_seconds": restored.seconds, "read_seconds": restored.read_seconds,
+            "load_seconds": restored.seconds - restored.read_seconds, "users_per_s": users / restored.seconds,
+            "record_bytes": state.record_dtype().itemsize}

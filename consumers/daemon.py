@@ -172,6 +172,7 @@ class ProfileDaemon:
         self.metrics.last_progress.set_to_current_time()
         self.health.progressed()
         if len(records) == 0:
+            self._expire_while_quiet(records)
             self.changelog.commit()  # idle: nothing to overlap with, commit what is out
             return
         self.health.broker_up()  # records came: the broker answers
@@ -182,11 +183,24 @@ class ProfileDaemon:
         t_commit = time.perf_counter()
         committed = self.changelog.commit()
         t_publish = time.perf_counter()
-        self.changelog.stage(records, result.rows, result.profiles, result.dead_letters, result.erased)
+        self.changelog.stage(records, result.rows, result.profiles, result.dead_letters, result.erased,
+                             result.expired)
         done = time.perf_counter()
         self.source.pacer.took(done - start, len(records))
         self.account(records, result, {**result.stage_seconds, "commit": t_publish - t_commit,
                                        "publish": done - t_publish, "total": done - start}, committed)
+
+    def _expire_while_quiet(self, records: RecordBatch) -> None:
+        """The input went quiet: expire the users the last batches' event time left idle past the TTL
+        (the state step checks only at a batch's start), so the state settles as a replay's ends."""
+        expired = self.updater.expire_idle(settle=True)
+        if not len(expired):
+            return
+        self.changelog.stage(records, np.empty(0, dtype=np.int64), [], [], [], expired)
+        self.metrics.users_expired.inc(len(expired))
+        self.metrics.profiles_published.inc(len(expired.profiles))
+        self.stats.profiles += len(expired.profiles)
+        self.metrics.users_in_state.set(len(self.updater.state))
 
     def restore_partitions(self, partitions: list[int]) -> None:
         """Load the state of these input partitions' users from the changelog (before their events)."""
@@ -216,8 +230,9 @@ class ProfileDaemon:
             m.events_skipped.labels("replayed").inc(result.replayed)
         if result.duplicates:
             m.events_skipped.labels("duplicate").inc(result.duplicates)
-        m.profiles_published.inc(len(result.profiles))
+        m.profiles_published.inc(len(result.profiles) + len(result.expired.profiles))
         m.users_forgotten.inc(result.forgotten)
+        m.users_expired.inc(len(result.expired))
         m.batch_events.observe(len(records))
         for stage, sec in seconds.items():
             m.batch_seconds.labels(stage).observe(sec)
@@ -237,7 +252,7 @@ class ProfileDaemon:
         s.records += len(records)
         s.events += n_events
         s.dead_letters += len(result.dead_letters)
-        s.profiles += len(result.profiles)
+        s.profiles += len(result.profiles) + len(result.expired.profiles)
         s.commits += int(committed)
         s.batch_seconds.append(seconds["total"])
         s.last_batch_done_at = time.perf_counter()
@@ -338,7 +353,7 @@ class ProfileDaemon:
         self.set_ready(False, "rebalancing: partitions revoked")
         self.handle(self.source.take_pending())
         self.changelog.commit()
-        self._forget_lag(partitions)
+        self._drop_lag_series(partitions)
         self._drop_users(partitions)
 
     def _drop_lost(self, partitions: list[TopicPartition]) -> None:
@@ -346,11 +361,11 @@ class ProfileDaemon:
         self.set_ready(False, "partitions lost (session expired): joining the group again")
         self.source.drop_pending(partitions)
         self.changelog.release(partitions)  # their offsets, and an open transaction carrying them, are not ours
-        self._forget_lag(partitions)
+        self._drop_lag_series(partitions)
         self._drop_users(partitions)
 
     def _drop_users(self, partitions: list[TopicPartition]) -> None:
-        """Forget the users of partition numbers this member no longer reads in any input topic."""
+        """Release the users of partition numbers this member no longer reads in any input topic."""
         if self._closing:
             return
         leaving = {(p.topic, p.partition) for p in partitions}
@@ -390,7 +405,8 @@ class ProfileDaemon:
             if (topic, partition) in self.source.assigned:
                 self.metrics.consumer_lag.labels(topic, str(partition)).set(behind)
 
-    def _forget_lag(self, partitions: list[TopicPartition]) -> None:
+    def _drop_lag_series(self, partitions: list[TopicPartition]) -> None:
+        """Remove the lag gauges of partitions this member no longer reads."""
         for p in partitions:  # another member reports these now
             try:
                 self.metrics.consumer_lag.remove(p.topic, str(p.partition))

@@ -101,12 +101,12 @@ def produce_paced(publisher: Publisher, topic: str, stream: Iterator[tuple[bytes
     return sent
 
 
-def offer_at_rate(bootstrap_servers: str, topic: str, recs: list[tuple[bytes, bytes]], rate: int,
+def offer_at_rate(kafka: KafkaSettings, topic: str, recs: list[tuple[bytes, bytes]], rate: int,
                   go, seconds_taken) -> None:
     """A load process (`profiles bench`): wait for `go`, produce `recs` at `rate` records/s, and
     report the seconds it took in `seconds_taken` (a shared double). Lives here, away from torch,
     so the process starts quickly."""
-    publisher = Publisher(KafkaSettings(bootstrap_servers))
+    publisher = Publisher(kafka)
     go.wait()
     started = time.perf_counter()
     produce_paced(publisher, topic, iter(recs), rate, threading.Event())

@@ -22,7 +22,7 @@ from stream.kafka import Publisher
 from stream.runtime import tune_garbage_collector
 from stream.settings import Settings
 from stream.sources import open_sources, parse_kafka_uri
-from stream.state import write_snapshot
+from stream.state import StateTable, write_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class ReplayReport:
     replayed: int = 0  # valid events at or below their user's watermark (read twice): skipped
     profiles: int = 0
     erased: int = 0  # users erased by forget records in the log
+    expired: int = 0  # users whose state expired (--state-ttl), a returning user once per expiry
     users: int = 0
     seconds: float = 0.0
     partial: list[str] = field(default_factory=list)  # where an interrupted run left its output
@@ -47,6 +48,8 @@ class ReplayReport:
             (self.out_of_range, "outside the time range"), (self.duplicates, "duplicates skipped"),
             (self.replayed, "already applied, skipped")) if n)
         erased = f"; {self.erased:,} user(s) erased by forget records" if self.erased else ""
+        erased += (f"; {self.expired:,} user state(s) expired, {self.users:,} user(s) left in state"
+                   if self.expired else "")
         return (f"{self.records:,} records ({self.events:,} events, {self.dead_letters:,} dead letters -> "
                 f"{dead_letters_path}{skipped}) of {self.users:,} users in {self.seconds:.1f}s "
                 f"({self.events_per_second:,.0f} records/s); {self.profiles:,} profiles written{erased}")
@@ -101,6 +104,23 @@ class ProfileSink:
             self.out.discard()
 
 
+class LastExpired:
+    """The last profile of each user whose state expired (--on-expire publish), held until the end of a
+    replay that writes final profiles: one whose user came back is replaced by the user's final profile."""
+
+    def __init__(self) -> None:
+        self.profiles: dict[bytes, bytes] = {}
+
+    def add(self, profiles: list[tuple[bytes, bytes]], erased: list[tuple[str, int]]) -> None:
+        self.profiles.update(profiles)
+        for user, _ in erased:  # erased after it expired: nothing of the user is written
+            self.profiles.pop(user.encode("utf-8", "surrogatepass"), None)
+
+    def of_users_not_in(self, state: StateTable) -> list[tuple[bytes, bytes]]:
+        return [(key, value) for key, value in self.profiles.items()
+                if state.row(key.decode("utf-8", "surrogatepass")) is None]
+
+
 def dead_letter_line(dead: DeadLetter) -> bytes:
     """One JSON line per dead letter: the reason, where it came from, and the record byte for byte (base64)."""
     return orjson.dumps({
@@ -126,6 +146,7 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
         sink.discard()
         raise
     report = ReplayReport()
+    last_expired = LastExpired()
     tune_garbage_collector()
     positions: dict[str, dict[int, int]] = {}
     with Progress(
@@ -145,11 +166,16 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
                     for partition, offset in result.first_after_range.items():
                         first_after[partition] = min(first_after.get(partition, offset), offset)
                     report.erased += result.forgotten
+                    report.expired += len(result.expired)
                     if every_update:
+                        sink.write(result.expired.profiles)  # expired before the batch's events, or at a return
+                        report.profiles += len(result.expired.profiles)
                         if result.erased:  # before the batch's profiles: a user re-created after it wins
                             sink.erase([user for user, _ in result.erased])
                         sink.write(result.profiles)
                         report.profiles += len(result.profiles)
+                    else:
+                        last_expired.add(result.expired.profiles, result.erased)
                     if result.dead_letters:
                         dlq.write(b"".join(dead_letter_line(d) for d in result.dead_letters))
                     report.records += len(batch)
@@ -165,7 +191,17 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
                     # at the first event past the range's end where there was one (the ones after it
                     # that the replay did apply are at or below their user's watermark, and skipped).
                     positions[topic] = {p: min(o, first_after.get(p, o)) for p, o in read.items()}
+            while expired := updater.expire_idle(force=True):  # users idle past the TTL at the log's end
+                report.expired += len(expired)
+                if every_update:
+                    sink.write(expired.profiles)
+                    report.profiles += len(expired.profiles)
+                else:
+                    last_expired.add(expired.profiles, [])
             if not every_update:
+                final = last_expired.of_users_not_in(updater.state)
+                sink.write(final)
+                report.profiles += len(final)
                 for profiles in updater.all_profiles():
                     sink.write(profiles)
                     report.profiles += len(profiles)

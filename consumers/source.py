@@ -102,7 +102,7 @@ class KafkaBatchSource:
         return batch
 
     def drop_pending(self, partitions: list[TopicPartition]) -> None:
-        """Forget pending records of partitions this consumer no longer owns."""
+        """Drop pending records of partitions this consumer no longer owns."""
         gone = {(p.topic, p.partition) for p in partitions}
         kept = self.take_pending()
         self.pending = kept.take([i for i, tp in enumerate(zip(kept.topics, kept.partitions)) if tp not in gone])

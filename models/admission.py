@@ -67,6 +67,12 @@ class ToApply:
     duplicates: int  # events whose event_id the user's recent events already had
     again: np.ndarray  # state rows of users with re-consumed events: their profile is published again
 
+    def take(self, keep: np.ndarray) -> ToApply:
+        """The events where `keep` is true, to apply in a pass of their own (skip counts stay with the whole)."""
+        return ToApply(events=self.events.take(keep), rows=self.rows[keep], positions=self.positions[:, keep],
+                       id_hashes=self.id_hashes[keep] if self.id_hashes is not None else None, replayed=0,
+                       duplicates=0, again=np.empty(0, dtype=np.int64))
+
 
 class Admission:
     """The checks of one state table: decode -> place -> skip_applied, then remember what was applied."""

@@ -1,4 +1,4 @@
-"""The GRU profile model: embed events -> advance each user's hidden state -> heads.
+"""The GRU profile model: embed events -> advance each user's state (GRU hidden state + memory) -> heads.
 
 Shape conventions: N events in a batch, U users touched by it, H hidden size, M memory size,
 S = H + M state size, C category buckets, K interest clusters.
@@ -113,7 +113,7 @@ class ProfileModel(nn.Module):
         self.price_emb = nn.Embedding(len(PRICE_EDGES) + 2, c.price_dim)
         self.gru = nn.GRU(c.input_size, c.hidden_size, batch_first=False)
         self.memory_in = nn.Linear(c.hidden_size, c.memory_size)
-        # Per-dimension decay per event: memory j forgets with a time scale of tau_j events.
+        # Per-dimension decay per event: memory j fades with a time scale of tau_j events.
         tau = np.geomspace(*c.memory_timescales, num=c.memory_size) if c.memory_size else np.zeros(0)
         self.register_buffer("memory_decay", torch.from_numpy(np.exp(-1.0 / np.maximum(tau, 1e-6))).float())
         self.drop = nn.Dropout(c.dropout)

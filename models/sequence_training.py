@@ -215,7 +215,8 @@ def loss_weights(cfg: TrainConfig) -> dict[str, float]:
 
 def final_states(model: ProfileModel, log_: EventLog, p: Prepared, device: torch.device,
                  users_per_call: int = 2048) -> torch.Tensor:
-    """Every user's hidden state after their whole sequence, as the daemon would hold it: (U, H)."""
+    """Every user's state (GRU hidden state + memory) after their whole sequence, as the daemon would hold
+    it: (U, S)."""
     states = []
     with torch.no_grad():
         for first in range(0, len(log_.users), users_per_call):
@@ -224,13 +225,13 @@ def final_states(model: ProfileModel, log_: EventLog, p: Prepared, device: torch
             x = model.embed(features_at(p, idx, device))
             lengths = log_.length[users]
             user_of_event = np.repeat(np.arange(len(users)), lengths)
-            h0 = torch.zeros(len(users), model.config.state_size, device=device)
-            states.append(model.advance(h0, x, user_of_event, log_.position[idx], lengths, np.zeros_like(lengths)))
+            s0 = torch.zeros(len(users), model.config.state_size, device=device)
+            states.append(model.advance(s0, x, user_of_event, log_.position[idx], lengths, np.zeros_like(lengths)))
     return torch.cat(states)
 
 
 def kmeans(x: torch.Tensor, k: int, seed: int, iterations: int = 25) -> torch.Tensor:
-    """Plain Lloyd's k-means with k-means++ seeding; returns (k, H) centroids."""
+    """Plain Lloyd's k-means with k-means++ seeding over rows x (n, D); returns (k, D) centroids."""
     gen = torch.Generator().manual_seed(seed)
     x = x.cpu()
     centroids = x[torch.randint(len(x), (1,), generator=gen)]

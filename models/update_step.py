@@ -1,7 +1,8 @@
 """One batch through the profile pipeline: records -> state updated by the GRU -> profiles.
 
 Source- and sink-agnostic, so the Kafka daemon, replays, bench, inspect, evaluation and training
-share it. `ProfileUpdater.process` runs the stages in order: decode, place and skip_applied (the
+share it. `ProfileUpdater.process` runs the stages in order: expire (with --state-ttl: the rule is
+stream/expiry.py's, so replay and daemon expire the same users), decode, place and skip_applied (the
 checks of models/admission.py), apply (the state step: one GRU call for every touched user's new
 events, exact statistics and counters, numpy over the whole batch), choose_rows, encode (heads for
 the chosen users only).
@@ -17,13 +18,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from models.admission import Admission
+from models.admission import Admission, ToApply
 from models.features import build_features
 from models.profile_model import idle_hours, price_tier_index
 from models.field_heads import FieldInputs
 from models.checkpoint_io import LoadedModel
 from stream import statistics
 from stream.events import PURCHASE, DeadLetter, EventColumns, RecordBatch
+from stream.expiry import Expired, StateExpiry
 from stream.profiles import ProfileColumns, encode_profiles
 from stream.pseudonyms import Pseudonymizer
 from stream.runtime import torch_threads, usable_cores
@@ -58,6 +60,9 @@ class BatchResult:
     # Replays with an end bound: per input partition, the first offset of an event at or after it
     # (not applied; where a daemon started from the replay's snapshot must begin reading).
     first_after_range: dict[int, int] = field(default_factory=dict)
+    # Users whose state expired (--state-ttl) in this batch, before its events: their changelog tombstones
+    # and last profiles go out before the batch's other records.
+    expired: Expired = field(default_factory=Expired)
 
 
 class ProfileUpdater:
@@ -65,7 +70,8 @@ class ProfileUpdater:
 
     def __init__(self, loaded: LoadedModel, device: torch.device, *, max_event_bytes: int, emit_embedding: bool,
                  idle_rescore_ms: int = 0, next_items: int = 0, pseudonymize_key: str = "",
-                 input_topics: tuple[str, ...] = (), dedupe_window: int = 0, gru_threads: int = 0) -> None:
+                 input_topics: tuple[str, ...] = (), dedupe_window: int = 0, gru_threads: int = 0,
+                 state_ttl_ms: int = 0, on_expire: str = "publish") -> None:
         self.model = loaded.model.to(device).eval()
         self.model_version = loaded.version
         self.config = loaded.model.config
@@ -95,13 +101,19 @@ class ProfileUpdater:
         self._next_idle_scan = -1
         # The checks around the state step: decoding, partitioning policy, erasure, exactly-once skips.
         self.admission = Admission(self.state, self.topic_slot, self.pseudonymize, max_event_bytes)
+        # State that expires: users idle longer than the TTL in event time leave the table (0: never).
+        self.expiry = StateExpiry(self.state, state_ttl_ms) if state_ttl_ms else None
+        self.publish_expired = on_expire == "publish"  # a last profile saying "expired": true, or nothing
 
     def process(self, records: RecordBatch, time_range: TimeRange | None = None, *, profiles: bool = True,
                 ) -> BatchResult:
         """The batch step, stage by stage: decode -> place -> skip_applied -> apply -> choose_rows -> encode.
         With `time_range`, only events whose event time lies in it are applied. `profiles=False` skips
-        encoding the touched users' profiles (a replay that writes only final ones)."""
+        encoding the touched users' profiles (a replay that writes only final ones); the last profiles of
+        users that expire are encoded either way (with --on-expire publish)."""
         t0 = time.perf_counter()
+        expired = self.expire_idle()  # first: the batch's rows are looked up in the table without them
+        t_expire = time.perf_counter() - t0
         decoded = self.admission.decode(records)  # valid events and dead letters; erasures done
         cut = RangeCut()
         if time_range is not None:  # replays of a kafka:// range, evaluations at a cut: the others are not applied
@@ -109,17 +121,65 @@ class ProfileUpdater:
         t1 = time.perf_counter()
         placed = self.admission.place(records, decoded)  # state rows; events on a wrong partition out
         todo = self.admission.skip_applied(placed)  # events already applied (re-read, duplicated) out
-        touched = self.apply(todo.events, todo.rows)
-        self.admission.remember(todo)  # watermarks, partitions, recent event ids
+        touched = self.apply_admitted(todo, expired)
         rows = self.choose_rows(touched, todo.again)
         t2 = time.perf_counter()
         encoded = self.profiles_for(rows) if profiles else []
         t3 = time.perf_counter()
         return BatchResult(profiles=encoded, dead_letters=placed.dead_letters, events=todo.events,
                            out_of_range=cut.outside, first_after_range=cut.first_after,
-                           stage_seconds={"decode": t1 - t0, "model": t2 - t1, "encode": t3 - t2},
+                           stage_seconds={"decode": t1 - t0 - t_expire, "model": t2 - t1 + t_expire,
+                                          "encode": t3 - t2},
                            rows=rows, replayed=todo.replayed, duplicates=todo.duplicates,
-                           erased=decoded.erased, forgotten=decoded.forgotten)
+                           erased=decoded.erased, forgotten=decoded.forgotten, expired=expired)
+
+    def apply_admitted(self, todo: ToApply, expired: Expired) -> np.ndarray:
+        """apply, then remember (watermarks, partitions, recent event ids); returns the touched rows. With a
+        TTL, a user whose event comes more than the TTL after its previous one is expired there (added to
+        `expired`) and starts afresh with that event: the events are applied in as many passes as a user
+        restarted in this batch (one, nearly always)."""
+        segment = self.expiry.segments(todo.rows, todo.events.ts, todo.events.record_index) if self.expiry else None
+        if segment is None:
+            touched = self.apply(todo.events, todo.rows)
+            self.admission.remember(todo)
+        else:
+            passes = []
+            for restarts in range(int(segment.max()) + 1):
+                part = todo.take(segment == restarts)
+                if restarts:  # each of these users restarts at its first event of this pass
+                    back = np.unique(part.rows)
+                    expired += self.last_of(back)
+                    self.expiry.reset(back)
+                passes.append(self.apply(part.events, part.rows))
+                self.admission.remember(part)
+            touched = np.unique(np.concatenate(passes))
+        if self.expiry is not None:
+            slot, partition, _ = todo.positions
+            self.expiry.advance(np.where(slot >= 0, partition, -1), todo.events.ts)
+        return touched
+
+    def expire_idle(self, force: bool = False, settle: bool = False) -> Expired:
+        """Drop the users idle longer than the TTL (when a scan is due; `settle`: the input went quiet;
+        `force`: the end of a replay); returns them and, with --on-expire publish, their last profiles."""
+        if self.expiry is None:
+            return Expired()
+        rows = self.expiry.idle_rows(force, settle)
+        if not len(rows):
+            return Expired()
+        expired = self.last_of(rows)
+        drop = np.zeros(len(self.state), dtype=bool)
+        drop[rows] = True
+        self.state.drop_rows(drop)
+        if self.state.base is not None:  # or the user's next event would bring its snapshot state back
+            self.state.base.discard([user for user, _ in expired.users])
+        log.debug("expired %d user(s) idle for over %d ms of event time", len(rows), self.expiry.ttl_ms)
+        return expired
+
+    def last_of(self, rows: np.ndarray) -> Expired:
+        """Expiring users: (user, input partition) for their tombstones, and their last profiles."""
+        state = self.state
+        users = list(zip(map(state.user_ids.__getitem__, rows.tolist()), state.partition[rows].tolist()))
+        return Expired(users, self.profiles_for(rows, expired=True) if self.publish_expired else [])
 
     def choose_rows(self, touched: np.ndarray, again: np.ndarray) -> np.ndarray:
         """The state rows whose profiles this batch publishes: the users it applied events to, those whose
@@ -173,7 +233,7 @@ class ProfileUpdater:
         # The recurrent pass over a large batch is the one kernel big enough to gain from more threads.
         with torch_threads(self.gru_threads if len(ev) >= WIDE_BATCH_EVENTS else 0):
             # Events per user before this batch (the memory's age): the counters are updated below.
-            state.hidden[rows_t] = self.model.advance(state.hidden[rows_t], x, user_sorted, position, lengths,
+            state.states[rows_t] = self.model.advance(state.states[rows_t], x, user_sorted, position, lengths,
                                                       state.counts[rows].sum(axis=1))
         category_buckets = feats.category.cpu().numpy()
         state.remember_categories(category_buckets, category)
@@ -227,20 +287,21 @@ class ProfileUpdater:
         return FieldInputs(torch.from_numpy(user).to(self.device), cols, valid, torch.from_numpy(slot).to(self.device))
 
     @torch.inference_mode()
-    def profiles_for(self, rows: np.ndarray, horizons_hours: tuple[float, float] | None = None
-                     ) -> list[tuple[bytes, bytes]]:
+    def profiles_for(self, rows: np.ndarray, horizons_hours: tuple[float, float] | None = None, *,
+                     expired: bool = False) -> list[tuple[bytes, bytes]]:
         """Profiles of the given state rows, encoded for the output topic. horizons_hours: (purchase, churn)
-        horizons other than the contract's (the evaluation's, where a log ends before them)."""
+        horizons other than the contract's (the evaluation's, where a log ends before them). expired: the
+        users' last profiles before their state expires (they say so)."""
         if len(rows) == 0:
             return []
         state, cfg = self.state, self.config
         rows_t = torch.from_numpy(rows).to(self.device)
-        h = state.hidden[rows_t]  # (U, H)
+        s = state.states[rows_t]  # (U, S): GRU hidden state + memory
         idle = idle_hours(state.max_event_ts, state.last_ts[rows])
-        # Top categories: a distribution over the buckets that ever carried a category string,
-        # computed for those columns only (S seen categories, not every bucket).
+        # Top categories: a distribution over the buckets in the category list (those seen in events, less
+        # those an erasure dropped), computed for those columns only (S categories, not every bucket).
         seen = state.seen_categories()  # (S,) bucket ids
-        heads = self.model.heads(h, torch.from_numpy(idle).float().to(self.device), seen, TOP_CATEGORIES,
+        heads = self.model.heads(s, torch.from_numpy(idle).float().to(self.device), seen, TOP_CATEGORIES,
                                  self.field_inputs(rows, state.max_event_ts), horizons_hours)
         top_cols, top_scores = heads.top_category_cols, heads.top_category_probs
         top_names = state.seen_category_names()[top_cols.cpu().numpy()].tolist()  # (U, k) names, best first
@@ -253,7 +314,7 @@ class ProfileUpdater:
 
         next_items = None
         if self.next_items:
-            best = self.model.item_scores(h).topk(self.next_items, dim=1).indices.cpu().numpy()  # (U, k)
+            best = self.model.item_scores(s).topk(self.next_items, dim=1).indices.cpu().numpy()  # (U, k)
             next_items = self.item_vocab[best].tolist()
         cols = ProfileColumns(
             user_ids=[state.user_ids[r] for r in rows.tolist()],
@@ -266,8 +327,9 @@ class ProfileUpdater:
             churn_risk=heads.churn_risk.cpu().numpy(),
             price_tier=tiers,
             interest_cluster=heads.interest_cluster.cpu().numpy(),
-            embedding=h.float().cpu().numpy() if self.emit_embedding else None,
+            embedding=s.float().cpu().numpy() if self.emit_embedding else None,
             next_items=next_items,
+            expired=expired,
         )
         return encode_profiles(cols, self.model_version, int(time.time() * 1000))
 
@@ -314,4 +376,5 @@ def load_updater(settings: Settings) -> ProfileUpdater:
                           emit_embedding=settings.emit_embedding, idle_rescore_ms=settings.idle_rescore_after_ms,
                           next_items=settings.next_items, pseudonymize_key=settings.pseudonymize_key,
                           input_topics=settings.input_topics, dedupe_window=settings.dedupe_window,
-                          gru_threads=settings.gru_threads or usable_cores())
+                          gru_threads=settings.gru_threads or usable_cores(), state_ttl_ms=settings.state_ttl_ms,
+                          on_expire=settings.on_expire)

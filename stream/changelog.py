@@ -2,8 +2,9 @@
 
 The one owner of the daemon's delivery guarantees (docs/architecture.md, "Delivery guarantees"):
 
-- `stage(...)` hands a batch to the producer: erasure tombstones (changelog and output topic) first,
-  then each changed user's whole state record to the changelog partition numbered as its input
+- `stage(...)` hands a batch to the producer: expired users' changelog tombstones and last profiles
+  (`--state-ttl`) first, then erasure tombstones (changelog and output topic), then each changed user's
+  whole state record to the changelog partition numbered as its input
   partition, the partitions' meta record when category names changed, the profiles and the dead
   letters; the batch's input offsets become the next to commit. In exactly-once mode all of it is in
   the open transaction.
@@ -36,6 +37,7 @@ import orjson
 from confluent_kafka import KafkaException, TopicPartition
 
 from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, DeadLetter, RecordBatch
+from stream.expiry import Expired
 from stream.kafka import Publisher, StreamError, read_latest
 from stream.metrics import Metrics
 from stream.settings import KafkaSettings
@@ -65,6 +67,7 @@ class Unconfirmed:
     users: set[str] = field(default_factory=set)
     erased: list[tuple[str, int]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    expired: Expired = field(default_factory=Expired)  # their state is gone: tombstones and last profiles kept
 
 
 @dataclass
@@ -103,19 +106,22 @@ class Changelog:
     # ------------------------------------------------------------------ a batch out
 
     def stage(self, records: RecordBatch, rows: np.ndarray, profiles: Profiles, dead_letters: list[DeadLetter],
-              erased: list[tuple[str, int]]) -> None:
+              erased: list[tuple[str, int]], expired: Expired | None = None) -> None:
         """Hand a processed batch to the producer; its input offsets are the next to commit."""
-        self._produce(rows, profiles, dead_letters, erased)
+        self._produce(rows, profiles, dead_letters, erased, expired or Expired())
         # Records of one partition arrive in offset order, so the last one wins.
         self.uncommitted.update(zip(zip(records.topics, records.partitions), (o + 1 for o in records.offsets)))
 
     def _produce(self, rows: np.ndarray, profiles: Profiles, dead_letters: list[DeadLetter],
-                 erased: list[tuple[str, int]]) -> None:
+                 erased: list[tuple[str, int]], expired: Expired) -> None:
         if self.publisher.transactional:
             self.publisher.begin()
             self.unconfirmed.users.update(map(self.state.user_ids.__getitem__, rows.tolist()))
             self.unconfirmed.erased += erased
             self.unconfirmed.dead_letters += dead_letters
+            self.unconfirmed.expired += expired
+        if expired:  # expired before the batch's events (or at a user's return): first
+            self.write_expired(expired)
         if erased:  # before the batch's state and profiles: a user re-created after the forget wins
             self.write_tombstones(erased)
         self.write_state(rows)
@@ -128,18 +134,29 @@ class Changelog:
         from Kafka have none and are skipped), and the meta record when the category names changed."""
         state = self.state
         rows = rows[state.partition[rows] >= 0]
-        if not len(rows):
-            return
         partitions = state.partition[rows].tolist()
-        self.publisher.produce_to_partitions(self.topic, [state.user_ids[r].encode("utf-8", "surrogatepass")
-                                                          for r in rows.tolist()],
-                                             state.changelog_values(rows), partitions)
-        if state.categories_version != self._categories_sent:  # names of newly seen categories
+        if len(rows):
+            self.publisher.produce_to_partitions(self.topic, [state.user_ids[r].encode("utf-8", "surrogatepass")
+                                                              for r in rows.tolist()],
+                                                 state.changelog_values(rows), partitions)
+        # Newly seen categories, or names an erasure dropped: the whole list, which replaces the last one
+        # (a restore reads the latest meta record, compacted or not). Also in a batch that changed no
+        # user's state (one of forget records only), so that a restore after it cannot bring them back.
+        owned = sorted({p for _, p in self._owned()} | set(partitions))
+        if state.categories_version != self._categories_sent and owned:
             meta = orjson.dumps({"model_version": self.model_version,
                                  "category_names": {str(k): v for k, v in state.category_names.items()}})
-            owned = sorted({p for _, p in self._owned()} | set(partitions))
             self.publisher.produce_to_partitions(self.topic, [META_KEY] * len(owned), [meta] * len(owned), owned)
             self._categories_sent = state.categories_version
+
+    def write_expired(self, expired: Expired) -> None:
+        """Expired users: a changelog tombstone each (no restore brings them back), and their last profiles
+        (`"expired": true`) where --on-expire publish made them. Their profiles stay on the output topic."""
+        from_kafka = [(user.encode("utf-8", "surrogatepass"), p) for user, p in expired.users if p >= 0]
+        if from_kafka:
+            self.publisher.produce_to_partitions(self.topic, [k for k, _ in from_kafka], [None] * len(from_kafka),
+                                                 [p for _, p in from_kafka])
+        self.publisher.produce_many(self.output_topic, expired.profiles)
 
     def write_tombstones(self, erased: list[tuple[str, int]]) -> None:
         """Tombstones for erased (user, input partition): on the changelog (so no restore brings them
@@ -231,7 +248,7 @@ class Changelog:
         return False
 
     def _produce_again(self) -> None:
-        """The aborted transaction's users' current state and profiles, its dead letters and erasures
+        """The aborted transaction's users' current state and profiles, its dead letters, erasures and expiries
         (those of partitions still owned), into a new transaction."""
         self.aborted = False
         self._categories_sent = -1  # the category names' meta record may have been in it
@@ -241,7 +258,7 @@ class Changelog:
         rows = np.array(sorted(r for r in map(self.state.row, gone.users) if r is not None), dtype=np.int64)
         self._produce(rows, self.profiles_for(rows),
                       [d for d in gone.dead_letters if (d.topic, d.partition) in assigned],
-                      [(u, p) for u, p in gone.erased if p < 0 or p in owned])
+                      [(u, p) for u, p in gone.erased if p < 0 or p in owned], gone.expired.of_partitions(owned))
         self.resent += len(rows)
         log.info("re-sent %d profiles of the aborted transaction", len(rows))
 

@@ -62,6 +62,9 @@ class Metrics:
             "profiles_users_forgotten", "Users erased by forget records: those with state or events to erase (a forget of a user "
             "this member never held writes its tombstones but is not counted)",
             registry=r)
+        self.users_expired = Counter(
+            "profiles_users_expired", "Users dropped from state after --state-ttl of event time without an event "
+            "(each with a changelog tombstone; a user who comes back starts afresh)", registry=r)
         self.users_in_state = Gauge("profiles_users_in_state", "Users held in the state table", registry=r)
         self.state_bytes = Gauge("profiles_state_bytes", "Bytes held by the state table, by device", ["device"],
                                  registry=r)

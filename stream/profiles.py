@@ -1,25 +1,9 @@
-"""The profile contract: what the output topic carries, one JSON object per user.
+"""The profile contract: what the output topic carries, one JSON object per user, encoded column-wise.
 
-  user_id              string (integer ids as their decimal string)
-  model_version        the checkpoint's version ("untrained-..." without one)
-  updated_at           epoch ms (wall clock) when this profile was computed
-  last_event_ts        epoch ms of the user's latest event
-  counts               {"search": n, "click": n, "add_to_cart": n, "purchase": n}, exact
-  spend                sum of price x quantity over purchases, exact to 1e-6
-  top_categories       [{"category": str, "score": float}, ...] best first, up to 3: the categories the
-                       user is most likely to engage with in the next CATEGORY_HORIZON (7 days) from
-                       the profile's clock; score = P(the user's next categorised event there)
-  purchase_propensity  0..1, P(at least one purchase within PURCHASE_HORIZON (7 days) of the clock)
-  churn_risk           0..1, P(no event at all within CHURN_HORIZON (14 days) of the clock)
-  price_tier           budget | mid | premium | luxury | unknown
-  interest_cluster     int, nearest k-means centroid of the user embedding
-  next_items           item ids the user most likely engages with next, best first (only with --next-items)
-  embedding            list of floats (the user's hidden state), unless disabled
-
-The profile's clock is the event time it was computed at: the largest event time the instance
-has seen (so an idle re-score moves purchase_propensity and churn_risk with the user's idle time).
-The horizons below are the one definition of these fields: training targets (models/field_training.py),
-the evaluation against the future (`profiles evaluate-fields`) and docs/contracts.md read them from here.
+The fields are defined once, in docs/contracts.md ("Profile"). The profile's clock is the event
+time it was computed at: the largest event time the instance has seen. The horizons below are the
+one definition of the learned fields' horizons: training targets (models/field_training.py), the
+evaluation against the future (`profiles evaluate-fields`) and docs/contracts.md read them from here.
 """
 
 from __future__ import annotations
@@ -48,8 +32,9 @@ class ProfileColumns:
     churn_risk: np.ndarray  # (U,) float
     price_tier: list[str]
     interest_cluster: np.ndarray  # (U,) int
-    embedding: np.ndarray | None  # (U, H) float32, or None when disabled
+    embedding: np.ndarray | None  # (U, S) float32 (GRU hidden state + memory), or None when disabled
     next_items: list[list[str]] | None = None  # per user, most likely next items first; None when disabled
+    expired: bool = False  # the users' last profiles before their state expires (--state-ttl)
 
 
 def encode_profiles(cols: ProfileColumns, model_version: str, updated_at_ms: int) -> list[tuple[bytes, bytes]]:
@@ -80,5 +65,8 @@ def encode_profiles(cols: ProfileColumns, model_version: str, updated_at_ms: int
     if cols.embedding is not None:
         for profile, row in zip(profiles, cols.embedding):
             profile["embedding"] = row
+    if cols.expired:
+        for profile in profiles:
+            profile["expired"] = True
     dumps, opt = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
     return [(user.encode(), dumps(profile, option=opt)) for user, profile in zip(cols.user_ids, profiles)]

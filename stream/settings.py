@@ -142,6 +142,7 @@ class KafkaSettings:
 
 
 GUARANTEES = ("at-least-once", "exactly-once")
+ON_EXPIRE = ("publish", "drop")
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,10 @@ class Settings:
     # Re-publish users idle this long in event time (their churn risk has moved); 0 disables.
     idle_rescore_after_ms: int = 24 * 3600 * 1000
     restore_from: str | None = None  # a state snapshot directory (from `profiles replay --state-out`)
+    # Drop users idle this long in event time from state, with a changelog tombstone (0: never; stream/expiry.py)...
+    state_ttl_ms: int = 0
+    # ...after publishing a last profile that says "expired": true (publish), or publishing nothing (drop).
+    on_expire: str = "publish"
     metrics_port: int | None = None
     metrics_address: str = "0.0.0.0"
     # Kafka consumer group session timeout. The broker evicts a member that is silent this long.
@@ -218,6 +223,8 @@ class Settings:
             "idle_rescore_after": f"{self.idle_rescore_after_ms / 3_600_000:g}h" if self.idle_rescore_after_ms else "off",
             "metrics": f"{self.metrics_address}:{self.metrics_port}" if self.metrics_port else "off",
             "restore_from": self.restore_from or "-",
+            "state_ttl": f"{self.state_ttl_ms / 86_400_000:g}d (on expiry: {self.on_expire})" if self.state_ttl_ms
+            else "off",
             "pseudonymize": "on (key not shown)" if self.pseudonymize_key else "off",
             "dedupe_window": self.dedupe_window,
             "guarantee": self.guarantee,
@@ -248,6 +255,10 @@ class Settings:
             raise ValueError("--max-poll-interval-ms must be >= --session-timeout-ms (a Kafka client rule)")
         if self.idle_rescore_after_ms < 0:
             raise ValueError("--idle-rescore-after must be >= 0")
+        if self.state_ttl_ms < 0:
+            raise ValueError("--state-ttl must be a positive duration, or off")
+        if self.on_expire not in ON_EXPIRE:
+            raise ValueError(f"--on-expire must be one of {', '.join(ON_EXPIRE)}")
         if {self.output_topic, self.dead_letter_topic, self.changelog_topic} & set(self.input_topics):
             raise ValueError("the output, dead-letter and state topics must differ from the input topics")
 

@@ -1,8 +1,9 @@
-"""The state table: user -> hidden state + exact counters, behind a small interface.
+"""The state table: user -> model state + exact counters, behind a small interface.
 
-Hidden states live in one (capacity, H) tensor on the model's device; counters
-live in numpy arrays on the host. Both grow by doubling, so the cost of a batch
-depends on the users it touches, not on how many users are in state.
+A user's model state is the GRU's hidden state followed by its long-term memory (S = H + M
+floats, models/profile_model.py). States live in one (capacity, S) tensor on the model's
+device; counters live in numpy arrays on the host. Both grow by doubling, so the cost of a
+batch depends on the users it touches, not on how many users are in state.
 
 `snapshot()` / `restore()` exchange plain data (numpy arrays, lists, dicts) for
 local snapshots; `changelog_values()` / `load_changelog()` exchange one fixed-layout
@@ -30,7 +31,7 @@ import orjson
 import torch
 
 from stream.events import EVENT_TYPES
-from stream.statistics import STAT_COLUMNS
+from stream.statistics import STAT_COLUMNS, unheld_buckets
 
 SNAPSHOT_FORMAT = 1
 
@@ -52,9 +53,9 @@ CHANGELOG_FORMAT = 2  # 2: with the behaviour statistics
 
 
 class StateTable:
-    def __init__(self, hidden_size: int, device: torch.device, capacity: int = 1024, *, watermark_slots: int = 0,
+    def __init__(self, state_size: int, device: torch.device, capacity: int = 1024, *, watermark_slots: int = 0,
                  dedupe_window: int = 0) -> None:
-        self.hidden_size = hidden_size
+        self.state_size = state_size
         self.device = device
         self.watermark_slots = watermark_slots
         self.dedupe_window = dedupe_window
@@ -67,10 +68,11 @@ class StateTable:
         }
         self._index: dict[str, int] = {}
         self.user_ids: list[str] = []
-        self.hidden = torch.zeros(capacity, hidden_size, device=device)  # (capacity, H)
+        self.states = torch.zeros(capacity, state_size, device=device)  # (capacity, S): GRU hidden state + memory
         self.columns = {name: _column(self.spec[name], capacity) for name in self.spec}
         # Category bucket -> the category string seen in it, so top_categories can name
-        # categories as they appear in events (its keys are the buckets ever seen).
+        # categories as they appear in events (its keys: the buckets seen, less those an erasure left
+        # unheld; see drop_unengaged_categories).
         self.category_names: dict[int, str] = {}
         self.categories_version = 0  # bumped whenever category_names changes (the changelog re-sends it)
         self.max_event_ts = -1  # largest event time seen: the clock of event-time timers
@@ -94,7 +96,7 @@ class StateTable:
 
     @property
     def capacity(self) -> int:
-        return len(self.hidden)
+        return len(self.states)
 
     def row(self, user: str) -> int | None:
         """The user's row, or None if the user is not in state."""
@@ -151,8 +153,8 @@ class StateTable:
         if not len(found):
             return
         rows = rows[found]
-        self.hidden[torch.from_numpy(rows).to(self.device)] = torch.from_numpy(
-            self.base.hidden[base_rows]).to(self.device)
+        self.states[torch.from_numpy(rows).to(self.device)] = torch.from_numpy(
+            self.base.states[base_rows]).to(self.device)
         for name, column in self.columns.items():
             column[rows] = self.base.columns[name][base_rows]
 
@@ -160,9 +162,9 @@ class StateTable:
         if needed <= self.capacity:
             return
         new = max(needed, 2 * self.capacity)
-        grown = torch.zeros(new, self.hidden_size, device=self.device)
-        grown[: self.capacity] = self.hidden
-        self.hidden = grown
+        grown = torch.zeros(new, self.state_size, device=self.device)
+        grown[: self.capacity] = self.states
+        self.states = grown
         for name, old in self.columns.items():
             column = _column(self.spec[name], new)
             column[: len(old)] = old
@@ -197,14 +199,16 @@ class StateTable:
 
     def record_dtype(self) -> np.dtype:
         """The packed layout of one user's changelog record (little-endian, no padding)."""
-        return np.dtype([("format", "u1"), ("hidden", "<f4", (self.hidden_size,))] + [
+        # The state vector's field is named "hidden" (it holds the memory too): the name is part of the
+        # record layout that changelog topics already hold, so it stays.
+        return np.dtype([("format", "u1"), ("hidden", "<f4", (self.state_size,))] + [
             (name, np.dtype(dtype).newbyteorder("<"), shape) for name, (dtype, shape, _) in self.spec.items()])
 
     def changelog_values(self, rows: np.ndarray) -> list[bytes]:
         """One binary record per row (the user's whole state), packed for all rows at once."""
         records = np.zeros(len(rows), dtype=self.record_dtype())
         records["format"] = CHANGELOG_FORMAT
-        records["hidden"] = self.hidden[torch.from_numpy(rows).to(self.device)].float().cpu().numpy()
+        records["hidden"] = self.states[torch.from_numpy(rows).to(self.device)].float().cpu().numpy()
         for name, column in self.columns.items():
             records[name] = column[rows]
         size, buf = records.dtype.itemsize, records.tobytes()
@@ -214,20 +218,21 @@ class StateTable:
         """Upsert users from their latest changelog records (user id bytes -> record; None = erased).
         Returns the number of users loaded. Raises ValueError on records of another layout."""
         live = {k: v for k, v in latest.items() if v is not None}
-        for key in (k for k, v in latest.items() if v is None):
-            self.forget([key.decode("utf-8", "surrogatepass")])
+        # Tombstones drop users but no category names: the meta record restored beside them lists the
+        # names as they were after the erasure (and the partition's other users are not loaded yet).
+        self._drop_users([k.decode("utf-8", "surrogatepass") for k, v in latest.items() if v is None])
         if not live:
             return 0
         dtype = self.record_dtype()
         if any(len(v) != dtype.itemsize for v in live.values()):
             raise ValueError(f"changelog records of {sorted({len(v) for v in live.values()})} bytes, expected "
-                             f"{dtype.itemsize}: written by another model or settings (hidden size, input topics, "
+                             f"{dtype.itemsize}: written by another model or settings (state size, input topics, "
                              "dedupe window); use a new changelog topic for them")
         records = np.frombuffer(b"".join(live.values()), dtype=dtype)
         if (records["format"] != CHANGELOG_FORMAT).any():
             raise ValueError(f"changelog record format {int(records['format'][0])} is not {CHANGELOG_FORMAT}")
         rows = self.rows_for([k.decode("utf-8", "surrogatepass") for k in live], from_base=False)
-        self.hidden[torch.from_numpy(rows).to(self.device)] = torch.from_numpy(records["hidden"].copy()).to(self.device)
+        self.states[torch.from_numpy(rows).to(self.device)] = torch.from_numpy(records["hidden"].copy()).to(self.device)
         for name, column in self.columns.items():
             column[rows] = records[name]
         self.max_event_ts = max(self.max_event_ts, int(records["last_ts"].max()))
@@ -242,23 +247,29 @@ class StateTable:
         self.user_ids = [self.user_ids[i] for i in keep.tolist()]
         self._index = {u: i for i, u in enumerate(self.user_ids)}
         cap = max(1024, len(keep))
-        hidden = torch.zeros(cap, self.hidden_size, device=self.device)
-        hidden[: len(keep)] = self.hidden[torch.from_numpy(keep).to(self.device)]
-        self.hidden = hidden
+        states = torch.zeros(cap, self.state_size, device=self.device)
+        states[: len(keep)] = self.states[torch.from_numpy(keep).to(self.device)]
+        self.states = states
         for name, column in self.columns.items():
             fresh = _column(self.spec[name], cap)
             fresh[: len(keep)] = column[keep]
             self.columns[name] = fresh
 
     def drop_partitions(self, partitions: Iterable[int]) -> int:
-        """Forget the users of these input partitions (given up in a rebalance); returns how many."""
+        """Drop the users of these input partitions (given up in a rebalance); returns how many."""
         n = len(self)
         drop = np.isin(self.partition[:n], np.fromiter(partitions, dtype=np.int64))
         self.drop_rows(drop)
         return int(drop.sum())
 
     def forget(self, users: Iterable[str]) -> set[str]:
-        """Erase these users (right to erasure); returns those that were in state (or in the snapshot base)."""
+        """Erase these users (right to erasure); returns those that were in state (or in the snapshot base).
+        The names of categories no remaining user holds go with them (drop_unengaged_categories)."""
+        found = self._drop_users(users)
+        self.drop_unengaged_categories()
+        return found
+
+    def _drop_users(self, users: Iterable[str]) -> set[str]:
         users = list(users)
         found = {u for u in users if u in self._index}
         if self.base is not None:
@@ -270,8 +281,23 @@ class StateTable:
         self.drop_rows(drop)
         return found
 
+    def drop_unengaged_categories(self) -> list[int]:
+        """Drop the names of the buckets that no user holds (statistics.unheld_buckets), of the table or
+        still in the base snapshot: a category only an erased user brought leaves the category list, the
+        snapshot and the changelog's meta record (re-sent: the version moves). Returns the buckets dropped."""
+        holders = [(self.columns, slice(0, len(self)))]
+        if self.base is not None:
+            holders.append((self.base.columns, np.fromiter(self.base.index.values(), dtype=np.int64)))
+        gone = unheld_buckets(np.fromiter(self.category_names, dtype=np.int64), holders).tolist()
+        for bucket in gone:
+            del self.category_names[bucket]
+        if gone:
+            self._seen_cache = None
+            self.categories_version += 1
+        return gone
+
     def seen_categories(self) -> torch.Tensor:
-        """(S,) buckets that ever carried a category, ascending; cached until a new one appears."""
+        """(S,) buckets that carried a category and are still named, ascending; cached until they change."""
         if self._seen_cache is None:
             buckets = sorted(self.category_names)
             self._seen_cache = torch.tensor(buckets, dtype=torch.long, device=self.device)
@@ -288,7 +314,7 @@ class StateTable:
         n = len(self)
         out = {"host": sum(column[:n].nbytes for column in self.columns.values())}
         dev = str(self.device)
-        out[dev] = out.get(dev, 0) + n * self.hidden_size * self.hidden.element_size()
+        out[dev] = out.get(dev, 0) + n * self.state_size * self.states.element_size()
         return out
 
     def snapshot(self) -> dict:
@@ -297,7 +323,7 @@ class StateTable:
         return {
             "format": SNAPSHOT_FORMAT,
             "user_ids": list(self.user_ids),
-            "hidden": self.hidden[:n].detach().cpu().numpy().copy(),
+            "hidden": self.states[:n].detach().cpu().numpy().copy(),  # key kept: snapshots on disk use it
             **{name: column[:n].copy() for name, column in self.columns.items()},
             "category_names": dict(self.category_names),
             "max_event_ts": self.max_event_ts,
@@ -312,8 +338,8 @@ class StateTable:
         self._index = {u: i for i, u in enumerate(users)}
         self.user_ids = users
         cap = max(1024, n)
-        self.hidden = torch.zeros(cap, self.hidden_size, device=self.device)
-        self.hidden[:n] = torch.as_tensor(snap["hidden"], device=self.device)
+        self.states = torch.zeros(cap, self.state_size, device=self.device)
+        self.states[:n] = torch.as_tensor(snap["hidden"], device=self.device)
         self.columns = _columns_from(snap, self.spec, n, cap)
         self.category_names = {int(k): v for k, v in snap["category_names"].items()}
         self._seen_cache = None
@@ -329,7 +355,7 @@ class SnapshotBase:
         self.user_ids: list[str] = list(snap["user_ids"])
         n = len(self.user_ids)
         self.index = {u: i for i, u in enumerate(self.user_ids)}
-        self.hidden = np.asarray(snap["hidden"], dtype=np.float32)
+        self.states = np.asarray(snap["hidden"], dtype=np.float32)
         self.columns = _columns_from(snap, spec, n, n)
         topics = list(topics) if topics is not None else None
         if "watermark" in snap and topics is not None:

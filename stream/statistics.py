@@ -174,6 +174,18 @@ def _update_slots(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted:
     columns["cat_mass"][rows] = out_mass
 
 
+def unheld_buckets(buckets: np.ndarray, holders: list[tuple[dict[str, np.ndarray], np.ndarray | slice]]
+                   ) -> np.ndarray:
+    """Those of the category `buckets` that no user holds: none of the `holders` (columns, rows) has
+    them in a category slot or as the latest event's category. A user's slots are what the state still
+    knows of the categories it engaged with."""
+    held = np.concatenate([np.concatenate([columns["cat_bucket"][rows].ravel(), columns["last_category"][rows].ravel()])
+                           for columns, rows in holders]).astype(np.int64)
+    engaged = np.zeros(max(int(buckets.max(initial=0)), int(held.max(initial=0))) + 1, dtype=bool)
+    engaged[held] = True  # a mask over bucket ids: one pass over the users' slots, no sort
+    return buckets[~engaged[buckets]]
+
+
 def user_features(columns: dict[str, np.ndarray], counts: np.ndarray, last_ts: np.ndarray, rows: np.ndarray,
                   now_ms: int | np.ndarray) -> np.ndarray:
     """(U, len(USER_FEATURES)) float32 features of the users `rows` read at the clock now_ms.

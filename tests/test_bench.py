@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import time
+
 import orjson
+import pytest
 from click.testing import CliRunner
 
+from consumers.bench import bench_brokers
 from consumers.cli import main
 from stream.generator import generate
+from stream.kafka import BrokerUnreachable, check_reachable
+from stream.settings import KafkaSettings
 
 
 def test_bench_on_the_broker_reports_both_rates_and_latencies(kafka):
@@ -45,3 +51,52 @@ def test_bench_times_a_restore_of_every_user(kafka):
     assert result.exit_code == 0, result.output
     report = orjson.loads(result.output.strip().splitlines()[-1])
     assert report["users"] == 5000 and report["restore_seconds"] > 0  # the bench asserts all 5000 came back
+
+
+def test_bench_takes_the_kafka_options_from_a_file_and_the_flags(kafka, tmp_path):
+    """The shared Kafka group: a properties file and --kafka-config entries are taken (librdkafka accepts
+    them in every client of a real restore run)."""
+    (tmp_path / "client.properties").write_text("# mounted\nclient.id = bench-from-file\n")
+    result = CliRunner().invoke(main, ["--log-level", "WARNING", "bench", "--restore-users", "2000",
+                                       "--partitions", "1", "--bootstrap-servers", kafka.bootstrap_servers,
+                                       "--kafka-config-file", str(tmp_path / "client.properties"),
+                                       "--kafka-config", "client.id=bench-from-flag", "--json"])
+    assert result.exit_code == 0, result.output
+    assert orjson.loads(result.output.strip().splitlines()[-1])["users"] == 2000
+
+
+def test_bench_applies_kafka_config_to_its_clients(kafka):
+    """An entry that changes how clients connect reaches them: TLS against the plaintext test broker is
+    one clear line and exit 1, within --connect-timeout, instead of a bench."""
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["bench", "--events", "1000", "--bootstrap-servers", kafka.bootstrap_servers,
+                                       "--kafka-config", "security.protocol=SSL", "--connect-timeout", "2s"])
+    assert result.exit_code == 1, result.output
+    assert f"no Kafka broker reachable at {kafka.bootstrap_servers} within 2s" in result.output
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kafka-config", "s3cret-without-equals"], "--kafka-config expects KEY=VALUE"),
+    (["--kafka-config", "=s3cret"], "--kafka-config expects KEY=VALUE"),
+    (["--kafka-config-file", "/nonexistent/client.properties"], "cannot read --kafka-config-file"),
+])
+def test_a_bad_kafka_option_is_a_usage_error_before_any_broker_starts(args, message):
+    result = CliRunner().invoke(main, ["bench", "--restore-users", "1000", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "s3cret" not in result.output  # what may be a secret is never echoed
+
+
+def test_without_bootstrap_servers_bench_starts_an_embedded_broker_and_keeps_the_client_properties():
+    extra = (("client.id", "bench-embedded"),)
+    with bench_brokers(KafkaSettings(None, extra)) as brokers:  # no --bootstrap-servers
+        assert brokers.extra == extra and brokers.bootstrap_servers
+        check_reachable(brokers, 10)  # a broker answers there while the bench runs
+    with pytest.raises(BrokerUnreachable):
+        check_reachable(brokers, 1)  # and is stopped after it
+
+
+def test_with_bootstrap_servers_bench_uses_them_as_given(kafka):
+    given = KafkaSettings(kafka.bootstrap_servers, (("client.id", "bench-given"),))
+    with bench_brokers(given) as brokers:
+        assert brokers is given

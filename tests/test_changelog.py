@@ -9,6 +9,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from stream.changelog import META_KEY, Changelog
 from stream.events import DeadLetter, RecordBatch
+from stream.expiry import Expired
 from stream.kafka import Publisher, StreamError, admin_client, ensure_topics
 from stream.metrics import Metrics
 from stream.state import StateTable
@@ -40,7 +41,7 @@ def fill(state: StateTable, users: list[str], seed: int) -> np.ndarray:
     """Users with some state of every kind, spread over the input partitions."""
     rng = np.random.default_rng(seed)
     rows = state.rows_for(users)
-    state.hidden[torch.from_numpy(rows)] = torch.from_numpy(rng.standard_normal((len(rows), 8)).astype(np.float32))
+    state.states[torch.from_numpy(rows)] = torch.from_numpy(rng.standard_normal((len(rows), 8)).astype(np.float32))
     state.counts[rows] = rng.integers(0, 50, state.counts[rows].shape)
     state.spend_micros[rows] = rng.integers(0, 10**9, len(rows))
     state.last_ts[rows] = rng.integers(1, 10**12, len(rows))
@@ -144,4 +145,39 @@ def test_an_aborted_transaction_is_produced_again_with_the_same_offsets(kafka, u
     restored = make(kafka, unique)
     assert restored.restore(list(range(PARTITIONS))).users == 10
     assert by_user(restored.state.snapshot()) == by_user(changelog.state.snapshot())
+    inputs.consumer.close()
+
+
+def test_expired_users_tombstones_keep_them_out_of_a_restore_and_an_abort_sends_them_again(
+        kafka, unique, topics, monkeypatch):
+    inputs = Inputs(kafka, unique("group"), unique("events"))
+    changelog = make(kafka, unique, exactly_once=True, inputs=inputs)
+    state = changelog.state
+    changelog.stage(records_of(unique("events"), {0: 2}), fill(state, [f"user-{i}" for i in range(10)], seed=4),
+                    [], [], [])
+    assert changelog.commit()
+    # Two users expire: their state goes; their tombstones and last profiles go out with the next batch.
+    gone = [(user, int(state.partition[state.row(user)])) for user in ("user-2", "user-7")]
+    expired = Expired(gone, [(user.encode(), b'{"expired": true}') for user, _ in gone])
+    state.drop_rows(np.isin(np.array(state.user_ids), [u for u, _ in gone]))
+    changelog.stage(records_of(unique("events"), {1: 4}), np.empty(0, dtype=np.int64), [], [], [], expired)
+    real_commit, calls = Publisher.commit, []
+
+    def commit_failing_once(self, offsets, group_metadata, timeout_s=60.0):
+        calls.append(offsets)
+        if len(calls) == 1:
+            raise KafkaException(KafkaError(KafkaError._STATE, "injected abortable failure", txn_requires_abort=True))
+        return real_commit(self, offsets, group_metadata, timeout_s)
+
+    monkeypatch.setattr(Publisher, "commit", commit_failing_once)
+    assert changelog.commit() and len(calls) == 2
+
+    restored = make(kafka, unique)
+    assert restored.restore(list(range(PARTITIONS))).users == 8
+    assert set(restored.state.user_ids) == {f"user-{i}" for i in range(10)} - {"user-2", "user-7"}
+    # Tansu does not read an aborted transaction's records back: the users are gone from the restore above
+    # because the new transaction carried their tombstones again.
+    assert {r.key for r in read_topic(kafka, unique("state")) if r.value is None} == {b"user-2", b"user-7"}
+    last = {(r.key, r.value) for r in read_topic(kafka, unique("profiles"))}
+    assert last == set(expired.profiles)  # and no tombstone: the last profile stays readable
     inputs.consumer.close()

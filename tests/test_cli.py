@@ -48,6 +48,8 @@ RUN_OPTIONS = {
     "--metrics-address": ("127.0.0.1", "metrics_address", "127.0.0.1"),
     "--restore-from": ("{dir}", "restore_from", "{dir}"),
     "--idle-rescore-after": ("30m", "idle_rescore_after_ms", 1_800_000),
+    "--state-ttl": ("400d", "state_ttl_ms", 400 * 86_400_000),
+    "--on-expire": ("drop", "on_expire", "drop"),
     "--session-timeout-ms": ("7000", "session_timeout_ms", 7000),
     "--max-poll-interval-ms": ("60000", "max_poll_interval_ms", 60000),
     "--dedupe-window": ("3", "dedupe_window", 3),
@@ -110,14 +112,16 @@ def test_help_shows_every_run_option_with_its_environment_variable():
 KAFKA_FLAGS = ("--bootstrap-servers", "--kafka-config", "--kafka-config-file", "--connect-timeout")
 
 
-@pytest.mark.parametrize("command", ["run", "forget", "tail", "get", "replay", "inspect", "generate"])
+@pytest.mark.parametrize("command", ["run", "forget", "tail", "get", "replay", "inspect", "generate", "bench"])
 def test_every_command_that_talks_to_kafka_takes_the_same_kafka_options(command):
-    """One declaration: the same flags, environment variables, defaults and help (bar what needs the brokers)."""
+    """One declaration: the same flags, environment variables, defaults and help (bar what needs the brokers,
+    and bench's default: no brokers, for an embedded one)."""
     options = {p.opts[0]: p for p in main.commands[command].params if isinstance(p, click.Option)}
     for flag in KAFKA_FLAGS:
         mine, runs = options[flag], RUN_PARAMS[flag]
-        assert (mine.envvar, mine.default, mine.multiple) == (runs.envvar, runs.default, runs.multiple), (command, flag)
-        assert mine.help.startswith(runs.help.split(" Needed")[0]), (command, flag)
+        default = None if (command, flag) == ("bench", "--bootstrap-servers") else runs.default
+        assert (mine.envvar, mine.default, mine.multiple) == (runs.envvar, default, runs.multiple), (command, flag)
+        assert mine.help.startswith(runs.help.split(" Needed")[0].split(" Without")[0]), (command, flag)
 
 
 @pytest.mark.parametrize("command", ["run", "replay", "inspect", "bench", "train", "evaluate", "evaluate-fields",

@@ -64,7 +64,7 @@ def test_changelog_records_rebuild_the_same_state():
     state = updater.state
     rows = np.arange(len(state))
     records = dict(zip((u.encode() for u in state.user_ids), state.changelog_values(rows)))
-    restored = StateTable(state.hidden_size, torch.device("cpu"), watermark_slots=1,
+    restored = StateTable(state.state_size, torch.device("cpu"), watermark_slots=1,
                           dedupe_window=state.dedupe_window)
     assert restored.load_changelog(records) == len(state)
     a, b = state.snapshot(), restored.snapshot()

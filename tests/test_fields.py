@@ -289,8 +289,8 @@ def test_structured_shop_has_the_structure_it_claims():
     for e in log.events:
         by_user.setdefault(str(e["user_id"]), []).append(e)
     cats = {c: i for i, c in enumerate(log.categories)}
-    from stream.generator import _World
-    complement = _World(600, 4, 0, 60, shop=shop).complement
+    from stream.synthetic_world import World
+    complement = World(600, 4, 0, 60, shop=shop).complement
     follows = after_purchase = 0
     for events in by_user.values():
         for a, b in zip(events, events[1:]):

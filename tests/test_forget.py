@@ -216,3 +216,73 @@ def test_the_forgotten_counter_on_the_broker_counts_erased_users_not_forget_reco
     assert target not in daemon.updater.pseudonymize and "never-seen" not in daemon.updater.pseudonymize
     profiles, _ = latest_profiles(kafka, settings.output_topic)
     assert pseudonym not in profiles and len(profiles) == len({str(e["user_id"]) for e in log}) - 1
+
+
+SECRET, SHARED, OTHER = "zz.only-the-erased-user", "books.cooking", "shoes.running"
+
+
+def few_categories_log() -> list[dict]:
+    """Three users over three categories: "u-secret" alone brings SECRET (and shares SHARED with
+    "u-books"); "u-shoes" has OTHER. With three categories seen, every profile's top 3 lists all three."""
+    plan = [("u-secret", SECRET), ("u-secret", SECRET), ("u-secret", SHARED), ("u-books", SHARED),
+            ("u-books", SHARED), ("u-shoes", OTHER), ("u-shoes", OTHER), ("u-secret", SECRET)]
+    return [{"event_id": f"e{i}", "user_id": user, "type": "click", "ts": 1_700_000_000_000 + i * 60_000,
+             "item_id": f"i{i}", "category": category, "price": 10.0} for i, (user, category) in enumerate(plan)]
+
+
+def top_categories(profiles: list[tuple[bytes, bytes]] | dict[str, dict]) -> dict[str, set[str]]:
+    if not isinstance(profiles, dict):
+        profiles = {k.decode(): orjson.loads(v) for k, v in profiles}
+    return {user: {c["category"] for c in p["top_categories"]} for user, p in profiles.items()}
+
+
+def test_forget_drops_a_category_only_the_erased_user_brought_and_keeps_a_shared_one():
+    log = few_categories_log()
+    updater = load_updater(EVENTS)
+    updater.process(record_batch(log))
+    assert set(updater.state.category_names.values()) == {SECRET, SHARED, OTHER}
+    before = top_categories(updater.profiles_for(np.arange(len(updater.state))))
+    assert SECRET in before["u-books"] and SECRET in before["u-shoes"]  # why it matters: others show it
+
+    updater.process(record_batch([control_record("u-secret")], first_offset=len(log)))
+    assert set(updater.state.category_names.values()) == {SHARED, OTHER}
+    assert set(updater.state.snapshot()["category_names"].values()) == {SHARED, OTHER}
+    after = top_categories(updater.profiles_for(np.arange(len(updater.state))))
+    assert after == {"u-books": {SHARED, OTHER}, "u-shoes": {SHARED, OTHER}}
+
+    # The category comes back when a user's events bring it again.
+    back = dict(log[0], event_id="again", user_id="u-shoes", ts=log[-1]["ts"] + 60_000)
+    updater.process(record_batch([back], first_offset=len(log) + 1))
+    assert set(updater.state.category_names.values()) == {SECRET, SHARED, OTHER}
+
+
+def test_an_erased_users_own_category_stays_gone_after_a_restore_from_the_changelog(kafka, settings_factory):
+    from consumers.forget import forget_users
+    from tests.helpers import run_until_drained
+
+    settings = settings_factory()
+    topic = settings.input_topics[0]
+    create_topics(kafka, {topic: 2})
+    log = few_categories_log()
+    produce(kafka, topic, [(e["user_id"].encode(), orjson.dumps(e)) for e in log])
+    first = run_until_drained(settings)
+    assert set(first.updater.state.category_names.values()) == {SECRET, SHARED, OTHER}
+    published_before = top_categories(latest_profiles(kafka, settings.output_topic)[0])
+    assert SECRET in published_before["u-books"]
+
+    # The forget goes to the partition holding the user's state; the daemon restores the others from
+    # the changelog and gets a batch of the forget record alone (no user's state changes in it).
+    forget_users(settings, ["u-secret"])
+    erasing = run_until_drained(settings)
+    assert set(erasing.updater.state.category_names.values()) == {SHARED, OTHER}
+    assert set(erasing.updater.state.snapshot()["category_names"].values()) == {SHARED, OTHER}
+
+    # A restart restores from the changelog (no compaction on this broker: the latest meta record wins)
+    # and publishes the others' profiles without the erased user's category.
+    more = [dict(e, event_id=f"more-{e['event_id']}", ts=e["ts"] + 10**7) for e in log if e["user_id"] != "u-secret"]
+    produce(kafka, topic, [(e["user_id"].encode(), orjson.dumps(e)) for e in more])
+    restarted = run_until_drained(settings)
+    assert set(restarted.updater.state.category_names.values()) == {SHARED, OTHER}
+    published = top_categories(latest_profiles(kafka, settings.output_topic)[0])
+    assert "u-secret" not in published
+    assert published == {"u-books": {SHARED, OTHER}, "u-shoes": {SHARED, OTHER}}

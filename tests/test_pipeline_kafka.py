@@ -121,7 +121,7 @@ def test_batch_size_does_not_change_the_result(kafka, settings_factory, unique):
     for batch in (1, 7):
         profiles, state = results[batch]
         idx = [order[u] for u in state["user_ids"]]
-        # Same final hidden state, whatever the batching (floats: allclose; counters: identical).
+        # Same final model state, whatever the batching (floats: allclose; counters: identical).
         np.testing.assert_allclose(state["hidden"], base_state["hidden"][idx], atol=1e-5, rtol=1e-4)
         np.testing.assert_array_equal(state["counts"], base_state["counts"][idx])
         np.testing.assert_array_equal(state["spend_micros"], base_state["spend_micros"][idx])

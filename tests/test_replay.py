@@ -290,7 +290,7 @@ def test_a_snapshot_of_files_hands_each_user_over_at_its_first_event(tmp_path):
         a, b = live.state.row(user), whole.state.row(user)
         np.testing.assert_array_equal(live.state.counts[a], whole.state.counts[b])
         assert live.state.partition[a] == 1
-        torch.testing.assert_close(live.state.hidden[a], whole.state.hidden[b], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(live.state.states[a], whole.state.states[b], atol=1e-5, rtol=1e-4)
 
     gone = next(u for u in snapshot["user_ids"] if u not in returning)
     live.state.forget([gone])

@@ -13,13 +13,13 @@ CPU = torch.device("cpu")
 
 
 def table(capacity: int = 4, **kwargs: int) -> StateTable:
-    return StateTable(hidden_size=3, device=CPU, capacity=capacity, **kwargs)
+    return StateTable(state_size=3, device=CPU, capacity=capacity, **kwargs)
 
 
 def mark(state: StateTable, user: str, value: int) -> None:
     """Give the user's row values of its own, to see them follow the user."""
     row = state.row(user)
-    state.hidden[row] = float(value)
+    state.states[row] = float(value)
     state.counts[row] = value
     state.partition[row] = value % 2
 
@@ -42,8 +42,8 @@ def test_the_table_grows_and_keeps_every_row():
         mark(state, user, i + 1)
     state.rows_for([f"u{i}" for i in range(2, 50)])
     assert len(state) == 50 and state.capacity >= 50
-    assert state.counts[0, 0] == 1 and state.counts[1, 0] == 2 and state.hidden[1, 0] == 2.0
-    assert state.counts[2:50].sum() == 0 and state.hidden[2:50].abs().sum() == 0
+    assert state.counts[0, 0] == 1 and state.counts[1, 0] == 2 and state.states[1, 0] == 2.0
+    assert state.counts[2:50].sum() == 0 and state.states[2:50].abs().sum() == 0
     assert state.watermark.shape[1:] == (2,) and state.recent_ids.shape[1:] == (3,)
 
 
@@ -54,11 +54,46 @@ def test_forget_erases_users_and_the_others_keep_their_values():
         mark(state, user, i + 1)
     assert state.forget(["b", "nobody", "d"]) == {"b", "d"}
     assert state.user_ids == ["a", "c"] and state.row("b") is None and state.row("d") is None
-    assert state.counts[state.row("c"), 0] == 3 and state.hidden[state.row("c"), 0] == 3.0
+    assert state.counts[state.row("c"), 0] == 3 and state.states[state.row("c"), 0] == 3.0
     assert state.rows_for(["b"]).tolist() == [2] and state.counts[2].sum() == 0  # back, as a new user
 
 
-def test_drop_partitions_forgets_the_users_of_lost_partitions():
+def hold(state: StateTable, user: str, slots: list[int], last: int = 0) -> None:
+    """Give the user category slots (buckets) and a latest category, as the statistics would."""
+    row = state.rows_for([user])[0]
+    state.columns["cat_bucket"][row, :len(slots)] = slots
+    state.columns["last_category"][row] = last
+
+
+def test_forget_drops_the_names_of_categories_no_remaining_user_holds():
+    state = table()
+    state.merge_category_names({3: "secret", 5: "shared", 7: "latest-only", 9: "fell-out", 11: "base-only"})
+    hold(state, "gone", [3, 5, 9])
+    hold(state, "stays", [5], last=7)  # bucket 7: only its latest event's category, not in a slot
+    base = table()
+    hold(base, "in-base", [11])
+    state.attach_base(base.snapshot(), None, [])
+    version = state.categories_version
+    seen_before = state.seen_categories().tolist()
+    assert seen_before == [3, 5, 7, 9, 11]
+
+    assert state.forget(["gone"]) == {"gone"}
+    # 3 and 9 (which no one holds any more, whoever brought it) leave; the rest is held by a user of
+    # the table or of the base snapshot.
+    assert state.category_names == {5: "shared", 7: "latest-only", 11: "base-only"}
+    assert state.seen_categories().tolist() == [5, 7, 11]
+    assert state.seen_category_names().tolist() == ["shared", "latest-only", "base-only"]
+    assert state.snapshot()["category_names"] == {5: "shared", 7: "latest-only", 11: "base-only"}
+    assert state.categories_version > version  # so the changelog re-sends the meta record
+
+    state.forget(["in-base"])  # a base user erased before it was ever loaded
+    assert state.category_names == {5: "shared", 7: "latest-only"}
+    version = state.categories_version
+    state.forget(["nobody"])
+    assert state.categories_version == version  # nothing dropped: nothing to re-send
+
+
+def test_drop_partitions_drops_the_users_of_lost_partitions():
     state = table()
     state.rows_for(["a", "b", "c", "d"])
     for i, user in enumerate("abcd"):
@@ -87,7 +122,7 @@ def test_snapshot_and_restore_round_trip_in_memory_and_on_disk(tmp_path):
         other.restore(restored_from)
         assert other.user_ids == ["a", "b", "c"] and other.row("c") == 2
         np.testing.assert_array_equal(other.counts[:3], snap["counts"])
-        np.testing.assert_array_equal(other.hidden[:3].numpy(), snap["hidden"])
+        np.testing.assert_array_equal(other.states[:3].numpy(), snap["hidden"])
         assert other.category_names == {7: "shoes"} and other.max_event_ts == 1_700_000_000_000
         assert other.rows_for(["d"]).tolist() == [3]  # and it goes on taking users
 
@@ -106,4 +141,4 @@ def test_state_bytes_counts_the_rows_in_use():
     state.rows_for(["a", "b"])
     grown = state.state_bytes()
     assert empty == {"host": 0, "cpu": 0} and grown["host"] > 0
-    assert grown["cpu"] == 2 * 3 * 4  # the hidden state, by device: two users, 3 float32 each
+    assert grown["cpu"] == 2 * 3 * 4  # the model states, by device: two users, 3 float32 each

@@ -165,9 +165,9 @@ def test_published_top_categories_are_the_next_visits_not_the_sessions(tmp_path)
     state = updater.state
     rows = np.array([state.row(u) for u in home])
     with torch.no_grad():
-        last = torch.from_numpy(state.columns["last_category"][rows].astype(np.int64))  # the copy bonus's
-        recent = torch.stack([last, torch.zeros_like(last)], dim=1)
-        logits, _, _ = model.head_logits(state.hidden[torch.from_numpy(rows)], torch.zeros(len(rows)),
+        last_bucket = torch.from_numpy(state.columns["last_category"][rows].astype(np.int64))  # the copy bonus's
+        recent = torch.stack([last_bucket, torch.zeros_like(last_bucket)], dim=1)
+        logits, _, _ = model.head_logits(state.states[torch.from_numpy(rows)], torch.zeros(len(rows)),
                                          state.seen_categories(), recent)
     next_event = state.seen_category_names()[logits.argmax(dim=1).numpy()]
     home_first = np.mean([published[u]["top_categories"][0]["category"] == home[u] for u in home])

@@ -14,8 +14,9 @@ from consumers.commands.base import (
     write_lines,
 )
 from consumers.commands.options import (
-    device_option, group_id_option, input_topics_option, kafka_from, kafka_options, model_option, profile_options,
-    pseudonymize_option, setting, settings_from, state_topic_option, thread_options, to_ms, topic_option,
+    device_option, expiry_options, group_id_option, input_topics_option, kafka_from, kafka_options, model_option,
+    profile_options, pseudonymize_option, setting, settings_from, state_topic_option, thread_options, to_ms,
+    topic_option,
 )
 from stream.settings import Settings
 
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
          help="Start from a state snapshot (`profiles replay --state-out`) and continue each input partition "
          "where the replay stopped, if this group has not committed there yet. Every instance may be given the "
          "same snapshot: each takes only its assigned partitions' users.")
+@expiry_options
 @setting("--idle-rescore-after", "idle_rescore_after_ms", default="24h", show_default=True, callback=to_ms,
          help="Re-publish users idle this long in event time (e.g. 30m, 24h, 7d; 0 disables), so churn risk "
          "keeps rising for users who went quiet.")

@@ -11,8 +11,8 @@ import click
 
 from consumers.commands.base import check_broker, command, exit_130_if_interrupted, install_stop_handlers
 from consumers.commands.options import (
-    device_option, kafka_from, kafka_options, model_option, profile_options, pseudonymize_option, settings_from,
-    thread_options, to_ms,
+    device_option, expiry_options, kafka_from, kafka_options, model_option, profile_options, pseudonymize_option,
+    settings_from, thread_options, to_ms,
 )
 
 FORMATS = ["jsonl", "taobao", "rees46", "yoochoose", "retailrocket"]
@@ -39,6 +39,7 @@ FORMATS = ["jsonl", "taobao", "rees46", "yoochoose", "retailrocket"]
 @device_option
 @thread_options
 @profile_options
+@expiry_options
 @pseudonymize_option
 def replay(sources: tuple[str, ...], fmt: str, out: str | None, output_topic: str | None, every_update: bool,
            state_out: str | None, dead_letters_path: str | None, batch_events: int, connect_timeout: float,

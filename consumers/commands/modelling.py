@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import click
 
-from consumers.commands.base import command, group
-from consumers.commands.options import device_option, thread_options
+from typing import Any
+
+from consumers.commands.base import check_broker, command, group, kafka_error
+from consumers.commands.options import device_option, kafka_from, kafka_options, thread_options
 
 
 @command(short_help="Train the profile model on event logs")
@@ -155,8 +157,7 @@ def model_info(checkpoint: str, as_json: bool) -> None:
               help="Micro-batch size of the pipeline (and of the raw consumer's consume calls).")
 @device_option
 @thread_options
-@click.option("--bootstrap-servers", default=None,
-              help="Benchmark against this Kafka cluster (fresh topics are created). [default: an embedded broker]")
+@kafka_options(embedded_broker=True)
 @click.option("--partitions", default=4, show_default=True, type=click.IntRange(min=1),
               help="Partitions of the benchmark topics.")
 @click.option("--offered-rate", default=50_000, show_default=True, type=click.IntRange(min=0),
@@ -175,23 +176,32 @@ def model_info(checkpoint: str, as_json: bool) -> None:
               type=click.Choice(["at-least-once", "exactly-once"]), help="The pipeline's delivery guarantee.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def bench(events: int, users: int, batch_max_events: int, device: str, torch_threads: int, gru_threads: int,
-          bootstrap_servers: str | None, partitions: int, offered_rate: int, offered_seconds: float, no_broker: bool,
-          scaling_users: str, restore_users: int, seed: int, guarantee: str, as_json: bool) -> None:
+          partitions: int, offered_rate: int, offered_seconds: float, no_broker: bool, scaling_users: str,
+          restore_users: int, seed: int, guarantee: str, as_json: bool, connect_timeout: float,
+          **params: Any) -> None:
     """Measure throughput and latency in one run: the full pipeline (decode, validate, GRU update,
     profile encode, publish, commit) against the raw ceiling of a plain consumer that only consumes
     and decodes the same events; p50/p99 batch latency; state size; batch latency under an offered load.
 
     With --no-broker: events/s of the model step alone, and how it scales with the users in state.
+    With --bootstrap-servers (and --kafka-config/--kafka-config-file for TLS or SASL) it runs against
+    that cluster, on fresh bench-* topics; without, against an embedded broker.
     """
     import orjson
 
-    from consumers.bench import model_step, restore_time, run_bench
+    from consumers.bench import bench_brokers, model_step, restore_time, run_bench
     from stream.kafka import StreamError
 
+    kafka = kafka_from(params)  # no --bootstrap-servers: bench_brokers starts the embedded broker
+    if kafka.bootstrap_servers and (restore_users or not no_broker):
+        check_broker(kafka, connect_timeout)
     say = (lambda _msg: None) if as_json else (lambda msg: click.echo(msg, err=True))
     if restore_users:
-        result = restore_time(users=restore_users, partitions=partitions, bootstrap_servers=bootstrap_servers,
-                              say=say)
+        try:
+            with bench_brokers(kafka) as brokers:
+                result = restore_time(users=restore_users, partitions=partitions, kafka=brokers, say=say)
+        except (StreamError, ValueError) as exc:
+            raise kafka_error(kafka, exc) from None
         click.echo(orjson.dumps(result).decode() if as_json else
                    f"restored {result['users']:,} users in {result['restore_seconds']:.1f} s "
                    f"({result['users_per_s']:,.0f} users/s; reading {result['read_seconds']:.1f} s, loading "
@@ -204,13 +214,13 @@ def bench(events: int, users: int, batch_max_events: int, device: str, torch_thr
                                 torch_threads=torch_threads, gru_threads=gru_threads, seed=seed,
                                 scaling_users=sizes, say=say)
         else:
-            report = run_bench(events=events, users=users, batch_max_events=batch_max_events, device=device,
-                               bootstrap_servers=bootstrap_servers, partitions=partitions, offered_rate=offered_rate,
-                               offered_seconds=offered_seconds, torch_threads=torch_threads,
-                               gru_threads=gru_threads, seed=seed,
-                               guarantee=guarantee, say=say)
+            with bench_brokers(kafka) as brokers:
+                report = run_bench(events=events, users=users, batch_max_events=batch_max_events, device=device,
+                                   kafka=brokers, partitions=partitions, offered_rate=offered_rate,
+                                   offered_seconds=offered_seconds, torch_threads=torch_threads,
+                                   gru_threads=gru_threads, seed=seed, guarantee=guarantee, say=say)
     except (StreamError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise kafka_error(kafka, exc) from None
     if as_json:
         click.echo(report.as_json().decode())
     else:

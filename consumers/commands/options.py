@@ -28,6 +28,7 @@ def env(flag: str) -> str:
 
 
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+MAX_TTL_MS = 100_000 * 86_400_000
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 
 
@@ -45,6 +46,19 @@ def to_ms(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
 
 def to_seconds(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
     return duration_ms(value) / 1000
+
+
+def to_ttl_ms(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+    """A TTL: a duration, or off (0 and off both mean never)."""
+    if value.strip().lower() == "off":
+        return 0
+    try:
+        ttl = duration_ms(value)
+    except click.BadParameter:
+        raise click.BadParameter(f"{value!r} is not a duration like 12h, 30d or 400d (or off)") from None
+    if ttl > MAX_TTL_MS:
+        raise click.BadParameter(f"{value!r} is longer than event times can tell apart: at most 100000d")
+    return ttl
 
 
 def stack(*decorators: Decorator) -> Decorator:
@@ -85,13 +99,16 @@ class KafkaConfigEntry(click.ParamType):
 KAFKA_PARAMS = ("bootstrap_servers", "kafka_config_file", "kafka_config")
 
 
-def kafka_options(needed_for: str = "") -> Decorator:
+def kafka_options(needed_for: str = "", *, embedded_broker: bool = False) -> Decorator:
     """Brokers, librdkafka properties (TLS, SASL, tuning) and the start-up broker check, for every
-    command that talks to Kafka. `needed_for` names what needs the brokers where not everything does."""
+    command that talks to Kafka. `needed_for` names what needs the brokers where not everything does;
+    `embedded_broker`: without --bootstrap-servers (None) the command starts a broker of its own."""
     where = f" Needed for {needed_for} only." if needed_for else ""
+    if embedded_broker:
+        where += " Without any, an embedded broker is started for the run."
     return stack(
         click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True,
-                     default="localhost:9092", show_default=True,
+                     default=None if embedded_broker else "localhost:9092", show_default=not embedded_broker,
                      help=f"Kafka brokers, host:port[,host:port].{where}"),
         setting("--kafka-config", multiple=True, metavar="KEY=VALUE", type=KafkaConfigEntry(),
                 help="librdkafka property for every client, repeatable (e.g. security.protocol=SASL_SSL). In "
@@ -150,6 +167,16 @@ profile_options = stack(
     setting("--next-items", default=0, show_default=True, type=click.IntRange(0, 1000),
             help="Add the top-k predicted next item ids to each profile (needs a trained --model; 0 leaves "
             "them out)."),
+)
+
+expiry_options = stack(
+    setting("--state-ttl", "state_ttl_ms", default="off", show_default=True, callback=to_ttl_ms, metavar="DURATION",
+            help="Drop users idle this long in event time (e.g. 12h, 30d, 400d) from state, with a changelog "
+            "tombstone: a user who comes back starts afresh. Measured against the largest event time read from "
+            "the user's input partition, so a replay expires users as the daemon would."),
+    setting("--on-expire", default="publish", show_default=True, type=click.Choice(["publish", "drop"]),
+            help="publish: a last profile with \"expired\": true for each expired user; drop: publish nothing "
+            "(a replay's final profiles leave expired users out)."),
 )
 
 pseudonymize_option = setting(
