@@ -90,7 +90,7 @@ class ProfileUpdater:
         # applied already: skipped when re-consumed), and the user's last `dedupe_window` event ids.
         self.topic_slot = {topic: i for i, topic in enumerate(input_topics)}
         self.state = StateTable(self.config.state_size, device, watermark_slots=len(input_topics),
-                                dedupe_window=dedupe_window)
+                                dedupe_window=dedupe_window, last_item=bool(self.next_items))
         # With a key, user ids are replaced by their HMAC right after decoding: state, profiles and
         # their keys only ever see pseudonyms. (Dead letters keep the original bytes: that is their job.)
         self.pseudonymize = Pseudonymizer(pseudonymize_key) if pseudonymize_key else None
@@ -251,6 +251,8 @@ class ProfileUpdater:
         np.add.at(state.price_sum, event_rows[priced], price[priced])
         np.add.at(state.price_n, event_rows[priced], 1)
         last_of_user = ts[starts + lengths - 1]
+        if self.next_items:  # the item the next-item copy bonus reads: the latest event's (the state is after it)
+            state.columns["last_item"][rows, 0] = feats.item_vocab[torch.from_numpy(starts + lengths - 1)].cpu().numpy()
         state.last_ts[rows] = np.maximum(state.last_ts[rows], last_of_user)
         state.max_event_ts = max(state.max_event_ts, int(ts.max()))
         return rows
@@ -314,7 +316,8 @@ class ProfileUpdater:
 
         next_items = None
         if self.next_items:
-            best = self.model.item_scores(s).topk(self.next_items, dim=1).indices.cpu().numpy()  # (U, k)
+            current = torch.from_numpy(state.columns["last_item"][rows, 0].astype(np.int64)).to(self.device)
+            best = self.model.item_scores(s, current=current).topk(self.next_items, dim=1).indices.cpu().numpy()
             next_items = self.item_vocab[best].tolist()
         cols = ProfileColumns(
             user_ids=[state.user_ids[r] for r in rows.tolist()],

@@ -54,7 +54,7 @@ CHANGELOG_FORMAT = 2  # 2: with the behaviour statistics
 
 class StateTable:
     def __init__(self, state_size: int, device: torch.device, capacity: int = 1024, *, watermark_slots: int = 0,
-                 dedupe_window: int = 0) -> None:
+                 dedupe_window: int = 0, last_item: bool = False) -> None:
         self.state_size = state_size
         self.device = device
         self.watermark_slots = watermark_slots
@@ -65,6 +65,9 @@ class StateTable:
             "watermark": (np.int64, (watermark_slots,), -1),  # per input topic: offset of the last applied event
             "recent_ids": (np.uint64, (dedupe_window,), 0),  # hashes of the last event ids, a ring...
             "recent_n": (np.int64, (), 0),  # ...filled this far (events applied, ever)
+            # The next-item vocabulary row of the user's latest event (-1: none), which the next-item
+            # scores' copy bonus reads; kept (4 bytes per user) only when profiles publish next_items.
+            "last_item": (np.int32, (int(last_item),), -1),
         }
         self._index: dict[str, int] = {}
         self.user_ids: list[str] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import orjson
 import torch
@@ -10,7 +12,7 @@ from click.testing import CliRunner
 from consumers.cli import main
 from models.update_step import ProfileUpdater
 from models.dataset import load_events
-from models.profile_model import ModelConfig
+from models.profile_model import ModelConfig, ProfileModel
 from models.checkpoint_io import LoadedModel, load_checkpoint, save_checkpoint
 from models.sequence_training import TrainConfig, train
 from stream.generator import write_jsonl
@@ -234,3 +236,24 @@ def test_the_copy_bonus_predicts_the_current_category_where_the_head_cannot_lear
     # About 5 of 6 next events stay in the session's category.
     assert with_copy >= 0.65, with_copy
     assert with_copy >= without_copy + 0.2, (with_copy, without_copy)
+
+
+def test_published_next_items_copy_the_users_latest_item():
+    """The state keeps the next-item vocabulary row of each user's latest event (with --next-items), and the
+    published next_items read the copy bonus from it as the evaluation does: with a strong bonus, the
+    latest item (by event time, not arrival) comes first."""
+    vocab = [f"i{n}" for n in range(20)]
+    model = ProfileModel.fresh(replace(TINY, n_items=len(vocab)))
+    with torch.no_grad():
+        model.item_copy.bias.fill_(100.0)
+    updater = ProfileUpdater(LoadedModel(model, "v1", True, {}, vocab), torch.device("cpu"), max_event_bytes=65536,
+                             emit_embedding=False, next_items=3)
+    events = [{"event_id": f"{u}-{t}", "user_id": f"u{u}", "type": "click", "ts": 1_700_000_000_000 + t * 1000,
+               "item_id": f"i{(u * 7 + t) % 20}"} for u in range(5) for t in range(4)]
+    events.reverse()  # arrival order is not event-time order
+    out = {k.decode(): orjson.loads(v) for k, v in updater.process(record_batch(events, topic="t", keys=None)).profiles}
+    assert {u: p["next_items"][0] for u, p in out.items()} == {f"u{u}": f"i{(u * 7 + 3) % 20}" for u in range(5)}
+    # An item outside the vocabulary leaves nothing to copy.
+    later = [{"event_id": "x", "user_id": "u0", "type": "click", "ts": 1_700_000_100_000, "item_id": "unknown"}]
+    updater.process(record_batch(later, topic="t", keys=None))
+    assert updater.state.columns["last_item"][updater.state.row("u0"), 0] == -1
