@@ -53,6 +53,7 @@ class BenchReport:
     device: str
     batch_max_events: int
     guarantee: str = "at-least-once"
+    traffic: str = "sessions"
     pipeline_events_per_s: float | None = None
     raw_events_per_s: float | None = None
     ratio: float | None = None
@@ -79,7 +80,7 @@ class BenchReport:
 
         out = [line("device", self.device), line("events", f"{self.events:,}"),
                line("users", f"{self.users:,}"), line("batch max events", f"{self.batch_max_events:,}"),
-               line("guarantee", self.guarantee)]
+               line("guarantee", self.guarantee), line("traffic", self.traffic)]
         if self.pipeline_events_per_s is not None:
             out += [line("pipeline", f"{self.pipeline_events_per_s:,.0f}", " events/s"),
                     line("raw ceiling (consume + decode)", f"{self.raw_events_per_s:,.0f}", " events/s"),
@@ -116,10 +117,34 @@ class BenchReport:
 SPAN_DAYS = 1.0
 
 
-def generated_records(n: int, users: int, seed: int, start_ts_ms: int | None = None) -> list[tuple[bytes, bytes]]:
+TRAFFIC = ("sessions", "scattered")
+
+
+def generated_records(n: int, users: int, seed: int, start_ts_ms: int | None = None,
+                      traffic: str = "sessions") -> list[tuple[bytes, bytes]]:
+    """`n` generated events as (key, value) records. traffic "sessions": the generator's users, who act in
+    sessions (a batch touches few users, each several times); "scattered": each event given to a user
+    drawn at random among `users` (with as many users as events, nearly every event of a batch is a
+    different user's: high-cardinality traffic, about one profile per event)."""
     start = start_ts_ms if start_ts_ms is not None else int(time.time() * 1000) - int(SPAN_DAYS * 86_400_000)
-    return list(records(iter_events(users, seed, events=n, span_days=SPAN_DAYS, start_ts_ms=start),
+    recs = list(records(iter_events(users, seed, events=n, span_days=SPAN_DAYS, start_ts_ms=start),
                         invalid_fraction=0.0, seed=seed))
+    if traffic == "scattered":
+        return scattered(recs, users, seed)
+    if traffic != "sessions":
+        raise ValueError(f"traffic must be one of {TRAFFIC}, not {traffic!r}")
+    return recs
+
+
+def scattered(recs: list[tuple[bytes, bytes]], users: int, seed: int) -> list[tuple[bytes, bytes]]:
+    """The same events (still in event-time order), each re-keyed to a user drawn uniformly among `users`."""
+    drawn = np.random.default_rng(seed).integers(0, users, len(recs)).tolist()
+    out = []
+    for (_key, value), j in zip(recs, drawn):
+        event = orjson.loads(value)
+        event["user_id"] = user = f"r{j:08d}"
+        out.append((user.encode(), orjson.dumps(event)))
+    return out
 
 
 # ---------------------------------------------------------------- broker mode
@@ -203,7 +228,8 @@ def run_daemon_until(settings: Settings, updater: ProfileUpdater, done: callable
 
 def run_bench(*, events: int, users: int, batch_max_events: int, device: str, kafka: KafkaSettings,
               partitions: int, offered_rate: int, offered_seconds: float, torch_threads: int, seed: int,
-              gru_threads: int = 0, guarantee: str = "at-least-once", say=print) -> BenchReport:
+              gru_threads: int = 0, guarantee: str = "at-least-once", traffic: str = "sessions",
+              say=print) -> BenchReport:
     """Raw ceiling, pipeline and offered load on the brokers of `kafka` (see `bench_brokers`)."""
     run_id = uuid.uuid4().hex[:8]
     topic = f"bench-events-{run_id}"
@@ -211,8 +237,8 @@ def run_bench(*, events: int, users: int, batch_max_events: int, device: str, ka
                         group_id=f"bench-pipeline-{run_id}", device=device, torch_threads=torch_threads,
                         gru_threads=gru_threads, batch_max_events=batch_max_events, session_timeout_ms=6000, guarantee=guarantee)
     ensure_topics(admin_client(kafka), {topic: partitions})
-    say(f"generating {events:,} events for {users:,} users ...")
-    recs = generated_records(events, users, seed)
+    say(f"generating {events:,} events for {users:,} users ({traffic}) ...")
+    recs = generated_records(events, users, seed, traffic=traffic)
     say(f"producing them to {topic} on {kafka.bootstrap_servers} ({partitions} partitions) ...")
     produce_all(kafka, topic, recs)
 
@@ -226,7 +252,8 @@ def run_bench(*, events: int, users: int, batch_max_events: int, device: str, ka
     pipeline = events / (s.last_batch_done_at - s.assigned_at)  # both clocks start at assignment
     ms = np.array(s.batch_seconds) * 1000
     report = BenchReport(events=events, users=len(updater.state), device=str(updater.device),
-                         batch_max_events=batch_max_events, guarantee=guarantee, pipeline_events_per_s=pipeline,
+                         batch_max_events=batch_max_events, guarantee=guarantee, traffic=traffic,
+                         pipeline_events_per_s=pipeline,
                          raw_events_per_s=raw, ratio=pipeline / raw,
                          p50_batch_ms=float(np.percentile(ms, 50)), p99_batch_ms=float(np.percentile(ms, 99)),
                          state_bytes=int(sum(updater.state.state_bytes().values())),
@@ -234,18 +261,18 @@ def run_bench(*, events: int, users: int, batch_max_events: int, device: str, ka
                          profiles_per_event=s.profiles / max(s.events, 1))
     del daemon, updater  # close their clients while the broker still runs
     if offered_rate:
-        offered(report, settings, run_id, users, seed, offered_rate, offered_seconds, partitions, say)
+        offered(report, settings, run_id, users, seed, offered_rate, offered_seconds, partitions, traffic, say)
     return report
 
 
 def offered(report: BenchReport, settings: Settings, run_id: str, users: int, seed: int, rate: int,
-            seconds: float, partitions: int, say) -> None:
+            seconds: float, partitions: int, traffic: str, say) -> None:
     """Batch latency of the live daemon while another process offers `rate` events/s for `seconds`."""
     n = int(rate * seconds)
     topic = f"bench-offered-{run_id}"
     ensure_topics(admin_client(settings.kafka), {topic: partitions})
     live = dataclasses.replace(settings, input_topics=(topic,), group_id=f"bench-offered-{run_id}")
-    recs = generated_records(n, users, seed + 1)
+    recs = generated_records(n, users, seed + 1, traffic=traffic)
     say(f"offered load: {rate:,} events/s for {seconds:g} s from another process, daemon live ...")
     updater = load_updater(live)
     # The producer is another process (its own interpreter, not the daemon's GIL), started now so that
@@ -288,17 +315,19 @@ def stage_share(metrics: Metrics) -> dict[str, float]:
 
 @torch.inference_mode()
 def model_step(*, events: int, users: int, batch_max_events: int, device: str, torch_threads: int, seed: int,
-               gru_threads: int = 0, scaling_users: tuple[int, ...] = SCALING_USERS, say=print) -> BenchReport:
+               gru_threads: int = 0, scaling_users: tuple[int, ...] = SCALING_USERS, traffic: str = "sessions",
+               say=print) -> BenchReport:
     """The in-process model step (features, GRU, counters) alone; optionally the scaling table."""
     settings = Settings(device=device, torch_threads=torch_threads, gru_threads=gru_threads, emit_embedding=True)
-    say(f"generating {events:,} events for {users:,} users ...")
-    values = [v for _k, v in generated_records(events, users, seed)]
+    say(f"generating {events:,} events for {users:,} users ({traffic}) ...")
+    values = [v for _k, v in generated_records(events, users, seed, traffic=traffic)]
     columns, _dead = decode_batch(RecordBatch.of(values, topic="bench"), settings.max_event_bytes)
     updater = load_updater(settings)
     tune_garbage_collector()
     step = _time_steps(updater, columns, batch_max_events)
     report = BenchReport(events=events, users=len(updater.state), device=str(updater.device),
-                         batch_max_events=batch_max_events, model_step_events_per_s=step["step_events_per_s"],
+                         batch_max_events=batch_max_events, traffic=traffic,
+                         model_step_events_per_s=step["step_events_per_s"],
                          state_bytes=int(sum(updater.state.state_bytes().values())))
     if scaling_users:
         for n_users in scaling_users:
