@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Protocol
 
 import numpy as np
@@ -110,7 +111,7 @@ class Changelog:
         """Hand a processed batch to the producer; its input offsets are the next to commit."""
         self._produce(rows, profiles, dead_letters, erased, expired or Expired())
         # Records of one partition arrive in offset order, so the last one wins.
-        self.uncommitted.update(zip(zip(records.topics, records.partitions), (o + 1 for o in records.offsets)))
+        self.uncommitted.update(zip(zip(records.topics, records.partitions), map((1).__add__, records.offsets)))
 
     def _produce(self, rows: np.ndarray, profiles: Profiles, dead_letters: list[DeadLetter],
                  erased: list[tuple[str, int]], expired: Expired) -> None:
@@ -136,9 +137,9 @@ class Changelog:
         rows = rows[state.partition[rows] >= 0]
         partitions = state.partition[rows].tolist()
         if len(rows):
-            self.publisher.produce_to_partitions(self.topic, [state.user_ids[r].encode("utf-8", "surrogatepass")
-                                                              for r in rows.tolist()],
-                                                 state.changelog_values(rows), partitions)
+            ids = map(state.user_ids.__getitem__, rows.tolist())  # keys encoded in C: a batch can have a user per event
+            keys = list(map(str.encode, ids, repeat("utf-8"), repeat("surrogatepass")))
+            self.publisher.produce_to_partitions(self.topic, keys, state.changelog_values(rows), partitions)
         # Newly seen categories, or names an erasure dropped: the whole list, which replaces the last one
         # (a restore reads the latest meta record, compacted or not). Also in a batch that changed no
         # user's state (one of forget records only), so that a restore after it cannot bring them back.
