@@ -285,7 +285,8 @@ class Changelog:
         """Load the state of these input partitions' users from the changelog (latest record per user;
         tombstones erase), then the base snapshot's users it has nothing newer for. Records are loaded
         column-wise as they are read (stream/changelog_records.py); `on_progress` ticks whenever a batch of
-        them arrives. Raises StreamError on state of another model or layout."""
+        them arrives. Raises StreamError on state of another model or layout (found once all is read: the
+        table then holds what was loaded, and the daemon stops)."""
         started = time.perf_counter()
         state = self.state
         loader = state.changelog_loader()
@@ -314,6 +315,8 @@ class Changelog:
             users = loader.finish()
         except RefusedRecords as exc:
             raise StreamError(f"{self.topic}[{exc.partition}]: {exc}") from None
+        if on_progress is not None:
+            on_progress()  # erased users leave a big table in a copy of it: a tick before the snapshot's users
         from_snapshot = state.load_base_partitions(partitions)
         done = time.perf_counter()
         return Restored(users, from_snapshot, finishing - started - loading, done - started)

@@ -10,6 +10,8 @@ local snapshots; `changelog_values()` / `changelog_loader()` exchange one fixed-
 binary record per user for the state changelog topic (stream/changelog_records.py: packed
 and loaded with numpy, many users at once).
 
+Users are found by id in stream/user_index.py (numpy arrays, not a dict of strings).
+
 Exactly-once bookkeeping lives in the table too: per user, the input partition its
 events come from, a watermark per input topic (the offset of the last event applied),
 and a ring of the hashes of its last event ids (duplicate redeliveries).
@@ -23,16 +25,15 @@ from __future__ import annotations
 import itertools
 
 import os
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import orjson
 import torch
 
 from stream.changelog_records import ChangelogLoader, pack, record_dtype
 from stream.events import EVENT_TYPES
 from stream.statistics import STAT_COLUMNS, unheld_buckets
+from stream.snapshot_files import read_snapshot, write_snapshot  # noqa: F401 (where callers import them from)
 from stream.user_index import UserIndex, distinct, hashes_of, objects
 
 SNAPSHOT_FORMAT = 1
@@ -166,12 +167,10 @@ class StateTable:
             column[rows] = self.base.columns[name][base_rows]
 
     def reserve(self, users: int) -> None:
-        """Room for up to this many more users (a restore: the changelog's record count), so that the table
-        does not grow step by step. On the CPU only, where rows not used yet cost no memory (see _room), and
-        only if it would fit in half the machine's memory (a changelog that is not compacted has far more
-        records than users)."""
-        row_bytes = self.record_dtype().itemsize
-        if self.device.type == "cpu" and users * row_bytes < os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2:
+        """Room for up to this many more users at once (a restore: the changelog's record count). On the CPU
+        only, where unused rows cost no memory (see _room), and within half the machine's memory."""
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if self.device.type == "cpu" and users * self.record_dtype().itemsize < memory // 2:
             self._ensure_capacity(len(self) + users)
 
     def _ensure_capacity(self, needed: int) -> None:
@@ -377,9 +376,8 @@ class SnapshotBase:
 
 
 def _room(capacity: int, state_size: int, device: torch.device) -> torch.Tensor:
-    """Room for `capacity` users' states. Rows past the table's users hold anything until rows_for gives them
-    to users (and zeroes them): on the CPU, pages not written yet cost no memory, and numpy allocates big
-    arrays on huge pages (torch.zeros would write every page now, numpy's zeros take 4 KiB pages)."""
+    """Room for `capacity` users' states, uninitialised (rows_for zeroes a row when a user takes it): on the
+    CPU, numpy's big arrays take huge pages as they are written (torch.zeros writes every page at once)."""
     if device.type == "cpu":
         return torch.from_numpy(np.empty((capacity, state_size), dtype=np.float32))
     return torch.zeros(capacity, state_size, device=device)
@@ -402,33 +400,3 @@ def _columns_from(snap: dict, spec: dict, n: int, capacity: int) -> dict[str, np
             column[:n] = column_spec[2]
         columns[name] = column
     return columns
-
-
-def write_snapshot(directory: str | Path, snapshot: dict, meta: dict) -> None:
-    """A state snapshot on disk: arrays in state.npz, the rest (and `meta`) in state.json.
-
-    Written to a temporary name and renamed, so a reader never sees half a snapshot.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    arrays = {k: v for k, v in snapshot.items() if isinstance(v, np.ndarray)}
-    plain = {k: v for k, v in snapshot.items() if not isinstance(v, np.ndarray)}
-    plain["category_names"] = {str(k): v for k, v in plain["category_names"].items()}
-    tmp_npz, tmp_json = directory / ".state.npz.tmp", directory / ".state.json.tmp"
-    with open(tmp_npz, "wb") as fh:
-        np.savez(fh, **arrays)
-    tmp_json.write_bytes(orjson.dumps({"snapshot": plain, "meta": meta}))
-    os.replace(tmp_npz, directory / "state.npz")
-    os.replace(tmp_json, directory / "state.json")
-
-
-def read_snapshot(directory: str | Path) -> tuple[dict, dict]:
-    """(snapshot for StateTable.restore, meta) from a directory written by write_snapshot."""
-    directory = Path(directory)
-    try:
-        doc = orjson.loads((directory / "state.json").read_bytes())
-        with np.load(directory / "state.npz", allow_pickle=False) as arrays:
-            snapshot = {**doc["snapshot"], **{k: arrays[k] for k in arrays.files}}
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{str(directory)!r} holds no readable state snapshot ({exc})") from None
-    return snapshot, doc.get("meta", {})
