@@ -15,6 +15,7 @@ with 10k / 100k / 1M users to show that the cost per event does not grow with th
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import threading
@@ -37,7 +38,7 @@ from stream.events import RecordBatch
 from stream.decode import decode_batch
 from stream.generator import iter_events
 from stream.kafka import Publisher, StreamError, admin_client, ensure_topics
-from stream.metrics import Metrics
+from stream.metrics import Metrics, resident_bytes
 from stream.runtime import tune_garbage_collector
 from stream.settings import KafkaSettings, Settings
 
@@ -101,10 +102,10 @@ class BenchReport:
             out.append(line("model step (no broker)", f"{self.model_step_events_per_s:,.0f}", " events/s"))
         if self.scaling:
             out += ["", f"{'users in state':>15} {'step events/s':>14} {'us/event':>9} {'+profiles ev/s':>15} "
-                        f"{'state MiB':>10}"]
+                        f"{'state MiB':>10} {'RSS B/user':>11}"]
             out += [f"{r['users_in_state']:>15,} {r['step_events_per_s']:>14,.0f} {r['step_us_per_event']:>9.2f} "
-                    f"{r['with_profiles_events_per_s']:>15,.0f} {r['state_bytes'] / 2**20:>10,.1f}"
-                    for r in self.scaling]
+                    f"{r['with_profiles_events_per_s']:>15,.0f} {r['state_bytes'] / 2**20:>10,.1f} "
+                    f"{r['resident_bytes_per_user']:>11,.0f}" for r in self.scaling]
         return "\n".join(out)
 
     def as_json(self) -> bytes:
@@ -356,23 +357,28 @@ def _time_steps(updater: ProfileUpdater, columns, batch: int) -> dict:
 
 
 def _scaled(settings: Settings, columns, n_users: int, batch: int, seed: int) -> dict:
-    """The same events, their users spread over `n_users` ids already in state."""
+    """The same events, their users spread over `n_users` ids already in state; the memory this takes per user
+    (resident set growth: the table, the user-id index and the id strings, all in)."""
     updater = load_updater(settings)
+    gc.collect()
+    before = resident_bytes()
     ids = np.array([f"s{i}" for i in range(n_users)], dtype=object)
     updater.state.rows_for(ids)  # prefill: every user has a row (model state and counters)
+    resident = resident_bytes() - before
     rng = np.random.default_rng(seed)
     events = columns.take(np.arange(len(columns)))
     events.user_id = ids[rng.integers(0, n_users, len(columns))]
     updater.apply(events.take(np.arange(min(batch, len(events)))))  # warm-up
     return _time_steps(updater, events, batch) | {
-        "state_bytes": int(sum(updater.state.state_bytes().values()))}
+        "state_bytes": int(sum(updater.state.state_bytes().values())), "resident_bytes_per_user": resident / n_users}
 
 
 # ---------------------------------------------------------------- restore
 
 def restore_time(*, users: int, partitions: int, kafka: KafkaSettings, say=print) -> dict:
     """Seconds to restore `users` users from the state changelog, as a member assigned every partition does,
-    on the brokers of `kafka` (see `bench_brokers`)."""
+    on the brokers of `kafka` (see `bench_brokers`); and the CPU seconds this process spent on it (its threads
+    and librdkafka's: on a shared machine, what the restore costs rather than what it waited for)."""
     from stream.changelog import Changelog
     from stream.state import StateTable
 
@@ -395,10 +401,15 @@ def restore_time(*, users: int, partitions: int, kafka: KafkaSettings, say=print
         writer.write_state(rows[start:start + 100_000])
         publisher.poll()
     publisher.flush()
+    record_bytes = state.record_dtype().itemsize
+    del state, writer, ids, rows  # the restore has the machine's memory to itself (beside the broker's)
+    gc.collect()
     say("restoring ...")
     fresh = StateTable(64, torch.device("cpu"), watermark_slots=1, dedupe_window=settings.dedupe_window)
+    cpu = time.process_time()
     restored = changelog(fresh, publisher).restore(list(range(partitions)))
+    cpu = time.process_time() - cpu
     assert restored.users == users, f"restored {restored.users} of {users} users"
     return {"users": users, "restore_seconds": restored.seconds, "read_seconds": restored.read_seconds,
             "load_seconds": restored.seconds - restored.read_seconds, "users_per_s": users / restored.seconds,
-            "record_bytes": state.record_dtype().itemsize}
+            "cpu_seconds": cpu, "record_bytes": record_bytes}

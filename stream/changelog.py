@@ -35,18 +35,18 @@ from typing import Protocol
 
 import numpy as np
 import orjson
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaException, Message, TopicPartition
 
+from stream.changelog_records import META_KEY, RefusedRecords
 from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, DeadLetter, RecordBatch
 from stream.expiry import Expired
-from stream.kafka import Publisher, StreamError, read_latest
+from stream.kafka import Publisher, StreamError
+from stream.log_reader import read_to_end
 from stream.metrics import Metrics
 from stream.settings import KafkaSettings
 from stream.state import StateTable
 
 log = logging.getLogger(__name__)
-
-META_KEY = b"\x00meta"  # changelog key of the per-partition metadata record (model version, category names)
 
 Profiles = list[tuple[bytes, bytes]]  # (key, value) records for the output topic
 
@@ -75,7 +75,7 @@ class Unconfirmed:
 class Restored:
     users: int  # loaded from the changelog
     from_snapshot: int  # ...and from the base snapshot, where the changelog had nothing newer
-    read_seconds: float  # reading the changelog, of `seconds` in all
+    read_seconds: float  # reading the changelog (waiting for records), of `seconds` in all; the rest is loading
     seconds: float
 
 
@@ -284,25 +284,40 @@ class Changelog:
 
     def restore(self, partitions: list[int], on_progress: Callable[[], None] | None = None) -> Restored:
         """Load the state of these input partitions' users from the changelog (latest record per user;
-        tombstones erase), then the base snapshot's users it has nothing newer for. `on_progress` ticks
-        whenever changelog records arrive. Raises StreamError on state of another model or layout."""
+        tombstones erase), then the base snapshot's users it has nothing newer for. Records are loaded
+        column-wise as they are read (stream/changelog_records.py); `on_progress` ticks whenever a batch of
+        them arrives. Raises StreamError on state of another model or layout (found once all is read: the
+        table then holds what was loaded, and the daemon stops)."""
         started = time.perf_counter()
         state = self.state
-        latest = read_latest(self.kafka, self.topic, partitions, on_progress=on_progress)
-        read_seconds = time.perf_counter() - started
-        users = 0
-        for partition, records in latest.items():
-            meta = records.pop(META_KEY, None)
-            if meta is not None:
-                meta = orjson.loads(meta)
-                if meta.get("model_version") != self.model_version:
-                    raise StreamError(
-                        f"{self.topic} holds state of model {meta.get('model_version')!r}, this daemon serves "
-                        f"{self.model_version!r}: give a new model its own --group-id (or --state-topic)")
-                state.merge_category_names({int(k): v for k, v in meta.get("category_names", {}).items()})
-            try:
-                users += state.load_changelog(records)
-            except ValueError as exc:
-                raise StreamError(f"{self.topic}[{partition}]: {exc}") from None
+        loader = state.changelog_loader()
+        loading = 0.0
+
+        def take(messages: list[Message], partitions_read: np.ndarray) -> None:
+            nonlocal loading
+            t0 = time.perf_counter()
+            loader.add(list(map(Message.key, messages)), list(map(Message.value, messages)), partitions_read)
+            loading += time.perf_counter() - t0
+
+        read_to_end(self.kafka, self.topic, partitions, take, on_progress=on_progress, on_start=state.reserve)
+        finishing = time.perf_counter()
+        for partition, meta in sorted(loader.metas.items()):
+            if meta is None:
+                continue
+            meta = orjson.loads(meta)
+            if meta.get("model_version") != self.model_version:
+                raise StreamError(
+                    f"{self.topic} holds state of model {meta.get('model_version')!r}, this daemon serves "
+                    f"{self.model_version!r}: give a new model its own --group-id (or --state-topic)")
+            state.merge_category_names({int(k): v for k, v in meta.get("category_names", {}).items()})
+        if loader.keyless:
+            log.warning("%s: %d record(s) without a key left out of the restore", self.topic, loader.keyless)
+        try:
+            users = loader.finish()
+        except RefusedRecords as exc:
+            raise StreamError(f"{self.topic}[{exc.partition}]: {exc}") from None
+        if on_progress is not None:
+            on_progress()  # erased users leave a big table in a copy of it: a tick before the snapshot's users
         from_snapshot = state.load_base_partitions(partitions)
-        return Restored(users, from_snapshot, read_seconds, time.perf_counter() - started)
+        done = time.perf_counter()
+        return Restored(users, from_snapshot, finishing - started - loading, done - started)
