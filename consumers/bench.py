@@ -15,6 +15,7 @@ with 10k / 100k / 1M users to show that the cost per event does not grow with th
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import threading
@@ -37,7 +38,7 @@ from stream.events import RecordBatch
 from stream.decode import decode_batch
 from stream.generator import iter_events
 from stream.kafka import Publisher, StreamError, admin_client, ensure_topics
-from stream.metrics import Metrics
+from stream.metrics import Metrics, resident_bytes
 from stream.runtime import tune_garbage_collector
 from stream.settings import KafkaSettings, Settings
 
@@ -53,6 +54,7 @@ class BenchReport:
     device: str
     batch_max_events: int
     guarantee: str = "at-least-once"
+    traffic: str = "sessions"
     pipeline_events_per_s: float | None = None
     raw_events_per_s: float | None = None
     ratio: float | None = None
@@ -79,7 +81,7 @@ class BenchReport:
 
         out = [line("device", self.device), line("events", f"{self.events:,}"),
                line("users", f"{self.users:,}"), line("batch max events", f"{self.batch_max_events:,}"),
-               line("guarantee", self.guarantee)]
+               line("guarantee", self.guarantee), line("traffic", self.traffic)]
         if self.pipeline_events_per_s is not None:
             out += [line("pipeline", f"{self.pipeline_events_per_s:,.0f}", " events/s"),
                     line("raw ceiling (consume + decode)", f"{self.raw_events_per_s:,.0f}", " events/s"),
@@ -100,10 +102,10 @@ class BenchReport:
             out.append(line("model step (no broker)", f"{self.model_step_events_per_s:,.0f}", " events/s"))
         if self.scaling:
             out += ["", f"{'users in state':>15} {'step events/s':>14} {'us/event':>9} {'+profiles ev/s':>15} "
-                        f"{'state MiB':>10}"]
+                        f"{'state MiB':>10} {'RSS B/user':>11}"]
             out += [f"{r['users_in_state']:>15,} {r['step_events_per_s']:>14,.0f} {r['step_us_per_event']:>9.2f} "
-                    f"{r['with_profiles_events_per_s']:>15,.0f} {r['state_bytes'] / 2**20:>10,.1f}"
-                    for r in self.scaling]
+                    f"{r['with_profiles_events_per_s']:>15,.0f} {r['state_bytes'] / 2**20:>10,.1f} "
+                    f"{r['resident_bytes_per_user']:>11,.0f}" for r in self.scaling]
         return "\n".join(out)
 
     def as_json(self) -> bytes:
@@ -116,10 +118,34 @@ class BenchReport:
 SPAN_DAYS = 1.0
 
 
-def generated_records(n: int, users: int, seed: int, start_ts_ms: int | None = None) -> list[tuple[bytes, bytes]]:
+TRAFFIC = ("sessions", "scattered")
+
+
+def generated_records(n: int, users: int, seed: int, start_ts_ms: int | None = None,
+                      traffic: str = "sessions") -> list[tuple[bytes, bytes]]:
+    """`n` generated events as (key, value) records. traffic "sessions": the generator's users, who act in
+    sessions (a batch touches few users, each several times); "scattered": each event given to a user
+    drawn at random among `users` (with as many users as events, nearly every event of a batch is a
+    different user's: high-cardinality traffic, about one profile per event)."""
     start = start_ts_ms if start_ts_ms is not None else int(time.time() * 1000) - int(SPAN_DAYS * 86_400_000)
-    return list(records(iter_events(users, seed, events=n, span_days=SPAN_DAYS, start_ts_ms=start),
+    recs = list(records(iter_events(users, seed, events=n, span_days=SPAN_DAYS, start_ts_ms=start),
                         invalid_fraction=0.0, seed=seed))
+    if traffic == "scattered":
+        return scattered(recs, users, seed)
+    if traffic != "sessions":
+        raise ValueError(f"traffic must be one of {TRAFFIC}, not {traffic!r}")
+    return recs
+
+
+def scattered(recs: list[tuple[bytes, bytes]], users: int, seed: int) -> list[tuple[bytes, bytes]]:
+    """The same events (still in event-time order), each re-keyed to a user drawn uniformly among `users`."""
+    drawn = np.random.default_rng(seed).integers(0, users, len(recs)).tolist()
+    out = []
+    for (_key, value), j in zip(recs, drawn):
+        event = orjson.loads(value)
+        event["user_id"] = user = f"r{j:08d}"
+        out.append((user.encode(), orjson.dumps(event)))
+    return out
 
 
 # ---------------------------------------------------------------- broker mode
@@ -203,7 +229,8 @@ def run_daemon_until(settings: Settings, updater: ProfileUpdater, done: callable
 
 def run_bench(*, events: int, users: int, batch_max_events: int, device: str, kafka: KafkaSettings,
               partitions: int, offered_rate: int, offered_seconds: float, torch_threads: int, seed: int,
-              gru_threads: int = 0, guarantee: str = "at-least-once", say=print) -> BenchReport:
+              gru_threads: int = 0, guarantee: str = "at-least-once", traffic: str = "sessions",
+              say=print) -> BenchReport:
     """Raw ceiling, pipeline and offered load on the brokers of `kafka` (see `bench_brokers`)."""
     run_id = uuid.uuid4().hex[:8]
     topic = f"bench-events-{run_id}"
@@ -211,8 +238,8 @@ def run_bench(*, events: int, users: int, batch_max_events: int, device: str, ka
                         group_id=f"bench-pipeline-{run_id}", device=device, torch_threads=torch_threads,
                         gru_threads=gru_threads, batch_max_events=batch_max_events, session_timeout_ms=6000, guarantee=guarantee)
     ensure_topics(admin_client(kafka), {topic: partitions})
-    say(f"generating {events:,} events for {users:,} users ...")
-    recs = generated_records(events, users, seed)
+    say(f"generating {events:,} events for {users:,} users ({traffic}) ...")
+    recs = generated_records(events, users, seed, traffic=traffic)
     say(f"producing them to {topic} on {kafka.bootstrap_servers} ({partitions} partitions) ...")
     produce_all(kafka, topic, recs)
 
@@ -226,7 +253,8 @@ def run_bench(*, events: int, users: int, batch_max_events: int, device: str, ka
     pipeline = events / (s.last_batch_done_at - s.assigned_at)  # both clocks start at assignment
     ms = np.array(s.batch_seconds) * 1000
     report = BenchReport(events=events, users=len(updater.state), device=str(updater.device),
-                         batch_max_events=batch_max_events, guarantee=guarantee, pipeline_events_per_s=pipeline,
+                         batch_max_events=batch_max_events, guarantee=guarantee, traffic=traffic,
+                         pipeline_events_per_s=pipeline,
                          raw_events_per_s=raw, ratio=pipeline / raw,
                          p50_batch_ms=float(np.percentile(ms, 50)), p99_batch_ms=float(np.percentile(ms, 99)),
                          state_bytes=int(sum(updater.state.state_bytes().values())),
@@ -234,18 +262,18 @@ def run_bench(*, events: int, users: int, batch_max_events: int, device: str, ka
                          profiles_per_event=s.profiles / max(s.events, 1))
     del daemon, updater  # close their clients while the broker still runs
     if offered_rate:
-        offered(report, settings, run_id, users, seed, offered_rate, offered_seconds, partitions, say)
+        offered(report, settings, run_id, users, seed, offered_rate, offered_seconds, partitions, traffic, say)
     return report
 
 
 def offered(report: BenchReport, settings: Settings, run_id: str, users: int, seed: int, rate: int,
-            seconds: float, partitions: int, say) -> None:
+            seconds: float, partitions: int, traffic: str, say) -> None:
     """Batch latency of the live daemon while another process offers `rate` events/s for `seconds`."""
     n = int(rate * seconds)
     topic = f"bench-offered-{run_id}"
     ensure_topics(admin_client(settings.kafka), {topic: partitions})
     live = dataclasses.replace(settings, input_topics=(topic,), group_id=f"bench-offered-{run_id}")
-    recs = generated_records(n, users, seed + 1)
+    recs = generated_records(n, users, seed + 1, traffic=traffic)
     say(f"offered load: {rate:,} events/s for {seconds:g} s from another process, daemon live ...")
     updater = load_updater(live)
     # The producer is another process (its own interpreter, not the daemon's GIL), started now so that
@@ -288,17 +316,19 @@ def stage_share(metrics: Metrics) -> dict[str, float]:
 
 @torch.inference_mode()
 def model_step(*, events: int, users: int, batch_max_events: int, device: str, torch_threads: int, seed: int,
-               gru_threads: int = 0, scaling_users: tuple[int, ...] = SCALING_USERS, say=print) -> BenchReport:
+               gru_threads: int = 0, scaling_users: tuple[int, ...] = SCALING_USERS, traffic: str = "sessions",
+               say=print) -> BenchReport:
     """The in-process model step (features, GRU, counters) alone; optionally the scaling table."""
     settings = Settings(device=device, torch_threads=torch_threads, gru_threads=gru_threads, emit_embedding=True)
-    say(f"generating {events:,} events for {users:,} users ...")
-    values = [v for _k, v in generated_records(events, users, seed)]
+    say(f"generating {events:,} events for {users:,} users ({traffic}) ...")
+    values = [v for _k, v in generated_records(events, users, seed, traffic=traffic)]
     columns, _dead = decode_batch(RecordBatch.of(values, topic="bench"), settings.max_event_bytes)
     updater = load_updater(settings)
     tune_garbage_collector()
     step = _time_steps(updater, columns, batch_max_events)
     report = BenchReport(events=events, users=len(updater.state), device=str(updater.device),
-                         batch_max_events=batch_max_events, model_step_events_per_s=step["step_events_per_s"],
+                         batch_max_events=batch_max_events, traffic=traffic,
+                         model_step_events_per_s=step["step_events_per_s"],
                          state_bytes=int(sum(updater.state.state_bytes().values())))
     if scaling_users:
         for n_users in scaling_users:
@@ -327,23 +357,28 @@ def _time_steps(updater: ProfileUpdater, columns, batch: int) -> dict:
 
 
 def _scaled(settings: Settings, columns, n_users: int, batch: int, seed: int) -> dict:
-    """The same events, their users spread over `n_users` ids already in state."""
+    """The same events, their users spread over `n_users` ids already in state; the memory this takes per user
+    (resident set growth: the table, the user-id index and the id strings, all in)."""
     updater = load_updater(settings)
+    gc.collect()
+    before = resident_bytes()
     ids = np.array([f"s{i}" for i in range(n_users)], dtype=object)
     updater.state.rows_for(ids)  # prefill: every user has a row (model state and counters)
+    resident = resident_bytes() - before
     rng = np.random.default_rng(seed)
     events = columns.take(np.arange(len(columns)))
     events.user_id = ids[rng.integers(0, n_users, len(columns))]
     updater.apply(events.take(np.arange(min(batch, len(events)))))  # warm-up
     return _time_steps(updater, events, batch) | {
-        "state_bytes": int(sum(updater.state.state_bytes().values()))}
+        "state_bytes": int(sum(updater.state.state_bytes().values())), "resident_bytes_per_user": resident / n_users}
 
 
 # ---------------------------------------------------------------- restore
 
 def restore_time(*, users: int, partitions: int, kafka: KafkaSettings, say=print) -> dict:
     """Seconds to restore `users` users from the state changelog, as a member assigned every partition does,
-    on the brokers of `kafka` (see `bench_brokers`)."""
+    on the brokers of `kafka` (see `bench_brokers`); and the CPU seconds this process spent on it (its threads
+    and librdkafka's: on a shared machine, what the restore costs rather than what it waited for)."""
     from stream.changelog import Changelog
     from stream.state import StateTable
 
@@ -366,10 +401,15 @@ def restore_time(*, users: int, partitions: int, kafka: KafkaSettings, say=print
         writer.write_state(rows[start:start + 100_000])
         publisher.poll()
     publisher.flush()
+    record_bytes = state.record_dtype().itemsize
+    del state, writer, ids, rows  # the restore has the machine's memory to itself (beside the broker's)
+    gc.collect()
     say("restoring ...")
     fresh = StateTable(64, torch.device("cpu"), watermark_slots=1, dedupe_window=settings.dedupe_window)
+    cpu = time.process_time()
     restored = changelog(fresh, publisher).restore(list(range(partitions)))
+    cpu = time.process_time() - cpu
     assert restored.users == users, f"restored {restored.users} of {users} users"
     return {"users": users, "restore_seconds": restored.seconds, "read_seconds": restored.read_seconds,
             "load_seconds": restored.seconds - restored.read_seconds, "users_per_s": users / restored.seconds,
-            "record_bytes": state.record_dtype().itemsize}
+            "cpu_seconds": cpu, "record_bytes": record_bytes}

@@ -10,12 +10,19 @@ build one frozen Settings object, which is passed down explicitly.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
-import click
+# Before torch is imported (its OpenMP runtime reads this once, when it loads): idle OpenMP threads sleep
+# instead of spinning. The GRU pass runs on every core (--gru-threads); a thread left spinning after it
+# holds a core the broker client's threads (and, on a small machine, the broker) need, and when the
+# cores are shared the pass waits for threads that are not running. Measured in docs/benchmarks.md.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from consumers.commands import live, logs, modelling
-from consumers.commands.base import ProfilesGroup
+import click  # noqa: E402 (after the environment above)
+
+from consumers.commands import live, logs, modelling  # noqa: E402
+from consumers.commands.base import ProfilesGroup  # noqa: E402
 
 log = logging.getLogger("profiles")
 

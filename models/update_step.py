@@ -311,8 +311,9 @@ class ProfileUpdater:
 
         price_n = state.price_n[rows]
         mean_price = np.divide(state.price_sum[rows], price_n, out=np.full(len(rows), np.nan), where=price_n > 0)
-        tier_names = cfg.price_tier_names
-        tiers = [tier_names[t] if t >= 0 else "unknown" for t in price_tier_index(mean_price, cfg).tolist()]
+        # Tier names by index, "unknown" (no priced event yet) at -1: one gather, no loop over users.
+        tier_names = np.array([*cfg.price_tier_names, "unknown"], dtype=object)
+        tiers = tier_names[price_tier_index(mean_price, cfg)].tolist()
 
         next_items = None
         if self.next_items:
@@ -320,7 +321,7 @@ class ProfileUpdater:
             best = self.model.item_scores(s, current=current).topk(self.next_items, dim=1).indices.cpu().numpy()
             next_items = self.item_vocab[best].tolist()
         cols = ProfileColumns(
-            user_ids=[state.user_ids[r] for r in rows.tolist()],
+            user_ids=list(map(state.user_ids.__getitem__, rows.tolist())),
             last_event_ts=state.last_ts[rows],
             counts=state.counts[rows],
             spend_micros=state.spend_micros[rows],

@@ -30,22 +30,23 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Protocol
 
 import numpy as np
 import orjson
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaException, Message, TopicPartition
 
+from stream.changelog_records import META_KEY, RefusedRecords
 from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, DeadLetter, RecordBatch
 from stream.expiry import Expired
-from stream.kafka import Publisher, StreamError, read_latest
+from stream.kafka import Publisher, StreamError
+from stream.log_reader import read_to_end
 from stream.metrics import Metrics
 from stream.settings import KafkaSettings
 from stream.state import StateTable
 
 log = logging.getLogger(__name__)
-
-META_KEY = b"\x00meta"  # changelog key of the per-partition metadata record (model version, category names)
 
 Profiles = list[tuple[bytes, bytes]]  # (key, value) records for the output topic
 
@@ -74,7 +75,7 @@ class Unconfirmed:
 class Restored:
     users: int  # loaded from the changelog
     from_snapshot: int  # ...and from the base snapshot, where the changelog had nothing newer
-    read_seconds: float  # reading the changelog, of `seconds` in all
+    read_seconds: float  # reading the changelog (waiting for records), of `seconds` in all; the rest is loading
     seconds: float
 
 
@@ -110,7 +111,7 @@ class Changelog:
         """Hand a processed batch to the producer; its input offsets are the next to commit."""
         self._produce(rows, profiles, dead_letters, erased, expired or Expired())
         # Records of one partition arrive in offset order, so the last one wins.
-        self.uncommitted.update(zip(zip(records.topics, records.partitions), (o + 1 for o in records.offsets)))
+        self.uncommitted.update(zip(zip(records.topics, records.partitions), map((1).__add__, records.offsets)))
 
     def _produce(self, rows: np.ndarray, profiles: Profiles, dead_letters: list[DeadLetter],
                  erased: list[tuple[str, int]], expired: Expired) -> None:
@@ -136,9 +137,9 @@ class Changelog:
         rows = rows[state.partition[rows] >= 0]
         partitions = state.partition[rows].tolist()
         if len(rows):
-            self.publisher.produce_to_partitions(self.topic, [state.user_ids[r].encode("utf-8", "surrogatepass")
-                                                              for r in rows.tolist()],
-                                                 state.changelog_values(rows), partitions)
+            ids = map(state.user_ids.__getitem__, rows.tolist())  # keys encoded in C: a batch can have a user per event
+            keys = list(map(str.encode, ids, repeat("utf-8"), repeat("surrogatepass")))
+            self.publisher.produce_to_partitions(self.topic, keys, state.changelog_values(rows), partitions)
         # Newly seen categories, or names an erasure dropped: the whole list, which replaces the last one
         # (a restore reads the latest meta record, compacted or not). Also in a batch that changed no
         # user's state (one of forget records only), so that a restore after it cannot bring them back.
@@ -283,25 +284,40 @@ class Changelog:
 
     def restore(self, partitions: list[int], on_progress: Callable[[], None] | None = None) -> Restored:
         """Load the state of these input partitions' users from the changelog (latest record per user;
-        tombstones erase), then the base snapshot's users it has nothing newer for. `on_progress` ticks
-        whenever changelog records arrive. Raises StreamError on state of another model or layout."""
+        tombstones erase), then the base snapshot's users it has nothing newer for. Records are loaded
+        column-wise as they are read (stream/changelog_records.py); `on_progress` ticks whenever a batch of
+        them arrives. Raises StreamError on state of another model or layout (found once all is read: the
+        table then holds what was loaded, and the daemon stops)."""
         started = time.perf_counter()
         state = self.state
-        latest = read_latest(self.kafka, self.topic, partitions, on_progress=on_progress)
-        read_seconds = time.perf_counter() - started
-        users = 0
-        for partition, records in latest.items():
-            meta = records.pop(META_KEY, None)
-            if meta is not None:
-                meta = orjson.loads(meta)
-                if meta.get("model_version") != self.model_version:
-                    raise StreamError(
-                        f"{self.topic} holds state of model {meta.get('model_version')!r}, this daemon serves "
-                        f"{self.model_version!r}: give a new model its own --group-id (or --state-topic)")
-                state.merge_category_names({int(k): v for k, v in meta.get("category_names", {}).items()})
-            try:
-                users += state.load_changelog(records)
-            except ValueError as exc:
-                raise StreamError(f"{self.topic}[{partition}]: {exc}") from None
+        loader = state.changelog_loader()
+        loading = 0.0
+
+        def take(messages: list[Message], partitions_read: np.ndarray) -> None:
+            nonlocal loading
+            t0 = time.perf_counter()
+            loader.add(list(map(Message.key, messages)), list(map(Message.value, messages)), partitions_read)
+            loading += time.perf_counter() - t0
+
+        read_to_end(self.kafka, self.topic, partitions, take, on_progress=on_progress, on_start=state.reserve)
+        finishing = time.perf_counter()
+        for partition, meta in sorted(loader.metas.items()):
+            if meta is None:
+                continue
+            meta = orjson.loads(meta)
+            if meta.get("model_version") != self.model_version:
+                raise StreamError(
+                    f"{self.topic} holds state of model {meta.get('model_version')!r}, this daemon serves "
+                    f"{self.model_version!r}: give a new model its own --group-id (or --state-topic)")
+            state.merge_category_names({int(k): v for k, v in meta.get("category_names", {}).items()})
+        if loader.keyless:
+            log.warning("%s: %d record(s) without a key left out of the restore", self.topic, loader.keyless)
+        try:
+            users = loader.finish()
+        except RefusedRecords as exc:
+            raise StreamError(f"{self.topic}[{exc.partition}]: {exc}") from None
+        if on_progress is not None:
+            on_progress()  # erased users leave a big table in a copy of it: a tick before the snapshot's users
         from_snapshot = state.load_base_partitions(partitions)
-        return Restored(users, from_snapshot, read_seconds, time.perf_counter() - started)
+        done = time.perf_counter()
+        return Restored(users, from_snapshot, finishing - started - loading, done - started)

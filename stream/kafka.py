@@ -365,74 +365,15 @@ def read_latest(kafka: KafkaSettings, topic: str, partitions: Iterable[int], tim
                 stall_s: float = 30.0, on_progress: Callable[[], None] | None = None,
                 ) -> dict[int, dict[bytes, bytes | None]]:
     """The latest value of every key in these partitions of `topic`, read from the beginning to the
-    current end (None: a tombstone). A broker that does not compact (Tansu) just makes this longer.
+    current end (None: a tombstone), as stream/log_reader.py reads (read_committed, then uncommitted past
+    a partition stalled for `stall_s`). A broker that does not compact (Tansu) just makes this longer."""
+    from stream.log_reader import read_to_end  # it reads with end_offsets, above
 
-    Read committed, so that on Kafka the records of aborted transactions (a fenced zombie's) stay
-    hidden. A transaction left open by a dead producer holds read_committed readers back until the
-    broker aborts it (transaction.timeout.ms); a broker that never does (Tansu) would hold them for
-    ever, so a partition that makes no progress for `stall_s` is read on uncommitted. That is safe
-    for the state changelog: every record carries its watermark, and events at or below it are
-    skipped on re-consumption, whether the record's transaction committed or not.
-    `on_progress` is called whenever records arrive (a liveness probe's tick).
-    """
-    wanted = sorted(set(partitions))
-    if not wanted:
-        return {}
-    ends = {p: e for p, e in end_offsets(kafka, topic, timeout_s=min(timeout_s, 30.0)).items() if p in wanted}
-    latest: dict[int, dict[bytes, bytes | None]] = {p: {} for p in wanted}
-    start = {p: 0 for p, end in ends.items() if end > 0}
-    deadline = time.monotonic() + timeout_s
-    for isolation in ("read_committed", "read_uncommitted"):
-        if not start:
-            break
-        if isolation == "read_uncommitted":
-            log.warning("%s%s: no progress for %.0fs at offsets %s, short of the end %s (a transaction left "
-                        "open by a dead producer?): reading on uncommitted", topic, sorted(start), stall_s,
-                        start, {p: ends[p] for p in start})
-        start = _read_to_end(kafka, topic, start, ends, latest, isolation, deadline,
-                             stall_s if isolation == "read_committed" else timeout_s, on_progress)
+    latest: dict[int, dict[bytes, bytes | None]] = {p: {} for p in sorted(set(partitions))}
+
+    def take(messages: list[Message], _partitions: object) -> None:
+        for m in messages:
+            latest[m.partition()][m.key()] = m.value()
+
+    read_to_end(kafka, topic, latest, take, timeout_s=timeout_s, stall_s=stall_s, on_progress=on_progress)
     return latest
-
-
-def _read_to_end(kafka: KafkaSettings, topic: str, start: dict[int, int], ends: dict[int, int],
-                 latest: dict[int, dict[bytes, bytes | None]], isolation: str, deadline: float, stall_s: float,
-                 on_progress: Callable[[], None] | None = None) -> dict[int, int]:
-    """Read partitions from `start` to `ends` into `latest`; return {partition: position} of those
-    that made no progress for `stall_s` (empty when all reached their end)."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer(kafka.client_config(**{
-        "group.id": "profiles-restore", "enable.auto.commit": False, "enable.partition.eof": False,
-        "isolation.level": isolation}))
-    try:
-        consumer.assign([TopicPartition(topic, p, o) for p, o in start.items()])
-        position, pending = dict(start), set(start)
-        progressed = time.monotonic()
-        while pending:
-            now = time.monotonic()
-            if now > deadline:
-                raise StreamError(f"restoring from {topic} did not reach the end {ends} in time: at {position}")
-            if now - progressed > stall_s:
-                return {p: position[p] for p in pending}
-            messages = consumer.consume(10_000, 0.2)
-            for m in messages:
-                if m.error() is not None:
-                    continue
-                p = m.partition()
-                latest[p][m.key()] = m.value()
-                position[p] = m.offset() + 1
-                if position[p] >= ends[p]:
-                    pending.discard(p)
-            if messages:
-                progressed = time.monotonic()
-                if on_progress is not None:
-                    on_progress()
-            elif pending:  # transaction markers and aborted records are never delivered: ask where we are
-                for tp in consumer.position([TopicPartition(topic, p) for p in pending]):
-                    if tp.offset > position[tp.partition]:
-                        position[tp.partition], progressed = tp.offset, time.monotonic()
-                    if tp.offset >= ends[tp.partition]:
-                        pending.discard(tp.partition)
-        return {}
-    finally:
-        consumer.close()

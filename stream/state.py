@@ -6,9 +6,11 @@ device; counters live in numpy arrays on the host. Both grow by doubling, so the
 batch depends on the users it touches, not on how many users are in state.
 
 `snapshot()` / `restore()` exchange plain data (numpy arrays, lists, dicts) for
-local snapshots; `changelog_values()` / `load_changelog()` exchange one fixed-layout
-binary record per user for the state changelog topic (packed and unpacked with
-numpy for all users at once).
+local snapshots; `changelog_values()` / `changelog_loader()` exchange one fixed-layout
+binary record per user for the state changelog topic (stream/changelog_records.py: packed
+and loaded with numpy, many users at once).
+
+Users are found by id in stream/user_index.py (numpy arrays, not a dict of strings).
 
 Exactly-once bookkeeping lives in the table too: per user, the input partition its
 events come from, a watermark per input topic (the offset of the last event applied),
@@ -23,15 +25,16 @@ from __future__ import annotations
 import itertools
 
 import os
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import orjson
 import torch
 
+from stream.changelog_records import ChangelogLoader, pack, record_dtype
 from stream.events import EVENT_TYPES
 from stream.statistics import STAT_COLUMNS, unheld_buckets
+from stream.snapshot_files import read_snapshot, write_snapshot  # noqa: F401 (where callers import them from)
+from stream.user_index import UserIndex, distinct, hashes_of, objects
 
 SNAPSHOT_FORMAT = 1
 
@@ -47,9 +50,6 @@ COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
     "scored_at": (np.int64, (), -1),  # event-time clock when the user's profile was last published
     **STAT_COLUMNS,  # the behaviour statistics the field heads read (stream/statistics.py)
 }
-
-
-CHANGELOG_FORMAT = 2  # 2: with the behaviour statistics
 
 
 class StateTable:
@@ -69,9 +69,9 @@ class StateTable:
             # scores' copy bonus reads; kept (4 bytes per user) only when profiles publish next_items.
             "last_item": (np.int32, (int(last_item),), -1),
         }
-        self._index: dict[str, int] = {}
         self.user_ids: list[str] = []
-        self.states = torch.zeros(capacity, state_size, device=device)  # (capacity, S): GRU hidden state + memory
+        self._index = UserIndex()  # user id -> row (stream/user_index.py)
+        self.states = _room(capacity, state_size, device)  # (capacity, S): GRU hidden state + memory
         self.columns = {name: _column(self.spec[name], capacity) for name in self.spec}
         # Category bucket -> the category string seen in it, so top_categories can name
         # categories as they appear in events (its keys: the buckets seen, less those an erasure left
@@ -108,21 +108,28 @@ class StateTable:
     def rows_for(self, users: Iterable[str], from_base: bool = True) -> np.ndarray:
         """Row of each user, adding rows for users not yet in state (in order of first appearance),
         filled from the base snapshot where it has them (unless the caller overwrites them anyway)."""
-        users = users if isinstance(users, (list, np.ndarray)) else list(users)
-        index = self._index
-        rows = np.fromiter(map(index.get, users, itertools.repeat(-1)), dtype=np.int64, count=len(users))
+        users = objects(users if isinstance(users, (list, np.ndarray)) else list(users))
+        hashes = hashes_of(users)
+        rows = self._index.rows(users, hashes)
         missing = np.flatnonzero(rows < 0)
         if len(missing):
-            absent = [users[i] for i in missing.tolist()]
-            new_users = list(dict.fromkeys(absent))  # distinct, first appearance first
+            new, rows[missing] = distinct(users, missing, hashes)  # first appearance first
             first = len(self.user_ids)
-            index.update(zip(new_users, range(first, first + len(new_users))))
+            rows[missing] += first
+            new_users = users[new].tolist()
             self.user_ids.extend(new_users)
-            rows[missing] = np.fromiter(map(index.__getitem__, absent), dtype=np.int64, count=len(absent))
+            self._index.add(new_users, hashes[new])
             self._ensure_capacity(len(self.user_ids))
+            self._initialise(first, len(self.user_ids))
             if self.base is not None and from_base:
                 self._copy_from_base(new_users, np.arange(first, first + len(new_users)))
         return rows
+
+    def _initialise(self, start: int, stop: int) -> None:
+        """Rows start..stop-1, new to users: zero states and each column's initial value (see _room)."""
+        (self.states.numpy() if self.device.type == "cpu" else self.states)[start:stop] = 0
+        for name, (_, _, initial) in self.spec.items():
+            self.columns[name][start:stop] = initial
 
     # ------------------------------------------------------------------ a snapshot as the base
 
@@ -147,7 +154,8 @@ class StateTable:
         the table's state is newer). Returns how many."""
         if self.base is None:
             return 0
-        users = [u for u in self.base.users_of(partitions) if u not in self._index]
+        users = self.base.users_of(partitions)
+        users = [users[i] for i in np.flatnonzero(self._index.rows(users) < 0).tolist()]
         self.rows_for(users)  # new rows are filled from the base
         return len(users)
 
@@ -161,11 +169,18 @@ class StateTable:
         for name, column in self.columns.items():
             column[rows] = self.base.columns[name][base_rows]
 
+    def reserve(self, users: int) -> None:
+        """Room for up to this many more users at once (a restore: the changelog's record count). On the CPU
+        only, where unused rows cost no memory (see _room), and within half the machine's memory."""
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if self.device.type == "cpu" and users * self.record_dtype().itemsize < memory // 2:
+            self._ensure_capacity(len(self) + users)
+
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
             return
         new = max(needed, 2 * self.capacity)
-        grown = torch.zeros(new, self.state_size, device=self.device)
+        grown = _room(new, self.state_size, self.device)
         grown[: self.capacity] = self.states
         self.states = grown
         for name, old in self.columns.items():
@@ -201,45 +216,23 @@ class StateTable:
     # ------------------------------------------------------------------ changelog records
 
     def record_dtype(self) -> np.dtype:
-        """The packed layout of one user's changelog record (little-endian, no padding)."""
-        # The state vector's field is named "hidden" (it holds the memory too): the name is part of the
-        # record layout that changelog topics already hold, so it stays.
-        return np.dtype([("format", "u1"), ("hidden", "<f4", (self.state_size,))] + [
-            (name, np.dtype(dtype).newbyteorder("<"), shape) for name, (dtype, shape, _) in self.spec.items()])
+        """The packed layout of one user's changelog record (stream/changelog_records.py)."""
+        return record_dtype(self.state_size, self.spec)
 
     def changelog_values(self, rows: np.ndarray) -> list[bytes]:
         """One binary record per row (the user's whole state), packed for all rows at once."""
-        records = np.zeros(len(rows), dtype=self.record_dtype())
-        records["format"] = CHANGELOG_FORMAT
-        records["hidden"] = self.states[torch.from_numpy(rows).to(self.device)].float().cpu().numpy()
-        for name, column in self.columns.items():
-            records[name] = column[rows]
-        size, buf = records.dtype.itemsize, records.tobytes()
-        return [buf[i:i + size] for i in range(0, len(buf), size)]
+        return pack(self, rows)
+
+    def changelog_loader(self) -> ChangelogLoader:
+        """A loader of changelog records read from the beginning, batch by batch, into this table."""
+        return ChangelogLoader(self)
 
     def load_changelog(self, latest: dict[bytes, bytes | None]) -> int:
         """Upsert users from their latest changelog records (user id bytes -> record; None = erased).
         Returns the number of users loaded. Raises ValueError on records of another layout."""
-        live = {k: v for k, v in latest.items() if v is not None}
-        # Tombstones drop users but no category names: the meta record restored beside them lists the
-        # names as they were after the erasure (and the partition's other users are not loaded yet).
-        self._drop_users([k.decode("utf-8", "surrogatepass") for k, v in latest.items() if v is None])
-        if not live:
-            return 0
-        dtype = self.record_dtype()
-        if any(len(v) != dtype.itemsize for v in live.values()):
-            raise ValueError(f"changelog records of {sorted({len(v) for v in live.values()})} bytes, expected "
-                             f"{dtype.itemsize}: written by another model or settings (state size, input topics, "
-                             "dedupe window); use a new changelog topic for them")
-        records = np.frombuffer(b"".join(live.values()), dtype=dtype)
-        if (records["format"] != CHANGELOG_FORMAT).any():
-            raise ValueError(f"changelog record format {int(records['format'][0])} is not {CHANGELOG_FORMAT}")
-        rows = self.rows_for([k.decode("utf-8", "surrogatepass") for k in live], from_base=False)
-        self.states[torch.from_numpy(rows).to(self.device)] = torch.from_numpy(records["hidden"].copy()).to(self.device)
-        for name, column in self.columns.items():
-            column[rows] = records[name]
-        self.max_event_ts = max(self.max_event_ts, int(records["last_ts"].max()))
-        return len(rows)
+        loader = ChangelogLoader(self)
+        loader.add(list(latest), list(latest.values()), np.zeros(len(latest), dtype=np.int64))
+        return loader.finish()
 
     def drop_rows(self, drop: np.ndarray) -> None:
         """Remove the rows where `drop` (a boolean mask over the users) is true; the rest keep their order."""
@@ -248,9 +241,9 @@ class StateTable:
         if len(keep) == n:
             return
         self.user_ids = [self.user_ids[i] for i in keep.tolist()]
-        self._index = {u: i for i, u in enumerate(self.user_ids)}
+        self._index.keep(keep)
         cap = max(1024, len(keep))
-        states = torch.zeros(cap, self.state_size, device=self.device)
+        states = _room(cap, self.state_size, self.device)
         states[: len(keep)] = self.states[torch.from_numpy(keep).to(self.device)]
         self.states = states
         for name, column in self.columns.items():
@@ -274,13 +267,12 @@ class StateTable:
 
     def _drop_users(self, users: Iterable[str]) -> set[str]:
         users = list(users)
-        found = {u for u in users if u in self._index}
+        rows = self._index.rows(users)
+        found = {users[i] for i in np.flatnonzero(rows >= 0).tolist()}
         if self.base is not None:
             found |= self.base.discard(users)  # or their first event after the erasure would bring them back
-        n = len(self)
-        rows = [self._index[u] for u in users if u in self._index]
-        drop = np.zeros(n, dtype=bool)
-        drop[rows] = True
+        drop = np.zeros(len(self), dtype=bool)
+        drop[rows[rows >= 0]] = True
         self.drop_rows(drop)
         return found
 
@@ -338,10 +330,10 @@ class StateTable:
             raise ValueError(f"state snapshot format {snap.get('format')!r} is not {SNAPSHOT_FORMAT}")
         users = list(snap["user_ids"])
         n = len(users)
-        self._index = {u: i for i, u in enumerate(users)}
         self.user_ids = users
+        self._index.rebuild(users)
         cap = max(1024, n)
-        self.states = torch.zeros(cap, self.state_size, device=self.device)
+        self.states = _room(cap, self.state_size, self.device)
         self.states[:n] = torch.as_tensor(snap["hidden"], device=self.device)
         self.columns = _columns_from(snap, self.spec, n, cap)
         self.category_names = {int(k): v for k, v in snap["category_names"].items()}
@@ -386,9 +378,18 @@ class SnapshotBase:
         return {user for user in users if self.index.pop(user, None) is not None}
 
 
+def _room(capacity: int, state_size: int, device: torch.device) -> torch.Tensor:
+    """Room for `capacity` users' states, uninitialised (rows_for zeroes a row when a user takes it): on the
+    CPU, numpy's big arrays take huge pages as they are written (torch.zeros writes every page at once)."""
+    if device.type == "cpu":
+        return torch.from_numpy(np.empty((capacity, state_size), dtype=np.float32))
+    return torch.zeros(capacity, state_size, device=device)
+
+
 def _column(spec: tuple[type, tuple[int, ...], float], capacity: int) -> np.ndarray:
-    dtype, shape, initial = spec
-    return np.full((capacity, *shape), initial, dtype=dtype)
+    """Room for a column of `capacity` rows: as _room, rows_for gives a row its initial value."""
+    dtype, shape, _ = spec
+    return np.empty((capacity, *shape), dtype=dtype)
 
 
 def _columns_from(snap: dict, spec: dict, n: int, capacity: int) -> dict[str, np.ndarray]:
@@ -398,35 +399,7 @@ def _columns_from(snap: dict, spec: dict, n: int, capacity: int) -> dict[str, np
         column = _column(column_spec, capacity)
         if name in snap and snap[name].shape[1:] == column.shape[1:]:
             column[:n] = snap[name]  # (a column the snapshot lacks, or shaped otherwise, starts fresh)
+        else:
+            column[:n] = column_spec[2]
         columns[name] = column
     return columns
-
-
-def write_snapshot(directory: str | Path, snapshot: dict, meta: dict) -> None:
-    """A state snapshot on disk: arrays in state.npz, the rest (and `meta`) in state.json.
-
-    Written to a temporary name and renamed, so a reader never sees half a snapshot.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    arrays = {k: v for k, v in snapshot.items() if isinstance(v, np.ndarray)}
-    plain = {k: v for k, v in snapshot.items() if not isinstance(v, np.ndarray)}
-    plain["category_names"] = {str(k): v for k, v in plain["category_names"].items()}
-    tmp_npz, tmp_json = directory / ".state.npz.tmp", directory / ".state.json.tmp"
-    with open(tmp_npz, "wb") as fh:
-        np.savez(fh, **arrays)
-    tmp_json.write_bytes(orjson.dumps({"snapshot": plain, "meta": meta}))
-    os.replace(tmp_npz, directory / "state.npz")
-    os.replace(tmp_json, directory / "state.json")
-
-
-def read_snapshot(directory: str | Path) -> tuple[dict, dict]:
-    """(snapshot for StateTable.restore, meta) from a directory written by write_snapshot."""
-    directory = Path(directory)
-    try:
-        doc = orjson.loads((directory / "state.json").read_bytes())
-        with np.load(directory / "state.npz", allow_pickle=False) as arrays:
-            snapshot = {**doc["snapshot"], **{k: arrays[k] for k in arrays.files}}
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{str(directory)!r} holds no readable state snapshot ({exc})") from None
-    return snapshot, doc.get("meta", {})

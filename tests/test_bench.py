@@ -8,7 +8,7 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from consumers.bench import bench_brokers
+from consumers.bench import bench_brokers, generated_records
 from consumers.cli import main
 from stream.generator import generate
 from stream.kafka import BrokerUnreachable, check_reachable
@@ -43,6 +43,31 @@ def test_bench_without_a_broker_prints_the_scaling_table():
     rows = [row for row in table if row and row[0][0].isdigit()]
     assert [row[0] for row in rows] == ["1,000", "20,000"]
     assert all(float(row[1].replace(",", "")) > 0 for row in rows)  # step events/s
+
+
+def test_scattered_traffic_gives_nearly_every_event_of_a_batch_its_own_user():
+    sessions, scattered = (generated_records(4000, 4000, 0, start_ts_ms=1_700_000_000_000, traffic=t)
+                           for t in ("sessions", "scattered"))
+    events = [orjson.loads(v) for _, v in scattered]
+    # The same events in the same (event-time) order, each keyed by its new user (the partitioning policy).
+    assert [{k: v for k, v in e.items() if k != "user_id"} for e in events] == \
+        [{k: v for k, v in orjson.loads(v).items() if k != "user_id"} for _, v in sessions]
+    assert all(key == e["user_id"].encode() for (key, _), e in zip(scattered, events))
+
+    def users_per_event(recs: list) -> list[float]:  # per 1000-event batch
+        users = [orjson.loads(v)["user_id"] for _, v in recs]
+        return [len(set(map(str, users[i:i + 1000]))) / 1000 for i in range(0, len(users), 1000)]
+    # 1000 draws among 4000 users: ~885 distinct; the generator's sessions: fewer than half that.
+    assert min(users_per_event(scattered)) > 0.85 > 0.5 > max(users_per_event(sessions))
+
+
+def test_bench_without_a_broker_takes_scattered_traffic():
+    result = CliRunner().invoke(main, ["--log-level", "WARNING", "bench", "--no-broker", "--events", "2000",
+                                       "--users", "2000", "--traffic", "scattered", "--scaling-users", "", "--json"])
+    assert result.exit_code == 0, result.output
+    report = orjson.loads(result.output.strip().splitlines()[-1])
+    assert report["traffic"] == "scattered" and report["model_step_events_per_s"] > 0
+    assert report["users"] > 1150  # 2,000 draws among 2,000 users: ~1,264 distinct (2000 * (1 - 1/e))
 
 
 def test_bench_times_a_restore_of_every_user(kafka):

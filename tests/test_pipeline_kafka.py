@@ -128,3 +128,14 @@ def test_batch_size_does_not_change_the_result(kafka, settings_factory, unique):
         for user, p in profiles.items():
             np.testing.assert_allclose(p["embedding"], base_profiles[user]["embedding"], atol=1e-5, rtol=1e-4)
             assert p["counts"] == base_profiles[user]["counts"]
+
+
+def test_the_events_consumed_counter_finds_each_records_topic():
+    """The daemon labels events_consumed by topic through topic_codes: several topics, or one (no lookups)."""
+    from consumers.daemon import topic_codes
+
+    topics = ["clicks", "searches", "clicks", "orders", "searches"]
+    names, codes = topic_codes(topics)
+    assert sorted(names) == ["clicks", "orders", "searches"] and [names[c] for c in codes] == topics
+    names, codes = topic_codes(["events"] * 3)
+    assert names == ["events"] and codes.tolist() == [0, 0, 0]

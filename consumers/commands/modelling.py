@@ -174,10 +174,14 @@ def model_info(checkpoint: str, as_json: bool) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--guarantee", default="at-least-once", show_default=True,
               type=click.Choice(["at-least-once", "exactly-once"]), help="The pipeline's delivery guarantee.")
+@click.option("--traffic", default="sessions", show_default=True, type=click.Choice(["sessions", "scattered"]),
+              help="sessions: the generator's users, who act in sessions (few users per batch); scattered: each "
+              "event given to a user drawn at random among --users (high-cardinality traffic: with as many "
+              "users as events, about one profile per event).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def bench(events: int, users: int, batch_max_events: int, device: str, torch_threads: int, gru_threads: int,
           partitions: int, offered_rate: int, offered_seconds: float, no_broker: bool, scaling_users: str,
-          restore_users: int, seed: int, guarantee: str, as_json: bool, connect_timeout: float,
+          restore_users: int, seed: int, guarantee: str, traffic: str, as_json: bool, connect_timeout: float,
           **params: Any) -> None:
     """Measure throughput and latency in one run: the full pipeline (decode, validate, GRU update,
     profile encode, publish, commit) against the raw ceiling of a plain consumer that only consumes
@@ -212,13 +216,14 @@ def bench(events: int, users: int, batch_max_events: int, device: str, torch_thr
             sizes = tuple(int(x) for x in scaling_users.split(",") if x.strip())
             report = model_step(events=events, users=users, batch_max_events=batch_max_events, device=device,
                                 torch_threads=torch_threads, gru_threads=gru_threads, seed=seed,
-                                scaling_users=sizes, say=say)
+                                scaling_users=sizes, traffic=traffic, say=say)
         else:
             with bench_brokers(kafka) as brokers:
                 report = run_bench(events=events, users=users, batch_max_events=batch_max_events, device=device,
                                    kafka=brokers, partitions=partitions, offered_rate=offered_rate,
                                    offered_seconds=offered_seconds, torch_threads=torch_threads,
-                                   gru_threads=gru_threads, seed=seed, guarantee=guarantee, say=say)
+                                   gru_threads=gru_threads, seed=seed, guarantee=guarantee, traffic=traffic,
+                                   say=say)
     except (StreamError, ValueError) as exc:
         raise kafka_error(kafka, exc) from None
     if as_json:

@@ -1,0 +1,230 @@
+"""The state changelog's records: one fixed-layout binary record per user, packed and loaded column-wise.
+
+`record_dtype` is the layout (the table's state vector, then its columns; little-endian, no padding);
+`pack` writes rows' records for the changelog topic; `ChangelogLoader` loads a changelog read from the
+beginning into a StateTable batch by batch: per user the latest record wins, a tombstone (None) erases
+the user, and each partition's latest meta record (model version, category names) is kept for the caller.
+
+"Latest" is that of a changelog read partition by partition in ascending order: within a partition
+the highest offset wins, and between partitions (a user whose records are in two, after its
+partition changed) the highest partition. The loader reaches the same result whatever order the
+partitions' records interleave in, so it can take them as the consumer delivers them, and it never
+depends on compaction: every record of a user is looked at, only the latest one stays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from stream.state import StateTable
+
+CHANGELOG_FORMAT = 2  # 2: with the behaviour statistics
+META_KEY = b"\x00meta"  # changelog key of the per-partition metadata record (model version, category names)
+
+LOAD_CHUNK = 1024  # records copied into the table's columns at a time (~600 KiB: within a core's cache)
+
+# What the latest record seen so far made of a row, during one load.
+UNTOUCHED, LIVE, ERASED, REFUSED = 0, 1, 2, 3
+
+
+def user_ids(keys: list[bytes]) -> list[str]:
+    """The user ids of changelog keys (UTF-8, surrogates passed through, as the changelog writes them): decoded
+    all at once where no key holds a newline."""
+    joined = b"\n".join(keys)
+    if joined.count(b"\n") == len(keys) - 1:
+        return joined.decode("utf-8", "surrogatepass").split("\n")
+    return [key.decode("utf-8", "surrogatepass") for key in keys]
+
+
+def record_dtype(state_size: int, spec: dict) -> np.dtype:
+    """The packed layout of one user's changelog record (little-endian, no padding)."""
+    # The state vector's field is named "hidden" (it holds the memory too): the name is part of the
+    # record layout that changelog topics already hold, so it stays.
+    return np.dtype([("format", "u1"), ("hidden", "<f4", (state_size,))] + [
+        (name, np.dtype(dtype).newbyteorder("<"), shape) for name, (dtype, shape, _) in spec.items()])
+
+
+def pack(table: StateTable, rows: np.ndarray) -> list[bytes]:
+    """One binary record per row (the user's whole state), packed for all rows at once."""
+    records = np.zeros(len(rows), dtype=table.record_dtype())
+    records["format"] = CHANGELOG_FORMAT
+    records["hidden"] = table.states[torch.from_numpy(rows).to(table.device)].float().cpu().numpy()
+    for name, column in table.columns.items():
+        records[name] = column[rows]
+    size, buf = records.dtype.itemsize, records.tobytes()
+    return [buf[i:i + size] for i in range(0, len(buf), size)]
+
+
+class RefusedRecords(ValueError):
+    """Users' latest changelog records are of another layout (the first such record's partition)."""
+
+    def __init__(self, message: str, partition: int) -> None:
+        super().__init__(message)
+        self.partition = partition
+
+
+@dataclass
+class Refused:
+    """Latest records of another layout: written by another model or settings."""
+
+    partition: int
+    sizes: set[int] = field(default_factory=set)
+    formats: set[int] = field(default_factory=set)
+
+
+class ChangelogLoader:
+    """Load changelog records into `table`, batch by batch; `finish()` drops the erased users and says
+    how many were loaded. Each user gets a row at its first record (a user whose latest record turns
+    out to be a tombstone leaves at `finish`), so a batch is applied with a few array operations."""
+
+    def __init__(self, table: StateTable) -> None:
+        self.table = table
+        self.dtype = table.record_dtype()
+        self.metas: dict[int, bytes | None] = {}  # partition -> its latest meta record
+        self.refused: dict[int, Refused] = {}  # row -> why its latest record cannot be loaded
+        self.keyless = 0  # records without a key, left out
+        # Per row of the table: the partition of its latest record (-1: none yet) and what it made of it.
+        self._partition = np.full(0, -1, dtype=np.int64)
+        self._status = np.zeros(0, dtype=np.int8)
+
+    def add(self, keys: list[bytes], values: list[bytes | None], partitions: np.ndarray) -> None:
+        """Records in the order read (offset order within a partition): keys, values (None: tombstone)
+        and their partitions."""
+        if META_KEY in keys:
+            keys, values, partitions = self._take_meta(keys, values, partitions)
+        try:
+            users = user_ids(keys)
+        except TypeError:  # records without a key: no user's (the daemon keys every record it writes)
+            keyed = [i for i, key in enumerate(keys) if key is not None]
+            self.keyless += len(keys) - len(keyed)
+            keys, values, partitions = [keys[i] for i in keyed], [values[i] for i in keyed], partitions[keyed]
+            users = user_ids(keys)
+        if not users:
+            return
+        rows = self.table.rows_for(users, from_base=False)
+        self._track(len(self.table))
+        # Per row, the batch's record of the highest partition, the last one read of it (lexsort is stable),
+        # and only if that partition is not below the one of the row's latest record so far.
+        order = np.lexsort((partitions, rows))
+        ordered = rows[order]
+        last = np.ones(len(order), dtype=bool)
+        last[:-1] = ordered[1:] != ordered[:-1]
+        chosen = order[last]
+        chosen = chosen[partitions[chosen] >= self._partition[rows[chosen]]]
+        rows = rows[chosen]
+        self._partition[rows] = partitions[chosen]
+        if self.refused:  # a newer record replaces a refused one
+            for row in rows.tolist():
+                self.refused.pop(row, None)
+        if len(chosen) < len(values):
+            values = list(map(values.__getitem__, chosen.tolist()))
+        else:  # each record is its user's latest (the usual batch): in the order of their rows, as `chosen`
+            values = values if (chosen[1:] > chosen[:-1]).all() else list(map(values.__getitem__, chosen.tolist()))
+        self._apply(rows, values, partitions[chosen])
+
+    def _apply(self, rows: np.ndarray, values: list[bytes | None], partitions: np.ndarray) -> None:
+        status = np.full(len(rows), LIVE, dtype=np.int8)
+        try:
+            sizes = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+        except TypeError:  # tombstones among them
+            erased = np.fromiter((v is None for v in values), dtype=bool, count=len(values))
+            status[erased] = ERASED
+            sizes = np.fromiter((0 if v is None else len(v) for v in values), dtype=np.int64, count=len(values))
+        wrong = (sizes != self.dtype.itemsize) & (status == LIVE)
+        if wrong.any():
+            status[wrong] = REFUSED
+            for i in np.flatnonzero(wrong).tolist():
+                self._refuse(int(rows[i]), int(partitions[i])).sizes.add(int(sizes[i]))
+        live = np.flatnonzero(status == LIVE)
+        if len(live):
+            records = np.frombuffer(b"".join(map(values.__getitem__, live.tolist())), dtype=self.dtype)
+            formats = records["format"]
+            if (formats != CHANGELOG_FORMAT).any():
+                other = np.flatnonzero(formats != CHANGELOG_FORMAT)
+                status[live[other]] = REFUSED
+                for i in other.tolist():
+                    self._refuse(int(rows[live[i]]), int(partitions[live[i]])).formats.add(int(formats[i]))
+                keep = formats == CHANGELOG_FORMAT
+                live, records = live[keep], records[keep]
+            self._load(rows[live], records)
+        self._status[rows] = status
+
+    def _load(self, rows: np.ndarray, records: np.ndarray) -> None:
+        """Records into the table's rows (ascending): a slice when they are consecutive, as the rows of users
+        new to the table are (much faster than scattering each of the table's columns)."""
+        table = self.table
+        if not len(rows):
+            return
+        if table.device.type != "cpu":
+            table.states[torch.from_numpy(rows).to(table.device)] = torch.from_numpy(
+                np.ascontiguousarray(records["hidden"])).to(table.device)
+        states = table.states.numpy() if table.device.type == "cpu" else None  # numpy: torch's strided copy is slow
+        # In chunks that stay in the CPU's cache while each field of theirs is copied to its column.
+        for start in range(0, len(rows), LOAD_CHUNK):
+            part, chunk = rows[start:start + LOAD_CHUNK], records[start:start + LOAD_CHUNK]
+            at = slice(int(part[0]), int(part[-1]) + 1) if part[-1] - part[0] == len(part) - 1 else part
+            if states is not None:
+                states[at] = chunk["hidden"]
+            for name, column in table.columns.items():
+                column[at] = chunk[name]
+
+    def _refuse(self, row: int, partition: int) -> Refused:
+        return self.refused.setdefault(row, Refused(partition))
+
+    def _take_meta(self, keys: list[bytes], values: list[bytes | None],
+                   partitions: np.ndarray) -> tuple[list[bytes], list[bytes | None], np.ndarray]:
+        """Keep each partition's latest meta record; return the batch without them."""
+        at, i = [], -1  # list.index scans in C: a batch holds a few meta records at most
+        while True:
+            try:
+                i = keys.index(META_KEY, i + 1)
+            except ValueError:
+                break
+            at.append(i)
+        for i in at:  # in the order read: the last one of a partition wins
+            self.metas[int(partitions[i])] = values[i]
+        keys, values = list(keys), list(values)
+        for i in reversed(at):
+            del keys[i], values[i]
+        return keys, values, np.delete(partitions, at)
+
+    def _track(self, n: int) -> None:
+        """Room for n rows in the per-row arrays (grown geometrically: the table grows batch by batch)."""
+        have = len(self._status)
+        if n <= have:
+            return
+        grown = max(n, 2 * have)
+        self._partition = np.concatenate([self._partition, np.full(grown - have, -1, dtype=np.int64)])
+        self._status = np.concatenate([self._status, np.zeros(grown - have, dtype=np.int8)])
+
+    def finish(self) -> int:
+        """Drop the users whose latest record is a tombstone, advance the table's event-time clock to the
+        loaded users' latest event, and return how many users were loaded. Raises RefusedRecords (a ValueError)
+        if a user's latest record is of another layout."""
+        if self.refused:
+            raise RefusedRecords(self._refusal(), next(iter(self.refused.values())).partition)
+        table = self.table
+        status = self._status[:len(table)]
+        live = np.flatnonzero(status == LIVE)
+        if len(live):
+            table.max_event_ts = max(table.max_event_ts, int(table.last_ts[live].max()))
+        erased = np.flatnonzero(status == ERASED)
+        if len(erased):
+            # Tombstones drop users but no category names: the meta record restored beside them lists the
+            # names as they were after the erasure.
+            table._drop_users([table.user_ids[r] for r in erased.tolist()])
+        return len(live)
+
+    def _refusal(self) -> str:
+        sizes = sorted(set().union(*(r.sizes for r in self.refused.values())))
+        formats = sorted(set().union(*(r.formats for r in self.refused.values())))
+        if sizes:
+            return (f"changelog records of {sizes} bytes, expected "
+                    f"{self.dtype.itemsize}: written by another model or settings (state size, input topics, "
+                    "dedupe window); use a new changelog topic for them")
+        return f"changelog record format {formats} is not {CHANGELOG_FORMAT}"
