@@ -24,10 +24,11 @@ import numpy as np
 import orjson
 
 from stream.events import EventColumns, RecordBatch, epoch_ms
+from stream.import_formats import FORMATS
 from stream.settings import KafkaSettings
 
 JSON_FORMATS = ("jsonl",)
-IMPORT_FORMATS = ("taobao", "rees46", "yoochoose", "retailrocket")
+IMPORT_FORMATS = FORMATS  # the importers' (stream/import_formats.py): written once, there
 
 
 class SourceError(ValueError):

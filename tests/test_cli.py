@@ -224,3 +224,12 @@ def test_shell_completion_names_the_commands_and_a_commands_options():
     assert {"run", "replay", "evaluate-fields", "tail"} <= set(complete("profiles "))
     assert "--bootstrap-servers" in complete("profiles run --boot")
     assert {"auto", "cpu", "cuda"} <= set(complete("profiles train --device "))
+
+
+def test_the_cli_offers_exactly_the_formats_the_sources_read():
+    from consumers.commands.logs import FORMATS
+    from stream.import_formats import FORMATS as IMPORT_FORMATS
+    from stream.sources import IMPORT_FORMATS as SOURCE_FORMATS, JSON_FORMATS
+
+    assert FORMATS == [*JSON_FORMATS, *IMPORT_FORMATS]
+    assert SOURCE_FORMATS == IMPORT_FORMATS

@@ -15,6 +15,8 @@ from consumers.commands.options import (
     settings_from, thread_options, to_ms,
 )
 
+# JSON Lines and the importers' formats (stream/import_formats.py, which imports numpy: too slow a start
+# for --help and shell completion). tests/test_cli.py checks that the two lists agree.
 FORMATS = ["jsonl", "taobao", "rees46", "yoochoose", "retailrocket"]
 
 
