@@ -23,12 +23,13 @@ from confluent_kafka import KafkaError, TopicPartition
 from models.update_step import BatchResult, ProfileUpdater
 from consumers.source import KafkaBatchSource, errors_log
 from stream.changelog import Changelog
-from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, EVENT_TYPES, RecordBatch
+from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, EVENT_TYPES, DeadLetter, RecordBatch
 from stream.kafka import (
-    Publisher, StreamError, TopicError, admin_client, check_copartitioned, ensure_topics, partition_counts,
-    seed_group_offsets,
+    Publisher, StreamError, TopicError, admin_client, check_copartitioned, check_exist, ensure_topics,
+    partition_counts, seed_group_offsets,
 )
 from stream.metrics import Health, Metrics, brokers_up, consumer_lag, resident_bytes
+from stream.repartition import Forwarded, rekey, split_upstream
 from stream.runtime import tune_garbage_collector
 from stream.settings import Settings
 from stream.state import read_snapshot
@@ -79,7 +80,8 @@ class ProfileDaemon:
             model_version=updater.model_version, inputs=self.source, output_topic=settings.output_topic,
             dead_letter_topic=settings.dead_letter_topic, profiles_for=updater.profiles_for,
             # A dead letter's value is cut to fit the producer's record size limit, with room for key and headers.
-            dead_letter_max_bytes=min(DEAD_LETTER_MAX_VALUE_BYTES, settings.kafka.max_message_bytes() // 2))
+            dead_letter_max_bytes=min(DEAD_LETTER_MAX_VALUE_BYTES, settings.kafka.max_message_bytes() // 2),
+            repartition_topic=settings.repartition_topic if settings.repartition else "")
         self._closing = False
         self._nothing_assigned = False  # an empty assignment came: find out why (in the main loop)
         self._waiting_for_topics = False  # assigned nothing because an input topic is missing: re-subscribe
@@ -101,11 +103,16 @@ class ProfileDaemon:
         """Fail early on missing or badly partitioned inputs; create the output topics if missing."""
         s = self.settings
         admin = admin_client(s.kafka)
-        partitions = check_copartitioned(admin, s.input_topics)
+        if s.repartition:  # the inputs' keys and partition counts do not matter: records are re-keyed
+            partitions = max(check_exist(admin, s.input_topics).values())
+            ensure_topics(admin, {s.repartition_topic: partitions})
+            partitions = check_copartitioned(admin, s.state_topics)  # an existing one keeps its count
+        else:
+            partitions = check_copartitioned(admin, s.input_topics)
         ensure_topics(admin, {s.output_topic: partitions, s.dead_letter_topic: partitions,
                               s.changelog_topic: partitions}, compacted=[s.changelog_topic])
         # The state of input partition p lives in partition p of the changelog: same count, always.
-        check_copartitioned(admin, (*s.input_topics, s.changelog_topic))
+        check_copartitioned(admin, (*s.state_topics, s.changelog_topic))
 
     def restore(self, directory: str) -> None:
         """Start from a replayed state: load it, and continue the input where the replay stopped."""
@@ -146,8 +153,10 @@ class ProfileDaemon:
             self.restore(self.settings.restore_from)
         tune_garbage_collector()
         self.source.subscribe()
-        log.info("consuming %s -> %s (dead letters: %s)", ",".join(self.settings.input_topics),
-                 self.settings.output_topic, self.settings.dead_letter_topic)
+        log.info("consuming %s -> %s (dead letters: %s)%s", ",".join(self.settings.input_topics),
+                 self.settings.output_topic, self.settings.dead_letter_topic,
+                 f", re-keyed by user id through {self.settings.repartition_topic}" if self.settings.repartition
+                 else "")
         try:
             while not self.stop.is_set():
                 self.handle(self.source.next_batch(self.stop))
@@ -179,16 +188,30 @@ class ProfileDaemon:
         start = time.perf_counter()
         if self.stats.first_batch_at is None:
             self.stats.first_batch_at = start
-        result = self.updater.process(records)
+        applied_from, forwarded, refused = self.rekey(records)
+        result = self.updater.process(applied_from)
         t_commit = time.perf_counter()
         committed = self.changelog.commit()
         t_publish = time.perf_counter()
-        self.changelog.stage(records, result.rows, result.profiles, result.dead_letters, result.erased,
-                             result.expired)
+        self.changelog.stage(records, result.rows, result.profiles, refused + result.dead_letters, result.erased,
+                             result.expired, forwarded)
         done = time.perf_counter()
         self.source.pacer.took(done - start, len(records))
-        self.account(records, result, {**result.stage_seconds, "commit": t_publish - t_commit,
-                                       "publish": done - t_publish, "total": done - start}, committed)
+        self.metrics.records_repartitioned.inc(len(forwarded))
+        for reason, count in collections.Counter(d.reason for d in refused).items():
+            self.metrics.invalid_events.labels(reason).inc(count)
+        self.stats.dead_letters += len(refused)
+        self.account(records, applied_from, result, {**result.stage_seconds, "commit": t_publish - t_commit,
+                                                     "publish": done - t_publish, "total": done - start}, committed)
+
+    def rekey(self, records: RecordBatch) -> tuple[RecordBatch, Forwarded, list[DeadLetter]]:
+        """--repartition: the records the state step applies (the repartition topic's), the input topics'
+        valid records re-keyed by user id for it, and dead letters for their invalid ones. Without it, all
+        records are applied."""
+        if not self.settings.repartition:
+            return records, Forwarded(), []
+        own, upstream = split_upstream(records, self.settings.repartition_topic)
+        return (own, *rekey(upstream, self.settings.max_event_bytes))
 
     def _expire_while_quiet(self, records: RecordBatch) -> None:
         """The input went quiet: expire the users the last batches' event time left idle past the TTL
@@ -214,12 +237,14 @@ class ProfileDaemon:
             log.warning("restoring took %.0fs, over half of max.poll.interval.ms: raise --max-poll-interval-ms, "
                         "add instances, or start from a local snapshot (--restore-from)", restored.seconds)
 
-    def account(self, records: RecordBatch, result: BatchResult, seconds: dict[str, float], committed: bool) -> None:
+    def account(self, records: RecordBatch, applied_from: RecordBatch, result: BatchResult, seconds: dict[str, float],
+                committed: bool) -> None:
+        """Metrics and totals of a batch: `records` all it read, `applied_from` those the state step took."""
         m, s = self.metrics, self.stats
         events = result.events
         n_events = len(events)
         if n_events:
-            names, topic_of_record = topic_codes(records.topics)
+            names, topic_of_record = topic_codes(applied_from.topics)
             pair = topic_of_record[events.record_index] * len(EVENT_TYPES) + events.type_idx
             for code, count in zip(*np.unique(pair, return_counts=True)):
                 topic, type_idx = divmod(int(code), len(EVENT_TYPES))
@@ -270,9 +295,11 @@ class ProfileDaemon:
         self._waiting_for_topics = False
         if self.stats.assigned_at is None:
             self.stats.assigned_at = time.perf_counter()  # librdkafka starts fetching now, during the restore
-        numbers = sorted({p.partition for p in partitions})
-        self.set_ready(False, f"restoring the state of partition(s) {numbers}")
-        self.restore_partitions(numbers)
+        # With --repartition, input partitions are only forwarded: no state to restore for them.
+        numbers = sorted({p.partition for p in partitions if p.topic in self.settings.state_topics})
+        if numbers:
+            self.set_ready(False, f"restoring the state of partition(s) {numbers}")
+            self.restore_partitions(numbers)
         self.set_ready(True)
 
     def _assigned_nothing(self) -> None:
@@ -369,8 +396,9 @@ class ProfileDaemon:
         if self._closing:
             return
         leaving = {(p.topic, p.partition) for p in partitions}
-        still_read = {p for t, p in self.source.assigned if (t, p) not in leaving}
-        gone = {p.partition for p in partitions} - still_read
+        held = self.settings.state_topics  # with --repartition, input partitions hold no users
+        still_read = {p for t, p in self.source.assigned if (t, p) not in leaving and t in held}
+        gone = {p.partition for p in partitions if p.topic in held} - still_read
         self.metrics.assigned_partitions.set(len({tp for tp in self.source.assigned if tp not in leaving}))
         if gone:
             dropped = self.updater.state.drop_partitions(gone)

@@ -54,7 +54,8 @@ def forget_users(settings: Settings, users: list[str], wait_s: float = 0.0) -> l
         # Unknown to the changelog: the user may still have events in flight, on a partition we
         # cannot name (the producers' partitioner is theirs): ask every partition; only the one
         # that ends up holding the user acts on it.
-        partitions = [found] if found is not None else list(range(counts[topic]))
+        # With --repartition the daemon forwards it by key to the user's partition: one record, anywhere.
+        partitions = [0] if settings.repartition else [found] if found is not None else list(range(counts[topic]))
         publisher.produce_to_partitions(topic, [user.encode("utf-8", "surrogatepass")] * len(partitions),
                                         [control_record(user)] * len(partitions), partitions)
         requests.append(ForgetRequest(user, keys[user], partitions, found is not None))

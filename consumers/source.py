@@ -29,7 +29,8 @@ PartitionsHandler = Callable[[list[TopicPartition]], None]
 
 
 class KafkaBatchSource:
-    """The daemon's BatchSource: the input topics' assigned partitions, consumed in micro-batches."""
+    """The daemon's BatchSource: the input topics' assigned partitions (and the repartition topic's, with
+    --repartition), consumed in micro-batches."""
 
     exhausted = False  # a live source never ends
     time_range: TimeRange | None = None  # every event is applied
@@ -68,12 +69,12 @@ class KafkaBatchSource:
         self.pacer = BatchPacer(settings.batch_max_events, settings.max_poll_interval_ms / 1000.0)
         # Records polled for the batch being built; the revoke handler may need them.
         self.pending = RecordBatch.empty()
-        self.name = ",".join(settings.input_topics)
+        self.name = ",".join(settings.subscribed_topics)
         self.records_read = 0
 
     def subscribe(self) -> None:
         self.consumer.subscribe(
-            list(self.settings.input_topics), on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
+            list(self.settings.subscribed_topics), on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
         )
 
     def resubscribe(self) -> None:

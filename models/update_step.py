@@ -361,7 +361,8 @@ def add_spend(spend_micros: np.ndarray, rows: np.ndarray, micros: np.ndarray) ->
 
 def load_updater(settings: Settings) -> ProfileUpdater:
     """The updater the settings ask for: a checkpoint, or an untrained model (with one warning).
-    It keeps watermarks for the offsets of settings.input_topics (the daemon's inputs)."""
+    It keeps watermarks for the offsets of settings.state_topics (the daemon's inputs, or with --repartition
+    the topic they are re-keyed into)."""
     from models.profile_model import resolve_device
     from models.checkpoint_io import load_checkpoint, untrained
 
@@ -379,6 +380,6 @@ def load_updater(settings: Settings) -> ProfileUpdater:
     return ProfileUpdater(loaded, device, max_event_bytes=settings.max_event_bytes,
                           emit_embedding=settings.emit_embedding, idle_rescore_ms=settings.idle_rescore_after_ms,
                           next_items=settings.next_items, pseudonymize_key=settings.pseudonymize_key,
-                          input_topics=settings.input_topics, dedupe_window=settings.dedupe_window,
+                          input_topics=settings.state_topics, dedupe_window=settings.dedupe_window,
                           gru_threads=settings.gru_threads or usable_cores(), state_ttl_ms=settings.state_ttl_ms,
                           on_expire=settings.on_expire)

@@ -5,8 +5,9 @@ The one owner of the daemon's delivery guarantees (docs/architecture.md, "Delive
 - `stage(...)` hands a batch to the producer: expired users' changelog tombstones and last profiles
   (`--state-ttl`) first, then erasure tombstones (changelog and output topic), then each changed user's
   whole state record to the changelog partition numbered as its input
-  partition, the partitions' meta record when category names changed, the profiles and the dead
-  letters; the batch's input offsets become the next to commit. In exactly-once mode all of it is in
+  partition, the partitions' meta record when category names changed, the profiles, the dead
+  letters and (--repartition) the input records re-keyed for the repartition topic; the batch's input
+  offsets become the next to commit. In exactly-once mode all of it is in
   the open transaction.
 - `commit()` is called once the next batch has computed (the wait overlaps that work):
   at-least-once, it waits until the broker acknowledged everything produced, then commits the
@@ -43,6 +44,7 @@ from stream.expiry import Expired
 from stream.kafka import Publisher, StreamError
 from stream.log_reader import read_to_end
 from stream.metrics import Metrics
+from stream.repartition import Forwarded
 from stream.settings import KafkaSettings
 from stream.state import StateTable
 
@@ -69,6 +71,7 @@ class Unconfirmed:
     erased: list[tuple[str, int]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     expired: Expired = field(default_factory=Expired)  # their state is gone: tombstones and last profiles kept
+    forwarded: Forwarded = field(default_factory=Forwarded)  # --repartition: input records re-keyed
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Changelog:
     def __init__(self, kafka: KafkaSettings, state: StateTable, publisher: Publisher, metrics: Metrics, *,
                  topic: str, model_version: str, inputs: Inputs | None = None, output_topic: str = "",
                  dead_letter_topic: str = "", dead_letter_max_bytes: int = DEAD_LETTER_MAX_VALUE_BYTES,
+                 repartition_topic: str = "",
                  profiles_for: Callable[[np.ndarray], Profiles] | None = None) -> None:
         self.kafka = kafka
         self.state = state
@@ -94,6 +98,7 @@ class Changelog:
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
         self.dead_letter_max_bytes = dead_letter_max_bytes
+        self.repartition_topic = repartition_topic
         self.profiles_for = profiles_for  # rows -> their current profiles (for a re-send)
         self.uncommitted: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset, produced
         self.aborted = False  # the last transaction was aborted: its content must be produced again
@@ -104,23 +109,32 @@ class Changelog:
     def _owned(self) -> set[tuple[str, int]]:
         return self.inputs.assigned if self.inputs is not None else set()
 
+    def _state_partitions(self) -> set[int]:
+        """Partition numbers of the topics whose users this member holds (its changelog partitions): every
+        input's, or with --repartition only the repartition topic's (the inputs' are forwarded, not held)."""
+        return {p for t, p in self._owned() if not self.repartition_topic or t == self.repartition_topic}
+
     # ------------------------------------------------------------------ a batch out
 
     def stage(self, records: RecordBatch, rows: np.ndarray, profiles: Profiles, dead_letters: list[DeadLetter],
-              erased: list[tuple[str, int]], expired: Expired | None = None) -> None:
-        """Hand a processed batch to the producer; its input offsets are the next to commit."""
-        self._produce(rows, profiles, dead_letters, erased, expired or Expired())
+              erased: list[tuple[str, int]], expired: Expired | None = None,
+              forwarded: Forwarded | None = None) -> None:
+        """Hand a processed batch to the producer; its input offsets are the next to commit. `forwarded`:
+        input records re-keyed for the repartition topic (--repartition), committed with the offsets they
+        came from."""
+        self._produce(rows, profiles, dead_letters, erased, expired or Expired(), forwarded or Forwarded())
         # Records of one partition arrive in offset order, so the last one wins.
         self.uncommitted.update(zip(zip(records.topics, records.partitions), map((1).__add__, records.offsets)))
 
     def _produce(self, rows: np.ndarray, profiles: Profiles, dead_letters: list[DeadLetter],
-                 erased: list[tuple[str, int]], expired: Expired) -> None:
+                 erased: list[tuple[str, int]], expired: Expired, forwarded: Forwarded) -> None:
         if self.publisher.transactional:
             self.publisher.begin()
             self.unconfirmed.users.update(map(self.state.user_ids.__getitem__, rows.tolist()))
             self.unconfirmed.erased += erased
             self.unconfirmed.dead_letters += dead_letters
             self.unconfirmed.expired += expired
+            self.unconfirmed.forwarded += forwarded
         if expired:  # expired before the batch's events (or at a user's return): first
             self.write_expired(expired)
         if erased:  # before the batch's state and profiles: a user re-created after the forget wins
@@ -129,6 +143,8 @@ class Changelog:
         self.publisher.produce_many(self.output_topic, profiles)
         for dead in dead_letters:
             self.write_dead_letter(dead)
+        if forwarded:  # the producer's partitioner places each key: a user always on one partition
+            self.publisher.produce_many(self.repartition_topic, list(zip(forwarded.keys, forwarded.values)))
 
     def write_state(self, rows: np.ndarray) -> None:
         """These users' whole state to the changelog, each to its input partition's number (users not
@@ -143,7 +159,7 @@ class Changelog:
         # Newly seen categories, or names an erasure dropped: the whole list, which replaces the last one
         # (a restore reads the latest meta record, compacted or not). Also in a batch that changed no
         # user's state (one of forget records only), so that a restore after it cannot bring them back.
-        owned = sorted({p for _, p in self._owned()} | set(partitions))
+        owned = sorted(self._state_partitions() | set(partitions))
         if state.categories_version != self._categories_sent and owned:
             meta = orjson.dumps({"model_version": self.model_version,
                                  "category_names": {str(k): v for k, v in state.category_names.items()}})
@@ -249,17 +265,17 @@ class Changelog:
         return False
 
     def _produce_again(self) -> None:
-        """The aborted transaction's users' current state and profiles, its dead letters, erasures and expiries
-        (those of partitions still owned), into a new transaction."""
+        """The aborted transaction's users' current state and profiles, its dead letters, erasures, expiries
+        and forwarded records (those of partitions still owned), into a new transaction."""
         self.aborted = False
         self._categories_sent = -1  # the category names' meta record may have been in it
         gone, self.unconfirmed = self.unconfirmed, Unconfirmed()
-        assigned = self._owned()
-        owned = {p for _, p in assigned}
+        assigned, owned = self._owned(), self._state_partitions()
         rows = np.array(sorted(r for r in map(self.state.row, gone.users) if r is not None), dtype=np.int64)
         self._produce(rows, self.profiles_for(rows),
                       [d for d in gone.dead_letters if (d.topic, d.partition) in assigned],
-                      [(u, p) for u, p in gone.erased if p < 0 or p in owned], gone.expired.of_partitions(owned))
+                      [(u, p) for u, p in gone.erased if p < 0 or p in owned], gone.expired.of_partitions(owned),
+                      gone.forwarded.of_sources(assigned))
         self.resent += len(rows)
         log.info("re-sent %d profiles of the aborted transaction", len(rows))
 

@@ -103,13 +103,19 @@ def partition_counts(admin: AdminClient, topics: Iterable[str], timeout_s: float
     return out
 
 
-def check_copartitioned(admin: AdminClient, topics: tuple[str, ...]) -> int:
-    """Input topics must exist and have equal partition counts: a user's events from
-    every topic must land in the same consumer (partition n of each topic goes together)."""
+def check_exist(admin: AdminClient, topics: tuple[str, ...]) -> dict[str, int]:
+    """Each input topic's partition count; TopicError naming those that do not exist."""
     counts = partition_counts(admin, topics)
     missing = [t for t in topics if t not in counts]
     if missing:
         raise TopicError(f"input topic(s) not found: {', '.join(missing)}")
+    return counts
+
+
+def check_copartitioned(admin: AdminClient, topics: tuple[str, ...]) -> int:
+    """Input topics must exist and have equal partition counts: a user's events from
+    every topic must land in the same consumer (partition n of each topic goes together)."""
+    counts = check_exist(admin, topics)
     if len(set(counts.values())) > 1:
         layout = ", ".join(f"{t}={counts[t]}" for t in topics)
         raise TopicError(

@@ -65,6 +65,9 @@ class Metrics:
         self.users_expired = Counter(
             "profiles_users_expired", "Users dropped from state after --state-ttl of event time without an event "
             "(each with a changelog tombstone; a user who comes back starts afresh)", registry=r)
+        self.records_repartitioned = Counter(
+            "profiles_records_repartitioned", "Input records forwarded to the repartition topic, keyed by user id "
+            "(--repartition)", registry=r)
         self.users_in_state = Gauge("profiles_users_in_state", "Users held in the state table", registry=r)
         self.state_bytes = Gauge("profiles_state_bytes", "Bytes held by the state table, by device", ["device"],
                                  registry=r)

@@ -191,6 +191,9 @@ class Settings:
     # and offsets in one Kafka transaction per batch. State is exactly-once either way (watermarks).
     guarantee: str = "at-least-once"
     transactional_id: str = ""  # exactly-once: "" = <group_id>-<random>, fresh per start
+    # Re-key every input record by its user id through an internal topic (<group_id>.repartition), as
+    # Kafka Streams does, so producers that send no key (or key by session) work: stream/repartition.py.
+    repartition: bool = False
     # Upper bound on how long a SIGTERM/SIGINT shutdown may take before we give up flushing.
     shutdown_timeout_s: float = 30.0
 
@@ -202,6 +205,21 @@ class Settings:
     def changelog_topic(self) -> str:
         return self.state_topic or f"{self.group_id}.state"
 
+    @property
+    def repartition_topic(self) -> str:
+        """The internal topic input records are re-keyed through (--repartition)."""
+        return f"{self.group_id}.repartition"
+
+    @property
+    def state_topics(self) -> tuple[str, ...]:
+        """The topics whose records the state step applies (its watermarks' slots, the changelog's partitions):
+        the inputs, or with --repartition the internal topic they are re-keyed into."""
+        return (self.repartition_topic,) if self.repartition else self.input_topics
+
+    @property
+    def subscribed_topics(self) -> tuple[str, ...]:
+        return (*self.input_topics, self.repartition_topic) if self.repartition else self.input_topics
+
     def describe(self) -> dict[str, object]:
         """Printable view of the settings (secrets redacted)."""
         return {
@@ -210,6 +228,7 @@ class Settings:
             "output_topic": self.output_topic,
             "dlq_topic": self.dead_letter_topic,
             "state_topic": self.changelog_topic,
+            "repartition": self.repartition_topic if self.repartition else "off",
             "group_id": self.group_id,
             "model": self.model_path or "(untrained, freshly initialised)",
             "device": self.device,
@@ -259,6 +278,9 @@ class Settings:
             raise ValueError("--state-ttl must be a positive duration, or off")
         if self.on_expire not in ON_EXPIRE:
             raise ValueError(f"--on-expire must be one of {', '.join(ON_EXPIRE)}")
-        if {self.output_topic, self.dead_letter_topic, self.changelog_topic} & set(self.input_topics):
+        if {self.output_topic, self.dead_letter_topic, self.changelog_topic} & set(self.subscribed_topics):
             raise ValueError("the output, dead-letter and state topics must differ from the input topics")
+        if self.repartition and self.restore_from:
+            raise ValueError("--restore-from cannot be combined with --repartition (a snapshot's users are placed "
+                             "by the input partitions, re-keyed users by the repartition topic's): start without it")
 

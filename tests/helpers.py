@@ -213,6 +213,8 @@ def run_members_until_drained(members: list[Settings], timeout_s: float = 120.0)
         assignments = [set(d.source.assigned) for d in daemons]
         if not all(committed_offsets(settings.kafka, settings.group_id, t) == ends[t] for t in ends):
             return False
+        if settings.repartition and not forwarded_all_applied(settings):
+            return False
         for daemon, assigned in zip(daemons, assignments):  # stopping revokes them all
             daemon.assigned_when_drained = assigned
         return True
@@ -227,6 +229,14 @@ def run_members_until_drained(members: list[Settings], timeout_s: float = 120.0)
         raise errors[0]
     assert not any(thread.is_alive() for thread in threads), "daemon did not stop"
     return daemons
+
+
+def forwarded_all_applied(settings: Settings) -> bool:
+    """--repartition: the group has committed past the last record on every partition of the repartition
+    topic (its end offsets may count transaction markers, which committed offsets stop before)."""
+    last = {r.partition: r.offset for r in read_topic(settings.kafka, settings.repartition_topic)}
+    committed = committed_offsets(settings.kafka, settings.group_id, settings.repartition_topic)
+    return all(committed.get(p, 0) > offset for p, offset in last.items())
 
 
 def expected_from_events(events: Iterable[dict]) -> dict[str, dict]:

@@ -54,6 +54,7 @@ RUN_OPTIONS = {
     "--max-poll-interval-ms": ("60000", "max_poll_interval_ms", 60000),
     "--dedupe-window": ("3", "dedupe_window", 3),
     "--state-topic": ("st", "state_topic", "st"),
+    "--repartition": (None, "repartition", True),
     "--pseudonymize-key": ("k3y", "pseudonymize_key", "k3y"),
     "--guarantee": ("exactly-once", "guarantee", "exactly-once"),
     "--transactional-id": ("tx-1", "transactional_id", "tx-1"),

@@ -180,6 +180,18 @@ def test_forget_of_a_user_not_in_state_asks_every_partition(kafka, unique):
     assert all(orjson.loads(r.value)["control"] == "forget" and r.key == b"nobody" for r in written)
 
 
+def test_forget_with_repartition_writes_one_record_the_daemon_re_keys(kafka, unique):
+    topic, group = unique("events"), unique("group")
+    create_topics(kafka, {topic: 3})
+    forget = subprocess.run(profiles_command() + ["forget", "nobody", "--bootstrap-servers", kafka.bootstrap_servers,
+                                                  "--input-topics", topic, "--group-id", group, "--repartition"],
+                            capture_output=True, timeout=60)
+    assert forget.returncode == 0, forget.stderr.decode()[-2000:]
+    assert "re-keyed to the user's partition by the daemon" in forget.stdout.decode()
+    written = read_topic(kafka, topic)
+    assert [(r.partition, r.key, orjson.loads(r.value)["control"]) for r in written] == [(0, b"nobody", "forget")]
+
+
 def test_forget_leaves_no_raw_id_in_the_pseudonym_cache_and_counts_only_users_it_erased():
     log, target = split_log(seed=47)
     updater = load_updater(Settings(device="cpu", input_topics=("events",), pseudonymize_key="k3y"))

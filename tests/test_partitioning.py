@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import orjson
+import pytest
 from confluent_kafka import Producer
 
 from models.update_step import load_updater
@@ -130,3 +131,44 @@ def test_on_the_broker_no_event_of_a_user_on_two_partitions_is_silently_lost(kaf
     warnings = [r for r in caplog.records if "wrong_partition" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]  # once per 30 s, with a count
     assert "produce with key = user id" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_repartition_applies_every_event_of_unkeyed_producers(kafka, settings_factory, guarantee):
+    """--repartition: records with no key or a session key, a user spread over both input partitions, are
+    re-keyed through the internal topic and every event applied once; bad records are dead-lettered at
+    their source position; a forget record (unkeyed too) still acts in order with the user's events."""
+    settings = settings_factory(batch_max_events=7, repartition=True, guarantee=guarantee)
+    topic = settings.input_topics[0]
+    create_topics(kafka, {topic: 2})
+    split = [event(i, "split") for i in range(20)]
+    records = [(None if i % 3 else f"session-{i}".encode(), orjson.dumps(e), i % 2) for i, e in enumerate(split)]
+    gone = [event(100 + i, "gone") for i in range(3)]
+    records += [(None, orjson.dumps(e), 1) for e in gone]
+    records.append((None, orjson.dumps({"control": "forget", "user_id": "gone"}), 1))
+    records += [(None, orjson.dumps(event(200 + i, 42)), i % 2) for i in range(4)]  # an integer id
+    records.append((b"x", b"{not json", 0))
+    produce_to(kafka, topic, records)
+
+    daemon = run_until_drained(settings)
+
+    profiles, _ = latest_profiles(kafka, settings.output_topic)
+    assert sum(profiles["split"]["counts"].values()) == 20  # both partitions' events, each once
+    assert sum(profiles["42"]["counts"].values()) == 4
+    assert "gone" not in profiles  # erased (its tombstone is the latest record)
+    dead = read_topic(kafka, settings.dead_letter_topic)
+    assert [(r.headers["dlq.reason"], r.headers["dlq.topic"], r.headers["dlq.partition"]) for r in dead] == [
+        (b"not_json", topic.encode(), b"0")]
+    forwarded = read_topic(kafka, settings.repartition_topic)
+    assert len(forwarded) == 20 + 3 + 1 + 4
+    partitions_of: dict[bytes, set[int]] = {}
+    for r in forwarded:
+        partitions_of.setdefault(r.key, set()).add(r.partition)
+        assert r.key == str(orjson.loads(r.value)["user_id"]).encode()
+    assert set(partitions_of) == {b"split", b"gone", b"42"} and all(len(p) == 1 for p in partitions_of.values())
+    value = daemon.metrics.registry.get_sample_value
+    assert value("profiles_records_repartitioned_total") == 28
+    assert value("profiles_invalid_events_total", {"reason": WRONG_PARTITION}) is None
+    assert value("profiles_invalid_events_total", {"reason": "not_json"}) == 1
+    applied_ = value("profiles_events_consumed_total", {"topic": settings.repartition_topic, "type": "click"})
+    assert applied_ in (24, 27)  # gone's 3 events count unless the forget came in their batch (dropped unapplied)

@@ -34,6 +34,13 @@ def test_validation_messages():
         Settings(input_topics=("a",), output_topic="a").validate()
     with pytest.raises(ValueError, match="batch-max-events"):
         Settings(batch_max_events=0).validate()
+    with pytest.raises(ValueError, match="--restore-from cannot be combined with --repartition"):
+        Settings(repartition=True, restore_from="snap").validate()
+    with pytest.raises(ValueError, match="must differ"):  # the internal topic is an input too
+        Settings(repartition=True, group_id="g", output_topic="g.repartition").validate()
+    repartitioned = Settings(input_topics=("a", "b"), group_id="g", repartition=True)
+    assert repartitioned.state_topics == ("g.repartition",)
+    assert repartitioned.subscribed_topics == ("a", "b", "g.repartition")
 
 
 @pytest.mark.parametrize("key", ["sasl.password", "sasl.pasword", "sasl.passwd", "ssl.key.password",

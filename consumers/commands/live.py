@@ -15,8 +15,8 @@ from consumers.commands.base import (
 )
 from consumers.commands.options import (
     device_option, expiry_options, group_id_option, input_topics_option, kafka_from, kafka_options, model_option,
-    profile_options, pseudonymize_option, setting, settings_from, state_topic_option, thread_options, to_ms,
-    topic_option,
+    profile_options, pseudonymize_option, repartition_option, setting, settings_from, state_topic_option,
+    thread_options, to_ms, topic_option,
 )
 from stream.settings import Settings
 
@@ -65,6 +65,7 @@ if TYPE_CHECKING:
          help="An event whose event_id is among its user's last N events is a duplicate (an upstream re-send) "
          "and is applied once; 0 turns this off.")
 @state_topic_option
+@repartition_option
 @pseudonymize_option
 @setting("--guarantee", default="at-least-once", show_default=True,
          type=click.Choice(["at-least-once", "exactly-once"]),
@@ -126,6 +127,7 @@ def run_daemon(settings: Settings, stop: threading.Event) -> DaemonStats:
 @input_topics_option
 @group_id_option
 @state_topic_option
+@repartition_option
 @pseudonymize_option
 @click.option("--wait", "wait", default="0", show_default=True, callback=to_ms,
               help="Wait up to this long (e.g. 60s) until the daemon has erased each user found in state "
@@ -137,7 +139,8 @@ def forget(users: tuple[str, ...], wait: int, connect_timeout: float, **params: 
     changelog), so the daemon owning that partition erases the user in order with their events, with
     tombstones on the changelog and output topics. A user not found in state is asked for on every
     partition. Events of the user that arrive after the forget start a new profile. Use the same
-    --group-id / --state-topic and --pseudonymize-key as the daemon.
+    --group-id / --state-topic, --repartition and --pseudonymize-key as the daemon (with --repartition,
+    one record keyed by the user, which the daemon forwards to the partition holding the user).
     """
     from confluent_kafka import KafkaException
 
@@ -152,7 +155,8 @@ def forget(users: tuple[str, ...], wait: int, connect_timeout: float, **params: 
         raise kafka_error(settings.kafka, exc) from None
     topic, unconfirmed = settings.input_topics[0], 0
     for r in requests:
-        where = (f"{topic}[{r.partitions[0]}], the partition holding its state" if r.in_state else
+        where = (f"{topic}[{r.partitions[0]}], re-keyed to the user's partition by the daemon" if settings.repartition
+                 else f"{topic}[{r.partitions[0]}], the partition holding its state" if r.in_state else
                  f"all {len(r.partitions)} partitions of {topic} (not found in {settings.changelog_topic})")
         status = ""
         if wait and r.in_state:

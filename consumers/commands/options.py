@@ -195,6 +195,11 @@ group_id_option = setting(
 state_topic_option = setting(
     "--state-topic", default="", help="Compacted changelog of every user's state, partition for partition with "
     "the inputs; restored from on assignment. [default: <group-id>.state]")
+repartition_option = setting(
+    "--repartition", is_flag=True,
+    help="Re-key every input record by its user id through an internal topic (<group-id>.repartition), as "
+    "Kafka Streams does, so producers that send no key or key by session work. Costs a second trip through "
+    "Kafka per event. Without it, a record not keyed by its user id is dead-lettered as wrong_partition.")
 topic_option = setting(
     "--topic", envvar=env("output-topic"), default="profiles", show_default=True,
     help="The daemon's output topic (its --output-topic).")
