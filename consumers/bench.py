@@ -230,13 +230,14 @@ def run_daemon_until(settings: Settings, updater: ProfileUpdater, done: callable
 def run_bench(*, events: int, users: int, batch_max_events: int, device: str, kafka: KafkaSettings,
               partitions: int, offered_rate: int, offered_seconds: float, torch_threads: int, seed: int,
               gru_threads: int = 0, guarantee: str = "at-least-once", traffic: str = "sessions",
-              say=print) -> BenchReport:
+              publish_interval_ms: int = 0, say=print) -> BenchReport:
     """Raw ceiling, pipeline and offered load on the brokers of `kafka` (see `bench_brokers`)."""
     run_id = uuid.uuid4().hex[:8]
     topic = f"bench-events-{run_id}"
     settings = Settings(kafka=kafka, input_topics=(topic,), output_topic=f"bench-profiles-{run_id}",
                         group_id=f"bench-pipeline-{run_id}", device=device, torch_threads=torch_threads,
-                        gru_threads=gru_threads, batch_max_events=batch_max_events, session_timeout_ms=6000, guarantee=guarantee)
+                        gru_threads=gru_threads, batch_max_events=batch_max_events, session_timeout_ms=6000,
+                        guarantee=guarantee, publish_interval_ms=publish_interval_ms)
     ensure_topics(admin_client(kafka), {topic: partitions})
     say(f"generating {events:,} events for {users:,} users ({traffic}) ...")
     recs = generated_records(events, users, seed, traffic=traffic)

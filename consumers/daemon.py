@@ -165,6 +165,7 @@ class ProfileDaemon:
                 if self._waiting_for_topics:
                     self._look_for_topics()
             self.handle(self.source.take_pending())
+            self.publish_deferred(force=True)
             self.changelog.commit()
         finally:
             if self.publisher.in_transaction:  # stopped by an error: do not leave readers waiting on it
@@ -182,6 +183,7 @@ class ProfileDaemon:
         self.health.progressed()
         if len(records) == 0:
             self._expire_while_quiet(records)
+            self.publish_deferred()
             self.changelog.commit()  # idle: nothing to overlap with, commit what is out
             return
         self.health.broker_up()  # records came: the broker answers
@@ -212,6 +214,17 @@ class ProfileDaemon:
             return records, Forwarded(), []
         own, upstream = split_upstream(records, self.settings.repartition_topic)
         return (own, *rekey(upstream, self.settings.max_event_bytes))
+
+    def publish_deferred(self, force: bool = False) -> None:
+        """--publish-interval: publish the users whose profiles were deferred, when the interval is up (the
+        input is quiet), or with `force` before a shutdown or a rebalance gives up their partitions."""
+        rows = self.updater.publish_due(force)
+        if not len(rows):
+            return
+        profiles = self.updater.profiles_for(rows)
+        self.changelog.stage(RecordBatch.empty(), rows, profiles, [], [])  # their cleared marks with them
+        self.metrics.profiles_published.inc(len(profiles))
+        self.stats.profiles += len(profiles)
 
     def _expire_while_quiet(self, records: RecordBatch) -> None:
         """The input went quiet: expire the users the last batches' event time left idle past the TTL
@@ -379,6 +392,7 @@ class ProfileDaemon:
         # then let their users go: the next owner restores them from the changelog.
         self.set_ready(False, "rebalancing: partitions revoked")
         self.handle(self.source.take_pending())
+        self.publish_deferred(force=True)
         self.changelog.commit()
         self._drop_lag_series(partitions)
         self._drop_users(partitions)

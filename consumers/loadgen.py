@@ -111,3 +111,33 @@ def offer_at_rate(kafka: KafkaSettings, topic: str, recs: list[tuple[bytes, byte
     started = time.perf_counter()
     produce_paced(publisher, topic, iter(recs), rate, threading.Event())
     seconds_taken.value = time.perf_counter() - started
+
+
+def churning_records(total: int, users: int, active: int, span_days: float, start_ts_ms: int,
+                     seed: int) -> Iterator[tuple[bytes, bytes]]:
+    """`total` events (key, value) whose event time runs evenly over `span_days`, from users who come and go:
+    `users` arrive one after another over the span, each active while among the `active` newest, then never
+    seen again (for `profiles bench --soak`: state that must expire to stay flat)."""
+    rng = random.Random(seed)
+    span_ms = span_days * 86_400_000
+    for i in range(total):
+        frac = i / total
+        user = f"c{int(frac * (users - active)) + rng.randrange(active):08d}"
+        roll = rng.random()
+        kind = "purchase" if roll < 0.01 else "add_to_cart" if roll < 0.04 else "click"
+        event = {"event_id": f"s{seed}-{i}", "user_id": user, "type": kind, "ts": start_ts_ms + int(frac * span_ms),
+                 "item_id": f"i{rng.randrange(5000)}", "category": f"cat{rng.randrange(200)}"}
+        if kind == "purchase":
+            event["price"] = round(rng.uniform(5, 200), 2)
+        yield user.encode(), orjson.dumps(event)
+
+
+def offer_churning(kafka: KafkaSettings, topic: str, rate: int, seconds: float, users: int, active: int,
+                   span_days: float, start_ts_ms: int, seed: int, go, sent) -> None:
+    """A load process (`profiles bench --soak`): wait for `go`, then produce churning traffic at `rate`
+    records/s for `seconds`, counting what it sent in `sent` (a shared integer)."""
+    publisher = Publisher(kafka)
+    go.wait()
+    total = int(rate * seconds)
+    stream = churning_records(total, users, active, span_days, start_ts_ms, seed)
+    sent.value = produce_paced(publisher, topic, stream, rate, threading.Event())

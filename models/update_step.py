@@ -50,7 +50,8 @@ class BatchResult:
     events: EventColumns  # the valid events that were applied
     out_of_range: int = 0  # valid events outside the requested event-time range (replays), not applied
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # state rows published
+    # State rows changed (written to the changelog): those published, and with --publish-interval those deferred.
+    rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     replayed: int = 0  # events at or below their user's watermark: applied before (re-consumed), skipped
     duplicates: int = 0  # events whose event_id the user's recent events already had: skipped
     # Users erased by forget records: (user id, input partition or -1). Their state is gone; the
@@ -71,7 +72,7 @@ class ProfileUpdater:
     def __init__(self, loaded: LoadedModel, device: torch.device, *, max_event_bytes: int, emit_embedding: bool,
                  idle_rescore_ms: int = 0, next_items: int = 0, pseudonymize_key: str = "",
                  input_topics: tuple[str, ...] = (), dedupe_window: int = 0, gru_threads: int = 0,
-                 state_ttl_ms: int = 0, on_expire: str = "publish") -> None:
+                 state_ttl_ms: int = 0, on_expire: str = "publish", publish_interval_ms: int = 0) -> None:
         self.model = loaded.model.to(device).eval()
         self.model_version = loaded.version
         self.config = loaded.model.config
@@ -90,7 +91,12 @@ class ProfileUpdater:
         # applied already: skipped when re-consumed), and the user's last `dedupe_window` event ids.
         self.topic_slot = {topic: i for i, topic in enumerate(input_topics)}
         self.state = StateTable(self.config.state_size, device, watermark_slots=len(input_topics),
-                                dedupe_window=dedupe_window, last_item=bool(self.next_items))
+                                dedupe_window=dedupe_window, last_item=bool(self.next_items),
+                                unpublished=publish_interval_ms > 0)
+        # --publish-interval: changed users are marked unpublished, and all of them published together once
+        # per interval (wall clock), so each user at most once per interval, with its latest profile.
+        self.publish_interval_s = publish_interval_ms / 1000.0
+        self._publish_at = time.monotonic() + self.publish_interval_s
         # With a key, user ids are replaced by their HMAC right after decoding: state, profiles and
         # their keys only ever see pseudonyms. (Dead letters keep the original bytes: that is their job.)
         self.pseudonymize = Pseudonymizer(pseudonymize_key) if pseudonymize_key else None
@@ -123,8 +129,11 @@ class ProfileUpdater:
         todo = self.admission.skip_applied(placed)  # events already applied (re-read, duplicated) out
         touched = self.apply_admitted(todo, expired)
         rows = self.choose_rows(touched, todo.again)
+        published = self.mark_unpublished(rows) if self.publish_interval_s else rows
+        if published is not rows and len(published):  # their unpublished mark cleared: state changed too
+            rows = np.union1d(rows, published)
         t2 = time.perf_counter()
-        encoded = self.profiles_for(rows) if profiles else []
+        encoded = self.profiles_for(published) if profiles else []
         t3 = time.perf_counter()
         return BatchResult(profiles=encoded, dead_letters=placed.dead_letters, events=todo.events,
                            out_of_range=cut.outside, first_after_range=cut.first_after,
@@ -189,6 +198,25 @@ class ProfileUpdater:
             rows = np.concatenate([rows, np.setdiff1d(self.idle_users(), rows, assume_unique=True)])
         self.state.scored_at[rows] = self.state.max_event_ts
         return rows
+
+    def mark_unpublished(self, rows: np.ndarray) -> np.ndarray:
+        """--publish-interval: mark these changed rows unpublished; return the rows to publish now."""
+        self.state.columns["unpublished"][rows, 0] = 1
+        return self.publish_due()
+
+    def publish_due(self, force: bool = False) -> np.ndarray:
+        """The unpublished users, once the interval has passed since the last time (or with `force`: at a
+        shutdown or rebalance, nothing left behind); their marks are cleared. Empty otherwise."""
+        if not self.publish_interval_s:
+            return np.empty(0, dtype=np.int64)
+        now = time.monotonic()
+        if not force and now < self._publish_at:
+            return np.empty(0, dtype=np.int64)
+        self._publish_at = now + self.publish_interval_s
+        marks = self.state.columns["unpublished"][: len(self.state), 0]
+        due = np.flatnonzero(marks)
+        marks[due] = 0
+        return due
 
     @torch.inference_mode()
     def apply(self, ev: EventColumns, event_rows: np.ndarray | None = None) -> np.ndarray:
@@ -382,4 +410,4 @@ def load_updater(settings: Settings) -> ProfileUpdater:
                           next_items=settings.next_items, pseudonymize_key=settings.pseudonymize_key,
                           input_topics=settings.state_topics, dedupe_window=settings.dedupe_window,
                           gru_threads=settings.gru_threads or usable_cores(), state_ttl_ms=settings.state_ttl_ms,
-                          on_expire=settings.on_expire)
+                          on_expire=settings.on_expire, publish_interval_ms=settings.publish_interval_ms)

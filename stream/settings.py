@@ -165,6 +165,8 @@ class Settings:
     max_event_bytes: int = 65536
     emit_embedding: bool = True
     next_items: int = 0  # top-k next item ids in each profile (needs a trained model); 0 leaves them out
+    # Publish a user at most once per this much wall-clock time (its latest profile; 0: after every batch).
+    publish_interval_ms: int = 0
     # Re-publish users idle this long in event time (their churn risk has moved); 0 disables.
     idle_rescore_after_ms: int = 24 * 3600 * 1000
     restore_from: str | None = None  # a state snapshot directory (from `profiles replay --state-out`)
@@ -239,6 +241,7 @@ class Settings:
             "max_event_bytes": self.max_event_bytes,
             "embedding": self.emit_embedding,
             "next_items": self.next_items,
+            "publish_interval": f"{self.publish_interval_ms / 1000:g}s" if self.publish_interval_ms else "every batch",
             "idle_rescore_after": f"{self.idle_rescore_after_ms / 3_600_000:g}h" if self.idle_rescore_after_ms else "off",
             "metrics": f"{self.metrics_address}:{self.metrics_port}" if self.metrics_port else "off",
             "restore_from": self.restore_from or "-",
@@ -272,6 +275,8 @@ class Settings:
             raise ValueError("--gru-threads must be >= 0")
         if self.max_poll_interval_ms < self.session_timeout_ms:
             raise ValueError("--max-poll-interval-ms must be >= --session-timeout-ms (a Kafka client rule)")
+        if self.publish_interval_ms < 0:
+            raise ValueError("--publish-interval must be >= 0")
         if self.idle_rescore_after_ms < 0:
             raise ValueError("--idle-rescore-after must be >= 0")
         if self.state_ttl_ms < 0:

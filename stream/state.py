@@ -54,7 +54,7 @@ COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
 
 class StateTable:
     def __init__(self, state_size: int, device: torch.device, capacity: int = 1024, *, watermark_slots: int = 0,
-                 dedupe_window: int = 0, last_item: bool = False) -> None:
+                 dedupe_window: int = 0, last_item: bool = False, unpublished: bool = False) -> None:
         self.state_size = state_size
         self.device = device
         self.watermark_slots = watermark_slots
@@ -68,6 +68,9 @@ class StateTable:
             # The next-item vocabulary row of the user's latest event (-1: none), which the next-item
             # scores' copy bonus reads; kept (4 bytes per user) only when profiles publish next_items.
             "last_item": (np.int32, (int(last_item),), -1),
+            # 1: the user's state changed since its last published profile (--publish-interval defers it); kept
+            # in the changelog (1 byte per user, only with the interval) so a restore publishes it too.
+            "unpublished": (np.int8, (int(unpublished),), 0),
         }
         self.user_ids: list[str] = []
         self._index = UserIndex()  # user id -> row (stream/user_index.py)

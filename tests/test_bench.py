@@ -125,3 +125,17 @@ def test_with_bootstrap_servers_bench_uses_them_as_given(kafka):
     given = KafkaSettings(kafka.bootstrap_servers, (("client.id", "bench-given"),))
     with bench_brokers(given) as brokers:
         assert brokers is given
+
+
+def test_soak_reports_memory_while_users_come_go_and_expire(kafka):
+    result = CliRunner().invoke(main, ["bench", "--soak", "8s", "--soak-rate", "2000", "--users", "4000",
+                                       "--soak-report-every", "3s", "--partitions", "2", "--json",
+                                       "--bootstrap-servers", kafka.bootstrap_servers])
+    assert result.exit_code == 0, result.output
+    samples = orjson.loads(result.stdout.strip().splitlines()[-1])
+    assert len(samples) >= 3 and samples[0]["events"] == 0 and samples[-1]["events"] == 16_000
+    last = samples[-1]
+    assert last["event_day"] > 700  # event time covered the two years
+    # Users who left were expired (30 days idle): the state holds only the recent ones.
+    assert last["users_expired"] > 2000 and last["users_in_state"] < 1000
+    assert all(s["rss_mib"] > 0 for s in samples)

@@ -48,6 +48,7 @@ RUN_OPTIONS = {
     "--metrics-address": ("127.0.0.1", "metrics_address", "127.0.0.1"),
     "--restore-from": ("{dir}", "restore_from", "{dir}"),
     "--idle-rescore-after": ("30m", "idle_rescore_after_ms", 1_800_000),
+    "--publish-interval": ("2s", "publish_interval_ms", 2000),
     "--state-ttl": ("400d", "state_ttl_ms", 400 * 86_400_000),
     "--on-expire": ("drop", "on_expire", "drop"),
     "--session-timeout-ms": ("7000", "session_timeout_ms", 7000),

@@ -53,6 +53,11 @@ if TYPE_CHECKING:
          "where the replay stopped, if this group has not committed there yet. Every instance may be given the "
          "same snapshot: each takes only its assigned partitions' users.")
 @expiry_options
+@setting("--publish-interval", "publish_interval_ms", default="0", show_default=True, callback=to_ms,
+         metavar="DURATION", help="Publish each user at most once per this long (e.g. 1s, 30s; 0: after every batch "
+         "that changes it): its latest profile wins, fewer profiles are encoded and published for busy users. "
+         "Deferred users are kept in the state changelog and published at shutdown and before a rebalance, so "
+         "none is left out. Turning it on or off changes the changelog's record layout: use a new --group-id.")
 @setting("--idle-rescore-after", "idle_rescore_after_ms", default="24h", show_default=True, callback=to_ms,
          help="Re-publish users idle this long in event time (e.g. 30m, 24h, 7d; 0 disables), so churn risk "
          "keeps rising for users who went quiet.")

@@ -8,7 +8,9 @@ import click
 from typing import Any
 
 from consumers.commands.base import check_broker, command, group, kafka_error
-from consumers.commands.options import device_option, kafka_from, kafka_options, thread_options
+from consumers.commands.options import (
+    device_option, kafka_from, kafka_options, thread_options, to_ms, to_seconds, to_ttl_ms,
+)
 
 
 @command(short_help="Train the profile model on event logs")
@@ -178,11 +180,24 @@ def model_info(checkpoint: str, as_json: bool) -> None:
               help="sessions: the generator's users, who act in sessions (few users per batch); scattered: each "
               "event given to a user drawn at random among --users (high-cardinality traffic: with as many "
               "users as events, about one profile per event).")
+@click.option("--publish-interval", "publish_interval_ms", default="0", show_default=True, callback=to_ms,
+              metavar="DURATION", help="The pipeline's --publish-interval (each user at most once per interval).")
+@click.option("--soak", "soak_seconds", default="0", callback=to_seconds, metavar="DURATION",
+              help="Instead: run the daemon this long (e.g. 20m) under churning traffic whose event time covers two "
+              "years, with --users arriving over it (each active among the newest twentieth), and report its "
+              "memory, users held and expired every --soak-report-every.")
+@click.option("--soak-rate", default=2000, show_default=True, type=click.IntRange(min=1),
+              help="With --soak: events/s offered.")
+@click.option("--soak-ttl", "soak_ttl_ms", default="30d", show_default=True, callback=to_ttl_ms, metavar="DURATION",
+              help="With --soak: the daemon's --state-ttl.")
+@click.option("--soak-report-every", "soak_report_s", default="5m", show_default=True, callback=to_seconds,
+              metavar="DURATION", help="With --soak: how often to report.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def bench(events: int, users: int, batch_max_events: int, device: str, torch_threads: int, gru_threads: int,
           partitions: int, offered_rate: int, offered_seconds: float, no_broker: bool, scaling_users: str,
-          restore_users: int, seed: int, guarantee: str, traffic: str, as_json: bool, connect_timeout: float,
-          **params: Any) -> None:
+          restore_users: int, seed: int, guarantee: str, traffic: str, publish_interval_ms: int,
+          soak_seconds: float, soak_rate: int,
+          soak_ttl_ms: int, soak_report_s: float, as_json: bool, connect_timeout: float, **params: Any) -> None:
     """Measure throughput and latency in one run: the full pipeline (decode, validate, GRU update,
     profile encode, publish, commit) against the raw ceiling of a plain consumer that only consumes
     and decodes the same events; p50/p99 batch latency; state size; batch latency under an offered load.
@@ -200,6 +215,10 @@ def bench(events: int, users: int, batch_max_events: int, device: str, torch_thr
     if kafka.bootstrap_servers and (restore_users or not no_broker):
         check_broker(kafka, connect_timeout)
     say = (lambda _msg: None) if as_json else (lambda msg: click.echo(msg, err=True))
+    if soak_seconds:
+        run_soak(kafka, soak_seconds, soak_rate, users, soak_ttl_ms, soak_report_s, partitions, device, seed,
+                 as_json, say)
+        return
     if restore_users:
         try:
             with bench_brokers(kafka) as brokers:
@@ -223,10 +242,35 @@ def bench(events: int, users: int, batch_max_events: int, device: str, torch_thr
                                    kafka=brokers, partitions=partitions, offered_rate=offered_rate,
                                    offered_seconds=offered_seconds, torch_threads=torch_threads,
                                    gru_threads=gru_threads, seed=seed, guarantee=guarantee, traffic=traffic,
-                                   say=say)
+                                   publish_interval_ms=publish_interval_ms, say=say)
     except (StreamError, ValueError) as exc:
         raise kafka_error(kafka, exc) from None
     if as_json:
         click.echo(report.as_json().decode())
     else:
         click.echo(report.table())
+
+
+def run_soak(kafka, seconds: float, rate: int, users: int, ttl_ms: int, report_s: float, partitions: int,
+             device: str, seed: int, as_json: bool, say) -> None:
+    import dataclasses
+
+    import orjson
+
+    from consumers.bench import bench_brokers
+    from consumers.soak import soak
+    from stream.kafka import StreamError
+
+    try:
+        with bench_brokers(kafka) as brokers:
+            samples = soak(kafka=brokers, seconds=seconds, rate=rate, users=users, state_ttl_ms=ttl_ms,
+                           report_every_s=report_s, partitions=partitions, device=device, seed=seed, say=say)
+    except (StreamError, ValueError) as exc:
+        raise kafka_error(kafka, exc) from None
+    if as_json:
+        click.echo(orjson.dumps([dataclasses.asdict(s) for s in samples]).decode())
+    elif samples:
+        first, last = samples[0], samples[-1]
+        click.echo(f"soak: RSS {first.rss_mib:.0f} -> {last.rss_mib:.0f} MiB (peak {max(s.rss_mib for s in samples):.0f})"
+                   f", users in state at the end {last.users_in_state:,}, expired {last.users_expired:,}, "
+                   f"{last.events:,} events over {last.event_day:.0f} event days")
