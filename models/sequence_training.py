@@ -126,11 +126,16 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
         if sampled:
             negatives = rng.integers(0, model.config.n_items, cfg.sampled_negatives)
             candidates = np.unique(np.concatenate([targets, negatives]))
-            logits = model.item_scores(hs, torch.from_numpy(candidates).to(device), current)
+            scores, bonus = model.item_scores(hs, torch.from_numpy(candidates).to(device), current, apart=True)
             targets = np.searchsorted(candidates, targets)
         else:
-            logits = model.item_scores(hs, current=current)
-        parts["item"] = nn.functional.cross_entropy(logits, torch.from_numpy(targets).to(device))
+            scores, bonus = model.item_scores(hs, current=current, apart=True)
+        target = torch.from_numpy(targets).to(device)
+        parts["item"] = nn.functional.cross_entropy(scores + bonus, target)
+        if not validation:
+            # The scores alone are trained too: without it the bonus takes the repeats and the item vectors
+            # stop learning from them (YOOCHOOSE: slower, 0.643 / 0.340 against 0.662 / 0.353).
+            parts["item_plain"] = nn.functional.cross_entropy(scores, target)
 
     # Churn: sample how long the user has already been idle, then "no event within the horizon after that".
     gap = p.gap_to_next_ms[idx]
@@ -209,7 +214,7 @@ def init_head_biases(model: ProfileModel, p: Prepared, split_ts: int) -> None:
 
 
 def loss_weights(cfg: TrainConfig) -> dict[str, float]:
-    return {"item": cfg.weight_item, "category": cfg.weight_category, "purchase": cfg.weight_purchase,
+    return {"item": cfg.weight_item, "item_plain": cfg.weight_item, "category": cfg.weight_category, "purchase": cfg.weight_purchase,
             "churn": cfg.weight_churn, "visit": cfg.weight_visit}
 
 

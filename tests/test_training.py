@@ -44,6 +44,7 @@ def test_a_tiny_model_overfits_a_tiny_log(tmp_path):
     first, last = report.history[0], report.history[-1]
     assert first["train_item"] > 1.0  # starts near log(6) = 1.79
     assert last["train_item"] < 0.1 and last["train_category"] < 0.2
+    assert last["train_item_plain"] < 0.1  # the item scores without the copy bonus are trained too
     assert report.best_val_loss < first["val_loss"]
     # Centroids were fitted: every cluster row differs from the untrained random init scale.
     assert model.cluster_centroids.abs().sum() > 0
