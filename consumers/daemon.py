@@ -192,17 +192,16 @@ class ProfileDaemon:
             self.stats.first_batch_at = start
         applied_from, forwarded, refused = self.rekey(records)
         result = self.updater.process(applied_from)
+        if refused:  # the forwarded records' dead letters are the batch's like any other
+            result.dead_letters = refused + result.dead_letters
         t_commit = time.perf_counter()
         committed = self.changelog.commit()
         t_publish = time.perf_counter()
-        self.changelog.stage(records, result.rows, result.profiles, refused + result.dead_letters, result.erased,
+        self.changelog.stage(records, result.rows, result.profiles, result.dead_letters, result.erased,
                              result.expired, forwarded)
         done = time.perf_counter()
         self.source.pacer.took(done - start, len(records))
         self.metrics.records_repartitioned.inc(len(forwarded))
-        for reason, count in collections.Counter(d.reason for d in refused).items():
-            self.metrics.invalid_events.labels(reason).inc(count)
-        self.stats.dead_letters += len(refused)
         self.account(records, applied_from, result, {**result.stage_seconds, "commit": t_publish - t_commit,
                                                      "publish": done - t_publish, "total": done - start}, committed)
 

@@ -258,21 +258,26 @@ class ProfileModel(nn.Module):
         final = torch.cat(finals[::-1])  # dropped in order of decreasing rank: reverse restores rank order
         return (torch.cat(steps) if every_step else None), final
 
-    def item_scores(self, s: torch.Tensor, items: torch.Tensor | None = None, current: torch.Tensor | None = None,
-                    apart: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def item_scores(self, s: torch.Tensor, items: torch.Tensor | None = None, current: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """The next-item scores of `item_scores_and_bonus`, with the copy bonus added (serving, evaluation)."""
+        scores, bonus = self.item_scores_and_bonus(s, items, current)
+        return scores if bonus is None else scores + bonus
+
+    def item_scores_and_bonus(self, s: torch.Tensor, items: torch.Tensor | None = None,
+                              current: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(U, S) states -> (U, n_items) next-item scores, or (U, len(items)) for a candidate subset.
         Items are scored from the GRU's hidden state: the space the item vectors are fed back in.
-        current: (U,) vocabulary index of each user's current item (-1: none), which gets the copy bonus.
-        apart: return (scores, copy bonus) instead of their sum (training scores both)."""
+        current: (U,) vocabulary index of each user's current item (-1: none), which gets the copy bonus
+        (None: no bonus). Apart, because training scores both the sum and the scores alone."""
         h = self.drop(self.split_state(s)[0])
         if items is None:
             scores = h @ self.item_out.weight.T + self.item_bias
         else:
             scores = h @ self.item_out(items).T + self.item_bias[items]
         if current is None:
-            return scores
-        bonus = copy_bonus(self.item_copy(h)[:, 0], current, items, scores.shape[1])
-        return (scores, bonus) if apart else scores + bonus
+            return scores, None
+        return scores, copy_bonus(self.item_copy(h)[:, 0], current, items, scores.shape[1])
 
     def head_logits(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None,
                     recent_categories: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -126,10 +126,10 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
         if sampled:
             negatives = rng.integers(0, model.config.n_items, cfg.sampled_negatives)
             candidates = np.unique(np.concatenate([targets, negatives]))
-            scores, bonus = model.item_scores(hs, torch.from_numpy(candidates).to(device), current, apart=True)
+            scores, bonus = model.item_scores_and_bonus(hs, torch.from_numpy(candidates).to(device), current)
             targets = np.searchsorted(candidates, targets)
         else:
-            scores, bonus = model.item_scores(hs, current=current, apart=True)
+            scores, bonus = model.item_scores_and_bonus(hs, current=current)
         target = torch.from_numpy(targets).to(device)
         parts["item"] = nn.functional.cross_entropy(scores + bonus, target)
         if not validation:
@@ -214,7 +214,8 @@ def init_head_biases(model: ProfileModel, p: Prepared, split_ts: int) -> None:
 
 
 def loss_weights(cfg: TrainConfig) -> dict[str, float]:
-    return {"item": cfg.weight_item, "item_plain": cfg.weight_item, "category": cfg.weight_category, "purchase": cfg.weight_purchase,
+    return {"item": cfg.weight_item, "item_plain": cfg.weight_item, "category": cfg.weight_category,
+            "purchase": cfg.weight_purchase,
             "churn": cfg.weight_churn, "visit": cfg.weight_visit}
 
 

@@ -129,9 +129,12 @@ class ProfileUpdater:
         todo = self.admission.skip_applied(placed)  # events already applied (re-read, duplicated) out
         touched = self.apply_admitted(todo, expired)
         rows = self.choose_rows(touched, todo.again)
-        published = self.mark_unpublished(rows) if self.publish_interval_s else rows
-        if published is not rows and len(published):  # their unpublished mark cleared: state changed too
-            rows = np.union1d(rows, published)
+        published = rows
+        if self.publish_interval_s:  # mark the changed users; publish every marked one when the interval is up
+            self.state.columns["unpublished"][rows, 0] = 1
+            published = self.publish_due()
+            if len(published):  # their marks were cleared: a state change the changelog must see too
+                rows = np.union1d(rows, published)
         t2 = time.perf_counter()
         encoded = self.profiles_for(published) if profiles else []
         t3 = time.perf_counter()
@@ -198,11 +201,6 @@ class ProfileUpdater:
             rows = np.concatenate([rows, np.setdiff1d(self.idle_users(), rows, assume_unique=True)])
         self.state.scored_at[rows] = self.state.max_event_ts
         return rows
-
-    def mark_unpublished(self, rows: np.ndarray) -> np.ndarray:
-        """--publish-interval: mark these changed rows unpublished; return the rows to publish now."""
-        self.state.columns["unpublished"][rows, 0] = 1
-        return self.publish_due()
 
     def publish_due(self, force: bool = False) -> np.ndarray:
         """The unpublished users, once the interval has passed since the last time (or with `force`: at a

@@ -45,13 +45,12 @@ class Forwarded:
 
 def split_upstream(records: RecordBatch, repartition_topic: str) -> tuple[RecordBatch, RecordBatch]:
     """(records of the repartition topic: the state step's input, records of the input topics: to forward)."""
-    own = [i for i, topic in enumerate(records.topics) if topic == repartition_topic]
-    if len(own) == len(records):
+    own = np.asarray(records.topics, dtype=object) == repartition_topic
+    if own.all():
         return records, RecordBatch.empty()
-    if not own:
+    if not own.any():
         return RecordBatch.empty(), records
-    upstream = np.setdiff1d(np.arange(len(records)), own).tolist()
-    return records.take(own), records.take(upstream)
+    return records.take(np.flatnonzero(own).tolist()), records.take(np.flatnonzero(~own).tolist())
 
 
 def rekey(records: RecordBatch, max_event_bytes: int) -> tuple[Forwarded, list[DeadLetter]]:
