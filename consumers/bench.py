@@ -230,14 +230,14 @@ def run_daemon_until(settings: Settings, updater: ProfileUpdater, done: callable
 def run_bench(*, events: int, users: int, batch_max_events: int, device: str, kafka: KafkaSettings,
               partitions: int, offered_rate: int, offered_seconds: float, torch_threads: int, seed: int,
               gru_threads: int = 0, guarantee: str = "at-least-once", traffic: str = "sessions",
-              publish_interval_ms: int = 0, say=print) -> BenchReport:
+              publish_interval_ms: int = 0, state_dtype: str = "float32", say=print) -> BenchReport:
     """Raw ceiling, pipeline and offered load on the brokers of `kafka` (see `bench_brokers`)."""
     run_id = uuid.uuid4().hex[:8]
     topic = f"bench-events-{run_id}"
     settings = Settings(kafka=kafka, input_topics=(topic,), output_topic=f"bench-profiles-{run_id}",
                         group_id=f"bench-pipeline-{run_id}", device=device, torch_threads=torch_threads,
                         gru_threads=gru_threads, batch_max_events=batch_max_events, session_timeout_ms=6000,
-                        guarantee=guarantee, publish_interval_ms=publish_interval_ms)
+                        guarantee=guarantee, publish_interval_ms=publish_interval_ms, state_dtype=state_dtype)
     ensure_topics(admin_client(kafka), {topic: partitions})
     say(f"generating {events:,} events for {users:,} users ({traffic}) ...")
     recs = generated_records(events, users, seed, traffic=traffic)
@@ -318,9 +318,10 @@ def stage_share(metrics: Metrics) -> dict[str, float]:
 @torch.inference_mode()
 def model_step(*, events: int, users: int, batch_max_events: int, device: str, torch_threads: int, seed: int,
                gru_threads: int = 0, scaling_users: tuple[int, ...] = SCALING_USERS, traffic: str = "sessions",
-               say=print) -> BenchReport:
+               state_dtype: str = "float32", say=print) -> BenchReport:
     """The in-process model step (features, GRU, counters) alone; optionally the scaling table."""
-    settings = Settings(device=device, torch_threads=torch_threads, gru_threads=gru_threads, emit_embedding=True)
+    settings = Settings(device=device, torch_threads=torch_threads, gru_threads=gru_threads, emit_embedding=True,
+                        state_dtype=state_dtype)
     say(f"generating {events:,} events for {users:,} users ({traffic}) ...")
     values = [v for _k, v in generated_records(events, users, seed, traffic=traffic)]
     columns, _dead = decode_batch(RecordBatch.of(values, topic="bench"), settings.max_event_bytes)
@@ -376,12 +377,13 @@ def _scaled(settings: Settings, columns, n_users: int, batch: int, seed: int) ->
 
 # ---------------------------------------------------------------- restore
 
-def restore_time(*, users: int, partitions: int, kafka: KafkaSettings, say=print) -> dict:
+def restore_time(*, users: int, partitions: int, kafka: KafkaSettings, state_dtype: str = "float32",
+                 say=print) -> dict:
     """Seconds to restore `users` users from the state changelog, as a member assigned every partition does,
     on the brokers of `kafka` (see `bench_brokers`); and the CPU seconds this process spent on it (its threads
     and librdkafka's: on a shared machine, what the restore costs rather than what it waited for)."""
     from stream.changelog import Changelog
-    from stream.state import StateTable
+    from stream.state import STATE_DTYPE_NAMES, StateTable
 
     topic = f"bench-state-{uuid.uuid4().hex[:8]}"
     ensure_topics(admin_client(kafka), {topic: partitions}, compacted=[topic])
@@ -390,7 +392,9 @@ def restore_time(*, users: int, partitions: int, kafka: KafkaSettings, say=print
     def changelog(state: StateTable, publisher: Publisher) -> Changelog:
         return Changelog(kafka, state, publisher, Metrics(), topic=topic, model_version="bench")
 
-    state = StateTable(64, torch.device("cpu"), watermark_slots=1, dedupe_window=settings.dedupe_window)
+    dtype = STATE_DTYPE_NAMES[state_dtype]
+    state = StateTable(64, torch.device("cpu"), watermark_slots=1, dedupe_window=settings.dedupe_window,
+                       state_dtype=dtype)
     ids = [f"user-{i:08d}" for i in range(users)]
     rows = state.rows_for(ids)
     state.states[:users] = torch.randn(users, 64)
@@ -406,7 +410,8 @@ def restore_time(*, users: int, partitions: int, kafka: KafkaSettings, say=print
     del state, writer, ids, rows  # the restore has the machine's memory to itself (beside the broker's)
     gc.collect()
     say("restoring ...")
-    fresh = StateTable(64, torch.device("cpu"), watermark_slots=1, dedupe_window=settings.dedupe_window)
+    fresh = StateTable(64, torch.device("cpu"), watermark_slots=1, dedupe_window=settings.dedupe_window,
+                       state_dtype=dtype)
     cpu = time.process_time()
     restored = changelog(fresh, publisher).restore(list(range(partitions)))
     cpu = time.process_time() - cpu

@@ -173,7 +173,7 @@ def examples_at(updater, model: ProfileModel, future: FutureIndex, cut: int, end
     state, device = updater.state, updater.device
     rows = np.arange(len(state))
     inputs = updater.field_inputs(rows, cut)
-    s = state.states[torch.from_numpy(rows).to(device)].clone()
+    s = state.states[torch.from_numpy(rows).to(device)].float()  # (a copy: indexing by rows gathers)
     seen = state.seen_categories()
     idle = torch.from_numpy((cut - state.last_ts[rows]) / HOUR_MS).float().to(device)
     users = future.user_index(state.user_ids)

@@ -31,7 +31,7 @@ from stream.pseudonyms import Pseudonymizer
 from stream.runtime import torch_threads, usable_cores
 from stream.settings import Settings
 from stream.sources import RangeCut, TimeRange
-from stream.state import StateTable
+from stream.state import STATE_DTYPE_NAMES, StateTable
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ class ProfileUpdater:
     def __init__(self, loaded: LoadedModel, device: torch.device, *, max_event_bytes: int, emit_embedding: bool,
                  idle_rescore_ms: int = 0, next_items: int = 0, pseudonymize_key: str = "",
                  input_topics: tuple[str, ...] = (), dedupe_window: int = 0, gru_threads: int = 0,
-                 state_ttl_ms: int = 0, on_expire: str = "publish", publish_interval_ms: int = 0) -> None:
+                 state_ttl_ms: int = 0, on_expire: str = "publish", publish_interval_ms: int = 0,
+                 state_dtype: torch.dtype = torch.float32) -> None:
         self.model = loaded.model.to(device).eval()
         self.model_version = loaded.version
         self.config = loaded.model.config
@@ -92,7 +93,7 @@ class ProfileUpdater:
         self.topic_slot = {topic: i for i, topic in enumerate(input_topics)}
         self.state = StateTable(self.config.state_size, device, watermark_slots=len(input_topics),
                                 dedupe_window=dedupe_window, last_item=bool(self.next_items),
-                                unpublished=publish_interval_ms > 0)
+                                unpublished=publish_interval_ms > 0, state_dtype=state_dtype)
         # --publish-interval: changed users are marked unpublished, and all of them published together once
         # per interval (wall clock), so each user at most once per interval, with its latest profile.
         self.publish_interval_s = publish_interval_ms / 1000.0
@@ -259,8 +260,8 @@ class ProfileUpdater:
         # The recurrent pass over a large batch is the one kernel big enough to gain from more threads.
         with torch_threads(self.gru_threads if len(ev) >= WIDE_BATCH_EVENTS else 0):
             # Events per user before this batch (the memory's age): the counters are updated below.
-            state.states[rows_t] = self.model.advance(state.states[rows_t], x, user_sorted, position, lengths,
-                                                      state.counts[rows].sum(axis=1))
+            state.states[rows_t] = self.model.advance(state.states[rows_t].float(), x, user_sorted, position, lengths,
+                                                      state.counts[rows].sum(axis=1)).to(state.state_dtype)
         category_buckets = feats.category.cpu().numpy()
         state.remember_categories(category_buckets, category)
         # The exact statistics the field heads read (before last_ts moves: they decay from it).
@@ -324,7 +325,7 @@ class ProfileUpdater:
             return []
         state, cfg = self.state, self.config
         rows_t = torch.from_numpy(rows).to(self.device)
-        s = state.states[rows_t]  # (U, S): GRU hidden state + memory
+        s = state.states[rows_t].float()  # (U, S): GRU hidden state + memory
         idle = idle_hours(state.max_event_ts, state.last_ts[rows])
         # Top categories: a distribution over the buckets in the category list (those seen in events, less
         # those an erasure dropped), computed for those columns only (S categories, not every bucket).
@@ -408,4 +409,5 @@ def load_updater(settings: Settings) -> ProfileUpdater:
                           next_items=settings.next_items, pseudonymize_key=settings.pseudonymize_key,
                           input_topics=settings.state_topics, dedupe_window=settings.dedupe_window,
                           gru_threads=settings.gru_threads or usable_cores(), state_ttl_ms=settings.state_ttl_ms,
-                          on_expire=settings.on_expire, publish_interval_ms=settings.publish_interval_ms)
+                          on_expire=settings.on_expire, publish_interval_ms=settings.publish_interval_ms,
+                          state_dtype=STATE_DTYPE_NAMES[settings.state_dtype])

@@ -41,11 +41,13 @@ def user_ids(keys: list[bytes]) -> list[str]:
     return [key.decode("utf-8", "surrogatepass") for key in keys]
 
 
-def record_dtype(state_size: int, spec: dict) -> np.dtype:
-    """The packed layout of one user's changelog record (little-endian, no padding)."""
+def record_dtype(state_size: int, spec: dict, state_dtype: torch.dtype = torch.float32) -> np.dtype:
+    """The packed layout of one user's changelog record (little-endian, no padding); the state vector is
+    stored as the table stores it (float32, or float16 with --state-dtype float16)."""
     # The state vector's field is named "hidden" (it holds the memory too): the name is part of the
     # record layout that changelog topics already hold, so it stays.
-    return np.dtype([("format", "u1"), ("hidden", "<f4", (state_size,))] + [
+    width = "<f2" if state_dtype == torch.float16 else "<f4"
+    return np.dtype([("format", "u1"), ("hidden", width, (state_size,))] + [
         (name, np.dtype(dtype).newbyteorder("<"), shape) for name, (dtype, shape, _) in spec.items()])
 
 
@@ -53,7 +55,7 @@ def pack(table: StateTable, rows: np.ndarray) -> list[bytes]:
     """One binary record per row (the user's whole state), packed for all rows at once."""
     records = np.zeros(len(rows), dtype=table.record_dtype())
     records["format"] = CHANGELOG_FORMAT
-    records["hidden"] = table.states[torch.from_numpy(rows).to(table.device)].float().cpu().numpy()
+    records["hidden"] = table.states[torch.from_numpy(rows).to(table.device)].cpu().numpy()
     for name, column in table.columns.items():
         records[name] = column[rows]
     size, buf = records.dtype.itemsize, records.tobytes()
@@ -162,7 +164,7 @@ class ChangelogLoader:
             return
         if table.device.type != "cpu":
             table.states[torch.from_numpy(rows).to(table.device)] = torch.from_numpy(
-                np.ascontiguousarray(records["hidden"])).to(table.device)
+                np.ascontiguousarray(records["hidden"])).to(table.device, table.state_dtype)
         states = table.states.numpy() if table.device.type == "cpu" else None  # numpy: torch's strided copy is slow
         # In chunks that stay in the CPU's cache while each field of theirs is copied to its column.
         for start in range(0, len(rows), LOAD_CHUNK):
@@ -226,5 +228,5 @@ class ChangelogLoader:
         if sizes:
             return (f"changelog records of {sizes} bytes, expected "
                     f"{self.dtype.itemsize}: written by another model or settings (state size, input topics, "
-                    "dedupe window); use a new changelog topic for them")
+                    "dedupe window, --state-dtype); use a new changelog topic for them")
         return f"changelog record format {formats} is not {CHANGELOG_FORMAT}"

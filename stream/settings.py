@@ -142,6 +142,7 @@ class KafkaSettings:
 
 
 GUARANTEES = ("at-least-once", "exactly-once")
+STATE_DTYPES = ("float32", "float16")  # how the model state may be stored (--state-dtype)
 ON_EXPIRE = ("publish", "drop")
 
 
@@ -174,6 +175,8 @@ class Settings:
     state_ttl_ms: int = 0
     # ...after publishing a last profile that says "expired": true (publish), or publishing nothing (drop).
     on_expire: str = "publish"
+    # How the model state is stored per user: float32, or float16 (half the bytes; see docs/operations.md).
+    state_dtype: str = "float32"
     metrics_port: int | None = None
     metrics_address: str = "0.0.0.0"
     # Kafka consumer group session timeout. The broker evicts a member that is silent this long.
@@ -249,6 +252,7 @@ class Settings:
             else "off",
             "pseudonymize": "on (key not shown)" if self.pseudonymize_key else "off",
             "dedupe_window": self.dedupe_window,
+            "state_dtype": self.state_dtype,
             "guarantee": self.guarantee,
             "max_poll_interval_ms": self.max_poll_interval_ms,
         }
@@ -283,6 +287,8 @@ class Settings:
             raise ValueError("--state-ttl must be a positive duration, or off")
         if self.on_expire not in ON_EXPIRE:
             raise ValueError(f"--on-expire must be one of {', '.join(ON_EXPIRE)}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"--state-dtype must be one of {', '.join(STATE_DTYPES)}")
         if {self.output_topic, self.dead_letter_topic, self.changelog_topic} & set(self.subscribed_topics):
             raise ValueError("the output, dead-letter and state topics must differ from the input topics")
         if self.repartition and self.restore_from:

@@ -51,6 +51,7 @@ RUN_OPTIONS = {
     "--publish-interval": ("2s", "publish_interval_ms", 2000),
     "--state-ttl": ("400d", "state_ttl_ms", 400 * 86_400_000),
     "--on-expire": ("drop", "on_expire", "drop"),
+    "--state-dtype": ("float16", "state_dtype", "float16"),
     "--session-timeout-ms": ("7000", "session_timeout_ms", 7000),
     "--max-poll-interval-ms": ("60000", "max_poll_interval_ms", 60000),
     "--dedupe-window": ("3", "dedupe_window", 3),

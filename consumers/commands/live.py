@@ -15,8 +15,8 @@ from consumers.commands.base import (
 )
 from consumers.commands.options import (
     device_option, expiry_options, group_id_option, input_topics_option, kafka_from, kafka_options, model_option,
-    profile_options, pseudonymize_option, repartition_option, setting, settings_from, state_topic_option,
-    thread_options, to_ms, topic_option,
+    profile_options, pseudonymize_option, repartition_option, setting, settings_from, state_dtype_option,
+    state_topic_option, thread_options, to_ms, topic_option,
 )
 from stream.settings import Settings
 
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
          "where the replay stopped, if this group has not committed there yet. Every instance may be given the "
          "same snapshot: each takes only its assigned partitions' users.")
 @expiry_options
+@state_dtype_option
 @setting("--publish-interval", "publish_interval_ms", default="0", show_default=True, callback=to_ms,
          metavar="DURATION", help="Publish each user at most once per this long (e.g. 1s, 30s; 0: after every batch "
          "that changes it): its latest profile wins, fewer profiles are encoded and published for busy users. "

@@ -11,6 +11,7 @@ from consumers.commands.base import check_broker, command, group, kafka_error
 from consumers.commands.options import (
     device_option, kafka_from, kafka_options, thread_options, to_ms, to_seconds, to_ttl_ms,
 )
+from stream.settings import STATE_DTYPES
 
 
 @command(short_help="Train the profile model on event logs")
@@ -192,12 +193,16 @@ def model_info(checkpoint: str, as_json: bool) -> None:
               help="With --soak: the daemon's --state-ttl.")
 @click.option("--soak-report-every", "soak_report_s", default="5m", show_default=True, callback=to_seconds,
               metavar="DURATION", help="With --soak: how often to report.")
+@click.option("--state-dtype", default="float32", show_default=True, type=click.Choice(STATE_DTYPES),
+              help="How the model state is stored (the pipeline's --state-dtype); also for --no-broker and "
+              "--restore-users.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def bench(events: int, users: int, batch_max_events: int, device: str, torch_threads: int, gru_threads: int,
           partitions: int, offered_rate: int, offered_seconds: float, no_broker: bool, scaling_users: str,
           restore_users: int, seed: int, guarantee: str, traffic: str, publish_interval_ms: int,
           soak_seconds: float, soak_rate: int,
-          soak_ttl_ms: int, soak_report_s: float, as_json: bool, connect_timeout: float, **params: Any) -> None:
+          soak_ttl_ms: int, soak_report_s: float, state_dtype: str, as_json: bool, connect_timeout: float,
+          **params: Any) -> None:
     """Measure throughput and latency in one run: the full pipeline (decode, validate, GRU update,
     profile encode, publish, commit) against the raw ceiling of a plain consumer that only consumes
     and decodes the same events; p50/p99 batch latency; state size; batch latency under an offered load.
@@ -222,7 +227,8 @@ def bench(events: int, users: int, batch_max_events: int, device: str, torch_thr
     if restore_users:
         try:
             with bench_brokers(kafka) as brokers:
-                result = restore_time(users=restore_users, partitions=partitions, kafka=brokers, say=say)
+                result = restore_time(users=restore_users, partitions=partitions, kafka=brokers,
+                                      state_dtype=state_dtype, say=say)
         except (StreamError, ValueError) as exc:
             raise kafka_error(kafka, exc) from None
         click.echo(orjson.dumps(result).decode() if as_json else
@@ -235,14 +241,14 @@ def bench(events: int, users: int, batch_max_events: int, device: str, torch_thr
             sizes = tuple(int(x) for x in scaling_users.split(",") if x.strip())
             report = model_step(events=events, users=users, batch_max_events=batch_max_events, device=device,
                                 torch_threads=torch_threads, gru_threads=gru_threads, seed=seed,
-                                scaling_users=sizes, traffic=traffic, say=say)
+                                scaling_users=sizes, traffic=traffic, state_dtype=state_dtype, say=say)
         else:
             with bench_brokers(kafka) as brokers:
                 report = run_bench(events=events, users=users, batch_max_events=batch_max_events, device=device,
                                    kafka=brokers, partitions=partitions, offered_rate=offered_rate,
                                    offered_seconds=offered_seconds, torch_threads=torch_threads,
                                    gru_threads=gru_threads, seed=seed, guarantee=guarantee, traffic=traffic,
-                                   publish_interval_ms=publish_interval_ms, say=say)
+                                   publish_interval_ms=publish_interval_ms, state_dtype=state_dtype, say=say)
     except (StreamError, ValueError) as exc:
         raise kafka_error(kafka, exc) from None
     if as_json:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import click
 
 from stream.settings import (
-    KafkaSettings, Settings, parse_kafka_config, read_kafka_config_file, split_kafka_config_env,
+    STATE_DTYPES, KafkaSettings, Settings, parse_kafka_config, read_kafka_config_file, split_kafka_config_env,
 )
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -178,6 +178,12 @@ expiry_options = stack(
             help="publish: a last profile with \"expired\": true for each expired user; drop: publish nothing "
             "(a replay's final profiles leave expired users out)."),
 )
+
+state_dtype_option = setting(
+    "--state-dtype", default="float32", show_default=True, type=click.Choice(STATE_DTYPES),
+    help="How each user's model state (GRU hidden state and memory) is stored. float16 halves it (160 bytes "
+    "less per user at the default sizes); the model step still computes in float32, and published fields move "
+    "by rounding only. Part of the changelog record layout: switching needs a new --group-id (or --state-topic).")
 
 pseudonymize_option = setting(
     "--pseudonymize-key", default="", help="Replace user ids by HMAC-SHA256(key, id) before they reach state or "

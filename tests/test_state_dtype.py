@@ -1,0 +1,100 @@
+"""--state-dtype float16: the model state stored in half the bytes, computed in float32, carried by the changelog
+and snapshots in its own layout; counters unchanged, learned fields moved by rounding only."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from consumers.replay import replay
+from models.update_step import load_updater
+from stream.changelog_records import META_KEY, RefusedRecords
+from stream.generator import generate, write_jsonl
+from stream.settings import Settings
+from stream.state import StateTable, read_snapshot
+from tests.helpers import create_topics, produce, read_topic, record_batch, run_until_drained
+
+def replayed(tmp_path, state_dtype: str) -> tuple[dict[str, dict], dict]:
+    out, state_out = tmp_path / f"{state_dtype}.jsonl", tmp_path / f"state-{state_dtype}"
+    replay(Settings(device="cpu", state_dtype=state_dtype), [str(tmp_path / "log.jsonl")], "jsonl", str(out), None,
+           False, str(state_out), str(tmp_path / "dlq.jsonl"), 700, show_progress=False)
+    profiles = {p["user_id"]: p for p in map(orjson.loads, out.read_bytes().splitlines())}
+    return profiles, read_snapshot(state_out)[0]
+
+
+def test_a_float16_replay_keeps_the_counters_and_moves_the_state_by_rounding_only(tmp_path):
+    write_jsonl(generate(users=150, events=4000, seed=5).events, tmp_path / "log.jsonl")
+    full, full_state = replayed(tmp_path, "float32")
+    half, half_state = replayed(tmp_path, "float16")
+    assert half_state["hidden"].dtype == np.float16 and full_state["hidden"].dtype == np.float32
+    assert half_state["user_ids"] == full_state["user_ids"]
+    for name in ("counts", "spend_micros", "last_ts", "cat_bucket", "sessions"):
+        np.testing.assert_array_equal(half_state[name], full_state[name])
+    # Rounded at every batch (6 of them), the state drifts by about float16's resolution, not more.
+    np.testing.assert_allclose(half_state["hidden"], full_state["hidden"], atol=5e-3)
+    assert not np.array_equal(half_state["hidden"].astype(np.float32), full_state["hidden"]), "stored in half"
+    assert set(half) == set(full)
+    for user, profile in full.items():
+        assert half[user]["counts"] == profile["counts"] and half[user]["spend"] == profile["spend"]
+        assert abs(half[user]["churn_risk"] - profile["churn_risk"]) < 5e-3
+        np.testing.assert_allclose(half[user]["embedding"], profile["embedding"], atol=5e-3)
+
+
+def test_float16_halves_the_states_bytes_and_its_records():
+    full = StateTable(80, torch.device("cpu"), watermark_slots=1, dedupe_window=8)
+    half = StateTable(80, torch.device("cpu"), watermark_slots=1, dedupe_window=8, state_dtype=torch.float16)
+    for table in (full, half):
+        table.rows_for([f"u{i}" for i in range(100)])
+    assert full.state_bytes()["host"] == half.state_bytes()["host"]
+    assert full.state_bytes()["cpu"] == 100 * 80 * 4 and half.state_bytes()["cpu"] == 100 * 80 * 2
+    assert full.record_dtype().itemsize - half.record_dtype().itemsize == 80 * 2
+
+
+def test_a_float16_changelog_rebuilds_the_same_state_and_a_float32_table_refuses_it():
+    updater = load_updater(Settings(device="cpu", input_topics=("events",), state_dtype="float16"))
+    updater.process(record_batch(generate(users=40, events=800, seed=8).events))
+    state = updater.state
+    assert state.states.dtype == torch.float16
+    records = dict(zip((u.encode() for u in state.user_ids), state.changelog_values(np.arange(len(state)))))
+    restored = StateTable(state.state_size, torch.device("cpu"), watermark_slots=1, dedupe_window=state.dedupe_window,
+                          state_dtype=torch.float16)
+    assert restored.load_changelog(records) == len(state)
+    np.testing.assert_array_equal(restored.snapshot()["hidden"], state.snapshot()["hidden"])
+    other = StateTable(state.state_size, torch.device("cpu"), watermark_slots=1, dedupe_window=state.dedupe_window)
+    with pytest.raises(RefusedRecords, match="--state-dtype"):
+        other.load_changelog(records)
+
+
+def test_a_snapshot_crosses_dtypes_by_rounding():
+    full = StateTable(6, torch.device("cpu"), watermark_slots=1)
+    full.rows_for(["a", "b", "c"])
+    full.states[:3] = torch.tensor(np.random.default_rng(1).standard_normal((3, 6)), dtype=torch.float32)
+    half = StateTable(6, torch.device("cpu"), watermark_slots=1, state_dtype=torch.float16)
+    half.restore(full.snapshot())
+    assert half.states.dtype == torch.float16 and half.user_ids == ["a", "b", "c"]
+    np.testing.assert_array_equal(half.states[:3].numpy(), full.states[:3].numpy().astype(np.float16))
+
+
+def test_the_daemon_writes_float16_records_its_next_owner_restores(kafka, settings_factory):
+    settings = settings_factory(state_dtype="float16", batch_max_events=300)
+    create_topics(kafka, {settings.input_topics[0]: 2})
+    log = generate(users=60, events=1200, seed=13).events
+    produce(kafka, settings.input_topics[0], [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log])
+    daemon = run_until_drained(settings)
+    held = daemon.updater.state.snapshot()
+    assert held["hidden"].dtype == np.float16 and len(held["user_ids"]) == 60
+    latest = {r.key: r.value for r in read_topic(settings.kafka, settings.changelog_topic) if r.key != META_KEY}
+    restored = StateTable(held["hidden"].shape[1], torch.device("cpu"), watermark_slots=1,
+                          dedupe_window=settings.dedupe_window, state_dtype=torch.float16)
+    assert restored.load_changelog(latest) == 60
+    row = {u: i for i, u in enumerate(restored.user_ids)}
+    order = [row[u] for u in held["user_ids"]]
+    np.testing.assert_array_equal(restored.snapshot()["hidden"][order], held["hidden"])
+    np.testing.assert_array_equal(restored.snapshot()["counts"][order], held["counts"])
+
+
+def test_settings_refuse_an_unknown_state_dtype():
+    with pytest.raises(ValueError, match="--state-dtype must be one of float32, float16"):
+        Settings(state_dtype="bfloat16").validate()
