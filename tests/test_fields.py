@@ -14,7 +14,8 @@ from models.field_evaluation import (
 from models.update_step import ProfileUpdater
 from models.dataset import load_events, read_records
 from models.next_event_evaluation import roc_auc
-from models.field_training import CutExamples, calibrate, fit_fields
+from models.field_training import CutExamples, calibrate, fit_fields, held_out_cuts
+from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from models.profile_model import ModelConfig, ProfileModel
 from models.field_heads import FieldInputs, piecewise_linear
 from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
@@ -141,6 +142,47 @@ def test_calibration_straightens_an_s_shaped_reliability_curve():
     assert expected_calibration_error(p.numpy(), label.numpy()) < 0.02
     assert float((p - p_true).abs().mean()) < 0.04
     assert bool((p_week >= p - 1e-6).all())  # a longer window is never less likely to see a purchase
+
+
+def test_a_calibration_that_would_worsen_held_out_time_is_not_kept(monkeypatch):
+    """L-BFGS can overshoot (seen on a real log: the held-out loss went from 0.24 to 7.8e12); the calibration
+    then stays the identity instead of publishing probabilities that are all 0 or 1."""
+    gen = torch.Generator().manual_seed(3)
+    n = 5_000
+    user = torch.rand(n, len(USER_FEATURES), generator=gen)
+    label = (torch.rand(n, generator=gen) < torch.sigmoid(3 * (user[:, 0] - 0.6))).float()
+    ex = examples(user, label, torch.zeros(n, 8))
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    with torch.no_grad():
+        model.fields.purchase.linear.weight[0, 0] = 3.0
+
+    class Overshooting:
+        """An optimiser step that lands far off: every calibrated hazard e^40."""
+
+        def __init__(self, params, **_kwargs):
+            self.first = params[0]
+
+        def step(self, _closure):
+            with torch.no_grad():
+                self.first.fill_(40.0)
+
+    monkeypatch.setattr(torch.optim, "LBFGS", Overshooting)
+    before = model.fields.purchase.calibration.clone()
+    calibrate(model, ex)
+    assert torch.equal(model.fields.purchase.calibration, before)
+
+
+def test_held_out_cuts_are_the_latest_that_saw_both_horizons_in_full():
+    def cut(event_hours: float, purchase_hours: float) -> CutExamples:
+        ex = examples(torch.zeros(3, len(USER_FEATURES)), torch.zeros(3), torch.zeros(3, 8))
+        ex.event_hours[:], ex.purchase_hours[:] = event_hours, purchase_hours
+        return ex
+
+    full = (CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS)
+    parts = [cut(*full), cut(*full), cut(*full), cut(200.0, PURCHASE_HORIZON_HOURS), cut(70.0, 70.0)]
+    assert held_out_cuts(parts, 2) == [1, 2]
+    assert held_out_cuts([cut(5.0, 5.0)] * 4, 2) == [2, 3]  # a log shorter than the horizons: the latest
 
 
 def examples(user: torch.Tensor, label: torch.Tensor, state: torch.Tensor) -> CutExamples:
