@@ -428,7 +428,7 @@ def held_out_cuts(parts: list[CutExamples], n: int) -> list[int]:
 
 
 def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cuts: int = 10,
-                 val_cuts: int = 2, seed: int = 0, max_examples: int = 48_000) -> dict:
+                 val_cuts: int = 2, seed: int = 0, max_examples: int = 24_000) -> dict:
     """Stage two of training: the field heads of `loaded.model`, fitted in place. Returns a report."""
     started = time.monotonic()
     cuts = default_cuts(log_.events.ts, n_cuts)
