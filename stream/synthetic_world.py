@@ -8,7 +8,8 @@ about each user (the truth that profiles should recover).
   them), a price level (budget users pick cheaper items, premium users pricier
   ones), a purchase habit (about 25% are habitual buyers with a high
   click -> cart -> purchase conversion), an activity rate, and about 20% who go
-  quiet for good at some time in the first half of the span. About 10% of users
+  quiet for good at some time in the first half of the span (a structured shop: at any time after
+  the first 15%, see ShopParams.quiet_until). About 10% of users
   have an ``int`` user id, the rest a ``str`` one.
 
 `ShopParams` is the shape of a shop (the classic one by default, or a structured one drawn from a
@@ -124,6 +125,9 @@ class ShopParams:
                       day to buy them, with this probability: carts not bought announce a purchase
       churn_ramp_days users who go quiet slow down over this many days before (sessions farther apart,
                       fewer purchases): churn announces itself in the rhythm
+      quiet_until     quiet users stop between 15% of the span and this share of it: in a structured
+                      shop, all along (1.0), so a cut late in the log still finds users slowing down
+                      before they stop (the classic shop: by half the span)
     """
 
     n_categories: int = len(_CATEGORIES)
@@ -135,6 +139,7 @@ class ShopParams:
     follow_share: float = 0.0
     return_share: float = 0.0
     churn_ramp_days: float = 0.0
+    quiet_until: float = _QUIET_WINDOW[1]  # quiet users stop between 15% of the span and this share of it
     shop_seed: int = 0  # which categories, segments and complements (structured shops)
 
     @classmethod
@@ -146,7 +151,7 @@ class ShopParams:
                    quiet_fraction=float(rng.uniform(0.12, 0.35)), activity_sigma=float(rng.uniform(0.4, 1.0)),
                    segments=int(rng.integers(3, 9)), follow_share=float(rng.uniform(0.25, 0.55)),
                    return_share=float(rng.uniform(0.3, 0.7)), churn_ramp_days=float(rng.uniform(8.0, 20.0)),
-                   shop_seed=int(seed))
+                   quiet_until=1.0, shop_seed=int(seed))
 
 
 def seed_sequence(seed: int, stream: int) -> np.random.SeedSequence:
@@ -232,7 +237,7 @@ class World:
         activity = rng.lognormal(-0.5 * shop.activity_sigma**2, shop.activity_sigma, n)
         first = rng.random(n) * (_FIRST_SESSION_WINDOW * self.span_ms)
         quiet = rng.random(n) < shop.quiet_fraction
-        quiet_at = rng.uniform(*_QUIET_WINDOW, n) * self.span_ms
+        quiet_at = rng.uniform(_QUIET_WINDOW[0], shop.quiet_until, n) * self.span_ms
         if quiet.all():
             quiet[0] = False  # someone must stay, or an endless stream would end
 
