@@ -41,13 +41,18 @@ def user_ids(keys: list[bytes]) -> list[str]:
     return [key.decode("utf-8", "surrogatepass") for key in keys]
 
 
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """numpy's dtype for a torch dtype (the state table's, on the host and in its records)."""
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
 def record_dtype(state_size: int, spec: dict, state_dtype: torch.dtype = torch.float32) -> np.dtype:
     """The packed layout of one user's changelog record (little-endian, no padding); the state vector is
     stored as the table stores it (float32, or float16 with --state-dtype float16)."""
     # The state vector's field is named "hidden" (it holds the memory too): the name is part of the
     # record layout that changelog topics already hold, so it stays.
-    width = "<f2" if state_dtype == torch.float16 else "<f4"
-    return np.dtype([("format", "u1"), ("hidden", width, (state_size,))] + [
+    hidden = numpy_dtype(state_dtype).newbyteorder("<")
+    return np.dtype([("format", "u1"), ("hidden", hidden, (state_size,))] + [
         (name, np.dtype(dtype).newbyteorder("<"), shape) for name, (dtype, shape, _) in spec.items()])
 
 

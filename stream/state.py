@@ -30,7 +30,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from stream.changelog_records import ChangelogLoader, pack, record_dtype
+from stream.changelog_records import ChangelogLoader, numpy_dtype, pack, record_dtype
 from stream.events import EVENT_TYPES
 from stream.settings import STATE_DTYPES
 from stream.statistics import STAT_COLUMNS, unheld_buckets
@@ -38,9 +38,8 @@ from stream.snapshot_files import read_snapshot, write_snapshot  # noqa: F401 (w
 from stream.user_index import UserIndex, distinct, hashes_of, objects
 
 SNAPSHOT_FORMAT = 1
-# How the model state may be stored (--state-dtype): torch dtype -> numpy's, by name.
+# How the model state may be stored (--state-dtype): its torch dtype by name.
 STATE_DTYPE_NAMES = {name: getattr(torch, name) for name in STATE_DTYPES}
-NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
 
 
 # Host columns of the state: name -> (dtype, trailing shape, initial value).
@@ -393,7 +392,7 @@ def _room(capacity: int, state_size: int, device: torch.device, dtype: torch.dty
     """Room for `capacity` users' states, uninitialised (rows_for zeroes a row when a user takes it): on the
     CPU, numpy's big arrays take huge pages as they are written (torch.zeros writes every page at once)."""
     if device.type == "cpu":
-        return torch.from_numpy(np.empty((capacity, state_size), dtype=NUMPY_DTYPES[dtype]))
+        return torch.from_numpy(np.empty((capacity, state_size), dtype=numpy_dtype(dtype)))
     return torch.zeros(capacity, state_size, device=device, dtype=dtype)
 
 
