@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, fields
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -77,6 +78,18 @@ class CutExamples:
                                                               self.explore_at_slots),
                               "target_explore": torch.where(pick[:, None], self.foreign_target_explore,
                                                             self.target_explore)})
+
+    def rows_observed(self, hours: torch.Tensor) -> torch.Tensor | None:
+        """Indices of the examples with a window observed in `hours`; None for all of them (no copy)."""
+        ok = hours > 0
+        return None if bool(ok.all()) else torch.nonzero(ok).squeeze(1)
+
+    @cached_property
+    def loss_rows(self) -> tuple[torch.Tensor | None, torch.Tensor | None, "CutExamples"]:
+        """(purchase rows, event rows, the examples with future categories): what `field_losses` reads,
+        selected once per example set instead of by a boolean mask on every step (a third of a step's cost)."""
+        return (self.rows_observed(self.purchase_hours), self.rows_observed(self.event_hours),
+                self.take(self.target_weight.sum(dim=1) > 0))
 
     def inputs(self) -> FieldInputs:
         k = self.slot_valid.shape[1]
@@ -243,23 +256,24 @@ def examples_at(updater, model: ProfileModel, future: FutureIndex, cut: int, end
 def field_losses(model: ProfileModel, ex: CutExamples) -> dict[str, torch.Tensor]:
     """Mean negative log-likelihoods of the examples' futures under the field heads."""
     heads = model.fields
+    purchase_rows, event_rows, with_categories = ex.loss_rows
     x = heads.standardise(ex.user)
     out = {}
-    for name, head, label, hours in (("purchase", heads.purchase, ex.purchase, ex.purchase_hours),
-                                     ("event", heads.event, ex.event, ex.event_hours)):
-        ok = hours > 0
-        if ok.any():
-            out[name] = HazardHead.nll(head.log_hazard(x[ok], ex.state[ok], hours[ok]), label[ok])
-    has = ex.target_weight.sum(dim=1) > 0
-    if has.any():
-        inputs = ex.inputs()
-        g = heads.repeat_gate(x, ex.state, inputs, ex.explore_at_slots, ex.n_categories)[has][:, None]
-        repeat = heads.repeat_log_probs(inputs, ex.explore_at_slots)[has]  # (m, K)
-        slot = ex.target_slot[has]
+    for name, head, label, hours, rows in (("purchase", heads.purchase, ex.purchase, ex.purchase_hours, purchase_rows),
+                                           ("event", heads.event, ex.event, ex.event_hours, event_rows)):
+        if rows is None:
+            out[name] = HazardHead.nll(head.log_hazard(x, ex.state, hours), label)
+        elif len(rows):
+            out[name] = HazardHead.nll(head.log_hazard(x[rows], ex.state[rows], hours[rows]), label[rows])
+    c = with_categories
+    if len(c.user):
+        inputs = c.inputs()
+        g = heads.repeat_gate(heads.standardise(c.user), c.state, inputs, c.explore_at_slots, c.n_categories)[:, None]
+        repeat = heads.repeat_log_probs(inputs, c.explore_at_slots)  # (m, K)
+        slot = c.target_slot
         repeat_t = torch.where(slot >= 0, repeat.gather(1, slot.clamp(min=0)).exp(), torch.zeros_like(g))
-        p = g * repeat_t + (1 - g) * ex.target_explore[has].exp()
-        w = ex.target_weight[has]
-        out["category"] = -(w * torch.log(p.clamp(min=1e-9))).sum(dim=1).mean()
+        p = g * repeat_t + (1 - g) * c.target_explore.exp()
+        out["category"] = -(c.target_weight * torch.log(p.clamp(min=1e-9))).sum(dim=1).mean()
     return out
 
 
@@ -300,7 +314,7 @@ def _fit_variant(model: ProfileModel, train: CutExamples, val: CutExamples, step
             if name in frozen:
                 p.zero_()
     params = [p for n, p in heads.named_parameters() if n not in frozen]
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
     best: dict[str, tuple[float, dict]] = {}
 
     def keep_best() -> None:
