@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from models.update_step import ProfileUpdater, load_updater
-from models.features import hash_buckets
+from models.features import category_keys
 from stream.events import EVENT_TYPES, RecordBatch
 from stream.decode import decode_batch
 from stream.settings import Settings
@@ -90,7 +90,7 @@ def timeline(settings: Settings, sources: list[str], fmt: str, user: str) -> Tim
     # top_categories scores are shares among the categories the daemon has seen: all of the sources'.
     names = np.array(sorted(categories), dtype=object)
     cfg = updater.config
-    updater.state.remember_categories(hash_buckets(names, cfg.category_buckets, cfg.hash_seed + 1), names)
+    updater.state.remember_categories(category_keys(names, cfg.hash_seed + 1), names)
     out = Timeline(user, updater.model_version, every, log_end)
     published_at = None  # the clock of the latest profile published
 

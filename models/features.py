@@ -49,6 +49,24 @@ def hash_buckets(values: np.ndarray | list, buckets: int, salt: int) -> np.ndarr
     return _mix_to_buckets(np.fromiter(raw, dtype=np.uint64, count=len(raw)), buckets)
 
 
+# A category's key: its raw hash (crc32 + 1, 1..2**32; 0: no category) in 32 bits. The state names and
+# ranks a user's categories by key, exactly where two categories share one of the model's buckets (40
+# categories in 1,024 buckets collide with even odds); the model reads the key's bucket.
+CATEGORY_KEY_MAX = 0xFFFFFFFF
+
+
+def category_keys(values: np.ndarray | list, salt: int) -> np.ndarray:
+    """(N,) uint32 key of each category string (None: 0). Its bucket is buckets_of_keys(key), the same as
+    hash_buckets(value) but for the one crc32 value in 2**32 whose raw hash does not fit (it shares a key)."""
+    raw = map_memoised(_memo_for("id", salt, 0), values, lambda v: _crc(v, salt))
+    return np.minimum(np.fromiter(raw, dtype=np.uint64, count=len(raw)), CATEGORY_KEY_MAX).astype(np.uint32)
+
+
+def buckets_of_keys(keys: np.ndarray, buckets: int) -> np.ndarray:
+    """The model's category bucket (1..buckets-1; 0 for key 0) of each category key."""
+    return _mix_to_buckets(np.asarray(keys, dtype=np.uint64), buckets)
+
+
 def _mix_to_buckets(raw: np.ndarray, buckets: int) -> np.ndarray:
     absent = raw == 0
     with np.errstate(over="ignore"):

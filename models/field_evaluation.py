@@ -199,7 +199,7 @@ def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device,
 
     # The labels as training reads them (models/field_training.FutureIndex): one definition of each field.
     cfg = loaded.model.config
-    future = FutureIndex(hist, cfg.category_buckets, cfg.hash_seed)
+    future = FutureIndex(hist, cfg.hash_seed)
     everyone = np.arange(n)
     bought = future.any_within(everyone, cut, cut + int(windows["purchase"] * HOUR_MS), purchases=True).astype(np.int64)
     silent = (~future.any_within(everyone, cut, cut + int(windows["churn"] * HOUR_MS))).astype(np.int64)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from models.dataset import HOUR_MS, EventLog
-from models.features import hash_buckets
+from models.features import category_keys
 from models.checkpoint_io import LoadedModel
 from models.field_heads import FieldInputs, HazardHead, identity_knots, piecewise_linear
 from models.profile_model import ProfileModel
@@ -99,7 +99,7 @@ class CutExamples:
 class FutureIndex:
     """What each user of a log does after a time: searchsorted on (user, time) keys, no loop over users."""
 
-    def __init__(self, log_: EventLog, category_buckets: int, hash_seed: int) -> None:
+    def __init__(self, log_: EventLog, hash_seed: int) -> None:
         ev = log_.events
         self.log = log_
         self.t0 = int(ev.ts.min()) if len(ev) else 0
@@ -107,7 +107,7 @@ class FutureIndex:
         self.key = log_.user_of_event.astype(np.int64) * self.span + (ev.ts - self.t0)
         purchase = np.flatnonzero(ev.type_idx == PURCHASE)
         self.purchase_key = self.key[purchase]
-        self.category = hash_buckets(ev.category, category_buckets, hash_seed + 1)
+        self.category = category_keys(ev.category, hash_seed + 1).astype(np.int64)  # as the state keys them
 
     def user_index(self, user_ids: list[str]) -> np.ndarray:
         """Index of each user id in the log (sorted ids), -1 where absent."""
@@ -127,7 +127,7 @@ class FutureIndex:
         return (hi > lo) & (users >= 0)
 
     def categories_within(self, users: np.ndarray, after: int, until: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(example, bucket, count) of every category each user engages with in (after, until]."""
+        """(example, category key, count) of every category each user engages with in (after, until]."""
         lo = np.searchsorted(self.key, self._at(users, after), side="right")
         hi = np.searchsorted(self.key, self._at(users, until), side="right")
         n = np.where(users >= 0, hi - lo, 0)
@@ -161,7 +161,7 @@ def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.
 
     updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False)
     model, cfg, state = updater.model, updater.config, updater.state
-    future = FutureIndex(log_, cfg.category_buckets, cfg.hash_seed)
+    future = FutureIndex(log_, cfg.hash_seed)
     end_ts = log_.last_ts if end_ts is None else end_ts
     ev = log_.events
     order = np.argsort(ev.ts, kind="stable")
@@ -185,7 +185,8 @@ def examples_at(updater, model: ProfileModel, future: FutureIndex, cut: int, end
     rows = np.arange(len(state))
     inputs = updater.field_inputs(rows, cut)
     s = state.states[torch.from_numpy(rows).to(device)].float()  # (a copy: indexing by rows gathers)
-    seen = state.seen_categories()
+    seen = state.seen_categories()  # keys
+    seen_buckets = updater.seen_category_buckets()  # the columns the category heads score
     idle = torch.from_numpy((cut - state.last_ts[rows]) / HOUR_MS).float().to(device)
     users = future.user_index(state.user_ids)
 
@@ -213,7 +214,7 @@ def examples_at(updater, model: ProfileModel, future: FutureIndex, cut: int, end
     # the user's top future category and on the set of categories it names.
     distinct = np.bincount(ex, minlength=len(rows))
     target_weight[ex, j] = 0.5 * count / np.maximum(totals[ex], 1) + 0.5 / np.maximum(distinct[ex], 1)
-    slot_buckets = state.columns["cat_bucket"][rows].astype(np.int64)  # (n, K)
+    slot_buckets = state.columns["cat_key"][rows].astype(np.int64)  # (n, K)
     match = (target_bucket[:, :, None] == slot_buckets[:, None, :]) & (slot_buckets[:, None, :] > 0)
     target_slot = np.where(match.any(axis=2), match.argmax(axis=2), -1)
 
@@ -225,7 +226,7 @@ def examples_at(updater, model: ProfileModel, future: FutureIndex, cut: int, end
     away = idle.clamp(min=model.config.visit_break_hours)
     for a in range(0, n if len(seen) else 0, 4096):  # a log without categories (YOOCHOOSE) has no explore side
         b = a + 4096
-        lp = torch.log_softmax(model.category_logits(s[a:b], away[a:b], seen), dim=1)
+        lp = torch.log_softmax(model.category_logits(s[a:b], away[a:b], seen_buckets), dim=1)
         explore_slots[a:b] = lp.gather(1, inputs.slot_cols[a:b])
         explore_targets[a:b] = lp.gather(1, tcol[a:b])
         foreign_slots[a:b] = lp.gather(1, shuffle[inputs.slot_cols[a:b]])

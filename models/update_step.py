@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from models.admission import Admission, ToApply
-from models.features import build_features
+from models.features import build_features, buckets_of_keys, category_keys
 from models.profile_model import idle_hours, price_tier_index
 from models.field_heads import FieldInputs
 from models.checkpoint_io import LoadedModel
@@ -108,6 +108,7 @@ class ProfileUpdater:
         self._next_idle_scan = -1
         # The checks around the state step: decoding, partitioning policy, erasure, exactly-once skips.
         self.admission = Admission(self.state, self.topic_slot, self.pseudonymize, max_event_bytes)
+        self._seen_buckets: tuple[torch.Tensor | None, torch.Tensor] = (None, torch.empty(0, dtype=torch.long))
         # State that expires: users idle longer than the TTL in event time leave the table (0: never).
         self.expiry = StateExpiry(self.state, state_ttl_ms) if state_ttl_ms else None
         self.publish_expired = on_expire == "publish"  # a last profile saying "expired": true, or nothing
@@ -262,10 +263,10 @@ class ProfileUpdater:
             # Events per user before this batch (the memory's age): the counters are updated below.
             state.states[rows_t] = self.model.advance(state.states[rows_t].float(), x, user_sorted, position, lengths,
                                                       state.counts[rows].sum(axis=1)).to(state.state_dtype)
-        category_buckets = feats.category.cpu().numpy()
-        state.remember_categories(category_buckets, category)
+        keys = category_keys(category, cfg.hash_seed + 1)  # the categories exactly, where buckets may collide
+        state.remember_categories(keys, category)
         # The exact statistics the field heads read (before last_ts moves: they decay from it).
-        statistics.update(state.columns, rows, user_sorted, ts, ev.type_idx[order], category_buckets, starts,
+        statistics.update(state.columns, rows, user_sorted, ts, ev.type_idx[order], keys, starts,
                           lengths, gap_seconds * 1000.0, first_ever, state.last_ts[rows].copy())
 
         # Exact counters, vectorised (np.add.at accumulates repeated rows).
@@ -303,14 +304,23 @@ class ProfileUpdater:
         for first in range(0, len(self.state), chunk_users):
             yield self.profiles_for(np.arange(first, min(first + chunk_users, len(self.state))))
 
+    def seen_category_buckets(self) -> torch.Tensor:
+        """(S,) the model's bucket of each of state.seen_categories() (keys): the columns the category
+        heads score. Two categories may share a bucket; their repeat sides (the user's slots) stay apart."""
+        seen = self.state.seen_categories()
+        if self._seen_buckets[0] is not seen:  # the state's cache is rebuilt whenever the categories change
+            self._seen_buckets = (seen, torch.from_numpy(
+                buckets_of_keys(seen.cpu().numpy(), self.config.category_buckets)).to(self.device))
+        return self._seen_buckets[1]
+
     def field_inputs(self, rows: np.ndarray, now_ms: int) -> FieldInputs:
         """The statistics the field heads read for these rows at the clock now_ms; slots as columns of
         state.seen_categories(). Serving and the field heads' training both read them here."""
         state = self.state
         seen = state.seen_categories()
         user = statistics.user_features(state.columns, state.counts, state.last_ts, rows, now_ms)
-        buckets, slot = statistics.slot_features(state.columns, state.last_ts, rows, now_ms)
-        b = torch.from_numpy(buckets).to(self.device)
+        keys, slot = statistics.slot_features(state.columns, state.last_ts, rows, now_ms)
+        b = torch.from_numpy(keys).to(self.device)
         cols = torch.searchsorted(seen, b).clamp(max=max(len(seen) - 1, 0))
         valid = (b > 0) & (seen[cols] == b) if len(seen) else torch.zeros_like(b, dtype=torch.bool)
         return FieldInputs(torch.from_numpy(user).to(self.device), cols, valid, torch.from_numpy(slot).to(self.device))
@@ -327,9 +337,9 @@ class ProfileUpdater:
         rows_t = torch.from_numpy(rows).to(self.device)
         s = state.states[rows_t].float()  # (U, S): GRU hidden state + memory
         idle = idle_hours(state.max_event_ts, state.last_ts[rows])
-        # Top categories: a distribution over the buckets in the category list (those seen in events, less
-        # those an erasure dropped), computed for those columns only (S categories, not every bucket).
-        seen = state.seen_categories()  # (S,) bucket ids
+        # Top categories: a distribution over the category list (those seen in events, less those an
+        # erasure dropped), computed for those columns only (S categories, not every bucket).
+        seen = self.seen_category_buckets()  # (S,) each listed category's bucket
         heads = self.model.heads(s, torch.from_numpy(idle).float().to(self.device), seen, TOP_CATEGORIES,
                                  self.field_inputs(rows, state.max_event_ts), horizons_hours)
         top_cols, top_scores = heads.top_category_cols, heads.top_category_probs

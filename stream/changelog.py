@@ -38,7 +38,7 @@ import numpy as np
 import orjson
 from confluent_kafka import KafkaException, Message, TopicPartition
 
-from stream.changelog_records import META_KEY, RefusedRecords
+from stream.changelog_records import CHANGELOG_FORMAT, META_KEY, RefusedRecords
 from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, DeadLetter, RecordBatch
 from stream.expiry import Expired
 from stream.kafka import Publisher, StreamError
@@ -161,7 +161,7 @@ class Changelog:
         # user's state (one of forget records only), so that a restore after it cannot bring them back.
         owned = sorted(self._state_partitions() | set(partitions))
         if state.categories_version != self._categories_sent and owned:
-            meta = orjson.dumps({"model_version": self.model_version,
+            meta = orjson.dumps({"model_version": self.model_version, "format": CHANGELOG_FORMAT,
                                  "category_names": {str(k): v for k, v in state.category_names.items()}})
             self.publisher.produce_to_partitions(self.topic, [META_KEY] * len(owned), [meta] * len(owned), owned)
             self._categories_sent = state.categories_version
@@ -325,6 +325,10 @@ class Changelog:
                 raise StreamError(
                     f"{self.topic} holds state of model {meta.get('model_version')!r}, this daemon serves "
                     f"{self.model_version!r}: give a new model its own --group-id (or --state-topic)")
+            if meta.get("format", 2) != CHANGELOG_FORMAT:  # names by the model's bucket before format 3
+                raise StreamError(f"{self.topic} holds state of changelog format {meta.get('format', 2)}, this "
+                                  f"release writes {CHANGELOG_FORMAT}: give it a new --group-id (or --state-topic), "
+                                  "or rebuild the state with profiles replay")
             state.merge_category_names({int(k): v for k, v in meta.get("category_names", {}).items()})
         if loader.keyless:
             log.warning("%s: %d record(s) without a key left out of the restore", self.topic, loader.keyless)

@@ -23,7 +23,7 @@ import torch
 if TYPE_CHECKING:
     from stream.state import StateTable
 
-CHANGELOG_FORMAT = 2  # 2: with the behaviour statistics
+CHANGELOG_FORMAT = 3  # 2: with the behaviour statistics; 3: categories by key (models.features.category_keys)
 META_KEY = b"\x00meta"  # changelog key of the per-partition metadata record (model version, category names)
 
 LOAD_CHUNK = 1024  # records copied into the table's columns at a time (~600 KiB: within a core's cache)

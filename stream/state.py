@@ -33,11 +33,11 @@ import torch
 from stream.changelog_records import ChangelogLoader, numpy_dtype, pack, record_dtype
 from stream.events import EVENT_TYPES
 from stream.settings import STATE_DTYPES
-from stream.statistics import STAT_COLUMNS, unheld_buckets
+from stream.statistics import STAT_COLUMNS, unheld_keys
 from stream.snapshot_files import read_snapshot, write_snapshot  # noqa: F401 (where callers import them from)
 from stream.user_index import UserIndex, distinct, hashes_of, objects
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: category slots and names by category key (1: by the model's bucket)
 # How the model state may be stored (--state-dtype): its torch dtype by name.
 STATE_DTYPE_NAMES = {name: getattr(torch, name) for name in STATE_DTYPES}
 
@@ -83,8 +83,8 @@ class StateTable:
         self._index = UserIndex()  # user id -> row (stream/user_index.py)
         self.states = _room(capacity, state_size, device, state_dtype)  # (capacity, S): GRU hidden state + memory
         self.columns = {name: _column(self.spec[name], capacity) for name in self.spec}
-        # Category bucket -> the category string seen in it, so top_categories can name
-        # categories as they appear in events (its keys: the buckets seen, less those an erasure left
+        # Category key (models.features.category_keys) -> the category string, so top_categories can name
+        # categories as they appear in events (its keys: the categories seen, less those an erasure left
         # unheld; see drop_unengaged_categories).
         self.category_names: dict[int, str] = {}
         self.categories_version = 0  # bumped whenever category_names changes (the changelog re-sends it)
@@ -153,7 +153,7 @@ class StateTable:
         slots are taken to be the daemon's own when their number matches).
         """
         if snap.get("format") != SNAPSHOT_FORMAT:
-            raise ValueError(f"state snapshot format {snap.get('format')!r} is not {SNAPSHOT_FORMAT}")
+            raise ValueError(_snapshot_format_error(snap))
         self.base = SnapshotBase(snap, self.spec, topics, list(input_topics))
         self.merge_category_names({int(k): v for k, v in snap["category_names"].items()})
         self.max_event_ts = max(self.max_event_ts, int(snap["max_event_ts"]))
@@ -198,23 +198,23 @@ class StateTable:
             column[: len(old)] = old
             self.columns[name] = column
 
-    def remember_categories(self, buckets: np.ndarray, names: np.ndarray) -> None:
-        """Record the category strings seen in each bucket (bucket 0 = no category).
+    def remember_categories(self, keys: np.ndarray, names: np.ndarray) -> None:
+        """Record the category string of each key (key 0 = no category).
 
-        When two categories collide in a bucket, the bucket is named by the smaller
-        string: a rule that does not depend on arrival order or batch boundaries.
+        Two categories whose 32-bit keys collide (about one pair among 90,000 categories) share the
+        name of the smaller string: a rule that does not depend on arrival order or batch boundaries.
         """
-        keep = buckets > 0
+        keep = keys > 0
         if not keep.any():
             return
         seen: dict[int, str] = {}
-        for name, bucket in dict(zip(names[keep].tolist(), buckets[keep].tolist())).items():  # distinct names
-            if bucket not in seen or name < seen[bucket]:
-                seen[bucket] = name
+        for name, key in dict(zip(names[keep].tolist(), keys[keep].tolist())).items():  # distinct names
+            if key not in seen or name < seen[key]:
+                seen[key] = name
         self.merge_category_names(seen)
 
     def merge_category_names(self, names: dict[int, str]) -> None:
-        """Name buckets (from a batch, or a restored changelog) by the smallest-name rule."""
+        """Name keys (from a batch, or a restored changelog) by the smallest-name rule."""
         known = self.category_names
         for bucket, name in names.items():
             current = known.get(bucket)
@@ -287,26 +287,26 @@ class StateTable:
         return found
 
     def drop_unengaged_categories(self) -> list[int]:
-        """Drop the names of the buckets that no user holds (statistics.unheld_buckets), of the table or
+        """Drop the names of the categories that no user holds (statistics.unheld_keys), of the table or
         still in the base snapshot: a category only an erased user brought leaves the category list, the
-        snapshot and the changelog's meta record (re-sent: the version moves). Returns the buckets dropped."""
+        snapshot and the changelog's meta record (re-sent: the version moves). Returns the keys dropped."""
         holders = [(self.columns, slice(0, len(self)))]
         if self.base is not None:
             holders.append((self.base.columns, np.fromiter(self.base.index.values(), dtype=np.int64)))
-        gone = unheld_buckets(np.fromiter(self.category_names, dtype=np.int64), holders).tolist()
-        for bucket in gone:
-            del self.category_names[bucket]
+        gone = unheld_keys(np.fromiter(self.category_names, dtype=np.int64), holders).tolist()
+        for key in gone:
+            del self.category_names[key]
         if gone:
             self._seen_cache = None
             self.categories_version += 1
         return gone
 
     def seen_categories(self) -> torch.Tensor:
-        """(S,) buckets that carried a category and are still named, ascending; cached until they change."""
+        """(S,) keys of the categories seen and still named, ascending; cached until they change."""
         if self._seen_cache is None:
-            buckets = sorted(self.category_names)
-            self._seen_cache = torch.tensor(buckets, dtype=torch.long, device=self.device)
-            self._seen_names = np.array([self.category_names[b] for b in buckets] or [""], dtype=object)
+            keys = sorted(self.category_names)
+            self._seen_cache = torch.tensor(keys, dtype=torch.long, device=self.device)
+            self._seen_names = np.array([self.category_names[k] for k in keys] or [""], dtype=object)
         return self._seen_cache
 
     def seen_category_names(self) -> np.ndarray:
@@ -337,7 +337,7 @@ class StateTable:
     def restore(self, snap: dict) -> None:
         """Replace the table's content with a snapshot taken by `snapshot()`."""
         if snap.get("format") != SNAPSHOT_FORMAT:
-            raise ValueError(f"state snapshot format {snap.get('format')!r} is not {SNAPSHOT_FORMAT}")
+            raise ValueError(_snapshot_format_error(snap))
         users = list(snap["user_ids"])
         n = len(users)
         self.user_ids = users
@@ -349,6 +349,11 @@ class StateTable:
         self.category_names = {int(k): v for k, v in snap["category_names"].items()}
         self._seen_cache = None
         self.max_event_ts = int(snap["max_event_ts"])
+
+
+def _snapshot_format_error(snap: dict) -> str:
+    return (f"state snapshot format {snap.get('format')!r} is not {SNAPSHOT_FORMAT} (format 1, before this release, "
+            "kept categories by the model's bucket): rebuild it with profiles replay ... --state-out")
 
 
 class SnapshotBase:

@@ -36,9 +36,9 @@ GAP_RATES = (0.5, 0.1)  # exponential averages of log inter-session gaps: the re
 
 # Host columns of the state: name -> (dtype, trailing shape, initial value). See state.COLUMNS.
 STAT_COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
-    "cat_bucket": (np.int32, (CATEGORY_SLOTS,), 0),  # category bucket of each slot; 0 = empty
+    "cat_key": (np.uint32, (CATEGORY_SLOTS,), 0),  # category key of each slot (models.features); 0 = empty
     "cat_mass": (np.float32, (CATEGORY_SLOTS, len(SLOT_TAUS_MS) + 1), 0.0),  # decayed masses, then count
-    "last_category": (np.int32, (), 0),  # bucket of the latest event that had a category
+    "last_category": (np.uint32, (), 0),  # key of the latest event's category that had one
     "last_purchase_ts": (np.int64, (), -1),
     "last_cart_ts": (np.int64, (), -1),
     "carts_pending": (np.int32, (), 0),  # add-to-carts since the user's last purchase
@@ -65,7 +65,7 @@ def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.nda
     """Advance the statistics of the users `rows` (U,) by their new events.
 
     Events are sorted by (user, time): user_sorted (N,) is each event's user index 0..U-1, starts and
-    lengths (U,) each user's run; category (N,) hashed buckets (0: none); gap_ms (N,) time since the
+    lengths (U,) each user's run; category (N,) category keys (0: none); gap_ms (N,) time since the
     user's previous event; first_ever (N,) the user's first event ever; old_last_ts (U,) each user's
     last event time before the batch (-1: none).
     """
@@ -149,41 +149,38 @@ def _update_slots(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted:
         columns["cat_mass"][rows] = old_mass
         return
     k, n_users = CATEGORY_SLOTS, len(rows)
-    old_bucket = columns["cat_bucket"][rows]  # (U, K)
-    filled = old_bucket > 0
+    old_key = columns["cat_key"][rows]  # (U, K)
+    filled = old_key > 0
     user = np.concatenate([np.nonzero(filled)[0], user_sorted[has]])
-    bucket = np.concatenate([old_bucket[filled], category[has]]).astype(np.int64)
+    key = np.concatenate([old_key[filled], category[has]]).astype(np.int64)
     new_mass = np.stack([*(np.exp(-age[has] / tau) for tau in SLOT_TAUS_MS), np.ones(int(has.sum()))], axis=1)
     mass = np.concatenate([old_mass[filled], new_mass])
-    # Sum the masses of each (user, bucket).
-    order = np.lexsort((bucket, user))
-    user, bucket, mass = user[order], bucket[order], mass[order]
-    group = np.flatnonzero(np.r_[True, (user[1:] != user[:-1]) | (bucket[1:] != bucket[:-1])])
-    user, bucket, mass = user[group], bucket[group], np.add.reduceat(mass, group, axis=0)
-    # Per user: most 30-day mass first (then count, then bucket), keep the first K.
-    order = np.lexsort((bucket, -mass[:, -1], -mass[:, -2], user))
-    user, bucket, mass = user[order], bucket[order], mass[order]
+    # Sum the masses of each (user, category).
+    order = np.lexsort((key, user))
+    user, key, mass = user[order], key[order], mass[order]
+    group = np.flatnonzero(np.r_[True, (user[1:] != user[:-1]) | (key[1:] != key[:-1])])
+    user, key, mass = user[group], key[group], np.add.reduceat(mass, group, axis=0)
+    # Per user: most 30-day mass first (then count, then key), keep the first K.
+    order = np.lexsort((key, -mass[:, -1], -mass[:, -2], user))
+    user, key, mass = user[order], key[order], mass[order]
     first = np.searchsorted(user, np.arange(n_users))
     slot = np.arange(len(user)) - first[user]
     keep = slot < k
-    out_bucket = np.zeros((n_users, k), dtype=np.int32)
+    out_key = np.zeros((n_users, k), dtype=np.uint32)
     out_mass = np.zeros((n_users, k, mass.shape[1]), dtype=np.float64)
-    out_bucket[user[keep], slot[keep]] = bucket[keep]
+    out_key[user[keep], slot[keep]] = key[keep]
     out_mass[user[keep], slot[keep]] = mass[keep]
-    columns["cat_bucket"][rows] = out_bucket
+    columns["cat_key"][rows] = out_key
     columns["cat_mass"][rows] = out_mass
 
 
-def unheld_buckets(buckets: np.ndarray, holders: list[tuple[dict[str, np.ndarray], np.ndarray | slice]]
-                   ) -> np.ndarray:
-    """Those of the category `buckets` that no user holds: none of the `holders` (columns, rows) has
+def unheld_keys(keys: np.ndarray, holders: list[tuple[dict[str, np.ndarray], np.ndarray | slice]]) -> np.ndarray:
+    """Those of the category `keys` that no user holds: none of the `holders` (columns, rows) has
     them in a category slot or as the latest event's category. A user's slots are what the state still
     knows of the categories it engaged with."""
-    held = np.concatenate([np.concatenate([columns["cat_bucket"][rows].ravel(), columns["last_category"][rows].ravel()])
+    held = np.concatenate([np.concatenate([columns["cat_key"][rows].ravel(), columns["last_category"][rows].ravel()])
                            for columns, rows in holders]).astype(np.int64)
-    engaged = np.zeros(max(int(buckets.max(initial=0)), int(held.max(initial=0))) + 1, dtype=bool)
-    engaged[held] = True  # a mask over bucket ids: one pass over the users' slots, no sort
-    return buckets[~engaged[buckets]]
+    return keys[~np.isin(keys, held)]
 
 
 def user_features(columns: dict[str, np.ndarray], counts: np.ndarray, last_ts: np.ndarray, rows: np.ndarray,
@@ -227,9 +224,9 @@ def user_features(columns: dict[str, np.ndarray], counts: np.ndarray, last_ts: n
 
 def slot_features(columns: dict[str, np.ndarray], last_ts: np.ndarray, rows: np.ndarray,
                   now_ms: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(U, K) category buckets of the users' slots (0: empty) and (U, K, len(SLOT_FEATURES)) their
+    """(U, K) category keys of the users' slots (0: empty) and (U, K, len(SLOT_FEATURES)) their
     features read at now_ms: the repeat side of top_categories."""
-    bucket = columns["cat_bucket"][rows].astype(np.int64)
+    bucket = columns["cat_key"][rows].astype(np.int64)
     mass = columns["cat_mass"][rows].astype(np.float64)
     last = last_ts[rows].astype(np.float64)
     elapsed = np.maximum(np.asarray(now_ms, dtype=np.float64) - last, 0.0)[:, None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pytest
 import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -121,6 +122,17 @@ def test_a_restore_refuses_the_state_of_another_model(kafka, unique, topics):
     with pytest.raises(StreamError, match="holds state of model 'm1'"):
         other.restore([0, 1, 2])
     assert len([r for r in read_topic(kafka, unique("state")) if r.key == META_KEY]) == PARTITIONS
+
+
+def test_a_restore_refuses_a_changelog_of_the_format_before_category_keys(kafka, unique, topics):
+    """Before format 3 the meta record named categories by the model's bucket: loading those names as keys
+    would list categories nobody holds, so the restore stops and says what to do."""
+    changelog = make(kafka, unique)
+    old_meta = orjson.dumps({"model_version": "m1", "category_names": {"3": "shoes"}})  # no "format": 2
+    changelog.publisher.produce_to_partitions(unique("state"), [META_KEY], [old_meta], [0])
+    changelog.publisher.flush()
+    with pytest.raises(StreamError, match="changelog format 2.*--group-id"):
+        make(kafka, unique).restore([0, 1, 2])
 
 
 def test_an_aborted_transaction_is_produced_again_with_the_same_offsets(kafka, unique, topics, monkeypatch):

@@ -41,7 +41,7 @@ def test_statistics_do_not_depend_on_batching():
     one, many = run(events, 10_000).state, run(events, 97).state
     order = [many.row(u) for u in one.user_ids]
     from stream.statistics import STAT_COLUMNS
-    for name in set(STAT_COLUMNS) - {"cat_bucket", "cat_mass"}:
+    for name in set(STAT_COLUMNS) - {"cat_key", "cat_mass"}:
         a, b = one.columns[name][:len(one)], many.columns[name][order]
         if np.issubdtype(a.dtype, np.floating):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
@@ -56,7 +56,7 @@ def test_statistics_do_not_depend_on_batching():
 
     def slots(state, user: str) -> dict[int, np.ndarray]:
         row = state.row(user)
-        return {b: m for b, m in zip(state.columns["cat_bucket"][row].tolist(), state.columns["cat_mass"][row]) if b}
+        return {b: m for b, m in zip(state.columns["cat_key"][row].tolist(), state.columns["cat_mass"][row]) if b}
 
     for user in exact:
         a, b = slots(one, user), slots(many, user)
@@ -259,6 +259,26 @@ def test_repeat_side_alone_ranks_a_users_categories_by_their_counts():
         probs, cols = model.category_mixture(torch.zeros(1, 8), torch.tensor([48.0]), None, inputs, 3)
     assert cols.tolist() == [[20, 40, 10]]  # 9 > 5 > 3
     assert probs[0, 0] == pytest.approx(10 / 22, abs=1e-3)  # softmax of log(1 + count): (1 + 9) / sum
+
+
+def test_categories_that_share_a_model_bucket_keep_their_own_names_and_counts():
+    """Category slots and names are by exact key: with 2 category buckets every category shares the model's
+    one bucket, and top_categories still names the user's three categories, ranked by their own counts."""
+    config = ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=2, query_buckets=64)
+    loaded = untrained(config)
+    with torch.no_grad():
+        loaded.model.fields.repeat_score.weight.zero_()
+        loaded.model.fields.repeat_score.weight[0, SLOT_FEATURES.index("log_count")] = 1.0
+        loaded.model.fields.gate.bias.fill_(30.0)  # always repeat: the user's own categories by count
+    updater = ProfileUpdater(loaded, CPU, max_event_bytes=65536, emit_embedding=False)
+    categories = ["shoes"] * 5 + ["books"] * 3 + ["toys"]
+    events = [{"event_id": f"e{i}", "user_id": "u1", "type": "click", "ts": 1_700_000_000_000 + i * 1000,
+               "item_id": f"i{i}", "category": c} for i, c in enumerate(categories)]
+    result = updater.process(record_batch(events, topic="t", first_offset=0, keys=None))
+    profile = orjson.loads(result.profiles[-1][1])
+    assert [c["category"] for c in profile["top_categories"]] == ["shoes", "books", "toys"]
+    assert sorted(updater.state.category_names.values()) == ["books", "shoes", "toys"]
+    assert updater.seen_category_buckets().tolist() == [1, 1, 1]  # one bucket for the model
 
 
 def test_profiles_at_a_cut_never_see_later_events(tmp_path):

@@ -53,7 +53,7 @@ def random_log(seed: int, users: int = 30, writes: int = 400, bad: float = 0.0) 
         if kind < 0.05:
             p = int(rng.integers(PARTITIONS))
             names = {str(b): f"cat-{int(rng.integers(5))}-{b}" for b in rng.choice(20, 3, replace=False).tolist()}
-            log.append((p, META_KEY, orjson.dumps({"model_version": "m1", "category_names": names})))
+            log.append((p, META_KEY, orjson.dumps({"model_version": "m1", "format": CHANGELOG_FORMAT, "category_names": names})))
             continue
         user = ids[int(rng.integers(len(ids)))]
         p = home[user] if rng.random() > 0.1 else int(rng.integers(PARTITIONS))

@@ -59,9 +59,9 @@ def test_forget_erases_users_and_the_others_keep_their_values():
 
 
 def hold(state: StateTable, user: str, slots: list[int], last: int = 0) -> None:
-    """Give the user category slots (buckets) and a latest category, as the statistics would."""
+    """Give the user category slots (keys) and a latest category, as the statistics would."""
     row = state.rows_for([user])[0]
-    state.columns["cat_bucket"][row, :len(slots)] = slots
+    state.columns["cat_key"][row, :len(slots)] = slots
     state.columns["last_category"][row] = last
 
 
@@ -69,7 +69,7 @@ def test_forget_drops_the_names_of_categories_no_remaining_user_holds():
     state = table()
     state.merge_category_names({3: "secret", 5: "shared", 7: "latest-only", 9: "fell-out", 11: "base-only"})
     hold(state, "gone", [3, 5, 9])
-    hold(state, "stays", [5], last=7)  # bucket 7: only its latest event's category, not in a slot
+    hold(state, "stays", [5], last=7)  # key 7: only its latest event's category, not in a slot
     base = table()
     hold(base, "in-base", [11])
     state.attach_base(base.snapshot(), None, [])

@@ -30,7 +30,7 @@ def test_a_float16_replay_keeps_the_counters_and_moves_the_state_by_rounding_onl
     half, half_state = replayed(tmp_path, "float16")
     assert half_state["hidden"].dtype == np.float16 and full_state["hidden"].dtype == np.float32
     assert half_state["user_ids"] == full_state["user_ids"]
-    for name in ("counts", "spend_micros", "last_ts", "cat_bucket", "sessions"):
+    for name in ("counts", "spend_micros", "last_ts", "cat_key", "sessions"):
         np.testing.assert_array_equal(half_state[name], full_state[name])
     # Rounded at every batch (6 of them), the state drifts by about float16's resolution, not more.
     np.testing.assert_allclose(half_state["hidden"], full_state["hidden"], atol=5e-3)

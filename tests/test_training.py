@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from consumers.cli import main
+from models.features import buckets_of_keys
 from models.update_step import ProfileUpdater
 from models.dataset import load_events
 from models.profile_model import ModelConfig, ProfileModel
@@ -168,10 +169,11 @@ def test_published_top_categories_are_the_next_visits_not_the_sessions(tmp_path)
     state = updater.state
     rows = np.array([state.row(u) for u in home])
     with torch.no_grad():
-        last_bucket = torch.from_numpy(state.columns["last_category"][rows].astype(np.int64))  # the copy bonus's
+        last_key = state.columns["last_category"][rows]  # the copy bonus's category, as its bucket
+        last_bucket = torch.from_numpy(buckets_of_keys(last_key, model.config.category_buckets))
         recent = torch.stack([last_bucket, torch.zeros_like(last_bucket)], dim=1)
         logits, _, _ = model.head_logits(state.states[torch.from_numpy(rows)], torch.zeros(len(rows)),
-                                         state.seen_categories(), recent)
+                                         updater.seen_category_buckets(), recent)
     next_event = state.seen_category_names()[logits.argmax(dim=1).numpy()]
     home_first = np.mean([published[u]["top_categories"][0]["category"] == home[u] for u in home])
     session_first = np.mean([n == last[u] for n, u in zip(next_event, home)])
