@@ -214,7 +214,7 @@ def examples_at(updater, model: ProfileModel, future: FutureIndex, cut: int, end
     # the user's top future category and on the set of categories it names.
     distinct = np.bincount(ex, minlength=len(rows))
     target_weight[ex, j] = 0.5 * count / np.maximum(totals[ex], 1) + 0.5 / np.maximum(distinct[ex], 1)
-    slot_buckets = state.columns["cat_key"][rows].astype(np.int64)  # (n, K)
+    slot_buckets = updater.slots(rows, cut)[0].astype(np.int64)  # (n, K + 1) keys, the follow-up's last
     match = (target_bucket[:, :, None] == slot_buckets[:, None, :]) & (slot_buckets[:, None, :] > 0)
     target_slot = np.where(match.any(axis=2), match.argmax(axis=2), -1)
 

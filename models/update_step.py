@@ -24,6 +24,7 @@ from models.profile_model import idle_hours, price_tier_index
 from models.field_heads import FieldInputs
 from models.checkpoint_io import LoadedModel
 from stream import statistics
+from stream.follow import FollowCounts, hours_since
 from stream.events import PURCHASE, DeadLetter, EventColumns, RecordBatch
 from stream.expiry import Expired, StateExpiry
 from stream.profiles import ProfileColumns, encode_profiles
@@ -266,8 +267,10 @@ class ProfileUpdater:
         keys = category_keys(category, cfg.hash_seed + 1)  # the categories exactly, where buckets may collide
         state.remember_categories(keys, category)
         # The exact statistics the field heads read (before last_ts moves: they decay from it).
+        follow_before = FollowCounts.pairs(state.columns, rows)
         statistics.update(state.columns, rows, user_sorted, ts, ev.type_idx[order], keys, starts,
                           lengths, gap_seconds * 1000.0, first_ever, state.last_ts[rows].copy())
+        state.follow.replace(follow_before, FollowCounts.pairs(state.columns, rows))
 
         # Exact counters, vectorised (np.add.at accumulates repeated rows).
         event_rows = rows[user_sorted]
@@ -313,13 +316,24 @@ class ProfileUpdater:
                 buckets_of_keys(seen.cpu().numpy(), self.config.category_buckets)).to(self.device))
         return self._seen_buckets[1]
 
+    def slots(self, rows: np.ndarray, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
+        """(U, K + 1) category keys and (U, K + 1, len(SLOT_FEATURES)) features of the users' category
+        slots, and a last slot: the most frequent follow-up of the user's latest purchase in this shop
+        (stream/follow.py), where none of the user's slots holds it."""
+        state = self.state
+        keys, feats = statistics.slot_features(state.columns, state.last_ts, rows, now_ms)
+        purchase = state.columns["purchase_category"][rows].astype(np.int64)
+        since = hours_since(now_ms, state.columns["last_purchase_ts"][rows])
+        pending = state.columns["follow_category"][rows] == 0
+        return state.follow.with_follow_ups(keys, feats, purchase, since, pending)
+
     def field_inputs(self, rows: np.ndarray, now_ms: int) -> FieldInputs:
         """The statistics the field heads read for these rows at the clock now_ms; slots as columns of
         state.seen_categories(). Serving and the field heads' training both read them here."""
         state = self.state
         seen = state.seen_categories()
         user = statistics.user_features(state.columns, state.counts, state.last_ts, rows, now_ms)
-        keys, slot = statistics.slot_features(state.columns, state.last_ts, rows, now_ms)
+        keys, slot = self.slots(rows, now_ms)
         b = torch.from_numpy(keys).to(self.device)
         cols = torch.searchsorted(seen, b).clamp(max=max(len(seen) - 1, 0))
         valid = (b > 0) & (seen[cols] == b) if len(seen) else torch.zeros_like(b, dtype=torch.bool)

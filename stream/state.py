@@ -32,6 +32,7 @@ import torch
 
 from stream.changelog_records import ChangelogLoader, numpy_dtype, pack, record_dtype
 from stream.events import EVENT_TYPES
+from stream.follow import FollowCounts
 from stream.settings import STATE_DTYPES
 from stream.statistics import STAT_COLUMNS, unheld_keys
 from stream.snapshot_files import read_snapshot, write_snapshot  # noqa: F401 (where callers import them from)
@@ -87,6 +88,7 @@ class StateTable:
         # categories as they appear in events (its keys: the categories seen, less those an erasure left
         # unheld; see drop_unengaged_categories).
         self.category_names: dict[int, str] = {}
+        self.follow = FollowCounts()  # what follows a purchase, over the table's users (stream/follow.py)
         self.categories_version = 0  # bumped whenever category_names changes (the changelog re-sends it)
         self.max_event_ts = -1  # largest event time seen: the clock of event-time timers
         self._seen_cache: torch.Tensor | None = None
@@ -178,6 +180,7 @@ class StateTable:
             self.base.states[base_rows]).to(self.device, self.state_dtype)
         for name, column in self.columns.items():
             column[rows] = self.base.columns[name][base_rows]
+        self.follow.change(FollowCounts.pairs(self.columns, rows), 1)  # the rows were new: nothing to take away
 
     def reserve(self, users: int) -> None:
         """Room for up to this many more users at once (a restore: the changelog's record count). On the CPU
@@ -250,6 +253,7 @@ class StateTable:
         keep = np.flatnonzero(~drop[:n])
         if len(keep) == n:
             return
+        self.follow.change(FollowCounts.pairs(self.columns, np.flatnonzero(drop[:n])), -1)
         self.user_ids = [self.user_ids[i] for i in keep.tolist()]
         self._index.keep(keep)
         cap = max(1024, len(keep))
@@ -346,6 +350,7 @@ class StateTable:
         self.states = _room(cap, self.state_size, self.device, self.state_dtype)
         self.states[:n] = torch.as_tensor(snap["hidden"], device=self.device, dtype=self.state_dtype)
         self.columns = _columns_from(snap, self.spec, n, cap)
+        self.follow.rebuild(self.columns, n)
         self.category_names = {int(k): v for k, v in snap["category_names"].items()}
         self._seen_cache = None
         self.max_event_ts = int(snap["max_event_ts"])

@@ -46,6 +46,10 @@ STAT_COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
     "purchase_mass": (np.float32, (len(PURCHASE_TAUS_MS),), 0.0),
     "sessions": (np.int32, (), 0),
     "session_gap": (np.float32, (len(GAP_RATES),), 0.0),  # biased averages; see user_features
+    # The user's part of what follows a purchase in this shop (stream/follow.py): the key of the latest
+    # purchase's category, and of the first other category engaged with after it (0: none yet).
+    "purchase_category": (np.uint32, (), 0),
+    "follow_category": (np.uint32, (), 0),
 }
 
 # The per-user features the heads read, in this order (user_features builds them).
@@ -56,7 +60,12 @@ USER_FEATURES = (
     "log_sessions", "recent_gap", "usual_gap", "has_gap", "idle_vs_usual_gap",
 )
 # The per-slot features of the repeat distribution, in this order.
-SLOT_FEATURES = ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "share", "is_last")
+SLOT_FEATURES = ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "share", "is_last",
+                 # P(this category | the category of the user's latest purchase) among this shop's users'
+                 # follow-ups (stream/follow.py); the same faded by the time since that purchase; the same
+                 # while the user has not gone on to another category since it (the follow-up still to come).
+                 "follow_share", "follow_fresh", "follow_pending")
+BASE_SLOT_FEATURES = 6  # the slot's own statistics; the follow-up features come after them
 
 
 def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray, ts: np.ndarray,
@@ -104,6 +113,8 @@ def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.nda
     pending = columns["carts_pending"]
     pending[rows] = np.where(bought, new_carts, pending[rows] + new_carts)
 
+    _update_follow(columns, rows, user_sorted, category, purchase, idx, last_purchase_idx)
+
     has_category = category > 0
     last_cat_idx = _last_where(has_category, user_sorted, idx, n_users)
     seen = last_cat_idx >= 0
@@ -129,6 +140,23 @@ def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.nda
         columns["session_gap"][rows] = averages
 
     _update_slots(columns, rows, user_sorted, category, age, since)
+
+
+def _update_follow(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray, category: np.ndarray,
+                   purchase: np.ndarray, idx: np.ndarray, last_purchase_idx: np.ndarray) -> None:
+    """The latest purchase's category, and the first other category engaged with after it (kept until
+    the next purchase): the same whatever the batches, as a purchase resets both wherever it falls."""
+    bought = last_purchase_idx >= 0
+    old_a, old_follow = columns["purchase_category"][rows], columns["follow_category"][rows]
+    a = np.where(bought, category[np.maximum(last_purchase_idx, 0)], old_a).astype(np.int64)  # (U,)
+    after = np.where(bought, last_purchase_idx, -1)[user_sorted]  # events after the latest purchase count
+    a_of = a[user_sorted]
+    candidate = (idx > after) & (category > 0) & (category != a_of) & (a_of > 0)
+    first = np.full(len(rows), len(idx), dtype=np.int64)
+    np.minimum.at(first, user_sorted[candidate], idx[candidate])
+    found = np.where(first < len(idx), category[np.minimum(first, len(idx) - 1)], 0)
+    columns["purchase_category"][rows] = a
+    columns["follow_category"][rows] = np.where(bought | (old_follow == 0), found, old_follow)
 
 
 def _last_where(mask: np.ndarray, user_sorted: np.ndarray, idx: np.ndarray, n_users: int) -> np.ndarray:
@@ -234,7 +262,9 @@ def slot_features(columns: dict[str, np.ndarray], last_ts: np.ndarray, rows: np.
     count = mass[:, :, -1]
     share = count / np.maximum(count.sum(axis=1, keepdims=True), 1.0)
     is_last = (bucket == columns["last_category"][rows][:, None]) & (bucket > 0)
-    feats = np.stack([*(np.log1p(d) for d in decayed), np.log1p(count), share, is_last], axis=2)
+    follow = np.zeros_like(share)  # filled by stream/follow.py, which knows the shop's follow-ups
+    feats = np.stack([*(np.log1p(d) for d in decayed), np.log1p(count), share, is_last, follow, follow, follow],
+                     axis=2)
     return bucket, feats.astype(np.float32)
 
 

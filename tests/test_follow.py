@@ -1,0 +1,94 @@
+"""What follows a purchase (stream/follow.py): counted exactly over the users in state, whatever the
+batches, erasures and restores, and read by top_categories in a shop no model was trained in."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import torch
+
+from models.checkpoint_io import untrained
+from models.profile_model import ModelConfig
+from models.update_step import ProfileUpdater
+from stream.follow import FollowCounts
+from stream.generator import ShopParams, generate
+from stream.statistics import SLOT_FEATURES
+from tests.helpers import record_batch
+
+CPU = torch.device("cpu")
+T0 = 1_700_000_000_000
+HOUR = 3_600_000
+
+
+def replay(events: list[dict], sizes: list[int], loaded=None) -> ProfileUpdater:
+    updater = ProfileUpdater(loaded or untrained(), CPU, max_event_bytes=65536, emit_embedding=False)
+    a, i = 0, 0
+    while a < len(events):
+        b = a + sizes[i % len(sizes)]
+        updater.process(record_batch(events[a:b], topic="t", first_offset=a, keys=None))
+        a, i = b, i + 1
+    return updater
+
+
+def rebuilt(updater: ProfileUpdater) -> dict:
+    fresh = FollowCounts()
+    fresh.rebuild(updater.state.columns, len(updater.state))
+    return fresh.counts
+
+
+def test_follow_counts_stay_the_sum_over_the_users_in_state():
+    events = generate(users=120, events=6000, seed=3, shop=ShopParams.draw(2)).events
+    one = replay(events, [10_000])
+    many = replay(events, [97, 431, 1])
+    assert one.state.follow.counts == rebuilt(one)
+    assert sum(sum(f.values()) for f in one.state.follow.counts.values()) > 30  # follow-ups were found
+    assert many.state.follow.counts == one.state.follow.counts  # whatever the batches
+    gone = one.state.user_ids[::3]
+    one.state.forget(gone)
+    assert one.state.follow.counts == rebuilt(one)
+    restored = ProfileUpdater(untrained(), CPU, max_event_bytes=65536, emit_embedding=False)
+    restored.state.restore(one.state.snapshot())
+    assert restored.state.follow.counts == one.state.follow.counts
+
+
+def purchase_then(user: str, bought: str, then: str | None, t: int) -> list[dict]:
+    """A user who clicks and buys in `bought`, then (after a day) browses `then`."""
+    out = [{"user_id": user, "type": "click", "ts": t, "item_id": "i1", "category": bought, "price": 5.0},
+           {"user_id": user, "type": "purchase", "ts": t + 60_000, "item_id": "i1", "category": bought,
+            "price": 5.0}]
+    if then:
+        out.append({"user_id": user, "type": "click", "ts": t + 24 * HOUR, "item_id": "i2", "category": then,
+                    "price": 5.0})
+    return out
+
+
+def test_a_user_who_just_bought_gets_the_shops_follow_up_among_top_categories():
+    """In this log, buying a tent is followed by sleeping bags (8 users of 10); a user who has just
+    bought a tent and done nothing since gets sleeping bags, a category of the shop's follow-ups that
+    the user has never engaged with, as the top category once the heads weigh the pending follow-up."""
+    events = []
+    for i in range(10):
+        events += purchase_then(f"u{i}", "tents", "sleeping bags" if i < 8 else "stoves", T0 + i * HOUR)
+    events += purchase_then("new", "tents", None, T0 + 40 * HOUR)
+    events = [{"event_id": f"e{n}", **e} for n, e in enumerate(events)]
+    loaded = untrained(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                   query_buckets=64))
+    with torch.no_grad():
+        loaded.model.fields.repeat_score.weight[0, SLOT_FEATURES.index("follow_pending")] = 10.0
+    updater = replay(events, [7])
+    assert updater.state.follow.counts  # learned from the log
+    rows = np.array([updater.state.row("new")])
+    keys, feats = updater.slots(rows, T0 + 41 * HOUR)
+    names = updater.state.category_names
+    assert names[int(keys[0, -1])] == "sleeping bags"  # the extra slot: the purchase's usual follow-up
+    assert feats[0, -1, SLOT_FEATURES.index("follow_share")] == 0.8
+    assert feats[0, -1, SLOT_FEATURES.index("follow_pending")] == 0.8
+    updater = replay(events, [7], loaded)
+    profile = orjson.loads(updater.profiles_for(np.array([updater.state.row("new")]))[0][1])
+    assert profile["top_categories"][0]["category"] == "sleeping bags"
+    # Once the user has gone on to another category, the follow-up is no longer pending.
+    updater.process(record_batch([{"event_id": "x", "user_id": "new", "type": "click", "ts": T0 + 42 * HOUR,
+                                   "item_id": "i3", "category": "stoves", "price": 5.0}],
+                                 topic="t", first_offset=1000, keys=None))
+    keys, feats = updater.slots(np.array([updater.state.row("new")]), T0 + 43 * HOUR)
+    assert feats[0, :, SLOT_FEATURES.index("follow_pending")].max() == 0.0
