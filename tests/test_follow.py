@@ -51,6 +51,28 @@ def test_follow_counts_stay_the_sum_over_the_users_in_state():
     assert restored.state.follow.counts == one.state.follow.counts
 
 
+def test_a_user_who_starts_afresh_after_the_ttl_takes_their_follow_up_with_them():
+    """A user whose next event comes after --state-ttl restarts in its row (stream/expiry.py): its old
+    purchase and follow-up leave the counts, in the same batch as anywhere else."""
+    day = 24 * HOUR
+    events = purchase_then("u", "tents", "sleeping bags", T0) + purchase_then("v", "tents", "stoves", T0)
+    events += [{"user_id": "u", "type": "click", "ts": T0 + 30 * day, "item_id": "i9", "category": "books",
+                "price": 5.0}]
+    events = [{"event_id": f"e{n}", **e} for n, e in enumerate(events)]
+    for sizes in ([100], [1]):
+        updater = ProfileUpdater(untrained(), CPU, max_event_bytes=65536, emit_embedding=False,
+                                 state_ttl_ms=10 * day)
+        a = 0
+        for size in sizes * len(events):
+            if a >= len(events):
+                break
+            updater.process(record_batch(events[a:a + size], topic="t", first_offset=a, keys=None))
+            a += size
+        assert updater.state.follow.counts == rebuilt(updater)
+        assert list(updater.state.follow.counts.values()) == [{int(updater.state.columns["follow_category"][
+            updater.state.row("v")]): 1}]  # only v's tent -> stoves is left
+
+
 def purchase_then(user: str, bought: str, then: str | None, t: int) -> list[dict]:
     """A user who clicks and buys in `bought`, then (after a day) browses `then`."""
     out = [{"user_id": user, "type": "click", "ts": t, "item_id": "i1", "category": bought, "price": 5.0},
