@@ -62,8 +62,9 @@ USER_FEATURES = (
 # The per-slot features of the repeat distribution, in this order.
 SLOT_FEATURES = ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "share", "is_last",
                  # P(this category | the category of the user's latest purchase) among this shop's users'
-                 # follow-ups (stream/follow.py); the same faded by the time since that purchase; the same
-                 # while the user has not gone on to another category since it (the follow-up still to come).
+                 # follow-ups (stream/follow.py); the same faded by the time since that purchase; and, while the
+                 # user has not gone on to another category since it (the follow-up still to come), the share
+                 # relative to the purchase's most frequent follow-up (1 for that one).
                  "follow_share", "follow_fresh", "follow_pending")
 BASE_SLOT_FEATURES = 6  # the slot's own statistics; the follow-up features come after them
 

@@ -104,7 +104,7 @@ def test_a_user_who_just_bought_gets_the_shops_follow_up_among_top_categories():
     names = updater.state.category_names
     assert names[int(keys[0, -1])] == "sleeping bags"  # the extra slot: the purchase's usual follow-up
     assert feats[0, -1, SLOT_FEATURES.index("follow_share")] == 0.8
-    assert feats[0, -1, SLOT_FEATURES.index("follow_pending")] == 0.8
+    assert feats[0, -1, SLOT_FEATURES.index("follow_pending")] == 1.0  # relative to the top follow-up: it
     updater = replay(events, [7], loaded)
     profile = orjson.loads(updater.profiles_for(np.array([updater.state.row("new")]))[0][1])
     assert profile["top_categories"][0]["category"] == "sleeping bags"
