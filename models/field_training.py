@@ -135,9 +135,9 @@ class FutureIndex:
         first = np.zeros(len(users), dtype=np.int64)
         np.cumsum(n[:-1], out=first[1:])
         idx = np.repeat(lo, n) + np.arange(int(n.sum())) - np.repeat(first, n)
-        bucket = self.category[idx]
-        has = bucket > 0
-        pairs = np.stack([example[has], bucket[has]], axis=1)
+        category = self.category[idx]
+        has = category > 0
+        pairs = np.stack([example[has], category[has]], axis=1)
         if not len(pairs):
             return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
         uniq, count = np.unique(pairs, axis=0, return_counts=True)
@@ -183,7 +183,8 @@ def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.
 def examples_at(updater, model: ProfileModel, future: FutureIndex, cut: int, end_ts: int, k: int) -> CutExamples:
     state, device = updater.state, updater.device
     rows = np.arange(len(state))
-    inputs = updater.field_inputs(rows, cut)
+    slots = updater.slots(rows, cut)  # (n, K + 1) keys, the follow-up's last; their features
+    inputs = updater.field_inputs(rows, cut, slots)
     s = state.states[torch.from_numpy(rows).to(device)].float()  # (a copy: indexing by rows gathers)
     seen = state.seen_categories()  # keys
     seen_buckets = updater.seen_category_buckets()  # the columns the category heads score
@@ -191,31 +192,31 @@ def examples_at(updater, model: ProfileModel, future: FutureIndex, cut: int, end
     users = future.user_index(state.user_ids)
 
     window = min(CATEGORY_HORIZON_HOURS, max((end_ts - cut) / HOUR_MS, 0.0))
-    ex, bucket, count = future.categories_within(users, cut, cut + int(window * HOUR_MS))
+    ex, key, count = future.categories_within(users, cut, cut + int(window * HOUR_MS))
     # Keep each example's most engaged MAX_TARGETS categories that the state can name.
-    col = torch.searchsorted(seen, torch.from_numpy(bucket).to(device)).clamp(max=max(len(seen) - 1, 0)).cpu().numpy()
-    named = seen.cpu().numpy()[col] == bucket if len(seen) else np.zeros(len(bucket), bool)
-    ex, bucket, count, col = ex[named], bucket[named], count[named], col[named]
+    col = torch.searchsorted(seen, torch.from_numpy(key).to(device)).clamp(max=max(len(seen) - 1, 0)).cpu().numpy()
+    named = seen.cpu().numpy()[col] == key if len(seen) else np.zeros(len(key), bool)
+    ex, key, count, col = ex[named], key[named], count[named], col[named]
     order = np.lexsort((-count, ex))
-    ex, bucket, count, col = ex[order], bucket[order], count[order], col[order]
+    ex, key, count, col = ex[order], key[order], count[order], col[order]
     starts = np.searchsorted(ex, np.arange(len(rows)))
     j = np.arange(len(ex)) - starts[ex]
     keep = j < MAX_TARGETS
-    ex, bucket, count, col, j = ex[keep], bucket[keep], count[keep], col[keep], j[keep]
+    ex, key, count, col, j = ex[keep], key[keep], count[keep], col[keep], j[keep]
     totals = np.bincount(ex, weights=count, minlength=len(rows))
 
     n = len(rows)
     target_col = np.zeros((n, MAX_TARGETS), dtype=np.int64)
     target_weight = np.zeros((n, MAX_TARGETS), dtype=np.float32)
-    target_bucket = np.zeros((n, MAX_TARGETS), dtype=np.int64)
+    target_key = np.zeros((n, MAX_TARGETS), dtype=np.int64)
     target_col[ex, j] = col
-    target_bucket[ex, j] = bucket
+    target_key[ex, j] = key
     # Half the engagement share, half an equal share per distinct category: the field is judged both on
     # the user's top future category and on the set of categories it names.
     distinct = np.bincount(ex, minlength=len(rows))
     target_weight[ex, j] = 0.5 * count / np.maximum(totals[ex], 1) + 0.5 / np.maximum(distinct[ex], 1)
-    slot_buckets = updater.slots(rows, cut)[0].astype(np.int64)  # (n, K + 1) keys, the follow-up's last
-    match = (target_bucket[:, :, None] == slot_buckets[:, None, :]) & (slot_buckets[:, None, :] > 0)
+    slot_keys = slots[0].astype(np.int64)
+    match = (target_key[:, :, None] == slot_keys[:, None, :]) & (slot_keys[:, None, :] > 0)
     target_slot = np.where(match.any(axis=2), match.argmax(axis=2), -1)
 
     explore_slots = torch.full(inputs.slot_cols.shape, float("-inf"), device=device)

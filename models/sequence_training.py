@@ -330,7 +330,8 @@ def fit(model: ProfileModel, p: Prepared, pieces: Chunks, split_ts: int, epochs:
     (history, best epoch, best validation loss, best state dict). Without: all epochs, best = last.
     """
     rng = np.random.default_rng(cfg.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # one kernel for all parameters: 5x less step time on CPU than the per-tensor loop
+    # Fused: one kernel for all parameters (on CPU a fifth of the per-tensor loop's step time).
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     best = (math.inf, epochs if validation is None else -1, None)
     history: list[dict] = []
     n_users = int(pieces.user.max()) + 1 if len(pieces) else 0

@@ -327,13 +327,15 @@ class ProfileUpdater:
         pending = state.columns["follow_category"][rows] == 0
         return state.follow.with_follow_ups(keys, feats, purchase, since, pending)
 
-    def field_inputs(self, rows: np.ndarray, now_ms: int) -> FieldInputs:
+    def field_inputs(self, rows: np.ndarray, now_ms: int,
+                     slots: tuple[np.ndarray, np.ndarray] | None = None) -> FieldInputs:
         """The statistics the field heads read for these rows at the clock now_ms; slots as columns of
-        state.seen_categories(). Serving and the field heads' training both read them here."""
+        state.seen_categories(). Serving and the field heads' training both read them here. slots: what
+        self.slots(rows, now_ms) returns, where the caller has it already."""
         state = self.state
         seen = state.seen_categories()
         user = statistics.user_features(state.columns, state.counts, state.last_ts, rows, now_ms)
-        keys, slot = self.slots(rows, now_ms)
+        keys, slot = self.slots(rows, now_ms) if slots is None else slots
         b = torch.from_numpy(keys).to(self.device)
         cols = torch.searchsorted(seen, b).clamp(max=max(len(seen) - 1, 0))
         valid = (b > 0) & (seen[cols] == b) if len(seen) else torch.zeros_like(b, dtype=torch.bool)

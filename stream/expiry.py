@@ -22,9 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from stream.follow import FollowCounts
 from stream.state import StateTable
 
 TICKS_PER_TTL = 100  # scan the table when a partition's event time moved TTL / 100 since the last scan
@@ -133,8 +131,4 @@ class StateExpiry:
 
     def reset(self, rows: np.ndarray) -> None:
         """These users start afresh in their rows: zero state, counters and bookkeeping as a new user's."""
-        state = self.state
-        state.follow.change(FollowCounts.pairs(state.columns, rows), -1)  # their part of the follow-ups goes too
-        state.states[torch.from_numpy(rows).to(state.device)] = 0
-        for name, (_dtype, _shape, initial) in state.spec.items():
-            state.columns[name][rows] = initial
+        self.state.reset_rows(rows)

@@ -100,18 +100,20 @@ class FollowCounts:
         share = np.where(pair_keys[at] == query, shares[at], 0.0)
         feats[:, :k, FOLLOW_SHARE] = share
         feats[:, :k, FOLLOW_FRESH] = share * fresh
-        which = np.searchsorted(np.asarray(distinct), purchase).clip(max=len(distinct) - 1)
-        has = (purchase > 0) & (np.asarray(distinct)[which] == purchase)
+        distinct = np.asarray(distinct)
+        which = np.searchsorted(distinct, purchase).clip(max=len(distinct) - 1)
+        has = (purchase > 0) & (distinct[which] == purchase)
+        best, best_share = best[which], best_share[which]  # per user from here on
         # Pending, relative to the purchase's most frequent follow-up (1 for it): a shop whose purchases are
         # followed up less often has smaller shares, not a weaker ranking among them.
-        top_share = np.where(has, best_share[which], 1.0)
+        top_share = np.where(has, best_share, 1.0)
         feats[:, :k, FOLLOW_PENDING] = share / top_share[:, None] * pending[:, None]
-        candidate = np.where(has, best[which], 0)
+        candidate = np.where(has, best, 0)
         held = (keys[:, :k] == candidate[:, None]).any(axis=1)
         extra = has & ~held & (candidate > 0)
         keys[extra, k] = candidate[extra]
-        feats[extra, k, FOLLOW_SHARE] = best_share[which][extra]
-        feats[extra, k, FOLLOW_FRESH] = best_share[which][extra] * fresh[extra, 0]
+        feats[extra, k, FOLLOW_SHARE] = best_share[extra]
+        feats[extra, k, FOLLOW_FRESH] = best_share[extra] * fresh[extra, 0]
         feats[extra, k, FOLLOW_PENDING] = pending[extra]
         return keys, feats
 

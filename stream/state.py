@@ -137,6 +137,14 @@ class StateTable:
                 self._copy_from_base(new_users, np.arange(first, first + len(new_users)))
         return rows
 
+    def reset_rows(self, rows: np.ndarray) -> None:
+        """These users start afresh in their rows (a return after --state-ttl): zero state, counters and
+        bookkeeping as a new user's; their part of the follow-up counts goes with them."""
+        self.follow.change(FollowCounts.pairs(self.columns, rows), -1)
+        self.states[torch.from_numpy(rows).to(self.device)] = 0
+        for name, (_, _, initial) in self.spec.items():
+            self.columns[name][rows] = initial
+
     def _initialise(self, start: int, stop: int) -> None:
         """Rows start..stop-1, new to users: zero states and each column's initial value (see _room)."""
         (self.states.numpy() if self.device.type == "cpu" else self.states)[start:stop] = 0
