@@ -23,7 +23,8 @@ import torch
 if TYPE_CHECKING:
     from stream.state import StateTable
 
-CHANGELOG_FORMAT = 3  # 2: with the behaviour statistics; 3: categories by key (models.features.category_keys)
+CHANGELOG_FORMAT = 4  # 2: with the behaviour statistics; 3: categories by key (models.features.category_keys);
+# 4: category visit counts
 META_KEY = b"\x00meta"  # changelog key of the per-partition metadata record (model version, category names)
 
 LOAD_CHUNK = 1024  # records copied into the table's columns at a time (~600 KiB: within a core's cache)

@@ -38,7 +38,7 @@ from stream.statistics import STAT_COLUMNS, unheld_keys
 from stream.snapshot_files import read_snapshot, write_snapshot  # noqa: F401 (where callers import them from)
 from stream.user_index import UserIndex, distinct, hashes_of, objects
 
-SNAPSHOT_FORMAT = 2  # 2: category slots and names by category key (1: by the model's bucket)
+SNAPSHOT_FORMAT = 3  # 2: category slots and names by category key (1: by the model's bucket); 3: visit counts
 # How the model state may be stored (--state-dtype): its torch dtype by name.
 STATE_DTYPE_NAMES = {name: getattr(torch, name) for name in STATE_DTYPES}
 
@@ -365,8 +365,8 @@ class StateTable:
 
 
 def _snapshot_format_error(snap: dict) -> str:
-    return (f"state snapshot format {snap.get('format')!r} is not {SNAPSHOT_FORMAT} (format 1, before this release, "
-            "kept categories by the model's bucket): rebuild it with profiles replay ... --state-out")
+    return (f"state snapshot format {snap.get('format')!r} is not {SNAPSHOT_FORMAT} (an earlier release's, which "
+            "kept other per-user statistics): rebuild it with profiles replay ... --state-out")
 
 
 class SnapshotBase:

@@ -24,11 +24,14 @@ import numpy as np
 
 from stream.events import ADD_TO_CART, PURCHASE
 
-CATEGORY_SLOTS = 6  # 6 x (id + 3 masses + count): 120 bytes; the whole model state stays under 512 bytes
+CATEGORY_SLOTS = 6  # 6 x (4-byte id + 3 float32 masses + 2 uint16 counts): 120 bytes; the whole model state stays under 512 bytes
 HOUR_MS = 3_600_000.0
 DAY_MS = 24 * HOUR_MS
 # Time scales of the decayed masses.
-SLOT_TAUS_MS = (HOUR_MS, DAY_MS, 30 * DAY_MS)  # per category slot (the session, the day, the month), plus a count
+SLOT_TAUS_MS = (HOUR_MS, DAY_MS, 30 * DAY_MS)  # per category slot (the session, the day, the month), plus two counts
+# A slot's statistics side by side (_slot_stats): its masses, then its counts.
+MASS_30D, COUNT, VISITS = len(SLOT_TAUS_MS) - 1, len(SLOT_TAUS_MS), len(SLOT_TAUS_MS) + 1
+COUNT_MAX = np.iinfo(np.uint16).max  # a category's counts stop at 65,535 (log 11.1: the rankings do not move)
 ACTIVITY_TAUS_MS = (DAY_MS, 7 * DAY_MS, 30 * DAY_MS)  # events
 PURCHASE_TAUS_MS = (7 * DAY_MS, 30 * DAY_MS)  # purchases
 SESSION_GAP_MS = 30 * 60_000  # a new session starts after this long without events
@@ -37,7 +40,9 @@ GAP_RATES = (0.5, 0.1)  # exponential averages of log inter-session gaps: the re
 # Host columns of the state: name -> (dtype, trailing shape, initial value). See state.COLUMNS.
 STAT_COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
     "cat_key": (np.uint32, (CATEGORY_SLOTS,), 0),  # category key of each slot (models.features); 0 = empty
-    "cat_mass": (np.float32, (CATEGORY_SLOTS, len(SLOT_TAUS_MS) + 1), 0.0),  # decayed masses, then count
+    "cat_mass": (np.float32, (CATEGORY_SLOTS, len(SLOT_TAUS_MS)), 0.0),  # decayed masses
+    # All-time events and visits (_visit_starts) of each slot's category, saturating at COUNT_MAX.
+    "cat_count": (np.uint16, (CATEGORY_SLOTS, 2), 0),
     "last_category": (np.uint32, (), 0),  # key of the latest event's category that had one
     "last_purchase_ts": (np.int64, (), -1),
     "last_cart_ts": (np.int64, (), -1),
@@ -65,7 +70,10 @@ SLOT_FEATURES = ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "sha
                  # follow-ups (stream/follow.py); the same faded by the time since that purchase; and, while the
                  # user has not gone on to another category since it (the follow-up still to come), the share
                  # relative to the purchase's most frequent follow-up (1 for that one).
-                 "follow_share", "follow_fresh", "follow_pending")
+                 "follow_share", "follow_fresh", "follow_pending",
+                 # Visits: how many times the user came to the category (a run of its events, see
+                 # _update_slots), and their share. One long browse counts once: a preference, not a session's length.
+                 "log_visits", "visit_share")
 BASE_SLOT_FEATURES = 6  # the slot's own statistics; the follow-up features come after them
 
 
@@ -117,6 +125,7 @@ def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.nda
     _update_follow(columns, rows, user_sorted, category, purchase, idx, last_purchase_idx)
 
     has_category = category > 0
+    visit = _visit_starts(columns["last_category"][rows], user_sorted, category, has_category, gap_ms, first_ever)
     last_cat_idx = _last_where(has_category, user_sorted, idx, n_users)
     seen = last_cat_idx >= 0
     columns["last_category"][rows[seen]] = category[last_cat_idx[seen]]
@@ -140,7 +149,23 @@ def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.nda
             averages[:, j] = averages[:, j] * (1 - rate) ** n_gaps + add
         columns["session_gap"][rows] = averages
 
-    _update_slots(columns, rows, user_sorted, category, age, since)
+    _update_slots(columns, rows, user_sorted, category, visit, age, since)
+
+
+def _visit_starts(old_last: np.ndarray, user_sorted: np.ndarray, category: np.ndarray, has: np.ndarray,
+                  gap_ms: np.ndarray, first_ever: np.ndarray) -> np.ndarray:
+    """(N,) whether each categorised event opens a visit to its category: the user's previous categorised
+    event (in this batch, else old_last (U,), the stored latest category) was of another category, or a new
+    session opens with it. The same whatever the batches, as old_last carries the previous one across."""
+    at = np.flatnonzero(has)
+    user, cat = user_sorted[at], category[at]
+    prev = np.empty_like(cat)
+    prev[1:] = cat[:-1]
+    first_of_user = np.r_[True, user[1:] != user[:-1]] if len(at) else np.zeros(0, dtype=bool)
+    prev[first_of_user] = old_last[user[first_of_user]]
+    visit = np.zeros(len(category), dtype=bool)
+    visit[at] = (cat != prev) | (gap_ms[at] > SESSION_GAP_MS) | first_ever[at]
+    return visit
 
 
 def _update_follow(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray, category: np.ndarray,
@@ -168,21 +193,23 @@ def _last_where(mask: np.ndarray, user_sorted: np.ndarray, idx: np.ndarray, n_us
 
 
 def _update_slots(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray,
-                  category: np.ndarray, age: np.ndarray, since: np.ndarray) -> None:
-    """Merge each user's new categorised events into their K slots; keep the K with most 30-day mass."""
+                  category: np.ndarray, visit: np.ndarray, age: np.ndarray, since: np.ndarray) -> None:
+    """Merge each user's new categorised events into their K slots; keep the K with most 30-day mass.
+    visit: (N,) the events that open a visit to their category (_visit_starts)."""
     has = category > 0
-    old_mass = columns["cat_mass"][rows].astype(np.float64)  # (U, K, T + 1)
+    old_mass = _slot_stats(columns, rows)  # (U, K, T + 2)
     for j, tau in enumerate(SLOT_TAUS_MS):
         old_mass[:, :, j] *= np.exp(-since / tau)[:, None]
     if not has.any():  # no new category: only the decay
-        columns["cat_mass"][rows] = old_mass
+        columns["cat_mass"][rows] = old_mass[:, :, :COUNT]
         return
     k, n_users = CATEGORY_SLOTS, len(rows)
     old_key = columns["cat_key"][rows]  # (U, K)
     filled = old_key > 0
     user = np.concatenate([np.nonzero(filled)[0], user_sorted[has]])
     key = np.concatenate([old_key[filled], category[has]]).astype(np.int64)
-    new_mass = np.stack([*(np.exp(-age[has] / tau) for tau in SLOT_TAUS_MS), np.ones(int(has.sum()))], axis=1)
+    new_mass = np.stack([*(np.exp(-age[has] / tau) for tau in SLOT_TAUS_MS), np.ones(int(has.sum())), visit[has]],
+                        axis=1)
     mass = np.concatenate([old_mass[filled], new_mass])
     # Sum the masses of each (user, category).
     order = np.lexsort((key, user))
@@ -190,7 +217,7 @@ def _update_slots(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted:
     group = np.flatnonzero(np.r_[True, (user[1:] != user[:-1]) | (key[1:] != key[:-1])])
     user, key, mass = user[group], key[group], np.add.reduceat(mass, group, axis=0)
     # Per user: most 30-day mass first (then count, then key), keep the first K.
-    order = np.lexsort((key, -mass[:, -1], -mass[:, -2], user))
+    order = np.lexsort((key, -mass[:, COUNT], -mass[:, MASS_30D], user))
     user, key, mass = user[order], key[order], mass[order]
     first = np.searchsorted(user, np.arange(n_users))
     slot = np.arange(len(user)) - first[user]
@@ -200,7 +227,13 @@ def _update_slots(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted:
     out_key[user[keep], slot[keep]] = key[keep]
     out_mass[user[keep], slot[keep]] = mass[keep]
     columns["cat_key"][rows] = out_key
-    columns["cat_mass"][rows] = out_mass
+    columns["cat_mass"][rows] = out_mass[:, :, :COUNT]
+    columns["cat_count"][rows] = np.minimum(out_mass[:, :, COUNT:], COUNT_MAX)
+
+
+def _slot_stats(columns: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """(U, K, T + 2) float64: each slot's decayed masses, then its event and visit counts."""
+    return np.concatenate([columns["cat_mass"][rows], columns["cat_count"][rows]], axis=2, dtype=np.float64)
 
 
 def unheld_keys(keys: np.ndarray, holders: list[tuple[dict[str, np.ndarray], np.ndarray | slice]]) -> np.ndarray:
@@ -256,16 +289,17 @@ def slot_features(columns: dict[str, np.ndarray], last_ts: np.ndarray, rows: np.
     """(U, K) category keys of the users' slots (0: empty) and (U, K, len(SLOT_FEATURES)) their
     features read at now_ms: the repeat side of top_categories."""
     bucket = columns["cat_key"][rows].astype(np.int64)
-    mass = columns["cat_mass"][rows].astype(np.float64)
+    mass = _slot_stats(columns, rows)
     last = last_ts[rows].astype(np.float64)
     elapsed = np.maximum(np.asarray(now_ms, dtype=np.float64) - last, 0.0)[:, None]
     decayed = [mass[:, :, j] * np.exp(-elapsed / tau) for j, tau in enumerate(SLOT_TAUS_MS)]
-    count = mass[:, :, -1]
+    count, visits = mass[:, :, COUNT], mass[:, :, VISITS]
     share = count / np.maximum(count.sum(axis=1, keepdims=True), 1.0)
+    visit_share = visits / np.maximum(visits.sum(axis=1, keepdims=True), 1.0)
     is_last = (bucket == columns["last_category"][rows][:, None]) & (bucket > 0)
     follow = np.zeros_like(share)  # filled by stream/follow.py, which knows the shop's follow-ups
-    feats = np.stack([*(np.log1p(d) for d in decayed), np.log1p(count), share, is_last, follow, follow, follow],
-                     axis=2)
+    feats = np.stack([*(np.log1p(d) for d in decayed), np.log1p(count), share, is_last, follow, follow, follow,
+                      np.log1p(visits), visit_share], axis=2)
     return bucket, feats.astype(np.float32)
 
 

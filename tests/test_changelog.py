@@ -124,14 +124,18 @@ def test_a_restore_refuses_the_state_of_another_model(kafka, unique, topics):
     assert len([r for r in read_topic(kafka, unique("state")) if r.key == META_KEY]) == PARTITIONS
 
 
-def test_a_restore_refuses_a_changelog_of_the_format_before_category_keys(kafka, unique, topics):
-    """Before format 3 the meta record named categories by the model's bucket: loading those names as keys
-    would list categories nobody holds, so the restore stops and says what to do."""
+@pytest.mark.parametrize("old_format", [2, 3])
+def test_a_restore_refuses_a_changelog_of_an_earlier_format(kafka, unique, topics, old_format):
+    """Before format 3 the meta record named categories by the model's bucket (loading those names as keys
+    would list categories nobody holds); format 3's records have no visit counts. The restore stops and
+    says what to do."""
     changelog = make(kafka, unique)
-    old_meta = orjson.dumps({"model_version": "m1", "category_names": {"3": "shoes"}})  # no "format": 2
-    changelog.publisher.produce_to_partitions(unique("state"), [META_KEY], [old_meta], [0])
+    old_meta = {"model_version": "m1", "category_names": {"3": "shoes"}}
+    if old_format > 2:  # format 2 wrote no "format"
+        old_meta["format"] = old_format
+    changelog.publisher.produce_to_partitions(unique("state"), [META_KEY], [orjson.dumps(old_meta)], [0])
     changelog.publisher.flush()
-    with pytest.raises(StreamError, match="changelog format 2.*--group-id"):
+    with pytest.raises(StreamError, match=f"changelog format {old_format}.*--group-id"):
         make(kafka, unique).restore([0, 1, 2])
 
 

@@ -20,7 +20,8 @@ from models.profile_model import ModelConfig, ProfileModel
 from models.field_heads import FieldInputs, piecewise_linear
 from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from stream.generator import ShopParams, generate, write_jsonl
-from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES, USER_FEATURES
+from stream import statistics
+from stream.statistics import CATEGORY_SLOTS, COUNT_MAX, SLOT_FEATURES, USER_FEATURES
 from tests.helpers import record_batch
 
 CPU = torch.device("cpu")
@@ -40,23 +41,35 @@ def test_statistics_do_not_depend_on_batching():
     events = generate(users=150, events=4000, seed=5).events
     one, many = run(events, 10_000).state, run(events, 97).state
     order = [many.row(u) for u in one.user_ids]
-    from stream.statistics import STAT_COLUMNS
-    for name in set(STAT_COLUMNS) - {"cat_key", "cat_mass"}:
+    from stream.statistics import COUNT, SESSION_GAP_MS, STAT_COLUMNS, VISITS
+    for name in set(STAT_COLUMNS) - {"cat_key", "cat_mass", "cat_count"}:
         a, b = one.columns[name][:len(one)], many.columns[name][order]
         if np.issubdtype(a.dtype, np.floating):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
         else:
             np.testing.assert_array_equal(a, b, err_msg=name)
     per_user: dict[str, list[str]] = {}
-    for e in events:
+    visits: dict[str, dict[str, int]] = {}  # a visit: a run of a category's events, or one that opens a session
+    previous: dict[str, tuple[str, int]] = {}  # user -> (latest categorised event's category, latest event's time)
+    for e in sorted(events, key=lambda e: (str(e["user_id"]), e["ts"])):
+        user = str(e["user_id"])
+        last_key, last_ts = previous.get(user, ("", None))
         if e.get("category"):
-            per_user.setdefault(str(e["user_id"]), []).append(e["category"])
+            per_user.setdefault(user, []).append(e["category"])
+            key = e["category"]
+            if key != last_key or last_ts is None or e["ts"] - last_ts > SESSION_GAP_MS:
+                visits.setdefault(user, {}).setdefault(key, 0)
+                visits[user][key] += 1
+            last_key = key
+        previous[user] = (last_key, e["ts"])
     exact = [u for u, c in per_user.items() if len(set(c)) <= CATEGORY_SLOTS]
     assert len(exact) > 60
+    assert sum(sum(v.values()) for v in visits.values()) < sum(map(len, per_user.values())) * 0.9  # runs, not events
 
     def slots(state, user: str) -> dict[int, np.ndarray]:
         row = state.row(user)
-        return {b: m for b, m in zip(state.columns["cat_key"][row].tolist(), state.columns["cat_mass"][row]) if b}
+        stats = np.concatenate([state.columns["cat_mass"][row], state.columns["cat_count"][row]], axis=1)
+        return {b: m for b, m in zip(state.columns["cat_key"][row].tolist(), stats) if b}
 
     for user in exact:
         a, b = slots(one, user), slots(many, user)
@@ -64,7 +77,26 @@ def test_statistics_do_not_depend_on_batching():
         for bucket in a:
             np.testing.assert_allclose(a[bucket], b[bucket], rtol=1e-4, atol=1e-5)
         # ...and they are the counts they claim: the slots' counts add up to the user's categorised events.
-        assert sum(m[-1] for m in a.values()) == pytest.approx(len(per_user[user]))
+        assert sum(m[COUNT] for m in a.values()) == pytest.approx(len(per_user[user]))
+        assert {one.category_names[k]: m[VISITS] for k, m in a.items()} == pytest.approx(visits[user])
+
+
+def test_category_counts_stop_at_their_maximum_instead_of_wrapping():
+    """A category's counts are uint16: a user past 65,535 events (a crawler) keeps the maximum, and its
+    category stays the user's top slot."""
+    t0 = 1_700_000_000_000
+    n = COUNT_MAX + 5_000
+    events = [{"event_id": f"e{i}", "user_id": "bot", "type": "click", "ts": t0 + i * 3_600_000, "item_id": "i",
+               "category": "c"} for i in range(n)]  # an hour apart: every event is a visit
+    events.append({"event_id": "other", "user_id": "bot", "type": "click", "ts": t0 + n * 3_600_000,
+                   "item_id": "j", "category": "d"})
+    state = run(events, 40_000).state
+    row = state.row("bot")
+    slots = [(state.category_names[k], counts) for k, counts in
+             zip(state.columns["cat_key"][row].tolist(), state.columns["cat_count"][row].tolist()) if k]
+    assert slots == [("c", [COUNT_MAX, COUNT_MAX]), ("d", [1, 1])]
+    _, feats = statistics.slot_features(state.columns, state.last_ts, np.array([row]), state.max_event_ts)
+    assert feats[0, 0, SLOT_FEATURES.index("log_visits")] == pytest.approx(np.log1p(COUNT_MAX))
 
 
 def test_carts_pending_and_last_purchase_follow_the_funnel():
