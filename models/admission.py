@@ -312,7 +312,7 @@ def event_id_hashes(event_ids: np.ndarray) -> np.ndarray:
     """64-bit hash of each event id: CRC-32 in the low half, Adler-32 in the high (two C calls; a false
     duplicate needs both to collide with one of the user's last few ids). Never 0: 0 marks an empty slot."""
     crc, adler = zlib.crc32, zlib.adler32
-    encoded = [e.encode("utf-8", "surrogatepass") for e in event_ids]
+    encoded = list(map(_utf8, event_ids))
     out = np.fromiter(map(crc, encoded), dtype=np.uint64, count=len(encoded))
     out |= np.fromiter(map(adler, encoded), dtype=np.uint64, count=len(encoded)) << np.uint64(32)
     out[out == 0] = 1

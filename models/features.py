@@ -56,10 +56,18 @@ CATEGORY_KEY_MAX = 0xFFFFFFFF
 
 
 def category_keys(values: np.ndarray | list, salt: int) -> np.ndarray:
-    """(N,) uint32 key of each category string (None: 0). Its bucket is buckets_of_keys(key), the same as
+    """(N,) uint32 key of each category string (None: 0). Its bucket is buckets_of_keys(key): the same as
     hash_buckets(value) but for the one crc32 value in 2**32 whose raw hash does not fit (it shares a key)."""
     raw = map_memoised(_memo_for("id", salt, 0), values, lambda v: _crc(v, salt))
     return np.minimum(np.fromiter(raw, dtype=np.uint64, count=len(raw)), CATEGORY_KEY_MAX).astype(np.uint32)
+
+
+def category_keys_and_buckets(values: np.ndarray | list, buckets: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, buckets) of each category string: its key (category_keys) and the model's bucket of that key.
+    Every path that feeds the model a category (training, serving, evaluation) buckets it this way, from
+    one hash per value."""
+    keys = category_keys(values, salt)
+    return keys, buckets_of_keys(keys, buckets)
 
 
 def buckets_of_keys(keys: np.ndarray, buckets: int) -> np.ndarray:
@@ -118,6 +126,8 @@ class EventFeatures:
     query_offsets: torch.Tensor  # (N,) long, where each event's words start
     dense: torch.Tensor  # (N, DENSE_FEATURES) float: log price, has price, log gap, first event
     item_vocab: torch.Tensor  # (N,) long, row of the item in the model's item vocabulary, -1 if absent
+    # (N,) uint32 category keys (category_keys; 0: none), on the host: the state's, where buckets may collide.
+    category_key: np.ndarray | None = None  # (training batches leave it out)
 
 
 DENSE_FEATURES = 4
@@ -155,15 +165,17 @@ def build_features(
     def long(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device, non_blocking=True)
 
+    keys, buckets = category_keys_and_buckets(category, category_buckets, hash_seed + 1)
     return EventFeatures(
         type_idx=long(type_idx),
         item=long(hash_buckets(item_id, item_buckets, hash_seed)),
-        category=long(hash_buckets(category, category_buckets, hash_seed + 1)),
+        category=long(buckets),
         price_bucket=long(price_bucket(price)),
         query_tokens=long(tokens),
         query_offsets=long(offsets),
         dense=torch.from_numpy(dense).to(device, non_blocking=True),
         item_vocab=long(vocab_rows(item_id, item_index)),
+        category_key=keys,
     )
 
 

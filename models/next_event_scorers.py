@@ -12,7 +12,7 @@ import torch
 
 from models.dataset import HOUR_MS, EventLog
 from models.next_event_evaluation import CHUNK_ELEMENTS, NextEventPredictions, Sequences, ranks_from_scores, targets
-from models.features import hash_buckets, vocab_rows
+from models.features import category_keys_and_buckets, vocab_rows
 from models.profile_model import ProfileModel
 from models.sequence_training import final_states, recent_categories, run_chunks
 from models.sequence_data import prepare
@@ -24,7 +24,8 @@ def sequences_from_log(log_: EventLog, item_index: dict[str, int], model: Profil
     ev, cfg = log_.events, model.config
     cut = log_.start[1:]
     items = vocab_rows(ev.item_id, item_index)
-    categories = hash_buckets(ev.category, cfg.category_buckets, cfg.hash_seed + 1) - 1  # bucket 0 (none) -> -1
+    _, buckets = category_keys_and_buckets(ev.category, cfg.category_buckets, cfg.hash_seed + 1)
+    categories = buckets - 1  # bucket 0 (none) -> -1
     return Sequences(items=np.split(items, cut), categories=np.split(categories, cut),
                      types=np.split(ev.type_idx, cut), ts=np.split(ev.ts, cut),
                      n_items=max(len(item_index), 1), n_categories=cfg.category_buckets - 1)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from models.dataset import EventLog
-from models.features import EventFeatures, hash_buckets, price_bucket, query_tokens, vocab_rows
+from models.features import EventFeatures, category_keys_and_buckets, hash_buckets, price_bucket, query_tokens, vocab_rows
 from models.profile_model import ModelConfig
 
 NO_TARGET = -1
@@ -106,7 +106,7 @@ def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: i
     tokens, offsets = query_tokens(ev.query, config.query_buckets, config.hash_seed + 2)
 
     item_idx = vocab_rows(ev.item_id, {item: i for i, item in enumerate(vocab)})
-    category_bucket = hash_buckets(ev.category, config.category_buckets, config.hash_seed + 1)
+    _, category_bucket = category_keys_and_buckets(ev.category, config.category_buckets, config.hash_seed + 1)
     nxt = log_.next_index()
     has_next = nxt >= 0
     nxt_safe = np.where(has_next, nxt, 0)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from models.admission import Admission, ToApply
-from models.features import build_features, buckets_of_keys, category_keys
+from models.features import build_features, buckets_of_keys
 from models.profile_model import idle_hours, price_tier_index
 from models.field_heads import FieldInputs
 from models.checkpoint_io import LoadedModel
@@ -264,7 +264,7 @@ class ProfileUpdater:
             # Events per user before this batch (the memory's age): the counters are updated below.
             state.states[rows_t] = self.model.advance(state.states[rows_t].float(), x, user_sorted, position, lengths,
                                                       state.counts[rows].sum(axis=1)).to(state.state_dtype)
-        keys = category_keys(category, cfg.hash_seed + 1)  # the categories exactly, where buckets may collide
+        keys = feats.category_key  # the categories exactly, where buckets may collide
         state.remember_categories(keys, category)
         # The exact statistics the field heads read (before last_ts moves: they decay from it).
         follow_before = FollowCounts.pairs(state.columns, rows)
