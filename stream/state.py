@@ -256,14 +256,26 @@ class StateTable:
         return loader.finish()
 
     def drop_rows(self, drop: np.ndarray) -> None:
-        """Remove the rows where `drop` (a boolean mask over the users) is true; the rest keep their order."""
+        """Remove the rows where `drop` (a boolean mask over the users) is true; the rest keep their order.
+
+        In place while the table stays at least half full: the kept rows after the first dropped one
+        move down a chunk at a time, into memory the table already has (a copy into new arrays spends
+        most of its time faulting in fresh pages). Below half full, into smaller arrays: memory goes back.
+        """
         n = len(self)
-        keep = np.flatnonzero(~drop[:n])
-        if len(keep) == n:
+        gone = np.flatnonzero(drop[:n])
+        if not len(gone):
             return
-        self.follow.change(FollowCounts.pairs(self.columns, np.flatnonzero(drop[:n])), -1)
-        self.user_ids = [self.user_ids[i] for i in keep.tolist()]
+        keep = np.flatnonzero(~drop[:n])
+        self.follow.change(FollowCounts.pairs(self.columns, gone), -1)
         self._index.keep(keep)
+        self.user_ids = self._index.names[: len(keep)].tolist()
+        if 2 * len(keep) >= self.capacity:
+            first = int(gone[0])  # rows before it stay where they are
+            states = self.states.numpy() if self.device.type == "cpu" else self.states
+            for table in (states, *self.columns.values()):
+                _move_down(table, keep[first:], first)
+            return
         cap = max(1024, len(keep))
         states = _room(cap, self.state_size, self.device, self.state_dtype)
         states[: len(keep)] = self.states[torch.from_numpy(keep).to(self.device)]
@@ -404,6 +416,19 @@ class SnapshotBase:
     def discard(self, users: Iterable[str]) -> set[str]:
         """Leave these users out from now on; returns those the base held."""
         return {user for user in users if self.index.pop(user, None) is not None}
+
+
+MOVE_CHUNK = 16_384  # rows moved at a time by drop_rows: a few MB of scratch, not a copy of the table
+
+
+def _move_down(table: np.ndarray | torch.Tensor, rows: np.ndarray, to: int) -> None:
+    """Move the rows `rows` (ascending, each at or after its destination) to to, to + 1, ...: chunk by chunk,
+    each chunk read (into scratch) before it is written, and written only over rows already moved or
+    dropped, since a row never moves up."""
+    index = rows if isinstance(table, np.ndarray) else torch.from_numpy(rows).to(table.device)
+    for at in range(0, len(rows), MOVE_CHUNK):
+        chunk = index[at:at + MOVE_CHUNK]
+        table[to + at:to + at + len(chunk)] = table[chunk]
 
 
 def _room(capacity: int, state_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

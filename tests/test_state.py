@@ -58,6 +58,29 @@ def test_forget_erases_users_and_the_others_keep_their_values():
     assert state.rows_for(["b"]).tolist() == [2] and state.counts[2].sum() == 0  # back, as a new user
 
 
+@pytest.mark.parametrize("dropped", [0.1, 0.8])  # the table stays half full (rows move in place), or not
+def test_dropping_rows_keeps_every_other_users_values_and_order(monkeypatch, dropped):
+    monkeypatch.setattr("stream.state.MOVE_CHUNK", 7)  # several chunks even in a small table
+    state = table(capacity=64, watermark_slots=2, dedupe_window=3)
+    users = [f"u{i}" for i in range(100)]
+    state.rows_for(users)
+    for i, user in enumerate(users):
+        mark(state, user, i + 1)
+    drop = np.random.default_rng(3).random(100) < dropped
+    drop[:2] = False  # the first rows stay where they are
+    capacity = state.capacity
+    state.drop_rows(drop)
+    kept = [u for u, d in zip(users, drop) if not d]
+    assert state.user_ids == kept and (state.capacity == capacity) == (dropped < 0.5)
+    for row, user in enumerate(kept):
+        value = int(user[1:]) + 1
+        assert state.row(user) == row and state.counts[row, 0] == value and state.states[row, 2] == float(value)
+    assert all(state.row(u) is None for u, d in zip(users, drop) if d)
+    back = state.rows_for(["u4", "new"])  # u4 was dropped (rng 3): both start afresh after the kept rows
+    assert drop[4] and back.tolist() == [len(kept), len(kept) + 1]
+    assert state.counts[back].sum() == 0 and state.states[back].abs().sum() == 0 and (state.partition[back] == -1).all()
+
+
 def hold(state: StateTable, user: str, slots: list[int], last: int = 0) -> None:
     """Give the user category slots (keys) and a latest category, as the statistics would."""
     row = state.rows_for([user])[0]
