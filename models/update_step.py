@@ -324,8 +324,8 @@ class ProfileUpdater:
         keys, feats = statistics.slot_features(state.columns, state.last_ts, rows, now_ms)
         purchase = state.columns["purchase_category"][rows].astype(np.int64)
         since = hours_since(now_ms, state.columns["last_purchase_ts"][rows])
-        pending = state.columns["follow_category"][rows] == 0
-        return state.follow.with_follow_ups(keys, feats, purchase, since, pending)
+        own = state.columns["follow_category"][rows].astype(np.int64)
+        return state.follow.with_follow_ups(keys, feats, purchase, since, own)
 
     def field_inputs(self, rows: np.ndarray, now_ms: int,
                      slots: tuple[np.ndarray, np.ndarray] | None = None) -> FieldInputs:

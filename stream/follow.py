@@ -71,49 +71,73 @@ class FollowCounts:
         self.change(new[changed], 1)
 
     def with_follow_ups(self, keys: np.ndarray, feats: np.ndarray, purchase: np.ndarray,
-                        hours_since_purchase: np.ndarray, pending: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                        hours_since_purchase: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The users' slots (keys (U, K), features (U, K, F)) with their follow-up features filled in and
         one more slot: the purchase's most frequent follow-up where no slot holds it (else empty).
-        purchase: (U,) key of each user's latest purchase's category (0: none); pending: (U,) whether the
-        user has engaged with no other category since it."""
+        purchase: (U,) key of each user's latest purchase's category (0: none); own: (U,) the user's own
+        follow-up of it (0: none yet, the follow-up still pending).
+
+        Leave one out: a user's own pair is taken out of the counts it reads, so the shares say what the
+        shop's other users did (a user alone with a rarely bought category would otherwise read its own
+        follow-up as the shop's certain one)."""
         u, k = keys.shape
         keys = np.concatenate([keys, np.zeros((u, 1), dtype=keys.dtype)], axis=1)
         feats = np.concatenate([feats, np.zeros((u, 1, feats.shape[2]), dtype=feats.dtype)], axis=1)
         distinct = [a for a in np.unique(purchase[purchase > 0]).tolist() if a in self.counts]
         if not distinct:
             return keys, feats
-        table_keys, table_shares, best, best_share = [], [], np.zeros(len(distinct), np.int64), np.zeros(len(distinct))
+        n = len(distinct)
+        table_keys, table_counts = [], []
+        total, best, best_count = np.zeros(n), np.zeros(n, np.int64), np.zeros(n)
+        second, second_count = np.zeros(n, np.int64), np.zeros(n)
         for i, a in enumerate(distinct):  # one pass per purchased category in the batch, not per user
             followers = self.counts[a]
             b = np.fromiter(followers, dtype=np.int64, count=len(followers))
             c = np.fromiter(followers.values(), dtype=np.float64, count=len(followers))
             table_keys.append(_pair_keys(np.full(len(b), a), b))
-            table_shares.append(c / c.sum())
-            top = int(np.lexsort((b, -c))[0])  # ties: the smallest key (not the dict's order, which a rebuild changes)
-            best[i], best_share[i] = b[top], c[top] / c.sum()
+            table_counts.append(c)
+            ranked = np.lexsort((b, -c))  # ties: the smallest key (not the dict's order, which a rebuild changes)
+            total[i], best[i], best_count[i] = c.sum(), b[ranked[0]], c[ranked[0]]
+            if len(ranked) > 1:
+                second[i], second_count[i] = b[ranked[1]], c[ranked[1]]
         order = np.argsort(np.concatenate(table_keys))
-        pair_keys, shares = np.concatenate(table_keys)[order], np.concatenate(table_shares)[order]
+        pair_keys, counts = np.concatenate(table_keys)[order], np.concatenate(table_counts)[order]
+        distinct = np.asarray(distinct)
+        which = np.searchsorted(distinct, purchase).clip(max=n - 1)
+        has = (purchase > 0) & (distinct[which] == purchase)
+        mine = has & (own > 0)  # the user's own pair is among the counts: take it out
+        others = np.where(has, total[which] - mine, 0.0)  # (U,) the other users' follow-ups of the purchase
+
+        def share_of(candidates: np.ndarray) -> np.ndarray:
+            """(U, C) the other users' share of each candidate follow-up key (0: none)."""
+            query = np.where(candidates > 0, _pair_keys(np.broadcast_to(purchase[:, None], candidates.shape),
+                                                        candidates), np.uint64(0))  # no pair is 0
+            at = np.searchsorted(pair_keys, query).clip(max=len(pair_keys) - 1)
+            c = np.where(pair_keys[at] == query, counts[at], 0.0) - (mine[:, None] & (candidates == own[:, None]))
+            return np.where(others[:, None] > 0, c / np.maximum(others, 1.0)[:, None], 0.0)
+
+        share = share_of(keys[:, :k])
         fresh = np.exp(-np.maximum(hours_since_purchase, 0.0) / FRESH_HOURS)[:, None]
-        query = np.where(keys[:, :k] > 0, _pair_keys(np.broadcast_to(purchase[:, None], (u, k)), keys[:, :k]),
-                         np.uint64(0))  # no pair is 0
-        at = np.searchsorted(pair_keys, query).clip(max=len(pair_keys) - 1)
-        share = np.where(pair_keys[at] == query, shares[at], 0.0)
         feats[:, :k, FOLLOW_SHARE] = share
         feats[:, :k, FOLLOW_FRESH] = share * fresh
-        distinct = np.asarray(distinct)
-        which = np.searchsorted(distinct, purchase).clip(max=len(distinct) - 1)
-        has = (purchase > 0) & (distinct[which] == purchase)
-        best, best_share = best[which], best_share[which]  # per user from here on
-        # Pending, relative to the purchase's most frequent follow-up (1 for it): a shop whose purchases are
-        # followed up less often has smaller shares, not a weaker ranking among them.
-        top_share = np.where(has, best_share, 1.0)
-        feats[:, :k, FOLLOW_PENDING] = share / top_share[:, None] * pending[:, None]
-        candidate = np.where(has, best, 0)
-        held = (keys[:, :k] == candidate[:, None]).any(axis=1)
-        extra = has & ~held & (candidate > 0)
-        keys[extra, k] = candidate[extra]
-        feats[extra, k, FOLLOW_SHARE] = best_share[extra]
-        feats[extra, k, FOLLOW_FRESH] = best_share[extra] * fresh[extra, 0]
+        # The purchase's most frequent follow-up among the other users: the runner-up where the user's own
+        # pair made the top one (and without it the runner-up leads, or ties with the smaller key).
+        best, best_count, second, second_count = best[which], best_count[which], second[which], second_count[which]
+        demoted = mine & (own == best) & ((best_count - 1 < second_count) |
+                                          ((best_count - 1 == second_count) & (second < best)))
+        top = np.where(demoted, second, np.where(has, best, 0))
+        top_share = share_of(top[:, None])[:, 0]
+        # Pending (no follow-up yet: the user's own pair is not among the counts), relative to the purchase's
+        # most frequent follow-up (1 for it): a shop whose purchases are followed up less often has smaller
+        # shares, not a weaker ranking among them.
+        pending = (own == 0).astype(share.dtype)
+        feats[:, :k, FOLLOW_PENDING] = np.where(top_share[:, None] > 0, share / np.maximum(top_share, 1e-12)[:, None],
+                                                0.0) * pending[:, None]
+        held = (keys[:, :k] == top[:, None]).any(axis=1)
+        extra = has & ~held & (top > 0) & (top_share > 0)
+        keys[extra, k] = top[extra]
+        feats[extra, k, FOLLOW_SHARE] = top_share[extra]
+        feats[extra, k, FOLLOW_FRESH] = top_share[extra] * fresh[extra, 0]
         feats[extra, k, FOLLOW_PENDING] = pending[extra]
         return keys, feats
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import orjson
+import pytest
 import torch
 
 from models.checkpoint_io import untrained
@@ -114,3 +115,25 @@ def test_a_user_who_just_bought_gets_the_shops_follow_up_among_top_categories():
                                  topic="t", first_offset=1000, keys=None))
     keys, feats = updater.slots(np.array([updater.state.row("new")]), T0 + 43 * HOUR)
     assert feats[0, :, SLOT_FEATURES.index("follow_pending")].max() == 0.0
+
+
+def test_a_user_reads_the_other_users_follow_ups_not_its_own():
+    """Leave one out: u0 went from tents to sleeping bags, as 7 of the 9 other tent buyers did (7/9, not
+    8/10); the one user who bought a kayak reads nothing of paddles, which only it followed it with."""
+    events = []
+    for i in range(10):
+        events += purchase_then(f"u{i}", "tents", "sleeping bags" if i < 8 else "stoves", T0 + i * HOUR)
+    events += purchase_then("solo", "kayaks", "paddles", T0)
+    events = [{"event_id": f"e{n}", **e} for n, e in enumerate(events)]
+    updater = replay(events, [7])
+    share = SLOT_FEATURES.index("follow_share")
+    names = updater.state.category_names
+
+    def shares(user: str) -> dict[str, float]:
+        keys, feats = updater.slots(np.array([updater.state.row(user)]), T0 + 41 * HOUR)
+        return {names[int(key)]: float(f) for key, f in zip(keys[0], feats[0, :, share]) if key}
+
+    assert shares("u0") == pytest.approx({"tents": 0.0, "sleeping bags": 7 / 9})
+    assert shares("u9") == pytest.approx({"tents": 0.0, "stoves": 1 / 9, "sleeping bags": 8 / 9})  # the extra slot
+    assert shares("solo") == {"kayaks": 0.0, "paddles": 0.0}
+    assert updater.state.follow.counts  # the counts themselves keep every pair
