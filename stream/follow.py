@@ -11,8 +11,8 @@ restore, a replay and the daemon agree on it without writing it anywhere (a rebu
 rows gives the same counts), and it covers the users this member holds.
 
 A profile then reads, for each of the user's categories, P(category | the user's latest purchase's
-category) among those pairs, and one more candidate: the most frequent follow-up of that purchase when
-it is not among the user's own categories (`with_follow_ups`).
+category) among the other users' pairs (its own left out), and one more candidate: the most frequent
+follow-up of that purchase when it is not among the user's own categories (`with_follow_ups`).
 """
 
 from __future__ import annotations
