@@ -17,8 +17,9 @@ from stream.statistics import SLOT_FEATURES
 # 3: published fields from FieldHeads (exact statistics + state; time-to-event probabilities, calibrated).
 # 4: calibration a monotone piecewise-linear map of log L (format 3's affine one is read as two knots).
 # 5: copy bonuses of the current item and category (formats 3 and 4 are read without copying).
-CHECKPOINT_FORMAT = 7  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features
-READABLE_FORMATS = (3, 4, 5, 6, 7)
+CHECKPOINT_FORMAT = 8  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
+# 8: the shop popularity slot feature (stream/popularity.py)
+READABLE_FORMATS = (3, 4, 5, 6, 7, 8)
 
 
 @dataclass
@@ -92,7 +93,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         for name, rows, width in (("item_copy", 1, hidden),
                                   ("category_copy", RECENT_CATEGORIES, state["category_head.weight"].shape[1])):
             state[f"{name}.weight"], state[f"{name}.bias"] = torch.zeros(rows, width), torch.zeros(rows)
-    if payload["format"] < 7:  # no follow-up (< 6) or visit features: zero weights on them rank slots as it was trained to
+    if payload["format"] < 8:  # no follow-up (< 6), visit (< 7) or popularity features: zero weights on them rank
+        # slots as it was trained to
         weight = payload["state_dict"]["fields.repeat_score.weight"]
         payload["state_dict"]["fields.repeat_score.weight"] = torch.cat(
             [weight, torch.zeros(weight.shape[0], len(SLOT_FEATURES) - weight.shape[1])], dim=1)

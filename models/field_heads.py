@@ -122,7 +122,7 @@ class FieldHeads(nn.Module):
         self.gate_fit = nn.Linear(1, 1, bias=False)
         nn.init.zeros_(self.gate_fit.weight)
         with torch.no_grad():  # untrained: rank slots by 30-day mass and count, mostly repeat, no exploring
-            self.repeat_score.weight.copy_(torch.tensor([[0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]]))
+            self.repeat_score.weight.copy_(torch.tensor([[0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]))
             self.repeat_score.bias.zero_()
             self.gate.weight.zero_()
             self.gate.bias.fill_(2.0)

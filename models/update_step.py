@@ -25,6 +25,7 @@ from models.field_heads import FieldInputs
 from models.checkpoint_io import LoadedModel
 from stream import statistics
 from stream.follow import FollowCounts, hours_since
+from stream.statistics import SLOT_FEATURES
 from stream.events import PURCHASE, DeadLetter, EventColumns, RecordBatch
 from stream.expiry import Expired, StateExpiry
 from stream.profiles import ProfileColumns, encode_profiles
@@ -37,6 +38,7 @@ from stream.state import STATE_DTYPE_NAMES, StateTable
 log = logging.getLogger(__name__)
 
 TOP_CATEGORIES = 3
+SHOP_POPULARITY = SLOT_FEATURES.index("shop_popularity")
 # Batches at least this large run the GRU on `gru_threads` threads (smaller ones: thread start-up
 # would cost more than it saves, and the daemon's small batches leave the cores to decoding and Kafka).
 WIDE_BATCH_EVENTS = 4096
@@ -267,10 +269,11 @@ class ProfileUpdater:
         keys = feats.category_key  # the categories exactly, where buckets may collide
         state.remember_categories(keys, category)
         # The exact statistics the field heads read (before last_ts moves: they decay from it).
-        follow_before = FollowCounts.pairs(state.columns, rows)
+        follow_before, keys_before = FollowCounts.pairs(state.columns, rows), state.columns["cat_key"][rows]
         statistics.update(state.columns, rows, user_sorted, ts, ev.type_idx[order], keys, starts,
                           lengths, gap_seconds * 1000.0, first_ever, state.last_ts[rows].copy())
         state.follow.replace(follow_before, FollowCounts.pairs(state.columns, rows))
+        state.holders.replace(keys_before, state.columns["cat_key"][rows])
 
         # Exact counters, vectorised (np.add.at accumulates repeated rows).
         event_rows = rows[user_sorted]
@@ -325,7 +328,11 @@ class ProfileUpdater:
         purchase = state.columns["purchase_category"][rows].astype(np.int64)
         since = hours_since(now_ms, state.columns["last_purchase_ts"][rows])
         own = state.columns["follow_category"][rows].astype(np.int64)
-        return state.follow.with_follow_ups(keys, feats, purchase, since, own)
+        keys, feats = state.follow.with_follow_ups(keys, feats, purchase, since, own)
+        held = np.zeros(keys.shape, dtype=bool)
+        held[:, :-1] = keys[:, :-1] > 0  # the user's own slots; the last is the follow-up it has not
+        feats[:, :, SHOP_POPULARITY] = state.holders.popularity(keys, held)
+        return keys, feats
 
     def field_inputs(self, rows: np.ndarray, now_ms: int,
                      slots: tuple[np.ndarray, np.ndarray] | None = None) -> FieldInputs:

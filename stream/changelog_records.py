@@ -217,7 +217,7 @@ class ChangelogLoader:
         if self.refused:
             raise RefusedRecords(self._refusal(), next(iter(self.refused.values())).partition)
         table = self.table
-        table.follow.rebuild(table.columns, len(table))  # records overwrote rows: count them again
+        table.recount()  # records overwrote rows: count them again
         status = self._status[:len(table)]
         live = np.flatnonzero(status == LIVE)
         if len(live):

@@ -33,6 +33,7 @@ import torch
 from stream.changelog_records import ChangelogLoader, numpy_dtype, pack, record_dtype
 from stream.events import EVENT_TYPES
 from stream.follow import FollowCounts
+from stream.popularity import HolderCounts
 from stream.settings import STATE_DTYPES
 from stream.statistics import STAT_COLUMNS, unheld_keys
 from stream.snapshot_files import read_snapshot, write_snapshot  # noqa: F401 (where callers import them from)
@@ -88,7 +89,9 @@ class StateTable:
         # categories as they appear in events (its keys: the categories seen, less those an erasure left
         # unheld; see drop_unengaged_categories).
         self.category_names: dict[int, str] = {}
-        self.follow = FollowCounts()  # what follows a purchase, over the table's users (stream/follow.py)
+        # What the shop's users do, counted over the table's users (a pure function of it: see recount).
+        self.follow = FollowCounts()  # what follows a purchase (stream/follow.py)
+        self.holders = HolderCounts()  # how many users hold each category (stream/popularity.py)
         self.categories_version = 0  # bumped whenever category_names changes (the changelog re-sends it)
         self.max_event_ts = -1  # largest event time seen: the clock of event-time timers
         self._seen_cache: torch.Tensor | None = None
@@ -139,11 +142,21 @@ class StateTable:
 
     def reset_rows(self, rows: np.ndarray) -> None:
         """These users start afresh in their rows (a return after --state-ttl): zero state, counters and
-        bookkeeping as a new user's; their part of the follow-up counts goes with them."""
-        self.follow.change(FollowCounts.pairs(self.columns, rows), -1)
+        bookkeeping as a new user's; their part of the shop's counts goes with them."""
+        self.count_rows(rows, -1)
         self.states[torch.from_numpy(rows).to(self.device)] = 0
         for name, (_, _, initial) in self.spec.items():
             self.columns[name][rows] = initial
+
+    def count_rows(self, rows: np.ndarray, sign: int) -> None:
+        """Add (sign 1) or take away (sign -1) these rows' users in the shop's counts (follow-ups, holders)."""
+        self.follow.change(FollowCounts.pairs(self.columns, rows), sign)
+        self.holders.change(self.columns["cat_key"][rows], sign)
+
+    def recount(self) -> None:
+        """The shop's counts from the table's rows (after a restore wrote them)."""
+        self.follow.rebuild(self.columns, len(self))
+        self.holders.rebuild(self.columns, len(self))
 
     def _initialise(self, start: int, stop: int) -> None:
         """Rows start..stop-1, new to users: zero states and each column's initial value (see _room)."""
@@ -188,7 +201,7 @@ class StateTable:
             self.base.states[base_rows]).to(self.device, self.state_dtype)
         for name, column in self.columns.items():
             column[rows] = self.base.columns[name][base_rows]
-        self.follow.change(FollowCounts.pairs(self.columns, rows), 1)  # the rows were new: nothing to take away
+        self.count_rows(rows, 1)  # the rows were new: nothing to take away
 
     def reserve(self, users: int) -> None:
         """Room for up to this many more users at once (a restore: the changelog's record count). On the CPU
@@ -267,7 +280,7 @@ class StateTable:
         if not len(gone):
             return
         keep = np.flatnonzero(~drop[:n])
-        self.follow.change(FollowCounts.pairs(self.columns, gone), -1)
+        self.count_rows(gone, -1)
         self._index.keep(keep)
         self.user_ids = self._index.names[: len(keep)].tolist()
         if 2 * len(keep) >= self.capacity:
@@ -370,7 +383,7 @@ class StateTable:
         self.states = _room(cap, self.state_size, self.device, self.state_dtype)
         self.states[:n] = torch.as_tensor(snap["hidden"], device=self.device, dtype=self.state_dtype)
         self.columns = _columns_from(snap, self.spec, n, cap)
-        self.follow.rebuild(self.columns, n)
+        self.recount()
         self.category_names = {int(k): v for k, v in snap["category_names"].items()}
         self._seen_cache = None
         self.max_event_ts = int(snap["max_event_ts"])

@@ -73,7 +73,10 @@ SLOT_FEATURES = ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "sha
                  "follow_share", "follow_fresh", "follow_pending",
                  # Visits: how many times the user came to the category (a run of its events, see
                  # _update_slots), and their share. One long browse counts once: a preference, not a session's length.
-                 "log_visits", "visit_share")
+                 "log_visits", "visit_share",
+                 # How many of the shop's other users hold the category, relative to its most held one
+                 # (stream/popularity.py).
+                 "shop_popularity")
 BASE_SLOT_FEATURES = 6  # the slot's own statistics; the follow-up features come after them
 
 
@@ -297,9 +300,9 @@ def slot_features(columns: dict[str, np.ndarray], last_ts: np.ndarray, rows: np.
     share = count / np.maximum(count.sum(axis=1, keepdims=True), 1.0)
     visit_share = visits / np.maximum(visits.sum(axis=1, keepdims=True), 1.0)
     is_last = (bucket == columns["last_category"][rows][:, None]) & (bucket > 0)
-    follow = np.zeros_like(share)  # filled by stream/follow.py, which knows the shop's follow-ups
+    follow = np.zeros_like(share)  # filled by stream/follow.py and stream/popularity.py, which know the shop
     feats = np.stack([*(np.log1p(d) for d in decayed), np.log1p(count), share, is_last, follow, follow, follow,
-                      np.log1p(visits), visit_share], axis=2)
+                      np.log1p(visits), visit_share, follow], axis=2)
     return bucket, feats.astype(np.float32)
 
 

@@ -13,6 +13,7 @@ from models.profile_model import ModelConfig
 from models.update_step import ProfileUpdater
 from stream.follow import FollowCounts
 from stream.generator import ShopParams, generate
+from stream.popularity import HolderCounts
 from stream.statistics import SLOT_FEATURES
 from tests.helpers import record_batch
 
@@ -37,6 +38,12 @@ def rebuilt(updater: ProfileUpdater) -> dict:
     return fresh.counts
 
 
+def holders_rebuilt(updater: ProfileUpdater) -> dict:
+    fresh = HolderCounts()
+    fresh.rebuild(updater.state.columns, len(updater.state))
+    return fresh.counts
+
+
 def test_follow_counts_stay_the_sum_over_the_users_in_state():
     events = generate(users=120, events=6000, seed=3, shop=ShopParams.draw(2)).events
     one = replay(events, [10_000])
@@ -44,12 +51,17 @@ def test_follow_counts_stay_the_sum_over_the_users_in_state():
     assert one.state.follow.counts == rebuilt(one)
     assert sum(sum(f.values()) for f in one.state.follow.counts.values()) > 30  # follow-ups were found
     assert many.state.follow.counts == one.state.follow.counts  # whatever the batches
+    # The category holders too (each run its own: which categories a user with more than K keeps in its
+    # slots can depend on the batches).
+    for run in (one, many):
+        assert run.state.holders.counts == holders_rebuilt(run) and sum(run.state.holders.counts.values()) > 120
     gone = one.state.user_ids[::3]
     one.state.forget(gone)
-    assert one.state.follow.counts == rebuilt(one)
+    assert one.state.follow.counts == rebuilt(one) and one.state.holders.counts == holders_rebuilt(one)
     restored = ProfileUpdater(untrained(), CPU, max_event_bytes=65536, emit_embedding=False)
     restored.state.restore(one.state.snapshot())
     assert restored.state.follow.counts == one.state.follow.counts
+    assert restored.state.holders.counts == one.state.holders.counts
 
 
 def test_a_user_who_starts_afresh_after_the_ttl_takes_their_follow_up_with_them():
@@ -72,6 +84,9 @@ def test_a_user_who_starts_afresh_after_the_ttl_takes_their_follow_up_with_them(
         assert updater.state.follow.counts == rebuilt(updater)
         assert list(updater.state.follow.counts.values()) == [{int(updater.state.columns["follow_category"][
             updater.state.row("v")]): 1}]  # only v's tent -> stoves is left
+        names = updater.state.category_names
+        assert updater.state.holders.counts == holders_rebuilt(updater)
+        assert {names[k]: n for k, n in updater.state.holders.counts.items()} == {"tents": 1, "stoves": 1, "books": 1}
 
 
 def purchase_then(user: str, bought: str, then: str | None, t: int) -> list[dict]:
@@ -129,11 +144,17 @@ def test_a_user_reads_the_other_users_follow_ups_not_its_own():
     share = SLOT_FEATURES.index("follow_share")
     names = updater.state.category_names
 
-    def shares(user: str) -> dict[str, float]:
+    def shares(user: str, feature: int = share) -> dict[str, float]:
         keys, feats = updater.slots(np.array([updater.state.row(user)]), T0 + 41 * HOUR)
-        return {names[int(key)]: float(f) for key, f in zip(keys[0], feats[0, :, share]) if key}
+        return {names[int(key)]: float(f) for key, f in zip(keys[0], feats[0, :, feature]) if key}
 
     assert shares("u0") == pytest.approx({"tents": 0.0, "sleeping bags": 7 / 9})
     assert shares("u9") == pytest.approx({"tents": 0.0, "stoves": 1 / 9, "sleeping bags": 8 / 9})  # the extra slot
     assert shares("solo") == {"kayaks": 0.0, "paddles": 0.0}
     assert updater.state.follow.counts  # the counts themselves keep every pair
+    # The same for the shop's popularity: the other users holding each category, relative to the most held
+    # (tents: 10 users; sleeping bags 8, stoves 2, kayaks and paddles 1).
+    popularity = SLOT_FEATURES.index("shop_popularity")
+    assert shares("u0", popularity) == pytest.approx({"tents": 0.9, "sleeping bags": 0.7})
+    assert shares("u9", popularity) == pytest.approx({"tents": 0.9, "stoves": 0.1, "sleeping bags": 0.8})
+    assert shares("solo", popularity) == {"kayaks": 0.0, "paddles": 0.0}
