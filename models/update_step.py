@@ -25,7 +25,6 @@ from models.field_heads import FieldInputs
 from models.checkpoint_io import LoadedModel
 from stream import statistics
 from stream.follow import FollowCounts, hours_since
-from stream.statistics import SLOT_FEATURES
 from stream.events import PURCHASE, DeadLetter, EventColumns, RecordBatch
 from stream.expiry import Expired, StateExpiry
 from stream.profiles import ProfileColumns, encode_profiles
@@ -38,7 +37,7 @@ from stream.state import STATE_DTYPE_NAMES, StateTable
 log = logging.getLogger(__name__)
 
 TOP_CATEGORIES = 3
-SHOP_POPULARITY = SLOT_FEATURES.index("shop_popularity")
+SHOP_POPULARITY = statistics.SLOT_FEATURES.index("shop_popularity")
 # Batches at least this large run the GRU on `gru_threads` threads (smaller ones: thread start-up
 # would cost more than it saves, and the daemon's small batches leave the cores to decoding and Kafka).
 WIDE_BATCH_EVENTS = 4096

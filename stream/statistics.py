@@ -24,7 +24,8 @@ import numpy as np
 
 from stream.events import ADD_TO_CART, PURCHASE
 
-CATEGORY_SLOTS = 6  # 6 x (4-byte id + 3 float32 masses + 2 uint16 counts): 120 bytes; the whole model state stays under 512 bytes
+# 6 x (4-byte key + 3 float32 masses + 2 uint16 counts): 120 bytes; the whole model state stays under 512 bytes.
+CATEGORY_SLOTS = 6
 HOUR_MS = 3_600_000.0
 DAY_MS = 24 * HOUR_MS
 # Time scales of the decayed masses.
@@ -72,7 +73,7 @@ SLOT_FEATURES = ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "sha
                  # relative to the purchase's most frequent follow-up (1 for that one).
                  "follow_share", "follow_fresh", "follow_pending",
                  # Visits: how many times the user came to the category (a run of its events, see
-                 # _update_slots), and their share. One long browse counts once: a preference, not a session's length.
+                 # _visit_starts), and their share. One long browse counts once: a preference, not a session's length.
                  "log_visits", "visit_share",
                  # How many of the shop's other users hold the category, relative to its most held one
                  # (stream/popularity.py).
