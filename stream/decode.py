@@ -11,7 +11,7 @@ import json
 import math
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Literal, Sequence
+from typing import Annotated, Literal
 
 import msgspec
 import numpy as np
@@ -23,6 +23,7 @@ from stream.events import (
     NOT_JSON, NOT_OBJECT, RecordBatch, TOO_LARGE, TYPE_INDEX, UNKNOWN_TYPE,
     NEEDS_ITEM, epoch_ms,
 )
+from stream.user_index import objects
 
 
 class _Invalid(Exception):
@@ -266,7 +267,7 @@ def _fast_columns(parsed: list[_Event], kept: list[int]) -> tuple[EventColumns, 
     n = len(parsed)
     type_idx = np.fromiter(map(TYPE_INDEX.__getitem__, [e.type for e in parsed]), dtype=np.int64, count=n)
     item_id = _id_column([e.item_id for e in parsed])
-    query = _objects([e.query for e in parsed])
+    query = objects([e.query for e in parsed])
     ok = ~((type_idx != SEARCH) & (item_id == None))  # noqa: E711 (elementwise on object arrays)
     ok &= ~((type_idx == SEARCH) & ((query == None) | (query == "")))  # noqa: E711
     raw_ts = [e.ts for e in parsed]
@@ -291,7 +292,7 @@ def _fast_columns(parsed: list[_Event], kept: list[int]) -> tuple[EventColumns, 
         price=price,
         quantity=np.nan_to_num(quantity, nan=1.0).astype(np.int64).reshape(n),
         query=query,
-        event_id=_objects([e.event_id for e in parsed]),
+        event_id=objects([e.event_id for e in parsed]),
         record_index=np.asarray(kept, dtype=np.int64),
     )
     if ok.all():
@@ -301,16 +302,11 @@ def _fast_columns(parsed: list[_Event], kept: list[int]) -> tuple[EventColumns, 
 
 def _id_column(values: list) -> np.ndarray:
     """Ids as an object array of str (None stays None): integer ids become their decimal string."""
-    out = _objects(values)
+    out = objects(values)
     if int in set(map(type, values)):
         is_int = np.fromiter(map(type, values), dtype=object, count=len(values)) == int
         out[is_int] = [str(v) for v in out[is_int]]
     return out
-
-
-def _objects(values: Sequence) -> np.ndarray:
-    # Never np.array(values): it would make ragged lists 2-D; fromiter neither looks into the values.
-    return np.fromiter(values, dtype=object, count=len(values))
 
 
 def _concat_in_order(a: EventColumns, b: EventColumns) -> EventColumns:
@@ -363,14 +359,14 @@ def _columns(rows: list[tuple], kept: list[int]) -> EventColumns:
     n = len(rows)
     cols = list(zip(*rows)) if n else [()] * 9
     return EventColumns(
-        user_id=_objects(cols[0]),
+        user_id=objects(cols[0]),
         type_idx=np.fromiter(cols[1], dtype=np.int64, count=n),
         ts=np.fromiter(cols[2], dtype=np.int64, count=n),
-        item_id=_objects(cols[3]),
-        category=_objects(cols[4]),
+        item_id=objects(cols[3]),
+        category=objects(cols[4]),
         price=np.fromiter(cols[5], dtype=np.float64, count=n),
         quantity=np.fromiter(cols[6], dtype=np.int64, count=n),
-        query=_objects(cols[7]),
-        event_id=_objects(cols[8]),
+        query=objects(cols[7]),
+        event_id=objects(cols[8]),
         record_index=np.asarray(kept, dtype=np.int64),
     )

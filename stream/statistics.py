@@ -78,7 +78,6 @@ SLOT_FEATURES = ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "sha
                  # How many of the shop's other users hold the category, relative to its most held one
                  # (stream/popularity.py).
                  "shop_popularity")
-BASE_SLOT_FEATURES = 6  # the slot's own statistics; the follow-up features come after them
 
 
 def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray, ts: np.ndarray,

@@ -32,9 +32,8 @@ def objects(users: Sequence[str]) -> np.ndarray:
     """The ids as a 1-D object array (as given, if they are one)."""
     if isinstance(users, np.ndarray) and users.dtype == object and users.ndim == 1:
         return users
-    out = np.empty(len(users), dtype=object)
-    out[:] = users
-    return out
+    # Never np.array(values): it would make ragged lists 2-D; fromiter neither looks into the values.
+    return np.fromiter(users, dtype=object, count=len(users))
 
 
 class UserIndex:
