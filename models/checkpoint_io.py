@@ -11,15 +11,16 @@ import torch
 
 from models.field_heads import CALIBRATION_KNOTS, identity_knots
 from models.profile_model import RECENT_CATEGORIES, CheckpointError, ModelConfig, ProfileModel
+from models.transitions import Transitions
 from stream.statistics import SLOT_FEATURES
 
 # 2: long-term memory in the state; category head conditioned on idle time.
 # 3: published fields from FieldHeads (exact statistics + state; time-to-event probabilities, calibrated).
 # 4: calibration a monotone piecewise-linear map of log L (format 3's affine one is read as two knots).
 # 5: copy bonuses of the current item and category (formats 3 and 4 are read without copying).
-CHECKPOINT_FORMAT = 8  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
-# 8: the shop popularity slot feature (stream/popularity.py)
-READABLE_FORMATS = (3, 4, 5, 6, 7, 8)
+CHECKPOINT_FORMAT = 9  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
+# 8: the shop popularity slot feature (stream/popularity.py); 9: transition bonuses (models/transitions.py)
+READABLE_FORMATS = (3, 4, 5, 6, 7, 8, 9)
 
 
 @dataclass
@@ -47,6 +48,7 @@ def save_checkpoint(path: str | Path, model: ProfileModel, version: str, metadat
         "model_version": version,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "transitions": {name: model.transitions(name).arrays() for name in ("item", "category")},
         # Through JSON and back: metadata must stay plain data that weights_only loading accepts.
         "metadata": orjson.loads(orjson.dumps(metadata or {}, option=orjson.OPT_SERIALIZE_NUMPY, default=str)),
     }
@@ -93,6 +95,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         for name, rows, width in (("item_copy", 1, hidden),
                                   ("category_copy", RECENT_CATEGORIES, state["category_head.weight"].shape[1])):
             state[f"{name}.weight"], state[f"{name}.bias"] = torch.zeros(rows, width), torch.zeros(rows)
+    if payload["format"] < 9:  # no transition bonus
+        payload["state_dict"]["transition_weight"] = torch.zeros(2)
     if payload["format"] < 8:  # no follow-up (< 6), visit (< 7) or popularity features: zero weights on them rank
         # slots as it was trained to
         weight = payload["state_dict"]["fields.repeat_score.weight"]
@@ -103,6 +107,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
         model = ProfileModel(config)
         model.load_state_dict(payload["state_dict"])
+        tables = payload.get("transitions", {})
+        model.set_transitions(*(Transitions.from_arrays(tables[name]) if name in tables else None
+                                for name in ("item", "category")))
     except (TypeError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{str(path)!r} does not match this model code: {exc}") from None
     vocab = list(payload.get("item_vocab", []))

@@ -33,6 +33,7 @@ from torch.nn.utils.rnn import PackedSequence
 from models.features import DENSE_FEATURES, PRICE_EDGES, EventFeatures
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from models.field_heads import FieldHeads, FieldInputs, HazardHead
+from models.transitions import Transitions
 
 
 
@@ -137,6 +138,11 @@ class ProfileModel(nn.Module):
         for layer in (self.item_copy, self.category_copy):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        # What followed the current item / category in the training log (models/transitions.py): their
+        # weights in the next item's and the next category's scores, fitted after training on the
+        # validation period (sequence_training.fit_transition_weights), not learned with the GRU.
+        self.register_buffer("transition_weight", torch.zeros(2))  # (item, category)
+        self.set_transitions(None, None)
         # Next-item scores over the training vocabulary: one output vector + bias per item.
         self.item_out = nn.Embedding(max(c.n_items, 1), c.hidden_size)
         self.item_bias = nn.Parameter(torch.zeros(max(c.n_items, 1)))
@@ -258,6 +264,19 @@ class ProfileModel(nn.Module):
         final = torch.cat(finals[::-1])  # dropped in order of decreasing rank: reverse restores rank order
         return (torch.cat(steps) if every_step else None), final
 
+    def set_transitions(self, items: Transitions | None, categories: Transitions | None) -> None:
+        """The training log's successor counts of items (vocabulary rows) and category buckets; None: none.
+        Kept as buffers so that they move with the model, outside the state dict (their size is the log's)."""
+        device = self.type_emb.weight.device
+        for name, table, n in (("item", items, max(self.config.n_items, 1)),
+                               ("category", categories, self.config.category_buckets)):
+            for part, tensor in (table or Transitions.empty(n)).arrays().items():
+                self.register_buffer(f"{name}_transitions_{part}", tensor.to(device), persistent=False)
+
+    def transitions(self, name: str) -> Transitions:
+        """The "item" or "category" successor counts."""
+        return Transitions(*(getattr(self, f"{name}_transitions_{part}") for part in ("indptr", "cols", "counts")))
+
     def item_scores(self, s: torch.Tensor, items: torch.Tensor | None = None, current: torch.Tensor | None = None
                     ) -> torch.Tensor:
         """The next-item scores of `item_scores_and_bonus`, with the copy bonus added (serving, evaluation)."""
@@ -268,8 +287,9 @@ class ProfileModel(nn.Module):
                               current: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(U, S) states -> (U, n_items) next-item scores, or (U, len(items)) for a candidate subset.
         Items are scored from the GRU's hidden state: the space the item vectors are fed back in.
-        current: (U,) vocabulary index of each user's current item (-1: none), which gets the copy bonus
-        (None: no bonus). Apart, because training scores both the sum and the scores alone."""
+        current: (U,) vocabulary index of each user's current item (-1: none), which gets the copy bonus,
+        and whose successors the transition bonus (None: neither). Apart, because training scores both
+        the sum and the scores alone."""
         h = self.drop(self.split_state(s)[0])
         if items is None:
             scores = h @ self.item_out.weight.T + self.item_bias
@@ -277,7 +297,9 @@ class ProfileModel(nn.Module):
             scores = h @ self.item_out(items).T + self.item_bias[items]
         if current is None:
             return scores, None
-        return scores, copy_bonus(self.item_copy(h)[:, 0], current, items, scores.shape[1])
+        width = scores.shape[1]
+        bonus = copy_bonus(self.item_copy(h)[:, 0], current, items, width)
+        return scores, bonus + self.transitions("item").scores(self.transition_weight[0], current, items, width)
 
     def head_logits(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None,
                     recent_categories: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -292,8 +314,8 @@ class ProfileModel(nn.Module):
                         recent: torch.Tensor | None = None) -> torch.Tensor:
         """(U, C) next-category logits of users idle for idle_hours (U,). recent: (U, RECENT_CATEGORIES)
         buckets of each user's current category and the distinct one before it (0: none), which get
-        the copy bonuses; None (the published fields' explore side, whose repeat side counts the
-        user's own categories): no copying."""
+        the copy bonuses, and the current one's successors the transition bonus; None (the published
+        fields' explore side, whose repeat side counts the user's own categories): neither."""
         weight, bias = self._category_weights(categories, self.category_head)
         visit_weight, visit_bias = self._category_weights(categories, self.visit_category_head)
         gate = self.visit_gate_at(idle_hours).unsqueeze(1)  # (U, 1)
@@ -301,10 +323,11 @@ class ProfileModel(nn.Module):
         if recent is None:
             return logits
         bonus = (1 - gate) * self.category_copy(s)  # (U, R)
+        known = torch.where(recent > 0, recent, -1)
         for r in range(recent.shape[1]):
-            logits = logits + copy_bonus(bonus[:, r], torch.where(recent[:, r] > 0, recent[:, r], -1), categories,
-                                         logits.shape[1])
-        return logits
+            logits = logits + copy_bonus(bonus[:, r], known[:, r], categories, logits.shape[1])
+        weight = (1 - gate[:, 0]) * self.transition_weight[1]  # fades after a break, as the copy bonus does
+        return logits + self.transitions("category").scores(weight, known[:, 0], categories, logits.shape[1])
 
     def visit_gate_at(self, idle_hours: torch.Tensor) -> torch.Tensor:
         """(U,) weight of the after-a-break correction at these idle times."""
