@@ -299,7 +299,22 @@ class ProfileModel(nn.Module):
             return scores, None
         width = scores.shape[1]
         bonus = copy_bonus(self.item_copy(h)[:, 0], current, items, width)
-        return scores, bonus + self.transitions("item").scores(self.transition_weight[0], current, items, width)
+        if self.transition_weight[0] != 0:
+            bonus = bonus + self.transition_weight[0] * self.item_follows(current, items, width)
+        return scores, bonus
+
+    def item_follows(self, current: torch.Tensor, items: torch.Tensor | None, width: int) -> torch.Tensor:
+        """(U, width) the transition bonus of the next items at weight 1: log(1 + times each followed the
+        user's current item (U,), -1: none) in the training log. items: the columns' items (None: all)."""
+        return self.transitions("item").scores(torch.ones((), device=current.device), current, items, width)
+
+    def category_follows(self, idle_hours: torch.Tensor, recent: torch.Tensor, categories: torch.Tensor | None,
+                         width: int) -> torch.Tensor:
+        """(U, width) the transition bonus of the next categories at weight 1, fading after a break as the
+        copy bonus does. recent: as category_logits'."""
+        fade = 1 - self.visit_gate_at(idle_hours)
+        return self.transitions("category").scores(fade, torch.where(recent[:, 0] > 0, recent[:, 0], -1), categories,
+                                                   width)
 
     def head_logits(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None,
                     recent_categories: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -326,8 +341,10 @@ class ProfileModel(nn.Module):
         known = torch.where(recent > 0, recent, -1)
         for r in range(recent.shape[1]):
             logits = logits + copy_bonus(bonus[:, r], known[:, r], categories, logits.shape[1])
-        weight = (1 - gate[:, 0]) * self.transition_weight[1]  # fades after a break, as the copy bonus does
-        return logits + self.transitions("category").scores(weight, known[:, 0], categories, logits.shape[1])
+        if self.transition_weight[1] != 0:
+            logits = logits + self.transition_weight[1] * self.category_follows(idle_hours, recent, categories,
+                                                                                 logits.shape[1])
+        return logits
 
     def visit_gate_at(self, idle_hours: torch.Tensor) -> torch.Tensor:
         """(U,) weight of the after-a-break correction at these idle times."""

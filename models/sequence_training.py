@@ -106,9 +106,11 @@ def recent_categories(p: Prepared, idx: np.ndarray) -> np.ndarray:
 
 def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.ndarray, h0: torch.Tensor | None,
                split_ts: int, validation: bool, cfg: TrainConfig, rng: np.random.Generator, device: torch.device,
-               sampled: bool) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+               sampled: bool, rank_weights: tuple[float, ...] = ()) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """Joint loss on one mini-batch of chunks started from states h0 (zeros when None); positions are those
-    whose target lies on `validation`'s side. Returns (loss, its parts, each chunk's final state)."""
+    whose target lies on `validation`'s side. Returns (loss, its parts, each chunk's final state).
+    rank_weights (validation): also the mean reciprocal ranks of the next item and the next category with
+    the transition bonus at each of these weights (parts item_rr_<i>, category_rr_<i>)."""
     h, idx, h_last = run_chunks(model, p, start, length, device, h0)  # (P, S), (P,), (B, S)
     horizon_ms = cfg.horizon_hours * HOUR_MS
     in_split = (p.next_ts[idx] > split_ts) if validation else (p.next_ts[idx] <= split_ts)
@@ -124,17 +126,19 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
         hs = h[torch.from_numpy(rows).to(device)]
         targets = item_t[rows]
         current = torch.from_numpy(p.item_vocab[idx[rows]]).to(device)  # the copy bonus's item
+        items = None
         if sampled:
             negatives = rng.integers(0, model.config.n_items, cfg.sampled_negatives)
             candidates = np.unique(np.concatenate([targets, negatives]))
-            scores, bonus = model.item_scores_and_bonus(hs, torch.from_numpy(candidates).to(device), current)
+            items = torch.from_numpy(candidates).to(device)
             targets = np.searchsorted(candidates, targets)
-        else:
-            scores, bonus = model.item_scores_and_bonus(hs, current=current)
+        scores, bonus = model.item_scores_and_bonus(hs, items, current)
         target = torch.from_numpy(targets).to(device)
         parts["item"] = nn.functional.cross_entropy(scores + bonus, target)
-        if validation:  # what the transition weights are chosen by (fit_transition_weights)
-            parts["item_rr"] = reciprocal_rank(scores + bonus, target)
+        if rank_weights:  # the bonus is linear in its weight: one pass ranks every weight
+            follows = model.item_follows(current, items, scores.shape[1])
+            for i, w in enumerate(rank_weights):
+                parts[f"item_rr_{i}"] = reciprocal_rank(scores + bonus + w * follows, target)
         if not validation:
             # The scores alone are trained too: without it the bonus takes the repeats and the item vectors
             # stop learning from them (YOOCHOOSE: slower, 0.643 / 0.340 against 0.662 / 0.353).
@@ -152,9 +156,9 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
     # Category heads are trained over the buckets the log holds (tens to thousands), not all C buckets:
     # a softmax over 16k mostly empty columns cost most of the step and taught nothing.
     columns = torch.from_numpy(p.category_columns).to(device)
-    category_logits, purchase_logits, churn_logits = model.head_logits(
-        h, torch.from_numpy(idle / HOUR_MS).float().to(device), columns,
-        torch.from_numpy(recent_categories(p, idx)).to(device))
+    idle_hours = torch.from_numpy(idle / HOUR_MS).float().to(device)
+    recent = torch.from_numpy(recent_categories(p, idx)).to(device)
+    category_logits, purchase_logits, churn_logits = model.head_logits(h, idle_hours, columns, recent)
 
     def category_targets(target_event: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows, columns) of the categories of target_event (P, W) (-1: none), each on its side of the split."""
@@ -176,9 +180,12 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
     nxt = np.where(p.next_ts[idx] < np.iinfo(np.int64).max, idx + 1, -1)[:, None]  # the next event (same user)
     if (loss := category_nll(category_logits, nxt)) is not None:
         parts["category"] = loss
-        if validation:
+        if rank_weights:
             rows, col = category_targets(nxt)
-            parts["category_rr"] = reciprocal_rank(category_logits[rows], col)
+            logits, follows = category_logits[rows], model.category_follows(idle_hours[rows], recent[rows], columns,
+                                                                           category_logits.shape[1])
+            for i, w in enumerate(rank_weights):
+                parts[f"category_rr_{i}"] = reciprocal_rank(logits + w * follows, col)
     # The next sessions' opening categories, read as a user back after a break.
     visits = p.next_visits[idx]
     if visits.shape[1] and (visits >= 0).any():
@@ -417,28 +424,29 @@ def fit_transition_weights(model: ProfileModel, p: Prepared, pieces: Chunks, cho
     period's next items and next categories best (mean reciprocal rank), each chosen from TRANSITION_WEIGHTS;
     the counts are those of the training period only. 0 where nothing validates.
 
-    By rank, not by loss: the served fields rank (next items, top categories), and the loss chose far
-    smaller weights than the ranks did (REES46 slice: 0.5 / 0 by loss, where 4 ranked the test period best)."""
-    mrr = np.full((len(TRANSITION_WEIGHTS), 2), -np.inf)
-    for i, w in enumerate(TRANSITION_WEIGHTS):
-        model.transition_weight.fill_(w)
-        result = validate(model, p, pieces, chosen, split_ts, cfg, device, sampled, trained_parts=set())
-        mrr[i] = result.get("val_item_rr", -np.inf), result.get("val_category_rr", -np.inf)
+    By rank, not by loss: next-event scores are read as rankings (`next_items`, `profiles evaluate`), and
+    the loss chose far smaller weights than the ranks did (REES46 slice: 0.5 / 0 by loss, where 4 ranked
+    the test period best). One validation pass: the bonus is linear in its weight."""
+    model.transition_weight.zero_()
+    result = validate(model, p, pieces, chosen, split_ts, cfg, device, sampled, trained_parts=set(),
+                      rank_weights=TRANSITION_WEIGHTS)
+    mrr = np.array([[result.get(f"val_{head}_rr_{i}", -np.inf) for head in ("item", "category")]
+                    for i in range(len(TRANSITION_WEIGHTS))])
     best = [TRANSITION_WEIGHTS[int(np.argmax(col))] if np.isfinite(col).any() else 0.0 for col in mrr.T]
     log.info("transition weights (item, category): %s; validation MRR %s", best,
              {w: [round(float(x), 4) for x in row] for w, row in zip(TRANSITION_WEIGHTS, mrr)})
-    model.transition_weight.zero_()
     return torch.tensor(best, dtype=torch.float32, device=device)
 
 
 def validate(model: ProfileModel, p: Prepared, pieces: Chunks, chosen: np.ndarray, split_ts: int,
-             cfg: TrainConfig, device: torch.device, sampled: bool, trained_parts: set[str]) -> dict[str, float]:
+             cfg: TrainConfig, device: torch.device, sampled: bool, trained_parts: set[str],
+             rank_weights: tuple[float, ...] = ()) -> dict[str, float]:
     """Mean validation losses over the `chosen` chunks (states carried from chunk to chunk, as in training).
     `val_loss`, which early stopping watches, sums (with the training weights) the next-event parts
     that training could learn: a head whose labels never occur in the training period (e.g. purchases
     in a clicks-only log) is not scored, and neither is the visit part (reported as val_visit): on a
     short log its few, noisy targets stopped training after two epochs (REES46 sample, seed 1: next-item
-    Recall@20 0.22 instead of 0.41)."""
+    Recall@20 0.22 instead of 0.41). rank_weights: see batch_loss."""
     if len(chosen) == 0:
         return {"val_loss": math.inf}
     model.eval()
@@ -452,7 +460,7 @@ def validate(model: ProfileModel, p: Prepared, pieces: Chunks, chosen: np.ndarra
             users = torch.from_numpy(pieces.user[pick]).to(device)
             h0 = carried[users] if pieces.k[pick[0]] else None
             _, parts, carried[users] = batch_loss(model, p, pieces.start[pick], pieces.length[pick], h0, split_ts,
-                                                  True, cfg, rng, device, sampled)
+                                                  True, cfg, rng, device, sampled, rank_weights)
             if not parts:  # chunks before the cut: they only carry states forward
                 continue
             for k, v in parts.items():

@@ -72,7 +72,7 @@ class Transitions:
         sorted classes the columns stand for (None: all `width` classes, in order)."""
         users = len(current)
         out = torch.zeros(users, width, dtype=weight.dtype, device=weight.device)
-        if len(self.cols) == 0 or not bool((weight != 0).any()):  # untrained, or a log without repeats
+        if len(self.cols) == 0:  # untrained, or a log without two events in a row
             return out
         weight = weight.expand(users)
         known = (current >= 0) & (current < self.n)
