@@ -16,7 +16,10 @@ def checkpoint_info(path: str) -> dict:
     return {
         "path": path,
         "model_version": loaded.version,
-        "format": CHECKPOINT_FORMAT,
+        "format": loaded.format,
+        "transitions": {name: {"pairs": len(loaded.model.transitions(name).cols),
+                               "weight": float(loaded.model.transition_weight[i])}
+                        for i, name in enumerate(("item", "category"))},
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "state_floats_per_user": config.state_size,
         "next_item_vocabulary": len(loaded.item_vocab),
@@ -32,13 +35,16 @@ def info_lines(info: dict) -> list[str]:
     c, t, r = info["config"], info["trained"], info["report"]
     lines = [
         ("model version", info["model_version"]),
-        ("checkpoint", f"{info['path']} (format {info['format']})"),
+        ("checkpoint", f"{info['path']} (format {info['format']}"
+                       + (f"; this version writes {CHECKPOINT_FORMAT})" if info["format"] != CHECKPOINT_FORMAT else ")")),
         ("parameters", f"{info['parameters']:,}"),
         ("hidden size", f"{c['hidden_size']} (+ {c['memory_size']} long-term memory = "
                         f"{info['state_floats_per_user']} floats of state per user)"),
         ("next-item vocabulary", f"{info['next_item_vocabulary']:,} items"),
         ("hashed features", f"items {c['item_buckets']:,}, categories {c['category_buckets']:,}, "
                             f"queries {c['query_buckets']:,} buckets (hash seed {c['hash_seed']})"),
+        ("next-event transitions", ", ".join(f"{name} {v['pairs']:,} pairs, weight {v['weight']:g}"
+                                             for name, v in info["transitions"].items())),
         ("interest clusters", str(c["clusters"])),
         ("price tiers", ", ".join(f"{n} < {e:g}" for n, e in zip(c["price_tier_names"], c["price_tier_edges"]))
          + f", {c['price_tier_names'][-1]} above"),

@@ -32,6 +32,7 @@ class LoadedModel:
     trained: bool
     metadata: dict = field(default_factory=dict)
     item_vocab: list[str] = field(default_factory=list)  # item id of each next-item head row
+    format: int = CHECKPOINT_FORMAT  # the file's checkpoint format (older ones are read with defaults)
 
 
 def untrained(config: ModelConfig | None = None) -> LoadedModel:
@@ -117,4 +118,4 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         raise CheckpointError(f"{str(path)!r} has {len(vocab)} vocabulary items for a {config.n_items}-item head")
     model.to(device).eval()
     return LoadedModel(model, str(payload.get("model_version", "unknown")), True,
-                       dict(payload.get("metadata", {})), vocab)
+                       dict(payload.get("metadata", {})), vocab, int(payload["format"]))

@@ -8,7 +8,8 @@ import numpy as np
 import orjson
 import torch
 
-from models.checkpoint_io import LoadedModel, load_checkpoint, save_checkpoint
+from consumers.model_info import checkpoint_info, info_lines
+from models.checkpoint_io import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from models.dataset import load_events
 from models.profile_model import ModelConfig, ProfileModel
 from models.sequence_training import TrainConfig, train
@@ -103,11 +104,16 @@ def test_a_format_8_checkpoint_loads_without_transitions(tmp_path):
         model.transition_weight.fill_(3.0)
     path = tmp_path / "m.pt"
     save_checkpoint(path, model, "v-old", {}, [f"i{n}" for n in range(5)])
+    info = checkpoint_info(str(path))  # `profiles model info` says what the file holds
+    assert info["format"] == CHECKPOINT_FORMAT and info["transitions"]["item"] == {"pairs": 2, "weight": 3.0}
+    assert any(line.startswith("next-event transitions") and "item 2 pairs, weight 3" in line
+               for line in info_lines(info))
     payload = torch.load(path, weights_only=True)
     payload["format"] = 8
     del payload["state_dict"]["transition_weight"], payload["transitions"]
     torch.save(payload, path)
     loaded = load_checkpoint(path).model
+    assert checkpoint_info(str(path))["format"] == 8
     s = torch.randn(2, loaded.config.state_size)
     current = torch.tensor([0, 1])
     with torch.no_grad():
