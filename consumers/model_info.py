@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from models.checkpoint_io import CHECKPOINT_FORMAT, load_checkpoint
+from models.checkpoint_io import CHECKPOINT_FORMAT, checkpoint_path, load_checkpoint
 
 
 def checkpoint_info(path: str) -> dict:
@@ -14,7 +14,7 @@ def checkpoint_info(path: str) -> dict:
     meta = loaded.metadata
     report = meta.get("report", {})
     return {
-        "path": path,
+        "path": str(checkpoint_path(path)),
         "model_version": loaded.version,
         "format": loaded.format,
         "transitions": {name: {"pairs": len(loaded.model.transitions(name).cols),

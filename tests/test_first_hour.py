@@ -235,6 +235,10 @@ def test_model_info_reads_a_checkpoint_without_code(tmp_path):
     info = orjson.loads(CliRunner().invoke(main, ["model", "info", str(path), "--json"]).output)
     assert info["model_version"] == "gru-h8-test" and info["next_item_vocabulary"] == 3
     assert info["config"]["hidden_size"] == 8 and info["report"]["best_epoch"] == 3
+    shipped = CliRunner().invoke(main, ["model", "info", "demo"])  # the packaged model, as --model demo names it
+    assert shipped.exit_code == 0 and "checkpoints/demo.pt (format" in shipped.output, shipped.output
+    missing = CliRunner().invoke(main, ["model", "info", str(tmp_path / "missing.pt")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
     (tmp_path / "not.pt").write_bytes(b"nope")
     result = CliRunner().invoke(main, ["model", "info", str(tmp_path / "not.pt")])
     assert result.exit_code == 1 and "is not a readable profiles checkpoint" in result.output

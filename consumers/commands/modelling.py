@@ -136,10 +136,11 @@ def model() -> None:
 
 
 @model.command("info")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("checkpoint")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines.")
 def model_info(checkpoint: str, as_json: bool) -> None:
-    """A checkpoint's version, sizes, vocabularies and training metadata (from `profiles train`)."""
+    """A checkpoint's version, sizes, vocabularies and training metadata (from `profiles train`).
+    CHECKPOINT is a file, or `demo` for the model shipped in the package."""
     import orjson
 
     from consumers.model_info import checkpoint_info, info_lines
