@@ -11,6 +11,7 @@ from stream.events import PURCHASE
 from models.next_event_evaluation import (
     CHUNK_ELEMENTS, EvalTargets, NextEventPredictions, PrefixState, Sequences, flat_concat, chunked_ranks, prefix_state, ranks_in_fixed_scores, targets,
 )
+from models.transitions import successor_counts
 
 
 class PopularityBaseline:
@@ -73,8 +74,9 @@ class TransitionCounts:
     """count[a, b]: how often known value b directly follows known value a in a training sequence.
 
     "Directly" skips -1 entries: in [a, -1, b] the pair is (a, b), as a prefix's last known value
-    is a at the time b is predicted. Pairs never span two users. Stored as CSR (numpy only):
-    row a's columns are cols[indptr[a]:indptr[a+1]], with their counts in counts[...].
+    is a at the time b is predicted. Pairs never span two users. Stored as CSR (numpy only, every
+    successor kept: models/transitions.successor_counts): row a's columns are cols[indptr[a]:indptr[a+1]],
+    with their counts in counts[...].
     """
 
     def __init__(self, sequences: list[np.ndarray], n: int) -> None:
@@ -83,12 +85,9 @@ class TransitionCounts:
         known = values >= 0
         values, user = values[known], user[known]
         same_user = user[1:] == user[:-1]
-        key = values[:-1][same_user] * n + values[1:][same_user]
-        key, count = np.unique(key, return_counts=True)  # sorted by (a, b)
         self.n = n
-        self.cols = (key % n).astype(np.int64)
-        self.counts = count.astype(np.int64)
-        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(key // n, minlength=n))]).astype(np.int64)
+        self.indptr, self.cols, self.counts = successor_counts(values[:-1][same_user], values[1:][same_user], n,
+                                                               per_row=n)
 
     def row(self, a: int) -> tuple[np.ndarray, np.ndarray]:
         """(columns, counts) of row a."""

@@ -171,17 +171,15 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
         col = np.searchsorted(p.category_columns, target_cat[pos, k])
         return torch.from_numpy(pos).to(device), torch.from_numpy(col).to(device)
 
-    def category_nll(logits: torch.Tensor, target_event: np.ndarray) -> torch.Tensor | None:
-        """Mean -log p of the categories of target_event (P, W) (-1: none), each on its side of the split."""
-        if (at := category_targets(target_event)) is None:
-            return None
+    def category_nll(logits: torch.Tensor, at: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Mean -log p of the categories at (rows, columns) of category_targets."""
         return -torch.log_softmax(logits, dim=1)[at].mean()
 
     nxt = np.where(p.next_ts[idx] < np.iinfo(np.int64).max, idx + 1, -1)[:, None]  # the next event (same user)
-    if (loss := category_nll(category_logits, nxt)) is not None:
-        parts["category"] = loss
+    if (at := category_targets(nxt)) is not None:
+        parts["category"] = category_nll(category_logits, at)
         if rank_weights:
-            rows, col = category_targets(nxt)
+            rows, col = at
             logits, follows = category_logits[rows], model.category_follows(idle_hours[rows], recent[rows], columns,
                                                                            category_logits.shape[1])
             for i, w in enumerate(rank_weights):
@@ -190,8 +188,9 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
     visits = p.next_visits[idx]
     if visits.shape[1] and (visits >= 0).any():
         away = torch.full((len(idx),), model.config.visit_break_hours, device=device)
-        if (loss := category_nll(model.category_logits(model.drop(h), away, columns), visits)) is not None:
-            parts["visit"] = loss
+        visit_logits = model.category_logits(model.drop(h), away, columns)
+        if (at := category_targets(visits)) is not None:
+            parts["visit"] = category_nll(visit_logits, at)
     purchase_ok = (event_ts + horizon_ms > split_ts) if validation else (event_ts + horizon_ms <= split_ts)
     rows = np.flatnonzero(purchase_ok)
     if len(rows):

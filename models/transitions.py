@@ -1,10 +1,10 @@
-"""What follows what in the training log: the sequential rules' counts, as a score the model learns to weigh.
+"""What follows what in the training log: the sequential rules' counts, as a score the model weighs.
 
 After an event of class a (an item of the next-item vocabulary, or a category bucket), the next event
 of the same user was of class b count[a, b] times in the training log. Sequential rules rank the
 next class by that count alone; on small logs they beat a GRU that has to learn every transition
 into its output vectors from a handful of examples (REES46 slice: next-category accuracy@5 0.910 vs
-0.905, MRR@20 0.298 vs 0.300). The model adds w(state) * log(1 + count[a, b]) to class b's score,
+0.905, MRR@20 0.298 vs 0.300). The model adds w * log(1 + count[a, b]) to class b's score,
 with w fitted after training on the validation period (sequence_training.fit_transition_weights).
 
 Why not learned with the GRU: in training, the GRU has already memorised the transitions of the
@@ -22,6 +22,18 @@ import numpy as np
 import torch
 
 PER_ROW = 100  # successors kept per class: the rules' top candidates, and a bounded checkpoint
+
+
+def successor_counts(a: np.ndarray, b: np.ndarray, n: int, per_row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How often b[i] followed a[i] (classes in [0, n)), as CSR (indptr, cols, counts; int64): row r's
+    successors are cols[indptr[r]:indptr[r+1]], most frequent first (ties by column), at most per_row."""
+    key, count = np.unique(a.astype(np.int64) * n + b.astype(np.int64), return_counts=True)
+    row, col = key // n, key % n
+    order = np.lexsort((col, -count, row))
+    row, col, count = row[order], col[order], count[order]
+    keep = np.arange(len(row)) - np.searchsorted(row, row, side="left") < per_row
+    row, col, count = row[keep], col[keep], count[keep].astype(np.int64)
+    return np.concatenate([[0], np.cumsum(np.bincount(row, minlength=n))]).astype(np.int64), col, count
 
 
 class Transitions:
@@ -42,19 +54,7 @@ class Transitions:
     @classmethod
     def from_pairs(cls, a: np.ndarray, b: np.ndarray, n: int, per_row: int = PER_ROW) -> Transitions:
         """Count the pairs (a[i], b[i]) (classes in [0, n)); keep each row's `per_row` most frequent."""
-        key, count = np.unique(a.astype(np.int64) * n + b.astype(np.int64), return_counts=True)
-        row, col = key // n, key % n
-        # Within each row, most frequent first (ties by column), then keep the first per_row.
-        order = np.lexsort((col, -count, row))
-        row, col, count = row[order], col[order], count[order]
-        first = np.searchsorted(row, row, side="left")
-        keep = np.arange(len(row)) - first < per_row
-        row, col, count = row[keep], col[keep], count[keep]
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=n))])
-        return cls(torch.from_numpy(indptr), torch.from_numpy(col), torch.from_numpy(count.astype(np.float32)))
-
-    def to(self, device: torch.device) -> Transitions:
-        return Transitions(self.indptr.to(device), self.cols.to(device), self.counts.to(device))
+        return cls(*(torch.from_numpy(x) for x in successor_counts(a, b, n, per_row)))
 
     def arrays(self) -> dict[str, torch.Tensor]:
         """Plain tensors for a checkpoint (see `from_arrays`)."""
