@@ -9,7 +9,24 @@ import pytest
 
 from stream.broker import EmbeddedBroker
 from stream.settings import KafkaSettings, Settings
+from tests import helpers
 from tests.helpers import SESSION_TIMEOUT_MS
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="where the model and pipeline tests run their model and state (default: cpu). "
+                          "cuda needs a GPU; tests/test_gpu.py runs on one whenever it is found.")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    device = config.getoption("--device")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("--device cuda: no CUDA GPU found (torch.cuda.is_available() is False)")
+    helpers.use_device(device)  # before the test modules are imported: they read helpers.DEVICE then
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +79,7 @@ def settings_factory(kafka: KafkaSettings, unique: Callable[[str], str]) -> Call
     def make(**overrides: object) -> Settings:
         base = dict(kafka=kafka, input_topics=(unique("events"),), output_topic=unique("profiles"),
                     group_id=unique("group"), batch_max_ms=100, session_timeout_ms=SESSION_TIMEOUT_MS,
-                    device="cpu")
+                    device=helpers.DEVICE)
         base.update(overrides)
         return Settings(**base)  # type: ignore[arg-type]
 

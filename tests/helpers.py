@@ -25,8 +25,17 @@ from stream.settings import KafkaSettings, Settings
 # The embedded broker's group join waits for the session timeout: keep it short in tests.
 SESSION_TIMEOUT_MS = 6000
 
+# The device the model and pipeline tests run their models and state on: "cpu", or "cuda" with
+# `pytest --device cuda` (conftest.py sets it before the test modules are imported).
+DEVICE = "cpu"
 # Settings for an updater driven batch by batch, without a broker.
-EVENTS = Settings(device="cpu", input_topics=("events",))
+EVENTS = Settings(device=DEVICE, input_topics=("events",))
+
+
+def use_device(name: str) -> None:
+    """Run the tests' models and state on `name` (pytest --device)."""
+    global DEVICE, EVENTS
+    DEVICE, EVENTS = name, Settings(device=name, input_topics=("events",))
 
 
 # ----------------------------------------------------------------------------- records and batches
@@ -67,9 +76,9 @@ def profiles_command() -> list[str]:
 
 
 def start_daemon(kafka: KafkaSettings, *args: str) -> subprocess.Popen:
-    """`profiles run --untrained` on the CPU against `kafka`, with the tests' short session timeout."""
+    """`profiles run --untrained` on the tests' device against `kafka`, with the tests' short session timeout."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = profiles_command() + ["run", "--untrained", "--bootstrap-servers", kafka.bootstrap_servers, "--device", "cpu",
+    cmd = profiles_command() + ["run", "--untrained", "--bootstrap-servers", kafka.bootstrap_servers, "--device", DEVICE,
                                 "--session-timeout-ms", str(SESSION_TIMEOUT_MS), *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 

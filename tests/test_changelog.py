@@ -14,7 +14,7 @@ from stream.expiry import Expired
 from stream.kafka import Publisher, StreamError, admin_client, ensure_topics
 from stream.metrics import Metrics
 from stream.state import StateTable
-from tests.helpers import committed_offsets, read_topic
+from tests.helpers import DEVICE, committed_offsets, read_topic
 
 PARTITIONS = 3
 
@@ -35,7 +35,7 @@ class Inputs:
 
 
 def table() -> StateTable:
-    return StateTable(8, torch.device("cpu"), watermark_slots=1, dedupe_window=4)
+    return StateTable(8, torch.device(DEVICE), watermark_slots=1, dedupe_window=4)
 
 
 def fill(state: StateTable, users: list[str], seed: int) -> np.ndarray:

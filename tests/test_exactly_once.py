@@ -15,7 +15,7 @@ from consumers.replay import replay
 from stream.generator import generate, write_jsonl
 from stream.settings import Settings
 from stream.state import StateTable
-from tests.helpers import EVENTS, committed_offsets, create_topics, end_offsets, latest_profiles, produce, wait_until
+from tests.helpers import DEVICE, EVENTS, committed_offsets, create_topics, end_offsets, latest_profiles, produce, wait_until
 from tests.helpers import published, record_batch, start_daemon
 
 
@@ -64,7 +64,7 @@ def test_changelog_records_rebuild_the_same_state():
     state = updater.state
     rows = np.arange(len(state))
     records = dict(zip((u.encode() for u in state.user_ids), state.changelog_values(rows)))
-    restored = StateTable(state.state_size, torch.device("cpu"), watermark_slots=1,
+    restored = StateTable(state.state_size, torch.device(DEVICE), watermark_slots=1,
                           dedupe_window=state.dedupe_window)
     assert restored.load_changelog(records) == len(state)
     a, b = state.snapshot(), restored.snapshot()
@@ -83,7 +83,7 @@ def reference_profiles(events: list[dict], tmp_path) -> dict[str, dict]:
     """One uninterrupted pass over the events (a replay: equal to a streamed run by the invariance tests)."""
     src, out = tmp_path / "reference-events.jsonl", tmp_path / "reference.jsonl"
     write_jsonl(events, src)
-    replay(Settings(device="cpu"), [str(src)], "jsonl", str(out), None, False, None, str(tmp_path / "ref.dlq"),
+    replay(Settings(device=DEVICE), [str(src)], "jsonl", str(out), None, False, None, str(tmp_path / "ref.dlq"),
            50_000, show_progress=False)
     return {p["user_id"]: p for p in map(orjson.loads, out.read_bytes().splitlines())}
 
@@ -259,7 +259,7 @@ def test_aborted_transaction_is_produced_again(kafka, unique, tmp_path, monkeypa
         return real_commit(self, offsets, group_metadata, timeout_s)
 
     monkeypatch.setattr(Publisher, "commit", commit_failing_once)
-    settings = Settings(kafka=kafka, input_topics=(topic,), output_topic=out, group_id=group, device="cpu",
+    settings = Settings(kafka=kafka, input_topics=(topic,), output_topic=out, group_id=group, device=DEVICE,
                         batch_max_events=250, session_timeout_ms=6000, guarantee="exactly-once")
     daemon = run_until_drained(settings)
     assert daemon.metrics.registry.get_sample_value("profiles_transaction_failures_total") == 1

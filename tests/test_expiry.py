@@ -19,7 +19,7 @@ from stream import expiry
 from stream.generator import generate, write_jsonl
 from stream.metrics import Metrics
 from stream.settings import Settings
-from tests.helpers import EVENTS, create_topics, latest_profiles, produce, record_batch, run_until_drained
+from tests.helpers import DEVICE, EVENTS, create_topics, latest_profiles, produce, record_batch, run_until_drained
 
 DAY_MS = 86_400_000
 TTL_MS = 4 * DAY_MS
@@ -77,7 +77,7 @@ def test_users_idle_longer_than_the_ttl_expire_whatever_the_batching(monkeypatch
     end = max(e["ts"] for e in log)
     kept, expiries, returned = expected(log, TTL_MS, end)
     assert returned and len(kept) < 120, "the log must have users who come back and users who leave for good"
-    settings = Settings(device="cpu", input_topics=("events",), state_ttl_ms=TTL_MS)
+    settings = Settings(device=DEVICE, input_topics=("events",), state_ttl_ms=TTL_MS)
     runs = {}
     for size in (len(log), 97, 7):  # one batch (every restart inside it), and many
         updater = load_updater(settings)
@@ -96,7 +96,7 @@ def test_a_user_expired_from_a_snapshot_base_is_not_taken_from_it_again():
     half = len(log) // 2
     backfill = load_updater(EVENTS)
     backfill.process(record_batch(log[:half]))
-    live = load_updater(Settings(device="cpu", input_topics=("events",), state_ttl_ms=TTL_MS))
+    live = load_updater(Settings(device=DEVICE, input_topics=("events",), state_ttl_ms=TTL_MS))
     live.state.attach_base(backfill.state.snapshot(), ["events"], ["events"])
     assert live.state.load_base_partitions([0]) == len(backfill.state)
     expired = sum(len(live.process(record_batch(log[i:i + 97], first_offset=i)).expired)
@@ -115,7 +115,7 @@ def test_a_returning_user_starts_from_a_fresh_state():
     mine = sorted((e for e in log if str(e["user_id"]) == user), key=lambda e: e["ts"])
     gaps = [k for k in range(1, len(mine)) if mine[k]["ts"] - mine[k - 1]["ts"] > TTL_MS]
     since = mine[gaps[-1]:]
-    updater = load_updater(Settings(device="cpu", input_topics=("events",), state_ttl_ms=TTL_MS))
+    updater = load_updater(Settings(device=DEVICE, input_topics=("events",), state_ttl_ms=TTL_MS))
     updater.process(record_batch(mine))
     fresh = load_updater(EVENTS)  # a user seen for the first time at its return
     fresh.process(record_batch(since, first_offset=gaps[-1]))
@@ -132,7 +132,7 @@ def replay_file(tmp_path, log, name: str, **settings) -> tuple[list[dict], objec
         write_jsonl(log, src)
     out = tmp_path / f"{name}.jsonl"
     every_update = settings.pop("every_update", False)
-    report = replay(Settings(device="cpu", **settings), [str(src)], "jsonl", str(out), None, every_update, None,
+    report = replay(Settings(device=DEVICE, **settings), [str(src)], "jsonl", str(out), None, every_update, None,
                     str(tmp_path / f"{name}.dlq.jsonl"), 500, show_progress=False)
     return [orjson.loads(line) for line in out.read_bytes().splitlines()], report
 

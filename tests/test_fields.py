@@ -22,13 +22,13 @@ from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from stream.generator import ShopParams, generate, write_jsonl
 from stream import statistics
 from stream.statistics import CATEGORY_SLOTS, COUNT_MAX, SLOT_FEATURES, USER_FEATURES
-from tests.helpers import record_batch
+from tests.helpers import DEVICE, record_batch
 
-CPU = torch.device("cpu")
+ON_DEVICE = torch.device(DEVICE)
 
 
 def run(events: list[dict], batch: int) -> ProfileUpdater:
-    updater = ProfileUpdater(untrained(), CPU, max_event_bytes=65536, emit_embedding=False)
+    updater = ProfileUpdater(untrained(), ON_DEVICE, max_event_bytes=65536, emit_embedding=False)
     for a in range(0, len(events), batch):
         chunk = events[a:a + batch]
         updater.process(record_batch(chunk, topic="t", first_offset=a, keys=None))
@@ -302,7 +302,7 @@ def test_categories_that_share_a_model_bucket_keep_their_own_names_and_counts():
         loaded.model.fields.repeat_score.weight.zero_()
         loaded.model.fields.repeat_score.weight[0, SLOT_FEATURES.index("log_count")] = 1.0
         loaded.model.fields.gate.bias.fill_(30.0)  # always repeat: the user's own categories by count
-    updater = ProfileUpdater(loaded, CPU, max_event_bytes=65536, emit_embedding=False)
+    updater = ProfileUpdater(loaded, ON_DEVICE, max_event_bytes=65536, emit_embedding=False)
     categories = ["shoes"] * 5 + ["books"] * 3 + ["toys"]
     events = [{"event_id": f"e{i}", "user_id": "u1", "type": "click", "ts": 1_700_000_000_000 + i * 1000,
                "item_id": f"i{i}", "category": c} for i, c in enumerate(categories)]
@@ -322,8 +322,8 @@ def test_profiles_at_a_cut_never_see_later_events(tmp_path):
     write_jsonl(log.events, tmp_path / "a.jsonl")
     write_jsonl(altered, tmp_path / "b.jsonl")
     loaded = untrained()
-    a = profiles_at(loaded, read_records([tmp_path / "a.jsonl"]), CPU, cut)
-    b = profiles_at(loaded, read_records([tmp_path / "b.jsonl"]), CPU, cut)
+    a = profiles_at(loaded, read_records([tmp_path / "a.jsonl"]), ON_DEVICE, cut)
+    b = profiles_at(loaded, read_records([tmp_path / "b.jsonl"]), ON_DEVICE, cut)
     strip = lambda p: {k: v for k, v in p.items() if k != "updated_at"}  # noqa: E731
     assert {u: strip(p) for u, p in a.items()} == {u: strip(p) for u, p in b.items()}
     assert all(p["last_event_ts"] <= cut for p in a.values())
@@ -338,7 +338,7 @@ def test_profiles_at_a_cut_never_see_later_events(tmp_path):
 def test_evaluation_report_has_every_field_metric_and_baseline(tmp_path):
     log = generate(users=200, events=6000, seed=9, span_days=40, shop=ShopParams.draw(3))
     write_jsonl(log.events, tmp_path / "log.jsonl")
-    report = evaluate_fields(untrained(), [str(tmp_path / "log.jsonl")], CPU)
+    report = evaluate_fields(untrained(), [str(tmp_path / "log.jsonl")], ON_DEVICE)
     fields = report["fields"]
     assert set(fields["top_categories"]["baselines"]) == {"all-time counts", "decayed counts",
                                                           "most recent categories"}
@@ -423,7 +423,7 @@ def test_the_shipped_demo_model_loads_and_its_fields_beat_chance_on_the_demos_tr
     assert loaded.trained and loaded.metadata["fields"]["cuts"] >= 3
     log = generate(users=400, events=20_000, seed=77, span_days=30, shop=ShopParams.draw(DEMO_SHOP_SEED))
     write_jsonl(log.events, tmp_path / "demo.jsonl")
-    fields = evaluate_fields(loaded, [str(tmp_path / "demo.jsonl")], CPU)["fields"]
+    fields = evaluate_fields(loaded, [str(tmp_path / "demo.jsonl")], ON_DEVICE)["fields"]
     assert fields["purchase_propensity"]["model"]["roc_auc"] > 0.65
     assert fields["churn_risk"]["model"]["roc_auc"] > 0.65
     chance = 3 / len(log.categories)
@@ -471,6 +471,6 @@ def test_the_fields_fit_on_a_log_without_categories(tmp_path):
     path = tmp_path / "sessions.jsonl"
     write_jsonl(events, path)
     report = train_fields(untrained(ModelConfig(hidden_size=8, memory_size=4, item_buckets=256, category_buckets=64,
-                                                query_buckets=64)), load_events([path]), torch.device("cpu"))
+                                                query_buckets=64)), load_events([path]), torch.device(DEVICE))
     assert report["cuts"] >= 3
     assert set(report["chosen"]) == {"purchase", "event"}  # no category side to choose

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from consumers.cli import main
-from tests.helpers import wait_until
+from tests.helpers import DEVICE, wait_until
 from tests.helpers import profiles_command
 
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1
@@ -69,7 +69,7 @@ def test_ctrl_c_in_run_commits_and_exits_130(kafka, unique, tmp_path):
     create_topics(kafka, {topic: 1})
     err_path = tmp_path / "err"
     proc = start(["run", "--untrained", "--bootstrap-servers", kafka.bootstrap_servers, "--input-topics", topic, "--output-topic",
-                  unique("profiles"), "--group-id", unique("group"), "--device", "cpu", "--session-timeout-ms",
+                  unique("profiles"), "--group-id", unique("group"), "--device", DEVICE, "--session-timeout-ms",
                   "6000"], tmp_path, stderr=open(err_path, "wb"))
     wait_until(lambda: b"consuming" in err_path.read_bytes(), 90, "the daemon to start consuming")
     took, _, _ = ctrl_c(proc)
@@ -85,7 +85,7 @@ def test_ctrl_c_in_replay_keeps_partial_output_aside_and_the_earlier_file_intact
     (tmp_path / "p.jsonl").write_bytes(earlier)
     # Every update, in small batches: slow enough to be interrupted midway.
     proc = start(["replay", "events.jsonl", "--out", "p.jsonl", "--every-update", "--batch-events", "50",
-                  "--device", "cpu"], tmp_path)
+                  "--device", DEVICE], tmp_path)
     wait_until(lambda: any(p.stat().st_size > 0 for p in temporaries(tmp_path) if p.name.startswith(".p.jsonl.")),
                90, "the replay to write profiles")
     took, _, err = ctrl_c(proc)
@@ -119,7 +119,7 @@ def test_a_failed_replay_leaves_an_earlier_output_untouched(tmp_path):
     earlier = b'{"user_id":"earlier"}\n'
     (tmp_path / "p.jsonl").write_bytes(earlier)
     result = CliRunner().invoke(main, ["replay", str(tmp_path / "cut.jsonl.gz"), "--out", str(tmp_path / "p.jsonl"),
-                                       "--device", "cpu"])
+                                       "--device", DEVICE])
     assert result.exit_code == 1
     error = result.output.strip().splitlines()[-1]
     assert error.startswith(f"Error: {tmp_path / 'cut.jsonl.gz'}: gzip data broken after line "), error
@@ -132,13 +132,13 @@ def test_out_dash_is_stdout_and_dead_letters_then_go_to_the_working_directory(tm
     with open(tmp_path / "events.jsonl", "ab") as fh:
         fh.write(b"not json\n")
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(main, ["replay", "events.jsonl", "--out", "-", "--device", "cpu"])
+    result = CliRunner().invoke(main, ["replay", "events.jsonl", "--out", "-", "--device", DEVICE])
     assert result.exit_code == 0, result.output
     profiles = [orjson.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(profiles) == 20
     assert not (tmp_path / "-").exists()
     assert len((tmp_path / "replay.dlq.jsonl").read_bytes().splitlines()) == 1
-    result = CliRunner().invoke(main, ["replay", "events.jsonl", "--out", os.devnull, "--device", "cpu"])
+    result = CliRunner().invoke(main, ["replay", "events.jsonl", "--out", os.devnull, "--device", DEVICE])
     assert result.exit_code == 0, result.output
     assert "-> replay.dlq.jsonl" in result.output and not os.path.exists(os.devnull + ".dlq.jsonl")
 
@@ -171,7 +171,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path, args, message):
     gz = gzip.compress(events.read_bytes())
     (tmp_path / "cut.jsonl.gz").write_bytes(gz[: len(gz) // 2])
     args = [a.format(events=events, tmp=tmp_path, cut=tmp_path / "cut.jsonl.gz") for a in args]
-    result = CliRunner().invoke(main, args + (["--device", "cpu"] if args[0] != "split" else []))
+    result = CliRunner().invoke(main, args + (["--device", DEVICE] if args[0] != "split" else []))
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(lines) == 1 and message in lines[0], result.output

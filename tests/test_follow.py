@@ -15,15 +15,15 @@ from stream.follow import FollowCounts
 from stream.generator import ShopParams, generate
 from stream.popularity import HolderCounts
 from stream.statistics import SLOT_FEATURES
-from tests.helpers import record_batch
+from tests.helpers import DEVICE, record_batch
 
-CPU = torch.device("cpu")
+ON_DEVICE = torch.device(DEVICE)
 T0 = 1_700_000_000_000
 HOUR = 3_600_000
 
 
 def replay(events: list[dict], sizes: list[int], loaded=None) -> ProfileUpdater:
-    updater = ProfileUpdater(loaded or untrained(), CPU, max_event_bytes=65536, emit_embedding=False)
+    updater = ProfileUpdater(loaded or untrained(), ON_DEVICE, max_event_bytes=65536, emit_embedding=False)
     a, i = 0, 0
     while a < len(events):
         b = a + sizes[i % len(sizes)]
@@ -58,7 +58,7 @@ def test_follow_counts_stay_the_sum_over_the_users_in_state():
     gone = one.state.user_ids[::3]
     one.state.forget(gone)
     assert one.state.follow.counts == rebuilt(one) and one.state.holders.counts == holders_rebuilt(one)
-    restored = ProfileUpdater(untrained(), CPU, max_event_bytes=65536, emit_embedding=False)
+    restored = ProfileUpdater(untrained(), ON_DEVICE, max_event_bytes=65536, emit_embedding=False)
     restored.state.restore(one.state.snapshot())
     assert restored.state.follow.counts == one.state.follow.counts
     assert restored.state.holders.counts == one.state.holders.counts
@@ -73,7 +73,7 @@ def test_a_user_who_starts_afresh_after_the_ttl_takes_their_follow_up_with_them(
                 "price": 5.0}]
     events = [{"event_id": f"e{n}", **e} for n, e in enumerate(events)]
     for sizes in ([100], [1]):
-        updater = ProfileUpdater(untrained(), CPU, max_event_bytes=65536, emit_embedding=False,
+        updater = ProfileUpdater(untrained(), ON_DEVICE, max_event_bytes=65536, emit_embedding=False,
                                  state_ttl_ms=10 * day)
         a = 0
         for size in sizes * len(events):

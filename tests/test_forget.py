@@ -16,7 +16,7 @@ from consumers.replay import replay
 from stream.generator import generate, write_jsonl
 from stream.metrics import Metrics
 from stream.settings import Settings
-from tests.helpers import create_topics, expected_from_events, latest_profiles, produce, read_topic, wait_until
+from tests.helpers import DEVICE, create_topics, expected_from_events, latest_profiles, produce, read_topic, wait_until
 from tests.helpers import profiles_command, published, record_batch, start_daemon
 from tests.helpers import EVENTS
 
@@ -86,7 +86,7 @@ def test_forget_on_another_partition_than_the_users_state_is_ignored():
 
 def test_forget_by_raw_id_erases_the_pseudonymised_user():
     log, target = split_log(seed=44)
-    settings = Settings(device="cpu", input_topics=("events",), pseudonymize_key="k3y")
+    settings = Settings(device=DEVICE, input_topics=("events",), pseudonymize_key="k3y")
     updater = load_updater(settings)
     updater.process(record_batch(log))
     pseudonym = updater.pseudonymize.one(target)
@@ -156,7 +156,7 @@ def test_profiles_forget_erases_the_user_everywhere_and_a_restart_restores_no_tr
     assert first_tombstone > 0 and values[-1] is not None
 
     # What a restarted daemon restores: every other user exactly, the target only with its new events.
-    settings = Settings(kafka=kafka, input_topics=(topic,), output_topic=out, group_id=group, device="cpu")
+    settings = Settings(kafka=kafka, input_topics=(topic,), output_topic=out, group_id=group, device=DEVICE)
     daemon = ProfileDaemon(settings, load_updater(settings), Metrics(), threading.Event())
     daemon.restore_partitions([0, 1, 2, 3])
     state = daemon.updater.state.snapshot()
@@ -194,7 +194,7 @@ def test_forget_with_repartition_writes_one_record_the_daemon_re_keys(kafka, uni
 
 def test_forget_leaves_no_raw_id_in_the_pseudonym_cache_and_counts_only_users_it_erased():
     log, target = split_log(seed=47)
-    updater = load_updater(Settings(device="cpu", input_topics=("events",), pseudonymize_key="k3y"))
+    updater = load_updater(Settings(device=DEVICE, input_topics=("events",), pseudonymize_key="k3y"))
     updater.process(record_batch(log))
     assert target in updater.pseudonymize  # the cache holds raw id -> pseudonym for users it saw
     result = updater.process(record_batch([control_record(target), control_record("never-seen")], first_offset=len(log)))

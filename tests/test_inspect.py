@@ -12,6 +12,7 @@ from consumers.cli import main
 from consumers.inspect import CHARTED, END_LABEL, IDLE_LABEL, category_series, plot, render_table, timeline
 from consumers.replay import replay
 from stream.settings import Settings
+from tests.helpers import DEVICE
 
 HOUR = 3_600_000
 DAY = 24 * HOUR
@@ -48,7 +49,7 @@ def quiet_user_log(tmp_path):
 
 
 def settings(idle_hours: float = 24) -> Settings:
-    return Settings(device="cpu", emit_embedding=False, idle_rescore_after_ms=int(idle_hours * HOUR))
+    return Settings(device=DEVICE, emit_embedding=False, idle_rescore_after_ms=int(idle_hours * HOUR))
 
 
 def test_the_timeline_has_the_idle_rescores_and_the_replays_final_profile(quiet_user_log, tmp_path):
@@ -135,7 +136,7 @@ def test_without_idle_rescores_the_plot_says_nothing_about_them(quiet_user_log, 
 def test_inspect_command_draws_the_plot_and_reports_its_panels(quiet_user_log, tmp_path):
     png = tmp_path / "cli.png"
     result = CliRunner().invoke(main, ["inspect", "quiet", "--events", str(quiet_user_log), "--plot", str(png),
-                                       "--idle-rescore-after", "2d", "--device", "cpu"])
+                                       "--idle-rescore-after", "2d", "--device", DEVICE])
     assert result.exit_code == 0, result.output
     assert png.stat().st_size > 10_000 and f"({len(CHARTED)} panels)" in result.output
     assert "idle re-score" in result.output and "after 48h" in result.output and "end of log" in result.output

@@ -16,7 +16,7 @@ from models.features import build_features, hash_buckets
 from models.profile_model import CheckpointError, ModelConfig, ProfileModel
 from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from stream.generator import generate
-from tests.helpers import record_batch
+from tests.helpers import DEVICE, record_batch
 
 SMALL = ModelConfig(hidden_size=16, item_buckets=1024, category_buckets=64, query_buckets=256)
 
@@ -30,7 +30,7 @@ def features(model: ProfileModel, n: int, seed: int = 0):
     c = model.config
     return build_features(rng.integers(0, 4, n), items, cats, price, queries, rng.random(n) * 1000,
                           np.zeros(n, bool), item_buckets=c.item_buckets, category_buckets=c.category_buckets,
-                          query_buckets=c.query_buckets, hash_seed=c.hash_seed, device=torch.device("cpu"))
+                          query_buckets=c.query_buckets, hash_seed=c.hash_seed, device=torch.device(DEVICE))
 
 
 def test_one_packed_call_equals_running_each_user_alone():
@@ -132,13 +132,13 @@ def test_feature_hashing_is_identical_across_processes():
 
 def test_split_batches_equal_one_batch_and_snapshot_restores_state():
     events = generate(users=40, events=600, seed=2).events
-    whole = ProfileUpdater(untrained(SMALL), torch.device("cpu"), max_event_bytes=65536, emit_embedding=True)
+    whole = ProfileUpdater(untrained(SMALL), torch.device(DEVICE), max_event_bytes=65536, emit_embedding=True)
     whole.process(record_batch(events, topic="t", keys=None))
 
-    pieces = ProfileUpdater(untrained(SMALL), torch.device("cpu"), max_event_bytes=65536, emit_embedding=True)
+    pieces = ProfileUpdater(untrained(SMALL), torch.device(DEVICE), max_event_bytes=65536, emit_embedding=True)
     pieces.process(record_batch(events[:250], topic="t", keys=None))
     snap = pieces.state.snapshot()
-    resumed = ProfileUpdater(untrained(SMALL), torch.device("cpu"), max_event_bytes=65536, emit_embedding=True)
+    resumed = ProfileUpdater(untrained(SMALL), torch.device(DEVICE), max_event_bytes=65536, emit_embedding=True)
     resumed.state.restore(snap)  # a restart from a snapshot
     for start in range(250, 600, 33):
         resumed.process(record_batch(events[start:start + 33], topic="t", keys=None))
@@ -154,7 +154,7 @@ def test_split_batches_equal_one_batch_and_snapshot_restores_state():
 
 def test_idle_users_are_rescored_on_the_event_time_timer_with_rising_churn():
     hour = 3_600_000
-    updater = ProfileUpdater(untrained(SMALL), torch.device("cpu"), max_event_bytes=65536, emit_embedding=False,
+    updater = ProfileUpdater(untrained(SMALL), torch.device(DEVICE), max_event_bytes=65536, emit_embedding=False,
                              idle_rescore_ms=24 * hour)
 
     def click(user: str, ts: int, n: int) -> dict:

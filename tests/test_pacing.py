@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from consumers.source import BatchPacer
+from tests.helpers import DEVICE
 
 
 def test_slow_batches_shrink_the_cap_and_cheap_ones_grow_it_back():
@@ -47,7 +48,7 @@ def test_a_slow_model_shrinks_the_daemons_batches_and_keeps_its_partitions(kafka
 
     monkeypatch.setattr(ProfileUpdater, "process", slow_process)
     settings = Settings(kafka=kafka, input_topics=(topic,), output_topic=unique("profiles"), group_id=unique("group"),
-                        device="cpu", batch_max_events=2000, batch_max_ms=5000, session_timeout_ms=6000,
+                        device=DEVICE, batch_max_events=2000, batch_max_ms=5000, session_timeout_ms=6000,
                         max_poll_interval_ms=7000)  # a quarter: 1.75 s, less than a full batch's 2 s
     daemon = run_until_drained(settings)
     assert daemon.source.pacer.cap < 2000

@@ -12,9 +12,9 @@ from confluent_kafka import Producer
 from models.update_step import load_updater
 from stream.events import WRONG_PARTITION, RecordBatch
 from stream.settings import Settings
-from tests.helpers import create_topics, latest_profiles, read_topic, record_batch, run_until_drained
+from tests.helpers import DEVICE, create_topics, latest_profiles, read_topic, record_batch, run_until_drained
 
-EVENTS = Settings(device="cpu", input_topics=("events",))
+EVENTS = Settings(device=DEVICE, input_topics=("events",))
 
 
 def event(i: int, user: str | int = "u1") -> dict:
@@ -76,7 +76,7 @@ def test_records_not_keyed_by_their_user_id_are_dead_lettered():
 
 
 def test_the_key_is_the_raw_user_id_under_pseudonyms():
-    updater = load_updater(Settings(device="cpu", input_topics=("events",), pseudonymize_key="k3y"))
+    updater = load_updater(Settings(device=DEVICE, input_topics=("events",), pseudonymize_key="k3y"))
     result = updater.process(batch([event(0, "alice")], [0], [0]))
     assert not result.dead_letters and len(updater.state) == 1 and updater.state.row("alice") is None
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from stream.generator import generate
 from stream.profiles import ProfileColumns, encode_profiles
-from tests.helpers import record_batch
+from tests.helpers import DEVICE, record_batch
 
 FUZZ = {"deadline": None, "derandomize": True, "database": None,
         "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
@@ -100,8 +100,8 @@ def test_a_real_batch_of_profiles_is_encoded_byte_for_byte_as_before(monkeypatch
     import models.update_step as update_step
     from models.checkpoint_io import load_checkpoint
 
-    cpu = torch.device("cpu")
-    updater = update_step.ProfileUpdater(load_checkpoint("demo", cpu), cpu, max_event_bytes=65536,
+    on_device = torch.device(DEVICE)
+    updater = update_step.ProfileUpdater(load_checkpoint("demo", on_device), on_device, max_event_bytes=65536,
                                          emit_embedding=True, next_items=5)
     values = [orjson.dumps(e) for e in generate(users=300, events=3000, seed=4).events]
     updater.process(record_batch(values, topic="t", keys=None), profiles=False)

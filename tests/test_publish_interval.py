@@ -11,7 +11,7 @@ from consumers.bench import run_daemon_until
 from models.update_step import load_updater
 from stream.settings import Settings
 from tests.helpers import (
-    committed_offsets, create_topics, end_offsets, latest_profiles, produce, published, record_batch,
+    DEVICE, committed_offsets, create_topics, end_offsets, latest_profiles, produce, published, record_batch,
     run_until_drained, start_daemon, wait_until,
 )
 
@@ -28,7 +28,7 @@ def counted(profile: bytes) -> int:
 
 
 def test_profiles_are_deferred_to_the_interval_and_each_user_published_once_with_its_latest():
-    updater = load_updater(Settings(device="cpu", publish_interval_ms=HOUR_MS))
+    updater = load_updater(Settings(device=DEVICE, publish_interval_ms=HOUR_MS))
     first = updater.process(record_batch([event(i, "u1") for i in range(3)]))
     second = updater.process(record_batch([event(3, "u1"), event(4, "u2")], first_offset=3))
     assert first.profiles == [] and second.profiles == []  # within the interval: nothing published...
@@ -48,7 +48,7 @@ def test_profiles_are_deferred_to_the_interval_and_each_user_published_once_with
 
 
 def test_without_an_interval_every_batch_publishes_and_the_layout_is_unchanged():
-    updater = load_updater(Settings(device="cpu"))
+    updater = load_updater(Settings(device=DEVICE))
     result = updater.process(record_batch([event(0, "u1")]))
     assert [k for k, _ in result.profiles] == [b"u1"] and updater.state.columns["unpublished"].shape[1] == 0
 

@@ -16,14 +16,14 @@ from stream.malformed import corrupt_some
 from stream.settings import Settings
 from stream.sources import SourceError
 from stream.state import read_snapshot
-from tests.helpers import create_topics, expected_from_events, latest_profiles, produce, run_until_drained
+from tests.helpers import DEVICE, create_topics, expected_from_events, latest_profiles, produce, run_until_drained
 
-CPU = Settings(device="cpu")
+ON_DEVICE = Settings(device=DEVICE)
 
 
 def run(tmp_path, sources, **kw) -> tuple[dict[str, dict], object]:
     out = tmp_path / "profiles.jsonl"
-    report = replay(CPU, [str(s) for s in sources], kw.pop("fmt", "jsonl"), str(out), None,
+    report = replay(ON_DEVICE, [str(s) for s in sources], kw.pop("fmt", "jsonl"), str(out), None,
                     kw.pop("every_update", False), kw.pop("state_out", None),
                     str(kw.pop("dead_letters", tmp_path / "dlq.jsonl")), kw.pop("batch_records", 50_000),
                     show_progress=False)
@@ -133,7 +133,7 @@ def test_topic_replay_takes_exactly_the_events_in_the_time_range(kafka, unique, 
         return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
 
     uri = f"kafka://{topic}?from={iso(start)}&to={iso(end)}"
-    settings = Settings(kafka=kafka, device="cpu")
+    settings = Settings(kafka=kafka, device=DEVICE)
     out = tmp_path / "p.jsonl"
     report = replay(settings, [uri], "jsonl", str(out), None, False, str(tmp_path / "state"),
                     str(tmp_path / "dlq.jsonl"), 300, show_progress=False)
@@ -179,7 +179,7 @@ def test_backfill_then_go_live(kafka, settings_factory, unique, tmp_path):
     create_topics(kafka, {topic: 4})
     keyed = [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log.events]
     produce(kafka, topic, keyed[:1700])
-    settings = Settings(kafka=kafka, device="cpu")
+    settings = Settings(kafka=kafka, device=DEVICE)
     replay(settings, [f"kafka://{topic}"], "jsonl", str(tmp_path / "backfill.jsonl"), None, False,
            str(tmp_path / "state"), str(tmp_path / "dlq.jsonl"), 500, show_progress=False)
     produce(kafka, topic, keyed[1700:])  # live traffic arrives after the backfill
@@ -209,7 +209,7 @@ def test_go_live_after_a_replay_with_an_end_bound(kafka, settings_factory, uniqu
     topic = unique("events")
     create_topics(kafka, {topic: 3})
     produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in order])
-    report = replay(Settings(kafka=kafka, device="cpu"), [f"kafka://{topic}?to={bound}"], "jsonl", None, None,
+    report = replay(Settings(kafka=kafka, device=DEVICE), [f"kafka://{topic}?to={bound}"], "jsonl", None, None,
                     False, str(tmp_path / "state"), str(tmp_path / "dlq.jsonl"), 500, show_progress=False)
     assert report.out_of_range == sum(e["ts"] >= bound for e in log) > 0
 
@@ -238,7 +238,7 @@ def test_backfill_then_go_live_with_two_members(kafka, settings_factory, unique,
     keyed = [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log.events]
     produce(kafka, topic, keyed[:3000])
     # Replayed under a default settings object: the snapshot records the replayed topic's partitions.
-    replay(Settings(kafka=kafka, device="cpu"), [f"kafka://{topic}"], "jsonl", None, None, False,
+    replay(Settings(kafka=kafka, device=DEVICE), [f"kafka://{topic}"], "jsonl", None, None, False,
            str(tmp_path / "state"), str(tmp_path / "dlq.jsonl"), 500, show_progress=False)
     produce(kafka, topic, keyed[3000:])
 
@@ -276,7 +276,7 @@ def test_a_snapshot_of_files_hands_each_user_over_at_its_first_event(tmp_path):
     snapshot, meta = read_snapshot(tmp_path / "state")
     assert (snapshot["partition"] == -1).all() and meta["input_topics"] == ["events"]
 
-    settings = Settings(device="cpu", input_topics=("events",))
+    settings = Settings(device=DEVICE, input_topics=("events",))
     whole = load_updater(settings)
     whole.process(record_batch(log[:1500], topic="file"))  # the replay's events (not from the topic: no watermark)
     whole.process(record_batch(log[1500:], first_offset=1500, partition=1))
@@ -325,7 +325,7 @@ def test_inspect_shows_a_users_timeline_and_plots_one_panel_per_field(tmp_path):
     write_jsonl(log.events, tmp_path / "log.jsonl")
     user = max(log.users, key=lambda u: sum(str(e["user_id"]) == u for e in log.events))
     mine = [e for e in log.events if str(e["user_id"]) == user]
-    settings = Settings(device="cpu", emit_embedding=False, idle_rescore_after_ms=0)
+    settings = Settings(device=DEVICE, emit_embedding=False, idle_rescore_after_ms=0)
     tl = timeline(settings, [str(tmp_path / "log.jsonl")], "jsonl", user)
     rows = tl.events
     assert [r["event"]["event_id"] for r in rows] == [e["event_id"] for e in mine]
@@ -357,7 +357,7 @@ def test_pseudonymized_replay_keeps_no_user_id_and_the_same_profiles(tmp_path):
     plain, _ = run(tmp_path, [src])
     key = "rotate-me-yearly"
     out = tmp_path / "pseudonymous.jsonl"
-    replay(Settings(device="cpu", pseudonymize_key=key), [str(src)], "jsonl", str(out), None, False, None,
+    replay(Settings(device=DEVICE, pseudonymize_key=key), [str(src)], "jsonl", str(out), None, False, None,
            str(tmp_path / "dlq2.jsonl"), 50_000, show_progress=False)
     text = out.read_text()
     assert not any(f'"{user}"' in text for user in plain)  # no original id anywhere in the output

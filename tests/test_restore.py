@@ -15,6 +15,7 @@ from stream.kafka import Publisher, StreamError, admin_client, ensure_topics
 from stream.log_reader import read_to_end
 from stream.metrics import Metrics
 from stream.state import StateTable
+from tests.helpers import DEVICE
 
 PARTITIONS = 3
 # Ids that a batch decode must get right: non-ASCII, a newline (the batch decode's separator), a lone surrogate.
@@ -24,7 +25,7 @@ Log = list[tuple[int, bytes, bytes | None]]  # (partition, key, value) in the or
 
 
 def table() -> StateTable:
-    return StateTable(8, torch.device("cpu"), watermark_slots=1, dedupe_window=4)
+    return StateTable(8, torch.device(DEVICE), watermark_slots=1, dedupe_window=4)
 
 
 def random_record(rng: np.random.Generator, dtype: np.dtype) -> bytes:

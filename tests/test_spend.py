@@ -15,7 +15,7 @@ from stream import events as ev
 from stream.events import MAX_AMOUNT, RecordBatch
 from stream.decode import decode_batch
 from stream.settings import Settings
-from tests.helpers import record_batch
+from tests.helpers import DEVICE, record_batch
 
 FUZZ = {"deadline": None, "derandomize": True, "database": None,
         "suppress_health_check": [HealthCheck.too_slow]}
@@ -61,7 +61,7 @@ def test_spend_totals_are_exact_until_they_saturate_and_never_wrap(start, amount
 
 
 def test_a_user_with_maximal_purchases_across_batches_saturates_instead_of_going_negative():
-    updater = load_updater(Settings(input_topics=("events",), device="cpu"))
+    updater = load_updater(Settings(input_topics=("events",), device=DEVICE))
     ids = itertools.count()
     for k in range(3):  # 3 batches of 4,000 purchases of the maximum amount: 1.2e13 > the cap of 9e12
         values = [orjson.dumps({**BASE, "event_id": f"e{next(ids)}", "price": MAX_AMOUNT / 10, "quantity": 10})

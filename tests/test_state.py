@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from stream.state import StateTable, read_snapshot, write_snapshot
+from tests.helpers import DEVICE
 
-CPU = torch.device("cpu")
+ON_DEVICE = torch.device(DEVICE)
 
 
 def table(capacity: int = 4, **kwargs: int) -> StateTable:
-    return StateTable(state_size=3, device=CPU, capacity=capacity, **kwargs)
+    return StateTable(state_size=3, device=ON_DEVICE, capacity=capacity, **kwargs)
 
 
 def mark(state: StateTable, user: str, value: int) -> None:

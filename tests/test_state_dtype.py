@@ -14,11 +14,11 @@ from stream.changelog_records import META_KEY, RefusedRecords
 from stream.generator import generate, write_jsonl
 from stream.settings import Settings
 from stream.state import StateTable, read_snapshot
-from tests.helpers import create_topics, produce, read_topic, record_batch, run_until_drained
+from tests.helpers import DEVICE, create_topics, produce, read_topic, record_batch, run_until_drained
 
 def replayed(tmp_path, state_dtype: str) -> tuple[dict[str, dict], dict]:
     out, state_out = tmp_path / f"{state_dtype}.jsonl", tmp_path / f"state-{state_dtype}"
-    replay(Settings(device="cpu", state_dtype=state_dtype), [str(tmp_path / "log.jsonl")], "jsonl", str(out), None,
+    replay(Settings(device=DEVICE, state_dtype=state_dtype), [str(tmp_path / "log.jsonl")], "jsonl", str(out), None,
            False, str(state_out), str(tmp_path / "dlq.jsonl"), 700, show_progress=False)
     profiles = {p["user_id"]: p for p in map(orjson.loads, out.read_bytes().splitlines())}
     return profiles, read_snapshot(state_out)[0]
@@ -43,8 +43,8 @@ def test_a_float16_replay_keeps_the_counters_and_moves_the_state_by_rounding_onl
 
 
 def test_float16_halves_the_states_bytes_and_its_records():
-    full = StateTable(80, torch.device("cpu"), watermark_slots=1, dedupe_window=8)
-    half = StateTable(80, torch.device("cpu"), watermark_slots=1, dedupe_window=8, state_dtype=torch.float16)
+    full = StateTable(80, torch.device(DEVICE), watermark_slots=1, dedupe_window=8)
+    half = StateTable(80, torch.device(DEVICE), watermark_slots=1, dedupe_window=8, state_dtype=torch.float16)
     for table in (full, half):
         table.rows_for([f"u{i}" for i in range(100)])
     assert full.state_bytes()["host"] == half.state_bytes()["host"]
@@ -53,25 +53,25 @@ def test_float16_halves_the_states_bytes_and_its_records():
 
 
 def test_a_float16_changelog_rebuilds_the_same_state_and_a_float32_table_refuses_it():
-    updater = load_updater(Settings(device="cpu", input_topics=("events",), state_dtype="float16"))
+    updater = load_updater(Settings(device=DEVICE, input_topics=("events",), state_dtype="float16"))
     updater.process(record_batch(generate(users=40, events=800, seed=8).events))
     state = updater.state
     assert state.states.dtype == torch.float16
     records = dict(zip((u.encode() for u in state.user_ids), state.changelog_values(np.arange(len(state)))))
-    restored = StateTable(state.state_size, torch.device("cpu"), watermark_slots=1, dedupe_window=state.dedupe_window,
+    restored = StateTable(state.state_size, torch.device(DEVICE), watermark_slots=1, dedupe_window=state.dedupe_window,
                           state_dtype=torch.float16)
     assert restored.load_changelog(records) == len(state)
     np.testing.assert_array_equal(restored.snapshot()["hidden"], state.snapshot()["hidden"])
-    other = StateTable(state.state_size, torch.device("cpu"), watermark_slots=1, dedupe_window=state.dedupe_window)
+    other = StateTable(state.state_size, torch.device(DEVICE), watermark_slots=1, dedupe_window=state.dedupe_window)
     with pytest.raises(RefusedRecords, match="--state-dtype"):
         other.load_changelog(records)
 
 
 def test_a_snapshot_crosses_dtypes_by_rounding():
-    full = StateTable(6, torch.device("cpu"), watermark_slots=1)
+    full = StateTable(6, torch.device(DEVICE), watermark_slots=1)
     full.rows_for(["a", "b", "c"])
     full.states[:3] = torch.tensor(np.random.default_rng(1).standard_normal((3, 6)), dtype=torch.float32)
-    half = StateTable(6, torch.device("cpu"), watermark_slots=1, state_dtype=torch.float16)
+    half = StateTable(6, torch.device(DEVICE), watermark_slots=1, state_dtype=torch.float16)
     half.restore(full.snapshot())
     assert half.states.dtype == torch.float16 and half.user_ids == ["a", "b", "c"]
     np.testing.assert_array_equal(half.states[:3].numpy(), full.states[:3].numpy().astype(np.float16))
@@ -86,7 +86,7 @@ def test_the_daemon_writes_float16_records_its_next_owner_restores(kafka, settin
     held = daemon.updater.state.snapshot()
     assert held["hidden"].dtype == np.float16 and len(held["user_ids"]) == 60
     latest = {r.key: r.value for r in read_topic(settings.kafka, settings.changelog_topic) if r.key != META_KEY}
-    restored = StateTable(held["hidden"].shape[1], torch.device("cpu"), watermark_slots=1,
+    restored = StateTable(held["hidden"].shape[1], torch.device(DEVICE), watermark_slots=1,
                           dedupe_window=settings.dedupe_window, state_dtype=torch.float16)
     assert restored.load_changelog(latest) == 60
     row = {u: i for i, u in enumerate(restored.user_ids)}

@@ -17,7 +17,7 @@ from models.profile_model import ModelConfig, ProfileModel
 from models.checkpoint_io import LoadedModel, load_checkpoint, save_checkpoint
 from models.sequence_training import TrainConfig, train
 from stream.generator import write_jsonl
-from tests.helpers import record_batch
+from tests.helpers import DEVICE, record_batch
 
 TINY = ModelConfig(hidden_size=24, item_buckets=512, category_buckets=32, query_buckets=64, dropout=0.0)
 CYCLE = ["a", "b", "c", "d", "e", "f"]
@@ -40,7 +40,7 @@ def test_a_tiny_model_overfits_a_tiny_log(tmp_path):
     write_jsonl(cyclic_log(), path)
     log = load_events([path])
     model, vocab, report = train(log, TINY, TrainConfig(epochs=60, batch_size=4, lr=1e-2, patience=60, seed=1),
-                                 torch.device("cpu"))
+                                 torch.device(DEVICE))
     assert sorted(vocab) == CYCLE
     first, last = report.history[0], report.history[-1]
     assert first["train_item"] > 1.0  # starts near log(6) = 1.79
@@ -55,13 +55,13 @@ def test_a_trained_checkpoint_serves_identical_profiles(tmp_path):
     events = cyclic_log(users=6, steps=12)
     path = tmp_path / "cycle.jsonl"
     write_jsonl(events, path)
-    model, vocab, _ = train(load_events([path]), TINY, TrainConfig(epochs=2, batch_size=4), torch.device("cpu"))
+    model, vocab, _ = train(load_events([path]), TINY, TrainConfig(epochs=2, batch_size=4), torch.device(DEVICE))
     save_checkpoint(tmp_path / "m.pt", model, "v1", {}, vocab)
     loaded = load_checkpoint(tmp_path / "m.pt")
     assert loaded.item_vocab == vocab and loaded.model.config == model.config
 
     def profiles(m) -> dict:
-        updater = ProfileUpdater(LoadedModel(m, "v1", True, {}, vocab), torch.device("cpu"),
+        updater = ProfileUpdater(LoadedModel(m, "v1", True, {}, vocab), torch.device(DEVICE),
                                  max_event_bytes=65536, emit_embedding=True)
         out = {}
         for k, v in updater.process(record_batch(events, topic="t", keys=None)).profiles:
@@ -73,7 +73,7 @@ def test_a_trained_checkpoint_serves_identical_profiles(tmp_path):
     assert profiles(model) == profiles(loaded.model)
 
     # With --next-items, a trained model names the items it expects next: on a certain cycle, the next one.
-    updater = ProfileUpdater(loaded, torch.device("cpu"), max_event_bytes=65536, emit_embedding=False, next_items=3)
+    updater = ProfileUpdater(loaded, torch.device(DEVICE), max_event_bytes=65536, emit_embedding=False, next_items=3)
     out = {k.decode(): orjson.loads(v) for k, v in updater.process(record_batch(events, topic="t", keys=None)).profiles}
     assert all(len(p["next_items"]) == 3 and set(p["next_items"]) <= set(CYCLE) for p in out.values())
 
@@ -124,9 +124,9 @@ def test_training_features_equal_serving_features(tmp_path):
     served = build_features(ev.type_idx[idx], ev.item_id[idx], ev.category[idx], ev.price[idx], ev.query[idx],
                             gap[idx], first[idx], item_buckets=config.item_buckets,
                             category_buckets=config.category_buckets, query_buckets=config.query_buckets,
-                            hash_seed=config.hash_seed, device=torch.device("cpu"),
+                            hash_seed=config.hash_seed, device=torch.device(DEVICE),
                             item_index={item: i for i, item in enumerate(vocab)})
-    trained = features_at(prepared, idx, torch.device("cpu"))
+    trained = features_at(prepared, idx, torch.device(DEVICE))
     for name in ("type_idx", "item", "category", "price_bucket", "query_tokens", "query_offsets", "dense",
                  "item_vocab"):
         assert torch.equal(getattr(trained, name), getattr(served, name)), name
@@ -162,8 +162,8 @@ def test_published_top_categories_are_the_next_visits_not_the_sessions(tmp_path)
     write_jsonl(events, path)
     # val_fraction 0: no validation, so all 40 epochs are trained (the log is too small to validate on)
     model, vocab, _ = train(load_events([path]), TINY, TrainConfig(epochs=40, batch_size=16, lr=1e-2, val_fraction=0.0,
-                                                                   patience=99), torch.device("cpu"))
-    updater = ProfileUpdater(LoadedModel(model, "v1", True, {}, vocab), torch.device("cpu"), max_event_bytes=65536,
+                                                                   patience=99), torch.device(DEVICE))
+    updater = ProfileUpdater(LoadedModel(model, "v1", True, {}, vocab), torch.device(DEVICE), max_event_bytes=65536,
                              emit_embedding=False)
     published = {k.decode(): orjson.loads(v) for k, v in updater.process(record_batch(events, topic="t", keys=None)).profiles}
     state = updater.state
@@ -222,11 +222,11 @@ def test_the_copy_bonus_predicts_the_current_category_where_the_head_cannot_lear
     config = ModelConfig(hidden_size=24, item_buckets=2048, category_buckets=1024, query_buckets=64, dropout=0.0)
     model, vocab, _ = train(load_events([train_path]), config,
                             TrainConfig(epochs=8, batch_size=16, lr=1e-2, val_fraction=0.0, patience=99, refit=False),
-                            torch.device("cpu"))
+                            torch.device(DEVICE))
     test_log = load_events([test_path])
 
     def category_accuracy() -> float:  # next category ranked first, new users (no carried-over state)
-        scorer = GRUScorer(model, vocab, test_log, None, torch.device("cpu"))
+        scorer = GRUScorer(model, vocab, test_log, None, torch.device(DEVICE))
         test = sequences_from_log(test_log, {item: i for i, item in enumerate(vocab)}, model)
         return evaluate(scorer, None, test, k_categories=1)["category_acc@1"]
 
@@ -249,7 +249,7 @@ def test_published_next_items_copy_the_users_latest_item():
     model = ProfileModel.fresh(replace(TINY, n_items=len(vocab)))
     with torch.no_grad():
         model.item_copy.bias.fill_(100.0)
-    updater = ProfileUpdater(LoadedModel(model, "v1", True, {}, vocab), torch.device("cpu"), max_event_bytes=65536,
+    updater = ProfileUpdater(LoadedModel(model, "v1", True, {}, vocab), torch.device(DEVICE), max_event_bytes=65536,
                              emit_embedding=False, next_items=3)
     events = [{"event_id": f"{u}-{t}", "user_id": f"u{u}", "type": "click", "ts": 1_700_000_000_000 + t * 1000,
                "item_id": f"i{(u * 7 + t) % 20}"} for u in range(5) for t in range(4)]

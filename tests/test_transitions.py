@@ -16,7 +16,7 @@ from models.sequence_training import TrainConfig, train
 from models.transitions import Transitions
 from models.update_step import ProfileUpdater
 from stream.generator import write_jsonl
-from tests.helpers import record_batch
+from tests.helpers import DEVICE, record_batch
 
 
 def test_counts_keep_each_rows_most_frequent_successors():
@@ -78,7 +78,7 @@ def test_the_weight_is_chosen_on_held_out_time_and_served_with_next_items(tmp_pa
     write_jsonl(routes_log(users=600, seed=0), path)
     config = ModelConfig(hidden_size=16, item_buckets=512, category_buckets=64, query_buckets=64, dropout=0.0)
     model, vocab, _ = train(load_events([path]), config,
-                            TrainConfig(epochs=2, batch_size=64, val_fraction=0.2, refit=False), torch.device("cpu"))
+                            TrainConfig(epochs=2, batch_size=64, val_fraction=0.2, refit=False), torch.device(DEVICE))
     assert model.transition_weight[0] > 0  # the validation period ranked best with the counts
     table = model.transitions("item")
     assert table.counts.sum() > 0.95 * 600 * 4  # every training pair (a few events share a vocabulary row)
@@ -88,7 +88,7 @@ def test_the_weight_is_chosen_on_held_out_time_and_served_with_next_items(tmp_pa
     assert torch.equal(loaded.model.transition_weight, model.transition_weight)
     assert torch.equal(loaded.model.transitions("item").cols, table.cols)
 
-    updater = ProfileUpdater(loaded, torch.device("cpu"), max_event_bytes=65536, emit_embedding=False, next_items=1)
+    updater = ProfileUpdater(loaded, torch.device(DEVICE), max_event_bytes=65536, emit_embedding=False, next_items=1)
     starts = [5, 17, 64, 99]
     events = [{"event_id": f"n{k}", "user_id": f"new{k}", "type": "click", "ts": 1_800_000_000_000,
                "item_id": f"i{item}"} for k, item in enumerate(starts)]

@@ -9,6 +9,7 @@ import torch
 
 from stream.state import StateTable
 from stream.user_index import UserIndex, hashes_of
+from tests.helpers import DEVICE
 
 
 class Colliding(str):
@@ -19,7 +20,7 @@ class Colliding(str):
 
 
 def table() -> StateTable:
-    return StateTable(4, torch.device("cpu"), watermark_slots=1, dedupe_window=2)
+    return StateTable(4, torch.device(DEVICE), watermark_slots=1, dedupe_window=2)
 
 
 def check(state: StateTable, reference: list[str]) -> None:
