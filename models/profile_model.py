@@ -436,10 +436,21 @@ def copy_bonus(bonus: torch.Tensor, current: torch.Tensor, columns: torch.Tensor
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when present, else CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
+    return full_float32(torch.device(name))
+
+
+def full_float32(device: torch.device) -> torch.device:
+    """On CUDA, keep float32 arithmetic float32: cuDNN's GRU otherwise multiplies in TF32 (10-bit mantissa),
+    and a user's state would then depend on how its events were batched (seen on an H200: 1e-4 apart between
+    batchings, where float32 gives 1e-7) and differ from a CPU replay's. The model is small: TF32 buys no
+    measurable speed here."""
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return device
 
 
 def price_tier_index(mean_price: np.ndarray, config: ModelConfig) -> np.ndarray:

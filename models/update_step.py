@@ -20,7 +20,7 @@ import torch
 
 from models.admission import Admission, ToApply
 from models.features import build_features, buckets_of_keys
-from models.profile_model import idle_hours, price_tier_index
+from models.profile_model import full_float32, idle_hours, price_tier_index
 from models.field_heads import FieldInputs
 from models.checkpoint_io import LoadedModel
 from stream import statistics
@@ -76,7 +76,7 @@ class ProfileUpdater:
                  input_topics: tuple[str, ...] = (), dedupe_window: int = 0, gru_threads: int = 0,
                  state_ttl_ms: int = 0, on_expire: str = "publish", publish_interval_ms: int = 0,
                  state_dtype: torch.dtype = torch.float32) -> None:
-        self.model = loaded.model.to(device).eval()
+        self.model = loaded.model.to(full_float32(device)).eval()
         self.model_version = loaded.version
         self.config = loaded.model.config
         self.device = device

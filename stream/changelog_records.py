@@ -169,8 +169,10 @@ class ChangelogLoader:
         if not len(rows):
             return
         if table.device.type != "cpu":
+            # A copy, not ascontiguousarray: one record's field view counts as contiguous but keeps the
+            # record's stride, which torch refuses.
             table.states[torch.from_numpy(rows).to(table.device)] = torch.from_numpy(
-                np.ascontiguousarray(records["hidden"])).to(table.device, table.state_dtype)
+                records["hidden"].copy()).to(table.device, table.state_dtype)
         states = table.states.numpy() if table.device.type == "cpu" else None  # numpy: torch's strided copy is slow
         # In chunks that stay in the CPU's cache while each field of theirs is copied to its column.
         for start in range(0, len(rows), LOAD_CHUNK):

@@ -42,7 +42,8 @@ def fill(state: StateTable, users: list[str], seed: int) -> np.ndarray:
     """Users with some state of every kind, spread over the input partitions."""
     rng = np.random.default_rng(seed)
     rows = state.rows_for(users)
-    state.states[torch.from_numpy(rows)] = torch.from_numpy(rng.standard_normal((len(rows), 8)).astype(np.float32))
+    state.states[torch.from_numpy(rows).to(state.device)] = torch.from_numpy(
+        rng.standard_normal((len(rows), 8)).astype(np.float32)).to(state.device)
     state.counts[rows] = rng.integers(0, 50, state.counts[rows].shape)
     state.spend_micros[rows] = rng.integers(0, 10**9, len(rows))
     state.last_ts[rows] = rng.integers(1, 10**12, len(rows))

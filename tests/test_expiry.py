@@ -68,7 +68,7 @@ def counts_by_user(updater) -> dict[str, list[int]]:
 
 
 def hidden_of(updater, user: str) -> np.ndarray:
-    return updater.state.states[updater.state.row(user)].numpy()
+    return updater.state.states[updater.state.row(user)].cpu().numpy()
 
 
 def test_users_idle_longer_than_the_ttl_expire_whatever_the_batching(monkeypatch):

@@ -47,8 +47,8 @@ def test_a_replay_on_the_gpu_gives_the_cpus_profiles(tmp_path):
     # Counters, spend and the behaviour statistics are computed on the host either way: exactly equal.
     for name in ("counts", "spend_micros", "last_ts", "cat_key", "sessions"):
         np.testing.assert_array_equal(gpu_state[name], cpu_state[name])
-    # The model state: the same arithmetic in another order (cuDNN's GRU kernels), float32 round-off only.
-    np.testing.assert_allclose(gpu_state["hidden"], cpu_state["hidden"], atol=2e-4, rtol=0)
+    # The model state: the same float32 arithmetic in another order (cuDNN's GRU kernels, TF32 off), round-off only.
+    np.testing.assert_allclose(gpu_state["hidden"], cpu_state["hidden"], atol=1e-4, rtol=0)
     for user, want in cpu.items():
         got = gpu[user]
         assert (got["counts"], got["spend"], got["last_event_ts"]) == (want["counts"], want["spend"],

@@ -30,7 +30,7 @@ def features(model: ProfileModel, n: int, seed: int = 0):
     c = model.config
     return build_features(rng.integers(0, 4, n), items, cats, price, queries, rng.random(n) * 1000,
                           np.zeros(n, bool), item_buckets=c.item_buckets, category_buckets=c.category_buckets,
-                          query_buckets=c.query_buckets, hash_seed=c.hash_seed, device=torch.device(DEVICE))
+                          query_buckets=c.query_buckets, hash_seed=c.hash_seed, device=model.item_bias.device)
 
 
 def test_one_packed_call_equals_running_each_user_alone():

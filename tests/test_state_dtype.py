@@ -48,7 +48,8 @@ def test_float16_halves_the_states_bytes_and_its_records():
     for table in (full, half):
         table.rows_for([f"u{i}" for i in range(100)])
     assert full.state_bytes()["host"] == half.state_bytes()["host"]
-    assert full.state_bytes()["cpu"] == 100 * 80 * 4 and half.state_bytes()["cpu"] == 100 * 80 * 2
+    device = str(full.device)
+    assert full.state_bytes()[device] == 100 * 80 * 4 and half.state_bytes()[device] == 100 * 80 * 2
     assert full.record_dtype().itemsize - half.record_dtype().itemsize == 80 * 2
 
 
@@ -74,7 +75,7 @@ def test_a_snapshot_crosses_dtypes_by_rounding():
     half = StateTable(6, torch.device(DEVICE), watermark_slots=1, state_dtype=torch.float16)
     half.restore(full.snapshot())
     assert half.states.dtype == torch.float16 and half.user_ids == ["a", "b", "c"]
-    np.testing.assert_array_equal(half.states[:3].numpy(), full.states[:3].numpy().astype(np.float16))
+    np.testing.assert_array_equal(half.states[:3].cpu().numpy(), full.states[:3].cpu().numpy().astype(np.float16))
 
 
 def test_the_daemon_writes_float16_records_its_next_owner_restores(kafka, settings_factory):

@@ -170,11 +170,12 @@ def test_published_top_categories_are_the_next_visits_not_the_sessions(tmp_path)
     rows = np.array([state.row(u) for u in home])
     with torch.no_grad():
         last_key = state.columns["last_category"][rows]  # the copy bonus's category, as its bucket
-        last_bucket = torch.from_numpy(buckets_of_keys(last_key, model.config.category_buckets))
+        last_bucket = torch.from_numpy(buckets_of_keys(last_key, model.config.category_buckets)).to(state.device)
         recent = torch.stack([last_bucket, torch.zeros_like(last_bucket)], dim=1)
-        logits, _, _ = model.head_logits(state.states[torch.from_numpy(rows)], torch.zeros(len(rows)),
+        logits, _, _ = model.head_logits(state.states[torch.from_numpy(rows).to(state.device)],
+                                         torch.zeros(len(rows), device=state.device),
                                          updater.seen_category_buckets(), recent)
-    next_event = state.seen_category_names()[logits.argmax(dim=1).numpy()]
+    next_event = state.seen_category_names()[logits.argmax(dim=1).cpu().numpy()]
     home_first = np.mean([published[u]["top_categories"][0]["category"] == home[u] for u in home])
     session_first = np.mean([n == last[u] for n, u in zip(next_event, home)])
     # Home is one of the five categories other than the last session's; a model that published the
