@@ -445,8 +445,8 @@ def resolve_device(name: str) -> torch.device:
 def full_float32(device: torch.device) -> torch.device:
     """On CUDA, keep float32 arithmetic float32: cuDNN's GRU otherwise multiplies in TF32 (10-bit mantissa),
     and a user's state would then depend on how its events were batched (seen on an H200: 1e-4 apart between
-    batchings, where float32 gives 1e-7) and differ from a CPU replay's. The model is small: TF32 buys no
-    measurable speed here."""
+    batchings) and differ from a CPU replay's. The model is small: TF32 made the step no faster
+    (docs/benchmarks.md, the GPU runs)."""
     if device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
