@@ -181,3 +181,24 @@ def test_idle_users_are_rescored_on_the_event_time_timer_with_rising_churn():
     result = updater.process(record_batch([click("quiet", t0 + 80 * hour, 5), click("busy", t0 + 80 * hour, 5)], topic="t", keys=None))
     keys = [k.decode() for k, _ in result.profiles]
     assert sorted(keys) == ["busy", "quiet"]
+
+
+def test_the_warm_up_leaves_no_trace_in_the_state_or_the_profiles(monkeypatch):
+    """load_updater runs the batch step once on a scratch table (the first real batch then pays no kernel
+    loading): the real table stays empty, and the profiles are those of an updater that skipped it."""
+    from models.update_step import load_updater
+    from stream.settings import Settings
+
+    settings = Settings(device=DEVICE, model_path="demo", next_items=3)
+    warmed = load_updater(settings)
+    assert len(warmed.state) == 0 and not warmed.state.category_names and warmed.state.max_event_ts == -1
+    monkeypatch.setattr(ProfileUpdater, "warm_up", lambda self: None)
+    cold = load_updater(settings)
+    events = generate(users=50, events=600, seed=8).events
+    batch = record_batch([orjson.dumps(e) for e in events], keys=[str(e["user_id"]).encode() for e in events])
+
+    def profiles(updater):
+        out = {k: orjson.loads(v) for k, v in updater.process(batch).profiles}
+        return {k: {f: x for f, x in p.items() if f != "updated_at"} for k, p in out.items()}
+
+    assert profiles(warmed) == profiles(cold) and len(warmed.state) == 50
