@@ -261,3 +261,20 @@ def test_published_next_items_copy_the_users_latest_item():
     later = [{"event_id": "x", "user_id": "u0", "type": "click", "ts": 1_700_000_100_000, "item_id": "unknown"}]
     updater.process(record_batch(later, topic="t", keys=None))
     assert updater.state.columns["last_item"][updater.state.row("u0"), 0] == -1
+
+
+def test_weight_averaging_validates_and_keeps_the_average_not_the_last_step(tmp_path):
+    """--average-epochs: over a window far longer than training, the average stays at the first weights, so the
+    model trained with it is the one that barely moved (lr ~0); without it, training moves the weights."""
+    path = tmp_path / "cycle.jsonl"
+    write_jsonl(cyclic_log(users=6, steps=12), path)
+    log = load_events([path])
+
+    def trained(**options) -> list[torch.Tensor]:
+        model = train(log, TINY, TrainConfig(epochs=3, batch_size=4, **options), torch.device(DEVICE))[0]
+        return [q.detach().cpu() for q in model.parameters()]
+
+    still, averaged, moved = trained(lr=1e-12), trained(average_epochs=1e9), trained()
+    for a, s in zip(averaged, still):
+        torch.testing.assert_close(a, s, atol=1e-6, rtol=0)
+    assert max(float((m - s).abs().max()) for m, s in zip(moved, still)) > 1e-2

@@ -29,6 +29,10 @@ from stream.settings import STATE_DTYPES
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0.01, 0.5),
               help="The last part of the time span that validates (early stopping).")
 @click.option("--patience", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--average-epochs", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Keep a moving average of the weights over about this many epochs of steps, and validate "
+                   "and save it instead of the last step's weights (0: off). Helps where the validation loss "
+                   "is noisy from epoch to epoch, e.g. 2.5 on YOOCHOOSE (docs/model.md).")
 @click.option("--refit/--no-refit", default=True, show_default=True,
               help="After early stopping picks the epoch count, train again on all events, validation period included.")
 @click.option("--max-items", default=200_000, show_default=True, type=click.IntRange(min=1),
@@ -45,8 +49,8 @@ from stream.settings import STATE_DTYPES
 @click.option("--seed", default=0, show_default=True, type=int)
 @device_option
 def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_size: int, batch_size: int, max_len: int,
-          lr: float, dropout: float, val_fraction: float, patience: int, refit: bool, max_items: int,
-          item_buckets: int, category_buckets: int, query_buckets: int, until: str | None, seed: int,
+          lr: float, dropout: float, val_fraction: float, patience: int, average_epochs: float, refit: bool,
+          max_items: int, item_buckets: int, category_buckets: int, query_buckets: int, until: str | None, seed: int,
           device: str) -> None:
     """Train the profile model on event logs, in two stages: the sequence model (next item, next
     category, auxiliary purchase and churn objectives), then the published fields (purchase_propensity,
@@ -58,7 +62,7 @@ def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_siz
     run_training(event_files, out, device, seed=seed, hidden_size=hidden_size, dropout=dropout, until=parse_cut(until),
                  buckets=(item_buckets, category_buckets, query_buckets),
                  epochs=epochs, batch_size=batch_size, max_len=max_len, lr=lr, val_fraction=val_fraction,
-                 patience=patience, refit=refit, max_items=max_items)
+                 patience=patience, average_epochs=average_epochs, refit=refit, max_items=max_items)
 
 
 @command("evaluate", short_help="The model's next item and category against simple rules")
