@@ -16,7 +16,7 @@ from consumers.replay import replay
 from models.update_step import load_updater
 from stream.generator import generate, write_jsonl
 from stream.settings import Settings
-from stream.state import StateTable
+from stream.state import StateTable, read_snapshot
 from tests.helpers import record_batch
 
 pytestmark = pytest.mark.skipif(
@@ -26,14 +26,12 @@ pytestmark = pytest.mark.skipif(
 CUDA = torch.device("cuda")
 
 
-def replayed(tmp_path, device: str, **settings) -> tuple[dict[str, dict], dict]:
+def replayed(tmp_path, device: str) -> tuple[dict[str, dict], dict]:
     """Final profiles and the state snapshot of a replay of tmp_path/log.jsonl on `device` with the demo model."""
     out, state_out = tmp_path / f"{device}.jsonl", tmp_path / f"state-{device}"
-    replay(Settings(device=device, model_path="demo", next_items=5, **settings), [str(tmp_path / "log.jsonl")],
+    replay(Settings(device=device, model_path="demo", next_items=5), [str(tmp_path / "log.jsonl")],
            "jsonl", str(out), None, False, str(state_out), str(tmp_path / f"dlq-{device}.jsonl"), 1000,
            show_progress=False)
-    from stream.state import read_snapshot
-
     profiles = {p["user_id"]: p for p in map(orjson.loads, out.read_bytes().splitlines())}
     return profiles, read_snapshot(state_out)[0]
 
