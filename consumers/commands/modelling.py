@@ -32,7 +32,8 @@ from stream.settings import STATE_DTYPES
 @click.option("--average-epochs", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Keep a moving average of the weights over about this many epochs of steps, and validate "
                    "and save it instead of the last step's weights (0: off). Helps where the validation loss "
-                   "is noisy from epoch to epoch, e.g. 4 on YOOCHOOSE with --epochs 40 (docs/model.md).")
+                   "is noisy from epoch to epoch, e.g. 4 on YOOCHOOSE with --epochs 40 (docs/model.md). Keep it "
+                   "several times below the epochs trained: the average starts from the untrained weights.")
 @click.option("--refit/--no-refit", default=True, show_default=True,
               help="After early stopping picks the epoch count, train again on all events, validation period included.")
 @click.option("--max-items", default=200_000, show_default=True, type=click.IntRange(min=1),
