@@ -411,14 +411,11 @@ def fit(model: ProfileModel, p: Prepared, pieces: Chunks, split_ts: int, epochs:
                                    trained_parts=set(sums)))
         history.append(record)
         log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in record.items()})
-        kept = {k: v.detach().clone() for k, v in model.state_dict().items()} if validation is not None else None
+        if validation is not None and record["val_loss"] < best[0]:  # the weights just validated
+            best = (record["val_loss"], epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
         if live is not None and epoch + 1 < epochs:  # training goes on from the last step's weights
             average.swap_out(live)
-        if validation is None:
-            continue
-        if record["val_loss"] < best[0]:
-            best = (record["val_loss"], epoch + 1, kept)
-        elif epoch + 1 - best[1] >= cfg.patience and epoch + 1 >= cfg.min_epochs:
+        if validation is not None and epoch + 1 - best[1] >= cfg.patience and epoch + 1 >= cfg.min_epochs:
             log.info("early stop: no validation improvement for %d epochs", cfg.patience)
             break
     return history, best[1], best[0], best[2]

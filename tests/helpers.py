@@ -75,6 +75,20 @@ def profiles_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "consumers.cli"]
 
 
+def replayed_log(settings: Settings, log: Path, name: str, batch_records: int) -> tuple[dict[str, dict], dict]:
+    """`profiles replay` of one JSON-lines log with `settings`: each user's final profile by user id, and the
+    state snapshot the replay writes (its files named after `name`, beside the log)."""
+    from consumers.replay import replay
+    from stream.state import read_snapshot
+
+    out, state_out = log.with_name(f"{name}.jsonl"), log.with_name(f"state-{name}")
+    dead_letters = log.with_name(f"dlq-{name}.jsonl")
+    replay(settings, [str(log)], "jsonl", str(out), None, False, str(state_out), str(dead_letters), batch_records,
+           show_progress=False)
+    profiles = {p["user_id"]: p for p in map(orjson.loads, out.read_bytes().splitlines())}
+    return profiles, read_snapshot(state_out)[0]
+
+
 def start_daemon(kafka: KafkaSettings, *args: str) -> subprocess.Popen:
     """`profiles run --untrained` on the tests' device against `kafka`, with the tests' short session timeout."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -12,12 +12,11 @@ import orjson
 import pytest
 import torch
 
-from consumers.replay import replay
 from models.update_step import load_updater
 from stream.generator import generate, write_jsonl
 from stream.settings import Settings
-from stream.state import StateTable, read_snapshot
-from tests.helpers import record_batch
+from stream.state import StateTable
+from tests.helpers import record_batch, replayed_log
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -28,12 +27,7 @@ CUDA = torch.device("cuda")
 
 def replayed(tmp_path, device: str) -> tuple[dict[str, dict], dict]:
     """Final profiles and the state snapshot of a replay of tmp_path/log.jsonl on `device` with the demo model."""
-    out, state_out = tmp_path / f"{device}.jsonl", tmp_path / f"state-{device}"
-    replay(Settings(device=device, model_path="demo", next_items=5), [str(tmp_path / "log.jsonl")],
-           "jsonl", str(out), None, False, str(state_out), str(tmp_path / f"dlq-{device}.jsonl"), 1000,
-           show_progress=False)
-    profiles = {p["user_id"]: p for p in map(orjson.loads, out.read_bytes().splitlines())}
-    return profiles, read_snapshot(state_out)[0]
+    return replayed_log(Settings(device=device, model_path="demo", next_items=5), tmp_path / "log.jsonl", device, 1000)
 
 
 def test_a_replay_on_the_gpu_gives_the_cpus_profiles(tmp_path):

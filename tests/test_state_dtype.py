@@ -8,20 +8,15 @@ import orjson
 import pytest
 import torch
 
-from consumers.replay import replay
 from models.update_step import load_updater
 from stream.changelog_records import META_KEY, RefusedRecords
 from stream.generator import generate, write_jsonl
 from stream.settings import Settings
-from stream.state import StateTable, read_snapshot
-from tests.helpers import DEVICE, create_topics, produce, read_topic, record_batch, run_until_drained
+from stream.state import StateTable
+from tests.helpers import DEVICE, create_topics, produce, read_topic, record_batch, replayed_log, run_until_drained
 
 def replayed(tmp_path, state_dtype: str) -> tuple[dict[str, dict], dict]:
-    out, state_out = tmp_path / f"{state_dtype}.jsonl", tmp_path / f"state-{state_dtype}"
-    replay(Settings(device=DEVICE, state_dtype=state_dtype), [str(tmp_path / "log.jsonl")], "jsonl", str(out), None,
-           False, str(state_out), str(tmp_path / "dlq.jsonl"), 700, show_progress=False)
-    profiles = {p["user_id"]: p for p in map(orjson.loads, out.read_bytes().splitlines())}
-    return profiles, read_snapshot(state_out)[0]
+    return replayed_log(Settings(device=DEVICE, state_dtype=state_dtype), tmp_path / "log.jsonl", state_dtype, 700)
 
 
 def test_a_float16_replay_keeps_the_counters_and_moves_the_state_by_rounding_only(tmp_path):
