@@ -77,7 +77,7 @@ class ProfileDaemon:
         # What commits together: a batch's changelog records, profiles, dead letters and input offsets.
         self.changelog = Changelog(
             settings.kafka, updater.state, self.publisher, metrics, topic=settings.changelog_topic,
-            model_version=updater.model_version, inputs=self.source, output_topic=settings.output_topic,
+            model_version=updater.state_version, inputs=self.source, output_topic=settings.output_topic,
             dead_letter_topic=settings.dead_letter_topic, profiles_for=updater.profiles_for,
             # A dead letter's value is cut to fit the producer's record size limit, with room for key and headers.
             dead_letter_max_bytes=min(DEAD_LETTER_MAX_VALUE_BYTES, settings.kafka.max_message_bytes() // 2),
@@ -121,9 +121,9 @@ class ProfileDaemon:
             snapshot, meta = read_snapshot(directory)
         except ValueError as exc:
             raise StreamError(str(exc)) from None
-        if meta.get("model_version") != self.updater.model_version:
+        if meta.get("model_version") != self.updater.state_version:
             raise StreamError(f"the state in {directory} was built by model {meta.get('model_version')!r}, "
-                              f"but this daemon serves {self.updater.model_version!r}: replay with the same --model")
+                              f"but this daemon serves {self.updater.state_version!r}: replay with the same --model")
         # The snapshot goes under the state table, not into it: each member takes the users of the
         # partitions it is assigned (and the changelog's newer state on top), so no member holds, or
         # re-scores when idle, a user whose events another member reads.

@@ -16,6 +16,9 @@ def checkpoint_info(path: str) -> dict:
     return {
         "path": str(checkpoint_path(path)),
         "model_version": loaded.version,
+        "state_version": loaded.state_version,  # differs for a model calibrated again (`profiles calibrate`)
+        "calibrations": [{k: c.get(k) for k in ("from", "events", "until", "created_at")}
+                         for c in meta.get("calibrations", [])],
         "format": loaded.format,
         "transitions": {name: {"pairs": len(loaded.model.transitions(name).cols),
                                "weight": float(loaded.model.transition_weight[i])}
@@ -35,6 +38,10 @@ def info_lines(info: dict) -> list[str]:
     c, t, r = info["config"], info["trained"], info["report"]
     lines = [
         ("model version", info["model_version"]),
+        *([("keeps the state of", info["state_version"])] if info["state_version"] != info["model_version"] else []),
+        *[("calibrated again", f"from {c['from']} on {', '.join(c['events'] or [])} at {c['created_at']}"
+           + (f" (events until {_iso(c['until'])})" if c["until"] is not None else ""))
+          for c in info["calibrations"]],
         ("checkpoint", f"{info['path']} (format {info['format']}"
                        + (f"; this version writes {CHECKPOINT_FORMAT})" if info["format"] != CHECKPOINT_FORMAT else ")")),
         ("parameters", f"{info['parameters']:,}"),
@@ -59,6 +66,12 @@ def info_lines(info: dict) -> list[str]:
     lines += [(f"report {k}", _plain(v)) for k, v in r.items() if not isinstance(v, (list, dict))]
     width = max(len(k) for k, _ in lines)
     return [f"{k:<{width}}  {v}" for k, v in lines]
+
+
+def _iso(ms: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _plain(value: object) -> str:

@@ -218,7 +218,7 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
     dlq.commit()
     report.users = len(updater.state)
     if state_out:
-        meta = {"model_version": updater.model_version, "sources": sources, "records": report.records,
+        meta = {"model_version": updater.state_version, "sources": sources, "records": report.records,
                 "input_topics": list(updater.topic_slot),  # the watermark slots, in order
                 # Where a daemon started from this state continues: per topic, partition -> next offset.
                 "kafka_offsets": {t: {str(p): o for p, o in parts.items()} for t, parts in positions.items()},

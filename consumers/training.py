@@ -12,7 +12,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from consumers.outfiles import atomic_paths
-from models.dataset import load_events
+from models.dataset import EventLog, load_events
 from models.field_training import train_fields
 from models.profile_model import ModelConfig, resolve_device
 from models.checkpoint_io import LoadedModel, save_checkpoint
@@ -21,10 +21,8 @@ from models.sequence_training import TrainConfig, auto_epochs, train
 log = logging.getLogger(__name__)
 
 
-def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, seed: int, hidden_size: int,
-                 dropout: float, until: int | None = None, buckets: tuple[int, int, int] | None = None,
-                 **train_options: object) -> None:
-    device = resolve_device(device_name)
+def events_until(event_files: tuple[str, ...], until: int | None) -> EventLog:
+    """The files' events at or before `until` (all of them: None), said in one line; an error if none."""
     events = load_events(event_files)
     if until is not None:
         events = events.before(until)
@@ -32,6 +30,19 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
         raise click.ClickException(f"no usable events in {', '.join(event_files)}")
     click.echo(f"{len(events):,} events of {len(events.users):,} users"
                + (f" ({events.invalid:,} invalid lines skipped)" if events.invalid else ""), err=True)
+    return events
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short digest of the weights, for the version string of a checkpoint."""
+    return hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest()[:8]
+
+
+def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, seed: int, hidden_size: int,
+                 dropout: float, until: int | None = None, buckets: tuple[int, int, int] | None = None,
+                 **train_options: object) -> None:
+    device = resolve_device(device_name)
+    events = events_until(event_files, until)
     model_config = ModelConfig(hidden_size=hidden_size, dropout=dropout, init_seed=seed)
     if buckets is not None:
         model_config = replace(model_config, item_buckets=buckets[0], category_buckets=buckets[1],
@@ -54,8 +65,7 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
     # Stage two: the published fields, fitted on profiles taken through the serving path at cuts.
     click.echo("fitting the profile fields (purchase_propensity, churn_risk, top_categories) ...", err=True)
     fields_report = train_fields(LoadedModel(model, "training", True, {}, vocab), events, device, seed=seed)
-    digest = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
-    version = f"gru-h{hidden_size}-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{digest[:8]}"
+    version = f"gru-h{hidden_size}-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{weights_digest(model)}"
     metadata = {"train_config": asdict(train_config), "report": asdict(report), "fields": fields_report,
                 "events": list(event_files),
                 "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "torch": str(torch.__version__)}
@@ -63,3 +73,39 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
         save_checkpoint(tmp, model, version, metadata, vocab)
     click.echo(f"saved {version} to {out}: best epoch {report.best_epoch} of {report.epochs_run}, "
                f"validation loss {report.best_val_loss:.4f}, {report.n_items:,} items, {report.seconds:.0f}s", err=True)
+
+
+def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, device_name: str, *,
+                    until: int | None, seed: int) -> None:
+    """`profiles calibrate`: a trained model's probabilities calibrated again on another shop's log."""
+    from models.checkpoint_io import load_checkpoint
+    from models.field_training import recalibrate
+
+    device = resolve_device(device_name)
+    loaded = load_checkpoint(model_path, device)
+    events = events_until(event_files, until)
+    report = recalibrate(loaded, events, device, seed=seed)
+    click.echo(f"profiles at {report['cuts']} cuts, {report['examples']:,} of them judged on what followed:", err=True)
+    for name, head in (("purchase_propensity", "purchase"), ("churn_risk", "event")):
+        fit = report[head]
+        if "observed_rate" not in fit:
+            click.echo(f"  {name}: left as it was ({fit['reason']})", err=True)
+            continue
+        # churn_risk is the event head's complement: its rates read as 1 - the event head's.
+        flip = (lambda r: 1 - r) if head == "event" else (lambda r: r)
+        verdict = "calibrated" if fit["kept"] else "left as it was (a new fit did not lower the loss)"
+        click.echo(f"  {name}: observed {flip(fit['observed_rate']):.1%}, mean probability "
+                   f"{flip(fit['mean_probability_before']):.1%} -> {flip(fit['mean_probability_after']):.1%}, "
+                   f"log loss {fit['loss_before']:.4f} -> {fit['loss_after']:.4f}: {verdict}", err=True)
+    if not any(report[head]["kept"] for head in ("purchase", "event")):
+        raise click.ClickException(f"neither probability was calibrated again: nothing written to {out}")
+    base = loaded.state_version
+    version = f"{base}+cal-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{weights_digest(loaded.model)}"
+    metadata = {**loaded.metadata, "state_version": base,
+                "calibrations": [*loaded.metadata.get("calibrations", []),
+                                 {"from": loaded.version, "events": list(event_files), "until": until,
+                                  "report": report, "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}]}
+    with atomic_paths(out) as (tmp,):
+        save_checkpoint(tmp, loaded.model, version, metadata, loaded.item_vocab)
+    click.echo(f"saved {version} to {out} (it keeps the state of {base}: a daemon switched to it restores the "
+               "same changelog)", err=True)

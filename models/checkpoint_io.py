@@ -34,6 +34,13 @@ class LoadedModel:
     item_vocab: list[str] = field(default_factory=list)  # item id of each next-item head row
     format: int = CHECKPOINT_FORMAT  # the file's checkpoint format (older ones are read with defaults)
 
+    @property
+    def state_version(self) -> str:
+        """The version of the model whose state this one keeps (changelog, snapshots): its own, or for a model
+        calibrated again for another shop (`profiles calibrate`), the one it was calibrated from, whose
+        state is the same."""
+        return str(self.metadata.get("state_version") or self.version)
+
 
 def untrained(config: ModelConfig | None = None) -> LoadedModel:
     config = config or ModelConfig()

@@ -376,7 +376,7 @@ def fit_fields(model: ProfileModel, train: CutExamples, val: CutExamples, steps:
     model.eval()
     with torch.no_grad():
         report: dict = {f"val_{k}": float(v) for k, v in field_losses(model, val).items()}
-    calibrate(model, val)
+    report["calibration_fit"] = calibrate(model, val)
     with torch.no_grad():
         report.update({f"val_{k}_calibrated": float(v) for k, v in field_losses(model, val).items()})
     report["chosen"] = chosen
@@ -384,26 +384,40 @@ def fit_fields(model: ProfileModel, train: CutExamples, val: CutExamples, steps:
     return report
 
 
-def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200) -> None:
+def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200,
+              heads: tuple[str, ...] = ("purchase", "event")) -> dict[str, dict]:
     """Fit each probability head's calibration on held-out time: log L -> g(log L), g monotone piecewise
     linear with knots at quantiles of the held-out log L (Platt scaling is the special case of one
     segment; an S-shaped reliability curve needs more). In the hazard's own space, so every window stays a
-    proper probability and a longer window never gets a lower one."""
-    heads = model.fields
-    x = heads.standardise(val.user).detach()
-    for head, label, hours in ((heads.purchase, val.purchase, val.purchase_hours),
-                               (heads.event, val.event, val.event_hours)):
+    proper probability and a longer window never gets a lower one.
+
+    A fit replaces the head's calibration only where it lowers the held-out loss below the calibration the
+    head has now (the identity for freshly fitted heads; a shop's calibration when a trained model is
+    calibrated again for another, `recalibrate`). Returns, per head ("purchase", "event"), the examples used,
+    the held-out loss before and after, the observed rate and the mean probability before and after, and
+    whether the fit was kept. `heads`: which of the two to calibrate."""
+    fields_ = model.fields
+    x = fields_.standardise(val.user).detach()
+    report: dict[str, dict] = {}
+    for name, head, label, hours in (("purchase", fields_.purchase, val.purchase, val.purchase_hours),
+                                     ("event", fields_.event, val.event, val.event_hours)):
+        if name not in heads:
+            continue
         ok = hours > 0
         if ok.sum() < 50 or label[ok].min() == label[ok].max():
-            continue  # too little held-out time, or one class only: leave uncalibrated
+            report[name] = {"examples": int(ok.sum()), "kept": False,
+                            "reason": "too few held-out examples, or one outcome only"}
+            continue  # too little held-out time, or one class only: leave the calibration as it is
+        y = label[ok].cpu()
         k = head.calibration.shape[1]
         with torch.no_grad():
+            current = head.calibration.clone()
+            served = head.log_hazard(x[ok], val.state[ok], hours[ok]).cpu()  # with the current calibration
             identity = identity_knots(k)
             head.calibration.copy_(torch.stack([identity, identity]))
             raw = head.log_hazard(x[ok], val.state[ok], hours[ok]).cpu()
             knots = torch.quantile(raw, torch.linspace(0.02, 0.98, k)).cummax(0).values
             knots = knots + torch.arange(k) * 1e-3  # strictly ascending, even where the scores tie
-        y = label[ok].cpu()
         # values = knot 0's value, then positive slopes: monotone by construction. Starts as the identity.
         first = knots[0].clone().requires_grad_(True)
         slopes = torch.full((k - 1,), 0.5413, requires_grad=True)  # softplus(0.5413) = 1
@@ -420,13 +434,53 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200) -> None:
             return loss
 
         with torch.no_grad():
-            before = float(HazardHead.nll(raw, y))  # the identity's held-out loss
+            before = float(HazardHead.nll(served, y))
         opt.step(closure)
         with torch.no_grad():
             fitted = values()
+            calibrated = piecewise_linear(raw, knots, fitted)
+            after = float(HazardHead.nll(calibrated, y))
             # L-BFGS can overshoot into a worse (even overflowing) fit: keep it only if it helps held-out time.
-            if torch.isfinite(fitted).all() and float(HazardHead.nll(piecewise_linear(raw, knots, fitted), y)) < before:
-                head.calibration.copy_(torch.stack([knots, fitted]).to(head.calibration.device))
+            kept = bool(torch.isfinite(fitted).all()) and after < before
+            head.calibration.copy_(torch.stack([knots, fitted]).to(head.calibration.device) if kept else current)
+            report[name] = {"examples": int(ok.sum()), "observed_rate": round(float(y.mean()), 4),
+                            "mean_probability_before": round(float(HazardHead.probability(served).mean()), 4),
+                            "mean_probability_after": round(float(HazardHead.probability(
+                                calibrated if kept else served).mean()), 4),
+                            "loss_before": round(before, 5), "loss_after": round(after if kept else before, 5),
+                            "kept": kept}
+    return report
+
+
+def recalibrate(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cuts: int = 10, seed: int = 0,
+                max_examples: int = 24_000) -> dict:
+    """Calibrate a trained model's two probabilities again on another shop's log, in place: nothing else
+    changes (the sequence model, the heads' ranking, top_categories, the state it keeps).
+
+    A model trained in one shop ranks users well in another (docs/model.md: shop 4) but its probabilities
+    carry the training shop's rates: there users go quiet less often, and churn_risk was over-predicted by
+    0.075 (ECE). The heads were not fitted on this log, so every cut is held-out time for them: the
+    calibration is fitted on all of them (the later ones with windows cut short, which the hazard's
+    calibration takes as they are), the latest profiles included."""
+    started = time.monotonic()
+    parts = collect(loaded, log_, default_cuts(log_.events.ts, n_cuts), device)
+    if not parts:
+        raise ValueError("no users in the log to calibrate on")
+    gen = torch.Generator().manual_seed(seed)
+    examples = _sample(CutExamples.concat(parts), max_examples, gen)
+    # A probability is published for its full horizon: a log too short to see that window even once would be
+    # calibrated on shorter ones only and extrapolated, so it is left as it was.
+    short = {name: f"the log after its first cut is {float(hours.max()):.0f} h, shorter than the {horizon:g} h "
+                   "horizon: give a longer log"
+             for name, hours, horizon in (("purchase", examples.purchase_hours, PURCHASE_HORIZON_HOURS),
+                                          ("event", examples.event_hours, CHURN_HORIZON_HOURS))
+             if float(hours.max()) < horizon}
+    fits = calibrate(loaded.model, examples, heads=tuple(h for h in ("purchase", "event") if h not in short))
+    fits.update({name: {"examples": len(examples.user), "kept": False, "reason": why} for name, why in short.items()})
+    report = {"cuts": len(parts), "examples": len(examples.user), **fits,
+              "seconds": round(time.monotonic() - started, 1)}
+    log.debug("calibration: %s", report)
+    return report
 
 
 def _sample(ex: CutExamples, n: int, gen: torch.Generator) -> CutExamples:

@@ -80,6 +80,7 @@ class ProfileUpdater:
                  state_dtype: torch.dtype = torch.float32) -> None:
         self.model = loaded.model.to(full_float32(device)).eval()
         self.model_version = loaded.version
+        self.state_version = loaded.state_version  # what the changelog and snapshots are checked against
         self.config = loaded.model.config
         self.device = device
         self.max_event_bytes = max_event_bytes

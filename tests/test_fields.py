@@ -203,6 +203,66 @@ def test_a_calibration_that_would_worsen_held_out_time_is_not_kept(monkeypatch):
     before = model.fields.purchase.calibration.clone()
     calibrate(model, ex)
     assert torch.equal(model.fields.purchase.calibration, before)
+    # A calibration the head already had (another shop's, or fitted before) stays too, not the identity.
+    with torch.no_grad():
+        model.fields.purchase.calibration[1] = 0.8 * model.fields.purchase.calibration[0] - 0.3
+    before = model.fields.purchase.calibration.clone()
+    report = calibrate(model, ex)
+    assert torch.equal(model.fields.purchase.calibration, before) and report["purchase"]["kept"] is False
+
+
+def test_calibrate_fits_another_shops_rates_and_changes_nothing_else(tmp_path):
+    """The shipped model in a shop whose users go quiet less often than in the shop it was trained in (shop 4,
+    docs/model.md): calibrated on that shop's log before a cut, churn_risk at the cut is off by less (ECE),
+    and nothing else moves: the ranking, top_categories, the weights, the state a daemon keeps."""
+    from click.testing import CliRunner
+
+    from consumers.cli import main
+    from stream.state import read_snapshot
+
+    log = generate(users=1000, events=50_000, seed=14, span_days=60, shop=ShopParams.draw(4))
+    shop = tmp_path / "shop.jsonl"
+    write_jsonl(log.events, shop)
+    ts = sorted(e["ts"] for e in log.events)
+    cut = int(ts[0] + 0.8 * (ts[-1] - ts[0]))
+    runner = CliRunner()
+    result = runner.invoke(main, ["calibrate", "--model", "demo", "--events", str(shop), "--until", str(cut),
+                                  "--out", str(tmp_path / "cal.pt"), "--device", DEVICE])
+    assert result.exit_code == 0, result.output
+    assert "churn_risk: observed" in result.output and "calibrated" in result.output
+    # A log too short to see the horizons even once: nothing is calibrated on it, and nothing written.
+    write_jsonl([e for e in log.events if e["ts"] < ts[0] + 3 * 86_400_000], tmp_path / "short.jsonl")
+    result = runner.invoke(main, ["calibrate", "--model", "demo", "--events", str(tmp_path / "short.jsonl"),
+                                  "--out", str(tmp_path / "short.pt"), "--device", DEVICE])
+    assert result.exit_code == 1 and "shorter than the 168 h horizon" in result.output
+    assert "nothing written" in result.output and not (tmp_path / "short.pt").exists()
+
+    demo, cal = load_checkpoint("demo", ON_DEVICE), load_checkpoint(tmp_path / "cal.pt", ON_DEVICE)
+    assert cal.state_version == demo.version != cal.version
+    assert cal.metadata["calibrations"][0]["until"] == cut
+    result = runner.invoke(main, ["model", "info", str(tmp_path / "cal.pt"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert orjson.loads(result.output)["state_version"] == demo.version
+    a, b = demo.model.state_dict(), cal.model.state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert "fields.event.calibration" in changed
+    assert changed <= {"fields.purchase.calibration", "fields.event.calibration"}
+
+    before = evaluate_fields(demo, [str(shop)], ON_DEVICE, cut=cut)["fields"]
+    after = evaluate_fields(cal, [str(shop)], ON_DEVICE, cut=cut)["fields"]
+    assert after["churn_risk"]["model"]["ece"] < before["churn_risk"]["model"]["ece"] - 0.02
+    for name in ("churn_risk", "purchase_propensity"):  # a monotone map: the same order of users
+        assert after[name]["model"]["roc_auc"] == pytest.approx(before[name]["model"]["roc_auc"], abs=2e-3)
+    assert after["top_categories"]["model"] == before["top_categories"]["model"]
+
+    # Its profiles carry the new version; its state is the one of the model it was calibrated from.
+    result = runner.invoke(main, ["replay", str(shop), "--model", str(tmp_path / "cal.pt"), "--out",
+                                  str(tmp_path / "p.jsonl"), "--state-out", str(tmp_path / "state"),
+                                  "--no-embedding", "--device", DEVICE])
+    assert result.exit_code == 0, result.output
+    first = orjson.loads((tmp_path / "p.jsonl").read_bytes().split(b"\n")[0])
+    assert first["model_version"] == cal.version
+    assert read_snapshot(tmp_path / "state")[1]["model_version"] == demo.version
 
 
 def test_held_out_cuts_are_the_latest_that_saw_both_horizons_in_full():

@@ -318,6 +318,31 @@ def test_a_snapshot_of_another_model_is_refused(kafka, settings_factory, tmp_pat
         daemon.restore(str(tmp_path))
 
 
+def test_a_model_calibrated_again_serves_the_state_of_the_model_it_came_from(kafka, settings_factory, tmp_path):
+    """`profiles calibrate` changes only the probabilities' calibration: a daemon switched to its checkpoint
+    restores the snapshot and changelog of the model it was calibrated from, and publishes its own version."""
+    import threading
+
+    from consumers.daemon import ProfileDaemon
+    from models.checkpoint_io import load_checkpoint, save_checkpoint
+    from models.update_step import load_updater
+    from stream.metrics import Metrics
+    from stream.state import write_snapshot
+
+    base = load_checkpoint("demo")
+    with torch.no_grad():
+        base.model.fields.event.calibration[1] -= 0.5
+    save_checkpoint(tmp_path / "cal.pt", base.model, base.version + "+cal-test",
+                    {**base.metadata, "state_version": base.version}, base.item_vocab)
+    settings = settings_factory(model_path=str(tmp_path / "cal.pt"))
+    updater = load_updater(settings)
+    assert (updater.model_version, updater.state_version) == (base.version + "+cal-test", base.version)
+    write_snapshot(tmp_path / "s", updater.state.snapshot(), {"model_version": base.version})
+    daemon = ProfileDaemon(settings, updater, Metrics(), threading.Event())
+    daemon.restore(str(tmp_path / "s"))
+    assert daemon.changelog.model_version == base.version
+
+
 def test_inspect_shows_a_users_timeline_and_plots_one_panel_per_field(tmp_path):
     from consumers.inspect import CHARTED, InspectError, plot, render_table, timeline
 
