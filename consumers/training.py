@@ -97,10 +97,15 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
         click.echo(f"  {name}: observed {flip(fit['observed_rate']):.1%}, mean probability "
                    f"{flip(fit['mean_probability_before']):.1%} -> {flip(fit['mean_probability_after']):.1%}, "
                    f"log loss {fit['loss_before']:.4f} -> {fit['loss_after']:.4f}: {verdict}", err=True)
-    if not any(report[head]["kept"] for head in ("purchase", "event")):
-        raise click.ClickException(f"neither probability was calibrated again: nothing written to {out}")
+    heads = [report[head] for head in ("purchase", "event")]
+    if not any("test" in fit for fit in heads):  # neither could be tested on this log: a mistake, say so
+        raise click.ClickException(f"neither probability could be calibrated on this log: nothing written to {out}")
     base = loaded.state_version
-    version = f"{base}+cal-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{weights_digest(loaded.model)}"
+    if any(fit["kept"] for fit in heads):
+        version = f"{base}+cal-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{weights_digest(loaded.model)}"
+    else:  # tested, and the model's own calibration did best: the same model, the same version
+        version = loaded.version
+        click.echo("  the model's calibration already predicts this shop best: written unchanged", err=True)
     metadata = {**loaded.metadata, "state_version": base,
                 "calibrations": [*loaded.metadata.get("calibrations", []),
                                  {"from": loaded.version, "events": list(event_files), "until": until,

@@ -458,29 +458,66 @@ def recalibrate(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cut
     changes (the sequence model, the heads' ranking, top_categories, the state it keeps).
 
     A model trained in one shop ranks users well in another (docs/model.md: shop 4) but its probabilities
-    carry the training shop's rates: there users go quiet less often, and churn_risk was over-predicted by
-    0.075 (ECE). The heads were not fitted on this log, so every cut is held-out time for them: the
-    calibration is fitted on all of them (the later ones with windows cut short, which the hazard's
-    calibration takes as they are), the latest profiles included."""
+    can carry the training shop's rates: there users go quiet less often, and churn_risk was over-predicted
+    by 0.075 (ECE). The heads were not fitted on this log, so every cut is held-out time for them, and the
+    calibration is fitted on all of them. But a shop's rates also drift over its log (users go quiet as
+    it ages; young users' profiles know less), and a map fitted on the past can then be further off at the
+    end than the model was. So each probability is first tested on later time: fitted on the cuts before
+    the latest one that saw the horizon in full, it must predict that cut better than the current
+    calibration does; only then is it fitted on all the cuts and kept."""
     started = time.monotonic()
     parts = collect(loaded, log_, default_cuts(log_.events.ts, n_cuts), device)
     if not parts:
         raise ValueError("no users in the log to calibrate on")
-    gen = torch.Generator().manual_seed(seed)
-    examples = _sample(CutExamples.concat(parts), max_examples, gen)
-    # A probability is published for its full horizon: a log too short to see that window even once would be
-    # calibrated on shorter ones only and extrapolated, so it is left as it was.
-    short = {name: f"the log after its first cut is {float(hours.max()):.0f} h, shorter than the {horizon:g} h "
-                   "horizon: give a longer log"
-             for name, hours, horizon in (("purchase", examples.purchase_hours, PURCHASE_HORIZON_HOURS),
-                                          ("event", examples.event_hours, CHURN_HORIZON_HOURS))
-             if float(hours.max()) < horizon}
-    fits = calibrate(loaded.model, examples, heads=tuple(h for h in ("purchase", "event") if h not in short))
-    fits.update({name: {"examples": len(examples.user), "kept": False, "reason": why} for name, why in short.items()})
-    report = {"cuts": len(parts), "examples": len(examples.user), **fits,
-              "seconds": round(time.monotonic() - started, 1)}
+    report = calibrate_on_cuts(loaded.model, parts, torch.Generator().manual_seed(seed), max_examples)
+    report["seconds"] = round(time.monotonic() - started, 1)
     log.debug("calibration: %s", report)
     return report
+
+
+def calibrate_on_cuts(model: ProfileModel, parts: list[CutExamples], gen: torch.Generator,
+                      max_examples: int = 24_000) -> dict:
+    """`recalibrate`'s test and fit, on the examples of each cut (ascending)."""
+    examples = _sample(CutExamples.concat(parts), max_examples, gen)
+    heads = model.fields
+    report: dict = {"cuts": len(parts), "examples": len(examples.user)}
+    for name, horizon in (("purchase", PURCHASE_HORIZON_HOURS), ("event", CHURN_HORIZON_HOURS)):
+        head = getattr(heads, name)
+        hours_of = (lambda ex: ex.purchase_hours) if name == "purchase" else (lambda ex: ex.event_hours)
+        full = [i for i, part in enumerate(parts) if float(hours_of(part).min()) >= horizon]
+        if not full or full[-1] == 0:
+            report[name] = {"examples": len(examples.user), "kept": False,
+                            "reason": f"the log is too short to test a calibration on later time: it needs a cut "
+                                      f"with {horizon / 24:g} days of events after it, and one before that"}
+            continue
+        latest = full[-1]
+        current = head.calibration.clone()
+        before = _sample(CutExamples.concat(parts[:latest]), max_examples, gen)
+        trial = calibrate(model, before, heads=(name,))[name]
+        test = {"cut": latest, "loss_current": None, "loss_recalibrated": None}
+        if trial.get("kept"):
+            recalibrated = _head_loss(model, parts[latest], name)
+            head.calibration.copy_(current)
+            test.update(loss_current=round(_head_loss(model, parts[latest], name), 5),
+                        loss_recalibrated=round(recalibrated, 5))
+        if test["loss_recalibrated"] is None or test["loss_recalibrated"] >= test["loss_current"]:
+            head.calibration.copy_(current)
+            report[name] = {"examples": len(examples.user), "kept": False, "test": test,
+                            "reason": "fitted on the earlier cuts, it did not predict the latest cut that saw the "
+                                      "whole horizon better than the calibration the model has"}
+            continue
+        report[name] = {**calibrate(model, examples, heads=(name,))[name], "test": test}
+    return report
+
+
+@torch.no_grad()
+def _head_loss(model: ProfileModel, ex: CutExamples, name: str) -> float:
+    """The held-out negative log-likelihood of one probability head ("purchase" or "event") on `ex`."""
+    heads = model.fields
+    label, hours = (ex.purchase, ex.purchase_hours) if name == "purchase" else (ex.event, ex.event_hours)
+    ok = hours > 0
+    return float(HazardHead.nll(getattr(heads, name).log_hazard(heads.standardise(ex.user)[ok], ex.state[ok],
+                                                                 hours[ok]), label[ok]))
 
 
 def _sample(ex: CutExamples, n: int, gen: torch.Generator) -> CutExamples:

@@ -211,6 +211,46 @@ def test_a_calibration_that_would_worsen_held_out_time_is_not_kept(monkeypatch):
     assert torch.equal(model.fields.purchase.calibration, before) and report["purchase"]["kept"] is False
 
 
+@pytest.mark.parametrize("drift", [False, True])
+def test_a_new_calibration_is_kept_only_if_it_predicts_later_time_better(drift):
+    """Four cuts of a shop. Steady: every cut's users buy at e^1 times the hazard the model says, and the
+    calibration fitted again is kept (its mean probability = the observed rate). Drifting: the earlier
+    cuts buy more, and the latest, where the model is right, is what a map fitted on the earlier ones gets
+    wrong: the model's calibration stays."""
+    from dataclasses import replace as with_fields
+
+    from models.field_heads import HazardHead
+    from models.field_training import calibrate_on_cuts
+
+    gen = torch.Generator().manual_seed(7)
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    with torch.no_grad():
+        model.fields.purchase.linear.weight[0, 0] = 2.0
+        model.fields.purchase.linear.bias.fill_(-3.0)
+    parts = []
+    for k, offset in enumerate([2.0, 1.5, 1.0, 0.0] if drift else [1.0] * 4):
+        n = 4000
+        user = torch.rand(n, len(USER_FEATURES), generator=gen) * 2
+        ex = with_fields(examples(user, torch.zeros(n), torch.zeros(n, 8)),
+                         purchase_hours=torch.full((n,), float(PURCHASE_HORIZON_HOURS)),
+                         event_hours=torch.full((n,), float(CHURN_HORIZON_HOURS)))
+        with torch.no_grad():
+            log_l = model.fields.purchase.log_hazard(model.fields.standardise(user), ex.state, ex.purchase_hours)
+        label = (torch.rand(n, generator=gen) < HazardHead.probability(log_l + offset)).float()
+        parts.append(with_fields(ex, purchase=label, event=label))
+    before = model.fields.purchase.calibration.clone()
+    report = calibrate_on_cuts(model, parts, torch.Generator().manual_seed(0))["purchase"]
+    assert report["test"]["cut"] == 3
+    if drift:
+        assert report["kept"] is False and torch.equal(model.fields.purchase.calibration, before)
+        assert report["test"]["loss_recalibrated"] > report["test"]["loss_current"]
+    else:
+        assert report["kept"] is True and not torch.equal(model.fields.purchase.calibration, before)
+        assert report["mean_probability_after"] == pytest.approx(report["observed_rate"], abs=0.01)
+        assert report["test"]["loss_recalibrated"] < report["test"]["loss_current"]
+
+
 def test_calibrate_fits_another_shops_rates_and_changes_nothing_else(tmp_path):
     """The shipped model in a shop whose users go quiet less often than in the shop it was trained in (shop 4,
     docs/model.md): calibrated on that shop's log before a cut, churn_risk at the cut is off by less (ECE),
@@ -234,7 +274,7 @@ def test_calibrate_fits_another_shops_rates_and_changes_nothing_else(tmp_path):
     write_jsonl([e for e in log.events if e["ts"] < ts[0] + 3 * 86_400_000], tmp_path / "short.jsonl")
     result = runner.invoke(main, ["calibrate", "--model", "demo", "--events", str(tmp_path / "short.jsonl"),
                                   "--out", str(tmp_path / "short.pt"), "--device", DEVICE])
-    assert result.exit_code == 1 and "shorter than the 168 h horizon" in result.output
+    assert result.exit_code == 1 and "too short to test a calibration" in result.output
     assert "nothing written" in result.output and not (tmp_path / "short.pt").exists()
 
     demo, cal = load_checkpoint("demo", ON_DEVICE), load_checkpoint(tmp_path / "cal.pt", ON_DEVICE)

@@ -85,10 +85,10 @@ def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: st
     minutes.
 
     Profiles are taken through the serving path at cuts in the log and judged on what each user did
-    next; each probability's calibration map is fitted again on them, and kept only where it lowers the
-    log loss. A log must see each horizon in full after its first cut (at 30% of its events): 7 days
-    for purchase_propensity, 14 for churn_risk; a probability it cannot is left as it was, and where
-    neither is calibrated nothing is written (exit 1).
+    next. A probability's new calibration map is kept only if, fitted on the earlier cuts, it predicts
+    the latest cut that saw its whole horizon (7 days for purchase_propensity, 14 for churn_risk) better
+    than the model's own calibration; it is then fitted on all the cuts. Where neither probability
+    changes, the model is written unchanged; a log too short to test either is an error (exit 1).
 
     The new checkpoint keeps the state of the model it was calibrated from: a daemon switched to it
     (same --group-id) restores the same changelog, and its profiles carry the new model_version."""
