@@ -60,8 +60,8 @@ def main(log_level: str) -> None:
 for _command in (
     live.run, live.forget, live.tail, live.get,
     logs.replay, logs.inspect, logs.generate, logs.demo, logs.import_, logs.split,
-    modelling.train, modelling.calibrate, modelling.evaluate, modelling.evaluate_fields, modelling.evaluate_synthetic, modelling.model,
-    modelling.bench,
+    modelling.train, modelling.calibrate, modelling.evaluate, modelling.evaluate_fields, modelling.evaluate_synthetic,
+    modelling.model, modelling.bench,
 ):
     main.add_command(_command)
 
