@@ -89,7 +89,11 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
     for name, head in (("purchase_propensity", "purchase"), ("churn_risk", "event")):
         fit = report[head]
         if "observed_rate" not in fit:
-            click.echo(f"  {name}: left as it was ({fit['reason']})", err=True)
+            test = fit.get("test") or {}
+            found = (f"; on the profiles of {_minute(test['cut_ms'])}: log loss {test['loss_current']:.4f} as it "
+                     f"was, {test['loss_recalibrated']:.4f} with the new map"
+                     if test.get("loss_recalibrated") is not None else "")
+            click.echo(f"  {name}: left as it was ({fit['reason']}{found})", err=True)
             continue
         # churn_risk is the event head's complement: its rates read as 1 - the event head's.
         flip = (lambda r: 1 - r) if head == "event" else (lambda r: r)
@@ -97,6 +101,10 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
         click.echo(f"  {name}: observed {flip(fit['observed_rate']):.1%}, mean probability "
                    f"{flip(fit['mean_probability_before']):.1%} -> {flip(fit['mean_probability_after']):.1%}, "
                    f"log loss {fit['loss_before']:.4f} -> {fit['loss_after']:.4f}: {verdict}", err=True)
+        test = fit.get("test") or {}
+        if test.get("loss_recalibrated") is not None:
+            click.echo(f"    tested first on the profiles of {_minute(test['cut_ms'])}, fitted on the earlier ones: "
+                       f"log loss {test['loss_current']:.4f} -> {test['loss_recalibrated']:.4f}", err=True)
     heads = [report[head] for head in ("purchase", "event")]
     if not any("test" in fit for fit in heads):  # neither could be tested on this log: a mistake, say so
         raise click.ClickException(f"neither probability could be calibrated on this log: nothing written to {out}")
@@ -114,3 +122,7 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
         save_checkpoint(tmp, loaded.model, version, metadata, loaded.item_vocab)
     click.echo(f"saved {version} to {out} (it keeps the state of {base}: a daemon switched to it restores the "
                "same changelog)", err=True)
+
+
+def _minute(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="minutes")

@@ -466,10 +466,15 @@ def recalibrate(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cut
     the latest one that saw the horizon in full, it must predict that cut better than the current
     calibration does; only then is it fitted on all the cuts and kept."""
     started = time.monotonic()
-    parts = collect(loaded, log_, default_cuts(log_.events.ts, n_cuts), device)
+    cuts = default_cuts(log_.events.ts, n_cuts)
+    parts = collect(loaded, log_, cuts, device)
     if not parts:
         raise ValueError("no users in the log to calibrate on")
     report = calibrate_on_cuts(loaded.model, parts, torch.Generator().manual_seed(seed), max_examples)
+    for name in ("purchase", "event"):  # the test cut's time, for the report (collect skips empty cuts: by index)
+        test = report[name].get("test")
+        if test is not None:
+            test["cut_ms"] = int(sorted(cuts)[int(parts[test["cut"]].cut[0])])
     report["seconds"] = round(time.monotonic() - started, 1)
     log.debug("calibration: %s", report)
     return report

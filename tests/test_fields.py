@@ -270,6 +270,7 @@ def test_calibrate_fits_another_shops_rates_and_changes_nothing_else(tmp_path):
                                   "--out", str(tmp_path / "cal.pt"), "--device", DEVICE])
     assert result.exit_code == 0, result.output
     assert "churn_risk: observed" in result.output and "calibrated" in result.output
+    assert "tested first on the profiles of" in result.output
     # A log too short to see the horizons even once: nothing is calibrated on it, and nothing written.
     write_jsonl([e for e in log.events if e["ts"] < ts[0] + 3 * 86_400_000], tmp_path / "short.jsonl")
     result = runner.invoke(main, ["calibrate", "--model", "demo", "--events", str(tmp_path / "short.jsonl"),
