@@ -15,8 +15,8 @@ from models.profile_model import CheckpointError, resolve_device
 from models.checkpoint_io import load_checkpoint
 
 
-def parse_cut(text: str | None) -> int | None:
-    """ISO-8601 (UTC when no zone is given) or epoch milliseconds -> epoch ms."""
+def parse_cut(text: str | None, option: str = "--cut") -> int | None:
+    """ISO-8601 (UTC when no zone is given) or epoch milliseconds -> epoch ms; `option` names it in an error."""
     if text is None:
         return None
     if text.isdigit():
@@ -24,7 +24,7 @@ def parse_cut(text: str | None) -> int | None:
     try:
         when = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise click.BadParameter(f"{text!r} is neither ISO-8601 nor epoch milliseconds", param_hint="--cut") from None
+        raise click.BadParameter(f"{text!r} is neither ISO-8601 nor epoch milliseconds", param_hint=option) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
     return int(when.timestamp() * 1000)

@@ -11,7 +11,7 @@ import click
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from consumers.outfiles import atomic_paths
+from consumers.outfiles import atomic_paths, check_output_dir
 from models.dataset import EventLog, load_events
 from models.field_training import train_fields
 from models.profile_model import ModelConfig, resolve_device
@@ -41,6 +41,7 @@ def weights_digest(model: torch.nn.Module) -> str:
 def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, seed: int, hidden_size: int,
                  dropout: float, until: int | None = None, buckets: tuple[int, int, int] | None = None,
                  **train_options: object) -> None:
+    check_output_dir(out)
     device = resolve_device(device_name)
     events = events_until(event_files, until)
     model_config = ModelConfig(hidden_size=hidden_size, dropout=dropout, init_seed=seed)
@@ -81,6 +82,7 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
     from models.checkpoint_io import load_checkpoint
     from models.field_training import recalibrate
 
+    check_output_dir(out)
     device = resolve_device(device_name)
     loaded = load_checkpoint(model_path, device)
     events = events_until(event_files, until)

@@ -178,6 +178,23 @@ def test_user_mistakes_are_one_line_errors(tmp_path, args, message):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("args, message", [
+    (["train", "--events", "{events}", "--out", "/nonexistent/m.pt"], "cannot write --out /nonexistent/m.pt"),
+    (["calibrate", "--model", "demo", "--events", "{events}", "--out", "/nonexistent/m.pt"],
+     "cannot write --out /nonexistent/m.pt"),
+    (["calibrate", "--model", "demo", "--events", "{events}", "--until", "soon", "--out", "{tmp}/m.pt"],
+     "Invalid value for --until"),
+])
+def test_train_and_calibrate_refuse_a_mistake_before_any_work(tmp_path, args, message):
+    """Minutes of training (seconds of calibration) must not end in an error the arguments already showed:
+    the events are not even read ("N events of M users" is the work's first line)."""
+    write_events(tmp_path / "events.jsonl", 2000)
+    args = [a.format(events=tmp_path / "events.jsonl", tmp=tmp_path) for a in args]
+    result = CliRunner().invoke(main, args + ["--device", DEVICE])
+    assert result.exit_code in (1, 2), result.output
+    assert message in result.output and "events of" not in result.output, result.output
+
+
 def test_an_unreachable_broker_is_one_line_within_the_connect_timeout(tmp_path):
     started = time.monotonic()
     proc = subprocess.run(profiles_command() + ["run", "--untrained", "--bootstrap-servers", UNREACHABLE, "--connect-timeout", "2s"],

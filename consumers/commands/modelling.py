@@ -60,7 +60,8 @@ def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_siz
     from consumers.field_report import parse_cut
     from consumers.training import run_training
 
-    run_training(event_files, out, device, seed=seed, hidden_size=hidden_size, dropout=dropout, until=parse_cut(until),
+    run_training(event_files, out, device, seed=seed, hidden_size=hidden_size, dropout=dropout,
+                 until=parse_cut(until, "--until"),
                  buckets=(item_buckets, category_buckets, query_buckets),
                  epochs=epochs, batch_size=batch_size, max_len=max_len, lr=lr, val_fraction=val_fraction,
                  patience=patience, average_epochs=average_epochs, refit=refit, max_items=max_items)
@@ -95,7 +96,7 @@ def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: st
     from consumers.field_report import parse_cut
     from consumers.training import run_calibration
 
-    run_calibration(model_path, event_files, out, device, until=parse_cut(until), seed=seed)
+    run_calibration(model_path, event_files, out, device, until=parse_cut(until, "--until"), seed=seed)
 
 
 @command("evaluate", short_help="The model's next item and category against simple rules")
