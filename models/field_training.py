@@ -406,7 +406,7 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200,
         ok = hours > 0
         if ok.sum() < 50 or label[ok].min() == label[ok].max():
             report[name] = {"examples": int(ok.sum()), "kept": False,
-                            "reason": "too few held-out examples, or one outcome only"}
+                            "reason": "too few examples, or only one outcome among them (no purchase at all, say)"}
             continue  # too little held-out time, or one class only: leave the calibration as it is
         y = label[ok].cpu()
         k = head.calibration.shape[1]
@@ -507,9 +507,11 @@ def calibrate_on_cuts(model: ProfileModel, parts: list[CutExamples], gen: torch.
                         loss_recalibrated=round(recalibrated, 5))
         if test["loss_recalibrated"] is None or test["loss_recalibrated"] >= test["loss_current"]:
             head.calibration.copy_(current)
-            report[name] = {"examples": len(examples.user), "kept": False, "test": test,
-                            "reason": "fitted on the earlier cuts, it did not predict the latest cut that saw the "
-                                      "whole horizon better than the calibration the model has"}
+            reason = trial.get("reason") or (
+                "fitted on the earlier cuts, it did not predict the latest cut that saw the whole horizon better "
+                "than the calibration the model has" if trial.get("kept") else
+                "a new map did not fit the earlier cuts better than the calibration the model has")
+            report[name] = {"examples": len(examples.user), "kept": False, "test": test, "reason": reason}
             continue
         report[name] = {**calibrate(model, examples, heads=(name,))[name], "test": test}
     return report

@@ -211,12 +211,12 @@ def test_a_calibration_that_would_worsen_held_out_time_is_not_kept(monkeypatch):
     assert torch.equal(model.fields.purchase.calibration, before) and report["purchase"]["kept"] is False
 
 
-@pytest.mark.parametrize("drift", [False, True])
-def test_a_new_calibration_is_kept_only_if_it_predicts_later_time_better(drift):
+@pytest.mark.parametrize("shop", ["steady", "drift", "no purchases"])
+def test_a_new_calibration_is_kept_only_if_it_predicts_later_time_better(shop):
     """Four cuts of a shop. Steady: every cut's users buy at e^1 times the hazard the model says, and the
     calibration fitted again is kept (its mean probability = the observed rate). Drifting: the earlier
     cuts buy more, and the latest, where the model is right, is what a map fitted on the earlier ones gets
-    wrong: the model's calibration stays."""
+    wrong: the model's calibration stays. A shop where nobody buys: nothing to calibrate on, and it says so."""
     from dataclasses import replace as with_fields
 
     from models.field_heads import HazardHead
@@ -229,6 +229,7 @@ def test_a_new_calibration_is_kept_only_if_it_predicts_later_time_better(drift):
         model.fields.purchase.linear.weight[0, 0] = 2.0
         model.fields.purchase.linear.bias.fill_(-3.0)
     parts = []
+    drift = shop == "drift"
     for k, offset in enumerate([2.0, 1.5, 1.0, 0.0] if drift else [1.0] * 4):
         n = 4000
         user = torch.rand(n, len(USER_FEATURES), generator=gen) * 2
@@ -238,11 +239,16 @@ def test_a_new_calibration_is_kept_only_if_it_predicts_later_time_better(drift):
         with torch.no_grad():
             log_l = model.fields.purchase.log_hazard(model.fields.standardise(user), ex.state, ex.purchase_hours)
         label = (torch.rand(n, generator=gen) < HazardHead.probability(log_l + offset)).float()
+        if shop == "no purchases":
+            label = torch.zeros(n)
         parts.append(with_fields(ex, purchase=label, event=label))
     before = model.fields.purchase.calibration.clone()
     report = calibrate_on_cuts(model, parts, torch.Generator().manual_seed(0))["purchase"]
     assert report["test"]["cut"] == 3
-    if drift:
+    if shop == "no purchases":
+        assert report["kept"] is False and "only one outcome" in report["reason"]
+        assert torch.equal(model.fields.purchase.calibration, before)
+    elif drift:
         assert report["kept"] is False and torch.equal(model.fields.purchase.calibration, before)
         assert report["test"]["loss_recalibrated"] > report["test"]["loss_current"]
     else:
