@@ -79,12 +79,14 @@ def print_tables(report: dict) -> None:
                         ("churn_risk", f"no event within {w['churn']:.0f} h")):
         f = fields[field]
         table = Table(title=f"{field} vs {what} ({f['positives']:,} of {f['users']:,} users)")
-        for c in ("scorer", "ROC AUC", "PR AUC", "Brier", "ECE"):
+        for c in ("scorer", "ROC AUC", "PR AUC", "Brier", "ECE", "mean"):
             table.add_column(c, justify="left" if c == "scorer" else "right")
         for name, m in [("model", f["model"]), *f["baselines"].items()]:
-            table.add_row(name, _fmt(m["roc_auc"]), _fmt(m["pr_auc"]), _fmt(m.get("brier")), _fmt(m.get("ece")))
+            table.add_row(name, _fmt(m["roc_auc"]), _fmt(m["pr_auc"]), _fmt(m.get("brier")), _fmt(m.get("ece")),
+                          _fmt(m.get("mean_probability")))
         console.print(table)
         console.print(_versus_best(f))
+        console.print(_rates(field, f))
 
 
 def draw_reliability(report: dict, path: str) -> None:
@@ -125,6 +127,19 @@ def _versus_best(field: dict) -> str:
                else "within the sampling noise")
     return (f"model - {v['baseline']}: {v['difference']:+.3f} {v['metric']} "
             f"(95% paired bootstrap [{lo:+.3f}, {hi:+.3f}]): {verdict}\n")
+
+
+RATE_GAP = 0.02  # mean probability this far from the observed rate: say so, and what fits it
+
+
+def _rates(field: str, f: dict) -> str:
+    """The model's mean probability against the rate observed; where they are apart, the command that fits a
+    model's probabilities to a shop's rates."""
+    mean, rate = f["model"].get("mean_probability"), f["positives"] / max(f["users"], 1)
+    if mean is None or np.isnan(mean) or abs(mean - rate) <= RATE_GAP:
+        return ""
+    return (f"mean {field} {mean:.1%} against {rate:.1%} observed: `profiles calibrate` fits a trained model's "
+            "probabilities to a shop's rates (docs/operations.md)\n")
 
 
 def _fmt(value: object) -> str:

@@ -70,6 +70,8 @@ def binary_metrics(scores: np.ndarray, y: np.ndarray, probability: bool) -> dict
     if probability:
         out["brier"] = float(np.mean((scores - y) ** 2))
         out["ece"] = expected_calibration_error(scores, y)
+        # Calibration in the large: the mean probability beside the observed rate (positives / users).
+        out["mean_probability"] = float(np.mean(scores)) if len(scores) else float("nan")
     return out
 
 

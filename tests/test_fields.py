@@ -297,6 +297,13 @@ def test_calibrate_fits_another_shops_rates_and_changes_nothing_else(tmp_path):
 
     before = evaluate_fields(demo, [str(shop)], ON_DEVICE, cut=cut)["fields"]
     after = evaluate_fields(cal, [str(shop)], ON_DEVICE, cut=cut)["fields"]
+    # The report puts the shipped model's mean churn_risk beside the rate observed, and names the command.
+    gap = before["churn_risk"]["model"]["mean_probability"] - before["churn_risk"]["positives"] / before[
+        "churn_risk"]["users"]
+    assert gap > 0.02  # the shipped model expects more users to go quiet here than do
+    text = runner.invoke(main, ["evaluate-fields", "--model", "demo", "--events", str(shop), "--cut", str(cut),
+                                "--device", DEVICE]).output
+    assert "mean churn_risk" in text and "`profiles calibrate` fits" in text
     assert after["churn_risk"]["model"]["ece"] < before["churn_risk"]["model"]["ece"] - 0.02
     for name in ("churn_risk", "purchase_propensity"):  # a monotone map: the same order of users
         assert after[name]["model"]["roc_auc"] == pytest.approx(before[name]["model"]["roc_auc"], abs=2e-3)
@@ -450,7 +457,8 @@ def test_evaluation_report_has_every_field_metric_and_baseline(tmp_path):
     assert set(fields["top_categories"]["baselines"]) == {"all-time counts", "decayed counts",
                                                           "most recent categories"}
     for field in ("purchase_propensity", "churn_risk"):
-        assert set(fields[field]["model"]) == {"roc_auc", "pr_auc", "brier", "ece"}
+        assert set(fields[field]["model"]) == {"roc_auc", "pr_auc", "brier", "ece", "mean_probability"}
+        assert 0 < fields[field]["model"]["mean_probability"] < 1
         assert 0 < fields[field]["positives"] < fields[field]["users"]
     # An untrained model's repeat side already counts: it is no worse than chance on categories.
     assert fields["top_categories"]["model"]["precision@3"] > 0.3
