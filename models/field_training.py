@@ -464,7 +464,7 @@ def recalibrate(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cut
     it ages; young users' profiles know less), and a map fitted on the past can then be further off at the
     end than the model was. So each probability is first tested on later time: fitted on the cuts before
     the latest one that saw the horizon in full, it must predict that cut better than the current
-    calibration does; only then is it fitted on all the cuts and kept."""
+    calibration does; only then is it fitted on all the cuts (the later ones weighing more) and kept."""
     started = time.monotonic()
     cuts = default_cuts(log_.events.ts, n_cuts)
     parts = collect(loaded, log_, cuts, device)
