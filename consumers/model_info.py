@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from models.checkpoint_io import CHECKPOINT_FORMAT, checkpoint_path, load_checkpoint
+from stream.events import iso_time
 
 
 def checkpoint_info(path: str) -> dict:
@@ -40,7 +41,7 @@ def info_lines(info: dict) -> list[str]:
         ("model version", info["model_version"]),
         *([("keeps the state of", info["state_version"])] if info["state_version"] != info["model_version"] else []),
         *[("calibrated again", f"from {c['from']} on {', '.join(c['events'] or [])} at {c['created_at']}"
-           + (f" (events until {_iso(c['until'])})" if c["until"] is not None else ""))
+           + (f" (events until {iso_time(c['until'])})" if c["until"] is not None else ""))
           for c in info["calibrations"]],
         ("checkpoint", f"{info['path']} (format {info['format']}"
                        + (f"; this version writes {CHECKPOINT_FORMAT})" if info["format"] != CHECKPOINT_FORMAT else ")")),
@@ -66,12 +67,6 @@ def info_lines(info: dict) -> list[str]:
     lines += [(f"report {k}", _plain(v)) for k, v in r.items() if not isinstance(v, (list, dict))]
     width = max(len(k) for k, _ in lines)
     return [f"{k:<{width}}  {v}" for k, v in lines]
-
-
-def _iso(ms: int) -> str:
-    import datetime as dt
-
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _plain(value: object) -> str:

@@ -116,11 +116,12 @@ class OutputFile:
             self._tmp = None
 
 
-def check_output_dir(path: str, flag: str = "--out") -> None:
-    """Fail now, not after minutes of work, where `path`'s directory does not exist (atomic_paths says the same)."""
+def check_output_dir(path: str, flag: str = "--out") -> str:
+    """`path`'s directory; fail now, not after minutes of work, where it does not exist."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise OutputError(f"cannot write {flag} {path}: directory {directory} does not exist")
+    return directory
 
 
 @contextmanager
@@ -131,8 +132,7 @@ def atomic_paths(*paths: str, flag: str = "--out") -> Iterator[list[str]]:
     temps: list[str] = []
     try:
         for path in paths:
-            check_output_dir(path, flag)
-            directory = os.path.dirname(os.path.abspath(path))
+            directory = check_output_dir(path, flag)
             fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory,
                                        suffix=".tmp.gz" if path.endswith(".gz") else ".tmp")
             os.fchmod(fd, 0o666 & ~_umask())

@@ -17,6 +17,7 @@ from models.field_training import train_fields
 from models.profile_model import ModelConfig, resolve_device
 from models.checkpoint_io import LoadedModel, save_checkpoint
 from models.sequence_training import TrainConfig, auto_epochs, train
+from stream.events import iso_time
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,8 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
         fit = report[head]
         if "observed_rate" not in fit:
             test = fit.get("test") or {}
-            found = (f"; on the profiles of {_minute(test['cut_ms'])}: log loss {test['loss_current']:.4f} as it "
-                     f"was, {test['loss_recalibrated']:.4f} with the new map"
+            found = (f"; on the profiles of {iso_time(test['cut_ms'], 'minutes')}: log loss "
+                     f"{test['loss_current']:.4f} as it was, {test['loss_recalibrated']:.4f} with the new map"
                      if test.get("loss_recalibrated") is not None else "")
             click.echo(f"  {name}: left as it was ({fit['reason']}{found})", err=True)
             continue
@@ -105,8 +106,8 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
                    f"log loss {fit['loss_before']:.4f} -> {fit['loss_after']:.4f}: {verdict}", err=True)
         test = fit.get("test") or {}
         if test.get("loss_recalibrated") is not None:
-            click.echo(f"    tested first on the profiles of {_minute(test['cut_ms'])}, fitted on the earlier ones: "
-                       f"log loss {test['loss_current']:.4f} -> {test['loss_recalibrated']:.4f}", err=True)
+            click.echo(f"    tested first on the profiles of {iso_time(test['cut_ms'], 'minutes')}, fitted on the "
+                       f"earlier ones: log loss {test['loss_current']:.4f} -> {test['loss_recalibrated']:.4f}", err=True)
     heads = [report[head] for head in ("purchase", "event")]
     if not any("test" in fit for fit in heads):  # neither could be tested on this log: a mistake, say so
         raise click.ClickException(f"neither probability could be calibrated on this log: nothing written to {out}")
@@ -124,7 +125,3 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
         save_checkpoint(tmp, loaded.model, version, metadata, loaded.item_vocab)
     click.echo(f"saved {version} to {out} (it keeps the state of {base}: a daemon switched to it restores the "
                "same changelog)", err=True)
-
-
-def _minute(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="minutes")

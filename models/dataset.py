@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from stream.events import EventColumns, PURCHASE, RecordBatch
+from stream.events import EventColumns, PURCHASE, RecordBatch, iso_time
 from stream.decode import decode_batch
 from stream.sources import FileSource
 
@@ -131,8 +131,6 @@ def split_lines_by_time(source: str | Path, test_fraction: float, train_out: str
     part is the latest test_fraction of the events (events at the cut stay in training).
     Returns (train lines, test lines, cut as ISO time).
     """
-    import datetime as dt
-
     records = read_records([source])
     lines, n = records.values, len(records)
     ev, _dead = decode_batch(records, 1 << 30)
@@ -144,5 +142,5 @@ def split_lines_by_time(source: str | Path, test_fraction: float, train_out: str
         opener = gzip.open if str(path).endswith(".gz") else open
         with opener(path, "wb") as out:
             out.writelines(line + b"\n" for line, k in zip(lines, keep.tolist()) if k)
-    when = dt.datetime.fromtimestamp(cutoff / 1000, dt.timezone.utc).isoformat(timespec="seconds")
+    when = iso_time(cutoff)
     return int((~test).sum()), int(test.sum()), when

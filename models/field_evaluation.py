@@ -13,7 +13,6 @@ No profile or baseline sees an event after T.
 
 from __future__ import annotations
 
-import datetime as dt
 
 import numpy as np
 import orjson
@@ -23,7 +22,7 @@ from models.dataset import HOUR_MS, EventLog, event_log, read_records
 from models.next_event_evaluation import roc_auc
 from models.field_training import FutureIndex
 from models.checkpoint_io import LoadedModel
-from stream.events import ADD_TO_CART, PURCHASE
+from stream.events import ADD_TO_CART, PURCHASE, iso_time
 from stream.decode import decode_batch
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from stream.sources import TimeRange
@@ -179,7 +178,7 @@ def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device,
     first, last = int(events.ts.min()), int(events.ts.max())
     cut = int(first + 0.8 * (last - first)) if cut is None else int(cut)
     if not first < cut < last:
-        raise ValueError(f"the cut {_iso(cut)} is not inside the log ({_iso(first)} .. {_iso(last)})")
+        raise ValueError(f"the cut {iso_time(cut)} is not inside the log ({iso_time(first)} .. {iso_time(last)})")
 
     windows = {"category": min(CATEGORY_HORIZON_HOURS, (last - cut) / HOUR_MS),
                "purchase": min(PURCHASE_HORIZON_HOURS, (last - cut) / HOUR_MS),
@@ -249,7 +248,7 @@ def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device,
             "interval95": paired_interval(model_score, scores[key][best], roc_auc, truth)}
     return {
         "model": loaded.version, "trained": loaded.trained, "events": int(len(events)), "users": n,
-        "first": _iso(first), "cut": _iso(cut), "last": _iso(last),
+        "first": iso_time(first), "cut": iso_time(cut), "last": iso_time(last),
         "horizons_hours": {"category": CATEGORY_HORIZON_HOURS, "purchase": PURCHASE_HORIZON_HOURS,
                            "churn": CHURN_HORIZON_HOURS},
         "windows_hours": {k: round(v, 3) for k, v in windows.items()},
@@ -286,8 +285,6 @@ def profiles_at(loaded: LoadedModel, records, device: torch.device, cut: int,
     return profiles
 
 
-def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def best_baseline(field: dict, metric: str) -> tuple[str, float]:

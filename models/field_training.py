@@ -91,6 +91,10 @@ class CutExamples:
         return (self.rows_observed(self.purchase_hours), self.rows_observed(self.event_hours),
                 self.take(self.target_weight.sum(dim=1) > 0))
 
+    def outcome(self, head: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(label, window hours) of a probability head: "purchase" or "event"."""
+        return (self.purchase, self.purchase_hours) if head == "purchase" else (self.event, self.event_hours)
+
     def inputs(self) -> FieldInputs:
         k = self.slot_valid.shape[1]
         return FieldInputs(self.user, torch.arange(k).expand(len(self.user), k), self.slot_valid, self.slot)
@@ -399,10 +403,9 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200,
     fields_ = model.fields
     x = fields_.standardise(val.user).detach()
     report: dict[str, dict] = {}
-    for name, head, label, hours in (("purchase", fields_.purchase, val.purchase, val.purchase_hours),
-                                     ("event", fields_.event, val.event, val.event_hours)):
-        if name not in heads:
-            continue
+    for name in heads:
+        head = getattr(fields_, name)
+        label, hours = val.outcome(name)
         ok = hours > 0
         if ok.sum() < 50 or label[ok].min() == label[ok].max():
             report[name] = {"examples": int(ok.sum()), "kept": False,
@@ -494,8 +497,7 @@ def calibrate_on_cuts(model: ProfileModel, parts: list[CutExamples], gen: torch.
     report: dict = {"cuts": len(parts), "examples": len(examples.user)}
     for name, horizon in (("purchase", PURCHASE_HORIZON_HOURS), ("event", CHURN_HORIZON_HOURS)):
         head = getattr(heads, name)
-        hours_of = (lambda ex: ex.purchase_hours) if name == "purchase" else (lambda ex: ex.event_hours)
-        full = [i for i, part in enumerate(parts) if float(hours_of(part).min()) >= horizon]
+        full = [i for i, part in enumerate(parts) if float(part.outcome(name)[1].min()) >= horizon]
         if not full or full[-1] == 0:
             report[name] = {"examples": len(examples.user), "kept": False,
                             "reason": f"the log is too short to test a calibration on later time: it needs a cut "
@@ -503,19 +505,16 @@ def calibrate_on_cuts(model: ProfileModel, parts: list[CutExamples], gen: torch.
             continue
         latest = full[-1]
         current = head.calibration.clone()
-        before = _sample(CutExamples.concat(parts[:latest]), max_examples, gen)
-        trial = calibrate(model, before, heads=(name,))[name]
-        test = {"cut": latest, "loss_current": None, "loss_recalibrated": None}
-        if trial.get("kept"):
-            recalibrated = _head_loss(model, parts[latest], name)
+        test = {"cut": latest, "loss_current": round(_head_loss(model, parts[latest], name), 5),
+                "loss_recalibrated": None}
+        trial = calibrate(model, _sample(CutExamples.concat(parts[:latest]), max_examples, gen), heads=(name,))[name]
+        if trial["kept"]:
+            test["loss_recalibrated"] = round(_head_loss(model, parts[latest], name), 5)
             head.calibration.copy_(current)
-            test.update(loss_current=round(_head_loss(model, parts[latest], name), 5),
-                        loss_recalibrated=round(recalibrated, 5))
         if test["loss_recalibrated"] is None or test["loss_recalibrated"] >= test["loss_current"]:
-            head.calibration.copy_(current)
             reason = trial.get("reason") or (
                 "fitted on the earlier cuts, it did not predict the latest cut that saw the whole horizon better "
-                "than the calibration the model has" if trial.get("kept") else
+                "than the calibration the model has" if trial["kept"] else
                 "a new map did not fit the earlier cuts better than the calibration the model has")
             report[name] = {"examples": len(examples.user), "kept": False, "test": test, "reason": reason}
             continue
@@ -527,7 +526,7 @@ def calibrate_on_cuts(model: ProfileModel, parts: list[CutExamples], gen: torch.
 def _head_loss(model: ProfileModel, ex: CutExamples, name: str) -> float:
     """The held-out negative log-likelihood of one probability head ("purchase" or "event") on `ex`."""
     heads = model.fields
-    label, hours = (ex.purchase, ex.purchase_hours) if name == "purchase" else (ex.event, ex.event_hours)
+    label, hours = ex.outcome(name)
     ok = hours > 0
     return float(HazardHead.nll(getattr(heads, name).log_hazard(heads.standardise(ex.user)[ok], ex.state[ok],
                                                                  hours[ok]), label[ok]))

@@ -199,6 +199,11 @@ class EventColumns:
         return EventColumns(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
 
 
+def iso_time(ms: int, timespec: str = "seconds") -> str:
+    """An epoch-milliseconds time as ISO-8601 in UTC, for messages and reports."""
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec=timespec)
+
+
 def epoch_ms(moment: datetime) -> int:
     """Epoch milliseconds of an aware datetime, exactly (timestamp() * 1000 goes through a float and
     can round down: 1974-05-10T17:29:13.471 became ...470, found by the fuzz test)."""
