@@ -86,7 +86,7 @@ def print_tables(report: dict) -> None:
                           _fmt(m.get("mean_probability")))
         console.print(table)
         console.print(_versus_best(f))
-        console.print(_rates(field, f))
+        console.print(_rates(field, f, report["windows_cut_short"]))
 
 
 def draw_reliability(report: dict, path: str) -> None:
@@ -132,12 +132,16 @@ def _versus_best(field: dict) -> str:
 RATE_GAP = 0.02  # mean probability this far from the observed rate: say so, and what fits it
 
 
-def _rates(field: str, f: dict) -> str:
+def _rates(field: str, f: dict, short_log: bool) -> str:
     """The model's mean probability against the rate observed; where they are apart, the command that fits a
-    model's probabilities to a shop's rates."""
+    model's probabilities to a shop's rates (or, on a log shorter than the horizons, what it would need)."""
     mean, rate = f["model"].get("mean_probability"), f["positives"] / max(f["users"], 1)
     if mean is None or np.isnan(mean) or abs(mean - rate) <= RATE_GAP:
         return ""
+    if short_log:  # calibrate tests a map on a later cut that saw the whole horizon: this log has none
+        return (f"mean {field} {mean:.1%} against {rate:.1%} observed. `profiles calibrate` fits a trained model's "
+                "probabilities to a shop's rates, on a log that runs at least the horizons past a cut; on a log "
+                "this short, train on its events instead (docs/operations.md)\n")
     return (f"mean {field} {mean:.1%} against {rate:.1%} observed: `profiles calibrate` fits a trained model's "
             "probabilities to a shop's rates (docs/operations.md)\n")
 

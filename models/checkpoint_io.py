@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import torch
 
-from models.field_heads import CALIBRATION_KNOTS, identity_knots
+from models.field_heads import CALIBRATION_KNOTS, SESSION_OFF, identity_knots
 from models.profile_model import RECENT_CATEGORIES, CheckpointError, ModelConfig, ProfileModel
 from models.transitions import Transitions
 from stream.statistics import SLOT_FEATURES
@@ -18,9 +18,11 @@ from stream.statistics import SLOT_FEATURES
 # 3: published fields from FieldHeads (exact statistics + state; time-to-event probabilities, calibrated).
 # 4: calibration a monotone piecewise-linear map of log L (format 3's affine one is read as two knots).
 # 5: copy bonuses of the current item and category (formats 3 and 4 are read without copying).
-CHECKPOINT_FORMAT = 9  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
-# 8: the shop popularity slot feature (stream/popularity.py); 9: transition bonuses (models/transitions.py)
-READABLE_FORMATS = (3, 4, 5, 6, 7, 8, 9)
+CHECKPOINT_FORMAT = 10  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
+# 8: the shop popularity slot feature (stream/popularity.py); 9: transition bonuses (models/transitions.py);
+# 10: times since as log1p of minutes, not hours (stream/statistics.py: USER_FEATURES), and the probability
+# heads' session process (models/field_heads.py: HazardHead)
+READABLE_FORMATS = (3, 4, 5, 6, 7, 8, 9, 10)
 
 
 @dataclass
@@ -103,6 +105,14 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         for name, rows, width in (("item_copy", 1, hidden),
                                   ("category_copy", RECENT_CATEGORIES, state["category_head.weight"].shape[1])):
             state[f"{name}.weight"], state[f"{name}.bias"] = torch.zeros(rows, width), torch.zeros(rows)
+    if payload["format"] < 10:  # heads fitted on times since in hours: keep reading them so; no session process
+        state = payload["state_dict"]
+        state["fields.hours_features"] = torch.tensor(True)
+        for head in ("purchase", "event"):
+            n = state[f"fields.{head}.linear.weight"].shape[1]
+            state[f"fields.{head}.session.weight"] = torch.zeros(1, n)
+            state[f"fields.{head}.session.bias"] = torch.tensor([SESSION_OFF])
+            state[f"fields.{head}.log_session_hours"] = torch.tensor(0.0)
     if payload["format"] < 9:  # no transition bonus
         payload["state_dict"]["transition_weight"] = torch.zeros(2)
     if payload["format"] < 8:  # no follow-up (< 6), visit (< 7) or popularity features: zero weights on them rank

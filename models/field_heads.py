@@ -6,12 +6,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES, USER_FEATURES
 
 CALIBRATION_KNOTS = 6
+SESSION_OFF = -30.0  # the session process's bias where it is not fitted: a hazard of e**-30, none
+MINUTE_FEATURES = [USER_FEATURES.index(name) for name in
+                   ("log_idle_minutes", "log_minutes_since_purchase", "log_minutes_since_cart")]
 
 
 def identity_knots(k: int = CALIBRATION_KNOTS) -> torch.Tensor:
@@ -33,18 +37,19 @@ class FieldInputs:
         """Inputs of users about whom only the idle time is known (no statistics, no categories)."""
         u, dev = len(idle_hours), idle_hours.device
         user = torch.zeros(u, len(USER_FEATURES), device=dev)
-        user[:, USER_FEATURES.index("log_idle_hours")] = torch.log1p(idle_hours.clamp(min=0))
+        user[:, USER_FEATURES.index("log_idle_minutes")] = torch.log1p(idle_hours.clamp(min=0) * 60)
         return cls(user, torch.zeros(u, CATEGORY_SLOTS, dtype=torch.long, device=dev),
                    torch.zeros(u, CATEGORY_SLOTS, dtype=torch.bool, device=dev),
                    torch.zeros(u, CATEGORY_SLOTS, len(SLOT_FEATURES), device=dev))
 
 
 class HazardHead(nn.Module):
-    """P(an event within W hours) = 1 - exp(-L(W)), L(W) = exp(f) * (W / 24) ** kappa: a Weibull-shaped
-    time-to-event model from the profile's clock (WTTE-RNN's idea, read at one moment). One head serves any
-    horizon, and a log that ends before the horizon still trains it (the window actually observed is the
-    label's W). f = linear(statistics) + small MLP(statistics) + linear(state); the linear part alone can
-    reproduce any counting baseline's ranking, the rest learns what counts do not show."""
+    """P(an event within W hours) = 1 - exp(-L(W)), L(W) = exp(f) * (W / 24) ** kappa + the session process
+    (below): a Weibull-shaped time-to-event model from the profile's clock (WTTE-RNN's idea, read at one
+    moment). One head serves any window, from minutes to weeks: training labels examples on windows drawn
+    down to 5 minutes, and a log that ends before the horizon still trains it (the window actually observed
+    is the label's W). f = linear(statistics) + small MLP(statistics) + linear(state); the linear part alone
+    can reproduce any counting baseline's ranking, the rest learns what counts do not show."""
 
     def __init__(self, n_features: int, state_size: int, hidden: int) -> None:
         super().__init__()
@@ -59,6 +64,15 @@ class HazardHead(nn.Module):
         self.shape = nn.Linear(n_features, 1)
         nn.init.zeros_(self.shape.weight)
         nn.init.zeros_(self.shape.bias)
+        # A second process beside the Weibull one: the session going on. Its cumulative hazard,
+        # exp(session(x)) * (1 - exp(-W / tau)), saturates within about tau (minutes): it says whether the user
+        # comes back within the next minutes (idle 2 minutes with a cart in a real session), where the
+        # Weibull part, fitted on weeks, says nothing; past tau it is a constant the return part outweighs for
+        # users idle for days. Off (no hazard at all) until training fits it.
+        self.session = nn.Linear(n_features, 1)
+        nn.init.zeros_(self.session.weight)
+        nn.init.constant_(self.session.bias, SESSION_OFF)
+        self.log_session_hours = nn.Parameter(torch.tensor(float(np.log(0.25))))
         # Calibration on held-out time: log L -> g(log L), g monotone piecewise linear through the knots
         # (row 0: knots, row 1: their values), extended linearly past the ends; identity untrained.
         knots = identity_knots()
@@ -68,7 +82,10 @@ class HazardHead(nn.Module):
         """(U,) log L(W), calibrated."""
         f = self.linear(x)[:, 0] + self.mlp(x)[:, 0] + self.state(s)[:, 0]
         kappa = (self.log_kappa + self.shape(x)[:, 0].clamp(-3, 3)).exp()
-        log_l = f + kappa * torch.log(window_hours.clamp(min=1e-3) / 24.0)
+        w = window_hours.clamp(min=1e-3)
+        log_return = f + kappa * torch.log(w / 24.0)
+        log_session = self.session(x)[:, 0] + torch.log(-torch.expm1(-w / self.log_session_hours.exp()))
+        log_l = torch.logaddexp(log_return, log_session)
         return piecewise_linear(log_l, self.calibration[0], self.calibration[1])
 
     @staticmethod
@@ -108,6 +125,10 @@ class FieldHeads(nn.Module):
         # Statistics are standardised with the training examples' mean and spread (saved with the model).
         self.register_buffer("feature_mean", torch.zeros(n))
         self.register_buffer("feature_std", torch.ones(n))
+        # Heads of a checkpoint before format 10 read the times since as log1p of hours (see USER_FEATURES):
+        # load_checkpoint sets this, and `standardise` gives them exactly those numbers from the minutes.
+        self.register_buffer("hours_features", torch.tensor(False))
+        self.register_buffer("minute_columns", torch.tensor(MINUTE_FEATURES), persistent=False)
         self.purchase = HazardHead(n, state_size, hidden)
         self.event = HazardHead(n, state_size, hidden)  # any event: churn_risk is its complement
         self.repeat_score = nn.Linear(len(SLOT_FEATURES), 1)
@@ -129,10 +150,14 @@ class FieldHeads(nn.Module):
             self.purchase.linear.weight.zero_()
             self.purchase.linear.bias.fill_(-2.0)
             self.event.linear.weight.zero_()
-            self.event.linear.weight[0, USER_FEATURES.index("log_idle_hours")] = -0.5
-            self.event.linear.bias.fill_(0.5)
+            self.event.linear.weight[0, USER_FEATURES.index("log_idle_minutes")] = -0.5
+            self.event.linear.bias.fill_(2.5)  # log1p(minutes) ~ log1p(hours) + 4 past an hour
 
     def standardise(self, user: torch.Tensor) -> torch.Tensor:
+        # Heads fitted before checkpoint format 10 get the hours they read (a select, not an `if`: no device sync).
+        minutes = user[:, MINUTE_FEATURES]
+        user = user.index_copy(1, self.minute_columns, torch.where(
+            self.hours_features, torch.log1p(torch.expm1(minutes) / 60), minutes))
         return (user - self.feature_mean) / self.feature_std
 
     def repeat_log_probs(self, inputs: FieldInputs, explore_at_slots: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from stream.events import ADD_TO_CART, PURCHASE
 # 6 x (4-byte key + 3 float32 masses + 2 uint16 counts): 120 bytes; the whole model state stays under 512 bytes.
 CATEGORY_SLOTS = 6
 HOUR_MS = 3_600_000.0
+MINUTE_MS = 60_000.0
 DAY_MS = 24 * HOUR_MS
 # Time scales of the decayed masses.
 SLOT_TAUS_MS = (HOUR_MS, DAY_MS, 30 * DAY_MS)  # per category slot (the session, the day, the month), plus two counts
@@ -59,9 +60,11 @@ STAT_COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
 }
 
 # The per-user features the heads read, in this order (user_features builds them).
+# Times since (idle, the last purchase, the last cart) are log1p of minutes: resolved within a session (a cart
+# 2 minutes ago is not one 20 minutes ago; log1p of hours put both near 0) and still spanning years.
 USER_FEATURES = (
-    "log_idle_hours", "log_events", "purchase_share", "log_purchases", "has_purchase",
-    "log_hours_since_purchase", "log_carts_pending", "log_hours_since_cart", "has_cart", "cart_share",
+    "log_idle_minutes", "log_events", "purchase_share", "log_purchases", "has_purchase",
+    "log_minutes_since_purchase", "log_carts_pending", "log_minutes_since_cart", "has_cart", "cart_share",
     "log_activity_1d", "log_activity_7d", "log_activity_30d", "log_purchases_7d", "log_purchases_30d",
     "log_sessions", "recent_gap", "usual_gap", "has_gap", "idle_vs_usual_gap",
 )
@@ -259,17 +262,17 @@ def user_features(columns: dict[str, np.ndarray], counts: np.ndarray, last_ts: n
     events = np.maximum(c.sum(axis=1), 1.0)
     purchases, carts = c[:, PURCHASE], c[:, ADD_TO_CART]
 
-    def hours_since(name: str) -> tuple[np.ndarray, np.ndarray]:
+    def minutes_since(name: str) -> tuple[np.ndarray, np.ndarray]:
         at = columns[name][rows].astype(np.float64)
         has = at >= 0
-        return np.where(has, np.log1p(np.maximum(now - at, 0.0) / HOUR_MS), 0.0), has.astype(np.float64)
+        return np.where(has, np.log1p(np.maximum(now - at, 0.0) / MINUTE_MS), 0.0), has.astype(np.float64)
 
     def mass_now(name: str, taus: tuple[float, ...]) -> list[np.ndarray]:
         m = columns[name][rows].astype(np.float64)
         return [np.log1p(m[:, j] * np.exp(-(now - last) / tau)) for j, tau in enumerate(taus)]
 
-    since_purchase, has_purchase = hours_since("last_purchase_ts")
-    since_cart, has_cart = hours_since("last_cart_ts")
+    since_purchase, has_purchase = minutes_since("last_purchase_ts")
+    since_cart, has_cart = minutes_since("last_cart_ts")
     sessions = columns["sessions"][rows].astype(np.float64)
     n_gaps = np.maximum(sessions - 1, 0)
     gap = columns["session_gap"][rows].astype(np.float64)
@@ -277,9 +280,9 @@ def user_features(columns: dict[str, np.ndarray], counts: np.ndarray, last_ts: n
     corrected = [np.where(n_gaps > 0, gap[:, j] / np.maximum(1 - (1 - rate) ** n_gaps, 1e-9), 0.0)
                  for j, rate in enumerate(GAP_RATES)]
     has_gap = (n_gaps > 0).astype(np.float64)
-    log_idle = np.log1p(idle_h)
+    log_idle = np.log1p(idle_h)  # the rhythm's unit (the session gaps are averaged as log1p of hours)
     features = [
-        log_idle, np.log1p(events), purchases / events, np.log1p(purchases), has_purchase,
+        np.log1p(idle_h * 60), np.log1p(events), purchases / events, np.log1p(purchases), has_purchase,
         since_purchase, np.log1p(columns["carts_pending"][rows].astype(np.float64)), since_cart, has_cart,
         carts / events, *mass_now("activity_mass", ACTIVITY_TAUS_MS), *mass_now("purchase_mass", PURCHASE_TAUS_MS),
         np.log1p(sessions), corrected[0], corrected[1], has_gap, (log_idle - corrected[1]) * has_gap,

@@ -14,7 +14,9 @@ from models.field_evaluation import (
 from models.update_step import ProfileUpdater
 from models.dataset import load_events, read_records
 from models.next_event_evaluation import roc_auc
-from models.field_training import CutExamples, calibrate, fit_fields, held_out_cuts
+from models.field_training import (
+    SHORTEST_WINDOW_HOURS, CutExamples, FutureIndex, calibrate, fit_fields, held_out_cuts, short_windows,
+)
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from models.profile_model import ModelConfig, ProfileModel
 from models.field_heads import FieldInputs, piecewise_linear
@@ -319,7 +321,17 @@ def test_calibrate_fits_another_shops_rates_and_changes_nothing_else(tmp_path):
     assert read_snapshot(tmp_path / "state")[1]["model_version"] == demo.version
 
 
-def test_held_out_cuts_are_the_latest_that_saw_both_horizons_in_full():
+def test_the_rate_gap_hint_names_what_a_log_shorter_than_the_horizons_needs():
+    from consumers.field_report import _rates
+
+    far = {"model": {"mean_probability": 0.95}, "positives": 80, "users": 100}
+    assert "`profiles calibrate` fits" in _rates("churn_risk", far, short_log=False)
+    short = _rates("churn_risk", far, short_log=True)
+    assert "at least the horizons past a cut" in short and "train on its events" in short
+    assert _rates("churn_risk", {**far, "positives": 94}, short_log=True) == ""  # within 2 points: nothing
+
+
+def test_held_out_cuts_are_one_that_saw_both_horizons_in_full_and_the_latest():
     def cut(event_hours: float, purchase_hours: float) -> CutExamples:
         ex = examples(torch.zeros(3, len(USER_FEATURES)), torch.zeros(3), torch.zeros(3, 8))
         ex.event_hours[:], ex.purchase_hours[:] = event_hours, purchase_hours
@@ -327,7 +339,9 @@ def test_held_out_cuts_are_the_latest_that_saw_both_horizons_in_full():
 
     full = (CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS)
     parts = [cut(*full), cut(*full), cut(*full), cut(200.0, PURCHASE_HORIZON_HOURS), cut(70.0, 70.0)]
-    assert held_out_cuts(parts, 2) == [1, 2]
+    assert held_out_cuts(parts, 2) == [2, 4]
+    assert held_out_cuts(parts, 3) == [1, 2, 4]
+    assert held_out_cuts(parts[:3], 2) == [1, 2]  # the latest cut saw the horizons in full: the two latest
     assert held_out_cuts([cut(5.0, 5.0)] * 4, 2) == [2, 3]  # a log shorter than the horizons: the latest
 
 
@@ -342,6 +356,70 @@ def examples(user: torch.Tensor, label: torch.Tensor, state: torch.Tensor) -> Cu
         n_categories=torch.full((n,), 100), purchase=label,
         purchase_hours=torch.full((n,), 24.0), event=label, event_hours=torch.full((n,), 24.0),
         cut=torch.zeros(n, dtype=torch.long))
+
+
+def test_times_since_are_resolved_within_a_session():
+    """A cart 2 minutes ago and one 20 minutes ago read differently (log1p of hours put both near 0)."""
+    t0 = 1_700_000_000_000
+    ev = [{"event_id": f"e{u}", "user_id": u, "type": "add_to_cart", "ts": t0 + k * 18 * 60_000, "item_id": "i",
+           "category": "c", "price": 5.0} for k, u in enumerate(["early", "late"])]
+    updater = run(ev, 2)
+    state, now = updater.state, t0 + 20 * 60_000
+    rows = np.array([state.row("early"), state.row("late")])
+    user = statistics.user_features(state.columns, state.counts, state.last_ts, rows, now)
+    for name in ("log_idle_minutes", "log_minutes_since_cart"):
+        np.testing.assert_allclose(user[:, USER_FEATURES.index(name)], np.log1p([20.0, 2.0]), rtol=1e-5)
+
+
+def test_heads_of_a_checkpoint_before_format_10_still_read_hours(tmp_path):
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    save_checkpoint(tmp_path / "m.pt", model, "v9")
+    save_checkpoint(tmp_path / "now.pt", model, "v10")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["format"] = 9  # heads fitted on log1p(hours) of the times since
+    del payload["state_dict"]["fields.hours_features"]
+    torch.save(payload, tmp_path / "m.pt")
+    old = load_checkpoint(tmp_path / "m.pt").model.fields
+    new = load_checkpoint(tmp_path / "now.pt").model.fields
+    hours = torch.tensor([0.0, 0.05, 2.0, 500.0])
+    user = torch.zeros(4, len(USER_FEATURES))
+    for name in ("log_idle_minutes", "log_minutes_since_purchase", "log_minutes_since_cart"):
+        user[:, USER_FEATURES.index(name)] = torch.log1p(hours * 60)
+    j = USER_FEATURES.index("log_idle_minutes")
+    assert torch.allclose(old.standardise(user)[:, j], torch.log1p(hours), atol=1e-5)  # mean 0, spread 1
+    assert torch.allclose(new.standardise(user), user)
+    save_checkpoint(tmp_path / "again.pt", load_checkpoint(tmp_path / "m.pt").model, "v9-again")
+    assert bool(load_checkpoint(tmp_path / "again.pt").model.fields.hours_features)  # saved again: still hours
+
+
+def test_training_labels_windows_shorter_than_the_horizons():
+    """Half of the examples are judged on a window drawn between 5 minutes and the horizon, so one head learns
+    the next quarter of an hour (a session going on) as well as the next week."""
+    gen = np.random.default_rng(0)
+    w = short_windows(PURCHASE_HORIZON_HOURS, 10_000, gen)
+    assert 0.45 < float((w == PURCHASE_HORIZON_HOURS).mean()) < 0.55
+    short = w[w < PURCHASE_HORIZON_HOURS]
+    assert short.min() >= SHORTEST_WINDOW_HOURS and (short < 1).mean() > 0.2 and (short > 24).mean() > 0.2
+    assert (short_windows(0.05, 100, gen) == 0.05).all()  # a window already shorter than the shortest: kept
+
+
+def test_labels_at_a_cut_follow_each_examples_window(tmp_path):
+    """Users who come back 1 minute to 10 days after the cut: each example's label says whether the return falls
+    within its own window."""
+    t0, minute = 1_700_000_000_000, 60_000
+    back = np.geomspace(1, 10 * 24 * 60, 60).astype(int)  # minutes after the cut
+    events = [{"event_id": f"e{u}-{k}", "user_id": f"u{u}", "type": "click", "ts": t0 + at * minute, "item_id": "i",
+               "category": "c", "price": 1.0} for u, m in enumerate(back.tolist()) for k, at in enumerate([0, 10 + m])]
+    write_jsonl(sorted(events, key=lambda e: e["ts"]), tmp_path / "log.jsonl")
+    log_ = load_events([tmp_path / "log.jsonl"])
+    future = FutureIndex(log_, untrained().model.config.hash_seed)
+    users = future.user_index([f"u{u}" for u in range(len(back))])
+    windows = short_windows(CHURN_HORIZON_HOURS, len(back), np.random.default_rng(3))
+    cut = t0 + 10 * minute
+    label = future.any_within(users, cut, cut + (windows * 3_600_000).astype(np.int64))
+    np.testing.assert_array_equal(label, back / 60 <= windows)
+    assert label.any() and not label.all()
 
 
 def test_a_format_3_checkpoint_keeps_its_affine_calibration(tmp_path):
