@@ -259,6 +259,26 @@ def test_a_new_calibration_is_kept_only_if_it_predicts_later_time_better(shop):
         assert report["test"]["loss_recalibrated"] < report["test"]["loss_current"]
 
 
+def test_calibrating_for_a_shop_judges_every_profile_on_its_whole_window(monkeypatch, tmp_path):
+    """Training labels half of its examples on short windows; `profiles calibrate` fits and tests the map on
+    the windows profiles are published for only (with short ones mixed in, it once passed a map that doubled
+    a shop's churn ECE at the horizon)."""
+    import models.field_training as field_training
+
+    log = generate(users=150, events=6000, seed=3, span_days=30, shop=ShopParams.draw(2))
+    write_jsonl(log.events, tmp_path / "shop.jsonl")
+    events = load_events([tmp_path / "shop.jsonl"])
+    seen = []
+    monkeypatch.setattr(field_training, "calibrate_on_cuts",
+                        lambda model, parts, gen, n: seen.extend(parts) or {"purchase": {}, "event": {}})
+    field_training.recalibrate(untrained(), events, ON_DEVICE)
+    assert seen and all(len(torch.unique(p.purchase_hours)) == 1 and len(torch.unique(p.event_hours)) == 1
+                        for p in seen)
+    middle = int(np.median([e["ts"] for e in log.events]))
+    trained = field_training.collect(untrained(), events, [middle], ON_DEVICE)
+    assert len(torch.unique(trained[0].event_hours)) > 1  # training's examples: windows of every length
+
+
 def test_calibrate_fits_another_shops_rates_and_changes_nothing_else(tmp_path):
     """The shipped model in a shop whose users go quiet less often than in the shop it was trained in (shop 4,
     docs/model.md): calibrated on that shop's log before a cut, churn_risk at the cut is off by less (ECE),
