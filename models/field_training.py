@@ -8,8 +8,8 @@ The second stage of `profiles train`, after the sequence model (models/sequence_
      (stream/profiles.py), cut short where the log ends sooner (the heads are time-to-event models,
      so a shorter observed window is a proper label, not a censoring problem), and for half of the
      examples within a shorter window drawn down to 5 minutes (short_windows);
-  3. fit the field heads on the other cuts, stop on held-out time (the latest cuts that saw both horizons in
-     full), and calibrate the two probabilities on it.
+  3. fit the field heads on the other cuts, stop on held-out time (the latest cut that saw both horizons in
+     full and the latest of all: held_out_cuts), and calibrate the two probabilities on it.
 Nothing here recomputes a feature: training reads the same numbers the daemon publishes from.
 """
 
@@ -412,6 +412,9 @@ def fit_fields(model: ProfileModel, train: CutExamples, val: CutExamples, steps:
     return report
 
 
+CALIBRATION_SLOPES = (0.2, 5.0)  # the calibration map's slopes, d g(log L) / d log L, stay between these
+
+
 def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200,
               heads: tuple[str, ...] = ("purchase", "event")) -> dict[str, dict]:
     """Fit each probability head's calibration on held-out time: log L -> g(log L), g monotone piecewise
@@ -445,13 +448,17 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200,
             raw = head.log_hazard(x[ok], val.state[ok], hours[ok]).cpu()
             knots = torch.quantile(raw, torch.linspace(0.02, 0.98, k)).cummax(0).values
             knots = knots + torch.arange(k) * 1e-3  # strictly ascending, even where the scores tie
-        # values = knot 0's value, then positive slopes: monotone by construction. Starts as the identity.
+        # values = knot 0's value, then slopes between CALIBRATION_SLOPES: monotone by construction, and never so
+        # flat that users tie nor so steep that the end segments, extended past the held-out range, send a
+        # whole shop's probabilities to 0 (a fit with a free slope of 2,660 below its first knot did that to
+        # every purchase_propensity on a real slice: docs/model.md, session 29). Starts as the identity.
+        low, high = CALIBRATION_SLOPES
         first = knots[0].clone().requires_grad_(True)
-        slopes = torch.full((k - 1,), 0.5413, requires_grad=True)  # softplus(0.5413) = 1
+        slopes = torch.full((k - 1,), float(np.log((1 - low) / (high - 1))), requires_grad=True)  # slope 1
         opt = torch.optim.LBFGS([first, slopes], lr=0.5, max_iter=steps)
 
         def values() -> torch.Tensor:
-            steps_up = nn.functional.softplus(slopes) * knots.diff()
+            steps_up = (low + (high - low) * torch.sigmoid(slopes)) * knots.diff()
             return torch.cat([first.view(1), first + torch.cumsum(steps_up, 0)])
 
         def closure() -> torch.Tensor:

@@ -154,6 +154,34 @@ def test_calibration_recovers_known_probabilities():
     assert float((p - p_true).abs().mean()) < 0.03
 
 
+def test_calibration_keeps_the_ranking_of_users_beyond_its_held_out_range():
+    """Held-out time with no purchase among its least likely users: a free slope below the first knot grew to
+    thousands and sent every probability under it to 0 (users tied); the bounded map keeps them apart, also
+    for users further out than any held-out one, as another shop's are."""
+    gen = torch.Generator().manual_seed(3)
+    n = 6000
+    user = torch.rand(n, len(USER_FEATURES), generator=gen)
+    p_true = torch.sigmoid(4 * (user[:, 0] - 0.7))
+    label = ((torch.rand(n, generator=gen) < p_true) & (user[:, 0] > 0.15)).float()  # none among the least likely
+    ex = examples(user, label, torch.zeros(n, 8))
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    with torch.no_grad():
+        model.fields.purchase.linear.weight.zero_()
+        model.fields.purchase.linear.weight[0, 0] = 4.0
+        model.fields.purchase.linear.bias.fill_(-3.0)
+    assert calibrate(model, ex)["purchase"]["kept"]
+    knots, values = model.fields.purchase.calibration
+    slopes = values.diff() / knots.diff()
+    assert bool(((slopes >= 0.2 - 1e-4) & (slopes <= 5.0 + 1e-4)).all()), slopes
+    further_out = torch.zeros(3, len(USER_FEATURES))
+    further_out[:, 0] = torch.tensor([-1.5, -1.0, -0.5])  # below every held-out user
+    with torch.no_grad():
+        p, _ = model.field_probabilities(torch.zeros(3, 8), examples(further_out, torch.zeros(3), torch.zeros(3, 8))
+                                         .inputs(), 24.0, 24.0)
+    assert bool((p.diff() > 0).all()), p
+
+
 def test_calibration_straightens_an_s_shaped_reliability_curve():
     """The probabilities plateau at 0.1 and 0.9 while the head's hazard keeps growing: no single line in
     log L fits both ends (Platt's map, the previous calibration, leaves ECE > 0.04 here)."""
