@@ -132,6 +132,17 @@ def test_a_head_given_only_the_statistics_ranks_as_the_baseline_does():
     assert abs(roc_auc(p.numpy(), y) - roc_auc(p_true.numpy(), y)) < 0.02
 
 
+def purchase_head_on_feature_0(weight: float, bias: float) -> ProfileModel:
+    """A small model whose purchase head's log hazard is weight * (user feature 0) + bias."""
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    with torch.no_grad():
+        model.fields.purchase.linear.weight.zero_()
+        model.fields.purchase.linear.weight[0, 0] = weight
+        model.fields.purchase.linear.bias.fill_(bias)
+    return model
+
+
 def test_calibration_recovers_known_probabilities():
     gen = torch.Generator().manual_seed(1)
     n = 20_000
@@ -139,12 +150,8 @@ def test_calibration_recovers_known_probabilities():
     p_true = torch.sigmoid(3 * (user[:, 0] - 0.6))
     label = (torch.rand(n, generator=gen) < p_true).float()
     ex = examples(user, label, torch.zeros(n, 8))
-    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
-                                     query_buckets=64))
-    with torch.no_grad():  # a head trained elsewhere: right ranking, wrong scale
-        model.fields.purchase.linear.weight.zero_()
-        model.fields.purchase.linear.weight[0, 0] = 9.0
-        model.fields.purchase.linear.bias.fill_(-1.0)
+    model = purchase_head_on_feature_0(9.0, -1.0)  # a head trained elsewhere: right ranking, wrong scale
+    with torch.no_grad():
         p0, _ = model.field_probabilities(ex.state, ex.inputs(), 24.0, 24.0)
     assert expected_calibration_error(p0.numpy(), label.numpy()) > 0.05
     calibrate(model, ex)
@@ -164,12 +171,7 @@ def test_calibration_keeps_the_ranking_of_users_beyond_its_held_out_range():
     p_true = torch.sigmoid(4 * (user[:, 0] - 0.7))
     label = ((torch.rand(n, generator=gen) < p_true) & (user[:, 0] > 0.15)).float()  # none among the least likely
     ex = examples(user, label, torch.zeros(n, 8))
-    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
-                                     query_buckets=64))
-    with torch.no_grad():
-        model.fields.purchase.linear.weight.zero_()
-        model.fields.purchase.linear.weight[0, 0] = 4.0
-        model.fields.purchase.linear.bias.fill_(-3.0)
+    model = purchase_head_on_feature_0(4.0, -3.0)
     assert calibrate(model, ex)["purchase"]["kept"]
     knots, values = model.fields.purchase.calibration
     slopes = values.diff() / knots.diff()
@@ -191,12 +193,7 @@ def test_calibration_straightens_an_s_shaped_reliability_curve():
     p_true = 0.1 + 0.8 * torch.sigmoid(14 * (user[:, 0] - 0.5))
     label = (torch.rand(n, generator=gen) < p_true).float()
     ex = examples(user, label, torch.zeros(n, 8))
-    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
-                                     query_buckets=64))
-    with torch.no_grad():
-        model.fields.purchase.linear.weight.zero_()
-        model.fields.purchase.linear.weight[0, 0] = 4.0
-        model.fields.purchase.linear.bias.fill_(-2.0)
+    model = purchase_head_on_feature_0(4.0, -2.0)
     calibrate(model, ex)
     with torch.no_grad():
         p, _ = model.field_probabilities(ex.state, ex.inputs(), 24.0, 24.0)
