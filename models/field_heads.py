@@ -65,10 +65,11 @@ class HazardHead(nn.Module):
         nn.init.zeros_(self.shape.weight)
         nn.init.zeros_(self.shape.bias)
         # A second process beside the Weibull one: the session going on. Its cumulative hazard,
-        # exp(session(x)) * (1 - exp(-W / tau)), saturates within about tau (minutes): it says whether the user
-        # comes back within the next minutes (idle 2 minutes with a cart in a real session), where the
-        # Weibull part, fitted on weeks, says nothing; past tau it is a constant the return part outweighs for
-        # users idle for days. Off (no hazard at all) until training fits it.
+        # exp(session(x)) * (1 - exp(-W / tau)), saturates within about tau (learned: 20 minutes to 8 hours in
+        # the models of docs/model.md, session 29): it says whether the user comes back within the next minutes
+        # or hours (idle 2 minutes with a cart in a real session), where the Weibull part, fitted mostly on
+        # weeks, says little; past tau it is a constant the return part outweighs for users idle for days.
+        # Off (no hazard at all) until training fits it.
         self.session = nn.Linear(n_features, 1)
         nn.init.zeros_(self.session.weight)
         nn.init.constant_(self.session.bias, SESSION_OFF)
@@ -155,7 +156,7 @@ class FieldHeads(nn.Module):
 
     def standardise(self, user: torch.Tensor) -> torch.Tensor:
         # Heads fitted before checkpoint format 10 get the hours they read (a select, not an `if`: no device sync).
-        minutes = user[:, MINUTE_FEATURES]
+        minutes = user.index_select(1, self.minute_columns)
         user = user.index_copy(1, self.minute_columns, torch.where(
             self.hours_features, torch.log1p(torch.expm1(minutes) / 60), minutes))
         return (user - self.feature_mean) / self.feature_std
