@@ -138,12 +138,11 @@ def _rates(field: str, f: dict, short_log: bool) -> str:
     mean, rate = f["model"].get("mean_probability"), f["positives"] / max(f["users"], 1)
     if mean is None or np.isnan(mean) or abs(mean - rate) <= RATE_GAP:
         return ""
-    if short_log:  # calibrate tests a map on a later cut that saw the whole horizon: this log has none
-        return (f"mean {field} {mean:.1%} against {rate:.1%} observed. `profiles calibrate` fits a trained model's "
-                "probabilities to a shop's rates, on a log that runs at least the horizons past a cut; on a log "
-                "this short, train on its events instead (docs/operations.md)\n")
+    # calibrate tests a map on a later cut that saw the whole horizon: a log shorter than the horizons has none
+    needs = (", on a log that runs at least the horizons past a cut; on a log this short, train on its events "
+             "instead") if short_log else ""
     return (f"mean {field} {mean:.1%} against {rate:.1%} observed: `profiles calibrate` fits a trained model's "
-            "probabilities to a shop's rates (docs/operations.md)\n")
+            f"probabilities to a shop's rates{needs} (docs/operations.md)\n")
 
 
 def _fmt(value: object) -> str:

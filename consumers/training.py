@@ -91,8 +91,8 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
     click.echo(f"profiles at {report['cuts']} cuts, {report['examples']:,} of them judged on what followed:", err=True)
     for name, head in (("purchase_propensity", "purchase"), ("churn_risk", "event")):
         fit = report[head]
+        test = fit.get("test") or {}
         if "observed_rate" not in fit:
-            test = fit.get("test") or {}
             found = (f"; on the profiles of {iso_time(test['cut_ms'], 'minutes')}: log loss "
                      f"{test['loss_current']:.4f} as it was, {test['loss_recalibrated']:.4f} with the new map"
                      if test.get("loss_recalibrated") is not None else "")
@@ -104,7 +104,6 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
         click.echo(f"  {name}: observed {flip(fit['observed_rate']):.1%}, mean probability "
                    f"{flip(fit['mean_probability_before']):.1%} -> {flip(fit['mean_probability_after']):.1%}, "
                    f"log loss {fit['loss_before']:.4f} -> {fit['loss_after']:.4f}: {verdict}", err=True)
-        test = fit.get("test") or {}
         if test.get("loss_recalibrated") is not None:
             click.echo(f"    tested first on the profiles of {iso_time(test['cut_ms'], 'minutes')}, fitted on the "
                        f"earlier ones: log loss {test['loss_current']:.4f} -> {test['loss_recalibrated']:.4f}", err=True)

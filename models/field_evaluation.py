@@ -13,7 +13,6 @@ No profile or baseline sees an event after T.
 
 from __future__ import annotations
 
-
 import numpy as np
 import orjson
 import torch
@@ -283,8 +282,6 @@ def profiles_at(loaded: LoadedModel, records, device: torch.device, cut: int,
             p = orjson.loads(value)
             profiles[p["user_id"]] = p
     return profiles
-
-
 
 
 def best_baseline(field: dict, metric: str) -> tuple[str, float]:

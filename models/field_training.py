@@ -96,6 +96,12 @@ class CutExamples:
         """(label, window hours) of a probability head: "purchase" or "event"."""
         return (self.purchase, self.purchase_hours) if head == "purchase" else (self.event, self.event_hours)
 
+    def saw_horizon(self, head: str) -> bool:
+        """Whether these examples' cut saw the head's whole horizon (its longest window: the others were drawn
+        shorter, short_windows)."""
+        horizon = PURCHASE_HORIZON_HOURS if head == "purchase" else CHURN_HORIZON_HOURS
+        return float(self.outcome(head)[1].max()) >= horizon
+
     def inputs(self) -> FieldInputs:
         k = self.slot_valid.shape[1]
         return FieldInputs(self.user, torch.arange(k).expand(len(self.user), k), self.slot_valid, self.slot)
@@ -329,9 +335,10 @@ def _init_heads(model: ProfileModel, train: CutExamples) -> None:
         heads.feature_std.copy_(train.user.std(dim=0).clamp(min=1e-3))
         for head, label in ((heads.purchase, train.purchase), (heads.event, train.event)):
             rate = float(label.mean().clamp(1e-3, 1 - 1e-3))
+            base = float(np.log(-np.log1p(-rate)))  # log L at the mean window that gives the base rate
             head.linear.weight.zero_()
-            head.linear.bias.fill_(float(np.log(-np.log1p(-rate))))  # L at the mean window = the base rate
-            head.session.bias.fill_(float(np.log(-np.log1p(-rate))))  # on, with a say to fit
+            head.linear.bias.fill_(base)
+            head.session.bias.fill_(base)  # the session process on, with a say to fit
 
 
 def _fit_variant(model: ProfileModel, train: CutExamples, val: CutExamples, steps: int, lr: float,
@@ -531,7 +538,7 @@ def calibrate_on_cuts(model: ProfileModel, parts: list[CutExamples], gen: torch.
     report: dict = {"cuts": len(parts), "examples": len(examples.user)}
     for name, horizon in (("purchase", PURCHASE_HORIZON_HOURS), ("event", CHURN_HORIZON_HOURS)):
         head = getattr(heads, name)
-        full = [i for i, part in enumerate(parts) if float(part.outcome(name)[1].max()) >= horizon]
+        full = [i for i, part in enumerate(parts) if part.saw_horizon(name)]
         if not full or full[-1] == 0:
             report[name] = {"examples": len(examples.user), "kept": False,
                             "reason": f"the log is too short to test a calibration on later time: it needs a cut "
@@ -576,8 +583,7 @@ def held_out_cuts(parts: list[CutExamples], n: int) -> list[int]:
     """Indices of the n cuts that validate and calibrate: the latest n - 1 whose windows are both horizons in
     full (the windows profiles are published for) and the latest cut (the youngest profiles and the shortest
     windows: a shop's first hours, or a real sample of a few hours); else the latest n."""
-    full = [i for i, p in enumerate(parts) if float(p.event_hours.max()) >= CHURN_HORIZON_HOURS
-            and float(p.purchase_hours.max()) >= PURCHASE_HORIZON_HOURS]
+    full = [i for i, p in enumerate(parts) if p.saw_horizon("event") and p.saw_horizon("purchase")]
     last = len(parts) - 1
     full = [i for i in full if i != last][-(n - 1):] if n > 1 else []
     return full + [last] if len(full) == n - 1 else list(range(len(parts)))[-n:]

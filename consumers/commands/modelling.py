@@ -88,8 +88,9 @@ def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: st
     Profiles are taken through the serving path at cuts in the log and judged on what each user did
     next. A probability's new calibration map is kept only if, fitted on the earlier cuts, it predicts
     the latest cut that saw its whole horizon (7 days for purchase_propensity, 14 for churn_risk) better
-    than the model's own calibration; it is then fitted on all the cuts, the later ones weighing more. Where neither probability
-    changes, the model is written unchanged; a log too short to test either is an error (exit 1).
+    than the model's own calibration; it is then fitted on all the cuts, the later ones weighing more.
+    Where neither probability changes, the model is written unchanged; a log too short to test either is an
+    error (exit 1).
 
     The new checkpoint keeps the state of the model it was calibrated from: a daemon switched to it
     (same --group-id) restores the same changelog, and its profiles carry the new model_version."""
