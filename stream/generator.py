@@ -9,7 +9,9 @@ the users' sessions, emitted in time order.
   category, clicks on items of that category (sometimes a refining search in
   between), add-to-cart of a just-clicked item, and at the end a checkout that
   buys some of the carted items. Sessions are separated by exponential gaps
-  scaled by the user's activity rate.
+  scaled by the user's activity rate. In a structured shop a session may end
+  in a break of minutes instead (the visit goes on in the same category), and
+  may leave its checkout to the session after the break.
 
 ``iter_events`` keeps a heap of ``(next_event_ts, user_index)`` (packed into one
 int per user); a user's pending session (a handful of events) is planned when
@@ -79,12 +81,20 @@ class SyntheticLog:
 
 
 def _expected_events_per_session(world: World) -> np.ndarray:
-    """Mean events in one (uncut) session of each user, from the session model."""
+    """Mean events in one (uncut) visit of each user, from the session model: one session, or in a shop whose
+    sessions end in breaks, (1 + a d / (1 - d)) / (1 - b) sessions. A visit's sessions are a chain of two
+    states, cart empty or carried over: with a = the chance that a session carts, b the break share and d
+    the defer share, an empty-cart session has a next one with a carried cart with probability a d and one
+    with an empty cart with (1 - a d) b; a carried-cart session, d and (1 - d) b."""
     p_cart = np.asarray(world.p_cart)
     p_buy = np.asarray(world.p_buy)
     clicks = (1 - _P_MORE_CLICKS ** _MAX_CLICKS) / (1 - _P_MORE_CLICKS)
     searches = _P_SEARCH_FIRST + (clicks - 1) * _P_REFINE_SEARCH
-    return searches + clicks * (1 + p_cart + p_cart * p_buy)
+    per_session = searches + clicks * (1 + p_cart + p_cart * p_buy)
+    shop = world.shop
+    carts = 1 - (1 - p_cart) ** clicks  # about: the chance that a session carts something
+    b, d = min(shop.break_share, 0.95), min(shop.defer_share, 0.95)
+    return per_session * (1 + carts * d / (1 - d)) / (1 - b)
 
 
 def _sessions_per_day(world: World, events: int | None) -> np.ndarray:
@@ -135,10 +145,17 @@ def _run(world: World, events: int | None) -> Iterator[dict]:
     # Structured shops (ShopParams.draw): what follows a purchase, carts that bring users back, churn
     # that slows users down first. The classic shop takes none of these branches (and no extra draws).
     shop = world.shop
-    structured = shop.follow_share > 0 or shop.return_share > 0 or shop.churn_ramp_days > 0
+    structured = (shop.follow_share > 0 or shop.return_share > 0 or shop.churn_ramp_days > 0
+                  or shop.break_share > 0 or shop.defer_share > 0)
     fav_share, follow_share, return_share = shop.favourite_share, shop.follow_share, shop.return_share
     ramp_ms = shop.churn_ramp_days * DAY_MS
     complement = world.complement
+    break_share, defer_share = shop.break_share, shop.defer_share
+    break_mean_ms = shop.break_minutes * 60_000
+    gc_mean *= shop.dwell_scale  # the classic shop's scale is 1: the same draws, the same log
+    # The visit a user is in the middle of: (category, items carted and not yet checked out), set when a
+    # session ends in a break; None when the last session ended the visit.
+    visit: list[tuple[int, list[int]] | None] = [None] * world.n_users
     bought_category = [-1] * world.n_users  # category of the user's last purchase session, -1: none
     abandoned: list[tuple[int, int] | None] = [None] * world.n_users  # (category, item) carted, not bought
 
@@ -163,11 +180,15 @@ def _run(world: World, events: int | None) -> Iterator[dict]:
     def plan_session(u: int, t: int) -> list[dict]:
         """One session of user u starting at t, as events in reverse order (pop() gives the next)."""
         comeback = None
-        if structured and abandoned[u] is not None:
+        going_on = visit[u]
+        visit[u] = None
+        if going_on is None and structured and abandoned[u] is not None:
             if r() < return_share:
                 comeback = abandoned[u]
             abandoned[u] = None
-        if comeback is not None:
+        if going_on is not None:
+            c = going_on[0]
+        elif comeback is not None:
             c = comeback[0]
         elif structured and bought_category[u] >= 0 and r() < follow_share:
             c = complement[bought_category[u]]
@@ -181,7 +202,7 @@ def _run(world: World, events: int | None) -> Iterator[dict]:
         last = len(ids) - 1
         pc = p_cart[u]
         out: list[dict] = []
-        carted: list[int] = []
+        carted: list[int] = list(going_on[1]) if going_on is not None else []
         if comeback is not None:  # straight back to the carted item, into the cart again
             i = comeback[1]
             out.append({"event_id": None, "user_id": user_ids[u], "type": "click", "ts": t,
@@ -214,6 +235,11 @@ def _run(world: World, events: int | None) -> Iterator[dict]:
                             "category": cat, "query": query(u, c)})
                 t += gs_min + int(-log(1.0 - r()) * gs_mean)
         bought = False
+        if structured and carted and r() < defer_share:  # checkout after a break, in the next session
+            visit[u] = (c, carted)
+            carted = []
+        elif structured and r() < break_share:
+            visit[u] = (c, [])
         if carted:  # checkout: buy some of what was carted, each item once
             pb = p_buy[u] * slowdown(u, t) if structured else p_buy[u]
             for k, i in enumerate(dict.fromkeys(carted)):
@@ -265,7 +291,10 @@ def _run(world: World, events: int | None) -> Iterator[dict]:
                 rate *= slowdown(u, ev["ts"])
                 if abandoned[u] is not None:  # a cart left behind: back within about a day, if at all
                     rate = max(rate, 1.0 / DAY_MS)
-            nxt = ev["ts"] + _MIN_SESSION_GAP_MS + int(expo(rate))
+            if visit[u] is not None:  # a break in the visit: back within minutes
+                nxt = ev["ts"] + 60_000 + int(-log(1.0 - r()) * break_mean_ms)
+            else:
+                nxt = ev["ts"] + _MIN_SESSION_GAP_MS + int(expo(rate))
             if nxt > quiet_after[u]:
                 heappop(heap)  # gone quiet: never scheduled again
             else:

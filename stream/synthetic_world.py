@@ -128,6 +128,15 @@ class ShopParams:
       quiet_until     quiet users stop between 15% of the span and this share of it: in a structured
                       shop, all along (1.0), so a cut late in the log still finds users slowing down
                       before they stop (the classic shop: by half the span)
+
+    Visits as real logs show them (REES46, Taobao: a tenth to half of a user's gaps are breaks of 3 to 60
+    minutes; carts bought minutes to an hour after they were filled), not only bursts days apart:
+      break_share     a session ends in a break, not a goodbye: the next session of the visit follows
+                      after break_minutes (exponential mean, one minute at least), in the same category
+      break_minutes   the mean of those breaks
+      defer_share     a session with a full cart leaves its checkout to the next session of the visit,
+                      after a break: carts pending announce a purchase within the hour
+      dwell_scale     a multiplier on the mean time between clicks (40 s in the classic shop)
     """
 
     n_categories: int = len(_CATEGORIES)
@@ -140,18 +149,26 @@ class ShopParams:
     return_share: float = 0.0
     churn_ramp_days: float = 0.0
     quiet_until: float = _QUIET_WINDOW[1]  # quiet users stop between 15% of the span and this share of it
+    break_share: float = 0.0
+    break_minutes: float = 0.0
+    defer_share: float = 0.0
+    dwell_scale: float = 1.0
     shop_seed: int = 0  # which categories, segments and complements (structured shops)
 
     @classmethod
     def draw(cls, seed: int) -> "ShopParams":
         """A structured shop whose parameters depend on the seed."""
         rng = np.random.Generator(np.random.PCG64(seed_sequence(seed, 7)))
-        return cls(n_categories=int(rng.integers(16, len(_CATEGORIES) + 1)),
-                   favourite_share=float(rng.uniform(0.55, 0.85)), habitual_fraction=float(rng.uniform(0.12, 0.4)),
-                   quiet_fraction=float(rng.uniform(0.12, 0.35)), activity_sigma=float(rng.uniform(0.4, 1.0)),
-                   segments=int(rng.integers(3, 9)), follow_share=float(rng.uniform(0.25, 0.55)),
-                   return_share=float(rng.uniform(0.3, 0.7)), churn_ramp_days=float(rng.uniform(8.0, 20.0)),
-                   quiet_until=1.0, shop_seed=int(seed))
+        # The visit parameters are drawn after the others, so that every earlier parameter of a seed's
+        # shop is what it was before visits had breaks.
+        first = dict(n_categories=int(rng.integers(16, len(_CATEGORIES) + 1)),
+                     favourite_share=float(rng.uniform(0.55, 0.85)), habitual_fraction=float(rng.uniform(0.12, 0.4)),
+                     quiet_fraction=float(rng.uniform(0.12, 0.35)), activity_sigma=float(rng.uniform(0.4, 1.0)),
+                     segments=int(rng.integers(3, 9)), follow_share=float(rng.uniform(0.25, 0.55)),
+                     return_share=float(rng.uniform(0.3, 0.7)), churn_ramp_days=float(rng.uniform(8.0, 20.0)))
+        return cls(**first, quiet_until=1.0, break_share=float(rng.uniform(0.15, 0.5)),
+                   break_minutes=float(rng.uniform(5.0, 40.0)), defer_share=float(rng.uniform(0.2, 0.6)),
+                   dwell_scale=float(rng.uniform(1.0, 5.0)), shop_seed=int(seed))
 
 
 def seed_sequence(seed: int, stream: int) -> np.random.SeedSequence:

@@ -583,8 +583,10 @@ def test_evaluation_report_has_every_field_metric_and_baseline(tmp_path):
         assert set(fields[field]["model"]) == {"roc_auc", "pr_auc", "brier", "ece", "mean_probability"}
         assert 0 < fields[field]["model"]["mean_probability"] < 1
         assert 0 < fields[field]["positives"] < fields[field]["users"]
-    # An untrained model's repeat side already counts: it is no worse than chance on categories.
-    assert fields["top_categories"]["model"]["precision@3"] > 0.3
+    # An untrained model's repeat side already counts: far above chance on categories, near the counting rule.
+    top = fields["top_categories"]
+    assert top["model"]["precision@3"] > 2 * 3 / len(log.categories)
+    assert top["model"]["precision@3"] >= top["baselines"]["all-time counts"]["precision@3"] - 0.05
     for field in fields.values():  # the gap to the best rule comes with its sampling interval around it
         v = field["versus_best"]
         assert v["baseline"] in field["baselines"]
@@ -632,25 +634,34 @@ def test_structured_shop_has_the_structure_it_claims():
     assert after_purchase > 100
     # Far above the 1/n chance of a random next category: what follows a purchase is learnable.
     assert follows / after_purchase > shop.follow_share * 0.6 > 3 / len(log.categories)
-    # Users who go quiet slow down first: their last gaps grow against their earlier ones, well beyond what
-    # users who stay show over the same log (those whose stop the log reaches: in a structured shop users
-    # go quiet all along, some after the log's end).
+    # Users who go quiet slow down first: over the ramp before their stop they start visits less often than
+    # before it, well below what users who stay show over the log's last ramp (only users whose stop the log
+    # reaches: in a structured shop users go quiet all along, some after the log's end). Without the ramp
+    # the two ratios are about equal (0.93 and 0.89 on this log).
     end = log.events[-1]["ts"]
+    ramp = shop.churn_ramp_days * 86_400_000
 
-    def last_gaps_vs_earlier(user: str) -> float | None:
-        events = by_user.get(user, [])
-        starts = [e["ts"] for a, e in zip(events, events[1:]) if e["ts"] - a["ts"] > 30 * 60_000]
-        gaps = np.diff(starts)
-        return float(np.mean(gaps[-3:]) / np.mean(gaps[:-3])) if len(events) > 20 and len(gaps) >= 6 else None
+    def late_vs_early_visit_rate(users: list[str], stop_of) -> tuple[int, float]:
+        late = early = late_ms = early_ms = counted = 0
+        for user in users:
+            ts = [e["ts"] for e in by_user.get(user, [])]
+            stop = stop_of(user)
+            if not ts or stop - ramp <= ts[0] + ramp:
+                continue
+            # Visits, not the sessions a break splits one into (breaks are minutes: six hours is rare).
+            starts = np.array([ts[0]] + [b for a, b in zip(ts, ts[1:]) if b - a > 6 * 3_600_000])
+            late += np.sum((starts >= stop - ramp) & (starts < stop))
+            early += np.sum(starts < stop - ramp)
+            late_ms, early_ms, counted = late_ms + ramp, early_ms + stop - ramp - ts[0], counted + 1
+        return counted, (late / late_ms) / (early / early_ms)
 
-    def median_ratio(users: list[str]) -> tuple[int, float]:
-        ratios = [r for r in map(last_gaps_vs_earlier, users) if r is not None]
-        return len(ratios), float(np.median(ratios))
-
-    n_quiet, quiet = median_ratio([u for u, t in log.users.items() if t.goes_quiet and t.quiet_after_ts <= end])
-    n_staying, staying = median_ratio([u for u, t in log.users.items() if not t.goes_quiet])
-    assert n_quiet > 10 and n_staying > 10
-    assert quiet > 1.1 and quiet > staying + 0.15
+    n_quiet, quiet = late_vs_early_visit_rate(
+        [u for u, t in log.users.items() if t.goes_quiet and t.quiet_after_ts <= end],
+        lambda u: log.users[u].quiet_after_ts)
+    n_staying, staying = late_vs_early_visit_rate([u for u, t in log.users.items() if not t.goes_quiet],
+                                                  lambda u: end)
+    assert n_quiet > 30 and n_staying > 100
+    assert quiet < 0.8 and quiet < staying - 0.15
 
 
 def test_the_shipped_demo_model_loads_and_its_fields_beat_chance_on_the_demos_traffic(tmp_path):

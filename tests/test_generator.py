@@ -143,6 +143,35 @@ def test_funnel_cart_follows_click_and_purchase_follows_cart(by_user):
                 assert e["item_id"] in carted
 
 
+def test_structured_visits_pause_and_carts_are_bought_after_the_break():
+    """A structured shop's sessions may end in a break of minutes and leave their checkout to the session
+    after it: purchases an hour after the cart are common there, and rare with breaks and deferrals off
+    (sessions are then ten minutes apart at least, usually days). The funnel holds either way."""
+    import dataclasses
+
+    from stream.synthetic_world import ShopParams
+
+    def after_the_cart(shop: ShopParams) -> tuple[float, int]:
+        carted_at: dict[tuple[str, str], int] = {}
+        later = purchases = 0
+        for e in generate(users=400, events=30_000, seed=5, span_days=30, shop=shop).events:
+            key = (str(e["user_id"]), e.get("item_id"))
+            if e["type"] == "add_to_cart":
+                carted_at[key] = e["ts"]
+            elif e["type"] == "purchase":
+                assert key in carted_at  # purchase follows cart
+                purchases += 1
+                later += 10 * 60_000 <= e["ts"] - carted_at[key] < 3 * 3_600_000
+        return later / purchases, purchases
+
+    shop = dataclasses.replace(ShopParams.draw(3), dwell_scale=1.0)  # clicks a classic 40 s apart
+    assert shop.break_share > 0 and shop.defer_share > 0
+    with_visits, n = after_the_cart(shop)
+    without, m = after_the_cart(dataclasses.replace(shop, break_share=0.0, defer_share=0.0))
+    assert n > 500 and m > 500
+    assert with_visits > 0.2 > 0.05 > without
+
+
 def test_sessions_mostly_start_with_a_search_about_the_clicked_category(by_user):
     # A click right after a search (same user, within 10 minutes) is about the searched category.
     pairs = same = 0
