@@ -92,19 +92,52 @@ def query_terms(query: str) -> list[str]:
     return words + ["\x00" + g for g in grams]  # prefix: a trigram never hashes like a 3-letter word
 
 
+class _QueryTable:
+    """Each distinct query's bucketed terms, stored once in one flat array: a batch's tokens are then one
+    gather over it (numpy), not a Python pass over every term of every search in the batch."""
+
+    def __init__(self, buckets: int, salt: int) -> None:
+        self.buckets, self.salt = buckets, salt
+        self.ids: dict = {None: 0}  # query -> row; row 0: no query, no terms
+        self.flat = np.zeros(1024, dtype=np.int64)
+        self.start = np.zeros(1024, dtype=np.int64)
+        self.length = np.zeros(1024, dtype=np.int64)
+        self.rows, self.used = 1, 0
+
+    def add(self, query: str) -> int:
+        raw = np.fromiter((_crc(term, self.salt) for term in query_terms(query)), dtype=np.uint64)
+        row, n = self.rows, len(raw)
+        if row == len(self.start):
+            self.start, self.length = np.resize(self.start, 2 * row), np.resize(self.length, 2 * row)
+        if self.used + n > len(self.flat):
+            self.flat = np.resize(self.flat, 2 * (self.used + n))
+        self.flat[self.used:self.used + n] = _mix_to_buckets(raw, self.buckets)
+        self.start[row], self.length[row] = self.used, n
+        self.rows, self.used = row + 1, self.used + n
+        return row
+
+    def tokens(self, queries: np.ndarray | list) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.fromiter(map_memoised(self.ids, queries, self.add), dtype=np.int64, count=len(queries))
+        lengths = self.length[rows]
+        offsets = np.zeros(len(rows), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        # Event i's tokens are flat[start[row_i] : start[row_i] + length_i], laid end to end.
+        at = np.repeat(self.start[rows] - offsets, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+        return self.flat[at], offsets
+
+
+_query_tables: dict[tuple[int, int], _QueryTable] = {}
+
+
 def query_tokens(queries: np.ndarray | list, buckets: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
     """Hashed query terms of each event (see query_terms), flattened for an EmbeddingBag.
 
     Returns (tokens, offsets): event i's tokens are tokens[offsets[i]:offsets[i+1]].
     """
-    # query -> its terms' raw hashes (a tuple)
-    terms = map_memoised(_memo_for("query", salt, ()), queries,
-                         lambda q: tuple(_crc(term, salt) for term in query_terms(q)) if q else ())
-    lengths = np.fromiter(map(len, terms), dtype=np.int64, count=len(terms))
-    offsets = np.zeros(len(terms), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=offsets[1:])
-    raw = np.fromiter(itertools.chain.from_iterable(terms), dtype=np.uint64, count=int(lengths.sum()))
-    return _mix_to_buckets(raw, buckets), offsets
+    table = _query_tables.get((buckets, salt))
+    if table is None or table.rows > _MEMO_MAX:  # bounded as the other memos: start afresh
+        table = _query_tables[buckets, salt] = _QueryTable(buckets, salt)
+    return table.tokens(queries)
 
 
 def price_bucket(price: np.ndarray) -> np.ndarray:

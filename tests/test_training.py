@@ -133,6 +133,27 @@ def test_training_features_equal_serving_features(tmp_path):
     assert len(served.query_tokens) > 20 * 3 and (served.item_vocab >= 0).any()
 
 
+def test_query_tokens_are_each_querys_hashed_terms_across_batches():
+    """Each distinct query's terms are hashed once and kept in one table (models.features._QueryTable):
+    whatever the batch (absent, empty and repeated queries, queries first seen in a later batch, a table
+    that has grown past its first allocation), every event gets exactly its own query's terms, in order."""
+    from models.features import _crc, _mix_to_buckets, query_terms, query_tokens
+
+    def expected(query: str | None) -> list[int]:
+        raw = np.array([_crc(t, 7) for t in query_terms(query)] if query else [], dtype=np.uint64)
+        return _mix_to_buckets(raw, 512).tolist()
+
+    rng = np.random.default_rng(0)
+    words = ["red", "shoes", "running", "tv", "4k", "café", "x"]
+    pool = [None, ""] + [" ".join(rng.choice(words, int(rng.integers(1, 12)))) + f" {i}" for i in range(3000)]
+    for size in (0, 1, 700, 2500, 2500):  # 3,000 distinct queries: the table grows past 1,024 rows
+        batch = [pool[i] for i in rng.integers(0, len(pool), size)]
+        tokens, offsets = query_tokens(batch, 512, 7)
+        ends = np.append(offsets[1:], len(tokens)) if size else offsets
+        assert len(offsets) == size
+        assert [tokens[a:b].tolist() for a, b in zip(offsets, ends)] == [expected(q) for q in batch]
+
+
 def returning_log(users: int = 36, sessions: int = 8, seed: int = 0) -> tuple[list[dict], dict[str, str], dict[str, str]]:
     """Two of every three sessions (a day apart) of a user are about their home category; every third
     is about something else, and so is the last one. Sessions last 2-6 clicks, so a session's end
