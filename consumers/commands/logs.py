@@ -121,8 +121,9 @@ def inspect(user: str, sources: tuple[str, ...], fmt: str, plot_path: str | None
               help="Event-time span of the log.")
 @click.option("--shop-seed", default=None, type=int,
               help="A structured shop with parameters drawn from this seed (segments of users, what follows a "
-                   "purchase, carts that bring users back, churn that slows users down first); default: the "
-                   "classic shop. Train in one shop, judge in another.")
+                   "purchase, carts that bring users back, churn that slows users down first, visits that pause "
+                   "for minutes and check out after the break); default: the classic shop. Train in one shop, "
+                   "judge in another.")
 def generate(users: int, events: int, seed: int, out: str | None, topic: str | None, partitions: int,
              invalid_fraction: float, span_days: float, shop_seed: int | None, connect_timeout: float,
              **params: Any) -> None:
