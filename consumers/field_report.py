@@ -7,10 +7,11 @@ import datetime as dt
 import click
 import numpy as np
 import orjson
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from models.field_evaluation import evaluate_fields
+from models.field_evaluation import SPREAD_CUT_SHARES, evaluate_fields, summarise_cuts
 from models.profile_model import CheckpointError, resolve_device
 from models.checkpoint_io import load_checkpoint
 
@@ -30,8 +31,10 @@ def parse_cut(text: str | None, option: str = "--cut") -> int | None:
     return int(when.timestamp() * 1000)
 
 
-def run_field_evaluation(model_path: str, files: tuple[str, ...], cut: str | None, device_name: str,
-                         as_json: bool, plot_path: str | None) -> None:
+def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[str], spread: int | None,
+                         device_name: str, as_json: bool, plot_path: str | None) -> None:
+    """One report at one cut (the default, or the one given); with several cuts, each cut's report and a
+    summary of what they say together (summarise_cuts)."""
     device = resolve_device(device_name)
     try:
         loaded = load_checkpoint(model_path, device)
@@ -39,20 +42,31 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cut: str | Non
         raise click.ClickException(str(exc)) from None
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("replaying to the cut"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} records"),
+    # (cut, share of the span): a given cut, or one share of the span per spread cut (the default: one, at 80%).
+    plan = ([(parse_cut(c), None) for c in cuts] if cuts else
+            [(None, float(s)) for s in np.linspace(*SPREAD_CUT_SHARES, spread)] if spread else [(None, None)])
+    reports = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} records"),
                   TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("replay", total=1)
-        try:
-            report = evaluate_fields(loaded, list(files), device, parse_cut(cut),
-                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
+        for k, (cut, share) in enumerate(plan):
+            what = "replaying to the cut" if len(plan) == 1 else f"replaying to cut {k + 1} of {len(plan)}"
+            task = bar.add_task(what, total=1)
+            try:
+                reports.append(evaluate_fields(
+                    loaded, list(files), device, cut, progress=lambda done, total, t=task: bar.update(t, completed=done, total=total),
+                    **({"share": share} if share is not None else {})))
+            except ValueError as exc:
+                raise click.ClickException(str(exc)) from None
+            bar.remove_task(task)
     if plot_path:
-        draw_reliability(report, plot_path)
+        draw_reliability(reports[0], plot_path)
+    result = reports[0] if len(reports) == 1 else {"cuts": reports, "summary": summarise_cuts(reports)}
     if as_json:
-        click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())
-        return
-    print_tables(report)
+        click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())
+    elif len(reports) == 1:
+        print_tables(reports[0])
+    else:
+        print_cut_summary(reports, result["summary"])
 
 
 def print_tables(report: dict) -> None:
@@ -87,6 +101,39 @@ def print_tables(report: dict) -> None:
         console.print(table)
         console.print(_versus_best(f))
         console.print(_rates(field, f, report["windows_cut_short"]))
+
+
+def print_cut_summary(reports: list[dict], summary: dict) -> None:
+    """Several cuts: per cut, its window and each field's gap to the best rule; then per field the mean gap and
+    at how many cuts the model was ahead, within the sampling noise, or behind."""
+    console = Console()
+    r0 = reports[0]
+    console.print(f"[bold]{r0['model']}[/]: {len(reports)} cuts of {r0['first']} .. {r0['last']} "
+                  f"({r0['events']:,} events). Model minus the best rule at each cut, and whether its 95% "
+                  "paired-bootstrap interval over users is above 0 (ahead), holds 0 (noise) or is below "
+                  "(behind); --json gives the intervals and each cut's full report.")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for c in ("cut (UTC)", "users", "window h", "categories", "purchase", "churn"):
+        table.add_column(c, justify="left" if c == "cut (UTC)" else "right", no_wrap=True)
+    fields = ("top_categories", "purchase_propensity", "churn_risk")
+    for r in reports:
+        table.add_row(r["cut"][:16].replace("T", " "), f"{r['users']:,}", f"{r['windows_hours']['purchase']:.3g}",
+                      *(_gap(r["fields"][f]["versus_best"]) for f in fields))
+    console.print(table)
+    for field in fields:
+        f = summary["fields"][field]
+        console.print(f"{field}: mean {_fmt_signed(f['mean_difference'])} {f['metric']}; ahead at {f['ahead']}, "
+                      f"within the noise at {f['within_noise']}, behind at {f['behind']} of {len(reports)} cuts")
+
+
+def _gap(v: dict) -> str:
+    lo, hi = v["interval95"]
+    verdict = "[green]ahead[/]" if lo > 0 else "[red]behind[/]" if hi < 0 else "noise"
+    return f"{_fmt_signed(v['difference'])} {verdict}"
+
+
+def _fmt_signed(value: float) -> str:
+    return "n/a" if value is None or np.isnan(value) else f"{value:+.3f}"
 
 
 def draw_reliability(report: dict, path: str) -> None:

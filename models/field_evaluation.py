@@ -167,15 +167,20 @@ def baseline_scores(hist: EventLog, cut: int) -> dict[str, dict[str, np.ndarray]
     }
 
 
+DEFAULT_CUT_SHARE = 0.8  # the cut where none is given: this share of the log's span
+SPREAD_CUT_SHARES = (0.5, 0.9)  # `--cuts N`: N cuts evenly from the first share of the span to the second
+
+
 def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device, cut: int | None = None,
-                    batch_records: int = 20_000, progress=None) -> dict:
-    """The report of `profiles evaluate-fields` (see the module docstring)."""
+                    batch_records: int = 20_000, progress=None, share: float = DEFAULT_CUT_SHARE) -> dict:
+    """The report of `profiles evaluate-fields` (see the module docstring); without a cut, at `share` of the
+    log's span."""
     records = read_records(files)
     events, dead = decode_batch(records, 1 << 30)
     if len(events) < 2:
         raise ValueError(f"no usable events in {', '.join(map(str, files))}")
     first, last = int(events.ts.min()), int(events.ts.max())
-    cut = int(first + 0.8 * (last - first)) if cut is None else int(cut)
+    cut = int(first + share * (last - first)) if cut is None else int(cut)
     if not first < cut < last:
         raise ValueError(f"the cut {iso_time(cut)} is not inside the log ({iso_time(first)} .. {iso_time(last)})")
 
@@ -282,6 +287,25 @@ def profiles_at(loaded: LoadedModel, records, device: torch.device, cut: int,
             p = orjson.loads(value)
             profiles[p["user_id"]] = p
     return profiles
+
+
+def summarise_cuts(reports: list[dict]) -> dict:
+    """What several cuts' reports say together, per field: each cut's model-minus-best-rule difference, their
+    mean, and at how many cuts the model was ahead, behind, or within the noise (its 95% interval holds 0).
+    On a short log one cut can mislead: the same model's gap to a rule moves by 0.05 from one cut to the next
+    on the REES46 slice (docs/model.md, session 30)."""
+    out = {}
+    for field in ("top_categories", "purchase_propensity", "churn_risk"):
+        gaps = [r["fields"][field]["versus_best"] for r in reports]
+        differences = [float(g["difference"]) for g in gaps]
+        known = [d for d in differences if not np.isnan(d)]
+        out[field] = {
+            "metric": gaps[0]["metric"], "differences": differences, "baselines": [g["baseline"] for g in gaps],
+            "mean_difference": float(np.mean(known)) if known else float("nan"),
+            "ahead": sum(g["interval95"][0] > 0 for g in gaps), "behind": sum(g["interval95"][1] < 0 for g in gaps),
+            "within_noise": sum(g["interval95"][0] <= 0 <= g["interval95"][1] for g in gaps),
+        }
+    return {"cuts": [r["cut"] for r in reports], "fields": out}
 
 
 def best_baseline(field: dict, metric: str) -> tuple[str, float]:

@@ -707,6 +707,41 @@ def test_evaluate_fields_command_prints_json_and_draws_reliability(tmp_path):
     assert bad.exit_code == 1 and "not inside the log" in bad.output
 
 
+def test_evaluate_fields_at_several_cuts_reports_each_and_what_they_say_together(tmp_path):
+    """A short log's one cut can mislead: --cut repeated (or --cuts N) judges each cut and summarises the gaps to
+    the best rule (their mean, and at how many cuts the model was ahead, within the noise or behind)."""
+    from click.testing import CliRunner
+
+    from consumers.cli import main
+
+    log = generate(users=150, events=5000, seed=12, span_days=30, shop=ShopParams.draw(0))
+    write_jsonl(log.events, tmp_path / "log.jsonl")
+    ts = sorted(e["ts"] for e in log.events)
+    cuts = [str(ts[len(ts) // 2]), str(ts[3 * len(ts) // 4])]
+    base = ["evaluate-fields", "--model", "demo", "--events", str(tmp_path / "log.jsonl"), "--device", DEVICE]
+    result = CliRunner().invoke(main, [*base, "--cut", cuts[0], "--cut", cuts[1], "--json"])
+    assert result.exit_code == 0, result.output
+    report = orjson.loads(result.stdout[result.stdout.index("{"):])
+    assert [r["cut"] for r in report["cuts"]] == report["summary"]["cuts"]
+    singles = [evaluate_fields(load_checkpoint("demo", ON_DEVICE), [str(tmp_path / "log.jsonl")], ON_DEVICE, int(c))
+               for c in cuts]
+    assert [r["cut"] for r in report["cuts"]] == [r["cut"] for r in singles]
+    for field, summary in report["summary"]["fields"].items():
+        gaps = [r["fields"][field]["versus_best"]["difference"] for r in singles]
+        assert summary["differences"] == pytest.approx(gaps)
+        assert summary["mean_difference"] == pytest.approx(np.mean(gaps))
+        assert summary["ahead"] + summary["within_noise"] + summary["behind"] == 2
+    text = CliRunner().invoke(main, [*base, "--cuts", "3"])
+    assert text.exit_code == 0, text.output
+    assert "churn_risk: mean" in text.output and "of 3 cuts" in text.output
+    spread = orjson.loads(CliRunner().invoke(main, [*base, "--cuts", "3", "--json"]).stdout)
+    assert len(spread["cuts"]) == 3 and spread["summary"]["cuts"] == sorted(spread["summary"]["cuts"])
+    for bad, why in ((["--cut", cuts[0], "--cuts", "3"], "not both"),
+                     (["--cuts", "2", "--plot", str(tmp_path / "x.png")], "one cut")):
+        refused = CliRunner().invoke(main, [*base, *bad])
+        assert refused.exit_code == 2 and why in refused.output
+
+
 def test_the_fields_fit_on_a_log_without_categories(tmp_path):
     """Click sessions with no category (YOOCHOOSE): the field stage fits the probabilities and leaves the
     categories out, instead of failing after the sequence model's whole training."""

@@ -124,14 +124,17 @@ def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[st
               help="Checkpoint to judge (train it on events before the cut only), or `demo`.")
 @click.option("--events", "event_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="JSON-lines event log(s) spanning the cut (repeatable).")
-@click.option("--cut", default=None, help="ISO time T (or epoch ms): profiles at T are judged on what follows. "
-              "Default: 80% of the log's span.")
+@click.option("--cut", "cuts", multiple=True, help="ISO time T (or epoch ms): profiles at T are judged on what "
+              "follows. Repeatable: each cut is judged, then what they say together. Default: 80% of the log's span.")
+@click.option("--cuts", "spread", default=None, type=click.IntRange(2, 50),
+              help="Judge at N cuts spread evenly from 50% to 90% of the log's span instead (a short log's one "
+                   "cut can mislead: the gap to a rule moves from one cut to the next).")
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
-              help="Draw reliability diagrams of both probabilities to this PNG (needs matplotlib).")
-def evaluate_fields(model_path: str, event_files: tuple[str, ...], cut: str | None, device: str, as_json: bool,
-                    plot_path: str | None) -> None:
+              help="Draw reliability diagrams of both probabilities to this PNG (needs matplotlib; one cut).")
+def evaluate_fields(model_path: str, event_files: tuple[str, ...], cuts: tuple[str, ...], spread: int | None,
+                    device: str, as_json: bool, plot_path: str | None) -> None:
     """Judge every learned profile field against what each user does after a cut T, beside the
     strongest simple baselines computed from the same events before T.
 
@@ -142,10 +145,16 @@ def evaluate_fields(model_path: str, event_files: tuple[str, ...], cut: str | No
     churn_risk           no event within 14 days: ROC AUC, PR AUC, Brier, ECE
 
     A log that ends before a horizon cuts the window short; the probabilities are then asked for it.
+    With several cuts (--cut repeated, or --cuts N): a line per cut with each field's gap to the best rule,
+    then per field the mean gap and at how many cuts the model was ahead, within the noise or behind.
     """
     from consumers.field_report import run_field_evaluation
 
-    run_field_evaluation(model_path, event_files, cut, device, as_json, plot_path)
+    if cuts and spread:
+        raise click.UsageError("give --cut (repeatable) or --cuts N, not both")
+    if plot_path and (len(cuts) > 1 or spread):
+        raise click.UsageError("--plot draws one cut's reliability diagrams: give one --cut")
+    run_field_evaluation(model_path, event_files, list(cuts), spread, device, as_json, plot_path)
 
 
 @command("evaluate-synthetic", short_help="Learned fields against the generator's truth")
