@@ -143,7 +143,8 @@ def _run(world: World, events: int | None) -> Iterator[dict]:
     (gk_min, gk_mean), (go_min, go_mean) = _GAP_CLICK_CART, _GAP_CHECKOUT
     seed = world.seed
     # Structured shops (ShopParams.draw): what follows a purchase, carts that bring users back, churn
-    # that slows users down first. The classic shop takes none of these branches (and no extra draws).
+    # that slows users down first, visits that pause. The classic shop takes none of these branches (and no
+    # extra draws).
     shop = world.shop
     structured = (shop.follow_share > 0 or shop.return_share > 0 or shop.churn_ramp_days > 0
                   or shop.break_share > 0 or shop.defer_share > 0)
