@@ -122,12 +122,16 @@ def print_cut_summary(reports: list[dict], summary: dict) -> None:
     console.print(table)
     for field in fields:
         f = summary["fields"][field]
+        unmeasured = len(reports) - f["ahead"] - f["within_noise"] - f["behind"]
         console.print(f"{field}: mean {_fmt_signed(f['mean_difference'])} {f['metric']}; ahead at {f['ahead']}, "
-                      f"within the noise at {f['within_noise']}, behind at {f['behind']} of {len(reports)} cuts")
+                      f"within the noise at {f['within_noise']}, behind at {f['behind']} of {len(reports)} cuts"
+                      + (f" (n/a at {unmeasured})" if unmeasured else ""))
 
 
 def _gap(v: dict) -> str:
     lo, hi = v["interval95"]
+    if np.isnan(v["difference"]) or np.isnan(lo) or np.isnan(hi):
+        return "n/a"  # nothing to rank at this cut (no users judged, or one class only)
     verdict = "[green]ahead[/]" if lo > 0 else "[red]behind[/]" if hi < 0 else "noise"
     return f"{_fmt_signed(v['difference'])} {verdict}"
 

@@ -298,7 +298,8 @@ def summarise_cuts(reports: list[dict]) -> dict:
     for field in ("top_categories", "purchase_propensity", "churn_risk"):
         gaps = [r["fields"][field]["versus_best"] for r in reports]
         differences = [float(g["difference"]) for g in gaps]
-        known = [d for d in differences if not np.isnan(d)]
+        # A cut with nothing to rank (no user judged, or one outcome only) has no interval: left out of the mean.
+        known = [d for d, g in zip(differences, gaps) if not np.isnan([d, *g["interval95"]]).any()]
         out[field] = {
             "metric": gaps[0]["metric"], "differences": differences, "baselines": [g["baseline"] for g in gaps],
             "mean_difference": float(np.mean(known)) if known else float("nan"),

@@ -742,6 +742,23 @@ def test_evaluate_fields_at_several_cuts_reports_each_and_what_they_say_together
         assert refused.exit_code == 2 and why in refused.output
 
 
+def test_a_cut_with_nothing_to_rank_is_left_out_of_the_cuts_summary():
+    from models.field_evaluation import summarise_cuts
+
+    def report(cut: str, difference: float, interval: list[float]) -> dict:
+        gap = {"baseline": "days idle", "metric": "roc_auc", "difference": difference, "interval95": interval}
+        return {"cut": cut, "fields": {f: {"versus_best": gap} for f in ("top_categories", "purchase_propensity",
+                                                                         "churn_risk")}}
+
+    nan = float("nan")
+    summary = summarise_cuts([report("a", 0.04, [0.01, 0.07]), report("b", -0.02, [-0.05, 0.01]),
+                              report("c", 0.0, [nan, nan]), report("d", -0.03, [-0.04, -0.02])])
+    churn = summary["fields"]["churn_risk"]
+    assert summary["cuts"] == ["a", "b", "c", "d"]
+    assert churn["mean_difference"] == pytest.approx((0.04 - 0.02 - 0.03) / 3)
+    assert (churn["ahead"], churn["within_noise"], churn["behind"]) == (1, 1, 1)
+
+
 def test_the_fields_fit_on_a_log_without_categories(tmp_path):
     """Click sessions with no category (YOOCHOOSE): the field stage fits the probabilities and leaves the
     categories out, instead of failing after the sequence model's whole training."""
