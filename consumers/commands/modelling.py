@@ -128,7 +128,8 @@ def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[st
               "follows. Repeatable: each cut is judged, then what they say together. Default: 80% of the log's span.")
 @click.option("--cuts", "spread", default=None, type=click.IntRange(2, 50),
               help="Judge at N cuts spread evenly from 50% to 90% of the log's span instead (a short log's one "
-                   "cut can mislead: the gap to a rule moves from one cut to the next).")
+                   "cut can mislead: the gap to a rule moves from one cut to the next). Each cut replays the "
+                   "log up to it, as one --cut does.")
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
