@@ -11,7 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from models.field_evaluation import SPREAD_CUT_SHARES, evaluate_fields, summarise_cuts
+from models.field_evaluation import DEFAULT_CUT_SHARE, SPREAD_CUT_SHARES, evaluate_fields, summarise_cuts
 from models.profile_model import CheckpointError, resolve_device
 from models.checkpoint_io import load_checkpoint
 
@@ -42,9 +42,9 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[str
         raise click.ClickException(str(exc)) from None
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    # (cut, share of the span): a given cut, or one share of the span per spread cut (the default: one, at 80%).
-    plan = ([(parse_cut(c), None) for c in cuts] if cuts else
-            [(None, float(s)) for s in np.linspace(*SPREAD_CUT_SHARES, spread)] if spread else [(None, None)])
+    # (cut, share of the span where no cut is given): the cuts given, or one share per spread cut, or the default.
+    shares = np.linspace(*SPREAD_CUT_SHARES, spread).tolist() if spread else [DEFAULT_CUT_SHARE]
+    plan = [(parse_cut(c), DEFAULT_CUT_SHARE) for c in cuts] or [(None, share) for share in shares]
     reports = []
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} records"),
                   TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
@@ -53,8 +53,8 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[str
             task = bar.add_task(what, total=1)
             try:
                 reports.append(evaluate_fields(
-                    loaded, list(files), device, cut, progress=lambda done, total, t=task: bar.update(t, completed=done, total=total),
-                    **({"share": share} if share is not None else {})))
+                    loaded, list(files), device, cut, share=share,
+                    progress=lambda done, total, t=task: bar.update(t, completed=done, total=total)))
             except ValueError as exc:
                 raise click.ClickException(str(exc)) from None
             bar.remove_task(task)

@@ -92,6 +92,14 @@ def query_terms(query: str) -> list[str]:
     return words + ["\x00" + g for g in grams]  # prefix: a trigram never hashes like a 3-letter word
 
 
+def ragged_take(flat: np.ndarray, begin: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs flat[begin[i]:begin[i] + lengths[i]] laid end to end, in one gather, and where each starts in the
+    result (offsets): position j of run i comes from begin[i] + (j - offsets[i])."""
+    offsets = np.zeros(len(begin), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    return flat[np.repeat(begin - offsets, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)], offsets
+
+
 class _QueryTable:
     """Each distinct query's bucketed terms, stored once in one flat array: a batch's tokens are then one
     gather over it (numpy), not a Python pass over every term of every search in the batch."""
@@ -118,12 +126,7 @@ class _QueryTable:
 
     def tokens(self, queries: np.ndarray | list) -> tuple[np.ndarray, np.ndarray]:
         rows = np.fromiter(map_memoised(self.ids, queries, self.add), dtype=np.int64, count=len(queries))
-        lengths = self.length[rows]
-        offsets = np.zeros(len(rows), dtype=np.int64)
-        np.cumsum(lengths[:-1], out=offsets[1:])
-        # Event i's tokens are flat[start[row_i] : start[row_i] + length_i], laid end to end.
-        at = np.repeat(self.start[rows] - offsets, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
-        return self.flat[at], offsets
+        return ragged_take(self.flat, self.start[rows], self.length[rows])
 
 
 _query_tables: dict[tuple[int, int], _QueryTable] = {}

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from models.dataset import EventLog
-from models.features import EventFeatures, category_keys_and_buckets, hash_buckets, price_bucket, query_tokens, vocab_rows
+from models.features import (EventFeatures, category_keys_and_buckets, hash_buckets, price_bucket, query_tokens,
+                             ragged_take, vocab_rows)
 from models.profile_model import ModelConfig
 
 NO_TARGET = -1
@@ -129,11 +130,7 @@ def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: i
 def features_at(p: Prepared, idx: np.ndarray, device: torch.device) -> EventFeatures:
     """Model inputs for the events `idx` (flat)."""
     begin = p.query_offsets[idx]
-    q_len = p.query_offsets[idx + 1] - begin
-    offsets = np.zeros(len(idx), dtype=np.int64)
-    np.cumsum(q_len[:-1], out=offsets[1:])
-    # Gather each event's run of terms: position j of the output comes from begin[e] + (j - offsets[e]).
-    tokens = p.query_tokens[np.repeat(begin - offsets, q_len) + np.arange(int(q_len.sum()))]
+    tokens, offsets = ragged_take(p.query_tokens, begin, p.query_offsets[idx + 1] - begin)  # each event's terms
 
     def long(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
