@@ -37,7 +37,7 @@ from stream.broker import EmbeddedBroker
 from stream.events import RecordBatch
 from stream.decode import decode_batch
 from stream.generator import iter_events
-from stream.kafka import Publisher, StreamError, admin_client, ensure_topics
+from stream.kafka import FETCH_WITHOUT_STALLS, Publisher, StreamError, admin_client, ensure_topics
 from stream.metrics import Metrics, resident_bytes
 from stream.runtime import tune_garbage_collector
 from stream.settings import KafkaSettings, Settings
@@ -174,7 +174,7 @@ def raw_ceiling(kafka: KafkaSettings, topic: str, n: int, batch: int, timeout_s:
     """Events/s of a plain consumer that consumes and JSON-decodes `n` records and does nothing else."""
     consumer = Consumer(kafka.client_config(**{
         "group.id": f"bench-raw-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
-        "enable.auto.commit": False, "session.timeout.ms": 6000}))
+        "enable.auto.commit": False, "session.timeout.ms": 6000, **FETCH_WITHOUT_STALLS}))
     loads, seen, started = orjson.loads, 0, None
 
     def assigned(_consumer, _partitions) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from stream.kafka import StreamError, TopicError, end_offsets
+from stream.kafka import FETCH_WITHOUT_STALLS, StreamError, TopicError, end_offsets
 from stream.settings import KafkaSettings
 
 # librdkafka's partitioners, for a message with a key (all of them pick at random for a NULL key).
@@ -75,7 +75,8 @@ def _reader(kafka: KafkaSettings, purpose: str) -> Consumer:
     """A consumer for assigned partitions only: a throwaway group id, never committing."""
     return Consumer(kafka.client_config(**{
         "group.id": f"profiles-{purpose}-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
-        "enable.auto.offset.store": False, "enable.partition.eof": False, "auto.offset.reset": "earliest"}))
+        "enable.auto.offset.store": False, "enable.partition.eof": False, "auto.offset.reset": "earliest",
+        **FETCH_WITHOUT_STALLS}))
 
 
 def _partitions(consumer: Consumer, topic: str, timeout_s: float) -> list[int]:

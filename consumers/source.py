@@ -16,7 +16,7 @@ from typing import Callable
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from stream.events import RecordBatch
-from stream.kafka import RateLimit
+from stream.kafka import FETCH_WITHOUT_STALLS, RateLimit
 from stream.settings import Settings
 from stream.sources import TimeRange
 
@@ -57,6 +57,7 @@ class KafkaBatchSource:
                     "max.poll.interval.ms": settings.max_poll_interval_ms,
                     # Only see records of committed transactions (where the broker honours it).
                     "isolation.level": "read_committed",
+                    **FETCH_WITHOUT_STALLS,
                     # librdkafka's statistics (per-partition consumer lag, from fetch watermarks)
                     # every 5 s, served from the consume calls the loop already makes.
                     **({"statistics.interval.ms": 5000, "stats_cb": on_stats} if on_stats else {}),

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from confluent_kafka import Message
 
-from stream.kafka import StreamError, end_offsets
+from stream.kafka import FETCH_WITHOUT_STALLS, StreamError, end_offsets
 from stream.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ Take = Callable[[list[Message], np.ndarray], None]
 
 # Bigger fetches for a reader that wants everything up to the end as fast as it comes: up to 8 MiB per
 # partition per fetch (librdkafka's default is 1 MiB), and more records queued ahead of the reader.
-BULK_FETCH = {"max.partition.fetch.bytes": 8 << 20, "fetch.max.bytes": 64 << 20, "queued.min.messages": 500_000}
+BULK_FETCH = {"max.partition.fetch.bytes": 8 << 20, "fetch.max.bytes": 64 << 20, "queued.min.messages": 500_000,
+              **FETCH_WITHOUT_STALLS}
 BATCH = 20_000  # records per consume() call: big enough to amortise the calls, small enough to stay in cache
 
 

@@ -273,14 +273,14 @@ class KafkaRangeSource:
     def __init__(self, kafka: KafkaSettings, topic: str, window: TimeRange, batch_records: int) -> None:
         from confluent_kafka import Consumer, TopicPartition
 
-        from stream.kafka import end_offsets
+        from stream.kafka import FETCH_WITHOUT_STALLS, end_offsets
 
         self.topic = self.name = topic
         self.time_range = window
         self.batch_records = batch_records
         self.ends = {p: e for p, e in end_offsets(kafka, topic).items() if e > 0}
         self.consumer = Consumer(kafka.client_config(**{"group.id": "profiles-replay", "enable.auto.commit": False,
-                                                        "enable.partition.eof": False}))
+                                                        "enable.partition.eof": False, **FETCH_WITHOUT_STALLS}))
         starts = {p: 0 for p in self.ends}
         if window.start_ms is not None and self.ends:
             found = self.consumer.offsets_for_times(
