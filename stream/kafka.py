@@ -15,7 +15,8 @@ from stream.settings import LIBRDKAFKA_LOG, KafkaSettings
 # fetch.queue.backoff.ms (1000 ms by default) whenever its local queue is above queued.min.messages or
 # queued.max.messages.kbytes. A reader that does work between its consume calls (all of ours) fills that
 # queue, and then finds it drained and waits out the rest of the second: a restore of 1M users spent 3.5
-# of its 6.8 s waiting so (docs/benchmarks.md, session 31). Looking again after 10 ms costs nothing.
+# of its 6.8 s waiting so (docs/benchmarks.md, session 31). Looking again after 10 ms costs a wake-up of
+# librdkafka's thread every 10 ms, and only while the queue is full.
 FETCH_WITHOUT_STALLS = {"fetch.queue.backoff.ms": 10}
 
 log = logging.getLogger(__name__)
