@@ -172,9 +172,9 @@ def produce_all(kafka: KafkaSettings, topic: str, recs: list[tuple[bytes, bytes]
 
 def raw_ceiling(kafka: KafkaSettings, topic: str, n: int, batch: int, timeout_s: float = 300.0) -> float:
     """Events/s of a plain consumer that consumes and JSON-decodes `n` records and does nothing else."""
-    consumer = Consumer(kafka.client_config(**{
+    consumer = Consumer(kafka.client_config(FETCH_WITHOUT_STALLS, **{
         "group.id": f"bench-raw-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
-        "enable.auto.commit": False, "session.timeout.ms": 6000, **FETCH_WITHOUT_STALLS}))
+        "enable.auto.commit": False, "session.timeout.ms": 6000}))
     loads, seen, started = orjson.loads, 0, None
 
     def assigned(_consumer, _partitions) -> None:

@@ -73,10 +73,9 @@ def partition_for(key: bytes, partitions: int, partitioner: str = DEFAULT_PARTIT
 
 def _reader(kafka: KafkaSettings, purpose: str) -> Consumer:
     """A consumer for assigned partitions only: a throwaway group id, never committing."""
-    return Consumer(kafka.client_config(**{
+    return Consumer(kafka.client_config(FETCH_WITHOUT_STALLS, **{
         "group.id": f"profiles-{purpose}-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
-        "enable.auto.offset.store": False, "enable.partition.eof": False, "auto.offset.reset": "earliest",
-        **FETCH_WITHOUT_STALLS}))
+        "enable.auto.offset.store": False, "enable.partition.eof": False, "auto.offset.reset": "earliest"}))
 
 
 def _partitions(consumer: Consumer, topic: str, timeout_s: float) -> list[int]:

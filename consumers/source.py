@@ -44,6 +44,7 @@ class KafkaBatchSource:
         self._on_lost = on_lost
         self.consumer = Consumer(
             settings.kafka.client_config(
+                FETCH_WITHOUT_STALLS,
                 **{
                     "group.id": settings.group_id,
                     # Offsets are committed by stream/changelog.py, after the batch's output is acknowledged.
@@ -57,7 +58,6 @@ class KafkaBatchSource:
                     "max.poll.interval.ms": settings.max_poll_interval_ms,
                     # Only see records of committed transactions (where the broker honours it).
                     "isolation.level": "read_committed",
-                    **FETCH_WITHOUT_STALLS,
                     # librdkafka's statistics (per-partition consumer lag, from fetch watermarks)
                     # every 5 s, served from the consume calls the loop already makes.
                     **({"statistics.interval.ms": 5000, "stats_cb": on_stats} if on_stats else {}),

@@ -16,7 +16,8 @@ from stream.settings import LIBRDKAFKA_LOG, KafkaSettings
 # queued.max.messages.kbytes. A reader that does work between its consume calls (all of ours) fills that
 # queue, and then finds it drained and waits out the rest of the second: a restore of 1M users spent 3.5
 # of its 6.8 s waiting so (docs/benchmarks.md, session 31). Looking again after 10 ms costs a wake-up of
-# librdkafka's thread every 10 ms, and only while the queue is full.
+# librdkafka's thread every 10 ms, and only while the queue is full. A default (client_config's
+# `defaults`): a user's --kafka-config may set another value.
 FETCH_WITHOUT_STALLS = {"fetch.queue.backoff.ms": 10}
 
 log = logging.getLogger(__name__)
@@ -179,9 +180,7 @@ class Publisher:
                 **overrides,
             }
         conf = kafka.client_config(
-            **{
-                # No duplicates or reordering from internal retries.
-                "enable.idempotence": True,
+            {  # tuning: a user's --kafka-config may change it
                 # Wait a few ms to fill bigger requests: profiles come in bursts, one per batch.
                 "linger.ms": 5,
                 # Profiles are repetitive JSON: lz4 shrinks them cheaply.
@@ -191,7 +190,11 @@ class Publisher:
                 # Fail a record after 2 min of retries instead of librdkafka's 5 min default:
                 # the daemon then exits non-zero and restarts from the last commit.
                 "message.timeout.ms": 120_000,
-                **overrides,  # (the transactional ones above take precedence)
+            },
+            **{
+                # No duplicates or reordering from internal retries.
+                "enable.idempotence": True,
+                **overrides,  # (the transactional ones above, and the caller's)
             },
         )
         # Delivery reports for failures only: a per-record Python callback costs more than the produce.

@@ -76,8 +76,8 @@ def _read(kafka: KafkaSettings, topic: str, start: dict[int, int], ends: dict[in
     progress for `stall_s` (empty when all reached their end)."""
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer(kafka.client_config(**{
-        **BULK_FETCH, "group.id": "profiles-restore", "enable.auto.commit": False,
+    consumer = Consumer(kafka.client_config(BULK_FETCH, **{
+        "group.id": "profiles-restore", "enable.auto.commit": False,
         "enable.partition.eof": False, "isolation.level": isolation}))
     try:
         consumer.assign([TopicPartition(topic, p, o) for p, o in start.items()])

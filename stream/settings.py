@@ -103,13 +103,16 @@ class KafkaSettings:
     # Extra librdkafka properties (TLS, SASL, tuning), applied to every client.
     extra: tuple[tuple[str, str], ...] = ()
 
-    def client_config(self, **overrides: object) -> dict[str, object]:
-        """The librdkafka config for one client: bootstrap, user extras, then the caller's overrides.
+    def client_config(self, defaults: dict[str, object] | None = None, **overrides: object) -> dict[str, object]:
+        """The librdkafka config for one client: bootstrap, the caller's tuning defaults, user extras, then
+        the caller's overrides.
 
         The caller's overrides are the settings the pipeline's correctness depends on
-        (e.g. enable.auto.commit=false), so they win over user extras.
+        (e.g. enable.auto.commit=false), so they win over user extras; its defaults are tuning a user may
+        change (--kafka-config), so user extras win over them.
         """
-        conf: dict[str, object] = {"bootstrap.servers": self.bootstrap_servers, "logger": LIBRDKAFKA_LOG}
+        conf: dict[str, object] = {"bootstrap.servers": self.bootstrap_servers, "logger": LIBRDKAFKA_LOG,
+                                   **(defaults or {})}
         conf.update(dict(self.extra))
         conf.update(overrides)
         return conf

@@ -279,8 +279,8 @@ class KafkaRangeSource:
         self.time_range = window
         self.batch_records = batch_records
         self.ends = {p: e for p, e in end_offsets(kafka, topic).items() if e > 0}
-        self.consumer = Consumer(kafka.client_config(**{"group.id": "profiles-replay", "enable.auto.commit": False,
-                                                        "enable.partition.eof": False, **FETCH_WITHOUT_STALLS}))
+        self.consumer = Consumer(kafka.client_config(FETCH_WITHOUT_STALLS, **{
+            "group.id": "profiles-replay", "enable.auto.commit": False, "enable.partition.eof": False}))
         starts = {p: 0 for p in self.ends}
         if window.start_ms is not None and self.ends:
             found = self.consumer.offsets_for_times(

@@ -22,6 +22,17 @@ def test_pipeline_overrides_win_over_user_extras():
     assert kafka.client_config(**{"enable.auto.commit": False})["enable.auto.commit"] is False
 
 
+def test_user_extras_win_over_tuning_defaults():
+    """A consumer's tuning (fetch.queue.backoff.ms) is a default the user's --kafka-config may change."""
+    from stream.kafka import FETCH_WITHOUT_STALLS
+
+    plain = KafkaSettings("b:9092")
+    assert plain.client_config(FETCH_WITHOUT_STALLS)["fetch.queue.backoff.ms"] == 10
+    tuned = KafkaSettings("b:9092", parse_kafka_config(["fetch.queue.backoff.ms=250", "enable.auto.commit=true"]))
+    conf = tuned.client_config(FETCH_WITHOUT_STALLS, **{"enable.auto.commit": False})
+    assert conf["fetch.queue.backoff.ms"] == "250" and conf["enable.auto.commit"] is False
+
+
 def test_malformed_kafka_config_does_not_echo_the_value():
     with pytest.raises(ValueError) as err:
         parse_kafka_config(["sasl.passwordhunter2"])
