@@ -26,16 +26,17 @@ MAX_QUERY_WORDS = 8  # longer queries are cut: the first words carry the intent
 PRICE_EDGES = np.array([0.5, 1, 2, 5, 10, 20, 35, 50, 75, 100, 200, 500, 1000, 5000, 20000], dtype=np.float64)
 
 
-# Memo of raw hashes per salt: ids and queries repeat heavily in event streams, so after warm-up
-# a lookup replaces the encode + crc32. Pure memoisation (same answers), bounded by clearing.
+# Memo of ids' raw hashes per salt: ids repeat heavily in event streams, so after warm-up a lookup
+# replaces the encode + crc32 (queries have their own table, _QueryTable). Pure memoisation (same answers),
+# bounded by clearing.
 _MEMO_MAX = 2_000_000
-_memo: dict[tuple[str, int], dict] = {}
+_id_memos: dict[int, dict] = {}
 
 
-def _memo_for(kind: str, salt: int, absent: object) -> dict:
-    memo = _memo.get((kind, salt))
+def _id_memo(salt: int) -> dict:
+    memo = _id_memos.get(salt)
     if memo is None or len(memo) > _MEMO_MAX:
-        memo = _memo[kind, salt] = {None: absent}
+        memo = _id_memos[salt] = {None: 0}  # no id: raw hash 0
     return memo
 
 
@@ -45,7 +46,7 @@ def _crc(value: str, salt: int) -> int:
 
 def hash_buckets(values: np.ndarray | list, buckets: int, salt: int) -> np.ndarray:
     """Map strings (None = absent) to buckets 1..buckets-1, deterministically; None -> 0."""
-    raw = map_memoised(_memo_for("id", salt, 0), values, lambda v: _crc(v, salt))
+    raw = map_memoised(_id_memo(salt), values, lambda v: _crc(v, salt))
     return _mix_to_buckets(np.fromiter(raw, dtype=np.uint64, count=len(raw)), buckets)
 
 
@@ -58,7 +59,7 @@ CATEGORY_KEY_MAX = 0xFFFFFFFF
 def category_keys(values: np.ndarray | list, salt: int) -> np.ndarray:
     """(N,) uint32 key of each category string (None: 0). Its bucket is buckets_of_keys(key): the same as
     hash_buckets(value) but for the one crc32 value in 2**32 whose raw hash does not fit (it shares a key)."""
-    raw = map_memoised(_memo_for("id", salt, 0), values, lambda v: _crc(v, salt))
+    raw = map_memoised(_id_memo(salt), values, lambda v: _crc(v, salt))
     return np.minimum(np.fromiter(raw, dtype=np.uint64, count=len(raw)), CATEGORY_KEY_MAX).astype(np.uint32)
 
 
