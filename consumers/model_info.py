@@ -24,6 +24,8 @@ def checkpoint_info(path: str) -> dict:
         "transitions": {name: {"pairs": len(loaded.model.transitions(name).cols),
                                "weight": float(loaded.model.transition_weight[i])}
                         for i, name in enumerate(("item", "category"))},
+        "neighbours": {"sessions": len(loaded.model.neighbours().session_size),
+                       "weight": float(loaded.model.neighbour_weight[0])},
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "state_floats_per_user": config.state_size,
         "next_item_vocabulary": len(loaded.item_vocab),
@@ -53,6 +55,8 @@ def info_lines(info: dict) -> list[str]:
                             f"queries {c['query_buckets']:,} buckets (hash seed {c['hash_seed']})"),
         ("next-event transitions", ", ".join(f"{name} {v['pairs']:,} pairs, weight {v['weight']:g}"
                                              for name, v in info["transitions"].items())),
+        ("next-item neighbours", f"{info['neighbours']['sessions']:,} training sessions, "
+                                 f"weight {info['neighbours']['weight']:g}"),
         ("interest clusters", str(c["clusters"])),
         ("price tiers", ", ".join(f"{n} < {e:g}" for n, e in zip(c["price_tier_names"], c["price_tier_edges"]))
          + f", {c['price_tier_names'][-1]} above"),

@@ -1,4 +1,4 @@
-"""`profiles evaluate`: the model against popularity and sequential rules, fitted and scored in the same run."""
+"""`profiles evaluate`: the model against popularity, sequential rules and session kNN, fitted and scored in the same run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.table import Table
 
 from models.dataset import load_events
 from models.next_event_evaluation import Sequences, evaluate
-from models.next_event_baselines import PopularityBaseline, SequentialRulesBaseline
+from models.next_event_baselines import PopularityBaseline, SequentialRulesBaseline, SessionKNNBaseline
 from models.profile_model import resolve_device
 from models.checkpoint_io import load_checkpoint
 from models.next_event_scorers import GRUScorer, aligned_train, sequences_from_log
@@ -52,14 +52,15 @@ def run_evaluation(model_path: str, train_files: tuple[str, ...], test_files: tu
 
     results: dict[str, dict] = {}
     scorers = [GRUScorer(model, loaded.item_vocab, test_log, aligned, device), PopularityBaseline(),
-               SequentialRulesBaseline()]
-    names = {"gru": f"gru ({loaded.version})", "popularity": "popularity", "sequential_rules": "sequential rules"}
+               SequentialRulesBaseline(), SessionKNNBaseline()]
+    names = {"gru": f"gru ({loaded.version})", "popularity": "popularity", "sequential_rules": "sequential rules",
+             "session_knn": "session kNN"}
     for scorer in scorers:
         t0 = time.monotonic()
         scorer.fit(train_seq)
         metrics = evaluate(scorer, aligned_seq, test_seq, k=k)
         metrics["seconds"] = round(time.monotonic() - t0, 2)
-        results[_key(scorer)] = metrics
+        results[scorer.name] = metrics
     summary = {
         "model": loaded.version, "train_events": len(train_log), "test_events": len(test_log),
         "test_users": len(test_log.users), "test_users_with_history": 0 if aligned is None else len(aligned.users),
@@ -77,11 +78,6 @@ def run_evaluation(model_path: str, train_files: tuple[str, ...], test_files: tu
     for key, metrics in results.items():
         table.add_row(names[key], *(_fmt(metrics[c]) for c in columns))
     Console().print(table)
-
-
-def _key(scorer: object) -> str:
-    return {"GRUScorer": "gru", "PopularityBaseline": "popularity",
-            "SequentialRulesBaseline": "sequential_rules"}[type(scorer).__name__]
 
 
 def _fmt(value: object) -> str:

@@ -11,6 +11,7 @@ import torch
 
 from models.field_heads import CALIBRATION_KNOTS, SESSION_OFF, identity_knots
 from models.profile_model import RECENT_CATEGORIES, CheckpointError, ModelConfig, ProfileModel
+from models.neighbours import SessionNeighbours
 from models.transitions import Transitions
 from stream.statistics import SLOT_FEATURES
 
@@ -18,11 +19,11 @@ from stream.statistics import SLOT_FEATURES
 # 3: published fields from FieldHeads (exact statistics + state; time-to-event probabilities, calibrated).
 # 4: calibration a monotone piecewise-linear map of log L (format 3's affine one is read as two knots).
 # 5: copy bonuses of the current item and category (formats 3 and 4 are read without copying).
-CHECKPOINT_FORMAT = 10  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
+CHECKPOINT_FORMAT = 11  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
 # 8: the shop popularity slot feature (stream/popularity.py); 9: transition bonuses (models/transitions.py);
 # 10: times since as log1p of minutes, not hours (stream/statistics.py: USER_FEATURES), and the probability
-# heads' session process (models/field_heads.py: HazardHead)
-READABLE_FORMATS = (3, 4, 5, 6, 7, 8, 9, 10)
+# heads' session process (models/field_heads.py: HazardHead); 11: the neighbour sessions' votes (models/neighbours.py)
+READABLE_FORMATS = (3, 4, 5, 6, 7, 8, 9, 10, 11)
 
 
 @dataclass
@@ -59,6 +60,7 @@ def save_checkpoint(path: str | Path, model: ProfileModel, version: str, metadat
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "transitions": {name: model.transitions(name).arrays() for name in ("item", "category")},
+        "neighbours": model.neighbours().arrays(),
         # Through JSON and back: metadata must stay plain data that weights_only loading accepts.
         "metadata": orjson.loads(orjson.dumps(metadata or {}, option=orjson.OPT_SERIALIZE_NUMPY, default=str)),
     }
@@ -113,6 +115,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
             state[f"fields.{head}.session.weight"] = torch.zeros(1, n)
             state[f"fields.{head}.session.bias"] = torch.tensor([SESSION_OFF])
             state[f"fields.{head}.log_session_hours"] = torch.tensor(0.0)
+    if payload["format"] < 11:  # no neighbour votes
+        payload["state_dict"]["neighbour_weight"] = torch.zeros(1)
     if payload["format"] < 9:  # no transition bonus
         payload["state_dict"]["transition_weight"] = torch.zeros(2)
     if payload["format"] < 8:  # no follow-up (< 6), visit (< 7) or popularity features: zero weights on them rank
@@ -128,6 +132,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         tables = payload.get("transitions", {})
         model.set_transitions(*(Transitions.from_arrays(tables[name]) if name in tables else None
                                 for name in ("item", "category")))
+        if "neighbours" in payload:
+            model.set_neighbours(SessionNeighbours.from_arrays(payload["neighbours"]))
     except (TypeError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{str(path)!r} does not match this model code: {exc}") from None
     vocab = list(payload.get("item_vocab", []))

@@ -1,16 +1,20 @@
 """The simple scorers `profiles evaluate` sets beside the model, fitted on the training events in the same
-run: popularity, and sequential rules (last item -> next item transition counts, ties by popularity).
+run: popularity, sequential rules (last item -> next item transition counts, ties by popularity), and
+session kNN (the training sessions most like the latest events vote; models/neighbours.py).
 They implement models/next_event_evaluation.NextEventScorer."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from stream.events import PURCHASE
+from stream.statistics import SESSION_GAP_MS
 
 from models.next_event_evaluation import (
     CHUNK_ELEMENTS, EvalTargets, NextEventPredictions, PrefixState, Sequences, flat_concat, chunked_ranks, prefix_state, ranks_in_fixed_scores, targets,
 )
+from models.neighbours import SessionNeighbours
 from models.transitions import successor_counts
 
 
@@ -151,3 +155,33 @@ class SequentialRulesBaseline(PopularityBaseline):
             return scores
 
         return chunked_ranks(score_rows, last, target, len(popularity), self.chunk_elements)
+
+
+class SessionKNNBaseline(SequentialRulesBaseline):
+    """Session kNN (V-SKNN): the training sessions that share items with the prefix's latest events vote for
+    their items, each with its cosine similarity to them (models/neighbours.py, the model's own index and
+    query, at weight 1 and without the GRU). Ties, as where no session shares an item, by popularity.
+    Categories and propensity: as SequentialRulesBaseline."""
+
+    name = "session_knn"
+
+    def __init__(self, prior_events: float = 10.0, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+        super().__init__(prior_events, chunk_elements)
+        self.neighbours: SessionNeighbours | None = None
+
+    def fit(self, train: Sequences) -> None:
+        super().fit(train)
+        user = np.repeat(np.arange(len(train.items)), [len(s) for s in train.items])
+        self.neighbours = SessionNeighbours.from_events(user, flat_concat(train.ts), flat_concat(train.items),
+                                                        train.n_items, SESSION_GAP_MS)
+
+    def _item_ranks(self, rows: EvalTargets, state: PrefixState) -> np.ndarray:
+        # The popularity tie-breaker lies below the spacing of the votes' float32 values (~5e-7 at the largest).
+        ties = 1e-7 * self.item_counts / (self.item_counts.max(initial=0) + 1)
+
+        def score_rows(recent: np.ndarray) -> np.ndarray:
+            votes = self.neighbours.scores(torch.from_numpy(recent), None, len(self.item_counts))
+            return votes.double().numpy() + ties
+
+        r = rows.item_rows
+        return chunked_ranks(score_rows, state.recent_items[r], rows.item[r], len(self.item_counts), self.chunk_elements)

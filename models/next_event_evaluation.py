@@ -45,6 +45,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
+from models.neighbours import RECENT_ITEMS
 from stream.events import PURCHASE
 
 HOUR_MS = 3_600_000
@@ -193,12 +194,15 @@ class PrefixState:
 
     last_item / last_category: the last value >= 0 in the prefix, -1 if the prefix has none
     n_events / n_purchases:    events and purchase events in the prefix
+    recent_items:              (rows, RECENT_ITEMS) the items of the prefix's latest events, latest first
+                               (-1: none): what the daemon's state keeps for the next-item bonuses
     """
 
     last_item: np.ndarray
     last_category: np.ndarray
     n_events: np.ndarray
     n_purchases: np.ndarray
+    recent_items: np.ndarray
 
 
 def prefix_state(train: Sequences | None, test: Sequences, rows: EvalTargets) -> PrefixState:
@@ -219,11 +223,15 @@ def prefix_state(train: Sequences | None, test: Sequences, rows: EvalTargets) ->
     last = start[rows.user] + n_train[rows.user] + rows.position - 1
 
     purchases = np.concatenate([[0], np.cumsum(joined("types") == PURCHASE)])
+    items = joined("items")
+    back = last[:, None] - np.arange(RECENT_ITEMS)[None, :]  # the prefix's latest events, latest first
+    in_prefix = back >= start[rows.user][:, None]
     return PrefixState(
-        last_item=_last_known(joined("items"), user)[last],
+        last_item=_last_known(items, user)[last],
         last_category=_last_known(joined("categories"), user)[last],
         n_events=last - start[rows.user] + 1,
         n_purchases=purchases[last + 1] - purchases[start[rows.user]],
+        recent_items=np.where(in_prefix, items[np.maximum(back, 0)], -1).astype(np.int64),
     )
 
 

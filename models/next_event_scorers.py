@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from models.dataset import HOUR_MS, EventLog
-from models.next_event_evaluation import CHUNK_ELEMENTS, NextEventPredictions, Sequences, ranks_from_scores, targets
+from models.next_event_evaluation import (
+    CHUNK_ELEMENTS, NextEventPredictions, Sequences, prefix_state, ranks_from_scores, targets,
+)
 from models.features import category_keys_and_buckets, vocab_rows
 from models.profile_model import ProfileModel
 from models.sequence_training import final_states, recent_categories, run_chunks
@@ -72,6 +74,7 @@ class GRUScorer:
                   k_categories: int = 5) -> NextEventPredictions:
         log_, model = self.test_log, self.model
         rows = targets(test)
+        query_items = prefix_state(train, test, rows).recent_items
         p = prepare(log_, model.config, self.item_vocab, 24 * HOUR_MS)
         h0, seen = self.initial_states()
         # The state that predicts row (u, t) is the output after test event t-1.
@@ -90,6 +93,8 @@ class GRUScorer:
             states = h[torch.from_numpy(at[source_event[mine]]).to(self.device)]
             # The copy bonus's item and category: those of the event the state is after.
             current_item = torch.from_numpy(p.item_vocab[source_event[mine]]).to(self.device)
+            # The neighbour sessions' query: the items of the prefix's latest events, as the daemon's state has them.
+            recent_item = torch.from_numpy(query_items[mine]).to(self.device)
             recent = torch.from_numpy(recent_categories(p, source_event[mine])).to(self.device)
             category_logits, purchase_logits, _ = model.head_logits(
                 states, torch.zeros(len(mine), device=self.device), None, recent)
@@ -97,7 +102,8 @@ class GRUScorer:
             item_mask = np.isin(item_rows, mine)
             sel = np.searchsorted(mine, item_rows[item_mask])
             if len(sel):
-                out_item[item_mask] = self._ranks(lambda at: model.item_scores(states[at], current=current_item[at]),
+                out_item[item_mask] = self._ranks(lambda at: model.item_scores(states[at], current=current_item[at],
+                                                                             recent=recent_item[at]),
                                                   sel, rows.item[item_rows[item_mask]], model.config.n_items)
             cat_mask = np.isin(category_rows, mine)
             sel = np.searchsorted(mine, category_rows[cat_mask])

@@ -33,6 +33,7 @@ from torch.nn.utils.rnn import PackedSequence
 from models.features import DENSE_FEATURES, PRICE_EDGES, EventFeatures
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from models.field_heads import FieldHeads, FieldInputs, HazardHead
+from models.neighbours import SessionNeighbours
 from models.transitions import Transitions
 
 
@@ -143,6 +144,10 @@ class ProfileModel(nn.Module):
         # validation period (sequence_training.fit_transition_weights), not learned with the GRU.
         self.register_buffer("transition_weight", torch.zeros(2))  # (item, category)
         self.set_transitions(None, None)
+        # The training log's sessions like the user's latest events (models/neighbours.py): their votes'
+        # weight in the next item's scores, fitted after training on the validation period as well.
+        self.register_buffer("neighbour_weight", torch.zeros(1))
+        self.set_neighbours(None)
         # Next-item scores over the training vocabulary: one output vector + bias per item.
         self.item_out = nn.Embedding(max(c.n_items, 1), c.hidden_size)
         self.item_bias = nn.Parameter(torch.zeros(max(c.n_items, 1)))
@@ -273,23 +278,35 @@ class ProfileModel(nn.Module):
             for part, tensor in (table or Transitions.empty(n)).arrays().items():
                 self.register_buffer(f"{name}_transitions_{part}", tensor.to(device), persistent=False)
 
+    def set_neighbours(self, table: SessionNeighbours | None) -> None:
+        """The training log's session index over the item vocabulary (None: none); buffers, as set_transitions'."""
+        device = self.type_emb.weight.device
+        for part, tensor in (table or SessionNeighbours.empty(max(self.config.n_items, 1))).arrays().items():
+            self.register_buffer(f"neighbours_{part}", tensor.to(device), persistent=False)
+
+    def neighbours(self) -> SessionNeighbours:
+        return SessionNeighbours(*(getattr(self, f"neighbours_{part}") for part in
+                                   ("session_indptr", "session_items", "item_indptr", "item_sessions")))
+
     def transitions(self, name: str) -> Transitions:
         """The "item" or "category" successor counts."""
         return Transitions(*(getattr(self, f"{name}_transitions_{part}") for part in ("indptr", "cols", "counts")))
 
-    def item_scores(self, s: torch.Tensor, items: torch.Tensor | None = None, current: torch.Tensor | None = None
-                    ) -> torch.Tensor:
-        """The next-item scores of `item_scores_and_bonus`, with the copy bonus added (serving, evaluation)."""
-        scores, bonus = self.item_scores_and_bonus(s, items, current)
+    def item_scores(self, s: torch.Tensor, items: torch.Tensor | None = None, current: torch.Tensor | None = None,
+                    recent: torch.Tensor | None = None) -> torch.Tensor:
+        """The next-item scores of `item_scores_and_bonus`, with the bonuses added (serving, evaluation)."""
+        scores, bonus = self.item_scores_and_bonus(s, items, current, recent)
         return scores if bonus is None else scores + bonus
 
     def item_scores_and_bonus(self, s: torch.Tensor, items: torch.Tensor | None = None,
-                              current: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                              current: torch.Tensor | None = None, recent: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(U, S) states -> (U, n_items) next-item scores, or (U, len(items)) for a candidate subset.
         Items are scored from the GRU's hidden state: the space the item vectors are fed back in.
         current: (U,) vocabulary index of each user's current item (-1: none), which gets the copy bonus,
-        and whose successors the transition bonus (None: neither). Apart, because training scores both
-        the sum and the scores alone."""
+        and whose successors the transition bonus (None: neither). recent: (U, L) the items of the user's
+        latest events, latest first (-1: none), whose neighbour sessions vote (None: no votes). Apart,
+        because training scores both the sum and the scores alone."""
         h = self.drop(self.split_state(s)[0])
         if items is None:
             scores = h @ self.item_out.weight.T + self.item_bias
@@ -301,6 +318,8 @@ class ProfileModel(nn.Module):
         bonus = copy_bonus(self.item_copy(h)[:, 0], current, items, width)
         if self.transition_weight[0] != 0:
             bonus = bonus + self.transition_weight[0] * self.item_follows(current, items, width)
+        if recent is not None and self.neighbour_weight[0] != 0:
+            bonus = bonus + self.neighbour_weight[0] * self.neighbours().scores(recent, items, width)
         return scores, bonus
 
     def item_follows(self, current: torch.Tensor, items: torch.Tensor | None, width: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models.dataset import HOUR_MS, EventLog
 from models.profile_model import ModelConfig, ProfileModel
+from models.neighbours import RECENT_ITEMS, SessionNeighbours
 from models.transitions import Transitions
 from models.sequence_data import (
     NO_TARGET, Chunks, Prepared, chunks, features_at, item_vocabulary, prepare, price_tier_edges,
@@ -103,6 +104,15 @@ def run_chunks(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
     return states[torch.from_numpy(valid).to(device)], event_idx, final
 
 
+def recent_items(p: Prepared, idx: np.ndarray, width: int = RECENT_ITEMS) -> np.ndarray:
+    """(len(idx), width) vocabulary rows of the items of these events and of the same user's events before
+    them, latest first (-1: none): the query of the neighbour sessions' votes (models/neighbours.py)."""
+    back = idx[:, None] - np.arange(width)[None, :]
+    safe = np.maximum(back, 0)
+    same_user = (back >= 0) & (p.user[safe] == p.user[idx][:, None])
+    return np.where(same_user, p.item_vocab[safe], -1).astype(np.int64)
+
+
 def recent_categories(p: Prepared, idx: np.ndarray) -> np.ndarray:
     """(len(idx), RECENT_CATEGORIES) the copy bonus's categories of these events: their own, the one before."""
     return np.stack([p.category_bucket[idx], p.previous_category[idx]], axis=1).astype(np.int64)
@@ -110,11 +120,13 @@ def recent_categories(p: Prepared, idx: np.ndarray) -> np.ndarray:
 
 def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.ndarray, h0: torch.Tensor | None,
                split_ts: int, validation: bool, cfg: TrainConfig, rng: np.random.Generator, device: torch.device,
-               sampled: bool, rank_weights: tuple[float, ...] = ()) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+               sampled: bool, rank_weights: tuple[float, ...] = (), neighbour_weights: tuple[float, ...] = ()
+               ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """Joint loss on one mini-batch of chunks started from states h0 (zeros when None); positions are those
     whose target lies on `validation`'s side. Returns (loss, its parts, each chunk's final state).
     rank_weights (validation): also the mean reciprocal ranks of the next item and the next category with
-    the transition bonus at each of these weights (parts item_rr_<i>, category_rr_<i>)."""
+    the transition bonus at each of these weights (parts item_rr_<i>, category_rr_<i>); neighbour_weights
+    (validation): the next item's, with the neighbour sessions' votes at each of these (parts item_nrr_<i>)."""
     h, idx, h_last = run_chunks(model, p, start, length, device, h0)  # (P, S), (P,), (B, S)
     horizon_ms = cfg.horizon_hours * HOUR_MS
     in_split = (p.next_ts[idx] > split_ts) if validation else (p.next_ts[idx] <= split_ts)
@@ -143,6 +155,11 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
             follows = model.item_follows(current, items, scores.shape[1])
             for i, w in enumerate(rank_weights):
                 parts[f"item_rr_{i}"] = reciprocal_rank(scores + bonus + w * follows, target)
+        if neighbour_weights:  # linear in its weight too
+            recent = torch.from_numpy(recent_items(p, idx[rows])).to(device)
+            votes = model.neighbours().scores(recent, items, scores.shape[1])
+            for i, w in enumerate(neighbour_weights):
+                parts[f"item_nrr_{i}"] = reciprocal_rank(scores + bonus + w * votes, target)
         if not validation:
             # The scores alone are trained too: without it the bonus takes the repeats and the item vectors
             # stop learning from them (YOOCHOOSE: slower, 0.643 / 0.340 against 0.662 / 0.353).
@@ -216,6 +233,12 @@ def reciprocal_rank(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean 1 / rank of each row's target column (rank 1 + the columns scoring strictly higher)."""
     own = scores.gather(1, target.unsqueeze(1))
     return (1.0 / (1 + (scores > own).sum(dim=1).float())).mean()
+
+
+def neighbour_table(p: Prepared, until_ts: int, config: ModelConfig, cfg: TrainConfig) -> SessionNeighbours:
+    """The session index (models/neighbours.py) of the sessions over by until_ts."""
+    return SessionNeighbours.from_events(p.user, p.ts, p.item_vocab, max(config.n_items, 1),
+                                         cfg.session_gap_minutes * 60_000, until_ts)
 
 
 def transition_tables(p: Prepared, until_ts: int, config: ModelConfig) -> tuple[Transitions, Transitions]:
@@ -338,6 +361,7 @@ def train(log_: EventLog, model_config: ModelConfig, cfg: TrainConfig, device: t
         model = ProfileModel(model_config).to(device)
         init_head_biases(model, p, cut_ts)
         model.set_transitions(*transition_tables(p, cut_ts, model_config))
+        model.set_neighbours(neighbour_table(p, cut_ts, model_config, cfg))
         return model
 
     model = fresh_model(split_ts)
@@ -346,12 +370,16 @@ def train(log_: EventLog, model_config: ModelConfig, cfg: TrainConfig, device: t
     if best_state is not None:
         model.load_state_dict(best_state)
     weights = fit_transition_weights(model, p, pieces, val_chunks, split_ts, cfg, device, sampled)
+    model.transition_weight.copy_(weights)
+    neighbour_weight = fit_neighbour_weight(model, p, pieces, val_chunks, split_ts, cfg, device, sampled)
     if cfg.refit and best_epoch > 0:
         log.info("refit on all targets for the best epoch count (%d)", best_epoch)
         model = fresh_model(everything)
         fit(model, p, pieces, everything, best_epoch, cfg, device, sampled, progress, validation=None)
     model.transition_weight.copy_(weights)
+    model.neighbour_weight.fill_(neighbour_weight)
     model.set_transitions(*transition_tables(p, everything, model_config))  # served: all training pairs
+    model.set_neighbours(neighbour_table(p, everything, model_config, cfg))  # and all its sessions
     model.eval()
     with torch.no_grad():
         model.cluster_centroids.copy_(kmeans(final_states(model, log_, p, device), model_config.clusters, cfg.seed))
@@ -477,15 +505,33 @@ def fit_transition_weights(model: ProfileModel, p: Prepared, pieces: Chunks, cho
     return torch.tensor(best, dtype=torch.float32, device=device)
 
 
+NEIGHBOUR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+
+
+def fit_neighbour_weight(model: ProfileModel, p: Prepared, pieces: Chunks, chosen: np.ndarray, split_ts: int,
+                         cfg: TrainConfig, device: torch.device, sampled: bool) -> float:
+    """The weight of the neighbour sessions' votes (models/neighbours.py) that ranks the validation period's next
+    items best (mean reciprocal rank), from NEIGHBOUR_WEIGHTS, with the transition weights in place; the index
+    holds the sessions over by the cut. 0 where nothing validates. Fitted as fit_transition_weights's are."""
+    model.neighbour_weight.zero_()
+    result = validate(model, p, pieces, chosen, split_ts, cfg, device, sampled, trained_parts=set(),
+                      neighbour_weights=NEIGHBOUR_WEIGHTS)
+    mrr = np.array([result.get(f"val_item_nrr_{i}", -np.inf) for i in range(len(NEIGHBOUR_WEIGHTS))])
+    best = NEIGHBOUR_WEIGHTS[int(np.argmax(mrr))] if np.isfinite(mrr).any() else 0.0
+    log.info("neighbour weight: %s; validation MRR %s", best,
+             {w: round(float(x), 4) for w, x in zip(NEIGHBOUR_WEIGHTS, mrr)})
+    return best
+
+
 def validate(model: ProfileModel, p: Prepared, pieces: Chunks, chosen: np.ndarray, split_ts: int,
              cfg: TrainConfig, device: torch.device, sampled: bool, trained_parts: set[str],
-             rank_weights: tuple[float, ...] = ()) -> dict[str, float]:
+             rank_weights: tuple[float, ...] = (), neighbour_weights: tuple[float, ...] = ()) -> dict[str, float]:
     """Mean validation losses over the `chosen` chunks (states carried from chunk to chunk, as in training).
     `val_loss`, which early stopping watches, sums (with the training weights) the next-event parts
     that training could learn: a head whose labels never occur in the training period (e.g. purchases
     in a clicks-only log) is not scored, and neither is the visit part (reported as val_visit): on a
     short log its few, noisy targets stopped training after two epochs (REES46 sample, seed 1: next-item
-    Recall@20 0.22 instead of 0.41). rank_weights: see batch_loss."""
+    Recall@20 0.22 instead of 0.41). rank_weights, neighbour_weights: see batch_loss."""
     if len(chosen) == 0:
         return {"val_loss": math.inf}
     model.eval()
@@ -499,7 +545,8 @@ def validate(model: ProfileModel, p: Prepared, pieces: Chunks, chosen: np.ndarra
             users = torch.from_numpy(pieces.user[pick]).to(device)
             h0 = carried[users] if pieces.k[pick[0]] else None
             _, parts, carried[users] = batch_loss(model, p, pieces.start[pick], pieces.length[pick], h0, split_ts,
-                                                  True, cfg, rng, device, sampled, rank_weights)
+                                                  True, cfg, rng, device, sampled, rank_weights,
+                                                  neighbour_weights)
             if not parts:  # chunks before the cut: they only carry states forward
                 continue
             for k, v in parts.items():

@@ -21,6 +21,7 @@ import torch
 
 from models.admission import Admission, ToApply
 from models.features import build_features, buckets_of_keys
+from models.neighbours import RECENT_ITEMS
 from models.profile_model import full_float32, idle_hours, price_tier_index
 from models.field_heads import FieldInputs
 from models.checkpoint_io import LoadedModel
@@ -97,7 +98,7 @@ class ProfileUpdater:
         # applied already: skipped when re-consumed), and the user's last `dedupe_window` event ids.
         self.topic_slot = {topic: i for i, topic in enumerate(input_topics)}
         self.state = StateTable(self.config.state_size, device, watermark_slots=len(input_topics),
-                                dedupe_window=dedupe_window, last_item=bool(self.next_items),
+                                dedupe_window=dedupe_window, recent_items=RECENT_ITEMS if self.next_items else 0,
                                 unpublished=publish_interval_ms > 0, state_dtype=state_dtype)
         # --publish-interval: changed users are marked unpublished, and all of them published together once
         # per interval (wall clock), so each user at most once per interval, with its latest profile.
@@ -124,7 +125,7 @@ class ProfileUpdater:
         CUDA also for choosing cuDNN's algorithms): without this, the first batch after a start or a rebalance
         carries that cost. The real table, its counts and its caches are left as they were."""
         table, cached = self.state, self._seen_buckets
-        self.state = StateTable(self.config.state_size, self.device, last_item=bool(self.next_items),
+        self.state = StateTable(self.config.state_size, self.device, recent_items=RECENT_ITEMS if self.next_items else 0,
                                 state_dtype=table.state_dtype)
         try:
             self.profiles_for(self.apply(decode_batch(RecordBatch.of(WARM_UP_EVENTS, topic="warm-up"),
@@ -301,8 +302,9 @@ class ProfileUpdater:
         np.add.at(state.price_sum, event_rows[priced], price[priced])
         np.add.at(state.price_n, event_rows[priced], 1)
         last_of_user = ts[starts + lengths - 1]
-        if self.next_items:  # the item the next-item copy bonus reads: the latest event's (the state is after it)
-            state.columns["last_item"][rows, 0] = feats.item_vocab[torch.from_numpy(starts + lengths - 1)].cpu().numpy()
+        if self.next_items:  # the items the next-item bonuses read: the latest events' (the state is after them)
+            recent = state.columns["recent_items"]
+            recent[rows] = shift_in(recent[rows], feats.item_vocab.cpu().numpy(), starts, lengths)
         state.last_ts[rows] = np.maximum(state.last_ts[rows], last_of_user)
         state.max_event_ts = max(state.max_event_ts, int(ts.max()))
         return rows
@@ -393,8 +395,9 @@ class ProfileUpdater:
 
         next_items = None
         if self.next_items:
-            current = torch.from_numpy(state.columns["last_item"][rows, 0].astype(np.int64)).to(self.device)
-            best = self.model.item_scores(s, current=current).topk(self.next_items, dim=1).indices.cpu().numpy()
+            recent = torch.from_numpy(state.columns["recent_items"][rows].astype(np.int64)).to(self.device)
+            best = self.model.item_scores(s, current=recent[:, 0], recent=recent).topk(self.next_items, dim=1
+                                                                                        ).indices.cpu().numpy()
             next_items = self.item_vocab[best].tolist()
         cols = ProfileColumns(
             user_ids=list(map(state.user_ids.__getitem__, rows.tolist())),
@@ -423,6 +426,16 @@ WARM_UP_EVENTS = [orjson.dumps({"event_id": f"warm-up-{i}", "user_id": f"warm-up
 
 # Spend saturates here (micro-units: 9e12 currency units) instead of wrapping round to negative.
 SPEND_MAX_MICROS = 9_000_000_000_000_000_000
+
+
+def shift_in(recent: np.ndarray, items: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Each user's latest items, latest first, after a batch: (U, L) before, latest first; items: the batch's
+    events sorted by (user, time), user u's at starts[u]:starts[u] + lengths[u]. The same whatever the batching."""
+    j = np.arange(recent.shape[1])[None, :]
+    from_batch = j < lengths[:, None]  # slot j: the user's j-th latest event of this batch, else an older one
+    batch_at = np.maximum(starts[:, None] + lengths[:, None] - 1 - j, 0)
+    older = np.take_along_axis(recent, np.clip(j - lengths[:, None], 0, recent.shape[1] - 1), axis=1)
+    return np.where(from_batch, items[batch_at], older).astype(recent.dtype)
 
 
 def add_spend(spend_micros: np.ndarray, rows: np.ndarray, micros: np.ndarray) -> None:

@@ -59,7 +59,7 @@ COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
 
 class StateTable:
     def __init__(self, state_size: int, device: torch.device, capacity: int = 1024, *, watermark_slots: int = 0,
-                 dedupe_window: int = 0, last_item: bool = False, unpublished: bool = False,
+                 dedupe_window: int = 0, recent_items: int = 0, unpublished: bool = False,
                  state_dtype: torch.dtype = torch.float32) -> None:
         self.state_size = state_size
         # float16 halves the model state's bytes per user (10M users: 1.6 GB less); the step computes in
@@ -74,9 +74,10 @@ class StateTable:
             "watermark": (np.int64, (watermark_slots,), -1),  # per input topic: offset of the last applied event
             "recent_ids": (np.uint64, (dedupe_window,), 0),  # hashes of the last event ids, a ring...
             "recent_n": (np.int64, (), 0),  # ...filled this far (events applied, ever)
-            # The next-item vocabulary row of the user's latest event (-1: none), which the next-item
-            # scores' copy bonus reads; kept (4 bytes per user) only when profiles publish next_items.
-            "last_item": (np.int32, (int(last_item),), -1),
+            # The next-item vocabulary rows of the items of the user's latest events, latest first (-1: none),
+            # which the next-item scores' bonuses read (models/neighbours.py: RECENT_ITEMS of them); kept
+            # (4 bytes each per user) only when profiles publish next_items.
+            "recent_items": (np.int32, (recent_items,), -1),
             # 1: the user's state changed since its last published profile (--publish-interval defers it); kept
             # in the changelog (1 byte per user, only with the interval) so a restore publishes it too.
             "unpublished": (np.int8, (int(unpublished),), 0),

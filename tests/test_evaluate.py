@@ -11,7 +11,7 @@ import pytest
 from models.next_event_evaluation import (
     HOUR_MS, NextEventPredictions, Sequences, evaluate, mrr_at, prefix_state, ranks_from_scores, ranks_in_fixed_scores, recall_at, roc_auc, targets,
 )
-from models.next_event_baselines import PopularityBaseline, SequentialRulesBaseline, TransitionCounts
+from models.next_event_baselines import PopularityBaseline, SequentialRulesBaseline, SessionKNNBaseline, TransitionCounts
 
 SEARCH, CLICK, ADD_TO_CART, PURCHASE = range(4)
 
@@ -119,9 +119,11 @@ def test_training_events_carry_over_into_the_prefix():
     carried = prefix_state(train, test, targets(test))
     assert carried.last_item.tolist() == [3, 1]
     assert carried.n_events.tolist() == [7, 2]
+    assert carried.recent_items[:, :4].tolist() == [[-1, 3, 1, 0], [-1, 1, -1, -1]]  # latest first, then train
     fresh = prefix_state(None, test, targets(test))
     assert fresh.last_item.tolist() == [-1, -1]
     assert fresh.n_events.tolist() == [1, 1]
+    assert (fresh.recent_items == -1).all()
 
     assert rules.rank_next(train, test).item_ranks.tolist() == [2, 1]
     assert rules.rank_next(None, test).item_ranks.tolist() == [2, 3]
@@ -277,6 +279,18 @@ def test_evaluate_sequential_rules_exact():
     })
     default_keys = set(evaluate(fitted(SequentialRulesBaseline, train), train, test))
     assert default_keys >= {"recall@20", "mrr@20", "category_acc@5"}
+
+
+def test_session_knn_ranks_by_the_sessions_that_share_the_latest_items():
+    # Training sessions (one per user): {0, 1, 2} twice, {1, 3}, {4}; popularity [2, 3, 2, 1, 1, 0].
+    train = seqs([[0, 1, 2], [0, 1, 2], [1, 3], [4]], n_items=6)
+    test = seqs([[0, 1, 2], [5, 3], [0, 1, 3]], n_items=6)
+    # After [0]: the two {0, 1, 2} vote 1/sqrt(3) each for 0, 1 and 2, tied; popularity puts 1 first.
+    # After [0, 1] (weights 1/2 and 1): each {0, 1, 2} votes 1.5/sqrt(6) for 0, 1 and 2, {1, 3} 1/sqrt(4) for
+    # 1 and 3: 1 first, then 0 and 2 (tied in votes and popularity: 2 ranks second), then 3 (fourth).
+    # After [5]: no session holds 5, so popularity: 3 ranks behind 1, 0 and 2.
+    # Rows: (user 0, t = 1, 2), (user 1, t = 1), (user 2, t = 1, 2).
+    assert fitted(SessionKNNBaseline, train).rank_next(None, test).item_ranks.tolist() == [1, 2, 4, 1, 4]
 
 
 class _Replay:

@@ -95,7 +95,7 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
     summary = orjson.loads(result.output)
     assert summary["test_users"] == 16 and summary["test_users_with_history"] == 16
     res = summary["results"]
-    assert set(res) == {"gru", "popularity", "sequential_rules"}
+    assert set(res) == {"gru", "popularity", "sequential_rules", "session_knn"}
     n_targets = 16 * 5  # 6 test events per user, each after the first predicted
     assert all(r["item_targets"] == n_targets for r in res.values())
     # The next item is certain: rules and the trained GRU (state carried over) get it first every time.
@@ -281,7 +281,7 @@ def test_published_next_items_copy_the_users_latest_item():
     # An item outside the vocabulary leaves nothing to copy.
     later = [{"event_id": "x", "user_id": "u0", "type": "click", "ts": 1_700_000_100_000, "item_id": "unknown"}]
     updater.process(record_batch(later, topic="t", keys=None))
-    assert updater.state.columns["last_item"][updater.state.row("u0"), 0] == -1
+    assert updater.state.columns["recent_items"][updater.state.row("u0"), 0] == -1
 
 
 def test_weight_averaging_validates_and_keeps_the_average_not_the_last_step(tmp_path):

@@ -108,6 +108,7 @@ def test_a_format_8_checkpoint_loads_without_transitions(tmp_path):
     assert info["format"] == CHECKPOINT_FORMAT and info["transitions"]["item"] == {"pairs": 2, "weight": 3.0}
     assert any(line.startswith("next-event transitions") and "item 2 pairs, weight 3" in line
                for line in info_lines(info))
+    assert info["neighbours"] == {"sessions": 0, "weight": 0.0}  # none set: the votes are tested in test_neighbours
     payload = torch.load(path, weights_only=True)
     payload["format"] = 8
     del payload["state_dict"]["transition_weight"], payload["transitions"]

@@ -113,7 +113,7 @@ def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: st
 def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[str, ...], k: int, device: str,
              as_json: bool) -> None:
     """Next-item Recall@k and MRR@k (full ranking), next-category accuracy@5 and purchase-propensity
-    ROC AUC of the model, and of popularity and sequential-rules baselines fitted in the same run."""
+    ROC AUC of the model, and of popularity, sequential-rules and session-kNN baselines fitted in the same run."""
     from consumers.next_event_report import run_evaluation
 
     run_evaluation(model_path, train_files, test_files, device, k, as_json)
