@@ -379,7 +379,8 @@ def train(log_: EventLog, model_config: ModelConfig, cfg: TrainConfig, device: t
     model.transition_weight.copy_(weights)
     model.neighbour_weight.fill_(neighbour_weight)
     model.set_transitions(*transition_tables(p, everything, model_config))  # served: all training pairs
-    model.set_neighbours(neighbour_table(p, everything, model_config, cfg))  # and all its sessions
+    # and every training session, where the votes count at all (at weight 0 an index would only fill the checkpoint)
+    model.set_neighbours(neighbour_table(p, everything, model_config, cfg) if neighbour_weight else None)
     model.eval()
     with torch.no_grad():
         model.cluster_centroids.copy_(kmeans(final_states(model, log_, p, device), model_config.clusters, cfg.seed))
@@ -505,7 +506,7 @@ def fit_transition_weights(model: ProfileModel, p: Prepared, pieces: Chunks, cho
     return torch.tensor(best, dtype=torch.float32, device=device)
 
 
-NEIGHBOUR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+NEIGHBOUR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 
 
 def fit_neighbour_weight(model: ProfileModel, p: Prepared, pieces: Chunks, chosen: np.ndarray, split_ts: int,

@@ -9,6 +9,7 @@ import torch
 from consumers.model_info import checkpoint_info
 from models.checkpoint_io import load_checkpoint, save_checkpoint
 from models.dataset import load_events
+from models import neighbours
 from models.neighbours import NEIGHBOUR_SCALE, RECENT_ITEMS, SessionNeighbours
 from models.profile_model import ModelConfig
 from models.sequence_training import TrainConfig, train
@@ -39,7 +40,7 @@ def brute_force(sessions: list[set[int]], recent: np.ndarray, n_items: int, k: i
     return np.log1p(NEIGHBOUR_SCALE * out)
 
 
-def test_votes_equal_session_knn_written_out():
+def test_votes_equal_session_knn_written_out(monkeypatch):
     rng = np.random.default_rng(0)
     n_items, users = 40, 60
     user, ts, item = [], [], []
@@ -69,6 +70,9 @@ def test_votes_equal_session_knn_written_out():
     np.testing.assert_allclose(table.scores(torch.from_numpy(recent), columns, 4).numpy(),
                                brute_force(sessions, recent, n_items, 100)[:, [1, 5, 7, 30]], rtol=1e-5, atol=1e-6)
     assert SessionNeighbours.empty(n_items).scores(torch.from_numpy(recent), None, n_items).abs().sum() == 0
+    monkeypatch.setattr(neighbours, "MAX_PAIRS", 7)  # users scored in parts: the same votes
+    np.testing.assert_allclose(table.scores(torch.from_numpy(recent), None, n_items).numpy(),
+                               brute_force(sessions, recent, n_items, 100), rtol=1e-5, atol=1e-6)
 
 
 def test_the_index_holds_sessions_over_by_the_cut_and_the_latest_ones():
