@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from models.transitions import ragged_positions
+
 RECENT_ITEMS = 8  # the user's latest events whose items make the query (the state keeps them with --next-items)
 NEIGHBOURS = 100  # K: the most similar sessions that vote
 MAX_SESSIONS = 50_000  # sessions kept in the index (the latest): a bounded checkpoint
@@ -136,9 +138,8 @@ class SessionNeighbours:
             half = int(torch.searchsorted(pairs_before, pairs_before[-1] // 2).clamp(1, users - 1))
             return torch.cat([self.scores(recent[:half], columns, width, neighbours),
                               self.scores(recent[half:], columns, width, neighbours)])
-        pair = torch.repeat_interleave(torch.arange(len(item), device=device), lengths)
-        ends = torch.cumsum(lengths, 0)
-        session = self.item_sessions[starts[pair] + torch.arange(total, device=device) - (ends - lengths)[pair]]
+        pair, at = ragged_positions(starts, lengths)
+        session = self.item_sessions[at]
         n_sessions = len(self.session_size)
         key, inverse = torch.unique(u[pair] * n_sessions + session, return_inverse=True)
         dot = torch.zeros(len(key), device=device).index_add_(0, inverse, weight[u, j][pair].float())
@@ -154,11 +155,8 @@ class SessionNeighbours:
         key_user, key_session, similarity = key_user[keep], key_session[keep], similarity[keep]
         # Each kept session votes for its items with its similarity.
         starts = self.session_indptr[key_session]
-        lengths = self.session_indptr[key_session + 1] - starts
-        total = int(lengths.sum())
-        vote = torch.repeat_interleave(torch.arange(len(key_session), device=device), lengths)
-        ends = torch.cumsum(lengths, 0)
-        voted = self.session_items[starts[vote] + torch.arange(total, device=device) - (ends - lengths)[vote]]
+        vote, at = ragged_positions(starts, self.session_indptr[key_session + 1] - starts)
+        voted = self.session_items[at]
         rows, value = key_user[vote], similarity[vote]
         if columns is not None:
             col = torch.searchsorted(columns, voted).clamp(max=len(columns) - 1)

@@ -36,6 +36,14 @@ def successor_counts(a: np.ndarray, b: np.ndarray, n: int, per_row: int) -> tupl
     return np.concatenate([[0], np.cumsum(np.bincount(row, minlength=n))]).astype(np.int64), col, count
 
 
+def ragged_positions(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The runs [starts[i], starts[i] + lengths[i]) of a CSR array laid end to end, in one gather: each element's
+    run i, and its position in the array."""
+    run = torch.repeat_interleave(torch.arange(len(starts), device=starts.device), lengths)
+    offsets = torch.cumsum(lengths, 0) - lengths  # where each run starts in the result
+    return run, starts[run] + torch.arange(len(run), device=starts.device) - offsets[run]
+
+
 class Transitions:
     """count[a, b] of a -> b over `n` classes, CSR: row a's columns cols[indptr[a]:indptr[a+1]]."""
 
@@ -79,12 +87,9 @@ class Transitions:
         cur = torch.where(known, current, 0)
         starts = self.indptr[cur]
         lengths = torch.where(known, self.indptr[cur + 1] - starts, 0)
-        total = int(lengths.sum())
-        if total == 0:
+        if int(lengths.sum()) == 0:
             return out
-        rows = torch.repeat_interleave(torch.arange(users, device=current.device), lengths)
-        ends = torch.cumsum(lengths, 0)
-        at = starts[rows] + torch.arange(total, device=current.device) - (ends - lengths)[rows]
+        rows, at = ragged_positions(starts, lengths)
         cls, value = self.cols[at], self.log_counts[at]
         if columns is not None:
             col = torch.searchsorted(columns, cls).clamp(max=len(columns) - 1)
