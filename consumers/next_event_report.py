@@ -1,4 +1,5 @@
-"""`profiles evaluate`: the model against popularity, sequential rules and session kNN, fitted and scored in the same run."""
+"""`profiles evaluate`: the model against popularity, sequential rules and session kNN, fitted and scored in the
+same run."""
 
 from __future__ import annotations
 

@@ -184,4 +184,5 @@ class SessionKNNBaseline(SequentialRulesBaseline):
             return votes.double().numpy() + ties
 
         r = rows.item_rows
-        return chunked_ranks(score_rows, state.recent_items[r], rows.item[r], len(self.item_counts), self.chunk_elements)
+        return chunked_ranks(score_rows, state.recent_items[r], rows.item[r], len(self.item_counts),
+                             self.chunk_elements)

@@ -285,6 +285,7 @@ class ProfileModel(nn.Module):
             self.register_buffer(f"neighbours_{part}", tensor.to(device), persistent=False)
 
     def neighbours(self) -> SessionNeighbours:
+        """The training log's session index (empty where the votes count for nothing)."""
         return SessionNeighbours(*(getattr(self, f"neighbours_{part}") for part in
                                    ("session_indptr", "session_items", "item_indptr", "item_sessions")))
 

@@ -125,8 +125,8 @@ class ProfileUpdater:
         CUDA also for choosing cuDNN's algorithms): without this, the first batch after a start or a rebalance
         carries that cost. The real table, its counts and its caches are left as they were."""
         table, cached = self.state, self._seen_buckets
-        self.state = StateTable(self.config.state_size, self.device, recent_items=RECENT_ITEMS if self.next_items else 0,
-                                state_dtype=table.state_dtype)
+        self.state = StateTable(self.config.state_size, self.device,
+                                recent_items=RECENT_ITEMS if self.next_items else 0, state_dtype=table.state_dtype)
         try:
             self.profiles_for(self.apply(decode_batch(RecordBatch.of(WARM_UP_EVENTS, topic="warm-up"),
                                                       self.max_event_bytes)[0]))

@@ -11,7 +11,9 @@ import pytest
 from models.next_event_evaluation import (
     HOUR_MS, NextEventPredictions, Sequences, evaluate, mrr_at, prefix_state, ranks_from_scores, ranks_in_fixed_scores, recall_at, roc_auc, targets,
 )
-from models.next_event_baselines import PopularityBaseline, SequentialRulesBaseline, SessionKNNBaseline, TransitionCounts
+from models.next_event_baselines import (
+    PopularityBaseline, SequentialRulesBaseline, SessionKNNBaseline, TransitionCounts,
+)
 
 SEARCH, CLICK, ADD_TO_CART, PURCHASE = range(4)
 

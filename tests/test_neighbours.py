@@ -1,4 +1,5 @@
-"""The neighbour sessions' votes (models/neighbours.py): session kNN over the training log, weighted on held-out time."""
+"""The neighbour sessions' votes (models/neighbours.py): session kNN over the training log, weighted on held-out
+time."""
 
 from __future__ import annotations
 
