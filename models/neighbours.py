@@ -32,6 +32,14 @@ MAX_PAIRS = 4_000_000  # (user, session) candidate pairs scored at once (~100 MB
 NEIGHBOUR_SCALE = 10.0
 
 
+def latest_items(items: np.ndarray, at: np.ndarray, first: np.ndarray, width: int = RECENT_ITEMS) -> np.ndarray:
+    """(len(at), width) the query at each position at[i] of a flat item array (vocabulary rows, -1: none):
+    items[at[i]] and the ones before it back to first[i] (where its user's run starts), latest first, -1 beyond.
+    Training and evaluation build it so; the daemon's state keeps it (update_step.shift_in)."""
+    back = at[:, None] - np.arange(width)[None, :]
+    return np.where(back >= first[:, None], items[np.maximum(back, 0)], -1).astype(np.int64)
+
+
 def session_items(user: np.ndarray, ts: np.ndarray, item: np.ndarray, gap_ms: float, max_sessions: int,
                   until_ts: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Events sorted by (user, time) -> (session, item) of each pair kept, sessions numbered 0.. by their

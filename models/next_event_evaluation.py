@@ -45,7 +45,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-from models.neighbours import RECENT_ITEMS
+from models.neighbours import latest_items
 from stream.events import PURCHASE
 
 HOUR_MS = 3_600_000
@@ -224,14 +224,12 @@ def prefix_state(train: Sequences | None, test: Sequences, rows: EvalTargets) ->
 
     purchases = np.concatenate([[0], np.cumsum(joined("types") == PURCHASE)])
     items = joined("items")
-    back = last[:, None] - np.arange(RECENT_ITEMS)[None, :]  # the prefix's latest events, latest first
-    in_prefix = back >= start[rows.user][:, None]
     return PrefixState(
         last_item=_last_known(items, user)[last],
         last_category=_last_known(joined("categories"), user)[last],
         n_events=last - start[rows.user] + 1,
         n_purchases=purchases[last + 1] - purchases[start[rows.user]],
-        recent_items=np.where(in_prefix, items[np.maximum(back, 0)], -1).astype(np.int64),
+        recent_items=latest_items(items, last, start[rows.user]),
     )
 
 

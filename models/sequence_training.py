@@ -28,7 +28,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models.dataset import HOUR_MS, EventLog
 from models.profile_model import ModelConfig, ProfileModel
-from models.neighbours import RECENT_ITEMS, SessionNeighbours
+from models.neighbours import SessionNeighbours, latest_items
 from models.transitions import Transitions
 from models.sequence_data import (
     NO_TARGET, Chunks, Prepared, chunks, features_at, item_vocabulary, prepare, price_tier_edges,
@@ -104,15 +104,6 @@ def run_chunks(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
     return states[torch.from_numpy(valid).to(device)], event_idx, final
 
 
-def recent_items(p: Prepared, idx: np.ndarray, width: int = RECENT_ITEMS) -> np.ndarray:
-    """(len(idx), width) vocabulary rows of the items of these events and of the same user's events before
-    them, latest first (-1: none): the query of the neighbour sessions' votes (models/neighbours.py)."""
-    back = idx[:, None] - np.arange(width)[None, :]
-    safe = np.maximum(back, 0)
-    same_user = (back >= 0) & (p.user[safe] == p.user[idx][:, None])
-    return np.where(same_user, p.item_vocab[safe], -1).astype(np.int64)
-
-
 def recent_categories(p: Prepared, idx: np.ndarray) -> np.ndarray:
     """(len(idx), RECENT_CATEGORIES) the copy bonus's categories of these events: their own, the one before."""
     return np.stack([p.category_bucket[idx], p.previous_category[idx]], axis=1).astype(np.int64)
@@ -156,7 +147,8 @@ def batch_loss(model: ProfileModel, p: Prepared, start: np.ndarray, length: np.n
             for i, w in enumerate(rank_weights):
                 parts[f"item_rr_{i}"] = reciprocal_rank(scores + bonus + w * follows, target)
         if neighbour_weights:  # linear in its weight too
-            recent = torch.from_numpy(recent_items(p, idx[rows])).to(device)
+            at = idx[rows]
+            recent = torch.from_numpy(latest_items(p.item_vocab, at, at - p.position[at])).to(device)
             votes = model.neighbours().scores(recent, items, scores.shape[1])
             for i, w in enumerate(neighbour_weights):
                 parts[f"item_nrr_{i}"] = reciprocal_rank(scores + bonus + w * votes, target)
