@@ -22,16 +22,49 @@ from stream.events import iso_time
 log = logging.getLogger(__name__)
 
 
+# Below these a trained model has little to learn from, and a note says so: the smallest log its fields were
+# judged level with or ahead of counting on is the REES46 slice, 17,434 events of 4,504 users (docs/model.md).
+SMALL_LOG_EVENTS = 10_000
+SMALL_LOG_USERS = 1_000
+
+
 def events_until(event_files: tuple[str, ...], until: int | None) -> EventLog:
     """The files' events at or before `until` (all of them: None), said in one line; an error if none."""
     events = load_events(event_files)
+    everything = events
     if until is not None:
         events = events.before(until)
     if len(events) < 2:
+        if until is not None and len(everything):  # the cut is the mistake, not the files: say where they lie
+            raise click.ClickException(
+                f"{len(events)} of the {len(everything):,} events in {', '.join(event_files)} are at or before "
+                f"--until {iso_time(until, 'seconds')}: the log runs from {iso_time(everything.first_ts, 'seconds')} "
+                f"to {iso_time(everything.last_ts, 'seconds')}")
         raise click.ClickException(f"no usable events in {', '.join(event_files)}")
     click.echo(f"{len(events):,} events of {len(events.users):,} users"
                + (f" ({events.invalid:,} invalid lines skipped)" if events.invalid else ""), err=True)
     return events
+
+
+def small_log_note(events: EventLog) -> str | None:
+    """A line for a log too small to train fields that beat counting, else None."""
+    if len(events) >= SMALL_LOG_EVENTS and len(events.users) >= SMALL_LOG_USERS:
+        return None
+    return (f"note: {len(events):,} events of {len(events.users):,} users is little to learn from (the fields were "
+            "judged level with counting or ahead of it on logs of 17,000 events and more): judge this model with "
+            "`profiles evaluate-fields` before serving it")
+
+
+def fields_summary(report: dict) -> str:
+    """One line on the field stage: how many examples it learned from and what calibration it kept."""
+    if "train_examples" not in report:
+        return "fields: the log is too short to fit them: left untrained"
+    fits = report.get("calibration_fit", {})
+    kept = [name for name, head in (("purchase_propensity", "purchase"), ("churn_risk", "event"))
+            if fits.get(head, {}).get("kept")]
+    return (f"fields: fitted on {report['train_examples']:,} profiles at {report['cuts']} cuts, "
+            f"{report['val_examples']:,} held out; calibrated on held-out time: "
+            + (", ".join(kept) if kept else "none (too few held-out profiles, or no gain)"))
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -45,6 +78,8 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
     check_output_dir(out)
     device = resolve_device(device_name)
     events = events_until(event_files, until)
+    if (note := small_log_note(events)) is not None:
+        click.echo(note, err=True)
     model_config = ModelConfig(hidden_size=hidden_size, dropout=dropout, init_seed=seed)
     if buckets is not None:
         model_config = replace(model_config, item_buckets=buckets[0], category_buckets=buckets[1],
@@ -67,6 +102,7 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
     # Stage two: the published fields, fitted on profiles taken through the serving path at cuts.
     click.echo("fitting the profile fields (purchase_propensity, churn_risk, top_categories) ...", err=True)
     fields_report = train_fields(LoadedModel(model, "training", True, {}, vocab), events, device, seed=seed)
+    click.echo(fields_summary(fields_report), err=True)
     version = f"gru-h{hidden_size}-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{weights_digest(model)}"
     metadata = {"train_config": asdict(train_config), "report": asdict(report), "fields": fields_report,
                 "events": list(event_files),

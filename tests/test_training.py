@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -88,6 +89,9 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
                                   "--epochs", "40", "--batch-size", "4", "--lr", "0.01", "--dropout", "0",
                                   "--hidden-size", "24", "--patience", "40"])
     assert result.exit_code == 0, result.output
+    # 16 users: the command says the log is small, and what the field stage had to learn from.
+    assert "note: 384 events of 16 users is little to learn from" in result.output
+    assert re.search(r"fields: fitted on [\d,]+ profiles at \d+ cuts, [\d,]+ held out", result.output), result.output
     result = runner.invoke(main, ["evaluate", "--model", str(tmp_path / "m.pt"), "--train-events",
                                   str(tmp_path / "train.jsonl"), "--events", str(tmp_path / "test.jsonl"), "--json",
                                   "--k", "1"])
@@ -299,3 +303,13 @@ def test_weight_averaging_validates_and_keeps_the_average_not_the_last_step(tmp_
     for a, s in zip(averaged, still):
         torch.testing.assert_close(a, s, atol=1e-6, rtol=0)
     assert max(float((m - s).abs().max()) for m, s in zip(moved, still)) > 1e-2
+
+
+def test_train_names_the_logs_span_when_until_leaves_no_events(tmp_path):
+    write_jsonl(cyclic_log(users=2, steps=3), tmp_path / "log.jsonl")
+    result = CliRunner().invoke(main, ["train", "--events", str(tmp_path / "log.jsonl"),
+                                       "--out", str(tmp_path / "m.pt"), "--until", "2020-01-01"])
+    assert result.exit_code == 1
+    assert ("0 of the 6 events in" in result.output and "are at or before --until 2020-01-01T00:00:00+00:00: the log "
+            "runs from 2023-11-14T22:13:20+00:00 to 2023-11-14T22:15:20+00:00") in result.output, result.output
+    assert not (tmp_path / "m.pt").exists()
