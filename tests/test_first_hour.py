@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from consumers.cli import main
+from models.checkpoint_io import load_checkpoint
 from tests.helpers import DEVICE, wait_until
 from tests.helpers import profiles_command
 
@@ -193,6 +194,23 @@ def test_train_and_calibrate_refuse_a_mistake_before_any_work(tmp_path, args, me
     result = CliRunner().invoke(main, args + ["--device", DEVICE])
     assert result.exit_code in (1, 2), result.output
     assert message in result.output and "events of" not in result.output, result.output
+
+
+@pytest.mark.parametrize("args", [
+    ["evaluate", "--train-events", "{events}", "--events", "{events}", "--json"],
+    ["evaluate-synthetic", "--users", "20", "--events", "400"],
+    ["evaluate-fields", "--events", "{events}", "--json"],
+])
+def test_every_command_that_judges_a_model_takes_the_shipped_one_by_name(tmp_path, args):
+    """`--model demo` names the packaged model in every command (evaluate and evaluate-synthetic once refused
+    it as a missing file); a missing file is one Error line."""
+    write_events(tmp_path / "events.jsonl", 2000)
+    args = [a.format(events=tmp_path / "events.jsonl") for a in args]
+    result = CliRunner().invoke(main, args + ["--model", "demo", "--device", DEVICE])
+    assert result.exit_code == 0, result.output
+    assert orjson.loads(result.output)["model"] == load_checkpoint("demo").version
+    missing = CliRunner().invoke(main, args + ["--model", str(tmp_path / "missing.pt"), "--device", DEVICE])
+    assert missing.exit_code == 1 and "does not exist" in missing.output, missing.output
 
 
 def test_an_unreachable_broker_is_one_line_within_the_connect_timeout(tmp_path):

@@ -101,7 +101,8 @@ def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: st
 
 
 @command("evaluate", short_help="The model's next item and category against simple rules")
-@click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint to judge, or `demo` (the shipped model).")
 @click.option("--train-events", "train_files", required=True, multiple=True,
               type=click.Path(exists=True, dir_okay=False),
               help="Events the baselines are fitted on; test users' state is carried over from them.")
@@ -159,7 +160,8 @@ def evaluate_fields(model_path: str, event_files: tuple[str, ...], cuts: tuple[s
 
 
 @command("evaluate-synthetic", short_help="Learned fields against the generator's truth")
-@click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint to judge, or `demo` (the shipped model).")
 @click.option("--users", default=2000, show_default=True, type=click.IntRange(min=10))
 @click.option("--events", default=100_000, show_default=True, type=click.IntRange(min=100))
 @click.option("--seed", default=1, show_default=True, type=int, help="Use a seed the model was not trained on.")
