@@ -17,6 +17,7 @@ import orjson
 import pytest
 import yaml
 
+from consumers.demo import DEMO_SHOP_SEED
 from stream.settings import KafkaSettings, Settings, parse_kafka_config
 from tests.helpers import (
     SESSION_TIMEOUT_MS, committed_offsets, create_topics, end_offsets, http_get, produce, wait_until,
@@ -261,6 +262,9 @@ def test_compose_configures_the_daemon_only_through_variables_the_cli_reads(monk
     assert set(compose_env(traffic)) <= cli_envvars(traffic["command"][0])
     params = parse_with_env(traffic["command"][0], traffic["command"][1:], compose_env(traffic), monkeypatch)
     assert params["topic"] in env["PROFILES_INPUT_TOPICS"].split(",")
+    # The shipped model is served the shop it was trained in (in the classic shop, the default of `generate`,
+    # it is behind counting on two fields: docs/model.md), as in `profiles demo`.
+    assert env["PROFILES_MODEL"] == "demo" and params["shop_seed"] == DEMO_SHOP_SEED
 
 
 def test_compose_monitoring_mounts_the_files_in_deploy():
