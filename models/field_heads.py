@@ -16,6 +16,14 @@ CALIBRATION_KNOTS = 6
 SESSION_OFF = -30.0  # the session process's bias where it is not fitted: a hazard of e**-30, none
 MINUTE_FEATURES = [USER_FEATURES.index(name) for name in
                    ("log_idle_minutes", "log_minutes_since_purchase", "log_minutes_since_cart")]
+# Directions the statistics' meaning gives, not fitted (FieldHeads.keep_directions): a longer silence, absolute
+# or against the user's usual gap, never makes an event likelier; more events, sessions or recent activity
+# never make one less likely. Fitted freely in generated shop 0, the event head weighed log_events at -0.23
+# beside the activity statistics: a correlation among that shop's statistics that does not hold elsewhere, and
+# ranked other shops' and the real logs' users below days idle (docs/model.md, session 33).
+EVENT_FALLS_WITH = [USER_FEATURES.index(name) for name in ("log_idle_minutes", "idle_vs_usual_gap")]
+EVENT_RISES_WITH = [USER_FEATURES.index(name) for name in
+                    ("log_events", "log_sessions", "log_activity_1d", "log_activity_7d", "log_activity_30d")]
 
 
 def identity_knots(k: int = CALIBRATION_KNOTS) -> torch.Tensor:
@@ -153,6 +161,15 @@ class FieldHeads(nn.Module):
             self.event.linear.weight.zero_()
             self.event.linear.weight[0, USER_FEATURES.index("log_idle_minutes")] = -0.5
             self.event.linear.bias.fill_(2.5)  # log1p(minutes) ~ log1p(hours) + 4 past an hour
+
+    def keep_directions(self) -> None:
+        """Move the event head's weights on the statistics (its return and session processes) back to the
+        sides of zero their meaning gives (EVENT_FALLS_WITH, EVENT_RISES_WITH): a projection after each step
+        of the fit. Standardising keeps signs (the spreads are positive)."""
+        with torch.no_grad():
+            for w in (self.event.linear.weight, self.event.session.weight):
+                w[:, EVENT_FALLS_WITH] = w[:, EVENT_FALLS_WITH].clamp(max=0)
+                w[:, EVENT_RISES_WITH] = w[:, EVENT_RISES_WITH].clamp(min=0)
 
     def standardise(self, user: torch.Tensor) -> torch.Tensor:
         # Heads fitted before checkpoint format 10 get the hours they read (a select, not an `if`: no device sync).

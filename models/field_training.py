@@ -370,6 +370,7 @@ def _fit_variant(model: ProfileModel, train: CutExamples, val: CutExamples, step
         total.backward()
         nn.utils.clip_grad_norm_(params, 5.0)
         optimizer.step()
+        heads.keep_directions()
         if step % 20 == 19 or step == steps - 1:
             keep_best()
     model.eval()

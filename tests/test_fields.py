@@ -19,7 +19,7 @@ from models.field_training import (
 )
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from models.profile_model import ModelConfig, ProfileModel
-from models.field_heads import FieldInputs, piecewise_linear
+from models.field_heads import EVENT_FALLS_WITH, EVENT_RISES_WITH, FieldHeads, FieldInputs, piecewise_linear
 from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from stream.generator import ShopParams, generate, write_jsonl
 from stream import statistics
@@ -130,6 +130,35 @@ def test_a_head_given_only_the_statistics_ranks_as_the_baseline_does():
     y = label.numpy().astype(int)
     assert roc_auc(p.numpy(), y) >= roc_auc(user[:, j].numpy(), y) - 0.01
     assert abs(roc_auc(p.numpy(), y) - roc_auc(p_true.numpy(), y)) < 0.02
+
+
+def test_the_event_head_keeps_the_directions_the_statistics_mean(monkeypatch):
+    """In this training log users with more events return less often, given their recent activity (a
+    correlation of one shop's statistics). The fit keeps the event head's weight on log_events at or above zero,
+    and on idle time at or below; fitted freely, the same examples give log_events a negative weight."""
+    gen = torch.Generator().manual_seed(0)
+    n = 4000
+    events_j, activity_j, idle_j = (USER_FEATURES.index(name) for name in
+                                    ("log_events", "log_activity_7d", "log_idle_minutes"))
+    user = torch.rand(n, len(USER_FEATURES), generator=gen)
+    user[:, activity_j] = user[:, events_j] + torch.rand(n, generator=gen)
+    p_true = torch.sigmoid(6 * user[:, activity_j] - 3 * user[:, events_j] - 2 * user[:, idle_j])
+    label = (torch.rand(n, generator=gen) < p_true).float()
+    ex = examples(user, label, torch.zeros(n, 8))
+
+    def fitted() -> FieldHeads:
+        model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                         query_buckets=64))
+        fit_fields(model, ex.take(torch.arange(n) < 3000), ex.take(torch.arange(n) >= 3000), steps=200)
+        return model.fields
+
+    heads = fitted()
+    for w in (heads.event.linear.weight[0], heads.event.session.weight[0]):
+        assert (w[EVENT_RISES_WITH] >= 0).all() and (w[EVENT_FALLS_WITH] <= 0).all()
+    assert heads.event.linear.weight[0, idle_j] < 0  # the silence still counts, as it should
+    monkeypatch.setattr(FieldHeads, "keep_directions", lambda self: None)
+    free = fitted().event.linear.weight[0, events_j]
+    assert free < -0.05
 
 
 def purchase_head_on_feature_0(weight: float, bias: float) -> ProfileModel:
