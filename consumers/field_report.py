@@ -75,12 +75,12 @@ def print_tables(report: dict) -> None:
     console.print(f"[bold]{report['model']}[/]: {report['users']:,} users with events before the cut "
                   f"{report['cut']} (log {report['first']} .. {report['last']}, {report['events']:,} events)")
     if report["windows_cut_short"]:
-        console.print(f"[yellow]the log ends before a horizon: judged over {w['category']:.1f} h (categories), "
-                      f"{w['purchase']:.1f} h (purchase), {w['churn']:.1f} h (churn); probabilities asked for "
+        console.print(f"[yellow]the log ends before a horizon: judged over {window(w['category'])} (categories), "
+                      f"{window(w['purchase'])} (purchase), {window(w['churn'])} (churn); probabilities asked for "
                       "those windows[/]")
     fields = report["fields"]
     cats = fields["top_categories"]
-    table = Table(title=f"top_categories vs categories engaged with in the next {w['category']:.0f} h "
+    table = Table(title=f"top_categories vs categories engaged with in the next {window(w['category'])} "
                         f"({cats['model']['users']:,} users)")
     table.add_column("scorer")
     table.add_column("precision@3", justify="right")
@@ -89,8 +89,8 @@ def print_tables(report: dict) -> None:
         table.add_row(name, _fmt(m["precision@3"]), _fmt(m["top_future_hit_rate"]))
     console.print(table)
     console.print(_versus_best(cats))
-    for field, what in (("purchase_propensity", f"a purchase within {w['purchase']:.0f} h"),
-                        ("churn_risk", f"no event within {w['churn']:.0f} h")):
+    for field, what in (("purchase_propensity", f"a purchase within {window(w['purchase'])}"),
+                        ("churn_risk", f"no event within {window(w['churn'])}")):
         f = fields[field]
         table = Table(title=f"{field} vs {what} ({f['positives']:,} of {f['users']:,} users)")
         for c in ("scorer", "ROC AUC", "PR AUC", "Brier", "ECE", "mean"):
@@ -101,6 +101,11 @@ def print_tables(report: dict) -> None:
         console.print(table)
         console.print(_versus_best(f))
         console.print(_rates(field, f, report["windows_cut_short"]))
+    behind = [name for name in ("top_categories", "purchase_propensity", "churn_risk") if _behind(fields[name])]
+    if behind:
+        console.print(f"behind a counting rule on {', '.join(behind)}: a model ranks users by what the traffic it "
+                      "was trained on taught it. Train one on this log's events before the cut (`profiles train "
+                      f"--events ... --until {report['cut']}`) and judge it the same way (docs/model.md, Results).\n")
 
 
 def print_cut_summary(reports: list[dict], summary: dict) -> None:
@@ -166,6 +171,21 @@ def draw_reliability(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def window(hours: float) -> str:
+    """A judged window in the unit a reader thinks in: a real sample's 26 minutes are not "0 h"."""
+    if hours < 1:
+        return f"{hours * 60:.0f} min"
+    if hours < 48:
+        return f"{hours:.3g} h"
+    return f"{hours / 24:.3g} days"
+
+
+def _behind(field: dict) -> bool:
+    """The model is behind the best rule outside the sampling noise (the interval is all below 0)."""
+    v = field.get("versus_best")
+    return bool(v) and not np.isnan(v["difference"]) and v["interval95"][1] < 0
 
 
 def _versus_best(field: dict) -> str:

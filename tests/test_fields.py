@@ -736,6 +736,33 @@ def test_evaluate_fields_command_prints_json_and_draws_reliability(tmp_path):
     assert bad.exit_code == 1 and "not inside the log" in bad.output
 
 
+def test_the_tables_name_windows_in_minutes_hours_or_days_and_say_what_to_do_when_behind(capsys):
+    from consumers.field_report import print_tables, window
+
+    assert [window(h) for h in (26 / 60, 5.0, 168.0, 221.3)] == ["26 min", "5 h", "7 days", "9.22 days"]
+    f = {"model": {"roc_auc": 0.7, "pr_auc": 0.1, "brier": 0.1, "ece": 0.01, "mean_probability": 0.1},
+         "positives": 10, "users": 100, "baselines": {"days idle": {"roc_auc": 0.75, "pr_auc": 0.1}},
+         "versus_best": {"baseline": "days idle", "metric": "roc_auc", "difference": -0.05,
+                         "interval95": [-0.08, -0.02]}}
+    cats = {"model": {"precision@3": 0.5, "top_future_hit_rate": 0.5, "users": 100},
+            "baselines": {"all-time counts": {"precision@3": 0.5, "top_future_hit_rate": 0.5, "users": 100}},
+            "versus_best": {"baseline": "all-time counts", "metric": "precision@3", "difference": 0.0,
+                            "interval95": [-0.01, 0.01]}}
+    report = {"model": "m", "users": 100, "cut": "2017-11-26T02:44:08+00:00", "first": "a", "last": "b", "events": 1,
+              "windows_cut_short": True, "windows_hours": {"category": 26 / 60, "purchase": 26 / 60, "churn": 26 / 60},
+              "fields": {"top_categories": cats, "purchase_propensity": f,
+                         "churn_risk": {**f, "versus_best": {**f["versus_best"], "interval95": [-0.08, 0.01]}}}}
+    print_tables(report)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "a purchase within 26 min" in out and "no event within 26 min" in out
+    # Behind outside the noise on purchase only: the hint names it and the command that trains on this log.
+    assert "behind a counting rule on purchase_propensity: " in out
+    assert "--until 2017-11-26T02:44:08+00:00" in out
+    report["fields"]["purchase_propensity"] = report["fields"]["churn_risk"]
+    print_tables(report)
+    assert "behind a counting rule" not in capsys.readouterr().out
+
+
 def test_evaluate_fields_at_several_cuts_reports_each_and_what_they_say_together(tmp_path):
     """A short log's one cut can mislead: --cut repeated (or --cuts N) judges each cut and summarises the gaps to
     the best rule (their mean, and at how many cuts the model was ahead, within the noise or behind)."""
