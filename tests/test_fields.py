@@ -516,7 +516,7 @@ def test_a_gate_trained_with_foreign_explore_sides_trusts_the_users_own_categori
     knows the new one (P 0.5); in a foreign shop it knows neither. Trained on both (CutExamples.foreign),
     the gate must lean on repeat where explore_fit says the explore side does not know the user."""
     gen = torch.Generator().manual_seed(3)
-    n, k = 4000, CATEGORY_SLOTS
+    n = 4000
     label = (torch.rand(n, generator=gen) < 0.3).float()
     ex = examples(torch.rand(n, len(USER_FEATURES), generator=gen), label, torch.zeros(n, 8))
     ex.slot_valid[:, :3] = True
