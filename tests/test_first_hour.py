@@ -213,6 +213,18 @@ def test_every_command_that_judges_a_model_takes_the_shipped_one_by_name(tmp_pat
     assert missing.exit_code == 1 and "does not exist" in missing.output, missing.output
 
 
+def test_evaluate_synthetic_judges_in_the_shop_asked_for_and_says_what_its_truth_is():
+    runs = {}
+    for shop in (None, 0):
+        result = CliRunner().invoke(main, ["evaluate-synthetic", "--model", "demo", "--users", "60", "--events",
+                                           "3000", "--device", DEVICE] + ([] if shop is None else ["--shop-seed", "0"]))
+        assert result.exit_code == 0, result.output
+        runs[shop] = orjson.loads(result.output)
+    assert runs[None]["shop_seed"] is None and runs[0]["shop_seed"] == 0
+    assert runs[None]["baselines"] != runs[0]["baselines"]  # another world's log, not the classic one again
+    assert "evaluate-fields" in runs[0]["note"]
+
+
 def test_an_unreachable_broker_is_one_line_within_the_connect_timeout(tmp_path):
     started = time.monotonic()
     proc = subprocess.run(profiles_command() + ["run", "--untrained", "--bootstrap-servers", UNREACHABLE, "--connect-timeout", "2s"],
