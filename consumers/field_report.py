@@ -103,9 +103,7 @@ def print_tables(report: dict) -> None:
         console.print(_rates(field, f, report["windows_cut_short"]))
     behind = [name for name in ("top_categories", "purchase_propensity", "churn_risk") if _behind(fields[name])]
     if behind:
-        console.print(f"behind a counting rule on {', '.join(behind)}: a model ranks users by what the traffic it "
-                      "was trained on taught it. Train one on this log's events before the cut (`profiles train "
-                      f"--events ... --until {report['cut']}`) and judge it the same way (docs/model.md, Results).\n")
+        console.print(_train_here(behind, report["cut"], "on"))
 
 
 def print_cut_summary(reports: list[dict], summary: dict) -> None:
@@ -131,6 +129,17 @@ def print_cut_summary(reports: list[dict], summary: dict) -> None:
         console.print(f"{field}: mean {_fmt_signed(f['mean_difference'])} {f['metric']}; ahead at {f['ahead']}, "
                       f"within the noise at {f['within_noise']}, behind at {f['behind']} of {len(reports)} cuts"
                       + (f" (n/a at {unmeasured})" if unmeasured else ""))
+    behind = [field for field in fields if 2 * summary["fields"][field]["behind"] > len(reports)]
+    if behind:
+        # Trained up to the earliest cut, a model sees none of the windows judged.
+        console.print("\n" + _train_here(behind, min(r["cut"] for r in reports), "at most cuts on"))
+
+
+def _train_here(fields: list[str], cut: str, where: str) -> str:
+    """The line for a model behind the rules: a model trained on this log's own events is what to try."""
+    return (f"behind a counting rule {where} {', '.join(fields)}: a model ranks users by what the traffic it was "
+            "trained on taught it. Train one on this log's events before the cut (`profiles train --events ... "
+            f"--until {cut}`) and judge it the same way (docs/model.md, Results).\n")
 
 
 def _gap(v: dict) -> str:

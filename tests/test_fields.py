@@ -737,7 +737,7 @@ def test_evaluate_fields_command_prints_json_and_draws_reliability(tmp_path):
 
 
 def test_the_tables_name_windows_in_minutes_hours_or_days_and_say_what_to_do_when_behind(capsys):
-    from consumers.field_report import print_tables, window
+    from consumers.field_report import print_cut_summary, print_tables, window
 
     assert [window(h) for h in (26 / 60, 5.0, 168.0, 221.3)] == ["26 min", "5 h", "7 days", "9.22 days"]
     f = {"model": {"roc_auc": 0.7, "pr_auc": 0.1, "brier": 0.1, "ece": 0.01, "mean_probability": 0.1},
@@ -761,6 +761,17 @@ def test_the_tables_name_windows_in_minutes_hours_or_days_and_say_what_to_do_whe
     report["fields"]["purchase_propensity"] = report["fields"]["churn_risk"]
     print_tables(report)
     assert "behind a counting rule" not in capsys.readouterr().out
+
+    # Several cuts: a field behind at most of them gets the line, trained up to the earliest cut.
+    later = {**report, "cut": "2017-11-26T03:00:00+00:00"}
+    summary = {"fields": {name: {"metric": "roc_auc", "mean_difference": -0.01, "ahead": 0,
+                                 "within_noise": 2 - behind, "behind": behind}
+                          for name, behind in (("top_categories", 0), ("purchase_propensity", 1),
+                                               ("churn_risk", 2))}}
+    print_cut_summary([later, report], summary)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "behind a counting rule at most cuts on churn_risk: " in out  # 1 of 2 is not most
+    assert "--until 2017-11-26T02:44:08+00:00" in out
 
 
 def test_evaluate_fields_at_several_cuts_reports_each_and_what_they_say_together(tmp_path):
