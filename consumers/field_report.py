@@ -11,7 +11,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from models.field_evaluation import DEFAULT_CUT_SHARE, SPREAD_CUT_SHARES, evaluate_fields, summarise_cuts
+from models.field_evaluation import (
+    DEFAULT_CUT_SHARE, JUDGED_FIELDS, SPREAD_CUT_SHARES, evaluate_fields, summarise_cuts,
+)
 from models.profile_model import CheckpointError, resolve_device
 from models.checkpoint_io import load_checkpoint
 
@@ -101,7 +103,7 @@ def print_tables(report: dict) -> None:
         console.print(table)
         console.print(_versus_best(f))
         console.print(_rates(field, f, report["windows_cut_short"]))
-    behind = [name for name in ("top_categories", "purchase_propensity", "churn_risk") if _behind(fields[name])]
+    behind = [name for name in JUDGED_FIELDS if _verdict(fields[name].get("versus_best")) == "behind"]
     if behind:
         console.print(_train_here(behind, report["cut"], "on"))
 
@@ -118,7 +120,7 @@ def print_cut_summary(reports: list[dict], summary: dict) -> None:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for c in ("cut (UTC)", "users", "window h", "categories", "purchase", "churn"):
         table.add_column(c, justify="left" if c == "cut (UTC)" else "right", no_wrap=True)
-    fields = ("top_categories", "purchase_propensity", "churn_risk")
+    fields = JUDGED_FIELDS
     for r in reports:
         table.add_row(r["cut"][:16].replace("T", " "), f"{r['users']:,}", f"{r['windows_hours']['purchase']:.3g}",
                       *(_gap(r["fields"][f]["versus_best"]) for f in fields))
@@ -142,12 +144,21 @@ def _train_here(fields: list[str], cut: str, where: str) -> str:
             f"--until {cut}`) and judge it the same way (docs/model.md, Results).\n")
 
 
-def _gap(v: dict) -> str:
+def _verdict(v: dict | None) -> str | None:
+    """"ahead", "behind" or "noise" by the 95% interval of model minus the best rule; None where nothing was
+    ranked (no users judged, or one class only)."""
+    if not v or np.isnan([v["difference"], *v["interval95"]]).any():
+        return None
     lo, hi = v["interval95"]
-    if np.isnan(v["difference"]) or np.isnan(lo) or np.isnan(hi):
-        return "n/a"  # nothing to rank at this cut (no users judged, or one class only)
-    verdict = "[green]ahead[/]" if lo > 0 else "[red]behind[/]" if hi < 0 else "noise"
-    return f"{_fmt_signed(v['difference'])} {verdict}"
+    return "ahead" if lo > 0 else "behind" if hi < 0 else "noise"
+
+
+def _gap(v: dict) -> str:
+    verdict = _verdict(v)
+    if verdict is None:
+        return "n/a"
+    shown = {"ahead": "[green]ahead[/]", "behind": "[red]behind[/]"}.get(verdict, verdict)
+    return f"{_fmt_signed(v['difference'])} {shown}"
 
 
 def _fmt_signed(value: float) -> str:
@@ -189,12 +200,6 @@ def window(hours: float) -> str:
     if hours < 48:
         return f"{hours:.3g} h"
     return f"{hours / 24:.3g} days"
-
-
-def _behind(field: dict) -> bool:
-    """The model is behind the best rule outside the sampling noise (the interval is all below 0)."""
-    v = field.get("versus_best")
-    return bool(v) and not np.isnan(v["difference"]) and v["interval95"][1] < 0
 
 
 def _versus_best(field: dict) -> str:

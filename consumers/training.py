@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 # judged level with or ahead of counting on is the REES46 slice, 17,434 events of 4,504 users (docs/model.md).
 SMALL_LOG_EVENTS = 10_000
 SMALL_LOG_USERS = 1_000
+# The published probabilities and the field heads behind them (churn_risk is the event head's complement).
+PROBABILITY_HEADS = (("purchase_propensity", "purchase"), ("churn_risk", "event"))
 
 
 def events_until(event_files: tuple[str, ...], until: int | None) -> EventLog:
@@ -60,8 +62,7 @@ def fields_summary(report: dict) -> str:
     if "train_examples" not in report:
         return "fields: the log is too short to fit them: left untrained"
     fits = report.get("calibration_fit", {})
-    kept = [name for name, head in (("purchase_propensity", "purchase"), ("churn_risk", "event"))
-            if fits.get(head, {}).get("kept")]
+    kept = [name for name, head in PROBABILITY_HEADS if fits.get(head, {}).get("kept")]
     return (f"fields: fitted on {report['train_examples']:,} profiles at {report['cuts']} cuts, "
             f"{report['val_examples']:,} held out; calibrated on held-out time: "
             + (", ".join(kept) if kept else "none (too few held-out profiles, or no gain)"))
@@ -125,7 +126,7 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
     events = events_until(event_files, until)
     report = recalibrate(loaded, events, device, seed=seed)
     click.echo(f"profiles at {report['cuts']} cuts, {report['examples']:,} of them judged on what followed:", err=True)
-    for name, head in (("purchase_propensity", "purchase"), ("churn_risk", "event")):
+    for name, head in PROBABILITY_HEADS:
         fit = report[head]
         test = fit.get("test") or {}
         if "observed_rate" not in fit:
