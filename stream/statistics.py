@@ -214,16 +214,22 @@ def _update_slots(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted:
     filled = old_key > 0
     user = np.concatenate([np.nonzero(filled)[0], user_sorted[has]])
     key = np.concatenate([old_key[filled], category[has]]).astype(np.int64)
-    new_mass = np.stack([*(np.exp(-age[has] / tau) for tau in SLOT_TAUS_MS), np.ones(int(has.sum())), visit[has]],
-                        axis=1)
-    mass = np.concatenate([old_mass[filled], new_mass])
-    # Sum the masses of each (user, category).
-    order = np.lexsort((key, user))
-    user, key, mass = user[order], key[order], mass[order]
-    group = np.flatnonzero(np.r_[True, (user[1:] != user[:-1]) | (key[1:] != key[:-1])])
-    user, key, mass = user[group], key[group], np.add.reduceat(mass, group, axis=0)
-    # Per user: most 30-day mass first (then count, then key), keep the first K.
-    order = np.lexsort((key, -mass[:, COUNT], -mass[:, MASS_30D], user))
+    # Group the entries by (user, category): one stable sort of user and key packed into one int64 (keys are
+    # 32-bit), as lexsort((key, user)) would order them in six times the time.
+    pair = (user << 32) | key
+    order = np.argsort(pair, kind="stable")
+    opens = np.r_[True, pair[order[1:]] != pair[order[:-1]]]
+    group = np.empty(len(pair), dtype=np.int64)
+    group[order] = np.cumsum(opens) - 1
+    user, key = user[order[opens]], key[order[opens]]
+    # Each group's masses and counts: the slot's, plus each new event's (its weight at ref, 1, opens a visit).
+    old_filled = old_mass[filled]
+    new_columns = (*(np.exp(-age[has] / tau) for tau in SLOT_TAUS_MS), np.ones(int(has.sum())), visit[has])
+    mass = np.stack([np.bincount(group, weights=np.concatenate([old_filled[:, j], column]), minlength=len(user))
+                     for j, column in enumerate(new_columns)], axis=1)
+    # Per user: most 30-day mass first (then count, then key), keep the first K. The groups are in key order
+    # and lexsort is stable: the key needs no pass of its own.
+    order = np.lexsort((-mass[:, COUNT], -mass[:, MASS_30D], user))
     user, key, mass = user[order], key[order], mass[order]
     first = np.searchsorted(user, np.arange(n_users))
     slot = np.arange(len(user)) - first[user]
