@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stream.memo import map_memoised
+from stream.memo import map_memoised, map_memoised_all
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier (Fibonacci hashing)
 _WORD = re.compile(r"\w+")
@@ -113,20 +113,27 @@ class _QueryTable:
         self.length = np.zeros(1024, dtype=np.int64)
         self.rows, self.used = 1, 0
 
-    def add(self, query: str) -> int:
-        raw = np.fromiter((_crc(term, self.salt) for term in query_terms(query)), dtype=np.uint64)
-        row, n = self.rows, len(raw)
-        if row == len(self.start):
-            self.start, self.length = np.resize(self.start, 2 * row), np.resize(self.length, 2 * row)
-        if self.used + n > len(self.flat):
-            self.flat = np.resize(self.flat, 2 * (self.used + n))
-        self.flat[self.used:self.used + n] = _mix_to_buckets(raw, self.buckets)
-        self.start[row], self.length[row] = self.used, n
-        self.rows, self.used = row + 1, self.used + n
-        return row
+    def add_all(self, queries: list[str]) -> range:
+        """Store the terms of new distinct queries; returns their rows. One pass of C-level hashing and one
+        numpy step for all of them: per query, numpy's fixed cost per call was most of the work."""
+        terms = [query_terms(query) for query in queries]
+        lengths = np.fromiter(map(len, terms), dtype=np.int64, count=len(terms))
+        flat_terms = list(itertools.chain.from_iterable(terms))
+        raw = np.fromiter(map(_crc, flat_terms, itertools.repeat(self.salt)), dtype=np.uint64, count=len(flat_terms))
+        first, n = self.rows, len(queries)
+        if first + n > len(self.start):
+            size = 2 * (first + n)
+            self.start, self.length = np.resize(self.start, size), np.resize(self.length, size)
+        if self.used + len(raw) > len(self.flat):
+            self.flat = np.resize(self.flat, 2 * (self.used + len(raw)))
+        self.flat[self.used:self.used + len(raw)] = _mix_to_buckets(raw, self.buckets)
+        self.length[first:first + n] = lengths
+        self.start[first:first + n] = self.used + np.cumsum(lengths) - lengths
+        self.rows, self.used = first + n, self.used + len(raw)
+        return range(first, first + n)
 
     def tokens(self, queries: np.ndarray | list) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.fromiter(map_memoised(self.ids, queries, self.add), dtype=np.int64, count=len(queries))
+        rows = np.fromiter(map_memoised_all(self.ids, queries, self.add_all), dtype=np.int64, count=len(queries))
         return ragged_take(self.flat, self.start[rows], self.length[rows])
 
 
