@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stream.memo import map_memoised, map_memoised_all
+from stream.memo import map_memoised_all
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier (Fibonacci hashing)
 _WORD = re.compile(r"\w+")
@@ -44,10 +44,15 @@ def _crc(value: str, salt: int) -> int:
     return zlib.crc32(value.encode("utf-8", "surrogatepass"), salt) + 1
 
 
+def _raw_hashes(values: np.ndarray | list, salt: int) -> np.ndarray:
+    """(N,) uint64 raw hash of each id (crc32 + 1; None: 0), each distinct new id hashed once, in C."""
+    raw = map_memoised_all(_id_memo(salt), values, lambda missing: map(_crc, missing, itertools.repeat(salt)))
+    return np.fromiter(raw, dtype=np.uint64, count=len(raw))
+
+
 def hash_buckets(values: np.ndarray | list, buckets: int, salt: int) -> np.ndarray:
     """Map strings (None = absent) to buckets 1..buckets-1, deterministically; None -> 0."""
-    raw = map_memoised(_id_memo(salt), values, lambda v: _crc(v, salt))
-    return _mix_to_buckets(np.fromiter(raw, dtype=np.uint64, count=len(raw)), buckets)
+    return _mix_to_buckets(_raw_hashes(values, salt), buckets)
 
 
 # A category's key: its raw hash (crc32 + 1, 1..2**32; 0: no category) in 32 bits. The state names and
@@ -59,8 +64,7 @@ CATEGORY_KEY_MAX = 0xFFFFFFFF
 def category_keys(values: np.ndarray | list, salt: int) -> np.ndarray:
     """(N,) uint32 key of each category string (None: 0). Its bucket is buckets_of_keys(key): the same as
     hash_buckets(value) but for the one crc32 value in 2**32 whose raw hash does not fit (it shares a key)."""
-    raw = map_memoised(_id_memo(salt), values, lambda v: _crc(v, salt))
-    return np.minimum(np.fromiter(raw, dtype=np.uint64, count=len(raw)), CATEGORY_KEY_MAX).astype(np.uint32)
+    return np.minimum(_raw_hashes(values, salt), CATEGORY_KEY_MAX).astype(np.uint32)
 
 
 def category_keys_and_buckets(values: np.ndarray | list, buckets: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
