@@ -842,3 +842,25 @@ def test_the_fields_fit_on_a_log_without_categories(tmp_path):
                                                 query_buckets=64)), load_events([path]), torch.device(DEVICE))
     assert report["cuts"] >= 3
     assert set(report["chosen"]) == {"purchase", "event"}  # no category side to choose
+
+
+def test_the_slots_keep_the_categories_with_most_month_mass_ties_by_count_then_key():
+    """Eight categories for six slots: kept are the six with the most 30-day mass, in that order; equal
+    masses are ordered by count, then by key (two categories whose events share their times tie on both)."""
+    day = 24 * 3_600_000
+    t0 = 1_700_000_000_000
+    times = {"old": [t0], "c1": [t0 + 20 * day], "c2": [t0 + 20 * day] * 2, "c3": [t0 + 25 * day],
+             "twin-a": [t0 + 26 * day, t0 + 27 * day], "twin-b": [t0 + 26 * day, t0 + 27 * day],
+             "c6": [t0 + 28 * day] * 3, "c7": [t0 + 5 * day]}
+    events = [{"event_id": f"{c}-{i}", "user_id": "u", "type": "click", "ts": t, "item_id": "i", "category": c}
+              for c, ts in times.items() for i, t in enumerate(ts)]
+    events.sort(key=lambda e: e["ts"])
+    for batch in (len(events), 3):
+        state = run(events, batch).state
+        row = state.row("u")
+        key_of = {name: k for k, name in state.category_names.items()}
+        ref = max(t for ts in times.values() for t in ts)
+        mass = {c: sum(np.exp(-(ref - t) / (30 * day)) for t in ts) for c, ts in times.items()}
+        expected = sorted(times, key=lambda c: (-round(mass[c], 6), -len(times[c]), key_of[c]))[:CATEGORY_SLOTS]
+        assert [state.category_names[k] for k in state.columns["cat_key"][row].tolist()] == expected
+        assert expected[:2] == ["c6", "twin-a" if key_of["twin-a"] < key_of["twin-b"] else "twin-b"]
