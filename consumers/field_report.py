@@ -120,18 +120,17 @@ def print_cut_summary(reports: list[dict], summary: dict) -> None:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for c in ("cut (UTC)", "users", "window h", "categories", "purchase", "churn"):
         table.add_column(c, justify="left" if c == "cut (UTC)" else "right", no_wrap=True)
-    fields = JUDGED_FIELDS
     for r in reports:
         table.add_row(r["cut"][:16].replace("T", " "), f"{r['users']:,}", f"{r['windows_hours']['purchase']:.3g}",
-                      *(_gap(r["fields"][f]["versus_best"]) for f in fields))
+                      *(_gap(r["fields"][f]["versus_best"]) for f in JUDGED_FIELDS))
     console.print(table)
-    for field in fields:
+    for field in JUDGED_FIELDS:
         f = summary["fields"][field]
         unmeasured = len(reports) - f["ahead"] - f["within_noise"] - f["behind"]
         console.print(f"{field}: mean {_fmt_signed(f['mean_difference'])} {f['metric']}; ahead at {f['ahead']}, "
                       f"within the noise at {f['within_noise']}, behind at {f['behind']} of {len(reports)} cuts"
                       + (f" (n/a at {unmeasured})" if unmeasured else ""))
-    behind = [field for field in fields if 2 * summary["fields"][field]["behind"] > len(reports)]
+    behind = [field for field in JUDGED_FIELDS if 2 * summary["fields"][field]["behind"] > len(reports)]
     if behind:
         # Trained up to the earliest cut, a model sees none of the windows judged.
         console.print("\n" + _train_here(behind, min(r["cut"] for r in reports), "at most cuts on"))

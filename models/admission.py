@@ -13,12 +13,11 @@ import itertools
 import logging
 import time
 import zlib
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from stream.events import Control, DeadLetter, EventColumns, RecordBatch, WRONG_PARTITION
+from stream.events import Control, DeadLetter, EventColumns, RecordBatch, WRONG_PARTITION, utf8
 from stream.decode import decode_batch
 from stream.pseudonyms import Pseudonymizer
 from stream.state import StateTable
@@ -302,12 +301,6 @@ class PartitionWarning:
                     self.pending, "" if self.last_at < 0 else f" in the last {now - self.last_at:.0f}s",
                     example.topic, example.partition, example.offset, example.detail)
         self.pending, self.last_at = 0, now
-
-
-def utf8(strings: Iterable[str]) -> Iterator[bytes]:
-    """Each string as UTF-8, lone surrogates kept (as keys are written). Positional arguments through map
-    run in C: a functools.partial with keywords costs 5x as much per call."""
-    return map(str.encode, strings, itertools.repeat("utf-8"), itertools.repeat("surrogatepass"))
 
 
 def event_id_hashes(event_ids: np.ndarray) -> np.ndarray:

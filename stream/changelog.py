@@ -31,7 +31,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Protocol
 
 import numpy as np
@@ -39,7 +38,7 @@ import orjson
 from confluent_kafka import KafkaException, Message, TopicPartition
 
 from stream.changelog_records import CHANGELOG_FORMAT, META_KEY, RefusedRecords
-from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, DeadLetter, RecordBatch
+from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, DeadLetter, RecordBatch, utf8
 from stream.expiry import Expired
 from stream.kafka import Publisher, StreamError
 from stream.log_reader import read_to_end
@@ -154,7 +153,7 @@ class Changelog:
         partitions = state.partition[rows].tolist()
         if len(rows):
             ids = map(state.user_ids.__getitem__, rows.tolist())  # keys encoded in C: a batch can have a user per event
-            keys = list(map(str.encode, ids, repeat("utf-8"), repeat("surrogatepass")))
+            keys = list(utf8(ids))
             self.publisher.produce_to_partitions(self.topic, keys, state.changelog_values(rows), partitions)
         # Newly seen categories, or names an erasure dropped: the whole list, which replaces the last one
         # (a restore reads the latest meta record, compacted or not). Also in a batch that changed no

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stream.decode import decode_batch
-from stream.events import Control, DeadLetter, RecordBatch
+from stream.events import Control, DeadLetter, RecordBatch, utf8
 
 
 @dataclass
@@ -66,6 +66,6 @@ def rekey(records: RecordBatch, max_event_bytes: int) -> tuple[Forwarded, list[D
     if controls:  # rare (forget records): back into record order
         order = sorted(range(len(index)), key=index.__getitem__)
         index, users = [index[i] for i in order], [users[i] for i in order]
-    keys = [user.encode("utf-8", "surrogatepass") for user in users]
+    keys = list(utf8(users))
     values, topics, partitions = records.values, records.topics, records.partitions
     return Forwarded(keys, [values[i] for i in index], [(topics[i], partitions[i]) for i in index]), dead

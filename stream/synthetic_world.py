@@ -156,6 +156,11 @@ class ShopParams:
     shop_seed: int = 0  # which categories, segments and complements (structured shops)
 
     @classmethod
+    def of_seed(cls, seed: int | None) -> "ShopParams | None":
+        """The shop `--shop-seed` names: draw(seed), or None (the classic shop) where no seed is given."""
+        return None if seed is None else cls.draw(seed)
+
+    @classmethod
     def draw(cls, seed: int) -> "ShopParams":
         """A structured shop whose parameters depend on the seed."""
         rng = np.random.Generator(np.random.PCG64(seed_sequence(seed, 7)))

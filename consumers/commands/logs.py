@@ -130,7 +130,7 @@ def generate(users: int, events: int, seed: int, out: str | None, topic: str | N
     """Synthetic traffic with sessions, funnels, favourite categories, price levels and users who go quiet."""
     from stream.generator import ShopParams
 
-    shop = ShopParams.draw(shop_seed) if shop_seed is not None else None
+    shop = ShopParams.of_seed(shop_seed)
     if bool(out) == bool(topic):
         raise click.UsageError("give exactly one of --out FILE or --topic TOPIC")
     from consumers.loadgen import generate_to_file, generate_to_topic
