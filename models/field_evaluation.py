@@ -178,7 +178,8 @@ def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device,
     records = read_records(files)
     events, dead = decode_batch(records, 1 << 30)
     if len(events) < 2:
-        raise ValueError(f"no usable events in {', '.join(map(str, files))}")
+        why = f" ({len(dead):,} records broke the event contract, e.g. {dead[0].detail})" if dead else ""
+        raise ValueError(f"no usable events in {', '.join(map(str, files))}{why}")
     first, last = int(events.ts.min()), int(events.ts.max())
     cut = int(first + share * (last - first)) if cut is None else int(cut)
     if not first < cut < last:

@@ -19,7 +19,7 @@ import orjson
 
 from stream.events import (
     SEARCH, MAX_INT_ID, MIN_INT_ID, CONTROL_KINDS, Control, DeadLetter, EventColumns, INVALID_FIELD, INVALID_PRICE,
-    INVALID_UTF8, MAX_AMOUNT, MAX_ID_CHARS, MAX_QUERY_CHARS, MAX_TS_MS, MISSING_FIELD,
+    INVALID_UTF8, MAX_AMOUNT, MAX_ID_CHARS, MAX_QUERY_CHARS, MAX_TS_MS, MIN_TS_MS, MISSING_FIELD,
     NOT_JSON, NOT_OBJECT, RecordBatch, TOO_LARGE, TYPE_INDEX, UNKNOWN_TYPE,
     NEEDS_ITEM, epoch_ms,
 )
@@ -69,8 +69,11 @@ def _timestamp_ms(value: object) -> int:
         raise _Invalid(MISSING_FIELD, "missing required field 'ts'")
     else:
         raise _Invalid(INVALID_FIELD, f"'ts' must be epoch ms or ISO-8601, got {type(value).__name__}")
-    if not 0 <= ts <= MAX_TS_MS:
-        raise _Invalid(INVALID_FIELD, "'ts' out of range (expects epoch milliseconds)")
+    if 0 <= ts < MIN_TS_MS and isinstance(value, int):
+        raise _Invalid(INVALID_FIELD, f"'ts' {ts} is before 1973 as epoch milliseconds: epoch seconds? "
+                                      "The contract is epoch milliseconds (or ISO-8601)")
+    if not MIN_TS_MS <= ts <= MAX_TS_MS:
+        raise _Invalid(INVALID_FIELD, "'ts' out of range (expects epoch milliseconds, 1973 to 2200)")
     return ts
 
 
@@ -91,7 +94,7 @@ def _validate(obj: object) -> tuple:
         raise _Invalid(UNKNOWN_TYPE, f"'type' must be a string, got {type(kind).__name__}")
     type_idx = TYPE_INDEX.get(kind)
     if type_idx is None:
-        raise _Invalid(UNKNOWN_TYPE, f"unknown event type {kind[:40]!r}")
+        raise _Invalid(UNKNOWN_TYPE, f"unknown event type {kind[:40]!r} (the contract's: {', '.join(TYPE_INDEX)})")
     ts = _timestamp_ms(obj.get("ts"))
     item_id = _id_field(obj, "item_id", kind in NEEDS_ITEM)
     category = _id_field(obj, "category", False)
@@ -204,7 +207,7 @@ class _Event(msgspec.Struct, gc=False):  # gc=False: flat fields, no cycles; not
     event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
     user_id: _Id
     type: Literal["search", "click", "add_to_cart", "purchase"]
-    ts: Annotated[int, msgspec.Meta(ge=0, le=MAX_TS_MS)] | str
+    ts: Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)] | str
     item_id: _Id | None = None
     category: _Id | None = None
     price: Annotated[float, msgspec.Meta(ge=0)] | None = None

@@ -30,7 +30,10 @@ MIN_INT_ID, MAX_INT_ID = -(2**63), 2**64 - 1
 # The largest price x quantity of one event (currency units): spend is kept in int64 micro-units,
 # which one event of more could wrap (1e9 x 1e6 leaves room for 9,000 such purchases per user).
 MAX_AMOUNT = 1e9
-# Epoch ms must lie between 1970 and 2200: catches seconds-vs-ms and garbage.
+# Epoch ms must lie between 1973-03-03 and 2200. The floor catches epoch *seconds* (every second up to
+# the year 5138 is under 1e11), which read as ms would put the event in January 1970 and turn days into
+# minutes silently; the ceiling catches microseconds and garbage.
+MIN_TS_MS = 100_000_000_000
 MAX_TS_MS = 7_258_118_400_000
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

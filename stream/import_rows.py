@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from stream.events import MAX_ID_CHARS, MAX_TS_MS
+from stream.events import MAX_ID_CHARS, MAX_TS_MS, MIN_TS_MS
 
 # Skip reasons (keys of ImportReport.skipped).
 WRONG_COLUMNS = "wrong_column_count"
@@ -68,7 +68,7 @@ def parse_id(value: str) -> str:
 
 
 def _ts_checked(ms: int) -> int:
-    if 0 <= ms <= MAX_TS_MS:
+    if MIN_TS_MS <= ms <= MAX_TS_MS:
         return ms
     raise BadRow(BAD_TIMESTAMP)
 

@@ -99,17 +99,25 @@ def test_every_dead_letter_reason_has_a_malformed_record_that_produces_it():
     assert {reason for reason, _ in MALFORMED_KINDS.values()} == set(ev.REASONS)
 
 
+def raw_click(user=b'"u1"', kind=b'"click"', ts=b"1700000000000", item=b'"i"', extra=b"") -> bytes:
+    """A click record written out byte for byte: some cases are JSON no encoder would write."""
+    return b'{"event_id":"e1","user_id":%s,"type":%s,"ts":%s,"item_id":%s%s}' % (user, kind, ts, item, extra)
+
+
 @pytest.mark.parametrize("value, reason, detail", [
     # A lone surrogate escape is valid JSON syntax but not Unicode: not a NaN.
-    (b'{"event_id":"e1","user_id":"\\ud800","type":"click","ts":1,"item_id":"i"}', ev.NOT_JSON, "lone UTF-16 surrogate"),
-    (b'{"event_id":"e1","user_id":"u1","type":"click","ts":1,"item_id":"i","note":"\\ud800"}', ev.NOT_JSON,
-     "lone UTF-16 surrogate"),
+    (raw_click(user=b'"\\ud800"'), ev.NOT_JSON, "lone UTF-16 surrogate"),
+    (raw_click(extra=b',"note":"\\ud800"'), ev.NOT_JSON, "lone UTF-16 surrogate"),
     # 2**64 is read as a float by the strict parser: it is an integer out of range, not "a float".
-    (b'{"event_id":"e1","user_id":18446744073709551616,"type":"click","ts":1,"item_id":"i"}', ev.INVALID_FIELD,
-     "integer 'user_id' outside the 64-bit range"),
-    (b'{"event_id":"e1","user_id":"u1","type":"click","ts":1,"item_id":-18446744073709551616}', ev.INVALID_FIELD,
-     "integer 'item_id' outside the 64-bit range"),
-    (b'{"event_id":"e1","user_id":"u1","type":"click","ts":1,"item_id":"i","x":NaN}', ev.NOT_JSON, "NaN or Infinity"),
+    (raw_click(user=b"18446744073709551616"), ev.INVALID_FIELD, "integer 'user_id' outside the 64-bit range"),
+    (raw_click(item=b"-18446744073709551616"), ev.INVALID_FIELD, "integer 'item_id' outside the 64-bit range"),
+    (raw_click(extra=b',"x":NaN'), ev.NOT_JSON, "NaN or Infinity"),
+    # Epoch seconds read as milliseconds would be January 1970, with days shrunk to minutes: refused, and said.
+    (raw_click(ts=b"1700000000"), ev.INVALID_FIELD, "epoch seconds?"),
+    (raw_click(ts=b'"1970-01-20T16:13:20Z"'), ev.INVALID_FIELD, "out of range"),
+    (raw_click(ts=b"1700000000000000"), ev.INVALID_FIELD, "out of range"),
+    # A type from another dataset's vocabulary: the detail lists the contract's four.
+    (raw_click(kind=b'"view"'), ev.UNKNOWN_TYPE, "'view' (the contract's: search, click, add_to_cart, purchase)"),
 ])
 def test_dead_letter_details_name_what_is_wrong(value, reason, detail):
     cols, dead = decode(value)

@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from stream import events as ev
-from stream.events import EVENT_TYPES, MAX_ID_CHARS, MAX_QUERY_CHARS, MAX_TS_MS, REASONS, RecordBatch
+from stream.events import EVENT_TYPES, MAX_ID_CHARS, MAX_QUERY_CHARS, MAX_TS_MS, MIN_TS_MS, REASONS, RecordBatch
 from stream.decode import decode_batch
 from tests.helpers import record_batch
 
@@ -144,7 +144,7 @@ def check_contract(cols: ev.EventColumns) -> None:
         assert _is_key(event_id) and _utf8(event_id), event_id
         assert _is_key(user_id) and _utf8(user_id), user_id
         assert type_idx in range(len(EVENT_TYPES))
-        assert 0 <= ts <= MAX_TS_MS
+        assert MIN_TS_MS <= ts <= MAX_TS_MS
         if type_idx in NEEDS_ITEM:
             assert item_id is not None
         for key in (item_id, category):
@@ -198,7 +198,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 @st.composite
 def timestamps(draw) -> tuple[object, int]:
     """(the ts field as written, the epoch ms it must decode to)."""
-    ms = draw(st.one_of(st.integers(0, MAX_TS_MS), st.sampled_from([0, 1, 999, 1000, MAX_TS_MS - 1, MAX_TS_MS])))
+    ms = draw(st.one_of(st.integers(MIN_TS_MS, MAX_TS_MS),
+                        st.sampled_from([MIN_TS_MS, MIN_TS_MS + 1, MIN_TS_MS + 999, MAX_TS_MS - 1, MAX_TS_MS])))
     style = draw(st.sampled_from(["int", "naive", "Z", "offset"]))
     if style == "int":
         return ms, ms
