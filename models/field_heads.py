@@ -138,6 +138,9 @@ class FieldHeads(nn.Module):
         # load_checkpoint sets this, and `standardise` gives them exactly those numbers from the minutes.
         self.register_buffer("hours_features", torch.tensor(False))
         self.register_buffer("minute_columns", torch.tensor(MINUTE_FEATURES), persistent=False)
+        # Heads of a checkpoint before format 12 read follow_pending relative to the top follow-up's share
+        # (stream/follow.py: with_follow_ups); load_checkpoint sets this.
+        self.register_buffer("relative_pending", torch.tensor(False))
         self.purchase = HazardHead(n, state_size, hidden)
         self.event = HazardHead(n, state_size, hidden)  # any event: churn_risk is its complement
         self.repeat_score = nn.Linear(len(SLOT_FEATURES), 1)

@@ -83,6 +83,8 @@ class ProfileUpdater:
         self.model_version = loaded.version
         self.state_version = loaded.state_version  # what the changelog and snapshots are checked against
         self.config = loaded.model.config
+        # How the model's heads read follow_pending (checkpoint format 12; stream/follow.py): read once, here.
+        self.relative_pending = bool(loaded.model.fields.relative_pending)
         self.device = device
         self.max_event_bytes = max_event_bytes
         self.emit_embedding = emit_embedding
@@ -346,7 +348,7 @@ class ProfileUpdater:
         purchase = state.columns["purchase_category"][rows].astype(np.int64)
         since = hours_since(now_ms, state.columns["last_purchase_ts"][rows])
         own = state.columns["follow_category"][rows].astype(np.int64)
-        keys, feats = state.follow.with_follow_ups(keys, feats, purchase, since, own)
+        keys, feats = state.follow.with_follow_ups(keys, feats, purchase, since, own, self.relative_pending)
         held = np.zeros(keys.shape, dtype=bool)
         held[:, :-1] = keys[:, :-1] > 0  # the user's own slots; the last is the follow-up it has not
         feats[:, :, SHOP_POPULARITY] = state.holders.popularity(keys, held)

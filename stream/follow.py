@@ -12,7 +12,9 @@ rows gives the same counts), and it covers the users this member holds.
 
 A profile then reads, for each of the user's categories, P(category | the user's latest purchase's
 category) among the other users' pairs (its own left out), and one more candidate: the most frequent
-follow-up of that purchase when it is not among the user's own categories (`with_follow_ups`).
+follow-up of that purchase when it is not among the user's own categories (`with_follow_ups`). While the
+user has not gone on to another category since the purchase, the same share is read once more as
+`follow_pending`: the follow-up still to come.
 """
 
 from __future__ import annotations
@@ -71,11 +73,13 @@ class FollowCounts:
         self.change(new[changed], 1)
 
     def with_follow_ups(self, keys: np.ndarray, feats: np.ndarray, purchase: np.ndarray,
-                        hours_since_purchase: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                        hours_since_purchase: np.ndarray, own: np.ndarray,
+                        relative_pending: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The users' slots (keys (U, K), features (U, K, F)) with their follow-up features filled in and
         one more slot: the purchase's most frequent follow-up where no slot holds it (else empty).
         purchase: (U,) key of each user's latest purchase's category (0: none); own: (U,) the user's own
-        follow-up of it (0: none yet, the follow-up still pending).
+        follow-up of it (0: none yet, the follow-up still pending). relative_pending: follow_pending as heads
+        fitted before checkpoint format 12 read it (relative to the top follow-up's share, 1 for it).
 
         Leave one out: a user's own pair is taken out of the counts it reads, so the shares say what the
         shop's other users did (a user alone with a rarely bought category would otherwise read its own
@@ -127,18 +131,20 @@ class FollowCounts:
                                           ((best_count - 1 == second_count) & (second < best)))
         top = np.where(demoted, second, np.where(has, best, 0))
         top_share = share_of(top[:, None])[:, 0]
-        # Pending (no follow-up yet: the user's own pair is not among the counts), relative to the purchase's
-        # most frequent follow-up (1 for it): a shop whose purchases are followed up less often has smaller
-        # shares, not a weaker ranking among them.
+        # Pending (no follow-up yet: the user's own pair is not among the counts): the share itself, so that it
+        # says how sure the shop's follow-up is. Relative to the top follow-up (1 for it, as heads before format
+        # 12 read it), a shop without follow-ups of its own still had a top one at full strength: its most
+        # popular category, put among every new buyer's top categories (the classic shop, docs/model.md).
         pending = (own == 0).astype(share.dtype)
-        feats[:, :k, FOLLOW_PENDING] = np.where(top_share[:, None] > 0, share / np.maximum(top_share, 1e-12)[:, None],
-                                                0.0) * pending[:, None]
+        scale = np.where(top_share > 0, 1.0 / np.maximum(top_share, 1e-12), 0.0) if relative_pending \
+            else np.ones_like(top_share)
+        feats[:, :k, FOLLOW_PENDING] = share * (scale * pending)[:, None]
         held = (keys[:, :k] == top[:, None]).any(axis=1)
         extra = has & ~held & (top > 0) & (top_share > 0)
         keys[extra, k] = top[extra]
         feats[extra, k, FOLLOW_SHARE] = top_share[extra]
         feats[extra, k, FOLLOW_FRESH] = top_share[extra] * fresh[extra, 0]
-        feats[extra, k, FOLLOW_PENDING] = pending[extra]
+        feats[extra, k, FOLLOW_PENDING] = (top_share * scale * pending)[extra]
         return keys, feats
 
 

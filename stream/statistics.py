@@ -73,7 +73,7 @@ SLOT_FEATURES = ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "sha
                  # P(this category | the category of the user's latest purchase) among this shop's users'
                  # follow-ups (stream/follow.py); the same faded by the time since that purchase; and, while the
                  # user has not gone on to another category since it (the follow-up still to come), the share
-                 # relative to the purchase's most frequent follow-up (1 for that one).
+                 # again (heads before checkpoint format 12: relative to the most frequent follow-up's, 1 for it).
                  "follow_share", "follow_fresh", "follow_pending",
                  # Visits: how many times the user came to the category (a run of its events, see
                  # _visit_starts), and their share. One long browse counts once: a preference, not a session's length.

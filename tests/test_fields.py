@@ -3,6 +3,8 @@ calibration, and an evaluation against the future that never looks past its cut.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import orjson
 import pytest
@@ -130,6 +132,33 @@ def test_a_head_given_only_the_statistics_ranks_as_the_baseline_does():
     y = label.numpy().astype(int)
     assert roc_auc(p.numpy(), y) >= roc_auc(user[:, j].numpy(), y) - 0.01
     assert abs(roc_auc(p.numpy(), y) - roc_auc(p_true.numpy(), y)) < 0.02
+
+
+def test_each_field_is_fitted_on_its_own():
+    """top_categories' inputs, however loud, leave the probability heads' fit as it was: each field's
+    gradients are clipped on their own (one norm over all three let a new category feature move churn)."""
+    gen = torch.Generator().manual_seed(1)
+    n, j = 2000, USER_FEATURES.index("log_purchases_7d")
+    user = torch.rand(n, len(USER_FEATURES), generator=gen)
+    label = (torch.rand(n, generator=gen) < torch.sigmoid(4 * (user[:, j] - 0.5))).float()
+    ex = examples(user, label, torch.randn(n, 8, generator=gen))
+    ex.slot_valid[:, :2] = True
+    ex.slot[:, :2] = torch.rand(n, 2, len(SLOT_FEATURES), generator=gen)
+    ex.target_slot[:, 0] = (ex.slot[:, 1, 0] > ex.slot[:, 0, 0]).long()  # the slot with more of feature 0
+    ex.target_weight[:, 0] = 1.0
+    ex.target_explore[:, 0] = -5.0
+    train = torch.arange(n) < 1500
+    fits = []
+    for loudness in (1.0, 1e4):  # loud enough that one norm over all three fields would be clipped
+        louder = dataclasses.replace(ex, slot=ex.slot * loudness)
+        model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                         query_buckets=64))
+        fit_fields(model, louder.take(train), louder.take(~train), steps=60, statistics_steps=60)
+        fits.append({name: p.clone() for name, p in model.fields.named_parameters()})
+    for name, p in fits[0].items():
+        same = torch.equal(p, fits[1][name])
+        assert same if name.startswith(("purchase.", "event.")) else True, name
+    assert not torch.equal(fits[0]["repeat_score.weight"], fits[1]["repeat_score.weight"])
 
 
 def test_the_event_head_keeps_the_directions_the_statistics_mean(monkeypatch):

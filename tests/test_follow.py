@@ -8,7 +8,7 @@ import orjson
 import pytest
 import torch
 
-from models.checkpoint_io import untrained
+from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from models.profile_model import ModelConfig
 from models.update_step import ProfileUpdater
 from stream.follow import FollowCounts
@@ -100,15 +100,20 @@ def purchase_then(user: str, bought: str, then: str | None, t: int) -> list[dict
     return out
 
 
-def test_a_user_who_just_bought_gets_the_shops_follow_up_among_top_categories():
-    """In this log, buying a tent is followed by sleeping bags (8 users of 10); a user who has just
-    bought a tent and done nothing since gets sleeping bags, a category of the shop's follow-ups that
-    the user has never engaged with, as the top category once the heads weigh the pending follow-up."""
+def tent_buyers_then_a_new_one() -> list[dict]:
+    """Ten tent buyers who went on to sleeping bags (8) or stoves (2), then "new", who has just bought one."""
     events = []
     for i in range(10):
         events += purchase_then(f"u{i}", "tents", "sleeping bags" if i < 8 else "stoves", T0 + i * HOUR)
     events += purchase_then("new", "tents", None, T0 + 40 * HOUR)
-    events = [{"event_id": f"e{n}", **e} for n, e in enumerate(events)]
+    return [{"event_id": f"e{n}", **e} for n, e in enumerate(events)]
+
+
+def test_a_user_who_just_bought_gets_the_shops_follow_up_among_top_categories():
+    """In this log, buying a tent is followed by sleeping bags (8 users of 10); a user who has just
+    bought a tent and done nothing since gets sleeping bags, a category of the shop's follow-ups that
+    the user has never engaged with, as the top category once the heads weigh the pending follow-up."""
+    events = tent_buyers_then_a_new_one()
     loaded = untrained(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
                                    query_buckets=64))
     with torch.no_grad():
@@ -120,7 +125,7 @@ def test_a_user_who_just_bought_gets_the_shops_follow_up_among_top_categories():
     names = updater.state.category_names
     assert names[int(keys[0, -1])] == "sleeping bags"  # the extra slot: the purchase's usual follow-up
     assert feats[0, -1, SLOT_FEATURES.index("follow_share")] == 0.8
-    assert feats[0, -1, SLOT_FEATURES.index("follow_pending")] == 1.0  # relative to the top follow-up: it
+    assert feats[0, -1, SLOT_FEATURES.index("follow_pending")] == 0.8  # still to come: its share again
     updater = replay(events, [7], loaded)
     profile = orjson.loads(updater.profiles_for(np.array([updater.state.row("new")]))[0][1])
     assert profile["top_categories"][0]["category"] == "sleeping bags"
@@ -158,3 +163,24 @@ def test_a_user_reads_the_other_users_follow_ups_not_its_own():
     assert shares("u0", popularity) == pytest.approx({"tents": 0.9, "sleeping bags": 0.7})
     assert shares("u9", popularity) == pytest.approx({"tents": 0.9, "stoves": 0.1, "sleeping bags": 0.8})
     assert shares("solo", popularity) == {"kayaks": 0.0, "paddles": 0.0}
+
+
+def test_heads_before_format_12_read_the_pending_follow_up_relative_to_the_top_one(tmp_path):
+    """Heads fitted before checkpoint format 12 read follow_pending as the share relative to the top
+    follow-up's (1 for it); newer ones read the share itself, which says how sure the shop's follow-up is.
+    Each checkpoint is served the numbers its heads were fitted on, and keeps that when saved again."""
+    events = tent_buyers_then_a_new_one()
+    model = untrained(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                  query_buckets=64)).model
+    save_checkpoint(tmp_path / "now.pt", model, "v12")
+    payload = torch.load(tmp_path / "now.pt", weights_only=True)
+    payload["format"] = 11
+    del payload["state_dict"]["fields.relative_pending"]
+    torch.save(payload, tmp_path / "old.pt")
+    save_checkpoint(tmp_path / "again.pt", load_checkpoint(tmp_path / "old.pt").model, "v11-again")
+    pending = SLOT_FEATURES.index("follow_pending")
+    for name, expected in (("old.pt", 1.0), ("again.pt", 1.0), ("now.pt", 0.8)):
+        updater = replay(events, [7], load_checkpoint(tmp_path / name))
+        keys, feats = updater.slots(np.array([updater.state.row("new")]), T0 + 41 * HOUR)
+        assert updater.state.category_names[int(keys[0, -1])] == "sleeping bags"
+        assert feats[0, -1, pending] == pytest.approx(expected), name
