@@ -136,15 +136,15 @@ class FollowCounts:
         # 12 read it), a shop without follow-ups of its own still had a top one at full strength: its most
         # popular category, put among every new buyer's top categories (the classic shop, docs/model.md).
         pending = (own == 0).astype(share.dtype)
-        scale = np.where(top_share > 0, 1.0 / np.maximum(top_share, 1e-12), 0.0) if relative_pending \
-            else np.ones_like(top_share)
-        feats[:, :k, FOLLOW_PENDING] = share * (scale * pending)[:, None]
+        if relative_pending:
+            pending = np.where(top_share > 0, pending / np.maximum(top_share, 1e-12), 0.0)
+        feats[:, :k, FOLLOW_PENDING] = share * pending[:, None]
         held = (keys[:, :k] == top[:, None]).any(axis=1)
         extra = has & ~held & (top > 0) & (top_share > 0)
         keys[extra, k] = top[extra]
         feats[extra, k, FOLLOW_SHARE] = top_share[extra]
         feats[extra, k, FOLLOW_FRESH] = top_share[extra] * fresh[extra, 0]
-        feats[extra, k, FOLLOW_PENDING] = (top_share * scale * pending)[extra]
+        feats[extra, k, FOLLOW_PENDING] = (top_share * pending)[extra]
         return keys, feats
 
 

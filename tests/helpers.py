@@ -67,6 +67,19 @@ def jsonl(events: Iterable[dict]) -> bytes:
     return b"".join(orjson.dumps(e) + b"\n" for e in events)
 
 
+def as_older_checkpoint(path: Path, out: Path, fmt: int, drop: tuple[str, ...] = ()) -> Path:
+    """The checkpoint at `path` written to `out` as format `fmt` wrote it: without the state entries whose
+    names start with `drop` (what that format did not have yet)."""
+    import torch  # here, not at the top: most tests that import helpers never load a checkpoint
+
+    payload = torch.load(path, weights_only=True)
+    payload["format"] = fmt
+    for key in [k for k in payload["state_dict"] if k.startswith(drop)]:
+        del payload["state_dict"][key]
+    torch.save(payload, out)
+    return out
+
+
 # ----------------------------------------------------------------------------- the daemon as a process
 
 def profiles_command() -> list[str]:

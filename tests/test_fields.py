@@ -26,7 +26,7 @@ from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from stream.generator import ShopParams, generate, write_jsonl
 from stream import statistics
 from stream.statistics import CATEGORY_SLOTS, COUNT_MAX, SLOT_FEATURES, USER_FEATURES
-from tests.helpers import DEVICE, record_batch
+from tests.helpers import DEVICE, as_older_checkpoint, record_batch
 
 ON_DEVICE = torch.device(DEVICE)
 
@@ -477,12 +477,9 @@ def test_times_since_are_resolved_within_a_session():
 def test_heads_of_a_checkpoint_before_format_10_still_read_hours(tmp_path):
     model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
                                      query_buckets=64))
-    save_checkpoint(tmp_path / "m.pt", model, "v9")
     save_checkpoint(tmp_path / "now.pt", model, "v10")
-    payload = torch.load(tmp_path / "m.pt", weights_only=True)
-    payload["format"] = 9  # heads fitted on log1p(hours) of the times since
-    del payload["state_dict"]["fields.hours_features"]
-    torch.save(payload, tmp_path / "m.pt")
+    # Format 9: heads fitted on log1p(hours) of the times since.
+    as_older_checkpoint(tmp_path / "now.pt", tmp_path / "m.pt", 9, drop=("fields.hours_features",))
     old = load_checkpoint(tmp_path / "m.pt").model.fields
     new = load_checkpoint(tmp_path / "now.pt").model.fields
     hours = torch.tensor([0.0, 0.05, 2.0, 500.0])

@@ -15,7 +15,7 @@ from stream.follow import FollowCounts
 from stream.generator import ShopParams, generate
 from stream.popularity import HolderCounts
 from stream.statistics import SLOT_FEATURES
-from tests.helpers import DEVICE, record_batch
+from tests.helpers import DEVICE, as_older_checkpoint, record_batch
 
 ON_DEVICE = torch.device(DEVICE)
 T0 = 1_700_000_000_000
@@ -173,10 +173,7 @@ def test_heads_before_format_12_read_the_pending_follow_up_relative_to_the_top_o
     model = untrained(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
                                   query_buckets=64)).model
     save_checkpoint(tmp_path / "now.pt", model, "v12")
-    payload = torch.load(tmp_path / "now.pt", weights_only=True)
-    payload["format"] = 11
-    del payload["state_dict"]["fields.relative_pending"]
-    torch.save(payload, tmp_path / "old.pt")
+    as_older_checkpoint(tmp_path / "now.pt", tmp_path / "old.pt", 11, drop=("fields.relative_pending",))
     save_checkpoint(tmp_path / "again.pt", load_checkpoint(tmp_path / "old.pt").model, "v11-again")
     pending = SLOT_FEATURES.index("follow_pending")
     for name, expected in (("old.pt", 1.0), ("again.pt", 1.0), ("now.pt", 0.8)):

@@ -16,7 +16,7 @@ from models.features import build_features, hash_buckets
 from models.profile_model import CheckpointError, ModelConfig, ProfileModel
 from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from stream.generator import generate
-from tests.helpers import DEVICE, record_batch
+from tests.helpers import DEVICE, as_older_checkpoint, record_batch
 
 SMALL = ModelConfig(hidden_size=16, item_buckets=1024, category_buckets=64, query_buckets=256)
 
@@ -90,11 +90,7 @@ def test_a_format_4_checkpoint_loads_without_copying(tmp_path):
     model = ProfileModel.fresh(replace(SMALL, n_items=5))
     path = tmp_path / "m.pt"
     save_checkpoint(path, model, "v-old", {}, [f"i{n}" for n in range(5)])
-    payload = torch.load(path, weights_only=True)
-    payload["format"] = 4
-    for key in [k for k in payload["state_dict"] if k.startswith(("item_copy.", "category_copy."))]:
-        del payload["state_dict"][key]
-    torch.save(payload, path)
+    as_older_checkpoint(path, path, 4, drop=("item_copy.", "category_copy."))
     loaded = load_checkpoint(path).model
     s = torch.randn(3, SMALL.state_size)
     current = torch.tensor([0, 4, -1])
