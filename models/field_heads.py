@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES, USER_FEATURES
+from stream.tempo import DEFAULT_STEP_MINUTES
 
 CALIBRATION_KNOTS = 6
 SESSION_OFF = -30.0  # the session process's bias where it is not fitted: a hazard of e**-30, none
@@ -39,16 +40,18 @@ class FieldInputs:
     slot_cols: torch.Tensor  # (U, K) long: each category slot's column among the categories scored
     slot_valid: torch.Tensor  # (U, K) bool: the slot holds a category
     slot: torch.Tensor  # (U, K, len(SLOT_FEATURES)) the slots' statistics
+    idle_steps: torch.Tensor  # (U,) idle minutes over the shop's typical gap within a visit (stream/tempo.py)
 
     @classmethod
     def from_idle(cls, idle_hours: torch.Tensor) -> "FieldInputs":
         """Inputs of users about whom only the idle time is known (no statistics, no categories)."""
         u, dev = len(idle_hours), idle_hours.device
         user = torch.zeros(u, len(USER_FEATURES), device=dev)
-        user[:, USER_FEATURES.index("log_idle_minutes")] = torch.log1p(idle_hours.clamp(min=0) * 60)
+        minutes = idle_hours.clamp(min=0) * 60
+        user[:, USER_FEATURES.index("log_idle_minutes")] = torch.log1p(minutes)
         return cls(user, torch.zeros(u, CATEGORY_SLOTS, dtype=torch.long, device=dev),
                    torch.zeros(u, CATEGORY_SLOTS, dtype=torch.bool, device=dev),
-                   torch.zeros(u, CATEGORY_SLOTS, len(SLOT_FEATURES), device=dev))
+                   torch.zeros(u, CATEGORY_SLOTS, len(SLOT_FEATURES), device=dev), minutes / DEFAULT_STEP_MINUTES)
 
 
 class HazardHead(nn.Module):
@@ -73,8 +76,8 @@ class HazardHead(nn.Module):
         nn.init.zeros_(self.shape.weight)
         nn.init.zeros_(self.shape.bias)
         # A second process beside the Weibull one: the session going on. Its cumulative hazard,
-        # exp(session(x)) * (1 - exp(-W / tau)), saturates within about tau (learned: 20 minutes to 8 hours in
-        # the models of docs/model.md, session 29): it says whether the user comes back within the next minutes
+        # exp(session(x) - idle decay) * (1 - exp(-W / tau)), saturates within about tau (learned: 16 minutes to
+        # about an hour in the models of docs/model.md, session 36): it says whether the user comes back within the next minutes
         # or hours (idle 2 minutes with a cart in a real session), where the Weibull part, fitted mostly on
         # weeks, says little; past tau it is a constant the return part outweighs for users idle for days.
         # Off (no hazard at all) until training fits it.
@@ -82,18 +85,28 @@ class HazardHead(nn.Module):
         nn.init.zeros_(self.session.weight)
         nn.init.constant_(self.session.bias, SESSION_OFF)
         self.log_session_hours = nn.Parameter(torch.tensor(float(np.log(0.25))))
+        # The idle decay: the session is still going on with odds that fall as exp(-idle_steps / scale), idle
+        # time in the shop's own pace (FieldInputs.idle_steps), so that "5 minutes idle" means the end of a visit
+        # in a shop whose users step every half minute and a pause in one whose users step every four (log1p of
+        # minutes alone carried the generated shops' pace to the real logs: churn behind days idle there,
+        # docs/model.md, session 36). Heads of a checkpoint before format 13 have no such term (load_checkpoint
+        # clears idle_decay).
+        self.log_step_scale = nn.Parameter(torch.tensor(float(np.log(30.0))))
+        self.register_buffer("idle_decay", torch.tensor(True))
         # Calibration on held-out time: log L -> g(log L), g monotone piecewise linear through the knots
         # (row 0: knots, row 1: their values), extended linearly past the ends; identity untrained.
         knots = identity_knots()
         self.register_buffer("calibration", torch.stack([knots, knots.clone()]))
 
-    def log_hazard(self, x: torch.Tensor, s: torch.Tensor, window_hours: torch.Tensor) -> torch.Tensor:
-        """(U,) log L(W), calibrated."""
+    def log_hazard(self, x: torch.Tensor, s: torch.Tensor, window_hours: torch.Tensor,
+                   idle_steps: torch.Tensor) -> torch.Tensor:
+        """(U,) log L(W), calibrated. idle_steps: FieldInputs.idle_steps."""
         f = self.linear(x)[:, 0] + self.mlp(x)[:, 0] + self.state(s)[:, 0]
         kappa = (self.log_kappa + self.shape(x)[:, 0].clamp(-3, 3)).exp()
         w = window_hours.clamp(min=1e-3)
         log_return = f + kappa * torch.log(w / 24.0)
-        log_session = self.session(x)[:, 0] + torch.log(-torch.expm1(-w / self.log_session_hours.exp()))
+        decay = torch.where(self.idle_decay, idle_steps / self.log_step_scale.exp(), 0.0)
+        log_session = self.session(x)[:, 0] - decay + torch.log(-torch.expm1(-w / self.log_session_hours.exp()))
         log_l = torch.logaddexp(log_return, log_session)
         return piecewise_linear(log_l, self.calibration[0], self.calibration[1])
 

@@ -43,6 +43,7 @@ class CutExamples:
     """(user, cut) examples: inputs as served, labels from the future. All tensors share the first dim."""
 
     user: torch.Tensor  # (n, F) raw statistics
+    idle_steps: torch.Tensor  # (n,) idle time in the shop's pace (FieldInputs.idle_steps)
     state: torch.Tensor  # (n, S)
     slot_valid: torch.Tensor  # (n, K) bool
     slot: torch.Tensor  # (n, K, Fs)
@@ -104,7 +105,8 @@ class CutExamples:
 
     def inputs(self) -> FieldInputs:
         k = self.slot_valid.shape[1]
-        return FieldInputs(self.user, torch.arange(k).expand(len(self.user), k), self.slot_valid, self.slot)
+        return FieldInputs(self.user, torch.arange(k).expand(len(self.user), k), self.slot_valid, self.slot,
+                           self.idle_steps)
 
 
 class FutureIndex:
@@ -266,7 +268,7 @@ def examples_at(updater, model: ProfileModel, future: FutureIndex, cut: int, end
         return torch.as_tensor(a, dtype=dtype, device=device)
 
     return CutExamples(
-        user=inputs.user, state=s, slot_valid=inputs.slot_valid, slot=inputs.slot,
+        user=inputs.user, idle_steps=inputs.idle_steps, state=s, slot_valid=inputs.slot_valid, slot=inputs.slot,
         explore_at_slots=explore_slots, target_explore=explore_targets,
         target_slot=t(target_slot, torch.long), target_weight=t(target_weight),
         foreign_at_slots=foreign_slots, foreign_target_explore=foreign_targets,
@@ -297,9 +299,10 @@ def field_losses(model: ProfileModel, ex: CutExamples) -> dict[str, torch.Tensor
     for name, head, label, hours, rows in (("purchase", heads.purchase, ex.purchase, ex.purchase_hours, purchase_rows),
                                            ("event", heads.event, ex.event, ex.event_hours, event_rows)):
         if rows is None:
-            out[name] = HazardHead.nll(head.log_hazard(x, ex.state, hours), label)
+            out[name] = HazardHead.nll(head.log_hazard(x, ex.state, hours, ex.idle_steps), label)
         elif len(rows):
-            out[name] = HazardHead.nll(head.log_hazard(x[rows], ex.state[rows], hours[rows]), label[rows])
+            out[name] = HazardHead.nll(head.log_hazard(x[rows], ex.state[rows], hours[rows], ex.idle_steps[rows]),
+                                       label[rows])
     c = with_categories
     if len(c.user):
         inputs = c.inputs()
@@ -455,10 +458,11 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200,
         k = head.calibration.shape[1]
         with torch.no_grad():
             current = head.calibration.clone()
-            served = head.log_hazard(x[ok], val.state[ok], hours[ok]).cpu()  # with the current calibration
+            # With the current calibration:
+            served = head.log_hazard(x[ok], val.state[ok], hours[ok], val.idle_steps[ok]).cpu()
             identity = identity_knots(k)
             head.calibration.copy_(torch.stack([identity, identity]))
-            raw = head.log_hazard(x[ok], val.state[ok], hours[ok]).cpu()
+            raw = head.log_hazard(x[ok], val.state[ok], hours[ok], val.idle_steps[ok]).cpu()
             knots = torch.quantile(raw, torch.linspace(0.02, 0.98, k)).cummax(0).values
             knots = knots + torch.arange(k) * 1e-3  # strictly ascending, even where the scores tie
         # values = knot 0's value, then slopes between CALIBRATION_SLOPES: monotone by construction, and never so
@@ -576,7 +580,7 @@ def _head_loss(model: ProfileModel, ex: CutExamples, name: str) -> float:
     label, hours = ex.outcome(name)
     ok = hours > 0
     return float(HazardHead.nll(getattr(heads, name).log_hazard(heads.standardise(ex.user)[ok], ex.state[ok],
-                                                                 hours[ok]), label[ok]))
+                                                                 hours[ok], ex.idle_steps[ok]), label[ok]))
 
 
 def _sample(ex: CutExamples, n: int, gen: torch.Generator) -> CutExamples:

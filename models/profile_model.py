@@ -388,8 +388,8 @@ class ProfileModel(nn.Module):
         x = self.fields.standardise(inputs.user)
         purchase_hours = torch.as_tensor(purchase_hours, dtype=x.dtype, device=x.device).expand(len(x))
         churn_hours = torch.as_tensor(churn_hours, dtype=x.dtype, device=x.device).expand(len(x))
-        purchase = HazardHead.probability(self.fields.purchase.log_hazard(x, s, purchase_hours))
-        churn = 1 - HazardHead.probability(self.fields.event.log_hazard(x, s, churn_hours))
+        purchase = HazardHead.probability(self.fields.purchase.log_hazard(x, s, purchase_hours, inputs.idle_steps))
+        churn = 1 - HazardHead.probability(self.fields.event.log_hazard(x, s, churn_hours, inputs.idle_steps))
         return purchase, churn
 
     def category_mixture(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None,
@@ -409,7 +409,8 @@ class ProfileModel(nn.Module):
             explore = torch.log_softmax(logits, dim=1)
             slot_cols = inputs.slot_cols[a:b].clamp(0, width - 1)
             explore_slots = explore.gather(1, slot_cols)
-            chunk = FieldInputs(inputs.user[a:b], slot_cols, inputs.slot_valid[a:b], inputs.slot[a:b])
+            chunk = FieldInputs(inputs.user[a:b], slot_cols, inputs.slot_valid[a:b], inputs.slot[a:b],
+                                inputs.idle_steps[a:b])
             repeat = self.fields.repeat_log_probs(chunk, explore_slots).exp()  # (u, K), 0 at empty slots
             g = self.fields.repeat_gate(x[a:b], s[a:b], chunk, explore_slots, width)[:, None]
             explore = explore.exp_()

@@ -27,6 +27,7 @@ from models.field_heads import FieldInputs
 from models.checkpoint_io import LoadedModel
 from stream import statistics
 from stream.follow import FollowCounts, hours_since
+from stream.tempo import ShopTempo
 from stream.decode import decode_batch
 from stream.events import PURCHASE, DeadLetter, EventColumns, RecordBatch
 from stream.expiry import Expired, StateExpiry
@@ -289,6 +290,7 @@ class ProfileUpdater:
         state.remember_categories(keys, category)
         # The exact statistics the field heads read (before last_ts moves: they decay from it).
         follow_before, keys_before = FollowCounts.pairs(state.columns, rows), state.columns["cat_key"][rows]
+        tempo_before = ShopTempo.parts(state.columns, rows)
         statistics.update(state.columns, rows, user_sorted, ts, ev.type_idx[order], keys, starts,
                           lengths, gap_seconds * 1000.0, first_ever, state.last_ts[rows].copy())
         state.follow.replace(follow_before, FollowCounts.pairs(state.columns, rows))
@@ -307,6 +309,8 @@ class ProfileUpdater:
         if self.next_items:  # the items the next-item bonuses read: the latest events' (the state is after them)
             recent = state.columns["recent_items"]
             recent[rows] = shift_in(recent[rows], feats.item_vocab.cpu().numpy(), starts, lengths)
+        state.tempo.change(tempo_before, -1)  # (after the counters: a user's in-visit gaps are events less sessions)
+        state.tempo.change(ShopTempo.parts(state.columns, rows), 1)
         state.last_ts[rows] = np.maximum(state.last_ts[rows], last_of_user)
         state.max_event_ts = max(state.max_event_ts, int(ts.max()))
         return rows
@@ -366,7 +370,11 @@ class ProfileUpdater:
         b = torch.from_numpy(keys).to(self.device)
         cols = torch.searchsorted(seen, b).clamp(max=max(len(seen) - 1, 0))
         valid = (b > 0) & (seen[cols] == b) if len(seen) else torch.zeros_like(b, dtype=torch.bool)
-        return FieldInputs(torch.from_numpy(user).to(self.device), cols, valid, torch.from_numpy(slot).to(self.device))
+        # Idle time in the shop's own pace (stream/tempo.py): what the session processes of the heads decay by.
+        idle_minutes = np.expm1(user[:, statistics.USER_FEATURES.index("log_idle_minutes")].astype(np.float64))
+        idle_steps = torch.from_numpy((idle_minutes / state.tempo.step_minutes).astype(np.float32))
+        return FieldInputs(torch.from_numpy(user).to(self.device), cols, valid, torch.from_numpy(slot).to(self.device),
+                           idle_steps.to(self.device))
 
     @torch.inference_mode()
     def profiles_for(self, rows: np.ndarray, horizons_hours: tuple[float, float] | None = None, *,

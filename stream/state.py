@@ -34,12 +34,14 @@ from stream.changelog_records import ChangelogLoader, numpy_dtype, pack, record_
 from stream.events import EVENT_TYPES
 from stream.follow import FollowCounts
 from stream.popularity import HolderCounts
+from stream.tempo import ShopTempo
 from stream.settings import STATE_DTYPES
 from stream.statistics import STAT_COLUMNS, unheld_keys
 from stream.snapshot_files import read_snapshot, write_snapshot  # noqa: F401 (where callers import them from)
 from stream.user_index import UserIndex, distinct, hashes_of, objects
 
-SNAPSHOT_FORMAT = 3  # 2: category slots and names by category key (1: by the model's bucket); 3: visit counts
+SNAPSHOT_FORMAT = 4  # 2: category slots and names by category key (1: by the model's bucket); 3: visit counts;
+# 4: the in-visit gaps' log minutes (stream/tempo.py)
 # How the model state may be stored (--state-dtype): its torch dtype by name.
 STATE_DTYPE_NAMES = {name: getattr(torch, name) for name in STATE_DTYPES}
 
@@ -93,6 +95,7 @@ class StateTable:
         # What the shop's users do, counted over the table's users (a pure function of it: see recount).
         self.follow = FollowCounts()  # what follows a purchase (stream/follow.py)
         self.holders = HolderCounts()  # how many users hold each category (stream/popularity.py)
+        self.tempo = ShopTempo()  # how fast the users move within a visit (stream/tempo.py)
         self.categories_version = 0  # bumped whenever category_names changes (the changelog re-sends it)
         self.max_event_ts = -1  # largest event time seen: the clock of event-time timers
         self._seen_cache: torch.Tensor | None = None
@@ -150,14 +153,16 @@ class StateTable:
             self.columns[name][rows] = initial
 
     def count_rows(self, rows: np.ndarray, sign: int) -> None:
-        """Add (sign 1) or take away (sign -1) these rows' users in the shop's counts (follow-ups, holders)."""
+        """Add (sign 1) or take away (sign -1) these rows' users in the shop's counts (follow-ups, holders, pace)."""
         self.follow.change(FollowCounts.pairs(self.columns, rows), sign)
         self.holders.change(self.columns["cat_key"][rows], sign)
+        self.tempo.change(ShopTempo.parts(self.columns, rows), sign)
 
     def recount(self) -> None:
         """The shop's counts from the table's rows (after a restore wrote them)."""
         self.follow.rebuild(self.columns, len(self))
         self.holders.rebuild(self.columns, len(self))
+        self.tempo.rebuild(self.columns, len(self))
 
     def _initialise(self, start: int, stop: int) -> None:
         """Rows start..stop-1, new to users: zero states and each column's initial value (see _room)."""

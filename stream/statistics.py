@@ -38,6 +38,7 @@ ACTIVITY_TAUS_MS = (DAY_MS, 7 * DAY_MS, 30 * DAY_MS)  # events
 PURCHASE_TAUS_MS = (7 * DAY_MS, 30 * DAY_MS)  # purchases
 SESSION_GAP_MS = 30 * 60_000  # a new session starts after this long without events
 GAP_RATES = (0.5, 0.1)  # exponential averages of log inter-session gaps: the recent and the usual rhythm
+STEP_MIN_MS = 1_000.0  # a visit's gaps count from a second (same-second events: logs in seconds have many)
 
 # Host columns of the state: name -> (dtype, trailing shape, initial value). See state.COLUMNS.
 STAT_COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
@@ -53,6 +54,9 @@ STAT_COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
     "purchase_mass": (np.float32, (len(PURCHASE_TAUS_MS),), 0.0),
     "sessions": (np.int32, (), 0),
     "session_gap": (np.float32, (len(GAP_RATES),), 0.0),  # biased averages; see user_features
+    # Sum of the log minutes of the gaps between the user's events within a visit (each at least STEP_MIN_MS):
+    # the user's part of the shop's pace (stream/tempo.py), which the heads read idle time against.
+    "step_log_minutes": (np.float32, (), 0.0),
     # The user's part of what follows a purchase in this shop (stream/follow.py): the key of the latest
     # purchase's category, and of the first other category engaged with after it (0: none yet).
     "purchase_category": (np.uint32, (), 0),
@@ -139,6 +143,9 @@ def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.nda
     # Visit rhythm: every session opening after the first adds its log gap (hours) to two averages.
     opens = first_ever | (gap_ms > SESSION_GAP_MS)
     columns["sessions"][rows] += np.bincount(user_sorted, weights=opens, minlength=n_users).astype(np.int64)
+    steps = ~opens  # the gaps within a visit: the shop's pace (stream/tempo.py)
+    step_log = np.log(np.maximum(gap_ms[steps], STEP_MIN_MS) / MINUTE_MS)
+    columns["step_log_minutes"][rows] += np.bincount(user_sorted[steps], weights=step_log, minlength=n_users)
     gaps = opens & ~first_ever
     if gaps.any():
         g_user = user_sorted[gaps]

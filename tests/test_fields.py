@@ -322,7 +322,8 @@ def test_a_new_calibration_is_kept_only_if_it_predicts_later_time_better(shop):
                          purchase_hours=torch.full((n,), float(PURCHASE_HORIZON_HOURS)),
                          event_hours=torch.full((n,), float(CHURN_HORIZON_HOURS)))
         with torch.no_grad():
-            log_l = model.fields.purchase.log_hazard(model.fields.standardise(user), ex.state, ex.purchase_hours)
+            log_l = model.fields.purchase.log_hazard(model.fields.standardise(user), ex.state, ex.purchase_hours,
+                                                     ex.idle_steps)
         label = (torch.rand(n, generator=gen) < HazardHead.probability(log_l + offset)).float()
         if shop == "no purchases":
             label = torch.zeros(n)
@@ -449,10 +450,12 @@ def test_held_out_cuts_are_one_that_saw_both_horizons_in_full_and_the_latest():
 
 
 def examples(user: torch.Tensor, label: torch.Tensor, state: torch.Tensor) -> CutExamples:
-    """Examples whose purchase label is `label` over a 24 h window (events and categories left empty)."""
+    """Examples whose purchase label is `label` over a 24 h window (events and categories left empty; idle
+    time in the shop's pace 0: the session processes do not decay)."""
     n, k = len(user), CATEGORY_SLOTS
     return CutExamples(
-        user=user, state=state, slot_valid=torch.zeros(n, k, dtype=torch.bool), slot=torch.zeros(n, k, len(SLOT_FEATURES)),
+        user=user, idle_steps=torch.zeros(n), state=state, slot_valid=torch.zeros(n, k, dtype=torch.bool),
+        slot=torch.zeros(n, k, len(SLOT_FEATURES)),
         explore_at_slots=torch.full((n, k), -5.0), target_explore=torch.full((n, 2), float("-inf")),
         target_slot=torch.full((n, 2), -1), target_weight=torch.zeros(n, 2),
         foreign_at_slots=torch.full((n, k), -5.0), foreign_target_explore=torch.full((n, 2), float("-inf")),
@@ -578,7 +581,9 @@ def test_repeat_side_alone_ranks_a_users_categories_by_their_counts():
     slot = torch.zeros(1, CATEGORY_SLOTS, len(SLOT_FEATURES))
     slot[..., SLOT_FEATURES.index("log_count")] = torch.log1p(counts)
     valid = counts > 0
-    inputs = FieldInputs(torch.zeros(1, len(USER_FEATURES)), torch.tensor([[10, 20, 30, 40] + [0] * (CATEGORY_SLOTS - 4)]), valid, slot)
+    inputs = FieldInputs(torch.zeros(1, len(USER_FEATURES)),
+                         torch.tensor([[10, 20, 30, 40] + [0] * (CATEGORY_SLOTS - 4)]),
+                         valid, slot, torch.zeros(1))
     with torch.no_grad():
         probs, cols = model.category_mixture(torch.zeros(1, 8), torch.tensor([48.0]), None, inputs, 3)
     assert cols.tolist() == [[20, 40, 10]]  # 9 > 5 > 3
