@@ -63,9 +63,11 @@ def fields_summary(report: dict) -> str:
         return "fields: the log is too short to fit them: left untrained"
     fits = report.get("calibration_fit", {})
     kept = [name for name, head in PROBABILITY_HEADS if fits.get(head, {}).get("kept")]
+    paced = [name for name, head in PROBABILITY_HEADS if report.get("idle_decay", {}).get(head)]
     return (f"fields: fitted on {report['train_examples']:,} profiles at {report['cuts']} cuts, "
             f"{report['val_examples']:,} held out; calibrated on held-out time: "
-            + (", ".join(kept) if kept else "none (too few held-out profiles, or no gain)"))
+            + (", ".join(kept) if kept else "none (too few held-out profiles, or no gain)")
+            + "; idle time in the shop's pace: " + (", ".join(paced) if paced else "none (no gain on held-out time)"))
 
 
 def weights_digest(model: torch.nn.Module) -> str:

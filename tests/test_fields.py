@@ -134,6 +134,31 @@ def test_a_head_given_only_the_statistics_ranks_as_the_baseline_does():
     assert abs(roc_auc(p.numpy(), y) - roc_auc(p_true.numpy(), y)) < 0.02
 
 
+@pytest.mark.parametrize("pace_speaks", [True, False])
+def test_the_session_process_fades_in_the_shops_pace_only_where_that_wins_on_held_out_time(pace_speaks):
+    """Whether a user comes back within the half hour falls with its idle time in the shop's pace, or does not
+    depend on it: the probability heads keep the fading (HazardHead.idle_decay) in the first world and not in
+    the second, where it could only fit noise (as in the REES46 slice: docs/model.md, session 36)."""
+    gen = torch.Generator().manual_seed(2)
+    n = 4000
+    user = torch.rand(n, len(USER_FEATURES), generator=gen)  # statistics that say nothing
+    idle_steps = torch.rand(n, generator=gen) * 8
+    p_true = 0.9 * torch.exp(-idle_steps) if pace_speaks else torch.full((n,), 0.3)
+    label = (torch.rand(n, generator=gen) < p_true).float()
+    ex = dataclasses.replace(examples(user, label, torch.zeros(n, 8)), idle_steps=idle_steps,
+                             purchase_hours=torch.full((n,), 0.5), event_hours=torch.full((n,), 0.5))
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    train = torch.arange(n) < 3000
+    report = fit_fields(model, ex.take(train), ex.take(~train), steps=100, statistics_steps=200)
+    assert report["idle_decay"] == {"purchase": pace_speaks, "event": pace_speaks}
+    assert bool(model.fields.purchase.idle_decay) == bool(model.fields.event.idle_decay) == pace_speaks
+    if pace_speaks:
+        with torch.no_grad():
+            p, _ = model.field_probabilities(ex.state, ex.inputs(), 0.5, 0.5)
+        assert roc_auc(p.numpy(), label.numpy().astype(int)) > 0.8
+
+
 def test_each_field_is_fitted_on_its_own():
     """top_categories' inputs, however loud, leave the probability heads' fit as it was: each field's
     gradients are clipped on their own (one norm over all three let a new category feature move churn)."""
