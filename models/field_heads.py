@@ -76,10 +76,11 @@ class HazardHead(nn.Module):
         nn.init.zeros_(self.shape.weight)
         nn.init.zeros_(self.shape.bias)
         # A second process beside the Weibull one: the session going on. Its cumulative hazard,
-        # exp(session(x) - idle decay) * (1 - exp(-W / tau)), saturates within about tau (learned: 16 minutes to
-        # about an hour in the models of docs/model.md, session 36): it says whether the user comes back within the next minutes
-        # or hours (idle 2 minutes with a cart in a real session), where the Weibull part, fitted mostly on
-        # weeks, says little; past tau it is a constant the return part outweighs for users idle for days.
+        # exp(session(x) - idle decay) * (1 - exp(-W / tau)), saturates within about tau (learned: 16 minutes
+        # to about an hour in the models of docs/model.md, session 36): it says whether the user comes back
+        # within the next minutes or hours (idle 2 minutes with a cart in a real session), where the Weibull
+        # part, fitted mostly on weeks, says little; past tau it is a constant the return part outweighs for
+        # users idle for days.
         # Off (no hazard at all) until training fits it.
         self.session = nn.Linear(n_features, 1)
         nn.init.zeros_(self.session.weight)

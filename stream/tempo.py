@@ -4,10 +4,10 @@ A user idle for 5 minutes is gone in one shop and reading a product page in anot
 shops' users take a step every half minute, Taobao's every 3-4 minutes. What the heads learn about
 the session going on ("idle this long, still here?") only carries to another shop in that shop's own
 unit of time. `ShopTempo` keeps the geometric mean of the gaps between a visit's events (each at
-least a second, at most stream/statistics.SESSION_GAP_MS) over the table's users: each user's row holds the sum of its
-gaps' log minutes (stream/statistics.py, `step_log_minutes`), and the number of those gaps is its
-events less its sessions. Kept exactly as rows change, as `HolderCounts` (stream/popularity.py) is: a
-pure function of the table, rebuilt after a restore, nothing written anywhere.
+least a second, at most stream/statistics.SESSION_GAP_MS) over the table's users: each user's row
+holds the sum of its gaps' log minutes (stream/statistics.py, `step_log_minutes`), and the number of
+those gaps is its events less its sessions. Kept as rows change (to float rounding), as `HolderCounts`
+(stream/popularity.py) is: a pure function of the table, rebuilt after a restore, nothing written anywhere.
 """
 
 from __future__ import annotations

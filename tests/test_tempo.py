@@ -62,6 +62,22 @@ def test_the_shops_pace_is_the_geometric_mean_of_its_in_visit_gaps_whatever_the_
     assert ShopTempo().step_minutes == DEFAULT_STEP_MINUTES  # no visit of two events yet
 
 
+def test_users_who_expire_or_start_afresh_after_the_ttl_take_their_gaps_with_them():
+    """With --state-ttl of an hour, event by event: a's return two hours later starts its row afresh and b, c and
+    d expire, so the only gap left is a's 2 minutes after its return. (In one batch, a's return is no return: the
+    gaps are counted as the rows hold them either way.)"""
+    for size in (1, 100):
+        updater = ProfileUpdater(untrained(), torch.device(DEVICE), max_event_bytes=65536, emit_embedding=False,
+                                 state_ttl_ms=60 * MINUTE)
+        events = visits()
+        for a in range(0, len(events), size):
+            updater.process(record_batch(events[a:a + size], topic="t", first_offset=a, keys=None))
+        tempo = updater.state.tempo
+        assert (tempo.log_minutes, tempo.steps) == pytest.approx(rebuilt(updater), rel=1e-6)
+        if size == 1:
+            assert tempo.steps == 1 and tempo.step_minutes == pytest.approx(2.0, rel=1e-5)
+
+
 def test_the_heads_read_idle_time_in_the_shops_pace():
     updater = replay(visits(), 100)
     rows = np.arange(len(updater.state))
