@@ -26,6 +26,11 @@ def checkpoint_info(path: str) -> dict:
                         for i, name in enumerate(("item", "category"))},
         "neighbours": {"sessions": len(loaded.model.neighbours().session_size),
                        "weight": float(loaded.model.neighbour_weight[0])},
+        # Per probability field, the scale (in the shop's typical in-visit gaps) over which its session process
+        # fades with idle time, or None where it does not (checkpoints before format 13, or not earned in training).
+        "pace_decay": {name: float(head.log_step_scale.detach().exp()) if bool(head.idle_decay) else None
+                       for name, head in (("purchase_propensity", loaded.model.fields.purchase),
+                                          ("churn_risk", loaded.model.fields.event))},
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "state_floats_per_user": config.state_size,
         "next_item_vocabulary": len(loaded.item_vocab),
@@ -61,6 +66,9 @@ def info_lines(info: dict) -> list[str]:
         ("price tiers", ", ".join(f"{n} < {e:g}" for n, e in zip(c["price_tier_names"], c["price_tier_edges"]))
          + f", {c['price_tier_names'][-1]} above"),
         ("churn horizon", f"{c['churn_horizon_hours']:g} h"),
+        ("idle time in the shop's pace", ", ".join(f"{name} (fades over {scale:.3g} in-visit gaps)"
+                                                   for name, scale in info["pace_decay"].items() if scale is not None)
+         or "not read (the session processes do not fade with it)"),
     ]
     if t:
         lines += [("trained at", t.get("created_at", "?")), ("trained on", ", ".join(t.get("events", [])) or "?"),

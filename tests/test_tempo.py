@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from consumers.model_info import checkpoint_info, info_lines
 from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from models.field_heads import FieldInputs, HazardHead
 from models.profile_model import ModelConfig
@@ -117,5 +118,10 @@ def test_the_session_process_fades_with_idle_time_in_the_shops_pace_and_not_befo
         assert (q[0] > q[1] + 0.1) == fades, name
         if not fades:
             assert float(q[0]) == pytest.approx(float(q[1]))
+    # `profiles model info` says which fields read the pace.
+    assert checkpoint_info(str(tmp_path / "now.pt"))["pace_decay"] == {"purchase_propensity": pytest.approx(30.0),
+                                                                         "churn_risk": pytest.approx(2.0)}
+    assert checkpoint_info(str(tmp_path / "old.pt"))["pace_decay"] == {"purchase_propensity": None, "churn_risk": None}
+    assert any("not read" in line for line in info_lines(checkpoint_info(str(tmp_path / "old.pt"))))
     inputs = FieldInputs.from_idle(torch.tensor([2.0]))
     assert float(inputs.idle_steps[0]) == pytest.approx(120 / DEFAULT_STEP_MINUTES)
