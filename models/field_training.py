@@ -409,13 +409,14 @@ def fit_fields(model: ProfileModel, train: CutExamples, val: CutExamples, steps:
         torch.manual_seed(seed)
         _init_heads(model, train, {"purchase": decay, "event": decay})
         results[variant] = _fit_variant(model, train, val, statistics_steps, lr, weight_decay, True)
-    idle_decay = {head: results["statistics"][head][0] < results["statistics without decay"][head][0]
-                  * (1 - SIMPLER_MARGIN) for head in ("purchase", "event") if head in results["statistics"]}
-    if not all(idle_decay.values()):
-        torch.manual_seed(seed)
-        _init_heads(model, train, {h: False for h, on in idle_decay.items() if not on})
-        results["statistics"] = _fit_variant(model, train, val, statistics_steps, lr, weight_decay, True)
     without_decay = results.pop("statistics without decay")
+    idle_decay = {head: results["statistics"][head][0] < without_decay[head][0] * (1 - SIMPLER_MARGIN)
+                  for head in ("purchase", "event") if head in results["statistics"]}
+    # Each head's fit is its own (its loss, its clipping, Adam per parameter): a head without the fading keeps
+    # the fit it had in the run without it.
+    for head, on in idle_decay.items():
+        if not on:
+            results["statistics"][head] = without_decay[head]
     torch.manual_seed(seed)
     _init_heads(model, train, idle_decay)
     # The full heads' MLP starts at zero and takes hundreds of steps to learn what a linear fit cannot (on

@@ -62,6 +62,24 @@ def _user_key(value: bytes | None) -> bytes | None:
     return None if user is None else str(user).encode()
 
 
+def updater_fed(events: Sequence[dict], sizes: Sequence[int], loaded=None, **options):
+    """A ProfileUpdater on DEVICE (an untrained model unless `loaded`) that has processed `events` in batches of
+    `sizes`, taken in turn; options go to ProfileUpdater (e.g. state_ttl_ms)."""
+    import torch  # here, not at the top: most tests that import helpers never run a model
+
+    from models.checkpoint_io import untrained
+    from models.update_step import ProfileUpdater
+
+    updater = ProfileUpdater(loaded or untrained(), torch.device(DEVICE), max_event_bytes=65536,
+                             emit_embedding=False, **options)
+    a, i = 0, 0
+    while a < len(events):
+        b = a + sizes[i % len(sizes)]
+        updater.process(record_batch(events[a:b], topic="t", first_offset=a, keys=None))
+        a, i = b, i + 1
+    return updater
+
+
 def jsonl(events: Iterable[dict]) -> bytes:
     """Events as JSON lines, the way a log file holds them."""
     return b"".join(orjson.dumps(e) + b"\n" for e in events)

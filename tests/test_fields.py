@@ -26,24 +26,16 @@ from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from stream.generator import ShopParams, generate, write_jsonl
 from stream import statistics
 from stream.statistics import CATEGORY_SLOTS, COUNT_MAX, SLOT_FEATURES, USER_FEATURES
-from tests.helpers import DEVICE, as_older_checkpoint, record_batch
+from tests.helpers import DEVICE, as_older_checkpoint, record_batch, updater_fed
 
 ON_DEVICE = torch.device(DEVICE)
-
-
-def run(events: list[dict], batch: int) -> ProfileUpdater:
-    updater = ProfileUpdater(untrained(), ON_DEVICE, max_event_bytes=65536, emit_embedding=False)
-    for a in range(0, len(events), batch):
-        chunk = events[a:a + batch]
-        updater.process(record_batch(chunk, topic="t", first_offset=a, keys=None))
-    return updater
 
 
 def test_statistics_do_not_depend_on_batching():
     """Every statistic equals whatever the batch sizes; category slots too, for users whose categories
     fit the slots (beyond, the least engaged fall out in an order that can depend on batching)."""
     events = generate(users=150, events=4000, seed=5).events
-    one, many = run(events, 10_000).state, run(events, 97).state
+    one, many = updater_fed(events, [10_000]).state, updater_fed(events, [97]).state
     order = [many.row(u) for u in one.user_ids]
     from stream.statistics import COUNT, SESSION_GAP_MS, STAT_COLUMNS, VISITS
     for name in set(STAT_COLUMNS) - {"cat_key", "cat_mass", "cat_count"}:
@@ -94,7 +86,7 @@ def test_category_counts_stop_at_their_maximum_instead_of_wrapping():
                "category": "c"} for i in range(n)]  # an hour apart: every event is a visit
     events.append({"event_id": "other", "user_id": "bot", "type": "click", "ts": t0 + n * 3_600_000,
                    "item_id": "j", "category": "d"})
-    state = run(events, 40_000).state
+    state = updater_fed(events, [40_000]).state
     row = state.row("bot")
     slots = [(state.category_names[k], counts) for k, counts in
              zip(state.columns["cat_key"][row].tolist(), state.columns["cat_count"][row].tolist()) if k]
@@ -108,7 +100,7 @@ def test_carts_pending_and_last_purchase_follow_the_funnel():
     ev = [{"event_id": f"e{i}", "user_id": "u", "type": t, "ts": t0 + i * 60_000, "item_id": "i", "category": "c",
            "price": 5.0, **({"quantity": 1} if t == "purchase" else {})}
           for i, t in enumerate(["add_to_cart", "add_to_cart", "purchase", "add_to_cart"])]
-    state = run(ev, 2).state
+    state = updater_fed(ev, [2]).state
     row = state.row("u")
     assert state.columns["carts_pending"][row] == 1  # one cart after the last purchase
     assert state.columns["last_purchase_ts"][row] == t0 + 2 * 60_000
@@ -494,7 +486,7 @@ def test_times_since_are_resolved_within_a_session():
     t0 = 1_700_000_000_000
     ev = [{"event_id": f"e{u}", "user_id": u, "type": "add_to_cart", "ts": t0 + k * 18 * 60_000, "item_id": "i",
            "category": "c", "price": 5.0} for k, u in enumerate(["early", "late"])]
-    updater = run(ev, 2)
+    updater = updater_fed(ev, [2])
     state, now = updater.state, t0 + 20 * 60_000
     rows = np.array([state.row("early"), state.row("late")])
     user = statistics.user_features(state.columns, state.counts, state.last_ts, rows, now)
@@ -912,7 +904,7 @@ def test_the_slots_keep_the_categories_with_most_month_mass_ties_by_count_then_k
               for c, ts in times.items() for i, t in enumerate(ts)]
     events.sort(key=lambda e: e["ts"])
     for batch in (len(events), 3):
-        state = run(events, batch).state
+        state = updater_fed(events, [batch]).state
         row = state.row("u")
         key_of = {name: k for k, name in state.category_names.items()}
         ref = max(t for ts in times.values() for t in ts)

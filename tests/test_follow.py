@@ -15,21 +15,11 @@ from stream.follow import FollowCounts
 from stream.generator import ShopParams, generate
 from stream.popularity import HolderCounts
 from stream.statistics import SLOT_FEATURES
-from tests.helpers import DEVICE, as_older_checkpoint, record_batch
+from tests.helpers import DEVICE, as_older_checkpoint, record_batch, updater_fed
 
 ON_DEVICE = torch.device(DEVICE)
 T0 = 1_700_000_000_000
 HOUR = 3_600_000
-
-
-def replay(events: list[dict], sizes: list[int], loaded=None) -> ProfileUpdater:
-    updater = ProfileUpdater(loaded or untrained(), ON_DEVICE, max_event_bytes=65536, emit_embedding=False)
-    a, i = 0, 0
-    while a < len(events):
-        b = a + sizes[i % len(sizes)]
-        updater.process(record_batch(events[a:b], topic="t", first_offset=a, keys=None))
-        a, i = b, i + 1
-    return updater
 
 
 def rebuilt(updater: ProfileUpdater) -> dict:
@@ -46,8 +36,8 @@ def holders_rebuilt(updater: ProfileUpdater) -> dict:
 
 def test_follow_counts_stay_the_sum_over_the_users_in_state():
     events = generate(users=120, events=6000, seed=3, shop=ShopParams.draw(2)).events
-    one = replay(events, [10_000])
-    many = replay(events, [97, 431, 1])
+    one = updater_fed(events, [10_000])
+    many = updater_fed(events, [97, 431, 1])
     assert one.state.follow.counts == rebuilt(one)
     assert sum(sum(f.values()) for f in one.state.follow.counts.values()) > 30  # follow-ups were found
     assert many.state.follow.counts == one.state.follow.counts  # whatever the batches
@@ -73,14 +63,7 @@ def test_a_user_who_starts_afresh_after_the_ttl_takes_their_follow_up_with_them(
                 "price": 5.0}]
     events = [{"event_id": f"e{n}", **e} for n, e in enumerate(events)]
     for sizes in ([100], [1]):
-        updater = ProfileUpdater(untrained(), ON_DEVICE, max_event_bytes=65536, emit_embedding=False,
-                                 state_ttl_ms=10 * day)
-        a = 0
-        for size in sizes * len(events):
-            if a >= len(events):
-                break
-            updater.process(record_batch(events[a:a + size], topic="t", first_offset=a, keys=None))
-            a += size
+        updater = updater_fed(events, sizes, state_ttl_ms=10 * day)
         assert updater.state.follow.counts == rebuilt(updater)
         assert list(updater.state.follow.counts.values()) == [{int(updater.state.columns["follow_category"][
             updater.state.row("v")]): 1}]  # only v's tent -> stoves is left
@@ -118,7 +101,7 @@ def test_a_user_who_just_bought_gets_the_shops_follow_up_among_top_categories():
                                    query_buckets=64))
     with torch.no_grad():
         loaded.model.fields.repeat_score.weight[0, SLOT_FEATURES.index("follow_pending")] = 10.0
-    updater = replay(events, [7])
+    updater = updater_fed(events, [7])
     assert updater.state.follow.counts  # learned from the log
     rows = np.array([updater.state.row("new")])
     keys, feats = updater.slots(rows, T0 + 41 * HOUR)
@@ -126,7 +109,7 @@ def test_a_user_who_just_bought_gets_the_shops_follow_up_among_top_categories():
     assert names[int(keys[0, -1])] == "sleeping bags"  # the extra slot: the purchase's usual follow-up
     assert feats[0, -1, SLOT_FEATURES.index("follow_share")] == 0.8
     assert feats[0, -1, SLOT_FEATURES.index("follow_pending")] == 0.8  # still to come: its share again
-    updater = replay(events, [7], loaded)
+    updater = updater_fed(events, [7], loaded)
     profile = orjson.loads(updater.profiles_for(np.array([updater.state.row("new")]))[0][1])
     assert profile["top_categories"][0]["category"] == "sleeping bags"
     # Once the user has gone on to another category, the follow-up is no longer pending.
@@ -145,7 +128,7 @@ def test_a_user_reads_the_other_users_follow_ups_not_its_own():
         events += purchase_then(f"u{i}", "tents", "sleeping bags" if i < 8 else "stoves", T0 + i * HOUR)
     events += purchase_then("solo", "kayaks", "paddles", T0)
     events = [{"event_id": f"e{n}", **e} for n, e in enumerate(events)]
-    updater = replay(events, [7])
+    updater = updater_fed(events, [7])
     share = SLOT_FEATURES.index("follow_share")
     names = updater.state.category_names
 
@@ -177,7 +160,7 @@ def test_heads_before_format_12_read_the_pending_follow_up_relative_to_the_top_o
     save_checkpoint(tmp_path / "again.pt", load_checkpoint(tmp_path / "old.pt").model, "v11-again")
     pending = SLOT_FEATURES.index("follow_pending")
     for name, expected in (("old.pt", 1.0), ("again.pt", 1.0), ("now.pt", 0.8)):
-        updater = replay(events, [7], load_checkpoint(tmp_path / name))
+        updater = updater_fed(events, [7], load_checkpoint(tmp_path / name))
         keys, feats = updater.slots(np.array([updater.state.row("new")]), T0 + 41 * HOUR)
         assert updater.state.category_names[int(keys[0, -1])] == "sleeping bags"
         assert feats[0, -1, pending] == pytest.approx(expected), name

@@ -15,7 +15,7 @@ from models.profile_model import ModelConfig
 from models.update_step import ProfileUpdater
 from stream.statistics import USER_FEATURES
 from stream.tempo import DEFAULT_STEP_MINUTES, ShopTempo
-from tests.helpers import DEVICE, as_older_checkpoint, record_batch
+from tests.helpers import DEVICE, as_older_checkpoint, updater_fed
 
 T0 = 1_700_000_000_000
 MINUTE = 60_000
@@ -32,13 +32,6 @@ def visits() -> list[dict]:
     return [{"event_id": f"e{n}", **e} for n, e in enumerate(events)]
 
 
-def replay(events: list[dict], size: int, loaded=None) -> ProfileUpdater:
-    updater = ProfileUpdater(loaded or untrained(), torch.device(DEVICE), max_event_bytes=65536, emit_embedding=False)
-    for a in range(0, len(events), size):
-        updater.process(record_batch(events[a:a + size], topic="t", first_offset=a, keys=None))
-    return updater
-
-
 def rebuilt(updater: ProfileUpdater) -> tuple[float, int]:
     fresh = ShopTempo()
     fresh.rebuild(updater.state.columns, len(updater.state))
@@ -49,7 +42,7 @@ def test_the_shops_pace_is_the_geometric_mean_of_its_in_visit_gaps_whatever_the_
     steps = [0.5, 1.0, 2.0, 4.0, 1 / 60]
     expected = float(np.exp(np.mean(np.log(steps))))
     for size in (100, 3, 1):
-        updater = replay(visits(), size)
+        updater = updater_fed(visits(), [size])
         tempo = updater.state.tempo
         assert tempo.steps == len(steps), size
         assert tempo.step_minutes == pytest.approx(expected, rel=1e-5), size
@@ -68,11 +61,7 @@ def test_users_who_expire_or_start_afresh_after_the_ttl_take_their_gaps_with_the
     d expire, so the only gap left is a's 2 minutes after its return. (In one batch, a's return is no return: the
     gaps are counted as the rows hold them either way.)"""
     for size in (1, 100):
-        updater = ProfileUpdater(untrained(), torch.device(DEVICE), max_event_bytes=65536, emit_embedding=False,
-                                 state_ttl_ms=60 * MINUTE)
-        events = visits()
-        for a in range(0, len(events), size):
-            updater.process(record_batch(events[a:a + size], topic="t", first_offset=a, keys=None))
+        updater = updater_fed(visits(), [size], state_ttl_ms=60 * MINUTE)
         tempo = updater.state.tempo
         assert (tempo.log_minutes, tempo.steps) == pytest.approx(rebuilt(updater), rel=1e-6)
         if size == 1:
@@ -80,7 +69,7 @@ def test_users_who_expire_or_start_afresh_after_the_ttl_take_their_gaps_with_the
 
 
 def test_the_heads_read_idle_time_in_the_shops_pace():
-    updater = replay(visits(), 100)
+    updater = updater_fed(visits(), [100])
     rows = np.arange(len(updater.state))
     now = T0 + 90_000 + 152 * MINUTE
     inputs = updater.field_inputs(rows, now)
