@@ -65,11 +65,17 @@ def _timestamp_ms(value: object) -> int:
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=timezone.utc)
         ts = epoch_ms(moment)
+    elif isinstance(value, float):
+        # A JSON number is a number: 1.7e12 and 1700000000000.5 are epoch milliseconds as much as
+        # 1700000000000 is (encoders of doubles write them so); the fraction of a millisecond is dropped.
+        if not math.isfinite(value):
+            raise _Invalid(INVALID_FIELD, "'ts' is not a finite number")
+        ts = math.floor(value)
     elif value is None:
         raise _Invalid(MISSING_FIELD, "missing required field 'ts'")
     else:
         raise _Invalid(INVALID_FIELD, f"'ts' must be epoch ms or ISO-8601, got {type(value).__name__}")
-    if 0 <= ts < MIN_TS_MS and isinstance(value, int):
+    if 0 <= ts < MIN_TS_MS and not isinstance(value, str):
         raise _Invalid(INVALID_FIELD, f"'ts' {ts} is before 1973 as epoch milliseconds: epoch seconds? "
                                       "The contract is epoch milliseconds (or ISO-8601)")
     if not MIN_TS_MS <= ts <= MAX_TS_MS:
@@ -207,7 +213,8 @@ class _Event(msgspec.Struct, gc=False):  # gc=False: flat fields, no cycles; not
     event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
     user_id: _Id
     type: Literal["search", "click", "add_to_cart", "purchase"]
-    ts: Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)] | str
+    ts: Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)] | Annotated[
+        float, msgspec.Meta(ge=MIN_TS_MS, lt=MAX_TS_MS + 1)] | str
     item_id: _Id | None = None
     category: _Id | None = None
     price: Annotated[float, msgspec.Meta(ge=0)] | None = None
@@ -274,7 +281,7 @@ def _fast_columns(parsed: list[_Event], kept: list[int]) -> tuple[EventColumns, 
     ok = ~((type_idx != SEARCH) & (item_id == None))  # noqa: E711 (elementwise on object arrays)
     ok &= ~((type_idx == SEARCH) & ((query == None) | (query == "")))  # noqa: E711
     raw_ts = [e.ts for e in parsed]
-    try:  # ints were range-checked by the schema; ISO strings are rare
+    try:  # numbers were range-checked by the schema (positive: the cast's truncation floors); ISO strings are rare
         ts = np.array(raw_ts, dtype=np.int64)
     except (TypeError, ValueError):
         ts = np.zeros(n, dtype=np.int64)

@@ -200,9 +200,11 @@ def timestamps(draw) -> tuple[object, int]:
     """(the ts field as written, the epoch ms it must decode to)."""
     ms = draw(st.one_of(st.integers(MIN_TS_MS, MAX_TS_MS),
                         st.sampled_from([MIN_TS_MS, MIN_TS_MS + 1, MIN_TS_MS + 999, MAX_TS_MS - 1, MAX_TS_MS])))
-    style = draw(st.sampled_from(["int", "naive", "Z", "offset"]))
+    style = draw(st.sampled_from(["int", "float", "naive", "Z", "offset"]))
     if style == "int":
         return ms, ms
+    if style == "float":  # a fraction of a millisecond (exact in a double at these magnitudes) is dropped
+        return ms + draw(st.sampled_from([0.0, 0.25, 0.5, 0.75])), ms
     spec = draw(st.sampled_from(["milliseconds", "microseconds", "seconds"]))
     sep = draw(st.sampled_from(["T", " "]))
     expected = ms - ms % 1000 if spec == "seconds" else ms
