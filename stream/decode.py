@@ -121,7 +121,9 @@ def _validate(obj: object) -> tuple:
     quantity = obj.get("quantity")
     if quantity is None:
         quantity = 1
-    elif isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 1 or quantity > 1_000_000:
+    elif isinstance(quantity, float) and quantity.is_integer():  # 2.0 from an encoder of doubles is 2
+        quantity = int(quantity)
+    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 1 or quantity > 1_000_000:
         raise _Invalid(INVALID_FIELD, "'quantity' must be an integer between 1 and 1000000")
     if not math.isnan(price) and price * quantity > MAX_AMOUNT:
         raise _Invalid(INVALID_PRICE, f"'price' x 'quantity' exceeds {MAX_AMOUNT:.0e}")

@@ -109,6 +109,12 @@ def test_a_number_with_a_fraction_or_an_exponent_is_epoch_milliseconds_rounded_d
         assert dead == [] and int(cols.ts[0]) == 1_700_000_000_000
 
 
+def test_a_whole_quantity_written_as_a_double_is_that_quantity():
+    purchase = {**CLICK, "type": "purchase", "quantity": 2.0}
+    cols, dead = decode(orjson.dumps(purchase), orjson.dumps({**purchase, "event_id": "e2", "quantity": 2.5}))
+    assert cols.quantity.tolist() == [2] and [d.reason for d in dead] == [ev.INVALID_FIELD]
+
+
 def raw_click(user=b'"u1"', kind=b'"click"', ts=b"1700000000000", item=b'"i"', extra=b"") -> bytes:
     """A click record written out byte for byte: some cases are JSON no encoder would write."""
     return b'{"event_id":"e1","user_id":%s,"type":%s,"ts":%s,"item_id":%s%s}' % (user, kind, ts, item, extra)
