@@ -298,7 +298,7 @@ def summarise_cuts(reports: list[dict]) -> dict:
     """What several cuts' reports say together, per field: each cut's model-minus-best-rule difference, their
     mean, and at how many cuts the model was ahead, behind, or within the noise (its 95% interval holds 0).
     On a short log one cut can mislead: the same model's gap to a rule moves by 0.05 from one cut to the next
-    on the REES46 slice (docs/model.md, session 30)."""
+    on the REES46 slice (docs/model-journal.md, session 30)."""
     out = {}
     for field in JUDGED_FIELDS:
         gaps = [r["fields"][field]["versus_best"] for r in reports]

@@ -21,7 +21,7 @@ MINUTE_FEATURES = [USER_FEATURES.index(name) for name in
 # or against the user's usual gap, never makes an event likelier; more events, sessions or recent activity
 # never make one less likely. Fitted freely in generated shop 0, the event head weighed log_events at -0.23
 # beside the activity statistics: a correlation among that shop's statistics that does not hold elsewhere, and
-# ranked other shops' and the real logs' users below days idle (docs/model.md, session 33).
+# ranked other shops' and the real logs' users below days idle (docs/model-journal.md, session 33).
 EVENT_FALLS_WITH = [USER_FEATURES.index(name) for name in ("log_idle_minutes", "idle_vs_usual_gap")]
 EVENT_RISES_WITH = [USER_FEATURES.index(name) for name in
                     ("log_events", "log_sessions", "log_activity_1d", "log_activity_7d", "log_activity_30d")]
@@ -77,7 +77,7 @@ class HazardHead(nn.Module):
         nn.init.zeros_(self.shape.bias)
         # A second process beside the Weibull one: the session going on. Its cumulative hazard,
         # exp(session(x) - idle decay) * (1 - exp(-W / tau)), saturates within about tau (learned: 16 minutes
-        # to about an hour in the models of docs/model.md, session 36): it says whether the user comes back
+        # to about an hour in the models of docs/model-journal.md, session 36): it says whether the user comes back
         # within the next minutes or hours (idle 2 minutes with a cart in a real session), where the Weibull
         # part, fitted mostly on weeks, says little; past tau it is a constant the return part outweighs for
         # users idle for days.
@@ -90,7 +90,7 @@ class HazardHead(nn.Module):
         # time in the shop's own pace (FieldInputs.idle_steps), so that "5 minutes idle" means the end of a visit
         # in a shop whose users step every half minute and a pause in one whose users step every four (log1p of
         # minutes alone carried the generated shops' pace to the real logs: churn behind days idle there,
-        # docs/model.md, session 36). Heads of a checkpoint before format 13 have no such term (load_checkpoint
+        # docs/model-journal.md, session 36). Heads of a checkpoint before format 13 have no such term (load_checkpoint
         # clears idle_decay).
         self.log_step_scale = nn.Parameter(torch.tensor(float(np.log(30.0))))
         self.register_buffer("idle_decay", torch.tensor(True))

@@ -159,7 +159,7 @@ class FutureIndex:
 
 # Half of the examples are judged on a shorter window than the horizon, down to 5 minutes: the heads serve any
 # window, and without these a model fitted on a log of weeks was never asked about the next quarter of an hour,
-# what a real sample of a few hours judges (docs/model.md, session 29).
+# what a real sample of a few hours judges (docs/model-journal.md, session 29).
 SHORT_WINDOW_SHARE = 0.5
 SHORTEST_WINDOW_HOURS = 5 / 60
 
@@ -170,7 +170,7 @@ def default_cuts(ts: np.ndarray, n: int = 10) -> list[int]:
     users are), and up to near its end, where users have the longest histories, as when a profile is served.
     A late cut sees a window shorter than a horizon: a proper label for the time-to-event heads. (Only cuts
     that saw every horizon in full, all before a long log's last 14 days, trained churn on users younger
-    than those served: see docs/model.md, session 23.)"""
+    than those served: see docs/model-journal.md, session 23.)"""
     return sorted({int(q) for q in np.quantile(ts, np.linspace(0.3, 0.95, n), method="lower")})
 
 
@@ -403,7 +403,7 @@ def fit_fields(model: ProfileModel, train: CutExamples, val: CutExamples, steps:
     # The session processes' fading with idle time in the shop's pace must earn its place too: fitted on the
     # statistics with and without it, each probability head keeps it only if it is SIMPLER_MARGIN better on
     # held-out time. (In the REES46 slice, 17k events over three hours, it was worse there, 0.167 against
-    # 0.159, and carried worse to Taobao; in the generated shops it is 2% better: docs/model.md, session 36.)
+    # 0.159, and carried worse to Taobao; in the generated shops it is 2% better: docs/model-journal.md, session 36.)
     results = {}
     for variant, decay in (("statistics", True), ("statistics without decay", False)):
         torch.manual_seed(seed)
@@ -489,7 +489,7 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200,
         # values = knot 0's value, then slopes between CALIBRATION_SLOPES: monotone by construction, and never so
         # flat that users tie nor so steep that the end segments, extended past the held-out range, send a
         # whole shop's probabilities to 0 (a fit with a free slope of 2,660 below its first knot did that to
-        # every purchase_propensity on a real slice: docs/model.md, session 29). Starts as the identity.
+        # every purchase_propensity on a real slice: docs/model-journal.md, session 29). Starts as the identity.
         low, high = CALIBRATION_SLOPES
         first = knots[0].clone().requires_grad_(True)
         slopes = torch.full((k - 1,), float(np.log((1 - low) / (high - 1))), requires_grad=True)  # slope 1
@@ -529,7 +529,7 @@ def recalibrate(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cut
     """Calibrate a trained model's two probabilities again on another shop's log, in place: nothing else
     changes (the sequence model, the heads' ranking, top_categories, the state it keeps).
 
-    A model trained in one shop ranks users well in another (docs/model.md: shop 4) but its probabilities
+    A model trained in one shop ranks users well in another (docs/model-journal.md: shop 4) but its probabilities
     can carry the training shop's rates: there users go quiet less often, and churn_risk was over-predicted
     by 0.075 (ECE). The heads were not fitted on this log, so every cut is held-out time for them, and the
     calibration is fitted on all of them. But a shop's rates also drift over its log (users go quiet as
@@ -541,7 +541,7 @@ def recalibrate(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cut
     cuts = default_cuts(log_.events.ts, n_cuts)
     # Every example on its cut's whole window: the map is fitted and tested for the windows profiles are
     # published for (with training's short windows mixed in, the test passed a map that doubled shop 5's
-    # churn ECE at the judged cut: docs/model.md, session 29).
+    # churn ECE at the judged cut: docs/model-journal.md, session 29).
     parts = collect(loaded, log_, cuts, device, short_share=0.0)
     if not parts:
         raise ValueError("no users in the log to calibrate on")
@@ -559,7 +559,7 @@ def calibrate_on_cuts(model: ProfileModel, parts: list[CutExamples], gen: torch.
                       max_examples: int = 24_000) -> dict:
     """`recalibrate`'s test and fit, on the examples of each cut (ascending). The final fit weighs the later
     cuts more (cut k of n keeps each example with probability (k + 1) / n): a shop drifts, and the profiles
-    served next are most like the latest ones. On the nine shops of docs/model.md this moved no ECE up by
+    served next are most like the latest ones. On the nine shops of docs/model-journal.md this moved no ECE up by
     more than 0.002 and brought shop 4's churn from 0.023 to 0.018, shop 8's from 0.062 to 0.052."""
     n = len(parts)
     examples = _sample(CutExamples.concat([part.take(torch.rand(len(part.user), generator=gen).to(part.user.device)
@@ -635,7 +635,7 @@ def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cu
     # churn ECE at a 10.5-day window was 0.105, against 0.023), and the latest cut, the youngest profiles
     # (held out on full windows alone, the shipped model's heads, fitted on the same log, ranked the real REES46
     # slice's users, all hours old, at churn ROC AUC 0.79 instead of 0.87 and purchase 0.50 instead of 0.72:
-    # docs/model.md, session 29).
+    # docs/model-journal.md, session 29).
     held = held_out_cuts(parts, val_cuts)
     # Examples are sampled down to a bound: the heads are small, and the fit's cost should not grow with
     # the users of a big log.

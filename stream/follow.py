@@ -4,7 +4,7 @@ model trained elsewhere can know.
 In many shops a purchase sends the user on to a category of its own (a phone, then its cases; a tent,
 then sleeping bags). Which one is the shop's own, so a model trained in another shop cannot name it
 (on the generator's shops, precision@3 of top_categories could gain ~0.07 over counting from it; see
-docs/model.md). Each user's state keeps its part of it (stream/statistics.py): the category of its latest
+docs/model-journal.md). Each user's state keeps its part of it (stream/statistics.py): the category of its latest
 purchase and the first other category it engaged with after that purchase. `FollowCounts` is the sum of
 those pairs over the users in the table, kept exactly as rows change: a pure function of the table, so a
 restore, a replay and the daemon agree on it without writing it anywhere (a rebuild from the restored
@@ -134,7 +134,7 @@ class FollowCounts:
         # Pending (no follow-up yet: the user's own pair is not among the counts): the share itself, so that it
         # says how sure the shop's follow-up is. Relative to the top follow-up (1 for it, as heads before format
         # 12 read it), a shop without follow-ups of its own still had a top one at full strength: its most
-        # popular category, put among every new buyer's top categories (the classic shop, docs/model.md).
+        # popular category, put among every new buyer's top categories (the classic shop, docs/model-journal.md).
         pending = (own == 0).astype(share.dtype)
         if relative_pending:
             pending = np.where(top_share > 0, pending / np.maximum(top_share, 1e-12), 0.0)

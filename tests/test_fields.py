@@ -130,7 +130,7 @@ def test_a_head_given_only_the_statistics_ranks_as_the_baseline_does():
 def test_the_session_process_fades_in_the_shops_pace_only_where_that_wins_on_held_out_time(pace_speaks):
     """Whether a user comes back within the half hour falls with its idle time in the shop's pace, or does not
     depend on it: the probability heads keep the fading (HazardHead.idle_decay) in the first world and not in
-    the second, where it could only fit noise (as in the REES46 slice: docs/model.md, session 36)."""
+    the second, where it could only fit noise (as in the REES46 slice: docs/model-journal.md, session 36)."""
     gen = torch.Generator().manual_seed(2)
     n = 4000
     user = torch.rand(n, len(USER_FEATURES), generator=gen)  # statistics that say nothing
@@ -382,7 +382,7 @@ def test_calibrating_for_a_shop_judges_every_profile_on_its_whole_window(monkeyp
 
 def test_calibrate_fits_another_shops_rates_and_changes_nothing_else(tmp_path):
     """The shipped model in a shop whose users go quiet less often than in the shop it was trained in (shop 4,
-    docs/model.md): calibrated on that shop's log before a cut, churn_risk at the cut is off by less (ECE),
+    docs/model-journal.md): calibrated on that shop's log before a cut, churn_risk at the cut is off by less (ECE),
     and nothing else moves: the ranking, top_categories, the weights, the state a daemon keeps."""
     from click.testing import CliRunner
 
