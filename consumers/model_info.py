@@ -14,6 +14,8 @@ def checkpoint_info(path: str) -> dict:
     config = loaded.model.config
     meta = loaded.metadata
     report = meta.get("report", {})
+    fields = loaded.model.fields
+    probability_heads = (("purchase_propensity", fields.purchase), ("churn_risk", fields.event))
     return {
         "path": str(checkpoint_path(path)),
         "model_version": loaded.version,
@@ -29,8 +31,12 @@ def checkpoint_info(path: str) -> dict:
         # Per probability field, the scale (in the shop's typical in-visit gaps) over which its session process
         # fades with idle time, or None where it does not (checkpoints before format 13, or not earned in training).
         "pace_decay": {name: float(head.log_step_scale.detach().exp()) if bool(head.idle_decay) else None
-                       for name, head in (("purchase_propensity", loaded.model.fields.purchase),
-                                          ("churn_risk", loaded.model.fields.event))},
+                       for name, head in probability_heads},
+        # ... and the power its odds fall by, (1 + gaps / scale) ** -power; None where they fall exponentially,
+        # exp(-gaps / scale) (format 13).
+        "pace_fade_power": {name: float(head.log_fade_power.detach().exp())
+                            if bool(head.idle_decay) and bool(head.power_fade) else None
+                            for name, head in probability_heads},
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "state_floats_per_user": config.state_size,
         "next_item_vocabulary": len(loaded.item_vocab),
@@ -39,6 +45,12 @@ def checkpoint_info(path: str) -> dict:
         "train_config": meta.get("train_config", {}),
         "report": report,
     }
+
+
+def _fade(name: str, scale: float, power: float | None) -> str:
+    if power is None:
+        return f"{name} (fades over {scale:.3g} in-visit gaps)"
+    return f"{name} (odds fall as (1 + in-visit gaps / {scale:.3g}) ** -{power:.3g})"
 
 
 def info_lines(info: dict) -> list[str]:
@@ -66,8 +78,9 @@ def info_lines(info: dict) -> list[str]:
         ("price tiers", ", ".join(f"{n} < {e:g}" for n, e in zip(c["price_tier_names"], c["price_tier_edges"]))
          + f", {c['price_tier_names'][-1]} above"),
         ("churn horizon", f"{c['churn_horizon_hours']:g} h"),
-        ("idle time in the shop's pace", ", ".join(f"{name} (fades over {scale:.3g} in-visit gaps)"
-                                                   for name, scale in info["pace_decay"].items() if scale is not None)
+        ("idle time in the shop's pace", ", ".join(_fade(name, scale, info["pace_fade_power"][name])
+                                                   for name, scale in info["pace_decay"].items()
+                                                   if scale is not None)
          or "not read (the session processes do not fade with it)"),
     ]
     if t:

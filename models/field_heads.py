@@ -76,7 +76,7 @@ class HazardHead(nn.Module):
         nn.init.zeros_(self.shape.weight)
         nn.init.zeros_(self.shape.bias)
         # A second process beside the Weibull one: the session going on. Its cumulative hazard,
-        # exp(session(x) - idle decay) * (1 - exp(-W / tau)), saturates within about tau (learned: 16 minutes
+        # exp(session(x) - idle fade) * (1 - exp(-W / tau)), saturates within about tau (learned: 16 minutes
         # to about an hour in the models of docs/model-journal.md, session 36): it says whether the user comes back
         # within the next minutes or hours (idle 2 minutes with a cart in a real session), where the Weibull
         # part, fitted mostly on weeks, says little; past tau it is a constant the return part outweighs for
@@ -86,14 +86,20 @@ class HazardHead(nn.Module):
         nn.init.zeros_(self.session.weight)
         nn.init.constant_(self.session.bias, SESSION_OFF)
         self.log_session_hours = nn.Parameter(torch.tensor(float(np.log(0.25))))
-        # The idle decay: the session is still going on with odds that fall as exp(-idle_steps / scale), idle
-        # time in the shop's own pace (FieldInputs.idle_steps), so that "5 minutes idle" means the end of a visit
-        # in a shop whose users step every half minute and a pause in one whose users step every four (log1p of
-        # minutes alone carried the generated shops' pace to the real logs: churn behind days idle there,
-        # docs/model-journal.md, session 36). Heads of a checkpoint before format 13 have no such term (load_checkpoint
-        # clears idle_decay).
+        # The idle decay: the session is still going on with odds that fall with idle time in the shop's own
+        # pace (FieldInputs.idle_steps), so that "5 minutes idle" means the end of a visit in a shop whose users
+        # step every half minute and a pause in one whose users step every four (log1p of minutes alone carried
+        # the generated shops' pace to the real logs: churn behind days idle there, docs/model-journal.md,
+        # session 36). The odds fall as a power of the steps, (1 + idle_steps / scale) ** -power: in both real
+        # logs the chance of an event within 15 minutes falls about as a power of the idle minutes (REES46 0.33,
+        # 0.11, 0.026 at 1-3, 3-10, 10-30 minutes; Taobao 0.25, 0.16, 0.07), where exp(-idle_steps / scale),
+        # fitted at a scale of one step, said a Taobao user idle six steps was as good as gone (session 37).
+        # Heads of a checkpoint before format 13 have no decay (load_checkpoint clears idle_decay); of format
+        # 13, the exponential one (power_fade cleared).
         self.log_step_scale = nn.Parameter(torch.tensor(float(np.log(30.0))))
         self.register_buffer("idle_decay", torch.tensor(True))
+        self.log_fade_power = nn.Parameter(torch.tensor(0.0))
+        self.register_buffer("power_fade", torch.tensor(True))
         # Calibration on held-out time: log L -> g(log L), g monotone piecewise linear through the knots
         # (row 0: knots, row 1: their values), extended linearly past the ends; identity untrained.
         knots = identity_knots()
@@ -106,10 +112,17 @@ class HazardHead(nn.Module):
         kappa = (self.log_kappa + self.shape(x)[:, 0].clamp(-3, 3)).exp()
         w = window_hours.clamp(min=1e-3)
         log_return = f + kappa * torch.log(w / 24.0)
-        decay = torch.where(self.idle_decay, idle_steps / self.log_step_scale.exp(), 0.0)
+        decay = torch.where(self.idle_decay, self.idle_fade(idle_steps), 0.0)
         log_session = self.session(x)[:, 0] - decay + torch.log(-torch.expm1(-w / self.log_session_hours.exp()))
         log_l = torch.logaddexp(log_return, log_session)
         return piecewise_linear(log_l, self.calibration[0], self.calibration[1])
+
+    def idle_fade(self, idle_steps: torch.Tensor) -> torch.Tensor:
+        """How much the session process's log odds fall after idle_steps (see __init__)."""
+        steps = idle_steps / self.log_step_scale.exp()
+        if bool(self.power_fade):
+            return self.log_fade_power.exp() * torch.log1p(steps)
+        return steps
 
     @staticmethod
     def probability(log_l: torch.Tensor) -> torch.Tensor:

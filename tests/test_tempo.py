@@ -114,3 +114,41 @@ def test_the_session_process_fades_with_idle_time_in_the_shops_pace_and_not_befo
     assert any("not read" in line for line in info_lines(checkpoint_info(str(tmp_path / "old.pt"))))
     inputs = FieldInputs.from_idle(torch.tensor([2.0]))
     assert float(inputs.idle_steps[0]) == pytest.approx(120 / DEFAULT_STEP_MINUTES)
+
+
+def test_the_session_odds_fall_as_a_power_of_the_idle_steps_and_exponentially_in_format_13(tmp_path):
+    """Format 14's fade: the session process's odds fall as (1 + steps / scale) ** -power, so ten times the
+    steps past the scale cost about a factor of ten at power 1, as the real logs' chance of an event falls
+    with idle minutes. A format 13 checkpoint keeps the exponential fade it was fitted with, exp(-steps / scale),
+    saved again or not; `profiles model info` says which."""
+    model = untrained(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                  query_buckets=64)).model
+    for head in (model.fields.purchase, model.fields.event):
+        with torch.no_grad():
+            head.linear.bias.fill_(-60.0)  # no return process: the session going on alone
+            head.session.bias.fill_(0.0)
+            head.log_step_scale.fill_(0.0)  # a scale of one step
+    x, s, window = torch.zeros(4, len(USER_FEATURES)), torch.zeros(4, 8), torch.full((4,), 0.5)
+    idle_steps = torch.tensor([1.0, 5.0, 9.0, 99.0])
+
+    def log_l(fields) -> torch.Tensor:
+        with torch.no_grad():
+            return fields.event.log_hazard(x, s, window, idle_steps)
+
+    now = log_l(model.fields)
+    assert float(now[0] - now[1]) == pytest.approx(np.log(6 / 2), abs=1e-4)
+    assert float(now[2] - now[3]) == pytest.approx(np.log(100 / 10), abs=1e-4)
+    save_checkpoint(tmp_path / "now.pt", model, "v14")
+    as_older_checkpoint(tmp_path / "now.pt", tmp_path / "v13.pt", 13,
+                        drop=("fields.purchase.power_fade", "fields.purchase.log_fade_power",
+                              "fields.event.power_fade", "fields.event.log_fade_power"))
+    save_checkpoint(tmp_path / "again.pt", load_checkpoint(tmp_path / "v13.pt").model, "v13-again")
+    for name in ("v13.pt", "again.pt"):
+        older = log_l(load_checkpoint(tmp_path / name).model.fields)
+        assert float(older[0] - older[1]) == pytest.approx(4.0, abs=1e-4), name  # exp(-steps): 5 - 1 steps
+    assert checkpoint_info(str(tmp_path / "now.pt"))["pace_fade_power"] == {"purchase_propensity": pytest.approx(1.0),
+                                                                              "churn_risk": pytest.approx(1.0)}
+    assert any("** -1" in line for line in info_lines(checkpoint_info(str(tmp_path / "now.pt"))))
+    assert checkpoint_info(str(tmp_path / "v13.pt"))["pace_fade_power"] == {"purchase_propensity": None,
+                                                                              "churn_risk": None}
+    assert any("fades over 1 in-visit gaps" in line for line in info_lines(checkpoint_info(str(tmp_path / "v13.pt"))))
