@@ -87,11 +87,7 @@ def _validate(obj: object) -> tuple:
     """One decoded JSON value -> the event's column values, or raise _Invalid."""
     if not isinstance(obj, dict):
         raise _Invalid(NOT_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
-    event_id = obj.get("event_id")
-    if event_id is None:
-        raise _Invalid(MISSING_FIELD, "missing required field 'event_id'")
-    if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_ID_CHARS:
-        raise _Invalid(INVALID_FIELD, "'event_id' must be a non-empty string")
+    event_id = _id_field(obj, "event_id", True)
     user_id = _id_field(obj, "user_id", True)
     kind = obj.get("type")
     if kind is None:
@@ -212,7 +208,7 @@ _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)] | Anno
 
 
 class _Event(msgspec.Struct, gc=False):  # gc=False: flat fields, no cycles; not the collector's work
-    event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
+    event_id: _Id
     user_id: _Id
     type: Literal["search", "click", "add_to_cart", "purchase"]
     ts: Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)] | Annotated[
@@ -304,7 +300,7 @@ def _fast_columns(parsed: list[_Event], kept: list[int]) -> tuple[EventColumns, 
         price=price,
         quantity=np.nan_to_num(quantity, nan=1.0).astype(np.int64).reshape(n),
         query=query,
-        event_id=objects([e.event_id for e in parsed]),
+        event_id=_id_column([e.event_id for e in parsed]),
         record_index=np.asarray(kept, dtype=np.int64),
     )
     if ok.all():

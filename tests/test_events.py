@@ -53,7 +53,7 @@ def test_each_kind_of_bad_record_is_dead_lettered_with_its_reason(kind):
         ({"type": "search", "query": ""}, ev.MISSING_FIELD),
         ({"user_id": True}, ev.INVALID_FIELD),
         ({"user_id": ""}, ev.INVALID_FIELD),
-        ({"event_id": 7}, ev.INVALID_FIELD),
+        ({"event_id": 7.5}, ev.INVALID_FIELD),
         ({"ts": "yesterday"}, ev.INVALID_FIELD),
         ({"ts": -5}, ev.INVALID_FIELD),
         ({"ts": 1.7e9}, ev.INVALID_FIELD),
@@ -107,6 +107,11 @@ def test_a_number_with_a_fraction_or_an_exponent_is_epoch_milliseconds_rounded_d
     for batch in ([raw_click(ts=written)], [raw_click(ts=written), raw_click(ts=b'"2024-05-01T12:00:00Z"')]):
         cols, dead = decode(*batch)
         assert dead == [] and int(cols.ts[0]) == 1_700_000_000_000
+
+
+def test_an_integer_event_id_becomes_its_decimal_string_as_user_and_item_ids_do():
+    cols, dead = decode(orjson.dumps({**CLICK, "event_id": 7}), orjson.dumps({**CLICK, "event_id": -2**63}))
+    assert dead == [] and list(cols.event_id) == ["7", str(-2**63)]
 
 
 def test_a_whole_quantity_written_as_a_double_is_that_quantity():

@@ -57,6 +57,14 @@ def test_duplicate_event_ids_are_applied_once():
     np.testing.assert_array_equal(a["spend_micros"], b["spend_micros"][order])
 
 
+def test_an_integer_event_id_and_its_decimal_string_are_the_same_event():
+    click = {"event_id": 7, "user_id": "u1", "type": "click", "ts": 1_700_000_000_000, "item_id": "i1"}
+    updater = load_updater(EVENTS)
+    first = updater.process(record_batch([click]))
+    again = updater.process(record_batch([{**click, "event_id": "7"}], first_offset=1))  # re-sent by another producer
+    assert len(first.events) == 1 and again.duplicates == 1 and len(again.events) == 0
+
+
 def test_changelog_records_rebuild_the_same_state():
     log = generate(users=50, events=1000, seed=33).events
     updater = load_updater(EVENTS)
