@@ -151,6 +151,30 @@ def test_the_session_process_fades_in_the_shops_pace_only_where_that_wins_on_hel
         assert roc_auc(p.numpy(), label.numpy().astype(int)) > 0.8
 
 
+@pytest.mark.parametrize("power", [0.5, 2.0])
+def test_the_fade_learns_how_fast_a_visit_ends_from_the_data(power):
+    """The chance of a step within the half hour falls as (1 + idle steps) ** -power: gently (0.5, as a slow
+    shop's paused visits do) or steeply (2). The fitted fade, (1 + steps / theta) ** -p, falls gentler than
+    1/steps for the first and steeper for the second, by about the truth's amount over 30 steps."""
+    gen = torch.Generator().manual_seed(2)
+    n = 4000
+    user = torch.rand(n, len(USER_FEATURES), generator=gen)  # statistics that say nothing
+    idle_steps = torch.rand(n, generator=gen) ** 2 * 60
+    label = (torch.rand(n, generator=gen) < 1 - torch.exp(-1.5 * (1 + idle_steps) ** -power)).float()
+    ex = dataclasses.replace(examples(user, label, torch.zeros(n, 8)), idle_steps=idle_steps,
+                             purchase_hours=torch.full((n,), 0.5), event_hours=torch.full((n,), 0.5))
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    train = torch.arange(n) < 3000
+    fit_fields(model, ex.take(train), ex.take(~train), steps=100, statistics_steps=200)
+    for head in (model.fields.purchase, model.fields.event):
+        fitted = float(head.log_fade_power.detach().exp())
+        assert fitted < 1 if power < 1 else fitted > 1.5
+        with torch.no_grad():
+            fall = float(head.idle_fade(torch.tensor(30.0)) - head.idle_fade(torch.tensor(0.0)))
+        assert fall == pytest.approx(power * np.log(31), rel=0.5)
+
+
 def test_each_field_is_fitted_on_its_own():
     """top_categories' inputs, however loud, leave the probability heads' fit as it was: each field's
     gradients are clipped on their own (one norm over all three let a new category feature move churn)."""
