@@ -118,11 +118,11 @@ class HazardHead(nn.Module):
         return piecewise_linear(log_l, self.calibration[0], self.calibration[1])
 
     def idle_fade(self, idle_steps: torch.Tensor) -> torch.Tensor:
-        """How much the session process's log odds fall after idle_steps (see __init__)."""
+        """How much the session process's log odds fall after idle_steps (see __init__). Both forms are computed
+        and one chosen on the device (torch.where, as for idle_decay): reading the flag on the host would wait for
+        the GPU at every call."""
         steps = idle_steps / self.log_step_scale.exp()
-        if bool(self.power_fade):
-            return self.log_fade_power.exp() * torch.log1p(steps)
-        return steps
+        return torch.where(self.power_fade, self.log_fade_power.exp() * torch.log1p(steps), steps)
 
     @staticmethod
     def probability(log_l: torch.Tensor) -> torch.Tensor:
