@@ -126,29 +126,36 @@ def test_a_head_given_only_the_statistics_ranks_as_the_baseline_does():
     assert abs(roc_auc(p.numpy(), y) - roc_auc(p_true.numpy(), y)) < 0.02
 
 
+def fitted_on_idle_steps(spread, chance, n: int = 4000) -> tuple[ProfileModel, dict, CutExamples]:
+    """Field heads fitted on n users whose statistics say nothing, with idle steps spread(uniform draws) and an
+    event (and purchase) within the half hour with chance(idle steps); the last quarter held out.
+    Returns the model, fit_fields' report and the examples."""
+    gen = torch.Generator().manual_seed(2)
+    user = torch.rand(n, len(USER_FEATURES), generator=gen)
+    idle_steps = spread(torch.rand(n, generator=gen))
+    label = (torch.rand(n, generator=gen) < chance(idle_steps)).float()
+    ex = dataclasses.replace(examples(user, label, torch.zeros(n, 8)), idle_steps=idle_steps,
+                             purchase_hours=torch.full((n,), 0.5), event_hours=torch.full((n,), 0.5))
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    train = torch.arange(n) < n * 3 // 4
+    report = fit_fields(model, ex.take(train), ex.take(~train), steps=100, statistics_steps=200)
+    return model, report, ex
+
+
 @pytest.mark.parametrize("pace_speaks", [True, False])
 def test_the_session_process_fades_in_the_shops_pace_only_where_that_wins_on_held_out_time(pace_speaks):
     """Whether a user comes back within the half hour falls with its idle time in the shop's pace, or does not
     depend on it: the probability heads keep the fading (HazardHead.idle_decay) in the first world and not in
     the second, where it could only fit noise (as in the REES46 slice: docs/model-journal.md, session 36)."""
-    gen = torch.Generator().manual_seed(2)
-    n = 4000
-    user = torch.rand(n, len(USER_FEATURES), generator=gen)  # statistics that say nothing
-    idle_steps = torch.rand(n, generator=gen) * 8
-    p_true = 0.9 * torch.exp(-idle_steps) if pace_speaks else torch.full((n,), 0.3)
-    label = (torch.rand(n, generator=gen) < p_true).float()
-    ex = dataclasses.replace(examples(user, label, torch.zeros(n, 8)), idle_steps=idle_steps,
-                             purchase_hours=torch.full((n,), 0.5), event_hours=torch.full((n,), 0.5))
-    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
-                                     query_buckets=64))
-    train = torch.arange(n) < 3000
-    report = fit_fields(model, ex.take(train), ex.take(~train), steps=100, statistics_steps=200)
+    chance = (lambda steps: 0.9 * torch.exp(-steps)) if pace_speaks else (lambda steps: torch.full_like(steps, 0.3))
+    model, report, ex = fitted_on_idle_steps(lambda u: u * 8, chance)
     assert report["idle_decay"] == {"purchase": pace_speaks, "event": pace_speaks}
     assert bool(model.fields.purchase.idle_decay) == bool(model.fields.event.idle_decay) == pace_speaks
     if pace_speaks:
         with torch.no_grad():
             p, _ = model.field_probabilities(ex.state, ex.inputs(), 0.5, 0.5)
-        assert roc_auc(p.numpy(), label.numpy().astype(int)) > 0.8
+        assert roc_auc(p.numpy(), ex.event.numpy().astype(int)) > 0.8
 
 
 @pytest.mark.parametrize("power", [0.5, 2.0])
@@ -156,17 +163,7 @@ def test_the_fade_learns_how_fast_a_visit_ends_from_the_data(power):
     """The chance of a step within the half hour falls as (1 + idle steps) ** -power: gently (0.5, as a slow
     shop's paused visits do) or steeply (2). The fitted fade, (1 + steps / theta) ** -p, falls gentler than
     1/steps for the first and steeper for the second, by about the truth's amount over 30 steps."""
-    gen = torch.Generator().manual_seed(2)
-    n = 4000
-    user = torch.rand(n, len(USER_FEATURES), generator=gen)  # statistics that say nothing
-    idle_steps = torch.rand(n, generator=gen) ** 2 * 60
-    label = (torch.rand(n, generator=gen) < 1 - torch.exp(-1.5 * (1 + idle_steps) ** -power)).float()
-    ex = dataclasses.replace(examples(user, label, torch.zeros(n, 8)), idle_steps=idle_steps,
-                             purchase_hours=torch.full((n,), 0.5), event_hours=torch.full((n,), 0.5))
-    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
-                                     query_buckets=64))
-    train = torch.arange(n) < 3000
-    fit_fields(model, ex.take(train), ex.take(~train), steps=100, statistics_steps=200)
+    model, _, _ = fitted_on_idle_steps(lambda u: u ** 2 * 60, lambda steps: 1 - torch.exp(-1.5 * (1 + steps) ** -power))
     for head in (model.fields.purchase, model.fields.event):
         fitted = float(head.log_fade_power.detach().exp())
         assert fitted < 1 if power < 1 else fitted > 1.5
