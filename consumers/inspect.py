@@ -48,39 +48,51 @@ class Timeline:
     idle_rescore_ms: int  # 0: idle re-scores not shown
     log_end_ms: int  # the largest event time in the sources: the clock of the replay's final profiles
     rows: list[dict] = field(default_factory=list)  # {"kind", "at_ms", "event" (None unless "event"), "profile"}
+    duplicates: int = 0  # events skipped as the daemon skips them: an event_id among the user's recent ones
+    erased_before: int = 0  # events before a forget record for the user: erased, not shown
 
     @property
     def events(self) -> list[dict]:
         return [r for r in self.rows if r["kind"] == "event"]
 
 
-def user_records(settings: Settings, sources: list[str], fmt: str, user: str) -> tuple[list[bytes], set[str], int]:
+def user_records(settings: Settings, sources: list[str], fmt: str, user: str
+                 ) -> tuple[list[bytes], set[str], int, int]:
     """The raw records of `user` in the sources, in source order, every category seen in them, and the
-    largest event time of all (valid, in-range) events."""
+    largest event time of all (valid, in-range) events, and how many of the user's events came before a forget
+    record for them (erased: left out)."""
     found: list[bytes] = []
     categories: set[str] = set()
     log_end = -1
+    erased_before = 0
     for source in open_sources(settings.kafka, sources, fmt, 50_000):
         while not source.exhausted:
             batch = source.next_batch()
-            events, _ = decode_batch(batch, settings.max_event_bytes)
+            controls: list = []
+            events, _ = decode_batch(batch, settings.max_event_bytes, controls)
             if source.time_range is not None:  # kafka:// ranges select by event time, as in replay
                 events = events.take(source.time_range.mask(events.ts))
             if len(events):
                 log_end = max(log_end, int(events.ts.max()))
             mine = np.flatnonzero(events.user_id == user)
+            forgets = [c.record_index for c in controls if c.kind == "forget" and c.user_id == user]
+            if forgets:  # the daemon erases the user there: what came before is gone, as in a replay
+                erased_before += len(found) + int((events.record_index[mine] < forgets[-1]).sum())
+                found = []
+                mine = mine[events.record_index[mine] > forgets[-1]]
             found += [batch.values[i] for i in events.record_index[mine].tolist()]
             categories.update(c for c in events.category.tolist() if c is not None)
-    return found, categories, log_end
+    return found, categories, log_end, erased_before
 
 
 def timeline(settings: Settings, sources: list[str], fmt: str, user: str) -> Timeline:
     """The user's profile after each event, the idle re-scores between events and after the last one
     (every `settings.idle_rescore_after_ms` of event time without an event, as the daemon publishes them
     while other users' events move its clock), and the final profile a replay of the sources writes."""
-    records, categories, log_end = user_records(settings, sources, fmt, user)
+    records, categories, log_end, erased_before = user_records(settings, sources, fmt, user)
     if not records:
-        raise InspectError(f"no valid events of user {user!r} in {', '.join(sources)}")
+        why = f": {erased_before} erased by a forget record, none after it" if erased_before else ""
+        raise InspectError(f"no valid events of user {user!r} in {', '.join(sources)}{why}")
     # In event-time order, as the pipeline orders a batch (arrival order breaks ties).
     events, _ = decode_batch(RecordBatch.of(records, topic="inspect"), settings.max_event_bytes)
     order = events.record_index[np.lexsort((events.record_index, events.ts))].tolist()
@@ -91,7 +103,7 @@ def timeline(settings: Settings, sources: list[str], fmt: str, user: str) -> Tim
     names = np.array(sorted(categories), dtype=object)
     cfg = updater.config
     updater.state.remember_categories(category_keys(names, cfg.hash_seed + 1), names)
-    out = Timeline(user, updater.model_version, every, log_end)
+    out = Timeline(user, updater.model_version, every, log_end, erased_before=erased_before)
     published_at = None  # the clock of the latest profile published
 
     def idle_until(clock_ms: int, inclusive: bool) -> None:
@@ -107,7 +119,10 @@ def timeline(settings: Settings, sources: list[str], fmt: str, user: str) -> Tim
         event = orjson.loads(records[i])
         idle_until(ts_of[i], inclusive=False)
         result = updater.process(RecordBatch.of([records[i]], topic="inspect", first_offset=i))
-        profile = next(orjson.loads(v) for k, v in result.profiles if k.decode() == user)
+        profile = next((orjson.loads(v) for k, v in result.profiles if k.decode() == user), None)
+        if profile is None:  # a repeated event_id: the daemon skips the event and publishes nothing
+            out.duplicates += 1
+            continue
         published_at = updater.state.max_event_ts
         out.rows.append({"kind": "event", "at_ms": published_at, "event": event, "profile": profile})
     idle_until(log_end, inclusive=True)
@@ -142,8 +157,10 @@ def render_table(tl: Timeline, width: int = WIDE) -> Table:
     """Each event beside the profile published after it; runs of idle re-scores as one row (the last).
     Below WIDE columns a compact table: times under a row per day, short event types, no borders,
     top category without its score, fewer columns on narrower terminals (COMPACT_WIDTHS)."""
+    skipped = [f"{n} {what}" for n, what in ((tl.duplicates, "duplicate(s) skipped, as the daemon skips them"),
+                                             (tl.erased_before, "erased by a forget record")) if n]
     title = (f"user {tl.user}: {len(tl.events)} events and the profile published after each "
-             f"(model {tl.model_version})")
+             f"(model {tl.model_version})" + "".join(f"; {s}" for s in skipped))
     compact = width < WIDE
     if compact:
         table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,

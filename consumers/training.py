@@ -8,6 +8,7 @@ import logging
 from dataclasses import asdict, replace
 
 import click
+import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -17,7 +18,7 @@ from models.field_training import train_fields
 from models.profile_model import ModelConfig, resolve_device
 from models.checkpoint_io import LoadedModel, save_checkpoint
 from models.sequence_training import TrainConfig, auto_epochs, train
-from stream.events import iso_time
+from stream.events import EVENT_TYPES, PURCHASE, iso_time
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,18 @@ def events_until(event_files: tuple[str, ...], until: int | None) -> EventLog:
 
 
 def small_log_note(events: EventLog) -> str | None:
-    """A line for a log too small to train fields that beat counting, else None."""
-    if len(events) >= SMALL_LOG_EVENTS and len(events.users) >= SMALL_LOG_USERS:
-        return None
-    return (f"note: {len(events):,} events of {len(events.users):,} users is little to learn from (the fields were "
-            "judged level with counting or ahead of it on logs of 17,000 events and more): judge this model with "
-            "`profiles evaluate-fields` before serving it")
+    """A line for a log too small to train fields that beat counting, or without a kind of event a field is
+    learned from; else None."""
+    missing = [] if (events.events.type_idx == PURCHASE).any() else [
+        f"no {EVENT_TYPES[PURCHASE]} events: purchase_propensity cannot be learned from this log (it will say near 0 "
+        "for everyone)"]
+    if np.equal(events.events.category, None).all():
+        missing.append("no categories: top_categories stays empty")
+    if len(events) < SMALL_LOG_EVENTS or len(events.users) < SMALL_LOG_USERS:
+        missing.append(f"{len(events):,} events of {len(events.users):,} users is little to learn from (the fields "
+                       "were judged level with counting or ahead of it on logs of 17,000 events and more): judge this "
+                       "model with `profiles evaluate-fields` before serving it")
+    return "note: " + "; ".join(missing) if missing else None
 
 
 def fields_summary(report: dict) -> str:

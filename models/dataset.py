@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from stream.events import EventColumns, PURCHASE, RecordBatch, iso_time
+from stream.events import Control, DeadLetter, EventColumns, PURCHASE, RecordBatch, iso_time
 from stream.decode import decode_batch
 from stream.sources import FileSource
 
@@ -114,12 +114,44 @@ def event_log(ev: EventColumns, invalid: int = 0) -> EventLog:
     return _build(ev, invalid)
 
 
-def load_events(paths: Sequence[str | Path], max_event_bytes: int = 65536) -> EventLog:
-    """Read, validate and sort the events of JSON-lines files."""
-    ev, dead = decode_batch(read_records(paths), max_event_bytes)
+def usable_events(records: RecordBatch, max_event_bytes: int) -> tuple[EventColumns, list[DeadLetter]]:
+    """The events of `records` the daemon would apply, in record order, and the dead letters: what breaks the
+    contract is left out (and logged), as are a user's events before a forget record for them (the daemon
+    erases them; what comes after is a new user) and repeats of a (user, event_id) pair already seen (the
+    daemon skips those within its dedupe window; here wherever they are, so that an at-least-once producer's
+    retries neither train nor judge a model twice)."""
+    controls: list[Control] = []
+    ev, dead = decode_batch(records, max_event_bytes, controls)
     if dead:
         first = dead[0]
         log.warning("%d invalid line(s) skipped, e.g. %s:%d: %s", len(dead), first.topic, first.offset, first.detail)
+    forgets = [c for c in controls if c.kind == "forget"]
+    if forgets:
+        # The last forget of each user at or after each event: an event is erased where one comes after it.
+        last_forget = {}
+        for c in forgets:
+            last_forget[c.user_id] = c.record_index
+        erased = np.fromiter((last_forget.get(u, -1) > r for u, r in zip(ev.user_id.tolist(),
+                                                                         ev.record_index.tolist())),
+                             dtype=bool, count=len(ev))
+        if erased.any():
+            log.info("%d event(s) of %d user(s) left out: erased by forget records", int(erased.sum()),
+                     len(set(ev.user_id[erased].tolist())))
+            ev = ev.take(np.flatnonzero(~erased))
+    ids = ev.event_id.tolist()
+    if len(set(ids)) < len(ids):  # rare: only then the (user, event_id) pairs, first seen kept
+        seen: set = set()
+        first = np.fromiter((not (k in seen or seen.add(k)) for k in zip(ev.user_id.tolist(), ids)), dtype=bool,
+                            count=len(ids))
+        if not first.all():
+            log.warning("%d duplicate event(s) skipped (an event_id the same user already had)", int((~first).sum()))
+            ev = ev.take(np.flatnonzero(first))
+    return ev, dead
+
+
+def load_events(paths: Sequence[str | Path], max_event_bytes: int = 65536) -> EventLog:
+    """Read, validate and sort the events of JSON-lines files (usable_events: what the daemon would apply)."""
+    ev, dead = usable_events(read_records(paths), max_event_bytes)
     return _build(ev, len(dead))
 
 

@@ -17,12 +17,12 @@ import numpy as np
 import orjson
 import torch
 
-from models.dataset import HOUR_MS, EventLog, event_log, read_records
+from models.dataset import HOUR_MS, EventLog, event_log, read_records, usable_events
 from models.next_event_evaluation import roc_auc
 from models.field_training import FutureIndex
 from models.checkpoint_io import LoadedModel
 from stream.events import ADD_TO_CART, PURCHASE, iso_time
-from stream.decode import decode_batch
+from stream.settings import Settings
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from stream.sources import TimeRange
 
@@ -176,7 +176,7 @@ def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device,
     """The report of `profiles evaluate-fields` (see the module docstring); without a cut, at `share` of the
     log's span."""
     records = read_records(files)
-    events, dead = decode_batch(records, 1 << 30)
+    events, dead = usable_events(records, 1 << 30)
     if len(events) < 2:
         why = f" ({len(dead):,} records broke the event contract, e.g. {dead[0].detail})" if dead else ""
         raise ValueError(f"no usable events in {', '.join(map(str, files))}{why}")
@@ -273,7 +273,10 @@ def profiles_at(loaded: LoadedModel, records, device: torch.device, cut: int,
     step, profile encoding) over the records' events at or before the cut; the later ones are never applied."""
     from models.update_step import ProfileUpdater
 
-    updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False)
+    # Duplicates are skipped as the daemon skips them (its default window), so the profiles judged are the
+    # ones it would publish.
+    updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False,
+                             dedupe_window=Settings.dedupe_window)
     before_cut = TimeRange(None, cut + 1)
     for a in range(0, len(records), batch_records):
         updater.process(records.slice(a, a + batch_records), before_cut, profiles=False)

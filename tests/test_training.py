@@ -89,8 +89,10 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
                                   "--epochs", "40", "--batch-size", "4", "--lr", "0.01", "--dropout", "0",
                                   "--hidden-size", "24", "--patience", "40"])
     assert result.exit_code == 0, result.output
-    # 16 users: the command says the log is small, and what the field stage had to learn from.
-    assert "note: 384 events of 16 users is little to learn from" in result.output
+    # 16 users of clicks alone: the command says the log is small and has no purchases to learn
+    # purchase_propensity from, and what the field stage had to learn from.
+    assert "note: no purchase events: purchase_propensity cannot be learned" in result.output
+    assert "; 384 events of 16 users is little to learn from" in result.output
     assert re.search(r"fields: fitted on [\d,]+ profiles at \d+ cuts, [\d,]+ held out", result.output), result.output
     result = runner.invoke(main, ["evaluate", "--model", str(tmp_path / "m.pt"), "--train-events",
                                   str(tmp_path / "train.jsonl"), "--events", str(tmp_path / "test.jsonl"), "--json",
