@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stream.events import Control, DeadLetter, EventColumns, RecordBatch, WRONG_PARTITION, utf8
+from stream.events import (AHEAD_OF_CLOCK, Control, DeadLetter, EventColumns, RecordBatch, WRONG_PARTITION, iso_time,
+                           utf8)
 from stream.decode import decode_batch
 from stream.pseudonyms import Pseudonymizer
 from stream.state import StateTable
@@ -76,11 +77,12 @@ class Admission:
     """The checks of one state table: decode -> place -> skip_applied, then remember what was applied."""
 
     def __init__(self, state: StateTable, topic_slot: dict[str, int], pseudonymize: Pseudonymizer | None,
-                 max_event_bytes: int) -> None:
+                 max_event_bytes: int, max_ahead_ms: int = 0) -> None:
         self.state = state
         self.topic_slot = topic_slot
         self.pseudonymize = pseudonymize
         self.max_event_bytes = max_event_bytes
+        self.max_ahead_ms = max_ahead_ms  # 0: no limit (events.AHEAD_OF_CLOCK)
         self.partition_warning = PartitionWarning()
 
     def decode(self, records: RecordBatch) -> Decoded:
@@ -92,6 +94,8 @@ class Admission:
         misrouted: list[DeadLetter] = []
         if (slots >= 0).any():  # records of input topics: the key must be the user id (files have no keys)
             events = self._check_keys(records, events, slots, misrouted)
+        if self.max_ahead_ms:
+            events = self._refuse_ahead(records, events, dead)
         if self.pseudonymize is not None:
             events.user_id = self.pseudonymize(events.user_id)
         decoded = Decoded(events=events, dead_letters=dead, misrouted=misrouted, slots=slots)
@@ -216,6 +220,21 @@ class Admission:
                       f"key {key[:64]!r} is not the user id {user[:64]!r}: records must be keyed by user id")
             misrouted.append(_misrouted(records, i, detail))
         return events.take(~wrong)
+
+    def _refuse_ahead(self, records: RecordBatch, events: EventColumns, dead: list[DeadLetter]) -> EventColumns:
+        """Events stamped more than max_ahead_ms after this machine's clock are dead-lettered as ahead_of_clock
+        (in record order among the batch's others): they would move the event-time clock for every user."""
+        now = int(time.time() * 1000)
+        ahead = events.ts > now + self.max_ahead_ms
+        if not ahead.any():
+            return events
+        for i, ts in zip(events.record_index[ahead].tolist(), events.ts[ahead].tolist()):
+            detail = (f"'ts' {iso_time(ts, 'seconds')} is {(ts - now) / 86_400_000:,.1f} days after this machine's "
+                      f"clock (--max-ahead {self.max_ahead_ms / 3_600_000:g}h)")
+            dead.append(DeadLetter(value=records.values[i], key=records.keys[i], reason=AHEAD_OF_CLOCK, detail=detail,
+                                   topic=records.topics[i], partition=records.partitions[i], offset=records.offsets[i]))
+        dead.sort(key=lambda d: (d.topic, d.partition, d.offset))
+        return events.take(~ahead)
 
     def _check_owner(self, records: RecordBatch, events: EventColumns, rows: np.ndarray, positions: np.ndarray,
                      misrouted: list[DeadLetter]) -> np.ndarray | None:

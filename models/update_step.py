@@ -79,7 +79,7 @@ class ProfileUpdater:
                  idle_rescore_ms: int = 0, next_items: int = 0, pseudonymize_key: str = "",
                  input_topics: tuple[str, ...] = (), dedupe_window: int = 0, gru_threads: int = 0,
                  state_ttl_ms: int = 0, on_expire: str = "publish", publish_interval_ms: int = 0,
-                 state_dtype: torch.dtype = torch.float32) -> None:
+                 state_dtype: torch.dtype = torch.float32, max_ahead_ms: int = 0) -> None:
         self.model = loaded.model.to(full_float32(device)).eval()
         self.model_version = loaded.version
         self.state_version = loaded.state_version  # what the changelog and snapshots are checked against
@@ -116,7 +116,7 @@ class ProfileUpdater:
         self._idle_tick_ms = max(idle_rescore_ms // 24, 1)
         self._next_idle_scan = -1
         # The checks around the state step: decoding, partitioning policy, erasure, exactly-once skips.
-        self.admission = Admission(self.state, self.topic_slot, self.pseudonymize, max_event_bytes)
+        self.admission = Admission(self.state, self.topic_slot, self.pseudonymize, max_event_bytes, max_ahead_ms)
         self._seen_buckets: tuple[torch.Tensor | None, torch.Tensor] = (None, torch.empty(0, dtype=torch.long))
         # State that expires: users idle longer than the TTL in event time leave the table (0: never).
         self.expiry = StateExpiry(self.state, state_ttl_ms) if state_ttl_ms else None
@@ -489,4 +489,4 @@ def load_updater(settings: Settings) -> ProfileUpdater:
                           input_topics=settings.state_topics, dedupe_window=settings.dedupe_window,
                           gru_threads=settings.gru_threads or usable_cores(), state_ttl_ms=settings.state_ttl_ms,
                           on_expire=settings.on_expire, publish_interval_ms=settings.publish_interval_ms,
-                          state_dtype=STATE_DTYPE_NAMES[settings.state_dtype])
+                          state_dtype=STATE_DTYPE_NAMES[settings.state_dtype], max_ahead_ms=settings.max_ahead_ms)

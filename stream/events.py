@@ -51,6 +51,10 @@ INVALID_PRICE = "invalid_price"
 # Not the decoder's: a valid event the pipeline refuses because its key or partition breaks the
 # partitioning policy (key = user id, one partition per user; docs/contracts.md).
 WRONG_PARTITION = "wrong_partition"
+# Not the decoder's either: a valid event stamped further after this machine's clock than --max-ahead. The
+# daemon's clock is the largest event time it has seen, so one event stamped in 2199 would leave every user
+# idle for 170 years (churn_risk near 1 for all; with --state-ttl, every user expired).
+AHEAD_OF_CLOCK = "ahead_of_clock"
 # A dead letter must fit what the producer (librdkafka's message.max.bytes, 1,000,000 by default)
 # and the broker (Kafka's message.max.bytes, about 1 MiB) accept, key and headers included: a longer
 # value or key is cut to these sizes, its full size and SHA-256 in headers. (Half the limit for the

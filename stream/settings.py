@@ -173,6 +173,8 @@ class Settings:
     publish_interval_ms: int = 0
     # Re-publish users idle this long in event time (their churn risk has moved); 0 disables.
     idle_rescore_after_ms: int = 24 * 3600 * 1000
+    # Events stamped more than this after the machine's clock are dead-lettered (ahead_of_clock); 0: never.
+    max_ahead_ms: int = 24 * 3600 * 1000
     restore_from: str | None = None  # a state snapshot directory (from `profiles replay --state-out`)
     # Drop users idle this long in event time from state, with a changelog tombstone (0: never; stream/expiry.py)...
     state_ttl_ms: int = 0

@@ -1,0 +1,41 @@
+"""One event stamped years ahead must not move every user's clock: it is dead-lettered as ahead_of_clock."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from consumers.replay import replay
+from stream.events import AHEAD_OF_CLOCK
+from stream.generator import generate
+from stream.settings import Settings
+from tests.helpers import DEVICE
+
+DAY = 86_400_000
+
+
+def final_profiles(settings: Settings, lines: list[bytes], tmp_path, name: str) -> tuple[dict, list[dict]]:
+    src, out, dlq = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.out.jsonl", tmp_path / f"{name}.dlq.jsonl"
+    src.write_bytes(b"".join(line + b"\n" for line in lines))
+    replay(settings, [str(src)], "jsonl", str(out), None, False, None, str(dlq), 50_000, show_progress=False)
+    profiles = {p["user_id"]: p for p in map(orjson.loads, out.read_bytes().splitlines())}
+    for p in profiles.values():
+        p.pop("updated_at")  # the wall clock at publishing
+    return profiles, [orjson.loads(line) for line in dlq.read_bytes().splitlines()]
+
+
+def test_an_event_stamped_years_ahead_is_dead_lettered_and_moves_no_clock(tmp_path):
+    lines = [orjson.dumps(e) for e in generate(30, 600, seed=2).events]
+    stamped_ahead = [orjson.dumps({"event_id": "x1", "user_id": "zz", "type": "search",
+                                   "ts": int(time.time() * 1000) + 3 * 365 * DAY, "query": "q"})]
+    settings = Settings(device=DEVICE, emit_embedding=False, state_ttl_ms=30 * DAY)
+    clean, _ = final_profiles(settings, lines, tmp_path, "clean")
+    guarded, dead = final_profiles(settings, lines[:300] + stamped_ahead + lines[300:], tmp_path, "guarded")
+    assert [d["reason"] for d in dead] == [AHEAD_OF_CLOCK] and "days after this machine's clock" in dead[0]["detail"]
+    assert guarded == clean  # no user expired, every churn_risk as without the line
+    # Without the guard the one event is everyone's clock: all 30 users expire (the failure it prevents).
+    unguarded, dead = final_profiles(Settings(device=DEVICE, emit_embedding=False, state_ttl_ms=30 * DAY,
+                                              max_ahead_ms=0), lines[:300] + stamped_ahead + lines[300:],
+                                     tmp_path, "unguarded")
+    assert not dead and sum(bool(p.get("expired")) for p in unguarded.values()) == 30
