@@ -234,7 +234,10 @@ def run_demo(stop: threading.Event, *, duration: float | None, users: int, rate:
         kafka = KafkaSettings(broker.bootstrap_servers)
         settings = Settings(kafka=kafka, group_id="profiles-demo", batch_max_ms=250, model_path="demo",
                             # The embedded broker's group join waits for the session timeout: keep it short.
-                            session_timeout_ms=6000)
+                            session_timeout_ms=6000,
+                            # The demo's shop lives days of event time per minute, from a day ago: its events
+                            # pass the wall clock within seconds and must not be refused as ahead_of_clock.
+                            max_ahead_ms=0)
         ensure_topics(admin_client(kafka), {"events": PARTITIONS, settings.output_topic: PARTITIONS,
                                             settings.dead_letter_topic: PARTITIONS})
         console.print(f"embedded broker on {broker.bootstrap_servers}; producing {rate:,} events/s "
