@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -45,7 +46,7 @@ def _umask() -> int:
 class OutputFile:
     """A binary output file written atomically (see the module docstring)."""
 
-    def __init__(self, path: str, flag: str = "--out") -> None:
+    def __init__(self, path: str, flag: str = "--out", compresslevel: int = 9) -> None:
         self.path = path
         self._tmp: str | None = None
         self._raw: IO[bytes]
@@ -59,8 +60,9 @@ class OutputFile:
                 prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory), flag)
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
             self._raw = os.fdopen(fd, "wb")
-        # Compression follows the name the file will have, not the temporary one.
-        self.file: IO[bytes] = (gzip.GzipFile(os.path.basename(path), "wb", fileobj=self._raw)
+        # Compression follows the name the file will have, not the temporary one; no time in the header,
+        # so the same output is the same bytes.
+        self.file: IO[bytes] = (gzip.GzipFile(os.path.basename(path), "wb", compresslevel, self._raw, mtime=0)
                                 if path.endswith(".gz") and path != STDOUT else self._raw)
         self.lines = 0
 
@@ -128,13 +130,16 @@ def check_output_dir(path: str, flag: str = "--out") -> str:
 def atomic_paths(*paths: str, flag: str = "--out") -> Iterator[list[str]]:
     """For code that opens its outputs by name: temporary paths beside `paths` (ending in .gz where
     theirs do), renamed over them when the block succeeds, to `<path>.partial` on Ctrl-C (raising
-    Interrupted), deleted on an error."""
+    Interrupted), deleted on an error. `-` (standard output) and special files (/dev/null) get a
+    temporary file in the system's temporary directory, copied to them when the block succeeds:
+    a rename would replace the special file itself."""
     temps: list[str] = []
     try:
         for path in paths:
-            directory = check_output_dir(path, flag)
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory,
-                                       suffix=".tmp.gz" if path.endswith(".gz") else ".tmp")
+            regular = is_regular_path(path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
+                                       dir=check_output_dir(path, flag) if regular else None,
+                                       suffix=".tmp.gz" if regular and path.endswith(".gz") else ".tmp")
             os.fchmod(fd, 0o666 & ~_umask())
             os.close(fd)
             temps.append(tmp)
@@ -142,9 +147,12 @@ def atomic_paths(*paths: str, flag: str = "--out") -> Iterator[list[str]]:
     except KeyboardInterrupt:
         kept = []
         for tmp, path in zip(temps, paths):
-            os.replace(tmp, path + ".partial")
-            kept.append(path + ".partial")
-        raise Interrupted(f"interrupted: partial output kept in {', '.join(kept)}") from None
+            if is_regular_path(path):
+                os.replace(tmp, path + ".partial")
+                kept.append(path + ".partial")
+            else:  # nothing half-written goes to standard output
+                os.unlink(tmp)
+        raise Interrupted(f"interrupted: partial output kept in {', '.join(kept) or 'no file'}") from None
     except BaseException:
         for tmp in temps:
             try:
@@ -153,4 +161,21 @@ def atomic_paths(*paths: str, flag: str = "--out") -> Iterator[list[str]]:
                 pass
         raise
     for tmp, path in zip(temps, paths):
-        os.replace(tmp, path)
+        if is_regular_path(path):
+            os.replace(tmp, path)
+        else:
+            _copy_out(tmp, path)
+
+
+def _copy_out(tmp: str, path: str) -> None:
+    """A finished temporary file to standard output or a special file; then it goes."""
+    try:
+        with open(tmp, "rb") as src:
+            if path == STDOUT:
+                shutil.copyfileobj(src, sys.stdout.buffer)
+                sys.stdout.buffer.flush()
+            else:
+                with open(path, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    finally:
+        os.unlink(tmp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import orjson
@@ -21,7 +22,7 @@ from stream.events import DeadLetter
 from stream.kafka import Publisher
 from stream.runtime import tune_garbage_collector
 from stream.settings import Settings
-from stream.sources import open_sources, parse_kafka_uri
+from stream.sources import FileSource, SourceError, no_usable_events, open_sources, parse_kafka_uri
 from stream.state import StateTable, write_snapshot
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,14 @@ class ReplayReport:
     users: int = 0
     seconds: float = 0.0
     partial: list[str] = field(default_factory=list)  # where an interrupted run left its output
+    reasons: Counter[str] = field(default_factory=Counter)  # dead letters by reason
+    examples: dict[str, DeadLetter] = field(default_factory=dict)  # the first dead letter of each reason
+
+    def add_dead_letters(self, dead: list[DeadLetter]) -> None:
+        self.dead_letters += len(dead)
+        self.reasons.update(d.reason for d in dead)
+        for d in dead:
+            self.examples.setdefault(d.reason, d)
 
     def summary(self, dead_letters_path: str) -> str:
         """The one line printed at the end (or at Ctrl-C)."""
@@ -52,11 +61,28 @@ class ReplayReport:
                    if self.expired else "")
         return (f"{self.records:,} records ({self.events:,} events, {self.dead_letters:,} dead letters -> "
                 f"{dead_letters_path}{skipped}) of {self.users:,} users in {self.seconds:.1f}s "
-                f"({self.events_per_second:,.0f} records/s); {self.profiles:,} profiles written{erased}")
+                f"({self.events_per_second:,.0f} records/s); {self.profiles:,} profiles written{erased}"
+                f"{self.dead_letter_reasons()}")
+
+    def dead_letter_reasons(self, top: int = 3) -> str:
+        """The most frequent reasons, with one example each: what to fix in the log, without opening the file."""
+        if not self.reasons:
+            return ""
+        parts = [f"{reason} {n:,} (e.g. {self.examples[reason].topic}:{self.examples[reason].offset}: "
+                 f"{_shortened(self.examples[reason].detail)})" for reason, n in self.reasons.most_common(top)]
+        more = len(self.reasons) - top
+        return f"; dead letters by reason: {', '.join(parts)}" + (f" and {more} more reason(s)" if more > 0 else "")
+
+    def top_example(self) -> DeadLetter | None:
+        return self.examples[self.reasons.most_common(1)[0][0]] if self.reasons else None
 
     @property
     def events_per_second(self) -> float:
         return self.records / self.seconds if self.seconds else 0.0
+
+
+def _shortened(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class ProfileSink:
@@ -132,18 +158,28 @@ def dead_letter_line(dead: DeadLetter) -> bytes:
 def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, output_topic: str | None,
            every_update: bool, state_out: str | None, dead_letters_path: str, batch_records: int,
            show_progress: bool = True, updater: ProfileUpdater | None = None) -> ReplayReport:
-    """Replay `sources`; write every update or the final profile of every user; optionally a state snapshot."""
+    """Replay `sources`; write every update or the final profile of every user; optionally a state snapshot.
+
+    Raises SourceError when records were read but every one was a dead letter (no event applied): the
+    outputs are then discarded, as on any error."""
     started = time.monotonic()
-    # Topics replayed are the updater's input topics: their users' state records the partition and
-    # offset of their events, so a daemon started from the snapshot knows which member owns whom.
-    topics = tuple(dict.fromkeys(parse_kafka_uri(s)[0] for s in sources if s.startswith("kafka://")))
-    updater = updater or load_updater(replace(settings, input_topics=topics or settings.input_topics))
-    opened = open_sources(settings.kafka, sources, fmt, batch_records)
+    # The sources and outputs are checked before the model loads (seconds): a mistake shows at once.
+    opened = open_sources(settings.kafka, sources, fmt, batch_records, keep_rejected=True,
+                          outputs={"--out": out, "--dead-letters": dead_letters_path})
     sink = ProfileSink(out, output_topic, settings)
     try:
         dlq = OutputFile(dead_letters_path, "--dead-letters")
     except OSError:
         sink.discard()
+        raise
+    try:
+        # Topics replayed are the updater's input topics: their users' state records the partition and
+        # offset of their events, so a daemon started from the snapshot knows which member owns whom.
+        topics = tuple(dict.fromkeys(parse_kafka_uri(s)[0] for s in sources if s.startswith("kafka://")))
+        updater = updater or load_updater(replace(settings, input_topics=topics or settings.input_topics))
+    except BaseException:
+        sink.discard()
+        dlq.discard()
         raise
     report = ReplayReport()
     last_expired = LastExpired()
@@ -160,6 +196,12 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
                 first_after: dict[int, int] = {}
                 while not source.exhausted:
                     batch = source.next_batch()
+                    # Rows a dataset format could not convert are dead letters too, never silently dropped.
+                    rejected = source.take_rejected() if isinstance(source, FileSource) else []
+                    if rejected:
+                        dlq.write(b"".join(dead_letter_line(d) for d in rejected))
+                        report.records += len(rejected)
+                        report.add_dead_letters(rejected)
                     if not len(batch):
                         continue
                     result = updater.process(batch, source.time_range, profiles=every_update)  # the daemon's batch step
@@ -183,7 +225,7 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
                     report.out_of_range += result.out_of_range
                     report.duplicates += result.duplicates
                     report.replayed += result.replayed
-                    report.dead_letters += len(result.dead_letters)
+                    report.add_dead_letters(result.dead_letters)
                     rate = report.records / (time.monotonic() - started)
                     bar.update(task, completed=source.progress()[0], rate=f"{rate:,.0f} records/s")
                 for topic, read in source.positions().items():  # kafka:// sources (files have none)
@@ -191,6 +233,9 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
                     # at the first event past the range's end where there was one (the ones after it
                     # that the replay did apply are at or below their user's watermark, and skipped).
                     positions[topic] = {p: min(o, first_after.get(p, o)) for p, o in read.items()}
+            if report.dead_letters and not report.events:  # a log in the wrong layout, not a log of events
+                raise SourceError(f"{no_usable_events(sources, report.reasons, report.top_example())}; "
+                                  "nothing written")
             while expired := updater.expire_idle(force=True):  # users idle past the TTL at the log's end
                 report.expired += len(expired)
                 if every_update:

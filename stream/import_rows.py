@@ -30,6 +30,8 @@ REMOVE_FROM_CART = "remove_from_cart"  # rees46: a real event the contract has n
 EMPTY_LINE = "empty_line"
 CSV_ERROR = "csv_error"  # the csv module refused the line (e.g. a field over its size limit)
 
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some Windows tools put at the start of a file
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MS = timedelta(milliseconds=1)
 
@@ -42,6 +44,9 @@ class ImportReport:
     events: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, str] = field(default_factory=dict)  # reason -> "file:line" of its first skip
+    # With a list: every skipped row as (reason, line, its fields joined by the file's delimiter), for a
+    # reader that dead-letters them (a replay); the csv module's refused lines have no text ("").
+    rejected: list[tuple[str, int, str]] | None = None
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -128,10 +133,11 @@ def _is_gzip(src: Path) -> bool:
 
 
 def open_text(src: Path) -> io.TextIOBase:
-    """Text stream of a plain or gzip file (told by magic bytes); undecodable bytes become U+FFFD."""
+    """Text stream of a plain or gzip file (told by magic bytes); undecodable bytes become U+FFFD.
+    A byte-order mark at the start is dropped (utf-8-sig), so a first row or header reads as written."""
     if _is_gzip(src):
-        return gzip.open(src, "rt", encoding="utf-8", errors="replace", newline="")
-    return open(src, encoding="utf-8", errors="replace", newline="")
+        return gzip.open(src, "rt", encoding="utf-8-sig", errors="replace", newline="")
+    return open(src, encoding="utf-8-sig", errors="replace", newline="")
 
 
 # Stands for a line the csv module refused: its single column never matches a format's width.
@@ -187,18 +193,20 @@ def layout_events(layout: Layout, src: Path, prefix: str, report: ImportReport) 
     The counts reach `report` however the iteration ends (exhausted, closed early, or raising).
     """
     reader, line_offset, width, parse = layout.reader, layout.line_offset, layout.width, layout.parse
+    rejected, delimiter = report.rejected, reader.dialect.delimiter
     rows = events = 0
     try:
         for row in layout.rows:
             rows += 1
             line = str(reader.line_num + line_offset)
-            if len(row) != width:
-                report.skip(_bad_width(row), f"{src}:{line}")
-                continue
             try:
+                if len(row) != width:
+                    raise BadRow(_bad_width(row))
                 event = parse(row, prefix + line)
             except BadRow as bad:
                 report.skip(bad.reason, f"{src}:{line}")
+                if rejected is not None:
+                    rejected.append((bad.reason, int(line), "" if row is CSV_ERROR_ROW else delimiter.join(row)))
                 continue
             events += 1
             yield event

@@ -22,12 +22,12 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator
 
 import orjson
 
 from stream.import_formats import FORMATS, LAYOUTS
-from stream.import_rows import ImportReport, layout_events, open_text
+from stream.import_rows import BOM, ImportReport, layout_events, open_text
 
 __all__ = ["FORMATS", "ImportReport", "iter_import", "import_dataset", "read_events"]
 
@@ -75,14 +75,15 @@ def _iter_import(fmt: str, src: Path, report: ImportReport | None) -> Iterator[d
 # writing and reading JSON lines
 
 
-def import_dataset(fmt: str, sources: list[str | Path], out: str | Path,
+def import_dataset(fmt: str, sources: list[str | Path], out: str | Path | IO[bytes],
                    progress: Callable[[int], None] | None = None) -> ImportReport:
     """Convert sources into JSON lines at `out` (gzip when it ends in .gz; orjson). Returns the report.
 
     Sources are read in the order given, each in its row order. `progress`, when given, is
     called with the number of rows read so far (every 10,000 events and at the end of each source).
     The output appears only when the import succeeded (written to a temporary file first);
-    the gzip output is byte-for-byte reproducible (no timestamp in its header).
+    the gzip output is byte-for-byte reproducible (no timestamp in its header). `out` may also be
+    an open binary file (anything with `write`): the lines are written to it as they come.
     """
     _check_format(fmt)
     sources = [Path(s) for s in sources]
@@ -96,8 +97,11 @@ def import_dataset(fmt: str, sources: list[str | Path], out: str | Path,
             raise ValueError(f"sources {names[name]} and {s} share the file name {name!r}: "
                              f"their event ids would collide; import them separately")
         names[name] = s
-    out = Path(out)
     report = ImportReport()
+    if not isinstance(out, (str, Path)):
+        _write(fmt, sources, out, report, progress)
+        return report
+    out = Path(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "xb") as raw:
@@ -149,6 +153,8 @@ def read_events(paths: list[str | Path]) -> Iterator[dict]:
             gz = raw.peek(2)[:2] == b"\x1f\x8b"
             fh = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
             for number, line in enumerate(fh, 1):
+                if number == 1:
+                    line = line.removeprefix(BOM)  # some tools start a file with one
                 if not line.strip():
                     continue
                 try:

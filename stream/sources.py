@@ -11,21 +11,28 @@ from __future__ import annotations
 import glob
 import gzip
 import itertools
+import logging
 import os
+import stat
 import threading
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Iterator, Mapping, Protocol, runtime_checkable
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import orjson
 
-from stream.events import EventColumns, RecordBatch, epoch_ms
+from stream.decode import decode_batch
+from stream.events import NOT_JSON, NOT_OBJECT, DeadLetter, EventColumns, RecordBatch, epoch_ms
 from stream.import_formats import FORMATS
+from stream.import_rows import BOM, ImportReport
 from stream.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
 
 JSON_FORMATS = ("jsonl",)
 IMPORT_FORMATS = FORMATS  # the importers' (stream/import_formats.py): written once, there
@@ -35,25 +42,109 @@ class SourceError(ValueError):
     """A replay source that does not exist or cannot be read."""
 
 
-def expand_paths(sources: list[str]) -> list[Path]:
-    """Files named directly, by glob, or found (sorted, recursively) under directories."""
+def expand_paths(sources: list[str], outputs: Mapping[str, str | None] | None = None) -> list[Path]:
+    """Files named directly, by glob, or found (sorted, recursively) under directories.
+
+    `outputs` (flag -> path) are the command's own output files. One named as a source is refused: it
+    would be overwritten while it is read. One that a directory or glob finds (an earlier run's output,
+    or its .partial, beside the logs) is skipped, with a log line."""
+    own = _output_files(outputs or {})
     paths: list[Path] = []
     for source in sources:
         if any(ch in source for ch in "*?["):
             matches = sorted(glob.glob(source, recursive=True))
             if not matches:
                 raise SourceError(f"no file matches {source!r}")
-            paths += [Path(m) for m in matches if os.path.isfile(m)]
+            paths += _not_own([Path(m) for m in matches if os.path.isfile(m)], own)
         elif os.path.isdir(source):
             found = sorted(p for p in Path(source).rglob("*") if p.is_file() and not p.name.startswith("."))
             if not found:
                 raise SourceError(f"directory {source!r} holds no files")
-            paths += found
+            paths += _not_own(found, own)
         elif os.path.isfile(source):
+            flag, named = own.get(_file_id(source), (None, False))
+            if named:
+                raise SourceError(f"{flag} {source} is one of the inputs (it would be overwritten while it is read)")
             paths.append(Path(source))
         else:
             raise SourceError(f"{source!r} does not exist")
     return paths
+
+
+def _file_id(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of a regular file, None for anything else: names of one file compare equal."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def _output_files(outputs: Mapping[str, str | None]) -> dict[tuple[int, int] | None, tuple[str, bool]]:
+    """The output files that exist, and their .partial: file id -> (flag, whether it is the output itself)."""
+    own: dict[tuple[int, int] | None, tuple[str, bool]] = {}
+    for flag, path in outputs.items():
+        if path and path != "-":  # '-' is standard output, whatever a file of that name holds
+            own[_file_id(path + ".partial")] = (flag, False)
+            own[_file_id(path)] = (flag, True)
+    own.pop(None, None)
+    return own
+
+
+def _not_own(found: list[Path], own: dict[tuple[int, int] | None, tuple[str, bool]]) -> list[Path]:
+    if not own:
+        return found
+    kept = []
+    for path in found:
+        if (mine := own.get(_file_id(path))) is None:
+            kept.append(path)
+        else:
+            log.warning("skipping %s: it is this command's %s%s, not an input", path, mine[0],
+                        "" if mine[1] else " (partial)")
+    return kept
+
+
+def format_hint(dead: DeadLetter) -> str:
+    """Why a record may have failed as a whole, when its file looks like another layout than JSON lines."""
+    if dead.reason not in (NOT_JSON, NOT_OBJECT):
+        return ""
+    value = (dead.value or b"").lstrip()
+    if value.startswith((b"[", b"{", b"}", b'"')):  # an array's or a pretty-printed object's lines
+        return "; is it a JSON array or pretty-printed JSON? The events are JSON lines: one JSON object per line"
+    if dead.reason == NOT_JSON and (b"," in value or b"\t" in value):
+        return (f"; it looks like CSV: replay a dataset with --format ({', '.join(IMPORT_FORMATS)}), "
+                "or convert it with `profiles import`")
+    return ""
+
+
+def no_usable_events(sources: list, reasons: Mapping[str, int], example: DeadLetter | None) -> str:
+    """The error of a command that found no event to use in `sources`: how many records broke the
+    contract, for what reason most of them, one as an example, and a hint where the file looks like CSV
+    or a JSON array. `example` is a dead letter of the most frequent reason."""
+    dead = sum(reasons.values())
+    why = ""
+    if dead and example is not None:
+        most = max(reasons.values())
+        why = (f" ({dead:,} records broke the event contract, {most:,} as {example.reason}, e.g. "
+               f"{example.topic}:{example.offset}: {example.detail}{format_hint(example)})")
+    return f"no usable events in {', '.join(map(str, sources))}{why}"
+
+
+def require_events(paths: list[Path], batch_records: int = 50_000) -> None:
+    """Raise SourceError (see no_usable_events) unless the JSON-lines files hold a valid event. Reads
+    up to the first batch that holds one: a good log costs one batch, a bad one is read to its end."""
+    source = FileSource(paths, batch_records)
+    reasons: Counter[str] = Counter()
+    examples: dict[str, DeadLetter] = {}
+    while not source.exhausted:
+        events, dead = decode_batch(source.next_batch(), 1 << 30)
+        if len(events):
+            return
+        reasons.update(d.reason for d in dead)
+        for d in dead:
+            examples.setdefault(d.reason, d)
+    top = reasons.most_common(1)
+    raise SourceError(no_usable_events(paths, reasons, examples[top[0][0]] if top else None))
 
 
 def _open(path: Path):
@@ -106,12 +197,15 @@ class FileSource:
 
     time_range = None
 
-    def __init__(self, paths: list[Path], batch_records: int, fmt: str = "jsonl") -> None:
+    def __init__(self, paths: list[Path], batch_records: int, fmt: str = "jsonl", keep_rejected: bool = False) -> None:
         if fmt not in JSON_FORMATS + IMPORT_FORMATS:
             raise SourceError(f"unknown format {fmt!r}")
         self.paths = paths
         self.batch_records = batch_records
         self.format = fmt
+        # Rows an import format cannot convert: kept as dead letters for take_rejected() (a replay), or
+        # else counted in one warning per file.
+        self._rejected: list[DeadLetter] | None = [] if keep_rejected else None
         self.total_bytes = sum(p.stat().st_size for p in paths)
         self._done_bytes = 0
         self._chunk_iter = self._chunks()
@@ -145,6 +239,8 @@ class FileSource:
                 with _open(path) as self._fh:
                     first = 1
                     while lines := self._read_lines(path, first):
+                        if first == 1 and lines[0].startswith(BOM):  # once per file: some tools write one
+                            lines[0] = lines[0][len(BOM):]
                         records = list(map(bytes.rstrip, lines, itertools.repeat(b"\r\n")))  # in C, not a Python loop
                         numbers = list(range(first, first + len(lines)))
                         first += len(lines)
@@ -156,15 +252,34 @@ class FileSource:
                 from stream.importers import iter_import
 
                 # Converted on the fly (progress advances per file); line = the event's position.
-                events = enumerate(iter_import(self.format, path), 1)
+                report = ImportReport(rejected=[]) if self._rejected is not None else None
+                events = enumerate(iter_import(self.format, path, report), 1)
                 try:
                     while chunk := list(itertools.islice(events, 10_000)):
+                        self._keep_rejected(name, report)
                         yield name, [n for n, _ in chunk], [orjson.dumps(e) for _, e in chunk]
                 except (ValueError, UnicodeDecodeError) as exc:
                     raise SourceError(f"{exc} (is --format {self.format} right? the event contract's JSON lines "
                                       "are --format jsonl)") from None
+                self._keep_rejected(name, report)
             self._fh = None
             self._done_bytes += path.stat().st_size
+
+    def _keep_rejected(self, name: str, report: ImportReport | None) -> None:
+        if report is None:
+            return
+        self._rejected += [DeadLetter(row.encode(), None, reason,
+                                      f"--format {self.format}: row not converted ({reason.replace('_', ' ')})",
+                                      name, 0, line) for reason, line, row in report.rejected]
+        report.rejected.clear()
+
+    def take_rejected(self) -> list[DeadLetter]:
+        """The rows read so far that the import format could not convert (line = the row's line in its
+        file, value = its fields joined by the file's delimiter), each once; with keep_rejected only."""
+        rejected = self._rejected or []
+        if self._rejected is not None:
+            self._rejected = []
+        return rejected
 
     def _read_lines(self, path: Path, first: int) -> list[bytes]:
         """About a megabyte of whole lines; a damaged gzip becomes a SourceError naming where it broke."""
@@ -317,11 +432,14 @@ class KafkaRangeSource:
         return self.records_read, self.total
 
 
-def open_sources(kafka: KafkaSettings, sources: list[str], fmt: str, batch_records: int) -> list[BatchSource]:
+def open_sources(kafka: KafkaSettings, sources: list[str], fmt: str, batch_records: int,
+                 outputs: Mapping[str, str | None] | None = None, keep_rejected: bool = False) -> list[BatchSource]:
     """The replay's sources: files all together, in the order given, then each kafka://TOPIC?from=&to=
-    as its own source with its event-time range."""
+    as its own source with its event-time range. `outputs` and `keep_rejected`: see expand_paths and
+    FileSource."""
     files = [s for s in sources if not s.startswith("kafka://")]
-    opened: list[BatchSource] = [FileSource(expand_paths(files), batch_records, fmt)] if files else []
+    opened: list[BatchSource] = [
+        FileSource(expand_paths(files, outputs), batch_records, fmt, keep_rejected)] if files else []
     for uri in (s for s in sources if s.startswith("kafka://")):
         topic, window = parse_kafka_uri(uri)
         opened.append(KafkaRangeSource(kafka, topic, window, batch_records))

@@ -3,6 +3,7 @@ and `demo` (everything on one machine)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from typing import Any
@@ -164,42 +165,70 @@ def demo(duration: float | None, users: int, rate: int, seed: int) -> None:
 @command("import", short_help="Public datasets into the event contract")
 @click.option("--format", "fmt", required=True, type=click.Choice(FORMATS[1:]), help="Layout of the source files.")
 @click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSON lines to write (.gz compresses).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSON lines to write (.gz compresses; "
+              "'-': standard output), through a temporary file renamed when complete.")
 def import_(fmt: str, sources: tuple[str, ...], out: str) -> None:
     """Convert public e-commerce datasets into the event contract.
 
     Taobao pv/fav -> click, cart -> add_to_cart, buy -> purchase; YOOCHOOSE sessions become users;
     REES46 keeps prices and category codes. Rows that cannot be converted are counted by reason.
     """
+    from rich.console import Console
     from rich.progress import Progress
 
+    from consumers.outfiles import Interrupted, OutputFile
     from stream.importers import import_dataset
+    from stream.sources import expand_paths
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task(f"importing {fmt}", total=None)
-        try:
-            report = import_dataset(fmt, list(sources), out, progress=lambda n: bar.update(task, completed=n))
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
+    try:
+        expand_paths(list(sources), {"--out": out})  # refuses an --out that is one of the sources
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    sink = OutputFile(out, compresslevel=6)  # level 6: a third of level 9's time, a few percent larger
+    try:
+        with Progress(transient=True, console=Console(stderr=True), disable=not sys.stderr.isatty()) as bar:
+            task = bar.add_task(f"importing {fmt}", total=None)
+            report = import_dataset(fmt, list(sources), sink, progress=lambda n: bar.update(task, completed=n))
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: partial output kept in {sink.keep_partial()}") from None
+    except ValueError as exc:
+        sink.discard()
+        raise click.ClickException(str(exc)) from None
+    except BaseException:
+        sink.discard()
+        raise
+    sink.commit()
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items())) or "none"
-    click.echo(f"{report.events} events from {report.rows} rows written to {out} (skipped: {skipped})", err=True)
+    click.echo(f"{report.events} events from {report.rows} rows written to "
+               f"{'standard output' if out == '-' else out} (skipped: {skipped})", err=True)
 
 
 @command(short_help="Cut an event log by event time, for evaluation")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
 @click.option("--test-fraction", default=0.2, show_default=True, type=click.FloatRange(0.01, 0.99),
               help="Share of the events, the latest by event time, that becomes the test part.")
-@click.option("--train-out", required=True, type=click.Path(dir_okay=False))
-@click.option("--test-out", required=True, type=click.Path(dir_okay=False))
+@click.option("--train-out", required=True, type=click.Path(dir_okay=False), help="'-': standard output.")
+@click.option("--test-out", required=True, type=click.Path(dir_okay=False), help="'-': standard output.")
 def split(source: str, test_fraction: float, train_out: str, test_out: str) -> None:
     """Split a JSON-lines event log by event time: the latest --test-fraction of the events is the test part.
 
     Lines are copied byte for byte; lines that break the event contract stay in the training part.
     Both files are written to temporary files and renamed when complete.
     """
+    if os.path.abspath(train_out) == os.path.abspath(test_out):
+        raise click.UsageError("--train-out and --test-out cannot both be '-' (standard output)" if train_out == "-"
+                               else f"--train-out and --test-out are the same file, {train_out}")
     from consumers.outfiles import atomic_paths
     from models.dataset import split_lines_by_time
+    from stream.sources import SourceError, expand_paths, require_events
 
+    try:
+        # An output that is the source would be overwritten; a log without one event has no time to cut at.
+        require_events(expand_paths([source], {"--train-out": train_out, "--test-out": test_out}))
+    except SourceError as exc:
+        raise click.ClickException(str(exc)) from None
     with atomic_paths(train_out, test_out, flag="--train-out/--test-out") as (train_tmp, test_tmp):
         n_train, n_test, cutoff = split_lines_by_time(source, test_fraction, train_tmp, test_tmp)
-    click.echo(f"{n_train:,} events up to {cutoff} -> {train_out}; {n_test:,} later events -> {test_out}", err=True)
+    named = {path: "standard output" if path == "-" else path for path in (train_out, test_out)}
+    click.echo(f"{n_train:,} events up to {cutoff} -> {named[train_out]}; {n_test:,} later events -> "
+               f"{named[test_out]}", err=True)
