@@ -16,6 +16,7 @@ from models.field_evaluation import (
 )
 from models.profile_model import CheckpointError, resolve_device
 from models.checkpoint_io import load_checkpoint
+from stream.events import MIN_TS_MS
 
 
 def parse_cut(text: str | None, option: str = "--cut") -> int | None:
@@ -23,6 +24,9 @@ def parse_cut(text: str | None, option: str = "--cut") -> int | None:
     if text is None:
         return None
     if text.isdigit():
+        if int(text) < MIN_TS_MS:  # the contract's own floor, which catches epoch seconds in events too
+            raise click.BadParameter(f"{text} is before 1973 in epoch milliseconds: epoch seconds? (use "
+                                     f"{int(text) * 1000} or an ISO time)", param_hint=option)
         return int(text)
     try:
         when = dt.datetime.fromisoformat(text)

@@ -78,7 +78,10 @@ def run_evaluation(model_path: str, train_files: tuple[str, ...], test_files: tu
         table.add_column(c, justify="right")
     for key, metrics in results.items():
         table.add_row(names[key], *(_fmt(metrics[c]) for c in columns))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped: room for every column, not rich's 80 (the names were cut to "recal…")
+        console = Console(width=max(console.width, 160))
+    console.print(table)
 
 
 def _fmt(value: object) -> str:

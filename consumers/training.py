@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from consumers.outfiles import atomic_paths, check_output_dir
+from consumers.outfiles import Interrupted, atomic_paths, check_output_dir
 from models.dataset import EventLog, load_events
 from models.field_training import train_fields
 from models.profile_model import ModelConfig, resolve_device
@@ -108,7 +108,10 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
             bar.update(task, completed=done, total=total, description=f"{stage} epoch {info['epoch']}{of}",
                        info=f"loss {info['loss']:.3f}")
 
-        model, vocab, report = train(events, model_config, train_config, device, progress)
+        try:
+            model, vocab, report = train(events, model_config, train_config, device, progress)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: nothing written ({out} is written only when training ends)") from None
     # Stage two: the published fields, fitted on profiles taken through the serving path at cuts.
     click.echo("fitting the profile fields (purchase_propensity, churn_risk, top_categories) ...", err=True)
     fields_report = train_fields(LoadedModel(model, "training", True, {}, vocab), events, device, seed=seed)

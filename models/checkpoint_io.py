@@ -85,6 +85,9 @@ def checkpoint_path(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     """Read a checkpoint ("demo": the shipped one); raise CheckpointError with a message a user can act on."""
     path = checkpoint_path(path)
+    if path.is_dir():
+        raise CheckpointError(f"model checkpoint {str(path)!r} is a directory: give the .pt file "
+                              "`profiles train --out` wrote")
     if not path.is_file():
         raise CheckpointError(f"model checkpoint {str(path)!r} does not exist")
     try:
