@@ -185,6 +185,8 @@ def test_user_mistakes_are_one_line_errors(tmp_path, args, message):
      "cannot write --out /nonexistent/m.pt"),
     (["calibrate", "--model", "demo", "--events", "{events}", "--until", "soon", "--out", "{tmp}/m.pt"],
      "Invalid value for --until"),
+    (["train", "--events", "{events}", "--until", "1700000000", "--out", "{tmp}/m.pt"], "epoch seconds?"),
+    (["calibrate", "--model", "{tmp}", "--events", "{events}", "--out", "{tmp}/m.pt"], "is a directory"),
 ])
 def test_train_and_calibrate_refuse_a_mistake_before_any_work(tmp_path, args, message):
     """Minutes of training (seconds of calibration) must not end in an error the arguments already showed:
@@ -306,3 +308,10 @@ def test_librdkafka_log_goes_through_python_logging_rate_limited():
     assert limit.filter(record("FAIL|rdkafka#producer-1| Connect failed (after 0ms in state CONNECT)"))
     assert not limit.filter(record("FAIL|rdkafka#producer-1| Connect failed (after 512ms in state CONNECT)"))
     assert limit.filter(record("FAIL|rdkafka#producer-1| Name or service not known"))
+
+
+@pytest.mark.parametrize("servers", ["localhost:notaport", "localhost:0", ":9092", "a:9092,b:x"])
+def test_a_broker_address_that_is_not_host_port_is_a_usage_error(servers):
+    """librdkafka would read 'localhost:notaport' as port 0 and fail later, less clearly."""
+    result = CliRunner().invoke(main, ["get", "u1", "--bootstrap-servers", servers])
+    assert result.exit_code == 2 and "is not host:port" in result.output, result.output

@@ -109,7 +109,7 @@ def kafka_options(needed_for: str = "", *, embedded_broker: bool = False) -> Dec
     return stack(
         click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", show_envvar=True,
                      default=None if embedded_broker else "localhost:9092", show_default=not embedded_broker,
-                     help=f"Kafka brokers, host:port[,host:port].{where}"),
+                     callback=check_brokers, help=f"Kafka brokers, host:port[,host:port].{where}"),
         setting("--kafka-config", multiple=True, metavar="KEY=VALUE", type=KafkaConfigEntry(),
                 help="librdkafka property for every client, repeatable (e.g. security.protocol=SASL_SSL). In "
                 "the environment variable, entries are separated by spaces and quoted as in a shell: "
@@ -121,6 +121,19 @@ def kafka_options(needed_for: str = "", *, embedded_broker: bool = False) -> Dec
                 help="Give up with one clear error if no Kafka broker answers at --bootstrap-servers within "
                 "this long (e.g. 10s, 1m)."),
     )
+
+
+def check_brokers(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """host:port[,host:port] (a port optional, a scheme such as SSL:// allowed), or a usage error: librdkafka
+    reads 'localhost:notaport' as port 0 and only fails later, at connect time, with a less clear message."""
+    for entry in (value or "").split(",") if value else ():
+        address = entry.strip().split("://", 1)[-1]
+        host, colon, port = address.rpartition(":") if not address.endswith("]") else (address, "", "")
+        if not colon:
+            host, port = address, ""
+        if not host or (colon and not (port.isdigit() and 0 < int(port) < 65536)):
+            raise click.BadParameter(f"{entry.strip()!r} is not host:port (e.g. localhost:9092)")
+    return value
 
 
 def kafka_settings(bootstrap_servers: str, config_file: str | None, config: tuple[str, ...]) -> KafkaSettings:
