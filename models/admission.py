@@ -230,7 +230,7 @@ class Admission:
             return events
         for i, ts in zip(events.record_index[ahead].tolist(), events.ts[ahead].tolist()):
             detail = (f"'ts' {iso_time(ts, 'seconds')} is {(ts - now) / 86_400_000:,.1f} days after this machine's "
-                      f"clock (--max-ahead {self.max_ahead_ms / 3_600_000:g}h)")
+                      f"clock (--max-ahead {self.max_ahead_ms / 3_600_000:g}h; 0 turns the check off)")
             dead.append(DeadLetter(value=records.values[i], key=records.keys[i], reason=AHEAD_OF_CLOCK, detail=detail,
                                    topic=records.topics[i], partition=records.partitions[i], offset=records.offsets[i]))
         dead.sort(key=lambda d: (d.topic, d.partition, d.offset))

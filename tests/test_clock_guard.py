@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 
 import orjson
+from click.testing import CliRunner
 
+from consumers.cli import main
 from consumers.replay import replay
 from stream.events import AHEAD_OF_CLOCK
 from stream.generator import generate
@@ -39,3 +41,16 @@ def test_an_event_stamped_years_ahead_is_dead_lettered_and_moves_no_clock(tmp_pa
                                               max_ahead_ms=0), lines[:300] + stamped_ahead + lines[300:],
                                      tmp_path, "unguarded")
     assert not dead and sum(bool(p.get("expired")) for p in unguarded.values()) == 30
+
+
+def test_replay_of_a_log_stamped_in_the_future_says_so_and_takes_max_ahead_0(tmp_path):
+    ahead = int(time.time() * 1000) + 5 * DAY - 1_700_000_000_000
+    path = tmp_path / "future.jsonl"
+    events = generate(20, 300, seed=1).events
+    path.write_bytes(b"".join(orjson.dumps(dict(e, ts=e["ts"] + ahead)) + b"\n" for e in events))
+    args = ["replay", str(path), "--out", str(tmp_path / "p.jsonl"), "--device", DEVICE]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "300 as ahead_of_clock" in result.output
+    assert "0 turns the check off" in result.output
+    result = CliRunner().invoke(main, args + ["--max-ahead", "0"])
+    assert result.exit_code == 0 and len((tmp_path / "p.jsonl").read_bytes().splitlines()) == 20, result.output

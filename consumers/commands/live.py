@@ -14,9 +14,9 @@ from consumers.commands.base import (
     write_lines,
 )
 from consumers.commands.options import (
-    device_option, expiry_options, group_id_option, input_topics_option, kafka_from, kafka_options, model_option,
-    profile_options, pseudonymize_option, repartition_option, setting, settings_from, state_dtype_option,
-    state_topic_option, thread_options, to_ms, topic_option,
+    device_option, expiry_options, group_id_option, input_topics_option, kafka_from, kafka_options, max_ahead_option,
+    model_option, profile_options, pseudonymize_option, repartition_option, setting, settings_from,
+    state_dtype_option, state_topic_option, thread_options, to_ms, topic_option,
 )
 from stream.settings import Settings
 
@@ -67,10 +67,7 @@ if TYPE_CHECKING:
 @setting("--max-poll-interval-ms", default=300_000, show_default=True, type=click.IntRange(min=1000),
          help="The group evicts a member that takes longer than this between polls. Batches shrink "
          "automatically to stay within a quarter of it; restoring an assigned partition's users must fit in it too.")
-@setting("--max-ahead", "max_ahead_ms", default="1d", show_default=True, callback=to_ms, metavar="DURATION",
-         help="Dead-letter events stamped more than this after this machine's clock (reason ahead_of_clock; "
-         "0 turns this off): the daemon's clock is the largest event time seen, and one event stamped years ahead "
-         "would make every user look long gone.")
+@max_ahead_option
 @setting("--dedupe-window", default=8, show_default=True, type=click.IntRange(min=0),
          help="An event whose event_id is among its user's last N events is a duplicate (an upstream re-send) "
          "and is applied once; 0 turns this off.")

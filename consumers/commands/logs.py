@@ -12,8 +12,8 @@ import click
 
 from consumers.commands.base import check_broker, command, exit_130_if_interrupted, install_stop_handlers
 from consumers.commands.options import (
-    device_option, expiry_options, kafka_from, kafka_options, model_option, profile_options, pseudonymize_option,
-    settings_from, state_dtype_option, thread_options, to_ms,
+    device_option, expiry_options, kafka_from, kafka_options, max_ahead_option, model_option, profile_options,
+    pseudonymize_option, settings_from, state_dtype_option, thread_options, to_ms,
 )
 
 # JSON Lines and the importers' formats (stream/import_formats.py, which imports numpy: too slow a start
@@ -43,6 +43,7 @@ FORMATS = ["jsonl", "taobao", "rees46", "yoochoose", "retailrocket"]
 @thread_options
 @profile_options
 @expiry_options
+@max_ahead_option
 @state_dtype_option
 @pseudonymize_option
 def replay(sources: tuple[str, ...], fmt: str, out: str | None, output_topic: str | None, every_update: bool,

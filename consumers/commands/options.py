@@ -192,6 +192,12 @@ expiry_options = stack(
             "(a replay's final profiles leave expired users out)."),
 )
 
+max_ahead_option = setting(
+    "--max-ahead", "max_ahead_ms", default="1d", show_default=True, callback=to_ms, metavar="DURATION",
+    help="Dead-letter events stamped more than this after this machine's clock (reason ahead_of_clock; 0 turns "
+    "this off, e.g. for synthetic logs stamped in the future): the clock idle times are measured to is the "
+    "largest event time seen, and one event stamped years ahead would make every user look long gone.")
+
 state_dtype_option = setting(
     "--state-dtype", default="float32", show_default=True, type=click.Choice(STATE_DTYPES),
     help="How each user's model state (GRU hidden state and memory) is stored. float16 halves it (160 bytes "
