@@ -80,6 +80,9 @@ def print_tables(report: dict) -> None:
     w = report["windows_hours"]
     console.print(f"[bold]{report['model']}[/]: {report['users']:,} users with events before the cut "
                   f"{report['cut']} (log {report['first']} .. {report['last']}, {report['events']:,} events)")
+    if report["users"] < RATE_MIN_USERS:
+        console.print(f"[yellow]{report['users']:,} users are too few to judge a field: its figures below are rough "
+                      "or n/a (ROC AUC needs users of both outcomes); judge on a log with more users[/]")
     if report["windows_cut_short"]:
         console.print(f"[yellow]the log ends before a horizon: judged over {window(w['category'])} (categories), "
                       f"{window(w['purchase'])} (purchase), {window(w['churn'])} (churn); probabilities asked for "
@@ -218,13 +221,14 @@ def _versus_best(field: dict) -> str:
 
 
 RATE_GAP = 0.02  # mean probability this far from the observed rate: say so, and what fits it
+RATE_MIN_USERS = 30  # below, the observed rate is too rough to send anyone to `profiles calibrate`
 
 
 def _rates(field: str, f: dict, short_log: bool) -> str:
     """The model's mean probability against the rate observed; where they are apart, the command that fits a
     model's probabilities to a shop's rates (or, on a log shorter than the horizons, what it would need)."""
     mean, rate = f["model"].get("mean_probability"), f["positives"] / max(f["users"], 1)
-    if mean is None or np.isnan(mean) or abs(mean - rate) <= RATE_GAP:
+    if mean is None or np.isnan(mean) or abs(mean - rate) <= RATE_GAP or f["users"] < RATE_MIN_USERS:
         return ""
     # calibrate tests a map on a later cut that saw the whole horizon: a log shorter than the horizons has none
     needs = (", on a log that runs at least the horizons past a cut; on a log this short, train on its events "

@@ -315,3 +315,11 @@ def test_a_broker_address_that_is_not_host_port_is_a_usage_error(servers):
     """librdkafka would read 'localhost:notaport' as port 0 and fail later, less clearly."""
     result = CliRunner().invoke(main, ["get", "u1", "--bootstrap-servers", servers])
     assert result.exit_code == 2 and "is not host:port" in result.output, result.output
+
+
+def test_evaluate_fields_on_a_handful_of_users_says_they_are_too_few_and_sends_no_one_to_calibrate(tmp_path):
+    write_events(tmp_path / "events.jsonl", 300, users=5)
+    result = CliRunner().invoke(main, ["evaluate-fields", "--model", "demo", "--events", str(tmp_path / "events.jsonl"),
+                                       "--device", DEVICE])
+    assert result.exit_code == 0, result.output
+    assert "users are too few to judge a field" in result.output and "profiles calibrate" not in result.output
