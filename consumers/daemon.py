@@ -235,12 +235,13 @@ class ProfileDaemon:
         self.metrics.users_expired.inc(len(expired))
         self.metrics.profiles_published.inc(len(expired.profiles))
         self.stats.profiles += len(expired.profiles)
-        self.metrics.users_in_state.set(len(self.updater.state))
+        self.state_gauges()
 
     def restore_partitions(self, partitions: list[int]) -> None:
         """Load the state of these input partitions' users from the changelog (before their events)."""
         restored = self.changelog.restore(partitions, on_progress=self.health.progressed)  # progress: /healthz
         self.metrics.restore_seconds.set(restored.seconds)
+        self.state_gauges()  # now, not at the next batch: a quiet input would show 0 users until then
         log.info("restored %d users of partition(s) %s from %s%s in %.2fs", restored.users, partitions,
                  self.settings.changelog_topic,
                  f" over {restored.from_snapshot} from the snapshot" if self.updater.state.base else "",
@@ -277,14 +278,11 @@ class ProfileDaemon:
             sample = events.ts[:: max(1, n_events // 64)]
             for lag_s in (time.time() - sample / 1000.0).tolist():
                 m.event_time_lag.observe(lag_s)
-        state = self.updater.state
-        m.users_in_state.set(len(state))
+        self.state_gauges()
         device = self.updater.device
         if device.type == "cuda":
             m.device_memory.labels(str(device)).set(torch.cuda.memory_allocated(device))
         m.device_memory.labels("host").set(resident_bytes())
-        for device, nbytes in state.state_bytes().items():
-            m.state_bytes.labels(device).set(nbytes)
         s.batches += 1
         s.records += len(records)
         s.events += n_events
@@ -293,6 +291,13 @@ class ProfileDaemon:
         s.commits += int(committed)
         s.batch_seconds.append(seconds["total"])
         s.last_batch_done_at = time.perf_counter()
+
+    def state_gauges(self) -> None:
+        """Users in state and their bytes, as held now: after each batch, restore, release and expiry."""
+        state = self.updater.state
+        self.metrics.users_in_state.set(len(state))
+        for device, nbytes in state.state_bytes().items():
+            self.metrics.state_bytes.labels(device).set(nbytes)
 
     def set_ready(self, ready: bool, why: str = "") -> None:
         self.health.set_ready(ready, why)
@@ -416,10 +421,7 @@ class ProfileDaemon:
         if gone:
             dropped = self.updater.state.drop_partitions(gone)
             log.info("released %d users of partition(s) %s", dropped, sorted(gone))
-            state = self.updater.state  # the gauges count what is held now, not what was
-            self.metrics.users_in_state.set(len(state))
-            for device, nbytes in state.state_bytes().items():
-                self.metrics.state_bytes.labels(device).set(nbytes)
+            self.state_gauges()  # what is held now, not what was
 
     def _kafka_error(self, err: KafkaError) -> None:
         """Client-level errors of the consumer and the producer (served inside consume and flush): every

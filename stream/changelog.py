@@ -311,7 +311,11 @@ class Changelog:
         def take(messages: list[Message], partitions_read: np.ndarray) -> None:
             nonlocal loading
             t0 = time.perf_counter()
-            loader.add(list(map(Message.key, messages)), list(map(Message.value, messages)), partitions_read)
+            try:
+                loader.add(list(map(Message.key, messages)), list(map(Message.value, messages)), partitions_read)
+            except UnicodeDecodeError:  # this daemon writes UTF-8 user ids as keys: another topic's records
+                raise StreamError(f"{self.topic} holds records whose keys are not UTF-8 user ids: not this "
+                                  "daemon's state topic? (--state-topic, or a new --group-id)") from None
             loading += time.perf_counter() - t0
 
         read_to_end(self.kafka, self.topic, partitions, take, on_progress=on_progress, on_start=state.reserve)

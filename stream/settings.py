@@ -7,6 +7,7 @@ Kafka config goes through `KafkaSettings.redacted()`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import shlex
@@ -296,6 +297,14 @@ class Settings:
             raise ValueError(f"--state-dtype must be one of {', '.join(STATE_DTYPES)}")
         if {self.output_topic, self.dead_letter_topic, self.changelog_topic} & set(self.subscribed_topics):
             raise ValueError("the output, dead-letter and state topics must differ from the input topics")
+        # One topic for two of them would mix raw dead letters or changelog records into the profiles readers
+        # take as profiles (`profiles get` printed a dead letter as a user's profile).
+        named = {"--output-topic": self.output_topic, "--dlq-topic": self.dead_letter_topic,
+                 "--state-topic": self.changelog_topic}
+        for (a, ta), (b, tb) in itertools.combinations(named.items(), 2):
+            if ta == tb:
+                raise ValueError(f"{a} and {b} are both {ta!r}: the output, dead-letter and state topics must "
+                                 "be three different topics")
         if self.repartition and self.restore_from:
             raise ValueError("--restore-from cannot be combined with --repartition (a snapshot's users are placed "
                              "by the input partitions, re-keyed users by the repartition topic's): start without it")

@@ -335,6 +335,9 @@ def test_deployment_gpu_probes_and_rollout():
 
 def test_deployment_settings_come_from_the_configmap_and_the_secret(monkeypatch):
     deployment, configmap, secret = k8s_one("Deployment"), k8s_one("ConfigMap"), k8s_one("Secret")
+    # A password with what broke the shell-style split before the credentials were quoted: a space, a
+    # backslash, a double quote, a dollar sign.
+    secret["stringData"]["sasl-password"] = 'p4ss w\\rd"$x'
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert {"configMapRef": {"name": configmap["metadata"]["name"]}} in container["envFrom"]
     secret_refs = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 
+import click
 import orjson
+import pytest
 
+from consumers.commands.live import run_daemon
 from consumers.daemon import ProfileDaemon
 from models.update_step import load_updater
 from stream.broker import free_port
@@ -67,6 +71,17 @@ def test_endpoints_during_a_real_run(kafka, settings_factory):
         server.shutdown()
     assert not health.ready  # a stopped daemon is not ready
     assert metrics.registry.get_sample_value("profiles_ready") == 0
+    # Restarted on a quiet input: the users restored from the changelog are in the gauges at once, not only
+    # after the next batch (they read 0 until then, on every rollout).
+    again, stop_again, thread_again, _ = start_member(settings)
+    try:
+        wait_until(lambda: again.health.ready, 60, "the restarted member to be ready")
+        value = again.metrics.registry.get_sample_value
+        assert value("profiles_users_in_state") == 50 and again.stats.events == 0
+        assert value("profiles_state_bytes", {"device": "cpu"}) > 0
+    finally:
+        stop_again.set()
+        thread_again.join(timeout=30)
 
 
 def test_a_long_restore_keeps_liveness(kafka, settings_factory):
@@ -207,3 +222,13 @@ def test_readiness_follows_a_broker_replaced_by_an_empty_one(replaceable_broker,
         stop.set()
         thread.join(timeout=30)
         server.shutdown()
+
+
+def test_a_metrics_port_in_use_is_one_error_naming_the_option(settings_factory):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = settings_factory(metrics_port=port, metrics_address="127.0.0.1")
+        with pytest.raises(click.ClickException, match=f"--metrics-port {port}: Address already in use"):
+            run_daemon(settings, threading.Event())

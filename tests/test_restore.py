@@ -225,3 +225,10 @@ def test_a_restore_refuses_records_of_another_layout_naming_the_partition(kafka,
     changelog = Changelog(kafka, table(), Publisher(kafka), Metrics(), topic=changelog_topic, model_version="m1")
     with pytest.raises(StreamError, match=f"{changelog_topic}\\[2\\]: changelog records of \\[10\\] bytes"):
         changelog.restore(list(range(PARTITIONS)))
+
+
+def test_a_restore_from_a_topic_with_binary_keys_says_it_is_not_a_state_topic(kafka, changelog_topic):
+    write(kafka, changelog_topic, [(1, b"\xff\xfe", b"\x00" * 40)])
+    changelog = Changelog(kafka, table(), Publisher(kafka), Metrics(), topic=changelog_topic, model_version="m1")
+    with pytest.raises(StreamError, match="keys are not UTF-8 user ids: not this daemon's state topic"):
+        changelog.restore(list(range(PARTITIONS)))

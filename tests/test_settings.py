@@ -49,6 +49,14 @@ def test_validation_messages():
         Settings(repartition=True, restore_from="snap").validate()
     with pytest.raises(ValueError, match="must differ"):  # the internal topic is an input too
         Settings(repartition=True, group_id="g", output_topic="g.repartition").validate()
+    # A dead-letter or state topic that is the output topic would put raw input or changelog records where
+    # readers take every record for a profile.
+    with pytest.raises(ValueError, match="--output-topic and --dlq-topic are both 'p'"):
+        Settings(output_topic="p", dlq_topic="p").validate()
+    with pytest.raises(ValueError, match="--dlq-topic and --state-topic are both 'x'"):
+        Settings(dlq_topic="x", state_topic="x").validate()
+    with pytest.raises(ValueError, match="--output-topic and --state-topic are both 'g.state'"):
+        Settings(group_id="g", output_topic="g.state").validate()
     repartitioned = Settings(input_topics=("a", "b"), group_id="g", repartition=True)
     assert repartitioned.state_topics == ("g.repartition",)
     assert repartitioned.subscribed_topics == ("a", "b", "g.repartition")

@@ -112,7 +112,7 @@ def run_daemon(settings: Settings, stop: threading.Event) -> DaemonStats:
     from consumers.daemon import ProfileDaemon
     from models.update_step import load_updater
     from models.profile_model import ModelError
-    from stream.kafka import StreamError
+    from stream.kafka import PublishError, StreamError
     from stream.metrics import Health, Metrics, serve
 
     log.info("settings: %s", settings.describe())
@@ -120,10 +120,19 @@ def run_daemon(settings: Settings, stop: threading.Event) -> DaemonStats:
         updater = load_updater(settings)
         metrics, health = Metrics(), Health(settings.stall_after_s)
         if settings.metrics_port:
-            serve(metrics, health, settings.metrics_port, settings.metrics_address)
+            try:
+                serve(metrics, health, settings.metrics_port, settings.metrics_address)
+            except OSError as exc:
+                raise click.ClickException(f"cannot serve metrics on --metrics-address {settings.metrics_address} "
+                                           f"--metrics-port {settings.metrics_port}: {exc.strerror}") from None
         daemon = ProfileDaemon(settings, updater, metrics, stop, health)
         daemon.run()
         return daemon.stats
+    except PublishError as exc:  # the output of the batch in flight: its input offsets were not committed
+        raise click.ClickException(
+            f"{exc}: the brokers at {settings.kafka.bootstrap_servers} did not take this batch's output "
+            "(unreachable, or refusing it); its input offsets were not committed, so a restart re-reads it "
+            "and loses nothing") from None
     except (ModelError, StreamError, KafkaException) as exc:
         raise kafka_error(settings.kafka, exc) from None
 
