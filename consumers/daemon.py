@@ -23,10 +23,10 @@ from confluent_kafka import KafkaError, TopicPartition
 from models.update_step import BatchResult, ProfileUpdater
 from consumers.source import KafkaBatchSource, errors_log
 from stream.changelog import Changelog
-from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, EVENT_TYPES, DeadLetter, RecordBatch
+from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, EVENT_TYPES, DeadLetter, RecordBatch, iso_time
 from stream.kafka import (
-    Publisher, StreamError, TopicError, admin_client, check_copartitioned, check_exist, ensure_topics,
-    partition_counts, seed_group_offsets,
+    Publisher, StreamError, TopicError, admin_client, check_copartitioned, check_exist, committed_partitions,
+    ensure_topics, offsets_at, partition_counts, seed_group_offsets,
 )
 from stream.metrics import Health, Metrics, brokers_up, consumer_lag, resident_bytes
 from stream.repartition import Forwarded, rekey, split_upstream
@@ -133,6 +133,8 @@ class ProfileDaemon:
             raise StreamError(f"{directory}: {exc}") from None
         self.metrics.restore_seconds.set(time.perf_counter() - started)
         offsets = {t: parts for t, parts in meta.get("kafka_offsets", {}).items() if t in self.settings.input_topics}
+        offsets.update(self._start_without_offsets(directory, [t for t in self.settings.input_topics
+                                                               if t not in offsets]))
         seeded = seed_group_offsets(self.settings.kafka, self.settings.group_id, offsets)
         unplaced = int((self.updater.state.base.partition < 0).sum())
         log.info("loaded %d users from %s; group %s continues from %s", users, directory,
@@ -140,9 +142,26 @@ class ProfileDaemon:
         if unplaced:
             log.warning("%d of them have no input partition in the snapshot (a replay of files): each is "
                         "taken up at its next event, and re-scored when idle only after it", unplaced)
-        if not offsets:
-            log.warning("the snapshot records no offsets for %s (a file replay?): the group starts from its "
-                        "committed offsets, or the earliest ones", ",".join(self.settings.input_topics))
+
+    def _start_without_offsets(self, directory: str, topics: list[str]) -> dict[str, dict[int, int]]:
+        """Where the group starts on input topics the snapshot has no offsets for (a replay of files): the
+        files' events may be in the topic too, and reading them from the earliest offset would apply them a
+        second time. So --snapshot-start must say where, unless the group has committed there (a restart)."""
+        kafka, group, start = self.settings.kafka, self.settings.group_id, self.settings.snapshot_start
+        unknown = [t for t in topics if not committed_partitions(kafka, group, t)]
+        if not unknown or start == "earliest":
+            return {}
+        if not start:
+            raise StreamError(
+                f"the snapshot {directory} records no offsets for {', '.join(unknown)} (a replay of files), and "
+                f"group {group} has none committed: starting from the earliest offsets would apply again the "
+                "events the files hold if the topic has them too. Say where to start with --snapshot-start "
+                "earliest (the topic holds only events after the files), latest (events produced from now on), "
+                "or an ISO time (the first record written at or after it); or replay the topic instead "
+                "(profiles replay kafka://TOPIC --state-out), which records where it stopped")
+        log.info("group %s starts on %s at --snapshot-start %s", group, ", ".join(unknown),
+                 start if start == "latest" else iso_time(int(start)))
+        return {t: offsets_at(kafka, t, start) for t in unknown}
 
     def run(self) -> None:
         """Run until `stop` is set; then finish the batch in hand, publish, commit and close."""

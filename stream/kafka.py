@@ -349,6 +349,36 @@ def end_offsets(kafka: KafkaSettings, topic: str, timeout_s: float = 30.0) -> di
         consumer.close()
 
 
+def offsets_at(kafka: KafkaSettings, topic: str, when: str, timeout_s: float = 30.0) -> dict[int, int]:
+    """Per partition of `topic`, the offset a group starting at `when` reads first: "latest" the end, epoch ms
+    (a decimal string) the first record written at or after it (the end where there is none)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    ends = end_offsets(kafka, topic, timeout_s)
+    if when == "latest" or not ends:
+        return ends
+    consumer = Consumer(kafka.client_config(**{"group.id": "profiles-offsets-at", "enable.auto.commit": False}))
+    try:
+        found = consumer.offsets_for_times([TopicPartition(topic, p, int(when)) for p in ends], timeout=timeout_s)
+        return {tp.partition: tp.offset if tp.offset >= 0 else ends[tp.partition] for tp in found}
+    finally:
+        consumer.close()
+
+
+def committed_partitions(kafka: KafkaSettings, group_id: str, topic: str, timeout_s: float = 30.0) -> set[int]:
+    """The partitions of `topic` where `group_id` has a committed offset."""
+    from confluent_kafka import OFFSET_INVALID, Consumer, TopicPartition
+
+    consumer = Consumer(kafka.client_config(**{"group.id": group_id, "enable.auto.commit": False}))
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        parts = [TopicPartition(topic, p) for p in (meta.partitions if meta is not None and meta.error is None else ())]
+        committed = consumer.committed(parts, timeout=timeout_s) if parts else []
+        return {tp.partition for tp in committed if tp.offset != OFFSET_INVALID and tp.offset >= 0}
+    finally:
+        consumer.close()
+
+
 def seed_group_offsets(kafka: KafkaSettings, group_id: str, offsets: dict[str, dict[int, int]],
                        timeout_s: float = 30.0) -> dict[str, dict[int, int]]:
     """Commit `offsets` for the partitions where `group_id` has no committed offset yet.

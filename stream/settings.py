@@ -177,6 +177,9 @@ class Settings:
     # Events stamped more than this after the machine's clock are dead-lettered (ahead_of_clock); 0: never.
     max_ahead_ms: int = 24 * 3600 * 1000
     restore_from: str | None = None  # a state snapshot directory (from `profiles replay --state-out`)
+    # Where a group starts on an input topic the snapshot records no offsets for (a replay of files):
+    # "" (refuse to guess), "earliest", "latest", or epoch ms (the first record written at or after it).
+    snapshot_start: str = ""
     # Drop users idle this long in event time from state, with a changelog tombstone (0: never; stream/expiry.py)...
     state_ttl_ms: int = 0
     # ...after publishing a last profile that says "expired": true (publish), or publishing nothing (drop).

@@ -47,6 +47,7 @@ RUN_OPTIONS = {
     "--metrics-port": ("9100", "metrics_port", 9100),
     "--metrics-address": ("127.0.0.1", "metrics_address", "127.0.0.1"),
     "--restore-from": ("{dir}", "restore_from", "{dir}"),
+    "--snapshot-start": ("2023-11-14T22:13:20Z", "snapshot_start", "1700000000000"),
     "--idle-rescore-after": ("30m", "idle_rescore_after_ms", 1_800_000),
     "--publish-interval": ("2s", "publish_interval_ms", 2000),
     "--state-ttl": ("400d", "state_ttl_ms", 400 * 86_400_000),

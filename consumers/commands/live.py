@@ -16,7 +16,7 @@ from consumers.commands.base import (
 from consumers.commands.options import (
     device_option, expiry_options, group_id_option, input_topics_option, kafka_from, kafka_options, max_ahead_option,
     model_option, profile_options, pseudonymize_option, repartition_option, setting, settings_from,
-    state_dtype_option, state_topic_option, thread_options, to_ms, topic_option,
+    state_dtype_option, state_topic_option, thread_options, to_ms, to_snapshot_start, topic_option,
 )
 from stream.settings import Settings
 
@@ -52,6 +52,11 @@ if TYPE_CHECKING:
          help="Start from a state snapshot (`profiles replay --state-out`) and continue each input partition "
          "where the replay stopped, if this group has not committed there yet. Every instance may be given the "
          "same snapshot: each takes only its assigned partitions' users.")
+@setting("--snapshot-start", default="", callback=to_snapshot_start, metavar="earliest|latest|ISO",
+         help="With --restore-from a snapshot replayed from files (it records no Kafka offsets), where this group "
+         "starts on the input topics it has not committed on yet: earliest (the topic holds only events after the "
+         "files), latest (events produced from now on), or an ISO time (the first record written at or after "
+         "it). Required in that case: the earliest offsets would apply again the files' events the topic holds.")
 @expiry_options
 @state_dtype_option
 @setting("--publish-interval", "publish_interval_ms", default="0", show_default=True, callback=to_ms,

@@ -44,6 +44,16 @@ def to_ms(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
     return duration_ms(value)
 
 
+def to_snapshot_start(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """earliest, latest, an ISO time or epoch ms (as epoch ms, a decimal string), or "" (not given)."""
+    value = (value or "").strip()
+    if value.lower() in ("", "earliest", "latest"):
+        return value.lower()
+    from consumers.field_report import parse_cut  # ISO-8601 or epoch ms, with the epoch-seconds check
+
+    return str(parse_cut(value, "--snapshot-start"))
+
+
 def to_seconds(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
     return duration_ms(value) / 1000
 
