@@ -64,6 +64,7 @@ class ProfileDaemon:
         self.metrics = metrics
         self.stop = stop
         self.health = health or Health(settings.stall_after_s)
+        self._snapshot: tuple[str, dict, dict] | None = None  # --restore-from's, read once (checked_snapshot)
         # Not ready while no broker has answered for longer than a session lasts (the group has moved on).
         self.health.unreachable_after_s = settings.session_timeout_ms / 1000.0
         self.stats = DaemonStats()
@@ -114,16 +115,33 @@ class ProfileDaemon:
         # The state of input partition p lives in partition p of the changelog: same count, always.
         check_copartitioned(admin, (*s.state_topics, s.changelog_topic))
 
-    def restore(self, directory: str) -> None:
-        """Start from a replayed state: load it, and continue the input where the replay stopped."""
-        started = time.perf_counter()
-        try:
-            snapshot, meta = read_snapshot(directory)
-        except ValueError as exc:
-            raise StreamError(str(exc)) from None
+    def checked_snapshot(self, directory: str) -> tuple[dict, dict]:
+        """The snapshot in `directory` and its metadata (read once), or StreamError where this daemon cannot
+        use it: another model's state, or users named otherwise (raw ids against pseudonyms, another key)."""
+        if self._snapshot is None or self._snapshot[0] != directory:
+            try:
+                self._snapshot = (directory, *read_snapshot(directory))
+            except ValueError as exc:
+                raise StreamError(str(exc)) from None
+        _, snapshot, meta = self._snapshot
         if meta.get("model_version") != self.updater.state_version:
             raise StreamError(f"the state in {directory} was built by model {meta.get('model_version')!r}, "
                               f"but this daemon serves {self.updater.state_version!r}: replay with the same --model")
+        named = meta.get("user_ids", self.updater.user_ids)  # snapshots before this record did not say
+        if named != self.updater.user_ids:
+            def say(how: str) -> str:
+                return "raw user ids" if how == "raw" else "pseudonyms of one --pseudonymize-key"
+            other = " (another key)" if named != "raw" and self.updater.user_ids != "raw" else ""
+            raise StreamError(f"the state in {directory} holds {say(named)}{other}, but this daemon keeps "
+                              f"{say(self.updater.user_ids)}: none of its users would ever be matched; replay "
+                              "with the same --pseudonymize-key")
+        return snapshot, meta
+
+    def restore(self, directory: str) -> None:
+        """Start from a replayed state: load it, and continue the input where the replay stopped."""
+        started = time.perf_counter()
+        snapshot, meta = self.checked_snapshot(directory)
+        self._snapshot = None  # the table holds it from here: no second copy
         # The snapshot goes under the state table, not into it: each member takes the users of the
         # partitions it is assigned (and the changelog's newer state on top), so no member holds, or
         # re-scores when idle, a user whose events another member reads.
@@ -165,6 +183,8 @@ class ProfileDaemon:
 
     def run(self) -> None:
         """Run until `stop` is set; then finish the batch in hand, publish, commit and close."""
+        if self.settings.restore_from:  # a snapshot this daemon cannot use is refused before any topic is made
+            self.checked_snapshot(self.settings.restore_from)
         self.prepare_topics()
         if self.exactly_once:
             self.publisher.init_transactions()

@@ -265,6 +265,7 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
     if state_out:
         meta = {"model_version": updater.state_version, "sources": sources, "records": report.records,
                 "input_topics": list(updater.topic_slot),  # the watermark slots, in order
+                "user_ids": updater.user_ids,  # raw, or pseudonyms under the key's fingerprint
                 # Where a daemon started from this state continues: per topic, partition -> next offset.
                 "kafka_offsets": {t: {str(p): o for p, o in parts.items()} for t, parts in positions.items()},
                 "created_at": time.time()}

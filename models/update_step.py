@@ -116,6 +116,8 @@ class ProfileUpdater:
         self._idle_tick_ms = max(idle_rescore_ms // 24, 1)
         self._next_idle_scan = -1
         # The checks around the state step: decoding, partitioning policy, erasure, exactly-once skips.
+        # How the state's users are named: raw ids, or pseudonyms under one key (snapshots record it).
+        self.user_ids = f"pseudonyms {self.pseudonymize.fingerprint}" if self.pseudonymize else "raw"
         self.admission = Admission(self.state, self.topic_slot, self.pseudonymize, max_event_bytes, max_ahead_ms)
         self._seen_buckets: tuple[torch.Tensor | None, torch.Tensor] = (None, torch.empty(0, dtype=torch.long))
         # State that expires: users idle longer than the TTL in event time leave the table (0: never).

@@ -32,6 +32,12 @@ class Pseudonymizer:
         return hmac.new(self._key, user_id.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[
             :PSEUDONYM_CHARS]
 
+    @property
+    def fingerprint(self) -> str:
+        """The pseudonym of a fixed id no user has: equal for equal keys, and says nothing else about the key
+        (a state snapshot records it, so that a daemon with another key refuses the snapshot's users)."""
+        return self.one("\x00key fingerprint")
+
     def __contains__(self, user_id: str) -> bool:
         """Whether the raw id -> pseudonym mapping is held in memory."""
         return user_id in self._memo

@@ -316,6 +316,40 @@ def test_a_snapshot_of_another_model_is_refused(kafka, settings_factory, tmp_pat
         daemon.restore(str(tmp_path / "s"))
     with pytest.raises(StreamError, match="no readable state snapshot"):
         daemon.restore(str(tmp_path))
+    # Refused before the daemon makes any topic (it made the output, dead-letter and state topics first).
+    with pytest.raises(StreamError, match="built by model 'gru-other'"):
+        ProfileDaemon(settings, updater, Metrics(), threading.Event()).run()
+    from stream.kafka import admin_client
+
+    assert settings.output_topic not in admin_client(settings.kafka).list_topics(timeout=10).topics
+
+
+def test_a_snapshot_whose_users_are_named_otherwise_is_refused(settings_factory, tmp_path):
+    """Raw ids in the snapshot, pseudonyms in the daemon (or another key): none of its users would ever be
+    matched, and the backfill would be lost without a word (found by an audit)."""
+    import threading
+
+    from consumers.daemon import ProfileDaemon
+    from models.update_step import load_updater
+    from stream.kafka import StreamError
+    from stream.metrics import Metrics
+    from stream.state import write_snapshot
+
+    plain = load_updater(settings_factory())
+    write_snapshot(tmp_path / "raw", plain.state.snapshot(), {"model_version": plain.state_version,
+                                                              "user_ids": plain.user_ids})
+    keyed = settings_factory(pseudonymize_key="k1")
+    with pytest.raises(StreamError, match="holds raw user ids, but this daemon keeps pseudonyms"):
+        ProfileDaemon(keyed, load_updater(keyed), Metrics(), threading.Event()).checked_snapshot(str(tmp_path / "raw"))
+    other = load_updater(settings_factory(pseudonymize_key="k2"))
+    write_snapshot(tmp_path / "k2", other.state.snapshot(), {"model_version": other.state_version,
+                                                             "user_ids": other.user_ids})
+    with pytest.raises(StreamError, match=r"\(another key\)"):
+        ProfileDaemon(keyed, load_updater(keyed), Metrics(), threading.Event()).checked_snapshot(str(tmp_path / "k2"))
+    same = load_updater(keyed)  # the same key: accepted
+    write_snapshot(tmp_path / "k1", same.state.snapshot(), {"model_version": same.state_version,
+                                                            "user_ids": same.user_ids})
+    ProfileDaemon(keyed, same, Metrics(), threading.Event()).checked_snapshot(str(tmp_path / "k1"))
 
 
 def test_a_model_calibrated_again_serves_the_state_of_the_model_it_came_from(kafka, settings_factory, tmp_path):
