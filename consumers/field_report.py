@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import click
 import numpy as np
@@ -37,6 +38,18 @@ def parse_cut(text: str | None, option: str = "--cut") -> int | None:
     return int(when.timestamp() * 1000)
 
 
+def seen_in_training(metadata: dict, files: tuple[str, ...], cut_iso: str) -> str | None:
+    """Where the model was trained on a file of the same name as one judged, with events after the cut: what
+    it saw of the future it is judged on (the training span's end), else None. Checkpoints before the span
+    was recorded say nothing."""
+    span = metadata.get("trained_span")
+    trained = {Path(f).name for f in metadata.get("events", [])}
+    if not span or not trained & {Path(f).name for f in files}:
+        return None
+    end = dt.datetime.fromisoformat(span[1])
+    return span[1] if end > dt.datetime.fromisoformat(cut_iso) else None
+
+
 def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[str], spread: int | None,
                          device_name: str, as_json: bool, plot_path: str | None) -> None:
     """One report at one cut (the default, or the one given); with several cuts, each cut's report and a
@@ -64,6 +77,8 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[str
             except ValueError as exc:
                 raise click.ClickException(str(exc)) from None
             bar.remove_task(task)
+    for report in reports:
+        report["seen_in_training"] = seen_in_training(loaded.metadata, files, report["cut"])
     if plot_path:
         draw_reliability(reports[0], plot_path)
     result = reports[0] if len(reports) == 1 else {"cuts": reports, "summary": summarise_cuts(reports)}
@@ -80,6 +95,10 @@ def print_tables(report: dict) -> None:
     w = report["windows_hours"]
     console.print(f"[bold]{report['model']}[/]: {report['users']:,} users with events before the cut "
                   f"{report['cut']} (log {report['first']} .. {report['last']}, {report['events']:,} events)")
+    if report.get("seen_in_training"):
+        console.print(f"[red]the model was trained on a file of this name with events up to "
+                      f"{report['seen_in_training']}, after this cut: it has seen the future it is judged on "
+                      "(train with --until the cut)[/]")
     if report["users"] < RATE_MIN_USERS:
         console.print(f"[yellow]{report['users']:,} users are too few to judge a field: its figures below are rough "
                       "or n/a (ROC AUC needs users of both outcomes); judge on a log with more users[/]")
@@ -131,6 +150,10 @@ def print_cut_summary(reports: list[dict], summary: dict) -> None:
         table.add_row(r["cut"][:16].replace("T", " "), f"{r['users']:,}", f"{r['windows_hours']['purchase']:.3g}",
                       *(_gap(r["fields"][f]["versus_best"]) for f in JUDGED_FIELDS))
     console.print(table)
+    if seen := [r["cut"][:16].replace("T", " ") for r in reports if r.get("seen_in_training")]:
+        console.print(f"[red]the model was trained on a file of this name with events after the cut(s) "
+                      f"{', '.join(seen)}: it has seen the future it is judged on there (train with --until the "
+                      "earliest cut)[/]")
     for field in JUDGED_FIELDS:
         f = summary["fields"][field]
         unmeasured = len(reports) - f["ahead"] - f["within_noise"] - f["behind"]

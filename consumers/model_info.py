@@ -41,7 +41,7 @@ def checkpoint_info(path: str) -> dict:
         "state_floats_per_user": config.state_size,
         "next_item_vocabulary": len(loaded.item_vocab),
         "config": asdict(config),
-        "trained": {k: meta[k] for k in ("created_at", "events", "torch") if k in meta},
+        "trained": {k: meta[k] for k in ("created_at", "events", "trained_span", "torch") if k in meta},
         "train_config": meta.get("train_config", {}),
         "report": report,
     }
@@ -84,7 +84,9 @@ def info_lines(info: dict) -> list[str]:
          or "not read (the session processes do not fade with it)"),
     ]
     if t:
-        lines += [("trained at", t.get("created_at", "?")), ("trained on", ", ".join(t.get("events", [])) or "?"),
+        span = " (events " + " .. ".join(t["trained_span"]) + ")" if "trained_span" in t else ""
+        lines += [("trained at", t.get("created_at", "?")),
+                  ("trained on", (", ".join(t.get("events", [])) or "?") + span),
                   ("torch", t.get("torch", "?"))]
     else:
         lines.append(("trained", "no training metadata in this checkpoint"))

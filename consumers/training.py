@@ -119,6 +119,8 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
     version = f"gru-h{hidden_size}-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{weights_digest(model)}"
     metadata = {"train_config": asdict(train_config), "report": asdict(report), "fields": fields_report,
                 "events": list(event_files),
+                # The span of event time it learned from: a later judge at a cut inside it is told so.
+                "trained_span": [iso_time(t, "milliseconds") for t in (events.first_ts, events.last_ts)],
                 "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "torch": str(torch.__version__)}
     with atomic_paths(out) as (tmp,):  # an earlier checkpoint stays whole until this one is
         save_checkpoint(tmp, model, version, metadata, vocab)

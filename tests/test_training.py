@@ -94,6 +94,16 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
     assert "note: no purchase events: purchase_propensity cannot be learned" in result.output
     assert "; 384 events of 16 users is little to learn from" in result.output
     assert re.search(r"fields: fitted on [\d,]+ profiles at \d+ cuts, [\d,]+ held out", result.output), result.output
+    # The event time it learned from is recorded: evaluate-fields warns at a cut inside it, on a file of that name.
+    from consumers.field_report import seen_in_training
+    from models.checkpoint_io import load_checkpoint
+
+    meta = load_checkpoint(tmp_path / "m.pt").metadata
+    assert meta["trained_span"] == ["2023-11-14T22:13:20.000+00:00", "2023-11-14T22:36:20.015+00:00"]
+    inside = "2023-11-14T22:30:00+00:00"
+    assert seen_in_training(meta, (str(tmp_path / "train.jsonl"),), inside) == meta["trained_span"][1]
+    assert seen_in_training(meta, ("elsewhere/train.jsonl",), "2023-11-14T22:40:00+00:00") is None  # after it
+    assert seen_in_training(meta, (str(tmp_path / "test.jsonl"),), "2023-11-14T22:30:00+00:00") is None  # another log
     result = runner.invoke(main, ["evaluate", "--model", str(tmp_path / "m.pt"), "--train-events",
                                   str(tmp_path / "train.jsonl"), "--events", str(tmp_path / "test.jsonl"), "--json",
                                   "--k", "1"])
