@@ -81,6 +81,7 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[str
         report["seen_in_training"] = seen_in_training(loaded.metadata, files, report["cut"])
     if plot_path:
         draw_reliability(reports[0], plot_path)
+        click.echo(f"wrote {plot_path} (reliability diagrams)", err=True)
     result = reports[0] if len(reports) == 1 else {"cuts": reports, "summary": summarise_cuts(reports)}
     if as_json:
         click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())

@@ -145,6 +145,7 @@ def _when(ms: int) -> dt.datetime:
 
 
 SHORT_TYPES = {"search": "search", "click": "click", "add_to_cart": "cart", "purchase": "buy"}
+PIPED_WIDTH = 400  # piped output: no cell cut short (a category or query of 100 characters fits)
 WIDE = 150  # from this many columns the table has every column in full; below, a compact one
 # The compact table's columns and their widths (longer names are cut with an ellipsis), one column
 # apart: 111 in all; 95 without tier and cluster (below 120); 80 without price and events (below 96).
@@ -326,8 +327,8 @@ def plot(tl: Timeline, path: str):  # -> matplotlib.figure.Figure
 def run_inspect(settings: Settings, sources: list[str], fmt: str, user: str, plot_path: str | None) -> None:
     tl = timeline(settings, sources, fmt, user)
     console = Console()
-    if not console.is_terminal:  # piped: room for every column
-        console = Console(width=max(console.width, 160))
+    if not console.is_terminal:  # piped: room for every column in full (the table is as wide as its cells)
+        console = Console(width=max(console.width, PIPED_WIDTH))
     console.print(render_table(tl, console.width))
     if plot_path:
         fig = plot(tl, plot_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import time
 from dataclasses import asdict, replace
 
 import click
@@ -58,9 +59,10 @@ def small_log_note(events: EventLog) -> str | None:
     if np.equal(events.events.category, None).all():
         missing.append("no categories: top_categories stays empty")
     if len(events) < SMALL_LOG_EVENTS or len(events.users) < SMALL_LOG_USERS:
-        missing.append(f"{len(events):,} events of {len(events.users):,} users is little to learn from (the fields "
-                       "were judged level with counting or ahead of it on logs of 17,000 events and more): judge this "
-                       "model with `profiles evaluate-fields` before serving it")
+        missing.append(f"{len(events):,} events of {len(events.users):,} users is little to learn from (under "
+                       f"{SMALL_LOG_EVENTS:,} events or {SMALL_LOG_USERS:,} users; the smallest log the fields were "
+                       "judged level with counting or ahead of it on, REES46's slice, has 17,434 events of 4,504 "
+                       "users): judge this model with `profiles evaluate-fields` before serving it")
     return "note: " + "; ".join(missing) if missing else None
 
 
@@ -85,6 +87,7 @@ def weights_digest(model: torch.nn.Module) -> str:
 def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, seed: int, hidden_size: int,
                  dropout: float, until: int | None = None, buckets: tuple[int, int, int] | None = None,
                  **train_options: object) -> None:
+    started = time.monotonic()
     check_output_dir(out)
     device = resolve_device(device_name)
     events = events_until(event_files, until)
@@ -125,7 +128,8 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
     with atomic_paths(out) as (tmp,):  # an earlier checkpoint stays whole until this one is
         save_checkpoint(tmp, model, version, metadata, vocab)
     click.echo(f"saved {version} to {out}: best epoch {report.best_epoch} of {report.epochs_run}, "
-               f"validation loss {report.best_val_loss:.4f}, {report.n_items:,} items, {report.seconds:.0f}s", err=True)
+               f"validation loss {report.best_val_loss:.4f}, {report.n_items:,} items, {time.monotonic() - started:.0f}s "
+               f"({report.seconds:.0f}s of it the sequence model)", err=True)
 
 
 def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, device_name: str, *,

@@ -73,6 +73,8 @@ def replay(sources: tuple[str, ...], fmt: str, out: str | None, output_topic: st
     except (SourceError, ModelError, StreamError, OutputError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(report.summary(dlq), err=True)
+    if state_out:
+        click.echo(f"state snapshot of {report.users:,} users written to {state_out}", err=True)
 
 
 @command(short_help="One user's events beside how each field moved")
