@@ -127,8 +127,9 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
                 "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "torch": str(torch.__version__)}
     with atomic_paths(out) as (tmp,):  # an earlier checkpoint stays whole until this one is
         save_checkpoint(tmp, model, version, metadata, vocab)
+    took = time.monotonic() - started
     click.echo(f"saved {version} to {out}: best epoch {report.best_epoch} of {report.epochs_run}, "
-               f"validation loss {report.best_val_loss:.4f}, {report.n_items:,} items, {time.monotonic() - started:.0f}s "
+               f"validation loss {report.best_val_loss:.4f}, {report.n_items:,} items, {took:.0f}s "
                f"({report.seconds:.0f}s of it the sequence model)", err=True)
 
 
