@@ -127,7 +127,7 @@ def usable_events(records: RecordBatch, max_event_bytes: int) -> tuple[EventColu
         log.warning("%d invalid line(s) skipped, e.g. %s:%d: %s", len(dead), first.topic, first.offset, first.detail)
     forgets = [c for c in controls if c.kind == "forget"]
     if forgets:
-        # The last forget of each user at or after each event: an event is erased where one comes after it.
+        # An event is erased where a forget for its user comes after it: the user's last forget tells.
         last_forget = {}
         for c in forgets:
             last_forget[c.user_id] = c.record_index
