@@ -368,7 +368,8 @@ def test_a_model_calibrated_again_serves_the_state_of_the_model_it_came_from(kaf
         base.model.fields.event.calibration[1] -= 0.5
     save_checkpoint(tmp_path / "cal.pt", base.model, base.version + "+cal-test",
                     {**base.metadata, "state_version": base.version}, base.item_vocab)
-    settings = settings_factory(model_path=str(tmp_path / "cal.pt"))
+    # (A snapshot without Kafka offsets, as from files: --snapshot-start says where the group starts.)
+    settings = settings_factory(model_path=str(tmp_path / "cal.pt"), snapshot_start="earliest")
     updater = load_updater(settings)
     assert (updater.model_version, updater.state_version) == (base.version + "+cal-test", base.version)
     write_snapshot(tmp_path / "s", updater.state.snapshot(), {"model_version": base.version})
