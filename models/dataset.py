@@ -17,7 +17,7 @@ import numpy as np
 
 from stream.events import Control, DeadLetter, EventColumns, PURCHASE, RecordBatch, iso_time
 from stream.decode import decode_batch
-from stream.sources import FileSource
+from stream.sources import FileSource, SourceError, no_usable_events_among
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,9 @@ def split_lines_by_time(source: str | Path, test_fraction: float, train_out: str
     """
     records = read_records([source])
     lines, n = records.values, len(records)
-    ev, _dead = decode_batch(records, 1 << 30)
+    ev, dead = decode_batch(records, 1 << 30)
+    if not len(ev):  # no event time to cut at
+        raise SourceError(no_usable_events_among([source], dead))
     ts = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)  # invalid lines: train side
     ts[ev.record_index] = ev.ts
     cutoff = int(np.quantile(ev.ts, 1 - test_fraction, method="lower"))

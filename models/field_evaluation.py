@@ -13,8 +13,6 @@ No profile or baseline sees an event after T.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import orjson
 import torch
@@ -26,7 +24,7 @@ from models.checkpoint_io import LoadedModel
 from stream.events import ADD_TO_CART, PURCHASE, iso_time
 from stream.settings import Settings
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
-from stream.sources import TimeRange, no_usable_events
+from stream.sources import TimeRange, no_usable_events_among
 
 DAY_MS = 24 * HOUR_MS
 DECAY_MS = 7 * DAY_MS  # time scale of the decayed-count baselines
@@ -180,9 +178,7 @@ def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device,
     records = read_records(files)
     events, dead = usable_events(records, 1 << 30)
     if len(events) < 2:
-        reasons = Counter(d.reason for d in dead)
-        top = max(reasons, key=reasons.__getitem__, default=None)
-        raise ValueError(no_usable_events(files, reasons, next((d for d in dead if d.reason == top), None)))
+        raise ValueError(no_usable_events_among(files, dead))
     first, last = int(events.ts.min()), int(events.ts.max())
     cut = int(first + share * (last - first)) if cut is None else int(cut)
     if not first < cut < last:

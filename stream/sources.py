@@ -26,7 +26,6 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 import orjson
 
-from stream.decode import decode_batch
 from stream.events import NOT_JSON, NOT_OBJECT, DeadLetter, EventColumns, RecordBatch, epoch_ms
 from stream.import_formats import FORMATS
 from stream.import_rows import BOM, ImportReport
@@ -130,21 +129,12 @@ def no_usable_events(sources: list, reasons: Mapping[str, int], example: DeadLet
     return f"no usable events in {', '.join(map(str, sources))}{why}"
 
 
-def require_events(paths: list[Path], batch_records: int = 50_000) -> None:
-    """Raise SourceError (see no_usable_events) unless the JSON-lines files hold a valid event. Reads
-    up to the first batch that holds one: a good log costs one batch, a bad one is read to its end."""
-    source = FileSource(paths, batch_records)
-    reasons: Counter[str] = Counter()
-    examples: dict[str, DeadLetter] = {}
-    while not source.exhausted:
-        events, dead = decode_batch(source.next_batch(), 1 << 30)
-        if len(events):
-            return
-        reasons.update(d.reason for d in dead)
-        for d in dead:
-            examples.setdefault(d.reason, d)
+def no_usable_events_among(sources: list, dead: list[DeadLetter]) -> str:
+    """no_usable_events for a command that holds its dead letters: their reasons counted, the first of the
+    most frequent one as the example."""
+    reasons = Counter(d.reason for d in dead)
     top = reasons.most_common(1)
-    raise SourceError(no_usable_events(paths, reasons, examples[top[0][0]] if top else None))
+    return no_usable_events(sources, reasons, next(d for d in dead if d.reason == top[0][0]) if top else None)
 
 
 def _open(path: Path):

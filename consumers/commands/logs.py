@@ -223,15 +223,14 @@ def split(source: str, test_fraction: float, train_out: str, test_out: str) -> N
                                else f"--train-out and --test-out are the same file, {train_out}")
     from consumers.outfiles import atomic_paths
     from models.dataset import split_lines_by_time
-    from stream.sources import SourceError, expand_paths, require_events
+    from stream.sources import SourceError, expand_paths
 
     try:
-        # An output that is the source would be overwritten; a log without one event has no time to cut at.
-        require_events(expand_paths([source], {"--train-out": train_out, "--test-out": test_out}))
-    except SourceError as exc:
+        expand_paths([source], {"--train-out": train_out, "--test-out": test_out})  # an output that is the source
+        with atomic_paths(train_out, test_out, flag="--train-out/--test-out") as (train_tmp, test_tmp):
+            n_train, n_test, cutoff = split_lines_by_time(source, test_fraction, train_tmp, test_tmp)
+    except SourceError as exc:  # also a log without one event: no time to cut at (nothing written)
         raise click.ClickException(str(exc)) from None
-    with atomic_paths(train_out, test_out, flag="--train-out/--test-out") as (train_tmp, test_tmp):
-        n_train, n_test, cutoff = split_lines_by_time(source, test_fraction, train_tmp, test_tmp)
     named = {path: "standard output" if path == "-" else path for path in (train_out, test_out)}
     click.echo(f"{n_train:,} events up to {cutoff} -> {named[train_out]}; {n_test:,} later events -> "
                f"{named[test_out]}", err=True)
