@@ -105,6 +105,25 @@ def test_import_and_split_write_standard_output_for_a_dash(tmp_path, monkeypatch
     assert result.exit_code == 2 and "cannot both be '-'" in result.output, result.output
 
 
+def test_lines_of_only_whitespace_are_blank_lines_and_the_others_keep_their_numbers(tmp_path):
+    """An editor's indented blank line, a tab, a CRLF file's blank line: no event in them, so no dead letter
+    either, as an empty line; trailing spaces after an event are no part of it. Line numbers still count them."""
+    rows = jsonl(events()).splitlines(keepends=True)
+    blank = [b"   \n", b"\t\r\n", b" \r\n"]
+    log = b"".join(rows[:100] + blank + [r.rstrip(b"\n") + b"  \r\n" for r in rows[100:]])
+    (tmp_path / "ws.jsonl").write_bytes(log)
+    result = invoke("replay", str(tmp_path / "ws.jsonl"), "--out", str(tmp_path / "p.jsonl"), device=True)
+    assert result.exit_code == 0, result.output
+    assert "300 records (300 events, 0 dead letters" in result.output, result.output
+    from stream.sources import FileSource
+
+    source = FileSource([tmp_path / "ws.jsonl"], 1 << 20)
+    numbers = []
+    while not source.exhausted:
+        numbers += list(source.next_batch().offsets)
+    assert numbers == [*range(1, 101), *range(104, 304)]
+
+
 def test_a_byte_order_mark_at_the_start_of_a_file_is_no_dead_letter(tmp_path):
     log = BOM + jsonl(events())
     (tmp_path / "bom.jsonl").write_bytes(log)
