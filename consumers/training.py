@@ -66,6 +66,24 @@ def small_log_note(events: EventLog) -> str | None:
     return "note: " + "; ".join(missing) if missing else None
 
 
+# Above this many items in the next-item vocabulary (and up to TrainConfig.full_softmax_max_items, where sampling
+# takes over), every event scores every item: docs/model-journal.md, session 39, measured an epoch of a
+# 165k-event log on 2 CPU cores at 5 minutes with 35,580 items and 28 s with the 8,000 most frequent.
+LARGE_CATALOGUE_ITEMS = 16_384
+
+
+def catalogue_note(events: EventLog, max_items: int) -> str | None:
+    """A line for a catalogue whose full softmax makes each epoch slow, with the option that bounds it; else None."""
+    items = events.events.item_id
+    n = min(len(np.unique(items[~np.equal(items, None)].astype(str))), max_items)
+    if not LARGE_CATALOGUE_ITEMS < n <= TrainConfig.full_softmax_max_items:
+        return None
+    return (f"note: {n:,} items in the next-item vocabulary: every training event scores each of them, so an epoch "
+            f"takes minutes (on 2 CPU cores, 165k events of 35,580 items: 5 minutes an epoch; of the 8,000 most "
+            f"frequent: 28 s). --max-items 8000 keeps the most frequent (next_items then name only those; "
+            "docs/model-journal.md, session 39)")
+
+
 def fields_summary(report: dict) -> str:
     """One line on the field stage: how many examples it learned from and what calibration it kept."""
     if "train_examples" not in report:
@@ -91,8 +109,9 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
     check_output_dir(out)
     device = resolve_device(device_name)
     events = events_until(event_files, until)
-    if (note := small_log_note(events)) is not None:
-        click.echo(note, err=True)
+    for note in (small_log_note(events), catalogue_note(events, int(train_options.get("max_items") or 1 << 62))):
+        if note is not None:
+            click.echo(note, err=True)
     model_config = ModelConfig(hidden_size=hidden_size, dropout=dropout, init_seed=seed)
     if buckets is not None:
         model_config = replace(model_config, item_buckets=buckets[0], category_buckets=buckets[1],

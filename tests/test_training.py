@@ -325,3 +325,19 @@ def test_train_names_the_logs_span_when_until_leaves_no_events(tmp_path):
     assert ("0 of the 6 events in" in result.output and "are at or before --until 2020-01-01T00:00:00+00:00: the log "
             "runs from 2023-11-14T22:13:20+00:00 to 2023-11-14T22:15:20+00:00") in result.output, result.output
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_train_says_when_a_large_catalogue_makes_each_epoch_slow_and_what_bounds_it(tmp_path, monkeypatch):
+    """Between LARGE_CATALOGUE_ITEMS and the sampled softmax's threshold every event scores every item: the note
+    names the vocabulary's size and --max-items; under the bound, or with --max-items below it, no note."""
+    from consumers import training
+
+    rows = [{"event_id": str(k), "user_id": f"u{k % 3}", "type": "click", "ts": 1_700_000_000_000 + k * 1000,
+             "item_id": f"i{k % 40}", "category": "c"} for k in range(120)]
+    (tmp_path / "log.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    events = load_events([str(tmp_path / "log.jsonl")])
+    assert training.catalogue_note(events, 200_000) is None  # 40 items
+    monkeypatch.setattr(training, "LARGE_CATALOGUE_ITEMS", 30)
+    note = training.catalogue_note(events, 200_000)
+    assert note is not None and note.startswith("note: 40 items") and "--max-items 8000" in note
+    assert training.catalogue_note(events, 25) is None
