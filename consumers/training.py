@@ -109,7 +109,7 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
     check_output_dir(out)
     device = resolve_device(device_name)
     events = events_until(event_files, until)
-    for note in (small_log_note(events), catalogue_note(events, int(train_options.get("max_items") or 1 << 62))):
+    for note in (small_log_note(events), catalogue_note(events, int(train_options.get("max_items", TrainConfig.max_items)))):
         if note is not None:
             click.echo(note, err=True)
     model_config = ModelConfig(hidden_size=hidden_size, dropout=dropout, init_seed=seed)

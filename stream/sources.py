@@ -231,8 +231,8 @@ class FileSource:
                     while lines := self._read_lines(path, first):
                         if first == 1 and lines[0].startswith(BOM):  # once per file: some tools write one
                             lines[0] = lines[0][len(BOM):]
-                        # Trailing whitespace (a CRLF, spaces) is no part of a record, and a line of only whitespace is a
-                        # blank line. In C, not a Python loop.
+                        # Trailing whitespace (a CRLF, spaces) is no part of a record, and a line of only
+                        # whitespace is a blank line. In C, not a Python loop.
                         records = list(map(bytes.rstrip, lines))
                         numbers = list(range(first, first + len(lines)))
                         first += len(lines)
