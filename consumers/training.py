@@ -18,6 +18,7 @@ from models.dataset import EventLog, load_events
 from models.field_training import train_fields
 from models.profile_model import ModelConfig, resolve_device
 from models.checkpoint_io import LoadedModel, save_checkpoint
+from models.sequence_data import item_vocabulary
 from models.sequence_training import TrainConfig, auto_epochs, train
 from stream.events import EVENT_TYPES, PURCHASE, iso_time
 
@@ -74,8 +75,7 @@ LARGE_CATALOGUE_ITEMS = 16_384
 
 def catalogue_note(events: EventLog, max_items: int) -> str | None:
     """A line for a catalogue whose full softmax makes each epoch slow, with the option that bounds it; else None."""
-    items = events.events.item_id
-    n = min(len(np.unique(items[~np.equal(items, None)].astype(str))), max_items)
+    n = len(item_vocabulary(events, events.last_ts, max_items))  # the vocabulary `train` will build
     if not LARGE_CATALOGUE_ITEMS < n <= TrainConfig.full_softmax_max_items:
         return None
     return (f"note: {n:,} items in the next-item vocabulary: every training event scores each of them, so an epoch "
@@ -109,7 +109,8 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
     check_output_dir(out)
     device = resolve_device(device_name)
     events = events_until(event_files, until)
-    for note in (small_log_note(events), catalogue_note(events, int(train_options.get("max_items", TrainConfig.max_items)))):
+    max_items = train_options.get("max_items", TrainConfig.max_items)
+    for note in (small_log_note(events), catalogue_note(events, max_items)):  # type: ignore[arg-type]
         if note is not None:
             click.echo(note, err=True)
     model_config = ModelConfig(hidden_size=hidden_size, dropout=dropout, init_seed=seed)
