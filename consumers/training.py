@@ -94,7 +94,18 @@ def fields_summary(report: dict) -> str:
     return (f"fields: fitted on {report['train_examples']:,} profiles at {report['cuts']} cuts, "
             f"{report['val_examples']:,} held out; calibrated on held-out time: "
             + (", ".join(kept) if kept else "none (too few held-out profiles, or no gain)")
-            + "; idle time in the shop's pace: " + (", ".join(paced) if paced else "none (no gain on held-out time)"))
+            + "; idle time in the shop's pace: " + (", ".join(paced) if paced else "none (no gain on held-out time)")
+            + gate_summary(report.get("gate_shift", {})))
+
+
+def gate_summary(gate: dict) -> str:
+    """The top_categories gate's move for ranking (models.field_training.shift_gate_for_ranking), if any."""
+    shift, precision = gate.get("shift", 0.0), gate.get("precision_at_3", {})
+    if not shift:
+        return ""
+    side = "the user's own categories" if shift > 0 else "the sequence model's"
+    return (f"; top_categories leans toward {side} (gate {shift:+g}: held-out precision@3 "
+            f"{precision['0.0']:.3f} -> {precision[str(shift)]:.3f})")
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -17,6 +17,7 @@ import orjson
 CATEGORY_HORIZON_HOURS = 7 * 24.0
 PURCHASE_HORIZON_HOURS = 7 * 24.0
 CHURN_HORIZON_HOURS = 14 * 24.0
+TOP_CATEGORIES = 3  # categories a profile's top_categories names
 
 
 @dataclass

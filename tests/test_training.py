@@ -341,3 +341,14 @@ def test_train_says_when_a_large_catalogue_makes_each_epoch_slow_and_what_bounds
     note = training.catalogue_note(events, 200_000)
     assert note is not None and note.startswith("note: 40 items") and "--max-items 8000" in note
     assert training.catalogue_note(events, 25) is None
+
+
+def test_train_says_when_the_gate_moved_for_ranking_and_what_held_out_time_gained():
+    from consumers.training import fields_summary
+
+    base = {"train_examples": 100, "val_examples": 20, "cuts": 4}
+    moved = {**base, "gate_shift": {"shift": 4.0, "precision_at_3": {"0.0": 0.3017, "4.0": 0.3054}}}
+    assert "top_categories leans toward the user's own categories (gate +4: held-out precision@3 0.302 -> 0.305)" \
+        in fields_summary(moved)
+    assert "top_categories" not in fields_summary({**base, "gate_shift": {"shift": 0.0, "precision_at_3": {}}})
+    assert "top_categories" not in fields_summary(base)  # a checkpoint's report from before the move
