@@ -25,6 +25,11 @@ MINUTE_FEATURES = [USER_FEATURES.index(name) for name in
 EVENT_FALLS_WITH = [USER_FEATURES.index(name) for name in ("log_idle_minutes", "idle_vs_usual_gap")]
 EVENT_RISES_WITH = [USER_FEATURES.index(name) for name in
                     ("log_events", "log_sessions", "log_activity_1d", "log_activity_7d", "log_activity_30d")]
+# More of the user's own engagement with a category, recent or all-time, and being the latest one, never make it
+# less likely next (the repeat score).
+REPEAT_RISES_WITH = [SLOT_FEATURES.index(name) for name in
+                     ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "share", "is_last", "log_visits",
+                      "visit_share")]
 
 
 def identity_knots(k: int = CALIBRATION_KNOTS) -> torch.Tensor:
@@ -200,6 +205,8 @@ class FieldHeads(nn.Module):
             for w in (self.event.linear.weight, self.event.session.weight):
                 w[:, EVENT_FALLS_WITH] = w[:, EVENT_FALLS_WITH].clamp(max=0)
                 w[:, EVENT_RISES_WITH] = w[:, EVENT_RISES_WITH].clamp(min=0)
+            w = self.repeat_score.weight
+            w[:, REPEAT_RISES_WITH] = w[:, REPEAT_RISES_WITH].clamp(min=0)
 
     def standardise(self, user: torch.Tensor) -> torch.Tensor:
         # Heads fitted before checkpoint format 10 get the hours they read (a select, not an `if`: no device sync).
