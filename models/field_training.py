@@ -489,12 +489,13 @@ def ranking_precision(model: ProfileModel, ex: CutExamples, shift: float = 0.0) 
     if not len(c.user):
         return float("nan")
     heads, inputs = model.fields, c.inputs()
+    bias = heads.gate.bias.clone()  # restored exactly (adding and taking away a shift rounds)
     heads.gate.bias += shift
     try:
         g = heads.repeat_gate(heads.standardise(c.user), c.state, inputs, c.explore_at_slots, c.n_categories)[:, None]
         repeat = heads.repeat_log_probs(inputs, c.explore_at_slots).exp()
     finally:
-        heads.gate.bias -= shift
+        heads.gate.bias.copy_(bias)
     at_slots = (g * repeat + (1 - g) * c.explore_at_slots.exp()).masked_fill(~c.slot_valid, -1.0)
     at_explore = ((1 - g) * c.explore_top.exp()).masked_fill(~torch.isfinite(c.explore_top), -1.0)
     k = c.slot_valid.shape[1]
