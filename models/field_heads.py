@@ -223,11 +223,12 @@ class FieldHeads(nn.Module):
             ~inputs.slot_valid, float("-inf"))
 
     def repeat_gate(self, x: torch.Tensor, s: torch.Tensor, inputs: FieldInputs, explore_at_slots: torch.Tensor,
-                    n_categories: int | torch.Tensor) -> torch.Tensor:
+                    n_categories: int | torch.Tensor, shift: float = 0.0) -> torch.Tensor:
         """(U,) P(repeat); 0 for users without categories of their own. explore_at_slots: (U, K) the explore
-        side's log-probabilities of the slots' categories, among n_categories (an int, or (U,))."""
+        side's log-probabilities of the slots' categories, among n_categories (an int, or (U,)). shift: a move of
+        the gate's bias to try (models.field_training.ranking_precision)."""
         fit = explore_fit(inputs, explore_at_slots, n_categories)
-        g = torch.sigmoid(self.gate(x)[:, 0] + self.gate_state(s)[:, 0] + self.gate_fit(fit[:, None])[:, 0])
+        g = torch.sigmoid(self.gate(x)[:, 0] + self.gate_state(s)[:, 0] + self.gate_fit(fit[:, None])[:, 0] + shift)
         return g * inputs.slot_valid.any(dim=1)
 
 

@@ -489,13 +489,9 @@ def ranking_precision(model: ProfileModel, ex: CutExamples, shift: float = 0.0) 
     if not len(c.user):
         return float("nan")
     heads, inputs = model.fields, c.inputs()
-    bias = heads.gate.bias.clone()  # restored exactly (adding and taking away a shift rounds)
-    heads.gate.bias += shift
-    try:
-        g = heads.repeat_gate(heads.standardise(c.user), c.state, inputs, c.explore_at_slots, c.n_categories)[:, None]
-        repeat = heads.repeat_log_probs(inputs, c.explore_at_slots).exp()
-    finally:
-        heads.gate.bias.copy_(bias)
+    g = heads.repeat_gate(heads.standardise(c.user), c.state, inputs, c.explore_at_slots, c.n_categories,
+                          shift)[:, None]
+    repeat = heads.repeat_log_probs(inputs, c.explore_at_slots).exp()
     at_slots = (g * repeat + (1 - g) * c.explore_at_slots.exp()).masked_fill(~c.slot_valid, -1.0)
     at_explore = ((1 - g) * c.explore_top.exp()).masked_fill(~torch.isfinite(c.explore_top), -1.0)
     k = c.slot_valid.shape[1]
@@ -713,12 +709,12 @@ def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cu
     gen = torch.Generator().manual_seed(seed)
     train_ex = _sample(CutExamples.concat([p for i, p in enumerate(parts) if i not in held]), max_examples,
                        gen).foreign(FOREIGN_SHARE, gen)
-    val_ex = _sample(CutExamples.concat([parts[i] for i in held]), max_examples, gen).foreign(FOREIGN_SHARE, gen)
+    held_ex = CutExamples.concat([parts[i] for i in held])
+    val_ex = _sample(held_ex, max_examples, gen).foreign(FOREIGN_SHARE, gen)
     # The gate's move for ranking is judged on every held-out profile, each with its own explore side: a sample of
     # them, a third foreign, left the demo's held-out curve flat (+0.001 at +4) where all of them rise by 0.006 at
     # +3, as other users of the shop do by 0.01 (docs/model-journal.md, session 40).
-    ranking_val = CutExamples.concat([parts[i] for i in held])
-    report = fit_fields(loaded.model, train_ex, val_ex, seed=seed, ranking_val=ranking_val)
+    report = fit_fields(loaded.model, train_ex, val_ex, seed=seed, ranking_val=held_ex)
     report.update({"collect_seconds": round(collected - started, 1),
                    "fit_seconds": round(time.monotonic() - collected, 1)})
     report.update({"cuts": len(parts), "train_examples": len(train_ex.user), "val_examples": len(val_ex.user),

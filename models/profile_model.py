@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from models.features import DENSE_FEATURES, PRICE_EDGES, EventFeatures
-from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
+from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS, TOP_CATEGORIES
 from models.field_heads import FieldHeads, FieldInputs, HazardHead
 from models.neighbours import SessionNeighbours
 from models.transitions import Transitions
@@ -428,8 +428,8 @@ class ProfileModel(nn.Module):
         return torch.cat(probs), torch.cat(cols)
 
     def heads(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None,
-              top_k: int = 3, inputs: FieldInputs | None = None, horizons_hours: tuple[float, float] | None = None
-              ) -> ProfileHeads:
+              top_k: int = TOP_CATEGORIES, inputs: FieldInputs | None = None,
+              horizons_hours: tuple[float, float] | None = None) -> ProfileHeads:
         """s: (U, S) user states; idle_hours: (U,) event time since each user's last event;
         categories: the buckets to distribute over (all when None); top_k: categories kept per user;
         inputs: the users' statistics (only the idle time when None); horizons_hours: (purchase, churn)
