@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -16,7 +17,7 @@ import orjson
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from consumers.outfiles import Interrupted, OutputFile
+from consumers.outfiles import Interrupted, OutputFile, is_regular_path
 from models.update_step import ProfileUpdater, load_updater
 from stream.events import DeadLetter
 from stream.kafka import Publisher
@@ -59,8 +60,8 @@ class ReplayReport:
         erased = f"; {self.erased:,} user(s) erased by forget records" if self.erased else ""
         erased += (f"; {self.expired:,} user state(s) expired, {self.users:,} user(s) left in state"
                    if self.expired else "")
-        return (f"{self.records:,} records ({self.events:,} events, {self.dead_letters:,} dead letters -> "
-                f"{dead_letters_path}{skipped}) of {self.users:,} users in {self.seconds:.1f}s "
+        dead = f"{self.dead_letters:,} dead letters" + (f" -> {dead_letters_path}" if self.dead_letters else "")
+        return (f"{self.records:,} records ({self.events:,} events, {dead}{skipped}) of {self.users:,} users in {self.seconds:.1f}s "
                 f"({self.events_per_second:,.0f} records/s); {self.profiles:,} profiles written{erased}"
                 f"{self.dead_letter_reasons()}")
 
@@ -260,7 +261,10 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
             dlq.discard()
             raise
     sink.close()
-    dlq.commit()
+    if report.dead_letters or not is_regular_path(dead_letters_path) or os.path.lexists(dead_letters_path):
+        dlq.commit()  # an earlier run's dead letters at the path are replaced: they are not this output's
+    else:
+        dlq.discard()  # no dead letters: no empty file beside the output
     report.users = len(updater.state)
     if state_out:
         meta = {"model_version": updater.state_version, "sources": sources, "records": report.records,

@@ -124,6 +124,25 @@ def test_lines_of_only_whitespace_are_blank_lines_and_the_others_keep_their_numb
     assert numbers == [*range(1, 101), *range(104, 304)]
 
 
+def test_a_replay_without_dead_letters_leaves_no_empty_dead_letter_file(tmp_path):
+    """No dead letters: no empty <out>.dlq.jsonl beside the output, and the summary names no file. A file an
+    earlier run left at the path is replaced (empty): its dead letters are not this output's."""
+    (tmp_path / "log.jsonl").write_bytes(jsonl(events()))
+    out, dead = tmp_path / "p.jsonl", tmp_path / "p.jsonl.dlq.jsonl"
+    result = invoke("replay", str(tmp_path / "log.jsonl"), "--out", str(out), device=True)
+    assert result.exit_code == 0, result.output
+    assert "300 records (300 events, 0 dead letters) of" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl", "p.jsonl"], result.output
+    dead.write_bytes(b'{"reason":"an earlier run\'s"}\n')
+    result = invoke("replay", str(tmp_path / "log.jsonl"), "--out", str(out), device=True)
+    assert result.exit_code == 0, result.output
+    assert dead.read_bytes() == b""
+    (tmp_path / "log.jsonl").write_bytes(jsonl(events()) + b"not json\n")
+    result = invoke("replay", str(tmp_path / "log.jsonl"), "--out", str(out), device=True)
+    assert f"1 dead letters -> {dead}" in result.output, result.output
+    assert len(dead.read_bytes().splitlines()) == 1
+
+
 def test_a_byte_order_mark_at_the_start_of_a_file_is_no_dead_letter(tmp_path):
     log = BOM + jsonl(events())
     (tmp_path / "bom.jsonl").write_bytes(log)
