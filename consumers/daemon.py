@@ -21,7 +21,7 @@ import torch
 from confluent_kafka import KafkaError, TopicPartition
 
 from models.update_step import BatchResult, ProfileUpdater
-from consumers.source import KafkaBatchSource, errors_log
+from consumers.source import LOGGED_BY_LIBRDKAFKA, KafkaBatchSource, errors_log
 from stream.changelog import Changelog
 from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, EVENT_TYPES, DeadLetter, RecordBatch, iso_time
 from stream.kafka import (
@@ -464,10 +464,12 @@ class ProfileDaemon:
 
     def _kafka_error(self, err: KafkaError) -> None:
         """Client-level errors of the consumer and the producer (served inside consume and flush): every
-        broker down starts the unreachable clock that readiness reads; each distinct line at most every 30 s."""
+        broker down starts the unreachable clock that readiness reads; each distinct line at most every 30 s,
+        except the connection failures librdkafka's own log already has (once per change, not per retry)."""
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
             self.health.broker_down()
-        errors_log.warning("Kafka: %s", err.str())
+        if err.code() not in LOGGED_BY_LIBRDKAFKA:
+            errors_log.warning("Kafka: %s", err.str())
 
     def _kafka_stats(self, stats_json: str) -> None:
         """librdkafka's statistics callback (on the loop's thread, inside consume): lag per partition, and

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 # Errors the clients repeat while a broker is away (every few hundred ms): each distinct one at most every 30 s.
 errors_log = logging.getLogger(__name__ + ".errors")
 errors_log.addFilter(RateLimit())
+# Connection failures: librdkafka logs each itself (a FAIL line naming the broker) before it reports it to
+# the error callback, so the callback's warning would repeat it word for word.
+LOGGED_BY_LIBRDKAFKA = frozenset({KafkaError._TRANSPORT, KafkaError._RESOLVE})
 
 PartitionsHandler = Callable[[list[TopicPartition]], None]
 

@@ -205,6 +205,12 @@ def test_readiness_follows_a_broker_replaced_by_an_empty_one(replaceable_broker,
             lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
         # Rate-limited: a handful of distinct lines for the whole outage (>= the 6 s session), not one per retry.
         assert len(lines) < 15, [r.getMessage() for r in lines]
+        # Each connection failure once: librdkafka's FAIL line, not echoed by the daemon's error callback.
+        failed = {r.getMessage().split("]: ", 1)[-1] for r in lines if r.name == "librdkafka"}
+        assert any(kafka.bootstrap_servers in m for m in failed), [r.getMessage() for r in lines]
+        echoed = [r.getMessage() for r in lines if r.name != "librdkafka"
+                  and r.getMessage().removeprefix("Kafka: ") in failed]
+        assert not echoed, echoed
 
         replaceable_broker.start_empty()
         wait_until(lambda: "input topic(s) " + topic + " not found" in get(port, "/readyz")[1], 60,
