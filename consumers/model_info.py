@@ -37,6 +37,10 @@ def checkpoint_info(path: str) -> dict:
         "pace_fade_power": {name: float(head.log_fade_power.detach().exp())
                             if bool(head.idle_decay) and bool(head.power_fade) else None
                             for name, head in probability_heads},
+        # Per probability field, the power its return hazard falls by after a long silence, (1 + idle / days) **
+        # -power, and the days; None where it does not (checkpoints before format 15, purchase_propensity).
+        "silence": {name: {"power": float(head.silence_power), "days": float(head.silence_minutes) / 1440}
+                    if float(head.silence_power) > 0 else None for name, head in probability_heads},
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "state_floats_per_user": config.state_size,
         "next_item_vocabulary": len(loaded.item_vocab),
@@ -82,6 +86,9 @@ def info_lines(info: dict) -> list[str]:
                                                    for name, scale in info["pace_decay"].items()
                                                    if scale is not None)
          or "not read (the session processes do not fade with it)"),
+        ("after a long silence", ", ".join(
+            f"{name}'s return hazard x (1 + idle / {v['days']:g} days) ** -{v['power']:g}"
+            for name, v in info["silence"].items() if v is not None) or "nothing more than the fitted heads say"),
     ]
     if t:
         span = " (events " + " .. ".join(t["trained_span"]) + ")" if "trained_span" in t else ""

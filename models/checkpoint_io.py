@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import torch
 
-from models.field_heads import CALIBRATION_KNOTS, SESSION_OFF, identity_knots
+from models.field_heads import CALIBRATION_KNOTS, SESSION_OFF, SILENCE_MINUTES, identity_knots
 from models.profile_model import RECENT_CATEGORIES, CheckpointError, ModelConfig, ProfileModel
 from models.neighbours import SessionNeighbours
 from models.transitions import Transitions
@@ -19,14 +19,15 @@ from stream.statistics import SLOT_FEATURES
 # 3: published fields from FieldHeads (exact statistics + state; time-to-event probabilities, calibrated).
 # 4: calibration a monotone piecewise-linear map of log L (format 3's affine one is read as two knots).
 # 5: copy bonuses of the current item and category (formats 3 and 4 are read without copying).
-CHECKPOINT_FORMAT = 14  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
+CHECKPOINT_FORMAT = 15  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
 # 8: the shop popularity slot feature (stream/popularity.py); 9: transition bonuses (models/transitions.py);
 # 10: times since as log1p of minutes, not hours (stream/statistics.py: USER_FEATURES), and the probability
 # heads' session process (models/field_heads.py: HazardHead); 11: the neighbour sessions' votes (models/neighbours.py);
 # 12: follow_pending is the follow-up's share itself, not relative to the top one's (stream/follow.py);
 # 13: the session processes decay with idle time in the shop's pace (HazardHead.idle_decay, stream/tempo.py);
-# 14: as a power of it, not exponentially (HazardHead.power_fade)
-READABLE_FORMATS = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14)
+# 14: as a power of it, not exponentially (HazardHead.power_fade); 15: the return processes fall after a long
+# silence (HazardHead.silence)
+READABLE_FORMATS = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
 
 
 @dataclass
@@ -131,6 +132,10 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         for head in ("purchase", "event"):
             payload["state_dict"][f"fields.{head}.power_fade"] = torch.tensor(False)
             payload["state_dict"][f"fields.{head}.log_fade_power"] = torch.tensor(0.0)
+    if payload["format"] < 15:  # return processes without the fall after a long silence
+        for head in ("purchase", "event"):
+            payload["state_dict"][f"fields.{head}.silence_power"] = torch.tensor(0.0)
+            payload["state_dict"][f"fields.{head}.silence_minutes"] = torch.tensor(SILENCE_MINUTES)
     if payload["format"] < 11:  # no neighbour votes
         payload["state_dict"]["neighbour_weight"] = torch.zeros(1)
     if payload["format"] < 9:  # no transition bonus

@@ -59,6 +59,15 @@ class FieldInputs:
                    torch.zeros(u, CATEGORY_SLOTS, len(SLOT_FEATURES), device=dev), minutes / DEFAULT_STEP_MINUTES)
 
 
+SILENCE_MINUTES = 28 * 24 * 60.0  # the scale of the fall after a long silence (models/field_training.py)
+IDLE = USER_FEATURES.index("log_idle_minutes")
+
+
+def idle_minutes(user: torch.Tensor) -> torch.Tensor:
+    """(U,) idle minutes from raw user statistics (FieldInputs.user)."""
+    return torch.expm1(user[:, IDLE])
+
+
 class HazardHead(nn.Module):
     """P(an event within W hours) = 1 - exp(-L(W)), L(W) = exp(f) * (W / 24) ** kappa + the session process
     (below): a Weibull-shaped time-to-event model from the profile's clock (WTTE-RNN's idea, read at one
@@ -105,18 +114,26 @@ class HazardHead(nn.Module):
         self.register_buffer("idle_decay", torch.tensor(True))
         self.log_fade_power = nn.Parameter(torch.tensor(0.0))
         self.register_buffer("power_fade", torch.tensor(True))
+        # The return process after a long silence: its hazard falls further as (1 + idle / scale) ** -power, with
+        # idle in real minutes (weeks mean the same in any shop). Not fitted: set after the fit, before the
+        # calibration (models/field_training.py, SILENCE_POWER); 0 turns it off, as in heads before format 15.
+        self.register_buffer("silence_power", torch.tensor(0.0))
+        self.register_buffer("silence_minutes", torch.tensor(SILENCE_MINUTES))
         # Calibration on held-out time: log L -> g(log L), g monotone piecewise linear through the knots
         # (row 0: knots, row 1: their values), extended linearly past the ends; identity untrained.
         knots = identity_knots()
         self.register_buffer("calibration", torch.stack([knots, knots.clone()]))
 
     def log_hazard(self, x: torch.Tensor, s: torch.Tensor, window_hours: torch.Tensor,
-                   idle_steps: torch.Tensor) -> torch.Tensor:
-        """(U,) log L(W), calibrated. idle_steps: FieldInputs.idle_steps."""
+                   idle_steps: torch.Tensor, idle_minutes: torch.Tensor | None = None) -> torch.Tensor:
+        """(U,) log L(W), calibrated. idle_steps: FieldInputs.idle_steps; idle_minutes: the users' idle time
+        (`idle_minutes`), for the fall after a long silence (None: without it)."""
         f = self.linear(x)[:, 0] + self.mlp(x)[:, 0] + self.state(s)[:, 0]
         kappa = (self.log_kappa + self.shape(x)[:, 0].clamp(-3, 3)).exp()
         w = window_hours.clamp(min=1e-3)
         log_return = f + kappa * torch.log(w / 24.0)
+        if idle_minutes is not None:
+            log_return = log_return - self.silence_power * torch.log1p(idle_minutes / self.silence_minutes)
         decay = torch.where(self.idle_decay, self.idle_fade(idle_steps), 0.0)
         log_session = self.session(x)[:, 0] - decay + torch.log(-torch.expm1(-w / self.log_session_hours.exp()))
         log_l = torch.logaddexp(log_return, log_session)

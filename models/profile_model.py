@@ -32,7 +32,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from models.features import DENSE_FEATURES, PRICE_EDGES, EventFeatures
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS, TOP_CATEGORIES
-from models.field_heads import FieldHeads, FieldInputs, HazardHead
+from models.field_heads import FieldHeads, FieldInputs, HazardHead, idle_minutes
 from models.neighbours import SessionNeighbours
 from models.transitions import Transitions
 
@@ -388,8 +388,10 @@ class ProfileModel(nn.Module):
         x = self.fields.standardise(inputs.user)
         purchase_hours = torch.as_tensor(purchase_hours, dtype=x.dtype, device=x.device).expand(len(x))
         churn_hours = torch.as_tensor(churn_hours, dtype=x.dtype, device=x.device).expand(len(x))
-        purchase = HazardHead.probability(self.fields.purchase.log_hazard(x, s, purchase_hours, inputs.idle_steps))
-        churn = 1 - HazardHead.probability(self.fields.event.log_hazard(x, s, churn_hours, inputs.idle_steps))
+        idle = idle_minutes(inputs.user)
+        purchase = HazardHead.probability(self.fields.purchase.log_hazard(x, s, purchase_hours, inputs.idle_steps,
+                                                                          idle))
+        churn = 1 - HazardHead.probability(self.fields.event.log_hazard(x, s, churn_hours, inputs.idle_steps, idle))
         return purchase, churn
 
     def category_mixture(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None,

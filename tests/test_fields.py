@@ -23,7 +23,7 @@ from models.field_training import (
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from models.profile_model import ModelConfig, ProfileModel
 from models.field_heads import (
-    EVENT_FALLS_WITH, EVENT_RISES_WITH, REPEAT_RISES_WITH, FieldHeads, FieldInputs, piecewise_linear,
+    EVENT_FALLS_WITH, EVENT_RISES_WITH, REPEAT_RISES_WITH, FieldHeads, FieldInputs, identity_knots, piecewise_linear,
 )
 from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from stream.generator import ShopParams, generate, write_jsonl
@@ -229,6 +229,64 @@ def test_the_event_head_keeps_the_directions_the_statistics_mean(monkeypatch):
     monkeypatch.setattr(FieldHeads, "keep_directions", lambda self: None)
     free = fitted().event.linear.weight[0, events_j]
     assert free < -0.05
+
+
+def test_churn_rises_after_a_long_silence_set_after_the_fit_and_not_before_format_15(monkeypatch, tmp_path):
+    """After the fit, the event head's return hazard falls further as (1 + idle / 28 days) ** -1: of two users
+    alike but for the idle time the head is told, the one silent for 28 days has half the return hazard of
+    one idle for none. The fit never sees it (its parameters are those of a fit without it; only the
+    calibration, fitted after, differs), purchase_propensity has none, and heads of a format 14 checkpoint
+    keep what they were fitted with."""
+    import models.field_training as field_training
+    from consumers.model_info import checkpoint_info, info_lines
+
+    gen = torch.Generator().manual_seed(0)
+    n, idle_j = 800, USER_FEATURES.index("log_idle_minutes")
+    user = torch.rand(n, len(USER_FEATURES), generator=gen)
+    user[:, idle_j] = torch.log1p(torch.rand(n, generator=gen) * 60 * 24 * 60)  # up to 60 days idle
+    label = (torch.rand(n, generator=gen) < torch.sigmoid(3 - user[:, idle_j] / 4)).float()
+    ex = examples(user, label, torch.zeros(n, 8))
+
+    def fitted() -> ProfileModel:
+        model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                         query_buckets=64))
+        fit_fields(model, ex.take(torch.arange(n) < 600), ex.take(torch.arange(n) >= 600), steps=40,
+                   statistics_steps=40)
+        return model
+
+    model = fitted()
+    heads = model.fields
+    assert float(heads.event.silence_power) == field_training.SILENCE_POWER == 1.0
+    assert float(heads.purchase.silence_power) == 0.0
+    monkeypatch.setattr(field_training, "SILENCE_POWER", 0.0)
+    without = fitted().fields
+    assert all(torch.equal(p, dict(without.named_parameters())[name]) for name, p in heads.named_parameters())
+    assert not torch.equal(heads.event.calibration, without.event.calibration)
+
+    x, s, window = heads.standardise(user[:2]), torch.zeros(2, 8), torch.full((2,), 24.0)
+    with torch.no_grad():
+        for head in (heads.event, heads.purchase):
+            head.calibration.copy_(torch.stack([identity_knots(), identity_knots()]))  # the hazards themselves
+            head.session.bias.fill_(-60.0)  # the return process alone
+    silent = torch.tensor([0.0, 28 * 24 * 60.0])
+
+    def log_l(fields) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([h.log_hazard(x[:1].expand(2, -1), s, window, torch.zeros(2), silent)
+                                for h in (fields.event, fields.purchase)])
+
+    now = log_l(heads)
+    assert float(now[0, 0] - now[0, 1]) == pytest.approx(np.log(2.0), abs=1e-5)
+    assert float(now[1, 0] - now[1, 1]) == 0.0
+    save_checkpoint(tmp_path / "now.pt", model, "v15")
+    as_older_checkpoint(tmp_path / "now.pt", tmp_path / "v14.pt", 14,
+                        drop=tuple(f"fields.{h}.silence_" for h in ("purchase", "event")))
+    older = log_l(load_checkpoint(tmp_path / "v14.pt").model.fields)
+    assert float(older[0, 0] - older[0, 1]) == 0.0
+    assert checkpoint_info(str(tmp_path / "now.pt"))["silence"] == {"purchase_propensity": None,
+                                                                    "churn_risk": {"power": 1.0, "days": 28.0}}
+    assert any("(1 + idle / 28 days) ** -1" in line for line in info_lines(checkpoint_info(str(tmp_path / "now.pt"))))
+    assert checkpoint_info(str(tmp_path / "v14.pt"))["silence"] == {"purchase_propensity": None, "churn_risk": None}
 
 
 def test_the_repeat_score_keeps_the_directions_the_users_engagement_means(monkeypatch):
