@@ -61,9 +61,9 @@ class ReplayReport:
         erased += (f"; {self.expired:,} user state(s) expired, {self.users:,} user(s) left in state"
                    if self.expired else "")
         dead = f"{self.dead_letters:,} dead letters" + (f" -> {dead_letters_path}" if self.dead_letters else "")
-        return (f"{self.records:,} records ({self.events:,} events, {dead}{skipped}) of {self.users:,} users in {self.seconds:.1f}s "
-                f"({self.events_per_second:,.0f} records/s); {self.profiles:,} profiles written{erased}"
-                f"{self.dead_letter_reasons()}")
+        return (f"{self.records:,} records ({self.events:,} events, {dead}{skipped}) of {self.users:,} users in "
+                f"{self.seconds:.1f}s ({self.events_per_second:,.0f} records/s); {self.profiles:,} profiles written"
+                f"{erased}{self.dead_letter_reasons()}")
 
     def dead_letter_reasons(self, top: int = 3) -> str:
         """The most frequent reasons, with one example each: what to fix in the log, without opening the file."""

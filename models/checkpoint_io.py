@@ -26,7 +26,7 @@ CHECKPOINT_FORMAT = 15  # 6: the follow-up slot features (stream/follow.py); 7: 
 # 12: follow_pending is the follow-up's share itself, not relative to the top one's (stream/follow.py);
 # 13: the session processes decay with idle time in the shop's pace (HazardHead.idle_decay, stream/tempo.py);
 # 14: as a power of it, not exponentially (HazardHead.power_fade); 15: the return processes fall after a long
-# silence (HazardHead.silence)
+# silence (HazardHead.silence_power)
 READABLE_FORMATS = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
 
 
