@@ -98,7 +98,7 @@ def test_ctrl_c_in_replay_keeps_partial_output_aside_and_the_earlier_file_intact
     assert (tmp_path / "p.jsonl").read_bytes() == earlier
     partial = (tmp_path / "p.jsonl.partial").read_bytes().splitlines()
     assert partial and all(orjson.loads(line)["user_id"] for line in partial)
-    assert (tmp_path / "p.jsonl.dlq.jsonl.partial").exists()
+    assert not (tmp_path / "p.jsonl.dlq.jsonl.partial").exists()  # no dead letters, no file of them
     assert not temporaries(tmp_path)
 
 
