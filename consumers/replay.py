@@ -253,8 +253,11 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
                     report.profiles += len(profiles)
         except KeyboardInterrupt:
             report.users, report.seconds = len(updater.state), time.monotonic() - started
-            report.partial = sink.keep_partial() + ([dlq.keep_partial()] if report.dead_letters else [])
-            dlq.discard()  # nothing left to discard where it was kept; no empty file where there were none
+            report.partial = sink.keep_partial()
+            if report.dead_letters:
+                report.partial.append(dlq.keep_partial())
+            else:
+                dlq.discard()  # no dead letters: no empty file of them
             raise Interrupted(f"interrupted: {report.summary(dead_letters_path)}; partial output kept in "
                               f"{', '.join(report.partial)}") from None
         except BaseException:

@@ -37,6 +37,9 @@ def identity_knots(k: int = CALIBRATION_KNOTS) -> torch.Tensor:
     return torch.linspace(-6.0, 3.0, k)
 
 
+IDLE = USER_FEATURES.index("log_idle_minutes")  # the user statistic idle_minutes reads
+
+
 @dataclass
 class FieldInputs:
     """What the field heads read besides the state, for U users (stream/statistics.py builds them)."""
@@ -53,14 +56,13 @@ class FieldInputs:
         u, dev = len(idle_hours), idle_hours.device
         user = torch.zeros(u, len(USER_FEATURES), device=dev)
         minutes = idle_hours.clamp(min=0) * 60
-        user[:, USER_FEATURES.index("log_idle_minutes")] = torch.log1p(minutes)
+        user[:, IDLE] = torch.log1p(minutes)
         return cls(user, torch.zeros(u, CATEGORY_SLOTS, dtype=torch.long, device=dev),
                    torch.zeros(u, CATEGORY_SLOTS, dtype=torch.bool, device=dev),
                    torch.zeros(u, CATEGORY_SLOTS, len(SLOT_FEATURES), device=dev), minutes / DEFAULT_STEP_MINUTES)
 
 
 SILENCE_MINUTES = 28 * 24 * 60.0  # the scale of the fall after a long silence (models/field_training.py)
-IDLE = USER_FEATURES.index("log_idle_minutes")
 
 
 def idle_minutes(user: torch.Tensor) -> torch.Tensor:
@@ -125,15 +127,14 @@ class HazardHead(nn.Module):
         self.register_buffer("calibration", torch.stack([knots, knots.clone()]))
 
     def log_hazard(self, x: torch.Tensor, s: torch.Tensor, window_hours: torch.Tensor,
-                   idle_steps: torch.Tensor, idle_minutes: torch.Tensor | None = None) -> torch.Tensor:
+                   idle_steps: torch.Tensor, idle_minutes: torch.Tensor) -> torch.Tensor:
         """(U,) log L(W), calibrated. idle_steps: FieldInputs.idle_steps; idle_minutes: the users' idle time
-        (`idle_minutes`), for the fall after a long silence (None: without it)."""
+        (`idle_minutes`), for the fall after a long silence."""
         f = self.linear(x)[:, 0] + self.mlp(x)[:, 0] + self.state(s)[:, 0]
         kappa = (self.log_kappa + self.shape(x)[:, 0].clamp(-3, 3)).exp()
         w = window_hours.clamp(min=1e-3)
-        log_return = f + kappa * torch.log(w / 24.0)
-        if idle_minutes is not None:
-            log_return = log_return - self.silence_power * torch.log1p(idle_minutes / self.silence_minutes)
+        log_return = f + kappa * torch.log(w / 24.0) - self.silence_power * torch.log1p(idle_minutes
+                                                                                     / self.silence_minutes)
         decay = torch.where(self.idle_decay, self.idle_fade(idle_steps), 0.0)
         log_session = self.session(x)[:, 0] - decay + torch.log(-torch.expm1(-w / self.log_session_hours.exp()))
         log_l = torch.logaddexp(log_return, log_session)
@@ -211,7 +212,7 @@ class FieldHeads(nn.Module):
             self.purchase.linear.weight.zero_()
             self.purchase.linear.bias.fill_(-2.0)
             self.event.linear.weight.zero_()
-            self.event.linear.weight[0, USER_FEATURES.index("log_idle_minutes")] = -0.5
+            self.event.linear.weight[0, IDLE] = -0.5
             self.event.linear.bias.fill_(2.5)  # log1p(minutes) ~ log1p(hours) + 4 past an hour
 
     def keep_directions(self) -> None:

@@ -23,7 +23,8 @@ from models.field_training import (
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from models.profile_model import ModelConfig, ProfileModel
 from models.field_heads import (
-    EVENT_FALLS_WITH, EVENT_RISES_WITH, REPEAT_RISES_WITH, FieldHeads, FieldInputs, identity_knots, piecewise_linear,
+    EVENT_FALLS_WITH, EVENT_RISES_WITH, REPEAT_RISES_WITH, FieldHeads, FieldInputs, identity_knots, idle_minutes,
+    piecewise_linear,
 )
 from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from stream.generator import ShopParams, generate, write_jsonl
@@ -452,7 +453,7 @@ def test_a_new_calibration_is_kept_only_if_it_predicts_later_time_better(shop):
                          event_hours=torch.full((n,), float(CHURN_HORIZON_HOURS)))
         with torch.no_grad():
             log_l = model.fields.purchase.log_hazard(model.fields.standardise(user), ex.state, ex.purchase_hours,
-                                                     ex.idle_steps)
+                                                     ex.idle_steps, idle_minutes(user))
         label = (torch.rand(n, generator=gen) < HazardHead.probability(log_l + offset)).float()
         if shop == "no purchases":
             label = torch.zeros(n)

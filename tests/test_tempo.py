@@ -93,7 +93,7 @@ def test_the_session_process_fades_with_idle_time_in_the_shops_pace_and_not_befo
     x, s, window = torch.zeros(2, len(USER_FEATURES)), torch.zeros(2, 8), torch.full((2,), 0.5)
     idle_steps = torch.tensor([1.0, 10.0])
     with torch.no_grad():
-        p = HazardHead.probability(head.log_hazard(x, s, window, idle_steps))
+        p = HazardHead.probability(head.log_hazard(x, s, window, idle_steps, torch.zeros(2)))
     assert p[0] > p[1] + 0.1
     save_checkpoint(tmp_path / "now.pt", model, "v13")
     as_older_checkpoint(tmp_path / "now.pt", tmp_path / "old.pt", 12,
@@ -103,7 +103,7 @@ def test_the_session_process_fades_with_idle_time_in_the_shops_pace_and_not_befo
     for name, fades in (("now.pt", True), ("old.pt", False), ("again.pt", False)):
         loaded = load_checkpoint(tmp_path / name).model.fields.event
         with torch.no_grad():
-            q = HazardHead.probability(loaded.log_hazard(x, s, window, idle_steps))
+            q = HazardHead.probability(loaded.log_hazard(x, s, window, idle_steps, torch.zeros(2)))
         assert (q[0] > q[1] + 0.1) == fades, name
         if not fades:
             assert float(q[0]) == pytest.approx(float(q[1]))
@@ -133,7 +133,7 @@ def test_the_session_odds_fall_as_a_power_of_the_idle_steps_and_exponentially_in
 
     def log_l(fields) -> torch.Tensor:
         with torch.no_grad():
-            return fields.event.log_hazard(x, s, window, idle_steps)
+            return fields.event.log_hazard(x, s, window, idle_steps, torch.zeros(4))
 
     now = log_l(model.fields)
     assert float(now[0] - now[1]) == pytest.approx(np.log(6 / 2), abs=1e-4)
