@@ -194,11 +194,14 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
         if test.get("loss_recalibrated") is not None:
             click.echo(f"    tested first on the profiles of {iso_time(test['cut_ms'], 'minutes')}, fitted on the "
                        f"earlier ones: log loss {test['loss_current']:.4f} -> {test['loss_recalibrated']:.4f}", err=True)
-    heads = [report[head] for head in ("purchase", "event")]
-    if not any("test" in fit for fit in heads):  # neither could be tested on this log: a mistake, say so
-        raise click.ClickException(f"neither probability could be calibrated on this log: nothing written to {out}")
+    ranking = report["ranking"]
+    _say_ranking(ranking)
+    fits = [report["purchase"], report["event"], ranking]
+    if not any("test" in fit for fit in fits):  # nothing could be tested on this log: a mistake, say so
+        raise click.ClickException(f"neither probability nor top_categories could be calibrated on this log: "
+                                   f"nothing written to {out}")
     base = loaded.state_version
-    if any(fit["kept"] for fit in heads):
+    if any(fit["kept"] for fit in fits):
         version = f"{base}+cal-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{weights_digest(loaded.model)}"
     else:  # tested, and the model's own calibration did best: the same model, the same version
         version = loaded.version
@@ -211,3 +214,26 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
         save_checkpoint(tmp, loaded.model, version, metadata, loaded.item_vocab)
     click.echo(f"saved {version} to {out} (it keeps the state of {base}: a daemon switched to it restores the "
                "same changelog)", err=True)
+
+
+def _say_ranking(ranking: dict) -> None:
+    """`profiles calibrate`'s line on top_categories (field_training.tune_ranking_on_cuts' report)."""
+    test = ranking.get("test")
+    if not ranking["kept"]:
+        moved = (f", {test['precision_moved']:.3f} with the earlier cuts' best move"
+                 if test and (ranking["recency"] or ranking["gate_shift"]) else "")
+        found = (f"; on the profiles of {iso_time(test['cut_ms'], 'minutes')}: precision@3 "
+                 f"{test['precision_current']:.3f} as it was{moved}" if test else "")
+        click.echo(f"  top_categories: left as it was ({ranking['reason']}{found})", err=True)
+        return
+    moves = []
+    if ranking["recency"]:
+        moves.append(f"the latest category's weight {ranking['latest_weight_before']:g} -> "
+                     f"{ranking['latest_weight_after']:g}")
+    if ranking["gate_shift"]:
+        side = "the user's own categories" if ranking["gate_shift"] > 0 else "the sequence model's"
+        moves.append(f"the gate {ranking['gate_shift']:+g} (toward {side})")
+    click.echo(f"  top_categories: {', '.join(moves)}: precision@3 {ranking['earlier']['precision_current']:.3f} -> "
+               f"{ranking['earlier']['precision_moved']:.3f} on the earlier profiles; tested on those of "
+               f"{iso_time(test['cut_ms'], 'minutes')}: {test['precision_current']:.3f} -> "
+               f"{test['precision_moved']:.3f}: moved", err=True)

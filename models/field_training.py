@@ -31,7 +31,7 @@ from models.field_heads import FieldInputs, HazardHead, identity_knots, idle_min
 from models.profile_model import ProfileModel
 from stream.events import PURCHASE
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS, TOP_CATEGORIES
-from stream.statistics import CATEGORY_SLOTS
+from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -528,6 +528,71 @@ def shift_gate_for_ranking(model: ProfileModel, val: CutExamples) -> dict:
     return {"shift": shift, "precision_at_3": {str(s): round(p, 4) for s, p in precision.items()}}
 
 
+# What one fit cannot say, a shop's own log can: where users' interests move on, the category a user engaged with
+# last is the best guess for the week ahead (the independent drift world: precision@3 0.53 for the most recent
+# categories, 0.39 for all-time counts), where users keep their staples it is not (grocery: all-time counts win).
+# Shop 0, where the shipped demo's heads are fitted, weighs the latest category at 0, and no training shop says
+# which a serving shop is (docs/model-journal.md, sessions 40 and 41). So `profiles calibrate` also tries moves of
+# the latest category's weight in the repeat score (kept >= 0, its direction) beside the gate's, on the serving
+# shop's own log (tune_ranking_on_cuts).
+RECENCY_STEPS = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
+IS_LAST = SLOT_FEATURES.index("is_last")
+
+
+@torch.no_grad()
+def move_ranking(model: ProfileModel, recency: float, shift: float) -> None:
+    """Add `recency` to the repeat score's weight on the latest category (not below 0) and `shift` to the gate's
+    bias, in place."""
+    heads = model.fields
+    weight = heads.repeat_score.weight
+    weight[0, IS_LAST] = (weight[0, IS_LAST] + recency).clamp(min=0)
+    heads.gate.bias += shift
+
+
+@torch.no_grad()
+def tune_ranking_on_cuts(model: ProfileModel, parts: list[CutExamples]) -> dict:
+    """top_categories' ranking moved for the shop of `parts` (each cut's examples, ascending), in place: the move
+    (RECENCY_STEPS x GATE_SHIFTS) with the best precision@3 on the cuts before the latest one that saw the whole
+    week, kept only if it beats no move there by RANKING_MARGIN and on that latest cut too (ties: the smaller
+    move). Returns the move, the latest category's weight and the precisions; `kept` says whether it changed."""
+    full = [i for i, part in enumerate(parts) if part.saw_horizon("purchase")]  # 7 days: the categories' window too
+    if not full or full[-1] == 0:
+        return {"kept": False, "reason": f"the log is too short to test a ranking on later time: it needs a cut with "
+                                         f"{CATEGORY_HORIZON_HOURS / 24:g} days of events after it, and one before that"}
+    latest = full[-1]
+    earlier, test = CutExamples.concat(parts[:latest]), parts[latest]
+    heads = model.fields
+    weight, bias = heads.repeat_score.weight.clone(), heads.gate.bias.clone()
+
+    def precision(ex: CutExamples, recency: float, shift: float) -> float:
+        move_ranking(model, recency, shift)
+        p = ranking_precision(model, ex)
+        heads.repeat_score.weight.copy_(weight)
+        heads.gate.bias.copy_(bias)
+        return p
+
+    moves = [(r, s) for r in RECENCY_STEPS for s in GATE_SHIFTS]
+    chosen_on = {move: precision(earlier, *move) for move in moves}
+    if np.isnan(chosen_on[(0.0, 0.0)]) or np.isnan(precision(test, 0.0, 0.0)):
+        return {"kept": False, "reason": "no profile before the cuts was followed by a category"}
+    # The smallest move within half the margin of the best: a bigger one must earn its place on the earlier cuts too.
+    top = max(chosen_on.values())
+    best = min((m for m in moves if chosen_on[m] >= top - RANKING_MARGIN / 2),
+               key=lambda m: (abs(m[0]) + abs(m[1]), -chosen_on[m]))
+    report = {"recency": best[0], "gate_shift": best[1], "latest_weight_before": round(float(weight[0, IS_LAST]), 4),
+              "earlier": {"precision_current": round(chosen_on[(0.0, 0.0)], 4),
+                          "precision_moved": round(chosen_on[best], 4)},
+              "test": {"cut": latest, "precision_current": round(precision(test, 0.0, 0.0), 4),
+                       "precision_moved": round(precision(test, *best), 4)}}
+    if best == (0.0, 0.0) or chosen_on[best] < chosen_on[(0.0, 0.0)] + RANKING_MARGIN:
+        return {**report, "kept": False, "reason": "no move ranked the earlier cuts better"}
+    if report["test"]["precision_moved"] < report["test"]["precision_current"] + RANKING_MARGIN:
+        return {**report, "kept": False, "reason": "the move chosen on the earlier cuts did not rank the latest cut "
+                                                   "that saw the whole week better"}
+    move_ranking(model, *best)
+    return {**report, "kept": True, "latest_weight_after": round(float(heads.repeat_score.weight[0, IS_LAST]), 4)}
+
+
 CALIBRATION_SLOPES = (0.2, 5.0)  # the calibration map's slopes, d g(log L) / d log L, stay between these
 
 
@@ -552,7 +617,8 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200,
         ok = hours > 0
         if ok.sum() < 50 or label[ok].min() == label[ok].max():
             report[name] = {"examples": int(ok.sum()), "kept": False,
-                            "reason": "too few examples, or only one outcome among them (no purchase at all, say)"}
+                            "reason": "too few examples, or one outcome for all of them (nobody bought, say, or every "
+                                      "user came back)"}
             continue  # too little held-out time, or one class only: leave the calibration as it is
         y = label[ok].cpu()
         k = head.calibration.shape[1]
@@ -605,8 +671,9 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200,
 
 def recalibrate(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cuts: int = 10, seed: int = 0,
                 max_examples: int = 24_000) -> dict:
-    """Calibrate a trained model's two probabilities again on another shop's log, in place: nothing else
-    changes (the sequence model, the heads' ranking, top_categories, the state it keeps).
+    """Calibrate a trained model's two probabilities again on another shop's log, in place, and move
+    top_categories' ranking for it where that ranks the shop's later time better (tune_ranking_on_cuts): nothing
+    else changes (the sequence model, the order of users by each probability, the state it keeps).
 
     A model trained in one shop ranks users well in another (docs/model-journal.md: shop 4) but its probabilities
     can carry the training shop's rates: there users go quiet less often, and churn_risk was over-predicted
@@ -625,7 +692,8 @@ def recalibrate(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cut
     if not parts:
         raise ValueError("no users in the log to calibrate on")
     report = calibrate_on_cuts(loaded.model, parts, torch.Generator().manual_seed(seed), max_examples)
-    for name in ("purchase", "event"):  # the test cut's time, for the report (collect skips empty cuts: by index)
+    report["ranking"] = tune_ranking_on_cuts(loaded.model, parts)
+    for name in ("purchase", "event", "ranking"):  # the test cut's time, for the report (collect skips empty cuts)
         test = report[name].get("test")
         if test is not None:
             test["cut_ms"] = int(sorted(cuts)[int(parts[test["cut"]].cut[0])])
