@@ -67,7 +67,7 @@ def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_siz
                  patience=patience, average_epochs=average_epochs, refit=refit, max_items=max_items)
 
 
-@command(short_help="Calibrate a trained model's probabilities for another shop")
+@command(short_help="Calibrate a trained model's probabilities and top categories for another shop")
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
               help="Trained checkpoint, or `demo` (the shipped model).")
 @click.option("--events", "event_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
@@ -80,17 +80,20 @@ def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_siz
 @device_option
 def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: str | None, seed: int,
               device: str) -> None:
-    """Calibrate purchase_propensity and churn_risk of a trained model again on another shop's events,
-    keeping everything else: a model trained in one shop ranks another shop's users well, but its
-    probabilities carry the rates of the shop it was trained in. Takes seconds, where training takes
-    minutes.
+    """Calibrate purchase_propensity and churn_risk of a trained model again on another shop's events, and
+    weigh top_categories' latest category for it: a model trained in one shop ranks another shop's users
+    well, but its probabilities carry the rates of the shop it was trained in, and whether a user's latest
+    category says more about next week than their counts differs from shop to shop. Takes seconds, where
+    training takes minutes.
 
     Profiles are taken through the serving path at cuts in the log and judged on what each user did
     next. A probability's new calibration map is kept only if, fitted on the earlier cuts, it predicts
     the latest cut that saw its whole horizon (7 days for purchase_propensity, 14 for churn_risk) better
     than the model's own calibration; it is then fitted on all the cuts, the later ones weighing more.
-    Where neither probability changes, the model is written unchanged; a log too short to test either is an
-    error (exit 1).
+    top_categories: the weight of the user's latest category and the repeat gate are moved by the steps that
+    name the earlier cuts' next 7 days best, kept only if they also name the latest such cut's better.
+    Where nothing changes, the model is written unchanged; a log too short to test any of them is an error
+    (exit 1).
 
     The new checkpoint keeps the state of the model it was calibrated from: a daemon switched to it
     (same --group-id) restores the same changelog, and its profiles carry the new model_version."""
