@@ -176,6 +176,7 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
     events = events_until(event_files, until)
     report = recalibrate(loaded, events, device, seed=seed)
     click.echo(f"profiles at {report['cuts']} cuts, {report['examples']:,} of them judged on what followed:", err=True)
+    _say_silence(report["silence"])
     for name, head in PROBABILITY_HEADS:
         fit = report[head]
         test = fit.get("test") or {}
@@ -194,12 +195,10 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
         if test.get("loss_recalibrated") is not None:
             click.echo(f"    tested first on the profiles of {iso_time(test['cut_ms'], 'minutes')}, fitted on the "
                        f"earlier ones: log loss {test['loss_current']:.4f} -> {test['loss_recalibrated']:.4f}", err=True)
-    ranking = report["ranking"]
-    _say_ranking(ranking)
-    fits = [report["purchase"], report["event"], ranking]
+    _say_ranking(report["ranking"])
+    fits = [report[name] for name in ("purchase", "event", "silence", "ranking")]
     if not any("test" in fit for fit in fits):  # nothing could be tested on this log: a mistake, say so
-        raise click.ClickException(f"neither probability nor top_categories could be calibrated on this log: "
-                                   f"nothing written to {out}")
+        raise click.ClickException(f"nothing could be calibrated on this log: nothing written to {out}")
     base = loaded.state_version
     if any(fit["kept"] for fit in fits):
         version = f"{base}+cal-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{weights_digest(loaded.model)}"
@@ -214,6 +213,24 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
         save_checkpoint(tmp, loaded.model, version, metadata, loaded.item_vocab)
     click.echo(f"saved {version} to {out} (it keeps the state of {base}: a daemon switched to it restores the "
                "same changelog)", err=True)
+
+
+def _say_silence(silence: dict) -> None:
+    """`profiles calibrate`'s line on churn_risk's fall after a long silence (tune_silence_on_cuts' report)."""
+    test = silence.get("test")
+    if not silence["kept"]:
+        moved = (f", {test['roc_auc_moved']:.4f} with the earlier cuts' best power ({silence['power']:g})"
+                 if test and silence["power"] != silence["power_before"] else "")
+        found = (f"; on the profiles of {iso_time(test['cut_ms'], 'minutes')}: ROC AUC {test['roc_auc_current']:.4f} "
+                 f"as it was{moved}" if test else "")
+        click.echo(f"  churn_risk after a long silence: left as it was ({silence['reason']}{found})", err=True)
+        return
+    click.echo(f"  churn_risk after a long silence: the return hazard falls as (1 + idle / 28 days) ** "
+               f"-{silence['power']:g} (was -{silence['power_before']:g}): ROC AUC "
+               f"{silence['earlier']['roc_auc_current']:.4f} -> {silence['earlier']['roc_auc_moved']:.4f} on the "
+               f"earlier profiles; tested on those of {iso_time(test['cut_ms'], 'minutes')}: "
+               f"{test['roc_auc_current']:.4f} -> {test['roc_auc_moved']:.4f}: moved (the churn_risk map below is fitted with it)",
+               err=True)
 
 
 def _say_ranking(ranking: dict) -> None:

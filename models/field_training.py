@@ -28,6 +28,7 @@ from models.dataset import HOUR_MS, EventLog
 from models.features import category_keys
 from models.checkpoint_io import LoadedModel
 from models.field_heads import FieldInputs, HazardHead, identity_knots, idle_minutes, piecewise_linear
+from models.next_event_evaluation import roc_auc
 from models.profile_model import ProfileModel
 from stream.events import PURCHASE
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS, TOP_CATEGORIES
@@ -593,6 +594,56 @@ def tune_ranking_on_cuts(model: ProfileModel, parts: list[CutExamples]) -> dict:
     return {**report, "kept": True, "latest_weight_after": round(float(heads.repeat_score.weight[0, IS_LAST]), 4)}
 
 
+# How much a long silence says is the serving shop's too: where users stop without warning (the independent btyd
+# world) or buy rarely (the marketplace), weeks of silence say more than shop 0's fit gives them, and churn_risk
+# ranked 0.010 and 0.013 below days idle there with shop 0's power of 1 (SILENCE_POWER). So `profiles calibrate`
+# also tries these powers of the fall after a long silence on the serving shop's own log (tune_silence_on_cuts),
+# before the calibration maps are fitted again with it (docs/model-journal.md, session 42).
+SILENCE_POWERS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
+AUC_MARGIN = 0.002
+
+
+@torch.no_grad()
+def tune_silence_on_cuts(model: ProfileModel, parts: list[CutExamples]) -> dict:
+    """churn_risk's fall after a long silence set for the shop of `parts` (each cut's examples, ascending), in
+    place: the power of SILENCE_POWERS that ranks the earlier cuts' users best by whether they came back within the
+    horizon (ROC AUC; the smallest move within half of AUC_MARGIN of the best), kept only if it beats the current
+    power by AUC_MARGIN there and on the latest cut that saw the whole horizon. Returns the powers and AUCs."""
+    full = [i for i, part in enumerate(parts) if part.saw_horizon("event")]
+    if not full or full[-1] == 0:
+        return {"kept": False, "reason": f"the log is too short to test it on later time: it needs a cut with "
+                                         f"{CHURN_HORIZON_HOURS / 24:g} days of events after it, and one before that"}
+    latest = full[-1]
+    earlier, test = CutExamples.concat(parts[:latest]), parts[latest]
+    heads = model.fields
+    current = float(heads.event.silence_power)
+
+    def auc(ex: CutExamples, power: float) -> float:
+        heads.event.silence_power.fill_(power)
+        log_l = heads.event.log_hazard(heads.standardise(ex.user), ex.state, ex.event_hours, ex.idle_steps,
+                                       idle_minutes(ex.user))
+        heads.event.silence_power.fill_(current)
+        return roc_auc(log_l.cpu().numpy(), ex.event.cpu().numpy())
+
+    powers = sorted({current, *SILENCE_POWERS})
+    chosen_on = {p: auc(earlier, p) for p in powers}
+    if np.isnan(chosen_on[current]) or np.isnan(auc(test, current)):
+        return {"kept": False, "reason": "every user came back, or none did: nothing to rank"}
+    top = max(chosen_on.values())
+    best = min((p for p in powers if chosen_on[p] >= top - AUC_MARGIN / 2), key=lambda p: (abs(p - current), -p))
+    report = {"power_before": current, "power": best,
+              "earlier": {"roc_auc_current": round(chosen_on[current], 4), "roc_auc_moved": round(chosen_on[best], 4)},
+              "test": {"cut": latest, "roc_auc_current": round(auc(test, current), 4),
+                       "roc_auc_moved": round(auc(test, best), 4)}}
+    if best == current or chosen_on[best] < chosen_on[current] + AUC_MARGIN:
+        return {**report, "kept": False, "reason": "no other power ranked the earlier cuts better"}
+    if report["test"]["roc_auc_moved"] < report["test"]["roc_auc_current"] + AUC_MARGIN:
+        return {**report, "kept": False, "reason": "the power chosen on the earlier cuts did not rank the latest cut "
+                                                   "that saw the whole horizon better"}
+    heads.event.silence_power.fill_(best)
+    return {**report, "kept": True}
+
+
 CALIBRATION_SLOPES = (0.2, 5.0)  # the calibration map's slopes, d g(log L) / d log L, stay between these
 
 
@@ -671,9 +722,10 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200,
 
 def recalibrate(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cuts: int = 10, seed: int = 0,
                 max_examples: int = 24_000) -> dict:
-    """Calibrate a trained model's two probabilities again on another shop's log, in place, and move
-    top_categories' ranking for it where that ranks the shop's later time better (tune_ranking_on_cuts): nothing
-    else changes (the sequence model, the order of users by each probability, the state it keeps).
+    """Calibrate a trained model's two probabilities again on another shop's log, in place, and move churn_risk's
+    fall after a long silence (tune_silence_on_cuts) and top_categories' ranking (tune_ranking_on_cuts) for it
+    where that ranks the shop's later time better: nothing else changes (the sequence model, the order of users by
+    purchase_propensity, the state it keeps).
 
     A model trained in one shop ranks users well in another (docs/model-journal.md: shop 4) but its probabilities
     can carry the training shop's rates: there users go quiet less often, and churn_risk was over-predicted
@@ -691,9 +743,11 @@ def recalibrate(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cut
     parts = collect(loaded, log_, cuts, device, short_share=0.0)
     if not parts:
         raise ValueError("no users in the log to calibrate on")
+    silence = tune_silence_on_cuts(loaded.model, parts)  # first: the churn map is fitted again with it
     report = calibrate_on_cuts(loaded.model, parts, torch.Generator().manual_seed(seed), max_examples)
+    report["silence"] = silence
     report["ranking"] = tune_ranking_on_cuts(loaded.model, parts)
-    for name in ("purchase", "event", "ranking"):  # the test cut's time, for the report (collect skips empty cuts)
+    for name in ("purchase", "event", "silence", "ranking"):  # the test cut's time, for the report (collect skips empty cuts)
         test = report[name].get("test")
         if test is not None:
             test["cut_ms"] = int(sorted(cuts)[int(parts[test["cut"]].cut[0])])

@@ -514,6 +514,7 @@ def test_calibrate_fits_another_shops_rates_and_changes_nothing_else(tmp_path):
     assert "churn_risk: observed" in result.output and "calibrated" in result.output
     assert "tested first on the profiles of" in result.output
     assert "top_categories: left as it was (no move ranked the earlier cuts better" in result.output
+    assert "churn_risk after a long silence: left as it was" in result.output
     # A log too short to see the horizons even once: nothing is calibrated on it, and nothing written.
     write_jsonl([e for e in log.events if e["ts"] < ts[0] + 3 * 86_400_000], tmp_path / "short.jsonl")
     result = runner.invoke(main, ["calibrate", "--model", "demo", "--events", str(tmp_path / "short.jsonl"),
@@ -554,6 +555,52 @@ def test_calibrate_fits_another_shops_rates_and_changes_nothing_else(tmp_path):
     first = orjson.loads((tmp_path / "p.jsonl").read_bytes().split(b"\n")[0])
     assert first["model_version"] == cal.version
     assert read_snapshot(tmp_path / "state")[1]["model_version"] == demo.version
+
+
+def silence_examples(n: int, gen: torch.Generator, truth: str) -> CutExamples:
+    """A cut of users idle 0-60 days with 1-20 events each. Who comes back within the churn horizon depends on how
+    long they have been away ("stops without warning") or on how active they were ("steady")."""
+    user = torch.zeros(n, len(USER_FEATURES))
+    idle_days = torch.rand(n, generator=gen) * 60
+    user[:, USER_FEATURES.index("log_idle_minutes")] = torch.log1p(idle_days * 1440)
+    user[:, USER_FEATURES.index("log_events")] = torch.log1p(torch.rand(n, generator=gen) * 19 + 1)
+    p = torch.exp(-idle_days / 10) if truth == "stops without warning" else torch.sigmoid(
+        3 * (user[:, USER_FEATURES.index("log_events")] - 2))
+    label = (torch.rand(n, generator=gen) < p).float()
+    return dataclasses.replace(examples(user, label, torch.zeros(n, 8)), event_hours=torch.full((n,), CHURN_HORIZON_HOURS))
+
+
+@pytest.mark.parametrize("shop", ["stops without warning", "steady", "changed its habits"])
+def test_calibrating_for_a_shop_sets_the_fall_after_a_long_silence_as_its_later_time_says(shop):
+    """A model whose event head reads the users' activity, with shop 0's fall after a long silence (power 1).
+    Where users stop without warning, a steeper fall ranks who comes back better, on the earlier cuts and the
+    latest: kept. Where activity alone decides, no fall ranks best: the power goes to 0. Where the earlier cuts
+    said one and the latest the other, the test on the latest cut refuses the move."""
+    from models.field_training import tune_silence_on_cuts
+
+    gen = torch.Generator().manual_seed(12)
+    truths = {"stops without warning": [shop] * 4, "steady": [shop] * 4,
+              "changed its habits": ["stops without warning"] * 3 + ["steady"]}[shop]
+    parts = [dataclasses.replace(silence_examples(2000, gen, truth), cut=torch.full((2000,), k))
+             for k, truth in enumerate(truths)]
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    with torch.no_grad():
+        model.fields.event.linear.weight.zero_()
+        model.fields.event.linear.weight[0, USER_FEATURES.index("log_events")] = 1.0
+        model.fields.event.silence_power.fill_(1.0)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    report = tune_silence_on_cuts(model, parts)
+    assert report["test"]["cut"] == 3
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, weights[k])}
+    power = float(model.fields.event.silence_power)
+    if shop == "changed its habits":
+        assert report["kept"] is False and not changed and report["power"] > 1
+        assert "did not rank the latest cut" in report["reason"]
+        return
+    assert report["kept"] is True and changed == {"fields.event.silence_power"} and power == report["power"]
+    assert power > 1 if shop == "stops without warning" else power == 0
+    assert report["test"]["roc_auc_moved"] > report["test"]["roc_auc_current"] + 0.002
 
 
 def drifting_shop(users: int, days: int, seed: int, t0: int = 1_700_000_000_000) -> list[dict]:
