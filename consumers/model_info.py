@@ -20,8 +20,8 @@ def checkpoint_info(path: str) -> dict:
         "path": str(checkpoint_path(path)),
         "model_version": loaded.version,
         "state_version": loaded.state_version,  # differs for a model calibrated again (`profiles calibrate`)
-        "calibrations": [{k: c.get(k) for k in ("from", "events", "until", "created_at")}
-                         for c in meta.get("calibrations", [])],
+        "calibrations": [{**{k: c.get(k) for k in ("from", "events", "until", "created_at")},
+                          "moved": calibration_moves(c)} for c in meta.get("calibrations", [])],
         "format": loaded.format,
         "transitions": {name: {"pairs": len(loaded.model.transitions(name).cols),
                                "weight": float(loaded.model.transition_weight[i])}
@@ -57,6 +57,23 @@ def _fade(name: str, scale: float, power: float | None) -> str:
     return f"{name} (odds fall as (1 + in-visit gaps / {scale:.3g}) ** -{power:.3g})"
 
 
+def calibration_moves(calibration: dict) -> list[str]:
+    """What one `profiles calibrate` changed, from its report (older reports name only the two maps)."""
+    report = calibration.get("report") or {}
+    moves = [f"{name}'s map" for name, head in (("purchase_propensity", "purchase"), ("churn_risk", "event"))
+             if report.get(head, {}).get("kept")]
+    silence, ranking = report.get("silence", {}), report.get("ranking", {})
+    if silence.get("kept"):
+        moves.append(f"the fall after a long silence ** -{silence['power_before']:g} -> ** -{silence['power']:g}")
+    if ranking.get("kept"):
+        if ranking["recency"]:
+            moves.append(f"the latest category's weight {ranking['latest_weight_before']:g} -> "
+                         f"{ranking['latest_weight_after']:g}")
+        if ranking["gate_shift"]:
+            moves.append(f"the repeat gate {ranking['gate_shift']:+g}")
+    return moves
+
+
 def info_lines(info: dict) -> list[str]:
     """The human-readable form: a few aligned lines, then the training report's numbers."""
     c, t, r = info["config"], info["trained"], info["report"]
@@ -64,7 +81,8 @@ def info_lines(info: dict) -> list[str]:
         ("model version", info["model_version"]),
         *([("keeps the state of", info["state_version"])] if info["state_version"] != info["model_version"] else []),
         *[("calibrated again", f"from {c['from']} on {', '.join(c['events'] or [])} at {c['created_at']}"
-           + (f" (events until {iso_time(c['until'])})" if c["until"] is not None else ""))
+           + (f" (events until {iso_time(c['until'])})" if c["until"] is not None else "")
+           + (f"; moved: {', '.join(c['moved'])}" if c["moved"] else "; nothing moved"))
           for c in info["calibrations"]],
         ("checkpoint", f"{info['path']} (format {info['format']}"
                        + (f"; this version writes {CHECKPOINT_FORMAT})" if info["format"] != CHECKPOINT_FORMAT else ")")),
