@@ -69,6 +69,9 @@ def calibration_moves(calibration: dict) -> list[str]:
         if ranking["recency"]:
             moves.append(f"the latest category's weight {ranking['latest_weight_before']:g} -> "
                          f"{ranking['latest_weight_after']:g}")
+        if ranking.get("frequency"):
+            moves.append(f"the all-time count's weight {ranking['count_weight_before']:g} -> "
+                         f"{ranking['count_weight_after']:g}")
         if ranking["gate_shift"]:
             moves.append(f"the repeat gate {ranking['gate_shift']:+g}")
     return moves

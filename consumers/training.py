@@ -238,7 +238,7 @@ def _say_ranking(ranking: dict) -> None:
     test = ranking.get("test")
     if not ranking["kept"]:
         moved = (f", {test['precision_moved']:.3f} with the earlier cuts' best move"
-                 if test and (ranking["recency"] or ranking["gate_shift"]) else "")
+                 if test and (ranking["recency"] or ranking["frequency"] or ranking["gate_shift"]) else "")
         found = (f"; on the profiles of {iso_time(test['cut_ms'], 'minutes')}: precision@3 "
                  f"{test['precision_current']:.3f} as it was{moved}" if test else "")
         click.echo(f"  top_categories: left as it was ({ranking['reason']}{found})", err=True)
@@ -247,6 +247,9 @@ def _say_ranking(ranking: dict) -> None:
     if ranking["recency"]:
         moves.append(f"the latest category's weight {ranking['latest_weight_before']:g} -> "
                      f"{ranking['latest_weight_after']:g}")
+    if ranking["frequency"]:
+        moves.append(f"the all-time count's weight {ranking['count_weight_before']:g} -> "
+                     f"{ranking['count_weight_after']:g}")
     if ranking["gate_shift"]:
         side = "the user's own categories" if ranking["gate_shift"] > 0 else "the sequence model's"
         moves.append(f"the gate {ranking['gate_shift']:+g} (toward {side})")

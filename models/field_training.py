@@ -531,67 +531,77 @@ def shift_gate_for_ranking(model: ProfileModel, val: CutExamples) -> dict:
 
 # What one fit cannot say, a shop's own log can: where users' interests move on, the category a user engaged with
 # last is the best guess for the week ahead (the independent drift world: precision@3 0.53 for the most recent
-# categories, 0.39 for all-time counts), where users keep their staples it is not (grocery: all-time counts win).
-# Shop 0, where the shipped demo's heads are fitted, weighs the latest category at 0, and no training shop says
-# which a serving shop is (docs/model-journal.md, sessions 40 and 41). So `profiles calibrate` also tries moves of
-# the latest category's weight in the repeat score (kept >= 0, its direction) beside the gate's, on the serving
-# shop's own log (tune_ranking_on_cuts).
+# categories, 0.39 for all-time counts), where users keep their staples it is not (grocery: all-time counts win),
+# and where they come back to a few favourites among a long tail (the marketplace), how often they came to each
+# says more than shop 0's fit gives it (all-time counts win there). Shop 0, where the shipped demo's heads are
+# fitted, weighs both the latest category and the all-time count at 0, and no training shop says which a serving
+# shop is (docs/model-journal.md, sessions 40-42). So `profiles calibrate` also tries moves of the repeat score's
+# weights on the latest category (recency) and on the all-time count (frequency), both kept >= 0 (their
+# directions), beside the gate's, on the serving shop's own log (tune_ranking_on_cuts).
 RECENCY_STEPS = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
-IS_LAST = SLOT_FEATURES.index("is_last")
+FREQUENCY_STEPS = (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
+IS_LAST, LOG_COUNT = SLOT_FEATURES.index("is_last"), SLOT_FEATURES.index("log_count")
+NO_MOVE = (0.0, 0.0, 0.0)
 
 
 @torch.no_grad()
-def move_ranking(model: ProfileModel, recency: float, shift: float) -> None:
-    """Add `recency` to the repeat score's weight on the latest category (not below 0) and `shift` to the gate's
-    bias, in place."""
+def move_ranking(model: ProfileModel, recency: float, frequency: float, shift: float) -> None:
+    """Add `recency` to the repeat score's weight on the latest category and `frequency` to its weight on the
+    all-time count (neither below 0), and `shift` to the gate's bias, in place."""
     heads = model.fields
     weight = heads.repeat_score.weight
     weight[0, IS_LAST] = (weight[0, IS_LAST] + recency).clamp(min=0)
+    weight[0, LOG_COUNT] = (weight[0, LOG_COUNT] + frequency).clamp(min=0)
     heads.gate.bias += shift
 
 
 @torch.no_grad()
-def tune_ranking_on_cuts(model: ProfileModel, parts: list[CutExamples]) -> dict:
+def tune_ranking_on_cuts(model: ProfileModel, parts: list[CutExamples], gen: torch.Generator,
+                         max_examples: int = 24_000) -> dict:
     """top_categories' ranking moved for the shop of `parts` (each cut's examples, ascending), in place: the move
-    (RECENCY_STEPS x GATE_SHIFTS) with the best precision@3 on the cuts before the latest one that saw the whole
-    week, kept only if it beats no move there by RANKING_MARGIN and on that latest cut too (ties: the smaller
-    move). Returns the move, the latest category's weight and the precisions; `kept` says whether it changed."""
+    (RECENCY_STEPS x FREQUENCY_STEPS x GATE_SHIFTS) with the best precision@3 on the cuts before the latest one that
+    saw the whole week (a sample of at most max_examples), kept only if it beats no move there by RANKING_MARGIN and
+    on that latest cut too (ties: the smaller move). Returns the move, the two weights and the precisions; `kept`
+    says whether it changed."""
     full = [i for i, part in enumerate(parts) if part.saw_horizon("purchase")]  # 7 days: the categories' window too
     if not full or full[-1] == 0:
         return {"kept": False, "reason": f"the log is too short to test a ranking on later time: it needs a cut with "
                                          f"{CATEGORY_HORIZON_HOURS / 24:g} days of events after it, and one before that"}
     latest = full[-1]
-    earlier, test = CutExamples.concat(parts[:latest]), parts[latest]
+    earlier, test = _sample(CutExamples.concat(parts[:latest]), max_examples, gen), parts[latest]
     heads = model.fields
     weight, bias = heads.repeat_score.weight.clone(), heads.gate.bias.clone()
 
-    def precision(ex: CutExamples, recency: float, shift: float) -> float:
-        move_ranking(model, recency, shift)
+    def precision(ex: CutExamples, move: tuple[float, float, float]) -> float:
+        move_ranking(model, *move)
         p = ranking_precision(model, ex)
         heads.repeat_score.weight.copy_(weight)
         heads.gate.bias.copy_(bias)
         return p
 
-    moves = [(r, s) for r in RECENCY_STEPS for s in GATE_SHIFTS]
-    chosen_on = {move: precision(earlier, *move) for move in moves}
-    if np.isnan(chosen_on[(0.0, 0.0)]) or np.isnan(precision(test, 0.0, 0.0)):
+    moves = [(r, f, s) for r in RECENCY_STEPS for f in FREQUENCY_STEPS for s in GATE_SHIFTS]
+    chosen_on = {move: precision(earlier, move) for move in moves}
+    if np.isnan(chosen_on[NO_MOVE]) or np.isnan(precision(test, NO_MOVE)):
         return {"kept": False, "reason": "no profile before the cuts was followed by a category"}
     # The smallest move within half the margin of the best: a bigger one must earn its place on the earlier cuts too.
     top = max(chosen_on.values())
     best = min((m for m in moves if chosen_on[m] >= top - RANKING_MARGIN / 2),
-               key=lambda m: (abs(m[0]) + abs(m[1]), -chosen_on[m]))
-    report = {"recency": best[0], "gate_shift": best[1], "latest_weight_before": round(float(weight[0, IS_LAST]), 4),
-              "earlier": {"precision_current": round(chosen_on[(0.0, 0.0)], 4),
+               key=lambda m: (sum(map(abs, m)), -chosen_on[m]))
+    report = {"recency": best[0], "frequency": best[1], "gate_shift": best[2],
+              "latest_weight_before": round(float(weight[0, IS_LAST]), 4),
+              "count_weight_before": round(float(weight[0, LOG_COUNT]), 4),
+              "earlier": {"precision_current": round(chosen_on[NO_MOVE], 4),
                           "precision_moved": round(chosen_on[best], 4)},
-              "test": {"cut": latest, "precision_current": round(precision(test, 0.0, 0.0), 4),
-                       "precision_moved": round(precision(test, *best), 4)}}
-    if best == (0.0, 0.0) or chosen_on[best] < chosen_on[(0.0, 0.0)] + RANKING_MARGIN:
+              "test": {"cut": latest, "precision_current": round(precision(test, NO_MOVE), 4),
+                       "precision_moved": round(precision(test, best), 4)}}
+    if best == NO_MOVE or chosen_on[best] < chosen_on[NO_MOVE] + RANKING_MARGIN:
         return {**report, "kept": False, "reason": "no move ranked the earlier cuts better"}
     if report["test"]["precision_moved"] < report["test"]["precision_current"] + RANKING_MARGIN:
         return {**report, "kept": False, "reason": "the move chosen on the earlier cuts did not rank the latest cut "
                                                    "that saw the whole week better"}
     move_ranking(model, *best)
-    return {**report, "kept": True, "latest_weight_after": round(float(heads.repeat_score.weight[0, IS_LAST]), 4)}
+    return {**report, "kept": True, "latest_weight_after": round(float(heads.repeat_score.weight[0, IS_LAST]), 4),
+            "count_weight_after": round(float(heads.repeat_score.weight[0, LOG_COUNT]), 4)}
 
 
 # How much a long silence says is the serving shop's too: where users stop without warning (the independent btyd
@@ -746,7 +756,7 @@ def recalibrate(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cut
     silence = tune_silence_on_cuts(loaded.model, parts)  # first: the churn map is fitted again with it
     report = calibrate_on_cuts(loaded.model, parts, torch.Generator().manual_seed(seed), max_examples)
     report["silence"] = silence
-    report["ranking"] = tune_ranking_on_cuts(loaded.model, parts)
+    report["ranking"] = tune_ranking_on_cuts(loaded.model, parts, torch.Generator().manual_seed(seed), max_examples)
     for name in ("purchase", "event", "silence", "ranking"):  # the test cut's time, for the report (collect skips empty cuts)
         test = report[name].get("test")
         if test is not None:

@@ -849,29 +849,33 @@ def test_the_gate_stays_where_no_move_ranks_better():
 
 
 def recency_examples(n: int, gen: torch.Generator, future: str) -> CutExamples:
-    """A cut of users with 4 categories of their own, counted 40%, 30%, 20% and 10% of their events; the least
-    counted is the one they engaged with last. Next week they engage with their latest and their two most
-    counted ("moves on": a shop where interests move), or with their three most counted ("staples")."""
+    """A cut of users with 4 categories of their own, with shares 40%, 30%, 20% and 10%; the smallest is the one
+    they engaged with last, the two smallest are the ones they came to most often all along (log_count). Next week
+    they engage with their latest and their two largest ("moves on": a shop where interests move), with their three
+    largest ("staples"), or with the two they came to most often and their largest ("favourites")."""
     ex = examples(torch.rand(n, len(USER_FEATURES), generator=gen), torch.zeros(n), torch.zeros(n, 8))
+    future_slots = {"moves on": [3, 0, 1], "staples": [0, 1, 2], "favourites": [2, 3, 0]}[future]
     ex = dataclasses.replace(ex, purchase_hours=torch.full((n,), PURCHASE_HORIZON_HOURS),
-                             target_slot=torch.tensor([3, 0, 1] if future == "moves on" else [0, 1, 2]).repeat(n, 1),
+                             target_slot=torch.tensor(future_slots).repeat(n, 1),
                              target_explore=torch.full((n, 3), -5.0), target_weight=torch.full((n, 3), 1 / 3))
     ex.slot_valid[:, :4] = True
     ex.slot[:, :4, SLOT_FEATURES.index("share")] = torch.tensor([0.4, 0.3, 0.2, 0.1])
     ex.slot[:, 3, SLOT_FEATURES.index("is_last")] = 1.0
+    ex.slot[:, 2:4, SLOT_FEATURES.index("log_count")] = 2.0
     return ex
 
 
-@pytest.mark.parametrize("shop", ["moves on", "staples", "changed its habits"])
+@pytest.mark.parametrize("shop", ["moves on", "favourites", "staples", "changed its habits"])
 def test_calibrating_for_a_shop_weighs_the_latest_category_as_its_later_time_says(shop):
-    """`profiles calibrate` tries moves of the latest category's weight on the shop's own cuts. Where users move on
-    to new interests, the move the earlier cuts choose also names the latest cut's future better: kept. Where they
-    keep their staples, no move ranks better: the weights stay bit for bit. Where the earlier cuts moved on and the
-    latest keeps its staples, the test on the latest cut refuses the move."""
-    from models.field_training import IS_LAST, tune_ranking_on_cuts
+    """`profiles calibrate` tries moves of the latest category's and the all-time count's weights on the shop's own
+    cuts. Where users move on to new interests, or come back to favourites, the move the earlier cuts choose (the
+    latest category's weight, the count's) also names the latest cut's future better: kept. Where they keep their
+    staples, no move ranks better: the weights stay bit for bit. Where the earlier cuts moved on and the latest
+    keeps its staples, the test on the latest cut refuses the move."""
+    from models.field_training import IS_LAST, LOG_COUNT, tune_ranking_on_cuts
 
     gen = torch.Generator().manual_seed(11)
-    futures = {"moves on": ["moves on"] * 4, "staples": ["staples"] * 4,
+    futures = {"moves on": ["moves on"] * 4, "favourites": ["favourites"] * 4, "staples": ["staples"] * 4,
                "changed its habits": ["moves on"] * 3 + ["staples"]}[shop]
     parts = [dataclasses.replace(recency_examples(300, gen, future), cut=torch.full((300,), k))
              for k, future in enumerate(futures)]
@@ -882,15 +886,19 @@ def test_calibrating_for_a_shop_weighs_the_latest_category_as_its_later_time_say
         model.fields.repeat_score.weight[0, SLOT_FEATURES.index("share")] = 3.0
         model.fields.gate.bias.fill_(30.0)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    report = tune_ranking_on_cuts(model, parts)
+    report = tune_ranking_on_cuts(model, parts, torch.Generator().manual_seed(0))
     assert report["test"]["cut"] == 3
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, weights[k])}
-    if shop == "moves on":
-        assert report["kept"] is True and report["recency"] > 0
+    if shop in ("moves on", "favourites"):
+        assert report["kept"] is True and report["gate_shift"] == 0
+        moved, still = ("recency", "frequency") if shop == "moves on" else ("frequency", "recency")
+        assert report[moved] > 0 and report[still] == 0
         assert report["test"]["precision_current"] == pytest.approx(2 / 3, abs=1e-4)
         assert report["test"]["precision_moved"] == pytest.approx(1.0)
         assert changed == {"fields.repeat_score.weight"}
-        assert float(model.fields.repeat_score.weight.detach()[0, IS_LAST]) == pytest.approx(report["recency"])
+        weights = model.fields.repeat_score.weight.detach()[0]
+        assert float(weights[IS_LAST]) == pytest.approx(report["recency"])
+        assert float(weights[LOG_COUNT]) == pytest.approx(report["frequency"])
         assert ranking_precision(model, parts[3]) == pytest.approx(1.0)
     else:
         assert report["kept"] is False and not changed
