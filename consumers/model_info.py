@@ -62,9 +62,12 @@ def calibration_moves(calibration: dict) -> list[str]:
     report = calibration.get("report") or {}
     moves = [f"{name}'s map" for name, head in (("purchase_propensity", "purchase"), ("churn_risk", "event"))
              if report.get(head, {}).get("kept")]
-    silence, ranking = report.get("silence", {}), report.get("ranking", {})
+    silence, carts, ranking = report.get("silence", {}), report.get("carts", {}), report.get("ranking", {})
     if silence.get("kept"):
-        moves.append(f"the fall after a long silence ** -{silence['power_before']:g} -> ** -{silence['power']:g}")
+        moves.append(f"the fall after a long silence ** -{silence['power_before']:g} -> ** -{silence['move']:g}")
+    if carts.get("kept"):
+        moves.append(f"purchase_propensity's weight on carts pending {carts['weight_before']:g} -> "
+                     f"{carts['weight_after']:g}")
     if ranking.get("kept"):
         if ranking["recency"]:
             moves.append(f"the latest category's weight {ranking['latest_weight_before']:g} -> "

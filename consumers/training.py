@@ -176,7 +176,7 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
     events = events_until(event_files, until)
     report = recalibrate(loaded, events, device, seed=seed)
     click.echo(f"profiles at {report['cuts']} cuts, {report['examples']:,} of them judged on what followed:", err=True)
-    _say_silence(report["silence"])
+    _say_hazard_moves(report)
     for name, head in PROBABILITY_HEADS:
         fit = report[head]
         test = fit.get("test") or {}
@@ -196,7 +196,7 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
             click.echo(f"    tested first on the profiles of {iso_time(test['cut_ms'], 'minutes')}, fitted on the "
                        f"earlier ones: log loss {test['loss_current']:.4f} -> {test['loss_recalibrated']:.4f}", err=True)
     _say_ranking(report["ranking"])
-    fits = [report[name] for name in ("purchase", "event", "silence", "ranking")]
+    fits = [report[name] for name in ("purchase", "event", "silence", "carts", "ranking")]
     if not any("test" in fit for fit in fits):  # nothing could be tested on this log: a mistake, say so
         raise click.ClickException(f"nothing could be calibrated on this log: nothing written to {out}")
     base = loaded.state_version
@@ -215,45 +215,43 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
                "same changelog)", err=True)
 
 
-def _say_silence(silence: dict) -> None:
-    """`profiles calibrate`'s line on churn_risk's fall after a long silence (tune_silence_on_cuts' report)."""
-    test = silence.get("test")
-    if not silence["kept"]:
-        moved = (f", {test['roc_auc_moved']:.4f} with the earlier cuts' best power ({silence['power']:g})"
-                 if test and silence["power"] != silence["power_before"] else "")
-        found = (f"; on the profiles of {iso_time(test['cut_ms'], 'minutes')}: ROC AUC {test['roc_auc_current']:.4f} "
-                 f"as it was{moved}" if test else "")
-        click.echo(f"  churn_risk after a long silence: left as it was ({silence['reason']}{found})", err=True)
+def _say_move(what: str, metric: str, fit: dict, moved: str, note: str = "") -> None:
+    """`profiles calibrate`'s line on one of its moves (field_training.tune_*_on_cuts' report): what moved, and the
+    metric before and after on the earlier profiles and on the latest that saw the whole horizon."""
+    test = fit.get("test")
+    if not fit["kept"]:
+        tried = (f", {test['moved']:.4f} with the earlier cuts' best move" if test and fit["earlier"]["moved"]
+                 != fit["earlier"]["current"] else "")
+        found = (f"; on the profiles of {iso_time(test['cut_ms'], 'minutes')}: {metric} {test['current']:.4f} as it "
+                 f"was{tried}" if test else "")
+        click.echo(f"  {what}: left as it was ({fit['reason']}{found})", err=True)
         return
-    click.echo(f"  churn_risk after a long silence: the return hazard falls as (1 + idle / 28 days) ** "
-               f"-{silence['power']:g} (was -{silence['power_before']:g}): ROC AUC "
-               f"{silence['earlier']['roc_auc_current']:.4f} -> {silence['earlier']['roc_auc_moved']:.4f} on the "
-               f"earlier profiles; tested on those of {iso_time(test['cut_ms'], 'minutes')}: "
-               f"{test['roc_auc_current']:.4f} -> {test['roc_auc_moved']:.4f}: moved (the churn_risk map below is fitted with it)",
-               err=True)
+    click.echo(f"  {what}: {moved}: {metric} {fit['earlier']['current']:.4f} -> {fit['earlier']['moved']:.4f} on the "
+               f"earlier profiles; tested on those of {iso_time(test['cut_ms'], 'minutes')}: {test['current']:.4f} -> "
+               f"{test['moved']:.4f}: moved{note}", err=True)
+
+
+def _say_hazard_moves(report: dict) -> None:
+    """The moves of the two probabilities' hazards, made before their maps are fitted again."""
+    silence, carts = report["silence"], report["carts"]
+    _say_move("churn_risk after a long silence", "ROC AUC", silence,
+              f"the return hazard falls as (1 + idle / 28 days) ** -{silence.get('move', 0):g} "
+              f"(was -{silence['power_before']:g})", " (the churn_risk map below is fitted with it)")
+    _say_move("purchase_propensity and carts pending", "ROC AUC", carts,
+              f"the weight of carts pending {carts['weight_before']:g} -> {carts.get('weight_after', 0):g}",
+              " (the purchase_propensity map below is fitted with it)")
 
 
 def _say_ranking(ranking: dict) -> None:
     """`profiles calibrate`'s line on top_categories (field_training.tune_ranking_on_cuts' report)."""
-    test = ranking.get("test")
-    if not ranking["kept"]:
-        moved = (f", {test['precision_moved']:.3f} with the earlier cuts' best move"
-                 if test and (ranking["recency"] or ranking["frequency"] or ranking["gate_shift"]) else "")
-        found = (f"; on the profiles of {iso_time(test['cut_ms'], 'minutes')}: precision@3 "
-                 f"{test['precision_current']:.3f} as it was{moved}" if test else "")
-        click.echo(f"  top_categories: left as it was ({ranking['reason']}{found})", err=True)
-        return
     moves = []
     if ranking["recency"]:
         moves.append(f"the latest category's weight {ranking['latest_weight_before']:g} -> "
-                     f"{ranking['latest_weight_after']:g}")
+                     f"{ranking.get('latest_weight_after', 0):g}")
     if ranking["frequency"]:
         moves.append(f"the all-time count's weight {ranking['count_weight_before']:g} -> "
-                     f"{ranking['count_weight_after']:g}")
+                     f"{ranking.get('count_weight_after', 0):g}")
     if ranking["gate_shift"]:
         side = "the user's own categories" if ranking["gate_shift"] > 0 else "the sequence model's"
         moves.append(f"the gate {ranking['gate_shift']:+g} (toward {side})")
-    click.echo(f"  top_categories: {', '.join(moves)}: precision@3 {ranking['earlier']['precision_current']:.3f} -> "
-               f"{ranking['earlier']['precision_moved']:.3f} on the earlier profiles; tested on those of "
-               f"{iso_time(test['cut_ms'], 'minutes')}: {test['precision_current']:.3f} -> "
-               f"{test['precision_moved']:.3f}: moved", err=True)
+    _say_move("top_categories", "precision@3", ranking, ", ".join(moves))

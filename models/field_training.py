@@ -32,7 +32,7 @@ from models.next_event_evaluation import roc_auc
 from models.profile_model import ProfileModel
 from stream.events import PURCHASE
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS, TOP_CATEGORIES
-from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES
+from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES, USER_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -529,6 +529,40 @@ def shift_gate_for_ranking(model: ProfileModel, val: CutExamples) -> dict:
     return {"shift": shift, "precision_at_3": {str(s): round(p, 4) for s, p in precision.items()}}
 
 
+def _choose_on_later_time(parts: list[CutExamples], head: str, moves: list, current, score, size, margin: float,
+                          nothing: str, gen: torch.Generator | None = None, max_examples: int = 24_000) -> dict:
+    """What the tune_*_on_cuts functions share. The move with the best `score(examples, move)` on the cuts before the
+    latest one that saw the whole horizon of `head` ("purchase": 7 days, the categories' window too; "event": 14
+    days), pooled (sampled to max_examples with `gen`), the smallest `size(move)` within half the margin of the best;
+    kept only if it beats `current` by `margin` there and on that latest cut. Moves nothing itself. Returns "move",
+    "kept", the scores before and after on the earlier cuts and on the latest ("test"), and "reason" where not
+    kept; `nothing` is the reason where the scores are nan (one outcome for everyone)."""
+    full = [i for i, part in enumerate(parts) if part.saw_horizon(head)]
+    if not full or full[-1] == 0:
+        days = (PURCHASE_HORIZON_HOURS if head == "purchase" else CHURN_HORIZON_HOURS) / 24
+        return {"kept": False, "reason": f"the log is too short to test it on later time: it needs a cut with "
+                                         f"{days:g} days of events after it, and one before that"}
+    latest = full[-1]
+    earlier, test = CutExamples.concat(parts[:latest]), parts[latest]
+    if gen is not None:
+        earlier = _sample(earlier, max_examples, gen)
+    chosen_on = {move: score(earlier, move) for move in moves}
+    now = score(test, current)
+    if np.isnan(chosen_on[current]) or np.isnan(now):
+        return {"kept": False, "reason": nothing}
+    # The smallest move within half the margin of the best: a bigger one must earn its place on the earlier cuts too.
+    top = max(chosen_on.values())
+    best = min((m for m in moves if chosen_on[m] >= top - margin / 2), key=lambda m: (size(m), -chosen_on[m]))
+    report = {"move": best, "earlier": {"current": round(chosen_on[current], 4), "moved": round(chosen_on[best], 4)},
+              "test": {"cut": latest, "current": round(now, 4), "moved": round(score(test, best), 4)}}
+    if best == current or chosen_on[best] < chosen_on[current] + margin:
+        return {**report, "kept": False, "reason": "no move did better on the earlier cuts"}
+    if report["test"]["moved"] < report["test"]["current"] + margin:
+        return {**report, "kept": False, "reason": "the move chosen on the earlier cuts did not do better on the "
+                                                   "latest cut that saw the whole horizon"}
+    return {**report, "kept": True}
+
+
 # What one fit cannot say, a shop's own log can: where users' interests move on, the category a user engaged with
 # last is the best guess for the week ahead (the independent drift world: precision@3 0.53 for the most recent
 # categories, 0.39 for all-time counts), where users keep their staples it is not (grocery: all-time counts win),
@@ -559,16 +593,8 @@ def move_ranking(model: ProfileModel, recency: float, frequency: float, shift: f
 def tune_ranking_on_cuts(model: ProfileModel, parts: list[CutExamples], gen: torch.Generator,
                          max_examples: int = 24_000) -> dict:
     """top_categories' ranking moved for the shop of `parts` (each cut's examples, ascending), in place: the move
-    (RECENCY_STEPS x FREQUENCY_STEPS x GATE_SHIFTS) with the best precision@3 on the cuts before the latest one that
-    saw the whole week (a sample of at most max_examples), kept only if it beats no move there by RANKING_MARGIN and
-    on that latest cut too (ties: the smaller move). Returns the move, the two weights and the precisions; `kept`
-    says whether it changed."""
-    full = [i for i, part in enumerate(parts) if part.saw_horizon("purchase")]  # 7 days: the categories' window too
-    if not full or full[-1] == 0:
-        return {"kept": False, "reason": f"the log is too short to test a ranking on later time: it needs a cut with "
-                                         f"{CATEGORY_HORIZON_HOURS / 24:g} days of events after it, and one before that"}
-    latest = full[-1]
-    earlier, test = _sample(CutExamples.concat(parts[:latest]), max_examples, gen), parts[latest]
+    of RECENCY_STEPS x FREQUENCY_STEPS x GATE_SHIFTS with the best precision@3 (_choose_on_later_time, margin
+    RANKING_MARGIN). Returns its report with the move's parts and the two weights before (and after)."""
     heads = model.fields
     weight, bias = heads.repeat_score.weight.clone(), heads.gate.bias.clone()
 
@@ -580,78 +606,83 @@ def tune_ranking_on_cuts(model: ProfileModel, parts: list[CutExamples], gen: tor
         return p
 
     moves = [(r, f, s) for r in RECENCY_STEPS for f in FREQUENCY_STEPS for s in GATE_SHIFTS]
-    chosen_on = {move: precision(earlier, move) for move in moves}
-    if np.isnan(chosen_on[NO_MOVE]) or np.isnan(precision(test, NO_MOVE)):
-        return {"kept": False, "reason": "no profile before the cuts was followed by a category"}
-    # The smallest move within half the margin of the best: a bigger one must earn its place on the earlier cuts too.
-    top = max(chosen_on.values())
-    best = min((m for m in moves if chosen_on[m] >= top - RANKING_MARGIN / 2),
-               key=lambda m: (sum(map(abs, m)), -chosen_on[m]))
-    report = {"recency": best[0], "frequency": best[1], "gate_shift": best[2],
-              "latest_weight_before": round(float(weight[0, IS_LAST]), 4),
-              "count_weight_before": round(float(weight[0, LOG_COUNT]), 4),
-              "earlier": {"precision_current": round(chosen_on[NO_MOVE], 4),
-                          "precision_moved": round(chosen_on[best], 4)},
-              "test": {"cut": latest, "precision_current": round(precision(test, NO_MOVE), 4),
-                       "precision_moved": round(precision(test, best), 4)}}
-    if best == NO_MOVE or chosen_on[best] < chosen_on[NO_MOVE] + RANKING_MARGIN:
-        return {**report, "kept": False, "reason": "no move ranked the earlier cuts better"}
-    if report["test"]["precision_moved"] < report["test"]["precision_current"] + RANKING_MARGIN:
-        return {**report, "kept": False, "reason": "the move chosen on the earlier cuts did not rank the latest cut "
-                                                   "that saw the whole week better"}
-    move_ranking(model, *best)
-    return {**report, "kept": True, "latest_weight_after": round(float(heads.repeat_score.weight[0, IS_LAST]), 4),
-            "count_weight_after": round(float(heads.repeat_score.weight[0, LOG_COUNT]), 4)}
+    report = _choose_on_later_time(parts, "purchase", moves, NO_MOVE, precision, lambda m: sum(map(abs, m)),
+                                   RANKING_MARGIN, "no profile before the cuts was followed by a category", gen,
+                                   max_examples)
+    report.update(dict(zip(("recency", "frequency", "gate_shift"), report.get("move", NO_MOVE))),
+                  latest_weight_before=round(float(weight[0, IS_LAST]), 4),
+                  count_weight_before=round(float(weight[0, LOG_COUNT]), 4))
+    if report["kept"]:
+        move_ranking(model, *report["move"])
+        report.update(latest_weight_after=round(float(heads.repeat_score.weight[0, IS_LAST]), 4),
+                      count_weight_after=round(float(heads.repeat_score.weight[0, LOG_COUNT]), 4))
+    return report
 
 
 # How much a long silence says is the serving shop's too: where users stop without warning (the independent btyd
 # world) or buy rarely (the marketplace), weeks of silence say more than shop 0's fit gives them, and churn_risk
-# ranked 0.010 and 0.013 below days idle there with shop 0's power of 1 (SILENCE_POWER). So `profiles calibrate`
-# also tries these powers of the fall after a long silence on the serving shop's own log (tune_silence_on_cuts),
-# before the calibration maps are fitted again with it (docs/model-journal.md, session 42).
+# ranked 0.010 and 0.013 below days idle there with shop 0's power of 1 (SILENCE_POWER). And carts not bought: in
+# the marketplace users with carts pending buy at twice shop 0's rate (docs/model-journal.md, session 41), where
+# purchase_propensity was level with "carts not bought". So `profiles calibrate` also tries powers of the fall
+# after a long silence and moves of the purchase head's weight on carts pending on the serving shop's own log
+# (tune_silence_on_cuts, tune_carts_on_cuts), by ROC AUC, before the calibration maps are fitted again with them.
 SILENCE_POWERS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
+CART_STEPS = (-0.5, -0.25, 0.0, 0.25, 0.5, 1.0)  # on the standardised statistic's weight
+CARTS_PENDING = USER_FEATURES.index("log_carts_pending")
 AUC_MARGIN = 0.002
+
+
+def _head_auc(model: ProfileModel, ex: CutExamples, name: str) -> float:
+    """ROC AUC of one probability head ("purchase" or "event") on `ex`, each example on its observed window."""
+    heads = model.fields
+    label, hours = ex.outcome(name)
+    log_l = getattr(heads, name).log_hazard(heads.standardise(ex.user), ex.state, hours, ex.idle_steps,
+                                            idle_minutes(ex.user))
+    return roc_auc(log_l.cpu().numpy(), label.cpu().numpy())
 
 
 @torch.no_grad()
 def tune_silence_on_cuts(model: ProfileModel, parts: list[CutExamples]) -> dict:
-    """churn_risk's fall after a long silence set for the shop of `parts` (each cut's examples, ascending), in
-    place: the power of SILENCE_POWERS that ranks the earlier cuts' users best by whether they came back within the
-    horizon (ROC AUC; the smallest move within half of AUC_MARGIN of the best), kept only if it beats the current
-    power by AUC_MARGIN there and on the latest cut that saw the whole horizon. Returns the powers and AUCs."""
-    full = [i for i, part in enumerate(parts) if part.saw_horizon("event")]
-    if not full or full[-1] == 0:
-        return {"kept": False, "reason": f"the log is too short to test it on later time: it needs a cut with "
-                                         f"{CHURN_HORIZON_HOURS / 24:g} days of events after it, and one before that"}
-    latest = full[-1]
-    earlier, test = CutExamples.concat(parts[:latest]), parts[latest]
-    heads = model.fields
-    current = float(heads.event.silence_power)
+    """churn_risk's fall after a long silence set for the shop of `parts`, in place: the power of SILENCE_POWERS
+    that ranks the users best by whether they came back within the horizon (_choose_on_later_time, AUC_MARGIN)."""
+    head = model.fields.event
+    current = float(head.silence_power)
 
     def auc(ex: CutExamples, power: float) -> float:
-        heads.event.silence_power.fill_(power)
-        log_l = heads.event.log_hazard(heads.standardise(ex.user), ex.state, ex.event_hours, ex.idle_steps,
-                                       idle_minutes(ex.user))
-        heads.event.silence_power.fill_(current)
-        return roc_auc(log_l.cpu().numpy(), ex.event.cpu().numpy())
+        head.silence_power.fill_(power)
+        value = _head_auc(model, ex, "event")
+        head.silence_power.fill_(current)
+        return value
 
-    powers = sorted({current, *SILENCE_POWERS})
-    chosen_on = {p: auc(earlier, p) for p in powers}
-    if np.isnan(chosen_on[current]) or np.isnan(auc(test, current)):
-        return {"kept": False, "reason": "every user came back, or none did: nothing to rank"}
-    top = max(chosen_on.values())
-    best = min((p for p in powers if chosen_on[p] >= top - AUC_MARGIN / 2), key=lambda p: (abs(p - current), -p))
-    report = {"power_before": current, "power": best,
-              "earlier": {"roc_auc_current": round(chosen_on[current], 4), "roc_auc_moved": round(chosen_on[best], 4)},
-              "test": {"cut": latest, "roc_auc_current": round(auc(test, current), 4),
-                       "roc_auc_moved": round(auc(test, best), 4)}}
-    if best == current or chosen_on[best] < chosen_on[current] + AUC_MARGIN:
-        return {**report, "kept": False, "reason": "no other power ranked the earlier cuts better"}
-    if report["test"]["roc_auc_moved"] < report["test"]["roc_auc_current"] + AUC_MARGIN:
-        return {**report, "kept": False, "reason": "the power chosen on the earlier cuts did not rank the latest cut "
-                                                   "that saw the whole horizon better"}
-    heads.event.silence_power.fill_(best)
-    return {**report, "kept": True}
+    report = _choose_on_later_time(parts, "event", sorted({current, *SILENCE_POWERS}), current, auc,
+                                   lambda p: abs(p - current), AUC_MARGIN,
+                                   "every user came back within the horizon, or none did: nothing to rank")
+    report["power_before"] = current
+    if report["kept"]:
+        head.silence_power.fill_(report["move"])
+    return report
+
+
+@torch.no_grad()
+def tune_carts_on_cuts(model: ProfileModel, parts: list[CutExamples]) -> dict:
+    """purchase_propensity's weight on carts pending moved for the shop of `parts`, in place: the step of CART_STEPS
+    that ranks the users best by whether they bought within the horizon (_choose_on_later_time, AUC_MARGIN)."""
+    weight = model.fields.purchase.linear.weight
+    before = float(weight[0, CARTS_PENDING])
+
+    def auc(ex: CutExamples, step: float) -> float:
+        weight[0, CARTS_PENDING] = before + step
+        value = _head_auc(model, ex, "purchase")
+        weight[0, CARTS_PENDING] = before
+        return value
+
+    report = _choose_on_later_time(parts, "purchase", list(CART_STEPS), 0.0, auc, abs, AUC_MARGIN,
+                                   "nobody bought within the horizon, or everybody did: nothing to rank")
+    report["weight_before"] = round(before, 4)
+    if report["kept"]:
+        weight[0, CARTS_PENDING] = before + report["move"]
+        report["weight_after"] = round(float(weight[0, CARTS_PENDING]), 4)
+    return report
 
 
 CALIBRATION_SLOPES = (0.2, 5.0)  # the calibration map's slopes, d g(log L) / d log L, stay between these
@@ -692,34 +723,19 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200,
             raw = head.log_hazard(x[ok], val.state[ok], hours[ok], val.idle_steps[ok], idle[ok]).cpu()
             knots = torch.quantile(raw, torch.linspace(0.02, 0.98, k)).cummax(0).values
             knots = knots + torch.arange(k) * 1e-3  # strictly ascending, even where the scores tie
-        # values = knot 0's value, then slopes between CALIBRATION_SLOPES: monotone by construction, and never so
-        # flat that users tie nor so steep that the end segments, extended past the held-out range, send a
-        # whole shop's probabilities to 0 (a fit with a free slope of 2,660 below its first knot did that to
-        # every purchase_propensity on a real slice: docs/model-journal.md, session 29). Starts as the identity.
-        low, high = CALIBRATION_SLOPES
-        first = knots[0].clone().requires_grad_(True)
-        slopes = torch.full((k - 1,), float(np.log((1 - low) / (high - 1))), requires_grad=True)  # slope 1
-        opt = torch.optim.LBFGS([first, slopes], lr=0.5, max_iter=steps)
-
-        def values() -> torch.Tensor:
-            steps_up = (low + (high - low) * torch.sigmoid(slopes)) * knots.diff()
-            return torch.cat([first.view(1), first + torch.cumsum(steps_up, 0)])
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = HazardHead.nll(piecewise_linear(raw, knots, values()), y)
-            loss.backward()
-            return loss
-
         with torch.no_grad():
             before = float(HazardHead.nll(served, y))
-        opt.step(closure)
+        # L-BFGS without a line search can overshoot into a worse (even overflowing) fit: tried again with one where
+        # it does (in the grocery world, once carts pending weighed more, the first fit diverged: session 42).
+        for line_search in (None, "strong_wolfe"):
+            fitted = _fit_map(raw, y, knots, steps, line_search)
+            with torch.no_grad():
+                calibrated = piecewise_linear(raw, knots, fitted)
+                after = float(HazardHead.nll(calibrated, y))
+            if bool(torch.isfinite(fitted).all()) and after < before:
+                break
         with torch.no_grad():
-            fitted = values()
-            calibrated = piecewise_linear(raw, knots, fitted)
-            after = float(HazardHead.nll(calibrated, y))
-            # L-BFGS can overshoot into a worse (even overflowing) fit: keep it only if it helps held-out time.
-            kept = bool(torch.isfinite(fitted).all()) and after < before
+            kept = bool(torch.isfinite(fitted).all()) and after < before  # only if it helps held-out time
             head.calibration.copy_(torch.stack([knots, fitted]).to(head.calibration.device) if kept else current)
             report[name] = {"examples": int(ok.sum()), "observed_rate": round(float(y.mean()), 4),
                             "mean_probability_before": round(float(HazardHead.probability(served).mean()), 4),
@@ -728,6 +744,33 @@ def calibrate(model: ProfileModel, val: CutExamples, steps: int = 200,
                             "loss_before": round(before, 5), "loss_after": round(after if kept else before, 5),
                             "kept": kept}
     return report
+
+
+def _fit_map(raw: torch.Tensor, y: torch.Tensor, knots: torch.Tensor, steps: int, line_search: str | None
+             ) -> torch.Tensor:
+    """The values at `knots` of the calibration map that fits labels y from raw log L (calibrate)."""
+    # values = knot 0's value, then slopes between CALIBRATION_SLOPES: monotone by construction, and never so
+    # flat that users tie nor so steep that the end segments, extended past the held-out range, send a
+    # whole shop's probabilities to 0 (a fit with a free slope of 2,660 below its first knot did that to
+    # every purchase_propensity on a real slice: docs/model-journal.md, session 29). Starts as the identity.
+    low, high = CALIBRATION_SLOPES
+    first = knots[0].clone().requires_grad_(True)
+    slopes = torch.full((len(knots) - 1,), float(np.log((1 - low) / (high - 1))), requires_grad=True)  # slope 1
+    opt = torch.optim.LBFGS([first, slopes], lr=0.5, max_iter=steps, line_search_fn=line_search)
+
+    def values() -> torch.Tensor:
+        steps_up = (low + (high - low) * torch.sigmoid(slopes)) * knots.diff()
+        return torch.cat([first.view(1), first + torch.cumsum(steps_up, 0)])
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = HazardHead.nll(piecewise_linear(raw, knots, values()), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return values()
 
 
 def recalibrate(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cuts: int = 10, seed: int = 0,
@@ -753,11 +796,11 @@ def recalibrate(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cut
     parts = collect(loaded, log_, cuts, device, short_share=0.0)
     if not parts:
         raise ValueError("no users in the log to calibrate on")
-    silence = tune_silence_on_cuts(loaded.model, parts)  # first: the churn map is fitted again with it
-    report = calibrate_on_cuts(loaded.model, parts, torch.Generator().manual_seed(seed), max_examples)
-    report["silence"] = silence
-    report["ranking"] = tune_ranking_on_cuts(loaded.model, parts, torch.Generator().manual_seed(seed), max_examples)
-    for name in ("purchase", "event", "silence", "ranking"):  # the test cut's time, for the report (collect skips empty cuts)
+    # The moves of the hazards first: the maps are fitted again with them.
+    moves = {"silence": tune_silence_on_cuts(loaded.model, parts), "carts": tune_carts_on_cuts(loaded.model, parts)}
+    report = {**calibrate_on_cuts(loaded.model, parts, torch.Generator().manual_seed(seed), max_examples), **moves,
+              "ranking": tune_ranking_on_cuts(loaded.model, parts, torch.Generator().manual_seed(seed), max_examples)}
+    for name in ("purchase", "event", "silence", "carts", "ranking"):  # the test cut's time, for the report (collect skips empty cuts)
         test = report[name].get("test")
         if test is not None:
             test["cut_ms"] = int(sorted(cuts)[int(parts[test["cut"]].cut[0])])
