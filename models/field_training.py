@@ -775,10 +775,10 @@ def _fit_map(raw: torch.Tensor, y: torch.Tensor, knots: torch.Tensor, steps: int
 
 def recalibrate(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cuts: int = 10, seed: int = 0,
                 max_examples: int = 24_000) -> dict:
-    """Calibrate a trained model's two probabilities again on another shop's log, in place, and move churn_risk's
-    fall after a long silence (tune_silence_on_cuts) and top_categories' ranking (tune_ranking_on_cuts) for it
-    where that ranks the shop's later time better: nothing else changes (the sequence model, the order of users by
-    purchase_propensity, the state it keeps).
+    """Calibrate a trained model's two probabilities again on another shop's log, in place, and move for it what
+    ranks the shop's later time better: churn_risk's fall after a long silence (tune_silence_on_cuts),
+    purchase_propensity's weight on carts pending (tune_carts_on_cuts) and top_categories' ranking
+    (tune_ranking_on_cuts). Nothing else changes (the sequence model, the rest of the heads, the state it keeps).
 
     A model trained in one shop ranks users well in another (docs/model-journal.md: shop 4) but its probabilities
     can carry the training shop's rates: there users go quiet less often, and churn_risk was over-predicted
@@ -800,7 +800,8 @@ def recalibrate(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cut
     moves = {"silence": tune_silence_on_cuts(loaded.model, parts), "carts": tune_carts_on_cuts(loaded.model, parts)}
     report = {**calibrate_on_cuts(loaded.model, parts, torch.Generator().manual_seed(seed), max_examples), **moves,
               "ranking": tune_ranking_on_cuts(loaded.model, parts, torch.Generator().manual_seed(seed), max_examples)}
-    for name in ("purchase", "event", "silence", "carts", "ranking"):  # the test cut's time, for the report (collect skips empty cuts)
+    # The test cut's time, for the report (collect skips empty cuts: by index).
+    for name in ("purchase", "event", "silence", "carts", "ranking"):
         test = report[name].get("test")
         if test is not None:
             test["cut_ms"] = int(sorted(cuts)[int(parts[test["cut"]].cut[0])])

@@ -595,7 +595,8 @@ def silence_examples(n: int, gen: torch.Generator, truth: str) -> CutExamples:
     p = torch.exp(-idle_days / 10) if truth == "stops without warning" else torch.sigmoid(
         3 * (user[:, USER_FEATURES.index("log_events")] - 2))
     label = (torch.rand(n, generator=gen) < p).float()
-    return dataclasses.replace(examples(user, label, torch.zeros(n, 8)), event_hours=torch.full((n,), CHURN_HORIZON_HOURS))
+    return dataclasses.replace(examples(user, label, torch.zeros(n, 8)),
+                               event_hours=torch.full((n,), CHURN_HORIZON_HOURS))
 
 
 @pytest.mark.parametrize("shop", ["stops without warning", "steady", "changed its habits"])
