@@ -132,7 +132,7 @@ def print_tables(report: dict) -> None:
         console.print(_rates(field, f, report["windows_cut_short"]))
     behind = [name for name in JUDGED_FIELDS if _verdict(fields[name].get("versus_best")) == "behind"]
     if behind:
-        console.print(_train_here(behind, report["cut"], "on"))
+        console.print(_train_here(behind, report["cut"], "on", report["first"]))
 
 
 def print_cut_summary(reports: list[dict], summary: dict) -> None:
@@ -164,13 +164,23 @@ def print_cut_summary(reports: list[dict], summary: dict) -> None:
     behind = [field for field in JUDGED_FIELDS if 2 * summary["fields"][field]["behind"] > len(reports)]
     if behind:
         # Trained up to the earliest cut, a model sees none of the windows judged.
-        console.print("\n" + _train_here(behind, min(r["cut"] for r in reports), "at most cuts on"))
+        console.print("\n" + _train_here(behind, min(r["cut"] for r in reports), "at most cuts on",
+                                          reports[0]["first"]))
 
 
-def _train_here(fields: list[str], cut: str, where: str) -> str:
-    """The line for a model behind the rules: a model trained on this log's own events is what to try."""
+CALIBRATE_MIN_DAYS = 14  # history before a cut that `profiles calibrate` can test its moves on (a week, and before)
+
+
+def _train_here(fields: list[str], cut: str, where: str, first: str) -> str:
+    """The line for a model behind the rules: calibrating it on this log before the cut (where the log is long
+    enough to test its moves on), or a model trained on this log's own events, is what to try."""
+    history = dt.datetime.fromisoformat(cut) - dt.datetime.fromisoformat(first)
+    calibrate = (f"Calibrate it for this shop on the log before the cut (`profiles calibrate --model ... --events ... "
+                 f"--until {cut} --out shop.pt`, seconds: it also weighs the user's latest category, all-time counts, "
+                 "carts pending and a long silence as this log says), or train" if history.days >= CALIBRATE_MIN_DAYS
+                 else "Train")
     return (f"behind a counting rule {where} {', '.join(fields)}: a model ranks users by what the traffic it was "
-            "trained on taught it. Train one on this log's events before the cut (`profiles train --events ... "
+            f"trained on taught it. {calibrate} one on this log's events before the cut (`profiles train --events ... "
             f"--until {cut}`) and judge it the same way (docs/model.md, Results).\n")
 
 

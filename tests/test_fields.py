@@ -1178,7 +1178,8 @@ def test_the_tables_name_windows_in_minutes_hours_or_days_and_say_what_to_do_whe
             "baselines": {"all-time counts": {"precision@3": 0.5, "top_future_hit_rate": 0.5, "users": 100}},
             "versus_best": {"baseline": "all-time counts", "metric": "precision@3", "difference": 0.0,
                             "interval95": [-0.01, 0.01]}}
-    report = {"model": "m", "users": 100, "cut": "2017-11-26T02:44:08+00:00", "first": "a", "last": "b", "events": 1,
+    report = {"model": "m", "users": 100, "cut": "2017-11-26T02:44:08+00:00", "first": "2017-11-25T20:00:00+00:00",
+              "last": "2017-11-26T03:10:00+00:00", "events": 1,
               "windows_cut_short": True, "windows_hours": {"category": 26 / 60, "purchase": 26 / 60, "churn": 26 / 60},
               "fields": {"top_categories": cats, "purchase_propensity": f,
                          "churn_risk": {**f, "versus_best": {**f["versus_best"], "interval95": [-0.08, 0.01]}}}}
@@ -1188,6 +1189,12 @@ def test_the_tables_name_windows_in_minutes_hours_or_days_and_say_what_to_do_whe
     # Behind outside the noise on purchase only: the hint names it and the command that trains on this log.
     assert "behind a counting rule on purchase_propensity: " in out
     assert "--until 2017-11-26T02:44:08+00:00" in out
+    # Seven hours of history: too little for `profiles calibrate` to test its moves on; three weeks: it is offered.
+    assert "profiles calibrate" not in out and "Train one on this log's events" in out
+    print_tables({**report, "first": "2017-11-05T00:00:00+00:00"})
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Calibrate it for this shop on the log before the cut (`profiles calibrate --model ... --events ... " \
+           "--until 2017-11-26T02:44:08+00:00 --out shop.pt`" in out and "or train one on this log's events" in out
     report["fields"]["purchase_propensity"] = report["fields"]["churn_risk"]
     print_tables(report)
     assert "behind a counting rule" not in capsys.readouterr().out
