@@ -67,7 +67,7 @@ def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_siz
                  patience=patience, average_epochs=average_epochs, refit=refit, max_items=max_items)
 
 
-@command(short_help="Calibrate a trained model's probabilities and top categories for another shop")
+@command(short_help="Calibrate a trained model for another shop")
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
               help="Trained checkpoint, or `demo` (the shipped model).")
 @click.option("--events", "event_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
