@@ -168,7 +168,7 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
                     until: int | None, seed: int) -> None:
     """`profiles calibrate`: a trained model's probabilities calibrated again on another shop's log."""
     from models.checkpoint_io import load_checkpoint
-    from models.field_training import recalibrate
+    from models.shop_calibration import recalibrate
 
     check_output_dir(out)
     device = resolve_device(device_name)
@@ -216,7 +216,7 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
 
 
 def _say_move(what: str, metric: str, fit: dict, moved: str, note: str = "") -> None:
-    """`profiles calibrate`'s line on one of its moves (field_training.tune_*_on_cuts' report): what moved, and the
+    """`profiles calibrate`'s line on one of its moves (shop_calibration.tune_*_on_cuts' report): what moved, and the
     metric before and after on the earlier profiles and on the latest that saw the whole horizon."""
     test = fit.get("test")
     if not fit["kept"]:
@@ -243,7 +243,7 @@ def _say_hazard_moves(report: dict) -> None:
 
 
 def _say_ranking(ranking: dict) -> None:
-    """`profiles calibrate`'s line on top_categories (field_training.tune_ranking_on_cuts' report)."""
+    """`profiles calibrate`'s line on top_categories (shop_calibration.tune_ranking_on_cuts' report)."""
     moves = []
     if ranking["recency"]:
         moves.append(f"the latest category's weight {ranking['latest_weight_before']:g} -> "

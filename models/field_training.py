@@ -28,11 +28,10 @@ from models.dataset import HOUR_MS, EventLog
 from models.features import category_keys
 from models.checkpoint_io import LoadedModel
 from models.field_heads import FieldInputs, HazardHead, identity_knots, idle_minutes, piecewise_linear
-from models.next_event_evaluation import roc_auc
 from models.profile_model import ProfileModel
 from stream.events import PURCHASE
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS, TOP_CATEGORIES
-from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES, USER_FEATURES
+from stream.statistics import CATEGORY_SLOTS
 
 log = logging.getLogger(__name__)
 
@@ -529,162 +528,6 @@ def shift_gate_for_ranking(model: ProfileModel, val: CutExamples) -> dict:
     return {"shift": shift, "precision_at_3": {str(s): round(p, 4) for s, p in precision.items()}}
 
 
-def _choose_on_later_time(parts: list[CutExamples], head: str, moves: list, current, score, size, margin: float,
-                          nothing: str, gen: torch.Generator | None = None, max_examples: int = 24_000) -> dict:
-    """What the tune_*_on_cuts functions share. The move with the best `score(examples, move)` on the cuts before the
-    latest one that saw the whole horizon of `head` ("purchase": 7 days, the categories' window too; "event": 14
-    days), pooled (sampled to max_examples with `gen`), the smallest `size(move)` within half the margin of the best;
-    kept only if it beats `current` by `margin` there and on that latest cut. Moves nothing itself. Returns "move",
-    "kept", the scores before and after on the earlier cuts and on the latest ("test"), and "reason" where not
-    kept; `nothing` is the reason where the scores are nan (one outcome for everyone)."""
-    full = [i for i, part in enumerate(parts) if part.saw_horizon(head)]
-    if not full or full[-1] == 0:
-        days = (PURCHASE_HORIZON_HOURS if head == "purchase" else CHURN_HORIZON_HOURS) / 24
-        return {"kept": False, "reason": f"the log is too short to test it on later time: it needs a cut with "
-                                         f"{days:g} days of events after it, and one before that"}
-    latest = full[-1]
-    earlier, test = CutExamples.concat(parts[:latest]), parts[latest]
-    if gen is not None:
-        earlier = _sample(earlier, max_examples, gen)
-    chosen_on = {move: score(earlier, move) for move in moves}
-    now = score(test, current)
-    if np.isnan(chosen_on[current]) or np.isnan(now):
-        return {"kept": False, "reason": nothing}
-    # The smallest move within half the margin of the best: a bigger one must earn its place on the earlier cuts too.
-    top = max(chosen_on.values())
-    best = min((m for m in moves if chosen_on[m] >= top - margin / 2), key=lambda m: (size(m), -chosen_on[m]))
-    report = {"move": best, "earlier": {"current": round(chosen_on[current], 4), "moved": round(chosen_on[best], 4)},
-              "test": {"cut": latest, "current": round(now, 4), "moved": round(score(test, best), 4)}}
-    if best == current or chosen_on[best] < chosen_on[current] + margin:
-        return {**report, "kept": False, "reason": "no move did better on the earlier cuts"}
-    if report["test"]["moved"] < report["test"]["current"] + margin:
-        return {**report, "kept": False, "reason": "the move chosen on the earlier cuts did not do better on the "
-                                                   "latest cut that saw the whole horizon"}
-    return {**report, "kept": True}
-
-
-# What one fit cannot say, a shop's own log can: where users' interests move on, the category a user engaged with
-# last is the best guess for the week ahead (the independent drift world: precision@3 0.53 for the most recent
-# categories, 0.39 for all-time counts), where users keep their staples it is not (grocery: all-time counts win),
-# and where they come back to a few favourites among a long tail (the marketplace), how often they came to each
-# says more than shop 0's fit gives it (all-time counts win there). Shop 0, where the shipped demo's heads are
-# fitted, weighs both the latest category and the all-time count at 0, and no training shop says which a serving
-# shop is (docs/model-journal.md, sessions 40-42). So `profiles calibrate` also tries moves of the repeat score's
-# weights on the latest category (recency) and on the all-time count (frequency), both kept >= 0 (their
-# directions), beside the gate's, on the serving shop's own log (tune_ranking_on_cuts).
-RECENCY_STEPS = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
-FREQUENCY_STEPS = (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
-IS_LAST, LOG_COUNT = SLOT_FEATURES.index("is_last"), SLOT_FEATURES.index("log_count")
-NO_MOVE = (0.0, 0.0, 0.0)
-
-
-@torch.no_grad()
-def move_ranking(model: ProfileModel, recency: float, frequency: float, shift: float) -> None:
-    """Add `recency` to the repeat score's weight on the latest category and `frequency` to its weight on the
-    all-time count (neither below 0), and `shift` to the gate's bias, in place."""
-    heads = model.fields
-    weight = heads.repeat_score.weight
-    weight[0, IS_LAST] = (weight[0, IS_LAST] + recency).clamp(min=0)
-    weight[0, LOG_COUNT] = (weight[0, LOG_COUNT] + frequency).clamp(min=0)
-    heads.gate.bias += shift
-
-
-@torch.no_grad()
-def tune_ranking_on_cuts(model: ProfileModel, parts: list[CutExamples], gen: torch.Generator,
-                         max_examples: int = 24_000) -> dict:
-    """top_categories' ranking moved for the shop of `parts` (each cut's examples, ascending), in place: the move
-    of RECENCY_STEPS x FREQUENCY_STEPS x GATE_SHIFTS with the best precision@3 (_choose_on_later_time, margin
-    RANKING_MARGIN). Returns its report with the move's parts and the two weights before (and after)."""
-    heads = model.fields
-    weight, bias = heads.repeat_score.weight.clone(), heads.gate.bias.clone()
-
-    def precision(ex: CutExamples, move: tuple[float, float, float]) -> float:
-        move_ranking(model, *move)
-        p = ranking_precision(model, ex)
-        heads.repeat_score.weight.copy_(weight)
-        heads.gate.bias.copy_(bias)
-        return p
-
-    moves = [(r, f, s) for r in RECENCY_STEPS for f in FREQUENCY_STEPS for s in GATE_SHIFTS]
-    report = _choose_on_later_time(parts, "purchase", moves, NO_MOVE, precision, lambda m: sum(map(abs, m)),
-                                   RANKING_MARGIN, "no profile before the cuts was followed by a category", gen,
-                                   max_examples)
-    report.update(dict(zip(("recency", "frequency", "gate_shift"), report.get("move", NO_MOVE))),
-                  latest_weight_before=round(float(weight[0, IS_LAST]), 4),
-                  count_weight_before=round(float(weight[0, LOG_COUNT]), 4))
-    if report["kept"]:
-        move_ranking(model, *report["move"])
-        report.update(latest_weight_after=round(float(heads.repeat_score.weight[0, IS_LAST]), 4),
-                      count_weight_after=round(float(heads.repeat_score.weight[0, LOG_COUNT]), 4))
-    return report
-
-
-# How much a long silence says is the serving shop's too: where users stop without warning (the independent btyd
-# world) or buy rarely (the marketplace), weeks of silence say more than shop 0's fit gives them, and churn_risk
-# ranked 0.010 and 0.013 below days idle there with shop 0's power of 1 (SILENCE_POWER). And carts not bought: in
-# the marketplace users with carts pending buy at twice shop 0's rate (docs/model-journal.md, session 41), where
-# purchase_propensity was level with "carts not bought". So `profiles calibrate` also tries powers of the fall
-# after a long silence and moves of the purchase head's weight on carts pending on the serving shop's own log
-# (tune_silence_on_cuts, tune_carts_on_cuts), by ROC AUC, before the calibration maps are fitted again with them.
-SILENCE_POWERS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
-CART_STEPS = (-0.5, -0.25, 0.0, 0.25, 0.5, 1.0)  # on the standardised statistic's weight
-CARTS_PENDING = USER_FEATURES.index("log_carts_pending")
-AUC_MARGIN = 0.002
-
-
-def _head_auc(model: ProfileModel, ex: CutExamples, name: str) -> float:
-    """ROC AUC of one probability head ("purchase" or "event") on `ex`, each example on its observed window."""
-    heads = model.fields
-    label, hours = ex.outcome(name)
-    log_l = getattr(heads, name).log_hazard(heads.standardise(ex.user), ex.state, hours, ex.idle_steps,
-                                            idle_minutes(ex.user))
-    return roc_auc(log_l.cpu().numpy(), label.cpu().numpy())
-
-
-@torch.no_grad()
-def tune_silence_on_cuts(model: ProfileModel, parts: list[CutExamples]) -> dict:
-    """churn_risk's fall after a long silence set for the shop of `parts`, in place: the power of SILENCE_POWERS
-    that ranks the users best by whether they came back within the horizon (_choose_on_later_time, AUC_MARGIN)."""
-    head = model.fields.event
-    current = float(head.silence_power)
-
-    def auc(ex: CutExamples, power: float) -> float:
-        head.silence_power.fill_(power)
-        value = _head_auc(model, ex, "event")
-        head.silence_power.fill_(current)
-        return value
-
-    report = _choose_on_later_time(parts, "event", sorted({current, *SILENCE_POWERS}), current, auc,
-                                   lambda p: abs(p - current), AUC_MARGIN,
-                                   "every user came back within the horizon, or none did: nothing to rank")
-    report["power_before"] = current
-    if report["kept"]:
-        head.silence_power.fill_(report["move"])
-    return report
-
-
-@torch.no_grad()
-def tune_carts_on_cuts(model: ProfileModel, parts: list[CutExamples]) -> dict:
-    """purchase_propensity's weight on carts pending moved for the shop of `parts`, in place: the step of CART_STEPS
-    that ranks the users best by whether they bought within the horizon (_choose_on_later_time, AUC_MARGIN)."""
-    weight = model.fields.purchase.linear.weight
-    before = float(weight[0, CARTS_PENDING])
-
-    def auc(ex: CutExamples, step: float) -> float:
-        weight[0, CARTS_PENDING] = before + step
-        value = _head_auc(model, ex, "purchase")
-        weight[0, CARTS_PENDING] = before
-        return value
-
-    report = _choose_on_later_time(parts, "purchase", list(CART_STEPS), 0.0, auc, abs, AUC_MARGIN,
-                                   "nobody bought within the horizon, or everybody did: nothing to rank")
-    report["weight_before"] = round(before, 4)
-    if report["kept"]:
-        weight[0, CARTS_PENDING] = before + report["move"]
-        report["weight_after"] = round(float(weight[0, CARTS_PENDING]), 4)
-    return report
-
-
 CALIBRATION_SLOPES = (0.2, 5.0)  # the calibration map's slopes, d g(log L) / d log L, stay between these
 
 
@@ -773,94 +616,7 @@ def _fit_map(raw: torch.Tensor, y: torch.Tensor, knots: torch.Tensor, steps: int
         return values()
 
 
-def recalibrate(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cuts: int = 10, seed: int = 0,
-                max_examples: int = 24_000) -> dict:
-    """Calibrate a trained model's two probabilities again on another shop's log, in place, and move for it what
-    ranks the shop's later time better: churn_risk's fall after a long silence (tune_silence_on_cuts),
-    purchase_propensity's weight on carts pending (tune_carts_on_cuts) and top_categories' ranking
-    (tune_ranking_on_cuts). Nothing else changes (the sequence model, the rest of the heads, the state it keeps).
-
-    A model trained in one shop ranks users well in another (docs/model-journal.md: shop 4) but its probabilities
-    can carry the training shop's rates: there users go quiet less often, and churn_risk was over-predicted
-    by 0.075 (ECE). The heads were not fitted on this log, so every cut is held-out time for them, and the
-    calibration is fitted on all of them. But a shop's rates also drift over its log (users go quiet as
-    it ages; young users' profiles know less), and a map fitted on the past can then be further off at the
-    end than the model was. So each probability is first tested on later time: fitted on the cuts before
-    the latest one that saw the horizon in full, it must predict that cut better than the current
-    calibration does; only then is it fitted on all the cuts (the later ones weighing more) and kept."""
-    started = time.monotonic()
-    cuts = default_cuts(log_.events.ts, n_cuts)
-    # Every example on its cut's whole window: the map is fitted and tested for the windows profiles are
-    # published for (with training's short windows mixed in, the test passed a map that doubled shop 5's
-    # churn ECE at the judged cut: docs/model-journal.md, session 29).
-    parts = collect(loaded, log_, cuts, device, short_share=0.0)
-    if not parts:
-        raise ValueError("no users in the log to calibrate on")
-    # The moves of the hazards first: the maps are fitted again with them.
-    moves = {"silence": tune_silence_on_cuts(loaded.model, parts), "carts": tune_carts_on_cuts(loaded.model, parts)}
-    report = {**calibrate_on_cuts(loaded.model, parts, torch.Generator().manual_seed(seed), max_examples), **moves,
-              "ranking": tune_ranking_on_cuts(loaded.model, parts, torch.Generator().manual_seed(seed), max_examples)}
-    # The test cut's time, for the report (collect skips empty cuts: by index).
-    for name in ("purchase", "event", "silence", "carts", "ranking"):
-        test = report[name].get("test")
-        if test is not None:
-            test["cut_ms"] = int(sorted(cuts)[int(parts[test["cut"]].cut[0])])
-    report["seconds"] = round(time.monotonic() - started, 1)
-    log.debug("calibration: %s", report)
-    return report
-
-
-def calibrate_on_cuts(model: ProfileModel, parts: list[CutExamples], gen: torch.Generator,
-                      max_examples: int = 24_000) -> dict:
-    """`recalibrate`'s test and fit, on the examples of each cut (ascending). The final fit weighs the later
-    cuts more (cut k of n keeps each example with probability (k + 1) / n): a shop drifts, and the profiles
-    served next are most like the latest ones. On the nine shops of docs/model-journal.md this moved no ECE up by
-    more than 0.002 and brought shop 4's churn from 0.023 to 0.018, shop 8's from 0.062 to 0.052."""
-    n = len(parts)
-    examples = _sample(CutExamples.concat([part.take(torch.rand(len(part.user), generator=gen).to(part.user.device)
-                                                     < (k + 1) / n) for k, part in enumerate(parts)]),
-                       max_examples, gen)
-    heads = model.fields
-    report: dict = {"cuts": len(parts), "examples": len(examples.user)}
-    for name, horizon in (("purchase", PURCHASE_HORIZON_HOURS), ("event", CHURN_HORIZON_HOURS)):
-        head = getattr(heads, name)
-        full = [i for i, part in enumerate(parts) if part.saw_horizon(name)]
-        if not full or full[-1] == 0:
-            report[name] = {"examples": len(examples.user), "kept": False,
-                            "reason": f"the log is too short to test a calibration on later time: it needs a cut "
-                                      f"with {horizon / 24:g} days of events after it, and one before that"}
-            continue
-        latest = full[-1]
-        current = head.calibration.clone()
-        test = {"cut": latest, "loss_current": round(_head_loss(model, parts[latest], name), 5),
-                "loss_recalibrated": None}
-        trial = calibrate(model, _sample(CutExamples.concat(parts[:latest]), max_examples, gen), heads=(name,))[name]
-        if trial["kept"]:
-            test["loss_recalibrated"] = round(_head_loss(model, parts[latest], name), 5)
-            head.calibration.copy_(current)
-        if test["loss_recalibrated"] is None or test["loss_recalibrated"] >= test["loss_current"]:
-            reason = trial.get("reason") or (
-                "fitted on the earlier cuts, it did not predict the latest cut that saw the whole horizon better "
-                "than the calibration the model has" if trial["kept"] else
-                "a new map did not fit the earlier cuts better than the calibration the model has")
-            report[name] = {"examples": len(examples.user), "kept": False, "test": test, "reason": reason}
-            continue
-        report[name] = {**calibrate(model, examples, heads=(name,))[name], "test": test}
-    return report
-
-
-@torch.no_grad()
-def _head_loss(model: ProfileModel, ex: CutExamples, name: str) -> float:
-    """The held-out negative log-likelihood of one probability head ("purchase" or "event") on `ex`."""
-    heads = model.fields
-    label, hours = ex.outcome(name)
-    ok = hours > 0
-    return float(HazardHead.nll(getattr(heads, name).log_hazard(heads.standardise(ex.user)[ok], ex.state[ok],
-                                                                 hours[ok], ex.idle_steps[ok],
-                                                                 idle_minutes(ex.user)[ok]), label[ok]))
-
-
-def _sample(ex: CutExamples, n: int, gen: torch.Generator) -> CutExamples:
+def sample_examples(ex: CutExamples, n: int, gen: torch.Generator) -> CutExamples:
     if len(ex.user) <= n:
         return ex
     return ex.take(torch.randperm(len(ex.user), generator=gen)[:n].to(ex.user.device))
@@ -896,10 +652,10 @@ def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cu
     # Examples are sampled down to a bound: the heads are small, and the fit's cost should not grow with
     # the users of a big log.
     gen = torch.Generator().manual_seed(seed)
-    train_ex = _sample(CutExamples.concat([p for i, p in enumerate(parts) if i not in held]), max_examples,
+    train_ex = sample_examples(CutExamples.concat([p for i, p in enumerate(parts) if i not in held]), max_examples,
                        gen).foreign(FOREIGN_SHARE, gen)
     held_ex = CutExamples.concat([parts[i] for i in held])
-    val_ex = _sample(held_ex, max_examples, gen).foreign(FOREIGN_SHARE, gen)
+    val_ex = sample_examples(held_ex, max_examples, gen).foreign(FOREIGN_SHARE, gen)
     # The gate's move for ranking is judged on every held-out profile, each with its own explore side: a sample of
     # them, a third foreign, left the demo's held-out curve flat (+0.001 at +4) where all of them rise by 0.006 at
     # +3, as other users of the shop do by 0.01 (docs/model-journal.md, session 40).

@@ -462,7 +462,7 @@ def test_a_new_calibration_is_kept_only_if_it_predicts_later_time_better(shop):
     wrong: the model's calibration stays. A shop where nobody buys: nothing to calibrate on, and it says so."""
     from dataclasses import replace as with_fields
 
-    from models.field_training import calibrate_on_cuts
+    from models.shop_calibration import calibrate_on_cuts
 
     gen = torch.Generator().manual_seed(7)
     model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
@@ -505,14 +505,15 @@ def test_calibrating_for_a_shop_judges_every_profile_on_its_whole_window(monkeyp
     the windows profiles are published for only (with short ones mixed in, it once passed a map that doubled
     a shop's churn ECE at the horizon)."""
     import models.field_training as field_training
+    import models.shop_calibration as shop_calibration
 
     log = generate(users=150, events=6000, seed=3, span_days=30, shop=ShopParams.draw(2))
     write_jsonl(log.events, tmp_path / "shop.jsonl")
     events = load_events([tmp_path / "shop.jsonl"])
     seen = []
-    monkeypatch.setattr(field_training, "calibrate_on_cuts",
+    monkeypatch.setattr(shop_calibration, "calibrate_on_cuts",
                         lambda model, parts, gen, n: seen.extend(parts) or {"purchase": {}, "event": {}})
-    field_training.recalibrate(untrained(), events, ON_DEVICE)
+    shop_calibration.recalibrate(untrained(), events, ON_DEVICE)
     assert seen and all(len(torch.unique(p.purchase_hours)) == 1 and len(torch.unique(p.event_hours)) == 1
                         for p in seen)
     middle = int(np.median([e["ts"] for e in log.events]))
@@ -605,7 +606,7 @@ def test_calibrating_for_a_shop_sets_the_fall_after_a_long_silence_as_its_later_
     Where users stop without warning, a steeper fall ranks who comes back better, on the earlier cuts and the
     latest: kept. Where activity alone decides, no fall ranks best: the power goes to 0. Where the earlier cuts
     said one and the latest the other, the test on the latest cut refuses the move."""
-    from models.field_training import tune_silence_on_cuts
+    from models.shop_calibration import tune_silence_on_cuts
 
     gen = torch.Generator().manual_seed(12)
     truths = {"stops without warning": [shop] * 4, "steady": [shop] * 4,
@@ -637,7 +638,7 @@ def test_calibrating_for_a_shop_weighs_carts_pending_as_its_later_time_says(shop
     """A model whose purchase head reads the users' purchase share and not their carts pending. Where carts
     pending get bought, the weight on them moves up, ranking buyers better on the earlier cuts and the latest;
     where they are left and the purchase share decides, nothing moves."""
-    from models.field_training import CARTS_PENDING, tune_carts_on_cuts
+    from models.shop_calibration import CARTS_PENDING, tune_carts_on_cuts
 
     gen = torch.Generator().manual_seed(13)
     parts = []
@@ -936,7 +937,7 @@ def test_calibrating_for_a_shop_weighs_the_latest_category_as_its_later_time_say
     latest category's weight, the count's) also names the latest cut's future better: kept. Where they keep their
     staples, no move ranks better: the weights stay bit for bit. Where the earlier cuts moved on and the latest
     keeps its staples, the test on the latest cut refuses the move."""
-    from models.field_training import IS_LAST, LOG_COUNT, tune_ranking_on_cuts
+    from models.shop_calibration import IS_LAST, LOG_COUNT, tune_ranking_on_cuts
 
     gen = torch.Generator().manual_seed(11)
     futures = {"moves on": ["moves on"] * 4, "favourites": ["favourites"] * 4, "staples": ["staples"] * 4,
