@@ -57,27 +57,38 @@ def _fade(name: str, scale: float, power: float | None) -> str:
     return f"{name} (odds fall as (1 + in-visit gaps / {scale:.3g}) ** -{power:.3g})"
 
 
+def move_descriptions(report: dict) -> dict[str, str]:
+    """The moves one `profiles calibrate` kept besides its maps (models/shop_calibration.py's report), each in
+    words: "silence" (churn_risk), "carts" (purchase_propensity), "ranking" (top_categories)."""
+    said = {}
+    silence, carts, ranking = (report.get(name) or {} for name in ("silence", "carts", "ranking"))
+    if silence.get("kept"):
+        said["silence"] = (f"the return hazard x (1 + idle / 28 days) ** -{silence['power_before']:g} -> "
+                           f"** -{silence['move']:g}")
+    if carts.get("kept"):
+        said["carts"] = f"the weight on carts pending {carts['weight_before']:g} -> {carts['weight_after']:g}"
+    if ranking.get("kept"):
+        parts = []
+        if ranking["recency"]:
+            parts.append(f"the latest category's weight {ranking['latest_weight_before']:g} -> "
+                         f"{ranking['latest_weight_after']:g}")
+        if ranking["frequency"]:
+            parts.append(f"the all-time count's weight {ranking['count_weight_before']:g} -> "
+                         f"{ranking['count_weight_after']:g}")
+        if ranking["gate_shift"]:
+            side = "the user's own categories" if ranking["gate_shift"] > 0 else "the sequence model's"
+            parts.append(f"the gate {ranking['gate_shift']:+g} (toward {side})")
+        said["ranking"] = ", ".join(parts)
+    return said
+
+
 def calibration_moves(calibration: dict) -> list[str]:
     """What one `profiles calibrate` changed, from its report (older reports name only the two maps)."""
     report = calibration.get("report") or {}
     moves = [f"{name}'s map" for name, head in (("purchase_propensity", "purchase"), ("churn_risk", "event"))
              if report.get(head, {}).get("kept")]
-    silence, carts, ranking = report.get("silence", {}), report.get("carts", {}), report.get("ranking", {})
-    if silence.get("kept"):
-        moves.append(f"the fall after a long silence ** -{silence['power_before']:g} -> ** -{silence['move']:g}")
-    if carts.get("kept"):
-        moves.append(f"purchase_propensity's weight on carts pending {carts['weight_before']:g} -> "
-                     f"{carts['weight_after']:g}")
-    if ranking.get("kept"):
-        if ranking["recency"]:
-            moves.append(f"the latest category's weight {ranking['latest_weight_before']:g} -> "
-                         f"{ranking['latest_weight_after']:g}")
-        if ranking.get("frequency"):
-            moves.append(f"the all-time count's weight {ranking['count_weight_before']:g} -> "
-                         f"{ranking['count_weight_after']:g}")
-        if ranking["gate_shift"]:
-            moves.append(f"the repeat gate {ranking['gate_shift']:+g}")
-    return moves
+    field = {"silence": "churn_risk", "carts": "purchase_propensity", "ranking": "top_categories"}
+    return moves + [f"{field[name]}: {said}" for name, said in move_descriptions(report).items()]
 
 
 def info_lines(info: dict) -> list[str]:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from consumers.model_info import move_descriptions
 from consumers.outfiles import Interrupted, atomic_paths, check_output_dir
 from models.dataset import EventLog, load_events
 from models.field_training import train_fields
@@ -176,7 +177,7 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
     events = events_until(event_files, until)
     report = recalibrate(loaded, events, device, seed=seed)
     click.echo(f"profiles at {report['cuts']} cuts, {report['examples']:,} of them judged on what followed:", err=True)
-    _say_hazard_moves(report)
+    _say_moves({name: report[name] for name in ("silence", "carts")})
     for name, head in PROBABILITY_HEADS:
         fit = report[head]
         test = fit.get("test") or {}
@@ -195,7 +196,7 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
         if test.get("loss_recalibrated") is not None:
             click.echo(f"    tested first on the profiles of {iso_time(test['cut_ms'], 'minutes')}, fitted on the "
                        f"earlier ones: log loss {test['loss_current']:.4f} -> {test['loss_recalibrated']:.4f}", err=True)
-    _say_ranking(report["ranking"])
+    _say_moves({"ranking": report["ranking"]})
     fits = [report[name] for name in ("purchase", "event", "silence", "carts", "ranking")]
     if not any("test" in fit for fit in fits):  # nothing could be tested on this log: a mistake, say so
         raise click.ClickException(f"nothing could be calibrated on this log: nothing written to {out}")
@@ -231,27 +232,14 @@ def _say_move(what: str, metric: str, fit: dict, moved: str, note: str = "") -> 
                f"{test['moved']:.4f}: moved{note}", err=True)
 
 
-def _say_hazard_moves(report: dict) -> None:
-    """The moves of the two probabilities' hazards, made before their maps are fitted again."""
-    silence, carts = report["silence"], report["carts"]
-    _say_move("churn_risk after a long silence", "ROC AUC", silence,
-              f"the return hazard falls as (1 + idle / 28 days) ** -{silence.get('move', 0):g} "
-              f"(was -{silence['power_before']:g})", " (the churn_risk map below is fitted with it)")
-    _say_move("purchase_propensity and carts pending", "ROC AUC", carts,
-              f"the weight of carts pending {carts['weight_before']:g} -> {carts.get('weight_after', 0):g}",
-              " (the purchase_propensity map below is fitted with it)")
-
-
-def _say_ranking(ranking: dict) -> None:
-    """`profiles calibrate`'s line on top_categories (shop_calibration.tune_ranking_on_cuts' report)."""
-    moves = []
-    if ranking["recency"]:
-        moves.append(f"the latest category's weight {ranking['latest_weight_before']:g} -> "
-                     f"{ranking.get('latest_weight_after', 0):g}")
-    if ranking["frequency"]:
-        moves.append(f"the all-time count's weight {ranking['count_weight_before']:g} -> "
-                     f"{ranking.get('count_weight_after', 0):g}")
-    if ranking["gate_shift"]:
-        side = "the user's own categories" if ranking["gate_shift"] > 0 else "the sequence model's"
-        moves.append(f"the gate {ranking['gate_shift']:+g} (toward {side})")
-    _say_move("top_categories", "precision@3", ranking, ", ".join(moves))
+def _say_moves(report: dict) -> None:
+    """The lines on the moves besides the maps: the two hazards' (made before the maps are fitted again, so
+    said first), or top_categories' (after the maps)."""
+    said = move_descriptions(report)
+    for name, what, metric, note in (
+            ("silence", "churn_risk after a long silence", "ROC AUC", " (the churn_risk map below is fitted with it)"),
+            ("carts", "purchase_propensity and carts pending", "ROC AUC",
+             " (the purchase_propensity map below is fitted with it)"),
+            ("ranking", "top_categories", "precision@3", "")):
+        if name in report:
+            _say_move(what, metric, report[name], said.get(name, ""), note)
