@@ -710,7 +710,8 @@ def test_calibrating_for_a_shop_where_interests_move_on_names_the_latest_categor
     assert {k for k in a if not torch.equal(a[k], b[k])} == {"fields.repeat_score.weight"}
     assert cal.state_version == demo.version != cal.version
     info = orjson.loads(CliRunner().invoke(main, ["model", "info", str(tmp_path / "cal.pt"), "--json"]).output)
-    assert [move.split(" -> ")[0] for move in info["calibrations"][0]["moved"]] == ["top_categories: the latest category's weight 0"]
+    moved = [move.split(" -> ")[0] for move in info["calibrations"][0]["moved"]]
+    assert moved == ["top_categories: the latest category's weight 0"]
     before = evaluate_fields(demo, [str(shop)], ON_DEVICE, cut=cut)["fields"]["top_categories"]
     after = evaluate_fields(cal, [str(shop)], ON_DEVICE, cut=cut)["fields"]["top_categories"]
     assert after["model"]["precision@3"] > before["model"]["precision@3"] + 0.1
