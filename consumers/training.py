@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from consumers.field_report import window
 from consumers.model_info import move_descriptions
 from consumers.outfiles import Interrupted, atomic_paths, check_output_dir
 from models.dataset import EventLog, load_events
@@ -22,6 +23,7 @@ from models.checkpoint_io import LoadedModel, save_checkpoint
 from models.sequence_data import item_vocabulary
 from models.sequence_training import TrainConfig, auto_epochs, train
 from stream.events import EVENT_TYPES, PURCHASE, iso_time
+from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +178,13 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
     loaded = load_checkpoint(model_path, device)
     events = events_until(event_files, until)
     report = recalibrate(loaded, events, device, seed=seed)
+    fits = [report[name] for name in ("purchase", "event", "silence", "carts", "ranking")]
+    if not any("test" in fit for fit in fits):  # nothing could be tested on this log: a mistake, say so once
+        ts = events.events.ts
+        raise click.ClickException(
+            f"the log spans {window((int(ts.max()) - int(ts.min())) / 3_600_000)}: too short to calibrate on, which "
+            f"needs a cut with {PURCHASE_HORIZON_HOURS / 24:g} days of events after it and history before it "
+            f"({CHURN_HORIZON_HOURS / 24:g} days after it for churn_risk); nothing written to {out}")
     click.echo(f"profiles at {report['cuts']} cuts, {report['examples']:,} of them judged on what followed:", err=True)
     _say_moves({name: report[name] for name in ("silence", "carts")})
     for name, head in PROBABILITY_HEADS:
@@ -197,9 +206,6 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
             click.echo(f"    tested first on the profiles of {iso_time(test['cut_ms'], 'minutes')}, fitted on the "
                        f"earlier ones: log loss {test['loss_current']:.4f} -> {test['loss_recalibrated']:.4f}", err=True)
     _say_moves({"ranking": report["ranking"]})
-    fits = [report[name] for name in ("purchase", "event", "silence", "carts", "ranking")]
-    if not any("test" in fit for fit in fits):  # nothing could be tested on this log: a mistake, say so
-        raise click.ClickException(f"nothing could be calibrated on this log: nothing written to {out}")
     base = loaded.state_version
     if any(fit["kept"] for fit in fits):
         version = f"{base}+cal-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{weights_digest(loaded.model)}"

@@ -4,6 +4,7 @@ calibration, and an evaluation against the future that never looks past its cut.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import orjson
@@ -544,11 +545,13 @@ def test_calibrate_fits_another_shops_rates_and_changes_nothing_else(tmp_path):
     assert "top_categories: left as it was (no move did better on the earlier cuts" in result.output
     assert "churn_risk after a long silence: left as it was" in result.output
     assert "purchase_propensity and carts pending: left as it was" in result.output
-    # A log too short to see the horizons even once: nothing is calibrated on it, and nothing written.
+    # A log too short to see the horizons even once: nothing is calibrated on it, nothing written, and one line
+    # says how long it is and what it needs (not one "too short" per field).
     write_jsonl([e for e in log.events if e["ts"] < ts[0] + 3 * 86_400_000], tmp_path / "short.jsonl")
     result = runner.invoke(main, ["calibrate", "--model", "demo", "--events", str(tmp_path / "short.jsonl"),
                                   "--out", str(tmp_path / "short.pt"), "--device", DEVICE])
-    assert result.exit_code == 1 and "too short to test a calibration" in result.output
+    assert result.exit_code == 1 and re.search(r"the log spans [\d.]+ days: too short to calibrate on", result.output)
+    assert "needs a cut with 7 days of events after it" in result.output and "left as it was" not in result.output
     assert "nothing written" in result.output and not (tmp_path / "short.pt").exists()
 
     demo, cal = load_checkpoint("demo", ON_DEVICE), load_checkpoint(tmp_path / "cal.pt", ON_DEVICE)
