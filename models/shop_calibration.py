@@ -110,14 +110,20 @@ def calibrate_on_cuts(model: ProfileModel, parts: list[CutExamples], gen: torch.
 
 
 @torch.no_grad()
-def _head_loss(model: ProfileModel, ex: CutExamples, name: str) -> float:
-    """The held-out negative log-likelihood of one probability head ("purchase" or "event") on `ex`."""
+def _head_log_hazard(model: ProfileModel, ex: CutExamples, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log L, label) of one probability head ("purchase" or "event") on the examples of `ex` with an observed
+    window, each on its window: what `_head_loss` and `_head_auc` judge."""
     heads = model.fields
     label, hours = ex.outcome(name)
     ok = hours > 0
-    return float(HazardHead.nll(getattr(heads, name).log_hazard(heads.standardise(ex.user)[ok], ex.state[ok],
-                                                                 hours[ok], ex.idle_steps[ok],
-                                                                 idle_minutes(ex.user)[ok]), label[ok]))
+    log_l = getattr(heads, name).log_hazard(heads.standardise(ex.user)[ok], ex.state[ok], hours[ok],
+                                            ex.idle_steps[ok], idle_minutes(ex.user)[ok])
+    return log_l, label[ok]
+
+
+def _head_loss(model: ProfileModel, ex: CutExamples, name: str) -> float:
+    """The held-out negative log-likelihood of one probability head on `ex`."""
+    return float(HazardHead.nll(*_head_log_hazard(model, ex, name)))
 
 
 def _choose_on_later_time(parts: list[CutExamples], head: str, moves: list, current, score, size, margin: float,
@@ -224,11 +230,8 @@ AUC_MARGIN = 0.002
 
 
 def _head_auc(model: ProfileModel, ex: CutExamples, name: str) -> float:
-    """ROC AUC of one probability head ("purchase" or "event") on `ex`, each example on its observed window."""
-    heads = model.fields
-    label, hours = ex.outcome(name)
-    log_l = getattr(heads, name).log_hazard(heads.standardise(ex.user), ex.state, hours, ex.idle_steps,
-                                            idle_minutes(ex.user))
+    """ROC AUC of one probability head on `ex`, each example on its observed window."""
+    log_l, label = _head_log_hazard(model, ex, name)
     return roc_auc(log_l.cpu().numpy(), label.cpu().numpy())
 
 
