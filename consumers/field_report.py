@@ -176,9 +176,9 @@ def _train_here(fields: list[str], cut: str, where: str, first: str) -> str:
     enough to test its moves on), or a model trained on this log's own events, is what to try."""
     history = dt.datetime.fromisoformat(cut) - dt.datetime.fromisoformat(first)
     calibrate = (f"Calibrate it for this shop on the log before the cut (`profiles calibrate --model ... --events ... "
-                 f"--until {cut} --out shop.pt`, seconds: it also weighs the user's latest category, all-time counts, "
-                 "carts pending and a long silence as this log says), or train" if history.days >= CALIBRATE_MIN_DAYS
-                 else "Train")
+                 f"--until {cut} --out shop.pt`, seconds: it also weighs how recently users came to each category, "
+                 "all-time counts, carts pending and a long silence as this log says), or train"
+                 if history.days >= CALIBRATE_MIN_DAYS else "Train")
     return (f"behind a counting rule {where} {', '.join(fields)}: a model ranks users by what the traffic it was "
             f"trained on taught it. {calibrate} one on this log's events before the cut (`profiles train --events ... "
             f"--until {cut}`) and judge it the same way (docs/model.md, Results).\n")

@@ -69,7 +69,10 @@ def move_descriptions(report: dict) -> dict[str, str]:
         said["carts"] = f"the weight on carts pending {carts['weight_before']:g} -> {carts['weight_after']:g}"
     if ranking.get("kept"):
         parts = []
-        if ranking["recency"]:
+        if ranking["recency"] and "freshness_weight_before" in ranking:
+            parts.append(f"the freshness weight {ranking['freshness_weight_before']:g} -> "
+                         f"{ranking['freshness_weight_after']:g}")
+        elif ranking["recency"]:  # session 42's calibrations moved the weight on being the latest category
             parts.append(f"the latest category's weight {ranking['latest_weight_before']:g} -> "
                          f"{ranking['latest_weight_after']:g}")
         if ranking["frequency"]:

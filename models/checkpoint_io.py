@@ -19,15 +19,15 @@ from stream.statistics import SLOT_FEATURES
 # 3: published fields from FieldHeads (exact statistics + state; time-to-event probabilities, calibrated).
 # 4: calibration a monotone piecewise-linear map of log L (format 3's affine one is read as two knots).
 # 5: copy bonuses of the current item and category (formats 3 and 4 are read without copying).
-CHECKPOINT_FORMAT = 15  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
+CHECKPOINT_FORMAT = 16  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
 # 8: the shop popularity slot feature (stream/popularity.py); 9: transition bonuses (models/transitions.py);
 # 10: times since as log1p of minutes, not hours (stream/statistics.py: USER_FEATURES), and the probability
 # heads' session process (models/field_heads.py: HazardHead); 11: the neighbour sessions' votes (models/neighbours.py);
 # 12: follow_pending is the follow-up's share itself, not relative to the top one's (stream/follow.py);
 # 13: the session processes decay with idle time in the shop's pace (HazardHead.idle_decay, stream/tempo.py);
 # 14: as a power of it, not exponentially (HazardHead.power_fade); 15: the return processes fall after a long
-# silence (HazardHead.silence_power)
-READABLE_FORMATS = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+# silence (HazardHead.silence_power); 16: the freshness slot feature (stream/statistics.py: _freshness)
+READABLE_FORMATS = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16)
 
 
 @dataclass
@@ -140,8 +140,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         payload["state_dict"]["neighbour_weight"] = torch.zeros(1)
     if payload["format"] < 9:  # no transition bonus
         payload["state_dict"]["transition_weight"] = torch.zeros(2)
-    if payload["format"] < 8:  # no follow-up (< 6), visit (< 7) or popularity features: zero weights on them rank
-        # slots as it was trained to
+    if payload["format"] < 16:  # no follow-up (< 6), visit (< 7), popularity (< 8) or freshness features: zero
+        # weights on them rank slots as it was trained to
         weight = payload["state_dict"]["fields.repeat_score.weight"]
         payload["state_dict"]["fields.repeat_score.weight"] = torch.cat(
             [weight, torch.zeros(weight.shape[0], len(SLOT_FEATURES) - weight.shape[1])], dim=1)

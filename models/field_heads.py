@@ -29,7 +29,7 @@ EVENT_RISES_WITH = [USER_FEATURES.index(name) for name in
 # less likely next (the repeat score).
 REPEAT_RISES_WITH = [SLOT_FEATURES.index(name) for name in
                      ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "share", "is_last", "log_visits",
-                      "visit_share")]
+                      "visit_share", "freshness")]
 
 
 def identity_knots(k: int = CALIBRATION_KNOTS) -> torch.Tensor:
@@ -205,7 +205,8 @@ class FieldHeads(nn.Module):
         self.gate_fit = nn.Linear(1, 1, bias=False)
         nn.init.zeros_(self.gate_fit.weight)
         with torch.no_grad():  # untrained: rank slots by 30-day mass and count, mostly repeat, no exploring
-            self.repeat_score.weight.copy_(torch.tensor([[0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]))
+            self.repeat_score.weight.copy_(
+                torch.tensor([[0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]))
             self.repeat_score.bias.zero_()
             self.gate.weight.zero_()
             self.gate.bias.fill_(2.0)

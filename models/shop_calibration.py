@@ -160,28 +160,29 @@ def _choose_on_later_time(parts: list[CutExamples], head: str, moves: list, curr
     return {**report, "kept": True}
 
 
-# What one fit cannot say, a shop's own log can: where users' interests move on, the category a user engaged with
-# last is the best guess for the week ahead (the independent drift world: precision@3 0.53 for the most recent
-# categories, 0.39 for all-time counts), where users keep their staples it is not (grocery: all-time counts win),
+# What one fit cannot say, a shop's own log can: where users' interests move on, the categories a user engaged with
+# last are the best guess for the week ahead (the independent drift world: precision@3 0.53 for the most recent
+# categories, 0.39 for all-time counts), where users keep their staples they are not (grocery: all-time counts win),
 # and where they come back to a few favourites among a long tail (the marketplace), how often they came to each
 # says more than shop 0's fit gives it (all-time counts win there). Shop 0, where the shipped demo's heads are
-# fitted, weighs both the latest category and the all-time count at 0, and no training shop says which a serving
-# shop is (docs/model-journal.md, sessions 40-42). So `profiles calibrate` also tries moves of the repeat score's
-# weights on the latest category (recency) and on the all-time count (frequency), both kept >= 0 (their
-# directions), beside the gate's, on the serving shop's own log (tune_ranking_on_cuts).
-RECENCY_STEPS = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
+# fitted, weighs how fresh a category is and the all-time count at 0, and no training shop says which a serving
+# shop is (docs/model-journal.md, sessions 40-43). So `profiles calibrate` also tries moves of the repeat score's
+# weights on each category's freshness (recency: how long ago the user last engaged with it; session 42 moved the
+# weight on being the latest category, which tells the second most recent from the sixth no better than counts do)
+# and on the all-time count (frequency), both kept >= 0 (their
+RECENCY_STEPS = (-2.0, 0.0, 1.0, 2.0, 5.0, 10.0, 20.0)  # freshness is in [0, 1]
 FREQUENCY_STEPS = (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
-IS_LAST, LOG_COUNT = SLOT_FEATURES.index("is_last"), SLOT_FEATURES.index("log_count")
+FRESHNESS, LOG_COUNT = SLOT_FEATURES.index("freshness"), SLOT_FEATURES.index("log_count")
 NO_MOVE = (0.0, 0.0, 0.0)
 
 
 @torch.no_grad()
 def move_ranking(model: ProfileModel, recency: float, frequency: float, shift: float) -> None:
-    """Add `recency` to the repeat score's weight on the latest category and `frequency` to its weight on the
-    all-time count (neither below 0), and `shift` to the gate's bias, in place."""
+    """Add `recency` to the repeat score's weight on each category's freshness and `frequency` to its weight on
+    the all-time count (neither below 0), and `shift` to the gate's bias, in place."""
     heads = model.fields
     weight = heads.repeat_score.weight
-    weight[0, IS_LAST] = (weight[0, IS_LAST] + recency).clamp(min=0)
+    weight[0, FRESHNESS] = (weight[0, FRESHNESS] + recency).clamp(min=0)
     weight[0, LOG_COUNT] = (weight[0, LOG_COUNT] + frequency).clamp(min=0)
     heads.gate.bias += shift
 
@@ -207,11 +208,11 @@ def tune_ranking_on_cuts(model: ProfileModel, parts: list[CutExamples], gen: tor
                                    RANKING_MARGIN, "no profile before the cuts was followed by a category", gen,
                                    max_examples)
     report.update(dict(zip(("recency", "frequency", "gate_shift"), report.get("move", NO_MOVE))),
-                  latest_weight_before=round(float(weight[0, IS_LAST]), 4),
+                  freshness_weight_before=round(float(weight[0, FRESHNESS]), 4),
                   count_weight_before=round(float(weight[0, LOG_COUNT]), 4))
     if report["kept"]:
         move_ranking(model, *report["move"])
-        report.update(latest_weight_after=round(float(heads.repeat_score.weight[0, IS_LAST]), 4),
+        report.update(freshness_weight_after=round(float(heads.repeat_score.weight[0, FRESHNESS]), 4),
                       count_weight_after=round(float(heads.repeat_score.weight[0, LOG_COUNT]), 4))
     return report
 

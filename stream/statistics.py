@@ -14,8 +14,9 @@ clock `now` is m * exp(-(now - last_ts) / tau). An update decays the stored mass
 last event and adds exp(-(last - t) / tau) for each new event at t, so the result does not depend
 on how the events were cut into batches (up to float rounding).
 
-Category slots: the K categories with the most 30-day mass; a category that falls out of the K
-loses its mass (a bounded sketch of the user's category counts, exact while a user has at most K).
+Category slots: the user's latest category and the K - 1 others with the most 30-day mass; a category that
+falls out of the K loses its mass (a bounded sketch of the user's category counts, exact while a user has at
+most K).
 """
 
 from __future__ import annotations
@@ -84,7 +85,11 @@ SLOT_FEATURES = ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "sha
                  "log_visits", "visit_share",
                  # How many of the shop's other users hold the category, relative to its most held one
                  # (stream/popularity.py).
-                 "shop_popularity")
+                 "shop_popularity",
+                 # How recently the user last engaged with the category (_freshness): 1 now, 0 a year ago or more.
+                 "freshness")
+# A year of minutes on a log scale: freshness 0.5 is half a day old, 0.3 a week, 0.19 a month.
+FRESHNESS_LOG_MINUTES = float(np.log1p(365 * DAY_MS / MINUTE_MS))
 
 
 def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray, ts: np.ndarray,
@@ -207,7 +212,8 @@ def _last_where(mask: np.ndarray, user_sorted: np.ndarray, idx: np.ndarray, n_us
 
 def _update_slots(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray,
                   category: np.ndarray, visit: np.ndarray, age: np.ndarray, since: np.ndarray) -> None:
-    """Merge each user's new categorised events into their K slots; keep the K with most 30-day mass.
+    """Merge each user's new categorised events into their K slots; keep the latest category and the K - 1 others
+    with most 30-day mass.
     visit: (N,) the events that open a visit to their category (_visit_starts)."""
     has = category > 0
     old_mass = _slot_stats(columns, rows)  # (U, K, T + 2)
@@ -234,9 +240,12 @@ def _update_slots(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted:
     new_columns = (*(np.exp(-age[has] / tau) for tau in SLOT_TAUS_MS), np.ones(int(has.sum())), visit[has])
     mass = np.stack([np.bincount(group, weights=np.concatenate([old_filled[:, j], column]), minlength=len(user))
                      for j, column in enumerate(new_columns)], axis=1)
-    # Per user: most 30-day mass first (then count, then key), keep the first K. The groups are in key order
-    # and lexsort is stable: the key needs no pass of its own.
-    order = np.lexsort((-mass[:, COUNT], -mass[:, MASS_30D], user))
+    # Per user: the latest category first, then most 30-day mass (then count, then key), keep the first K. The
+    # groups are in key order and lexsort is stable: the key needs no pass of its own. Why the latest first: by
+    # 30-day mass alone, a category met in this visit (a mass of its few events) gave way to six a user came to
+    # often weeks ago, and where interests move on the one met last is the likeliest next (session 43).
+    latest = key == columns["last_category"][rows][user].astype(np.int64)
+    order = np.lexsort((-mass[:, COUNT], -mass[:, MASS_30D], ~latest, user))
     user, key, mass = user[order], key[order], mass[order]
     first = np.searchsorted(user, np.arange(n_users))
     slot = np.arange(len(user)) - first[user]
@@ -318,8 +327,25 @@ def slot_features(columns: dict[str, np.ndarray], last_ts: np.ndarray, rows: np.
     is_last = (bucket == columns["last_category"][rows][:, None]) & (bucket > 0)
     follow = np.zeros_like(share)  # filled by stream/follow.py and stream/popularity.py, which know the shop
     feats = np.stack([*(np.log1p(d) for d in decayed), np.log1p(count), share, is_last, follow, follow, follow,
-                      np.log1p(visits), visit_share, follow], axis=2)
+                      np.log1p(visits), visit_share, follow, _freshness(decayed)], axis=2)
     return bucket, feats.astype(np.float32)
+
+
+def _freshness(decayed: list[np.ndarray]) -> np.ndarray:
+    """(U, K) how recently each slot's category was last engaged with, read from its masses decayed to the
+    clock: 1 - log1p(age in minutes) / FRESHNESS_LOG_MINUTES, clipped to [0, 1]; 0 for an empty slot.
+
+    Why: the masses rank by frequency as much as by recency, and log1p of a day's mass tells a category of 3 days
+    ago (0.05) from one of 6 (0.0025) by too little for a linear score to see. No new state: a mass sum_i
+    exp(-age_i / tau) gives -tau * log(mass) = the latest event's age less at most tau * log(its events), so the
+    finest tau whose mass has not run out of float32 (the hour's lasts about 4 days, the day's 3 months) reads the
+    age within hours, or within a day or two beyond."""
+    age = np.full(decayed[0].shape, np.inf)
+    for mass, tau in zip(reversed(decayed), reversed(SLOT_TAUS_MS)):  # coarse to fine: the finest that holds wins
+        held = mass > 0
+        age = np.where(held, -tau * np.log(np.where(held, mass, 1.0)), age)
+    minutes = np.maximum(age, 0.0) / MINUTE_MS
+    return np.clip(1.0 - np.log1p(minutes) / FRESHNESS_LOG_MINUTES, 0.0, 1.0)  # inf (never): 0
 
 
 def stat_bytes_per_user() -> int:

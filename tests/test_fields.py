@@ -100,6 +100,35 @@ def test_category_counts_stop_at_their_maximum_instead_of_wrapping():
     assert feats[0, 0, SLOT_FEATURES.index("log_visits")] == pytest.approx(np.log1p(COUNT_MAX))
 
 
+def test_freshness_reads_each_categorys_latest_engagement_from_its_masses():
+    """A slot's freshness is the age of its category's latest event, read from the decayed masses: within
+    minutes while the hour's mass holds, within a day beyond, and it orders categories by recency where their
+    counts order them the other way (the most engaged category is the oldest here)."""
+    t0, day, hour = 1_700_000_000_000, 86_400_000, 3_600_000
+    ages = {"old": 40 * day, "week": 6 * day, "days": 3 * day, "hours": 5 * hour}  # latest event's age at the clock
+    n_events = {"old": 30, "week": 4, "days": 3, "hours": 1}
+    events, i = [], 0
+    for category, age in ages.items():
+        for k in range(n_events[category]):  # one visit: a minute apart, the latest at `age`
+            events.append({"event_id": f"e{i}", "user_id": "u", "type": "click", "item_id": "x",
+                           "ts": t0 - age - (n_events[category] - 1 - k) * 60_000, "category": category})
+            i += 1
+    events.append({"event_id": "now", "user_id": "v", "type": "click", "item_id": "x", "ts": t0, "category": "z"})
+    events.sort(key=lambda e: e["ts"])
+    state = updater_fed(events, [len(events)]).state
+    row = state.row("u")
+    _, feats = statistics.slot_features(state.columns, state.last_ts, np.array([row]), t0)
+    names = [state.category_names[k] for k in state.columns["cat_key"][row].tolist() if k]
+    fresh = dict(zip(names, feats[0, :len(names), SLOT_FEATURES.index("freshness")].tolist()))
+    assert sorted(fresh, key=fresh.get) == ["old", "week", "days", "hours"]
+    read_minutes = {c: np.expm1((1 - f) * statistics.FRESHNESS_LOG_MINUTES) for c, f in fresh.items()}
+    for category, age in ages.items():
+        # -tau * log(mass) is the age less at most tau * log(events): the hour's tau where it holds, else the day's
+        slack = (hour if age < 4 * day else day) * np.log(n_events[category]) + 60_000
+        assert age - slack <= read_minutes[category] * 60_000 <= age * 1.001, category
+    assert feats[0, len(names):, SLOT_FEATURES.index("freshness")].max() == 0.0  # empty slots
+
+
 def test_carts_pending_and_last_purchase_follow_the_funnel():
     t0 = 1_700_000_000_000
     ev = [{"event_id": f"e{i}", "user_id": "u", "type": t, "ts": t0 + i * 60_000, "item_id": "i", "category": "c",
@@ -707,14 +736,14 @@ def test_calibrating_for_a_shop_where_interests_move_on_names_the_latest_categor
     result = CliRunner().invoke(main, ["calibrate", "--model", "demo", "--events", str(shop), "--until", str(cut),
                                        "--out", str(tmp_path / "cal.pt"), "--device", DEVICE])
     assert result.exit_code == 0, result.output
-    assert "top_categories: the latest category's weight 0 -> " in result.output and ": moved" in result.output
+    assert "top_categories: the freshness weight 0 -> " in result.output and ": moved" in result.output
     demo, cal = load_checkpoint("demo", ON_DEVICE), load_checkpoint(tmp_path / "cal.pt", ON_DEVICE)
     a, b = demo.model.state_dict(), cal.model.state_dict()
     assert {k for k in a if not torch.equal(a[k], b[k])} == {"fields.repeat_score.weight"}
     assert cal.state_version == demo.version != cal.version
     info = orjson.loads(CliRunner().invoke(main, ["model", "info", str(tmp_path / "cal.pt"), "--json"]).output)
     moved = [move.split(" -> ")[0] for move in info["calibrations"][0]["moved"]]
-    assert moved == ["top_categories: the latest category's weight 0"]
+    assert moved == ["top_categories: the freshness weight 0"]
     before = evaluate_fields(demo, [str(shop)], ON_DEVICE, cut=cut)["fields"]["top_categories"]
     after = evaluate_fields(cal, [str(shop)], ON_DEVICE, cut=cut)["fields"]["top_categories"]
     assert after["model"]["precision@3"] > before["model"]["precision@3"] + 0.1
@@ -919,9 +948,10 @@ def test_the_gate_stays_where_no_move_ranks_better():
 
 def recency_examples(n: int, gen: torch.Generator, future: str) -> CutExamples:
     """A cut of users with 4 categories of their own, with shares 40%, 30%, 20% and 10%; the smallest is the one
-    they engaged with last, the two smallest are the ones they came to most often all along (log_count). Next week
-    they engage with their latest and their two largest ("moves on": a shop where interests move), with their three
-    largest ("staples"), or with the two they came to most often and their largest ("favourites")."""
+    they engaged with last (the freshest), the two smallest are the ones they came to most often all along
+    (log_count). Next week they engage with their latest and their two largest ("moves on": a shop where interests
+    move), with their three largest ("staples"), or with the two they came to most often and their largest
+    ("favourites")."""
     ex = examples(torch.rand(n, len(USER_FEATURES), generator=gen), torch.zeros(n), torch.zeros(n, 8))
     future_slots = {"moves on": [3, 0, 1], "staples": [0, 1, 2], "favourites": [2, 3, 0]}[future]
     ex = dataclasses.replace(ex, purchase_hours=torch.full((n,), PURCHASE_HORIZON_HOURS),
@@ -930,18 +960,19 @@ def recency_examples(n: int, gen: torch.Generator, future: str) -> CutExamples:
     ex.slot_valid[:, :4] = True
     ex.slot[:, :4, SLOT_FEATURES.index("share")] = torch.tensor([0.4, 0.3, 0.2, 0.1])
     ex.slot[:, 3, SLOT_FEATURES.index("is_last")] = 1.0
+    ex.slot[:, :4, SLOT_FEATURES.index("freshness")] = torch.tensor([0.5, 0.5, 0.5, 0.9])
     ex.slot[:, 2:4, SLOT_FEATURES.index("log_count")] = 2.0
     return ex
 
 
 @pytest.mark.parametrize("shop", ["moves on", "favourites", "staples", "changed its habits"])
-def test_calibrating_for_a_shop_weighs_the_latest_category_as_its_later_time_says(shop):
-    """`profiles calibrate` tries moves of the latest category's and the all-time count's weights on the shop's own
+def test_calibrating_for_a_shop_weighs_recency_as_its_later_time_says(shop):
+    """`profiles calibrate` tries moves of the freshness and the all-time count's weights on the shop's own
     cuts. Where users move on to new interests, or come back to favourites, the move the earlier cuts choose (the
-    latest category's weight, the count's) also names the latest cut's future better: kept. Where they keep their
+    freshness weight, the count's) also names the latest cut's future better: kept. Where they keep their
     staples, no move ranks better: the weights stay bit for bit. Where the earlier cuts moved on and the latest
     keeps its staples, the test on the latest cut refuses the move."""
-    from models.shop_calibration import IS_LAST, LOG_COUNT, tune_ranking_on_cuts
+    from models.shop_calibration import FRESHNESS, LOG_COUNT, tune_ranking_on_cuts
 
     gen = torch.Generator().manual_seed(11)
     futures = {"moves on": ["moves on"] * 4, "favourites": ["favourites"] * 4, "staples": ["staples"] * 4,
@@ -966,7 +997,7 @@ def test_calibrating_for_a_shop_weighs_the_latest_category_as_its_later_time_say
         assert report["test"]["moved"] == pytest.approx(1.0)
         assert changed == {"fields.repeat_score.weight"}
         weights = model.fields.repeat_score.weight.detach()[0]
-        assert float(weights[IS_LAST]) == pytest.approx(report["recency"])
+        assert float(weights[FRESHNESS]) == pytest.approx(report["recency"])
         assert float(weights[LOG_COUNT]) == pytest.approx(report["frequency"])
         assert ranking_precision(model, parts[3]) == pytest.approx(1.0)
     else:
@@ -1284,6 +1315,26 @@ def test_the_fields_fit_on_a_log_without_categories(tmp_path):
                                                 query_buckets=64)), load_events([path]), torch.device(DEVICE))
     assert report["cuts"] >= 3
     assert set(report["chosen"]) == {"purchase", "event"}  # no category side to choose
+
+
+def test_the_slots_keep_the_latest_category_beside_the_five_with_most_month_mass():
+    """Six categories a user came to often ten days ago fill the slots; a category met once now takes a slot (the
+    latest is kept first), and the one with the least mass gives way. Met once, it gives way in turn when another
+    category is the latest, in one batch or event by event."""
+    day, t0 = 24 * 3_600_000, 1_700_000_000_000
+    events = [{"event_id": f"c{c}-{i}", "user_id": "u", "type": "click", "item_id": "i", "category": f"c{c}",
+               "ts": t0 + c * 60_000 + i * 3_600_000} for c in range(6) for i in range(5 + c)]
+    events += [{"event_id": "new", "user_id": "u", "type": "click", "item_id": "i", "category": "new",
+                "ts": t0 + 10 * day},
+               {"event_id": "newer", "user_id": "u", "type": "click", "item_id": "i", "category": "newer",
+                "ts": t0 + 10 * day + 60_000}]
+    events.sort(key=lambda e: e["ts"])
+    for upto, latest in ((-1, "new"), (len(events), "newer")):
+        for batch in (len(events), 1):
+            state = updater_fed(events[:upto], [batch]).state
+            row = state.row("u")
+            held = [state.category_names[k] for k in state.columns["cat_key"][row].tolist()]
+            assert held == [latest, "c5", "c4", "c3", "c2", "c1"], (latest, batch)
 
 
 def test_the_slots_keep_the_categories_with_most_month_mass_ties_by_count_then_key():
