@@ -63,8 +63,15 @@ def move_descriptions(report: dict) -> dict[str, str]:
     said = {}
     silence, carts, ranking = (report.get(name) or {} for name in ("silence", "carts", "ranking"))
     if silence.get("kept"):
-        said["silence"] = (f"the return hazard x (1 + idle / 28 days) ** -{silence['power_before']:g} -> "
-                           f"** -{silence['move']:g}")
+        # session 42's calibrations moved the power alone: their move is a number, not (power, step on idle)
+        power, step = silence["move"] if isinstance(silence["move"], (list, tuple)) else (silence["move"], 0.0)
+        parts = []
+        if power != silence["power_before"]:
+            parts.append(f"the return hazard x (1 + idle / 28 days) ** -{silence['power_before']:g} -> ** -{power:g}")
+        if step:
+            parts.append(f"the weight on idle time {silence['idle_weight_before']:g} -> "
+                         f"{silence['idle_weight_after']:g}")
+        said["silence"] = ", ".join(parts)
     if carts.get("kept"):
         said["carts"] = f"the weight on carts pending {carts['weight_before']:g} -> {carts['weight_after']:g}"
     if ranking.get("kept"):

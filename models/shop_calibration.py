@@ -225,6 +225,12 @@ def tune_ranking_on_cuts(model: ProfileModel, parts: list[CutExamples], gen: tor
 # after a long silence and moves of the purchase head's weight on carts pending on the serving shop's own log
 # (tune_silence_on_cuts, tune_carts_on_cuts), by ROC AUC, before the calibration maps are fitted again with them.
 SILENCE_POWERS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
+# Beside the fall after a long silence, the return hazard's weight on idle time itself (on the standardised
+# statistic; kept <= 0, its direction): where a purchase ends a user's business for months (the independent
+# electronics world), shop 0's weights on activity and purchases say they come back, and churn_risk ranked 0.06-0.08
+# below days idle uncalibrated, 0.016-0.022 below with the fall's power alone (session 43).
+IDLE_STEPS = (-2.0, -1.0, -0.5, -0.25, 0.0)
+IDLE = USER_FEATURES.index("log_idle_minutes")
 CART_STEPS = (-0.5, -0.25, 0.0, 0.25, 0.5, 1.0)  # on the standardised statistic's weight
 CARTS_PENDING = USER_FEATURES.index("log_carts_pending")
 AUC_MARGIN = 0.002
@@ -238,23 +244,31 @@ def _head_auc(model: ProfileModel, ex: CutExamples, name: str) -> float:
 
 @torch.no_grad()
 def tune_silence_on_cuts(model: ProfileModel, parts: list[CutExamples]) -> dict:
-    """churn_risk's fall after a long silence set for the shop of `parts`, in place: the power of SILENCE_POWERS
-    that ranks the users best by whether they came back within the horizon (_choose_on_later_time, AUC_MARGIN)."""
+    """What a silence says, set for the shop of `parts`, in place: churn_risk's fall after a long silence (a power of
+    SILENCE_POWERS) and a step of IDLE_STEPS on its return hazard's weight on idle time, the pair that ranks the
+    users best by whether they came back within the horizon (_choose_on_later_time, AUC_MARGIN)."""
     head = model.fields.event
-    current = float(head.silence_power)
+    current, weight = float(head.silence_power), head.linear.weight
+    before = float(weight[0, IDLE])
 
-    def auc(ex: CutExamples, power: float) -> float:
+    def move(power: float, step: float) -> None:
         head.silence_power.fill_(power)
+        weight[0, IDLE] = min(before + step, 0.0) if step else before
+
+    def auc(ex: CutExamples, pair: tuple[float, float]) -> float:
+        move(*pair)
         value = _head_auc(model, ex, "event")
-        head.silence_power.fill_(current)
+        move(current, 0.0)
         return value
 
-    report = _choose_on_later_time(parts, "event", sorted({current, *SILENCE_POWERS}), current, auc,
-                                   lambda p: abs(p - current), AUC_MARGIN,
+    pairs = [(power, step) for power in sorted({current, *SILENCE_POWERS}) for step in IDLE_STEPS]
+    report = _choose_on_later_time(parts, "event", pairs, (current, 0.0), auc,
+                                   lambda pair: abs(pair[0] - current) + abs(pair[1]), AUC_MARGIN,
                                    "every user came back within the horizon, or none did: nothing to rank")
-    report["power_before"] = current
+    report.update(power_before=current, idle_weight_before=round(before, 4))
     if report["kept"]:
-        head.silence_power.fill_(report["move"])
+        move(*report["move"])
+        report["idle_weight_after"] = round(float(weight[0, IDLE]), 4)
     return report
 
 
