@@ -73,7 +73,15 @@ def move_descriptions(report: dict) -> dict[str, str]:
                          f"{silence['idle_weight_after']:g}")
         said["silence"] = ", ".join(parts)
     if carts.get("kept"):
-        said["carts"] = f"the weight on carts pending {carts['weight_before']:g} -> {carts['weight_after']:g}"
+        # session 42's calibrations moved carts pending alone: their move is a number, not (carts, recent purchases)
+        steps = carts["move"] if isinstance(carts["move"], (list, tuple)) else (carts["move"], 0.0)
+        parts = []
+        if steps[0]:
+            parts.append(f"the weight on carts pending {carts['weight_before']:g} -> {carts['weight_after']:g}")
+        if steps[1]:
+            parts.append(f"the weight on the last 7 days' purchases {carts['recent_weight_before']:g} -> "
+                         f"{carts['recent_weight_after']:g}")
+        said["carts"] = ", ".join(parts)
     if ranking.get("kept"):
         parts = []
         if ranking["recency"] and "freshness_weight_before" in ranking:

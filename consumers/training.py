@@ -244,7 +244,7 @@ def _say_moves(report: dict) -> None:
     said = move_descriptions(report)
     for name, what, metric, note in (
             ("silence", "churn_risk after a long silence", "ROC AUC", " (the churn_risk map below is fitted with it)"),
-            ("carts", "purchase_propensity and carts pending", "ROC AUC",
+            ("carts", "purchase_propensity, carts pending and recent purchases", "ROC AUC",
              " (the purchase_propensity map below is fitted with it)"),
             ("ranking", "top_categories", "precision@3", "")):
         if name in report:

@@ -573,7 +573,7 @@ def test_calibrate_fits_another_shops_rates_and_changes_nothing_else(tmp_path):
     assert "tested first on the profiles of" in result.output
     assert "top_categories: left as it was (no move did better on the earlier cuts" in result.output
     assert "churn_risk after a long silence: left as it was" in result.output
-    assert "purchase_propensity and carts pending: left as it was" in result.output
+    assert "purchase_propensity, carts pending and recent purchases: left as it was" in result.output
     # A log too short to see the horizons even once: nothing is calibrated on it, nothing written, and one line
     # says how long it is and what it needs (not one "too short" per field).
     write_jsonl([e for e in log.events if e["ts"] < ts[0] + 3 * 86_400_000], tmp_path / "short.jsonl")
@@ -670,21 +670,23 @@ def test_calibrating_for_a_shop_sets_the_fall_after_a_long_silence_as_its_later_
     assert report["test"]["moved"] > report["test"]["current"] + 0.002
 
 
-@pytest.mark.parametrize("shop", ["carts get bought", "carts are left"])
+@pytest.mark.parametrize("shop", ["carts get bought", "recent buyers buy again", "carts are left"])
 def test_calibrating_for_a_shop_weighs_carts_pending_as_its_later_time_says(shop):
-    """A model whose purchase head reads the users' purchase share and not their carts pending. Where carts
-    pending get bought, the weight on them moves up, ranking buyers better on the earlier cuts and the latest;
-    where they are left and the purchase share decides, nothing moves."""
-    from models.shop_calibration import CARTS_PENDING, tune_carts_on_cuts
+    """A model whose purchase head reads the users' purchase share and not their carts pending or their last 7
+    days' purchases. Where carts pending get bought, the weight on them moves up; where users who bought this week
+    buy again, the weight on those purchases does; either ranks buyers better on the earlier cuts and the latest.
+    Where carts are left and the purchase share decides, nothing moves."""
+    from models.shop_calibration import CARTS_PENDING, RECENT_PURCHASES, tune_carts_on_cuts
 
     gen = torch.Generator().manual_seed(13)
     parts = []
     for k in range(4):
         user = torch.zeros(2000, len(USER_FEATURES))
         user[:, CARTS_PENDING] = torch.log1p(torch.randint(0, 5, (2000,), generator=gen).float())
+        user[:, RECENT_PURCHASES] = torch.log1p(torch.randint(0, 4, (2000,), generator=gen).float())
         user[:, USER_FEATURES.index("purchase_share")] = torch.rand(2000, generator=gen)
-        decides = (user[:, CARTS_PENDING] - 1 if shop == "carts get bought"
-                   else user[:, USER_FEATURES.index("purchase_share")] * 2 - 1)
+        decides = {"carts get bought": user[:, CARTS_PENDING] - 1, "recent buyers buy again": user[:, RECENT_PURCHASES]
+                   - 0.7, "carts are left": user[:, USER_FEATURES.index("purchase_share")] * 2 - 1}[shop]
         label = (torch.rand(2000, generator=gen) < torch.sigmoid(3 * decides)).float()
         parts.append(dataclasses.replace(examples(user, label, torch.zeros(2000, 8)), cut=torch.full((2000,), k),
                                          purchase_hours=torch.full((2000,), PURCHASE_HORIZON_HOURS)))
@@ -700,8 +702,11 @@ def test_calibrating_for_a_shop_weighs_carts_pending_as_its_later_time_says(shop
     if shop == "carts are left":
         assert report["kept"] is False and not changed
         return
-    assert report["kept"] is True and report["move"] > 0 and changed == {"fields.purchase.linear.weight"}
-    assert float(model.fields.purchase.linear.weight.detach()[0, CARTS_PENDING]) == pytest.approx(report["move"])
+    moved, still = (0, 1) if shop == "carts get bought" else (1, 0)
+    assert report["kept"] is True and report["move"][moved] > 0 and changed == {"fields.purchase.linear.weight"}
+    weight = model.fields.purchase.linear.weight.detach()[0]
+    assert float(weight[[CARTS_PENDING, RECENT_PURCHASES][moved]]) == pytest.approx(report["move"][moved])
+    assert report["move"][still] == 0
     assert report["test"]["moved"] > report["test"]["current"] + 0.002
 
 
