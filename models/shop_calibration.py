@@ -169,7 +169,8 @@ def _choose_on_later_time(parts: list[CutExamples], head: str, moves: list, curr
 # shop is (docs/model-journal.md, sessions 40-43). So `profiles calibrate` also tries moves of the repeat score's
 # weights on each category's freshness (recency: how long ago the user last engaged with it; session 42 moved the
 # weight on being the latest category, which tells the second most recent from the sixth no better than counts do)
-# and on the all-time count (frequency), both kept >= 0 (their
+# and on the all-time count (frequency), both kept >= 0 (their directions), beside the gate's, on the serving shop's
+# own log (tune_ranking_on_cuts).
 RECENCY_STEPS = (-2.0, 0.0, 1.0, 2.0, 5.0, 10.0, 20.0)  # freshness is in [0, 1]
 FREQUENCY_STEPS = (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
 FRESHNESS, LOG_COUNT = SLOT_FEATURES.index("freshness"), SLOT_FEATURES.index("log_count")
