@@ -81,17 +81,21 @@ def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_siz
 def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: str | None, seed: int,
               device: str) -> None:
     """Calibrate purchase_propensity and churn_risk of a trained model again on another shop's events, and
-    weigh top_categories' latest category for it: a model trained in one shop ranks another shop's users
-    well, but its probabilities carry the rates of the shop it was trained in, and whether a user's latest
-    category says more about next week than their counts differs from shop to shop. Takes seconds, where
-    training takes minutes.
+    weigh for it what the counting rules read: a model trained in one shop ranks another shop's users well,
+    but its probabilities carry the rates of the shop it was trained in, and how much a long silence, carts
+    not bought, this week's purchases, or a user's most recent categories against their most frequent say
+    about what comes next differs from shop to shop. Takes seconds, where training takes minutes.
 
     Profiles are taken through the serving path at cuts in the log and judged on what each user did
     next. A probability's new calibration map is kept only if, fitted on the earlier cuts, it predicts
     the latest cut that saw its whole horizon (7 days for purchase_propensity, 14 for churn_risk) better
     than the model's own calibration; it is then fitted on all the cuts, the later ones weighing more.
-    top_categories: the weight of the user's latest category and the repeat gate are moved by the steps that
-    name the earlier cuts' next 7 days best, kept only if they also name the latest such cut's better.
+    Before the maps: churn_risk's fall after a long silence and its weight on idle time, and
+    purchase_propensity's weights on carts pending and on the last 7 days' purchases, are moved by the steps
+    that rank the earlier cuts' users best (ROC AUC). After them, top_categories' weights on how recently the
+    user came to each category (freshness) and on the all-time count, and the repeat gate, are moved by the
+    steps that name the earlier cuts' next 7 days best (precision@3). Each move is kept only if it also does
+    better on the latest cut that saw its whole horizon.
     Where nothing changes, the model is written unchanged; a log too short to test any of them is an error
     (exit 1).
 
