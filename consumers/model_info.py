@@ -57,14 +57,19 @@ def _fade(name: str, scale: float, power: float | None) -> str:
     return f"{name} (odds fall as (1 + in-visit gaps / {scale:.3g}) ** -{power:.3g})"
 
 
+def _pair(move) -> tuple[float, float]:
+    """A silence or carts move as a pair: session 42's calibrations moved one weight, and their move is a number
+    (the power; the carts step), the second of the pair 0."""
+    return tuple(move) if isinstance(move, (list, tuple)) else (move, 0.0)
+
+
 def move_descriptions(report: dict) -> dict[str, str]:
     """The moves one `profiles calibrate` kept besides its maps (models/shop_calibration.py's report), each in
     words: "silence" (churn_risk), "carts" (purchase_propensity), "ranking" (top_categories)."""
     said = {}
     silence, carts, ranking = (report.get(name) or {} for name in ("silence", "carts", "ranking"))
     if silence.get("kept"):
-        # session 42's calibrations moved the power alone: their move is a number, not (power, step on idle)
-        power, step = silence["move"] if isinstance(silence["move"], (list, tuple)) else (silence["move"], 0.0)
+        power, step = _pair(silence["move"])
         parts = []
         if power != silence["power_before"]:
             parts.append(f"the return hazard x (1 + idle / 28 days) ** -{silence['power_before']:g} -> ** -{power:g}")
@@ -73,8 +78,7 @@ def move_descriptions(report: dict) -> dict[str, str]:
                          f"{silence['idle_weight_after']:g}")
         said["silence"] = ", ".join(parts)
     if carts.get("kept"):
-        # session 42's calibrations moved carts pending alone: their move is a number, not (carts, recent purchases)
-        steps = carts["move"] if isinstance(carts["move"], (list, tuple)) else (carts["move"], 0.0)
+        steps = _pair(carts["move"])
         parts = []
         if steps[0]:
             parts.append(f"the weight on carts pending {carts['weight_before']:g} -> {carts['weight_after']:g}")

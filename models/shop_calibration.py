@@ -248,11 +248,30 @@ def _head_auc(model: ProfileModel, ex: CutExamples, name: str) -> float:
     return roc_auc(log_l.cpu().numpy(), label.cpu().numpy())
 
 
+def _tune_by_auc(model: ProfileModel, parts: list[CutExamples], head: str, pairs: list[tuple[float, float]],
+                 current: tuple[float, float], move, nothing: str) -> dict:
+    """What tune_silence_on_cuts and tune_carts_on_cuts share: the pair of `pairs` that ranks the users of `parts`
+    best by `head`'s outcome within the horizon (_choose_on_later_time, AUC_MARGIN; the smallest move within half
+    the margin of the best), applied with `move(a, b)` if kept; `move(*current)` puts the weights back."""
+    def auc(ex: CutExamples, pair: tuple[float, float]) -> float:
+        move(*pair)
+        value = _head_auc(model, ex, head)
+        move(*current)
+        return value
+
+    report = _choose_on_later_time(parts, head, pairs, current, auc,
+                                   lambda pair: abs(pair[0] - current[0]) + abs(pair[1] - current[1]), AUC_MARGIN,
+                                   nothing)
+    if report["kept"]:
+        move(*report["move"])
+    return report
+
+
 @torch.no_grad()
 def tune_silence_on_cuts(model: ProfileModel, parts: list[CutExamples]) -> dict:
     """What a silence says, set for the shop of `parts`, in place: churn_risk's fall after a long silence (a power of
     SILENCE_POWERS) and a step of IDLE_STEPS on its return hazard's weight on idle time, the pair that ranks the
-    users best by whether they came back within the horizon (_choose_on_later_time, AUC_MARGIN)."""
+    users best by whether they came back within the horizon (_tune_by_auc)."""
     head = model.fields.event
     current, weight = float(head.silence_power), head.linear.weight
     before = float(weight[0, IDLE])
@@ -261,19 +280,11 @@ def tune_silence_on_cuts(model: ProfileModel, parts: list[CutExamples]) -> dict:
         head.silence_power.fill_(power)
         weight[0, IDLE] = min(before + step, 0.0) if step else before
 
-    def auc(ex: CutExamples, pair: tuple[float, float]) -> float:
-        move(*pair)
-        value = _head_auc(model, ex, "event")
-        move(current, 0.0)
-        return value
-
     pairs = [(power, step) for power in sorted({current, *SILENCE_POWERS}) for step in IDLE_STEPS]
-    report = _choose_on_later_time(parts, "event", pairs, (current, 0.0), auc,
-                                   lambda pair: abs(pair[0] - current) + abs(pair[1]), AUC_MARGIN,
-                                   "every user came back within the horizon, or none did: nothing to rank")
+    report = _tune_by_auc(model, parts, "event", pairs, (current, 0.0), move,
+                          "every user came back within the horizon, or none did: nothing to rank")
     report.update(power_before=current, idle_weight_before=round(before, 4))
     if report["kept"]:
-        move(*report["move"])
         report["idle_weight_after"] = round(float(weight[0, IDLE]), 4)
     return report
 
@@ -282,7 +293,7 @@ def tune_silence_on_cuts(model: ProfileModel, parts: list[CutExamples]) -> dict:
 def tune_carts_on_cuts(model: ProfileModel, parts: list[CutExamples]) -> dict:
     """purchase_propensity's weights on carts pending and on the last 7 days' purchases moved for the shop of `parts`,
     in place: the pair of steps (CART_STEPS x RECENT_PURCHASE_STEPS) that ranks the users best by whether they bought
-    within the horizon (_choose_on_later_time, AUC_MARGIN). "move" is the pair; "weight_*" are carts pending's."""
+    within the horizon (_tune_by_auc). "move" is the pair; "weight_*" are carts pending's."""
     weight = model.fields.purchase.linear.weight
     before, recent_before = float(weight[0, CARTS_PENDING]), float(weight[0, RECENT_PURCHASES])
 
@@ -290,18 +301,11 @@ def tune_carts_on_cuts(model: ProfileModel, parts: list[CutExamples]) -> dict:
         weight[0, CARTS_PENDING] = before + carts
         weight[0, RECENT_PURCHASES] = recent_before + recent
 
-    def auc(ex: CutExamples, pair: tuple[float, float]) -> float:
-        move(*pair)
-        value = _head_auc(model, ex, "purchase")
-        move(0.0, 0.0)
-        return value
-
     pairs = [(carts, recent) for carts in CART_STEPS for recent in RECENT_PURCHASE_STEPS]
-    report = _choose_on_later_time(parts, "purchase", pairs, (0.0, 0.0), auc, lambda pair: abs(pair[0]) + abs(pair[1]),
-                                   AUC_MARGIN, "nobody bought within the horizon, or everybody did: nothing to rank")
+    report = _tune_by_auc(model, parts, "purchase", pairs, (0.0, 0.0), move,
+                          "nobody bought within the horizon, or everybody did: nothing to rank")
     report.update(weight_before=round(before, 4), recent_weight_before=round(recent_before, 4))
     if report["kept"]:
-        move(*report["move"])
         report.update(weight_after=round(float(weight[0, CARTS_PENDING]), 4),
                       recent_weight_after=round(float(weight[0, RECENT_PURCHASES]), 4))
     return report
