@@ -122,13 +122,14 @@ def print_tables(report: dict) -> None:
                         ("churn_risk", f"no event within {window(w['churn'])}")):
         f = fields[field]
         table = Table(title=f"{field} vs {what} ({f['positives']:,} of {f['users']:,} users)")
-        for c in ("scorer", "ROC AUC", "PR AUC", "Brier", "ECE", "mean"):
+        for c in ("scorer", "ROC AUC", "PR AUC", "Brier", "ECE", "ECE if exact", "mean"):
             table.add_column(c, justify="left" if c == "scorer" else "right")
         for name, m in [("model", f["model"]), *f["baselines"].items()]:
             table.add_row(name, _fmt(m["roc_auc"]), _fmt(m["pr_auc"]), _fmt(m.get("brier")), _fmt(m.get("ece")),
-                          _fmt(m.get("mean_probability")))
+                          _fmt(m.get("ece_if_calibrated")), _fmt(m.get("mean_probability")))
         console.print(table)
         console.print(_versus_best(f))
+        console.print(_calibration(f["model"]))
         console.print(_rates(field, f, report["windows_cut_short"]))
     behind = [name for name in JUDGED_FIELDS if _verdict(fields[name].get("versus_best")) == "behind"]
     if behind:
@@ -256,6 +257,16 @@ def _versus_best(field: dict) -> str:
 
 RATE_GAP = 0.02  # mean probability this far from the observed rate: say so, and what fits it
 RATE_MIN_USERS = 30  # below, the observed rate is too rough to send anyone to `profiles calibrate`
+
+
+def _calibration(m: dict) -> str:
+    """The ECE against the ECE that exact probabilities would show on as many users (sampling alone)."""
+    ece, floor, high = m.get("ece"), m.get("ece_if_calibrated"), m.get("ece_if_calibrated_95")
+    if ece is None or floor is None or np.isnan([ece, floor, high]).any():
+        return ""
+    verdict = "more than sampling alone explains" if ece > high else "within what sampling alone explains"
+    return (f"ECE {ece:.3f}; exact probabilities would show {floor:.3f} on these users ({high:.3f} at the 95th "
+            f"percentile): {verdict}")
 
 
 def _rates(field: str, f: dict, short_log: bool) -> str:

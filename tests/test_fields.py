@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from models.field_evaluation import (
-    baseline_scores, binary_metrics, evaluate_fields, expected_calibration_error, paired_interval, profiles_at,
+    baseline_scores, binary_metrics, ece_if_calibrated, evaluate_fields, expected_calibration_error, paired_interval,
+    profiles_at,
 )
 from models.update_step import ProfileUpdater
 from models.dataset import load_events, read_records
@@ -1087,7 +1088,9 @@ def test_evaluation_report_has_every_field_metric_and_baseline(tmp_path):
     assert set(fields["top_categories"]["baselines"]) == {"all-time counts", "decayed counts",
                                                           "most recent categories"}
     for field in ("purchase_propensity", "churn_risk"):
-        assert set(fields[field]["model"]) == {"roc_auc", "pr_auc", "brier", "ece", "mean_probability"}
+        assert set(fields[field]["model"]) == {"roc_auc", "pr_auc", "brier", "ece", "ece_if_calibrated",
+                                               "ece_if_calibrated_95", "mean_probability"}
+        assert 0 < fields[field]["model"]["ece_if_calibrated"] <= fields[field]["model"]["ece_if_calibrated_95"]
         assert 0 < fields[field]["model"]["mean_probability"] < 1
         assert 0 < fields[field]["positives"] < fields[field]["users"]
     # An untrained model's repeat side already counts: far above chance on categories, near the counting rule.
@@ -1098,6 +1101,22 @@ def test_evaluation_report_has_every_field_metric_and_baseline(tmp_path):
         v = field["versus_best"]
         assert v["baseline"] in field["baselines"]
         assert v["interval95"][0] <= v["difference"] <= v["interval95"][1]
+
+
+def test_the_ece_of_exact_probabilities_is_sampling_alone_and_a_miscalibration_stands_above_it():
+    """Labels drawn from the probabilities themselves: their ECE is no smaller than about the floor reported
+    and falls under its 95th percentile about 95 times in 100; probabilities 0.06 too high stand above it. The
+    floor shrinks as the square root of the users."""
+    rng = np.random.default_rng(4)
+    p = rng.beta(2, 2, 3000)
+    floor, high = ece_if_calibrated(p)
+    eces = np.array([expected_calibration_error(p, (rng.random(3000) < p).astype(float)) for _ in range(300)])
+    assert abs(eces.mean() - floor) < 0.1 * floor and 0.9 < (eces <= high).mean() < 0.99
+    assert 0.01 < floor < 0.03  # 10 bins of 300 users at rates near one half
+    too_high = np.clip(p + 0.06, 0, 1)
+    assert expected_calibration_error(too_high, (rng.random(3000) < p).astype(float)) > ece_if_calibrated(too_high)[1]
+    more = rng.beta(2, 2, 48_000)
+    assert abs(ece_if_calibrated(more)[0] - floor / 4) < 0.15 * floor / 4
 
 
 def test_paired_interval_separates_a_real_gap_from_noise():
@@ -1218,7 +1237,8 @@ def test_the_tables_name_windows_in_minutes_hours_or_days_and_say_what_to_do_whe
     from consumers.field_report import print_cut_summary, print_tables, window
 
     assert [window(h) for h in (26 / 60, 5.0, 168.0, 221.3)] == ["26 min", "5 h", "7 days", "9.22 days"]
-    f = {"model": {"roc_auc": 0.7, "pr_auc": 0.1, "brier": 0.1, "ece": 0.01, "mean_probability": 0.1},
+    f = {"model": {"roc_auc": 0.7, "pr_auc": 0.1, "brier": 0.1, "ece": 0.01, "ece_if_calibrated": 0.012,
+                   "ece_if_calibrated_95": 0.02, "mean_probability": 0.1},
          "positives": 10, "users": 100, "baselines": {"days idle": {"roc_auc": 0.75, "pr_auc": 0.1}},
          "versus_best": {"baseline": "days idle", "metric": "roc_auc", "difference": -0.05,
                          "interval95": [-0.08, -0.02]}}
@@ -1234,6 +1254,12 @@ def test_the_tables_name_windows_in_minutes_hours_or_days_and_say_what_to_do_whe
     print_tables(report)
     out = " ".join(capsys.readouterr().out.split())
     assert "a purchase within 26 min" in out and "no event within 26 min" in out
+    assert "ECE 0.010; exact probabilities would show 0.012 on these users (0.020 at the 95th percentile): within " \
+           "what sampling alone explains" in out
+    print_tables({**report, "fields": {**report["fields"], "purchase_propensity": {**f, "model": {**f["model"],
+                                                                                               "ece": 0.05}}}})
+    assert "ECE 0.050; exact probabilities would show 0.012 on these users (0.020 at the 95th percentile): more " \
+           "than sampling alone explains" in " ".join(capsys.readouterr().out.split())
     # Behind outside the noise on purchase only: the hint names it and the command that trains on this log.
     assert "behind a counting rule on purchase_propensity: " in out
     assert "--until 2017-11-26T02:44:08+00:00" in out
