@@ -65,8 +65,9 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[str
     shares = np.linspace(*SPREAD_CUT_SHARES, spread).tolist() if spread else [DEFAULT_CUT_SHARE]
     plan = [(parse_cut(c), DEFAULT_CUT_SHARE) for c in cuts] or [(None, share) for share in shares]
     reports = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} records"),
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed:,}/{task.total:,} records"), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
         for k, (cut, share) in enumerate(plan):
             what = "replaying to the cut" if len(plan) == 1 else f"replaying to cut {k + 1} of {len(plan)}"
             task = bar.add_task(what, total=1)

@@ -1210,7 +1210,8 @@ def test_run_refuses_to_start_without_a_model(tmp_path):
 
     from consumers.cli import main
 
-    result = CliRunner().invoke(main, ["run", "--bootstrap-servers", "127.0.0.1:9"], env={"PROFILES_MODEL": None, "PROFILES_UNTRAINED": None})
+    result = CliRunner().invoke(main, ["run", "--bootstrap-servers", "127.0.0.1:9"],
+                                env={"PROFILES_MODEL": None, "PROFILES_UNTRAINED": None})
     assert result.exit_code == 2
     assert "--model" in result.output and "profiles train" in result.output and "--untrained" in result.output
 
