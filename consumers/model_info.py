@@ -57,10 +57,11 @@ def _fade(name: str, scale: float, power: float | None) -> str:
     return f"{name} (odds fall as (1 + in-visit gaps / {scale:.3g}) ** -{power:.3g})"
 
 
-def _pair(move) -> tuple[float, float]:
-    """A silence or carts move as a pair: session 42's calibrations moved one weight, and their move is a number
-    (the power; the carts step), the second of the pair 0."""
-    return tuple(move) if isinstance(move, (list, tuple)) else (move, 0.0)
+def _pair(move) -> tuple[float, ...]:
+    """A silence or carts move as a tuple of 3: session 42's calibrations moved one weight, and their move is a
+    number (the power; the carts step); before session 46 a carts move was a pair. The steps they lack are 0."""
+    steps = tuple(move) if isinstance(move, (list, tuple)) else (move,)
+    return steps + (0.0,) * (3 - len(steps))
 
 
 def move_descriptions(report: dict) -> dict[str, str]:
@@ -69,7 +70,7 @@ def move_descriptions(report: dict) -> dict[str, str]:
     said = {}
     silence, carts, ranking = (report.get(name) or {} for name in ("silence", "carts", "ranking"))
     if silence.get("kept"):
-        power, step = _pair(silence["move"])
+        power, step, _ = _pair(silence["move"])
         parts = []
         if power != silence["power_before"]:
             parts.append(f"the return hazard x (1 + idle / 28 days) ** -{silence['power_before']:g} -> ** -{power:g}")
@@ -85,6 +86,9 @@ def move_descriptions(report: dict) -> dict[str, str]:
         if steps[1]:
             parts.append(f"the weight on the last 7 days' purchases {carts['recent_weight_before']:g} -> "
                          f"{carts['recent_weight_after']:g}")
+        if steps[2]:
+            parts.append(f"the weight on the next order being due {carts['due_weight_before']:g} -> "
+                         f"{carts['due_weight_after']:g}")
         said["carts"] = ", ".join(parts)
     if ranking.get("kept"):
         parts = []
@@ -124,7 +128,8 @@ def info_lines(info: dict) -> list[str]:
            + (f"; moved: {', '.join(c['moved'])}" if c["moved"] else "; nothing moved"))
           for c in info["calibrations"]],
         ("checkpoint", f"{info['path']} (format {info['format']}"
-                       + (f"; this version writes {CHECKPOINT_FORMAT})" if info["format"] != CHECKPOINT_FORMAT else ")")),
+                       + (f"; this version writes {CHECKPOINT_FORMAT})" if info["format"] != CHECKPOINT_FORMAT
+                          else ")")),
         ("parameters", f"{info['parameters']:,}"),
         ("hidden size", f"{c['hidden_size']} (+ {c['memory_size']} long-term memory = "
                         f"{info['state_floats_per_user']} floats of state per user)"),

@@ -204,7 +204,8 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
                    f"log loss {fit['loss_before']:.4f} -> {fit['loss_after']:.4f}: {verdict}", err=True)
         if test.get("loss_recalibrated") is not None:
             click.echo(f"    tested first on the profiles of {iso_time(test['cut_ms'], 'minutes')}, fitted on the "
-                       f"earlier ones: log loss {test['loss_current']:.4f} -> {test['loss_recalibrated']:.4f}", err=True)
+                       f"earlier ones: log loss {test['loss_current']:.4f} -> {test['loss_recalibrated']:.4f}",
+                       err=True)
     _say_moves({"ranking": report["ranking"]})
     base = loaded.state_version
     if any(fit["kept"] for fit in fits):
@@ -244,7 +245,7 @@ def _say_moves(report: dict) -> None:
     said = move_descriptions(report)
     for name, what, metric, note in (
             ("silence", "churn_risk after a long silence", "ROC AUC", " (the churn_risk map below is fitted with it)"),
-            ("carts", "purchase_propensity, carts pending and recent purchases", "ROC AUC",
+            ("carts", "purchase_propensity, carts pending, recent purchases and orders due", "ROC AUC",
              " (the purchase_propensity map below is fitted with it)"),
             ("ranking", "top_categories", "precision@3", "")):
         if name in report:

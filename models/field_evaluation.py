@@ -25,6 +25,7 @@ from stream.events import ADD_TO_CART, PURCHASE, iso_time
 from stream.settings import Settings
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from stream.sources import TimeRange, no_usable_events_among
+from stream.statistics import ORDER_GAP_MS
 
 DAY_MS = 24 * HOUR_MS
 DECAY_MS = 7 * DAY_MS  # time scale of the decayed-count baselines
@@ -180,14 +181,33 @@ def baseline_scores(hist: EventLog, cut: int) -> dict[str, dict[str, np.ndarray]
     np.maximum.at(last_ts, u, ev.ts)
     idle_days = (cut - last_ts) / DAY_MS
     recent_events = np.bincount(u, weights=recent, minlength=n)
+    due = order_due(u[purchase], ev.ts[purchase], n, cut)
     # Tie-breaks by a second, weaker signal (scaled far below one unit of the first).
     return {
         "purchase": {"purchase share": purchases / np.maximum(events, 1),
                      "recent purchases (7 days)": recent_purchases + 1e-3 * purchases / (1 + purchases),
-                     "carts not bought": pending + 1e-3 * np.exp(-idle_days)},
+                     "carts not bought": pending + 1e-3 * np.exp(-idle_days),
+                     "order due (own rhythm)": due + 1e-3 * purchases / (1 + purchases)},
         "churn": {"days idle": idle_days,
                   "recent activity (7 days, fewer = churn)": -recent_events - 1e-3 * np.exp(-idle_days)},
     }
+
+
+def order_due(user: np.ndarray, ts: np.ndarray, n: int, cut: int) -> np.ndarray:
+    """(n,) how due each user's next order is at `cut` by their own rhythm, the replenishment rule: exp(-|log1p(hours
+    since the latest purchase) - the mean log1p(hours) between their orders|) - 1/2 (an order: purchases less than
+    ORDER_GAP_MS apart), +1/2 when the usual gap has just run out; 0, as unknown as halfway, for users with fewer
+    than two orders (those who never bought rank below those who did by the tie-break of baseline_scores)."""
+    order = np.lexsort((ts, user))
+    user, ts = user[order], ts[order]
+    gap = np.diff(ts, prepend=ts[:1])
+    new_order = np.r_[False, user[1:] == user[:-1]] & (gap > ORDER_GAP_MS)
+    gaps = np.bincount(user[new_order], minlength=n)
+    usual = np.bincount(user[new_order], weights=np.log1p(gap[new_order] / HOUR_MS), minlength=n) / np.maximum(gaps, 1)
+    last = np.full(n, -1, dtype=np.int64)
+    np.maximum.at(last, user, ts)
+    since = np.log1p(np.maximum(cut - last, 0) / HOUR_MS)
+    return np.where(gaps > 0, np.exp(-np.abs(since - usual)) - 0.5, 0.0)
 
 
 DEFAULT_CUT_SHARE = 0.8  # the cut where none is given: this share of the log's span

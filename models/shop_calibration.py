@@ -239,6 +239,13 @@ CARTS_PENDING = USER_FEATURES.index("log_carts_pending")
 # shipped demo, whose shop 0 fit weighs them at -0.05 (session 43).
 RECENT_PURCHASE_STEPS = (-0.25, 0.0, 0.25, 0.5, 1.0)
 RECENT_PURCHASES = USER_FEATURES.index("log_purchases_7d")
+# And the weight on how due the user's next order is by their own purchase rhythm (order_due, checkpoint format 17):
+# where users reorder on cycles of their own (an independent replenishment world: 20-50 days), the shipped demo,
+# whose shop 0 has no such cycles, weighs it at 0, and purchase_propensity ranked 0.07-0.08 below "carts not
+# bought" there, where "due by the own rhythm" ranks 0.83 (session 46). Kept >= 0: being due never makes a purchase
+# less likely.
+DUE_STEPS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+ORDER_DUE = USER_FEATURES.index("order_due")
 AUC_MARGIN = 0.002
 
 
@@ -248,19 +255,19 @@ def _head_auc(model: ProfileModel, ex: CutExamples, name: str) -> float:
     return roc_auc(log_l.cpu().numpy(), label.cpu().numpy())
 
 
-def _tune_by_auc(model: ProfileModel, parts: list[CutExamples], head: str, pairs: list[tuple[float, float]],
-                 current: tuple[float, float], move, nothing: str) -> dict:
-    """What tune_silence_on_cuts and tune_carts_on_cuts share: the pair of `pairs` that ranks the users of `parts`
-    best by `head`'s outcome within the horizon (_choose_on_later_time, AUC_MARGIN; the smallest move within half
-    the margin of the best), applied with `move(a, b)` if kept; `move(*current)` puts the weights back."""
-    def auc(ex: CutExamples, pair: tuple[float, float]) -> float:
+def _tune_by_auc(model: ProfileModel, parts: list[CutExamples], head: str, pairs: list[tuple[float, ...]],
+                 current: tuple[float, ...], move, nothing: str) -> dict:
+    """What tune_silence_on_cuts and tune_carts_on_cuts share: the steps of `pairs` (tuples) that rank the users of
+    `parts` best by `head`'s outcome within the horizon (_choose_on_later_time, AUC_MARGIN; the smallest move within
+    half the margin of the best), applied with `move(*steps)` if kept; `move(*current)` puts the weights back."""
+    def auc(ex: CutExamples, pair: tuple[float, ...]) -> float:
         move(*pair)
         value = _head_auc(model, ex, head)
         move(*current)
         return value
 
     report = _choose_on_later_time(parts, head, pairs, current, auc,
-                                   lambda pair: abs(pair[0] - current[0]) + abs(pair[1] - current[1]), AUC_MARGIN,
+                                   lambda pair: sum(abs(a - b) for a, b in zip(pair, current)), AUC_MARGIN,
                                    nothing)
     if report["kept"]:
         move(*report["move"])
@@ -291,21 +298,26 @@ def tune_silence_on_cuts(model: ProfileModel, parts: list[CutExamples]) -> dict:
 
 @torch.no_grad()
 def tune_carts_on_cuts(model: ProfileModel, parts: list[CutExamples]) -> dict:
-    """purchase_propensity's weights on carts pending and on the last 7 days' purchases moved for the shop of `parts`,
-    in place: the pair of steps (CART_STEPS x RECENT_PURCHASE_STEPS) that ranks the users best by whether they bought
-    within the horizon (_tune_by_auc). "move" is the pair; "weight_*" are carts pending's."""
+    """purchase_propensity's weights on carts pending, on the last 7 days' purchases and on how due the next order is
+    moved for the shop of `parts`, in place: the steps (CART_STEPS x RECENT_PURCHASE_STEPS x DUE_STEPS) that rank the
+    users best by whether they bought within the horizon (_tune_by_auc). "move" is the triple; "weight_*" are carts
+    pending's."""
     weight = model.fields.purchase.linear.weight
     before, recent_before = float(weight[0, CARTS_PENDING]), float(weight[0, RECENT_PURCHASES])
+    due_before = float(weight[0, ORDER_DUE])
 
-    def move(carts: float, recent: float) -> None:
+    def move(carts: float, recent: float, due: float) -> None:
         weight[0, CARTS_PENDING] = before + carts
         weight[0, RECENT_PURCHASES] = recent_before + recent
+        weight[0, ORDER_DUE] = max(due_before + due, 0.0) if due else due_before
 
-    pairs = [(carts, recent) for carts in CART_STEPS for recent in RECENT_PURCHASE_STEPS]
-    report = _tune_by_auc(model, parts, "purchase", pairs, (0.0, 0.0), move,
+    moves = [(carts, recent, due) for carts in CART_STEPS for recent in RECENT_PURCHASE_STEPS for due in DUE_STEPS]
+    report = _tune_by_auc(model, parts, "purchase", moves, (0.0, 0.0, 0.0), move,
                           "nobody bought within the horizon, or everybody did: nothing to rank")
-    report.update(weight_before=round(before, 4), recent_weight_before=round(recent_before, 4))
+    report.update(weight_before=round(before, 4), recent_weight_before=round(recent_before, 4),
+                  due_weight_before=round(due_before, 4))
     if report["kept"]:
         report.update(weight_after=round(float(weight[0, CARTS_PENDING]), 4),
-                      recent_weight_after=round(float(weight[0, RECENT_PURCHASES]), 4))
+                      recent_weight_after=round(float(weight[0, RECENT_PURCHASES]), 4),
+                      due_weight_after=round(float(weight[0, ORDER_DUE]), 4))
     return report

@@ -38,7 +38,11 @@ COUNT_MAX = np.iinfo(np.uint16).max  # a category's counts stop at 65,535 (log 1
 ACTIVITY_TAUS_MS = (DAY_MS, 7 * DAY_MS, 30 * DAY_MS)  # events
 PURCHASE_TAUS_MS = (7 * DAY_MS, 30 * DAY_MS)  # purchases
 SESSION_GAP_MS = 30 * 60_000  # a new session starts after this long without events
-GAP_RATES = (0.5, 0.1)  # exponential averages of log inter-session gaps: the recent and the usual rhythm
+GAP_RATES = (0.5, 0.1)  # exponential averages of log inter-session (and inter-order) gaps: the recent and usual rhythm
+# A purchase more than this after the user's previous one opens an order: a basket bought line by line, or in two
+# visits of one day, is one order. The purchase rhythm is of orders (a replenishing user's 3-week cycle, an account's
+# weekly order), which the visit rhythm and the purchase counts do not show.
+ORDER_GAP_MS = 12 * HOUR_MS
 STEP_MIN_MS = 1_000.0  # a visit's gaps count from a second (same-second events: logs in seconds have many)
 
 # Host columns of the state: name -> (dtype, trailing shape, initial value). See state.COLUMNS.
@@ -62,6 +66,9 @@ STAT_COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
     # purchase's category, and of the first other category engaged with after it (0: none yet).
     "purchase_category": (np.uint32, (), 0),
     "follow_category": (np.uint32, (), 0),
+    # Purchase rhythm: orders (ORDER_GAP_MS) and two averages of the log gaps between them, as for sessions.
+    "orders": (np.int32, (), 0),
+    "order_gap": (np.float32, (len(GAP_RATES),), 0.0),
 }
 
 # The per-user features the heads read, in this order (user_features builds them).
@@ -72,6 +79,14 @@ USER_FEATURES = (
     "log_minutes_since_purchase", "log_carts_pending", "log_minutes_since_cart", "has_cart", "cart_share",
     "log_activity_1d", "log_activity_7d", "log_activity_30d", "log_purchases_7d", "log_purchases_30d",
     "log_sessions", "recent_gap", "usual_gap", "has_gap", "idle_vs_usual_gap",
+    # The purchase rhythm (checkpoint format 17): orders, the recent and usual log1p hours between them, the time
+    # since the latest purchase against the usual gap (log1p hours; 0 without a rhythm), and how due the next order
+    # is, exp(-|that|) - 1/2: +1/2 when the usual gap has just run out, towards -1/2 far before or after it, and 0
+    # (as unknown as halfway) for a user with fewer than two orders. A user who reorders every 3 weeks is likeliest
+    # to buy when the 3 weeks run out: no count, recency or share says so (an independent replenishment world:
+    # "carts not bought" ROC AUC 0.64, the order due rule 0.82; docs/model.md).
+    "log_orders", "recent_order_gap", "usual_order_gap", "has_order_gap", "since_purchase_vs_usual_order_gap",
+    "order_due",
 )
 # The per-slot features of the repeat distribution, in this order.
 SLOT_FEATURES = ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "share", "is_last",
@@ -123,6 +138,8 @@ def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.nda
     decayed("activity_mass", ACTIVITY_TAUS_MS, None)
     decayed("purchase_mass", PURCHASE_TAUS_MS, purchase)
 
+    _update_orders(columns, rows, user_sorted, ts, purchase, n_users)
+
     # Latest purchase and cart; carts since the latest purchase (this batch's, or the stored count plus).
     idx = np.arange(len(ts))
     last_purchase_idx = _last_where(purchase, user_sorted, idx, n_users)
@@ -152,22 +169,48 @@ def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.nda
     step_log = np.log(np.maximum(gap_ms[steps], STEP_MIN_MS) / MINUTE_MS)
     columns["step_log_minutes"][rows] += np.bincount(user_sorted[steps], weights=step_log, minlength=n_users)
     gaps = opens & ~first_ever
-    if gaps.any():
-        g_user = user_sorted[gaps]
-        g_value = np.log1p(gap_ms[gaps] / HOUR_MS)
-        n_gaps = np.bincount(g_user, minlength=n_users)
-        # k-th gap of its user in this batch (0-based); the last one gets weight rate, earlier ones less.
-        first_gap = np.zeros(n_users, dtype=np.int64)
-        np.cumsum(n_gaps[:-1], out=first_gap[1:])
-        k = np.arange(len(g_user)) - first_gap[g_user]
-        averages = columns["session_gap"][rows].astype(np.float64)
-        for j, rate in enumerate(GAP_RATES):
-            keep = (1 - rate) ** (n_gaps[g_user] - 1 - k)
-            add = np.bincount(g_user, weights=rate * keep * g_value, minlength=n_users)
-            averages[:, j] = averages[:, j] * (1 - rate) ** n_gaps + add
-        columns["session_gap"][rows] = averages
+    _average_gaps(columns, "session_gap", rows, user_sorted[gaps], gap_ms[gaps], n_users)
 
     _update_slots(columns, rows, user_sorted, category, visit, age, since)
+
+
+def _update_orders(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray, ts: np.ndarray,
+                   purchase: np.ndarray, n_users: int) -> None:
+    """Count the orders the batch's purchases open (ORDER_GAP_MS after the user's previous purchase, this batch's
+    or the stored latest one) and average the gaps between orders. Reads last_purchase_ts before it moves."""
+    at = np.flatnonzero(purchase)
+    if not len(at):
+        return
+    user, when = user_sorted[at], ts[at]
+    previous = np.empty_like(when)
+    previous[1:] = when[:-1]
+    first_of_user = np.r_[True, user[1:] != user[:-1]]
+    previous[first_of_user] = columns["last_purchase_ts"][rows[user[first_of_user]]]
+    had = previous >= 0
+    opens = ~had | (when - previous > ORDER_GAP_MS)
+    columns["orders"][rows] += np.bincount(user, weights=opens, minlength=n_users).astype(np.int64)
+    gaps = opens & had
+    _average_gaps(columns, "order_gap", rows, user[gaps], (when - previous)[gaps], n_users)
+
+
+def _average_gaps(columns: dict[str, np.ndarray], name: str, rows: np.ndarray, g_user: np.ndarray,
+                  gap_ms: np.ndarray, n_users: int) -> None:
+    """Add each user's new gaps (g_user ascending, in time order within a user), as log1p of hours, to the
+    exponential averages of column `name` (one per GAP_RATES): the last gap weighs rate, earlier ones less."""
+    if not len(g_user):
+        return
+    g_value = np.log1p(gap_ms / HOUR_MS)
+    n_gaps = np.bincount(g_user, minlength=n_users)
+    # k-th gap of its user in this batch (0-based)
+    first_gap = np.zeros(n_users, dtype=np.int64)
+    np.cumsum(n_gaps[:-1], out=first_gap[1:])
+    k = np.arange(len(g_user)) - first_gap[g_user]
+    averages = columns[name][rows].astype(np.float64)
+    for j, rate in enumerate(GAP_RATES):
+        keep = (1 - rate) ** (n_gaps[g_user] - 1 - k)
+        add = np.bincount(g_user, weights=rate * keep * g_value, minlength=n_users)
+        averages[:, j] = averages[:, j] * (1 - rate) ** n_gaps + add
+    columns[name][rows] = averages
 
 
 def _visit_starts(old_last: np.ndarray, user_sorted: np.ndarray, category: np.ndarray, has: np.ndarray,
@@ -296,20 +339,33 @@ def user_features(columns: dict[str, np.ndarray], counts: np.ndarray, last_ts: n
     since_purchase, has_purchase = minutes_since("last_purchase_ts")
     since_cart, has_cart = minutes_since("last_cart_ts")
     sessions = columns["sessions"][rows].astype(np.float64)
-    n_gaps = np.maximum(sessions - 1, 0)
-    gap = columns["session_gap"][rows].astype(np.float64)
-    # The averages start from 0: divide by the weight they have gathered (bias correction, as in Adam).
-    corrected = [np.where(n_gaps > 0, gap[:, j] / np.maximum(1 - (1 - rate) ** n_gaps, 1e-9), 0.0)
-                 for j, rate in enumerate(GAP_RATES)]
-    has_gap = (n_gaps > 0).astype(np.float64)
+    corrected, has_gap = _gap_averages(columns["session_gap"][rows], sessions)
     log_idle = np.log1p(idle_h)  # the rhythm's unit (the session gaps are averaged as log1p of hours)
+    orders = columns["orders"][rows].astype(np.float64)
+    order_gap, has_order_gap = _gap_averages(columns["order_gap"][rows], orders)
+    last_purchase = columns["last_purchase_ts"][rows].astype(np.float64)
+    hours_since_purchase = np.log1p(np.maximum(now - last_purchase, 0.0) / HOUR_MS)
+    purchase_vs_usual = (hours_since_purchase - order_gap[1]) * has_order_gap
     features = [
         np.log1p(idle_h * 60), np.log1p(events), purchases / events, np.log1p(purchases), has_purchase,
         since_purchase, np.log1p(columns["carts_pending"][rows].astype(np.float64)), since_cart, has_cart,
         carts / events, *mass_now("activity_mass", ACTIVITY_TAUS_MS), *mass_now("purchase_mass", PURCHASE_TAUS_MS),
         np.log1p(sessions), corrected[0], corrected[1], has_gap, (log_idle - corrected[1]) * has_gap,
+        np.log1p(orders), order_gap[0], order_gap[1], has_order_gap, purchase_vs_usual,
+        (np.exp(-np.abs(purchase_vs_usual)) - 0.5) * has_order_gap,
     ]
     return np.stack(features, axis=1).astype(np.float32)
+
+
+def _gap_averages(averages: np.ndarray, opened: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """The recent and usual gap (log1p hours) of users whose `opened` sessions or orders left the exponential
+    `averages` (U, len(GAP_RATES)), and whether they have one (0 where fewer than two opened)."""
+    n_gaps = np.maximum(opened - 1, 0)
+    averages = averages.astype(np.float64)
+    # The averages start from 0: divide by the weight they have gathered (bias correction, as in Adam).
+    corrected = [np.where(n_gaps > 0, averages[:, j] / np.maximum(1 - (1 - rate) ** n_gaps, 1e-9), 0.0)
+                 for j, rate in enumerate(GAP_RATES)]
+    return corrected, (n_gaps > 0).astype(np.float64)
 
 
 def slot_features(columns: dict[str, np.ndarray], last_ts: np.ndarray, rows: np.ndarray,
