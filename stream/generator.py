@@ -41,7 +41,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import orjson
 
-from stream.synthetic_world import DAY_MS, DEFAULT_START_TS_MS, ShopParams, UserTruth, World, seed_sequence
+from stream.synthetic_world import (
+    REPLENISH_JITTER, DAY_MS, DEFAULT_START_TS_MS, ShopParams, UserTruth, World, seed_sequence,
+)
 
 EVENT_TYPES = ("search", "click", "add_to_cart", "purchase")
 
@@ -159,6 +161,13 @@ def _run(world: World, events: int | None) -> Iterator[dict]:
     visit: list[tuple[int, list[int]] | None] = [None] * world.n_users
     bought_category = [-1] * world.n_users  # category of the user's last purchase session, -1: none
     abandoned: list[tuple[int, int] | None] = [None] * world.n_users  # (category, item) carted, not bought
+    # Replenishers (ShopParams.replenish_share): when each one's staple next falls due, and a stream of their own for
+    # the rebuys' draws. Without replenishers no branch below is taken and no draw made: the log is what it was.
+    staple, cycle_ms = world.staple, world.cycle_ms
+    next_due = [ts if staple[u] is not None else None for u, ts in enumerate(world.first_due_ts)]
+    replenishing = any(due is not None for due in next_due)
+    rebuy_rnd = random.Random(int.from_bytes(seed_sequence(world.seed, 12).generate_state(4, np.uint32).tobytes(),
+                                             "little"))
 
     def slowdown(u: int, t: int) -> float:
         """1, or less for a user in the days before going quiet (sessions farther apart, fewer purchases)."""
@@ -178,8 +187,29 @@ def _run(world: World, events: int | None) -> Iterator[dict]:
             return text
         return f"{words[int(r() * len(words))]} {text}"
 
+    def plan_rebuy(u: int, t: int) -> list[dict]:
+        """A replenisher's visit straight to the staple: click, cart, buy (events in reverse order); the next rebuy
+        falls due one cycle later (jittered, stretched for a user slowing down before going quiet)."""
+        c, i = staple[u]
+        ids, prices, _, _ = tables[c][tiers[u]]
+        out = [{"event_id": None, "user_id": user_ids[u], "type": "click", "ts": t, "item_id": ids[i],
+                "category": categories[c], "price": prices[i]}]
+        for kind in ("add_to_cart", "purchase"):
+            t += gk_min + int(-log(1.0 - rebuy_rnd.random()) * gk_mean)
+            out.append({"event_id": None, "user_id": user_ids[u], "type": kind, "ts": t, "item_id": ids[i],
+                        "category": categories[c], "price": prices[i]})
+        out[-1]["quantity"] = 1 + int(rebuy_rnd.random() < 0.3)
+        bought_category[u] = c
+        next_due[u] = t + int(cycle_ms[u] * math.exp(rebuy_rnd.gauss(0.0, REPLENISH_JITTER)) / slowdown(u, t))
+        if t > quiet_after[u]:
+            out = [e for e in out if e["ts"] <= quiet_after[u]]
+        out.reverse()
+        return out
+
     def plan_session(u: int, t: int) -> list[dict]:
         """One session of user u starting at t, as events in reverse order (pop() gives the next)."""
+        if replenishing and visit[u] is None and next_due[u] is not None and t >= next_due[u]:
+            return plan_rebuy(u, t)
         comeback = None
         going_on = visit[u]
         visit[u] = None
@@ -296,6 +326,8 @@ def _run(world: World, events: int | None) -> Iterator[dict]:
                 nxt = ev["ts"] + 60_000 + int(-log(1.0 - r()) * break_mean_ms)
             else:
                 nxt = ev["ts"] + _MIN_SESSION_GAP_MS + int(expo(rate))
+                if replenishing and next_due[u] is not None:  # back for the staple when it falls due
+                    nxt = min(nxt, max(next_due[u], ev["ts"] + _MIN_SESSION_GAP_MS))
             if nxt > quiet_after[u]:
                 heappop(heap)  # gone quiet: never scheduled again
             else:

@@ -20,6 +20,7 @@ on independent ``SeedSequence`` streams (`seed_sequence`). Python's salted ``has
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -96,6 +97,8 @@ _FIRST_SESSION_WINDOW = 0.10     # every user starts within the first 10% of the
 _QUIET_WINDOW = (0.15, 0.50)     # ...and quiet users stop between 15% and 50% of it
 _P_CART = (0.40, 0.08)           # per click (habitual buyer, others)
 _P_BUY = (0.70, 0.25)            # per carted item, at checkout (habitual buyer, others)
+_REPLENISH_DAYS = (7.0, 35.0)    # a replenisher's cycle: uniform in days
+REPLENISH_JITTER = 0.15         # lognormal spread of each cycle around the user's own
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class UserTruth:
     habitual_buyer: bool
     goes_quiet: bool
     quiet_after_ts: int | None             # epoch ms after which the user emits nothing (None if not quiet)
+    replenish_cycle_days: float | None = None  # the staple's rebuy cycle (None: not a replenisher)
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,13 @@ class ShopParams:
       defer_share     a session with a full cart leaves its checkout to the next session of the visit,
                       after a break: carts pending announce a purchase within the hour
       dwell_scale     a multiplier on the mean time between clicks (40 s in the classic shop)
+
+    Purchase rhythms (not drawn with a shop: `profiles generate --replenish-share`, 0 by default, so a shop's
+    logs stay what they were without it):
+      replenish_share this share of users rebuys a staple (a popular item of their favourite category) on a
+                      cycle of their own, 7 to 35 days with 15% jitter, in a short visit straight to it; a user
+                      going quiet stretches the cycle (churn_ramp_days). The next order falls due when the
+                      user's own cycle runs out: no count, recency or share says when
     """
 
     n_categories: int = len(_CATEGORIES)
@@ -153,6 +164,7 @@ class ShopParams:
     break_minutes: float = 0.0
     defer_share: float = 0.0
     dwell_scale: float = 1.0
+    replenish_share: float = 0.0
     shop_seed: int = 0  # which categories, segments and complements (structured shops)
 
     @classmethod
@@ -292,3 +304,32 @@ class World:
                 quiet_after_ts=int(quiet_ts[i]) if quiet[i] else None,
             )
         self.truths = truths
+        self._build_replenishers(first)
+
+    def _build_replenishers(self, first: np.ndarray) -> None:
+        """Replenishers (ShopParams.replenish_share): the staple (category, item index in the user's price tier's
+        table), the cycle in ms and when the first rebuy falls due; None / 0 for other users. Drawn from a stream of
+        their own, and only where the share is above 0: without replenishers every other draw is what it was."""
+        n = self.n_users
+        self.staple: list[tuple[int, int] | None] = [None] * n
+        self.cycle_ms = [0] * n
+        self.first_due_ts = [0] * n
+        if self.shop.replenish_share <= 0:
+            return
+        rng = np.random.Generator(np.random.PCG64(seed_sequence(self.seed, 11)))
+        chosen = rng.random(n) < self.shop.replenish_share
+        cycle_days = rng.uniform(*_REPLENISH_DAYS, n)
+        phase = rng.random(n)
+        pick = rng.random(n)
+        for u in np.flatnonzero(chosen).tolist():
+            c = self.favourites[u][0]
+            _, _, cum, total = self.tables[c][self.tier[u]]
+            item = min(int(np.searchsorted(cum, pick[u] * total, side="right")), len(cum) - 1)
+            cycle = float(cycle_days[u]) * DAY_MS
+            self.staple[u] = (c, item)
+            self.cycle_ms[u] = int(cycle)
+            # The first rebuy within one cycle of the user's first visit.
+            self.first_due_ts[u] = self.start_ts_ms + int(first[u] + phase[u] * cycle)
+            uid = str(self.user_ids[u])
+            self.truths[uid] = dataclasses.replace(self.truths[uid],
+                                                   replenish_cycle_days=round(float(cycle_days[u]), 3))

@@ -172,6 +172,21 @@ def test_generate_to_a_gzip_file_with_malformed_records(tmp_path):
     assert 40 <= len(dead) <= 160 and len({d.reason for d in dead}) == 8
 
 
+def test_generate_with_replenishers_adds_their_rebuys_and_share_0_changes_nothing(tmp_path):
+    def log(name: str, *extra: str) -> bytes:
+        args = ["generate", "--users", "100", "--events", "6000", "--seed", "4", "--shop-seed", "2", "--span-days",
+                "90", "--out", str(tmp_path / name), *extra]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        return (tmp_path / name).read_bytes()
+
+    plain, zero, rhythm = log("a.jsonl"), log("b.jsonl", "--replenish-share", "0"), log("c.jsonl", "--replenish-share",
+                                                                                       "0.5")
+    assert plain == zero and rhythm != plain
+    share = lambda data: sum(b'"purchase"' in line for line in data.splitlines()) / 6000  # noqa: E731
+    assert share(rhythm) > share(plain)  # the staples' rebuys come on top of the shop's purchases
+
+
 def test_generate_to_a_topic(kafka, unique):
     topic = unique("generated")
     result = CliRunner().invoke(main, ["generate", "--users", "20", "--events", "500", "--topic", topic,

@@ -172,6 +172,39 @@ def test_structured_visits_pause_and_carts_are_bought_after_the_break():
     assert with_visits > 0.2 > 0.05 > without
 
 
+@pytest.mark.parametrize("shop_seed", [None, 3])
+def test_replenishers_rebuy_their_staple_when_their_own_cycle_runs_out(shop_seed):
+    """With --replenish-share, about that share of users rebuy one item of their favourite category, each on a
+    cycle of their own (7 to 35 days, jittered): the gaps between a replenisher's rebuys follow the user's cycle,
+    not the shop's. Without it (share 0) the log is byte for byte what it was."""
+    import dataclasses
+
+    from stream.synthetic_world import ShopParams
+
+    shop = ShopParams.of_seed(shop_seed) or ShopParams()
+    log = generate(users=300, events=40_000, seed=8, span_days=120, shop=dataclasses.replace(shop, replenish_share=0.5))
+    cycles = {u: t.replenish_cycle_days for u, t in log.users.items() if t.replenish_cycle_days is not None}
+    assert 0.4 < len(cycles) / len(log.users) < 0.6
+    assert all(7 <= c <= 35 for c in cycles.values())
+    bought: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for e in log.events:
+        if e["type"] == "purchase":
+            bought[(str(e["user_id"]), e["item_id"])].append(e["ts"])
+    ratios = []  # each replenisher's median gap between buys of its most bought item, over its cycle
+    for user, cycle in cycles.items():
+        staple = max((k for k in bought if k[0] == user), key=lambda k: len(bought[k]), default=None)
+        if staple is not None and len(bought[staple]) >= 3:
+            gaps = np.diff(sorted(bought[staple])) / 86_400_000
+            ratios.append(float(np.median(gaps)) / cycle)
+    assert len(ratios) > 0.5 * len(cycles)
+    assert 0.85 < np.median(ratios) < 1.15
+    assert np.quantile(ratios, 0.9) < 1.6  # each user's own cycle, not a shop-wide one
+    plain = generate(users=300, events=5_000, seed=8, span_days=120, shop=shop)
+    assert plain.events == generate(users=300, events=5_000, seed=8, span_days=120,
+                                    shop=dataclasses.replace(shop, replenish_share=0.0)).events
+    assert all(t.replenish_cycle_days is None for t in plain.users.values())
+
+
 def test_sessions_mostly_start_with_a_search_about_the_clicked_category(by_user):
     # A click right after a search (same user, within 10 minutes) is about the searched category.
     pairs = same = 0

@@ -128,13 +128,21 @@ def inspect(user: str, sources: tuple[str, ...], fmt: str, plot_path: str | None
                    "purchase, carts that bring users back, churn that slows users down first, visits that pause "
                    "for minutes and check out after the break); default: the classic shop. Train in one shop, "
                    "judge in another.")
+@click.option("--replenish-share", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of users who rebuy a staple of their favourite category on a cycle of their own (7 to 35 "
+                   "days): a purchase rhythm that no count or recency shows. In any shop; 0 leaves its logs as they "
+                   "were.")
 def generate(users: int, events: int, seed: int, out: str | None, topic: str | None, partitions: int,
-             invalid_fraction: float, span_days: float, shop_seed: int | None, connect_timeout: float,
-             **params: Any) -> None:
+             invalid_fraction: float, span_days: float, shop_seed: int | None, replenish_share: float,
+             connect_timeout: float, **params: Any) -> None:
     """Synthetic traffic with sessions, funnels, favourite categories, price levels and users who go quiet."""
+    import dataclasses
+
     from stream.generator import ShopParams
 
     shop = ShopParams.of_seed(shop_seed)
+    if replenish_share:
+        shop = dataclasses.replace(shop or ShopParams(), replenish_share=replenish_share)
     if bool(out) == bool(topic):
         raise click.UsageError("give exactly one of --out FILE or --topic TOPIC")
     from consumers.loadgen import generate_to_file, generate_to_topic
