@@ -138,7 +138,7 @@ def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.nda
     decayed("activity_mass", ACTIVITY_TAUS_MS, None)
     decayed("purchase_mass", PURCHASE_TAUS_MS, purchase)
 
-    _update_orders(columns, rows, user_sorted, ts, purchase, n_users)
+    _update_orders(columns, rows, user_sorted, ts, purchase)
 
     # Latest purchase and cart; carts since the latest purchase (this batch's, or the stored count plus).
     idx = np.arange(len(ts))
@@ -175,22 +175,25 @@ def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.nda
 
 
 def _update_orders(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray, ts: np.ndarray,
-                   purchase: np.ndarray, n_users: int) -> None:
+                   purchase: np.ndarray) -> None:
     """Count the orders the batch's purchases open (ORDER_GAP_MS after the user's previous purchase, this batch's
-    or the stored latest one) and average the gaps between orders. Reads last_purchase_ts before it moves."""
+    or the stored latest one) and average the gaps between orders. Reads last_purchase_ts before it moves. Only
+    the buyers' rows are read and written: most users of a batch buy nothing."""
     at = np.flatnonzero(purchase)
     if not len(at):
         return
     user, when = user_sorted[at], ts[at]
+    first_of_user = np.r_[True, user[1:] != user[:-1]]
+    buyer_rows = rows[user[first_of_user]]
+    buyer = np.cumsum(first_of_user) - 1  # each purchase's buyer, 0..B-1
     previous = np.empty_like(when)
     previous[1:] = when[:-1]
-    first_of_user = np.r_[True, user[1:] != user[:-1]]
-    previous[first_of_user] = columns["last_purchase_ts"][rows[user[first_of_user]]]
+    previous[first_of_user] = columns["last_purchase_ts"][buyer_rows]
     had = previous >= 0
     opens = ~had | (when - previous > ORDER_GAP_MS)
-    columns["orders"][rows] += np.bincount(user, weights=opens, minlength=n_users).astype(np.int64)
+    columns["orders"][buyer_rows] += np.bincount(buyer, weights=opens, minlength=len(buyer_rows)).astype(np.int64)
     gaps = opens & had
-    _average_gaps(columns, "order_gap", rows, user[gaps], (when - previous)[gaps], n_users)
+    _average_gaps(columns, "order_gap", buyer_rows, buyer[gaps], (when - previous)[gaps], len(buyer_rows))
 
 
 def _average_gaps(columns: dict[str, np.ndarray], name: str, rows: np.ndarray, g_user: np.ndarray,
