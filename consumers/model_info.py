@@ -57,7 +57,7 @@ def _fade(name: str, scale: float, power: float | None) -> str:
     return f"{name} (odds fall as (1 + in-visit gaps / {scale:.3g}) ** -{power:.3g})"
 
 
-def _pair(move) -> tuple[float, ...]:
+def _steps(move) -> tuple[float, ...]:
     """A silence or carts move as a tuple of 3: session 42's calibrations moved one weight, and their move is a
     number (the power; the carts step); before session 46 a carts move was a pair. The steps they lack are 0."""
     steps = tuple(move) if isinstance(move, (list, tuple)) else (move,)
@@ -70,7 +70,7 @@ def move_descriptions(report: dict) -> dict[str, str]:
     said = {}
     silence, carts, ranking = (report.get(name) or {} for name in ("silence", "carts", "ranking"))
     if silence.get("kept"):
-        power, step, _ = _pair(silence["move"])
+        power, step, _ = _steps(silence["move"])
         parts = []
         if power != silence["power_before"]:
             parts.append(f"the return hazard x (1 + idle / 28 days) ** -{silence['power_before']:g} -> ** -{power:g}")
@@ -79,7 +79,7 @@ def move_descriptions(report: dict) -> dict[str, str]:
                          f"{silence['idle_weight_after']:g}")
         said["silence"] = ", ".join(parts)
     if carts.get("kept"):
-        steps = _pair(carts["move"])
+        steps = _steps(carts["move"])
         parts = []
         if steps[0]:
             parts.append(f"the weight on carts pending {carts['weight_before']:g} -> {carts['weight_after']:g}")

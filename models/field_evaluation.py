@@ -25,6 +25,7 @@ from stream.events import ADD_TO_CART, PURCHASE, iso_time
 from stream.settings import Settings
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from stream.sources import TimeRange, no_usable_events_among
+from stream import statistics
 from stream.statistics import ORDER_GAP_MS
 
 DAY_MS = 24 * HOUR_MS
@@ -194,10 +195,10 @@ def baseline_scores(hist: EventLog, cut: int) -> dict[str, dict[str, np.ndarray]
 
 
 def order_due(user: np.ndarray, ts: np.ndarray, n: int, cut: int) -> np.ndarray:
-    """(n,) how due each user's next order is at `cut` by their own rhythm, the replenishment rule: exp(-|log1p(hours
-    since the latest purchase) - the mean log1p(hours) between their orders|) - 1/2 (an order: purchases less than
-    ORDER_GAP_MS apart), +1/2 when the usual gap has just run out; 0, as unknown as halfway, for users with fewer
-    than two orders (those who never bought rank below those who did by the tie-break of baseline_scores)."""
+    """(n,) how due each user's next order is at `cut` by their own rhythm, the replenishment rule: the state's
+    order_due score (stream/statistics.py) read from the plain mean of the log gaps between the user's orders
+    (purchases more than ORDER_GAP_MS apart) instead of the state's exponential average. Users with fewer than two
+    orders score 0; those who never bought rank below those who did by the tie-break of baseline_scores."""
     order = np.lexsort((ts, user))
     user, ts = user[order], ts[order]
     gap = np.diff(ts, prepend=ts[:1])
@@ -207,7 +208,7 @@ def order_due(user: np.ndarray, ts: np.ndarray, n: int, cut: int) -> np.ndarray:
     last = np.full(n, -1, dtype=np.int64)
     np.maximum.at(last, user, ts)
     since = np.log1p(np.maximum(cut - last, 0) / HOUR_MS)
-    return np.where(gaps > 0, np.exp(-np.abs(since - usual)) - 0.5, 0.0)
+    return statistics.order_due(since - usual, gaps)
 
 
 DEFAULT_CUT_SHARE = 0.8  # the cut where none is given: this share of the log's span

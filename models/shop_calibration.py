@@ -255,19 +255,20 @@ def _head_auc(model: ProfileModel, ex: CutExamples, name: str) -> float:
     return roc_auc(log_l.cpu().numpy(), label.cpu().numpy())
 
 
-def _tune_by_auc(model: ProfileModel, parts: list[CutExamples], head: str, pairs: list[tuple[float, ...]],
+def _tune_by_auc(model: ProfileModel, parts: list[CutExamples], head: str, moves: list[tuple[float, ...]],
                  current: tuple[float, ...], move, nothing: str) -> dict:
-    """What tune_silence_on_cuts and tune_carts_on_cuts share: the steps of `pairs` (tuples) that rank the users of
-    `parts` best by `head`'s outcome within the horizon (_choose_on_later_time, AUC_MARGIN; the smallest move within
-    half the margin of the best), applied with `move(*steps)` if kept; `move(*current)` puts the weights back."""
-    def auc(ex: CutExamples, pair: tuple[float, ...]) -> float:
-        move(*pair)
+    """What tune_silence_on_cuts and tune_carts_on_cuts share: the tuple of steps among `moves` that ranks the users
+    of `parts` best by `head`'s outcome within the horizon (_choose_on_later_time, AUC_MARGIN; the smallest move
+    within half the margin of the best), applied with `move(*steps)` if kept; `move(*current)` puts the weights
+    back."""
+    def auc(ex: CutExamples, steps: tuple[float, ...]) -> float:
+        move(*steps)
         value = _head_auc(model, ex, head)
         move(*current)
         return value
 
-    report = _choose_on_later_time(parts, head, pairs, current, auc,
-                                   lambda pair: sum(abs(a - b) for a, b in zip(pair, current)), AUC_MARGIN,
+    report = _choose_on_later_time(parts, head, moves, current, auc,
+                                   lambda steps: sum(abs(a - b) for a, b in zip(steps, current)), AUC_MARGIN,
                                    nothing)
     if report["kept"]:
         move(*report["move"])

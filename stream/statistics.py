@@ -355,9 +355,16 @@ def user_features(columns: dict[str, np.ndarray], counts: np.ndarray, last_ts: n
         carts / events, *mass_now("activity_mass", ACTIVITY_TAUS_MS), *mass_now("purchase_mass", PURCHASE_TAUS_MS),
         np.log1p(sessions), corrected[0], corrected[1], has_gap, (log_idle - corrected[1]) * has_gap,
         np.log1p(orders), order_gap[0], order_gap[1], has_order_gap, purchase_vs_usual,
-        (np.exp(-np.abs(purchase_vs_usual)) - 0.5) * has_order_gap,
+        order_due(purchase_vs_usual, has_order_gap),
     ]
     return np.stack(features, axis=1).astype(np.float32)
+
+
+def order_due(since_vs_usual: np.ndarray, has_rhythm: np.ndarray) -> np.ndarray:
+    """How due a user's next order is (USER_FEATURES' order_due, and the evaluation's "order due" rule): exp(-|log1p
+    hours since the latest purchase - the usual log1p hours between orders|) - 1/2 where the user has a rhythm, 0
+    (as unknown as halfway) where not."""
+    return np.where(has_rhythm > 0, np.exp(-np.abs(since_vs_usual)) - 0.5, 0.0)
 
 
 def _gap_averages(averages: np.ndarray, opened: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:

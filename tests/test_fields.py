@@ -808,6 +808,22 @@ def drifting_shop(users: int, days: int, seed: int, t0: int = 1_700_000_000_000)
     return sorted(events, key=lambda e: e["ts"])
 
 
+def demo_calibrated_before_the_cut(events: list[dict], tmp_path) -> tuple:
+    """`profiles calibrate --model demo` on `events` written to tmp_path/shop.jsonl, up to the cut at 80% of their
+    span, saved to tmp_path/cal.pt: (the log's path, the cut, the command's result), the command checked."""
+    from click.testing import CliRunner
+
+    from consumers.cli import main
+
+    shop = tmp_path / "shop.jsonl"
+    write_jsonl(events, shop)
+    cut = int(events[0]["ts"] + 0.8 * (events[-1]["ts"] - events[0]["ts"]))
+    result = CliRunner().invoke(main, ["calibrate", "--model", "demo", "--events", str(shop), "--until", str(cut),
+                                       "--out", str(tmp_path / "cal.pt"), "--device", DEVICE])
+    assert result.exit_code == 0, result.output
+    return shop, cut, result
+
+
 def test_calibrating_for_a_shop_where_interests_move_on_names_the_latest_categories(tmp_path):
     """The shipped model's heads were fitted in a shop where a user's latest category says no more than its
     counts. In a shop where interests move on, `profiles calibrate` on the log before a cut weighs how recently
@@ -818,13 +834,7 @@ def test_calibrating_for_a_shop_where_interests_move_on_names_the_latest_categor
 
     from consumers.cli import main
 
-    events = drifting_shop(users=300, days=56, seed=0)
-    shop = tmp_path / "shop.jsonl"
-    write_jsonl(events, shop)
-    cut = int(events[0]["ts"] + 0.8 * (events[-1]["ts"] - events[0]["ts"]))
-    result = CliRunner().invoke(main, ["calibrate", "--model", "demo", "--events", str(shop), "--until", str(cut),
-                                       "--out", str(tmp_path / "cal.pt"), "--device", DEVICE])
-    assert result.exit_code == 0, result.output
+    shop, cut, result = demo_calibrated_before_the_cut(drifting_shop(users=300, days=56, seed=0), tmp_path)
     assert "top_categories: the freshness weight 0 -> " in result.output and ": moved" in result.output
     demo, cal = load_checkpoint("demo", ON_DEVICE), load_checkpoint(tmp_path / "cal.pt", ON_DEVICE)
     a, b = demo.model.state_dict(), cal.model.state_dict()
@@ -872,13 +882,7 @@ def test_calibrating_for_a_shop_of_replenishers_weighs_the_order_being_due(tmp_p
 
     from consumers.cli import main
 
-    events = replenishing_shop(users=400, days=120, seed=0)
-    shop = tmp_path / "shop.jsonl"
-    write_jsonl(events, shop)
-    cut = int(events[0]["ts"] + 0.8 * (events[-1]["ts"] - events[0]["ts"]))
-    result = CliRunner().invoke(main, ["calibrate", "--model", "demo", "--events", str(shop), "--until", str(cut),
-                                       "--out", str(tmp_path / "cal.pt"), "--device", DEVICE])
-    assert result.exit_code == 0, result.output
+    shop, cut, result = demo_calibrated_before_the_cut(replenishing_shop(users=400, days=120, seed=0), tmp_path)
     assert "the weight on the next order being due 0 -> " in result.output
     info = orjson.loads(CliRunner().invoke(main, ["model", "info", str(tmp_path / "cal.pt"), "--json"]).output)
     assert any("the weight on the next order being due 0 -> " in move for move in info["calibrations"][0]["moved"])
