@@ -32,7 +32,7 @@ from stream.metrics import Health, Metrics, brokers_up, consumer_lag, resident_b
 from stream.repartition import Forwarded, rekey, split_upstream
 from stream.runtime import tune_garbage_collector
 from stream.settings import Settings
-from stream.state import read_snapshot
+from stream.snapshot_files import read_snapshot
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from stream.kafka import Publisher
 from stream.runtime import tune_garbage_collector
 from stream.settings import Settings
 from stream.sources import FileSource, SourceError, no_usable_events, open_sources, parse_kafka_uri
-from stream.state import StateTable, write_snapshot
+from stream.snapshot_files import write_snapshot
+from stream.state import StateTable
 
 log = logging.getLogger(__name__)
 

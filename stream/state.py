@@ -37,7 +37,6 @@ from stream.popularity import HolderCounts
 from stream.tempo import ShopTempo
 from stream.settings import STATE_DTYPES
 from stream.statistics import STAT_COLUMNS, unheld_keys
-from stream.snapshot_files import read_snapshot, write_snapshot  # noqa: F401 (where callers import them from)
 from stream.user_index import UserIndex, distinct, hashes_of, objects
 
 SNAPSHOT_FORMAT = 5  # 2: category slots and names by category key (1: by the model's bucket); 3: visit counts;

@@ -110,7 +110,7 @@ def replayed_log(settings: Settings, log: Path, name: str, batch_records: int) -
     """`profiles replay` of one JSON-lines log with `settings`: each user's final profile by user id, and the
     state snapshot the replay writes (its files named after `name`, beside the log)."""
     from consumers.replay import replay
-    from stream.state import read_snapshot
+    from stream.snapshot_files import read_snapshot
 
     out, state_out = log.with_name(f"{name}.jsonl"), log.with_name(f"state-{name}")
     dead_letters = log.with_name(f"dlq-{name}.jsonl")

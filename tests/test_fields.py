@@ -628,7 +628,7 @@ def test_calibrate_fits_another_shops_rates_and_changes_nothing_else(tmp_path):
     from click.testing import CliRunner
 
     from consumers.cli import main
-    from stream.state import read_snapshot
+    from stream.snapshot_files import read_snapshot
 
     log = generate(users=1000, events=50_000, seed=14, span_days=60, shop=ShopParams.draw(4))
     shop = tmp_path / "shop.jsonl"

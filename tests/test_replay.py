@@ -15,7 +15,7 @@ from stream.generator import generate, write_jsonl
 from stream.malformed import corrupt_some
 from stream.settings import Settings
 from stream.sources import SourceError
-from stream.state import read_snapshot
+from stream.snapshot_files import read_snapshot
 from tests.helpers import DEVICE, create_topics, expected_from_events, latest_profiles, produce, run_until_drained
 
 ON_DEVICE = Settings(device=DEVICE)
@@ -267,7 +267,7 @@ def test_a_snapshot_of_files_hands_each_user_over_at_its_first_event(tmp_path):
     """A snapshot replayed from files knows no partitions: its users enter the table at their first
     event, with their replayed state; an erased user does not come back from it."""
     from models.update_step import load_updater
-    from stream.state import read_snapshot
+    from stream.snapshot_files import read_snapshot
     from tests.helpers import record_batch
 
     log = generate(users=60, events=2000, seed=19).events
@@ -304,7 +304,7 @@ def test_a_snapshot_of_another_model_is_refused(kafka, settings_factory, tmp_pat
     from models.update_step import load_updater
     from stream.kafka import StreamError
     from stream.metrics import Metrics
-    from stream.state import write_snapshot
+    from stream.snapshot_files import write_snapshot
 
     settings = settings_factory(restore_from=str(tmp_path / "s"))
     updater = load_updater(settings)
@@ -333,7 +333,7 @@ def test_a_snapshot_whose_users_are_named_otherwise_is_refused(settings_factory,
     from models.update_step import load_updater
     from stream.kafka import StreamError
     from stream.metrics import Metrics
-    from stream.state import write_snapshot
+    from stream.snapshot_files import write_snapshot
 
     plain = load_updater(settings_factory())
     write_snapshot(tmp_path / "raw", plain.state.snapshot(), {"model_version": plain.state_version,
@@ -361,7 +361,7 @@ def test_a_model_calibrated_again_serves_the_state_of_the_model_it_came_from(kaf
     from models.checkpoint_io import load_checkpoint, save_checkpoint
     from models.update_step import load_updater
     from stream.metrics import Metrics
-    from stream.state import write_snapshot
+    from stream.snapshot_files import write_snapshot
 
     base = load_checkpoint("demo")
     with torch.no_grad():

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from stream.state import StateTable, read_snapshot, write_snapshot
+from stream.snapshot_files import read_snapshot, write_snapshot
+from stream.state import StateTable
 from tests.helpers import DEVICE
 
 ON_DEVICE = torch.device(DEVICE)
