@@ -15,9 +15,13 @@ from rich.table import Table
 from models.field_evaluation import (
     DEFAULT_CUT_SHARE, JUDGED_FIELDS, SPREAD_CUT_SHARES, evaluate_fields, summarise_cuts,
 )
+from models.dataset import read_records
 from models.profile_model import CheckpointError, resolve_device
 from models.checkpoint_io import load_checkpoint
 from stream.events import MIN_TS_MS
+from stream.kafka import StreamError
+from stream.settings import KafkaSettings
+from stream.sources import SourceError, parse_kafka_uri
 
 
 def parse_cut(text: str | None, option: str = "--cut") -> int | None:
@@ -38,27 +42,35 @@ def parse_cut(text: str | None, option: str = "--cut") -> int | None:
     return int(when.timestamp() * 1000)
 
 
+def log_name(source: str) -> str:
+    """What names a log across commands: a file's name, a kafka:// source's topic."""
+    return parse_kafka_uri(source)[0] if source.startswith("kafka://") else Path(source).name
+
+
 def seen_in_training(metadata: dict, files: tuple[str, ...], cut_iso: str) -> str | None:
-    """Where the model was trained on a file of the same name as one judged, with events after the cut: what
-    it saw of the future it is judged on (the training span's end), else None. Checkpoints before the span
-    was recorded say nothing."""
+    """Where the model was trained on a file (or topic) of the same name as one judged, with events after the
+    cut: what it saw of the future it is judged on (the training span's end), else None. Checkpoints before
+    the span was recorded say nothing."""
     span = metadata.get("trained_span")
-    trained = {Path(f).name for f in metadata.get("events", [])}
-    if not span or not trained & {Path(f).name for f in files}:
+    trained = {log_name(f) for f in metadata.get("events", [])}
+    if not span or not trained & {log_name(f) for f in files}:
         return None
     end = dt.datetime.fromisoformat(span[1])
     return span[1] if end > dt.datetime.fromisoformat(cut_iso) else None
 
 
 def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[str], spread: int | None,
-                         device_name: str, as_json: bool, plot_path: str | None) -> None:
+                         device_name: str, as_json: bool, plot_path: str | None,
+                         kafka: KafkaSettings | None = None) -> None:
     """One report at one cut (the default, or the one given); with several cuts, each cut's report and a
-    summary of what they say together (summarise_cuts)."""
+    summary of what they say together (summarise_cuts). files: the replay's sources (files, directories,
+    globs, kafka://TOPIC?from=&to= read with `kafka`), read once for every cut."""
     device = resolve_device(device_name)
     try:
         loaded = load_checkpoint(model_path, device)
-    except CheckpointError as exc:
-        raise click.ClickException(str(exc)) from None
+        records = read_records(files, kafka, {"--plot": plot_path})
+    except (CheckpointError, SourceError, StreamError) as exc:
+        raise click.ClickException(kafka.scrub(str(exc)) if kafka else str(exc)) from None
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     # (cut, share of the span where no cut is given): the cuts given, or one share per spread cut, or the default.
@@ -73,7 +85,7 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[str
             task = bar.add_task(what, total=1)
             try:
                 reports.append(evaluate_fields(
-                    loaded, list(files), device, cut, share=share,
+                    loaded, list(files), device, cut, share=share, records=records,
                     progress=lambda done, total, t=task: bar.update(t, completed=done, total=total)))
             except ValueError as exc:
                 raise click.ClickException(str(exc)) from None

@@ -1,4 +1,4 @@
-"""`profiles train`: event files -> checkpoint, with a progress bar."""
+"""`profiles train` and `profiles calibrate`: event logs (files or a Kafka topic's range) -> checkpoint."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ from models.sequence_data import item_vocabulary
 from models.sequence_training import TrainConfig, auto_epochs, train
 from stream.events import EVENT_TYPES, PURCHASE, iso_time
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
+from stream.settings import KafkaSettings
+from stream.kafka import StreamError
+from stream.sources import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +39,15 @@ SMALL_LOG_USERS = 1_000
 PROBABILITY_HEADS = (("purchase_propensity", "purchase"), ("churn_risk", "event"))
 
 
-def events_until(event_files: tuple[str, ...], until: int | None) -> EventLog:
-    """The files' events at or before `until` (all of them: None), said in one line; an error if none."""
-    events = load_events(event_files)
+def events_until(event_files: tuple[str, ...], until: int | None, kafka: KafkaSettings | None = None,
+                 out: str | None = None) -> EventLog:
+    """The sources' events at or before `until` (all of them: None), said in one line; an error if none.
+    event_files: files, directories, globs or kafka://TOPIC?from=&to= (read with `kafka`), as the replay
+    reads them; `out`, the command's output, is never read as a log."""
+    try:
+        events = load_events(event_files, kafka=kafka, outputs={"--out": out})
+    except (SourceError, StreamError) as exc:
+        raise click.ClickException(kafka.scrub(str(exc)) if kafka else str(exc)) from None
     everything = events
     if until is not None:
         events = events.before(until)
@@ -118,11 +127,11 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, seed: int, hidden_size: int,
                  dropout: float, until: int | None = None, buckets: tuple[int, int, int] | None = None,
-                 **train_options: object) -> None:
+                 kafka: KafkaSettings | None = None, **train_options: object) -> None:
     started = time.monotonic()
     check_output_dir(out)
     device = resolve_device(device_name)
-    events = events_until(event_files, until)
+    events = events_until(event_files, until, kafka, out)
     max_items = train_options.get("max_items", TrainConfig.max_items)
     for note in (small_log_note(events), catalogue_note(events, max_items)):  # type: ignore[arg-type]
         if note is not None:
@@ -168,7 +177,7 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
 
 
 def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, device_name: str, *,
-                    until: int | None, seed: int) -> None:
+                    until: int | None, seed: int, kafka: KafkaSettings | None = None) -> None:
     """`profiles calibrate`: a trained model's probabilities calibrated again on another shop's log."""
     from models.checkpoint_io import load_checkpoint
     from models.shop_calibration import recalibrate
@@ -176,7 +185,7 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
     check_output_dir(out)
     device = resolve_device(device_name)
     loaded = load_checkpoint(model_path, device)
-    events = events_until(event_files, until)
+    events = events_until(event_files, until, kafka, out)
     report = recalibrate(loaded, events, device, seed=seed)
     fits = [report[name] for name in ("purchase", "event", "silence", "carts", "ranking")]
     if not any("test" in fit for fit in fits):  # nothing could be tested on this log: a mistake, say so once

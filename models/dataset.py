@@ -1,7 +1,8 @@
 """Event logs as training data: every user's events in time order, with next-event targets.
 
-Files are read through the same decoder as the daemon (`stream.decode.decode_batch`),
-so training and serving share one event contract; invalid lines are counted, not used.
+Logs are read through the replay's sources (files, or a Kafka topic's range) and the same decoder as the
+daemon (`stream.decode.decode_batch`), so training and serving share one event contract; invalid records
+are counted, not used.
 Targets and horizon labels are derived with numpy over the whole log, not per event.
 """
 
@@ -11,27 +12,45 @@ import gzip
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from stream.events import Control, DeadLetter, EventColumns, PURCHASE, RecordBatch, iso_time
 from stream.decode import decode_batch
-from stream.sources import FileSource, SourceError, no_usable_events_among
+from stream.settings import KafkaSettings
+from stream.sources import SourceError, TimeRange, no_usable_events_among, open_sources
 
 log = logging.getLogger(__name__)
 
 HOUR_MS = 3_600_000
+READ_BATCH_RECORDS = 500_000  # records per read: few batches, within librdkafka's consume limit (1M)
 
 
-def read_records(paths: Iterable[str | Path]) -> RecordBatch:
-    """Every non-empty line of JSON-lines files (plain or gzip), through the replay's file source:
-    topic = file, offset = line number."""
-    source = FileSource([Path(p) for p in paths], 1 << 20)
+def read_records(sources: Iterable[str | Path], kafka: KafkaSettings | None = None,
+                 outputs: Mapping[str, str | None] | None = None) -> RecordBatch:
+    """Every record of the sources, as `profiles replay` reads them: JSON-lines files (plain or gzip; topic =
+    file, offset = line number), directories and globs of them, and Kafka topic ranges kafka://TOPIC?from=&to=
+    (read with `kafka`), whose valid events outside the range's event time are left out, as the replay leaves
+    them out. `outputs`: the command's own output files, never read as a log (stream.sources.expand_paths)."""
+    names = [str(s) for s in sources]
+    if kafka is None and any(s.startswith("kafka://") for s in names):
+        raise SourceError("kafka:// sources need the brokers' address (--bootstrap-servers)")
     records = RecordBatch.empty()
-    while not source.exhausted:
-        records.extend(source.next_batch())
+    for source in open_sources(kafka, names, "jsonl", READ_BATCH_RECORDS, outputs):
+        while not source.exhausted:
+            batch = source.next_batch()
+            records.extend(batch if source.time_range is None else _inside(batch, source.time_range))
     return records
+
+
+def _inside(batch: RecordBatch, window: TimeRange) -> RecordBatch:
+    """The batch without its valid events outside the window (records that are not valid events stay: they
+    are counted as invalid, or are control records)."""
+    events, _ = decode_batch(batch, 1 << 30)
+    outside = np.zeros(len(batch), dtype=bool)
+    outside[events.record_index[~window.mask(events.ts)]] = True
+    return batch.take(np.flatnonzero(~outside).tolist())
 
 
 @dataclass
@@ -149,9 +168,11 @@ def usable_events(records: RecordBatch, max_event_bytes: int) -> tuple[EventColu
     return ev, dead
 
 
-def load_events(paths: Sequence[str | Path], max_event_bytes: int = 65536) -> EventLog:
-    """Read, validate and sort the events of JSON-lines files (usable_events: what the daemon would apply)."""
-    ev, dead = usable_events(read_records(paths), max_event_bytes)
+def load_events(paths: Sequence[str | Path], max_event_bytes: int = 65536, kafka: KafkaSettings | None = None,
+                outputs: Mapping[str, str | None] | None = None) -> EventLog:
+    """Read, validate and sort the events of the sources (read_records; usable_events: what the daemon would
+    apply)."""
+    ev, dead = usable_events(read_records(paths, kafka, outputs), max_event_bytes)
     return _build(ev, len(dead))
 
 

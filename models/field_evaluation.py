@@ -21,7 +21,7 @@ from models.dataset import HOUR_MS, EventLog, event_log, read_records, usable_ev
 from models.next_event_evaluation import roc_auc
 from models.field_training import FutureIndex
 from models.checkpoint_io import LoadedModel
-from stream.events import ADD_TO_CART, PURCHASE, iso_time
+from stream.events import ADD_TO_CART, PURCHASE, RecordBatch, iso_time
 from stream.settings import Settings
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from stream.sources import TimeRange, no_usable_events_among
@@ -216,10 +216,11 @@ SPREAD_CUT_SHARES = (0.5, 0.9)  # `--cuts N`: N cuts evenly from the first share
 
 
 def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device, cut: int | None = None,
-                    batch_records: int = 20_000, progress=None, share: float = DEFAULT_CUT_SHARE) -> dict:
+                    batch_records: int = 20_000, progress=None, share: float = DEFAULT_CUT_SHARE,
+                    records: RecordBatch | None = None) -> dict:
     """The report of `profiles evaluate-fields` (see the module docstring); without a cut, at `share` of the
-    log's span."""
-    records = read_records(files)
+    log's span. `records`: the files' records, where the caller read them already (once for several cuts)."""
+    records = read_records(files) if records is None else records
     events, dead = usable_events(records, 1 << 30)
     if len(events) < 2:
         raise ValueError(no_usable_events_among(files, dead))

@@ -424,7 +424,7 @@ class KafkaRangeSource:
         return self.records_read, self.total
 
 
-def open_sources(kafka: KafkaSettings, sources: list[str], fmt: str, batch_records: int,
+def open_sources(kafka: KafkaSettings | None, sources: list[str], fmt: str, batch_records: int,
                  outputs: Mapping[str, str | None] | None = None, keep_rejected: bool = False) -> list[BatchSource]:
     """The replay's sources: files all together, in the order given, then each kafka://TOPIC?from=&to=
     as its own source with its event-time range. `outputs` and `keep_rejected`: see expand_paths and

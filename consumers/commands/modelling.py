@@ -11,12 +11,26 @@ from consumers.commands.base import check_broker, command, group, kafka_error
 from consumers.commands.options import (
     device_option, kafka_from, kafka_options, thread_options, to_ms, to_seconds, to_ttl_ms,
 )
-from stream.settings import STATE_DTYPES
+from stream.settings import STATE_DTYPES, KafkaSettings
+
+# The offline readers take the replay's sources: a team whose events are in Kafka trains, calibrates and judges
+# on the topic the daemon reads, without exporting it first.
+EVENT_SOURCES = ("files, directories, globs, or kafka://TOPIC?from=ISO&to=ISO (event time in [from, to); needs the "
+                 "brokers)")
+
+
+def kafka_sources(sources: tuple[str, ...], params: dict[str, Any]) -> KafkaSettings:
+    """The KafkaSettings of the command's kafka_options(), with the broker checked where a source is a topic."""
+    kafka = kafka_from(params)
+    if any(s.startswith("kafka://") for s in sources):
+        check_broker(kafka, params["connect_timeout"])  # before the model's imports: fast
+    return kafka
 
 
 @command(short_help="Train the profile model on event logs")
-@click.option("--events", "event_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="JSON-lines event files (repeatable), e.g. from `profiles import` or `profiles generate`.")
+@click.option("--events", "event_files", required=True, multiple=True,
+              help="The JSON-lines event log (repeatable), e.g. from `profiles import` or `profiles generate`: "
+                   + EVENT_SOURCES + ".")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
               help="Passes over the log [default: 10 up to 125k events, fewer above (2 at 500k), so that "
@@ -49,19 +63,21 @@ from stream.settings import STATE_DTYPES
                    "`profiles evaluate-fields --cut`, so the model never sees what it is judged on.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @device_option
+@kafka_options("kafka:// sources")
 def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_size: int, batch_size: int, max_len: int,
           lr: float, dropout: float, val_fraction: float, patience: int, average_epochs: float, refit: bool,
           max_items: int, item_buckets: int, category_buckets: int, query_buckets: int, until: str | None, seed: int,
-          device: str) -> None:
+          device: str, **params: Any) -> None:
     """Train the profile model on event logs, in two stages: the sequence model (next item, next
     category, auxiliary purchase and churn objectives), then the published fields (purchase_propensity,
     churn_risk, top_categories) fitted on profiles taken through the serving path at cuts in the log
     and judged on what followed, calibrated on the latest cuts."""
+    kafka = kafka_sources(event_files, params)
     from consumers.field_report import parse_cut
     from consumers.training import run_training
 
     run_training(event_files, out, device, seed=seed, hidden_size=hidden_size, dropout=dropout,
-                 until=parse_cut(until, "--until"),
+                 until=parse_cut(until, "--until"), kafka=kafka,
                  buckets=(item_buckets, category_buckets, query_buckets),
                  epochs=epochs, batch_size=batch_size, max_len=max_len, lr=lr, val_fraction=val_fraction,
                  patience=patience, average_epochs=average_epochs, refit=refit, max_items=max_items)
@@ -70,16 +86,18 @@ def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_siz
 @command(short_help="Calibrate a trained model for another shop")
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
               help="Trained checkpoint, or `demo` (the shipped model).")
-@click.option("--events", "event_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="The shop's JSON-lines event log(s) (repeatable), e.g. from `profiles import`.")
+@click.option("--events", "event_files", required=True, multiple=True,
+              help="The shop's JSON-lines event log (repeatable), e.g. from `profiles import`: " + EVENT_SOURCES
+                   + ", such as the topic the daemon reads.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
 @click.option("--until", default=None,
               help="Calibrate on the events at or before this ISO time (or epoch ms) only: the cut of a later "
                    "`profiles evaluate-fields --cut`, so the calibration never sees what it is judged on.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @device_option
+@kafka_options("kafka:// sources")
 def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: str | None, seed: int,
-              device: str) -> None:
+              device: str, **params: Any) -> None:
     """Calibrate purchase_propensity and churn_risk of a trained model again on another shop's events, and
     weigh for it what the counting rules read: a model trained in one shop ranks another shop's users well,
     but its probabilities carry the rates of the shop it was trained in, and how much a long silence, carts
@@ -101,10 +119,12 @@ def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: st
 
     The new checkpoint keeps the state of the model it was calibrated from: a daemon switched to it
     (same --group-id) restores the same changelog, and its profiles carry the new model_version."""
+    kafka = kafka_sources(event_files, params)
     from consumers.field_report import parse_cut
     from consumers.training import run_calibration
 
-    run_calibration(model_path, event_files, out, device, until=parse_cut(until, "--until"), seed=seed)
+    run_calibration(model_path, event_files, out, device, until=parse_cut(until, "--until"), seed=seed,
+                    kafka=kafka)
 
 
 @command("evaluate", short_help="The model's next item and category against simple rules")
@@ -130,8 +150,8 @@ def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[st
 @command("evaluate-fields", short_help="Learned fields against what users do after a cut")
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
               help="Checkpoint to judge (train it on events before the cut only), or `demo`.")
-@click.option("--events", "event_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="JSON-lines event log(s) spanning the cut (repeatable).")
+@click.option("--events", "event_files", required=True, multiple=True,
+              help="The JSON-lines event log spanning the cut (repeatable): " + EVENT_SOURCES + ".")
 @click.option("--cut", "cuts", multiple=True, help="ISO time T (or epoch ms): profiles at T are judged on what "
               "follows. Repeatable: each cut is judged, then what they say together. Default: 80% of the log's span.")
 @click.option("--cuts", "spread", default=None, type=click.IntRange(2, 50),
@@ -142,8 +162,9 @@ def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[st
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Draw reliability diagrams of both probabilities to this PNG (needs matplotlib; one cut).")
+@kafka_options("kafka:// sources")
 def evaluate_fields(model_path: str, event_files: tuple[str, ...], cuts: tuple[str, ...], spread: int | None,
-                    device: str, as_json: bool, plot_path: str | None) -> None:
+                    device: str, as_json: bool, plot_path: str | None, **params: Any) -> None:
     """Judge every learned profile field against what each user does after a cut T, beside the
     strongest simple baselines computed from the same events before T.
 
@@ -157,13 +178,14 @@ def evaluate_fields(model_path: str, event_files: tuple[str, ...], cuts: tuple[s
     With several cuts (--cut repeated, or --cuts N): a line per cut with each field's gap to the best rule,
     then per field the mean gap and at how many cuts the model was ahead, within the noise or behind.
     """
-    from consumers.field_report import run_field_evaluation
-
     if cuts and spread:
         raise click.UsageError("give --cut (repeatable) or --cuts N, not both")
     if plot_path and (len(cuts) > 1 or spread):
         raise click.UsageError("--plot draws one cut's reliability diagrams: give one --cut")
-    run_field_evaluation(model_path, event_files, list(cuts), spread, device, as_json, plot_path)
+    kafka = kafka_sources(event_files, params)
+    from consumers.field_report import run_field_evaluation
+
+    run_field_evaluation(model_path, event_files, list(cuts), spread, device, as_json, plot_path, kafka)
 
 
 @command("evaluate-synthetic", short_help="Learned fields against the generator's truth")
