@@ -182,17 +182,26 @@ def print_cut_summary(reports: list[dict], summary: dict) -> None:
                                           reports[0]["first"]))
 
 
-CALIBRATE_MIN_DAYS = 14  # history before a cut that `profiles calibrate` can test its moves on (a week, and before)
+# History before a cut that `profiles calibrate` can test each field's moves on: its cuts lie at 30% to 95% of
+# the log's traffic, and a move is tested on the latest cut that saw the field's whole horizon, fitted on the cuts
+# before it. With traffic spread evenly, the second cut (at 37%) sees 7 days after it in a log of 11 days and 14
+# days (churn_risk's horizon) in one of 23: with a margin, 14 and 23 (the classic shop's churn at its 50% cut, 15
+# days of history, got a hint to calibrate that calibrate then could not test: docs/model.md, session 47).
+CALIBRATE_MIN_DAYS = {"top_categories": 14, "purchase_propensity": 14, "churn_risk": 23}
 
 
 def _train_here(fields: list[str], cut: str, where: str, first: str) -> str:
     """The line for a model behind the rules: calibrating it on this log before the cut (where the log is long
-    enough to test its moves on), or a model trained on this log's own events, is what to try."""
+    enough to test the moves of every field behind on), or a model trained on this log's own events, is what
+    to try."""
     history = dt.datetime.fromisoformat(cut) - dt.datetime.fromisoformat(first)
+    needed = max(CALIBRATE_MIN_DAYS[f] for f in fields)
     calibrate = (f"Calibrate it for this shop on the log before the cut (`profiles calibrate --model ... --events ... "
                  f"--until {cut} --out shop.pt`, seconds: it also weighs how recently users came to each category, "
                  "all-time counts, carts pending and a long silence as this log says), or train"
-                 if history.days >= CALIBRATE_MIN_DAYS else "Train")
+                 if history.days >= needed else
+                 f"With {history.days} days of log before the cut, too few for `profiles calibrate` to test its moves "
+                 f"for {', '.join(fields)} on (it needs about {needed}), train")
     return (f"behind a counting rule {where} {', '.join(fields)}: a model ranks users by what the traffic it was "
             f"trained on taught it. {calibrate} one on this log's events before the cut (`profiles train --events ... "
             f"--until {cut}`) and judge it the same way (docs/model.md, Results).\n")

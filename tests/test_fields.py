@@ -1417,11 +1417,18 @@ def test_the_tables_name_windows_in_minutes_hours_or_days_and_say_what_to_do_whe
     assert "behind a counting rule on purchase_propensity: " in out
     assert "--until 2017-11-26T02:44:08+00:00" in out
     # Seven hours of history: too little for `profiles calibrate` to test its moves on; three weeks: it is offered.
-    assert "profiles calibrate" not in out and "Train one on this log's events" in out
+    assert "profiles calibrate --model" not in out and "With 0 days of log before the cut, too few for `profiles " \
+        "calibrate` to test its moves for purchase_propensity on (it needs about 14), train one on this log's" in out
     print_tables({**report, "first": "2017-11-05T00:00:00+00:00"})
     out = " ".join(capsys.readouterr().out.split())
     assert "Calibrate it for this shop on the log before the cut (`profiles calibrate --model ... --events ... " \
            "--until 2017-11-26T02:44:08+00:00 --out shop.pt`" in out and "or train one on this log's events" in out
+    # Churn behind as well: three weeks are too few to test a move on its 14-day horizon.
+    print_tables({**report, "first": "2017-11-05T00:00:00+00:00", "fields": {
+        **report["fields"], "churn_risk": {**f, "versus_best": {**f["versus_best"], "interval95": [-0.08, -0.02]}}}})
+    out = " ".join(capsys.readouterr().out.split())
+    assert "behind a counting rule on purchase_propensity, churn_risk" in out and "profiles calibrate --model" not in out
+    assert "With 21 days of log before the cut" in out and "(it needs about 23)" in out
     report["fields"]["purchase_propensity"] = report["fields"]["churn_risk"]
     print_tables(report)
     assert "behind a counting rule" not in capsys.readouterr().out
