@@ -117,7 +117,8 @@ def test_help_shows_every_run_option_with_its_environment_variable():
 KAFKA_FLAGS = ("--bootstrap-servers", "--kafka-config", "--kafka-config-file", "--connect-timeout")
 
 
-@pytest.mark.parametrize("command", ["run", "forget", "tail", "get", "replay", "inspect", "generate", "bench"])
+@pytest.mark.parametrize("command", ["run", "forget", "tail", "get", "replay", "inspect", "generate", "bench", "train",
+                                     "calibrate", "evaluate-fields"])
 def test_every_command_that_talks_to_kafka_takes_the_same_kafka_options(command):
     """One declaration: the same flags, environment variables, defaults and help (bar what needs the brokers,
     and bench's default: no brokers, for an embedded one)."""

@@ -1362,10 +1362,13 @@ def test_run_refuses_to_start_without_a_model(tmp_path):
 
     from consumers.cli import main
 
-    result = CliRunner().invoke(main, ["run", "--bootstrap-servers", "127.0.0.1:9"],
+    result = CliRunner().invoke(main, ["run", "--bootstrap-servers", "127.0.0.1:9", "--input-topics", "clicks,carts"],
                                 env={"PROFILES_MODEL": None, "PROFILES_UNTRAINED": None})
     assert result.exit_code == 2
-    assert "--model" in result.output and "profiles train" in result.output and "--untrained" in result.output
+    said = " ".join(result.output.split())
+    assert "--model" in said and "profiles train" in said and "--untrained" in said
+    # The commands it offers read the daemon's own input topics.
+    assert "`profiles calibrate --model demo --events kafka://clicks --events kafka://carts --out shop.pt`" in said
 
 
 def test_evaluate_fields_command_prints_json_and_draws_reliability(tmp_path):

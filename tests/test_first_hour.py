@@ -69,12 +69,14 @@ def test_ctrl_c_in_run_commits_and_exits_130(kafka, unique, tmp_path):
     topic = unique("events")
     create_topics(kafka, {topic: 1})
     err_path = tmp_path / "err"
-    proc = start(["run", "--untrained", "--bootstrap-servers", kafka.bootstrap_servers, "--input-topics", topic, "--output-topic",
-                  unique("profiles"), "--group-id", unique("group"), "--device", DEVICE, "--session-timeout-ms",
-                  "6000"], tmp_path, stderr=open(err_path, "wb"))
+    proc = start(["run", "--model", "demo", "--bootstrap-servers", kafka.bootstrap_servers, "--input-topics", topic,
+                  "--output-topic", unique("profiles"), "--group-id", unique("group"), "--device", DEVICE,
+                  "--session-timeout-ms", "6000"], tmp_path, stderr=open(err_path, "wb"))
     wait_until(lambda: b"consuming" in err_path.read_bytes(), 90, "the daemon to start consuming")
     took, _, _ = ctrl_c(proc)
     err = err_path.read_text()
+    # The shipped model: the log says how to make it this shop's, on the daemon's own input topic.
+    assert f"profiles calibrate --model demo --events kafka://{topic} --out shop.pt" in err, err[-2000:]
     assert proc.returncode == 130, err[-2000:]
     assert took < 10, f"Ctrl-C took {took:.1f}s"
     assert err.strip().splitlines()[-1].startswith("stopped: 0 events applied"), err[-2000:]

@@ -93,10 +93,13 @@ def run(untrained: bool, connect_timeout: float, **params: Any) -> None:
     Stops on SIGTERM or SIGINT after finishing, publishing and committing the batch in hand.
     """
     if not params["model_path"] and not untrained:
+        events = " --events ".join(f"kafka://{t}" for t in params.get("input_topics") or ("events",))
         raise click.UsageError(
-            "no --model given. Train one on your events (`profiles train --events events.jsonl --out model.pt`, "
-            "then --model model.pt), try the shipped one trained on generated traffic (--model demo), or serve "
-            "an untrained model whose learned fields mean nothing (--untrained).")
+            f"no --model given. Train one on your events (`profiles train --events {events} --out model.pt`, "
+            "minutes), or calibrate the shipped one for your shop (`profiles calibrate --model demo --events "
+            f"{events} --out shop.pt`, seconds), then --model FILE; or try the shipped one as it is (--model demo, "
+            "trained on generated traffic), or serve an untrained model whose learned fields mean nothing "
+            "(--untrained).")
     settings = settings_from(params)
     log.debug("settings: %s", settings.describe())  # before the broker check, secrets masked
     check_broker(settings.kafka, connect_timeout)
@@ -115,6 +118,7 @@ def run_daemon(settings: Settings, stop: threading.Event) -> DaemonStats:
     from confluent_kafka import KafkaException
 
     from consumers.daemon import ProfileDaemon
+    from models.checkpoint_io import DEMO_MODEL
     from models.update_step import load_updater
     from models.profile_model import ModelError
     from stream.kafka import PublishError, StreamError
@@ -123,6 +127,11 @@ def run_daemon(settings: Settings, stop: threading.Event) -> DaemonStats:
     log.info("settings: %s", settings.describe())
     try:
         updater = load_updater(settings)
+        if settings.model_path == DEMO_MODEL:  # the first hour: say how the shipped model is made this shop's
+            log.info("serving the shipped model, trained on a generated shop: its probabilities carry that shop's "
+                     "rates. Calibrate it on this shop's events in seconds and restart with --model shop.pt (same "
+                     "--group-id): profiles calibrate --model demo --events %s --out shop.pt (docs/operations.md)",
+                     " --events ".join(f"kafka://{t}" for t in settings.input_topics))
         metrics, health = Metrics(), Health(settings.stall_after_s)
         if settings.metrics_port:
             try:
