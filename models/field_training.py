@@ -355,7 +355,10 @@ def _init_heads(model: ProfileModel, train: CutExamples, idle_decay: dict[str, b
             if name != "relative_pending":  # the examples were read as the model reads follow_pending: keep it
                 heads.state_dict()[name].copy_(t)
         heads.feature_mean.copy_(train.user.mean(dim=0))
-        heads.feature_std.copy_(train.user.std(dim=0).clamp(min=1e-3))
+        # One example has no spread (std nan): its features are taken as they are (std 1), or every published
+        # probability of a model trained on a tiny log would be nan.
+        spread = train.user.std(dim=0) if len(train.user) > 1 else torch.ones_like(train.user[0])
+        heads.feature_std.copy_(spread.clamp(min=1e-3))
         for head, label in ((heads.purchase, train.purchase), (heads.event, train.event)):
             rate = float(label.mean().clamp(1e-3, 1 - 1e-3))
             base = float(np.log(-np.log1p(-rate)))  # log L at the mean window that gives the base rate

@@ -352,3 +352,23 @@ def test_train_says_when_the_gate_moved_for_ranking_and_what_held_out_time_gaine
         in fields_summary(moved)
     assert "top_categories" not in fields_summary({**base, "gate_shift": {"shift": 0.0, "precision_at_3": {}}})
     assert "top_categories" not in fields_summary(base)  # a checkpoint's report from before the move
+
+
+def test_a_model_trained_on_a_tiny_log_publishes_numbers_not_nan(tmp_path):
+    """Four events of two users: the field stage fits on one profile, whose features have no spread. Every
+    probability the checkpoint publishes must still be a number (it was nan everywhere)."""
+    events = [{"event_id": i, "user_id": user, "type": kind, "ts": f"2023-11-14T22:{minute:02d}:00Z",
+               "item_id": item, "category": cat} for i, (user, kind, minute, item, cat) in enumerate([
+                   (37, "click", 15, "i1", "shoes"), (414, "click", 17, "i2", "hats"),
+                   (414, "add_to_cart", 18, "i2", "hats"), (414, "click", 19, "i3", "hats")])]
+    write_jsonl(events, tmp_path / "tiny.jsonl")
+    result = CliRunner().invoke(main, ["train", "--events", str(tmp_path / "tiny.jsonl"), "--out",
+                                       str(tmp_path / "m.pt"), "--epochs", "1", "--device", DEVICE])
+    assert result.exit_code == 0, result.output
+    loaded = load_checkpoint(str(tmp_path / "m.pt"))
+    assert torch.isfinite(loaded.model.fields.feature_std).all()
+    updater = ProfileUpdater(loaded, torch.device(DEVICE), max_event_bytes=65536, emit_embedding=False)
+    updater.process(record_batch(events))
+    for _, value in updater.profiles_for(np.arange(len(updater.state))):
+        profile = orjson.loads(value)
+        assert 0 <= profile["purchase_propensity"] <= 1 and 0 <= profile["churn_risk"] <= 1, profile
