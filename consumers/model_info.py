@@ -22,6 +22,8 @@ def checkpoint_info(path: str) -> dict:
         "state_version": loaded.state_version,  # differs for a model calibrated again (`profiles calibrate`)
         "calibrations": [{**{k: c.get(k) for k in ("from", "events", "until", "created_at")},
                           "moved": calibration_moves(c)} for c in meta.get("calibrations", [])],
+        # Weights set by hand where the training shop could not teach them (the shipped demo's, docs/model.md).
+        "priors": [p.get("what", "") for p in meta.get("priors", [])],
         "format": loaded.format,
         "transitions": {name: {"pairs": len(loaded.model.transitions(name).cols),
                                "weight": float(loaded.model.transition_weight[i])}
@@ -127,6 +129,7 @@ def info_lines(info: dict) -> list[str]:
            + (f" (events until {iso_time(c['until'])})" if c["until"] is not None else "")
            + (f"; moved: {', '.join(c['moved'])}" if c["moved"] else "; nothing moved"))
           for c in info["calibrations"]],
+        *[("set by hand", what) for what in info.get("priors", [])],
         ("checkpoint", f"{info['path']} (format {info['format']}"
                        + (f"; this version writes {CHECKPOINT_FORMAT})" if info["format"] != CHECKPOINT_FORMAT
                           else ")")),

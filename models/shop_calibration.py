@@ -241,10 +241,11 @@ RECENT_PURCHASE_STEPS = (-0.25, 0.0, 0.25, 0.5, 1.0)
 RECENT_PURCHASES = USER_FEATURES.index("log_purchases_7d")
 # And the weight on how due the user's next order is by their own purchase rhythm (order_due, checkpoint format 17):
 # where users reorder on cycles of their own (an independent replenishment world: 20-50 days), the shipped demo,
-# whose shop 0 has no such cycles, weighs it at 0, and purchase_propensity ranked 0.07-0.08 below "carts not
+# whose shop 0 has no such cycles, weighed it at 0, and purchase_propensity ranked 0.07-0.08 below "carts not
 # bought" there, where "due by the own rhythm" ranks 0.83 (session 46). Kept >= 0: being due never makes a purchase
-# less likely.
-DUE_STEPS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+# less likely. -1 takes the shipped demo's prior of 1, set by hand since (session 47, docs/model.md), back to none
+# where users reorder on no rhythm the rule can read.
+DUE_STEPS = (-1.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 ORDER_DUE = USER_FEATURES.index("order_due")
 AUC_MARGIN = 0.002
 

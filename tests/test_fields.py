@@ -654,11 +654,11 @@ def test_calibrate_fits_another_shops_rates_and_changes_nothing_else(tmp_path):
     assert "nothing written" in result.output and not (tmp_path / "short.pt").exists()
 
     demo, cal = load_checkpoint("demo", ON_DEVICE), load_checkpoint(tmp_path / "cal.pt", ON_DEVICE)
-    assert cal.state_version == demo.version != cal.version
+    assert cal.state_version == demo.state_version != cal.version  # the demo's own: it keeps its fitted model's
     assert cal.metadata["calibrations"][0]["until"] == cut
     result = runner.invoke(main, ["model", "info", str(tmp_path / "cal.pt"), "--json"])
     assert result.exit_code == 0, result.output
-    assert orjson.loads(result.output)["state_version"] == demo.version
+    assert orjson.loads(result.output)["state_version"] == demo.state_version
     a, b = demo.model.state_dict(), cal.model.state_dict()
     changed = {k for k in a if not torch.equal(a[k], b[k])}
     assert "fields.event.calibration" in changed
@@ -685,7 +685,7 @@ def test_calibrate_fits_another_shops_rates_and_changes_nothing_else(tmp_path):
     assert result.exit_code == 0, result.output
     first = orjson.loads((tmp_path / "p.jsonl").read_bytes().split(b"\n")[0])
     assert first["model_version"] == cal.version
-    assert read_snapshot(tmp_path / "state")[1]["model_version"] == demo.version
+    assert read_snapshot(tmp_path / "state")[1]["model_version"] == demo.state_version
 
 
 def silence_examples(n: int, gen: torch.Generator, truth: str) -> CutExamples:
@@ -840,7 +840,7 @@ def test_calibrating_for_a_shop_where_interests_move_on_names_the_latest_categor
     a, b = demo.model.state_dict(), cal.model.state_dict()
     changed = {k for k in a if not torch.equal(a[k], b[k])}  # the ranking's weights, and maybe the gate's bias
     assert "fields.repeat_score.weight" in changed <= {"fields.repeat_score.weight", "fields.gate.bias"}
-    assert cal.state_version == demo.version != cal.version
+    assert cal.state_version == demo.state_version != cal.version  # the demo's own: it keeps its fitted model's
     info = orjson.loads(CliRunner().invoke(main, ["model", "info", str(tmp_path / "cal.pt"), "--json"]).output)
     moved = [move.split(" -> ")[0] for move in info["calibrations"][0]["moved"]]
     assert moved == ["top_categories: the freshness weight 0"]
@@ -875,19 +875,22 @@ def replenishing_shop(users: int, days: int, seed: int, t0: int = 1_700_000_000_
 
 
 def test_calibrating_for_a_shop_of_replenishers_weighs_the_order_being_due(tmp_path):
-    """The shipped demo's shop has no purchase rhythm and its heads weigh order_due at 0. Calibrated on a shop whose
-    users rebuy on cycles of their own, the weight on the order being due moves up, `profiles model info` says so,
-    and purchase_propensity ranks the next week's buyers better at a later cut."""
+    """The shipped demo's shop has no purchase rhythm: its heads weigh order_due at a prior of 1, set by hand.
+    Calibrated on a shop whose users rebuy on cycles of their own, the weight on the order being due moves up,
+    `profiles model info` says so, and purchase_propensity ranks the next week's buyers better at a later cut."""
     from click.testing import CliRunner
 
     from consumers.cli import main
 
     shop, cut, result = demo_calibrated_before_the_cut(replenishing_shop(users=400, days=120, seed=0), tmp_path)
-    assert "the weight on the next order being due 0 -> " in result.output
+    assert "the weight on the next order being due 1 -> " in result.output
     info = orjson.loads(CliRunner().invoke(main, ["model", "info", str(tmp_path / "cal.pt"), "--json"]).output)
-    assert any("the weight on the next order being due 0 -> " in move for move in info["calibrations"][0]["moved"])
+    assert any("the weight on the next order being due 1 -> " in move for move in info["calibrations"][0]["moved"])
+    assert info["priors"] and "order being due" in info["priors"][0]  # the demo's hand-set weight, named
     demo, cal = load_checkpoint("demo", ON_DEVICE), load_checkpoint(tmp_path / "cal.pt", ON_DEVICE)
-    assert float(cal.model.fields.purchase.linear.weight.detach()[0, USER_FEATURES.index("order_due")]) > 0
+    due = USER_FEATURES.index("order_due")
+    assert float(demo.model.fields.purchase.linear.weight.detach()[0, due]) == 1.0
+    assert float(cal.model.fields.purchase.linear.weight.detach()[0, due]) > 1.0
     before = evaluate_fields(demo, [str(shop)], ON_DEVICE, cut=cut)["fields"]["purchase_propensity"]
     after = evaluate_fields(cal, [str(shop)], ON_DEVICE, cut=cut)["fields"]["purchase_propensity"]
     assert after["model"]["roc_auc"] > before["model"]["roc_auc"] + 0.1
