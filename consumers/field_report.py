@@ -15,6 +15,7 @@ from rich.table import Table
 from models.field_evaluation import (
     DEFAULT_CUT_SHARE, JUDGED_FIELDS, SPREAD_CUT_SHARES, evaluate_fields, summarise_cuts,
 )
+from consumers.commands.base import source_error
 from models.dataset import read_records
 from models.profile_model import CheckpointError, resolve_device
 from models.checkpoint_io import load_checkpoint
@@ -69,8 +70,10 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[str
     try:
         loaded = load_checkpoint(model_path, device)
         records = read_records(files, kafka, {"--plot": plot_path})
-    except (CheckpointError, SourceError, StreamError) as exc:
-        raise click.ClickException(kafka.scrub(str(exc)) if kafka else str(exc)) from None
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (SourceError, StreamError) as exc:
+        raise source_error(exc, kafka) from None
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     # (cut, share of the span where no cut is given): the cuts given, or one share per spread cut, or the default.

@@ -11,12 +11,16 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from consumers.commands.base import source_error
 from models.dataset import load_events
 from models.next_event_evaluation import Sequences, evaluate
 from models.next_event_baselines import PopularityBaseline, SequentialRulesBaseline, SessionKNNBaseline
 from models.profile_model import resolve_device
 from models.checkpoint_io import load_checkpoint
 from models.next_event_scorers import GRUScorer, aligned_train, sequences_from_log
+from stream.kafka import StreamError
+from stream.settings import KafkaSettings
+from stream.sources import SourceError
 
 
 def carried_over(train: Sequences | None, train_users: np.ndarray, test_users: np.ndarray,
@@ -36,7 +40,9 @@ def carried_over(train: Sequences | None, train_users: np.ndarray, test_users: n
 
 
 def run_evaluation(model_path: str, train_files: tuple[str, ...], test_files: tuple[str, ...], device_name: str,
-                   k: int, as_json: bool) -> None:
+                   k: int, as_json: bool, kafka: KafkaSettings | None = None) -> None:
+    """`profiles evaluate`; the logs are the replay's sources (files, directories, globs, kafka:// ranges read
+    with `kafka`)."""
     started = time.monotonic()
     device = resolve_device(device_name)
     loaded = load_checkpoint(model_path, device)
@@ -44,7 +50,10 @@ def run_evaluation(model_path: str, train_files: tuple[str, ...], test_files: tu
         raise click.ClickException(f"{model_path} has no next-item head: train it with `profiles train`")
     model = loaded.model
     item_index = {item: i for i, item in enumerate(loaded.item_vocab)}
-    train_log, test_log = load_events(train_files), load_events(test_files)
+    try:
+        train_log, test_log = load_events(train_files, kafka=kafka), load_events(test_files, kafka=kafka)
+    except (SourceError, StreamError) as exc:
+        raise source_error(exc, kafka) from None
     train_seq = sequences_from_log(train_log, item_index, model)
     test_seq = sequences_from_log(test_log, item_index, model)
     aligned = aligned_train(train_log, test_log)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from consumers.commands.base import source_error
 from consumers.field_report import window
 from consumers.model_info import move_descriptions
 from consumers.outfiles import Interrupted, atomic_paths, check_output_dir
@@ -47,7 +48,7 @@ def events_until(event_files: tuple[str, ...], until: int | None, kafka: KafkaSe
     try:
         events = load_events(event_files, kafka=kafka, outputs={"--out": out})
     except (SourceError, StreamError) as exc:
-        raise click.ClickException(kafka.scrub(str(exc)) if kafka else str(exc)) from None
+        raise source_error(exc, kafka) from None
     everything = events
     if until is not None:
         events = events.before(until)

@@ -118,7 +118,7 @@ KAFKA_FLAGS = ("--bootstrap-servers", "--kafka-config", "--kafka-config-file", "
 
 
 @pytest.mark.parametrize("command", ["run", "forget", "tail", "get", "replay", "inspect", "generate", "bench", "train",
-                                     "calibrate", "evaluate-fields"])
+                                     "calibrate", "evaluate-fields", "evaluate"])
 def test_every_command_that_talks_to_kafka_takes_the_same_kafka_options(command):
     """One declaration: the same flags, environment variables, defaults and help (bar what needs the brokers,
     and bench's default: no brokers, for an embedded one)."""

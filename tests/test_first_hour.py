@@ -248,6 +248,7 @@ def test_an_unreachable_broker_is_one_line_within_the_connect_timeout(tmp_path):
     ["forget", "u1"], ["train", "--events", "kafka://events", "--out", "m.pt"],
     ["calibrate", "--model", "demo", "--events", "kafka://events", "--out", "m.pt"],
     ["evaluate-fields", "--model", "demo", "--events", "kafka://events"],
+    ["evaluate", "--model", "demo", "--train-events", "kafka://events", "--events", "kafka://events"],
 ])
 def test_every_command_that_talks_to_kafka_checks_the_broker_first(args, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

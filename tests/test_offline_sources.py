@@ -70,3 +70,26 @@ def test_evaluate_fields_and_calibrate_read_the_topic_the_daemon_reads(kafka, un
         return report
 
     assert calibrated(f"kafka://{topic}", "topic.pt") == calibrated(str(path), "file.pt")
+
+
+def test_evaluate_reads_its_train_and_test_events_from_topic_ranges(kafka, unique, shop_log, tmp_path):
+    """`profiles evaluate --train-events kafka://T?to=X --events kafka://T?from=X` judges the same next events as
+    the two files cut at X."""
+    log, _ = shop_log
+    topic = unique("clicks")
+    create_topics(kafka, {topic: 2})
+    produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log.events])
+    middle = sorted(e["ts"] for e in log.events)[9_000]
+    write_jsonl([e for e in log.events if e["ts"] < middle], tmp_path / "train.jsonl")
+    write_jsonl([e for e in log.events if e["ts"] >= middle], tmp_path / "test.jsonl")
+
+    def results(train: str, test: str) -> dict:
+        result = CliRunner().invoke(main, ["evaluate", "--model", "demo", "--train-events", train, "--events", test,
+                                           "--json", "--bootstrap-servers", kafka.bootstrap_servers])
+        assert result.exit_code == 0, result.output
+        report = orjson.loads(result.stdout)
+        return {name: {k: v for k, v in scores.items() if k != "seconds"} for name, scores in report["results"].items()}
+
+    from_topic = results(f"kafka://{topic}?to={middle}", f"kafka://{topic}?from={middle}")
+    assert from_topic == results(str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl"))
+    assert from_topic["gru"]["item_targets"] > 0

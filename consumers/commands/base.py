@@ -150,6 +150,12 @@ def kafka_error(kafka: KafkaSettings, exc: Exception) -> click.ClickException:
     return click.ClickException(kafka.scrub(text))
 
 
+def source_error(exc: Exception, kafka: KafkaSettings | None) -> click.ClickException:
+    """A log that cannot be read (stream.sources.SourceError, or a kafka:// source's StreamError) as one line,
+    secrets scrubbed where the sources were read with Kafka settings."""
+    return kafka_error(kafka, exc) if kafka is not None else click.ClickException(str(exc))
+
+
 def write_lines(lines: list[bytes]) -> None:
     sys.stdout.buffer.write(b"".join(lines))
     sys.stdout.buffer.flush()

@@ -131,20 +131,23 @@ def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: st
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
               help="Checkpoint to judge, or `demo` (the shipped model).")
 @click.option("--train-events", "train_files", required=True, multiple=True,
-              type=click.Path(exists=True, dir_okay=False),
-              help="Events the baselines are fitted on; test users' state is carried over from them.")
-@click.option("--events", "test_files", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Test events: every next event of every test user is predicted from its prefix.")
+              help="Events the baselines are fitted on; test users' state is carried over from them: "
+                   + EVENT_SOURCES + ".")
+@click.option("--events", "test_files", required=True, multiple=True,
+              help="Test events: every next event of every test user is predicted from its prefix (the same "
+                   "kinds of source).")
 @click.option("--k", default=20, show_default=True, type=click.IntRange(min=1), help="Cut-off of Recall@k and MRR@k.")
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@kafka_options("kafka:// sources")
 def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[str, ...], k: int, device: str,
-             as_json: bool) -> None:
+             as_json: bool, **params: Any) -> None:
     """Next-item Recall@k and MRR@k (full ranking), next-category accuracy@5 and purchase-propensity
     ROC AUC of the model, and of popularity, sequential-rules and session-kNN baselines fitted in the same run."""
+    kafka = kafka_sources(train_files + test_files, params)
     from consumers.next_event_report import run_evaluation
 
-    run_evaluation(model_path, train_files, test_files, device, k, as_json)
+    run_evaluation(model_path, train_files, test_files, device, k, as_json, kafka)
 
 
 @command("evaluate-fields", short_help="Learned fields against what users do after a cut")
