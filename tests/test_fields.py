@@ -1433,7 +1433,8 @@ def test_the_tables_name_windows_in_minutes_hours_or_days_and_say_what_to_do_whe
     print_tables({**report, "first": "2017-11-05T00:00:00+00:00", "fields": {
         **report["fields"], "churn_risk": {**f, "versus_best": {**f["versus_best"], "interval95": [-0.08, -0.02]}}}})
     out = " ".join(capsys.readouterr().out.split())
-    assert "behind a counting rule on purchase_propensity, churn_risk" in out and "profiles calibrate --model" not in out
+    assert "behind a counting rule on purchase_propensity, churn_risk" in out
+    assert "profiles calibrate --model" not in out
     assert "With 21 days of log before the cut" in out and "(it needs about 23)" in out
     report["fields"]["purchase_propensity"] = report["fields"]["churn_risk"]
     print_tables(report)
