@@ -273,11 +273,13 @@ def _versus_best(field: dict) -> str:
     v = field.get("versus_best")
     if not v or np.isnan(v["difference"]):
         return ""
+    head = f"model - {v['baseline']}: {v['difference']:+.3f} {v['metric']}"
+    verdict = _verdict(v)
+    if verdict is None:  # a log of one user: no interval, and no verdict without one
+        return f"{head} (too few users for a bootstrap interval)\n"
     lo, hi = v["interval95"]
-    verdict = ("[green]ahead[/]" if lo > 0 else "[red]behind[/]" if hi < 0
-               else "within the sampling noise")
-    return (f"model - {v['baseline']}: {v['difference']:+.3f} {v['metric']} "
-            f"(95% paired bootstrap [{lo:+.3f}, {hi:+.3f}]): {verdict}\n")
+    said = {"ahead": "[green]ahead[/]", "behind": "[red]behind[/]"}.get(verdict, "within the sampling noise")
+    return f"{head} (95% paired bootstrap [{lo:+.3f}, {hi:+.3f}]): {said}\n"
 
 
 RATE_GAP = 0.02  # mean probability this far from the observed rate: say so, and what fits it

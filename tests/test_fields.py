@@ -1439,6 +1439,11 @@ def test_the_tables_name_windows_in_minutes_hours_or_days_and_say_what_to_do_whe
     report["fields"]["purchase_propensity"] = report["fields"]["churn_risk"]
     print_tables(report)
     assert "behind a counting rule" not in capsys.readouterr().out
+    # One user: the bootstrap has no interval, and the line says so rather than printing nan.
+    print_tables({**report, "fields": {**report["fields"], "top_categories": {
+        **cats, "versus_best": {**cats["versus_best"], "interval95": [float("nan"), float("nan")]}}}})
+    out = " ".join(capsys.readouterr().out.split())
+    assert "+0.000 precision@3 (too few users for a bootstrap interval)" in out and "nan" not in out
 
     # Several cuts: a field behind at most of them gets the line, trained up to the earliest cut.
     later = {**report, "cut": "2017-11-26T03:00:00+00:00"}
