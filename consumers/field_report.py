@@ -15,14 +15,13 @@ from rich.table import Table
 from models.field_evaluation import (
     DEFAULT_CUT_SHARE, JUDGED_FIELDS, SPREAD_CUT_SHARES, evaluate_fields, summarise_cuts,
 )
-from consumers.commands.base import source_error
+from consumers.commands.base import reading_sources
 from models.dataset import read_records
 from models.profile_model import CheckpointError, resolve_device
 from models.checkpoint_io import load_checkpoint
 from stream.events import MIN_TS_MS
-from stream.kafka import StreamError
 from stream.settings import KafkaSettings
-from stream.sources import SourceError, parse_kafka_uri
+from stream.sources import parse_kafka_uri
 
 
 def parse_cut(text: str | None, option: str = "--cut") -> int | None:
@@ -69,11 +68,10 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[str
     device = resolve_device(device_name)
     try:
         loaded = load_checkpoint(model_path, device)
-        records = read_records(files, kafka, {"--plot": plot_path})
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from None
-    except (SourceError, StreamError) as exc:
-        raise source_error(exc, kafka) from None
+    with reading_sources(kafka):
+        records = read_records(files, kafka, {"--plot": plot_path})
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     # (cut, share of the span where no cut is given): the cuts given, or one share per spread cut, or the default.

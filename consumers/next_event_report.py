@@ -11,16 +11,14 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from consumers.commands.base import source_error
+from consumers.commands.base import reading_sources
 from models.dataset import load_events
 from models.next_event_evaluation import Sequences, evaluate
 from models.next_event_baselines import PopularityBaseline, SequentialRulesBaseline, SessionKNNBaseline
 from models.profile_model import resolve_device
 from models.checkpoint_io import load_checkpoint
 from models.next_event_scorers import GRUScorer, aligned_train, sequences_from_log
-from stream.kafka import StreamError
 from stream.settings import KafkaSettings
-from stream.sources import SourceError
 
 
 def carried_over(train: Sequences | None, train_users: np.ndarray, test_users: np.ndarray,
@@ -50,10 +48,8 @@ def run_evaluation(model_path: str, train_files: tuple[str, ...], test_files: tu
         raise click.ClickException(f"{model_path} has no next-item head: train it with `profiles train`")
     model = loaded.model
     item_index = {item: i for i, item in enumerate(loaded.item_vocab)}
-    try:
+    with reading_sources(kafka):
         train_log, test_log = load_events(train_files, kafka=kafka), load_events(test_files, kafka=kafka)
-    except (SourceError, StreamError) as exc:
-        raise source_error(exc, kafka) from None
     train_seq = sequences_from_log(train_log, item_index, model)
     test_seq = sequences_from_log(test_log, item_index, model)
     aligned = aligned_train(train_log, test_log)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from consumers.commands.base import source_error
+from consumers.commands.base import reading_sources
 from consumers.field_report import window
 from consumers.model_info import move_descriptions
 from consumers.outfiles import Interrupted, atomic_paths, check_output_dir
@@ -26,8 +26,6 @@ from models.sequence_training import TrainConfig, auto_epochs, train
 from stream.events import EVENT_TYPES, PURCHASE, iso_time
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from stream.settings import KafkaSettings
-from stream.kafka import StreamError
-from stream.sources import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +43,8 @@ def events_until(event_files: tuple[str, ...], until: int | None, kafka: KafkaSe
     """The sources' events at or before `until` (all of them: None), said in one line; an error if none.
     event_files: files, directories, globs or kafka://TOPIC?from=&to= (read with `kafka`), as the replay
     reads them; `out`, the command's output, is never read as a log."""
-    try:
+    with reading_sources(kafka):
         events = load_events(event_files, kafka=kafka, outputs={"--out": out})
-    except (SourceError, StreamError) as exc:
-        raise source_error(exc, kafka) from None
     everything = events
     if until is not None:
         events = events.before(until)

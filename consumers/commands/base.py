@@ -3,6 +3,7 @@ stop signals, the broker check, writing to a stdout that may close."""
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import functools
 import logging
@@ -11,6 +12,7 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 
 import click
 
@@ -150,10 +152,17 @@ def kafka_error(kafka: KafkaSettings, exc: Exception) -> click.ClickException:
     return click.ClickException(kafka.scrub(text))
 
 
-def source_error(exc: Exception, kafka: KafkaSettings | None) -> click.ClickException:
-    """A log that cannot be read (stream.sources.SourceError, or a kafka:// source's StreamError) as one line,
-    secrets scrubbed where the sources were read with Kafka settings."""
-    return kafka_error(kafka, exc) if kafka is not None else click.ClickException(str(exc))
+@contextlib.contextmanager
+def reading_sources(kafka: KafkaSettings | None) -> Iterator[None]:
+    """Around reading event logs (models.dataset.read_records): a source that cannot be read (SourceError, or a
+    kafka:// source's StreamError) becomes one Error line, secrets scrubbed where it was read with Kafka settings."""
+    from stream.kafka import StreamError
+    from stream.sources import SourceError
+
+    try:
+        yield
+    except (SourceError, StreamError) as exc:
+        raise (kafka_error(kafka, exc) if kafka is not None else click.ClickException(str(exc))) from None
 
 
 def write_lines(lines: list[bytes]) -> None:

@@ -93,7 +93,7 @@ def run(untrained: bool, connect_timeout: float, **params: Any) -> None:
     Stops on SIGTERM or SIGINT after finishing, publishing and committing the batch in hand.
     """
     if not params["model_path"] and not untrained:
-        events = " --events ".join(f"kafka://{t}" for t in params.get("input_topics") or ("events",))
+        events = topic_sources(params.get("input_topics") or ("events",))
         raise click.UsageError(
             f"no --model given. Train one on your events (`profiles train --events {events} --out model.pt`, "
             "minutes), or calibrate the shipped one for your shop (`profiles calibrate --model demo --events "
@@ -110,6 +110,11 @@ def run(untrained: bool, connect_timeout: float, **params: Any) -> None:
         click.echo(f"stopped: {stats.events:,} events applied, {stats.profiles:,} profiles published, "
                    f"{stats.dead_letters:,} dead letters, offsets committed", err=True)
     exit_130_if_interrupted(received)
+
+
+def topic_sources(topics: tuple[str, ...]) -> str:
+    """The daemon's input topics as the --events sources of `profiles train` or `calibrate`."""
+    return " --events ".join(f"kafka://{t}" for t in topics)
 
 
 def run_daemon(settings: Settings, stop: threading.Event) -> DaemonStats:
@@ -131,7 +136,7 @@ def run_daemon(settings: Settings, stop: threading.Event) -> DaemonStats:
             log.info("serving the shipped model, trained on a generated shop: its probabilities carry that shop's "
                      "rates. Calibrate it on this shop's events in seconds and restart with --model shop.pt (same "
                      "--group-id): profiles calibrate --model demo --events %s --out shop.pt (docs/operations.md)",
-                     " --events ".join(f"kafka://{t}" for t in settings.input_topics))
+                     topic_sources(settings.input_topics))
         metrics, health = Metrics(), Health(settings.stall_after_s)
         if settings.metrics_port:
             try:
