@@ -19,27 +19,8 @@ from consumers.commands.base import reading_sources
 from models.dataset import read_records
 from models.profile_model import CheckpointError, resolve_device
 from models.checkpoint_io import load_checkpoint
-from stream.events import MIN_TS_MS
 from stream.settings import KafkaSettings
 from stream.sources import parse_kafka_uri
-
-
-def parse_cut(text: str | None, option: str = "--cut") -> int | None:
-    """ISO-8601 (UTC when no zone is given) or epoch milliseconds -> epoch ms; `option` names it in an error."""
-    if text is None:
-        return None
-    if text.isdigit():
-        if int(text) < MIN_TS_MS:  # the contract's own floor, which catches epoch seconds in events too
-            raise click.BadParameter(f"{text} is before 1973 in epoch milliseconds: epoch seconds? (use "
-                                     f"{int(text) * 1000} or an ISO time)", param_hint=option)
-        return int(text)
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is neither ISO-8601 nor epoch milliseconds", param_hint=option) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return int(when.timestamp() * 1000)
 
 
 def log_name(source: str) -> str:
@@ -59,7 +40,7 @@ def seen_in_training(metadata: dict, files: tuple[str, ...], cut_iso: str) -> st
     return span[1] if end > dt.datetime.fromisoformat(cut_iso) else None
 
 
-def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[str], spread: int | None,
+def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[int], spread: int | None,
                          device_name: str, as_json: bool, plot_path: str | None,
                          kafka: KafkaSettings | None = None) -> None:
     """One report at one cut (the default, or the one given); with several cuts, each cut's report and a
@@ -76,7 +57,7 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[str
 
     # (cut, share of the span where no cut is given): the cuts given, or one share per spread cut, or the default.
     shares = np.linspace(*SPREAD_CUT_SHARES, spread).tolist() if spread else [DEFAULT_CUT_SHARE]
-    plan = [(parse_cut(c), DEFAULT_CUT_SHARE) for c in cuts] or [(None, share) for share in shares]
+    plan = [(cut, DEFAULT_CUT_SHARE) for cut in cuts] or [(None, share) for share in shares]
     reports = []
     with Progress(TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed:,}/{task.total:,} records"), TimeRemainingColumn(),

@@ -87,6 +87,16 @@ def test_split_of_a_log_without_events_is_a_one_line_error(tmp_path, content):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
 
 
+def test_split_of_a_topic_names_the_ranges_that_cut_it(tmp_path):
+    """A topic needs no copy to be cut: the usage error names the kafka:// ranges (and --until/--cut) instead of
+    saying that a file named kafka://... does not exist."""
+    result = invoke("split", "kafka://events", "--train-out", str(tmp_path / "a"), "--test-out", str(tmp_path / "b"))
+    assert result.exit_code == 2, result.output
+    error = error_line(result)
+    assert "kafka://TOPIC?to=CUT" in error and "kafka://TOPIC?from=CUT" in error and "does not exist" not in error
+    assert not any(tmp_path.iterdir())
+
+
 def test_import_and_split_write_standard_output_for_a_dash(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tb.csv").write_bytes(TAOBAO)

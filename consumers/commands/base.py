@@ -144,6 +144,14 @@ def check_broker(kafka: KafkaSettings, connect_timeout_s: float) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+def check_broker_for(kafka: KafkaSettings, sources: tuple[str, ...] | list[str], connect_timeout_s: float,
+                     writes_topic: bool = False) -> None:
+    """check_broker where a command reads a kafka:// source or writes to a topic (files need no broker).
+    Called before the model's imports, which take seconds: a broker that is down shows at once."""
+    if writes_topic or any(s.startswith("kafka://") for s in sources):
+        check_broker(kafka, connect_timeout_s)
+
+
 def kafka_error(kafka: KafkaSettings, exc: Exception) -> click.ClickException:
     """A StreamError or KafkaException as one line for the user, with secret values scrubbed."""
     from confluent_kafka import KafkaException

@@ -10,7 +10,9 @@ from typing import Any
 
 import click
 
-from consumers.commands.base import check_broker, command, exit_130_if_interrupted, install_stop_handlers
+from consumers.commands.base import (
+    check_broker, check_broker_for, command, exit_130_if_interrupted, install_stop_handlers,
+)
 from consumers.commands.options import (
     device_option, expiry_options, kafka_from, kafka_options, max_ahead_option, model_option, profile_options,
     pseudonymize_option, settings_from, state_dtype_option, thread_options, to_ms,
@@ -58,8 +60,7 @@ def replay(sources: tuple[str, ...], fmt: str, out: str | None, output_topic: st
     if not out and not output_topic:
         raise click.UsageError("give --out FILE and/or --output-topic TOPIC")
     settings = settings_from(params, validate=False)
-    if output_topic or any(s.startswith("kafka://") for s in sources):
-        check_broker(settings.kafka, connect_timeout)  # before the model's imports: fast
+    check_broker_for(settings.kafka, sources, connect_timeout, writes_topic=bool(output_topic))
     from consumers.outfiles import OutputError, default_dead_letters
     from consumers.replay import replay as run_replay
     from models.profile_model import ModelError
@@ -97,8 +98,7 @@ def inspect(user: str, sources: tuple[str, ...], fmt: str, plot_path: str | None
     (churn risk rises while a user is quiet), and the final profile a replay of the same sources writes,
     computed at the log's last event time."""
     settings = settings_from(params, validate=False, emit_embedding=False)
-    if any(s.startswith("kafka://") for s in sources):
-        check_broker(settings.kafka, connect_timeout)  # before the model's imports: fast
+    check_broker_for(settings.kafka, sources, connect_timeout)
     from consumers.inspect import InspectError, run_inspect
     from models.profile_model import ModelError
     from stream.sources import SourceError
@@ -214,8 +214,18 @@ def import_(fmt: str, sources: tuple[str, ...], out: str) -> None:
                f"{'standard output' if out == '-' else out} (skipped: {skipped})", err=True)
 
 
+def file_not_topic(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """split's SOURCE: an existing file. A kafka:// topic needs no copy: its ranges are the two parts."""
+    if value.startswith("kafka://"):
+        raise click.BadParameter(
+            "split copies a file; a topic is cut by its ranges instead: give the commands "
+            "'kafka://TOPIC?to=CUT' (training) and 'kafka://TOPIC?from=CUT' (test), or `profiles train --until CUT` "
+            "and `profiles evaluate-fields --cut CUT` on the whole topic (docs/operations.md)", ctx, param)
+    return click.Path(exists=True, dir_okay=False).convert(value, param, ctx)
+
+
 @command(short_help="Cut an event log by event time, for evaluation")
-@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.argument("source", callback=file_not_topic)
 @click.option("--test-fraction", default=0.2, show_default=True, type=click.FloatRange(0.01, 0.99),
               help="Share of the events, the latest by event time, that becomes the test part.")
 @click.option("--train-out", required=True, type=click.Path(dir_okay=False), help="'-': standard output.")

@@ -7,9 +7,9 @@ import click
 
 from typing import Any
 
-from consumers.commands.base import check_broker, command, group, kafka_error
+from consumers.commands.base import check_broker, check_broker_for, command, group, kafka_error
 from consumers.commands.options import (
-    device_option, kafka_from, kafka_options, thread_options, to_ms, to_seconds, to_ttl_ms,
+    device_option, kafka_from, kafka_options, thread_options, to_instant_ms, to_ms, to_seconds, to_ttl_ms,
 )
 from stream.settings import STATE_DTYPES, KafkaSettings
 
@@ -22,8 +22,7 @@ EVENT_SOURCES = ("files, directories, globs, or kafka://TOPIC?from=ISO&to=ISO (e
 def kafka_sources(sources: tuple[str, ...], params: dict[str, Any]) -> KafkaSettings:
     """The KafkaSettings of the command's kafka_options(), with the broker checked where a source is a topic."""
     kafka = kafka_from(params)
-    if any(s.startswith("kafka://") for s in sources):
-        check_broker(kafka, params["connect_timeout"])  # before the model's imports: fast
+    check_broker_for(kafka, sources, params["connect_timeout"])
     return kafka
 
 
@@ -58,7 +57,7 @@ def kafka_sources(sources: tuple[str, ...], params: dict[str, Any]) -> KafkaSett
               help="Hash buckets of categories.")
 @click.option("--query-buckets", default=1 << 15, show_default=True, type=click.IntRange(min=16),
               help="Hash buckets of query words and trigrams.")
-@click.option("--until", default=None,
+@click.option("--until", default=None, callback=to_instant_ms,
               help="Train on the events at or before this ISO time (or epoch ms) only: the cut of a later "
                    "`profiles evaluate-fields --cut`, so the model never sees what it is judged on.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -66,18 +65,17 @@ def kafka_sources(sources: tuple[str, ...], params: dict[str, Any]) -> KafkaSett
 @kafka_options("kafka:// sources")
 def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_size: int, batch_size: int, max_len: int,
           lr: float, dropout: float, val_fraction: float, patience: int, average_epochs: float, refit: bool,
-          max_items: int, item_buckets: int, category_buckets: int, query_buckets: int, until: str | None, seed: int,
+          max_items: int, item_buckets: int, category_buckets: int, query_buckets: int, until: int | None, seed: int,
           device: str, **params: Any) -> None:
     """Train the profile model on event logs, in two stages: the sequence model (next item, next
     category, auxiliary purchase and churn objectives), then the published fields (purchase_propensity,
     churn_risk, top_categories) fitted on profiles taken through the serving path at cuts in the log
     and judged on what followed, calibrated on the latest cuts."""
     kafka = kafka_sources(event_files, params)
-    from consumers.field_report import parse_cut
     from consumers.training import run_training
 
     run_training(event_files, out, device, seed=seed, hidden_size=hidden_size, dropout=dropout,
-                 until=parse_cut(until, "--until"), kafka=kafka,
+                 until=until, kafka=kafka,
                  buckets=(item_buckets, category_buckets, query_buckets),
                  epochs=epochs, batch_size=batch_size, max_len=max_len, lr=lr, val_fraction=val_fraction,
                  patience=patience, average_epochs=average_epochs, refit=refit, max_items=max_items)
@@ -90,13 +88,13 @@ def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_siz
               help="The shop's JSON-lines event log (repeatable), e.g. from `profiles import`: " + EVENT_SOURCES
                    + ", such as the topic the daemon reads.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
-@click.option("--until", default=None,
+@click.option("--until", default=None, callback=to_instant_ms,
               help="Calibrate on the events at or before this ISO time (or epoch ms) only: the cut of a later "
                    "`profiles evaluate-fields --cut`, so the calibration never sees what it is judged on.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @device_option
 @kafka_options("kafka:// sources")
-def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: str | None, seed: int,
+def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: int | None, seed: int,
               device: str, **params: Any) -> None:
     """Calibrate purchase_propensity and churn_risk of a trained model again on another shop's events, and
     weigh for it what the counting rules read: a model trained in one shop ranks another shop's users well,
@@ -120,10 +118,9 @@ def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: st
     The new checkpoint keeps the state of the model it was calibrated from: a daemon switched to it
     (same --group-id) restores the same changelog, and its profiles carry the new model_version."""
     kafka = kafka_sources(event_files, params)
-    from consumers.field_report import parse_cut
     from consumers.training import run_calibration
 
-    run_calibration(model_path, event_files, out, device, until=parse_cut(until, "--until"), seed=seed,
+    run_calibration(model_path, event_files, out, device, until=until, seed=seed,
                     kafka=kafka)
 
 
@@ -155,8 +152,9 @@ def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[st
               help="Checkpoint to judge (train it on events before the cut only), or `demo`.")
 @click.option("--events", "event_files", required=True, multiple=True,
               help="The JSON-lines event log spanning the cut (repeatable): " + EVENT_SOURCES + ".")
-@click.option("--cut", "cuts", multiple=True, help="ISO time T (or epoch ms): profiles at T are judged on what "
-              "follows. Repeatable: each cut is judged, then what they say together. Default: 80% of the log's span.")
+@click.option("--cut", "cuts", multiple=True, callback=to_instant_ms,
+              help="ISO time T (or epoch ms): profiles at T are judged on what follows. Repeatable: each cut is "
+                   "judged, then what they say together. Default: 80% of the log's span.")
 @click.option("--cuts", "spread", default=None, type=click.IntRange(2, 50),
               help="Judge at N cuts spread evenly from 50% to 90% of the log's span instead (a short log's one "
                    "cut can mislead: the gap to a rule moves from one cut to the next). Each cut replays the "
@@ -166,7 +164,7 @@ def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[st
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Draw reliability diagrams of both probabilities to this PNG (needs matplotlib; one cut).")
 @kafka_options("kafka:// sources")
-def evaluate_fields(model_path: str, event_files: tuple[str, ...], cuts: tuple[str, ...], spread: int | None,
+def evaluate_fields(model_path: str, event_files: tuple[str, ...], cuts: list[int], spread: int | None,
                     device: str, as_json: bool, plot_path: str | None, **params: Any) -> None:
     """Judge every learned profile field against what each user does after a cut T, beside the
     strongest simple baselines computed from the same events before T.
@@ -188,7 +186,7 @@ def evaluate_fields(model_path: str, event_files: tuple[str, ...], cuts: tuple[s
     kafka = kafka_sources(event_files, params)
     from consumers.field_report import run_field_evaluation
 
-    run_field_evaluation(model_path, event_files, list(cuts), spread, device, as_json, plot_path, kafka)
+    run_field_evaluation(model_path, event_files, cuts, spread, device, as_json, plot_path, kafka)
 
 
 @command("evaluate-synthetic", short_help="Learned fields against the generator's truth")

@@ -10,6 +10,7 @@ as they come: the Kafka group (--bootstrap-servers, --kafka-config, --kafka-conf
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import re
 from typing import Any, Callable
 
@@ -44,14 +45,40 @@ def to_ms(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
     return duration_ms(value)
 
 
+def instant_ms(text: str, option: str) -> int:
+    """A point in time on the command line, ISO-8601 (UTC when no zone is given) or epoch milliseconds, as
+    epoch ms; `option` names it in an error. Epoch seconds are refused with the number they meant."""
+    from stream.events import MIN_TS_MS  # numpy: not for every command's start
+
+    if text.isdigit():
+        if int(text) < MIN_TS_MS:  # the contract's own floor, which catches epoch seconds in events too
+            raise click.BadParameter(f"{text} is before 1973 in epoch milliseconds: epoch seconds? (use "
+                                     f"{int(text) * 1000} or an ISO time)", param_hint=option)
+        return int(text)
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is neither ISO-8601 nor epoch milliseconds", param_hint=option) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return int(when.timestamp() * 1000)
+
+
+def to_instant_ms(_ctx: click.Context, param: click.Parameter, value: str | tuple[str, ...] | None,
+                  ) -> int | list[int] | None:
+    """Click callback of a time option (--cut, --until): instant_ms of each value given."""
+    option = param.opts[0]
+    if isinstance(value, tuple):  # a repeatable option
+        return [instant_ms(v, option) for v in value]
+    return None if value is None else instant_ms(value, option)
+
+
 def to_snapshot_start(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     """earliest, latest, an ISO time or epoch ms (as epoch ms, a decimal string), or "" (not given)."""
     value = (value or "").strip()
     if value.lower() in ("", "earliest", "latest"):
         return value.lower()
-    from consumers.field_report import parse_cut  # ISO-8601 or epoch ms, with the epoch-seconds check
-
-    return str(parse_cut(value, "--snapshot-start"))
+    return str(instant_ms(value, "--snapshot-start"))
 
 
 def to_seconds(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
