@@ -104,7 +104,16 @@ def fields_summary(report: dict) -> str:
             f"{report['val_examples']:,} held out; calibrated on held-out time: "
             + (", ".join(kept) if kept else "none (too few held-out profiles, or no gain)")
             + "; idle time in the shop's pace: " + (", ".join(paced) if paced else "none (no gain on held-out time)")
-            + gate_summary(report.get("gate_shift", {})))
+            + gate_summary(report.get("gate_shift", {})) + habit_summary(report.get("habit")))
+
+
+def habit_summary(habit: dict | None) -> str:
+    """The training shop's habit (stream/habit.py): where its users come back to their latest categories, the heads
+    learned how fresh a category is there, and a serving shop's lean beyond it adds to that."""
+    if not habit:
+        return ""
+    return (f"; its users came back to their latest category in {habit['recency_weeks']:,} weeks and to their most "
+            f"engaged-with one in {habit['counts_weeks']:,}: lean toward the latest {habit['lean']:.2f}")
 
 
 def gate_summary(gate: dict) -> str:

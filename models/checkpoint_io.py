@@ -9,7 +9,9 @@ from pathlib import Path
 import orjson
 import torch
 
-from models.field_heads import CALIBRATION_KNOTS, SESSION_OFF, SILENCE_MINUTES, identity_knots
+from models.field_heads import (
+    CALIBRATION_KNOTS, HABIT_FRESHNESS, HABIT_RECENCY_WEIGHT, SESSION_OFF, SILENCE_MINUTES, identity_knots,
+)
 from models.profile_model import RECENT_CATEGORIES, CheckpointError, ModelConfig, ProfileModel
 from models.neighbours import SessionNeighbours
 from models.transitions import Transitions
@@ -19,7 +21,7 @@ from stream.statistics import SLOT_FEATURES, USER_FEATURES
 # 3: published fields from FieldHeads (exact statistics + state; time-to-event probabilities, calibrated).
 # 4: calibration a monotone piecewise-linear map of log L (format 3's affine one is read as two knots).
 # 5: copy bonuses of the current item and category (formats 3 and 4 are read without copying).
-CHECKPOINT_FORMAT = 17  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
+CHECKPOINT_FORMAT = 18  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
 # 8: the shop popularity slot feature (stream/popularity.py); 9: transition bonuses (models/transitions.py);
 # 10: times since as log1p of minutes, not hours (stream/statistics.py: USER_FEATURES), and the probability
 # heads' session process (models/field_heads.py: HazardHead); 11: the neighbour sessions' votes (models/neighbours.py);
@@ -27,8 +29,9 @@ CHECKPOINT_FORMAT = 17  # 6: the follow-up slot features (stream/follow.py); 7: 
 # 13: the session processes decay with idle time in the shop's pace (HazardHead.idle_decay, stream/tempo.py);
 # 14: as a power of it, not exponentially (HazardHead.power_fade); 15: the return processes fall after a long
 # silence (HazardHead.silence_power); 16: the freshness slot feature (stream/statistics.py: _freshness); 17: the
-# purchase rhythm's user features (stream/statistics.py: USER_FEATURES from log_orders on)
-READABLE_FORMATS = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17)
+# purchase rhythm's user features (stream/statistics.py: USER_FEATURES from log_orders on); 18: the habit_freshness
+# slot feature, weighed HABIT_RECENCY_WEIGHT in every model (stream/habit.py)
+READABLE_FORMATS = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
 # The heads' weights that read the user features, one column per feature (models/field_heads.py).
 _USER_FEATURE_WEIGHTS = tuple(f"fields.{head}.{layer}.weight" for head in ("purchase", "event")
                               for layer in ("linear", "mlp.0", "shape", "session")) + ("fields.gate.weight",)
@@ -156,6 +159,12 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         state["fields.feature_std"] = torch.cat([state["fields.feature_std"], torch.ones(extra)])
         for key in _USER_FEATURE_WEIGHTS:
             state[key] = torch.cat([state[key], torch.zeros(state[key].shape[0], extra)], dim=1)
+    if payload["format"] < 18:  # no habit_freshness feature: its weight is set, not fitted (HABIT_RECENCY_WEIGHT)
+        weight = payload["state_dict"]["fields.repeat_score.weight"]
+        weight = torch.cat([weight, torch.zeros(weight.shape[0], len(SLOT_FEATURES) - weight.shape[1])], dim=1)
+        weight[:, HABIT_FRESHNESS] = HABIT_RECENCY_WEIGHT
+        payload["state_dict"]["fields.repeat_score.weight"] = weight
+        payload["state_dict"]["fields.habit_lean_trained"] = torch.tensor(0.0)  # as if fitted where users keep staples
     try:
         raw = dict(payload["config"])
         config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})

@@ -30,6 +30,12 @@ EVENT_RISES_WITH = [USER_FEATURES.index(name) for name in
 REPEAT_RISES_WITH = [SLOT_FEATURES.index(name) for name in
                      ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "share", "is_last", "log_visits",
                       "visit_share", "freshness")]
+# The repeat score's weight on habit_freshness (stream/statistics.py): set, not fitted, since a training shop's habit
+# is one value and cannot say how much it should weigh. In a shop whose users come back to their latest categories
+# (stream/habit.py: recency_lean 1) more than in the shop the heads were fitted in, it weighs freshness as
+# `profiles calibrate` finds there (its largest step, 20); elsewhere the feature is 0 and nothing moves.
+HABIT_RECENCY_WEIGHT = 20.0
+HABIT_FRESHNESS = SLOT_FEATURES.index("habit_freshness")
 
 
 def identity_knots(k: int = CALIBRATION_KNOTS) -> torch.Tensor:
@@ -194,6 +200,9 @@ class FieldHeads(nn.Module):
         self.purchase = HazardHead(n, state_size, hidden)
         self.event = HazardHead(n, state_size, hidden)  # any event: churn_risk is its complement
         self.repeat_score = nn.Linear(len(SLOT_FEATURES), 1)
+        # The habit (stream/habit.py recency_lean) of the shop the heads were fitted in: they learned its freshness
+        # from it, so only a serving shop's lean beyond it reads habit_freshness (update_step.slots).
+        self.register_buffer("habit_lean_trained", torch.tensor(0.0))
         # The sequence model's own say in which of the user's categories comes next (RepeatNet's repeat
         # decoder reads the state): its explore log-probability of the slot's category, weighted.
         self.repeat_explore_weight = nn.Parameter(torch.tensor(0.0))
@@ -206,7 +215,7 @@ class FieldHeads(nn.Module):
         nn.init.zeros_(self.gate_fit.weight)
         with torch.no_grad():  # untrained: rank slots by 30-day mass and count, mostly repeat, no exploring
             self.repeat_score.weight.copy_(
-                torch.tensor([[0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]))
+                torch.tensor([[0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, HABIT_RECENCY_WEIGHT]]))
             self.repeat_score.bias.zero_()
             self.gate.weight.zero_()
             self.gate.bias.fill_(2.0)
@@ -226,6 +235,7 @@ class FieldHeads(nn.Module):
                 w[:, EVENT_RISES_WITH] = w[:, EVENT_RISES_WITH].clamp(min=0)
             w = self.repeat_score.weight
             w[:, REPEAT_RISES_WITH] = w[:, REPEAT_RISES_WITH].clamp(min=0)
+            w[:, HABIT_FRESHNESS] = HABIT_RECENCY_WEIGHT  # set, not fitted
 
     def standardise(self, user: torch.Tensor) -> torch.Tensor:
         # Heads fitted before checkpoint format 10 get the hours they read (a select, not an `if`: no device sync).

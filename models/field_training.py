@@ -30,6 +30,7 @@ from models.checkpoint_io import LoadedModel
 from models.field_heads import FieldInputs, HazardHead, identity_knots, idle_minutes, piecewise_linear
 from models.profile_model import ProfileModel
 from stream.events import PURCHASE
+from stream.habit import ShopHabit
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS, TOP_CATEGORIES
 from stream.statistics import CATEGORY_SLOTS
 
@@ -183,9 +184,11 @@ def default_cuts(ts: np.ndarray, n: int = 10) -> list[int]:
 
 
 def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.device,
-            end_ts: int | None = None, short_share: float = SHORT_WINDOW_SHARE) -> list[CutExamples]:
+            end_ts: int | None = None, short_share: float = SHORT_WINDOW_SHARE,
+            habit: ShopHabit | None = None) -> list[CutExamples]:
     """Examples at each cut (ascending), through the serving path. end_ts: where the log's knowledge ends;
-    short_share: the share of examples labelled on a window shorter than the horizon (short_windows)."""
+    short_share: the share of examples labelled on a window shorter than the horizon (short_windows); habit: set to
+    the shop's habit at the last cut (stream/habit.py)."""
     from models.update_step import ProfileUpdater  # the serving path
 
     updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False)
@@ -205,6 +208,8 @@ def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.
             continue
         state.max_event_ts = max(state.max_event_ts, cut)
         out.append(examples_at(updater, model, future, cut, end_ts, k, short_share))
+    if habit is not None:
+        habit.recency, habit.counts = state.habit.recency, state.habit.counts
     return out
 
 
@@ -640,7 +645,12 @@ def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cu
     """Stage two of training: the field heads of `loaded.model`, fitted in place. Returns a report."""
     started = time.monotonic()
     cuts = default_cuts(log_.events.ts, n_cuts)
-    parts = collect(loaded, log_, cuts, device)
+    # The heads learn this shop's freshness from its own log: its habit (stream/habit.py) stays out of the examples
+    # (a lean of 1 "learned" reads none), and is kept as the one they learned in.
+    heads, shop_habit = loaded.model.fields, ShopHabit()
+    heads.habit_lean_trained.fill_(1.0)
+    parts = collect(loaded, log_, cuts, device, habit=shop_habit)
+    heads.habit_lean_trained.fill_(shop_habit.recency_lean())
     collected = time.monotonic()
     if len(parts) <= val_cuts:
         log.warning("too short a log to fit the field heads: left as initialised")
@@ -666,6 +676,8 @@ def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cu
     report.update({"collect_seconds": round(collected - started, 1),
                    "fit_seconds": round(time.monotonic() - collected, 1)})
     report.update({"cuts": len(parts), "train_examples": len(train_ex.user), "val_examples": len(val_ex.user),
+                   "habit": {"recency_weeks": shop_habit.recency, "counts_weeks": shop_habit.counts,
+                             "lean": shop_habit.recency_lean()},
                    "calibration": {"purchase": loaded.model.fields.purchase.calibration.tolist(),
                                    "event": loaded.model.fields.event.calibration.tolist()}})
     log.info("field heads: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()})

@@ -27,6 +27,7 @@ from models.field_heads import FieldInputs
 from models.checkpoint_io import LoadedModel
 from stream import statistics
 from stream.follow import FollowCounts, hours_since
+from stream.habit import ShopHabit
 from stream.tempo import ShopTempo
 from stream.decode import decode_batch
 from stream.events import PURCHASE, DeadLetter, EventColumns, RecordBatch
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 TOP_CATEGORIES = 3
 SHOP_POPULARITY = statistics.SLOT_FEATURES.index("shop_popularity")
+FRESHNESS, HABIT_FRESHNESS = (statistics.SLOT_FEATURES.index(name) for name in ("freshness", "habit_freshness"))
 # Batches at least this large run the GRU on `gru_threads` threads (smaller ones: thread start-up
 # would cost more than it saves, and the daemon's small batches leave the cores to decoding and Kafka).
 WIDE_BATCH_EVENTS = 4096
@@ -292,10 +294,12 @@ class ProfileUpdater:
         state.remember_categories(keys, category)
         # The exact statistics the field heads read (before last_ts moves: they decay from it).
         follow_before, keys_before = FollowCounts.pairs(state.columns, rows), state.columns["cat_key"][rows]
-        tempo_before = ShopTempo.parts(state.columns, rows)
+        tempo_before, habit_before = ShopTempo.parts(state.columns, rows), ShopHabit.parts(state.columns, rows)
         statistics.update(state.columns, rows, user_sorted, ts, ev.type_idx[order], keys, starts,
                           lengths, gap_seconds * 1000.0, first_ever, state.last_ts[rows].copy())
         state.follow.replace(follow_before, FollowCounts.pairs(state.columns, rows))
+        state.habit.change(habit_before, -1)
+        state.habit.change(ShopHabit.parts(state.columns, rows), 1)
         state.holders.replace(keys_before, state.columns["cat_key"][rows])
 
         # Exact counters, vectorised (np.add.at accumulates repeated rows).
@@ -358,6 +362,9 @@ class ProfileUpdater:
         held = np.zeros(keys.shape, dtype=bool)
         held[:, :-1] = keys[:, :-1] > 0  # the user's own slots; the last is the follow-up it has not
         feats[:, :, SHOP_POPULARITY] = state.holders.popularity(keys, held)
+        # The shop's lean toward its users' latest categories, beyond the one the heads learned in (field_heads.py).
+        lean = max(state.habit.recency_lean() - float(self.model.fields.habit_lean_trained), 0.0)
+        feats[:, :, HABIT_FRESHNESS] = feats[:, :, FRESHNESS] * lean
         return keys, feats
 
     def field_inputs(self, rows: np.ndarray, now_ms: int,

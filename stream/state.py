@@ -34,6 +34,7 @@ from stream.changelog_records import ChangelogLoader, numpy_dtype, pack, record_
 from stream.events import EVENT_TYPES
 from stream.follow import FollowCounts
 from stream.popularity import HolderCounts
+from stream.habit import ShopHabit
 from stream.tempo import ShopTempo
 from stream.settings import STATE_DTYPES
 from stream.statistics import STAT_COLUMNS, unheld_keys
@@ -95,6 +96,7 @@ class StateTable:
         self.follow = FollowCounts()  # what follows a purchase (stream/follow.py)
         self.holders = HolderCounts()  # how many users hold each category (stream/popularity.py)
         self.tempo = ShopTempo()  # how fast the users move within a visit (stream/tempo.py)
+        self.habit = ShopHabit()  # whether users come back to their latest categories or usual ones (stream/habit.py)
         self.categories_version = 0  # bumped whenever category_names changes (the changelog re-sends it)
         self.max_event_ts = -1  # largest event time seen: the clock of event-time timers
         self._seen_cache: torch.Tensor | None = None
@@ -152,16 +154,19 @@ class StateTable:
             self.columns[name][rows] = initial
 
     def count_rows(self, rows: np.ndarray, sign: int) -> None:
-        """Add (sign 1) or take away (sign -1) these rows' users in the shop's counts (follow-ups, holders, pace)."""
+        """Add (sign 1) or take away (sign -1) these rows' users in the shop's counts (follow-ups, holders, pace,
+        habit)."""
         self.follow.change(FollowCounts.pairs(self.columns, rows), sign)
         self.holders.change(self.columns["cat_key"][rows], sign)
         self.tempo.change(ShopTempo.parts(self.columns, rows), sign)
+        self.habit.change(ShopHabit.parts(self.columns, rows), sign)
 
     def recount(self) -> None:
         """The shop's counts from the table's rows (after a restore wrote them)."""
         self.follow.rebuild(self.columns, len(self))
         self.holders.rebuild(self.columns, len(self))
         self.tempo.rebuild(self.columns, len(self))
+        self.habit.rebuild(self.columns, len(self))
 
     def _initialise(self, start: int, stop: int) -> None:
         """Rows start..stop-1, new to users: zero states and each column's initial value (see _room)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from stream.events import ADD_TO_CART, PURCHASE
+from stream.habit import HABIT_COLUMNS, update_habit
 
 # 6 x (4-byte key + 3 float32 masses + 2 uint16 counts): 120 bytes; the whole model state stays under 512 bytes.
 CATEGORY_SLOTS = 6
@@ -69,6 +70,9 @@ STAT_COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
     # Purchase rhythm: orders (ORDER_GAP_MS) and two averages of the log gaps between them, as for sessions.
     "orders": (np.int32, (), 0),
     "order_gap": (np.float32, (len(GAP_RATES),), 0.0),
+    # Whether the user came back to its latest category or to its most engaged-with one, week by week
+    # (stream/habit.py): the shop's habit, which top_categories leans on.
+    **HABIT_COLUMNS,
 }
 
 # The per-user features the heads read, in this order (user_features builds them).
@@ -102,7 +106,11 @@ SLOT_FEATURES = ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "sha
                  # (stream/popularity.py).
                  "shop_popularity",
                  # How recently the user last engaged with the category (_freshness): 1 now, 0 a year ago or more.
-                 "freshness")
+                 "freshness",
+                 # The freshness again, times how far this shop's users come back to their latest categories rather
+                 # than their usual ones (stream/habit.py, ShopHabit.recency_lean: 0 in most shops). Its weight is
+                 # set, not fitted (models/field_heads.py HABIT_RECENCY_WEIGHT): one shop cannot teach it.
+                 "habit_freshness")
 # A year of minutes on a log scale: freshness 0.5 is half a day old, 0.3 a week, 0.19 a month.
 FRESHNESS_LOG_MINUTES = float(np.log1p(365 * DAY_MS / MINUTE_MS))
 
@@ -155,6 +163,9 @@ def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.nda
     pending[rows] = np.where(bought, new_carts, pending[rows] + new_carts)
 
     _update_follow(columns, rows, user_sorted, category, purchase, idx, last_purchase_idx)
+    # Before the latest category and the slots move: the week's guesses are made from what came before.
+    update_habit(columns, rows, user_sorted, ts, category, starts, columns["cat_key"][rows],
+                 columns["cat_count"][rows][:, :, 0])
 
     has_category = category > 0
     visit = _visit_starts(columns["last_category"][rows], user_sorted, category, has_category, gap_ms, first_ever)
@@ -391,9 +402,9 @@ def slot_features(columns: dict[str, np.ndarray], last_ts: np.ndarray, rows: np.
     share = count / np.maximum(count.sum(axis=1, keepdims=True), 1.0)
     visit_share = visits / np.maximum(visits.sum(axis=1, keepdims=True), 1.0)
     is_last = (bucket == columns["last_category"][rows][:, None]) & (bucket > 0)
-    follow = np.zeros_like(share)  # filled by stream/follow.py and stream/popularity.py, which know the shop
+    follow = np.zeros_like(share)  # filled by stream/follow.py, popularity.py and habit.py, which know the shop
     feats = np.stack([*(np.log1p(d) for d in decayed), np.log1p(count), share, is_last, follow, follow, follow,
-                      np.log1p(visits), visit_share, follow, _freshness(decayed)], axis=2)
+                      np.log1p(visits), visit_share, follow, _freshness(decayed), follow], axis=2)
     return bucket, feats.astype(np.float32)
 
 

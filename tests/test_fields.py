@@ -828,8 +828,8 @@ def test_calibrating_for_a_shop_where_interests_move_on_names_the_latest_categor
     """The shipped model's heads were fitted in a shop where a user's latest category says no more than its
     counts. In a shop where interests move on, `profiles calibrate` on the log before a cut weighs how recently
     the user came to each category (freshness) more, and top_categories at the cut names the coming week's
-    categories far better (probabilities and state untouched: nobody buys and everybody comes back here, so
-    neither can be calibrated)."""
+    categories better than any rule (probabilities and state untouched: nobody buys and everybody comes back here,
+    so neither can be calibrated)."""
     from click.testing import CliRunner
 
     from consumers.cli import main
@@ -846,9 +846,14 @@ def test_calibrating_for_a_shop_where_interests_move_on_names_the_latest_categor
     assert moved == ["top_categories: the freshness weight 0"]
     before = evaluate_fields(demo, [str(shop)], ON_DEVICE, cut=cut)["fields"]["top_categories"]
     after = evaluate_fields(cal, [str(shop)], ON_DEVICE, cut=cut)["fields"]["top_categories"]
-    assert after["model"]["precision@3"] > before["model"]["precision@3"] + 0.1
-    best_rule = max(rule["precision@3"] for rule in after["baselines"].values())
-    assert before["model"]["precision@3"] < best_rule - 0.1 < after["model"]["precision@3"]
+    # Since session 48 the shipped model reads the shop's habit (stream/habit.py) and leans on freshness here
+    # without calibrating: level with the best rule, most recent categories, where it was over 0.1 behind.
+    # Calibrating moves the freshness weight further, and ranks better still.
+    rules = after["baselines"]
+    best_rule = max(rule["precision@3"] for rule in rules.values())
+    assert before["model"]["precision@3"] >= best_rule - 0.01
+    assert before["model"]["precision@3"] > rules["all-time counts"]["precision@3"] + 0.1
+    assert after["model"]["precision@3"] > best_rule
 
 
 def replenishing_shop(users: int, days: int, seed: int, t0: int = 1_700_000_000_000) -> list[dict]:

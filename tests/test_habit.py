@@ -1,0 +1,146 @@
+"""Whether a shop's users come back to their latest categories or to their usual ones (stream/habit.py): counted
+week by week from the traffic, the same whatever the batches, summed exactly over the users in state, and read by
+top_categories in every model (its weight is set, not fitted)."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import torch
+
+from models.checkpoint_io import load_checkpoint, untrained
+from models.field_heads import HABIT_FRESHNESS, HABIT_RECENCY_WEIGHT
+from models.profile_model import ModelConfig
+from models.update_step import ProfileUpdater
+from stream.generator import ShopParams, generate
+from stream.habit import PRIOR_WEEKS, WEEK_MS, ShopHabit
+from stream.statistics import SLOT_FEATURES
+from tests.helpers import DEVICE, updater_fed
+
+ON_DEVICE = torch.device(DEVICE)
+HOUR = 3_600_000
+WEEK0 = (1_700_000_000_000 // WEEK_MS + 1) * WEEK_MS  # the start of a week of event time
+
+
+def click(user: str, n: int, ts: int, category: str) -> dict:
+    return {"event_id": f"{user}-{n}", "user_id": user, "type": "click", "ts": ts, "item_id": f"{category}-item",
+            "category": category, "price": 3.0}
+
+
+def weeks(user: str, plan: list[list[str]], first_week: int = 0) -> list[dict]:
+    """A user's clicks, one list of categories per week from `first_week` on (an hour apart within a week)."""
+    return [click(user, 100 * w + i, WEEK0 + (first_week + w) * WEEK_MS + i * HOUR, category)
+            for w, categories in enumerate(plan) for i, category in enumerate(categories)]
+
+
+def habit_weeks(updater: ProfileUpdater, user: str) -> list[int]:
+    return updater.state.columns["habit_weeks"][updater.state.row(user)].tolist()
+
+
+def test_a_week_counts_for_the_guess_that_came_again():
+    """Week 0: a, a, b (latest b, most engaged a). Week 1 returns to b only: recency's guess won. Another user
+    returns to a only: the counts' guess won. A week where both or neither came again, or where the two guesses are
+    one category, counts for neither; a week is counted when the user comes back in a later one."""
+    events = (weeks("latest", [["a", "a", "b"], ["b", "c"], ["c"]])
+              + weeks("usual", [["a", "a", "b"], ["a", "d"], ["d"]])
+              + weeks("both", [["a", "a", "b"], ["a", "b"], ["e"]])
+              + weeks("same", [["a", "a"], ["f"], ["f"]])
+              + weeks("gone", [["a", "a", "b"], ["b"]]))  # week 1 not closed: no later week
+    updater = updater_fed(sorted(events, key=lambda e: e["ts"]), [5])
+    assert habit_weeks(updater, "latest") == [1, 0]
+    assert habit_weeks(updater, "usual") == [0, 1]
+    assert habit_weeks(updater, "both") == [0, 0]
+    assert habit_weeks(updater, "same") == [0, 0]
+    assert habit_weeks(updater, "gone") == [0, 0]
+    assert (updater.state.habit.recency, updater.state.habit.counts) == (1, 1)
+    assert updater.state.habit.evidence == 0.0 and updater.state.habit.recency_lean() == 0.0
+
+
+def test_habit_is_the_same_whatever_the_batches_and_the_sum_over_the_users_in_state():
+    events = generate(users=150, events=8000, seed=4, shop=ShopParams.draw(3), span_days=60).events
+    one = updater_fed(events, [10_000])
+    many = updater_fed(events, [97, 431, 1, 2_000])
+    columns = ("habit_week", "habit_keys", "habit_hits", "habit_weeks")
+    rows = [many.state.row(u) for u in one.state.user_ids]
+    for name in columns:
+        np.testing.assert_array_equal(one.state.columns[name][:len(one.state)], many.state.columns[name][rows])
+    habit = one.state.habit
+    assert habit.recency + habit.counts > 10  # weeks were judged
+    assert (many.state.habit.recency, many.state.habit.counts) == (habit.recency, habit.counts)
+    fresh = ShopHabit()
+    fresh.rebuild(one.state.columns, len(one.state))
+    assert (fresh.recency, fresh.counts) == (habit.recency, habit.counts)
+    one.state.forget(one.state.user_ids[::3])  # erased users take their weeks with them
+    fresh.rebuild(one.state.columns, len(one.state))
+    assert (one.state.habit.recency, one.state.habit.counts) == (fresh.recency, fresh.counts)
+    restored = ProfileUpdater(untrained(), ON_DEVICE, max_event_bytes=65536, emit_embedding=False)
+    restored.state.restore(one.state.snapshot())
+    assert (restored.state.habit.recency, restored.state.habit.counts) == (fresh.recency, fresh.counts)
+
+
+def drifting_shop(users: int) -> list[dict]:
+    """Users who move on: three weeks on one category each (after a first week of an old staple), each week's
+    first click on the category of the week before. The last user's staple is its most clicked category."""
+    events = []
+    for u in range(users):
+        plan = [["staple"] * 4, ["staple", f"x{u}"], [f"x{u}", f"y{u}"], [f"y{u}", f"z{u}"], [f"z{u}"]]
+        events += weeks(f"u{u}", plan)
+    return sorted(events, key=lambda e: e["ts"])
+
+
+def test_top_categories_lean_toward_the_latest_category_where_the_shop_moves_on():
+    """In a shop whose users come back to their latest category rather than their most clicked one, every model
+    weighs how fresh a category is (HABIT_RECENCY_WEIGHT), also one whose fitted weights rank by the counts; in a
+    shop without that evidence the same model ranks the staple first."""
+    config = ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=256, query_buckets=64)
+    loaded = untrained(config)
+    assert loaded.model.fields.repeat_score.weight[0, HABIT_FRESHNESS] == HABIT_RECENCY_WEIGHT
+    with torch.no_grad():  # fitted weights that rank by the all-time count
+        loaded.model.fields.repeat_score.weight[0, :HABIT_FRESHNESS] = 0.0
+        loaded.model.fields.repeat_score.weight[0, SLOT_FEATURES.index("log_count")] = 3.0
+
+    def top(events: list[dict], user: str) -> tuple[str, float]:
+        updater = updater_fed(events, [50], loaded)
+        profile = orjson.loads(updater.profiles_for(np.array([updater.state.row(user)]))[0][1])
+        return profile["top_categories"][0]["category"], updater.state.habit.recency_lean()
+
+    shop = drifting_shop(120)
+    shop_habit = updater_fed(shop, [500]).state.habit
+    assert shop_habit.recency > 2 * PRIOR_WEEKS and shop_habit.counts == 0
+    # A user who clicked its staple 5 times last week and z once this week: the latest, z, comes first here.
+    heavy = weeks("heavy", [["staple"] * 5, ["z"]], first_week=3)
+    assert top(sorted(shop + heavy, key=lambda e: e["ts"]), "heavy") == ("z", 1.0)
+    # Alone (no evidence yet), the same user gets its staple.
+    assert top(heavy, "heavy") == ("staple", 0.0)
+    # Heads fitted in a shop that moves on as much learned its freshness there: the habit adds nothing to them.
+    loaded.model.fields.habit_lean_trained.fill_(1.0)
+    assert top(sorted(shop + heavy, key=lambda e: e["ts"]), "heavy") == ("staple", 1.0)
+
+
+def test_checkpoints_before_format_18_read_the_set_weight():
+    """The shipped model is a format-17 file: it reads the habit with the weight every model has, as heads fitted
+    in a shop whose users keep their staples (its shop 0: lean 0)."""
+    demo = load_checkpoint("demo", ON_DEVICE)
+    assert demo.model.fields.repeat_score.weight.shape[1] == len(SLOT_FEATURES)
+    assert demo.model.fields.repeat_score.weight[0, HABIT_FRESHNESS] == HABIT_RECENCY_WEIGHT
+    assert float(demo.model.fields.habit_lean_trained) == 0.0
+
+
+def test_the_field_stage_leaves_the_set_weight_where_it_is(tmp_path):
+    """The fit moves the repeat score's fitted weights but not the habit's: one shop cannot say what it should be."""
+    from models.dataset import load_events
+    from models.field_training import train_fields
+    from stream.generator import write_jsonl
+
+    events = generate(users=200, events=8000, seed=1, shop=ShopParams.draw(1), span_days=40).events
+    write_jsonl(events, tmp_path / "shop.jsonl")
+    loaded = untrained(ModelConfig(hidden_size=8, memory_size=4, item_buckets=256, category_buckets=256,
+                                   query_buckets=64))
+    before = loaded.model.fields.repeat_score.weight.detach().clone()
+    report = train_fields(loaded, load_events([tmp_path / "shop.jsonl"]), ON_DEVICE)
+    after = loaded.model.fields.repeat_score.weight.detach()
+    assert after[0, HABIT_FRESHNESS] == HABIT_RECENCY_WEIGHT
+    assert not torch.equal(after[0, :HABIT_FRESHNESS], before[0, :HABIT_FRESHNESS])  # the others were fitted
+    # The shop the heads learned in: its lean is kept (0 here, a generated shop whose users keep their staples).
+    assert report["habit"]["recency_weeks"] + report["habit"]["counts_weeks"] > 0
+    assert float(loaded.model.fields.habit_lean_trained) == report["habit"]["lean"] == 0.0
