@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from models.checkpoint_io import CHECKPOINT_FORMAT, checkpoint_path, load_checkpoint
+from models.field_heads import HABIT_FRESHNESS
 from stream.events import iso_time
 
 
@@ -43,6 +44,10 @@ def checkpoint_info(path: str) -> dict:
         # -power, and the days; None where it does not (checkpoints before format 15, purchase_propensity).
         "silence": {name: {"power": float(head.silence_power), "days": float(head.silence_minutes) / 1440}
                     if float(head.silence_power) > 0 else None for name, head in probability_heads},
+        # top_categories' lean toward the freshest categories (stream/habit.py): the weight every model reads, and the
+        # lean of the shop the heads were fitted in (a serving shop's lean beyond it reads the weight).
+        "habit": {"weight": float(loaded.model.fields.repeat_score.weight.detach()[0, HABIT_FRESHNESS]),
+                  "lean_trained": float(loaded.model.fields.habit_lean_trained)},
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "state_floats_per_user": config.state_size,
         "next_item_vocabulary": len(loaded.item_vocab),
@@ -154,6 +159,9 @@ def info_lines(info: dict) -> list[str]:
         ("after a long silence", ", ".join(
             f"{name}'s return hazard x (1 + idle / {v['days']:g} days) ** -{v['power']:g}"
             for name, v in info["silence"].items() if v is not None) or "nothing more than the fitted heads say"),
+        ("the shop's habit", f"top_categories weighs freshness {info['habit']['weight']:g} x the serving shop's lean "
+                             f"toward its users' latest categories beyond {info['habit']['lean_trained']:.2f} "
+                             "(the training shop's)"),
     ]
     if t:
         span = " (events " + " .. ".join(t["trained_span"]) + ")" if "trained_span" in t else ""

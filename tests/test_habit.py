@@ -124,6 +124,12 @@ def test_checkpoints_before_format_18_read_the_set_weight():
     assert demo.model.fields.repeat_score.weight.shape[1] == len(SLOT_FEATURES)
     assert demo.model.fields.repeat_score.weight[0, HABIT_FRESHNESS] == HABIT_RECENCY_WEIGHT
     assert float(demo.model.fields.habit_lean_trained) == 0.0
+    from click.testing import CliRunner
+
+    from consumers.cli import main
+
+    info = orjson.loads(CliRunner().invoke(main, ["model", "info", "demo", "--json"]).output)
+    assert info["habit"] == {"weight": HABIT_RECENCY_WEIGHT, "lean_trained": 0.0}
 
 
 def test_the_field_stage_leaves_the_set_weight_where_it_is(tmp_path):
