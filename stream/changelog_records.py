@@ -23,8 +23,9 @@ import torch
 if TYPE_CHECKING:
     from stream.state import StateTable
 
-CHANGELOG_FORMAT = 6  # 2: with the behaviour statistics; 3: categories by key (models.features.category_keys);
-# 4: category visit counts; 5: the in-visit gaps' log minutes (stream/tempo.py); 6: the purchase rhythm (orders)
+CHANGELOG_FORMAT = 7  # 2: with the behaviour statistics; 3: categories by key (models.features.category_keys);
+# 4: category visit counts; 5: the in-visit gaps' log minutes (stream/tempo.py); 6: the purchase rhythm (orders);
+# 7: the shop's habit, week by week (stream/habit.py)
 META_KEY = b"\x00meta"  # changelog key of the per-partition metadata record (model version, category names)
 
 LOAD_CHUNK = 1024  # records copied into the table's columns at a time (~600 KiB: within a core's cache)
