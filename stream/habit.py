@@ -38,10 +38,12 @@ _WINS_MAX = np.iinfo(np.uint16).max
 
 
 def update_habit(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray, ts: np.ndarray,
-                 category: np.ndarray, starts: np.ndarray, slot_keys: np.ndarray, slot_counts: np.ndarray) -> None:
+                 category: np.ndarray, starts: np.ndarray, old_last_ts: np.ndarray, slot_keys: np.ndarray,
+                 slot_counts: np.ndarray) -> None:
     """Advance the users `rows` (U,) by their events, sorted by (user, time) as stream/statistics.update gets them.
-    Reads each user's latest category (`last_category`) and category slots before the batch: slot_keys (U, K) and
-    slot_counts (U, K), their event counts; call it before the batch moves them."""
+    Reads each user's latest category (`last_category`), latest event time before the batch (old_last_ts, (U,)) and
+    category slots before the batch: slot_keys (U, K) and slot_counts (U, K), their event counts; call it before the
+    batch moves them."""
     n, n_users = len(ts), len(rows)
     if not n:
         return
@@ -50,11 +52,12 @@ def update_habit(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: 
     has = category > 0
     key = category.astype(np.int64)
 
-    # Recency's guess before each event: the latest categorised event before it (this batch's, else the stored one).
+    # Recency's guess before each event: the latest categorised event before it (this batch's, unless it came late,
+    # older than the user's latest before the batch; else the stored one).
     latest = np.maximum.accumulate(np.where(has, idx, -1))
     before = np.r_[-1, latest[:-1]]
-    recent = np.where(before >= start_of, key[np.maximum(before, 0)],
-                      columns["last_category"][rows].astype(np.int64)[user_sorted])
+    in_time = (before >= start_of) & (ts[np.maximum(before, 0)] >= old_last_ts[user_sorted])
+    recent = np.where(in_time, key[np.maximum(before, 0)], columns["last_category"][rows].astype(np.int64)[user_sorted])
 
     # Weeks: an event in a later week than any of its user's before opens one (a late event counts in the current).
     week = ts // WEEK_MS

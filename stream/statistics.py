@@ -164,13 +164,15 @@ def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.nda
 
     _update_follow(columns, rows, user_sorted, category, purchase, idx, last_purchase_idx)
     # Before the latest category and the slots move: the week's guesses are made from what came before.
-    update_habit(columns, rows, user_sorted, ts, category, starts, columns["cat_key"][rows],
+    update_habit(columns, rows, user_sorted, ts, category, starts, old_last_ts, columns["cat_key"][rows],
                  columns["cat_count"][rows][:, :, 0])
 
     has_category = category > 0
     visit = _visit_starts(columns["last_category"][rows], user_sorted, category, has_category, gap_ms, first_ever)
     last_cat_idx = _last_where(has_category, user_sorted, idx, n_users)
-    seen = last_cat_idx >= 0
+    # A batch whose categorised events all came late (older than the user's latest event before it) leaves the
+    # latest category as it was: what a batch of them arriving in time order would have left.
+    seen = (last_cat_idx >= 0) & (ts[np.maximum(last_cat_idx, 0)] >= old_last_ts)
     columns["last_category"][rows[seen]] = category[last_cat_idx[seen]]
 
     # Visit rhythm: every session opening after the first adds its log gap (hours) to two averages.

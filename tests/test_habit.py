@@ -29,7 +29,7 @@ def click(user: str, n: int, ts: int, category: str) -> dict:
 
 def weeks(user: str, plan: list[list[str]], first_week: int = 0) -> list[dict]:
     """A user's clicks, one list of categories per week from `first_week` on (an hour apart within a week)."""
-    return [click(user, 100 * w + i, WEEK0 + (first_week + w) * WEEK_MS + i * HOUR, category)
+    return [click(user, 100 * (first_week + w) + i, WEEK0 + (first_week + w) * WEEK_MS + i * HOUR, category)
             for w, categories in enumerate(plan) for i, category in enumerate(categories)]
 
 
@@ -150,3 +150,19 @@ def test_the_field_stage_leaves_the_set_weight_where_it_is(tmp_path):
     # The shop the heads learned in: its lean is kept (0 here, a generated shop whose users keep their staples).
     assert report["habit"]["recency_weeks"] + report["habit"]["counts_weeks"] > 0
     assert float(loaded.model.fields.habit_lean_trained) == report["habit"]["lean"] == 0.0
+
+
+def test_an_event_arriving_late_in_a_batch_of_its_own_moves_neither_the_latest_category_nor_the_guesses():
+    """A week-0 click that arrives after week 1's, alone in its batch: the latest category stays week 1's (as in one
+    batch, where events are taken in time order), so week 2's guesses and the weeks won are the same whatever the
+    batches (found by an independent review: recency's guess was the late category, and the week was not judged)."""
+    late = click("u", 4, WEEK0 + 4 * HOUR, "a")
+    events = weeks("u", [["a", "a", "b"], ["b"]]) + [late] + weeks("u", [["b"], ["c"]], first_week=2)
+    runs = [updater_fed(events, sizes) for sizes in ([100], [5, 100], [4, 100], [1])]
+    for updater in runs:
+        names = updater.state.category_names
+        row = updater.state.row("u")
+        assert habit_weeks(updater, "u") == [1, 0]  # week 2: recency's guess b came again, the counts' a did not
+        assert names[int(updater.state.columns["last_category"][row])] == "c"
+    alone = updater_fed(events[:5], [1])  # the late click last, alone in its batch
+    assert alone.state.category_names[int(alone.state.columns["last_category"][alone.state.row("u")])] == "b"
