@@ -10,7 +10,8 @@ The stream says which, without labels: at the first event of a user's new week (
 the epoch) it notes the category of the user's latest event before it (recency's guess) and the one the user has
 engaged with most (the counts' guess, larger key on ties); when the user comes back in a later week it counts the
 week where only one of the two was engaged with again (`habit_weeks`: [recency only, counts only]; the same whatever
-the batches). `ShopHabit` sums them over the table's users, kept as rows change, as `ShopTempo` (stream/tempo.py)
+the batches, for events in time order: an event that comes late, from a week already closed, counts in the week open
+when it arrives). `ShopHabit` sums them over the table's users, kept as rows change, as `ShopTempo` (stream/tempo.py)
 keeps the shop's pace: a pure function of the table, rebuilt after a restore, nothing written anywhere. The heads
 read `recency_lean()`: 0 until recency's guess has won clearly more weeks than the counts', 1 where it wins most.
 """
