@@ -112,8 +112,8 @@ def habit_summary(habit: dict | None) -> str:
     learned how fresh a category is there, and a serving shop's lean beyond it adds to that."""
     if not habit:
         return ""
-    return (f"; its users came back to their latest category in {habit['recency_weeks']:,} weeks and to their most "
-            f"engaged-with one in {habit['counts_weeks']:,}: lean toward the latest {habit['lean']:.2f}")
+    return (f"; in its users' latest weeks, only the latest category came again in {habit['recency_weeks']:,} and "
+            f"only the most engaged-with one in {habit['counts_weeks']:,}: lean toward the latest {habit['lean']:.2f}")
 
 
 def gate_summary(gate: dict) -> str:

@@ -30,7 +30,6 @@ from models.checkpoint_io import LoadedModel
 from models.field_heads import FieldInputs, HazardHead, identity_knots, idle_minutes, piecewise_linear
 from models.profile_model import ProfileModel
 from stream.events import PURCHASE
-from stream.habit import ShopHabit
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS, TOP_CATEGORIES
 from stream.statistics import CATEGORY_SLOTS
 
@@ -185,10 +184,10 @@ def default_cuts(ts: np.ndarray, n: int = 10) -> list[int]:
 
 def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.device,
             end_ts: int | None = None, short_share: float = SHORT_WINDOW_SHARE,
-            habit: ShopHabit | None = None) -> list[CutExamples]:
+            habit: dict | None = None) -> list[CutExamples]:
     """Examples at each cut (ascending), through the serving path. end_ts: where the log's knowledge ends;
-    short_share: the share of examples labelled on a window shorter than the horizon (short_windows); habit: set to
-    the shop's habit at the last cut (stream/habit.py)."""
+    short_share: the share of examples labelled on a window shorter than the horizon (short_windows); habit: filled
+    with the shop's habit at the last cut (stream/habit.py: its lean and the recent weeks won each way)."""
     from models.update_step import ProfileUpdater  # the serving path
 
     updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False)
@@ -208,8 +207,9 @@ def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.
             continue
         state.max_event_ts = max(state.max_event_ts, cut)
         out.append(examples_at(updater, model, future, cut, end_ts, k, short_share))
-    if habit is not None:
-        habit.recency, habit.counts = state.habit.recency, state.habit.counts
+    if habit is not None and cuts:
+        recency, counts = state.habit.wins(max(cuts))
+        habit.update(recency_weeks=recency, counts_weeks=counts, lean=state.habit.recency_lean(max(cuts)))
     return out
 
 
@@ -647,10 +647,10 @@ def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cu
     cuts = default_cuts(log_.events.ts, n_cuts)
     # The heads learn this shop's freshness from its own log: its habit (stream/habit.py) stays out of the examples
     # (a lean of 1 "learned" reads none), and is kept as the one they learned in.
-    heads, shop_habit = loaded.model.fields, ShopHabit()
+    heads, shop_habit = loaded.model.fields, {}
     heads.habit_lean_trained.fill_(1.0)
     parts = collect(loaded, log_, cuts, device, habit=shop_habit)
-    heads.habit_lean_trained.fill_(shop_habit.recency_lean())
+    heads.habit_lean_trained.fill_(shop_habit.get("lean", 0.0))
     collected = time.monotonic()
     if len(parts) <= val_cuts:
         log.warning("too short a log to fit the field heads: left as initialised")
@@ -676,8 +676,7 @@ def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cu
     report.update({"collect_seconds": round(collected - started, 1),
                    "fit_seconds": round(time.monotonic() - collected, 1)})
     report.update({"cuts": len(parts), "train_examples": len(train_ex.user), "val_examples": len(val_ex.user),
-                   "habit": {"recency_weeks": shop_habit.recency, "counts_weeks": shop_habit.counts,
-                             "lean": shop_habit.recency_lean()},
+                   "habit": shop_habit,
                    "calibration": {"purchase": loaded.model.fields.purchase.calibration.tolist(),
                                    "event": loaded.model.fields.event.calibration.tolist()}})
     log.info("field heads: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()})

@@ -363,7 +363,7 @@ class ProfileUpdater:
         held[:, :-1] = keys[:, :-1] > 0  # the user's own slots; the last is the follow-up it has not
         feats[:, :, SHOP_POPULARITY] = state.holders.popularity(keys, held)
         # The shop's lean toward its users' latest categories, beyond the one the heads learned in (field_heads.py).
-        lean = max(state.habit.recency_lean() - float(self.model.fields.habit_lean_trained), 0.0)
+        lean = max(state.habit.recency_lean(now_ms) - float(self.model.fields.habit_lean_trained), 0.0)
         feats[:, :, HABIT_FRESHNESS] = feats[:, :, FRESHNESS] * lean
         return keys, feats
 

@@ -8,12 +8,16 @@ world whose interests move on put the shipped model's precision@3 0.21 behind "m
 
 The stream says which, without labels: at the first event of a user's new week (weeks of event time, counted from
 the epoch) it notes the category of the user's latest event before it (recency's guess) and the one the user has
-engaged with most (the counts' guess, larger key on ties); when the user comes back in a later week it counts the
-week where only one of the two was engaged with again (`habit_weeks`: [recency only, counts only]; the same whatever
-the batches, for events in time order: an event that comes late, from a week already closed, counts in the week open
-when it arrives). `ShopHabit` sums them over the table's users, kept as rows change, as `ShopTempo` (stream/tempo.py)
-keeps the shop's pace: a pure function of the table, rebuilt after a restore, nothing written anywhere. The heads
-read `recency_lean()`: 0 until recency's guess has won clearly more weeks than the counts', 1 where it wins most.
+engaged with most (the counts' guess, larger key on ties); when the user comes back in a later week it notes how the
+week went (`habit_last`: 1 where only recency's guess was engaged with again, 2 where only the counts', 0 otherwise)
+and which week it was (`habit_last_week`): the same whatever the batches, for events in time order (an event that
+comes late, from a week already closed, counts in the week open when it arrives). `ShopHabit` counts those outcomes
+over the table's users by week, kept as rows change, as `HolderCounts` (stream/popularity.py) keeps the category
+holders: a pure function of the table, rebuilt after a restore, nothing written anywhere. The heads read
+`recency_lean(now)`, from the users whose latest closed week is one of the last RECENT_WEEKS: the shop's habit as it
+is now (a fashion shop whose users all move to the next season's categories within a week leans toward them within
+weeks; counted over all history it would not), 0 until recency's guess has won clearly more of them than the counts',
+1 where it wins most.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ from __future__ import annotations
 import numpy as np
 
 WEEK_MS = 7 * 24 * 3_600_000
-# Closed weeks that count as if neither guess had won: a shop's first weeks lean on nothing.
+# Users' latest closed weeks that count as if neither guess had won: a shop's first weeks lean on nothing.
 PRIOR_WEEKS = 50.0
+# The users whose latest closed week is one of the last RECENT_WEEKS (of the shop's clock) say how the shop is now.
+RECENT_WEEKS = 4
 # The evidence (recency's wins less the counts', over all wins and PRIOR_WEEKS) from where the heads lean toward
-# recency, and where they lean fully: the project's generated shops, a replenishment world, B2B accounts and
-# loyal-or-once users measure -0.34 to 0.00; a world whose users' interests move every 2-4 weeks +0.58.
+# recency, and where they lean fully: the project's generated shops, a replenishment world, B2B accounts,
+# loyal-or-once users, explorers and trend waves measure -0.73 to +0.07; worlds whose users' interests move every few
+# weeks (seasons, projects) or all at once (a fashion shop's new season) +0.51 to +0.75.
 LEAN_FROM, LEAN_FULL = 0.1, 0.4
 
 # Host columns of the state (stream/state.py COLUMNS, through stream/statistics.py STAT_COLUMNS).
@@ -33,9 +40,9 @@ HABIT_COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
     "habit_week": (np.uint16, (), 0),  # the week of the guesses below, since the epoch (0: none yet; 2026 is 2,917)
     "habit_keys": (np.uint32, (2,), 0),  # recency's and the counts' guess (category keys; 0: no category yet)
     "habit_hits": (np.uint8, (), 0),  # bit 0: recency's guess engaged with again this week; bit 1: the counts'
-    "habit_weeks": (np.uint16, (2,), 0),  # closed weeks where only recency's guess / only the counts' came again
+    "habit_last": (np.uint8, (), 0),  # the latest closed week: 1 recency's guess alone came again, 2 the counts', 0
+    "habit_last_week": (np.uint16, (), 0),  # ... and which week that was (0: none closed yet)
 }
-_WINS_MAX = np.iinfo(np.uint16).max
 
 
 def update_habit(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray, ts: np.ndarray,
@@ -97,12 +104,19 @@ def update_habit(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: 
     last_open = np.full(n_users, -1, dtype=np.int64)
     np.maximum.at(last_open, user_sorted[opened], idx[opened])
     reopened = last_open >= 0
-    wins = np.zeros((n_users, 2), dtype=np.int64)
-    _count_wins(wins, np.flatnonzero(reopened), columns["habit_keys"][rows][reopened].astype(np.int64),
-                stored_hits[reopened])
+    # Each user's latest closed week: the last opened here but one, else the stored one where a new one opened.
     closed = opened_at != last_open[user_sorted[opened_at]]
-    _count_wins(wins, user_sorted[opened_at[closed]], guesses[closed], opened_hits[opened_at[closed]])
-    columns["habit_weeks"][rows] = np.minimum(columns["habit_weeks"][rows].astype(np.int64) + wins, _WINS_MAX)
+    closed_at = opened_at[closed]
+    latest = np.full(n_users, -1, dtype=np.int64)
+    np.maximum.at(latest, user_sorted[closed_at], np.arange(len(closed_at)))
+    stored_closes = reopened & (latest < 0) & (stored_week > 0)
+    here = latest >= 0
+    columns["habit_last"][rows[stored_closes]] = _outcome(columns["habit_keys"][rows[stored_closes]].astype(np.int64),
+                                                          stored_hits[stored_closes])
+    columns["habit_last_week"][rows[stored_closes]] = stored_week[stored_closes]
+    at = closed_at[latest[here]]
+    columns["habit_last"][rows[here]] = _outcome(guesses[closed][latest[here]], opened_hits[at])
+    columns["habit_last_week"][rows[here]] = week[at]
 
     # The week still open: the last one opened, or the stored one with this batch's hits.
     last = last_open[reopened]
@@ -140,37 +154,53 @@ def _running_max_within(values: np.ndarray, user_sorted: np.ndarray, stored: np.
     return np.maximum.accumulate(np.maximum(values, stored[user_sorted]) + 1 + offset) - 1 - offset
 
 
-def _count_wins(wins: np.ndarray, users: np.ndarray, guesses: np.ndarray, hits: np.ndarray) -> None:
-    """Add to wins (U, 2) the closed weeks where only one guess came again (guesses two distinct categories)."""
+def _outcome(guesses: np.ndarray, hits: np.ndarray) -> np.ndarray:
+    """How closed weeks went: 1 where only recency's guess came again, 2 only the counts', 0 otherwise (both, neither,
+    one guess for both, or a guess missing)."""
     judged = (guesses[:, 0] > 0) & (guesses[:, 1] > 0) & (guesses[:, 0] != guesses[:, 1])
-    np.add.at(wins[:, 0], users[judged & (hits == 1)], 1)
-    np.add.at(wins[:, 1], users[judged & (hits == 2)], 1)
+    return np.where(judged & ((hits == 1) | (hits == 2)), hits, 0).astype(np.uint8)
 
 
 class ShopHabit:
-    """Sums, over the table's users, of the closed weeks won by recency's guess and by the counts'."""
+    """Users by the week of their latest closed week and how it went (recency's guess alone came again, or the
+    counts'), over the table's users."""
 
     def __init__(self) -> None:
-        self.recency = 0
-        self.counts = 0
+        self.weeks: dict[int, list[int]] = {}  # week -> [users whose latest closed week it is: recency won, counts won]
 
     @staticmethod
-    def parts(columns: dict[str, np.ndarray], rows: np.ndarray | slice) -> tuple[int, int]:
-        weeks = columns["habit_weeks"][rows].sum(axis=0, dtype=np.int64).reshape(-1)
-        return (int(weeks[0]), int(weeks[1])) if len(weeks) == 2 else (0, 0)
+    def parts(columns: dict[str, np.ndarray], rows: np.ndarray | slice) -> np.ndarray:
+        """These rows' judged latest weeks as week * 2 + (outcome - 1), one entry per user with one."""
+        outcome = columns["habit_last"][rows].astype(np.int64)
+        judged = outcome > 0
+        return columns["habit_last_week"][rows][judged].astype(np.int64) * 2 + outcome[judged] - 1
 
     def rebuild(self, columns: dict[str, np.ndarray], n: int) -> None:
-        self.recency, self.counts = self.parts(columns, slice(0, n))
+        self.weeks = {}
+        self.change(self.parts(columns, slice(0, n)), 1)
 
-    def change(self, part: tuple[int, int], sign: int) -> None:
-        self.recency += sign * part[0]
-        self.counts += sign * part[1]
+    def change(self, part: np.ndarray, sign: int) -> None:
+        """Add (sign 1) or take away (sign -1) what `parts` returned for some rows."""
+        if not len(part):
+            return
+        distinct, n = np.unique(part, return_counts=True)
+        for code, count in zip(distinct.tolist(), (sign * n).tolist()):
+            counts = self.weeks.setdefault(code // 2, [0, 0])
+            counts[code % 2] += count
+            if counts == [0, 0]:
+                del self.weeks[code // 2]
 
-    @property
-    def evidence(self) -> float:
+    def wins(self, now_ms: int) -> tuple[int, int]:
+        """(recency's, the counts') among the users whose latest closed week is one of the last RECENT_WEEKS."""
+        since = now_ms // WEEK_MS - RECENT_WEEKS
+        recent = [counts for week, counts in self.weeks.items() if week >= since]
+        return sum(c[0] for c in recent), sum(c[1] for c in recent)
+
+    def evidence(self, now_ms: int) -> float:
         """Recency's wins less the counts', over all wins and PRIOR_WEEKS: -1 to 1, 0 before any."""
-        return (self.recency - self.counts) / (self.recency + self.counts + PRIOR_WEEKS)
+        recency, counts = self.wins(now_ms)
+        return (recency - counts) / (recency + counts + PRIOR_WEEKS)
 
-    def recency_lean(self) -> float:
-        """How far top_categories leans toward the user's latest categories in this shop: 0 to 1."""
-        return float(np.clip((self.evidence - LEAN_FROM) / (LEAN_FULL - LEAN_FROM), 0.0, 1.0))
+    def recency_lean(self, now_ms: int) -> float:
+        """How far top_categories leans toward the user's latest categories in this shop now: 0 to 1."""
+        return float(np.clip((self.evidence(now_ms) - LEAN_FROM) / (LEAN_FULL - LEAN_FROM), 0.0, 1.0))

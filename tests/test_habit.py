@@ -13,7 +13,7 @@ from models.field_heads import HABIT_FRESHNESS, HABIT_RECENCY_WEIGHT
 from models.profile_model import ModelConfig
 from models.update_step import ProfileUpdater
 from stream.generator import ShopParams, generate
-from stream.habit import PRIOR_WEEKS, WEEK_MS, ShopHabit
+from stream.habit import PRIOR_WEEKS, RECENT_WEEKS, WEEK_MS, ShopHabit
 from stream.statistics import SLOT_FEATURES
 from tests.helpers import DEVICE, updater_fed
 
@@ -33,49 +33,56 @@ def weeks(user: str, plan: list[list[str]], first_week: int = 0) -> list[dict]:
             for w, categories in enumerate(plan) for i, category in enumerate(categories)]
 
 
-def habit_weeks(updater: ProfileUpdater, user: str) -> list[int]:
-    return updater.state.columns["habit_weeks"][updater.state.row(user)].tolist()
+def latest_week(updater: ProfileUpdater, user: str) -> tuple[int, int]:
+    """(how the user's latest closed week went: 1 recency's guess alone came again, 2 the counts', 0 neither; its
+    week counted from WEEK0)."""
+    row = updater.state.row(user)
+    week = int(updater.state.columns["habit_last_week"][row])
+    return int(updater.state.columns["habit_last"][row]), week - WEEK0 // WEEK_MS if week else -1
 
 
 def test_a_week_counts_for_the_guess_that_came_again():
     """Week 0: a, a, b (latest b, most engaged a). Week 1 returns to b only: recency's guess won. Another user
     returns to a only: the counts' guess won. A week where both or neither came again, or where the two guesses are
-    one category, counts for neither; a week is counted when the user comes back in a later one."""
+    one category, counts for neither; a week is closed when the user comes back in a later one."""
     events = (weeks("latest", [["a", "a", "b"], ["b", "c"], ["c"]])
               + weeks("usual", [["a", "a", "b"], ["a", "d"], ["d"]])
               + weeks("both", [["a", "a", "b"], ["a", "b"], ["e"]])
               + weeks("same", [["a", "a"], ["f"], ["f"]])
               + weeks("gone", [["a", "a", "b"], ["b"]]))  # week 1 not closed: no later week
     updater = updater_fed(sorted(events, key=lambda e: e["ts"]), [5])
-    assert habit_weeks(updater, "latest") == [1, 0]
-    assert habit_weeks(updater, "usual") == [0, 1]
-    assert habit_weeks(updater, "both") == [0, 0]
-    assert habit_weeks(updater, "same") == [0, 0]
-    assert habit_weeks(updater, "gone") == [0, 0]
-    assert (updater.state.habit.recency, updater.state.habit.counts) == (1, 1)
-    assert updater.state.habit.evidence == 0.0 and updater.state.habit.recency_lean() == 0.0
+    assert latest_week(updater, "latest") == (1, 1)
+    assert latest_week(updater, "usual") == (2, 1)
+    assert latest_week(updater, "both") == (0, 1)
+    assert latest_week(updater, "same") == (0, 1)
+    assert latest_week(updater, "gone") == (0, 0)  # week 0 closed (no guesses: its first week), week 1 still open
+    now = WEEK0 + 3 * WEEK_MS
+    assert updater.state.habit.wins(now) == (1, 1)
+    assert updater.state.habit.evidence(now) == 0.0 and updater.state.habit.recency_lean(now) == 0.0
+    # Weeks long past say nothing about the shop now.
+    assert updater.state.habit.wins(now + (RECENT_WEEKS + 2) * WEEK_MS) == (0, 0)
 
 
 def test_habit_is_the_same_whatever_the_batches_and_the_sum_over_the_users_in_state():
-    events = generate(users=150, events=8000, seed=4, shop=ShopParams.draw(3), span_days=60).events
+    events = generate(users=300, events=15000, seed=4, shop=ShopParams.draw(3), span_days=60).events
     one = updater_fed(events, [10_000])
     many = updater_fed(events, [97, 431, 1, 2_000])
-    columns = ("habit_week", "habit_keys", "habit_hits", "habit_weeks")
+    columns = ("habit_week", "habit_keys", "habit_hits", "habit_last", "habit_last_week")
     rows = [many.state.row(u) for u in one.state.user_ids]
     for name in columns:
         np.testing.assert_array_equal(one.state.columns[name][:len(one.state)], many.state.columns[name][rows])
     habit = one.state.habit
-    assert habit.recency + habit.counts > 10  # weeks were judged
-    assert (many.state.habit.recency, many.state.habit.counts) == (habit.recency, habit.counts)
+    assert sum(sum(c) for c in habit.weeks.values()) > 10  # weeks were judged
+    assert many.state.habit.weeks == habit.weeks
     fresh = ShopHabit()
     fresh.rebuild(one.state.columns, len(one.state))
-    assert (fresh.recency, fresh.counts) == (habit.recency, habit.counts)
+    assert fresh.weeks == habit.weeks
     one.state.forget(one.state.user_ids[::3])  # erased users take their weeks with them
     fresh.rebuild(one.state.columns, len(one.state))
-    assert (one.state.habit.recency, one.state.habit.counts) == (fresh.recency, fresh.counts)
+    assert one.state.habit.weeks == fresh.weeks
     restored = ProfileUpdater(untrained(), ON_DEVICE, max_event_bytes=65536, emit_embedding=False)
     restored.state.restore(one.state.snapshot())
-    assert (restored.state.habit.recency, restored.state.habit.counts) == (fresh.recency, fresh.counts)
+    assert restored.state.habit.weeks == fresh.weeks
 
 
 def drifting_shop(users: int) -> list[dict]:
@@ -102,11 +109,12 @@ def test_top_categories_lean_toward_the_latest_category_where_the_shop_moves_on(
     def top(events: list[dict], user: str) -> tuple[str, float]:
         updater = updater_fed(events, [50], loaded)
         profile = orjson.loads(updater.profiles_for(np.array([updater.state.row(user)]))[0][1])
-        return profile["top_categories"][0]["category"], updater.state.habit.recency_lean()
+        return profile["top_categories"][0]["category"], updater.state.habit.recency_lean(updater.state.max_event_ts)
 
     shop = drifting_shop(120)
     shop_habit = updater_fed(shop, [500]).state.habit
-    assert shop_habit.recency > 2 * PRIOR_WEEKS and shop_habit.counts == 0
+    recency, counts = shop_habit.wins(WEEK0 + 4 * WEEK_MS)
+    assert recency > 2 * PRIOR_WEEKS and counts == 0
     # A user who clicked its staple 5 times last week and z once this week: the latest, z, comes first here.
     heavy = weeks("heavy", [["staple"] * 5, ["z"]], first_week=3)
     assert top(sorted(shop + heavy, key=lambda e: e["ts"]), "heavy") == ("z", 1.0)
@@ -162,7 +170,7 @@ def test_an_event_arriving_late_in_a_batch_of_its_own_moves_neither_the_latest_c
     for updater in runs:
         names = updater.state.category_names
         row = updater.state.row("u")
-        assert habit_weeks(updater, "u") == [1, 0]  # week 2: recency's guess b came again, the counts' a did not
+        assert latest_week(updater, "u") == (1, 2)  # week 2: recency's guess b came again, the counts' a did not
         assert names[int(updater.state.columns["last_category"][row])] == "c"
     alone = updater_fed(events[:5], [1])  # the late click last, alone in its batch
     assert alone.state.category_names[int(alone.state.columns["last_category"][alone.state.row("u")])] == "b"
