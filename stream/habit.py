@@ -60,13 +60,6 @@ def update_habit(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: 
     has = category > 0
     key = category.astype(np.int64)
 
-    # Recency's guess before each event: the latest categorised event before it (this batch's, unless it came late,
-    # older than the user's latest before the batch; else the stored one).
-    latest = np.maximum.accumulate(np.where(has, idx, -1))
-    before = np.r_[-1, latest[:-1]]
-    in_time = (before >= start_of) & (ts[np.maximum(before, 0)] >= old_last_ts[user_sorted])
-    recent = np.where(in_time, key[np.maximum(before, 0)], columns["last_category"][rows].astype(np.int64)[user_sorted])
-
     # Weeks: an event in a later week than any of its user's before opens one (a late event counts in the current).
     week = ts // WEEK_MS
     stored_week = columns["habit_week"][rows].astype(np.int64)
@@ -76,17 +69,24 @@ def update_habit(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: 
     opened = week > before_it
     opened_at = np.flatnonzero(opened)
 
+    # Recency's guess where a week opens: the latest categorised event before it (this batch's, unless it came late,
+    # older than the user's latest before the batch; else the stored one).
+    before = np.r_[-1, np.maximum.accumulate(np.where(has, idx, -1))[:-1]][opened_at]
+    user_at = user_sorted[opened_at]
+    in_time = (before >= start_of[opened_at]) & (ts[np.maximum(before, 0)] >= old_last_ts[user_at])
+    recent = np.where(in_time, key[np.maximum(before, 0)], columns["last_category"][rows].astype(np.int64)[user_at])
+
     # The counts' guess where a week opens: the most engaged-with category so far, as count << 32 | key (a larger key
     # wins a tie): the slots' best, or, where the week opens after the user's first event of the batch (rare: a
     # batch spanning a week's end), the best of the slots' counts plus the batch's events before it.
     slot_keys = slot_keys.astype(np.int64)
     stored_best = np.max(np.where(slot_keys > 0, (slot_counts.astype(np.int64) << 32) | slot_keys, 0), axis=1)
-    usual = stored_best[user_sorted[opened_at]]
-    late = np.flatnonzero(opened_at != start_of[opened_at])
-    if len(late):
-        usual[late] = np.maximum(usual[late], _best_before(opened_at[late], start_of, user_sorted, key, has,
-                                                           slot_keys, slot_counts))
-    guesses = np.stack([recent[opened_at], usual & 0xFFFFFFFF], axis=1)  # (M, 2): recency's and the counts' guess
+    usual = stored_best[user_at]
+    mid_batch = np.flatnonzero(opened_at != start_of[opened_at])
+    if len(mid_batch):
+        usual[mid_batch] = np.maximum(usual[mid_batch], _best_before(opened_at[mid_batch], start_of, user_sorted, key,
+                                                                     has, slot_keys, slot_counts))
+    guesses = np.stack([recent, usual & 0xFFFFFFFF], axis=1)  # (M, 2): recency's and the counts' guess
 
     # Each event's week: the stored one or the one its latest opening event began, with that event's guesses.
     opener = np.maximum.accumulate(np.where(opened, idx, -1))
@@ -107,15 +107,15 @@ def update_habit(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: 
     # Each user's latest closed week: the last opened here but one, else the stored one where a new one opened.
     closed = opened_at != last_open[user_sorted[opened_at]]
     closed_at = opened_at[closed]
-    latest = np.full(n_users, -1, dtype=np.int64)
-    np.maximum.at(latest, user_sorted[closed_at], np.arange(len(closed_at)))
-    stored_closes = reopened & (latest < 0) & (stored_week > 0)
-    here = latest >= 0
+    last_closed = np.full(n_users, -1, dtype=np.int64)  # each user's latest of closed_at, as its index there
+    np.maximum.at(last_closed, user_sorted[closed_at], np.arange(len(closed_at)))
+    stored_closes = reopened & (last_closed < 0) & (stored_week > 0)
+    here = last_closed >= 0
     columns["habit_last"][rows[stored_closes]] = _outcome(columns["habit_keys"][rows[stored_closes]].astype(np.int64),
                                                           stored_hits[stored_closes])
     columns["habit_last_week"][rows[stored_closes]] = stored_week[stored_closes]
-    at = closed_at[latest[here]]
-    columns["habit_last"][rows[here]] = _outcome(guesses[closed][latest[here]], opened_hits[at])
+    at = closed_at[last_closed[here]]
+    columns["habit_last"][rows[here]] = _outcome(guesses[closed][last_closed[here]], opened_hits[at])
     columns["habit_last_week"][rows[here]] = week[at]
 
     # The week still open: the last one opened, or the stored one with this batch's hits.
