@@ -51,6 +51,9 @@ def checkpoint_info(path: str) -> dict:
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "state_floats_per_user": config.state_size,
         "next_item_vocabulary": len(loaded.item_vocab),
+        # The training log's items (models/catalogue.py): others are read as unknown; None: every item is read as
+        # the one its id hashes to (checkpoints before format 19, untrained models).
+        "item_catalogue": len(loaded.model.catalogue) if loaded.model.catalogue is not None else None,
         "config": asdict(config),
         "trained": {k: meta[k] for k in ("created_at", "events", "trained_span", "torch") if k in meta},
         "train_config": meta.get("train_config", {}),
@@ -142,6 +145,9 @@ def info_lines(info: dict) -> list[str]:
         ("hidden size", f"{c['hidden_size']} (+ {c['memory_size']} long-term memory = "
                         f"{info['state_floats_per_user']} floats of state per user)"),
         ("next-item vocabulary", f"{info['next_item_vocabulary']:,} items"),
+        ("item catalogue", f"{info['item_catalogue']:,} training items, each in its category; others read as unknown "
+                           f"({c.get('unknown_items', 0):g} of training's items were)"
+         if info["item_catalogue"] is not None else "none: every item id read as the item it hashes to"),
         ("hashed features", f"items {c['item_buckets']:,}, categories {c['category_buckets']:,}, "
                             f"queries {c['query_buckets']:,} buckets (hash seed {c['hash_seed']})"),
         ("next-event transitions", ", ".join(f"{name} {v['pairs']:,} pairs, weight {v['weight']:g}"

@@ -132,7 +132,7 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, seed: int, hidden_size: int,
-                 dropout: float, until: int | None = None, buckets: tuple[int, int, int] | None = None,
+                 dropout: float, unknown_items: float = 0.0, until: int | None = None, buckets: tuple[int, int, int] | None = None,
                  kafka: KafkaSettings | None = None, **train_options: object) -> None:
     started = time.monotonic()
     check_output_dir(out)
@@ -142,7 +142,7 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
     for note in (small_log_note(events), catalogue_note(events, max_items)):  # type: ignore[arg-type]
         if note is not None:
             click.echo(note, err=True)
-    model_config = ModelConfig(hidden_size=hidden_size, dropout=dropout, init_seed=seed)
+    model_config = ModelConfig(hidden_size=hidden_size, dropout=dropout, unknown_items=unknown_items, init_seed=seed)
     if buckets is not None:
         model_config = replace(model_config, item_buckets=buckets[0], category_buckets=buckets[1],
                                query_buckets=buckets[2])

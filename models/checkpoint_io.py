@@ -13,6 +13,7 @@ from models.field_heads import (
     CALIBRATION_KNOTS, HABIT_FRESHNESS, HABIT_RECENCY_WEIGHT, SESSION_OFF, SILENCE_MINUTES, identity_knots,
 )
 from models.profile_model import RECENT_CATEGORIES, CheckpointError, ModelConfig, ProfileModel
+from models.catalogue import ItemCatalogue
 from models.neighbours import SessionNeighbours
 from models.transitions import Transitions
 from stream.statistics import SLOT_FEATURES, USER_FEATURES
@@ -21,7 +22,7 @@ from stream.statistics import SLOT_FEATURES, USER_FEATURES
 # 3: published fields from FieldHeads (exact statistics + state; time-to-event probabilities, calibrated).
 # 4: calibration a monotone piecewise-linear map of log L (format 3's affine one is read as two knots).
 # 5: copy bonuses of the current item and category (formats 3 and 4 are read without copying).
-CHECKPOINT_FORMAT = 18  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
+CHECKPOINT_FORMAT = 19  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
 # 8: the shop popularity slot feature (stream/popularity.py); 9: transition bonuses (models/transitions.py);
 # 10: times since as log1p of minutes, not hours (stream/statistics.py: USER_FEATURES), and the probability
 # heads' session process (models/field_heads.py: HazardHead); 11: the neighbour sessions' votes (models/neighbours.py);
@@ -30,8 +31,9 @@ CHECKPOINT_FORMAT = 18  # 6: the follow-up slot features (stream/follow.py); 7: 
 # 14: as a power of it, not exponentially (HazardHead.power_fade); 15: the return processes fall after a long
 # silence (HazardHead.silence_power); 16: the freshness slot feature (stream/statistics.py: _freshness); 17: the
 # purchase rhythm's user features (stream/statistics.py: USER_FEATURES from log_orders on); 18: the habit_freshness
-# slot feature, weighed HABIT_RECENCY_WEIGHT in every model (stream/habit.py)
-READABLE_FORMATS = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
+# slot feature, weighed HABIT_RECENCY_WEIGHT in every model (stream/habit.py); 19: the training log's item catalogue
+# (models/catalogue.py; older checkpoints know every item) and ModelConfig.unknown_items
+READABLE_FORMATS = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19)
 # The heads' weights that read the user features, one column per feature (models/field_heads.py).
 _USER_FEATURE_WEIGHTS = tuple(f"fields.{head}.{layer}.weight" for head in ("purchase", "event")
                               for layer in ("linear", "mlp.0", "shape", "session")) + ("fields.gate.weight",)
@@ -72,6 +74,7 @@ def save_checkpoint(path: str | Path, model: ProfileModel, version: str, metadat
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "transitions": {name: model.transitions(name).arrays() for name in ("item", "category")},
         "neighbours": model.neighbours().arrays(),
+        **({"catalogue": model.catalogue.arrays()} if model.catalogue is not None else {}),
         # Through JSON and back: metadata must stay plain data that weights_only loading accepts.
         "metadata": orjson.loads(orjson.dumps(metadata or {}, option=orjson.OPT_SERIALIZE_NUMPY, default=str)),
     }
@@ -175,6 +178,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
                                 for name in ("item", "category")))
         if "neighbours" in payload:
             model.set_neighbours(SessionNeighbours.from_arrays(payload["neighbours"]))
+        if "catalogue" in payload:
+            model.catalogue = ItemCatalogue.from_arrays(payload["catalogue"])
     except (TypeError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{str(path)!r} does not match this model code: {exc}") from None
     vocab = list(payload.get("item_vocab", []))

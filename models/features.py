@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models.catalogue import ItemCatalogue
 from stream.memo import map_memoised_all
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier (Fibonacci hashing)
@@ -53,6 +54,25 @@ def _raw_hashes(values: np.ndarray | list, salt: int) -> np.ndarray:
 def hash_buckets(values: np.ndarray | list, buckets: int, salt: int) -> np.ndarray:
     """Map strings (None = absent) to buckets 1..buckets-1, deterministically; None -> 0."""
     return _mix_to_buckets(_raw_hashes(values, salt), buckets)
+
+
+def item_hashes(item_id: np.ndarray | list, salt: int) -> np.ndarray:
+    """(N,) uint64 raw hash of each item id (0: none): what an item catalogue (models/catalogue.py) holds."""
+    return _raw_hashes(item_id, salt)
+
+
+def item_inputs(item_id: np.ndarray, category_key: np.ndarray, buckets: int, salt: int,
+                item_index: dict[str, int] | None, catalogue: ItemCatalogue | None) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) item bucket and (N,) vocabulary row (-1: none) of each event, the item read as unknown (bucket 0,
+    row -1) where the model's catalogue does not know it in the event's category. Every path that feeds the
+    model an item (training, serving, evaluation) reads it here."""
+    raw = _raw_hashes(item_id, salt)
+    bucket, rows = _mix_to_buckets(raw, buckets), vocab_rows(item_id, item_index)
+    if catalogue is not None:
+        unknown = ~catalogue.known(raw, category_key)
+        bucket[unknown] = 0
+        rows[unknown] = -1
+    return bucket, rows
 
 
 # A category's key: its raw hash (crc32 + 1, 1..2**32; 0: no category) in 32 bits. The state names and
@@ -196,6 +216,7 @@ def build_features(
     hash_seed: int,
     device: torch.device,
     item_index: dict[str, int] | None = None,
+    catalogue: ItemCatalogue | None = None,
 ) -> EventFeatures:
     """Featurise N events given as numpy columns. `gap_seconds` is the time since the user's previous event."""
     tokens, offsets = query_tokens(query, query_buckets, hash_seed + 2)
@@ -214,15 +235,16 @@ def build_features(
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device, non_blocking=True)
 
     keys, buckets = category_keys_and_buckets(category, category_buckets, hash_seed + 1)
+    items, item_rows = item_inputs(item_id, keys, item_buckets, hash_seed, item_index, catalogue)
     return EventFeatures(
         type_idx=long(type_idx),
-        item=long(hash_buckets(item_id, item_buckets, hash_seed)),
+        item=long(items),
         category=long(buckets),
         price_bucket=long(price_bucket(price)),
         query_tokens=long(tokens),
         query_offsets=long(offsets),
         dense=torch.from_numpy(dense).to(device, non_blocking=True),
-        item_vocab=long(vocab_rows(item_id, item_index)),
+        item_vocab=long(item_rows),
         category_key=keys,
     )
 

@@ -62,7 +62,8 @@ class GRUScorer:
         h0 = torch.zeros(len(self.test_log.users), self.model.config.state_size, device=self.device)
         seen = np.zeros(len(self.test_log.users), dtype=np.int64)
         if self.train_log is not None and len(self.train_log):
-            p = prepare(self.train_log, self.model.config, self.item_vocab, 24 * HOUR_MS)
+            p = prepare(self.train_log, self.model.config, self.item_vocab, 24 * HOUR_MS,
+                        catalogue=self.model.catalogue)
             states = final_states(self.model, self.train_log, p, self.device)
             where = np.searchsorted(self.test_log.users, self.train_log.users)  # both sorted
             h0[torch.from_numpy(where).to(self.device)] = states
@@ -75,7 +76,7 @@ class GRUScorer:
         log_, model = self.test_log, self.model
         rows = targets(test)
         query_items = prefix_state(train, test, rows).recent_items
-        p = prepare(log_, model.config, self.item_vocab, 24 * HOUR_MS)
+        p = prepare(log_, model.config, self.item_vocab, 24 * HOUR_MS, catalogue=model.catalogue)
         h0, seen = self.initial_states()
         # The state that predicts row (u, t) is the output after test event t-1.
         source_event = log_.start[rows.user] + rows.position - 1

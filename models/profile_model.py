@@ -23,7 +23,7 @@ models/checkpoint_io.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -33,12 +33,20 @@ from torch.nn.utils.rnn import PackedSequence
 from models.features import DENSE_FEATURES, PRICE_EDGES, EventFeatures
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS, TOP_CATEGORIES
 from models.field_heads import FieldHeads, FieldInputs, HazardHead, idle_minutes
+from models.catalogue import ItemCatalogue
 from models.neighbours import SessionNeighbours
 from models.transitions import Transitions
 
 
 
 RECENT_CATEGORIES = 2  # the categories the next-event copy bonus reads: the current one, the distinct one before
+
+
+def forget_items(f: EventFeatures, share: float) -> EventFeatures:
+    """The events with a random `share` of their items read as unknown (no item bucket, no vocabulary row), as
+    serving reads an item outside the model's catalogue (models/features.item_inputs)."""
+    forget = torch.rand(f.item.shape, device=f.item.device) < share
+    return replace(f, item=f.item.masked_fill(forget, 0), item_vocab=f.item_vocab.masked_fill(forget, -1))
 
 
 class ModelError(Exception):
@@ -63,6 +71,9 @@ class ModelConfig:
     clusters: int = 8
     n_items: int = 0  # item vocabulary of the next-item head (0: no head, as in an untrained model)
     dropout: float = 0.0  # on embeddings and states, in training only
+    # Share of training events whose item the model reads as unknown (models/catalogue.py), in training only:
+    # served where ids mean other products, or none it knows, it has learned what an event says without one.
+    unknown_items: float = 0.0
     memory_size: int = 16  # long-term memory dimensions (0: the state is the GRU's hidden state alone)
     memory_timescales: tuple[float, ...] = (4.0, 256.0)  # events; the M decays are log-spaced between
     # Feed the next-item head's output vector of an event's item back in as an input feature
@@ -144,6 +155,9 @@ class ProfileModel(nn.Module):
         # validation period (sequence_training.fit_transition_weights), not learned with the GRU.
         self.register_buffer("transition_weight", torch.zeros(2))  # (item, category)
         self.set_transitions(None, None)
+        # The training log's items and their categories: items outside it are read as unknown (None: every item
+        # is known, as in checkpoints before format 19).
+        self.catalogue: ItemCatalogue | None = None
         # The training log's sessions like the user's latest events (models/neighbours.py): their votes'
         # weight in the next item's scores, fitted after training on the validation period as well.
         self.register_buffer("neighbour_weight", torch.zeros(1))
@@ -171,6 +185,8 @@ class ProfileModel(nn.Module):
 
     def embed(self, f: EventFeatures) -> torch.Tensor:
         """(N,) events -> (N, input_size)."""
+        if self.training and self.config.unknown_items > 0:
+            f = forget_items(f, self.config.unknown_items)
         tied = []
         if self.config.tie_item_embeddings:
             known = (f.item_vocab >= 0).unsqueeze(1)  # items outside the vocabulary contribute zeros

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from models.dataset import EventLog
-from models.features import (EventFeatures, category_keys_and_buckets, hash_buckets, price_bucket, query_tokens,
-                             ragged_take, vocab_rows)
+from models.catalogue import ItemCatalogue
+from models.features import (EventFeatures, category_keys_and_buckets, item_inputs, price_bucket, query_tokens,
+                             ragged_take)
 from models.profile_model import ModelConfig
 
 NO_TARGET = -1
@@ -98,7 +99,9 @@ def previous_category(bucket: np.ndarray, user: np.ndarray) -> np.ndarray:
 
 
 def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: int,
-            session_gap_ms: float = 30 * 60_000, visit_sessions: int = 0) -> Prepared:
+            session_gap_ms: float = 30 * 60_000, visit_sessions: int = 0,
+            catalogue: ItemCatalogue | None = None) -> Prepared:
+    """The log's events as the model reads them; items outside `catalogue` read as unknown (features.item_inputs)."""
     ev = log_.events
     gap, first = log_.gap_seconds()
     has_price = ~np.isnan(ev.price)
@@ -106,8 +109,10 @@ def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: i
                       np.log1p(np.maximum(gap, 0.0)) / 10.0, first.astype(np.float64)], axis=1).astype(np.float32)
     tokens, offsets = query_tokens(ev.query, config.query_buckets, config.hash_seed + 2)
 
-    item_idx = vocab_rows(ev.item_id, {item: i for i, item in enumerate(vocab)})
-    _, category_bucket = category_keys_and_buckets(ev.category, config.category_buckets, config.hash_seed + 1)
+    category_key, category_bucket = category_keys_and_buckets(ev.category, config.category_buckets,
+                                                              config.hash_seed + 1)
+    item_bucket, item_idx = item_inputs(ev.item_id, category_key, config.item_buckets, config.hash_seed,
+                                        {item: i for i, item in enumerate(vocab)}, catalogue)
     nxt = log_.next_index()
     has_next = nxt >= 0
     nxt_safe = np.where(has_next, nxt, 0)
@@ -115,7 +120,7 @@ def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: i
     next_ts = np.where(has_next, ev.ts[nxt_safe], np.iinfo(np.int64).max)
     gap_to_next = np.where(has_next, (ev.ts[nxt_safe] - ev.ts).astype(np.float64), np.inf)
     return Prepared(
-        ts=ev.ts, type_idx=ev.type_idx, item_bucket=hash_buckets(ev.item_id, config.item_buckets, config.hash_seed),
+        ts=ev.ts, type_idx=ev.type_idx, item_bucket=item_bucket,
         category_bucket=category_bucket, previous_category=previous_category(category_bucket, log_.user_of_event),
         price_bucket=price_bucket(ev.price), query_tokens=tokens,
         query_offsets=np.append(offsets, len(tokens)), dense=dense,

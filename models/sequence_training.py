@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from models.catalogue import ItemCatalogue
 from models.dataset import HOUR_MS, EventLog
+from models.features import category_keys, item_hashes
 from models.profile_model import ModelConfig, ProfileModel
 from models.neighbours import SessionNeighbours, latest_items
 from models.transitions import Transitions
@@ -335,8 +337,10 @@ def train(log_: EventLog, model_config: ModelConfig, cfg: TrainConfig, device: t
 
     vocab = item_vocabulary(log_, last, cfg.max_items)
     model_config = replace(model_config, n_items=len(vocab), price_tier_edges=price_tier_edges(log_, last))
+    catalogue = ItemCatalogue.from_events(item_hashes(log_.events.item_id, model_config.hash_seed),
+                                          category_keys(log_.events.category, model_config.hash_seed + 1))
     p = prepare(log_, model_config, vocab, int(cfg.horizon_hours * HOUR_MS), cfg.session_gap_minutes * 60_000,
-                cfg.visit_sessions)
+                cfg.visit_sessions, catalogue)
     before = p.item_vocab[(p.ts <= split_ts) & (p.item_vocab >= 0)]
     p.item_seen_before_split = np.bincount(before, minlength=max(len(vocab), 1)) > 0
     sampled = len(vocab) > cfg.full_softmax_max_items
@@ -351,6 +355,7 @@ def train(log_: EventLog, model_config: ModelConfig, cfg: TrainConfig, device: t
     def fresh_model(cut_ts: int) -> ProfileModel:
         torch.manual_seed(cfg.seed)
         model = ProfileModel(model_config).to(device)
+        model.catalogue = catalogue
         init_head_biases(model, p, cut_ts)
         model.set_transitions(*transition_tables(p, cut_ts, model_config))
         model.set_neighbours(neighbour_table(p, cut_ts, model_config, cfg))

@@ -281,7 +281,7 @@ class ProfileUpdater:
             ev.type_idx[order], ev.item_id[order], category, price, ev.query[order], gap_seconds, first_ever,
             item_buckets=cfg.item_buckets, category_buckets=cfg.category_buckets,
             query_buckets=cfg.query_buckets, hash_seed=cfg.hash_seed, device=self.device,
-            item_index=self.item_index,
+            item_index=self.item_index, catalogue=self.model.catalogue,
         )
         rows_t = torch.from_numpy(rows).to(self.device)
         x = self.model.embed(feats)  # (N, F)

@@ -135,18 +135,27 @@ def test_training_features_equal_serving_features(tmp_path):
     searches = np.flatnonzero(ev.type_idx == 0)
     idx = np.concatenate([searches[:20], np.arange(0, len(ev), 37)])
     vocab = sorted({i for i in ev.item_id[idx] if i is not None})[::2]  # half the sampled items are known
-    prepared = prepare(log, config, vocab, 24 * 3_600_000)
+    # The model's catalogue knows the items of the log's first half, in the category it saw them in.
+    from models.catalogue import ItemCatalogue
+    from models.features import category_keys, item_hashes
+    early = ev.ts <= np.median(ev.ts)
+    catalogue = ItemCatalogue.from_events(item_hashes(ev.item_id[early], config.hash_seed),
+                                          category_keys(ev.category[early], config.hash_seed + 1))
+    prepared = prepare(log, config, vocab, 24 * 3_600_000, catalogue=catalogue)
     gap, first = log.gap_seconds()
     served = build_features(ev.type_idx[idx], ev.item_id[idx], ev.category[idx], ev.price[idx], ev.query[idx],
                             gap[idx], first[idx], item_buckets=config.item_buckets,
                             category_buckets=config.category_buckets, query_buckets=config.query_buckets,
                             hash_seed=config.hash_seed, device=torch.device(DEVICE),
-                            item_index={item: i for i, item in enumerate(vocab)})
+                            item_index={item: i for i, item in enumerate(vocab)}, catalogue=catalogue)
     trained = features_at(prepared, idx, torch.device(DEVICE))
     for name in ("type_idx", "item", "category", "price_bucket", "query_tokens", "query_offsets", "dense",
                  "item_vocab"):
         assert torch.equal(getattr(trained, name), getattr(served, name)), name
     assert len(served.query_tokens) > 20 * 3 and (served.item_vocab >= 0).any()
+    has_item = np.array([i is not None for i in ev.item_id[idx]])
+    unknown = (served.item == 0).cpu().numpy() & has_item
+    assert unknown.any() and (~unknown & has_item).any()  # both kinds of item were compared
 
 
 def test_query_tokens_are_each_querys_hashed_terms_across_batches():

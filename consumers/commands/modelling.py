@@ -39,6 +39,10 @@ def kafka_sources(sources: tuple[str, ...], params: dict[str, Any]) -> KafkaSett
 @click.option("--max-len", default=64, show_default=True, type=click.IntRange(min=2), help="Events per chunk.")
 @click.option("--lr", default=6e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--dropout", default=0.2, show_default=True, type=click.FloatRange(0, 0.9))
+@click.option("--unknown-items", default=0.15, show_default=True, type=click.FloatRange(0, 0.9),
+              help="Share of training events whose item the model reads as unknown, so that it learns what an "
+                   "event says without its item: served on items it never saw (new products, another shop, ids "
+                   "that name other products there) it reads them as unknown (docs/model.md).")
 @click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0.01, 0.5),
               help="The last part of the time span that validates (early stopping).")
 @click.option("--patience", default=2, show_default=True, type=click.IntRange(min=1))
@@ -64,7 +68,7 @@ def kafka_sources(sources: tuple[str, ...], params: dict[str, Any]) -> KafkaSett
 @device_option
 @kafka_options("kafka:// sources")
 def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_size: int, batch_size: int, max_len: int,
-          lr: float, dropout: float, val_fraction: float, patience: int, average_epochs: float, refit: bool,
+          lr: float, dropout: float, unknown_items: float, val_fraction: float, patience: int, average_epochs: float, refit: bool,
           max_items: int, item_buckets: int, category_buckets: int, query_buckets: int, until: int | None, seed: int,
           device: str, **params: Any) -> None:
     """Train the profile model on event logs, in two stages: the sequence model (next item, next
@@ -75,7 +79,7 @@ def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_siz
     from consumers.training import run_training
 
     run_training(event_files, out, device, seed=seed, hidden_size=hidden_size, dropout=dropout,
-                 until=until, kafka=kafka,
+                 unknown_items=unknown_items, until=until, kafka=kafka,
                  buckets=(item_buckets, category_buckets, query_buckets),
                  epochs=epochs, batch_size=batch_size, max_len=max_len, lr=lr, val_fraction=val_fraction,
                  patience=patience, average_epochs=average_epochs, refit=refit, max_items=max_items)
