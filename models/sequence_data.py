@@ -11,7 +11,7 @@ import torch
 from models.dataset import EventLog
 from models.catalogue import ItemCatalogue
 from models.features import (EventFeatures, category_keys_and_buckets, item_inputs, price_bucket, query_tokens,
-                             ragged_take)
+                             ragged_take, vocab_rows)
 from models.profile_model import ModelConfig
 
 NO_TARGET = -1
@@ -111,12 +111,14 @@ def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: i
 
     category_key, category_bucket = category_keys_and_buckets(ev.category, config.category_buckets,
                                                               config.hash_seed + 1)
-    item_bucket, item_idx = item_inputs(ev.item_id, category_key, config.item_buckets, config.hash_seed,
-                                        {item: i for i, item in enumerate(vocab)}, catalogue)
+    index = {item: i for i, item in enumerate(vocab)}
+    item_bucket, item_idx = item_inputs(ev.item_id, category_key, config.item_buckets, config.hash_seed, index,
+                                        catalogue)
     nxt = log_.next_index()
     has_next = nxt >= 0
     nxt_safe = np.where(has_next, nxt, 0)
-    item_target = np.where(has_next, item_idx[nxt_safe], NO_TARGET)
+    # The next item is a target whatever the catalogue says of it as an input.
+    item_target = np.where(has_next, vocab_rows(ev.item_id, index)[nxt_safe], NO_TARGET)
     next_ts = np.where(has_next, ev.ts[nxt_safe], np.iinfo(np.int64).max)
     gap_to_next = np.where(has_next, (ev.ts[nxt_safe] - ev.ts).astype(np.float64), np.inf)
     return Prepared(
