@@ -132,7 +132,8 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, seed: int, hidden_size: int,
-                 dropout: float, unknown_items: float = 0.0, until: int | None = None, buckets: tuple[int, int, int] | None = None,
+                 dropout: float, unknown_items: float = 0.0, until: int | None = None,
+                 buckets: tuple[int, int, int] | None = None,
                  kafka: KafkaSettings | None = None, **train_options: object) -> None:
     started = time.monotonic()
     check_output_dir(out)

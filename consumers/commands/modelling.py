@@ -68,9 +68,9 @@ def kafka_sources(sources: tuple[str, ...], params: dict[str, Any]) -> KafkaSett
 @device_option
 @kafka_options("kafka:// sources")
 def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_size: int, batch_size: int, max_len: int,
-          lr: float, dropout: float, unknown_items: float, val_fraction: float, patience: int, average_epochs: float, refit: bool,
-          max_items: int, item_buckets: int, category_buckets: int, query_buckets: int, until: int | None, seed: int,
-          device: str, **params: Any) -> None:
+          lr: float, dropout: float, unknown_items: float, val_fraction: float, patience: int, average_epochs: float,
+          refit: bool, max_items: int, item_buckets: int, category_buckets: int, query_buckets: int,
+          until: int | None, seed: int, device: str, **params: Any) -> None:
     """Train the profile model on event logs, in two stages: the sequence model (next item, next
     category, auxiliary purchase and churn objectives), then the published fields (purchase_propensity,
     churn_risk, top_categories) fitted on profiles taken through the serving path at cuts in the log
