@@ -40,12 +40,17 @@ class ItemCatalogue:
         pair_item, pair_cat = item_hash[has].astype(np.uint64), category_key[has].astype(np.uint64)
         pairs, counts = np.unique(np.stack([pair_item, pair_cat], axis=1), axis=0, return_counts=True)
         if len(pairs) == 0:
-            return cls(np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint32))
+            return cls.empty()
         # Per item, the pair seen most often: sort by (item, count, category) and keep each item's last.
         order = np.lexsort((pairs[:, 1], counts, pairs[:, 0]))
         pairs = pairs[order]
         last = np.append(pairs[1:, 0] != pairs[:-1, 0], True)
         return cls(pairs[last, 0].copy(), pairs[last, 1].astype(np.uint32))
+
+    @classmethod
+    def empty(cls) -> "ItemCatalogue":
+        """A catalogue that knows no item."""
+        return cls(np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint32))
 
     def __len__(self) -> int:
         return len(self.hashes)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.catalogue import ItemCatalogue
 from models.dataset import HOUR_MS, EventLog
 from models.features import category_keys
 from models.checkpoint_io import LoadedModel
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 
 MAX_TARGETS = 8  # future categories kept per example (the most engaged)
 FOREIGN_SHARE = 0.3  # examples whose explore side is shuffled in training (CutExamples.foreign)
+# Examples whose state is the one the model gives where it knows none of the items (models/catalogue.py): served in
+# another shop, or on a catalogue of new ids, every item is unknown and the states move; heads fitted on states of
+# known items alone were calibrated for the training shop's ids (docs/model-journal.md, session 49).
+FOREIGN_ITEMS_SHARE = 0.5
 
 
 @dataclass
@@ -630,6 +635,26 @@ def sample_examples(ex: CutExamples, n: int, gen: torch.Generator) -> CutExample
     return ex.take(torch.randperm(len(ex.user), generator=gen)[:n].to(ex.user.device))
 
 
+def with_foreign_items(parts: list[CutExamples], loaded: LoadedModel, log_: EventLog, cuts: list[int],
+                       device: torch.device, gen: torch.Generator) -> list[CutExamples]:
+    """The examples with a FOREIGN_ITEMS_SHARE of them (drawn per example) taken from a second replay of the log in
+    which the model knows none of the items (an empty catalogue): the same users, cuts and labels, the states an
+    unknown catalogue gives. Domain randomisation, as CutExamples.foreign is for the explore side."""
+    known = loaded.model.catalogue
+    loaded.model.catalogue = ItemCatalogue.empty()
+    try:
+        foreign = collect(loaded, log_, cuts, device)
+    finally:
+        loaded.model.catalogue = known
+    mixed = []
+    for part, other in zip(parts, foreign):
+        pick = (torch.rand(len(part.user), generator=gen) < FOREIGN_ITEMS_SHARE).to(part.user.device)
+        mixed.append(CutExamples(**{f.name: torch.where(pick.view(-1, *[1] * (getattr(part, f.name).dim() - 1)),
+                                                        getattr(other, f.name), getattr(part, f.name))
+                                    for f in fields(part)}))
+    return mixed
+
+
 def held_out_cuts(parts: list[CutExamples], n: int) -> list[int]:
     """Indices of the n cuts that validate and calibrate: the latest n - 1 whose windows are both horizons in
     full (the windows profiles are published for) and the latest cut (the youngest profiles and the shortest
@@ -650,6 +675,8 @@ def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cu
     heads, shop_habit = loaded.model.fields, {}
     heads.habit_lean_trained.fill_(1.0)
     parts = collect(loaded, log_, cuts, device, habit=shop_habit)
+    if loaded.model.catalogue is not None:
+        parts = with_foreign_items(parts, loaded, log_, cuts, device, torch.Generator().manual_seed(seed))
     heads.habit_lean_trained.fill_(shop_habit.get("lean", 0.0))
     collected = time.monotonic()
     if len(parts) <= val_cuts:

@@ -110,3 +110,33 @@ def test_training_reads_a_share_of_items_as_unknown_and_serving_none():
     assert torch.equal(model.embed(f), model.embed(f))  # no draws outside training
     model.train()
     assert not torch.equal(model.embed(f), model.embed(f))
+
+
+def test_field_heads_see_half_their_examples_with_every_item_unknown(tmp_path):
+    """The field stage's domain randomisation: the same users, cuts and labels, about half of the states from a
+    replay in which the model knows no item; the model's catalogue is its own again afterwards."""
+    from models.field_training import FOREIGN_ITEMS_SHARE, collect, default_cuts, with_foreign_items
+
+    path = tmp_path / "cycle.jsonl"
+    write_jsonl(cyclic_log(users=24, steps=20), path)
+    log = load_events([path])
+    model, vocab, _ = train(log, TINY, TrainConfig(epochs=1, batch_size=4), torch.device(DEVICE))
+    loaded = LoadedModel(model, "v1", True, {}, vocab)
+    cuts = default_cuts(log.events.ts, 4)
+    parts = collect(loaded, log, cuts, torch.device(DEVICE))
+    catalogue = model.catalogue
+    mixed = with_foreign_items(parts, loaded, log, cuts, torch.device(DEVICE), torch.Generator().manual_seed(0))
+    assert model.catalogue is catalogue
+    model.catalogue = ItemCatalogue.empty()
+    foreign = collect(loaded, log, cuts, torch.device(DEVICE))
+    model.catalogue = catalogue
+    picked = 0
+    for part, other, mix in zip(parts, foreign, mixed):
+        for name in ("purchase", "event", "purchase_hours", "event_hours", "target_weight", "cut"):
+            assert torch.equal(getattr(mix, name), getattr(part, name)), name
+        from_foreign = (mix.state == other.state).all(dim=1)
+        assert (from_foreign | (mix.state == part.state).all(dim=1)).all()
+        assert not torch.equal(part.state, other.state)  # the unknown items moved the states
+        picked += int(from_foreign.sum())
+    total = sum(len(p.user) for p in parts)
+    assert abs(picked / total - FOREIGN_ITEMS_SHARE) < 0.15
