@@ -61,18 +61,19 @@ def item_hashes(item_id: np.ndarray | list, salt: int) -> np.ndarray:
     return _raw_hashes(item_id, salt)
 
 
-def item_inputs(item_id: np.ndarray, category_key: np.ndarray, buckets: int, salt: int,
-                item_index: dict[str, int] | None, catalogue: ItemCatalogue | None) -> tuple[np.ndarray, np.ndarray]:
-    """(N,) item bucket and (N,) vocabulary row (-1: none) of each event, the item read as unknown (bucket 0,
-    row -1) where the model's catalogue does not know it in the event's category. Every path that feeds the
-    model an item (training, serving, evaluation) reads it here."""
+def item_inputs(item_id: np.ndarray, category_key: np.ndarray, buckets: int, salt: int, rows: np.ndarray,
+                catalogue: ItemCatalogue | None) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) item bucket and (N,) vocabulary row (-1: none) of each event as the model reads it, from its rows in the
+    vocabulary (vocab_rows): the item read as unknown (bucket 0, row -1) where the model's catalogue does not know
+    it in the event's category. Every path that feeds the model an item (training, serving, evaluation) reads it
+    here; `rows` is left as it is (training's next-item targets are the items themselves)."""
     raw = _raw_hashes(item_id, salt)
-    bucket, rows = _mix_to_buckets(raw, buckets), vocab_rows(item_id, item_index)
-    if catalogue is not None:
-        unknown = ~catalogue.known(raw, category_key)
-        bucket[unknown] = 0
-        rows[unknown] = -1
-    return bucket, rows
+    bucket = _mix_to_buckets(raw, buckets)
+    if catalogue is None:
+        return bucket, rows
+    unknown = ~catalogue.known(raw, category_key)
+    bucket[unknown] = 0
+    return bucket, np.where(unknown, -1, rows)
 
 
 # A category's key: its raw hash (crc32 + 1, 1..2**32; 0: no category) in 32 bits. The state names and
@@ -235,7 +236,7 @@ def build_features(
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device, non_blocking=True)
 
     keys, buckets = category_keys_and_buckets(category, category_buckets, hash_seed + 1)
-    items, item_rows = item_inputs(item_id, keys, item_buckets, hash_seed, item_index, catalogue)
+    items, item_rows = item_inputs(item_id, keys, item_buckets, hash_seed, vocab_rows(item_id, item_index), catalogue)
     return EventFeatures(
         type_idx=long(type_idx),
         item=long(items),

@@ -94,6 +94,12 @@ class CutExamples:
                               # Shuffled columns keep the distribution's best values; they name other categories.
                               "explore_top_hit": self.explore_top_hit & ~pick[:, None]})
 
+    def mixed_with(self, other: "CutExamples", pick: torch.Tensor) -> "CutExamples":
+        """The examples, each of those `pick` (n,) marks taken whole from `other` (the same users and labels)."""
+        def choose(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+            return torch.where(pick.view(-1, *[1] * (mine.dim() - 1)), theirs, mine)
+        return CutExamples(**{f.name: choose(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
+
     def rows_observed(self, hours: torch.Tensor) -> torch.Tensor | None:
         """Indices of the examples with a window observed in `hours`; None for all of them (no copy)."""
         ok = hours > 0
@@ -646,13 +652,9 @@ def with_foreign_items(parts: list[CutExamples], loaded: LoadedModel, log_: Even
         foreign = collect(loaded, log_, cuts, device)
     finally:
         loaded.model.catalogue = known
-    mixed = []
-    for part, other in zip(parts, foreign):
-        pick = (torch.rand(len(part.user), generator=gen) < FOREIGN_ITEMS_SHARE).to(part.user.device)
-        mixed.append(CutExamples(**{f.name: torch.where(pick.view(-1, *[1] * (getattr(part, f.name).dim() - 1)),
-                                                        getattr(other, f.name), getattr(part, f.name))
-                                    for f in fields(part)}))
-    return mixed
+    return [part.mixed_with(other, (torch.rand(len(part.user), generator=gen) < FOREIGN_ITEMS_SHARE)
+                            .to(part.user.device))
+            for part, other in zip(parts, foreign)]
 
 
 def held_out_cuts(parts: list[CutExamples], n: int) -> list[int]:

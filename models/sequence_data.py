@@ -111,14 +111,14 @@ def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: i
 
     category_key, category_bucket = category_keys_and_buckets(ev.category, config.category_buckets,
                                                               config.hash_seed + 1)
-    index = {item: i for i, item in enumerate(vocab)}
-    item_bucket, item_idx = item_inputs(ev.item_id, category_key, config.item_buckets, config.hash_seed, index,
+    vocab_idx = vocab_rows(ev.item_id, {item: i for i, item in enumerate(vocab)})
+    item_bucket, item_idx = item_inputs(ev.item_id, category_key, config.item_buckets, config.hash_seed, vocab_idx,
                                         catalogue)
     nxt = log_.next_index()
     has_next = nxt >= 0
     nxt_safe = np.where(has_next, nxt, 0)
     # The next item is a target whatever the catalogue says of it as an input.
-    item_target = np.where(has_next, vocab_rows(ev.item_id, index)[nxt_safe], NO_TARGET)
+    item_target = np.where(has_next, vocab_idx[nxt_safe], NO_TARGET)
     next_ts = np.where(has_next, ev.ts[nxt_safe], np.iinfo(np.int64).max)
     gap_to_next = np.where(has_next, (ev.ts[nxt_safe] - ev.ts).astype(np.float64), np.inf)
     return Prepared(
