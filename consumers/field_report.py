@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from models.field_evaluation import (
-    DEFAULT_CUT_SHARE, JUDGED_FIELDS, SPREAD_CUT_SHARES, evaluate_fields, summarise_cuts,
+    DEFAULT_CUT_SHARE, JUDGED_FIELDS, PROBABILITY_FIELDS, SPREAD_CUT_SHARES, evaluate_fields, summarise_cuts,
 )
 from consumers.commands.base import reading_sources
 from models.dataset import read_records
@@ -147,6 +147,16 @@ def print_cut_summary(reports: list[dict], summary: dict) -> None:
         table.add_row(r["cut"][:16].replace("T", " "), f"{r['users']:,}", f"{r['windows_hours']['purchase']:.3g}",
                       *(_gap(r["fields"][f]["versus_best"]) for f in JUDGED_FIELDS))
     console.print(table)
+    # Calibration beside it: one cut's ECE is rough (calibration_over_cuts), so each with the ECE that exact
+    # probabilities would still show on as many users, at its 95th percentile.
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+                  title="ECE at each cut (if exact: what exact probabilities would show, 95th percentile)")
+    for c in ("cut (UTC)", "purchase ECE", "if exact", "churn ECE", "if exact"):
+        table.add_column(c, justify="left" if c == "cut (UTC)" else "right", no_wrap=True)
+    for r in reports:
+        table.add_row(r["cut"][:16].replace("T", " "),
+                      *(x for f in PROBABILITY_FIELDS for x in _ece_at_cut(r["fields"][f].get("model", {}))))
+    console.print(table)
     if seen := [r["cut"][:16].replace("T", " ") for r in reports if r.get("seen_in_training")]:
         console.print(f"[red]the model was trained on a file of this name with events after the cut(s) "
                       f"{', '.join(seen)}: it has seen the future it is judged on there (train with --until the "
@@ -157,6 +167,11 @@ def print_cut_summary(reports: list[dict], summary: dict) -> None:
         console.print(f"{field}: mean {_fmt_signed(f['mean_difference'])} {f['metric']}; ahead at {f['ahead']}, "
                       f"within the noise at {f['within_noise']}, behind at {f['behind']} of {len(reports)} cuts"
                       + (f" (n/a at {unmeasured})" if unmeasured else ""))
+    for field, c in summary.get("calibration", {}).items():
+        if c["judged"]:
+            console.print(f"{field}: ECE {c['mean_ece']:.3f} on average, where exact probabilities would show "
+                          f"{c['mean_ece_if_calibrated']:.3f} on these users; more than sampling alone explains at "
+                          f"{c['beyond_sampling']} of {c['judged']} cuts")
     behind = [field for field in JUDGED_FIELDS if 2 * summary["fields"][field]["behind"] > len(reports)]
     if behind:
         # Trained up to the earliest cut, a model sees none of the windows judged.
@@ -204,6 +219,11 @@ def _gap(v: dict) -> str:
         return "n/a"
     shown = {"ahead": "[green]ahead[/]", "behind": "[red]behind[/]"}.get(verdict, verdict)
     return f"{_fmt_signed(v['difference'])} {shown}"
+
+
+def _ece_at_cut(m: dict) -> tuple[str, str]:
+    """A cut's ECE and the 95th percentile of exact probabilities' ECE on its users."""
+    return _fmt(m.get("ece")), _fmt(m.get("ece_if_calibrated_95"))
 
 
 def _fmt_signed(value: float) -> str:

@@ -1486,15 +1486,40 @@ def test_evaluate_fields_at_several_cuts_reports_each_and_what_they_say_together
         assert summary["differences"] == pytest.approx(gaps)
         assert summary["mean_difference"] == pytest.approx(np.mean(gaps))
         assert summary["ahead"] + summary["within_noise"] + summary["behind"] == 2
+    for field, calibration in report["summary"]["calibration"].items():  # each cut's ECE, and their mean
+        eces = [r["fields"][field]["model"]["ece"] for r in singles]
+        assert calibration["ece"] == pytest.approx(eces) and calibration["mean_ece"] == pytest.approx(np.mean(eces))
     text = CliRunner().invoke(main, [*base, "--cuts", "3"])
     assert text.exit_code == 0, text.output
     assert "churn_risk: mean" in text.output and "of 3 cuts" in text.output
+    assert "ECE at each cut" in text.output and "more than sampling alone explains at" in text.output
     spread = orjson.loads(CliRunner().invoke(main, [*base, "--cuts", "3", "--json"]).stdout)
     assert len(spread["cuts"]) == 3 and spread["summary"]["cuts"] == sorted(spread["summary"]["cuts"])
     for bad, why in ((["--cut", cuts[0], "--cuts", "3"], "not both"),
                      (["--cuts", "2", "--plot", str(tmp_path / "x.png")], "one cut")):
         refused = CliRunner().invoke(main, [*base, *bad])
         assert refused.exit_code == 2 and why in refused.output
+
+
+def test_the_cuts_summary_says_how_far_each_probabilitys_ece_stands_above_sampling():
+    """One cut's ECE is rough: the summary gives each cut's, their mean beside what exact probabilities would show,
+    and at how many cuts it was more than sampling alone explains; a cut with no ECE (one outcome) is left out."""
+    from models.field_evaluation import summarise_cuts
+
+    nan = float("nan")
+
+    def report(ece: float, floor: float, high: float) -> dict:
+        gap = {"baseline": "days idle", "metric": "roc_auc", "difference": 0.0, "interval95": [-0.01, 0.01]}
+        model = {"ece": ece, "ece_if_calibrated": floor, "ece_if_calibrated_95": high}
+        return {"cut": "c", "fields": {f: {"versus_best": gap, "model": model} for f in ("top_categories",
+                                                                                      "purchase_propensity",
+                                                                                      "churn_risk")}}
+
+    churn = summarise_cuts([report(0.043, 0.020, 0.030), report(0.028, 0.021, 0.030), report(nan, nan, nan),
+                            report(0.034, 0.020, 0.029)])["calibration"]["churn_risk"]
+    assert churn["judged"] == 3 and churn["beyond_sampling"] == 2
+    assert churn["mean_ece"] == pytest.approx((0.043 + 0.028 + 0.034) / 3)
+    assert churn["mean_ece_if_calibrated"] == pytest.approx((0.020 + 0.021 + 0.020) / 3)
 
 
 def test_a_cut_with_nothing_to_rank_is_left_out_of_the_cuts_summary():
@@ -1509,6 +1534,7 @@ def test_a_cut_with_nothing_to_rank_is_left_out_of_the_cuts_summary():
     summary = summarise_cuts([report("a", 0.04, [0.01, 0.07]), report("b", -0.02, [-0.05, 0.01]),
                               report("c", 0.0, [nan, nan]), report("d", -0.03, [-0.04, -0.02])])
     churn = summary["fields"]["churn_risk"]
+    assert summary["calibration"]["churn_risk"]["judged"] == 0  # these reports carry no probabilities
     assert summary["cuts"] == ["a", "b", "c", "d"]
     assert churn["mean_difference"] == pytest.approx((0.04 - 0.02 - 0.03) / 3)
     assert (churn["ahead"], churn["within_noise"], churn["behind"]) == (1, 1, 1)
