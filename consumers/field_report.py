@@ -239,7 +239,7 @@ def draw_reliability(report: dict, path: str) -> None:
     except ImportError:
         raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-    for ax, field in zip(axes, ("purchase_propensity", "churn_risk")):
+    for ax, field in zip(axes, PROBABILITY_FIELDS):
         bins = report["reliability"][field]
         m = report["fields"][field]["model"]
         ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")

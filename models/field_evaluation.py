@@ -337,8 +337,9 @@ def profiles_at(loaded: LoadedModel, records, device: torch.device, cut: int,
     return profiles
 
 
-# The published fields a report judges, in the order it shows them.
-JUDGED_FIELDS = ("top_categories", "purchase_propensity", "churn_risk")
+# The published fields a report judges, in the order it shows them; the two that are probabilities.
+PROBABILITY_FIELDS = ("purchase_propensity", "churn_risk")
+JUDGED_FIELDS = ("top_categories", *PROBABILITY_FIELDS)
 
 
 def summarise_cuts(reports: list[dict]) -> dict:
@@ -361,9 +362,6 @@ def summarise_cuts(reports: list[dict]) -> dict:
     return {"cuts": [r["cut"] for r in reports], "fields": out, "calibration": calibration_over_cuts(reports)}
 
 
-PROBABILITY_FIELDS = ("purchase_propensity", "churn_risk")
-
-
 def calibration_over_cuts(reports: list[dict]) -> dict:
     """Per probability: its ECE at each cut, their mean beside the mean ECE that exact probabilities would show on
     the same users, and at how many cuts the ECE was above that floor's 95th percentile (more than sampling alone
@@ -372,13 +370,13 @@ def calibration_over_cuts(reports: list[dict]) -> dict:
     out = {}
     for field in PROBABILITY_FIELDS:
         models = [r["fields"][field].get("model", {}) for r in reports]
-        ece = [float(m.get("ece", np.nan)) for m in models]
-        floor = [float(m.get("ece_if_calibrated", np.nan)) for m in models]
-        high = [float(m.get("ece_if_calibrated_95", np.nan)) for m in models]
-        known = [i for i in range(len(models)) if not np.isnan([ece[i], floor[i], high[i]]).any()]
-        out[field] = {"ece": ece, "mean_ece": float(np.mean([ece[i] for i in known])) if known else float("nan"),
-                      "mean_ece_if_calibrated": float(np.mean([floor[i] for i in known])) if known else float("nan"),
-                      "beyond_sampling": sum(ece[i] > high[i] for i in known), "judged": len(known)}
+        ece, floor, high = (np.array([m.get(k, np.nan) for m in models], dtype=np.float64)
+                            for k in ("ece", "ece_if_calibrated", "ece_if_calibrated_95"))
+        known = ~np.isnan(ece + floor + high)  # a cut with one outcome only has no ECE
+        out[field] = {"ece": ece.tolist(),
+                      "mean_ece": float(ece[known].mean()) if known.any() else float("nan"),
+                      "mean_ece_if_calibrated": float(floor[known].mean()) if known.any() else float("nan"),
+                      "beyond_sampling": int((ece[known] > high[known]).sum()), "judged": int(known.sum())}
     return out
 
 
