@@ -230,7 +230,7 @@ def run_daemon_until(settings: Settings, updater: ProfileUpdater, done: callable
 def run_bench(*, events: int, users: int, batch_max_events: int, device: str, kafka: KafkaSettings,
               partitions: int, offered_rate: int, offered_seconds: float, torch_threads: int, seed: int,
               gru_threads: int = 0, guarantee: str = "at-least-once", traffic: str = "sessions",
-              publish_interval_ms: int = 0, state_dtype: str = "float32", say=print) -> BenchReport:
+              publish_interval_ms: int = 0, state_dtype: str = Settings.state_dtype, say=print) -> BenchReport:
     """Raw ceiling, pipeline and offered load on the brokers of `kafka` (see `bench_brokers`)."""
     run_id = uuid.uuid4().hex[:8]
     topic = f"bench-events-{run_id}"
@@ -318,7 +318,7 @@ def stage_share(metrics: Metrics) -> dict[str, float]:
 @torch.inference_mode()
 def model_step(*, events: int, users: int, batch_max_events: int, device: str, torch_threads: int, seed: int,
                gru_threads: int = 0, scaling_users: tuple[int, ...] = SCALING_USERS, traffic: str = "sessions",
-               state_dtype: str = "float32", say=print) -> BenchReport:
+               state_dtype: str = Settings.state_dtype, say=print) -> BenchReport:
     """The in-process model step (features, GRU, counters) alone; optionally the scaling table."""
     settings = Settings(device=device, torch_threads=torch_threads, gru_threads=gru_threads, emit_embedding=True,
                         state_dtype=state_dtype)
@@ -377,7 +377,7 @@ def _scaled(settings: Settings, columns, n_users: int, batch: int, seed: int) ->
 
 # ---------------------------------------------------------------- restore
 
-def restore_time(*, users: int, partitions: int, kafka: KafkaSettings, state_dtype: str = "float32",
+def restore_time(*, users: int, partitions: int, kafka: KafkaSettings, state_dtype: str = Settings.state_dtype,
                  say=print) -> dict:
     """Seconds to restore `users` users from the state changelog, as a member assigned every partition does,
     on the brokers of `kafka` (see `bench_brokers`); and the CPU seconds this process spent on it (its threads

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import torch
+
 from models.checkpoint_io import CHECKPOINT_FORMAT, checkpoint_path, load_checkpoint
 from models.field_heads import HABIT_FRESHNESS
 from stream.events import iso_time
+from stream.settings import Settings
+from stream.statistics import stat_bytes_per_user
 
 
 def checkpoint_info(path: str) -> dict:
@@ -50,6 +54,10 @@ def checkpoint_info(path: str) -> dict:
                   "lean_trained": float(loaded.model.fields.habit_lean_trained)},
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "state_floats_per_user": config.state_size,
+        # What a user's state costs beside the counters and exactly-once bookkeeping: the model state as the
+        # default --state-dtype stores it, and the behaviour statistics the heads read.
+        "state_bytes_per_user": {"model_state": config.state_size * getattr(torch, Settings.state_dtype).itemsize,
+                                 "model_state_dtype": Settings.state_dtype, "statistics": stat_bytes_per_user()},
         "next_item_vocabulary": len(loaded.item_vocab),
         # The training log's items (models/catalogue.py): others are read as unknown; None: every item is read as
         # the one its id hashes to (checkpoints before format 19, untrained models).
@@ -144,6 +152,8 @@ def info_lines(info: dict) -> list[str]:
         ("parameters", f"{info['parameters']:,}"),
         ("hidden size", f"{c['hidden_size']} (+ {c['memory_size']} long-term memory = "
                         f"{info['state_floats_per_user']} floats of state per user)"),
+        ("state per user", "{model_state} bytes of model state ({model_state_dtype}) + {statistics} of behaviour "
+                           "statistics".format(**info["state_bytes_per_user"])),
         ("next-item vocabulary", f"{info['next_item_vocabulary']:,} items"),
         ("item catalogue", f"{info['item_catalogue']:,} training items, each in its category; others read as unknown "
                            f"({c.get('unknown_items', 0):g} of training's items were)"

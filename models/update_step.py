@@ -81,7 +81,7 @@ class ProfileUpdater:
                  idle_rescore_ms: int = 0, next_items: int = 0, pseudonymize_key: str = "",
                  input_topics: tuple[str, ...] = (), dedupe_window: int = 0, gru_threads: int = 0,
                  state_ttl_ms: int = 0, on_expire: str = "publish", publish_interval_ms: int = 0,
-                 state_dtype: torch.dtype = torch.float32, max_ahead_ms: int = 0) -> None:
+                 state_dtype: torch.dtype = STATE_DTYPE_NAMES[Settings.state_dtype], max_ahead_ms: int = 0) -> None:
         self.model = loaded.model.to(full_float32(device)).eval()
         self.model_version = loaded.version
         self.state_version = loaded.state_version  # what the changelog and snapshots are checked against

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from stream.settings import STATE_DTYPES
+
 if TYPE_CHECKING:
     from stream.state import StateTable
 
@@ -50,7 +52,7 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
 
 def record_dtype(state_size: int, spec: dict, state_dtype: torch.dtype = torch.float32) -> np.dtype:
     """The packed layout of one user's changelog record (little-endian, no padding); the state vector is
-    stored as the table stores it (float32, or float16 with --state-dtype float16)."""
+    stored as the table stores it (float16 by default, or float32: --state-dtype)."""
     # The state vector's field is named "hidden" (it holds the memory too): the name is part of the
     # record layout that changelog topics already hold, so it stays.
     hidden = numpy_dtype(state_dtype).newbyteorder("<")
@@ -94,6 +96,11 @@ class ChangelogLoader:
     def __init__(self, table: StateTable) -> None:
         self.table = table
         self.dtype = table.record_dtype()
+        # A record of either --state-dtype loads (its state vector cast to the table's), told apart by its size:
+        # the state vector is the only field whose width the setting changes. So a daemon restarted with the
+        # other setting, or after the default moved to float16, keeps its state.
+        self.layouts = {layout.itemsize: layout for layout in (
+            record_dtype(table.state_size, table.spec, getattr(torch, name)) for name in STATE_DTYPES)}
         self.metas: dict[int, bytes | None] = {}  # partition -> its latest meta record
         self.refused: dict[int, Refused] = {}  # row -> why its latest record cannot be loaded
         self.keyless = 0  # records without a key, left out
@@ -150,13 +157,25 @@ class ChangelogLoader:
             sizes = np.fromiter((0 if v is None else len(v) for v in values), dtype=np.int64, count=len(values))
         wrong = (sizes != self.dtype.itemsize) & (status == LIVE)
         if wrong.any():
+            wrong &= ~np.isin(sizes, list(self.layouts))
             status[wrong] = REFUSED
             for i in np.flatnonzero(wrong).tolist():
                 self._refuse(int(rows[i]), int(partitions[i])).sizes.add(int(sizes[i]))
         live = np.flatnonzero(status == LIVE)
+        live_sizes = sizes[live]
+        # One layout as a rule; a batch that holds both (records written before a switch) is loaded layout by layout.
+        for group in [live] if (live_sizes == self.dtype.itemsize).all() else [
+                live[live_sizes == size] for size in np.unique(live_sizes).tolist()]:
+            self._load_live(rows, partitions, values, group, status)
+        self._status[rows] = status
+
+    def _load_live(self, rows: np.ndarray, partitions: np.ndarray, values: list[bytes | None], live: np.ndarray,
+                   status: np.ndarray) -> None:
+        """The records `live` (positions in the batch, all of one size) into their rows, but for those of another
+        changelog format (refused)."""
         if len(live):
             live_values = values if len(live) == len(values) else map(values.__getitem__, live.tolist())
-            records = np.frombuffer(b"".join(live_values), dtype=self.dtype)
+            records = np.frombuffer(b"".join(live_values), dtype=self.layouts[len(values[live[0]])])
             formats = records["format"]
             if (formats != CHANGELOG_FORMAT).any():
                 other = np.flatnonzero(formats != CHANGELOG_FORMAT)
@@ -166,7 +185,6 @@ class ChangelogLoader:
                 keep = formats == CHANGELOG_FORMAT
                 live, records = live[keep], records[keep]
             self._load(rows[live], records)
-        self._status[rows] = status
 
     def _load(self, rows: np.ndarray, records: np.ndarray) -> None:
         """Records into the table's rows (ascending): a slice when they are consecutive, as the rows of users
@@ -241,7 +259,8 @@ class ChangelogLoader:
         sizes = sorted(set().union(*(r.sizes for r in self.refused.values())))
         formats = sorted(set().union(*(r.formats for r in self.refused.values())))
         if sizes:
-            return (f"changelog records of {sizes} bytes, expected "
-                    f"{self.dtype.itemsize}: written by another model or settings (state size, input topics, "
-                    "dedupe window, --state-dtype); use a new changelog topic for them")
+            expected = " or ".join(map(str, sorted(self.layouts)))
+            return (f"changelog records of {sizes} bytes, expected {expected} (float16 or float32 states): written "
+                    "by another model or settings (state size, input topics, dedupe window); use a new changelog "
+                    "topic for them")
         return f"changelog record format {formats} is not {CHANGELOG_FORMAT}"

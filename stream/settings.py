@@ -184,8 +184,8 @@ class Settings:
     state_ttl_ms: int = 0
     # ...after publishing a last profile that says "expired": true (publish), or publishing nothing (drop).
     on_expire: str = "publish"
-    # How the model state is stored per user: float32, or float16 (half the bytes; see docs/operations.md).
-    state_dtype: str = "float32"
+    # How the model state is stored per user: float16 (half float32's bytes; see docs/operations.md), or float32.
+    state_dtype: str = "float16"
     metrics_port: int | None = None
     metrics_address: str = "0.0.0.0"
     # Kafka consumer group session timeout. The broker evicts a member that is silent this long.

@@ -414,7 +414,7 @@ class SnapshotBase:
         self.user_ids: list[str] = list(snap["user_ids"])
         n = len(self.user_ids)
         self.index = {u: i for i, u in enumerate(self.user_ids)}
-        self.states = np.asarray(snap["hidden"], dtype=np.float32)
+        self.states = np.asarray(snap["hidden"])  # as the snapshot stores it (float16 or float32): cast as users load
         self.columns = _columns_from(snap, spec, n, n)
         topics = list(topics) if topics is not None else None
         if "watermark" in snap and topics is not None:

@@ -52,7 +52,7 @@ RUN_OPTIONS = {
     "--publish-interval": ("2s", "publish_interval_ms", 2000),
     "--state-ttl": ("400d", "state_ttl_ms", 400 * 86_400_000),
     "--on-expire": ("drop", "on_expire", "drop"),
-    "--state-dtype": ("float16", "state_dtype", "float16"),
+    "--state-dtype": ("float32", "state_dtype", "float32"),  # float16 by default
     "--session-timeout-ms": ("7000", "session_timeout_ms", 7000),
     "--max-poll-interval-ms": ("60000", "max_poll_interval_ms", 60000),
     "--max-ahead": ("2h", "max_ahead_ms", 7_200_000),

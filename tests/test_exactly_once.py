@@ -16,7 +16,7 @@ from stream.generator import generate, write_jsonl
 from stream.settings import Settings
 from stream.state import StateTable
 from tests.helpers import DEVICE, EVENTS, committed_offsets, create_topics, end_offsets, latest_profiles, produce, wait_until
-from tests.helpers import published, record_batch, start_daemon
+from tests.helpers import STATE_ATOL, published, record_batch, start_daemon
 
 
 
@@ -102,7 +102,7 @@ def assert_same_profiles(got: dict[str, dict], want: dict[str, dict]) -> None:
         assert got[user]["counts"] == profile["counts"], user
         assert got[user]["spend"] == profile["spend"], user
         assert got[user]["last_event_ts"] == profile["last_event_ts"], user
-        np.testing.assert_allclose(got[user]["embedding"], profile["embedding"], atol=2e-5, err_msg=user)
+        np.testing.assert_allclose(got[user]["embedding"], profile["embedding"], atol=STATE_ATOL, err_msg=user)
 
 
 def stacks_then_kill(proc, timeout_s: float = 10) -> bytes:

@@ -19,7 +19,8 @@ from stream import expiry
 from stream.generator import generate, write_jsonl
 from stream.metrics import Metrics
 from stream.settings import Settings
-from tests.helpers import DEVICE, EVENTS, create_topics, latest_profiles, produce, record_batch, run_until_drained
+from tests.helpers import (
+    DEVICE, EVENTS, STATE_ATOL, create_topics, latest_profiles, produce, record_batch, run_until_drained)
 
 DAY_MS = 86_400_000
 TTL_MS = 4 * DAY_MS
@@ -88,7 +89,7 @@ def test_users_idle_longer_than_the_ttl_expire_whatever_the_batching(monkeypatch
         assert expired == expiries, size
         runs[size] = updater
     for user in kept:
-        np.testing.assert_allclose(hidden_of(runs[7], user), hidden_of(runs[len(log)], user), atol=1e-5)
+        np.testing.assert_allclose(hidden_of(runs[7], user), hidden_of(runs[len(log)], user), atol=STATE_ATOL)
 
 
 def test_a_user_expired_from_a_snapshot_base_is_not_taken_from_it_again():
@@ -212,7 +213,7 @@ def test_the_daemon_expires_the_users_a_replay_does_and_its_tombstones_keep_them
     for user, profile in live.items():
         assert profile.get("expired", False) == final[user].get("expired", False) == (user not in kept), user
         assert profile["counts"] == final[user]["counts"], user
-        np.testing.assert_allclose(profile["embedding"], final[user]["embedding"], atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(profile["embedding"], final[user]["embedding"], atol=STATE_ATOL)
 
     # A restart restores every user in state from the changelog, and no expired one: their tombstones win.
     restarted = ProfileDaemon(settings, load_updater(settings), Metrics(), threading.Event())

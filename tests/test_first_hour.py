@@ -289,6 +289,18 @@ def test_model_info_reads_a_checkpoint_without_code(tmp_path):
     info = orjson.loads(CliRunner().invoke(main, ["model", "info", str(path), "--json"]).output)
     assert info["model_version"] == "gru-h8-test" and info["next_item_vocabulary"] == 3
     assert info["config"]["hidden_size"] == 8 and info["report"]["best_epoch"] == 3
+    # The state's bytes per user, as a table of the default --state-dtype stores them.
+    import torch
+
+    from stream.settings import Settings
+    from stream.state import STATE_DTYPE_NAMES, StateTable
+    from stream.statistics import stat_bytes_per_user
+    table = StateTable(info["state_floats_per_user"], torch.device("cpu"),
+                       state_dtype=STATE_DTYPE_NAMES[Settings().state_dtype])
+    table.rows_for(["a", "b"])
+    held = info["state_bytes_per_user"]
+    assert held["model_state"] * 2 == table.state_bytes()["cpu"] and held["statistics"] == stat_bytes_per_user() > 0
+    assert f"{held['model_state']} bytes of model state (float16) + {held['statistics']} of behaviour" in result.output
     shipped = CliRunner().invoke(main, ["model", "info", "demo"])  # the packaged model, as --model demo names it
     assert shipped.exit_code == 0 and "checkpoints/demo.pt (format" in shipped.output, shipped.output
     missing = CliRunner().invoke(main, ["model", "info", str(tmp_path / "missing.pt")])

@@ -16,7 +16,7 @@ from models.features import build_features, hash_buckets
 from models.profile_model import CheckpointError, ModelConfig, ProfileModel
 from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from stream.generator import generate
-from tests.helpers import DEVICE, as_older_checkpoint, record_batch
+from tests.helpers import DEVICE, STATE_ATOL, as_older_checkpoint, record_batch
 
 SMALL = ModelConfig(hidden_size=16, item_buckets=1024, category_buckets=64, query_buckets=256)
 
@@ -144,7 +144,7 @@ def test_split_batches_equal_one_batch_and_snapshot_restores_state():
     np.testing.assert_array_equal(b["counts"], a["counts"][order])
     np.testing.assert_array_equal(b["spend_micros"], a["spend_micros"][order])
     np.testing.assert_array_equal(b["last_ts"], a["last_ts"][order])
-    np.testing.assert_allclose(b["hidden"], a["hidden"][order], atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(b["hidden"], a["hidden"][order], atol=STATE_ATOL)
     assert a["category_names"] == b["category_names"]
 
 

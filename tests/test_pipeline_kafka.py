@@ -10,7 +10,7 @@ from models.profile_model import ModelConfig
 from stream.generator import generate
 from stream.malformed import corrupt_some
 from tests.helpers import (
-    create_topics, expected_from_events, latest_profiles, produce, read_topic, run_until_drained,
+    STATE_ATOL, create_topics, expected_from_events, latest_profiles, produce, read_topic, run_until_drained,
 )
 
 PARTITIONS = 4
@@ -122,11 +122,11 @@ def test_batch_size_does_not_change_the_result(kafka, settings_factory, unique):
         profiles, state = results[batch]
         idx = [order[u] for u in state["user_ids"]]
         # Same final model state, whatever the batching (floats: allclose; counters: identical).
-        np.testing.assert_allclose(state["hidden"], base_state["hidden"][idx], atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(state["hidden"], base_state["hidden"][idx], atol=STATE_ATOL)
         np.testing.assert_array_equal(state["counts"], base_state["counts"][idx])
         np.testing.assert_array_equal(state["spend_micros"], base_state["spend_micros"][idx])
         for user, p in profiles.items():
-            np.testing.assert_allclose(p["embedding"], base_profiles[user]["embedding"], atol=1e-5, rtol=1e-4)
+            np.testing.assert_allclose(p["embedding"], base_profiles[user]["embedding"], atol=STATE_ATOL)
             assert p["counts"] == base_profiles[user]["counts"]
 
 

@@ -16,7 +16,8 @@ from stream.malformed import corrupt_some
 from stream.settings import Settings
 from stream.sources import SourceError
 from stream.snapshot_files import read_snapshot
-from tests.helpers import DEVICE, create_topics, expected_from_events, latest_profiles, produce, run_until_drained
+from tests.helpers import (
+    DEVICE, STATE_ATOL, create_topics, expected_from_events, latest_profiles, produce, run_until_drained)
 
 ON_DEVICE = Settings(device=DEVICE)
 
@@ -58,11 +59,11 @@ def test_replay_equals_a_streamed_run_of_the_same_events(kafka, settings_factory
     np.testing.assert_array_equal(streamed["counts"], replayed["counts"][idx])
     np.testing.assert_array_equal(streamed["spend_micros"], replayed["spend_micros"][idx])
     np.testing.assert_array_equal(streamed["last_ts"], replayed["last_ts"][idx])
-    np.testing.assert_allclose(streamed["hidden"], replayed["hidden"][idx], atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(streamed["hidden"], replayed["hidden"][idx], atol=STATE_ATOL)
     assert set(replayed_profiles) == set(live_profiles)
     for user, live in live_profiles.items():
         assert replayed_profiles[user]["counts"] == live["counts"]
-        np.testing.assert_allclose(replayed_profiles[user]["embedding"], live["embedding"], atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(replayed_profiles[user]["embedding"], live["embedding"], atol=STATE_ATOL)
 
 
 def test_gzip_directory_and_glob_sources(tmp_path):
@@ -192,7 +193,7 @@ def test_backfill_then_go_live(kafka, settings_factory, unique, tmp_path):
     assert sorted(a["user_ids"]) == sorted(b["user_ids"])
     np.testing.assert_array_equal(a["counts"], b["counts"][idx])  # nothing applied twice, nothing missed
     np.testing.assert_array_equal(a["spend_micros"], b["spend_micros"][idx])
-    np.testing.assert_allclose(a["hidden"], b["hidden"][idx], atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(a["hidden"], b["hidden"][idx], atol=STATE_ATOL)
     assert live.stats.events == 1300  # the daemon itself only read what came after the replay
 
 
@@ -220,7 +221,7 @@ def test_go_live_after_a_replay_with_an_end_bound(kafka, settings_factory, uniqu
     idx = rows_of(a["user_ids"], b)
     assert sorted(a["user_ids"]) == sorted(b["user_ids"])
     np.testing.assert_array_equal(a["counts"], b["counts"][idx])
-    np.testing.assert_allclose(a["hidden"], b["hidden"][idx], atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(a["hidden"], b["hidden"][idx], atol=STATE_ATOL)
     assert live.stats.events == report.out_of_range  # the daemon applied what the replay left...
     skipped = live.metrics.registry.get_sample_value("profiles_events_skipped_total", {"reason": "replayed"})
     assert skipped == 1  # ...and skipped the late event the replay had applied
@@ -260,7 +261,7 @@ def test_backfill_then_go_live_with_two_members(kafka, settings_factory, unique,
         counts, spend, hidden = held[user]
         np.testing.assert_array_equal(counts, ref["counts"][i])
         assert spend == ref["spend_micros"][i]
-        np.testing.assert_allclose(hidden, ref["hidden"][i], atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(hidden, ref["hidden"][i], atol=STATE_ATOL)
 
 
 def test_a_snapshot_of_files_hands_each_user_over_at_its_first_event(tmp_path):

@@ -1,5 +1,6 @@
-"""--state-dtype float16: the model state stored in half the bytes, computed in float32, carried by the changelog
-and snapshots in its own layout; counters unchanged, learned fields moved by rounding only."""
+"""--state-dtype float16 (the default): the model state stored in half float32's bytes, computed in float32, carried
+by the changelog and snapshots in its own layout; counters unchanged, learned fields moved by rounding only. A
+restore reads records and snapshots of either layout, so a switch (or the default's move) keeps the state."""
 
 from __future__ import annotations
 
@@ -48,19 +49,44 @@ def test_float16_halves_the_states_bytes_and_its_records():
     assert full.record_dtype().itemsize - half.record_dtype().itemsize == 80 * 2
 
 
-def test_a_float16_changelog_rebuilds_the_same_state_and_a_float32_table_refuses_it():
-    updater = load_updater(Settings(device=DEVICE, input_topics=("events",), state_dtype="float16"))
+def changelog_of(state_dtype: str) -> tuple[StateTable, dict[bytes, bytes]]:
+    updater = load_updater(Settings(device=DEVICE, input_topics=("events",), state_dtype=state_dtype))
     updater.process(record_batch(generate(users=40, events=800, seed=8).events))
     state = updater.state
-    assert state.states.dtype == torch.float16
-    records = dict(zip((u.encode() for u in state.user_ids), state.changelog_values(np.arange(len(state)))))
-    restored = StateTable(state.state_size, torch.device(DEVICE), watermark_slots=1, dedupe_window=state.dedupe_window,
-                          state_dtype=torch.float16)
-    assert restored.load_changelog(records) == len(state)
-    np.testing.assert_array_equal(restored.snapshot()["hidden"], state.snapshot()["hidden"])
-    other = StateTable(state.state_size, torch.device(DEVICE), watermark_slots=1, dedupe_window=state.dedupe_window)
-    with pytest.raises(RefusedRecords, match="--state-dtype"):
-        other.load_changelog(records)
+    return state, dict(zip((u.encode() for u in state.user_ids), state.changelog_values(np.arange(len(state)))))
+
+
+def table_like(state: StateTable, state_dtype: torch.dtype) -> StateTable:
+    return StateTable(state.state_size, torch.device(DEVICE), watermark_slots=1, dedupe_window=state.dedupe_window,
+                      state_dtype=state_dtype)
+
+
+def test_a_changelog_of_either_dtype_restores_into_a_table_of_either():
+    half, half_records = changelog_of("float16")
+    full, full_records = changelog_of("float32")
+    assert half.states.dtype == torch.float16 and full.states.dtype == torch.float32
+    assert Settings().state_dtype == "float16", "the default"
+    for records, written in ((half_records, half), (full_records, full)):
+        for dtype in (torch.float16, torch.float32):
+            restored = table_like(written, dtype)
+            assert restored.load_changelog(records) == len(written)
+            assert restored.states.dtype == dtype and restored.user_ids == written.user_ids
+            # float16 into float32 is exact; float32 into float16 rounds as storing it would have.
+            np.testing.assert_array_equal(restored.snapshot()["hidden"],
+                                          written.snapshot()["hidden"].astype(restored.snapshot()["hidden"].dtype))
+            np.testing.assert_array_equal(restored.snapshot()["counts"], written.snapshot()["counts"])
+    # Users written before a switch and others after it, in one batch: each record read by its own layout.
+    users = list(full_records)
+    mixed = {u: (full_records if i % 2 else half_records)[u] for i, u in enumerate(users)}
+    restored = table_like(half, torch.float16)
+    assert restored.load_changelog(mixed) == len(users)
+    expected = np.where((np.arange(len(users)) % 2 == 1)[:, None], full.snapshot()["hidden"].astype(np.float16),
+                        half.snapshot()["hidden"])
+    np.testing.assert_array_equal(restored.snapshot()["hidden"], expected)
+    # A record of neither layout (another model's state size) is still refused, with both sizes named.
+    short = {users[0]: full_records[users[0]][:-2]}
+    with pytest.raises(RefusedRecords, match=f"expected {len(half_records[users[0]])} or {len(full_records[users[0]])}"):
+        table_like(half, torch.float16).load_changelog(short)
 
 
 def test_a_snapshot_crosses_dtypes_by_rounding():
@@ -74,7 +100,7 @@ def test_a_snapshot_crosses_dtypes_by_rounding():
 
 
 def test_the_daemon_writes_float16_records_its_next_owner_restores(kafka, settings_factory):
-    settings = settings_factory(state_dtype="float16", batch_max_events=300)
+    settings = settings_factory(batch_max_events=300)  # float16 by default
     create_topics(kafka, {settings.input_topics[0]: 2})
     log = generate(users=60, events=1200, seed=13).events
     produce(kafka, settings.input_topics[0], [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log])

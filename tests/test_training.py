@@ -218,7 +218,7 @@ def test_published_top_categories_are_the_next_visits_not_the_sessions(tmp_path)
         last_key = state.columns["last_category"][rows]  # the copy bonus's category, as its bucket
         last_bucket = torch.from_numpy(buckets_of_keys(last_key, model.config.category_buckets)).to(state.device)
         recent = torch.stack([last_bucket, torch.zeros_like(last_bucket)], dim=1)
-        logits, _, _ = model.head_logits(state.states[torch.from_numpy(rows).to(state.device)],
+        logits, _, _ = model.head_logits(state.states[torch.from_numpy(rows).to(state.device)].float(),
                                          torch.zeros(len(rows), device=state.device),
                                          updater.seen_category_buckets(), recent)
     next_event = state.seen_category_names()[logits.argmax(dim=1).cpu().numpy()]

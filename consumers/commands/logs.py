@@ -40,7 +40,7 @@ FORMATS = ["jsonl", "taobao", "rees46", "yoochoose", "retailrocket"]
               help="Where records that break the contract go (JSON lines with reason, source, line and the "
               "record in base64). [default: <out>.dlq.jsonl when --out is a file, else replay.dlq.jsonl]")
 @click.option("--batch-events", default=50_000, show_default=True, type=click.IntRange(min=1),
-              help="Records per batch (the result does not depend on it).")
+              help="Records per batch (the result does not depend on it, but for the model state's float16 rounding).")
 @device_option
 @thread_options
 @profile_options

@@ -11,7 +11,7 @@ from consumers.commands.base import check_broker, check_broker_for, command, gro
 from consumers.commands.options import (
     device_option, kafka_from, kafka_options, thread_options, to_instant_ms, to_ms, to_seconds, to_ttl_ms,
 )
-from stream.settings import STATE_DTYPES, KafkaSettings
+from stream.settings import STATE_DTYPES, KafkaSettings, Settings
 
 # The offline readers take the replay's sources: a team whose events are in Kafka trains, calibrates and judges
 # on the topic the daemon reads, without exporting it first.
@@ -286,7 +286,7 @@ def model_info(checkpoint: str, as_json: bool) -> None:
               help="With --soak: the daemon's --state-ttl.")
 @click.option("--soak-report-every", "soak_report_s", default="5m", show_default=True, callback=to_seconds,
               metavar="DURATION", help="With --soak: how often to report.")
-@click.option("--state-dtype", default="float32", show_default=True, type=click.Choice(STATE_DTYPES),
+@click.option("--state-dtype", default=Settings.state_dtype, show_default=True, type=click.Choice(STATE_DTYPES),
               help="How the model state is stored (the pipeline's --state-dtype); also for --no-broker and "
               "--restore-users.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")

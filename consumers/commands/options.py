@@ -236,10 +236,11 @@ max_ahead_option = setting(
     "largest event time seen, and one event stamped years ahead would make every user look long gone.")
 
 state_dtype_option = setting(
-    "--state-dtype", default="float32", show_default=True, type=click.Choice(STATE_DTYPES),
-    help="How each user's model state (GRU hidden state and memory) is stored. float16 halves it (160 bytes "
-    "less per user at the default sizes); the model step still computes in float32, and published fields move "
-    "by rounding only. Part of the changelog record layout: switching needs a new --group-id (or --state-topic).")
+    "--state-dtype", default=Settings.state_dtype, show_default=True, type=click.Choice(STATE_DTYPES),
+    help="How each user's model state (GRU hidden state and memory) is stored. float16 (the default) takes half "
+    "float32's bytes (160 bytes less per user at the default sizes); the model step computes in float32 either way "
+    "and published fields differ by rounding only. A restore reads changelog records and snapshots of either, so "
+    "switching keeps the state.")
 
 pseudonymize_option = setting(
     "--pseudonymize-key", default="", help="Replace user ids by HMAC-SHA256(key, id) before they reach state or "
