@@ -4,6 +4,8 @@ restore reads records and snapshots of either layout, so a switch (or the defaul
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import orjson
 import pytest
@@ -11,10 +13,13 @@ import torch
 
 from models.update_step import load_updater
 from stream.changelog_records import META_KEY, RefusedRecords
+from stream.events import EVENT_TYPES
 from stream.generator import generate, write_jsonl
 from stream.settings import Settings
 from stream.state import StateTable
-from tests.helpers import DEVICE, create_topics, produce, read_topic, record_batch, replayed_log, run_until_drained
+from tests.helpers import (
+    DEVICE, create_topics, expected_from_events, produce, read_topic, record_batch, replayed_log,
+    run_until_drained)
 
 def replayed(tmp_path, state_dtype: str) -> tuple[dict[str, dict], dict]:
     return replayed_log(Settings(device=DEVICE, state_dtype=state_dtype), tmp_path / "log.jsonl", state_dtype, 700)
@@ -115,6 +120,34 @@ def test_the_daemon_writes_float16_records_its_next_owner_restores(kafka, settin
     order = [row[u] for u in held["user_ids"]]
     np.testing.assert_array_equal(restored.snapshot()["hidden"][order], held["hidden"])
     np.testing.assert_array_equal(restored.snapshot()["counts"][order], held["counts"])
+
+
+def test_a_float32_daemons_state_carries_on_in_a_float16_one(kafka, settings_factory):
+    """The upgrade: a group whose changelog holds float32 states (the default before) restarted with float16."""
+    settings = settings_factory(state_dtype="float32", batch_max_events=300)
+    topic = settings.input_topics[0]
+    create_topics(kafka, {topic: 2})
+    log = generate(users=60, events=2400, seed=17).events
+    records = [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in log]
+    produce(kafka, topic, records[:1200])
+    first = run_until_drained(settings).updater.state.snapshot()
+    assert first["hidden"].dtype == np.float32
+    produce(kafka, topic, records[1200:])
+    upgraded = dataclasses.replace(settings, state_dtype="float16")
+    state = run_until_drained(upgraded).updater.state
+    held = state.snapshot()
+    assert held["hidden"].dtype == np.float16
+    expected = expected_from_events(log)  # every event counted once: the first half's from the restored state
+    assert sorted(held["user_ids"]) == sorted(expected)
+    for i, user in enumerate(held["user_ids"]):
+        assert held["counts"][i].tolist() == [expected[user]["counts"].get(t, 0) for t in EVENT_TYPES], user
+    # The users the second half never touched kept the first daemon's states, rounded.
+    later = {str(e["user_id"]) for e in log[1200:]}
+    assert len(set(expected) - later) >= 5  # 14 of this seed's users
+    row = {u: i for i, u in enumerate(first["user_ids"])}
+    for i, user in enumerate(held["user_ids"]):
+        if user not in later:
+            np.testing.assert_array_equal(held["hidden"][i], first["hidden"][row[user]].astype(np.float16))
 
 
 def test_settings_refuse_an_unknown_state_dtype():
