@@ -28,13 +28,18 @@ from stream.habit import HABIT_COLUMNS, update_habit
 
 # 6 x (4-byte key + 3 float32 masses + 2 uint16 counts): 120 bytes; the whole model state stays under 512 bytes.
 CATEGORY_SLOTS = 6
+# Of them, after the latest category's, this many go to the user's freshest other categories (by day mass), the rest
+# to those with most 30-day mass: where interests move on, the categories met in the last days come next and their
+# month's mass is still small (session 51; docs/model-journal.md).
+FRESH_SLOTS = 3
 HOUR_MS = 3_600_000.0
 MINUTE_MS = 60_000.0
 DAY_MS = 24 * HOUR_MS
 # Time scales of the decayed masses.
 SLOT_TAUS_MS = (HOUR_MS, DAY_MS, 30 * DAY_MS)  # per category slot (the session, the day, the month), plus two counts
 # A slot's statistics side by side (_slot_stats): its masses, then its counts.
-MASS_30D, COUNT, VISITS = len(SLOT_TAUS_MS) - 1, len(SLOT_TAUS_MS), len(SLOT_TAUS_MS) + 1
+MASS_1D, MASS_30D, COUNT, VISITS = (len(SLOT_TAUS_MS) - 2, len(SLOT_TAUS_MS) - 1, len(SLOT_TAUS_MS),
+                                    len(SLOT_TAUS_MS) + 1)
 COUNT_MAX = np.iinfo(np.uint16).max  # a category's counts stop at 65,535 (log 11.1: the rankings do not move)
 ACTIVITY_TAUS_MS = (DAY_MS, 7 * DAY_MS, 30 * DAY_MS)  # events
 PURCHASE_TAUS_MS = (7 * DAY_MS, 30 * DAY_MS)  # purchases
@@ -271,8 +276,8 @@ def _last_where(mask: np.ndarray, user_sorted: np.ndarray, idx: np.ndarray, n_us
 
 def _update_slots(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray,
                   category: np.ndarray, visit: np.ndarray, age: np.ndarray, since: np.ndarray) -> None:
-    """Merge each user's new categorised events into their K slots; keep the latest category and the K - 1 others
-    with most 30-day mass.
+    """Merge each user's new categorised events into their K slots; keep the latest category, the FRESH_SLOTS
+    others with most day mass, and the rest with most 30-day mass.
     visit: (N,) the events that open a visit to their category (_visit_starts)."""
     has = category > 0
     old_mass = _slot_stats(columns, rows)  # (U, K, T + 2)
@@ -299,12 +304,17 @@ def _update_slots(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted:
     new_columns = (*(np.exp(-age[has] / tau) for tau in SLOT_TAUS_MS), np.ones(int(has.sum())), visit[has])
     mass = np.stack([np.bincount(group, weights=np.concatenate([old_filled[:, j], column]), minlength=len(user))
                      for j, column in enumerate(new_columns)], axis=1)
-    # Per user: the latest category first, then most 30-day mass (then count, then key), keep the first K. The
-    # groups are in key order and lexsort is stable: the key needs no pass of its own. Why the latest first: by
-    # 30-day mass alone, a category met in this visit (a mass of its few events) gave way to six a user came to
-    # often weeks ago, and where interests move on the one met last is the likeliest next (session 43).
+    # Per user: the latest category first, then the FRESH_SLOTS others with most day mass, then most 30-day mass
+    # (then count, then key), keep the first K. The groups are in key order and lexsort is stable: the key needs no
+    # pass of its own. Why: by 30-day mass alone, a category met in this visit or these days (a mass of its few
+    # events) gave way to six a user came to often weeks ago, and where interests move on the ones met last are the
+    # likeliest next (sessions 43 and 51).
     latest = key == columns["last_category"][rows][user].astype(np.int64)
-    order = np.lexsort((-mass[:, COUNT], -mass[:, MASS_30D], ~latest, user))
+    by_day = np.lexsort((-mass[:, MASS_30D], -mass[:, MASS_1D], ~latest, user))
+    fresh = np.empty(len(user), dtype=np.int64)  # each group's place in its user's order by day mass
+    fresh[by_day] = np.arange(len(user)) - np.searchsorted(user[by_day], user[by_day])
+    tier = np.where(latest, 0, np.where(fresh <= FRESH_SLOTS, 1, 2))  # the latest, if the user has one, is place 0
+    order = np.lexsort((-mass[:, COUNT], -mass[:, MASS_30D], tier, user))
     user, key, mass = user[order], key[order], mass[order]
     first = np.searchsorted(user, np.arange(n_users))
     slot = np.arange(len(user)) - first[user]

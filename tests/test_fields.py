@@ -31,7 +31,7 @@ from models.field_heads import (
 from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from stream.generator import ShopParams, generate, write_jsonl
 from stream import statistics
-from stream.statistics import CATEGORY_SLOTS, COUNT_MAX, SLOT_FEATURES, USER_FEATURES
+from stream.statistics import CATEGORY_SLOTS, COUNT_MAX, FRESH_SLOTS, SLOT_FEATURES, USER_FEATURES
 from tests.helpers import DEVICE, as_older_checkpoint, record_batch, updater_fed
 
 ON_DEVICE = torch.device(DEVICE)
@@ -1558,10 +1558,11 @@ def test_the_fields_fit_on_a_log_without_categories(tmp_path):
     assert set(report["chosen"]) == {"purchase", "event"}  # no category side to choose
 
 
-def test_the_slots_keep_the_latest_category_beside_the_five_with_most_month_mass():
+def test_the_slots_keep_the_latest_category_the_freshest_others_and_those_with_most_month_mass():
     """Six categories a user came to often ten days ago fill the slots; a category met once now takes a slot (the
-    latest is kept first), and the one with the least mass gives way. Met once, it gives way in turn when another
-    category is the latest, in one batch or event by event."""
+    latest is kept first), and the one with the least mass gives way. Met once, it keeps a slot as one of the three
+    freshest when another category is the latest, and the staple with the least month mass gives way: in one batch
+    or event by event."""
     day, t0 = 24 * 3_600_000, 1_700_000_000_000
     events = [{"event_id": f"c{c}-{i}", "user_id": "u", "type": "click", "item_id": "i", "category": f"c{c}",
                "ts": t0 + c * 60_000 + i * 3_600_000} for c in range(6) for i in range(5 + c)]
@@ -1570,17 +1571,21 @@ def test_the_slots_keep_the_latest_category_beside_the_five_with_most_month_mass
                {"event_id": "newer", "user_id": "u", "type": "click", "item_id": "i", "category": "newer",
                 "ts": t0 + 10 * day + 60_000}]
     events.sort(key=lambda e: e["ts"])
-    for upto, latest in ((-1, "new"), (len(events), "newer")):
+    # After the latest, the slots are in order of month mass: "new" after the staples it is kept beside.
+    for upto, expected in ((-1, ["new", "c5", "c4", "c3", "c2", "c1"]), (len(events), ["newer", "c5", "c4", "new",
+                                                                                      "c3", "c2"])):
         for batch in (len(events), 1):
             state = updater_fed(events[:upto], [batch]).state
             row = state.row("u")
             held = [state.category_names[k] for k in state.columns["cat_key"][row].tolist()]
-            assert held == [latest, "c5", "c4", "c3", "c2", "c1"], (latest, batch)
+            assert held == expected, batch
 
 
-def test_the_slots_keep_the_categories_with_most_month_mass_ties_by_count_then_key():
-    """Eight categories for six slots: kept are the six with the most 30-day mass, in that order; equal
-    masses are ordered by count, then by key (two categories whose events share their times tie on both)."""
+def test_the_slots_keep_the_freshest_categories_then_most_month_mass_ties_by_count_then_key():
+    """Eight categories for six slots: kept are the latest, the three others with the most day mass and the two
+    with the most 30-day mass of the rest, ordered by 30-day mass after the latest; equal masses are ordered by count,
+    then by key (two categories whose events share their times tie on both). c3, met once 3 days before the latest
+    event, is kept before c2, met twice 8 days before, which has more month mass."""
     day = 24 * 3_600_000
     t0 = 1_700_000_000_000
     times = {"old": [t0], "c1": [t0 + 20 * day], "c2": [t0 + 20 * day] * 2, "c3": [t0 + 25 * day],
@@ -1595,6 +1600,12 @@ def test_the_slots_keep_the_categories_with_most_month_mass_ties_by_count_then_k
         key_of = {name: k for k, name in state.category_names.items()}
         ref = max(t for ts in times.values() for t in ts)
         mass = {c: sum(np.exp(-(ref - t) / (30 * day)) for t in ts) for c, ts in times.items()}
-        expected = sorted(times, key=lambda c: (-round(mass[c], 6), -len(times[c]), key_of[c]))[:CATEGORY_SLOTS]
+        day_mass = {c: sum(np.exp(-(ref - t) / day) for t in ts) for c, ts in times.items()}
+        by_month = lambda c: (-round(mass[c], 6), -len(times[c]), key_of[c])  # noqa: E731
+        others = [c for c in times if c != "c6"]  # c6 is the latest
+        fresh = sorted(others, key=lambda c: (-day_mass[c], *by_month(c)))[:FRESH_SLOTS]
+        rest = sorted((c for c in others if c not in fresh), key=by_month)
+        expected = (["c6"] + sorted(fresh, key=by_month) + rest)[:CATEGORY_SLOTS]
         assert [state.category_names[k] for k in state.columns["cat_key"][row].tolist()] == expected
-        assert expected[:2] == ["c6", "twin-a" if key_of["twin-a"] < key_of["twin-b"] else "twin-b"]
+        twin = "twin-a" if key_of["twin-a"] < key_of["twin-b"] else "twin-b"
+        assert expected[:5] == ["c6", twin, ({"twin-a", "twin-b"} - {twin}).pop(), "c3", "c2"]
