@@ -90,7 +90,8 @@ def test_a_changelog_of_either_dtype_restores_into_a_table_of_either():
     np.testing.assert_array_equal(restored.snapshot()["hidden"], expected)
     # A record of neither layout (another model's state size) is still refused, with both sizes named.
     short = {users[0]: full_records[users[0]][:-2]}
-    with pytest.raises(RefusedRecords, match=f"expected {len(half_records[users[0]])} or {len(full_records[users[0]])}"):
+    sizes = f"expected {len(half_records[users[0]])} or {len(full_records[users[0]])}"
+    with pytest.raises(RefusedRecords, match=sizes):
         table_like(half, torch.float16).load_changelog(short)
 
 
