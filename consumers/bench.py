@@ -383,7 +383,8 @@ def restore_time(*, users: int, partitions: int, kafka: KafkaSettings, state_dty
     on the brokers of `kafka` (see `bench_brokers`); and the CPU seconds this process spent on it (its threads
     and librdkafka's: on a shared machine, what the restore costs rather than what it waited for)."""
     from stream.changelog import Changelog
-    from stream.state import STATE_DTYPE_NAMES, StateTable
+    from stream.changelog_records import STATE_DTYPE_NAMES
+    from stream.state import StateTable
 
     topic = f"bench-state-{uuid.uuid4().hex[:8]}"
     ensure_topics(admin_client(kafka), {topic: partitions}, compacted=[topic])

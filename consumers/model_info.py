@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import torch
-
 from models.checkpoint_io import CHECKPOINT_FORMAT, checkpoint_path, load_checkpoint
 from models.field_heads import HABIT_FRESHNESS
+from stream.changelog_records import STATE_DTYPE_NAMES
 from stream.events import iso_time
 from stream.settings import Settings
 from stream.statistics import stat_bytes_per_user
@@ -56,7 +55,7 @@ def checkpoint_info(path: str) -> dict:
         "state_floats_per_user": config.state_size,
         # What a user's state costs beside the counters and exactly-once bookkeeping: the model state as the
         # default --state-dtype stores it, and the behaviour statistics the heads read.
-        "state_bytes_per_user": {"model_state": config.state_size * getattr(torch, Settings.state_dtype).itemsize,
+        "state_bytes_per_user": {"model_state": config.state_size * STATE_DTYPE_NAMES[Settings.state_dtype].itemsize,
                                  "model_state_dtype": Settings.state_dtype, "statistics": stat_bytes_per_user()},
         "next_item_vocabulary": len(loaded.item_vocab),
         # The training log's items (models/catalogue.py): others are read as unknown; None: every item is read as

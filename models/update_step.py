@@ -29,6 +29,7 @@ from stream import statistics
 from stream.follow import FollowCounts, hours_since
 from stream.habit import ShopHabit
 from stream.tempo import ShopTempo
+from stream.changelog_records import STATE_DTYPE_NAMES
 from stream.decode import decode_batch
 from stream.events import PURCHASE, DeadLetter, EventColumns, RecordBatch
 from stream.expiry import Expired, StateExpiry
@@ -37,7 +38,7 @@ from stream.pseudonyms import Pseudonymizer
 from stream.runtime import torch_threads, usable_cores
 from stream.settings import Settings
 from stream.sources import RangeCut, TimeRange
-from stream.state import STATE_DTYPE_NAMES, StateTable
+from stream.state import StateTable
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 CHANGELOG_FORMAT = 7  # 2: with the behaviour statistics; 3: categories by key (models.features.category_keys);
 # 4: category visit counts; 5: the in-visit gaps' log minutes (stream/tempo.py); 6: the purchase rhythm (orders);
 # 7: the shop's habit, week by week (stream/habit.py)
+# How the model state may be stored (--state-dtype): its torch dtype by name.
+STATE_DTYPE_NAMES = {name: getattr(torch, name) for name in STATE_DTYPES}
 META_KEY = b"\x00meta"  # changelog key of the per-partition metadata record (model version, category names)
 
 LOAD_CHUNK = 1024  # records copied into the table's columns at a time (~600 KiB: within a core's cache)
@@ -100,7 +102,7 @@ class ChangelogLoader:
         # the state vector is the only field whose width the setting changes. So a daemon restarted with the
         # other setting, or after the default moved to float16, keeps its state.
         self.layouts = {layout.itemsize: layout for layout in (
-            record_dtype(table.state_size, table.spec, getattr(torch, name)) for name in STATE_DTYPES)}
+            record_dtype(table.state_size, table.spec, dtype) for dtype in STATE_DTYPE_NAMES.values())}
         self.metas: dict[int, bytes | None] = {}  # partition -> its latest meta record
         self.refused: dict[int, Refused] = {}  # row -> why its latest record cannot be loaded
         self.keyless = 0  # records without a key, left out

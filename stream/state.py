@@ -36,15 +36,12 @@ from stream.follow import FollowCounts
 from stream.popularity import HolderCounts
 from stream.habit import ShopHabit
 from stream.tempo import ShopTempo
-from stream.settings import STATE_DTYPES
 from stream.statistics import STAT_COLUMNS, unheld_keys
 from stream.user_index import UserIndex, distinct, hashes_of, objects
 
 SNAPSHOT_FORMAT = 6  # 2: category slots and names by category key (1: by the model's bucket); 3: visit counts;
 # 4: the in-visit gaps' log minutes (stream/tempo.py); 5: the purchase rhythm (stream/statistics.py: orders);
 # 6: the shop's habit (stream/habit.py)
-# How the model state may be stored (--state-dtype): its torch dtype by name.
-STATE_DTYPE_NAMES = {name: getattr(torch, name) for name in STATE_DTYPES}
 
 
 # Host columns of the state: name -> (dtype, trailing shape, initial value).

@@ -309,15 +309,17 @@ def _update_slots(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted:
     # pass of its own. Why: by 30-day mass alone, a category met in this visit or these days (a mass of its few
     # events) gave way to six a user came to often weeks ago, and where interests move on the ones met last are the
     # likeliest next (sessions 43 and 51).
+    # Groups are sorted by user, and stay so in every order below: a group's place among its user's is its
+    # position less where the user's groups start.
+    place = np.arange(len(user)) - np.searchsorted(user, np.arange(n_users))[user]
     latest = key == columns["last_category"][rows][user].astype(np.int64)
     by_day = np.lexsort((-mass[:, MASS_30D], -mass[:, MASS_1D], ~latest, user))
     fresh = np.empty(len(user), dtype=np.int64)  # each group's place in its user's order by day mass
-    fresh[by_day] = np.arange(len(user)) - np.searchsorted(user[by_day], user[by_day])
+    fresh[by_day] = place
     tier = np.where(latest, 0, np.where(fresh <= FRESH_SLOTS, 1, 2))  # the latest, if the user has one, is place 0
     order = np.lexsort((-mass[:, COUNT], -mass[:, MASS_30D], tier, user))
     user, key, mass = user[order], key[order], mass[order]
-    first = np.searchsorted(user, np.arange(n_users))
-    slot = np.arange(len(user)) - first[user]
+    slot = place
     keep = slot < k
     out_key = np.zeros((n_users, k), dtype=np.uint32)
     out_mass = np.zeros((n_users, k, mass.shape[1]), dtype=np.float64)

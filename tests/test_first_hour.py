@@ -293,7 +293,8 @@ def test_model_info_reads_a_checkpoint_without_code(tmp_path):
     import torch
 
     from stream.settings import Settings
-    from stream.state import STATE_DTYPE_NAMES, StateTable
+    from stream.changelog_records import STATE_DTYPE_NAMES
+    from stream.state import StateTable
     from stream.statistics import stat_bytes_per_user
     table = StateTable(info["state_floats_per_user"], torch.device("cpu"),
                        state_dtype=STATE_DTYPE_NAMES[Settings().state_dtype])
