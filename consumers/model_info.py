@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from models.checkpoint_io import CHECKPOINT_FORMAT, checkpoint_path, load_checkpoint
-from models.field_heads import HABIT_FRESHNESS
+from models.field_heads import HABIT_COUNT, HABIT_FRESHNESS
 from stream.changelog_records import STATE_DTYPE_NAMES
 from stream.events import iso_time
 from stream.settings import Settings
@@ -48,9 +48,12 @@ def checkpoint_info(path: str) -> dict:
         "silence": {name: {"power": float(head.silence_power), "days": float(head.silence_minutes) / 1440}
                     if float(head.silence_power) > 0 else None for name, head in probability_heads},
         # top_categories' lean toward the freshest categories (stream/habit.py): the weight every model reads, and the
-        # lean of the shop the heads were fitted in (a serving shop's lean beyond it reads the weight).
-        "habit": {"weight": float(loaded.model.fields.repeat_score.weight.detach()[0, HABIT_FRESHNESS]),
-                  "lean_trained": float(loaded.model.fields.habit_lean_trained)},
+        # lean of the shop the heads were fitted in (a serving shop's lean beyond it reads the weight); the same for
+        # the lean toward the categories the user engaged with most (their log count).
+        "habit": {"weight": float(fields.repeat_score.weight.detach()[0, HABIT_FRESHNESS]),
+                  "lean_trained": float(fields.habit_lean_trained),
+                  "counts_weight": float(fields.repeat_score.weight.detach()[0, HABIT_COUNT]),
+                  "counts_lean_trained": float(fields.habit_counts_lean_trained)},
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "state_floats_per_user": config.state_size,
         # What a user's state costs beside the counters and exactly-once bookkeeping: the model state as the
@@ -176,7 +179,8 @@ def info_lines(info: dict) -> list[str]:
             for name, v in info["silence"].items() if v is not None) or "nothing more than the fitted heads say"),
         ("the shop's habit", f"top_categories weighs freshness {info['habit']['weight']:g} x the serving shop's lean "
                              f"toward its users' latest categories beyond {info['habit']['lean_trained']:.2f} "
-                             "(the training shop's)"),
+                             f"(the training shop's), and the log count {info['habit']['counts_weight']:g} x its lean "
+                             f"toward their most engaged-with ones beyond {info['habit']['counts_lean_trained']:.2f}"),
     ]
     if t:
         span = " (events " + " .. ".join(t["trained_span"]) + ")" if "trained_span" in t else ""

@@ -109,11 +109,13 @@ def fields_summary(report: dict) -> str:
 
 def habit_summary(habit: dict | None) -> str:
     """The training shop's habit (stream/habit.py): where its users come back to their latest categories, the heads
-    learned how fresh a category is there, and a serving shop's lean beyond it adds to that."""
+    learned how fresh a category is there (or, where they keep their staples, how much the counts say), and a serving
+    shop's lean beyond it adds to that."""
     if not habit:
         return ""
     return (f"; in its users' latest weeks, only the latest category came again in {habit['recency_weeks']:,} and "
-            f"only the most engaged-with one in {habit['counts_weeks']:,}: lean toward the latest {habit['lean']:.2f}")
+            f"only the most engaged-with one in {habit['counts_weeks']:,}: lean toward the latest {habit['lean']:.2f}, "
+            f"toward the counts {habit.get('counts_lean', 0.0):.2f}")
 
 
 def gate_summary(gate: dict) -> str:

@@ -10,7 +10,8 @@ import orjson
 import torch
 
 from models.field_heads import (
-    CALIBRATION_KNOTS, HABIT_FRESHNESS, HABIT_RECENCY_WEIGHT, SESSION_OFF, SILENCE_MINUTES, identity_knots,
+    CALIBRATION_KNOTS, HABIT_COUNT, HABIT_COUNTS_WEIGHT, HABIT_FRESHNESS, HABIT_RECENCY_WEIGHT, SESSION_OFF,
+    SILENCE_MINUTES, identity_knots,
 )
 from models.profile_model import RECENT_CATEGORIES, CheckpointError, ModelConfig, ProfileModel
 from models.catalogue import ItemCatalogue
@@ -22,7 +23,7 @@ from stream.statistics import SLOT_FEATURES, USER_FEATURES
 # 3: published fields from FieldHeads (exact statistics + state; time-to-event probabilities, calibrated).
 # 4: calibration a monotone piecewise-linear map of log L (format 3's affine one is read as two knots).
 # 5: copy bonuses of the current item and category (formats 3 and 4 are read without copying).
-CHECKPOINT_FORMAT = 19  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
+CHECKPOINT_FORMAT = 20  # 6: the follow-up slot features (stream/follow.py); 7: the visit slot features;
 # 8: the shop popularity slot feature (stream/popularity.py); 9: transition bonuses (models/transitions.py);
 # 10: times since as log1p of minutes, not hours (stream/statistics.py: USER_FEATURES), and the probability
 # heads' session process (models/field_heads.py: HazardHead); 11: the neighbour sessions' votes (models/neighbours.py);
@@ -32,8 +33,9 @@ CHECKPOINT_FORMAT = 19  # 6: the follow-up slot features (stream/follow.py); 7: 
 # silence (HazardHead.silence_power); 16: the freshness slot feature (stream/statistics.py: _freshness); 17: the
 # purchase rhythm's user features (stream/statistics.py: USER_FEATURES from log_orders on); 18: the habit_freshness
 # slot feature, weighed HABIT_RECENCY_WEIGHT in every model (stream/habit.py); 19: the training log's item catalogue
-# (models/catalogue.py; older checkpoints know every item) and ModelConfig.unknown_items
-READABLE_FORMATS = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19)
+# (models/catalogue.py; older checkpoints know every item) and ModelConfig.unknown_items; 20: the habit_count slot
+# feature, weighed HABIT_COUNTS_WEIGHT in every model, and the training shop's lean toward the counts
+READABLE_FORMATS = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20)
 # The heads' weights that read the user features, one column per feature (models/field_heads.py).
 _USER_FEATURE_WEIGHTS = tuple(f"fields.{head}.{layer}.weight" for head in ("purchase", "event")
                               for layer in ("linear", "mlp.0", "shape", "session")) + ("fields.gate.weight",)
@@ -83,7 +85,7 @@ def save_checkpoint(path: str | Path, model: ProfileModel, version: str, metadat
 
 # The model shipped in the package: trained on the generator's structured shop (`--model demo`), so the
 # demo, the deploy stack and a first try publish learned fields that mean something. Rebuilt with the
-# command in docs/model.md whenever the checkpoint format changes.
+# command in docs/model.md; a file of an older format is read with the defaults above.
 DEMO_MODEL = "demo"
 DEMO_MODEL_PATH = Path(__file__).parent / "checkpoints" / "demo.pt"
 
@@ -168,6 +170,19 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         weight[:, HABIT_FRESHNESS] = HABIT_RECENCY_WEIGHT
         payload["state_dict"]["fields.repeat_score.weight"] = weight
         payload["state_dict"]["fields.habit_lean_trained"] = torch.tensor(0.0)  # as if fitted where users keep staples
+    if payload["format"] < 20:  # no habit_count feature: its weight is set (HABIT_COUNTS_WEIGHT). Heads whose field
+        # stage counted the shop's habit (formats 18 and 19) serve as they did: it did not note how far the shop leaned
+        # toward the counts at its earlier cuts (field_training.collect), and a lean taken at its last cut would undo
+        # what heads fitted across a fashion shop's new season know. Older heads, the shipped demo's among them, are
+        # read as fitted where users keep their staples but not that firmly (lean 0), as for the recency lean.
+        weight = payload["state_dict"]["fields.repeat_score.weight"]
+        weight = torch.cat([weight, torch.zeros(weight.shape[0], len(SLOT_FEATURES) - weight.shape[1])], dim=1)
+        weight[:, HABIT_COUNT] = HABIT_COUNTS_WEIGHT
+        payload["state_dict"]["fields.repeat_score.weight"] = weight
+        habit = payload.get("metadata", {}).get("fields", {}).get("habit") or {}
+        payload["state_dict"]["fields.habit_counts_lean_trained"] = torch.tensor(1.0 if habit else 0.0)
+        if "lean" in habit:  # their fit reset the lean toward the latest categories it had noted (session 52)
+            payload["state_dict"]["fields.habit_lean_trained"] = torch.tensor(float(habit["lean"]))
     try:
         raw = dict(payload["config"])
         config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})

@@ -198,7 +198,8 @@ def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.
             habit: dict | None = None) -> list[CutExamples]:
     """Examples at each cut (ascending), through the serving path. end_ts: where the log's knowledge ends;
     short_share: the share of examples labelled on a window shorter than the horizon (short_windows); habit: filled
-    with the shop's habit at the last cut (stream/habit.py: its lean and the recent weeks won each way)."""
+    with the shop's habit (stream/habit.py): the recent weeks won each way and the lean toward the latest categories
+    at the last cut, the largest lean toward the counts at any."""
     from models.update_step import ProfileUpdater  # the serving path
 
     updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False)
@@ -208,19 +209,24 @@ def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.
     ev = log_.events
     order = np.argsort(ev.ts, kind="stable")
     sorted_ts = ev.ts[order]
-    done, out = 0, []
+    done, out, toward_counts = 0, [], 0.0
     for k, cut in enumerate(sorted(cuts)):
         upto = int(np.searchsorted(sorted_ts, cut, side="right"))
         for a in range(done, upto, 50_000):
             updater.apply(ev.take(order[a:min(a + 50_000, upto)]))
         done = upto
+        # The heads learn the counts from every cut's examples: the shop leaned toward them as far as it did at any
+        # (a fashion shop leans so before its new season and not after: heads fitted on both know when the counts
+        # stop, which a lean at later cuts of another of its logs must not undo).
+        toward_counts = max(toward_counts, state.habit.counts_lean(cut))
         if not len(state):
             continue
         state.max_event_ts = max(state.max_event_ts, cut)
         out.append(examples_at(updater, model, future, cut, end_ts, k, short_share))
     if habit is not None and cuts:
         recency, counts = state.habit.wins(max(cuts))
-        habit.update(recency_weeks=recency, counts_weeks=counts, lean=state.habit.recency_lean(max(cuts)))
+        habit.update(recency_weeks=recency, counts_weeks=counts, lean=state.habit.recency_lean(max(cuts)),
+                     counts_lean=toward_counts)
     return out
 
 
@@ -368,7 +374,10 @@ def _init_heads(model: ProfileModel, train: CutExamples, idle_decay: dict[str, b
     fresh = type(heads)(model.config.state_size, model.config.field_hidden).to(train.user.device)
     with torch.no_grad():
         for name, t in fresh.state_dict().items():
-            if name != "relative_pending":  # the examples were read as the model reads follow_pending: keep it
+            # Kept: the examples were read as the model reads follow_pending, and the habit the heads are fitted in
+            # is the training shop's (train_fields; until session 52 the fit reset it to 0, so heads fitted where
+            # users move on were given the freshness weight again on top of what they had learned).
+            if name not in ("relative_pending", "habit_lean_trained", "habit_counts_lean_trained"):
                 heads.state_dict()[name].copy_(t)
         heads.feature_mean.copy_(train.user.mean(dim=0))
         # One example has no spread (std nan): its features are taken as they are (std 1), or every published
@@ -672,14 +681,16 @@ def train_fields(loaded: LoadedModel, log_: EventLog, device: torch.device, n_cu
     """Stage two of training: the field heads of `loaded.model`, fitted in place. Returns a report."""
     started = time.monotonic()
     cuts = default_cuts(log_.events.ts, n_cuts)
-    # The heads learn this shop's freshness from its own log: its habit (stream/habit.py) stays out of the examples
-    # (a lean of 1 "learned" reads none), and is kept as the one they learned in.
+    # The heads learn this shop's freshness and counts from its own log: its habit (stream/habit.py) stays out of the
+    # examples (leans of 1 "learned" read none), and is kept as the one they learned in.
     heads, shop_habit = loaded.model.fields, {}
     heads.habit_lean_trained.fill_(1.0)
+    heads.habit_counts_lean_trained.fill_(1.0)
     parts = collect(loaded, log_, cuts, device, habit=shop_habit)
     if loaded.model.catalogue is not None:
         parts = with_foreign_items(parts, loaded, log_, cuts, device, torch.Generator().manual_seed(seed))
     heads.habit_lean_trained.fill_(shop_habit.get("lean", 0.0))
+    heads.habit_counts_lean_trained.fill_(shop_habit.get("counts_lean", 0.0))
     collected = time.monotonic()
     if len(parts) <= val_cuts:
         log.warning("too short a log to fit the field heads: left as initialised")

@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 TOP_CATEGORIES = 3
 SHOP_POPULARITY = statistics.SLOT_FEATURES.index("shop_popularity")
-FRESHNESS, HABIT_FRESHNESS = (statistics.SLOT_FEATURES.index(name) for name in ("freshness", "habit_freshness"))
+FRESHNESS, HABIT_FRESHNESS, LOG_COUNT, HABIT_COUNT = (statistics.SLOT_FEATURES.index(name) for name in (
+    "freshness", "habit_freshness", "log_count", "habit_count"))
 # Batches at least this large run the GRU on `gru_threads` threads (smaller ones: thread start-up
 # would cost more than it saves, and the daemon's small batches leave the cores to decoding and Kafka).
 WIDE_BATCH_EVENTS = 4096
@@ -363,9 +364,13 @@ class ProfileUpdater:
         held = np.zeros(keys.shape, dtype=bool)
         held[:, :-1] = keys[:, :-1] > 0  # the user's own slots; the last is the follow-up it has not
         feats[:, :, SHOP_POPULARITY] = state.holders.popularity(keys, held)
-        # The shop's lean toward its users' latest categories, beyond the one the heads learned in (field_heads.py).
-        lean = max(state.habit.recency_lean(now_ms) - float(self.model.fields.habit_lean_trained), 0.0)
+        # The shop's lean toward its users' latest categories, or toward their most engaged-with ones, beyond the one
+        # the heads learned in (field_heads.py).
+        heads = self.model.fields
+        lean = max(state.habit.recency_lean(now_ms) - float(heads.habit_lean_trained), 0.0)
         feats[:, :, HABIT_FRESHNESS] = feats[:, :, FRESHNESS] * lean
+        lean = max(state.habit.counts_lean(now_ms) - float(heads.habit_counts_lean_trained), 0.0)
+        feats[:, :, HABIT_COUNT] = feats[:, :, LOG_COUNT] * lean
         return keys, feats
 
     def field_inputs(self, rows: np.ndarray, now_ms: int,

@@ -115,7 +115,11 @@ SLOT_FEATURES = ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "sha
                  # The freshness again, times how far this shop's users come back to their latest categories rather
                  # than their usual ones (stream/habit.py, ShopHabit.recency_lean: 0 in most shops). Its weight is
                  # set, not fitted (models/field_heads.py HABIT_RECENCY_WEIGHT): one shop cannot teach it.
-                 "habit_freshness")
+                 "habit_freshness",
+                 # Its mirror (session 52): log_count times how far this shop's users come back to the categories
+                 # they engaged with most rather than their latest ones (ShopHabit.counts_lean: 0 in most shops);
+                 # weight set as well (HABIT_COUNTS_WEIGHT).
+                 "habit_count")
 # A year of minutes on a log scale: freshness 0.5 is half a day old, 0.3 a week, 0.19 a month.
 FRESHNESS_LOG_MINUTES = float(np.log1p(365 * DAY_MS / MINUTE_MS))
 
@@ -418,7 +422,7 @@ def slot_features(columns: dict[str, np.ndarray], last_ts: np.ndarray, rows: np.
     is_last = (bucket == columns["last_category"][rows][:, None]) & (bucket > 0)
     follow = np.zeros_like(share)  # filled by stream/follow.py, popularity.py and habit.py, which know the shop
     feats = np.stack([*(np.log1p(d) for d in decayed), np.log1p(count), share, is_last, follow, follow, follow,
-                      np.log1p(visits), visit_share, follow, _freshness(decayed), follow], axis=2)
+                      np.log1p(visits), visit_share, follow, _freshness(decayed), follow, follow], axis=2)
     return bucket, feats.astype(np.float32)
 
 

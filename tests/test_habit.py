@@ -4,12 +4,14 @@ top_categories in every model (its weight is set, not fitted)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import orjson
 import torch
 
 from models.checkpoint_io import load_checkpoint, untrained
-from models.field_heads import HABIT_FRESHNESS, HABIT_RECENCY_WEIGHT
+from models.field_heads import HABIT_COUNT, HABIT_COUNTS_WEIGHT, HABIT_FRESHNESS, HABIT_RECENCY_WEIGHT
 from models.profile_model import ModelConfig
 from models.update_step import ProfileUpdater
 from stream.generator import ShopParams, generate
@@ -125,19 +127,79 @@ def test_top_categories_lean_toward_the_latest_category_where_the_shop_moves_on(
     assert top(sorted(shop + heavy, key=lambda e: e["ts"]), "heavy") == ("staple", 1.0)
 
 
+def detour_shop(users: int) -> list[dict]:
+    """Users who keep their staple: each week three clicks on it, then one on a category met once and never again."""
+    events = []
+    for u in range(users):
+        events += weeks(f"u{u}", [["staple"] * 3 + [f"d{u}-{w}"] for w in range(5)])
+    return sorted(events, key=lambda e: e["ts"])
+
+
+def test_top_categories_lean_toward_the_counts_where_what_was_met_last_does_not_come_again():
+    """The mirror: in a shop whose users come back to their most clicked category and not to their latest one, every
+    model weighs the log count (HABIT_COUNTS_WEIGHT), also one whose fitted weights rank the latest category first;
+    heads fitted in such a shop learned that there, and get nothing more."""
+    loaded = untrained(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=256,
+                                   query_buckets=64))
+    assert loaded.model.fields.repeat_score.weight[0, HABIT_COUNT] == HABIT_COUNTS_WEIGHT
+    with torch.no_grad():  # fitted weights that rank by being the latest category
+        loaded.model.fields.repeat_score.weight[0, :HABIT_FRESHNESS] = 0.0
+        loaded.model.fields.repeat_score.weight[0, SLOT_FEATURES.index("is_last")] = 1.0
+
+    def top(events: list[dict]) -> tuple[str, float]:
+        updater = updater_fed(events, [50], loaded)
+        profile = orjson.loads(updater.profiles_for(np.array([updater.state.row("heavy")]))[0][1])
+        return profile["top_categories"][0]["category"], updater.state.habit.counts_lean(updater.state.max_event_ts)
+
+    shop = detour_shop(120)
+    recency, counts = updater_fed(shop, [500]).state.habit.wins(WEEK0 + 5 * WEEK_MS)
+    assert recency == 0 and counts > 2 * PRIOR_WEEKS
+    # A user who clicked its staple 10 times and then z once: the staple comes first here ...
+    heavy = weeks("heavy", [["staple"] * 10 + ["z"]], first_week=4)
+    assert top(sorted(shop + heavy, key=lambda e: e["ts"])) == ("staple", 1.0)
+    # ... z, the latest, where the shop has said nothing yet, and in the shop where users move on.
+    assert top(heavy) == ("z", 0.0)
+    assert top(sorted(drifting_shop(120) + heavy, key=lambda e: e["ts"]))[0] == "z"
+    loaded.model.fields.habit_counts_lean_trained.fill_(1.0)
+    assert top(sorted(shop + heavy, key=lambda e: e["ts"])) == ("z", 1.0)
+
+
 def test_checkpoints_before_format_18_read_the_set_weight():
-    """The shipped model is a format-17 file: it reads the habit with the weight every model has, as heads fitted
-    in a shop whose users keep their staples (its shop 0: lean 0)."""
+    """The shipped model is a format-17 file: it reads the habit with the weights every model has, as heads fitted
+    in a shop whose users keep their staples but not as firmly as explorers do (its shop 0: both leans 0)."""
     demo = load_checkpoint("demo", ON_DEVICE)
     assert demo.model.fields.repeat_score.weight.shape[1] == len(SLOT_FEATURES)
     assert demo.model.fields.repeat_score.weight[0, HABIT_FRESHNESS] == HABIT_RECENCY_WEIGHT
-    assert float(demo.model.fields.habit_lean_trained) == 0.0
+    assert demo.model.fields.repeat_score.weight[0, HABIT_COUNT] == HABIT_COUNTS_WEIGHT
+    assert float(demo.model.fields.habit_lean_trained) == float(demo.model.fields.habit_counts_lean_trained) == 0.0
     from click.testing import CliRunner
 
     from consumers.cli import main
 
     info = orjson.loads(CliRunner().invoke(main, ["model", "info", "demo", "--json"]).output)
-    assert info["habit"] == {"weight": HABIT_RECENCY_WEIGHT, "lean_trained": 0.0}
+    assert info["habit"] == {"weight": HABIT_RECENCY_WEIGHT, "lean_trained": 0.0,
+                             "counts_weight": HABIT_COUNTS_WEIGHT, "counts_lean_trained": 0.0}
+
+
+def test_checkpoints_of_format_18_and_19_serve_as_they_did(tmp_path):
+    """Heads whose field stage counted the training shop's habit get no lean toward the counts (as if fitted at a
+    full one); a format-19 file without that count, as the older formats, is read as fitted at none."""
+    saved = untrained(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=256,
+                                  query_buckets=64))
+    for habit, lean in (({"recency_weeks": 300, "counts_weeks": 400, "lean": 0.0}, 1.0), (None, 0.0),
+                        ({"recency_weeks": 600, "counts_weeks": 90, "lean": 1.0}, 1.0)):
+        payload = {"format": 19, "model_version": "old", "config": asdict(saved.model.config),
+                   "state_dict": {k: v for k, v in saved.model.state_dict().items()
+                                  if k != "fields.habit_counts_lean_trained"},
+                   "metadata": {"fields": {"habit": habit}} if habit else {}}
+        payload["state_dict"]["fields.repeat_score.weight"] = payload["state_dict"]["fields.repeat_score.weight"][
+            :, :HABIT_COUNT]
+        torch.save(payload, tmp_path / "old.pt")
+        old = load_checkpoint(tmp_path / "old.pt", ON_DEVICE)
+        assert old.model.fields.repeat_score.weight[0, HABIT_COUNT] == HABIT_COUNTS_WEIGHT
+        assert float(old.model.fields.habit_counts_lean_trained) == lean
+        # ... and the lean toward the latest categories their field stage noted (its fit had reset it to 0)
+        assert float(old.model.fields.habit_lean_trained) == (habit or {}).get("lean", 0.0)
 
 
 def test_the_field_stage_leaves_the_set_weight_where_it_is(tmp_path):
@@ -158,6 +220,30 @@ def test_the_field_stage_leaves_the_set_weight_where_it_is(tmp_path):
     # The shop the heads learned in: its lean is kept (0 here, a generated shop whose users keep their staples).
     assert report["habit"]["recency_weeks"] + report["habit"]["counts_weeks"] > 0
     assert float(loaded.model.fields.habit_lean_trained) == report["habit"]["lean"] == 0.0
+    assert after[0, HABIT_COUNT] == HABIT_COUNTS_WEIGHT
+    assert float(loaded.model.fields.habit_counts_lean_trained) == report["habit"]["counts_lean"] == 0.0
+
+
+def test_heads_keep_the_largest_lean_toward_the_counts_their_shop_had_at_any_cut(tmp_path):
+    """A shop whose users keep their staples for five weeks, then move on every week: the heads learned the counts
+    at the early cuts, so a shop leaning that far later adds nothing to them, though at the last cut it leans the
+    other way."""
+    from models.dataset import load_events
+    from models.field_training import train_fields
+    from stream.generator import write_jsonl
+
+    events = []
+    for u in range(150):
+        plan = [["staple"] * 3 + [f"d{u}-{w}"] for w in range(5)] + [[f"m{u}-{w}"] * 2 + [f"m{u}-{w + 1}"]
+                                                                      for w in range(5, 12)]
+        events += weeks(f"u{u}", plan)
+    write_jsonl(sorted(events, key=lambda e: e["ts"]), tmp_path / "shop.jsonl")
+    loaded = untrained(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=256,
+                                   query_buckets=64))
+    report = train_fields(loaded, load_events([tmp_path / "shop.jsonl"]), ON_DEVICE)
+    assert report["habit"]["recency_weeks"] > 2 * PRIOR_WEEKS
+    assert float(loaded.model.fields.habit_lean_trained) == report["habit"]["lean"] == 1.0
+    assert float(loaded.model.fields.habit_counts_lean_trained) == report["habit"]["counts_lean"] == 1.0
 
 
 def test_an_event_arriving_late_in_a_batch_of_its_own_moves_neither_the_latest_category_nor_the_guesses():
