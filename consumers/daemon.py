@@ -332,11 +332,15 @@ class ProfileDaemon:
         s.last_batch_done_at = time.perf_counter()
 
     def state_gauges(self) -> None:
-        """Users in state and their bytes, as held now: after each batch, restore, release and expiry."""
+        """Users in state and their bytes, and the shop's habit they give, as held now: after each batch, restore,
+        release and expiry."""
         state = self.updater.state
         self.metrics.users_in_state.set(len(state))
         for device, nbytes in state.state_bytes().items():
             self.metrics.state_bytes.labels(device).set(nbytes)
+        self.metrics.habit_evidence.set(state.habit.evidence(state.max_event_ts))
+        for toward, lean in zip(("latest", "counts"), self.updater.habit_leans(state.max_event_ts)):
+            self.metrics.top_categories_lean.labels(toward).set(lean)
 
     def set_ready(self, ready: bool, why: str = "") -> None:
         self.health.set_ready(ready, why)

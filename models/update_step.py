@@ -27,7 +27,7 @@ from models.field_heads import FieldInputs
 from models.checkpoint_io import LoadedModel
 from stream import statistics
 from stream.follow import FollowCounts, hours_since
-from stream.habit import ShopHabit
+from stream.habit import ShopHabit, leans
 from stream.tempo import ShopTempo
 from stream.changelog_records import STATE_DTYPE_NAMES
 from stream.decode import decode_batch
@@ -364,14 +364,18 @@ class ProfileUpdater:
         held = np.zeros(keys.shape, dtype=bool)
         held[:, :-1] = keys[:, :-1] > 0  # the user's own slots; the last is the follow-up it has not
         feats[:, :, SHOP_POPULARITY] = state.holders.popularity(keys, held)
-        # The shop's lean toward its users' latest categories, or toward their most engaged-with ones, beyond the one
-        # the heads learned in (field_heads.py).
-        heads = self.model.fields
-        lean = max(state.habit.recency_lean(now_ms) - float(heads.habit_lean_trained), 0.0)
-        feats[:, :, HABIT_FRESHNESS] = feats[:, :, FRESHNESS] * lean
-        lean = max(state.habit.counts_lean(now_ms) - float(heads.habit_counts_lean_trained), 0.0)
-        feats[:, :, HABIT_COUNT] = feats[:, :, LOG_COUNT] * lean
+        toward_latest, toward_counts = self.habit_leans(now_ms)
+        feats[:, :, HABIT_FRESHNESS] = feats[:, :, FRESHNESS] * toward_latest
+        feats[:, :, HABIT_COUNT] = feats[:, :, LOG_COUNT] * toward_counts
         return keys, feats
+
+    def habit_leans(self, now_ms: int) -> tuple[float, float]:
+        """How far top_categories leans toward the users' latest categories, and toward their most engaged-with ones,
+        in this shop at now_ms (stream/habit.py), beyond the leans the heads learned in (models/field_heads.py)."""
+        heads = self.model.fields
+        toward_latest, toward_counts = leans(*self.state.habit.wins(now_ms))
+        return (max(toward_latest - float(heads.habit_lean_trained), 0.0),
+                max(toward_counts - float(heads.habit_counts_lean_trained), 0.0))
 
     def field_inputs(self, rows: np.ndarray, now_ms: int,
                      slots: tuple[np.ndarray, np.ndarray] | None = None) -> FieldInputs:

@@ -36,9 +36,9 @@ RECENT_WEEKS = 4
 # weeks (seasons, projects) or all at once (a fashion shop's new season) +0.51 to +0.75.
 LEAN_FROM, LEAN_FULL = 0.1, 0.4
 # ... and toward the counts (session 52): where users keep their staples and a category met once is a detour that
-# does not come again (explorers: -0.60 to -0.73 from a third of their span on), the counts' guess wins six weeks
+# does not come again (explorers: -0.49 to -0.73 from a third of their span on), the counts' guess wins six weeks
 # in seven. The project's generated shops, the classic shop, replenishment, B2B accounts, loyal-or-once users and
-# trend waves stay above -0.37 at every cut of their logs; a fashion shop before its new season -0.46 to -0.58.
+# trend waves stay above -0.37 at every cut of their logs; a fashion shop before its new season -0.39 to -0.58.
 COUNTS_LEAN_FROM, COUNTS_LEAN_FULL = -0.45, -0.6
 
 # Host columns of the state (stream/state.py COLUMNS, through stream/statistics.py STAT_COLUMNS).

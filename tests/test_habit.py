@@ -152,8 +152,10 @@ def test_top_categories_lean_toward_the_counts_where_what_was_met_last_does_not_
         return profile["top_categories"][0]["category"], updater.state.habit.counts_lean(updater.state.max_event_ts)
 
     shop = detour_shop(120)
-    recency, counts = updater_fed(shop, [500]).state.habit.wins(WEEK0 + 5 * WEEK_MS)
+    in_shop = updater_fed(shop, [500], loaded)
+    recency, counts = in_shop.state.habit.wins(WEEK0 + 5 * WEEK_MS)
     assert recency == 0 and counts > 2 * PRIOR_WEEKS
+    assert in_shop.habit_leans(in_shop.state.max_event_ts) == (0.0, 1.0)  # what the daemon's gauges show
     # A user who clicked its staple 10 times and then z once: the staple comes first here ...
     heavy = weeks("heavy", [["staple"] * 10 + ["z"]], first_week=4)
     assert top(sorted(shop + heavy, key=lambda e: e["ts"])) == ("staple", 1.0)

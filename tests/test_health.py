@@ -62,6 +62,11 @@ def test_endpoints_during_a_real_run(kafka, settings_factory):
         assert value("profiles_ready") == 1 and value("profiles_assigned_partitions") == 2
         assert value("profiles_event_time_lag_seconds_count") > 0  # sampled: at least one event per batch
         assert value("profiles_device_memory_bytes", {"device": "host"}) > 10 * 2**20
+        # The shop's habit as the state holds it after the last batch, and the leans top_categories takes from it.
+        state = daemon.updater.state
+        assert value("profiles_shop_habit_evidence") == state.habit.evidence(state.max_event_ts) != 0
+        assert [value("profiles_top_categories_lean", {"toward": toward}) for toward in ("latest", "counts")] == \
+            list(daemon.updater.habit_leans(state.max_event_ts))
         # Consumer lag comes from librdkafka's statistics (every 5 s): all read, so 0 for each partition.
         wait_until(lambda: all(value("profiles_consumer_lag_records", {"topic": topic, "partition": str(p)}) == 0
                                for p in (0, 1)), 30, "consumer lag from the statistics callback")
