@@ -115,7 +115,7 @@ def habit_summary(habit: dict | None) -> str:
         return ""
     return (f"; in its users' latest weeks, only the latest category came again in {habit['recency_weeks']:,} and "
             f"only the most engaged-with one in {habit['counts_weeks']:,}: lean toward the latest {habit['lean']:.2f}, "
-            f"toward the counts {habit.get('counts_lean', 0.0):.2f} (the most at any cut)")
+            f"toward the counts {habit.get('counts_lean', 0.0):.2f} (on average over the cuts)")
 
 
 def gate_summary(gate: dict) -> str:

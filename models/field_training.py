@@ -199,7 +199,7 @@ def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.
     """Examples at each cut (ascending), through the serving path. end_ts: where the log's knowledge ends;
     short_share: the share of examples labelled on a window shorter than the horizon (short_windows); habit: filled
     with the shop's habit (stream/habit.py): the recent weeks won each way and the lean toward the latest categories
-    at the last cut, the largest lean toward the counts at any."""
+    at the last cut, the lean toward the counts on average over the cuts."""
     from models.update_step import ProfileUpdater  # the serving path
 
     updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False)
@@ -209,16 +209,15 @@ def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.
     ev = log_.events
     order = np.argsort(ev.ts, kind="stable")
     sorted_ts = ev.ts[order]
-    done, out, toward_counts = 0, [], 0.0
+    done, out, toward_counts = 0, [], []
     for k, cut in enumerate(sorted(cuts)):
         upto = int(np.searchsorted(sorted_ts, cut, side="right"))
         for a in range(done, upto, 50_000):
             updater.apply(ev.take(order[a:min(a + 50_000, upto)]))
         done = upto
-        # The heads learn the counts from every cut's examples: the shop leaned toward them as far as it did at any
-        # (a fashion shop leans so before its new season and not after: heads fitted on both know when the counts
-        # stop, which a lean at later cuts of another of its logs must not undo).
-        toward_counts = max(toward_counts, state.habit.counts_lean(cut))
+        # The heads are fitted on every cut's examples at once: what they learned of the counts is the shop's lean
+        # toward them on average over the cuts (a fashion shop leans so before its new season and not after).
+        toward_counts.append(state.habit.counts_lean(cut))
         if not len(state):
             continue
         state.max_event_ts = max(state.max_event_ts, cut)
@@ -226,7 +225,7 @@ def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.
     if habit is not None and cuts:
         recency, counts = state.habit.wins(max(cuts))
         habit.update(recency_weeks=recency, counts_weeks=counts, lean=state.habit.recency_lean(max(cuts)),
-                     counts_lean=toward_counts)
+                     counts_lean=float(np.mean(toward_counts)))
     return out
 
 

@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 import numpy as np
 import orjson
+import pytest
 import torch
 
 from models.checkpoint_io import load_checkpoint, untrained
@@ -226,10 +227,10 @@ def test_the_field_stage_leaves_the_set_weight_where_it_is(tmp_path):
     assert float(loaded.model.fields.habit_counts_lean_trained) == report["habit"]["counts_lean"] == 0.0
 
 
-def test_heads_keep_the_largest_lean_toward_the_counts_their_shop_had_at_any_cut(tmp_path):
-    """A shop whose users keep their staples for five weeks, then move on every week: the heads learned the counts
-    at the early cuts, so a shop leaning that far later adds nothing to them, though at the last cut it leans the
-    other way."""
+def test_heads_keep_the_lean_toward_the_counts_their_shop_had_on_average_over_the_cuts(tmp_path):
+    """A shop whose users keep their staples for five weeks, then move on every week: the heads are fitted on the
+    early cuts, where it leans toward the counts, and the later ones, where it leans toward the latest categories,
+    at once; they keep the counts lean on average over the cuts (neither the last cut's 0 nor the early cuts' 1)."""
     from models.dataset import load_events
     from models.field_training import train_fields
     from stream.generator import write_jsonl
@@ -245,7 +246,8 @@ def test_heads_keep_the_largest_lean_toward_the_counts_their_shop_had_at_any_cut
     report = train_fields(loaded, load_events([tmp_path / "shop.jsonl"]), ON_DEVICE)
     assert report["habit"]["recency_weeks"] > 2 * PRIOR_WEEKS
     assert float(loaded.model.fields.habit_lean_trained) == report["habit"]["lean"] == 1.0
-    assert float(loaded.model.fields.habit_counts_lean_trained) == report["habit"]["counts_lean"] == 1.0
+    assert float(loaded.model.fields.habit_counts_lean_trained) == pytest.approx(report["habit"]["counts_lean"])
+    assert 0.1 < report["habit"]["counts_lean"] < 0.9
 
 
 def test_an_event_arriving_late_in_a_batch_of_its_own_moves_neither_the_latest_category_nor_the_guesses():
