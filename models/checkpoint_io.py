@@ -152,11 +152,12 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         payload["state_dict"]["neighbour_weight"] = torch.zeros(1)
     if payload["format"] < 9:  # no transition bonus
         payload["state_dict"]["transition_weight"] = torch.zeros(2)
-    if payload["format"] < 16:  # no follow-up (< 6), visit (< 7), popularity (< 8) or freshness features: zero
-        # weights on them rank slots as it was trained to
-        weight = payload["state_dict"]["fields.repeat_score.weight"]
-        payload["state_dict"]["fields.repeat_score.weight"] = torch.cat(
-            [weight, torch.zeros(weight.shape[0], len(SLOT_FEATURES) - weight.shape[1])], dim=1)
+    # Slot features added since the heads were fitted (follow-ups < 6, visits < 7, popularity < 8, freshness < 16,
+    # habit_freshness < 18, habit_count < 20): zero weights on them rank slots as they were fitted to, but for the
+    # weights every model has set, below.
+    weight = payload["state_dict"]["fields.repeat_score.weight"]
+    weight = torch.cat([weight, torch.zeros(weight.shape[0], len(SLOT_FEATURES) - weight.shape[1])], dim=1)
+    payload["state_dict"]["fields.repeat_score.weight"] = weight
     if payload["format"] < 17:  # no purchase rhythm features: zero weights on them (mean 0, spread 1) score as before
         state = payload["state_dict"]
         extra = len(USER_FEATURES) - state["fields.feature_mean"].shape[0]
@@ -165,20 +166,14 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         for key in _USER_FEATURE_WEIGHTS:
             state[key] = torch.cat([state[key], torch.zeros(state[key].shape[0], extra)], dim=1)
     if payload["format"] < 18:  # no habit_freshness feature: its weight is set, not fitted (HABIT_RECENCY_WEIGHT)
-        weight = payload["state_dict"]["fields.repeat_score.weight"]
-        weight = torch.cat([weight, torch.zeros(weight.shape[0], len(SLOT_FEATURES) - weight.shape[1])], dim=1)
         weight[:, HABIT_FRESHNESS] = HABIT_RECENCY_WEIGHT
-        payload["state_dict"]["fields.repeat_score.weight"] = weight
         payload["state_dict"]["fields.habit_lean_trained"] = torch.tensor(0.0)  # as if fitted where users keep staples
     if payload["format"] < 20:  # no habit_count feature: its weight is set (HABIT_COUNTS_WEIGHT). Heads whose field
         # stage counted the shop's habit (formats 18 and 19) serve as they did: it did not note how far the shop leaned
         # toward the counts at its earlier cuts (field_training.collect), and a lean taken at its last cut would undo
         # what heads fitted across a fashion shop's new season know. Older heads, the shipped demo's among them, are
         # read as fitted where users keep their staples but not that firmly (lean 0), as for the recency lean.
-        weight = payload["state_dict"]["fields.repeat_score.weight"]
-        weight = torch.cat([weight, torch.zeros(weight.shape[0], len(SLOT_FEATURES) - weight.shape[1])], dim=1)
         weight[:, HABIT_COUNT] = HABIT_COUNTS_WEIGHT
-        payload["state_dict"]["fields.repeat_score.weight"] = weight
         habit = payload.get("metadata", {}).get("fields", {}).get("habit") or {}
         payload["state_dict"]["fields.habit_counts_lean_trained"] = torch.tensor(1.0 if habit else 0.0)
         if "lean" in habit:  # their fit reset the lean toward the latest categories it had noted (session 52)

@@ -373,9 +373,8 @@ class ProfileUpdater:
         """How far top_categories leans toward the users' latest categories, and toward their most engaged-with ones,
         in this shop at now_ms (stream/habit.py), beyond the leans the heads learned in (models/field_heads.py)."""
         heads = self.model.fields
-        toward_latest, toward_counts = leans(*self.state.habit.wins(now_ms))
-        return (max(toward_latest - float(heads.habit_lean_trained), 0.0),
-                max(toward_counts - float(heads.habit_counts_lean_trained), 0.0))
+        trained = torch.stack([heads.habit_lean_trained, heads.habit_counts_lean_trained]).tolist()  # one device read
+        return tuple(max(lean - fitted, 0.0) for lean, fitted in zip(leans(*self.state.habit.wins(now_ms)), trained))
 
     def field_inputs(self, rows: np.ndarray, now_ms: int,
                      slots: tuple[np.ndarray, np.ndarray] | None = None) -> FieldInputs:
