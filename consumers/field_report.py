@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import sys
 from pathlib import Path
 
 import click
@@ -61,7 +62,8 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[int
     reports = []
     with Progress(TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed:,}/{task.total:,} records"), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
+                  console=Console(stderr=True), transient=True,
+                  disable=not sys.stderr.isatty()) as bar:  # piped: no bar, and no blank line before an Error:
         for k, (cut, share) in enumerate(plan):
             what = "replaying to the cut" if len(plan) == 1 else f"replaying to cut {k + 1} of {len(plan)}"
             task = bar.add_task(what, total=1)

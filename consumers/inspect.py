@@ -19,6 +19,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from models.admission import refuse_ahead_of_clock
 from models.update_step import ProfileUpdater, load_updater
 from models.features import category_keys
 from stream.events import EVENT_TYPES, RecordBatch
@@ -31,6 +32,11 @@ CHARTED = ("purchase_propensity", "churn_risk", "top_categories", "spend", "even
 # Categories drawn in the top_categories panel: those first in most profiles (the rest are named as a count).
 CHARTED_CATEGORIES = 5
 CATEGORY_COLOURS = ("tab:blue", "tab:purple", "tab:brown", "tab:olive", "tab:cyan")  # not the markers' colours
+
+
+# Idle re-scores are computed one by one (about a millisecond each) and shown collapsed into one row per run:
+# more than this many would take minutes for nothing to read (1s over a month's log: about 2.6 million).
+MAX_IDLE_RESCORES = 20_000
 
 
 class InspectError(ValueError):
@@ -69,7 +75,9 @@ def user_records(settings: Settings, sources: list[str], fmt: str, user: str
         while not source.exhausted:
             batch = source.next_batch()
             controls: list = []
-            events, _ = decode_batch(batch, settings.max_event_bytes, controls)
+            events, dead = decode_batch(batch, settings.max_event_bytes, controls)
+            if settings.max_ahead_ms:  # as the daemon: an event of 2199 would be the replay's final clock
+                events = refuse_ahead_of_clock(batch, events, settings.max_ahead_ms, dead, flag=False)
             if source.time_range is not None:  # kafka:// ranges select by event time, as in replay
                 events = events.take(source.time_range.mask(events.ts))
             if len(events):
@@ -98,6 +106,11 @@ def timeline(settings: Settings, sources: list[str], fmt: str, user: str) -> Tim
     order = events.record_index[np.lexsort((events.record_index, events.ts))].tolist()
     ts_of = dict(zip(events.record_index.tolist(), events.ts.tolist()))  # epoch ms, whatever form the record had
     every = settings.idle_rescore_after_ms
+    span = log_end - min(ts_of.values())
+    if every and span // every > MAX_IDLE_RESCORES:
+        raise InspectError(f"--idle-rescore-after {every / 1000:g}s would re-score the user {span // every:,} times "
+                           f"over the log's {span / 86_400_000:,.1f} days (at most {MAX_IDLE_RESCORES:,}): give a "
+                           f"longer interval, or 0 for none")
     updater = load_updater(replace(settings, idle_rescore_after_ms=0))  # re-scores are added below
     # top_categories scores are shares among the categories the daemon has seen: all of the sources'.
     names = np.array(sorted(categories), dtype=object)

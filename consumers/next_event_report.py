@@ -50,6 +50,11 @@ def run_evaluation(model_path: str, train_files: tuple[str, ...], test_files: tu
     item_index = {item: i for i, item in enumerate(loaded.item_vocab)}
     with reading_sources(kafka):
         train_log, test_log = load_events(train_files, kafka=kafka), load_events(test_files, kafka=kafka)
+    for log_, option, files in ((train_log, "--train-events", train_files), (test_log, "--events", test_files)):
+        if not len(log_):  # without training events every baseline ties everywhere, and ties rank first: 1.0
+            raise click.ClickException(f"no usable events in {option} {', '.join(files)}"
+                                       + (f" ({log_.invalid:,} invalid lines: see the warning above)"
+                                          if log_.invalid else ""))
     train_seq = sequences_from_log(train_log, item_index, model)
     test_seq = sequences_from_log(test_log, item_index, model)
     aligned = aligned_train(train_log, test_log)

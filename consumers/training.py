@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import sys
 import time
 from dataclasses import asdict, replace
 
@@ -154,7 +155,8 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
         click.echo(f"{train_options['epochs']} epochs (auto for this size; --epochs to choose)", err=True)
     train_config = TrainConfig(seed=seed, **train_options)  # type: ignore[arg-type]
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as bar:
+                  TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
+                  disable=not sys.stdout.isatty()) as bar:  # piped: no bar, and no blank line before an Error:
         task = bar.add_task("epoch 1", total=None, info="")
 
         def progress(stage: str, done: int, total: int, info: dict) -> None:

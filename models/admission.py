@@ -95,7 +95,7 @@ class Admission:
         if (slots >= 0).any():  # records of input topics: the key must be the user id (files have no keys)
             events = self._check_keys(records, events, slots, misrouted)
         if self.max_ahead_ms:
-            events = self._refuse_ahead(records, events, dead)
+            events = refuse_ahead_of_clock(records, events, self.max_ahead_ms, dead)
         if self.pseudonymize is not None:
             events.user_id = self.pseudonymize(events.user_id)
         decoded = Decoded(events=events, dead_letters=dead, misrouted=misrouted, slots=slots)
@@ -221,21 +221,6 @@ class Admission:
             misrouted.append(_misrouted(records, i, detail))
         return events.take(~wrong)
 
-    def _refuse_ahead(self, records: RecordBatch, events: EventColumns, dead: list[DeadLetter]) -> EventColumns:
-        """Events stamped more than max_ahead_ms after this machine's clock are dead-lettered as ahead_of_clock
-        (in record order among the batch's others): they would move the event-time clock for every user."""
-        now = int(time.time() * 1000)
-        ahead = events.ts > now + self.max_ahead_ms
-        if not ahead.any():
-            return events
-        for i, ts in zip(events.record_index[ahead].tolist(), events.ts[ahead].tolist()):
-            detail = (f"'ts' {iso_time(ts, 'seconds')} is {(ts - now) / 86_400_000:,.1f} days after this machine's "
-                      f"clock (--max-ahead {self.max_ahead_ms / 3_600_000:g}h; 0 turns the check off)")
-            dead.append(DeadLetter(value=records.values[i], key=records.keys[i], reason=AHEAD_OF_CLOCK, detail=detail,
-                                   topic=records.topics[i], partition=records.partitions[i], offset=records.offsets[i]))
-        dead.sort(key=lambda d: (d.topic, d.partition, d.offset))
-        return events.take(~ahead)
-
     def _check_owner(self, records: RecordBatch, events: EventColumns, rows: np.ndarray, positions: np.ndarray,
                      misrouted: list[DeadLetter]) -> np.ndarray | None:
         """The partitioning policy, part 2: a user's events are read from one input partition (the
@@ -331,3 +316,25 @@ def event_id_hashes(event_ids: np.ndarray) -> np.ndarray:
     out |= np.fromiter(map(adler, encoded), dtype=np.uint64, count=len(encoded)) << np.uint64(32)
     out[out == 0] = 1
     return out
+
+
+def refuse_ahead_of_clock(records: RecordBatch, events: EventColumns, max_ahead_ms: int, dead: list[DeadLetter],
+                          flag: bool = True) -> EventColumns:
+    """The events, less those stamped more than max_ahead_ms after this machine's clock: dead-lettered as
+    ahead_of_clock into `dead` (kept in record order). They would move the event-time clock for every user (one
+    event of 2199 put an evaluation's default cut in 2164). The daemon, replay and the commands that read logs
+    offline (models/dataset.usable_events) refuse the same events; `flag`: name the option that moves the bound
+    (the commands that read logs offline have none)."""
+    now = int(time.time() * 1000)
+    ahead = events.ts > now + max_ahead_ms
+    if not ahead.any():
+        return events
+    for i, ts in zip(events.record_index[ahead].tolist(), events.ts[ahead].tolist()):
+        bound = f"--max-ahead {max_ahead_ms / 3_600_000:g}h; 0 turns the check off" if flag else \
+            f"more than {max_ahead_ms / 3_600_000:g}h ahead"
+        detail = (f"'ts' {iso_time(ts, 'seconds')} is {(ts - now) / 86_400_000:,.1f} days after this machine's "
+                  f"clock ({bound})")
+        dead.append(DeadLetter(value=records.values[i], key=records.keys[i], reason=AHEAD_OF_CLOCK, detail=detail,
+                               topic=records.topics[i], partition=records.partitions[i], offset=records.offsets[i]))
+    dead.sort(key=lambda d: (d.topic, d.partition, d.offset))
+    return events.take(~ahead)

@@ -18,7 +18,8 @@ import numpy as np
 
 from stream.events import Control, DeadLetter, EventColumns, PURCHASE, RecordBatch, iso_time
 from stream.decode import decode_batch
-from stream.settings import KafkaSettings
+from models.admission import refuse_ahead_of_clock
+from stream.settings import KafkaSettings, Settings
 from stream.sources import SourceError, TimeRange, no_usable_events_among, open_sources
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ def usable_events(records: RecordBatch, max_event_bytes: int) -> tuple[EventColu
     retries neither train nor judge a model twice)."""
     controls: list[Control] = []
     ev, dead = decode_batch(records, max_event_bytes, controls)
+    ev = refuse_ahead_of_clock(records, ev, Settings.max_ahead_ms, dead, flag=False)
     if dead:
         first = dead[0]
         log.warning("%d invalid line(s) skipped, e.g. %s:%d: %s", len(dead), first.topic, first.offset, first.detail)

@@ -34,6 +34,10 @@ ECE_BINS = 10
 BOOTSTRAP_RESAMPLES = 200
 
 
+# The least future after a cut that evaluate_fields judges: the shortest window training draws (short_windows).
+MIN_FUTURE_MS = 5 * 60_000
+
+
 def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE with equal-mass bins: the size-weighted mean |mean predicted - observed rate|."""
     if not len(p):
@@ -228,6 +232,10 @@ def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device,
     cut = int(first + share * (last - first)) if cut is None else int(cut)
     if not first < cut < last:
         raise ValueError(f"the cut {iso_time(cut)} is not inside the log ({iso_time(first)} .. {iso_time(last)})")
+    if last - cut < MIN_FUTURE_MS:  # a verdict over seconds of future says nothing (a log spanning 1 s: "ahead")
+        raise ValueError(f"the log runs only {(last - cut) / 1000:,.1f} s past the cut {iso_time(cut)}: profiles are "
+                         f"judged on what users do after it, and at least {MIN_FUTURE_MS // 60_000} minutes of it "
+                         f"are needed (a longer log, or an earlier --cut)")
 
     windows = {"category": min(CATEGORY_HORIZON_HOURS, (last - cut) / HOUR_MS),
                "purchase": min(PURCHASE_HORIZON_HOURS, (last - cut) / HOUR_MS),

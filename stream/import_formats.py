@@ -169,9 +169,12 @@ def _yoochoose(fh, src: Path) -> Layout | None:
     no_category = _RSC15_NO_CATEGORY
 
     def parse(row: list[str], event_id: str) -> dict:
+        session = int(parse_id(row[i_session]))
+        if session >= 1 << 63:  # the contract's integer ids are signed 64-bit: one row, not the whole import
+            raise BadRow(BAD_ID)
         event = {
             "event_id": event_id,
-            "user_id": int(parse_id(row[i_session])),
+            "user_id": session,
             "type": "click",
             "ts": to_ms(row[i_time]),
             "item_id": parse_id(row[i_item]),

@@ -14,6 +14,7 @@ from consumers.commands.base import (
     check_broker, check_broker_for, command, exit_130_if_interrupted, install_stop_handlers,
 )
 from consumers.commands.options import (
+    FiniteRange,
     device_option, expiry_options, kafka_from, kafka_options, max_ahead_option, model_option, profile_options,
     pseudonymize_option, settings_from, state_dtype_option, thread_options, to_ms,
 )
@@ -119,16 +120,17 @@ def inspect(user: str, sources: tuple[str, ...], fmt: str, plot_path: str | None
 @kafka_options("--topic")
 @click.option("--partitions", default=4, show_default=True, type=click.IntRange(min=1),
               help="Partitions of --topic if it has to be created.")
-@click.option("--invalid-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--invalid-fraction", default=0.0, show_default=True, type=FiniteRange(0, 1),
               help="Share of records replaced by malformed ones of every kind (to exercise the dead-letter path).")
-@click.option("--span-days", default=30.0, show_default=True, type=click.FloatRange(min=0.01),
-              help="Event-time span of the log.")
+@click.option("--span-days", default=30.0, show_default=True, type=FiniteRange(0.01, 1000),
+              help="Event-time span of the log (it starts 2023-11-14; at most 1000 days, so that it ends before "
+                   "today: the daemon and every command refuse events stamped after the machine's clock).")
 @click.option("--shop-seed", default=None, type=int,
               help="A structured shop with parameters drawn from this seed (segments of users, what follows a "
                    "purchase, carts that bring users back, churn that slows users down first, visits that pause "
                    "for minutes and check out after the break); default: the classic shop. Train in one shop, "
                    "judge in another.")
-@click.option("--replenish-share", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--replenish-share", default=0.0, show_default=True, type=FiniteRange(0, 1),
               help="Share of users who rebuy a staple of their favourite category on a cycle of their own (7 to 35 "
                    "days): a purchase rhythm that no count or recency shows. In any shop; 0 leaves its logs as they "
                    "were.")
@@ -158,7 +160,7 @@ def generate(users: int, events: int, seed: int, out: str | None, topic: str | N
 
 
 @command(short_help="Everything on one machine, with a live view")
-@click.option("--duration", default=None, type=click.FloatRange(min=1), help="Stop after this many seconds "
+@click.option("--duration", default=None, type=FiniteRange(min=1), help="Stop after this many seconds "
               "(default: run until Ctrl-C).")
 @click.option("--users", default=500, show_default=True, type=click.IntRange(min=1), help="Synthetic users.")
 @click.option("--rate", default=3000, show_default=True, type=click.IntRange(min=1), help="Events per second.")
@@ -226,7 +228,7 @@ def file_not_topic(ctx: click.Context, param: click.Parameter, value: str) -> st
 
 @command(short_help="Cut an event log by event time, for evaluation")
 @click.argument("source", callback=file_not_topic)
-@click.option("--test-fraction", default=0.2, show_default=True, type=click.FloatRange(0.01, 0.99),
+@click.option("--test-fraction", default=0.2, show_default=True, type=FiniteRange(0.01, 0.99),
               help="Share of the events, the latest by event time, that becomes the test part.")
 @click.option("--train-out", required=True, type=click.Path(dir_okay=False), help="'-': standard output.")
 @click.option("--test-out", required=True, type=click.Path(dir_okay=False), help="'-': standard output.")

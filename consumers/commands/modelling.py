@@ -9,6 +9,7 @@ from typing import Any
 
 from consumers.commands.base import check_broker, check_broker_for, command, group, kafka_error
 from consumers.commands.options import (
+    FiniteRange,
     device_option, kafka_from, kafka_options, thread_options, to_instant_ms, to_ms, to_seconds, to_ttl_ms,
 )
 from stream.settings import STATE_DTYPES, KafkaSettings, Settings
@@ -37,16 +38,16 @@ def kafka_sources(sources: tuple[str, ...], params: dict[str, Any]) -> KafkaSett
 @click.option("--hidden-size", default=64, show_default=True, type=click.IntRange(min=4))
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1), help="Sequence chunks per step.")
 @click.option("--max-len", default=64, show_default=True, type=click.IntRange(min=2), help="Events per chunk.")
-@click.option("--lr", default=6e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--dropout", default=0.2, show_default=True, type=click.FloatRange(0, 0.9))
-@click.option("--unknown-items", default=0.15, show_default=True, type=click.FloatRange(0, 0.9),
+@click.option("--lr", default=6e-3, show_default=True, type=FiniteRange(min=0, min_open=True))
+@click.option("--dropout", default=0.2, show_default=True, type=FiniteRange(0, 0.9))
+@click.option("--unknown-items", default=0.15, show_default=True, type=FiniteRange(0, 0.9),
               help="Share of training events whose item the model reads as unknown, so that it learns what an "
                    "event says without its item: served on items it never saw (new products, another shop, ids "
                    "that name other products there) it reads them as unknown (docs/model.md).")
-@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0.01, 0.5),
+@click.option("--val-fraction", default=0.1, show_default=True, type=FiniteRange(0.01, 0.5),
               help="The last part of the time span that validates (early stopping).")
 @click.option("--patience", default=2, show_default=True, type=click.IntRange(min=1))
-@click.option("--average-epochs", default=0.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--average-epochs", default=0.0, show_default=True, type=FiniteRange(min=0),
               help="Keep a moving average of the weights over about this many epochs of steps, and validate "
                    "and save it instead of the last step's weights (0: off). Helps where the validation loss "
                    "is noisy from epoch to epoch, e.g. 4 on YOOCHOOSE with --epochs 40 (docs/model.md). Keep it "
@@ -259,7 +260,7 @@ def model_info(checkpoint: str, as_json: bool) -> None:
 @click.option("--offered-rate", default=50_000, show_default=True, type=click.IntRange(min=0),
               help="After the throughput runs, offer this many events/s from another process to the live "
               "daemon and report its batch latency (0 skips it).")
-@click.option("--offered-seconds", default=10.0, show_default=True, type=click.FloatRange(min=1),
+@click.option("--offered-seconds", default=10.0, show_default=True, type=FiniteRange(min=1),
               help="How long the offered load lasts.")
 @click.option("--no-broker", is_flag=True,
               help="Time the in-process model step alone (no Kafka), plus the scaling table.")

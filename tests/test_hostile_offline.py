@@ -1,0 +1,104 @@
+"""Odd input to the commands that read logs offline, found by a sweep of the first hour (session 53): each ends
+in one `Error:` line or a usage error, or leaves the bad record out and says so, instead of a result that means
+nothing (baselines at recall 1.0, a verdict over half a second of future, a cut in 2164) or minutes of work."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from consumers.cli import main
+from models.dataset import usable_events
+from stream.events import AHEAD_OF_CLOCK, RecordBatch
+from stream.generator import generate
+
+FUTURE = {"event_id": "fut", "user_id": "u1", "ts": "2199-12-31T00:00:00Z", "type": "click", "item_id": "i1",
+          "category": "shoes"}
+
+
+def write(path, rows: list[dict]) -> str:
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return str(path)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def small_log(tmp_path_factory) -> list[dict]:
+    return generate(users=30, events=1500, seed=3).events
+
+
+def test_offline_reading_leaves_out_an_event_stamped_after_the_clock_as_the_daemon_does(small_log):
+    records = RecordBatch.of([orjson.dumps(r) for r in [*small_log, FUTURE]], topic="log")
+    events, dead = usable_events(records, 65536)
+    assert len(events) == len(small_log) and int(events.ts.max()) < 4_102_444_800_000  # before 2100
+    assert [d.reason for d in dead] == [AHEAD_OF_CLOCK] and "after this machine's clock" in dead[0].detail
+
+
+def test_one_event_of_2199_moves_no_evaluation_cut(tmp_path, small_log):
+    plain = invoke("evaluate-fields", "--model", "demo", "--events", write(tmp_path / "a.jsonl", small_log), "--json")
+    spiked = invoke("evaluate-fields", "--model", "demo", "--events",
+                    write(tmp_path / "b.jsonl", [*small_log, FUTURE]), "--json")
+    assert plain.exit_code == 0 and spiked.exit_code == 0, spiked.output
+    report = orjson.loads(spiked.stdout[spiked.stdout.index("{"):])
+    assert report["cut"] == orjson.loads(plain.stdout[plain.stdout.index("{"):])["cut"]
+
+
+def test_evaluate_refuses_training_or_test_events_it_cannot_use(tmp_path, small_log):
+    """Without training events every baseline scores every item 0, and ties rank first: recall 1.0."""
+    empty, log_ = tmp_path / "empty.jsonl", write(tmp_path / "log.jsonl", small_log)
+    empty.write_bytes(b"")
+    for args, option in ((("--train-events", str(empty), "--events", log_), "--train-events"),
+                         (("--train-events", log_, "--events", str(empty)), "--events")):
+        result = invoke("evaluate", "--model", "demo", *args)
+        assert result.exit_code == 1 and f"no usable events in {option}" in error_line(result)
+
+
+def test_evaluate_fields_wants_minutes_of_future_after_a_cut(tmp_path, small_log):
+    """A log spanning one second: two cuts half a second apart were judged "ahead" over windows of 0 hours."""
+    squeezed = [{**e, "ts": 1_700_000_000_000 + i // 2} for i, e in enumerate(small_log[:2000])]
+    result = invoke("evaluate-fields", "--model", "demo", "--events", write(tmp_path / "s.jsonl", squeezed),
+                    "--cuts", "2")
+    assert result.exit_code == 1 and "past the cut" in error_line(result)
+
+
+@pytest.mark.parametrize("args", [
+    ("replay", "LOG", "--out", "OUT", "--torch-threads", "100000"),  # crashed torch's thread pool (exit 139)
+    ("replay", "LOG", "--out", "OUT", "--gru-threads", "5000"),
+    ("split", "LOG", "--test-fraction", "nan", "--train-out", "A", "--test-out", "B"),
+    ("train", "--events", "LOG", "--out", "M", "--lr", "inf"),  # an epoch of nan losses, then a RuntimeError
+    ("generate", "--users", "3", "--events", "10", "--invalid-fraction", "nan", "--out", "OUT"),  # read as 0
+    ("generate", "--users", "3", "--events", "10", "--span-days", "1e9", "--out", "OUT"),  # a log replay refuses
+])
+def test_values_no_machine_or_log_can_take_are_usage_errors(tmp_path, small_log, args):
+    paths = {"LOG": write(tmp_path / "log.jsonl", small_log), "OUT": str(tmp_path / "out.jsonl"),
+             "A": str(tmp_path / "a.jsonl"), "B": str(tmp_path / "b.jsonl"), "M": str(tmp_path / "m.pt")}
+    result = invoke(*[paths.get(a, a) for a in args])
+    assert result.exit_code == 2 and "Invalid value" in result.output, result.output
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "m.pt").exists()
+
+
+def test_inspect_refuses_idle_rescores_by_the_million(tmp_path, small_log):
+    user = small_log[0]["user_id"]
+    result = invoke("inspect", user, "--events", write(tmp_path / "log.jsonl", small_log),
+                    "--idle-rescore-after", "1s")
+    assert result.exit_code == 1 and "would re-score the user" in error_line(result)
+
+
+def test_a_yoochoose_session_id_beyond_64_bits_is_one_bad_row_not_a_failed_import(tmp_path):
+    src = tmp_path / "clicks.dat"
+    src.write_text("SessionId\tItemId\tTime\n1\t214536502\t1396839069\n"
+                   "18446744073709551616\t214536502\t1396839070\n9223372036854775807\t214536503\t1396839071\n")
+    result = invoke("import", str(src), "--format", "yoochoose", "--out", str(tmp_path / "yc.jsonl"))
+    assert result.exit_code == 0 and "bad_id=1" in result.output, result.output
+    rows = [orjson.loads(line) for line in (tmp_path / "yc.jsonl").read_bytes().splitlines()]
+    assert [r["user_id"] for r in rows] == [1, 9223372036854775807]
