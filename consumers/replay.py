@@ -24,7 +24,7 @@ from stream.kafka import Publisher
 from stream.runtime import tune_garbage_collector
 from stream.settings import Settings
 from stream.sources import FileSource, SourceError, no_usable_events, open_sources, parse_kafka_uri
-from stream.snapshot_files import write_snapshot
+from stream.snapshot_files import SNAPSHOT_FILES, write_snapshot
 from stream.state import StateTable
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,10 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
     started = time.monotonic()
     # The sources and outputs are checked before the model loads (seconds): a mistake shows at once.
     opened = open_sources(settings.kafka, sources, fmt, batch_records, keep_rejected=True,
-                          outputs={"--out": out, "--dead-letters": dead_letters_path})
+                          outputs={"--out": out, "--dead-letters": dead_letters_path,
+                                   # an earlier run's snapshot in a directory replayed again is no event log
+                                   **({f"--state-out ({name})": os.path.join(state_out, name)
+                                       for name in SNAPSHOT_FILES} if state_out else {})})
     sink = ProfileSink(out, output_topic, settings)
     try:
         dlq = OutputFile(dead_letters_path, "--dead-letters")

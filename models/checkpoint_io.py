@@ -192,6 +192,10 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
             model.catalogue = ItemCatalogue.from_arrays(payload["catalogue"])
     except (TypeError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{str(path)!r} does not match this model code: {exc}") from None
+    broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if broken:  # served, they publish null scores for every user, without a word
+        raise CheckpointError(f"{str(path)!r} holds weights that are not finite numbers (nan or inf) in "
+                              f"{len(broken)} tensor(s), e.g. {broken[0]}: a training run that diverged? Train again")
     vocab = list(payload.get("item_vocab", []))
     if len(vocab) != config.n_items and config.n_items:
         raise CheckpointError(f"{str(path)!r} has {len(vocab)} vocabulary items for a {config.n_items}-item head")

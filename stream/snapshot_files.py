@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+SNAPSHOT_FILES = ("state.npz", "state.json")  # what a snapshot directory holds
+
 
 def write_snapshot(directory: str | Path, snapshot: dict, meta: dict) -> None:
     """A state snapshot on disk: arrays in state.npz, the rest (and `meta`) in state.json.
@@ -24,8 +26,8 @@ def write_snapshot(directory: str | Path, snapshot: dict, meta: dict) -> None:
     with open(tmp_npz, "wb") as fh:
         np.savez(fh, **arrays)
     tmp_json.write_bytes(orjson.dumps({"snapshot": plain, "meta": meta}))
-    os.replace(tmp_npz, directory / "state.npz")
-    os.replace(tmp_json, directory / "state.json")
+    os.replace(tmp_npz, directory / SNAPSHOT_FILES[0])
+    os.replace(tmp_json, directory / SNAPSHOT_FILES[1])
 
 
 def read_snapshot(directory: str | Path) -> tuple[dict, dict]:

@@ -190,11 +190,11 @@ def test_an_output_that_is_one_of_the_inputs_is_refused(tmp_path, command, flag,
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
-def test_a_replay_of_a_directory_skips_its_own_earlier_output(tmp_path, caplog):
+def test_a_replay_of_a_directory_skips_its_own_earlier_output_and_snapshot(tmp_path, caplog):
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "events.jsonl").write_bytes(jsonl(events()) + b"not json\n")
-    args = ["replay", str(logs), "--out", str(logs / "out.jsonl")]
+    args = ["replay", str(logs), "--out", str(logs / "out.jsonl"), "--state-out", str(logs)]
     first = invoke(*args, device=True)
     assert first.exit_code == 0 and (logs / "out.jsonl.dlq.jsonl").exists(), first.output
     (logs / "out.jsonl.partial").write_bytes((logs / "out.jsonl").read_bytes())  # an interrupted run's
@@ -204,7 +204,7 @@ def test_a_replay_of_a_directory_skips_its_own_earlier_output(tmp_path, caplog):
     assert "301 records (300 events, 1 dead letters" in again.output, again.output
     skipped = sorted(r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("skipping"))
     assert skipped == [f"skipping {logs / name}" for name in ("out.jsonl", "out.jsonl.dlq.jsonl",
-                                                              "out.jsonl.partial")]
+                                                              "out.jsonl.partial", "state.json", "state.npz")]
 
 
 def test_rows_a_format_cannot_convert_are_dead_letters_of_the_replay(tmp_path):

@@ -102,3 +102,28 @@ def test_a_yoochoose_session_id_beyond_64_bits_is_one_bad_row_not_a_failed_impor
     assert result.exit_code == 0 and "bad_id=1" in result.output, result.output
     rows = [orjson.loads(line) for line in (tmp_path / "yc.jsonl").read_bytes().splitlines()]
     assert [r["user_id"] for r in rows] == [1, 9223372036854775807]
+
+
+def test_a_checkpoint_with_weights_that_are_not_numbers_is_refused_before_it_serves(tmp_path, small_log):
+    """Served, a diverged model published null scores for every user and said nothing."""
+    import torch
+
+    from models.checkpoint_io import DEMO_MODEL_PATH
+
+    payload = torch.load(DEMO_MODEL_PATH, weights_only=True)
+    name = next(k for k, v in payload["state_dict"].items() if v.is_floating_point())
+    payload["state_dict"][name] = torch.full_like(payload["state_dict"][name], float("nan"))
+    torch.save(payload, tmp_path / "nan.pt")
+    result = invoke("replay", write(tmp_path / "log.jsonl", small_log), "--out", str(tmp_path / "out.jsonl"),
+                    "--model", str(tmp_path / "nan.pt"))
+    assert result.exit_code == 1 and "not finite numbers" in error_line(result) and name in result.output
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_cut_given_twice_is_judged_once(tmp_path, small_log):
+    cut = "2023-11-25T00:00:00+00:00"
+    result = invoke("evaluate-fields", "--model", "demo", "--events", write(tmp_path / "log.jsonl", small_log),
+                    "--cut", cut, "--cut", cut, "--json")
+    assert result.exit_code == 0, result.output
+    report = orjson.loads(result.stdout[result.stdout.index("{"):])
+    assert "cuts" not in report and report["cut"] == cut

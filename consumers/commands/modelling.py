@@ -189,6 +189,7 @@ def evaluate_fields(model_path: str, event_files: tuple[str, ...], cuts: list[in
     if plot_path and (len(cuts) > 1 or spread):
         raise click.UsageError("--plot draws one cut's reliability diagrams: give one --cut")
     kafka = kafka_sources(event_files, params)
+    cuts = list(dict.fromkeys(cuts))  # a cut given twice is judged once (and counted once among the cuts)
     from consumers.field_report import run_field_evaluation
 
     run_field_evaluation(model_path, event_files, cuts, spread, device, as_json, plot_path, kafka)
