@@ -55,6 +55,9 @@ def events_until(event_files: tuple[str, ...], until: int | None, kafka: KafkaSe
                 f"{len(events)} of the {len(everything):,} events in {', '.join(event_files)} are at or before "
                 f"--until {iso_time(until, 'seconds')}: the log runs from {iso_time(everything.first_ts, 'seconds')} "
                 f"to {iso_time(everything.last_ts, 'seconds')}")
+        if len(events):  # one event: nothing follows it to learn from
+            raise click.ClickException(f"one usable event in {', '.join(event_files)}: training needs at least two "
+                                       "(a model learns what follows an event)")
         raise click.ClickException(f"no usable events in {', '.join(event_files)}")
     click.echo(f"{len(events):,} events of {len(events.users):,} users"
                + (f" ({events.invalid:,} invalid lines skipped)" if events.invalid else ""), err=True)

@@ -195,6 +195,10 @@ def split_lines_by_time(source: str | Path, test_fraction: float, train_out: str
     ts[ev.record_index] = ev.ts
     cutoff = int(np.quantile(ev.ts, 1 - test_fraction, method="lower"))
     test = ts > cutoff
+    if not test.any():  # the latest events all share the cut's time: a test part of none would judge nothing
+        raise SourceError(f"no event of {source} is later than the cut {iso_time(cutoff)} at --test-fraction "
+                          f"{test_fraction:g} ({int((ev.ts == cutoff).sum()):,} of its {len(ev):,} events share that "
+                          "time): the test part is the events after the cut, and it would be empty")
     for path, keep in ((train_out, ~test), (test_out, test)):
         opener = gzip.open if str(path).endswith(".gz") else open
         with opener(path, "wb") as out:

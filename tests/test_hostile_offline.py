@@ -127,3 +127,16 @@ def test_a_cut_given_twice_is_judged_once(tmp_path, small_log):
     assert result.exit_code == 0, result.output
     report = orjson.loads(result.stdout[result.stdout.index("{"):])
     assert "cuts" not in report and report["cut"] == cut
+
+
+def test_split_of_a_log_whose_events_share_one_time_says_there_is_no_later_part(tmp_path, small_log):
+    same = [{**e, "ts": 1_700_000_000_000} for e in small_log]
+    result = invoke("split", write(tmp_path / "log.jsonl", same), "--train-out", str(tmp_path / "a.jsonl"),
+                    "--test-out", str(tmp_path / "b.jsonl"))
+    assert result.exit_code == 1 and "would be empty" in error_line(result)
+    assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "b.jsonl").exists()
+
+
+def test_train_on_one_event_says_one_not_none(tmp_path, small_log):
+    result = invoke("train", "--events", write(tmp_path / "one.jsonl", small_log[:1]), "--out", str(tmp_path / "m.pt"))
+    assert result.exit_code == 1 and "one usable event" in error_line(result)
