@@ -17,6 +17,7 @@ from models.field_evaluation import (
     DEFAULT_CUT_SHARE, JUDGED_FIELDS, PROBABILITY_FIELDS, SPREAD_CUT_SHARES, evaluate_fields, summarise_cuts,
 )
 from consumers.commands.base import reading_sources
+from consumers.outfiles import check_output_dir
 from models.dataset import read_records
 from models.profile_model import CheckpointError, resolve_device
 from models.checkpoint_io import load_checkpoint
@@ -47,6 +48,8 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[int
     """One report at one cut (the default, or the one given); with several cuts, each cut's report and a
     summary of what they say together (summarise_cuts). files: the replay's sources (files, directories,
     globs, kafka://TOPIC?from=&to= read with `kafka`), read once for every cut."""
+    if plot_path:
+        check_output_dir(plot_path, "--plot")  # now, not after replaying to the cut
     device = resolve_device(device_name)
     try:
         loaded = load_checkpoint(model_path, device)

@@ -19,6 +19,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from consumers.outfiles import check_output_dir
 from models.admission import refuse_ahead_of_clock
 from models.update_step import ProfileUpdater, load_updater
 from models.features import category_keys
@@ -338,6 +339,8 @@ def plot(tl: Timeline, path: str):  # -> matplotlib.figure.Figure
 
 
 def run_inspect(settings: Settings, sources: list[str], fmt: str, user: str, plot_path: str | None) -> None:
+    if plot_path:
+        check_output_dir(plot_path, "--plot")  # now, not after the replay
     tl = timeline(settings, sources, fmt, user)
     console = Console()
     if not console.is_terminal:  # piped: room for every column in full (the table is as wide as its cells)

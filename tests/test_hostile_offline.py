@@ -140,3 +140,26 @@ def test_split_of_a_log_whose_events_share_one_time_says_there_is_no_later_part(
 def test_train_on_one_event_says_one_not_none(tmp_path, small_log):
     result = invoke("train", "--events", write(tmp_path / "one.jsonl", small_log[:1]), "--out", str(tmp_path / "m.pt"))
     assert result.exit_code == 1 and "one usable event" in error_line(result)
+
+
+@pytest.mark.parametrize("command", ["evaluate-fields", "inspect"])
+def test_a_plot_into_a_missing_directory_fails_before_the_work(tmp_path, small_log, command):
+    log_ = write(tmp_path / "log.jsonl", small_log)
+    args = ["--model", "demo", "--events", log_] if command == "evaluate-fields" else [small_log[0]["user_id"],
+                                                                                       "--events", log_]
+    result = invoke(command, *args, "--plot", str(tmp_path / "nodir" / "p.png"))
+    assert result.exit_code == 1 and "does not exist" in error_line(result)
+    assert "replaying" not in result.output and "│" not in result.output  # no report came before the error
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`profiles generate --out - | head -1` printed `Error: BrokenPipeError` and exited 1."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "consumers.cli", "generate", "--users", "50", "--events",
+                             "50000", "--out", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert orjson.loads(proc.stdout.readline())["event_id"]
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"Error" not in err, err

@@ -73,6 +73,8 @@ class ProfilesGroup(click.Group):
             ctx.exit(130)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except BrokenPipeError:  # `--out - | head`: the reader has what it wanted
+            stdout_closed()
         except Exception as exc:
             if logging.getLogger().isEnabledFor(logging.DEBUG):
                 raise
