@@ -62,7 +62,9 @@ class ReplayReport:
         erased += (f"; {self.expired:,} user state(s) expired, {self.users:,} user(s) left in state"
                    if self.expired else "")
         dead = f"{self.dead_letters:,} dead letters" + (f" -> {dead_letters_path}" if self.dead_letters else "")
-        return (f"{self.records:,} records ({self.events:,} events, {dead}{skipped}) of {self.users:,} users in "
+        # The users in state at the end: all the log's users, unless some expired (then said below, not here).
+        users = "" if self.expired else f" of {self.users:,} users"
+        return (f"{self.records:,} records ({self.events:,} events, {dead}{skipped}){users} in "
                 f"{self.seconds:.1f}s ({self.events_per_second:,.0f} records/s); {self.profiles:,} profiles written"
                 f"{erased}{self.dead_letter_reasons()}")
 

@@ -65,6 +65,9 @@ def expand_paths(sources: list[str], outputs: Mapping[str, str | None] | None = 
             if named:
                 raise SourceError(f"{flag} {source} is one of the inputs (it would be overwritten while it is read)")
             paths.append(Path(source))
+        elif source == "-" or os.path.exists(source):  # a pipe, a device, or standard input
+            raise SourceError(f"{source!r} is not a file, directory or glob: event logs are read from files (and "
+                              f"kafka:// ranges), not from pipes or standard input; write the events to a file first")
         else:
             raise SourceError(f"{source!r} does not exist")
     return paths

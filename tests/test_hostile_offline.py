@@ -163,3 +163,17 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
     proc.stdout.close()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and b"Error" not in err, err
+
+
+@pytest.mark.parametrize("source", ["-", "/dev/null"])
+def test_standard_input_or_a_device_as_a_source_is_named_for_what_it_is(tmp_path, source):
+    result = invoke("replay", source, "--out", str(tmp_path / "out.jsonl"))
+    assert result.exit_code == 1 and "not from pipes or standard input" in error_line(result)
+
+
+def test_a_replay_whose_users_expired_does_not_count_the_survivors_as_its_users(tmp_path, small_log):
+    """--state-ttl 1ms left one user in state, and the summary said "of 1 users" of a 30-user log."""
+    result = invoke("replay", write(tmp_path / "log.jsonl", small_log), "--out", str(tmp_path / "out.jsonl"),
+                    "--state-ttl", "1ms")
+    assert result.exit_code == 0, result.output
+    assert "user state(s) expired" in result.output and " of 1 users" not in result.output
