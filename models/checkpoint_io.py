@@ -114,6 +114,14 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
             f"{str(path)!r} has checkpoint format {payload['format']}; this version reads formats "
             f"{', '.join(map(str, READABLE_FORMATS))}"
         )
+    try:
+        return _read(payload, path, device)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:  # a damaged or hand-edited payload
+        raise CheckpointError(f"{str(path)!r} is damaged or was edited: {type(exc).__name__} {exc}") from None
+
+
+def _read(payload: dict, path: Path, device: torch.device | str) -> LoadedModel:
+    """The model of a checkpoint payload of a readable format: older formats brought up to this code's."""
     if payload["format"] == 3:  # affine calibration [a, b]: the same line through the knots
         for key in [k for k in payload["state_dict"] if k.endswith(".calibration")]:
             a, b = payload["state_dict"][key].tolist()
@@ -191,7 +199,10 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         if "catalogue" in payload:
             model.catalogue = ItemCatalogue.from_arrays(payload["catalogue"])
     except (TypeError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{str(path)!r} does not match this model code: {exc}") from None
+        # load_state_dict lists every mismatched tensor over many lines under a heading: the first of them is enough
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        raise CheckpointError(f"{str(path)!r} does not match this model code: {lines[min(1, len(lines) - 1)]}"
+                              + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")) from None
     broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
     if broken:  # served, they publish null scores for every user, without a word
         raise CheckpointError(f"{str(path)!r} holds weights that are not finite numbers (nan or inf) in "

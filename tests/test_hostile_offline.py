@@ -177,3 +177,19 @@ def test_a_replay_whose_users_expired_does_not_count_the_survivors_as_its_users(
                     "--state-ttl", "1ms")
     assert result.exit_code == 0, result.output
     assert "user state(s) expired" in result.output and " of 1 users" not in result.output
+
+
+def test_a_damaged_or_edited_checkpoint_is_one_short_error_line(tmp_path, small_log):
+    import torch
+
+    from models.checkpoint_io import DEMO_MODEL_PATH
+
+    payload = torch.load(DEMO_MODEL_PATH, weights_only=True)
+    torch.save({k: v for k, v in payload.items() if k != "state_dict"}, tmp_path / "no_weights.pt")
+    torch.save({**payload, "config": {**payload["config"], "hidden_size": 48}}, tmp_path / "other_size.pt")
+    log_ = write(tmp_path / "log.jsonl", small_log)
+    for name, expected in (("no_weights.pt", "is damaged or was edited: KeyError"),
+                           ("other_size.pt", "does not match this model code: size mismatch")):
+        result = invoke("evaluate-fields", "--model", str(tmp_path / name), "--events", log_)
+        line = error_line(result)
+        assert result.exit_code == 1 and expected in line and len(result.output.strip().splitlines()) == 1, line
