@@ -193,3 +193,12 @@ def test_a_damaged_or_edited_checkpoint_is_one_short_error_line(tmp_path, small_
         result = invoke("evaluate-fields", "--model", str(tmp_path / name), "--events", log_)
         line = error_line(result)
         assert result.exit_code == 1 and expected in line and len(result.output.strip().splitlines()) == 1, line
+
+
+def test_inspect_says_how_many_lines_it_left_out(tmp_path, small_log, caplog):
+    seconds = [{**e, "ts": e["ts"] // 1000} for e in small_log[:5]]  # epoch seconds: 1970, invalid
+    with caplog.at_level("WARNING", logger="consumers.inspect"):
+        result = invoke("inspect", small_log[0]["user_id"], "--events",
+                        write(tmp_path / "log.jsonl", [*small_log, *seconds, FUTURE]))
+    assert result.exit_code == 0, result.output
+    assert any(r.getMessage().startswith("6 invalid line(s) skipped") for r in caplog.records), caplog.text
