@@ -202,3 +202,12 @@ def test_inspect_says_how_many_lines_it_left_out(tmp_path, small_log, caplog):
                         write(tmp_path / "log.jsonl", [*small_log, *seconds, FUTURE]))
     assert result.exit_code == 0, result.output
     assert any(r.getMessage().startswith("6 invalid line(s) skipped") for r in caplog.records), caplog.text
+
+
+@pytest.mark.parametrize("source, expected", [("kafka://", "is not kafka://TOPIC"),
+                                              ("kafka://events?from=notadate", "from= must be ISO-8601")])
+def test_a_mistyped_topic_address_is_named_before_any_broker_is_asked(tmp_path, source, expected):
+    """No broker listens at port 1: the address is the error, not the broker."""
+    result = invoke("train", "--events", source, "--out", str(tmp_path / "m.pt"), "--bootstrap-servers",
+                    "127.0.0.1:1", "--connect-timeout", "1s")
+    assert result.exit_code == 1 and expected in error_line(result)

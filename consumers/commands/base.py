@@ -150,6 +150,14 @@ def check_broker_for(kafka: KafkaSettings, sources: tuple[str, ...] | list[str],
                      writes_topic: bool = False) -> None:
     """check_broker where a command reads a kafka:// source or writes to a topic (files need no broker).
     Called before the model's imports, which take seconds: a broker that is down shows at once."""
+    from stream.sources import SourceError, parse_kafka_uri
+
+    for source in sources:  # a mistyped address is the mistake to name, whether or not a broker answers
+        if source.startswith("kafka://"):
+            try:
+                parse_kafka_uri(source)
+            except SourceError as exc:
+                raise click.ClickException(str(exc)) from None
     if writes_topic or any(s.startswith("kafka://") for s in sources):
         check_broker(kafka, connect_timeout_s)
 
