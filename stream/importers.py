@@ -21,6 +21,7 @@ import gzip
 import logging
 import os
 import uuid
+import zlib
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
@@ -46,6 +47,10 @@ def _check_format(fmt: str) -> None:
         raise ValueError(f"unknown dataset format {fmt!r}; known formats: {', '.join(FORMATS)}")
 
 
+class DamagedFile(ValueError):
+    """A source's compressed data cut short or corrupt: the file is the problem, not its format."""
+
+
 def iter_import(fmt: str, src: str | Path, report: ImportReport | None = None) -> Iterator[dict]:
     """Events of one source file (plain or .gz), lazily, in the file's row order.
 
@@ -62,10 +67,13 @@ def iter_import(fmt: str, src: str | Path, report: ImportReport | None = None) -
 
 def _iter_import(fmt: str, src: Path, report: ImportReport | None) -> Iterator[dict]:
     rep = ImportReport() if report is None else report
-    with open_text(src) as fh:
-        layout = LAYOUTS[fmt](fh, src)
-        if layout is not None:
-            yield from layout_events(layout, src, f"{fmt}-{_source_name(src)}-", rep)
+    try:
+        with open_text(src) as fh:
+            layout = LAYOUTS[fmt](fh, src)
+            if layout is not None:
+                yield from layout_events(layout, src, f"{fmt}-{_source_name(src)}-", rep)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a download cut short: say so, with the rows read
+        raise DamagedFile(f"{src}: gzip data broken after {rep.rows:,} rows ({exc}); download the file again") from None
     if report is None and rep.skipped:
         log.warning("%s: skipped %d of %d rows: %s (first at %s)", src, sum(rep.skipped.values()), rep.rows,
                     rep.skipped, rep.examples)

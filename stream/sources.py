@@ -244,7 +244,7 @@ class FileSource:
                             records = [r for r in records if r]
                         yield name, numbers, records
             else:
-                from stream.importers import iter_import
+                from stream.importers import DamagedFile, iter_import
 
                 # Converted on the fly (progress advances per file); line = the event's position.
                 report = ImportReport(rejected=[]) if self._rejected is not None else None
@@ -253,6 +253,8 @@ class FileSource:
                     while chunk := list(itertools.islice(events, 10_000)):
                         self._keep_rejected(name, report)
                         yield name, [n for n, _ in chunk], [orjson.dumps(e) for _, e in chunk]
+                except DamagedFile as exc:
+                    raise SourceError(str(exc)) from None
                 except (ValueError, UnicodeDecodeError) as exc:
                     raise SourceError(f"{exc} (is --format {self.format} right? the event contract's JSON lines "
                                       "are --format jsonl)") from None

@@ -211,3 +211,17 @@ def test_a_mistyped_topic_address_is_named_before_any_broker_is_asked(tmp_path, 
     result = invoke("train", "--events", source, "--out", str(tmp_path / "m.pt"), "--bootstrap-servers",
                     "127.0.0.1:1", "--connect-timeout", "1s")
     assert result.exit_code == 1 and expected in error_line(result)
+
+
+def test_a_dataset_download_cut_short_is_named_as_such(tmp_path):
+    import gzip
+
+    rows = "user_id,item_id,category_id,behavior_type,timestamp\n" + "".join(
+        f"{i},2,3,pv,{1511658000 + i}\n" for i in range(20000))
+    (tmp_path / "taobao.csv.gz").write_bytes(gzip.compress(rows.encode())[:30000])
+    for command in (("import", str(tmp_path / "taobao.csv.gz"), "--out", str(tmp_path / "a.jsonl")),
+                    ("replay", str(tmp_path / "taobao.csv.gz"), "--out", str(tmp_path / "b.jsonl"))):
+        result = invoke(*command, "--format", "taobao")
+        line = error_line(result)
+        assert result.exit_code == 1 and "gzip data broken after" in line and "EOFError" not in line, line
+        assert "is --format" not in line
