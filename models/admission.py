@@ -329,9 +329,9 @@ def refuse_ahead_of_clock(records: RecordBatch, events: EventColumns, max_ahead_
     ahead = events.ts > now + max_ahead_ms
     if not ahead.any():
         return events
+    bound = (f"--max-ahead {max_ahead_ms / 3_600_000:g}h; 0 turns the check off" if flag else
+             f"more than {max_ahead_ms / 3_600_000:g}h ahead")
     for i, ts in zip(events.record_index[ahead].tolist(), events.ts[ahead].tolist()):
-        bound = f"--max-ahead {max_ahead_ms / 3_600_000:g}h; 0 turns the check off" if flag else \
-            f"more than {max_ahead_ms / 3_600_000:g}h ahead"
         detail = (f"'ts' {iso_time(ts, 'seconds')} is {(ts - now) / 86_400_000:,.1f} days after this machine's "
                   f"clock ({bound})")
         dead.append(DeadLetter(value=records.values[i], key=records.keys[i], reason=AHEAD_OF_CLOCK, detail=detail,
