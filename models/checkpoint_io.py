@@ -3,6 +3,7 @@ a format version), never a pickled module; and the model shipped in the package 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -104,7 +105,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     if not path.is_file():
         raise CheckpointError(f"model checkpoint {str(path)!r} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle's protocol before it fails: one line
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a corrupt or foreign file
         raise CheckpointError(f"{str(path)!r} is not a readable profiles checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or "format" not in payload:

@@ -225,3 +225,18 @@ def test_a_dataset_download_cut_short_is_named_as_such(tmp_path):
         line = error_line(result)
         assert result.exit_code == 1 and "gzip data broken after" in line and "EOFError" not in line, line
         assert "is --format" not in line
+
+
+def test_a_foreign_pickle_is_one_error_line_without_torchs_warnings(tmp_path):
+    import pickle
+
+    with open(tmp_path / "p4.pt", "wb") as fh:
+        pickle.dump({"a": 1}, fh, protocol=4)
+    import subprocess
+    import sys
+
+    # In a process of its own: pytest records warnings instead of letting them reach stderr.
+    result = subprocess.run([sys.executable, "-m", "consumers.cli", "model", "info", str(tmp_path / "p4.pt")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"Error: '{tmp_path / 'p4.pt'}' is not a readable profiles checkpoint (UnpicklingError)"], result.stderr
