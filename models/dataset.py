@@ -189,6 +189,7 @@ def split_lines_by_time(source: str | Path, test_fraction: float, train_out: str
     records = read_records([source])
     lines, n = records.values, len(records)
     ev, dead = decode_batch(records, 1 << 30)
+    ev = refuse_ahead_of_clock(records, ev, Settings.max_ahead_ms, dead, flag=False)  # no cut moved by year 2199
     if not len(ev):  # no event time to cut at
         raise SourceError(no_usable_events_among([source], dead))
     ts = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)  # invalid lines: train side

@@ -240,3 +240,15 @@ def test_a_foreign_pickle_is_one_error_line_without_torchs_warnings(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         f"Error: '{tmp_path / 'p4.pt'}' is not a readable profiles checkpoint (UnpicklingError)"], result.stderr
+
+
+def test_split_cuts_by_the_events_the_other_commands_use_not_one_of_2199(tmp_path, small_log):
+    """The latest 20% by time: an event stamped far ahead was the whole test part's reason to exist."""
+    plain = invoke("split", write(tmp_path / "a.jsonl", small_log), "--train-out", str(tmp_path / "a1.jsonl"),
+                   "--test-out", str(tmp_path / "a2.jsonl"))
+    spiked = invoke("split", write(tmp_path / "b.jsonl", [*small_log, FUTURE]), "--train-out",
+                    str(tmp_path / "b1.jsonl"), "--test-out", str(tmp_path / "b2.jsonl"))
+    assert plain.exit_code == 0 and spiked.exit_code == 0, spiked.output
+    assert (tmp_path / "b2.jsonl").read_bytes() == (tmp_path / "a2.jsonl").read_bytes()
+    # ... and the refused line stays on the training side byte for byte, as invalid lines do
+    assert (tmp_path / "b1.jsonl").read_bytes() == (tmp_path / "a1.jsonl").read_bytes() + orjson.dumps(FUTURE) + b"\n"
