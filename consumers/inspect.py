@@ -8,7 +8,6 @@ daemon would have published right after that event.
 from __future__ import annotations
 
 import collections
-import logging
 import datetime as dt
 import math
 from dataclasses import dataclass, field, replace
@@ -21,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from consumers.outfiles import check_output_dir
-from models.admission import refuse_ahead_of_clock
+from models.dataset import decode_offline, warn_skipped
 from models.update_step import ProfileUpdater, load_updater
 from models.features import category_keys
 from stream.events import EVENT_TYPES, RecordBatch
@@ -39,8 +38,6 @@ CATEGORY_COLOURS = ("tab:blue", "tab:purple", "tab:brown", "tab:olive", "tab:cya
 # Idle re-scores are computed one by one (about a millisecond each) and shown collapsed into one row per run:
 # more than this many would take minutes for nothing to read (1s over a month's log: about 2.6 million).
 MAX_IDLE_RESCORES = 20_000
-
-log = logging.getLogger(__name__)
 
 
 class InspectError(ValueError):
@@ -75,14 +72,12 @@ def user_records(settings: Settings, sources: list[str], fmt: str, user: str
     categories: set[str] = set()
     log_end = -1
     erased_before = 0
-    skipped: list = []  # the sources' dead letters: said once at the end, as the other commands that read logs
+    skipped: list = []  # the sources' dead letters: said once at the end, as by the other commands that read logs
     for source in open_sources(settings.kafka, sources, fmt, 50_000):
         while not source.exhausted:
             batch = source.next_batch()
             controls: list = []
-            events, dead = decode_batch(batch, settings.max_event_bytes, controls)
-            if settings.max_ahead_ms:  # as the daemon: an event of 2199 would be the replay's final clock
-                events = refuse_ahead_of_clock(batch, events, settings.max_ahead_ms, dead, flag=False)
+            events, dead = decode_offline(batch, settings.max_event_bytes, controls)
             skipped += dead
             if source.time_range is not None:  # kafka:// ranges select by event time, as in replay
                 events = events.take(source.time_range.mask(events.ts))
@@ -96,9 +91,7 @@ def user_records(settings: Settings, sources: list[str], fmt: str, user: str
                 mine = mine[events.record_index[mine] > forgets[-1]]
             found += [batch.values[i] for i in events.record_index[mine].tolist()]
             categories.update(c for c in events.category.tolist() if c is not None)
-    if skipped:
-        log.warning("%d invalid line(s) skipped, e.g. %s:%d: %s", len(skipped), skipped[0].topic, skipped[0].offset,
-                    skipped[0].detail)
+    warn_skipped(skipped)
     return found, categories, log_end, erased_before
 
 

@@ -134,6 +134,21 @@ def event_log(ev: EventColumns, invalid: int = 0) -> EventLog:
     return _build(ev, invalid)
 
 
+def decode_offline(records: RecordBatch, max_event_bytes: int, controls: list[Control] | None = None
+                   ) -> tuple[EventColumns, list[DeadLetter]]:
+    """decode_batch for the commands that read logs offline: the events stamped more than a day after this machine's
+    clock are dead letters too, as the daemon refuses them (ahead_of_clock; one event of 2199 would move every cut)."""
+    ev, dead = decode_batch(records, max_event_bytes, controls)
+    return refuse_ahead_of_clock(records, ev, Settings.max_ahead_ms, dead, flag=False), dead
+
+
+def warn_skipped(dead: list[DeadLetter]) -> None:
+    """One warning for the lines a command left out of its logs, with the first as the example."""
+    if dead:
+        first = dead[0]
+        log.warning("%d invalid line(s) skipped, e.g. %s:%d: %s", len(dead), first.topic, first.offset, first.detail)
+
+
 def usable_events(records: RecordBatch, max_event_bytes: int) -> tuple[EventColumns, list[DeadLetter]]:
     """The events of `records` the daemon would apply, in record order, and the dead letters: what breaks the
     contract is left out (and logged), as are a user's events before a forget record for them (the daemon
@@ -141,11 +156,8 @@ def usable_events(records: RecordBatch, max_event_bytes: int) -> tuple[EventColu
     daemon skips those within its dedupe window; here wherever they are, so that an at-least-once producer's
     retries neither train nor judge a model twice)."""
     controls: list[Control] = []
-    ev, dead = decode_batch(records, max_event_bytes, controls)
-    ev = refuse_ahead_of_clock(records, ev, Settings.max_ahead_ms, dead, flag=False)
-    if dead:
-        first = dead[0]
-        log.warning("%d invalid line(s) skipped, e.g. %s:%d: %s", len(dead), first.topic, first.offset, first.detail)
+    ev, dead = decode_offline(records, max_event_bytes, controls)
+    warn_skipped(dead)
     forgets = [c for c in controls if c.kind == "forget"]
     if forgets:
         # An event is erased where a forget for its user comes after it: the user's last forget tells.
@@ -188,8 +200,7 @@ def split_lines_by_time(source: str | Path, test_fraction: float, train_out: str
     """
     records = read_records([source])
     lines, n = records.values, len(records)
-    ev, dead = decode_batch(records, 1 << 30)
-    ev = refuse_ahead_of_clock(records, ev, Settings.max_ahead_ms, dead, flag=False)  # no cut moved by year 2199
+    ev, dead = decode_offline(records, 1 << 30)
     if not len(ev):  # no event time to cut at
         raise SourceError(no_usable_events_among([source], dead))
     ts = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)  # invalid lines: train side
