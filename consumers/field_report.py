@@ -44,7 +44,7 @@ def seen_in_training(metadata: dict, files: tuple[str, ...], cut_iso: str) -> st
 
 def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[int], spread: int | None,
                          device_name: str, as_json: bool, plot_path: str | None,
-                         kafka: KafkaSettings | None = None) -> None:
+                         kafka: KafkaSettings | None = None, stream_calibration: bool = True) -> None:
     """One report at one cut (the default, or the one given); with several cuts, each cut's report and a
     summary of what they say together (summarise_cuts). files: the replay's sources (files, directories,
     globs, kafka://TOPIC?from=&to= read with `kafka`), read once for every cut."""
@@ -73,6 +73,7 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[int
             try:
                 reports.append(evaluate_fields(
                     loaded, list(files), device, cut, share=share, records=records,
+                    stream_calibration=stream_calibration,
                     progress=lambda done, total, t=task: bar.update(t, completed=done, total=total)))
             except ValueError as exc:
                 raise click.ClickException(str(exc)) from None
@@ -91,6 +92,24 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[int
         print_cut_summary(reports, result["summary"])
 
 
+def stream_calibration_line(calibration: dict) -> str:
+    """What the stream's calibration did at the cut (models/stream_calibration.py), in a sentence."""
+    if not calibration["users"]:
+        return ("probabilities as the model says them: no calibration anchor had matured before the cut (the stream "
+                "calibrates them on the shop's own outcomes after two to three weeks of its traffic)")
+    said = []
+    for name in ("purchase_propensity", "churn_risk"):
+        head = calibration[name]
+        if head["applied"]:
+            said.append(f"{name} {head['a']:+.2f} + {head['b']:.2f} x logit")
+        elif head["kept"]:
+            said.append(f"{name} as the model says (the window is cut short; the map is the full horizon's)")
+        else:
+            said.append(f"{name} as the model says (a map would gain {head['gain_nats']:,.0f} nats: not enough)")
+    return (f"calibrated by the stream on {calibration['users']:,} users' outcomes before the cut: "
+            + "; ".join(said))
+
+
 def print_tables(report: dict) -> None:
     console = Console()
     w = report["windows_hours"]
@@ -107,6 +126,8 @@ def print_tables(report: dict) -> None:
         console.print(f"[yellow]the log ends before a horizon: judged over {window(w['category'])} (categories), "
                       f"{window(w['purchase'])} (purchase), {window(w['churn'])} (churn); probabilities asked for "
                       "those windows[/]")
+    if report.get("stream_calibration") is not None:
+        console.print(stream_calibration_line(report["stream_calibration"]))
     fields = report["fields"]
     cats = fields["top_categories"]
     table = Table(title=f"top_categories vs categories engaged with in the next {window(w['category'])} "

@@ -21,11 +21,13 @@ from models.dataset import HOUR_MS, EventLog, event_log, read_records, usable_ev
 from models.next_event_evaluation import roc_auc
 from models.field_training import FutureIndex
 from models.checkpoint_io import LoadedModel
+from models.stream_calibration import LogitMap
 from stream.events import ADD_TO_CART, PURCHASE, RecordBatch, iso_time
 from stream.settings import Settings
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from stream.sources import TimeRange, no_usable_events_among
 from stream import statistics
+from stream.outcomes import HEADS
 from stream.statistics import ORDER_GAP_MS
 
 DAY_MS = 24 * HOUR_MS
@@ -221,9 +223,11 @@ SPREAD_CUT_SHARES = (0.5, 0.9)  # `--cuts N`: N cuts evenly from the first share
 
 def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device, cut: int | None = None,
                     batch_records: int = 20_000, progress=None, share: float = DEFAULT_CUT_SHARE,
-                    records: RecordBatch | None = None) -> dict:
+                    records: RecordBatch | None = None, stream_calibration: bool = True) -> dict:
     """The report of `profiles evaluate-fields` (see the module docstring); without a cut, at `share` of the
-    log's span. `records`: the files' records, where the caller read them already (once for several cuts)."""
+    log's span. `records`: the files' records, where the caller read them already (once for several cuts).
+    stream_calibration: the probabilities as a daemon publishes them, calibrated on the shop's outcomes before
+    the cut (models/stream_calibration.py), or as the model says them."""
     records = read_records(files) if records is None else records
     events, dead = usable_events(records, 1 << 30)
     if len(events) < 2:
@@ -240,8 +244,8 @@ def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device,
     windows = {"category": min(CATEGORY_HORIZON_HOURS, (last - cut) / HOUR_MS),
                "purchase": min(PURCHASE_HORIZON_HOURS, (last - cut) / HOUR_MS),
                "churn": min(CHURN_HORIZON_HOURS, (last - cut) / HOUR_MS)}
-    profiles = profiles_at(loaded, records, device, cut, (windows["purchase"], windows["churn"]), batch_records,
-                           progress)
+    profiles, shop_map = profiles_at(loaded, records, device, cut, (windows["purchase"], windows["churn"]),
+                                     batch_records, progress, stream_calibration)
 
     # 2. History (before T) and future (after T) of the same users, from the decoded events.
     log_ = event_log(events, len(dead))
@@ -309,6 +313,7 @@ def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device,
         "horizons_hours": {"category": CATEGORY_HORIZON_HOURS, "purchase": PURCHASE_HORIZON_HOURS,
                            "churn": CHURN_HORIZON_HOURS},
         "windows_hours": {k: round(v, 3) for k, v in windows.items()},
+        "stream_calibration": stream_map_report(shop_map, windows),
         "windows_cut_short": any(windows[k] < h for k, h in (("category", CATEGORY_HORIZON_HOURS),
                                                              ("purchase", PURCHASE_HORIZON_HOURS),
                                                              ("churn", CHURN_HORIZON_HOURS))),
@@ -320,15 +325,16 @@ def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device,
 
 def profiles_at(loaded: LoadedModel, records, device: torch.device, cut: int,
                 horizons_hours: tuple[float, float] | None = None, batch_records: int = 20_000,
-                progress=None) -> dict[str, dict]:
+                progress=None, stream_calibration: bool = True) -> tuple[dict[str, dict], LogitMap | None]:
     """Every user's profile at the clock `cut`, through the serving path (the replay's: decoder, state
-    step, profile encoding) over the records' events at or before the cut; the later ones are never applied."""
+    step, profile encoding) over the records' events at or before the cut; the later ones are never applied.
+    Also the stream's calibration map they were published with (None: turned off)."""
     from models.update_step import ProfileUpdater
 
     # Duplicates are skipped as the daemon skips them (its default window), so the profiles judged are the
     # ones it would publish.
     updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False,
-                             dedupe_window=Settings.dedupe_window)
+                             dedupe_window=Settings.dedupe_window, stream_calibration=stream_calibration)
     before_cut = TimeRange(None, cut + 1)
     for a in range(0, len(records), batch_records):
         updater.process(records.slice(a, a + batch_records), before_cut, profiles=False)
@@ -342,7 +348,20 @@ def profiles_at(loaded: LoadedModel, records, device: torch.device, cut: int,
         for _, value in updater.profiles_for(rows[a:a + 50_000], horizons_hours):
             p = orjson.loads(value)
             profiles[p["user_id"]] = p
-    return profiles
+    return profiles, updater.calibration.shop_map() if updater.calibration is not None else None
+
+
+def stream_map_report(shop_map: LogitMap | None, windows: dict[str, float]) -> dict | None:
+    """What the stream's calibration did to each probability at the cut: its map, fitted on how many users, and
+    whether it was applied (kept, and the window is the contract's horizon)."""
+    if shop_map is None:
+        return None
+    horizons = {"purchase_propensity": (windows["purchase"], PURCHASE_HORIZON_HOURS),
+                "churn_risk": (windows["churn"], CHURN_HORIZON_HOURS)}
+    return {"users": shop_map.users, **{
+        name: {"a": a, "b": b, "gain_nats": gain, "kept": kept,
+               "applied": kept and horizons[name][0] == horizons[name][1]}
+        for name, a, b, gain, kept in zip(HEADS, shop_map.a, shop_map.b, shop_map.gain_nats, shop_map.kept)}}
 
 
 # The published fields a report judges, in the order it shows them; the two that are probabilities.

@@ -203,7 +203,7 @@ def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.
     at the last cut, the lean toward the counts on average over the cuts."""
     from models.update_step import ProfileUpdater  # the serving path
 
-    updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False)
+    updater = ProfileUpdater(loaded, device, max_event_bytes=1 << 30, emit_embedding=False, stream_calibration=False)
     model, cfg, state = updater.model, updater.config, updater.state
     future = FutureIndex(log_, cfg.hash_seed)
     end_ts = log_.last_ts if end_ts is None else end_ts

@@ -28,7 +28,7 @@ MIN_EVENTS = 10  # users with fewer events have too little history to judge
 def synthetic_truth_report(loaded: LoadedModel, device: torch.device, users: int, events: int, seed: int,
                            batch_events: int = 5000, shop_seed: int | None = None) -> dict:
     log = generate(users, events, seed, shop=ShopParams.of_seed(shop_seed))
-    updater = ProfileUpdater(loaded, device, max_event_bytes=65536, emit_embedding=False)
+    updater = ProfileUpdater(loaded, device, max_event_bytes=65536, emit_embedding=False, stream_calibration=False)
     for first in range(0, len(log.events), batch_events):
         chunk = log.events[first:first + batch_events]
         updater.process(RecordBatch.of([orjson.dumps(e) for e in chunk], topic="synthetic", first_offset=first))

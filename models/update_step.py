@@ -25,6 +25,7 @@ from models.neighbours import RECENT_ITEMS
 from models.profile_model import full_float32, idle_hours, price_tier_index
 from models.field_heads import FieldInputs
 from models.checkpoint_io import LoadedModel
+from models.stream_calibration import StreamCalibration
 from stream import statistics
 from stream.follow import FollowCounts, hours_since
 from stream.habit import ShopHabit, leans
@@ -83,11 +84,13 @@ class ProfileUpdater:
                  idle_rescore_ms: int = 0, next_items: int = 0, pseudonymize_key: str = "",
                  input_topics: tuple[str, ...] = (), dedupe_window: int = 0, gru_threads: int = 0,
                  state_ttl_ms: int = 0, on_expire: str = "publish", publish_interval_ms: int = 0,
-                 state_dtype: torch.dtype = STATE_DTYPE_NAMES[Settings.state_dtype], max_ahead_ms: int = 0) -> None:
+                 state_dtype: torch.dtype = STATE_DTYPE_NAMES[Settings.state_dtype], max_ahead_ms: int = 0,
+                 stream_calibration: bool = Settings.stream_calibration) -> None:
         self.model = loaded.model.to(full_float32(device)).eval()
         self.model_version = loaded.version
         self.state_version = loaded.state_version  # what the changelog and snapshots are checked against
         self.config = loaded.model.config
+        self.contract_horizons = (self.config.purchase_horizon_hours, self.config.churn_horizon_hours)
         # How the model's heads read follow_pending (checkpoint format 12; stream/follow.py): read once, here.
         self.relative_pending = bool(loaded.model.fields.relative_pending)
         self.device = device
@@ -127,6 +130,8 @@ class ProfileUpdater:
         # State that expires: users idle longer than the TTL in event time leave the table (0: never).
         self.expiry = StateExpiry(self.state, state_ttl_ms) if state_ttl_ms else None
         self.publish_expired = on_expire == "publish"  # a last profile saying "expired": true, or nothing
+        # The shop's own outcomes calibrate the published probabilities (models/stream_calibration.py).
+        self.calibration = StreamCalibration(self.state, self.head_probabilities) if stream_calibration else None
         self.warm_up()
 
     def warm_up(self) -> None:
@@ -177,6 +182,19 @@ class ProfileUpdater:
                            erased=decoded.erased, forgotten=decoded.forgotten, expired=expired)
 
     def apply_admitted(self, todo: ToApply, expired: Expired) -> np.ndarray:
+        """apply_part over the batch, in parts split at the calibration anchors it crosses (the anchors mature
+        between them: models/stream_calibration.py); returns the touched rows."""
+        if self.calibration is None or not len(todo.events):
+            return self.apply_part(todo, expired)
+        touched = []
+        for anchor, take in self.calibration.parts(todo.events.ts):
+            part = todo if take is None else todo.take(take)
+            self.calibration.record(part.events, part.rows, anchor)  # from the users' state before the part
+            touched.append(self.apply_part(part, expired))
+            self.calibration.note_purchases(part.events, part.rows, anchor)
+        return touched[0] if len(touched) == 1 else np.unique(np.concatenate(touched))
+
+    def apply_part(self, todo: ToApply, expired: Expired) -> np.ndarray:
         """apply, then remember (watermarks, partitions, recent event ids); returns the touched rows. With a
         TTL, a user whose event comes more than the TTL after its previous one is expired there (added to
         `expired`) and starts afresh with that event: the events are applied in as many passes as a user
@@ -395,6 +413,18 @@ class ProfileUpdater:
                            idle_steps.to(self.device))
 
     @torch.inference_mode()
+    def head_probabilities(self, rows: np.ndarray, now_ms: int, chunk_users: int = 50_000) -> np.ndarray:
+        """(U, 2) purchase_propensity and churn_risk of these users at the clock now_ms, as the model says them
+        (no calibration map): what the calibration anchors record."""
+        out = np.empty((len(rows), 2), dtype=np.float32)
+        for a in range(0, len(rows), chunk_users):
+            part = rows[a:a + chunk_users]
+            s = self.state.states[torch.from_numpy(part).to(self.device)].float()
+            purchase, churn = self.model.field_probabilities(s, self.field_inputs(part, now_ms), *self.contract_horizons)
+            out[a:a + len(part)] = torch.stack([purchase, churn], dim=1).cpu().numpy()
+        return out
+
+    @torch.inference_mode()
     def profiles_for(self, rows: np.ndarray, horizons_hours: tuple[float, float] | None = None, *,
                      expired: bool = False) -> list[tuple[bytes, bytes]]:
         """Profiles of the given state rows, encoded for the output topic. horizons_hours: (purchase, churn)
@@ -411,6 +441,11 @@ class ProfileUpdater:
         seen = self.seen_category_buckets()  # (S,) each listed category's bucket
         heads = self.model.heads(s, torch.from_numpy(idle).float().to(self.device), seen, TOP_CATEGORIES,
                                  self.field_inputs(rows, state.max_event_ts), horizons_hours)
+        purchase, churn = heads.purchase_propensity, heads.churn_risk
+        if self.calibration is not None:  # the map of the contract's horizons: not over an evaluation's shorter ones
+            shop_map, (purchase_h, churn_h) = self.calibration.shop_map(), horizons_hours or self.contract_horizons
+            purchase = shop_map.apply(0, purchase) if purchase_h == self.contract_horizons[0] else purchase
+            churn = shop_map.apply(1, churn) if churn_h == self.contract_horizons[1] else churn
         top_cols, top_scores = heads.top_category_cols, heads.top_category_probs
         top_names = state.seen_category_names()[top_cols.cpu().numpy()].tolist()  # (U, k) names, best first
         top_scores = np.round(top_scores.double().cpu().numpy(), 6).tolist()
@@ -434,8 +469,8 @@ class ProfileUpdater:
             spend_micros=state.spend_micros[rows],
             top_category_names=top_names,
             top_category_scores=top_scores,
-            purchase_propensity=heads.purchase_propensity.cpu().numpy(),
-            churn_risk=heads.churn_risk.cpu().numpy(),
+            purchase_propensity=purchase.cpu().numpy(),
+            churn_risk=churn.cpu().numpy(),
             price_tier=tiers,
             interest_cluster=heads.interest_cluster.cpu().numpy(),
             embedding=s.float().cpu().numpy() if self.emit_embedding else None,
@@ -507,4 +542,5 @@ def load_updater(settings: Settings) -> ProfileUpdater:
                           input_topics=settings.state_topics, dedupe_window=settings.dedupe_window,
                           gru_threads=settings.gru_threads or usable_cores(), state_ttl_ms=settings.state_ttl_ms,
                           on_expire=settings.on_expire, publish_interval_ms=settings.publish_interval_ms,
-                          state_dtype=STATE_DTYPE_NAMES[settings.state_dtype], max_ahead_ms=settings.max_ahead_ms)
+                          state_dtype=STATE_DTYPE_NAMES[settings.state_dtype], max_ahead_ms=settings.max_ahead_ms,
+                          stream_calibration=settings.stream_calibration)

@@ -103,7 +103,7 @@ class Changelog:
         self.aborted = False  # the last transaction was aborted: its content must be produced again
         self.unconfirmed = Unconfirmed()  # exactly-once: what the open transaction carries
         self.resent = 0  # profiles produced again after aborted transactions
-        self._categories_sent = -1  # the state's categories_version last written to the changelog
+        self._meta_sent = (-1, -1)  # the state's (categories_version, outcomes.version) last written to the changelog
 
     def _owned(self) -> set[tuple[str, int]]:
         return self.inputs.assigned if self.inputs is not None else set()
@@ -158,12 +158,17 @@ class Changelog:
         # Newly seen categories, or names an erasure dropped: the whole list, which replaces the last one
         # (a restore reads the latest meta record, compacted or not). Also in a batch that changed no
         # user's state (one of forget records only), so that a restore after it cannot bring them back.
+        # So do each partition's outcome counts when an anchor matured (stream/outcomes.py): they cannot be
+        # counted again from the users' records once those move on to the next anchor.
         owned = sorted(self._state_partitions() | set(partitions))
-        if state.categories_version != self._categories_sent and owned:
-            meta = orjson.dumps({"model_version": self.model_version, "format": CHANGELOG_FORMAT,
-                                 "category_names": {str(k): v for k, v in state.category_names.items()}})
-            self.publisher.produce_to_partitions(self.topic, [META_KEY] * len(owned), [meta] * len(owned), owned)
-            self._categories_sent = state.categories_version
+        sent = (state.categories_version, state.outcomes.version)
+        if sent != self._meta_sent and owned:
+            names = {str(k): v for k, v in state.category_names.items()}
+            metas = [orjson.dumps({"model_version": self.model_version, "format": CHANGELOG_FORMAT,
+                                   "category_names": names, "outcomes": state.outcomes.of_partition(p)})
+                     for p in owned]
+            self.publisher.produce_to_partitions(self.topic, [META_KEY] * len(owned), metas, owned)
+            self._meta_sent = sent
 
     def write_expired(self, expired: Expired) -> None:
         """Expired users: a changelog tombstone each (no restore brings them back), and their last profiles
@@ -267,7 +272,7 @@ class Changelog:
         """The aborted transaction's users' current state and profiles, its dead letters, erasures, expiries
         and forwarded records (those of partitions still owned), into a new transaction."""
         self.aborted = False
-        self._categories_sent = -1  # the category names' meta record may have been in it
+        self._meta_sent = (-1, -1)  # the meta records may have been in it
         gone, self.unconfirmed = self.unconfirmed, Unconfirmed()
         assigned, owned = self._owned(), self._state_partitions()
         rows = np.array(sorted(r for r in map(self.state.row, gone.users) if r is not None), dtype=np.int64)
@@ -293,7 +298,7 @@ class Changelog:
         """A fresh producer (a new cluster behind the address): nothing staged on the old one is ours."""
         self.publisher = publisher
         self.uncommitted = {}
-        self._categories_sent = -1
+        self._meta_sent = (-1, -1)
 
     # ------------------------------------------------------------------ restore
 
@@ -333,6 +338,7 @@ class Changelog:
                                   f"release writes {CHANGELOG_FORMAT}: give it a new --group-id (or --state-topic), "
                                   "or rebuild the state with profiles replay")
             state.merge_category_names({int(k): v for k, v in meta.get("category_names", {}).items()})
+            state.outcomes.merge_partition(partition, meta.get("outcomes", {}))
         if loader.keyless:
             log.warning("%s: %d record(s) without a key left out of the restore", self.topic, loader.keyless)
         try:

@@ -25,9 +25,9 @@ from stream.settings import STATE_DTYPES
 if TYPE_CHECKING:
     from stream.state import StateTable
 
-CHANGELOG_FORMAT = 7  # 2: with the behaviour statistics; 3: categories by key (models.features.category_keys);
+CHANGELOG_FORMAT = 8  # 2: with the behaviour statistics; 3: categories by key (models.features.category_keys);
 # 4: category visit counts; 5: the in-visit gaps' log minutes (stream/tempo.py); 6: the purchase rhythm (orders);
-# 7: the shop's habit, week by week (stream/habit.py)
+# 7: the shop's habit, week by week (stream/habit.py); 8: the calibration anchors (stream/outcomes.py)
 # How the model state may be stored (--state-dtype): its torch dtype by name.
 STATE_DTYPE_NAMES = {name: getattr(torch, name) for name in STATE_DTYPES}
 META_KEY = b"\x00meta"  # changelog key of the per-partition metadata record (model version, category names)

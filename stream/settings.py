@@ -169,6 +169,8 @@ class Settings:
     batch_max_ms: int = 200
     max_event_bytes: int = 65536
     emit_embedding: bool = True
+    # Calibrate the published probabilities on the shop's own outcomes (models/stream_calibration.py).
+    stream_calibration: bool = True
     next_items: int = 0  # top-k next item ids in each profile (needs a trained model); 0 leaves them out
     # Publish a user at most once per this much wall-clock time (its latest profile; 0: after every batch).
     publish_interval_ms: int = 0
@@ -253,6 +255,7 @@ class Settings:
             "max_event_bytes": self.max_event_bytes,
             "embedding": self.emit_embedding,
             "next_items": self.next_items,
+            "stream_calibration": self.stream_calibration,
             "publish_interval": f"{self.publish_interval_ms / 1000:g}s" if self.publish_interval_ms else "every batch",
             "idle_rescore_after": f"{self.idle_rescore_after_ms / 3_600_000:g}h" if self.idle_rescore_after_ms else "off",
             "metrics": f"{self.metrics_address}:{self.metrics_port}" if self.metrics_port else "off",

@@ -35,6 +35,7 @@ from stream.events import EVENT_TYPES
 from stream.follow import FollowCounts
 from stream.popularity import HolderCounts
 from stream.habit import ShopHabit
+from stream.outcomes import ANCHOR_COLUMNS, Outcomes
 from stream.tempo import ShopTempo
 from stream.statistics import STAT_COLUMNS, unheld_keys
 from stream.user_index import UserIndex, distinct, hashes_of, objects
@@ -54,6 +55,7 @@ COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
     "price_n": (np.int64, (), 0),
     "scored_at": (np.int64, (), -1),  # event-time clock when the user's profile was last published
     **STAT_COLUMNS,  # the behaviour statistics the field heads read (stream/statistics.py)
+    **ANCHOR_COLUMNS,  # the user's record of the latest calibration anchor (stream/outcomes.py)
 }
 
 
@@ -95,6 +97,7 @@ class StateTable:
         self.holders = HolderCounts()  # how many users hold each category (stream/popularity.py)
         self.tempo = ShopTempo()  # how fast the users move within a visit (stream/tempo.py)
         self.habit = ShopHabit()  # whether users come back to their latest categories or usual ones (stream/habit.py)
+        self.outcomes = Outcomes()  # what followed the published probabilities (stream/outcomes.py)
         self.categories_version = 0  # bumped whenever category_names changes (the changelog re-sends it)
         self.max_event_ts = -1  # largest event time seen: the clock of event-time timers
         self._seen_cache: torch.Tensor | None = None
@@ -188,6 +191,8 @@ class StateTable:
         self.base = SnapshotBase(snap, self.spec, topics, list(input_topics))
         self.merge_category_names({int(k): v for k, v in snap["category_names"].items()})
         self.max_event_ts = max(self.max_event_ts, int(snap["max_event_ts"]))
+        # The shop's outcomes as the replay counted them: a calibration from the first batch on.
+        self.outcomes = Outcomes.from_plain(snap.get("outcomes"), int(snap["max_event_ts"]))
         return len(self.base.user_ids)
 
     def load_base_partitions(self, partitions: Iterable[int]) -> int:
@@ -309,8 +314,10 @@ class StateTable:
     def drop_partitions(self, partitions: Iterable[int]) -> int:
         """Drop the users of these input partitions (given up in a rebalance); returns how many."""
         n = len(self)
+        partitions = set(partitions)
         drop = np.isin(self.partition[:n], np.fromiter(partitions, dtype=np.int64))
         self.drop_rows(drop)
+        self.outcomes.drop_partitions(partitions)
         return int(drop.sum())
 
     def forget(self, users: Iterable[str]) -> set[str]:
@@ -377,6 +384,7 @@ class StateTable:
             **{name: column[:n].copy() for name, column in self.columns.items()},
             "category_names": dict(self.category_names),
             "max_event_ts": self.max_event_ts,
+            "outcomes": self.outcomes.to_plain(),
         }
 
     def restore(self, snap: dict) -> None:
@@ -395,6 +403,7 @@ class StateTable:
         self.category_names = {int(k): v for k, v in snap["category_names"].items()}
         self._seen_cache = None
         self.max_event_ts = int(snap["max_event_ts"])
+        self.outcomes = Outcomes.from_plain(snap.get("outcomes"), self.max_event_ts if n else -1)
 
 
 def _snapshot_format_error(snap: dict) -> str:

@@ -13,6 +13,7 @@ from stream.events import DeadLetter, RecordBatch
 from stream.expiry import Expired
 from stream.kafka import Publisher, StreamError, admin_client, ensure_topics
 from stream.metrics import Metrics
+from stream.outcomes import KEPT_ANCHORS
 from stream.state import StateTable
 from tests.helpers import DEVICE, committed_offsets, read_topic
 
@@ -61,7 +62,7 @@ def records_of(topic: str, offsets: dict[int, int]) -> RecordBatch:
 
 
 def by_user(snapshot: dict) -> dict[str, tuple]:
-    names = [n for n in snapshot if n not in ("format", "user_ids", "category_names", "max_event_ts")]
+    names = [n for n in snapshot if n not in ("format", "user_ids", "category_names", "max_event_ts", "outcomes")]
     return {u: tuple(snapshot[n][i].tobytes() for n in names) for i, u in enumerate(snapshot["user_ids"])}
 
 
@@ -111,6 +112,29 @@ def test_a_committed_batch_restores_into_a_fresh_table_and_tombstones_erase(kafk
     assert by_user(again.state.snapshot()) == by_user(state.snapshot())
     tombstones = [r.key for r in read_topic(kafka, unique("profiles")) if r.value is None]
     assert sorted(tombstones) == [b"user-4", b"user-5"]
+    inputs.consumer.close()
+
+
+def test_each_partition_s_outcome_counts_come_back_with_its_meta_record(kafka, unique, topics):
+    """The calibration's counts (stream/outcomes.py) cannot be counted again from the users once they move on to
+    the next anchor: each partition's travel in its meta record, and a member restoring some partitions gets theirs."""
+    inputs = Inputs(kafka, unique("group"), unique("events"))
+    changelog = make(kafka, unique, inputs=inputs)
+    state = changelog.state
+    rows = fill(state, [f"user-{i}" for i in range(12)], seed=2)
+    bins = np.tile(np.array([[5, 50]], dtype=np.uint8), (len(rows), 1))
+    state.outcomes.add(3000, state.partition[rows], bins, np.ones((len(rows), 2), dtype=np.int64))
+    changelog.stage(records_of(unique("events"), {0: 1, 1: 1, 2: 1}), rows, [], [], [])
+    assert changelog.commit()
+    state.outcomes.add(3001, state.partition[rows], bins, np.zeros((len(rows), 2), dtype=np.int64))
+    changelog.stage(records_of(unique("events"), {0: 2}), rows[:1], [], [], [])  # a batch after the next anchor
+    assert changelog.commit()
+
+    member = make(kafka, unique, inputs=inputs)
+    member.restore([1, 2])
+    assert set(member.state.outcomes.counts) == {(p, a) for p in (1, 2) for a in (3000, 3001)[-KEPT_ANCHORS:]}
+    for key, counts in member.state.outcomes.counts.items():
+        np.testing.assert_array_equal(counts, state.outcomes.counts[key])
     inputs.consumer.close()
 
 

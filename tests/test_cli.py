@@ -44,6 +44,7 @@ RUN_OPTIONS = {
     "--max-event-bytes": ("128", "max_event_bytes", 128),
     "--no-embedding": (None, "emit_embedding", False),
     "--next-items": ("5", "next_items", 5),
+    "--no-stream-calibration": (None, "stream_calibration", False),
     "--metrics-port": ("9100", "metrics_port", 9100),
     "--metrics-address": ("127.0.0.1", "metrics_address", "127.0.0.1"),
     "--restore-from": ("{dir}", "restore_from", "{dir}"),

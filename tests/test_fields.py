@@ -1206,8 +1206,8 @@ def test_profiles_at_a_cut_never_see_later_events(tmp_path):
     write_jsonl(log.events, tmp_path / "a.jsonl")
     write_jsonl(altered, tmp_path / "b.jsonl")
     loaded = untrained()
-    a = profiles_at(loaded, read_records([tmp_path / "a.jsonl"]), ON_DEVICE, cut)
-    b = profiles_at(loaded, read_records([tmp_path / "b.jsonl"]), ON_DEVICE, cut)
+    a, _ = profiles_at(loaded, read_records([tmp_path / "a.jsonl"]), ON_DEVICE, cut)
+    b, _ = profiles_at(loaded, read_records([tmp_path / "b.jsonl"]), ON_DEVICE, cut)
     strip = lambda p: {k: v for k, v in p.items() if k != "updated_at"}  # noqa: E731
     assert {u: strip(p) for u, p in a.items()} == {u: strip(p) for u, p in b.items()}
     assert all(p["last_event_ts"] <= cut for p in a.values())

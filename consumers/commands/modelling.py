@@ -168,9 +168,13 @@ def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[st
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Draw reliability diagrams of both probabilities to this PNG (needs matplotlib; one cut).")
+@click.option("--no-stream-calibration", "stream_calibration", is_flag=True, flag_value=False, default=True,
+              help="Judge the probabilities as the model says them, not as a daemon publishes them (calibrated on "
+                   "the shop's own outcomes before the cut, where that clearly beats the model's own).")
 @kafka_options("kafka:// sources")
 def evaluate_fields(model_path: str, event_files: tuple[str, ...], cuts: list[int], spread: int | None,
-                    device: str, as_json: bool, plot_path: str | None, **params: Any) -> None:
+                    device: str, as_json: bool, plot_path: str | None, stream_calibration: bool,
+                    **params: Any) -> None:
     """Judge every learned profile field against what each user does after a cut T, beside the
     strongest simple baselines computed from the same events before T.
 
@@ -192,7 +196,7 @@ def evaluate_fields(model_path: str, event_files: tuple[str, ...], cuts: list[in
     cuts = list(dict.fromkeys(cuts))  # a cut given twice is judged once (and counted once among the cuts)
     from consumers.field_report import run_field_evaluation
 
-    run_field_evaluation(model_path, event_files, cuts, spread, device, as_json, plot_path, kafka)
+    run_field_evaluation(model_path, event_files, cuts, spread, device, as_json, plot_path, kafka, stream_calibration)
 
 
 @command("evaluate-synthetic", short_help="Learned fields against the generator's truth")

@@ -233,6 +233,10 @@ profile_options = stack(
     setting("--next-items", default=0, show_default=True, type=click.IntRange(0, 1000),
             help="Add the top-k predicted next item ids to each profile (needs a trained --model; 0 leaves "
             "them out)."),
+    setting("--no-stream-calibration", "stream_calibration", is_flag=True, callback=lambda _c, _p, v: not v,
+            help="Publish purchase_propensity and churn_risk as the model says them. By default they are "
+            "calibrated on the shop's own outcomes once two weeks of them have been seen, where that clearly "
+            "beats the model's own (docs/model.md)."),
 )
 
 expiry_options = stack(

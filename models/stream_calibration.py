@@ -1,0 +1,194 @@
+"""The shop's own outcomes as a calibration of purchase_propensity and churn_risk (docs/model.md, "Calibrated by
+the stream").
+
+A model trained in one shop ranks another's users well, but its probabilities carry its training shop's rates
+(0.06-0.22 off in unlike worlds: docs/model-journal.md, session 53). The daemon sees what followed: two weeks
+after an anchor it knows who among the users it held then came back and who bought. The update step records
+that (stream/outcomes.py) and, at each anchor, fits per head an affine map of the logit, a + b * logit(p), on
+the latest matured anchors, kept only where it beats the identity by GATE_NATS of log likelihood (where the
+model already fits the shop, a map fitted on a few thousand users only adds noise). The map touches what is
+published, never the state: the state stays exactly-once and independent of it.
+
+Batching cannot move the map's inputs: a batch that crosses an anchor is applied in two parts split at it
+(each user's events stay in time order), records are taken from each user's state just before its first
+event past the anchor, and the users silent since before an anchor are said from their unchanged state when
+it matures, after every event before the next anchor and before any after it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from stream.events import PURCHASE, EventColumns
+from stream.outcomes import (
+    ANCHOR_MS, BINS, HEADS, KEPT_ANCHORS, PHASES, PURCHASE_WINDOW_MINUTES, anchor_of, bin_logits, logit_bins,
+)
+from stream.state import StateTable
+
+log = logging.getLogger(__name__)
+
+# The identity is kept unless the map gains GATE_NATS of log likelihood on the matured anchors' users and
+# GATE_NATS_PER_USER on average (about a third of a logit's shift at p = 0.3): in the demo's own shops the map
+# gained 0.0004-0.006 nats per user and made purchase_propensity worse (a shop drifts in the weeks between the
+# anchors and the clock); in nine worlds unlike its training shop 0.011-0.26, and made both heads better.
+GATE_NATS = 15.0
+GATE_NATS_PER_USER = 0.008
+RIDGE = 1.0  # pulls (a, b) toward the identity (0, 1): a bin holding every user cannot push b off to infinity
+MINUTE_MS = 60_000
+
+
+@dataclass(frozen=True)
+class LogitMap:
+    """Per head (HEADS order) p -> sigmoid(a + b * logit(p)); the identity where `kept` is False."""
+
+    a: tuple[float, ...] = (0.0, 0.0)
+    b: tuple[float, ...] = (1.0, 1.0)
+    gain_nats: tuple[float, ...] = (0.0, 0.0)
+    users: int = 0
+    kept: tuple[bool, ...] = (False, False)
+
+    def apply(self, head: int, p: torch.Tensor) -> torch.Tensor:
+        if not self.kept[head]:
+            return p
+        p = p.double().clamp(1e-12, 1 - 1e-12)
+        return torch.sigmoid(self.a[head] + self.b[head] * torch.logit(p)).to(torch.float32)
+
+
+def fit_logit_map(counts: np.ndarray) -> LogitMap:
+    """The map fitted on counts (len(HEADS), BINS, 2) of users by head, logit bin and outcome."""
+    fits = [fit_head(counts[head]) for head in range(len(HEADS))]
+    return LogitMap(a=tuple(f[0] for f in fits), b=tuple(f[1] for f in fits), gain_nats=tuple(f[2] for f in fits),
+                    users=int(counts[0].sum()), kept=tuple(f[2] >= max(GATE_NATS, GATE_NATS_PER_USER * counts[0].sum())
+                                                           and f[1] > 0 for f in fits))
+
+
+def fit_head(counts: np.ndarray, steps: int = 25) -> tuple[float, float, float]:
+    """(a, b, gain): the affine logit map maximising the binned log likelihood (Newton, ridge toward the identity),
+    and its gain in log likelihood over the identity (nats)."""
+    x = bin_logits()
+    no, yes = counts[:, 0].astype(np.float64), counts[:, 1].astype(np.float64)
+    n = no + yes
+    theta = np.array([0.0, 1.0])
+    design = np.stack([np.ones(BINS), x], axis=1)
+    for _ in range(steps):
+        p = 0.5 * (1 + np.tanh(0.5 * (design @ theta)))  # the logistic function, without overflow
+        grad = design.T @ (yes - n * p) - RIDGE * (theta - [0.0, 1.0])
+        hess = (design * (n * p * (1 - p))[:, None]).T @ design + RIDGE * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        theta = theta + step
+        if np.abs(step).max() < 1e-9:
+            break
+
+    def log_likelihood(a: float, b: float) -> float:
+        z = a + b * x
+        return float(-(yes * np.logaddexp(0, -z)).sum() - (no * np.logaddexp(0, z)).sum())
+
+    return float(theta[0]), float(theta[1]), log_likelihood(*theta) - log_likelihood(0.0, 1.0)
+
+
+class StreamCalibration:
+    """The anchors' bookkeeping for one state table. `probabilities(rows, now_ms)` is the heads' (N, len(HEADS))
+    uncalibrated probabilities of those users at that clock (the updater's)."""
+
+    def __init__(self, state: StateTable, probabilities: Callable[[np.ndarray, int], np.ndarray]) -> None:
+        self.state = state
+        self.probabilities = probabilities
+        self._map, self._fitted = LogitMap(), (None, -1)
+
+    def shop_map(self) -> LogitMap:
+        """The map of the matured anchors' counts the table holds now (refitted when they changed)."""
+        outcomes = self.state.outcomes
+        if self._fitted != (id(outcomes), outcomes.version):
+            self._map = fit_logit_map(outcomes.total()) if outcomes.counts else LogitMap()
+            self._fitted = (id(outcomes), outcomes.version)
+        return self._map
+
+    def parts(self, ts: np.ndarray) -> Iterator[tuple[int, np.ndarray | None]]:
+        """The batch's events (their times, not empty) in parts split at the anchors, in time order: (anchor,
+        which events), None for all of them. The first part holds every event before the next anchor of the
+        table's clock (late ones too). Between parts, once the earlier one was applied, the anchors whose
+        windows the clock has passed mature."""
+        clock = self.state.max_event_ts
+        since = anchor_of(clock if clock >= 0 else int(ts.min()))
+        if anchor_of(int(ts.max())) <= since:
+            yield since, None
+            return
+        of_event = np.maximum(ts // ANCHOR_MS, since)
+        for anchor in np.unique(of_event).tolist():
+            # (only the last KEPT_ANCHORS of a long silence: the counts of earlier ones would be dropped at once)
+            for matured in range(max(since, anchor - KEPT_ANCHORS) - PHASES + 1, anchor - PHASES + 1):
+                self.mature(matured)
+            since = anchor
+            yield anchor, of_event == anchor
+
+    def record(self, events: EventColumns, rows: np.ndarray, anchor: int) -> None:
+        """Before these events (of `anchor` or earlier) are applied: each user whose first event after an anchor
+        whose windows are open is among them, and who held state before that anchor, gets its record (the heads
+        at the anchor's clock, when it came back)."""
+        for open_anchor in range(anchor - PHASES + 1, anchor + 1):
+            at = open_anchor * ANCHOR_MS
+            after = events.ts >= at
+            if not after.any():
+                continue
+            users, which = np.unique(rows[after], return_inverse=True)
+            first = np.full(len(users), np.iinfo(np.int64).max)
+            np.minimum.at(first, which, events.ts[after])
+            last = self.state.last_ts[users]
+            back = (last >= 0) & (last < at)  # silent since before the anchor: no record of it yet
+            users, first = users[back], first[back]
+            if not len(users):
+                continue
+            slot, columns = open_anchor % PHASES, self.state.columns
+            columns["anchor"][users, slot] = open_anchor
+            columns["anchor_bins"][users, slot] = logit_bins(self.probabilities(users, at))
+            columns["back_minutes"][users, slot] = (first - at) / MINUTE_MS
+            columns["bought_minutes"][users, slot] = -1.0
+
+    def note_purchases(self, events: EventColumns, rows: np.ndarray, anchor: int) -> None:
+        """After these events were applied: for each record of an open anchor their users hold, the first
+        purchase after it."""
+        columns = self.state.columns
+        purchase = events.type_idx == PURCHASE
+        if not purchase.any():
+            return
+        rows, ts = rows[purchase], events.ts[purchase]
+        for slot in range(PHASES):
+            held = columns["anchor"][rows, slot].astype(np.int64)
+            after = (held > anchor - PHASES) & (ts >= held * ANCHOR_MS)
+            if not after.any():
+                continue
+            users, which = np.unique(rows[after], return_inverse=True)
+            first = np.full(len(users), np.inf)
+            np.minimum.at(first, which, (ts[after] - held[after] * ANCHOR_MS) / MINUTE_MS)
+            bought = columns["bought_minutes"][users, slot]
+            columns["bought_minutes"][users, slot] = np.where(bought >= 0, np.minimum(bought, first), first)
+
+    def mature(self, anchor: int) -> None:
+        """Anchor `anchor`'s windows have closed (the clock reached anchor + PHASES): count its users."""
+        state = self.state
+        if anchor < 0 or (state.outcomes.complete_from is not None and anchor < state.outcomes.complete_from):
+            return
+        at, n, columns, slot = anchor * ANCHOR_MS, len(state), state.columns, anchor % PHASES
+        back = np.flatnonzero(columns["anchor"][:n, slot] == anchor)
+        last = state.last_ts[:n]
+        silent = np.flatnonzero((last >= 0) & (last < at))  # their state is as it was at the anchor
+        bins = np.concatenate([columns["anchor_bins"][back, slot], logit_bins(self.probabilities(silent, at))])
+        bought = columns["bought_minutes"][back, slot]
+        happened = np.zeros((len(back) + len(silent), len(HEADS)), dtype=np.int64)
+        happened[:len(back), 0] = (bought >= 0) & (bought < PURCHASE_WINDOW_MINUTES)
+        happened[len(back):, 1] = 1  # silent for the whole churn horizon
+        state.outcomes.add(anchor, state.partition[np.concatenate([back, silent])], bins, happened)
+        shop_map = self.shop_map()
+        log.info("calibration anchor %d matured: %d users came back, %d stayed away; map over %d users: %s",
+                 anchor, len(back), len(silent), shop_map.users, describe(shop_map))
+
+def describe(shop_map: LogitMap) -> str:
+    return ", ".join(f"{name} " + (f"{a:+.2f} + {b:.2f} logit (gain {gain:.0f} nats)" if kept else
+                                   f"as the model says (gain {gain:.0f} nats)")
+                     for name, a, b, gain, kept in zip(HEADS, shop_map.a, shop_map.b, shop_map.gain_nats,
+                                                       shop_map.kept))

@@ -1,0 +1,127 @@
+"""What followed the published probabilities, counted by the stream itself: the inputs of the shop's own
+calibration (models/stream_calibration.py; docs/model.md, "Calibrated by the stream").
+
+Event time is cut into anchors a purchase horizon apart (7 days). A user who held state at anchor k keeps a
+record of it in state columns (ANCHOR_COLUMNS), in the slot k % PHASES (an anchor's churn window spans PHASES
+of them): taken at the user's first event after the anchor, before that event is applied, it holds the bins of
+what purchase_propensity and churn_risk said at the anchor's clock, when the user came back and when the user
+first bought after it. When the clock reaches anchor k + PHASES, anchor k's windows have closed: its records and
+the users silent since before it (said at the anchor's clock from their unchanged state: they did not come back,
+did not buy) are counted here, per head, logit bin and outcome. Those counts are all that must outlive the
+users' next records, so they are kept per input partition (each partition's in its changelog meta record; a
+member sums those of the partitions it holds) for the latest KEPT_ANCHORS matured anchors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
+
+ANCHOR_MS = int(PURCHASE_HORIZON_HOURS * 3_600_000)
+PHASES = round(CHURN_HORIZON_HOURS / PURCHASE_HORIZON_HOURS)  # anchors whose windows are open at once
+PURCHASE_WINDOW_MINUTES = PURCHASE_HORIZON_HOURS * 60
+HEADS = ("purchase_propensity", "churn_risk")
+# A head's logit is counted in one of BINS bins over [-LOGIT_LIMIT, LOGIT_LIMIT] (a quarter of a logit each:
+# the fitted maps came out the same as on exact logits, within 0.001 of ECE, in session 53's prototype).
+BINS = 64
+LOGIT_LIMIT = 8.0
+# Matured anchors the map is fitted on: three (two weeks of them) are a third as noisy as one, and the latest
+# is two to three weeks old.
+KEPT_ANCHORS = 1
+
+# Host columns of the state (stream/state.py COLUMNS): the user's record of the latest anchor it came back after.
+ANCHOR_COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
+    "anchor": (np.int32, (PHASES,), -1),  # the anchor's number (event time // ANCHOR_MS); -1: none
+    "anchor_bins": (np.uint8, (PHASES, len(HEADS)), 0),  # each head's logit bin at the anchor's clock
+    "back_minutes": (np.float32, (PHASES,), -1.0),  # from the anchor to the user's first event after it
+    "bought_minutes": (np.float32, (PHASES,), -1.0),  # from the anchor to the first purchase after it; -1: none yet
+}
+
+
+def logit_bins(probabilities: np.ndarray) -> np.ndarray:
+    """(N, ...) probabilities -> their logits' bins (uint8)."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1 - 1e-12)
+    logit = np.clip(np.log(p) - np.log1p(-p), -LOGIT_LIMIT, LOGIT_LIMIT)
+    return np.minimum(((logit + LOGIT_LIMIT) * (BINS / (2 * LOGIT_LIMIT))).astype(np.int64), BINS - 1).astype(np.uint8)
+
+
+def bin_logits() -> np.ndarray:
+    """(BINS,) the logit at each bin's middle."""
+    width = 2 * LOGIT_LIMIT / BINS
+    return -LOGIT_LIMIT + width * (np.arange(BINS) + 0.5)
+
+
+def anchor_of(ts_ms: int) -> int:
+    return int(ts_ms) // ANCHOR_MS
+
+
+@dataclass
+class Outcomes:
+    """Matured anchors' counts: (partition, anchor) -> (len(HEADS), BINS, 2) users by head, bin and outcome
+    (0: did not happen, 1: did; for churn_risk 1 is "did not come back within the horizon")."""
+
+    counts: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    # Records of anchors before this one may be missing (state restored from a release that kept none):
+    # those anchors are not counted. None: every record is there.
+    complete_from: int | None = None
+    version: int = 0  # bumped at each change (the changelog re-sends the meta records)
+
+    def add(self, anchor: int, partitions: np.ndarray, bins: np.ndarray, happened: np.ndarray) -> None:
+        """One matured anchor's users: their input partitions (N,), bins (N, len(HEADS)), outcomes (N, len(HEADS))."""
+        for partition in np.unique(partitions).tolist():
+            mine = partitions == partition
+            grid = np.zeros((len(HEADS), BINS, 2), dtype=np.int64)
+            for head in range(len(HEADS)):
+                np.add.at(grid[head], (bins[mine, head].astype(np.int64), happened[mine, head].astype(np.int64)), 1)
+            key = (int(partition), anchor)
+            self.counts[key] = self.counts.get(key, 0) + grid
+        self._keep_latest()
+        self.version += 1
+
+    def anchors(self) -> list[int]:
+        return sorted({anchor for _, anchor in self.counts})
+
+    def total(self) -> np.ndarray:
+        """(len(HEADS), BINS, 2) over every partition held and the kept anchors."""
+        out = np.zeros((len(HEADS), BINS, 2), dtype=np.int64)
+        for grid in self.counts.values():
+            out += grid
+        return out
+
+    def _keep_latest(self) -> None:
+        kept = set(self.anchors()[-KEPT_ANCHORS:])
+        self.counts = {key: grid for key, grid in self.counts.items() if key[1] in kept}
+
+    def drop_partitions(self, partitions: set[int]) -> None:
+        if any(p in partitions for p, _ in self.counts):
+            self.counts = {key: grid for key, grid in self.counts.items() if key[0] not in partitions}
+            self.version += 1
+
+    def of_partition(self, partition: int) -> dict:
+        """A partition's counts as the changelog's meta record carries them."""
+        return {str(anchor): grid.tolist() for (p, anchor), grid in sorted(self.counts.items()) if p == partition}
+
+    def merge_partition(self, partition: int, plain: dict) -> None:
+        """A partition's counts read back (replacing what this member had of it)."""
+        self.counts = {key: grid for key, grid in self.counts.items() if key[0] != partition}
+        for anchor, grid in plain.items():
+            self.counts[(partition, int(anchor))] = np.asarray(grid, dtype=np.int64).reshape(len(HEADS), BINS, 2)
+        self._keep_latest()
+        self.version += 1
+
+    def to_plain(self) -> dict:
+        """For a state snapshot (JSON)."""
+        return {"complete_from": self.complete_from,
+                "counts": [[p, anchor, grid.tolist()] for (p, anchor), grid in sorted(self.counts.items())]}
+
+    @classmethod
+    def from_plain(cls, plain: dict | None, clock_ms: int) -> Outcomes:
+        """Counts of a snapshot; one of an earlier release (None) kept no records: counting starts at the next anchor."""
+        if plain is None:
+            return cls(complete_from=anchor_of(clock_ms) + 1 if clock_ms >= 0 else None)
+        counts = {(int(p), int(a)): np.asarray(g, dtype=np.int64).reshape(len(HEADS), BINS, 2)
+                  for p, a, g in plain.get("counts", [])}
+        return cls(counts, plain.get("complete_from"))

@@ -1,0 +1,177 @@
+"""The shop's own outcomes as a calibration (models/stream_calibration.py, stream/outcomes.py): each user's record
+of an anchor is what the heads said at the anchor's clock, the counts are the same whatever the batches, the map
+is fitted on them and kept only where it clearly beats the identity, and it moves what is published, never the
+state."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from models.checkpoint_io import untrained
+from models.stream_calibration import GATE_NATS_PER_USER, fit_head, fit_logit_map
+from models.update_step import ProfileUpdater
+from stream.generator import ShopParams, generate
+from stream.outcomes import ANCHOR_COLUMNS, ANCHOR_MS, BINS, HEADS, KEPT_ANCHORS, PHASES, Outcomes, bin_logits, logit_bins
+from stream.state import StateTable
+from tests.helpers import DEVICE, record_batch, updater_fed
+
+HOUR, DAY = 3_600_000, 86_400_000
+K0 = 1_700_000_000_000 // ANCHOR_MS + 1  # an anchor
+A = K0 * ANCHOR_MS  # its clock
+
+
+def event(user: str, n: int, ts: int, kind: str = "click") -> dict:
+    return {"event_id": f"{user}-{n}", "user_id": user, "type": kind, "ts": ts, "item_id": "i1", "category": "c1",
+            "price": 5.0, **({"quantity": 1} if kind == "purchase" else {})}
+
+
+def counts_from(probabilities: np.ndarray, truth: np.ndarray, users_per_bin: int, seed: int = 0) -> np.ndarray:
+    """(BINS, 2) users by bin and outcome: users_per_bin in each bin whose logit `probabilities` covers,
+    their outcomes drawn at the `truth` probability of the bin."""
+    rng = np.random.default_rng(seed)
+    n = np.where((probabilities > 0.02) & (probabilities < 0.98), users_per_bin, 0)
+    yes = rng.binomial(n, truth)
+    return np.stack([n - yes, yes], axis=1)
+
+
+def test_the_map_finds_a_shift_and_keeps_the_identity_where_the_model_is_right():
+    p = 1 / (1 + np.exp(-bin_logits()))
+    truth = 1 / (1 + np.exp(-(0.8 + 0.6 * bin_logits())))  # the shop buys more, and the model is overconfident
+    a, b, gain = fit_head(counts_from(p, truth, 200))
+    assert abs(a - 0.8) < 0.1 and abs(b - 0.6) < 0.1 and gain > 100
+    shifted = fit_logit_map(np.stack([counts_from(p, truth, 200), counts_from(p, p, 200, seed=1)]))
+    assert shifted.kept == (True, False)  # the second head's outcomes follow what it says
+    assert shifted.users == int(counts_from(p, truth, 200).sum())
+    assert shifted.gain_nats[1] < GATE_NATS_PER_USER * shifted.users
+    published = shifted.apply(0, torch.tensor([0.2, 0.5]))
+    expected = 1 / (1 + np.exp(-(shifted.a[0] + shifted.b[0] * np.log([0.25, 1.0]))))
+    np.testing.assert_allclose(published.numpy(), expected, rtol=1e-5)
+    assert torch.equal(shifted.apply(1, torch.tensor([0.2, 0.5])), torch.tensor([0.2, 0.5]))
+
+
+def test_an_anchor_counts_who_came_back_and_bought_from_what_the_heads_said_at_its_clock():
+    events = [event("back", 0, A - HOUR), event("back", 1, A + 2 * DAY), event("back", 2, A + 3 * DAY, "purchase"),
+              event("late buyer", 0, A - 2 * HOUR), event("late buyer", 1, A + 10 * DAY, "purchase"),
+              event("silent", 0, A - 3 * HOUR),
+              event("new", 0, A + DAY),
+              event("clock", 0, A - 5 * HOUR), event("clock", 1, A + PHASES * ANCHOR_MS + HOUR)]
+    events.sort(key=lambda e: e["ts"])
+    before = updater_fed([e for e in events if e["ts"] < A], [100])
+    rows = before.state.rows_for(["back", "late buyer", "silent", "clock"])
+    said = logit_bins(before.head_probabilities(rows, A))  # what the heads say of them at the anchor's clock
+
+    for sizes in ([100], [1], [3, 2]):
+        updater = updater_fed(events, sizes)
+        state, slot = updater.state, K0 % PHASES
+        back = state.rows_for(["back", "late buyer"])
+        assert state.columns["anchor"][back, slot].tolist() == [K0, K0]
+        np.testing.assert_array_equal(state.columns["anchor_bins"][back, slot], said[:2])
+        assert state.columns["back_minutes"][back, slot].tolist() == [2 * 24 * 60, 10 * 24 * 60]
+        assert state.columns["bought_minutes"][back, slot].tolist() == [3 * 24 * 60, 10 * 24 * 60]
+        assert state.columns["anchor"][state.row("new")].tolist() == [-1, -1]  # not there at the anchor
+
+        counts = state.outcomes.counts[(-1, K0)]
+        expected = np.zeros((len(HEADS), BINS, 2), dtype=np.int64)
+        for head in range(len(HEADS)):
+            # back bought within 7 days, the late buyer after them; silent and clock stayed away for 14 days
+            for bin_, happened in zip(said[:, head], [(1, 0), (0, 0), (0, 1), (0, 1)]):
+                expected[head, bin_, happened[head]] += 1
+        np.testing.assert_array_equal(counts, expected)
+        assert set(state.outcomes.counts) == {(-1, K0)}  # the anchor before held no user; later ones are open
+
+
+def test_the_counts_and_records_are_the_same_whatever_the_batches():
+    events = generate(users=300, events=15000, seed=4, shop=ShopParams.draw(3), span_days=60).events
+    one = updater_fed(events, [15_000])  # one batch over every anchor of the log
+    many = updater_fed(events, [97, 431, 1, 2_000])
+    assert len(one.state.outcomes.counts) == KEPT_ANCHORS
+    assert one.state.outcomes.total().sum() > KEPT_ANCHORS * 200  # most of the 300 users, at each anchor
+    for key, counts in one.state.outcomes.counts.items():
+        np.testing.assert_array_equal(many.state.outcomes.counts[key], counts)
+    rows = many.state.rows_for(one.state.user_ids)
+    for name in ANCHOR_COLUMNS:
+        np.testing.assert_array_equal(one.state.columns[name][:len(one.state)], many.state.columns[name][rows])
+
+
+def test_the_map_moves_what_is_published_and_never_the_state():
+    events = generate(users=200, events=8000, seed=5, shop=ShopParams.draw(2), span_days=40).events
+    calibrated = updater_fed(events, [1000])
+    plain = updater_fed(events, [1000], stream_calibration=False)
+    assert not plain.state.outcomes.counts  # nothing counted without it
+    # Outcomes of a shop whose users stay away more and buy less than the model says, at every logit.
+    p = 1 / (1 + np.exp(-bin_logits()))
+    calibrated.state.outcomes.counts = {(-1, K0): np.stack([counts_from(p, 1 / (1 + np.exp(-(bin_logits() - 2))), 300),
+                                                            counts_from(p, 1 / (1 + np.exp(-(bin_logits() + 2))), 300)])}
+    calibrated.state.outcomes.version += 1
+    assert calibrated.calibration.shop_map().kept == (True, True)
+    rows = np.arange(len(plain.state))
+    moved = [orjson.loads(v) for _, v in calibrated.profiles_for(rows)]
+    kept = [orjson.loads(v) for _, v in plain.profiles_for(rows)]
+    churn = np.array([[m["churn_risk"], k["churn_risk"]] for m, k in zip(moved, kept)])
+    purchase = np.array([[m["purchase_propensity"], k["purchase_propensity"]] for m, k in zip(moved, kept)])
+    assert (churn[:, 0] >= churn[:, 1]).all() and churn[:, 0].mean() > churn[:, 1].mean() + 0.05
+    assert (purchase[:, 0] <= purchase[:, 1]).all() and purchase[:, 0].mean() < purchase[:, 1].mean() - 0.05
+    # The rest is the plain updater's (within float rounding: the calibrated one applied the batches in two parts
+    # at the anchors, as another batching would).
+    assert [[c["category"] for c in m["top_categories"]] for m in moved] == [
+        [c["category"] for c in k["top_categories"]] for k in kept]
+    np.testing.assert_allclose(calibrated.state.states[:len(rows)].float().numpy(),
+                               plain.state.states[:len(rows)].float().numpy(), atol=2e-3)
+    for name, column in plain.state.columns.items():
+        if name not in ANCHOR_COLUMNS:
+            np.testing.assert_allclose(calibrated.state.columns[name][:len(rows)], column[:len(rows)], rtol=1e-5)
+
+
+def test_counts_survive_a_snapshot_and_a_release_of_their_partitions():
+    state = StateTable(8, torch.device(DEVICE))
+    bins = np.array([[3, 40], [3, 41], [60, 2]], dtype=np.uint8)
+    happened = np.array([[1, 0], [0, 0], [0, 1]])
+    state.outcomes.add(K0, np.array([0, 0, 1]), bins, happened)
+    state.outcomes.add(K0 + 1, np.array([1, 1, 1]), bins, happened)
+    restored = StateTable(8, torch.device(DEVICE))
+    restored.restore(state.snapshot())
+    assert restored.outcomes.counts.keys() == state.outcomes.counts.keys()
+    for key, counts in state.outcomes.counts.items():
+        np.testing.assert_array_equal(restored.outcomes.counts[key], counts)
+    kept = [K0, K0 + 1][-KEPT_ANCHORS:]  # the latest matured anchors only
+    assert restored.outcomes.anchors() == kept
+    np.testing.assert_array_equal(restored.outcomes.total(), state.outcomes.total())
+    assert restored.outcomes.total()[1, 41, 0] == len(kept) and restored.outcomes.total()[0, 3, 1] == len(kept)
+    restored.drop_partitions([1])
+    assert restored.outcomes.counts.keys() == {(0, K0)} & {(0, a) for a in kept}
+    # A partition's counts as its changelog meta record carries them, read back by another member.
+    member = StateTable(8, torch.device(DEVICE))
+    member.outcomes.merge_partition(1, state.outcomes.of_partition(1))
+    assert set(member.outcomes.counts) == {(1, a) for a in kept}
+
+
+def test_a_snapshot_without_records_is_not_counted_before_the_next_anchor():
+    """State from a release that kept no records: users who came back since the anchor would look silent."""
+    events = generate(users=100, events=3000, seed=6, shop=ShopParams.draw(1), span_days=30).events
+    updater = updater_fed(events, [3000])
+    snapshot = updater.state.snapshot()
+    del snapshot["outcomes"]
+    for name in ANCHOR_COLUMNS:
+        del snapshot[name]
+    restored = StateTable(updater.state.state_size, torch.device(DEVICE))
+    restored.restore(snapshot)
+    assert restored.outcomes.complete_from == updater.state.max_event_ts // ANCHOR_MS + 1
+    assert not restored.outcomes.counts and (restored.columns["anchor"][:len(restored)] == -1).all()
+
+
+@pytest.mark.parametrize("command", ["run", "replay"])
+def test_the_calibration_can_be_turned_off(command):
+    from click.testing import CliRunner
+
+    from consumers.cli import main
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert "--no-stream-calibration" in result.output
+
+
+def test_an_updater_without_events_past_an_anchor_counts_nothing():
+    updater = ProfileUpdater(untrained(), torch.device(DEVICE), max_event_bytes=65536, emit_embedding=False)
+    updater.process(record_batch([event("u", 0, A + HOUR), event("u", 1, A + 2 * HOUR)], keys=None))
+    assert not updater.state.outcomes.counts
