@@ -20,6 +20,7 @@ import orjson
 import torch
 from confluent_kafka import KafkaError, TopicPartition
 
+from models.stream_calibration import LogitMap
 from models.update_step import BatchResult, ProfileUpdater
 from consumers.source import LOGGED_BY_LIBRDKAFKA, KafkaBatchSource, errors_log
 from stream.changelog import Changelog
@@ -29,6 +30,7 @@ from stream.kafka import (
     ensure_topics, offsets_at, partition_counts, seed_group_offsets,
 )
 from stream.metrics import Health, Metrics, brokers_up, consumer_lag, resident_bytes
+from stream.outcomes import HEADS
 from stream.repartition import Forwarded, rekey, split_upstream
 from stream.runtime import tune_garbage_collector
 from stream.settings import Settings
@@ -332,8 +334,8 @@ class ProfileDaemon:
         s.last_batch_done_at = time.perf_counter()
 
     def state_gauges(self) -> None:
-        """Users in state and their bytes, and the shop's habit they give, as held now: after each batch, restore,
-        release and expiry."""
+        """Users in state and their bytes, and the shop's habit and the calibration map they give, as held now: after
+        each batch, restore, release and expiry."""
         state = self.updater.state
         self.metrics.users_in_state.set(len(state))
         for device, nbytes in state.state_bytes().items():
@@ -341,6 +343,11 @@ class ProfileDaemon:
         self.metrics.habit_evidence.set(state.habit.evidence(state.max_event_ts))
         for toward, lean in zip(("latest", "counts"), self.updater.habit_leans(state.max_event_ts)):
             self.metrics.top_categories_lean.labels(toward).set(lean)
+        shop_map = self.updater.calibration.shop_map() if self.updater.calibration is not None else LogitMap()
+        self.metrics.stream_calibration_users.set(shop_map.users)
+        for head, name in enumerate(HEADS):
+            self.metrics.stream_calibration_map.labels(name, "a").set(shop_map.a[head] if shop_map.kept[head] else 0.0)
+            self.metrics.stream_calibration_map.labels(name, "b").set(shop_map.b[head] if shop_map.kept[head] else 1.0)
 
     def set_ready(self, ready: bool, why: str = "") -> None:
         self.health.set_ready(ready, why)

@@ -399,18 +399,23 @@ class ProfileUpdater:
         """The statistics the field heads read for these rows at the clock now_ms; slots as columns of
         state.seen_categories(). Serving and the field heads' training both read them here. slots: what
         self.slots(rows, now_ms) returns, where the caller has it already."""
-        state = self.state
-        seen = state.seen_categories()
-        user = statistics.user_features(state.columns, state.counts, state.last_ts, rows, now_ms)
+        seen = self.state.seen_categories()
+        user, idle_steps = self.user_inputs(rows, now_ms)
         keys, slot = self.slots(rows, now_ms) if slots is None else slots
         b = torch.from_numpy(keys).to(self.device)
         cols = torch.searchsorted(seen, b).clamp(max=max(len(seen) - 1, 0))
         valid = (b > 0) & (seen[cols] == b) if len(seen) else torch.zeros_like(b, dtype=torch.bool)
+        return FieldInputs(user, cols, valid, torch.from_numpy(slot).to(self.device), idle_steps)
+
+    def user_inputs(self, rows: np.ndarray, now_ms: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, len(USER_FEATURES)) user statistics and (U,) idle steps at the clock now_ms: all that the two
+        probability heads read besides the state (the category slots are top_categories')."""
+        state = self.state
+        user = statistics.user_features(state.columns, state.counts, state.last_ts, rows, now_ms)
         # Idle time in the shop's own pace (stream/tempo.py): what the session processes of the heads decay by.
         idle_minutes = np.expm1(user[:, statistics.USER_FEATURES.index("log_idle_minutes")].astype(np.float64))
         idle_steps = torch.from_numpy((idle_minutes / state.tempo.step_minutes).astype(np.float32))
-        return FieldInputs(torch.from_numpy(user).to(self.device), cols, valid, torch.from_numpy(slot).to(self.device),
-                           idle_steps.to(self.device))
+        return torch.from_numpy(user).to(self.device), idle_steps.to(self.device)
 
     @torch.inference_mode()
     def head_probabilities(self, rows: np.ndarray, now_ms: int, chunk_users: int = 50_000) -> np.ndarray:
@@ -420,7 +425,10 @@ class ProfileUpdater:
         for a in range(0, len(rows), chunk_users):
             part = rows[a:a + chunk_users]
             s = self.state.states[torch.from_numpy(part).to(self.device)].float()
-            purchase, churn = self.model.field_probabilities(s, self.field_inputs(part, now_ms), *self.contract_horizons)
+            user, idle_steps = self.user_inputs(part, now_ms)
+            no_slots = torch.zeros(len(part), 0, dtype=torch.long, device=self.device)
+            inputs = FieldInputs(user, no_slots, no_slots.bool(), user.new_zeros(len(part), 0, 0), idle_steps)
+            purchase, churn = self.model.field_probabilities(s, inputs, *self.contract_horizons)
             out[a:a + len(part)] = torch.stack([purchase, churn], dim=1).cpu().numpy()
         return out
 

@@ -93,6 +93,13 @@ class Metrics:
             "profiles_top_categories_lean", "How far top_categories leans, from the shop's habit, toward the users' "
             "latest categories or toward their most engaged-with ones, beyond what the model learned (0 to 1)",
             ["toward"], registry=r)
+        self.stream_calibration_map = Gauge(
+            "profiles_stream_calibration_map", "The map the shop's own outcomes fit for each published probability, "
+            "sigmoid(a + b * logit(p)): its a and b (0 and 1 where the model's own probabilities are kept; "
+            "models/stream_calibration.py)", ["field", "term"], registry=r)
+        self.stream_calibration_users = Gauge(
+            "profiles_stream_calibration_users", "Users of the latest matured calibration anchor the map was fitted on "
+            "(0: none matured yet, or --no-stream-calibration)", registry=r)
 
 
 def resident_bytes() -> int:

@@ -64,8 +64,8 @@ class Outcomes:
     (0: did not happen, 1: did; for churn_risk 1 is "did not come back within the horizon")."""
 
     counts: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
-    # Records of anchors before this one may be missing (state restored from a release that kept none):
-    # those anchors are not counted. None: every record is there.
+    # Anchors before this one are not counted: records may be missing (state restored from a release that kept
+    # none), or the table held events for less than a churn horizon before them. None: every anchor counts.
     complete_from: int | None = None
     version: int = 0  # bumped at each change (the changelog re-sends the meta records)
 
@@ -102,13 +102,17 @@ class Outcomes:
 
     def of_partition(self, partition: int) -> dict:
         """A partition's counts as the changelog's meta record carries them."""
-        return {str(anchor): grid.tolist() for (p, anchor), grid in sorted(self.counts.items()) if p == partition}
+        return {"complete_from": self.complete_from,
+                "counts": {str(anchor): grid.tolist() for (p, anchor), grid in sorted(self.counts.items())
+                           if p == partition}}
 
     def merge_partition(self, partition: int, plain: dict) -> None:
         """A partition's counts read back (replacing what this member had of it)."""
         self.counts = {key: grid for key, grid in self.counts.items() if key[0] != partition}
-        for anchor, grid in plain.items():
+        for anchor, grid in plain.get("counts", {}).items():
             self.counts[(partition, int(anchor))] = np.asarray(grid, dtype=np.int64).reshape(len(HEADS), BINS, 2)
+        if plain.get("complete_from") is not None:
+            self.complete_from = max(self.complete_from or plain["complete_from"], plain["complete_from"])
         self._keep_latest()
         self.version += 1
 

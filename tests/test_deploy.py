@@ -437,7 +437,7 @@ def test_dashboard_panels_all_query_prometheus():
                    "profiles_event_time_lag_seconds_bucket", "profiles_invalid_events_total",
                    "profiles_profiles_published_total", "profiles_users_in_state", "profiles_state_bytes",
                    "profiles_device_memory_bytes", "profiles_ready", "profiles_shop_habit_evidence",
-                   "profiles_top_categories_lean"):
+                   "profiles_top_categories_lean", "profiles_stream_calibration_map"):
         assert needed in exprs, f"no panel on {needed}"
     assert re.search(r"histogram_quantile\([^,]+, sum by \(le, stage\) \(rate\(profiles_batch_duration_seconds_bucket",
                      exprs), "batch latency by stage"

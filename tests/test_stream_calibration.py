@@ -14,7 +14,7 @@ from models.checkpoint_io import untrained
 from models.stream_calibration import GATE_NATS_PER_USER, fit_head, fit_logit_map
 from models.update_step import ProfileUpdater
 from stream.generator import ShopParams, generate
-from stream.outcomes import ANCHOR_COLUMNS, ANCHOR_MS, BINS, HEADS, KEPT_ANCHORS, PHASES, Outcomes, bin_logits, logit_bins
+from stream.outcomes import ANCHOR_COLUMNS, ANCHOR_MS, BINS, HEADS, KEPT_ANCHORS, PHASES, bin_logits, logit_bins
 from stream.state import StateTable
 from tests.helpers import DEVICE, record_batch, updater_fed
 
@@ -50,17 +50,24 @@ def test_the_map_finds_a_shift_and_keeps_the_identity_where_the_model_is_right()
     expected = 1 / (1 + np.exp(-(shifted.a[0] + shifted.b[0] * np.log([0.25, 1.0]))))
     np.testing.assert_allclose(published.numpy(), expected, rtol=1e-5)
     assert torch.equal(shifted.apply(1, torch.tensor([0.2, 0.5])), torch.tensor([0.2, 0.5]))
+    # Where the users ranked higher did it less, the map would turn the ranking over: only the level moves.
+    inverted = counts_from(p, 1 / (1 + np.exp(-(-2.0 - 0.5 * bin_logits()))), 200)
+    a, b, gain = fit_head(inverted)
+    assert b == 1.0 and a < -1 and gain > 0
 
 
 def test_an_anchor_counts_who_came_back_and_bought_from_what_the_heads_said_at_its_clock():
-    events = [event("back", 0, A - HOUR), event("back", 1, A + 2 * DAY), event("back", 2, A + 3 * DAY, "purchase"),
+    # The founder's event makes the table three weeks old at the anchor: an anchor within two weeks of a table's
+    # first events holds only new users, and is not counted.
+    events = [event("founder", 0, A - 3 * ANCHOR_MS),
+              event("back", 0, A - HOUR), event("back", 1, A + 2 * DAY), event("back", 2, A + 3 * DAY, "purchase"),
               event("late buyer", 0, A - 2 * HOUR), event("late buyer", 1, A + 10 * DAY, "purchase"),
               event("silent", 0, A - 3 * HOUR),
               event("new", 0, A + DAY),
               event("clock", 0, A - 5 * HOUR), event("clock", 1, A + PHASES * ANCHOR_MS + HOUR)]
     events.sort(key=lambda e: e["ts"])
     before = updater_fed([e for e in events if e["ts"] < A], [100])
-    rows = before.state.rows_for(["back", "late buyer", "silent", "clock"])
+    rows = before.state.rows_for(["back", "late buyer", "silent", "clock", "founder"])
     said = logit_bins(before.head_probabilities(rows, A))  # what the heads say of them at the anchor's clock
 
     for sizes in ([100], [1], [3, 2]):
@@ -76,11 +83,14 @@ def test_an_anchor_counts_who_came_back_and_bought_from_what_the_heads_said_at_i
         counts = state.outcomes.counts[(-1, K0)]
         expected = np.zeros((len(HEADS), BINS, 2), dtype=np.int64)
         for head in range(len(HEADS)):
-            # back bought within 7 days, the late buyer after them; silent and clock stayed away for 14 days
-            for bin_, happened in zip(said[:, head], [(1, 0), (0, 0), (0, 1), (0, 1)]):
+            # back bought within 7 days, the late buyer after them; silent, clock and founder stayed away for 14 days
+            for bin_, happened in zip(said[:, head], [(1, 0), (0, 0), (0, 1), (0, 1), (0, 1)]):
                 expected[head, bin_, happened[head]] += 1
         np.testing.assert_array_equal(counts, expected)
-        assert set(state.outcomes.counts) == {(-1, K0)}  # the anchor before held no user; later ones are open
+        assert set(state.outcomes.counts) == {(-1, K0)}  # earlier ones: too young a table; later ones are open
+
+    young = updater_fed(events[1:], [100])  # without the founder, the anchor came within two weeks of the first event
+    assert young.state.outcomes.complete_from == K0 + 2 and not young.state.outcomes.counts
 
 
 def test_the_counts_and_records_are_the_same_whatever_the_batches():
