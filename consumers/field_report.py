@@ -96,7 +96,7 @@ def stream_calibration_line(calibration: dict) -> str:
     """What the stream's calibration did at the cut (models/stream_calibration.py), in a sentence."""
     if not calibration["users"]:
         return ("probabilities as the model says them: no calibration anchor had matured before the cut (the stream "
-                "calibrates them on the shop's own outcomes after two to three weeks of its traffic)")
+                "calibrates them on the shop's own outcomes after four to five weeks of its traffic)")
     said = []
     for name in ("purchase_propensity", "churn_risk"):
         head = calibration[name]

@@ -235,7 +235,7 @@ profile_options = stack(
             "them out)."),
     setting("--no-stream-calibration", "stream_calibration", is_flag=True, callback=lambda _c, _p, v: not v,
             help="Publish purchase_propensity and churn_risk as the model says them. By default they are "
-            "calibrated on the shop's own outcomes once two weeks of them have been seen, where that clearly "
+            "calibrated on the shop's own outcomes (after four to five weeks of its traffic), where that clearly "
             "beats the model's own (docs/model.md)."),
 )
 
