@@ -14,9 +14,12 @@ from models.checkpoint_io import untrained
 from models.stream_calibration import GATE_NATS_PER_USER, fit_head, fit_logit_map
 from models.update_step import ProfileUpdater
 from stream.generator import ShopParams, generate
+from stream.kafka import end_offsets
 from stream.outcomes import ANCHOR_COLUMNS, ANCHOR_MS, BINS, HEADS, KEPT_ANCHORS, PHASES, bin_logits, logit_bins
 from stream.state import StateTable
-from tests.helpers import DEVICE, record_batch, updater_fed
+from tests.helpers import (
+    DEVICE, committed_offsets, create_topics, produce, record_batch, updater_fed, wait_until,
+)
 
 HOUR, DAY = 3_600_000, 86_400_000
 K0 = 1_700_000_000_000 // ANCHOR_MS + 1  # an anchor
@@ -147,6 +150,9 @@ def test_counts_survive_a_snapshot_and_a_release_of_their_partitions():
     for key, counts in state.outcomes.counts.items():
         np.testing.assert_array_equal(restored.outcomes.counts[key], counts)
     kept = [K0, K0 + 1][-KEPT_ANCHORS:]  # the latest matured anchors only
+    under = StateTable(8, torch.device(DEVICE))  # a daemon started --restore-from the snapshot
+    under.attach_base(state.snapshot(), None, [])
+    np.testing.assert_array_equal(under.outcomes.total(), state.outcomes.total())
     assert restored.outcomes.anchors() == kept
     np.testing.assert_array_equal(restored.outcomes.total(), state.outcomes.total())
     assert restored.outcomes.total()[1, 41, 0] == len(kept) and restored.outcomes.total()[0, 3, 1] == len(kept)
@@ -185,3 +191,53 @@ def test_an_updater_without_events_past_an_anchor_counts_nothing():
     updater = ProfileUpdater(untrained(), torch.device(DEVICE), max_event_bytes=65536, emit_embedding=False)
     updater.process(record_batch([event("u", 0, A + HOUR), event("u", 1, A + 2 * HOUR)], keys=None))
     assert not updater.state.outcomes.counts
+
+
+def running_daemon(settings):
+    """A daemon of `settings` in a thread, with its health (ready once its partitions are assigned and restored)
+    and the event that stops it."""
+    import threading
+
+    from consumers.daemon import ProfileDaemon
+    from models.update_step import load_updater
+    from stream.metrics import Health, Metrics
+
+    stop, health = threading.Event(), Health(settings.stall_after_s)
+    daemon = ProfileDaemon(settings, load_updater(settings), Metrics(), stop, health)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    return daemon, health, stop, thread
+
+
+def test_a_daemon_restarted_on_its_changelog_keeps_the_counts(kafka, settings_factory):
+    """Two weeks of outcomes cannot be read back from the users once they moved on: a member that restores the
+    partitions gets each one's counts from its meta record, and publishes with the same map."""
+    settings = settings_factory()
+    topic = settings.input_topics[0]
+    create_topics(kafka, {topic: 2})
+    events = generate(users=120, events=5000, seed=7, shop=ShopParams.draw(1), span_days=50).events
+    produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in events])
+    ends = end_offsets(kafka, topic)
+
+    daemon, health, stop, thread = running_daemon(settings)
+    try:
+        wait_until(lambda: committed_offsets(kafka, settings.group_id, topic) == ends, 120, "the log to be consumed")
+        outcomes = daemon.updater.state.outcomes
+        counted = ({key: grid.copy() for key, grid in outcomes.counts.items()}, outcomes.complete_from)
+        shop_map = daemon.updater.calibration.shop_map()
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert counted[0] and {p for p, _ in counted[0]} == {0, 1}  # an anchor matured, counted per input partition
+
+    daemon, health, stop, thread = running_daemon(settings)  # the group's next member: a restore
+    try:
+        wait_until(lambda: health.ready, 120, "the partitions' restore")
+        outcomes = daemon.updater.state.outcomes
+        assert outcomes.counts.keys() == counted[0].keys() and outcomes.complete_from == counted[1]
+        for key, grid in counted[0].items():
+            np.testing.assert_array_equal(outcomes.counts[key], grid)
+        assert daemon.updater.calibration.shop_map() == shop_map
+    finally:
+        stop.set()
+        thread.join(timeout=60)
