@@ -200,7 +200,9 @@ class StreamCalibration:
         log.info("calibration anchor %d matured: %d users came back, %d stayed away; map over %d users: %s",
                  anchor, len(back), len(silent), shop_map.users, describe(shop_map))
 
+
 def describe(shop_map: LogitMap) -> str:
+    """The map in words, head by head (the log line of each matured anchor)."""
     return ", ".join(f"{name} " + (f"{a:+.2f} + {b:.2f} logit (gain {gain:.0f} nats)" if kept else
                                    f"as the model says (gain {gain:.0f} nats)")
                      for name, a, b, gain, kept in zip(HEADS, shop_map.a, shop_map.b, shop_map.gain_nats,

@@ -124,7 +124,8 @@ class Outcomes:
 
     @classmethod
     def from_plain(cls, plain: dict | None, clock_ms: int) -> Outcomes:
-        """Counts of a snapshot; one of an earlier release (None) kept no records: counting starts at the next anchor."""
+        """Counts of a snapshot; one of an earlier release (None) kept no records: counting starts at the next
+        anchor."""
         if plain is None:
             return cls(complete_from=anchor_of(clock_ms) + 1 if clock_ms >= 0 else None)
         counts = {(int(p), int(a)): np.asarray(g, dtype=np.int64).reshape(len(HEADS), BINS, 2)

@@ -116,8 +116,8 @@ def test_the_map_moves_what_is_published_and_never_the_state():
     assert not plain.state.outcomes.counts  # nothing counted without it
     # Outcomes of a shop whose users stay away more and buy less than the model says, at every logit.
     p = 1 / (1 + np.exp(-bin_logits()))
-    calibrated.state.outcomes.counts = {(-1, K0): np.stack([counts_from(p, 1 / (1 + np.exp(-(bin_logits() - 2))), 300),
-                                                            counts_from(p, 1 / (1 + np.exp(-(bin_logits() + 2))), 300)])}
+    fewer, more = (counts_from(p, 1 / (1 + np.exp(-(bin_logits() + shift))), 300) for shift in (-2, 2))
+    calibrated.state.outcomes.counts = {(-1, K0): np.stack([fewer, more])}
     calibrated.state.outcomes.version += 1
     assert calibrated.calibration.shop_map().kept == (True, True)
     rows = np.arange(len(plain.state))
