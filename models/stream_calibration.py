@@ -181,21 +181,48 @@ class StreamCalibration:
             bought = columns["bought_minutes"][users, slot]
             columns["bought_minutes"][users, slot] = np.where(bought >= 0, np.minimum(bought, first), first)
 
+    def leaving(self, rows: np.ndarray) -> None:
+        """These users' state is about to expire (--state-ttl): count them now for each anchor whose windows are
+        open and which they were held at, as the anchor will count the others when it matures. Those silent since
+        before it did not come back (a user who comes back after expiring starts afresh); those who came back after
+        it are counted by their record. Without this, a TTL shorter than the anchors' windows would leave every
+        user who stayed away out of the counts."""
+        state, outcomes = self.state, self.state.outcomes
+        if not len(rows) or state.max_event_ts < 0:
+            return
+        now = anchor_of(state.max_event_ts)
+        for anchor in range(now - PHASES + 1, now + 1):
+            if outcomes.complete_from is not None and anchor < outcomes.complete_from:
+                continue
+            at, slot = anchor * ANCHOR_MS, anchor % PHASES
+            back = rows[state.columns["anchor"][rows, slot] == anchor]
+            last = state.last_ts[rows]
+            silent = rows[(last >= 0) & (last < at)]
+            self.count(anchor, back, silent, pending=True)
+
+    def count(self, anchor: int, back: np.ndarray, silent: np.ndarray, pending: bool = False) -> None:
+        """Count an anchor's users who came back (by their records) and who stayed away (said at the anchor's clock
+        from their state, unchanged since before it)."""
+        state, slot = self.state, anchor % PHASES
+        columns = state.columns
+        said = logit_bins(self.probabilities(silent, anchor * ANCHOR_MS))
+        bins = np.concatenate([columns["anchor_bins"][back, slot], said])
+        bought = columns["bought_minutes"][back, slot]
+        happened = np.zeros((len(back) + len(silent), len(HEADS)), dtype=np.int64)
+        happened[:len(back), 0] = (bought >= 0) & (bought < PURCHASE_WINDOW_MINUTES)
+        happened[len(back):, 1] = 1  # silent for the whole churn horizon
+        state.outcomes.add(anchor, state.partition[np.concatenate([back, silent])], bins, happened, pending)
+
     def mature(self, anchor: int) -> None:
         """Anchor `anchor`'s windows have closed (the clock reached anchor + PHASES): count its users."""
         state = self.state
         if anchor < 0 or (state.outcomes.complete_from is not None and anchor < state.outcomes.complete_from):
             return
-        at, n, columns, slot = anchor * ANCHOR_MS, len(state), state.columns, anchor % PHASES
-        back = np.flatnonzero(columns["anchor"][:n, slot] == anchor)
+        n = len(state)
+        back = np.flatnonzero(state.columns["anchor"][:n, anchor % PHASES] == anchor)
         last = state.last_ts[:n]
-        silent = np.flatnonzero((last >= 0) & (last < at))  # their state is as it was at the anchor
-        bins = np.concatenate([columns["anchor_bins"][back, slot], logit_bins(self.probabilities(silent, at))])
-        bought = columns["bought_minutes"][back, slot]
-        happened = np.zeros((len(back) + len(silent), len(HEADS)), dtype=np.int64)
-        happened[:len(back), 0] = (bought >= 0) & (bought < PURCHASE_WINDOW_MINUTES)
-        happened[len(back):, 1] = 1  # silent for the whole churn horizon
-        state.outcomes.add(anchor, state.partition[np.concatenate([back, silent])], bins, happened)
+        silent = np.flatnonzero((last >= 0) & (last < anchor * ANCHOR_MS))  # their state is as it was at the anchor
+        self.count(anchor, back, silent)
         shop_map = self.shop_map()
         log.info("calibration anchor %d matured: %d users came back, %d stayed away; map over %d users: %s",
                  anchor, len(back), len(silent), shop_map.users, describe(shop_map))

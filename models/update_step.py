@@ -210,6 +210,8 @@ class ProfileUpdater:
                 if restarts:  # each of these users restarts at its first event of this pass
                     back = np.unique(part.rows)
                     expired += self.last_of(back)
+                    if self.calibration is not None:
+                        self.calibration.leaving(back)
                     self.expiry.reset(back)
                 passes.append(self.apply(part.events, part.rows))
                 self.admission.remember(part)
@@ -228,6 +230,8 @@ class ProfileUpdater:
         if not len(rows):
             return Expired()
         expired = self.last_of(rows)
+        if self.calibration is not None:
+            self.calibration.leaving(rows)
         drop = np.zeros(len(self.state), dtype=bool)
         drop[rows] = True
         self.state.drop_rows(drop)

@@ -65,21 +65,32 @@ class Outcomes:
     (0: did not happen, 1: did; for churn_risk 1 is "did not come back within the horizon")."""
 
     counts: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    # Users who left the table (their state expired) while an anchor's windows were open, counted when they left:
+    # (partition, anchor) -> grid, added to the anchor's counts when it matures.
+    pending: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     # Anchors before this one are not counted: records may be missing (state restored from a release that kept
     # none), or the table held events for less than a churn horizon before them. None: every anchor counts.
     complete_from: int | None = None
     version: int = 0  # bumped at each change (the changelog re-sends the meta records)
 
-    def add(self, anchor: int, partitions: np.ndarray, bins: np.ndarray, happened: np.ndarray) -> None:
-        """One matured anchor's users: their input partitions (N,), bins (N, len(HEADS)), outcomes (N, len(HEADS))."""
+    def add(self, anchor: int, partitions: np.ndarray, bins: np.ndarray, happened: np.ndarray,
+            pending: bool = False) -> None:
+        """One matured anchor's users: their input partitions (N,), bins (N, len(HEADS)), outcomes (N, len(HEADS)),
+        with the users counted as they left before it matured. `pending`: users leaving now, before it matures."""
+        into = self.pending if pending else self.counts
         for partition in np.unique(partitions).tolist():
             mine = partitions == partition
             grid = np.zeros((len(HEADS), BINS, 2), dtype=np.int64)
             for head in range(len(HEADS)):
                 np.add.at(grid[head], (bins[mine, head].astype(np.int64), happened[mine, head].astype(np.int64)), 1)
             key = (int(partition), anchor)
-            self.counts[key] = self.counts.get(key, 0) + grid
-        self._keep_latest()
+            into[key] = into.get(key, 0) + grid
+        if not pending:
+            for key in [key for key in self.pending if key[1] <= anchor]:  # (earlier ones: anchors never counted)
+                if key[1] == anchor:
+                    self.counts[key] = self.counts.get(key, 0) + self.pending[key]
+                del self.pending[key]
+            self._keep_latest()
         self.version += 1
 
     def anchors(self) -> list[int]:
@@ -97,21 +108,24 @@ class Outcomes:
         self.counts = {key: grid for key, grid in self.counts.items() if key[1] in kept}
 
     def drop_partitions(self, partitions: set[int]) -> None:
-        if any(p in partitions for p, _ in self.counts):
+        if any(p in partitions for p, _ in [*self.counts, *self.pending]):
             self.counts = {key: grid for key, grid in self.counts.items() if key[0] not in partitions}
+            self.pending = {key: grid for key, grid in self.pending.items() if key[0] not in partitions}
             self.version += 1
 
     def of_partition(self, partition: int) -> dict:
         """A partition's counts as the changelog's meta record carries them."""
         return {"complete_from": self.complete_from,
-                "counts": {str(anchor): grid.tolist() for (p, anchor), grid in sorted(self.counts.items())
-                           if p == partition}}
+                **{name: {str(anchor): grid.tolist() for (p, anchor), grid in sorted(kept.items()) if p == partition}
+                   for name, kept in (("counts", self.counts), ("pending", self.pending))}}
 
     def merge_partition(self, partition: int, plain: dict) -> None:
         """A partition's counts read back (replacing what this member had of it)."""
-        self.counts = {key: grid for key, grid in self.counts.items() if key[0] != partition}
-        for anchor, grid in plain.get("counts", {}).items():
-            self.counts[(partition, int(anchor))] = np.asarray(grid, dtype=np.int64).reshape(len(HEADS), BINS, 2)
+        for name in ("counts", "pending"):
+            kept = {key: grid for key, grid in getattr(self, name).items() if key[0] != partition}
+            for anchor, grid in plain.get(name, {}).items():
+                kept[(partition, int(anchor))] = np.asarray(grid, dtype=np.int64).reshape(len(HEADS), BINS, 2)
+            setattr(self, name, kept)
         if plain.get("complete_from") is not None:
             self.complete_from = max(self.complete_from or plain["complete_from"], plain["complete_from"])
         self._keep_latest()
@@ -120,7 +134,8 @@ class Outcomes:
     def to_plain(self) -> dict:
         """For a state snapshot (JSON)."""
         return {"complete_from": self.complete_from,
-                "counts": [[p, anchor, grid.tolist()] for (p, anchor), grid in sorted(self.counts.items())]}
+                **{name: [[p, anchor, grid.tolist()] for (p, anchor), grid in sorted(kept.items())]
+                   for name, kept in (("counts", self.counts), ("pending", self.pending))}}
 
     @classmethod
     def from_plain(cls, plain: dict | None, clock_ms: int) -> Outcomes:
@@ -128,6 +143,6 @@ class Outcomes:
         anchor."""
         if plain is None:
             return cls(complete_from=anchor_of(clock_ms) + 1 if clock_ms >= 0 else None)
-        counts = {(int(p), int(a)): np.asarray(g, dtype=np.int64).reshape(len(HEADS), BINS, 2)
-                  for p, a, g in plain.get("counts", [])}
-        return cls(counts, plain.get("complete_from"))
+        counts, pending = ({(int(p), int(a)): np.asarray(g, dtype=np.int64).reshape(len(HEADS), BINS, 2)
+                            for p, a, g in plain.get(name, [])} for name in ("counts", "pending"))
+        return cls(counts, pending, plain.get("complete_from"))

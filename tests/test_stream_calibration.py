@@ -144,8 +144,11 @@ def test_counts_survive_a_snapshot_and_a_release_of_their_partitions():
     happened = np.array([[1, 0], [0, 0], [0, 1]])
     state.outcomes.add(K0, np.array([0, 0, 1]), bins, happened)
     state.outcomes.add(K0 + 1, np.array([1, 1, 1]), bins, happened)
+    state.outcomes.add(K0 + 2, np.array([1, 0, 1]), bins, happened, pending=True)  # users who left before it matured
     restored = StateTable(8, torch.device(DEVICE))
     restored.restore(state.snapshot())
+    assert restored.outcomes.pending.keys() == {(0, K0 + 2), (1, K0 + 2)}
+    np.testing.assert_array_equal(restored.outcomes.pending[(1, K0 + 2)], state.outcomes.pending[(1, K0 + 2)])
     assert restored.outcomes.counts.keys() == state.outcomes.counts.keys()
     for key, counts in state.outcomes.counts.items():
         np.testing.assert_array_equal(restored.outcomes.counts[key], counts)
@@ -158,10 +161,11 @@ def test_counts_survive_a_snapshot_and_a_release_of_their_partitions():
     assert restored.outcomes.total()[1, 41, 0] == len(kept) and restored.outcomes.total()[0, 3, 1] == len(kept)
     restored.drop_partitions([1])
     assert restored.outcomes.counts.keys() == {(0, K0)} & {(0, a) for a in kept}
+    assert restored.outcomes.pending.keys() == {(0, K0 + 2)}
     # A partition's counts as its changelog meta record carries them, read back by another member.
     member = StateTable(8, torch.device(DEVICE))
     member.outcomes.merge_partition(1, state.outcomes.of_partition(1))
-    assert set(member.outcomes.counts) == {(1, a) for a in kept}
+    assert set(member.outcomes.counts) == {(1, a) for a in kept} and set(member.outcomes.pending) == {(1, K0 + 2)}
 
 
 def test_a_snapshot_without_records_is_not_counted_before_the_next_anchor():
@@ -241,3 +245,27 @@ def test_a_daemon_restarted_on_its_changelog_keeps_the_counts(kafka, settings_fa
     finally:
         stop.set()
         thread.join(timeout=60)
+
+
+def test_users_whose_state_expires_before_the_anchor_matures_are_counted_as_they_leave():
+    """With --state-ttl shorter than an anchor's windows, the users who stayed away are gone from the table when
+    it matures: they are counted as they expire (as silent, or by their record if they had come back)."""
+    ttl = 3 * DAY
+    events = [event("founder", 0, A - 3 * ANCHOR_MS),
+              event("quiet", 0, A - HOUR),  # stays away: expires three days later
+              event("back", 0, A - 2 * HOUR), event("back", 1, A + DAY, "purchase"),  # came back, then expires
+              event("stays", 0, A - 3 * HOUR), *[event("stays", i, A + i * DAY) for i in range(1, 15)]]
+    events += [event("clock", i, A + PHASES * ANCHOR_MS + i * HOUR) for i in range(3)]
+    events.sort(key=lambda e: e["ts"])
+    before = updater_fed([e for e in events if e["ts"] < A], [100])
+    said = logit_bins(before.head_probabilities(before.state.rows_for(["quiet", "back", "stays"]), A))
+
+    updater = updater_fed(events, [1], state_ttl_ms=ttl)
+    assert updater.state.row("quiet") is None and updater.state.row("back") is None  # expired before the anchor matured
+    counts = updater.state.outcomes.counts[(-1, K0)]
+    expected = np.zeros((len(HEADS), BINS, 2), dtype=np.int64)
+    for head in range(len(HEADS)):  # quiet stayed away; back and stays came back, back bought
+        for bin_, happened in zip(said[:, head], [(0, 1), (1, 0), (0, 0)]):
+            expected[head, bin_, happened[head]] += 1
+    np.testing.assert_array_equal(counts, expected)
+    assert not updater.state.outcomes.pending  # added to the anchor's counts when it matured
