@@ -344,8 +344,8 @@ class ProfileDaemon:
         for toward, lean in zip(("latest", "counts"), self.updater.habit_leans(state.max_event_ts)):
             self.metrics.top_categories_lean.labels(toward).set(lean)
         shop_map = self.updater.calibration.shop_map() if self.updater.calibration is not None else LogitMap()
-        self.metrics.stream_calibration_users.set(shop_map.users)
         for head, name in enumerate(HEADS):
+            self.metrics.stream_calibration_users.labels(name).set(shop_map.users[head])
             self.metrics.stream_calibration_map.labels(name, "a").set(shop_map.a[head] if shop_map.kept[head] else 0.0)
             self.metrics.stream_calibration_map.labels(name, "b").set(shop_map.b[head] if shop_map.kept[head] else 1.0)
 

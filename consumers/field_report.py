@@ -94,20 +94,19 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[int
 
 def stream_calibration_line(calibration: dict) -> str:
     """What the stream's calibration did at the cut (models/stream_calibration.py), in a sentence."""
-    if not calibration["users"]:
+    if not any(head["users"] for head in calibration.values()):
         return ("probabilities as the model says them: no calibration anchor had matured before the cut (the stream "
                 "calibrates them on the shop's own outcomes after four to five weeks of its traffic)")
     said = []
     for name in ("purchase_propensity", "churn_risk"):
         head = calibration[name]
         if head["applied"]:
-            said.append(f"{name} {head['a']:+.2f} + {head['b']:.2f} x logit")
+            said.append(f"{name} {head['a']:+.2f} + {head['b']:.2f} x logit (fitted on {head['users']:,} users)")
         elif head["kept"]:
             said.append(f"{name} as the model says (the window is cut short; the map is the full horizon's)")
         else:
             said.append(f"{name} as the model says (a map would gain {head['gain_nats']:,.0f} nats: not enough)")
-    return (f"calibrated by the stream on {calibration['users']:,} users' outcomes before the cut: "
-            + "; ".join(said))
+    return "calibrated by the stream on the shop's outcomes before the cut: " + "; ".join(said)
 
 
 def print_tables(report: dict) -> None:

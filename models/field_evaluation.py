@@ -358,10 +358,10 @@ def stream_map_report(shop_map: LogitMap | None, windows: dict[str, float]) -> d
         return None
     horizons = {"purchase_propensity": (windows["purchase"], PURCHASE_HORIZON_HOURS),
                 "churn_risk": (windows["churn"], CHURN_HORIZON_HOURS)}
-    return {"users": shop_map.users, **{
-        name: {"a": a, "b": b, "gain_nats": gain, "kept": kept,
-               "applied": kept and horizons[name][0] == horizons[name][1]}
-        for name, a, b, gain, kept in zip(HEADS, shop_map.a, shop_map.b, shop_map.gain_nats, shop_map.kept)}}
+    return {name: {"users": users, "a": a, "b": b, "gain_nats": gain, "kept": kept,
+                   "applied": kept and horizons[name][0] == horizons[name][1]}
+            for name, a, b, gain, users, kept in zip(HEADS, shop_map.a, shop_map.b, shop_map.gain_nats, shop_map.users,
+                                                     shop_map.kept)}
 
 
 # The published fields a report judges, in the order it shows them; the two that are probabilities.

@@ -26,7 +26,8 @@ import torch
 
 from stream.events import PURCHASE, EventColumns
 from stream.outcomes import (
-    ANCHOR_MS, BINS, HEADS, KEPT_ANCHORS, PHASES, PURCHASE_WINDOW_MINUTES, anchor_of, bin_logits, logit_bins,
+    ANCHOR_MS, BINS, HEADS, KEPT_ANCHORS, MATURES_AFTER, PHASES, PURCHASE_WINDOW_MINUTES, anchor_of, bin_logits,
+    logit_bins,
 )
 from stream.state import StateTable
 
@@ -49,7 +50,7 @@ class LogitMap:
     a: tuple[float, ...] = (0.0, 0.0)
     b: tuple[float, ...] = (1.0, 1.0)
     gain_nats: tuple[float, ...] = (0.0, 0.0)
-    users: int = 0
+    users: tuple[int, ...] = (0, 0)  # fitted on how many users' outcomes
     kept: tuple[bool, ...] = (False, False)
 
     def apply(self, head: int, p: torch.Tensor) -> torch.Tensor:
@@ -62,9 +63,9 @@ class LogitMap:
 def fit_logit_map(counts: np.ndarray) -> LogitMap:
     """The map fitted on counts (len(HEADS), BINS, 2) of users by head, logit bin and outcome."""
     fits = [fit_head(counts[head]) for head in range(len(HEADS))]
+    users = tuple(int(counts[head].sum()) for head in range(len(HEADS)))
     return LogitMap(a=tuple(f[0] for f in fits), b=tuple(f[1] for f in fits), gain_nats=tuple(f[2] for f in fits),
-                    users=int(counts[0].sum()),
-                    kept=tuple(f[2] >= max(GATE_NATS, GATE_NATS_PER_USER * counts[0].sum()) for f in fits))
+                    users=users, kept=tuple(f[2] >= max(GATE_NATS, GATE_NATS_PER_USER * n) for f, n in zip(fits, users)))
 
 
 def fit_head(counts: np.ndarray) -> tuple[float, float, float]:
@@ -136,9 +137,10 @@ class StreamCalibration:
             return
         of_event = np.maximum(ts // ANCHOR_MS, since)
         for anchor in np.unique(of_event).tolist():
-            # (only the last KEPT_ANCHORS of a long silence: the counts of earlier ones would be dropped at once)
-            for matured in range(max(since, anchor - KEPT_ANCHORS) - PHASES + 1, anchor - PHASES + 1):
-                self.mature(matured)
+            for head, after in enumerate(MATURES_AFTER):
+                # (only the last KEPT_ANCHORS of a long silence: the counts of earlier ones would be dropped at once)
+                for matured in range(max(since, anchor - KEPT_ANCHORS) - after + 1, anchor - after + 1):
+                    self.mature(matured, head)
             since = anchor
             yield anchor, of_event == anchor
 
@@ -182,55 +184,52 @@ class StreamCalibration:
             columns["bought_minutes"][users, slot] = np.where(bought >= 0, np.minimum(bought, first), first)
 
     def leaving(self, rows: np.ndarray) -> None:
-        """These users' state is about to expire (--state-ttl): count them now for each anchor whose windows are
-        open and which they were held at, as the anchor will count the others when it matures. Those silent since
-        before it did not come back (a user who comes back after expiring starts afresh); those who came back after
-        it are counted by their record. Without this, a TTL shorter than the anchors' windows would leave every
-        user who stayed away out of the counts."""
+        """These users' state is about to expire (--state-ttl): count them now for each anchor whose window of a
+        head is open and which they were held at, as the anchor will count the others when it matures. Those
+        silent since before it did not come back (a user who comes back after expiring starts afresh); those who
+        came back after it are counted by their record. Without this, a TTL shorter than the anchors' windows would
+        leave every user who stayed away out of the counts."""
         state, outcomes = self.state, self.state.outcomes
         if not len(rows) or state.max_event_ts < 0:
             return
         now = anchor_of(state.max_event_ts)
-        for anchor in range(now - PHASES + 1, now + 1):
-            if outcomes.complete_from is not None and anchor < outcomes.complete_from:
-                continue
-            at, slot = anchor * ANCHOR_MS, anchor % PHASES
-            back = rows[state.columns["anchor"][rows, slot] == anchor]
-            last = state.last_ts[rows]
-            silent = rows[(last >= 0) & (last < at)]
-            self.count(anchor, back, silent, pending=True)
+        for head, after in enumerate(MATURES_AFTER):
+            for anchor in range(now - after + 1, now + 1):
+                if outcomes.complete_from is None or anchor >= outcomes.complete_from:
+                    self.count(anchor, head, rows, pending=True)
 
-    def count(self, anchor: int, back: np.ndarray, silent: np.ndarray, pending: bool = False) -> None:
-        """Count an anchor's users who came back (by their records) and who stayed away (said at the anchor's clock
-        from their state, unchanged since before it)."""
-        state, slot = self.state, anchor % PHASES
-        columns = state.columns
-        said = logit_bins(self.probabilities(silent, anchor * ANCHOR_MS))
-        bins = np.concatenate([columns["anchor_bins"][back, slot], said])
-        bought = columns["bought_minutes"][back, slot]
-        happened = np.zeros((len(back) + len(silent), len(HEADS)), dtype=np.int64)
-        happened[:len(back), 0] = (bought >= 0) & (bought < PURCHASE_WINDOW_MINUTES)
-        happened[len(back):, 1] = 1  # silent for the whole churn horizon
-        state.outcomes.add(anchor, state.partition[np.concatenate([back, silent])], bins, happened, pending)
-
-    def mature(self, anchor: int) -> None:
-        """Anchor `anchor`'s windows have closed (the clock reached anchor + PHASES): count its users."""
+    def mature(self, anchor: int, head: int) -> None:
+        """The head's window after anchor `anchor` has closed: count the anchor's users for it."""
         state = self.state
         if anchor < 0 or (state.outcomes.complete_from is not None and anchor < state.outcomes.complete_from):
             return
-        n = len(state)
-        back = np.flatnonzero(state.columns["anchor"][:n, anchor % PHASES] == anchor)
-        last = state.last_ts[:n]
-        silent = np.flatnonzero((last >= 0) & (last < anchor * ANCHOR_MS))  # their state is as it was at the anchor
-        self.count(anchor, back, silent)
-        shop_map = self.shop_map()
-        log.info("calibration anchor %d matured: %d users came back, %d stayed away; map over %d users: %s",
-                 anchor, len(back), len(silent), shop_map.users, describe(shop_map))
+        self.count(anchor, head, np.arange(len(state)))
+        if head == len(HEADS) - 1:
+            shop_map = self.shop_map()
+            log.info("calibration anchor %d matured: %s", anchor, describe(shop_map))
 
+    def count(self, anchor: int, head: int, rows: np.ndarray, pending: bool = False) -> None:
+        """Count the users among `rows` that the table held at the anchor, for the head: those who came back after
+        it by their records, those silent since before it said at the anchor's clock from their state (unchanged
+        since)."""
+        state, slot, at = self.state, anchor % PHASES, anchor * ANCHOR_MS
+        columns = state.columns
+        back = rows[columns["anchor"][rows, slot] == anchor]
+        last = state.last_ts[rows]
+        silent = rows[(last >= 0) & (last < at)]
+        said = logit_bins(self.probabilities(silent, at)[:, head])
+        bins = np.concatenate([columns["anchor_bins"][back, slot, head], said])
+        happened = np.zeros(len(back) + len(silent), dtype=np.int64)
+        if head == HEADS.index("purchase_propensity"):
+            bought = columns["bought_minutes"][back, slot]
+            happened[:len(back)] = (bought >= 0) & (bought < PURCHASE_WINDOW_MINUTES)
+        else:
+            happened[len(back):] = 1  # silent for the whole churn horizon
+        state.outcomes.add(head, anchor, state.partition[np.concatenate([back, silent])], bins, happened, pending)
 
 def describe(shop_map: LogitMap) -> str:
     """The map in words, head by head (the log line of each matured anchor)."""
-    return ", ".join(f"{name} " + (f"{a:+.2f} + {b:.2f} logit (gain {gain:.0f} nats)" if kept else
-                                   f"as the model says (gain {gain:.0f} nats)")
-                     for name, a, b, gain, kept in zip(HEADS, shop_map.a, shop_map.b, shop_map.gain_nats,
-                                                       shop_map.kept))
+    return ", ".join(f"{name} " + (f"{a:+.2f} + {b:.2f} logit" if kept else "as the model says")
+                     + f" (gain {gain:.0f} nats on {users:,} users)"
+                     for name, a, b, gain, users, kept in zip(HEADS, shop_map.a, shop_map.b, shop_map.gain_nats,
+                                                              shop_map.users, shop_map.kept))

@@ -5,11 +5,12 @@ Event time is cut into anchors a purchase horizon apart (7 days). A user who hel
 record of it in state columns (ANCHOR_COLUMNS), in the slot k % PHASES (an anchor's churn window spans PHASES
 of them): taken at the user's first event after the anchor, before that event is applied, it holds the bins of
 what purchase_propensity and churn_risk said at the anchor's clock, when the user came back and when the user
-first bought after it. When the clock reaches anchor k + PHASES, anchor k's windows have closed: its records and
-the users silent since before it (said at the anchor's clock from their unchanged state: they did not come back,
-did not buy) are counted here, per head, logit bin and outcome. Those counts are all that must outlive the
-users' next records, so they are kept per input partition (each partition's in its changelog meta record; a
-member sums those of the partitions it holds) for the latest KEPT_ANCHORS matured anchors.
+first bought after it. When the clock reaches anchor k + 1, anchor k's purchase window has closed, and at
+k + PHASES its return window: its records and the users silent since before it (said at the anchor's clock from
+their unchanged state: they did not come back, did not buy) are counted here, for that head, per logit bin and
+outcome. Those counts are all that must outlive the users' next records, so they are kept per input partition
+(each partition's in its changelog meta record; a member sums those of the partitions it holds) for each head's
+latest KEPT_ANCHORS matured anchors.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ ANCHOR_MS = int(PURCHASE_HORIZON_HOURS * 3_600_000)
 PHASES = round(CHURN_HORIZON_HOURS / PURCHASE_HORIZON_HOURS)  # anchors whose windows are open at once
 PURCHASE_WINDOW_MINUTES = PURCHASE_HORIZON_HOURS * 60
 HEADS = ("purchase_propensity", "churn_risk")
+# Anchors after which each head's window has closed: a purchase's a week after the anchor, a return's two.
+MATURES_AFTER = (round(PURCHASE_HORIZON_HOURS * 3_600_000 / ANCHOR_MS), PHASES)
 # A head's logit is counted in one of BINS bins over [-LOGIT_LIMIT, LOGIT_LIMIT] (a quarter of a logit each:
 # the fitted maps came out the same as on exact logits, within 0.001 of ECE, in session 53's prototype).
 BINS = 64
@@ -61,70 +64,71 @@ def anchor_of(ts_ms: int) -> int:
 
 @dataclass
 class Outcomes:
-    """Matured anchors' counts: (partition, anchor) -> (len(HEADS), BINS, 2) users by head, bin and outcome
-    (0: did not happen, 1: did; for churn_risk 1 is "did not come back within the horizon")."""
+    """Matured anchors' counts, head by head: (head, partition, anchor) -> (BINS, 2) users by logit bin and outcome
+    (0: did not happen, 1: did; for churn_risk 1 is "did not come back within the horizon"). An anchor matures for
+    purchase_propensity a week after it and for churn_risk two weeks after it (MATURES_AFTER)."""
 
-    counts: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
-    # Users who left the table (their state expired) while an anchor's windows were open, counted when they left:
-    # (partition, anchor) -> grid, added to the anchor's counts when it matures.
-    pending: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    counts: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)
+    # Users who left the table (their state expired) while an anchor's window was open, counted when they left:
+    # added to the anchor's counts when it matures.
+    pending: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)
     # Anchors before this one are not counted: records may be missing (state restored from a release that kept
     # none), or the table held events for less than a churn horizon before them. None: every anchor counts.
     complete_from: int | None = None
     version: int = 0  # bumped at each change (the changelog re-sends the meta records)
 
-    def add(self, anchor: int, partitions: np.ndarray, bins: np.ndarray, happened: np.ndarray,
+    def add(self, head: int, anchor: int, partitions: np.ndarray, bins: np.ndarray, happened: np.ndarray,
             pending: bool = False) -> None:
-        """One matured anchor's users: their input partitions (N,), bins (N, len(HEADS)), outcomes (N, len(HEADS)),
-        with the users counted as they left before it matured. `pending`: users leaving now, before it matures."""
+        """One head's matured anchor: its users' input partitions, bins and outcomes (N,), with the users counted
+        as they left before it matured. `pending`: users leaving now, before it matures."""
         into = self.pending if pending else self.counts
         for partition in np.unique(partitions).tolist():
             mine = partitions == partition
-            grid = np.zeros((len(HEADS), BINS, 2), dtype=np.int64)
-            for head in range(len(HEADS)):
-                np.add.at(grid[head], (bins[mine, head].astype(np.int64), happened[mine, head].astype(np.int64)), 1)
-            key = (int(partition), anchor)
+            grid = np.zeros((BINS, 2), dtype=np.int64)
+            np.add.at(grid, (bins[mine].astype(np.int64), happened[mine].astype(np.int64)), 1)
+            key = (head, int(partition), anchor)
             into[key] = into.get(key, 0) + grid
         if not pending:
-            for key in [key for key in self.pending if key[1] <= anchor]:  # (earlier ones: anchors never counted)
-                if key[1] == anchor:
+            for key in [key for key in self.pending if key[0] == head and key[2] <= anchor]:  # earlier: never counted
+                if key[2] == anchor:
                     self.counts[key] = self.counts.get(key, 0) + self.pending[key]
                 del self.pending[key]
             self._keep_latest()
         self.version += 1
 
-    def anchors(self) -> list[int]:
-        return sorted({anchor for _, anchor in self.counts})
+    def anchors(self, head: int) -> list[int]:
+        return sorted({anchor for h, _, anchor in self.counts if h == head})
 
     def total(self) -> np.ndarray:
-        """(len(HEADS), BINS, 2) over every partition held and the kept anchors."""
+        """(len(HEADS), BINS, 2) over every partition held and each head's kept anchors."""
         out = np.zeros((len(HEADS), BINS, 2), dtype=np.int64)
-        for grid in self.counts.values():
-            out += grid
+        for (head, _, _), grid in self.counts.items():
+            out[head] += grid
         return out
 
     def _keep_latest(self) -> None:
-        kept = set(self.anchors()[-KEPT_ANCHORS:])
-        self.counts = {key: grid for key, grid in self.counts.items() if key[1] in kept}
+        kept = {(head, anchor) for head in range(len(HEADS)) for anchor in self.anchors(head)[-KEPT_ANCHORS:]}
+        self.counts = {key: grid for key, grid in self.counts.items() if (key[0], key[2]) in kept}
 
     def drop_partitions(self, partitions: set[int]) -> None:
-        if any(p in partitions for p, _ in [*self.counts, *self.pending]):
-            self.counts = {key: grid for key, grid in self.counts.items() if key[0] not in partitions}
-            self.pending = {key: grid for key, grid in self.pending.items() if key[0] not in partitions}
+        if any(key[1] in partitions for key in [*self.counts, *self.pending]):
+            self.counts = {key: grid for key, grid in self.counts.items() if key[1] not in partitions}
+            self.pending = {key: grid for key, grid in self.pending.items() if key[1] not in partitions}
             self.version += 1
 
     def of_partition(self, partition: int) -> dict:
         """A partition's counts as the changelog's meta record carries them."""
         return {"complete_from": self.complete_from,
-                **{name: {str(anchor): grid.tolist() for (p, anchor), grid in sorted(kept.items()) if p == partition}
+                **{name: [[head, anchor, grid.tolist()] for (head, p, anchor), grid in sorted(kept.items())
+                          if p == partition]
                    for name, kept in (("counts", self.counts), ("pending", self.pending))}}
 
     def merge_partition(self, partition: int, plain: dict) -> None:
         """A partition's counts read back (replacing what this member had of it)."""
         for name in ("counts", "pending"):
-            kept = {key: grid for key, grid in getattr(self, name).items() if key[0] != partition}
-            for anchor, grid in plain.get(name, {}).items():
-                kept[(partition, int(anchor))] = np.asarray(grid, dtype=np.int64).reshape(len(HEADS), BINS, 2)
+            kept = {key: grid for key, grid in getattr(self, name).items() if key[1] != partition}
+            for head, anchor, grid in plain.get(name, []):
+                kept[(int(head), partition, int(anchor))] = np.asarray(grid, dtype=np.int64).reshape(BINS, 2)
             setattr(self, name, kept)
         if plain.get("complete_from") is not None:
             self.complete_from = max(self.complete_from or plain["complete_from"], plain["complete_from"])
@@ -134,7 +138,7 @@ class Outcomes:
     def to_plain(self) -> dict:
         """For a state snapshot (JSON)."""
         return {"complete_from": self.complete_from,
-                **{name: [[p, anchor, grid.tolist()] for (p, anchor), grid in sorted(kept.items())]
+                **{name: [[*key, grid.tolist()] for key, grid in sorted(kept.items())]
                    for name, kept in (("counts", self.counts), ("pending", self.pending))}}
 
     @classmethod
@@ -143,6 +147,6 @@ class Outcomes:
         anchor."""
         if plain is None:
             return cls(complete_from=anchor_of(clock_ms) + 1 if clock_ms >= 0 else None)
-        counts, pending = ({(int(p), int(a)): np.asarray(g, dtype=np.int64).reshape(len(HEADS), BINS, 2)
-                            for p, a, g in plain.get(name, [])} for name in ("counts", "pending"))
+        counts, pending = ({(int(h), int(p), int(a)): np.asarray(g, dtype=np.int64).reshape(BINS, 2)
+                            for h, p, a, g in plain.get(name, [])} for name in ("counts", "pending"))
         return cls(counts, pending, plain.get("complete_from"))

@@ -122,17 +122,19 @@ def test_each_partition_s_outcome_counts_come_back_with_its_meta_record(kafka, u
     changelog = make(kafka, unique, inputs=inputs)
     state = changelog.state
     rows = fill(state, [f"user-{i}" for i in range(12)], seed=2)
-    bins = np.tile(np.array([[5, 50]], dtype=np.uint8), (len(rows), 1))
-    state.outcomes.add(3000, state.partition[rows], bins, np.ones((len(rows), 2), dtype=np.int64))
+    bins = np.full(len(rows), 5, dtype=np.uint8)
+    for head in (0, 1):
+        state.outcomes.add(head, 3000, state.partition[rows], bins, np.ones(len(rows), dtype=np.int64))
     changelog.stage(records_of(unique("events"), {0: 1, 1: 1, 2: 1}), rows, [], [], [])
     assert changelog.commit()
-    state.outcomes.add(3001, state.partition[rows], bins, np.zeros((len(rows), 2), dtype=np.int64))
+    state.outcomes.add(0, 3001, state.partition[rows], bins, np.zeros(len(rows), dtype=np.int64))
     changelog.stage(records_of(unique("events"), {0: 2}), rows[:1], [], [], [])  # a batch after the next anchor
     assert changelog.commit()
 
     member = make(kafka, unique, inputs=inputs)
     member.restore([1, 2])
-    assert set(member.state.outcomes.counts) == {(p, a) for p in (1, 2) for a in (3000, 3001)[-KEPT_ANCHORS:]}
+    assert set(member.state.outcomes.counts) == {(0, p, a) for p in (1, 2) for a in (3000, 3001)[-KEPT_ANCHORS:]} | {
+        (1, p, 3000) for p in (1, 2)}
     for key, counts in member.state.outcomes.counts.items():
         np.testing.assert_array_equal(counts, state.outcomes.counts[key])
     inputs.consumer.close()

@@ -69,9 +69,9 @@ def test_endpoints_during_a_real_run(kafka, settings_factory):
             list(daemon.updater.habit_leans(state.max_event_ts))
         # The stream's calibration map as the state's counts give it (a 0 and b 1 where the model's own are kept).
         shop_map = daemon.updater.calibration.shop_map()
-        assert value("profiles_stream_calibration_users") == shop_map.users
         for head, name in enumerate(("purchase_propensity", "churn_risk")):
             kept = shop_map.kept[head]
+            assert value("profiles_stream_calibration_users", {"field": name}) == shop_map.users[head]
             assert [value("profiles_stream_calibration_map", {"field": name, "term": t}) for t in "ab"] == \
                 [shop_map.a[head] if kept else 0.0, shop_map.b[head] if kept else 1.0]
         # Consumer lag comes from librdkafka's statistics (every 5 s): all read, so 0 for each partition.

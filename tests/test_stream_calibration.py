@@ -47,8 +47,8 @@ def test_the_map_finds_a_shift_and_keeps_the_identity_where_the_model_is_right()
     assert abs(a - 0.8) < 0.1 and abs(b - 0.6) < 0.1 and gain > 100
     shifted = fit_logit_map(np.stack([counts_from(p, truth, 200), counts_from(p, p, 200, seed=1)]))
     assert shifted.kept == (True, False)  # the second head's outcomes follow what it says
-    assert shifted.users == int(counts_from(p, truth, 200).sum())
-    assert shifted.gain_nats[1] < GATE_NATS_PER_USER * shifted.users
+    assert shifted.users[0] == int(counts_from(p, truth, 200).sum())
+    assert shifted.gain_nats[1] < GATE_NATS_PER_USER * shifted.users[1]
     published = shifted.apply(0, torch.tensor([0.2, 0.5]))
     expected = 1 / (1 + np.exp(-(shifted.a[0] + shifted.b[0] * np.log([0.25, 1.0]))))
     np.testing.assert_allclose(published.numpy(), expected, rtol=1e-5)
@@ -59,22 +59,48 @@ def test_the_map_finds_a_shift_and_keeps_the_identity_where_the_model_is_right()
     assert b == 1.0 and a < -1 and gain > 0
 
 
+def feed(updater: ProfileUpdater, events: list[dict], sizes: list[int], first_offset: int = 0) -> ProfileUpdater:
+    """More events through an updater, in batches of `sizes` taken in turn."""
+    a, i = 0, 0
+    while a < len(events):
+        b = a + sizes[i % len(sizes)]
+        updater.process(record_batch(events[a:b], topic="t", first_offset=first_offset + a, keys=None))
+        a, i = b, i + 1
+    return updater
+
+
+def expected_counts(said: np.ndarray, happened: list[int]) -> np.ndarray:
+    """(BINS, 2) users by bin and outcome: said (N,) bins, happened (N,) outcomes."""
+    grid = np.zeros((BINS, 2), dtype=np.int64)
+    np.add.at(grid, (said.astype(np.int64), np.asarray(happened)), 1)
+    return grid
+
+
 def test_an_anchor_counts_who_came_back_and_bought_from_what_the_heads_said_at_its_clock():
     # The founder's event makes the table three weeks old at the anchor: an anchor within two weeks of a table's
-    # first events holds only new users, and is not counted.
+    # first events holds only new users, and is not counted. A newcomer a week after the anchor moves the clock
+    # past its purchase window; the clock's event two weeks after it past its return window.
+    week_on = A + ANCHOR_MS + HOUR
     events = [event("founder", 0, A - 3 * ANCHOR_MS),
               event("back", 0, A - HOUR), event("back", 1, A + 2 * DAY), event("back", 2, A + 3 * DAY, "purchase"),
               event("late buyer", 0, A - 2 * HOUR), event("late buyer", 1, A + 10 * DAY, "purchase"),
               event("silent", 0, A - 3 * HOUR),
-              event("new", 0, A + DAY),
+              event("new", 0, A + DAY), event("newcomer", 0, week_on),
               event("clock", 0, A - 5 * HOUR), event("clock", 1, A + PHASES * ANCHOR_MS + HOUR)]
     events.sort(key=lambda e: e["ts"])
     before = updater_fed([e for e in events if e["ts"] < A], [100])
     rows = before.state.rows_for(["back", "late buyer", "silent", "clock", "founder"])
     said = logit_bins(before.head_probabilities(rows, A))  # what the heads say of them at the anchor's clock
+    first_week = [e for e in events if e["ts"] <= week_on]
 
     for sizes in ([100], [1], [3, 2]):
-        updater = updater_fed(events, sizes)
+        updater = updater_fed(first_week, sizes)
+        # A week on: the purchase window has closed (back bought within it, the late buyer after it).
+        purchase = updater.state.outcomes.counts
+        assert set(purchase) == {(0, -1, K0)}
+        np.testing.assert_array_equal(purchase[(0, -1, K0)], expected_counts(said[:, 0], [1, 0, 0, 0, 0]))
+
+        feed(updater, events[len(first_week):], sizes, len(first_week))
         state, slot = updater.state, K0 % PHASES
         back = state.rows_for(["back", "late buyer"])
         assert state.columns["anchor"][back, slot].tolist() == [K0, K0]
@@ -82,15 +108,10 @@ def test_an_anchor_counts_who_came_back_and_bought_from_what_the_heads_said_at_i
         assert state.columns["back_minutes"][back, slot].tolist() == [2 * 24 * 60, 10 * 24 * 60]
         assert state.columns["bought_minutes"][back, slot].tolist() == [3 * 24 * 60, 10 * 24 * 60]
         assert state.columns["anchor"][state.row("new")].tolist() == [-1, -1]  # not there at the anchor
-
-        counts = state.outcomes.counts[(-1, K0)]
-        expected = np.zeros((len(HEADS), BINS, 2), dtype=np.int64)
-        for head in range(len(HEADS)):
-            # back bought within 7 days, the late buyer after them; silent, clock and founder stayed away for 14 days
-            for bin_, happened in zip(said[:, head], [(1, 0), (0, 0), (0, 1), (0, 1), (0, 1)]):
-                expected[head, bin_, happened[head]] += 1
-        np.testing.assert_array_equal(counts, expected)
-        assert set(state.outcomes.counts) == {(-1, K0)}  # earlier ones: too young a table; later ones are open
+        # Two weeks on: the return window has closed (silent, clock and founder stayed away); the next anchor's
+        # purchase window too, and its counts replace this one's.
+        assert set(state.outcomes.counts) == {(1, -1, K0), (0, -1, K0 + 1)}
+        np.testing.assert_array_equal(state.outcomes.counts[(1, -1, K0)], expected_counts(said[:, 1], [0, 0, 1, 1, 1]))
 
     young = updater_fed(events[1:], [100])  # without the founder, the anchor came within two weeks of the first event
     assert young.state.outcomes.complete_from == K0 + 2 and not young.state.outcomes.counts
@@ -100,7 +121,7 @@ def test_the_counts_and_records_are_the_same_whatever_the_batches():
     events = generate(users=300, events=15000, seed=4, shop=ShopParams.draw(3), span_days=60).events
     one = updater_fed(events, [15_000])  # one batch over every anchor of the log
     many = updater_fed(events, [97, 431, 1, 2_000])
-    assert len(one.state.outcomes.counts) == KEPT_ANCHORS
+    assert len(one.state.outcomes.counts) == len(HEADS) * KEPT_ANCHORS
     assert one.state.outcomes.total().sum() > KEPT_ANCHORS * 200  # most of the 300 users, at each anchor
     for key, counts in one.state.outcomes.counts.items():
         np.testing.assert_array_equal(many.state.outcomes.counts[key], counts)
@@ -117,7 +138,7 @@ def test_the_map_moves_what_is_published_and_never_the_state():
     # Outcomes of a shop whose users stay away more and buy less than the model says, at every logit.
     p = 1 / (1 + np.exp(-bin_logits()))
     fewer, more = (counts_from(p, 1 / (1 + np.exp(-(bin_logits() + shift))), 300) for shift in (-2, 2))
-    calibrated.state.outcomes.counts = {(-1, K0): np.stack([fewer, more])}
+    calibrated.state.outcomes.counts = {(0, -1, K0): fewer, (1, -1, K0): more}
     calibrated.state.outcomes.version += 1
     assert calibrated.calibration.shop_map().kept == (True, True)
     rows = np.arange(len(plain.state))
@@ -140,32 +161,32 @@ def test_the_map_moves_what_is_published_and_never_the_state():
 
 def test_counts_survive_a_snapshot_and_a_release_of_their_partitions():
     state = StateTable(8, torch.device(DEVICE))
-    bins = np.array([[3, 40], [3, 41], [60, 2]], dtype=np.uint8)
-    happened = np.array([[1, 0], [0, 0], [0, 1]])
-    state.outcomes.add(K0, np.array([0, 0, 1]), bins, happened)
-    state.outcomes.add(K0 + 1, np.array([1, 1, 1]), bins, happened)
-    state.outcomes.add(K0 + 2, np.array([1, 0, 1]), bins, happened, pending=True)  # users who left before it matured
+    bins, happened = np.array([3, 3, 60], dtype=np.uint8), np.array([1, 0, 1])
+    for head in range(len(HEADS)):
+        state.outcomes.add(head, K0, np.array([0, 0, 1]), bins, happened)
+        state.outcomes.add(head, K0 + 1, np.array([1, 1, 1]), bins, happened)
+    state.outcomes.add(1, K0 + 2, np.array([1, 0, 1]), bins, happened, pending=True)  # users who left before it matured
+    kept = [K0, K0 + 1][-KEPT_ANCHORS:]  # each head's latest matured anchors only
+    assert set(state.outcomes.counts) == {(h, p, a) for h in (0, 1) for p in (0, 1) for a in kept} - (
+        {(h, 0, K0 + 1) for h in (0, 1)})
     restored = StateTable(8, torch.device(DEVICE))
     restored.restore(state.snapshot())
-    assert restored.outcomes.pending.keys() == {(0, K0 + 2), (1, K0 + 2)}
-    np.testing.assert_array_equal(restored.outcomes.pending[(1, K0 + 2)], state.outcomes.pending[(1, K0 + 2)])
-    assert restored.outcomes.counts.keys() == state.outcomes.counts.keys()
-    for key, counts in state.outcomes.counts.items():
-        np.testing.assert_array_equal(restored.outcomes.counts[key], counts)
-    kept = [K0, K0 + 1][-KEPT_ANCHORS:]  # the latest matured anchors only
     under = StateTable(8, torch.device(DEVICE))  # a daemon started --restore-from the snapshot
     under.attach_base(state.snapshot(), None, [])
-    np.testing.assert_array_equal(under.outcomes.total(), state.outcomes.total())
-    assert restored.outcomes.anchors() == kept
-    np.testing.assert_array_equal(restored.outcomes.total(), state.outcomes.total())
-    assert restored.outcomes.total()[1, 41, 0] == len(kept) and restored.outcomes.total()[0, 3, 1] == len(kept)
+    for table in (restored, under):
+        for name in ("counts", "pending"):
+            mine, theirs = getattr(table.outcomes, name), getattr(state.outcomes, name)
+            assert mine.keys() == theirs.keys()
+            for key, counts in theirs.items():
+                np.testing.assert_array_equal(mine[key], counts)
+    assert restored.outcomes.total()[1, 3, 1] == len(kept) and restored.outcomes.total()[0, 60, 1] == len(kept)
     restored.drop_partitions([1])
-    assert restored.outcomes.counts.keys() == {(0, K0)} & {(0, a) for a in kept}
-    assert restored.outcomes.pending.keys() == {(0, K0 + 2)}
+    assert all(p == 0 for _, p, _ in restored.outcomes.counts) and set(restored.outcomes.pending) == {(1, 0, K0 + 2)}
     # A partition's counts as its changelog meta record carries them, read back by another member.
     member = StateTable(8, torch.device(DEVICE))
     member.outcomes.merge_partition(1, state.outcomes.of_partition(1))
-    assert set(member.outcomes.counts) == {(1, a) for a in kept} and set(member.outcomes.pending) == {(1, K0 + 2)}
+    assert set(member.outcomes.counts) == {key for key in state.outcomes.counts if key[1] == 1}
+    assert set(member.outcomes.pending) == {(1, 1, K0 + 2)}
 
 
 def test_a_snapshot_without_records_is_not_counted_before_the_next_anchor():
@@ -232,7 +253,7 @@ def test_a_daemon_restarted_on_its_changelog_keeps_the_counts(kafka, settings_fa
     finally:
         stop.set()
         thread.join(timeout=60)
-    assert counted[0] and {p for p, _ in counted[0]} == {0, 1}  # an anchor matured, counted per input partition
+    assert counted[0] and {p for _, p, _ in counted[0]} == {0, 1}  # an anchor matured, counted per input partition
 
     daemon, health, stop, thread = running_daemon(settings)  # the group's next member: a restore
     try:
@@ -260,12 +281,10 @@ def test_users_whose_state_expires_before_the_anchor_matures_are_counted_as_they
     before = updater_fed([e for e in events if e["ts"] < A], [100])
     said = logit_bins(before.head_probabilities(before.state.rows_for(["quiet", "back", "stays"]), A))
 
-    updater = updater_fed(events, [1], state_ttl_ms=ttl)
+    week = [e for e in events if e["ts"] <= A + ANCHOR_MS]  # to the first event past the purchase window
+    updater = updater_fed(week, [1], state_ttl_ms=ttl)
     assert updater.state.row("quiet") is None and updater.state.row("back") is None  # expired before the anchor matured
-    counts = updater.state.outcomes.counts[(-1, K0)]
-    expected = np.zeros((len(HEADS), BINS, 2), dtype=np.int64)
-    for head in range(len(HEADS)):  # quiet stayed away; back and stays came back, back bought
-        for bin_, happened in zip(said[:, head], [(0, 1), (1, 0), (0, 0)]):
-            expected[head, bin_, happened[head]] += 1
-    np.testing.assert_array_equal(counts, expected)
-    assert not updater.state.outcomes.pending  # added to the anchor's counts when it matured
+    np.testing.assert_array_equal(updater.state.outcomes.counts[(0, -1, K0)], expected_counts(said[:, 0], [0, 1, 0]))
+    feed(updater, events[len(week):], [1], len(week))
+    np.testing.assert_array_equal(updater.state.outcomes.counts[(1, -1, K0)], expected_counts(said[:, 1], [1, 0, 0]))
+    assert not updater.state.outcomes.pending  # added to the anchors' counts when they matured
