@@ -65,7 +65,8 @@ def fit_logit_map(counts: np.ndarray) -> LogitMap:
     fits = [fit_head(counts[head]) for head in range(len(HEADS))]
     users = tuple(int(counts[head].sum()) for head in range(len(HEADS)))
     return LogitMap(a=tuple(f[0] for f in fits), b=tuple(f[1] for f in fits), gain_nats=tuple(f[2] for f in fits),
-                    users=users, kept=tuple(f[2] >= max(GATE_NATS, GATE_NATS_PER_USER * n) for f, n in zip(fits, users)))
+                    users=users,
+                    kept=tuple(f[2] >= max(GATE_NATS, GATE_NATS_PER_USER * n) for f, n in zip(fits, users)))
 
 
 def fit_head(counts: np.ndarray) -> tuple[float, float, float]:

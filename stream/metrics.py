@@ -98,8 +98,8 @@ class Metrics:
             "sigmoid(a + b * logit(p)): its a and b (0 and 1 where the model's own probabilities are kept; "
             "models/stream_calibration.py)", ["field", "term"], registry=r)
         self.stream_calibration_users = Gauge(
-            "profiles_stream_calibration_users", "Users of the latest matured calibration anchor each map was fitted on "
-            "(0: none matured yet, or --no-stream-calibration)", ["field"], registry=r)
+            "profiles_stream_calibration_users", "Users of the latest matured calibration anchor each map was fitted "
+            "on (0: none matured yet, or --no-stream-calibration)", ["field"], registry=r)
 
 
 def resident_bytes() -> int:

@@ -55,7 +55,7 @@ COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
     "price_n": (np.int64, (), 0),
     "scored_at": (np.int64, (), -1),  # event-time clock when the user's profile was last published
     **STAT_COLUMNS,  # the behaviour statistics the field heads read (stream/statistics.py)
-    **ANCHOR_COLUMNS,  # the user's record of the latest calibration anchor (stream/outcomes.py)
+    **ANCHOR_COLUMNS,  # the user's records of the calibration anchors whose windows are open (stream/outcomes.py)
 }
 
 
