@@ -356,12 +356,11 @@ def stream_map_report(shop_map: LogitMap | None, windows: dict[str, float]) -> d
     whether it was applied (kept, and the window is the contract's horizon)."""
     if shop_map is None:
         return None
-    horizons = {"purchase_propensity": (windows["purchase"], PURCHASE_HORIZON_HOURS),
-                "churn_risk": (windows["churn"], CHURN_HORIZON_HOURS)}
-    return {name: {"users": users, "a": a, "b": b, "gain_nats": gain, "kept": kept,
-                   "applied": kept and horizons[name][0] == horizons[name][1]}
-            for name, a, b, gain, users, kept in zip(HEADS, shop_map.a, shop_map.b, shop_map.gain_nats, shop_map.users,
-                                                     shop_map.kept)}
+    hours = (windows["purchase"], windows["churn"])
+    return {name: {"users": shop_map.users[head], "a": shop_map.a[head], "b": shop_map.b[head],
+                   "gain_nats": shop_map.gain_nats[head], "kept": shop_map.kept[head],
+                   "applied": shop_map.applies(head, hours[head])}
+            for head, name in enumerate(HEADS)}
 
 
 # The published fields a report judges, in the order it shows them; the two that are probabilities.

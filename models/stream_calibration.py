@@ -29,6 +29,7 @@ from stream.outcomes import (
     ANCHOR_MS, BINS, HEADS, KEPT_ANCHORS, MATURES_AFTER, PHASES, PURCHASE_WINDOW_MINUTES, anchor_of, bin_logits,
     logit_bins,
 )
+from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from stream.state import StateTable
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ GATE_NATS = 15.0
 GATE_NATS_PER_USER = 0.008
 RIDGE = 1.0  # pulls (a, b) toward the identity (0, 1): a bin holding every user cannot push b off to infinity
 MINUTE_MS = 60_000
+HORIZONS_HOURS = (PURCHASE_HORIZON_HOURS, CHURN_HORIZON_HOURS)  # what each head's map is fitted for (HEADS order)
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,13 @@ class LogitMap:
     users: tuple[int, ...] = (0, 0)  # fitted on how many users' outcomes
     kept: tuple[bool, ...] = (False, False)
 
-    def apply(self, head: int, p: torch.Tensor) -> torch.Tensor:
-        if not self.kept[head]:
+    def applies(self, head: int, hours: float | None = None) -> bool:
+        """Whether the head's published probability over `hours` (None: the contract's) moves: the map is kept, and
+        the horizon is the one it was fitted for (an evaluation's shorter window keeps the model's own)."""
+        return self.kept[head] and (hours is None or hours == HORIZONS_HOURS[head])
+
+    def apply(self, head: int, p: torch.Tensor, hours: float | None = None) -> torch.Tensor:
+        if not self.applies(head, hours):
             return p
         p = p.double().clamp(1e-12, 1 - 1e-12)
         return torch.sigmoid(self.a[head] + self.b[head] * torch.logit(p)).to(torch.float32)
@@ -194,39 +201,40 @@ class StreamCalibration:
         if not len(rows) or state.max_event_ts < 0:
             return
         now = anchor_of(state.max_event_ts)
-        for head, after in enumerate(MATURES_AFTER):
-            for anchor in range(now - after + 1, now + 1):
-                if outcomes.complete_from is None or anchor >= outcomes.complete_from:
-                    self.count(anchor, head, rows, pending=True)
+        for anchor in range(now - PHASES + 1, now + 1):
+            open_heads = tuple(head for head, after in enumerate(MATURES_AFTER) if anchor > now - after)
+            if open_heads and outcomes.counted(anchor):
+                self.count(anchor, open_heads, rows, pending=True)
 
     def mature(self, anchor: int, head: int) -> None:
         """The head's window after anchor `anchor` has closed: count the anchor's users for it."""
-        state = self.state
-        if anchor < 0 or (state.outcomes.complete_from is not None and anchor < state.outcomes.complete_from):
+        if not self.state.outcomes.counted(anchor):
             return
-        self.count(anchor, head, np.arange(len(state)))
+        self.count(anchor, (head,), np.arange(len(self.state)))
         if head == len(HEADS) - 1:
-            shop_map = self.shop_map()
-            log.info("calibration anchor %d matured: %s", anchor, describe(shop_map))
+            log.info("calibration anchor %d matured: %s", anchor, describe(self.shop_map()))
 
-    def count(self, anchor: int, head: int, rows: np.ndarray, pending: bool = False) -> None:
-        """Count the users among `rows` that the table held at the anchor, for the head: those who came back after
-        it by their records, those silent since before it said at the anchor's clock from their state (unchanged
-        since)."""
+    def count(self, anchor: int, heads: tuple[int, ...], rows: np.ndarray, pending: bool = False) -> None:
+        """Count the users among `rows` that the table held at the anchor, for these heads: those who came back
+        after it by their records, those silent since before it said at the anchor's clock from their state
+        (unchanged since)."""
         state, slot, at = self.state, anchor % PHASES, anchor * ANCHOR_MS
         columns = state.columns
         back = rows[columns["anchor"][rows, slot] == anchor]
         last = state.last_ts[rows]
         silent = rows[(last >= 0) & (last < at)]
-        said = logit_bins(self.probabilities(silent, at)[:, head])
-        bins = np.concatenate([columns["anchor_bins"][back, slot, head], said])
-        happened = np.zeros(len(back) + len(silent), dtype=np.int64)
-        if head == HEADS.index("purchase_propensity"):
-            bought = columns["bought_minutes"][back, slot]
-            happened[:len(back)] = (bought >= 0) & (bought < PURCHASE_WINDOW_MINUTES)
-        else:
-            happened[len(back):] = 1  # silent for the whole churn horizon
-        state.outcomes.add(head, anchor, state.partition[np.concatenate([back, silent])], bins, happened, pending)
+        said = logit_bins(self.probabilities(silent, at))  # both heads at once
+        partitions = state.partition[np.concatenate([back, silent])]
+        for head in heads:
+            bins = np.concatenate([columns["anchor_bins"][back, slot, head], said[:, head]])
+            happened = np.zeros(len(back) + len(silent), dtype=np.int64)
+            if head == HEADS.index("purchase_propensity"):
+                bought = columns["bought_minutes"][back, slot]
+                happened[:len(back)] = (bought >= 0) & (bought < PURCHASE_WINDOW_MINUTES)
+            else:
+                happened[len(back):] = 1  # silent for the whole churn horizon
+            state.outcomes.add(head, anchor, partitions, bins, happened, pending)
+
 
 def describe(shop_map: LogitMap) -> str:
     """The map in words, head by head (the log line of each matured anchor)."""

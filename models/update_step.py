@@ -25,7 +25,7 @@ from models.neighbours import RECENT_ITEMS
 from models.profile_model import full_float32, idle_hours, price_tier_index
 from models.field_heads import FieldInputs
 from models.checkpoint_io import LoadedModel
-from models.stream_calibration import StreamCalibration
+from models.stream_calibration import HORIZONS_HOURS, StreamCalibration
 from stream import statistics
 from stream.follow import FollowCounts, hours_since
 from stream.habit import ShopHabit, leans
@@ -90,7 +90,6 @@ class ProfileUpdater:
         self.model_version = loaded.version
         self.state_version = loaded.state_version  # what the changelog and snapshots are checked against
         self.config = loaded.model.config
-        self.contract_horizons = (self.config.purchase_horizon_hours, self.config.churn_horizon_hours)
         # How the model's heads read follow_pending (checkpoint format 12; stream/follow.py): read once, here.
         self.relative_pending = bool(loaded.model.fields.relative_pending)
         self.device = device
@@ -423,8 +422,8 @@ class ProfileUpdater:
 
     @torch.inference_mode()
     def head_probabilities(self, rows: np.ndarray, now_ms: int, chunk_users: int = 50_000) -> np.ndarray:
-        """(U, 2) purchase_propensity and churn_risk of these users at the clock now_ms, as the model says them
-        (no calibration map): what the calibration anchors record."""
+        """(U, 2) purchase_propensity and churn_risk of these users at the clock now_ms over the contract's horizons,
+        as the model says them (no calibration map): what the calibration anchors record."""
         out = np.empty((len(rows), 2), dtype=np.float32)
         for a in range(0, len(rows), chunk_users):
             part = rows[a:a + chunk_users]
@@ -432,7 +431,7 @@ class ProfileUpdater:
             user, idle_steps = self.user_inputs(part, now_ms)
             no_slots = torch.zeros(len(part), 0, dtype=torch.long, device=self.device)
             inputs = FieldInputs(user, no_slots, no_slots.bool(), user.new_zeros(len(part), 0, 0), idle_steps)
-            purchase, churn = self.model.field_probabilities(s, inputs, *self.contract_horizons)
+            purchase, churn = self.model.field_probabilities(s, inputs, *HORIZONS_HOURS)
             out[a:a + len(part)] = torch.stack([purchase, churn], dim=1).cpu().numpy()
         return out
 
@@ -455,9 +454,8 @@ class ProfileUpdater:
                                  self.field_inputs(rows, state.max_event_ts), horizons_hours)
         purchase, churn = heads.purchase_propensity, heads.churn_risk
         if self.calibration is not None:  # the map of the contract's horizons: not over an evaluation's shorter ones
-            shop_map, (purchase_h, churn_h) = self.calibration.shop_map(), horizons_hours or self.contract_horizons
-            purchase = shop_map.apply(0, purchase) if purchase_h == self.contract_horizons[0] else purchase
-            churn = shop_map.apply(1, churn) if churn_h == self.contract_horizons[1] else churn
+            shop_map, (purchase_h, churn_h) = self.calibration.shop_map(), horizons_hours or (None, None)
+            purchase, churn = shop_map.apply(0, purchase, purchase_h), shop_map.apply(1, churn, churn_h)
         top_cols, top_scores = heads.top_category_cols, heads.top_category_probs
         top_names = state.seen_category_names()[top_cols.cpu().numpy()].tolist()  # (U, k) names, best first
         top_scores = np.round(top_scores.double().cpu().numpy(), 6).tolist()

@@ -96,6 +96,10 @@ class Outcomes:
             self._keep_latest()
         self.version += 1
 
+    def counted(self, anchor: int) -> bool:
+        """Whether the anchor's users are counted (complete_from)."""
+        return anchor >= 0 and (self.complete_from is None or anchor >= self.complete_from)
+
     def anchors(self, head: int) -> list[int]:
         return sorted({anchor for h, _, anchor in self.counts if h == head})
 
