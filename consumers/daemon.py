@@ -348,6 +348,7 @@ class ProfileDaemon:
             self.metrics.stream_calibration_users.labels(name).set(shop_map.users[head])
             self.metrics.stream_calibration_map.labels(name, "a").set(shop_map.a[head] if shop_map.kept[head] else 0.0)
             self.metrics.stream_calibration_map.labels(name, "b").set(shop_map.b[head] if shop_map.kept[head] else 1.0)
+            self.metrics.stream_calibration_map.labels(name, "drift").set(shop_map.drift[head])
 
     def set_ready(self, ready: bool, why: str = "") -> None:
         self.health.set_ready(ready, why)

@@ -101,7 +101,8 @@ def stream_calibration_line(calibration: dict) -> str:
     for name in ("purchase_propensity", "churn_risk"):
         head = calibration[name]
         if head["applied"]:
-            said.append(f"{name} {head['a']:+.2f} + {head['b']:.2f} x logit (fitted on {head['users']:,} users)")
+            moved = f", {head['drift']:+.2f} of it the shop's move since" if head.get("drift") else ""
+            said.append(f"{name} {head['a']:+.2f} + {head['b']:.2f} x logit (fitted on {head['users']:,} users{moved})")
         elif head["kept"]:
             said.append(f"{name} as the model says (the window is cut short; the map is the full horizon's)")
         else:

@@ -358,7 +358,7 @@ def stream_map_report(shop_map: LogitMap | None, windows: dict[str, float]) -> d
         return None
     hours = (windows["purchase"], windows["churn"])
     return {name: {"users": shop_map.users[head], "a": shop_map.a[head], "b": shop_map.b[head],
-                   "gain_nats": shop_map.gain_nats[head], "kept": shop_map.kept[head],
+                   "gain_nats": shop_map.gain_nats[head], "kept": shop_map.kept[head], "drift": shop_map.drift[head],
                    "applied": shop_map.applies(head, hours[head])}
             for head, name in enumerate(HEADS)}
 

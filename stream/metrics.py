@@ -95,8 +95,9 @@ class Metrics:
             ["toward"], registry=r)
         self.stream_calibration_map = Gauge(
             "profiles_stream_calibration_map", "The map the shop's own outcomes fit for each published probability, "
-            "sigmoid(a + b * logit(p)): its a and b (0 and 1 where the model's own probabilities are kept; "
-            "models/stream_calibration.py)", ["field", "term"], registry=r)
+            "sigmoid(a + b * logit(p)): its a and b (0 and 1 where the model's own probabilities are kept), and "
+            "drift, the part of a that follows how the shop moved since the anchor the map was fitted on "
+            "(models/stream_calibration.py)", ["field", "term"], registry=r)
         self.stream_calibration_users = Gauge(
             "profiles_stream_calibration_users", "Users of the latest matured calibration anchor each map was fitted "
             "on (0: none matured yet, or --no-stream-calibration)", ["field"], registry=r)

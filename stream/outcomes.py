@@ -10,7 +10,8 @@ k + PHASES its return window: its records and the users silent since before it (
 their unchanged state: they did not come back, did not buy) are counted here, for that head, per logit bin and
 outcome. Those counts are all that must outlive the users' next records, so they are kept per input partition
 (each partition's in its changelog meta record; a member sums those of the partitions it holds) for each head's
-latest KEPT_ANCHORS matured anchors.
+latest KEPT_ANCHORS matured anchors. A week after anchor k, who stayed away that week is counted too (the week
+series), for the latest two anchors: how churn_risk's map follows a shop that moved since its anchor.
 """
 
 from __future__ import annotations
@@ -25,8 +26,14 @@ ANCHOR_MS = int(PURCHASE_HORIZON_HOURS * 3_600_000)
 PHASES = round(CHURN_HORIZON_HOURS / PURCHASE_HORIZON_HOURS)  # anchors whose windows are open at once
 PURCHASE_WINDOW_MINUTES = PURCHASE_HORIZON_HOURS * 60
 HEADS = ("purchase_propensity", "churn_risk")
-# Anchors after which each head's window has closed: a purchase's a week after the anchor, a return's two.
-MATURES_AFTER = (round(PURCHASE_HORIZON_HOURS * 3_600_000 / ANCHOR_MS), PHASES)
+# What is counted at each anchor (the counts' first key): each head's outcome over its horizon, and a fresher one
+# for churn_risk, silent for the week after the anchor, which tells how the shop's return rate moved since the
+# anchor its map is fitted on (models/stream_calibration.py, drift). Each series' bins are its head's.
+SERIES = (*HEADS, "churn_risk_week")
+SERIES_HEAD = (0, 1, 1)
+# Anchors after which each series' window has closed: a purchase's a week after the anchor, a return's two.
+WEEK = round(PURCHASE_HORIZON_HOURS * 3_600_000 / ANCHOR_MS)
+MATURES_AFTER = (WEEK, PHASES, WEEK)
 # A head's logit is counted in one of BINS bins over [-LOGIT_LIMIT, LOGIT_LIMIT] (a quarter of a logit each:
 # the fitted maps came out the same as on exact logits, within 0.001 of ECE, in session 53's prototype).
 BINS = 64
@@ -35,6 +42,8 @@ LOGIT_LIMIT = 8.0
 # unlike the demo's shop, the latest two or three gave no better ECEs (the map follows a drifting shop less
 # closely); the gate keeps one anchor's noise out.
 KEPT_ANCHORS = 1
+# The week series keeps the anchor churn_risk's map is fitted on and the latest one after it.
+KEPT = (KEPT_ANCHORS, KEPT_ANCHORS, PHASES - WEEK + 1)
 
 # Host columns of the state (stream/state.py COLUMNS): the user's record of the latest anchor it came back after.
 ANCHOR_COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
@@ -64,9 +73,10 @@ def anchor_of(ts_ms: int) -> int:
 
 @dataclass
 class Outcomes:
-    """Matured anchors' counts, head by head: (head, partition, anchor) -> (BINS, 2) users by logit bin and outcome
-    (0: did not happen, 1: did; for churn_risk 1 is "did not come back within the horizon"). An anchor matures for
-    purchase_propensity a week after it and for churn_risk two weeks after it (MATURES_AFTER)."""
+    """Matured anchors' counts, series by series: (series, partition, anchor) -> (BINS, 2) users by logit bin and
+    outcome (0: did not happen, 1: did; for churn_risk 1 is "did not come back within the horizon", for its week
+    series "within a week"). An anchor matures for purchase_propensity and the week series a week after it and for
+    churn_risk two weeks after it (MATURES_AFTER)."""
 
     counts: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)
     # Users who left the table (their state expired) while an anchor's window was open, counted when they left:
@@ -77,19 +87,19 @@ class Outcomes:
     complete_from: int | None = None
     version: int = 0  # bumped at each change (the changelog re-sends the meta records)
 
-    def add(self, head: int, anchor: int, partitions: np.ndarray, bins: np.ndarray, happened: np.ndarray,
+    def add(self, series: int, anchor: int, partitions: np.ndarray, bins: np.ndarray, happened: np.ndarray,
             pending: bool = False) -> None:
-        """One head's matured anchor: its users' input partitions, bins and outcomes (N,), with the users counted
+        """One series' matured anchor: its users' input partitions, bins and outcomes (N,), with the users counted
         as they left before it matured. `pending`: users leaving now, before it matures."""
         into = self.pending if pending else self.counts
         for partition in np.unique(partitions).tolist():
             mine = partitions == partition
             grid = np.zeros((BINS, 2), dtype=np.int64)
             np.add.at(grid, (bins[mine].astype(np.int64), happened[mine].astype(np.int64)), 1)
-            key = (head, int(partition), anchor)
+            key = (series, int(partition), anchor)
             into[key] = into.get(key, 0) + grid
         if not pending:
-            for key in [key for key in self.pending if key[0] == head and key[2] <= anchor]:  # earlier: never counted
+            for key in [key for key in self.pending if key[0] == series and key[2] <= anchor]:  # earlier: never counted
                 if key[2] == anchor:
                     self.counts[key] = self.counts.get(key, 0) + self.pending[key]
                 del self.pending[key]
@@ -100,18 +110,27 @@ class Outcomes:
         """Whether the anchor's users are counted (complete_from)."""
         return anchor >= 0 and (self.complete_from is None or anchor >= self.complete_from)
 
-    def anchors(self, head: int) -> list[int]:
-        return sorted({anchor for h, _, anchor in self.counts if h == head})
+    def anchors(self, series: int) -> list[int]:
+        return sorted({anchor for h, _, anchor in self.counts if h == series})
 
     def total(self) -> np.ndarray:
         """(len(HEADS), BINS, 2) over every partition held and each head's kept anchors."""
         out = np.zeros((len(HEADS), BINS, 2), dtype=np.int64)
-        for (head, _, _), grid in self.counts.items():
-            out[head] += grid
+        for (series, _, _), grid in self.counts.items():
+            if series < len(HEADS):
+                out[series] += grid
+        return out
+
+    def of_anchor(self, series: int, anchor: int) -> np.ndarray:
+        """(BINS, 2) of one series' anchor over every partition held."""
+        out = np.zeros((BINS, 2), dtype=np.int64)
+        for (s, _, a), grid in self.counts.items():
+            if (s, a) == (series, anchor):
+                out += grid
         return out
 
     def _keep_latest(self) -> None:
-        kept = {(head, anchor) for head in range(len(HEADS)) for anchor in self.anchors(head)[-KEPT_ANCHORS:]}
+        kept = {(series, anchor) for series, latest in enumerate(KEPT) for anchor in self.anchors(series)[-latest:]}
         self.counts = {key: grid for key, grid in self.counts.items() if (key[0], key[2]) in kept}
 
     def drop_partitions(self, partitions: set[int]) -> None:

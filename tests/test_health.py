@@ -72,8 +72,8 @@ def test_endpoints_during_a_real_run(kafka, settings_factory):
         for head, name in enumerate(("purchase_propensity", "churn_risk")):
             kept = shop_map.kept[head]
             assert value("profiles_stream_calibration_users", {"field": name}) == shop_map.users[head]
-            assert [value("profiles_stream_calibration_map", {"field": name, "term": t}) for t in "ab"] == \
-                [shop_map.a[head] if kept else 0.0, shop_map.b[head] if kept else 1.0]
+            terms = [value("profiles_stream_calibration_map", {"field": name, "term": t}) for t in ("a", "b", "drift")]
+            assert terms == [shop_map.a[head] if kept else 0.0, shop_map.b[head] if kept else 1.0, shop_map.drift[head]]
         # Consumer lag comes from librdkafka's statistics (every 5 s): all read, so 0 for each partition.
         wait_until(lambda: all(value("profiles_consumer_lag_records", {"topic": topic, "partition": str(p)}) == 0
                                for p in (0, 1)), 30, "consumer lag from the statistics callback")

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from models.checkpoint_io import untrained
-from models.stream_calibration import GATE_NATS_PER_USER, fit_head, fit_logit_map
+from models.stream_calibration import GATE_NATS_PER_USER, StreamCalibration, fit_head, fit_logit_map
 from models.update_step import ProfileUpdater
 from stream.generator import ShopParams, generate
 from stream.kafka import end_offsets
-from stream.outcomes import ANCHOR_COLUMNS, ANCHOR_MS, BINS, HEADS, KEPT_ANCHORS, PHASES, bin_logits, logit_bins
+from stream.outcomes import (
+    ANCHOR_COLUMNS, ANCHOR_MS, BINS, HEADS, KEPT, KEPT_ANCHORS, PHASES, SERIES, bin_logits, logit_bins,
+)
 from stream.state import StateTable
 from tests.helpers import (
     DEVICE, committed_offsets, create_topics, produce, record_batch, updater_fed, wait_until,
@@ -23,6 +25,7 @@ from tests.helpers import (
 
 HOUR, DAY = 3_600_000, 86_400_000
 K0 = 1_700_000_000_000 // ANCHOR_MS + 1  # an anchor
+WEEK_SERIES = SERIES.index("churn_risk_week")
 A = K0 * ANCHOR_MS  # its clock
 
 
@@ -57,6 +60,29 @@ def test_the_map_finds_a_shift_and_keeps_the_identity_where_the_model_is_right()
     inverted = counts_from(p, 1 / (1 + np.exp(-(-2.0 - 0.5 * bin_logits()))), 200)
     a, b, gain = fit_head(inverted)
     assert b == 1.0 and a < -1 and gain > 0
+
+
+def test_churn_risk_follows_a_shop_whose_users_go_quiet_more_since_its_map_was_fitted():
+    p = 1 / (1 + np.exp(-bin_logits()))
+    quieter = 1 / (1 + np.exp(-(bin_logits() + 1.0)))  # a logit more silent than the model says
+    calibration = StreamCalibration(StateTable(8, torch.device(DEVICE)), probabilities=None)
+    outcomes = calibration.state.outcomes
+    # Churn's latest matured anchor: the model was right then; a week's silence since has grown by a logit.
+    outcomes.counts = {(1, -1, K0): counts_from(p, p, 200), (WEEK_SERIES, -1, K0): counts_from(p, p, 200, seed=1),
+                       (WEEK_SERIES, -1, K0 + 1): counts_from(p, quieter, 200, seed=2)}
+    outcomes.version += 1
+    shop_map = calibration.shop_map()
+    assert shop_map.kept[1] and abs(shop_map.drift[1] - 1.0) < 0.15 and shop_map.a[1] == shop_map.drift[1]
+    assert shop_map.b[1] == 1.0 and not shop_map.kept[0]
+    # The same silence as then: the map fitted on the older anchor is kept as it is (here the identity).
+    outcomes.counts[(WEEK_SERIES, -1, K0 + 1)] = counts_from(p, p, 200, seed=2)
+    outcomes.version += 1
+    assert calibration.shop_map() == fit_logit_map(outcomes.total())
+    # A week series without the anchor the map is fitted on says nothing of how the shop moved since.
+    del outcomes.counts[(WEEK_SERIES, -1, K0)]
+    outcomes.counts[(WEEK_SERIES, -1, K0 + 1)] = counts_from(p, quieter, 200, seed=2)
+    outcomes.version += 1
+    assert calibration.shop_map().drift == (0.0, 0.0)
 
 
 def feed(updater: ProfileUpdater, events: list[dict], sizes: list[int], first_offset: int = 0) -> ProfileUpdater:
@@ -96,9 +122,11 @@ def test_an_anchor_counts_who_came_back_and_bought_from_what_the_heads_said_at_i
     for sizes in ([100], [1], [3, 2]):
         updater = updater_fed(first_week, sizes)
         # A week on: the purchase window has closed (back bought within it, the late buyer after it).
-        purchase = updater.state.outcomes.counts
-        assert set(purchase) == {(0, -1, K0)}
-        np.testing.assert_array_equal(purchase[(0, -1, K0)], expected_counts(said[:, 0], [1, 0, 0, 0, 0]))
+        # And a week of silence is known (the week series, churn_risk's bins): back came back within it.
+        week = updater.state.outcomes.counts
+        assert set(week) == {(0, -1, K0), (WEEK_SERIES, -1, K0)}
+        np.testing.assert_array_equal(week[(0, -1, K0)], expected_counts(said[:, 0], [1, 0, 0, 0, 0]))
+        np.testing.assert_array_equal(week[(WEEK_SERIES, -1, K0)], expected_counts(said[:, 1], [0, 1, 1, 1, 1]))
 
         feed(updater, events[len(first_week):], sizes, len(first_week))
         state, slot = updater.state, K0 % PHASES
@@ -109,8 +137,9 @@ def test_an_anchor_counts_who_came_back_and_bought_from_what_the_heads_said_at_i
         assert state.columns["bought_minutes"][back, slot].tolist() == [3 * 24 * 60, 10 * 24 * 60]
         assert state.columns["anchor"][state.row("new")].tolist() == [-1, -1]  # not there at the anchor
         # Two weeks on: the return window has closed (silent, clock and founder stayed away); the next anchor's
-        # purchase window too, and its counts replace this one's.
-        assert set(state.outcomes.counts) == {(1, -1, K0), (0, -1, K0 + 1)}
+        # purchase window too, and its counts replace this one's (the week series keeps both anchors).
+        assert set(state.outcomes.counts) == {(1, -1, K0), (0, -1, K0 + 1), (WEEK_SERIES, -1, K0),
+                                              (WEEK_SERIES, -1, K0 + 1)}
         np.testing.assert_array_equal(state.outcomes.counts[(1, -1, K0)], expected_counts(said[:, 1], [0, 0, 1, 1, 1]))
 
     young = updater_fed(events[1:], [100])  # without the founder, the anchor came within two weeks of the first event
@@ -121,7 +150,7 @@ def test_the_counts_and_records_are_the_same_whatever_the_batches():
     events = generate(users=300, events=15000, seed=4, shop=ShopParams.draw(3), span_days=60).events
     one = updater_fed(events, [15_000])  # one batch over every anchor of the log
     many = updater_fed(events, [97, 431, 1, 2_000])
-    assert len(one.state.outcomes.counts) == len(HEADS) * KEPT_ANCHORS
+    assert len(one.state.outcomes.counts) == sum(KEPT)
     assert one.state.outcomes.total().sum() > KEPT_ANCHORS * 200  # most of the 300 users, at each anchor
     for key, counts in one.state.outcomes.counts.items():
         np.testing.assert_array_equal(many.state.outcomes.counts[key], counts)
