@@ -30,6 +30,7 @@ from stream.kafka import (
     ensure_topics, offsets_at, partition_counts, seed_group_offsets,
 )
 from stream.metrics import Health, Metrics, brokers_up, consumer_lag, resident_bytes
+from stream.anchor_samples import STATISTICS
 from stream.outcomes import HEADS
 from stream.repartition import Forwarded, rekey, split_upstream
 from stream.runtime import tune_garbage_collector
@@ -349,6 +350,8 @@ class ProfileDaemon:
             self.metrics.stream_calibration_map.labels(name, "a").set(shop_map.a[head] if shop_map.kept[head] else 0.0)
             self.metrics.stream_calibration_map.labels(name, "b").set(shop_map.b[head] if shop_map.kept[head] else 1.0)
             self.metrics.stream_calibration_map.labels(name, "drift").set(shop_map.drift[head])
+            for statistic, weight in zip(STATISTICS[head], shop_map.weights[head] or (0.0,) * len(STATISTICS[head])):
+                self.metrics.stream_calibration_map.labels(name, statistic).set(weight)
 
     def set_ready(self, ready: bool, why: str = "") -> None:
         self.health.set_ready(ready, why)

@@ -102,7 +102,9 @@ def stream_calibration_line(calibration: dict) -> str:
         head = calibration[name]
         if head["applied"]:
             moved = f", {head['drift']:+.2f} of it the shop's move since" if head.get("drift") else ""
-            said.append(f"{name} {head['a']:+.2f} + {head['b']:.2f} x logit (fitted on {head['users']:,} users{moved})")
+            weights = "".join(f" {w:+.2f} x {stat}" for stat, w in (head.get("weights") or {}).items())
+            fitted = f"{head['sampled']:,} sampled users" if weights else f"{head['users']:,} users"
+            said.append(f"{name} {head['a']:+.2f} + {head['b']:.2f} x logit{weights} (fitted on {fitted}{moved})")
         elif head["kept"]:
             said.append(f"{name} as the model says (the window is cut short; the map is the full horizon's)")
         else:

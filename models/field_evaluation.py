@@ -27,6 +27,7 @@ from stream.settings import Settings
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from stream.sources import TimeRange, no_usable_events_among
 from stream import statistics
+from stream.anchor_samples import STATISTICS
 from stream.outcomes import HEADS
 from stream.statistics import ORDER_GAP_MS
 
@@ -359,6 +360,9 @@ def stream_map_report(shop_map: LogitMap | None, windows: dict[str, float]) -> d
     hours = (windows["purchase"], windows["churn"])
     return {name: {"users": shop_map.users[head], "a": shop_map.a[head], "b": shop_map.b[head],
                    "gain_nats": shop_map.gain_nats[head], "kept": shop_map.kept[head], "drift": shop_map.drift[head],
+                   "weights": None if shop_map.weights[head] is None else dict(zip(STATISTICS[head],
+                                                                                   shop_map.weights[head])),
+                   "weights_gain_nats": shop_map.weights_gain_nats[head], "sampled": shop_map.sampled[head],
                    "applied": shop_map.applies(head, hours[head])}
             for head, name in enumerate(HEADS)}
 

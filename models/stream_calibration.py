@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from stream import statistics
+from stream.anchor_samples import LOGIT_COLUMNS, STATISTIC_COLUMNS, STATISTICS, sample_rows
 from stream.events import PURCHASE, EventColumns
 from stream.outcomes import (
     ANCHOR_MS, BINS, HEADS, KEPT, MATURES_AFTER, PHASES, PURCHASE_WINDOW_MINUTES, SERIES, SERIES_HEAD,
@@ -45,6 +47,11 @@ MINUTE_MS = 60_000
 HORIZONS_HOURS = (PURCHASE_HORIZON_HOURS, CHURN_HORIZON_HOURS)  # what each head's map is fitted for (HEADS order)
 CHURN, WEEK_SERIES = HEADS.index("churn_risk"), SERIES.index("churn_risk_week")
 DRIFT_GATE_NATS = 4.0
+# The fit on the rules' statistics replaces a head's affine map where it gains GATE_NATS and STATISTICS_GATE_PER_USER
+# nats per sampled user over the affine map fitted on the same sample (four or three weights more: a sample's noise
+# gains about two nats).
+STATISTICS_GATE_PER_USER = 0.004
+STATISTIC_INDEX = tuple(tuple(statistics.USER_FEATURES.index(name) for name in names) for names in STATISTICS)
 
 
 @dataclass(frozen=True)
@@ -57,17 +64,28 @@ class LogitMap:
     users: tuple[int, ...] = (0, 0)  # fitted on how many users' outcomes
     kept: tuple[bool, ...] = (False, False)
     drift: tuple[float, ...] = (0.0, 0.0)  # part of `a`: how the shop moved since the anchor the map is fitted on
+    # Per head, the weights on STATISTICS[head] where the fit on the sampled users' statistics was kept (a and b
+    # are then that fit's), else None; and that fit's gain over the affine map on the same sample, and its users.
+    weights: tuple[tuple[float, ...] | None, ...] = (None, None)
+    weights_gain_nats: tuple[float, ...] = (0.0, 0.0)
+    sampled: tuple[int, ...] = (0, 0)
 
     def applies(self, head: int, hours: float | None = None) -> bool:
         """Whether the head's published probability over `hours` (None: the contract's) moves: the map is kept, and
         the horizon is the one it was fitted for (an evaluation's shorter window keeps the model's own)."""
         return self.kept[head] and (hours is None or hours == HORIZONS_HOURS[head])
 
-    def apply(self, head: int, p: torch.Tensor, hours: float | None = None) -> torch.Tensor:
+    def apply(self, head: int, p: torch.Tensor, hours: float | None = None,
+              user_statistics: torch.Tensor | None = None) -> torch.Tensor:
+        """user_statistics: the users' (U, len(USER_FEATURES)) statistics at the clock (read where weights are)."""
         if not self.applies(head, hours):
             return p
         p = p.double().clamp(1e-12, 1 - 1e-12)
-        return torch.sigmoid(self.a[head] + self.b[head] * torch.logit(p)).to(torch.float32)
+        z = self.a[head] + self.b[head] * torch.logit(p)
+        if self.weights[head] is not None:
+            weights = torch.tensor(self.weights[head], dtype=torch.float64, device=p.device)
+            z = z + user_statistics[:, list(STATISTIC_INDEX[head])].double() @ weights
+        return torch.sigmoid(z).to(torch.float32)
 
 
 def fit_logit_map(counts: np.ndarray) -> LogitMap:
@@ -109,11 +127,49 @@ def with_drift(shop_map: LogitMap, older: np.ndarray, newer: np.ndarray) -> Logi
                  for c in (older, newer))
     if binned_log_likelihood(newer, now, b) - binned_log_likelihood(newer, then, b) < DRIFT_GATE_NATS:
         return shop_map
-    def churn_only(values: tuple, value: object) -> tuple:
-        return tuple(value if head == CHURN else v for head, v in enumerate(values))
+    return replace(shop_map, a=only(shop_map.a, CHURN, a + now - then), b=only(shop_map.b, CHURN, b),
+                   kept=only(shop_map.kept, CHURN, True), drift=only(shop_map.drift, CHURN, now - then))
 
-    return replace(shop_map, a=churn_only(shop_map.a, a + now - then), b=churn_only(shop_map.b, b),
-                   kept=churn_only(shop_map.kept, True), drift=churn_only(shop_map.drift, now - then))
+
+def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.ndarray) -> LogitMap:
+    """The head's map fitted on the sampled users' logits and statistics (x: a sample's columns) where that gains
+    enough over the affine map of the logit alone fitted on the same users: sigmoid(a + b logit + weights .
+    statistics), by Newton with a ridge toward the identity (b = 1, no weight)."""
+    design = np.column_stack([np.ones(len(x)), x[:, LOGIT_COLUMNS[head]], x[:, list(STATISTIC_COLUMNS[head])]])
+    y = happened.astype(np.float64)
+    theta, full = logistic_fit(design, y)
+    _, affine = logistic_fit(design[:, :2], y)
+    gain, n = full - affine, len(y)
+    fitted = replace(shop_map, weights_gain_nats=only(shop_map.weights_gain_nats, head, gain),
+                     sampled=only(shop_map.sampled, head, n))
+    if gain < max(GATE_NATS, STATISTICS_GATE_PER_USER * n):
+        return fitted
+    return replace(fitted, a=only(shop_map.a, head, float(theta[0])), b=only(shop_map.b, head, float(theta[1])),
+                   kept=only(shop_map.kept, head, True), drift=only(shop_map.drift, head, 0.0),
+                   weights=only(shop_map.weights, head, tuple(float(w) for w in theta[2:])))
+
+
+def only(values: tuple, head: int, value: object) -> tuple:
+    """`values` with the head's replaced by `value`."""
+    return tuple(value if h == head else v for h, v in enumerate(values))
+
+
+def logistic_fit(design: np.ndarray, y: np.ndarray, steps: int = 30) -> tuple[np.ndarray, float]:
+    """(theta, log likelihood): the ridged logistic regression of y on the design's columns (the first the
+    intercept, the second the logit), pulled toward intercept 0, logit 1, other weights 0."""
+    identity = np.zeros(design.shape[1])
+    identity[1] = 1.0
+    theta = identity.copy()
+    for _ in range(steps):
+        p = 0.5 * (1 + np.tanh(0.5 * (design @ theta)))
+        grad = design.T @ (y - p) - RIDGE * (theta - identity)
+        hess = (design * (p * (1 - p))[:, None]).T @ design + RIDGE * np.eye(len(theta))
+        step = np.linalg.solve(hess, grad)
+        theta = theta + step
+        if np.abs(step).max() < 1e-9:
+            break
+    z = design @ theta
+    return theta, float(-(y * np.logaddexp(0, -z)).sum() - ((1 - y) * np.logaddexp(0, z)).sum())
 
 
 def newton(x: np.ndarray, no: np.ndarray, yes: np.ndarray, free_slope: bool, steps: int = 25,
@@ -154,6 +210,10 @@ class StreamCalibration:
             if fitted_on and fitted_on[-1] in weeks and weeks[-1] > fitted_on[-1]:
                 self._map = with_drift(self._map, outcomes.of_anchor(WEEK_SERIES, fitted_on[-1]),
                                        outcomes.of_anchor(WEEK_SERIES, weeks[-1]))
+            for head in range(len(HEADS)):
+                sampled = outcomes.samples.latest_matured(head)
+                if sampled is not None:
+                    self._map = with_statistics(self._map, head, *sampled)
             self._fitted = (id(outcomes), outcomes.version)
         return self._map
 
@@ -179,6 +239,8 @@ class StreamCalibration:
                 kept = max(KEPT[s] for s in series)
                 for matured in range(max(since, anchor - kept) - after + 1, anchor - after + 1):
                     self.mature(matured, series)
+            if anchor > since and outcomes.counted(anchor):
+                self.take_sample(anchor)
             since = anchor
             yield anchor, of_event == anchor
 
@@ -241,8 +303,40 @@ class StreamCalibration:
         if not self.state.outcomes.counted(anchor):
             return
         self.count(anchor, series, np.arange(len(self.state)))
+        for head in series:
+            if head < len(HEADS):
+                self.note_sampled(anchor, head)
         if CHURN in series:
             log.info("calibration anchor %d matured: %s", anchor, describe(self.shop_map()))
+
+    def take_sample(self, anchor: int) -> None:
+        """The clock has reached the anchor (every event before it applied, none after): sample the users held
+        (stream/anchor_samples.py) with both heads' logits and the rules' statistics at its clock."""
+        state, at = self.state, anchor * ANCHOR_MS
+        n = len(state)
+        held = np.flatnonzero((state.last_ts[:n] >= 0) & (state.last_ts[:n] < at))
+        state.outcomes.samples.keep_from(anchor - PHASES)  # each head's latest matured anchor and the open ones
+        if len(held):
+            rows = sample_rows(held, state.ids_at(held), state.partition[held])
+            p = np.clip(self.probabilities(rows, at).astype(np.float64), 1e-6, 1 - 1e-6)
+            user = statistics.user_features(state.columns, state.counts, state.last_ts, rows, at)
+            x = np.column_stack([np.log(p) - np.log1p(-p), *(user[:, list(index)] for index in STATISTIC_INDEX)])
+            state.outcomes.samples.put(anchor, state.partition[rows], state.ids_at(rows), x)
+        state.outcomes.version += 1
+
+    def note_sampled(self, anchor: int, head: int) -> None:
+        """The head's window after the anchor has closed: whether each user sampled at it bought within it (its
+        latest purchase is after the anchor: none after the window is applied yet), or stayed away."""
+        state, at = self.state, anchor * ANCHOR_MS
+        for (_, sampled_at), sample in state.outcomes.samples.samples.items():
+            if sampled_at != anchor:
+                continue
+            rows = state.find_rows(sample.users)
+            found, row = rows >= 0, np.maximum(rows, 0)
+            if head == HEADS.index("purchase_propensity"):
+                sample.happened[head] = found & (state.columns["last_purchase_ts"][row] >= at)
+            else:
+                sample.happened[head] = ~(found & (state.last_ts[row] >= at))
 
     def count(self, anchor: int, series: tuple[int, ...], rows: np.ndarray, pending: bool = False) -> None:
         """Count the users among `rows` that the table held at the anchor, for these series: those who came back
@@ -271,7 +365,12 @@ class StreamCalibration:
 
 def describe(shop_map: LogitMap) -> str:
     """The map in words, head by head (the log line of each matured anchor)."""
-    return ", ".join(f"{name} " + (f"{a:+.2f} + {b:.2f} logit" if kept else "as the model says")
-                     + f" (gain {gain:.0f} nats on {users:,} users)"
-                     for name, a, b, gain, users, kept in zip(HEADS, shop_map.a, shop_map.b, shop_map.gain_nats,
-                                                              shop_map.users, shop_map.kept))
+    def head(h: int) -> str:
+        if not shop_map.kept[h]:
+            return f"{HEADS[h]} as the model says (gain {shop_map.gain_nats[h]:.0f} nats on {shop_map.users[h]:,} users)"
+        said = f"{HEADS[h]} {shop_map.a[h]:+.2f} + {shop_map.b[h]:.2f} logit"
+        if shop_map.weights[h] is None:
+            return said + f" (gain {shop_map.gain_nats[h]:.0f} nats on {shop_map.users[h]:,} users)"
+        return said + "".join(f" {w:+.2f} {name}" for name, w in zip(STATISTICS[h], shop_map.weights[h])) + (
+            f" ({shop_map.weights_gain_nats[h]:.0f} nats more on {shop_map.sampled[h]:,} sampled users)")
+    return ", ".join(map(head, range(len(HEADS))))

@@ -450,12 +450,14 @@ class ProfileUpdater:
         # Top categories: a distribution over the category list (those seen in events, less those an
         # erasure dropped), computed for those columns only (S categories, not every bucket).
         seen = self.seen_category_buckets()  # (S,) each listed category's bucket
-        heads = self.model.heads(s, torch.from_numpy(idle).float().to(self.device), seen, TOP_CATEGORIES,
-                                 self.field_inputs(rows, state.max_event_ts), horizons_hours)
+        inputs = self.field_inputs(rows, state.max_event_ts)
+        heads = self.model.heads(s, torch.from_numpy(idle).float().to(self.device), seen, TOP_CATEGORIES, inputs,
+                                 horizons_hours)
         purchase, churn = heads.purchase_propensity, heads.churn_risk
         if self.calibration is not None:  # the map of the contract's horizons: not over an evaluation's shorter ones
             shop_map, (purchase_h, churn_h) = self.calibration.shop_map(), horizons_hours or (None, None)
-            purchase, churn = shop_map.apply(0, purchase, purchase_h), shop_map.apply(1, churn, churn_h)
+            purchase = shop_map.apply(0, purchase, purchase_h, inputs.user)  # inputs.user: the rules' statistics too
+            churn = shop_map.apply(1, churn, churn_h, inputs.user)
         top_cols, top_scores = heads.top_category_cols, heads.top_category_probs
         top_names = state.seen_category_names()[top_cols.cpu().numpy()].tolist()  # (U, k) names, best first
         top_scores = np.round(top_scores.double().cpu().numpy(), 6).tolist()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stream.anchor_samples import AnchorSamples
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 
 ANCHOR_MS = int(PURCHASE_HORIZON_HOURS * 3_600_000)
@@ -86,6 +87,8 @@ class Outcomes:
     # none), or the table held events for less than a churn horizon before them. None: every anchor counts.
     complete_from: int | None = None
     version: int = 0  # bumped at each change (the changelog re-sends the meta records)
+    # The users sampled at the latest anchors, with the rules' statistics then (stream/anchor_samples.py).
+    samples: AnchorSamples = field(default_factory=AnchorSamples)
 
     def add(self, series: int, anchor: int, partitions: np.ndarray, bins: np.ndarray, happened: np.ndarray,
             pending: bool = False) -> None:
@@ -134,14 +137,16 @@ class Outcomes:
         self.counts = {key: grid for key, grid in self.counts.items() if (key[0], key[2]) in kept}
 
     def drop_partitions(self, partitions: set[int]) -> None:
-        if any(key[1] in partitions for key in [*self.counts, *self.pending]):
+        if any(key[1] in partitions for key in [*self.counts, *self.pending]) or any(
+                key[0] in partitions for key in self.samples.samples):
             self.counts = {key: grid for key, grid in self.counts.items() if key[1] not in partitions}
             self.pending = {key: grid for key, grid in self.pending.items() if key[1] not in partitions}
+            self.samples.drop_partitions(partitions)
             self.version += 1
 
     def of_partition(self, partition: int) -> dict:
         """A partition's counts as the changelog's meta record carries them."""
-        return {"complete_from": self.complete_from,
+        return {"complete_from": self.complete_from, "samples": self.samples.of_partition(partition),
                 **{name: [[head, anchor, grid.tolist()] for (head, p, anchor), grid in sorted(kept.items())
                           if p == partition]
                    for name, kept in (("counts", self.counts), ("pending", self.pending))}}
@@ -153,6 +158,7 @@ class Outcomes:
             for head, anchor, grid in plain.get(name, []):
                 kept[(int(head), partition, int(anchor))] = np.asarray(grid, dtype=np.int64).reshape(BINS, 2)
             setattr(self, name, kept)
+        self.samples.merge_partition(partition, plain.get("samples", []))
         if plain.get("complete_from") is not None:
             self.complete_from = max(self.complete_from or plain["complete_from"], plain["complete_from"])
         self._keep_latest()
@@ -160,7 +166,7 @@ class Outcomes:
 
     def to_plain(self) -> dict:
         """For a state snapshot (JSON)."""
-        return {"complete_from": self.complete_from,
+        return {"complete_from": self.complete_from, "samples": self.samples.to_plain(),
                 **{name: [[*key, grid.tolist()] for key, grid in sorted(kept.items())]
                    for name, kept in (("counts", self.counts), ("pending", self.pending))}}
 
@@ -172,4 +178,4 @@ class Outcomes:
             return cls(complete_from=anchor_of(clock_ms) + 1 if clock_ms >= 0 else None)
         counts, pending = ({(int(h), int(p), int(a)): np.asarray(g, dtype=np.int64).reshape(BINS, 2)
                             for h, p, a, g in plain.get(name, [])} for name in ("counts", "pending"))
-        return cls(counts, pending, plain.get("complete_from"))
+        return cls(counts, pending, plain.get("complete_from"), samples=AnchorSamples.from_plain(plain.get("samples")))

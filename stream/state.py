@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 
 import os
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -125,6 +125,14 @@ class StateTable:
     def row(self, user: str) -> int | None:
         """The user's row, or None if the user is not in state."""
         return self._index.get(user)
+
+    def find_rows(self, users: Sequence[str]) -> np.ndarray:
+        """Row of each user, -1 where the user is not in state (none is added)."""
+        return self._index.rows(users)
+
+    def ids_at(self, rows: np.ndarray) -> np.ndarray:
+        """The users of these rows, as an object array."""
+        return self._index.names[rows]
 
     def rows_for(self, users: Iterable[str], from_base: bool = True) -> np.ndarray:
         """Row of each user, adding rows for users not yet in state (in order of first appearance),

@@ -896,11 +896,18 @@ def test_calibrating_for_a_shop_of_replenishers_weighs_the_order_being_due(tmp_p
     due = USER_FEATURES.index("order_due")
     assert float(demo.model.fields.purchase.linear.weight.detach()[0, due]) == 1.0
     assert float(cal.model.fields.purchase.linear.weight.detach()[0, due]) > 1.0
-    before = evaluate_fields(demo, [str(shop)], ON_DEVICE, cut=cut)["fields"]["purchase_propensity"]
-    after = evaluate_fields(cal, [str(shop)], ON_DEVICE, cut=cut)["fields"]["purchase_propensity"]
+    # The models' own probabilities (the stream's calibration off: it would weigh the rhythm by itself, below).
+    before = evaluate_fields(demo, [str(shop)], ON_DEVICE, cut=cut, stream_calibration=False)["fields"]
+    after = evaluate_fields(cal, [str(shop)], ON_DEVICE, cut=cut, stream_calibration=False)["fields"]
+    before, after = before["purchase_propensity"], after["purchase_propensity"]
     assert after["model"]["roc_auc"] > before["model"]["roc_auc"] + 0.1
     rule = before["baselines"]["order due (own rhythm)"]["roc_auc"]
     assert rule > 0.8 and after["model"]["roc_auc"] > rule  # the rule reads the shop; calibrated, the field reads more
+    # Served as a daemon publishes it, the uncalibrated demo gets there too: the stream's own outcomes weigh the
+    # order being due (models/stream_calibration.py, with_statistics).
+    served = evaluate_fields(demo, [str(shop)], ON_DEVICE, cut=cut)
+    assert served["stream_calibration"]["purchase_propensity"]["weights"]["order_due"] > 1.0
+    assert served["fields"]["purchase_propensity"]["model"]["roc_auc"] > max(rule, before["model"]["roc_auc"] + 0.1)
 
 
 def test_the_rate_gap_hint_names_what_a_log_shorter_than_the_horizons_needs():

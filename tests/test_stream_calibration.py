@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from models.checkpoint_io import untrained
-from models.stream_calibration import GATE_NATS_PER_USER, StreamCalibration, fit_head, fit_logit_map
+from models.stream_calibration import (
+    GATE_NATS_PER_USER, LogitMap, StreamCalibration, fit_head, fit_logit_map, with_statistics,
+)
+from stream import statistics
+from stream.anchor_samples import SAMPLE_PER_PARTITION, STATISTICS, WIDTH, AnchorSamples, stable_keys
 from models.update_step import ProfileUpdater
 from stream.generator import ShopParams, generate
 from stream.kafka import end_offsets
@@ -85,6 +89,77 @@ def test_churn_risk_follows_a_shop_whose_users_go_quiet_more_since_its_map_was_f
     assert calibration.shop_map().drift == (0.0, 0.0)
 
 
+def test_the_fit_on_the_statistics_finds_their_weight_and_is_kept_only_where_they_add_to_the_logit():
+    rng = np.random.default_rng(3)
+    x = np.zeros((4000, WIDTH))
+    x[:, :2] = rng.normal(-1, 1.5, size=(4000, 2))  # both heads' logits
+    x[:, 2:] = rng.normal(0, 1, size=(4000, WIDTH - 2))  # the statistics
+    due = 2 + STATISTICS[0].index("order_due")
+    buys = rng.random(4000) < 1 / (1 + np.exp(-(x[:, 0] + 1.0 * x[:, due])))  # being due counts beyond the logit
+    moved = with_statistics(LogitMap(), 0, x, buys)
+    assert moved.kept[0] and moved.weights[1] is None and not moved.kept[1]
+    weights = dict(zip(STATISTICS[0], moved.weights[0]))
+    assert abs(weights["order_due"] - 1.0) < 0.15 and all(abs(w) < 0.15 for s, w in weights.items() if s != "order_due")
+    assert abs(moved.a[0]) < 0.15 and abs(moved.b[0] - 1.0) < 0.1 and moved.sampled[0] == 4000
+    p = torch.tensor(1 / (1 + np.exp(-x[:5, 0])))
+    user = torch.zeros(5, len(statistics.USER_FEATURES), dtype=torch.float64)
+    user[:, statistics.USER_FEATURES.index("order_due")] = torch.from_numpy(x[:5, due])
+    expected = 1 / (1 + np.exp(-(moved.a[0] + moved.b[0] * x[:5, 0] + weights["order_due"] * x[:5, due])))
+    np.testing.assert_allclose(moved.apply(0, p, None, user).numpy(), expected, rtol=2e-3)
+    # Outcomes the logit alone says: the statistics' four weights more are noise, and the affine map stays.
+    plain = rng.random(4000) < 1 / (1 + np.exp(-x[:, 0]))
+    kept = with_statistics(LogitMap(), 0, x, plain)
+    assert kept.weights == (None, None) and not kept.kept[0] and 0 <= kept.weights_gain_nats[0] < 15
+
+
+def test_the_users_sampled_at_an_anchor_and_what_followed_are_read_from_the_state():
+    week, two_weeks = A + ANCHOR_MS + HOUR, A + PHASES * ANCHOR_MS + HOUR
+    events = [event("founder", 0, A - 3 * ANCHOR_MS),
+              event("back", 0, A - HOUR), event("back", 1, A + 2 * DAY), event("back", 2, A + 3 * DAY, "purchase"),
+              event("late buyer", 0, A - 2 * HOUR), event("late buyer", 1, A + 10 * DAY, "purchase"),
+              event("silent", 0, A - 3 * HOUR), event("new", 0, A + DAY),
+              event("clock", 0, A - 5 * HOUR), event("clock", 1, week), event("clock", 2, two_weeks)]
+    events.sort(key=lambda e: e["ts"])
+    held = ["back", "late buyer", "silent", "clock", "founder"]
+    before = updater_fed([e for e in events if e["ts"] < A], [100])
+    rows = before.state.rows_for(held)
+    p = before.head_probabilities(rows, A).astype(np.float64)
+    user = statistics.user_features(before.state.columns, before.state.counts, before.state.last_ts, rows, A)
+    for sizes in ([100], [1], [2, 3]):
+        updater = updater_fed(events, sizes)
+        sample = updater.state.outcomes.samples.samples[(-1, K0)]
+        order = [held.index(u) for u in sample.users]  # by stable key; "new" came after the anchor
+        assert sorted(sample.users.tolist()) == sorted(held)
+        assert np.all(np.diff(stable_keys(sample.users).astype(np.int64)) >= 0)
+        logits = np.log(p[order]) - np.log1p(-p[order])
+        np.testing.assert_allclose(sample.x[:, :2].astype(np.float64), logits, atol=0.01)
+        due = 2 + STATISTICS[0].index("order_due")
+        idle = 2 + len(STATISTICS[0]) + STATISTICS[1].index("log_idle_minutes")
+        np.testing.assert_allclose(sample.x[:, due], user[order, statistics.USER_FEATURES.index("order_due")], atol=0.01)
+        np.testing.assert_allclose(sample.x[:, idle], user[order, statistics.USER_FEATURES.index("log_idle_minutes")],
+                                   rtol=0.01)
+        # Bought within the week: back only (the late buyer's purchase came after it); stayed away two weeks:
+        # silent and the founder (the clock came back a week on).
+        bought = dict(zip(sample.users, sample.happened[0].tolist()))
+        silent = dict(zip(sample.users, sample.happened[1].tolist()))
+        assert bought == {"back": True, "late buyer": False, "silent": False, "clock": False, "founder": False}
+        assert silent == {"back": False, "late buyer": False, "silent": True, "clock": False, "founder": True}
+
+
+def test_a_sample_is_at_most_its_share_per_partition_and_the_smallest_keys():
+    from stream.anchor_samples import sample_rows
+    users = np.array([f"user-{i}" for i in range(3 * SAMPLE_PER_PARTITION)], dtype=object)
+    partitions = np.repeat([0, 1, 2], SAMPLE_PER_PARTITION)
+    partitions[:10] = 3  # a partition of ten users keeps them all
+    rows = sample_rows(np.arange(len(users)), users, partitions)
+    taken = partitions[rows]
+    assert [int((taken == p).sum()) for p in range(4)] == [SAMPLE_PER_PARTITION - 10, SAMPLE_PER_PARTITION,
+                                                           SAMPLE_PER_PARTITION, 10]
+    rows = sample_rows(np.arange(len(users)), users, np.zeros(len(users), dtype=np.int64))
+    keys = stable_keys(users)
+    assert len(rows) == SAMPLE_PER_PARTITION and keys[rows].max() < np.delete(keys, rows).min()
+
+
 def feed(updater: ProfileUpdater, events: list[dict], sizes: list[int], first_offset: int = 0) -> ProfileUpdater:
     """More events through an updater, in batches of `sizes` taken in turn."""
     a, i = 0, 0
@@ -154,6 +229,15 @@ def test_the_counts_and_records_are_the_same_whatever_the_batches():
     assert one.state.outcomes.total().sum() > KEPT_ANCHORS * 200  # most of the 300 users, at each anchor
     for key, counts in one.state.outcomes.counts.items():
         np.testing.assert_array_equal(many.state.outcomes.counts[key], counts)
+    samples = one.state.outcomes.samples.samples  # the users sampled at the latest anchors, with their outcomes
+    assert len(samples) == PHASES + 1 and all(len(s.users) == 300 for s in samples.values())  # all, in this table
+    assert samples.keys() == many.state.outcomes.samples.samples.keys()
+    for key, sample in samples.items():
+        theirs = many.state.outcomes.samples.samples[key]
+        assert sample.users.tolist() == theirs.users.tolist()
+        np.testing.assert_array_equal(sample.x, theirs.x)
+        for mine, other in zip(sample.happened, theirs.happened):
+            assert (mine is None and other is None) or np.array_equal(mine, other)
     rows = many.state.rows_for(one.state.user_ids)
     for name in ANCHOR_COLUMNS:
         np.testing.assert_array_equal(one.state.columns[name][:len(one.state)], many.state.columns[name][rows])
@@ -195,6 +279,9 @@ def test_counts_survive_a_snapshot_and_a_release_of_their_partitions():
         state.outcomes.add(head, K0, np.array([0, 0, 1]), bins, happened)
         state.outcomes.add(head, K0 + 1, np.array([1, 1, 1]), bins, happened)
     state.outcomes.add(1, K0 + 2, np.array([1, 0, 1]), bins, happened, pending=True)  # users who left before it matured
+    x = np.arange(3 * WIDTH, dtype=np.float64).reshape(3, WIDTH) / 7
+    state.outcomes.samples.put(K0, np.array([0, 1, 1]), np.array(["a", "b", "c"], dtype=object), x)
+    state.outcomes.samples.samples[(1, K0)].happened[0] = np.array([True, False])
     kept = [K0, K0 + 1][-KEPT_ANCHORS:]  # each head's latest matured anchors only
     assert set(state.outcomes.counts) == {(h, p, a) for h in (0, 1) for p in (0, 1) for a in kept} - (
         {(h, 0, K0 + 1) for h in (0, 1)})
@@ -208,6 +295,7 @@ def test_counts_survive_a_snapshot_and_a_release_of_their_partitions():
             assert mine.keys() == theirs.keys()
             for key, counts in theirs.items():
                 np.testing.assert_array_equal(mine[key], counts)
+        assert_same_samples(table.outcomes.samples, state.outcomes.samples)
     assert restored.outcomes.total()[1, 3, 1] == len(kept) and restored.outcomes.total()[0, 60, 1] == len(kept)
     restored.drop_partitions([1])
     assert all(p == 0 for _, p, _ in restored.outcomes.counts) and set(restored.outcomes.pending) == {(1, 0, K0 + 2)}
@@ -216,6 +304,20 @@ def test_counts_survive_a_snapshot_and_a_release_of_their_partitions():
     member.outcomes.merge_partition(1, state.outcomes.of_partition(1))
     assert set(member.outcomes.counts) == {key for key in state.outcomes.counts if key[1] == 1}
     assert set(member.outcomes.pending) == {(1, 1, K0 + 2)}
+    assert set(member.outcomes.samples.samples) == {(1, K0)}
+    assert_same_samples(member.outcomes.samples, AnchorSamples({(1, K0): state.outcomes.samples.samples[(1, K0)]}))
+    restored.drop_partitions([0])
+    assert not restored.outcomes.samples.samples
+
+
+def assert_same_samples(mine: AnchorSamples, theirs: AnchorSamples) -> None:
+    assert mine.samples.keys() == theirs.samples.keys()
+    for key, sample in theirs.samples.items():
+        assert mine.samples[key].users.tolist() == sample.users.tolist()
+        assert mine.samples[key].x.dtype == np.float16
+        np.testing.assert_array_equal(mine.samples[key].x, sample.x)
+        for a, b in zip(mine.samples[key].happened, sample.happened):
+            assert (a is None and b is None) or a.tolist() == b.tolist()
 
 
 def test_a_snapshot_without_records_is_not_counted_before_the_next_anchor():
@@ -270,14 +372,20 @@ def test_a_daemon_restarted_on_its_changelog_keeps_the_counts(kafka, settings_fa
     topic = settings.input_topics[0]
     create_topics(kafka, {topic: 2})
     events = generate(users=120, events=5000, seed=7, shop=ShopParams.draw(1), span_days=50).events
-    produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in events])
-    ends = end_offsets(kafka, topic)
 
     daemon, health, stop, thread = running_daemon(settings)
     try:
-        wait_until(lambda: committed_offsets(kafka, settings.group_id, topic) == ends, 120, "the log to be consumed")
+        # Five days at a time, each consumed before the next is produced: a batch holding one partition's fifty days
+        # before the other's would find the other's events late, behind every anchor the first crossed.
+        start, end = min(e["ts"] for e in events), max(e["ts"] for e in events)
+        for days in range(0, (end - start) // DAY + 1, 5):
+            chunk = [e for e in events if days * DAY <= e["ts"] - start < (days + 5) * DAY]
+            produce(kafka, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in chunk])
+            ends = end_offsets(kafka, topic)
+            wait_until(lambda: committed_offsets(kafka, settings.group_id, topic) == ends, 120, "the days consumed")
         outcomes = daemon.updater.state.outcomes
         counted = ({key: grid.copy() for key, grid in outcomes.counts.items()}, outcomes.complete_from)
+        samples = AnchorSamples(dict(outcomes.samples.samples))
         shop_map = daemon.updater.calibration.shop_map()
     finally:
         stop.set()
@@ -291,6 +399,8 @@ def test_a_daemon_restarted_on_its_changelog_keeps_the_counts(kafka, settings_fa
         assert outcomes.counts.keys() == counted[0].keys() and outcomes.complete_from == counted[1]
         for key, grid in counted[0].items():
             np.testing.assert_array_equal(outcomes.counts[key], grid)
+        assert {p for p, _ in samples.samples} == {0, 1}
+        assert_same_samples(outcomes.samples, samples)
         assert daemon.updater.calibration.shop_map() == shop_map
     finally:
         stop.set()
