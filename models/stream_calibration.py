@@ -366,11 +366,12 @@ class StreamCalibration:
 def describe(shop_map: LogitMap) -> str:
     """The map in words, head by head (the log line of each matured anchor)."""
     def head(h: int) -> str:
+        fitted = f" (gain {shop_map.gain_nats[h]:.0f} nats on {shop_map.users[h]:,} users)"
         if not shop_map.kept[h]:
-            return f"{HEADS[h]} as the model says (gain {shop_map.gain_nats[h]:.0f} nats on {shop_map.users[h]:,} users)"
+            return f"{HEADS[h]} as the model says" + fitted
         said = f"{HEADS[h]} {shop_map.a[h]:+.2f} + {shop_map.b[h]:.2f} logit"
         if shop_map.weights[h] is None:
-            return said + f" (gain {shop_map.gain_nats[h]:.0f} nats on {shop_map.users[h]:,} users)"
+            return said + fitted
         return said + "".join(f" {w:+.2f} {name}" for name, w in zip(STATISTICS[h], shop_map.weights[h])) + (
             f" ({shop_map.weights_gain_nats[h]:.0f} nats more on {shop_map.sampled[h]:,} sampled users)")
     return ", ".join(map(head, range(len(HEADS))))

@@ -95,9 +95,9 @@ class Metrics:
             ["toward"], registry=r)
         self.stream_calibration_map = Gauge(
             "profiles_stream_calibration_map", "The map the shop's own outcomes fit for each published probability, "
-            "sigmoid(a + b * logit(p) + weights . statistics): its a and b (0 and 1 where the model's own probabilities "
-            "are kept), drift, the part of a that follows how the shop moved since the anchor the map was fitted on, "
-            "and a weight per statistic of stream/anchor_samples.py (0 where none is fitted) "
+            "sigmoid(a + b * logit(p) + weights . statistics): its a and b (0 and 1 where the model's own "
+            "probabilities are kept), drift, the part of a that follows how the shop moved since the anchor the map "
+            "was fitted on, and a weight per statistic of stream/anchor_samples.py (0 where none is fitted) "
             "(models/stream_calibration.py)", ["field", "term"], registry=r)
         self.stream_calibration_users = Gauge(
             "profiles_stream_calibration_users", "Users of the latest matured calibration anchor each map was fitted "

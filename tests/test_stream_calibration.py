@@ -135,7 +135,8 @@ def test_the_users_sampled_at_an_anchor_and_what_followed_are_read_from_the_stat
         np.testing.assert_allclose(sample.x[:, :2].astype(np.float64), logits, atol=0.01)
         due = 2 + STATISTICS[0].index("order_due")
         idle = 2 + len(STATISTICS[0]) + STATISTICS[1].index("log_idle_minutes")
-        np.testing.assert_allclose(sample.x[:, due], user[order, statistics.USER_FEATURES.index("order_due")], atol=0.01)
+        np.testing.assert_allclose(sample.x[:, due], user[order, statistics.USER_FEATURES.index("order_due")],
+                                   atol=0.01)
         np.testing.assert_allclose(sample.x[:, idle], user[order, statistics.USER_FEATURES.index("log_idle_minutes")],
                                    rtol=0.01)
         # Bought within the week: back only (the late buyer's purchase came after it); stayed away two weeks:
