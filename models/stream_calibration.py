@@ -101,18 +101,20 @@ def fit_head(counts: np.ndarray) -> tuple[float, float, float]:
     """(a, b, gain): the affine logit map maximising the binned log likelihood (ridge toward the identity), and
     its gain in log likelihood over the identity (nats). Where the best map would turn the ranking over (b <= 0:
     at that anchor the users the model ranked higher did it no more often), only the level is moved (b = 1)."""
-    x = bin_logits()
-    no, yes = counts[:, 0].astype(np.float64), counts[:, 1].astype(np.float64)
-    a, b = newton(x, no, yes, free_slope=True)
+    x, no, yes = bin_logits(), counts[:, 0].astype(np.float64), counts[:, 1].astype(np.float64)
+    a, b = logistic_fit(np.stack([np.ones(BINS), x], axis=1), yes, no)
     if b <= 0:
-        a, b = newton(x, no, yes, free_slope=False)
-
-    return a, b, binned_log_likelihood(counts, a, b) - binned_log_likelihood(counts, 0.0, 1.0)
+        a, b = logistic_fit(np.ones((BINS, 1)), yes, no, offset=x)[0], 1.0
+    return float(a), float(b), binned_log_likelihood(counts, a, b) - binned_log_likelihood(counts, 0.0, 1.0)
 
 
 def binned_log_likelihood(counts: np.ndarray, a: float, b: float) -> float:
-    z = a + b * bin_logits()
-    return float(-(counts[:, 1] * np.logaddexp(0, -z)).sum() - (counts[:, 0] * np.logaddexp(0, z)).sum())
+    return log_likelihood(a + b * bin_logits(), counts[:, 1], counts[:, 0])
+
+
+def log_likelihood(z: np.ndarray, yes: np.ndarray, no: np.ndarray) -> float:
+    """Of `yes` and `no` outcomes at each logit z."""
+    return float(-(yes * np.logaddexp(0, -z)).sum() - (no * np.logaddexp(0, z)).sum())
 
 
 def with_drift(shop_map: LogitMap, older: np.ndarray, newer: np.ndarray) -> LogitMap:
@@ -122,9 +124,8 @@ def with_drift(shop_map: LogitMap, older: np.ndarray, newer: np.ndarray) -> Logi
     was off by 0.13 of churn ECE with it; a week's silence is known a week sooner than two weeks'. Kept where the
     newer level beats the older one on the newer anchor by DRIFT_GATE_NATS."""
     a, b = (shop_map.a[CHURN], shop_map.b[CHURN]) if shop_map.kept[CHURN] else (0.0, 1.0)
-    x = bin_logits()
-    then, now = (newton(x, c[:, 0].astype(np.float64), c[:, 1].astype(np.float64), False, slope=b)[0]
-                 for c in (older, newer))
+    then, now = (float(logistic_fit(np.ones((BINS, 1)), c[:, 1].astype(np.float64), c[:, 0].astype(np.float64),
+                                    offset=b * bin_logits())[0]) for c in (older, newer))
     if binned_log_likelihood(newer, now, b) - binned_log_likelihood(newer, then, b) < DRIFT_GATE_NATS:
         return shop_map
     return replace(shop_map, a=only(shop_map.a, CHURN, a + now - then), b=only(shop_map.b, CHURN, b),
@@ -136,10 +137,10 @@ def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.n
     enough over the affine map of the logit alone fitted on the same users: sigmoid(a + b logit + weights .
     statistics), by Newton with a ridge toward the identity (b = 1, no weight)."""
     design = np.column_stack([np.ones(len(x)), x[:, LOGIT_COLUMNS[head]], x[:, list(STATISTIC_COLUMNS[head])]])
-    y = happened.astype(np.float64)
-    theta, full = logistic_fit(design, y)
-    _, affine = logistic_fit(design[:, :2], y)
-    gain, n = full - affine, len(y)
+    yes = happened.astype(np.float64)
+    theta, affine = logistic_fit(design, yes, 1 - yes), logistic_fit(design[:, :2], yes, 1 - yes)
+    gain = log_likelihood(design @ theta, yes, 1 - yes) - log_likelihood(design[:, :2] @ affine, yes, 1 - yes)
+    n = len(yes)
     fitted = replace(shop_map, weights_gain_nats=only(shop_map.weights_gain_nats, head, gain),
                      sampled=only(shop_map.sampled, head, n))
     if gain < max(GATE_NATS, STATISTICS_GATE_PER_USER * n):
@@ -154,42 +155,34 @@ def only(values: tuple, head: int, value: object) -> tuple:
     return tuple(value if h == head else v for h, v in enumerate(values))
 
 
-def logistic_fit(design: np.ndarray, y: np.ndarray, steps: int = 30) -> tuple[np.ndarray, float]:
-    """(theta, log likelihood): the ridged logistic regression of y on the design's columns (the first the
-    intercept, the second the logit), pulled toward intercept 0, logit 1, other weights 0."""
+def logistic_fit(design: np.ndarray, yes: np.ndarray, no: np.ndarray, offset: np.ndarray | float = 0.0,
+                 steps: int = 30) -> np.ndarray:
+    """theta maximising the log likelihood of each row's `yes` and `no` outcomes under sigmoid(design @ theta +
+    offset) (Newton), with a ridge toward the identity: 0 on the first column (the level), 1 on the second (the
+    logit; where there is one), 0 on the others (statistics)."""
+    n = yes + no
     identity = np.zeros(design.shape[1])
-    identity[1] = 1.0
-    theta = identity.copy()
-    for _ in range(steps):
-        p = 0.5 * (1 + np.tanh(0.5 * (design @ theta)))
-        grad = design.T @ (y - p) - RIDGE * (theta - identity)
-        hess = (design * (p * (1 - p))[:, None]).T @ design + RIDGE * np.eye(len(theta))
-        step = np.linalg.solve(hess, grad)
-        theta = theta + step
-        if np.abs(step).max() < 1e-9:
-            break
-    z = design @ theta
-    return theta, float(-(y * np.logaddexp(0, -z)).sum() - ((1 - y) * np.logaddexp(0, z)).sum())
+    identity[1:2] = 1.0
 
+    def objective(theta: np.ndarray) -> float:
+        return log_likelihood(design @ theta + offset, yes, no) - RIDGE / 2 * float(((theta - identity) ** 2).sum())
 
-def newton(x: np.ndarray, no: np.ndarray, yes: np.ndarray, free_slope: bool, steps: int = 25,
-           slope: float = 1.0) -> tuple[float, float]:
-    """(a, b) maximising the ridged log likelihood of the bins' outcomes under sigmoid(a + b x); b fixed at `slope`
-    unless free_slope."""
-    n = no + yes
-    design = np.stack([np.ones(BINS), x], axis=1)[:, :1 + free_slope]
-    identity = np.array([0.0, 1.0])[:1 + free_slope]
     theta = identity.copy()
-    offset = 0.0 if free_slope else slope * x  # the fixed slope's part of the logit
     for _ in range(steps):
         p = 0.5 * (1 + np.tanh(0.5 * (design @ theta + offset)))  # the logistic function, without overflow
         grad = design.T @ (yes - n * p) - RIDGE * (theta - identity)
         hess = (design * (n * p * (1 - p))[:, None]).T @ design + RIDGE * np.eye(len(theta))
         step = np.linalg.solve(hess, grad)
+        # Halved until it climbs: a full step from the identity overshoots where the outcomes run against the
+        # model's ranking (bins of certain outcomes flatten the curvature it is taken on), and plain Newton went on
+        # to a = -1,910, b = 4,305.
+        now = objective(theta)
+        while objective(theta + step) < now and np.abs(step).max() > 1e-9:
+            step = step / 2
         theta = theta + step
         if np.abs(step).max() < 1e-9:
             break
-    return float(theta[0]), float(theta[1]) if free_slope else slope
+    return theta
 
 
 class StreamCalibration:
