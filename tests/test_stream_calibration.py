@@ -12,7 +12,7 @@ import torch
 
 from models.checkpoint_io import untrained
 from models.stream_calibration import (
-    GATE_NATS_PER_USER, LogitMap, StreamCalibration, fit_head, fit_logit_map, with_statistics,
+    GATE_NATS_PER_USER, LogitMap, StreamCalibration, fit_head, fit_logit_map, logistic_fit, with_statistics,
 )
 from stream import statistics
 from stream.anchor_samples import SAMPLE_PER_PARTITION, STATISTICS, WIDTH, AnchorSamples, stable_keys
@@ -64,6 +64,10 @@ def test_the_map_finds_a_shift_and_keeps_the_identity_where_the_model_is_right()
     inverted = counts_from(p, 1 / (1 + np.exp(-(-2.0 - 0.5 * bin_logits()))), 200)
     a, b, gain = fit_head(inverted)
     assert b == 1.0 and a < -1 and gain > 0
+    # The fit it fell back from found that inverted slope: its steps climb (a plain Newton step from the identity
+    # overshot there and went on to a = -1,910, b = 4,305).
+    free = logistic_fit(np.stack([np.ones(BINS), bin_logits()], axis=1), inverted[:, 1], inverted[:, 0])
+    np.testing.assert_allclose(free, [-2.0, -0.5], atol=0.1)
 
 
 def test_churn_risk_follows_a_shop_whose_users_go_quiet_more_since_its_map_was_fitted():
