@@ -290,6 +290,24 @@ class StreamCalibration:
             open_heads = tuple(series for series, after in enumerate(MATURES_AFTER) if anchor > now - after)
             if open_heads and outcomes.counted(anchor):
                 self.count(anchor, open_heads, rows, pending=True)
+        self.note_leaving(rows)
+
+    def note_leaving(self, rows: np.ndarray) -> None:
+        """Users sampled at an anchor whose window is still open, about to expire: whether they bought or came back
+        since it, noted now (when it closes they are not found, and would read as having stayed away and bought
+        nothing)."""
+        state = self.state
+        leaving = state.ids_at(rows)
+        for (_, anchor), sample in state.outcomes.samples.samples.items():
+            mine = np.flatnonzero(np.isin(sample.users, leaving))
+            if not len(mine):
+                continue
+            at, where = anchor * ANCHOR_MS, state.find_rows(sample.users[mine])
+            since = (state.columns["last_purchase_ts"][where] >= at, state.last_ts[where] >= at)
+            for head, happened in enumerate(since):
+                if sample.happened[head] is None:
+                    sample.left[mine, head] |= happened
+            state.outcomes.version += 1
 
     def mature(self, anchor: int, series: tuple[int, ...]) -> None:
         """These series' window after anchor `anchor` has closed: count the anchor's users for them."""
@@ -327,9 +345,9 @@ class StreamCalibration:
             rows = state.find_rows(sample.users)
             found, row = rows >= 0, np.maximum(rows, 0)
             if head == HEADS.index("purchase_propensity"):
-                sample.happened[head] = found & (state.columns["last_purchase_ts"][row] >= at)
+                sample.happened[head] = found & (state.columns["last_purchase_ts"][row] >= at) | sample.left[:, 0]
             else:
-                sample.happened[head] = ~(found & (state.last_ts[row] >= at))
+                sample.happened[head] = ~(found & (state.last_ts[row] >= at) | sample.left[:, 1])
 
     def count(self, anchor: int, series: tuple[int, ...], rows: np.ndarray, pending: bool = False) -> None:
         """Count the users among `rows` that the table held at the anchor, for these series: those who came back

@@ -53,27 +53,32 @@ def sample_rows(rows: np.ndarray, users: np.ndarray, partitions: np.ndarray) -> 
 @dataclass
 class Sample:
     """One partition's users sampled at one anchor: ids, x (N, WIDTH) float16 (stored as restored: a restart
-    fits on the same numbers), and per head whether it happened (None while the head's window is open)."""
+    fits on the same numbers), per head whether it happened (None while the head's window is open), and per head
+    whether it had happened when the user's state expired (--state-ttl: the user is not found when it closes)."""
 
     users: np.ndarray
     x: np.ndarray
     happened: list[np.ndarray | None] = field(default_factory=lambda: [None, None])
+    left: np.ndarray | None = None  # (N, 2) bool: bought, came back, before expiring
+
+    def __post_init__(self) -> None:
+        if self.left is None:
+            self.left = np.zeros((len(self.users), 2), dtype=bool)
 
     def to_plain(self) -> list:
         def packed(a: np.ndarray | None) -> str | None:
             return None if a is None else base64.b64encode(np.packbits(a)).decode()
         return [self.users.tolist(), base64.b64encode(self.x.astype("<f2").tobytes()).decode(),
-                *map(packed, self.happened)]
+                *map(packed, self.happened), packed(self.left.T.ravel())]
 
     @classmethod
     def from_plain(cls, plain: list) -> Sample:
         users = np.fromiter(plain[0], dtype=object, count=len(plain[0]))
         x = np.frombuffer(base64.b64decode(plain[1]), dtype="<f2").astype(np.float16).reshape(len(users), WIDTH)
 
-        def unpacked(s: str | None) -> np.ndarray | None:
-            return None if s is None else np.unpackbits(np.frombuffer(base64.b64decode(s), np.uint8))[
-                :len(users)].astype(bool)
-        return cls(users, x, [unpacked(s) for s in plain[2:]])
+        def unpacked(s: str | None, n: int = len(users)) -> np.ndarray | None:
+            return None if s is None else np.unpackbits(np.frombuffer(base64.b64decode(s), np.uint8))[:n].astype(bool)
+        return cls(users, x, [unpacked(s) for s in plain[2:4]], unpacked(plain[4], 2 * len(users)).reshape(2, -1).T)
 
 
 @dataclass

@@ -287,6 +287,7 @@ def test_counts_survive_a_snapshot_and_a_release_of_their_partitions():
     x = np.arange(3 * WIDTH, dtype=np.float64).reshape(3, WIDTH) / 7
     state.outcomes.samples.put(K0, np.array([0, 1, 1]), np.array(["a", "b", "c"], dtype=object), x)
     state.outcomes.samples.samples[(1, K0)].happened[0] = np.array([True, False])
+    state.outcomes.samples.samples[(1, K0)].left[1] = True, False  # the second left after buying
     kept = [K0, K0 + 1][-KEPT_ANCHORS:]  # each head's latest matured anchors only
     assert set(state.outcomes.counts) == {(h, p, a) for h in (0, 1) for p in (0, 1) for a in kept} - (
         {(h, 0, K0 + 1) for h in (0, 1)})
@@ -323,6 +324,7 @@ def assert_same_samples(mine: AnchorSamples, theirs: AnchorSamples) -> None:
         np.testing.assert_array_equal(mine.samples[key].x, sample.x)
         for a, b in zip(mine.samples[key].happened, sample.happened):
             assert (a is None and b is None) or a.tolist() == b.tolist()
+        assert mine.samples[key].left.tolist() == sample.left.tolist()
 
 
 def test_a_snapshot_without_records_is_not_counted_before_the_next_anchor():
@@ -432,3 +434,8 @@ def test_users_whose_state_expires_before_the_anchor_matures_are_counted_as_they
     feed(updater, events[len(week):], [1], len(week))
     np.testing.assert_array_equal(updater.state.outcomes.counts[(1, -1, K0)], expected_counts(said[:, 1], [1, 0, 0]))
     assert not updater.state.outcomes.pending  # added to the anchors' counts when they matured
+    # So are the users sampled at the anchor: back bought and came back before it expired.
+    sample = updater.state.outcomes.samples.samples[(-1, K0)]
+    bought, silent = (dict(zip(sample.users, happened.tolist())) for happened in sample.happened)
+    assert {u: bought[u] for u in ("quiet", "back", "stays")} == {"quiet": False, "back": True, "stays": False}
+    assert {u: silent[u] for u in ("quiet", "back", "stays")} == {"quiet": True, "back": False, "stays": False}
