@@ -6,8 +6,11 @@ A model trained in one shop ranks another's users well, but its probabilities ca
 after an anchor it knows who among the users it held then came back and who bought. The update step records
 that (stream/outcomes.py) and, at each anchor, fits per head an affine map of the logit, a + b * logit(p), on
 the latest matured anchors, kept only where it beats the identity by GATE_NATS of log likelihood (where the
-model already fits the shop, a map fitted on a few thousand users only adds noise). The map touches what is
-published, never the state: the state stays exactly-once and independent of it.
+model already fits the shop, a map fitted on a few thousand users only adds noise). churn_risk's level also
+follows how the shop moved since that anchor (with_drift), and where the statistics the simple rules read, weighed
+on a sample of the users (stream/anchor_samples.py), fit the outcomes clearly better, they join the map
+(with_statistics). The map touches what is published, never the state: the state stays exactly-once and
+independent of it.
 
 Batching cannot move the map's inputs: a batch that crosses an anchor is applied in two parts split at it
 (each user's events stay in time order), records are taken from each user's state just before its first
@@ -302,12 +305,18 @@ class StreamCalibration:
             mine = np.flatnonzero(np.isin(sample.users, leaving))
             if not len(mine):
                 continue
-            at, where = anchor * ANCHOR_MS, state.find_rows(sample.users[mine])
-            since = (state.columns["last_purchase_ts"][where] >= at, state.last_ts[where] >= at)
-            for head, happened in enumerate(since):
+            for head, happened in enumerate(self.since_anchor(sample.users[mine], anchor)):
                 if sample.happened[head] is None:
                     sample.left[mine, head] |= happened
             state.outcomes.version += 1
+
+    def since_anchor(self, users: np.ndarray, anchor: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per user, whether the table has a purchase of it, and an event, at or after the anchor's clock (False
+        where the user is not in state)."""
+        state, at = self.state, anchor * ANCHOR_MS
+        rows = state.find_rows(users)
+        found, row = rows >= 0, np.maximum(rows, 0)
+        return found & (state.columns["last_purchase_ts"][row] >= at), found & (state.last_ts[row] >= at)
 
     def mature(self, anchor: int, series: tuple[int, ...]) -> None:
         """These series' window after anchor `anchor` has closed: count the anchor's users for them."""
@@ -338,16 +347,14 @@ class StreamCalibration:
     def note_sampled(self, anchor: int, head: int) -> None:
         """The head's window after the anchor has closed: whether each user sampled at it bought within it (its
         latest purchase is after the anchor: none after the window is applied yet), or stayed away."""
-        state, at = self.state, anchor * ANCHOR_MS
-        for (_, sampled_at), sample in state.outcomes.samples.samples.items():
+        for (_, sampled_at), sample in self.state.outcomes.samples.samples.items():
             if sampled_at != anchor:
                 continue
-            rows = state.find_rows(sample.users)
-            found, row = rows >= 0, np.maximum(rows, 0)
+            bought, back = self.since_anchor(sample.users, anchor)
             if head == HEADS.index("purchase_propensity"):
-                sample.happened[head] = found & (state.columns["last_purchase_ts"][row] >= at) | sample.left[:, 0]
+                sample.happened[head] = bought | sample.left[:, 0]
             else:
-                sample.happened[head] = ~(found & (state.last_ts[row] >= at) | sample.left[:, 1])
+                sample.happened[head] = ~(back | sample.left[:, 1])
 
     def count(self, anchor: int, series: tuple[int, ...], rows: np.ndarray, pending: bool = False) -> None:
         """Count the users among `rows` that the table held at the anchor, for these series: those who came back

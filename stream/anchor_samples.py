@@ -1,5 +1,5 @@
 """Users sampled at each calibration anchor, with what the rules' statistics said of them then: the inputs of the
-stream's fit of the published probabilities on those statistics (models/stream_calibration.py, "stacked";
+stream's fit of the published probabilities on those statistics (models/stream_calibration.py, with_statistics;
 docs/model.md, "By the stream itself").
 
 The counts of stream/outcomes.py say how often what each head said came true, by its logit alone. Where a shop's
@@ -91,9 +91,6 @@ class AnchorSamples:
         for partition in np.unique(partitions).tolist():
             mine = partitions == partition
             self.samples[(int(partition), anchor)] = Sample(users[mine], x[mine].astype(np.float16))
-
-    def anchors(self) -> list[int]:
-        return sorted({anchor for _, anchor in self.samples})
 
     def latest_matured(self, head: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(x float64, happened) of the head's latest matured anchor over the partitions held, or None."""

@@ -118,17 +118,13 @@ class Outcomes:
 
     def total(self) -> np.ndarray:
         """(len(HEADS), BINS, 2) over every partition held and each head's kept anchors."""
-        out = np.zeros((len(HEADS), BINS, 2), dtype=np.int64)
-        for (series, _, _), grid in self.counts.items():
-            if series < len(HEADS):
-                out[series] += grid
-        return out
+        return np.stack([self.of_anchor(head) for head in range(len(HEADS))])
 
-    def of_anchor(self, series: int, anchor: int) -> np.ndarray:
-        """(BINS, 2) of one series' anchor over every partition held."""
+    def of_anchor(self, series: int, anchor: int | None = None) -> np.ndarray:
+        """(BINS, 2) of one series' anchor (None: its kept anchors) over every partition held."""
         out = np.zeros((BINS, 2), dtype=np.int64)
         for (s, _, a), grid in self.counts.items():
-            if (s, a) == (series, anchor):
+            if s == series and anchor in (None, a):
                 out += grid
         return out
 
