@@ -20,6 +20,7 @@ import orjson
 import torch
 from confluent_kafka import KafkaError, TopicPartition
 
+from models.category_calibration import CATEGORY_STATISTICS
 from models.stream_calibration import LogitMap
 from models.update_step import BatchResult, ProfileUpdater
 from consumers.source import LOGGED_BY_LIBRDKAFKA, KafkaBatchSource, errors_log
@@ -352,6 +353,11 @@ class ProfileDaemon:
             self.metrics.stream_calibration_map.labels(name, "drift").set(shop_map.drift[head])
             for statistic, weight in zip(STATISTICS[head], shop_map.weights[head] or (0.0,) * len(STATISTICS[head])):
                 self.metrics.stream_calibration_map.labels(name, statistic).set(weight)
+        weights = shop_map.category_weights if shop_map.reranks() else (0.0,) * len(CATEGORY_STATISTICS)
+        for statistic, weight in zip(CATEGORY_STATISTICS, weights):
+            self.metrics.stream_calibration_map.labels("top_categories", statistic).set(weight)
+        self.metrics.stream_calibration_map.labels("top_categories", "gain").set(shop_map.category_gain or 0.0)
+        self.metrics.stream_calibration_users.labels("top_categories").set(shop_map.category_users)
 
     def set_ready(self, ready: bool, why: str = "") -> None:
         self.health.set_ready(ready, why)

@@ -94,7 +94,7 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[int
 
 def stream_calibration_line(calibration: dict) -> str:
     """What the stream's calibration did at the cut (models/stream_calibration.py), in a sentence."""
-    if not any(head["users"] for head in calibration.values()):
+    if not any(calibration[name]["users"] for name in ("purchase_propensity", "churn_risk")):
         return ("probabilities as the model says them: no calibration anchor had matured before the cut (the stream "
                 "calibrates them on the shop's own outcomes after four to five weeks of its traffic)")
     said = []
@@ -109,6 +109,15 @@ def stream_calibration_line(calibration: dict) -> str:
             said.append(f"{name} as the model says (the window is cut short; the map is the full horizon's)")
         else:
             said.append(f"{name} as the model says (a map would gain {head['gain_nats']:,.0f} nats: not enough)")
+    categories = calibration.get("top_categories") or {}
+    if categories.get("applied"):
+        weights = ", ".join(f"{w:+.2f} x {stat}" for stat, w in categories["weights"].items())
+        said.append(f"top_categories re-ranked by {weights} (fitted on {categories['users']:,} sampled users; last "
+                    f"week's weights were {categories['gain']:+.3f} +- {categories['gain_standard_error']:.3f} of "
+                    "precision@3 ahead of the model's ranking)")
+    elif categories.get("gain") is not None:
+        said.append(f"top_categories as the model ranks them (last week's re-ranking {categories['gain']:+.3f} +- "
+                    f"{categories['gain_standard_error']:.3f} of precision@3: not enough)")
     return "calibrated by the stream on the shop's outcomes before the cut: " + "; ".join(said)
 
 

@@ -21,6 +21,7 @@ from models.dataset import HOUR_MS, EventLog, event_log, read_records, usable_ev
 from models.next_event_evaluation import roc_auc
 from models.field_training import FutureIndex
 from models.checkpoint_io import LoadedModel
+from models.category_calibration import CATEGORY_STATISTICS
 from models.stream_calibration import LogitMap
 from stream.events import ADD_TO_CART, PURCHASE, RecordBatch, iso_time
 from stream.settings import Settings
@@ -364,7 +365,11 @@ def stream_map_report(shop_map: LogitMap | None, windows: dict[str, float]) -> d
                                                                                    shop_map.weights[head])),
                    "weights_gain_nats": shop_map.weights_gain_nats[head], "sampled": shop_map.sampled[head],
                    "applied": shop_map.applies(head, hours[head])}
-            for head, name in enumerate(HEADS)}
+            for head, name in enumerate(HEADS)} | {"top_categories": {
+                "users": shop_map.category_users, "gain": shop_map.category_gain,
+                "gain_standard_error": shop_map.category_gain_se, "applied": shop_map.reranks(),
+                "weights": None if shop_map.category_weights is None else dict(zip(CATEGORY_STATISTICS,
+                                                                                   shop_map.category_weights))}}
 
 
 # The published fields a report judges, in the order it shows them; the two that are probabilities.

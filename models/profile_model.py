@@ -411,55 +411,82 @@ class ProfileModel(nn.Module):
         return purchase, churn
 
     def category_mixture(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None,
-                         inputs: FieldInputs, k: int, chunk_users: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                         inputs: FieldInputs, k: int, slot_weights: torch.Tensor | None = None,
+                         chunk_users: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
         """The k most likely categories under repeat/explore: P(c) = g * repeat(c) + (1 - g) * explore(c).
         Returns (U, k) probabilities and (U, k) columns, best first. Repeat mass sits on the user's slots
-        only, so the best k lie among the slots and explore's own best k: nothing else is ranked."""
+        only, so the best k lie among the slots and explore's own best k: nothing else is ranked.
+        slot_weights: (len(SLOT_FEATURES),) where the shop's own outcomes re-rank the candidates
+        (models/category_calibration.py): the slots' P(c) times exp(weights . statistics), renormalised so the
+        candidates keep their mass."""
         width = self.config.category_buckets if categories is None else len(categories)
         k = min(k, width)
         if k == 0:  # no category seen yet
             return s.new_zeros(len(s), 0), torch.zeros(len(s), 0, dtype=torch.long, device=s.device)
-        x = self.fields.standardise(inputs.user)
         probs, cols = [], []
         for a in range(0, len(s), chunk_users):
-            b = a + chunk_users
-            logits = self.category_logits(s[a:b], idle_hours[a:b], categories)  # (u, C)
-            explore = torch.log_softmax(logits, dim=1)
-            slot_cols = inputs.slot_cols[a:b].clamp(0, width - 1)
-            explore_slots = explore.gather(1, slot_cols)
-            chunk = FieldInputs(inputs.user[a:b], slot_cols, inputs.slot_valid[a:b], inputs.slot[a:b],
-                                inputs.idle_steps[a:b])
-            repeat = self.fields.repeat_log_probs(chunk, explore_slots).exp()  # (u, K), 0 at empty slots
-            g = self.fields.repeat_gate(x[a:b], s[a:b], chunk, explore_slots, width)[:, None]
-            explore = explore.exp_()
-            explore_top, explore_cols = explore.topk(k, dim=1)
-            at_slots = g * repeat + (1 - g) * explore_slots.exp()
-            at_slots = at_slots.masked_fill(~inputs.slot_valid[a:b], -1.0)
-            # Explore's best columns that are also slots are already counted there.
-            dup = (explore_cols[:, :, None] == slot_cols[:, None, :]) & inputs.slot_valid[a:b, None, :]
-            at_explore = ((1 - g) * explore_top).masked_fill(dup.any(dim=2), -1.0)
-            p, j = torch.cat([at_slots, at_explore], dim=1).topk(k, dim=1)
+            chunk = FieldInputs(inputs.user[a:a + chunk_users], inputs.slot_cols[a:a + chunk_users],
+                                inputs.slot_valid[a:a + chunk_users], inputs.slot[a:a + chunk_users],
+                                inputs.idle_steps[a:a + chunk_users])
+            p, c = self.category_candidates(s[a:a + chunk_users], idle_hours[a:a + chunk_users], categories, chunk, k)
+            if slot_weights is not None:
+                p = reranked(p, chunk.slot, slot_weights)
+            p, j = p.topk(k, dim=1)
             probs.append(p)
-            cols.append(torch.cat([slot_cols, explore_cols], dim=1).gather(1, j))
+            cols.append(c.gather(1, j))
         if not probs:
             return s.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=s.device)
         return torch.cat(probs), torch.cat(cols)
 
+    def category_candidates(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None,
+                            inputs: FieldInputs, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What category_mixture ranks: (U, K + k) P(c) of the user's K slots then explore's best k (-1 where a slot
+        is empty or an explore column is also a slot, counted there), and their (U, K + k) columns."""
+        width = self.config.category_buckets if categories is None else len(categories)
+        k = min(k, width)
+        x = self.fields.standardise(inputs.user)
+        logits = self.category_logits(s, idle_hours, categories)  # (U, C)
+        explore = torch.log_softmax(logits, dim=1)
+        slot_cols = inputs.slot_cols.clamp(0, width - 1)
+        explore_slots = explore.gather(1, slot_cols)
+        repeat = self.fields.repeat_log_probs(inputs, explore_slots).exp()  # (U, K), 0 at empty slots
+        g = self.fields.repeat_gate(x, s, inputs, explore_slots, width)[:, None]
+        explore_top, explore_cols = explore.exp_().topk(k, dim=1)
+        at_slots = (g * repeat + (1 - g) * explore_slots.exp()).masked_fill(~inputs.slot_valid, -1.0)
+        # Explore's best columns that are also slots are already counted there.
+        dup = (explore_cols[:, :, None] == slot_cols[:, None, :]) & inputs.slot_valid[:, None, :]
+        at_explore = ((1 - g) * explore_top).masked_fill(dup.any(dim=2), -1.0)
+        return torch.cat([at_slots, at_explore], dim=1), torch.cat([slot_cols, explore_cols], dim=1)
+
     def heads(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None,
               top_k: int = TOP_CATEGORIES, inputs: FieldInputs | None = None,
-              horizons_hours: tuple[float, float] | None = None) -> ProfileHeads:
+              horizons_hours: tuple[float, float] | None = None,
+              slot_weights: torch.Tensor | None = None) -> ProfileHeads:
         """s: (U, S) user states; idle_hours: (U,) event time since each user's last event;
         categories: the buckets to distribute over (all when None); top_k: categories kept per user;
         inputs: the users' statistics (only the idle time when None); horizons_hours: (purchase, churn)
-        horizons, the contract's by default (the evaluation asks for a shorter one where a log ends sooner)."""
+        horizons, the contract's by default (the evaluation asks for a shorter one where a log ends sooner);
+        slot_weights: the shop's re-ranking of top_categories (category_mixture)."""
         inputs = inputs if inputs is not None else FieldInputs.from_idle(idle_hours)
         purchase_h, churn_h = horizons_hours or (self.config.purchase_horizon_hours, self.config.churn_horizon_hours)
         purchase, churn = self.field_probabilities(s, inputs, purchase_h, churn_h)
         # Published categories are the next visit's: a user mid-session is read as if back after a break.
         top_probs, top_cols = self.category_mixture(s, idle_hours.clamp(min=self.config.visit_break_hours),
-                                                    categories, inputs, top_k)
+                                                    categories, inputs, top_k, slot_weights)
         cluster = torch.cdist(s, self.cluster_centroids).argmin(dim=1)  # (U,)
         return ProfileHeads(top_probs, top_cols, purchase, churn, cluster)
+
+
+def reranked(p: torch.Tensor, slot: torch.Tensor, slot_weights: torch.Tensor) -> torch.Tensor:
+    """Candidates' P(c) (U, K + k), -1 where none) re-weighed by exp(slot_weights . each slot's statistics (U, K, F))
+    (explore's candidates hold no slot: weight 1), renormalised to the candidates' mass."""
+    held = p >= 0
+    boost = torch.ones_like(p)
+    boost[:, :slot.shape[1]] = torch.exp(slot.to(slot_weights.dtype) @ slot_weights).to(p.dtype)
+    weighed = torch.where(held, p * boost, p.new_zeros(()))
+    mass = torch.where(held, p, p.new_zeros(())).sum(dim=1, keepdim=True)
+    out = weighed * (mass / weighed.sum(dim=1, keepdim=True).clamp(min=1e-30))
+    return torch.where(held, out, p)
 
 
 def copy_bonus(bonus: torch.Tensor, current: torch.Tensor, columns: torch.Tensor | None, width: int) -> torch.Tensor:

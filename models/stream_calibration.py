@@ -27,8 +27,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from models.category_calibration import fit_weights, judged, passes
 from stream import statistics
-from stream.anchor_samples import LOGIT_COLUMNS, STATISTIC_COLUMNS, STATISTICS, sample_rows
+from stream.anchor_samples import (
+    CATEGORY_SAMPLE_PER_PARTITION, LOGIT_COLUMNS, STATISTIC_COLUMNS, STATISTICS, leading, sample_rows,
+)
 from stream.events import PURCHASE, EventColumns
 from stream.outcomes import (
     ANCHOR_MS, BINS, HEADS, KEPT, MATURES_AFTER, PHASES, PURCHASE_WINDOW_MINUTES, SERIES, SERIES_HEAD,
@@ -72,6 +75,16 @@ class LogitMap:
     weights: tuple[tuple[float, ...] | None, ...] = (None, None)
     weights_gain_nats: tuple[float, ...] = (0.0, 0.0)
     sampled: tuple[int, ...] = (0, 0)
+    # top_categories' re-ranking (models/category_calibration.py): the latest matured anchor's weights on the slots'
+    # CATEGORY_STATISTICS, applied where the previous anchor's beat the published ranking on its users clearly
+    # (`category_gain` and its standard error, None before two anchors matured), and on how many users they were fitted.
+    category_weights: tuple[float, ...] | None = None
+    category_gain: float | None = None
+    category_gain_se: float | None = None
+    category_users: int = 0
+
+    def reranks(self) -> bool:
+        return self.category_weights is not None and passes(self.category_gain, self.category_gain_se)
 
     def applies(self, head: int, hours: float | None = None) -> bool:
         """Whether the head's published probability over `hours` (None: the contract's) moves: the map is kept, and
@@ -192,9 +205,13 @@ class StreamCalibration:
     """The anchors' bookkeeping for one state table. `probabilities(rows, now_ms)` is the heads' (N, len(HEADS))
     uncalibrated probabilities of those users at that clock (the updater's)."""
 
-    def __init__(self, state: StateTable, probabilities: Callable[[np.ndarray, int], np.ndarray]) -> None:
+    def __init__(self, state: StateTable, probabilities: Callable[[np.ndarray, int], np.ndarray],
+                 candidates: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+        """candidates(rows, now_ms): the users' top_categories candidates then, (N, C) keys (0: none) and (N, C,
+        1 + F) float16 log P(c) and CATEGORY_STATISTICS (UpdateStep.category_candidates); None: not sampled."""
         self.state = state
         self.probabilities = probabilities
+        self.candidates = candidates
         self._map, self._fitted = LogitMap(), (None, -1)
 
     def shop_map(self) -> LogitMap:
@@ -210,6 +227,10 @@ class StreamCalibration:
                 sampled = outcomes.samples.latest_matured(head)
                 if sampled is not None:
                     self._map = with_statistics(self._map, head, *sampled)
+            fit = outcomes.samples.category_fit()
+            if fit is not None:
+                self._map = replace(self._map, category_weights=fit.weights, category_gain=fit.gain,
+                                    category_gain_se=fit.gain_se, category_users=fit.users)
             self._fitted = (id(outcomes), outcomes.version)
         return self._map
 
@@ -308,6 +329,11 @@ class StreamCalibration:
             for head, happened in enumerate(self.since_anchor(sample.users[mine], anchor)):
                 if sample.happened[head] is None:
                     sample.left[mine, head] |= happened
+            candidates = sample.categories
+            if candidates is not None and candidates.weights is None:
+                mine = mine[mine < len(candidates.keys)]
+                candidates.left[mine] |= self.engaged_since(sample.users[mine], candidates.keys[mine],
+                                                            candidates.counts[mine])
             state.outcomes.version += 1
 
     def since_anchor(self, users: np.ndarray, anchor: int) -> tuple[np.ndarray, np.ndarray]:
@@ -341,7 +367,12 @@ class StreamCalibration:
             p = np.clip(self.probabilities(rows, at).astype(np.float64), 1e-6, 1 - 1e-6)
             user = statistics.user_features(state.columns, state.counts, state.last_ts, rows, at)
             x = np.column_stack([np.log(p) - np.log1p(-p), *(user[:, list(index)] for index in STATISTIC_INDEX)])
-            state.outcomes.samples.put(anchor, state.partition[rows], state.ids_at(rows), x)
+            partitions, categories = state.partition[rows], None
+            if self.candidates is not None:
+                first = rows[leading(partitions, CATEGORY_SAMPLE_PER_PARTITION)]
+                counts = state.columns["cat_count"][first, :, 0]  # events (1: visits)
+                categories = (*self.candidates(first, at), counts)
+            state.outcomes.samples.put(anchor, partitions, state.ids_at(rows), x, categories)
         state.outcomes.version += 1
 
     def note_sampled(self, anchor: int, head: int) -> None:
@@ -355,6 +386,42 @@ class StreamCalibration:
                 sample.happened[head] = bought | sample.left[:, 0]
             else:
                 sample.happened[head] = ~(back | sample.left[:, 1])
+        if head == HEADS.index("purchase_propensity"):  # top_categories' week closes with purchase_propensity's
+            self.fit_categories(anchor)
+
+    def fit_categories(self, anchor: int) -> None:
+        """The anchor's week has closed: which of each sampled user's candidates were engaged with in it, the
+        weights fitted on them (models/category_calibration.py), and how the previous anchor's weights ranked these
+        users against the published ranking; then the candidates are dropped."""
+        open_ = self.state.outcomes.samples.open_categories(anchor)
+        if not open_:
+            return
+        engaged = np.concatenate([c.left | self.engaged_since(s.users[:len(c.keys)], c.keys, c.counts)
+                                  for s, c in open_])
+        x = np.concatenate([c.x for _, c in open_]).astype(np.float64)
+        log_p, stats = x[:, :, 0], x[:, :, 1:]
+        weights = fit_weights(log_p, stats, engaged)
+        previous = self.state.outcomes.samples.category_fit(anchor - 1)
+        gain = None
+        if previous is not None and previous.users > 0 and engaged.any():
+            gain = judged(log_p, stats, engaged, np.asarray(previous.weights))
+        for _, candidates in open_:
+            candidates.matured(tuple(weights.tolist()), gain, int(engaged.any(axis=1).sum()))
+
+    def engaged_since(self, users: np.ndarray, keys: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """(N, C) whether each user engaged with each candidate category since the anchor whose candidates (keys) and
+        slot counts (counts, (N, K)) these are: the category holds one of the user's slots now with more events
+        than the user's slot of it held then (none for a category the user held no slot of). A slot dropped and
+        taken again within the week reads as not engaged."""
+        state = self.state
+        rows = state.find_rows(users)
+        found, row = rows >= 0, np.maximum(rows, 0)
+        now_keys = state.columns["cat_key"][row]  # (N, K)
+        now_counts = state.columns["cat_count"][row, :, 0].astype(np.int64)
+        same = (keys[:, :, None] == now_keys[:, None, :]) & (keys[:, :, None] > 0)  # (N, C, K)
+        then = np.zeros(keys.shape, dtype=np.int64)
+        then[:, :counts.shape[1]] = counts
+        return found[:, None] & same.any(axis=2) & ((same * now_counts[:, None, :]).sum(axis=2) > then)
 
     def count(self, anchor: int, series: tuple[int, ...], rows: np.ndarray, pending: bool = False) -> None:
         """Count the users among `rows` that the table held at the anchor, for these series: those who came back

@@ -25,7 +25,8 @@ from models.neighbours import RECENT_ITEMS
 from models.profile_model import full_float32, idle_hours, price_tier_index
 from models.field_heads import FieldInputs
 from models.checkpoint_io import LoadedModel
-from models.stream_calibration import HORIZONS_HOURS, StreamCalibration
+from models.category_calibration import CATEGORY_STATISTIC_INDEX, CATEGORY_STATISTICS
+from models.stream_calibration import HORIZONS_HOURS, LogitMap, StreamCalibration
 from stream import statistics
 from stream.follow import FollowCounts, hours_since
 from stream.habit import ShopHabit, leans
@@ -130,7 +131,7 @@ class ProfileUpdater:
         self.expiry = StateExpiry(self.state, state_ttl_ms) if state_ttl_ms else None
         self.publish_expired = on_expire == "publish"  # a last profile saying "expired": true, or nothing
         # The shop's own outcomes calibrate the published probabilities (models/stream_calibration.py).
-        self.calibration = StreamCalibration(self.state, self.head_probabilities) if stream_calibration else None
+        self.calibration = StreamCalibration(self.state, self.head_probabilities, self.category_candidates) if stream_calibration else None
         self.warm_up()
 
     def warm_up(self) -> None:
@@ -436,6 +437,32 @@ class ProfileUpdater:
         return out
 
     @torch.inference_mode()
+    def category_candidates(self, rows: np.ndarray, now_ms: int) -> tuple[np.ndarray, np.ndarray]:
+        """top_categories' candidates of these users at the clock now_ms, as profiles_for ranks them (before any
+        re-ranking): (U, C) category keys (0: none) and (U, C, 1 + len(CATEGORY_STATISTICS)) float16, each
+        candidate's log P(c) (-inf: none) and its slot's statistics (0 for explore's)."""
+        s = self.state.states[torch.from_numpy(rows).to(self.device)].float()
+        idle = torch.from_numpy(idle_hours(now_ms, self.state.last_ts[rows])).float().to(self.device)
+        inputs = self.field_inputs(rows, now_ms)
+        p, cols = self.model.category_candidates(s, idle.clamp(min=self.config.visit_break_hours),
+                                                 self.seen_category_buckets(), inputs, TOP_CATEGORIES)
+        held = (p >= 0).cpu().numpy()
+        keys = np.where(held, self.state.seen_categories()[cols].cpu().numpy(), 0).astype(np.uint32)
+        x = np.zeros((*keys.shape, 1 + len(CATEGORY_STATISTICS)), dtype=np.float16)
+        x[:, :, 0] = np.where(held, np.log(np.maximum(p.double().cpu().numpy(), 1e-30)), -np.inf)
+        x[:, :inputs.slot.shape[1], 1:] = inputs.slot[:, :, list(CATEGORY_STATISTIC_INDEX)].cpu().numpy()
+        return keys, x
+
+    def slot_weights(self, shop_map: LogitMap) -> torch.Tensor | None:
+        """(len(SLOT_FEATURES),) the shop's re-ranking of top_categories on the slots' statistics, None where the
+        map does not re-rank."""
+        if not shop_map.reranks():
+            return None
+        weights = torch.zeros(len(statistics.SLOT_FEATURES), dtype=torch.float64)
+        weights[list(CATEGORY_STATISTIC_INDEX)] = torch.tensor(shop_map.category_weights, dtype=torch.float64)
+        return weights.to(self.device)
+
+    @torch.inference_mode()
     def profiles_for(self, rows: np.ndarray, horizons_hours: tuple[float, float] | None = None, *,
                      expired: bool = False) -> list[tuple[bytes, bytes]]:
         """Profiles of the given state rows, encoded for the output topic. horizons_hours: (purchase, churn)
@@ -451,11 +478,12 @@ class ProfileUpdater:
         # erasure dropped), computed for those columns only (S categories, not every bucket).
         seen = self.seen_category_buckets()  # (S,) each listed category's bucket
         inputs = self.field_inputs(rows, state.max_event_ts)
+        shop_map = self.calibration.shop_map() if self.calibration is not None else LogitMap()
         heads = self.model.heads(s, torch.from_numpy(idle).float().to(self.device), seen, TOP_CATEGORIES, inputs,
-                                 horizons_hours)
+                                 horizons_hours, self.slot_weights(shop_map))
         purchase, churn = heads.purchase_propensity, heads.churn_risk
         if self.calibration is not None:  # the map of the contract's horizons: not over an evaluation's shorter ones
-            shop_map, (purchase_h, churn_h) = self.calibration.shop_map(), horizons_hours or (None, None)
+            purchase_h, churn_h = horizons_hours or (None, None)
             purchase = shop_map.apply(0, purchase, purchase_h, inputs.user)  # inputs.user: the rules' statistics too
             churn = shop_map.apply(1, churn, churn_h, inputs.user)
         top_cols, top_scores = heads.top_category_cols, heads.top_category_probs

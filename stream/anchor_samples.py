@@ -23,6 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SAMPLE_PER_PARTITION = 2048
+# Of them, the users with the smallest keys whose top_categories candidates are kept too (CategorySample: about 150
+# bytes a user; at 512 a partition's meta record stays well under Kafka's 1 MB; offline, a fit on 512 users held
+# the gains of one on every user: docs/model-journal.md, session 55).
+CATEGORY_SAMPLE_PER_PARTITION = 512
 # The statistics each head's fit may weigh (stream/statistics.py USER_FEATURES), those the simple rules read
 # (models/field_evaluation.py baseline_scores): purchase_propensity's order due, purchases of the last 7 days, carts
 # not bought and purchase share; churn_risk's idle time, activity of the last 7 days and idle time against the
@@ -45,9 +49,71 @@ def sample_rows(rows: np.ndarray, users: np.ndarray, partitions: np.ndarray) -> 
     """Of these rows (their ids and input partitions), the SAMPLE_PER_PARTITION with the smallest stable keys in
     each partition, by partition then key."""
     order = np.lexsort((stable_keys(users), partitions))
-    sorted_partitions = partitions[order]
-    rank = np.arange(len(order)) - np.searchsorted(sorted_partitions, sorted_partitions)
-    return rows[order[rank < SAMPLE_PER_PARTITION]]
+    return rows[order[leading(partitions[order], SAMPLE_PER_PARTITION)]]
+
+
+def leading(sorted_partitions: np.ndarray, n: int) -> np.ndarray:
+    """(N,) bool: the first n rows of each partition in rows sorted by partition."""
+    return np.arange(len(sorted_partitions)) - np.searchsorted(sorted_partitions, sorted_partitions) < n
+
+
+def packed(a: np.ndarray | None) -> str | None:
+    return None if a is None else base64.b64encode(np.packbits(a.ravel())).decode()
+
+
+def unpacked(s: str | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    if s is None:
+        return None
+    return np.unpackbits(np.frombuffer(base64.b64decode(s), np.uint8))[:int(np.prod(shape))].astype(bool).reshape(shape)
+
+
+def encoded(a: np.ndarray, dtype: str) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, dtype=dtype).tobytes()).decode()
+
+
+def decoded(s: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), dtype=dtype).reshape(shape).astype(np.dtype(dtype).newbyteorder("="))
+
+
+@dataclass
+class CategorySample:
+    """The top_categories candidates of a partition's first users sampled at an anchor (models/category_calibration.py):
+    keys (N, C) uint32 category keys (0: none), the user's K slots first; x (N, C, 1 + F) float16 each candidate's
+    log P(c) (-inf: none) then the slot's CATEGORY_STATISTICS (0 for explore's); counts (N, K) uint16 the slots'
+    all-time event counts then. When the week closes (`matured`): the weights fitted on which candidates were
+    engaged with (None while the week is open), and `gain`, the previous anchor's weights' precision@3 over the
+    published ranking's on these users (None: no previous weights) with its standard error; the candidates are then
+    dropped (only the weights are needed after)."""
+
+    keys: np.ndarray
+    x: np.ndarray
+    counts: np.ndarray
+    left: np.ndarray | None = None  # (N, C) engaged with before the user's state expired (--state-ttl)
+    weights: tuple[float, ...] | None = None
+    gain: float | None = None
+    gain_se: float | None = None
+    users: int = 0  # how many users the weights were fitted on
+
+    def __post_init__(self) -> None:
+        if self.left is None:
+            self.left = np.zeros(self.keys.shape, dtype=bool)
+
+    def matured(self, weights: tuple[float, ...], gain: tuple[float, float] | None, users: int) -> None:
+        self.weights, (self.gain, self.gain_se), self.users = weights, gain or (None, None), users
+        self.keys, self.x, self.counts, self.left = self.keys[:0], self.x[:0], self.counts[:0], self.left[:0]
+
+    def to_plain(self) -> list:
+        return [[list(a.shape) for a in (self.keys, self.x, self.counts)], encoded(self.keys, "<u4"),
+                encoded(self.x, "<f2"), encoded(self.counts, "<u2"), packed(self.left), self.weights, self.gain,
+                self.gain_se, self.users]
+
+    @classmethod
+    def from_plain(cls, plain: list) -> CategorySample:
+        shapes = [tuple(shape) for shape in plain[0]]
+        keys, x, counts = (decoded(s, dtype, shape) for s, dtype, shape in zip(plain[1:4], ("<u4", "<f2", "<u2"),
+                                                                                  shapes))
+        return cls(keys, x, counts, unpacked(plain[4], shapes[0]),
+                   weights=None if plain[5] is None else tuple(plain[5]), gain=plain[6], gain_se=plain[7], users=plain[8])
 
 
 @dataclass
@@ -60,25 +126,24 @@ class Sample:
     x: np.ndarray
     happened: list[np.ndarray | None] = field(default_factory=lambda: [None, None])
     left: np.ndarray | None = None  # (N, 2) bool: bought, came back, before expiring
+    # The candidates of top_categories of the first CATEGORY_SAMPLE_PER_PARTITION users (None: none taken).
+    categories: CategorySample | None = None
 
     def __post_init__(self) -> None:
         if self.left is None:
             self.left = np.zeros((len(self.users), 2), dtype=bool)
 
     def to_plain(self) -> list:
-        def packed(a: np.ndarray | None) -> str | None:
-            return None if a is None else base64.b64encode(np.packbits(a)).decode()
-        return [self.users.tolist(), base64.b64encode(self.x.astype("<f2").tobytes()).decode(),
-                *map(packed, self.happened), packed(self.left.T.ravel())]
+        return [self.users.tolist(), encoded(self.x, "<f2"), *(packed(h) for h in self.happened),
+                packed(self.left.T), None if self.categories is None else self.categories.to_plain()]
 
     @classmethod
     def from_plain(cls, plain: list) -> Sample:
         users = np.fromiter(plain[0], dtype=object, count=len(plain[0]))
-        x = np.frombuffer(base64.b64decode(plain[1]), dtype="<f2").astype(np.float16).reshape(len(users), WIDTH)
-
-        def unpacked(s: str | None, n: int = len(users)) -> np.ndarray | None:
-            return None if s is None else np.unpackbits(np.frombuffer(base64.b64decode(s), np.uint8))[:n].astype(bool)
-        return cls(users, x, [unpacked(s) for s in plain[2:4]], unpacked(plain[4], 2 * len(users)).reshape(2, -1).T)
+        categories = CategorySample.from_plain(plain[5]) if len(plain) > 5 and plain[5] is not None else None
+        return cls(users, decoded(plain[1], "<f2", (len(users), WIDTH)),
+                   [unpacked(s, (len(users),)) for s in plain[2:4]], unpacked(plain[4], (2, len(users))).T,
+                   categories)
 
 
 @dataclass
@@ -87,10 +152,27 @@ class AnchorSamples:
 
     samples: dict[tuple[int, int], Sample] = field(default_factory=dict)
 
-    def put(self, anchor: int, partitions: np.ndarray, users: np.ndarray, x: np.ndarray) -> None:
+    def put(self, anchor: int, partitions: np.ndarray, users: np.ndarray, x: np.ndarray,
+            categories: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+        """Rows by partition then key; categories: (keys, x float16, counts) of CategorySample for each partition's
+        first CATEGORY_SAMPLE_PER_PARTITION rows (those where leading(partitions) holds), in the same order."""
+        first = partitions[leading(partitions, CATEGORY_SAMPLE_PER_PARTITION)]
         for partition in np.unique(partitions).tolist():
             mine = partitions == partition
-            self.samples[(int(partition), anchor)] = Sample(users[mine], x[mine].astype(np.float16))
+            candidates = None if categories is None else CategorySample(*(a[first == partition] for a in categories))
+            self.samples[(int(partition), anchor)] = Sample(users[mine], x[mine].astype(np.float16), categories=candidates)
+
+    def open_categories(self, anchor: int | None = None) -> list[tuple[Sample, CategorySample]]:
+        """The samples (of one anchor; None: any) whose candidates' week is open, with their candidates."""
+        return [(s, s.categories) for (_, at), s in sorted(self.samples.items())
+                if s.categories is not None and s.categories.weights is None and anchor in (None, at)]
+
+    def category_fit(self, anchor: int | None = None) -> CategorySample | None:
+        """The matured candidates of an anchor (None: the latest matured), of its lowest partition (each partition's
+        holds the fit on every partition its member held when the week closed)."""
+        matured = [(at, p) for (p, at), s in self.samples.items()
+                   if s.categories is not None and s.categories.weights is not None and anchor in (None, at)]
+        return self.samples[min(matured, key=lambda k: (-k[0], k[1]))[::-1]].categories if matured else None
 
     def latest_matured(self, head: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(x float64, happened) of the head's latest matured anchor over the partitions held, or None."""

@@ -11,6 +11,7 @@ import pytest
 
 from consumers.commands.live import run_daemon
 from consumers.daemon import ProfileDaemon
+from models.category_calibration import CATEGORY_STATISTICS
 from models.update_step import load_updater
 from stream.anchor_samples import STATISTICS
 from stream.broker import free_port
@@ -77,6 +78,10 @@ def test_endpoints_during_a_real_run(kafka, settings_factory):
             assert terms == [shop_map.a[head] if kept else 0.0, shop_map.b[head] if kept else 1.0, shop_map.drift[head]]
             weights = [value("profiles_stream_calibration_map", {"field": name, "term": s}) for s in STATISTICS[head]]
             assert weights == list(shop_map.weights[head] or [0.0] * len(STATISTICS[head]))
+        reranking = [value("profiles_stream_calibration_map", {"field": "top_categories", "term": s})
+                     for s in CATEGORY_STATISTICS]
+        assert reranking == list(shop_map.category_weights if shop_map.reranks() else [0.0] * len(reranking))
+        assert value("profiles_stream_calibration_users", {"field": "top_categories"}) == shop_map.category_users
         # Consumer lag comes from librdkafka's statistics (every 5 s): all read, so 0 for each partition.
         wait_until(lambda: all(value("profiles_consumer_lag_records", {"topic": topic, "partition": str(p)}) == 0
                                for p in (0, 1)), 30, "consumer lag from the statistics callback")

@@ -1,0 +1,128 @@
+"""top_categories re-ranked by the shop's own outcomes (models/category_calibration.py): the fit finds the weights a
+shop ranks by, the sampled users' candidates and what they engaged with are read from the state, the re-ranking is
+published only where the previous week's weights beat the published ranking, and it keeps the candidates' mass."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import torch
+
+from models.category_calibration import CATEGORY_STATISTICS, fit_weights, judged, passes
+from models.profile_model import reranked
+from stream.anchor_samples import AnchorSamples, CategorySample, Sample, WIDTH
+from stream.outcomes import ANCHOR_MS
+from stream.statistics import SLOT_FEATURES
+from tests.helpers import updater_fed
+
+HOUR, DAY = 3_600_000, 86_400_000
+K0 = 1_700_000_000_000 // ANCHOR_MS + 1  # an anchor
+A = K0 * ANCHOR_MS
+FRESH = CATEGORY_STATISTICS.index("freshness")
+
+
+def choices(n: int, weights: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n users' 10 candidates (the last two none), log P(c) and statistics drawn at random, and the one each
+    engaged with, drawn from softmax(log P + statistics . weights)."""
+    rng = np.random.default_rng(seed)
+    log_p = np.log(rng.dirichlet(np.ones(10), size=n))
+    log_p[:, 8:] = -np.inf
+    stats = rng.normal(size=(n, 10, len(CATEGORY_STATISTICS)))
+    stats[:, 8:] = 0.0
+    z = log_p + stats @ weights
+    q = np.exp(z - z.max(axis=1, keepdims=True))
+    q /= q.sum(axis=1, keepdims=True)
+    picked = (q.cumsum(axis=1) > rng.random((n, 1))).argmax(axis=1)
+    engaged = np.zeros((n, 10), dtype=bool)
+    engaged[np.arange(n), picked] = True
+    engaged[: n // 10] = False  # users who engaged with none of their candidates say nothing
+    return log_p, stats, engaged
+
+
+def test_the_fit_finds_the_weight_a_shop_ranks_by_and_none_where_the_model_is_right():
+    truth = np.zeros(len(CATEGORY_STATISTICS))
+    truth[FRESH] = 1.5
+    log_p, stats, engaged = choices(4000, truth, seed=1)
+    weights = fit_weights(log_p, stats, engaged)
+    np.testing.assert_allclose(weights, truth, atol=0.12)
+    gain, standard_error = judged(log_p, stats, engaged, weights)
+    assert gain > 0.02 and passes(gain, standard_error)
+    log_p, stats, engaged = choices(4000, np.zeros(len(CATEGORY_STATISTICS)), seed=2)
+    assert np.abs(fit_weights(log_p, stats, engaged)).max() < 0.12
+
+
+def test_the_reranking_keeps_the_candidates_mass_and_follows_the_weights():
+    p = torch.tensor([[0.5, 0.2, -1.0, 0.1], [0.3, 0.3, 0.2, 0.05]])
+    slot = torch.zeros(2, 3, len(SLOT_FEATURES))
+    slot[:, 1, SLOT_FEATURES.index("freshness")] = 1.0  # the second slot is fresh; the last candidate is explore's
+    weights = torch.zeros(len(SLOT_FEATURES), dtype=torch.float64)
+    torch.testing.assert_close(reranked(p, slot, weights), p)
+    weights[SLOT_FEATURES.index("freshness")] = 3.0
+    out = reranked(p, slot, weights)
+    assert out[0, 2] == -1.0  # an empty slot stays empty
+    torch.testing.assert_close(out.clamp(min=0).sum(dim=1), p.clamp(min=0).sum(dim=1))
+    assert out[0].argmax() == 1 and out[1].argmax() == 1
+    assert abs(out[0, 0] / out[0, 3] - 5.0) < 1e-5  # the others keep their ratios
+
+
+def category_event(user: str, n: int, ts: int, category: str) -> dict:
+    return {"event_id": f"{user}-{n}", "user_id": user, "type": "click", "ts": ts, "item_id": f"i-{category}",
+            "category": category, "price": 5.0}
+
+
+def test_the_sampled_users_candidates_and_what_they_engaged_with_are_read_from_the_state():
+    # (the founder: the table held events a churn horizon before the anchor, which is then counted)
+    events = [category_event("founder", 0, A - 3 * ANCHOR_MS, "socks")]
+    events += [category_event("u", i, A - 3 * DAY + i * HOUR, "shoes" if i < 3 else "hats") for i in range(4)]
+    events += [category_event("v", 0, A - 2 * DAY, "socks"), category_event("clock", 0, A - DAY, "shoes")]
+    after = [category_event("u", 10, A + DAY, "hats"), category_event("u", 11, A + 2 * DAY, "coats"),
+             category_event("clock", 1, A + 2 * DAY, "shoes")]
+    closed = [category_event("clock", 2, A + ANCHOR_MS + HOUR, "shoes")]
+    before = updater_fed(events, [100])
+    held = ["u", "v", "clock", "founder"]
+    rows = before.state.rows_for(held)
+    keys, x = before.category_candidates(rows, A)
+    updater = updater_fed(events + after, [2])
+    sample = updater.state.outcomes.samples.samples[(-1, K0)]
+    candidates = sample.categories
+    order = [held.index(user) for user in sample.users]
+    np.testing.assert_array_equal(candidates.keys, keys[order])
+    np.testing.assert_allclose(candidates.x.astype(np.float64), x[order].astype(np.float64), atol=1e-3)
+    key = {name: int(k) for name, k in zip(updater.state.seen_category_names(),
+                                           updater.state.seen_categories().cpu().numpy())}
+    engaged = updater.calibration.engaged_since(sample.users, candidates.keys, candidates.counts)
+    said = {user: {name for name, k in key.items() if k in candidates.keys[i][engaged[i]]}
+            for i, user in enumerate(sample.users)}
+    # u came back to hats, not to shoes (coats was no candidate of u's at the anchor); the clock to shoes.
+    assert said == {"u": {"hats"}, "v": set(), "clock": {"shoes"}, "founder": set()}
+    # The week closes: the weights are fitted on the two users who engaged, and the candidates are dropped.
+    for batch in (closed, [category_event("clock", 3, A + ANCHOR_MS + 2 * HOUR, "shoes")]):
+        updater = updater_fed(events + after + batch, [100])
+        candidates = updater.state.outcomes.samples.samples[(-1, K0)].categories
+        assert candidates.weights is not None and candidates.users == 2 and len(candidates.keys) == 0
+
+
+def test_the_reranking_is_published_only_where_last_weeks_weights_beat_the_published_ranking():
+    truth = np.zeros(len(CATEGORY_STATISTICS))
+    truth[FRESH] = 2.0
+    for ranks_by, reranks in ((truth, True), (np.zeros_like(truth), False)):
+        updater = updater_fed([category_event("someone", 0, A, "shoes")], [1])
+        samples = updater.state.outcomes.samples
+        for anchor, seed in ((K0 - 2, 3), (K0 - 1, 4)):
+            log_p, stats, engaged = choices(1500, ranks_by, seed)
+            # Users the state does not hold: what they engaged with is what they left with.
+            users = np.array([f"gone-{anchor}-{i}" for i in range(1500)], dtype=object)
+            keys = np.arange(1, 15001, dtype=np.uint32).reshape(1500, 10)
+            x = np.concatenate([log_p[:, :, None], stats], axis=2).astype(np.float16)
+            categories = CategorySample(keys, x, np.zeros((1500, 7), dtype=np.uint16), left=engaged)
+            samples.samples[(0, anchor)] = Sample(users, np.zeros((1500, WIDTH), np.float16), categories=categories)
+            updater.calibration.fit_categories(anchor)
+        updater.state.outcomes.version += 1
+        shop_map = updater.calibration.shop_map()
+        assert shop_map.category_users == 1350 and shop_map.reranks() == reranks
+        assert passes(shop_map.category_gain, shop_map.category_gain_se) == reranks
+        if reranks:
+            np.testing.assert_allclose(shop_map.category_weights, truth, atol=0.25)
+        # A restart reads the same fit.
+        restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
+        assert restored.category_fit().weights == samples.category_fit().weights
