@@ -6,9 +6,9 @@ moves (a new season: users turn to categories they met days ago, not the ones th
 followed says so within a week: the users sampled at an anchor (stream/anchor_samples.py, CategorySample) keep
 their candidates, the candidates' probabilities and the slots' statistics then, and when the week closes which
 candidates they engaged with. A conditional logit, log P(c) + weights . statistics(c), is fitted on them; the
-weights re-rank what is published only where the previous anchor's weights, judged on the newer anchor's users,
-beat the published ranking clearly (GATE_PRECISION of precision@3 and GATE_Z standard errors; the fit on the newer
-anchor is then used). Where the
+weights re-rank what is published only where each anchor's weights, judged on the next anchor's users, beat the
+published ranking clearly over the latest two weeks so judged (GATE_PRECISION of precision@3 and GATE_Z standard
+errors; the fit on the latest anchor is then used). Where the
 model fits the shop, re-ranking costs up to 0.012 of precision@3 and the gate keeps it out.
 """
 
@@ -79,6 +79,17 @@ def judged(log_p: np.ndarray, stats: np.ndarray, engaged: np.ndarray, weights: n
     if len(gains) < 2:
         return 0.0, float("inf")
     return float(gains.mean()), float(gains.std(ddof=1) / np.sqrt(len(gains)))
+
+
+def over_weeks(gains: list[tuple[float, float]]) -> tuple[float | None, float | None]:
+    """(gain, standard error) of the mean of these weeks' (gain, standard error): (None, None) for no week. One week's
+    gain says how the weights did on one week's users; where the shop's week-to-week swing is larger than that
+    (replenishment: what is due turns with each user's cycle, and the same weights gained +0.107 one week and lost
+    0.104 the week before), the mean of two weeks keeps it out."""
+    if not gains:
+        return None, None
+    values, errors = np.asarray(gains, dtype=np.float64).T
+    return float(values.mean()), float(np.sqrt((errors ** 2).sum()) / len(errors))
 
 
 def passes(gain: float | None, standard_error: float | None) -> bool:

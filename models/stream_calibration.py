@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from models.category_calibration import fit_weights, judged, passes
+from models.category_calibration import fit_weights, judged, over_weeks, passes
 from stream import statistics
 from stream.anchor_samples import (
     CATEGORY_SAMPLE_PER_PARTITION, LOGIT_COLUMNS, STATISTIC_COLUMNS, STATISTICS, leading, sample_rows,
@@ -76,8 +76,9 @@ class LogitMap:
     weights_gain_nats: tuple[float, ...] = (0.0, 0.0)
     sampled: tuple[int, ...] = (0, 0)
     # top_categories' re-ranking (models/category_calibration.py): the latest matured anchor's weights on the slots'
-    # CATEGORY_STATISTICS, applied where the previous anchor's beat the published ranking on its users clearly
-    # (`category_gain` and its standard error, None before two anchors matured), and on how many users they were fitted.
+    # CATEGORY_STATISTICS, applied where each week's previous weights beat the published ranking on its users clearly,
+    # over the latest two weeks judged (`category_gain` and its standard error, None before two anchors matured),
+    # and on how many users they were fitted.
     category_weights: tuple[float, ...] | None = None
     category_gain: float | None = None
     category_gain_se: float | None = None
@@ -227,10 +228,14 @@ class StreamCalibration:
                 sampled = outcomes.samples.latest_matured(head)
                 if sampled is not None:
                     self._map = with_statistics(self._map, head, *sampled)
-            fit = outcomes.samples.category_fit()
-            if fit is not None:
-                self._map = replace(self._map, category_weights=fit.weights, category_gain=fit.gain,
-                                    category_gain_se=fit.gain_se, category_users=fit.users)
+            latest = outcomes.samples.category_fit()
+            if latest is not None:
+                anchor, fit = latest
+                weeks = [week for _, week in filter(None, (latest, outcomes.samples.category_fit(anchor - 1)))
+                         if week.gain is not None]
+                gain, standard_error = over_weeks([(week.gain, week.gain_se) for week in weeks])
+                self._map = replace(self._map, category_weights=fit.weights, category_gain=gain,
+                                    category_gain_se=standard_error, category_users=fit.users)
             self._fitted = (id(outcomes), outcomes.version)
         return self._map
 
@@ -403,8 +408,8 @@ class StreamCalibration:
         weights = fit_weights(log_p, stats, engaged)
         previous = self.state.outcomes.samples.category_fit(anchor - 1)
         gain = None
-        if previous is not None and previous.users > 0 and engaged.any():
-            gain = judged(log_p, stats, engaged, np.asarray(previous.weights))
+        if previous is not None and previous[1].users > 0 and engaged.any():
+            gain = judged(log_p, stats, engaged, np.asarray(previous[1].weights))
         for _, candidates in open_:
             candidates.matured(tuple(weights.tolist()), gain, int(engaged.any(axis=1).sum()))
 
@@ -459,4 +464,10 @@ def describe(shop_map: LogitMap) -> str:
             return said + fitted
         return said + "".join(f" {w:+.2f} {name}" for name, w in zip(STATISTICS[h], shop_map.weights[h])) + (
             f" ({shop_map.weights_gain_nats[h]:.0f} nats more on {shop_map.sampled[h]:,} sampled users)")
-    return ", ".join(map(head, range(len(HEADS))))
+    said = [head(h) for h in range(len(HEADS))]
+    if shop_map.category_gain is not None:
+        judged_by = (f"(last week's weights {shop_map.category_gain:+.3f} +- {shop_map.category_gain_se:.3f} of "
+                     f"precision@3 on {shop_map.category_users:,} sampled users)")
+        said.append(("top_categories re-ranked " if shop_map.reranks() else "top_categories as the model ranks ")
+                    + judged_by)
+    return ", ".join(said)

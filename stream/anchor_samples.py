@@ -167,12 +167,15 @@ class AnchorSamples:
         return [(s, s.categories) for (_, at), s in sorted(self.samples.items())
                 if s.categories is not None and s.categories.weights is None and anchor in (None, at)]
 
-    def category_fit(self, anchor: int | None = None) -> CategorySample | None:
-        """The matured candidates of an anchor (None: the latest matured), of its lowest partition (each partition's
-        holds the fit on every partition its member held when the week closed)."""
+    def category_fit(self, anchor: int | None = None) -> tuple[int, CategorySample] | None:
+        """(anchor, its matured candidates) of an anchor (None: the latest matured), of its lowest partition (each
+        partition's holds the fit on every partition its member held when the week closed)."""
         matured = [(at, p) for (p, at), s in self.samples.items()
                    if s.categories is not None and s.categories.weights is not None and anchor in (None, at)]
-        return self.samples[min(matured, key=lambda k: (-k[0], k[1]))[::-1]].categories if matured else None
+        if not matured:
+            return None
+        at, partition = min(matured, key=lambda k: (-k[0], k[1]))
+        return at, self.samples[(partition, at)].categories
 
     def latest_matured(self, head: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(x float64, happened) of the head's latest matured anchor over the partitions held, or None."""

@@ -8,7 +8,7 @@ import numpy as np
 import orjson
 import torch
 
-from models.category_calibration import CATEGORY_STATISTICS, fit_weights, judged, passes
+from models.category_calibration import CATEGORY_STATISTICS, fit_weights, judged, over_weeks, passes
 from models.profile_model import reranked
 from stream.anchor_samples import AnchorSamples, CategorySample, Sample, WIDTH
 from stream.outcomes import ANCHOR_MS
@@ -65,6 +65,13 @@ def test_the_reranking_keeps_the_candidates_mass_and_follows_the_weights():
     assert abs(out[0, 0] / out[0, 3] - 5.0) < 1e-5  # the others keep their ratios
 
 
+def test_weights_that_gained_one_week_and_lost_the_one_before_do_not_re_rank():
+    # replenishment-3's weeks: what is due turns with each user's cycle.
+    assert not passes(*over_weeks([(0.107, 0.027), (-0.104, 0.033)]))
+    assert passes(*over_weeks([(0.107, 0.027), (0.03, 0.02)])) and passes(*over_weeks([(0.5, 0.03), (-0.01, 0.02)]))
+    assert over_weeks([]) == (None, None) and not passes(None, None)
+
+
 def category_event(user: str, n: int, ts: int, category: str) -> dict:
     return {"event_id": f"{user}-{n}", "user_id": user, "type": "click", "ts": ts, "item_id": f"i-{category}",
             "category": category, "price": 5.0}
@@ -108,7 +115,7 @@ def test_the_reranking_is_published_only_where_last_weeks_weights_beat_the_publi
     for ranks_by, reranks in ((truth, True), (np.zeros_like(truth), False)):
         updater = updater_fed([category_event("someone", 0, A, "shoes")], [1])
         samples = updater.state.outcomes.samples
-        for anchor, seed in ((K0 - 2, 3), (K0 - 1, 4)):
+        for anchor, seed in ((K0 - 3, 3), (K0 - 2, 4), (K0 - 1, 5)):
             log_p, stats, engaged = choices(1500, ranks_by, seed)
             # Users the state does not hold: what they engaged with is what they left with.
             users = np.array([f"gone-{anchor}-{i}" for i in range(1500)], dtype=object)
@@ -121,8 +128,10 @@ def test_the_reranking_is_published_only_where_last_weeks_weights_beat_the_publi
         shop_map = updater.calibration.shop_map()
         assert shop_map.category_users == 1350 and shop_map.reranks() == reranks
         assert passes(shop_map.category_gain, shop_map.category_gain_se) == reranks
+        weeks = [samples.category_fit(anchor)[1].gain for anchor in (K0 - 2, K0 - 1)]  # each judged on its week
+        assert shop_map.category_gain == np.mean(weeks) and samples.category_fit(K0 - 3)[1].gain is None
         if reranks:
             np.testing.assert_allclose(shop_map.category_weights, truth, atol=0.25)
         # A restart reads the same fit.
         restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
-        assert restored.category_fit().weights == samples.category_fit().weights
+        assert restored.category_fit()[1].weights == samples.category_fit()[1].weights
