@@ -23,6 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SAMPLE_PER_PARTITION = 2048
+# A partition's meta record carries the ids of the samples of three anchors: ids may be up to 256 characters
+# (stream/events.py MAX_ID_CHARS), and 2,048 of those three times over would pass Kafka's 1 MB record limit. So
+# each anchor's sample of a partition stops where its ids reach this many bytes (2,048 ids of up to 44 characters).
+SAMPLE_ID_BYTES = 96 * 1024
 # Of them, the users with the smallest keys whose top_categories candidates are kept too (CategorySample: about 150
 # bytes a user; at 512 a partition's meta record stays well under Kafka's 1 MB; offline, a fit on 512 users held
 # the gains of one on every user: docs/model-journal.md, session 55).
@@ -47,9 +51,15 @@ def stable_keys(users: np.ndarray) -> np.ndarray:
 
 def sample_rows(rows: np.ndarray, users: np.ndarray, partitions: np.ndarray) -> np.ndarray:
     """Of these rows (their ids and input partitions), the SAMPLE_PER_PARTITION with the smallest stable keys in
-    each partition, by partition then key."""
+    each partition, by partition then key, fewer where their ids run past SAMPLE_ID_BYTES."""
     order = np.lexsort((stable_keys(users), partitions))
-    return rows[order[leading(partitions[order], SAMPLE_PER_PARTITION)]]
+    order = order[leading(partitions[order], SAMPLE_PER_PARTITION)]
+    sorted_partitions = partitions[order]
+    size = np.fromiter((len(str(user).encode("utf-8", "surrogatepass")) + 3 for user in users[order]), np.int64,
+                       count=len(order))  # as the meta record writes it: quoted, a comma
+    total = np.cumsum(size)
+    first = np.searchsorted(sorted_partitions, sorted_partitions)
+    return rows[order[total - (total[first] - size[first]) <= SAMPLE_ID_BYTES]]
 
 
 def leading(sorted_partitions: np.ndarray, n: int) -> np.ndarray:

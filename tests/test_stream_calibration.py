@@ -15,7 +15,10 @@ from models.stream_calibration import (
     GATE_NATS_PER_USER, LogitMap, StreamCalibration, fit_head, fit_logit_map, logistic_fit, with_statistics,
 )
 from stream import statistics
-from stream.anchor_samples import SAMPLE_PER_PARTITION, STATISTICS, WIDTH, AnchorSamples, stable_keys
+from stream.anchor_samples import (
+    SAMPLE_ID_BYTES, SAMPLE_PER_PARTITION, STATISTICS, WIDTH, AnchorSamples, stable_keys,
+)
+from stream.events import MAX_ID_CHARS
 from models.update_step import ProfileUpdater
 from stream.generator import ShopParams, generate
 from stream.kafka import end_offsets
@@ -163,6 +166,31 @@ def test_a_sample_is_at_most_its_share_per_partition_and_the_smallest_keys():
     rows = sample_rows(np.arange(len(users)), users, np.zeros(len(users), dtype=np.int64))
     keys = stable_keys(users)
     assert len(rows) == SAMPLE_PER_PARTITION and keys[rows].max() < np.delete(keys, rows).min()
+    # Ids of the longest kind allowed: fewer are sampled, within the meta record's share, still the smallest keys.
+    long_ids = np.array([f"{i:06d}" + "x" * (MAX_ID_CHARS - 6) for i in range(3 * SAMPLE_PER_PARTITION)], dtype=object)
+    rows = sample_rows(np.arange(len(long_ids)), long_ids, np.repeat([0, 1, 2], SAMPLE_PER_PARTITION))
+    assert len(rows) == 3 * (SAMPLE_ID_BYTES // (MAX_ID_CHARS + 3))
+    assert len(orjson.dumps(long_ids[rows[:len(rows) // 3]].tolist())) <= SAMPLE_ID_BYTES
+
+
+@pytest.mark.parametrize("id_chars", [8, MAX_ID_CHARS])
+def test_a_partitions_samples_fit_in_a_kafka_record_whatever_its_ids(id_chars):
+    """Three anchors' samples, the open one with its top_categories candidates (the matured ones keep only their
+    weights): well under Kafka's 1 MB default, with room for the category names the meta record also carries."""
+    from models.category_calibration import CATEGORY_STATISTICS
+    from stream.anchor_samples import CATEGORY_SAMPLE_PER_PARTITION, sample_rows
+    users = np.array([f"{i:08d}".ljust(id_chars, "x") for i in range(2 * SAMPLE_PER_PARTITION)], dtype=object)
+    rows = sample_rows(np.arange(len(users)), users, np.zeros(len(users), dtype=np.int64))
+    n, m = len(rows), min(len(rows), CATEGORY_SAMPLE_PER_PARTITION)
+    width = statistics.CATEGORY_SLOTS + 1 + 3  # the slots, the follow-up, explore's best three
+    samples = AnchorSamples()
+    for anchor in range(3):
+        samples.put(anchor, np.zeros(n, dtype=np.int64), users[rows], np.ones((n, WIDTH)),
+                    (np.ones((m, width), np.uint32), np.ones((m, width, 1 + len(CATEGORY_STATISTICS)), np.float16),
+                     np.ones((m, statistics.CATEGORY_SLOTS), np.uint16)))
+        if anchor < 2:
+            samples.samples[(0, anchor)].categories.matured((1.0,) * len(CATEGORY_STATISTICS), (0.1, 0.01), m)
+    assert len(orjson.dumps(samples.of_partition(0))) < 500_000  # 0.36 MB with 8-character ids, 0.43 MB with 256
 
 
 def feed(updater: ProfileUpdater, events: list[dict], sizes: list[int], first_offset: int = 0) -> ProfileUpdater:
