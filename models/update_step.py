@@ -131,7 +131,8 @@ class ProfileUpdater:
         self.expiry = StateExpiry(self.state, state_ttl_ms) if state_ttl_ms else None
         self.publish_expired = on_expire == "publish"  # a last profile saying "expired": true, or nothing
         # The shop's own outcomes calibrate the published probabilities (models/stream_calibration.py).
-        self.calibration = StreamCalibration(self.state, self.head_probabilities, self.category_candidates) if stream_calibration else None
+        self.calibration = (StreamCalibration(self.state, self.head_probabilities, self.category_candidates)
+                            if stream_calibration else None)
         self.warm_up()
 
     def warm_up(self) -> None:

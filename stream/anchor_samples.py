@@ -123,7 +123,8 @@ class CategorySample:
         keys, x, counts = (decoded(s, dtype, shape) for s, dtype, shape in zip(plain[1:4], ("<u4", "<f2", "<u2"),
                                                                                   shapes))
         return cls(keys, x, counts, unpacked(plain[4], shapes[0]),
-                   weights=None if plain[5] is None else tuple(plain[5]), gain=plain[6], gain_se=plain[7], users=plain[8])
+                   weights=None if plain[5] is None else tuple(plain[5]), gain=plain[6], gain_se=plain[7],
+                   users=plain[8])
 
 
 @dataclass
@@ -170,7 +171,8 @@ class AnchorSamples:
         for partition in np.unique(partitions).tolist():
             mine = partitions == partition
             candidates = None if categories is None else CategorySample(*(a[first == partition] for a in categories))
-            self.samples[(int(partition), anchor)] = Sample(users[mine], x[mine].astype(np.float16), categories=candidates)
+            self.samples[(int(partition), anchor)] = Sample(users[mine], x[mine].astype(np.float16),
+                                                            categories=candidates)
 
     def open_categories(self, anchor: int | None = None) -> list[tuple[Sample, CategorySample]]:
         """The samples (of one anchor; None: any) whose candidates' week is open, with their candidates."""
