@@ -478,8 +478,8 @@ class ProfileModel(nn.Module):
 
 
 def reranked(p: torch.Tensor, slot: torch.Tensor, slot_weights: torch.Tensor) -> torch.Tensor:
-    """Candidates' P(c) (U, K + k), -1 where none) re-weighed by exp(slot_weights . each slot's statistics (U, K, F))
-    (explore's candidates hold no slot: weight 1), renormalised to the candidates' mass."""
+    """Candidates' P(c) ((U, K + k), -1 where none) re-weighed by exp(slot_weights . each slot's statistics
+    (U, K, F)) (explore's candidates hold no slot: weight 1), renormalised to the candidates' mass."""
     held = p >= 0
     boost = torch.ones_like(p)
     boost[:, :slot.shape[1]] = torch.exp(slot.to(slot_weights.dtype) @ slot_weights).to(p.dtype)
