@@ -135,3 +135,32 @@ def test_the_reranking_is_published_only_where_last_weeks_weights_beat_the_publi
         # A restart reads the same fit.
         restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
         assert restored.category_fit()[1].weights == samples.category_fit()[1].weights
+
+
+def test_a_published_profile_ranks_its_categories_as_the_shops_weights_say():
+    # Many old events in "boots", one fresh in "sandals": where the shop's weeks say freshness counts, sandals lead.
+    events = [category_event("u", i, A - 20 * DAY + i * HOUR, "boots") for i in range(8)]
+    events += [category_event("u", 8, A - HOUR, "sandals"), category_event("w", 0, A - 2 * HOUR, "scarves")]
+    weights = np.zeros(len(CATEGORY_STATISTICS))
+    weights[FRESH] = 8.0
+    for reranks in (False, True):
+        updater = updater_fed(events, [100])
+        samples = updater.state.outcomes.samples
+        for anchor, gain in ((K0 - 2, None), (K0 - 1, (0.05 if reranks else 0.0, 0.01))):
+            categories = CategorySample(np.zeros((0, 10), np.uint32), np.zeros((0, 10, 8), np.float16),
+                                        np.zeros((0, 6), np.uint16))
+            categories.matured(tuple(weights.tolist()), gain, 100)
+            samples.samples[(0, anchor)] = Sample(np.array([], dtype=object), np.zeros((0, WIDTH), np.float16),
+                                                  categories=categories)
+        updater.state.outcomes.version += 1
+        assert updater.calibration.shop_map().reranks() == reranks
+        rows = updater.state.rows_for(["u"])
+        keys, x = updater.category_candidates(rows, updater.state.max_event_ts)
+        said = x[0, :, 0].astype(np.float64) + (x[0, :, 1:].astype(np.float64) @ weights if reranks else 0.0)
+        names = dict(zip(updater.state.seen_categories().cpu().numpy().tolist(), updater.state.seen_category_names()))
+        expected = [names[int(k)] for k in keys[0][np.argsort(-said, kind="stable")] if k][:3]
+        profile = orjson.loads(updater.profiles_for(rows)[0][1])
+        assert [c["category"] for c in profile["top_categories"]] == expected
+        assert (expected[0] == "sandals") == reranks
+        candidates_mass = np.exp(x[0, :, 0].astype(np.float64))[keys[0] > 0].sum()
+        assert sum(c["score"] for c in profile["top_categories"]) <= candidates_mass + 1e-4
