@@ -112,12 +112,12 @@ def stream_calibration_line(calibration: dict) -> str:
     categories = calibration.get("top_categories") or {}
     if categories.get("applied"):
         weights = ", ".join(f"{w:+.2f} x {stat}" for stat, w in categories["weights"].items())
-        said.append(f"top_categories re-ranked by {weights} (fitted on {categories['users']:,} sampled users; last "
-                    f"week's weights were {categories['gain']:+.3f} +- {categories['gain_standard_error']:.3f} of "
-                    "precision@3 ahead of the model's ranking)")
+        said.append(f"top_categories re-ranked by {weights} (fitted on {categories['users']:,} sampled users; over "
+                    f"the latest two weeks, each week's previous weights were {categories['gain']:+.3f} +- "
+                    f"{categories['gain_standard_error']:.3f} of precision@3 ahead of the model's ranking)")
     elif categories.get("gain") is not None:
-        said.append(f"top_categories as the model ranks them (last week's re-ranking {categories['gain']:+.3f} +- "
-                    f"{categories['gain_standard_error']:.3f} of precision@3: not enough)")
+        said.append(f"top_categories as the model ranks them (re-ranked, the latest two weeks would have gained "
+                    f"{categories['gain']:+.3f} +- {categories['gain_standard_error']:.3f} of precision@3: not enough)")
     return "calibrated by the stream on the shop's outcomes before the cut: " + "; ".join(said)
 
 

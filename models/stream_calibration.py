@@ -466,8 +466,9 @@ def describe(shop_map: LogitMap) -> str:
             f" ({shop_map.weights_gain_nats[h]:.0f} nats more on {shop_map.sampled[h]:,} sampled users)")
     said = [head(h) for h in range(len(HEADS))]
     if shop_map.category_gain is not None:
-        judged_by = (f"(last week's weights {shop_map.category_gain:+.3f} +- {shop_map.category_gain_se:.3f} of "
-                     f"precision@3 on {shop_map.category_users:,} sampled users)")
+        judged_by = (f"(the latest two weeks' re-ranking {shop_map.category_gain:+.3f} +- "
+                     f"{shop_map.category_gain_se:.3f} of precision@3; fitted on {shop_map.category_users:,} sampled "
+                     "users)")
         said.append(("top_categories re-ranked " if shop_map.reranks() else "top_categories as the model ranks ")
                     + judged_by)
     return ", ".join(said)
