@@ -63,6 +63,11 @@ class FieldInputs:
     slot: torch.Tensor  # (U, K, len(SLOT_FEATURES)) the slots' statistics
     idle_steps: torch.Tensor  # (U,) idle minutes over the shop's typical gap within a visit (stream/tempo.py)
 
+    def part(self, a: int, b: int) -> "FieldInputs":
+        """Users a to b."""
+        return FieldInputs(self.user[a:b], self.slot_cols[a:b], self.slot_valid[a:b], self.slot[a:b],
+                           self.idle_steps[a:b])
+
     @classmethod
     def from_idle(cls, idle_hours: torch.Tensor) -> "FieldInputs":
         """Inputs of users about whom only the idle time is known (no statistics, no categories)."""

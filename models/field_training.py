@@ -279,7 +279,7 @@ def examples_at(updater, model: ProfileModel, future: FutureIndex, cut: int, end
     explore_top = torch.full((n, TOP_CATEGORIES), float("-inf"), device=device)
     explore_top_hit = torch.zeros((n, TOP_CATEGORIES), dtype=torch.bool, device=device)
     shuffle = torch.randperm(max(len(seen), 1), generator=torch.Generator().manual_seed(k)).to(device)
-    away = idle.clamp(min=model.config.visit_break_hours)
+    away = model.next_visit_idle(idle)  # as the published categories are read
     for a in range(0, n if len(seen) else 0, 4096):  # a log without categories (YOOCHOOSE) has no explore side
         b = a + 4096
         lp = torch.log_softmax(model.category_logits(s[a:b], away[a:b], seen_buckets), dim=1)

@@ -425,10 +425,9 @@ class ProfileModel(nn.Module):
             return s.new_zeros(len(s), 0), torch.zeros(len(s), 0, dtype=torch.long, device=s.device)
         probs, cols = [], []
         for a in range(0, len(s), chunk_users):
-            chunk = FieldInputs(inputs.user[a:a + chunk_users], inputs.slot_cols[a:a + chunk_users],
-                                inputs.slot_valid[a:a + chunk_users], inputs.slot[a:a + chunk_users],
-                                inputs.idle_steps[a:a + chunk_users])
-            p, c = self.category_candidates(s[a:a + chunk_users], idle_hours[a:a + chunk_users], categories, chunk, k)
+            b = a + chunk_users
+            chunk = inputs.part(a, b)
+            p, c = self.category_candidates(s[a:b], idle_hours[a:b], categories, chunk, k)
             if slot_weights is not None:
                 p = reranked(p, chunk.slot, slot_weights)
             p, j = p.topk(k, dim=1)
@@ -458,6 +457,11 @@ class ProfileModel(nn.Module):
         at_explore = ((1 - g) * explore_top).masked_fill(dup.any(dim=2), -1.0)
         return torch.cat([at_slots, at_explore], dim=1), torch.cat([slot_cols, explore_cols], dim=1)
 
+    def next_visit_idle(self, idle_hours: torch.Tensor) -> torch.Tensor:
+        """The idle time published categories are read at: the next visit's, so a user mid-session is read as if
+        back after a break."""
+        return idle_hours.clamp(min=self.config.visit_break_hours)
+
     def heads(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None = None,
               top_k: int = TOP_CATEGORIES, inputs: FieldInputs | None = None,
               horizons_hours: tuple[float, float] | None = None,
@@ -470,9 +474,8 @@ class ProfileModel(nn.Module):
         inputs = inputs if inputs is not None else FieldInputs.from_idle(idle_hours)
         purchase_h, churn_h = horizons_hours or (self.config.purchase_horizon_hours, self.config.churn_horizon_hours)
         purchase, churn = self.field_probabilities(s, inputs, purchase_h, churn_h)
-        # Published categories are the next visit's: a user mid-session is read as if back after a break.
-        top_probs, top_cols = self.category_mixture(s, idle_hours.clamp(min=self.config.visit_break_hours),
-                                                    categories, inputs, top_k, slot_weights)
+        top_probs, top_cols = self.category_mixture(s, self.next_visit_idle(idle_hours), categories, inputs, top_k,
+                                                    slot_weights)
         cluster = torch.cdist(s, self.cluster_centroids).argmin(dim=1)  # (U,)
         return ProfileHeads(top_probs, top_cols, purchase, churn, cluster)
 

@@ -231,8 +231,8 @@ class StreamCalibration:
             latest = outcomes.samples.category_fit()
             if latest is not None:
                 anchor, fit = latest
-                weeks = [week for _, week in filter(None, (latest, outcomes.samples.category_fit(anchor - 1)))
-                         if week.gain is not None]
+                previous = outcomes.samples.category_fit(anchor - 1)
+                weeks = [week for week in (fit, previous and previous[1]) if week is not None and week.gain is not None]
                 gain, standard_error = over_weeks([(week.gain, week.gain_se) for week in weeks])
                 self._map = replace(self._map, category_weights=fit.weights, category_gain=gain,
                                     category_gain_se=standard_error, category_users=fit.users)
@@ -336,9 +336,9 @@ class StreamCalibration:
                     sample.left[mine, head] |= happened
             candidates = sample.categories
             if candidates is not None and candidates.weights is None:
-                mine = mine[mine < len(candidates.keys)]
-                candidates.left[mine] |= self.engaged_since(sample.users[mine], candidates.keys[mine],
-                                                            candidates.counts[mine])
+                theirs = mine[mine < len(candidates.keys)]  # of the users whose candidates were kept
+                candidates.left[theirs] |= self.engaged_since(sample.users[theirs], candidates.keys[theirs],
+                                                              candidates.counts[theirs])
             state.outcomes.version += 1
 
     def since_anchor(self, users: np.ndarray, anchor: int) -> tuple[np.ndarray, np.ndarray]:

@@ -442,17 +442,22 @@ class ProfileUpdater:
         """top_categories' candidates of these users at the clock now_ms, as profiles_for ranks them (before any
         re-ranking): (U, C) category keys (0: none) and (U, C, 1 + len(CATEGORY_STATISTICS)) float16, each
         candidate's log P(c) (-inf: none) and its slot's statistics (0 for explore's)."""
-        s = self.state.states[torch.from_numpy(rows).to(self.device)].float()
-        idle = torch.from_numpy(idle_hours(now_ms, self.state.last_ts[rows])).float().to(self.device)
-        inputs = self.field_inputs(rows, now_ms)
-        p, cols = self.model.category_candidates(s, idle.clamp(min=self.config.visit_break_hours),
-                                                 self.seen_category_buckets(), inputs, TOP_CATEGORIES)
+        s, idle, inputs = self.serving_inputs(rows, now_ms)
+        p, cols = self.model.category_candidates(s, self.model.next_visit_idle(idle), self.seen_category_buckets(),
+                                                 inputs, TOP_CATEGORIES)
         held = (p >= 0).cpu().numpy()
         keys = np.where(held, self.state.seen_categories()[cols].cpu().numpy(), 0).astype(np.uint32)
         x = np.zeros((*keys.shape, 1 + len(CATEGORY_STATISTICS)), dtype=np.float16)
         x[:, :, 0] = np.where(held, np.log(np.maximum(p.double().cpu().numpy(), 1e-30)), -np.inf)
         x[:, :inputs.slot.shape[1], 1:] = inputs.slot[:, :, list(CATEGORY_STATISTIC_INDEX)].cpu().numpy()
         return keys, x
+
+    def serving_inputs(self, rows: np.ndarray, now_ms: int) -> tuple[torch.Tensor, torch.Tensor, FieldInputs]:
+        """What the heads read of these users at the clock now_ms: their (U, S) states (GRU hidden state + memory),
+        (U,) idle hours and field inputs."""
+        s = self.state.states[torch.from_numpy(rows).to(self.device)].float()
+        idle = torch.from_numpy(idle_hours(now_ms, self.state.last_ts[rows])).float().to(self.device)
+        return s, idle, self.field_inputs(rows, now_ms)
 
     def slot_weights(self, shop_map: LogitMap) -> torch.Tensor | None:
         """(len(SLOT_FEATURES),) the shop's re-ranking of top_categories on the slots' statistics, None where the
@@ -472,16 +477,12 @@ class ProfileUpdater:
         if len(rows) == 0:
             return []
         state, cfg = self.state, self.config
-        rows_t = torch.from_numpy(rows).to(self.device)
-        s = state.states[rows_t].float()  # (U, S): GRU hidden state + memory
-        idle = idle_hours(state.max_event_ts, state.last_ts[rows])
+        s, idle, inputs = self.serving_inputs(rows, state.max_event_ts)
         # Top categories: a distribution over the category list (those seen in events, less those an
         # erasure dropped), computed for those columns only (S categories, not every bucket).
         seen = self.seen_category_buckets()  # (S,) each listed category's bucket
-        inputs = self.field_inputs(rows, state.max_event_ts)
         shop_map = self.calibration.shop_map() if self.calibration is not None else LogitMap()
-        heads = self.model.heads(s, torch.from_numpy(idle).float().to(self.device), seen, TOP_CATEGORIES, inputs,
-                                 horizons_hours, self.slot_weights(shop_map))
+        heads = self.model.heads(s, idle, seen, TOP_CATEGORIES, inputs, horizons_hours, self.slot_weights(shop_map))
         purchase, churn = heads.purchase_propensity, heads.churn_risk
         if self.calibration is not None:  # the map of the contract's horizons: not over an evaluation's shorter ones
             purchase_h, churn_h = horizons_hours or (None, None)
