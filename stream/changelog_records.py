@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from stream.events import RESERVED_ID_PREFIX
 from stream.settings import STATE_DTYPES
 
 if TYPE_CHECKING:
@@ -30,7 +31,9 @@ CHANGELOG_FORMAT = 8  # 2: with the behaviour statistics; 3: categories by key (
 # 7: the shop's habit, week by week (stream/habit.py); 8: the calibration anchors (stream/outcomes.py)
 # How the model state may be stored (--state-dtype): its torch dtype by name.
 STATE_DTYPE_NAMES = {name: getattr(torch, name) for name in STATE_DTYPES}
-META_KEY = b"\x00meta"  # changelog key of the per-partition metadata record (model version, category names)
+# Changelog key of the per-partition metadata record (model version, category names): no user's (stream/decode.py
+# refuses user ids that start so).
+META_KEY = RESERVED_ID_PREFIX.encode() + b"meta"
 
 LOAD_CHUNK = 1024  # records copied into the table's columns at a time (~600 KiB: within a core's cache)
 

@@ -21,7 +21,7 @@ from stream.events import (
     SEARCH, MAX_INT_ID, MIN_INT_ID, CONTROL_KINDS, Control, DeadLetter, EventColumns, INVALID_FIELD, INVALID_PRICE,
     INVALID_UTF8, MAX_AMOUNT, MAX_ID_CHARS, MAX_QUERY_CHARS, MAX_TS_MS, MIN_TS_MS, MISSING_FIELD,
     NOT_JSON, NOT_OBJECT, RecordBatch, TOO_LARGE, TYPE_INDEX, UNKNOWN_TYPE,
-    NEEDS_ITEM, epoch_ms,
+    NEEDS_ITEM, RESERVED_ID_PREFIX, epoch_ms,
 )
 from stream.user_index import objects
 
@@ -52,6 +52,17 @@ def _id_field(obj: dict, name: str, required: bool) -> str | None:
         # orjson reads an integer past 64 bits (2**64) as a float: say what is wrong with it.
         raise _Invalid(INVALID_FIELD, f"integer '{name}' outside the 64-bit range")
     raise _Invalid(INVALID_FIELD, f"'{name}' must be a string or integer, got {type(value).__name__}")
+
+
+def _user_id(obj: dict) -> str:
+    """The record's user id. One starting with a NUL is refused: the state topic keys its own records (the meta
+    record, stream/changelog_records.py META_KEY) that way, and a user of that id would be read back as one (a
+    restore then fails on it, at every restart)."""
+    user_id = _id_field(obj, "user_id", True)
+    if user_id.startswith(RESERVED_ID_PREFIX):
+        raise _Invalid(INVALID_FIELD, "'user_id' starts with a NUL character (reserved for the state topic's own "
+                                      "records)")
+    return user_id
 
 
 def _timestamp_ms(value: object) -> int:
@@ -88,7 +99,7 @@ def _validate(obj: object) -> tuple:
     if not isinstance(obj, dict):
         raise _Invalid(NOT_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
     event_id = _id_field(obj, "event_id", True)
-    user_id = _id_field(obj, "user_id", True)
+    user_id = _user_id(obj)
     kind = obj.get("type")
     if kind is None:
         raise _Invalid(MISSING_FIELD, "missing required field 'type'")
@@ -291,8 +302,11 @@ def _fast_columns(parsed: list[_Event], kept: list[int]) -> tuple[EventColumns, 
     quantity = np.array([e.quantity for e in parsed], dtype=np.float64)  # None -> NaN -> the default 1
     price = np.array([e.price for e in parsed], dtype=np.float64).reshape(n)  # None -> NaN
     ok &= ~(price * np.nan_to_num(quantity, nan=1.0) > MAX_AMOUNT)  # NaN compares false: absent prices pass
+    user_id = _required_id_column([e.user_id for e in parsed])
+    if n and min(user_id) < "\x01":  # one C-level pass: NUL-led ids (_user_id) are rare, found one by one
+        ok &= np.fromiter((not u.startswith(RESERVED_ID_PREFIX) for u in user_id), dtype=bool, count=n)
     events = EventColumns(
-        user_id=_required_id_column([e.user_id for e in parsed]),
+        user_id=user_id,
         type_idx=type_idx,
         ts=ts,
         item_id=item_id,
@@ -366,7 +380,7 @@ def _control(obj: dict, index: int) -> Control:
     if kind not in CONTROL_KINDS:
         raise _Invalid(UNKNOWN_TYPE, f"unknown control record {str(kind)[:40]!r} (known: {', '.join(CONTROL_KINDS)})"
                        if isinstance(kind, str) else "'control' must be a string")
-    return Control(kind, _id_field(obj, "user_id", True), index)
+    return Control(kind, _user_id(obj), index)
 
 
 def _columns(rows: list[tuple], kept: list[int]) -> EventColumns:

@@ -25,6 +25,8 @@ NEEDS_ITEM = frozenset(("click", "add_to_cart", "purchase"))
 # Bounds on individual fields: ids and categories are keys, not documents.
 MAX_ID_CHARS = 256
 MAX_QUERY_CHARS = 1024
+# A user id may not start with it: the state topic keys its own records so (stream/changelog_records.py META_KEY).
+RESERVED_ID_PREFIX = "\x00"
 # Integer ids must fit 64 bits (a 5000-digit "id" is an attack, not a key).
 MIN_INT_ID, MAX_INT_ID = -(2**63), 2**64 - 1
 # The largest price x quantity of one event (currency units): spend is kept in int64 micro-units,

@@ -35,6 +35,8 @@ MALFORMED_KINDS: dict[str, tuple[str, Callable[[dict, int], bytes]]] = {
     "nan_price": (ev.INVALID_PRICE, lambda e, _: _dumps({**e, "price": 0.5}).replace(b":0.5", b":NaN")),
     # price x quantity over MAX_AMOUNT: would wrap the int64 spend counter.
     "overflowing_amount": (ev.INVALID_PRICE, lambda e, _: _dumps({**e, "price": 1e8, "quantity": 1000})),
+    # The state topic keys its own records with a leading NUL (stream/changelog_records.py META_KEY).
+    "reserved_user_id": (ev.INVALID_FIELD, lambda e, _: _dumps({**e, "user_id": ev.RESERVED_ID_PREFIX + "meta"})),
     "too_large": (ev.TOO_LARGE, lambda e, limit: _dumps({**e, "padding": "x" * limit})),
 }
 

@@ -114,8 +114,10 @@ def test_replay_honours_forget_records_in_the_log(tmp_path):
 
 def test_unknown_control_records_are_dead_letters():
     updater = load_updater(EVENTS)
-    result = updater.process(record_batch([b'{"control": "shred", "user_id": "u1"}', b'{"control": "forget"}']))
-    assert [d.reason for d in result.dead_letters] == ["unknown_type", "missing_field"]
+    result = updater.process(record_batch([b'{"control": "shred", "user_id": "u1"}', b'{"control": "forget"}',
+                                           b'{"control": "forget", "user_id": "\\u0000meta"}']))
+    # (the last would write a tombstone keyed as the state topic's meta record)
+    assert [d.reason for d in result.dead_letters] == ["unknown_type", "missing_field", "invalid_field"]
 
 
 def test_profiles_forget_erases_the_user_everywhere_and_a_restart_restores_no_trace(kafka, unique):
