@@ -37,7 +37,7 @@ import numpy as np
 import orjson
 from confluent_kafka import KafkaException, Message, TopicPartition
 
-from stream.changelog_records import CHANGELOG_FORMAT, META_KEY, RefusedRecords
+from stream.changelog_records import CHANGELOG_FORMAT, META_KEY, NAMES_KEY, RefusedRecords, name_parts
 from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, DeadLetter, RecordBatch, utf8
 from stream.expiry import Expired
 from stream.kafka import Publisher, StreamError
@@ -104,6 +104,7 @@ class Changelog:
         self.unconfirmed = Unconfirmed()  # exactly-once: what the open transaction carries
         self.resent = 0  # profiles produced again after aborted transactions
         self._meta_sent = (-1, -1)  # the state's (categories_version, outcomes.version) last written to the changelog
+        self.names_generation = 0  # of the category names' parts last written (or read, at a restore)
 
     def _owned(self) -> set[tuple[str, int]]:
         return self.inputs.assigned if self.inputs is not None else set()
@@ -162,10 +163,18 @@ class Changelog:
         # counted again from the users' records once those move on to the next anchor.
         owned = sorted(self._state_partitions() | set(partitions))
         sent = (state.categories_version, state.outcomes.version)
+        # The names go first, in parts of their own (stream/changelog_records.py: a shop's names may pass Kafka's 1 MB
+        # record limit), a new generation each time, and the meta record names that generation.
         if sent != self._meta_sent and owned:
-            names = {str(k): v for k, v in state.category_names.items()}
+            self.names_generation += 1
+            parts = name_parts(state.category_names)
+            for number, names in enumerate(parts):
+                value = orjson.dumps({"generation": self.names_generation, "part": number, "names": names})
+                self.publisher.produce_to_partitions(self.topic, [NAMES_KEY + str(number).encode()] * len(owned),
+                                                     [value] * len(owned), owned)
             metas = [orjson.dumps({"model_version": self.model_version, "format": CHANGELOG_FORMAT,
-                                   "category_names": names, "outcomes": state.outcomes.of_partition(p)})
+                                   "names_generation": self.names_generation, "name_parts": len(parts),
+                                   "outcomes": state.outcomes.of_partition(p)})
                      for p in owned]
             self.publisher.produce_to_partitions(self.topic, [META_KEY] * len(owned), metas, owned)
             self._meta_sent = sent
@@ -324,6 +333,7 @@ class Changelog:
             loading += time.perf_counter() - t0
 
         read_to_end(self.kafka, self.topic, partitions, take, on_progress=on_progress, on_start=state.reserve)
+        self.names_generation = max(self.names_generation, loader.generation)  # the next write's is later
         finishing = time.perf_counter()
         for partition, meta in sorted(loader.metas.items()):
             if meta is None:
@@ -337,7 +347,11 @@ class Changelog:
                 raise StreamError(f"{self.topic} holds state of changelog format {meta.get('format', 2)}, this "
                                   f"release writes {CHANGELOG_FORMAT}: give it a new --group-id (or --state-topic), "
                                   "or rebuild the state with profiles replay")
-            state.merge_category_names({int(k): v for k, v in meta.get("category_names", {}).items()})
+            try:
+                names = loader.names_of(partition, meta)
+            except ValueError as exc:
+                raise StreamError(f"{self.topic}[{partition}]: {exc}") from None
+            state.merge_category_names({int(k): v for k, v in names.items()})
             state.outcomes.merge_partition(partition, meta.get("outcomes", {}))
         if loader.keyless:
             log.warning("%s: %d record(s) without a key left out of the restore", self.topic, loader.keyless)

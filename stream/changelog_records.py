@@ -3,7 +3,15 @@
 `record_dtype` is the layout (the table's state vector, then its columns; little-endian, no padding);
 `pack` writes rows' records for the changelog topic; `ChangelogLoader` loads a changelog read from the
 beginning into a StateTable batch by batch: per user the latest record wins, a tombstone (None) erases
-the user, and each partition's latest meta record (model version, category names) is kept for the caller.
+the user, and each partition's latest meta record (model version, the calibration's counts) is kept for the
+caller, with the category names it lists.
+
+The names travel in records of their own beside the meta record (NAMES_KEY and the part's number, each at most
+NAME_PART_BYTES of them), so that a shop's many or long category names never pass Kafka's 1 MB record limit: a
+meta record says which generation of parts holds its names and how many there are. The parts come before their
+meta record, each write of them a generation of its own, so a write cut short (a crashed transaction's records,
+which some brokers show) leaves the meta record before it with every part it names: the loader keeps the parts of
+every generation since the latest meta record read.
 
 "Latest" is that of a changelog read partition by partition in ascending order: within a partition
 the highest offset wins, and between partitions (a user whose records are in two, after its
@@ -18,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import orjson
 import torch
 
 from stream.events import RESERVED_ID_PREFIX
@@ -31,9 +40,27 @@ CHANGELOG_FORMAT = 8  # 2: with the behaviour statistics; 3: categories by key (
 # 7: the shop's habit, week by week (stream/habit.py); 8: the calibration anchors (stream/outcomes.py)
 # How the model state may be stored (--state-dtype): its torch dtype by name.
 STATE_DTYPE_NAMES = {name: getattr(torch, name) for name in STATE_DTYPES}
-# Changelog key of the per-partition metadata record (model version, category names): no user's (stream/decode.py
-# refuses user ids that start so).
+# Changelog key of the per-partition metadata record (model version, the calibration's counts, which names): no
+# user's (stream/decode.py refuses user ids that start so).
 META_KEY = RESERVED_ID_PREFIX.encode() + b"meta"
+NAMES_KEY = META_KEY + b"/names/"  # + the part's number: the category names (module docstring)
+# JSON bytes of names in one part: with the largest meta record (0.43 MB of anchor samples, stream/anchor_samples.py)
+# far under Kafka's 1 MB. 4,000 names of 64 characters.
+NAME_PART_BYTES = 300_000
+
+
+def name_parts(names: dict[int, str]) -> list[dict[str, str]]:
+    """The category names (key -> name) in parts of at most about NAME_PART_BYTES of JSON; at least one part."""
+    parts: list[dict[str, str]] = [{}]
+    size = 0
+    for key, name in sorted(names.items()):
+        item = len(name.encode("utf-8", "surrogatepass")) + 16  # the key's digits, quotes, colon and comma
+        if parts[-1] and size + item > NAME_PART_BYTES:
+            parts.append({})
+            size = 0
+        parts[-1][str(key)] = name
+        size += item
+    return parts
 
 LOAD_CHUNK = 1024  # records copied into the table's columns at a time (~600 KiB: within a core's cache)
 
@@ -107,6 +134,9 @@ class ChangelogLoader:
         self.layouts = {layout.itemsize: layout for layout in (
             record_dtype(table.state_size, table.spec, dtype) for dtype in STATE_DTYPE_NAMES.values())}
         self.metas: dict[int, bytes | None] = {}  # partition -> its latest meta record
+        # partition -> generation -> part -> names, of the generations since the partition's latest meta record
+        self.names: dict[int, dict[int, dict[int, dict[str, str]]]] = {}
+        self.generation = 0  # the latest generation of names read
         self.refused: dict[int, Refused] = {}  # row -> why its latest record cannot be loaded
         self.keyless = 0  # records without a key, left out
         # Per row of the table: the partition of its latest record (-1: none yet) and what it made of it.
@@ -116,7 +146,7 @@ class ChangelogLoader:
     def add(self, keys: list[bytes], values: list[bytes | None], partitions: np.ndarray) -> None:
         """Records in the order read (offset order within a partition): keys, values (None: tombstone)
         and their partitions."""
-        if META_KEY in keys:
+        if min(filter(None, keys), default=b"\x01") < b"\x01":  # in C: a key that starts with a NUL
             keys, values, partitions = self._take_meta(keys, values, partitions)
         try:
             users = user_ids(keys)
@@ -217,20 +247,37 @@ class ChangelogLoader:
 
     def _take_meta(self, keys: list[bytes], values: list[bytes | None],
                    partitions: np.ndarray) -> tuple[list[bytes], list[bytes | None], np.ndarray]:
-        """Keep each partition's latest meta record; return the batch without them."""
-        at, i = [], -1  # list.index scans in C: a batch holds a few meta records at most
-        while True:
-            try:
-                i = keys.index(META_KEY, i + 1)
-            except ValueError:
-                break
-            at.append(i)
+        """Keep each partition's latest meta record and the name parts since; return the batch without them."""
+        at = [i for i, key in enumerate(keys) if key and key.startswith(META_KEY)]  # rare: a few in a batch
         for i in at:  # in the order read: the last one of a partition wins
-            self.metas[int(partitions[i])] = values[i]
+            partition, value = int(partitions[i]), values[i]
+            if keys[i] == META_KEY:
+                self.metas[partition] = value
+                generation = orjson.loads(value).get("names_generation", 0) if value is not None else 0
+                held = self.names.get(partition, {})
+                for older in [g for g in held if g < generation]:
+                    del held[older]
+            elif value is not None and keys[i].startswith(NAMES_KEY):
+                part = orjson.loads(value)
+                self.generation = max(self.generation, part["generation"])
+                self.names.setdefault(partition, {}).setdefault(part["generation"], {})[part["part"]] = part["names"]
         keys, values = list(keys), list(values)
         for i in reversed(at):
             del keys[i], values[i]
         return keys, values, np.delete(partitions, at)
+
+    def names_of(self, partition: int, meta: dict) -> dict[str, str]:
+        """The category names the partition's meta record lists (parsed): in its generation's parts, or in itself
+        (written so before the names had parts). Raises ValueError where a part it names was not read."""
+        if "category_names" in meta:
+            return meta["category_names"]
+        generation, count = meta.get("names_generation", 0), meta.get("name_parts", 0)
+        parts = self.names.get(partition, {}).get(generation, {})
+        missing = sorted(set(range(count)) - set(parts))
+        if missing:
+            raise ValueError(f"the category names of its meta record (generation {generation}) lack part(s) "
+                             f"{missing} of {count}")
+        return {key: name for i in range(count) for key, name in parts[i].items()}
 
     def _track(self, n: int) -> None:
         """Room for n rows in the per-row arrays (grown geometrically: the table grows batch by batch)."""

@@ -9,6 +9,7 @@ import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from stream.changelog import META_KEY, Changelog
+from stream.changelog_records import CHANGELOG_FORMAT, NAME_PART_BYTES, NAMES_KEY
 from stream.events import DeadLetter, RecordBatch
 from stream.expiry import Expired
 from stream.kafka import Publisher, StreamError, admin_client, ensure_topics
@@ -149,6 +150,53 @@ def test_a_restore_refuses_the_state_of_another_model(kafka, unique, topics):
     with pytest.raises(StreamError, match="holds state of model 'm1'"):
         other.restore([0, 1, 2])
     assert len([r for r in read_topic(kafka, unique("state")) if r.key == META_KEY]) == PARTITIONS
+
+
+def test_a_shop_s_many_long_category_names_travel_in_parts_under_kafka_s_record_limit(kafka, unique, topics):
+    """6,000 names of 200 characters (1.3 MB) in one record would pass Kafka's 1 MB limit and fail the produce at
+    every batch: they go in parts, and a restore reads every one back."""
+    inputs = Inputs(kafka, unique("group"), unique("events"))
+    changelog = make(kafka, unique, inputs=inputs)
+    state = changelog.state
+    rows = fill(state, [f"user-{i}" for i in range(6)], seed=3)
+    names = {1000 + i: f"{i:06d}-" + "category name " * 14 for i in range(6000)}
+    state.merge_category_names(names)
+    changelog.stage(records_of(unique("events"), {0: 1, 1: 1, 2: 1}), rows, [], [], [])
+    assert changelog.commit()
+    records = read_topic(kafka, unique("state"))
+    assert max(len(r.value) for r in records) < NAME_PART_BYTES + 10_000
+    metas = [orjson.loads(r.value) for r in records if r.key == META_KEY]
+    assert len(metas) == PARTITIONS and all("category_names" not in m and m["name_parts"] >= 5 for m in metas)
+    restored = make(kafka, unique, inputs=inputs)
+    restored.restore([0, 1, 2])
+    assert restored.state.category_names == {**names, 3: "shoes", 7: "books"}
+    inputs.consumer.close()
+
+
+def test_names_cut_short_leave_the_meta_record_before_them_whole_and_older_ones_still_read(kafka, unique, topics):
+    """A write of the names cut short (a crashed transaction's records, which Tansu shows) leaves parts of a newer
+    generation without their meta record: the restore reads the generation its latest meta record names. A meta
+    record of a release before the parts lists the names itself; one whose part is missing is a clear error."""
+    changelog = make(kafka, unique)
+    changelog.write_state(fill(changelog.state, ["a", "b", "c"], seed=4))
+    changelog.publisher.flush()
+    cut_short = {"generation": changelog.names_generation + 1, "part": 0, "names": {"3": "sandals"}}
+    changelog.publisher.produce_to_partitions(unique("state"), [NAMES_KEY + b"0"], [orjson.dumps(cut_short)], [0])
+    changelog.publisher.flush()
+    restored = make(kafka, unique)
+    restored.restore([0, 1, 2])
+    assert restored.state.category_names == {3: "shoes", 7: "books"}
+    assert restored.names_generation == cut_short["generation"]  # its next write's generation is newer still
+    old = {"model_version": "m1", "format": CHANGELOG_FORMAT, "category_names": {"9": "hats"}}
+    changelog.publisher.produce_to_partitions(unique("state"), [META_KEY], [orjson.dumps(old)], [1])
+    lacking = {"model_version": "m1", "format": CHANGELOG_FORMAT, "names_generation": 99, "name_parts": 1}
+    changelog.publisher.produce_to_partitions(unique("state"), [META_KEY], [orjson.dumps(lacking)], [2])
+    changelog.publisher.flush()
+    older = make(kafka, unique)
+    older.restore([0, 1])
+    assert older.state.category_names == {3: "shoes", 7: "books", 9: "hats"}
+    with pytest.raises(StreamError, match=r"\[2\]: the category names .*generation 99\) lack part\(s\) \[0\]"):
+        make(kafka, unique).restore([2])
 
 
 @pytest.mark.parametrize("old_format", [2, 3])
