@@ -21,7 +21,7 @@ from stream.events import (
     SEARCH, MAX_INT_ID, MIN_INT_ID, CONTROL_KINDS, Control, DeadLetter, EventColumns, INVALID_FIELD, INVALID_PRICE,
     INVALID_UTF8, MAX_AMOUNT, MAX_ID_CHARS, MAX_QUERY_CHARS, MAX_TS_MS, MIN_TS_MS, MISSING_FIELD,
     NOT_JSON, NOT_OBJECT, RecordBatch, TOO_LARGE, TYPE_INDEX, UNKNOWN_TYPE,
-    NEEDS_ITEM, RESERVED_ID_PREFIX, epoch_ms,
+    NEEDS_ITEM, RESERVED_ID_PREFIX, RESERVED_ID_PROBLEM, epoch_ms,
 )
 from stream.user_index import objects
 
@@ -60,8 +60,7 @@ def _user_id(obj: dict) -> str:
     restore then fails on it, at every restart)."""
     user_id = _id_field(obj, "user_id", True)
     if user_id.startswith(RESERVED_ID_PREFIX):
-        raise _Invalid(INVALID_FIELD, "'user_id' starts with a NUL character (reserved for the state topic's own "
-                                      "records)")
+        raise _Invalid(INVALID_FIELD, f"'user_id' {RESERVED_ID_PROBLEM}")
     return user_id
 
 

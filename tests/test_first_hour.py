@@ -259,6 +259,15 @@ def test_every_command_that_talks_to_kafka_checks_the_broker_first(args, tmp_pat
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("user, problem", [("", "is an empty string"), ("u" * 257, "longer than 256 characters"),
+                                           ("\x00meta", "starts with a NUL character")])
+def test_forget_refuses_a_user_id_no_event_can_have_before_asking_a_broker(user, problem):
+    result = CliRunner().invoke(main, ["forget", "u1", user, "--bootstrap-servers", UNREACHABLE,
+                                       "--connect-timeout", "1s"])
+    assert result.exit_code == 2 and problem in result.output and "nothing to erase" in result.output
+    assert "no Kafka broker reachable" not in result.output
+
+
 def test_version_and_log_level_after_the_subcommand():
     from importlib.metadata import version
 

@@ -180,8 +180,14 @@ def forget(users: tuple[str, ...], wait: int, connect_timeout: float, **params: 
     from confluent_kafka import KafkaException
 
     from consumers.forget import forget_users
+    from stream.events import user_id_problem
     from stream.kafka import StreamError
 
+    for user in users:  # the daemon would dead-letter the forget record: say so before asking any broker
+        problem = user_id_problem(user)
+        if problem:
+            raise click.BadParameter(f"{user[:60]!r} {problem}: no event of it is held, nothing to erase",
+                                     param_hint="USERS")
     settings = settings_from(params)
     check_broker(settings.kafka, connect_timeout)
     try:
