@@ -248,7 +248,7 @@ class ChangelogLoader:
     def _take_meta(self, keys: list[bytes], values: list[bytes | None],
                    partitions: np.ndarray) -> tuple[list[bytes], list[bytes | None], np.ndarray]:
         """Keep each partition's latest meta record and the name parts since; return the batch without them."""
-        at = [i for i, key in enumerate(keys) if key and key.startswith(META_KEY)]  # rare: a few in a batch
+        at = [i for i, key in enumerate(keys) if key == META_KEY or key and key.startswith(NAMES_KEY)]  # rare
         for i in at:  # in the order read: the last one of a partition wins
             partition, value = int(partitions[i]), values[i]
             if keys[i] == META_KEY:
@@ -257,7 +257,7 @@ class ChangelogLoader:
                 held = self.names.get(partition, {})
                 for older in [g for g in held if g < generation]:
                     del held[older]
-            elif value is not None and keys[i].startswith(NAMES_KEY):
+            elif value is not None:
                 part = orjson.loads(value)
                 self.generation = max(self.generation, part["generation"])
                 self.names.setdefault(partition, {}).setdefault(part["generation"], {})[part["part"]] = part["names"]
