@@ -29,7 +29,7 @@ from models.dataset import HOUR_MS, EventLog
 from models.features import category_keys
 from models.checkpoint_io import LoadedModel
 from models.field_heads import FieldInputs, HazardHead, identity_knots, idle_minutes, piecewise_linear
-from models.profile_model import ProfileModel
+from models.profile_model import ProfileModel, users_at_once
 from stream.events import PURCHASE
 from stream.habit import leans
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS, TOP_CATEGORIES
@@ -280,8 +280,9 @@ def examples_at(updater, model: ProfileModel, future: FutureIndex, cut: int, end
     explore_top_hit = torch.zeros((n, TOP_CATEGORIES), dtype=torch.bool, device=device)
     shuffle = torch.randperm(max(len(seen), 1), generator=torch.Generator().manual_seed(k)).to(device)
     away = model.next_visit_idle(idle)  # as the published categories are read
-    for a in range(0, n if len(seen) else 0, 4096):  # a log without categories (YOOCHOOSE) has no explore side
-        b = a + 4096
+    step = users_at_once(len(seen))
+    for a in range(0, n if len(seen) else 0, step):  # a log without categories (YOOCHOOSE) has no explore side
+        b = a + step
         lp = torch.log_softmax(model.category_logits(s[a:b], away[a:b], seen_buckets), dim=1)
         explore_slots[a:b] = lp.gather(1, inputs.slot_cols[a:b])
         explore_targets[a:b] = lp.gather(1, tcol[a:b])

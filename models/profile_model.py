@@ -39,6 +39,18 @@ from models.transitions import Transitions
 
 
 
+# Users scored against every category at once (category_logits: a (users, categories) matrix) at most so many scores
+# at a time: 4,096 users of 4,096 categories, 64 MB of float32. A shop with 100,000 category names scored 4,096 users
+# at once in 1.6 GB matrices, several alive together (5.6 GB on 20,000 users); a producer writing product titles as
+# categories would have run the daemon out of memory.
+CATEGORY_SCORES_AT_ONCE = 4096 * 4096
+
+
+def users_at_once(categories: int, most: int = 4096) -> int:
+    """How many users to score against `categories` categories at a time (CATEGORY_SCORES_AT_ONCE)."""
+    return max(1, min(most, CATEGORY_SCORES_AT_ONCE // max(categories, 1)))
+
+
 RECENT_CATEGORIES = 2  # the categories the next-event copy bonus reads: the current one, the distinct one before
 
 
@@ -411,8 +423,8 @@ class ProfileModel(nn.Module):
         return purchase, churn
 
     def category_mixture(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None,
-                         inputs: FieldInputs, k: int, slot_weights: torch.Tensor | None = None,
-                         chunk_users: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                         inputs: FieldInputs, k: int, slot_weights: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """The k most likely categories under repeat/explore: P(c) = g * repeat(c) + (1 - g) * explore(c).
         Returns (U, k) probabilities and (U, k) columns, best first. Repeat mass sits on the user's slots
         only, so the best k lie among the slots and explore's own best k: nothing else is ranked.
@@ -424,6 +436,7 @@ class ProfileModel(nn.Module):
         if k == 0:  # no category seen yet
             return s.new_zeros(len(s), 0), torch.zeros(len(s), 0, dtype=torch.long, device=s.device)
         probs, cols = [], []
+        chunk_users = users_at_once(width)
         for a in range(0, len(s), chunk_users):
             b = a + chunk_users
             chunk = inputs.part(a, b)
