@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stream.events import (AHEAD_OF_CLOCK, Control, DeadLetter, EventColumns, RecordBatch, WRONG_PARTITION, iso_time,
-                           utf8)
+from models.features import category_keys
+from stream.events import (AHEAD_OF_CLOCK, TOO_MANY_CATEGORIES, Control, DeadLetter, EventColumns, RecordBatch,
+                           WRONG_PARTITION, iso_time, utf8)
 from stream.decode import decode_batch
 from stream.pseudonyms import Pseudonymizer
 from stream.state import StateTable
@@ -77,12 +78,14 @@ class Admission:
     """The checks of one state table: decode -> place -> skip_applied, then remember what was applied."""
 
     def __init__(self, state: StateTable, topic_slot: dict[str, int], pseudonymize: Pseudonymizer | None,
-                 max_event_bytes: int, max_ahead_ms: int = 0) -> None:
+                 max_event_bytes: int, max_ahead_ms: int = 0, max_categories: int = 0, category_salt: int = 1) -> None:
         self.state = state
         self.topic_slot = topic_slot
         self.pseudonymize = pseudonymize
         self.max_event_bytes = max_event_bytes
         self.max_ahead_ms = max_ahead_ms  # 0: no limit (events.AHEAD_OF_CLOCK)
+        self.max_categories = max_categories  # 0: no limit (events.TOO_MANY_CATEGORIES)
+        self.category_salt = category_salt  # of the categories' keys, as the state's (models/features.py)
         self.partition_warning = PartitionWarning()
 
     def decode(self, records: RecordBatch) -> Decoded:
@@ -96,12 +99,39 @@ class Admission:
             events = self._check_keys(records, events, slots, misrouted)
         if self.max_ahead_ms:
             events = refuse_ahead_of_clock(records, events, self.max_ahead_ms, dead)
+        if self.max_categories:
+            events = self.refuse_categories_past_bound(records, events, dead)
         if self.pseudonymize is not None:
             events.user_id = self.pseudonymize(events.user_id)
         decoded = Decoded(events=events, dead_letters=dead, misrouted=misrouted, slots=slots)
         if controls:  # rare: forget records (right to erasure), applied before the batch's events
             decoded.events, decoded.erased, decoded.forgotten = self._forget(records, events, controls)
         return decoded
+
+    def refuse_categories_past_bound(self, records: RecordBatch, events: EventColumns, dead: list[DeadLetter]
+                                     ) -> EventColumns:
+        """The events, less those whose category would make the table name more than max_categories distinct ones:
+        dead-lettered as too_many_categories into `dead` (kept in record order). New categories are taken in record
+        order until the bound, so the same records leave the same ones whatever the batches."""
+        names = self.state.category_names
+        if len(names) < self.max_categories and len(events) <= self.max_categories - len(names):
+            return events  # room for every event's category to be a new one: the usual batch, nothing to look up
+        keys = category_keys(events.category, self.category_salt).astype(np.int64)
+        known = np.fromiter(names, dtype=np.int64, count=len(names))
+        new = (keys > 0) & ~np.isin(keys, known)
+        distinct, first = np.unique(keys[new], return_index=True)
+        room = max(self.max_categories - len(names), 0)
+        refused_keys = distinct[np.argsort(first, kind="stable")[room:]]  # the latest to appear, past the room left
+        refused = np.isin(keys, refused_keys) & new
+        if not refused.any():
+            return events
+        for i in events.record_index[refused].tolist():
+            dead.append(DeadLetter(value=records.values[i], key=records.keys[i], reason=TOO_MANY_CATEGORIES,
+                                   detail=f"its category would be one more than the {self.max_categories:,} distinct "
+                                          "categories the state names (--max-categories)",
+                                   topic=records.topics[i], partition=records.partitions[i], offset=records.offsets[i]))
+        dead.sort(key=lambda d: (d.topic, d.partition, d.offset))
+        return events.take(~refused)
 
     def place(self, records: RecordBatch, decoded: Decoded) -> Placed:
         """Each event's state row and position; the partitioning policy's part 2 (one partition per user)."""

@@ -86,7 +86,7 @@ class ProfileUpdater:
                  input_topics: tuple[str, ...] = (), dedupe_window: int = 0, gru_threads: int = 0,
                  state_ttl_ms: int = 0, on_expire: str = "publish", publish_interval_ms: int = 0,
                  state_dtype: torch.dtype = STATE_DTYPE_NAMES[Settings.state_dtype], max_ahead_ms: int = 0,
-                 stream_calibration: bool = Settings.stream_calibration) -> None:
+                 stream_calibration: bool = Settings.stream_calibration, max_categories: int = 0) -> None:
         self.model = loaded.model.to(full_float32(device)).eval()
         self.model_version = loaded.version
         self.state_version = loaded.state_version  # what the changelog and snapshots are checked against
@@ -125,7 +125,8 @@ class ProfileUpdater:
         # The checks around the state step: decoding, partitioning policy, erasure, exactly-once skips.
         # How the state's users are named: raw ids, or pseudonyms under one key (snapshots record it).
         self.user_ids = f"pseudonyms {self.pseudonymize.fingerprint}" if self.pseudonymize else "raw"
-        self.admission = Admission(self.state, self.topic_slot, self.pseudonymize, max_event_bytes, max_ahead_ms)
+        self.admission = Admission(self.state, self.topic_slot, self.pseudonymize, max_event_bytes, max_ahead_ms,
+                                   max_categories, self.config.hash_seed + 1)
         self._seen_buckets: tuple[torch.Tensor | None, torch.Tensor] = (None, torch.empty(0, dtype=torch.long))
         # State that expires: users idle longer than the TTL in event time leave the table (0: never).
         self.expiry = StateExpiry(self.state, state_ttl_ms) if state_ttl_ms else None
@@ -588,4 +589,4 @@ def load_updater(settings: Settings) -> ProfileUpdater:
                           gru_threads=settings.gru_threads or usable_cores(), state_ttl_ms=settings.state_ttl_ms,
                           on_expire=settings.on_expire, publish_interval_ms=settings.publish_interval_ms,
                           state_dtype=STATE_DTYPE_NAMES[settings.state_dtype], max_ahead_ms=settings.max_ahead_ms,
-                          stream_calibration=settings.stream_calibration)
+                          stream_calibration=settings.stream_calibration, max_categories=settings.max_categories)

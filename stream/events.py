@@ -67,6 +67,10 @@ WRONG_PARTITION = "wrong_partition"
 # daemon's clock is the largest event time it has seen, so one event stamped in 2199 would leave every user
 # idle for 170 years (churn_risk near 1 for all; with --state-ttl, every user expired).
 AHEAD_OF_CLOCK = "ahead_of_clock"
+# Nor this: a valid event whose category would be one more than --max-categories distinct ones. top_categories scores
+# every user against every category the table names, so a producer writing product titles as categories would slow
+# every batch without end (100,000 categories over 20,000 users: 49 s to apply 100,000 events).
+TOO_MANY_CATEGORIES = "too_many_categories"
 # A dead letter must fit what the producer (librdkafka's message.max.bytes, 1,000,000 by default)
 # and the broker (Kafka's message.max.bytes, about 1 MiB) accept, key and headers included: a longer
 # value or key is cut to these sizes, its full size and SHA-256 in headers. (Half the limit for the

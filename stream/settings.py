@@ -178,6 +178,9 @@ class Settings:
     idle_rescore_after_ms: int = 24 * 3600 * 1000
     # Events stamped more than this after the machine's clock are dead-lettered (ahead_of_clock); 0: never.
     max_ahead_ms: int = 24 * 3600 * 1000
+    # Events that would make the table name more distinct categories than this are dead-lettered
+    # (too_many_categories); 0: no bound.
+    max_categories: int = 100_000
     restore_from: str | None = None  # a state snapshot directory (from `profiles replay --state-out`)
     # Where a group starts on an input topic the snapshot records no offsets for (a replay of files):
     # "" (refuse to guess), "earliest", "latest", or epoch ms (the first record written at or after it).

@@ -15,7 +15,8 @@ from consumers.commands.base import (
 )
 from consumers.commands.options import (
     device_option, expiry_options, group_id_option, input_topics_option, kafka_from, kafka_options, max_ahead_option,
-    model_option, profile_options, pseudonymize_option, repartition_option, setting, settings_from,
+    max_categories_option, model_option, profile_options, pseudonymize_option, repartition_option, setting,
+    settings_from,
     state_dtype_option, state_topic_option, thread_options, to_ms, to_snapshot_start, topic_option,
 )
 from stream.settings import Settings
@@ -73,6 +74,7 @@ if TYPE_CHECKING:
          help="The group evicts a member that takes longer than this between polls. Batches shrink "
          "automatically to stay within a quarter of it; restoring an assigned partition's users must fit in it too.")
 @max_ahead_option
+@max_categories_option
 @setting("--dedupe-window", default=8, show_default=True, type=click.IntRange(min=0),
          help="An event whose event_id is among its user's last N events is a duplicate (an upstream re-send) "
          "and is applied once; 0 turns this off.")

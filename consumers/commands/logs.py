@@ -15,8 +15,8 @@ from consumers.commands.base import (
 )
 from consumers.commands.options import (
     FiniteRange,
-    device_option, expiry_options, kafka_from, kafka_options, max_ahead_option, model_option, profile_options,
-    pseudonymize_option, settings_from, state_dtype_option, thread_options, to_ms,
+    device_option, expiry_options, kafka_from, kafka_options, max_ahead_option, max_categories_option, model_option,
+    profile_options, pseudonymize_option, settings_from, state_dtype_option, thread_options, to_ms,
 )
 
 # JSON Lines and the importers' formats (stream/import_formats.py, which imports numpy: too slow a start
@@ -47,6 +47,7 @@ FORMATS = ["jsonl", "taobao", "rees46", "yoochoose", "retailrocket"]
 @profile_options
 @expiry_options
 @max_ahead_option
+@max_categories_option
 @state_dtype_option
 @pseudonymize_option
 def replay(sources: tuple[str, ...], fmt: str, out: str | None, output_topic: str | None, every_update: bool,

@@ -255,6 +255,13 @@ max_ahead_option = setting(
     "this off, e.g. for synthetic logs stamped in the future): the clock idle times are measured to is the "
     "largest event time seen, and one event stamped years ahead would make every user look long gone.")
 
+max_categories_option = setting(
+    "--max-categories", default=Settings.max_categories, show_default=True, type=click.IntRange(min=0),
+    help="Dead-letter events whose category would be one more than this many distinct ones in state (reason "
+    "too_many_categories; 0: no bound). top_categories scores every user against every category, so a producer "
+    "writing, say, product titles as categories would slow every batch without end. Raise it for a larger "
+    "catalogue, and replay the dead letters.")
+
 state_dtype_option = setting(
     "--state-dtype", default=Settings.state_dtype, show_default=True, type=click.Choice(STATE_DTYPES),
     help="How each user's model state (GRU hidden state and memory) is stored. float16 (the default) takes half "
