@@ -57,6 +57,7 @@ RUN_OPTIONS = {
     "--session-timeout-ms": ("7000", "session_timeout_ms", 7000),
     "--max-poll-interval-ms": ("60000", "max_poll_interval_ms", 60000),
     "--max-ahead": ("2h", "max_ahead_ms", 7_200_000),
+    "--max-categories": ("5000", "max_categories", 5000),
     "--dedupe-window": ("3", "dedupe_window", 3),
     "--state-topic": ("st", "state_topic", "st"),
     "--repartition": (None, "repartition", True),
