@@ -125,11 +125,10 @@ class Admission:
         refused = np.isin(keys, refused_keys) & new
         if not refused.any():
             return events
-        for i in events.record_index[refused].tolist():
-            dead.append(DeadLetter(value=records.values[i], key=records.keys[i], reason=TOO_MANY_CATEGORIES,
-                                   detail=f"its category would be one more than the {self.max_categories:,} distinct "
-                                          "categories the state names (--max-categories)",
-                                   topic=records.topics[i], partition=records.partitions[i], offset=records.offsets[i]))
+        detail = (f"its category would be one more than the {self.max_categories:,} distinct categories the state "
+                  "names (--max-categories)")
+        dead.extend(_dead_letter(records, i, TOO_MANY_CATEGORIES, detail)
+                    for i in events.record_index[refused].tolist())
         dead.sort(key=lambda d: (d.topic, d.partition, d.offset))
         return events.take(~refused)
 
@@ -248,7 +247,7 @@ class Admission:
             key = records.keys[i]
             detail = ("no key: records must be keyed by user id" if key is None else
                       f"key {key[:64]!r} is not the user id {user[:64]!r}: records must be keyed by user id")
-            misrouted.append(_misrouted(records, i, detail))
+            misrouted.append(_dead_letter(records, i, WRONG_PARTITION, detail))
         return events.take(~wrong)
 
     def _check_owner(self, records: RecordBatch, events: EventColumns, rows: np.ndarray, positions: np.ndarray,
@@ -270,9 +269,10 @@ class Admission:
             return None
         for i, user, home in zip(events.record_index[wrong].tolist(), events.user_id[wrong].tolist(),
                                  owner[wrong].tolist()):
-            misrouted.append(_misrouted(records, i, f"user {user[:64]!r} is read from partition {home}, this "
-                                        f"record is on partition {records.partitions[i]}: records must be keyed "
-                                        "by user id, with one partitioner"))
+            misrouted.append(_dead_letter(records, i, WRONG_PARTITION,
+                                          f"user {user[:64]!r} is read from partition {home}, this record is on "
+                                          f"partition {records.partitions[i]}: records must be keyed by user id, "
+                                          "with one partitioner"))
         return ~wrong
 
     def _positions(self, records: RecordBatch, events: EventColumns, slot: np.ndarray | None = None) -> np.ndarray:
@@ -310,8 +310,9 @@ class Admission:
         return fresh, replayed, duplicates
 
 
-def _misrouted(records: RecordBatch, i: int, detail: str) -> DeadLetter:
-    return DeadLetter(value=records.values[i], key=records.keys[i], reason=WRONG_PARTITION, detail=detail,
+def _dead_letter(records: RecordBatch, i: int, reason: str, detail: str) -> DeadLetter:
+    """Record i of the batch as a dead letter of the pipeline's own checks (the decoder's are stream/decode.py's)."""
+    return DeadLetter(value=records.values[i], key=records.keys[i], reason=reason, detail=detail,
                       topic=records.topics[i], partition=records.partitions[i], offset=records.offsets[i])
 
 
@@ -364,7 +365,6 @@ def refuse_ahead_of_clock(records: RecordBatch, events: EventColumns, max_ahead_
     for i, ts in zip(events.record_index[ahead].tolist(), events.ts[ahead].tolist()):
         detail = (f"'ts' {iso_time(ts, 'seconds')} is {(ts - now) / 86_400_000:,.1f} days after this machine's "
                   f"clock ({bound})")
-        dead.append(DeadLetter(value=records.values[i], key=records.keys[i], reason=AHEAD_OF_CLOCK, detail=detail,
-                               topic=records.topics[i], partition=records.partitions[i], offset=records.offsets[i]))
+        dead.append(_dead_letter(records, i, AHEAD_OF_CLOCK, detail))
     dead.sort(key=lambda d: (d.topic, d.partition, d.offset))
     return events.take(~ahead)

@@ -435,27 +435,24 @@ class ProfileModel(nn.Module):
         k = min(k, width)
         if k == 0:  # no category seen yet
             return s.new_zeros(len(s), 0), torch.zeros(len(s), 0, dtype=torch.long, device=s.device)
-        probs, cols = [], []
-        chunk_users = users_at_once(width)
-        for a in range(0, len(s), chunk_users):
-            b = a + chunk_users
-            chunk = inputs.part(a, b)
-            p, c = self.category_candidates(s[a:b], idle_hours[a:b], categories, chunk, k)
-            if slot_weights is not None:
-                p = reranked(p, chunk.slot, slot_weights)
-            p, j = p.topk(k, dim=1)
-            probs.append(p)
-            cols.append(c.gather(1, j))
-        if not probs:
-            return s.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=s.device)
-        return torch.cat(probs), torch.cat(cols)
+        p, c = self.category_candidates(s, idle_hours, categories, inputs, k)
+        if slot_weights is not None:
+            p = reranked(p, inputs.slot, slot_weights)
+        p, j = p.topk(k, dim=1)
+        return p, c.gather(1, j)
 
     def category_candidates(self, s: torch.Tensor, idle_hours: torch.Tensor, categories: torch.Tensor | None,
                             inputs: FieldInputs, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What category_mixture ranks: (U, K + k) P(c) of the user's K slots then explore's best k (-1 where a slot
-        is empty or an explore column is also a slot, counted there), and their (U, K + k) columns."""
+        is empty or an explore column is also a slot, counted there), and their (U, K + k) columns. Users are scored
+        against every category (a (U, C) matrix) users_at_once(C) at a time."""
         width = self.config.category_buckets if categories is None else len(categories)
         k = min(k, width)
+        step = users_at_once(width)
+        if len(s) > step:
+            parts = [self.category_candidates(s[a:a + step], idle_hours[a:a + step], categories,
+                                              inputs.part(a, a + step), k) for a in range(0, len(s), step)]
+            return torch.cat([p for p, _ in parts]), torch.cat([c for _, c in parts])
         x = self.fields.standardise(inputs.user)
         logits = self.category_logits(s, idle_hours, categories)  # (U, C)
         explore = torch.log_softmax(logits, dim=1)

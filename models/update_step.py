@@ -22,7 +22,7 @@ import torch
 from models.admission import Admission, ToApply
 from models.features import build_features, buckets_of_keys
 from models.neighbours import RECENT_ITEMS
-from models.profile_model import full_float32, idle_hours, price_tier_index, users_at_once
+from models.profile_model import full_float32, idle_hours, price_tier_index
 from models.field_heads import FieldInputs
 from models.checkpoint_io import LoadedModel
 from models.category_calibration import CATEGORY_STATISTIC_INDEX, CATEGORY_STATISTICS
@@ -444,11 +444,8 @@ class ProfileUpdater:
         re-ranking): (U, C) category keys (0: none) and (U, C, 1 + len(CATEGORY_STATISTICS)) float16, each
         candidate's log P(c) (-inf: none) and its slot's statistics (0 for explore's)."""
         s, idle, inputs = self.serving_inputs(rows, now_ms)
-        seen, idle = self.seen_category_buckets(), self.model.next_visit_idle(idle)
-        step = users_at_once(len(seen))
-        parts = [self.model.category_candidates(s[a:a + step], idle[a:a + step], seen, inputs.part(a, a + step),
-                                                TOP_CATEGORIES) for a in range(0, max(len(rows), 1), step)]
-        p, cols = (torch.cat([part[i] for part in parts]) for i in (0, 1))
+        p, cols = self.model.category_candidates(s, self.model.next_visit_idle(idle), self.seen_category_buckets(),
+                                                 inputs, TOP_CATEGORIES)
         held = (p >= 0).cpu().numpy()
         keys = np.where(held, self.state.seen_categories()[cols].cpu().numpy(), 0).astype(np.uint32)
         x = np.zeros((*keys.shape, 1 + len(CATEGORY_STATISTICS)), dtype=np.float16)

@@ -29,14 +29,6 @@ MAX_QUERY_CHARS = 1024
 RESERVED_ID_PREFIX = "\x00"
 RESERVED_ID_PROBLEM = "starts with a NUL character (reserved for the state topic's own records)"
 
-
-def user_id_problem(user_id: str) -> str | None:
-    """Why the decoder dead-letters an event of this user id (stream/decode.py), in words; None where it does not."""
-    if not user_id:
-        return "is an empty string"
-    if len(user_id) > MAX_ID_CHARS:
-        return f"is longer than {MAX_ID_CHARS} characters"
-    return RESERVED_ID_PROBLEM if user_id.startswith(RESERVED_ID_PREFIX) else None
 # Integer ids must fit 64 bits (a 5000-digit "id" is an attack, not a key).
 MIN_INT_ID, MAX_INT_ID = -(2**63), 2**64 - 1
 # The largest price x quantity of one event (currency units): spend is kept in int64 micro-units,
@@ -241,3 +233,10 @@ def epoch_ms(moment: datetime) -> int:
     return (moment - _EPOCH) // _ONE_MS
 
 
+def user_id_problem(user_id: str) -> str | None:
+    """Why the decoder dead-letters an event of this user id (stream/decode.py), in words; None where it does not."""
+    if not user_id:
+        return "is an empty string"
+    if len(user_id) > MAX_ID_CHARS:
+        return f"is longer than {MAX_ID_CHARS} characters"
+    return RESERVED_ID_PROBLEM if user_id.startswith(RESERVED_ID_PREFIX) else None
