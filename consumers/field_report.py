@@ -20,6 +20,7 @@ from consumers.commands.base import reading_sources
 from consumers.outfiles import check_output_dir
 from models.dataset import read_records
 from models.profile_model import CheckpointError, resolve_device
+from models.category_calibration import STEADY_WEEKS
 from models.checkpoint_io import load_checkpoint
 from stream.settings import KafkaSettings
 from stream.sources import parse_kafka_uri
@@ -114,11 +115,19 @@ def stream_calibration_line(calibration: dict) -> str:
         weights = ", ".join(f"{w:+.2f} x {stat}" for stat, w in categories["weights"].items())
         said.append(f"top_categories re-ranked by {weights} (fitted on {categories['users']:,} sampled users; over "
                     f"the latest two weeks, each week's previous weights were {categories['gain']:+.3f} +- "
-                    f"{categories['gain_standard_error']:.3f} of precision@3 ahead of the model's ranking)")
+                    f"{categories['gain_standard_error']:.3f} of precision@3 ahead of the model's ranking"
+                    f"{_steady(categories)})")
     elif categories.get("gain") is not None:
         said.append(f"top_categories as the model ranks them (re-ranked, the latest two weeks would have gained "
                     f"{categories['gain']:+.3f} +- {categories['gain_standard_error']:.3f} of precision@3: not enough)")
     return "calibrated by the stream on the shop's outcomes before the cut: " + "; ".join(said)
+
+
+def _steady(categories: dict) -> str:
+    if categories.get("steady_gain") is None:
+        return ""
+    return (f"; ahead in each of the latest {STEADY_WEEKS} weeks, by {categories['steady_gain']:+.3f} +- "
+            f"{categories['steady_gain_standard_error']:.3f} on average")
 
 
 def print_tables(report: dict) -> None:

@@ -8,8 +8,9 @@ their candidates, the candidates' probabilities and the slots' statistics then, 
 candidates they engaged with. A conditional logit, log P(c) + weights . statistics(c), is fitted on them; the
 weights re-rank what is published only where each anchor's weights, judged on the next anchor's users, beat the
 published ranking clearly over the latest two weeks so judged (GATE_PRECISION of precision@3 and GATE_Z standard
-errors; the fit on the latest anchor is then used). Where the
-model fits the shop, re-ranking costs up to 0.012 of precision@3 and the gate keeps it out.
+errors), or beat it in each of the latest STEADY_WEEKS weeks and clearly on their mean (`steady_gain`); the fit on
+the latest anchor is then used. Where the model fits the shop, re-ranking costs up to 0.012 of precision@3 and the
+gate keeps it out.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ GATE_PRECISION = 0.005
 # ... and by GATE_Z standard errors of that gain: on the 200 users of a 512-user sample who engaged with a candidate,
 # one user's better ranking is 0.002-0.005, and shop 4's gains of 0.010-0.015 (1-1.5 errors) cost it 0.004-0.012.
 GATE_Z = 2.0
+# A shop whose weights gain a little every week (loyal-or-once: +0.014 to +0.017 with errors of 0.010-0.012, short of
+# two errors over two weeks) says so over more weeks; every one of them must have gained, so a shop whose weeks turn
+# (trend waves, replenishment) stays with the two weeks' verdict (docs/model-journal.md, session 58).
+STEADY_WEEKS = 4
 TOP = 3
 
 
@@ -90,6 +95,15 @@ def over_weeks(gains: list[tuple[float, float]]) -> tuple[float | None, float | 
         return None, None
     values, errors = np.asarray(gains, dtype=np.float64).T
     return float(values.mean()), float(np.sqrt((errors ** 2).sum()) / len(errors))
+
+
+def steady_gain(weeks: tuple[tuple[float, float] | None, ...]) -> tuple[float | None, float | None]:
+    """(gain, standard error) of the mean of the latest STEADY_WEEKS weeks' (gain, standard error), oldest first,
+    where each of them was judged and gained; else (None, None)."""
+    latest = weeks[-STEADY_WEEKS:]
+    if len(latest) < STEADY_WEEKS or any(week is None or week[0] <= 0 for week in latest):
+        return None, None
+    return over_weeks(list(latest))
 
 
 def passes(gain: float | None, standard_error: float | None) -> bool:

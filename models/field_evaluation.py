@@ -367,7 +367,8 @@ def stream_map_report(shop_map: LogitMap | None, windows: dict[str, float]) -> d
                    "applied": shop_map.applies(head, hours[head])}
             for head, name in enumerate(HEADS)} | {"top_categories": {
                 "users": shop_map.category_users, "gain": shop_map.category_gain,
-                "gain_standard_error": shop_map.category_gain_se, "applied": shop_map.reranks(),
+                "gain_standard_error": shop_map.category_gain_se, "steady_gain": shop_map.category_steady_gain,
+                "steady_gain_standard_error": shop_map.category_steady_gain_se, "applied": shop_map.reranks(),
                 "weights": None if shop_map.category_weights is None else dict(zip(CATEGORY_STATISTICS,
                                                                                    shop_map.category_weights))}}
 

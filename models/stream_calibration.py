@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from models.category_calibration import fit_weights, judged, over_weeks, passes
+from models.category_calibration import STEADY_WEEKS, fit_weights, judged, over_weeks, passes, steady_gain
 from stream import statistics
 from stream.anchor_samples import (
     CATEGORY_SAMPLE_PER_PARTITION, LOGIT_COLUMNS, STATISTIC_COLUMNS, STATISTICS, leading, sample_rows,
@@ -77,15 +77,20 @@ class LogitMap:
     sampled: tuple[int, ...] = (0, 0)
     # top_categories' re-ranking (models/category_calibration.py): the latest matured anchor's weights on the slots'
     # CATEGORY_STATISTICS, applied where each week's previous weights beat the published ranking on its users clearly,
-    # over the latest two weeks judged (`category_gain` and its standard error, None before two anchors matured),
-    # and on how many users they were fitted.
+    # over the latest two weeks judged (`category_gain` and its standard error, None before two anchors matured) or
+    # in each of the latest STEADY_WEEKS (`category_steady_gain` and its error, None unless every one gained), and on
+    # how many users they were fitted.
     category_weights: tuple[float, ...] | None = None
     category_gain: float | None = None
     category_gain_se: float | None = None
     category_users: int = 0
+    category_steady_gain: float | None = None
+    category_steady_gain_se: float | None = None
 
     def reranks(self) -> bool:
-        return self.category_weights is not None and passes(self.category_gain, self.category_gain_se)
+        return self.category_weights is not None and any(
+            passes(*gain) for gain in ((self.category_gain, self.category_gain_se),
+                                       (self.category_steady_gain, self.category_steady_gain_se)))
 
     def applies(self, head: int, hours: float | None = None) -> bool:
         """Whether the head's published probability over `hours` (None: the contract's) moves: the map is kept, and
@@ -234,8 +239,10 @@ class StreamCalibration:
                 previous = outcomes.samples.category_fit(anchor - 1)
                 weeks = [week for week in (fit, previous and previous[1]) if week is not None and week.gain is not None]
                 gain, standard_error = over_weeks([(week.gain, week.gain_se) for week in weeks])
+                steady, steady_se = steady_gain(fit.judged)
                 self._map = replace(self._map, category_weights=fit.weights, category_gain=gain,
-                                    category_gain_se=standard_error, category_users=fit.users)
+                                    category_gain_se=standard_error, category_users=fit.users,
+                                    category_steady_gain=steady, category_steady_gain_se=steady_se)
             self._fitted = (id(outcomes), outcomes.version)
         return self._map
 
@@ -410,8 +417,9 @@ class StreamCalibration:
         gain = None
         if previous is not None and previous[1].users > 0 and engaged.any():
             gain = judged(log_p, stats, engaged, np.asarray(previous[1].weights))
+        weeks = (*(previous[1].judged if previous is not None else ()), gain)[-STEADY_WEEKS:]
         for _, candidates in open_:
-            candidates.matured(tuple(weights.tolist()), gain, int(engaged.any(axis=1).sum()))
+            candidates.matured(tuple(weights.tolist()), gain, int(engaged.any(axis=1).sum()), weeks)
 
     def engaged_since(self, users: np.ndarray, keys: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """(N, C) whether each user engaged with each candidate category since the anchor whose candidates (keys) and
@@ -466,9 +474,12 @@ def describe(shop_map: LogitMap) -> str:
             f" ({shop_map.weights_gain_nats[h]:.0f} nats more on {shop_map.sampled[h]:,} sampled users)")
     said = [head(h) for h in range(len(HEADS))]
     if shop_map.category_gain is not None:
+        steady = ("" if shop_map.category_steady_gain is None else
+                  f"; every one of the latest {STEADY_WEEKS} weeks ahead, by {shop_map.category_steady_gain:+.3f} +- "
+                  f"{shop_map.category_steady_gain_se:.3f}")
         judged_by = (f"(the latest two weeks' re-ranking {shop_map.category_gain:+.3f} +- "
-                     f"{shop_map.category_gain_se:.3f} of precision@3; fitted on {shop_map.category_users:,} sampled "
-                     "users)")
+                     f"{shop_map.category_gain_se:.3f} of precision@3{steady}; fitted on {shop_map.category_users:,} "
+                     "sampled users)")
         said.append(("top_categories re-ranked " if shop_map.reranks() else "top_categories as the model ranks ")
                     + judged_by)
     return ", ".join(said)

@@ -92,8 +92,9 @@ class CategorySample:
     log P(c) (-inf: none) then the slot's CATEGORY_STATISTICS (0 for explore's); counts (N, K) uint16 the slots'
     all-time event counts then. When the week closes (`matured`): the weights fitted on which candidates were
     engaged with (None while the week is open), and `gain`, the previous anchor's weights' precision@3 over the
-    published ranking's on these users (None: no previous weights) with its standard error; the candidates are then
-    dropped (only the weights are needed after)."""
+    published ranking's on these users (None: no previous weights) with its standard error, and `judged`, the (gain,
+    standard error) of the latest weeks up to this one (None where a week was not judged), oldest first; the candidates
+    are then dropped (only the weights and gains are needed after)."""
 
     keys: np.ndarray
     x: np.ndarray
@@ -103,19 +104,21 @@ class CategorySample:
     gain: float | None = None
     gain_se: float | None = None
     users: int = 0  # how many users the weights were fitted on
+    judged: tuple[tuple[float, float] | None, ...] = ()
 
     def __post_init__(self) -> None:
         if self.left is None:
             self.left = np.zeros(self.keys.shape, dtype=bool)
 
-    def matured(self, weights: tuple[float, ...], gain: tuple[float, float] | None, users: int) -> None:
-        self.weights, (self.gain, self.gain_se), self.users = weights, gain or (None, None), users
+    def matured(self, weights: tuple[float, ...], gain: tuple[float, float] | None, users: int,
+                judged: tuple[tuple[float, float] | None, ...] = ()) -> None:
+        self.weights, (self.gain, self.gain_se), self.users, self.judged = weights, gain or (None, None), users, judged
         self.keys, self.x, self.counts, self.left = self.keys[:0], self.x[:0], self.counts[:0], self.left[:0]
 
     def to_plain(self) -> list:
         return [[list(a.shape) for a in (self.keys, self.x, self.counts)], encoded(self.keys, "<u4"),
                 encoded(self.x, "<f2"), encoded(self.counts, "<u2"), packed(self.left), self.weights, self.gain,
-                self.gain_se, self.users]
+                self.gain_se, self.users, [None if week is None else list(week) for week in self.judged]]
 
     @classmethod
     def from_plain(cls, plain: list) -> CategorySample:
@@ -124,7 +127,8 @@ class CategorySample:
                                                                                   shapes))
         return cls(keys, x, counts, unpacked(plain[4], shapes[0]),
                    weights=None if plain[5] is None else tuple(plain[5]), gain=plain[6], gain_se=plain[7],
-                   users=plain[8])
+                   users=plain[8], judged=tuple(None if week is None else tuple(week) for week in plain[9])
+                   if len(plain) > 9 else ())  # a meta record of session 57 or before: no weeks kept
 
 
 @dataclass

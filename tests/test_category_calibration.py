@@ -8,7 +8,8 @@ import numpy as np
 import orjson
 import torch
 
-from models.category_calibration import CATEGORY_STATISTICS, fit_weights, judged, over_weeks, passes
+from models.category_calibration import (
+    CATEGORY_STATISTICS, STEADY_WEEKS, fit_weights, judged, over_weeks, passes, steady_gain)
 from models.profile_model import reranked
 from stream.anchor_samples import AnchorSamples, CategorySample, Sample, WIDTH
 from stream.outcomes import ANCHOR_MS
@@ -72,6 +73,20 @@ def test_weights_that_gained_one_week_and_lost_the_one_before_do_not_re_rank():
     assert over_weeks([]) == (None, None) and not passes(None, None)
 
 
+# loyal-or-once-3's weeks: the loyal minority's weights gain a little every week, each short of two errors.
+STEADY = ((0.040, 0.011), (0.017, 0.010), (0.014, 0.010), (0.017, 0.0125))
+
+
+def test_weights_that_gained_in_each_of_four_weeks_re_rank_where_two_weeks_say_not_enough():
+    assert not passes(*over_weeks(list(STEADY[-2:])))
+    assert passes(*steady_gain(STEADY)) and passes(*steady_gain(((-0.2, 0.01),) + STEADY))
+    assert steady_gain(STEADY) == over_weeks(list(STEADY))
+    # One week that lost, or was not judged, or fewer weeks than STEADY_WEEKS: no verdict of its own.
+    for weeks in (STEADY[:2] + ((-0.001, 0.01),) + STEADY[3:], (None,) + STEADY[1:], STEADY[1:]):
+        assert steady_gain(weeks) == (None, None)
+    assert len(STEADY) == STEADY_WEEKS
+
+
 def category_event(user: str, n: int, ts: int, category: str) -> dict:
     return {"event_id": f"{user}-{n}", "user_id": user, "type": "click", "ts": ts, "item_id": f"i-{category}",
             "category": category, "price": 5.0}
@@ -130,11 +145,38 @@ def test_the_reranking_is_published_only_where_last_weeks_weights_beat_the_publi
         assert passes(shop_map.category_gain, shop_map.category_gain_se) == reranks
         weeks = [samples.category_fit(anchor)[1].gain for anchor in (K0 - 2, K0 - 1)]  # each judged on its week
         assert shop_map.category_gain == np.mean(weeks) and samples.category_fit(K0 - 3)[1].gain is None
+        # Each fit carries the weeks judged up to it, the first (no previous weights) not judged.
+        fits = [samples.category_fit(anchor)[1] for anchor in (K0 - 2, K0 - 1)]
+        assert samples.category_fit(K0 - 1)[1].judged == (None, *((fit.gain, fit.gain_se) for fit in fits))
+        assert shop_map.category_steady_gain is None  # three weeks, the first not judged
         if reranks:
             np.testing.assert_allclose(shop_map.category_weights, truth, atol=0.25)
         # A restart reads the same fit.
         restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
         assert restored.category_fit()[1].weights == samples.category_fit()[1].weights
+        assert restored.category_fit()[1].judged == samples.category_fit()[1].judged
+        # A meta record written before the weeks were kept restores with none.
+        old = [[p, at, *rest[:5], rest[5][:9]] for p, at, *rest in samples.to_plain()]
+        assert AnchorSamples.from_plain(old).category_fit()[1].judged == ()
+
+
+def test_four_weeks_ahead_in_a_row_re_rank_what_the_latest_two_weeks_alone_do_not():
+    weights = np.zeros(len(CATEGORY_STATISTICS))
+    weights[FRESH] = 1.0
+    for weeks, reranks in ((STEADY, True), (STEADY[:2] + ((-0.004, 0.01),) + STEADY[3:], False), (STEADY[1:], False)):
+        updater = updater_fed([category_event("someone", 0, A, "shoes")], [1])
+        samples = updater.state.outcomes.samples
+        for anchor, judged_then in ((K0 - 2, weeks[:-1]), (K0 - 1, weeks)):
+            categories = CategorySample(np.zeros((0, 10), np.uint32), np.zeros((0, 10, 8), np.float16),
+                                        np.zeros((0, 6), np.uint16))
+            categories.matured(tuple(weights.tolist()), judged_then[-1], 150, judged_then)
+            samples.samples[(0, anchor)] = Sample(np.array([], dtype=object), np.zeros((0, WIDTH), np.float16),
+                                                  categories=categories)
+        updater.state.outcomes.version += 1
+        shop_map = updater.calibration.shop_map()
+        assert not passes(shop_map.category_gain, shop_map.category_gain_se)  # the latest two weeks alone
+        assert shop_map.reranks() == reranks
+        assert (shop_map.category_steady_gain is not None) == reranks
 
 
 def test_a_published_profile_ranks_its_categories_as_the_shops_weights_say():
