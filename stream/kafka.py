@@ -19,6 +19,7 @@ from stream.settings import LIBRDKAFKA_LOG, KafkaSettings
 # librdkafka's thread every 10 ms, and only while the queue is full. A default (client_config's
 # `defaults`): a user's --kafka-config may set another value.
 FETCH_WITHOUT_STALLS = {"fetch.queue.backoff.ms": 10}
+CONNECT_STEP_S = 1.0  # check_reachable asks for metadata this long at a time
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,17 @@ def check_reachable(kafka: KafkaSettings, timeout_s: float) -> None:
     quiet = logging.Logger("librdkafka.connect-check")  # unregistered: its lines go into the error only
     quiet.addHandler(lines)
     admin = AdminClient(kafka.client_config(logger=quiet))
+    deadline = time.monotonic() + timeout_s
     try:
-        admin.list_topics(timeout=timeout_s)
+        # A second at a time: Ctrl-C is served between the calls (not after the whole wait), and a wait of weeks
+        # is never one librdkafka timeout (milliseconds in 31 bits: 24.8 days at most).
+        while True:
+            try:
+                admin.list_topics(timeout=max(0.001, min(CONNECT_STEP_S, deadline - time.monotonic())))
+                break
+            except KafkaException:
+                if time.monotonic() >= deadline:
+                    raise
     except KafkaException as exc:
         admin.poll(0)  # serve the log lines queued while connecting
         reason = next((line.split(": ", 1)[-1] for line in reversed(lines.lines) if "fail" in line.lower()),
