@@ -256,3 +256,29 @@ def test_the_cli_offers_exactly_the_formats_the_sources_read():
 
     assert FORMATS == [*JSON_FORMATS, *IMPORT_FORMATS]
     assert SOURCE_FORMATS == IMPORT_FORMATS
+
+
+@pytest.mark.parametrize("command, args, expected", [
+    # What `--events logs/*.jsonl` gives: the files after the option's first value are sources too.
+    ("train", ["--events", "a.jsonl", "b.jsonl", "--out", "m.pt"], {"event_files": ("a.jsonl", "b.jsonl")}),
+    ("calibrate", ["--model", "demo", "--events=a.jsonl", "b.jsonl", "c.jsonl", "--out", "m.pt"],
+     {"event_files": ("a.jsonl", "b.jsonl", "c.jsonl"), "model_path": "demo"}),
+    ("evaluate-fields", ["--model", "demo", "--events", "a.jsonl", "--events", "b.jsonl", "c.jsonl"],
+     {"event_files": ("a.jsonl", "b.jsonl", "c.jsonl")}),
+    ("evaluate", ["--model", "demo", "--train-events", "a.jsonl", "b.jsonl", "--events", "c.jsonl", "d.jsonl"],
+     {"train_files": ("a.jsonl", "b.jsonl"), "test_files": ("c.jsonl", "d.jsonl")}),
+    # inspect's USER given first, the words after --events are sources; given after them, it is the USER.
+    ("inspect", ["u1", "--events", "a.jsonl", "b.jsonl"], {"user": "u1", "sources": ("a.jsonl", "b.jsonl")}),
+    ("inspect", ["--events", "a.jsonl", "u1"], {"user": "u1", "sources": ("a.jsonl",)}),
+    # Only the words right after it: another option's value stays its own.
+    ("evaluate-fields", ["--events", "a.jsonl", "--cuts", "3", "--model", "demo"],
+     {"event_files": ("a.jsonl",), "spread": 3, "model_path": "demo"}),
+])
+def test_several_sources_may_follow_one_events_option(command, args, expected):
+    params = main.commands[command].make_context(command, list(args)).params
+    assert {name: params[name] for name in expected} == expected
+
+
+def test_a_word_after_a_count_is_not_taken_for_a_source():
+    result = CliRunner().invoke(main, ["generate", "--events", "100", "extra", "--out", "x.jsonl"])
+    assert result.exit_code == 2 and "unexpected extra argument (extra)" in result.output

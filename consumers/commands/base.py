@@ -20,6 +20,9 @@ from stream.settings import KafkaSettings
 
 log = logging.getLogger("profiles")
 
+# Repeatable options that name event sources: several may follow one of them (ProfilesCommand).
+SOURCE_OPTIONS = ("--events", "--train-events")
+
 _NO_BREAK_HYPHEN = "\u2011"
 _INNER_HYPHEN = re.compile(r"(?<=\S)-(?=\S)")
 
@@ -45,7 +48,43 @@ class ProfilesContext(click.Context):
 
 
 class ProfilesCommand(click.Command):
+    """A command; `--events a.jsonl b.jsonl` (what a shell glob gives) reads as `--events a.jsonl --events b.jsonl`
+    where the command's own arguments (inspect's USER) were given before it."""
+
     context_class = ProfilesContext
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, self._sources_spread(args))
+
+    def _sources_spread(self, args: list[str]) -> list[str]:
+        arguments = [p for p in self.params if isinstance(p, click.Argument)]
+        if any(a.nargs < 0 for a in arguments):  # replay's SOURCE...: every bare word is one already
+            return args
+        options = [p for p in self.params if isinstance(p, click.Option)]
+        repeatable = {opt for p in options if p.multiple for opt in p.opts if opt in SOURCE_OPTIONS}
+        with_value = {opt for p in options if not p.is_flag and not p.count for opt in p.opts}
+        out: list[str] = []
+        bare, spreading, value_next = 0, None, False
+        for i, arg in enumerate(args):
+            if arg == "--":
+                return out + args[i:]
+            if value_next:  # an option's own value, as given
+                out.append(arg)
+                value_next = False
+                continue
+            if not arg.startswith("-"):
+                if spreading:
+                    out += [spreading, arg]
+                else:
+                    out.append(arg)
+                    bare += 1
+                continue
+            out.append(arg)
+            option = arg.split("=", 1)[0]
+            value_next = option in with_value and "=" not in arg
+            given = bare >= sum(a.nargs for a in arguments)
+            spreading = option if option in repeatable and given else None
+        return out
 
 
 class ProfilesGroup(click.Group):

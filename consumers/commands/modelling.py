@@ -29,8 +29,8 @@ def kafka_sources(sources: tuple[str, ...], params: dict[str, Any]) -> KafkaSett
 
 @command(short_help="Train the profile model on event logs")
 @click.option("--events", "event_files", required=True, multiple=True,
-              help="The JSON-lines event log (repeatable), e.g. from `profiles import` or `profiles generate`: "
-                   + EVENT_SOURCES + ".")
+              help="The JSON-lines event log, e.g. from `profiles import` or `profiles generate` (several: repeat "
+                   "--events or list them after it): " + EVENT_SOURCES + ".")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
               help="Passes over the log [default: 10 up to 125k events, fewer above (2 at 500k), so that "
@@ -90,8 +90,8 @@ def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_siz
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
               help="Trained checkpoint, or `demo` (the shipped model).")
 @click.option("--events", "event_files", required=True, multiple=True,
-              help="The shop's JSON-lines event log (repeatable), e.g. from `profiles import`: " + EVENT_SOURCES
-                   + ", such as the topic the daemon reads.")
+              help="The shop's JSON-lines event log, e.g. from `profiles import` (several: repeat --events or list "
+                   "them after it): " + EVENT_SOURCES + ", such as the topic the daemon reads.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write.")
 @click.option("--until", default=None, callback=to_instant_ms,
               help="Calibrate on the events at or before this ISO time (or epoch ms) only: the cut of a later "
@@ -156,7 +156,8 @@ def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[st
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
               help="Checkpoint to judge (train it on events before the cut only), or `demo`.")
 @click.option("--events", "event_files", required=True, multiple=True,
-              help="The JSON-lines event log spanning the cut (repeatable): " + EVENT_SOURCES + ".")
+              help="The JSON-lines event log spanning the cut (several: repeat --events or list them after it): "
+                   + EVENT_SOURCES + ".")
 @click.option("--cut", "cuts", multiple=True, callback=to_instant_ms,
               help="ISO time T (or epoch ms): profiles at T are judged on what follows. Repeatable: each cut is "
                    "judged, then what they say together. Default: 80% of the log's span.")
