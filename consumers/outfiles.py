@@ -69,10 +69,10 @@ class OutputFile:
     def _open(self, opener, flag: str):
         try:
             return opener()
-        except FileNotFoundError:
-            raise OutputError(f"cannot write {flag} {self.path}: directory "
-                              f"{os.path.dirname(os.path.abspath(self.path))} does not exist") from None
         except OSError as exc:
+            directory = os.path.dirname(os.path.abspath(self.path))
+            if isinstance(exc, FileNotFoundError) and not os.path.isdir(directory):  # not /proc's "no such file"
+                raise OutputError(f"cannot write {flag} {self.path}: directory {directory} does not exist") from None
             raise OutputError(f"cannot write {flag} {self.path}: {exc.strerror}") from None
 
     def write(self, data: bytes) -> None:
@@ -119,11 +119,43 @@ class OutputFile:
 
 
 def check_output_dir(path: str, flag: str = "--out") -> str:
-    """`path`'s directory; fail now, not after minutes of work, where it does not exist."""
+    """`path`'s directory; fail now, not after minutes of work, where it does not exist or takes no new file (one is
+    made there and removed: write permission alone does not say so, e.g. for root under /sys)."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise OutputError(f"cannot write {flag} {path}: directory {directory} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".probe", dir=directory)
+    except OSError as exc:
+        raise OutputError(f"cannot write {flag} {path}: {exc.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
     return directory
+
+
+def check_output_tree(directory: str, flag: str) -> None:
+    """As check_output_dir, for a directory made with its missing parents (mkdir -p): the nearest one that exists
+    must take new files."""
+    existing = os.path.abspath(directory)
+    while not os.path.isdir(existing):
+        if os.path.lexists(existing):
+            raise OutputError(f"cannot write {flag} {directory}: {existing} is not a directory")
+        existing = os.path.dirname(existing)
+    try:
+        check_output_dir(os.path.join(existing, "state"), flag)
+    except OutputError as exc:
+        raise OutputError(f"cannot write {flag} {directory}: {str(exc).rsplit(': ', 1)[-1]}") from None
+
+
+def check_distinct(outputs: dict[str, str | None]) -> None:
+    """Two of a command's outputs (flag -> path) that are one file: the one written last would replace the other."""
+    seen: dict[str, str] = {}
+    for flag, path in outputs.items():
+        if path and is_regular_path(path):
+            key = os.path.realpath(path)
+            if key in seen:
+                raise OutputError(f"{seen[key]} and {flag} are the same file, {path}: give each its own")
+            seen[key] = flag
 
 
 @contextmanager

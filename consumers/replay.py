@@ -17,7 +17,7 @@ import orjson
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from consumers.outfiles import Interrupted, OutputFile, is_regular_path
+from consumers.outfiles import Interrupted, OutputFile, check_distinct, check_output_tree, is_regular_path
 from models.update_step import ProfileUpdater, load_updater
 from stream.events import DeadLetter
 from stream.kafka import Publisher
@@ -168,6 +168,9 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
     outputs are then discarded, as on any error."""
     started = time.monotonic()
     # The sources and outputs are checked before the model loads (seconds): a mistake shows at once.
+    check_distinct({"--out": out, "--dead-letters": dead_letters_path})
+    if state_out:  # written last, after minutes of work: where it cannot be, say so now
+        check_output_tree(state_out, "--state-out")
     opened = open_sources(settings.kafka, sources, fmt, batch_records, keep_rejected=True,
                           outputs={"--out": out, "--dead-letters": dead_letters_path,
                                    # an earlier run's snapshot in a directory replayed again is no event log
@@ -270,20 +273,25 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
             sink.discard()
             dlq.discard()
             raise
-    sink.close()
-    if report.dead_letters or not is_regular_path(dead_letters_path) or os.path.lexists(dead_letters_path):
-        dlq.commit()  # an earlier run's dead letters at the path are replaced: they are not this output's
-    else:
-        dlq.discard()  # no dead letters: no empty file beside the output
-    report.users = len(updater.state)
-    if state_out:
+    if state_out:  # before the profiles are committed: a snapshot that cannot be written leaves --out as it was
         meta = {"model_version": updater.state_version, "sources": sources, "records": report.records,
                 "input_topics": list(updater.topic_slot),  # the watermark slots, in order
                 "user_ids": updater.user_ids,  # raw, or pseudonyms under the key's fingerprint
                 # Where a daemon started from this state continues: per topic, partition -> next offset.
                 "kafka_offsets": {t: {str(p): o for p, o in parts.items()} for t, parts in positions.items()},
                 "created_at": time.time()}
-        write_snapshot(state_out, updater.state.snapshot(), meta)
+        try:
+            write_snapshot(state_out, updater.state.snapshot(), meta)
+        except BaseException:
+            sink.discard()
+            dlq.discard()
+            raise
+    sink.close()
+    if report.dead_letters or not is_regular_path(dead_letters_path) or os.path.lexists(dead_letters_path):
+        dlq.commit()  # an earlier run's dead letters at the path are replaced: they are not this output's
+    else:
+        dlq.discard()  # no dead letters: no empty file beside the output
+    report.users = len(updater.state)
     report.seconds = time.monotonic() - started
     return report
 

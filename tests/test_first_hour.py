@@ -130,6 +130,22 @@ def test_a_failed_replay_leaves_an_earlier_output_untouched(tmp_path):
     assert not temporaries(tmp_path) and not (tmp_path / "p.jsonl.partial").exists()
 
 
+def test_a_snapshot_that_cannot_be_written_leaves_an_earlier_output_untouched(tmp_path, monkeypatch):
+    import consumers.replay
+
+    def full_disk(*_args):
+        raise OSError(28, "No space left on device")
+
+    write_events(tmp_path / "events.jsonl", 500, users=20)
+    earlier = b'{"user_id":"earlier"}\n'
+    (tmp_path / "p.jsonl").write_bytes(earlier)
+    monkeypatch.setattr(consumers.replay, "write_snapshot", full_disk)
+    result = CliRunner().invoke(main, ["replay", str(tmp_path / "events.jsonl"), "--out", str(tmp_path / "p.jsonl"),
+                                       "--state-out", str(tmp_path / "snapshots" / "one"), "--device", DEVICE])
+    assert result.exit_code == 1 and "No space left on device" in result.output, result.output
+    assert (tmp_path / "p.jsonl").read_bytes() == earlier and not temporaries(tmp_path)
+
+
 def test_out_dash_is_stdout_and_dead_letters_then_go_to_the_working_directory(tmp_path, monkeypatch):
     write_events(tmp_path / "events.jsonl", 500, users=20)
     with open(tmp_path / "events.jsonl", "ab") as fh:
@@ -167,6 +183,16 @@ def test_generate_and_split_write_complete_files_or_none(tmp_path):
     (["replay", "{tmp}/missing.jsonl", "--out", "{tmp}/p.jsonl"], "missing.jsonl' does not exist"),
     (["inspect", "u1", "--events", "{cut}"], "gzip data broken after line"),
     (["split", "{cut}", "--train-out", "{tmp}/a", "--test-out", "{tmp}/b"], "gzip data broken after line"),
+    # Two outputs that are one file: the dead letters replaced the profiles (exit 0, "200 profiles written").
+    (["replay", "{events}", "--out", "{tmp}/p.jsonl", "--dead-letters", "{tmp}/./p.jsonl"],
+     "--out and --dead-letters are the same file"),
+    # Outputs written after the work, checked before it: a directory that takes no new file (/proc, even for
+    # root), a snapshot directory under a file.
+    (["replay", "{events}", "--out", "{tmp}/p.jsonl", "--state-out", "{events}/st"], "is not a directory"),
+    (["replay", "{events}", "--out", "{tmp}/p.jsonl", "--state-out", "/proc/st"], "cannot write --state-out /proc/st"),
+    (["split", "{events}", "--train-out", "/proc/a", "--test-out", "{tmp}/b"], "cannot write --train-out/--test-out"),
+    (["evaluate-fields", "--model", "demo", "--events", "{events}", "--plot", "/proc/p.png"],
+     "cannot write --plot /proc/p.png"),
 ])
 def test_user_mistakes_are_one_line_errors(tmp_path, args, message):
     events = tmp_path / "events.jsonl"
@@ -189,6 +215,8 @@ def test_user_mistakes_are_one_line_errors(tmp_path, args, message):
      "Invalid value for --until"),
     (["train", "--events", "{events}", "--until", "1700000000", "--out", "{tmp}/m.pt"], "epoch seconds?"),
     (["calibrate", "--model", "{tmp}", "--events", "{events}", "--out", "{tmp}/m.pt"], "is a directory"),
+    (["train", "--events", "{events}", "--out", "/proc/m.pt"], "cannot write --out /proc/m.pt"),
+    (["calibrate", "--model", "demo", "--events", "{events}", "--out", "/proc/m.pt"], "cannot write --out /proc/m.pt"),
 ])
 def test_train_and_calibrate_refuse_a_mistake_before_any_work(tmp_path, args, message):
     """Minutes of training (seconds of calibration) must not end in an error the arguments already showed:
