@@ -248,7 +248,7 @@ def run_bench(*, events: int, users: int, batch_max_events: int, device: str, ka
     raw = raw_ceiling(kafka, topic, events, batch_max_events)
 
     say("pipeline: decode, validate, GRU update, encode, publish, commit ...")
-    updater = load_updater(settings)
+    updater = load_updater(settings, untrained_asked=True)
     daemon = run_daemon_until(settings, updater, lambda d: d.stats.records >= events, timeout_s=600)
     s = daemon.stats
     pipeline = events / (s.last_batch_done_at - s.assigned_at)  # both clocks start at assignment
@@ -276,7 +276,7 @@ def offered(report: BenchReport, settings: Settings, run_id: str, users: int, se
     live = dataclasses.replace(settings, input_topics=(topic,), group_id=f"bench-offered-{run_id}")
     recs = generated_records(n, users, seed + 1, traffic=traffic)
     say(f"offered load: {rate:,} events/s for {seconds:g} s from another process, daemon live ...")
-    updater = load_updater(live)
+    updater = load_updater(live, untrained_asked=True)
     # The producer is another process (its own interpreter, not the daemon's GIL), started now so that
     # its start-up is over before `go`: it then offers the records at `rate` for `seconds`.
     ctx = multiprocessing.get_context("spawn")
@@ -325,7 +325,7 @@ def model_step(*, events: int, users: int, batch_max_events: int, device: str, t
     say(f"generating {events:,} events for {users:,} users ({traffic}) ...")
     values = [v for _k, v in generated_records(events, users, seed, traffic=traffic)]
     columns, _dead = decode_batch(RecordBatch.of(values, topic="bench"), settings.max_event_bytes)
-    updater = load_updater(settings)
+    updater = load_updater(settings, untrained_asked=True)
     tune_garbage_collector()
     step = _time_steps(updater, columns, batch_max_events)
     report = BenchReport(events=events, users=len(updater.state), device=str(updater.device),
@@ -361,7 +361,7 @@ def _time_steps(updater: ProfileUpdater, columns, batch: int) -> dict:
 def _scaled(settings: Settings, columns, n_users: int, batch: int, seed: int) -> dict:
     """The same events, their users spread over `n_users` ids already in state; the memory this takes per user
     (resident set growth: the table, the user-id index and the id strings, all in)."""
-    updater = load_updater(settings)
+    updater = load_updater(settings, untrained_asked=True)
     gc.collect()
     before = resident_bytes()
     ids = np.array([f"s{i}" for i in range(n_users)], dtype=object)

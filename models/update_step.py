@@ -561,8 +561,8 @@ def add_spend(spend_micros: np.ndarray, rows: np.ndarray, micros: np.ndarray) ->
                                      np.minimum(total, SPEND_MAX_MICROS))
 
 
-def load_updater(settings: Settings) -> ProfileUpdater:
-    """The updater the settings ask for: a checkpoint, or an untrained model (with one warning).
+def load_updater(settings: Settings, untrained_asked: bool = False) -> ProfileUpdater:
+    """The updater the settings ask for: a checkpoint, or an untrained model (with one warning unless asked for).
     It keeps watermarks for the offsets of settings.state_topics (the daemon's inputs, or with --repartition
     the topic they are re-keyed into)."""
     from models.profile_model import resolve_device
@@ -576,9 +576,10 @@ def load_updater(settings: Settings) -> ProfileUpdater:
         log.info("model %s loaded from %s on %s", loaded.version, settings.model_path, device)
     else:
         loaded = untrained()
-        log.warning("no --model given: serving a freshly initialised model (%s). Counters and spend are "
-                    "exact; learned fields (top_categories scores, propensity, churn, cluster) are untrained.",
-                    loaded.version)
+        if not untrained_asked:  # `profiles bench` times one of the model's size on purpose: it has no --model
+            log.warning("no --model given: serving a freshly initialised model (%s). Counters and spend are "
+                        "exact; learned fields (top_categories scores, propensity, churn, cluster) are untrained.",
+                        loaded.version)
     return ProfileUpdater(loaded, device, max_event_bytes=settings.max_event_bytes,
                           emit_embedding=settings.emit_embedding, idle_rescore_ms=settings.idle_rescore_after_ms,
                           next_items=settings.next_items, pseudonymize_key=settings.pseudonymize_key,

@@ -83,7 +83,11 @@ def check_reachable(kafka: KafkaSettings, timeout_s: float) -> None:
     lines = _Lines()
     quiet = logging.Logger("librdkafka.connect-check")  # unregistered: its lines go into the error only
     quiet.addHandler(lines)
-    admin = AdminClient(kafka.client_config(logger=quiet))
+    try:
+        admin = AdminClient(kafka.client_config(logger=quiet))
+    except KafkaException as exc:  # a property librdkafka does not know, or a value it refuses
+        raise BrokerUnreachable(kafka.scrub(f"the Kafka settings were refused: {exc.args[0].str()} (--kafka-config, "
+                                            "--kafka-config-file or their PROFILES_ variables)")) from None
     deadline = time.monotonic() + timeout_s
     try:
         # A second at a time: Ctrl-C is served between the calls (not after the whole wait), and a wait of weeks

@@ -81,6 +81,9 @@ def read_kafka_config_file(path: str) -> tuple[tuple[str, str], ...]:
             lines = f.read().splitlines()
     except OSError as exc:
         raise ValueError(f"cannot read --kafka-config-file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # a keystore or other binary file given by mistake
+        raise ValueError(f"--kafka-config-file {path} is not UTF-8 text of key=value lines (byte {exc.start} "
+                         "is not UTF-8)") from None
     parsed: list[tuple[str, str]] = []
     for number, line in enumerate(lines, 1):
         line = line.strip()

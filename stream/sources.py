@@ -114,8 +114,8 @@ def format_hint(dead: DeadLetter) -> str:
     if value.startswith((b"[", b"{", b"}", b'"')):  # an array's or a pretty-printed object's lines
         return "; is it a JSON array or pretty-printed JSON? The events are JSON lines: one JSON object per line"
     if dead.reason == NOT_JSON and (b"," in value or b"\t" in value):
-        return (f"; it looks like CSV: replay a dataset with --format ({', '.join(IMPORT_FORMATS)}), "
-                "or convert it with `profiles import`")
+        return (f"; it looks like CSV: convert it with `profiles import --format` ({', '.join(IMPORT_FORMATS)}), "
+                "or replay it so with `profiles replay --format`")
     return ""
 
 

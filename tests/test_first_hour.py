@@ -390,3 +390,22 @@ def test_evaluate_fields_on_a_handful_of_users_says_they_are_too_few_and_sends_n
                                        "--device", DEVICE])
     assert result.exit_code == 0, result.output
     assert "users are too few to judge a field" in result.output and "profiles calibrate" not in result.output
+
+
+@pytest.mark.parametrize("args, code, message", [
+    # librdkafka's refusal was "Error: KafkaException: KafkaError{code=_INVALID_ARG,val=-186,...}"
+    (["run", "--untrained", "--bootstrap-servers", UNREACHABLE, "--kafka-config", "no.such.prop=1"], 1,
+     'the Kafka settings were refused: No such configuration property: "no.such.prop" (--kafka-config'),
+    # a keystore given for the properties file: "'utf-8' codec can't decode byte 0x94 ...", naming neither
+    (["run", "--untrained", "--bootstrap-servers", UNREACHABLE, "--kafka-config-file", "{tmp}/keystore.p12"], 2,
+     "--kafka-config-file {tmp}/keystore.p12 is not UTF-8 text"),
+    # 0 * 1000 is no better: "epoch seconds? (use 0 or an ISO time)"
+    (["train", "--events", "{tmp}/e.jsonl", "--until", "0", "--out", "{tmp}/m.pt"], 2, "give an ISO time"),
+    (["generate", "--users", "100000000000000000000", "--out", "{tmp}/g.jsonl"], 2, "not in the range"),
+])
+def test_settings_that_cannot_work_are_named(tmp_path, args, code, message):
+    (tmp_path / "keystore.p12").write_bytes(b"\x94\x00\xff\x30\x82")
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = CliRunner().invoke(main, args + ["--connect-timeout", "1s"] if args[0] == "run" else args)
+    assert result.exit_code == code and message.format(tmp=tmp_path) in result.output, result.output
+    assert "Traceback" not in result.output and "KafkaError{" not in result.output

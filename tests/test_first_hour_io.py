@@ -44,7 +44,7 @@ def in_seconds(rows: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("content, expected", [
     (lambda: jsonl(in_seconds(events())), ["300 as invalid_field", ":1: 'ts' ", "epoch seconds?"]),
-    (lambda: TAOBAO, ["as not_json", "looks like CSV", "--format (taobao"]),
+    (lambda: TAOBAO, ["as not_json", "looks like CSV", "profiles import --format` (taobao"]),
     (lambda: orjson.dumps(events()[:5], option=orjson.OPT_INDENT_2), ["as not_json", "one JSON object per line"]),
 ], ids=["epoch-seconds", "csv-without-format", "pretty-json-array"])
 def test_a_replay_that_applies_no_event_fails_with_the_reason_and_an_example(tmp_path, content, expected):

@@ -35,13 +35,16 @@ FORMATS = ["jsonl", "taobao", "rees46", "yoochoose", "retailrocket"]
               "<out>.partial.")
 @click.option("--output-topic", help="Publish profiles to this Kafka topic instead (or as well).")
 @kafka_options("--output-topic and kafka:// sources")
-@click.option("--every-update", is_flag=True, help="Write every profile update, not only each user's final profile.")
+@click.option("--every-update", is_flag=True,
+              help="Write each user's profile after every batch that changed it, as the daemon publishes it, not "
+              "only the final one (--batch-events 1: after every event).")
 @click.option("--state-out", type=click.Path(file_okay=False), help="Save the final state here (a snapshot directory).")
 @click.option("--dead-letters", "dead_letters_path", default=None, type=click.Path(dir_okay=False),
               help="Where records that break the contract go (JSON lines with reason, source, line and the "
               "record in base64). [default: <out>.dlq.jsonl when --out is a file, else replay.dlq.jsonl]")
 @click.option("--batch-events", default=50_000, show_default=True, type=click.IntRange(min=1),
-              help="Records per batch (the result does not depend on it, but for the model state's float16 rounding).")
+              help="Records per batch (the final profiles do not depend on it, but for the model state's float16 "
+              "rounding; --every-update writes one profile per user and batch).")
 @device_option
 @thread_options
 @profile_options
@@ -112,7 +115,7 @@ def inspect(user: str, sources: tuple[str, ...], fmt: str, plot_path: str | None
 
 
 @command(short_help="Synthetic traffic, to a file or a topic")
-@click.option("--users", default=1000, show_default=True, type=click.IntRange(min=1), help="Distinct users.")
+@click.option("--users", default=1000, show_default=True, type=click.IntRange(1, 100_000_000), help="Distinct users.")
 @click.option("--events", default=20000, show_default=True, type=click.IntRange(min=1), help="Events to write.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same traffic.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write JSON lines here (.gz compresses; '-': "

@@ -53,8 +53,9 @@ def instant_ms(text: str, option: str) -> int:
 
     if text.isdigit():
         if int(text) < MIN_TS_MS:  # the contract's own floor, which catches epoch seconds in events too
-            raise click.BadParameter(f"{text} is before 1973 in epoch milliseconds: epoch seconds? (use "
-                                     f"{int(text) * 1000} or an ISO time)", param_hint=option)
+            meant = f"epoch seconds? (use {int(text) * 1000} or an ISO time)" if int(text) * 1000 >= MIN_TS_MS else (
+                "give an ISO time, e.g. 2024-01-31T12:00")
+            raise click.BadParameter(f"{text} is before 1973 in epoch milliseconds: {meant}", param_hint=option)
         return int(text)
     try:
         when = dt.datetime.fromisoformat(text)
