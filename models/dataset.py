@@ -187,6 +187,8 @@ def load_events(paths: Sequence[str | Path], max_event_bytes: int = 65536, kafka
     """Read, validate and sort the events of the sources (read_records; usable_events: what the daemon would
     apply)."""
     ev, dead = usable_events(read_records(paths, kafka, outputs), max_event_bytes)
+    if not len(ev) and dead:  # what the records are instead (a JSON array, CSV, UTF-16), as replay says it
+        raise SourceError(no_usable_events_among(list(paths), dead))
     return _build(ev, len(dead))
 
 

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 import orjson
 
-from stream.events import NOT_JSON, NOT_OBJECT, DeadLetter, EventColumns, RecordBatch, epoch_ms
+from stream.events import NOT_JSON, NOT_OBJECT, TOO_LARGE, DeadLetter, EventColumns, RecordBatch, epoch_ms
 from stream.import_formats import FORMATS
 from stream.import_rows import BOM, ImportReport
 from stream.settings import KafkaSettings
@@ -108,9 +108,13 @@ def _not_own(found: list[Path], own: dict[tuple[int, int] | None, tuple[str, boo
 
 def format_hint(dead: DeadLetter) -> str:
     """Why a record may have failed as a whole, when its file looks like another layout than JSON lines."""
+    value = (dead.value or b"").lstrip()
+    if dead.reason == TOO_LARGE and value.startswith(b"["):  # a whole JSON array on one line
+        return "; is it a JSON array? The events are JSON lines: one JSON object per line"
     if dead.reason not in (NOT_JSON, NOT_OBJECT):
         return ""
-    value = (dead.value or b"").lstrip()
+    if value.startswith((b"\xff\xfe", b"\xfe\xff")) or value.count(b"\x00") * 4 > len(value):
+        return "; it looks like UTF-16 text: the events are UTF-8 (iconv -f UTF-16 -t UTF-8 converts it)"
     if value.startswith((b"[", b"{", b"}", b'"')):  # an array's or a pretty-printed object's lines
         return "; is it a JSON array or pretty-printed JSON? The events are JSON lines: one JSON object per line"
     if dead.reason == NOT_JSON and (b"," in value or b"\t" in value):

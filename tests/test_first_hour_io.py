@@ -46,7 +46,10 @@ def in_seconds(rows: list[dict]) -> list[dict]:
     (lambda: jsonl(in_seconds(events())), ["300 as invalid_field", ":1: 'ts' ", "epoch seconds?"]),
     (lambda: TAOBAO, ["as not_json", "looks like CSV", "profiles import --format` (taobao"]),
     (lambda: orjson.dumps(events()[:5], option=orjson.OPT_INDENT_2), ["as not_json", "one JSON object per line"]),
-], ids=["epoch-seconds", "csv-without-format", "pretty-json-array"])
+    # One line over the 64 KiB limit: was "too_large" alone; UTF-16 was taken for CSV.
+    (lambda: orjson.dumps(events(n=1000)), ["as too_large", "is it a JSON array?"]),
+    (lambda: jsonl(events()[:20]).decode().encode("utf-16"), ["as not_json", "UTF-16", "iconv"]),
+], ids=["epoch-seconds", "csv-without-format", "pretty-json-array", "json-array-on-one-line", "utf-16"])
 def test_a_replay_that_applies_no_event_fails_with_the_reason_and_an_example(tmp_path, content, expected):
     log = tmp_path / "log.jsonl"
     log.write_bytes(content())
@@ -226,3 +229,15 @@ def test_a_replay_checks_its_outputs_before_it_loads_the_model(tmp_path):
                     "--out", "/nonexistent/p.jsonl", device=True)
     assert result.exit_code == 1
     assert "cannot write --out /nonexistent/p.jsonl" in error_line(result)
+
+
+@pytest.mark.parametrize("command", [["train"], ["calibrate", "--model", "demo"]])
+def test_train_and_calibrate_say_what_a_log_of_no_event_is_instead(tmp_path, command):
+    # was "Error: no usable events in LOG", with no reason nor hint
+    log = tmp_path / "log.json"
+    log.write_bytes(orjson.dumps(events(n=1000)))  # one line over the 64 KiB limit
+    result = invoke(*command, "--events", str(log), "--out", str(tmp_path / "m.pt"), device=True)
+    assert result.exit_code == 1, result.output
+    error = error_line(result)
+    assert "1 as too_large" in error and "is it a JSON array?" in error, error
+    assert not (tmp_path / "m.pt").exists()
