@@ -145,6 +145,10 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
     check_output_dir(out)
     device = resolve_device(device_name)
     events = events_until(event_files, until, kafka, out)
+    if events.first_ts == events.last_ts:  # no later part to validate on: the losses would be of nothing (0.0000)
+        raise click.ClickException(
+            f"every event of {', '.join(event_files)} is at {iso_time(events.first_ts, 'seconds')}: training learns "
+            "what follows an event in time and validates on the latest part of the log's span, and this one has none")
     max_items = train_options.get("max_items", TrainConfig.max_items)
     for note in (small_log_note(events), catalogue_note(events, max_items)):  # type: ignore[arg-type]
         if note is not None:
