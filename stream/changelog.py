@@ -105,6 +105,8 @@ class Changelog:
         self.resent = 0  # profiles produced again after aborted transactions
         self._meta_sent = (-1, -1)  # the state's (categories_version, outcomes.version) last written to the changelog
         self.names_generation = 0  # of the category names' parts last written (or read, at a restore)
+        self._part_written: dict[int, tuple[dict[str, str], int]] = {}  # part -> (its names, their generation)
+        self._parts_held: dict[int, dict[int, int]] = {}  # partition -> part -> the generation its meta names
 
     def _owned(self) -> set[tuple[str, int]]:
         return self.inputs.assigned if self.inputs is not None else set()
@@ -156,28 +158,44 @@ class Changelog:
             ids = map(state.user_ids.__getitem__, rows.tolist())  # keys encoded in C: a batch can have a user per event
             keys = list(utf8(ids))
             self.publisher.produce_to_partitions(self.topic, keys, state.changelog_values(rows), partitions)
-        # Newly seen categories, or names an erasure dropped: the whole list, which replaces the last one
-        # (a restore reads the latest meta record, compacted or not). Also in a batch that changed no
+        # Newly seen categories, or names an erasure dropped: the parts of the list they changed (a restore reads
+        # the latest meta record and the parts it names, compacted or not). Also in a batch that changed no
         # user's state (one of forget records only), so that a restore after it cannot bring them back.
         # So do each partition's outcome counts when an anchor matured (stream/outcomes.py): they cannot be
         # counted again from the users' records once those move on to the next anchor.
         owned = sorted(self._state_partitions() | set(partitions))
         sent = (state.categories_version, state.outcomes.version)
         # The names go first, in parts of their own (stream/changelog_records.py: a shop's names may pass Kafka's 1 MB
-        # record limit), a new generation each time, and the meta record names that generation.
+        # record limit): a part whose names changed in a new generation, to every partition; one unchanged, only to
+        # a partition whose meta record does not name it yet. The meta record names each part's generation.
         if sent != self._meta_sent and owned:
-            self.names_generation += 1
             parts = name_parts(state.category_names)
-            for number, names in enumerate(parts):
-                value = orjson.dumps({"generation": self.names_generation, "part": number, "names": names})
-                self.publisher.produce_to_partitions(self.topic, [NAMES_KEY + str(number).encode()] * len(owned),
-                                                     [value] * len(owned), owned)
+            generations = [self._part_generation(number, names) for number, names in enumerate(parts)]
+            for number, (names, generation) in enumerate(zip(parts, generations)):
+                to = [p for p in owned if self._parts_held.get(p, {}).get(number) != generation]
+                if to:
+                    value = orjson.dumps({"generation": generation, "part": number, "names": names})
+                    self.publisher.produce_to_partitions(self.topic, [NAMES_KEY + str(number).encode()] * len(to),
+                                                         [value] * len(to), to)
+            self._parts_held.update({p: dict(enumerate(generations)) for p in owned})
+            for number in [n for n in self._part_written if n >= len(parts)]:  # fewer parts than before
+                del self._part_written[number]
+            # names_generation and name_parts as well: a release before session 58 reads them (and says clearly
+            # that parts are missing where they are not all of the latest generation)
             metas = [orjson.dumps({"model_version": self.model_version, "format": CHANGELOG_FORMAT,
-                                   "names_generation": self.names_generation, "name_parts": len(parts),
-                                   "outcomes": state.outcomes.of_partition(p)})
+                                   "names_generation": max(generations), "name_parts": len(parts),
+                                   "name_generations": generations, "outcomes": state.outcomes.of_partition(p)})
                      for p in owned]
             self.publisher.produce_to_partitions(self.topic, [META_KEY] * len(owned), metas, owned)
             self._meta_sent = sent
+
+    def _part_generation(self, number: int, names: dict[str, str]) -> int:
+        """The generation of part `number` of the names: the one it was written at, or a new one where they changed."""
+        written = self._part_written.get(number)
+        if written is None or written[0] != names:
+            self.names_generation += 1
+            written = self._part_written[number] = (names, self.names_generation)
+        return written[1]
 
     def write_expired(self, expired: Expired) -> None:
         """Expired users: a changelog tombstone each (no restore brings them back), and their last profiles
@@ -281,7 +299,7 @@ class Changelog:
         """The aborted transaction's users' current state and profiles, its dead letters, erasures, expiries
         and forwarded records (those of partitions still owned), into a new transaction."""
         self.aborted = False
-        self._meta_sent = (-1, -1)  # the meta records may have been in it
+        self._meta_sent, self._parts_held = (-1, -1), {}  # the meta records and name parts may have been in it
         gone, self.unconfirmed = self.unconfirmed, Unconfirmed()
         assigned, owned = self._owned(), self._state_partitions()
         rows = np.array(sorted(r for r in map(self.state.row, gone.users) if r is not None), dtype=np.int64)
@@ -299,6 +317,7 @@ class Changelog:
         transaction (which would carry them) is given up."""
         for p in partitions:
             self.uncommitted.pop((p.topic, p.partition), None)
+            self._parts_held.pop(p.partition, None)  # its next owner writes the meta records there
         if self.publisher.in_transaction:
             self.publisher.abort()
             self.aborted = True
@@ -307,7 +326,7 @@ class Changelog:
         """A fresh producer (a new cluster behind the address): nothing staged on the old one is ours."""
         self.publisher = publisher
         self.uncommitted = {}
-        self._meta_sent = (-1, -1)
+        self._meta_sent, self._parts_held = (-1, -1), {}
 
     # ------------------------------------------------------------------ restore
 
@@ -321,6 +340,8 @@ class Changelog:
         state = self.state
         loader = state.changelog_loader()
         loading = 0.0
+        for partition in partitions:  # another member may have written its meta records since ours
+            self._parts_held.pop(partition, None)
 
         def take(messages: list[Message], partitions_read: np.ndarray) -> None:
             nonlocal loading

@@ -7,11 +7,12 @@ the user, and each partition's latest meta record (model version, the calibratio
 caller, with the category names it lists.
 
 The names travel in records of their own beside the meta record (NAMES_KEY and the part's number, each at most
-NAME_PART_BYTES of them), so that a shop's many or long category names never pass Kafka's 1 MB record limit: a
-meta record says which generation of parts holds its names and how many there are. The parts come before their
-meta record, each write of them a generation of its own, so a write cut short (a crashed transaction's records,
-which some brokers show) leaves the meta record before it with every part it names: the loader keeps the parts of
-every generation since the latest meta record read.
+NAME_PART_BYTES of them), so that a shop's many or long category names never pass Kafka's 1 MB record limit. A
+name's part is set by its key (a hash), so a new name changes one part: only that one is written again, in a new
+generation, and the meta record says which generation each part is at (`name_generations`; a meta record of
+session 57 or before: every part at `names_generation`). The parts come before their meta record, so a write cut
+short (a crashed transaction's records, which some brokers show) leaves the meta record before it with every part
+it names: at each meta record the loader keeps the parts it names, and reads on.
 
 "Latest" is that of a changelog read partition by partition in ascending order: within a partition
 the highest offset wins, and between partitions (a user whose records are in two, after its
@@ -44,23 +45,38 @@ STATE_DTYPE_NAMES = {name: getattr(torch, name) for name in STATE_DTYPES}
 # user's (stream/decode.py refuses user ids that start so).
 META_KEY = RESERVED_ID_PREFIX.encode() + b"meta"
 NAMES_KEY = META_KEY + b"/names/"  # + the part's number: the category names (module docstring)
-# JSON bytes of names in one part: with the largest meta record (0.43 MB of anchor samples, stream/anchor_samples.py)
-# far under Kafka's 1 MB. 4,000 names of 64 characters.
+# JSON bytes of names in one part at most: with the largest meta record (0.43 MB of anchor samples,
+# stream/anchor_samples.py) far under Kafka's 1 MB. 4,000 names of 64 characters.
 NAME_PART_BYTES = 300_000
+# ... and on average at most (name_parts): what a new name writes again to each partition a member owns.
+NAME_PART_AVERAGE_BYTES = 50_000
 
 
 def name_parts(names: dict[int, str]) -> list[dict[str, str]]:
-    """The category names (key -> name) in parts of at most about NAME_PART_BYTES of JSON; at least one part."""
-    parts: list[dict[str, str]] = [{}]
-    size = 0
-    for key, name in sorted(names.items()):
-        item = len(name.encode("utf-8", "surrogatepass")) + 16  # the key's digits, quotes, colon and comma
-        if parts[-1] and size + item > NAME_PART_BYTES:
-            parts.append({})
-            size = 0
-        parts[-1][str(key)] = name
-        size += item
-    return parts
+    """The category names (key -> name) in parts of at most NAME_PART_BYTES of JSON, a name in part key % N: the
+    keys are hashes, so a new name changes one part (not every part after it, as parts cut in key order would). N
+    is the smallest power of two with parts of NAME_PART_AVERAGE_BYTES at most on average (doubled while one would
+    overflow): the parts all change only when N does, at each doubling of the names. At least one part."""
+    size = {key: len(name.encode("utf-8", "surrogatepass")) + 16 for key, name in names.items()}  # key, quotes, comma
+    count = 1
+    while count * NAME_PART_AVERAGE_BYTES < sum(size.values()):
+        count *= 2
+    while True:
+        parts: list[dict[str, str]] = [{} for _ in range(count)]
+        used = [0] * count
+        for key in sorted(names):
+            parts[key % count][str(key)] = names[key]
+            used[key % count] += size[key]
+        if max(used) <= NAME_PART_BYTES or count >= len(names):
+            return parts
+        count *= 2
+
+
+def named_parts(meta: dict) -> list[tuple[int, int]]:
+    """(part, generation) of each part of the category names a meta record names, in order."""
+    if "name_generations" in meta:
+        return list(enumerate(meta["name_generations"]))
+    return [(number, meta.get("names_generation", 0)) for number in range(meta.get("name_parts", 0))]
 
 LOAD_CHUNK = 1024  # records copied into the table's columns at a time (~600 KiB: within a core's cache)
 
@@ -134,7 +150,7 @@ class ChangelogLoader:
         self.layouts = {layout.itemsize: layout for layout in (
             record_dtype(table.state_size, table.spec, dtype) for dtype in STATE_DTYPE_NAMES.values())}
         self.metas: dict[int, bytes | None] = {}  # partition -> its latest meta record
-        # partition -> generation -> part -> names, of the generations since the partition's latest meta record
+        # partition -> generation -> part -> names: the parts its latest meta record names, and those read since
         self.names: dict[int, dict[int, dict[int, dict[str, str]]]] = {}
         self.generation = 0  # the latest generation of names read
         self.refused: dict[int, Refused] = {}  # row -> why its latest record cannot be loaded
@@ -247,16 +263,20 @@ class ChangelogLoader:
 
     def _take_meta(self, keys: list[bytes], values: list[bytes | None],
                    partitions: np.ndarray) -> tuple[list[bytes], list[bytes | None], np.ndarray]:
-        """Keep each partition's latest meta record and the name parts since; return the batch without them."""
+        """Keep each partition's latest meta record, the name parts it names and those read since; return the batch
+        without them."""
         at = [i for i, key in enumerate(keys) if key == META_KEY or key and key.startswith(NAMES_KEY)]  # rare
         for i in at:  # in the order read: the last one of a partition wins
             partition, value = int(partitions[i]), values[i]
             if keys[i] == META_KEY:
                 self.metas[partition] = value
-                generation = orjson.loads(value).get("names_generation", 0) if value is not None else 0
+                named = set(named_parts(orjson.loads(value))) if value is not None else set()
                 held = self.names.get(partition, {})
-                for older in [g for g in held if g < generation]:
-                    del held[older]
+                for generation, parts in list(held.items()):
+                    for number in [n for n in parts if (n, generation) not in named]:
+                        del parts[number]
+                    if not parts:
+                        del held[generation]
             elif value is not None:
                 part = orjson.loads(value)
                 self.generation = max(self.generation, part["generation"])
@@ -267,17 +287,17 @@ class ChangelogLoader:
         return keys, values, np.delete(partitions, at)
 
     def names_of(self, partition: int, meta: dict) -> dict[str, str]:
-        """The category names the partition's meta record lists (parsed): in its generation's parts, or in itself
+        """The category names the partition's meta record lists (parsed): in the parts it names, or in itself
         (written so before the names had parts). Raises ValueError where a part it names was not read."""
         if "category_names" in meta:
             return meta["category_names"]
-        generation, count = meta.get("names_generation", 0), meta.get("name_parts", 0)
-        parts = self.names.get(partition, {}).get(generation, {})
-        missing = sorted(set(range(count)) - set(parts))
+        held = self.names.get(partition, {})
+        named = named_parts(meta)
+        missing = [(number, generation) for number, generation in named if number not in held.get(generation, {})]
         if missing:
-            raise ValueError(f"the category names of its meta record (generation {generation}) lack part(s) "
-                             f"{missing} of {count}")
-        return {key: name for i in range(count) for key, name in parts[i].items()}
+            raise ValueError(f"the category names of its meta record lack part(s) {[n for n, _ in missing]} of "
+                             f"{len(named)} (generation(s) {sorted({g for _, g in missing})})")
+        return {key: name for number, generation in named for key, name in held[generation][number].items()}
 
     def _track(self, n: int) -> None:
         """Room for n rows in the per-row arrays (grown geometrically: the table grows batch by batch)."""
