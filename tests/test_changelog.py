@@ -237,7 +237,8 @@ def test_names_cut_short_leave_the_meta_record_before_them_whole_and_older_ones_
     older = make(kafka, unique)
     older.restore([0, 1])
     assert older.state.category_names == {3: "shoes", 7: "books", 9: "hats"}
-    with pytest.raises(StreamError, match=r"\[2\]: the category names .* lack part\(s\) \[0\] of 1 \(generation\(s\) \[99\]"):
+    lacks = r"\[2\]: the category names .* lack part\(s\) \[0\] of 1 \(generation\(s\) \[99\]\)"
+    with pytest.raises(StreamError, match=lacks):
         make(kafka, unique).restore([2])
 
 

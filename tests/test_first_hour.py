@@ -233,8 +233,8 @@ def test_train_refuses_a_log_whose_events_are_all_at_one_time(tmp_path):
     write_events(tmp_path / "events.jsonl", 300, users=20)
     lines = [orjson.loads(line) for line in (tmp_path / "events.jsonl").read_bytes().splitlines()]
     (tmp_path / "one.jsonl").write_bytes(b"".join(orjson.dumps({**e, "ts": lines[0]["ts"]}) + b"\n" for e in lines))
-    result = CliRunner().invoke(main, ["train", "--events", str(tmp_path / "one.jsonl"), "--out",
-                                       str(tmp_path / "m.pt"), "--epochs", "1", "--hidden-size", "4", "--device", DEVICE])
+    args = ["--events", str(tmp_path / "one.jsonl"), "--out", str(tmp_path / "m.pt"), "--epochs", "1"]
+    result = CliRunner().invoke(main, ["train", *args, "--hidden-size", "4", "--device", DEVICE])
     assert result.exit_code == 1 and "is at " in result.output and "has none" in result.output, result.output
     assert not (tmp_path / "m.pt").exists()
 
