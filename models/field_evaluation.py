@@ -235,6 +235,9 @@ def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device,
     if len(events) < 2:
         raise ValueError(no_usable_events_among(files, dead))
     first, last = int(events.ts.min()), int(events.ts.max())
+    if first == last:  # no cut has a before and an after (the default one would be said to lie outside the log)
+        raise ValueError(f"every event of {', '.join(map(str, files))} is at {iso_time(first)}: profiles are judged on "
+                         "what users do after a cut, and this log has no later events")
     cut = int(first + share * (last - first)) if cut is None else int(cut)
     if not first < cut < last:
         raise ValueError(f"the cut {iso_time(cut)} is not inside the log ({iso_time(first)} .. {iso_time(last)})")

@@ -228,7 +228,7 @@ def test_train_and_calibrate_refuse_a_mistake_before_any_work(tmp_path, args, me
     assert message in result.output and "events of" not in result.output, result.output
 
 
-def test_train_refuses_a_log_whose_events_are_all_at_one_time(tmp_path):
+def test_train_and_evaluate_fields_refuse_a_log_whose_events_are_all_at_one_time(tmp_path):
     # was exit 0 and "validation loss 0.0000": no event after the validation cut, so the losses were of nothing
     write_events(tmp_path / "events.jsonl", 300, users=20)
     lines = [orjson.loads(line) for line in (tmp_path / "events.jsonl").read_bytes().splitlines()]
@@ -237,6 +237,10 @@ def test_train_refuses_a_log_whose_events_are_all_at_one_time(tmp_path):
     result = CliRunner().invoke(main, ["train", *args, "--hidden-size", "4", "--device", DEVICE])
     assert result.exit_code == 1 and "is at " in result.output and "has none" in result.output, result.output
     assert not (tmp_path / "m.pt").exists()
+    # evaluate-fields said its default cut "is not inside the log (T .. T)", though no cut was given
+    result = CliRunner().invoke(main, ["evaluate-fields", "--model", "demo", "--events", str(tmp_path / "one.jsonl"),
+                                       "--device", DEVICE])
+    assert result.exit_code == 1 and "has no later events" in result.output, result.output
 
 
 @pytest.mark.parametrize("args", [
