@@ -119,17 +119,11 @@ class OutputFile:
 
 
 def check_output_dir(path: str, flag: str = "--out") -> str:
-    """`path`'s directory; fail now, not after minutes of work, where it does not exist or takes no new file (one is
-    made there and removed: write permission alone does not say so, e.g. for root under /sys)."""
+    """`path`'s directory; fail now, not after minutes of work, where it does not exist or takes no new file."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise OutputError(f"cannot write {flag} {path}: directory {directory} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".probe", dir=directory)
-    except OSError as exc:
-        raise OutputError(f"cannot write {flag} {path}: {exc.strerror}") from None
-    os.close(fd)
-    os.unlink(probe)
+    _check_takes_files(directory, flag, path)
     return directory
 
 
@@ -141,10 +135,17 @@ def check_output_tree(directory: str, flag: str) -> None:
         if os.path.lexists(existing):
             raise OutputError(f"cannot write {flag} {directory}: {existing} is not a directory")
         existing = os.path.dirname(existing)
+    _check_takes_files(existing, flag, directory)
+
+
+def _check_takes_files(directory: str, flag: str, path: str) -> None:
+    """A file is made in `directory` and removed: write permission alone does not say it can be (root under /sys)."""
     try:
-        check_output_dir(os.path.join(existing, "state"), flag)
-    except OutputError as exc:
-        raise OutputError(f"cannot write {flag} {directory}: {str(exc).rsplit(': ', 1)[-1]}") from None
+        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".probe", dir=directory)
+    except OSError as exc:
+        raise OutputError(f"cannot write {flag} {path}: {exc.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_distinct(outputs: dict[str, str | None]) -> None:

@@ -89,16 +89,20 @@ def check_reachable(kafka: KafkaSettings, timeout_s: float) -> None:
         raise BrokerUnreachable(kafka.scrub(f"the Kafka settings were refused: {exc.args[0].str()} (--kafka-config, "
                                             "--kafka-config-file or their PROFILES_ variables)")) from None
     deadline = time.monotonic() + timeout_s
+    log.debug("waiting up to %gs for a Kafka broker at %s", timeout_s, kafka.bootstrap_servers)
     try:
         # A second at a time: Ctrl-C is served between the calls (not after the whole wait), and a wait of weeks
         # is never one librdkafka timeout (milliseconds in 31 bits: 24.8 days at most).
         while True:
+            asked = time.monotonic()
             try:
-                admin.list_topics(timeout=max(0.001, min(CONNECT_STEP_S, deadline - time.monotonic())))
+                admin.list_topics(timeout=max(0.001, min(CONNECT_STEP_S, deadline - asked)))
                 break
             except KafkaException:
-                if time.monotonic() >= deadline:
+                now = time.monotonic()
+                if now >= deadline:
                     raise
+                time.sleep(max(0.0, min(asked + CONNECT_STEP_S, deadline) - now))  # an error at once: no busy loop
     except KafkaException as exc:
         admin.poll(0)  # serve the log lines queued while connecting
         reason = next((line.split(": ", 1)[-1] for line in reversed(lines.lines) if "fail" in line.lower()),

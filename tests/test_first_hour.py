@@ -289,10 +289,13 @@ def test_an_unreachable_broker_is_one_line_within_the_connect_timeout(tmp_path):
 def test_ctrl_c_while_waiting_for_a_broker_exits_at_once(timeout, tmp_path):
     # The wait was one librdkafka call: Ctrl-C was served only when it ended, and 30 days (past its 31-bit
     # milliseconds) ended at once with "no broker reachable within 2.592e+06s".
-    proc = start(["run", "--untrained", "--bootstrap-servers", UNREACHABLE, "--connect-timeout", timeout], tmp_path)
-    time.sleep(3)  # the wait under way (a Ctrl-C before it is Python's start-up, not what is tested)
-    assert proc.poll() is None, proc.communicate()
-    took, _, err = ctrl_c(proc)
+    err_path = tmp_path / "err"
+    proc = start(["--log-level", "debug", "run", "--untrained", "--bootstrap-servers", UNREACHABLE,
+                  "--connect-timeout", timeout], tmp_path, stderr=open(err_path, "wb"))
+    # the wait under way (a Ctrl-C before it is Python's start-up, not what is tested)
+    wait_until(lambda: b"waiting up to" in err_path.read_bytes(), 60, "the broker check to start waiting")
+    took, _, _ = ctrl_c(proc)
+    err = err_path.read_text()
     assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
     assert took < 10, f"Ctrl-C took {took:.1f}s"
 
