@@ -351,7 +351,8 @@ class ProfileDaemon:
             self.metrics.stream_calibration_map.labels(name, "a").set(shop_map.a[head] if shop_map.kept[head] else 0.0)
             self.metrics.stream_calibration_map.labels(name, "b").set(shop_map.b[head] if shop_map.kept[head] else 1.0)
             self.metrics.stream_calibration_map.labels(name, "drift").set(shop_map.drift[head])
-            for statistic, weight in zip(STATISTICS[head], shop_map.weights[head] or (0.0,) * len(STATISTICS[head])):
+            weights = shop_map.weights[head] or ()  # on the rules' statistics alone, or on all the head's
+            for statistic, weight in zip(STATISTICS[head], (*weights, *(0.0,) * len(STATISTICS[head]))):
                 self.metrics.stream_calibration_map.labels(name, statistic).set(weight)
         weights = shop_map.category_weights if shop_map.reranks() else (0.0,) * len(CATEGORY_STATISTICS)
         for statistic, weight in zip(CATEGORY_STATISTICS, weights):

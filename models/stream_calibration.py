@@ -30,7 +30,8 @@ import torch
 from models.category_calibration import STEADY_WEEKS, fit_weights, judged, over_weeks, passes, steady_gain
 from stream import statistics
 from stream.anchor_samples import (
-    CATEGORY_SAMPLE_PER_PARTITION, LOGIT_COLUMNS, STATISTIC_COLUMNS, STATISTICS, leading, sample_rows,
+    CATEGORY_SAMPLE_PER_PARTITION, LOGIT_COLUMNS, RULE_STATISTICS, STATISTIC_COLUMNS, STATISTICS, WIDTH, leading,
+    sample_rows,
 )
 from stream.events import PURCHASE, EventColumns
 from stream.outcomes import (
@@ -106,7 +107,7 @@ class LogitMap:
         z = self.a[head] + self.b[head] * torch.logit(p)
         if self.weights[head] is not None:
             weights = torch.tensor(self.weights[head], dtype=torch.float64, device=p.device)
-            z = z + user_statistics[:, list(STATISTIC_INDEX[head])].double() @ weights
+            z = z + user_statistics[:, list(STATISTIC_INDEX[head][:len(weights)])].double() @ weights
         return torch.sigmoid(z).to(torch.float32)
 
 
@@ -154,15 +155,18 @@ def with_drift(shop_map: LogitMap, older: np.ndarray, newer: np.ndarray) -> Logi
                    kept=only(shop_map.kept, CHURN, True), drift=only(shop_map.drift, CHURN, now - then))
 
 
-def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.ndarray) -> LogitMap:
+def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.ndarray,
+                    held_out: float | None = None) -> LogitMap:
     """The head's map fitted on the sampled users' logits and statistics (x: a sample's columns) where that gains
     enough over the affine map of the logit alone fitted on the same users: sigmoid(a + b logit + weights .
-    statistics), by Newton with a ridge toward the identity (b = 1, no weight)."""
-    design = np.column_stack([np.ones(len(x)), x[:, LOGIT_COLUMNS[head]], x[:, list(STATISTIC_COLUMNS[head])]])
+    statistics), by Newton with a ridge toward the identity (b = 1, no weight). The statistics are the rules'
+    (RULE_STATISTICS), or all the head's where the sample judged them `held_out` (Sample.held_out) by the same gate."""
+    n = len(happened)
+    every = held_out is not None and held_out >= max(GATE_NATS, STATISTICS_GATE_PER_USER * n)
+    design = statistics_design(x, head, every)
     yes = happened.astype(np.float64)
     theta, affine = logistic_fit(design, yes, 1 - yes), logistic_fit(design[:, :2], yes, 1 - yes)
     gain = log_likelihood(design @ theta, yes, 1 - yes) - log_likelihood(design[:, :2] @ affine, yes, 1 - yes)
-    n = len(yes)
     fitted = replace(shop_map, weights_gain_nats=only(shop_map.weights_gain_nats, head, gain),
                      sampled=only(shop_map.sampled, head, n))
     if gain < max(GATE_NATS, STATISTICS_GATE_PER_USER * n):
@@ -170,6 +174,30 @@ def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.n
     return replace(fitted, a=only(shop_map.a, head, float(theta[0])), b=only(shop_map.b, head, float(theta[1])),
                    kept=only(shop_map.kept, head, True), drift=only(shop_map.drift, head, 0.0),
                    weights=only(shop_map.weights, head, tuple(float(w) for w in theta[2:])))
+
+
+def statistics_design(x: np.ndarray, head: int, every: bool) -> np.ndarray:
+    """(N, 2 + K) a sample's level, the head's logit and its statistics: all the head's STATISTICS (`every`, where
+    the sample has them) or the rules' alone."""
+    columns = STATISTIC_COLUMNS[head][:None if every else RULE_STATISTICS[head]]
+    return np.column_stack([np.ones(len(x)), x[:, LOGIT_COLUMNS[head]], x[:, [c for c in columns if c < x.shape[1]]]])
+
+
+def held_out_gain(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray], head: int
+                  ) -> float | None:
+    """How much better the weights on all the head's statistics, fitted on one matured anchor's sample (`before`:
+    x, happened), say a later one's outcomes (`after`) than the weights on the rules' statistics alone fitted on
+    the same: log likelihood, nats. None where a sample lacks the statistics (a record of an older release) or the
+    head has none beyond the rules'."""
+    if len(STATISTICS[head]) == RULE_STATISTICS[head] or min(before[0].shape[1], after[0].shape[1]) < WIDTH:
+        return None
+    said = []
+    for every in (True, False):
+        (x, happened), yes = before, before[1].astype(np.float64)
+        theta = logistic_fit(statistics_design(x, head, every), yes, 1 - yes)
+        later = after[1].astype(np.float64)
+        said.append(log_likelihood(statistics_design(after[0], head, every) @ theta, later, 1 - later))
+    return said[0] - said[1]
 
 
 def only(values: tuple, head: int, value: object) -> tuple:
@@ -225,14 +253,14 @@ class StreamCalibration:
         outcomes = self.state.outcomes
         if self._fitted != (id(outcomes), outcomes.version):
             self._map = fit_logit_map(outcomes.total()) if outcomes.counts else LogitMap()
-            fitted_on, weeks = outcomes.anchors(CHURN), outcomes.anchors(WEEK_SERIES)
-            if fitted_on and fitted_on[-1] in weeks and weeks[-1] > fitted_on[-1]:
-                self._map = with_drift(self._map, outcomes.of_anchor(WEEK_SERIES, fitted_on[-1]),
-                                       outcomes.of_anchor(WEEK_SERIES, weeks[-1]))
             for head in range(len(HEADS)):
                 sampled = outcomes.samples.latest_matured(head)
                 if sampled is not None:
                     self._map = with_statistics(self._map, head, *sampled)
+            fitted_on, weeks = outcomes.anchors(CHURN), outcomes.anchors(WEEK_SERIES)
+            if fitted_on and fitted_on[-1] in weeks and weeks[-1] > fitted_on[-1]:
+                self._map = with_drift(self._map, outcomes.of_anchor(WEEK_SERIES, fitted_on[-1]),
+                                       outcomes.of_anchor(WEEK_SERIES, weeks[-1]))
             latest = outcomes.samples.category_fit()
             if latest is not None:
                 anchor, fit = latest
@@ -398,6 +426,13 @@ class StreamCalibration:
                 sample.happened[head] = bought | sample.left[:, 0]
             else:
                 sample.happened[head] = ~(back | sample.left[:, 1])
+        samples = self.state.outcomes.samples
+        before, after = samples.matured_at(anchor - 1, head), samples.matured_at(anchor, head)
+        if before is not None and after is not None:
+            judged = held_out_gain(before[:2], after[:2], head)
+            for (_, sampled_at), sample in samples.samples.items():
+                if sampled_at == anchor:
+                    sample.held_out[head] = judged
         if head == HEADS.index("purchase_propensity"):  # top_categories' week closes with purchase_propensity's
             self.fit_categories(anchor)
 

@@ -31,12 +31,20 @@ SAMPLE_ID_BYTES = 96 * 1024
 # bytes a user; at 512 a partition's meta record stays well under Kafka's 1 MB; offline, a fit on 512 users held
 # the gains of one on every user: docs/model-journal.md, session 55).
 CATEGORY_SAMPLE_PER_PARTITION = 512
-# The statistics each head's fit may weigh (stream/statistics.py USER_FEATURES), those the simple rules read
+# The statistics each head's fit may weigh (stream/statistics.py USER_FEATURES), first those the simple rules read
 # (models/field_evaluation.py baseline_scores): purchase_propensity's order due, purchases of the last 7 days, carts
 # not bought and purchase share; churn_risk's idle time, activity of the last 7 days and idle time against the
-# user's usual gap between visits.
+# user's usual gap between visits. A sample's x holds them all (older records: the leading ones).
 STATISTICS = (("order_due", "log_purchases_7d", "log_carts_pending", "purchase_share"),
-              ("log_idle_minutes", "log_activity_7d", "idle_vs_usual_gap"))
+              ("log_idle_minutes", "log_activity_7d", "idle_vs_usual_gap",
+               "log_activity_1d", "log_activity_30d", "usual_gap", "recent_gap", "has_gap"))
+# How many of each head's STATISTICS the simple rules read: those weighed wherever they gain on the anchor's own
+# sample. The others, churn_risk's visit rhythm beyond the rules' (activity of the last day and month, the usual and
+# recent gaps between visits: no lifetime count, which grows as the log ages and moved the fit's level two weeks on),
+# only where the weights fitted on the previous matured anchor also beat the rules' own fit on the latest one
+# (Sample.held_out): fitted on a young table's first weeks, such weights ranked B2B accounts' users 0.058 of ROC AUC
+# worse two weeks later (docs/model-journal.md, session 59).
+RULE_STATISTICS = (4, 3)
 # Columns of a sample's x: both heads' logits, then each head's statistics in turn.
 LOGIT_COLUMNS = (0, 1)
 STATISTIC_COLUMNS = (tuple(range(2, 2 + len(STATISTICS[0]))),
@@ -138,11 +146,14 @@ class Sample:
     whether it had happened when the user's state expired (--state-ttl: the user is not found when it closes)."""
 
     users: np.ndarray
-    x: np.ndarray
+    x: np.ndarray  # (N, WIDTH), or fewer columns (the leading ones) in a record of an older release
     happened: list[np.ndarray | None] = field(default_factory=lambda: [None, None])
     left: np.ndarray | None = None  # (N, 2) bool: bought, came back, before expiring
     # The candidates of top_categories of the first CATEGORY_SAMPLE_PER_PARTITION users (None: none taken).
     categories: CategorySample | None = None
+    # Per head, once its window closed: how many nats better the previous matured anchor's weights on all the head's
+    # STATISTICS said these users' outcomes than its weights on the rules' statistics alone (None: not judged).
+    held_out: list[float | None] = field(default_factory=lambda: [None, None])
 
     def __post_init__(self) -> None:
         if self.left is None:
@@ -150,15 +161,18 @@ class Sample:
 
     def to_plain(self) -> list:
         return [self.users.tolist(), encoded(self.x, "<f2"), *(packed(h) for h in self.happened),
-                packed(self.left.T), None if self.categories is None else self.categories.to_plain()]
+                packed(self.left.T), None if self.categories is None else self.categories.to_plain(),
+                self.held_out]
 
     @classmethod
     def from_plain(cls, plain: list) -> Sample:
         users = np.fromiter(plain[0], dtype=object, count=len(plain[0]))
         categories = CategorySample.from_plain(plain[5]) if len(plain) > 5 and plain[5] is not None else None
-        return cls(users, decoded(plain[1], "<f2", (len(users), WIDTH)),
+        # A record of session 58 or before: fewer statistics (the leading columns), none judged held out.
+        width = len(base64.b64decode(plain[1])) // 2 // len(users) if len(users) else WIDTH
+        return cls(users, decoded(plain[1], "<f2", (len(users), width)),
                    [unpacked(s, (len(users),)) for s in plain[2:4]], unpacked(plain[4], (2, len(users))).T,
-                   categories)
+                   categories, list(plain[6]) if len(plain) > 6 else [None, None])
 
 
 @dataclass
@@ -193,14 +207,22 @@ class AnchorSamples:
         at, partition = min(matured, key=lambda k: (-k[0], k[1]))
         return at, self.samples[(partition, at)].categories
 
-    def latest_matured(self, head: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """(x float64, happened) of the head's latest matured anchor over the partitions held, or None."""
+    def latest_matured(self, head: int) -> tuple[np.ndarray, np.ndarray, float | None] | None:
+        """(x float64, happened, held_out) of the head's latest matured anchor over the partitions held, or None;
+        held_out the least of theirs (None where one was not judged)."""
         matured = [anchor for (_, anchor), s in self.samples.items() if s.happened[head] is not None]
-        if not matured:
+        return None if not matured else self.matured_at(max(matured), head)
+
+    def matured_at(self, anchor: int, head: int) -> tuple[np.ndarray, np.ndarray, float | None] | None:
+        """As latest_matured, of one anchor where the head's window has closed (None: no such sample held). Where a
+        partition's record is of an older release, only the columns every sample has."""
+        samples = [s for (_, at), s in sorted(self.samples.items()) if at == anchor and s.happened[head] is not None]
+        if not samples:
             return None
-        latest = [s for (_, anchor), s in sorted(self.samples.items()) if anchor == max(matured)]
-        return (np.concatenate([s.x for s in latest]).astype(np.float64),
-                np.concatenate([s.happened[head] for s in latest]))
+        width = min(s.x.shape[1] for s in samples)
+        judged = [s.held_out[head] for s in samples]
+        return (np.concatenate([s.x[:, :width] for s in samples]).astype(np.float64),
+                np.concatenate([s.happened[head] for s in samples]), None if None in judged else min(judged))
 
     def keep_from(self, anchor: int) -> None:
         self.samples = {key: s for key, s in self.samples.items() if key[1] >= anchor}

@@ -12,11 +12,13 @@ import torch
 
 from models.checkpoint_io import untrained
 from models.stream_calibration import (
-    GATE_NATS_PER_USER, LogitMap, StreamCalibration, fit_head, fit_logit_map, logistic_fit, with_statistics,
+    GATE_NATS, GATE_NATS_PER_USER, LogitMap, StreamCalibration, fit_head, fit_logit_map, logistic_fit,
+    with_statistics,
 )
 from stream import statistics
 from stream.anchor_samples import (
-    SAMPLE_ID_BYTES, SAMPLE_PER_PARTITION, STATISTICS, WIDTH, AnchorSamples, stable_keys,
+    RULE_STATISTICS, SAMPLE_ID_BYTES, SAMPLE_PER_PARTITION, STATISTICS, WIDTH, AnchorSamples, Sample, encoded,
+    stable_keys,
 )
 from stream.events import MAX_ID_CHARS
 from models.update_step import ProfileUpdater
@@ -117,6 +119,50 @@ def test_the_fit_on_the_statistics_finds_their_weight_and_is_kept_only_where_the
     plain = rng.random(4000) < 1 / (1 + np.exp(-x[:, 0]))
     kept = with_statistics(LogitMap(), 0, x, plain)
     assert kept.weights == (None, None) and not kept.kept[0] and 0 <= kept.weights_gain_nats[0] < 15
+
+
+def test_the_visit_rhythm_beyond_the_rules_is_weighed_only_where_the_previous_anchors_weights_held_on_the_next():
+    """churn_risk's statistics beyond the rules' join its fit only where the weights fitted on the previous matured
+    anchor's sample said the latest one's outcomes better than the rules' statistics alone (weights fitted on a
+    young table's first weeks can rank worse two weeks on, however well they fit their own anchor)."""
+    churn = HEADS.index("churn_risk")
+    rule = 2 + len(STATISTICS[0])  # the sample's column of churn_risk's first statistic (a rule's)
+    beyond = rule + RULE_STATISTICS[1]  # and of the first beyond the rules'
+    rng = np.random.default_rng(7)
+    for weight, judged in ((1.5, True), (0.0, False)):
+        updater = updater_fed([event("someone", 0, A)], [1])
+        samples = updater.state.outcomes.samples
+        for anchor in (K0 - 3, K0 - 2):
+            x = rng.normal(0, 1, size=(2000, WIDTH))
+            x[:, :2] = rng.normal(-1, 1.5, size=(2000, 2))  # both heads' logits
+            silent = rng.random(2000) < 1 / (1 + np.exp(-(x[:, 1] + x[:, rule] + weight * x[:, beyond])))
+            # Users the state does not hold: whether they came back is what they left with.
+            users = np.array([f"gone-{anchor}-{i}" for i in range(2000)], dtype=object)
+            left = np.stack([np.zeros(2000, dtype=bool), ~silent], axis=1)
+            samples.samples[(0, anchor)] = Sample(users, x.astype(np.float16), left=left)
+            updater.calibration.note_sampled(anchor, churn)
+        assert samples.samples[(0, K0 - 3)].held_out == [None, None]  # no matured anchor before it
+        held_out = samples.samples[(0, K0 - 2)].held_out[churn]
+        assert (held_out >= GATE_NATS) == judged and samples.samples[(0, K0 - 2)].held_out[0] is None
+        updater.state.outcomes.version += 1
+        weights = updater.calibration.shop_map().weights[churn]
+        assert len(weights) == (len(STATISTICS[1]) if judged else RULE_STATISTICS[1])
+        if judged:
+            assert abs(weights[RULE_STATISTICS[1]] - weight) < 0.25
+        # A restart reads the same verdict and fit.
+        restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
+        assert restored.samples[(0, K0 - 2)].held_out == samples.samples[(0, K0 - 2)].held_out
+        # A meta record of session 58 (the rules' statistics alone, no verdict) restores with its columns, and its
+        # fit weighs the rules' statistics only.
+        narrow = 2 + len(STATISTICS[0]) + RULE_STATISTICS[1]
+        old = [[p, at, rest[0], encoded(Sample.from_plain(rest).x[:, :narrow], "<f2"), *rest[2:6]]
+               for p, at, *rest in samples.to_plain()]
+        updater.state.outcomes.samples = AnchorSamples.from_plain(old)
+        assert updater.state.outcomes.samples.samples[(0, K0 - 2)].x.shape == (2000, narrow)
+        updater.state.outcomes.version += 1
+        assert len(updater.calibration.shop_map().weights[churn]) == RULE_STATISTICS[1]
+        updater.calibration.note_sampled(K0 - 2, churn)  # judged again: the older record lacks the statistics
+        assert updater.state.outcomes.samples.samples[(0, K0 - 2)].held_out[churn] is None
 
 
 def test_the_users_sampled_at_an_anchor_and_what_followed_are_read_from_the_state():
@@ -353,6 +399,7 @@ def assert_same_samples(mine: AnchorSamples, theirs: AnchorSamples) -> None:
         for a, b in zip(mine.samples[key].happened, sample.happened):
             assert (a is None and b is None) or a.tolist() == b.tolist()
         assert mine.samples[key].left.tolist() == sample.left.tolist()
+        assert mine.samples[key].held_out == sample.held_out
 
 
 def test_a_snapshot_without_records_is_not_counted_before_the_next_anchor():
