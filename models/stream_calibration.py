@@ -191,11 +191,10 @@ def held_out_gain(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray
     head has none beyond the rules'."""
     if len(STATISTICS[head]) == RULE_STATISTICS[head] or min(before[0].shape[1], after[0].shape[1]) < WIDTH:
         return None
+    yes, later = before[1].astype(np.float64), after[1].astype(np.float64)
     said = []
     for every in (True, False):
-        (x, happened), yes = before, before[1].astype(np.float64)
-        theta = logistic_fit(statistics_design(x, head, every), yes, 1 - yes)
-        later = after[1].astype(np.float64)
+        theta = logistic_fit(statistics_design(before[0], head, every), yes, 1 - yes)
         said.append(log_likelihood(statistics_design(after[0], head, every) @ theta, later, 1 - later))
     return said[0] - said[1]
 
