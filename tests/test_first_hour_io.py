@@ -241,3 +241,25 @@ def test_train_and_calibrate_say_what_a_log_of_no_event_is_instead(tmp_path, com
     error = error_line(result)
     assert "1 as too_large" in error and "is it a JSON array?" in error, error
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_import_reads_a_directory_as_replay_does_and_empty_inputs_are_said(tmp_path):
+    data = tmp_path / "taobao"
+    (data / "part").mkdir(parents=True)
+    (data / "a.csv").write_bytes(TAOBAO)
+    (data / "part" / "b.csv").write_bytes(TAOBAO.replace(b"1,2,3,pv", b"7,2,3,pv"))
+    result = invoke("import", "--format", "taobao", str(data), "--out", str(tmp_path / "t.jsonl"))
+    assert result.exit_code == 0, result.output
+    users = [orjson.loads(line)["user_id"] for line in (tmp_path / "t.jsonl").read_bytes().splitlines()]
+    assert users == ["1", "1", "7", "1"] and "warning" not in result.output  # a.csv, then part/b.csv
+    (tmp_path / "none").mkdir()
+    result = invoke("import", "--format", "taobao", str(tmp_path / "none"), "--out", str(tmp_path / "n.jsonl"))
+    assert result.exit_code == 1 and "holds no files" in error_line(result)
+    # An empty file: written, and said (a quiet day's log is no error, but a wrong path to one should show).
+    (tmp_path / "empty.csv").write_bytes(b"")
+    result = invoke("import", "--format", "taobao", str(tmp_path / "empty.csv"), "--out", str(tmp_path / "e.jsonl"))
+    assert result.exit_code == 0 and "warning: " + str(tmp_path / "empty.csv") + " held no rows" in result.output
+    assert (tmp_path / "e.jsonl").read_bytes() == b""
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    result = invoke("replay", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "p.jsonl"), device=True)
+    assert result.exit_code == 0 and "held no records: nothing was replayed" in result.output, result.output

@@ -79,6 +79,8 @@ def replay(sources: tuple[str, ...], fmt: str, out: str | None, output_topic: st
     except (SourceError, ModelError, StreamError, OutputError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(report.summary(dlq), err=True)
+    if report.records == 0:  # an empty file, or a kafka:// range of none: said, not an error (a quiet day's log)
+        click.echo(f"warning: {', '.join(sources)} held no records: nothing was replayed", err=True)
     if state_out:
         click.echo(f"state snapshot of {report.users:,} users written to {state_out}", err=True)
 
@@ -181,11 +183,12 @@ def demo(duration: float | None, users: int, rate: int, seed: int) -> None:
 
 @command("import", short_help="Public datasets into the event contract")
 @click.option("--format", "fmt", required=True, type=click.Choice(FORMATS[1:]), help="Layout of the source files.")
-@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSON lines to write (.gz compresses; "
               "'-': standard output), through a temporary file renamed when complete.")
 def import_(fmt: str, sources: tuple[str, ...], out: str) -> None:
-    """Convert public e-commerce datasets into the event contract.
+    """Convert public e-commerce datasets into the event contract. SOURCES: files, or directories (every file
+    under them, in name order), as `profiles replay --format` reads them.
 
     Taobao pv/fav -> click, cart -> add_to_cart, buy -> purchase; YOOCHOOSE sessions become users;
     REES46 keeps prices and category codes. Rows that cannot be converted are counted by reason.
@@ -197,15 +200,15 @@ def import_(fmt: str, sources: tuple[str, ...], out: str) -> None:
     from stream.importers import import_dataset
     from stream.sources import expand_paths
 
-    try:
-        expand_paths(list(sources), {"--out": out})  # refuses an --out that is one of the sources
+    try:  # a directory's files; refuses an --out that is one of the sources
+        paths = expand_paths(list(sources), {"--out": out})
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     sink = OutputFile(out, compresslevel=6)  # level 6: a third of level 9's time, a few percent larger
     try:
         with Progress(transient=True, console=Console(stderr=True), disable=not sys.stderr.isatty()) as bar:
             task = bar.add_task(f"importing {fmt}", total=None)
-            report = import_dataset(fmt, list(sources), sink, progress=lambda n: bar.update(task, completed=n))
+            report = import_dataset(fmt, paths, sink, progress=lambda n: bar.update(task, completed=n))
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted: partial output kept in {sink.keep_partial()}") from None
     except ValueError as exc:
@@ -218,6 +221,8 @@ def import_(fmt: str, sources: tuple[str, ...], out: str) -> None:
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items())) or "none"
     click.echo(f"{report.events} events from {report.rows} rows written to "
                f"{'standard output' if out == '-' else out} (skipped: {skipped})", err=True)
+    if report.rows == 0:
+        click.echo(f"warning: {', '.join(sources)} held no rows: the output holds no events", err=True)
 
 
 def file_not_topic(ctx: click.Context, param: click.Parameter, value: str) -> str:
