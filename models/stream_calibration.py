@@ -30,8 +30,8 @@ import torch
 from models.category_calibration import STEADY_WEEKS, fit_weights, judged, over_weeks, passes, steady_gain
 from stream import statistics
 from stream.anchor_samples import (
-    CATEGORY_SAMPLE_PER_PARTITION, LOGIT_COLUMNS, RULE_STATISTICS, STATISTIC_COLUMNS, STATISTICS, WIDTH, leading,
-    sample_rows,
+    CATEGORY_SAMPLE_PER_PARTITION, LOGIT_COLUMNS, RULE_STATISTICS, SAMPLED_STATISTICS, STATISTIC_COLUMNS, STATISTICS,
+    WIDTH, leading, sample_rows,
 )
 from stream.events import PURCHASE, EventColumns
 from stream.outcomes import (
@@ -59,6 +59,7 @@ DRIFT_GATE_NATS = 4.0
 # gains about two nats).
 STATISTICS_GATE_PER_USER = 0.004
 STATISTIC_INDEX = tuple(tuple(statistics.USER_FEATURES.index(name) for name in names) for names in STATISTICS)
+SAMPLED_INDEX = tuple(statistics.USER_FEATURES.index(name) for name in SAMPLED_STATISTICS)  # a sample's x, after logits
 
 
 @dataclass(frozen=True)
@@ -162,14 +163,15 @@ def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.n
     statistics), by Newton with a ridge toward the identity (b = 1, no weight). The statistics are the rules'
     (RULE_STATISTICS), or all the head's where the sample judged them `held_out` (Sample.held_out) by the same gate."""
     n = len(happened)
-    every = held_out is not None and held_out >= max(GATE_NATS, STATISTICS_GATE_PER_USER * n)
+    gate = max(GATE_NATS, STATISTICS_GATE_PER_USER * n)
+    every = held_out is not None and held_out >= gate and x.shape[1] >= WIDTH
     design = statistics_design(x, head, every)
     yes = happened.astype(np.float64)
     theta, affine = logistic_fit(design, yes, 1 - yes), logistic_fit(design[:, :2], yes, 1 - yes)
     gain = log_likelihood(design @ theta, yes, 1 - yes) - log_likelihood(design[:, :2] @ affine, yes, 1 - yes)
     fitted = replace(shop_map, weights_gain_nats=only(shop_map.weights_gain_nats, head, gain),
                      sampled=only(shop_map.sampled, head, n))
-    if gain < max(GATE_NATS, STATISTICS_GATE_PER_USER * n):
+    if gain < gate:
         return fitted
     return replace(fitted, a=only(shop_map.a, head, float(theta[0])), b=only(shop_map.b, head, float(theta[1])),
                    kept=only(shop_map.kept, head, True), drift=only(shop_map.drift, head, 0.0),
@@ -177,10 +179,10 @@ def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.n
 
 
 def statistics_design(x: np.ndarray, head: int, every: bool) -> np.ndarray:
-    """(N, 2 + K) a sample's level, the head's logit and its statistics: all the head's STATISTICS (`every`, where
-    the sample has them) or the rules' alone."""
+    """(N, 2 + K) a sample's level, the head's logit and its statistics: all the head's STATISTICS (`every`) or the
+    rules' alone (all a record of session 58 holds)."""
     columns = STATISTIC_COLUMNS[head][:None if every else RULE_STATISTICS[head]]
-    return np.column_stack([np.ones(len(x)), x[:, LOGIT_COLUMNS[head]], x[:, [c for c in columns if c < x.shape[1]]]])
+    return np.column_stack([np.ones(len(x)), x[:, LOGIT_COLUMNS[head]], x[:, list(columns)]])
 
 
 def held_out_gain(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray], head: int
@@ -405,7 +407,7 @@ class StreamCalibration:
             rows = sample_rows(held, state.ids_at(held), state.partition[held])
             p = np.clip(self.probabilities(rows, at).astype(np.float64), 1e-6, 1 - 1e-6)
             user = statistics.user_features(state.columns, state.counts, state.last_ts, rows, at)
-            x = np.column_stack([np.log(p) - np.log1p(-p), *(user[:, list(index)] for index in STATISTIC_INDEX)])
+            x = np.column_stack([np.log(p) - np.log1p(-p), user[:, list(SAMPLED_INDEX)]])
             partitions, categories = state.partition[rows], None
             if self.candidates is not None:
                 first = rows[leading(partitions, CATEGORY_SAMPLE_PER_PARTITION)]

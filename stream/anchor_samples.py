@@ -35,21 +35,29 @@ CATEGORY_SAMPLE_PER_PARTITION = 512
 # (models/field_evaluation.py baseline_scores): purchase_propensity's order due, purchases of the last 7 days, carts
 # not bought and purchase share; churn_risk's idle time, activity of the last 7 days and idle time against the
 # user's usual gap between visits. A sample's x holds them all (older records: the leading ones).
-STATISTICS = (("order_due", "log_purchases_7d", "log_carts_pending", "purchase_share"),
+STATISTICS = (("order_due", "log_purchases_7d", "log_carts_pending", "purchase_share",
+               "log_purchases_30d", "log_minutes_since_purchase", "usual_order_gap",
+               "since_purchase_vs_usual_order_gap", "log_activity_7d", "log_minutes_since_cart", "log_activity_1d",
+               "log_activity_30d"),
               ("log_idle_minutes", "log_activity_7d", "idle_vs_usual_gap",
                "log_activity_1d", "log_activity_30d", "usual_gap", "recent_gap", "has_gap"))
 # How many of each head's STATISTICS the simple rules read: those weighed wherever they gain on the anchor's own
-# sample. The others, churn_risk's visit rhythm beyond the rules' (activity of the last day and month, the usual and
-# recent gaps between visits: no lifetime count, which grows as the log ages and moved the fit's level two weeks on),
-# only where the weights fitted on the previous matured anchor also beat the rules' own fit on the latest one
+# sample. The others, each head's rhythm beyond the rules' (purchase_propensity: purchases of the last 30 days, the
+# time since the latest purchase and cart, the usual gap between orders and the time since the latest against it,
+# activity of the last day, week and month; churn_risk: activity of the last day and month, the usual and recent
+# gaps between visits; no lifetime count, which grows as the log ages and moved the fit's level two weeks on), only
+# where the weights fitted on the previous matured anchor also beat the rules' own fit on the latest one
 # (Sample.held_out): fitted on a young table's first weeks, such weights ranked B2B accounts' users 0.058 of ROC AUC
 # worse two weeks later (docs/model-journal.md, session 59).
 RULE_STATISTICS = (4, 3)
-# Columns of a sample's x: both heads' logits, then each head's statistics in turn.
+# A sample's x: both heads' logits, then every head's rules' statistics, then the others, head by head, each
+# statistic once (a record of session 58 holds the logits and the rules' statistics: the leading columns).
 LOGIT_COLUMNS = (0, 1)
-STATISTIC_COLUMNS = (tuple(range(2, 2 + len(STATISTICS[0]))),
-                     tuple(range(2 + len(STATISTICS[0]), 2 + len(STATISTICS[0]) + len(STATISTICS[1]))))
-WIDTH = 2 + sum(map(len, STATISTICS))
+SAMPLED_STATISTICS = tuple(dict.fromkeys(
+    [*(name for head, rules in enumerate(RULE_STATISTICS) for name in STATISTICS[head][:rules]),
+     *(name for head, rules in enumerate(RULE_STATISTICS) for name in STATISTICS[head][rules:])]))
+STATISTIC_COLUMNS = tuple(tuple(2 + SAMPLED_STATISTICS.index(name) for name in names) for names in STATISTICS)
+WIDTH = 2 + len(SAMPLED_STATISTICS)
 
 
 def stable_keys(users: np.ndarray) -> np.ndarray:

@@ -17,8 +17,8 @@ from models.stream_calibration import (
 )
 from stream import statistics
 from stream.anchor_samples import (
-    RULE_STATISTICS, SAMPLE_ID_BYTES, SAMPLE_PER_PARTITION, STATISTICS, WIDTH, AnchorSamples, Sample, encoded,
-    stable_keys,
+    RULE_STATISTICS, SAMPLE_ID_BYTES, SAMPLE_PER_PARTITION, STATISTIC_COLUMNS, STATISTICS, WIDTH, AnchorSamples,
+    Sample, encoded, stable_keys,
 )
 from stream.events import MAX_ID_CHARS
 from models.update_step import ProfileUpdater
@@ -103,7 +103,7 @@ def test_the_fit_on_the_statistics_finds_their_weight_and_is_kept_only_where_the
     x = np.zeros((4000, WIDTH))
     x[:, :2] = rng.normal(-1, 1.5, size=(4000, 2))  # both heads' logits
     x[:, 2:] = rng.normal(0, 1, size=(4000, WIDTH - 2))  # the statistics
-    due = 2 + STATISTICS[0].index("order_due")
+    due = STATISTIC_COLUMNS[0][STATISTICS[0].index("order_due")]
     buys = rng.random(4000) < 1 / (1 + np.exp(-(x[:, 0] + 1.0 * x[:, due])))  # being due counts beyond the logit
     moved = with_statistics(LogitMap(), 0, x, buys)
     assert moved.kept[0] and moved.weights[1] is None and not moved.kept[1]
@@ -121,13 +121,13 @@ def test_the_fit_on_the_statistics_finds_their_weight_and_is_kept_only_where_the
     assert kept.weights == (None, None) and not kept.kept[0] and 0 <= kept.weights_gain_nats[0] < 15
 
 
-def test_the_visit_rhythm_beyond_the_rules_is_weighed_only_where_the_previous_anchors_weights_held_on_the_next():
-    """churn_risk's statistics beyond the rules' join its fit only where the weights fitted on the previous matured
+@pytest.mark.parametrize("head", range(len(HEADS)))
+def test_the_rhythm_beyond_the_rules_is_weighed_only_where_the_previous_anchors_weights_held_on_the_next(head):
+    """A head's statistics beyond the rules' join its fit only where the weights fitted on the previous matured
     anchor's sample said the latest one's outcomes better than the rules' statistics alone (weights fitted on a
     young table's first weeks can rank worse two weeks on, however well they fit their own anchor)."""
-    churn = HEADS.index("churn_risk")
-    rule = 2 + len(STATISTICS[0])  # the sample's column of churn_risk's first statistic (a rule's)
-    beyond = rule + RULE_STATISTICS[1]  # and of the first beyond the rules'
+    rule = STATISTIC_COLUMNS[head][0]  # the sample's column of the head's first statistic (a rule's)
+    beyond = STATISTIC_COLUMNS[head][RULE_STATISTICS[head]]  # and of its first beyond the rules'
     rng = np.random.default_rng(7)
     for weight, judged in ((1.5, True), (0.0, False)):
         updater = updater_fed([event("someone", 0, A)], [1])
@@ -135,34 +135,35 @@ def test_the_visit_rhythm_beyond_the_rules_is_weighed_only_where_the_previous_an
         for anchor in (K0 - 3, K0 - 2):
             x = rng.normal(0, 1, size=(2000, WIDTH))
             x[:, :2] = rng.normal(-1, 1.5, size=(2000, 2))  # both heads' logits
-            silent = rng.random(2000) < 1 / (1 + np.exp(-(x[:, 1] + x[:, rule] + weight * x[:, beyond])))
-            # Users the state does not hold: whether they came back is what they left with.
+            happened = rng.random(2000) < 1 / (1 + np.exp(-(x[:, head] + x[:, rule] + weight * x[:, beyond])))
+            # Users the state does not hold: whether they bought or came back is what they left with.
+            left = np.zeros((2000, 2), dtype=bool)
+            left[:, head] = happened if head == 0 else ~happened
             users = np.array([f"gone-{anchor}-{i}" for i in range(2000)], dtype=object)
-            left = np.stack([np.zeros(2000, dtype=bool), ~silent], axis=1)
             samples.samples[(0, anchor)] = Sample(users, x.astype(np.float16), left=left)
-            updater.calibration.note_sampled(anchor, churn)
+            updater.calibration.note_sampled(anchor, head)
         assert samples.samples[(0, K0 - 3)].held_out == [None, None]  # no matured anchor before it
-        held_out = samples.samples[(0, K0 - 2)].held_out[churn]
-        assert (held_out >= GATE_NATS) == judged and samples.samples[(0, K0 - 2)].held_out[0] is None
+        held_out = samples.samples[(0, K0 - 2)].held_out
+        assert (held_out[head] >= GATE_NATS) == judged and held_out[1 - head] is None
         updater.state.outcomes.version += 1
-        weights = updater.calibration.shop_map().weights[churn]
-        assert len(weights) == (len(STATISTICS[1]) if judged else RULE_STATISTICS[1])
+        weights = updater.calibration.shop_map().weights[head]
+        assert len(weights) == (len(STATISTICS[head]) if judged else RULE_STATISTICS[head])
         if judged:
-            assert abs(weights[RULE_STATISTICS[1]] - weight) < 0.25
+            assert abs(weights[RULE_STATISTICS[head]] - weight) < 0.25
         # A restart reads the same verdict and fit.
         restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
-        assert restored.samples[(0, K0 - 2)].held_out == samples.samples[(0, K0 - 2)].held_out
+        assert restored.samples[(0, K0 - 2)].held_out == held_out
         # A meta record of session 58 (the rules' statistics alone, no verdict) restores with its columns, and its
         # fit weighs the rules' statistics only.
-        narrow = 2 + len(STATISTICS[0]) + RULE_STATISTICS[1]
+        narrow = 2 + sum(RULE_STATISTICS)
         old = [[p, at, rest[0], encoded(Sample.from_plain(rest).x[:, :narrow], "<f2"), *rest[2:6]]
                for p, at, *rest in samples.to_plain()]
         updater.state.outcomes.samples = AnchorSamples.from_plain(old)
         assert updater.state.outcomes.samples.samples[(0, K0 - 2)].x.shape == (2000, narrow)
         updater.state.outcomes.version += 1
-        assert len(updater.calibration.shop_map().weights[churn]) == RULE_STATISTICS[1]
-        updater.calibration.note_sampled(K0 - 2, churn)  # judged again: the older record lacks the statistics
-        assert updater.state.outcomes.samples.samples[(0, K0 - 2)].held_out[churn] is None
+        assert len(updater.calibration.shop_map().weights[head]) == RULE_STATISTICS[head]
+        updater.calibration.note_sampled(K0 - 2, head)  # judged again: the older record lacks the statistics
+        assert updater.state.outcomes.samples.samples[(0, K0 - 2)].held_out[head] is None
 
 
 def test_the_users_sampled_at_an_anchor_and_what_followed_are_read_from_the_state():
@@ -186,8 +187,8 @@ def test_the_users_sampled_at_an_anchor_and_what_followed_are_read_from_the_stat
         assert np.all(np.diff(stable_keys(sample.users).astype(np.int64)) >= 0)
         logits = np.log(p[order]) - np.log1p(-p[order])
         np.testing.assert_allclose(sample.x[:, :2].astype(np.float64), logits, atol=0.01)
-        due = 2 + STATISTICS[0].index("order_due")
-        idle = 2 + len(STATISTICS[0]) + STATISTICS[1].index("log_idle_minutes")
+        due = STATISTIC_COLUMNS[0][STATISTICS[0].index("order_due")]
+        idle = STATISTIC_COLUMNS[1][STATISTICS[1].index("log_idle_minutes")]
         np.testing.assert_allclose(sample.x[:, due], user[order, statistics.USER_FEATURES.index("order_due")],
                                    atol=0.01)
         np.testing.assert_allclose(sample.x[:, idle], user[order, statistics.USER_FEATURES.index("log_idle_minutes")],
@@ -219,10 +220,12 @@ def test_a_sample_is_at_most_its_share_per_partition_and_the_smallest_keys():
     assert len(orjson.dumps(long_ids[rows[:len(rows) // 3]].tolist())) <= SAMPLE_ID_BYTES
 
 
-@pytest.mark.parametrize("id_chars", [8, MAX_ID_CHARS])
+@pytest.mark.parametrize("id_chars", [8, SAMPLE_ID_BYTES // SAMPLE_PER_PARTITION - 3, MAX_ID_CHARS])
 def test_a_partitions_samples_fit_in_a_kafka_record_whatever_its_ids(id_chars):
     """Three anchors' samples, the open one with its top_categories candidates (the matured ones keep only their
-    weights): well under Kafka's 1 MB default, with room for the category names the meta record also carries."""
+    weights): under librdkafka's default message.max.bytes (1,000,000) with room for the rest of the meta record
+    (the counts, the names' parts named; the names themselves are records of their own). The longest ids of which
+    every one of 2,048 users is sampled make the largest."""
     from models.category_calibration import CATEGORY_STATISTICS
     from stream.anchor_samples import CATEGORY_SAMPLE_PER_PARTITION, sample_rows
     users = np.array([f"{i:08d}".ljust(id_chars, "x") for i in range(2 * SAMPLE_PER_PARTITION)], dtype=object)
@@ -236,7 +239,10 @@ def test_a_partitions_samples_fit_in_a_kafka_record_whatever_its_ids(id_chars):
                      np.ones((m, statistics.CATEGORY_SLOTS), np.uint16)))
         if anchor < 2:
             samples.samples[(0, anchor)].categories.matured((1.0,) * len(CATEGORY_STATISTICS), (0.1, 0.01), m)
-    assert len(orjson.dumps(samples.of_partition(0))) < 500_000  # 0.36 MB with 8-character ids, 0.43 MB with 256
+    for sample in samples.samples.values():
+        sample.held_out = [123.456789012345, -98.7654321098765]
+    # 0.53 MB with 8-character ids, 0.75 MB with 45, 0.46 MB with 256 (fewer sampled)
+    assert len(orjson.dumps(samples.of_partition(0))) < 800_000
 
 
 def feed(updater: ProfileUpdater, events: list[dict], sizes: list[int], first_offset: int = 0) -> ProfileUpdater:
