@@ -72,8 +72,9 @@ class LogitMap:
     users: tuple[int, ...] = (0, 0)  # fitted on how many users' outcomes
     kept: tuple[bool, ...] = (False, False)
     drift: tuple[float, ...] = (0.0, 0.0)  # part of `a`: how the shop moved since the anchor the map is fitted on
-    # Per head, the weights on STATISTICS[head] where the fit on the sampled users' statistics was kept (a and b
-    # are then that fit's), else None; and that fit's gain over the affine map on the same sample, and its users.
+    # Per head, the weights on the first len(weights) of STATISTICS[head] (the rules' alone, or all the head's) where
+    # the fit on the sampled users' statistics was kept (a and b are then that fit's), else None; and that fit's gain
+    # over the affine map on the same sample, and its users.
     weights: tuple[tuple[float, ...] | None, ...] = (None, None)
     weights_gain_nats: tuple[float, ...] = (0.0, 0.0)
     sampled: tuple[int, ...] = (0, 0)
