@@ -22,7 +22,7 @@ from models.dataset import read_records
 from models.profile_model import CheckpointError, resolve_device
 from models.category_calibration import STEADY_WEEKS
 from models.checkpoint_io import load_checkpoint
-from stream.settings import KafkaSettings
+from stream.settings import KafkaSettings, Settings
 from stream.sources import parse_kafka_uri
 
 
@@ -45,10 +45,11 @@ def seen_in_training(metadata: dict, files: tuple[str, ...], cut_iso: str) -> st
 
 def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[int], spread: int | None,
                          device_name: str, as_json: bool, plot_path: str | None,
-                         kafka: KafkaSettings | None = None, stream_calibration: bool = True) -> None:
+                         kafka: KafkaSettings | None = None, stream_calibration: bool = True, *,
+                         max_ahead_ms: int = Settings.max_ahead_ms) -> None:
     """One report at one cut (the default, or the one given); with several cuts, each cut's report and a
     summary of what they say together (summarise_cuts). files: the replay's sources (files, directories,
-    globs, kafka://TOPIC?from=&to= read with `kafka`), read once for every cut."""
+    globs, kafka://TOPIC?from=&to= read with `kafka`), read once for every cut; max_ahead_ms: --max-ahead."""
     if plot_path:
         check_output_dir(plot_path, "--plot")  # now, not after replaying to the cut
     device = resolve_device(device_name)
@@ -74,7 +75,7 @@ def run_field_evaluation(model_path: str, files: tuple[str, ...], cuts: list[int
             try:
                 reports.append(evaluate_fields(
                     loaded, list(files), device, cut, share=share, records=records,
-                    stream_calibration=stream_calibration,
+                    stream_calibration=stream_calibration, max_ahead_ms=max_ahead_ms,
                     progress=lambda done, total, t=task: bar.update(t, completed=done, total=total)))
             except ValueError as exc:
                 raise click.ClickException(str(exc)) from None

@@ -77,7 +77,7 @@ def user_records(settings: Settings, sources: list[str], fmt: str, user: str
         while not source.exhausted:
             batch = source.next_batch()
             controls: list = []
-            events, dead = decode_offline(batch, settings.max_event_bytes, controls)
+            events, dead = decode_offline(batch, settings.max_event_bytes, controls, max_ahead_ms=settings.max_ahead_ms)
             skipped += dead
             if source.time_range is not None:  # kafka:// ranges select by event time, as in replay
                 events = events.take(source.time_range.mask(events.ts))

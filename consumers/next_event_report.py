@@ -18,7 +18,7 @@ from models.next_event_baselines import PopularityBaseline, SequentialRulesBasel
 from models.profile_model import resolve_device
 from models.checkpoint_io import load_checkpoint
 from models.next_event_scorers import GRUScorer, aligned_train, sequences_from_log
-from stream.settings import KafkaSettings
+from stream.settings import KafkaSettings, Settings
 
 
 def carried_over(train: Sequences | None, train_users: np.ndarray, test_users: np.ndarray,
@@ -38,9 +38,10 @@ def carried_over(train: Sequences | None, train_users: np.ndarray, test_users: n
 
 
 def run_evaluation(model_path: str, train_files: tuple[str, ...], test_files: tuple[str, ...], device_name: str,
-                   k: int, as_json: bool, kafka: KafkaSettings | None = None) -> None:
+                   k: int, as_json: bool, kafka: KafkaSettings | None = None, *,
+                   max_ahead_ms: int = Settings.max_ahead_ms) -> None:
     """`profiles evaluate`; the logs are the replay's sources (files, directories, globs, kafka:// ranges read
-    with `kafka`)."""
+    with `kafka`); max_ahead_ms: its --max-ahead."""
     started = time.monotonic()
     device = resolve_device(device_name)
     loaded = load_checkpoint(model_path, device)
@@ -49,7 +50,8 @@ def run_evaluation(model_path: str, train_files: tuple[str, ...], test_files: tu
     model = loaded.model
     item_index = {item: i for i, item in enumerate(loaded.item_vocab)}
     with reading_sources(kafka):
-        train_log, test_log = load_events(train_files, kafka=kafka), load_events(test_files, kafka=kafka)
+        train_log, test_log = (load_events(files, kafka=kafka, max_ahead_ms=max_ahead_ms)
+                               for files in (train_files, test_files))
     for log_, option, files in ((train_log, "--train-events", train_files), (test_log, "--events", test_files)):
         if not len(log_):  # without training events every baseline ties everywhere, and ties rank first: 1.0
             raise click.ClickException(f"no usable events in {option} {', '.join(files)}"

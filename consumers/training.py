@@ -26,7 +26,7 @@ from models.sequence_data import item_vocabulary
 from models.sequence_training import TrainConfig, auto_epochs, train
 from stream.events import EVENT_TYPES, PURCHASE, iso_time
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
-from stream.settings import KafkaSettings
+from stream.settings import KafkaSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,12 @@ PROBABILITY_HEADS = (("purchase_propensity", "purchase"), ("churn_risk", "event"
 
 
 def events_until(event_files: tuple[str, ...], until: int | None, kafka: KafkaSettings | None = None,
-                 out: str | None = None) -> EventLog:
+                 out: str | None = None, *, max_ahead_ms: int = Settings.max_ahead_ms) -> EventLog:
     """The sources' events at or before `until` (all of them: None), said in one line; an error if none.
     event_files: files, directories, globs or kafka://TOPIC?from=&to= (read with `kafka`), as the replay
-    reads them; `out`, the command's output, is never read as a log."""
+    reads them; `out`, the command's output, is never read as a log; max_ahead_ms: the command's --max-ahead."""
     with reading_sources(kafka):
-        events = load_events(event_files, kafka=kafka, outputs={"--out": out})
+        events = load_events(event_files, kafka=kafka, outputs={"--out": out}, max_ahead_ms=max_ahead_ms)
     everything = events
     if until is not None:
         events = events.before(until)
@@ -140,11 +140,12 @@ def weights_digest(model: torch.nn.Module) -> str:
 def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, seed: int, hidden_size: int,
                  dropout: float, unknown_items: float = 0.0, until: int | None = None,
                  buckets: tuple[int, int, int] | None = None,
-                 kafka: KafkaSettings | None = None, **train_options: object) -> None:
+                 kafka: KafkaSettings | None = None, max_ahead_ms: int = Settings.max_ahead_ms,
+                 **train_options: object) -> None:
     started = time.monotonic()
     check_output_dir(out)
     device = resolve_device(device_name)
-    events = events_until(event_files, until, kafka, out)
+    events = events_until(event_files, until, kafka, out, max_ahead_ms=max_ahead_ms)
     if events.first_ts == events.last_ts:  # no later part to validate on: the losses would be of nothing (0.0000)
         raise click.ClickException(
             f"every event of {', '.join(event_files)} is at {iso_time(events.first_ts, 'seconds')}: training learns "
@@ -195,7 +196,8 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
 
 
 def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, device_name: str, *,
-                    until: int | None, seed: int, kafka: KafkaSettings | None = None) -> None:
+                    until: int | None, seed: int, kafka: KafkaSettings | None = None,
+                    max_ahead_ms: int = Settings.max_ahead_ms) -> None:
     """`profiles calibrate`: a trained model's probabilities calibrated again on another shop's log."""
     from models.checkpoint_io import load_checkpoint
     from models.shop_calibration import recalibrate
@@ -203,7 +205,7 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
     check_output_dir(out)
     device = resolve_device(device_name)
     loaded = load_checkpoint(model_path, device)
-    events = events_until(event_files, until, kafka, out)
+    events = events_until(event_files, until, kafka, out, max_ahead_ms=max_ahead_ms)
     report = recalibrate(loaded, events, device, seed=seed)
     fits = [report[name] for name in ("purchase", "event", "silence", "carts", "ranking")]
     if not any("test" in fit for fit in fits):  # nothing could be tested on this log: a mistake, say so once

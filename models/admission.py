@@ -349,19 +349,18 @@ def event_id_hashes(event_ids: np.ndarray) -> np.ndarray:
     return out
 
 
-def refuse_ahead_of_clock(records: RecordBatch, events: EventColumns, max_ahead_ms: int, dead: list[DeadLetter],
-                          flag: bool = True) -> EventColumns:
+def refuse_ahead_of_clock(records: RecordBatch, events: EventColumns, max_ahead_ms: int, dead: list[DeadLetter]
+                          ) -> EventColumns:
     """The events, less those stamped more than max_ahead_ms after this machine's clock: dead-lettered as
     ahead_of_clock into `dead` (kept in record order). They would move the event-time clock for every user (one
     event of 2199 put an evaluation's default cut in 2164). The daemon, replay and the commands that read logs
-    offline (models/dataset.usable_events) refuse the same events; `flag`: name the option that moves the bound
-    (the commands that read logs offline have none)."""
+    offline (models/dataset.decode_offline) refuse the same events, and each takes --max-ahead, which the detail
+    names. The caller skips this where max_ahead_ms is 0 (no bound)."""
     now = int(time.time() * 1000)
     ahead = events.ts > now + max_ahead_ms
     if not ahead.any():
         return events
-    bound = (f"--max-ahead {max_ahead_ms / 3_600_000:g}h; 0 turns the check off" if flag else
-             f"more than {max_ahead_ms / 3_600_000:g}h ahead")
+    bound = f"--max-ahead {max_ahead_ms / 3_600_000:g}h; 0 turns the check off"
     for i, ts in zip(events.record_index[ahead].tolist(), events.ts[ahead].tolist()):
         detail = (f"'ts' {iso_time(ts, 'seconds')} is {(ts - now) / 86_400_000:,.1f} days after this machine's "
                   f"clock ({bound})")

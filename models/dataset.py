@@ -134,12 +134,15 @@ def event_log(ev: EventColumns, invalid: int = 0) -> EventLog:
     return _build(ev, invalid)
 
 
-def decode_offline(records: RecordBatch, max_event_bytes: int, controls: list[Control] | None = None
-                   ) -> tuple[EventColumns, list[DeadLetter]]:
-    """decode_batch for the commands that read logs offline: the events stamped more than a day after this machine's
-    clock are dead letters too, as the daemon refuses them (ahead_of_clock; one event of 2199 would move every cut)."""
+def decode_offline(records: RecordBatch, max_event_bytes: int, controls: list[Control] | None = None, *,
+                   max_ahead_ms: int = Settings.max_ahead_ms) -> tuple[EventColumns, list[DeadLetter]]:
+    """decode_batch for the commands that read logs offline: the events stamped more than max_ahead_ms (their
+    --max-ahead; 0: no bound) after this machine's clock are dead letters too, as the daemon refuses them
+    (ahead_of_clock; one event of 2199 would move every cut)."""
     ev, dead = decode_batch(records, max_event_bytes, controls)
-    return refuse_ahead_of_clock(records, ev, Settings.max_ahead_ms, dead, flag=False), dead
+    if max_ahead_ms:
+        ev = refuse_ahead_of_clock(records, ev, max_ahead_ms, dead)
+    return ev, dead
 
 
 def warn_skipped(dead: list[DeadLetter]) -> None:
@@ -149,14 +152,15 @@ def warn_skipped(dead: list[DeadLetter]) -> None:
         log.warning("%d invalid line(s) skipped, e.g. %s:%d: %s", len(dead), first.topic, first.offset, first.detail)
 
 
-def usable_events(records: RecordBatch, max_event_bytes: int) -> tuple[EventColumns, list[DeadLetter]]:
+def usable_events(records: RecordBatch, max_event_bytes: int, *, max_ahead_ms: int = Settings.max_ahead_ms
+                  ) -> tuple[EventColumns, list[DeadLetter]]:
     """The events of `records` the daemon would apply, in record order, and the dead letters: what breaks the
     contract is left out (and logged), as are a user's events before a forget record for them (the daemon
     erases them; what comes after is a new user) and repeats of a (user, event_id) pair already seen (the
     daemon skips those within its dedupe window; here wherever they are, so that an at-least-once producer's
-    retries neither train nor judge a model twice)."""
+    retries neither train nor judge a model twice); and those stamped more than max_ahead_ms ahead (decode_offline)."""
     controls: list[Control] = []
-    ev, dead = decode_offline(records, max_event_bytes, controls)
+    ev, dead = decode_offline(records, max_event_bytes, controls, max_ahead_ms=max_ahead_ms)
     warn_skipped(dead)
     forgets = [c for c in controls if c.kind == "forget"]
     if forgets:
@@ -183,26 +187,29 @@ def usable_events(records: RecordBatch, max_event_bytes: int) -> tuple[EventColu
 
 
 def load_events(paths: Sequence[str | Path], max_event_bytes: int = 65536, kafka: KafkaSettings | None = None,
-                outputs: Mapping[str, str | None] | None = None) -> EventLog:
+                outputs: Mapping[str, str | None] | None = None, *, max_ahead_ms: int = Settings.max_ahead_ms
+                ) -> EventLog:
     """Read, validate and sort the events of the sources (read_records; usable_events: what the daemon would
-    apply)."""
-    ev, dead = usable_events(read_records(paths, kafka, outputs), max_event_bytes)
+    apply, with the command's --max-ahead as max_ahead_ms)."""
+    ev, dead = usable_events(read_records(paths, kafka, outputs), max_event_bytes, max_ahead_ms=max_ahead_ms)
     if not len(ev) and dead:  # what the records are instead (a JSON array, CSV, UTF-16), as replay says it
         raise SourceError(no_usable_events_among(list(paths), dead))
     return _build(ev, len(dead))
 
 
 def split_lines_by_time(source: str | Path, test_fraction: float, train_out: str | Path,
-                        test_out: str | Path) -> tuple[int, int, str]:
+                        test_out: str | Path, *, max_ahead_ms: int = Settings.max_ahead_ms) -> tuple[int, int, str]:
     """Copy the lines of `source` into a train and a test file by event time.
 
     The cut is the event time below which (1 - test_fraction) of the valid events lie, so the test
     part is the latest test_fraction of the events (events at the cut stay in training).
+    Events stamped more than max_ahead_ms ahead of this machine's clock (decode_offline) are left out of the
+    quantile, and stay in training as invalid lines do.
     Returns (train lines, test lines, cut as ISO time).
     """
     records = read_records([source])
     lines, n = records.values, len(records)
-    ev, dead = decode_offline(records, 1 << 30)
+    ev, dead = decode_offline(records, 1 << 30, max_ahead_ms=max_ahead_ms)
     if not len(ev):  # no event time to cut at
         raise SourceError(no_usable_events_among([source], dead))
     ts = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)  # invalid lines: train side

@@ -225,13 +225,15 @@ SPREAD_CUT_SHARES = (0.5, 0.9)  # `--cuts N`: N cuts evenly from the first share
 
 def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device, cut: int | None = None,
                     batch_records: int = 20_000, progress=None, share: float = DEFAULT_CUT_SHARE,
-                    records: RecordBatch | None = None, stream_calibration: bool = True) -> dict:
+                    records: RecordBatch | None = None, stream_calibration: bool = True, *,
+                    max_ahead_ms: int = Settings.max_ahead_ms) -> dict:
     """The report of `profiles evaluate-fields` (see the module docstring); without a cut, at `share` of the
     log's span. `records`: the files' records, where the caller read them already (once for several cuts).
     stream_calibration: the probabilities as a daemon publishes them, calibrated on the shop's outcomes before
-    the cut (models/stream_calibration.py), or as the model says them."""
+    the cut (models/stream_calibration.py), or as the model says them. max_ahead_ms: the command's --max-ahead
+    (usable_events)."""
     records = read_records(files) if records is None else records
-    events, dead = usable_events(records, 1 << 30)
+    events, dead = usable_events(records, 1 << 30, max_ahead_ms=max_ahead_ms)
     if len(events) < 2:
         raise ValueError(no_usable_events_among(files, dead))
     first, last = int(events.ts.min()), int(events.ts.max())

@@ -55,3 +55,21 @@ def test_replay_of_a_log_stamped_in_the_future_says_so_and_takes_max_ahead_0(tmp
     assert "0 turns the check off" in result.output
     result = CliRunner().invoke(main, args + ["--max-ahead", "0"])
     assert result.exit_code == 0 and len((tmp_path / "p.jsonl").read_bytes().splitlines()) == 20, result.output
+
+
+def test_the_commands_that_read_logs_offline_take_max_ahead_too(tmp_path):
+    # Each refusal names the option that lifts it, and --max-ahead 0 reads the log (a synthetic one, years ahead).
+    ahead = int(time.time() * 1000) + 3 * 365 * DAY - 1_700_000_000_000
+    path = tmp_path / "future.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(dict(e, ts=e["ts"] + ahead)) + b"\n"
+                              for e in generate(20, 400, seed=1).events))
+    commands = [["split", str(path), "--train-out", str(tmp_path / "a.jsonl"), "--test-out", str(tmp_path / "b.jsonl")],
+                ["evaluate-fields", "--model", "demo", "--events", str(path), "--json", "--device", DEVICE]]
+    for args in commands:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and "400 as ahead_of_clock" in result.output, result.output
+        assert "--max-ahead 24h; 0 turns the check off" in result.output
+        result = CliRunner().invoke(main, args + ["--max-ahead", "0"])
+        assert result.exit_code == 0, result.output
+    assert len((tmp_path / "a.jsonl").read_bytes().splitlines()) == 320
+    assert orjson.loads(result.stdout)["events"] == 400

@@ -95,6 +95,7 @@ def replay(sources: tuple[str, ...], fmt: str, out: str | None, output_topic: st
 @click.option("--idle-rescore-after", "idle_rescore_after_ms", default="24h", show_default=True, callback=to_ms,
               help="Also show the profiles the daemon re-publishes while the user is idle, this long apart in "
               "event time (as in `profiles run`; 0: none).")
+@max_ahead_option
 @kafka_options("kafka:// sources")
 @device_option
 def inspect(user: str, sources: tuple[str, ...], fmt: str, plot_path: str | None, connect_timeout: float,
@@ -104,6 +105,7 @@ def inspect(user: str, sources: tuple[str, ...], fmt: str, plot_path: str | None
     Besides the profile after each event: the idle re-scores between events and after the last one
     (churn risk rises while a user is quiet), and the final profile a replay of the same sources writes,
     computed at the log's last event time."""
+    # max_ahead_ms stays among params: a Settings field, which bounds both the reading and the updater's replay.
     settings = settings_from(params, validate=False, emit_embedding=False)
     check_broker_for(settings.kafka, sources, connect_timeout)
     from consumers.inspect import InspectError, run_inspect
@@ -241,7 +243,8 @@ def file_not_topic(ctx: click.Context, param: click.Parameter, value: str) -> st
               help="Share of the events, the latest by event time, that becomes the test part.")
 @click.option("--train-out", required=True, type=click.Path(dir_okay=False), help="'-': standard output.")
 @click.option("--test-out", required=True, type=click.Path(dir_okay=False), help="'-': standard output.")
-def split(source: str, test_fraction: float, train_out: str, test_out: str) -> None:
+@max_ahead_option
+def split(source: str, test_fraction: float, train_out: str, test_out: str, max_ahead_ms: int) -> None:
     """Split a JSON-lines event log by event time: the latest --test-fraction of the events is the test part.
 
     Lines are copied byte for byte; lines that break the event contract stay in the training part.
@@ -257,7 +260,8 @@ def split(source: str, test_fraction: float, train_out: str, test_out: str) -> N
     try:
         expand_paths([source], {"--train-out": train_out, "--test-out": test_out})  # an output that is the source
         with atomic_paths(train_out, test_out, flag="--train-out/--test-out") as (train_tmp, test_tmp):
-            n_train, n_test, cutoff = split_lines_by_time(source, test_fraction, train_tmp, test_tmp)
+            n_train, n_test, cutoff = split_lines_by_time(source, test_fraction, train_tmp, test_tmp,
+                                                          max_ahead_ms=max_ahead_ms)
     except SourceError as exc:  # also a log without one event: no time to cut at (nothing written)
         raise click.ClickException(str(exc)) from None
     named = {path: "standard output" if path == "-" else path for path in (train_out, test_out)}

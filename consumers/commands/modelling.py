@@ -10,7 +10,8 @@ from typing import Any
 from consumers.commands.base import check_broker, check_broker_for, command, group, kafka_error
 from consumers.commands.options import (
     FiniteRange,
-    device_option, kafka_from, kafka_options, thread_options, to_instant_ms, to_ms, to_seconds, to_ttl_ms,
+    device_option, kafka_from, kafka_options, max_ahead_option, thread_options, to_instant_ms, to_ms, to_seconds,
+    to_ttl_ms,
 )
 from stream.settings import STATE_DTYPES, KafkaSettings, Settings
 
@@ -66,12 +67,13 @@ def kafka_sources(sources: tuple[str, ...], params: dict[str, Any]) -> KafkaSett
               help="Train on the events at or before this ISO time (or epoch ms) only: the cut of a later "
                    "`profiles evaluate-fields --cut`, so the model never sees what it is judged on.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@max_ahead_option
 @device_option
 @kafka_options("kafka:// sources")
 def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_size: int, batch_size: int, max_len: int,
           lr: float, dropout: float, unknown_items: float, val_fraction: float, patience: int, average_epochs: float,
           refit: bool, max_items: int, item_buckets: int, category_buckets: int, query_buckets: int,
-          until: int | None, seed: int, device: str, **params: Any) -> None:
+          until: int | None, seed: int, max_ahead_ms: int, device: str, **params: Any) -> None:
     """Train the profile model on event logs, in two stages: the sequence model (next item, next
     category, auxiliary purchase and churn objectives), then the published fields (purchase_propensity,
     churn_risk, top_categories) fitted on profiles taken through the serving path at cuts in the log
@@ -80,7 +82,7 @@ def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_siz
     from consumers.training import run_training
 
     run_training(event_files, out, device, seed=seed, hidden_size=hidden_size, dropout=dropout,
-                 unknown_items=unknown_items, until=until, kafka=kafka,
+                 unknown_items=unknown_items, until=until, kafka=kafka, max_ahead_ms=max_ahead_ms,
                  buckets=(item_buckets, category_buckets, query_buckets),
                  epochs=epochs, batch_size=batch_size, max_len=max_len, lr=lr, val_fraction=val_fraction,
                  patience=patience, average_epochs=average_epochs, refit=refit, max_items=max_items)
@@ -97,10 +99,11 @@ def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_siz
               help="Calibrate on the events at or before this ISO time (or epoch ms) only: the cut of a later "
                    "`profiles evaluate-fields --cut`, so the calibration never sees what it is judged on.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@max_ahead_option
 @device_option
 @kafka_options("kafka:// sources")
 def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: int | None, seed: int,
-              device: str, **params: Any) -> None:
+              max_ahead_ms: int, device: str, **params: Any) -> None:
     """Calibrate purchase_propensity and churn_risk of a trained model again on another shop's events, and
     weigh for it what the counting rules read: a model trained in one shop ranks another shop's users well,
     but its probabilities carry the rates of the shop it was trained in, and how much a long silence, carts
@@ -126,7 +129,7 @@ def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: in
     from consumers.training import run_calibration
 
     run_calibration(model_path, event_files, out, device, until=until, seed=seed,
-                    kafka=kafka)
+                    kafka=kafka, max_ahead_ms=max_ahead_ms)
 
 
 @command("evaluate", short_help="The model's next item and category against simple rules")
@@ -139,17 +142,18 @@ def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: in
               help="Test events: every next event of every test user is predicted from its prefix (the same "
                    "kinds of source).")
 @click.option("--k", default=20, show_default=True, type=click.IntRange(min=1), help="Cut-off of Recall@k and MRR@k.")
+@max_ahead_option
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @kafka_options("kafka:// sources")
-def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[str, ...], k: int, device: str,
-             as_json: bool, **params: Any) -> None:
+def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[str, ...], k: int, max_ahead_ms: int,
+             device: str, as_json: bool, **params: Any) -> None:
     """Next-item Recall@k and MRR@k (full ranking), next-category accuracy@5 and purchase-propensity
     ROC AUC of the model, and of popularity, sequential-rules and session-kNN baselines fitted in the same run."""
     kafka = kafka_sources(train_files + test_files, params)
     from consumers.next_event_report import run_evaluation
 
-    run_evaluation(model_path, train_files, test_files, device, k, as_json, kafka)
+    run_evaluation(model_path, train_files, test_files, device, k, as_json, kafka, max_ahead_ms=max_ahead_ms)
 
 
 @command("evaluate-fields", short_help="Learned fields against what users do after a cut")
@@ -165,6 +169,7 @@ def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[st
               help="Judge at N cuts spread evenly from 50% to 90% of the log's span instead (a short log's one "
                    "cut can mislead: the gap to a rule moves from one cut to the next). Each cut replays the "
                    "log up to it, as one --cut does.")
+@max_ahead_option
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
@@ -174,7 +179,7 @@ def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[st
                    "the shop's own outcomes before the cut, where that clearly beats the model's own).")
 @kafka_options("kafka:// sources")
 def evaluate_fields(model_path: str, event_files: tuple[str, ...], cuts: list[int], spread: int | None,
-                    device: str, as_json: bool, plot_path: str | None, stream_calibration: bool,
+                    max_ahead_ms: int, device: str, as_json: bool, plot_path: str | None, stream_calibration: bool,
                     **params: Any) -> None:
     """Judge every learned profile field against what each user does after a cut T, beside the
     strongest simple baselines computed from the same events before T.
@@ -197,7 +202,8 @@ def evaluate_fields(model_path: str, event_files: tuple[str, ...], cuts: list[in
     cuts = list(dict.fromkeys(cuts))  # a cut given twice is judged once (and counted once among the cuts)
     from consumers.field_report import run_field_evaluation
 
-    run_field_evaluation(model_path, event_files, cuts, spread, device, as_json, plot_path, kafka, stream_calibration)
+    run_field_evaluation(model_path, event_files, cuts, spread, device, as_json, plot_path, kafka, stream_calibration,
+                         max_ahead_ms=max_ahead_ms)
 
 
 @command("evaluate-synthetic", short_help="Learned fields against the generator's truth")
