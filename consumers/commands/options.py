@@ -252,9 +252,10 @@ expiry_options = stack(
 
 max_ahead_option = setting(
     "--max-ahead", "max_ahead_ms", default="1d", show_default=True, callback=to_ms, metavar="DURATION",
-    help="Dead-letter events stamped more than this after this machine's clock (reason ahead_of_clock; 0 turns "
-    "this off, e.g. for synthetic logs stamped in the future): the clock idle times are measured to is the "
-    "largest event time seen, and one event stamped years ahead would make every user look long gone.")
+    help="Dead-letter events stamped more than this after this machine's clock (reason ahead_of_clock; the "
+    "commands that read logs offline leave them out, with a warning; 0 turns this off, e.g. for synthetic logs "
+    "stamped in the future): the clock idle times are measured to is the largest event time seen, and one event "
+    "stamped years ahead would make every user look long gone.")
 
 max_categories_option = setting(
     "--max-categories", default=Settings.max_categories, show_default=True, type=click.IntRange(min=0),
