@@ -220,6 +220,10 @@ def split_lines_by_time(source: str | Path, test_fraction: float, train_out: str
         raise SourceError(f"no event of {source} is later than the cut {iso_time(cutoff)} at --test-fraction "
                           f"{test_fraction:g} ({int((ev.ts == cutoff).sum()):,} of its {len(ev):,} events share that "
                           "time): the test part is the events after the cut, and it would be empty")
+    if dead:  # copied, not dropped, but the user should know the training part holds them
+        first = dead[0]
+        log.warning("%d line(s) that are no usable event (%s) kept in the training part, e.g. line %d: %s", len(dead),
+                    ", ".join(sorted({d.reason for d in dead})), first.offset, first.detail)
     for path, keep in ((train_out, ~test), (test_out, test)):
         opener = gzip.open if str(path).endswith(".gz") else open
         with opener(path, "wb") as out:

@@ -263,3 +263,16 @@ def test_import_reads_a_directory_as_replay_does_and_empty_inputs_are_said(tmp_p
     (tmp_path / "empty.jsonl").write_bytes(b"")
     result = invoke("replay", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "p.jsonl"), device=True)
     assert result.exit_code == 0 and "held no records: nothing was replayed" in result.output, result.output
+
+
+def test_split_says_how_many_lines_it_kept_in_training_that_are_no_usable_event(tmp_path, caplog):
+    rows = events()
+    (tmp_path / "log.jsonl").write_bytes(jsonl(rows[:10]) + b"not json\n" + jsonl(rows[10:]))
+    with caplog.at_level(logging.WARNING, logger="models.dataset"):
+        result = invoke("split", str(tmp_path / "log.jsonl"), "--train-out", str(tmp_path / "a.jsonl"),
+                        "--test-out", str(tmp_path / "b.jsonl"))
+    assert result.exit_code == 0, result.output
+    said = [r.getMessage() for r in caplog.records if "kept in the training part" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("1 line(s) that are no usable event (not_json)"), said
+    assert "e.g. line 11:" in said[0]
+    assert b"not json\n" in (tmp_path / "a.jsonl").read_bytes()
