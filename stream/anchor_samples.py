@@ -177,8 +177,7 @@ class Sample:
         users = np.fromiter(plain[0], dtype=object, count=len(plain[0]))
         categories = CategorySample.from_plain(plain[5]) if len(plain) > 5 and plain[5] is not None else None
         # A record of session 58 or before: fewer statistics (the leading columns), none judged held out.
-        width = len(base64.b64decode(plain[1])) // 2 // len(users) if len(users) else WIDTH
-        return cls(users, decoded(plain[1], "<f2", (len(users), width)),
+        return cls(users, decoded(plain[1], "<f2", (len(users), -1 if len(users) else WIDTH)),
                    [unpacked(s, (len(users),)) for s in plain[2:4]], unpacked(plain[4], (2, len(users))).T,
                    categories, list(plain[6]) if len(plain) > 6 else [None, None])
 
