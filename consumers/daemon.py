@@ -26,6 +26,7 @@ from models.update_step import BatchResult, ProfileUpdater
 from consumers.source import LOGGED_BY_LIBRDKAFKA, KafkaBatchSource, errors_log
 from stream.changelog import Changelog
 from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, EVENT_TYPES, DeadLetter, RecordBatch, iso_time
+from stream.habit import CONTESTS
 from stream.kafka import (
     Publisher, StreamError, TopicError, admin_client, check_copartitioned, check_exist, committed_partitions,
     ensure_topics, offsets_at, partition_counts, seed_group_offsets,
@@ -342,7 +343,8 @@ class ProfileDaemon:
         self.metrics.users_in_state.set(len(state))
         for device, nbytes in state.state_bytes().items():
             self.metrics.state_bytes.labels(device).set(nbytes)
-        self.metrics.habit_evidence.set(state.habit.evidence(state.max_event_ts))
+        for contest in CONTESTS:
+            self.metrics.habit_evidence.labels(contest.name).set(state.habit.evidence(state.max_event_ts, contest))
         for toward, lean in zip(("latest", "counts"), self.updater.habit_leans(state.max_event_ts)):
             self.metrics.top_categories_lean.labels(toward).set(lean)
         shop_map = self.updater.calibration.shop_map() if self.updater.calibration is not None else LogitMap()

@@ -31,7 +31,6 @@ from models.checkpoint_io import LoadedModel
 from models.field_heads import FieldInputs, HazardHead, identity_knots, idle_minutes, piecewise_linear
 from models.profile_model import ProfileModel, users_at_once
 from stream.events import PURCHASE
-from stream.habit import leans
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS, TOP_CATEGORIES
 from stream.statistics import CATEGORY_SLOTS
 
@@ -225,7 +224,7 @@ def collect(loaded: LoadedModel, log_: EventLog, cuts: list[int], device: torch.
         out.append(examples_at(updater, model, future, cut, end_ts, k, short_share))
     if habit is not None and cuts:
         recency, counts = state.habit.wins(max(cuts))
-        habit.update(recency_weeks=recency, counts_weeks=counts, lean=leans(recency, counts)[0],
+        habit.update(recency_weeks=recency, counts_weeks=counts, lean=state.habit.recency_lean(max(cuts)),
                      counts_lean=float(np.mean(toward_counts)))
     return out
 

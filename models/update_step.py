@@ -29,7 +29,7 @@ from models.category_calibration import CATEGORY_STATISTIC_INDEX, CATEGORY_STATI
 from models.stream_calibration import HORIZONS_HOURS, LogitMap, StreamCalibration
 from stream import statistics
 from stream.follow import FollowCounts, hours_since
-from stream.habit import ShopHabit, leans
+from stream.habit import ShopHabit
 from stream.tempo import ShopTempo
 from stream.changelog_records import STATE_DTYPE_NAMES
 from stream.decode import decode_batch
@@ -398,7 +398,7 @@ class ProfileUpdater:
         in this shop at now_ms (stream/habit.py), beyond the leans the heads learned in (models/field_heads.py)."""
         heads = self.model.fields
         trained = torch.stack([heads.habit_lean_trained, heads.habit_counts_lean_trained]).tolist()  # one device read
-        return tuple(max(lean - fitted, 0.0) for lean, fitted in zip(leans(*self.state.habit.wins(now_ms)), trained))
+        return tuple(max(lean - fitted, 0.0) for lean, fitted in zip(self.state.habit.leans(now_ms), trained))
 
     def field_inputs(self, rows: np.ndarray, now_ms: int,
                      slots: tuple[np.ndarray, np.ndarray] | None = None) -> FieldInputs:

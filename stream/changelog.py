@@ -37,7 +37,8 @@ import numpy as np
 import orjson
 from confluent_kafka import KafkaException, Message, TopicPartition
 
-from stream.changelog_records import CHANGELOG_FORMAT, META_KEY, NAMES_KEY, RefusedRecords, name_parts
+from stream.changelog_records import (CHANGELOG_FORMAT, META_KEY, NAMES_KEY, READABLE_FORMATS, RefusedRecords,
+                                      name_parts)
 from stream.events import DEAD_LETTER_MAX_VALUE_BYTES, DeadLetter, RecordBatch, utf8
 from stream.expiry import Expired
 from stream.kafka import Publisher, StreamError
@@ -364,7 +365,7 @@ class Changelog:
                 raise StreamError(
                     f"{self.topic} holds state of model {meta.get('model_version')!r}, this daemon serves "
                     f"{self.model_version!r}: give a new model its own --group-id (or --state-topic)")
-            if meta.get("format", 2) != CHANGELOG_FORMAT:  # names by the model's bucket before format 3
+            if meta.get("format", 2) not in (CHANGELOG_FORMAT, *READABLE_FORMATS):  # names by bucket before 3
                 raise StreamError(f"{self.topic} holds state of changelog format {meta.get('format', 2)}, this "
                                   f"release writes {CHANGELOG_FORMAT}: give it a new --group-id (or --state-topic), "
                                   "or rebuild the state with profiles replay")

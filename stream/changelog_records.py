@@ -31,14 +31,18 @@ import orjson
 import torch
 
 from stream.events import RESERVED_ID_PREFIX
+from stream.habit import TWO_DAYS
 from stream.settings import STATE_DTYPES
 
 if TYPE_CHECKING:
     from stream.state import StateTable
 
-CHANGELOG_FORMAT = 8  # 2: with the behaviour statistics; 3: categories by key (models.features.category_keys);
+CHANGELOG_FORMAT = 9  # 2: with the behaviour statistics; 3: categories by key (models.features.category_keys);
 # 4: category visit counts; 5: the in-visit gaps' log minutes (stream/tempo.py); 6: the purchase rhythm (orders);
-# 7: the shop's habit, week by week (stream/habit.py); 8: the calibration anchors (stream/outcomes.py)
+# 7: the shop's habit, week by week (stream/habit.py); 8: the calibration anchors (stream/outcomes.py); 9: the
+# shop's habit over two-day spans as well
+# Earlier formats that restore: format -> the columns it lacks, which start afresh (their initial values).
+READABLE_FORMATS: dict[int, tuple[str, ...]] = {8: TWO_DAYS.columns}
 # How the model state may be stored (--state-dtype): its torch dtype by name.
 STATE_DTYPE_NAMES = {name: getattr(torch, name) for name in STATE_DTYPES}
 # Changelog key of the per-partition metadata record (model version, the calibration's counts, which names): no
@@ -146,9 +150,15 @@ class ChangelogLoader:
         self.dtype = table.record_dtype()
         # A record of either --state-dtype loads (its state vector cast to the table's), told apart by its size:
         # the state vector is the only field whose width the setting changes. So a daemon restarted with the
-        # other setting, or after the default moved to float16, keeps its state.
-        self.layouts = {layout.itemsize: layout for layout in (
-            record_dtype(table.state_size, table.spec, dtype) for dtype in STATE_DTYPE_NAMES.values())}
+        # other setting, or after the default moved to float16, keeps its state. So does a record of a readable
+        # earlier format (READABLE_FORMATS), by its size too (where two layouts are as long, this format's wins):
+        # size -> (its layout, the format its records must say).
+        self.layouts: dict[int, tuple[np.dtype, int]] = {}
+        for form, lacks in [(CHANGELOG_FORMAT, ())] + list(READABLE_FORMATS.items()):
+            spec = {name: column for name, column in table.spec.items() if name not in lacks}
+            for dtype in STATE_DTYPE_NAMES.values():
+                layout = record_dtype(table.state_size, spec, dtype)
+                self.layouts.setdefault(layout.itemsize, (layout, form))
         self.metas: dict[int, bytes | None] = {}  # partition -> its latest meta record
         # partition -> generation -> part -> names: the parts its latest meta record names, and those read since
         self.names: dict[int, dict[int, dict[int, dict[str, str]]]] = {}
@@ -226,14 +236,15 @@ class ChangelogLoader:
         changelog format (refused)."""
         if len(live):
             live_values = values if len(live) == len(values) else map(values.__getitem__, live.tolist())
-            records = np.frombuffer(b"".join(live_values), dtype=self.layouts[len(values[live[0]])])
+            layout, form = self.layouts[len(values[live[0]])]
+            records = np.frombuffer(b"".join(live_values), dtype=layout)
             formats = records["format"]
-            if (formats != CHANGELOG_FORMAT).any():
-                other = np.flatnonzero(formats != CHANGELOG_FORMAT)
+            if (formats != form).any():
+                other = np.flatnonzero(formats != form)
                 status[live[other]] = REFUSED
                 for i in other.tolist():
                     self._refuse(int(rows[live[i]]), int(partitions[live[i]])).formats.add(int(formats[i]))
-                keep = formats == CHANGELOG_FORMAT
+                keep = formats == form
                 live, records = live[keep], records[keep]
             self._load(rows[live], records)
 
@@ -255,8 +266,8 @@ class ChangelogLoader:
             at = slice(int(part[0]), int(part[-1]) + 1) if part[-1] - part[0] == len(part) - 1 else part
             if states is not None:
                 states[at] = chunk["hidden"]
-            for name, column in table.columns.items():
-                column[at] = chunk[name]
+            for name, column in table.columns.items():  # a column an earlier format lacks starts afresh
+                column[at] = chunk[name] if name in chunk.dtype.fields else table.spec[name][2]
 
     def _refuse(self, row: int, partition: int) -> Refused:
         return self.refused.setdefault(row, Refused(partition))
@@ -331,8 +342,9 @@ class ChangelogLoader:
         sizes = sorted(set().union(*(r.sizes for r in self.refused.values())))
         formats = sorted(set().union(*(r.formats for r in self.refused.values())))
         if sizes:
-            expected = " or ".join(map(str, sorted(self.layouts)))
+            expected = " or ".join(str(size) for size, (_, form) in sorted(self.layouts.items())
+                                   if form == CHANGELOG_FORMAT)
             return (f"changelog records of {sizes} bytes, expected {expected} (float16 or float32 states): written "
                     "by another model or settings (state size, input topics, dedupe window); use a new changelog "
                     "topic for them")
-        return f"changelog record format {formats} is not {CHANGELOG_FORMAT}"
+        return f"changelog record format {formats} is not {CHANGELOG_FORMAT} (nor a readable earlier one)"

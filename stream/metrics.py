@@ -86,9 +86,9 @@ class Metrics:
         self.model_info = Info("profiles_model", "The serving model", registry=r)
         # What the daemon has learned of the shop from its traffic, which moves the published fields.
         self.habit_evidence = Gauge(
-            "profiles_shop_habit_evidence", "How the users whose latest week closed in the last 4 came back: weeks "
-            "where only their latest category came again, less those where only their most engaged-with one did, "
-            "over all those weeks and 50 (-1 to 1; stream/habit.py)", registry=r)
+            "profiles_shop_habit_evidence", "How the users whose latest span (a week, or two days) closed in the last "
+            "4 came back: spans where only their latest category came again, less those where only their most "
+            "engaged-with one did, over all those spans and 50 (-1 to 1; stream/habit.py)", ["span"], registry=r)
         self.top_categories_lean = Gauge(
             "profiles_top_categories_lean", "How far top_categories leans, from the shop's habit, toward the users' "
             "latest categories or toward their most engaged-with ones, beyond what the model learned (0 to 1)",

@@ -16,12 +16,14 @@ from models.field_heads import HABIT_COUNT, HABIT_COUNTS_WEIGHT, HABIT_FRESHNESS
 from models.profile_model import ModelConfig
 from models.update_step import ProfileUpdater
 from stream.generator import ShopParams, generate
-from stream.habit import PRIOR_WEEKS, RECENT_WEEKS, WEEK_MS, ShopHabit
+from stream.habit import (CONTESTS, COUNTS_LEAN_FULL, DAY_MS, LEAN_FULL, PRIOR_WEEKS, RECENT_WEEKS, TWO_DAYS, WEEK_MS,
+                          WEEKS, ShopHabit)
 from stream.statistics import SLOT_FEATURES
 from tests.helpers import DEVICE, updater_fed
 
 ON_DEVICE = torch.device(DEVICE)
 HOUR = 3_600_000
+DAY = DAY_MS
 WEEK0 = (1_700_000_000_000 // WEEK_MS + 1) * WEEK_MS  # the start of a week of event time
 
 
@@ -70,22 +72,21 @@ def test_habit_is_the_same_whatever_the_batches_and_the_sum_over_the_users_in_st
     events = generate(users=300, events=15000, seed=4, shop=ShopParams.draw(3), span_days=60).events
     one = updater_fed(events, [10_000])
     many = updater_fed(events, [97, 431, 1, 2_000])
-    columns = ("habit_week", "habit_keys", "habit_hits", "habit_last", "habit_last_week")
     rows = [many.state.row(u) for u in one.state.user_ids]
-    for name in columns:
+    for name in (name for contest in CONTESTS for name in contest.columns):  # both clocks: weeks and two days
         np.testing.assert_array_equal(one.state.columns[name][:len(one.state)], many.state.columns[name][rows])
     habit = one.state.habit
-    assert sum(sum(c) for c in habit.weeks.values()) > 10  # weeks were judged
-    assert many.state.habit.weeks == habit.weeks
+    assert [sum(sum(c) for c in spans.values()) > 10 for spans in habit.spans] == [True, True]  # spans were judged
+    assert many.state.habit.spans == habit.spans
     fresh = ShopHabit()
     fresh.rebuild(one.state.columns, len(one.state))
-    assert fresh.weeks == habit.weeks
-    one.state.forget(one.state.user_ids[::3])  # erased users take their weeks with them
+    assert fresh.spans == habit.spans
+    one.state.forget(one.state.user_ids[::3])  # erased users take their spans with them
     fresh.rebuild(one.state.columns, len(one.state))
-    assert one.state.habit.weeks == fresh.weeks
+    assert one.state.habit.spans == fresh.spans
     restored = ProfileUpdater(untrained(), ON_DEVICE, max_event_bytes=65536, emit_embedding=False)
     restored.state.restore(one.state.snapshot())
-    assert restored.state.habit.weeks == fresh.weeks
+    assert restored.state.habit.spans == fresh.spans
 
 
 def drifting_shop(users: int) -> list[dict]:
@@ -126,6 +127,39 @@ def test_top_categories_lean_toward_the_latest_category_where_the_shop_moves_on(
     # Heads fitted in a shop that moves on as much learned its freshness there: the habit adds nothing to them.
     loaded.model.fields.habit_lean_trained.fill_(1.0)
     assert top(sorted(shop + heavy, key=lambda e: e["ts"]), "heavy") == ("staple", 1.0)
+
+
+def turning_shop(users: int, turn: int) -> list[dict]:
+    """Users who keep a staple for three weeks (each day two clicks on it and one on a category met once), then all
+    turn at `turn` to categories of their own, each day coming back to the one met the day before."""
+    events = []
+    for u in range(users):
+        for day in range(21):
+            at = WEEK0 + day * DAY + u * 1000
+            events += [click(f"u{u}", 10 * day + i, at + i * HOUR, c)
+                       for i, c in enumerate(["staple", "staple", f"d{u}-{day}"])]
+        for day in range(5):
+            at = turn + day * DAY + u * 1000
+            events += [click(f"u{u}", 1000 + 10 * day + i, at + i * HOUR, c)
+                       for i, c in enumerate([f"n{u}-{day}", f"n{u}-{day + 1}"])]
+    return sorted(events, key=lambda e: e["ts"])
+
+
+def test_a_shop_that_turns_is_leaned_toward_within_days_not_at_the_next_week():
+    """Days after a shop's users all turned to new categories, no week has closed since: the weeks still say they
+    keep their staples, but the spans of two days already say they come back to their latest categories, and
+    top_categories leans toward those (the lean toward the counts fades as that one rises)."""
+    turn = WEEK0 + 3 * WEEK_MS + 2 * HOUR  # just after a week began
+    now = turn + 4 * DAY + 12 * HOUR  # the same week
+    updater = updater_fed(turning_shop(150, turn), [700])
+    habit = updater.state.habit
+    assert habit.evidence(now, WEEKS) < COUNTS_LEAN_FULL  # the weeks' latest closed one is before the turn
+    assert habit.evidence(now, TWO_DAYS) > LEAN_FULL
+    assert habit.leans(now) == (1.0, 0.0) and updater.habit_leans(now) == (1.0, 0.0)
+    # Before the turn the same shop leaned toward the counts alone.
+    before = updater_fed([e for e in turning_shop(150, turn) if e["ts"] < turn], [700])
+    assert before.state.habit.evidence(turn - HOUR, TWO_DAYS) < 0
+    assert before.state.habit.leans(turn - HOUR) == (0.0, 1.0)
 
 
 def detour_shop(users: int) -> list[dict]:

@@ -16,6 +16,7 @@ from models.update_step import load_updater
 from stream.anchor_samples import STATISTICS
 from stream.broker import free_port
 from stream.generator import generate
+from stream.habit import CONTESTS
 from stream.metrics import Health, Metrics, serve
 from tests.helpers import committed_offsets, create_topics, end_offsets, produce, wait_until
 from tests.helpers import http_get as get
@@ -66,7 +67,9 @@ def test_endpoints_during_a_real_run(kafka, settings_factory):
         assert value("profiles_device_memory_bytes", {"device": "host"}) > 10 * 2**20
         # The shop's habit as the state holds it after the last batch, and the leans top_categories takes from it.
         state = daemon.updater.state
-        assert value("profiles_shop_habit_evidence") == state.habit.evidence(state.max_event_ts) != 0
+        for span, contest in zip(("week", "two_days"), CONTESTS):
+            assert value("profiles_shop_habit_evidence", {"span": span}) == state.habit.evidence(state.max_event_ts,
+                                                                                               contest) != 0
         assert [value("profiles_top_categories_lean", {"toward": toward}) for toward in ("latest", "counts")] == \
             list(daemon.updater.habit_leans(state.max_event_ts))
         # The stream's calibration map as the state's counts give it (a 0 and b 1 where the model's own are kept).

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stream.changelog import Changelog
-from stream.changelog_records import CHANGELOG_FORMAT, META_KEY, RefusedRecords
+from stream.changelog_records import CHANGELOG_FORMAT, META_KEY, READABLE_FORMATS, RefusedRecords, record_dtype
 from stream.kafka import Publisher, StreamError, admin_client, ensure_topics
 from stream.log_reader import read_to_end
 from stream.metrics import Metrics
@@ -160,12 +160,42 @@ def test_records_of_another_format_and_keyless_records():
     state = table()
     good = random_record(np.random.default_rng(0), state.record_dtype())
     loader = state.changelog_loader()
-    loader.add([b"a", None, b"b"], [good, good, bytes([9]) + good[1:]], np.zeros(3, dtype=np.int64))
+    loader.add([b"a", None, b"b"], [good, good, bytes([CHANGELOG_FORMAT + 1]) + good[1:]],
+               np.zeros(3, dtype=np.int64))
     assert loader.keyless == 1
-    with pytest.raises(RefusedRecords, match="format \\[9\\] is not"):
+    with pytest.raises(RefusedRecords, match=f"format \\[{CHANGELOG_FORMAT + 1}\\] is not"):
         loader.finish()
     loader.add([b"b"], [None], np.zeros(1, dtype=np.int64))  # erased since: nothing refused any more
     assert loader.finish() == 1 and state.user_ids == ["a"]
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float16, torch.float32])
+def test_a_record_of_an_earlier_readable_format_restores_and_what_it_lacks_starts_afresh(state_dtype):
+    """A format-8 record (without the habit over two-day spans) loads into every column it has; the columns it
+    lacks take their initial values, also in a row that held a user before. A record of that layout that says
+    another format is refused."""
+    state = StateTable(8, torch.device(DEVICE), watermark_slots=1, dedupe_window=4, state_dtype=state_dtype)
+    rng = np.random.default_rng(3)
+    full = np.frombuffer(random_record(rng, state.record_dtype()), dtype=state.record_dtype())
+    lacks = READABLE_FORMATS[8]
+    layout = record_dtype(state.state_size, {k: v for k, v in state.spec.items() if k not in lacks}, state_dtype)
+    old = np.zeros(1, dtype=layout)
+    for name in layout.names:
+        old[name] = full[name]
+    old["format"] = 8
+    state.load_changelog({b"a": full.tobytes()})  # a row holding every column, written again by the old record
+    assert state.columns[lacks[1]][0].any()
+    state.load_changelog({b"a": old.tobytes(), b"b": old.tobytes()})
+    for row in (state.row("a"), state.row("b")):
+        for name in state.spec:
+            expected = state.spec[name][2] if name in lacks else full[name][0]
+            np.testing.assert_array_equal(state.columns[name][row], expected, err_msg=name)
+        assert torch.equal(state.states[row].cpu(), torch.from_numpy(full["hidden"][0].copy()).to(state_dtype))
+    old["format"] = CHANGELOG_FORMAT
+    loader = state.changelog_loader()
+    loader.add([b"c"], [old.tobytes()], np.zeros(1, dtype=np.int64))
+    with pytest.raises(RefusedRecords, match=f"format \\[{CHANGELOG_FORMAT}\\] is not"):
+        loader.finish()
 
 
 @pytest.fixture
