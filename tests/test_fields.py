@@ -38,13 +38,15 @@ ON_DEVICE = torch.device(DEVICE)
 
 
 def test_statistics_do_not_depend_on_batching():
-    """Every statistic equals whatever the batch sizes; category slots too, for users whose categories
-    fit the slots (beyond, the least engaged fall out in an order that can depend on batching)."""
+    """Every statistic equals whatever the batch sizes; category slots too, and the shop's habit's guesses and
+    outcomes read from them, for users whose categories fit the slots (beyond, the least engaged fall out in an
+    order that can depend on batching)."""
     events = generate(users=150, events=4000, seed=5).events
     one, many = updater_fed(events, [10_000]).state, updater_fed(events, [97]).state
     order = [many.row(u) for u in one.user_ids]
+    from stream.habit import HABIT_COLUMNS
     from stream.statistics import COUNT, SESSION_GAP_MS, STAT_COLUMNS, VISITS
-    for name in set(STAT_COLUMNS) - {"cat_key", "cat_mass", "cat_count"}:
+    for name in set(STAT_COLUMNS) - {"cat_key", "cat_mass", "cat_count"} - set(HABIT_COLUMNS):
         a, b = one.columns[name][:len(one)], many.columns[name][order]
         if np.issubdtype(a.dtype, np.floating):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
@@ -74,6 +76,8 @@ def test_statistics_do_not_depend_on_batching():
         return {b: m for b, m in zip(state.columns["cat_key"][row].tolist(), stats) if b}
 
     for user in exact:
+        for name in HABIT_COLUMNS:
+            np.testing.assert_array_equal(one.columns[name][one.row(user)], many.columns[name][many.row(user)])
         a, b = slots(one, user), slots(many, user)
         assert a.keys() == b.keys()
         for bucket in a:
