@@ -107,8 +107,6 @@ def stream_calibration_line(calibration: dict) -> str:
             weights = "".join(f" {w:+.2f} x {stat}" for stat, w in (head.get("weights") or {}).items())
             fitted = f"{head['sampled']:,} sampled users" if weights else f"{head['users']:,} users"
             said.append(f"{name} {head['a']:+.2f} + {head['b']:.2f} x logit{weights} (fitted on {fitted}{moved})")
-        elif head["kept"]:
-            said.append(f"{name} as the model says (the window is cut short; the map is the full horizon's)")
         else:
             said.append(f"{name} as the model says (a map would gain {head['gain_nats']:,.0f} nats: not enough)")
     categories = calibration.get("top_categories") or {}

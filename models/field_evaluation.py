@@ -320,7 +320,7 @@ def evaluate_fields(loaded: LoadedModel, files: list[str], device: torch.device,
         "horizons_hours": {"category": CATEGORY_HORIZON_HOURS, "purchase": PURCHASE_HORIZON_HOURS,
                            "churn": CHURN_HORIZON_HOURS},
         "windows_hours": {k: round(v, 3) for k, v in windows.items()},
-        "stream_calibration": stream_map_report(shop_map, windows),
+        "stream_calibration": stream_map_report(shop_map),
         "windows_cut_short": any(windows[k] < h for k, h in (("category", CATEGORY_HORIZON_HOURS),
                                                              ("purchase", PURCHASE_HORIZON_HOURS),
                                                              ("churn", CHURN_HORIZON_HOURS))),
@@ -358,18 +358,17 @@ def profiles_at(loaded: LoadedModel, records, device: torch.device, cut: int,
     return profiles, updater.calibration.shop_map() if updater.calibration is not None else None
 
 
-def stream_map_report(shop_map: LogitMap | None, windows: dict[str, float]) -> dict | None:
+def stream_map_report(shop_map: LogitMap | None) -> dict | None:
     """What the stream's calibration did to each probability at the cut: its map, fitted on how many users, and
-    whether it was applied (kept, and the window is the contract's horizon)."""
+    whether it was applied (kept; over a window cut short, carried over by the model's own hazards)."""
     if shop_map is None:
         return None
-    hours = (windows["purchase"], windows["churn"])
     return {name: {"users": shop_map.users[head], "a": shop_map.a[head], "b": shop_map.b[head],
                    "gain_nats": shop_map.gain_nats[head], "kept": shop_map.kept[head], "drift": shop_map.drift[head],
                    "weights": None if shop_map.weights[head] is None else dict(zip(STATISTICS[head],
                                                                                    shop_map.weights[head])),
                    "weights_gain_nats": shop_map.weights_gain_nats[head], "sampled": shop_map.sampled[head],
-                   "applied": shop_map.applies(head, hours[head])}
+                   "applied": shop_map.applies(head)}
             for head, name in enumerate(HEADS)} | {"top_categories": {
                 "users": shop_map.category_users, "gain": shop_map.category_gain,
                 "gain_standard_error": shop_map.category_gain_se, "steady_gain": shop_map.category_steady_gain,

@@ -95,22 +95,44 @@ class LogitMap:
             passes(*gain) for gain in ((self.category_gain, self.category_gain_se),
                                        (self.category_steady_gain, self.category_steady_gain_se)))
 
-    def applies(self, head: int, hours: float | None = None) -> bool:
-        """Whether the head's published probability over `hours` (None: the contract's) moves: the map is kept, and
-        the horizon is the one it was fitted for (an evaluation's shorter window keeps the model's own)."""
-        return self.kept[head] and (hours is None or hours == HORIZONS_HOURS[head])
+    def applies(self, head: int) -> bool:
+        """Whether the head's published probability moves: the map is kept."""
+        return self.kept[head]
 
     def apply(self, head: int, p: torch.Tensor, hours: float | None = None,
-              user_statistics: torch.Tensor | None = None) -> torch.Tensor:
-        """user_statistics: the users' (U, len(USER_FEATURES)) statistics at the clock (read where weights are)."""
-        if not self.applies(head, hours):
+              user_statistics: torch.Tensor | None = None, p_horizon: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's probabilities p over `hours` (None: the contract's horizon, the one the map is fitted for) as
+        the map says. user_statistics: the users' (U, len(USER_FEATURES)) statistics at the clock (read where
+        weights are). Over a shorter window (an evaluation's, where its log ends sooner) the map moves the model's
+        probabilities over the horizon, p_horizon, and each user's window keeps the share of the horizon's hazard
+        the model gives it (over_window); without p_horizon, the model's own are kept."""
+        if not self.applies(head):
             return p
+        if hours is not None and hours != HORIZONS_HOURS[head]:
+            if p_horizon is None:
+                return p
+            return over_window(head, self.apply(head, p_horizon, None, user_statistics), p_horizon, p)
         p = p.double().clamp(1e-12, 1 - 1e-12)
         z = self.a[head] + self.b[head] * torch.logit(p)
         if self.weights[head] is not None:
             weights = torch.tensor(self.weights[head], dtype=torch.float64, device=p.device)
             z = z + user_statistics[:, list(STATISTIC_INDEX[head][:len(weights)])].double() @ weights
         return torch.sigmoid(z).to(torch.float32)
+
+
+def over_window(head: int, mapped: torch.Tensor, p_horizon: torch.Tensor, p_window: torch.Tensor) -> torch.Tensor:
+    """The mapped probabilities over the horizon read over a window: the cumulative hazard of the head's event (a
+    purchase; for churn_risk, the user's return, which its probability is the absence of) over the window is the
+    mapped one over the horizon times the share the model's own hazards give the window, log(1 - p_window) /
+    log(1 - p_horizon) (churn_risk: log p_window / log p_horizon). So the map's level and ranking carry over, and
+    a window as long as the horizon gets the mapped probability itself."""
+    eps = 1e-9
+    p_horizon, p_window, mapped = (t.double().clamp(eps, 1 - eps) for t in (p_horizon, p_window, mapped))
+    silent = HEADS[head] == "churn_risk"  # its probability is of no event: the hazard is of the other outcome
+    none_h, none_w, mapped_none = (p_horizon, p_window, mapped) if silent else (1 - p_horizon, 1 - p_window, 1 - mapped)
+    share = (torch.log(none_w) / torch.log(none_h)).clamp(0.0, 1.0)
+    out = mapped_none ** share
+    return (out if silent else 1 - out).to(torch.float32)
 
 
 def fit_logit_map(counts: np.ndarray) -> LogitMap:

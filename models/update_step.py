@@ -485,10 +485,13 @@ class ProfileUpdater:
         shop_map = self.calibration.shop_map() if self.calibration is not None else LogitMap()
         heads = self.model.heads(s, idle, seen, TOP_CATEGORIES, inputs, horizons_hours, self.slot_weights(shop_map))
         purchase, churn = heads.purchase_propensity, heads.churn_risk
-        if self.calibration is not None:  # the map of the contract's horizons: not over an evaluation's shorter ones
+        if self.calibration is not None:  # the map of the contract's horizons (over an evaluation's shorter ones,
+            # carried over from the model's probabilities over the horizons); inputs.user: the rules' statistics too
             purchase_h, churn_h = horizons_hours or (None, None)
-            purchase = shop_map.apply(0, purchase, purchase_h, inputs.user)  # inputs.user: the rules' statistics too
-            churn = shop_map.apply(1, churn, churn_h, inputs.user)
+            at_horizon = (self.model.field_probabilities(s, inputs, cfg.purchase_horizon_hours, cfg.churn_horizon_hours)
+                          if horizons_hours is not None and any(shop_map.kept) else (None, None))
+            purchase = shop_map.apply(0, purchase, purchase_h, inputs.user, at_horizon[0])
+            churn = shop_map.apply(1, churn, churn_h, inputs.user, at_horizon[1])
         top_cols, top_scores = heads.top_category_cols, heads.top_category_probs
         top_names = state.seen_category_names()[top_cols.cpu().numpy()].tolist()  # (U, k) names, best first
         top_scores = np.round(top_scores.double().cpu().numpy(), 6).tolist()

@@ -13,7 +13,7 @@ import torch
 from models.checkpoint_io import untrained
 from models.stream_calibration import (
     GATE_NATS, GATE_NATS_PER_USER, LogitMap, StreamCalibration, fit_head, fit_logit_map, logistic_fit,
-    with_statistics,
+    over_window, with_statistics,
 )
 from stream import statistics
 from stream.anchor_samples import (
@@ -50,6 +50,33 @@ def counts_from(probabilities: np.ndarray, truth: np.ndarray, users_per_bin: int
     n = np.where((probabilities > 0.02) & (probabilities < 0.98), users_per_bin, 0)
     yes = rng.binomial(n, truth)
     return np.stack([n - yes, yes], axis=1)
+
+
+def test_over_a_window_cut_short_the_map_keeps_the_share_of_the_hazard_the_model_gives_it():
+    """An evaluation whose log ends before the horizon asks for a shorter window: the map (fitted for the horizon)
+    moves the horizon's probabilities, and the window keeps the model's share of the horizon's hazard. Where both
+    the model and the shop have constant hazards (the shop's rate another than the model's), that is the shop's
+    probability over the window; the identity map gives the model's own; a window as long as the horizon the
+    mapped probability itself."""
+    horizon, window = 336.0, 100.0
+    model_rate, shop_rate = torch.tensor([0.001, 0.004, 0.006]), torch.tensor([0.002, 0.003, 0.009])  # per hour
+    for head in (0, 1):  # purchase: the probability of the event; churn_risk: of its absence (no return)
+        def probability(rate: torch.Tensor, hours: float) -> torch.Tensor:
+            none = torch.exp(-rate.double() * hours)
+            return (none if HEADS[head] == "churn_risk" else 1 - none).float()
+
+        p_h, p_w = probability(model_rate, horizon), probability(model_rate, window)
+        mapped = probability(shop_rate, horizon)
+        np.testing.assert_allclose(over_window(head, mapped, p_h, p_w), probability(shop_rate, window), rtol=1e-4)
+        np.testing.assert_allclose(over_window(head, p_h, p_h, p_w), p_w, rtol=1e-5)
+        np.testing.assert_allclose(over_window(head, mapped, p_h, p_h), mapped, rtol=1e-5)
+        # Through the map: kept, it is applied over the window; without the horizon's probabilities, or not kept,
+        # the model's own stay.
+        shop_map = LogitMap(a=(0.7, -0.4), b=(1.1, 0.9), kept=(True, True))
+        np.testing.assert_allclose(shop_map.apply(head, p_w, window, None, p_h),
+                                   over_window(head, shop_map.apply(head, p_h), p_h, p_w), rtol=1e-6)
+        assert torch.equal(shop_map.apply(head, p_w, window), p_w)
+        assert torch.equal(LogitMap().apply(head, p_w, window, None, p_h), p_w)
 
 
 def test_the_map_finds_a_shift_and_keeps_the_identity_where_the_model_is_right():
@@ -346,6 +373,16 @@ def test_the_map_moves_what_is_published_and_never_the_state():
     purchase = np.array([[m["purchase_propensity"], k["purchase_propensity"]] for m, k in zip(moved, kept)])
     assert (churn[:, 0] >= churn[:, 1]).all() and churn[:, 0].mean() > churn[:, 1].mean() + 0.05
     assert (purchase[:, 0] <= purchase[:, 1]).all() and purchase[:, 0].mean() < purchase[:, 1].mean() - 0.05
+    # Over windows cut short (an evaluation whose log ends sooner) the map is carried over by the model's hazards.
+    short = (60.0, 100.0)
+    over = [orjson.loads(v) for _, v in calibrated.profiles_for(rows, short)]
+    own = [orjson.loads(v) for _, v in plain.profiles_for(rows, short)]
+    for head, name in enumerate(("purchase_propensity", "churn_risk")):
+        at_horizon = torch.tensor([k[name] for k in kept])
+        expected = over_window(head, torch.tensor([m[name] for m in moved]), at_horizon,
+                               torch.tensor([o[name] for o in own]))
+        np.testing.assert_allclose([m[name] for m in over], expected.numpy(), rtol=1e-4, atol=1e-6)
+        assert not np.allclose([m[name] for m in over], [o[name] for o in own], atol=0.01)
     # The rest is the plain updater's (within float rounding: the calibrated one applied the batches in two parts
     # at the anchors, as another batching would).
     assert [[c["category"] for c in m["top_categories"]] for m in moved] == [
