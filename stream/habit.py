@@ -114,9 +114,9 @@ def update_habit(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: 
     slot_keys = slot_keys.astype(np.int64)
     # The counts' guess as count << 32 | key (a larger key wins a tie): the slots' best before the batch.
     stored_best = np.max(np.where(slot_keys > 0, (slot_counts.astype(np.int64) << 32) | slot_keys, 0), axis=1)
+    key = category.astype(np.int64)
     for contest in CONTESTS:
-        _advance(contest, columns, rows, user_sorted, ts, category.astype(np.int64), starts, old_last_ts, slot_keys,
-                 slot_counts, stored_best)
+        _advance(contest, columns, rows, user_sorted, ts, key, starts, old_last_ts, slot_keys, slot_counts, stored_best)
 
 
 def _advance(contest: Contest, columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray,
