@@ -488,8 +488,9 @@ class ProfileUpdater:
         if self.calibration is not None:  # the map of the contract's horizons (over an evaluation's shorter ones,
             # carried over from the model's probabilities over the horizons); inputs.user: the rules' statistics too
             purchase_h, churn_h = horizons_hours or (None, None)
-            at_horizon = (self.model.field_probabilities(s, inputs, cfg.purchase_horizon_hours, cfg.churn_horizon_hours)
-                          if horizons_hours is not None and any(shop_map.kept) else (None, None))
+            full = (cfg.purchase_horizon_hours, cfg.churn_horizon_hours)
+            short = horizons_hours is not None and tuple(horizons_hours) != full and any(shop_map.kept)
+            at_horizon = self.model.field_probabilities(s, inputs, *full) if short else (None, None)
             purchase = shop_map.apply(0, purchase, purchase_h, inputs.user, at_horizon[0])
             churn = shop_map.apply(1, churn, churn_h, inputs.user, at_horizon[1])
         top_cols, top_scores = heads.top_category_cols, heads.top_category_probs
