@@ -257,6 +257,38 @@ def test_a_restore_refuses_records_of_another_layout_naming_the_partition(kafka,
         changelog.restore(list(range(PARTITIONS)))
 
 
+def test_a_changelog_of_the_previous_format_restores_from_the_broker(kafka, changelog_topic):
+    """A daemon upgraded in place: its topic holds format-8 records and meta records (written before the habit over
+    two-day spans), one user written again in this format since. Every user restores, the category names with them;
+    what format 8 lacks starts afresh. A meta record of an older format still stops the restore, saying so."""
+    rng = np.random.default_rng(5)
+    state = table()
+    lacks = READABLE_FORMATS[8]
+    layout = record_dtype(state.state_size, {k: v for k, v in state.spec.items() if k not in lacks},
+                          state.state_dtype)
+    old = np.zeros(3, dtype=layout)
+    for name in layout.names:
+        old[name] = np.frombuffer(b"".join(random_record(rng, layout) for _ in range(3)), dtype=layout)[name]
+    old["format"] = 8
+    new = random_record(rng, state.record_dtype())
+    meta = orjson.dumps({"model_version": "m1", "format": 8, "category_names": {"7": "hats"}})
+    write(kafka, changelog_topic, [(0, META_KEY, meta), (0, b"a", old[0].tobytes()), (1, b"b", old[1].tobytes()),
+                                   (1, b"c", old[2].tobytes()), (1, b"c", new)])
+    changelog = Changelog(kafka, state, Publisher(kafka), Metrics(), topic=changelog_topic, model_version="m1")
+    assert changelog.restore(list(range(PARTITIONS))).users == 3
+    assert state.category_names == {7: "hats"}
+    for user, record in (("a", old[0]), ("b", old[1])):
+        row = state.row(user)
+        for name in state.spec:
+            expected = state.spec[name][2] if name in lacks else record[name]
+            np.testing.assert_array_equal(state.columns[name][row], expected, err_msg=name)
+    assert held(state)["c"] == new
+    write(kafka, changelog_topic, [(2, META_KEY, orjson.dumps({"model_version": "m1", "format": 7}))])
+    again = Changelog(kafka, table(), Publisher(kafka), Metrics(), topic=changelog_topic, model_version="m1")
+    with pytest.raises(StreamError, match="holds state of changelog format 7, this release writes"):
+        again.restore(list(range(PARTITIONS)))
+
+
 def test_a_restore_from_a_topic_with_binary_keys_says_it_is_not_a_state_topic(kafka, changelog_topic):
     write(kafka, changelog_topic, [(1, b"\xff\xfe", b"\x00" * 40)])
     changelog = Changelog(kafka, table(), Publisher(kafka), Metrics(), topic=changelog_topic, model_version="m1")
