@@ -488,9 +488,8 @@ class ProfileUpdater:
         if self.calibration is not None:  # the map of the contract's horizons (over an evaluation's shorter ones,
             # carried over from the model's probabilities over the horizons); inputs.user: the rules' statistics too
             purchase_h, churn_h = horizons_hours or (None, None)
-            full = (cfg.purchase_horizon_hours, cfg.churn_horizon_hours)
-            short = horizons_hours is not None and tuple(horizons_hours) != full and any(shop_map.kept)
-            at_horizon = self.model.field_probabilities(s, inputs, *full) if short else (None, None)
+            short = horizons_hours is not None and tuple(horizons_hours) != HORIZONS_HOURS and any(shop_map.kept)
+            at_horizon = self.model.field_probabilities(s, inputs, *HORIZONS_HOURS) if short else (None, None)
             purchase = shop_map.apply(0, purchase, purchase_h, inputs.user, at_horizon[0])
             churn = shop_map.apply(1, churn, churn_h, inputs.user, at_horizon[1])
         top_cols, top_scores = heads.top_category_cols, heads.top_category_probs

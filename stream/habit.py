@@ -241,9 +241,10 @@ class ShopHabit:
         """These rows' judged latest spans as span * 2 + (outcome - 1), one entry per user with one: per clock."""
         out = []
         for contest in CONTESTS:
-            outcome = columns[contest.columns[3]][rows].astype(np.int64)
+            *_, last_column, last_span_column = contest.columns
+            outcome = columns[last_column][rows].astype(np.int64)
             judged = outcome > 0
-            out.append(columns[contest.columns[4]][rows][judged].astype(np.int64) * 2 + outcome[judged] - 1)
+            out.append(columns[last_span_column][rows][judged].astype(np.int64) * 2 + outcome[judged] - 1)
         return tuple(out)
 
     def rebuild(self, columns: dict[str, np.ndarray], n: int) -> None:
@@ -276,8 +277,8 @@ class ShopHabit:
         """(toward the latest categories, toward the most engaged-with ones), each 0 to 1: the weeks', but where the
         shop has turned (the two days' evidence TURN or more above the weeks') the larger of the two clocks' lean
         toward the latest categories, and the weeks' toward the counts fading as that one rises."""
-        toward_latest, toward_counts = leans(*self.wins(now_ms, WEEKS))
-        weeks = self.evidence(now_ms, WEEKS)
+        weekly = self.wins(now_ms, WEEKS)
+        (toward_latest, toward_counts), weeks = leans(*weekly), evidence(*weekly)
         for contest in CONTESTS[1:]:
             recency, counts = self.wins(now_ms, contest)
             if evidence(recency, counts) - weeks >= TURN:
