@@ -56,8 +56,13 @@ CHURN, WEEK_SERIES = HEADS.index("churn_risk"), SERIES.index("churn_risk_week")
 DRIFT_GATE_NATS = 4.0
 # The fit on the rules' statistics replaces a head's affine map where it gains GATE_NATS and STATISTICS_GATE_PER_USER
 # nats per sampled user over the affine map fitted on the same sample (four or three weights more: a sample's noise
-# gains about two nats).
+# gains about two nats), or where it held out of time (Sample.rules_held_out): fitted on the previous matured
+# anchor's sample, it said the latest one's outcomes HELD_OUT_GATE_NATS better than the affine map fitted there. A
+# gain on other users carries no fit's optimism, and in shops where a rule leads by a little (wardrobe's days idle,
+# explorers' purchases of the week) the in-sample gate had kept the statistics out at most anchors
+# (docs/model-journal.md, session 61).
 STATISTICS_GATE_PER_USER = 0.004
+HELD_OUT_GATE_NATS = 2.0
 STATISTIC_INDEX = tuple(tuple(statistics.USER_FEATURES.index(name) for name in names) for names in STATISTICS)
 SAMPLED_INDEX = tuple(statistics.USER_FEATURES.index(name) for name in SAMPLED_STATISTICS)  # a sample's x, after logits
 
@@ -180,11 +185,13 @@ def with_drift(shop_map: LogitMap, older: np.ndarray, newer: np.ndarray) -> Logi
 
 
 def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.ndarray,
-                    held_out: float | None = None) -> LogitMap:
+                    held_out: float | None = None, rules_held_out: float | None = None) -> LogitMap:
     """The head's map fitted on the sampled users' logits and statistics (x: a sample's columns) where that gains
-    enough over the affine map of the logit alone fitted on the same users: sigmoid(a + b logit + weights .
-    statistics), by Newton with a ridge toward the identity (b = 1, no weight). The statistics are the rules'
-    (RULE_STATISTICS), or all the head's where the sample judged them `held_out` (Sample.held_out) by the same gate."""
+    enough over the affine map of the logit alone fitted on the same users, or where the previous anchor's fit on
+    the rules' statistics said these users better than its affine map (`rules_held_out`, Sample.rules_held_out) by
+    HELD_OUT_GATE_NATS: sigmoid(a + b logit + weights . statistics), by Newton with a ridge toward the identity
+    (b = 1, no weight). The statistics are the rules' (RULE_STATISTICS), or all the head's where the sample judged
+    them `held_out` (Sample.held_out) by the in-sample gate."""
     n = len(happened)
     gate = max(GATE_NATS, STATISTICS_GATE_PER_USER * n)
     every = held_out is not None and held_out >= gate and x.shape[1] >= WIDTH
@@ -194,7 +201,7 @@ def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.n
     gain = log_likelihood(design @ theta, yes, 1 - yes) - log_likelihood(design[:, :2] @ affine, yes, 1 - yes)
     fitted = replace(shop_map, weights_gain_nats=only(shop_map.weights_gain_nats, head, gain),
                      sampled=only(shop_map.sampled, head, n))
-    if gain < gate:
+    if gain < gate and (rules_held_out is None or rules_held_out < HELD_OUT_GATE_NATS):
         return fitted
     return replace(fitted, a=only(shop_map.a, head, float(theta[0])), b=only(shop_map.b, head, float(theta[1])),
                    kept=only(shop_map.kept, head, True), drift=only(shop_map.drift, head, 0.0),
@@ -208,20 +215,20 @@ def statistics_design(x: np.ndarray, head: int, every: bool) -> np.ndarray:
     return np.column_stack([np.ones(len(x)), x[:, LOGIT_COLUMNS[head]], x[:, list(columns)]])
 
 
-def held_out_gain(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray], head: int
-                  ) -> float | None:
-    """How much better the weights on all the head's statistics, fitted on one matured anchor's sample (`before`:
-    x, happened), say a later one's outcomes (`after`) than the weights on the rules' statistics alone fitted on
-    the same: log likelihood, nats. None where a sample lacks the statistics (a record of an older release) or the
-    head has none beyond the rules'."""
-    if len(STATISTICS[head]) == RULE_STATISTICS[head] or min(before[0].shape[1], after[0].shape[1]) < WIDTH:
-        return None
+def held_out_gains(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray], head: int
+                   ) -> tuple[float | None, float]:
+    """How much better fits on one matured anchor's sample (`before`: x, happened) say a later one's outcomes
+    (`after`), log likelihood in nats: the weights on all the head's statistics over those on the rules' alone
+    (None where a sample lacks the statistics, a record of an older release, or the head has none beyond the
+    rules'), and the weights on the rules' statistics over the affine map of the logit alone."""
+    def said(columns: int | None, every: bool) -> float:
+        theta = logistic_fit(statistics_design(before[0], head, every)[:, :columns], yes, 1 - yes)
+        return log_likelihood(statistics_design(after[0], head, every)[:, :columns] @ theta, later, 1 - later)
+
     yes, later = before[1].astype(np.float64), after[1].astype(np.float64)
-    said = []
-    for every in (True, False):
-        theta = logistic_fit(statistics_design(before[0], head, every), yes, 1 - yes)
-        said.append(log_likelihood(statistics_design(after[0], head, every) @ theta, later, 1 - later))
-    return said[0] - said[1]
+    rules = said(None, False)
+    beyond = len(STATISTICS[head]) > RULE_STATISTICS[head] and min(before[0].shape[1], after[0].shape[1]) >= WIDTH
+    return (said(None, True) - rules) if beyond else None, rules - said(2, False)
 
 
 def only(values: tuple, head: int, value: object) -> tuple:
@@ -453,10 +460,10 @@ class StreamCalibration:
         samples = self.state.outcomes.samples
         before, after = samples.matured_at(anchor - 1, head), samples.matured_at(anchor, head)
         if before is not None and after is not None:
-            judged = held_out_gain(before[:2], after[:2], head)
+            every, rules = held_out_gains(before[:2], after[:2], head)
             for (_, sampled_at), sample in samples.samples.items():
                 if sampled_at == anchor:
-                    sample.held_out[head] = judged
+                    sample.held_out[head], sample.rules_held_out[head] = every, rules
         if head == HEADS.index("purchase_propensity"):  # top_categories' week closes with purchase_propensity's
             self.fit_categories(anchor)
 

@@ -160,8 +160,10 @@ class Sample:
     # The candidates of top_categories of the first CATEGORY_SAMPLE_PER_PARTITION users (None: none taken).
     categories: CategorySample | None = None
     # Per head, once its window closed: how many nats better the previous matured anchor's weights on all the head's
-    # STATISTICS said these users' outcomes than its weights on the rules' statistics alone (None: not judged).
+    # STATISTICS said these users' outcomes than its weights on the rules' statistics alone (None: not judged), and
+    # its weights on the rules' statistics than its affine map of the logit alone (None: not judged).
     held_out: list[float | None] = field(default_factory=lambda: [None, None])
+    rules_held_out: list[float | None] = field(default_factory=lambda: [None, None])
 
     def __post_init__(self) -> None:
         if self.left is None:
@@ -170,16 +172,18 @@ class Sample:
     def to_plain(self) -> list:
         return [self.users.tolist(), encoded(self.x, "<f2"), *(packed(h) for h in self.happened),
                 packed(self.left.T), None if self.categories is None else self.categories.to_plain(),
-                self.held_out]
+                self.held_out, self.rules_held_out]
 
     @classmethod
     def from_plain(cls, plain: list) -> Sample:
         users = np.fromiter(plain[0], dtype=object, count=len(plain[0]))
         categories = CategorySample.from_plain(plain[5]) if len(plain) > 5 and plain[5] is not None else None
-        # A record of session 58 or before: fewer statistics (the leading columns), none judged held out.
+        # A record of session 58 or before: fewer statistics (the leading columns), none judged held out; of session
+        # 60 or before: the rules' statistics not judged held out.
         return cls(users, decoded(plain[1], "<f2", (len(users), -1 if len(users) else WIDTH)),
                    [unpacked(s, (len(users),)) for s in plain[2:4]], unpacked(plain[4], (2, len(users))).T,
-                   categories, list(plain[6]) if len(plain) > 6 else [None, None])
+                   categories, list(plain[6]) if len(plain) > 6 else [None, None],
+                   list(plain[7]) if len(plain) > 7 else [None, None])
 
 
 @dataclass
@@ -214,22 +218,23 @@ class AnchorSamples:
         at, partition = min(matured, key=lambda k: (-k[0], k[1]))
         return at, self.samples[(partition, at)].categories
 
-    def latest_matured(self, head: int) -> tuple[np.ndarray, np.ndarray, float | None] | None:
-        """(x float64, happened, held_out) of the head's latest matured anchor over the partitions held, or None;
-        held_out the least of theirs (None where one was not judged)."""
+    def latest_matured(self, head: int) -> tuple[np.ndarray, np.ndarray, float | None, float | None] | None:
+        """(x float64, happened, held_out, rules_held_out) of the head's latest matured anchor over the partitions
+        held, or None; held_out and rules_held_out the least of theirs (None where one was not judged)."""
         matured = [anchor for (_, anchor), s in self.samples.items() if s.happened[head] is not None]
         return None if not matured else self.matured_at(max(matured), head)
 
-    def matured_at(self, anchor: int, head: int) -> tuple[np.ndarray, np.ndarray, float | None] | None:
+    def matured_at(self, anchor: int, head: int) -> tuple[np.ndarray, np.ndarray, float | None, float | None] | None:
         """As latest_matured, of one anchor where the head's window has closed (None: no such sample held). Where a
         partition's record is of an older release, only the columns every sample has."""
         samples = [s for (_, at), s in sorted(self.samples.items()) if at == anchor and s.happened[head] is not None]
         if not samples:
             return None
         width = min(s.x.shape[1] for s in samples)
-        judged = [s.held_out[head] for s in samples]
+        judged, rules = [s.held_out[head] for s in samples], [s.rules_held_out[head] for s in samples]
         return (np.concatenate([s.x[:, :width] for s in samples]).astype(np.float64),
-                np.concatenate([s.happened[head] for s in samples]), None if None in judged else min(judged))
+                np.concatenate([s.happened[head] for s in samples]), None if None in judged else min(judged),
+                None if None in rules else min(rules))
 
     def keep_from(self, anchor: int) -> None:
         self.samples = {key: s for key, s in self.samples.items() if key[1] >= anchor}

@@ -12,8 +12,8 @@ import torch
 
 from models.checkpoint_io import untrained
 from models.stream_calibration import (
-    GATE_NATS, GATE_NATS_PER_USER, LogitMap, StreamCalibration, fit_head, fit_logit_map, logistic_fit,
-    over_window, with_statistics,
+    GATE_NATS, GATE_NATS_PER_USER, HELD_OUT_GATE_NATS, LogitMap, StreamCalibration, fit_head, fit_logit_map,
+    logistic_fit, over_window, with_statistics,
 )
 from stream import statistics
 from stream.anchor_samples import (
@@ -193,6 +193,44 @@ def test_the_rhythm_beyond_the_rules_is_weighed_only_where_the_previous_anchors_
         assert updater.state.outcomes.samples.samples[(0, K0 - 2)].held_out[head] is None
 
 
+@pytest.mark.parametrize("head", range(len(HEADS)))
+def test_the_rules_statistics_that_held_out_of_time_join_the_fit_below_the_in_sample_gate(head):
+    """A rule's statistic that adds a little to the logit gains less than GATE_NATS on its own anchor's users, but
+    the fit on it from the previous matured anchor says the latest one's outcomes better than the affine map fitted
+    there: it joins the map. A statistic that adds nothing does not (nor is it judged from a record of session 60
+    or before, which holds no such verdict)."""
+    rule = STATISTIC_COLUMNS[head][0]
+    for weight, joins in (((0.35, 0.25)[head], True), (0.0, False)):
+        rng = np.random.default_rng(11)
+        updater = updater_fed([event("someone", 0, A)], [1])
+        samples = updater.state.outcomes.samples
+        for anchor in (K0 - 3, K0 - 2):
+            x = rng.normal(0, 1, size=(2000, WIDTH))
+            x[:, :2] = rng.normal(-1, 1.5, size=(2000, 2))
+            happened = rng.random(2000) < 1 / (1 + np.exp(-(x[:, head] + weight * x[:, rule])))
+            left = np.zeros((2000, 2), dtype=bool)
+            left[:, head] = happened if head == 0 else ~happened
+            users = np.array([f"gone-{anchor}-{i}" for i in range(2000)], dtype=object)
+            samples.samples[(0, anchor)] = Sample(users, x.astype(np.float16), left=left)
+            updater.calibration.note_sampled(anchor, head)
+        assert samples.samples[(0, K0 - 3)].rules_held_out == [None, None]  # no matured anchor before it
+        judged = samples.samples[(0, K0 - 2)].rules_held_out
+        assert (judged[head] >= HELD_OUT_GATE_NATS) == joins and judged[1 - head] is None
+        updater.state.outcomes.version += 1
+        fitted = updater.calibration.shop_map()
+        assert fitted.weights_gain_nats[head] < GATE_NATS  # the in-sample gate alone would keep the affine map
+        assert (fitted.weights[head] is not None) == joins
+        if joins:
+            assert len(fitted.weights[head]) == RULE_STATISTICS[head] and fitted.weights[head][0] > 0.15
+        restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
+        assert restored.samples[(0, K0 - 2)].rules_held_out == judged
+        older = [[p, at, *rest[:7]] for p, at, *rest in samples.to_plain()]  # a record of session 60
+        updater.state.outcomes.samples = AnchorSamples.from_plain(older)
+        assert updater.state.outcomes.samples.samples[(0, K0 - 2)].rules_held_out == [None, None]
+        updater.state.outcomes.version += 1
+        assert updater.calibration.shop_map().weights[head] is None
+
+
 def test_the_users_sampled_at_an_anchor_and_what_followed_are_read_from_the_state():
     week, two_weeks = A + ANCHOR_MS + HOUR, A + PHASES * ANCHOR_MS + HOUR
     events = [event("founder", 0, A - 3 * ANCHOR_MS),
@@ -364,8 +402,10 @@ def test_the_map_moves_what_is_published_and_never_the_state():
     p = 1 / (1 + np.exp(-bin_logits()))
     fewer, more = (counts_from(p, 1 / (1 + np.exp(-(bin_logits() + shift))), 300) for shift in (-2, 2))
     calibrated.state.outcomes.counts = {(0, -1, K0): fewer, (1, -1, K0): more}
+    calibrated.state.outcomes.samples = AnchorSamples()  # (the sampled users' outcomes would fit their own map)
     calibrated.state.outcomes.version += 1
     assert calibrated.calibration.shop_map().kept == (True, True)
+    assert calibrated.calibration.shop_map().weights == (None, None)
     rows = np.arange(len(plain.state))
     moved = [orjson.loads(v) for _, v in calibrated.profiles_for(rows)]
     kept = [orjson.loads(v) for _, v in plain.profiles_for(rows)]
