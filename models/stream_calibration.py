@@ -57,10 +57,10 @@ DRIFT_GATE_NATS = 4.0
 # The fit on the rules' statistics replaces a head's affine map where it gains GATE_NATS and STATISTICS_GATE_PER_USER
 # nats per sampled user over the affine map fitted on the same sample (four or three weights more: a sample's noise
 # gains about two nats), or where it held out of time (Sample.rules_held_out): fitted on the previous matured
-# anchor's sample, it said the latest one's outcomes HELD_OUT_GATE_NATS better than the affine map fitted there. A
-# gain on other users carries no fit's optimism, and in shops where a rule leads by a little (wardrobe's days idle,
-# explorers' purchases of the week) the in-sample gate had kept the statistics out at most anchors
-# (docs/model-journal.md, session 61).
+# anchor's sample, it said the latest one's outcomes HELD_OUT_GATE_NATS better than the affine map fitted there (at
+# the first matured anchor: split_gain). A gain on other users carries no fit's optimism, and in shops where a rule
+# leads by a little (wardrobe's days idle, explorers' purchases of the week) the in-sample gate had kept the
+# statistics out at most anchors (docs/model-journal.md, session 61).
 STATISTICS_GATE_PER_USER = 0.004
 HELD_OUT_GATE_NATS = 2.0
 STATISTIC_INDEX = tuple(tuple(statistics.USER_FEATURES.index(name) for name in names) for names in STATISTICS)
@@ -189,9 +189,10 @@ def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.n
     """The head's map fitted on the sampled users' logits and statistics (x: a sample's columns) where that gains
     enough over the affine map of the logit alone fitted on the same users, or where the previous anchor's fit on
     the rules' statistics said these users better than its affine map (`rules_held_out`, Sample.rules_held_out) by
-    HELD_OUT_GATE_NATS: sigmoid(a + b logit + weights . statistics), by Newton with a ridge toward the identity
-    (b = 1, no weight). The statistics are the rules' (RULE_STATISTICS), or all the head's where the sample judged
-    them `held_out` (Sample.held_out) by the in-sample gate."""
+    HELD_OUT_GATE_NATS (without an earlier anchor: each half of these users' fit said the other half better,
+    split_gain): sigmoid(a + b logit + weights . statistics), by Newton with a ridge toward the identity (b = 1, no
+    weight). The statistics are the rules' (RULE_STATISTICS), or all the head's where the sample judged them
+    `held_out` (Sample.held_out) by the in-sample gate."""
     n = len(happened)
     gate = max(GATE_NATS, STATISTICS_GATE_PER_USER * n)
     every = held_out is not None and held_out >= gate and x.shape[1] >= WIDTH
@@ -201,11 +202,27 @@ def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.n
     gain = log_likelihood(design @ theta, yes, 1 - yes) - log_likelihood(design[:, :2] @ affine, yes, 1 - yes)
     fitted = replace(shop_map, weights_gain_nats=only(shop_map.weights_gain_nats, head, gain),
                      sampled=only(shop_map.sampled, head, n))
-    if gain < gate and (rules_held_out is None or rules_held_out < HELD_OUT_GATE_NATS):
+    if rules_held_out is None:  # no earlier matured anchor (a young table, or a record of session 60 or before)
+        rules_held_out = split_gain(x, yes, head)
+    if gain < gate and rules_held_out < HELD_OUT_GATE_NATS:
         return fitted
     return replace(fitted, a=only(shop_map.a, head, float(theta[0])), b=only(shop_map.b, head, float(theta[1])),
                    kept=only(shop_map.kept, head, True), drift=only(shop_map.drift, head, 0.0),
                    weights=only(shop_map.weights, head, tuple(float(w) for w in theta[2:])))
+
+
+def split_gain(x: np.ndarray, yes: np.ndarray, head: int) -> float:
+    """How much better the weights on the rules' statistics than the affine map of the logit alone, each fitted on
+    one half of a sample's users (alternate rows: the order is the sample's, whatever the batching), say the other
+    half's outcomes, both ways, in nats: the held-out verdict of an anchor with no matured anchor before it."""
+    design, gain = statistics_design(x, head, False), 0.0
+    for half in range(2):
+        fit, judged = slice(1 - half, None, 2), slice(half, None, 2)
+        rules = logistic_fit(design[fit], yes[fit], 1 - yes[fit])
+        affine = logistic_fit(design[fit, :2], yes[fit], 1 - yes[fit])
+        gain += (log_likelihood(design[judged] @ rules, yes[judged], 1 - yes[judged])
+                 - log_likelihood(design[judged, :2] @ affine, yes[judged], 1 - yes[judged]))
+    return gain
 
 
 def statistics_design(x: np.ndarray, head: int, every: bool) -> np.ndarray:

@@ -13,7 +13,7 @@ import torch
 from models.checkpoint_io import untrained
 from models.stream_calibration import (
     GATE_NATS, GATE_NATS_PER_USER, HELD_OUT_GATE_NATS, LogitMap, StreamCalibration, fit_head, fit_logit_map,
-    logistic_fit, over_window, with_statistics,
+    logistic_fit, over_window, split_gain, with_statistics,
 )
 from stream import statistics
 from stream.anchor_samples import (
@@ -197,8 +197,8 @@ def test_the_rhythm_beyond_the_rules_is_weighed_only_where_the_previous_anchors_
 def test_the_rules_statistics_that_held_out_of_time_join_the_fit_below_the_in_sample_gate(head):
     """A rule's statistic that adds a little to the logit gains less than GATE_NATS on its own anchor's users, but
     the fit on it from the previous matured anchor says the latest one's outcomes better than the affine map fitted
-    there: it joins the map. A statistic that adds nothing does not (nor is it judged from a record of session 60
-    or before, which holds no such verdict)."""
+    there: it joins the map. A statistic that adds nothing does not. A record of session 60 or before holds no
+    such verdict: it restores without one."""
     rule = STATISTIC_COLUMNS[head][0]
     for weight, joins in (((0.35, 0.25)[head], True), (0.0, False)):
         rng = np.random.default_rng(11)
@@ -225,10 +225,26 @@ def test_the_rules_statistics_that_held_out_of_time_join_the_fit_below_the_in_sa
         restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
         assert restored.samples[(0, K0 - 2)].rules_held_out == judged
         older = [[p, at, *rest[:7]] for p, at, *rest in samples.to_plain()]  # a record of session 60
-        updater.state.outcomes.samples = AnchorSamples.from_plain(older)
-        assert updater.state.outcomes.samples.samples[(0, K0 - 2)].rules_held_out == [None, None]
-        updater.state.outcomes.version += 1
-        assert updater.calibration.shop_map().weights[head] is None
+        assert AnchorSamples.from_plain(older).samples[(0, K0 - 2)].rules_held_out == [None, None]
+
+
+@pytest.mark.parametrize("head", range(len(HEADS)))
+def test_without_an_earlier_anchor_each_half_of_the_sample_judges_the_rules_fit_on_the_other(head):
+    """The first matured anchor has no previous fit to judge: the rules' statistics join the map where the fit on
+    each half of its sampled users says the other half better than the affine map fitted there (split_gain), below
+    the in-sample gate as above; a statistic that adds nothing does not."""
+    rule, users = STATISTIC_COLUMNS[head][0], (3000, 2000)[head]
+    for weight, joins in ((0.2, True), (0.0, False)):
+        rng = np.random.default_rng(11)
+        x = rng.normal(0, 1, size=(users, WIDTH))
+        x[:, :2] = rng.normal(-1, 1.5, size=(users, 2))
+        happened = rng.random(users) < 1 / (1 + np.exp(-(x[:, head] + weight * x[:, rule])))
+        yes = happened.astype(np.float64)
+        assert (split_gain(x, yes, head) >= HELD_OUT_GATE_NATS) == joins
+        fitted = with_statistics(LogitMap(), head, x, happened)  # no verdict held: the sample's halves judge
+        assert fitted.weights_gain_nats[head] < GATE_NATS and (fitted.weights[head] is not None) == joins
+        # (a verdict held, from an earlier anchor, decides instead)
+        assert with_statistics(LogitMap(), head, x, happened, None, -1.0).weights[head] is None
 
 
 def test_the_users_sampled_at_an_anchor_and_what_followed_are_read_from_the_state():
