@@ -154,6 +154,23 @@ def test_the_fit_on_the_statistics_finds_their_weight_and_is_kept_only_where_the
     assert kept.weights == (None, None) and not kept.kept[0] and 0 <= kept.weights_gain_nats[0] < 15
 
 
+def sampled_at_two_anchors(head: int, rng: np.random.Generator, log_odds) -> ProfileUpdater:
+    """An updater holding samples of 2,000 users at anchors K0 - 3 and K0 - 2, the head's window closed at both:
+    x drawn at random (both heads' logits about -1), the head's outcome at sigmoid(log_odds(x))."""
+    updater = updater_fed([event("someone", 0, A)], [1])
+    for anchor in (K0 - 3, K0 - 2):
+        x = rng.normal(0, 1, size=(2000, WIDTH))
+        x[:, :2] = rng.normal(-1, 1.5, size=(2000, 2))  # both heads' logits
+        happened = rng.random(2000) < 1 / (1 + np.exp(-log_odds(x)))
+        # Users the state does not hold: whether they bought or came back is what they left with.
+        left = np.zeros((2000, 2), dtype=bool)
+        left[:, head] = happened if head == 0 else ~happened
+        users = np.array([f"gone-{anchor}-{i}" for i in range(2000)], dtype=object)
+        updater.state.outcomes.samples.samples[(0, anchor)] = Sample(users, x.astype(np.float16), left=left)
+        updater.calibration.note_sampled(anchor, head)
+    return updater
+
+
 @pytest.mark.parametrize("head", range(len(HEADS)))
 def test_the_rhythm_beyond_the_rules_is_weighed_only_where_the_previous_anchors_weights_held_on_the_next(head):
     """A head's statistics beyond the rules' join its fit only where the weights fitted on the previous matured
@@ -163,18 +180,8 @@ def test_the_rhythm_beyond_the_rules_is_weighed_only_where_the_previous_anchors_
     beyond = STATISTIC_COLUMNS[head][RULE_STATISTICS[head]]  # and of its first beyond the rules'
     rng = np.random.default_rng(7)
     for weight, judged in ((1.5, True), (0.0, False)):
-        updater = updater_fed([event("someone", 0, A)], [1])
+        updater = sampled_at_two_anchors(head, rng, lambda x: x[:, head] + x[:, rule] + weight * x[:, beyond])
         samples = updater.state.outcomes.samples
-        for anchor in (K0 - 3, K0 - 2):
-            x = rng.normal(0, 1, size=(2000, WIDTH))
-            x[:, :2] = rng.normal(-1, 1.5, size=(2000, 2))  # both heads' logits
-            happened = rng.random(2000) < 1 / (1 + np.exp(-(x[:, head] + x[:, rule] + weight * x[:, beyond])))
-            # Users the state does not hold: whether they bought or came back is what they left with.
-            left = np.zeros((2000, 2), dtype=bool)
-            left[:, head] = happened if head == 0 else ~happened
-            users = np.array([f"gone-{anchor}-{i}" for i in range(2000)], dtype=object)
-            samples.samples[(0, anchor)] = Sample(users, x.astype(np.float16), left=left)
-            updater.calibration.note_sampled(anchor, head)
         assert samples.samples[(0, K0 - 3)].held_out == [None, None]  # no matured anchor before it
         held_out = samples.samples[(0, K0 - 2)].held_out
         assert (held_out[head] >= GATE_NATS) == judged and held_out[1 - head] is None
@@ -207,18 +214,8 @@ def test_the_rules_statistics_that_held_out_of_time_join_the_fit_below_the_in_sa
     such verdict: it restores without one."""
     rule = STATISTIC_COLUMNS[head][0]
     for weight, joins in (((0.35, 0.25)[head], True), (0.0, False)):
-        rng = np.random.default_rng(11)
-        updater = updater_fed([event("someone", 0, A)], [1])
+        updater = sampled_at_two_anchors(head, np.random.default_rng(11), lambda x: x[:, head] + weight * x[:, rule])
         samples = updater.state.outcomes.samples
-        for anchor in (K0 - 3, K0 - 2):
-            x = rng.normal(0, 1, size=(2000, WIDTH))
-            x[:, :2] = rng.normal(-1, 1.5, size=(2000, 2))
-            happened = rng.random(2000) < 1 / (1 + np.exp(-(x[:, head] + weight * x[:, rule])))
-            left = np.zeros((2000, 2), dtype=bool)
-            left[:, head] = happened if head == 0 else ~happened
-            users = np.array([f"gone-{anchor}-{i}" for i in range(2000)], dtype=object)
-            samples.samples[(0, anchor)] = Sample(users, x.astype(np.float16), left=left)
-            updater.calibration.note_sampled(anchor, head)
         assert samples.samples[(0, K0 - 3)].rules_held_out == [None, None]  # no matured anchor before it
         judged = samples.samples[(0, K0 - 2)].rules_held_out
         assert (judged[head] >= HELD_OUT_GATE_NATS) == joins and judged[1 - head] is None
