@@ -205,10 +205,11 @@ def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.n
     gain = log_likelihood(design @ theta, yes, 1 - yes) - log_likelihood(design[:, :2] @ affine, yes, 1 - yes)
     fitted = replace(shop_map, weights_gain_nats=only(shop_map.weights_gain_nats, head, gain),
                      sampled=only(shop_map.sampled, head, n))
-    if rules_held_out is None:  # no earlier matured anchor (a young table, or a record of session 60 or before)
-        rules_held_out = split_gain(x, yes, head)
-    if gain < gate and rules_held_out < HELD_OUT_GATE_NATS:
-        return fitted
+    if gain < gate:
+        if rules_held_out is None:  # no earlier matured anchor (a young table, or a record of session 60 or before)
+            rules_held_out = split_gain(x, yes, head)
+        if rules_held_out < HELD_OUT_GATE_NATS:
+            return fitted
     return replace(fitted, a=only(shop_map.a, head, float(theta[0])), b=only(shop_map.b, head, float(theta[1])),
                    kept=only(shop_map.kept, head, True), drift=only(shop_map.drift, head, 0.0),
                    weights=only(shop_map.weights, head, tuple(float(w) for w in theta[2:])))
