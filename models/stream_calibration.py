@@ -62,7 +62,8 @@ DRIFT_GATE_NATS = 4.0
 # anchor's sample, it said the latest one's outcomes HELD_OUT_GATE_NATS better than the affine map fitted there (at
 # the first matured anchor: split_gain). A gain on other users carries no fit's optimism, and in shops where a rule
 # leads by a little (wardrobe's days idle, explorers' purchases of the week) the in-sample gate had kept the
-# statistics out at most anchors (docs/model-journal.md, session 61).
+# statistics out at most anchors (docs/model-journal.md, session 61). The statistics beyond the rules' join by the
+# same held-out margin over the rules' fit (Sample.held_out; before session 61 by GATE_NATS).
 STATISTICS_GATE_PER_USER = 0.004
 HELD_OUT_GATE_NATS = 2.0
 STATISTIC_INDEX = tuple(tuple(statistics.USER_FEATURES.index(name) for name in names) for names in STATISTICS)
@@ -194,11 +195,12 @@ def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.n
     the rules' statistics said these users better than its affine map (`rules_held_out`, Sample.rules_held_out) by
     HELD_OUT_GATE_NATS (without an earlier anchor: each half of these users' fit said the other half better,
     split_gain): sigmoid(a + b logit + weights . statistics), by Newton with a ridge toward the identity (b = 1, no
-    weight). The statistics are the rules' (RULE_STATISTICS), or all the head's where the sample judged them
-    `held_out` (Sample.held_out) by the in-sample gate."""
+    weight). The statistics are the rules' (RULE_STATISTICS), or all the head's where the previous anchor's fit on
+    them said these users better than its fit on the rules' alone (`held_out`, Sample.held_out) by
+    HELD_OUT_GATE_NATS."""
     n = len(happened)
     gate = max(GATE_NATS, STATISTICS_GATE_PER_USER * n)
-    every = held_out is not None and held_out >= gate and x.shape[1] >= WIDTH
+    every = held_out is not None and held_out >= HELD_OUT_GATE_NATS and x.shape[1] >= WIDTH
     design = statistics_design(x, head, every)
     yes = happened.astype(np.float64)
     theta, affine = logistic_fit(design, yes, 1 - yes), logistic_fit(design[:, :2], yes, 1 - yes)
