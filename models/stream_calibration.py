@@ -82,10 +82,13 @@ class LogitMap:
     drift: tuple[float, ...] = (0.0, 0.0)  # part of `a`: how the shop moved since the anchor the map is fitted on
     # Per head, the weights on the first len(weights) of STATISTICS[head] (the rules' alone, or all the head's) where
     # the fit on the sampled users' statistics was kept (a and b are then that fit's), else None; and that fit's gain
-    # over the affine map on the same sample, and its users.
+    # over the affine map on the same sample, and its users; and how much better the fit on the rules' statistics
+    # said these users held out of time than the affine map (Sample.rules_held_out; at a first anchor, split_gain;
+    # None where not judged, or not needed: the in-sample gain was enough).
     weights: tuple[tuple[float, ...] | None, ...] = (None, None)
     weights_gain_nats: tuple[float, ...] = (0.0, 0.0)
     sampled: tuple[int, ...] = (0, 0)
+    weights_held_out_nats: tuple[float | None, ...] = (None, None)
     # top_categories' re-ranking (models/category_calibration.py): the latest matured anchor's weights on the slots'
     # CATEGORY_STATISTICS, applied where each week's previous weights beat the published ranking on its users clearly,
     # over the latest two weeks judged (`category_gain` and its standard error, None before two anchors matured) or
@@ -205,13 +208,13 @@ def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.n
     yes = happened.astype(np.float64)
     theta, affine = logistic_fit(design, yes, 1 - yes), logistic_fit(design[:, :2], yes, 1 - yes)
     gain = log_likelihood(design @ theta, yes, 1 - yes) - log_likelihood(design[:, :2] @ affine, yes, 1 - yes)
+    if gain < gate and rules_held_out is None:  # no earlier matured anchor (a young table, or an older record)
+        rules_held_out = split_gain(x, yes, head)
     fitted = replace(shop_map, weights_gain_nats=only(shop_map.weights_gain_nats, head, gain),
-                     sampled=only(shop_map.sampled, head, n))
-    if gain < gate:
-        if rules_held_out is None:  # no earlier matured anchor (a young table, or a record of session 60 or before)
-            rules_held_out = split_gain(x, yes, head)
-        if rules_held_out < HELD_OUT_GATE_NATS:
-            return fitted
+                     sampled=only(shop_map.sampled, head, n),
+                     weights_held_out_nats=only(shop_map.weights_held_out_nats, head, rules_held_out))
+    if gain < gate and rules_held_out < HELD_OUT_GATE_NATS:
+        return fitted
     return replace(fitted, a=only(shop_map.a, head, float(theta[0])), b=only(shop_map.b, head, float(theta[1])),
                    kept=only(shop_map.kept, head, True), drift=only(shop_map.drift, head, 0.0),
                    weights=only(shop_map.weights, head, tuple(float(w) for w in theta[2:])))
@@ -559,8 +562,10 @@ def describe(shop_map: LogitMap) -> str:
         said = f"{HEADS[h]} {shop_map.a[h]:+.2f} + {shop_map.b[h]:.2f} logit"
         if shop_map.weights[h] is None:
             return said + fitted
+        held_out = shop_map.weights_held_out_nats[h]
         return said + "".join(f" {w:+.2f} {name}" for name, w in zip(STATISTICS[h], shop_map.weights[h])) + (
-            f" ({shop_map.weights_gain_nats[h]:.0f} nats more on {shop_map.sampled[h]:,} sampled users)")
+            f" ({shop_map.weights_gain_nats[h]:.0f} nats more on {shop_map.sampled[h]:,} sampled users"
+            + ("" if held_out is None else f", the rules' {held_out:.0f} more held out") + ")")
     said = [head(h) for h in range(len(HEADS))]
     if shop_map.category_gain is not None:
         steady = ("" if shop_map.category_steady_gain is None else

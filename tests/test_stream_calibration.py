@@ -13,7 +13,7 @@ import torch
 from models.checkpoint_io import untrained
 from models.stream_calibration import (
     GATE_NATS, GATE_NATS_PER_USER, HELD_OUT_GATE_NATS, LogitMap, StreamCalibration, fit_head, fit_logit_map,
-    logistic_fit, over_window, split_gain, with_statistics,
+    describe, logistic_fit, over_window, split_gain, with_statistics,
 )
 from stream import statistics
 from stream.anchor_samples import (
@@ -225,8 +225,10 @@ def test_the_rules_statistics_that_held_out_of_time_join_the_fit_below_the_in_sa
         fitted = updater.calibration.shop_map()
         assert fitted.weights_gain_nats[head] < GATE_NATS  # the in-sample gate alone would keep the affine map
         assert (fitted.weights[head] is not None) == joins
+        assert fitted.weights_held_out_nats[head] == judged[head]  # and says so: the log line, the evaluation
         if joins:
             assert len(fitted.weights[head]) == RULE_STATISTICS[head] and fitted.weights[head][0] > 0.15
+            assert f"the rules' {judged[head]:.0f} more held out" in describe(fitted)
         restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
         assert restored.samples[(0, K0 - 2)].rules_held_out == judged
         older = [[p, at, *rest[:7]] for p, at, *rest in samples.to_plain()]  # a record of session 60
@@ -248,6 +250,7 @@ def test_without_an_earlier_anchor_each_half_of_the_sample_judges_the_rules_fit_
         assert (split_gain(x, yes, head) >= HELD_OUT_GATE_NATS) == joins
         fitted = with_statistics(LogitMap(), head, x, happened)  # no verdict held: the sample's halves judge
         assert fitted.weights_gain_nats[head] < GATE_NATS and (fitted.weights[head] is not None) == joins
+        assert fitted.weights_held_out_nats[head] == pytest.approx(split_gain(x, yes, head))
         # (a verdict held, from an earlier anchor, decides instead)
         assert with_statistics(LogitMap(), head, x, happened, None, -1.0).weights[head] is None
 
