@@ -221,17 +221,10 @@ def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.n
 
 
 def split_gain(x: np.ndarray, yes: np.ndarray, head: int) -> float:
-    """How much better the weights on the rules' statistics than the affine map of the logit alone, each fitted on
-    one half of a sample's users (alternate rows: the order is the sample's, whatever the batching), say the other
-    half's outcomes, both ways, in nats: the held-out verdict of an anchor with no matured anchor before it."""
-    design, gain = statistics_design(x, head, False), 0.0
-    for half in range(2):
-        fit, judged = slice(1 - half, None, 2), slice(half, None, 2)
-        rules = logistic_fit(design[fit], yes[fit], 1 - yes[fit])
-        affine = logistic_fit(design[fit, :2], yes[fit], 1 - yes[fit])
-        gain += (log_likelihood(design[judged] @ rules, yes[judged], 1 - yes[judged])
-                 - log_likelihood(design[judged, :2] @ affine, yes[judged], 1 - yes[judged]))
-    return gain
+    """rules_gain of each half of a sample's users (alternate rows: the order is the sample's, whatever the
+    batching) on the other, both ways, summed: the held-out verdict of an anchor with no matured anchor before it."""
+    even, odd = ((x[rows], yes[rows]) for rows in (slice(0, None, 2), slice(1, None, 2)))
+    return rules_gain(odd, even, head) + rules_gain(even, odd, head)
 
 
 def statistics_design(x: np.ndarray, head: int, every: bool) -> np.ndarray:
@@ -241,20 +234,30 @@ def statistics_design(x: np.ndarray, head: int, every: bool) -> np.ndarray:
     return np.column_stack([np.ones(len(x)), x[:, LOGIT_COLUMNS[head]], x[:, list(columns)]])
 
 
+def said_by(fit: tuple[np.ndarray, np.ndarray], judged: tuple[np.ndarray, np.ndarray], head: int, every: bool,
+            columns: int | None = None) -> float:
+    """The log likelihood of the `judged` users' outcomes (x, happened) under the head's fit on the `fit` users':
+    on the rules' statistics, all the head's (`every`), or the first `columns` of the design (2: the logit alone)."""
+    yes, later = (np.asarray(users[1], dtype=np.float64) for users in (fit, judged))
+    theta = logistic_fit(statistics_design(fit[0], head, every)[:, :columns], yes, 1 - yes)
+    return log_likelihood(statistics_design(judged[0], head, every)[:, :columns] @ theta, later, 1 - later)
+
+
+def rules_gain(fit: tuple[np.ndarray, np.ndarray], judged: tuple[np.ndarray, np.ndarray], head: int) -> float:
+    """How much better the weights on the rules' statistics than the affine map of the logit alone, both fitted on
+    the `fit` users, say the `judged` users' outcomes: nats."""
+    return said_by(fit, judged, head, False) - said_by(fit, judged, head, False, 2)
+
+
 def held_out_gains(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray], head: int
                    ) -> tuple[float | None, float]:
     """How much better fits on one matured anchor's sample (`before`: x, happened) say a later one's outcomes
     (`after`), log likelihood in nats: the weights on all the head's statistics over those on the rules' alone
     (None where a sample lacks the statistics, a record of an older release, or the head has none beyond the
-    rules'), and the weights on the rules' statistics over the affine map of the logit alone."""
-    def said(columns: int | None, every: bool) -> float:
-        theta = logistic_fit(statistics_design(before[0], head, every)[:, :columns], yes, 1 - yes)
-        return log_likelihood(statistics_design(after[0], head, every)[:, :columns] @ theta, later, 1 - later)
-
-    yes, later = before[1].astype(np.float64), after[1].astype(np.float64)
-    rules = said(None, False)
+    rules'), and the weights on the rules' statistics over the affine map of the logit alone (rules_gain)."""
+    rules, affine = said_by(before, after, head, False), said_by(before, after, head, False, 2)
     beyond = len(STATISTICS[head]) > RULE_STATISTICS[head] and min(before[0].shape[1], after[0].shape[1]) >= WIDTH
-    return (said(None, True) - rules) if beyond else None, rules - said(2, False)
+    return (said_by(before, after, head, True) - rules) if beyond else None, rules - affine
 
 
 def only(values: tuple, head: int, value: object) -> tuple:
