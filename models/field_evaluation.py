@@ -368,7 +368,9 @@ def stream_map_report(shop_map: LogitMap | None) -> dict | None:
                    "weights": None if shop_map.weights[head] is None else dict(zip(STATISTICS[head],
                                                                                    shop_map.weights[head])),
                    "weights_gain_nats": shop_map.weights_gain_nats[head], "sampled": shop_map.sampled[head],
-                   "weights_held_out_nats": shop_map.weights_held_out_nats[head], "applied": shop_map.applies(head)}
+                   "weights_held_out_nats": shop_map.weights_held_out_nats[head],
+                   "fitted_on_week": head == HEADS.index("churn_risk") and shop_map.churn_from_week,
+                   "applied": shop_map.applies(head)}
             for head, name in enumerate(HEADS)} | {"top_categories": {
                 "users": shop_map.category_users, "gain": shop_map.category_gain,
                 "gain_standard_error": shop_map.category_gain_se, "steady_gain": shop_map.category_steady_gain,

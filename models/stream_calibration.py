@@ -31,7 +31,7 @@ from models.category_calibration import STEADY_WEEKS, fit_weights, judged, over_
 from stream import statistics
 from stream.anchor_samples import (
     CATEGORY_SAMPLE_PER_PARTITION, LOGIT_COLUMNS, RULE_STATISTICS, SAMPLED_STATISTICS, STATISTIC_COLUMNS, STATISTICS,
-    WIDTH, leading, sample_rows,
+    WEEK_LOGIT_COLUMN, WIDTH, leading, sample_rows,
 )
 from stream.events import PURCHASE, EventColumns
 from stream.outcomes import (
@@ -55,7 +55,6 @@ RIDGE = 1.0  # pulls (a, b) toward the identity (0, 1): a bin holding every user
 MINUTE_MS = 60_000
 HORIZONS_HOURS = (PURCHASE_HORIZON_HOURS, CHURN_HORIZON_HOURS)  # what each head's map is fitted for (HEADS order)
 CHURN, WEEK_SERIES = HEADS.index("churn_risk"), SERIES.index("churn_risk_week")
-DRIFT_GATE_NATS = 4.0
 # The fit on the rules' statistics replaces a head's affine map where it gains GATE_NATS and STATISTICS_GATE_PER_USER
 # nats per sampled user over the affine map fitted on the same sample (four or three weights more: a sample's noise
 # gains about two nats), or where it held out of time (Sample.rules_held_out): fitted on the previous matured
@@ -100,6 +99,9 @@ class LogitMap:
     category_users: int = 0
     category_steady_gain: float | None = None
     category_steady_gain_se: float | None = None
+    # churn_risk's map fitted on the week's silence after the latest anchor whose week has closed (with_week): a
+    # young table, where no anchor's two weeks have closed yet.
+    churn_from_week: bool = False
 
     def reranks(self) -> bool:
         return self.category_weights is not None and any(
@@ -180,15 +182,73 @@ def with_drift(shop_map: LogitMap, older: np.ndarray, newer: np.ndarray) -> Logi
     """churn_risk's map moved by how the shop's return rate moved since the anchor it is fitted on: the week series'
     level at the latest anchor (`newer`) less its level at that anchor (`older`), both under the map's slope. Its
     map is two to three weeks old when applied, and a shop whose users go quiet more as weeks pass (life events)
-    was off by 0.13 of churn ECE with it; a week's silence is known a week sooner than two weeks'. Kept where the
-    newer level beats the older one on the newer anchor by DRIFT_GATE_NATS."""
+    was off by 0.13 of churn ECE with it; a week's silence is known a week sooner than two weeks'. Applied
+    whatever its size (until session 62, only where the newer level beat the older one on the newer anchor by 4
+    nats: the move is an estimate of one level, not a choice among fits, and the 24 logs' mean churn ECE fell
+    0.044 -> 0.042 without the gate, no ranking moved; docs/model-journal.md, session 62)."""
     a, b = (shop_map.a[CHURN], shop_map.b[CHURN]) if shop_map.kept[CHURN] else (0.0, 1.0)
     then, now = (float(logistic_fit(np.ones((BINS, 1)), c[:, 1].astype(np.float64), c[:, 0].astype(np.float64),
                                     offset=b * bin_logits())[0]) for c in (older, newer))
-    if binned_log_likelihood(newer, now, b) - binned_log_likelihood(newer, then, b) < DRIFT_GATE_NATS:
-        return shop_map
     return replace(shop_map, a=only(shop_map.a, CHURN, a + now - then), b=only(shop_map.b, CHURN, b),
                    kept=only(shop_map.kept, CHURN, True), drift=only(shop_map.drift, CHURN, now - then))
+
+
+def with_week(shop_map: LogitMap, x: np.ndarray, silent: np.ndarray) -> LogitMap:
+    """churn_risk's map where no anchor's two weeks have closed yet, fitted on who among the users sampled at the
+    latest anchor whose week has closed stayed away that week (x: their sample's columns, with churn_risk's logit
+    over the horizon and over a week): the mapped probability over the horizon, read over the week as over_window
+    reads it (the share of the horizon's hazard the model's own probabilities give the week), says the week's
+    silence. Kept where it gains GATE_NATS over the identity. A table's churn_risk is then mapped a week sooner
+    (the classic shop's first month: docs/model-journal.md, session 62)."""
+    horizon, week = (np.clip(1 / (1 + np.exp(-x[:, column])), 1e-9, 1 - 1e-9)
+                     for column in (LOGIT_COLUMNS[CHURN], WEEK_LOGIT_COLUMN))
+    share = np.clip(np.log(week) / np.log(horizon), 0.0, 1.0)
+    design = np.column_stack([np.ones(len(x)), np.log(horizon) - np.log1p(-horizon)])
+    yes = silent.astype(np.float64)
+    theta = hazard_share_fit(design, share, yes)
+    if theta[1] <= 0:  # the ranking turned over: only the level moves
+        theta = hazard_share_fit(design, share, yes, level_only=True)
+    gain = share_log_likelihood(design @ theta, share, yes) - share_log_likelihood(design[:, 1], share, yes)
+    if gain < GATE_NATS:
+        return shop_map
+    return replace(shop_map, a=only(shop_map.a, CHURN, float(theta[0])), b=only(shop_map.b, CHURN, float(theta[1])),
+                   gain_nats=only(shop_map.gain_nats, CHURN, gain), users=only(shop_map.users, CHURN, len(yes)),
+                   kept=only(shop_map.kept, CHURN, True), churn_from_week=True)
+
+
+def share_log_likelihood(z: np.ndarray, share: np.ndarray, yes: np.ndarray) -> float:
+    """Of the outcomes `yes` where each is said by sigmoid(z) ** share."""
+    log_q = -share * np.logaddexp(0, -z)
+    return float((yes * log_q + (1 - yes) * np.log(-np.expm1(np.minimum(log_q, -1e-12)))).sum())
+
+
+def hazard_share_fit(design: np.ndarray, share: np.ndarray, yes: np.ndarray, level_only: bool = False,
+                     steps: int = 30) -> np.ndarray:
+    """(a, b) maximising share_log_likelihood of sigmoid(a + b * logit) with a ridge toward the identity (Fisher
+    scoring, steps halved until they climb); level_only: b stays 1."""
+    identity = np.array([0.0, 1.0])
+    free = np.array([True, not level_only])
+
+    def objective(theta: np.ndarray) -> float:
+        return share_log_likelihood(design @ theta, share, yes) - RIDGE / 2 * float(((theta - identity) ** 2).sum())
+
+    theta = identity.copy()
+    for _ in range(steps):
+        z = design @ theta
+        s = 0.5 * (1 + np.tanh(0.5 * z))
+        q = np.clip(s ** share, 1e-12, 1 - 1e-12)
+        dq = q * share * (1 - s)  # d q / d z
+        grad = design.T @ ((yes - q) / (q * (1 - q)) * dq) - RIDGE * (theta - identity)
+        hess = (design * (dq ** 2 / (q * (1 - q)))[:, None]).T @ design + RIDGE * np.eye(2)
+        step = np.zeros(2)
+        step[free] = np.linalg.solve(hess[np.ix_(free, free)], grad[free])
+        now = objective(theta)
+        while objective(theta + step) < now and np.abs(step).max() > 1e-9:
+            step = step / 2
+        theta = theta + step
+        if np.abs(step).max() < 1e-9:
+            break
+    return theta
 
 
 def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.ndarray,
@@ -318,6 +378,9 @@ class StreamCalibration:
                 if sampled is not None:
                     self._map = with_statistics(self._map, head, *sampled)
             fitted_on, weeks = outcomes.anchors(CHURN), outcomes.anchors(WEEK_SERIES)
+            week = None if fitted_on else outcomes.samples.latest_week()
+            if week is not None:
+                self._map = with_week(self._map, *week)
             if fitted_on and fitted_on[-1] in weeks and weeks[-1] > fitted_on[-1]:
                 self._map = with_drift(self._map, outcomes.of_anchor(WEEK_SERIES, fitted_on[-1]),
                                        outcomes.of_anchor(WEEK_SERIES, weeks[-1]))
@@ -452,8 +515,16 @@ class StreamCalibration:
         for head in series:
             if head < len(HEADS):
                 self.note_sampled(anchor, head)
+        outcomes = self.state.outcomes
+        if WEEK_SERIES in series:  # who among the users sampled at it stayed away the week after it
+            for (_, sampled_at), sample in outcomes.samples.samples.items():
+                if sampled_at == anchor:
+                    sample.week_silent = ~(self.since_anchor(sample.users, anchor)[1] | sample.left[:, 1])
+            outcomes.version += 1
         if CHURN in series:
             log.info("calibration anchor %d matured: %s", anchor, describe(self.shop_map()))
+        elif WEEK_SERIES in series and not outcomes.anchors(CHURN) and self.shop_map().churn_from_week:
+            log.info("calibration anchor %d's week closed: %s", anchor, describe(self.shop_map()))
 
     def take_sample(self, anchor: int) -> None:
         """The clock has reached the anchor (every event before it applied, none after): sample the users held
@@ -466,7 +537,11 @@ class StreamCalibration:
             rows = sample_rows(held, state.ids_at(held), state.partition[held])
             p = np.clip(self.probabilities(rows, at).astype(np.float64), 1e-6, 1 - 1e-6)
             user = statistics.user_features(state.columns, state.counts, state.last_ts, rows, at)
-            x = np.column_stack([np.log(p) - np.log1p(-p), user[:, list(SAMPLED_INDEX)]])
+            # churn_risk over a week, the week series' window (with_week)
+            week = np.clip(self.probabilities(rows, at, (PURCHASE_HORIZON_HOURS,) * 2)[:, CHURN].astype(np.float64),
+                           1e-6, 1 - 1e-6)
+            x = np.column_stack([np.log(p) - np.log1p(-p), user[:, list(SAMPLED_INDEX)],
+                                 np.log(week) - np.log1p(-week)])
             partitions, categories = state.partition[rows], None
             if self.candidates is not None:
                 first = rows[leading(partitions, CATEGORY_SAMPLE_PER_PARTITION)]
@@ -559,7 +634,8 @@ class StreamCalibration:
 def describe(shop_map: LogitMap) -> str:
     """The map in words, head by head (the log line of each matured anchor)."""
     def head(h: int) -> str:
-        fitted = f" (gain {shop_map.gain_nats[h]:.0f} nats on {shop_map.users[h]:,} users)"
+        week = " stayed away the week" if h == CHURN and shop_map.churn_from_week else ""
+        fitted = f" (gain {shop_map.gain_nats[h]:.0f} nats on {shop_map.users[h]:,} users{week})"
         if not shop_map.kept[h]:
             return f"{HEADS[h]} as the model says" + fitted
         said = f"{HEADS[h]} {shop_map.a[h]:+.2f} + {shop_map.b[h]:.2f} logit"

@@ -424,9 +424,10 @@ class ProfileUpdater:
         return torch.from_numpy(user).to(self.device), idle_steps.to(self.device)
 
     @torch.inference_mode()
-    def head_probabilities(self, rows: np.ndarray, now_ms: int, chunk_users: int = 50_000) -> np.ndarray:
-        """(U, 2) purchase_propensity and churn_risk of these users at the clock now_ms over the contract's horizons,
-        as the model says them (no calibration map): what the calibration anchors record."""
+    def head_probabilities(self, rows: np.ndarray, now_ms: int, hours: tuple[float, float] = HORIZONS_HOURS,
+                           chunk_users: int = 50_000) -> np.ndarray:
+        """(U, 2) purchase_propensity and churn_risk of these users at the clock now_ms over the contract's horizons
+        (or other hours), as the model says them (no calibration map): what the calibration anchors record."""
         out = np.empty((len(rows), 2), dtype=np.float32)
         for a in range(0, len(rows), chunk_users):
             part = rows[a:a + chunk_users]
@@ -434,7 +435,7 @@ class ProfileUpdater:
             user, idle_steps = self.user_inputs(part, now_ms)
             no_slots = torch.zeros(len(part), 0, dtype=torch.long, device=self.device)
             inputs = FieldInputs(user, no_slots, no_slots.bool(), user.new_zeros(len(part), 0, 0), idle_steps)
-            purchase, churn = self.model.field_probabilities(s, inputs, *HORIZONS_HOURS)
+            purchase, churn = self.model.field_probabilities(s, inputs, *hours)
             out[a:a + len(part)] = torch.stack([purchase, churn], dim=1).cpu().numpy()
         return out
 

@@ -58,6 +58,10 @@ SAMPLED_STATISTICS = tuple(dict.fromkeys(
      *(name for head, rules in enumerate(RULE_STATISTICS) for name in STATISTICS[head][rules:])]))
 STATISTIC_COLUMNS = tuple(tuple(2 + SAMPLED_STATISTICS.index(name) for name in names) for names in STATISTICS)
 WIDTH = 2 + len(SAMPLED_STATISTICS)
+# After them, churn_risk's logit over a week (the model's own at the anchor's clock; a record of session 61 or before
+# has none): with the week's silence it fits churn_risk's map where no anchor's two weeks have closed yet
+# (models/stream_calibration.py, with_week).
+WEEK_LOGIT_COLUMN = WIDTH
 
 
 def stable_keys(users: np.ndarray) -> np.ndarray:
@@ -164,6 +168,8 @@ class Sample:
     # its weights on the rules' statistics than its affine map of the logit alone (None: not judged).
     held_out: list[float | None] = field(default_factory=lambda: [None, None])
     rules_held_out: list[float | None] = field(default_factory=lambda: [None, None])
+    # Whether each user stayed away the week after the anchor (None until that week closed).
+    week_silent: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.left is None:
@@ -172,18 +178,19 @@ class Sample:
     def to_plain(self) -> list:
         return [self.users.tolist(), encoded(self.x, "<f2"), *(packed(h) for h in self.happened),
                 packed(self.left.T), None if self.categories is None else self.categories.to_plain(),
-                self.held_out, self.rules_held_out]
+                self.held_out, self.rules_held_out, packed(self.week_silent)]
 
     @classmethod
     def from_plain(cls, plain: list) -> Sample:
         users = np.fromiter(plain[0], dtype=object, count=len(plain[0]))
         categories = CategorySample.from_plain(plain[5]) if len(plain) > 5 and plain[5] is not None else None
         # A record of session 58 or before: fewer statistics (the leading columns), none judged held out; of session
-        # 60 or before: the rules' statistics not judged held out.
-        return cls(users, decoded(plain[1], "<f2", (len(users), -1 if len(users) else WIDTH)),
+        # 60 or before: the rules' statistics not judged held out; of session 61 or before: no week's silence.
+        return cls(users, decoded(plain[1], "<f2", (len(users), -1 if len(users) else WIDTH + 1)),
                    [unpacked(s, (len(users),)) for s in plain[2:4]], unpacked(plain[4], (2, len(users))).T,
                    categories, list(plain[6]) if len(plain) > 6 else [None, None],
-                   list(plain[7]) if len(plain) > 7 else [None, None])
+                   list(plain[7]) if len(plain) > 7 else [None, None],
+                   unpacked(plain[8], (len(users),)) if len(plain) > 8 else None)
 
 
 @dataclass
@@ -235,6 +242,17 @@ class AnchorSamples:
         return (np.concatenate([s.x[:, :width] for s in samples]).astype(np.float64),
                 np.concatenate([s.happened[head] for s in samples]), None if None in judged else min(judged),
                 None if None in rules else min(rules))
+
+    def latest_week(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(x float64, silent) of the latest anchor whose week after it has closed, over the partitions held whose
+        samples have churn_risk's logit over a week (none in a record of session 61 or before), or None."""
+        closed = [at for (_, at), s in self.samples.items() if s.week_silent is not None and s.x.shape[1] > WIDTH]
+        if not closed:
+            return None
+        samples = [s for (_, at), s in sorted(self.samples.items()) if at == max(closed)
+                   and s.week_silent is not None and s.x.shape[1] > WIDTH]
+        return (np.concatenate([s.x[:, :WIDTH + 1] for s in samples]).astype(np.float64),
+                np.concatenate([s.week_silent for s in samples]))
 
     def keep_from(self, anchor: int) -> None:
         self.samples = {key: s for key, s in self.samples.items() if key[1] >= anchor}

@@ -49,7 +49,7 @@ STATE_DTYPE_NAMES = {name: getattr(torch, name) for name in STATE_DTYPES}
 # user's (stream/decode.py refuses user ids that start so).
 META_KEY = RESERVED_ID_PREFIX.encode() + b"meta"
 NAMES_KEY = META_KEY + b"/names/"  # + the part's number: the category names (module docstring)
-# JSON bytes of names in one part at most: a record of its own, as the meta record is (up to 0.75 MB of anchor
+# JSON bytes of names in one part at most: a record of its own, as the meta record is (up to 0.77 MB of anchor
 # samples, stream/anchor_samples.py), each under librdkafka's 1 MB message.max.bytes. 4,000 names of 64 characters.
 NAME_PART_BYTES = 300_000
 # ... and on average at most (name_parts): what a new name writes again to each partition a member owns.

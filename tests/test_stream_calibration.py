@@ -17,8 +17,8 @@ from models.stream_calibration import (
 )
 from stream import statistics
 from stream.anchor_samples import (
-    RULE_STATISTICS, SAMPLE_ID_BYTES, SAMPLE_PER_PARTITION, STATISTIC_COLUMNS, STATISTICS, WIDTH, AnchorSamples,
-    Sample, encoded, stable_keys,
+    LOGIT_COLUMNS, RULE_STATISTICS, SAMPLE_ID_BYTES, SAMPLE_PER_PARTITION, STATISTIC_COLUMNS, STATISTICS,
+    WEEK_LOGIT_COLUMN, WIDTH, AnchorSamples, Sample, encoded, stable_keys,
 )
 from stream.events import MAX_ID_CHARS
 from models.update_step import ProfileUpdater
@@ -120,15 +120,58 @@ def test_churn_risk_follows_a_shop_whose_users_go_quiet_more_since_its_map_was_f
     shop_map = calibration.shop_map()
     assert shop_map.kept[1] and abs(shop_map.drift[1] - 1.0) < 0.15 and shop_map.a[1] == shop_map.drift[1]
     assert shop_map.b[1] == 1.0 and not shop_map.kept[0]
-    # The same silence as then: the map fitted on the older anchor is kept as it is (here the identity).
+    # The same silence as then: the map fitted on the older anchor (here the identity) moves by the noise of two
+    # draws of the week's silence only (a move is applied whatever its size).
     outcomes.counts[(WEEK_SERIES, -1, K0 + 1)] = counts_from(p, p, 200, seed=2)
     outcomes.version += 1
-    assert calibration.shop_map() == fit_logit_map(outcomes.total())
+    fitted, shop_map = fit_logit_map(outcomes.total()), calibration.shop_map()
+    assert not fitted.kept[1] and abs(shop_map.drift[1]) < 0.1
+    assert (shop_map.a[1], shop_map.b[1]) == (shop_map.drift[1], 1.0) and shop_map.kept[0] == fitted.kept[0]
     # A week series without the anchor the map is fitted on says nothing of how the shop moved since.
     del outcomes.counts[(WEEK_SERIES, -1, K0)]
     outcomes.counts[(WEEK_SERIES, -1, K0 + 1)] = counts_from(p, quieter, 200, seed=2)
     outcomes.version += 1
     assert calibration.shop_map().drift == (0.0, 0.0)
+
+
+def test_a_young_tables_churn_risk_is_mapped_on_the_weeks_silence_through_the_models_share_of_the_hazard():
+    """Before any anchor's two weeks have closed, churn_risk's map is fitted on who stayed away the week after the
+    latest anchor whose week has: the mapped probability over the horizon, read over the week with the model's
+    share of the hazard, says the week's silence. Users return at constant rates and the model says half of each
+    (so it over-reads silence): the map fitted on the week brings the horizon's probabilities to the shop's. Where
+    the model is right the identity stays; once an anchor's two weeks have closed its counts make the map."""
+    rng = np.random.default_rng(5)
+    rate = rng.lognormal(np.log(0.4), 1.0, size=4000)  # returns per week
+    x = np.zeros((len(rate), WEEK_LOGIT_COLUMN + 1))
+    silent_a_week = rng.random(len(rate)) < np.exp(-rate)
+    truth = np.exp(-2 * rate)  # silent two weeks: the horizon
+    for told, kept in ((0.5, True), (1.0, False)):
+        said_horizon, said_week = np.exp(-2 * told * rate), np.exp(-told * rate)
+        x[:, LOGIT_COLUMNS[1]] = np.log(said_horizon) - np.log1p(-said_horizon)
+        x[:, WEEK_LOGIT_COLUMN] = np.log(said_week) - np.log1p(-said_week)
+        calibration = StreamCalibration(StateTable(8, torch.device(DEVICE)), probabilities=None)
+        samples = calibration.state.outcomes.samples
+        samples.put(K0, np.zeros(len(rate), dtype=np.int64), np.array([f"u{i}" for i in range(len(rate))]), x)
+        samples.samples[(0, K0)].week_silent = silent_a_week
+        shop_map = calibration.shop_map()
+        assert shop_map.kept == (False, kept) and shop_map.churn_from_week == kept
+        if not kept:
+            assert shop_map.gain_nats[1] < GATE_NATS
+            continue
+        assert shop_map.gain_nats[1] >= GATE_NATS and shop_map.users[1] == len(rate)
+        assert "stayed away the week" in describe(shop_map)
+        published = shop_map.apply(1, torch.from_numpy(said_horizon)).double().numpy()
+        assert np.abs(published - truth).mean() < 0.03 < np.abs(said_horizon - truth).mean() - 0.05
+        # A restored record keeps who stayed away the week; one of session 61 or before has no such column.
+        restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
+        assert restored.samples[(0, K0)].week_silent.tolist() == silent_a_week.tolist()
+        older = [[p, at, *rest[:8]] for p, at, *rest in samples.to_plain()]
+        assert AnchorSamples.from_plain(older).samples[(0, K0)].week_silent is None
+        # An anchor's two weeks closed: its counts make churn_risk's map, as before.
+        p = 1 / (1 + np.exp(-bin_logits()))
+        calibration.state.outcomes.counts = {(1, 0, K0 - 1): counts_from(p, p, 200)}
+        calibration.state.outcomes.version += 1
+        assert calibration.shop_map() == fit_logit_map(calibration.state.outcomes.total())
 
 
 def test_the_fit_on_the_statistics_finds_their_weight_and_is_kept_only_where_they_add_to_the_logit():
@@ -267,6 +310,7 @@ def test_the_users_sampled_at_an_anchor_and_what_followed_are_read_from_the_stat
     before = updater_fed([e for e in events if e["ts"] < A], [100])
     rows = before.state.rows_for(held)
     p = before.head_probabilities(rows, A).astype(np.float64)
+    a_week = before.head_probabilities(rows, A, (ANCHOR_MS / HOUR,) * 2)[:, 1].astype(np.float64)
     user = statistics.user_features(before.state.columns, before.state.counts, before.state.last_ts, rows, A)
     for sizes in ([100], [1], [2, 3]):
         updater = updater_fed(events, sizes)
@@ -276,6 +320,8 @@ def test_the_users_sampled_at_an_anchor_and_what_followed_are_read_from_the_stat
         assert np.all(np.diff(stable_keys(sample.users).astype(np.int64)) >= 0)
         logits = np.log(p[order]) - np.log1p(-p[order])
         np.testing.assert_allclose(sample.x[:, :2].astype(np.float64), logits, atol=0.01)
+        np.testing.assert_allclose(sample.x[:, WEEK_LOGIT_COLUMN].astype(np.float64),
+                                   np.log(a_week[order]) - np.log1p(-a_week[order]), atol=0.01)
         due = STATISTIC_COLUMNS[0][STATISTICS[0].index("order_due")]
         idle = STATISTIC_COLUMNS[1][STATISTICS[1].index("log_idle_minutes")]
         np.testing.assert_allclose(sample.x[:, due], user[order, statistics.USER_FEATURES.index("order_due")],
@@ -288,6 +334,9 @@ def test_the_users_sampled_at_an_anchor_and_what_followed_are_read_from_the_stat
         silent = dict(zip(sample.users, sample.happened[1].tolist()))
         assert bought == {"back": True, "late buyer": False, "silent": False, "clock": False, "founder": False}
         assert silent == {"back": False, "late buyer": False, "silent": True, "clock": False, "founder": True}
+        # Stayed away the week after it: the late buyer too (back on its tenth day), and the clock (back after it).
+        assert dict(zip(sample.users, sample.week_silent.tolist())) == {
+            "back": False, "late buyer": True, "silent": True, "clock": True, "founder": True}
 
 
 def test_a_sample_is_at_most_its_share_per_partition_and_the_smallest_keys():
@@ -323,14 +372,15 @@ def test_a_partitions_samples_fit_in_a_kafka_record_whatever_its_ids(id_chars):
     width = statistics.CATEGORY_SLOTS + 1 + 3  # the slots, the follow-up, explore's best three
     samples = AnchorSamples()
     for anchor in range(3):
-        samples.put(anchor, np.zeros(n, dtype=np.int64), users[rows], np.ones((n, WIDTH)),
+        samples.put(anchor, np.zeros(n, dtype=np.int64), users[rows], np.ones((n, WEEK_LOGIT_COLUMN + 1)),
                     (np.ones((m, width), np.uint32), np.ones((m, width, 1 + len(CATEGORY_STATISTICS)), np.float16),
                      np.ones((m, statistics.CATEGORY_SLOTS), np.uint16)))
         if anchor < 2:
             samples.samples[(0, anchor)].categories.matured((1.0,) * len(CATEGORY_STATISTICS), (0.1, 0.01), m)
     for sample in samples.samples.values():
         sample.held_out = [123.456789012345, -98.7654321098765]
-    # 0.53 MB with 8-character ids, 0.75 MB with 45, 0.46 MB with 256 (fewer sampled)
+        sample.week_silent = np.ones(n, dtype=bool)
+    # 0.54 MB with 8-character ids, 0.77 MB with 45, 0.46 MB with 256 (fewer sampled)
     assert len(orjson.dumps(samples.of_partition(0))) < 800_000
 
 
@@ -507,6 +557,8 @@ def assert_same_samples(mine: AnchorSamples, theirs: AnchorSamples) -> None:
             assert (a is None and b is None) or a.tolist() == b.tolist()
         assert mine.samples[key].left.tolist() == sample.left.tolist()
         assert mine.samples[key].held_out == sample.held_out
+        week = mine.samples[key].week_silent
+        assert (week is None and sample.week_silent is None) or week.tolist() == sample.week_silent.tolist()
 
 
 def test_a_snapshot_without_records_is_not_counted_before_the_next_anchor():
