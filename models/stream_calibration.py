@@ -35,7 +35,7 @@ from stream.anchor_samples import (
 )
 from stream.events import PURCHASE, EventColumns
 from stream.outcomes import (
-    ANCHOR_MS, BINS, HEADS, KEPT, MATURES_AFTER, PHASES, PURCHASE_WINDOW_MINUTES, SERIES, SERIES_HEAD,
+    ANCHOR_MS, BINS, HEADS, KEPT, MATURES_AFTER, PHASES, PURCHASE_SERIES, PURCHASE_WINDOW_MINUTES, SERIES, SERIES_HEAD,
     anchor_of, bin_logits, logit_bins,
 )
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
@@ -406,8 +406,13 @@ class StreamCalibration:
         since = anchor_of(clock if clock >= 0 else int(ts.min()))
         if clock < 0:  # a table's first events: at an anchor within a churn horizon of them, every user held is new,
             # and what followed says little of users with months of history (the classic shop's first anchor, two
-            # days into its log, moved purchase_propensity's ECE at the next cut from 0.042 to 0.099)
+            # days into its log, moved purchase_propensity's ECE at the next cut from 0.042 to 0.099; churn_risk's
+            # map from an anchor nine days in read later users worse than none). purchase_propensity's count from
+            # a week after them (purchase_sooner): in a shop's first month the model's level was 0.03-0.09 off
+            # where a map fitted there applied (docs/model-journal.md, session 62).
             outcomes.complete_from = max(outcomes.complete_from or since, since + PHASES + 1)
+            if outcomes.purchase_sooner is None:
+                outcomes.purchase_sooner = True
         if anchor_of(int(ts.max())) <= since:
             yield since, None
             return
@@ -419,7 +424,7 @@ class StreamCalibration:
                 kept = max(KEPT[s] for s in series)
                 for matured in range(max(since, anchor - kept) - after + 1, anchor - after + 1):
                     self.mature(matured, series)
-            if anchor > since and outcomes.counted(anchor):
+            if anchor > since and outcomes.counted(anchor, PURCHASE_SERIES):
                 self.take_sample(anchor)
             since = anchor
             yield anchor, of_event == anchor
@@ -474,8 +479,9 @@ class StreamCalibration:
             return
         now = anchor_of(state.max_event_ts)
         for anchor in range(now - PHASES + 1, now + 1):
-            open_heads = tuple(series for series, after in enumerate(MATURES_AFTER) if anchor > now - after)
-            if open_heads and outcomes.counted(anchor):
+            open_heads = tuple(series for series, after in enumerate(MATURES_AFTER)
+                               if anchor > now - after and outcomes.counted(anchor, series))
+            if open_heads:
                 self.count(anchor, open_heads, rows, pending=True)
         self.note_leaving(rows)
 
@@ -509,7 +515,8 @@ class StreamCalibration:
 
     def mature(self, anchor: int, series: tuple[int, ...]) -> None:
         """These series' window after anchor `anchor` has closed: count the anchor's users for them."""
-        if not self.state.outcomes.counted(anchor):
+        series = tuple(one for one in series if self.state.outcomes.counted(anchor, one))
+        if not series:
             return
         self.count(anchor, series, np.arange(len(self.state)))
         for head in series:
@@ -543,7 +550,7 @@ class StreamCalibration:
             x = np.column_stack([np.log(p) - np.log1p(-p), user[:, list(SAMPLED_INDEX)],
                                  np.log(week) - np.log1p(-week)])
             partitions, categories = state.partition[rows], None
-            if self.candidates is not None:
+            if self.candidates is not None and state.outcomes.counted(anchor):  # (not purchase_propensity's alone)
                 first = rows[leading(partitions, CATEGORY_SAMPLE_PER_PARTITION)]
                 counts = state.columns["cat_count"][first, :, 0]  # events (1: visits)
                 categories = (*self.candidates(first, at), counts)

@@ -27,6 +27,7 @@ ANCHOR_MS = int(PURCHASE_HORIZON_HOURS * 3_600_000)
 PHASES = round(CHURN_HORIZON_HOURS / PURCHASE_HORIZON_HOURS)  # anchors whose windows are open at once
 PURCHASE_WINDOW_MINUTES = PURCHASE_HORIZON_HOURS * 60
 HEADS = ("purchase_propensity", "churn_risk")
+PURCHASE_SERIES = HEADS.index("purchase_propensity")
 # What is counted at each anchor (the counts' first key): each head's outcome over its horizon, and a fresher one
 # for churn_risk, silent for the week after the anchor, which tells how the shop's return rate moved since the
 # anchor its map is fitted on (models/stream_calibration.py, drift). Each series' bins are its head's.
@@ -86,6 +87,10 @@ class Outcomes:
     # Anchors before this one are not counted: records may be missing (state restored from a release that kept
     # none), or the table held events for less than a churn horizon before them. None: every anchor counts.
     complete_from: int | None = None
+    # purchase_propensity's anchors are counted from the one before complete_from: set at a table's first events,
+    # whose first week is left out of its counts, not two as the others' (models/stream_calibration.py, parts);
+    # a partition's record without it (an older release's, or a table restored from one) clears it; None: not set.
+    purchase_sooner: bool | None = None
     version: int = 0  # bumped at each change (the changelog re-sends the meta records)
     # The users sampled at the latest anchors, with the rules' statistics then (stream/anchor_samples.py).
     samples: AnchorSamples = field(default_factory=AnchorSamples)
@@ -109,9 +114,11 @@ class Outcomes:
             self._keep_latest()
         self.version += 1
 
-    def counted(self, anchor: int) -> bool:
-        """Whether the anchor's users are counted (complete_from)."""
-        return anchor >= 0 and (self.complete_from is None or anchor >= self.complete_from)
+    def counted(self, anchor: int, series: int | None = None) -> bool:
+        """Whether the anchor's users are counted for the series (complete_from; purchase_propensity's from the
+        anchor before where purchase_sooner); series None: for every series."""
+        sooner = bool(self.purchase_sooner) and series == PURCHASE_SERIES
+        return anchor >= 0 and (self.complete_from is None or anchor >= self.complete_from - sooner)
 
     def anchors(self, series: int) -> list[int]:
         return sorted({anchor for h, _, anchor in self.counts if h == series})
@@ -142,7 +149,8 @@ class Outcomes:
 
     def of_partition(self, partition: int) -> dict:
         """A partition's counts as the changelog's meta record carries them."""
-        return {"complete_from": self.complete_from, "samples": self.samples.of_partition(partition),
+        return {"complete_from": self.complete_from, "purchase_sooner": self.purchase_sooner,
+                "samples": self.samples.of_partition(partition),
                 **{name: [[head, anchor, grid.tolist()] for (head, p, anchor), grid in sorted(kept.items())
                           if p == partition]
                    for name, kept in (("counts", self.counts), ("pending", self.pending))}}
@@ -157,12 +165,15 @@ class Outcomes:
         self.samples.merge_partition(partition, plain.get("samples", []))
         if plain.get("complete_from") is not None:
             self.complete_from = max(self.complete_from or plain["complete_from"], plain["complete_from"])
+        theirs = bool(plain.get("purchase_sooner"))
+        self.purchase_sooner = theirs if self.purchase_sooner is None else self.purchase_sooner and theirs
         self._keep_latest()
         self.version += 1
 
     def to_plain(self) -> dict:
         """For a state snapshot (JSON)."""
-        return {"complete_from": self.complete_from, "samples": self.samples.to_plain(),
+        return {"complete_from": self.complete_from, "purchase_sooner": self.purchase_sooner,
+                "samples": self.samples.to_plain(),
                 **{name: [[*key, grid.tolist()] for key, grid in sorted(kept.items())]
                    for name, kept in (("counts", self.counts), ("pending", self.pending))}}
 
@@ -174,4 +185,5 @@ class Outcomes:
             return cls(complete_from=anchor_of(clock_ms) + 1 if clock_ms >= 0 else None)
         counts, pending = ({(int(h), int(p), int(a)): np.asarray(g, dtype=np.int64).reshape(BINS, 2)
                             for h, p, a, g in plain.get(name, [])} for name in ("counts", "pending"))
-        return cls(counts, pending, plain.get("complete_from"), samples=AnchorSamples.from_plain(plain.get("samples")))
+        return cls(counts, pending, plain.get("complete_from"), plain.get("purchase_sooner"),
+                   samples=AnchorSamples.from_plain(plain.get("samples")))

@@ -441,8 +441,17 @@ def test_an_anchor_counts_who_came_back_and_bought_from_what_the_heads_said_at_i
                                               (WEEK_SERIES, -1, K0 + 1)}
         np.testing.assert_array_equal(state.outcomes.counts[(1, -1, K0)], expected_counts(said[:, 1], [0, 0, 1, 1, 1]))
 
-    young = updater_fed(events[1:], [100])  # without the founder, the anchor came within two weeks of the first event
-    assert young.state.outcomes.complete_from == K0 + 2 and not young.state.outcomes.counts
+    # Without the founder the table's first event came 5 hours before the anchor: within a week of a table's first
+    # events no anchor is counted, within two only purchase_propensity's (its sample without top_categories'
+    # candidates, neither its return window nor its week counted).
+    young = updater_fed(events[1:], [100])
+    outcomes = young.state.outcomes
+    assert outcomes.complete_from == K0 + 2 and outcomes.purchase_sooner
+    assert set(outcomes.counts) == {(0, -1, K0 + 1)}
+    assert set(outcomes.samples.samples) == {(-1, K0 + 1), (-1, K0 + 2)}  # (the clock has reached the next)
+    sample = outcomes.samples.samples[(-1, K0 + 1)]
+    assert sample.happened[0] is not None and sample.happened[1] is None and sample.week_silent is None
+    assert sample.categories is None and outcomes.samples.samples[(-1, K0 + 2)].categories is not None
 
 
 def test_the_counts_and_records_are_the_same_whatever_the_batches():
@@ -519,6 +528,7 @@ def test_counts_survive_a_snapshot_and_a_release_of_their_partitions():
     state.outcomes.samples.put(K0, np.array([0, 1, 1]), np.array(["a", "b", "c"], dtype=object), x)
     state.outcomes.samples.samples[(1, K0)].happened[0] = np.array([True, False])
     state.outcomes.samples.samples[(1, K0)].left[1] = True, False  # the second left after buying
+    state.outcomes.purchase_sooner = True
     kept = [K0, K0 + 1][-KEPT_ANCHORS:]  # each head's latest matured anchors only
     assert set(state.outcomes.counts) == {(h, p, a) for h in (0, 1) for p in (0, 1) for a in kept} - (
         {(h, 0, K0 + 1) for h in (0, 1)})
@@ -537,8 +547,15 @@ def test_counts_survive_a_snapshot_and_a_release_of_their_partitions():
     restored.drop_partitions([1])
     assert all(p == 0 for _, p, _ in restored.outcomes.counts) and set(restored.outcomes.pending) == {(1, 0, K0 + 2)}
     # A partition's counts as its changelog meta record carries them, read back by another member.
+    assert restored.outcomes.purchase_sooner and under.outcomes.purchase_sooner
     member = StateTable(8, torch.device(DEVICE))
     member.outcomes.merge_partition(1, state.outcomes.of_partition(1))
+    assert member.outcomes.purchase_sooner
+    other = StateTable(8, torch.device(DEVICE))  # ... with a partition's record of session 61 or before too
+    other.outcomes.merge_partition(1, state.outcomes.of_partition(1))
+    older = {key: value for key, value in state.outcomes.of_partition(0).items() if key != "purchase_sooner"}
+    other.outcomes.merge_partition(0, older)
+    assert other.outcomes.purchase_sooner is False  # its anchors counted from two weeks, as that release did
     assert set(member.outcomes.counts) == {key for key in state.outcomes.counts if key[1] == 1}
     assert set(member.outcomes.pending) == {(1, 1, K0 + 2)}
     assert set(member.outcomes.samples.samples) == {(1, K0)}
