@@ -370,6 +370,7 @@ def stream_map_report(shop_map: LogitMap | None) -> dict | None:
                    "weights_gain_nats": shop_map.weights_gain_nats[head], "sampled": shop_map.sampled[head],
                    "weights_held_out_nats": shop_map.weights_held_out_nats[head],
                    "fitted_on_week": head == HEADS.index("churn_risk") and shop_map.churn_from_week,
+                   "share_power": shop_map.churn_share_power if head == HEADS.index("churn_risk") else 1.0,
                    "applied": shop_map.applies(head)}
             for head, name in enumerate(HEADS)} | {"top_categories": {
                 "users": shop_map.category_users, "gain": shop_map.category_gain,

@@ -228,8 +228,11 @@ class AnchorSamples:
     def latest_matured(self, head: int) -> tuple[np.ndarray, np.ndarray, float | None, float | None] | None:
         """(x float64, happened, held_out, rules_held_out) of the head's latest matured anchor over the partitions
         held, or None; held_out and rules_held_out the least of theirs (None where one was not judged)."""
-        matured = [anchor for (_, anchor), s in self.samples.items() if s.happened[head] is not None]
-        return None if not matured else self.matured_at(max(matured), head)
+        anchor = self.latest_matured_anchor(head)
+        return None if anchor is None else self.matured_at(anchor, head)
+
+    def latest_matured_anchor(self, head: int) -> int | None:
+        return max((anchor for (_, anchor), s in self.samples.items() if s.happened[head] is not None), default=None)
 
     def matured_at(self, anchor: int, head: int) -> tuple[np.ndarray, np.ndarray, float | None, float | None] | None:
         """As latest_matured, of one anchor where the head's window has closed (None: no such sample held). Where a
@@ -243,10 +246,12 @@ class AnchorSamples:
                 np.concatenate([s.happened[head] for s in samples]), None if None in judged else min(judged),
                 None if None in rules else min(rules))
 
-    def latest_week(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(x float64, silent) of the latest anchor whose week after it has closed, over the partitions held whose
-        samples have churn_risk's logit over a week (none in a record of session 61 or before), or None."""
-        closed = [at for (_, at), s in self.samples.items() if s.week_silent is not None and s.x.shape[1] > WIDTH]
+    def latest_week(self, anchor: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """(x float64, silent) of the latest anchor whose week after it has closed (or of `anchor`, where it has),
+        over the partitions held whose samples have churn_risk's logit over a week (none in a record of session 61
+        or before), or None."""
+        closed = [at for (_, at), s in self.samples.items() if s.week_silent is not None and s.x.shape[1] > WIDTH
+                  and anchor in (None, at)]
         if not closed:
             return None
         samples = [s for (_, at), s in sorted(self.samples.items()) if at == max(closed)

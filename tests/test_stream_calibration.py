@@ -13,7 +13,7 @@ import torch
 from models.checkpoint_io import untrained
 from models.stream_calibration import (
     GATE_NATS, GATE_NATS_PER_USER, HELD_OUT_GATE_NATS, LogitMap, StreamCalibration, fit_head, fit_logit_map,
-    describe, logistic_fit, over_window, split_gain, with_statistics,
+    describe, logistic_fit, over_window, split_gain, with_share_power, with_statistics,
 )
 from stream import statistics
 from stream.anchor_samples import (
@@ -172,6 +172,32 @@ def test_a_young_tables_churn_risk_is_mapped_on_the_weeks_silence_through_the_mo
         calibration.state.outcomes.counts = {(1, 0, K0 - 1): counts_from(p, p, 200)}
         calibration.state.outcomes.version += 1
         assert calibration.shop_map() == fit_logit_map(calibration.state.outcomes.total())
+
+
+def test_over_a_window_cut_short_churn_risk_splits_the_hazard_as_the_shop_did_the_week_after_the_maps_anchor():
+    """The model splits the two weeks' hazard evenly (constant rates); in this shop a user away a week is likelier to
+    stay away the next (the second week's rate half the first's): the users sampled at the map's anchor who stayed
+    away the week after it give the power of the model's share that reads the week as the shop does. Where the shop
+    splits it as the model does, the power stays near 1; without the map kept, the model's own stand."""
+    rng = np.random.default_rng(9)
+    rate = rng.lognormal(np.log(0.4), 1.0, size=4000)  # the first week's
+    horizon = np.exp(-1.5 * rate)  # the model is right over the horizon (the map: the identity, kept)
+    x = np.zeros((len(rate), WEEK_LOGIT_COLUMN + 1))
+    x[:, LOGIT_COLUMNS[1]] = np.log(horizon) - np.log1p(-horizon)
+    said_week = np.exp(-0.75 * rate)  # half the horizon's hazard, as the model splits it
+    x[:, WEEK_LOGIT_COLUMN] = np.log(said_week) - np.log1p(-said_week)
+    kept = LogitMap(kept=(False, True))
+    for second_week, expected in ((0.5, np.log(2 / 3) / np.log(0.5)), (1.0, 1.0)):
+        truth = np.exp(-rate) if second_week == 0.5 else said_week  # silent the week after the anchor
+        stayed_away = rng.random(len(rate)) < truth
+        fitted = with_share_power(kept, x, stayed_away)
+        assert abs(fitted.churn_share_power - expected) < 0.1
+        week = fitted.apply(1, torch.from_numpy(said_week).float(), 168.0, None, torch.from_numpy(horizon).float())
+        assert np.abs(week.double().numpy() - truth).mean() < 0.02
+        if second_week == 0.5:
+            assert np.abs(said_week - truth).mean() > 0.05  # the model's own split
+            assert f"to the power {fitted.churn_share_power:.2f}" in describe(fitted)  # the log line says it
+    assert with_share_power(LogitMap(), x, stayed_away) == LogitMap()
 
 
 def test_the_fit_on_the_statistics_finds_their_weight_and_is_kept_only_where_they_add_to_the_logit():
