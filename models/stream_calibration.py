@@ -446,8 +446,8 @@ class StreamCalibration:
             # and what followed says little of users with months of history (the classic shop's first anchor, two
             # days into its log, moved purchase_propensity's ECE at the next cut from 0.042 to 0.099; churn_risk's
             # map from an anchor nine days in read later users worse than none). purchase_propensity's count from
-            # a week after them (purchase_sooner): in a shop's first month the model's level was 0.03-0.09 off
-            # where a map fitted there applied (docs/model-journal.md, session 62).
+            # a week after them (purchase_sooner): in a shop's first month the demo read purchases 0.04-0.12 low
+            # until a map applied, and its map then applies a week sooner (docs/model-journal.md, session 62).
             outcomes.complete_from = max(outcomes.complete_from or since, since + PHASES + 1)
             if outcomes.purchase_sooner is None:
                 outcomes.purchase_sooner = True

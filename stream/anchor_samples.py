@@ -59,8 +59,8 @@ SAMPLED_STATISTICS = tuple(dict.fromkeys(
 STATISTIC_COLUMNS = tuple(tuple(2 + SAMPLED_STATISTICS.index(name) for name in names) for names in STATISTICS)
 WIDTH = 2 + len(SAMPLED_STATISTICS)
 # After them, churn_risk's logit over a week (the model's own at the anchor's clock; a record of session 61 or before
-# has none): with the week's silence it fits churn_risk's map where no anchor's two weeks have closed yet
-# (models/stream_calibration.py, with_week).
+# has none): with the week's silence it fits churn_risk's map where no anchor's two weeks have closed yet, and how
+# the shop splits the two weeks' hazard (models/stream_calibration.py, with_week, with_share_power).
 WEEK_LOGIT_COLUMN = WIDTH
 
 
