@@ -208,10 +208,8 @@ def with_week(shop_map: LogitMap, x: np.ndarray, silent: np.ndarray) -> LogitMap
     reads it (the share of the horizon's hazard the model's own probabilities give the week), says the week's
     silence. Kept where it gains GATE_NATS over the identity. A table's churn_risk is then mapped a week sooner
     (the classic shop's first month: docs/model-journal.md, session 62)."""
-    horizon, week = (np.clip(1 / (1 + np.exp(-x[:, column])), 1e-9, 1 - 1e-9)
-                     for column in (LOGIT_COLUMNS[CHURN], WEEK_LOGIT_COLUMN))
-    share = np.clip(np.log(week) / np.log(horizon), 0.0, 1.0)
-    design = np.column_stack([np.ones(len(x)), np.log(horizon) - np.log1p(-horizon)])
+    share = week_share(x)
+    design = statistics_design(x, CHURN, every=False)[:, :2]
     yes = silent.astype(np.float64)
     theta = hazard_share_fit(design, share, yes)
     if theta[1] <= 0:  # the ranking turned over: only the level moves
@@ -222,6 +220,15 @@ def with_week(shop_map: LogitMap, x: np.ndarray, silent: np.ndarray) -> LogitMap
     return replace(shop_map, a=only(shop_map.a, CHURN, float(theta[0])), b=only(shop_map.b, CHURN, float(theta[1])),
                    gain_nats=only(shop_map.gain_nats, CHURN, gain), users=only(shop_map.users, CHURN, len(yes)),
                    kept=only(shop_map.kept, CHURN, True), churn_from_week=True)
+
+
+def week_share(x: np.ndarray) -> np.ndarray:
+    """(N,) the share of churn_risk's hazard over the horizon that the model's own probabilities give the week, for
+    a sample's users (x: its columns, with churn_risk's logit over the horizon and over a week), as over_window
+    takes it: log p_week / log p_horizon."""
+    horizon, week = (np.clip(1 / (1 + np.exp(-x[:, column])), 1e-9, 1 - 1e-9)
+                     for column in (LOGIT_COLUMNS[CHURN], WEEK_LOGIT_COLUMN))
+    return np.clip(np.log(week) / np.log(horizon), 0.0, 1.0)
 
 
 def share_log_likelihood(z: np.ndarray, share: np.ndarray, yes: np.ndarray) -> float:
@@ -269,13 +276,10 @@ def with_share_power(shop_map: LogitMap, x: np.ndarray, silent: np.ndarray) -> L
     is."""
     if not shop_map.kept[CHURN]:
         return shop_map
-    z = shop_map.a[CHURN] - shop_map.drift[CHURN] + shop_map.b[CHURN] * x[:, LOGIT_COLUMNS[CHURN]]
-    weights = shop_map.weights[CHURN]
-    if weights is not None:
-        z = z + x[:, list(STATISTIC_COLUMNS[CHURN][:len(weights)])] @ np.asarray(weights)
-    horizon, week = (np.clip(1 / (1 + np.exp(-x[:, column])), 1e-9, 1 - 1e-9)
-                     for column in (LOGIT_COLUMNS[CHURN], WEEK_LOGIT_COLUMN))
-    share = np.clip(np.log(week) / np.log(horizon), 1e-6, 1.0)
+    weights = shop_map.weights[CHURN] or ()
+    theta = np.array([shop_map.a[CHURN] - shop_map.drift[CHURN], shop_map.b[CHURN], *weights])  # as at its anchor
+    z = statistics_design(x, CHURN, every=len(weights) > RULE_STATISTICS[CHURN])[:, :len(theta)] @ theta
+    share = np.maximum(week_share(x), 1e-6)
     yes = silent.astype(np.float64)
     powers = np.exp(np.linspace(np.log(SHARE_POWER_RANGE[0]), np.log(SHARE_POWER_RANGE[1]), 161))
     said = [share_log_likelihood(z, share ** power, yes) for power in powers]
@@ -412,16 +416,16 @@ class StreamCalibration:
                 if sampled is not None:
                     self._map = with_statistics(self._map, head, *sampled)
             fitted_on, weeks = outcomes.anchors(CHURN), outcomes.anchors(WEEK_SERIES)
-            week = None if fitted_on else outcomes.samples.latest_week()
-            if week is not None:
-                self._map = with_week(self._map, *week)
+            young_week = None if fitted_on else outcomes.samples.latest_week()
+            if young_week is not None:
+                self._map = with_week(self._map, *young_week)
             if fitted_on and fitted_on[-1] in weeks and weeks[-1] > fitted_on[-1]:
                 self._map = with_drift(self._map, outcomes.of_anchor(WEEK_SERIES, fitted_on[-1]),
                                        outcomes.of_anchor(WEEK_SERIES, weeks[-1]))
             anchor = outcomes.samples.latest_matured_anchor(CHURN)
-            week = None if anchor is None else outcomes.samples.latest_week(anchor)
-            if week is not None:
-                self._map = with_share_power(self._map, *week)
+            maps_week = None if anchor is None else outcomes.samples.latest_week(anchor)
+            if maps_week is not None:
+                self._map = with_share_power(self._map, *maps_week)
             latest = outcomes.samples.category_fit()
             if latest is not None:
                 anchor, fit = latest
