@@ -128,8 +128,11 @@ def gate_summary(gate: dict) -> str:
     if not shift:
         return ""
     side = "the user's own categories" if shift > 0 else "the sequence model's"
+    foreign = gate.get("precision_at_3_foreign") or {}  # (not in reports before session 63)
+    abroad = (f", with a foreign explore side {foreign['0.0']:.3f} -> {foreign[str(shift)]:.3f}"
+              if str(shift) in foreign else "")
     return (f"; top_categories leans toward {side} (gate {shift:+g}: held-out precision@3 "
-            f"{precision['0.0']:.3f} -> {precision[str(shift)]:.3f})")
+            f"{precision['0.0']:.3f} -> {precision[str(shift)]:.3f}{abroad})")
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -359,6 +359,9 @@ def test_train_says_when_the_gate_moved_for_ranking_and_what_held_out_time_gaine
     moved = {**base, "gate_shift": {"shift": 4.0, "precision_at_3": {"0.0": 0.3017, "4.0": 0.3054}}}
     assert "top_categories leans toward the user's own categories (gate +4: held-out precision@3 0.302 -> 0.305)" \
         in fields_summary(moved)
+    both = {**base, "gate_shift": {**moved["gate_shift"], "precision_at_3_foreign": {"0.0": 0.4674, "4.0": 0.5007}}}
+    assert ("(gate +4: held-out precision@3 0.302 -> 0.305, with a foreign explore side 0.467 -> 0.501)"
+            in fields_summary(both))
     assert "top_categories" not in fields_summary({**base, "gate_shift": {"shift": 0.0, "precision_at_3": {}}})
     assert "top_categories" not in fields_summary(base)  # a checkpoint's report from before the move
 
