@@ -1130,7 +1130,7 @@ def test_the_gate_leans_toward_the_users_own_categories_where_a_foreign_explore_
     foreign = report["precision_at_3_foreign"]
     assert foreign["0.0"] < 0.7 and foreign[str(report["shift"])] == 1.0
     assert report["shift"] > 0
-    assert float(model.fields.gate.bias) == pytest.approx(-3.0 + report["shift"])
+    assert float(model.fields.gate.bias.detach()) == pytest.approx(-3.0 + report["shift"])
 
 
 def recency_examples(n: int, gen: torch.Generator, future: str) -> CutExamples:
