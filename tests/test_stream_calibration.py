@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from models.checkpoint_io import untrained
+from models.next_event_evaluation import roc_auc
 from models.stream_calibration import (
     GATE_NATS, GATE_NATS_PER_USER, HELD_OUT_GATE_NATS, LogitMap, StreamCalibration, fit_head, fit_logit_map,
     describe, logistic_fit, over_window, split_gain, with_share_power, with_statistics,
@@ -172,6 +173,42 @@ def test_a_young_tables_churn_risk_is_mapped_on_the_weeks_silence_through_the_mo
         calibration.state.outcomes.counts = {(1, 0, K0 - 1): counts_from(p, p, 200)}
         calibration.state.outcomes.version += 1
         assert calibration.shop_map() == fit_logit_map(calibration.state.outcomes.total())
+
+
+def test_a_young_tables_week_map_weighs_the_rules_statistics_where_they_rank_the_week_clearly_better():
+    """A model from an unlike shop ranks these users' silence by noise; how long each has been idle says who comes
+    back (the return rate falls with it). The week's map then weighs the rules' statistics, and the published churn_risk
+    ranks the users as their idle time does. A model that ranks them as well as the statistics keeps its own ranking:
+    the statistics would add no rank, only noise (the shipped demo in the classic shops)."""
+    rng = np.random.default_rng(11)
+    n = 4000
+    idle = rng.uniform(2.0, 10.0, size=n)  # log idle minutes
+    rate = np.exp(1.5 - 0.45 * idle)  # returns per week
+    silent_a_week = rng.random(n) < np.exp(-rate)
+    truth = np.exp(-2 * rate)
+    idle_column = STATISTIC_COLUMNS[1][STATISTICS[1].index("log_idle_minutes")]
+    for said_rate, weighs in ((rate * np.exp(rng.normal(0.0, 1.0, size=n)), True), (rate, False)):
+        x = np.zeros((n, WEEK_LOGIT_COLUMN + 1))
+        said_horizon, said_week = (np.clip(np.exp(-k * said_rate), 1e-6, 1 - 1e-6) for k in (2, 1))  # as sampled
+        x[:, LOGIT_COLUMNS[1]] = np.log(said_horizon) - np.log1p(-said_horizon)
+        x[:, WEEK_LOGIT_COLUMN] = np.log(said_week) - np.log1p(-said_week)
+        x[:, idle_column] = idle
+        calibration = StreamCalibration(StateTable(8, torch.device(DEVICE)), probabilities=None)
+        samples = calibration.state.outcomes.samples
+        samples.put(K0, np.zeros(n, dtype=np.int64), np.array([f"u{i}" for i in range(n)]), x)
+        samples.samples[(0, K0)].week_silent = silent_a_week
+        shop_map = calibration.shop_map()
+        assert (shop_map.weights[1] is not None) == weighs
+        if not weighs:  # (right: no map at all here, the identity gains too little)
+            continue
+        assert shop_map.churn_from_week and shop_map.kept[1]
+        assert len(shop_map.weights[1]) == RULE_STATISTICS[1] and shop_map.weights[1][0] > 0  # idle: more silent
+        assert shop_map.weights_held_out_nats[1] >= HELD_OUT_GATE_NATS and "stayed away the week" in describe(shop_map)
+        user = np.zeros((n, len(statistics.USER_FEATURES)), dtype=np.float32)
+        user[:, statistics.USER_FEATURES.index("log_idle_minutes")] = idle
+        published = shop_map.apply(1, torch.from_numpy(said_horizon), None, torch.from_numpy(user)).double().numpy()
+        silent = rng.random(n) < truth  # who stays away the two weeks
+        assert roc_auc(published, silent) > roc_auc(said_horizon, silent) + 0.05
 
 
 def test_over_a_window_cut_short_churn_risk_splits_the_hazard_as_the_shop_did_the_week_after_the_maps_anchor():
