@@ -250,6 +250,8 @@ def week_statistics_held_out(design: np.ndarray, share: np.ndarray, yes: np.ndar
         weighed = hazard_share_fit(design[fit], share[fit], yes[fit])
         affine = hazard_share_fit(design[fit, :2], share[fit], yes[fit])
         z = design[held] @ weighed
+        if not np.isfinite(z).all():  # (a fit that did not converge says nothing; roc_auc refuses nan)
+            return 0.0, 0.0
         nats += (share_log_likelihood(z, share[held], yes[held])
                  - share_log_likelihood(design[held, :2] @ affine, share[held], yes[held]))
         ranks += (roc_auc(z, yes[held]) - roc_auc(design[held, 1], yes[held])) / 2

@@ -14,7 +14,8 @@ from models.checkpoint_io import untrained
 from models.next_event_evaluation import roc_auc
 from models.stream_calibration import (
     GATE_NATS, GATE_NATS_PER_USER, HELD_OUT_GATE_NATS, LogitMap, StreamCalibration, fit_head, fit_logit_map,
-    describe, logistic_fit, over_window, split_gain, with_share_power, with_statistics,
+    describe, logistic_fit, over_window, split_gain, statistics_design, week_share, week_statistics_held_out,
+    with_share_power, with_statistics,
 )
 from stream import statistics
 from stream.anchor_samples import (
@@ -209,6 +210,10 @@ def test_a_young_tables_week_map_weighs_the_rules_statistics_where_they_rank_the
         published = shop_map.apply(1, torch.from_numpy(said_horizon), None, torch.from_numpy(user)).double().numpy()
         silent = rng.random(n) < truth  # who stays away the two weeks
         assert roc_auc(published, silent) > roc_auc(said_horizon, silent) + 0.05
+        # A statistic that overflowed its float16 column says nothing, and stops no map.
+        x[:7, idle_column] = np.inf
+        design = statistics_design(x, 1, every=False)
+        assert week_statistics_held_out(design, week_share(x), silent_a_week.astype(np.float64)) == (0.0, 0.0)
 
 
 def test_over_a_window_cut_short_churn_risk_splits_the_hazard_as_the_shop_did_the_week_after_the_maps_anchor():
