@@ -245,12 +245,14 @@ def week_statistics_held_out(design: np.ndarray, share: np.ndarray, yes: np.ndar
     """How much better the week's map on the rules' statistics than the affine one says the week's silence of
     each half of a sample's users (alternate rows, as split_gain), fitted on the other half, both ways: the log
     likelihood summed (nats) and the ROC AUC, on average."""
+    if not np.isfinite(design).all():  # (a statistic past its float16 column says nothing; roc_auc refuses nan)
+        return 0.0, 0.0
     nats = ranks = 0.0
     for fit, held in ((slice(0, None, 2), slice(1, None, 2)), (slice(1, None, 2), slice(0, None, 2))):
         weighed = hazard_share_fit(design[fit], share[fit], yes[fit])
         affine = hazard_share_fit(design[fit, :2], share[fit], yes[fit])
         z = design[held] @ weighed
-        if not np.isfinite(z).all():  # (a fit that did not converge says nothing; roc_auc refuses nan)
+        if not np.isfinite(z).all():  # (nor does a fit that did not converge)
             return 0.0, 0.0
         nats += (share_log_likelihood(z, share[held], yes[held])
                  - share_log_likelihood(design[held, :2] @ affine, share[held], yes[held]))
