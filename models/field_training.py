@@ -553,11 +553,11 @@ def shift_gate_for_ranking(model: ProfileModel, val: CutExamples) -> dict:
     their own explore side and with a foreign one (a shop whose categories follow one another otherwise), is best
     (ties: the smaller move), if it beats no move by RANKING_MARGIN. Returns the shift and each step's precision
     both ways."""
-    foreign = val.foreign(1.0, torch.Generator().manual_seed(0))  # every profile's explore side foreign
     at_home = {s: ranking_precision(model, val, s) for s in GATE_SHIFTS}
-    abroad = {s: ranking_precision(model, foreign, s) for s in GATE_SHIFTS}
     if np.isnan(at_home[0.0]):
         return {"shift": 0.0, "precision_at_3": {}, "precision_at_3_foreign": {}}
+    foreign = val.foreign(1.0, torch.Generator().manual_seed(0))  # every profile's explore side foreign
+    abroad = {s: ranking_precision(model, foreign, s) for s in GATE_SHIFTS}
     said = {s: (at_home[s] + abroad[s]) / 2 for s in GATE_SHIFTS}
     best = max(GATE_SHIFTS, key=lambda s: (round(said[s], 6), -abs(s)))
     shift = best if said[best] >= said[0.0] + RANKING_MARGIN else 0.0

@@ -219,11 +219,12 @@ def with_week(shop_map: LogitMap, x: np.ndarray, silent: np.ndarray) -> LogitMap
     rank the week's silence clearly better than the model, held out (week_statistics_held_out)."""
     share = week_share(x)
     design = statistics_design(x, CHURN, every=False)  # the level, the logit, the rules' statistics
+    affine = design[:, :2]
     yes = silent.astype(np.float64)
-    theta = hazard_share_fit(design[:, :2], share, yes)
+    theta = hazard_share_fit(affine, share, yes)
     if theta[1] <= 0:  # the ranking turned over: only the level moves
-        theta = hazard_share_fit(design[:, :2], share, yes, level_only=True)
-    gain = share_log_likelihood(design[:, :2] @ theta, share, yes) - share_log_likelihood(design[:, 1], share, yes)
+        theta = hazard_share_fit(affine, share, yes, level_only=True)
+    gain = share_log_likelihood(affine @ theta, share, yes) - share_log_likelihood(affine[:, 1], share, yes)
     if gain < GATE_NATS:
         return shop_map
     fitted = replace(shop_map, a=only(shop_map.a, CHURN, float(theta[0])), b=only(shop_map.b, CHURN, float(theta[1])),
@@ -233,7 +234,7 @@ def with_week(shop_map: LogitMap, x: np.ndarray, silent: np.ndarray) -> LogitMap
     if nats < HELD_OUT_GATE_NATS or ranks < WEEK_STATISTICS_AUC:
         return fitted
     weighed = hazard_share_fit(design, share, yes)  # (its slope may go to 0: the model says nothing beyond them)
-    more = share_log_likelihood(design @ weighed, share, yes) - share_log_likelihood(design[:, :2] @ theta, share, yes)
+    more = share_log_likelihood(design @ weighed, share, yes) - share_log_likelihood(affine @ theta, share, yes)
     return replace(fitted, a=only(fitted.a, CHURN, float(weighed[0])), b=only(fitted.b, CHURN, float(weighed[1])),
                    weights=only(fitted.weights, CHURN, tuple(float(w) for w in weighed[2:])),
                    weights_gain_nats=only(fitted.weights_gain_nats, CHURN, more),
