@@ -359,7 +359,8 @@ class ProfileDaemon:
         weights = shop_map.category_weights if shop_map.reranks() else (0.0,) * len(CATEGORY_STATISTICS)
         for statistic, weight in zip(CATEGORY_STATISTICS, weights):
             self.metrics.stream_calibration_map.labels("top_categories", statistic).set(weight)
-        self.metrics.stream_calibration_map.labels("top_categories", "gain").set(shop_map.category_gain or 0.0)
+        gain = shop_map.category_gain if shop_map.category_gain is not None else shop_map.category_cross_gain
+        self.metrics.stream_calibration_map.labels("top_categories", "gain").set(gain or 0.0)
         self.metrics.stream_calibration_users.labels("top_categories").set(shop_map.category_users)
 
     def set_ready(self, ready: bool, why: str = "") -> None:

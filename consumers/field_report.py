@@ -112,14 +112,24 @@ def stream_calibration_line(calibration: dict) -> str:
     categories = calibration.get("top_categories") or {}
     if categories.get("applied"):
         weights = ", ".join(f"{w:+.2f} x {stat}" for stat, w in categories["weights"].items())
-        said.append(f"top_categories re-ranked by {weights} (fitted on {categories['users']:,} sampled users; over "
-                    f"the latest two weeks, each week's previous weights were {categories['gain']:+.3f} +- "
-                    f"{categories['gain_standard_error']:.3f} of precision@3 ahead of the model's ranking"
-                    f"{_steady(categories)})")
+        said.append(f"top_categories re-ranked by {weights} (fitted on {categories['users']:,} sampled users; "
+                    + (f"over the latest two weeks, each week's previous weights were {categories['gain']:+.3f} +- "
+                       f"{categories['gain_standard_error']:.3f} of precision@3 ahead of the model's ranking"
+                       f"{_steady(categories)})" if categories.get("gain") is not None else _cross(categories)
+                       + " ahead of the model's ranking)"))
     elif categories.get("gain") is not None:
         said.append(f"top_categories as the model ranks them (re-ranked, the latest two weeks would have gained "
                     f"{categories['gain']:+.3f} +- {categories['gain_standard_error']:.3f} of precision@3: not enough)")
+    elif categories.get("cross_validated_gain") is not None:
+        said.append(f"top_categories as the model ranks them ({_cross(categories)}: not enough)")
     return "calibrated by the stream on the shop's outcomes before the cut: " + "; ".join(said)
+
+
+def _cross(categories: dict) -> str:
+    """The first week's re-ranking judged on its own users (no earlier week's weights to judge on them)."""
+    return (f"on the first week's users, each re-ranked by weights fitted on the others, "
+            f"{categories['cross_validated_gain']:+.3f} +- {categories['cross_validated_gain_standard_error']:.3f} "
+            "of precision@3")
 
 
 def _steady(categories: dict) -> str:

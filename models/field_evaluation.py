@@ -375,7 +375,9 @@ def stream_map_report(shop_map: LogitMap | None) -> dict | None:
             for head, name in enumerate(HEADS)} | {"top_categories": {
                 "users": shop_map.category_users, "gain": shop_map.category_gain,
                 "gain_standard_error": shop_map.category_gain_se, "steady_gain": shop_map.category_steady_gain,
-                "steady_gain_standard_error": shop_map.category_steady_gain_se, "applied": shop_map.reranks(),
+                "steady_gain_standard_error": shop_map.category_steady_gain_se,
+                "cross_validated_gain": shop_map.category_cross_gain,
+                "cross_validated_gain_standard_error": shop_map.category_cross_gain_se, "applied": shop_map.reranks(),
                 "weights": None if shop_map.category_weights is None else dict(zip(CATEGORY_STATISTICS,
                                                                                    shop_map.category_weights))}}
 

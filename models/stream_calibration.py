@@ -27,7 +27,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from models.category_calibration import STEADY_WEEKS, fit_weights, judged, over_weeks, passes, steady_gain
+from models.category_calibration import (STEADY_WEEKS, cross_validated, fit_weights, judged, over_weeks, passes,
+                                         steady_gain)
 from models.next_event_evaluation import roc_auc
 from stream import statistics
 from stream.anchor_samples import (
@@ -108,6 +109,10 @@ class LogitMap:
     category_users: int = 0
     category_steady_gain: float | None = None
     category_steady_gain_se: float | None = None
+    # ... and where no week's weights have been judged on a later week's users yet (category_gain None), the latest
+    # weights' gain on their own week's users, cross-validated (models/category_calibration.py, cross_validated).
+    category_cross_gain: float | None = None
+    category_cross_gain_se: float | None = None
     # churn_risk's map fitted on the week's silence after the latest anchor whose week has closed (with_week): a
     # young table, where no anchor's two weeks have closed yet.
     churn_from_week: bool = False
@@ -117,9 +122,10 @@ class LogitMap:
     churn_share_power: float = 1.0
 
     def reranks(self) -> bool:
+        cross = (self.category_cross_gain, self.category_cross_gain_se) if self.category_gain is None else (None, None)
         return self.category_weights is not None and any(
             passes(*gain) for gain in ((self.category_gain, self.category_gain_se),
-                                       (self.category_steady_gain, self.category_steady_gain_se)))
+                                       (self.category_steady_gain, self.category_steady_gain_se), cross))
 
     def applies(self, head: int) -> bool:
         """Whether the head's published probability moves: the map is kept."""
@@ -476,9 +482,11 @@ class StreamCalibration:
                 weeks = [week for week in (fit, previous and previous[1]) if week is not None and week.gain is not None]
                 gain, standard_error = over_weeks([(week.gain, week.gain_se) for week in weeks])
                 steady, steady_se = steady_gain(fit.judged)
+                cross, cross_se = fit.cross_gain or (None, None)
                 self._map = replace(self._map, category_weights=fit.weights, category_gain=gain,
                                     category_gain_se=standard_error, category_users=fit.users,
-                                    category_steady_gain=steady, category_steady_gain_se=steady_se)
+                                    category_steady_gain=steady, category_steady_gain_se=steady_se,
+                                    category_cross_gain=cross, category_cross_gain_se=cross_se)
             self._fitted = (id(outcomes), outcomes.version)
         return self._map
 
@@ -680,8 +688,9 @@ class StreamCalibration:
         if previous is not None and previous[1].users > 0 and engaged.any():
             gain = judged(log_p, stats, engaged, np.asarray(previous[1].weights))
         weeks = (*(previous[1].judged if previous is not None else ()), gain)[-STEADY_WEEKS:]
+        cross = cross_validated(log_p, stats, engaged) if gain is None and engaged.any() else None
         for _, candidates in open_:
-            candidates.matured(tuple(weights.tolist()), gain, int(engaged.any(axis=1).sum()), weeks)
+            candidates.matured(tuple(weights.tolist()), gain, int(engaged.any(axis=1).sum()), weeks, cross)
 
     def engaged_since(self, users: np.ndarray, keys: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """(N, C) whether each user engaged with each candidate category since the anchor whose candidates (keys) and
@@ -740,6 +749,11 @@ def describe(shop_map: LogitMap) -> str:
             f" ({shop_map.weights_gain_nats[h]:.0f} nats more on {shop_map.sampled[h]:,} sampled users{week}"
             + ("" if held_out is None else f", the rules' {held_out:.0f} more held out") + ")") + power
     said = [head(h) for h in range(len(HEADS))]
+    if shop_map.category_gain is None and shop_map.category_cross_gain is not None:
+        said.append(("top_categories re-ranked " if shop_map.reranks() else "top_categories as the model ranks ")
+                    + f"(the first week's re-ranking {shop_map.category_cross_gain:+.3f} +- "
+                    f"{shop_map.category_cross_gain_se:.3f} of precision@3 on its own {shop_map.category_users:,} "
+                    "sampled users, cross-validated)")
     if shop_map.category_gain is not None:
         steady = ("" if shop_map.category_steady_gain is None else
                   f"; every one of the latest {STEADY_WEEKS} weeks ahead, by {shop_map.category_steady_gain:+.3f} +- "

@@ -113,8 +113,9 @@ class CategorySample:
     all-time event counts then. When the week closes (`matured`): the weights fitted on which candidates were
     engaged with (None while the week is open), and `gain`, the previous anchor's weights' precision@3 over the
     published ranking's on these users (None: no previous weights) with its standard error, and `judged`, the (gain,
-    standard error) of the latest weeks up to this one (None where a week was not judged), oldest first; the candidates
-    are then dropped (only the weights and gains are needed after)."""
+    standard error) of the latest weeks up to this one (None where a week was not judged), oldest first; where there
+    were no previous weights, `cross_gain`: the weights' gain on these users, cross-validated, with its standard error.
+    The candidates are then dropped (only the weights and gains are needed after)."""
 
     keys: np.ndarray
     x: np.ndarray
@@ -125,20 +126,24 @@ class CategorySample:
     gain_se: float | None = None
     users: int = 0  # how many users the weights were fitted on
     judged: tuple[tuple[float, float] | None, ...] = ()
+    cross_gain: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.left is None:
             self.left = np.zeros(self.keys.shape, dtype=bool)
 
     def matured(self, weights: tuple[float, ...], gain: tuple[float, float] | None, users: int,
-                judged: tuple[tuple[float, float] | None, ...] = ()) -> None:
+                judged: tuple[tuple[float, float] | None, ...] = (), cross_gain: tuple[float, float] | None = None
+                ) -> None:
         self.weights, (self.gain, self.gain_se), self.users, self.judged = weights, gain or (None, None), users, judged
+        self.cross_gain = cross_gain
         self.keys, self.x, self.counts, self.left = self.keys[:0], self.x[:0], self.counts[:0], self.left[:0]
 
     def to_plain(self) -> list:
         return [[list(a.shape) for a in (self.keys, self.x, self.counts)], encoded(self.keys, "<u4"),
                 encoded(self.x, "<f2"), encoded(self.counts, "<u2"), packed(self.left), self.weights, self.gain,
-                self.gain_se, self.users, [None if week is None else list(week) for week in self.judged]]
+                self.gain_se, self.users, [None if week is None else list(week) for week in self.judged],
+                None if self.cross_gain is None else list(self.cross_gain)]
 
     @classmethod
     def from_plain(cls, plain: list) -> CategorySample:
@@ -148,7 +153,8 @@ class CategorySample:
         return cls(keys, x, counts, unpacked(plain[4], shapes[0]),
                    weights=None if plain[5] is None else tuple(plain[5]), gain=plain[6], gain_se=plain[7],
                    users=plain[8], judged=tuple(None if week is None else tuple(week) for week in plain[9])
-                   if len(plain) > 9 else ())  # a meta record of session 57 or before: no weeks kept
+                   if len(plain) > 9 else (),  # a meta record of session 57 or before: no weeks kept
+                   cross_gain=tuple(plain[10]) if len(plain) > 10 and plain[10] is not None else None)
 
 
 @dataclass

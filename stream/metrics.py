@@ -100,8 +100,9 @@ class Metrics:
             "was fitted on, and a weight per statistic of stream/anchor_samples.py (0 where none is fitted) "
             "(models/stream_calibration.py); for top_categories, the weight of each slot statistic its candidates are "
             "re-ranked by (0 where they are not) and `gain`, the precision@3 by which each week's previous weights "
-            "beat the model's ranking on its sampled users, over the latest two weeks "
-            "(models/category_calibration.py)", ["field", "term"], registry=r)
+            "beat the model's ranking on its sampled users, over the latest two weeks (until a second week has "
+            "closed, the first week's, cross-validated on its own users) (models/category_calibration.py)",
+            ["field", "term"], registry=r)
         self.stream_calibration_users = Gauge(
             "profiles_stream_calibration_users", "Users of the latest matured calibration anchor each map was fitted "
             "on (0: none matured yet, or --no-stream-calibration)", ["field"], registry=r)

@@ -124,6 +124,20 @@ def test_the_sampled_users_candidates_and_what_they_engaged_with_are_read_from_t
         assert candidates.weights is not None and candidates.users == 2 and len(candidates.keys) == 0
 
 
+def week_closed(updater, anchor: int, ranks_by: np.ndarray, seed: int, n: int = 1500) -> None:
+    """n users sampled at the anchor engaged with candidates as `choices` draws them; their week closes."""
+    log_p, stats, engaged = choices(n, ranks_by, seed)
+    # Users the state does not hold: what they engaged with is what they left with.
+    users = np.array([f"gone-{anchor}-{i}" for i in range(n)], dtype=object)
+    keys = np.arange(1, 10 * n + 1, dtype=np.uint32).reshape(n, 10)
+    x = np.concatenate([log_p[:, :, None], stats], axis=2).astype(np.float16)
+    categories = CategorySample(keys, x, np.zeros((n, 7), dtype=np.uint16), left=engaged)
+    updater.state.outcomes.samples.samples[(0, anchor)] = Sample(users, np.zeros((n, WIDTH), np.float16),
+                                                                 categories=categories)
+    updater.calibration.fit_categories(anchor)
+    updater.state.outcomes.version += 1
+
+
 def test_the_reranking_is_published_only_where_last_weeks_weights_beat_the_published_ranking():
     truth = np.zeros(len(CATEGORY_STATISTICS))
     truth[FRESH] = 2.0
@@ -131,15 +145,7 @@ def test_the_reranking_is_published_only_where_last_weeks_weights_beat_the_publi
         updater = updater_fed([category_event("someone", 0, A, "shoes")], [1])
         samples = updater.state.outcomes.samples
         for anchor, seed in ((K0 - 3, 3), (K0 - 2, 4), (K0 - 1, 5)):
-            log_p, stats, engaged = choices(1500, ranks_by, seed)
-            # Users the state does not hold: what they engaged with is what they left with.
-            users = np.array([f"gone-{anchor}-{i}" for i in range(1500)], dtype=object)
-            keys = np.arange(1, 15001, dtype=np.uint32).reshape(1500, 10)
-            x = np.concatenate([log_p[:, :, None], stats], axis=2).astype(np.float16)
-            categories = CategorySample(keys, x, np.zeros((1500, 7), dtype=np.uint16), left=engaged)
-            samples.samples[(0, anchor)] = Sample(users, np.zeros((1500, WIDTH), np.float16), categories=categories)
-            updater.calibration.fit_categories(anchor)
-        updater.state.outcomes.version += 1
+            week_closed(updater, anchor, ranks_by, seed)
         shop_map = updater.calibration.shop_map()
         assert shop_map.category_users == 1350 and shop_map.reranks() == reranks
         assert passes(shop_map.category_gain, shop_map.category_gain_se) == reranks
@@ -158,6 +164,30 @@ def test_the_reranking_is_published_only_where_last_weeks_weights_beat_the_publi
         # A meta record written before the weeks were kept restores with none.
         old = [[p, at, *rest[:5], rest[5][:9]] for p, at, *rest in samples.to_plain()]
         assert AnchorSamples.from_plain(old).category_fit()[1].judged == ()
+
+
+def test_a_young_tables_first_week_re_ranks_where_its_own_users_cross_validated_say_so():
+    # One week closed: no earlier weights to judge on its users, so each is ranked by weights fitted on the others.
+    truth = np.zeros(len(CATEGORY_STATISTICS))
+    truth[FRESH] = 2.0
+    for ranks_by, reranks in ((truth, True), (np.zeros_like(truth), False)):
+        updater = updater_fed([category_event("someone", 0, A, "shoes")], [1])
+        week_closed(updater, K0 - 2, ranks_by, seed=6)
+        shop_map = updater.calibration.shop_map()
+        assert shop_map.category_gain is None and shop_map.reranks() == reranks
+        assert passes(shop_map.category_cross_gain, shop_map.category_cross_gain_se) == reranks
+        assert (shop_map.category_cross_gain > 0.02) == reranks
+        samples = updater.state.outcomes.samples
+        restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
+        assert restored.category_fit()[1].cross_gain == samples.category_fit()[1].cross_gain is not None
+        old = [[p, at, *rest[:5], rest[5][:10]] for p, at, *rest in samples.to_plain()]  # session 63's record
+        assert AnchorSamples.from_plain(old).category_fit()[1].cross_gain is None
+    # A second week judges the first week's weights on its own users: that verdict alone decides from then on.
+    updater = updater_fed([category_event("someone", 0, A, "shoes")], [1])
+    week_closed(updater, K0 - 2, truth, seed=6)
+    week_closed(updater, K0 - 1, np.zeros_like(truth), seed=7)
+    shop_map = updater.calibration.shop_map()
+    assert shop_map.category_gain is not None and shop_map.category_cross_gain is None and not shop_map.reranks()
 
 
 def test_four_weeks_ahead_in_a_row_re_rank_what_the_latest_two_weeks_alone_do_not():

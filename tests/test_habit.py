@@ -181,8 +181,8 @@ def test_top_categories_lean_toward_the_counts_where_what_was_met_last_does_not_
         loaded.model.fields.repeat_score.weight[0, :HABIT_FRESHNESS] = 0.0
         loaded.model.fields.repeat_score.weight[0, SLOT_FEATURES.index("is_last")] = 1.0
 
-    def top(events: list[dict]) -> tuple[str, float]:
-        updater = updater_fed(events, [50], loaded)
+    def top(events: list[dict], **options) -> tuple[str, float]:
+        updater = updater_fed(events, [50], loaded, **options)
         profile = orjson.loads(updater.profiles_for(np.array([updater.state.row("heavy")]))[0][1])
         return profile["top_categories"][0]["category"], updater.state.habit.counts_lean(updater.state.max_event_ts)
 
@@ -198,7 +198,9 @@ def test_top_categories_lean_toward_the_counts_where_what_was_met_last_does_not_
     assert top(heavy) == ("z", 0.0)
     assert top(sorted(drifting_shop(120) + heavy, key=lambda e: e["ts"]))[0] == "z"
     loaded.model.fields.habit_counts_lean_trained.fill_(1.0)
-    assert top(sorted(shop + heavy, key=lambda e: e["ts"])) == ("z", 1.0)
+    assert top(sorted(shop + heavy, key=lambda e: e["ts"]), stream_calibration=False) == ("z", 1.0)
+    # (The stream's own re-ranking sees it from the shop's first closed week: its users come back to their staple.)
+    assert top(sorted(shop + heavy, key=lambda e: e["ts"])) == ("staple", 1.0)
 
 
 def test_checkpoints_before_format_18_read_the_set_weight():
