@@ -11,6 +11,7 @@ import torch
 from models.category_calibration import (
     CATEGORY_STATISTICS, STEADY_WEEKS, fit_weights, judged, over_weeks, passes, steady_gain)
 from models.profile_model import reranked
+from models.stream_calibration import describe
 from stream.anchor_samples import AnchorSamples, CategorySample, Sample, WIDTH
 from stream.outcomes import ANCHOR_MS
 from stream.statistics import SLOT_FEATURES
@@ -177,6 +178,8 @@ def test_a_young_tables_first_week_re_ranks_where_its_own_users_cross_validated_
         assert shop_map.category_gain is None and shop_map.reranks() == reranks
         assert passes(shop_map.category_cross_gain, shop_map.category_cross_gain_se) == reranks
         assert (shop_map.category_cross_gain > 0.02) == reranks
+        said = describe(shop_map)  # the log line names the verdict and whether it re-ranks
+        assert "cross-validated" in said and ("top_categories re-ranked" in said) == reranks
         samples = updater.state.outcomes.samples
         restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
         assert restored.category_fit()[1].cross_gain == samples.category_fit()[1].cross_gain is not None
@@ -236,3 +239,20 @@ def test_a_published_profile_ranks_its_categories_as_the_shops_weights_say():
         assert (expected[0] == "sandals") == reranks
         candidates_mass = np.exp(x[0, :, 0].astype(np.float64))[keys[0] > 0].sum()
         assert sum(c["score"] for c in profile["top_categories"]) <= candidates_mass + 1e-4
+
+
+def test_the_evaluation_report_says_which_verdict_re_ranked_top_categories():
+    from consumers.field_report import stream_calibration_line
+
+    kept = {"users": 900, "applied": False, "gain_nats": 1.0}
+    weights = dict.fromkeys(CATEGORY_STATISTICS, 0.0)
+    first_week = {"users": 160, "weights": weights, "gain": None, "gain_standard_error": None,
+                  "cross_validated_gain": 0.067, "cross_validated_gain_standard_error": 0.021}
+    for categories, says in (
+            ({**first_week, "applied": True}, "top_categories re-ranked by"),
+            ({**first_week, "cross_validated_gain": 0.028, "applied": False}, "top_categories as the model ranks them"),
+            ({**first_week, "gain": 0.03, "gain_standard_error": 0.01, "applied": True}, "over the latest two weeks")):
+        line = stream_calibration_line({"purchase_propensity": kept, "churn_risk": kept, "top_categories": categories})
+        assert says in line
+        cross = f"{categories['cross_validated_gain']:+.3f} +- 0.021" in line
+        assert cross == (categories["gain"] is None)  # the first week's verdict only while it is the one there is
