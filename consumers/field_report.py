@@ -112,11 +112,14 @@ def stream_calibration_line(calibration: dict) -> str:
     categories = calibration.get("top_categories") or {}
     if categories.get("applied"):
         weights = ", ".join(f"{w:+.2f} x {stat}" for stat, w in categories["weights"].items())
-        said.append(f"top_categories re-ranked by {weights} (fitted on {categories['users']:,} sampled users; "
-                    + (f"over the latest two weeks, each week's previous weights were {categories['gain']:+.3f} +- "
+        if categories.get("gain") is not None:
+            verdict = (f"over the latest two weeks, each week's previous weights were {categories['gain']:+.3f} +- "
                        f"{categories['gain_standard_error']:.3f} of precision@3 ahead of the model's ranking"
-                       f"{_steady(categories)})" if categories.get("gain") is not None else _cross(categories)
-                       + " ahead of the model's ranking)"))
+                       f"{_steady(categories)}")
+        else:
+            verdict = _cross(categories) + " ahead of the model's ranking"
+        said.append(f"top_categories re-ranked by {weights} (fitted on {categories['users']:,} sampled users; "
+                    f"{verdict})")
     elif categories.get("gain") is not None:
         said.append(f"top_categories as the model ranks them (re-ranked, the latest two weeks would have gained "
                     f"{categories['gain']:+.3f} +- {categories['gain_standard_error']:.3f} of precision@3: not enough)")

@@ -87,7 +87,17 @@ def precision_at_top(log_p: np.ndarray, stats: np.ndarray, engaged: np.ndarray, 
 def judged(log_p: np.ndarray, stats: np.ndarray, engaged: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
     """(gain, its standard error): the mean precision@3 of the ranking re-weighed by `weights` less the published
     ranking's, over the same users (paired)."""
-    gains = precision_at_top(log_p, stats, engaged, weights) - precision_at_top(log_p, stats, engaged, None)
+    return mean_and_error(gains_over_published(log_p, stats, engaged, weights))
+
+
+def gains_over_published(log_p: np.ndarray, stats: np.ndarray, engaged: np.ndarray, weights: np.ndarray
+                         ) -> np.ndarray:
+    """Per user who engaged with any candidate, precision@3 re-weighed by `weights` less the published ranking's."""
+    return precision_at_top(log_p, stats, engaged, weights) - precision_at_top(log_p, stats, engaged, None)
+
+
+def mean_and_error(gains: np.ndarray) -> tuple[float, float]:
+    """(mean, its standard error) of per-user gains; (0, inf) for fewer than two users."""
     if len(gains) < 2:
         return 0.0, float("inf")
     return float(gains.mean()), float(gains.std(ddof=1) / np.sqrt(len(gains)))
@@ -104,14 +114,10 @@ def cross_validated(log_p: np.ndarray, stats: np.ndarray, engaged: np.ndarray, f
         return 0.0, float("inf")
     fold = np.full(len(log_p), -1)
     fold[mine] = np.arange(len(mine)) % folds
-    gains = []
-    for k in range(folds):
-        held = fold == k
-        weights = fit_weights(log_p[~held], stats[~held], engaged[~held])
-        gains.append(precision_at_top(log_p[held], stats[held], engaged[held], weights)
-                     - precision_at_top(log_p[held], stats[held], engaged[held], None))
-    every = np.concatenate(gains)
-    return float(every.mean()), float(every.std(ddof=1) / np.sqrt(len(every)))
+    gains = [gains_over_published(log_p[held], stats[held], engaged[held],
+                                  fit_weights(log_p[~held], stats[~held], engaged[~held]))
+             for held in (fold == k for k in range(folds))]
+    return mean_and_error(np.concatenate(gains))
 
 
 def over_weeks(gains: list[tuple[float, float]]) -> tuple[float | None, float | None]:

@@ -110,7 +110,8 @@ class LogitMap:
     category_steady_gain: float | None = None
     category_steady_gain_se: float | None = None
     # ... and where no week's weights have been judged on a later week's users yet (category_gain None), the latest
-    # weights' gain on their own week's users, cross-validated (models/category_calibration.py, cross_validated).
+    # weights' gain on their own week's users, cross-validated (models/category_calibration.py, cross_validated);
+    # None once a later week has judged.
     category_cross_gain: float | None = None
     category_cross_gain_se: float | None = None
     # churn_risk's map fitted on the week's silence after the latest anchor whose week has closed (with_week): a
@@ -122,10 +123,10 @@ class LogitMap:
     churn_share_power: float = 1.0
 
     def reranks(self) -> bool:
-        cross = (self.category_cross_gain, self.category_cross_gain_se) if self.category_gain is None else (None, None)
         return self.category_weights is not None and any(
             passes(*gain) for gain in ((self.category_gain, self.category_gain_se),
-                                       (self.category_steady_gain, self.category_steady_gain_se), cross))
+                                       (self.category_steady_gain, self.category_steady_gain_se),
+                                       (self.category_cross_gain, self.category_cross_gain_se)))
 
     def applies(self, head: int) -> bool:
         """Whether the head's published probability moves: the map is kept."""
@@ -482,7 +483,7 @@ class StreamCalibration:
                 weeks = [week for week in (fit, previous and previous[1]) if week is not None and week.gain is not None]
                 gain, standard_error = over_weeks([(week.gain, week.gain_se) for week in weeks])
                 steady, steady_se = steady_gain(fit.judged)
-                cross, cross_se = fit.cross_gain or (None, None)
+                cross, cross_se = (fit.cross_gain if gain is None else None) or (None, None)
                 self._map = replace(self._map, category_weights=fit.weights, category_gain=gain,
                                     category_gain_se=standard_error, category_users=fit.users,
                                     category_steady_gain=steady, category_steady_gain_se=steady_se,
@@ -749,11 +750,7 @@ def describe(shop_map: LogitMap) -> str:
             f" ({shop_map.weights_gain_nats[h]:.0f} nats more on {shop_map.sampled[h]:,} sampled users{week}"
             + ("" if held_out is None else f", the rules' {held_out:.0f} more held out") + ")") + power
     said = [head(h) for h in range(len(HEADS))]
-    if shop_map.category_gain is None and shop_map.category_cross_gain is not None:
-        said.append(("top_categories re-ranked " if shop_map.reranks() else "top_categories as the model ranks ")
-                    + f"(the first week's re-ranking {shop_map.category_cross_gain:+.3f} +- "
-                    f"{shop_map.category_cross_gain_se:.3f} of precision@3 on its own {shop_map.category_users:,} "
-                    "sampled users, cross-validated)")
+    judged_by = None
     if shop_map.category_gain is not None:
         steady = ("" if shop_map.category_steady_gain is None else
                   f"; every one of the latest {STEADY_WEEKS} weeks ahead, by {shop_map.category_steady_gain:+.3f} +- "
@@ -761,6 +758,11 @@ def describe(shop_map: LogitMap) -> str:
         judged_by = (f"(the latest two weeks' re-ranking {shop_map.category_gain:+.3f} +- "
                      f"{shop_map.category_gain_se:.3f} of precision@3{steady}; fitted on {shop_map.category_users:,} "
                      "sampled users)")
+    elif shop_map.category_cross_gain is not None:
+        judged_by = (f"(the first week's re-ranking {shop_map.category_cross_gain:+.3f} +- "
+                     f"{shop_map.category_cross_gain_se:.3f} of precision@3 on its own {shop_map.category_users:,} "
+                     "sampled users, cross-validated)")
+    if judged_by is not None:
         said.append(("top_categories re-ranked " if shop_map.reranks() else "top_categories as the model ranks ")
                     + judged_by)
     return ", ".join(said)
