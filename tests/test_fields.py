@@ -19,8 +19,8 @@ from models.update_step import ProfileUpdater
 from models.dataset import load_events, read_records
 from models.next_event_evaluation import roc_auc
 from models.field_training import (
-    SHORTEST_WINDOW_HOURS, CutExamples, FutureIndex, calibrate, fit_fields, held_out_cuts, ranking_precision,
-    shift_gate_for_ranking, short_windows,
+    FOREIGN_SHOP_CATEGORIES, SHORTEST_WINDOW_HOURS, CutExamples, FutureIndex, calibrate, fit_fields, held_out_cuts,
+    ranking_precision, shift_gate_for_ranking, short_windows,
 )
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from models.profile_model import ModelConfig, ProfileModel
@@ -1103,6 +1103,7 @@ def test_the_gate_moves_to_the_side_that_names_the_future_categories_on_held_out
 
 def test_the_gate_stays_where_no_move_ranks_better():
     ex = ranking_examples(500, torch.Generator().manual_seed(6), "own")
+    ex.n_categories[:] = FOREIGN_SHOP_CATEGORIES  # (a shop of more would be judged with a concentrated side)
     model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
                                      query_buckets=64))
     with torch.no_grad():
@@ -1131,6 +1132,32 @@ def test_the_gate_leans_toward_the_users_own_categories_where_a_foreign_explore_
     assert foreign["0.0"] < 0.7 and foreign[str(report["shift"])] == 1.0
     assert report["shift"] > 0
     assert float(model.fields.gate.bias.detach()) == pytest.approx(-3.0 + report["shift"])
+
+
+@pytest.mark.parametrize("categories", [FOREIGN_SHOP_CATEGORIES, 600])
+def test_the_gates_foreign_check_reads_a_shop_of_many_categories_as_a_shop_of_few(categories):
+    """The same users in a training shop of 30 categories and of 600: at home the explore side gives their own 3
+    categories 0.3 each and its best others 0.01 and 0.005 (every move ranks the same); a shuffled explore side
+    gives each own category 1/categories. Over 600 categories the shuffled side spreads so thin that an
+    explore-leaning gate still names the user's own categories; a served shop of a few dozen categories would not
+    (session 65: models trained on the REES46 and Taobao slices). Judged as concentrated as 30 categories, the
+    gate moves toward the user's own categories there, and stays where the training shop has 30."""
+    ex = ranking_examples(1000, torch.Generator().manual_seed(8), "own")
+    ex.n_categories[:] = categories
+    ex.explore_at_slots[:, :3] = float(np.log(0.3))
+    ex.foreign_at_slots[:] = -float(np.log(categories))
+    ex.explore_top[:, 0], ex.explore_top[:, 1] = float(np.log(0.01)), float(np.log(0.005))
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    with torch.no_grad():  # P(repeat) about 0.05
+        model.fields.gate.bias.fill_(-3.0)
+    report = shift_gate_for_ranking(model, ex)
+    assert set(report["precision_at_3"].values()) == {1.0}
+    if categories == FOREIGN_SHOP_CATEGORIES:
+        assert set(report["precision_at_3_foreign"].values()) == {1.0} and report["shift"] == 0.0
+    else:
+        assert report["precision_at_3_foreign"]["0.0"] < 0.5 and report["shift"] > 0
+        assert report["precision_at_3_foreign"][str(report["shift"])] == 1.0
 
 
 def recency_examples(n: int, gen: torch.Generator, future: str) -> CutExamples:
