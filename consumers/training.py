@@ -80,6 +80,21 @@ def small_log_note(events: EventLog) -> str | None:
     return "note: " + "; ".join(missing) if missing else None
 
 
+def short_span_note(events: EventLog) -> str | None:
+    """A line for a log shorter than purchase_propensity's horizon (the probability heads then learn only what
+    follows within hours, and are served over days); else None."""
+    hours = (events.last_ts - events.first_ts) / 3_600_000
+    if hours >= PURCHASE_HORIZON_HOURS:
+        return None
+    # Measured in session 65 (docs/model.md): the REES46 slice's model in `profiles generate --seed 53 --shop-seed 3`.
+    return (f"note: the log spans {window(hours)}, less than purchase_propensity's horizon "
+            f"({PURCHASE_HORIZON_HOURS / 24:g} days; churn_risk's {CHURN_HORIZON_HOURS / 24:g}): both learn here what "
+            f"follows within {window(hours)} at most and are served over days, where that can rank users the other "
+            "way (trained on REES46's 2.8-hour slice, purchase_propensity ranked a 16-day shop's next-week buyers at "
+            "ROC AUC 0.40, where their recent purchases rank them at 0.73). Train on a log that spans the horizons; "
+            "judge this one with `profiles evaluate-fields` before serving it")
+
+
 # Above this many items in the next-item vocabulary (and up to TrainConfig.full_softmax_max_items, where sampling
 # takes over), every event scores every item: docs/model-journal.md, session 39, measured an epoch of a
 # 165k-event log on 2 CPU cores at 5 minutes with 35,580 items and 28 s with the 8,000 most frequent.
@@ -154,7 +169,7 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
             f"every event of {', '.join(event_files)} is at {iso_time(events.first_ts, 'seconds')}: training learns "
             "what follows an event in time and validates on the latest part of the log's span, and this one has none")
     max_items = train_options.get("max_items", TrainConfig.max_items)
-    for note in (small_log_note(events), catalogue_note(events, max_items)):  # type: ignore[arg-type]
+    for note in (small_log_note(events), short_span_note(events), catalogue_note(events, max_items)):  # type: ignore[arg-type]
         if note is not None:
             click.echo(note, err=True)
     model_config = ModelConfig(hidden_size=hidden_size, dropout=dropout, unknown_items=unknown_items, init_seed=seed)

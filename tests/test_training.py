@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from consumers.cli import main
 from models.features import buckets_of_keys
 from models.update_step import ProfileUpdater
-from models.dataset import load_events
+from models.dataset import EventLog, load_events
 from models.profile_model import ModelConfig, ProfileModel
 from models.checkpoint_io import LoadedModel, load_checkpoint, save_checkpoint
 from models.sequence_training import TrainConfig, train
@@ -93,6 +93,8 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
     # purchase_propensity from, and what the field stage had to learn from.
     assert "note: no purchase events: purchase_propensity cannot be learned" in result.output
     assert "; 384 events of 16 users is little to learn from" in result.output
+    assert "note: the log spans 23 min, less than purchase_propensity's horizon (7 days; churn_risk's 14)" in (
+        result.output)
     assert re.search(r"fields: fitted on [\d,]+ profiles at \d+ cuts, [\d,]+ held out", result.output), result.output
     # The event time it learned from is recorded: evaluate-fields warns at a cut inside it, on a file of that name.
     from consumers.field_report import seen_in_training
@@ -350,6 +352,25 @@ def test_train_says_when_a_large_catalogue_makes_each_epoch_slow_and_what_bounds
     note = training.catalogue_note(events, 200_000)
     assert note is not None and note.startswith("note: 40 items") and "--max-items 8000" in note
     assert training.catalogue_note(events, 25) is None
+
+
+def test_train_says_when_the_log_is_shorter_than_the_probabilities_horizons(tmp_path):
+    """A log of under 7 days teaches purchase_propensity and churn_risk only what follows within it: the note says
+    how long the log is against the horizons; a log of 7 days has none."""
+    from consumers.training import short_span_note
+
+    def log_over(hours: float) -> EventLog:
+        rows = [{"event_id": str(k), "user_id": f"u{k % 3}", "type": "click", "ts": 1_700_000_000_000 + int(
+            k * hours * 3_600_000 / 9), "item_id": "i", "category": "c"} for k in range(10)]
+        (tmp_path / "log.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+        return load_events([str(tmp_path / "log.jsonl")])
+
+    note = short_span_note(log_over(2.8))
+    assert note is not None and note.startswith("note: the log spans 2.8 h, less than purchase_propensity's horizon "
+                                                "(7 days; churn_risk's 14)")
+    assert "within 2.8 h at most" in note
+    assert "log spans 6.5 days" in short_span_note(log_over(6.5 * 24))
+    assert short_span_note(log_over(7 * 24)) is None
 
 
 def test_train_says_when_the_gate_moved_for_ranking_and_what_held_out_time_gained():
