@@ -169,7 +169,9 @@ def run_training(event_files: tuple[str, ...], out: str, device_name: str, *, se
             f"every event of {', '.join(event_files)} is at {iso_time(events.first_ts, 'seconds')}: training learns "
             "what follows an event in time and validates on the latest part of the log's span, and this one has none")
     max_items = train_options.get("max_items", TrainConfig.max_items)
-    for note in (small_log_note(events), short_span_note(events), catalogue_note(events, max_items)):  # type: ignore[arg-type]
+    notes = (small_log_note(events), short_span_note(events),
+             catalogue_note(events, max_items))  # type: ignore[arg-type]
+    for note in notes:
         if note is not None:
             click.echo(note, err=True)
     model_config = ModelConfig(hidden_size=hidden_size, dropout=dropout, unknown_items=unknown_items, init_seed=seed)
