@@ -1083,16 +1083,22 @@ def ranking_examples(n: int, gen: torch.Generator, future: str) -> CutExamples:
     return ex
 
 
+def gate_model(bias: float) -> ProfileModel:
+    """A small untrained model with its repeat gate's bias set to `bias`."""
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    with torch.no_grad():
+        model.fields.gate.bias.fill_(bias)
+    return model
+
+
 @pytest.mark.parametrize("future", ["own", "new"])
 def test_the_gate_moves_to_the_side_that_names_the_future_categories_on_held_out_time(future):
     """The likelihood fit spreads the gate between the user's own categories and the explore side; the
     published 3 are judged on naming the future ones. Held-out precision@3 picks the move of the gate: toward
     the user's own categories where the future is theirs, toward the explore side where it is its best guesses."""
     ex = ranking_examples(2000, torch.Generator().manual_seed(5), future)
-    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
-                                     query_buckets=64))
-    with torch.no_grad():  # the gate in two minds: P(repeat) 0.18; the 3 named are explore's best and 2 own
-        model.fields.gate.bias.fill_(-1.5)
+    model = gate_model(-1.5)  # the gate in two minds: P(repeat) 0.18; the 3 named are explore's best and 2 own
     before = ranking_precision(model, ex)
     report = shift_gate_for_ranking(model, ex)
     after = ranking_precision(model, ex)
@@ -1104,10 +1110,7 @@ def test_the_gate_moves_to_the_side_that_names_the_future_categories_on_held_out
 def test_the_gate_stays_where_no_move_ranks_better():
     ex = ranking_examples(500, torch.Generator().manual_seed(6), "own")
     ex.n_categories[:] = FOREIGN_SHOP_CATEGORIES  # (a shop of more would be judged with a concentrated side)
-    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
-                                     query_buckets=64))
-    with torch.no_grad():
-        model.fields.gate.bias.fill_(0.3)  # already repeat: the 3 named are the user's own
+    model = gate_model(0.3)  # already repeat: the 3 named are the user's own
     bias = model.fields.gate.bias.detach().clone()
     assert shift_gate_for_ranking(model, ex)["shift"] == 0.0
     assert torch.equal(model.fields.gate.bias.detach(), bias)  # trying the moves leaves it bit for bit
@@ -1122,10 +1125,7 @@ def test_the_gate_leans_toward_the_users_own_categories_where_a_foreign_explore_
     ex = ranking_examples(n, torch.Generator().manual_seed(7), "own")
     ex.explore_at_slots[:, :3] = float(np.log(0.3))
     ex.explore_top[:, 0], ex.explore_top[:, 1] = float(np.log(0.05)), float(np.log(0.02))
-    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
-                                     query_buckets=64))
-    with torch.no_grad():  # P(repeat) about 0.05
-        model.fields.gate.bias.fill_(-3.0)
+    model = gate_model(-3.0)  # P(repeat) about 0.05
     report = shift_gate_for_ranking(model, ex)
     assert set(report["precision_at_3"].values()) == {1.0}  # at home every move ranks the same
     foreign = report["precision_at_3_foreign"]
@@ -1147,10 +1147,7 @@ def test_the_gates_foreign_check_reads_a_shop_of_many_categories_as_a_shop_of_fe
     ex.explore_at_slots[:, :3] = float(np.log(0.3))
     ex.foreign_at_slots[:] = -float(np.log(categories))
     ex.explore_top[:, 0], ex.explore_top[:, 1] = float(np.log(0.01)), float(np.log(0.005))
-    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
-                                     query_buckets=64))
-    with torch.no_grad():  # P(repeat) about 0.05
-        model.fields.gate.bias.fill_(-3.0)
+    model = gate_model(-3.0)  # P(repeat) about 0.05
     report = shift_gate_for_ranking(model, ex)
     assert set(report["precision_at_3"].values()) == {1.0}
     if categories == FOREIGN_SHOP_CATEGORIES:
