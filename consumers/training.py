@@ -240,9 +240,11 @@ def run_calibration(model_path: str, event_files: tuple[str, ...], out: str, dev
         fit = report[head]
         test = fit.get("test") or {}
         if "observed_rate" not in fit:
+            base_rate = (f", {test['loss_base_rate']:.4f} for the earlier cuts' rate alone"
+                         if test.get("loss_base_rate") is not None else "")  # (not in reports before session 65)
             found = (f"; on the profiles of {iso_time(test['cut_ms'], 'minutes')}: log loss "
                      f"{test['loss_current']:.4f} as it was, {test['loss_recalibrated']:.4f} with the new map"
-                     if test.get("loss_recalibrated") is not None else "")
+                     f"{base_rate}" if test.get("loss_recalibrated") is not None else "")
             click.echo(f"  {name}: left as it was ({fit['reason']}{found})", err=True)
             continue
         # churn_risk is the event head's complement: its rates read as 1 - the event head's.

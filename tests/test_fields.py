@@ -558,12 +558,15 @@ def test_a_calibration_fit_that_diverges_is_tried_again_with_a_line_search(monke
     assert report["mean_probability_after"] == pytest.approx(report["observed_rate"], abs=0.01)
 
 
-@pytest.mark.parametrize("shop", ["steady", "drift", "no purchases"])
+@pytest.mark.parametrize("shop", ["steady", "drift", "no purchases", "saturated"])
 def test_a_new_calibration_is_kept_only_if_it_predicts_later_time_better(shop):
     """Four cuts of a shop. Steady: every cut's users buy at e^1 times the hazard the model says, and the
     calibration fitted again is kept (its mean probability = the observed rate). Drifting: the earlier
     cuts buy more, and the latest, where the model is right, is what a map fitted on the earlier ones gets
-    wrong: the model's calibration stays. A shop where nobody buys: nothing to calibrate on, and it says so."""
+    wrong: the model's calibration stays. A shop where nobody buys: nothing to calibrate on, and it says so.
+    Saturated: the model's hazards spread over hundreds of nats (a model of hours served over days) and 5% of
+    users buy whatever it says; a new map predicts the latest cut better than the model does, yet far worse than
+    the earlier cuts' rate alone: the model's calibration stays, and the reason says why."""
     from dataclasses import replace as with_fields
 
     from models.shop_calibration import calibrate_on_cuts
@@ -572,7 +575,7 @@ def test_a_new_calibration_is_kept_only_if_it_predicts_later_time_better(shop):
     model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
                                      query_buckets=64))
     with torch.no_grad():
-        model.fields.purchase.linear.weight[0, 0] = 2.0
+        model.fields.purchase.linear.weight[0, 0] = 200.0 if shop == "saturated" else 2.0
         model.fields.purchase.linear.bias.fill_(-3.0)
     parts = []
     drift = shop == "drift"
@@ -588,6 +591,8 @@ def test_a_new_calibration_is_kept_only_if_it_predicts_later_time_better(shop):
         label = (torch.rand(n, generator=gen) < HazardHead.probability(log_l + offset)).float()
         if shop == "no purchases":
             label = torch.zeros(n)
+        if shop == "saturated":
+            label = (torch.rand(n, generator=gen) < 0.05).float()
         parts.append(with_fields(ex, purchase=label, event=label))
     before = model.fields.purchase.calibration.clone()
     report = calibrate_on_cuts(model, parts, torch.Generator().manual_seed(0))["purchase"]
@@ -598,6 +603,12 @@ def test_a_new_calibration_is_kept_only_if_it_predicts_later_time_better(shop):
     elif drift:
         assert report["kept"] is False and torch.equal(model.fields.purchase.calibration, before)
         assert report["test"]["loss_recalibrated"] > report["test"]["loss_current"]
+    elif shop == "saturated":
+        assert report["kept"] is False and torch.equal(model.fields.purchase.calibration, before)
+        assert "no better than the earlier cuts' rate alone" in report["reason"]
+        test = report["test"]
+        assert test["loss_current"] > test["loss_recalibrated"] > test["loss_base_rate"]
+        assert test["loss_base_rate"] == pytest.approx(-(0.05 * np.log(0.05) + 0.95 * np.log(0.95)), abs=0.02)
     else:
         assert report["kept"] is True and not torch.equal(model.fields.purchase.calibration, before)
         assert report["mean_probability_after"] == pytest.approx(report["observed_rate"], abs=0.01)
