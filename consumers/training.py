@@ -18,7 +18,7 @@ from consumers.commands.base import reading_sources
 from consumers.field_report import window
 from consumers.model_info import move_descriptions
 from consumers.outfiles import Interrupted, atomic_paths, check_output_dir
-from models.dataset import EventLog, load_events
+from models.dataset import HOUR_MS, EventLog, load_events
 from models.field_training import train_fields
 from models.profile_model import ModelConfig, resolve_device
 from models.checkpoint_io import LoadedModel, save_checkpoint
@@ -83,7 +83,7 @@ def small_log_note(events: EventLog) -> str | None:
 def short_span_note(events: EventLog) -> str | None:
     """A line for a log shorter than purchase_propensity's horizon (the probability heads then learn only what
     follows within hours, and are served over days); else None."""
-    hours = (events.last_ts - events.first_ts) / 3_600_000
+    hours = (events.last_ts - events.first_ts) / HOUR_MS
     if hours >= PURCHASE_HORIZON_HOURS:
         return None
     # Measured in session 65 (docs/model.md): the REES46 slice's model in `profiles generate --seed 53 --shop-seed 3`.

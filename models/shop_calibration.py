@@ -99,22 +99,22 @@ def calibrate_on_cuts(model: ProfileModel, parts: list[CutExamples], gen: torch.
         if trial["kept"]:
             test["loss_recalibrated"] = round(_head_loss(model, parts[latest], name), 5)
             head.calibration.copy_(current)
+        reason = None
         if test["loss_recalibrated"] is None or test["loss_recalibrated"] >= test["loss_current"]:
             reason = trial.get("reason") or (
                 "fitted on the earlier cuts, it did not predict the latest cut that saw the whole horizon better "
                 "than the calibration the model has" if trial["kept"] else
                 "a new map did not fit the earlier cuts better than the calibration the model has")
-            report[name] = {"examples": len(examples.user), "kept": False, "test": test, "reason": reason}
-            continue
-        if test["loss_recalibrated"] >= test["loss_base_rate"]:
+        elif test["loss_recalibrated"] >= test["loss_base_rate"]:
             # A model whose probabilities this shop saturates (one trained on hours of events, served over days,
             # session 65) gets from a map of bounded slopes a "better" fit that is still far worse than the shop's
             # rate alone: kept, it published purchase_propensity 0.0% for everyone. The stream's map fits such a
             # model on the shop's own weeks from the model's own probabilities; from 0.0% it cannot.
-            report[name] = {"examples": len(examples.user), "kept": False, "test": test, "reason": (
-                "fitted on the earlier cuts, it predicted the latest cut that saw the whole horizon no better than the "
-                "earlier cuts' rate alone: the model's probabilities do not carry to this shop; train a model on its "
-                "log instead")}
+            reason = ("fitted on the earlier cuts, it predicted the latest cut that saw the whole horizon no better "
+                      "than the earlier cuts' rate alone: the model's probabilities do not carry to this shop; train a "
+                      "model on its log instead")
+        if reason is not None:
+            report[name] = {"examples": len(examples.user), "kept": False, "test": test, "reason": reason}
             continue
         report[name] = {**calibrate(model, examples, heads=(name,))[name], "test": test}
     return report
@@ -133,17 +133,18 @@ def _head_log_hazard(model: ProfileModel, ex: CutExamples, name: str) -> tuple[t
 
 
 def _base_rate_loss(earlier: CutExamples, later: CutExamples, name: str) -> float:
-    """The log loss on `later` of one probability head's outcome predicted as its rate on `earlier` for everyone:
-    what a calibration must beat to say anything about the shop."""
+    """The log loss on `later` of one probability head's outcome predicted as its rate on `earlier` for everyone
+    (HazardHead.nll at the constant hazard that gives that rate): what a calibration must beat to say anything about
+    the shop."""
     def observed(ex: CutExamples) -> torch.Tensor:
         label, hours = ex.outcome(name)
-        return label[hours > 0].double()
+        return label[hours > 0]
 
     seen, y = observed(earlier), observed(later)
     if not len(y):
         return float("nan")
-    rate = float(seen.mean().clamp(1e-6, 1 - 1e-6)) if len(seen) else 0.5
-    return float(-(y * math.log(rate) + (1 - y) * math.log1p(-rate)).mean())
+    rate = float(seen.double().mean().clamp(1e-6, 1 - 1e-6)) if len(seen) else 0.5
+    return float(HazardHead.nll(torch.full_like(y, math.log(-math.log1p(-rate))), y))
 
 
 def _head_loss(model: ProfileModel, ex: CutExamples, name: str) -> float:
