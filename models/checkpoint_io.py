@@ -18,7 +18,7 @@ from models.profile_model import RECENT_CATEGORIES, CheckpointError, ModelConfig
 from models.catalogue import ItemCatalogue
 from models.neighbours import SessionNeighbours
 from models.transitions import Transitions
-from stream.statistics import SLOT_FEATURES, USER_FEATURES
+from stream.statistics import HEAD_FEATURES, SLOT_FEATURES
 
 # 2: long-term memory in the state; category head conditioned on idle time.
 # 3: published fields from FieldHeads (exact statistics + state; time-to-event probabilities, calibrated).
@@ -171,7 +171,7 @@ def _read(payload: dict, path: Path, device: torch.device | str) -> LoadedModel:
     payload["state_dict"]["fields.repeat_score.weight"] = weight
     if payload["format"] < 17:  # no purchase rhythm features: zero weights on them (mean 0, spread 1) score as before
         state = payload["state_dict"]
-        extra = len(USER_FEATURES) - state["fields.feature_mean"].shape[0]
+        extra = HEAD_FEATURES - state["fields.feature_mean"].shape[0]
         state["fields.feature_mean"] = torch.cat([state["fields.feature_mean"], torch.zeros(extra)])
         state["fields.feature_std"] = torch.cat([state["fields.feature_std"], torch.ones(extra)])
         for key in _USER_FEATURE_WEIGHTS:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stream.statistics import CATEGORY_SLOTS, SLOT_FEATURES, USER_FEATURES
+from stream.statistics import CATEGORY_SLOTS, HEAD_FEATURES, SLOT_FEATURES, USER_FEATURES
 from stream.tempo import DEFAULT_STEP_MINUTES
 
 CALIBRATION_KNOTS = 6
@@ -57,7 +57,7 @@ IDLE = USER_FEATURES.index("log_idle_minutes")  # the user statistic idle_minute
 class FieldInputs:
     """What the field heads read besides the state, for U users (stream/statistics.py builds them)."""
 
-    user: torch.Tensor  # (U, len(USER_FEATURES)) raw user statistics at the profile's clock
+    user: torch.Tensor  # (U, len(USER_FEATURES)) raw user statistics at the profile's clock (heads read HEAD_FEATURES)
     slot_cols: torch.Tensor  # (U, K) long: each category slot's column among the categories scored
     slot_valid: torch.Tensor  # (U, K) bool: the slot holds a category
     slot: torch.Tensor  # (U, K, len(SLOT_FEATURES)) the slots' statistics
@@ -198,7 +198,7 @@ class FieldHeads(nn.Module):
 
     def __init__(self, state_size: int, hidden: int) -> None:
         super().__init__()
-        n = len(USER_FEATURES)
+        n = HEAD_FEATURES  # the leading USER_FEATURES; the others only the stream's own fits weigh
         # Statistics are standardised with the training examples' mean and spread (saved with the model).
         self.register_buffer("feature_mean", torch.zeros(n))
         self.register_buffer("feature_std", torch.ones(n))
@@ -253,6 +253,7 @@ class FieldHeads(nn.Module):
             w[:, HABIT_COUNT] = HABIT_COUNTS_WEIGHT
 
     def standardise(self, user: torch.Tensor) -> torch.Tensor:
+        user = user[:, :HEAD_FEATURES]
         # Heads fitted before checkpoint format 10 get the hours they read (a select, not an `if`: no device sync).
         minutes = user.index_select(1, self.minute_columns)
         user = user.index_copy(1, self.minute_columns, torch.where(

@@ -32,7 +32,7 @@ from models.field_heads import FieldInputs, HazardHead, identity_knots, idle_min
 from models.profile_model import ProfileModel, users_at_once
 from stream.events import PURCHASE
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS, TOP_CATEGORIES
-from stream.statistics import CATEGORY_SLOTS
+from stream.statistics import CATEGORY_SLOTS, HEAD_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +359,7 @@ def field_losses(model: ProfileModel, ex: CutExamples) -> dict[str, torch.Tensor
 HEAD_PARAMS = {"purchase": ("purchase.",), "event": ("event.",),
                "category": ("repeat_score.", "repeat_explore_weight", "gate.", "gate_state.", "gate_fit.")}
 SIMPLER_MARGIN = 0.01
+UNMOVED_SPREAD = 1e-3  # a statistic whose spread over the training examples is below this never moved (fit_fields)
 # The statistics-only variant: these stay zero (no MLP, no state, no sequence model inside repeat).
 BEYOND_STATISTICS = (".mlp.", ".state.", "gate_state.", "repeat_explore_weight")
 
@@ -379,11 +380,15 @@ def _init_heads(model: ProfileModel, train: CutExamples, idle_decay: dict[str, b
             # users move on were given the freshness weight again on top of what they had learned).
             if name not in ("relative_pending", "habit_lean_trained", "habit_counts_lean_trained"):
                 heads.state_dict()[name].copy_(t)
-        heads.feature_mean.copy_(train.user.mean(dim=0))
+        user = train.user[:, :HEAD_FEATURES]  # what the heads read (FieldHeads.standardise)
+        heads.feature_mean.copy_(user.mean(dim=0))
         # One example has no spread (std nan): its features are taken as they are (std 1), or every published
         # probability of a model trained on a tiny log would be nan.
-        spread = train.user.std(dim=0) if len(train.user) > 1 else torch.ones_like(train.user[0])
-        heads.feature_std.copy_(spread.clamp(min=1e-3))
+        spread = user.std(dim=0) if len(user) > 1 else torch.ones_like(user[0])
+        # A statistic that never moved in the training log (no second order in a log of hours, no cart in a shop
+        # without carts) taught the heads nothing: it is read as its mean wherever it is served. Divided by a floor
+        # of 1e-3 instead, a shop where it moves would send it, a thousandfold, through the MLP's untrained weights.
+        heads.feature_std.copy_(torch.where(spread < UNMOVED_SPREAD, torch.full_like(spread, 1e6), spread))
         for head, label in ((heads.purchase, train.purchase), (heads.event, train.event)):
             rate = float(label.mean().clamp(1e-3, 1 - 1e-3))
             base = float(np.log(-np.log1p(-rate)))  # log L at the mean window that gives the base rate

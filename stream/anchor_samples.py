@@ -40,15 +40,15 @@ STATISTICS = (("order_due", "log_purchases_7d", "log_carts_pending", "purchase_s
                "since_purchase_vs_usual_order_gap", "log_activity_7d", "log_minutes_since_cart", "log_activity_1d",
                "log_activity_30d"),
               ("log_idle_minutes", "log_activity_7d", "idle_vs_usual_gap",
-               "log_activity_1d", "log_activity_30d", "usual_gap", "recent_gap", "has_gap"))
+               "log_activity_1d", "log_activity_30d", "usual_gap", "recent_gap", "has_gap", "visit_search_share"))
 # How many of each head's STATISTICS the simple rules read: those weighed wherever they gain on the anchor's own
 # sample. The others, each head's rhythm beyond the rules' (purchase_propensity: purchases of the last 30 days, the
 # time since the latest purchase and cart, the usual gap between orders and the time since the latest against it,
 # activity of the last day, week and month; churn_risk: activity of the last day and month, the usual and recent
-# gaps between visits; no lifetime count, which grows as the log ages and moved the fit's level two weeks on), only
-# where the weights fitted on the previous matured anchor also beat the rules' own fit on the latest one
-# (Sample.held_out): fitted on a young table's first weeks, such weights ranked B2B accounts' users 0.058 of ROC AUC
-# worse two weeks later (docs/model-journal.md, session 59).
+# gaps between visits, the searches' share of the latest visit; no lifetime count, which grows as the log ages and
+# moved the fit's level two weeks on), only where the weights fitted on the previous matured anchor also beat the
+# rules' own fit on the latest one (Sample.held_out): fitted on a young table's first weeks, such weights ranked B2B
+# accounts' users 0.058 of ROC AUC worse two weeks later (docs/model-journal.md, session 59).
 RULE_STATISTICS = (4, 3)
 # A sample's x: both heads' logits, then every head's rules' statistics, then the others, head by head, each
 # statistic once (a record of session 58 holds the logits and the rules' statistics: the leading columns).
@@ -62,6 +62,9 @@ WIDTH = 2 + len(SAMPLED_STATISTICS)
 # has none): with the week's silence it fits churn_risk's map where no anchor's two weeks have closed yet, and how
 # the shop splits the two weeks' hazard (models/stream_calibration.py, with_week, with_share_power).
 WEEK_LOGIT_COLUMN = WIDTH
+# The statistics a record of session 65 or before lacks (the last of SAMPLED_STATISTICS): restored as 0 before its
+# week logit (a fit then weighs them 0). A record names how many statistics it holds since.
+ADDED_STATISTICS = ("visit_search_share",)
 
 
 def stable_keys(users: np.ndarray) -> np.ndarray:
@@ -184,15 +187,20 @@ class Sample:
     def to_plain(self) -> list:
         return [self.users.tolist(), encoded(self.x, "<f2"), *(packed(h) for h in self.happened),
                 packed(self.left.T), None if self.categories is None else self.categories.to_plain(),
-                self.held_out, self.rules_held_out, packed(self.week_silent)]
+                self.held_out, self.rules_held_out, packed(self.week_silent), len(SAMPLED_STATISTICS)]
 
     @classmethod
     def from_plain(cls, plain: list) -> Sample:
         users = np.fromiter(plain[0], dtype=object, count=len(plain[0]))
         categories = CategorySample.from_plain(plain[5]) if len(plain) > 5 and plain[5] is not None else None
         # A record of session 58 or before: fewer statistics (the leading columns), none judged held out; of session
-        # 60 or before: the rules' statistics not judged held out; of session 61 or before: no week's silence.
-        return cls(users, decoded(plain[1], "<f2", (len(users), -1 if len(users) else WIDTH + 1)),
+        # 60 or before: the rules' statistics not judged held out; of session 61 or before: no week's silence; of
+        # session 65 or before: not the latest visit's searches.
+        x = decoded(plain[1], "<f2", (len(users), -1 if len(users) else WIDTH + 1))
+        held = plain[9] if len(plain) > 9 else len(SAMPLED_STATISTICS) - len(ADDED_STATISTICS)
+        if x.shape[1] > 2 + held:  # its week logit follows its statistics: those it lacks go in before it, as 0
+            x = np.insert(x, [2 + held] * (len(SAMPLED_STATISTICS) - held), 0.0, axis=1)
+        return cls(users, x,
                    [unpacked(s, (len(users),)) for s in plain[2:4]], unpacked(plain[4], (2, len(users))).T,
                    categories, list(plain[6]) if len(plain) > 6 else [None, None],
                    list(plain[7]) if len(plain) > 7 else [None, None],

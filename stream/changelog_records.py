@@ -33,16 +33,17 @@ import torch
 from stream.events import RESERVED_ID_PREFIX
 from stream.habit import TWO_DAYS
 from stream.settings import STATE_DTYPES
+from stream.statistics import VISIT_COLUMNS
 
 if TYPE_CHECKING:
     from stream.state import StateTable
 
-CHANGELOG_FORMAT = 9  # 2: with the behaviour statistics; 3: categories by key (models.features.category_keys);
+CHANGELOG_FORMAT = 10  # 2: with the behaviour statistics; 3: categories by key (models.features.category_keys);
 # 4: category visit counts; 5: the in-visit gaps' log minutes (stream/tempo.py); 6: the purchase rhythm (orders);
 # 7: the shop's habit, week by week (stream/habit.py); 8: the calibration anchors (stream/outcomes.py); 9: the
-# shop's habit over two-day spans as well
+# shop's habit over two-day spans as well; 10: the latest visit's events and searches (stream/statistics.py)
 # Earlier formats that restore: format -> the columns it lacks, which start afresh (their initial values).
-READABLE_FORMATS: dict[int, tuple[str, ...]] = {8: TWO_DAYS.columns}
+READABLE_FORMATS: dict[int, tuple[str, ...]] = {9: VISIT_COLUMNS, 8: TWO_DAYS.columns + VISIT_COLUMNS}
 # How the model state may be stored (--state-dtype): its torch dtype by name.
 STATE_DTYPE_NAMES = {name: getattr(torch, name) for name in STATE_DTYPES}
 # Changelog key of the per-partition metadata record (model version, the calibration's counts, which names): no

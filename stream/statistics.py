@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stream.events import ADD_TO_CART, PURCHASE
+from stream.events import ADD_TO_CART, PURCHASE, SEARCH
 from stream.habit import HABIT_COLUMNS, update_habit
 
 # 6 x (4-byte key + 3 float32 masses + 2 uint16 counts): 120 bytes; the whole model state stays under 512 bytes.
@@ -75,10 +75,17 @@ STAT_COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
     # Purchase rhythm: orders (ORDER_GAP_MS) and two averages of the log gaps between them, as for sessions.
     "orders": (np.int32, (), 0),
     "order_gap": (np.float32, (len(GAP_RATES),), 0.0),
+    # The user's latest visit (events since its latest session opened): how many events, how many of them searches.
+    # A visit of searches without clicks is what a user who cannot find what it came for leaves (churn_risk).
+    "visit_events": (np.uint16, (), 0),
+    "visit_searches": (np.uint16, (), 0),
     # Whether the user came back to its latest category or to its most engaged-with one, week by week
     # (stream/habit.py): the shop's habit, which top_categories leans on.
     **HABIT_COLUMNS,
 }
+
+# The columns of the latest visit (changelog format 10): a record of an earlier format restores them as 0.
+VISIT_COLUMNS = ("visit_events", "visit_searches")
 
 # The per-user features the heads read, in this order (user_features builds them).
 # Times since (idle, the last purchase, the last cart) are log1p of minutes: resolved within a session (a cart
@@ -96,7 +103,16 @@ USER_FEATURES = (
     # "carts not bought" ROC AUC 0.64, the order due rule 0.82; docs/model.md).
     "log_orders", "recent_order_gap", "usual_order_gap", "has_order_gap", "since_purchase_vs_usual_order_gap",
     "order_due",
+    # Read by the stream's own fits alone (models/stream_calibration.py), never by the heads (HEAD_FEATURES): the
+    # searches' share of the user's latest visit. A visit of search after search with hardly a click is how some
+    # users who cannot find what they came for leave (an independent world: days idle and the week's activity rank
+    # its next two weeks' churn at ROC AUC 0.72, with the latest visit's share 0.77), where in another shop searches
+    # mean something else: heads fitted there with it ranked the project's shops' buyers and churners worse
+    # (docs/model-journal.md, session 66). The serving shop's own outcomes weigh it, where they hold out of time.
+    "visit_search_share",
 )
+# How many of USER_FEATURES (the leading ones) the heads read.
+HEAD_FEATURES = len(USER_FEATURES) - 1
 # The per-slot features of the repeat distribution, in this order.
 SLOT_FEATURES = ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "share", "is_last",
                  # P(this category | the category of the user's latest purchase) among this shop's users'
@@ -192,6 +208,7 @@ def update(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.nda
     columns["step_log_minutes"][rows] += np.bincount(user_sorted[steps], weights=step_log, minlength=n_users)
     gaps = opens & ~first_ever
     _average_gaps(columns, "session_gap", rows, user_sorted[gaps], gap_ms[gaps], n_users)
+    _update_visit(columns, rows, user_sorted, type_idx == SEARCH, opens, idx, n_users)
 
     _update_slots(columns, rows, user_sorted, category, visit, age, since)
 
@@ -269,6 +286,20 @@ def _update_follow(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted
     found = np.where(first < len(idx), category[np.minimum(first, len(idx) - 1)], 0)
     columns["purchase_category"][rows] = a
     columns["follow_category"][rows] = np.where(bought | (old_follow == 0), found, old_follow)
+
+
+def _update_visit(columns: dict[str, np.ndarray], rows: np.ndarray, user_sorted: np.ndarray, search: np.ndarray,
+                  opens: np.ndarray, idx: np.ndarray, n_users: int) -> None:
+    """The latest visit's events and searches: counted from the batch's last session opening where the user has
+    one in it, else added to the stored counts (saturating at COUNT_MAX)."""
+    last_open = _last_where(opens, user_sorted, idx, n_users)
+    in_visit = idx >= last_open[user_sorted]  # every event where the user opened none in the batch (-1)
+    events = np.bincount(user_sorted, weights=in_visit, minlength=n_users)
+    searches = np.bincount(user_sorted, weights=in_visit & search, minlength=n_users)
+    carried = last_open < 0
+    for name, new in (("visit_events", events), ("visit_searches", searches)):
+        total = new + np.where(carried, columns[name][rows], 0)
+        columns[name][rows] = np.minimum(total, COUNT_MAX)
 
 
 def _last_where(mask: np.ndarray, user_sorted: np.ndarray, idx: np.ndarray, n_users: int) -> np.ndarray:
@@ -385,6 +416,7 @@ def user_features(columns: dict[str, np.ndarray], counts: np.ndarray, last_ts: n
         np.log1p(sessions), corrected[0], corrected[1], has_gap, (log_idle - corrected[1]) * has_gap,
         np.log1p(orders), order_gap[0], order_gap[1], has_order_gap, purchase_vs_usual,
         order_due(purchase_vs_usual, has_order_gap),
+        columns["visit_searches"][rows] / np.maximum(columns["visit_events"][rows].astype(np.float64), 1.0),
     ]
     return np.stack(features, axis=1).astype(np.float32)
 

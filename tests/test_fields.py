@@ -31,7 +31,7 @@ from models.field_heads import (
 from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from stream.generator import ShopParams, generate, write_jsonl
 from stream import statistics
-from stream.statistics import CATEGORY_SLOTS, COUNT_MAX, FRESH_SLOTS, SLOT_FEATURES, USER_FEATURES
+from stream.statistics import CATEGORY_SLOTS, COUNT_MAX, FRESH_SLOTS, HEAD_FEATURES, SLOT_FEATURES, USER_FEATURES
 from tests.helpers import DEVICE, as_older_checkpoint, record_batch, updater_fed
 
 ON_DEVICE = torch.device(DEVICE)
@@ -55,9 +55,14 @@ def test_statistics_do_not_depend_on_batching():
     per_user: dict[str, list[str]] = {}
     visits: dict[str, dict[str, int]] = {}  # a visit: a run of a category's events, or one that opens a session
     previous: dict[str, tuple[str, int]] = {}  # user -> (latest categorised event's category, latest event's time)
+    latest_visit: dict[str, list[int]] = {}  # user -> its latest session's [events, searches]
     for e in sorted(events, key=lambda e: (str(e["user_id"]), e["ts"])):
         user = str(e["user_id"])
         last_key, last_ts = previous.get(user, ("", None))
+        if last_ts is None or e["ts"] - last_ts > SESSION_GAP_MS:
+            latest_visit[user] = [0, 0]
+        latest_visit[user][0] += 1
+        latest_visit[user][1] += e["type"] == "search"
         if e.get("category"):
             per_user.setdefault(user, []).append(e["category"])
             key = e["category"]
@@ -68,6 +73,14 @@ def test_statistics_do_not_depend_on_batching():
         previous[user] = (last_key, e["ts"])
     exact = [u for u, c in per_user.items() if len(set(c)) <= CATEGORY_SLOTS]
     assert len(exact) > 60
+    for state in (one, many):  # the latest visit's events and searches are what they claim
+        rows = [state.row(u) for u in latest_visit]
+        assert [[int(state.columns["visit_events"][r]), int(state.columns["visit_searches"][r])] for r in rows] == list(
+            latest_visit.values())
+        share = statistics.user_features(state.columns, state.counts, state.last_ts, np.array(rows), state.max_event_ts)
+        np.testing.assert_allclose(share[:, USER_FEATURES.index("visit_search_share")],
+                                   [s / n for n, s in latest_visit.values()], rtol=1e-6)
+    assert 0 < sum(s for _, s in latest_visit.values()) < sum(n for n, _ in latest_visit.values())
     assert sum(sum(v.values()) for v in visits.values()) < sum(map(len, per_user.values())) * 0.9  # runs, not events
 
     def slots(state, user: str) -> dict[int, np.ndarray]:
@@ -196,7 +209,7 @@ def test_heads_of_a_checkpoint_before_format_17_score_as_before_whatever_the_pur
     for key in [k for k in state if k.startswith("fields.")]:
         if key in ("fields.feature_mean", "fields.feature_std"):
             state[key] = state[key][:old_n]
-        elif state[key].dim() == 2 and state[key].shape[1] == len(USER_FEATURES) and "repeat" not in key:
+        elif state[key].dim() == 2 and state[key].shape[1] == HEAD_FEATURES and "repeat" not in key:
             state[key] = state[key][:, :old_n]
     torch.save(payload, tmp_path / "m16.pt")
     old = load_checkpoint(tmp_path / "m16.pt").model
@@ -315,7 +328,8 @@ def test_the_event_head_keeps_the_directions_the_statistics_mean(monkeypatch):
     n = 4000
     events_j, activity_j, idle_j = (USER_FEATURES.index(name) for name in
                                     ("log_events", "log_activity_7d", "log_idle_minutes"))
-    user = torch.rand(n, len(USER_FEATURES), generator=gen)
+    user = torch.zeros(n, len(USER_FEATURES))  # the three statistics alone: the draw does not hang on the others
+    user[:, events_j], user[:, idle_j] = torch.rand(2, n, generator=gen)
     user[:, activity_j] = user[:, events_j] + torch.rand(n, generator=gen)
     p_true = torch.sigmoid(6 * user[:, activity_j] - 3 * user[:, events_j] - 2 * user[:, idle_j])
     label = (torch.rand(n, generator=gen) < p_true).float()
@@ -334,6 +348,28 @@ def test_the_event_head_keeps_the_directions_the_statistics_mean(monkeypatch):
     monkeypatch.setattr(FieldHeads, "keep_directions", lambda self: None)
     free = fitted().event.linear.weight[0, events_j]
     assert free < -0.05
+
+
+def test_a_statistic_that_never_moved_in_training_is_read_as_its_mean_wherever_it_is_served():
+    """A training log of hours: no user has a second order, so the purchase rhythm's statistics are 0 for every
+    example. Served in a shop where users reorder, they say nothing the heads learned: the heads read them as in
+    training."""
+    gen = torch.Generator().manual_seed(3)
+    n = 2000
+    user = torch.rand(n, len(USER_FEATURES), generator=gen)
+    unmoved = [USER_FEATURES.index(name) for name in ("log_orders", "has_order_gap", "order_due")]
+    user[:, unmoved] = 0.0
+    label = (torch.rand(n, generator=gen) < torch.sigmoid(3 * user[:, 0] - 1.5)).float()
+    ex = examples(user, label, torch.randn(n, 8, generator=gen))
+    model = ProfileModel(ModelConfig(hidden_size=4, memory_size=4, item_buckets=64, category_buckets=64,
+                                     query_buckets=64))
+    fit_fields(model, ex.take(torch.arange(n) < 1500), ex.take(torch.arange(n) >= 1500), steps=60, statistics_steps=60)
+    with torch.no_grad():
+        served = user[:200].clone()
+        served[:, unmoved] = torch.rand(200, len(unmoved), generator=gen)
+        a, b = (model.fields.standardise(u) for u in (user[:200], served))
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+        assert not torch.equal(a[:, 0], model.fields.standardise(user[200:400])[:, 0])  # a statistic that moved
 
 
 def test_churn_rises_after_a_long_silence_set_after_the_fit_and_not_before_format_15(monkeypatch, tmp_path):
@@ -994,7 +1030,7 @@ def test_heads_of_a_checkpoint_before_format_10_still_read_hours(tmp_path):
         user[:, USER_FEATURES.index(name)] = torch.log1p(hours * 60)
     j = USER_FEATURES.index("log_idle_minutes")
     assert torch.allclose(old.standardise(user)[:, j], torch.log1p(hours), atol=1e-5)  # mean 0, spread 1
-    assert torch.allclose(new.standardise(user), user)
+    assert torch.allclose(new.standardise(user), user[:, :HEAD_FEATURES])  # the stream-only statistics: not read
     save_checkpoint(tmp_path / "again.pt", load_checkpoint(tmp_path / "m.pt").model, "v9-again")
     assert bool(load_checkpoint(tmp_path / "again.pt").model.fields.hours_features)  # saved again: still hours
 

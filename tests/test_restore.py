@@ -169,20 +169,21 @@ def test_records_of_another_format_and_keyless_records():
     assert loader.finish() == 1 and state.user_ids == ["a"]
 
 
+@pytest.mark.parametrize("form", sorted(READABLE_FORMATS))
 @pytest.mark.parametrize("state_dtype", [torch.float16, torch.float32])
-def test_a_record_of_an_earlier_readable_format_restores_and_what_it_lacks_starts_afresh(state_dtype):
-    """A format-8 record (without the habit over two-day spans) loads into every column it has; the columns it
-    lacks take their initial values, also in a row that held a user before. A record of that layout that says
-    another format is refused."""
+def test_a_record_of_an_earlier_readable_format_restores_and_what_it_lacks_starts_afresh(state_dtype, form):
+    """A format-8 record (without the habit over two-day spans and the latest visit's counts) or a format-9 one
+    (without the latter) loads into every column it has; the columns it lacks take their initial values, also in a
+    row that held a user before. A record of that layout that says another format is refused."""
     state = StateTable(8, torch.device(DEVICE), watermark_slots=1, dedupe_window=4, state_dtype=state_dtype)
     rng = np.random.default_rng(3)
     full = np.frombuffer(random_record(rng, state.record_dtype()), dtype=state.record_dtype())
-    lacks = READABLE_FORMATS[8]
+    lacks = READABLE_FORMATS[form]
     layout = record_dtype(state.state_size, {k: v for k, v in state.spec.items() if k not in lacks}, state_dtype)
     old = np.zeros(1, dtype=layout)
     for name in layout.names:
         old[name] = full[name]
-    old["format"] = 8
+    old["format"] = form
     state.load_changelog({b"a": full.tobytes()})  # a row holding every column, written again by the old record
     assert state.columns[lacks[1]][0].any()
     state.load_changelog({b"a": old.tobytes(), b"b": old.tobytes()})
@@ -258,20 +259,21 @@ def test_a_restore_refuses_records_of_another_layout_naming_the_partition(kafka,
 
 
 def test_a_changelog_of_the_previous_format_restores_from_the_broker(kafka, changelog_topic):
-    """A daemon upgraded in place: its topic holds format-8 records and meta records (written before the habit over
-    two-day spans), one user written again in this format since. Every user restores, the category names with them;
-    what format 8 lacks starts afresh. A meta record of an older format still stops the restore, saying so."""
+    """A daemon upgraded in place: its topic holds format-9 records and meta records (written before the latest
+    visit's counts), one user written again in this format since. Every user restores, the category names with them;
+    what format 9 lacks starts afresh. A meta record of an older format still stops the restore, saying so."""
     rng = np.random.default_rng(5)
     state = table()
-    lacks = READABLE_FORMATS[8]
+    previous = CHANGELOG_FORMAT - 1
+    lacks = READABLE_FORMATS[previous]
     layout = record_dtype(state.state_size, {k: v for k, v in state.spec.items() if k not in lacks},
                           state.state_dtype)
     old = np.zeros(3, dtype=layout)
     for name in layout.names:
         old[name] = np.frombuffer(b"".join(random_record(rng, layout) for _ in range(3)), dtype=layout)[name]
-    old["format"] = 8
+    old["format"] = previous
     new = random_record(rng, state.record_dtype())
-    meta = orjson.dumps({"model_version": "m1", "format": 8, "category_names": {"7": "hats"}})
+    meta = orjson.dumps({"model_version": "m1", "format": previous, "category_names": {"7": "hats"}})
     write(kafka, changelog_topic, [(0, META_KEY, meta), (0, b"a", old[0].tobytes()), (1, b"b", old[1].tobytes()),
                                    (1, b"c", old[2].tobytes()), (1, b"c", new)])
     changelog = Changelog(kafka, state, Publisher(kafka), Metrics(), topic=changelog_topic, model_version="m1")

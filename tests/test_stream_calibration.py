@@ -270,7 +270,7 @@ def sampled_at_two_anchors(head: int, rng: np.random.Generator, log_odds) -> Pro
     x drawn at random (both heads' logits about -1), the head's outcome at sigmoid(log_odds(x))."""
     updater = updater_fed([event("someone", 0, A)], [1])
     for anchor in (K0 - 3, K0 - 2):
-        x = rng.normal(0, 1, size=(2000, WIDTH))
+        x = rng.normal(0, 1, size=(WIDTH, 2000)).T  # column by column: the first columns do not hang on how many follow
         x[:, :2] = rng.normal(-1, 1.5, size=(2000, 2))  # both heads' logits
         happened = rng.random(2000) < 1 / (1 + np.exp(-log_odds(x)))
         # Users the state does not hold: whether they bought or came back is what they left with.
@@ -758,3 +758,21 @@ def test_users_whose_state_expires_before_the_anchor_matures_are_counted_as_they
     bought, silent = (dict(zip(sample.users, happened.tolist())) for happened in sample.happened)
     assert {u: bought[u] for u in ("quiet", "back", "stays")} == {"quiet": False, "back": True, "stays": False}
     assert {u: silent[u] for u in ("quiet", "back", "stays")} == {"quiet": True, "back": False, "stays": False}
+
+
+def test_a_sample_of_session_65_restores_with_the_latest_visits_searches_as_0_before_its_week_logit():
+    """A meta record of session 62 to 65 holds the week logit after fewer statistics and does not say how many: the
+    statistics added since restore as 0 (a fit weighs them 0), its week logit where this release reads it."""
+    from stream.anchor_samples import ADDED_STATISTICS, SAMPLED_STATISTICS
+    x = np.arange(3 * (WIDTH + 1), dtype=np.float64).reshape(3, WIDTH + 1) / 8
+    sample = Sample(np.array(["a", "b", "c"], dtype=object), x.astype(np.float16))
+    plain = sample.to_plain()
+    assert np.array_equal(Sample.from_plain(plain).x, sample.x)  # this release's record: as written
+    added = [2 + SAMPLED_STATISTICS.index(name) for name in ADDED_STATISTICS]
+    older = [plain[0], encoded(np.delete(sample.x, added, axis=1), "<f2"), *plain[2:9]]
+    restored = Sample.from_plain(older).x
+    assert restored.shape == sample.x.shape and (restored[:, added] == 0).all()
+    np.testing.assert_array_equal(np.delete(restored, added, axis=1), np.delete(sample.x, added, axis=1))
+    assert np.array_equal(restored[:, WEEK_LOGIT_COLUMN], sample.x[:, WEEK_LOGIT_COLUMN])
+    narrow = [plain[0], encoded(sample.x[:, :WIDTH - len(ADDED_STATISTICS)], "<f2"), *plain[2:9]]  # session 59-61
+    assert Sample.from_plain(narrow).x.shape == (3, WIDTH - len(ADDED_STATISTICS))  # no week logit: as it was
