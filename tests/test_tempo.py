@@ -13,7 +13,7 @@ from models.checkpoint_io import load_checkpoint, save_checkpoint, untrained
 from models.field_heads import FieldInputs, HazardHead
 from models.profile_model import ModelConfig
 from models.update_step import ProfileUpdater
-from stream.statistics import USER_FEATURES
+from stream.statistics import HEAD_FEATURES, USER_FEATURES
 from stream.tempo import DEFAULT_STEP_MINUTES, ShopTempo
 from tests.helpers import DEVICE, as_older_checkpoint, updater_fed
 
@@ -90,7 +90,7 @@ def test_the_session_process_fades_with_idle_time_in_the_shops_pace_and_not_befo
         head.linear.bias.fill_(-30.0)  # no return process: the session going on alone
         head.session.bias.fill_(0.0)
         head.log_step_scale.fill_(float(np.log(2.0)))
-    x, s, window = torch.zeros(2, len(USER_FEATURES)), torch.zeros(2, 8), torch.full((2,), 0.5)
+    x, s, window = torch.zeros(2, HEAD_FEATURES), torch.zeros(2, 8), torch.full((2,), 0.5)
     idle_steps = torch.tensor([1.0, 10.0])
     with torch.no_grad():
         p = HazardHead.probability(head.log_hazard(x, s, window, idle_steps, torch.zeros(2)))
@@ -128,7 +128,7 @@ def test_the_session_odds_fall_as_a_power_of_the_idle_steps_and_exponentially_in
             head.linear.bias.fill_(-60.0)  # no return process: the session going on alone
             head.session.bias.fill_(0.0)
             head.log_step_scale.fill_(0.0)  # a scale of one step
-    x, s, window = torch.zeros(4, len(USER_FEATURES)), torch.zeros(4, 8), torch.full((4,), 0.5)
+    x, s, window = torch.zeros(4, HEAD_FEATURES), torch.zeros(4, 8), torch.full((4,), 0.5)
     idle_steps = torch.tensor([1.0, 5.0, 9.0, 99.0])
 
     def log_l(fields) -> torch.Tensor:
