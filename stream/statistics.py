@@ -87,7 +87,8 @@ STAT_COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
 # The columns of the latest visit (changelog format 10): a record of an earlier format restores them as 0.
 VISIT_COLUMNS = ("visit_events", "visit_searches")
 
-# The per-user features the heads read, in this order (user_features builds them).
+# The per-user features, in this order (user_features builds them): the heads read the leading HEAD_FEATURES, the
+# stream's own fits (models/stream_calibration.py) any of them.
 # Times since (idle, the last purchase, the last cart) are log1p of minutes: resolved within a session (a cart
 # 2 minutes ago is not one 20 minutes ago; log1p of hours put both near 0) and still spanning years.
 USER_FEATURES = (
@@ -112,7 +113,7 @@ USER_FEATURES = (
     "visit_search_share",
 )
 # How many of USER_FEATURES (the leading ones) the heads read.
-HEAD_FEATURES = len(USER_FEATURES) - 1
+HEAD_FEATURES = USER_FEATURES.index("visit_search_share")
 # The per-slot features of the repeat distribution, in this order.
 SLOT_FEATURES = ("log_mass_1h", "log_mass_1d", "log_mass_30d", "log_count", "share", "is_last",
                  # P(this category | the category of the user's latest purchase) among this shop's users'
