@@ -282,13 +282,16 @@ def sampled_at_two_anchors(head: int, rng: np.random.Generator, log_odds) -> Pro
     return updater
 
 
-@pytest.mark.parametrize("head", range(len(HEADS)))
-def test_the_rhythm_beyond_the_rules_is_weighed_only_where_the_previous_anchors_weights_held_on_the_next(head):
+@pytest.mark.parametrize("head, which", [(0, 0), (1, 0), (1, -1)])
+def test_the_rhythm_beyond_the_rules_is_weighed_only_where_the_previous_anchors_weights_held_on_the_next(head, which):
     """A head's statistics beyond the rules' join its fit only where the weights fitted on the previous matured
     anchor's sample said the latest one's outcomes better than the rules' statistics alone (weights fitted on a
-    young table's first weeks can rank worse two weeks on, however well they fit their own anchor)."""
+    young table's first weeks can rank worse two weeks on, however well they fit their own anchor). The first of
+    them, and churn_risk's last: the searches' share of the latest visit, which the heads do not read."""
     rule = STATISTIC_COLUMNS[head][0]  # the sample's column of the head's first statistic (a rule's)
-    beyond = STATISTIC_COLUMNS[head][RULE_STATISTICS[head]]  # and of its first beyond the rules'
+    position = RULE_STATISTICS[head] if which == 0 else len(STATISTICS[head]) - 1  # of one beyond the rules'
+    beyond = STATISTIC_COLUMNS[head][position]
+    assert which == 0 or STATISTICS[head][position] == "visit_search_share"
     # (Where the statistics beyond the rules' add nothing, their fit still holds out by HELD_OUT_GATE_NATS in about
     # one draw in twenty-five: this test's draw is not one.)
     for weight, judged in ((1.5, True), (0.0, False)):
@@ -302,7 +305,7 @@ def test_the_rhythm_beyond_the_rules_is_weighed_only_where_the_previous_anchors_
         weights = updater.calibration.shop_map().weights[head]
         assert len(weights) == (len(STATISTICS[head]) if judged else RULE_STATISTICS[head])
         if judged:
-            assert abs(weights[RULE_STATISTICS[head]] - weight) < 0.25
+            assert abs(weights[position] - weight) < 0.25
         # A restart reads the same verdict and fit.
         restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
         assert restored.samples[(0, K0 - 2)].held_out == held_out
