@@ -4,6 +4,7 @@ FieldHeads; models/field_training.py fits it on profiles taken through the servi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,6 +170,11 @@ class HazardHead(nn.Module):
     def probability(log_l: torch.Tensor) -> torch.Tensor:
         """P(at least one event) from log L."""
         return -torch.expm1(-log_l.clamp(max=30).exp())
+
+    @staticmethod
+    def log_hazard_of(rate: float) -> float:
+        """The log L whose probability is `rate` (in (0, 1)): probability's inverse for one number."""
+        return math.log(-math.log1p(-rate))
 
     @staticmethod
     def nll(log_l: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

@@ -391,7 +391,7 @@ def _init_heads(model: ProfileModel, train: CutExamples, idle_decay: dict[str, b
         heads.feature_std.copy_(torch.where(spread < UNMOVED_SPREAD, torch.full_like(spread, 1e6), spread))
         for head, label in ((heads.purchase, train.purchase), (heads.event, train.event)):
             rate = float(label.mean().clamp(1e-3, 1 - 1e-3))
-            base = float(np.log(-np.log1p(-rate)))  # log L at the mean window that gives the base rate
+            base = HazardHead.log_hazard_of(rate)  # log L at the mean window that gives the base rate
             head.linear.weight.zero_()
             head.linear.bias.fill_(base)
             head.session.bias.fill_(base)  # the session process on, with a say to fit

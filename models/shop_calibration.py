@@ -13,7 +13,6 @@ as they were: a daemon switched to the new checkpoint restores the same changelo
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import numpy as np
@@ -144,7 +143,7 @@ def _base_rate_loss(earlier: CutExamples, later: CutExamples, name: str) -> floa
     if not len(y):
         return float("nan")
     rate = float(seen.double().mean().clamp(1e-6, 1 - 1e-6)) if len(seen) else 0.5
-    return float(HazardHead.nll(torch.full_like(y, math.log(-math.log1p(-rate))), y))
+    return float(HazardHead.nll(torch.full_like(y, HazardHead.log_hazard_of(rate)), y))
 
 
 def _head_loss(model: ProfileModel, ex: CutExamples, name: str) -> float:
