@@ -154,10 +154,20 @@ class CategorySample:
         keys, x, counts = (decoded(s, dtype, shape) for s, dtype, shape in zip(plain[1:4], ("<u4", "<f2", "<u2"),
                                                                                   shapes))
         return cls(keys, x, counts, unpacked(plain[4], shapes[0]),
-                   weights=None if plain[5] is None else tuple(plain[5]), gain=plain[6], gain_se=plain[7],
-                   users=plain[8], judged=tuple(None if week is None else tuple(week) for week in plain[9])
+                   weights=None if plain[5] is None else tuple(plain[5]), gain=plain[6],
+                   gain_se=None if plain[6] is None else standard_error(plain[7]),
+                   users=plain[8], judged=tuple(None if week is None else (week[0], standard_error(week[1]))
+                                                for week in plain[9])
                    if len(plain) > 9 else (),  # a meta record of session 57 or before: no weeks kept
-                   cross_gain=tuple(plain[10]) if len(plain) > 10 and plain[10] is not None else None)
+                   cross_gain=(plain[10][0], standard_error(plain[10][1])) if len(plain) > 10 and plain[10] is not None
+                   else None)
+
+
+def standard_error(written: float | None) -> float:
+    """A gain's standard error as a meta record wrote it: JSON has no infinity, and a gain judged on fewer than two
+    users (models/category_calibration.py mean_and_error), or cross-validated on too few, has an infinite error,
+    written as null (a restart read it as no error at all, and the gate's arithmetic on it stopped the daemon)."""
+    return float("inf") if written is None else written
 
 
 @dataclass

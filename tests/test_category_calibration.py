@@ -212,6 +212,33 @@ def test_four_weeks_ahead_in_a_row_re_rank_what_the_latest_two_weeks_alone_do_no
         assert (shop_map.category_steady_gain is not None) == reranks
 
 
+def test_a_week_judged_on_too_few_users_restores_with_its_infinite_error_and_does_not_re_rank():
+    """A gain judged on fewer than two users, or cross-validated on too few, has an infinite standard error; JSON
+    has none, and a meta record wrote it as null. Restored, it is infinite again (a restart had read no error at all,
+    and the gate's arithmetic on it stopped the daemon), and nothing is re-ranked on it."""
+    weights = np.zeros(len(CATEGORY_STATISTICS))
+    weights[FRESH] = 1.0
+    no_evidence = (0.0, float("inf"))
+    for anchor, gain, cross in ((K0 - 2, None, no_evidence), (K0 - 1, no_evidence, None)):
+        updater = updater_fed([category_event("someone", 0, A, "shoes")], [1])
+        categories = CategorySample(np.zeros((0, 10), np.uint32), np.zeros((0, 10, 8), np.float16),
+                                    np.zeros((0, 6), np.uint16))
+        categories.matured(tuple(weights.tolist()), gain, 1, (gain,), cross)
+        samples = updater.state.outcomes.samples
+        samples.samples[(0, anchor)] = Sample(np.array([], dtype=object), np.zeros((0, WIDTH), np.float16),
+                                              categories=categories)
+        written = orjson.loads(orjson.dumps(samples.to_plain()))
+        written_categories = written[0][2 + 5]  # (partition, anchor, then the sample's fields: its candidates 6th)
+        assert (written_categories[7] if gain else written_categories[10][1]) is None  # the infinity went out as null
+        updater.state.outcomes.samples = AnchorSamples.from_plain(written)
+        restored = updater.state.outcomes.samples.category_fit()[1]
+        assert (restored.gain, restored.gain_se, restored.cross_gain) == (*(gain or (None, None)), cross)
+        assert restored.judged == (gain,)
+        updater.state.outcomes.version += 1
+        shop_map = updater.calibration.shop_map()
+        assert not shop_map.reranks() and "top_categories as the model ranks" in describe(shop_map)
+
+
 def test_a_published_profile_ranks_its_categories_as_the_shops_weights_say():
     # Many old events in "boots", one fresh in "sandals": where the shop's weeks say freshness counts, sandals lead.
     events = [category_event("u", i, A - 20 * DAY + i * HOUR, "boots") for i in range(8)]
