@@ -21,7 +21,7 @@ import torch
 from confluent_kafka import KafkaError, TopicPartition
 
 from models.category_calibration import CATEGORY_STATISTICS
-from models.stream_calibration import LogitMap
+from models.stream_calibration import IDLE_QUANTILES, LogitMap
 from models.update_step import BatchResult, ProfileUpdater
 from consumers.source import LOGGED_BY_LIBRDKAFKA, KafkaBatchSource, errors_log
 from stream.changelog import Changelog
@@ -356,6 +356,9 @@ class ProfileDaemon:
             weights = shop_map.weights[head] or ()  # on the rules' statistics alone, or on all the head's
             for statistic, weight in zip(STATISTICS[head], (*weights, *(0.0,) * len(STATISTICS[head]))):
                 self.metrics.stream_calibration_map.labels(name, statistic).set(weight)
+        bend = shop_map.idle_weights or (0.0,) * len(IDLE_QUANTILES)  # churn_risk's bend in idle time, where it is
+        for quartile, weight in enumerate(bend, 1):
+            self.metrics.stream_calibration_map.labels("churn_risk", f"log_idle_minutes_past_q{quartile}").set(weight)
         weights = shop_map.category_weights if shop_map.reranks() else (0.0,) * len(CATEGORY_STATISTICS)
         for statistic, weight in zip(CATEGORY_STATISTICS, weights):
             self.metrics.stream_calibration_map.labels("top_categories", statistic).set(weight)

@@ -371,6 +371,10 @@ def stream_map_report(shop_map: LogitMap | None) -> dict | None:
                    "weights_held_out_nats": shop_map.weights_held_out_nats[head],
                    "fitted_on_week": head == HEADS.index("churn_risk") and shop_map.churn_from_week,
                    "share_power": shop_map.churn_share_power if head == HEADS.index("churn_risk") else 1.0,
+                   "idle_bend": None if head != HEADS.index("churn_risk") or shop_map.idle_weights is None else {
+                       "knots_log_idle_minutes": list(shop_map.idle_knots), "weights": list(shop_map.idle_weights)},
+                   "idle_bend_held_out_nats": shop_map.idle_held_out_nats if head == HEADS.index("churn_risk")
+                   else None,
                    "applied": shop_map.applies(head)}
             for head, name in enumerate(HEADS)} | {"top_categories": {
                 "users": shop_map.category_users, "gain": shop_map.category_gain,

@@ -76,6 +76,17 @@ WEEK_STATISTICS_AUC = 0.03
 SHARE_POWER_RANGE = (0.25, 4.0)  # with_share_power's search (a grid of 161 powers, evenly spaced in log)
 HELD_OUT_GATE_NATS = 2.0
 STATISTIC_INDEX = tuple(tuple(statistics.USER_FEATURES.index(name) for name in names) for names in STATISTICS)
+# churn_risk's fit on its statistics may bend in the user's idle time: log_idle_minutes past each of the sampled
+# users' quartiles of it weighed too (piecewise linear in the logit, straight past the last knot). The odds of a
+# user coming back fall off with idle time along no straight line of its log: where users go dormant and come back
+# weeks later (electronics), a fit straight in it said idle users 0.1 less likely to stay away than they did at both
+# ends of its own sample, and it serves users idler than those it was fitted on. The bend joins where, fitted on the
+# previous matured anchor's sample, it said the latest one's outcomes HELD_OUT_GATE_NATS better than the fit
+# without (at a first matured anchor: each half of the sample judged by the other half's fit) (docs/model-journal.md,
+# session 67).
+IDLE_QUANTILES = (0.25, 0.5, 0.75)
+IDLE_COLUMN = STATISTIC_COLUMNS[CHURN][STATISTICS[CHURN].index("log_idle_minutes")]  # in a sample's x
+IDLE_FEATURE = statistics.USER_FEATURES.index("log_idle_minutes")
 SAMPLED_INDEX = tuple(statistics.USER_FEATURES.index(name) for name in SAMPLED_STATISTICS)  # a sample's x, after logits
 
 
@@ -121,6 +132,12 @@ class LogitMap:
     # probabilities give it is raised to this power (with_share_power: fitted on the week's silence of the users
     # sampled at the anchor churn_risk's map is fitted on; 1: the model's share).
     churn_share_power: float = 1.0
+    # churn_risk's bend in the user's idle time (with_statistics, IDLE_QUANTILES): its knots (log idle minutes) and
+    # the weights of log_idle_minutes past each (None: straight), and how much better the bent fit said the users
+    # held out than the straight one (nats; None where not judged).
+    idle_knots: tuple[float, ...] | None = None
+    idle_weights: tuple[float, ...] | None = None
+    idle_held_out_nats: float | None = None
 
     def reranks(self) -> bool:
         return self.category_weights is not None and any(
@@ -151,6 +168,10 @@ class LogitMap:
         if self.weights[head] is not None:
             weights = torch.tensor(self.weights[head], dtype=torch.float64, device=p.device)
             z = z + user_statistics[:, list(STATISTIC_INDEX[head][:len(weights)])].double() @ weights
+        if head == CHURN and self.idle_weights is not None:
+            knots, bend = (torch.tensor(t, dtype=torch.float64, device=p.device)
+                           for t in (self.idle_knots, self.idle_weights))
+            z = z + (user_statistics[:, IDLE_FEATURE, None].double() - knots).clamp(min=0.0) @ bend
         return torch.sigmoid(z).to(torch.float32)
 
 
@@ -329,6 +350,8 @@ def with_share_power(shop_map: LogitMap, x: np.ndarray, silent: np.ndarray) -> L
     weights = shop_map.weights[CHURN] or ()
     theta = np.array([shop_map.a[CHURN] - shop_map.drift[CHURN], shop_map.b[CHURN], *weights])  # as at its anchor
     z = statistics_design(x, CHURN, every=len(weights) > RULE_STATISTICS[CHURN])[:, :len(theta)] @ theta
+    if shop_map.idle_weights is not None:
+        z = z + idle_past(x, shop_map.idle_knots) @ np.asarray(shop_map.idle_weights)
     share = np.maximum(week_share(x), 1e-6)
     yes = silent.astype(np.float64)
     powers = np.exp(np.linspace(np.log(SHARE_POWER_RANGE[0]), np.log(SHARE_POWER_RANGE[1]), 161))
@@ -337,7 +360,8 @@ def with_share_power(shop_map: LogitMap, x: np.ndarray, silent: np.ndarray) -> L
 
 
 def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.ndarray,
-                    held_out: float | None = None, rules_held_out: float | None = None) -> LogitMap:
+                    held_out: float | None = None, rules_held_out: float | None = None,
+                    idle_held_out: float | None = None) -> LogitMap:
     """The head's map fitted on the sampled users' logits and statistics (x: a sample's columns) where that gains
     enough over the affine map of the logit alone fitted on the same users, or where the previous anchor's fit on
     the rules' statistics said these users better than its affine map (`rules_held_out`, Sample.rules_held_out) by
@@ -345,7 +369,9 @@ def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.n
     split_gain): sigmoid(a + b logit + weights . statistics), by Newton with a ridge toward the identity (b = 1, no
     weight). The statistics are the rules' (RULE_STATISTICS), or all the head's where the previous anchor's fit on
     them said these users better than its fit on the rules' alone (`held_out`, Sample.held_out) by
-    HELD_OUT_GATE_NATS."""
+    HELD_OUT_GATE_NATS. churn_risk's fit bends in the user's idle time (IDLE_QUANTILES) where the previous anchor's
+    bent fit said these users better than its straight one (`idle_held_out`, Sample.idle_held_out; without an
+    earlier anchor, split_idle_gain) by HELD_OUT_GATE_NATS."""
     n = len(happened)
     gate = max(GATE_NATS, STATISTICS_GATE_PER_USER * n)
     every = held_out is not None and held_out >= HELD_OUT_GATE_NATS and x.shape[1] >= WIDTH
@@ -360,9 +386,46 @@ def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.n
                      weights_held_out_nats=only(shop_map.weights_held_out_nats, head, rules_held_out))
     if gain < gate and rules_held_out < HELD_OUT_GATE_NATS:
         return fitted
+    straight = len(theta)
+    if head == CHURN:
+        idle_held_out = split_idle_gain(x, yes, every) if idle_held_out is None else idle_held_out
+        fitted = replace(fitted, idle_held_out_nats=idle_held_out)
+        if idle_held_out >= HELD_OUT_GATE_NATS:
+            knots = idle_knots(x)
+            theta = logistic_fit(np.column_stack([design, idle_past(x, knots)]), yes, 1 - yes)
+            fitted = replace(fitted, idle_knots=knots, idle_weights=tuple(float(w) for w in theta[straight:]))
     return replace(fitted, a=only(shop_map.a, head, float(theta[0])), b=only(shop_map.b, head, float(theta[1])),
                    kept=only(shop_map.kept, head, True), drift=only(shop_map.drift, head, 0.0),
-                   weights=only(shop_map.weights, head, tuple(float(w) for w in theta[2:])))
+                   weights=only(shop_map.weights, head, tuple(float(w) for w in theta[2:straight])))
+
+
+def idle_knots(x: np.ndarray) -> tuple[float, ...]:
+    """The knots of churn_risk's bend in idle time: the IDLE_QUANTILES of a sample's users' log idle minutes."""
+    return tuple(float(k) for k in np.quantile(x[:, IDLE_COLUMN], IDLE_QUANTILES))
+
+
+def idle_past(x: np.ndarray, knots: tuple[float, ...]) -> np.ndarray:
+    """(N, len(knots)) a sample's users' log idle minutes past each knot (0 before it)."""
+    return np.maximum(x[:, IDLE_COLUMN, None] - np.asarray(knots), 0.0)
+
+
+def idle_gain(fit: tuple[np.ndarray, np.ndarray], judged: tuple[np.ndarray, np.ndarray], every: bool) -> float:
+    """How much better churn_risk's fit on its statistics (the rules', or all: `every`) bent in idle time at the
+    `fit` users' knots than the straight fit, both fitted on the `fit` users (x, happened), says the `judged` users'
+    outcomes: nats (0 where a fit says nothing finite: a statistic past its float16 column)."""
+    knots = idle_knots(fit[0])
+    yes, later = (np.asarray(users[1], dtype=np.float64) for users in (fit, judged))
+    bent = logistic_fit(np.column_stack([statistics_design(fit[0], CHURN, every), idle_past(fit[0], knots)]),
+                        yes, 1 - yes)
+    z = np.column_stack([statistics_design(judged[0], CHURN, every), idle_past(judged[0], knots)]) @ bent
+    gain = log_likelihood(z, later, 1 - later) - said_by(fit, judged, CHURN, every)
+    return float(gain) if np.isfinite(gain) else 0.0
+
+
+def split_idle_gain(x: np.ndarray, yes: np.ndarray, every: bool) -> float:
+    """idle_gain of each half of a sample's users (alternate rows, as split_gain) on the other, both ways, summed."""
+    even, odd = ((x[rows], yes[rows]) for rows in (slice(0, None, 2), slice(1, None, 2)))
+    return idle_gain(odd, even, every) + idle_gain(even, odd, every)
 
 
 def split_gain(x: np.ndarray, yes: np.ndarray, head: int) -> float:
@@ -666,9 +729,14 @@ class StreamCalibration:
         before, after = samples.matured_at(anchor - 1, head), samples.matured_at(anchor, head)
         if before is not None and after is not None:
             every, rules = held_out_gains(before[:2], after[:2], head)
+            # (the bend judged on the statistics with_statistics will weigh: all the head's where they held out)
+            idle = idle_gain(before[:2], after[:2], every is not None and every >= HELD_OUT_GATE_NATS) \
+                if head == CHURN else None
             for (_, sampled_at), sample in samples.samples.items():
                 if sampled_at == anchor:
                     sample.held_out[head], sample.rules_held_out[head] = every, rules
+                    if head == CHURN:
+                        sample.idle_held_out = idle
         if head == HEADS.index("purchase_propensity"):  # top_categories' week closes with purchase_propensity's
             self.fit_categories(anchor)
 
@@ -746,7 +814,9 @@ def describe(shop_map: LogitMap) -> str:
         if shop_map.weights[h] is None:
             return said + fitted + power
         held_out = shop_map.weights_held_out_nats[h]
-        return said + "".join(f" {w:+.2f} {name}" for name, w in zip(STATISTICS[h], shop_map.weights[h])) + (
+        bend = "" if h != CHURN or shop_map.idle_weights is None else "".join(
+            f" {w:+.2f} log_idle_minutes past {k:.1f}" for k, w in zip(shop_map.idle_knots, shop_map.idle_weights))
+        return said + "".join(f" {w:+.2f} {name}" for name, w in zip(STATISTICS[h], shop_map.weights[h])) + bend + (
             f" ({shop_map.weights_gain_nats[h]:.0f} nats more on {shop_map.sampled[h]:,} sampled users{week}"
             + ("" if held_out is None else f", the rules' {held_out:.0f} more held out") + ")") + power
     said = [head(h) for h in range(len(HEADS))]

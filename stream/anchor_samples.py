@@ -50,6 +50,7 @@ STATISTICS = (("order_due", "log_purchases_7d", "log_carts_pending", "purchase_s
 # rules' own fit on the latest one (Sample.held_out): fitted on a young table's first weeks, such weights ranked B2B
 # accounts' users 0.058 of ROC AUC worse two weeks later (docs/model-journal.md, session 59).
 RULE_STATISTICS = (4, 3)
+CHURN_HEAD = 1  # churn_risk's place among the heads (stream/outcomes.py HEADS) and in STATISTICS
 # A sample's x: both heads' logits, then every head's rules' statistics, then the others, head by head, each
 # statistic once (a record of session 58 holds the logits and the rules' statistics: the leading columns).
 LOGIT_COLUMNS = (0, 1)
@@ -189,6 +190,10 @@ class Sample:
     rules_held_out: list[float | None] = field(default_factory=lambda: [None, None])
     # Whether each user stayed away the week after the anchor (None until that week closed).
     week_silent: np.ndarray | None = None
+    # Once churn_risk's window closed: how many nats better the previous matured anchor's fit on churn_risk's
+    # statistics bent in the user's idle time (models/stream_calibration.py, idle_gain) said these users than
+    # its fit without the bend (None: not judged; a record of session 66 or before).
+    idle_held_out: float | None = None
 
     def __post_init__(self) -> None:
         if self.left is None:
@@ -197,7 +202,8 @@ class Sample:
     def to_plain(self) -> list:
         return [self.users.tolist(), encoded(self.x, "<f2"), *(packed(h) for h in self.happened),
                 packed(self.left.T), None if self.categories is None else self.categories.to_plain(),
-                self.held_out, self.rules_held_out, packed(self.week_silent), len(SAMPLED_STATISTICS)]
+                self.held_out, self.rules_held_out, packed(self.week_silent), len(SAMPLED_STATISTICS),
+                self.idle_held_out]
 
     @classmethod
     def from_plain(cls, plain: list) -> Sample:
@@ -214,7 +220,8 @@ class Sample:
                    [unpacked(s, (len(users),)) for s in plain[2:4]], unpacked(plain[4], (2, len(users))).T,
                    categories, list(plain[6]) if len(plain) > 6 else [None, None],
                    list(plain[7]) if len(plain) > 7 else [None, None],
-                   unpacked(plain[8], (len(users),)) if len(plain) > 8 else None)
+                   unpacked(plain[8], (len(users),)) if len(plain) > 8 else None,
+                   plain[10] if len(plain) > 10 else None)
 
 
 @dataclass
@@ -249,16 +256,19 @@ class AnchorSamples:
         at, partition = min(matured, key=lambda k: (-k[0], k[1]))
         return at, self.samples[(partition, at)].categories
 
-    def latest_matured(self, head: int) -> tuple[np.ndarray, np.ndarray, float | None, float | None] | None:
-        """(x float64, happened, held_out, rules_held_out) of the head's latest matured anchor over the partitions
-        held, or None; held_out and rules_held_out the least of theirs (None where one was not judged)."""
+    def latest_matured(self, head: int) -> tuple[np.ndarray, np.ndarray, float | None, float | None, float | None
+                                                 ] | None:
+        """(x float64, happened, held_out, rules_held_out, idle_held_out) of the head's latest matured anchor over the
+        partitions held, or None; the verdicts the least of theirs (None where one was not judged; idle_held_out
+        None but for churn_risk)."""
         anchor = self.latest_matured_anchor(head)
         return None if anchor is None else self.matured_at(anchor, head)
 
     def latest_matured_anchor(self, head: int) -> int | None:
         return max((anchor for (_, anchor), s in self.samples.items() if s.happened[head] is not None), default=None)
 
-    def matured_at(self, anchor: int, head: int) -> tuple[np.ndarray, np.ndarray, float | None, float | None] | None:
+    def matured_at(self, anchor: int, head: int) -> tuple[np.ndarray, np.ndarray, float | None, float | None,
+                                                            float | None] | None:
         """As latest_matured, of one anchor where the head's window has closed (None: no such sample held). Where a
         partition's record is of an older release, only the columns every sample has."""
         samples = [s for (_, at), s in sorted(self.samples.items()) if at == anchor and s.happened[head] is not None]
@@ -266,9 +276,10 @@ class AnchorSamples:
             return None
         width = min(s.x.shape[1] for s in samples)
         judged, rules = [s.held_out[head] for s in samples], [s.rules_held_out[head] for s in samples]
+        idle = [s.idle_held_out if head == CHURN_HEAD else None for s in samples]
         return (np.concatenate([s.x[:, :width] for s in samples]).astype(np.float64),
                 np.concatenate([s.happened[head] for s in samples]), None if None in judged else min(judged),
-                None if None in rules else min(rules))
+                None if None in rules else min(rules), None if None in idle else min(idle))
 
     def latest_week(self, anchor: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """(x float64, silent) of the latest anchor whose week after it has closed (or of `anchor`, where it has),

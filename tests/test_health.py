@@ -82,6 +82,9 @@ def test_endpoints_during_a_real_run(kafka, settings_factory):
             weights = [value("profiles_stream_calibration_map", {"field": name, "term": s}) for s in STATISTICS[head]]
             fitted = list(shop_map.weights[head] or [])  # the rules' statistics alone: 0 for the others
             assert weights == fitted + [0.0] * (len(STATISTICS[head]) - len(fitted))
+        bend = [value("profiles_stream_calibration_map", {"field": "churn_risk", "term": f"log_idle_minutes_past_q{q}"})
+                for q in (1, 2, 3)]  # churn_risk's bend in idle time: 0 where its fit is straight
+        assert bend == list(shop_map.idle_weights or [0.0] * 3)
         reranking = [value("profiles_stream_calibration_map", {"field": "top_categories", "term": s})
                      for s in CATEGORY_STATISTICS]
         assert reranking == list(shop_map.category_weights if shop_map.reranks() else [0.0] * len(reranking))

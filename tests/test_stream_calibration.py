@@ -5,6 +5,8 @@ state."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import orjson
 import pytest
@@ -13,9 +15,9 @@ import torch
 from models.checkpoint_io import untrained
 from models.next_event_evaluation import roc_auc
 from models.stream_calibration import (
-    GATE_NATS, GATE_NATS_PER_USER, HELD_OUT_GATE_NATS, LogitMap, StreamCalibration, fit_head, fit_logit_map,
-    describe, logistic_fit, over_window, split_gain, statistics_design, week_share, week_statistics_held_out,
-    with_share_power, with_statistics,
+    GATE_NATS, GATE_NATS_PER_USER, HELD_OUT_GATE_NATS, IDLE_QUANTILES, LogitMap, StreamCalibration, fit_head,
+    fit_logit_map, describe, logistic_fit, over_window, split_gain, split_idle_gain, statistics_design, week_share,
+    week_statistics_held_out, with_share_power, with_statistics,
 )
 from stream import statistics
 from stream.anchor_samples import (
@@ -320,6 +322,58 @@ def test_the_rhythm_beyond_the_rules_is_weighed_only_where_the_previous_anchors_
         assert len(updater.calibration.shop_map().weights[head]) == RULE_STATISTICS[head]
         updater.calibration.note_sampled(K0 - 2, head)  # judged again: the older record lacks the statistics
         assert updater.state.outcomes.samples.samples[(0, K0 - 2)].held_out[head] is None
+
+
+def test_churn_risks_fit_bends_in_idle_time_where_the_bend_held_out_of_time():
+    """Where the odds of staying away climb with idle time along no straight line of its log (here: flat, then
+    steep past the middle of the sampled users' idle times), churn_risk's fit on its statistics bends there: the bend
+    fitted on the previous matured anchor's sample says the latest one's outcomes better than the straight fit, and
+    the map weighs log idle minutes past the sampled users' quartiles of it, at serving too. Where the odds climb
+    along a straight line, the bend holds out by less than HELD_OUT_GATE_NATS and the fit stays straight. The verdict
+    survives a restart; a record of session 66 or before holds none."""
+    idle = STATISTIC_COLUMNS[1][STATISTICS[1].index("log_idle_minutes")]
+    for log_odds, bends in ((lambda x: x[:, 1] + 2.5 * np.maximum(x[:, idle], 0.0), True),
+                            (lambda x: x[:, 1] + 1.2 * x[:, idle], False)):
+        updater = sampled_at_two_anchors(1, np.random.default_rng(5), log_odds)
+        samples = updater.state.outcomes.samples
+        assert samples.samples[(0, K0 - 3)].idle_held_out is None  # no matured anchor before it
+        judged = samples.samples[(0, K0 - 2)].idle_held_out
+        assert (judged >= HELD_OUT_GATE_NATS) == bends
+        assert samples.samples[(0, K0 - 2)].held_out[0] is None  # (purchase_propensity's window is not judged here)
+        updater.state.outcomes.version += 1
+        fitted = updater.calibration.shop_map()
+        assert fitted.weights[1] is not None and fitted.idle_held_out_nats == judged
+        assert (fitted.idle_weights is not None) == bends
+        if not bends:
+            assert abs(fitted.weights[1][0] - 1.2) < 0.2  # the straight weight on log idle minutes
+            continue
+        x, _, *_ = samples.latest_matured(1)
+        knots = np.quantile(x[:, idle], IDLE_QUANTILES)
+        np.testing.assert_allclose(fitted.idle_knots, knots)
+        # flat below the middle knot, about 2.5 past it: the weights past the knots add up along the line
+        slopes = fitted.weights[1][0] + np.cumsum(fitted.idle_weights)
+        assert abs(fitted.weights[1][0]) < 0.4 and abs(slopes[0]) < 0.6 and abs(slopes[-1] - 2.5) < 0.5
+        assert "log_idle_minutes past" in describe(fitted)
+        # Published: the bend read from the user's statistics at the clock.
+        p = torch.tensor(1 / (1 + np.exp(-x[:5, 1])))
+        user = torch.zeros(5, len(statistics.USER_FEATURES), dtype=torch.float64)
+        for name, column in zip(STATISTICS[1], STATISTIC_COLUMNS[1]):
+            user[:, statistics.USER_FEATURES.index(name)] = torch.from_numpy(x[:5, column])
+        z = (fitted.a[1] + fitted.b[1] * x[:5, 1] + x[:5, list(STATISTIC_COLUMNS[1][:len(fitted.weights[1])])]
+             @ np.array(fitted.weights[1]) + np.maximum(x[:5, idle, None] - knots, 0) @ np.array(fitted.idle_weights))
+        np.testing.assert_allclose(fitted.apply(1, p, None, user).numpy(), 1 / (1 + np.exp(-z)), rtol=2e-3)
+        straight = replace(fitted, idle_knots=None, idle_weights=None)
+        assert np.abs(straight.apply(1, p, None, user).numpy() - 1 / (1 + np.exp(-z))).max() > 0.01
+        restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
+        assert restored.samples[(0, K0 - 2)].idle_held_out == judged
+        older = [[p, at, *rest[:10]] for p, at, *rest in samples.to_plain()]  # a record of session 66
+        assert AnchorSamples.from_plain(older).samples[(0, K0 - 2)].idle_held_out is None
+        # Without an earlier anchor's verdict, each half of the sample judges the bend fitted on the other.
+        yes = samples.latest_matured(1)[1].astype(np.float64)
+        first = with_statistics(LogitMap(), 1, x, yes > 0.5, None, None, None)
+        # (no verdict held on the statistics beyond the rules': the fit weighs the rules' alone)
+        assert first.idle_held_out_nats == pytest.approx(split_idle_gain(x, yes, False))
+        assert first.idle_weights is not None
 
 
 @pytest.mark.parametrize("head", range(len(HEADS)))
