@@ -423,16 +423,21 @@ def idle_gain(fit: tuple[np.ndarray, np.ndarray], judged: tuple[np.ndarray, np.n
 
 
 def split_idle_gain(x: np.ndarray, yes: np.ndarray, every: bool) -> float:
-    """idle_gain of each half of a sample's users (alternate rows, as split_gain) on the other, both ways, summed."""
-    even, odd = ((x[rows], yes[rows]) for rows in (slice(0, None, 2), slice(1, None, 2)))
-    return idle_gain(odd, even, every) + idle_gain(even, odd, every)
+    """idle_gain judged both ways between a sample's halves (both_ways)."""
+    return both_ways(x, yes, lambda fit, judged: idle_gain(fit, judged, every))
 
 
 def split_gain(x: np.ndarray, yes: np.ndarray, head: int) -> float:
-    """rules_gain of each half of a sample's users (alternate rows: the order is the sample's, whatever the
-    batching) on the other, both ways, summed: the held-out verdict of an anchor with no matured anchor before it."""
+    """rules_gain judged both ways between a sample's halves (both_ways)."""
+    return both_ways(x, yes, lambda fit, judged: rules_gain(fit, judged, head))
+
+
+def both_ways(x: np.ndarray, yes: np.ndarray, gain: Callable[[tuple, tuple], float]) -> float:
+    """gain(fit, judged) of each half of a sample's users (alternate rows: the order is the sample's, whatever the
+    batching; each half as (x, happened)) on the other, both ways, summed: the held-out verdict of an anchor with no
+    matured anchor before it."""
     even, odd = ((x[rows], yes[rows]) for rows in (slice(0, None, 2), slice(1, None, 2)))
-    return rules_gain(odd, even, head) + rules_gain(even, odd, head)
+    return gain(odd, even) + gain(even, odd)
 
 
 def statistics_design(x: np.ndarray, head: int, every: bool) -> np.ndarray:
