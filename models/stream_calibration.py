@@ -392,7 +392,7 @@ def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.n
         fitted = replace(fitted, idle_held_out_nats=idle_held_out)
         if idle_held_out >= HELD_OUT_GATE_NATS:
             knots = idle_knots(x)
-            theta = logistic_fit(np.column_stack([design, idle_past(x, knots)]), yes, 1 - yes)
+            theta = logistic_fit(with_idle_past(design, x, knots), yes, 1 - yes)
             fitted = replace(fitted, idle_knots=knots, idle_weights=tuple(float(w) for w in theta[straight:]))
     return replace(fitted, a=only(shop_map.a, head, float(theta[0])), b=only(shop_map.b, head, float(theta[1])),
                    kept=only(shop_map.kept, head, True), drift=only(shop_map.drift, head, 0.0),
@@ -409,16 +409,17 @@ def idle_past(x: np.ndarray, knots: tuple[float, ...]) -> np.ndarray:
     return np.maximum(x[:, IDLE_COLUMN, None] - np.asarray(knots), 0.0)
 
 
+def with_idle_past(design: np.ndarray, x: np.ndarray, knots: tuple[float, ...] | None) -> np.ndarray:
+    """A design of a sample's users (x: their columns) with their log idle minutes past each knot after it (None:
+    as it is)."""
+    return design if knots is None else np.column_stack([design, idle_past(x, knots)])
+
+
 def idle_gain(fit: tuple[np.ndarray, np.ndarray], judged: tuple[np.ndarray, np.ndarray], every: bool) -> float:
     """How much better churn_risk's fit on its statistics (the rules', or all: `every`) bent in idle time at the
     `fit` users' knots than the straight fit, both fitted on the `fit` users (x, happened), says the `judged` users'
     outcomes: nats (0 where a fit says nothing finite: a statistic past its float16 column)."""
-    knots = idle_knots(fit[0])
-    yes, later = (np.asarray(users[1], dtype=np.float64) for users in (fit, judged))
-    bent = logistic_fit(np.column_stack([statistics_design(fit[0], CHURN, every), idle_past(fit[0], knots)]),
-                        yes, 1 - yes)
-    z = np.column_stack([statistics_design(judged[0], CHURN, every), idle_past(judged[0], knots)]) @ bent
-    gain = log_likelihood(z, later, 1 - later) - said_by(fit, judged, CHURN, every)
+    gain = said_by(fit, judged, CHURN, every, bent=True) - said_by(fit, judged, CHURN, every)
     return float(gain) if np.isfinite(gain) else 0.0
 
 
@@ -448,12 +449,15 @@ def statistics_design(x: np.ndarray, head: int, every: bool) -> np.ndarray:
 
 
 def said_by(fit: tuple[np.ndarray, np.ndarray], judged: tuple[np.ndarray, np.ndarray], head: int, every: bool,
-            columns: int | None = None) -> float:
+            columns: int | None = None, bent: bool = False) -> float:
     """The log likelihood of the `judged` users' outcomes (x, happened) under the head's fit on the `fit` users':
-    on the rules' statistics, all the head's (`every`), or the first `columns` of the design (2: the logit alone)."""
+    on the rules' statistics, all the head's (`every`), or the first `columns` of the design (2: the logit alone);
+    `bent`: bent in idle time too, at the `fit` users' knots (churn_risk's)."""
     yes, later = (np.asarray(users[1], dtype=np.float64) for users in (fit, judged))
-    theta = logistic_fit(statistics_design(fit[0], head, every)[:, :columns], yes, 1 - yes)
-    return log_likelihood(statistics_design(judged[0], head, every)[:, :columns] @ theta, later, 1 - later)
+    knots = idle_knots(fit[0]) if bent else None
+    design = [with_idle_past(statistics_design(x, head, every)[:, :columns], x, knots) for x in (fit[0], judged[0])]
+    theta = logistic_fit(design[0], yes, 1 - yes)
+    return log_likelihood(design[1] @ theta, later, 1 - later)
 
 
 def rules_gain(fit: tuple[np.ndarray, np.ndarray], judged: tuple[np.ndarray, np.ndarray], head: int) -> float:

@@ -50,7 +50,6 @@ STATISTICS = (("order_due", "log_purchases_7d", "log_carts_pending", "purchase_s
 # rules' own fit on the latest one (Sample.held_out): fitted on a young table's first weeks, such weights ranked B2B
 # accounts' users 0.058 of ROC AUC worse two weeks later (docs/model-journal.md, session 59).
 RULE_STATISTICS = (4, 3)
-CHURN_HEAD = 1  # churn_risk's place among the heads (stream/outcomes.py HEADS) and in STATISTICS
 # A sample's x: both heads' logits, then every head's rules' statistics, then the others, head by head, each
 # statistic once (a record of session 58 holds the logits and the rules' statistics: the leading columns).
 LOGIT_COLUMNS = (0, 1)
@@ -259,8 +258,8 @@ class AnchorSamples:
     def latest_matured(self, head: int) -> tuple[np.ndarray, np.ndarray, float | None, float | None, float | None
                                                  ] | None:
         """(x float64, happened, held_out, rules_held_out, idle_held_out) of the head's latest matured anchor over the
-        partitions held, or None; the verdicts the least of theirs (None where one was not judged; idle_held_out
-        None but for churn_risk)."""
+        partitions held, or None; the verdicts the least of theirs (None where one was not judged; idle_held_out is
+        churn_risk's, whatever the head: only its fit reads it)."""
         anchor = self.latest_matured_anchor(head)
         return None if anchor is None else self.matured_at(anchor, head)
 
@@ -276,7 +275,7 @@ class AnchorSamples:
             return None
         width = min(s.x.shape[1] for s in samples)
         judged, rules = [s.held_out[head] for s in samples], [s.rules_held_out[head] for s in samples]
-        idle = [s.idle_held_out if head == CHURN_HEAD else None for s in samples]
+        idle = [s.idle_held_out for s in samples]
         return (np.concatenate([s.x[:, :width] for s in samples]).astype(np.float64),
                 np.concatenate([s.happened[head] for s in samples]), None if None in judged else min(judged),
                 None if None in rules else min(rules), None if None in idle else min(idle))
