@@ -353,6 +353,7 @@ class ProfileDaemon:
             self.metrics.stream_calibration_map.labels(name, "a").set(shop_map.a[head] if shop_map.kept[head] else 0.0)
             self.metrics.stream_calibration_map.labels(name, "b").set(shop_map.b[head] if shop_map.kept[head] else 1.0)
             self.metrics.stream_calibration_map.labels(name, "drift").set(shop_map.drift[head])
+            self.metrics.stream_calibration_map.labels(name, "level_shift").set(shop_map.level_shift[head])
             weights = shop_map.weights[head] or ()  # on the rules' statistics alone, or on all the head's
             for statistic, weight in zip(STATISTICS[head], (*weights, *(0.0,) * len(STATISTICS[head]))):
                 self.metrics.stream_calibration_map.labels(name, statistic).set(weight)

@@ -375,6 +375,7 @@ def stream_map_report(shop_map: LogitMap | None) -> dict | None:
                        "knots_log_idle_minutes": list(shop_map.idle_knots), "weights": list(shop_map.idle_weights)},
                    "idle_bend_held_out_nats": shop_map.idle_held_out_nats if head == HEADS.index("churn_risk")
                    else None,
+                   "rate_volatility": shop_map.rate_volatility, "level_shift": shop_map.level_shift[head],
                    "applied": shop_map.applies(head)}
             for head, name in enumerate(HEADS)} | {"top_categories": {
                 "users": shop_map.category_users, "gain": shop_map.category_gain,

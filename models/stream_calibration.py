@@ -37,8 +37,8 @@ from stream.anchor_samples import (
 )
 from stream.events import PURCHASE, EventColumns
 from stream.outcomes import (
-    ANCHOR_MS, BINS, HEADS, KEPT, MATURES_AFTER, PHASES, PURCHASE_SERIES, PURCHASE_WINDOW_MINUTES, SERIES, SERIES_HEAD,
-    anchor_of, bin_logits, logit_bins,
+    ANCHOR_MS, BINS, HEADS, KEPT, MATURES_AFTER, PHASES, PURCHASE_SERIES, PURCHASE_WINDOW_MINUTES, RATE_ANCHORS, SERIES,
+    SERIES_HEAD, anchor_of, bin_logits, logit_bins,
 )
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from stream.state import StateTable
@@ -88,6 +88,18 @@ IDLE_QUANTILES = (0.25, 0.5, 0.75)
 IDLE_COLUMN = STATISTIC_COLUMNS[CHURN][STATISTICS[CHURN].index("log_idle_minutes")]  # in a sample's x
 IDLE_FEATURE = statistics.USER_FEATURES.index("log_idle_minutes")
 SAMPLED_INDEX = tuple(statistics.USER_FEATURES.index(name) for name in SAMPLED_STATISTICS)  # a sample's x, after logits
+# Where the shop's purchase rate moves from week to week by more than its counts' noise explains (rate_volatility:
+# the standard deviation of the weekly change of its log over the latest RATE_ANCHORS anchors, less the part the
+# purchases' count noise gives it, reaching VOLATILE_RATE), each map's level is moved halfway (LEVEL_PULL, in its
+# logit) toward the model's own: the shift that would make the map's mean probability over the latest anchor's
+# sampled users the model's own there, times LEVEL_PULL; its ranking is kept (with_model_level). A map is fitted on
+# one anchor a week or two old; in a shop with a calendar (a sale, a season, paydays, a launch) the level it learnt
+# there is not the level after, while the model's own follows what each user did lately, but carries its training
+# shop's rates. Chosen offline on the cuts of 44 logs (docs/model-journal.md, session 68): where the rate moved this
+# much, the published probabilities were further off than the model's own at most cuts; all the way to the model's
+# level made as many cuts worse as better in two of the three newest worlds, halfway fewer.
+VOLATILE_RATE = 0.1
+LEVEL_PULL = 0.5
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,11 @@ class LogitMap:
     idle_knots: tuple[float, ...] | None = None
     idle_weights: tuple[float, ...] | None = None
     idle_held_out_nats: float | None = None
+    # How far the shop's purchase rate moved week to week beyond its counts' noise (rate_volatility; None: fewer
+    # than RATE_ANCHORS anchors noted), and per head the shift of the map's logit toward the model's level, where
+    # that reached VOLATILE_RATE (with_model_level; 0: not moved).
+    rate_volatility: float | None = None
+    level_shift: tuple[float, ...] = (0.0, 0.0)
 
     def reranks(self) -> bool:
         return self.category_weights is not None and any(
@@ -172,7 +189,7 @@ class LogitMap:
             knots, bend = (torch.tensor(t, dtype=torch.float64, device=p.device)
                            for t in (self.idle_knots, self.idle_weights))
             z = z + (user_statistics[:, IDLE_FEATURE, None].double() - knots).clamp(min=0.0) @ bend
-        return torch.sigmoid(z).to(torch.float32)
+        return torch.sigmoid(z + self.level_shift[head]).to(torch.float32)
 
 
 def over_window(head: int, mapped: torch.Tensor, p_horizon: torch.Tensor, p_window: torch.Tensor,
@@ -347,16 +364,59 @@ def with_share_power(shop_map: LogitMap, x: np.ndarray, silent: np.ndarray) -> L
     is."""
     if not shop_map.kept[CHURN]:
         return shop_map
-    weights = shop_map.weights[CHURN] or ()
-    theta = np.array([shop_map.a[CHURN] - shop_map.drift[CHURN], shop_map.b[CHURN], *weights])  # as at its anchor
-    z = statistics_design(x, CHURN, every=len(weights) > RULE_STATISTICS[CHURN])[:, :len(theta)] @ theta
-    if shop_map.idle_weights is not None:
-        z = z + idle_past(x, shop_map.idle_knots) @ np.asarray(shop_map.idle_weights)
+    z = sample_logits(shop_map, CHURN, x, at_anchor=True)
     share = np.maximum(week_share(x), 1e-6)
     yes = silent.astype(np.float64)
     powers = np.exp(np.linspace(np.log(SHARE_POWER_RANGE[0]), np.log(SHARE_POWER_RANGE[1]), 161))
     said = [share_log_likelihood(z, share ** power, yes) for power in powers]
     return replace(shop_map, churn_share_power=float(powers[int(np.argmax(said))]))
+
+
+def sample_logits(shop_map: LogitMap, head: int, x: np.ndarray, at_anchor: bool = False) -> np.ndarray:
+    """(N,) the logits the head's kept map gives a sample's users (x: their columns), as at the anchor it is fitted on
+    (at_anchor: without its drift since) or as published (without level_shift, which with_model_level sets)."""
+    weights = shop_map.weights[head] or ()
+    level = shop_map.a[head] - (shop_map.drift[head] if at_anchor else 0.0)
+    theta = np.array([level, shop_map.b[head], *weights])
+    z = statistics_design(x, head, every=len(weights) > RULE_STATISTICS[head])[:, :len(theta)] @ theta
+    if head == CHURN and shop_map.idle_weights is not None:
+        z = z + idle_past(x, shop_map.idle_knots) @ np.asarray(shop_map.idle_weights)
+    return z
+
+
+def rate_volatility(sums: list[tuple[int, float, float]]) -> float | None:
+    """How much the shop's purchase rate moves from week to week beyond its counts' noise: over the latest
+    RATE_ANCHORS consecutive anchors' (anchor, faded events, faded purchases) (Outcomes.rate_sums), the standard
+    deviation of the weekly change of log(purchases / events), less the variance the purchases' count noise gives it
+    (1/P of each week's, twice per change), floored at 0. None: fewer anchors, or one without a purchase."""
+    sums = sums[-RATE_ANCHORS:]
+    consecutive = len(sums) == RATE_ANCHORS and sums[-1][0] - sums[0][0] == RATE_ANCHORS - 1
+    if not consecutive or min(min(events, purchases) for _, events, purchases in sums) <= 0:
+        return None
+    change = np.diff(np.log([p / e for _, e, p in sums]))
+    noise = float(np.mean([1 / p0 + 1 / p1 for (_, _, p0), (_, _, p1) in zip(sums, sums[1:])]))
+    return float(np.sqrt(max(0.0, float(np.var(change)) - noise)))
+
+
+def with_model_level(shop_map: LogitMap, volatility: float | None, x: np.ndarray | None) -> LogitMap:
+    """Where the shop's purchase rate moved VOLATILE_RATE or more (`volatility`, rate_volatility), each kept map's
+    logit shifted LEVEL_PULL of the way to where its mean probability over the latest anchor's sampled users (x:
+    their columns) is the model's own there: the map's ranking, a level between the map's and the model's."""
+    shop_map = replace(shop_map, rate_volatility=volatility, level_shift=(0.0,) * len(HEADS))
+    if volatility is None or volatility < VOLATILE_RATE or x is None or not len(x):
+        return shop_map
+    shifts = []
+    for head in range(len(HEADS)):
+        if not shop_map.kept[head]:
+            shifts.append(0.0)
+            continue
+        z, own = sample_logits(shop_map, head, x), float(np.mean(1 / (1 + np.exp(-x[:, LOGIT_COLUMNS[head]]))))
+        low, high = -30.0, 30.0  # the mean of sigmoid(z + s) rises with s: bisect
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (middle, high) if np.mean(1 / (1 + np.exp(-(z + middle)))) < own else (low, middle)
+        shifts.append(LEVEL_PULL * (low + high) / 2)
+    return replace(shop_map, level_shift=tuple(shifts))
 
 
 def with_statistics(shop_map: LogitMap, head: int, x: np.ndarray, happened: np.ndarray,
@@ -548,6 +608,8 @@ class StreamCalibration:
             maps_week = None if anchor is None else outcomes.samples.latest_week(anchor)
             if maps_week is not None:
                 self._map = with_share_power(self._map, *maps_week)
+            self._map = with_model_level(self._map, rate_volatility(outcomes.rate_sums()),
+                                         outcomes.samples.latest_taken())
             latest = outcomes.samples.category_fit()
             if latest is not None:
                 anchor, fit = latest
@@ -707,6 +769,8 @@ class StreamCalibration:
         held = np.flatnonzero((state.last_ts[:n] >= 0) & (state.last_ts[:n] < at))
         state.outcomes.samples.keep_from(anchor - PHASES)  # each head's latest matured anchor and the open ones
         if len(held):
+            state.outcomes.note_rate(anchor, state.partition[held],
+                                     *statistics.week_masses(state.columns, state.last_ts, held, at))
             rows = sample_rows(held, state.ids_at(held), state.partition[held])
             p = np.clip(self.probabilities(rows, at).astype(np.float64), 1e-6, 1 - 1e-6)
             user = statistics.user_features(state.columns, state.counts, state.last_ts, rows, at)
@@ -829,6 +893,10 @@ def describe(shop_map: LogitMap) -> str:
             f" ({shop_map.weights_gain_nats[h]:.0f} nats more on {shop_map.sampled[h]:,} sampled users{week}"
             + ("" if held_out is None else f", the rules' {held_out:.0f} more held out") + ")") + power
     said = [head(h) for h in range(len(HEADS))]
+    if any(shop_map.level_shift):
+        shifts = ", ".join(f"{HEADS[h]} {shop_map.level_shift[h]:+.2f}" for h in range(len(HEADS)) if shop_map.kept[h])
+        said.append("each map's level moved toward the model's (the shop's purchase rate moved "
+                    f"{shop_map.rate_volatility:.2f} a week beyond its noise: {shifts})")
     judged_by = None
     if shop_map.category_gain is not None:
         steady = ("" if shop_map.category_steady_gain is None else

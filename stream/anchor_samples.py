@@ -280,6 +280,15 @@ class AnchorSamples:
                 np.concatenate([s.happened[head] for s in samples]), None if None in judged else min(judged),
                 None if None in rules else min(rules), None if None in idle else min(idle))
 
+    def latest_taken(self) -> np.ndarray | None:
+        """x float64 of the latest anchor sampled, over the partitions held (the columns every one has), or None."""
+        latest = max((at for _, at in self.samples), default=None)
+        if latest is None:
+            return None
+        samples = [s for (_, at), s in sorted(self.samples.items()) if at == latest]
+        width = min(s.x.shape[1] for s in samples)
+        return np.concatenate([s.x[:, :width] for s in samples]).astype(np.float64)
+
     def latest_week(self, anchor: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """(x float64, silent) of the latest anchor whose week after it has closed (or of `anchor`, where it has),
         over the partitions held whose samples have churn_risk's logit over a week (none in a record of session 61

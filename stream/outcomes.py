@@ -46,6 +46,9 @@ LOGIT_LIMIT = 8.0
 KEPT_ANCHORS = 1
 # The week series keeps the anchor churn_risk's map is fitted on and the latest one after it.
 KEPT = (KEPT_ANCHORS, KEPT_ANCHORS, PHASES - WEEK + 1)
+# The shop's purchase rate at the latest RATE_ANCHORS anchors (Outcomes.rates): how much it moves week to week
+# (models/stream_calibration.py, rate_volatility).
+RATE_ANCHORS = 4
 
 # Host columns of the state (stream/state.py COLUMNS): the user's record of the latest anchor it came back after.
 ANCHOR_COLUMNS: dict[str, tuple[type, tuple[int, ...], float]] = {
@@ -94,6 +97,10 @@ class Outcomes:
     version: int = 0  # bumped at each change (the changelog re-sends the meta records)
     # The users sampled at the latest anchors, with the rules' statistics then (stream/anchor_samples.py).
     samples: AnchorSamples = field(default_factory=AnchorSamples)
+    # (partition, anchor) -> the users' events and purchases at the anchor's clock, each faded with a week's time
+    # constant (the state's activity and purchase masses), summed: the shop's purchase rate of about the week
+    # before, at the latest RATE_ANCHORS anchors a sample was taken at.
+    rates: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
     def add(self, series: int, anchor: int, partitions: np.ndarray, bins: np.ndarray, happened: np.ndarray,
             pending: bool = False) -> None:
@@ -113,6 +120,22 @@ class Outcomes:
                 del self.pending[key]
             self._keep_latest()
         self.version += 1
+
+    def note_rate(self, anchor: int, partitions: np.ndarray, events: np.ndarray, purchases: np.ndarray) -> None:
+        """The faded events and purchases (N,) of the users held at the anchor's clock, with their partitions."""
+        for partition in np.unique(partitions).tolist():
+            mine = partitions == partition
+            self.rates[(int(partition), anchor)] = np.array([events[mine].sum(), purchases[mine].sum()])
+        kept = sorted({anchor for _, anchor in self.rates})[-RATE_ANCHORS:]
+        self.rates = {key: sums for key, sums in self.rates.items() if key[1] in kept}
+        self.version += 1
+
+    def rate_sums(self) -> list[tuple[int, float, float]]:
+        """(anchor, faded events, faded purchases) of each anchor noted, over every partition held, in time order."""
+        out: dict[int, np.ndarray] = {}
+        for (_, anchor), sums in self.rates.items():
+            out[anchor] = out.get(anchor, 0) + sums
+        return [(anchor, float(sums[0]), float(sums[1])) for anchor, sums in sorted(out.items())]
 
     def counted(self, anchor: int, series: int | None = None) -> bool:
         """Whether the anchor's users are counted for the series (complete_from; purchase_propensity's from the
@@ -141,9 +164,10 @@ class Outcomes:
 
     def drop_partitions(self, partitions: set[int]) -> None:
         if any(key[1] in partitions for key in [*self.counts, *self.pending]) or any(
-                key[0] in partitions for key in self.samples.samples):
+                key[0] in partitions for key in [*self.samples.samples, *self.rates]):
             self.counts = {key: grid for key, grid in self.counts.items() if key[1] not in partitions}
             self.pending = {key: grid for key, grid in self.pending.items() if key[1] not in partitions}
+            self.rates = {key: sums for key, sums in self.rates.items() if key[0] not in partitions}
             self.samples.drop_partitions(partitions)
             self.version += 1
 
@@ -151,6 +175,8 @@ class Outcomes:
         """A partition's counts as the changelog's meta record carries them."""
         return {"complete_from": self.complete_from, "purchase_sooner": self.purchase_sooner,
                 "samples": self.samples.of_partition(partition),
+                "rates": [[anchor, *sums.tolist()] for (p, anchor), sums in sorted(self.rates.items())
+                          if p == partition],
                 **{name: [[head, anchor, grid.tolist()] for (head, p, anchor), grid in sorted(kept.items())
                           if p == partition]
                    for name, kept in (("counts", self.counts), ("pending", self.pending))}}
@@ -163,6 +189,9 @@ class Outcomes:
                 kept[(int(head), partition, int(anchor))] = np.asarray(grid, dtype=np.int64).reshape(BINS, 2)
             setattr(self, name, kept)
         self.samples.merge_partition(partition, plain.get("samples", []))
+        self.rates = {key: sums for key, sums in self.rates.items() if key[0] != partition} | {
+            (partition, int(anchor)): np.array([events, purchases], dtype=np.float64)
+            for anchor, events, purchases in plain.get("rates", [])}  # none in a record before session 68
         if plain.get("complete_from") is not None:
             self.complete_from = max(self.complete_from or plain["complete_from"], plain["complete_from"])
         theirs = bool(plain.get("purchase_sooner"))
@@ -174,6 +203,7 @@ class Outcomes:
         """For a state snapshot (JSON)."""
         return {"complete_from": self.complete_from, "purchase_sooner": self.purchase_sooner,
                 "samples": self.samples.to_plain(),
+                "rates": [[*key, *sums.tolist()] for key, sums in sorted(self.rates.items())],
                 **{name: [[*key, grid.tolist()] for key, grid in sorted(kept.items())]
                    for name, kept in (("counts", self.counts), ("pending", self.pending))}}
 
@@ -185,5 +215,7 @@ class Outcomes:
             return cls(complete_from=anchor_of(clock_ms) + 1 if clock_ms >= 0 else None)
         counts, pending = ({(int(h), int(p), int(a)): np.asarray(g, dtype=np.int64).reshape(BINS, 2)
                             for h, p, a, g in plain.get(name, [])} for name in ("counts", "pending"))
+        rates = {(int(p), int(a)): np.array([events, purchases], dtype=np.float64)
+                 for p, a, events, purchases in plain.get("rates", [])}
         return cls(counts, pending, plain.get("complete_from"), plain.get("purchase_sooner"),
-                   samples=AnchorSamples.from_plain(plain.get("samples")))
+                   samples=AnchorSamples.from_plain(plain.get("samples")), rates=rates)

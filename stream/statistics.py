@@ -380,6 +380,16 @@ def unheld_keys(keys: np.ndarray, holders: list[tuple[dict[str, np.ndarray], np.
     return keys[~np.isin(keys, held)]
 
 
+def week_masses(columns: dict[str, np.ndarray], last_ts: np.ndarray, rows: np.ndarray, now: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) each user's events and purchases faded with a week's time constant to the clock `now` (its activity and
+    purchase masses)."""
+    week = 7 * DAY_MS
+    fade = np.exp(-np.maximum(now - last_ts[rows].astype(np.float64), 0.0) / week)
+    return (columns["activity_mass"][rows, ACTIVITY_TAUS_MS.index(week)] * fade,
+            columns["purchase_mass"][rows, PURCHASE_TAUS_MS.index(week)] * fade)
+
+
 def user_features(columns: dict[str, np.ndarray], counts: np.ndarray, last_ts: np.ndarray, rows: np.ndarray,
                   now_ms: int | np.ndarray) -> np.ndarray:
     """(U, len(USER_FEATURES)) float32 features of the users `rows` read at the clock now_ms.

@@ -15,9 +15,10 @@ import torch
 from models.checkpoint_io import untrained
 from models.next_event_evaluation import roc_auc
 from models.stream_calibration import (
-    GATE_NATS, GATE_NATS_PER_USER, HELD_OUT_GATE_NATS, IDLE_QUANTILES, LogitMap, StreamCalibration, fit_head,
-    fit_logit_map, describe, logistic_fit, over_window, split_gain, split_idle_gain, statistics_design, week_share,
-    week_statistics_held_out, with_share_power, with_statistics,
+    GATE_NATS, GATE_NATS_PER_USER, HELD_OUT_GATE_NATS, IDLE_QUANTILES, LEVEL_PULL, VOLATILE_RATE, LogitMap,
+    StreamCalibration, fit_head, fit_logit_map, describe, logistic_fit, over_window, rate_volatility, split_gain,
+    split_idle_gain, statistics_design, week_share, week_statistics_held_out, with_model_level, with_share_power,
+    with_statistics,
 )
 from stream import statistics
 from stream.anchor_samples import (
@@ -29,7 +30,7 @@ from models.update_step import ProfileUpdater
 from stream.generator import ShopParams, generate
 from stream.kafka import end_offsets
 from stream.outcomes import (
-    ANCHOR_COLUMNS, ANCHOR_MS, BINS, HEADS, KEPT, KEPT_ANCHORS, PHASES, SERIES, bin_logits, logit_bins,
+    ANCHOR_COLUMNS, ANCHOR_MS, BINS, HEADS, KEPT, KEPT_ANCHORS, PHASES, RATE_ANCHORS, SERIES, bin_logits, logit_bins,
 )
 from stream.state import StateTable
 from tests.helpers import (
@@ -596,6 +597,11 @@ def test_the_counts_and_records_are_the_same_whatever_the_batches():
         np.testing.assert_array_equal(sample.x, theirs.x)
         for mine, other in zip(sample.happened, theirs.happened):
             assert (mine is None and other is None) or np.array_equal(mine, other)
+    rates = one.state.outcomes.rate_sums()  # the shop's faded events and purchases at the latest anchors
+    assert len(rates) == RATE_ANCHORS and min(min(e, p) for _, e, p in rates) > 0
+    np.testing.assert_allclose(many.state.outcomes.rate_sums(), rates, rtol=1e-5)
+    assert one.calibration.shop_map().rate_volatility == pytest.approx(many.calibration.shop_map().rate_volatility,
+                                                                      abs=1e-4)
     rows = many.state.rows_for(one.state.user_ids)
     for name in ANCHOR_COLUMNS:
         np.testing.assert_array_equal(one.state.columns[name][:len(one.state)], many.state.columns[name][rows])
@@ -640,6 +646,91 @@ def test_the_map_moves_what_is_published_and_never_the_state():
     for name, column in plain.state.columns.items():
         if name not in ANCHOR_COLUMNS:
             np.testing.assert_allclose(calibrated.state.columns[name][:len(rows)], column[:len(rows)], rtol=1e-5)
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def test_the_shops_purchase_rate_is_volatile_only_where_it_moves_week_to_week_beyond_its_noise():
+    def weeks(events: float, purchases: float, swing: float) -> list[tuple[int, float, float]]:
+        return [(K0 + k, events, purchases * (swing if k % 2 else 1.0)) for k in range(RATE_ANCHORS)]
+
+    assert rate_volatility(weeks(50_000.0, 2_500.0, 1.0)) == 0.0
+    assert rate_volatility(weeks(50_000.0, 2_500.0, 1.5)) > 2 * VOLATILE_RATE  # 1.5 times the rate every other week
+    assert rate_volatility(weeks(200.0, 10.0, 1.5)) < VOLATILE_RATE  # the same swing on 10 purchases a week: noise
+    assert rate_volatility(weeks(50_000.0, 2_500.0, 1.5)[1:]) is None  # too few anchors
+    gap = weeks(50_000.0, 2_500.0, 1.5)
+    assert rate_volatility([gap[0], *[(anchor + 1, e, p) for anchor, e, p in gap[1:]]]) is None  # a week not noted
+
+
+def test_where_the_shops_rate_is_volatile_a_maps_level_moves_toward_the_models_and_its_ranking_stays():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2_000, WIDTH))
+    x[:, list(LOGIT_COLUMNS)] = rng.normal(-1.5, 1.0, size=(2_000, len(LOGIT_COLUMNS)))
+    shop_map = LogitMap(a=(1.0, -0.5), b=(0.8, 1.2), kept=(True, False))
+    calm = with_model_level(shop_map, VOLATILE_RATE / 2, x)
+    assert calm.level_shift == (0.0, 0.0) and calm.rate_volatility == VOLATILE_RATE / 2
+    moved = with_model_level(shop_map, 2 * VOLATILE_RATE, x)
+    assert moved.level_shift[1] == 0.0  # churn_risk's map is not kept: the model's own, unmoved
+    said, own = 1.0 + 0.8 * x[:, LOGIT_COLUMNS[0]], sigmoid(x[:, LOGIT_COLUMNS[0]]).mean()
+    assert sigmoid(said).mean() > own + 0.1  # the map said more purchases than the model
+    assert moved.level_shift[0] < 0
+    assert sigmoid(said + moved.level_shift[0] / LEVEL_PULL).mean() == pytest.approx(own, abs=1e-6)
+    p = torch.tensor(sigmoid(x[:, LOGIT_COLUMNS[0]]), dtype=torch.float32)
+    served, before = moved.apply(0, p).numpy(), shop_map.apply(0, p).numpy()
+    q = p.double().numpy()
+    np.testing.assert_allclose(served, sigmoid(1.0 + 0.8 * np.log(q / (1 - q)) + moved.level_shift[0]), rtol=1e-4)
+    assert (np.diff(served[np.argsort(before, kind="stable")]) >= 0).all()  # the same order
+    assert "toward the model's" in describe(moved) and "toward the model's" not in describe(calm)
+
+
+def test_a_volatile_shops_maps_are_published_at_a_level_toward_the_models():
+    events = generate(users=200, events=8000, seed=5, shop=ShopParams.draw(2), span_days=40).events
+    updater = updater_fed(events, [1000])
+    outcomes = updater.state.outcomes
+    p = 1 / (1 + np.exp(-bin_logits()))
+    outcomes.counts = {(0, -1, K0): counts_from(p, sigmoid(bin_logits() - 2), 300)}  # fewer purchases than it says
+    rows = np.arange(len(updater.state))
+    x = np.zeros((len(rows), WIDTH))  # the latest anchor's sample (open): the users' logits now
+    said = np.clip(updater.calibration.probabilities(rows, updater.state.max_event_ts).astype(np.float64), 1e-6,
+                   1 - 1e-6)
+    x[:, list(LOGIT_COLUMNS)] = np.log(said) - np.log1p(-said)
+    outcomes.samples = AnchorSamples()
+    outcomes.samples.put(K0 + 1, np.full(len(rows), -1), updater.state.ids_at(rows), x)
+
+    def published(swing: float) -> np.ndarray:
+        outcomes.rates = {(-1, K0 - 2 + k): np.array([1e5, 5e3 * (swing if k % 2 else 1.0)])
+                          for k in range(RATE_ANCHORS)}
+        outcomes.version += 1
+        return np.array([orjson.loads(v)["purchase_propensity"] for _, v in updater.profiles_for(rows)])
+
+    calm, volatile = published(1.0), published(1.5)
+    shop_map = updater.calibration.shop_map()
+    assert shop_map.kept[0] and shop_map.rate_volatility > VOLATILE_RATE and shop_map.level_shift[0] > 0.5
+    assert (volatile > calm).all() and volatile.mean() > calm.mean() + 0.05
+    assert (np.diff(volatile[np.argsort(calm, kind="stable")]) >= -1e-6).all()
+
+
+def test_the_shops_purchase_rate_survives_a_snapshot_a_changelog_record_and_a_release():
+    state = StateTable(8, torch.device(DEVICE))
+    for k in range(RATE_ANCHORS + 1):
+        state.outcomes.note_rate(K0 + k, np.array([0, 1, 1]), np.array([10.0, 20.0, 30.0 + k]), np.array([1.0, 2, 3]))
+    sums = state.outcomes.rate_sums()
+    assert [anchor for anchor, _, _ in sums] == [K0 + k for k in range(1, RATE_ANCHORS + 1)]  # the latest only
+    assert sums[-1][1:] == (60.0 + RATE_ANCHORS, 6.0)
+    restored = StateTable(8, torch.device(DEVICE))
+    restored.restore(state.snapshot())
+    assert restored.outcomes.rate_sums() == sums
+    member = StateTable(8, torch.device(DEVICE))  # each partition's changelog meta record, read back
+    for partition in (1, 0):
+        member.outcomes.merge_partition(partition, state.outcomes.of_partition(partition))
+    assert member.outcomes.rate_sums() == sums
+    older = StateTable(8, torch.device(DEVICE))  # a record of session 67 or before: none noted
+    older.outcomes.merge_partition(0, {k: v for k, v in state.outcomes.of_partition(0).items() if k != "rates"})
+    assert older.outcomes.rate_sums() == []
+    restored.drop_partitions([1])
+    assert restored.outcomes.rate_sums()[-1][1:] == (10.0, 1.0)
 
 
 def test_counts_survive_a_snapshot_and_a_release_of_their_partitions():
