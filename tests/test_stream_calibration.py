@@ -683,6 +683,8 @@ def test_where_the_shops_rate_is_volatile_a_maps_level_moves_toward_the_models_a
     np.testing.assert_allclose(served, sigmoid(1.0 + 0.8 * np.log(q / (1 - q)) + moved.level_shift[0]), rtol=1e-4)
     assert (np.diff(served[np.argsort(before, kind="stable")]) >= 0).all()  # the same order
     assert "toward the model's" in describe(moved) and "toward the model's" not in describe(calm)
+    narrow = with_model_level(shop_map, 2 * VOLATILE_RATE, x[:, :WIDTH - 1])  # a record of fewer statistics: unmoved
+    assert narrow.level_shift == (0.0, 0.0) and narrow.rate_volatility == 2 * VOLATILE_RATE
 
 
 def test_a_volatile_shops_maps_are_published_at_a_level_toward_the_models():
