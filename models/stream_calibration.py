@@ -402,7 +402,7 @@ def with_model_level(shop_map: LogitMap, volatility: float | None, x: np.ndarray
     """Where the shop's purchase rate moved VOLATILE_RATE or more (`volatility`, rate_volatility), each kept map's
     logit shifted LEVEL_PULL of the way to where its mean probability over the latest anchor's sampled users (x:
     their columns) is the model's own there: the map's ranking, a level between the map's and the model's."""
-    shop_map = replace(shop_map, rate_volatility=volatility, level_shift=(0.0,) * len(HEADS))
+    shop_map = replace(shop_map, rate_volatility=volatility)
     if volatility is None or volatility < VOLATILE_RATE or x is None or not len(x) or x.shape[1] < WIDTH:
         return shop_map  # (narrower: a partition's sample restored from a release with fewer statistics)
     shifts = []

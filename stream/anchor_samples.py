@@ -223,6 +223,13 @@ class Sample:
                    plain[10] if len(plain) > 10 else None)
 
 
+def joined_x(samples: list[Sample]) -> np.ndarray:
+    """The samples' x (several partitions' of one anchor) one under the other as float64, in the columns every one
+    has (a partition's record of an older release has fewer)."""
+    width = min(s.x.shape[1] for s in samples)
+    return np.concatenate([s.x[:, :width] for s in samples]).astype(np.float64)
+
+
 @dataclass
 class AnchorSamples:
     """(partition, anchor) -> Sample, for the anchors whose windows are open and each head's latest matured one."""
@@ -273,11 +280,10 @@ class AnchorSamples:
         samples = [s for (_, at), s in sorted(self.samples.items()) if at == anchor and s.happened[head] is not None]
         if not samples:
             return None
-        width = min(s.x.shape[1] for s in samples)
         judged, rules = [s.held_out[head] for s in samples], [s.rules_held_out[head] for s in samples]
         idle = [s.idle_held_out for s in samples]
-        return (np.concatenate([s.x[:, :width] for s in samples]).astype(np.float64),
-                np.concatenate([s.happened[head] for s in samples]), None if None in judged else min(judged),
+        return (joined_x(samples), np.concatenate([s.happened[head] for s in samples]),
+                None if None in judged else min(judged),
                 None if None in rules else min(rules), None if None in idle else min(idle))
 
     def latest_taken(self) -> np.ndarray | None:
@@ -285,9 +291,7 @@ class AnchorSamples:
         latest = max((at for _, at in self.samples), default=None)
         if latest is None:
             return None
-        samples = [s for (_, at), s in sorted(self.samples.items()) if at == latest]
-        width = min(s.x.shape[1] for s in samples)
-        return np.concatenate([s.x[:, :width] for s in samples]).astype(np.float64)
+        return joined_x([s for (_, at), s in sorted(self.samples.items()) if at == latest])
 
     def latest_week(self, anchor: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """(x float64, silent) of the latest anchor whose week after it has closed (or of `anchor`, where it has),
