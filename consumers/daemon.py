@@ -20,7 +20,7 @@ import orjson
 import torch
 from confluent_kafka import KafkaError, TopicPartition
 
-from models.category_calibration import CATEGORY_STATISTICS
+from models.category_calibration import CATEGORY_TERMS
 from models.stream_calibration import IDLE_QUANTILES, LogitMap
 from models.update_step import BatchResult, ProfileUpdater
 from consumers.source import LOGGED_BY_LIBRDKAFKA, KafkaBatchSource, errors_log
@@ -360,8 +360,8 @@ class ProfileDaemon:
         bend = shop_map.idle_weights or (0.0,) * len(IDLE_QUANTILES)  # churn_risk's bend in idle time, where it is
         for quartile, weight in enumerate(bend, 1):
             self.metrics.stream_calibration_map.labels("churn_risk", f"log_idle_minutes_past_q{quartile}").set(weight)
-        weights = shop_map.category_weights if shop_map.reranks() else (0.0,) * len(CATEGORY_STATISTICS)
-        for statistic, weight in zip(CATEGORY_STATISTICS, weights):
+        weights = shop_map.category_weights if shop_map.reranks() else (0.0,) * len(CATEGORY_TERMS)
+        for statistic, weight in zip(CATEGORY_TERMS, weights):
             self.metrics.stream_calibration_map.labels("top_categories", statistic).set(weight)
         gain = shop_map.category_gain if shop_map.category_gain is not None else shop_map.category_cross_gain
         self.metrics.stream_calibration_map.labels("top_categories", "gain").set(gain or 0.0)

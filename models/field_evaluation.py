@@ -21,7 +21,7 @@ from models.dataset import HOUR_MS, EventLog, event_log, read_records, usable_ev
 from models.next_event_evaluation import roc_auc
 from models.field_training import FutureIndex
 from models.checkpoint_io import LoadedModel
-from models.category_calibration import CATEGORY_STATISTICS
+from models.category_calibration import CATEGORY_TERMS
 from models.stream_calibration import LogitMap
 from stream.events import ADD_TO_CART, PURCHASE, RecordBatch, iso_time
 from stream.settings import Settings
@@ -383,7 +383,7 @@ def stream_map_report(shop_map: LogitMap | None) -> dict | None:
                 "steady_gain_standard_error": shop_map.category_steady_gain_se,
                 "cross_validated_gain": shop_map.category_cross_gain,
                 "cross_validated_gain_standard_error": shop_map.category_cross_gain_se, "applied": shop_map.reranks(),
-                "weights": None if shop_map.category_weights is None else dict(zip(CATEGORY_STATISTICS,
+                "weights": None if shop_map.category_weights is None else dict(zip(CATEGORY_TERMS,
                                                                                    shop_map.category_weights))}}
 
 

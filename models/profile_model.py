@@ -428,9 +428,9 @@ class ProfileModel(nn.Module):
         """The k most likely categories under repeat/explore: P(c) = g * repeat(c) + (1 - g) * explore(c).
         Returns (U, k) probabilities and (U, k) columns, best first. Repeat mass sits on the user's slots
         only, so the best k lie among the slots and explore's own best k: nothing else is ranked.
-        slot_weights: (len(SLOT_FEATURES),) where the shop's own outcomes re-rank the candidates
-        (models/category_calibration.py): the slots' P(c) times exp(weights . statistics), renormalised so the
-        candidates keep their mass."""
+        slot_weights: (len(SLOT_FEATURES) + 1,) where the shop's own outcomes re-rank the candidates
+        (models/category_calibration.py): each candidate's P(c) to the power 1 + the last weight, the slots' times
+        exp(the others . their statistics), renormalised so the candidates keep their mass."""
         width = self.config.category_buckets if categories is None else len(categories)
         k = min(k, width)
         if k == 0:  # no category seen yet
@@ -491,12 +491,13 @@ class ProfileModel(nn.Module):
 
 
 def reranked(p: torch.Tensor, slot: torch.Tensor, slot_weights: torch.Tensor) -> torch.Tensor:
-    """Candidates' P(c) ((U, K + k), -1 where none) re-weighed by exp(slot_weights . each slot's statistics
-    (U, K, F)) (explore's candidates hold no slot: weight 1), renormalised to the candidates' mass."""
+    """Candidates' P(c) ((U, K + k), -1 where none) re-weighed by P(c) ** slot_weights[-1] (every candidate's) and
+    exp(slot_weights[:-1] . each slot's statistics (U, K, F)) (explore's candidates hold no slot: 1), renormalised to
+    the candidates' mass."""
     held = p >= 0
-    boost = torch.ones_like(p)
-    boost[:, :slot.shape[1]] = torch.exp(slot.to(slot_weights.dtype) @ slot_weights).to(p.dtype)
-    weighed = torch.where(held, p * boost, p.new_zeros(()))
+    log_boost = slot_weights[-1] * torch.log(p.to(slot_weights.dtype).clamp(min=1e-30))
+    log_boost[:, :slot.shape[1]] += slot.to(slot_weights.dtype) @ slot_weights[:-1]
+    weighed = torch.where(held, p * torch.exp(log_boost).to(p.dtype), p.new_zeros(()))
     mass = torch.where(held, p, p.new_zeros(())).sum(dim=1, keepdim=True)
     out = weighed * (mass / weighed.sum(dim=1, keepdim=True).clamp(min=1e-30))
     return torch.where(held, out, p)

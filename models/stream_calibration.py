@@ -27,8 +27,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from models.category_calibration import (STEADY_WEEKS, cross_validated, fit_weights, judged, over_weeks, passes,
-                                         steady_gain)
+from models.category_calibration import (STEADY_WEEKS, category_terms, cross_validated, full_weights, judged,
+                                         over_weeks, passes, steady_gain, week_weights)
 from models.next_event_evaluation import roc_auc
 from stream import statistics
 from stream.anchor_samples import (
@@ -121,8 +121,8 @@ class LogitMap:
     weights_gain_nats: tuple[float, ...] = (0.0, 0.0)
     sampled: tuple[int, ...] = (0, 0)
     weights_held_out_nats: tuple[float | None, ...] = (None, None)
-    # top_categories' re-ranking (models/category_calibration.py): the latest matured anchor's weights on the slots'
-    # CATEGORY_STATISTICS, applied where each week's previous weights beat the published ranking on its users clearly,
+    # top_categories' re-ranking (models/category_calibration.py): the latest matured anchor's weights on the
+    # CATEGORY_TERMS (the slots' statistics, the model's log P), applied where each week's previous weights beat the published ranking on its users clearly,
     # over the latest two weeks judged (`category_gain` and its standard error, None before two anchors matured) or
     # in each of the latest STEADY_WEEKS (`category_steady_gain` and its error, None unless every one gained), and on
     # how many users they were fitted.
@@ -618,7 +618,8 @@ class StreamCalibration:
                 gain, standard_error = over_weeks([(week.gain, week.gain_se) for week in weeks])
                 steady, steady_se = steady_gain(fit.judged)
                 cross, cross_se = (fit.cross_gain if gain is None else None) or (None, None)
-                self._map = replace(self._map, category_weights=fit.weights, category_gain=gain,
+                self._map = replace(self._map, category_weights=tuple(full_weights(fit.weights).tolist()),
+                                    category_gain=gain,
                                     category_gain_se=standard_error, category_users=fit.users,
                                     category_steady_gain=steady, category_steady_gain_se=steady_se,
                                     category_cross_gain=cross, category_cross_gain_se=cross_se)
@@ -823,14 +824,15 @@ class StreamCalibration:
         engaged = np.concatenate([c.left | self.engaged_since(s.users[:len(c.keys)], c.keys, c.counts)
                                   for s, c in open_])
         x = np.concatenate([c.x for _, c in open_]).astype(np.float64)
-        log_p, stats = x[:, :, 0], x[:, :, 1:]
-        weights = fit_weights(log_p, stats, engaged)
+        log_p = x[:, :, 0]
+        terms = category_terms(log_p, x[:, :, 1:])
+        weights = week_weights(log_p, terms, engaged)
         previous = self.state.outcomes.samples.category_fit(anchor - 1)
         gain = None
         if previous is not None and previous[1].users > 0 and engaged.any():
-            gain = judged(log_p, stats, engaged, np.asarray(previous[1].weights))
+            gain = judged(log_p, terms, engaged, full_weights(previous[1].weights))
         weeks = (*(previous[1].judged if previous is not None else ()), gain)[-STEADY_WEEKS:]
-        cross = cross_validated(log_p, stats, engaged) if gain is None and engaged.any() else None
+        cross = cross_validated(log_p, terms, engaged) if gain is None and engaged.any() else None
         for _, candidates in open_:
             candidates.matured(tuple(weights.tolist()), gain, int(engaged.any(axis=1).sum()), weeks, cross)
 

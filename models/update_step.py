@@ -25,7 +25,7 @@ from models.neighbours import RECENT_ITEMS
 from models.profile_model import full_float32, idle_hours, price_tier_index
 from models.field_heads import FieldInputs
 from models.checkpoint_io import LoadedModel
-from models.category_calibration import CATEGORY_STATISTIC_INDEX, CATEGORY_STATISTICS
+from models.category_calibration import CATEGORY_STATISTIC_INDEX, CATEGORY_STATISTICS, CATEGORY_TERMS
 from models.stream_calibration import HORIZONS_HOURS, LogitMap, StreamCalibration
 from stream import statistics
 from stream.follow import FollowCounts, hours_since
@@ -462,12 +462,15 @@ class ProfileUpdater:
         return s, idle, self.field_inputs(rows, now_ms)
 
     def slot_weights(self, shop_map: LogitMap) -> torch.Tensor | None:
-        """(len(SLOT_FEATURES),) the shop's re-ranking of top_categories on the slots' statistics, None where the
-        map does not re-rank."""
+        """(len(SLOT_FEATURES) + 1,) the shop's re-ranking of top_categories: the weights on the slots' statistics,
+        then on the candidates' log P(c) (models/category_calibration.py CATEGORY_TERMS); None where the map does
+        not re-rank."""
         if not shop_map.reranks():
             return None
-        weights = torch.zeros(len(statistics.SLOT_FEATURES), dtype=torch.float64)
-        weights[list(CATEGORY_STATISTIC_INDEX)] = torch.tensor(shop_map.category_weights, dtype=torch.float64)
+        weights = torch.zeros(len(statistics.SLOT_FEATURES) + 1, dtype=torch.float64)
+        on_statistics = shop_map.category_weights[:len(CATEGORY_STATISTICS)]
+        weights[list(CATEGORY_STATISTIC_INDEX)] = torch.tensor(on_statistics, dtype=torch.float64)
+        weights[-1] = shop_map.category_weights[CATEGORY_TERMS.index("log_p")]
         return weights.to(self.device)
 
     @torch.inference_mode()

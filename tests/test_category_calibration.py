@@ -9,7 +9,8 @@ import orjson
 import torch
 
 from models.category_calibration import (
-    CATEGORY_STATISTICS, STEADY_WEEKS, fit_weights, judged, over_weeks, passes, steady_gain)
+    CARRIED, CATEGORY_STATISTICS, CATEGORY_TERMS, STEADY_WEEKS, category_terms, fit_weights, full_weights, judged,
+    over_weeks, passes, steady_gain)
 from models.profile_model import reranked
 from models.stream_calibration import describe
 from stream.anchor_samples import AnchorSamples, CategorySample, Sample, WIDTH
@@ -23,15 +24,16 @@ A = K0 * ANCHOR_MS
 FRESH = CATEGORY_STATISTICS.index("freshness")
 
 
-def choices(n: int, weights: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def choices(n: int, weights: np.ndarray, seed: int, follows_model: float = 1.0
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """n users' 10 candidates (the last two none), log P(c) and statistics drawn at random, and the one each
-    engaged with, drawn from softmax(log P + statistics . weights)."""
+    engaged with, drawn from softmax(follows_model * log P + statistics . weights)."""
     rng = np.random.default_rng(seed)
     log_p = np.log(rng.dirichlet(np.ones(10), size=n))
     log_p[:, 8:] = -np.inf
     stats = rng.normal(size=(n, 10, len(CATEGORY_STATISTICS)))
     stats[:, 8:] = 0.0
-    z = log_p + stats @ weights
+    z = np.where(np.isfinite(log_p), follows_model * np.where(np.isfinite(log_p), log_p, 0.0), -np.inf) + stats @ weights
     q = np.exp(z - z.max(axis=1, keepdims=True))
     q /= q.sum(axis=1, keepdims=True)
     picked = (q.cumsum(axis=1) > rng.random((n, 1))).argmax(axis=1)
@@ -51,13 +53,29 @@ def test_the_fit_finds_the_weight_a_shop_ranks_by_and_none_where_the_model_is_ri
     assert gain > 0.02 and passes(gain, standard_error)
     log_p, stats, engaged = choices(4000, np.zeros(len(CATEGORY_STATISTICS)), seed=2)
     assert np.abs(fit_weights(log_p, stats, engaged)).max() < 0.12
+    assert np.abs(fit_weights(log_p, category_terms(log_p, stats), engaged)).max() < 0.12
+
+
+def test_the_fit_finds_how_far_a_shops_users_follow_the_models_own_probability():
+    # Users who reorder by their counts whatever the model says (B2B supplies): log P's weight near -1, and the
+    # statistic found under it; without log P among the terms the fit cannot turn away from the model's ranking.
+    truth = np.zeros(len(CATEGORY_STATISTICS))
+    truth[CATEGORY_STATISTICS.index("log_count")] = 1.5
+    log_p, stats, engaged = choices(4000, truth, seed=3, follows_model=0.0)
+    terms = category_terms(log_p, stats)
+    weights = fit_weights(log_p, terms, engaged)
+    np.testing.assert_allclose(weights, [*truth, -1.0], atol=0.12)
+    with_log_p = judged(log_p, terms, engaged, weights)[0]
+    assert with_log_p > judged(log_p, stats, engaged, fit_weights(log_p, stats, engaged))[0] + 0.01
+    np.testing.assert_array_equal(full_weights(tuple(truth)), [*truth, 0.0])  # an older record's weights: log P as is
+    assert len(CATEGORY_TERMS) == len(CATEGORY_STATISTICS) + 1 and CATEGORY_TERMS[-1] == "log_p"
 
 
 def test_the_reranking_keeps_the_candidates_mass_and_follows_the_weights():
     p = torch.tensor([[0.5, 0.2, -1.0, 0.1], [0.3, 0.3, 0.2, 0.05]])
     slot = torch.zeros(2, 3, len(SLOT_FEATURES))
     slot[:, 1, SLOT_FEATURES.index("freshness")] = 1.0  # the second slot is fresh; the last candidate is explore's
-    weights = torch.zeros(len(SLOT_FEATURES), dtype=torch.float64)
+    weights = torch.zeros(len(SLOT_FEATURES) + 1, dtype=torch.float64)  # the slots' statistics, then log P
     torch.testing.assert_close(reranked(p, slot, weights), p)
     weights[SLOT_FEATURES.index("freshness")] = 3.0
     out = reranked(p, slot, weights)
@@ -65,6 +83,10 @@ def test_the_reranking_keeps_the_candidates_mass_and_follows_the_weights():
     torch.testing.assert_close(out.clamp(min=0).sum(dim=1), p.clamp(min=0).sum(dim=1))
     assert out[0].argmax() == 1 and out[1].argmax() == 1
     assert abs(out[0, 0] / out[0, 3] - 5.0) < 1e-5  # the others keep their ratios
+    weights[-1] = -0.5  # P(c) to the power 0.5, explore's candidate too
+    out = reranked(p, slot, weights)
+    assert abs(out[0, 0] / out[0, 3] - 5.0 ** 0.5) < 1e-5 and out[0, 2] == -1.0
+    torch.testing.assert_close(out.clamp(min=0).sum(dim=1), p.clamp(min=0).sum(dim=1))
 
 
 def test_weights_that_gained_one_week_and_lost_the_one_before_do_not_re_rank():
@@ -156,8 +178,8 @@ def test_the_reranking_is_published_only_where_last_weeks_weights_beat_the_publi
         fits = [samples.category_fit(anchor)[1] for anchor in (K0 - 2, K0 - 1)]
         assert samples.category_fit(K0 - 1)[1].judged == (None, *((fit.gain, fit.gain_se) for fit in fits))
         assert shop_map.category_steady_gain is None  # three weeks, the first not judged
-        if reranks:
-            np.testing.assert_allclose(shop_map.category_weights, truth, atol=0.25)
+        if reranks:  # CARRIED of what the week's users said, log P weighed as they follow it
+            np.testing.assert_allclose(shop_map.category_weights, [*(CARRIED * truth), 0.0], atol=0.25 * CARRIED)
         # A restart reads the same fit.
         restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
         assert restored.category_fit()[1].weights == samples.category_fit()[1].weights
@@ -243,29 +265,35 @@ def test_a_published_profile_ranks_its_categories_as_the_shops_weights_say():
     # Many old events in "boots", one fresh in "sandals": where the shop's weeks say freshness counts, sandals lead.
     events = [category_event("u", i, A - 20 * DAY + i * HOUR, "boots") for i in range(8)]
     events += [category_event("u", 8, A - HOUR, "sandals"), category_event("w", 0, A - 2 * HOUR, "scarves")]
-    weights = np.zeros(len(CATEGORY_STATISTICS))
-    weights[FRESH] = 8.0
-    for reranks in (False, True):
+    # (weights of a record before log P was a term, then with its weight: the model's probability flattened)
+    for reranks, log_p_weight in ((False, None), (True, None), (True, -0.6)):
+        weights = np.zeros(len(CATEGORY_STATISTICS))
+        weights[FRESH] = 8.0
+        written = tuple(weights.tolist()) + (() if log_p_weight is None else (log_p_weight,))
         updater = updater_fed(events, [100])
         samples = updater.state.outcomes.samples
         for anchor, gain in ((K0 - 2, None), (K0 - 1, (0.05 if reranks else 0.0, 0.01))):
             categories = CategorySample(np.zeros((0, 10), np.uint32), np.zeros((0, 10, 8), np.float16),
                                         np.zeros((0, 6), np.uint16))
-            categories.matured(tuple(weights.tolist()), gain, 100)
+            categories.matured(written, gain, 100)
             samples.samples[(0, anchor)] = Sample(np.array([], dtype=object), np.zeros((0, WIDTH), np.float16),
                                                   categories=categories)
         updater.state.outcomes.version += 1
         assert updater.calibration.shop_map().reranks() == reranks
         rows = updater.state.rows_for(["u"])
         keys, x = updater.category_candidates(rows, updater.state.max_event_ts)
-        said = x[0, :, 0].astype(np.float64) + (x[0, :, 1:].astype(np.float64) @ weights if reranks else 0.0)
+        said = (1 + (log_p_weight or 0.0)) * x[0, :, 0].astype(np.float64)
+        said += x[0, :, 1:].astype(np.float64) @ weights if reranks else 0.0
         names = dict(zip(updater.state.seen_categories().cpu().numpy().tolist(), updater.state.seen_category_names()))
-        expected = [names[int(k)] for k in keys[0][np.argsort(-said, kind="stable")] if k][:3]
+        order = [i for i in np.argsort(-said, kind="stable") if keys[0][i]][:3]
         profile = orjson.loads(updater.profiles_for(rows)[0][1])
-        assert [c["category"] for c in profile["top_categories"]] == expected
-        assert (expected[0] == "sandals") == reranks
+        assert [c["category"] for c in profile["top_categories"]] == [names[int(keys[0][i])] for i in order]
+        assert (names[int(keys[0][order[0]])] == "sandals") == reranks
         candidates_mass = np.exp(x[0, :, 0].astype(np.float64))[keys[0] > 0].sum()
         assert sum(c["score"] for c in profile["top_categories"]) <= candidates_mass + 1e-4
+        # The published scores keep the ratios the weights say (log P's weight included).
+        scores = [c["score"] for c in profile["top_categories"]]
+        np.testing.assert_allclose(np.log(scores[1] / scores[2]), said[order[1]] - said[order[2]], atol=0.02)
 
 
 def test_the_evaluation_report_says_which_verdict_re_ranked_top_categories():

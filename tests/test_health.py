@@ -11,7 +11,7 @@ import pytest
 
 from consumers.commands.live import run_daemon
 from consumers.daemon import ProfileDaemon
-from models.category_calibration import CATEGORY_STATISTICS
+from models.category_calibration import CATEGORY_TERMS
 from models.update_step import load_updater
 from stream.anchor_samples import STATISTICS
 from stream.broker import free_port
@@ -86,7 +86,7 @@ def test_endpoints_during_a_real_run(kafka, settings_factory):
                 for q in (1, 2, 3)]  # churn_risk's bend in idle time: 0 where its fit is straight
         assert bend == list(shop_map.idle_weights or [0.0] * 3)
         reranking = [value("profiles_stream_calibration_map", {"field": "top_categories", "term": s})
-                     for s in CATEGORY_STATISTICS]
+                     for s in CATEGORY_TERMS]
         assert reranking == list(shop_map.category_weights if shop_map.reranks() else [0.0] * len(reranking))
         assert value("profiles_stream_calibration_users", {"field": "top_categories"}) == shop_map.category_users
         # Consumer lag comes from librdkafka's statistics (every 5 s): all read, so 0 for each partition.
