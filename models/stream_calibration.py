@@ -122,10 +122,10 @@ class LogitMap:
     sampled: tuple[int, ...] = (0, 0)
     weights_held_out_nats: tuple[float | None, ...] = (None, None)
     # top_categories' re-ranking (models/category_calibration.py): the latest matured anchor's weights on the
-    # CATEGORY_TERMS (the slots' statistics, the model's log P), applied where each week's previous weights beat the published ranking on its users clearly,
-    # over the latest two weeks judged (`category_gain` and its standard error, None before two anchors matured) or
-    # in each of the latest STEADY_WEEKS (`category_steady_gain` and its error, None unless every one gained), and on
-    # how many users they were fitted.
+    # CATEGORY_TERMS (the slots' statistics, the model's log P), applied where each week's previous weights beat the
+    # published ranking on its users clearly, over the latest two weeks judged (`category_gain` and its standard
+    # error, None before two anchors matured) or in each of the latest STEADY_WEEKS (`category_steady_gain` and its
+    # error, None unless every one gained), and on how many users they were fitted.
     category_weights: tuple[float, ...] | None = None
     category_gain: float | None = None
     category_gain_se: float | None = None

@@ -33,7 +33,8 @@ def choices(n: int, weights: np.ndarray, seed: int, follows_model: float = 1.0
     log_p[:, 8:] = -np.inf
     stats = rng.normal(size=(n, 10, len(CATEGORY_STATISTICS)))
     stats[:, 8:] = 0.0
-    z = np.where(np.isfinite(log_p), follows_model * np.where(np.isfinite(log_p), log_p, 0.0), -np.inf) + stats @ weights
+    finite = np.isfinite(log_p)
+    z = np.where(finite, follows_model * np.where(finite, log_p, 0.0), -np.inf) + stats @ weights
     q = np.exp(z - z.max(axis=1, keepdims=True))
     q /= q.sum(axis=1, keepdims=True)
     picked = (q.cumsum(axis=1) > rng.random((n, 1))).argmax(axis=1)
