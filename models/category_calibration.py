@@ -28,7 +28,8 @@ CATEGORY_STATISTIC_INDEX = tuple(SLOT_FEATURES.index(name) for name in CATEGORY_
 # too). Without the last, a shop whose users reorder what they bought most (B2B supplies) could not turn the ranking
 # toward its counts: the model's log P, fixed at weight 1, outweighed any statistic a week's users could fit (log_count
 # alone ranked b2bsupplies' sampled users 0.02-0.05 of precision@3 ahead of the fit); with it, the fit puts
-# log P's weight near -0.9 there and keeps it near 0 where the model ranks well (docs/model-journal.md, session 69).
+# log P's weight near -0.9 there, and -0.1 to -1.1 for the shipped demo in the worlds it was judged on (its mixture
+# sharper than their users' choices; docs/model-journal.md, session 69).
 CATEGORY_TERMS = (*CATEGORY_STATISTICS, "log_p")
 # The share of a week's fitted weights that re-ranks (and is judged): the fit reads one week's few hundred users, and
 # the next week shares part of what moved them. Offline on 180 anchors of 54 model/log pairs (the users sampled at
