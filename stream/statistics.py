@@ -380,14 +380,19 @@ def unheld_keys(keys: np.ndarray, holders: list[tuple[dict[str, np.ndarray], np.
     return keys[~np.isin(keys, held)]
 
 
+def masses_now(columns: dict[str, np.ndarray], name: str, taus: tuple[float, ...], rows: np.ndarray,
+               elapsed: np.ndarray) -> np.ndarray:
+    """(N, len(taus)) float64 the users' masses `name` (decayed to their last event) faded on by `elapsed` (N,) ms."""
+    return columns[name][rows].astype(np.float64) * np.exp(-elapsed[:, None] / np.asarray(taus, dtype=np.float64))
+
+
 def week_masses(columns: dict[str, np.ndarray], last_ts: np.ndarray, rows: np.ndarray, now: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(N,) each user's events and purchases faded with a week's time constant to the clock `now` (its activity and
     purchase masses)."""
-    week = 7 * DAY_MS
-    fade = np.exp(-np.maximum(now - last_ts[rows].astype(np.float64), 0.0) / week)
-    return (columns["activity_mass"][rows, ACTIVITY_TAUS_MS.index(week)] * fade,
-            columns["purchase_mass"][rows, PURCHASE_TAUS_MS.index(week)] * fade)
+    week, elapsed = 7 * DAY_MS, np.maximum(now - last_ts[rows].astype(np.float64), 0.0)
+    return (masses_now(columns, "activity_mass", ACTIVITY_TAUS_MS, rows, elapsed)[:, ACTIVITY_TAUS_MS.index(week)],
+            masses_now(columns, "purchase_mass", PURCHASE_TAUS_MS, rows, elapsed)[:, PURCHASE_TAUS_MS.index(week)])
 
 
 def user_features(columns: dict[str, np.ndarray], counts: np.ndarray, last_ts: np.ndarray, rows: np.ndarray,
@@ -407,8 +412,7 @@ def user_features(columns: dict[str, np.ndarray], counts: np.ndarray, last_ts: n
         return np.where(has, np.log1p(np.maximum(now - at, 0.0) / MINUTE_MS), 0.0), has.astype(np.float64)
 
     def mass_now(name: str, taus: tuple[float, ...]) -> list[np.ndarray]:
-        m = columns[name][rows].astype(np.float64)
-        return [np.log1p(m[:, j] * np.exp(-(now - last) / tau)) for j, tau in enumerate(taus)]
+        return list(np.log1p(masses_now(columns, name, taus, rows, now - last)).T)
 
     since_purchase, has_purchase = minutes_since("last_purchase_ts")
     since_cart, has_cart = minutes_since("last_cart_ts")
