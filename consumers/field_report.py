@@ -229,7 +229,8 @@ def print_cut_summary(reports: list[dict], summary: dict) -> None:
         if c["judged"]:
             console.print(f"{field}: ECE {c['mean_ece']:.3f} on average, where exact probabilities would show "
                           f"{c['mean_ece_if_calibrated']:.3f} on these users; more than sampling alone explains at "
-                          f"{c['beyond_sampling']} of {c['judged']} cuts")
+                          f"{c['beyond_sampling']} of {c['judged']} cuts"
+                          + _slope(c.get("median_calibration_slope"), label="median calibration slope"))
     behind = [field for field in JUDGED_FIELDS if 2 * summary["fields"][field]["behind"] > len(reports)]
     if behind:
         # Trained up to the earliest cut, a model sees none of the windows judged.
@@ -350,7 +351,23 @@ def _calibration(m: dict) -> str:
         return ""
     verdict = "more than sampling alone explains" if ece > high else "within what sampling alone explains"
     return (f"ECE {ece:.3f}; exact probabilities would show {floor:.3f} on these users ({high:.3f} at the 95th "
-            f"percentile): {verdict}")
+            f"percentile): {verdict}{_slope(m.get('calibration_slope'), m.get('calibration_slope_se'))}")
+
+
+# A calibration slope this far from 1 (and more than two standard errors): the report says which way the
+# probabilities are off.
+SLOPE_NOTE = 0.1
+
+
+def _slope(slope: float | None, se: float | None = None, label: str = "calibration slope") -> str:
+    """The calibration slope (models/field_evaluation.py calibration_line), and which way it says the probabilities
+    are off where it is SLOPE_NOTE or more from 1 and more than two of its standard errors (`se`; None: not known)."""
+    if slope is None or np.isnan(slope):
+        return ""
+    off = abs(slope - 1) >= SLOPE_NOTE and (se is None or np.isnan(se) or abs(slope - 1) > 2 * se)
+    way = "" if not off else (" (too sure: spread too far from the middle)" if slope < 1 else
+                              " (too timid: too close to the middle)")
+    return f"; {label} {slope:.2f}{'' if se is None or np.isnan(se) else f' +- {se:.2f}'}{way}"
 
 
 def _rates(field: str, f: dict, short_log: bool) -> str:

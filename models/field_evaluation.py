@@ -22,7 +22,7 @@ from models.next_event_evaluation import roc_auc
 from models.field_training import FutureIndex
 from models.checkpoint_io import LoadedModel
 from models.category_calibration import CATEGORY_TERMS
-from models.stream_calibration import LogitMap
+from models.stream_calibration import LogitMap, logistic_fit
 from stream.events import ADD_TO_CART, PURCHASE, RecordBatch, iso_time
 from stream.settings import Settings
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
@@ -103,7 +103,31 @@ def binary_metrics(scores: np.ndarray, y: np.ndarray, probability: bool) -> dict
         out["ece_if_calibrated"], out["ece_if_calibrated_95"] = ece_if_calibrated(scores)
         # Calibration in the large: the mean probability beside the observed rate (positives / users).
         out["mean_probability"] = float(np.mean(scores)) if len(scores) else float("nan")
+        out["calibration_intercept"], out["calibration_slope"], out["calibration_slope_se"] = \
+            calibration_line(scores, y)
     return out
+
+
+def calibration_line(p: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(a, b, standard error of b) of the logistic fit of the outcomes on the probabilities' logit,
+    y ~ sigmoid(a + b logit(p)): the calibration slope b is 1 for exact probabilities, below 1 where they spread too
+    far from the middle (too sure of themselves: a shop's users less alike than the training shop's), above 1 where
+    they huddle too close to it. ECE says how far off the probabilities are, the slope which way; where the slope
+    is near 1 and the mean probability is not the observed rate, the level alone is off. NaN where the outcomes
+    are all one class (nothing to fit)."""
+    if not len(p) or y.min() == y.max():
+        return float("nan"), float("nan"), float("nan")
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    design = np.column_stack([np.ones(len(q)), np.log(q / (1 - q))])
+    yes = np.asarray(y, dtype=np.float64)
+    a, b = logistic_fit(design, yes, 1 - yes, steps=50)
+    fitted = 0.5 * (1 + np.tanh(0.5 * (design @ np.array([a, b]))))
+    information = (design * (fitted * (1 - fitted))[:, None]).T @ design
+    try:
+        se = float(np.sqrt(np.linalg.inv(information)[1, 1]))
+    except np.linalg.LinAlgError:  # every probability the same: no slope to speak of
+        se = float("nan")
+    return float(a), float(b), se
 
 
 def category_scores(predicted: list[list[str]], future: list[dict[str, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -420,13 +444,16 @@ def calibration_over_cuts(reports: list[dict]) -> dict:
     out = {}
     for field in PROBABILITY_FIELDS:
         models = [r["fields"][field].get("model", {}) for r in reports]
-        ece, floor, high = (np.array([m.get(k, np.nan) for m in models], dtype=np.float64)
-                            for k in ("ece", "ece_if_calibrated", "ece_if_calibrated_95"))
+        ece, floor, high, slope = (np.array([m.get(k, np.nan) for m in models], dtype=np.float64)
+                                   for k in ("ece", "ece_if_calibrated", "ece_if_calibrated_95", "calibration_slope"))
         known = ~np.isnan(ece + floor + high)  # a cut with one outcome only has no ECE
+        sloped = ~np.isnan(slope)  # (reports of an older release have none)
         out[field] = {"ece": ece.tolist(),
                       "mean_ece": float(ece[known].mean()) if known.any() else float("nan"),
                       "mean_ece_if_calibrated": float(floor[known].mean()) if known.any() else float("nan"),
-                      "beyond_sampling": int((ece[known] > high[known]).sum()), "judged": int(known.sum())}
+                      "beyond_sampling": int((ece[known] > high[known]).sum()), "judged": int(known.sum()),
+                      "calibration_slopes": slope.tolist(),
+                      "median_calibration_slope": float(np.median(slope[sloped])) if sloped.any() else float("nan")}
     return out
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from models.field_evaluation import (
-    baseline_scores, binary_metrics, ece_if_calibrated, evaluate_fields, expected_calibration_error, order_due,
-    paired_interval, profiles_at,
+    baseline_scores, binary_metrics, calibration_line, calibration_over_cuts, ece_if_calibrated, evaluate_fields,
+    expected_calibration_error, order_due, paired_interval, profiles_at,
 )
 from models.update_step import ProfileUpdater
 from models.dataset import load_events, read_records
@@ -1355,7 +1355,8 @@ def test_evaluation_report_has_every_field_metric_and_baseline(tmp_path):
                                                           "most recent categories"}
     for field in ("purchase_propensity", "churn_risk"):
         assert set(fields[field]["model"]) == {"roc_auc", "pr_auc", "brier", "ece", "ece_if_calibrated",
-                                               "ece_if_calibrated_95", "mean_probability"}
+                                               "ece_if_calibrated_95", "mean_probability", "calibration_intercept",
+                                               "calibration_slope", "calibration_slope_se"}
         assert 0 < fields[field]["model"]["ece_if_calibrated"] <= fields[field]["model"]["ece_if_calibrated_95"]
         assert 0 < fields[field]["model"]["mean_probability"] < 1
         assert 0 < fields[field]["positives"] < fields[field]["users"]
@@ -1383,6 +1384,28 @@ def test_the_ece_of_exact_probabilities_is_sampling_alone_and_a_miscalibration_s
     assert expected_calibration_error(too_high, (rng.random(3000) < p).astype(float)) > ece_if_calibrated(too_high)[1]
     more = rng.beta(2, 2, 48_000)
     assert abs(ece_if_calibrated(more)[0] - floor / 4) < 0.15 * floor / 4
+
+
+def test_the_calibration_slope_says_which_way_probabilities_are_off():
+    """Outcomes drawn at sigmoid(b logit(p)): the fitted slope finds b within its standard errors, 1 for exact
+    probabilities, below 1 for probabilities too sure of themselves; the report says which way, and says nothing
+    where the slope is within its noise of 1."""
+    from consumers.field_report import _slope
+
+    rng = np.random.default_rng(7)
+    p = 1 / (1 + np.exp(-rng.normal(0.0, 1.5, 20_000)))
+    z = np.log(p / (1 - p))
+    for b in (1.0, 0.6, 1.5):
+        y = (rng.random(len(p)) < 1 / (1 + np.exp(-b * z))).astype(float)
+        a, slope, se = calibration_line(p, y)
+        assert abs(slope - b) < 3 * se and 0 < se < 0.05 and abs(a) < 0.1
+    assert np.isnan(calibration_line(p, np.ones(len(p)))[1])  # one outcome only: nothing to fit
+    assert "too sure" in _slope(0.6, 0.03) and "too timid" in _slope(1.5, 0.05)
+    assert "too" not in _slope(0.95, 0.02) and "too" not in _slope(0.7, 0.2)  # near 1, or within the noise
+    reports = [{"fields": {f: {"model": {"ece": 0.03, "ece_if_calibrated": 0.02, "ece_if_calibrated_95": 0.03,
+                                         "calibration_slope": s}} for f in ("purchase_propensity", "churn_risk")}}
+               for s in (0.8, 0.9, float("nan"))]
+    assert calibration_over_cuts(reports)["churn_risk"]["median_calibration_slope"] == pytest.approx(0.85)
 
 
 def test_paired_interval_separates_a_real_gap_from_noise():
