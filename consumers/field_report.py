@@ -309,7 +309,9 @@ def draw_reliability(report: dict, path: str) -> None:
         ax.set_ylim(0, 1)
         ax.set_xlabel("predicted probability (equal-mass bins)")
         ax.set_ylabel("observed rate")
-        ax.set_title(f"{field}\nECE {m['ece']:.3f}, Brier {m['brier']:.3f}")
+        slope = m.get("calibration_slope")
+        ax.set_title(f"{field}\nECE {m['ece']:.3f}, Brier {m['brier']:.3f}"
+                     + ("" if slope is None or np.isnan(slope) else f", calibration slope {slope:.2f}"))
         ax.legend(loc="upper left")
     fig.suptitle(f"{report['model']} at cut {report['cut']}")
     fig.tight_layout()
