@@ -367,7 +367,8 @@ def _slope(slope: float | None, se: float | None = None, label: str = "calibrati
     if slope is None or np.isnan(slope):
         return ""
     off = abs(slope - 1) >= SLOPE_NOTE and (se is None or np.isnan(se) or abs(slope - 1) > 2 * se)
-    way = "" if not off else (" (too sure: spread too far from the middle)" if slope < 1 else
+    way = "" if not off else (" (backwards: the likelier the model says, the rarer)" if slope <= 0 else
+                              " (too sure: spread too far from the middle)" if slope < 1 else
                               " (too timid: too close to the middle)")
     return f"; {label} {slope:.2f}{'' if se is None or np.isnan(se) else f' +- {se:.2f}'}{way}"
 

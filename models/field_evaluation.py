@@ -115,19 +115,17 @@ def calibration_line(p: np.ndarray, y: np.ndarray) -> tuple[float, float, float]
     they huddle too close to it. ECE says how far off the probabilities are, the slope which way; where the slope
     is near 1 and the mean probability is not the observed rate, the level alone is off. NaN where the outcomes
     are all one class (nothing to fit)."""
-    if not len(p) or y.min() == y.max():
-        return float("nan"), float("nan"), float("nan")
     q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
-    design = np.column_stack([np.ones(len(q)), np.log(q / (1 - q))])
+    z = np.log(q / (1 - q))
+    if not len(p) or y.min() == y.max() or z.std() < 1e-6:  # (every probability the same: no slope to speak of)
+        return float("nan"), float("nan"), float("nan")
+    design = np.column_stack([np.ones(len(q)), z])
     yes = np.asarray(y, dtype=np.float64)
     a, b = logistic_fit(design, yes, 1 - yes, steps=50)
     fitted = 0.5 * (1 + np.tanh(0.5 * (design @ np.array([a, b]))))
     information = (design * (fitted * (1 - fitted))[:, None]).T @ design
-    try:
-        se = float(np.sqrt(np.linalg.inv(information)[1, 1]))
-    except np.linalg.LinAlgError:  # every probability the same: no slope to speak of
-        se = float("nan")
-    return float(a), float(b), se
+    variance = np.linalg.pinv(information)[1, 1]
+    return float(a), float(b), float(np.sqrt(variance)) if variance > 0 else float("nan")
 
 
 def category_scores(predicted: list[list[str]], future: list[dict[str, int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -1400,7 +1400,8 @@ def test_the_calibration_slope_says_which_way_probabilities_are_off():
         a, slope, se = calibration_line(p, y)
         assert abs(slope - b) < 3 * se and 0 < se < 0.05 and abs(a) < 0.1
     assert np.isnan(calibration_line(p, np.ones(len(p)))[1])  # one outcome only: nothing to fit
-    assert "too sure" in _slope(0.6, 0.03) and "too timid" in _slope(1.5, 0.05)
+    assert np.isnan(calibration_line(np.full(100, 0.55), np.arange(100) % 2)[1])  # one probability: no slope
+    assert "too sure" in _slope(0.6, 0.03) and "too timid" in _slope(1.5, 0.05) and "backwards" in _slope(-0.5, 0.1)
     assert "too" not in _slope(0.95, 0.02) and "too" not in _slope(0.7, 0.2)  # near 1, or within the noise
     reports = [{"fields": {f: {"model": {"ece": 0.03, "ece_if_calibrated": 0.02, "ece_if_calibrated_95": 0.03,
                                          "calibration_slope": s}} for f in ("purchase_propensity", "churn_risk")}}
