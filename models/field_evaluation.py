@@ -111,10 +111,10 @@ def binary_metrics(scores: np.ndarray, y: np.ndarray, probability: bool) -> dict
 def calibration_line(p: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """(a, b, standard error of b) of the logistic fit of the outcomes on the probabilities' logit,
     y ~ sigmoid(a + b logit(p)): the calibration slope b is 1 for exact probabilities, below 1 where they spread too
-    far from the middle (too sure of themselves: a shop's users less alike than the training shop's), above 1 where
-    they huddle too close to it. ECE says how far off the probabilities are, the slope which way; where the slope
-    is near 1 and the mean probability is not the observed rate, the level alone is off. NaN where the outcomes
-    are all one class (nothing to fit)."""
+    far from the middle (too sure of themselves), above 1 where they huddle too close to it. ECE says how far off
+    the probabilities are, the slope which way; where the slope is near 1 and the mean probability is not the
+    observed rate, the level alone is off. NaN where the outcomes are all one class or every probability is the
+    same (nothing to fit)."""
     q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
     z = np.log(q / (1 - q))
     if not len(p) or y.min() == y.max() or z.std() < 1e-6:  # (every probability the same: no slope to speak of)
