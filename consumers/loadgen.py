@@ -34,16 +34,37 @@ def records(events: Iterable[dict], invalid_fraction: float, seed: int) -> Itera
         yield key, value
 
 
+class EventSpan:
+    """The first and last event time of the events passed through `over` (they come in time order)."""
+
+    def __init__(self) -> None:
+        self.first_ts: int | None = None
+        self.last_ts: int | None = None
+
+    def over(self, events: Iterable[dict]) -> Iterator[dict]:
+        for event in events:
+            if self.first_ts is None:
+                self.first_ts = event["ts"]
+            self.last_ts = event["ts"]
+            yield event
+
+    @property
+    def days(self) -> float:
+        return 0.0 if self.first_ts is None else (self.last_ts - self.first_ts) / 86_400_000
+
+
 def generate_to_file(path: str, users: int, events: int, seed: int, invalid_fraction: float,
-                     span_days: float, shop: ShopParams | None = None) -> int:
-    """Write the records to `path` ('-': standard output), atomically: see OutputFile."""
+                     span_days: float, shop: ShopParams | None = None, span: EventSpan | None = None) -> int:
+    """Write the records to `path` ('-': standard output), atomically: see OutputFile. `span`: filled with the
+    events' first and last time."""
     out = OutputFile(path)
     n = 0
+    span = EventSpan() if span is None else span
     try:
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task("generating", total=events)
-            for _key, value in records(iter_events(users, seed, events=events, span_days=span_days, shop=shop),
-                                       invalid_fraction, seed):
+            for _key, value in records(span.over(iter_events(users, seed, events=events, span_days=span_days,
+                                                             shop=shop)), invalid_fraction, seed):
                 out.write(value + b"\n")  # orjson and the malformed makers never write a newline
                 n += 1
                 if n % 10000 == 0:
@@ -58,15 +79,17 @@ def generate_to_file(path: str, users: int, events: int, seed: int, invalid_frac
 
 
 def generate_to_topic(kafka: KafkaSettings, topic: str, partitions: int, users: int, events: int, seed: int,
-                      invalid_fraction: float, span_days: float, shop: ShopParams | None = None) -> int:
+                      invalid_fraction: float, span_days: float, shop: ShopParams | None = None,
+                      span: EventSpan | None = None) -> int:
     ensure_topics(admin_client(kafka), {topic: partitions})
     publisher = Publisher(kafka)
     n = 0
+    span = EventSpan() if span is None else span
     try:
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task(f"producing to {topic}", total=events)
-            for key, value in records(iter_events(users, seed, events=events, span_days=span_days, shop=shop),
-                                      invalid_fraction, seed):
+            for key, value in records(span.over(iter_events(users, seed, events=events, span_days=span_days,
+                                                            shop=shop)), invalid_fraction, seed):
                 publisher.produce(topic, key, value)
                 n += 1
                 if n % 10000 == 0:

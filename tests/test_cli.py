@@ -175,6 +175,27 @@ def test_generate_to_a_gzip_file_with_malformed_records(tmp_path):
     assert 40 <= len(dead) <= 160 and len({d.reason for d in dead}) == 8
 
 
+def test_generate_says_how_many_days_the_log_spans_and_when_that_is_not_what_was_asked(tmp_path):
+    """A structured shop's events run out before --span-days (its visits hold more than its rates were set for), and
+    too few events for the users run past it: each is said, with the days the log holds; a log within the span is
+    not remarked on."""
+    def generate(*args: str) -> tuple[str, list[int]]:
+        out = tmp_path / "log.jsonl"
+        result = CliRunner().invoke(main, ["generate", "--seed", "1", "--out", str(out), *args])
+        assert result.exit_code == 0, result.output
+        ts = [orjson.loads(line)["ts"] for line in out.read_bytes().splitlines()]
+        return " ".join(result.output.split()), ts
+
+    for args, said in ((["--users", "200", "--events", "4000"], None),
+                       (["--users", "200", "--events", "4000", "--shop-seed", "3"], "ran out after"),
+                       (["--users", "10", "--events", "50"], "past the 30 asked")):
+        output, ts = generate(*args)
+        days = (max(ts) - min(ts)) / 86_400_000
+        assert f"{days:.1f} days of event time" in output
+        assert ("note:" in output) == (said is not None) and (said is None or said in output)
+        assert (said is None) == (0.85 * 30 <= days <= 30 / 0.85)
+
+
 def test_generate_with_replenishers_adds_their_rebuys_and_share_0_changes_nothing(tmp_path):
     def log(name: str, *extra: str) -> bytes:
         args = ["generate", "--users", "100", "--events", "6000", "--seed", "4", "--shop-seed", "2", "--span-days",

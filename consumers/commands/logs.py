@@ -118,6 +118,9 @@ def inspect(user: str, sources: tuple[str, ...], fmt: str, plot_path: str | None
         raise click.ClickException(str(exc)) from None
 
 
+SPAN_OFF = 0.85  # a log whose events span less than this share of --span-days, or more than its inverse: said so
+
+
 @command(short_help="Synthetic traffic, to a file or a topic")
 @click.option("--users", default=1000, show_default=True, type=click.IntRange(1, 100_000_000), help="Distinct users.")
 @click.option("--events", default=20000, show_default=True, type=click.IntRange(min=1), help="Events to write.")
@@ -131,8 +134,10 @@ def inspect(user: str, sources: tuple[str, ...], fmt: str, plot_path: str | None
 @click.option("--invalid-fraction", default=0.0, show_default=True, type=FiniteRange(0, 1),
               help="Share of records replaced by malformed ones of every kind (to exercise the dead-letter path).")
 @click.option("--span-days", default=30.0, show_default=True, type=FiniteRange(0.01, 1000),
-              help="Event-time span of the log (it starts 2023-11-14; at most 1000 days, so that it ends before "
-                   "today: the daemon and every command refuse events stamped after the machine's clock).")
+              help="Event-time span the session rates are set for (it starts 2023-11-14; at most 1000 days, so "
+                   "that it ends before today: the daemon and every command refuse events stamped after the "
+                   "machine's clock). A structured shop's events run out sooner (about half of 30 days with the "
+                   "defaults); the command says the days written.")
 @click.option("--shop-seed", default=None, type=int,
               help="A structured shop with parameters drawn from this seed (segments of users, what follows a "
                    "purchase, carts that bring users back, churn that slows users down first, visits that pause "
@@ -155,16 +160,35 @@ def generate(users: int, events: int, seed: int, out: str | None, topic: str | N
         shop = dataclasses.replace(shop or ShopParams(), replenish_share=replenish_share)
     if bool(out) == bool(topic):
         raise click.UsageError("give exactly one of --out FILE or --topic TOPIC")
-    from consumers.loadgen import generate_to_file, generate_to_topic
+    from consumers.loadgen import EventSpan, generate_to_file, generate_to_topic
 
+    span = EventSpan()
     if out:
-        n = generate_to_file(out, users, events, seed, invalid_fraction, span_days, shop)
-        click.echo(f"wrote {n:,} records to {'standard output' if out == '-' else out}", err=True)
+        n = generate_to_file(out, users, events, seed, invalid_fraction, span_days, shop, span)
+        click.echo(f"wrote {n:,} records to {'standard output' if out == '-' else out}, {span.days:.1f} days of "
+                   "event time", err=True)
     else:
         kafka = kafka_from(params)
         check_broker(kafka, connect_timeout)
-        n = generate_to_topic(kafka, topic, partitions, users, events, seed, invalid_fraction, span_days, shop)
-        click.echo(f"produced {n} records to {topic}", err=True)
+        n = generate_to_topic(kafka, topic, partitions, users, events, seed, invalid_fraction, span_days, shop, span)
+        click.echo(f"produced {n} records to {topic}, {span.days:.1f} days of event time", err=True)
+    if not SPAN_OFF * span_days <= span.days <= span_days / SPAN_OFF:
+        click.echo(span_note(span.days, span_days, shop is not None), err=True)
+
+
+def span_note(days: float, asked: float, structured: bool) -> str:
+    """What `profiles generate` says of a log whose events span other than the --span-days asked."""
+    if days > asked:  # the rates' floor: fewer events than the users' first visits hold
+        return (f"note: the log runs {days:.1f} days, past the {asked:g} asked: there are too few events for these "
+                "users to come back within it, so the last visits come later. More --events or fewer --users keep "
+                "it within the span.")
+    # The session rates are set from a model of how many events a visit holds; a structured shop's visits hold more
+    # (carts that bring users back within a day, among others): with the defaults, shops 0-11 wrote 13-21 days of
+    # the 30 asked (docs/model-journal.md, session 70).
+    return (f"note: the events ran out after {days:.1f} of the {asked:g} days asked"
+            + (": this shop's visits hold more events than its session rates were set for, and its users are busiest "
+               "early. The log is valid, only shorter" if structured else "")
+            + ". Evaluations cut a log where its events are (`profiles evaluate-fields --cuts`).")
 
 
 @command(short_help="Everything on one machine, with a live view")
