@@ -136,7 +136,7 @@ SPAN_OFF = 0.85  # a log whose events span less than this share of --span-days, 
 @click.option("--span-days", default=30.0, show_default=True, type=FiniteRange(0.01, 1000),
               help="Event-time span the session rates are set for (it starts 2023-11-14; at most 1000 days, so "
                    "that it ends before today: the daemon and every command refuse events stamped after the "
-                   "machine's clock). A structured shop's events run out sooner (about half of 30 days with the "
+                   "machine's clock). A structured shop's events run out sooner (13-21 of 30 days with the "
                    "defaults); the command says the days written.")
 @click.option("--shop-seed", default=None, type=int,
               help="A structured shop with parameters drawn from this seed (segments of users, what follows a "
