@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -194,6 +195,9 @@ def test_generate_says_how_many_days_the_log_spans_and_when_that_is_not_what_was
         assert f"{days:.1f} days of event time" in output
         assert ("note:" in output) == (said is not None) and (said is None or said in output)
         assert (said is None) == (0.85 * 30 <= days <= 30 / 0.85)
+        assert "after this machine's clock" not in output
+    output, ts = generate("--users", "10", "--events", "60", "--span-days", "900")  # runs years past today
+    assert "after this machine's clock" in output and max(ts) > time.time() * 1000
 
 
 def test_generate_with_replenishers_adds_their_rebuys_and_share_0_changes_nothing(tmp_path):

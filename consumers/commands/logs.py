@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 import click
@@ -173,15 +174,19 @@ def generate(users: int, events: int, seed: int, out: str | None, topic: str | N
         n = generate_to_topic(kafka, topic, partitions, users, events, seed, invalid_fraction, span_days, shop, span)
         click.echo(f"produced {n} records to {topic}, {span.days:.1f} days of event time", err=True)
     if not SPAN_OFF * span_days <= span.days <= span_days / SPAN_OFF:
-        click.echo(span_note(span.days, span_days, shop is not None), err=True)
+        future = span.last_ts is not None and span.last_ts > time.time() * 1000
+        click.echo(span_note(span.days, span_days, shop is not None, future), err=True)
 
 
-def span_note(days: float, asked: float, structured: bool) -> str:
-    """What `profiles generate` says of a log whose events span other than the --span-days asked."""
+def span_note(days: float, asked: float, structured: bool, future: bool = False) -> str:
+    """What `profiles generate` says of a log whose events span other than the --span-days asked (`future`: its
+    last events are stamped after this machine's clock)."""
     if days > asked:  # the rates' floor: fewer events than the users' first visits hold
         return (f"note: the log runs {days:.1f} days, past the {asked:g} asked: there are too few events for these "
                 "users to come back within it, so the last visits come later. More --events or fewer --users keep "
-                "it within the span.")
+                "it within the span."
+                + (" Its last events are stamped after this machine's clock: the daemon and the other commands "
+                   "dead-letter them (ahead_of_clock) unless given --max-ahead 0." if future else ""))
     # The session rates are set from a model of how many events a visit holds; a structured shop's visits hold more
     # (carts that bring users back within a day, among others): with the defaults, shops 0-11 wrote 13-21 days of
     # the 30 asked (docs/model-journal.md, session 70).
