@@ -17,6 +17,7 @@ from stream.generator import ShopParams, iter_events
 from stream.kafka import Publisher, admin_client, ensure_topics
 from stream.malformed import MALFORMED_KINDS, malformed
 from stream.settings import KafkaSettings
+from stream.synthetic_world import DAY_MS
 
 
 def records(events: Iterable[dict], invalid_fraction: float, seed: int) -> Iterator[tuple[bytes, bytes]]:
@@ -50,7 +51,7 @@ class EventSpan:
 
     @property
     def days(self) -> float:
-        return 0.0 if self.first_ts is None else (self.last_ts - self.first_ts) / 86_400_000
+        return 0.0 if self.first_ts is None else (self.last_ts - self.first_ts) / DAY_MS
 
 
 def generate_to_file(path: str, users: int, events: int, seed: int, invalid_fraction: float,

@@ -22,7 +22,7 @@ from models.next_event_evaluation import roc_auc
 from models.field_training import FutureIndex
 from models.checkpoint_io import LoadedModel
 from models.category_calibration import CATEGORY_TERMS
-from models.stream_calibration import LogitMap, logistic_fit
+from models.stream_calibration import LogitMap, fisher_information, logistic, logistic_fit
 from stream.events import ADD_TO_CART, PURCHASE, RecordBatch, iso_time
 from stream.settings import Settings
 from stream.profiles import CATEGORY_HORIZON_HOURS, CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
@@ -122,9 +122,7 @@ def calibration_line(p: np.ndarray, y: np.ndarray) -> tuple[float, float, float]
     design = np.column_stack([np.ones(len(q)), z])
     yes = np.asarray(y, dtype=np.float64)
     a, b = logistic_fit(design, yes, 1 - yes, steps=50)
-    fitted = 0.5 * (1 + np.tanh(0.5 * (design @ np.array([a, b]))))
-    information = (design * (fitted * (1 - fitted))[:, None]).T @ design
-    variance = np.linalg.pinv(information)[1, 1]
+    variance = np.linalg.pinv(fisher_information(design, logistic(design @ np.array([a, b]))))[1, 1]
     return float(a), float(b), float(np.sqrt(variance)) if variance > 0 else float("nan")
 
 

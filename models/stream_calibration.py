@@ -338,7 +338,7 @@ def hazard_share_fit(design: np.ndarray, share: np.ndarray, yes: np.ndarray, lev
     theta = identity.copy()
     for _ in range(steps):
         z = design @ theta
-        s = 0.5 * (1 + np.tanh(0.5 * z))
+        s = logistic(z)
         q = np.clip(s ** share, 1e-12, 1 - 1e-12)
         dq = q * share * (1 - s)  # d q / d z
         grad = design.T @ ((yes - q) / (q * (1 - q)) * dq) - RIDGE * (theta - identity)
@@ -556,13 +556,23 @@ def logistic_fit(design: np.ndarray, yes: np.ndarray, no: np.ndarray, offset: np
 
     theta = identity.copy()
     for _ in range(steps):
-        p = 0.5 * (1 + np.tanh(0.5 * (design @ theta + offset)))  # the logistic function, without overflow
+        p = logistic(design @ theta + offset)
         grad = design.T @ (yes - n * p) - RIDGE * (theta - identity)
-        hess = (design * (n * p * (1 - p))[:, None]).T @ design + RIDGE * np.eye(len(theta))
+        hess = fisher_information(design, p, n) + RIDGE * np.eye(len(theta))
         theta, settled = climbed(objective, theta, np.linalg.solve(hess, grad))
         if settled:
             break
     return theta
+
+
+def logistic(z: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-z)), without overflow."""
+    return 0.5 * (1 + np.tanh(0.5 * z))
+
+
+def fisher_information(design: np.ndarray, p: np.ndarray, n: np.ndarray | float = 1.0) -> np.ndarray:
+    """The logistic likelihood's information (minus its Hessian) at probabilities p, of rows with n outcomes each."""
+    return (design * (n * p * (1 - p))[:, None]).T @ design
 
 
 def climbed(objective: Callable[[np.ndarray], float], theta: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, bool]:
