@@ -71,6 +71,8 @@ _GAP_CLICK_CART = (1_000, 10_000)
 _GAP_CHECKOUT = (5_000, 60_000)
 _MIN_SESSION_GAP_MS = 10 * 60_000  # sessions never overlap
 _DEFAULT_SESSIONS_PER_DAY = 3.0    # endless streams (events=None)
+_CALIBRATION_USERS = 2000          # a structured shop's rates are checked on a simulated sample of this many users
+_CALIBRATION_ROUNDS = 6
 
 
 @dataclass
@@ -99,15 +101,10 @@ def _expected_events_per_session(world: World) -> np.ndarray:
     return per_session * (1 + carts * d / (1 - d)) / (1 - b)
 
 
-def _sessions_per_day(world: World, events: int | None) -> np.ndarray:
-    """Each user's session rate (per day), calibrated so `events` events span about span_days.
-
-    Expected events = sum over users of E[events/session] * (1 + active / period),
-    with period = 1 / rate + (minimum gap + session length). Monotone in the
-    base rate, so a bisection in log space finds it.
-    """
-    if events is None:
-        return _DEFAULT_SESSIONS_PER_DAY * world.activity
+def _expected_events(world: World):
+    """The session model's expected event count of `world` within its span, as a function of the base rate
+    (sessions per day of a user of activity 1): the sum over users of E[events/session] * (1 + active / period),
+    with period = 1 / rate + (minimum gap + session length)."""
     per_session = _expected_events_per_session(world)
     first = np.asarray(world.first_session_ts, dtype=np.float64) - world.start_ts_ms
     end = np.minimum(np.asarray(world.quiet_after, dtype=np.float64) - world.start_ts_ms, world.span_ms)
@@ -117,17 +114,60 @@ def _sessions_per_day(world: World, events: int | None) -> np.ndarray:
     def expected(base: float) -> float:
         period = 1.0 / (base * world.activity) + overhead_days
         return float(np.sum(per_session * (1.0 + active_days / period)))
+    return expected
 
+
+def _solve(expected, events: float) -> float:
+    """The base rate at which the monotone `expected` gives `events` (bisection in log space); the floor
+    where even one session per user is more than asked for."""
     lo, hi = math.log(1e-9), math.log(1e6)
-    if expected(math.exp(lo)) >= events:  # even one session per user is more than asked for
-        return math.exp(lo) * world.activity
+    if expected(math.exp(lo)) >= events:
+        return math.exp(lo)
     for _ in range(60):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if expected(math.exp(mid)) < events else (lo, mid)
-    return math.exp(0.5 * (lo + hi)) * world.activity
+    return math.exp(0.5 * (lo + hi))
 
 
-def _run(world: World, events: int | None) -> Iterator[dict]:
+def _events_within_span(world: World, base: float) -> int:
+    """How many events `world`'s users write within its span at base rate `base`, simulated."""
+    end = world.start_ts_ms + world.span_ms
+    n = 0
+    for ev in _run(world, base * world.activity, None):
+        if ev["ts"] > end:
+            break
+        n += 1
+    return n
+
+
+def _sessions_per_day(world: World, events: int | None) -> np.ndarray:
+    """Each user's session rate (per day), calibrated so `events` events span about span_days.
+
+    The session model (`_expected_events`) is exact for the classic shop. A structured shop's users also come
+    back for the carts they left, slow down before going quiet and rebuy on rhythms, which the model does not
+    count, so its count is corrected by simulating the shop's users (a sample of them in a large world)
+    over the span at the model's rate, and the rate solved again, a few rounds.
+    """
+    if events is None:
+        return _DEFAULT_SESSIONS_PER_DAY * world.activity
+    model = _expected_events(world)
+    base = _solve(model, events)
+    if not (world.shop.structured or world.shop.replenish_share > 0) or events == 0:
+        return base * world.activity
+    sample = world if world.n_users <= _CALIBRATION_USERS else World(
+        _CALIBRATION_USERS, world.seed, world.start_ts_ms, world.span_ms / DAY_MS, world.catalogue_seed, world.shop)
+    sample_model = _expected_events(sample)
+    # The simulated count is noisy in the rate (another rate, other draws), so the rounds need not settle:
+    # keep the round whose count came nearest, which in a world no larger than the sample is the log's own.
+    best = (math.inf, base)
+    for _ in range(_CALIBRATION_ROUNDS):
+        correction = max(_events_within_span(sample, base), 1) / sample_model(base)
+        best = min(best, (abs(math.log(model(base) * correction / events)), base))
+        base = _solve(lambda b: model(b) * correction, events)
+    return best[1] * world.activity
+
+
+def _run(world: World, sessions_per_day: np.ndarray, events: int | None) -> Iterator[dict]:
     """The event loop: pop the user with the earliest pending event, emit it, push its next one."""
     rnd = random.Random(int.from_bytes(seed_sequence(world.seed, 2).generate_state(4, np.uint32).tobytes(), "little"))
     r = rnd.random
@@ -138,7 +178,7 @@ def _run(world: World, events: int | None) -> Iterator[dict]:
     user_ids, favourites, fav_cum, tiers = world.user_ids, world.favourites, world.fav_cum, world.tier
     price_words, p_cart, p_buy, quiet_after = world.price_words, world.p_cart, world.p_buy, world.quiet_after
     # Session rate per ms (expovariate takes the rate, i.e. 1 / mean gap).
-    rate_ms = (_sessions_per_day(world, events) / DAY_MS).tolist()
+    rate_ms = (sessions_per_day / DAY_MS).tolist()
     word_lists = (_NEUTRAL_WORDS, _BUDGET_WORDS, _PREMIUM_WORDS)
     q1, q2 = _P_QUANTITY
     (gs_min, gs_mean), (gc_min, gc_mean) = _GAP_SEARCH_CLICK, _GAP_CLICK_CLICK
@@ -148,8 +188,7 @@ def _run(world: World, events: int | None) -> Iterator[dict]:
     # that slows users down first, visits that pause. The classic shop takes none of these branches (and no
     # extra draws).
     shop = world.shop
-    structured = (shop.follow_share > 0 or shop.return_share > 0 or shop.churn_ramp_days > 0
-                  or shop.break_share > 0 or shop.defer_share > 0)
+    structured = shop.structured
     fav_share, follow_share, return_share = shop.favourite_share, shop.follow_share, shop.return_share
     ramp_ms = shop.churn_ramp_days * DAY_MS
     complement = world.complement
@@ -354,7 +393,8 @@ def iter_events(users: int, seed: int = 0, *, start_ts_ms: int = DEFAULT_START_T
     """
     _check_events(events)
     world = World(users, seed, start_ts_ms, span_days, catalogue_seed, shop)  # validate now, not at the first next()
-    return _run(world, None if events is None else int(events))
+    events = None if events is None else int(events)
+    return _run(world, _sessions_per_day(world, events), events)
 
 
 def user_truths(users: int, seed: int = 0, *, start_ts_ms: int = DEFAULT_START_TS_MS,
@@ -373,7 +413,7 @@ def generate(users: int, events: int, seed: int = 0, *, start_ts_ms: int = DEFAU
         raise ValueError("generate needs a finite event count; use iter_events for an endless stream")
     _check_events(events)
     world = World(users, seed, start_ts_ms, span_days, catalogue_seed, shop)
-    return SyntheticLog(events=list(_run(world, int(events))), users=world.truths,
+    return SyntheticLog(events=list(_run(world, _sessions_per_day(world, int(events)), int(events))), users=world.truths,
                         categories=list(world.categories))
 
 

@@ -167,6 +167,12 @@ class ShopParams:
     replenish_share: float = 0.0
     shop_seed: int = 0  # which categories, segments and complements (structured shops)
 
+    @property
+    def structured(self) -> bool:
+        """Whether visits follow purchases, come back for carts, pause, or slow down before going quiet."""
+        return (self.follow_share > 0 or self.return_share > 0 or self.churn_ramp_days > 0
+                or self.break_share > 0 or self.defer_share > 0)
+
     @classmethod
     def of_seed(cls, seed: int | None) -> "ShopParams | None":
         """The shop `--shop-seed` names: draw(seed), or None (the classic shop) where no seed is given."""
@@ -209,6 +215,7 @@ class World:
             raise ValueError(f"span_days must be a positive number, got {span_days!r}")
         self.n_users = int(users)
         self.seed = int(seed)
+        self.catalogue_seed = int(catalogue_seed)
         self.start_ts_ms = int(start_ts_ms)
         self.span_ms = span_days * DAY_MS
         self.shop = shop or ShopParams()

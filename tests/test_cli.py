@@ -177,9 +177,9 @@ def test_generate_to_a_gzip_file_with_malformed_records(tmp_path):
 
 
 def test_generate_says_how_many_days_the_log_spans_and_when_that_is_not_what_was_asked(tmp_path):
-    """A structured shop's events run out before --span-days (its visits hold more than its rates were set for), and
-    too few events for the users run past it: each is said, with the days the log holds; a log within the span is
-    not remarked on."""
+    """A structured shop with few events per user runs out before --span-days (most of its events are in the first
+    visits, early), and too few events for the users run past it: each is said, with the days the log holds; a log
+    within the span is not remarked on."""
     def generate(*args: str) -> tuple[str, list[int]]:
         out = tmp_path / "log.jsonl"
         result = CliRunner().invoke(main, ["generate", "--seed", "1", "--out", str(out), *args])

@@ -635,7 +635,9 @@ def test_the_map_moves_what_is_published_and_never_the_state():
         at_horizon = torch.tensor([k[name] for k in kept])
         expected = over_window(head, torch.tensor([m[name] for m in moved]), at_horizon,
                                torch.tensor([o[name] for o in own]))
-        np.testing.assert_allclose([m[name] for m in over], expected.numpy(), rtol=1e-4, atol=1e-6)
+        # (atol: `expected` is computed from probabilities published to 6 decimals, whose rounding the hazards'
+        # share log(1 - p_window) / log(1 - p_horizon) magnifies where both are small)
+        np.testing.assert_allclose([m[name] for m in over], expected.numpy(), rtol=1e-4, atol=1e-4)
         assert not np.allclose([m[name] for m in over], [o[name] for o in own], atol=0.01)
     # The rest is the plain updater's (within float rounding: the calibrated one applied the batches in two parts
     # at the anchors, as another batching would).

@@ -137,8 +137,10 @@ SPAN_OFF = 0.85  # a log whose events span less than this share of --span-days, 
 @click.option("--span-days", default=30.0, show_default=True, type=FiniteRange(0.01, 1000),
               help="Event-time span the session rates are set for (it starts 2023-11-14; at most 1000 days, so "
                    "that it ends before today: the daemon and every command refuse events stamped after the "
-                   "machine's clock). A structured shop's events run out sooner (13-21 of 30 days with the "
-                   "defaults); the command says the days written.")
+                   "machine's clock). A structured shop's rates are set by simulating its users over the span; "
+                   "with few events per user its last days hold few events, so its log may end a few days early "
+                   "or late (27-31 of 30 days for shops 0-11 with the defaults). The command says the days "
+                   "written.")
 @click.option("--shop-seed", default=None, type=int,
               help="A structured shop with parameters drawn from this seed (segments of users, what follows a "
                    "purchase, carts that bring users back, churn that slows users down first, visits that pause "
@@ -187,12 +189,12 @@ def span_note(days: float, asked: float, structured: bool, future: bool = False)
                 "it within the span."
                 + (" Its last events are stamped after this machine's clock: the daemon and the other commands "
                    "dead-letter them (ahead_of_clock) unless given --max-ahead 0." if future else ""))
-    # The session rates are set from a model of how many events a visit holds; a structured shop's visits hold more
-    # (carts that bring users back within a day, among others): with the defaults, shops 0-11 wrote 13-21 days of
-    # the 30 asked (docs/model-journal.md, session 70).
+    # A structured shop's rates are simulated to fill the span (stream/generator.py), but with few events per user
+    # most of them are in the users' first visits, all early in the span, and a few events more than the rates
+    # expected end the log days early (200 users, 4000 events: 22-34 days of 30 for shops 0-11, session 71).
     return (f"note: the events ran out after {days:.1f} of the {asked:g} days asked"
-            + (": this shop's visits hold more events than its session rates were set for, and its users are busiest "
-               "early. The log is valid, only shorter" if structured else "")
+            + (": this shop's users are busiest in their first visits, early in the span, so its last days hold "
+               "few events. The log is valid, only shorter" if structured else "")
             + ". Evaluations cut a log where its events are (`profiles evaluate-fields --cuts`).")
 
 
