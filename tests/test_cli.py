@@ -200,6 +200,21 @@ def test_generate_says_how_many_days_the_log_spans_and_when_that_is_not_what_was
     assert "after this machine's clock" in output and max(ts) > time.time() * 1000
 
 
+@pytest.mark.parametrize("args", [["replay", "none.jsonl", "--out", "p.jsonl"], ["inspect", "u1", "--events", "none.jsonl"],
+                                  ["calibrate", "--out", "x.pt", "--events", "none.jsonl"],
+                                  ["evaluate", "--events", "none.jsonl", "--train-events", "none.jsonl"],
+                                  ["evaluate-fields", "--events", "none.jsonl"]])
+def test_model_demo_is_the_shipped_model_even_beside_a_folder_named_demo(tmp_path, monkeypatch, args):
+    """`--model demo` names the shipped model; a folder of that name in the working directory (a checkout, a
+    user's own) does not make it "a directory": the command goes on to its next check (here: the missing log)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    result = CliRunner().invoke(main, [*args, "--model", "demo"])
+    assert result.exit_code != 0 and "'none.jsonl' does not exist" in result.output, result.output
+    result = CliRunner().invoke(main, [*args, "--model", "demo/"])  # a path to that folder is still refused
+    assert result.exit_code == 2 and "is a directory" in result.output
+
+
 def test_generate_with_replenishers_adds_their_rebuys_and_share_0_changes_nothing(tmp_path):
     def log(name: str, *extra: str) -> bytes:
         args = ["generate", "--users", "100", "--events", "6000", "--seed", "4", "--shop-seed", "2", "--span-days",

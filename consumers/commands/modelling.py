@@ -9,7 +9,7 @@ from typing import Any
 
 from consumers.commands.base import check_broker, check_broker_for, command, group, kafka_error
 from consumers.commands.options import (
-    FiniteRange,
+    FiniteRange, ModelPath,
     device_option, kafka_from, kafka_options, max_ahead_option, thread_options, to_instant_ms, to_ms, to_seconds,
     to_ttl_ms,
 )
@@ -89,7 +89,7 @@ def train(event_files: tuple[str, ...], out: str, epochs: int | None, hidden_siz
 
 
 @command(short_help="Calibrate a trained model for another shop")
-@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--model", "model_path", required=True, type=ModelPath(),
               help="Trained checkpoint, or `demo` (the shipped model).")
 @click.option("--events", "event_files", required=True, multiple=True,
               help="The shop's JSON-lines event log, e.g. from `profiles import` (several: repeat --events or list "
@@ -133,7 +133,7 @@ def calibrate(model_path: str, event_files: tuple[str, ...], out: str, until: in
 
 
 @command("evaluate", short_help="The model's next item and category against simple rules")
-@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--model", "model_path", required=True, type=ModelPath(),
               help="Checkpoint to judge, or `demo` (the shipped model).")
 @click.option("--train-events", "train_files", required=True, multiple=True,
               help="Events the baselines are fitted on; test users' state is carried over from them: "
@@ -157,7 +157,7 @@ def evaluate(model_path: str, train_files: tuple[str, ...], test_files: tuple[st
 
 
 @command("evaluate-fields", short_help="Learned fields against what users do after a cut")
-@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--model", "model_path", required=True, type=ModelPath(),
               help="Checkpoint to judge (train it on events before the cut only), or `demo`.")
 @click.option("--events", "event_files", required=True, multiple=True,
               help="The JSON-lines event log spanning the cut (several: repeat --events or list them after it): "
@@ -207,7 +207,7 @@ def evaluate_fields(model_path: str, event_files: tuple[str, ...], cuts: list[in
 
 
 @command("evaluate-synthetic", short_help="Learned fields against the generator's truth")
-@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--model", "model_path", required=True, type=ModelPath(),
               help="Checkpoint to judge, or `demo` (the shipped model).")
 @click.option("--users", default=2000, show_default=True, type=click.IntRange(min=10))
 @click.option("--events", default=100_000, show_default=True, type=click.IntRange(min=100))

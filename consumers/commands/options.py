@@ -224,8 +224,21 @@ thread_options = stack(
 MODEL_HELP = "Model checkpoint (or `demo`, the shipped one); without one, an untrained model."
 
 
+class ModelPath(click.Path):
+    """A checkpoint file, or `demo` (the shipped model) whatever the working directory holds: a folder named demo
+    there (`profiles demo` writes none, but a checkout or a user may) must not turn the shipped model away."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from models.checkpoint_io import DEMO_MODEL
+
+        return value if value == DEMO_MODEL else super().convert(value, param, ctx)
+
+
 def model_option(help: str = MODEL_HELP) -> Decorator:  # noqa: A002 (click's word)
-    return setting("--model", "model_path", default=None, type=click.Path(dir_okay=False), help=help)
+    return setting("--model", "model_path", default=None, type=ModelPath(), help=help)
 
 
 profile_options = stack(
