@@ -15,10 +15,10 @@ import torch
 from models.checkpoint_io import untrained
 from models.next_event_evaluation import roc_auc
 from models.stream_calibration import (
-    GATE_NATS, GATE_NATS_PER_USER, HELD_OUT_GATE_NATS, IDLE_QUANTILES, LEVEL_PULL, VOLATILE_RATE, LogitMap,
-    StreamCalibration, fit_head, fit_logit_map, describe, logistic_fit, over_window, rate_volatility, split_gain,
-    split_idle_gain, statistics_design, week_share, week_statistics_held_out, with_model_level, with_share_power,
-    with_statistics,
+    GATE_NATS, GATE_NATS_PER_USER, HELD_OUT_GATE_NATS, IDLE_QUANTILES, LEVEL_PULL, MAP_GATE_NATS, VOLATILE_RATE,
+    LogitMap, StreamCalibration, fit_head, fit_logit_map, describe, logistic_fit, over_window, rate_volatility,
+    split_gain, split_idle_gain, statistics_design, week_share, week_statistics_held_out, with_model_level,
+    with_share_power, with_statistics,
 )
 from stream import statistics
 from stream.anchor_samples import (
@@ -92,13 +92,18 @@ def test_the_map_finds_a_shift_and_keeps_the_identity_where_the_model_is_right()
     shifted = fit_logit_map(np.stack([counts_from(p, truth, 200), counts_from(p, p, 200, seed=1)]))
     assert shifted.kept == (True, False)  # the second head's outcomes follow what it says
     assert shifted.users[0] == int(counts_from(p, truth, 200).sum())
-    assert shifted.gain_nats[1] < GATE_NATS
-    # A small shift over many users: churn_risk's map is kept from GATE_NATS on, purchase_propensity's only where it
-    # also gains GATE_NATS_PER_USER a user (in the demo's own shops such maps made purchase_propensity worse).
+    assert shifted.gain_nats[1] < MAP_GATE_NATS[1]
+    # A small shift over many users: churn_risk's map is kept from MAP_GATE_NATS on, purchase_propensity's only where
+    # it also gains GATE_NATS_PER_USER a user (in the demo's own shops such maps made purchase_propensity worse).
     slight = 1 / (1 + np.exp(-(0.1 + bin_logits())))
     many = fit_logit_map(np.stack([counts_from(p, slight, 2000, seed=2)] * 2))
     assert GATE_NATS < many.gain_nats[0] < GATE_NATS_PER_USER[0] * many.users[0]
     assert many.kept == (False, True)
+    # A model too sure by a little, over 1,920 users: a likelihood-ratio test keeps churn_risk's map (7 nats: p < 0.001
+    # for two parameters), which purchase_propensity's gate (15 nats) leaves at the identity.
+    flatter = fit_logit_map(np.stack([counts_from(p, 1 / (1 + np.exp(-0.85 * bin_logits())), 60)] * 2))
+    assert MAP_GATE_NATS[1] < flatter.gain_nats[1] < GATE_NATS and flatter.kept == (False, True)
+    assert 0.75 < flatter.b[1] < 0.9
     published = shifted.apply(0, torch.tensor([0.2, 0.5]))
     expected = 1 / (1 + np.exp(-(shifted.a[0] + shifted.b[0] * np.log([0.25, 1.0]))))
     np.testing.assert_allclose(published.numpy(), expected, rtol=1e-5)
