@@ -19,8 +19,9 @@ the session starts and dropped when it ends, so memory is O(users), never
 O(events).
 
 Session rates follow from ``events / users / span_days`` so that a finite log
-covers about ``span_days``; with few events per user the gaps between a user's
-sessions are therefore days rather than hours.
+covers about ``span_days`` (a structured shop's, or one with replenishers, are
+checked by simulating its users: see ``_sessions_per_day``); with few events per
+user the gaps between a user's sessions are therefore days rather than hours.
 
 Everything is deterministic given the seed: a ``random.Random`` seeded from the
 seed's own ``SeedSequence`` stream drives the event stream (its scalar draws are
@@ -144,9 +145,10 @@ def _sessions_per_day(world: World, events: int | None) -> np.ndarray:
     """Each user's session rate (per day), calibrated so `events` events span about span_days.
 
     The session model (`_expected_events`) is exact for the classic shop. A structured shop's users also come
-    back for the carts they left, slow down before going quiet and rebuy on rhythms, which the model does not
-    count, so its count is corrected by simulating the shop's users (a sample of them in a large world)
-    over the span at the model's rate, and the rate solved again, a few rounds.
+    back for the carts they left and slow down before going quiet, and replenishers rebuy on rhythms, which the
+    model does not count, so there its count is corrected by simulating the shop's users (a sample of them in a
+    large world) over the span at the model's rate, and the rate solved again, a few rounds (before session 71
+    such logs ended at 45-70% of the span asked; docs/model-journal.md).
     """
     if events is None:
         return _DEFAULT_SESSIONS_PER_DAY * world.activity
@@ -413,7 +415,8 @@ def generate(users: int, events: int, seed: int = 0, *, start_ts_ms: int = DEFAU
         raise ValueError("generate needs a finite event count; use iter_events for an endless stream")
     _check_events(events)
     world = World(users, seed, start_ts_ms, span_days, catalogue_seed, shop)
-    return SyntheticLog(events=list(_run(world, _sessions_per_day(world, int(events)), int(events))), users=world.truths,
+    events = int(events)
+    return SyntheticLog(events=list(_run(world, _sessions_per_day(world, events), events)), users=world.truths,
                         categories=list(world.categories))
 
 

@@ -200,7 +200,8 @@ def test_generate_says_how_many_days_the_log_spans_and_when_that_is_not_what_was
     assert "after this machine's clock" in output and max(ts) > time.time() * 1000
 
 
-@pytest.mark.parametrize("args", [["replay", "none.jsonl", "--out", "p.jsonl"], ["inspect", "u1", "--events", "none.jsonl"],
+@pytest.mark.parametrize("args", [["replay", "none.jsonl", "--out", "p.jsonl"],
+                                  ["inspect", "u1", "--events", "none.jsonl"],
                                   ["calibrate", "--out", "x.pt", "--events", "none.jsonl"],
                                   ["evaluate", "--events", "none.jsonl", "--train-events", "none.jsonl"],
                                   ["evaluate-fields", "--events", "none.jsonl"]])
