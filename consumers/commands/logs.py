@@ -139,7 +139,7 @@ SPAN_OFF = 0.85  # a log whose events span less than this share of --span-days, 
                    "that it ends before today: the daemon and every command refuse events stamped after the "
                    "machine's clock). A structured shop's rates are set by simulating its users over the span; "
                    "with few events per user its last days hold few events, so its log may end a few days early "
-                   "or late (27-31 of 30 days for shops 0-11 with the defaults). The command says the days "
+                   "or late (27-32 of 30 days for shops 0-11 with the defaults). The command says the days "
                    "written.")
 @click.option("--shop-seed", default=None, type=int,
               help="A structured shop with parameters drawn from this seed (segments of users, what follows a "
