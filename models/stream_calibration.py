@@ -60,7 +60,8 @@ GATE_NATS_PER_USER = (0.008, 0.0)
 # 0.031 at three of four cuts; shop 0 0.043 -> 0.029 at one). No map moved in the 24 worlds, the real slices or
 # the first-month logs: theirs gain more than 15 nats or less than 7. Models trained in 12 of those worlds: three
 # cuts moved, subscribe 0.029 -> 0.022, petsupplies 0.043 -> 0.039, mealkits 0.019 -> 0.038 (a trend the map's
-# level lags; docs/model-journal.md, session 71). purchase_propensity's stays at GATE_NATS.
+# level lags); in three worlds written after the choice, one, nestling's trained model 0.021 -> 0.035 (its level
+# after a shop-wide stock-up; docs/model-journal.md, session 71). purchase_propensity's stays at GATE_NATS.
 MAP_GATE_NATS = (GATE_NATS, 7.0)
 RIDGE = 1.0  # pulls (a, b) toward the identity (0, 1): a bin holding every user cannot push b off to infinity
 MINUTE_MS = 60_000
