@@ -54,18 +54,24 @@ class EventSpan:
         return 0.0 if self.first_ts is None else (self.last_ts - self.first_ts) / DAY_MS
 
 
+def generated_records(users: int, events: int, seed: int, invalid_fraction: float, span_days: float,
+                      shop: ShopParams | None, span: EventSpan | None) -> Iterator[tuple[bytes, bytes]]:
+    """The records of `profiles generate` (what generate_to_file and generate_to_topic write); `span`, where
+    given, is filled with the events' first and last time."""
+    stream = iter_events(users, seed, events=events, span_days=span_days, shop=shop)
+    return records(stream if span is None else span.over(stream), invalid_fraction, seed)
+
+
 def generate_to_file(path: str, users: int, events: int, seed: int, invalid_fraction: float,
                      span_days: float, shop: ShopParams | None = None, span: EventSpan | None = None) -> int:
     """Write the records to `path` ('-': standard output), atomically: see OutputFile. `span`: filled with the
     events' first and last time."""
     out = OutputFile(path)
     n = 0
-    span = EventSpan() if span is None else span
     try:
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task("generating", total=events)
-            for _key, value in records(span.over(iter_events(users, seed, events=events, span_days=span_days,
-                                                             shop=shop)), invalid_fraction, seed):
+            for _key, value in generated_records(users, events, seed, invalid_fraction, span_days, shop, span):
                 out.write(value + b"\n")  # orjson and the malformed makers never write a newline
                 n += 1
                 if n % 10000 == 0:
@@ -85,12 +91,10 @@ def generate_to_topic(kafka: KafkaSettings, topic: str, partitions: int, users: 
     ensure_topics(admin_client(kafka), {topic: partitions})
     publisher = Publisher(kafka)
     n = 0
-    span = EventSpan() if span is None else span
     try:
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task(f"producing to {topic}", total=events)
-            for key, value in records(span.over(iter_events(users, seed, events=events, span_days=span_days,
-                                                            shop=shop)), invalid_fraction, seed):
+            for key, value in generated_records(users, events, seed, invalid_fraction, span_days, shop, span):
                 publisher.produce(topic, key, value)
                 n += 1
                 if n % 10000 == 0:
