@@ -433,7 +433,17 @@ def user_features(columns: dict[str, np.ndarray], counts: np.ndarray, last_ts: n
         order_due(purchase_vs_usual, has_order_gap),
         columns["visit_searches"][rows] / np.maximum(columns["visit_events"][rows].astype(np.float64), 1.0),
     ]
-    return np.stack(features, axis=1).astype(np.float32)
+    return float32_columns(features)
+
+
+def float32_columns(features: list[np.ndarray]) -> np.ndarray:
+    """The equal-shaped `features` side by side on a new last axis, as float32. Why not np.stack(axis=-1): it
+    builds a float64 array a column at a time and converts it after; at the final profiles of 50,000 users (6 slots,
+    15 features) that took 0.3 s of a 4.2 s replay of bench500k, writing straight into float32 0.02 s."""
+    out = np.empty((*np.shape(features[0]), len(features)), dtype=np.float32)
+    for j, feature in enumerate(features):
+        out[..., j] = feature
+    return out
 
 
 def order_due(since_vs_usual: np.ndarray, has_rhythm: np.ndarray) -> np.ndarray:
@@ -468,9 +478,9 @@ def slot_features(columns: dict[str, np.ndarray], last_ts: np.ndarray, rows: np.
     visit_share = visits / np.maximum(visits.sum(axis=1, keepdims=True), 1.0)
     is_last = (bucket == columns["last_category"][rows][:, None]) & (bucket > 0)
     follow = np.zeros_like(share)  # filled by stream/follow.py, popularity.py and habit.py, which know the shop
-    feats = np.stack([*(np.log1p(d) for d in decayed), np.log1p(count), share, is_last, follow, follow, follow,
-                      np.log1p(visits), visit_share, follow, _freshness(decayed), follow, follow], axis=2)
-    return bucket, feats.astype(np.float32)
+    feats = float32_columns([*(np.log1p(d) for d in decayed), np.log1p(count), share, is_last, follow, follow, follow,
+                             np.log1p(visits), visit_share, follow, _freshness(decayed), follow, follow])
+    return bucket, feats
 
 
 def _freshness(decayed: list[np.ndarray]) -> np.ndarray:
