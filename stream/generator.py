@@ -391,7 +391,8 @@ def iter_events(users: int, seed: int = 0, *, start_ts_ms: int = DEFAULT_START_T
     ``events`` events, with session rates chosen so that they span about
     ``span_days``. Memory is O(users), not O(events). Quiet users stop at their
     ``quiet_after_ts`` (see ``user_truths``): in the first half of the span, or in a
-    structured shop any time after its first 15%.
+    structured shop any time after its first 15% (after its arrival, for the two thirds
+    of a structured shop's users who arrive along the span).
     """
     _check_events(events)
     world = World(users, seed, start_ts_ms, span_days, catalogue_seed, shop)  # validate now, not at the first next()

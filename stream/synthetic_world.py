@@ -95,6 +95,8 @@ _FAVOURITE_WEIGHTS = {2: (0.65, 0.35), 3: (0.55, 0.30, 0.15)}
 _ACTIVITY_SIGMA = 0.7            # lognormal spread of session rates (mean multiplier 1)
 _FIRST_SESSION_WINDOW = 0.10     # every user starts within the first 10% of the span...
 _QUIET_WINDOW = (0.15, 0.50)     # ...and quiet users stop between 15% and 50% of it
+_ARRIVING_SHARE = 2 / 3          # in a structured shop this share arrives along the span instead...
+_ARRIVAL_WINDOW = 0.90           # ...uniformly within its first 90%
 _P_CART = (0.40, 0.08)           # per click (habitual buyer, others)
 _P_BUY = (0.70, 0.25)            # per carted item, at checkout (habitual buyer, others)
 _REPLENISH_DAYS = (7.0, 35.0)    # a replenisher's cycle: uniform in days
@@ -132,6 +134,9 @@ class ShopParams:
       quiet_until     quiet users stop between 15% of the span and this share of it: in a structured
                       shop, all along (1.0), so a cut late in the log still finds users slowing down
                       before they stop (the classic shop: by half the span)
+      arrivals        in a structured shop two thirds of the users arrive along the span (the others
+                      are customers already, at its start, as every classic shop's user is): a cut
+                      finds users who have just come as well as users of long standing
 
     Visits as real logs show them (REES46, Taobao: a tenth to half of a user's gaps are breaks of 3 to 60
     minutes; carts bought minutes to an hour after they were filled), not only bursts days apart:
@@ -281,6 +286,8 @@ class World:
         quiet_at = rng.uniform(_QUIET_WINDOW[0], shop.quiet_until, n) * self.span_ms
         if quiet.all():
             quiet[0] = False  # someone must stay, or an endless stream would end
+        if shop.structured:
+            first, quiet_at = self._arrivals(first, quiet_at)
 
         self.user_ids: list[str | int] = [_INT_ID_OFFSET + i if int_ids[i] else f"u{i:06d}" for i in range(n)]
         self.activity = activity
@@ -312,6 +319,21 @@ class World:
             )
         self.truths = truths
         self._build_replenishers(first)
+
+    def _arrivals(self, first: np.ndarray, quiet_at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A structured shop's first visits and quiet points (ms into the span) with _ARRIVING_SHARE of its users
+        arriving along the span, the others customers already (a first visit in its first 10%). An arriving user
+        that goes quiet does so as far into the rest of the span, from its arrival, as the drawn point was into all
+        of it. Drawn from a stream of their own: every other draw is what it was.
+
+        Why: with every user's first visit in the span's first 10%, a structured log with few events per user was
+        its first days' burst and a trickle (shop 3's default log: 68% of its events in its first 3 days of 30), and
+        at a cut most users had been idle for weeks. Real logs keep meeting new users."""
+        n, span = self.n_users, self.span_ms
+        rng = np.random.Generator(np.random.PCG64(seed_sequence(self.seed, 13)))
+        arriving = rng.random(n) < _ARRIVING_SHARE
+        arrived = np.where(arriving, rng.random(n) * (_ARRIVAL_WINDOW * span), first)
+        return arrived, np.where(arriving, arrived + quiet_at / span * (span - arrived), quiet_at)
 
     def _build_replenishers(self, first: np.ndarray) -> None:
         """Replenishers (ShopParams.replenish_share): the staple (category, item index in the user's price tier's

@@ -177,9 +177,9 @@ def test_generate_to_a_gzip_file_with_malformed_records(tmp_path):
 
 
 def test_generate_says_how_many_days_the_log_spans_and_when_that_is_not_what_was_asked(tmp_path):
-    """A structured shop with few events per user runs out before --span-days (most of its events are in the first
-    visits, early), and too few events for the users run past it: each is said, with the days the log holds; a log
-    within the span is not remarked on."""
+    """A structured shop of one user runs out before --span-days (it goes quiet early), and too few events for the
+    users run past it: each is said, with the days the log holds; a log within the span is not remarked on (a
+    structured shop's 200 users as well)."""
     def generate(*args: str) -> tuple[str, list[int]]:
         out = tmp_path / "log.jsonl"
         result = CliRunner().invoke(main, ["generate", "--seed", "1", "--out", str(out), *args])
@@ -188,7 +188,8 @@ def test_generate_says_how_many_days_the_log_spans_and_when_that_is_not_what_was
         return " ".join(result.output.split()), ts
 
     for args, said in ((["--users", "200", "--events", "4000"], None),
-                       (["--users", "200", "--events", "4000", "--shop-seed", "3"], "ran out after"),
+                       (["--users", "200", "--events", "4000", "--shop-seed", "3"], None),
+                       (["--users", "1", "--events", "100", "--shop-seed", "3"], "ran out after"),
                        (["--users", "10", "--events", "50"], "past the 30 asked")):
         output, ts = generate(*args)
         days = (max(ts) - min(ts)) / 86_400_000

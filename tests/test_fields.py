@@ -681,7 +681,7 @@ def test_calibrate_fits_another_shops_rates_and_changes_nothing_else(tmp_path):
     from consumers.cli import main
     from stream.snapshot_files import read_snapshot
 
-    log = generate(users=1000, events=50_000, seed=15, span_days=60, shop=ShopParams.draw(4))
+    log = generate(users=1000, events=50_000, seed=17, span_days=60, shop=ShopParams.draw(4))
     shop = tmp_path / "shop.jsonl"
     write_jsonl(log.events, shop)
     ts = sorted(e["ts"] for e in log.events)

@@ -14,7 +14,8 @@ import numpy as np
 import orjson
 import pytest
 
-from stream.generator import EVENT_TYPES, SyntheticLog, UserTruth, generate, iter_events, user_truths, write_jsonl
+from stream.generator import (EVENT_TYPES, ShopParams, SyntheticLog, UserTruth, generate, iter_events, user_truths,
+                              write_jsonl)
 
 START = 1_700_000_000_000
 DAY_MS = 86_400_000
@@ -127,6 +128,31 @@ def test_every_user_appears_and_the_log_spans_about_span_days(log: SyntheticLog,
     short = generate(users=100, events=2000, seed=2, span_days=5.0)
     assert 3.5 <= (short.events[-1]["ts"] - START) / DAY_MS <= 7
     assert {str(e["user_id"]) for e in short.events} == set(short.users)
+
+
+def test_a_structured_shop_keeps_meeting_new_users_and_the_classic_one_meets_them_early(log: SyntheticLog, by_user):
+    """Two thirds of a structured shop's users arrive along the span (the first 90% of it), the others in its first
+    10%; every user, quiet or not, is seen: a quiet one goes quiet after it arrived. The classic shop's users all
+    come in the span's first 10%."""
+    def first_visits(events: list[dict]) -> dict[str, int]:
+        first: dict[str, int] = {}
+        for e in events:  # in time order
+            first.setdefault(str(e["user_id"]), e["ts"])
+        return first
+
+    span = 30 * DAY_MS
+    classic = np.array(list(first_visits(log.events).values())) - START
+    assert classic.max() < 0.1 * span and len(classic) == USERS
+    shop = generate(users=3000, events=60_000, seed=SEED, shop=ShopParams.draw(1))
+    first = first_visits(shop.events)
+    assert set(first) == set(shop.users)  # every user arrives, the quiet ones before they go quiet
+    at = (np.array(list(first.values())) - START) / span
+    late = at >= 0.1
+    assert 0.57 < late.mean() < 0.63  # two thirds arrive along the span, and 10% of those within its first 10%
+    assert np.histogram(at[late], bins=4, range=(0.1, 0.9))[0].min() > 0.2 * late.sum()  # evenly
+    assert at.max() < 0.9
+    for user, truth in shop.users.items():
+        assert truth.quiet_after_ts is None or truth.quiet_after_ts > first[user]
 
 
 def test_funnel_cart_follows_click_and_purchase_follows_cart(by_user):

@@ -594,12 +594,20 @@ def test_the_counts_and_records_are_the_same_whatever_the_batches():
     for key, counts in one.state.outcomes.counts.items():
         np.testing.assert_array_equal(many.state.outcomes.counts[key], counts)
     samples = one.state.outcomes.samples.samples  # the users sampled at the latest anchors, with their outcomes
-    assert len(samples) == PHASES + 1 and all(len(s.users) == 300 for s in samples.values())  # all, in this table
+    # All the users held at the anchor, in this table: those whose first event came before it (two thirds of a
+    # structured shop's users arrive along the span).
+    first = {}
+    for e in events:
+        first[e["user_id"]] = min(e["ts"], first.get(e["user_id"], e["ts"]))
+    assert len(samples) == PHASES + 1 and all(
+        len(s.users) == sum(ts < anchor * ANCHOR_MS for ts in first.values()) for (_, anchor), s in samples.items())
     assert samples.keys() == many.state.outcomes.samples.samples.keys()
     for key, sample in samples.items():
         theirs = many.state.outcomes.samples.samples[key]
         assert sample.users.tolist() == theirs.users.tolist()
-        np.testing.assert_array_equal(sample.x, theirs.x)
+        # (x is stored as float16: a statistic whose float32 masses round apart by batching may land one float16
+        # step apart)
+        np.testing.assert_allclose(sample.x.astype(np.float32), theirs.x.astype(np.float32), rtol=2.0 ** -10)
         for mine, other in zip(sample.happened, theirs.happened):
             assert (mine is None and other is None) or np.array_equal(mine, other)
     rates = one.state.outcomes.rate_sums()  # the shop's faded events and purchases at the latest anchors
@@ -637,12 +645,16 @@ def test_the_map_moves_what_is_published_and_never_the_state():
     over = [orjson.loads(v) for _, v in calibrated.profiles_for(rows, short)]
     own = [orjson.loads(v) for _, v in plain.profiles_for(rows, short)]
     for head, name in enumerate(("purchase_propensity", "churn_risk")):
-        at_horizon = torch.tensor([k[name] for k in kept])
-        expected = over_window(head, torch.tensor([m[name] for m in moved]), at_horizon,
-                               torch.tensor([o[name] for o in own]))
-        # (atol: `expected` is computed from probabilities published to 6 decimals, whose rounding the hazards'
-        # share log(1 - p_window) / log(1 - p_horizon) magnifies where both are small)
-        np.testing.assert_allclose([m[name] for m in over], expected.numpy(), rtol=1e-4, atol=1e-4)
+        at_horizon, mapped = torch.tensor([k[name] for k in kept]), torch.tensor([m[name] for m in moved])
+        expected = over_window(head, mapped, at_horizon, torch.tensor([o[name] for o in own]))
+        # (`expected` is computed from probabilities published to 6 decimals, whose rounding the hazards' share
+        # log(1 - p_window) / log(1 - p_horizon) magnifies where both are small: an atol, and only the users whose
+        # published probabilities hold three digits or more; a user very active at the log's end has a churn_risk
+        # published as 0.0)
+        held = ((at_horizon >= 1e-3) & (mapped >= 1e-3)).numpy()
+        assert held.mean() > 0.9
+        np.testing.assert_allclose(np.array([m[name] for m in over])[held], expected.numpy()[held], rtol=1e-4,
+                                   atol=1e-4)
         assert not np.allclose([m[name] for m in over], [o[name] for o in own], atol=0.01)
     # The rest is the plain updater's (within float rounding: the calibrated one applied the batches in two parts
     # at the anchors, as another batching would).

@@ -137,10 +137,9 @@ SPAN_OFF = 0.85  # a log whose events span less than this share of --span-days, 
 @click.option("--span-days", default=30.0, show_default=True, type=FiniteRange(0.01, 1000),
               help="Event-time span the session rates are set for (it starts 2023-11-14; at most 1000 days, so "
                    "that it ends before today: the daemon and every command refuse events stamped after the "
-                   "machine's clock). A structured shop's rates are set by simulating its users over the span; "
-                   "with few events per user its last days hold few events, so its log may end a few days early "
-                   "or late (27-32 of 30 days for shops 0-11 with the defaults). The command says the days "
-                   "written.")
+                   "machine's clock). A structured shop's rates are set by simulating its users over the span, two "
+                   "thirds of whom arrive along it (29-31 of 30 days for shops 0-11 with the defaults). The "
+                   "command says the days written.")
 @click.option("--shop-seed", default=None, type=int,
               help="A structured shop with parameters drawn from this seed (segments of users, what follows a "
                    "purchase, carts that bring users back, churn that slows users down first, visits that pause "
@@ -189,12 +188,12 @@ def span_note(days: float, asked: float, structured: bool, future: bool = False)
                 "it within the span."
                 + (" Its last events are stamped after this machine's clock: the daemon and the other commands "
                    "dead-letter them (ahead_of_clock) unless given --max-ahead 0." if future else ""))
-    # A structured shop's rates are simulated to fill the span (stream/generator.py), but with few events per user
-    # most of them are in the users' first visits, all early in the span, and a few events more than the rates
-    # expected end the log days early (200 users, 4000 events: 22-34 days of 30 for shops 0-11, session 71).
+    # A structured shop's rates are simulated to fill the span (stream/generator.py): its logs end within a day or
+    # two of it (200 users, 4000 events: 29-33 days of 30 for shops 0-11, session 72), but with a handful of users
+    # the draws of each (when it goes quiet, how long its visits run) decide where the events end.
     return (f"note: the events ran out after {days:.1f} of the {asked:g} days asked"
-            + (": this shop's users are busiest in their first visits, early in the span, so its last days hold "
-               "few events. The log is valid, only shorter" if structured else "")
+            + (": with this few users, where each goes quiet and how long its visits run decide where the log "
+               "ends. The log is valid, only shorter" if structured else "")
             + ". Evaluations cut a log where its events are (`profiles evaluate-fields --cuts`).")
 
 
