@@ -134,9 +134,9 @@ class ShopParams:
       quiet_until     quiet users stop between 15% of the span and this share of it: in a structured
                       shop, all along (1.0), so a cut late in the log still finds users slowing down
                       before they stop (the classic shop: by half the span)
-      arrivals        in a structured shop two thirds of the users arrive along the span (the others
-                      are customers already, at its start, as every classic shop's user is): a cut
-                      finds users who have just come as well as users of long standing
+    and, not a parameter: two thirds of a structured shop's users arrive along the span (the others are
+    customers already, at its start, as every classic shop's user is: World._arrivals), so that a cut finds
+    users who have just come as well as users of long standing.
 
     Visits as real logs show them (REES46, Taobao: a tenth to half of a user's gaps are breaks of 3 to 60
     minutes; carts bought minutes to an hour after they were filled), not only bursts days apart:
