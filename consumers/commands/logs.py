@@ -189,11 +189,13 @@ def span_note(days: float, asked: float, structured: bool, future: bool = False)
                 + (" Its last events are stamped after this machine's clock: the daemon and the other commands "
                    "dead-letter them (ahead_of_clock) unless given --max-ahead 0." if future else ""))
     # A structured shop's rates are simulated to fill the span (stream/generator.py): its logs end within a day or
-    # two of it (200 users, 4000 events: 29-33 days of 30 for shops 0-11, session 72), but with a handful of users
-    # the draws of each (when it goes quiet, how long its visits run) decide where the events end.
+    # two of it (200 users, 4000 events: 29-33 days of 30 for shops 0-11, session 72). Not where a user's events
+    # are fewer than a first visit holds (100,000 users, 200,000 events: the third there from the start use them
+    # up in 1.4 days), nor with a handful of users, where each one's draws decide (1 user of shop 3: 8.1 days).
     return (f"note: the events ran out after {days:.1f} of the {asked:g} days asked"
-            + (": with this few users, where each goes quiet and how long its visits run decide where the log "
-               "ends. The log is valid, only shorter" if structured else "")
+            + (": in this shop a visit holds many events, and with few events per user (a third of the users come "
+               "in the span's first days) or few users, the first visits and where users go quiet decide where "
+               "the log ends, not the session rates. The log is valid, only shorter" if structured else "")
             + ". Evaluations cut a log where its events are (`profiles evaluate-fields --cuts`).")
 
 
