@@ -18,6 +18,7 @@ import torch
 
 from models.catalogue import ItemCatalogue
 from stream.memo import map_memoised_all
+from stream.statistics import float32_columns
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier (Fibonacci hashing)
 _WORD = re.compile(r"\w+")
@@ -202,6 +203,15 @@ class EventFeatures:
 DENSE_FEATURES = 4
 
 
+def dense_features(price: np.ndarray, gap_seconds: np.ndarray, first_event: np.ndarray) -> np.ndarray:
+    """(N, 4) float32 the events' dense inputs: log1p of the price (0 without one), whether it has one, log1p of the
+    seconds since the user's previous event / 10, whether it is the user's first. Serving (build_features) and
+    training (models/sequence_data.py) both read them here."""
+    has_price = ~np.isnan(price)
+    return float32_columns([np.log1p(np.where(has_price, price, 0.0)), has_price,
+                            np.log1p(np.maximum(gap_seconds, 0.0)) / 10.0, first_event])
+
+
 def build_features(
     type_idx: np.ndarray,
     item_id: np.ndarray,
@@ -221,16 +231,7 @@ def build_features(
 ) -> EventFeatures:
     """Featurise N events given as numpy columns. `gap_seconds` is the time since the user's previous event."""
     tokens, offsets = query_tokens(query, query_buckets, hash_seed + 2)
-    has_price = ~np.isnan(price)
-    dense = np.stack(
-        [
-            np.log1p(np.where(has_price, price, 0.0)),
-            has_price.astype(np.float64),
-            np.log1p(np.maximum(gap_seconds, 0.0)) / 10.0,
-            first_event.astype(np.float64),
-        ],
-        axis=1,
-    ).astype(np.float32)
+    dense = dense_features(price, gap_seconds, first_event)
 
     def long(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device, non_blocking=True)

@@ -10,8 +10,8 @@ import torch
 
 from models.dataset import EventLog
 from models.catalogue import ItemCatalogue
-from models.features import (EventFeatures, category_keys_and_buckets, item_inputs, price_bucket, query_tokens,
-                             ragged_take, vocab_rows)
+from models.features import (EventFeatures, category_keys_and_buckets, dense_features, item_inputs, price_bucket,
+                             query_tokens, ragged_take, vocab_rows)
 from models.profile_model import ModelConfig
 
 NO_TARGET = -1
@@ -104,9 +104,7 @@ def prepare(log_: EventLog, config: ModelConfig, vocab: list[str], horizon_ms: i
     """The log's events as the model reads them; items outside `catalogue` read as unknown (features.item_inputs)."""
     ev = log_.events
     gap, first = log_.gap_seconds()
-    has_price = ~np.isnan(ev.price)
-    dense = np.stack([np.log1p(np.where(has_price, ev.price, 0.0)), has_price.astype(np.float64),
-                      np.log1p(np.maximum(gap, 0.0)) / 10.0, first.astype(np.float64)], axis=1).astype(np.float32)
+    dense = dense_features(ev.price, gap, first)
     tokens, offsets = query_tokens(ev.query, config.query_buckets, config.hash_seed + 2)
 
     category_key, category_bucket = category_keys_and_buckets(ev.category, config.category_buckets,
