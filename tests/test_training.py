@@ -375,18 +375,22 @@ def test_train_says_when_the_log_is_shorter_than_the_probabilities_horizons(tmp_
 
 def test_train_says_that_the_generators_default_log_is_too_small_to_beat_the_rules(tmp_path):
     """`profiles generate`'s default log (20,000 events of 1,000 users) trains probabilities that rank behind the
-    simple rules (docs/model.md, session 72): the note says so and what to do; 60,000 events of 3,000 users do not
-    get it."""
+    simple rules (docs/model.md, session 72), where the shipped model calibrated on it does not (session 73): the note
+    says so and gives the command; 60,000 events of 3,000 users do not get it."""
     from consumers.training import small_log_note
     from stream.generator import ShopParams, generate
 
+    log = tmp_path / "my shop.jsonl"
+
     def note(users: int, events: int) -> str | None:
-        write_jsonl(generate(users=users, events=events, seed=1, shop=ShopParams.draw(3)).events, tmp_path / "l.jsonl")
-        return small_log_note(load_events([str(tmp_path / "l.jsonl")]))
+        write_jsonl(generate(users=users, events=events, seed=1, shop=ShopParams.draw(3)).events, log)
+        return small_log_note(load_events([str(log)]), (str(log),))
 
     said = note(1_000, 20_000)
     assert said is not None and said.startswith("note: 20,000 events of 1,000 users is little to learn from")
-    assert "`profiles evaluate-fields`" in said and "--model demo" in said
+    # What to do instead, as a command to paste (the path quoted for a shell), and how to judge it.
+    assert f"`profiles calibrate --model demo --events '{log}' --out shop.pt`" in said
+    assert "`profiles evaluate-fields`" in said
     assert note(3_000, 60_000) is None
 
 
