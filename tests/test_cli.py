@@ -178,8 +178,8 @@ def test_generate_to_a_gzip_file_with_malformed_records(tmp_path):
 
 def test_generate_says_how_many_days_the_log_spans_and_when_that_is_not_what_was_asked(tmp_path):
     """A structured shop of one user runs out before --span-days (it goes quiet early), and too few events for the
-    users run past it: each is said, with the days the log holds; a log within the span is not remarked on (a
-    structured shop's 200 users as well)."""
+    users run past it, or end it early in the classic shop, replenishers or not: each is said, with the days the log
+    holds; a log within the span is not remarked on (a structured shop's 200 users as well)."""
     def generate(*args: str) -> tuple[str, list[int]]:
         out = tmp_path / "log.jsonl"
         result = CliRunner().invoke(main, ["generate", "--seed", "1", "--out", str(out), *args])
@@ -191,7 +191,10 @@ def test_generate_says_how_many_days_the_log_spans_and_when_that_is_not_what_was
                        (["--users", "200", "--events", "4000", "--shop-seed", "3"], None),
                        (["--users", "1", "--events", "100", "--shop-seed", "3"],
                         "ran out after 8.1 of the 30 days asked: in this shop a visit holds many events"),
-                       (["--users", "10", "--events", "50"], "past the 30 asked")):
+                       (["--users", "10", "--events", "50"], "past the 30 asked"),
+                       (["--users", "1000", "--events", "200"], "too few events per user for more than their first"),
+                       (["--users", "1000", "--events", "5000", "--replenish-share", "1"],  # a classic shop still
+                        "too few events per user for more than their first")):
         output, ts = generate(*args)
         days = (max(ts) - min(ts)) / 86_400_000
         assert f"{days:.1f} days of event time" in output
