@@ -93,6 +93,7 @@ def test_train_then_evaluate_from_the_command_line(tmp_path):
     # purchase_propensity from, and what the field stage had to learn from.
     assert "note: no purchase events: purchase_propensity cannot be learned" in result.output
     assert "; 384 events of 16 users is a small log to learn from" in result.output
+    assert "profiles calibrate" not in result.output  # 23 minutes: too short to calibrate on, so not suggested
     assert "note: the log spans 23 min, less than purchase_propensity's horizon (7 days; churn_risk's 14)" in (
         result.output)
     assert re.search(r"fields: fitted on [\d,]+ profiles at \d+ cuts, [\d,]+ held out", result.output), result.output
