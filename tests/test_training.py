@@ -376,7 +376,7 @@ def test_train_says_when_the_log_is_shorter_than_the_probabilities_horizons(tmp_
 
 def test_train_says_that_the_generators_default_log_is_too_small_to_beat_the_rules(tmp_path):
     """`profiles generate`'s default log (20,000 events of 1,000 users) trains probabilities that rank behind the
-    simple rules (docs/model.md, session 72), where the shipped model calibrated on it does not (session 73; in 13
+    simple rules (docs/model.md, session 72), where the shipped model calibrated on it does not (session 73; in 16
     independent shops neither did better): the note says so and gives the command to compare with; 60,000 events of
     3,000 users do not get it."""
     from consumers.training import small_log_note
