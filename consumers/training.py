@@ -70,7 +70,12 @@ def events_until(event_files: tuple[str, ...], until: int | None, kafka: KafkaSe
     return events
 
 
-def small_log_note(events: EventLog, sources: tuple[str, ...] = ("LOG",)) -> str | None:
+def span_hours(events: EventLog) -> float:
+    """The hours from the log's first event to its last."""
+    return (events.last_ts - events.first_ts) / HOUR_MS
+
+
+def small_log_note(events: EventLog, sources: tuple[str, ...]) -> str | None:
     """A line for a log that may be too small to train fields that beat counting, or without a kind of event a
     field is learned from; else None. `sources`: the log as given to `profiles train`, for the command the line
     suggests."""
@@ -88,7 +93,7 @@ def small_log_note(events: EventLog, sources: tuple[str, ...] = ("LOG",)) -> str
         # (calibrating needs a cut with purchase_propensity's horizon after it: a shorter log cannot be)
         beside = (", beside the shipped one calibrated on this log, which did better on the generator's logs, the "
                   f"shops it was trained in (seconds: `{calibrate}`)"
-                  if (events.last_ts - events.first_ts) / HOUR_MS > PURCHASE_HORIZON_HOURS else "")
+                  if span_hours(events) > PURCHASE_HORIZON_HOURS else "")
         missing.append(f"{len(events):,} events of {len(events.users):,} users is a small log to learn from (under "
                        f"{SMALL_LOG_EVENTS:,} events or {SMALL_LOG_USERS:,} users): trained on `profiles generate`'s "
                        "default log, 20,000 events of 1,000 users, purchase_propensity and churn_risk ranked users "
@@ -102,7 +107,7 @@ def small_log_note(events: EventLog, sources: tuple[str, ...] = ("LOG",)) -> str
 def short_span_note(events: EventLog) -> str | None:
     """A line for a log shorter than purchase_propensity's horizon (the probability heads then learn only what
     follows within hours, and are served over days); else None."""
-    hours = (events.last_ts - events.first_ts) / HOUR_MS
+    hours = span_hours(events)
     if hours >= PURCHASE_HORIZON_HOURS:
         return None
     # Measured in session 65 (docs/model.md): the REES46 slice's model in `profiles generate --seed 53 --shop-seed 3`.
