@@ -37,8 +37,8 @@ from stream.anchor_samples import (
 )
 from stream.events import PURCHASE, EventColumns
 from stream.outcomes import (
-    ANCHOR_MS, BINS, HEADS, KEPT, MATURES_AFTER, PHASES, PURCHASE_SERIES, PURCHASE_WINDOW_MINUTES, RATE_ANCHORS, SERIES,
-    SERIES_HEAD, anchor_of, bin_logits, logit_bins,
+    ANCHOR_MS, BINS, HEADS, KEPT, MATURES_AFTER, PHASES, PURCHASE_SERIES, PURCHASE_WINDOW_MINUTES, RATE_ANCHORS,
+    SERIES_HEAD, WEEK_SERIES, anchor_of, bin_logits, logit_bins,
 )
 from stream.profiles import CHURN_HORIZON_HOURS, PURCHASE_HORIZON_HOURS
 from stream.state import StateTable
@@ -66,7 +66,7 @@ MAP_GATE_NATS = (GATE_NATS, 7.0)
 RIDGE = 1.0  # pulls (a, b) toward the identity (0, 1): a bin holding every user cannot push b off to infinity
 MINUTE_MS = 60_000
 HORIZONS_HOURS = (PURCHASE_HORIZON_HOURS, CHURN_HORIZON_HOURS)  # what each head's map is fitted for (HEADS order)
-CHURN, WEEK_SERIES = HEADS.index("churn_risk"), SERIES.index("churn_risk_week")
+CHURN = HEADS.index("churn_risk")
 # The fit on the rules' statistics replaces a head's affine map where it gains GATE_NATS and STATISTICS_GATE_PER_USER
 # nats per sampled user over the affine map fitted on the same sample (four or three weights more: a sample's noise
 # gains about two nats), or where it held out of time (Sample.rules_held_out): fitted on the previous matured
@@ -656,9 +656,10 @@ class StreamCalibration:
         if clock < 0:  # a table's first events: at an anchor within a churn horizon of them, every user held is new,
             # and what followed says little of users with months of history (the classic shop's first anchor, two
             # days into its log, moved purchase_propensity's ECE at the next cut from 0.042 to 0.099; churn_risk's
-            # map from an anchor nine days in read later users worse than none). purchase_propensity's count from
-            # a week after them (purchase_sooner): in a shop's first month the demo read purchases 0.04-0.12 low
-            # until a map applied, and its map then applies a week sooner (docs/model-journal.md, session 62).
+            # map from an anchor nine days in read later users worse than none). purchase_propensity's and the week
+            # series' count from a week after them (purchase_sooner, SOONER_SERIES): in a shop's first month the demo
+            # read purchases 0.04-0.12 low and silence up to 0.2 high until a map applied, and their maps then apply
+            # a week sooner (docs/model-journal.md, sessions 62 and 74).
             outcomes.complete_from = max(outcomes.complete_from or since, since + PHASES + 1)
             if outcomes.purchase_sooner is None:
                 outcomes.purchase_sooner = True

@@ -552,9 +552,10 @@ def test_an_anchor_counts_who_came_back_and_bought_from_what_the_heads_said_at_i
     for sizes in ([100], [1], [3, 2]):
         updater = updater_fed(first_week, sizes)
         # A week on: the purchase window has closed (back bought within it, the late buyer after it).
-        # And a week of silence is known (the week series, churn_risk's bins): back came back within it.
+        # And a week of silence is known (the week series, churn_risk's bins): back came back within it. (The
+        # series keeps its latest two anchors: the one before, the founder's alone, counted from a week.)
         week = updater.state.outcomes.counts
-        assert set(week) == {(0, -1, K0), (WEEK_SERIES, -1, K0)}
+        assert set(week) == {(0, -1, K0), (WEEK_SERIES, -1, K0 - 1), (WEEK_SERIES, -1, K0)}
         np.testing.assert_array_equal(week[(0, -1, K0)], expected_counts(said[:, 0], [1, 0, 0, 0, 0]))
         np.testing.assert_array_equal(week[(WEEK_SERIES, -1, K0)], expected_counts(said[:, 1], [0, 1, 1, 1, 1]))
 
@@ -573,15 +574,18 @@ def test_an_anchor_counts_who_came_back_and_bought_from_what_the_heads_said_at_i
         np.testing.assert_array_equal(state.outcomes.counts[(1, -1, K0)], expected_counts(said[:, 1], [0, 0, 1, 1, 1]))
 
     # Without the founder the table's first event came 5 hours before the anchor: within a week of a table's first
-    # events no anchor is counted, within two only purchase_propensity's (its sample without top_categories'
-    # candidates, neither its return window nor its week counted).
+    # events no anchor is counted, within two purchase_propensity's and the week's silence (a young table's
+    # churn_risk map a week sooner), not churn_risk's two weeks; its sample has no top_categories' candidates.
     young = updater_fed(events[1:], [100])
     outcomes = young.state.outcomes
     assert outcomes.complete_from == K0 + 2 and outcomes.purchase_sooner
-    assert set(outcomes.counts) == {(0, -1, K0 + 1)}
+    assert set(outcomes.counts) == {(0, -1, K0 + 1), (WEEK_SERIES, -1, K0 + 1)}
     assert set(outcomes.samples.samples) == {(-1, K0 + 1), (-1, K0 + 2)}  # (the clock has reached the next)
     sample = outcomes.samples.samples[(-1, K0 + 1)]
-    assert sample.happened[0] is not None and sample.happened[1] is None and sample.week_silent is None
+    assert sample.happened[0] is not None and sample.happened[1] is None
+    # Of the users held at it, only the late buyer came back in the week after it.
+    assert sorted(sample.users.tolist()) == ["back", "clock", "late buyer", "new", "silent"]
+    assert sample.week_silent.tolist() == [user != "late buyer" for user in sample.users.tolist()]
     assert sample.categories is None and outcomes.samples.samples[(-1, K0 + 2)].categories is not None
 
 
