@@ -264,20 +264,23 @@ def with_drift(shop_map: LogitMap, older: np.ndarray, newer: np.ndarray) -> Logi
                    kept=only(shop_map.kept, CHURN, True), drift=only(shop_map.drift, CHURN, now - then))
 
 
-def with_week(shop_map: LogitMap, x: np.ndarray, silent: np.ndarray) -> LogitMap:
+def with_week(shop_map: LogitMap, x: np.ndarray, silent: np.ndarray, table_start: bool = False) -> LogitMap:
     """churn_risk's map where no anchor's two weeks have closed yet, fitted on who among the users sampled at the
     latest anchor whose week has closed stayed away that week (x: their sample's columns, with churn_risk's logit
     over the horizon and over a week): the mapped probability over the horizon, read over the week as over_window
     reads it (the share of the horizon's hazard the model's own probabilities give the week), says the week's
     silence. Kept where it gains GATE_NATS over the identity. A table's churn_risk is then mapped a week sooner
     (the classic shop's first month: docs/model-journal.md, session 62). The rules' statistics join it where they
-    rank the week's silence clearly better than the model, held out (week_statistics_held_out)."""
+    rank the week's silence clearly better than the model, held out (week_statistics_held_out). `table_start`: the
+    week after a table's first anchor, whose users are those active when the table started: the map moves the level
+    alone, without the statistics (with its slope and statistics, it turned rankings over in independent worlds'
+    first weeks; docs/model-journal.md, session 74)."""
     share = week_share(x)
     design = statistics_design(x, CHURN, every=False)  # the level, the logit, the rules' statistics
     affine = design[:, :2]
     yes = silent.astype(np.float64)
     theta = hazard_share_fit(affine, share, yes)
-    if theta[1] <= 0:  # the ranking turned over: only the level moves
+    if theta[1] <= 0 or table_start:  # the ranking turned over (or a table's first users): only the level moves
         theta = hazard_share_fit(affine, share, yes, level_only=True)
     gain = share_log_likelihood(affine @ theta, share, yes) - share_log_likelihood(affine[:, 1], share, yes)
     if gain < GATE_NATS:
@@ -286,7 +289,7 @@ def with_week(shop_map: LogitMap, x: np.ndarray, silent: np.ndarray) -> LogitMap
                      gain_nats=only(shop_map.gain_nats, CHURN, gain), users=only(shop_map.users, CHURN, len(yes)),
                      kept=only(shop_map.kept, CHURN, True), churn_from_week=True)
     nats, ranks = week_statistics_held_out(design, share, yes)
-    if nats < HELD_OUT_GATE_NATS or ranks < WEEK_STATISTICS_AUC:
+    if table_start or nats < HELD_OUT_GATE_NATS or ranks < WEEK_STATISTICS_AUC:
         return fitted
     weighed = hazard_share_fit(design, share, yes)  # (its slope may go to 0: the model says nothing beyond them)
     more = share_log_likelihood(design @ weighed, share, yes) - share_log_likelihood(affine @ theta, share, yes)
@@ -620,7 +623,8 @@ class StreamCalibration:
             fitted_on, weeks = outcomes.anchors(CHURN), outcomes.anchors(WEEK_SERIES)
             young_week = None if fitted_on else outcomes.samples.latest_week()
             if young_week is not None:
-                self._map = with_week(self._map, *young_week)
+                first = not outcomes.counted(outcomes.samples.latest_week_anchor(), PURCHASE_SERIES)
+                self._map = with_week(self._map, *young_week, table_start=first)
             if fitted_on and fitted_on[-1] in weeks and weeks[-1] > fitted_on[-1]:
                 self._map = with_drift(self._map, outcomes.of_anchor(WEEK_SERIES, fitted_on[-1]),
                                        outcomes.of_anchor(WEEK_SERIES, weeks[-1]))
@@ -656,10 +660,10 @@ class StreamCalibration:
         if clock < 0:  # a table's first events: at an anchor within a churn horizon of them, every user held is new,
             # and what followed says little of users with months of history (the classic shop's first anchor, two
             # days into its log, moved purchase_propensity's ECE at the next cut from 0.042 to 0.099; churn_risk's
-            # map from an anchor nine days in read later users worse than none). purchase_propensity's and the week
-            # series' count from a week after them (purchase_sooner, SOONER_SERIES): in a shop's first month the demo
-            # read purchases 0.04-0.12 low and silence up to 0.2 high until a map applied, and their maps then apply
-            # a week sooner (docs/model-journal.md, sessions 62 and 74).
+            # map from an anchor nine days in read later users worse than none). purchase_propensity's count from a
+            # week after them and the week series' from the table's first anchor (purchase_sooner, SOONER): in a
+            # shop's first month the demo read purchases 0.04-0.12 low and silence 0.1-0.4 off until a map applied
+            # (docs/model-journal.md, sessions 62 and 74).
             outcomes.complete_from = max(outcomes.complete_from or since, since + PHASES + 1)
             if outcomes.purchase_sooner is None:
                 outcomes.purchase_sooner = True
@@ -674,7 +678,7 @@ class StreamCalibration:
                 kept = max(KEPT[s] for s in series)
                 for matured in range(max(since, anchor - kept) - after + 1, anchor - after + 1):
                     self.mature(matured, series)
-            if anchor > since and outcomes.counted(anchor, PURCHASE_SERIES):
+            if anchor > since and outcomes.counted(anchor, WEEK_SERIES):  # (the series counted soonest)
                 self.take_sample(anchor)
             since = anchor
             yield anchor, of_event == anchor
@@ -791,8 +795,9 @@ class StreamCalibration:
         held = np.flatnonzero((state.last_ts[:n] >= 0) & (state.last_ts[:n] < at))
         state.outcomes.samples.keep_from(anchor - PHASES)  # each head's latest matured anchor and the open ones
         if len(held):
-            state.outcomes.note_rate(anchor, state.partition[held],
-                                     *statistics.week_masses(state.columns, state.last_ts, held, at))
+            if state.outcomes.counted(anchor, PURCHASE_SERIES):  # (the shop's purchase rate: from its second anchor)
+                state.outcomes.note_rate(anchor, state.partition[held],
+                                         *statistics.week_masses(state.columns, state.last_ts, held, at))
             rows = sample_rows(held, state.ids_at(held), state.partition[held])
             p = np.clip(self.probabilities(rows, at).astype(np.float64), 1e-6, 1 - 1e-6)
             user = statistics.user_features(state.columns, state.counts, state.last_ts, rows, at)

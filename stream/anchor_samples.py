@@ -297,14 +297,18 @@ class AnchorSamples:
         """(x float64, silent) of the latest anchor whose week after it has closed (or of `anchor`, where it has),
         over the partitions held whose samples have churn_risk's logit over a week (none in a record of session 61
         or before), or None."""
-        closed = [at for (_, at), s in self.samples.items() if s.week_silent is not None and s.x.shape[1] > WIDTH
-                  and anchor in (None, at)]
-        if not closed:
+        closed = self.latest_week_anchor(anchor)
+        if closed is None:
             return None
-        samples = [s for (_, at), s in sorted(self.samples.items()) if at == max(closed)
+        samples = [s for (_, at), s in sorted(self.samples.items()) if at == closed
                    and s.week_silent is not None and s.x.shape[1] > WIDTH]
         return (np.concatenate([s.x[:, :WIDTH + 1] for s in samples]).astype(np.float64),
                 np.concatenate([s.week_silent for s in samples]))
+
+    def latest_week_anchor(self, anchor: int | None = None) -> int | None:
+        """The anchor latest_week reads (None: none)."""
+        return max((at for (_, at), s in self.samples.items() if s.week_silent is not None and s.x.shape[1] > WIDTH
+                    and anchor in (None, at)), default=None)
 
     def keep_from(self, anchor: int) -> None:
         self.samples = {key: s for key, s in self.samples.items() if key[1] >= anchor}

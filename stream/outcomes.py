@@ -34,13 +34,15 @@ PURCHASE_SERIES = HEADS.index("purchase_propensity")
 SERIES = (*HEADS, "churn_risk_week")
 SERIES_HEAD = (0, 1, 1)
 WEEK_SERIES = SERIES.index("churn_risk_week")
-# The series counted from a week after a table's first events where it started that way (Outcomes.purchase_sooner),
-# not two: a purchase within the week, and a week of silence, say the same of a table's second-week users as of
-# later ones (a young table's churn_risk map is fitted on that week's silence: models/stream_calibration.py,
-# with_week; in the generator's first-month logs, whose users arrive all along the span, churn ECE at the cut a
-# week later 0.20 -> 0.04; docs/model-journal.md, session 74). churn_risk's own two weeks stay counted from two
-# weeks: a map fitted nine days in read the classic shop's later users worse than none (session 61).
-SOONER_SERIES = (PURCHASE_SERIES, WEEK_SERIES)
+# Where a table started that way (Outcomes.purchase_sooner), how many anchors before complete_from (two weeks after
+# its first events) each series is counted from. purchase_propensity's from a week after them: a purchase within the
+# week says the same of a table's second-week users as of later ones (session 62). The week's silence from the
+# table's first anchor: a young table's churn_risk is mapped on it (models/stream_calibration.py, with_week), where
+# the demo read a young table's silence 0.1-0.4 off (the first month of 60 logs of 30 independent worlds: churn ECE
+# 0.17 -> 0.08; docs/model-journal.md, session 74); the first anchor's map moves the level alone (with_week). churn_
+# risk's own two weeks stay counted from two weeks: a map fitted nine days in read the classic shop's later users
+# worse than none (session 61).
+SOONER = {PURCHASE_SERIES: 1, WEEK_SERIES: 2}
 # Anchors after which each series' window has closed: a purchase's a week after the anchor, a return's two.
 WEEK = round(PURCHASE_HORIZON_HOURS * 3_600_000 / ANCHOR_MS)
 MATURES_AFTER = (WEEK, PHASES, WEEK)
@@ -98,10 +100,10 @@ class Outcomes:
     # Anchors before this one are not counted: records may be missing (state restored from a release that kept
     # none), or the table held events for less than a churn horizon before them. None: every anchor counts.
     complete_from: int | None = None
-    # The SOONER_SERIES' anchors (purchase_propensity's and, since session 74, the week series') are counted from the
-    # one before complete_from: set at a table's first events, whose first week is left out of their counts, not two
-    # as churn_risk's (models/stream_calibration.py, parts); a partition's record without it (an older release's, or
-    # a table restored from one) clears it; None: not set.
+    # The SOONER series' anchors (purchase_propensity's and, since session 74, the week series') are counted from
+    # before complete_from: set at a table's first events, whose first two weeks are left out of churn_risk's counts
+    # (models/stream_calibration.py, parts); a partition's record without it (an older release's, or a table
+    # restored from one) clears it, and every series counts from complete_from; None: not set.
     purchase_sooner: bool | None = None
     version: int = 0  # bumped at each change (the changelog re-sends the meta records)
     # The users sampled at the latest anchors, with the rules' statistics then (stream/anchor_samples.py).
@@ -147,9 +149,9 @@ class Outcomes:
         return [(anchor, float(sums[0]), float(sums[1])) for anchor, sums in sorted(out.items())]
 
     def counted(self, anchor: int, series: int | None = None) -> bool:
-        """Whether the anchor's users are counted for the series (complete_from; the SOONER_SERIES' from the anchor
-        before where purchase_sooner); series None: for every series."""
-        sooner = bool(self.purchase_sooner) and series in SOONER_SERIES
+        """Whether the anchor's users are counted for the series (complete_from; the SOONER series' from that many
+        anchors before where purchase_sooner); series None: for every series."""
+        sooner = SOONER.get(series, 0) if self.purchase_sooner else 0
         return anchor >= 0 and (self.complete_from is None or anchor >= self.complete_from - sooner)
 
     def anchors(self, series: int) -> list[int]:

@@ -172,6 +172,17 @@ def test_a_young_tables_churn_risk_is_mapped_on_the_weeks_silence_through_the_mo
         assert "stayed away the week" in describe(shop_map)
         published = shop_map.apply(1, torch.from_numpy(said_horizon)).double().numpy()
         assert np.abs(published - truth).mean() < 0.03 < np.abs(said_horizon - truth).mean() - 0.05
+        # The week after a table's first anchor (counted for it alone): the level moves, the slope stays 1, and the
+        # published probabilities come nearer the truth than the model's own.
+        outcomes = calibration.state.outcomes
+        outcomes.complete_from, outcomes.purchase_sooner = K0 + 2, True
+        outcomes.version += 1
+        start = calibration.shop_map()
+        assert start.kept[1] and start.churn_from_week and start.b[1] == 1.0 and start.a[1] < 0  # (it over-read)
+        level = start.apply(1, torch.from_numpy(said_horizon)).double().numpy()
+        assert np.abs(level - truth).mean() < np.abs(said_horizon - truth).mean() - 0.05
+        outcomes.complete_from, outcomes.purchase_sooner = None, None
+        outcomes.version += 1
         # A restored record keeps who stayed away the week; one of session 61 or before has no such column.
         restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
         assert restored.samples[(0, K0)].week_silent.tolist() == silent_a_week.tolist()
@@ -218,6 +229,12 @@ def test_a_young_tables_week_map_weighs_the_rules_statistics_where_they_rank_the
         published = shop_map.apply(1, torch.from_numpy(said_horizon), None, torch.from_numpy(user)).double().numpy()
         silent = rng.random(n) < truth  # who stays away the two weeks
         assert roc_auc(published, silent) > roc_auc(said_horizon, silent) + 0.05
+        # Where that week is the one after a table's first anchor (counted for it alone: its users are those active
+        # when the table started), the statistics are not weighed (nor the slope: here the level is right).
+        calibration.state.outcomes.complete_from, calibration.state.outcomes.purchase_sooner = K0 + 2, True
+        calibration.state.outcomes.version += 1
+        start = calibration.shop_map()
+        assert start.weights[1] is None and start.b[1] == 1.0
         # A statistic that overflowed its float16 column says nothing, and stops no map.
         x[:7, idle_column] = np.inf
         design = statistics_design(x, 1, every=False)
@@ -573,20 +590,27 @@ def test_an_anchor_counts_who_came_back_and_bought_from_what_the_heads_said_at_i
                                               (WEEK_SERIES, -1, K0 + 1)}
         np.testing.assert_array_equal(state.outcomes.counts[(1, -1, K0)], expected_counts(said[:, 1], [0, 0, 1, 1, 1]))
 
-    # Without the founder the table's first event came 5 hours before the anchor: within a week of a table's first
-    # events no anchor is counted, within two purchase_propensity's and the week's silence (a young table's
-    # churn_risk map a week sooner), not churn_risk's two weeks; its sample has no top_categories' candidates.
+    # Without the founder the table's first event came 5 hours before the anchor: the week's silence is counted from
+    # the table's first anchor (a young table's churn_risk map, with_week), purchase_propensity's from the next, a
+    # week after its first events, churn_risk's two weeks from two weeks; top_categories' candidates are sampled
+    # from there, and the shop's purchase rate noted from the second.
     young = updater_fed(events[1:], [100])
     outcomes = young.state.outcomes
     assert outcomes.complete_from == K0 + 2 and outcomes.purchase_sooner
-    assert set(outcomes.counts) == {(0, -1, K0 + 1), (WEEK_SERIES, -1, K0 + 1)}
-    assert set(outcomes.samples.samples) == {(-1, K0 + 1), (-1, K0 + 2)}  # (the clock has reached the next)
-    sample = outcomes.samples.samples[(-1, K0 + 1)]
-    assert sample.happened[0] is not None and sample.happened[1] is None
-    # Of the users held at it, only the late buyer came back in the week after it.
-    assert sorted(sample.users.tolist()) == ["back", "clock", "late buyer", "new", "silent"]
-    assert sample.week_silent.tolist() == [user != "late buyer" for user in sample.users.tolist()]
-    assert sample.categories is None and outcomes.samples.samples[(-1, K0 + 2)].categories is not None
+    assert set(outcomes.counts) == {(0, -1, K0 + 1), (WEEK_SERIES, -1, K0), (WEEK_SERIES, -1, K0 + 1)}
+    assert set(outcomes.samples.samples) == {(-1, K0), (-1, K0 + 1), (-1, K0 + 2)}  # (the clock reached the last)
+    assert sorted(anchor for _, anchor in outcomes.rates) == [K0 + 1, K0 + 2]
+    first, second = outcomes.samples.samples[(-1, K0)], outcomes.samples.samples[(-1, K0 + 1)]
+    # The users held at the first anchor (5 hours of the table): only "back" came back in the week after it.
+    assert sorted(first.users.tolist()) == ["back", "clock", "late buyer", "silent"]
+    assert first.week_silent.tolist() == [user != "back" for user in first.users.tolist()]
+    assert first.happened[0] is None and first.happened[1] is None
+    # At the second, five users; only the late buyer came back in its week; their purchase window closed too.
+    assert sorted(second.users.tolist()) == ["back", "clock", "late buyer", "new", "silent"]
+    assert second.week_silent.tolist() == [user != "late buyer" for user in second.users.tolist()]
+    assert second.happened[0] is not None and second.happened[1] is None
+    assert first.categories is None and second.categories is None
+    assert outcomes.samples.samples[(-1, K0 + 2)].categories is not None
 
 
 def test_the_counts_and_records_are_the_same_whatever_the_batches():
