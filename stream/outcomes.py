@@ -38,10 +38,10 @@ WEEK_SERIES = SERIES.index("churn_risk_week")
 # its first events) each series is counted from. purchase_propensity's from a week after them: a purchase within the
 # week says the same of a table's second-week users as of later ones (session 62). The week's silence from the
 # table's first anchor: a young table's churn_risk is mapped on it (models/stream_calibration.py, with_week), where
-# the demo read a young table's silence 0.1-0.4 off (the first month of 60 logs of 30 independent worlds: churn ECE
-# 0.17 -> 0.08; docs/model-journal.md, session 74); the first anchor's map moves the level alone (with_week). churn_
-# risk's own two weeks stay counted from two weeks: a map fitted nine days in read the classic shop's later users
-# worse than none (session 61).
+# the demo read a young table's silence 0.1-0.4 off (the first month of 30 independent worlds: churn ECE 0.17 ->
+# 0.08; docs/model-journal.md, session 74); the first anchor's map moves the level alone (with_week). churn_risk's
+# own two weeks stay counted from two weeks: a map fitted nine days in read the classic shop's later users worse
+# than none (session 61).
 SOONER = {PURCHASE_SERIES: 1, WEEK_SERIES: 2}
 # Anchors after which each series' window has closed: a purchase's a week after the anchor, a return's two.
 WEEK = round(PURCHASE_HORIZON_HOURS * 3_600_000 / ANCHOR_MS)
