@@ -85,6 +85,12 @@ def sample_rows(rows: np.ndarray, users: np.ndarray, partitions: np.ndarray) -> 
     return rows[order[total - (total[first] - size[first]) <= SAMPLE_ID_BYTES]]
 
 
+def week_known(sample: "Sample") -> bool:
+    """Whether the sample says who stayed away the week after its anchor, and has churn_risk's logit over a week
+    to read it with (none in a record of session 61 or before)."""
+    return sample.week_silent is not None and sample.x.shape[1] > WIDTH
+
+
 def leading(sorted_partitions: np.ndarray, n: int) -> np.ndarray:
     """(N,) bool: the first n rows of each partition in rows sorted by partition."""
     return np.arange(len(sorted_partitions)) - np.searchsorted(sorted_partitions, sorted_partitions) < n
@@ -300,15 +306,13 @@ class AnchorSamples:
         closed = self.latest_week_anchor(anchor)
         if closed is None:
             return None
-        samples = [s for (_, at), s in sorted(self.samples.items()) if at == closed
-                   and s.week_silent is not None and s.x.shape[1] > WIDTH]
+        samples = [s for (_, at), s in sorted(self.samples.items()) if at == closed and week_known(s)]
         return (np.concatenate([s.x[:, :WIDTH + 1] for s in samples]).astype(np.float64),
                 np.concatenate([s.week_silent for s in samples]))
 
     def latest_week_anchor(self, anchor: int | None = None) -> int | None:
         """The anchor latest_week reads (None: none)."""
-        return max((at for (_, at), s in self.samples.items() if s.week_silent is not None and s.x.shape[1] > WIDTH
-                    and anchor in (None, at)), default=None)
+        return max((at for (_, at), s in self.samples.items() if week_known(s) and anchor in (None, at)), default=None)
 
     def keep_from(self, anchor: int) -> None:
         self.samples = {key: s for key, s in self.samples.items() if key[1] >= anchor}
