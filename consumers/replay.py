@@ -19,11 +19,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from consumers.outfiles import Interrupted, OutputFile, check_distinct, check_output_tree, is_regular_path
 from models.update_step import ProfileUpdater, load_updater
+from stream.decode_ahead import DecodeAhead, auto_workers, close_pool, decode_pool
 from stream.events import DeadLetter
 from stream.kafka import Publisher
-from stream.runtime import tune_garbage_collector
+from stream.runtime import tune_garbage_collector, usable_cores
 from stream.settings import Settings
-from stream.sources import FileSource, SourceError, no_usable_events, open_sources, parse_kafka_uri
+from stream.sources import SourceError, no_usable_events, open_sources, parse_kafka_uri
 from stream.snapshot_files import SNAPSHOT_FILES, write_snapshot
 from stream.state import StateTable
 
@@ -161,8 +162,11 @@ def dead_letter_line(dead: DeadLetter) -> bytes:
 
 def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, output_topic: str | None,
            every_update: bool, state_out: str | None, dead_letters_path: str, batch_records: int,
-           show_progress: bool = True, updater: ProfileUpdater | None = None) -> ReplayReport:
+           show_progress: bool = True, updater: ProfileUpdater | None = None, decode_workers: int | None = None,
+           ) -> ReplayReport:
     """Replay `sources`; write every update or the final profile of every user; optionally a state snapshot.
+    `decode_workers`: processes decoding the next batches while one is applied (stream/decode_ahead.py; None:
+    one where the sources are long enough and a core is free for it).
 
     Raises SourceError when records were read but every one was a dead letter (no event applied): the
     outputs are then discarded, as on any error."""
@@ -182,12 +186,16 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
     except OSError:
         sink.discard()
         raise
+    workers = auto_workers(opened, batch_records, usable_cores()) if decode_workers is None else decode_workers
+    pool = decode_pool(workers)
     try:
+        opened = [DecodeAhead(source, settings.max_event_bytes, pool) for source in opened]
         # Topics replayed are the updater's input topics: their users' state records the partition and
         # offset of their events, so a daemon started from the snapshot knows which member owns whom.
         topics = tuple(dict.fromkeys(parse_kafka_uri(s)[0] for s in sources if s.startswith("kafka://")))
         updater = updater or load_updater(replace(settings, input_topics=topics or settings.input_topics))
     except BaseException:
+        close_pool(pool)
         sink.discard()
         dlq.discard()
         raise
@@ -207,14 +215,16 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
                 while not source.exhausted:
                     batch = source.next_batch()
                     # Rows a dataset format could not convert are dead letters too, never silently dropped.
-                    rejected = source.take_rejected() if isinstance(source, FileSource) else []
+                    rejected = source.take_rejected()
                     if rejected:
                         dlq.write(b"".join(dead_letter_line(d) for d in rejected))
                         report.records += len(rejected)
                         report.add_dead_letters(rejected)
                     if not len(batch):
                         continue
-                    result = updater.process(batch, source.time_range, profiles=every_update)  # the daemon's batch step
+                    # The daemon's batch step (the batch decoded ahead where a worker did it)
+                    result = updater.process(batch, source.time_range, profiles=every_update,
+                                             ahead=source.take_decoded())
                     for partition, offset in result.first_after_range.items():
                         first_after[partition] = min(first_after.get(partition, offset), offset)
                     report.erased += result.forgotten
@@ -273,6 +283,8 @@ def replay(settings: Settings, sources: list[str], fmt: str, out: str | None, ou
             sink.discard()
             dlq.discard()
             raise
+        finally:
+            close_pool(pool)
     if state_out:  # before the profiles are committed: a snapshot that cannot be written leaves --out as it was
         meta = {"model_version": updater.state_version, "sources": sources, "records": report.records,
                 "input_topics": list(updater.topic_slot),  # the watermark slots, in order

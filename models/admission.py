@@ -20,7 +20,7 @@ import numpy as np
 from models.features import category_keys
 from stream.events import (AHEAD_OF_CLOCK, TOO_MANY_CATEGORIES, Control, DeadLetter, EventColumns, RecordBatch,
                            WRONG_PARTITION, iso_time, utf8)
-from stream.decode import decode_batch
+from stream.decode import DecodedRecords, decode_records
 from stream.pseudonyms import Pseudonymizer
 from stream.state import StateTable
 
@@ -88,11 +88,13 @@ class Admission:
         self.category_salt = category_salt  # of the categories' keys, as the state's (models/features.py)
         self.partition_warning = PartitionWarning()
 
-    def decode(self, records: RecordBatch) -> Decoded:
+    def decode(self, records: RecordBatch, ahead: DecodedRecords | None = None) -> Decoded:
         """Records -> valid events (dead letters for the others), keys checked, user ids pseudonymised,
-        forget records applied before the batch's events."""
-        controls: list[Control] = []
-        events, dead = decode_batch(records, self.max_event_bytes, controls)
+        forget records applied before the batch's events. `ahead`: decode_records of these records, done
+        elsewhere (stream/decode_ahead.py)."""
+        if ahead is None:
+            ahead = decode_records(records, self.max_event_bytes)
+        events, dead, controls = ahead.events, ahead.dead_letters, ahead.controls
         slots = self._record_slots(records)
         misrouted: list[DeadLetter] = []
         if (slots >= 0).any():  # records of input topics: the key must be the user id (files have no keys)

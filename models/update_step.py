@@ -32,7 +32,7 @@ from stream.follow import FollowCounts, hours_since
 from stream.habit import ShopHabit
 from stream.tempo import ShopTempo
 from stream.changelog_records import STATE_DTYPE_NAMES
-from stream.decode import decode_batch
+from stream.decode import DecodedRecords, decode_batch
 from stream.events import PURCHASE, DeadLetter, EventColumns, RecordBatch
 from stream.expiry import Expired, StateExpiry
 from stream.profiles import ProfileColumns, encode_profiles
@@ -150,15 +150,16 @@ class ProfileUpdater:
             self.state, self._seen_buckets = table, cached
 
     def process(self, records: RecordBatch, time_range: TimeRange | None = None, *, profiles: bool = True,
-                ) -> BatchResult:
+                ahead: DecodedRecords | None = None) -> BatchResult:
         """The batch step, stage by stage: decode -> place -> skip_applied -> apply -> choose_rows -> encode.
         With `time_range`, only events whose event time lies in it are applied. `profiles=False` skips
         encoding the touched users' profiles (a replay that writes only final ones); the last profiles of
-        users that expire are encoded either way (with --on-expire publish)."""
+        users that expire are encoded either way (with --on-expire publish). `ahead`: the records' decoding, where
+        it was done ahead (a replay's worker: stream/decode_ahead.py)."""
         t0 = time.perf_counter()
         expired = self.expire_idle()  # first: the batch's rows are looked up in the table without them
         t_expire = time.perf_counter() - t0
-        decoded = self.admission.decode(records)  # valid events and dead letters; erasures done
+        decoded = self.admission.decode(records, ahead)  # valid events and dead letters; erasures done
         cut = RangeCut()
         if time_range is not None:  # replays of a kafka:// range, evaluations at a cut: the others are not applied
             decoded.events, cut = time_range.split(records, decoded.events)

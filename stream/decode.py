@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
@@ -253,6 +254,22 @@ def decode_batch(batch: RecordBatch, max_event_bytes: int, controls: list[Contro
     if rows:
         events = _concat_in_order(events, _columns(rows, slow_kept))
     return events, dead
+
+
+@dataclass
+class DecodedRecords:
+    """What decode_batch says of a batch, as one value (stream/decode_ahead.py sends it back from a worker)."""
+
+    events: EventColumns
+    dead_letters: list[DeadLetter]
+    controls: list[Control] = field(default_factory=list)
+
+
+def decode_records(batch: RecordBatch, max_event_bytes: int) -> DecodedRecords:
+    """decode_batch of the batch, its control records kept."""
+    controls: list[Control] = []
+    events, dead = decode_batch(batch, max_event_bytes, controls)
+    return DecodedRecords(events, dead, controls)
 
 
 def _parse_each(values: list[bytes | None], max_event_bytes: int) -> tuple[list[_Event], list[int], list[int]]:

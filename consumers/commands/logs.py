@@ -25,6 +25,19 @@ from consumers.commands.options import (
 FORMATS = ["jsonl", "taobao", "rees46", "yoochoose", "retailrocket"]
 
 
+def decode_workers_value(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    """--decode-workers: "auto" (None) or a count of 0 or more."""
+    if value == "auto":
+        return None
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = -1
+    if workers < 0:
+        raise click.BadParameter(f"{value!r} is neither auto nor a count of 0 or more")
+    return workers
+
+
 @command(short_help="Event logs through the daemon's pipeline")
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--format", "fmt", default="jsonl", show_default=True, type=click.Choice(FORMATS),
@@ -46,6 +59,9 @@ FORMATS = ["jsonl", "taobao", "rees46", "yoochoose", "retailrocket"]
 @click.option("--batch-events", default=50_000, show_default=True, type=click.IntRange(min=1),
               help="Records per batch (the final profiles do not depend on it, but for the model state's float16 "
               "rounding; --every-update writes one profile per user and batch).")
+@click.option("--decode-workers", default="auto", show_default=True, metavar="auto|N", callback=decode_workers_value,
+              help="Processes that decode the next batches while one is applied (0: the replay decodes each batch "
+              "itself). auto: one where there are two cores or more and the sources hold four batches or more.")
 @device_option
 @thread_options
 @profile_options
@@ -55,8 +71,8 @@ FORMATS = ["jsonl", "taobao", "rees46", "yoochoose", "retailrocket"]
 @state_dtype_option
 @pseudonymize_option
 def replay(sources: tuple[str, ...], fmt: str, out: str | None, output_topic: str | None, every_update: bool,
-           state_out: str | None, dead_letters_path: str | None, batch_events: int, connect_timeout: float,
-           **params: Any) -> None:
+           state_out: str | None, dead_letters_path: str | None, batch_events: int, decode_workers: int | None,
+           connect_timeout: float, **params: Any) -> None:
     """Replay event logs through the daemon's pipeline: files, directories and globs (no broker needed),
     or Kafka topics as kafka://TOPIC?from=ISO&to=ISO (seeks by write time, then keeps the events whose
     event time is in [from, to)).
@@ -76,7 +92,7 @@ def replay(sources: tuple[str, ...], fmt: str, out: str | None, output_topic: st
     dlq = dead_letters_path or default_dead_letters(out, "replay.dlq.jsonl")
     try:
         report = run_replay(settings, list(sources), fmt, out, output_topic, every_update, state_out, dlq,
-                            batch_events, show_progress=sys.stderr.isatty())
+                            batch_events, show_progress=sys.stderr.isatty(), decode_workers=decode_workers)
     except (SourceError, ModelError, StreamError, OutputError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(report.summary(dlq), err=True)
