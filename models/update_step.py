@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import orjson
@@ -48,8 +49,9 @@ TOP_CATEGORIES = 3
 SHOP_POPULARITY = statistics.SLOT_FEATURES.index("shop_popularity")
 FRESHNESS, HABIT_FRESHNESS, LOG_COUNT, HABIT_COUNT = (statistics.SLOT_FEATURES.index(name) for name in (
     "freshness", "habit_freshness", "log_count", "habit_count"))
-# Batches at least this large run the GRU on `gru_threads` threads (smaller ones: thread start-up
-# would cost more than it saves, and the daemon's small batches leave the cores to decoding and Kafka).
+# Batches at least this large run the GRU on `gru_threads` threads, beside the statistics (start_advance; smaller
+# ones: thread start-up would cost more than it saves, and the daemon's small batches leave the cores to decoding
+# and Kafka).
 WIDE_BATCH_EVENTS = 4096
 
 
@@ -100,6 +102,7 @@ class ProfileUpdater:
         self.item_index = {item: i for i, item in enumerate(loaded.item_vocab)}
         # Threads for the GRU over a large batch (0: as many as the other kernels); CPU only.
         self.gru_threads = gru_threads if device.type == "cpu" else 0
+        self._gru_thread: ThreadPoolExecutor | None = None  # where a wide batch's GRU runs (start_advance)
         # Top-k next items per profile: only a trained model has an item vocabulary to rank.
         self.next_items = min(next_items, len(self.item_vocab))
         if next_items and not self.next_items:
@@ -312,11 +315,9 @@ class ProfileUpdater:
         )
         rows_t = torch.from_numpy(rows).to(self.device)
         x = self.model.embed(feats)  # (N, F)
-        # The recurrent pass over a large batch is the one kernel big enough to gain from more threads.
-        with torch_threads(self.gru_threads if len(ev) >= WIDE_BATCH_EVENTS else 0):
-            # Events per user before this batch (the memory's age): the counters are updated below.
-            state.states[rows_t] = self.model.advance(state.states[rows_t].float(), x, user_sorted, position, lengths,
-                                                      state.counts[rows].sum(axis=1)).to(state.state_dtype)
+        # Events per user before this batch (the memory's age): the counters are updated below.
+        advanced = self.start_advance(state.states[rows_t].float(), x, user_sorted, position, lengths,
+                                      state.counts[rows].sum(axis=1))
         keys = feats.category_key  # the categories exactly, where buckets may collide
         state.remember_categories(keys, category)
         # The exact statistics the field heads read (before last_ts moves: they decay from it).
@@ -346,7 +347,27 @@ class ProfileUpdater:
         state.tempo.change(ShopTempo.parts(state.columns, rows), 1)
         state.last_ts[rows] = np.maximum(state.last_ts[rows], last_of_user)
         state.max_event_ts = max(state.max_event_ts, int(ts.max()))
+        state.states[rows_t] = advanced().to(state.state_dtype)
         return rows
+
+    def start_advance(self, s0: torch.Tensor, x: torch.Tensor, user_sorted: np.ndarray, position: np.ndarray,
+                      lengths: np.ndarray, events_before: np.ndarray) -> Callable[[], torch.Tensor]:
+        """ProfileModel.advance over a batch, started; returns what waits for its (U, S) states. Over a wide batch
+        on the CPU it runs in a thread while the caller advances the behaviour statistics, which read nothing it
+        writes: torch releases the GIL in its kernels, and the GRU was the largest step left in the replay's loop
+        once the decoding ran ahead (bench500k on two cores: docs/benchmarks.md, session 75). The recurrent pass
+        over a wide batch is also the one kernel big enough to gain from more threads (gru_threads)."""
+        def advance() -> torch.Tensor:
+            with torch.inference_mode(), torch_threads(threads):
+                return self.model.advance(s0, x, user_sorted, position, lengths, events_before)
+
+        threads = self.gru_threads if len(x) >= WIDE_BATCH_EVENTS else 0
+        if self.device.type != "cpu" or not threads:
+            states = advance()
+            return lambda: states
+        if self._gru_thread is None:
+            self._gru_thread = ThreadPoolExecutor(1, thread_name_prefix="gru")
+        return self._gru_thread.submit(advance).result
 
     def idle_users(self) -> np.ndarray:
         """Rows of users whose last published profile is `idle_rescore_ms` of event time old.

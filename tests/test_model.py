@@ -171,6 +171,26 @@ def test_split_batches_equal_one_batch_and_snapshot_restores_state():
     assert a["category_names"] == b["category_names"]
 
 
+def test_a_wide_batchs_states_advanced_in_a_thread_equal_those_advanced_inline():
+    """start_advance runs the GRU of a batch of WIDE_BATCH_EVENTS or more in a thread beside the statistics."""
+    from models.update_step import WIDE_BATCH_EVENTS
+
+    half = WIDE_BATCH_EVENTS + 100
+    events = generate(users=300, events=2 * half, seed=8, span_days=2.0).events  # (no calibration anchor splits it)
+    tables = []
+    for gru_threads in (1, 0):  # 1: the thread (on the CPU), 0: inline
+        updater = ProfileUpdater(untrained(SMALL), torch.device(DEVICE), max_event_bytes=65536, emit_embedding=True,
+                                 gru_threads=gru_threads)
+        for start in (0, half):  # the second batch starts from the states the first one left
+            updater.process(record_batch(events[start:start + half], topic="t", first_offset=start, keys=None))
+        assert (updater._gru_thread is not None) == (gru_threads == 1 and DEVICE == "cpu")
+        tables.append(updater.state.snapshot())
+    threaded, inline = tables
+    assert threaded["user_ids"] == inline["user_ids"] and np.abs(inline["hidden"]).sum() > 0
+    np.testing.assert_array_equal(threaded["hidden"], inline["hidden"])
+    np.testing.assert_array_equal(threaded["counts"], inline["counts"])
+
+
 def test_idle_users_are_rescored_on_the_event_time_timer_with_rising_churn():
     hour = 3_600_000
     updater = ProfileUpdater(untrained(SMALL), torch.device(DEVICE), max_event_bytes=65536, emit_embedding=False,
