@@ -357,12 +357,13 @@ class ProfileUpdater:
         writes: torch releases the GIL in its kernels, and the GRU was the largest step left in the replay's loop
         once the decoding ran ahead (bench500k on two cores: docs/benchmarks.md, session 75). The recurrent pass
         over a wide batch is also the one kernel big enough to gain from more threads (gru_threads)."""
+        threads = self.gru_threads if len(x) >= WIDE_BATCH_EVENTS else 0  # (0 on a GPU: __init__)
+
         def advance() -> torch.Tensor:
             with torch.inference_mode(), torch_threads(threads):
                 return self.model.advance(s0, x, user_sorted, position, lengths, events_before)
 
-        threads = self.gru_threads if len(x) >= WIDE_BATCH_EVENTS else 0
-        if self.device.type != "cpu" or not threads:
+        if not threads:
             states = advance()
             return lambda: states
         if self._gru_thread is None:

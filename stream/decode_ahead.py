@@ -119,10 +119,8 @@ class DecodeAhead:
             return None
 
     def next_batch(self, stop: threading.Event | None = None) -> RecordBatch:
-        if not self.queue:
-            self.fill()
-            if not self.queue:
-                return RecordBatch.of([])
+        if not self.queue:  # (fill keeps it full until the source ends: asked past the end)
+            return RecordBatch.of([])
         batch, self._rejected, future = self.queue.popleft()
         self.fill()  # the next ones are decoded while this one is applied
         self._decoded = None
