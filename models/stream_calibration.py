@@ -83,6 +83,22 @@ STATISTICS_GATE_PER_USER = 0.004
 # to 0.02-0.05; the shipped demo, level with days idle there, gained 0.016-0.022 on the week held out and would
 # have lost 0.007-0.012 at the cuts after (docs/model-journal.md, session 63).
 WEEK_STATISTICS_AUC = 0.03
+# Those statistics enter the week's map only in the direction their rule reads churn (signed_week_fit): more idle
+# time, or idle time against the user's usual gap, more silence; more activity, less. A week is not the horizon:
+# where users come back every one to two weeks (an independent garden shop, its hobbyists), a user who has just
+# been is the likeliest to stay away the next week, and the week's fit weighed idle time and idle time against the
+# usual gap negative. Read over the two weeks it ranked churn worse than chance (ROC AUC 0.476 at the first cut of
+# gardencentre-2, days idle 0.744; with the directions kept 0.66), docs/model-journal.md, session 76.
+CHURN_RULE_DIRECTIONS = {"log_idle_minutes": 1.0, "log_activity_7d": -1.0, "idle_vs_usual_gap": 1.0}
+WEEK_RULE_DIRECTIONS = np.array([CHURN_RULE_DIRECTIONS[name] for name in STATISTICS[CHURN][:RULE_STATISTICS[CHURN]]])
+# A week's map is fitted on the users held at its anchor: in a table's first weeks none of them has been idle longer
+# than the table is old, and the users it is then applied to have. Past the idle time of all but 1% of them, the
+# map lowers no user's churn_risk below the model's own (fading in over a doubling of idle time); it may raise it,
+# as the longer idle are at least as likely to stay away. In 15 independent worlds (session 76) the maps fitted on
+# a young table's first users lowered the level 1.2-4.0 logit, and read users idle past them as returning: churn ECE
+# 0.177 at the first cut of their first months; with the reach, 0.114 (28 of 30 logs better; the garden shop, whose
+# idle users did return, worse), docs/model-journal.md.
+WEEK_REACH_QUANTILE = 0.99
 SHARE_POWER_RANGE = (0.25, 4.0)  # with_share_power's search (a grid of 161 powers, evenly spaced in log)
 HELD_OUT_GATE_NATS = 2.0
 STATISTIC_INDEX = tuple(tuple(statistics.USER_FEATURES.index(name) for name in names) for names in STATISTICS)
@@ -150,6 +166,9 @@ class LogitMap:
     # churn_risk's map fitted on the week's silence after the latest anchor whose week has closed (with_week): a
     # young table, where no anchor's two weeks have closed yet.
     churn_from_week: bool = False
+    # Such a map's reach in idle time (log idle minutes: WEEK_REACH_QUANTILE of its sample's users' at the anchor;
+    # None for other maps): past it, the map may raise churn_risk but not lower it below the model's own (apply).
+    week_idle_reach: float | None = None
     # Over a window shorter than churn_risk's horizon, the share of the horizon's hazard the model's own
     # probabilities give it is raised to this power (with_share_power: fitted on the week's silence of the users
     # sampled at the anchor churn_risk's map is fitted on; 1: the model's share).
@@ -180,9 +199,10 @@ class LogitMap:
               user_statistics: torch.Tensor | None = None, p_horizon: torch.Tensor | None = None) -> torch.Tensor:
         """The head's probabilities p over `hours` (None: the contract's horizon, the one the map is fitted for) as
         the map says. user_statistics: the users' (U, len(USER_FEATURES)) statistics at the clock (read where
-        weights are). Over a shorter window (an evaluation's, where its log ends sooner) the map moves the model's
-        probabilities over the horizon, p_horizon, and each user's window keeps the share of the horizon's hazard
-        the model gives it (over_window); without p_horizon, the model's own are kept."""
+        weights are, and for a week's map's reach in idle time). Over a shorter window (an evaluation's, where its
+        log ends sooner) the map moves the model's probabilities over the horizon, p_horizon, and each user's window
+        keeps the share of the horizon's hazard the model gives it (over_window); without p_horizon, the model's own
+        are kept."""
         if not self.applies(head):
             return p
         if hours is not None and hours != HORIZONS_HOURS[head]:
@@ -199,7 +219,13 @@ class LogitMap:
             knots, bend = (torch.tensor(t, dtype=torch.float64, device=p.device)
                            for t in (self.idle_knots, self.idle_weights))
             z = z + (user_statistics[:, IDLE_FEATURE, None].double() - knots).clamp(min=0.0) @ bend
-        return torch.sigmoid(z + self.level_shift[head]).to(torch.float32)
+        z = z + self.level_shift[head]
+        if head == CHURN and self.week_idle_reach is not None and user_statistics is not None:
+            # Past the users its week was fitted on (by a doubling of idle time, smoothly), a week's map says
+            # nothing that lowers churn_risk below the model's own (WEEK_REACH_QUANTILE).
+            past = ((user_statistics[:, IDLE_FEATURE].double() - self.week_idle_reach) / np.log(2.0)).clamp(0.0, 1.0)
+            z = z + past * (torch.logit(p) - z).clamp(min=0.0)
+        return torch.sigmoid(z).to(torch.float32)
 
 
 def over_window(head: int, mapped: torch.Tensor, p_horizon: torch.Tensor, p_window: torch.Tensor,
@@ -287,11 +313,12 @@ def with_week(shop_map: LogitMap, x: np.ndarray, silent: np.ndarray, table_start
         return shop_map
     fitted = replace(shop_map, a=only(shop_map.a, CHURN, float(theta[0])), b=only(shop_map.b, CHURN, float(theta[1])),
                      gain_nats=only(shop_map.gain_nats, CHURN, gain), users=only(shop_map.users, CHURN, len(yes)),
-                     kept=only(shop_map.kept, CHURN, True), churn_from_week=True)
+                     kept=only(shop_map.kept, CHURN, True), churn_from_week=True,
+                     week_idle_reach=float(np.quantile(x[:, IDLE_COLUMN], WEEK_REACH_QUANTILE)))
     nats, ranks = week_statistics_held_out(design, share, yes)
     if table_start or nats < HELD_OUT_GATE_NATS or ranks < WEEK_STATISTICS_AUC:
         return fitted
-    weighed = hazard_share_fit(design, share, yes)  # (its slope may go to 0: the model says nothing beyond them)
+    weighed = signed_week_fit(design, share, yes)  # (its slope may go to 0: the model says nothing beyond them)
     more = share_log_likelihood(design @ weighed, share, yes) - share_log_likelihood(affine @ theta, share, yes)
     return replace(fitted, a=only(fitted.a, CHURN, float(weighed[0])), b=only(fitted.b, CHURN, float(weighed[1])),
                    weights=only(fitted.weights, CHURN, tuple(float(w) for w in weighed[2:])),
@@ -308,7 +335,7 @@ def week_statistics_held_out(design: np.ndarray, share: np.ndarray, yes: np.ndar
         return 0.0, 0.0
     nats = ranks = 0.0
     for fit, held in ((slice(0, None, 2), slice(1, None, 2)), (slice(1, None, 2), slice(0, None, 2))):
-        weighed = hazard_share_fit(design[fit], share[fit], yes[fit])
+        weighed = signed_week_fit(design[fit], share[fit], yes[fit])
         affine = hazard_share_fit(design[fit, :2], share[fit], yes[fit])
         z = design[held] @ weighed
         if not np.isfinite(z).all():  # (nor does a fit that did not converge)
@@ -317,6 +344,19 @@ def week_statistics_held_out(design: np.ndarray, share: np.ndarray, yes: np.ndar
                  - share_log_likelihood(design[held, :2] @ affine, share[held], yes[held]))
         ranks += (roc_auc(z, yes[held]) - roc_auc(design[held, 1], yes[held])) / 2
     return nats, (0.0 if np.isnan(ranks) else float(ranks))
+
+
+def signed_week_fit(design: np.ndarray, share: np.ndarray, yes: np.ndarray) -> np.ndarray:
+    """hazard_share_fit of the week's map on the rules' statistics (the design of with_week), each statistic kept
+    only in the direction its rule reads churn in (CHURN_RULE_DIRECTIONS): one weighed the other way is left out
+    (weight 0) and the rest fitted again, until none is."""
+    dropped = np.zeros(design.shape[1] - 2, dtype=bool)
+    while True:
+        theta = hazard_share_fit(design, share, yes, dropped=dropped)
+        against = (theta[2:] * WEEK_RULE_DIRECTIONS < 0) & ~dropped
+        if not against.any():
+            return theta
+        dropped |= against
 
 
 def week_share(x: np.ndarray) -> np.ndarray:
@@ -335,7 +375,7 @@ def share_log_likelihood(z: np.ndarray, share: np.ndarray, yes: np.ndarray) -> f
 
 
 def hazard_share_fit(design: np.ndarray, share: np.ndarray, yes: np.ndarray, level_only: bool = False,
-                     steps: int = 30) -> np.ndarray:
+                     steps: int = 30, dropped: np.ndarray | None = None) -> np.ndarray:
     """theta (a, b, then weights on any further columns of the design) maximising share_log_likelihood of
     sigmoid(design @ theta) with a ridge toward the identity (b = 1, no weight; Fisher scoring, steps halved until
     they climb: climbed); level_only: b stays 1."""
@@ -344,6 +384,8 @@ def hazard_share_fit(design: np.ndarray, share: np.ndarray, yes: np.ndarray, lev
     identity[1] = 1.0
     free = np.ones(k, dtype=bool)
     free[1] = not level_only
+    if dropped is not None:
+        free[2:] &= ~dropped
 
     def objective(theta: np.ndarray) -> float:
         return share_log_likelihood(design @ theta, share, yes) - RIDGE / 2 * float(((theta - identity) ** 2).sum())

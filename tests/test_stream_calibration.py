@@ -17,8 +17,8 @@ from models.next_event_evaluation import roc_auc
 from models.stream_calibration import (
     GATE_NATS, GATE_NATS_PER_USER, HELD_OUT_GATE_NATS, IDLE_QUANTILES, LEVEL_PULL, MAP_GATE_NATS, VOLATILE_RATE,
     LogitMap, StreamCalibration, fit_head, fit_logit_map, describe, logistic_fit, over_window, rate_volatility,
-    split_gain, split_idle_gain, statistics_design, week_share, week_statistics_held_out, with_model_level,
-    with_share_power, with_statistics,
+    WEEK_RULE_DIRECTIONS, hazard_share_fit, signed_week_fit, split_gain, split_idle_gain, statistics_design,
+    week_share, week_statistics_held_out, with_model_level, with_share_power, with_statistics,
 )
 from stream import statistics
 from stream.anchor_samples import (
@@ -239,6 +239,78 @@ def test_a_young_tables_week_map_weighs_the_rules_statistics_where_they_rank_the
         x[:7, idle_column] = np.inf
         design = statistics_design(x, 1, every=False)
         assert week_statistics_held_out(design, week_share(x), silent_a_week.astype(np.float64)) == (0.0, 0.0)
+
+
+def young_week_map(said_rate: np.ndarray, rate: np.ndarray, idle: np.ndarray, seed: int = 0) -> LogitMap:
+    """churn_risk's map of a young table whose users (idle `idle` log minutes at the anchor) return at `rate` a week,
+    the model saying `said_rate`: fitted on who stayed away the week after the anchor (with_week)."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((len(rate), WEEK_LOGIT_COLUMN + 1))
+    said_horizon, said_week = (np.clip(np.exp(-k * said_rate), 1e-6, 1 - 1e-6) for k in (2, 1))
+    x[:, LOGIT_COLUMNS[1]] = np.log(said_horizon) - np.log1p(-said_horizon)
+    x[:, WEEK_LOGIT_COLUMN] = np.log(said_week) - np.log1p(-said_week)
+    x[:, STATISTIC_COLUMNS[1][STATISTICS[1].index("log_idle_minutes")]] = idle
+    calibration = StreamCalibration(StateTable(8, torch.device(DEVICE)), probabilities=None)
+    samples = calibration.state.outcomes.samples
+    samples.put(K0, np.zeros(len(rate), dtype=np.int64), np.array([f"u{i}" for i in range(len(rate))]), x)
+    samples.samples[(0, K0)].week_silent = rng.random(len(rate)) < np.exp(-rate)
+    return calibration.shop_map()
+
+
+def test_a_young_tables_week_map_weighs_each_rule_statistic_only_as_its_rule_reads_churn():
+    """Users who come back every one to two weeks: one who has just been is the likeliest to stay away the next week,
+    and a fit on the week's silence weighs idle time negative, which read over the two weeks ranks the long idle
+    (in a shop whose users also leave for good) as the likeliest to return. The week's map keeps each rule's
+    statistic in its rule's direction: one fitted the other way is left out and the others fitted again."""
+    rng = np.random.default_rng(21)
+    n = 4000
+    idle = rng.uniform(4.0, 9.5, size=n)  # log idle minutes: up to ten days
+    activity = np.log1p(rng.poisson(4.0, size=n))  # log events of the last 7 days
+    # Periodic visitors: due back the longer they have been away (a week's return rate rising with idle time), the
+    # busier sooner.
+    rate = np.exp(-4.0 + 0.45 * idle + 0.6 * activity)
+    said_rate = rate * np.exp(rng.normal(0.0, 1.0, size=n))  # a model from an unlike shop: noise around it
+    x = np.zeros((n, WEEK_LOGIT_COLUMN + 1))
+    said_horizon, said_week = (np.clip(np.exp(-k * said_rate), 1e-6, 1 - 1e-6) for k in (2, 1))
+    x[:, LOGIT_COLUMNS[1]] = np.log(said_horizon) - np.log1p(-said_horizon)
+    x[:, WEEK_LOGIT_COLUMN] = np.log(said_week) - np.log1p(-said_week)
+    x[:, STATISTIC_COLUMNS[1][STATISTICS[1].index("log_idle_minutes")]] = idle
+    x[:, STATISTIC_COLUMNS[1][STATISTICS[1].index("log_activity_7d")]] = activity
+    silent = (rng.random(n) < np.exp(-rate)).astype(np.float64)
+    design, share = statistics_design(x, 1, every=False), week_share(x)
+    free = hazard_share_fit(design, share, silent)
+    assert free[2] < 0  # left free, the week's fit weighs idle time toward coming back
+    kept = signed_week_fit(design, share, silent)
+    assert kept[2] == 0.0 and (kept[2:] * WEEK_RULE_DIRECTIONS >= 0).all()
+    assert kept[3] < 0  # the week's activity still weighed, as its rule reads it: more activity, less churn
+
+
+def test_past_the_idle_time_of_its_users_a_week_map_lowers_no_users_churn_risk_below_the_models():
+    """A young table's week map is fitted on users none of whom has been idle longer than the table is old. Where
+    it lowers churn_risk (the model over-reads silence), users idle well past its sample are published at the
+    model's own; within the sample, mapped. Where it raises churn_risk, the users past it are raised too."""
+    rng = np.random.default_rng(3)
+    n = 4000
+    idle = rng.uniform(3.0, 8.0, size=n)  # log idle minutes at the anchor: up to two days
+    rate = rng.lognormal(np.log(0.4), 1.0, size=n)
+    user = np.zeros((3, len(statistics.USER_FEATURES)), dtype=np.float32)
+    user[:, statistics.USER_FEATURES.index("log_idle_minutes")] = [5.0, 8.0 + np.log(2.0) + 0.1, 12.0]
+    said = torch.tensor([0.5, 0.6, 0.7])
+    for told, lowers in ((0.5, True), (2.0, False)):  # the model says half / twice each user's return rate
+        shop_map = young_week_map(told * rate, rate, idle)
+        assert shop_map.kept[1] and shop_map.churn_from_week and (shop_map.a[1] < 0) == lowers
+        assert 7.9 < shop_map.week_idle_reach < 8.0
+        published = shop_map.apply(1, said, None, torch.from_numpy(user))
+        mapped = replace(shop_map, week_idle_reach=None).apply(1, said, None, torch.from_numpy(user))
+        assert published[0] == mapped[0] and (mapped[0] < said[0]) == lowers  # within the sample: the map's
+        if lowers:
+            torch.testing.assert_close(published[1:], said[1:])  # past it: the model's own
+        else:
+            torch.testing.assert_close(published[1:], mapped[1:])  # raised, as the map says
+            assert (published[1:] > said[1:]).all()
+    # A map of a table's later anchors (two weeks closed) has no reach: it was fitted on users of every idle time.
+    p = 1 / (1 + np.exp(-bin_logits()))
+    assert fit_logit_map(np.stack([counts_from(p, p, 200), counts_from(p, p, 200)])).week_idle_reach is None
 
 
 def test_over_a_window_cut_short_churn_risk_splits_the_hazard_as_the_shop_did_the_week_after_the_maps_anchor():
