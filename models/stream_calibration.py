@@ -381,7 +381,7 @@ def hazard_share_fit(design: np.ndarray, share: np.ndarray, yes: np.ndarray, lev
                      steps: int = 30, dropped: np.ndarray | None = None) -> np.ndarray:
     """theta (a, b, then weights on any further columns of the design) maximising share_log_likelihood of
     sigmoid(design @ theta) with a ridge toward the identity (b = 1, no weight; Fisher scoring, steps halved until
-    they climb: climbed); level_only: b stays 1."""
+    they climb: climbed); level_only: b stays 1; dropped: (K,) which further columns stay at weight 0."""
     k = design.shape[1]
     identity = np.zeros(k)
     identity[1] = 1.0
