@@ -59,6 +59,7 @@ class DaemonStats:
     assigned_at: float | None = None  # perf_counter when the first partitions were assigned
     first_batch_at: float | None = None  # perf_counter when the first non-empty batch started
     last_batch_done_at: float | None = None  # ...and when the latest one was committed
+    quiet_polls: int = 0  # polls that found no records (each after the state settled: _expire_while_quiet)
 
 
 class ProfileDaemon:
@@ -229,6 +230,7 @@ class ProfileDaemon:
             self._expire_while_quiet(records)
             self.publish_deferred()
             self.changelog.commit()  # idle: nothing to overlap with, commit what is out
+            self.stats.quiet_polls += 1
             return
         self.health.broker_up()  # records came: the broker answers
         start = time.perf_counter()

@@ -44,7 +44,8 @@ def soak(*, kafka: KafkaSettings, seconds: float, rate: int, users: int, state_t
          report_every_s: float = 300.0, partitions: int = 4, device: str = "cpu", seed: int = 0,
          say=print) -> list[SoakSample]:
     """Run the soak; returns the samples (the first at the start, then every `report_every_s`, the last at
-    the end of the load). `users` arrive over the span, each active among the newest twentieth of them."""
+    the end of the load, once the daemon has found the input quiet). `users` arrive over the span, each active
+    among the newest twentieth of them."""
     if state_ttl_ms <= 0:
         raise ValueError("the soak needs a state TTL (--soak-ttl): without one the state grows by design")
     run_id = uuid.uuid4().hex[:8]
@@ -62,7 +63,7 @@ def soak(*, kafka: KafkaSettings, seconds: float, rate: int, users: int, state_t
         kafka, topic, rate, seconds, users, active, span_days, SOAK_START_TS_MS, seed, go, sent))
     loader.start()
     samples: list[SoakSample] = []
-    clock = {"started": None, "next": 0.0}
+    clock = {"started": None, "next": 0.0, "quiet_from": None}
     total = int(rate * seconds)
 
     def sample(d: ProfileDaemon) -> None:
@@ -82,7 +83,13 @@ def soak(*, kafka: KafkaSettings, seconds: float, rate: int, users: int, state_t
             clock["started"] = time.monotonic()
             sample(d)
             clock["next"] = report_every_s
-        done = not loader.is_alive() and d.stats.records >= sent.value
+        # Done once the daemon has read all the load and then found the input quiet: the state has settled (the
+        # users the last batch's event time left idle past the TTL expired), as it rests after the load. Sampled
+        # straight after the last batch, it held them too, as many as that batch's event time spans (on a busy
+        # machine, whose batches are bigger, 1,015 users where the settled state holds 270).
+        if clock["quiet_from"] is None and not loader.is_alive() and d.stats.records >= sent.value:
+            clock["quiet_from"] = d.stats.quiet_polls
+        done = clock["quiet_from"] is not None and d.stats.quiet_polls > clock["quiet_from"]
         if done or time.monotonic() - clock["started"] >= clock["next"]:
             sample(d)
             clock["next"] += report_every_s

@@ -138,6 +138,8 @@ def test_soak_reports_memory_while_users_come_go_and_expire(kafka):
     assert len(samples) >= 3 and samples[0]["events"] == 0 and samples[-1]["events"] == 16_000
     last = samples[-1]
     assert last["event_day"] > 700  # event time covered the two years
-    # Users who left were expired (30 days idle): the state holds only the recent ones.
-    assert last["users_expired"] > 2000 and last["users_in_state"] < 1000
+    # Users who left were expired (30 days idle): the state holds only the recent ones. The last sample is taken
+    # once the input went quiet, so those the last batch left idle are gone too, however big that batch was (a
+    # busy machine's: sampled straight after it, 1,015 users were still held).
+    assert last["users_expired"] > 2000 and last["users_in_state"] < 500
     assert all(s["rss_mib"] > 0 for s in samples)
