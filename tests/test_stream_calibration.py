@@ -241,15 +241,23 @@ def test_a_young_tables_week_map_weighs_the_rules_statistics_where_they_rank_the
         assert week_statistics_held_out(design, week_share(x), silent_a_week.astype(np.float64)) == (0.0, 0.0)
 
 
+def week_sample(said_rate: np.ndarray, **churn_statistics: np.ndarray) -> np.ndarray:
+    """A young table's sample columns (x) for users the model says return at `said_rate` a week: churn_risk's logit
+    over the horizon (two weeks) and over a week, and the named churn statistics."""
+    x = np.zeros((len(said_rate), WEEK_LOGIT_COLUMN + 1))
+    said_horizon, said_week = (np.clip(np.exp(-k * said_rate), 1e-6, 1 - 1e-6) for k in (2, 1))
+    x[:, LOGIT_COLUMNS[1]] = np.log(said_horizon) - np.log1p(-said_horizon)
+    x[:, WEEK_LOGIT_COLUMN] = np.log(said_week) - np.log1p(-said_week)
+    for name, values in churn_statistics.items():
+        x[:, STATISTIC_COLUMNS[1][STATISTICS[1].index(name)]] = values
+    return x
+
+
 def young_week_map(said_rate: np.ndarray, rate: np.ndarray, idle: np.ndarray, seed: int = 0) -> LogitMap:
     """churn_risk's map of a young table whose users (idle `idle` log minutes at the anchor) return at `rate` a week,
     the model saying `said_rate`: fitted on who stayed away the week after the anchor (with_week)."""
     rng = np.random.default_rng(seed)
-    x = np.zeros((len(rate), WEEK_LOGIT_COLUMN + 1))
-    said_horizon, said_week = (np.clip(np.exp(-k * said_rate), 1e-6, 1 - 1e-6) for k in (2, 1))
-    x[:, LOGIT_COLUMNS[1]] = np.log(said_horizon) - np.log1p(-said_horizon)
-    x[:, WEEK_LOGIT_COLUMN] = np.log(said_week) - np.log1p(-said_week)
-    x[:, STATISTIC_COLUMNS[1][STATISTICS[1].index("log_idle_minutes")]] = idle
+    x = week_sample(said_rate, log_idle_minutes=idle)
     calibration = StreamCalibration(StateTable(8, torch.device(DEVICE)), probabilities=None)
     samples = calibration.state.outcomes.samples
     samples.put(K0, np.zeros(len(rate), dtype=np.int64), np.array([f"u{i}" for i in range(len(rate))]), x)
@@ -270,12 +278,7 @@ def test_a_young_tables_week_map_weighs_each_rule_statistic_only_as_its_rule_rea
     # busier sooner.
     rate = np.exp(-4.0 + 0.45 * idle + 0.6 * activity)
     said_rate = rate * np.exp(rng.normal(0.0, 1.0, size=n))  # a model from an unlike shop: noise around it
-    x = np.zeros((n, WEEK_LOGIT_COLUMN + 1))
-    said_horizon, said_week = (np.clip(np.exp(-k * said_rate), 1e-6, 1 - 1e-6) for k in (2, 1))
-    x[:, LOGIT_COLUMNS[1]] = np.log(said_horizon) - np.log1p(-said_horizon)
-    x[:, WEEK_LOGIT_COLUMN] = np.log(said_week) - np.log1p(-said_week)
-    x[:, STATISTIC_COLUMNS[1][STATISTICS[1].index("log_idle_minutes")]] = idle
-    x[:, STATISTIC_COLUMNS[1][STATISTICS[1].index("log_activity_7d")]] = activity
+    x = week_sample(said_rate, log_idle_minutes=idle, log_activity_7d=activity)
     silent = (rng.random(n) < np.exp(-rate)).astype(np.float64)
     design, share = statistics_design(x, 1, every=False), week_share(x)
     free = hazard_share_fit(design, share, silent)
