@@ -390,6 +390,9 @@ def stream_map_report(shop_map: LogitMap | None) -> dict | None:
                    "weights_gain_nats": shop_map.weights_gain_nats[head], "sampled": shop_map.sampled[head],
                    "weights_held_out_nats": shop_map.weights_held_out_nats[head],
                    "fitted_on_week": head == HEADS.index("churn_risk") and shop_map.churn_from_week,
+                   "fitted_on_table_start": head == HEADS.index("purchase_propensity")
+                   and shop_map.purchase_from_table_start,
+                   "idle_reach_log_minutes": shop_map.idle_reach[head],
                    "share_power": shop_map.churn_share_power if head == HEADS.index("churn_risk") else 1.0,
                    "idle_bend": None if head != HEADS.index("churn_risk") or shop_map.idle_weights is None else {
                        "knots_log_idle_minutes": list(shop_map.idle_knots), "weights": list(shop_map.idle_weights)},

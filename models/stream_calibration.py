@@ -94,14 +94,16 @@ WEEK_STATISTICS_AUC = 0.015
 # gardencentre-2, days idle 0.744; with the directions kept 0.66), docs/model-journal.md, session 76.
 CHURN_RULE_DIRECTIONS = {"log_idle_minutes": 1.0, "log_activity_7d": -1.0, "idle_vs_usual_gap": 1.0}
 WEEK_RULE_DIRECTIONS = np.array([CHURN_RULE_DIRECTIONS[name] for name in STATISTICS[CHURN][:RULE_STATISTICS[CHURN]]])
-# A week's map is fitted on the users held at its anchor: in a table's first weeks none of them has been idle longer
-# than the table is old, and the users it is then applied to have. Past the idle time of all but 1% of them, the
-# map lowers no user's churn_risk below the model's own (fading in over a doubling of idle time); it may raise it,
-# as the longer idle are at least as likely to stay away. In 15 independent worlds (session 76) the maps fitted on
-# a young table's first users lowered the level 1.2-4.0 logit, and read users idle past them as returning: churn ECE
-# 0.177 at the first cut of their first months; with the reach, 0.114 (28 of 30 logs better; the garden shop, whose
-# idle users did return, worse), docs/model-journal.md.
+# A young map (a week's, with_week; a table's first purchases', with_first_purchases) is fitted on the users held
+# at its anchor: in a table's first weeks none of them has been idle longer than the table is old, and the users it
+# is then applied to have. Past the idle time of all but 1% of them, the map says no user more engaged than the
+# model's own does (fading in over a doubling of idle time): churn_risk no lower, purchase_propensity no higher; it
+# may say them less engaged, as the longer idle are at least as likely to stay away and not to buy. In 15
+# independent worlds (session 76) the week's maps fitted on a young table's first users lowered the level 1.2-4.0
+# logit, and read users idle past them as returning: churn ECE 0.177 at the first cut of their first months; with
+# the reach, 0.114 (28 of 30 logs better; the garden shop, whose idle users did return, worse), docs/model-journal.md.
 WEEK_REACH_QUANTILE = 0.99
+ENGAGED_SIGN = (1.0, -1.0)  # per head (HEADS order): the sign of a move of its logit that says a user more engaged
 SHARE_POWER_RANGE = (0.25, 4.0)  # with_share_power's search (a grid of 161 powers, evenly spaced in log)
 HELD_OUT_GATE_NATS = 2.0
 STATISTIC_INDEX = tuple(tuple(statistics.USER_FEATURES.index(name) for name in names) for names in STATISTICS)
@@ -169,9 +171,12 @@ class LogitMap:
     # churn_risk's map fitted on the week's silence after the latest anchor whose week has closed (with_week): a
     # young table, where no anchor's two weeks have closed yet.
     churn_from_week: bool = False
-    # Such a map's reach in idle time (log idle minutes: WEEK_REACH_QUANTILE of its sample's users' at the anchor;
-    # None for other maps): past it, the map may raise churn_risk but not lower it below the model's own (apply).
-    week_idle_reach: float | None = None
+    # purchase_propensity's map fitted on the week's purchases after a table's first anchor (with_first_purchases),
+    # before any anchor of its own series has matured.
+    purchase_from_table_start: bool = False
+    # Per head, a young map's reach in idle time (log idle minutes: WEEK_REACH_QUANTILE of its sample's users' at the
+    # anchor; None for other maps): past it, the map says no user more engaged than the model's own does (apply).
+    idle_reach: tuple[float | None, ...] = (None, None)
     # Over a window shorter than churn_risk's horizon, the share of the horizon's hazard the model's own
     # probabilities give it is raised to this power (with_share_power: fitted on the week's silence of the users
     # sampled at the anchor churn_risk's map is fitted on; 1: the model's share).
@@ -223,11 +228,12 @@ class LogitMap:
                            for t in (self.idle_knots, self.idle_weights))
             z = z + (user_statistics[:, IDLE_FEATURE, None].double() - knots).clamp(min=0.0) @ bend
         z = z + self.level_shift[head]
-        if head == CHURN and self.week_idle_reach is not None and user_statistics is not None:
-            # Past the users its week was fitted on (by a doubling of idle time, smoothly), a week's map says
-            # nothing that lowers churn_risk below the model's own (WEEK_REACH_QUANTILE).
-            past = ((user_statistics[:, IDLE_FEATURE].double() - self.week_idle_reach) / np.log(2.0)).clamp(0.0, 1.0)
-            z = z + past * (torch.logit(p) - z).clamp(min=0.0)
+        if self.idle_reach[head] is not None and user_statistics is not None:
+            # Past the users a young map was fitted on (by a doubling of idle time, smoothly), it says nothing that
+            # lowers churn_risk below the model's own, or raises purchase_propensity above it (WEEK_REACH_QUANTILE).
+            past = ((user_statistics[:, IDLE_FEATURE].double() - self.idle_reach[head]) / np.log(2.0)).clamp(0.0, 1.0)
+            engaged = ENGAGED_SIGN[head]
+            z = z - past * engaged * (engaged * (z - torch.logit(p))).clamp(min=0.0)
         return torch.sigmoid(z).to(torch.float32)
 
 
@@ -317,7 +323,7 @@ def with_week(shop_map: LogitMap, x: np.ndarray, silent: np.ndarray, table_start
     fitted = replace(shop_map, a=only(shop_map.a, CHURN, float(theta[0])), b=only(shop_map.b, CHURN, float(theta[1])),
                      gain_nats=only(shop_map.gain_nats, CHURN, gain), users=only(shop_map.users, CHURN, len(yes)),
                      kept=only(shop_map.kept, CHURN, True), churn_from_week=True,
-                     week_idle_reach=float(np.quantile(x[:, IDLE_COLUMN], WEEK_REACH_QUANTILE)))
+                     idle_reach=only(shop_map.idle_reach, CHURN, idle_reach(x)))
     nats, ranks = week_statistics_held_out(design, share, yes)
     if table_start or nats < HELD_OUT_GATE_NATS or ranks < WEEK_STATISTICS_AUC:
         return fitted
@@ -328,6 +334,34 @@ def with_week(shop_map: LogitMap, x: np.ndarray, silent: np.ndarray, table_start
                    weights_gain_nats=only(fitted.weights_gain_nats, CHURN, more),
                    sampled=only(fitted.sampled, CHURN, len(yes)),
                    weights_held_out_nats=only(fitted.weights_held_out_nats, CHURN, nats))
+
+
+def with_first_purchases(shop_map: LogitMap, x: np.ndarray, bought: np.ndarray) -> LogitMap:
+    """purchase_propensity's map before any anchor of its own series has matured, fitted on who among the users
+    sampled at a table's first anchor bought in the week after it (x: their sample's columns): the affine map of
+    the logit (the level alone where the slope would turn the ranking over), without the rules' statistics, kept
+    where it gains what fit_logit_map's purchase map must, with its reach in idle time (apply). In a shop unlike
+    the demo's, purchase_propensity had no map until 15-21 days into a table, and its first month's first cuts
+    were 0.1-0.4 off (quick commerce's users bought at 0.73, the demo said 0.37; docs/model-journal.md, session
+    77). A table's first users buy more than later ones, as they come back more (with_week's table_start), and
+    those idle past them got a level that was not theirs: the reach keeps the map from raising them."""
+    logit, yes = x[:, LOGIT_COLUMNS[PURCHASE_SERIES]], bought.astype(np.float64)
+    a, b = logistic_fit(np.column_stack([np.ones(len(yes)), logit]), yes, 1 - yes)
+    if b <= 0:
+        a, b = logistic_fit(np.ones((len(yes), 1)), yes, 1 - yes, offset=logit)[0], 1.0
+    gain = log_likelihood(a + b * logit, yes, 1 - yes) - log_likelihood(logit, yes, 1 - yes)
+    if gain < max(MAP_GATE_NATS[PURCHASE_SERIES], GATE_NATS_PER_USER[PURCHASE_SERIES] * len(yes)):
+        return shop_map
+    head = PURCHASE_SERIES
+    return replace(shop_map, a=only(shop_map.a, head, float(a)), b=only(shop_map.b, head, float(b)),
+                   gain_nats=only(shop_map.gain_nats, head, gain), users=only(shop_map.users, head, len(yes)),
+                   kept=only(shop_map.kept, head, True), purchase_from_table_start=True,
+                   idle_reach=only(shop_map.idle_reach, head, idle_reach(x)))
+
+
+def idle_reach(x: np.ndarray) -> float:
+    """A young map's reach in idle time: WEEK_REACH_QUANTILE of its sample's users' log idle minutes."""
+    return float(np.quantile(x[:, IDLE_COLUMN], WEEK_REACH_QUANTILE))
 
 
 def week_statistics_held_out(design: np.ndarray, share: np.ndarray, yes: np.ndarray) -> tuple[float, float]:
@@ -665,6 +699,9 @@ class StreamCalibration:
                 sampled = outcomes.samples.latest_matured(head)
                 if sampled is not None:
                     self._map = with_statistics(self._map, head, *sampled)
+            first_purchases = None if outcomes.anchors(PURCHASE_SERIES) else outcomes.samples.first_purchases()
+            if first_purchases is not None:
+                self._map = with_first_purchases(self._map, *first_purchases)
             fitted_on, weeks = outcomes.anchors(CHURN), outcomes.anchors(WEEK_SERIES)
             young_week = None if fitted_on else outcomes.samples.latest_week()
             if young_week is not None:
@@ -825,7 +862,10 @@ class StreamCalibration:
         if WEEK_SERIES in series:  # who among the users sampled at it stayed away the week after it
             for (_, sampled_at), sample in outcomes.samples.samples.items():
                 if sampled_at == anchor:
-                    sample.week_silent = ~(self.since_anchor(sample.users, anchor)[1] | sample.left[:, 1])
+                    bought, back = self.since_anchor(sample.users, anchor)
+                    sample.week_silent = ~(back | sample.left[:, 1])
+                    if PURCHASE_SERIES not in series:  # (a table's first anchor: with_first_purchases)
+                        sample.week_bought = bought | sample.left[:, 0]
             outcomes.version += 1
         if CHURN in series:
             log.info("calibration anchor %d matured: %s", anchor, describe(self.shop_map()))
@@ -950,7 +990,9 @@ class StreamCalibration:
 def describe(shop_map: LogitMap) -> str:
     """The map in words, head by head (the log line of each matured anchor)."""
     def head(h: int) -> str:
-        week = " stayed away the week" if h == CHURN and shop_map.churn_from_week else ""
+        week = (" stayed away the week" if h == CHURN and shop_map.churn_from_week else
+                " bought the week after the table's first anchor" if h != CHURN and shop_map.purchase_from_table_start
+                else "")
         fitted = f" (gain {shop_map.gain_nats[h]:.0f} nats on {shop_map.users[h]:,} users{week})"
         power = (f", a shorter window's share of the hazard to the power {shop_map.churn_share_power:.2f}"
                  if h == CHURN and shop_map.churn_share_power != 1.0 else "")

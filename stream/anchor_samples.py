@@ -199,6 +199,10 @@ class Sample:
     # statistics bent in the user's idle time (models/stream_calibration.py, idle_gain) said these users than
     # its fit without the bend (None: not judged; a record of session 66 or before).
     idle_held_out: float | None = None
+    # Who bought in the week after the anchor, where purchase_propensity's series does not count it (a table's first
+    # anchor, stream/outcomes.py SOONER): its young map (models/stream_calibration.py, with_first_purchases). None
+    # elsewhere, until that week closed, and in a record of session 76 or before.
+    week_bought: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.left is None:
@@ -208,7 +212,7 @@ class Sample:
         return [self.users.tolist(), encoded(self.x, "<f2"), *(packed(h) for h in self.happened),
                 packed(self.left.T), None if self.categories is None else self.categories.to_plain(),
                 self.held_out, self.rules_held_out, packed(self.week_silent), len(SAMPLED_STATISTICS),
-                self.idle_held_out]
+                self.idle_held_out, packed(self.week_bought)]
 
     @classmethod
     def from_plain(cls, plain: list) -> Sample:
@@ -226,7 +230,8 @@ class Sample:
                    categories, list(plain[6]) if len(plain) > 6 else [None, None],
                    list(plain[7]) if len(plain) > 7 else [None, None],
                    unpacked(plain[8], (len(users),)) if len(plain) > 8 else None,
-                   plain[10] if len(plain) > 10 else None)
+                   plain[10] if len(plain) > 10 else None,
+                   unpacked(plain[11], (len(users),)) if len(plain) > 11 else None)
 
 
 def joined_x(samples: list[Sample]) -> np.ndarray:
@@ -309,6 +314,15 @@ class AnchorSamples:
         samples = [s for (_, at), s in sorted(self.samples.items()) if at == closed and week_known(s)]
         return (np.concatenate([s.x[:, :WIDTH + 1] for s in samples]).astype(np.float64),
                 np.concatenate([s.week_silent for s in samples]))
+
+    def first_purchases(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(x float64, bought) of the latest anchor whose week's purchases were noted outside purchase_propensity's
+        series (Sample.week_bought), over the partitions held, or None."""
+        noted = max((at for (_, at), s in self.samples.items() if s.week_bought is not None), default=None)
+        if noted is None:
+            return None
+        samples = [s for (_, at), s in sorted(self.samples.items()) if at == noted and s.week_bought is not None]
+        return joined_x(samples), np.concatenate([s.week_bought for s in samples])
 
     def latest_week_anchor(self, anchor: int | None = None) -> int | None:
         """The anchor latest_week reads (None: none)."""

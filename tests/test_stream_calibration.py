@@ -302,9 +302,9 @@ def test_past_the_idle_time_of_its_users_a_week_map_lowers_no_users_churn_risk_b
     for told, lowers in ((0.5, True), (2.0, False)):  # the model says half / twice each user's return rate
         shop_map = young_week_map(told * rate, rate, idle)
         assert shop_map.kept[1] and shop_map.churn_from_week and (shop_map.a[1] < 0) == lowers
-        assert 7.9 < shop_map.week_idle_reach < 8.0
+        assert 7.9 < shop_map.idle_reach[1] < 8.0
         published = shop_map.apply(1, said, None, torch.from_numpy(user))
-        mapped = replace(shop_map, week_idle_reach=None).apply(1, said, None, torch.from_numpy(user))
+        mapped = replace(shop_map, idle_reach=(None, None)).apply(1, said, None, torch.from_numpy(user))
         assert published[0] == mapped[0] and (mapped[0] < said[0]) == lowers  # within the sample: the map's
         if lowers:
             torch.testing.assert_close(published[1:], said[1:])  # past it: the model's own
@@ -313,7 +313,69 @@ def test_past_the_idle_time_of_its_users_a_week_map_lowers_no_users_churn_risk_b
             assert (published[1:] > said[1:]).all()
     # A map of a table's later anchors (two weeks closed) has no reach: it was fitted on users of every idle time.
     p = 1 / (1 + np.exp(-bin_logits()))
-    assert fit_logit_map(np.stack([counts_from(p, p, 200), counts_from(p, p, 200)])).week_idle_reach is None
+    assert fit_logit_map(np.stack([counts_from(p, p, 200), counts_from(p, p, 200)])).idle_reach == (None, None)
+
+
+def first_purchases_calibration(said_rate: np.ndarray, rate: np.ndarray, idle: np.ndarray) -> StreamCalibration:
+    """A young table whose users (idle `idle` log minutes at its first anchor) buy at `rate` a week, the model saying
+    `said_rate`: who bought in the week after that anchor, noted outside purchase_propensity's series."""
+    rng = np.random.default_rng(7)
+    said = 1 - np.exp(-said_rate)
+    x = np.zeros((len(rate), WEEK_LOGIT_COLUMN + 1))
+    x[:, LOGIT_COLUMNS[0]] = np.log(said) - np.log1p(-said)
+    x[:, STATISTIC_COLUMNS[1][STATISTICS[1].index("log_idle_minutes")]] = idle
+    calibration = StreamCalibration(StateTable(8, torch.device(DEVICE)), probabilities=None)
+    samples = calibration.state.outcomes.samples
+    samples.put(K0, np.zeros(len(rate), dtype=np.int64), np.array([f"u{i}" for i in range(len(rate))]), x)
+    samples.samples[(0, K0)].week_bought = rng.random(len(rate)) < 1 - np.exp(-rate)
+    return calibration
+
+
+def test_before_its_own_anchor_matures_purchase_propensity_is_mapped_on_the_purchases_after_the_first_anchor():
+    """purchase_propensity's series counts a table's anchors from its second: until one matures (15-21 days in) the
+    model's own was published, whatever the shop. The week's purchases of the users sampled at the table's first
+    anchor make its map meanwhile: it brings their probabilities to the shop's, and past the idle time of those
+    users it raises no one above the model's own (they were not in the sample); a map that lowers lowers them too.
+    Where the model is right the identity stays; once the series' own anchor matured its counts make the map."""
+    rng = np.random.default_rng(11)
+    n = 4000
+    idle = rng.uniform(3.0, 8.0, size=n)  # log idle minutes at the anchor: up to two days
+    rate = rng.lognormal(np.log(0.3), 1.0, size=n)  # purchases a week
+    user = np.zeros((3, len(statistics.USER_FEATURES)), dtype=np.float32)
+    user[:, statistics.USER_FEATURES.index("log_idle_minutes")] = [5.0, 8.0 + np.log(2.0) + 0.1, 12.0]
+    said = torch.tensor([0.3, 0.2, 0.1])
+    truth = torch.from_numpy(1 - np.exp(-rate))
+    for told, kept in ((0.25, True), (4.0, True), (1.0, False)):
+        calibration = first_purchases_calibration(told * rate, rate, idle)
+        shop_map = calibration.shop_map()
+        assert shop_map.kept == (kept, False) and shop_map.purchase_from_table_start == kept
+        if not kept:
+            continue
+        raises = told < 1
+        assert (shop_map.a[0] > 0) == raises and 7.9 < shop_map.idle_reach[0] < 8.0 and shop_map.idle_reach[1] is None
+        assert "bought the week after the table's first anchor" in describe(shop_map)
+        said_rates = torch.from_numpy(1 - np.exp(-told * rate))
+        published = shop_map.apply(0, said_rates).double()
+        assert (published - truth).abs().mean() < 0.035 < (said_rates - truth).abs().mean() - 0.05
+        reached = shop_map.apply(0, said, None, torch.from_numpy(user))
+        mapped = replace(shop_map, idle_reach=(None, None)).apply(0, said, None, torch.from_numpy(user))
+        assert reached[0] == mapped[0] and (mapped[0] > said[0]) == raises  # within the sample: the map's
+        if raises:
+            torch.testing.assert_close(reached[1:], said[1:])  # past it: the model's own
+        else:
+            torch.testing.assert_close(reached[1:], mapped[1:])  # lowered, as the map says
+            assert (reached[1:] < said[1:]).all()
+        # A restored record keeps who bought; one of session 76 or before has no such column.
+        samples = calibration.state.outcomes.samples
+        restored = AnchorSamples.from_plain(orjson.loads(orjson.dumps(samples.to_plain())))
+        assert restored.samples[(0, K0)].week_bought.tolist() == samples.samples[(0, K0)].week_bought.tolist()
+        older = [[p, at, *rest[:11]] for p, at, *rest in samples.to_plain()]
+        assert AnchorSamples.from_plain(older).samples[(0, K0)].week_bought is None
+        # The series' own anchor matured: its counts make purchase_propensity's map, as before.
+        p = 1 / (1 + np.exp(-bin_logits()))
+        calibration.state.outcomes.counts = {(0, 0, K0 + 1): counts_from(p, p, 200)}
+        calibration.state.outcomes.version += 1
+        assert calibration.shop_map() == fit_logit_map(calibration.state.outcomes.total())
 
 
 def test_over_a_window_cut_short_churn_risk_splits_the_hazard_as_the_shop_did_the_week_after_the_maps_anchor():
@@ -679,11 +741,14 @@ def test_an_anchor_counts_who_came_back_and_bought_from_what_the_heads_said_at_i
     # The users held at the first anchor (5 hours of the table): only "back" came back in the week after it.
     assert sorted(first.users.tolist()) == ["back", "clock", "late buyer", "silent"]
     assert first.week_silent.tolist() == [user != "back" for user in first.users.tolist()]
+    # ... and only "back" bought in it (the late buyer ten days on): noted for purchase_propensity's young map,
+    # whose series does not count this anchor.
+    assert first.week_bought.tolist() == [user == "back" for user in first.users.tolist()]
     assert first.happened[0] is None and first.happened[1] is None
     # At the second, five users; only the late buyer came back in its week; their purchase window closed too.
     assert sorted(second.users.tolist()) == ["back", "clock", "late buyer", "new", "silent"]
     assert second.week_silent.tolist() == [user != "late buyer" for user in second.users.tolist()]
-    assert second.happened[0] is not None and second.happened[1] is None
+    assert second.happened[0] is not None and second.happened[1] is None and second.week_bought is None
     assert first.categories is None and second.categories is None
     assert outcomes.samples.samples[(-1, K0 + 2)].categories is not None
 
