@@ -15,7 +15,8 @@ import torch
 from models.checkpoint_io import untrained
 from models.next_event_evaluation import roc_auc
 from models.stream_calibration import (
-    GATE_NATS, GATE_NATS_PER_USER, HELD_OUT_GATE_NATS, IDLE_QUANTILES, LEVEL_PULL, MAP_GATE_NATS, VOLATILE_RATE,
+    GATE_NATS, GATE_NATS_PER_USER, HELD_OUT_GATE_NATS, IDLE_COLUMN, IDLE_QUANTILES, LEVEL_PULL, MAP_GATE_NATS,
+    VOLATILE_RATE, WEEK_REACH_QUANTILE,
     LogitMap, StreamCalibration, fit_head, fit_logit_map, describe, logistic_fit, over_window, rate_volatility,
     WEEK_RULE_DIRECTIONS, hazard_share_fit, signed_week_fit, split_gain, split_idle_gain, statistics_design,
     week_share, week_statistics_held_out, with_model_level, with_share_power, with_statistics,
@@ -442,6 +443,25 @@ def sampled_at_two_anchors(head: int, rng: np.random.Generator, log_odds) -> Pro
         updater.state.outcomes.samples.samples[(0, anchor)] = Sample(users, x.astype(np.float16), left=left)
         updater.calibration.note_sampled(anchor, head)
     return updater
+
+
+def test_past_the_idle_time_of_its_samples_users_no_purchase_map_raises_a_user_above_the_models_own():
+    """Every purchase_propensity map has seen, in its latest matured anchor's sample, no user idle longer than
+    those: past them (its reach) it raises no one above the model's own. churn_risk's two weeks' map has none."""
+    updater = sampled_at_two_anchors(0, np.random.default_rng(9), lambda x: x[:, 0] + 1.5)  # the model under-reads
+    p = 1 / (1 + np.exp(-bin_logits()))
+    updater.state.outcomes.counts = {(0, 0, K0 - 2): counts_from(p, 1 / (1 + np.exp(-bin_logits() - 1.5)), 200)}
+    updater.state.outcomes.version += 1
+    shop_map = updater.calibration.shop_map()
+    sampled = updater.state.outcomes.samples.latest_matured(0)[0]
+    reach = float(np.quantile(sampled[:, IDLE_COLUMN], WEEK_REACH_QUANTILE))
+    assert shop_map.kept[0] and shop_map.a[0] > 0.5 and shop_map.idle_reach == (reach, None)
+    user = torch.zeros(2, len(statistics.USER_FEATURES), dtype=torch.float64)
+    user[:, statistics.USER_FEATURES.index("log_idle_minutes")] = torch.tensor([reach - 1.0, reach + 1.0])
+    said = torch.tensor([0.2, 0.2])
+    published = shop_map.apply(0, said, None, user)
+    assert published[0] > said[0] + 0.05  # within the sample: raised
+    torch.testing.assert_close(published[1], said[1])  # past it: the model's own
 
 
 @pytest.mark.parametrize("head, which", [(0, 0), (1, 0), (1, -1)])
