@@ -953,6 +953,7 @@ def test_counts_survive_a_snapshot_and_a_release_of_their_partitions():
     state.outcomes.samples.put(K0, np.array([0, 1, 1]), np.array(["a", "b", "c"], dtype=object), x)
     state.outcomes.samples.samples[(1, K0)].happened[0] = np.array([True, False])
     state.outcomes.samples.samples[(1, K0)].left[1] = True, False  # the second left after buying
+    state.outcomes.samples.samples[(1, K0)].week_bought = np.array([False, True])  # (a table's first anchor)
     state.outcomes.purchase_sooner = True
     kept = [K0, K0 + 1][-KEPT_ANCHORS:]  # each head's latest matured anchors only
     assert set(state.outcomes.counts) == {(h, p, a) for h in (0, 1) for p in (0, 1) for a in kept} - (
@@ -999,8 +1000,9 @@ def assert_same_samples(mine: AnchorSamples, theirs: AnchorSamples) -> None:
             assert (a is None and b is None) or a.tolist() == b.tolist()
         assert mine.samples[key].left.tolist() == sample.left.tolist()
         assert mine.samples[key].held_out == sample.held_out
-        week = mine.samples[key].week_silent
-        assert (week is None and sample.week_silent is None) or week.tolist() == sample.week_silent.tolist()
+        for a, b in ((mine.samples[key].week_silent, sample.week_silent),
+                     (mine.samples[key].week_bought, sample.week_bought)):
+            assert (a is None and b is None) or a.tolist() == b.tolist()
 
 
 def test_a_snapshot_without_records_is_not_counted_before_the_next_anchor():
