@@ -230,7 +230,7 @@ class LogitMap:
             z = z + (user_statistics[:, IDLE_FEATURE, None].double() - knots).clamp(min=0.0) @ bend
         z = z + self.level_shift[head]
         if self.idle_reach[head] is not None and user_statistics is not None:
-            # Past the users a young map was fitted on (by a doubling of idle time, smoothly), it says nothing that
+            # Past the users the map was fitted on (by a doubling of idle time, smoothly), it says nothing that
             # lowers churn_risk below the model's own, or raises purchase_propensity above it (WEEK_REACH_QUANTILE).
             past = ((user_statistics[:, IDLE_FEATURE].double() - self.idle_reach[head]) / np.log(2.0)).clamp(0.0, 1.0)
             engaged = ENGAGED_SIGN[head]
@@ -344,8 +344,9 @@ def with_first_purchases(shop_map: LogitMap, x: np.ndarray, bought: np.ndarray) 
     where it gains what fit_logit_map's purchase map must, with its reach in idle time (apply). In a shop unlike
     the demo's, purchase_propensity had no map until 15-21 days into a table, and its first month's first cuts
     were 0.1-0.4 off (quick commerce's users bought at 0.73, the demo said 0.37; docs/model-journal.md, session
-    77). A table's first users buy more than later ones, as they come back more (with_week's table_start), and
-    those idle past them got a level that was not theirs: the reach keeps the map from raising them."""
+    77). There a table's first users bought more than the cut's users, as they come back more (with_week's
+    table_start), and the users idle past them got a level that was not theirs: the reach keeps the map from
+    raising them."""
     logit, yes = x[:, LOGIT_COLUMNS[PURCHASE_SERIES]], bought.astype(np.float64)
     a, b = logistic_fit(np.column_stack([np.ones(len(yes)), logit]), yes, 1 - yes)
     if b <= 0:
@@ -361,7 +362,7 @@ def with_first_purchases(shop_map: LogitMap, x: np.ndarray, bought: np.ndarray) 
 
 
 def idle_reach(x: np.ndarray) -> float:
-    """A young map's reach in idle time: WEEK_REACH_QUANTILE of its sample's users' log idle minutes."""
+    """A map's reach in idle time: WEEK_REACH_QUANTILE of its sample's users' log idle minutes."""
     return float(np.quantile(x[:, IDLE_COLUMN], WEEK_REACH_QUANTILE))
 
 
