@@ -20,6 +20,8 @@ import signal
 import threading
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 
 from stream.decode import DecodedRecords, decode_records
 from stream.events import DeadLetter, RecordBatch
@@ -32,6 +34,10 @@ log = logging.getLogger(__name__)
 # size (bench500k's are 140 bytes, the generator's structured shops' up to 400).
 AUTO_MIN_BATCHES = 4
 BYTES_PER_RECORD = 150
+# How often the loop, waiting for a batch's decoding, looks whether a worker has died. The pool's own watch misses
+# one killed while it was sending a result: CPython's ProcessPoolExecutor then reads the result's rest, which never
+# comes, and the loop waited on it for ever (a CI run: test_a_worker_killed_mid_replay_loses_no_batch).
+WORKER_WATCH_SECONDS = 0.5
 
 
 def auto_workers(sources: list[BatchSource], batch_records: int, cores: int) -> int:
@@ -67,6 +73,25 @@ def close_pool(pool: ProcessPoolExecutor | None) -> None:
     failed does not wait for them)."""
     if pool is not None:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def worker_died(pool: ProcessPoolExecutor) -> bool:
+    """Whether one of the pool's worker processes has exited (a pool with none started yet: no)."""
+    return any(process.exitcode is not None for process in list((getattr(pool, "_processes", None) or {}).values()))
+
+
+def release_stuck(pool: ProcessPoolExecutor) -> None:
+    """A worker died while sending a result, and the pool's manager thread waits for the rest of it: end the
+    other workers and close this process's end of the results' pipe, so that its read ends (EOF), the pool marks
+    itself broken and its thread exits (the interpreter joins it at exit: left blocked, a replay would never
+    return). The pool's attributes are CPython's (3.11-3.13); where they are not, nothing is done."""
+    writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.exitcode is None:
+            process.kill()
+            process.join(timeout=10)
+    if writer is not None:
+        writer.close()
 
 
 class DecodeAhead:
@@ -126,10 +151,20 @@ class DecodeAhead:
         self._decoded = None
         if future is not None:
             try:
-                self._decoded = future.result()
+                self._decoded = self.result_of(future)
             except Exception as exc:  # noqa: BLE001 (any failure there: the loop decodes the batch, and says why)
                 self.give_up(exc)
         return batch
+
+    def result_of(self, future: Future) -> DecodedRecords:
+        """The future's result, or BrokenProcessPool where a worker has died and the result has not come."""
+        while True:
+            try:
+                return future.result(timeout=WORKER_WATCH_SECONDS)
+            except FutureTimeout:
+                if self.pool is not None and worker_died(self.pool) and not future.done():
+                    release_stuck(self.pool)
+                    raise BrokenProcessPool("a decode worker died before its batch's result came whole") from None
 
     def take_decoded(self) -> DecodedRecords | None:
         """The latest batch's decoding (None: not decoded ahead); once."""

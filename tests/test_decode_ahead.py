@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import struct
 
 import numpy as np
 import orjson
@@ -103,6 +104,47 @@ def test_a_worker_killed_mid_replay_loses_no_batch(tmp_path, caplog):
     assert handed == expected  # every batch, in order
     assert decoded[0] and not decoded[-1]  # from the kill on, the caller decodes
     assert "decoding ahead stopped" in caplog.text
+
+
+STUCK: dict = {}  # the pool whose worker die_mid_result runs in (a forked worker sees the parent's globals)
+
+
+def die_mid_result() -> None:
+    """In a pool's worker: the start of a result on the results' pipe (a length that promises a megabyte, and seven
+    bytes of it), then death, as a worker killed while sending its result dies."""
+    os.write(STUCK["pool"]._result_queue._writer.fileno(), struct.pack("!i", 1 << 20) + b"partial")
+    os._exit(1)
+
+
+def test_a_worker_killed_while_sending_its_result_does_not_hang_the_replay(tmp_path, caplog):
+    """The pool's own watch reads a result a worker began to send until it is whole, and never notices the
+    worker's death: the loop looks itself, decodes from there, and the pool's thread ends (the interpreter joins it
+    at exit)."""
+    path, _ = hostile_log(tmp_path, events=600)
+    plain = FileSource([path], 50)
+    expected = []
+    while not plain.exhausted:
+        expected.append(plain.next_batch().offsets)
+    pool = decode_pool(1)
+    STUCK["pool"] = pool
+    try:
+        ahead = DecodeAhead(FileSource([path], 50), SETTINGS.max_event_bytes, pool)  # (the worker forks here)
+        manager = pool._executor_manager_thread
+        batch, rejected, _ = ahead.queue[0]
+        ahead.queue[0] = (batch, rejected, pool.submit(die_mid_result))  # its result: the one left half sent
+        handed, decoded = [], []
+        with caplog.at_level(logging.WARNING, logger="stream.decode_ahead"):
+            while not ahead.exhausted:
+                handed.append(ahead.next_batch().offsets)
+                decoded.append(ahead.take_decoded() is not None)
+        manager.join(timeout=60)
+        assert not manager.is_alive()
+    finally:
+        close_pool(pool)
+        STUCK.clear()
+    assert handed == expected  # every batch, in order
+    assert not decoded[0] and decoded[1]  # the first by the loop; the next two were decoded before the worker died
+    assert "decoding ahead stopped" in caplog.text and "BrokenProcessPool" in caplog.text
 
 
 def test_auto_starts_a_worker_for_a_long_log_on_two_cores(tmp_path):
