@@ -106,6 +106,7 @@ class DecodeAhead:
         self.name = source.name
         self.max_event_bytes = max_event_bytes
         self.pool = pool
+        self.watched = pool  # (kept once the pool is given up: futures it took may still be pending)
         self.ahead = max(ahead, 1)
         self.queue: deque[tuple[RecordBatch, list[DeadLetter], Future | None]] = deque()
         self._decoded: DecodedRecords | None = None
@@ -162,8 +163,8 @@ class DecodeAhead:
             try:
                 return future.result(timeout=WORKER_WATCH_SECONDS)
             except FutureTimeout:
-                if self.pool is not None and worker_died(self.pool) and not future.done():
-                    release_stuck(self.pool)
+                if self.watched is not None and worker_died(self.watched) and not future.done():
+                    release_stuck(self.watched)
                     raise BrokenProcessPool("a decode worker died before its batch's result came whole") from None
 
     def take_decoded(self) -> DecodedRecords | None:
