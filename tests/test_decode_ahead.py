@@ -82,12 +82,17 @@ def test_batches_come_with_their_decoding_and_the_rows_their_format_refused(tmp_
     assert [d.offset for d in refused] == [2, 3, 4]  # each refused row once, with the batch read with it
 
 
+def batch_offsets(path, batch_records: int = 50) -> list:
+    """The offsets of each batch a plain FileSource reads from the log, in order."""
+    plain, offsets = FileSource([path], batch_records), []
+    while not plain.exhausted:
+        offsets.append(plain.next_batch().offsets)
+    return offsets
+
+
 def test_a_worker_killed_mid_replay_loses_no_batch(tmp_path, caplog):
     path, _ = hostile_log(tmp_path, events=2000)
-    plain = FileSource([path], 50)
-    expected = []
-    while not plain.exhausted:
-        expected.append(plain.next_batch().offsets)
+    expected = batch_offsets(path)
     pool = decode_pool(1)
     try:
         ahead = DecodeAhead(FileSource([path], 50), SETTINGS.max_event_bytes, pool)
@@ -121,10 +126,7 @@ def test_a_worker_killed_while_sending_its_result_does_not_hang_the_replay(tmp_p
     worker's death: the loop looks itself, decodes from there, and the pool's thread ends (the interpreter joins it
     at exit)."""
     path, _ = hostile_log(tmp_path, events=600)
-    plain = FileSource([path], 50)
-    expected = []
-    while not plain.exhausted:
-        expected.append(plain.next_batch().offsets)
+    expected = batch_offsets(path)
     pool = decode_pool(1)
     STUCK["pool"] = pool
     try:
