@@ -260,24 +260,28 @@ def fit_logit_map(counts: np.ndarray) -> LogitMap:
     fits = [fit_head(counts[head]) for head in range(len(HEADS))]
     users = tuple(int(counts[head].sum()) for head in range(len(HEADS)))
     return LogitMap(a=tuple(f[0] for f in fits), b=tuple(f[1] for f in fits), gain_nats=tuple(f[2] for f in fits),
-                    users=users,
-                    kept=tuple(f[2] >= max(gate, per_user * n)
-                               for f, n, gate, per_user in zip(fits, users, MAP_GATE_NATS, GATE_NATS_PER_USER)))
+                    users=users, kept=tuple(map_kept(head, f[2], n) for head, (f, n) in enumerate(zip(fits, users))))
+
+
+def map_kept(head: int, gain: float, users: int) -> bool:
+    """Whether a head's affine map gains enough over the identity to be kept (MAP_GATE_NATS, GATE_NATS_PER_USER)."""
+    return gain >= max(MAP_GATE_NATS[head], GATE_NATS_PER_USER[head] * users)
 
 
 def fit_head(counts: np.ndarray) -> tuple[float, float, float]:
-    """(a, b, gain): the affine logit map maximising the binned log likelihood (ridge toward the identity), and
-    its gain in log likelihood over the identity (nats). Where the best map would turn the ranking over (b <= 0:
-    at that anchor the users the model ranked higher did it no more often), only the level is moved (b = 1)."""
-    x, no, yes = bin_logits(), counts[:, 0].astype(np.float64), counts[:, 1].astype(np.float64)
-    a, b = logistic_fit(np.stack([np.ones(BINS), x], axis=1), yes, no)
+    """affine_fit on counts (BINS, 2) of users by logit bin and outcome."""
+    return affine_fit(bin_logits(), counts[:, 1].astype(np.float64), counts[:, 0].astype(np.float64))
+
+
+def affine_fit(logit: np.ndarray, yes: np.ndarray, no: np.ndarray) -> tuple[float, float, float]:
+    """(a, b, gain): the affine map of the logit maximising the log likelihood of each row's `yes` and `no`
+    outcomes (ridge toward the identity), and its gain in log likelihood over the identity (nats). Where the best
+    map would turn the ranking over (b <= 0: at that anchor the users the model ranked higher did it no more
+    often), only the level is moved (b = 1)."""
+    a, b = logistic_fit(np.column_stack([np.ones(len(logit)), logit]), yes, no)
     if b <= 0:
-        a, b = logistic_fit(np.ones((BINS, 1)), yes, no, offset=x)[0], 1.0
-    return float(a), float(b), binned_log_likelihood(counts, a, b) - binned_log_likelihood(counts, 0.0, 1.0)
-
-
-def binned_log_likelihood(counts: np.ndarray, a: float, b: float) -> float:
-    return log_likelihood(a + b * bin_logits(), counts[:, 1], counts[:, 0])
+        a, b = logistic_fit(np.ones((len(logit), 1)), yes, no, offset=logit)[0], 1.0
+    return float(a), float(b), log_likelihood(a + b * logit, yes, no) - log_likelihood(logit, yes, no)
 
 
 def log_likelihood(z: np.ndarray, yes: np.ndarray, no: np.ndarray) -> float:
@@ -347,15 +351,11 @@ def with_first_purchases(shop_map: LogitMap, x: np.ndarray, bought: np.ndarray) 
     77). There a table's first users bought more than the cut's users, as they come back more (with_week's
     table_start), and the users idle past them got a level that was not theirs: the reach keeps the map from
     raising them."""
-    logit, yes = x[:, LOGIT_COLUMNS[PURCHASE_SERIES]], bought.astype(np.float64)
-    a, b = logistic_fit(np.column_stack([np.ones(len(yes)), logit]), yes, 1 - yes)
-    if b <= 0:
-        a, b = logistic_fit(np.ones((len(yes), 1)), yes, 1 - yes, offset=logit)[0], 1.0
-    gain = log_likelihood(a + b * logit, yes, 1 - yes) - log_likelihood(logit, yes, 1 - yes)
-    if gain < max(MAP_GATE_NATS[PURCHASE_SERIES], GATE_NATS_PER_USER[PURCHASE_SERIES] * len(yes)):
+    head, yes = PURCHASE_SERIES, bought.astype(np.float64)
+    a, b, gain = affine_fit(x[:, LOGIT_COLUMNS[head]], yes, 1 - yes)
+    if not map_kept(head, gain, len(yes)):
         return shop_map
-    head = PURCHASE_SERIES
-    return replace(shop_map, a=only(shop_map.a, head, float(a)), b=only(shop_map.b, head, float(b)),
+    return replace(shop_map, a=only(shop_map.a, head, a), b=only(shop_map.b, head, b),
                    gain_nats=only(shop_map.gain_nats, head, gain), users=only(shop_map.users, head, len(yes)),
                    kept=only(shop_map.kept, head, True), purchase_from_table_start=True,
                    idle_reach=only(shop_map.idle_reach, head, idle_reach(x)))
