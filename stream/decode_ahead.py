@@ -75,9 +75,14 @@ def close_pool(pool: ProcessPoolExecutor | None) -> None:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def worker_processes(pool: ProcessPoolExecutor) -> list:
+    """The pool's worker processes (CPython's private `_processes`; none where it is missing or none started)."""
+    return list((getattr(pool, "_processes", None) or {}).values())
+
+
 def worker_died(pool: ProcessPoolExecutor) -> bool:
     """Whether one of the pool's worker processes has exited (a pool with none started yet: no)."""
-    return any(process.exitcode is not None for process in list((getattr(pool, "_processes", None) or {}).values()))
+    return any(process.exitcode is not None for process in worker_processes(pool))
 
 
 def release_stuck(pool: ProcessPoolExecutor) -> None:
@@ -86,7 +91,7 @@ def release_stuck(pool: ProcessPoolExecutor) -> None:
     itself broken and its thread exits (the interpreter joins it at exit: left blocked, a replay would never
     return). The pool's attributes are CPython's (3.11-3.13); where they are not, nothing is done."""
     writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    for process in worker_processes(pool):
         if process.exitcode is None:
             process.kill()
             process.join(timeout=10)
